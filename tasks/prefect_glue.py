@@ -1,0 +1,67 @@
+"""What the thin `@task` wrappers share: content-keyed caching, JSON results, one log line, artifacts.
+
+Cache keys come from each stage's own `cache_key(...)` (content hashes of its inputs + the stage's code
+version), never from the flow-run id, so a second run with nothing changed hits every cache. Results are
+persisted as JSON (no pickle) under `<artifacts>/.prefect-results`.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+STAGE_RETRIES_IO = 2  # download/publish: transient network errors
+
+
+def keyed_by(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
+    """A Prefect cache_key_fn that calls the stage's `cache_key` with the matching task parameters."""
+    sig = inspect.signature(key_fn)
+
+    def cache_key_fn(context, parameters: dict[str, Any]) -> str:
+        args = {k: v for k, v in parameters.items() if k in sig.parameters}
+        return f"{stage}-{key_fn(**args)}-{_artifacts_tag(parameters)}"
+
+    return cache_key_fn
+
+
+def _artifacts_tag(parameters: dict[str, Any]) -> str:
+    from .common import fingerprint
+
+    return fingerprint(str(parameters.get("artifacts_dir", "")), length=8)
+
+
+def task_options(artifacts_dir: str) -> dict[str, Any]:
+    """Per-run options: results stored as JSON under this run's artifacts folder."""
+    from .common import artifacts_root
+
+    store = artifacts_root(artifacts_dir) / ".prefect-results"
+    store.mkdir(parents=True, exist_ok=True)
+    return {
+        "persist_result": True,
+        "result_serializer": "json",
+        "result_storage": store,  # a Path: local storage without a server-side block
+        "cache_expiration": timedelta(days=365),
+    }
+
+
+def log(message: str) -> None:
+    from prefect import get_run_logger
+
+    get_run_logger().info(message)
+
+
+def png_markdown(path: str | Path, alt: str) -> str:
+    """An inline image for a Prefect markdown artifact (the UI can't read local files)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"
+
+
+def artifact_key(name: str) -> str:
+    # Prefect artifact keys: lowercase letters, numbers and dashes only.
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:60]

@@ -1,0 +1,155 @@
+"""Stage 2 — token-length profile.
+
+pandas over the tokenized lengths: count, mean and p50/p90/p95/p99/max of prompt, completion (assistant,
+labeled) and total tokens; how many examples the configured max length dropped or truncated; a suggested
+max length covering p99; a histogram PNG. Warns when the max length cuts more than 5% of examples.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .common import building, fingerprint, is_complete, locked, read_json, stage_dir, write_json
+from .data import DataRecord, load_split
+
+PROFILE_VERSION = 1
+TRUNCATION_WARN_SHARE = 0.05
+
+
+class ProfileRecord(BaseModel):
+    key: str
+    dir: str
+    histogram_png: str
+    stats: dict[str, dict[str, float]]  # {"prompt"|"completion"|"total": {"count","mean","p50",...}}
+    max_length: int
+    over_max_length: int  # examples dropped/truncated by data.max_length
+    over_max_share: float
+    suggested_max_length: int
+    warning: str | None
+
+    def outputs_exist(self) -> bool:
+        return is_complete(Path(self.dir))
+
+
+def cache_key(data: DataRecord) -> str:
+    return fingerprint("profile", PROFILE_VERSION, data.key, data.data_hash)
+
+
+def profile_lengths(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
+    """Stage 2: length statistics, truncation report and histogram of the formatted data."""
+    key = cache_key(data)
+    out = stage_dir(artifacts_dir, "profile", key)
+    with locked(out):
+        if is_complete(out):
+            return ProfileRecord.model_validate(read_json(out / "record.json"))
+        return _build(data, key, out)
+
+
+def _build(data: DataRecord, key: str, out: Path) -> ProfileRecord:
+    import pandas as pd
+
+    ds = load_split(data, "train")
+    rows = []
+    for labels in ds["labels"]:
+        completion = sum(1 for l in labels if l != -100)
+        rows.append({"total": len(labels), "completion": completion, "prompt": len(labels) - completion})
+    df = pd.DataFrame(rows)
+    quantiles = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+    stats = {}
+    for col in ("prompt", "completion", "total"):
+        s = df[col]
+        stats[col] = {"count": float(s.count()), "mean": round(float(s.mean()), 1), "max": float(s.max())}
+        stats[col].update({name: float(s.quantile(q)) for name, q in quantiles.items()})
+
+    over = data.dropped.get("over max_length", 0)
+    truncated = int((df["total"] >= data.max_length).sum())  # with overlong=truncate they sit at the cap
+    over_total = over + truncated
+    share = over_total / max(data.n_train + data.n_heldout + over, 1)
+    # Suggest covering p99 of what we saw, rounded up to a multiple of 64 (kernel-friendly shapes).
+    suggested = int(64 * math.ceil(max(stats["total"]["p99"], 1) / 64))
+    warning = None
+    if share > TRUNCATION_WARN_SHARE:
+        warning = (f"data.max_length={data.max_length} drops or truncates {share:.1%} of examples (> 5%); "
+                   f"raise it (e.g. to {max(suggested, data.max_length * 2)}) if memory allows")
+
+    with building(out) as tmp:
+        png = tmp / "length_histogram.png"
+        _plot(df, data.max_length, png)
+        record = ProfileRecord(
+            key=key,
+            dir=str(out),
+            histogram_png=str(out / "length_histogram.png"),
+            stats=stats,
+            max_length=data.max_length,
+            over_max_length=over_total,
+            over_max_share=round(share, 4),
+            suggested_max_length=suggested,
+            warning=warning,
+        )
+        df.to_csv(tmp / "lengths.csv", index=False)
+        write_json(tmp / "record.json", record.model_dump(mode="json"))
+    return record
+
+
+def _plot(df, max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    bins = min(60, max(10, int(df["total"].nunique())))
+    ax.hist(df["total"], bins=bins, alpha=0.7, label="total")
+    ax.hist(df["completion"], bins=bins, alpha=0.6, label="completion (trained)")
+    ax.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title("Token lengths (training split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_table(record: ProfileRecord) -> str:
+    head = "| tokens | count | mean | p50 | p90 | p95 | p99 | max |\n|---|---|---|---|---|---|---|---|\n"
+    rows = "".join(
+        f"| {k} | {v['count']:.0f} | {v['mean']} | {v['p50']:.0f} | {v['p90']:.0f} | {v['p95']:.0f} | {v['p99']:.0f} | {v['max']:.0f} |\n"
+        for k, v in record.stats.items()
+    )
+    return head + rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: caching, one log line, table + markdown artifacts.
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from .prefect_glue import artifact_key, keyed_by, log, png_markdown  # noqa: E402
+
+
+@task(name="2-profile", cache_key_fn=keyed_by("profile", cache_key))
+def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
+    rec = profile_lengths(data, artifacts_dir)
+    t = rec.stats["total"]
+    log(f"profile: total tokens p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, p99 {t['p99']:.0f}, max {t['max']:.0f}; "
+        f"{rec.over_max_length} examples over max_length={rec.max_length}; suggested {rec.suggested_max_length}")
+    if rec.warning:
+        from prefect import get_run_logger
+
+        get_run_logger().warning(rec.warning)
+    create_table_artifact(
+        key=artifact_key("token-lengths"),
+        table=[{"tokens": k, **{m: round(v, 1) for m, v in s.items()}} for k, s in rec.stats.items()],
+        description="Token-length profile of the training split",
+    )
+    create_markdown_artifact(
+        key=artifact_key("token-length-histogram"),
+        markdown="## Token lengths\n\n" + markdown_table(rec) + f"\n\n{rec.warning or ''}\n\n" + png_markdown(rec.histogram_png, "histogram"),
+        description="Length histogram",
+    )
+    return rec

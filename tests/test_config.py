@@ -1,0 +1,95 @@
+"""The config parses, every profile validates, and bad input fails with one line per problem naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, profile_names
+
+
+def test_every_profile_in_pipeline_yaml_validates():
+    names = profile_names()
+    assert {"mistral-7b", "demo", "tiny"} <= set(names)
+    for name in names:
+        cfg = load_config(profile=name)
+        assert cfg.profile == name
+
+
+def test_mistral_profile_is_the_seed_recipe_exactly():
+    cfg = load_config(profile="mistral-7b")
+    assert cfg.model.name == "mistralai/Mistral-7B-v0.1"
+    assert cfg.data.source == "trl-lib/Capybara"
+    assert (cfg.quant.load_in_4bit, cfg.quant.quant_type, cfg.quant.double_quant) == (True, "nf4", True)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (cfg.training.micro_batch_size, cfg.training.grad_accum) == (4, 4)
+    assert cfg.training.gradient_checkpointing and cfg.data.max_length == 2048
+    assert cfg.output_name == "mistral-7b-instruct-qlora"
+
+
+def test_default_profile_is_demo():
+    assert load_config().profile == "demo"
+
+
+def test_every_yaml_key_has_a_comment():
+    # The YAML is the control panel: each key under defaults carries its trade-off (STYLE §2).
+    lines = DEFAULT_CONFIG_PATH.read_text().splitlines()
+    in_defaults = False
+    for line in lines:
+        if line.startswith("defaults:"):
+            in_defaults = True
+            continue
+        if line.startswith("profiles:"):
+            break
+        if in_defaults and line.startswith("    ") and ":" in line and not line.strip().startswith("#"):
+            key = line.split(":")[0].strip()
+            assert "#" in line, f"pipeline.yaml key {key!r} has no comment"
+
+
+def test_overrides_and_budget():
+    cfg = load_config(profile="tiny", overrides=["lora.r=4", "training.learning_rate=1e-4", "data.source=x.jsonl"], hours=2)
+    assert cfg.lora.r == 4 and cfg.training.learning_rate == 1e-4 and cfg.data.source == "x.jsonl"
+    assert cfg.budget.seconds == 7200
+
+
+def _problems(**kw) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(**kw)
+    return e.value.problems
+
+
+def test_unknown_profile_names_the_choices():
+    (p,) = _problems(profile="mistral7b")
+    assert "mistral7b" in p and "mistral-7b" in p
+
+
+def test_every_problem_is_reported_at_once():
+    probs = _problems(profile="tiny", overrides=["lora.r=0", "training.micro_batch_size=abc", "lora.rank=3"], hours=-1)
+    text = "\n".join(probs)
+    assert len(probs) >= 4
+    assert "lora.r" in text and "training.micro_batch_size" in text and "lora.rank" in text and "budget.hours" in text
+
+
+def test_bad_dotted_key_and_absurd_budget():
+    assert "dotted" in _problems(profile="tiny", overrides=["lora..r=3"])[0]
+    assert "no_equals" in _problems(profile="tiny", overrides=["no_equals"])[0]
+    assert "720" in _problems(profile="tiny", hours=1000)[0]
+    assert "budget.minutes" in _problems(profile="tiny", minutes=0)[0]
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["profiles"]["tiny"]["training"]["learning_rat"] = 0.1
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (p,) = _problems(path=path, profile="tiny")
+    assert "training.learning_rat" in p and "unknown key" in p
+
+
+def test_cuda_requested_without_gpu_fails_early():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert any("device" in p and "cuda" in p for p in _problems(profile="tiny", overrides=["device=cuda"]))

@@ -1,0 +1,155 @@
+"""Stage 1 on real-shaped fixtures: every schema and file type, masking, the split, bad rows, the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tasks.common import StageError
+from tasks.data import encode, load_dataset_records, load_heldout_meta, load_split, oasst_conversations, to_messages
+
+# trl-lib/Capybara: a `messages` column of role/content dicts (plus a `source` column).
+CAPYBARA = [
+    {"source": "General-Instruct", "messages": [
+        {"role": "user", "content": f"What is {i} plus {i}?"},
+        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+        {"role": "user", "content": "And doubled again?"},
+        {"role": "assistant", "content": f"That makes {4 * i}."},
+    ]}
+    for i in range(40)
+]
+# yahma/alpaca-cleaned: instruction / input / output.
+ALPACA = [{"instruction": f"Reverse the word number {i}.", "input": "" if i % 2 else f"word{i}", "output": f"{i}drow"} for i in range(40)]
+
+
+def _oasst_rows(n_trees: int = 20) -> list[dict]:
+    # OpenAssistant/oasst1: one row per message; trees via parent_id; assistant replies ranked (0 = best).
+    rows = []
+    for t in range(n_trees):
+        root = f"t{t}"
+        lang = "en" if t % 4 else "de"
+        rows.append({"message_id": root, "parent_id": None, "message_tree_id": root, "role": "prompter", "text": f"Question {t}?", "lang": lang, "rank": None, "deleted": False})
+        for rank in (1, 0):
+            rows.append({"message_id": f"{root}-a{rank}", "parent_id": root, "message_tree_id": root, "role": "assistant",
+                         "text": f"{'best' if rank == 0 else 'worse'} answer {t}", "lang": lang, "rank": rank, "deleted": False})
+        rows.append({"message_id": f"{root}-f", "parent_id": f"{root}-a0", "message_tree_id": root, "role": "prompter", "text": "Thanks, more?", "lang": lang, "rank": 0, "deleted": False})
+        rows.append({"message_id": f"{root}-g", "parent_id": f"{root}-f", "message_tree_id": root, "role": "assistant", "text": f"More on {t}.", "lang": lang, "rank": 0, "deleted": False})
+    return rows
+
+
+def _cfg(tiny_cfg, source, **data):
+    data_cfg = tiny_cfg.data.model_copy(update={"source": str(source), "heldout_size": 5, **data})
+    return data_cfg, tiny_cfg.model
+
+
+def _write(path, rows, kind):
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "csv":
+        pd.DataFrame([{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows]).to_csv(path, index=False)
+    elif kind == "parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet"])
+@pytest.mark.parametrize("schema", ["capybara", "alpaca"])
+def test_each_schema_and_file_type(tmp_path, tiny_cfg, shared_artifacts, kind, schema):
+    rows = CAPYBARA if schema == "capybara" else ALPACA
+    src = _write(tmp_path / f"d.{kind}", rows, kind)
+    rec = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert rec.n_train + rec.n_heldout == 40 and rec.n_heldout == 4  # 10% capped by heldout_size
+    assert rec.dropped == {} and not rec.has_checkers
+
+
+def test_oasst_trees_take_the_best_ranked_path_in_one_language(tmp_path, tiny_cfg, shared_artifacts):
+    convs, dropped = oasst_conversations(_oasst_rows(), language="en")
+    assert len(convs) == 15 and dropped["other language"] == 5
+    assert [m["role"] for m in convs[0]] == ["user", "assistant", "user", "assistant"]
+    assert all(c[1]["content"].startswith("best") for c in convs)
+    src = _write(tmp_path / "oasst.jsonl", _oasst_rows(), "jsonl")
+    rec = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert rec.n_train + rec.n_heldout == 15
+
+
+def test_labels_cover_assistant_tokens_only_with_eos(tiny_tok):
+    msgs = CAPYBARA[3]["messages"]
+    enc, reason = encode(tiny_tok, msgs, 512, "drop")
+    assert reason is None
+    labeled = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
+    assert all(l in (-100, t) for t, l in zip(enc["input_ids"], enc["labels"]))
+    text = tiny_tok.decode(labeled)
+    # Both assistant turns are learned, user turns never, and the EOS closing each answer is learned.
+    assert "6 plus" not in text.split("3 plus 3 is 6.")[0]
+    assert "3 plus 3 is 6." in text and "That makes 12." in text
+    assert "What is" not in text and "doubled again" not in text
+    assert labeled.count(tiny_tok.eos_token_id) == 2
+
+
+def test_heldout_is_disjoint_fixed_by_seed_and_never_trained(tmp_path, tiny_cfg, shared_artifacts):
+    src = _write(tmp_path / "c.jsonl", CAPYBARA, "jsonl")
+    rec = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    train = {tuple(x) for x in load_split(rec, "train")["input_ids"]}
+    held = {tuple(x) for x in load_split(rec, "heldout")["input_ids"]}
+    assert train and held and not (train & held)
+    again = load_dataset_records(*_cfg(tiny_cfg, src, seed=42, max_rows=40), shared_artifacts)
+    assert {tuple(x) for x in load_split(again, "heldout")["input_ids"]} == held
+    other = load_dataset_records(*_cfg(tiny_cfg, src, seed=7), shared_artifacts)
+    assert {tuple(x) for x in load_split(other, "heldout")["input_ids"]} != held
+
+
+def test_embedded_heldout_has_checkers_and_other_prompts(tiny_cfg, shared_artifacts):
+    rec = load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+    assert rec.has_checkers and rec.n_heldout == tiny_cfg.data.embedded_heldout
+    meta = load_heldout_meta(rec)
+    assert all("family" in m and "check" in m for m in meta)
+
+
+def test_bad_rows_are_dropped_and_counted_by_reason(tmp_path, tiny_cfg, shared_artifacts):
+    good = CAPYBARA[:20]
+    bad = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "?"}]},  # unknown role
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},  # empty turn
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]},  # non-text
+        {"messages": [{"role": "user", "content": "only a question"}]},  # no assistant turn
+        {"messages": []},  # missing
+        {"messages": [{"role": "user", "content": "x" * 5000}, {"role": "assistant", "content": "long"}]},  # over max_length
+    ]
+    src = _write(tmp_path / "mixed.jsonl", good + bad, "jsonl")
+    rec = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert rec.n_train + rec.n_heldout == 20
+    assert rec.dropped == {"unknown role": 1, "empty turn": 1, "non-text turn": 1, "no assistant turn": 1, "missing field": 1, "over max_length": 1}
+
+
+def test_zero_usable_rows_is_an_error(tmp_path, tiny_cfg, shared_artifacts):
+    src = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "q"}]}] * 3, "jsonl")
+    with pytest.raises(StageError, match="0 usable training rows"):
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, tiny_cfg, shared_artifacts):
+    src = tmp_path / "broken.jsonl"
+    src.write_text(json.dumps(CAPYBARA[0]) + "\n{not json\n")
+    with pytest.raises(StageError, match=r"broken.jsonl:2: malformed JSON"):
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+
+
+def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
+    src = _write(tmp_path / "c.jsonl", CAPYBARA, "jsonl")
+    a = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    b = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert a == b
+    c = load_dataset_records(*_cfg(tiny_cfg, src, max_length=120), shared_artifacts)
+    assert c.key != a.key
+    _write(src, CAPYBARA[:30], "jsonl")  # same path, new content
+    d = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert d.key != a.key and d.n_train + d.n_heldout == 30
+
+
+def test_to_messages_maps_sharegpt_roles():
+    msgs, reason = to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}, "messages")
+    assert reason is None and [m["role"] for m in msgs] == ["user", "assistant"]
