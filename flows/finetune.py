@@ -18,8 +18,13 @@ from prefect.runtime import flow_run
 from tasks.common import artifacts_root, human_seconds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, load_config
 from tasks.data import data_task
+from tasks.evaluate import evaluate_task
+from tasks.merge import merge_task
 from tasks.prefect_glue import task_options
+from tasks.probe import probe_task
 from tasks.profile import profile_task
+from tasks.publish import publish_task
+from tasks.train import train_task
 
 
 def _run_name() -> str:
@@ -90,7 +95,14 @@ def finetune(
     run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
 
     data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
-    run.stage("profile", profile_task.with_options(**opts), data, art)
+    prof = run.stage("profile", profile_task.with_options(**opts), data, art)
+    probe = run.stage("probe", probe_task.with_options(**opts), data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, art)
+    train = run.stage("train", train_task.with_options(**opts), data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    evalr = run.stage("evaluate", evaluate_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, art)
+    merged = run.stage("merge", merge_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.merge, cfg.device, art)
+    records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
+    published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
+    run.data["published"] = published.dir
 
     run.finish("completed")
     total = sum(s["seconds"] for s in run.data["stages"].values())

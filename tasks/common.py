@@ -117,3 +117,21 @@ def human_seconds(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+FAULT_ENV = "QLORA_PIPELINE_FAULT"
+
+
+def maybe_fault(stage: str) -> None:
+    """Test-only fault injection: `QLORA_PIPELINE_FAULT=<stage>` fails that stage; `<stage>:oom` raises an
+    out-of-memory error. Documented in docs/RELIABILITY.md; never set it outside tests."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in filter(None, spec.split(",")):
+        name, _, kind = item.partition(":")
+        if name != stage:
+            continue
+        if kind == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected out-of-memory in {stage} ({FAULT_ENV})")
+        raise RuntimeError(f"injected failure in stage {stage} ({FAULT_ENV}={spec})")

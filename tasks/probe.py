@@ -1,0 +1,251 @@
+"""Stage 3 — throughput probe: turn "train for 4 hours" into a step budget.
+
+Loads the model exactly as training will, runs a few untimed then a few timed optimizer steps on real
+batches of the formatted data (same micro-batch, accumulation and engine), and measures seconds per step,
+tokens/s, peak memory, the model-load time and the checkpoint-save time. Then
+
+    max_steps = floor((budget - fixed) / s_per_step),   fixed = load + final save + periodic checkpoint saves
+
+With `budget.vram_gb` on a GPU it tries a few micro-batch / checkpointing settings (same effective batch)
+and keeps the fastest that fits; an out-of-memory trial is recorded and the next smaller one tried. The
+cache key includes the hardware, so another GPU re-probes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .common import StageError, building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
+from .data import DataRecord, load_split
+from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
+
+PROBE_VERSION = 1
+
+
+class ProbeRecord(BaseModel):
+    key: str
+    dir: str
+    device: str
+    hardware: str
+    budget_seconds: float
+    load_seconds: float
+    save_seconds: float
+    fixed_seconds: float
+    s_per_step: float
+    tokens_per_step: float
+    tokens_per_s: float
+    peak_mem_gb: float
+    max_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    engine: str
+    trials: list[dict]
+
+    def outputs_exist(self) -> bool:
+        return is_complete(Path(self.dir))
+
+
+def hardware_id(device: str) -> str:
+    """What the step time depends on: GPU name + memory, or CPU model + cores."""
+    import torch
+
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"cuda:{p.name}:{p.total_memory // 2**20}MiB:x{torch.cuda.device_count()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{cpu}:{os.cpu_count()}cores:torch{torch.__version__}"
+
+
+def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str) -> str:
+    dev = resolve_device(device)
+    sections = [s.model_dump(mode="json") for s in (quant, lora, training, budget)]
+    return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
+
+
+def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool]]:
+    """(micro_batch, accum, checkpointing) to try, same effective batch, fastest-first guesses."""
+    mb, ga, gc = training.micro_batch_size, training.grad_accum, training.gradient_checkpointing
+    if device != "cuda" or budget.vram_gb is None:
+        return [(mb, ga, gc)]
+    eff = mb * ga
+    out = []
+    if gc:
+        out.append((mb, ga, False))  # skipping recompute is ~30% faster when it fits
+    m = mb
+    while m >= 1:
+        out.append((m, eff // m, True))
+        if m == 1:
+            break
+        m //= 2
+    return [s for i, s in enumerate(out) if s not in out[:i]]
+
+
+def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str, log_fn=None) -> ProbeRecord:
+    """Stage 3: measure s/step and turn the time budget into max_steps."""
+    if budget.seconds is None:
+        raise StageError("budget: no time budget; pass --hours H or --minutes M (or set budget.hours in pipeline.yaml)")
+    key = cache_key(data, model, quant, lora, training, budget, device)
+    out = stage_dir(artifacts_dir, "probe", key)
+    with locked(out):
+        if is_complete(out):
+            return ProbeRecord.model_validate(read_json(out / "record.json"))
+        return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None))
+
+
+def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn) -> ProbeRecord:
+    import torch
+
+    from .train import build_model, engine_for
+
+    maybe_fault("probe")
+    engine = engine_for(training, device)
+    ref = resolve_model(model_cfg, artifacts_dir)
+    tok = load_tokenizer(ref, model_cfg)
+    train_ds = load_split(data, "train")
+    trials = []
+    for mb, ga, gc in candidate_settings(training, budget, device):
+        trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc}
+        try:
+            trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc))
+            trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
+        except torch.OutOfMemoryError:
+            trial.update(fits=False, error="out of memory")
+            log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory; trying a smaller micro-batch")
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        trials.append(trial)
+        if trial.get("fits") and budget.vram_gb is None:
+            break
+    fitting = [t for t in trials if t.get("fits")]
+    if not fitting:
+        raise StageError(f"no setting fits: even micro-batch 1 ran out of memory (budget.vram_gb={budget.vram_gb}); lower data.max_length or use a smaller model")
+    best = min(fitting, key=lambda t: t["s_per_step"])
+
+    budget_s = float(budget.seconds)
+    n_ckpt = int(budget_s // (training.checkpoint_minutes * 60))
+    fixed = best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt)
+    max_steps = max(int(math.floor((budget_s - fixed) / best["s_per_step"])), 1)
+    if training.max_steps:
+        max_steps = min(max_steps, training.max_steps)
+    rec = ProbeRecord(
+        key=key,
+        dir=str(out),
+        device=device,
+        hardware=hardware_id(device),
+        budget_seconds=budget_s,
+        load_seconds=best["load_seconds"],
+        save_seconds=best["save_seconds"],
+        fixed_seconds=round(fixed, 2),
+        s_per_step=best["s_per_step"],
+        tokens_per_step=best["tokens_per_step"],
+        tokens_per_s=best["tokens_per_s"],
+        peak_mem_gb=best["peak_mem_gb"],
+        max_steps=max_steps,
+        micro_batch_size=best["micro_batch_size"],
+        grad_accum=best["grad_accum"],
+        gradient_checkpointing=best["gradient_checkpointing"],
+        engine=engine,
+        trials=trials,
+    )
+    with building(out) as tmp:
+        write_json(tmp / "record.json", rec.model_dump(mode="json"))
+    return rec
+
+
+def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from .train import build_model, collator_for, training_args
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.monotonic()
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
+    load_s = time.monotonic() - t0
+
+    warm, timed = budget.probe_warmup_steps, budget.probe_steps
+    marks: list[tuple[float, int]] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks.append((time.monotonic(), int(state.num_input_tokens_seen or 0)))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_args(training, Path(tmp), device, quant, micro_batch_size=mb, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc)
+        args.disable_tqdm = True
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
+        with quiet_transformers():
+            t_start = time.monotonic()
+            trainer.train()
+        # Checkpoint cost: adapter + optimizer + scheduler state, as BudgetGuard's checkpoints write them.
+        t1 = time.monotonic()
+        trainer._save_checkpoint(trainer.model, trial=None)
+        save_s = time.monotonic() - t1
+    start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
+    end_t, end_tok = marks[-1]
+    s_per_step = (end_t - start_t) / timed
+    tokens = end_tok - start_tok
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
+    del trainer, model
+    return {
+        "load_seconds": round(load_s, 3),
+        "save_seconds": round(save_s, 3),
+        "s_per_step": round(s_per_step, 4),
+        "tokens_per_step": round(tokens / timed, 1),
+        "tokens_per_s": round(tokens / max(end_t - start_t, 1e-9), 1),
+        "peak_mem_gb": round(peak, 3),
+    }
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from .prefect_glue import artifact_key, keyed_by, log  # noqa: E402
+
+
+@task(name="3-probe", cache_key_fn=keyed_by("probe", cache_key))
+def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
+    rec = probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
+    log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
+        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
+        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}")
+    trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('s_per_step', '-')} | "
+                       f"{t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |" for t in rec.trials)
+    create_markdown_artifact(
+        key=artifact_key("probe-budget"),
+        markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
+                  f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
+                  f"peak {rec.peak_mem_gb:.2f} GB.\n\n| micro-batch | accum | checkpointing | s/step | peak GB | fits |\n|---|---|---|---|---|---|\n{trials}\n"),
+        description="Throughput probe and step budget",
+    )
+    return rec

@@ -1,0 +1,308 @@
+"""Stage 7 — publish one self-contained folder per run, optionally push it to the Hugging Face Hub; and chat.
+
+`artifacts/runs/<run>/<output_name>/`: adapter (+ tokenizer and chat template), merged model, the resolved
+pipeline.yaml, provenance (data hash, model fingerprint, keys), summary/eval JSON, plots, TensorBoard logs,
+and a model card. The folder is assembled under a temporary name and renamed into place, with a
+MANIFEST.json of file hashes written last: an interrupted publish never leaves a folder that looks
+complete. The hub push (if configured) retries on its own and runs only after everything local is saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from .common import StageError, artifacts_root, is_complete, maybe_fault, read_json, safe_name, write_json
+from .config import PipelineConfig
+
+MANIFEST = "MANIFEST.json"
+PUSH_ATTEMPTS = 3
+
+
+class PublishRecord(BaseModel):
+    dir: str
+    adapter_dir: str
+    merged_dir: str
+    model_card: str
+    files: int
+    bytes: int
+    pushed_to: str | None
+    push_error: str | None
+
+    def outputs_exist(self) -> bool:
+        return is_published(Path(self.dir))
+
+
+def is_published(folder: Path) -> bool:
+    """Complete = manifest present and every listed file there with its size."""
+    man = folder / MANIFEST
+    if not man.is_file():
+        return False
+    try:
+        files = read_json(man)["files"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return False
+    return all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"] for f in files)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any], log_fn=None) -> PublishRecord:
+    """Stage 7: assemble the run's folder atomically; then push to the hub if configured."""
+    log_fn = log_fn or (lambda m: None)
+    maybe_fault("publish")
+    run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
+    final = run_dir / safe_name(cfg.output_name, "output_name")
+    if not is_published(final):
+        _assemble(cfg, run_name, records, final)
+    files = read_json(final / MANIFEST)["files"]
+    rec = PublishRecord(
+        dir=str(final),
+        adapter_dir=str(final / "adapter"),
+        merged_dir=str(final / "merged"),
+        model_card=str(final / "README.md"),
+        files=len(files),
+        bytes=sum(f["bytes"] for f in files),
+        pushed_to=None,
+        push_error=None,
+    )
+    if cfg.publish.hub_repo_id:
+        try:
+            rec.pushed_to = push_to_hub(final, cfg, log_fn)
+        except StageError as e:
+            rec.push_error = str(e)
+    return rec
+
+
+def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> None:
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
+        shutil.copytree(train.adapter_dir, tmp / "adapter")
+        shutil.copytree(merge.merged_dir, tmp / "merged")
+        (tmp / "plots").mkdir()
+        shutil.copy2(prof.histogram_png, tmp / "plots" / "length_histogram.png")
+        shutil.copy2(train.loss_curve_png, tmp / "plots" / "loss_curve.png")
+        shutil.copy2(evalr.chart_png, tmp / "plots" / "eval_chart.png")
+        if Path(train.tensorboard_dir).is_dir():
+            shutil.copytree(train.tensorboard_dir, tmp / "tensorboard")
+        shutil.copy2(evalr.eval_json, tmp / "eval.json")
+        (tmp / "pipeline.yaml").write_text(
+            "# The resolved config of this run (defaults <- profile <- overrides).\n"
+            + yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False), encoding="utf-8")
+        provenance = {
+            "run": run_name,
+            "profile": cfg.profile,
+            "base_model": cfg.model.name,
+            "base_model_fingerprint": data.model_fingerprint,
+            "data_source": data.source,
+            "data_hash": data.data_hash,
+            "chat_template_hash": data.chat_template_hash,
+            "stage_keys": {k: getattr(v, "key", None) for k, v in records.items()},
+        }
+        write_json(tmp / "provenance.json", provenance)
+        write_json(tmp / "summary.json", {k: v.model_dump(mode="json") for k, v in records.items()})
+        (tmp / "README.md").write_text(model_card(cfg, run_name, records, final), encoding="utf-8")
+        # Manifest last: its presence (with matching sizes) is what "complete" means.
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> str:
+    train, evalr, merge, data, probe = (records[k] for k in ("train", "evaluate", "merge", "data", "probe"))
+    b, t = evalr.base, evalr.tuned
+    base_for_snippet = cfg.model.name if not cfg.model.name.startswith(("pypi:", "random:")) else data.model_ref
+    acc_rows = ""
+    if "accuracy" in b:
+        acc_rows = (f"| verifiable accuracy | {b['accuracy']:.1%} [{b['ci'][0]:.1%}, {b['ci'][1]:.1%}] | "
+                    f"{t['accuracy']:.1%} [{t['ci'][0]:.1%}, {t['ci'][1]:.1%}] |\n")
+    fam = ""
+    if evalr.per_family:
+        fam = "\n| family | n | base | tuned |\n|---|---|---|---|\n" + "".join(
+            f"| {r['family']} | {r['n']} | {r['base_accuracy']:.0%} | {r['tuned_accuracy']:.0%} |\n" for r in evalr.per_family)
+    return f"""---
+library_name: peft
+base_model: {cfg.model.name}
+tags: [qlora, lora, sft, qlora-pipeline]
+---
+
+# {cfg.output_name}
+
+LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained by
+[qlora-pipeline](https://github.com/) run `{run_name}` (profile `{cfg.profile}`).
+
+## Training
+- Data: `{data.source}` — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
+  loss on assistant tokens only, end-of-turn learned.
+- Recipe: {'NF4 4-bit base' + (' + double quant' if cfg.quant.double_quant else '') if train.engine and records['probe'].device == 'cuda' and cfg.quant.load_in_4bit else 'base in ' + str(merge.dtype)},
+  LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {', '.join(cfg.lora.target_modules)}
+  ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
+  LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`.
+- Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set
+  {probe.max_steps} steps; trained {train.steps} steps ({train.tokens_seen:,} tokens) in {train.wall_seconds / 60:.1f} min
+  (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.
+
+## Evaluation (held-out prompts, greedy)
+| metric | base | tuned |
+|---|---|---|
+| loss (assistant tokens) | {b['loss']:.3f} | {t['loss']:.3f} |
+| perplexity | {b['perplexity']:.2f} | {t['perplexity']:.2f} |
+{acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
+{fam}
+Merge check: merged vs base+adapter logits max |diff| {merge.max_abs_diff:.2e}, mean {merge.mean_abs_diff:.2e}
+(tolerance {merge.tolerance}), top-1 agreement {merge.top1_agreement:.2%}.
+
+## Use it
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("{final / 'adapter'}")  # base: {base_for_snippet}
+tokenizer = AutoTokenizer.from_pretrained("{final / 'adapter'}")
+messages = [{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+Or the merged model: `AutoModelForCausalLM.from_pretrained("{final / 'merged'}")`, or `qlora-pipeline chat {run_name}`.
+
+Files: `adapter/`, `merged/`, `pipeline.yaml` (resolved config), `provenance.json`, `eval.json`, `summary.json`,
+`plots/`, `tensorboard/`, `MANIFEST.json` (sha256 of every file).
+"""
+
+
+def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:
+    """Upload the adapter (and merged model if configured); the token comes from the environment only."""
+    token = os.environ.get(cfg.publish.token_env)
+    repo = cfg.publish.hub_repo_id
+    if not token:
+        raise StageError(f"publish.hub_repo_id is set but ${cfg.publish.token_env} is empty; export a write token (local files are saved)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    ignore = None if cfg.publish.push_merged else ["merged/*"]
+    last = None
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        try:
+            api.create_repo(repo, private=cfg.publish.private, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=str(folder), ignore_patterns=ignore, commit_message=f"qlora-pipeline {folder.name}")
+            return f"https://huggingface.co/{repo}"
+        except Exception as e:  # network errors come in many classes
+            last = e
+            log_fn(f"publish: push attempt {attempt}/{PUSH_ATTEMPTS} failed ({type(e).__name__})")
+            time.sleep(min(2 ** attempt, 10))
+    raise StageError(f"cannot push to the hub repo {repo!r} ({type(last).__name__}); everything is saved locally in {folder} — retry when online")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# chat
+
+
+def find_run(run: str | None, artifacts_dir: str) -> Path:
+    root = artifacts_root(artifacts_dir)
+    if run is None:
+        latest = root / "latest.json"
+        if not latest.is_file():
+            raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
+        run = read_json(latest)["run"]
+    run_dir = root / "runs" / safe_name(run, "run")
+    candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_published(p)] if run_dir.is_dir() else []
+    if not candidates:
+        raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
+    return candidates[0]
+
+
+def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    folder = find_run(run, artifacts_dir)
+    path = folder / ("merged" if merged else "adapter")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if merged:
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict] = []
+
+    def answer(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        enc = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
+        reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": reply})
+
+    if prompt is not None:
+        answer(prompt)
+        return 0
+    print(f"chatting with {folder.name} ({'merged' if merged else 'adapter'}); empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        answer(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: cached on the content of what is published (not the run name), so a rerun with nothing
+# changed points at the folder already published. The hub push retries inside; no task-level retries.
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_link_artifact  # noqa: E402
+
+from .common import fingerprint  # noqa: E402
+from .prefect_glue import artifact_key, log  # noqa: E402
+
+PUBLISH_VERSION = 1
+
+
+def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
+    return fingerprint("publish", PUBLISH_VERSION, cfg.model_dump(mode="json", exclude={"budget"}), {k: getattr(v, "key", None) for k, v in records.items()})
+
+
+def _publish_key(context, parameters: dict[str, Any]) -> str:
+    return "publish-" + cache_key(parameters["cfg"], parameters["records"])
+
+
+@task(name="7-publish", cache_key_fn=_publish_key)
+def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) -> PublishRecord:
+    rec = publish_artifacts(cfg, run_name, records, log)
+    log(f"publish: {rec.files} files ({rec.bytes / 2**20:.1f} MiB) in {rec.dir}" + (f"; pushed to {rec.pushed_to}" if rec.pushed_to else ""))
+    create_link_artifact(key=artifact_key("published-model"), link=Path(rec.dir).resolve().as_uri(), link_text=rec.dir, description="Published run folder")
+    if rec.push_error:
+        raise StageError(rec.push_error)
+    return rec

@@ -1,0 +1,467 @@
+"""Stage 4 — QLoRA training within a wall-clock budget, resumable mid-run.
+
+The loop is `transformers.Trainer` — the same loop, bf16 autocast and loss path TRL's `SFTTrainer` runs
+(it subclasses Trainer) — fed the stage-1 tokens, whose labels already mask everything but assistant
+turns. We skip SFTTrainer's own tokenization and its per-step entropy/accuracy metrics (an extra pass over
+the full-vocabulary logits per step) because stage 1 already did the former and nobody reads the latter.
+
+Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops at the
+probe's `max_steps` or when the next step plus the final save would cross the deadline, whichever first,
+and saves a checkpoint every `checkpoint_minutes`. Elapsed time is persisted every step (`heartbeat.json`),
+so after a crash the rerun resumes from the newest complete checkpoint — optimizer, scheduler, RNG and data
+position via Trainer's own resume — and counts the time already spent against the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .common import StageError, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
+from .data import DataRecord, load_split
+from .models import (
+    ModelRef,
+    check_target_modules,
+    compute_dtype,
+    load_base_model,
+    lora_config,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_device,
+    resolve_model,
+    uses_4bit,
+)
+
+TRAIN_VERSION = 1
+CKPT_MARKER = "pipeline_checkpoint.json"  # written after Trainer finished a checkpoint: no marker = torn
+
+
+class TrainRecord(BaseModel):
+    key: str
+    dir: str
+    adapter_dir: str
+    steps: int
+    max_steps: int
+    tokens_seen: int
+    wall_seconds: float
+    budget_seconds: float
+    budget_error: float  # (wall - budget) / budget
+    stopped_by: str  # max_steps | budget
+    final_loss: float
+    mean_loss: float
+    first_loss: float
+    trainable_params: int
+    total_params: int
+    resumed_from_step: int | None
+    micro_batch_size: int
+    grad_accum: int
+    engine: str
+    loss_curve_png: str
+    tensorboard_dir: str
+
+    def outputs_exist(self) -> bool:
+        return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
+
+
+class NonFiniteLoss(StageError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Builders shared with the probe
+
+
+def engine_for(training: TrainingSection, device: str) -> str:
+    if training.engine != "auto":
+        return training.engine
+    return "fast" if device == "cuda" else "padded"
+
+
+def optimizer_for(training: TrainingSection, device: str) -> str:
+    if training.optimizer != "auto":
+        return training.optimizer
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+class PaddedCollator:
+    """Right-pads a micro-batch to its longest example (the seed recipe's batches); labels pad with -100."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
+        self.pad_id = pad_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        n = max(len(f["input_ids"]) for f in features)
+        n = int(math.ceil(n / self.multiple) * self.multiple)
+        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), n), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str):
+    """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    attn = None
+    if engine == "fast":
+        from .fastpath import fast_attn_implementation
+
+        attn = fast_attn_implementation(device)
+    with quiet_transformers():
+        model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
+    check_target_modules(model, lora.target_modules)
+    model.config.use_cache = False
+    if uses_4bit(quant, device):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if engine == "fast":
+        from .fastpath import prepare_fast_model
+
+        model = prepare_fast_model(model)
+    model = get_peft_model(model, lora_config(lora))
+    return model
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def training_args(training: TrainingSection, output_dir: Path, device: str, quant: QuantSection, *, micro_batch_size: int, grad_accum: int, max_steps: int, gradient_checkpointing: bool, keep: int | None = None):
+    import torch
+    from transformers import TrainingArguments
+
+    dtype = compute_dtype(quant, device)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=max(int(round(training.warmup_ratio * max_steps)), 0),
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        max_steps=max_steps,
+        optim=optimizer_for(training, device),
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,  # already enabled on the model (PEFT needs it set up before wrapping)
+        logging_steps=training.logging_steps,
+        save_strategy="no",  # BudgetGuard decides when to save (every N minutes, and at the end)
+        save_total_limit=keep,
+        save_only_model=False,
+        report_to="none",
+        seed=training.seed,
+        data_seed=training.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+
+
+def collator_for(engine: str, pad_id: int):
+    if engine == "fast":
+        from .fastpath import PaddingFreeCollator
+
+        return PaddingFreeCollator()
+    return PaddedCollator(pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budget guard, checkpoints, NaN stop, Ctrl-C
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class BudgetGuard(_trainer_callback_base()):
+    """Stops at the deadline, checkpoints every N minutes, refuses NaN/inf loss, saves on Ctrl-C."""
+
+    def __init__(self, work: Path, budget_s: float, prior_elapsed: float, checkpoint_s: float, save_cost_s: float, log_fn=None):
+        self.work = work
+        self.budget_s = budget_s
+        self.prior = prior_elapsed
+        self.checkpoint_s = checkpoint_s
+        self.save_cost_s = save_cost_s
+        self.t0 = time.monotonic()
+        self.last_ckpt = self.t0
+        self.last_step_t = self.t0
+        self.step_s: list[float] = []
+        self.stopped_by = "max_steps"
+        self.interrupted = False
+        self.log_fn = log_fn
+        self.losses: list[tuple[int, float]] = []
+
+    def elapsed(self) -> float:
+        return self.prior + time.monotonic() - self.t0
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.monotonic()
+        self.step_s.append(now - self.last_step_t)
+        self.last_step_t = now
+        write_json(self.work / "heartbeat.json", {"elapsed": self.elapsed(), "step": state.global_step})
+        recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
+        # Stop if one more step and the final save would cross the deadline.
+        if self.elapsed() + recent + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps:
+            self.stopped_by = "budget"
+            control.should_training_stop = True
+            control.should_save = True
+        if now - self.last_ckpt >= self.checkpoint_s:
+            control.should_save = True
+        if self.interrupted:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or "loss" not in logs:
+            return
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            last = newest_checkpoint(self.work)
+            where = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
+            raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
+        self.losses.append((state.global_step, loss))
+        if self.log_fn and state.global_step % max(args.logging_steps, 1) == 0:
+            left = max(self.budget_s - self.elapsed(), 0)
+            tok_s = state.num_input_tokens_seen / max(time.monotonic() - self.t0, 1e-9) if state.num_input_tokens_seen else 0
+            self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f} lr {logs.get('learning_rate', 0):.2e} "
+                        f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
+
+    def on_save(self, args, state, control, **kw):
+        self.last_ckpt = time.monotonic()
+        ckpt = self.work / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir())})
+        return control
+
+
+def newest_checkpoint(work: Path) -> Path | None:
+    """The newest checkpoint that finished writing; torn ones (no marker, missing files) are skipped."""
+    ckpts = sorted((p for p in work.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for c in ckpts:
+        marker = c / CKPT_MARKER
+        if not marker.is_file():
+            continue
+        try:
+            info = read_json(marker)
+        except (json.JSONDecodeError, OSError):
+            continue
+        if all((c / f).exists() for f in info.get("files", [])) and (c / "trainer_state.json").is_file():
+            return c
+    return None
+
+
+def _prior_elapsed(work: Path) -> float:
+    hb = work / "heartbeat.json"
+    try:
+        return float(read_json(hb)["elapsed"]) if hb.is_file() else 0.0
+    except (json.JSONDecodeError, KeyError, OSError, ValueError):
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
+    sections = [s.model_dump(mode="json") for s in (quant, lora, training)]
+    return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
+
+
+def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str, log_fn=None) -> TrainRecord:
+    """Stage 4: train LoRA adapters for `probe.max_steps` steps or until the budget runs out; resumable."""
+    key = cache_key(data, probe, model, quant, lora, training)
+    out = stage_dir(artifacts_dir, "train", key)
+    with locked(out):
+        if is_complete(out):
+            return TrainRecord.model_validate(read_json(out / "record.json"))
+        return _train(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn or (lambda m: None))
+
+
+def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
+    import torch
+    from transformers import Trainer
+    from transformers.integrations import TensorBoardCallback
+
+    t_stage = time.monotonic()
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    prior = _prior_elapsed(work)
+    resume = newest_checkpoint(work)
+    for torn in work.glob("checkpoint-*"):
+        if torn.is_dir() and resume is not None and torn != resume and not (torn / CKPT_MARKER).is_file():
+            shutil.rmtree(torn, ignore_errors=True)  # cut off mid-write: never used
+    budget_s = float(probe.budget_seconds)
+    if prior >= budget_s and resume is not None:
+        log_fn(f"train: budget already spent before the crash ({prior:.0f}s of {budget_s:.0f}s); finishing from {resume.name}")
+    device = resolve_device(probe.device)
+    engine = engine_for(training, device)
+    mb, ga, gc = probe.micro_batch_size, probe.grad_accum, probe.gradient_checkpointing
+
+    torch.manual_seed(training.seed)
+    ref = resolve_model(model_cfg, artifacts_dir)
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
+    trainable, total = count_params(model)
+    train_ds = load_split(data, "train")
+    tok = load_tokenizer(ref, model_cfg)
+    guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, log_fn)
+    guard.t0 = t_stage  # the budget covers loading too
+    guard.last_ckpt = time.monotonic()
+    tb_dir = out / "work" / "tensorboard"
+    from torch.utils.tensorboard import SummaryWriter
+
+    args = training_args(training, work, device, quant, micro_batch_size=mb, grad_accum=ga, max_steps=probe.max_steps, gradient_checkpointing=gc, keep=training.keep_checkpoints)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collator_for(engine, tok.pad_token_id),
+        callbacks=[guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))],
+    )
+    log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
+           f"micro-batch {mb} x accum {ga}, max {probe.max_steps} steps, budget {budget_s:.0f}s"
+           + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
+
+    previous = _install_interrupt(guard)
+    try:
+        maybe_fault("train")
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        _restore_interrupt(previous)
+    if guard.interrupted:
+        raise KeyboardInterrupt("training interrupted; checkpoint saved")
+
+    with locked(out / "final"):
+        adapter_tmp = out / ".adapter.tmp"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        trainer.model.save_pretrained(str(adapter_tmp), safe_serialization=True)
+        tok.save_pretrained(str(adapter_tmp))
+        adapter = out / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(adapter_tmp, adapter)
+
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    wall = guard.elapsed()
+    png = out / "loss_curve.png"
+    _plot_loss(history, png)
+    write_json(out / "log_history.json", history)
+    rec = TrainRecord(
+        key=key,
+        dir=str(out),
+        adapter_dir=str(out / "adapter"),
+        steps=trainer.state.global_step,
+        max_steps=probe.max_steps,
+        tokens_seen=int(trainer.state.num_input_tokens_seen or 0),
+        wall_seconds=round(wall, 2),
+        budget_seconds=budget_s,
+        budget_error=round((wall - budget_s) / budget_s, 4),
+        stopped_by=guard.stopped_by,
+        final_loss=float(losses[-1]) if losses else float("nan"),
+        mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+        first_loss=float(losses[0]) if losses else float("nan"),
+        trainable_params=trainable,
+        total_params=total,
+        resumed_from_step=int(resume.name.split("-")[-1]) if resume else None,
+        micro_batch_size=mb,
+        grad_accum=ga,
+        engine=engine,
+        loss_curve_png=str(png),
+        tensorboard_dir=str(tb_dir),
+    )
+    write_json(out / "record.json", rec.model_dump(mode="json"))
+    (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    # Checkpoints have done their job once the adapter is saved; keep the disk for the next run.
+    for c in work.glob("checkpoint-*"):
+        shutil.rmtree(c, ignore_errors=True)
+    return rec
+
+
+def _install_interrupt(guard: BudgetGuard):
+    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def handler(signum, frame):
+        if guard.interrupted:
+            raise KeyboardInterrupt
+        guard.interrupted = True
+
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave Python's default
+        return None
+
+
+def _restore_interrupt(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    if pts:
+        ax.plot(*zip(*pts), marker=".", linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (assistant tokens)")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper (no retries: a failed run resumes from its checkpoint when rerun)
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from .prefect_glue import artifact_key, keyed_by, log, png_markdown  # noqa: E402
+
+
+@task(name="4-train", cache_key_fn=keyed_by("train", cache_key))
+def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord:
+    rec = train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
+    log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
+        f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")
+    create_table_artifact(key=artifact_key("training"), table=[{k: v for k, v in rec.model_dump().items() if not isinstance(v, (dict, list))}],
+                          description="Training outcome")
+    create_markdown_artifact(key=artifact_key("loss-curve"), markdown="## Training loss\n\n" + png_markdown(rec.loss_curve_png, "loss curve"),
+                             description="Loss curve")
+    return rec

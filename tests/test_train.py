@@ -1,0 +1,117 @@
+"""Probe + training on the tiny model: frozen base, moving LoRA, falling loss, budget guard, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.data import load_dataset_records
+from tasks.probe import candidate_settings, probe_throughput
+from tasks.train import PaddedCollator, build_model, count_params, newest_checkpoint, train_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_cfg, shared_artifacts):
+    return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+
+
+def test_seed_recipe_has_41943040_trainable_params_on_mistral_7b_shapes():
+    # The seed's LoRA on the real Mistral-7B-v0.1 config, built on the meta device: no weights downloaded.
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from tasks.config import load_config
+    from tasks.models import lora_config
+
+    cfg = load_config(profile="mistral-7b")
+    mistral = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mistral)
+    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    trainable, total = count_params(peft_model)
+    assert trainable == 41_943_040
+    assert total - trainable == 7_241_732_096  # Mistral-7B-v0.1's parameter count
+
+
+def test_probe_sets_steps_from_the_budget(tiny_cfg, tiny_data, shared_artifacts):
+    budget = tiny_cfg.budget.model_copy(update={"minutes": 0.5})
+    training = tiny_cfg.training.model_copy(update={"max_steps": None})
+    rec = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
+    assert rec.s_per_step > 0 and rec.tokens_per_s > 0 and rec.load_seconds > 0
+    expected = math.floor((30 - rec.fixed_seconds) / rec.s_per_step)
+    assert rec.max_steps == max(expected, 1)
+    assert rec.hardware.startswith("cpu:")
+    again = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
+    assert again == rec  # cached
+
+
+def test_vram_budget_tries_smaller_micro_batches_same_effective_batch(tiny_cfg):
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True})
+    settings = candidate_settings(training, budget, "cuda")
+    assert settings[0] == (4, 4, False)
+    assert all(mb * ga == 16 for mb, ga, _ in settings)
+    assert settings[-1] == (1, 16, True)
+
+
+def test_training_freezes_base_moves_lora_and_lowers_loss(tiny_cfg, tiny_data, shared_artifacts):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from tasks.models import load_base_model, resolve_model
+
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    training = tiny_cfg.training.model_copy(update={"max_steps": 30})
+    probe30 = probe.model_copy(update={"max_steps": 30})
+    rec = train_adapter(tiny_data, probe30, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.steps == 30 and rec.stopped_by == "max_steps"
+    assert rec.final_loss < rec.first_loss - 0.5
+    assert (Path(rec.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert Path(rec.loss_curve_png).is_file() and any(Path(rec.tensorboard_dir).rglob("events.out.tfevents*"))
+
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    base = load_base_model(ref, tiny_cfg.model, tiny_cfg.quant, "cpu")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = PeftModel.from_pretrained(base, rec.adapter_dir)
+    # Base weights are untouched by training (the adapter file holds only LoRA tensors) ...
+    for name, p in tuned.base_model.model.state_dict().items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p, before[key]), name
+    # ... and every LoRA B matrix moved from its zero init.
+    adapter = load_file(str(Path(rec.adapter_dir) / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+
+
+def test_budget_guard_stops_on_time_and_saves_adapter(tiny_cfg, tiny_data, shared_artifacts):
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    # Pretend the probe allowed 10,000 steps in an 8-second budget: the clock must stop it.
+    fake = probe.model_copy(update={"max_steps": 10_000, "budget_seconds": 8.0, "key": "budget-guard"})
+    rec = train_adapter(tiny_data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, shared_artifacts)
+    assert rec.stopped_by == "budget" and rec.steps < 10_000
+    assert abs(rec.wall_seconds - 8.0) < 2.5
+    assert (Path(rec.adapter_dir) / "adapter_config.json").is_file()
+
+
+def test_torn_checkpoint_is_skipped(tmp_path):
+    good, torn = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
+    for c in (good, torn):
+        c.mkdir()
+        (c / "trainer_state.json").write_text("{}")
+    (good / "pipeline_checkpoint.json").write_text(json.dumps({"step": 4, "elapsed": 1.0, "files": ["trainer_state.json"]}))
+    assert newest_checkpoint(tmp_path) == good
+    (torn / "pipeline_checkpoint.json").write_text(json.dumps({"step": 8, "elapsed": 2.0, "files": ["trainer_state.json", "optimizer.pt"]}))
+    assert newest_checkpoint(tmp_path) == good  # marker lists a file that never got written
+
+
+def test_padded_collator_masks_padding():
+    batch = PaddedCollator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["labels"][1, 1:].eq(-100).all() and batch["attention_mask"][1].sum() == 1
