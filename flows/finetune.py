@@ -17,14 +17,8 @@ from prefect.runtime import flow_run
 
 from tasks.common import artifacts_root, human_seconds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, load_config
-from tasks.data import data_task
-from tasks.evaluate import evaluate_task
-from tasks.merge import merge_task
 from tasks.prefect_glue import task_options
-from tasks.probe import probe_task
-from tasks.profile import profile_task
-from tasks.publish import publish_task
-from tasks.train import train_task
+from tasks.stages import data_task, evaluate_task, merge_task, probe_task, profile_task, publish_task, train_task
 
 
 def _run_name() -> str:

@@ -122,8 +122,8 @@ class TrainingSection(Section):
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = Field(
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU."
     )
-    engine: Literal["auto", "fast", "trl"] = Field(
-        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, trl on CPU; trl = the seed's SFTTrainer recipe."
+    engine: Literal["auto", "fast", "padded"] = Field(
+        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, padded on CPU; padded = the seed recipe's padded batches."
     )
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")

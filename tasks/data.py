@@ -457,23 +457,3 @@ def load_split(record: DataRecord, split: str):
 def load_heldout_meta(record: DataRecord) -> list[dict]:
     with open(Path(record.dir) / "heldout.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper: caching, retries (the hub download is I/O), one log line.
-
-from prefect import task  # noqa: E402
-
-from .prefect_glue import STAGE_RETRIES_IO, keyed_by, log  # noqa: E402
-
-
-@task(name="1-data", cache_key_fn=keyed_by("data", cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10)
-def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
-    import datasets
-
-    datasets.disable_progress_bars()
-    rec = load_dataset_records(data, model, artifacts_dir)
-    dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
-    log(f"data: {rec.n_train} train / {rec.n_heldout} held-out conversations, {rec.train_tokens:,} train tokens, "
-        f"dropped {dropped}; hash {rec.data_hash}")
-    return rec

@@ -279,29 +279,3 @@ def markdown_report(rec: EvalRecord, samples: list[dict]) -> str:
             cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")[:200]  # noqa: E731
             lines.append(f"| {cell(s['prompt'])} | {cell(s['expected'])} | {cell(s['base'])} | {cell(s['tuned'])} |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-
-from .prefect_glue import artifact_key, keyed_by, log, png_markdown  # noqa: E402
-
-
-@task(name="5-evaluate", cache_key_fn=keyed_by("eval", cache_key))
-def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str) -> EvalRecord:
-    rec = evaluate_heldout(data, train, model, quant, eval, device, artifacts_dir, log)
-    if rec.accuracy_gain is not None:
-        log(f"evaluate: accuracy base {rec.base['accuracy']:.1%} {rec.base['ci']} -> tuned {rec.tuned['accuracy']:.1%} {rec.tuned['ci']} "
-            f"(gain {rec.accuracy_gain:+.1%}, CI {rec.gain_ci}); beats base beyond CIs: {rec.beats_base}")
-    log(f"evaluate: loss base {rec.base['loss']:.3f} -> tuned {rec.tuned['loss']:.3f}; stopped by EOS base {rec.base['eos_share']:.0%}, tuned {rec.tuned['eos_share']:.0%}")
-    table = rec.per_family + ([{"family": "OVERALL", "n": rec.n_prompts, "base_accuracy": rec.base["accuracy"], "tuned_accuracy": rec.tuned["accuracy"],
-                                "base_ci": rec.base["ci"], "tuned_ci": rec.tuned["ci"]}] if rec.per_family else
-                              [{"metric": k, "base": rec.base[k], "tuned": rec.tuned[k]} for k in ("loss", "perplexity", "eos_share")])
-    create_table_artifact(key=artifact_key("eval-base-vs-tuned"), table=table, description="Held-out accuracy per family, base vs tuned")
-    samples = read_json(Path(rec.eval_json)).get("samples", [])
-    create_markdown_artifact(key=artifact_key("eval-report"), markdown=markdown_report(rec, samples) + "\n\n" + png_markdown(rec.chart_png, "eval chart"),
-                             description="Evaluation summary and samples")
-    return rec

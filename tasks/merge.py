@@ -129,25 +129,3 @@ def _check_batch(data: DataRecord, n: int, pad_id: int, device: str) -> dict:
     held = load_split(data, "heldout")
     batch = PaddedCollator(pad_id)([held[i] for i in range(min(n, len(held)))])
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
-from .prefect_glue import artifact_key, keyed_by, log  # noqa: E402
-
-
-@task(name="6-merge", cache_key_fn=keyed_by("merge", cache_key))
-def merge_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str, artifacts_dir: str) -> MergeRecord:
-    rec = merge_adapter(data, train, model, quant, merge, device, artifacts_dir, log)
-    create_markdown_artifact(
-        key=artifact_key("merge-check"),
-        markdown=(f"## Merge check\n\nMerged `{rec.dtype}` model (dequantized from 4-bit: {rec.dequantized_from_4bit}) vs base + adapter on "
-                  f"{rec.check_prompts} held-out prompts: max |logit diff| **{rec.max_abs_diff:.2e}**, mean {rec.mean_abs_diff:.2e}, "
-                  f"top-1 agreement {rec.top1_agreement:.2%} (tolerance {rec.tolerance}).\n\n`{rec.merged_dir}`"),
-        description="Merged model equivalence",
-    )
-    return rec

@@ -164,19 +164,17 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) 
             from transformers import AutoConfig, AutoModelForCausalLM
 
             tok = build_byte_tokenizer()
+            kwargs = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            # random_config wins: e.g. vocab_size=32000 gives a real 7B's exact shapes (the byte tokenizer's
+            # ids are a subset), dtype=bfloat16 halves the folder of a 7B.
+            kwargs.update({k: v for k, v in random_config.items() if k != "dtype"})
+            dtype = getattr(torch, random_config.get("dtype", "float32"))
             try:
-                config = AutoConfig.for_model(
-                    arch,
-                    vocab_size=len(tok),
-                    bos_token_id=tok.bos_token_id,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    **random_config,
-                )
+                config = AutoConfig.for_model(arch, **kwargs)
             except (ValueError, TypeError) as e:
                 raise StageError(f"model.name random:{arch}: {e}; use a transformers model type such as mistral or llama") from e
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             with building(out) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)

@@ -112,7 +112,7 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
 def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn) -> ProbeRecord:
     import torch
 
-    from .train import build_model, engine_for
+    from .train import engine_for
 
     maybe_fault("probe")
     engine = engine_for(training, device)
@@ -123,7 +123,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     for mb, ga, gc in candidate_settings(training, budget, device):
         trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc}
         try:
-            trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc))
+            trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, data.max_length))
             trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
         except torch.OutOfMemoryError:
             trial.update(fits=False, error="out of memory")
@@ -170,11 +170,11 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     return rec
 
 
-def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc) -> dict:
+def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, max_length) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback
 
-    from .train import build_model, collator_for, training_args
+    from .train import build_model, collator_for, training_args, training_dataset
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -192,9 +192,10 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
             marks.append((time.monotonic(), int(state.num_input_tokens_seen or 0)))
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_args(training, Path(tmp), device, quant, micro_batch_size=mb, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc)
+        dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed)
+        args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=engine == "fast")
         args.disable_tqdm = True
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
         with quiet_transformers():
             t_start = time.monotonic()
             trainer.train()
@@ -222,30 +223,3 @@ def _rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
-
-from .prefect_glue import artifact_key, keyed_by, log  # noqa: E402
-
-
-@task(name="3-probe", cache_key_fn=keyed_by("probe", cache_key))
-def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
-    rec = probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
-    log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
-        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
-        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}")
-    trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('s_per_step', '-')} | "
-                       f"{t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |" for t in rec.trials)
-    create_markdown_artifact(
-        key=artifact_key("probe-budget"),
-        markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
-                  f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
-                  f"peak {rec.peak_mem_gb:.2f} GB.\n\n| micro-batch | accum | checkpointing | s/step | peak GB | fits |\n|---|---|---|---|---|---|\n{trials}\n"),
-        description="Throughput probe and step budget",
-    )
-    return rec

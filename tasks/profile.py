@@ -121,35 +121,3 @@ def markdown_table(record: ProfileRecord) -> str:
         for k, v in record.stats.items()
     )
     return head + rows
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper: caching, one log line, table + markdown artifacts.
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-
-from .prefect_glue import artifact_key, keyed_by, log, png_markdown  # noqa: E402
-
-
-@task(name="2-profile", cache_key_fn=keyed_by("profile", cache_key))
-def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
-    rec = profile_lengths(data, artifacts_dir)
-    t = rec.stats["total"]
-    log(f"profile: total tokens p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, p99 {t['p99']:.0f}, max {t['max']:.0f}; "
-        f"{rec.over_max_length} examples over max_length={rec.max_length}; suggested {rec.suggested_max_length}")
-    if rec.warning:
-        from prefect import get_run_logger
-
-        get_run_logger().warning(rec.warning)
-    create_table_artifact(
-        key=artifact_key("token-lengths"),
-        table=[{"tokens": k, **{m: round(v, 1) for m, v in s.items()}} for k, s in rec.stats.items()],
-        description="Token-length profile of the training split",
-    )
-    create_markdown_artifact(
-        key=artifact_key("token-length-histogram"),
-        markdown="## Token lengths\n\n" + markdown_table(rec) + f"\n\n{rec.warning or ''}\n\n" + png_markdown(rec.histogram_png, "histogram"),
-        description="Length histogram",
-    )
-    return rec

@@ -21,10 +21,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .common import StageError, artifacts_root, is_complete, maybe_fault, read_json, safe_name, write_json
+from .common import StageError, artifacts_root, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
+PUBLISH_VERSION = 1
 PUSH_ATTEMPTS = 3
 
 
@@ -277,32 +278,6 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper: cached on the content of what is published (not the run name), so a rerun with nothing
-# changed points at the folder already published. The hub push retries inside; no task-level retries.
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_link_artifact  # noqa: E402
-
-from .common import fingerprint  # noqa: E402
-from .prefect_glue import artifact_key, log  # noqa: E402
-
-PUBLISH_VERSION = 1
-
-
 def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
+    """Content of what is published (config without the budget + upstream keys), not the run name."""
     return fingerprint("publish", PUBLISH_VERSION, cfg.model_dump(mode="json", exclude={"budget"}), {k: getattr(v, "key", None) for k, v in records.items()})
-
-
-def _publish_key(context, parameters: dict[str, Any]) -> str:
-    return "publish-" + cache_key(parameters["cfg"], parameters["records"])
-
-
-@task(name="7-publish", cache_key_fn=_publish_key)
-def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) -> PublishRecord:
-    rec = publish_artifacts(cfg, run_name, records, log)
-    log(f"publish: {rec.files} files ({rec.bytes / 2**20:.1f} MiB) in {rec.dir}" + (f"; pushed to {rec.pushed_to}" if rec.pushed_to else ""))
-    create_link_artifact(key=artifact_key("published-model"), link=Path(rec.dir).resolve().as_uri(), link_text=rec.dir, description="Published run folder")
-    if rec.push_error:
-        raise StageError(rec.push_error)
-    return rec

@@ -5,9 +5,12 @@ The loop is `transformers.Trainer` — the same loop, bf16 autocast and loss pat
 turns. We skip SFTTrainer's own tokenization and its per-step entropy/accuracy metrics (an extra pass over
 the full-vocabulary logits per step) because stage 1 already did the former and nobody reads the latter.
 
-Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops at the
-probe's `max_steps` or when the next step plus the final save would cross the deadline, whichever first,
-and saves a checkpoint every `checkpoint_minutes`. Elapsed time is persisted every step (`heartbeat.json`),
+Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops when the
+next step plus the final save would cross the deadline, or at the step cap (the user's `training.max_steps`,
+else twice the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
+learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
+step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
+than the few the probe timed (data lengths vary; a 4-hour run drifts). Elapsed time is persisted every step (`heartbeat.json`),
 so after a crash the rerun resumes from the newest complete checkpoint — optimizer, scheduler, RNG and data
 position via Trainer's own resume — and counts the time already spent against the budget.
 """
@@ -50,7 +53,8 @@ class TrainRecord(BaseModel):
     dir: str
     adapter_dir: str
     steps: int
-    max_steps: int
+    max_steps: int  # the step cap
+    expected_steps: int  # the probe's estimate for the budget
     tokens_seen: int
     wall_seconds: float
     budget_seconds: float
@@ -128,11 +132,14 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
     check_target_modules(model, lora.target_modules)
     model.config.use_cache = False
-    if uses_4bit(quant, device):
+    if uses_4bit(quant, device) and engine != "fast":
+        # The seed recipe: PEFT's k-bit prep (also upcasts norms/embeddings/lm_head to fp32).
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     elif gradient_checkpointing:
+        # The fast engine keeps norms and lm_head in bf16 (Liger's fused cross-entropy reads the bf16
+        # lm_head; the fp32 upcast costs ~0.5 GB on a 7B model for no measured gain).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if engine == "fast":
@@ -149,7 +156,7 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
-def training_args(training: TrainingSection, output_dir: Path, device: str, quant: QuantSection, *, micro_batch_size: int, grad_accum: int, max_steps: int, gradient_checkpointing: bool, keep: int | None = None):
+def training_args(training: TrainingSection, output_dir: Path, device: str, quant: QuantSection, *, micro_batch_size: int, grad_accum: int, max_steps: int, gradient_checkpointing: bool, keep: int | None = None, padding_free: bool = False):
     import torch
     from transformers import TrainingArguments
 
@@ -178,9 +185,56 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
         data_seed=training.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Padding-free rows have no padding to exclude (and no attention_mask to find it by).
+        include_num_input_tokens_seen="all" if micro_batch_size == 1 and padding_free else "non_padding",
         disable_tqdm=False,
     )
+
+
+def time_schedule(kind: str, warmup_steps: int, progress):
+    """LR multiplier: linear warmup over steps, then cosine/linear/constant over the time budget's progress."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        p = progress()
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        if kind == "linear":
+            return 1.0 - p
+        return 1.0
+
+    return factor
+
+
+def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, **kwargs):
+    """A Trainer whose LR schedule follows the wall clock (see module docstring)."""
+    import torch
+    from transformers import Trainer
+
+    class TimeBudgetTrainer(Trainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress))
+            return self.lr_scheduler
+
+    return TimeBudgetTrainer(**kwargs)
+
+
+def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int):
+    """(dataset, per-device batch size) for the engine.
+
+    padded: examples batched `micro_batch_size` at a time and padded. fast: examples packed by tokens into
+    rows of at most micro_batch x max_length real tokens (the seed's padded micro-batch, minus the
+    padding), one row per forward, no cross-sample attention.
+    """
+    if engine != "fast":
+        return train_ds, micro_batch_size
+    from .fastpath import PackedDataset, pack_by_tokens
+
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    packs = pack_by_tokens(lengths, micro_batch_size * max_length, seed)
+    return PackedDataset(train_ds, packs), 1
 
 
 def collator_for(engine: str, pad_id: int):
@@ -221,6 +275,10 @@ class BudgetGuard(_trainer_callback_base()):
 
     def elapsed(self) -> float:
         return self.prior + time.monotonic() - self.t0
+
+    def progress(self) -> float:
+        """Share of the trainable budget used (the LR schedule's clock)."""
+        return min(max(self.elapsed() / max(self.budget_s - self.save_cost_s, 1e-9), 0.0), 1.0)
 
     def on_step_end(self, args, state, control, **kw):
         now = time.monotonic()
@@ -308,7 +366,6 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
 
 def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
     import torch
-    from transformers import Trainer
     from transformers.integrations import TensorBoardCallback
 
     t_stage = time.monotonic()
@@ -338,16 +395,21 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     tb_dir = out / "work" / "tensorboard"
     from torch.utils.tensorboard import SummaryWriter
 
-    args = training_args(training, work, device, quant, micro_batch_size=mb, grad_accum=ga, max_steps=probe.max_steps, gradient_checkpointing=gc, keep=training.keep_checkpoints)
-    trainer = Trainer(
+    # The clock stops training; the step cap is a backstop (the user's hard cap, else 2x the estimate).
+    cap = training.max_steps or 2 * probe.max_steps
+    dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed)
+    args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=engine == "fast")
+    warmup = int(round(training.warmup_ratio * probe.max_steps))
+    trainer = make_trainer(
+        guard, training.lr_scheduler, warmup,
         model=model,
         args=args,
-        train_dataset=train_ds,
+        train_dataset=dataset,
         data_collator=collator_for(engine, tok.pad_token_id),
         callbacks=[guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))],
     )
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
-           f"micro-batch {mb} x accum {ga}, max {probe.max_steps} steps, budget {budget_s:.0f}s"
+           f"micro-batch {mb} x accum {ga}, ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)
@@ -379,7 +441,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         dir=str(out),
         adapter_dir=str(out / "adapter"),
         steps=trainer.state.global_step,
-        max_steps=probe.max_steps,
+        max_steps=cap,
+        expected_steps=probe.max_steps,
         tokens_seen=int(trainer.state.num_input_tokens_seen or 0),
         wall_seconds=round(wall, 2),
         budget_seconds=budget_s,
@@ -444,24 +507,3 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper (no retries: a failed run resumes from its checkpoint when rerun)
-
-from prefect import task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-
-from .prefect_glue import artifact_key, keyed_by, log, png_markdown  # noqa: E402
-
-
-@task(name="4-train", cache_key_fn=keyed_by("train", cache_key))
-def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord:
-    rec = train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
-    log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
-        f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")
-    create_table_artifact(key=artifact_key("training"), table=[{k: v for k, v in rec.model_dump().items() if not isinstance(v, (dict, list))}],
-                          description="Training outcome")
-    create_markdown_artifact(key=artifact_key("loss-curve"), markdown="## Training loss\n\n" + png_markdown(rec.loss_curve_png, "loss curve"),
-                             description="Loss curve")
-    return rec

@@ -94,10 +94,23 @@ def test_budget_guard_stops_on_time_and_saves_adapter(tiny_cfg, tiny_data, share
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
     # Pretend the probe allowed 10,000 steps in an 8-second budget: the clock must stop it.
     fake = probe.model_copy(update={"max_steps": 10_000, "budget_seconds": 8.0, "key": "budget-guard"})
-    rec = train_adapter(tiny_data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, shared_artifacts)
+    training = tiny_cfg.training.model_copy(update={"max_steps": None})
+    rec = train_adapter(tiny_data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
     assert rec.stopped_by == "budget" and rec.steps < 10_000
     assert abs(rec.wall_seconds - 8.0) < 2.5
     assert (Path(rec.adapter_dir) / "adapter_config.json").is_file()
+
+
+def test_lr_follows_the_clock_not_the_step_count():
+    from tasks.train import time_schedule
+
+    clock = {"p": 0.0}
+    f = time_schedule("cosine", warmup_steps=2, progress=lambda: clock["p"])
+    assert f(0) < f(1) < 1.0  # warmup by steps
+    clock["p"] = 0.5
+    assert abs(f(100) - 0.5) < 1e-9
+    clock["p"] = 1.0
+    assert f(5) < 1e-9  # annealed exactly when the budget ends, whatever the step
 
 
 def test_torn_checkpoint_is_skipped(tmp_path):

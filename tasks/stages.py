@@ -1,0 +1,188 @@
+"""The thin Prefect tasks around each stage: caching (content keys), retries (I/O stages only), one log
+line and the UI artifacts. The stage modules themselves stay importable without Prefect (notebooks, the GPU
+benchmark machine); the flow in `flows/finetune.py` wires these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from . import data as data_stage
+from . import evaluate as eval_stage
+from . import merge as merge_stage
+from . import probe as probe_stage
+from . import profile as profile_stage
+from . import publish as publish_stage
+from . import train as train_stage
+from .common import StageError, fingerprint, read_json
+from .config import BudgetSection, DataSection, EvalSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
+from .data import DataRecord
+from .evaluate import EvalRecord
+from .merge import MergeRecord
+from .prefect_glue import STAGE_RETRIES_IO, artifact_key, keyed_by, log, png_markdown
+from .probe import ProbeRecord
+from .profile import ProfileRecord
+from .publish import PublishRecord
+from .train import TrainRecord
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: caching, retries (the hub download is I/O), one log line.
+
+
+
+
+@task(name="1-data", cache_key_fn=keyed_by("data", data_stage.cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10)
+def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
+    import datasets
+
+    datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
+    rec = data_stage.load_dataset_records(data, model, artifacts_dir)
+    dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
+    log(f"data: {rec.n_train} train / {rec.n_heldout} held-out conversations, {rec.train_tokens:,} train tokens, "
+        f"dropped {dropped}; hash {rec.data_hash}")
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: caching, one log line, table + markdown artifacts.
+
+
+
+
+@task(name="2-profile", cache_key_fn=keyed_by("profile", profile_stage.cache_key))
+def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
+    rec = profile_stage.profile_lengths(data, artifacts_dir)
+    t = rec.stats["total"]
+    log(f"profile: total tokens p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, p99 {t['p99']:.0f}, max {t['max']:.0f}; "
+        f"{rec.over_max_length} examples over max_length={rec.max_length}; suggested {rec.suggested_max_length}")
+    if rec.warning:
+        get_run_logger().warning(rec.warning)
+    create_table_artifact(
+        key=artifact_key("token-lengths"),
+        table=[{"tokens": k, **{m: round(v, 1) for m, v in s.items()}} for k, s in rec.stats.items()],
+        description="Token-length profile of the training split",
+    )
+    create_markdown_artifact(
+        key=artifact_key("token-length-histogram"),
+        markdown="## Token lengths\n\n" + profile_stage.markdown_table(rec) + f"\n\n{rec.warning or ''}\n\n" + png_markdown(rec.histogram_png, "histogram"),
+        description="Length histogram",
+    )
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper
+
+
+
+
+@task(name="3-probe", cache_key_fn=keyed_by("probe", probe_stage.cache_key))
+def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
+    rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
+    log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
+        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
+        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}")
+    trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('s_per_step', '-')} | "
+                       f"{t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |" for t in rec.trials)
+    create_markdown_artifact(
+        key=artifact_key("probe-budget"),
+        markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
+                  f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
+                  f"peak {rec.peak_mem_gb:.2f} GB.\n\n| micro-batch | accum | checkpointing | s/step | peak GB | fits |\n|---|---|---|---|---|---|\n{trials}\n"),
+        description="Throughput probe and step budget",
+    )
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper (no retries: a failed run resumes from its checkpoint when rerun)
+
+
+
+
+@task(name="4-train", cache_key_fn=keyed_by("train", train_stage.cache_key))
+def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord:
+    rec = train_stage.train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
+    log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
+        f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")
+    create_table_artifact(key=artifact_key("training"), table=[{k: v for k, v in rec.model_dump().items() if not isinstance(v, (dict, list))}],
+                          description="Training outcome")
+    create_markdown_artifact(key=artifact_key("loss-curve"), markdown="## Training loss\n\n" + png_markdown(rec.loss_curve_png, "loss curve"),
+                             description="Loss curve")
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper
+
+
+
+
+@task(name="5-evaluate", cache_key_fn=keyed_by("eval", eval_stage.cache_key))
+def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str) -> EvalRecord:
+    rec = eval_stage.evaluate_heldout(data, train, model, quant, eval, device, artifacts_dir, log)
+    if rec.accuracy_gain is not None:
+        log(f"evaluate: accuracy base {rec.base['accuracy']:.1%} {rec.base['ci']} -> tuned {rec.tuned['accuracy']:.1%} {rec.tuned['ci']} "
+            f"(gain {rec.accuracy_gain:+.1%}, CI {rec.gain_ci}); beats base beyond CIs: {rec.beats_base}")
+    log(f"evaluate: loss base {rec.base['loss']:.3f} -> tuned {rec.tuned['loss']:.3f}; stopped by EOS base {rec.base['eos_share']:.0%}, tuned {rec.tuned['eos_share']:.0%}")
+    table = rec.per_family + ([{"family": "OVERALL", "n": rec.n_prompts, "base_accuracy": rec.base["accuracy"], "tuned_accuracy": rec.tuned["accuracy"],
+                                "base_ci": rec.base["ci"], "tuned_ci": rec.tuned["ci"]}] if rec.per_family else
+                              [{"metric": k, "base": rec.base[k], "tuned": rec.tuned[k]} for k in ("loss", "perplexity", "eos_share")])
+    create_table_artifact(key=artifact_key("eval-base-vs-tuned"), table=table, description="Held-out accuracy per family, base vs tuned")
+    samples = read_json(Path(rec.eval_json)).get("samples", [])
+    create_markdown_artifact(key=artifact_key("eval-report"), markdown=eval_stage.markdown_report(rec, samples) + "\n\n" + png_markdown(rec.chart_png, "eval chart"),
+                             description="Evaluation summary and samples")
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper
+
+
+
+
+@task(name="6-merge", cache_key_fn=keyed_by("merge", merge_stage.cache_key))
+def merge_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str, artifacts_dir: str) -> MergeRecord:
+    rec = merge_stage.merge_adapter(data, train, model, quant, merge, device, artifacts_dir, log)
+    create_markdown_artifact(
+        key=artifact_key("merge-check"),
+        markdown=(f"## Merge check\n\nMerged `{rec.dtype}` model (dequantized from 4-bit: {rec.dequantized_from_4bit}) vs base + adapter on "
+                  f"{rec.check_prompts} held-out prompts: max |logit diff| **{rec.max_abs_diff:.2e}**, mean {rec.mean_abs_diff:.2e}, "
+                  f"top-1 agreement {rec.top1_agreement:.2%} (tolerance {rec.tolerance}).\n\n`{rec.merged_dir}`"),
+        description="Merged model equivalence",
+    )
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: cached on the content of what is published (not the run name), so a rerun with nothing
+# changed points at the folder already published. The hub push retries inside; no task-level retries.
+
+
+
+
+
+def _publish_key(context, parameters: dict[str, Any]) -> str:
+    return "publish-" + publish_stage.cache_key(parameters["cfg"], parameters["records"])
+
+
+@task(name="7-publish", cache_key_fn=_publish_key)
+def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) -> PublishRecord:
+    rec = publish_stage.publish_artifacts(cfg, run_name, records, log)
+    log(f"publish: {rec.files} files ({rec.bytes / 2**20:.1f} MiB) in {rec.dir}" + (f"; pushed to {rec.pushed_to}" if rec.pushed_to else ""))
+    create_link_artifact(key=artifact_key("published-model"), link=Path(rec.dir).resolve().as_uri(), link_text=rec.dir, description="Published run folder")
+    if rec.push_error:
+        raise StageError(rec.push_error)
+    return rec

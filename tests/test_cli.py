@@ -1,0 +1,42 @@
+"""The command line: --help, profiles, and config errors as one clean line each with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from flows.cli import main
+
+
+def test_help_explains_commands(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "chat" in out and "--hours" not in out  # subcommand help holds the flags
+    try:
+        main(["run", "--help"])
+    except SystemExit:
+        pass
+    out = capsys.readouterr().out
+    assert "--hours" in out and "--minutes" in out and "--set" in out and "--profile" in out
+
+
+def test_profiles_lists_pipeline_yaml(capsys):
+    assert main(["profiles"]) == 0
+    assert {"demo", "tiny", "mistral-7b"} <= set(capsys.readouterr().out.split())
+
+
+def test_config_errors_are_one_line_each_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", "lora.r=0", "--set", "lora.rnk=3", "--hours", "-2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 3 and all(l.startswith("config error: ") for l in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_profile_exit_2(capsys):
+    assert main(["run", "--profile", "nope", "--minutes", "1"]) == 2
+    assert "nope" in capsys.readouterr().err

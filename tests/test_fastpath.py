@@ -1,0 +1,202 @@
+"""Contracts of tasks/fastpath.py on a tiny random Mistral (2 layers, 64 wide), CPU only.
+
+The padding-free collator restarts positions and masks each sample's first label; a packed forward gives every
+sample the same logits, loss and gradients as running it alone (no cross-sample attention), with transformers'
+sdpa masks and with the project's varlen attention; pack_by_tokens respects its budget and places every index
+exactly once. Tolerance: fp32 on CPU, so packed and separate runs agree to 1e-5 absolute on logits and 1e-6
+relative on the loss; only summation order differs between them.
+"""
+
+import pytest
+import torch
+
+from tasks import fastpath
+from tasks.fastpath import (
+    IGNORE_INDEX,
+    PackedDataset,
+    PaddingFreeCollator,
+    fast_attn_implementation,
+    pack_by_tokens,
+    packed_hf_dataset,
+    prepare_fast_model,
+    recompute_free_layers,
+    register_varlen_attention,
+    set_recompute_free_layers,
+)
+
+transformers = pytest.importorskip("transformers")
+
+LOGITS_ATOL = 1e-5
+LOSS_RTOL = 1e-6
+
+
+def tiny_model(attn: str):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, attn_implementation=attn,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+def samples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        labels = [IGNORE_INDEX if j < n // 3 else t for j, t in enumerate(ids)]  # a masked "prompt" prefix
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def test_collator_positions_labels_and_boundaries():
+    feats = samples([5, 3, 7])
+    batch = PaddingFreeCollator()(feats)
+    assert batch["input_ids"].shape == (1, 15)
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8, 15] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 7
+    assert batch["use_cache"] is False  # a KV cache would disable transformers' packed-sequence masks
+    labels = batch["labels"][0].tolist()
+    for start, f in zip([0, 5, 8], feats):
+        n = len(f["input_ids"])
+        assert labels[start] == IGNORE_INDEX
+        assert labels[start + 1 : start + n] == f["labels"][1:]  # the data stage's masking is kept
+    assert batch["input_ids"][0].tolist() == sum((f["input_ids"] for f in feats), [])
+
+
+def test_collator_accepts_packs_counts_tokens_and_rejects_bad_rows():
+    rows = samples([4, 6, 2])
+    collator = PaddingFreeCollator()
+    ds = PackedDataset(rows, [[0, 2], [1]])
+    batch = collator([ds[0]])  # DataLoader with batch_size=1 hands a list holding one pack
+    assert batch["input_ids"].shape == (1, 6) and collator.tokens_seen == 6
+    no_labels = collator([{"input_ids": [5, 6, 7]}])
+    assert no_labels["labels"][0].tolist() == [IGNORE_INDEX, 6, 7]
+    with pytest.raises(ValueError, match="labels"):
+        collator([{"input_ids": [1, 2, 3], "labels": [1, 2]}])
+    with pytest.raises(ValueError, match="max_tokens"):
+        PaddingFreeCollator(max_tokens=5)(rows[:2])
+
+
+def test_collator_accepts_rows_of_a_packed_hf_dataset():
+    pytest.importorskip("datasets")
+    rows = samples([4, 6, 2])
+    ds = packed_hf_dataset(rows, [[0, 2], [1]])
+    assert len(ds) == 2
+    a, b = PaddingFreeCollator()([ds[0]]), PaddingFreeCollator()(PackedDataset(rows, [[0, 2]])[0])
+    for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q"):
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_forward_matches_separate_samples(attn):
+    attn = register_varlen_attention() if attn == "varlen" else attn
+    model = tiny_model(attn)
+    feats = samples([9, 4, 17, 1, 12], seed=1)
+    batch = PaddingFreeCollator()(feats)
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        start = 0
+        for f in feats:
+            n = len(f["input_ids"])
+            alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start : start + n], alone, atol=LOGITS_ATOL, rtol=0)
+            start += n
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_packed_loss_and_gradients_match_separate_samples(attn):
+    """Same token-weighted loss and the same gradients as the samples run one by one."""
+    attn = register_varlen_attention() if attn == "varlen" else attn
+    model = tiny_model(attn).train()
+    feats = samples([11, 6, 20], seed=2)
+    batch = PaddingFreeCollator()(feats)
+    n_items = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
+
+    model.zero_grad()
+    packed_loss = model(**batch, num_items_in_batch=n_items).loss
+    packed_loss.backward()
+    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    model.zero_grad()
+    total = 0.0
+    for f in feats:
+        out = model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]]), num_items_in_batch=n_items)
+        out.loss.backward()
+        total += out.loss.item()
+    assert packed_loss.item() == pytest.approx(total, rel=LOSS_RTOL)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_varlen_attention_keeps_padded_batches_on_sdpa():
+    """A padded batch (2D attention mask) gives the same logits under the varlen name as under sdpa."""
+    varlen, sdpa = tiny_model(register_varlen_attention()), tiny_model("sdpa")
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        a = varlen(input_ids=ids, attention_mask=mask).logits
+        b = sdpa(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_varlen_attention_finds_boundaries_from_positions_alone():
+    """Without cu_seq_lens (another collator), restarting position_ids still keep samples apart."""
+    model = tiny_model(register_varlen_attention())
+    batch = PaddingFreeCollator()(samples([5, 8]))
+    with torch.no_grad():
+        full = model(**batch).logits
+        positions_only = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    torch.testing.assert_close(full, positions_only, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_pack_by_tokens_respects_budget_and_covers_every_index_once():
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(x) for x in torch.randint(1, 2049, (500,), generator=g)]
+    packs = pack_by_tokens(lengths, max_tokens=8192, seed=7)
+    flat = sorted(i for p in packs for i in p)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in p) <= 8192 for p in packs)
+    lower_bound = -(-sum(lengths) // 8192)
+    assert len(packs) <= lower_bound + 2  # best-fit decreasing wastes little
+    assert pack_by_tokens(lengths, 8192, seed=7) == packs  # deterministic for a seed
+    assert pack_by_tokens(lengths, 8192, seed=8) != packs
+
+
+def test_pack_by_tokens_full_length_and_errors():
+    packs = pack_by_tokens([2048] * 12, max_tokens=4 * 2048, seed=0)
+    assert sorted(len(p) for p in packs) == [4, 4, 4]
+    assert pack_by_tokens([], 10, seed=0) == []
+    with pytest.raises(ValueError, match="sample 1 has 11 tokens"):
+        pack_by_tokens([3, 11], max_tokens=10, seed=0)
+    with pytest.raises(ValueError, match="positive"):
+        pack_by_tokens([3], max_tokens=0, seed=0)
+
+
+def test_fast_attn_implementation_and_cpu_degradation():
+    assert fast_attn_implementation("cpu") == "sdpa"
+    assert fast_attn_implementation("cuda") == fastpath.VARLEN_ATTENTION
+    model = tiny_model("sdpa")
+    forward = model.forward
+    assert prepare_fast_model(model) is model  # CPU: liger is never applied
+    assert model.forward == forward
+    assert prepare_fast_model(model, use_liger=False) is model
+
+
+def test_recompute_free_layers_budget_arithmetic():
+    assert recompute_free_layers(peak_full_gb=8.0, per_layer_gb=1.0, budget_gb=16.0, n_layers=32) == 7
+    assert recompute_free_layers(peak_full_gb=8.0, per_layer_gb=1.0, budget_gb=8.0, n_layers=32) == 0
+    assert recompute_free_layers(peak_full_gb=8.0, per_layer_gb=0.1, budget_gb=80.0, n_layers=32) == 32
+
+
+def test_set_recompute_free_layers_toggles_the_last_layers():
+    model = tiny_model("sdpa").train()
+    model.gradient_checkpointing_enable()
+    assert set_recompute_free_layers(model, 1) == 1
+    flags = [layer.gradient_checkpointing for layer in fastpath.checkpointed_layers(model)]
+    assert flags == [True, False]
+    assert set_recompute_free_layers(model, 99) == 2

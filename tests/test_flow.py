@@ -1,0 +1,75 @@
+"""The real flow end to end on the tiny profile under a Prefect test server: seven stages, summary,
+published folder, a second run that hits every cache, and a deleted result that is recomputed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
+PUBLISHED_FILES = {"README.md", "MANIFEST.json", "pipeline.yaml", "provenance.json", "eval.json", "summary.json",
+                   "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json",
+                   "merged/config.json", "merged/model.safetensors", "plots/length_histogram.png", "plots/loss_curve.png",
+                   "plots/eval_chart.png"}
+
+
+@pytest.fixture()
+def run_flow(prefect_server, tmp_path):
+    from flows.finetune import finetune
+
+    art = str(tmp_path / "artifacts")
+
+    def run(*extra: str):
+        return finetune(profile="tiny", overrides=[f"artifacts_dir={art}", *extra])
+
+    run.artifacts = Path(art)
+    return run
+
+
+def test_flow_runs_seven_stages_then_hits_every_cache(run_flow):
+    first = run_flow()
+    assert first["status"] == "completed"
+    assert list(first["stages"]) == STAGES
+    assert not any(s["cached"] for s in first["stages"].values())
+
+    summary = json.loads(Path(first["summary_path"]).read_text())
+    assert summary["stages"]["train"]["outputs"]["steps"] > 0
+    latest = json.loads((run_flow.artifacts / "latest.json").read_text())
+    assert latest["run"] == first["run"]
+    published = Path(first["published"])
+    files = {str(p.relative_to(published)) for p in published.rglob("*") if p.is_file()}
+    assert PUBLISHED_FILES <= files
+    card = (published / "README.md").read_text()
+    assert "AutoPeftModelForCausalLM" in card and "base_model:" in card and "| perplexity |" in card
+
+    second = run_flow()
+    assert all(s["cached"] for s in second["stages"].values()), second["stages"]
+    assert second["published"] == first["published"]
+
+
+def test_changed_config_invalidates_only_downstream_stages(run_flow):
+    run_flow()
+    changed = run_flow("lora.r=4")
+    cached = {k: v["cached"] for k, v in changed["stages"].items()}
+    assert cached["data"] and cached["profile"]
+    assert not cached["probe"] and not cached["train"] and not cached["merge"]
+
+
+def test_deleted_stage_outputs_are_recomputed_not_trusted(run_flow):
+    first = run_flow()
+    shutil.rmtree(Path(first["stages"]["merge"]["outputs"]["dir"]))
+    second = run_flow()
+    assert second["stages"]["train"]["cached"]
+    assert not second["stages"]["merge"]["cached"]
+    assert Path(second["stages"]["merge"]["outputs"]["merged_dir"]).is_dir()
+
+
+def test_deleted_prefect_results_are_recomputed(run_flow):
+    run_flow()
+    shutil.rmtree(run_flow.artifacts / ".prefect-results")
+    again = run_flow()
+    assert again["status"] == "completed"
+    assert not again["stages"]["data"]["cached"]  # Prefect record gone: the stage reruns (and reuses its folder)

@@ -1,0 +1,73 @@
+"""Crash and resume, as a user would hit it: the real CLI in a subprocess, SIGKILL mid-training, rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(art: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6",
+           "--set", f"artifacts_dir={art}", "--set", "training.max_steps=null", "--set", "training.checkpoint_minutes=0.05", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path):
+    art = tmp_path / "artifacts"
+    proc = _cli(art)
+    deadline = time.monotonic() + 240
+    marker = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+        if found:
+            marker = found[0]
+            break
+        time.sleep(0.2)
+    assert marker is not None, "no checkpoint appeared before the deadline"
+    time.sleep(1.0)  # let it train past the checkpoint, so there is lost work to redo
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    first_step = json.loads(marker.read_text())["step"]
+    spent = json.loads((marker.parent.parent / "heartbeat.json").read_text())["elapsed"]
+    assert spent > 0
+
+    rerun = _cli(art)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    stages = summary["stages"]
+    assert stages["data"]["cached"] and stages["profile"]["cached"] and stages["probe"]["cached"]
+    train = stages["train"]["outputs"]
+    assert train["resumed_from_step"] is not None and train["resumed_from_step"] >= first_step
+    assert train["steps"] > train["resumed_from_step"]  # the step counter continued
+    # The time before the kill counts: the whole training (both processes) stays within the budget.
+    assert train["wall_seconds"] <= train["budget_seconds"] * 1.05
+    assert train["wall_seconds"] >= spent
+
+
+@pytest.mark.slow
+def test_failure_in_merge_then_retry_reuses_everything_before_it(tmp_path):
+    art = tmp_path / "artifacts"
+    failed = _cli(art, env={"QLORA_PIPELINE_FAULT": "merge"})
+    out, _ = failed.communicate(timeout=600)
+    assert failed.returncode != 0 and "injected failure in stage merge" in out
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "failed" and summary["stages"]["merge"]["status"] == "failed"
+
+    ok = _cli(art)
+    out, _ = ok.communicate(timeout=600)
+    assert ok.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    cached = {k: v["cached"] for k, v in summary["stages"].items()}
+    assert cached == {"data": True, "profile": True, "probe": True, "train": True, "evaluate": True, "merge": False, "publish": False}
