@@ -5,6 +5,7 @@
     qlora-pipeline run --profile tiny --set lora.r=4    # any pipeline.yaml key, dotted
     qlora-pipeline profiles                             # list the profiles in pipeline.yaml
     qlora-pipeline chat [RUN] [--prompt TEXT]           # talk to a published run (latest by default)
+    qlora-pipeline serve                                # run finetune/nightly (prefect.yaml) on its schedule here
 
 Every stage is cached on content: rerun the same command after a crash and it resumes where it stopped.
 """
@@ -12,6 +13,7 @@ Every stage is cached on content: rerun the same command after a crash and it re
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -40,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--artifacts-dir", default="artifacts")
+
+    serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
+                           description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "
+                                       "`prefect server start`) and execute its scheduled and triggered runs on this machine until Ctrl-C.")
+    serve.add_argument("--deployment", default="nightly", help="the deployment of prefect.yaml to serve (default: nightly)")
+    serve.add_argument("--name", help="register it under another name, e.g. nightly-<host> for one deployment per GPU machine")
+    serve.add_argument("--collision-strategy", choices=["ENQUEUE", "CANCEL_NEW"],
+                       help="a run that finds the GPU busy: ENQUEUE waits, CANCEL_NEW is cancelled (default: prefect.yaml's)")
+    serve.add_argument("--paused", action="store_true", help="register the schedule inactive: runs only when triggered")
     return p
 
 
@@ -58,8 +69,54 @@ def _ask_budget() -> float | None:
         print("please type a positive number of hours")
 
 
+class _UserErrorConsoleFilter(logging.Filter):
+    """Drops, from the console only, Prefect's failure records that carry a StageError/ConfigError traceback.
+
+    Those errors are the user's to fix (a bad row, a typo): `cmd_run` prints them as one `error: ...` line, and a
+    stack trace would bury it. Prefect's API handler sees the record first, so the UI keeps the full traceback;
+    every other exception (a bug) still prints its traceback here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.common import StageError
+        from tasks.config import ConfigError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (StageError, ConfigError))
+
+
+def _hide_user_error_tracebacks() -> None:
+    import prefect  # noqa: F401  (configures Prefect's logging: the console handler sits on the root logger)
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _UserErrorConsoleFilter) for f in handler.filters):
+            handler.addFilter(_UserErrorConsoleFilter())
+
+
+def _temporary_server_outside_ctrl_c() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary server as a child process. Ctrl-C signals the whole
+    foreground process group: the server died first and the run then hung, reporting its state to it. Started
+    in its own session, only this process gets Ctrl-C (training saves a checkpoint and stops, exit 130);
+    Prefect still stops the server when this process exits."""
+    import functools
+    import subprocess
+    import types
+
+    from prefect.server.api import server
+
+    if getattr(server.subprocess, "_detached", False):
+        return
+    detached = types.ModuleType("subprocess")
+    detached.__dict__.update(vars(subprocess))
+    detached.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    detached._detached = True
+    server.subprocess = detached  # only the prefect server module's view of subprocess
+
+
 def cmd_run(args) -> int:
-    from tasks.common import StageError
+    from tasks.common import StageError, writable_problem
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # before Prefect reads it; busy machines are slow
     from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 
     path = args.config or DEFAULT_CONFIG_PATH
@@ -71,6 +128,9 @@ def cmd_run(args) -> int:
             if hours is None:
                 raise ConfigError(["budget: no time budget; pass --hours H or --minutes M (or set budget.hours in pipeline.yaml)"])
             cfg = load_config(path, args.profile, args.overrides, hours, None)
+        problem = writable_problem(cfg.artifacts_dir)
+        if problem:
+            raise ConfigError([problem])
     except ConfigError as e:
         for line in e.problems:
             print(f"config error: {line}", file=sys.stderr)
@@ -78,10 +138,13 @@ def cmd_run(args) -> int:
 
     from flows.finetune import finetune
 
+    _hide_user_error_tracebacks()
+    _temporary_server_outside_ctrl_c()
     try:
         result = finetune(profile=cfg.profile, hours=hours, minutes=minutes, overrides=args.overrides, config_path=str(path))
     except (StageError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return EXIT_STAGE
     except KeyboardInterrupt:
         print("interrupted: finished stages and the last training checkpoint are kept; rerun the same command to resume", file=sys.stderr)
@@ -108,10 +171,36 @@ def cmd_chat(args) -> int:
         return EXIT_STAGE
 
 
+def _quiet_environment() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
+    # bitsandbytes warns at import on CPU that an optional kernels package is missing; we don't use it.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def cmd_serve(args) -> int:
+    from prefect.settings import get_current_settings
+
+    from flows.deploy import DeploymentSpecError, serve
+
+    if not get_current_settings().api.url:  # else Prefect serves against a throwaway in-process server: no UI, no runs
+        print("config error: no Prefect server to serve against; start one with `prefect server start` and point at it "
+              "once with `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        serve(args.deployment, name=args.name, collision_strategy=args.collision_strategy, paused=args.paused)
+    except DeploymentSpecError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"run": cmd_run, "profiles": cmd_profiles, "chat": cmd_chat}[args.command](args)
+    _quiet_environment()
+    return {"run": cmd_run, "profiles": cmd_profiles, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
 
 
 if __name__ == "__main__":

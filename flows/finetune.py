@@ -24,7 +24,9 @@ from tasks.stages import data_task, evaluate_task, merge_task, probe_task, profi
 def _run_name() -> str:
     p = flow_run.parameters
     budget = p.get("hours") and f"{p['hours']:g}h" or p.get("minutes") and f"{p['minutes']:g}m" or "cfg-budget"
-    return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    # The flow-run id's head keeps two runs started in the same second (same artifacts/) in distinct folders.
+    unique = str(flow_run.id or "")[:4]
+    return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{unique}")
 
 
 class RunSummary:

@@ -26,7 +26,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class StageError(RuntimeError):
-    """A stage failed for a reason the user can fix; the message is one line naming the problem and the fix."""
+    """A stage failed for a reason the user can fix; the message is one line naming the problem and the fix.
+
+    Not retried by Prefect (the same input fails the same way) unless `retryable` is set (e.g. a network error).
+    """
+
+    retryable = False
 
 
 def fingerprint(*parts: Any, length: int = 16) -> str:
@@ -47,6 +52,25 @@ def artifacts_root(artifacts_dir: str) -> Path:
     """The artifacts folder, absolute; relative paths are taken from the project root."""
     p = Path(artifacts_dir)
     return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def writable_problem(artifacts_dir: str) -> str | None:
+    """None if the artifacts folder can be created and written to, else one line naming the problem and the fix."""
+    root = artifacts_root(artifacts_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return (f"artifacts_dir {str(root)!r} is not writable ({e.strerror or type(e).__name__}); "
+                "pass --set artifacts_dir=<a folder you can write to>")
+    return None
+
+
+def disk_full(e: BaseException) -> bool:
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def safe_name(name: str, what: str = "name") -> str:
@@ -120,18 +144,40 @@ def human_seconds(s: float) -> str:
 
 
 FAULT_ENV = "QLORA_PIPELINE_FAULT"
+_fault_calls: dict[str, int] = {}  # maybe_fault calls per stage in this process (for `oom@K`)
+
+
+def _faults(stage: str) -> Iterator[tuple[str, str]]:
+    """(kind, argument) of every `<stage>:<kind>[@<arg>]` item of QLORA_PIPELINE_FAULT naming this stage."""
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, _, spec = item.strip().partition(":")
+        if name == stage:
+            kind, _, arg = spec.partition("@")
+            yield kind, arg
 
 
 def maybe_fault(stage: str) -> None:
-    """Test-only fault injection: `QLORA_PIPELINE_FAULT=<stage>` fails that stage; `<stage>:oom` raises an
-    out-of-memory error. Documented in docs/RELIABILITY.md; never set it outside tests."""
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in filter(None, spec.split(",")):
-        name, _, kind = item.partition(":")
-        if name != stage:
-            continue
-        if kind == "oom":
+    """Test-only fault injection, called at the start of each stage (docs/RELIABILITY.md; never set it outside
+    tests). `QLORA_PIPELINE_FAULT=<stage>[:<kind>],...` where kind is:
+
+    (none)  raise RuntimeError (an unexpected crash);   kill   SIGKILL this process (power loss, OOM killer);
+    oom     raise torch.OutOfMemoryError every time;   oom@K  only the first K calls in this process.
+    `train:nan@N` is not raised here: the training loop turns the weights NaN at step N (`fault_arg`).
+    """
+    calls = _fault_calls[stage] = _fault_calls.get(stage, 0) + 1
+    for kind, arg in _faults(stage):
+        if kind == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "oom" and (not arg or calls <= int(arg)):
             import torch
 
             raise torch.OutOfMemoryError(f"injected out-of-memory in {stage} ({FAULT_ENV})")
-        raise RuntimeError(f"injected failure in stage {stage} ({FAULT_ENV}={spec})")
+        if kind == "":
+            raise RuntimeError(f"injected failure in stage {stage} ({FAULT_ENV}={os.environ.get(FAULT_ENV)})")
+
+
+def fault_arg(stage: str, kind: str) -> str | None:
+    """The argument of a test-only `<stage>:<kind>@<arg>` fault if one is set (e.g. `train:nan@3` -> "3")."""
+    return next((arg for k, arg in _faults(stage) if k == kind), None)

@@ -130,6 +130,18 @@ class TrainingSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     logging_steps: int = Field(1, ge=1, description="Log loss/LR/tokens per second every N steps.")
     seed: int = Field(42, description="Training seed (LoRA init, dropout, data order).")
+    gpus: int | Literal["auto"] = Field(
+        1, description="GPUs to train on: 1 = in the task's process; N or auto (all visible) = data-parallel under torchrun, "
+        "one process and one 4-bit copy of the base per GPU. The global batch (micro × accum) stays the same: each GPU runs "
+        "accum / N micro-batches per step, so grad_accum must be a multiple of N. With device=cpu, N gloo processes (tests)."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _positive_gpus(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be >= 1 or auto (got {v}); 1 trains on one GPU, auto on every visible one")
+        return v
 
 
 class BudgetSection(Section):
@@ -263,7 +275,9 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML ({e}); fix the indicated line"]) from e
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError([f"{path}: not valid YAML at {where} ({getattr(e, 'problem', None) or 'syntax error'}); fix that line"]) from e
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping with `defaults` and `profiles`"])
     return data
@@ -355,6 +369,10 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             problems.append("quant.compute_dtype: bfloat16 is not supported on this GPU; set it to float16 or auto")
+    gpus = cfg.training.gpus
+    if isinstance(gpus, int) and gpus > 1 and cfg.training.grad_accum % gpus:
+        problems.append(f"training.grad_accum: {cfg.training.grad_accum} is not a multiple of training.gpus={gpus} (each GPU runs "
+                        f"grad_accum / gpus micro-batches per step); set it to a multiple of {gpus}, e.g. {gpus * max(cfg.training.grad_accum // gpus, 1)}")
     if cfg.eval.max_prompts < 1:
         problems.append("eval.max_prompts: must be >= 1")
     if cfg.model.name.startswith("random:") and not cfg.model.random_config:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,26 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import instructions
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, read_json, stage_dir, write_json
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, ModelSection
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
-DATA_VERSION = 3  # bump when formatting/tokenization changes so cached data is rebuilt
+DATA_VERSION = 4  # bump when formatting/tokenization changes so cached data is rebuilt
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
     "system": "system",
+}
+# The fix to suggest when every row was dropped, by the most common reason.
+DROP_FIXES = {
+    "over max_length": "raise data.max_length or set data.overlong=truncate",
+    "unknown role": f"use roles {', '.join(sorted(set(ROLE_ALIASES)))}",
+    "empty turn": "remove empty messages (every turn needs text)",
+    "missing field": "check data.schema and the column names (messages, or instruction/input/output)",
+    "non-text turn": "every turn needs a role and a text content",
+    "no assistant turn": "every conversation needs an assistant answer",
+    "no assistant tokens": "raise data.max_length (the answers were cut off)",
 }
 MAX_ROW_CHARS = 64 * 2048  # a row this long can't fit any sensible max_length: drop it before tokenizing
 
@@ -52,6 +63,7 @@ class DataRecord(BaseModel):
     n_heldout: int
     train_tokens: int
     dropped: dict[str, int]
+    truncated: int = 0  # examples cut to max_length (overlong=truncate)
     has_checkers: bool
     max_length: int
 
@@ -175,7 +187,9 @@ def _read_hub(data: DataSection) -> list[dict]:
     except Exception as e:
         msg = str(e)
         if any(s in msg for s in ("Couldn't reach", "offline", "ConnectionError", "Max retries", "resolve")) or "Connection" in type(e).__name__:
-            raise StageError(f"cannot reach the hub for dataset {data.source!r}; use a local file or the demo profile (`make run`)") from e
+            err = StageError(f"cannot reach the hub for dataset {data.source!r}; use a local file or the demo profile (`make run`)")
+            err.retryable = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")  # online: maybe transient
+            raise err from e
         raise StageError(f"cannot load dataset {data.source!r} split {data.split!r}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
     if data.max_rows:
         ds = ds.select(range(min(data.max_rows, len(ds))))
@@ -305,13 +319,14 @@ def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[d
     for tid, (start, end) in zip(ids, offsets):
         inside = any(s <= start < e for s, e in spans) and end > start
         labels.append(tid if inside else -100)
-    if len(ids) > max_length:
+    truncated = len(ids) > max_length
+    if truncated:
         if overlong == "drop":
             return None, "over max_length"
         ids, labels = ids[:max_length], labels[:max_length]
     if all(l == -100 for l in labels):
         return None, "no assistant tokens"
-    return {"input_ids": ids, "labels": labels}, None
+    return {"input_ids": ids, "labels": labels, "truncated": int(truncated)}, None
 
 
 def stop_token_ids(tok) -> list[int]:
@@ -350,6 +365,7 @@ def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: 
 def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path) -> DataRecord:
     import datasets
 
+    maybe_fault("data")
     tok = load_tokenizer(ref, model)
     dropped: collections.Counter = collections.Counter()
     extra: list[dict] = []  # per-conversation metadata (family, check) for evaluation
@@ -391,11 +407,13 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         split_at = len(train_idx)
 
     train, held = [], []
+    truncated = 0
     for i, (msgs, meta) in enumerate(convs):
         enc, reason = encode(tok, msgs, data.max_length, data.overlong)
         if reason:
             dropped[reason] += 1
             continue
+        truncated += enc.pop("truncated")
         if i < split_at:
             train.append(enc)
         else:
@@ -403,7 +421,8 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
             extra.append({"messages": msgs, **meta})
     if not train:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
-        raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); fix the data or raise data.max_length")
+        fix = DROP_FIXES.get(dropped.most_common(1)[0][0] if dropped else "", "fix the data")
+        raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); {fix}")
     if not held:
         raise StageError(f"data.source {data.source!r}: 0 usable held-out rows; add rows or raise data.max_length")
 
@@ -432,6 +451,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         n_heldout=len(held),
         train_tokens=sum(len(ex["input_ids"]) for ex in train),
         dropped=dict(dropped),
+        truncated=truncated,
         has_checkers=all("check" in e for e in extra),
         max_length=data.max_length,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,9 @@ def build_byte_tokenizer(vocab_size: int = 512):
     return tok
 
 
+_warned_default_template: set[str] = set()
+
+
 def load_tokenizer(ref: ModelRef, model: ModelSection):
     """The tokenizer with a chat template (the configured one, its own, or the project's default) and a pad token."""
     from transformers import AutoTokenizer
@@ -216,6 +220,11 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
         tok.chat_template = model.chat_template
     elif not getattr(tok, "chat_template", None):
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
+        if model.name not in _warned_default_template:  # said once per process, not once per stage
+            _warned_default_template.add(model.name)
+            logging.getLogger("qlora_pipeline").warning(
+                f"{model.name!r}: the tokenizer has no chat template, so the project's default is used (### User: / "
+                "### Assistant: headers, answers closed by EOS); set model.chat_template to choose another")
     if tok.eos_token is None:
         raise StageError(f"tokenizer of {model.name!r} has no EOS token; the model could never learn to stop — pick another model")
     if tok.pad_token is None:
@@ -225,6 +234,17 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
 
 def _load_error(ref: ModelRef, model: ModelSection, e: Exception) -> StageError:
     msg = str(e)
+    if type(e).__name__ == "SafetensorError":
+        return StageError(f"cannot read the weights of {model.name!r}: the safetensors file is truncated or corrupt "
+                          f"({msg.splitlines()[0] if msg else 'unreadable'}); copy or download the model again")
+    if "trust_remote_code" in msg:
+        return StageError(f"{model.name!r} needs to run its own Python code to load; set model.trust_remote_code=true only if you trust its source")
+    folder = Path(ref.path)
+    if ref.local and folder.is_dir() and not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            return StageError(f"{model.name!r} has only pickle .bin weights, which can run code when loaded; convert them to "
+                              "safetensors, or set model.allow_pickle=true only if you trust their source")
+        return StageError(f"model folder {model.name!r} has no weight files (*.safetensors); copy the complete model folder or download it again")
     if not ref.local and ("offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower() or "Max retries" in msg):
         return StageError(f"cannot reach the hub for {model.name!r}; use a local folder or the demo profile (`make run`)")
     if "gated" in msg.lower() or "401" in msg or "403" in msg:
@@ -289,14 +309,25 @@ def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, dev
         kwargs["attn_implementation"] = attn_implementation
     if qc is not None:
         kwargs["quantization_config"] = qc
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # The current GPU: 0 in one process, the local rank's under torchrun (tasks/launch.py sets it).
+        kwargs["device_map"] = {"": _current_gpu()} if device == "cuda" else {"": "cpu"}
     try:
         m = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as e:
         raise _load_error(ref, model, e) from e
+    except Exception as e:  # a truncated safetensors file, or a repo that needs its own code
+        if type(e).__name__ == "SafetensorError" or "trust_remote_code" in str(e):
+            raise _load_error(ref, model, e) from e
+        raise
     if qc is None:
         m.to(device)
     return m
+
+
+def _current_gpu() -> int:
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def lora_config(lora, task_type: str = "CAUSAL_LM"):

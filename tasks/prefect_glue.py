@@ -36,10 +36,12 @@ def _artifacts_tag(parameters: dict[str, Any]) -> str:
 
 def task_options(artifacts_dir: str) -> dict[str, Any]:
     """Per-run options: results stored as JSON under this run's artifacts folder."""
-    from .common import artifacts_root
+    from .common import StageError, artifacts_root, writable_problem
 
     store = artifacts_root(artifacts_dir) / ".prefect-results"
-    store.mkdir(parents=True, exist_ok=True)
+    problem = writable_problem(str(store))
+    if problem:
+        raise StageError(problem)
     return {
         "persist_result": True,
         "result_serializer": "json",

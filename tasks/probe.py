@@ -6,6 +6,10 @@ tokens/s, peak memory, the model-load time and the checkpoint-save time. Then
 
     max_steps = floor((budget - fixed) / s_per_step),   fixed = load + final save + periodic checkpoint saves
 
+With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/launch.py) and times the
+data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
+memory, and the launch itself (imports, process group) counted as fixed cost.
+
 With `budget.vram_gb` on a GPU it tries a few micro-batch / checkpointing settings (same effective batch)
 and keeps the fastest that fits; an out-of-memory trial is recorded and the next smaller one tried. The
 cache key includes the hardware, so another GPU re-probes.
@@ -23,12 +27,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from . import launch
 from .common import StageError, building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 
 
 class ProbeRecord(BaseModel):
@@ -50,6 +55,8 @@ class ProbeRecord(BaseModel):
     gradient_checkpointing: bool
     engine: str
     trials: list[dict]
+    gpus: int = 1  # data-parallel processes timed; grad_accum above is per rank (global batch = micro x accum x gpus)
+    launch_seconds: float = 0.0  # several ranks: torchrun start, imports and process-group setup (part of fixed)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -103,30 +110,51 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
         raise StageError("budget: no time budget; pass --hours H or --minutes M (or set budget.hours in pipeline.yaml)")
     key = cache_key(data, model, quant, lora, training, budget, device)
     out = stage_dir(artifacts_dir, "probe", key)
+    log_fn = log_fn or (lambda m: None)
     with locked(out):
         if is_complete(out):
             return ProbeRecord.model_validate(read_json(out / "record.json"))
-        return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None))
+        n = launch.world_size(training.gpus, device)
+        if n > 1 and launch.world() == 1:
+            launch.per_rank_accum(training.grad_accum, n)  # fail before starting N processes
+            resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
+            inputs = {"data": data.model_dump(mode="json"), "device": resolve_device(device), "key": key, "out": str(out), "artifacts_dir": artifacts_dir,
+                      **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training), ("budget", budget))}}
+            return ProbeRecord.model_validate(launch.run_stage("probe", inputs, n, out.parent / f".{out.name}.launch", log_fn))
+        return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn)
 
 
-def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn) -> ProbeRecord:
+def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn, t_start: float | None = None) -> ProbeRecord | None:
+    """The probe's work, in this process; under torchrun every rank runs it and rank 0 returns the record."""
     import torch
 
     from .train import engine_for
 
-    maybe_fault("probe")
+    n = launch.world()
+    launch_s = launch.sync_max([time.monotonic() - t_start])[0] if t_start else 0.0
     engine = engine_for(training, device)
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
     train_ds = load_split(data, "train")
     trials = []
-    for mb, ga, gc in candidate_settings(training, budget, device):
+    candidates = candidate_settings(training, budget, device)
+    for mb, ga, gc in candidates:  # grows on out-of-memory (below)
+        ga = launch.per_rank_accum(ga, n)  # same global batch over n ranks
         trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc}
         try:
+            maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
             trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, data.max_length))
             trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
+            if n > 1:
+                # The other ranks wait inside DDP's all-reduce for this one: no way to skip to the next trial.
+                raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {launch.rank()}; "
+                                 "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
+                                 "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
             trial.update(fits=False, error="out of memory")
+            if mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
+                # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
+                candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc))
             log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory; trying a smaller micro-batch")
         finally:
             if device == "cuda":
@@ -136,12 +164,13 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
             break
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
-        raise StageError(f"no setting fits: even micro-batch 1 ran out of memory (budget.vram_gb={budget.vram_gb}); lower data.max_length or use a smaller model")
+        raise StageError(f"out of memory even at micro-batch 1 (budget.vram_gb={budget.vram_gb}); lower data.max_length, "
+                         "set training.gradient_checkpointing=true or use a smaller model")
     best = min(fitting, key=lambda t: t["s_per_step"])
 
     budget_s = float(budget.seconds)
     n_ckpt = int(budget_s // (training.checkpoint_minutes * 60))
-    fixed = best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt)
+    fixed = launch_s + best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt)
     max_steps = max(int(math.floor((budget_s - fixed) / best["s_per_step"])), 1)
     if training.max_steps:
         max_steps = min(max_steps, training.max_steps)
@@ -164,7 +193,11 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         gradient_checkpointing=best["gradient_checkpointing"],
         engine=engine,
         trials=trials,
+        gpus=n,
+        launch_seconds=round(launch_s, 2),
     )
+    if not launch.is_main():
+        return None
     with building(out) as tmp:
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     return rec
@@ -202,19 +235,24 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         # Checkpoint cost: adapter + optimizer + scheduler state, as BudgetGuard's checkpoints write them.
         t1 = time.monotonic()
         trainer._save_checkpoint(trainer.model, trial=None)
+        # ... and the final save after the last step: adapter + tokenizer (a 262k-vocab tokenizer takes seconds).
+        trainer.model.save_pretrained(str(Path(tmp) / "final"), safe_serialization=True)
+        tok.save_pretrained(str(Path(tmp) / "final"))
         save_s = time.monotonic() - t1
     start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
     end_t, end_tok = marks[-1]
     s_per_step = (end_t - start_t) / timed
     tokens = end_tok - start_tok
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
+    # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
+    load_s, save_s, s_per_step, peak = launch.sync_max([load_s, save_s, s_per_step, peak])
     del trainer, model
     return {
         "load_seconds": round(load_s, 3),
         "save_seconds": round(save_s, 3),
         "s_per_step": round(s_per_step, 4),
         "tokens_per_step": round(tokens / timed, 1),
-        "tokens_per_s": round(tokens / max(end_t - start_t, 1e-9), 1),
+        "tokens_per_s": round(tokens / timed / max(s_per_step, 1e-9), 1),
         "peak_mem_gb": round(peak, 3),
     }
 

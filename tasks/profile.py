@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import building, fingerprint, is_complete, locked, read_json, stage_dir, write_json
+from .common import building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .data import DataRecord, load_split
 
 PROFILE_VERSION = 1
@@ -51,6 +51,7 @@ def profile_lengths(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
 def _build(data: DataRecord, key: str, out: Path) -> ProfileRecord:
     import pandas as pd
 
+    maybe_fault("profile")
     ds = load_split(data, "train")
     rows = []
     for labels in ds["labels"]:
@@ -65,8 +66,7 @@ def _build(data: DataRecord, key: str, out: Path) -> ProfileRecord:
         stats[col].update({name: float(s.quantile(q)) for name, q in quantiles.items()})
 
     over = data.dropped.get("over max_length", 0)
-    truncated = int((df["total"] >= data.max_length).sum())  # with overlong=truncate they sit at the cap
-    over_total = over + truncated
+    over_total = over + data.truncated
     share = over_total / max(data.n_train + data.n_heldout + over, 1)
     # Suggest covering p99 of what we saw, rounded up to a multiple of 64 (kernel-friendly shapes).
     suggested = int(64 * math.ceil(max(stats["total"]["p99"], 1) / 64))

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .common import StageError, artifacts_root, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
+from .common import StageError, artifacts_root, disk_full, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
@@ -70,7 +70,13 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
     if not is_published(final):
-        _assemble(cfg, run_name, records, final)
+        try:
+            _assemble(cfg, run_name, records, final)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            raise StageError(f"disk full while publishing to {final} (the partial copy was removed); free some space and rerun "
+                             "the same command: every finished stage is cached") from e
     files = read_json(final / MANIFEST)["files"]
     rec = PublishRecord(
         dir=str(final),

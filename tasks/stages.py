@@ -37,7 +37,19 @@ from .train import TrainRecord
 
 
 
-@task(name="1-data", cache_key_fn=keyed_by("data", data_stage.cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10)
+def _retry_io_only(task, task_run, state) -> bool:
+    """Retry transient errors (network); a StageError (bad row, missing file) fails the same way every time."""
+    try:
+        state.result()
+    except StageError as e:
+        return e.retryable
+    except Exception:
+        return True
+    return False
+
+
+@task(name="1-data", cache_key_fn=keyed_by("data", data_stage.cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10,
+      retry_condition_fn=_retry_io_only)
 def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
     import datasets
 

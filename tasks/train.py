@@ -28,7 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from . import launch
+from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .models import (
@@ -44,7 +45,7 @@ from .models import (
     uses_4bit,
 )
 
-TRAIN_VERSION = 1
+TRAIN_VERSION = 2
 CKPT_MARKER = "pipeline_checkpoint.json"  # written after Trainer finished a checkpoint: no marker = torn
 
 
@@ -71,6 +72,7 @@ class TrainRecord(BaseModel):
     engine: str
     loss_curve_png: str
     tensorboard_dir: str
+    gpus: int = 1  # data-parallel processes (training.gpus); tokens_seen and tokens/s are over all of them
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -161,7 +163,7 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
     from transformers import TrainingArguments
 
     dtype = compute_dtype(quant, device)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=micro_batch_size,
         gradient_accumulation_steps=grad_accum,
@@ -181,14 +183,24 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
         save_total_limit=keep,
         save_only_model=False,
         report_to="none",
+        logging_nan_inf_filter=False,  # the default logs a NaN/inf step as the window's average: BudgetGuard must see it
         seed=training.seed,
         data_seed=training.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         # Padding-free rows have no padding to exclude (and no attention_mask to find it by).
         include_num_input_tokens_seen="all" if micro_batch_size == 1 and padding_free else "non_padding",
-        disable_tqdm=False,
+        # Several ranks: rank 0's per-step log line is the progress (bars from N processes interleave).
+        disable_tqdm=launch.world() > 1,
+        # Every LoRA weight gets a gradient each step: skip DDP's search for unused ones (a graph walk per step).
+        ddp_find_unused_parameters=False,
     )
+    # One process drives one GPU. On a multi-GPU host Trainer's legacy single-process mode multiplies the batch
+    # by the visible GPU count (for nn.DataParallel, which it then skips for 4-bit models): one GPU would get
+    # twice the batch and memory. Several GPUs go through torchrun (training.gpus), one process each.
+    _ = args.device
+    args._n_gpu = min(args._n_gpu, 1)
+    return args
 
 
 def time_schedule(kind: str, warmup_steps: int, progress):
@@ -245,6 +257,24 @@ def collator_for(engine: str, pad_id: int):
     return PaddedCollator(pad_id)
 
 
+class BatchTrace:
+    """Wraps a collator and fingerprints the first batches a rank trains on (several ranks: each must get its
+    own shard of the data; written to work/ranks/rank-<r>.json)."""
+
+    def __init__(self, collator, keep: int = 64):
+        self.collator = collator
+        self.keep = keep
+        self.fingerprints: list[str] = []
+
+    def __call__(self, features):
+        import hashlib
+
+        batch = self.collator(features)
+        if len(self.fingerprints) < self.keep:
+            self.fingerprints.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:16])
+        return batch
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Budget guard, checkpoints, NaN stop, Ctrl-C
 
@@ -256,7 +286,14 @@ def _trainer_callback_base():
 
 
 class BudgetGuard(_trainer_callback_base()):
-    """Stops at the deadline, checkpoints every N minutes, refuses NaN/inf loss, saves on Ctrl-C."""
+    """Stops at the deadline, checkpoints every N minutes, refuses NaN/inf loss, saves on Ctrl-C.
+
+    With several ranks (training.gpus > 1) every rank runs a guard on its own clock; the stop/save/interrupt
+    decisions and the elapsed time are max-reduced over the ranks at each step, so all ranks stop and save at
+    the same step (a rank that stopped alone would leave the others waiting in the next all-reduce) and the
+    time-based LR schedule reads the same clock everywhere (else the replicas' LoRA weights drift apart).
+    Rank 0 alone writes the heartbeat and the checkpoint markers.
+    """
 
     def __init__(self, work: Path, budget_s: float, prior_elapsed: float, checkpoint_s: float, save_cost_s: float, log_fn=None):
         self.work = work
@@ -272,30 +309,49 @@ class BudgetGuard(_trainer_callback_base()):
         self.interrupted = False
         self.log_fn = log_fn
         self.losses: list[tuple[int, float]] = []
+        self.synced_elapsed = prior_elapsed  # the ranks' common clock, updated every step (several ranks)
 
     def elapsed(self) -> float:
         return self.prior + time.monotonic() - self.t0
 
     def progress(self) -> float:
         """Share of the trainable budget used (the LR schedule's clock)."""
-        return min(max(self.elapsed() / max(self.budget_s - self.save_cost_s, 1e-9), 0.0), 1.0)
+        elapsed = self.synced_elapsed if launch.world() > 1 else self.elapsed()
+        return min(max(elapsed / max(self.budget_s - self.save_cost_s, 1e-9), 0.0), 1.0)
 
     def on_step_end(self, args, state, control, **kw):
+        maybe_fault(f"train-rank{launch.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
         now = time.monotonic()
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
-        write_json(self.work / "heartbeat.json", {"elapsed": self.elapsed(), "step": state.global_step})
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
         # Stop if one more step and the final save would cross the deadline.
-        if self.elapsed() + recent + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps:
+        stop = self.elapsed() + recent + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
+        save = now - self.last_ckpt >= self.checkpoint_s
+        stop, save, interrupted, self.synced_elapsed = launch.sync_max([stop, save, self.interrupted, self.elapsed()])
+        if launch.is_main():
+            write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
+        if stop:
+            # No checkpoint on a budget stop: the final adapter is saved right after, in the budget's time.
             self.stopped_by = "budget"
             control.should_training_stop = True
+        if save and not stop:
             control.should_save = True
-        if now - self.last_ckpt >= self.checkpoint_s:
-            control.should_save = True
-        if self.interrupted:
+        if interrupted:
+            self.interrupted = True
             control.should_training_stop = True
             control.should_save = True
+        return control
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        nan_at = fault_arg("train", "nan")  # test-only `train:nan@N` (docs/RELIABILITY.md): weights turn NaN in step N
+        if nan_at and model is not None and state.global_step + 1 == int(nan_at):
+            import torch
+
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
         return control
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -307,7 +363,7 @@ class BudgetGuard(_trainer_callback_base()):
             where = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
         self.losses.append((state.global_step, loss))
-        if self.log_fn and state.global_step % max(args.logging_steps, 1) == 0:
+        if self.log_fn and launch.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
             left = max(self.budget_s - self.elapsed(), 0)
             tok_s = state.num_input_tokens_seen / max(time.monotonic() - self.t0, 1e-9) if state.num_input_tokens_seen else 0
             self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f} lr {logs.get('learning_rate', 0):.2e} "
@@ -315,8 +371,9 @@ class BudgetGuard(_trainer_callback_base()):
 
     def on_save(self, args, state, control, **kw):
         self.last_ckpt = time.monotonic()
+        launch.barrier()  # every rank has written its part (its RNG state) before the marker says complete
         ckpt = self.work / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        if launch.is_main() and ckpt.is_dir():
             write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir())})
         return control
 
@@ -358,23 +415,63 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
     """Stage 4: train LoRA adapters for `probe.max_steps` steps or until the budget runs out; resumable."""
     key = cache_key(data, probe, model, quant, lora, training)
     out = stage_dir(artifacts_dir, "train", key)
+    log_fn = log_fn or (lambda m: None)
     with locked(out):
         if is_complete(out):
             return TrainRecord.model_validate(read_json(out / "record.json"))
-        return _train(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn or (lambda m: None))
+        n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks
+        if n > 1 and launch.world() == 1:
+            resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
+            inputs = {"data": data.model_dump(mode="json"), "probe": probe.model_dump(mode="json"), "device": probe.device,
+                      **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training))},
+                      "key": key, "out": str(out), "artifacts_dir": artifacts_dir}
+            return TrainRecord.model_validate(launch.run_stage("train", inputs, n, out / "work", log_fn))
+        return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
 
 
-def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
+def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
+    """`_train`, retried on out-of-memory with half the micro-batch and twice the accumulation (the same
+    effective batch; it resumes from the last checkpoint) down to micro-batch 1; disk full is a clear error."""
+    import gc
+
+    import torch
+
+    while True:
+        try:
+            return _train(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
+        except torch.OutOfMemoryError as e:
+            mb, ga = probe.micro_batch_size, probe.grad_accum
+            if mb <= 1:
+                raise StageError(f"training ran out of memory even at micro-batch 1 x accum {ga}; lower data.max_length, set "
+                                 "training.gradient_checkpointing=true or use a smaller model") from e
+            new_mb = mb // 2
+            new_ga = math.ceil(mb * ga / new_mb)
+            log_fn(f"train: out of memory at micro-batch {mb} x accum {ga}; retrying at {new_mb} x {new_ga} (same effective batch)")
+            probe = probe.model_copy(update={"micro_batch_size": new_mb, "grad_accum": new_ga})
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            last = newest_checkpoint(out / "work")
+            kept = f"the last complete checkpoint ({last.name}) is intact" if last else "no checkpoint had been saved yet"
+            raise StageError(f"disk full while training saved to {out}; {kept}. Free some space and rerun the same command to resume") from e
+        gc.collect()  # outside the except block: the OOM traceback no longer pins the failed attempt's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn, t_start: float | None = None) -> TrainRecord | None:
+    """The stage's work, in this process; under torchrun every rank runs it and rank 0 returns the record."""
     import torch
     from transformers.integrations import TensorBoardCallback
 
-    t_stage = time.monotonic()
+    t_stage = t_start or time.monotonic()  # several ranks: from the launch, so startup counts against the budget
+    main = launch.is_main()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     prior = _prior_elapsed(work)
     resume = newest_checkpoint(work)
     for torn in work.glob("checkpoint-*"):
-        if torn.is_dir() and resume is not None and torn != resume and not (torn / CKPT_MARKER).is_file():
+        if main and torn.is_dir() and resume is not None and torn != resume and not (torn / CKPT_MARKER).is_file():
             shutil.rmtree(torn, ignore_errors=True)  # cut off mid-write: never used
     budget_s = float(probe.budget_seconds)
     if prior >= budget_s and resume is not None:
@@ -395,6 +492,11 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     tb_dir = out / "work" / "tensorboard"
     from torch.utils.tensorboard import SummaryWriter
 
+    callbacks = [guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if main else [guard]
+    collator = collator_for(engine, tok.pad_token_id)
+    if launch.world() > 1:
+        collator = BatchTrace(collator)
+
     # The clock stops training; the step cap is a backstop (the user's hard cap, else 2x the estimate).
     cap = training.max_steps or 2 * probe.max_steps
     dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed)
@@ -405,11 +507,13 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=collator_for(engine, tok.pad_token_id),
-        callbacks=[guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))],
+        data_collator=collator,
+        callbacks=callbacks,
     )
+    n = launch.world()
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
-           f"micro-batch {mb} x accum {ga}, ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
+           f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
+           f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)
@@ -420,6 +524,12 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         _restore_interrupt(previous)
     if guard.interrupted:
         raise KeyboardInterrupt("training interrupted; checkpoint saved")
+    if n > 1:
+        # Per-rank provenance: steps must agree; the batch fingerprints show each rank trained on its own shard.
+        write_json(work / "ranks" / f"rank-{launch.rank()}.json", {"rank": launch.rank(), "steps": trainer.state.global_step,
+                   "stopped_by": guard.stopped_by, "saved_adapter": main, "batches": collator.fingerprints})
+    if not main:
+        return None
 
     with locked(out / "final"):
         adapter_tmp = out / ".adapter.tmp"
@@ -459,6 +569,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         engine=engine,
         loss_curve_png=str(png),
         tensorboard_dir=str(tb_dir),
+        gpus=n,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

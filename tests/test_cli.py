@@ -14,7 +14,7 @@ def test_help_explains_commands(capsys):
     except SystemExit as e:
         assert e.code == 0
     out = capsys.readouterr().out
-    assert "run" in out and "chat" in out and "--hours" not in out  # subcommand help holds the flags
+    assert "run" in out and "chat" in out and "profiles" in out and "resumes" in out
     try:
         main(["run", "--help"])
     except SystemExit:

@@ -1,0 +1,255 @@
+"""Multi-GPU stages: the probe and the training stage under `torchrun`, one process per GPU, supervised by
+the (Prefect) parent.
+
+    training:
+      gpus: 2        # or auto: every visible GPU; 1 (the default) trains in the task's own process
+
+With `training.gpus` > 1 the stage function writes its inputs to a JSON file and calls `run_stage`, which
+starts
+
+    python -m torch.distributed.run --standalone --nproc-per-node N --tee 3 --log-dir <work>/launch \
+        -m tasks.launch worker <work>/launch-<stage>.json
+
+streams rank 0's log lines to the stage's logger and the rest of the output to stderr, and, when a rank
+dies, fails with one line naming the rank, its exit code and its last lines. Each rank runs the same stage
+function (`train._train`, `probe._probe`) on its own GPU (`device_map={"": local_rank}`): Trainer wraps the
+LoRA model in DDP (NCCL on GPUs, gloo on CPU), which all-reduces the LoRA gradients bucket by bucket while
+the backward pass runs, and shards the packed dataset so every rank trains on different batches. Rank 0
+writes checkpoints, the heartbeat, the adapter and the stage record; the parent reads the record back.
+
+`device=cpu` with `training.gpus=2` runs two CPU processes over gloo: the same path, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import StageError, read_json, write_json
+
+LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
+TAIL_LINES = 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where am I: read from torchrun's environment, so the stage functions need no extra arguments
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world() -> int:
+    """Processes in this stage run (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def world_size(gpus: int | str, device: str) -> int:
+    """How many processes `training.gpus` asks for on `device` (the config's device: auto | cpu | cuda)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == "auto":
+        return max(visible, 1) if device != "cpu" else 1
+    n = int(gpus)
+    if n > 1 and device != "cpu":
+        if visible == 0:
+            raise StageError(f"training.gpus={n} but no CUDA GPU is visible; set training.gpus=1 (device=cpu with gpus>1 runs CPU processes, for tests)")
+        if n > visible:
+            raise StageError(f"training.gpus={n} but only {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES); set training.gpus={visible} or auto")
+    return n
+
+
+def per_rank_accum(grad_accum: int, n: int) -> int:
+    """Micro-batches per optimizer step on each rank: the global batch (micro x accum) stays the recipe's."""
+    if grad_accum % n:
+        raise StageError(f"training.grad_accum={grad_accum} is not a multiple of training.gpus={n}: each GPU runs grad_accum / gpus "
+                         f"micro-batches so the effective batch stays micro x accum; set training.grad_accum to a multiple of {n}")
+    return grad_accum // n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collectives used by the stages (no-ops in a single process)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if world() > 1 and dist.is_available() and dist.is_initialized() else None
+
+
+def sync_max(values: list[float]) -> list[float]:
+    """Element-wise max over ranks: every rank gets the same numbers (stop/save flags, clocks, timings)."""
+    dist = _dist()
+    if dist is None:
+        return list(values)
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent side: start torchrun, stream, supervise
+
+
+def run_stage(stage: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Callable[[str], None]) -> dict:
+    """Run `stage` ("train" | "probe") on `n` ranks; return the record rank 0 wrote, or raise StageError."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path = work / f"launch-{stage}.json"
+    result_path = work / f"result-{stage}.json"
+    logs = work / "launch"
+    for p in [result_path, *work.glob(f"error-{stage}-rank*.json")]:
+        p.unlink(missing_ok=True)
+    # CLOCK_MONOTONIC is shared by every process of the host: the ranks count the launch against the budget.
+    write_json(spec_path, {**inputs, "stage": stage, "result": str(result_path), "t_launch": time.monotonic()})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "--tee=3", f"--log-dir={logs}", "-m", "tasks.launch", "worker", str(spec_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: not needed for LoRA-sized all-reduces
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
+            text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
+            if text.startswith(LOG_PREFIX):
+                log_fn(text[len(LOG_PREFIX):])
+            else:
+                sys.stderr.write(line)
+                tail.append(line.rstrip("\n"))
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the ranks too (same process group): they save a checkpoint and exit; wait for that.
+        try:
+            proc.wait(timeout=600)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+        raise
+    if rc != 0:
+        raise _failure(stage, n, rc, work, logs, list(tail))
+    if not result_path.is_file():
+        raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
+    return read_json(result_path)
+
+
+def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str]) -> BaseException:
+    """One line: which rank died first, how, and its last lines (or the exception it reported itself)."""
+    text = "\n".join(tail)
+    root = text[text.rfind("Root Cause"):] if "Root Cause" in text else ""  # torchrun's failure summary
+    m_rank = re.search(r"rank\s*:\s*(\d+)", root)
+    m_code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    who = m_rank.group(1) if m_rank else "?"
+    code = int(m_code.group(1)) if m_code else rc
+    errors = {read_json(p)["rank"]: read_json(p) for p in sorted(work.glob(f"error-{stage}-rank*.json"))}
+    # A rank that raised names the problem itself (NaN loss, a bad key, Ctrl-C); a rank killed by a signal
+    # cannot, and the others then fail on the broken connection: report the killed one.
+    err = errors.get(int(who)) if who.isdigit() else None
+    if err is None and code >= 0 and errors:
+        err = errors[min(errors)]
+    if err is not None:
+        if err["type"] == "KeyboardInterrupt":
+            return KeyboardInterrupt(err["message"])
+        return StageError(f"{stage}: rank {err['rank']} of {n} failed: {err['type']}: {err['message']}")
+    how = f"exit code {code}"
+    if code < 0:
+        try:
+            how += f" ({signal.Signals(-code).name}; killed from outside: out of host memory is the usual cause)"
+        except ValueError:
+            pass
+    last = _rank_tail(logs, who) or [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
+    return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
+                      f"full logs in {logs}. Rerun the same command to resume from the newest checkpoint")
+
+
+def _rank_tail(logs: Path, who: str) -> list[str]:
+    """The last non-empty lines a rank printed (torchrun's --tee copies each rank's streams to files)."""
+    if not who.isdigit():
+        return []
+    files = sorted(logs.glob(f"*/attempt_*/{who}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    lines = [ln.strip() for ln in files[-1].read_text(errors="replace").splitlines() if ln.strip()]
+    return [ln[:300] for ln in lines[-TAIL_LINES:]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank side: `python -m tasks.launch worker spec.json` (started by torchrun; not meant to be run by hand)
+
+
+def worker(spec_path: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    spec = read_json(Path(spec_path))
+    stage = spec["stage"]
+    if spec["device"] == "cuda":
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=30), device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    log_fn = (lambda m: print(LOG_PREFIX + m, flush=True)) if is_main() else (lambda m: None)
+    try:
+        rec = _run_worker_stage(stage, spec, log_fn)
+        if is_main():
+            write_json(Path(spec["result"]), rec.model_dump(mode="json"))
+    except BaseException as e:
+        write_json(Path(spec["result"]).parent / f"error-{stage}-rank{rank()}.json",
+                   {"rank": rank(), "type": type(e).__name__, "message": str(e).splitlines()[0] if str(e) else ""})
+        raise
+    dist.destroy_process_group()
+
+
+def _run_worker_stage(stage: str, spec: dict, log_fn):
+    from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
+    from .data import DataRecord
+
+    data = DataRecord.model_validate(spec["data"])
+    model, quant = ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"])
+    lora, training = LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"])
+    out = Path(spec["out"])
+    if stage == "train":
+        from .probe import ProbeRecord
+        from .train import _train
+
+        probe = ProbeRecord.model_validate(spec["probe"])
+        return _train(data, probe, model, quant, lora, training, spec["key"], out, spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
+    if stage == "probe":
+        from .probe import _probe
+
+        budget = BudgetSection.model_validate(spec["budget"])
+        return _probe(data, model, quant, lora, training, budget, spec["device"], spec["key"], out, spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
+    raise StageError(f"tasks.launch: unknown stage {stage!r}; expected train or probe")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "worker":
+        sys.exit("usage: python -m tasks.launch worker <spec.json>  (started by torchrun from the train/probe stage)")
+    worker(sys.argv[2])

@@ -1,0 +1,160 @@
+"""A real Prefect server (and `qlora-pipeline serve`) in subprocesses, as a user runs them: a free loopback
+port, SQLite under a private PREFECT_HOME, no telemetry. Shared by the deployment, resume and browser tests;
+the in-process `prefect_server` fixture of conftest.py can't be reached by other processes or a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`prefect server start` on 127.0.0.1:<free port>; `env` is what every client subprocess needs."""
+
+    def __init__(self, home: Path, log: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api = f"{self.url}/api"
+        self.home = home
+        self.log = log or home / "server.log"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_UI_API_URL": self.api,  # the UI calls this from the browser; default is port 4200
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",  # a queued run retries its slot after 3s, not 30s
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # `serve` looks for due runs every 2s, not 10s
+            "PYTHONPATH": str(ROOT),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
+        self.env.pop("QLORA_PIPELINE_FAULT", None)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> LocalServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                                     env=self.env, cwd=self.home, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    # --- the REST API, enough for tests (no client settings to leak into the pytest process) ---
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(f"{self.api}{path}", data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or "null")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.api}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def task_runs(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+
+    def state_names(self, run_id: str) -> list[str]:
+        return [s["name"] for s in self.get(f"/flow_run_states/?flow_run_id={run_id}")]
+
+    def wait(self, run_id: str, timeout: float = 400, states: set[str] = TERMINAL) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in states:
+                return run
+            time.sleep(1)
+        raise TimeoutError(f"flow run {run_id} still {run['state_type']} ({run['state_name']}) after {timeout}s")
+
+    def prefect(self, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> str:
+        """Run the `prefect` CLI against this server; returns its output, raises with it on failure."""
+        out = subprocess.run([PREFECT, *args], env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise AssertionError(f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        return out.stdout + out.stderr
+
+    def run_deployment(self, name: str, **params: Any) -> str:
+        """`prefect deployment run NAME -p key=json ...` as a user types it; returns the flow-run id."""
+        args = [a for k, v in params.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+        out = self.prefect("deployment", "run", name, *args)
+        for line in out.splitlines():
+            if "UUID:" in line:
+                return line.split("UUID:")[1].strip()
+        raise AssertionError(f"no flow-run id in the output of prefect deployment run:\n{out}")
+
+
+class Serve:
+    """`qlora-pipeline serve ...` in a subprocess (the README's command); ready once its deployment exists."""
+
+    def __init__(self, server: LocalServer, *args: str, log: Path, env: dict[str, str] | None = None):
+        self.server, self.args, self.log = server, args, log
+        self.env = {**server.env, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> Serve:
+        offset = self.log.stat().st_size if self.log.exists() else 0  # the same log across restarts
+        self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *self.args], env=self.env, cwd=ROOT,
+                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            if b"is being served" in self.log.read_bytes()[offset:]:  # printed once the deployment is registered
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"serve did not start within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGINT)  # Ctrl-C: the runner cancels nothing that's done, pauses the schedule
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Stop a process group we started, politely first."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass

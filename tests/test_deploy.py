@@ -1,0 +1,151 @@
+"""The `finetune/nightly` deployment as a user runs it: prefect.yaml parses against Prefect's own schema, and
+against a real local server (subprocess, SQLite) `qlora-pipeline serve` registers it with its schedule,
+`prefect deployment run ... -p` runs it to completion, and two runs at once never share the machine (the
+second waits under ENQUEUE, is cancelled under CANCEL_NEW). `prefect deploy` registers the same thing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefect_local import ROOT, LocalServer, Serve
+
+STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish"]
+
+
+def test_prefect_yaml_parses_and_names_the_flow_and_a_schedule():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    from flows.deploy import ENTRYPOINT, load_deployment
+    from flows.finetune import finetune
+
+    raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)  # the schema `prefect deploy` applies
+    nightly = next(d for d in model.deployments if d.name == "nightly")
+    assert nightly.entrypoint == ENTRYPOINT == "flows/finetune.py:finetune"
+    assert [s.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.work_pool.name == "gpu-local"
+    assert set(nightly.parameters) <= set(inspect.signature(finetune.fn).parameters), "a parameter the flow does not take"
+
+    spec = load_deployment("nightly")
+    assert (spec.concurrency_limit, spec.collision_strategy) == (1, "ENQUEUE")
+    assert spec.parameters["profile"] and spec.parameters["hours"]
+
+
+def test_a_broken_deployment_entry_is_reported_by_key(tmp_path):
+    from flows.deploy import DeploymentSpecError, load_deployment
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: nightly\n    entrypoint: flows/finetune.py:finetune\n"
+                   "    schedules: [{interval: 60}]\n    concurrency_limit: {limit: 0, collision_strategy: DROP}\n")
+    with pytest.raises(DeploymentSpecError) as e:
+        load_deployment("nightly", bad)
+    msg = str(e.value)
+    assert "schedules[0]" in msg and "concurrency_limit.limit" in msg and "collision_strategy" in msg
+    with pytest.raises(DeploymentSpecError, match="no deployment named 'weekly'"):
+        load_deployment("weekly", bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Against a real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LocalServer(tmp_path_factory.mktemp("prefect-home")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    """`qlora-pipeline serve`: finetune/nightly from prefect.yaml (ENQUEUE), runs executed here."""
+    proc = Serve(server, log=tmp_path_factory.mktemp("serve") / "serve.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory) -> Path:
+    """One artifacts folder for the module: the first run computes, later ones hit the caches (seconds), which
+    doesn't weaken the concurrency tests: both runs are submitted in the same poll, so the second asks for the
+    slot while the first holds it, however short the first is."""
+    return tmp_path_factory.mktemp("deploy") / "artifacts"
+
+
+def _tiny(art: Path) -> dict:
+    # The per-run overrides a user passes with -p: a tiny model, one minute, a private artifacts folder.
+    return {"profile": "tiny", "hours": None, "minutes": 1, "overrides": [f"artifacts_dir={art}"]}
+
+
+def _interval(run: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
+
+
+@pytest.mark.slow
+def test_serve_registers_nightly_and_deployment_run_completes(server, served, art):
+    dep = server.get("/deployments/name/finetune/nightly")
+    assert dep["entrypoint"] == "flows/finetune.py:finetune"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]
+    assert dep["global_concurrency_limit"]["limit"] == 1
+    assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+
+    run_id = server.run_deployment("finetune/nightly", **_tiny(art))  # `prefect deployment run finetune/nightly -p ...`
+    run = server.wait(run_id)
+    assert run["state_type"] == "COMPLETED", (run["state"], served.log.read_text()[-3000:])
+    assert run["name"].startswith("tiny-1m-")  # <profile>-<budget>-<date>
+    assert run["parameters"]["profile"] == "tiny"
+    names = sorted(t["name"].rsplit("-", 1)[0] for t in server.task_runs(run_id))
+    assert names == STAGE_TASKS
+    assert (art / "latest.json").is_file() and list(art.glob("runs/tiny-1m-*/summary.json"))
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_queue_one_after_the_other(server, served, art):
+    dep = server.get("/deployments/name/finetune/nightly")
+    params = _tiny(art)
+    ids = [server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"] for _ in range(2)]
+    runs = [server.wait(i) for i in ids]
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], [r["state"] for r in runs]
+
+    first, second = sorted(runs, key=lambda r: r["start_time"])
+    assert _interval(first)[1] <= _interval(second)[0], "the two runs overlapped"
+    assert "AwaitingConcurrencySlot" in server.state_names(second["id"])  # what the UI shows as the reason
+
+
+@pytest.mark.slow
+def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
+    cancel = Serve(server, "--name", "nightly-cancel", "--collision-strategy", "CANCEL_NEW", "--paused",
+                   log=tmp_path / "serve-cancel.log").start()
+    try:
+        dep = server.get("/deployments/name/finetune/nightly-cancel")
+        assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+        assert not any(s["active"] for s in dep["schedules"])  # --paused
+        params = _tiny(art)
+        ids = [server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"] for _ in range(2)]
+        runs = [server.wait(i) for i in ids]
+    finally:
+        cancel.stop()
+    by_state = {r["state_type"]: r for r in runs}
+    assert set(by_state) == {"COMPLETED", "CANCELLED"}, [r["state"] for r in runs]
+    assert "concurrency limit" in by_state["CANCELLED"]["state"]["message"]
+
+
+@pytest.mark.slow
+def test_prefect_deploy_registers_the_same_deployment_to_a_process_pool(server):
+    # Runs last in this module: it re-registers finetune/nightly with a work pool instead of the served runner.
+    server.prefect("work-pool", "create", "gpu-local", "--type", "process")
+    server.prefect("--no-prompt", "deploy", "--name", "nightly", timeout=300)
+    dep = server.get("/deployments/name/finetune/nightly")
+    assert dep["work_pool_name"] == "gpu-local"
+    assert dep["entrypoint"] == "flows/finetune.py:finetune"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]
+    assert dep["global_concurrency_limit"]["limit"] == 1
+    assert dep["parameters"]["profile"] == "mistral-7b" and dep["parameters"]["hours"] == 4
+    pool = server.get("/work_pools/gpu-local")
+    assert pool["type"] == "process"

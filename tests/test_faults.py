@@ -1,0 +1,286 @@
+"""Faults a long run meets: SIGKILL in any stage, out of memory, NaN loss, two runs at once, a full disk.
+
+Process-level faults run the real command in a subprocess (marked slow); the rest call the stage functions on
+the tiny model with the test-only switch QLORA_PIPELINE_FAULT (tasks/common.py `maybe_fault`) or a patched
+write. docs/RELIABILITY.md tables every fault, its outcome and its test.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import common
+from tasks.common import StageError, is_complete
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
+LOSS_TOL = 1e-3  # resumed/cached vs clean run: same seeds and data, CPU math; observed differences are ~0
+
+
+@pytest.fixture()
+def fault(monkeypatch):
+    """Set QLORA_PIPELINE_FAULT for one test, with fresh per-process call counters."""
+
+    def set_fault(spec: str) -> None:
+        monkeypatch.setenv(common.FAULT_ENV, spec)
+        common._fault_calls.clear()
+
+    yield set_fault
+    common._fault_calls.clear()
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_cfg, shared_artifacts):
+    from tasks.data import load_dataset_records
+    from tasks.probe import probe_throughput
+
+    data = load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+    probe = probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    return data, probe
+
+
+def _work(tiny_cfg, art, data, probe, key: str, **training) -> Path:
+    """The work folder (checkpoints) of the train stage `_train` runs with these arguments."""
+    from tasks.common import stage_dir
+    from tasks.train import cache_key
+
+    t = tiny_cfg.training.model_copy(update=training)
+    return stage_dir(art, "train", cache_key(data, probe.model_copy(update={"key": key}), tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, t)) / "work"
+
+
+def _train(tiny_cfg, art, data, probe, key: str, logs: list | None = None, **training):
+    from tasks.train import train_adapter
+
+    fake = probe.model_copy(update={"key": key})  # a fresh train folder per test
+    t = tiny_cfg.training.model_copy(update=training)
+    return train_adapter(data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, t, art, (logs.append if logs is not None else None))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out of memory: half the micro-batch, twice the accumulation, down to 1
+
+
+def test_oom_in_training_retries_with_half_micro_batch_same_effective_batch(tiny_cfg, shared_artifacts, upstream, fault):
+    data, probe = upstream
+    assert (probe.micro_batch_size, probe.grad_accum) == (8, 1)
+    fault("train:oom@2")  # the first two attempts run out of memory
+    logs: list[str] = []
+    rec = _train(tiny_cfg, shared_artifacts, data, probe, "oom-retry", logs, max_steps=3)
+    assert (rec.micro_batch_size, rec.grad_accum) == (2, 4) and rec.steps == 3
+    said = [l for l in logs if "out of memory" in l]
+    assert said == ["train: out of memory at micro-batch 8 x accum 1; retrying at 4 x 2 (same effective batch)",
+                    "train: out of memory at micro-batch 4 x accum 2; retrying at 2 x 4 (same effective batch)"]
+
+
+def test_oom_in_training_gives_up_clearly_at_micro_batch_1(tiny_cfg, shared_artifacts, upstream, fault):
+    data, probe = upstream
+    fault("train:oom")
+    with pytest.raises(StageError, match=r"out of memory even at micro-batch 1 x accum 8; lower data.max_length"):
+        _train(tiny_cfg, shared_artifacts, data, probe, "oom-give-up", max_steps=3)
+
+
+def test_oom_in_probe_retries_with_half_micro_batch(tiny_cfg, shared_artifacts, upstream, fault):
+    from tasks.probe import probe_throughput
+
+    data, _ = upstream
+    budget = tiny_cfg.budget.model_copy(update={"minutes": 0.9})  # a fresh probe key
+    fault("probe:oom@1")
+    logs: list[str] = []
+    rec = probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, budget, "cpu", shared_artifacts, logs.append)
+    assert (rec.micro_batch_size, rec.grad_accum) == (4, 2)
+    assert rec.trials[0] == {"micro_batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False, "fits": False, "error": "out of memory"}
+    assert any("ran out of memory; trying a smaller micro-batch" in l for l in logs)
+    fault("probe:oom")
+    with pytest.raises(StageError, match=r"out of memory even at micro-batch 1"):
+        probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, budget.model_copy(update={"minutes": 0.8}),
+                         "cpu", shared_artifacts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NaN loss: stop, say which step, keep the last good checkpoint
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, shared_artifacts, upstream, fault):
+    from safetensors.torch import load_file
+
+    from tasks.train import NonFiniteLoss, newest_checkpoint
+
+    data, probe = upstream
+    fault("train:nan@4")  # the weights turn NaN during step 4
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 4; the last good checkpoint is checkpoint-3"):
+        _train(tiny_cfg, shared_artifacts, data, probe, "nan-loss", max_steps=8, checkpoint_minutes=1e-6)  # a checkpoint every step
+    work = _work(tiny_cfg, shared_artifacts, data, probe, "nan-loss", max_steps=8, checkpoint_minutes=1e-6)
+    last = newest_checkpoint(work)
+    assert last.name == "checkpoint-3" and not (work / "checkpoint-4").exists()
+    weights = load_file(str(last / "adapter_model.safetensors"))
+    assert all(v.isfinite().all() for v in weights.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Disk full (ENOSPC) while checkpointing or publishing
+
+
+def test_disk_full_during_checkpoint_is_clear_and_keeps_the_previous_one(tiny_cfg, shared_artifacts, upstream, monkeypatch):
+    from transformers import Trainer
+
+    from tasks.train import newest_checkpoint
+
+    data, probe = upstream
+    real_save = Trainer._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_fill_the_disk(self, model, trial):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_save(self, model, trial)
+        torn = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        torn.mkdir(parents=True, exist_ok=True)
+        (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # cut off mid-write
+        raise OSError(errno.ENOSPC, "No space left on device", str(torn / "optimizer.pt"))
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_fill_the_disk)
+    with pytest.raises(StageError, match=r"disk full while training saved to .*; the last complete checkpoint \(checkpoint-1\) is intact\. Free some space and rerun"):
+        _train(tiny_cfg, shared_artifacts, data, probe, "disk-full", max_steps=6, checkpoint_minutes=1e-6)
+    work = _work(tiny_cfg, shared_artifacts, data, probe, "disk-full", max_steps=6, checkpoint_minutes=1e-6)
+    assert (work / "checkpoint-2").is_dir()
+    assert newest_checkpoint(work).name == "checkpoint-1"  # the torn checkpoint-2 is never used
+
+
+@pytest.fixture(scope="module")
+def records(tiny_cfg, shared_artifacts, upstream):
+    from tasks.evaluate import evaluate_heldout
+    from tasks.merge import merge_adapter
+    from tasks.profile import profile_lengths
+    from tasks.train import train_adapter
+
+    cfg, art = tiny_cfg, shared_artifacts
+    data, probe = upstream
+    train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    return {"data": data, "profile": profile_lengths(data, art), "probe": probe, "train": train,
+            "evaluate": evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art),
+            "merge": merge_adapter(data, train, cfg.model, cfg.quant, cfg.merge, "cpu", art)}
+
+
+def test_disk_full_during_publish_is_clear_and_leaves_no_half_folder(tiny_cfg, records, monkeypatch):
+    from tasks.publish import is_published, publish_artifacts
+
+    first = publish_artifacts(tiny_cfg, "disk-full-before", records)
+    real_copy2 = shutil.copy2
+
+    def copy2_full(src, dst, *a, **kw):
+        if str(src).endswith(".png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy2(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", copy2_full)
+    with pytest.raises(StageError, match=r"disk full while publishing to .*disk-full-run.*; free some space and rerun the same command"):
+        publish_artifacts(tiny_cfg, "disk-full-run", records)
+    run_dir = Path(first.dir).parent.parent / "disk-full-run"
+    assert not any(p.is_dir() for p in run_dir.glob("*")), list(run_dir.glob("*"))  # neither the folder nor its temp copy
+    assert is_published(Path(first.dir))  # what was published before is intact
+    monkeypatch.setattr(shutil, "copy2", real_copy2)
+    assert is_published(Path(publish_artifacts(tiny_cfg, "disk-full-run", records).dir))  # space freed: the rerun publishes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process-level: SIGKILL in each stage, two runs at once (subprocesses sharing the session's Prefect server)
+
+
+@pytest.fixture(scope="module")
+def api_env(prefect_server) -> dict:
+    from prefect.settings import get_current_settings
+
+    return {"PREFECT_API_URL": str(get_current_settings().api.url)}
+
+
+def _cli(art: Path, env: dict, fault_spec: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"artifacts_dir={art}"]
+    env = {**os.environ, **env}
+    env.pop(common.FAULT_ENV, None)
+    if fault_spec:
+        env[common.FAULT_ENV] = fault_spec
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything the killed run left behind in its process group
+    except ProcessLookupError:
+        pass
+    return proc.returncode, out
+
+
+def _summary(art: Path) -> dict:
+    return json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+
+
+def _stage_folders(art: Path) -> set[str]:
+    return {str(p.relative_to(art)) for p in art.glob("cache/*/*") if p.is_dir() and not p.name.startswith(".")}
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+
+
+@pytest.mark.slow
+def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_env):
+    """Run k is SIGKILLed at the start of stage k; it is also the rerun of run k-1, so it must find stages
+    1..k-2 cached, finish stage k-1 (killed last time) and die in stage k. The last run completes; its
+    artifacts equal a clean run's (same files; losses within LOSS_TOL)."""
+    clean = tmp_path / "clean"
+    code, out = _finish(_cli(clean, api_env))
+    assert code == 0, out[-3000:]
+    art = tmp_path / "killed"
+    for k, stage in enumerate(STAGES):
+        code, out = _finish(_cli(art, api_env, f"{stage}:kill"))
+        assert code == -signal.SIGKILL, f"stage {stage}: exit {code}\n{out[-3000:]}"
+        if k == 0:
+            continue
+        stages = _summary(art)["stages"]
+        assert [s for s in stages if stages[s]["status"] == "completed"] == STAGES[:k], (stage, stages)
+        assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
+    code, out = _finish(_cli(art, api_env))
+    assert code == 0, out[-3000:]
+    summary = _summary(art)
+    assert [s for s in STAGES if summary["stages"][s]["cached"]] == STAGES[:-1]
+
+    # Same stage folders (content keys) and the same published files as the clean run.
+    assert _stage_folders(art) == _stage_folders(clean)
+    ref, got = Path(_summary(clean)["published"]), Path(summary["published"])
+    assert _tree(got) == _tree(ref)
+    e_ref, e_got = json.loads((ref / "eval.json").read_text()), json.loads((got / "eval.json").read_text())
+    for side in ("base", "tuned"):
+        assert abs(e_ref[side]["loss"] - e_got[side]["loss"]) <= LOSS_TOL
+    t_ref, t_got = (json.loads((p / "summary.json").read_text())["train"] for p in (ref, got))
+    assert t_ref["steps"] == t_got["steps"] and abs(t_ref["final_loss"] - t_got["final_loss"]) <= LOSS_TOL
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_artifacts_folder(tmp_path, api_env):
+    from tasks.publish import is_published
+
+    art = tmp_path / "artifacts"
+    procs = [_cli(art, api_env), _cli(art, api_env)]
+    results = [_finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    published = [l.split("results: ", 1)[1].strip() for _, out in results for l in out.splitlines() if l.startswith("results: ")]
+    assert len(published) == 2 and all(is_published(Path(p)) for p in published)
+    runs = [p for p in (art / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 2  # distinct run folders, each with its summary
+    assert all(json.loads((r / "summary.json").read_text())["status"] == "completed" for r in runs)
+    folders = _stage_folders(art)
+    assert len(folders) == 7 and all(is_complete(art / f) for f in folders)  # 6 stages (publish writes a run folder) + the model
+    assert not list(art.glob("cache/*/.*")) and not list(art.glob("runs/*/.*"))  # no temp folders left
+    for f in (art / ".prefect-results").iterdir():
+        json.loads(f.read_text())  # every result record whole

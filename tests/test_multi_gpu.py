@@ -1,0 +1,64 @@
+"""The multi-GPU path end to end on CPU: training.gpus=2 with device=cpu runs the probe and the training stage
+under torchrun as 2 gloo processes (tasks/launch.py), exactly as 2 GPUs would run them over NCCL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.common import FAULT_ENV, StageError
+from tasks.config import load_config
+from tasks.data import load_dataset_records
+from tasks.probe import probe_throughput
+from tasks.train import train_adapter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_ranks(shared_artifacts):
+    # 4 steps x 2 ranks x 2 micro-batches of 8 = 128 of the 224 training rows: one epoch, so no batch repeats.
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "device=cpu", "training.gpus=2",
+                                                 "training.grad_accum=4", "training.max_steps=4"])
+    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, shared_artifacts)
+    return cfg, data, probe
+
+
+def test_probe_times_the_two_rank_step(two_ranks):
+    cfg, _, probe = two_ranks
+    assert probe.gpus == 2
+    assert probe.grad_accum == 2  # 4 micro-batches per step, 2 on each rank: the global batch is the recipe's
+    assert probe.s_per_step > 0 and probe.tokens_per_s > 0 and probe.launch_seconds > 0
+    assert probe.fixed_seconds >= probe.launch_seconds + probe.load_seconds
+    assert probe.max_steps == 4  # training.max_steps caps the budget's estimate
+
+
+def test_two_ranks_train_in_step_a_killed_rank_fails_clearly_and_both_ranks_resume(two_ranks, monkeypatch):
+    cfg, data, probe = two_ranks
+    training = cfg.training.model_copy(update={"checkpoint_minutes": 0.001})  # a checkpoint every step
+    probe = probe.model_copy(update={"budget_seconds": 600.0})  # the step cap ends it, not this slow box's clock
+    monkeypatch.setenv(FAULT_ENV, "train-rank1-step3:kill")  # rank 1 SIGKILLed at the end of step 3
+    with pytest.raises(StageError) as e:
+        train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, cfg.artifacts_dir)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "rank 1 of 2 died with exit code -9 (SIGKILL" in msg and "its last lines:" in msg and "resume" in msg
+
+    monkeypatch.delenv(FAULT_ENV)
+    logs: list[str] = []
+    rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, cfg.artifacts_dir, logs.append)
+    assert rec.gpus == 2 and rec.resumed_from_step == 2 and rec.steps == 4 and rec.stopped_by == "max_steps"
+    out = Path(rec.dir)
+    ranks = [json.loads((out / "work" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [4, 4]  # both ranks resumed at step 2 and stopped together
+    assert [r["saved_adapter"] for r in ranks] == [True, False]  # the adapter is written once, by rank 0
+    b0, b1 = (set(r["batches"]) for r in ranks)
+    # Steps 3-4: 2 micro-batches per rank per step (+1 the data loader fetches ahead); no batch on both ranks.
+    assert len(b0) >= 4 and len(b1) >= 4 and not b0 & b1
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / ".adapter.tmp").exists()
+    assert any(m.startswith("step 4/4") for m in logs)  # rank 0's log lines reach the stage logger
+    again = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, cfg.artifacts_dir)
+    assert again == rec  # cached: no launch

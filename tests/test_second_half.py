@@ -1,0 +1,112 @@
+"""Stages 5-7 on the tiny model: evaluation statistics, merge equivalence and idempotence, publish atomicity
+and the model card; the published adapter loads with the seed's AutoPeftModelForCausalLM snippet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.data import load_dataset_records
+from tasks.evaluate import evaluate_heldout, paired_bootstrap, wilson
+from tasks.merge import merge_adapter
+from tasks.probe import probe_throughput
+from tasks.profile import profile_lengths
+from tasks.publish import MANIFEST, is_published, publish_artifacts
+from tasks.train import train_adapter
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cfg, shared_artifacts):
+    cfg, art = tiny_cfg, shared_artifacts
+    data = load_dataset_records(cfg.data, cfg.model, art)
+    prof = profile_lengths(data, art)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    return {"data": data, "profile": prof, "probe": probe, "train": train}
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_brackets_the_difference():
+    base = [False] * 80 + [True] * 20
+    tuned = [True] * 70 + [False] * 30
+    lo, hi = paired_bootstrap(base, tuned)
+    assert lo < 0.5 < hi and lo > 0.3
+
+
+def test_evaluate_reports_base_and_tuned_side_by_side(trained, tiny_cfg, shared_artifacts):
+    rec = evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.eval, "cpu", shared_artifacts)
+    assert rec.n_prompts == tiny_cfg.eval.max_prompts
+    for s in (rec.base, rec.tuned):
+        assert {"loss", "perplexity", "accuracy", "ci", "eos_share", "limit_share"} <= set(s)
+        assert abs(s["eos_share"] + s["limit_share"] - 1) < 1e-9
+    assert rec.tuned["loss"] < rec.base["loss"]  # trained on the same task distribution
+    assert len(rec.per_family) >= 10
+    report = json.loads(Path(rec.eval_json).read_text())
+    assert len(report["samples"]) == tiny_cfg.eval.samples and {"base", "tuned", "expected"} <= set(report["samples"][0])
+    assert Path(rec.chart_png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_matches_base_plus_adapter_and_twice_is_a_noop(trained, tiny_cfg, shared_artifacts):
+    rec = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", shared_artifacts)
+    assert rec.max_abs_diff <= tiny_cfg.merge.tolerance and rec.top1_agreement == 1.0
+    assert (Path(rec.merged_dir) / "model.safetensors").is_file()
+    assert "lora" not in json.dumps(json.loads((Path(rec.merged_dir) / "config.json").read_text())).lower()
+    mtime = (Path(rec.merged_dir) / "model.safetensors").stat().st_mtime
+    again = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", shared_artifacts)
+    assert again == rec and (Path(rec.merged_dir) / "model.safetensors").stat().st_mtime == mtime
+
+
+def _records(trained, tiny_cfg, art):
+    ev = evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.eval, "cpu", art)
+    mg = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", art)
+    return {**trained, "evaluate": ev, "merge": mg}
+
+
+def test_publish_is_atomic_when_interrupted(trained, tiny_cfg, shared_artifacts, monkeypatch):
+    import tasks.publish as pub
+
+    records = _records(trained, tiny_cfg, shared_artifacts)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt("interrupted mid-publish")
+
+    monkeypatch.setattr(pub, "model_card", boom)  # dies after the big copies, before the manifest
+    with pytest.raises(KeyboardInterrupt):
+        publish_artifacts(tiny_cfg, "interrupted-run", records)
+    run_dir = Path(shared_artifacts) / "runs" / "interrupted-run"
+    assert not (run_dir / tiny_cfg.output_name).exists()
+    assert not any(is_published(p) for p in run_dir.iterdir()) if run_dir.exists() else True
+    assert not list(run_dir.glob(".*tmp*")) if run_dir.exists() else True  # temp folder cleaned up
+
+
+def test_published_folder_card_manifest_and_seed_snippet(trained, tiny_cfg, shared_artifacts):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    rec = publish_artifacts(tiny_cfg, "card-run", _records(trained, tiny_cfg, shared_artifacts))
+    folder = Path(rec.dir)
+    assert is_published(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert {f["path"] for f in manifest["files"]} >= {"adapter/adapter_model.safetensors", "merged/model.safetensors", "README.md", "pipeline.yaml"}
+    card = (folder / "README.md").read_text()
+    for needle in ("base_model: random:mistral", "library_name: peft", "AutoPeftModelForCausalLM", "Time budget", "| perplexity |",
+                   f"{trained['train'].trainable_params:,}", trained["data"].data_hash):
+        assert needle in card, needle
+    # The seed's snippet, verbatim in spirit: AutoPeftModelForCausalLM on the published adapter.
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder / "adapter"))
+    tok = AutoTokenizer.from_pretrained(str(folder / "adapter"))
+    enc = tok.apply_chat_template([{"role": "user", "content": "Say hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    # Truncating a file makes the folder incomplete.
+    victim = folder / "pipeline.yaml"
+    victim.write_text(victim.read_text()[:10])
+    assert not is_published(folder)
