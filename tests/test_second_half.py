@@ -110,3 +110,18 @@ def test_published_folder_card_manifest_and_seed_snippet(trained, tiny_cfg, shar
     victim = folder / "pipeline.yaml"
     victim.write_text(victim.read_text()[:10])
     assert not is_published(folder)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts, monkeypatch, merged):
+    from transformers import TextStreamer
+
+    from tasks.publish import chat
+
+    streamed = []
+    original = TextStreamer.put
+    monkeypatch.setattr(TextStreamer, "put", lambda self, value: (streamed.append(value.numel()), original(self, value))[1])
+    publish_artifacts(tiny_cfg, "chat-run", _records(trained, tiny_cfg, shared_artifacts))
+    assert chat("chat-run", "Write the word cat in uppercase.", merged=merged, max_new_tokens=6, artifacts_dir=shared_artifacts) == 0
+    # The streamer saw the prompt, then each generated token (the random tiny model's text may be blank).
+    assert len(streamed) >= 2 and streamed[0] > 1
