@@ -23,7 +23,10 @@ from tasks.common import StageError, is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
-LOSS_TOL = 1e-3  # resumed/cached vs clean run: same seeds and data, CPU math; observed differences are ~0
+# Killed-and-rerun vs clean run. Training is seeded, but its LR schedule follows the wall clock (progress = elapsed /
+# budget), so the subprocess runs get a 30-minute budget (the tiny profile's 12-step cap ends them in seconds), where the
+# schedule stays flat; what is left is the run-to-run wobble of a few seconds of LR decay.
+LOSS_TOL = 0.01
 
 
 @pytest.fixture()
@@ -203,7 +206,7 @@ def api_env(prefect_server) -> dict:
 
 
 def _cli(art: Path, env: dict, fault_spec: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"artifacts_dir={art}"]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "30", "--set", f"artifacts_dir={art}"]
     env = {**os.environ, **env}
     env.pop(common.FAULT_ENV, None)
     if fault_spec:
@@ -247,7 +250,7 @@ def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_
         if k == 0:
             continue
         stages = _summary(art)["stages"]
-        assert [s for s in stages if stages[s]["status"] == "completed"] == STAGES[:k], (stage, stages)
+        assert [s for s in STAGES if stages.get(s, {}).get("status") == "completed"] == STAGES[:k], (stage, stages)
         assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
     code, out = _finish(_cli(art, api_env))
     assert code == 0, out[-3000:]
