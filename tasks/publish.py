@@ -9,7 +9,6 @@ complete. The hub push (if configured) retries on its own and runs only after ev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .common import StageError, artifacts_root, disk_full, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
+from .common import StageError, artifacts_root, disk_full, file_sha256, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
@@ -53,14 +52,6 @@ def is_published(folder: Path) -> bool:
     except (json.JSONDecodeError, KeyError, OSError):
         return False
     return all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"] for f in files)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any], log_fn=None) -> PublishRecord:
@@ -130,7 +121,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         (tmp / "README.md").write_text(model_card(cfg, run_name, records, final), encoding="utf-8")
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files]})
+        write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
