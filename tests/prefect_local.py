@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,25 @@ class LocalServer:
     # --- the REST API, enough for tests (no client settings to leak into the pytest process) ---
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        req = urllib.request.Request(f"{self.api}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or "null")
+        return self._call(urllib.request.Request(f"{self.api}{path}", data=json.dumps(body or {}).encode(),
+                                                 method="POST", headers={"Content-Type": "application/json"}))
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=30) as r:
-            return json.loads(r.read())
+        return self._call(urllib.request.Request(f"{self.api}{path}"))
+
+    @staticmethod
+    def _call(req: urllib.request.Request, attempts: int = 6) -> Any:
+        """One request, retried on 503 as Prefect's own client does: the server answers 503 "Service
+        Unavailable" when SQLite is busy (`prefect.server.api.server.is_client_retryable_exception`), which a
+        loaded 2-core CI machine hits while several processes write to the same database."""
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or "null")
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * 2**attempt)
 
     def flow_run(self, run_id: str) -> dict[str, Any]:
         return self.get(f"/flow_runs/{run_id}")

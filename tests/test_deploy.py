@@ -7,7 +7,7 @@ second waits under ENQUEUE, is cancelled under CANCEL_NEW). `prefect deploy` reg
 from __future__ import annotations
 
 import inspect
-import urllib.error
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -84,6 +84,16 @@ def _tiny(art: Path) -> dict:
     return {"profile": "tiny", "hours": None, "minutes": 1, "overrides": [f"artifacts_dir={art}"]}
 
 
+def _wait_for_stage(server, run_id: str, stage: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(t["name"].startswith(stage) for t in server.task_runs(run_id)):
+            return
+        assert server.flow_run(run_id)["state_type"] not in TERMINAL_STATES, "the run ended before reaching " + stage
+        time.sleep(0.5)
+    raise TimeoutError(f"run {run_id} did not reach {stage} in {timeout}s")
+
+
 def _interval(run: dict) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
 
@@ -127,17 +137,12 @@ def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
         dep = server.get("/deployments/name/finetune/nightly-cancel")
         assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
         assert not any(s["active"] for s in dep["schedules"])  # --paused
-        params = _tiny(art)
-        # The second run is created only once the first holds the slot: no race on who gets it.
+        # A fresh artifacts folder, so the first run computes (seconds) instead of hitting the module's caches,
+        # and the second run is created only once the first is training: it must find the slot held.
+        params = _tiny(tmp_path / "artifacts")
         first = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
-        server.wait(first, states={"RUNNING", *TERMINAL_STATES})
-        try:
-            second = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
-        except urllib.error.HTTPError as e:  # Prefect 3.9 may refuse the new run outright while the slot is held
-            refused = e.read().decode(errors="replace")
-            assert e.code == 503 and "concurren" in refused.lower(), (e.code, refused)
-            assert server.wait(first)["state_type"] == "COMPLETED"
-            return
+        _wait_for_stage(server, first, "4-train")
+        second = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
         runs = [server.wait(first), server.wait(second)]
     finally:
         cancel.stop()
