@@ -1,12 +1,15 @@
 """The `finetune/nightly` deployment as a user runs it: prefect.yaml parses against Prefect's own schema, and
 against a real local server (subprocess, SQLite) `qlora-pipeline serve` registers it with its schedule,
 `prefect deployment run ... -p` runs it to completion, and two runs at once never share the machine (the
-second waits under ENQUEUE, is cancelled under CANCEL_NEW). `prefect deploy` registers the same thing.
+second waits under ENQUEUE, is cancelled under CANCEL_NEW). `prefect deploy` registers the same thing to a
+process work pool, and a `prefect worker` polling that pool executes a deployment run.
 """
 
 from __future__ import annotations
 
 import inspect
+import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefect_local import ROOT, TERMINAL as TERMINAL_STATES, LocalServer, Serve
+from prefect_local import PREFECT, ROOT, TERMINAL as TERMINAL_STATES, LocalServer, Serve, stop_process
 
 STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish"]
 
@@ -152,8 +155,10 @@ def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
 
 
 @pytest.mark.slow
-def test_prefect_deploy_registers_the_same_deployment_to_a_process_pool(server):
+def test_prefect_deploy_to_a_process_pool_and_a_worker_runs_it(server, art, tmp_path):
     # Runs last in this module: it re-registers finetune/nightly with a work pool instead of the served runner.
+    # README "The control plane on one machine, the GPU worker on another", on loopback: server, pool, deploy,
+    # worker, `prefect deployment run`.
     server.prefect("work-pool", "create", "gpu-local", "--type", "process")
     server.prefect("--no-prompt", "deploy", "--name", "nightly", timeout=300)
     dep = server.get("/deployments/name/finetune/nightly")
@@ -164,3 +169,18 @@ def test_prefect_deploy_registers_the_same_deployment_to_a_process_pool(server):
     assert dep["parameters"]["profile"] == "mistral-7b" and dep["parameters"]["hours"] == 4
     pool = server.get("/work_pools/gpu-local")
     assert pool["type"] == "process"
+
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu-local", "--name", "gpu-box"], cwd=ROOT,
+                              env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_id = server.run_deployment("finetune/nightly", **_tiny(art))
+        run = server.wait(run_id)
+    finally:
+        stop_process(worker, signal.SIGINT)
+    assert run["state_type"] == "COMPLETED", (run["state"], log.read_text()[-3000:])
+    assert run["work_pool_name"] == "gpu-local"
+    worker_rec = server.post("/work_pools/gpu-local/workers/filter", {})
+    assert [w["name"] for w in worker_rec] == ["gpu-box"]  # the worker that picked it up reported in
+    assert sorted(t["name"].rsplit("-", 1)[0] for t in server.task_runs(run_id)) == STAGE_TASKS
