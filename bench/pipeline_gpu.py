@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--vram-gb", type=float, default=None)
     ap.add_argument("--artifacts", default="/tmp/qlp-artifacts")
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts to run in turn, e.g. 1,2")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the Mistral-7B shapes (fewer: a quicker smoke run)")
     ap.add_argument("--out", default="pipeline_gpu.json")
     args = ap.parse_args()
 
@@ -59,14 +60,15 @@ def main() -> None:
     mixed_chats(data_path, 3000)
     overrides = [
         "model.name=random:mistral",
-        "model.random_config=" + json.dumps(MISTRAL_7B),
+        "model.random_config=" + json.dumps({**MISTRAL_7B, "num_hidden_layers": args.layers}),
         f"data.source={data_path}",
         "data.heldout_size=50",
         f"training.engine={args.engine}",
         "training.checkpoint_minutes=1.5",
         f"artifacts_dir={args.artifacts}",
     ]
-    # No --vram-gb: one probe trial at the recipe's setting (4 x 4, checkpointing), the one the 16 GB search picks.
+    # No --vram-gb: one probe trial at the recipe's setting (4 x 4, all layers checkpointed). --vram-gb N: the search
+    # (largest micro-batch that fits checkpointed, then as many layers without recompute as fit; tasks/probe.py).
     overrides.append(f"budget.vram_gb={args.vram_gb or 'null'}")
     log = lambda m: print(m, flush=True)  # noqa: E731
     counts = [int(g) for g in args.gpus.split(",")]
@@ -103,7 +105,7 @@ def run_once(overrides: list[str], args, log) -> dict:
     log(f"data: {data.n_train} train rows, {data.train_tokens:,} tokens, dropped {data.dropped} in {time.monotonic() - t:.0f}s (includes building the random 7B)")
     t = time.monotonic()
     probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, cfg.artifacts_dir, log)
-    log(f"probe ({n} GPU): {probe.s_per_step:.2f} s/step, {probe.tokens_per_s:,.0f} tok/s, peak {probe.peak_mem_gb:.2f} GB, "
+    log(f"probe ({n} GPU): {probe.micro_batch_size} x {probe.grad_accum}, {probe.recompute_free_layers} layers without recompute, {probe.s_per_step:.2f} s/step, {probe.tokens_per_s:,.0f} tok/s, peak {probe.peak_mem_gb:.2f} GB, "
         f"load {probe.load_seconds:.0f}s, launch {probe.launch_seconds:.0f}s, save {probe.save_seconds:.1f}s -> {probe.max_steps} steps ({time.monotonic() - t:.0f}s)")
     torch.cuda.reset_peak_memory_stats()
     train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.artifacts_dir, log)
@@ -120,6 +122,7 @@ def run_once(overrides: list[str], args, log) -> dict:
         "train_tokens_per_s_excl_load": round(tok_s), "train_tokens_per_s_incl_load": round(train.tokens_seen / train.wall_seconds),
         "probe_s_per_step": probe.s_per_step, "probe_tokens_per_s": probe.tokens_per_s, "probe_launch_s": probe.launch_seconds,
         "probe_load_s": probe.load_seconds, "micro_batch_size": probe.micro_batch_size, "grad_accum_per_gpu": probe.grad_accum,
+        "recompute_free_layers": probe.recompute_free_layers, "probe_trials": probe.trials, "layers": args.layers,
         "peak_gb_train": round(peak, 2), "trainable": train.trainable_params,
         "first_loss": train.first_loss, "final_loss": train.final_loss,
         "loss_curve": [round(h["loss"], 5) for h in history if "loss" in h],

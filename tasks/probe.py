@@ -10,9 +10,14 @@ With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/l
 data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
 memory, and the launch itself (imports, process group) counted as fixed cost.
 
-With `budget.vram_gb` on a GPU it tries a few micro-batch / checkpointing settings (same effective batch)
-and keeps the fastest that fits; an out-of-memory trial is recorded and the next smaller one tried. The
-cache key includes the hardware, so another GPU re-probes.
+With `budget.vram_gb` on a GPU it searches for the fastest setting that fits (same effective batch):
+first the largest micro-batch that fits with every layer checkpointed (an out-of-memory trial is recorded and
+the next smaller one tried), then how many decoder layers can skip recompute in the memory left. Each layer
+freed from recompute saves about a third of its step time (measured on one H200: 4 layers +3.7% within
+16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Two trials that free 4 and 8 layers give the cost per
+layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
+checkpointed peak underestimates it by half), a third confirms the extrapolated count. The cache key includes
+the hardware, so another GPU re-probes.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .config import BudgetSection, LoraSection, ModelSection, QuantSection, Trai
 from .data import DataRecord, load_split
 from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3  # 3: partial-recompute search
 
 
 class ProbeRecord(BaseModel):
@@ -57,6 +62,7 @@ class ProbeRecord(BaseModel):
     trials: list[dict]
     gpus: int = 1  # data-parallel processes timed; grad_accum above is per rank (global batch = micro x accum x gpus)
     launch_seconds: float = 0.0  # several ranks: torchrun start, imports and process-group setup (part of fixed)
+    recompute_free_layers: int = 0  # decoder layers whose activations are kept (no recompute) under checkpointing
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -87,14 +93,14 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
 
 
 def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool]]:
-    """(micro_batch, accum, checkpointing) to try, same effective batch, fastest-first guesses."""
+    """(micro_batch, accum, checkpointing) to try in turn until one fits, same effective batch. Without
+    checkpointing in the config it is tried as asked first; skipping recompute where memory allows is the
+    layer search's job (`recompute_trials`), not a candidate here."""
     mb, ga, gc = training.micro_batch_size, training.grad_accum, training.gradient_checkpointing
     if device != "cuda" or budget.vram_gb is None:
         return [(mb, ga, gc)]
     eff = mb * ga
-    out = []
-    if gc:
-        out.append((mb, ga, False))  # skipping recompute is ~30% faster when it fits
+    out = [] if gc else [(mb, ga, False)]
     m = mb
     while m >= 1:
         out.append((m, eff // m, True))
@@ -102,6 +108,31 @@ def candidate_settings(training: TrainingSection, budget: BudgetSection, device:
             break
         m //= 2
     return [s for i, s in enumerate(out) if s not in out[:i]]
+
+
+FREE_PROBES = (4, 8)  # layers freed from recompute in the two trials that measure the cost per layer
+FREE_MARGIN_GB = 0.75  # left under budget.vram_gb: allocator fragmentation, the CUDA context, eval batches
+
+
+def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], margin_gb: float = FREE_MARGIN_GB) -> int | None:
+    """The next number of recompute-free layers to time, or None when the search is done.
+
+    `measured` maps layers freed -> peak GiB of the trials that fitted (0 = fully checkpointed). Order: the
+    two measuring trials (4 and 8, clipped to the model's depth), then the count extrapolated from their
+    difference, once. A trial that does not fit ends the search (callers stop asking).
+    """
+    for k in FREE_PROBES:
+        k = min(k, n_layers)
+        if k not in measured:
+            return k
+    from .fastpath import recompute_free_layers
+
+    lo, hi = (min(k, n_layers) for k in FREE_PROBES)
+    if hi == lo or hi == n_layers:
+        return None
+    per_layer = (measured[hi] - measured[lo]) / (hi - lo)
+    target = hi + recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
+    return target if target > hi and target not in measured else None
 
 
 def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str, log_fn=None) -> ProbeRecord:
@@ -126,8 +157,6 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
 
 def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn, t_start: float | None = None) -> ProbeRecord | None:
     """The probe's work, in this process; under torchrun every rank runs it and rank 0 returns the record."""
-    import torch
-
     from .train import engine_for
 
     n = launch.world()
@@ -136,32 +165,29 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
     train_ds = load_split(data, "train")
+    args = (ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok)
     trials = []
     candidates = candidate_settings(training, budget, device)
     for mb, ga, gc in candidates:  # grows on out-of-memory (below)
         ga = launch.per_rank_accum(ga, n)  # same global batch over n ranks
-        trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc}
-        try:
-            maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
-            trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, data.max_length))
-            trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
-        except torch.OutOfMemoryError as e:
-            if n > 1:
-                # The other ranks wait inside DDP's all-reduce for this one: no way to skip to the next trial.
-                raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {launch.rank()}; "
-                                 "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
-                                 "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
-            trial.update(fits=False, error="out of memory")
-            if mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
-                # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
-                candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc))
-            log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory; trying a smaller micro-batch")
-        finally:
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn)
         trials.append(trial)
-        if trial.get("fits") and budget.vram_gb is None:
-            break
+        if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
+            # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
+            candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc))
+        if trial.get("fits"):
+            break  # the largest micro-batch that fits; a smaller one is no faster per token
+    base = next((t for t in trials if t.get("fits")), None)
+    if base and base["gradient_checkpointing"] and budget.vram_gb is not None and device == "cuda" and n == 1:
+        # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
+        # trial there cannot be recovered from (the other ranks wait in the all-reduce).
+        measured = {0: base["peak_mem_gb"]}
+        while (k := next_free_trial(base["layers"], budget.vram_gb, measured)) is not None:
+            trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, data.max_length, log_fn)
+            trials.append(trial)
+            if not trial.get("fits"):
+                break
+            measured[k] = trial["peak_mem_gb"]
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
         raise StageError(f"out of memory even at micro-batch 1 (budget.vram_gb={budget.vram_gb}); lower data.max_length, "
@@ -191,6 +217,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         micro_batch_size=best["micro_batch_size"],
         grad_accum=best["grad_accum"],
         gradient_checkpointing=best["gradient_checkpointing"],
+        recompute_free_layers=best.get("recompute_free_layers", 0),
         engine=engine,
         trials=trials,
         gpus=n,
@@ -203,10 +230,38 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     return rec
 
 
-def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, max_length) -> dict:
+def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, log_fn) -> dict:
+    """Time one setting; an out-of-memory is a recorded trial that does not fit (one rank of several: an error)."""
+    import gc as pygc
+
+    import torch
+
+    trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc, "recompute_free_layers": n_free}
+    try:
+        maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
+        trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length))
+        trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
+        log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({n_free} layers without recompute)" if n_free else "")
+               + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
+    except torch.OutOfMemoryError as e:
+        if launch.world() > 1:
+            raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {launch.rank()}; "
+                             "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
+                             "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
+        trial.update(fits=False, error="out of memory")
+        log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {n_free} layers without recompute" if n_free else "")
+               + ") ran out of memory" + ("" if n_free else "; trying a smaller micro-batch"))
+    pygc.collect()  # outside the except block: the traceback no longer pins the failed trial's tensors
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return trial
+
+
+def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback
 
+    from .fastpath import checkpointed_layers, set_recompute_free_layers
     from .train import build_model, collator_for, training_args, training_dataset
 
     if device == "cuda":
@@ -214,6 +269,9 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     t0 = time.monotonic()
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
     load_s = time.monotonic() - t0
+    n_layers = len(checkpointed_layers(model))
+    if gc and n_free:
+        set_recompute_free_layers(model, n_free)
 
     warm, timed = budget.probe_warmup_steps, budget.probe_steps
     marks: list[tuple[float, int]] = []
@@ -254,6 +312,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "tokens_per_step": round(tokens / timed, 1),
         "tokens_per_s": round(tokens / timed / max(s_per_step, 1e-9), 1),
         "peak_mem_gb": round(peak, 3),
+        "layers": n_layers,
     }
 
 

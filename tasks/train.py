@@ -441,13 +441,18 @@ def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out:
             return _train(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
         except torch.OutOfMemoryError as e:
             mb, ga = probe.micro_batch_size, probe.grad_accum
-            if mb <= 1:
+            if probe.recompute_free_layers:
+                # Memory the probe did not see (another process on the GPU, a longer pack): recompute every layer first.
+                log_fn(f"train: out of memory with {probe.recompute_free_layers} layers without recompute; retrying with all layers checkpointed")
+                probe = probe.model_copy(update={"recompute_free_layers": 0})
+            elif mb <= 1:
                 raise StageError(f"training ran out of memory even at micro-batch 1 x accum {ga}; lower data.max_length, set "
                                  "training.gradient_checkpointing=true or use a smaller model") from e
-            new_mb = mb // 2
-            new_ga = math.ceil(mb * ga / new_mb)
-            log_fn(f"train: out of memory at micro-batch {mb} x accum {ga}; retrying at {new_mb} x {new_ga} (same effective batch)")
-            probe = probe.model_copy(update={"micro_batch_size": new_mb, "grad_accum": new_ga})
+            else:
+                new_mb = mb // 2
+                new_ga = math.ceil(mb * ga / new_mb)
+                log_fn(f"train: out of memory at micro-batch {mb} x accum {ga}; retrying at {new_mb} x {new_ga} (same effective batch)")
+                probe = probe.model_copy(update={"micro_batch_size": new_mb, "grad_accum": new_ga})
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -483,6 +488,11 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     torch.manual_seed(training.seed)
     ref = resolve_model(model_cfg, artifacts_dir)
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
+    n_free = probe.recompute_free_layers if gc else 0
+    if n_free:
+        from .fastpath import set_recompute_free_layers
+
+        set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
     trainable, total = count_params(model)
     train_ds = load_split(data, "train")
     tok = load_tokenizer(ref, model_cfg)
@@ -513,6 +523,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     n = launch.world()
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
+           (f", {n_free} layers without recompute" if n_free else "") +
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 

@@ -41,3 +41,14 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `prefect server start` subprocess per test module (tests/prefect_local.py), for tests whose
+    subprocesses (`serve`, workers, the CLI) must reach the API."""
+    from prefect_local import LocalServer
+
+    srv = LocalServer(tmp_path_factory.mktemp("prefect-home")).start()
+    yield srv
+    srv.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefect_local import PREFECT, ROOT, TERMINAL as TERMINAL_STATES, LocalServer, Serve, stop_process
+from prefect_local import PREFECT, ROOT, TERMINAL as TERMINAL_STATES, Serve, stop_process
 
 STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish"]
 
@@ -57,13 +57,6 @@ def test_a_broken_deployment_entry_is_reported_by_key(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # Against a real server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LocalServer(tmp_path_factory.mktemp("prefect-home")).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

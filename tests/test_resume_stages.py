@@ -57,13 +57,6 @@ def _cached_from(stage: str) -> dict[str, bool]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LocalServer(tmp_path_factory.mktemp("prefect-home")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def clean(server, tmp_path_factory):
     """One clean run to compare against: its published files, eval numbers and duration."""
     art = tmp_path_factory.mktemp("clean") / "artifacts"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.data import load_dataset_records
-from tasks.probe import candidate_settings, probe_throughput
+from tasks.probe import candidate_settings, next_free_trial, probe_throughput
 from tasks.train import PaddedCollator, build_model, count_params, newest_checkpoint, train_adapter
 
 
@@ -53,10 +53,82 @@ def test_probe_sets_steps_from_the_budget(tiny_cfg, tiny_data, shared_artifacts)
 def test_vram_budget_tries_smaller_micro_batches_same_effective_batch(tiny_cfg):
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16})
     training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True})
-    settings = candidate_settings(training, budget, "cuda")
-    assert settings[0] == (4, 4, False)
-    assert all(mb * ga == 16 for mb, ga, _ in settings)
-    assert settings[-1] == (1, 16, True)
+    assert candidate_settings(training, budget, "cuda") == [(4, 4, True), (2, 8, True), (1, 16, True)]
+    no_ckpt = training.model_copy(update={"gradient_checkpointing": False})
+    assert candidate_settings(no_ckpt, budget, "cuda")[0] == (4, 4, False)  # as asked first, then checkpointed
+    assert candidate_settings(training, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True)]
+
+
+def test_recompute_free_search_order_on_the_measured_h200_numbers():
+    # Peaks measured on one H200 for the fast engine, Mistral-7B shapes, 4 x 2,048 tokens (docs/BENCHMARKS.md):
+    # all checkpointed 8.22 GiB, 4 layers free 13.24, 8 free 19.82 -> 1.645 GiB per further layer.
+    assert next_free_trial(32, 16, {0: 8.22}) == 4
+    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24}) == 8  # 8 does not fit 16: the caller stops, 4 wins
+    assert next_free_trial(32, 24, {0: 8.22, 4: 13.24, 8: 19.82}) == 10  # 8 + floor((24 - 0.75 - 19.82) / 1.645)
+    assert next_free_trial(32, 24, {0: 8.22, 4: 13.24, 8: 19.82, 10: 23.1}) is None  # confirmed: done
+    assert next_free_trial(32, 80, {0: 8.22, 4: 13.24, 8: 19.82}) == 32  # room for every layer: no recompute at all
+    assert next_free_trial(32, 20.4, {0: 8.22, 4: 13.24, 8: 19.82}) is None  # nothing beyond 8 fits
+    assert next_free_trial(2, 16, {0: 1.0}) == 2 and next_free_trial(2, 16, {0: 1.0, 2: 1.5}) is None  # shallow model
+    assert next_free_trial(6, 80, {0: 1.0, 4: 2.0}) == 6 and next_free_trial(6, 80, {0: 1.0, 4: 2.0, 6: 2.5}) is None
+
+
+def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """The search on a simulated 16 GiB card, through the probe's own loop: 4 x 4 runs out of memory, 2 x 8 fits
+    checkpointed, 4 freed layers fit, 8 do not -> 2 x 8 with 4 layers without recompute, the fastest that fits."""
+    import tasks.probe as probe_mod
+
+    timed = []
+
+    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length):
+        timed.append((mb, ga, gc, n_free))
+        if mb == 4:
+            raise torch.OutOfMemoryError("simulated")
+        peak = 6.0 + 1.6 * n_free  # 16 GiB holds 6 layers minus the margin
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "s_per_step": 3.0 - 0.05 * n_free, "tokens_per_step": 16384.0,
+                "tokens_per_s": 16384 / (3.0 - 0.05 * n_free), "peak_mem_gb": peak, "layers": 32}
+
+    monkeypatch.setattr(probe_mod, "_time_setting", fake_time)
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: "cuda:simulated")
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None})
+    logs = []
+    rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
+                           shared_artifacts, logs.append)
+    assert timed == [(4, 4, True, 0), (2, 8, True, 0), (2, 8, True, 4), (2, 8, True, 8)]
+    assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 4)
+    assert rec.peak_mem_gb == 6.0 + 1.6 * 4 and [t.get("fits") for t in rec.trials] == [False, True, True, False]
+    assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
+    assert rec.max_steps == math.floor((3600 - rec.fixed_seconds) / rec.s_per_step)
+
+
+def test_training_keeps_the_probed_layers_free_and_an_oom_first_restores_recompute(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    import tasks.fastpath as fastpath
+    import tasks.train as train_mod
+
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    freed = []
+    real = fastpath.set_recompute_free_layers
+    monkeypatch.setattr(fastpath, "set_recompute_free_layers", lambda model, n: freed.append(real(model, n)) or freed[-1])
+    training = tiny_cfg.training.model_copy(update={"max_steps": 2, "gradient_checkpointing": True})
+    fake = probe.model_copy(update={"max_steps": 2, "gradient_checkpointing": True, "recompute_free_layers": 1, "key": "free-layers"})
+    logs = []
+    rec = train_adapter(tiny_data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts, logs.append)
+    assert rec.steps == 2 and freed == [1]
+    assert any("1 layers without recompute" in m for m in logs)
+
+    # Out of memory with freed layers: the retry checkpoints every layer at the same micro-batch.
+    seen = []
+
+    def fake_train(data, probe, *a, **k):
+        seen.append((probe.micro_batch_size, probe.grad_accum, probe.recompute_free_layers))
+        if len(seen) < 3:
+            raise torch.OutOfMemoryError("simulated")
+        return "done"
+
+    monkeypatch.setattr(train_mod, "_train", fake_train)
+    start = fake.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "recompute_free_layers": 3})
+    assert train_mod._train_shrinking_on_oom(tiny_data, start, None, None, None, training, "k", Path("."), "", logs.append) == "done"
+    assert seen == [(4, 4, 3), (4, 4, 0), (2, 8, 0)]
 
 
 def test_training_freezes_base_moves_lora_and_lowers_loss(tiny_cfg, tiny_data, shared_artifacts):
