@@ -147,9 +147,25 @@ class TrainingSection(Section):
 class BudgetSection(Section):
     hours: float | None = Field(None, description="Wall-clock time budget for training. The probe turns it into steps.")
     minutes: float | None = Field(None, description="Same, in minutes (hours and minutes add up).")
-    vram_gb: float | None = Field(None, gt=0, description="GPU memory budget; the probe picks the fastest settings that fit under it.")
+    vram_gb: float | Literal["auto"] | None = Field(
+        None, description="GPU memory budget in GiB; the probe picks the fastest settings that fit under it. auto = the memory "
+        "free on the GPU when the probe starts; None = the recipe's settings as written."
+    )
     probe_warmup_steps: int = Field(1, ge=0, description="Untimed probe steps (allocator, kernels warm up).")
     probe_steps: int = Field(2, ge=1, description="Timed probe steps. More = a more accurate step budget, longer probe.")
+
+    @field_validator("vram_gb", mode="before")
+    @classmethod
+    def _vram(cls, v: Any) -> float | str | None:
+        if v is None or v == "auto":
+            return v
+        try:
+            gb = float(v)
+        except (TypeError, ValueError):
+            gb = 0.0
+        if not gb > 0 or isinstance(v, bool):
+            raise ValueError(f"must be GiB > 0 or auto (got {v!r}); e.g. 16 for a 16 GB card, auto for this card's free memory")
+        return gb
 
     @field_validator("hours", "minutes")
     @classmethod

@@ -63,6 +63,7 @@ class ProbeRecord(BaseModel):
     gpus: int = 1  # data-parallel processes timed; grad_accum above is per rank (global batch = micro x accum x gpus)
     launch_seconds: float = 0.0  # several ranks: torchrun start, imports and process-group setup (part of fixed)
     recompute_free_layers: int = 0  # decoder layers whose activations are kept (no recompute) under checkpointing
+    vram_budget_gb: float | None = None  # the memory budget the settings were chosen under (budget.vram_gb, auto resolved)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -112,6 +113,19 @@ def candidate_settings(training: TrainingSection, budget: BudgetSection, device:
 
 FREE_PROBES = (4, 8)  # layers freed from recompute in the two trials that measure the cost per layer
 FREE_MARGIN_GB = 0.75  # left under budget.vram_gb: allocator fragmentation, the CUDA context, eval batches
+
+
+def vram_budget(vram_gb: float | str | None, device: str) -> float | None:
+    """`budget.vram_gb` in GiB for this process: `auto` is the memory free on the GPU now (what other processes
+    hold is not ours to use), the same on every rank (the smallest), so all ranks take the same decisions."""
+    if device != "cuda" or vram_gb is None:
+        return None
+    if vram_gb != "auto":
+        return float(vram_gb)
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return round(-launch.sync_max([-free / 2**30])[0], 2)
 
 
 def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], margin_gb: float = FREE_MARGIN_GB) -> int | None:
@@ -165,6 +179,9 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
     train_ds = load_split(data, "train")
+    budget = budget.model_copy(update={"vram_gb": vram_budget(budget.vram_gb, device)})  # auto -> GiB free now
+    if budget.vram_gb is not None:
+        log_fn(f"probe: memory budget {budget.vram_gb:.2f} GiB")
     args = (ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok)
     trials = []
     candidates = candidate_settings(training, budget, device)
@@ -196,7 +213,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
 
     budget_s = float(budget.seconds)
     n_ckpt = int(budget_s // (training.checkpoint_minutes * 60))
-    fixed = launch_s + best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt)
+    fixed = round(launch_s + best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt), 2)  # as recorded: the record adds up
     max_steps = max(int(math.floor((budget_s - fixed) / best["s_per_step"])), 1)
     if training.max_steps:
         max_steps = min(max_steps, training.max_steps)
@@ -208,7 +225,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         budget_seconds=budget_s,
         load_seconds=best["load_seconds"],
         save_seconds=best["save_seconds"],
-        fixed_seconds=round(fixed, 2),
+        fixed_seconds=fixed,
         s_per_step=best["s_per_step"],
         tokens_per_step=best["tokens_per_step"],
         tokens_per_s=best["tokens_per_s"],
@@ -218,6 +235,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         grad_accum=best["grad_accum"],
         gradient_checkpointing=best["gradient_checkpointing"],
         recompute_free_layers=best.get("recompute_free_layers", 0),
+        vram_budget_gb=budget.vram_gb,
         engine=engine,
         trials=trials,
         gpus=n,

@@ -71,6 +71,14 @@ def test_every_problem_is_reported_at_once():
     assert "lora.r" in text and "training.micro_batch_size" in text and "lora.rank" in text and "budget.hours" in text
 
 
+def test_vram_budget_is_gib_or_auto_one_line_each():
+    assert load_config(profile="mistral-7b").budget.vram_gb == "auto"  # the card's free memory
+    assert load_config(profile="tiny", overrides=["budget.vram_gb=12"]).budget.vram_gb == 12.0
+    for bad in ("lots", "-3", "0"):
+        (p,) = _problems(profile="tiny", overrides=[f"budget.vram_gb={bad}"])
+        assert p.startswith("budget.vram_gb: must be GiB > 0 or auto") and bad in p
+
+
 def test_bad_dotted_key_and_absurd_budget():
     assert "dotted" in _problems(profile="tiny", overrides=["lora..r=3"])[0]
     assert "no_equals" in _problems(profile="tiny", overrides=["no_equals"])[0]

@@ -59,6 +59,16 @@ def test_vram_budget_tries_smaller_micro_batches_same_effective_batch(tiny_cfg):
     assert candidate_settings(training, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True)]
 
 
+def test_vram_auto_is_the_free_gpu_memory_now(monkeypatch):
+    from tasks.probe import vram_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(14.6 * 2**30), 16 * 2**30))
+    assert vram_budget("auto", "cuda") == 14.6  # what other processes hold is not ours
+    assert vram_budget(16.0, "cuda") == 16.0
+    assert vram_budget("auto", "cpu") is None and vram_budget(16.0, "cpu") is None  # GPU memory only
+    assert vram_budget(None, "cuda") is None
+
+
 def test_recompute_free_search_order_on_the_measured_h200_numbers():
     # Peaks measured on one H200 for the fast engine, Mistral-7B shapes, 4 x 2,048 tokens (docs/BENCHMARKS.md):
     # all checkpointed 8.22 GiB, 4 layers free 13.24, 8 free 19.82 -> 1.645 GiB per further layer.
