@@ -211,7 +211,8 @@ def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:
         except Exception as e:  # network errors come in many classes
             last = e
             log_fn(f"publish: push attempt {attempt}/{PUSH_ATTEMPTS} failed ({type(e).__name__})")
-            time.sleep(min(2 ** attempt, 10))
+            if attempt < PUSH_ATTEMPTS:
+                time.sleep(min(2 ** attempt, 10))
     raise StageError(f"cannot push to the hub repo {repo!r} ({type(last).__name__}); everything is saved locally in {folder} — retry when online")
 
 
