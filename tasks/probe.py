@@ -96,7 +96,7 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
 def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool]]:
     """(micro_batch, accum, checkpointing) to try in turn until one fits, same effective batch. Without
     checkpointing in the config it is tried as asked first; skipping recompute where memory allows is the
-    layer search's job (`recompute_trials`), not a candidate here."""
+    layer search's job (`next_free_trial`), not a candidate here."""
     mb, ga, gc = training.micro_batch_size, training.grad_accum, training.gradient_checkpointing
     if device != "cuda" or budget.vram_gb is None:
         return [(mb, ga, gc)]
@@ -195,7 +195,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         if trial.get("fits"):
             break  # the largest micro-batch that fits; a smaller one is no faster per token
     base = next((t for t in trials if t.get("fits")), None)
-    if base and base["gradient_checkpointing"] and budget.vram_gb is not None and device == "cuda" and n == 1:
+    if base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
         # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
         # trial there cannot be recovered from (the other ranks wait in the all-reduce).
         measured = {0: base["peak_mem_gb"]}
