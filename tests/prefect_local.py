@@ -115,6 +115,16 @@ class LocalServer:
             time.sleep(1)
         raise TimeoutError(f"flow run {run_id} still {run['state_type']} ({run['state_name']}) after {timeout}s")
 
+    def wait_for_task(self, run_id: str, prefix: str, timeout: float = 300) -> None:
+        """Until the run has a task run named `prefix`* (a stage has started); fails if the run ends first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(t["name"].startswith(prefix) for t in self.task_runs(run_id)):
+                return
+            assert self.flow_run(run_id)["state_type"] not in TERMINAL, f"run {run_id} ended before reaching {prefix}"
+            time.sleep(0.5)
+        raise TimeoutError(f"run {run_id} did not reach {prefix} in {timeout}s")
+
     def prefect(self, *args: str, timeout: float = 180, env: dict[str, str] | None = None) -> str:
         """Run the `prefect` CLI against this server; returns its output, raises with it on failure."""
         out = subprocess.run([PREFECT, *args], env={**self.env, **(env or {})}, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

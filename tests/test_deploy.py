@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import signal
 import subprocess
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -80,16 +79,6 @@ def _tiny(art: Path) -> dict:
     return {"profile": "tiny", "hours": None, "minutes": 1, "overrides": [f"artifacts_dir={art}"]}
 
 
-def _wait_for_stage(server, run_id: str, stage: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(t["name"].startswith(stage) for t in server.task_runs(run_id)):
-            return
-        assert server.flow_run(run_id)["state_type"] not in TERMINAL_STATES, "the run ended before reaching " + stage
-        time.sleep(0.5)
-    raise TimeoutError(f"run {run_id} did not reach {stage} in {timeout}s")
-
-
 def _interval(run: dict) -> tuple[datetime, datetime]:
     return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
 
@@ -133,11 +122,14 @@ def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
         dep = server.get("/deployments/name/finetune/nightly-cancel")
         assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
         assert not any(s["active"] for s in dep["schedules"])  # --paused
-        # A fresh artifacts folder, so the first run computes (seconds) instead of hitting the module's caches,
-        # and the second run is created only once the first is training: it must find the slot held.
-        params = _tiny(tmp_path / "artifacts")
+        # The second run is created once the first is training, and must find the slot held. So the first run
+        # computes (a fresh artifacts folder, not the module's caches) and trains on the clock for 30 s (no
+        # step cap): the tiny profile's 12 capped steps took seconds, and the runner, polling every 2 s, once
+        # started the second run after the first had finished (both COMPLETED).
+        params = {**_tiny(tmp_path / "artifacts"), "minutes": 0.5}
+        params["overrides"] = [*params["overrides"], "training.max_steps=null"]
         first = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
-        _wait_for_stage(server, first, "4-train")
+        server.wait_for_task(first, "4-train")
         second = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
         runs = [server.wait(first), server.wait(second)]
     finally:
