@@ -37,13 +37,14 @@ MERGE_VERSION = 2
 # unreproduced). A correct merge differs from base + adapter only by rounding: the merged weights in the saved
 # dtype, and each side's arithmetic (the reference runs as training ran, e.g. bf16 on a GPU). So the limits are
 # those of the coarser of the two precisions: an fp32 merge of a bf16-trained adapter is held to bf16's limits
-# (measured on the H200: 1.7e-3 nats/token). They sit ~6x above what correct merges measured and below what
-# wrong ones did (docs/BENCHMARKS.md "Merge check").
+# (measured on the H200: 1.7e-3 to 2.4e-3 nats/token, top-1 93%). The KL limits sit ~8x above what correct merges
+# measured and >10x below what wrong ones did; top-1 separates less well (correct 93-97%, wrong 62-77% on the H200)
+# (docs/BENCHMARKS.md "Merge check").
 COARSER = ["float32", "float16", "bfloat16"]  # by mantissa bits: 23, 10, 7
 CHECK_LIMITS = {
     "float32": (1e-5, 0.995, 0.01),
-    "bfloat16": (2e-2, 0.90, 0.25),
-    "float16": (5e-3, 0.95, 0.10),
+    "bfloat16": (2e-2, 0.85, 0.25),
+    "float16": (5e-3, 0.90, 0.10),
 }
 
 
