@@ -112,13 +112,13 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
 
 
 def test_training_keeps_the_probed_layers_free_and_an_oom_first_restores_recompute(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
-    import tasks.fastpath as fastpath
+    import tasks.engine.recompute as recompute
     import tasks.train as train_mod
 
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
     freed = []
-    real = fastpath.set_recompute_free_layers
-    monkeypatch.setattr(fastpath, "set_recompute_free_layers", lambda model, n: freed.append(real(model, n)) or freed[-1])
+    real = recompute.set_recompute_free_layers
+    monkeypatch.setattr(recompute, "set_recompute_free_layers", lambda model, n: freed.append(real(model, n)) or freed[-1])
     training = tiny_cfg.training.model_copy(update={"max_steps": 2, "gradient_checkpointing": True})
     fake = probe.model_copy(update={"max_steps": 2, "gradient_checkpointing": True, "recompute_free_layers": 1, "key": "free-layers"})
     logs = []
