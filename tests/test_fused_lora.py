@@ -214,3 +214,24 @@ def test_cuda_seeded_dropout_regenerates_its_mask_and_lora_a_matches_the_formula
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-1)
     assert torch.allclose(x.grad.float(), xr.grad, rtol=2e-2, atol=2e-1)
     assert torch.allclose(a.grad, ar.grad, rtol=2e-2, atol=2.0)
+
+
+def test_fused_model_under_bf16_autocast_matches_peft():
+    """bf16 autocast (how Trainer runs with bf16=True): the LoRA matmuls run in autocast's dtype, as PEFT's do."""
+    model = tiny_lora_model(dropout=0.0)
+    inputs = batch(2)
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs)
+        out.loss.backward()
+        return out.loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_ref, grads_ref = run()
+    fuse_lora(model)
+    loss, grads = run()
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 1e-2
+    for n in grads:
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), grads_ref[n].flatten(), dim=0)
+        assert cos > 0.99, (n, cos.item())

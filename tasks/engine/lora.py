@@ -226,7 +226,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropout = self.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     result = self.base_layer(x, *args, **kwargs)
-    xa = self._lora_group.xa_for(self, x, p, result.dtype)
+    if result._base is not None:  # a view (bitsandbytes' inference kernels return one): PEFT's clone, only then
+        result = result.clone()
+    # The LoRA matmuls run in autocast's dtype when autocast is on (as PEFT's nn.Linear calls would), else in the
+    # base output's: bitsandbytes casts its output back to the input's dtype, fp32 after k-bit prep.
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else result.dtype
+    xa = self._lora_group.xa_for(self, x, p, dtype)
     return LoraBInPlace.apply(result, xa, self.lora_B[name].weight, float(self.scaling[name]))
 
 
