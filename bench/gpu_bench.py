@@ -22,7 +22,7 @@ With --profile every run trains one more step under torch.profiler and records w
 goes (bench/profile_gpu.py: kernel time by category, idle gaps); the table lands in profile.md. The issue-14
 side-by-side (one device call, < 9 min on an H200):
 
-    python bench/gpu_bench.py --runs seed,fast,fused --profile --steps 5 --out "$OUT"
+    python bench/gpu_bench.py --runs seedfull,fast,fused --profile --steps 5 --out "$OUT"
 
 Runs marked `capped` execute with the allocator limited to 15 GiB (a 16 GiB card less CUDA context): they
 finishing is the 16 GB fit check.
