@@ -13,9 +13,17 @@ Runs, in this order (Liger patches the model class, so every run after it has it
   seed        SFTTrainer defaults: padded micro-batches of 4, sdpa, full recompute (the seed recipe)
   varlen      + padding-free packs of <= 4 x 2048 tokens, flash varlen attention (no Liger yet)
   fast        + Liger RMSNorm / SwiGLU / RoPE: the project's engine, full recompute (the <= 8 GB setting)
+  fused       fast + the fused LoRA path (tasks/engine/lora.py): one LoRA-A matmul per shared input, LoRA-B
+              added in place into the base output, dropout masks regenerated from a seed (issue 14)
   offload     fast, with the checkpointed layer inputs held in pinned host memory (transformers' offload=True)
   fit16       fast, with the layers that a 16 GB card can hold freed from recompute (auto-fit from two probes)
   nockpt      fast, with as many layers as 90% of this card holds freed from recompute (large cards)
+With --profile every run trains one more step under torch.profiler and records where that step's GPU time
+goes (bench/profile_gpu.py: kernel time by category, idle gaps); the table lands in profile.md. The issue-14
+side-by-side (one device call, < 9 min on an H200):
+
+    python bench/gpu_bench.py --runs seedfull,fast,fused --profile --steps 5 --out "$OUT"
+
 Runs marked `capped` execute with the allocator limited to 15 GiB (a 16 GiB card less CUDA context): they
 finishing is the 16 GB fit check.
 """
@@ -39,6 +47,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.profile_gpu import markdown as profile_markdown  # noqa: E402
+from bench.profile_gpu import step_profiler  # noqa: E402
+from tasks.engine.lora import dropout_backend, fuse_lora  # noqa: E402
 from tasks.fastpath import (  # noqa: E402
     PaddingFreeCollator,
     PartialRecomputeCallback,
@@ -134,8 +145,9 @@ def lora():
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False):
-    """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record."""
+def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None):
+    """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
+    `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -171,7 +183,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
-    args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps, per_device_train_batch_size=MICRO,
+    args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
                 gradient_accumulation_steps=ACCUM, learning_rate=2e-4, logging_steps=1, save_strategy="no",
                 report_to="none", bf16=True, gradient_checkpointing=ckpt, optim="paged_adamw_8bit",
                 max_length=MAX_LEN, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
@@ -189,17 +201,22 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         model.gradient_checkpointing_disable()  # earlier runs left the layers' flags on
     timer = StepTimer()
     callbacks = [timer] + ([PartialRecomputeCallback(n_free)] if n_free else [])
+    profiler = step_profiler(steps, Path(profile_dir) / f"{name}.trace.json") if profile_dir else None
+    if profiler is not None:
+        callbacks.append(profiler)
     trainer = None
     try:
         torch.manual_seed(seed)  # LoRA init and dropout masks: same stream for every engine
         trainer = BenchTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok,
                                data_collator=collator, peft_config=lora(), callbacks=callbacks)
         timer.trainer = trainer
+        if engine == "fused":
+            record["fused_layers"] = fuse_lora(trainer.model)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        timed = timer.steps[warmup:]
+        timed = timer.steps[warmup:steps]
         secs = sum(s["s"] for s in timed)
         tokens = sum(s["tokens"] for s in timed)
         record.update(
@@ -211,8 +228,14 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             step_tokens=[s["tokens"] for s in timer.steps],
             peak_gib=torch.cuda.max_memory_allocated() / GIB,
             peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
-            losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
+            losses=[h["loss"] for h in trainer.state.log_history if "loss" in h][:steps],
         )
+        if profiler is not None and profiler.result is not None:
+            record["profile"] = profiler.result
+            if "error" not in profiler.result:
+                Path(profile_dir, f"{name}.trace.json").unlink(missing_ok=True)  # ~100 MB; the breakdown is kept
+        if engine == "fused":
+            record["dropout_backend"] = dropout_backend("cuda")
         log(f"{name}: {record['tokens_per_s']:,.0f} real tok/s, peak {record['peak_gib']:.2f} GiB, "
             f"steps {record['step_s']}, losses {[round(x, 4) for x in record['losses']]}")
     except Exception as e:  # an OOM under the cap is a result ("does not fit"), not a crash
@@ -235,13 +258,43 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     return record, model
 
 
+def fused_selfcheck() -> dict:
+    """The fused path's seeded dropout on this GPU: the same seed gives the same mask, P(drop) = p, and LoraA's
+    forward/backward equal the plain formula with that mask (bf16 tolerances). Milliseconds; runs before the
+    fused runs so a wrong kernel shows up as a named failure, not as a quietly different loss."""
+    from tasks.engine.lora import LoraA, seeded_dropout
+
+    p, seed = 0.05, 1234
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(48, 4096, device="cuda") * 0.02).requires_grad_()
+    keep = seeded_dropout(torch.ones_like(x), p, seed) != 0
+    same = bool(torch.equal(keep, seeded_dropout(torch.ones_like(x), p, seed) != 0))
+    out = LoraA.apply(x, a, p, seed, torch.bfloat16)
+    g = torch.randn_like(out)
+    out.backward(g)
+    xr, ar = x.detach().float().requires_grad_(), a.detach().clone().requires_grad_()
+    ref = (xr * keep / (1 - p)) @ ar.t()
+    ref.backward(g.float())
+
+    def rel(u, v):
+        u, v = u.detach().float(), v.detach()
+        return float((u - v).norm() / v.norm())
+
+    res = {"backend": dropout_backend("cuda"), "same_mask_same_seed": same, "drop_share": round(1 - keep.float().mean().item(), 5),
+           "rel_err_out": rel(out, ref), "rel_err_grad_x": rel(x.grad, xr.grad), "rel_err_grad_a": rel(a.grad, ar.grad)}
+    res["ok"] = same and abs(res["drop_share"] - p) < 0.002 and max(res["rel_err_out"], res["rel_err_grad_x"], res["rel_err_grad_a"]) < 2e-2
+    del x, a, keep, out, g, xr, ar, ref
+    torch.cuda.empty_cache()
+    return res
+
+
 def parity(a: dict, b: dict) -> dict | None:
     if not (a.get("ok") and b.get("ok")):
         return None
     la, lb = a["losses"], b["losses"]
     n = min(len(la), len(lb))
     rel = [abs(x - y) / abs(x) for x, y in zip(la[:n], lb[:n])]
-    return {"steps": n, "seed": la[:n], "fast": lb[:n], "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / n}
+    return {"steps": n, a["name"]: la[:n], b["name"]: lb[:n], "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / n}
 
 
 def versions() -> dict:
@@ -296,6 +349,7 @@ def main() -> None:
     ap.add_argument("--runs", default="seed,varlen,fast,fit16,nockpt", help="comma list of run families")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default="/tmp/bench_model")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step of each run (bench/profile_gpu.py)")
     a = ap.parse_args()
     layers = a.layers or (4 if a.smoke else 32)
     steps = a.steps or (3 if a.smoke else 6)
@@ -331,8 +385,9 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
         return record
 
+    prof = {"profile_dir": str(out / "profiles")} if a.profile else {}
     if "seed" in families or "seedfull" in families:
-        go("seed-full", model, tok, full, "seed", steps, warmup, a.seed, capped=True)
+        go("seed-full", model, tok, full, "seed", steps, warmup, a.seed, capped=True, **prof)
     if "seed" in families:
         go("seed-mixed", model, tok, mixed, "seed", steps, warmup, a.seed, capped=True)
     model.set_attn_implementation(fast_attn_implementation("cuda"))
@@ -342,9 +397,14 @@ def main() -> None:
     info["liger_applied"] = bool(getattr(model, "_fastpath_liger", False))
     fast_full = None
     if families & {"fast", "fastfull", "fit16", "nockpt"}:
-        fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs)
+        fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
-        go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs)
+        go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
+    if "fused" in families:
+        info["fused_selfcheck"] = fused_selfcheck()
+        log(f"fused LoRA self-check: {info['fused_selfcheck']}")
+        go("fused-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
+        go("fused-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
     if "offload" in families:
         go("offload-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, offload=True)
 
@@ -380,11 +440,17 @@ def main() -> None:
     by = {r["name"]: r for r in results}
     info["parity"] = {k: parity(by[a_], by[b_]) for k, (a_, b_) in
                       {"seed-vs-fast-full": ("seed-full", "fast-full"),
+                       "seed-vs-fused-full": ("seed-full", "fused-full"),
+                       "fast-vs-fused-mixed": ("fast-mixed", "fused-mixed"),
                        "seed-vs-nockpt-full": ("seed-full", "nockpt-full")}.items() if a_ in by and b_ in by}
     text = table(results, info["versions"]["gpu"])
     (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
     (out / "table.md").write_text(text + "\n")
     print("\n" + text)
+    profiles = {r["name"]: r["profile"] for r in results if r.get("profile")}
+    if profiles:
+        (out / "profile.md").write_text(profile_markdown(profiles) + "\n")
+        print("\n" + profile_markdown(profiles))
     for k, v in info["parity"].items():
         if v:
             print(f"loss parity {k}: max rel diff {v['max_rel_diff']:.2e}, mean {v['mean_rel_diff']:.2e} over {v['steps']} steps")

@@ -9,7 +9,7 @@ reports s/step, tokens/s, peak GB and the training stage's budget error. Prefect
     python bench/pipeline_gpu.py --gpus 1,2 --minutes 1.5 --out multi.json   # issue 8: 1 then 2 GPUs, same data
 
 With `--gpus 1,2` it runs the probe + training stage once per GPU count (training.gpus=N: N > 1 goes through
-torchrun, tasks/launch.py) on the same data and model, and adds the scaling (tokens/s with N GPUs over 1) and
+torchrun, tasks/engine/launch.py) on the same data and model, and adds the scaling (tokens/s with N GPUs over 1) and
 the loss parity: the same global batch (micro x accum) sees the same packs at step k whatever N is, so step 1's
 loss must agree to bf16 noise; later steps drift apart slowly because the LR schedule runs on time, and N
 GPUs reach step k sooner.
@@ -46,7 +46,7 @@ def mixed_chats(path: Path, n: int, seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", default="fast", choices=["fast", "padded"])
+    ap.add_argument("--engine", default="fast", choices=["fast", "fused", "padded"])
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--vram-gb", type=float, default=None)
     ap.add_argument("--artifacts", default="/tmp/qlp-artifacts")

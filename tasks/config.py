@@ -122,8 +122,10 @@ class TrainingSection(Section):
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = Field(
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU."
     )
-    engine: Literal["auto", "fast", "padded"] = Field(
-        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, padded on CPU; padded = the seed recipe's padded batches."
+    engine: Literal["auto", "fast", "fused", "padded"] = Field(
+        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, padded on CPU; padded = the seed recipe's padded batches; "
+        "fused = fast + the fused LoRA path (one LoRA-A matmul per shared input, LoRA-B added in place, dropout masks regenerated; "
+        "tasks/engine/lora.py)."
     )
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")

@@ -6,7 +6,7 @@ tokens/s, peak memory, the model-load time and the checkpoint-save time. Then
 
     max_steps = floor((budget - fixed) / s_per_step),   fixed = load + final save + periodic checkpoint saves
 
-With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/launch.py) and times the
+With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/engine/launch.py) and times the
 data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
 memory, and the launch itself (imports, process group) counted as fixed cost.
 
@@ -32,10 +32,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from . import launch
 from .common import StageError, building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
+from .engine import dist, launch, recompute
+from .engine.build import build_model, engine_for, training_args
+from .engine.collate import collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 PROBE_VERSION = 3  # 3: partial-recompute search
@@ -125,7 +127,7 @@ def vram_budget(vram_gb: float | str | None, device: str) -> float | None:
     import torch
 
     free, _ = torch.cuda.mem_get_info()
-    return round(-launch.sync_max([-free / 2**30])[0], 2)
+    return round(-dist.sync_max([-free / 2**30])[0], 2)
 
 
 def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], margin_gb: float = FREE_MARGIN_GB) -> int | None:
@@ -139,13 +141,11 @@ def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], m
         k = min(k, n_layers)
         if k not in measured:
             return k
-    from .fastpath import recompute_free_layers
-
     lo, hi = (min(k, n_layers) for k in FREE_PROBES)
     if hi == lo or hi == n_layers:
         return None
     per_layer = (measured[hi] - measured[lo]) / (hi - lo)
-    target = hi + recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
+    target = hi + recompute.recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
     return target if target > hi and target not in measured else None
 
 
@@ -159,22 +159,29 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
     with locked(out):
         if is_complete(out):
             return ProbeRecord.model_validate(read_json(out / "record.json"))
-        n = launch.world_size(training.gpus, device)
-        if n > 1 and launch.world() == 1:
-            launch.per_rank_accum(training.grad_accum, n)  # fail before starting N processes
+        n = dist.world_size(training.gpus, device)
+        if n > 1 and dist.world() == 1:
+            dist.per_rank_accum(training.grad_accum, n)  # fail before starting N processes
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
             inputs = {"data": data.model_dump(mode="json"), "device": resolve_device(device), "key": key, "out": str(out), "artifacts_dir": artifacts_dir,
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training), ("budget", budget))}}
-            return ProbeRecord.model_validate(launch.run_stage("probe", inputs, n, out.parent / f".{out.name}.launch", log_fn))
+            return ProbeRecord.model_validate(launch.run_stage("probe", "tasks.probe:probe_on_rank", inputs, n, out.parent / f".{out.name}.launch", log_fn))
         return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn)
+
+
+def probe_on_rank(spec: dict, log_fn) -> ProbeRecord | None:
+    """One rank's probe under torchrun (tasks/engine/launch.py calls it with the spec `probe_throughput` wrote)."""
+    sections = (ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"]),
+                LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"]),
+                BudgetSection.model_validate(spec["budget"]))
+    return _probe(DataRecord.model_validate(spec["data"]), *sections, spec["device"], spec["key"], Path(spec["out"]),
+                  spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 
 
 def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, artifacts_dir, log_fn, t_start: float | None = None) -> ProbeRecord | None:
     """The probe's work, in this process; under torchrun every rank runs it and rank 0 returns the record."""
-    from .train import engine_for
-
-    n = launch.world()
-    launch_s = launch.sync_max([time.monotonic() - t_start])[0] if t_start else 0.0
+    n = dist.world()
+    launch_s = dist.sync_max([time.monotonic() - t_start])[0] if t_start else 0.0
     engine = engine_for(training, device)
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
@@ -186,7 +193,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     trials = []
     candidates = candidate_settings(training, budget, device)
     for mb, ga, gc in candidates:  # grows on out-of-memory (below)
-        ga = launch.per_rank_accum(ga, n)  # same global batch over n ranks
+        ga = dist.per_rank_accum(ga, n)  # same global batch over n ranks
         trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn)
         trials.append(trial)
         if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
@@ -241,7 +248,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         gpus=n,
         launch_seconds=round(launch_s, 2),
     )
-    if not launch.is_main():
+    if not dist.is_main():
         return None
     with building(out) as tmp:
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
@@ -262,8 +269,8 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
         log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({n_free} layers without recompute)" if n_free else "")
                + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
     except torch.OutOfMemoryError as e:
-        if launch.world() > 1:
-            raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {launch.rank()}; "
+        if dist.world() > 1:
+            raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {dist.rank()}; "
                              "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
                              "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
         trial.update(fits=False, error="out of memory")
@@ -279,17 +286,14 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     import torch
     from transformers import Trainer, TrainerCallback
 
-    from .fastpath import checkpointed_layers, set_recompute_free_layers
-    from .train import build_model, collator_for, training_args, training_dataset
-
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
     load_s = time.monotonic() - t0
-    n_layers = len(checkpointed_layers(model))
+    n_layers = len(recompute.checkpointed_layers(model))
     if gc and n_free:
-        set_recompute_free_layers(model, n_free)
+        recompute.set_recompute_free_layers(model, n_free)
 
     warm, timed = budget.probe_warmup_steps, budget.probe_steps
     marks: list[tuple[float, int]] = []
@@ -302,7 +306,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed)
-        args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=engine == "fast")
+        args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
         with quiet_transformers():
@@ -321,7 +325,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     tokens = end_tok - start_tok
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
-    load_s, save_s, s_per_step, peak = launch.sync_max([load_s, save_s, s_per_step, peak])
+    load_s, save_s, s_per_step, peak = dist.sync_max([load_s, save_s, s_per_step, peak])
     del trainer, model
     return {
         "load_seconds": round(load_s, 3),

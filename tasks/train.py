@@ -28,22 +28,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import launch
 from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
-from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
+from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
-from .models import (
-    ModelRef,
-    check_target_modules,
-    compute_dtype,
-    load_base_model,
-    lora_config,
-    load_tokenizer,
-    quiet_transformers,
-    resolve_device,
-    resolve_model,
-    uses_4bit,
-)
+from .engine import dist, launch, recompute
+from .engine.build import build_model, count_params, engine_for, training_args
+from .engine.collate import BatchTrace, PaddedCollator, collator_for, is_padding_free, training_dataset
+from .models import load_tokenizer, resolve_device, resolve_model
+
+# PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
+# its home is tasks/engine/collate.py.
+__all__ = ["PaddedCollator", "TrainRecord", "build_model", "count_params", "train_adapter", "train_on_rank"]
 
 TRAIN_VERSION = 2
 CKPT_MARKER = "pipeline_checkpoint.json"  # written after Trainer finished a checkpoint: no marker = torn
@@ -83,124 +78,7 @@ class NonFiniteLoss(StageError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Builders shared with the probe
-
-
-def engine_for(training: TrainingSection, device: str) -> str:
-    if training.engine != "auto":
-        return training.engine
-    return "fast" if device == "cuda" else "padded"
-
-
-def optimizer_for(training: TrainingSection, device: str) -> str:
-    if training.optimizer != "auto":
-        return training.optimizer
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-
-
-class PaddedCollator:
-    """Right-pads a micro-batch to its longest example (the seed recipe's batches); labels pad with -100."""
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8):
-        self.pad_id = pad_id
-        self.multiple = pad_to_multiple_of
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        n = max(len(f["input_ids"]) for f in features)
-        n = int(math.ceil(n / self.multiple) * self.multiple)
-        ids = torch.full((len(features), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), n), dtype=torch.long)
-        for i, f in enumerate(features):
-            k = len(f["input_ids"])
-            ids[i, :k] = torch.tensor(f["input_ids"])
-            labels[i, :k] = torch.tensor(f["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str):
-    """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    attn = None
-    if engine == "fast":
-        from .fastpath import fast_attn_implementation
-
-        attn = fast_attn_implementation(device)
-    with quiet_transformers():
-        model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
-    check_target_modules(model, lora.target_modules)
-    model.config.use_cache = False
-    if uses_4bit(quant, device) and engine != "fast":
-        # The seed recipe: PEFT's k-bit prep (also upcasts norms/embeddings/lm_head to fp32).
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif gradient_checkpointing:
-        # The fast engine keeps norms and lm_head in bf16 (Liger's fused cross-entropy reads the bf16
-        # lm_head; the fp32 upcast costs ~0.5 GB on a 7B model for no measured gain).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if engine == "fast":
-        from .fastpath import prepare_fast_model
-
-        model = prepare_fast_model(model)
-    model = get_peft_model(model, lora_config(lora))
-    return model
-
-
-def count_params(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-def training_args(training: TrainingSection, output_dir: Path, device: str, quant: QuantSection, *, micro_batch_size: int, grad_accum: int, max_steps: int, gradient_checkpointing: bool, keep: int | None = None, padding_free: bool = False):
-    import torch
-    from transformers import TrainingArguments
-
-    dtype = compute_dtype(quant, device)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=max(int(round(training.warmup_ratio * max_steps)), 0),
-        weight_decay=training.weight_decay,
-        max_grad_norm=training.max_grad_norm,
-        max_steps=max_steps,
-        optim=optimizer_for(training, device),
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        gradient_checkpointing=False,  # already enabled on the model (PEFT needs it set up before wrapping)
-        logging_steps=training.logging_steps,
-        save_strategy="no",  # BudgetGuard decides when to save (every N minutes, and at the end)
-        save_total_limit=keep,
-        save_only_model=False,
-        report_to="none",
-        logging_nan_inf_filter=False,  # the default logs a NaN/inf step as the window's average: BudgetGuard must see it
-        seed=training.seed,
-        data_seed=training.seed,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        # Padding-free rows have no padding to exclude (and no attention_mask to find it by).
-        include_num_input_tokens_seen="all" if micro_batch_size == 1 and padding_free else "non_padding",
-        # Several ranks: rank 0's per-step log line is the progress (bars from N processes interleave).
-        disable_tqdm=launch.world() > 1,
-        # Every LoRA weight gets a gradient each step: skip DDP's search for unused ones (a graph walk per step).
-        ddp_find_unused_parameters=False,
-    )
-    # One process drives one GPU. On a multi-GPU host Trainer's legacy single-process mode multiplies the batch
-    # by the visible GPU count (for nn.DataParallel, which it then skips for 4-bit models): one GPU would get
-    # twice the batch and memory. Several GPUs go through torchrun (training.gpus), one process each.
-    _ = args.device
-    args._n_gpu = min(args._n_gpu, 1)
-    return args
+# The time-based schedule
 
 
 def time_schedule(kind: str, warmup_steps: int, progress):
@@ -231,48 +109,6 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, **kwargs):
             return self.lr_scheduler
 
     return TimeBudgetTrainer(**kwargs)
-
-
-def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int):
-    """(dataset, per-device batch size) for the engine.
-
-    padded: examples batched `micro_batch_size` at a time and padded. fast: examples packed by tokens into
-    rows of at most micro_batch x max_length real tokens (the seed's padded micro-batch, minus the
-    padding), one row per forward, no cross-sample attention.
-    """
-    if engine != "fast":
-        return train_ds, micro_batch_size
-    from .fastpath import PackedDataset, pack_by_tokens
-
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    packs = pack_by_tokens(lengths, micro_batch_size * max_length, seed)
-    return PackedDataset(train_ds, packs), 1
-
-
-def collator_for(engine: str, pad_id: int):
-    if engine == "fast":
-        from .fastpath import PaddingFreeCollator
-
-        return PaddingFreeCollator()
-    return PaddedCollator(pad_id)
-
-
-class BatchTrace:
-    """Wraps a collator and fingerprints the first batches a rank trains on (several ranks: each must get its
-    own shard of the data; written to work/ranks/rank-<r>.json)."""
-
-    def __init__(self, collator, keep: int = 64):
-        self.collator = collator
-        self.keep = keep
-        self.fingerprints: list[str] = []
-
-    def __call__(self, features):
-        import hashlib
-
-        batch = self.collator(features)
-        if len(self.fingerprints) < self.keep:
-            self.fingerprints.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:16])
-        return batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,11 +152,11 @@ class BudgetGuard(_trainer_callback_base()):
 
     def progress(self) -> float:
         """Share of the trainable budget used (the LR schedule's clock)."""
-        elapsed = self.synced_elapsed if launch.world() > 1 else self.elapsed()
+        elapsed = self.synced_elapsed if dist.world() > 1 else self.elapsed()
         return min(max(elapsed / max(self.budget_s - self.save_cost_s, 1e-9), 0.0), 1.0)
 
     def on_step_end(self, args, state, control, **kw):
-        maybe_fault(f"train-rank{launch.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
+        maybe_fault(f"train-rank{dist.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
         now = time.monotonic()
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
@@ -328,8 +164,8 @@ class BudgetGuard(_trainer_callback_base()):
         # Stop if one more step and the final save would cross the deadline.
         stop = self.elapsed() + recent + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
         save = now - self.last_ckpt >= self.checkpoint_s
-        stop, save, interrupted, self.synced_elapsed = launch.sync_max([stop, save, self.interrupted, self.elapsed()])
-        if launch.is_main():
+        stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
+        if dist.is_main():
             write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
         if stop:
             # No checkpoint on a budget stop: the final adapter is saved right after, in the budget's time.
@@ -363,7 +199,7 @@ class BudgetGuard(_trainer_callback_base()):
             where = f"the last good checkpoint is {last.name}" if last else "no checkpoint was saved yet"
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
         self.losses.append((state.global_step, loss))
-        if self.log_fn and launch.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
+        if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
             left = max(self.budget_s - self.elapsed(), 0)
             tok_s = state.num_input_tokens_seen / max(time.monotonic() - self.t0, 1e-9) if state.num_input_tokens_seen else 0
             self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f} lr {logs.get('learning_rate', 0):.2e} "
@@ -371,9 +207,9 @@ class BudgetGuard(_trainer_callback_base()):
 
     def on_save(self, args, state, control, **kw):
         self.last_ckpt = time.monotonic()
-        launch.barrier()  # every rank has written its part (its RNG state) before the marker says complete
+        dist.barrier()  # every rank has written its part (its RNG state) before the marker says complete
         ckpt = self.work / f"checkpoint-{state.global_step}"
-        if launch.is_main() and ckpt.is_dir():
+        if dist.is_main() and ckpt.is_dir():
             write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir())})
         return control
 
@@ -420,13 +256,23 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
         if is_complete(out):
             return TrainRecord.model_validate(read_json(out / "record.json"))
         n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks
-        if n > 1 and launch.world() == 1:
+        if n > 1 and dist.world() == 1:
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
             inputs = {"data": data.model_dump(mode="json"), "probe": probe.model_dump(mode="json"), "device": probe.device,
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training))},
                       "key": key, "out": str(out), "artifacts_dir": artifacts_dir}
-            return TrainRecord.model_validate(launch.run_stage("train", inputs, n, out / "work", log_fn))
+            return TrainRecord.model_validate(launch.run_stage("train", "tasks.train:train_on_rank", inputs, n, out / "work", log_fn))
         return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
+
+
+def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
+    """One rank's training under torchrun (tasks/engine/launch.py calls it with the spec `train_adapter` wrote)."""
+    from .probe import ProbeRecord
+
+    sections = (ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"]),
+                LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"]))
+    return _train(DataRecord.model_validate(spec["data"]), ProbeRecord.model_validate(spec["probe"]), *sections,
+                  spec["key"], Path(spec["out"]), spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 
 
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
@@ -470,7 +316,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     from transformers.integrations import TensorBoardCallback
 
     t_stage = t_start or time.monotonic()  # several ranks: from the launch, so startup counts against the budget
-    main = launch.is_main()
+    main = dist.is_main()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     prior = _prior_elapsed(work)
@@ -490,9 +336,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
-        from .fastpath import set_recompute_free_layers
-
-        set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
+        recompute.set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
     trainable, total = count_params(model)
     train_ds = load_split(data, "train")
     tok = load_tokenizer(ref, model_cfg)
@@ -504,13 +348,13 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     callbacks = [guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if main else [guard]
     collator = collator_for(engine, tok.pad_token_id)
-    if launch.world() > 1:
+    if dist.world() > 1:
         collator = BatchTrace(collator)
 
     # The clock stops training; the step cap is a backstop (the user's hard cap, else 2x the estimate).
     cap = training.max_steps or 2 * probe.max_steps
     dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed)
-    args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=engine == "fast")
+    args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=is_padding_free(engine))
     warmup = int(round(training.warmup_ratio * probe.max_steps))
     trainer = make_trainer(
         guard, training.lr_scheduler, warmup,
@@ -520,7 +364,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         data_collator=collator,
         callbacks=callbacks,
     )
-    n = launch.world()
+    n = dist.world()
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
            (f", {n_free} layers without recompute" if n_free else "") +
@@ -537,7 +381,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         raise KeyboardInterrupt("training interrupted; checkpoint saved")
     if n > 1:
         # Per-rank provenance: steps must agree; the batch fingerprints show each rank trained on its own shard.
-        write_json(work / "ranks" / f"rank-{launch.rank()}.json", {"rank": launch.rank(), "steps": trainer.state.global_step,
+        write_json(work / "ranks" / f"rank-{dist.rank()}.json", {"rank": dist.rank(), "steps": trainer.state.global_step,
                    "stopped_by": guard.stopped_by, "saved_adapter": main, "batches": collator.fingerprints})
     if not main:
         return None

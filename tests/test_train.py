@@ -112,13 +112,13 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
 
 
 def test_training_keeps_the_probed_layers_free_and_an_oom_first_restores_recompute(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
-    import tasks.fastpath as fastpath
+    import tasks.engine.recompute as recompute
     import tasks.train as train_mod
 
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
     freed = []
-    real = fastpath.set_recompute_free_layers
-    monkeypatch.setattr(fastpath, "set_recompute_free_layers", lambda model, n: freed.append(real(model, n)) or freed[-1])
+    real = recompute.set_recompute_free_layers
+    monkeypatch.setattr(recompute, "set_recompute_free_layers", lambda model, n: freed.append(real(model, n)) or freed[-1])
     training = tiny_cfg.training.model_copy(update={"max_steps": 2, "gradient_checkpointing": True})
     fake = probe.model_copy(update={"max_steps": 2, "gradient_checkpointing": True, "recompute_free_layers": 1, "key": "free-layers"})
     logs = []
@@ -210,3 +210,26 @@ def test_padded_collator_masks_padding():
     batch = PaddedCollator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].shape == (2, 8)
     assert batch["labels"][1, 1:].eq(-100).all() and batch["attention_mask"][1].sum() == 1
+
+
+def test_fused_engine_probes_and_trains_through_the_stages(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    """training.engine=fused end to end on CPU: the probe times it, training packs padding-free rows, every
+    LoRA layer runs the fused forward, and the adapter is a normal PEFT adapter whose B matrices moved."""
+    from safetensors.torch import load_file
+
+    import tasks.engine.lora as lora_mod
+
+    training = tiny_cfg.training.model_copy(update={"engine": "fused", "max_steps": 3})
+    lora = tiny_cfg.lora.model_copy(update={"dropout": 0.1})  # the seeded-dropout path too
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    assert probe.engine == "fused"
+    fused = []
+    real = lora_mod.fuse_lora
+    monkeypatch.setattr(lora_mod, "fuse_lora", lambda model: fused.append(real(model)) or fused[-1])  # build_model imports it lazily
+    rec = train_adapter(tiny_data, probe.model_copy(update={"max_steps": 3, "key": "fused"}), tiny_cfg.model, tiny_cfg.quant, lora,
+                        training, shared_artifacts)
+    assert rec.engine == "fused" and rec.steps == 3 and math.isfinite(rec.final_loss)
+    assert fused == [2 * 7]  # 2 layers x 7 projections
+    adapter = load_file(str(Path(rec.adapter_dir) / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert len(lora_b) == 14 and all(v.abs().sum() > 0 for v in lora_b)

@@ -8,13 +8,15 @@ With `training.gpus` > 1 the stage function writes its inputs to a JSON file and
 starts
 
     python -m torch.distributed.run --standalone --nproc-per-node N --tee 3 --log-dir <work>/launch \
-        -m tasks.launch worker <work>/launch-<stage>.json
+        -m tasks.engine.launch worker <work>/launch-<stage>.json
 
 streams rank 0's log lines to the stage's logger and the rest of the output to stderr, and, when a rank
-dies, fails with one line naming the rank, its exit code and its last lines. Each rank runs the same stage
-function (`train._train`, `probe._probe`) on its own GPU (`device_map={"": local_rank}`): Trainer wraps the
-LoRA model in DDP (NCCL on GPUs, gloo on CPU), which all-reduces the LoRA gradients bucket by bucket while
-the backward pass runs, and shards the packed dataset so every rank trains on different batches. Rank 0
+dies, fails with one line naming the rank, its exit code and its last lines. Each rank imports and calls the
+stage's entry named in the spec (`tasks.train:train_on_rank`, `tasks.probe:probe_on_rank`: the stage names
+itself, so this module imports no stage and no import cycle runs through it) on its own GPU
+(`device_map={"": local_rank}`): Trainer wraps the LoRA model in DDP (NCCL on GPUs, gloo on CPU), which
+all-reduces the LoRA gradients bucket by bucket while the backward pass runs, and shards the packed dataset so
+every rank trains on different batches. Rank 0
 writes checkpoints, the heartbeat, the adapter and the stage record; the parent reads the record back.
 
 `device=cpu` with `training.gpus=2` runs two CPU processes over gloo: the same path, for tests.
@@ -22,7 +24,7 @@ writes checkpoints, the heartbeat, the adapter and the stage record; the parent 
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
 import re
 import signal
@@ -33,92 +35,20 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import StageError, read_json, write_json
+from ..common import StageError, read_json, write_json
+from .dist import is_main, local_rank, rank
 
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
 TAIL_LINES = 4
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where am I: read from torchrun's environment, so the stage functions need no extra arguments
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world() -> int:
-    """Processes in this stage run (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def world_size(gpus: int | str, device: str) -> int:
-    """How many processes `training.gpus` asks for on `device` (the config's device: auto | cpu | cuda)."""
-    import torch
-
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus == "auto":
-        return max(visible, 1) if device != "cpu" else 1
-    n = int(gpus)
-    if n > 1 and device != "cpu":
-        if visible == 0:
-            raise StageError(f"training.gpus={n} but no CUDA GPU is visible; set training.gpus=1 (device=cpu with gpus>1 runs CPU processes, for tests)")
-        if n > visible:
-            raise StageError(f"training.gpus={n} but only {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES); set training.gpus={visible} or auto")
-    return n
-
-
-def per_rank_accum(grad_accum: int, n: int) -> int:
-    """Micro-batches per optimizer step on each rank: the global batch (micro x accum) stays the recipe's."""
-    if grad_accum % n:
-        raise StageError(f"training.grad_accum={grad_accum} is not a multiple of training.gpus={n}: each GPU runs grad_accum / gpus "
-                         f"micro-batches so the effective batch stays micro x accum; set training.grad_accum to a multiple of {n}")
-    return grad_accum // n
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Collectives used by the stages (no-ops in a single process)
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if world() > 1 and dist.is_available() and dist.is_initialized() else None
-
-
-def sync_max(values: list[float]) -> list[float]:
-    """Element-wise max over ranks: every rank gets the same numbers (stop/save flags, clocks, timings)."""
-    dist = _dist()
-    if dist is None:
-        return list(values)
-    import torch
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Parent side: start torchrun, stream, supervise
 
 
-def run_stage(stage: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Callable[[str], None]) -> dict:
-    """Run `stage` ("train" | "probe") on `n` ranks; return the record rank 0 wrote, or raise StageError."""
+def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Callable[[str], None]) -> dict:
+    """Run `stage` ("train" | "probe") on `n` ranks; each calls `entry` ("module:function", taking the spec dict
+    and a log function, returning a pydantic record on rank 0); return the record rank 0 wrote, or raise StageError."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / f"launch-{stage}.json"
     result_path = work / f"result-{stage}.json"
@@ -126,12 +56,12 @@ def run_stage(stage: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Ca
     for p in [result_path, *work.glob(f"error-{stage}-rank*.json")]:
         p.unlink(missing_ok=True)
     # CLOCK_MONOTONIC is shared by every process of the host: the ranks count the launch against the budget.
-    write_json(spec_path, {**inputs, "stage": stage, "result": str(result_path), "t_launch": time.monotonic()})
+    write_json(spec_path, {**inputs, "stage": stage, "entry": entry, "result": str(result_path), "t_launch": time.monotonic()})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "--tee=3", f"--log-dir={logs}", "-m", "tasks.launch", "worker", str(spec_path)]
+           "--tee=3", f"--log-dir={logs}", "-m", "tasks.engine.launch", "worker", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: not needed for LoRA-sized all-reduces
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1)
@@ -199,7 +129,7 @@ def _rank_tail(logs: Path, who: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rank side: `python -m tasks.launch worker spec.json` (started by torchrun; not meant to be run by hand)
+# Rank side: `python -m tasks.engine.launch worker spec.json` (started by torchrun; not meant to be run by hand)
 
 
 def worker(spec_path: str) -> None:
@@ -228,28 +158,13 @@ def worker(spec_path: str) -> None:
 
 
 def _run_worker_stage(stage: str, spec: dict, log_fn):
-    from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
-    from .data import DataRecord
-
-    data = DataRecord.model_validate(spec["data"])
-    model, quant = ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"])
-    lora, training = LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"])
-    out = Path(spec["out"])
-    if stage == "train":
-        from .probe import ProbeRecord
-        from .train import _train
-
-        probe = ProbeRecord.model_validate(spec["probe"])
-        return _train(data, probe, model, quant, lora, training, spec["key"], out, spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
-    if stage == "probe":
-        from .probe import _probe
-
-        budget = BudgetSection.model_validate(spec["budget"])
-        return _probe(data, model, quant, lora, training, budget, spec["device"], spec["key"], out, spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
-    raise StageError(f"tasks.launch: unknown stage {stage!r}; expected train or probe")
+    module, _, name = spec["entry"].partition(":")
+    if not module.startswith("tasks.") or not name:
+        raise StageError(f"tasks.engine.launch: stage {stage!r} names entry {spec['entry']!r}; expected 'tasks.<module>:<function>'")
+    return getattr(importlib.import_module(module), name)(spec, log_fn)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "worker":
-        sys.exit("usage: python -m tasks.launch worker <spec.json>  (started by torchrun from the train/probe stage)")
+        sys.exit("usage: python -m tasks.engine.launch worker <spec.json>  (started by torchrun from the train/probe stage)")
     worker(sys.argv[2])

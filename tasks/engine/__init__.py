@@ -1,0 +1,14 @@
+"""The training engine: everything the probe (stage 3) and the training stage (stage 4) share.
+
+    dist.py       where this process stands among torchrun's ranks; max-reduce and barrier (no-ops in one process)
+    launch.py     run a stage on N ranks under torchrun and supervise them (`python -m tasks.engine.launch worker`)
+    build.py      engine choice, base model + LoRA, TrainingArguments
+    collate.py    dataset view and collator per engine (padded batches or padding-free packs)
+    fastpath.py   padding-free packing, varlen flash attention, Liger kernels (the `fast` engine)
+    recompute.py  which layers gradient checkpointing recomputes, and how many memory lets skip it
+    lora.py       the fused LoRA path on 4-bit linears (the `fused` engine)
+
+Imports run one way: tasks.train and tasks.probe import tasks.engine; the engine imports neither (the launcher
+calls a stage's entry by the name the stage gives it), so there is no import cycle and no private name crosses
+a module boundary (tests/test_imports.py checks both).
+"""

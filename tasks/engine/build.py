@@ -1,0 +1,112 @@
+"""Builders the probe and the training stage share: engine choice, the LoRA model, the Trainer arguments.
+
+The probe must time exactly what training will run, so both call these (and tasks/engine/collate.py) rather
+than keeping copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
+from ..models import ModelRef, check_target_modules, compute_dtype, load_base_model, lora_config, quiet_transformers, uses_4bit
+from .dist import world
+
+
+def engine_for(training: TrainingSection, device: str) -> str:
+    if training.engine != "auto":
+        return training.engine
+    return "fast" if device == "cuda" else "padded"
+
+
+def optimizer_for(training: TrainingSection, device: str) -> str:
+    if training.optimizer != "auto":
+        return training.optimizer
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str):
+    """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)
+    attn = None
+    if fast:
+        from .fastpath import fast_attn_implementation
+
+        attn = fast_attn_implementation(device)
+    with quiet_transformers():
+        model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
+    check_target_modules(model, lora.target_modules)
+    model.config.use_cache = False
+    if uses_4bit(quant, device) and not fast:
+        # The seed recipe: PEFT's k-bit prep (also upcasts norms/embeddings/lm_head to fp32).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gradient_checkpointing:
+        # The fast engine keeps norms and lm_head in bf16 (Liger's fused cross-entropy reads the bf16
+        # lm_head; the fp32 upcast costs ~0.5 GB on a 7B model for no measured gain).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if fast:
+        from .fastpath import prepare_fast_model
+
+        model = prepare_fast_model(model)
+    model = get_peft_model(model, lora_config(lora))
+    if engine == "fused":
+        from .lora import fuse_lora
+
+        fuse_lora(model)
+    return model
+
+
+def count_params(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def training_args(training: TrainingSection, output_dir: Path, device: str, quant: QuantSection, *, micro_batch_size: int, grad_accum: int, max_steps: int, gradient_checkpointing: bool, keep: int | None = None, padding_free: bool = False):
+    import torch
+    from transformers import TrainingArguments
+
+    dtype = compute_dtype(quant, device)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=max(int(round(training.warmup_ratio * max_steps)), 0),
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        max_steps=max_steps,
+        optim=optimizer_for(training, device),
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,  # already enabled on the model (PEFT needs it set up before wrapping)
+        logging_steps=training.logging_steps,
+        save_strategy="no",  # BudgetGuard decides when to save (every N minutes, and at the end)
+        save_total_limit=keep,
+        save_only_model=False,
+        report_to="none",
+        logging_nan_inf_filter=False,  # the default logs a NaN/inf step as the window's average: BudgetGuard must see it
+        seed=training.seed,
+        data_seed=training.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        # Padding-free rows have no padding to exclude (and no attention_mask to find it by).
+        include_num_input_tokens_seen="all" if micro_batch_size == 1 and padding_free else "non_padding",
+        # Several ranks: rank 0's per-step log line is the progress (bars from N processes interleave).
+        disable_tqdm=world() > 1,
+        # Every LoRA weight gets a gradient each step: skip DDP's search for unused ones (a graph walk per step).
+        ddp_find_unused_parameters=False,
+    )
+    # One process drives one GPU. On a multi-GPU host Trainer's legacy single-process mode multiplies the batch
+    # by the visible GPU count (for nn.DataParallel, which it then skips for 4-bit models): one GPU would get
+    # twice the batch and memory. Several GPUs go through torchrun (training.gpus), one process each.
+    _ = args.device
+    args._n_gpu = min(args._n_gpu, 1)
+    return args

@@ -1,0 +1,84 @@
+"""Where this process stands among the ranks of a stage (torchrun's environment), and the few collectives the
+stages use. Every function is a no-op answer (rank 0 of 1) outside torchrun, so the stage functions run the
+same code in one process and in N.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..common import StageError
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where am I: read from torchrun's environment, so the stage functions need no extra arguments
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world() -> int:
+    """Processes in this stage run (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def world_size(gpus: int | str, device: str) -> int:
+    """How many processes `training.gpus` asks for on `device` (the config's device: auto | cpu | cuda)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == "auto":
+        return max(visible, 1) if device != "cpu" else 1
+    n = int(gpus)
+    if n > 1 and device != "cpu":
+        if visible == 0:
+            raise StageError(f"training.gpus={n} but no CUDA GPU is visible; set training.gpus=1 (device=cpu with gpus>1 runs CPU processes, for tests)")
+        if n > visible:
+            raise StageError(f"training.gpus={n} but only {visible} GPU(s) are visible (CUDA_VISIBLE_DEVICES); set training.gpus={visible} or auto")
+    return n
+
+
+def per_rank_accum(grad_accum: int, n: int) -> int:
+    """Micro-batches per optimizer step on each rank: the global batch (micro x accum) stays the recipe's."""
+    if grad_accum % n:
+        raise StageError(f"training.grad_accum={grad_accum} is not a multiple of training.gpus={n}: each GPU runs grad_accum / gpus "
+                         f"micro-batches so the effective batch stays micro x accum; set training.grad_accum to a multiple of {n}")
+    return grad_accum // n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collectives used by the stages (no-ops in a single process)
+
+
+def _process_group():
+    import torch.distributed as dist
+
+    return dist if world() > 1 and dist.is_available() and dist.is_initialized() else None
+
+
+def sync_max(values: list[float]) -> list[float]:
+    """Element-wise max over ranks: every rank gets the same numbers (stop/save flags, clocks, timings)."""
+    dist = _process_group()
+    if dist is None:
+        return list(values)
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def barrier() -> None:
+    dist = _process_group()
+    if dist is not None:
+        dist.barrier()

@@ -1,0 +1,345 @@
+"""The fast training engine's pieces (issue 6): padding-free batches, varlen attention, fused kernels.
+
+Each piece is a small pure function or class that the training stage imports; none of them needs a GPU to
+import, and each degrades to the plain recipe's behaviour where its accelerated path is missing:
+
+    from tasks.engine.fastpath import PaddingFreeCollator, fast_attn_implementation, pack_by_tokens, prepare_fast_model
+
+    attn = fast_attn_implementation("cuda")              # "fastpath_varlen" on CUDA, "sdpa" elsewhere
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation=attn)
+    model = prepare_fast_model(model)                     # Liger RMSNorm/SwiGLU/RoPE/fused CE on CUDA
+    packs = pack_by_tokens([len(r["input_ids"]) for r in rows], max_tokens=4 * 2048, seed=42)
+    dataset = packed_hf_dataset(rows, packs)              # one row = one micro-batch of whole samples
+    trainer = SFTTrainer(..., train_dataset=dataset, data_collator=PaddingFreeCollator(),
+                         args=SFTConfig(per_device_train_batch_size=1, dataset_kwargs={"skip_prepare_dataset": True}))
+
+Why padding-free: with real instruction data (median ~500 tokens, long tail to 2,048) a padded micro-batch of 4
+is mostly padding, and every padded position costs a full forward and backward. Packing whole samples into one
+row under a token budget (micro_batch x max_length) keeps the tokens per optimizer step of the seed recipe
+while computing on real tokens only. Each sample keeps its own positions (0..n-1) and attends only to itself:
+the collator hands the model `cu_seq_lens_*`, and the varlen attention runs flash attention per sample in
+one kernel launch, with no mask and no cross-sample work (`torch.nn.attention.varlen`, torch >= 2.10).
+
+Measured on one H200 (docs/BENCHMARKS.md): padding-free + varlen takes mixed-length data from 2,149 to 7,789
+real tokens/s, Liger adds 11-17%, and freeing layers from recompute adds up to 47% where memory allows
+(tasks/engine/recompute.py sizes it: 4 layers on a 16 GB card, all 32 on an 80 GB one).
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+VARLEN_ATTENTION = "fastpath_varlen"
+"""Name under which the varlen attention is registered with transformers' AttentionInterface."""
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------------------
+
+
+def _flatten_features(features: Sequence[Any]) -> list[dict]:
+    """Accept samples, packs given as lists of samples (PackedDataset), or packs given as one row whose
+    `input_ids`/`labels` are lists of per-sample lists (packed_hf_dataset)."""
+    flat: list[dict] = []
+    for f in features:
+        if isinstance(f, dict) and len(f["input_ids"]) and isinstance(f["input_ids"][0], (list, tuple)):
+            labels = f.get("labels") or f["input_ids"]
+            flat.extend({"input_ids": x, "labels": y} for x, y in zip(f["input_ids"], labels))
+        elif isinstance(f, dict):
+            flat.append(f)
+        elif isinstance(f, (list, tuple)):
+            flat.extend(_flatten_features(f))
+        else:
+            raise TypeError(f"PaddingFreeCollator got a {type(f).__name__}; expected dicts with input_ids/labels or lists of them")
+    return flat
+
+
+class PaddingFreeCollator:
+    """Concatenate whole samples into one row, (1, T), with per-sample positions and no cross-sample loss.
+
+    Returns `input_ids`, `labels`, `position_ids` (restarting at 0 for each sample), and the varlen boundaries
+    `cu_seq_lens_q`/`cu_seq_lens_k` (int32, T+1 style cumulative lengths) with `max_length_q`/`max_length_k`,
+    the names transformers forwards to the attention function, and `use_cache=False`: a model that builds a KV
+    cache skips transformers' packed-sequence detection, and sdpa would then attend across samples. The first
+    label of every sample is set to -100:
+    the causal shift would otherwise train the last token of one sample to predict the first of the next.
+    Labels already carry -100 outside assistant turns (the data stage masks them); a sample without labels is
+    trained on all its tokens.
+
+    `tokens_seen` counts the real tokens collated so far (benchmarks read it; padding-free has no padding).
+    """
+
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens
+        self.tokens_seen = 0
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        samples = [s for s in _flatten_features(features) if len(s["input_ids"]) > 0]
+        if not samples:
+            raise ValueError("PaddingFreeCollator got no non-empty sample; drop empty rows in the data stage")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        for i, s in enumerate(samples):
+            x = list(s["input_ids"])
+            y = list(s.get("labels", x))
+            if len(y) != len(x):
+                raise ValueError(f"sample {i} of the batch has {len(x)} input_ids but {len(y)} labels; they must match")
+            y[0] = IGNORE_INDEX
+            ids.extend(x)
+            labels.extend(y)
+            positions.extend(range(len(x)))
+            cu.append(cu[-1] + len(x))
+        if self.max_tokens is not None and cu[-1] > self.max_tokens:
+            raise ValueError(f"a packed batch holds {cu[-1]} tokens, over max_tokens={self.max_tokens}; pack with pack_by_tokens")
+        self.tokens_seen += cu[-1]
+        cu_seq_lens = torch.tensor(cu, dtype=torch.int32)
+        max_len = max(b - a for a, b in zip(cu, cu[1:]))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_len,
+            "max_length_k": max_len,
+            "use_cache": False,
+        }
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Group sample indices into micro-batches of at most `max_tokens` tokens (best-fit decreasing).
+
+    Every index appears in exactly one pack. Packs come back in a seeded random order, so long and short samples
+    are spread over the run rather than sorted; the samples inside a pack keep ascending index order. With
+    `max_tokens = micro_batch x max_length` a pack holds at least as many tokens as the seed recipe's padded
+    micro-batch does real tokens, so an optimizer step sees the same or more real tokens.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        i, n = too_long[0]
+        raise ValueError(f"sample {i} has {n} tokens, over max_tokens={max_tokens} ({len(too_long)} such); "
+                         "truncate or drop it in the data stage, or raise the budget")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)  # ties in length are broken at random, not by position in the file
+    order.sort(key=lambda i: -lengths[i])
+    packs: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (tokens left, pack id), sorted: bisect finds the tightest pack that fits
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            left, p = free.pop(k)
+            packs[p].append(i)
+            bisect.insort(free, (left - n, p))
+        else:
+            packs.append([i])
+            bisect.insort(free, (max_tokens - n, len(packs) - 1))
+    for p in packs:
+        p.sort()
+    rng.shuffle(packs)
+    return packs
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose item `k` is the list of samples of pack `k` (feed it with batch size 1)."""
+
+    def __init__(self, rows: Sequence[dict], packs: list[list[int]]):
+        self.rows = rows
+        self.packs = packs
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        return [self.rows[i] for i in self.packs[k]]
+
+
+def packed_hf_dataset(rows: Sequence[dict], packs: list[list[int]]):
+    """A `datasets.Dataset` with one row per pack (`input_ids`/`labels` as lists of per-sample lists).
+
+    TRL's SFTTrainer accepts only `datasets` datasets; pass it with `per_device_train_batch_size=1` and
+    `dataset_kwargs={"skip_prepare_dataset": True}` (the rows are already tokenized and masked).
+    """
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "input_ids": [[list(rows[i]["input_ids"]) for i in p] for p in packs],
+        "labels": [[list(rows[i].get("labels", rows[i]["input_ids"])) for i in p] for p in packs],
+    })
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention: flash varlen over the packed row, one launch, no mask
+# --------------------------------------------------------------------------------------------------------
+
+
+def _torch_varlen():
+    """torch's varlen flash attention (torch >= 2.10) and how to ask it for causal/GQA, or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}  # 2.11+ vs 2.10
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN = _torch_varlen()
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=dim)
+
+
+def _segments_from_positions(position_ids: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """cu_seq_lens from packed position ids (one host sync); None when the row holds a single sequence."""
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() <= 1:
+        return None
+    end = torch.tensor([length], device=starts.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention restricted to each packed sample; inputs (B, H, T, D), output (B, T, H, D).
+
+    A padded batch (a 2D mask was given) or a plain unpacked row goes to transformers' sdpa path unchanged,
+    so evaluation and generation behave exactly as with `attn_implementation="sdpa"`.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _, _, length, _ = query.shape
+    cu = None
+    if attention_mask is None and query.shape[0] == 1 and length > 1 and not (dropout and module.training):
+        cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
+    if cu is not None and sliding_window is not None and max_length_q is not None and max_length_q > sliding_window:
+        cu = None  # a sample longer than the window needs the windowed mask: rare, take the general path
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    n_rep = query.shape[1] // key.shape[1]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    if _VARLEN is not None and q.is_cuda:
+        varlen_attn, causal, has_gqa = _VARLEN
+        if not has_gqa:
+            k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
+        extra = {"enable_gqa": True} if has_gqa and n_rep > 1 else {}
+        max_len = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
+        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len,
+                          scale=scaling, **causal, **extra)
+        return out.unsqueeze(0), None
+    # Exact fallback (CPU, old torch): one causal sdpa call per sample.
+    k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
+    bounds = cu.tolist()
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
+        ).transpose(0, 1)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outs, dim=0).unsqueeze(0), None
+
+
+def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """No mask for padding-free rows (the boundaries travel as cu_seq_lens); sdpa's mask for padded batches."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register the varlen attention (and its mask builder) with transformers; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    return VARLEN_ATTENTION
+
+
+def fast_attn_implementation(device_type: str) -> str:
+    """The attn_implementation to load the model with for the fast path.
+
+    CUDA: the registered varlen attention (flash kernel per sample, no mask; measured in bench/gpu_bench.py).
+    Elsewhere: "sdpa", which also keeps packed samples apart (transformers builds a block-diagonal mask from the
+    restarting position_ids) and is the faster choice on CPU, where a per-sample loop gains nothing.
+    """
+    if device_type == "cuda":
+        return register_varlen_attention()
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fused kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+def liger_available() -> bool:
+    """True when liger-kernel imports (it needs triton and a GPU to run)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # ImportError, or triton failing to find a driver
+        return False
+    return True
+
+
+def prepare_fast_model(model, *, use_liger: bool = True, fused_linear_cross_entropy: bool = True):
+    """Swap in Liger's fused RMSNorm, SwiGLU, RoPE and linear+cross-entropy kernels where they apply.
+
+    Returns the model unchanged when `use_liger` is off, the model is not on CUDA, liger-kernel is missing, or
+    liger does not know the architecture. Call it on the base model before PEFT wraps it (a PeftModel is
+    unwrapped). The fused cross-entropy never builds the (tokens x vocab) logits in training; TRL's SFTTrainer
+    patches its own fused LM head over it, which has the same effect.
+    """
+    if not use_liger:
+        return model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        device = next(base.parameters()).device
+    except StopIteration:
+        return model
+    if device.type != "cuda" or getattr(base, "_fastpath_liger", False) or not liger_available():
+        return model
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(getattr(base.config, "model_type", None))
+    if apply is None:
+        return model
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                  fused_linear_cross_entropy=fused_linear_cross_entropy)
+    accepted = inspect.signature(apply).parameters
+    apply(model=base, **{k: v for k, v in wanted.items() if k in accepted})
+    base._fastpath_liger = True
+    return model
