@@ -15,7 +15,8 @@ Tolerances: fp32, only summation order differs -> 1e-5 absolute on outputs and g
 import pytest
 import torch
 
-from tasks.engine.lora import LoraA, LoraBInPlace, dropout_backend, dropout_mask, fuse_lora, seeded_dropout, unfuse_lora
+from tasks.engine import lora as lora_mod
+from tasks.engine.lora import STORED, LoraA, LoraBInPlace, dropout_backend, dropout_mask, fuse_lora, keep_threshold, seeded_dropout, unfuse_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -42,6 +43,36 @@ def test_lora_a_regenerates_the_forward_mask_and_matches_the_formula():
     ref.backward(g)
     assert torch.allclose(out, ref, atol=ATOL)
     assert torch.allclose(x.grad, xr.grad, atol=ATOL) and torch.allclose(a.grad, ar.grad, atol=ATOL)
+
+
+def test_lora_a_stored_variant_keeps_torchs_mask_and_matches_the_formula():
+    """dropout="stored" (the bench's comparison variant): torch's dropout, mask kept; forward and backward use it."""
+    x = torch.randn(2, 50, 32, requires_grad=True)
+    a = torch.randn(12, 32, requires_grad=True)
+    p = 0.3
+    torch.manual_seed(5)
+    out = LoraA.apply(x, a, p, STORED, torch.float32)
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.manual_seed(5)  # the same draw, read back
+    _, keep = torch.native_dropout(x.detach().reshape(-1, 32), p, True)
+    keep = keep.view(2, 50, 32)
+    assert 0.25 < 1 - keep.float().mean().item() < 0.35
+    xr, ar = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    ref = (xr * keep / (1 - p)) @ ar.t()
+    ref.backward(g)
+    assert torch.allclose(out, ref, atol=ATOL)
+    assert torch.allclose(x.grad, xr.grad, atol=ATOL) and torch.allclose(a.grad, ar.grad, atol=ATOL)
+
+
+def test_seeded_dropout_in_place_writes_the_same_values_into_its_input():
+    t = torch.randn(64, 48)
+    ref = seeded_dropout(t, 0.25, 11)
+    u = t.clone()
+    out = seeded_dropout(u, 0.25, 11, inplace=True)
+    assert out.data_ptr() == u.data_ptr() and torch.allclose(out, ref) and not torch.equal(out, t)
+    assert seeded_dropout(t, 0.0, 11) is t  # p = 0: no kernel, no copy
+    assert keep_threshold(0.05) == 3277 and keep_threshold(0.0) == 0
 
 
 def test_lora_b_adds_in_place_with_the_scale():
@@ -115,6 +146,35 @@ def test_fused_model_equals_peft_and_shares_one_a_matmul_per_group(monkeypatch):
     unfuse_lora(model)
     calls.clear()
     assert torch.allclose(lora_grads(model, inputs)[0], logits_ref, atol=ATOL) and not calls
+
+
+def test_zero_dropout_draws_no_seed_and_no_mask(monkeypatch):
+    """lora.dropout = 0: the fused path skips dropout entirely (no seed drawn, no mask, no kernel)."""
+    model = tiny_lora_model(dropout=0.0)
+    fuse_lora(model)
+    calls = []
+    monkeypatch.setattr(lora_mod, "draw_seed", lambda: calls.append("seed") or 1)
+    monkeypatch.setattr(lora_mod, "dropout_mask", lambda *a, **k: calls.append("mask"))
+    monkeypatch.setattr(torch, "native_dropout", lambda *a, **k: calls.append("native"))
+    lora_grads(model, batch())
+    assert calls == []
+
+
+@pytest.mark.parametrize("mode", ["seeded", "stored"])
+def test_dropout_masks_survive_recompute_in_both_modes(mode):
+    """Under gradient checkpointing the recomputed forward applies the forward's masks, in the engine's seeded
+    mode and in the stored comparison mode (torch's generator, whose state checkpointing restores)."""
+    inputs = batch(1)
+    plain = tiny_lora_model(dropout=0.2)
+    fuse_lora(plain, dropout=mode)
+    _, grads_plain = lora_grads(plain, inputs, seed=5)
+    ckpt = tiny_lora_model(dropout=0.2, checkpointing=True)
+    fuse_lora(ckpt, dropout=mode)
+    _, grads_ckpt = lora_grads(ckpt, inputs, seed=5)
+    for n in grads_plain:
+        assert torch.allclose(grads_plain[n], grads_ckpt[n], atol=ATOL), n
+    with pytest.raises(ValueError, match="dropout='mask'"):
+        fuse_lora(tiny_lora_model(dropout=0.2), dropout="mask")
 
 
 def test_dropout_masks_survive_recompute_and_apply():
@@ -214,6 +274,11 @@ def test_cuda_seeded_dropout_regenerates_its_mask_and_lora_a_matches_the_formula
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-1)
     assert torch.allclose(x.grad.float(), xr.grad, rtol=2e-2, atol=2e-1)
     assert torch.allclose(a.grad, ar.grad, rtol=2e-2, atol=2.0)
+    y = torch.randn(3 * 4096 + 5, device="cuda", dtype=torch.bfloat16)  # a partial last block; in place = out of place
+    ref = seeded_dropout(y, p, seed)
+    assert torch.equal(seeded_dropout(y.clone(), p, seed, inplace=True), ref)
+    big = seeded_dropout(torch.ones(2**22, device="cuda", dtype=torch.bfloat16), 0.05, 3) == 0
+    assert abs(big.float().mean().item() - keep_threshold(0.05) / 65536) < 1e-3
 
 
 def test_fused_model_under_bf16_autocast_matches_peft():

@@ -13,9 +13,11 @@ kernel that stores its output for the backward pass, two small matmuls, a scale 
 * LoRA-B goes into the base output in place, scale included: `result.addmm_(xa, B^T, alpha=scaling)` (one
   GEMM with beta=1, no clone, no scale kernel, no add);
 * dropout keeps no mask and no dropped copy of the input: the forward draws a seed, the backward regenerates
-  the same Bernoulli mask from it (`seeded_dropout`: one Triton pass on CUDA, torch's seeded generator
-  elsewhere). The seed comes from torch's CPU generator, whose state
-  gradient checkpointing saves and restores, so a recomputed forward draws the same seed and mask.
+  the same Bernoulli mask from it (`seeded_dropout`: one Triton pass on CUDA, one Philox call per 8 elements;
+  torch's seeded generator elsewhere). The seed comes from torch's CPU generator, whose state
+  gradient checkpointing saves and restores, so a recomputed forward draws the same seed and mask (no host
+  sync: a CPU tensor's `.item()`). With dropout 0 (or in eval) no seed is drawn and no dropout kernel runs.
+  `fuse_lora(model, dropout="stored")` keeps torch's dropout and its mask instead (the bench's comparison).
 
 Dropout semantics: each adapter sees `x * mask / (1 - p)` with mask ~ Bernoulli(1 - p) per element, exactly
 as PEFT's `nn.Dropout`. The difference: adapters of one group share one mask (one draw per shared input, not
@@ -37,6 +39,8 @@ import torch
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same input
 SEED_RANGE = 2**62
+STORED = -1  # LoraA's seed for the `dropout="stored"` variant (torch's dropout, mask kept)
+DROPOUT_MODES = ("seeded", "stored")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -53,13 +57,26 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -
 
 
 def draw_seed() -> int:
-    """A dropout seed from torch's CPU generator (checkpointing restores its state before a recompute)."""
+    """A dropout seed from torch's CPU generator (checkpointing restores its state before a recompute). A CPU
+    tensor: `.item()` here does not wait for the GPU, and the seed reaches the kernel as an argument (no copy)."""
     return int(torch.randint(SEED_RANGE, (1,)).item())
 
 
+PHILOX_WORDS = 8  # elements per Philox-4x32 call: four 32-bit outputs, each split into two 16-bit uniforms
+SUB = 512  # elements per sub-block; a program handles PHILOX_WORDS sub-blocks (4,096 elements)
+
+
+def keep_threshold(p: float) -> int:
+    """The Triton kernel drops an element when its 16-bit uniform is below this: P(drop) = threshold / 65,536."""
+    return min(65535, max(0, round(p * 65536)))
+
+
 def _triton_dropout():
-    """A one-pass seeded dropout kernel (Philox counter = element index): reads t, writes t * keep / (1 - p),
-    stores no mask. None without Triton."""
+    """A one-pass seeded dropout kernel: reads t, writes t * keep / (1 - p') (in place or not), stores no mask.
+    One Philox-4x32-10 call serves 8 elements (16-bit uniforms, p' = round(65,536 p) / 65,536): the first
+    version drew one Philox per element and was bound by that arithmetic (1.2 TB/s on an H200, 2.6x torch's
+    dropout; docs/PERF_NOTES.md row 16). Element k * SUB + i of block b reads 16-bit half k of Philox
+    counter b * SUB + i, so every load and store stays contiguous. None without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -67,20 +84,33 @@ def _triton_dropout():
         return None
 
     @triton.jit
-    def _lora_seeded_dropout_kernel(t_ptr, out_ptr, n, p, seed, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        t = tl.load(t_ptr + offs, mask=inside, other=0.0)
-        keep = tl.rand(seed, offs.to(tl.int32)) >= p
-        y = tl.where(keep, t.to(tl.float32) / (1.0 - p), 0.0)
-        tl.store(out_ptr + offs, y.to(t.dtype), mask=inside)
+    def _lora_seeded_dropout_kernel(t_ptr, out_ptr, n, threshold, scale, seed, SUB: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, SUB)
+        r0, r1, r2, r3 = tl.randint4x(seed, (pid * SUB + i).to(tl.int32))
+        for k in tl.static_range(8):
+            if k // 2 == 0:
+                r = r0
+            elif k // 2 == 1:
+                r = r1
+            elif k // 2 == 2:
+                r = r2
+            else:
+                r = r3
+            u = (r >> (16 * (k % 2))) & 0xFFFF
+            offs = pid * (8 * SUB) + k * SUB + i
+            inside = offs < n
+            t = tl.load(t_ptr + offs, mask=inside, other=0.0)
+            y = tl.where(u.to(tl.int32) >= threshold, t.to(tl.float32) * scale, 0.0)
+            tl.store(out_ptr + offs, y.to(t.dtype), mask=inside)
 
-    def run(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    def run(t: torch.Tensor, p: float, seed: int, inplace: bool = False) -> torch.Tensor:
         t = t.contiguous()
-        out = torch.empty_like(t)
+        out = t if inplace else torch.empty_like(t)
         n = t.numel()
-        block = 2048
-        _lora_seeded_dropout_kernel[(triton.cdiv(n, block),)](t, out, n, p, seed, BLOCK=block)
+        thr = keep_threshold(p)
+        _lora_seeded_dropout_kernel[(triton.cdiv(n, PHILOX_WORDS * SUB),)](t, out, n, thr, 65536.0 / (65536 - thr), seed,
+                                                                          SUB=SUB, num_warps=4)
         return out
 
     return run
@@ -90,9 +120,10 @@ _TRITON_DROPOUT = None
 _TRITON_CHECKED = False
 
 
-def seeded_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def seeded_dropout(t: torch.Tensor, p: float, seed: int, inplace: bool = False) -> torch.Tensor:
     """t * keep / (1 - p) with a keep-mask that depends only on (t's shape, p, seed, device): calling it on the
-    input in the forward and on the gradient in the backward applies the same mask, which is never stored."""
+    input in the forward and on the gradient in the backward applies the same mask, which is never stored.
+    `inplace` overwrites t (for a fresh temporary, e.g. the backward's `g @ A`: no second buffer of its size)."""
     global _TRITON_DROPOUT, _TRITON_CHECKED
     if p <= 0:
         return t
@@ -101,11 +132,14 @@ def seeded_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
             _TRITON_DROPOUT, _TRITON_CHECKED = _triton_dropout(), True
         if _TRITON_DROPOUT is not None:
             try:
-                return _TRITON_DROPOUT(t, p, seed % 2**31)
+                return _TRITON_DROPOUT(t, p, seed % 2**31, inplace and t.is_contiguous())
             except Exception as e:  # a Triton that cannot compile here: the torch path has the same contract
                 warnings.warn(f"fused LoRA: Triton dropout failed ({type(e).__name__}: {e}); using torch's seeded generator")
                 _TRITON_DROPOUT = None
-    return t * dropout_mask(t.shape, p, seed, t.device).to(t.dtype) * (1.0 / (1.0 - p))
+    keep = dropout_mask(t.shape, p, seed, t.device).to(t.dtype)
+    if inplace:
+        return t.mul_(keep).mul_(1.0 / (1.0 - p))
+    return t * keep * (1.0 / (1.0 - p))
 
 
 def dropout_backend(device_type: str = "cuda") -> str:
@@ -124,28 +158,46 @@ def dropout_backend(device_type: str = "cuda") -> str:
 
 
 class LoraA(torch.autograd.Function):
-    """xa = dropout(x) @ A^T with A the (concatenated) LoRA-A weights; saves x and a seed, never the mask."""
+    """xa = dropout(x) @ A^T with A the (concatenated) LoRA-A weights; saves x and a seed, never the mask.
+
+    seed = STORED (-1) is the comparison variant `dropout="stored"`: torch's own dropout, keeping the dropped
+    input and the mask for backward as PEFT does (the CUDA generator's state is what checkpointing restores)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, p: float, seed: int, dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xa = seeded_dropout(x2.to(dtype), p, seed) @ a.to(dtype).t()
-        ctx.save_for_backward(x, a)
+            if seed == STORED and p > 0:
+                xd, keep = torch.native_dropout(x2.to(dtype), p, True)
+                xa = xd @ a.to(dtype).t()
+                ctx.save_for_backward(x, a, xd, keep)
+            else:
+                xa = seeded_dropout(x2.to(dtype), p, seed) @ a.to(dtype).t()
+                ctx.save_for_backward(x, a)
         ctx.p, ctx.seed, ctx.dtype = p, seed, dtype
         return xa.view(*x.shape[:-1], a.shape[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, a = ctx.saved_tensors
         p, seed, dtype = ctx.p, ctx.seed, ctx.dtype
+        stored = seed == STORED and p > 0
+        if stored:
+            x, a, xd, keep = ctx.saved_tensors
+        else:
+            x, a = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1]).to(dtype)
         grad_x = grad_a = None
         if ctx.needs_input_grad[1]:
-            xd = seeded_dropout(x.reshape(-1, x.shape[-1]).to(dtype), p, seed)
+            if not stored:
+                xd = seeded_dropout(x.reshape(-1, x.shape[-1]).to(dtype), p, seed)
             grad_a = (g2.t() @ xd).to(a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = seeded_dropout(g2 @ a.to(dtype), p, seed).view(x.shape).to(x.dtype)
+            gx = g2 @ a.to(dtype)
+            if stored:
+                gx = torch.ops.aten.native_dropout_backward(gx, keep, 1.0 / (1.0 - p))
+            else:
+                gx = seeded_dropout(gx, p, seed, inplace=True)  # gx is a fresh temporary
+            grad_x = gx.view(x.shape).to(x.dtype)
         return grad_x, grad_a, None, None, None
 
 
@@ -169,10 +221,11 @@ class LoraBInPlace(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         dtype = g2.dtype
         grad_xa = grad_b = None
+        # The scale rides in the GEMMs' alpha (beta 0: the empty input is never read): no separate mul_ kernel.
         if ctx.needs_input_grad[1]:
-            grad_xa = (g2 @ b.to(dtype)).mul_(s).view(xa.shape).to(xa.dtype)
+            grad_xa = torch.addmm(g2.new_empty(()), g2, b.to(dtype), beta=0, alpha=s).view(xa.shape).to(xa.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (g2.t() @ xa.reshape(-1, xa.shape[-1]).to(dtype)).mul_(s).to(b.dtype)
+            grad_b = torch.addmm(g2.new_empty(()), g2.t(), xa.reshape(-1, xa.shape[-1]).to(dtype), beta=0, alpha=s).to(b.dtype)
         return g, grad_xa, grad_b, None
 
 
@@ -189,8 +242,9 @@ class LoraGroup:
     tensor (a model that does not feed them the same input) computes its own A-matmul.
     """
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, dropout: str = "seeded"):
         self.layers = layers
+        self.dropout = dropout
         self.x = None
         self.xa = None
         self.taken: set[int] = set()
@@ -201,7 +255,8 @@ class LoraGroup:
             a = torch.cat([lay.lora_A[lay.active_adapters[0]].weight for lay in self.layers]) if len(self.layers) > 1 \
                 else layer.lora_A[layer.active_adapters[0]].weight
             self.x, self.taken = x, set()
-            self.xa = LoraA.apply(x, a, p, draw_seed() if p > 0 else 0, dtype)
+            seed = 0 if p <= 0 else STORED if self.dropout == "stored" else draw_seed()  # p = 0: no dropout at all
+            self.xa = LoraA.apply(x, a, p, seed, dtype)
         self.taken.add(i)
         lo = sum(lay.lora_A[lay.active_adapters[0]].weight.shape[0] for lay in self.layers[:i])
         r = layer.lora_A[layer.active_adapters[0]].weight.shape[0]
@@ -236,14 +291,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return LoraBInPlace.apply(result, xa, self.lora_B[name].weight, float(self.scaling[name]))
 
 
-def fuse_lora(model) -> int:
+def fuse_lora(model, dropout: str = "seeded") -> int:
     """Switch every PEFT LoRA linear of `model` to the fused forward; returns how many layers were switched.
 
     Siblings named in GROUPS with the same input width and dropout share one A-matmul. The parameters are not
     touched (same tensors, same names), so optimizers, checkpoints and `save_pretrained` see PEFT's model.
+    `dropout`: "seeded" (the engine's: mask regenerated from a seed, nothing kept) or "stored" (torch's dropout,
+    dropped input + mask kept for backward as PEFT does; for bench/gpu_bench.py's comparison).
     """
     from peft.tuners.lora import LoraLayer
 
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"fuse_lora: dropout={dropout!r} is not one of {DROPOUT_MODES}")
     n = 0
     for parent in model.modules():
         children = {k: m for k, m in parent.named_children() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)
@@ -255,13 +314,13 @@ def fuse_lora(model) -> int:
             members = [children[k] for k in names if k in children and _fusable(children[k])]
             members = [m for m in members if _same_input(m, members[0])]
             if len(members) > 1:
-                group = LoraGroup(members)
+                group = LoraGroup(members, dropout)
                 for m in members:
                     _install(m, group)
                 grouped |= {k for k in names if k in children and children[k] in members}
         for k, m in children.items():
             if k not in grouped:
-                _install(m, LoraGroup([m]))
+                _install(m, LoraGroup([m], dropout))
         n += len(children)
     return n
 
