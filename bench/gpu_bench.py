@@ -15,6 +15,8 @@ Runs, in this order (Liger patches the model class, so every run after it has it
   fast        + Liger RMSNorm / SwiGLU / RoPE: the project's engine, full recompute (the <= 8 GB setting)
   fused       fast + the fused LoRA path (tasks/engine/lora.py): one LoRA-A matmul per shared input, LoRA-B
               added in place into the base output, dropout masks regenerated from a seed (issue 14)
+  fusedstored the fused path with torch's dropout instead, dropped input + mask kept for backward as PEFT does
+              (`fuse_lora(model, dropout="stored")`): the comparison for the seeded kernel
   offload     fast, with the checkpointed layer inputs held in pinned host memory (transformers' offload=True)
   fit16       fast, with the layers that a 16 GB card can hold freed from recompute (auto-fit from two probes)
   nockpt      fast, with as many layers as 90% of this card holds freed from recompute (large cards)
@@ -23,6 +25,12 @@ goes (bench/profile_gpu.py: kernel time by category, idle gaps); the table lands
 side-by-side (one device call, < 9 min on an H200):
 
     python bench/gpu_bench.py --runs seedfull,fast,fused --profile --steps 5 --out "$OUT"
+
+The issue-14 follow-up (seeded-dropout v2 against fast and the stored variant; only fused-full profiled; no run
+starts that would end past 270 s, judged by the previous run's duration, so the call stays under 5 minutes with
+whatever finished written out):
+
+    python bench/gpu_bench.py --runs fast,fused,fusedstored --profile-runs fused-full --steps 5 --time-budget 270 --out "$OUT"
 
 Runs marked `capped` execute with the allocator limited to 15 GiB (a 16 GiB card less CUDA context): they
 finishing is the 16 GB fit check.
@@ -145,7 +153,8 @@ def lora():
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
-def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None):
+def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
+        lora_dropout="seeded"):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
     `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record."""
     from datasets import Dataset
@@ -211,7 +220,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
                                data_collator=collator, peft_config=lora(), callbacks=callbacks)
         timer.trainer = trainer
         if engine == "fused":
-            record["fused_layers"] = fuse_lora(trainer.model)
+            record["fused_layers"] = fuse_lora(trainer.model, dropout=lora_dropout)
+            record["lora_dropout"] = lora_dropout
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -235,7 +245,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             if "error" not in profiler.result:
                 Path(profile_dir, f"{name}.trace.json").unlink(missing_ok=True)  # ~100 MB; the breakdown is kept
         if engine == "fused":
-            record["dropout_backend"] = dropout_backend("cuda")
+            record["dropout_backend"] = dropout_backend("cuda") if lora_dropout == "seeded" else "torch (stored mask)"
         log(f"{name}: {record['tokens_per_s']:,.0f} real tok/s, peak {record['peak_gib']:.2f} GiB, "
             f"steps {record['step_s']}, losses {[round(x, 4) for x in record['losses']]}")
     except Exception as e:  # an OOM under the cap is a result ("does not fit"), not a crash
@@ -280,9 +290,13 @@ def fused_selfcheck() -> dict:
         u, v = u.detach().float(), v.detach()
         return float((u - v).norm() / v.norm())
 
-    res = {"backend": dropout_backend("cuda"), "same_mask_same_seed": same, "drop_share": round(1 - keep.float().mean().item(), 5),
+    y = torch.randn(3 * 4096 + 5, device="cuda", dtype=torch.bfloat16)  # partial last block: in place == out of place
+    inplace_ok = bool(torch.equal(seeded_dropout(y.clone(), p, seed, inplace=True), seeded_dropout(y, p, seed)))
+    res = {"backend": dropout_backend("cuda"), "same_mask_same_seed": same, "inplace_same": inplace_ok,
+           "drop_share": round(1 - keep.float().mean().item(), 5),
            "rel_err_out": rel(out, ref), "rel_err_grad_x": rel(x.grad, xr.grad), "rel_err_grad_a": rel(a.grad, ar.grad)}
-    res["ok"] = same and abs(res["drop_share"] - p) < 0.002 and max(res["rel_err_out"], res["rel_err_grad_x"], res["rel_err_grad_a"]) < 2e-2
+    res["ok"] = same and inplace_ok and abs(res["drop_share"] - p) < 0.002 and \
+        max(res["rel_err_out"], res["rel_err_grad_x"], res["rel_err_grad_a"]) < 2e-2
     del x, a, keep, out, g, xr, ar, ref
     torch.cuda.empty_cache()
     return res
@@ -332,6 +346,8 @@ def table(results: list[dict], gpu: str) -> str:
             recipe += " (no recompute)"
         elif r.get("offload"):
             recipe += " (checkpoints offloaded to host)"
+        elif r.get("lora_dropout") == "stored":
+            recipe += " (torch dropout, mask stored)"
         elif r["n_recompute_free"]:
             recipe += f" ({r['n_recompute_free']} layers without recompute)"
         cap = "fits" if r["capped_gib"] else "uncapped"
@@ -350,7 +366,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default="/tmp/bench_model")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each run (bench/profile_gpu.py)")
+    ap.add_argument("--profile-runs", default="", help="comma list of run names to profile (e.g. fused-full); implies --profile for those only")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
+    t_start = time.time()
     layers = a.layers or (4 if a.smoke else 32)
     steps = a.steps or (3 if a.smoke else 6)
     warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 2)
@@ -378,9 +398,23 @@ def main() -> None:
     tok = build_tokenizer()
     results: list[dict] = []
 
-    def go(*args, **kwargs):
+    profile_only = {n for n in a.profile_runs.split(",") if n}
+
+    last_run_s = [0.0]  # the previous run's duration: a run that would end past the budget does not start
+
+    def go(name, *args, **kwargs):
         nonlocal model
-        record, model = run(*args, **kwargs)
+        used = time.time() - t_start
+        if a.time_budget is not None and used + last_run_s[0] > a.time_budget:
+            log(f"{name}: skipped, {used:.0f}s used + ~{last_run_s[0]:.0f}s for it > the {a.time_budget:.0f}s budget")
+            info.setdefault("skipped_for_time", []).append(name)
+            return {"name": name, "ok": False, "skipped": True}
+        if profile_only and "profile_dir" not in kwargs and name in profile_only:
+            kwargs["profile_dir"] = str(out / "profiles")
+        t_run = time.time()
+        record, model = run(name, *args, **kwargs)
+        last_run_s[0] = time.time() - t_run
+        record["run_s"] = round(last_run_s[0], 1)
         results.append(record)
         (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
         return record
@@ -400,11 +434,19 @@ def main() -> None:
         fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
         go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
-    if "fused" in families:
+    if families & {"fused", "fusedstored"}:
         info["fused_selfcheck"] = fused_selfcheck()
         log(f"fused LoRA self-check: {info['fused_selfcheck']}")
+    if "fused" in families:
         go("fused-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
+    if "fusedstored" in families:  # before the mixed runs: the full-row comparison matters most in a short call
+        go("fusedstored-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           lora_dropout="stored", **prof)
+    if "fused" in families:
         go("fused-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
+    if "fusedstored" in families:
+        go("fusedstored-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
+           lora_dropout="stored", **prof)
     if "offload" in families:
         go("offload-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, offload=True)
 
@@ -437,11 +479,14 @@ def main() -> None:
 
     if info["versions"]["unsloth"] is None:
         log("unsloth not importable: skipped")
+    results[:] = [r for r in results if not r.get("skipped")]
     by = {r["name"]: r for r in results}
     info["parity"] = {k: parity(by[a_], by[b_]) for k, (a_, b_) in
                       {"seed-vs-fast-full": ("seed-full", "fast-full"),
                        "seed-vs-fused-full": ("seed-full", "fused-full"),
                        "fast-vs-fused-mixed": ("fast-mixed", "fused-mixed"),
+                       "fast-vs-fusedstored-full": ("fast-full", "fusedstored-full"),
+                       "fast-vs-fused-full": ("fast-full", "fused-full"),
                        "seed-vs-nockpt-full": ("seed-full", "nockpt-full")}.items() if a_ in by and b_ in by}
     text = table(results, info["versions"]["gpu"])
     (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
