@@ -18,6 +18,13 @@ annotation, and attributes every GPU kernel to a category by its name and by the
     other elementwise  everything else (silu, norms without Liger, reductions, fills)
     idle               time inside the step with no kernel running (launch gaps, host syncs)
 
+Long gaps (>= 20 µs) are split further (`host` in the result): host-bound ones, where the kernel after the gap
+was launched (its cudaLaunchKernel / cuLaunchKernel call ended) after the GPU went idle, so the GPU waited for
+Python; the rest (waits on a sync, an event, the allocator). Host-bound stalls are summed per launching op and
+per the innermost non-aten op around the launch (an autograd Function's backward, a module's annotation), and
+every synchronizing runtime call in the step (cudaStreamSynchronize, cudaDeviceSynchronize, blocking memcpy...)
+is counted: the question "did the fused path add host syncs or Python" gets answered by the trace.
+
 Used by bench/gpu_bench.py --profile (one profiled step after the timed ones, per run); standalone it
 summarizes a saved trace:
 
@@ -100,6 +107,88 @@ def categorize(kernel: str, op: dict | None, *, max_rank: int, vocab_min: int = 
     return "other elementwise"
 
 
+SYNC_CALLS = re.compile(r"^(cudaStreamSynchronize|cudaDeviceSynchronize|cudaEventSynchronize|cudaMemcpy|cudaMemcpy2D|"
+                        r"cuStreamSynchronize|cuCtxSynchronize|cuEventSynchronize|cuMemcpyDtoH.*|cudaFree|cuMemFree.*)$")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+
+
+def _enclosing(events: list[dict], queries: list[tuple[float, int, int]]) -> dict[int, tuple[str, str]]:
+    """For each query (time, thread, key): the innermost enclosing CPU event's name and the innermost one not
+    named aten::* (the Python-level context: an autograd Function's backward, a record_function range)."""
+    by_tid: dict[int, list[dict]] = defaultdict(list)
+    for e in events:
+        by_tid[e.get("tid")].append(e)
+    qs_by_tid: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for t, tid, key in queries:
+        qs_by_tid[tid].append((t, key))
+    out: dict[int, tuple[str, str]] = {}
+    for tid, qs in qs_by_tid.items():
+        evs = sorted(by_tid.get(tid, []), key=lambda e: (float(e["ts"]), -float(e.get("dur", 0))))
+        stack: list[tuple[float, str]] = []  # (end, name), properly nested
+        i = 0
+        for t, key in sorted(qs):
+            while i < len(evs) and float(evs[i]["ts"]) <= t:
+                e = evs[i]
+                end = float(e["ts"]) + float(e.get("dur", 0))
+                while stack and stack[-1][0] < float(e["ts"]):
+                    stack.pop()
+                stack.append((end, e.get("name", "")))
+                i += 1
+            while stack and stack[-1][0] < t:
+                stack.pop()
+            inner = stack[-1][1] if stack else "?"
+            ctx = next((n for _, n in reversed(stack) if not n.startswith("aten::") and n != STEP_ANNOTATION), "?")
+            out[key] = (inner, ctx)
+    return out
+
+
+def host_stalls(events: list[dict], kernels_in_window: list[dict], w0: float, w1: float, *, top: int = 10) -> dict:
+    """Long idle gaps split into host-bound ones (the next kernel's launch call ended after the GPU went idle)
+    and the rest, the ops behind the host-bound ones, and the synchronizing runtime calls in [w0, w1]."""
+    launches = {}
+    syncs: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in LAUNCH_CATS:
+            continue
+        corr = e.get("args", {}).get("correlation")
+        if corr is not None:
+            launches[corr] = e
+        ts = float(e["ts"])
+        if w0 <= ts <= w1 and SYNC_CALLS.match(e.get("name", "")):
+            slot = syncs[e["name"]]
+            slot[0] += 1
+            slot[1] += float(e.get("dur", 0))
+    ks = sorted(kernels_in_window, key=lambda k: float(k["ts"]))
+    host_bound = other = 0.0
+    stalls = []  # (gap, launch event)
+    end = w0
+    for k in ks:
+        a = float(k["ts"])
+        gap = a - end
+        if gap >= SMALL_GAP_US:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            if launch is not None and float(launch["ts"]) + float(launch.get("dur", 0)) > end:
+                host_bound += gap
+                stalls.append((gap, launch))
+            else:
+                other += gap
+        end = max(end, a + float(k.get("dur", 0)))
+    cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    names = _enclosing(cpu, [(float(l["ts"]), l.get("tid"), i) for i, (_, l) in enumerate(stalls)])
+    by_op: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for i, (gap, _) in enumerate(stalls):
+        slot = by_op[names.get(i, ("?", "?"))]
+        slot[0] += gap
+        slot[1] += 1
+    return {
+        "host_bound_gaps_ms": round(host_bound / 1e3, 3),  # the GPU waited for the host to launch work
+        "other_long_gaps_ms": round(other / 1e3, 3),  # work was queued but not running: syncs, events, allocator
+        "syncs": {n: {"count": int(c), "ms": round(t / 1e3, 3)} for n, (c, t) in sorted(syncs.items(), key=lambda kv: -kv[1][1])},
+        "stall_ops": [{"op": o, "context": c, "ms": round(t / 1e3, 3), "count": int(n)}
+                      for (o, c), (t, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]],
+    }
+
+
 def breakdown(trace: dict, *, max_rank: int = 16, top: int = 15) -> dict:
     """Kernel time per category within the annotated step, idle time, and the top kernels (times in ms)."""
     events = trace.get("traceEvents", trace if isinstance(trace, list) else [])
@@ -123,6 +212,7 @@ def breakdown(trace: dict, *, max_rank: int = 16, top: int = 15) -> dict:
     by_cat: dict[str, float] = defaultdict(float)
     by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
+    in_window = []
     for k in kernels:
         a, b = max(float(k["ts"]), w0), min(float(k["ts"]) + float(k["dur"]), w1)
         if b <= a:
@@ -135,6 +225,7 @@ def breakdown(trace: dict, *, max_rank: int = 16, top: int = 15) -> dict:
         slot[0] += b - a
         slot[1] += 1
         intervals.append((a, b))
+        in_window.append(k)
     intervals.sort()
     busy = 0.0
     gaps: list[float] = []
@@ -169,6 +260,7 @@ def breakdown(trace: dict, *, max_rank: int = 16, top: int = 15) -> dict:
         "categories": cats,
         "top_kernels": [{"name": n, "category": c, "ms": round(t / 1e3, 3), "count": cnt}
                         for (n, c), (t, cnt) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]],
+        "host": host_stalls(events, in_window, w0, w1),
     }
 
 
@@ -189,6 +281,11 @@ def markdown(results: dict[str, dict]) -> str:
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines.append("| idle (launch gaps < 20 µs / longer) | " + " | ".join(
         f"{100 * r['idle_share']:.1f}% ({r['idle_small_gaps_ms']:.0f} / {r['idle_large_gaps_ms']:.0f} ms)" for r in results.values()) + " |")
+    lines.append("| long gaps: host-bound / other | " + " | ".join(
+        f"{r['host']['host_bound_gaps_ms']:.0f} / {r['host']['other_long_gaps_ms']:.0f} ms" if "host" in r else "-" for r in results.values()) + " |")
+    lines.append("| host syncs in the step | " + " | ".join(
+        (", ".join(f"{n} ×{v['count']}" for n, v in r["host"]["syncs"].items()) or "none") if "host" in r else "-"
+        for r in results.values()) + " |")
     lines.append("| step wall time | " + " | ".join(f"{r['step_ms']:.0f} ms, {r['kernels']} kernels" for r in results.values()) + " |")
     return "\n".join(lines)
 

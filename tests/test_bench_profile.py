@@ -65,3 +65,29 @@ def test_breakdown_attributes_kernels_and_measures_idle(tmp_path):
 def test_breakdown_refuses_a_trace_without_gpu_kernels():
     with pytest.raises(ValueError, match="no GPU kernels"):
         breakdown({"traceEvents": [op(1, "aten::mm", [[2, 2], [2, 2]])]})
+
+
+def test_long_gaps_split_into_host_bound_and_waits_with_the_ops_and_syncs_behind_them():
+    """A kernel launched after the GPU went idle is a host-bound stall, named by the op that launched it and the
+    Python-level range around it; a kernel queued long before its gap waited on something else (a sync here)."""
+    def launch(corr, ts, dur=5, tid=2, name="cudaLaunchKernel", cat="cuda_runtime"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": {"correlation": corr}}
+
+    def k(corr, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": f"k{corr}", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    ev = [
+        {"ph": "X", "cat": "user_annotation", "name": "qlora_step", "ts": 1000, "dur": 400, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "autograd::engine::evaluate_function: LoraABackward", "ts": 1140, "dur": 50, "tid": 2},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 1145, "dur": 20, "tid": 2},
+        launch(1, 900), k(1, 1000, 100),
+        launch(2, 1150, name="cuLaunchKernelEx", cat="cuda_driver"), k(2, 1200, 100),  # launched after the GPU went idle at 1100
+        launch(3, 1010), k(3, 1400 - 50, 50),  # queued at 1010, GPU idle 1300-1350: not the host's launch
+        launch(None, 1305, dur=40, tid=1, name="cudaStreamSynchronize"),
+    ]
+    r = breakdown({"traceEvents": ev})
+    h = r["host"]
+    assert h["host_bound_gaps_ms"] * 1000 == pytest.approx(100) and h["other_long_gaps_ms"] * 1000 == pytest.approx(50)
+    assert h["syncs"] == {"cudaStreamSynchronize": {"count": 1, "ms": 0.04}}
+    assert h["stall_ops"] == [{"op": "aten::mm", "context": "autograd::engine::evaluate_function: LoraABackward", "ms": 0.1, "count": 1}]
+    assert "host-bound" in markdown({"run": r}) and "cudaStreamSynchronize ×1" in markdown({"run": r})
