@@ -63,7 +63,7 @@ def draw_seed() -> int:
 
 
 PHILOX_WORDS = 8  # elements per Philox-4x32 call: four 32-bit outputs, each split into two 16-bit uniforms
-SUB = 512  # elements per sub-block; a program handles PHILOX_WORDS sub-blocks (4,096 elements)
+SUB = 1024  # elements per sub-block (8 per thread at 4 warps: 16-byte loads); a program handles PHILOX_WORDS of them
 
 
 def keep_threshold(p: float) -> int:
