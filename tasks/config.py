@@ -123,7 +123,7 @@ class TrainingSection(Section):
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU."
     )
     engine: Literal["auto", "fast", "fused", "padded"] = Field(
-        "auto", description="auto = fast (padding-free packing + fused kernels) on CUDA, padded on CPU; padded = the seed recipe's padded batches; "
+        "auto", description="auto = fused on CUDA, padded on CPU; fast = padding-free packing + varlen attention + Liger kernels; padded = the seed recipe's padded batches; "
         "fused = fast + the fused LoRA path (one LoRA-A matmul per shared input, LoRA-B added in place, dropout masks regenerated; "
         "tasks/engine/lora.py)."
     )

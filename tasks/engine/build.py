@@ -16,7 +16,8 @@ from .dist import world
 def engine_for(training: TrainingSection, device: str) -> str:
     if training.engine != "auto":
         return training.engine
-    return "fast" if device == "cuda" else "padded"
+    # fused: measured faster than fast on full and mixed lengths in the same H200 call, with less memory (PERF_NOTES row 19).
+    return "fused" if device == "cuda" else "padded"
 
 
 def optimizer_for(training: TrainingSection, device: str) -> str:
