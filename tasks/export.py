@@ -167,7 +167,7 @@ def converter_failure(stderr: str) -> str:
 # Ollama Modelfile: the chat template as per-role prefix/suffix pairs
 
 
-SENTINEL = "\u2063QLORA{}\u2063"  # invisible separator: never in a real template
+SENTINEL = "\u2063qLoRa-{}\u2063"  # invisible separator: never in a real template
 
 
 def _adds_bos(tok) -> bool:
@@ -188,7 +188,7 @@ def template_parts(tok) -> dict[str, tuple[str, str]]:
     The assistant prefix is the generation prompt. Raises StageError when the template is not expressible
     that way (role text depends on position or content): a silently different Modelfile would be worse.
     """
-    s = {r: SENTINEL.format(r.upper()) for r in ("system", "user", "assistant")}
+    s = {r: SENTINEL.format(r) for r in ("system", "user", "assistant")}
     msgs = [{"role": r, "content": s[r]} for r in ("system", "user", "assistant")]
     fix = "set export.modelfile=false or model.chat_template"
     try:
@@ -446,3 +446,54 @@ def _update_manifest(pub: Path) -> None:
         same = old.get(rel) and old[rel]["bytes"] == size and rel != "README.md" and not rel.startswith(("gguf/", "gptq-w4a16/", "Modelfile"))
         entries.append(old[rel] if same else {"path": rel, "bytes": size, "sha256": file_sha256(p)})
     write_json(pub / MANIFEST, {"files": entries})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve-model: an OpenAI-compatible endpoint on a published model
+
+
+def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
+    files = sorted((folder / "gguf").glob("*.gguf"))
+    if gguf_type:
+        files = [f for f in files if f.stem.endswith(f"-{gguf_type}")]
+    if not files:
+        raise StageError(f"{folder} has no {gguf_type or ''} GGUF (gguf/*.gguf); run the export stage (`qlora-pipeline run`, "
+                         "with export.gguf set) or serve with --format merged")
+    return next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+
+
+def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, ready=None) -> None:
+    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C."""
+    import signal
+
+    import xllamacpp as xlc
+
+    params = xlc.CommonParams()
+    params.model.path = str(gguf)
+    params.hostnames = [host]
+    params.port = port
+    params.n_ctx = n_ctx
+    params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
+    params.n_parallel = 1
+    params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
+    server = xlc.Server(params)
+    try:
+        if ready:
+            ready(server.listening_address)
+        stop = {"now": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"]:
+                time.sleep(0.2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        del server  # its destructor stops the HTTP loop and frees the model
+
+
+def transformers_serve_command(merged: Path, host: str, port: int) -> list[str]:
+    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded."""
+    exe = Path(sys.executable).parent / "transformers"
+    return [str(exe) if exe.is_file() else "transformers", "serve", str(merged), "--host", host, "--port", str(port)]
