@@ -317,6 +317,8 @@ def test_modelfile_stop_tokens_exist_in_the_gguf_vocabulary(smol_export):
     assert mf["SYSTEM"] == SYSTEM
     template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
     assert SYSTEM in template, "the GGUF's embedded chat template carries the training system prompt"
+    card = (pub / "README.md").read_text()
+    assert "## Deploy" in card and "ollama create" in card and card.count("## Deploy") == 1
     manifest = json.loads((pub / "MANIFEST.json").read_text())
     assert {"Modelfile", f"gguf/{target.name}"} <= {f["path"] for f in manifest["files"]}
 
@@ -341,9 +343,9 @@ def _wait_ready(proc, url: str, timeout: float = 300) -> None:
     raise AssertionError(f"{url} not ready in {timeout}s")
 
 
-def _serve_model(pub_run: str, art: str, fmt: str, port: int):
+def _serve_model(pub_run: str, art: str, fmt: str, port: int, *extra: str):
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", pub_run, "--format", fmt, "--port", str(port),
-                             "--artifacts-dir", art, "--ctx", "1024"],
+                             "--artifacts-dir", art, "--ctx", "1024", *extra],
                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -358,33 +360,37 @@ def _stop_with_ctrl_c(proc) -> int:
 
 @pytest.mark.slow
 def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol_export, shared_artifacts):
-    """A real llama.cpp server (xllamacpp) on the q8_0 GGUF via `serve-model --format gguf`: the held-out prompt's
-    greedy answer equals the HF model's, it stops at end-of-turn, and Ctrl-C shuts it down with exit 0."""
+    """A real llama.cpp server (xllamacpp) on the f16 GGUF via `serve-model --format gguf`: a held-out prompt's
+    greedy answer equals the HF model's, it stops at end-of-turn, and Ctrl-C shuts it down with exit 0.
+    (f16: q8_0 agrees on ~97% of tokens, so a long greedy answer may fork; its logits are checked above.)"""
     import torch
 
     rec, pub, heldout, data = smol_export
     tok, model = _hf(pub)
-    prompt = heldout[0][1:-1]  # user turn only: the published template adds the training system prompt
-    enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=data.stop_token_ids)
-    new = out[0, enc["input_ids"].shape[1]:]
+    for conv in heldout:  # the first held-out prompt the HF model answers and closes within 32 tokens
+        prompt = conv[1:-1]  # user turn only: the published template adds the training system prompt
+        enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=data.stop_token_ids)
+        new = out[0, enc["input_ids"].shape[1]:]
+        if new[-1].item() in data.stop_token_ids:
+            break
+    else:
+        pytest.fail("the HF model closed none of the held-out answers within 32 tokens")
     want = tok.decode(new, skip_special_tokens=True).strip()
-    hf_stopped = new[-1].item() in data.stop_token_ids
 
     port = _free_port()
-    proc = _serve_model("smol-export", shared_artifacts, "gguf", port)
+    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16")
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
         got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                    {"messages": prompt, "max_tokens": 24, "temperature": 0, "top_k": 1})
+                    {"messages": prompt, "max_tokens": 32, "temperature": 0, "top_k": 1})
     finally:
         rc = _stop_with_ctrl_c(proc)
     answer = got["choices"][0]["message"]["content"].strip()
-    print(f"\nHF: {want!r}\nllama.cpp q8_0: {answer!r} ({got['choices'][0]['finish_reason']})")
+    print(f"\nprompt: {prompt[-1]['content']!r}\nHF: {want!r}\nllama.cpp f16: {answer!r} ({got['choices'][0]['finish_reason']})")
     assert answer == want
-    if hf_stopped:
-        assert got["choices"][0]["finish_reason"] == "stop" and "<|im_end|>" not in answer
+    assert got["choices"][0]["finish_reason"] == "stop" and "<|im_end|>" not in answer
     assert rc == 0 and "stopped" in proc.stderr.read()
 
 
