@@ -367,16 +367,21 @@ def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol
 
     rec, pub, heldout, data = smol_export
     tok, model = _hf(pub)
-    for conv in heldout:  # the first held-out prompt the HF model answers and closes within 32 tokens
+    # The first held-out prompt the HF model answers and closes within 32 tokens with no near-tie on the way: a
+    # greedy step whose top-2 logits are within 0.25 may flip under llama.cpp's f16 kernels (measured: SmolLM2's
+    # 'SHEET' vs 'SHEEP' at a margin of 0.001), which says nothing about the export.
+    for conv in heldout:
         prompt = conv[1:-1]  # user turn only: the published template adds the training system prompt
         enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=data.stop_token_ids)
-        new = out[0, enc["input_ids"].shape[1]:]
-        if new[-1].item() in data.stop_token_ids:
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=data.stop_token_ids,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[0, enc["input_ids"].shape[1]:]
+        margin = min(float(t[0] - t[1]) for t in (sc[0].topk(2).values for sc in out.scores))
+        if new[-1].item() in data.stop_token_ids and margin >= 0.25:
             break
     else:
-        pytest.fail("the HF model closed none of the held-out answers within 32 tokens")
+        pytest.fail("the HF model closed no held-out answer within 32 tokens without a near-tie")
     want = tok.decode(new, skip_special_tokens=True).strip()
 
     port = _free_port()
