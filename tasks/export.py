@@ -69,8 +69,9 @@ class ExportRecord(BaseModel):
 
 def cache_key(merge, publish, export, data) -> str:
     """Merged weights (merge key) + the published chat template + export settings + converter version."""
-    template = Path(publish.merged_dir) / "chat_template.jinja"
-    template_hash = file_sha256(template) if template.is_file() else None
+    # The template lives in chat_template.jinja (transformers 5) or tokenizer_config.json (older): hash both.
+    template_hash = [file_sha256(f) if f.is_file() else None
+                     for f in (Path(publish.merged_dir) / "chat_template.jinja", Path(publish.merged_dir) / "tokenizer_config.json")]
     return fingerprint("export", EXPORT_VERSION, merge.key, template_hash, data.stop_token_ids,
                        export.model_dump(mode="json"), CONVERTER_VERSION)
 
