@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the seven-stage finetuning flow", description="Run the finetune flow: data -> profile -> probe -> train -> evaluate -> merge -> publish.")
+    run = sub.add_parser("run", help="run the eight-stage finetuning flow", description="Run the finetune flow: data -> profile -> probe -> train -> evaluate -> merge -> publish -> export.")
     run.add_argument("--profile", help="profile from pipeline.yaml (default: its default_profile, demo)")
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--hours", type=float, help="training time budget in hours (the probe turns it into steps)")

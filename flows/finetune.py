@@ -1,4 +1,4 @@
-"""The `finetune` flow: seven cached stages, wired the way you would draw them.
+"""The `finetune` flow: eight cached stages, wired the way you would draw them.
 
     data -> profile -> probe -> train -> evaluate -> merge -> publish -> export
 
