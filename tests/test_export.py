@@ -120,6 +120,56 @@ def test_modelfile_structure(tiny_tok):
     assert mf["TEMPLATE"].count("{{ .Content }}") == 3 and "$last" in mf["TEMPLATE"]
 
 
+GO_RENDER = r"""package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	var data struct{ Messages []Message }
+	if err := json.NewDecoder(os.Stdin).Decode(&data.Messages); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(string(src)))
+	if err := t.Execute(os.Stdout, data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (Debian: apt-get install golang-go)")
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_ollama_template_executes_in_go_like_the_chat_template(tiny_tok, tmp_path, system):
+    """Ollama's TEMPLATE is Go text/template over .Messages (SYSTEM prepended as a message when a chat has none):
+    executed by Go itself, it renders what the Jinja chat template renders."""
+    from tasks.export import default_system, ollama_template, template_parts
+
+    tok = _patched(_smol_like_tokenizer(tiny_tok), system)
+    parts = template_parts(tok)
+    effective = system or default_system(tok, parts)
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    (tmp_path / "t.tmpl").write_text(ollama_template(parts))
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+    subprocess.run(["go", "build", "-o", str(tmp_path / "render"), str(tmp_path / "render.go")], check=True, env=env, timeout=600)
+    convs = [[{"role": "user", "content": "Say hi."}],
+             [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Times {{3}}?"}]]
+    for conv in convs:
+        messages = [{"role": "system", "content": effective}, *conv]  # what Ollama hands the template
+        got = subprocess.run([str(tmp_path / "render"), str(tmp_path / "t.tmpl")], input=json.dumps(messages), capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+        assert got == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
 def test_converter_failure_is_named_in_one_line():
     from tasks.export import converter_failure
 
