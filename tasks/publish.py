@@ -272,7 +272,8 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
             published = read_json(summary).get("published")
         except (json.JSONDecodeError, OSError):
             published = None
-        if published and is_published(Path(published)):
+        # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere.
+        if published and Path(published).resolve().is_relative_to(root.resolve() / "runs") and is_published(Path(published)):
             return Path(published)
     candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_published(p)] if run_dir.is_dir() else []
     if not candidates:

@@ -251,6 +251,12 @@ def test_find_run_follows_the_summary_of_a_cached_run(tmp_path):
     assert find_run("demo-5m-2", str(tmp_path)) == first
     with pytest.raises(StageError, match="no published model"):
         find_run("demo-5m-3", str(tmp_path))
+    # A summary pointing outside this artifacts folder is not followed.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    shutil.copytree(first, outside)
+    write_json(tmp_path / "runs" / "demo-5m-4" / "summary.json", {"published": str(outside)})
+    with pytest.raises(StageError, match="no published model"):
+        find_run("demo-5m-4", str(tmp_path))
 
 
 def test_budget_label_names_the_real_budget():
