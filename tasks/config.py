@@ -209,6 +209,23 @@ class PublishSection(Section):
     push_merged: bool = Field(False, description="Also push the merged model (large); off = adapter only.")
 
 
+class ExportSection(Section):
+    gguf: list[Literal["f16", "bf16", "f32", "q8_0"]] = Field(
+        default_factory=lambda: ["f16", "q8_0"],
+        description="GGUF types written by llama.cpp's converter (llama.cpp, Ollama, LM Studio): f16 = lossless for 16-bit "
+        "weights, q8_0 = half the size, near-lossless; [] = no GGUF and no Modelfile.",
+    )
+    modelfile: bool = Field(True, description="Write an Ollama Modelfile (template, system prompt, stop tokens as in training).")
+    modelfile_gguf: Literal["f16", "bf16", "f32", "q8_0"] = Field("q8_0", description="The GGUF the Modelfile points at (if exported).")
+    num_ctx: int = Field(2048, ge=128, description="Context length in the Modelfile; more = longer chats, more memory.")
+    gptq: bool = Field(
+        False, description="Also write GPTQ W4A16 (compressed-tensors, for vLLM) with llmcompressor; runs in its own "
+        "environment (`make gptq-env`), minutes on a GPU."
+    )
+    gptq_python: str = Field(".venv-gptq/bin/python", description="Python of the llmcompressor environment (relative = project root).")
+    gptq_samples: int = Field(64, ge=1, description="Calibration conversations for GPTQ: more = better 4-bit weights, slower.")
+
+
 class PipelineConfig(Section):
     profile: str = Field("custom", description="Profile name this config was resolved from.")
     output_name: str = Field("qlora-model", description="Name of the published model folder and hub repo suffix.")
@@ -223,6 +240,7 @@ class PipelineConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     merge: MergeSection = Field(default_factory=MergeSection)
     publish: PublishSection = Field(default_factory=PublishSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
 
 # ---------------------------------------------------------------------------------------------------------

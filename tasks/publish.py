@@ -24,7 +24,7 @@ from .common import StageError, artifacts_root, disk_full, file_sha256, fingerpr
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
-PUBLISH_VERSION = 1
+PUBLISH_VERSION = 2  # 2: the published chat template carries data.system_prompt
 PUSH_ATTEMPTS = 3
 
 
@@ -96,6 +96,11 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         shutil.copytree(train.adapter_dir, tmp / "adapter")
         shutil.copytree(merge.merged_dir, tmp / "merged")
+        if cfg.data.system_prompt:
+            # Training prepended this system turn to every chat; the published template adds it whenever a chat has
+            # none, so `chat`, `transformers serve`, the GGUF and any user of the tokenizer prompt the model as trained.
+            for folder in (tmp / "adapter", tmp / "merged"):
+                install_system_prompt(folder, cfg.data.system_prompt)
         (tmp / "plots").mkdir()
         shutil.copy2(prof.histogram_png, tmp / "plots" / "length_histogram.png")
         shutil.copy2(train.loss_curve_png, tmp / "plots" / "loss_curve.png")
@@ -134,6 +139,10 @@ def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], fina
     train, evalr, merge, data, probe = (records[k] for k in ("train", "evaluate", "merge", "data", "probe"))
     b, t = evalr.base, evalr.tuned
     base_for_snippet = cfg.model.name if not cfg.model.name.startswith(("pypi:", "random:")) else data.model_ref
+    system = cfg.data.system_prompt
+    sys_msg = f'{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}},  # as in training\n            ' if system else ""
+    sys_line = (f"\n- System prompt (every training chat began with it; the published chat template adds it when a chat has "
+                f"no system turn): {json.dumps(system, ensure_ascii=False)}") if system else ""
     acc_rows = ""
     if "accuracy" in b:
         acc_rows = (f"| verifiable accuracy | {b['accuracy']:.1%} [{b['ci'][0]:.1%}, {b['ci'][1]:.1%}] | "
@@ -151,11 +160,11 @@ tags: [qlora, lora, sft, qlora-pipeline]
 # {cfg.output_name}
 
 LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained by
-[qlora-pipeline](https://github.com/) run `{run_name}` (profile `{cfg.profile}`).
+qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.profile}`).
 
 ## Training
 - Data: `{data.source}` — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
-  loss on assistant tokens only, end-of-turn learned.
+  loss on assistant tokens only, end-of-turn learned.{sys_line}
 - Recipe: {'NF4 4-bit base' + (' + double quant' if cfg.quant.double_quant else '') if train.engine and records['probe'].device == 'cuda' and cfg.quant.load_in_4bit else 'base in ' + str(merge.dtype)},
   LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {', '.join(cfg.lora.target_modules)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
@@ -183,7 +192,7 @@ from transformers import AutoTokenizer
 
 model = AutoPeftModelForCausalLM.from_pretrained("{final / 'adapter'}")  # base: {base_for_snippet}
 tokenizer = AutoTokenizer.from_pretrained("{final / 'adapter'}")
-messages = [{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
+messages = [{sys_msg}{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
@@ -192,6 +201,34 @@ Or the merged model: `AutoModelForCausalLM.from_pretrained("{final / 'merged'}")
 Files: `adapter/`, `merged/`, `pipeline.yaml` (resolved config), `provenance.json`, `eval.json`, `summary.json`,
 `plots/`, `tensorboard/`, `MANIFEST.json` (sha256 of every file).
 """
+
+
+def template_with_system(template: str, system_prompt: str) -> str:
+    """`template`, rendering `system_prompt` as the system turn of any chat that has none (as training did).
+
+    Prepended, not edited in: works for any template that reads `messages`; nothing is printed by the prefix.
+    """
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a valid Jinja string literal (HF and llama.cpp engines)
+    return ("{%- if messages and messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+            "{%- endif %}" + template)
+
+
+def install_system_prompt(folder: Path, system_prompt: str) -> None:
+    """Rewrite a saved tokenizer's chat template (chat_template.jinja and/or tokenizer_config.json) with the system prompt."""
+    jinja, tcfg = folder / "chat_template.jinja", folder / "tokenizer_config.json"
+    done = False
+    if jinja.is_file():
+        jinja.write_text(template_with_system(jinja.read_text(encoding="utf-8"), system_prompt), encoding="utf-8")
+        done = True
+    if tcfg.is_file():
+        conf = read_json(tcfg)
+        if isinstance(conf.get("chat_template"), str):
+            conf["chat_template"] = template_with_system(conf["chat_template"], system_prompt)
+            tcfg.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            done = True
+    if not done:
+        raise StageError(f"{folder} has no chat template to carry data.system_prompt; the tokenizer must be saved with its template")
 
 
 def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:
@@ -230,6 +267,16 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
             raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
         run = read_json(latest)["run"]
     run_dir = root / "runs" / safe_name(run, "run")
+    # A fully cached rerun publishes nothing new: its summary points at the folder an earlier run published.
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            published = read_json(summary).get("published")
+        except (json.JSONDecodeError, OSError):
+            published = None
+        # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere.
+        if published and Path(published).resolve().is_relative_to(root.resolve() / "runs") and is_published(Path(published)):
+            return Path(published)
     candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_published(p)] if run_dir.is_dir() else []
     if not candidates:
         raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
@@ -280,4 +327,5 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
 
 def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
     """Content of what is published (config without the budget + upstream keys), not the run name."""
-    return fingerprint("publish", PUBLISH_VERSION, cfg.model_dump(mode="json", exclude={"budget"}), {k: getattr(v, "key", None) for k, v in records.items()})
+    # The export section is stage 8's: changing it re-exports into the same published folder, it does not republish.
+    return fingerprint("publish", PUBLISH_VERSION, cfg.model_dump(mode="json", exclude={"budget", "export"}), {k: getattr(v, "key", None) for k, v in records.items()})

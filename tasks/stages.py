@@ -13,15 +13,17 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from . import data as data_stage
 from . import evaluate as eval_stage
+from . import export as export_stage
 from . import merge as merge_stage
 from . import probe as probe_stage
 from . import profile as profile_stage
 from . import publish as publish_stage
 from . import train as train_stage
 from .common import StageError, fingerprint, read_json
-from .config import BudgetSection, DataSection, EvalSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
+from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
 from .evaluate import EvalRecord
+from .export import ExportRecord
 from .merge import MergeRecord
 from .prefect_glue import STAGE_RETRIES_IO, artifact_key, keyed_by, log, png_markdown
 from .probe import ProbeRecord
@@ -202,4 +204,24 @@ def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) ->
     create_link_artifact(key=artifact_key("published-model"), link=Path(rec.dir).resolve().as_uri(), link_text=rec.dir, description="Published run folder")
     if rec.push_error:
         raise StageError(rec.push_error)
+    return rec
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefect wrapper: keyed on the merged weights + published template + export settings. Retried once: the
+# one-time converter download is I/O; a converter failure (unsupported architecture) is a StageError, not retried.
+
+
+@task(name="8-export", cache_key_fn=keyed_by("export", export_stage.cache_key), retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_io_only)
+def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, export: ExportSection, system_prompt: str | None, artifacts_dir: str) -> ExportRecord:
+    rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log)
+    made = [f"{t} {rec.gguf_bytes[t] / 2**20:.0f} MiB" for t in rec.gguf] + (["Modelfile"] if rec.modelfile else []) + (["GPTQ W4A16"] if rec.gptq_dir else [])
+    log(f"export: {', '.join(made) or 'nothing (export.gguf=[], export.gptq=false)'} in {sum(rec.seconds.values()):.0f}s"
+        + (f"; stop tokens {rec.stop_tokens}" if rec.modelfile else ""))
+    if rec.gguf or rec.gptq_dir:
+        create_markdown_artifact(key=artifact_key("export"), markdown=export_stage.deploy_section(Path(rec.published_dir), {
+            "gguf": {t: str(Path(p).relative_to(rec.published_dir)) for t, p in rec.gguf.items()},
+            "modelfile": rec.modelfile, "gptq": "gptq-w4a16" if rec.gptq_dir else None}), description="Serving formats")
     return rec

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The suite's own Prefect home (database, profiles, logs), set before anything imports Prefect: its runs (tiny-...,
+# some FAILED or CRASHED by design) never land in the user's Prefect history, and a PREFECT_API_URL from the
+# user's environment or profile cannot point the tests at their server. Removed when the session ends.
+TEST_PREFECT_HOME = tempfile.mkdtemp(prefix="qlora-pipeline-tests-prefect-")
+os.environ["PREFECT_HOME"] = TEST_PREFECT_HOME
+os.environ["PREFECT_PROFILES_PATH"] = os.path.join(TEST_PREFECT_HOME, "profiles.toml")
+for _var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+    os.environ.pop(_var, None)
+atexit.register(shutil.rmtree, TEST_PREFECT_HOME, True)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network

@@ -18,7 +18,7 @@ import yaml
 
 from prefect_local import PREFECT, ROOT, TERMINAL as TERMINAL_STATES, Serve, stop_process
 
-STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish"]
+STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish", "8-export"]
 
 
 def test_prefect_yaml_parses_and_names_the_flow_and_a_schedule():

@@ -22,7 +22,7 @@ from tasks import common
 from tasks.common import StageError, is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
+STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish", "export"]
 # Killed-and-rerun vs clean run. Training is seeded, but its LR schedule follows the wall clock (progress = elapsed /
 # budget), so the subprocess runs get a 30-minute budget (the tiny profile's 12-step cap ends them in seconds), where the
 # schedule stays flat; what is left is the run-to-run wobble of a few seconds of LR decay.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
+STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish", "export"]
 PUBLISHED_FILES = {"README.md", "MANIFEST.json", "pipeline.yaml", "provenance.json", "eval.json", "summary.json",
                    "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json",
                    "merged/config.json", "merged/model.safetensors", "plots/length_histogram.png", "plots/loss_curve.png",

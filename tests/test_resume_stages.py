@@ -20,7 +20,7 @@ from prefect_local import ROOT, LocalServer, Serve
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish"]
+STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish", "export"]
 # A constant LR without warmup: the default schedule follows the wall clock, so two clean runs would differ in
 # their last digits; with it, "the same artifacts as a clean run" can be checked number for number.
 DETERMINISTIC = ["training.lr_scheduler=constant", "training.warmup_ratio=0"]

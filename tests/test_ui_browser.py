@@ -17,7 +17,7 @@ from prefect_local import LocalServer, Serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
-STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish"]
+STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish", "8-export"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -86,11 +86,11 @@ def test_deployment_run_its_seven_stages_and_the_eval_artifact_are_visible_in_th
         driver.save_screenshot(str(tmp_path / "deployment.png"))
 
         driver.get(f"{server.url}/runs/flow-run/{run['id']}")
-        _wait_for_text(driver, re.escape(run["name"]), "Completed", "7 Task runs")
+        _wait_for_text(driver, re.escape(run["name"]), "Completed", "8 Task runs")
         driver.save_screenshot(str(tmp_path / "flow-run.png"))
 
         driver.find_element("id", "task-runs").click()
-        _wait_for_text(driver, r"\(7 Completed\)", *(rf"\b{name}-[0-9a-f]{{3}}\b" for name in STAGE_TASKS))
+        _wait_for_text(driver, r"\(8 Completed\)", *(rf"\b{name}-[0-9a-f]{{3}}\b" for name in STAGE_TASKS))
         driver.save_screenshot(str(tmp_path / "task-runs.png"))
 
         driver.find_element("id", "artifacts").click()

@@ -1,0 +1,500 @@
+"""Stage 8 — export the published model for serving: GGUF (llama.cpp, Ollama) and, opt-in, GPTQ 4-bit (vLLM).
+
+Adds to the published folder `artifacts/runs/<run>/<output_name>/`:
+
+    gguf/<output_name>-f16.gguf, gguf/<output_name>-q8_0.gguf   llama.cpp / Ollama / LM Studio
+    Modelfile                                                    `ollama create NAME -f Modelfile`
+    gptq-w4a16/                                                  vLLM (compressed-tensors), only with export.gptq
+
+GGUF comes from llama.cpp's own `convert_hf_to_gguf.py`, the maintained converter. On PyPI it ships only
+inside the llama-cpp-python source archive; we take that archive at a pinned version and sha256, keep only
+the converter (+ its `conversion/` and `gguf-py/` packages, ~2 MB) and run it in a subprocess, so its
+gguf-py never meets the `gguf` package installed here. Q4_K_M is not produced: it needs llama.cpp's C++
+`llama-quantize` (llama_model_quantize), which neither the prebuilt `xllamacpp` wheel nor gguf-py's Python
+quantizers (K-quants dequantize only) expose; run `llama-quantize x-f16.gguf x-Q4_K_M.gguf Q4_K_M` on the f16.
+
+The Ollama Modelfile reproduces the training-time prompt format: its TEMPLATE is derived from the published
+chat template (which already injects the training system prompt, see publish) by rendering sentinel
+conversations, and is checked to render multi-turn conversations byte-identically to the Jinja template;
+stop tokens are the data stage's end-of-turn ids, spelled as the vocabulary spells them.
+
+Export is its own cached task after publish: a converter failure (unsupported architecture or tokenizer)
+is one line naming it, every earlier stage stays cached, and a rerun after the fix redoes only the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+
+EXPORT_VERSION = 1
+# llama.cpp's converter, taken from the llama-cpp-python source archive (PyPI); bump both together.
+CONVERTER_PACKAGE = "llama-cpp-python"
+CONVERTER_VERSION = "0.3.36"
+CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+GPTQ_SCRIPT = Path(__file__).resolve().parent / "gptq_w4a16.py"
+MANIFEST = "MANIFEST.json"
+CARD_BEGIN, CARD_END = "<!-- export:begin -->", "<!-- export:end -->"
+
+
+class ExportRecord(BaseModel):
+    key: str
+    dir: str                    # cache folder holding the built artifacts
+    published_dir: str          # where they were installed
+    gguf: dict[str, str]        # outtype -> published path
+    gguf_bytes: dict[str, int]
+    modelfile: str | None
+    gptq_dir: str | None
+    stop_tokens: list[str]
+    system_prompt: str | None
+    seconds: dict[str, float]   # per artifact
+
+    def outputs_exist(self) -> bool:
+        paths = [*self.gguf.values(), *([self.modelfile] if self.modelfile else []), *([self.gptq_dir] if self.gptq_dir else [])]
+        return is_complete(Path(self.dir)) and all(Path(p).exists() for p in paths)
+
+
+def cache_key(merge, publish, export, data) -> str:
+    """Merged weights (merge key) + the published chat template + export settings + converter version."""
+    # The template lives in chat_template.jinja (transformers 5) or tokenizer_config.json (older): hash both.
+    template_hash = [file_sha256(f) if f.is_file() else None
+                     for f in (Path(publish.merged_dir) / "chat_template.jinja", Path(publish.merged_dir) / "tokenizer_config.json")]
+    return fingerprint("export", EXPORT_VERSION, merge.key, template_hash, data.stop_token_ids,
+                       export.model_dump(mode="json"), CONVERTER_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The converter: pinned, verified, only the files we need
+
+
+def converter_dir() -> Path:
+    """Where the extracted converter lives: inside the active environment, next to its packages."""
+    return Path(sys.prefix) / "share" / f"llama.cpp-convert-{CONVERTER_VERSION}"
+
+
+def ensure_converter(log_fn=None) -> Path:
+    """The converter's folder; fetched once with pip (sha256-checked) when missing. `make setup` calls this."""
+    dest = converter_dir()
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    log_fn = log_fn or (lambda m: None)
+    with locked(dest):
+        if (dest / "convert_hf_to_gguf.py").is_file():
+            return dest
+        log_fn(f"export: fetching llama.cpp's converter ({CONVERTER_PACKAGE}=={CONVERTER_VERSION} source archive, ~77 MB, once)")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   f"{CONVERTER_PACKAGE}=={CONVERTER_VERSION}", "-d", tmp, "-q"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            archives = list(Path(tmp).glob("*.tar.gz"))
+            if done.returncode or not archives:
+                last = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+                raise StageError(f"cannot download {CONVERTER_PACKAGE}=={CONVERTER_VERSION} for llama.cpp's GGUF converter ({last}); "
+                                 "check your connection to PyPI, or set export.gguf=[] to skip GGUF")
+            install_converter(archives[0], dest)
+    return dest
+
+
+def install_converter(archive: Path, dest: Path) -> None:
+    """Verify the archive's sha256 and extract only the converter's files into `dest` (atomically)."""
+    import tarfile
+
+    got = file_sha256(archive)
+    if got != CONVERTER_SHA256:
+        raise StageError(f"{archive.name} has sha256 {got}, expected {CONVERTER_SHA256}; the download is corrupt or the "
+                         "archive changed: delete it and rerun")
+    prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in tar.getmembers():
+                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                if rel and m.isfile() and any(rel == k or rel.startswith(k) for k in CONVERTER_MEMBERS) and ".." not in rel.split("/"):
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(m) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise StageError(f"{archive.name} has no {prefix}convert_hf_to_gguf.py; CONVERTER_VERSION and the archive disagree")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Path) -> None:
+    """Run llama.cpp's converter in a subprocess; a failure becomes one line naming the reason."""
+    cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    env = {**os.environ, "PYTHONPATH": str(converter), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(converter))
+    if done.returncode or not out_file.is_file():
+        raise StageError(f"llama.cpp's GGUF converter cannot convert {model_dir.name}: {converter_failure(done.stderr)}; "
+                         "set export.gguf=[] to skip GGUF (the merged model is published), then rerun")
+
+
+def converter_failure(stderr: str) -> str:
+    """The converter's reason in a few words: the architecture it lacks, the tokenizer it does not know, or its last line."""
+    lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
+    for line in lines:
+        m = re.search(r"Model (\S+) is not supported", line)
+        if m:
+            return f"architecture {m.group(1)} is not supported by its version {CONVERTER_VERSION}"
+    for line in reversed(lines):
+        if "pre-tokenizer was not recognized" in line:
+            return "its tokenizer's pre-tokenizer is not one llama.cpp knows (BPE pre-tokenizer not recognized)"
+        m = re.search(r"Architecture '?(\w+)'? not supported", line)
+        if m:
+            return f"architecture {m.group(1)} is not supported by its version {CONVERTER_VERSION}"
+    return lines[-1][:300] if lines else "no output"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ollama Modelfile: the chat template as per-role prefix/suffix pairs
+
+
+SENTINEL = "\u2063qLoRa-{}\u2063"  # invisible separator: never in a real template
+
+
+def _adds_bos(tok) -> bool:
+    """Whether encoding adds BOS by itself (then llama.cpp/Ollama add it too, and the template's text must not)."""
+    ids = tok("x")["input_ids"]
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
+
+
+def _render(tok, messages, gen: bool = False) -> str:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    bos = tok.bos_token or ""
+    return text[len(bos):] if bos and _adds_bos(tok) and text.startswith(bos) else text
+
+
+def template_parts(tok) -> dict[str, tuple[str, str]]:
+    """Split a chat template into role -> (prefix, suffix) by rendering sentinel conversations.
+
+    The assistant prefix is the generation prompt. Raises StageError when the template is not expressible
+    that way (role text depends on position or content): a silently different Modelfile would be worse.
+    """
+    s = {r: SENTINEL.format(r) for r in ("system", "user", "assistant")}
+    msgs = [{"role": r, "content": s[r]} for r in ("system", "user", "assistant")]
+    fix = "set export.modelfile=false or model.chat_template"
+    try:
+        full = _render(tok, msgs + [{"role": "user", "content": s["user"]}])
+        sys_pre, rest = full.split(s["system"], 1)
+        sys_suf_user_pre, rest = rest.split(s["user"], 1)
+        user_suf_asst_pre, rest = rest.split(s["assistant"], 1)
+        asst_suf_user_pre, last_user_suf = rest.split(s["user"], 1)
+        asst_suf = _render(tok, msgs).split(s["assistant"], 1)[1]
+        user_suf = _render(tok, msgs[:2]).split(s["user"], 1)[1]
+        gen_tail = _render(tok, msgs[:2], gen=True).split(s["user"], 1)[1]
+    except ValueError as e:
+        raise StageError(f"the chat template drops or rewrites message content, so no Ollama TEMPLATE can reproduce it; {fix}") from e
+    if last_user_suf != user_suf or not gen_tail.startswith(user_suf) or not asst_suf_user_pre.startswith(asst_suf):
+        raise StageError(f"the chat template's turns are not self-contained (a turn's text depends on the next one); {fix}")
+    asst_pre = gen_tail[len(user_suf):]
+    user_pre = asst_suf_user_pre[len(asst_suf):]
+    if user_suf_asst_pre != user_suf + asst_pre or not sys_suf_user_pre.endswith(user_pre):
+        raise StageError(f"the chat template renders a role's header differently by position; {fix}")
+    return {"system": (sys_pre, sys_suf_user_pre[: len(sys_suf_user_pre) - len(user_pre)]),
+            "user": (user_pre, user_suf), "assistant": (asst_pre, asst_suf)}
+
+
+def default_system(tok, parts: dict[str, tuple[str, str]]) -> str | None:
+    """The system text the template inserts when a chat has none (SmolLM2's "You are a helpful AI assistant..."), or None."""
+    text = _render(tok, [{"role": "user", "content": "x"}], gen=True)
+    (sp, ss), (up, _) = parts["system"], parts["user"]
+    if sp and text.startswith(sp) and (ss + up) in text[len(sp):]:
+        return text[len(sp): text.index(ss + up, len(sp))]
+    return None
+
+
+def render_with_parts(parts: dict[str, tuple[str, str]], messages: list[dict], add_generation_prompt: bool) -> str:
+    """What the Modelfile's TEMPLATE renders (the Go template below, in Python), for the equivalence check."""
+    out = ""
+    for m in messages:
+        pre, suf = parts[m["role"]]
+        out += pre + m["content"] + suf
+    if add_generation_prompt and messages and messages[-1]["role"] != "assistant":
+        out += parts["assistant"][0]
+    return out
+
+
+def check_template_equivalence(tok, parts: dict[str, tuple[str, str]], system_prompt: str | None) -> None:
+    """The derived TEMPLATE must render like the Jinja template: with/without system turn, multi-turn, generation prompt."""
+    sys_turn = [{"role": "system", "content": system_prompt or "Answer briefly."}]
+    convs = [
+        [{"role": "user", "content": "Say hi."}],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Times 3?"}],
+    ]
+    for conv in convs:
+        for msgs in (sys_turn + conv, conv):
+            want = _render(tok, msgs, gen=True)
+            explicit = msgs if msgs[0]["role"] == "system" else ([{"role": "system", "content": system_prompt}] + msgs if system_prompt else msgs)
+            got = render_with_parts(parts, explicit, True)
+            if got != want:
+                raise StageError(f"the Ollama TEMPLATE derived from the chat template renders {got[:80]!r}... where the template renders "
+                                 f"{want[:80]!r}...; set export.modelfile=false or model.chat_template")
+
+
+def _go_str(s: str) -> str:
+    """Literal text as a Go template action: a quoted Go string (JSON's escapes are Go's), so `{{-` trimming around
+    the template's structure never eats the format's own newlines."""
+    return "{{ " + json.dumps(s, ensure_ascii=False) + " }}"
+
+
+def ollama_template(parts: dict[str, tuple[str, str]]) -> str:
+    """Ollama's TEMPLATE (Go text/template over .Messages) rendering exactly like `render_with_parts`."""
+    (sp, ss), (up, us), (ap, as_) = parts["system"], parts["user"], parts["assistant"]
+    # Ollama puts the Modelfile's SYSTEM into .Messages as a first system message when a request has none.
+    return (
+        "{{- range $i, $_ := .Messages }}\n"
+        "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+        f'{{{{- if eq .Role "system" }}}}{_go_str(sp)}{{{{ .Content }}}}{_go_str(ss)}\n'
+        f'{{{{- else if eq .Role "user" }}}}{_go_str(up)}{{{{ .Content }}}}{_go_str(us)}\n'
+        f"{{{{- if $last }}}}{_go_str(ap)}{{{{ end }}}}\n"
+        f'{{{{- else if eq .Role "assistant" }}}}{_go_str(ap)}{{{{ .Content }}}}{_go_str(as_)}\n'
+        "{{- end }}\n"
+        "{{- end }}"
+    )
+
+
+def modelfile_text(gguf_rel: str, parts: dict[str, tuple[str, str]], stops: list[str], system_prompt: str | None, num_ctx: int) -> str:
+    lines = [
+        "# Ollama: ollama create <name> -f Modelfile && ollama run <name>",
+        "# Written by qlora-pipeline's export stage: the prompt format the model was trained with.",
+        f"FROM {gguf_rel}",
+        f'TEMPLATE """{ollama_template(parts)}"""',
+    ]
+    if system_prompt:
+        lines.append(f'SYSTEM """{system_prompt}"""')
+    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    lines += [f"PARAMETER num_ctx {num_ctx}", "PARAMETER temperature 0"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_modelfile(text: str) -> dict[str, Any]:
+    """Instructions of a Modelfile (FROM, TEMPLATE, SYSTEM, PARAMETER ...), as Ollama's parser reads them."""
+    out: dict[str, Any] = {"PARAMETER": []}
+    pos = 0
+    pat = re.compile(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER|ADAPTER|LICENSE|MESSAGE)\s+("""(.*?)"""|(.*?))\s*$', re.S | re.M)
+    for m in pat.finditer(text):
+        if text[pos:m.start()].strip() and not all(l.strip().startswith("#") or not l.strip() for l in text[pos:m.start()].splitlines()):
+            raise ValueError(f"unparsed text before {m.group(1)}: {text[pos:m.start()][:60]!r}")
+        value = m.group(3) if m.group(3) is not None else m.group(4)
+        if m.group(1) == "PARAMETER":
+            name, _, v = value.partition(" ")
+            out["PARAMETER"].append((name, v.strip().strip('"')))
+        else:
+            out[m.group(1)] = value
+        pos = m.end()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def export_artifacts(merge, publish, data, export, system_prompt: str | None, artifacts_dir: str, log_fn=None) -> ExportRecord:
+    """Stage 8: build GGUF (+ Modelfile, + GPTQ if asked) once per key, then install them into the published folder."""
+    log_fn = log_fn or (lambda m: None)
+    key = cache_key(merge, publish, export, data)
+    out = stage_dir(artifacts_dir, "export", key)
+    with locked(out):
+        if not is_complete(out):
+            _build(merge, publish, data, export, system_prompt, out, log_fn)
+    built = read_json(out / "built.json")
+    return _install(out, Path(publish.dir), built, key, log_fn)
+
+
+def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> None:
+    from transformers import AutoTokenizer
+
+    maybe_fault("export")
+    src = Path(publish.merged_dir)  # the published copy: its chat template carries the training system prompt
+    name = Path(publish.dir).name
+    tok = AutoTokenizer.from_pretrained(str(src))
+    stops = [tok.convert_ids_to_tokens(i) for i in data.stop_token_ids]
+    seconds: dict[str, float] = {}
+    built: dict[str, Any] = {"gguf": {}, "modelfile": None, "gptq": None, "stop_tokens": stops, "system_prompt": system_prompt, "seconds": seconds}
+    with building(out) as tmp:
+        if export.gguf:
+            converter = ensure_converter(log_fn)
+            (tmp / "gguf").mkdir()
+            for outtype in export.gguf:
+                t0 = time.monotonic()
+                f = tmp / "gguf" / f"{name}-{outtype}.gguf"
+                convert_to_gguf(src, f, outtype, converter)
+                seconds[f"gguf-{outtype}"] = round(time.monotonic() - t0, 2)
+                built["gguf"][outtype] = f"gguf/{f.name}"
+                log_fn(f"export: {f.name} ({f.stat().st_size / 2**20:.0f} MiB) in {seconds[f'gguf-{outtype}']:.0f}s")
+            if export.modelfile:
+                parts = template_parts(tok)
+                # Training saw the configured system prompt, or else the template's own default system turn.
+                system = system_prompt or default_system(tok, parts)
+                check_template_equivalence(tok, parts, system)
+                target = export.modelfile_gguf if export.modelfile_gguf in built["gguf"] else export.gguf[-1]
+                (tmp / "Modelfile").write_text(modelfile_text(f"./{built['gguf'][target]}", parts, stops, system, export.num_ctx), encoding="utf-8")
+                built["system_prompt"] = system
+                built["modelfile"] = "Modelfile"
+        if export.gptq:
+            t0 = time.monotonic()
+            run_gptq(src, tmp / "gptq-w4a16", Path(data.dir) / "train", export, log_fn)
+            seconds["gptq-w4a16"] = round(time.monotonic() - t0, 2)
+            built["gptq"] = "gptq-w4a16"
+        write_json(tmp / "built.json", built)
+
+
+def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn) -> None:
+    """GPTQ W4A16 (compressed-tensors) with llmcompressor, in its own environment (it pins an older transformers)."""
+    python = Path(export.gptq_python)
+    if not python.is_absolute():
+        from .common import PROJECT_ROOT
+
+        python = PROJECT_ROOT / python
+    if not python.is_file():
+        raise StageError(f"export.gptq needs llmcompressor's own environment at {python}; create it with `make gptq-env` "
+                         "(or set export.gptq=false)")
+    log_fn(f"export: GPTQ W4A16 with llmcompressor ({export.gptq_samples} calibration conversations)")
+    cmd = [str(python), str(GPTQ_SCRIPT), str(src), str(dest), "--calib", str(calib_split), "--samples", str(export.gptq_samples)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode or not (dest / "config.json").is_file():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise StageError(f"GPTQ export failed ({last}); see `{' '.join(cmd)}`; set export.gptq=false to skip it")
+
+
+def _install(out: Path, pub: Path, built: dict, key: str, log_fn) -> ExportRecord:
+    """Hard-link (or copy) the built files into the published folder, drop stale ones, rewrite MANIFEST last."""
+    rels = [*built["gguf"].values(), *([built["modelfile"]] if built["modelfile"] else [])]
+    gptq_files = sorted(p.relative_to(out) for p in (out / built["gptq"]).rglob("*") if p.is_file()) if built["gptq"] else []
+    wanted = {*rels, *map(str, gptq_files)}
+    # Stale artifacts of an earlier export (e.g. a GGUF type no longer asked for) go.
+    for old in [*(pub / "gguf").glob("*")] + [pub / "Modelfile"] + [*(pub / "gptq-w4a16").rglob("*")]:
+        if old.is_file() and str(old.relative_to(pub)) not in wanted:
+            old.unlink()
+    for rel in sorted(wanted):
+        src, dst = out / rel, pub / rel
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size and os.path.samefile(src, dst):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)  # same filesystem: no second copy of a multi-GB file
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    if (pub / "gptq-w4a16").is_dir() and not built["gptq"]:
+        shutil.rmtree(pub / "gptq-w4a16", ignore_errors=True)
+    _update_card(pub, built)
+    _update_manifest(pub)
+    gguf = {t: str(pub / r) for t, r in built["gguf"].items()}
+    return ExportRecord(
+        key=key, dir=str(out), published_dir=str(pub), gguf=gguf, gguf_bytes={t: Path(p).stat().st_size for t, p in gguf.items()},
+        modelfile=str(pub / built["modelfile"]) if built["modelfile"] else None,
+        gptq_dir=str(pub / built["gptq"]) if built["gptq"] else None,
+        stop_tokens=built["stop_tokens"], system_prompt=built["system_prompt"], seconds=built["seconds"],
+    )
+
+
+def _update_card(pub: Path, built: dict) -> None:
+    card = pub / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8")
+    text = re.sub(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END) + "\n?", "", text, flags=re.S)
+    text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(pub, built) + CARD_END + "\n"
+    card.write_text(text, encoding="utf-8")
+
+
+def deploy_section(pub: Path, built: dict) -> str:
+    lines = ["## Deploy", ""]
+    if built["gguf"]:
+        files = ", ".join(f"`{r}`" for r in built["gguf"].values())
+        q = built["gguf"].get("q8_0") or next(iter(built["gguf"].values()))
+        lines += [f"GGUF for llama.cpp: {files} (converted by llama.cpp's `convert_hf_to_gguf.py`, llama-cpp-python {CONVERTER_VERSION}).",
+                  "```sh", f"llama-server -m {pub / q} --jinja --port 8080      # OpenAI-compatible, chat template from the GGUF",
+                  f"qlora-pipeline serve-model {pub.parent.name} --format gguf", "```"]
+    if built["modelfile"]:
+        lines += ["", "Ollama (TEMPLATE, SYSTEM and stop tokens as in training):", "```sh",
+                  f"cd {pub} && ollama create {pub.name} -f Modelfile && ollama run {pub.name}", "```"]
+    if built["gptq"]:
+        lines += ["", "vLLM, GPTQ W4A16 (compressed-tensors):", "```sh", f"vllm serve {pub / built['gptq']}", "```"]
+    lines += ["", "vLLM, 16/32-bit merged model:", "```sh", f"vllm serve {pub / 'merged'}", "```", ""]
+    return "\n".join(lines)
+
+
+def _update_manifest(pub: Path) -> None:
+    """The manifest lists every file again (sizes + sha256), written last: `is_published` stays the truth."""
+    old = {f["path"]: f for f in read_json(pub / MANIFEST)["files"]} if (pub / MANIFEST).is_file() else {}
+    entries = []
+    for p in sorted(x for x in pub.rglob("*") if x.is_file() and x.name != MANIFEST and not x.name.startswith(".")):
+        rel = str(p.relative_to(pub))
+        size = p.stat().st_size
+        same = old.get(rel) and old[rel]["bytes"] == size and rel != "README.md" and not rel.startswith(("gguf/", "gptq-w4a16/", "Modelfile"))
+        entries.append(old[rel] if same else {"path": rel, "bytes": size, "sha256": file_sha256(p)})
+    write_json(pub / MANIFEST, {"files": entries})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve-model: an OpenAI-compatible endpoint on a published model
+
+
+def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
+    files = sorted((folder / "gguf").glob("*.gguf"))
+    if gguf_type:
+        files = [f for f in files if f.stem.endswith(f"-{gguf_type}")]
+    if not files:
+        raise StageError(f"{folder} has no {gguf_type or ''} GGUF (gguf/*.gguf); run the export stage (`qlora-pipeline run`, "
+                         "with export.gguf set) or serve with --format merged")
+    return next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+
+
+def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, ready=None) -> None:
+    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C."""
+    import signal
+
+    import xllamacpp as xlc
+
+    params = xlc.CommonParams()
+    params.model.path = str(gguf)
+    params.hostnames = [host]
+    params.port = port
+    params.n_ctx = n_ctx
+    params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
+    params.n_parallel = 1
+    params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
+    server = xlc.Server(params)
+    try:
+        if ready:
+            ready(server.listening_address)
+        stop = {"now": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"]:
+                time.sleep(0.2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        del server  # its destructor stops the HTTP loop and frees the model
+
+
+def transformers_serve_command(merged: Path, host: str, port: int) -> list[str]:
+    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded."""
+    exe = Path(sys.executable).parent / "transformers"
+    return [str(exe) if exe.is_file() else "transformers", "serve", str(merged), "--host", host, "--port", str(port)]

@@ -1,0 +1,493 @@
+"""Export for serving (stage 8) and the published model as a user meets it.
+
+Fast: the chat template -> Ollama TEMPLATE split, the training system prompt in the published template, the
+converter's one-line errors, the flow with a model llama.cpp cannot convert (earlier stages intact, a fixed
+rerun redoes only the export), `chat` after a fully cached run, run names, the suite's own Prefect home.
+Slow (one SmolLM2-135M conversion per session, the real converter): GGUF f16/q8_0 logits vs the HF model,
+a real llama.cpp server answering like the HF model, the Modelfile's stop tokens in the GGUF vocabulary,
+`serve-model` over HTTP on loopback for both formats with a clean Ctrl-C, GPTQ W4A16 when its env exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tasks.common import PROJECT_ROOT, StageError
+
+SYSTEM = "Follow the instruction exactly."
+
+
+def _patched(tok, system: str | None):
+    import copy
+
+    from tasks.publish import template_with_system
+
+    tok = copy.deepcopy(tok)
+    if system:
+        tok.chat_template = template_with_system(tok.chat_template, system)
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast: templates, Modelfile, errors
+
+
+def test_published_template_adds_the_training_system_prompt_only_when_a_chat_has_none(tiny_tok):
+    tok = _patched(tiny_tok, SYSTEM)
+    user = [{"role": "user", "content": "Say 'ok'."}]
+    explicit = [{"role": "system", "content": SYSTEM}, *user]
+    assert tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
+        tiny_tok.apply_chat_template(explicit, tokenize=False, add_generation_prompt=True)
+    other = [{"role": "system", "content": "Be terse."}, *user]
+    assert tok.apply_chat_template(other, tokenize=False) == tiny_tok.apply_chat_template(other, tokenize=False)
+    assert SYSTEM not in tok.apply_chat_template(other, tokenize=False)
+
+
+def test_system_prompt_with_quotes_and_newlines_survives_the_template(tiny_tok):
+    odd = 'Say "yes".\nNever \'no\' {{ x }} {% y %} ü'
+    tok = _patched(tiny_tok, odd)
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False)
+    assert odd.strip() in text
+
+
+def _smol_like_tokenizer(tiny_tok):
+    """The tiny tokenizer with SmolLM2's chat template (its default system turn included)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                         "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+                         "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    return tok
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None])
+@pytest.mark.parametrize("template", ["project-default", "smollm2"])
+def test_ollama_template_renders_like_the_chat_template(tiny_tok, template, system):
+    from tasks.export import check_template_equivalence, default_system, render_with_parts, template_parts
+
+    base = tiny_tok if template == "project-default" else _smol_like_tokenizer(tiny_tok)
+    tok = _patched(base, system)
+    parts = template_parts(tok)
+    effective = system or default_system(tok, parts)
+    if template == "smollm2":
+        assert parts["user"] == ("<|im_start|>user\n", "<|im_end|>\n")
+        assert parts["assistant"] == ("<|im_start|>assistant\n", "<|im_end|>\n")
+        assert effective == (system or "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    else:
+        assert effective == system  # the project's default template injects nothing
+    check_template_equivalence(tok, parts, effective)  # raises on any difference
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    explicit = ([{"role": "system", "content": effective}] if effective else []) + conv
+    assert render_with_parts(parts, explicit, True) == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+def test_template_that_rewrites_content_is_refused_not_approximated(tiny_tok):
+    import copy
+
+    from tasks.export import template_parts
+
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}\n{% endfor %}"
+    with pytest.raises(StageError, match="export.modelfile=false"):
+        template_parts(tok)
+
+
+def test_modelfile_structure(tiny_tok):
+    from tasks.export import modelfile_text, ollama_template, parse_modelfile, template_parts
+
+    parts = template_parts(_patched(_smol_like_tokenizer(tiny_tok), SYSTEM))
+    text = modelfile_text("./gguf/m-q8_0.gguf", parts, ["<|im_end|>"], SYSTEM, 2048)
+    mf = parse_modelfile(text)
+    assert mf["FROM"] == "./gguf/m-q8_0.gguf"
+    assert mf["SYSTEM"] == SYSTEM
+    assert mf["TEMPLATE"] == ollama_template(parts)
+    assert ("stop", "<|im_end|>") in mf["PARAMETER"] and ("num_ctx", "2048") in mf["PARAMETER"]
+    # Every literal of the format is a quoted Go string: `{{-` trimming cannot eat the format's newlines.
+    assert '{{ "<|im_start|>user\\n" }}{{ .Content }}{{ "<|im_end|>\\n" }}' in mf["TEMPLATE"]
+    assert mf["TEMPLATE"].count("{{ .Content }}") == 3 and "$last" in mf["TEMPLATE"]
+
+
+GO_RENDER = r"""package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	var data struct{ Messages []Message }
+	if err := json.NewDecoder(os.Stdin).Decode(&data.Messages); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(string(src)))
+	if err := t.Execute(os.Stdout, data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (Debian: apt-get install golang-go)")
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_ollama_template_executes_in_go_like_the_chat_template(tiny_tok, tmp_path, system):
+    """Ollama's TEMPLATE is Go text/template over .Messages (SYSTEM prepended as a message when a chat has none):
+    executed by Go itself, it renders what the Jinja chat template renders."""
+    from tasks.export import default_system, ollama_template, template_parts
+
+    tok = _patched(_smol_like_tokenizer(tiny_tok), system)
+    parts = template_parts(tok)
+    effective = system or default_system(tok, parts)
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    (tmp_path / "t.tmpl").write_text(ollama_template(parts))
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+    subprocess.run(["go", "build", "-o", str(tmp_path / "render"), str(tmp_path / "render.go")], check=True, env=env, timeout=600)
+    convs = [[{"role": "user", "content": "Say hi."}],
+             [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Times {{3}}?"}]]
+    for conv in convs:
+        messages = [{"role": "system", "content": effective}, *conv]  # what Ollama hands the template
+        got = subprocess.run([str(tmp_path / "render"), str(tmp_path / "t.tmpl")], input=json.dumps(messages), capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+        assert got == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+def test_converter_failure_is_named_in_one_line():
+    from tasks.export import converter_failure
+
+    err = "INFO:hf-to-gguf:Loading model: x\nERROR:hf-to-gguf:Model FancyNetForCausalLM is not supported\n"
+    assert converter_failure(err) == "architecture FancyNetForCausalLM is not supported by its version 0.3.36"
+    err = "Traceback...\nNotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()\n"
+    assert "pre-tokenizer" in converter_failure(err)
+
+
+def test_converter_archive_is_pinned_by_sha256(tmp_path):
+    from tasks.export import install_converter
+
+    bogus = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    bogus.write_bytes(b"not the archive")
+    with pytest.raises(StageError, match="sha256"):
+        install_converter(bogus, tmp_path / "conv")
+    assert not (tmp_path / "conv").exists()
+
+
+def test_unconvertible_tokenizer_is_one_line_error(tiny_cfg, shared_artifacts, tmp_path):
+    """The tiny model's byte-level BPE is not a pre-tokenizer llama.cpp knows: a one-line StageError, no GGUF."""
+    from tasks.export import convert_to_gguf, ensure_converter
+    from tasks.models import resolve_model
+
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    with pytest.raises(StageError) as e:
+        convert_to_gguf(Path(ref.path), tmp_path / "x.gguf", "f16", ensure_converter())
+    msg = str(e.value)
+    assert "\n" not in msg and "pre-tokenizer" in msg and "export.gguf=[]" in msg
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The flow: export is stage 8; its failure leaves earlier stages intact; the fix redoes only it
+
+
+@pytest.mark.slow
+def test_export_failure_keeps_earlier_stages_and_fixed_rerun_redoes_only_export(prefect_server, tmp_path):
+    from flows.finetune import finetune
+
+    art = tmp_path / "artifacts"
+    base = [f"artifacts_dir={art}", f"data.system_prompt={SYSTEM}"]
+    with pytest.raises(StageError) as e:
+        finetune(profile="tiny", overrides=[*base, "export.gguf=[f16]"])
+    assert "\n" not in str(e.value) and "GGUF converter cannot convert" in str(e.value)
+    latest = json.loads((art / "latest.json").read_text())
+    failed = json.loads(Path(latest["summary"]).read_text())
+    assert failed["status"] == "failed" and failed["stages"]["export"]["status"] == "failed"
+    assert all(failed["stages"][s]["status"] == "completed" for s in ("data", "train", "merge", "publish"))
+    assert "-1m-" in failed["run"], "the run name carries the profile's budget (tiny: 1 minute)"
+
+    fixed = finetune(profile="tiny", overrides=[*base, "export.gguf=[]"])
+    assert fixed["status"] == "completed" and list(fixed["stages"])[-1] == "export"
+    assert [s for s, v in fixed["stages"].items() if not v["cached"]] == ["export"]
+    pub = Path(fixed["published"])
+    card = (pub / "README.md").read_text()
+    assert "github.com" not in card and json.dumps(SYSTEM) in card and '"role": "system"' in card
+
+    # `chat` without a run name after that fully cached rerun: found through the run's summary.json.
+    from tasks.publish import find_run
+
+    assert find_run(None, str(art)) == pub
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--prompt", "Say ok.", "--max-new-tokens", "4",
+                           "--artifacts-dir", str(art)], capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_find_run_follows_the_summary_of_a_cached_run(tmp_path):
+    from tasks.common import write_json
+    from tasks.publish import MANIFEST, find_run
+
+    first = tmp_path / "runs" / "demo-5m-1" / "model"
+    (first / "merged").mkdir(parents=True)
+    (first / "merged" / "config.json").write_text("{}")
+    write_json(first / MANIFEST, {"files": [{"path": "merged/config.json", "bytes": 2, "sha256": "x"}]})
+    write_json(tmp_path / "runs" / "demo-5m-2" / "summary.json", {"published": str(first), "status": "completed"})
+    write_json(tmp_path / "latest.json", {"run": "demo-5m-2"})
+    assert find_run(None, str(tmp_path)) == first
+    assert find_run("demo-5m-2", str(tmp_path)) == first
+    with pytest.raises(StageError, match="no published model"):
+        find_run("demo-5m-3", str(tmp_path))
+    # A summary pointing outside this artifacts folder is not followed.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    shutil.copytree(first, outside)
+    write_json(tmp_path / "runs" / "demo-5m-4" / "summary.json", {"published": str(outside)})
+    with pytest.raises(StageError, match="no published model"):
+        find_run("demo-5m-4", str(tmp_path))
+
+
+def test_budget_label_names_the_real_budget():
+    from flows.finetune import budget_label
+
+    assert budget_label(None, 5) == "5m" and budget_label(4, None) == "4h" and budget_label(1, 30) == "1h30m"
+    assert budget_label(None, None) is None
+
+
+def test_suite_runs_against_its_own_prefect_home():
+    from prefect.settings import get_current_settings
+
+    from conftest import TEST_PREFECT_HOME
+
+    s = get_current_settings()
+    assert Path(s.home).resolve() == Path(TEST_PREFECT_HOME).resolve()
+    assert Path(s.home).resolve() != (Path.home() / ".prefect").resolve()
+    assert TEST_PREFECT_HOME in str(s.server.database.connection_url.get_secret_value() if hasattr(s.server.database.connection_url, "get_secret_value") else s.server.database.connection_url)
+    # Subprocesses (the CLI tests) inherit it.
+    out = subprocess.run([sys.executable, "-c", "from prefect.settings import get_current_settings as g; print(g().home)"],
+                         capture_output=True, text=True, timeout=120).stdout.strip()
+    assert Path(out).resolve() == Path(TEST_PREFECT_HOME).resolve()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Slow: the real SmolLM2-135M, converted once per session
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def smol_export(shared_artifacts, tmp_path_factory):
+    """SmolLM2-135M as a published folder (its HF weights stand in for a merged model) exported to GGUF f16+q8_0."""
+    from tasks.common import write_json
+    from tasks.config import load_config
+    from tasks.data import load_dataset_records
+    from tasks.export import export_artifacts
+    from tasks.models import resolve_model
+    from tasks.publish import MANIFEST, install_system_prompt
+
+    cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
+                                                 "data.heldout_size=16"])
+    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
+    ref = resolve_model(cfg.model, shared_artifacts)
+    runs = Path(shared_artifacts) / "runs"
+    pub = runs / "smol-export" / "smollm2"
+    if not pub.exists():
+        shutil.copytree(ref.path, pub / "merged", ignore=shutil.ignore_patterns("COMPLETE"))
+        install_system_prompt(pub / "merged", SYSTEM)
+        (pub / "README.md").write_text("# card\n")
+        write_json(pub / "summary.json", {"data": {"stop_token_ids": data.stop_token_ids}})
+        write_json(pub / MANIFEST, {"files": []})
+        write_json(runs / "smol-export" / "summary.json", {"published": str(pub)})
+    from types import SimpleNamespace
+
+    rec = export_artifacts(SimpleNamespace(key=ref.fingerprint), SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged")),
+                           data, cfg.export, SYSTEM, shared_artifacts)
+    heldout = [json.loads(l)["messages"] for l in (Path(data.dir) / "heldout.jsonl").read_text().splitlines()]
+    return rec, pub, heldout, data
+
+
+def _hf(pub: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(pub / "merged"))
+    model = AutoModelForCausalLM.from_pretrained(str(pub / "merged"), dtype=torch.float32).eval()
+    return tok, model
+
+
+@pytest.mark.slow
+def test_gguf_logits_agree_with_the_merged_model(smol_export):
+    """Reloaded with transformers (`gguf_file=`): top-1 agreement on held-out chats, f16 >= 99%, q8_0 >= 90%."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rec, pub, heldout, _ = smol_export
+    tok, ref_model = _hf(pub)
+    texts = [tok.apply_chat_template(m[1:], tokenize=False) for m in heldout[:6]]  # system turn from the template
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    mask = enc["attention_mask"].bool()
+    with torch.inference_mode():
+        want = ref_model(**enc).logits.argmax(-1)[mask]
+    agreement = {}
+    for outtype, path in rec.gguf.items():
+        g = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            got = g(**enc).logits.argmax(-1)[mask]
+        agreement[outtype] = float((got == want).float().mean())
+        del g
+    print(f"\nGGUF top-1 agreement with the HF model on {int(mask.sum())} held-out tokens: {agreement}")
+    assert agreement["f16"] >= 0.99 and agreement["q8_0"] >= 0.90, agreement
+
+
+@pytest.mark.slow
+def test_modelfile_stop_tokens_exist_in_the_gguf_vocabulary(smol_export):
+    import gguf
+
+    from tasks.export import parse_modelfile
+
+    rec, pub, _, _ = smol_export
+    mf = parse_modelfile(Path(rec.modelfile).read_text())
+    target = (pub / mf["FROM"]).resolve()
+    assert target.is_file() and target.name.endswith("-q8_0.gguf")
+    reader = gguf.GGUFReader(str(target))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    vocab = {bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data}
+    stops = [v for k, v in mf["PARAMETER"] if k == "stop"]
+    assert stops == ["<|im_end|>"] and all(s in vocab for s in stops)
+    assert mf["SYSTEM"] == SYSTEM
+    template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert SYSTEM in template, "the GGUF's embedded chat template carries the training system prompt"
+    card = (pub / "README.md").read_text()
+    assert "## Deploy" in card and "ollama create" in card and card.count("## Deploy") == 1
+    manifest = json.loads((pub / "MANIFEST.json").read_text())
+    assert {"Modelfile", f"gguf/{target.name}"} <= {f["path"] for f in manifest["files"]}
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_ready(proc, url: str, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} not ready in {timeout}s")
+
+
+def _serve_model(pub_run: str, art: str, fmt: str, port: int, *extra: str):
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", pub_run, "--format", fmt, "--port", str(port),
+                             "--artifacts-dir", art, "--ctx", "1024", *extra],
+                            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stop_with_ctrl_c(proc) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol_export, shared_artifacts):
+    """A real llama.cpp server (xllamacpp) on the f16 GGUF via `serve-model --format gguf`: a held-out prompt's
+    greedy answer equals the HF model's, it stops at end-of-turn, and Ctrl-C shuts it down with exit 0.
+    (f16: q8_0 agrees on ~97% of tokens, so a long greedy answer may fork; its logits are checked above.)"""
+    import torch
+
+    rec, pub, heldout, data = smol_export
+    tok, model = _hf(pub)
+    # The first held-out prompt the HF model answers and closes within 32 tokens with no near-tie on the way: a
+    # greedy step whose top-2 logits are within 0.25 may flip under llama.cpp's f16 kernels (measured: SmolLM2's
+    # 'SHEET' vs 'SHEEP' at a margin of 0.001), which says nothing about the export.
+    for conv in heldout:
+        prompt = conv[1:-1]  # user turn only: the published template adds the training system prompt
+        enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=data.stop_token_ids,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[0, enc["input_ids"].shape[1]:]
+        margin = min(float(t[0] - t[1]) for t in (sc[0].topk(2).values for sc in out.scores))
+        if new[-1].item() in data.stop_token_ids and margin >= 0.25:
+            break
+    else:
+        pytest.fail("the HF model closed no held-out answer within 32 tokens without a near-tie")
+    want = tok.decode(new, skip_special_tokens=True).strip()
+
+    port = _free_port()
+    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16")
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health")
+        got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                    {"messages": prompt, "max_tokens": 32, "temperature": 0, "top_k": 1})
+    finally:
+        rc = _stop_with_ctrl_c(proc)
+    answer = got["choices"][0]["message"]["content"].strip()
+    print(f"\nprompt: {prompt[-1]['content']!r}\nHF: {want!r}\nllama.cpp f16: {answer!r} ({got['choices'][0]['finish_reason']})")
+    assert answer == want
+    assert got["choices"][0]["finish_reason"] == "stop" and "<|im_end|>" not in answer
+    assert rc == 0 and "stopped" in proc.stderr.read()
+
+
+@pytest.mark.slow
+def test_serve_model_merged_with_transformers_serve(smol_export, shared_artifacts):
+    rec, pub, heldout, _ = smol_export
+    port = _free_port()
+    proc = _serve_model("smol-export", shared_artifacts, "merged", port)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health")
+        got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                    {"model": str(pub / "merged"), "messages": heldout[0][1:-1], "max_tokens": 16, "temperature": 0})
+    finally:
+        rc = _stop_with_ctrl_c(proc)
+    assert got["choices"][0]["message"]["content"].strip()
+    assert rc == 0
+
+
+GPTQ_PY = PROJECT_ROOT / ".venv-gptq" / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPTQ_PY.is_file(), reason="llmcompressor's environment not created (make gptq-env)")
+def test_gptq_w4a16_reloads_and_generates(smol_export, tmp_path):
+    from tasks.export import GPTQ_SCRIPT
+
+    rec, pub, heldout, data = smol_export
+    out = tmp_path / "gptq"
+    subprocess.run([str(GPTQ_PY), str(GPTQ_SCRIPT), str(pub / "merged"), str(out), "--calib", str(Path(data.dir) / "train"),
+                    "--samples", "8"], check=True, timeout=1200)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    code = ("import sys,torch; from transformers import AutoModelForCausalLM, AutoTokenizer; p=sys.argv[1];"
+            "t=AutoTokenizer.from_pretrained(p); m=AutoModelForCausalLM.from_pretrained(p);"
+            "e=t.apply_chat_template([{'role':'user','content':'Say ok.'}],add_generation_prompt=True,return_tensors='pt',return_dict=True);"
+            "print(repr(t.decode(m.generate(**e,max_new_tokens=8,do_sample=False)[0][e['input_ids'].shape[1]:])))")
+    done = subprocess.run([str(GPTQ_PY), "-c", code, str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.strip()) > 2
