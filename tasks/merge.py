@@ -193,7 +193,7 @@ def merged_state_dict(peft_model, dtype) -> tuple[dict, int]:
             if isinstance(module, BaseTunerLayer):
                 wrapped.append(name)
                 layer = module.get_base_layer()
-                w = _dense_weight(layer.weight).float()
+                w = _dense_weight(layer.weight).to(torch.float32, copy=True)  # a copy: the sum must not land in the live base weight
                 for adapter in module.active_adapters:
                     if adapter in getattr(module, "lora_A", {}):
                         delta = module.get_delta_weight(adapter).float().to(w.device)

@@ -189,3 +189,18 @@ def test_template_closing_with_a_non_special_token_names_both_tokens():
         stop_token_ids(tok)
     msg = str(e.value)
     assert "'[END]" in msg and "'</s>'" in msg and "\n" not in msg
+
+
+def test_plain_lora_merge_leaves_the_base_weights_untouched(tmp_path, shared_artifacts):
+    """fp32 CPU LoRA: the merge must add into a copy, not into the live base weight (the reference is computed after)."""
+    from peft import PeftModel
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "device=cpu"])
+    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", shared_artifacts)
+    train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, shared_artifacts)
+    ref = resolve_model(cfg.model, shared_artifacts)
+    model = PeftModel.from_pretrained(load_base_model(ref, cfg.model, cfg.quant, "cpu"), train.adapter_dir).eval()
+    before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    M.merged_state_dict(model, torch.float32)
+    assert all(torch.equal(before[n], p) for n, p in model.get_base_model().named_parameters())
