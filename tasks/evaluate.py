@@ -161,9 +161,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
     bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn) for name, suite in suites.items()}
-    verdict = make_verdict(summary, gain_ci, bench_results, eval.confidence)
-    for line in verdict["lines"]:
-        log_fn(f"evaluate: {line}")
+    verdict = make_verdict(summary, gain_ci, bench_results, eval.confidence)  # logged once by the task wrapper
 
     samples = []
     for i in range(min(eval.samples, n)):
