@@ -432,7 +432,10 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
             b, t = overlap["base"][metric], overlap["tuned"][metric]
             m[metric] = {"base": {"value": round(sum(b) / len(b), 4)}, "tuned": {"value": round(sum(t) / len(t), 4)}, **_paired(b, t, conf)}
         for i, d in enumerate(detail):
-            d.update(reference=refs[i], base_loss=round(per_prompt_loss["base"][i], 4), tuned_loss=round(per_prompt_loss["tuned"][i], 4),
+            # AlpacaEval's prompts and references are CC-BY-NC-4.0: eval.json (published, maybe pushed to the hub)
+            # keeps the row id and the numbers, not their text.
+            d.pop("prompt")
+            d.update(base_loss=round(per_prompt_loss["base"][i], 4), tuned_loss=round(per_prompt_loss["tuned"][i], 4),
                      base_rouge_l=round(overlap["base"]["rouge_l"][i], 4), tuned_rouge_l=round(overlap["tuned"]["rouge_l"][i], 4))
         summary["metrics_note"] = "ROUGE-L: rouge-score (stemmed F1); chrF: sacrebleu sentence chrF / 100; lengths in words"
 

@@ -320,7 +320,7 @@ def test_unreadable_benchmark_fails_only_evaluate_then_rerun_reuses_earlier_stag
         finetune(profile="tiny", overrides=[f"artifacts_dir={art}", f"eval.benchmark_sources={{ifeval: {tmp_path / 'missing.jsonl'}}}"])
     failed = summary_of()
     assert failed["status"] == "failed"
-    assert [s for s, v in failed["stages"].items() if v["status"] == "completed"] == ["data", "profile", "probe", "train"]
+    assert {s for s, v in failed["stages"].items() if v["status"] == "completed"} == {"data", "profile", "probe", "train"}
     assert failed["stages"]["evaluate"]["status"] == "failed"
 
     fixed = finetune(profile="tiny", overrides=[f"artifacts_dir={art}", f"eval.benchmark_sources={{ifeval: {IFEVAL_FIXTURE}}}"])
