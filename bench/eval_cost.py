@@ -9,7 +9,11 @@ idle machine is known (docs/BENCHMARKS.md): on a shared, busy CPU the *ratio* be
 carries over, so the script prints it too.
 
     PYTHONPATH=$PWD python bench/eval_cost.py --n 24 --ifeval-tokens 128 --alpaca-tokens 128
-    PYTHONPATH=$PWD python bench/eval_cost.py --profile mistral-7b --n 64 --out $OUT   # on a GPU box
+    # GPU box without hub access: the Mistral-7B architecture with random weights (never stops at EOS, so
+    # every answer runs to the cap: the worst case), NF4 as in training
+    PYTHONPATH=$PWD python bench/eval_cost.py --profile mistral-7b --set model.name=random:mistral \
+        --set 'model.random_config={vocab_size: 32000, dtype: bfloat16}' \
+        --n 64 --ifeval-tokens 512 --alpaca-tokens 512 --reference-tokens 512 --batch-size 16 --out $OUT
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def main() -> None:
     ap.add_argument("--embedded-tokens", type=int, default=48)
     ap.add_argument("--reference-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=0, help="0 = the profile's eval.batch_size")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="pipeline.yaml override, dotted=value")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
 
@@ -40,7 +45,7 @@ def main() -> None:
     from tasks.evaluate import generate_sorted, reference_nll
     from tasks.models import load_base_model, load_tokenizer, resolve_device, resolve_model
 
-    cfg = load_config(profile=a.profile)
+    cfg = load_config(profile=a.profile, overrides=a.overrides)
     device = resolve_device(cfg.device)
     ref = resolve_model(cfg.model, cfg.artifacts_dir)
     tok = load_tokenizer(ref, cfg.model)
