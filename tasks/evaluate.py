@@ -397,20 +397,17 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     if name == "ifeval":
         registry = bench.ifeval_registry()
         verdicts = {who: [bench.check_ifeval(r, gens[who][i]["text"], registry) for i, r in enumerate(rows)] for who in gens}
-        s = {who: bench.ifeval_summary(v) for who, v in verdicts.items()}
-        for level in ("per_prompt", "per_instruction"):
+        p = bench.ifeval_paired(verdicts["base"], verdicts["tuned"])
+        for level in ("prompt", "instruction"):
             for mode in ("strict", "loose"):
-                b, t = s["base"][level][mode], s["tuned"][level][mode]
-                keep = [i for i in range(len(b)) if b[i] is not None and t[i] is not None]  # same scoreable items for both
-                b, t = [b[i] for i in keep], [t[i] for i in keep]
-                key = f"{'prompt' if level == 'per_prompt' else 'instruction'}_{mode}"
-                m[key] = {"base": _binary(b, conf), "tuned": _binary(t, conf), **_paired([float(x) for x in b], [float(x) for x in t], conf)}
-        # Unscoreable types are a property of the installed checkers/data, identical for base and tuned.
-        summary["unscoreable"] = s["tuned"]["unscoreable"]
-        summary["unscoreable_instructions"] = s["tuned"]["unscoreable_instructions"]
-        summary["excluded_prompts"] = s["tuned"]["excluded_prompts"]
-        summary["by_type"] = {k: {"n": v["n"], "base_loose": round(s["base"]["by_type"][k]["loose"] / v["n"], 3),
-                                  "tuned_loose": round(v["loose"] / v["n"], 3)} for k, v in sorted(s["tuned"]["by_type"].items())}
+                b, t = p[level][mode]
+                m[f"{level}_{mode}"] = {"base": _binary(b, conf), "tuned": _binary(t, conf), **_paired([float(x) for x in b], [float(x) for x in t], conf)}
+        # Counted, and left out of both models' denominators: never folded into pass or fail.
+        summary["unscoreable"] = p["unscoreable"]
+        summary["unscoreable_instructions"] = p["unscoreable_instructions"]
+        summary["excluded_prompts"] = p["excluded_prompts"]
+        summary["by_type"] = {k: {"n": v["n"], "base_loose": round(v["base_loose"] / v["n"], 3), "tuned_loose": round(v["tuned_loose"] / v["n"], 3)}
+                              for k, v in sorted(p["by_type"].items())}
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
         summary["checkers"] = f"if-verifiable=={_version('if-verifiable')} (Google's IFEval rule checkers)"

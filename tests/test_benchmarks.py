@@ -222,6 +222,17 @@ def test_unscoreable_types_are_counted_and_excluded_never_passed_or_failed(regis
     assert s["per_instruction"]["strict"] == [True, True, True]  # only the scoreable instructions
 
 
+def test_paired_scoring_drops_an_instruction_unscoreable_for_either_model_from_both():
+    ok = lambda iid, v: {"id": iid, "strict": v, "loose": v}  # noqa: E731
+    base = [[ok("a", True), ok("b", False)], [ok("a", True)], [ok("a", False)]]
+    tuned = [[ok("a", True), {"id": "b", "unscoreable": "missing data: x"}], [ok("a", False)], [ok("a", True)]]
+    p = bench.ifeval_paired(base, tuned)
+    assert p["instruction"]["strict"] == ([True, True, False], [True, False, True])  # aligned pairs, "b" left out of both
+    assert p["prompt"]["loose"] == ([True, False], [False, True])  # prompt 1 excluded
+    assert p["unscoreable"] == {"b": {"count": 1, "reason": "missing data: x"}} and p["excluded_prompts"] == 1
+    assert p["by_type"] == {"a": {"n": 3, "base_loose": 2, "tuned_loose": 2}}
+
+
 def test_every_packaged_ifeval_type_is_scoreable_here(registry):
     rows, _ = bench.load_benchmark("ifeval")
     s = bench.ifeval_summary([bench.check_ifeval(r, "A plain answer. It has two sentences.", registry) for r in rows])
