@@ -307,6 +307,9 @@ def check_ifeval(row: dict, response: str, registry: dict[str, Any]) -> list[dic
         except LookupError as e:  # nltk.data.find: a resource (tokenizer, corpus, tagger) is not installed
             out.append({"id": iid, "unscoreable": f"missing data: {str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}"})
             continue
+        except Exception as e:  # a checker crashing on an odd answer: counted and shown, not a lost evaluate stage
+            out.append({"id": iid, "unscoreable": f"checker error: {type(e).__name__}: {str(e)[:120]}"})
+            continue
         out.append({"id": iid, "strict": strict, "loose": loose})
     return out
 
