@@ -189,7 +189,8 @@ def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = 
 
 def benchmark_prompts(names: list[str], artifacts_dir: str | None = None, sources: dict[str, str] | None = None) -> dict[str, list[str]]:
     """For each benchmark name in eval.benchmarks (e.g. "ifeval", "alpaca_eval"): every user prompt of the FULL
-    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto)."""
+    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto).
+    `artifacts_dir` is accepted for a stable signature; nothing is cached there today (the files are local)."""
     sources = sources or {}
     return {n: [r["prompt"] for r in load_benchmark(n, sources.get(n, "auto"), artifacts_dir)[0]] for n in names}
 
