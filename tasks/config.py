@@ -232,6 +232,27 @@ class EvalSection(Section):
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     samples: int = Field(8, ge=0, description="Base-vs-tuned sample rows shown in the report.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the accuracy intervals (Wilson).")
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["ifeval", "alpaca_eval"],
+        description="Standard benchmarks scored base vs tuned whatever the training data (tasks/benchmarks.py): "
+        "ifeval (Google's verifiable instructions), alpaca_eval (open-ended prompts vs GPT-4-Turbo references). [] = none.",
+    )
+    benchmark_sources: dict[str, str] = Field(
+        default_factory=dict, description="Per benchmark: auto (packaged copy, else hub), packaged, hub, hub:<owner>/<name>, "
+        "or a local .json/.jsonl file in the benchmark's own schema. Absent = auto.",
+    )
+    benchmark_prompts: dict[str, int] = Field(
+        default_factory=dict, description="Per benchmark: a seeded subset of this many prompts (same rows every run); "
+        "absent = the full set (541 IFEval, 805 AlpacaEval). Smaller = faster, wider intervals.",
+    )
+    benchmark_max_new_tokens: dict[str, int] = Field(
+        default_factory=dict, description="Per benchmark generation cap; absent = 512. IFEval has 300+-word tasks: a low cap "
+        "fails them for base and tuned alike.",
+    )
+    reference_max_tokens: int = Field(
+        512, ge=1, description="AlpacaEval reference answers are cut to this many tokens for the reference loss (cost is linear).",
+    )
+    benchmark_seed: int = Field(0, description="Seed of the benchmark subsets.")
 
 
 class MergeSection(Section):
@@ -436,12 +457,29 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
                         f"grad_accum / gpus micro-batches per step); set it to a multiple of {gpus}, e.g. {gpus * max(cfg.training.grad_accum // gpus, 1)}")
     if cfg.eval.max_prompts < 1:
         problems.append("eval.max_prompts: must be >= 1")
+    problems += _benchmark_problems(cfg.eval)
     if cfg.model.name.startswith("random:") and not cfg.model.random_config:
         problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", cfg.output_name):
         problems.append(f"output_name: {cfg.output_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
     if cfg.publish.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", cfg.publish.hub_repo_id):
         problems.append(f"publish.hub_repo_id: {cfg.publish.hub_repo_id!r} is not user/name")
+    return problems
+
+
+def _benchmark_problems(ev: EvalSection) -> list[str]:
+    """Benchmark names and per-benchmark settings, checked before any stage runs (a typo is one line here,
+    not an evaluate failure after training)."""
+    from .benchmarks import BENCHMARKS, source_problems, unknown_benchmarks
+
+    problems = unknown_benchmarks(ev.benchmarks)
+    problems += source_problems(ev.benchmark_sources)
+    for field in ("benchmark_prompts", "benchmark_max_new_tokens"):
+        for name, value in getattr(ev, field).items():
+            if name not in BENCHMARKS:
+                problems.append(f"eval.{field}.{name}: unknown benchmark; known: {', '.join(sorted(BENCHMARKS))}")
+            elif value < 1:
+                problems.append(f"eval.{field}.{name}: must be >= 1 (got {value}); drop the key for the full set")
     return problems
 
 

@@ -6,8 +6,14 @@ disabled, so both see identical weights, prompts and decoding. Reports, for each
 - verifiable accuracy (greedy generations scored by the embedded tasks' checkers) per family and overall,
   with Wilson intervals, plus a paired bootstrap interval for the tuned-minus-base difference;
 - the share of generations that stopped by EOS vs hit the token limit (the "never stops" bug, measured);
-- N sample prompts with both outputs.
-User datasets without checkers get loss/perplexity and the samples.
+- N sample prompts with both outputs;
+- standard benchmarks whatever the training data (`eval.benchmarks`, tasks/benchmarks.py), same prompts and
+  decoding for both: IFEval (official rule checkers; prompt/instruction level, strict/loose) and AlpacaEval's
+  open-ended prompts (loss on the GPT-4-Turbo reference answers; answer length, empty/one-line, EOS and
+  repetition shares; ROUGE-L and chrF against the reference), each with Wilson/bootstrap intervals;
+- a verdict: where tuned beats base beyond the intervals, where it regressed, and warnings when the tuned
+  model got terser or its reference loss rose.
+User datasets without checkers get loss/perplexity, the samples and the benchmarks.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from . import benchmarks as bench
 from . import instructions
 from .common import building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: standard benchmarks + verdict
 
 
 class EvalRecord(BaseModel):
@@ -41,6 +48,8 @@ class EvalRecord(BaseModel):
     gain_ci: list[float] | None
     beats_base: bool | None  # tuned's Wilson lower bound above base's upper bound
     seconds: float
+    benchmarks: dict = {}  # name -> summary (metrics base/tuned with intervals, provenance, subset, timing)
+    verdict: dict = {}  # better / worse / unclear metric lines and warnings (see `make_verdict`)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -75,7 +84,10 @@ def paired_bootstrap(a: list[bool], b: list[bool], confidence: float = 0.95, rou
 
 
 def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection) -> str:
-    return fingerprint("eval", EVAL_VERSION, data.key, train.key, quant.model_dump(mode="json"), eval.model_dump(mode="json"))
+    # Benchmark files are keyed by content (sha256), so a new copy of a benchmark re-runs the stage; the subset
+    # sizes, seed and caps are part of eval's dump.
+    sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
+    return fingerprint("eval", EVAL_VERSION, data.key, train.key, quant.model_dump(mode="json"), eval.model_dump(mode="json"), sources)
 
 
 def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str, log_fn=None) -> EvalRecord:
@@ -94,6 +106,8 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
 
     maybe_fault("evaluate")
     t0 = time.monotonic()
+    # Read every benchmark before loading the model: an unreadable source fails here, in seconds.
+    suites = load_suites(eval, artifacts_dir)
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
     with quiet_transformers():
@@ -146,6 +160,11 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         gain_ci = [round(x, 4) for x in paired_bootstrap(ok["base"], ok["tuned"], eval.confidence)]
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
+    bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn) for name, suite in suites.items()}
+    verdict = make_verdict(summary, gain_ci, bench_results, eval.confidence)
+    for line in verdict["lines"]:
+        log_fn(f"evaluate: {line}")
+
     samples = []
     for i in range(min(eval.samples, n)):
         m = meta[i]
@@ -174,9 +193,12 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
             gain_ci=gain_ci,
             beats_base=beats,
             seconds=round(time.monotonic() - t0, 2),
+            benchmarks={k: v["summary"] for k, v in bench_results.items()},
+            verdict=verdict,
         )
         write_json(tmp / "eval.json", {**rec.model_dump(mode="json"), "samples": samples,
-                                       "generations": {k: [g["text"] for g in v["gens"]] for k, v in results.items()}})
+                                       "generations": {k: [g["text"] for g in v["gens"]] for k, v in results.items()},
+                                       "benchmark_rows": {k: v["rows"] for k, v in bench_results.items()}})
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     return rec
 
@@ -278,4 +300,248 @@ def markdown_report(rec: EvalRecord, samples: list[dict]) -> str:
         for s in samples:
             cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")[:200]  # noqa: E731
             lines.append(f"| {cell(s['prompt'])} | {cell(s['expected'])} | {cell(s['base'])} | {cell(s['tuned'])} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Standard benchmarks (eval.benchmarks): same prompts and greedy decoding for base and tuned
+
+DEFAULT_BENCHMARK_TOKENS = 512  # full-set cap (GPU profiles); CPU profiles set eval.benchmark_max_new_tokens
+
+
+def load_suites(eval: EvalSection, artifacts_dir: str) -> dict[str, dict]:
+    """name -> {rows (the seeded subset), provenance, subset settings}; raises BenchmarkError (one line)."""
+    suites = {}
+    for name in eval.benchmarks:
+        rows, prov = bench.load_benchmark(name, eval.benchmark_sources.get(name, "auto"), artifacts_dir)
+        idx = bench.subset_indices(len(rows), eval.benchmark_prompts.get(name), eval.benchmark_seed)
+        suites[name] = {"name": name, "rows": [rows[i] for i in idx], "provenance": prov,
+                        "subset": {"n": len(idx), "n_full": len(rows), "seed": eval.benchmark_seed,
+                                   "max_new_tokens": eval.benchmark_max_new_tokens.get(name, DEFAULT_BENCHMARK_TOKENS)}}
+    return suites
+
+
+def generate_sorted(model, tok, prompts: list[str], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str) -> list[dict]:
+    """`generate` on single-turn prompts, batched by prompt length (less left padding: IFEval/AlpacaEval
+    prompts range from 10 to 500+ tokens), results in the input order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    gens = generate(model, tok, [[{"role": "user", "content": prompts[i]}] for i in order], stop_ids, max_new_tokens, batch_size, device)
+    out: list[dict] = [{}] * len(prompts)
+    for i, g in zip(order, gens):
+        out[i] = g
+    return out
+
+
+def reference_nll(model, tok, prompts: list[str], references: list[str], max_tokens: int, batch_size: int, device: str) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each reference answer given its prompt (chat template, generation prompt),
+    the reference cut to `max_tokens`. A model that collapsed to terse replies scores worse here."""
+    import torch
+
+    from .train import PaddedCollator
+
+    feats = []
+    for p, r in zip(prompts, references):
+        ctx = tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False)["input_ids"]
+        ans = tok(r, add_special_tokens=False)["input_ids"][:max_tokens]
+        feats.append({"input_ids": ctx + ans, "labels": [-100] * len(ctx) + ans})
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+    collate = PaddedCollator(tok.pad_token_id)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(feats)
+    for start in range(0, len(order), batch_size):
+        ids = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([feats[i] for i in ids]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        for row, i in enumerate(ids):
+            out[i] = (float(nll[row].sum()), int((labels[row] != -100).sum()))
+    return out
+
+
+def _binary(k_list: list[bool], confidence: float) -> dict:
+    k, n = sum(k_list), len(k_list)
+    lo, hi = wilson(k, n, confidence)
+    return {"value": round(k / n, 4) if n else None, "k": k, "n": n, "ci": [round(lo, 4), round(hi, 4)]}
+
+
+def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True) -> dict:
+    """Tuned-minus-base gain with a paired bootstrap interval; `better`/`worse` only beyond the interval."""
+    if not base:
+        return {"gain": None, "gain_ci": None, "verdict": "unscored"}
+    gain = sum(t - b for b, t in zip(base, tuned)) / len(base)
+    lo, hi = paired_bootstrap(base, tuned, confidence)
+    good, bad = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
+    return {"gain": round(gain, 4), "gain_ci": [round(lo, 4), round(hi, 4)], "verdict": "better" if good else "worse" if bad else "unclear"}
+
+
+def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn) -> dict:
+    """Base then tuned on one benchmark; returns {"summary": small JSON for the record, "rows": per-prompt detail}."""
+    import torch
+
+    name, rows = suite["name"], suite["rows"]
+    prompts = [r["prompt"] for r in rows]
+    cap = suite["subset"]["max_new_tokens"]
+    t0 = time.monotonic()
+    gens, nll = {}, {}
+    for who in ("base", "tuned"):
+        ctx = model.disable_adapter() if who == "base" else _nullcontext()
+        with ctx, torch.inference_mode():
+            gens[who] = generate_sorted(model, tok, prompts, stop_ids, cap, eval.batch_size, device)
+            if name == "alpaca_eval":
+                nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device)
+    seconds = round(time.monotonic() - t0, 1)
+    summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {}}
+    detail = [{"id": r["id"], "prompt": r["prompt"], "base": gens["base"][i]["text"], "tuned": gens["tuned"][i]["text"]} for i, r in enumerate(rows)]
+    m = summary["metrics"]
+    conf = eval.confidence
+
+    if name == "ifeval":
+        registry = bench.ifeval_registry()
+        verdicts = {who: [bench.check_ifeval(r, gens[who][i]["text"], registry) for i, r in enumerate(rows)] for who in gens}
+        s = {who: bench.ifeval_summary(v) for who, v in verdicts.items()}
+        for level in ("per_prompt", "per_instruction"):
+            for mode in ("strict", "loose"):
+                b, t = s["base"][level][mode], s["tuned"][level][mode]
+                keep = [i for i in range(len(b)) if b[i] is not None and t[i] is not None]  # same scoreable items for both
+                b, t = [b[i] for i in keep], [t[i] for i in keep]
+                key = f"{'prompt' if level == 'per_prompt' else 'instruction'}_{mode}"
+                m[key] = {"base": _binary(b, conf), "tuned": _binary(t, conf), **_paired([float(x) for x in b], [float(x) for x in t], conf)}
+        # Unscoreable types are a property of the installed checkers/data, identical for base and tuned.
+        summary["unscoreable"] = s["tuned"]["unscoreable"]
+        summary["unscoreable_instructions"] = s["tuned"]["unscoreable_instructions"]
+        summary["excluded_prompts"] = s["tuned"]["excluded_prompts"]
+        summary["by_type"] = {k: {"n": v["n"], "base_loose": round(s["base"]["by_type"][k]["loose"] / v["n"], 3),
+                                  "tuned_loose": round(v["loose"] / v["n"], 3)} for k, v in sorted(s["tuned"]["by_type"].items())}
+        for i, d in enumerate(detail):
+            d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
+        summary["checkers"] = f"if-verifiable=={_version('if-verifiable')} (Google's IFEval rule checkers)"
+
+    if name == "alpaca_eval":
+        refs = [r["reference"] for r in rows]
+        stats = {who: bench.answer_stats([g["text"] for g in gens[who]], [g["stopped"] for g in gens[who]]) for who in gens}
+        summary["answers"] = stats
+        words = {who: [float(bench.word_count(g["text"])) for g in gens[who]] for who in gens}
+        m["answer_words"] = {"base": {"median": stats["base"]["median_words"]}, "tuned": {"median": stats["tuned"]["median_words"]},
+                             **_paired(words["base"], words["tuned"], conf)}
+        per_prompt_loss = {who: [s_ / max(c, 1) for s_, c in nll[who]] for who in nll}
+        tot = {who: sum(s_ for s_, _ in nll[who]) / max(sum(c for _, c in nll[who]), 1) for who in nll}
+        m["reference_loss"] = {"base": {"value": round(tot["base"], 4), "perplexity": round(math.exp(min(tot["base"], 50)), 3)},
+                               "tuned": {"value": round(tot["tuned"], 4), "perplexity": round(math.exp(min(tot["tuned"], 50)), 3)},
+                               **_paired(per_prompt_loss["base"], per_prompt_loss["tuned"], conf, higher_is_better=False)}
+        overlap = {who: bench.reference_overlap([g["text"] for g in gens[who]], refs) for who in gens}
+        for metric in ("rouge_l", "chrf"):
+            b, t = overlap["base"][metric], overlap["tuned"][metric]
+            m[metric] = {"base": {"value": round(sum(b) / len(b), 4)}, "tuned": {"value": round(sum(t) / len(t), 4)}, **_paired(b, t, conf)}
+        for i, d in enumerate(detail):
+            d.update(reference=refs[i], base_loss=round(per_prompt_loss["base"][i], 4), tuned_loss=round(per_prompt_loss["tuned"][i], 4),
+                     base_rouge_l=round(overlap["base"]["rouge_l"][i], 4), tuned_rouge_l=round(overlap["tuned"]["rouge_l"][i], 4))
+        summary["metrics_note"] = "ROUGE-L: rouge-score (stemmed F1); chrF: sacrebleu sentence chrF / 100; lengths in words"
+
+    for who in gens:
+        summary.setdefault("eos_share", {})[who] = round(sum(g["stopped"] for g in gens[who]) / max(len(rows), 1), 4)
+    log_fn(f"evaluate: {name}: {len(rows)}/{suite['subset']['n_full']} prompts, cap {cap} tokens, base+tuned in {seconds:.0f} s")
+    return {"summary": summary, "rows": detail}
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+TERSE_RATIO = 0.5  # tuned median answer length below this share of the base's = "got terser" warning
+
+_LABELS = {
+    ("ifeval", "prompt_loose"): "IFEval prompt-level loose", ("ifeval", "prompt_strict"): "IFEval prompt-level strict",
+    ("ifeval", "instruction_loose"): "IFEval instruction-level loose", ("ifeval", "instruction_strict"): "IFEval instruction-level strict",
+    ("alpaca_eval", "reference_loss"): "AlpacaEval reference loss", ("alpaca_eval", "rouge_l"): "AlpacaEval ROUGE-L",
+    ("alpaca_eval", "chrf"): "AlpacaEval chrF", ("alpaca_eval", "answer_words"): "AlpacaEval answer length (words)",
+}
+
+
+def make_verdict(summary: dict, gain_ci: list[float] | None, bench_results: dict, confidence: float) -> dict:
+    """Where tuned beats base beyond the intervals, where it regressed, where it is unclear; plus warnings."""
+    better, worse, unclear, warnings = [], [], [], []
+
+    def put(label: str, verdict: str, detail: str) -> None:
+        {"better": better, "worse": worse}.get(verdict, unclear).append(f"{label}: {detail}")
+
+    if "accuracy" in summary.get("base", {}) and gain_ci is not None:
+        b, t = summary["base"]["accuracy"], summary["tuned"]["accuracy"]
+        v = "better" if gain_ci[0] > 0 else "worse" if gain_ci[1] < 0 else "unclear"
+        put("embedded verifiable accuracy", v, f"{b:.1%} -> {t:.1%} (gain CI [{gain_ci[0]:+.1%}, {gain_ci[1]:+.1%}])")
+    for name, res in bench_results.items():
+        for key, m in res["summary"]["metrics"].items():
+            label = _LABELS.get((name, key), f"{name} {key}")
+            if key == "answer_words":
+                continue  # length is a warning, not a quality score
+            b, t = m["base"].get("value"), m["tuned"].get("value")
+            if m.get("gain") is None:
+                unclear.append(f"{label}: not scored (nothing scoreable)")
+                continue
+            pct = key != "reference_loss"
+            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")  # noqa: E731
+            ci = m["gain_ci"]
+            put(label, m["verdict"], f"{fmt(b)} -> {fmt(t)} (gain CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
+        s = res["summary"]
+        if name == "alpaca_eval":
+            bw, tw = s["answers"]["base"]["median_words"], s["answers"]["tuned"]["median_words"]
+            if bw > 0 and tw < TERSE_RATIO * bw:
+                warnings.append(f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f} "
+                                f"(< {TERSE_RATIO:.0%}); the model may have learned a short-answer format and lost helpfulness")
+            rl = s["metrics"]["reference_loss"]
+            if rl["tuned"]["value"] > rl["base"]["value"]:
+                beyond = "beyond the interval" if rl["verdict"] == "worse" else "within the interval"
+                warnings.append(f"REFERENCE LOSS ROSE: AlpacaEval reference-answer loss {rl['base']['value']:.3f} -> {rl['tuned']['value']:.3f} ({beyond})")
+        if s.get("unscoreable_instructions"):
+            types = ", ".join(f"{k} ({v['count']})" for k, v in s["unscoreable"].items())
+            warnings.append(f"UNSCOREABLE: {name}: {s['unscoreable_instructions']} instructions of types {types} could not be checked "
+                            f"(missing data); {s['excluded_prompts']} prompts excluded from prompt-level scores")
+    lines = ([f"better beyond the {confidence:.0%} interval: {x}" for x in better] + [f"REGRESSED beyond the {confidence:.0%} interval: {x}" for x in worse]
+             + [f"no clear difference: {x}" for x in unclear] + [f"WARNING {w}" for w in warnings])
+    return {"better": better, "worse": worse, "unclear": unclear, "warnings": warnings, "lines": lines}
+
+
+def benchmark_markdown(rec: EvalRecord) -> str:
+    """The benchmarks and verdict as markdown, for the Prefect UI and the model card."""
+    if not rec.benchmarks and not rec.verdict:
+        return ""
+    lines = ["## Verdict: base vs tuned", ""]
+    v = rec.verdict
+    for w in v.get("warnings", []):
+        lines.append(f"> **Warning:** {w}")
+    if v.get("warnings"):
+        lines.append("")
+    for title, key in (("Better beyond the intervals", "better"), ("Regressed beyond the intervals", "worse"), ("No clear difference", "unclear")):
+        if v.get(key):
+            lines += [f"**{title}**", ""] + [f"- {x}" for x in v[key]] + [""]
+    for name, s in rec.benchmarks.items():
+        sub, prov = s["subset"], s["provenance"]
+        lines += [f"### {name}: {sub['n']} of {sub['n_full']} prompts (seed {sub['seed']}), greedy, cap {sub['max_new_tokens']} tokens", "",
+                  f"Source: {prov.get('source')} `{prov.get('hub_id') or prov.get('file')}` sha256 `{str(prov.get('sha256'))[:16]}…`, "
+                  f"license {prov.get('license')}. {s['seconds']:.0f} s.", "",
+                  "| metric | base | tuned | gain [CI] | verdict |", "|---|---|---|---|---|"]
+        for key, m in s["metrics"].items():
+            def cell(x: dict) -> str:
+                if "ci" in x:
+                    return f"{x['value']:.1%} [{x['ci'][0]:.1%}, {x['ci'][1]:.1%}] (n={x['n']})" if x["value"] is not None else "n/a"
+                if "median" in x:
+                    return f"median {x['median']:.0f}"
+                return f"{x['value']:.3f}" + (f" (ppl {x['perplexity']:.1f})" if "perplexity" in x else "")
+            gain = f"{m['gain']:+.3f} [{m['gain_ci'][0]:+.3f}, {m['gain_ci'][1]:+.3f}]" if m.get("gain") is not None else "n/a"
+            lines.append(f"| {_LABELS.get((name, key), key)} | {cell(m['base'])} | {cell(m['tuned'])} | {gain} | {m['verdict']} |")
+        if "answers" in s:
+            a = s["answers"]
+            lines += ["", "| answers | base | tuned |", "|---|---|---|"]
+            for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate"):
+                lines.append(f"| {k} | {a['base'][k]} | {a['tuned'][k]} |")
+        if "unscoreable" in s:
+            u = s["unscoreable"]
+            lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")
+                      + f"; prompts excluded from prompt-level: {s['excluded_prompts']}. Checkers: {s.get('checkers', '')}."]
+        lines.append("")
     return "\n".join(lines)

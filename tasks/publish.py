@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from .common import StageError, artifacts_root, disk_full, file_sha256, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
+from . import evaluate as eval_stage
 
 MANIFEST = "MANIFEST.json"
 PUBLISH_VERSION = 1
@@ -171,6 +172,7 @@ LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained
 | perplexity | {b['perplexity']:.2f} | {t['perplexity']:.2f} |
 {acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
 {fam}
+{eval_stage.benchmark_markdown(evalr).replace("## ", "### ")}
 Merge check: merged vs base+adapter logits max |diff| {merge.max_abs_diff:.2e}, mean {merge.mean_abs_diff:.2e}
 (tolerance {merge.tolerance}), top-1 agreement {merge.top1_agreement:.2%}.
 

@@ -154,6 +154,11 @@ def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSect
     samples = read_json(Path(rec.eval_json)).get("samples", [])
     create_markdown_artifact(key=artifact_key("eval-report"), markdown=eval_stage.markdown_report(rec, samples) + "\n\n" + png_markdown(rec.chart_png, "eval chart"),
                              description="Evaluation summary and samples")
+    if rec.benchmarks or rec.verdict:
+        for line in rec.verdict.get("lines", []):
+            log(f"evaluate: {line}")
+        create_markdown_artifact(key=artifact_key("eval-verdict"), markdown=eval_stage.benchmark_markdown(rec),
+                                 description="Standard benchmarks base vs tuned, with the verdict and warnings")
     return rec
 
 
