@@ -80,7 +80,7 @@ class MixSource(Section):
     @model_validator(mode="after")
     def _share_or_rows(self) -> "MixSource":
         if (self.share is None) == (self.rows is None):
-            raise ValueError(f"data.mix source {self.source!r}: give exactly one of share (e.g. 0.3) or rows (e.g. 1000)")
+            raise ValueError(f"source {self.source!r}: give exactly one of share (e.g. 0.3) or rows (e.g. 1000)")
         return self
 
 
@@ -122,7 +122,7 @@ class DataSection(Section):
     def _mix_shares(self) -> "DataSection":
         total = sum(m.share or 0.0 for m in self.mix)
         if total >= 1:
-            raise ValueError(f"data.mix: the shares add up to {total:g}; they must leave room for data.source (sum < 1), e.g. 0.3 + 0.2")
+            raise ValueError(f"mix shares add up to {total:g}; they must leave room for data.source (sum < 1), e.g. 0.3 + 0.2")
         return self
 
 

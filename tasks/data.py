@@ -51,9 +51,10 @@ DROP_FIXES = {
     "no assistant tokens": "raise data.max_length (the answers were cut off)",
 }
 MAX_ROW_CHARS = 64 * 2048  # a row this long can't fit any sensible max_length: drop it before tokenizing
-# No tokenizer packs more than this many characters of real text into one token on average: a conversation
-# prefix longer than max_length x this can't fit, so mix rows are cut/dropped by characters before tokenizing.
-MAX_CHARS_PER_TOKEN = 8
+# English text runs ~4 characters per token, so a mix conversation's prefix longer than max_length x 5
+# characters almost never fits: cutting (overlong=turns) or dropping it by characters first saves tokenizing
+# thousands of long ShareGPT chats; at worst a row that would just have fit loses its last exchange.
+CHARS_PER_TOKEN_CUT = 5
 
 
 class DataRecord(BaseModel):
@@ -338,8 +339,9 @@ def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[d
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
+    bounds = [x for span in spans for x in span]  # sorted: spans are disjoint and in order
     for tid, (start, end) in zip(ids, offsets):
-        inside = any(s <= start < e for s, e in spans) and end > start
+        inside = bisect.bisect_right(bounds, start) % 2 == 1 and end > start  # odd = after a span start, before its end
         labels.append(tid if inside else -100)
     truncated = len(ids) > max_length
     cut = False
@@ -580,7 +582,7 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, remove
     before = sum(removed.values())
     convs = []
     for msgs in _normalise(rows, mix.schema_, data.language, None, dropped):
-        max_chars = data.max_length * MAX_CHARS_PER_TOKEN
+        max_chars = data.max_length * CHARS_PER_TOKEN_CUT
         cut = cut_to_chars(msgs, max_chars) if data.overlong == "turns" else msgs
         if cut is None or (data.overlong == "drop" and sum(len(m["content"]) for m in cut) > max_chars):
             dropped["over max_length"] += 1
