@@ -214,3 +214,27 @@ def test_mix_config_errors_name_the_key(shared_artifacts):
         load_config(profile="tiny", overrides=["data.mix=[{source: a.json, share: 0.6}, {source: b.json, share: 0.5}]"])
     cfg = load_config(profile="demo")
     assert [m.source for m in cfg.data.mix] == ["pypi:sharegpt", "pypi:alpaca-en-demo"] and cfg.data.dedupe == "all"
+
+
+@pytest.mark.slow
+def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path, tiny_cfg, shared_artifacts):
+    """A mixed held-out split: accuracy only where a checker exists, held-out loss reported for each source."""
+    from tasks.evaluate import evaluate_heldout
+    from tasks.probe import probe_throughput
+    from tasks.train import train_adapter
+
+    cfg, art = tiny_cfg, shared_artifacts
+    plain = load_dataset_records(cfg.data, cfg.model, art)
+    probe = probe_throughput(plain, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    train = train_adapter(plain, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    extra = tmp_path / "chats.json"
+    extra.write_text(json.dumps([_chat(f"Describe colour number {i}.", f"Colour {i} is a calm shade.") for i in range(80)]))
+    data = cfg.data.model_copy()
+    data.mix = [{"source": str(extra), "share": 0.2, "heldout": 5}]
+    mixed = load_dataset_records(data, cfg.model, art)
+    ev = cfg.eval.model_copy(update={"max_prompts": 40, "benchmarks": []})
+    rec = evaluate_heldout(mixed, train, cfg.model, cfg.quant, ev, "cpu", art)
+    assert rec.n_prompts == cfg.data.embedded_heldout  # the 5 open-ended rows are not scored by a checker
+    assert rec.base["n"] == cfg.data.embedded_heldout and rec.per_family
+    for s in (rec.base, rec.tuned):
+        assert set(s["loss_by_source"]) == {"embedded", str(extra)}
