@@ -171,9 +171,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
     bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn) for name, suite in suites.items()}
-    verdict = make_verdict(summary, gain_ci, bench_results, eval.confidence)
-    for line in verdict["lines"]:
-        log_fn(f"evaluate: {line}")
+    verdict = make_verdict(summary, gain_ci, bench_results, eval.confidence)  # logged once by the task wrapper
 
     samples = []
     for i in range(min(eval.samples, n)):
@@ -409,20 +407,17 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     if name == "ifeval":
         registry = bench.ifeval_registry()
         verdicts = {who: [bench.check_ifeval(r, gens[who][i]["text"], registry) for i, r in enumerate(rows)] for who in gens}
-        s = {who: bench.ifeval_summary(v) for who, v in verdicts.items()}
-        for level in ("per_prompt", "per_instruction"):
+        p = bench.ifeval_paired(verdicts["base"], verdicts["tuned"])
+        for level in ("prompt", "instruction"):
             for mode in ("strict", "loose"):
-                b, t = s["base"][level][mode], s["tuned"][level][mode]
-                keep = [i for i in range(len(b)) if b[i] is not None and t[i] is not None]  # same scoreable items for both
-                b, t = [b[i] for i in keep], [t[i] for i in keep]
-                key = f"{'prompt' if level == 'per_prompt' else 'instruction'}_{mode}"
-                m[key] = {"base": _binary(b, conf), "tuned": _binary(t, conf), **_paired([float(x) for x in b], [float(x) for x in t], conf)}
-        # Unscoreable types are a property of the installed checkers/data, identical for base and tuned.
-        summary["unscoreable"] = s["tuned"]["unscoreable"]
-        summary["unscoreable_instructions"] = s["tuned"]["unscoreable_instructions"]
-        summary["excluded_prompts"] = s["tuned"]["excluded_prompts"]
-        summary["by_type"] = {k: {"n": v["n"], "base_loose": round(s["base"]["by_type"][k]["loose"] / v["n"], 3),
-                                  "tuned_loose": round(v["loose"] / v["n"], 3)} for k, v in sorted(s["tuned"]["by_type"].items())}
+                b, t = p[level][mode]
+                m[f"{level}_{mode}"] = {"base": _binary(b, conf), "tuned": _binary(t, conf), **_paired([float(x) for x in b], [float(x) for x in t], conf)}
+        # Counted, and left out of both models' denominators: never folded into pass or fail.
+        summary["unscoreable"] = p["unscoreable"]
+        summary["unscoreable_instructions"] = p["unscoreable_instructions"]
+        summary["excluded_prompts"] = p["excluded_prompts"]
+        summary["by_type"] = {k: {"n": v["n"], "base_loose": round(v["base_loose"] / v["n"], 3), "tuned_loose": round(v["tuned_loose"] / v["n"], 3)}
+                              for k, v in sorted(p["by_type"].items())}
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
         summary["checkers"] = f"if-verifiable=={_version('if-verifiable')} (Google's IFEval rule checkers)"
@@ -444,7 +439,10 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
             b, t = overlap["base"][metric], overlap["tuned"][metric]
             m[metric] = {"base": {"value": round(sum(b) / len(b), 4)}, "tuned": {"value": round(sum(t) / len(t), 4)}, **_paired(b, t, conf)}
         for i, d in enumerate(detail):
-            d.update(reference=refs[i], base_loss=round(per_prompt_loss["base"][i], 4), tuned_loss=round(per_prompt_loss["tuned"][i], 4),
+            # AlpacaEval's prompts and references are CC-BY-NC-4.0: eval.json (published, maybe pushed to the hub)
+            # keeps the row id and the numbers, not their text.
+            d.pop("prompt")
+            d.update(base_loss=round(per_prompt_loss["base"][i], 4), tuned_loss=round(per_prompt_loss["tuned"][i], 4),
                      base_rouge_l=round(overlap["base"]["rouge_l"][i], 4), tuned_rouge_l=round(overlap["tuned"]["rouge_l"][i], 4))
         summary["metrics_note"] = "ROUGE-L: rouge-score (stemmed F1); chrF: sacrebleu sentence chrF / 100; lengths in words"
 

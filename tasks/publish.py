@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, disk_full, file_sha256, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
-from . import evaluate as eval_stage
 
 MANIFEST = "MANIFEST.json"
 PUBLISH_VERSION = 1

