@@ -33,7 +33,7 @@ from .common import StageError, building, file_sha256, fingerprint, is_complete,
 from .config import DataSection, MixSource, ModelSection
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
-DATA_VERSION = 5  # bump when formatting/tokenization changes so cached data is rebuilt
+DATA_VERSION = 6  # bump when formatting/tokenization changes so cached data is rebuilt
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
@@ -574,15 +574,17 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
 
 def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, removed: collections.Counter, artifacts_dir: str,
               counts: collections.Counter) -> tuple[list, list, list, dict]:
-    """(train, held-out, held-out meta, stats) from one mix source: normalise, pre-cut to max_length by characters,
-    filter, dedupe, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows are
-    filled. Held-out rows come first, so they don't move when the share changes."""
+    """(train, held-out, held-out meta, stats) from one mix source: normalise, dedupe, pre-cut to max_length by
+    characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
+    are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
+    don't move when the share changes."""
     rows, prov = read_source(mix, artifacts_dir)
     dropped: collections.Counter = collections.Counter()
     before = sum(removed.values())
-    convs = []
-    for msgs in _normalise(rows, mix.schema_, data.language, None, dropped):
-        max_chars = data.max_length * CHARS_PER_TOKEN_CUT
+    convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
+    # Dedupe first and on the whole conversation (not only the part that fits): the count covers every
+    # well-formed conversation of the source, and a benchmark prompt anywhere in a chat removes it.
+    for msgs in _without_benchmarks(_normalise(rows, mix.schema_, data.language, None, dropped), deduper, removed):
         cut = cut_to_chars(msgs, max_chars) if data.overlong == "turns" else msgs
         if cut is None or (data.overlong == "drop" and sum(len(m["content"]) for m in cut) > max_chars):
             dropped["over max_length"] += 1
@@ -591,12 +593,10 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, remove
         if reason:
             dropped[reason] += 1
             continue
-        convs.append((msgs, cut))
-    # Dedupe looks at the whole conversation, not only the part that fits: a benchmark prompt anywhere removes it.
-    convs = _without_benchmarks(convs, deduper, removed, lambda c: c[0])
+        convs.append(cut)
     random.Random(f"{data.seed}:{mix.source}").shuffle(convs)
     train, held, extra = [], [], []
-    for _, msgs in convs:
+    for msgs in convs:
         if len(held) >= mix.heldout and len(train) >= want:
             break
         if data.system_prompt:
