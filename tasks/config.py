@@ -79,6 +79,8 @@ class MixSource(Section):
 
     @model_validator(mode="after")
     def _share_or_rows(self) -> "MixSource":
+        if self.source == "embedded":
+            raise ValueError("source 'embedded' can't be mixed in; set data.source: embedded and mix the other sources into it")
         if (self.share is None) == (self.rows is None):
             raise ValueError(f"source {self.source!r}: give exactly one of share (e.g. 0.3) or rows (e.g. 1000)")
         return self

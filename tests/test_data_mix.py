@@ -212,6 +212,8 @@ def test_mix_config_errors_name_the_key(shared_artifacts):
         load_config(profile="tiny", overrides=["data.mix=[{source: a.json}]"])
     with pytest.raises(ConfigError, match=r"data: mix shares add up to 1.1"):
         load_config(profile="tiny", overrides=["data.mix=[{source: a.json, share: 0.6}, {source: b.json, share: 0.5}]"])
+    with pytest.raises(ConfigError, match=r"data.mix.0: source 'embedded' can't be mixed in"):
+        load_config(profile="tiny", overrides=["data.mix=[{source: embedded, share: 0.2}]"])
     cfg = load_config(profile="demo")
     assert [m.source for m in cfg.data.mix] == ["pypi:sharegpt", "pypi:alpaca-en-demo"] and cfg.data.dedupe == "all"
 
