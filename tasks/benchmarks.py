@@ -189,7 +189,8 @@ def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = 
 
 def benchmark_prompts(names: list[str], artifacts_dir: str | None = None, sources: dict[str, str] | None = None) -> dict[str, list[str]]:
     """For each benchmark name in eval.benchmarks (e.g. "ifeval", "alpaca_eval"): every user prompt of the FULL
-    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto)."""
+    benchmark (not the subset), for training-data dedupe. `sources` = eval.benchmark_sources (default auto).
+    `artifacts_dir` is accepted for a stable signature; nothing is cached there today (the files are local)."""
     sources = sources or {}
     return {n: [r["prompt"] for r in load_benchmark(n, sources.get(n, "auto"), artifacts_dir)[0]] for n in names}
 
@@ -306,6 +307,9 @@ def check_ifeval(row: dict, response: str, registry: dict[str, Any]) -> list[dic
             loose = any(bool(v.strip() and checker.check_following(v)) for v in variants)
         except LookupError as e:  # nltk.data.find: a resource (tokenizer, corpus, tagger) is not installed
             out.append({"id": iid, "unscoreable": f"missing data: {str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}"})
+            continue
+        except Exception as e:  # a checker crashing on an odd answer: counted and shown, not a lost evaluate stage
+            out.append({"id": iid, "unscoreable": f"checker error: {type(e).__name__}: {str(e)[:120]}"})
             continue
         out.append({"id": iid, "strict": strict, "loose": loose})
     return out

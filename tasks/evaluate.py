@@ -429,6 +429,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         words = {who: [float(bench.word_count(g["text"])) for g in gens[who]] for who in gens}
         m["answer_words"] = {"base": {"median": stats["base"]["median_words"]}, "tuned": {"median": stats["tuned"]["median_words"]},
                              **_paired(words["base"], words["tuned"], conf)}
+        # length is not a quality score: say which way it moved, the TERSER warning judges it
+        m["answer_words"]["verdict"] = {"better": "longer", "worse": "shorter"}.get(m["answer_words"]["verdict"], "unclear")
         per_prompt_loss = {who: [s_ / max(c, 1) for s_, c in nll[who]] for who in nll}
         tot = {who: sum(s_ for s_, _ in nll[who]) / max(sum(c for _, c in nll[who]), 1) for who in nll}
         m["reference_loss"] = {"base": {"value": round(tot["base"], 4), "perplexity": round(math.exp(min(tot["base"], 50)), 3)},
@@ -461,6 +463,15 @@ def _version(dist: str) -> str:
         return "missing"
 
 
+RATE_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+
+
+def _ordered(name: str, metrics: dict) -> list[tuple[str, dict]]:
+    """Metrics in the _LABELS order (JSON round trips sort keys), unknown ones last."""
+    order = [k for (n, k) in _LABELS if n == name]
+    return sorted(metrics.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+
+
 TERSE_RATIO = 0.5  # tuned median answer length below this share of the base's = "got terser" warning
 
 _LABELS = {
@@ -481,9 +492,9 @@ def make_verdict(summary: dict, gain_ci: list[float] | None, bench_results: dict
     if "accuracy" in summary.get("base", {}) and gain_ci is not None:
         b, t = summary["base"]["accuracy"], summary["tuned"]["accuracy"]
         v = "better" if gain_ci[0] > 0 else "worse" if gain_ci[1] < 0 else "unclear"
-        put("embedded verifiable accuracy", v, f"{b:.1%} -> {t:.1%} (gain CI [{gain_ci[0]:+.1%}, {gain_ci[1]:+.1%}])")
+        put("embedded verifiable accuracy", v, f"{b:.1%} -> {t:.1%} (gain CI [{gain_ci[0] * 100:+.1f}, {gain_ci[1] * 100:+.1f}] points)")
     for name, res in bench_results.items():
-        for key, m in res["summary"]["metrics"].items():
+        for key, m in _ordered(name, res["summary"]["metrics"]):
             label = _LABELS.get((name, key), f"{name} {key}")
             if key == "answer_words":
                 continue  # length is a warning, not a quality score
@@ -491,10 +502,11 @@ def make_verdict(summary: dict, gain_ci: list[float] | None, bench_results: dict
             if m.get("gain") is None:
                 unclear.append(f"{label}: not scored (nothing scoreable)")
                 continue
-            pct = key != "reference_loss"
-            fmt = (lambda x: f"{x:.1%}") if pct else (lambda x: f"{x:.3f}")  # noqa: E731
             ci = m["gain_ci"]
-            put(label, m["verdict"], f"{fmt(b)} -> {fmt(t)} (gain CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
+            if key in RATE_METRICS:  # shares: percent, gain in points
+                put(label, m["verdict"], f"{b:.1%} -> {t:.1%} (gain CI [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] points)")
+            else:
+                put(label, m["verdict"], f"{b:.3f} -> {t:.3f} (gain CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
         s = res["summary"]
         if name == "alpaca_eval":
             bw, tw = s["answers"]["base"]["median_words"], s["answers"]["tuned"]["median_words"]
@@ -527,13 +539,13 @@ def benchmark_markdown(rec: EvalRecord) -> str:
     for title, key in (("Better beyond the intervals", "better"), ("Regressed beyond the intervals", "worse"), ("No clear difference", "unclear")):
         if v.get(key):
             lines += [f"**{title}**", ""] + [f"- {x}" for x in v[key]] + [""]
-    for name, s in rec.benchmarks.items():
+    for name, s in sorted(rec.benchmarks.items(), key=lambda kv: list(bench.BENCHMARKS).index(kv[0]) if kv[0] in bench.BENCHMARKS else 99):
         sub, prov = s["subset"], s["provenance"]
         lines += [f"### {name}: {sub['n']} of {sub['n_full']} prompts (seed {sub['seed']}), greedy, cap {sub['max_new_tokens']} tokens", "",
                   f"Source: {prov.get('source')} `{prov.get('hub_id') or prov.get('file')}` sha256 `{str(prov.get('sha256'))[:16]}…`, "
                   f"license {prov.get('license')}. {s['seconds']:.0f} s.", "",
                   "| metric | base | tuned | gain [CI] | verdict |", "|---|---|---|---|---|"]
-        for key, m in s["metrics"].items():
+        for key, m in _ordered(name, s["metrics"]):
             def cell(x: dict) -> str:
                 if "ci" in x:
                     return f"{x['value']:.1%} [{x['ci'][0]:.1%}, {x['ci'][1]:.1%}] (n={x['n']})" if x["value"] is not None else "n/a"

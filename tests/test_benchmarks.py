@@ -205,7 +205,12 @@ def test_unscoreable_types_are_counted_and_excluded_never_passed_or_failed(regis
         def check_following(self, value):
             raise LookupError("Resource averaged_perceptron_tagger_eng not found.")
 
-    reg = {**registry, "pos:tagged": NeedsMissingData}
+    class Crashes(NeedsMissingData):
+        def check_following(self, value):
+            raise ValueError("odd answer")
+
+    reg = {**registry, "pos:tagged": NeedsMissingData, "crash:type": Crashes}
+    assert bench.check_ifeval(_row("crash:type"), "x", reg) == [{"id": "crash:type", "unscoreable": "checker error: ValueError: odd answer"}]
     rows = [
         {"id": "1", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "pos:tagged"], "kwargs": [{}, {}]},
         {"id": "2", "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "made:up_type"], "kwargs": [{}, {}]},
