@@ -75,4 +75,4 @@ def test_failure_in_merge_then_retry_reuses_everything_before_it(tmp_path):
     assert ok.returncode == 0, out[-3000:]
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     cached = {k: v["cached"] for k, v in summary["stages"].items()}
-    assert cached == {"data": True, "profile": True, "probe": True, "train": True, "evaluate": True, "merge": False, "publish": False}
+    assert cached == {"data": True, "profile": True, "probe": True, "train": True, "evaluate": True, "merge": False, "publish": False, "export": False}
