@@ -196,6 +196,7 @@ def cmd_serve_model(args) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE
+    _stop_on_ctrl_c_or_sigterm()
     url = f"http://{args.host}:{args.port}/v1"
     what = f"{gguf.name} (llama.cpp)" if gguf else f"{folder / 'merged'} (transformers serve)"
     hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
@@ -212,7 +213,9 @@ def cmd_serve_model(args) -> int:
     except KeyboardInterrupt:
         import signal
 
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM, not SIGINT: uvicorn stops gracefully on either, and SIGTERM also ends a server still loading
+        # (whose SIGINT may be ignored, inherited as above).
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -220,6 +223,19 @@ def cmd_serve_model(args) -> int:
             proc.wait()
         print("stopped", file=sys.stderr)
         return 0
+
+
+def _stop_on_ctrl_c_or_sigterm() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`, systemd) both stop the server cleanly. Set here, not
+    inherited: a shell without job control starts background commands (`serve-model &` in a script, CI) with SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _quiet_environment() -> None:

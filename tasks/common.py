@@ -110,8 +110,9 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """Yield a fresh temp folder next to `final`; on success move it into place and mark it complete.
+def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
+    """Yield a fresh temp folder next to `final`; on success move it into place (marked complete, unless the
+    folder has its own completeness record, like a published run's manifest).
 
     On failure the temp folder is removed and `final` (if a complete one existed) is untouched.
     """
@@ -119,7 +120,8 @@ def building(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
-        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        if mark_complete:
+            (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -32,7 +32,7 @@ from .config import EvalSection, ModelSection, QuantSection
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-EVAL_VERSION = 2  # 2: standard benchmarks + verdict
+EVAL_VERSION = 3  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass
 
 
 class EvalRecord(BaseModel):
@@ -122,18 +122,23 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     checked = [i for i, m in enumerate(meta_all) if "check" in m]
     idx = (checked if data.has_checkers and checked else list(range(len(meta_all))))[: eval.max_prompts]
     meta, n = [meta_all[i] for i in idx], len(idx)
+    # Loss rows: the scored prompts, plus every held-out row of a source with no scored prompt (the open-ended rows
+    # data.mix adds); one length-sorted pass gives the overall loss (scored prompts) and each source's.
+    source_of = [m.get("source", data.source) for m in meta_all]
+    scored_sources = {source_of[i] for i in idx}
+    loss_rows = idx + [i for i in range(len(meta_all)) if source_of[i] not in scored_sources]
     groups: dict[str, list[int]] = {}
-    for i, m in enumerate(meta_all):
-        groups.setdefault(m.get("source", data.source), []).append(i)
+    for j, i in enumerate(loss_rows):
+        groups.setdefault(source_of[i], []).append(j)
 
     results = {}
     for name in ("base", "tuned"):
         ctx = model.disable_adapter() if name == "base" else _nullcontext()
         with ctx, torch.inference_mode():
-            loss = heldout_loss(model, held.select(idx), tok.pad_token_id, eval.batch_size, device)
+            nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
             gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device)
-            by_source = {src: round(heldout_loss(model, held.select(rows), tok.pad_token_id, eval.batch_size, device), 4)
-                         for src, rows in groups.items()} if len(groups) > 1 else {}
+        loss = mean_nll(nll[:n])
+        by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
         results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source}
         log_fn(f"evaluate: {name} held-out loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
                f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
@@ -219,29 +224,35 @@ class _nullcontext:
         return False
 
 
-def heldout_loss(model, ds, pad_id: int, batch_size: int, device: str) -> float:
-    """Mean NLL per assistant token over the held-out split."""
+def row_nll(model, ds, pad_id: int, batch_size: int, device: str) -> list[tuple[float, int]]:
+    """(summed NLL, assistant-token count) of every row, in the dataset's order; batches sorted by length, so
+    little of each forward is padding."""
     import torch
 
     from .train import PaddedCollator
 
     collate = PaddedCollator(pad_id)
-    total, count = 0.0, 0
-    for start in range(0, len(ds), batch_size):
-        batch = collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
+    rows = [ds[i] for i in range(len(ds))]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        ids = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in ids]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((shift_labels != -100).sum())
-    return total / max(count, 1)
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        for r, i in enumerate(ids):
+            out[i] = (float(nll[r].sum()), int((labels[r] != -100).sum()))
+    return out
+
+
+def mean_nll(rows: list[tuple[float, int]]) -> float:
+    """Mean NLL per token over rows of (summed NLL, token count)."""
+    return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
 def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str) -> list[dict]:
     """Greedy answers to each conversation's last user turn; `stopped` = ended by an end-of-turn token."""
-    import torch
-
     prompts = []
     for msgs in conversations:
         ctx = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
@@ -343,28 +354,13 @@ def generate_sorted(model, tok, prompts: list[str], stop_ids: list[int], max_new
 def reference_nll(model, tok, prompts: list[str], references: list[str], max_tokens: int, batch_size: int, device: str) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each reference answer given its prompt (chat template, generation prompt),
     the reference cut to `max_tokens`. A model that collapsed to terse replies scores worse here."""
-    import torch
-
-    from .train import PaddedCollator
-
     feats = []
     for p, r in zip(prompts, references):
         ctx = tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
                   add_special_tokens=False)["input_ids"]
         ans = tok(r, add_special_tokens=False)["input_ids"][:max_tokens]
         feats.append({"input_ids": ctx + ans, "labels": [-100] * len(ctx) + ans})
-    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
-    collate = PaddedCollator(tok.pad_token_id)
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(feats)
-    for start in range(0, len(order), batch_size):
-        ids = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate([feats[i] for i in ids]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        for row, i in enumerate(ids):
-            out[i] = (float(nll[row].sum()), int((labels[row] != -100).sum()))
-    return out
+    return row_nll(model, feats, tok.pad_token_id, batch_size, device)
 
 
 def _binary(k_list: list[bool], confidence: float) -> dict:

@@ -117,9 +117,7 @@ def install_converter(archive: Path, dest: Path) -> None:
         raise StageError(f"{archive.name} has sha256 {got}, expected {CONVERTER_SHA256}; the download is corrupt or the "
                          "archive changed: delete it and rerun")
     prefix = f"llama_cpp_python-{CONVERTER_VERSION}/vendor/llama.cpp/"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with building(dest, mark_complete=False) as tmp:
         with tarfile.open(archive, "r:gz") as tar:
             for m in tar.getmembers():
                 rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
@@ -130,12 +128,6 @@ def install_converter(archive: Path, dest: Path) -> None:
                         shutil.copyfileobj(src, out)
         if not (tmp / "convert_hf_to_gguf.py").is_file():
             raise StageError(f"{archive.name} has no {prefix}convert_hf_to_gguf.py; CONVERTER_VERSION and the archive disagree")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Path) -> None:

@@ -110,7 +110,6 @@ def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSect
 
 
 def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir, log_fn) -> MergeRecord:
-    import torch
     from peft import PeftModel
 
     maybe_fault("merge")

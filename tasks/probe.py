@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path

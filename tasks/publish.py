@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel
 
 from . import evaluate as eval_stage
-from .common import StageError, artifacts_root, disk_full, file_sha256, fingerprint, is_complete, maybe_fault, read_json, safe_name, write_json
+from .common import StageError, artifacts_root, building, disk_full, file_sha256, fingerprint, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
@@ -89,11 +89,7 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
 
 
 def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> None:
-    import tempfile
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
+    with building(final, mark_complete=False) as tmp:  # the manifest, written last, is this folder's completeness record
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         shutil.copytree(train.adapter_dir, tmp / "adapter")
         shutil.copytree(merge.merged_dir, tmp / "merged")
@@ -130,12 +126,6 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> str:

@@ -27,7 +27,6 @@ Prompts shorter than 13 words are matched by rules 1-2 only.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import subprocess

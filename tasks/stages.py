@@ -19,7 +19,7 @@ from . import probe as probe_stage
 from . import profile as profile_stage
 from . import publish as publish_stage
 from . import train as train_stage
-from .common import StageError, fingerprint, read_json
+from .common import StageError, read_json
 from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
 from .evaluate import EvalRecord

@@ -240,3 +240,28 @@ def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path,
     assert rec.base["n"] == cfg.data.embedded_heldout and rec.per_family
     for s in (rec.base, rec.tuned):
         assert set(s["loss_by_source"]) == {"embedded", str(extra)}
+        assert s["loss_by_source"]["embedded"] == pytest.approx(s["loss"], abs=1e-4)  # every embedded row is scored here
+
+
+def test_row_nll_batched_and_sorted_equals_each_row_alone(tiny_cfg, shared_artifacts):
+    """The evaluate stage's one-pass loss: rows batched by length (padding, reordering) give each row exactly
+    the NLL and token count it has alone, returned in the input order."""
+    import torch
+
+    from tasks.evaluate import mean_nll, row_nll
+    from tasks.models import load_base_model, load_tokenizer, resolve_model
+
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    tok = load_tokenizer(ref, tiny_cfg.model)
+    model = load_base_model(ref, tiny_cfg.model, tiny_cfg.quant, "cpu").eval()
+    rows = []
+    for n in (9, 3, 17, 5, 12):
+        ids = tok(" ".join(["word"] * n), add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:]})
+    with torch.inference_mode():
+        together = row_nll(model, rows, tok.pad_token_id, batch_size=2, device="cpu")
+        alone = [row_nll(model, [r], tok.pad_token_id, batch_size=1, device="cpu")[0] for r in rows]
+    for (s1, c1), (s2, c2), r in zip(together, alone, rows):
+        assert c1 == c2 == sum(x != -100 for x in r["labels"][1:])
+        assert s1 == pytest.approx(s2, rel=1e-4)
+    assert mean_nll(together) == pytest.approx(sum(s for s, _ in alone) / sum(c for _, c in alone), rel=1e-4)

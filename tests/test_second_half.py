@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.data import load_dataset_records
 from tasks.evaluate import evaluate_heldout, paired_bootstrap, wilson

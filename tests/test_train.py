@@ -11,7 +11,7 @@ import torch
 
 from tasks.data import load_dataset_records
 from tasks.probe import candidate_settings, next_free_trial, probe_throughput
-from tasks.train import PaddedCollator, build_model, count_params, newest_checkpoint, train_adapter
+from tasks.train import PaddedCollator, count_params, newest_checkpoint, train_adapter
 
 
 @pytest.fixture(scope="module")
