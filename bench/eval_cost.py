@@ -42,7 +42,7 @@ def main() -> None:
     from tasks import benchmarks as bench
     from tasks.config import load_config
     from tasks.data import stop_token_ids
-    from tasks.evaluate import generate_sorted, reference_nll
+    from tasks.evaluate import generate, reference_nll
     from tasks.models import load_base_model, load_tokenizer, resolve_device, resolve_model
 
     cfg = load_config(profile=a.profile, overrides=a.overrides)
@@ -64,7 +64,7 @@ def main() -> None:
             rows = [rows[i] for i in bench.subset_indices(len(rows), a.n, 0)]
         t0, c0 = time.monotonic(), time.process_time()
         with torch.inference_mode():
-            gens = generate_sorted(model, tok, [r["prompt"] for r in rows], stop, cap, bs, device)
+            gens = generate(model, tok, [[{"role": "user", "content": r["prompt"]}] for r in rows], stop, cap, bs, device)
         gen_s, cpu_s = time.monotonic() - t0, time.process_time() - c0
         words = [bench.word_count(g["text"]) for g in gens]
         res = {"cap": cap, "gen_s": round(gen_s, 1), "gen_cpu_s": round(cpu_s, 1), "gen_s_per_prompt": round(gen_s / len(rows), 3),

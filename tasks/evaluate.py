@@ -224,9 +224,11 @@ class _nullcontext:
         return False
 
 
-def row_nll(model, ds, pad_id: int, batch_size: int, device: str) -> list[tuple[float, int]]:
+def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
     """(summed NLL, assistant-token count) of every row, in the dataset's order; batches sorted by length, so
-    little of each forward is padding."""
+    little of each forward is padding, and at most `max_tokens` padded tokens per forward (the fp32 logits of
+    a batch are tokens x vocabulary: 8192 x 256k (Gemma) is 8 GiB; a large generation batch_size must not
+    turn into an out-of-memory here)."""
     import torch
 
     from .train import PaddedCollator
@@ -234,9 +236,15 @@ def row_nll(model, ds, pad_id: int, batch_size: int, device: str) -> list[tuple[
     collate = PaddedCollator(pad_id)
     rows = [ds[i] for i in range(len(ds))]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    batches, cur = [], []
+    for i in order:  # ascending length: the row just added is the batch's longest
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * len(rows[i]["input_ids"]) > max_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches += [cur] if cur else []
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    for start in range(0, len(order), batch_size):
-        ids = order[start:start + batch_size]
+    for ids in batches:
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in ids]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
@@ -252,24 +260,29 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
 
 
 def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str) -> list[dict]:
-    """Greedy answers to each conversation's last user turn; `stopped` = ended by an end-of-turn token."""
+    """Greedy answers to each conversation's last user turn, in the input order; `stopped` = ended by an
+    end-of-turn token. Batched by prompt length (less left padding: benchmark prompts range from 10 to 500+
+    tokens)."""
     prompts = []
     for msgs in conversations:
         ctx = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
         prompts.append(tok.apply_chat_template(ctx, tokenize=False, add_generation_prompt=True))
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     old_side = tok.padding_side
     tok.padding_side = "left"  # decoder-only generation needs the prompt flush against the new tokens
-    out = []
+    out: list[dict] = [{}] * len(prompts)
     try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for start in range(0, len(order), batch_size):
+            ids = order[start:start + batch_size]
+            enc = tok([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                                  pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
             new = gen[:, enc["input_ids"].shape[1]:]
-            for row in new.tolist():
-                stop_at = next((i for i, t in enumerate(row) if t in stop_ids), None)
+            for i, row in zip(ids, new.tolist()):
+                stop_at = next((j for j, t in enumerate(row) if t in stop_ids), None)
                 kept = row[:stop_at] if stop_at is not None else row
-                out.append({"text": tok.decode(kept, skip_special_tokens=True).strip(), "stopped": stop_at is not None})
+                out[i] = {"text": tok.decode(kept, skip_special_tokens=True).strip(), "stopped": stop_at is not None}
     finally:
         tok.padding_side = old_side
     return out
@@ -340,17 +353,6 @@ def load_suites(eval: EvalSection, artifacts_dir: str) -> dict[str, dict]:
     return suites
 
 
-def generate_sorted(model, tok, prompts: list[str], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str) -> list[dict]:
-    """`generate` on single-turn prompts, batched by prompt length (less left padding: IFEval/AlpacaEval
-    prompts range from 10 to 500+ tokens), results in the input order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    gens = generate(model, tok, [[{"role": "user", "content": prompts[i]}] for i in order], stop_ids, max_new_tokens, batch_size, device)
-    out: list[dict] = [{}] * len(prompts)
-    for i, g in zip(order, gens):
-        out[i] = g
-    return out
-
-
 def reference_nll(model, tok, prompts: list[str], references: list[str], max_tokens: int, batch_size: int, device: str) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each reference answer given its prompt (chat template, generation prompt),
     the reference cut to `max_tokens`. A model that collapsed to terse replies scores worse here."""
@@ -391,7 +393,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     for who in ("base", "tuned"):
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
-            gens[who] = generate_sorted(model, tok, prompts, stop_ids, cap, eval.batch_size, device)
+            gens[who] = generate(model, tok, [[{"role": "user", "content": p}] for p in prompts], stop_ids, cap, eval.batch_size, device)
             if name == "alpaca_eval":
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device)
     seconds = round(time.monotonic() - t0, 1)

@@ -261,6 +261,9 @@ def test_row_nll_batched_and_sorted_equals_each_row_alone(tiny_cfg, shared_artif
     with torch.inference_mode():
         together = row_nll(model, rows, tok.pad_token_id, batch_size=2, device="cpu")
         alone = [row_nll(model, [r], tok.pad_token_id, batch_size=1, device="cpu")[0] for r in rows]
+        token_capped = row_nll(model, rows, tok.pad_token_id, batch_size=8, device="cpu", max_tokens=20)  # 1-2 rows a forward
+    assert [c for _, c in token_capped] == [c for _, c in together]
+    assert [s for s, _ in token_capped] == pytest.approx([s for s, _ in together], rel=1e-4)
     for (s1, c1), (s2, c2), r in zip(together, alone, rows):
         assert c1 == c2 == sum(x != -100 for x in r["labels"][1:])
         assert s1 == pytest.approx(s2, rel=1e-4)
