@@ -492,12 +492,9 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     train, held, extra = [], [], []  # extra: per held-out conversation, messages + family/check + source
     counts = collections.Counter()
     for (msgs, meta), for_train in zip(convs, is_train):
-        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
-        if reason:
-            dropped[reason] += 1
+        enc = _encode_counted(tok, msgs, data, dropped, counts)
+        if enc is None:
             continue
-        counts["truncated"] += enc.pop("truncated")
-        counts["cut"] += enc.pop("cut")
         (train if for_train else held).append(enc)
         if not for_train:
             extra.append({"messages": msgs, **meta})
@@ -604,12 +601,9 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, remove
             break
         if data.system_prompt:
             msgs = [{"role": "system", "content": data.system_prompt}, *msgs]
-        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
-        if reason:
-            dropped[reason] += 1
+        enc = _encode_counted(tok, msgs, data, dropped, counts)
+        if enc is None:
             continue
-        counts["truncated"] += enc.pop("truncated")
-        counts["cut"] += enc.pop("cut")
         if len(held) < mix.heldout:
             held.append(enc)
             extra.append({"messages": msgs, "source": mix.source})
@@ -622,6 +616,18 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, remove
              "dedupe_removed": sum(removed.values()) - before, "wanted": want, "n_train": len(train), "n_heldout": len(held),
              "filter": mix.filter}
     return train, held, extra, stats
+
+
+def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collections.Counter, counts: collections.Counter) -> dict | None:
+    """`encode` one conversation; a dropped one is counted under its reason (None), a kept one's truncation and
+    cut turns are added to `counts`."""
+    enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+    if reason:
+        dropped[reason] += 1
+        return None
+    counts["truncated"] += enc.pop("truncated")
+    counts["cut"] += enc.pop("cut")
+    return enc
 
 
 def load_split(record: DataRecord, split: str):
