@@ -107,7 +107,7 @@ def finetune(
     opts = task_options(art)
     run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
 
-    data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art, cfg.eval.benchmark_sources)
+    data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
     prof = run.stage("profile", profile_task.with_options(**opts), data, art)
     probe = run.stage("probe", probe_task.with_options(**opts), data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, art)
     train = run.stage("train", train_task.with_options(**opts), data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)

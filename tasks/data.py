@@ -402,25 +402,22 @@ def dedupe_names(data: DataSection) -> list[str]:
     return sorted(BENCHMARKS) if data.dedupe == "all" else list(data.dedupe)
 
 
-def cache_key(data: DataSection, model: ModelSection, benchmark_sources: dict[str, str] | None = None) -> str:
+def cache_key(data: DataSection, model: ModelSection) -> str:
     names = dedupe_names(data)
-    bench = sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None, benchmark_sources)) if names else None
+    bench = sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)) if names else None
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
                        data.model_dump(mode="json", by_alias=True), model_fingerprint(model), model.chat_template)
 
 
-def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str,
-                         benchmark_sources: dict[str, str] | None = None) -> DataRecord:
-    """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config.
-    `benchmark_sources` = eval.benchmark_sources: the dedupe reads each benchmark where stage 5 reads it (a local
-    copy on an offline machine), keyed by the prompts' content."""
-    key = cache_key(data, model, benchmark_sources)
+def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
+    """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config."""
+    key = cache_key(data, model)
     ref = resolve_model(model, artifacts_dir)
     out = stage_dir(artifacts_dir, "data", key)
     with locked(out):
         if is_complete(out):
             return DataRecord.model_validate(read_json(out / "record.json"))
-        return _build(data, model, ref, key, out, artifacts_dir, benchmark_sources)
+        return _build(data, model, ref, key, out, artifacts_dir)
 
 
 def _normalise(rows: list[dict], schema: str, language: str | None, system_prompt: str | None,
@@ -454,8 +451,7 @@ def _without_benchmarks(convs: list, deduper: sources.Deduper | None, removed: c
     return kept
 
 
-def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts",
-           benchmark_sources: dict[str, str] | None = None) -> DataRecord:
+def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts") -> DataRecord:
     import datasets
 
     maybe_fault("data")
@@ -463,7 +459,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     dropped: collections.Counter = collections.Counter()
     removed: collections.Counter = collections.Counter()  # (benchmark, rule) -> conversations removed by dedupe
     names = dedupe_names(data)
-    prompts = sources.benchmark_prompt_lists(names, artifacts_dir, benchmark_sources) if names else {}
+    prompts = sources.benchmark_prompt_lists(names, artifacts_dir) if names else {}
     deduper = sources.Deduper(prompts) if prompts else None
 
     if data.source == "embedded":

@@ -257,13 +257,12 @@ class Deduper:
         return None
 
 
-def benchmark_prompt_lists(names: list[str], artifacts_dir: str | None, benchmark_sources: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Every prompt of each full benchmark (tasks/benchmarks.py), from eval.benchmark_sources where given; one-line
-    error naming the fix."""
+def benchmark_prompt_lists(names: list[str], artifacts_dir: str) -> dict[str, list[str]]:
+    """Every prompt of each full benchmark (tasks/benchmarks.py); one-line error naming the fix."""
     from .benchmarks import BenchmarkError, benchmark_prompts
 
     try:
-        return benchmark_prompts(names, artifacts_dir, benchmark_sources)
+        return benchmark_prompts(names, artifacts_dir)
     except BenchmarkError as e:
         raise StageError(f"data.dedupe: {e}; or set data.dedupe: [] to train without benchmark dedupe") from e
 

@@ -52,11 +52,11 @@ def _retry_io_only(task, task_run, state) -> bool:
 
 @task(name="1-data", cache_key_fn=keyed_by("data", data_stage.cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10,
       retry_condition_fn=_retry_io_only)
-def data_task(data: DataSection, model: ModelSection, artifacts_dir: str, benchmark_sources: dict[str, str] | None = None) -> DataRecord:
+def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
     import datasets
 
     datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
-    rec = data_stage.load_dataset_records(data, model, artifacts_dir, benchmark_sources)
+    rec = data_stage.load_dataset_records(data, model, artifacts_dir)
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
     log(f"data: {rec.n_train} train / {rec.n_heldout} held-out conversations, {rec.train_tokens:,} train tokens, "
         f"dropped {dropped}; hash {rec.data_hash}")

@@ -81,25 +81,6 @@ def test_dedupe_removes_benchmark_prompts_from_every_source_and_counts_them(tmp_
     assert rec_off.sources[0]["n_train"] + rec_off.sources[0]["n_heldout"] == 42 and rec.sources[0]["n_train"] + rec.sources[0]["n_heldout"] == 40
 
 
-def test_dedupe_reads_benchmarks_where_stage_5_does(tmp_path, tiny_cfg, shared_artifacts):
-    """eval.benchmark_sources is where stage 5 reads a benchmark (a local copy on an offline machine); the data
-    stage's dedupe checks the training rows against that same set, and its cache key follows the content."""
-    local = tmp_path / "alpaca_local.json"
-    held_out_prompt = "Compose a limerick about a lighthouse keeper who collects teapots."
-    local.write_text(json.dumps([{"instruction": held_out_prompt, "output": "There once was ...", "generator": "x", "dataset": "d"},
-                                 {"instruction": "Name three rivers in Peru.", "output": "Amazon, ...", "generator": "x", "dataset": "d"}]))
-    rows = [_chat(f"Tell me about topic number {i} in two sentences.") for i in range(30)] + [_chat(held_out_prompt)]
-    main = tmp_path / "main.jsonl"
-    main.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = tiny_cfg.data.model_copy(update={"source": str(main), "heldout_size": 3, "max_length": 400, "dedupe": ["alpaca_eval"]})
-    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts, {"alpaca_eval": str(local)})
-    assert rec.dedupe["benchmarks"] == {"alpaca_eval": 2} and rec.dedupe["removed_by"] == {"alpaca_eval/exact": 1}
-    # The default source (the packaged full set) does not hold this prompt: the row stays, under another cache key.
-    rec_default = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
-    assert rec_default.dedupe["benchmarks"] == {"alpaca_eval": 805} and rec_default.dedupe["removed"] == 0
-    assert rec_default.key != rec.key
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Packaged sources, read from the real distributions
 
