@@ -25,6 +25,15 @@ ATOL = 1e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _lora_a_reference(x, a, keep, p, g):
+    """What LoraA must compute, in fp32 autograd: y = (x * keep / (1 - p)) @ A^T, and the gradients of x and A
+    for the upstream gradient g."""
+    xr, ar = x.detach().float().requires_grad_(), a.detach().float().requires_grad_()
+    ref = (xr * keep / (1 - p)) @ ar.t()
+    ref.backward(g.float())
+    return ref, xr.grad, ar.grad
+
+
 def test_lora_a_regenerates_the_forward_mask_and_matches_the_formula():
     torch.manual_seed(0)
     x = torch.randn(2, 50, 32, requires_grad=True)
@@ -38,11 +47,9 @@ def test_lora_a_regenerates_the_forward_mask_and_matches_the_formula():
     assert torch.equal(keep, dropout_mask(torch.Size([100, 32]), p, seed, x.device).view(2, 50, 32))  # same seed, same mask
     assert not torch.equal(keep, dropout_mask(torch.Size([100, 32]), p, seed + 1, x.device).view(2, 50, 32))
     assert 0.25 < 1 - keep.float().mean().item() < 0.35  # P(drop) = p
-    xr, ar = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
-    ref = (xr * keep / (1 - p)) @ ar.t()
-    ref.backward(g)
+    ref, ref_gx, ref_ga = _lora_a_reference(x, a, keep, p, g)
     assert torch.allclose(out, ref, atol=ATOL)
-    assert torch.allclose(x.grad, xr.grad, atol=ATOL) and torch.allclose(a.grad, ar.grad, atol=ATOL)
+    assert torch.allclose(x.grad, ref_gx, atol=ATOL) and torch.allclose(a.grad, ref_ga, atol=ATOL)
 
 
 def test_lora_a_stored_variant_keeps_torchs_mask_and_matches_the_formula():
@@ -58,11 +65,9 @@ def test_lora_a_stored_variant_keeps_torchs_mask_and_matches_the_formula():
     _, keep = torch.native_dropout(x.detach().reshape(-1, 32), p, True)
     keep = keep.view(2, 50, 32)
     assert 0.25 < 1 - keep.float().mean().item() < 0.35
-    xr, ar = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
-    ref = (xr * keep / (1 - p)) @ ar.t()
-    ref.backward(g)
+    ref, ref_gx, ref_ga = _lora_a_reference(x, a, keep, p, g)
     assert torch.allclose(out, ref, atol=ATOL)
-    assert torch.allclose(x.grad, xr.grad, atol=ATOL) and torch.allclose(a.grad, ar.grad, atol=ATOL)
+    assert torch.allclose(x.grad, ref_gx, atol=ATOL) and torch.allclose(a.grad, ref_ga, atol=ATOL)
 
 
 def test_seeded_dropout_in_place_writes_the_same_values_into_its_input():
@@ -268,12 +273,10 @@ def test_cuda_seeded_dropout_regenerates_its_mask_and_lora_a_matches_the_formula
     out = LoraA.apply(x, a, p, seed, torch.bfloat16)
     g = torch.randn_like(out)
     out.backward(g)
-    xr, ar = x.detach().float().requires_grad_(), a.detach().clone().requires_grad_()
-    ref = (xr * keep / (1 - p)) @ ar.t()
-    ref.backward(g.float())
+    ref, ref_gx, ref_ga = _lora_a_reference(x, a, keep, p, g)
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=2e-1)
-    assert torch.allclose(x.grad.float(), xr.grad, rtol=2e-2, atol=2e-1)
-    assert torch.allclose(a.grad, ar.grad, rtol=2e-2, atol=2.0)
+    assert torch.allclose(x.grad.float(), ref_gx, rtol=2e-2, atol=2e-1)
+    assert torch.allclose(a.grad, ref_ga, rtol=2e-2, atol=2.0)
     y = torch.randn(3 * 4096 + 5, device="cuda", dtype=torch.bfloat16)  # a partial last block; in place = out of place
     ref = seeded_dropout(y, p, seed)
     assert torch.equal(seeded_dropout(y.clone(), p, seed, inplace=True), ref)
