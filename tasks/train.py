@@ -10,7 +10,8 @@ next step plus the final save would cross the deadline, or at the step cap (the 
 else twice the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
 learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
 step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
-than the few the probe timed (data lengths vary; a 4-hour run drifts). Elapsed time is persisted every step (`heartbeat.json`),
+than the few the probe timed (data lengths vary; a 4-hour run drifts); when the step cap comes first,
+progress = steps / cap leads instead, so the schedule completes whichever ends the run. Elapsed time is persisted every step (`heartbeat.json`),
 so after a crash the rerun resumes from the newest complete checkpoint — optimizer, scheduler, RNG and data
 position via Trainer's own resume — and counts the time already spent against the budget.
 """
@@ -81,13 +82,19 @@ class NonFiniteLoss(StageError):
 # The time-based schedule
 
 
-def time_schedule(kind: str, warmup_steps: int, progress):
-    """LR multiplier: linear warmup over steps, then cosine/linear/constant over the time budget's progress."""
+def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
+    """LR multiplier: linear warmup over steps, then cosine/linear/constant over the run's progress.
+
+    Two things end training: the clock and the step cap. Progress is whichever is further along —
+    max(elapsed / budget, steps done / cap) — so the schedule completes whichever ends the run (a cap reached
+    early on a fast or idle machine would otherwise stop training at the peak LR).
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        p = progress()
+        by_steps = (step - warmup_steps) / max(cap - warmup_steps, 1)  # HF's schedules: 0 after warmup, -> 1 at the cap
+        p = min(max(progress(), by_steps), 1.0)
         if kind == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * p))
         if kind == "linear":
@@ -97,15 +104,15 @@ def time_schedule(kind: str, warmup_steps: int, progress):
     return factor
 
 
-def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, **kwargs):
-    """A Trainer whose LR schedule follows the wall clock (see module docstring)."""
+def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, **kwargs):
+    """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring)."""
     import torch
     from transformers import Trainer
 
     class TimeBudgetTrainer(Trainer):
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress))
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress, cap))
             return self.lr_scheduler
 
     return TimeBudgetTrainer(**kwargs)
@@ -357,7 +364,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=is_padding_free(engine))
     warmup = int(round(training.warmup_ratio * probe.max_steps))
     trainer = make_trainer(
-        guard, training.lr_scheduler, warmup,
+        guard, training.lr_scheduler, warmup, cap,
         model=model,
         args=args,
         train_dataset=dataset,

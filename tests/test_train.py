@@ -187,12 +187,36 @@ def test_lr_follows_the_clock_not_the_step_count():
     from tasks.train import time_schedule
 
     clock = {"p": 0.0}
-    f = time_schedule("cosine", warmup_steps=2, progress=lambda: clock["p"])
+    f = time_schedule("cosine", warmup_steps=2, progress=lambda: clock["p"], cap=10_000)
     assert f(0) < f(1) < 1.0  # warmup by steps
     clock["p"] = 0.5
     assert abs(f(100) - 0.5) < 1e-9
     clock["p"] = 1.0
     assert f(5) < 1e-9  # annealed exactly when the budget ends, whatever the step
+
+
+def test_lr_anneals_by_the_step_cap_when_it_ends_training_first():
+    from tasks.train import time_schedule
+
+    f = time_schedule("cosine", warmup_steps=0, progress=lambda: 0.0, cap=12)  # the clock has barely moved
+    assert f(0) == 1.0 and abs(f(6) - 0.5) < 1e-9
+    assert f(11) < 0.02  # the last capped step runs at ~0 LR, not at the peak
+    lin = time_schedule("linear", warmup_steps=2, progress=lambda: 0.25, cap=12)
+    assert abs(lin(2) - 0.75) < 1e-9  # the clock leads while it is further along ...
+    assert abs(lin(10) - 0.2) < 1e-9  # ... the steps once they are
+
+
+def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts):
+    """Tiny profile, 5-minute budget, 12-step cap: training stops at the cap within seconds; the LR must still
+    have annealed (it stayed at 1.0x the peak on every step when progress was elapsed / budget only)."""
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    capped = probe.model_copy(update={"max_steps": 12, "budget_seconds": 300.0, "key": "lr-cap"})
+    training = tiny_cfg.training.model_copy(update={"max_steps": 12, "warmup_ratio": 0.0})
+    rec = train_adapter(tiny_data, capped, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.stopped_by == "max_steps" and rec.steps == 12
+    lrs = [h["learning_rate"] for h in json.loads((Path(rec.dir) / "log_history.json").read_text()) if "learning_rate" in h]
+    assert len(lrs) == 12 and lrs[-1] < 0.05 * training.learning_rate, lrs
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # cosine: never rises after warmup
 
 
 def test_torn_checkpoint_is_skipped(tmp_path):
