@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .models import adds_bos
 
 EXPORT_VERSION = 1
 # llama.cpp's converter, taken from the llama-cpp-python source archive (PyPI); bump both together.
@@ -163,16 +164,11 @@ def converter_failure(stderr: str) -> str:
 SENTINEL = "\u2063qLoRa-{}\u2063"  # invisible separator: never in a real template
 
 
-def _adds_bos(tok) -> bool:
-    """Whether encoding adds BOS by itself (then llama.cpp/Ollama add it too, and the template's text must not)."""
-    ids = tok("x")["input_ids"]
-    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
-
-
 def _render(tok, messages, gen: bool = False) -> str:
+    """The template's text as llama.cpp/Ollama must see it: without the BOS they add themselves (`adds_bos`)."""
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
     bos = tok.bos_token or ""
-    return text[len(bos):] if bos and _adds_bos(tok) and text.startswith(bos) else text
+    return text[len(bos):] if bos and adds_bos(tok) and text.startswith(bos) else text
 
 
 def template_parts(tok) -> dict[str, tuple[str, str]]:

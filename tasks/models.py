@@ -24,7 +24,11 @@ from .common import StageError, building, file_sha256, fingerprint, is_complete,
 from .config import ModelSection, QuantSection
 
 # The project's chat template for base models that ship none: plain role headers, the answer closed by
-# the tokenizer's EOS so the model learns to stop (the peers' "never-ending generation" bug).
+# the tokenizer's EOS so the model learns to stop (the peers' "never-ending generation" bug). For tokenizers
+# that put BOS in front of every text they encode (Mistral-7B-v0.1, Llama-2, Gemma: what the model saw in
+# pretraining) `load_tokenizer` opens it with `{{ bos_token }}`: a chat is rendered to text and encoded without
+# special tokens everywhere (training, stage 5, `chat`, `transformers serve`), and llama.cpp/Ollama add the
+# BOS themselves, so every path starts a chat with the same ids.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] | trim }}"
@@ -267,6 +271,7 @@ def build_byte_tokenizer(vocab_size: int = 512):
 
 
 _warned_default_template: set[str] = set()
+_warned_bos: set[str] = set()
 
 
 def load_tokenizer(ref: ModelRef, model: ModelSection):
@@ -279,6 +284,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
         )
     except OSError as e:
         raise _load_error(ref, model, e) from e
+    own = bool(model.chat_template or getattr(tok, "chat_template", None))
     if model.chat_template:
         tok.chat_template = model.chat_template
     elif not getattr(tok, "chat_template", None):
@@ -292,7 +298,27 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
         raise StageError(f"tokenizer of {model.name!r} has no EOS token; the model could never learn to stop — pick another model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if adds_bos(tok) and not _renders_bos(tok):
+        # The tokenizer puts BOS before every text (pretraining always had it) but the template does not: open the
+        # template with it, or training and stage 5 would run without the BOS that llama.cpp/Ollama add.
+        tok.chat_template = "{{ bos_token }}" + tok.chat_template
+        if own and model.name not in _warned_bos:
+            _warned_bos.add(model.name)
+            logging.getLogger("qlora_pipeline").warning(
+                f"the chat template does not start with {tok.bos_token!r}, which the tokenizer of {model.name!r} puts before "
+                "every text; prepended it so training, evaluation and serving see the same first tokens")
     return tok
+
+
+def adds_bos(tok) -> bool:
+    """Whether encoding a text adds BOS by itself (then llama.cpp/Ollama add it to every prompt too)."""
+    ids = tok("x")["input_ids"]
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
+
+
+def _renders_bos(tok) -> bool:
+    text = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    return bool(tok.bos_token) and text.startswith(tok.bos_token)
 
 
 def _load_error(ref: ModelRef, model: ModelSection, e: Exception) -> StageError:
