@@ -16,10 +16,17 @@ and every file read is checked against its pinned sha256, which goes into the da
 
 Dedupe (`Deduper`): a conversation is removed from training (and from held-out) when any user turn
 1. equals a benchmark prompt exactly (after stripping surrounding whitespace),
-2. equals one after normalising case and whitespace (casefold, runs of whitespace -> one space), or
-3. shares a run of 13 consecutive words with one (words = casefolded `\\w+` tokens; the GPT-3 paper's
-   contamination rule) — this catches a benchmark prompt pasted inside a longer message.
-Prompts shorter than 13 words are matched by rules 1-2 only.
+2. equals one after normalising case and whitespace (casefold, runs of whitespace -> one space),
+3. has the same words (casefolded `\\w+` tokens: punctuation and spacing ignored) — 257 of AlpacaEval's 805
+   prompts are under 13 words and would otherwise match only exactly,
+4. contains a benchmark prompt of 6 to 12 words as a run of its words (a short prompt with a lead-in), or
+5. shares a run of 13 consecutive words with one (the GPT-3 paper's contamination rule) — this catches a
+   benchmark prompt pasted inside a longer message.
+Prompts shorter than 6 words are matched by rules 1-3 only (a 3-word run is common English).
+
+Within and across the training sources, conversations whose first exchange (first user turn and first answer,
+compared by their words) was already seen are dropped before any held-out split (`ExchangeDeduper`), so no
+held-out row is also a training row.
 
     python -m tasks.sources fetch      # download every source-archive dataset into artifacts/cache/sdists
 """
@@ -222,6 +229,9 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.casefold())
 
 
+SHORT_MIN_WORDS = 6  # shorter benchmark prompts are matched whole only (rules 1-3)
+
+
 class Deduper:
     """Finds conversations whose user turns are benchmark prompts (rules in the module docstring)."""
 
@@ -229,18 +239,24 @@ class Deduper:
         self.ngram = ngram
         self.exact: dict[str, str] = {}
         self.normal: dict[str, str] = {}
+        self.words: dict[tuple[str, ...], str] = {}
+        self.short: dict[tuple[str, ...], str] = {}  # whole word sequences of the 6-12-word prompts
         self.grams: dict[tuple[str, ...], str] = {}
         for bench, texts in prompts.items():
             for p in texts:
                 self.exact.setdefault(p.strip(), bench)
                 self.normal.setdefault(_normal(p), bench)
-                w = _words(p)
+                w = tuple(_words(p))
+                self.words.setdefault(w, bench)
+                if SHORT_MIN_WORDS <= len(w) < ngram:
+                    self.short.setdefault(w, bench)
                 for i in range(len(w) - ngram + 1):
-                    self.grams.setdefault(tuple(w[i:i + ngram]), bench)
+                    self.grams.setdefault(w[i:i + ngram], bench)
+        self.short_lengths = sorted({len(w) for w in self.short})
         self.n_prompts = sum(len(t) for t in prompts.values())
 
     def match(self, messages: list[dict]) -> tuple[str, str] | None:
-        """(benchmark, rule) of the first user turn that matches, rule in exact | normalized | 13-gram; None = clean."""
+        """(benchmark, rule) of the first user turn that matches (rules in the module docstring); None = clean."""
         for m in messages:
             if m["role"] != "user":
                 continue
@@ -249,12 +265,44 @@ class Deduper:
                 return b, "exact"
             if (b := self.normal.get(_normal(text))) is not None:
                 return b, "normalized"
-            if self.grams:
-                w = _words(text)
-                for i in range(len(w) - self.ngram + 1):
-                    if (b := self.grams.get(tuple(w[i:i + self.ngram]))) is not None:
-                        return b, f"{self.ngram}-gram"
+            w = tuple(_words(text))
+            if (b := self.words.get(w)) is not None:
+                return b, "same words"
+            for n in self.short_lengths:
+                for i in range(len(w) - n + 1):
+                    if (b := self.short.get(w[i:i + n])) is not None:
+                        return b, "contains a short prompt"
+            for i in range(len(w) - self.ngram + 1):
+                if (b := self.grams.get(w[i:i + self.ngram])) is not None:
+                    return b, f"{self.ngram}-gram"
         return None
+
+    @staticmethod
+    def rules() -> list[str]:
+        return ["exact", "normalized (casefold + whitespace)", "same words (punctuation ignored)",
+                f"contains a {SHORT_MIN_WORDS}-{NGRAM - 1}-word prompt", f"{NGRAM}-gram (casefolded words)"]
+
+
+def exchange_key(messages: list[dict]) -> tuple[str, ...]:
+    """The words of a conversation's first user turn and first answer: two conversations with the same key are the
+    same example (ShareGPT holds 1,405 of 17,446 conversations in exact-duplicate groups)."""
+    user = next((m["content"] for m in messages if m["role"] == "user"), "")
+    answer = next((m["content"] for m in messages if m["role"] == "assistant"), "")
+    return (*_words(user), "\0", *_words(answer))
+
+
+class ExchangeDeduper:
+    """Remembers every first exchange kept so far, across sources: `new(messages)` is False for a repeat."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def new(self, messages: list[dict]) -> bool:
+        key = hashlib.sha1(" ".join(exchange_key(messages)).encode()).hexdigest()
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 def benchmark_prompt_lists(names: list[str], artifacts_dir: str) -> dict[str, list[str]]:

@@ -186,9 +186,10 @@ def test_mix_shares_heldout_per_source_and_provenance(tmp_path, tiny_cfg, shared
     data.mix = [{"source": str(extra), "share": 0.25, "heldout": 6, "filter": "chat"}]
     rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
     main, mixed = rec.sources
-    assert main["source"] == "embedded" and main["n_train"] == tiny_cfg.data.embedded_train
+    repeats = rec.dropped.get("duplicate", 0)  # the generator's rare repeats are kept once
+    assert main["source"] == "embedded" and main["n_train"] + main["n_heldout"] + repeats == tiny_cfg.data.embedded_train + tiny_cfg.data.embedded_heldout
     assert mixed["n_train"] == round(main["n_train"] / 0.75 * 0.25) and mixed["n_heldout"] == 6
-    assert rec.n_train == main["n_train"] + mixed["n_train"] and rec.n_heldout == tiny_cfg.data.embedded_heldout + 6
+    assert rec.n_train == main["n_train"] + mixed["n_train"] and rec.n_heldout == main["n_heldout"] + 6
     assert mixed["sha256"] and mixed["rows_read"] == 200
     meta = load_heldout_meta(rec)
     assert [m["source"] for m in meta].count(str(extra)) == 6 and rec.has_checkers  # embedded rows still carry checkers
@@ -268,3 +269,42 @@ def test_row_nll_batched_and_sorted_equals_each_row_alone(tiny_cfg, shared_artif
         assert c1 == c2 == sum(x != -100 for x in r["labels"][1:])
         assert s1 == pytest.approx(s2, rel=1e-4)
     assert mean_nll(together) == pytest.approx(sum(s for s, _ in alone) / sum(c for _, c in alone), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 21.9: repeats within and across sources, punctuation-blind matching of short benchmark prompts
+
+
+def test_short_benchmark_prompts_match_without_their_punctuation(bench_prompts):
+    d = sources.Deduper(bench_prompts)
+    short = [p for p in bench_prompts["alpaca_eval"] if 6 <= len(sources._words(p)) < 13 and p.rstrip()[-1] in "?.!"]
+    assert len(short) > 50
+    p = short[0]
+    user = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}]  # noqa: E731
+    assert d.match(user(p.rstrip()[:-1] + " !!")) == ("alpaca_eval", "same words")  # only exact/normalized matched it before
+    assert d.match(user(p.replace(" ", ", ", 1))) == ("alpaca_eval", "same words")
+    assert d.match(user("Quick question for you: " + p.lower())) == ("alpaca_eval", "contains a short prompt")
+    tiny = next(q for q in bench_prompts["alpaca_eval"] if len(sources._words(q)) < 6)
+    assert d.match(user("Well, " + tiny + " and tell me more about your day please")) is None  # too short to match inside text
+
+
+def test_repeated_conversations_are_kept_once_across_sources_and_never_held_out_and_trained(tmp_path, tiny_cfg, shared_artifacts):
+    """ShareGPT holds exact-duplicate groups: a conversation repeated within a source or across sources is kept
+    once, before any held-out split, so no held-out row is also a training row (3 of the demo's 80 were)."""
+    chats = [_chat(f"Explain idea number {i} simply.", f"Idea {i} is simple: it is about the number {i}.") for i in range(60)]
+    repeats = [dict(c, id=c["id"] + "r") for c in chats[:20]]  # the same conversations again, new ids
+    main_file, mix_file = tmp_path / "main.json", tmp_path / "mix.json"
+    main_file.write_text(json.dumps(chats + repeats))
+    others = [_chat(f"Describe colour number {i}.", f"Colour {i} is a shade of blue.") for i in range(40)]
+    mix_file.write_text(json.dumps(others + chats[20:40] + others[:10]))  # 20 of the main source's, 10 of its own twice
+    data = tiny_cfg.data.model_copy(update={"source": str(main_file), "heldout_size": 8, "schema_": "auto"})
+    data.mix = [{"source": str(mix_file), "share": 0.3, "heldout": 6, "filter": "none"}]
+    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    main, mixed = rec.sources
+    assert rec.dropped.get("duplicate") == 20 and main["n_train"] + main["n_heldout"] == 60
+    assert mixed["usable"] == 40 and mixed["dropped"].get("duplicate") == 30
+    train = [tuple(x) for x in load_split(rec, "train")["input_ids"]]
+    held = [tuple(x) for x in load_split(rec, "heldout")["input_ids"]]
+    assert len(set(train)) == len(train) and len(set(held)) == len(held)
+    assert not set(train) & set(held)
+    assert rec.dedupe["rules"] == sources.Deduper.rules()
