@@ -159,7 +159,13 @@ class LoraSection(Section):
 
 class TrainingSection(Section):
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass. Higher = faster, more VRAM.")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step (effective batch = micro × accum).")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step. Padded engine: the optimizer batch is micro × accum "
+                            "conversations; packed engines: accum packs (see packing). Stage 4 logs and records the batch in both units.")
+    packing: Literal["full", "matched"] = Field(
+        "full", description="Packed engines (fast, fused) only. full = a micro-batch packs up to micro × max_length tokens "
+        "(TRL/Axolotl packing): max_length / mean-length times more conversations per step than the padded recipe, at the "
+        "same learning rate, so fewer, larger steps. matched = packs of about micro conversations (micro × mean length "
+        "tokens): the padded recipe's batch, so the learning rate means what it does there; smaller forwards.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak LR. QLoRA default 2e-4; lower for larger models.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay over the step budget.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the LR up.")

@@ -304,7 +304,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
             marks.append((time.monotonic(), int(state.num_input_tokens_seen or 0)))
 
     with tempfile.TemporaryDirectory() as tmp:
-        dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed)
+        dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])

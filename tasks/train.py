@@ -34,7 +34,7 @@ from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import build_model, count_params, engine_for, training_args
-from .engine.collate import BatchTrace, PaddedCollator, collator_for, is_padding_free, training_dataset
+from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
@@ -66,6 +66,7 @@ class TrainRecord(BaseModel):
     micro_batch_size: int
     grad_accum: int
     engine: str
+    batch: dict = {}  # the optimizer batch: conversations and tokens per step (means), and the rule that makes it
     loss_curve_png: str
     tensorboard_dir: str
     gpus: int = 1  # data-parallel processes (training.gpus); tokens_seen and tokens/s are over all of them
@@ -115,6 +116,12 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, *
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress, cap))
             return self.lr_scheduler
 
+        def _get_train_sampler(self, train_dataset=None):
+            # Packed passes are already in their seeded order and start at the resumed data position.
+            if isinstance(train_dataset or self.train_dataset, PackedStream):
+                return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
     return TimeBudgetTrainer(**kwargs)
 
 
@@ -153,6 +160,7 @@ class BudgetGuard(_trainer_callback_base()):
         self.log_fn = log_fn
         self.losses: list[tuple[int, float]] = []
         self.synced_elapsed = prior_elapsed  # the ranks' common clock, updated every step (several ranks)
+        self.data_position = lambda step: None  # packed engines: where in the data a checkpoint at `step` resumes
 
     def elapsed(self) -> float:
         return self.prior + time.monotonic() - self.t0
@@ -217,7 +225,8 @@ class BudgetGuard(_trainer_callback_base()):
         dist.barrier()  # every rank has written its part (its RNG state) before the marker says complete
         ckpt = self.work / f"checkpoint-{state.global_step}"
         if dist.is_main() and ckpt.is_dir():
-            write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir())})
+            write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir()),
+                                            "data_position": self.data_position(state.global_step)})
         return control
 
 
@@ -360,8 +369,18 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     # The clock stops training; the step cap is a backstop (the user's hard cap, else 2x the estimate).
     cap = training.max_steps or 2 * probe.max_steps
-    dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed)
+    n = dist.world()
+    done = int(resume.name.split("-")[-1]) if resume else 0
+    packs_per_step = ga * n  # packed engines: one pack per forward on each rank
+    start = read_json(resume / CKPT_MARKER).get("data_position") if resume else None
+    dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed, packing=training.packing,
+                                           min_packs=(cap - done) * packs_per_step, start=start)
     args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=is_padding_free(engine))
+    batch = batch_size(dataset, per_device * ga * n, train_ds)
+    if isinstance(dataset, PackedStream):
+        # Resume by rows trained on, not by batch count: the stream already starts at the checkpoint's position.
+        args.ignore_data_skip = True
+        guard.data_position = lambda step: dataset.position_after((step - done) * packs_per_step)
     warmup = int(round(training.warmup_ratio * probe.max_steps))
     trainer = make_trainer(
         guard, training.lr_scheduler, warmup, cap,
@@ -371,10 +390,10 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         data_collator=collator,
         callbacks=callbacks,
     )
-    n = dist.world()
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
            (f", {n_free} layers without recompute" if n_free else "") +
+           f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
@@ -429,6 +448,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         micro_batch_size=mb,
         grad_accum=ga,
         engine=engine,
+        batch=batch,
         loss_curve_png=str(png),
         tensorboard_dir=str(tb_dir),
         gpus=n,
@@ -439,6 +459,20 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     for c in work.glob("checkpoint-*"):
         shutil.rmtree(c, ignore_errors=True)
     return rec
+
+
+def batch_size(dataset, forwards_per_step: int, train_ds) -> dict:
+    """What one optimizer step trains on, in conversations and real tokens (means over the data): padded micro-batches
+    hold `micro` conversations each; packs hold as many as fit their token budget."""
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    mean_len = sum(lengths) / max(len(lengths), 1)
+    if isinstance(dataset, PackedStream):
+        convs = dataset.conversations_per_pack() * forwards_per_step
+        rule = f"{forwards_per_step} packs of <= {dataset.capacity:,} tokens"
+    else:
+        convs = float(forwards_per_step)
+        rule = f"{forwards_per_step} padded conversations"
+    return {"conversations": round(convs, 1), "tokens": round(convs * mean_len), "rule": rule}
 
 
 def _install_interrupt(guard: BudgetGuard):

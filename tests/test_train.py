@@ -257,3 +257,89 @@ def test_fused_engine_probes_and_trains_through_the_stages(tiny_cfg, tiny_data, 
     adapter = load_file(str(Path(rec.adapter_dir) / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert len(lora_b) == 14 and all(v.abs().sum() > 0 for v in lora_b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 21.3/21.4: packed data resumes by rows trained on; the optimizer batch in conversations and tokens
+
+
+def _stream(lengths, capacity, start=None, min_packs=1):
+    from tasks.engine.collate import PackedStream
+
+    return PackedStream(list(range(len(lengths))), lengths, capacity, seed=3, min_packs=min_packs, start=start)
+
+
+def test_packed_stream_resumes_by_rows_whatever_the_new_pack_size():
+    import random
+
+    lengths = [random.Random(i).randint(10, 160) for i in range(300)]
+    full = _stream(lengths, 8 * 160, min_packs=200)
+    one_pass = sum(1 for p in full.pass_of if p == 0)
+    assert sorted(i for k in range(one_pass) for i in full.packs[k]) == list(range(300))
+    seen = [i for k in range(5) for i in full.packs[k]]
+    pos = full.position_after(5)
+    assert pos["pass"] == 0 and pos["used"] == sorted(seen)
+    # The same pack size: the original packs continue, so a crash resume is bit-identical.
+    same = _stream(lengths, 8 * 160, start=pos, min_packs=50)
+    assert same.packs[:20] == full.packs[5:25]
+    # Half the pack size (an out-of-memory retry): the unseen rows of the pass, each once, then the next pass.
+    half = _stream(lengths, 4 * 160, start=pos, min_packs=400)
+    rest = [i for k, p in enumerate(half.pass_of) if p == 0 for i in half.packs[k]]
+    assert sorted(rest + seen) == list(range(300))
+    assert all(sum(lengths[i] for i in pk) <= 4 * 160 for pk in half.packs)
+    # Positions compose over a second resume, and a finished pass moves to the next one.
+    pos2 = half.position_after(3)
+    assert pos2["pass"] == 0 and set(pos2["used"]) == set(seen) | {i for k in range(3) for i in half.packs[k]}
+    n_rest = sum(1 for p in half.pass_of if p == 0)
+    assert half.position_after(n_rest) == {"pass": 1, "used": []}
+
+
+def test_oom_retry_on_the_packed_engine_trains_every_row_once_per_pass(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    """A real out-of-memory retry on the fast engine: checkpoint every step, an OOM in the 4th forward, the retry at
+    half the micro-batch resumes from the checkpoint. The rows trained on must be each row once before any repeats
+    (the Trainer used to skip global_step x accum packs of the *new* packing: rows repeated, others never seen)."""
+    import tasks.train as train_mod
+
+    forwards: list[list[tuple]] = []  # the rows of each forward, in order
+    real_build = train_mod.build_model
+    fired = []
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+
+        def record(module, a, kw):
+            if len(forwards) == 3 and not fired:
+                fired.append(True)
+                raise torch.OutOfMemoryError("injected")
+            ids, pos = kw["input_ids"][0].tolist(), kw["position_ids"][0].tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+            forwards.append([tuple(ids[a:b]) for a, b in zip(starts, starts[1:])])
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build)
+    training = tiny_cfg.training.model_copy(update={"engine": "fast", "max_steps": 40, "checkpoint_minutes": 1e-6})
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    probe = probe.model_copy(update={"max_steps": 40, "budget_seconds": 600.0, "micro_batch_size": 4, "grad_accum": 1, "key": "oom-packed"})
+    rec = train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.micro_batch_size == 2 and rec.grad_accum == 2 and rec.resumed_from_step == 3
+    rows = [r for f in forwards for r in f]
+    first_pass = rows[:tiny_data.n_train]
+    assert len(rows) >= tiny_data.n_train and len(set(first_pass)) == tiny_data.n_train  # each row once: none repeated, none skipped
+
+
+def test_batch_is_stated_in_conversations_and_tokens(tiny_cfg, tiny_data, shared_artifacts):
+    from tasks.data import load_split
+    from tasks.engine.collate import training_dataset
+    from tasks.train import batch_size
+
+    train_ds = load_split(tiny_data, "train")
+    padded, per = training_dataset("padded", train_ds, 8, 160, 0)
+    assert batch_size(padded, per * 2, train_ds)["conversations"] == 16
+    full, per = training_dataset("fast", train_ds, 8, 160, 0, packing="full")
+    matched, _ = training_dataset("fast", train_ds, 8, 160, 0, packing="matched")
+    b_full, b_matched = batch_size(full, per * 2, train_ds), batch_size(matched, per * 2, train_ds)
+    assert b_full["conversations"] > 2 * b_matched["conversations"]  # full packs hold far more than 8 short rows
+    assert 12 <= b_matched["conversations"] <= 20  # matched: about the padded recipe's 16
+    assert b_full["tokens"] > b_matched["tokens"] and "packs of <=" in b_full["rule"]

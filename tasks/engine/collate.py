@@ -39,15 +39,93 @@ def is_padding_free(engine: str) -> bool:
     return engine != "padded"
 
 
-def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int):
-    """(dataset, per-device batch size) for the engine (see the module docstring)."""
+def pack_capacity(packing: str, micro_batch_size: int, max_length: int, lengths: list[int]) -> int:
+    """Tokens per packed micro-batch. `full`: micro x max_length (TRL's and Axolotl's packing: a pack holds
+    max_length / mean length times more conversations than a padded micro-batch). `matched`: micro x the mean
+    length, so a pack holds about micro conversations, the padded recipe's batch (never below the longest row)."""
+    if packing == "full" or not lengths:
+        return micro_batch_size * max_length
+    return min(max(math.ceil(micro_batch_size * sum(lengths) / len(lengths)), max(lengths)), micro_batch_size * max_length)
+
+
+class PackedStream:
+    """The packed engines' training data: passes over the rows, each a seeded best-fit packing, concatenated
+    until the run's step cap is covered, read in order (`sequential_sampler`).
+
+    A run resumed from a checkpoint starts where that checkpoint's data position says (`position_after`): the pass
+    and the rows of it already trained on. With the same pack size the rest of the pass is the original packs
+    (resume is bit-identical); with another (an out-of-memory retry halves the micro-batch) the rows not yet seen
+    are packed anew. Either way every row is seen once per pass: no row repeats, none is skipped.
+    """
+
+    def __init__(self, rows, lengths: list[int], capacity: int, seed: int, min_packs: int, start: dict | None = None):
+        from .fastpath import pack_by_tokens
+
+        self.rows, self.capacity = rows, capacity
+        self.packs: list[list[int]] = []
+        self.pass_of: list[int] = []
+        self.start = start or {"pass": 0, "used": []}
+        p, used = self.start["pass"], set(self.start["used"])
+        while len(self.packs) < max(min_packs, 1) and lengths:
+            packs = pack_by_tokens(lengths, capacity, seed + p)
+            if used:
+                n_done = self._packs_covering(packs, used)
+                if n_done is not None:
+                    packs = packs[n_done:]  # the same packing: continue it exactly
+                else:
+                    rest = [i for i in range(len(lengths)) if i not in used]
+                    packs = [[rest[j] for j in pk] for pk in pack_by_tokens([lengths[i] for i in rest], capacity, seed + p)]
+                used = set()
+            self.packs += packs
+            self.pass_of += [p] * len(packs)
+            p += 1
+
+    @staticmethod
+    def _packs_covering(packs: list[list[int]], used: set[int]) -> int | None:
+        """k when the first k packs hold exactly the `used` rows, else None."""
+        seen = 0
+        for k, pk in enumerate(packs):
+            if seen == len(used):
+                return k
+            if not all(i in used for i in pk):
+                return None
+            seen += len(pk)
+        return len(packs) if seen == len(used) else None
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        return [self.rows[i] for i in self.packs[k]]
+
+    def position_after(self, n_packs: int) -> dict:
+        """The data position after the first `n_packs` packs were trained on: {pass, used rows of that pass}."""
+        if n_packs <= 0:
+            return self.start
+        last = min(n_packs, len(self.packs)) - 1
+        p = self.pass_of[last]
+        used = set(self.start["used"]) if p == self.start["pass"] else set()
+        for k in range(last, -1, -1):
+            if self.pass_of[k] != p:
+                break
+            used.update(self.packs[k])
+        if len(used) == len(self.rows):
+            return {"pass": p + 1, "used": []}
+        return {"pass": p, "used": sorted(used)}
+
+    def conversations_per_pack(self) -> float:
+        return sum(len(p) for p in self.packs) / max(len(self.packs), 1)
+
+
+def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int, *, packing: str = "full",
+                     min_packs: int = 1, start: dict | None = None):
+    """(dataset, per-device batch size) for the engine (see the module docstring): the rows themselves for the padded
+    recipe, a `PackedStream` of at least `min_packs` packs (one per forward) for the padding-free engines."""
     if not is_padding_free(engine):
         return train_ds, micro_batch_size
-    from .fastpath import PackedDataset, pack_by_tokens
-
     lengths = [len(x) for x in train_ds["input_ids"]]
-    packs = pack_by_tokens(lengths, micro_batch_size * max_length, seed)
-    return PackedDataset(train_ds, packs), 1
+    capacity = pack_capacity(packing, micro_batch_size, max_length, lengths)
+    return PackedStream(train_ds, lengths, capacity, seed, min_packs, start), 1
 
 
 def collator_for(engine: str, pad_id: int):
