@@ -408,15 +408,16 @@ def cut_to_shorter(a: str, b: str) -> tuple[str, str]:
 
 def length_check(base: list[dict], tuned: list[dict], ratio: float) -> dict:
     """Per prompt, is the tuned answer under `ratio` x the base's length? Answers are {"text", "stopped"}; one
-    cut by the token cap (not stopped) is a floor on its true length. `terse`: the tuned answer ended by itself
-    under ratio x the base's words, true whatever the cap did to the base. `unknown`: it ended by itself, not that
-    short, where the base's answer was cut: the base's full length, and so the ratio, is unseen. A cap that cuts
-    most base answers holds the base median at the cap, where a median comparison can hardly call a terser model;
-    these counts say when the cap, not the model, decided."""
+    cut by the token cap (not stopped) is a floor on its true length. `terse`: the tuned answer has under ratio x
+    the base's words, true whatever the cap did to the base (a tuned answer cut by the cap with that few words
+    spent the cap on no words: empty or degenerate, terse as read). `unknown`: the tuned answer ended by itself,
+    not that short, where the base's was cut: the base's full length, and so the ratio, is unseen. A cap that
+    cuts most base answers holds the base median at the cap, where a median comparison can hardly call a terser
+    model; these counts say when the cap, not the model, decided."""
     terse = unknown = 0
     for b, t in zip(base, tuned):
         bw, tw = word_count(b["text"]), word_count(t["text"])
-        if t["stopped"] and tw < ratio * bw:
+        if tw < ratio * bw:
             terse += 1
         elif t["stopped"] and not b["stopped"]:
             unknown += 1

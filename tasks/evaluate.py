@@ -721,13 +721,13 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
 
 
 def _length_warnings(s: dict, name: str) -> list[str]:
-    """TERSER when, on most open-ended prompts, the tuned answer ended by itself under TERSE_RATIO x the base's
+    """TERSER when, on at least half the open-ended prompts, the tuned answer is under TERSE_RATIO x the base's
     length; LENGTH NOT JUDGED when that cannot be told because the cap cut the base's answers (bench.length_check)."""
     lc, bw, tw = s["length_check"], s["answers"]["base"]["median_words"], s["answers"]["tuned"]["median_words"]
     n, cap = lc["n"], s["subset"]["max_new_tokens"] if "subset" in s else "?"
     if n and 2 * lc["terse"] >= n:
         return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}; on {lc['terse']} of {n} prompts "
-                f"the tuned answer ended under {lc['ratio']:.0%} of the base's length; the model may have learned a short-answer format "
+                f"the tuned answer is under {lc['ratio']:.0%} of the base's length; the model may have learned a short-answer format "
                 "and lost helpfulness"]
     if n and 2 * (lc["terse"] + lc["unknown"]) >= n:
         return [f"LENGTH NOT JUDGED: {lc['base_capped']} of {n} base answers were cut at the {cap}-token cap (base median {bw:.0f} words "

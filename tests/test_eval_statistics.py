@@ -293,3 +293,10 @@ def test_verdict_names_the_benchmarks_the_training_data_was_deduped_against(monk
     none = ev.make_verdict({}, None, {"ifeval": res}, 0.95, dedupe={"benchmarks": {}, "rules": [], "removed": 0, "removed_by": {}})
     assert "training data not deduped against any benchmark (data.dedupe: [])" in none["notes"]
     assert any(w.startswith("NOT DEDUPED: ifeval") for w in none["warnings"])
+
+
+def test_empty_answers_that_run_to_the_cap_are_terse(monkeypatch):
+    """A tuned model spending the cap on whitespace reads as empty: terse, even though it never stopped."""
+    answers = {"base": [("one two three four", True)] * 6, "tuned": [("", False)] * 6}
+    res, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(6), answers, {"base": [(1.0, 1)] * 6, "tuned": [(1.0, 1)] * 6})
+    assert any(w.startswith("TERSER:") for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"])
