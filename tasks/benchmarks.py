@@ -400,7 +400,7 @@ def cut_to_shorter(a: str, b: str) -> tuple[str, str]:
     """Both answers cut to the word count of the shorter one. ROUGE-L F1 and chrF (which weighs recall 2:1) against
     a long reference rise with the answer's length: on the demo the per-prompt length and chrF differences
     correlate 0.83, so an uncut comparison mostly says which model wrote more. Cut pairs compare what each model
-    said in the same room."""
+    said in the same number of words."""
     wa, wb = a.split(), b.split()
     k = min(len(wa), len(wb))
     return " ".join(wa[:k]), " ".join(wb[:k])
