@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     data = load_dataset_records(cfg.data, cfg.model, art)
     train = TrainRecord.model_validate(read_json(train_json))
-    rec = evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art, log_fn=lambda m: print(m, flush=True))
+    rec = evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art, log_fn=lambda m: print(m, flush=True),
+                           system_prompt=cfg.data.system_prompt)
     result = {"data": data.model_dump(mode="json"), "train": train.model_dump(mode="json"), "eval": rec.model_dump(mode="json"),
               "eval_config": cfg.eval.model_dump(mode="json"), "seconds": round(time.monotonic() - t0, 1)}
     with open(out, "w", encoding="utf-8") as f:

@@ -40,7 +40,7 @@ def main() -> None:
         get_peft_model(base, lora_config(cfg.lora)).save_pretrained(adapter)
     train = SimpleNamespace(key=f"zero-{adapter.name}-{time.time()}", adapter_dir=str(adapter))  # fresh key: never a cache hit
     t0 = time.monotonic()
-    rec = evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, cfg.artifacts_dir, print)
+    rec = evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, cfg.artifacts_dir, print, system_prompt=cfg.data.system_prompt)
     wall = time.monotonic() - t0
     out = {"profile": a.profile, "overrides": a.overrides, "evaluate_s": round(wall, 1),
            "benchmarks_s": {k: v["seconds"] for k, v in rec.benchmarks.items()},

@@ -111,7 +111,8 @@ def finetune(
     prof = run.stage("profile", profile_task.with_options(**opts), data, art)
     probe = run.stage("probe", probe_task.with_options(**opts), data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, art)
     train = run.stage("train", train_task.with_options(**opts), data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
-    evalr = run.stage("evaluate", evaluate_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, art)
+    evalr = run.stage("evaluate", evaluate_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, art,
+                      cfg.data.system_prompt)
     merged = run.stage("merge", merge_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.merge, cfg.device, art)
     records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
     published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)

@@ -396,16 +396,47 @@ def reference_overlap(texts: list[str], references: list[str]) -> dict[str, list
     return {"rouge_l": rouge, "chrf": chrfs}
 
 
+def cut_to_shorter(a: str, b: str) -> tuple[str, str]:
+    """Both answers cut to the word count of the shorter one. ROUGE-L F1 and chrF (which weighs recall 2:1) against
+    a long reference rise with the answer's length: on the demo the per-prompt length and chrF differences
+    correlate 0.83, so an uncut comparison mostly says which model wrote more. Cut pairs compare what each model
+    said in the same number of words."""
+    wa, wb = a.split(), b.split()
+    k = min(len(wa), len(wb))
+    return " ".join(wa[:k]), " ".join(wb[:k])
+
+
+def length_check(base: list[dict], tuned: list[dict], ratio: float) -> dict:
+    """Per prompt, is the tuned answer under `ratio` x the base's length? Answers are {"text", "stopped"}; one
+    cut by the token cap (not stopped) is a floor on its true length. `terse`: the tuned answer has under ratio x
+    the base's words, true whatever the cap did to the base (a tuned answer cut by the cap with that few words
+    spent the cap on no words: empty or degenerate, terse as read). `unknown`: the tuned answer ended by itself,
+    not that short, where the base's was cut: the base's full length, and so the ratio, is unseen. A cap that
+    cuts most base answers holds the base median at the cap, where a median comparison can hardly call a terser
+    model; these counts say when the cap, not the model, decided."""
+    terse = unknown = 0
+    for b, t in zip(base, tuned):
+        bw, tw = word_count(b["text"]), word_count(t["text"])
+        if tw < ratio * bw:
+            terse += 1
+        elif t["stopped"] and not b["stopped"]:
+            unknown += 1
+    return {"n": len(base), "ratio": ratio, "terse": terse, "unknown": unknown,
+            "base_capped": sum(not b["stopped"] for b in base), "tuned_capped": sum(not t["stopped"] for t in tuned)}
+
+
 def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
     """Base and tuned verdicts on the same prompts -> aligned pass lists for the paired statistics. An instruction
     unscoreable for either model is excluded for both (counted by type); a prompt with any excluded instruction
-    leaves the prompt-level pairs (counted)."""
+    leaves the prompt-level pairs (counted). `instruction_prompt[j]` = the prompt of instruction pair j: the
+    instructions of one answer pass or fail together, so their intervals resample prompts, not instructions."""
     instr = {m: ([], []) for m in ("strict", "loose")}
+    instr_prompt: list[int] = []
     prompt = {m: ([], []) for m in ("strict", "loose")}
     excluded: dict[str, dict] = {}
     by_type: dict[str, dict[str, int]] = {}
     excluded_prompts = 0
-    for vb, vt in zip(base, tuned):
+    for i, (vb, vt) in enumerate(zip(base, tuned)):
         dropped = False
         for xb, xt in zip(vb, vt):
             reason = xb.get("unscoreable") or xt.get("unscoreable")
@@ -418,6 +449,7 @@ def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
             t["n"] += 1
             t["base_loose"] += xb["loose"]
             t["tuned_loose"] += xt["loose"]
+            instr_prompt.append(i)
             for m in instr:
                 instr[m][0].append(xb[m])
                 instr[m][1].append(xt[m])
@@ -427,5 +459,5 @@ def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
         for m in prompt:
             prompt[m][0].append(all(x[m] for x in vb))
             prompt[m][1].append(all(x[m] for x in vt))
-    return {"instruction": instr, "prompt": prompt, "unscoreable": excluded, "excluded_prompts": excluded_prompts,
+    return {"instruction": instr, "instruction_prompt": instr_prompt, "prompt": prompt, "unscoreable": excluded, "excluded_prompts": excluded_prompts,
             "unscoreable_instructions": sum(e["count"] for e in excluded.values()), "by_type": by_type}

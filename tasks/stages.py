@@ -150,8 +150,9 @@ def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSe
 
 
 @task(name="5-evaluate", cache_key_fn=keyed_by("eval", eval_stage.cache_key))
-def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str) -> EvalRecord:
-    rec = eval_stage.evaluate_heldout(data, train, model, quant, eval, device, artifacts_dir, log)
+def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str,
+                  system_prompt: str | None = None) -> EvalRecord:
+    rec = eval_stage.evaluate_heldout(data, train, model, quant, eval, device, artifacts_dir, log, system_prompt=system_prompt)
     if rec.accuracy_gain is not None:
         log(f"evaluate: accuracy base {rec.base['accuracy']:.1%} {rec.base['ci']} -> tuned {rec.tuned['accuracy']:.1%} {rec.tuned['ci']} "
             f"(gain {rec.accuracy_gain:+.1%}, CI {rec.gain_ci}); beats base beyond CIs: {rec.beats_base}")

@@ -269,8 +269,9 @@ def _alpaca_result(base_words: int, tuned_words: int, base_loss: float, tuned_lo
     from tasks.evaluate import _paired
 
     bl, tl = [base_loss + 0.01 * (i % 3) for i in range(n)], [tuned_loss + 0.01 * (i % 3) for i in range(n)]
-    stats = {"base": bench.answer_stats(["w " * base_words] * n, [True] * n), "tuned": bench.answer_stats(["w " * tuned_words] * n, [True] * n)}
-    return {"summary": {"answers": stats, "metrics": {
+    gens = {"base": [{"text": "w " * base_words, "stopped": True}] * n, "tuned": [{"text": "w " * tuned_words, "stopped": True}] * n}
+    stats = {who: bench.answer_stats([g["text"] for g in gens[who]], [g["stopped"] for g in gens[who]]) for who in gens}
+    return {"summary": {"answers": stats, "length_check": bench.length_check(gens["base"], gens["tuned"], 0.5), "metrics": {
         "reference_loss": {"base": {"value": base_loss}, "tuned": {"value": tuned_loss}, **_paired(bl, tl, 0.95, higher_is_better=False)}}}}
 
 
@@ -346,8 +347,9 @@ def test_unreadable_benchmark_fails_only_evaluate_then_rerun_reuses_earlier_stag
     ev = json.loads(Path(fixed["stages"]["evaluate"]["outputs"]["eval_json"]).read_text())
     assert ev["benchmarks"]["ifeval"]["provenance"]["source"] == "local"
     assert ev["benchmarks"]["ifeval"]["subset"] == {"n": 3, "n_full": 3, "seed": 0, "max_new_tokens": 8}
-    assert set(ev["benchmarks"]["alpaca_eval"]["metrics"]) == {"answer_words", "reference_loss", "rouge_l", "chrf"}
+    assert set(ev["benchmarks"]["alpaca_eval"]["metrics"]) == {"answer_words", "reference_loss", "rouge_l", "chrf", "rouge_l_uncut", "chrf_uncut"}
     assert len(ev["benchmark_rows"]["alpaca_eval"]) == 6
-    assert {"better", "worse", "unclear", "warnings", "lines"} <= set(ev["verdict"])
+    assert {"better", "worse", "unclear", "warnings", "notes", "measures", "lines"} <= set(ev["verdict"])
+    assert any(n.startswith("training data deduped against alpaca_eval") for n in ev["verdict"]["notes"])  # the tiny profile's data.dedupe
     card = (Path(fixed["published"]) / "README.md").read_text()
     assert "Verdict: base vs tuned" in card and "ifeval: 3 of 3 prompts" in card

@@ -1,0 +1,302 @@
+"""Stage 5's statistics and verdict on constructed data (issue 21, items 5, 6, 8, 9, 10, 11): each case is one
+the old code called wrong. `run_benchmark` runs for real on a stand-in model whose generations and reference
+losses are given, so the scoring, intervals and verdict are the stage's own."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import pytest
+
+from tasks import evaluate as ev
+from tasks.config import EvalSection
+
+REAL_REFERENCE_NLL = ev.reference_nll  # `run` stubs it; the item-10 test calls the real one
+
+
+class FakeModel:
+    """Stands in for base + adapter: `disable_adapter()` switches to the base, as PeftModel's does."""
+
+    def __init__(self):
+        self.who = "tuned"
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.who = "base"
+        try:
+            yield
+        finally:
+            self.who = "tuned"
+
+
+def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | None = None, cap: int = 96, tok=None, **kwargs) -> tuple[dict, list]:
+    """run_benchmark on `rows` with answers[who] = [(text, stopped)] and nll[who] = [(summed NLL, tokens)]; returns
+    (its result, the conversations each model was prompted with)."""
+    seen = []
+
+    def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device):
+        seen.append((model.who, conversations))
+        return [{"text": t, "stopped": s} for t, s in answers[model.who]]
+
+    def fake_reference_nll(model, tok, prompts, references, *a, **k):
+        return nll[model.who]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    monkeypatch.setattr(ev, "reference_nll", fake_reference_nll)
+    suite = {"name": name, "rows": rows, "provenance": {"source": "constructed"},
+             "subset": {"n": len(rows), "n_full": len(rows), "seed": 0, "max_new_tokens": cap}}
+    return ev.run_benchmark(FakeModel(), tok, suite, [0], EvalSection(), "cpu", lambda m: None, **kwargs), seen
+
+
+def alpaca_rows(n: int, ref_words: int = 150, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(400)]
+    return [{"id": str(i), "prompt": f"question {i}", "reference": " ".join(rng.choice(vocab) for _ in range(ref_words))} for i in range(n)]
+
+
+def ifeval_rows(n: int, per_prompt: int) -> list[dict]:
+    """n prompts of `per_prompt` no-comma instructions: one answer passes all of them or fails all of them."""
+    return [{"id": str(i), "prompt": f"p{i}", "instruction_id_list": ["punctuation:no_comma"] * per_prompt, "kwargs": [{}] * per_prompt}
+            for i in range(n)]
+
+
+PASS, FAIL = ("plain words here", True), ("words, with a comma", True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The exact tests themselves
+
+
+def test_exact_binomial_and_clopper_pearson_known_values():
+    assert ev.exact_binomial_p(4, 4) == pytest.approx(0.125)  # 4 of 4 discordant pairs one way
+    assert ev.exact_binomial_p(7, 8) == pytest.approx(18 / 256)
+    assert ev.exact_binomial_p(0, 0) == 1.0 and ev.exact_binomial_p(5, 10) == 1.0
+    assert ev.clopper_pearson(5, 10) == pytest.approx((0.187086, 0.812914), abs=1e-6)  # R: binom.test(5, 10)$conf.int
+    assert ev.clopper_pearson(0, 10)[1] == pytest.approx(1 - 0.025 ** (1 / 10))
+    assert ev.clopper_pearson(10, 10)[0] == pytest.approx(0.025 ** (1 / 10))
+    assert ev.binom_tail(1000, 2000, 0.5) == pytest.approx(0.5089, abs=1e-4)  # large n stays finite
+
+
+def test_mcnemar_interval_excludes_zero_exactly_when_the_test_rejects():
+    for t_only in range(0, 13):
+        for b_only in range(0, 13):
+            n = 40
+            base = [False] * t_only + [True] * b_only + [True] * (n - t_only - b_only)
+            tuned = [True] * t_only + [False] * b_only + [True] * (n - t_only - b_only)
+            r = ev.mcnemar_exact(base, tuned)
+            lo, hi = r["gain_ci"]
+            assert lo <= r["gain"] <= hi
+            assert (lo > 0 or hi < 0) == (r["verdict"] != "unclear"), (t_only, b_only, r)
+            assert r["verdict"] == ("unclear" if r["p"] >= 0.05 else "better" if t_only > b_only else "worse")
+
+
+def test_four_of_24_discordant_all_one_way_is_not_a_gain(monkeypatch):
+    """Issue 21 item 11: the percentile bootstrap called this better; the exact McNemar test gives p = 0.125."""
+    # On IFEval, through the stage's own scoring: prompt level (one instruction each) by McNemar, instruction
+    # level by the sign test over prompts.
+    res, _ = run(monkeypatch, "ifeval", ifeval_rows(24, 1), {"base": [FAIL] * 4 + [PASS] * 20, "tuned": [PASS] * 24})
+    m = res["summary"]["metrics"]
+    for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+        assert m[key]["verdict"] == "unclear" and m[key]["gain"] == pytest.approx(4 / 24, abs=1e-4) and m[key]["p"] == 0.125, (key, m[key])
+    v = ev.make_verdict({}, None, {"ifeval": res}, 0.95)
+    assert v["better"] == [] and len(v["unclear"]) == 4
+    assert "exact McNemar p = 0.125, 4 prompts passed by tuned only vs 0 by base only" in v["unclear"][0]
+    # and it says how many measures it judged
+    assert v["measures"] == 4
+    assert "NOTE 4 measures judged, each at the 95% level: with no real change about 0.2 of them would still read better or regressed by chance" in v["lines"]
+
+    # The embedded accuracy: the same test.
+    base, tuned = [False] * 4 + [True] * 20, [True] * 24
+    assert ev.paired_bootstrap(base, tuned)[0] > 0  # what the old verdict rested on
+    r = ev.mcnemar_exact(base, tuned)
+    assert r["p"] == 0.125 and r["verdict"] == "unclear" and r["gain"] == pytest.approx(4 / 24, abs=1e-4)
+    assert r["gain_ci"][0] < 0 < r["gain_ci"][1]
+    v = ev.make_verdict({"base": {"accuracy": 20 / 24}, "tuned": {"accuracy": 1.0}}, r, {}, 0.95)
+    assert v["better"] == [] and v["unclear"][0].startswith("embedded verifiable accuracy: 83.3% -> 100.0%")
+    assert "exact McNemar p = 0.125, 4 prompts passed by tuned only vs 0 by base only" in v["unclear"][0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 8: instructions of one answer fail together; intervals resample prompts
+
+
+def test_cluster_wilson_is_wilson_for_single_trials_and_for_clusters_that_agree():
+    k = [1] * 20 + [0] * 28
+    assert ev.cluster_wilson(k, [1] * 48) == pytest.approx(ev.wilson(20, 48))
+    # 48 prompts of 3 instructions that always agree carry the information of 48 trials, not 144
+    assert ev.cluster_wilson([3 * x for x in k], [3] * 48) == pytest.approx(ev.wilson(20, 48))
+    assert ev.cluster_wilson([0] * 48, [3] * 48) == pytest.approx(ev.wilson(0, 48))
+
+
+def test_instruction_level_intervals_resample_prompts_not_instructions(monkeypatch):
+    """48 prompts of 3 instructions each, all three passing or failing together: 8 prompts passed by tuned only,
+    3 by base only. Resampling instructions (the old code) treats 144 instructions as independent and calls a
+    gain; resampling prompts gives the interval of 48 prompts, which does not."""
+    base = [FAIL] * 8 + [PASS] * 3 + [PASS] * 21 + [FAIL] * 16
+    tuned = [PASS] * 8 + [FAIL] * 3 + [PASS] * 21 + [FAIL] * 16
+    res, _ = run(monkeypatch, "ifeval", ifeval_rows(48, 3), {"base": base, "tuned": tuned})
+    m = res["summary"]["metrics"]
+    inst, prompt = m["instruction_strict"], m["prompt_strict"]
+    assert inst["base"]["n"] == 144 and inst["gain"] == pytest.approx(5 / 48, abs=1e-4)
+    flat_b = [x[1] and "," not in x[0] for x in base for _ in range(3)]
+    flat_t = [x[1] and "," not in x[0] for x in tuned for _ in range(3)]
+    flat_lo, flat_hi = ev.paired_bootstrap([float(x) for x in flat_b], [float(x) for x in flat_t])
+    assert flat_lo > 0  # the old instruction-level interval: "better"
+    lo, hi = inst["gain_ci"]
+    assert lo < 0 < hi and inst["verdict"] == "unclear"
+    assert hi - lo > 1.5 * (flat_hi - flat_lo)  # about sqrt(3) wider
+    # each model's own interval: Wilson on the 48 prompts, not on 144 instructions
+    for who in ("base", "tuned"):
+        assert inst[who]["ci"] == pytest.approx(prompt[who]["ci"], abs=1e-4), who
+    assert prompt["verdict"] == "unclear" and prompt["p"] == pytest.approx(464 / 2048, abs=1e-4)  # McNemar 8 vs 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 6: the reference loss shown is the reference loss judged
+
+
+def test_reference_loss_value_gain_interval_verdict_and_warning_are_one_per_token_number(monkeypatch):
+    """12 short references (10 tokens) improve 2.0 -> 1.5 per token, 12 long ones (200 tokens) worsen 2.0 -> 2.1:
+    per token the tuned model is worse (2.000 -> 2.071); the old gain averaged per-prompt means (2.0 -> 1.8) and
+    printed "better beyond the interval" next to "REFERENCE LOSS ROSE (within the interval)"."""
+    n = 24
+    rows = alpaca_rows(n, ref_words=20)
+    nll = {"base": [(20.0, 10), (400.0, 200)] * (n // 2), "tuned": [(15.0, 10), (420.0, 200)] * (n // 2)}
+    answers = {who: [(r["reference"], True) for r in rows] for who in ("base", "tuned")}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, nll)
+    rl = res["summary"]["metrics"]["reference_loss"]
+    assert rl["base"]["value"] == 2.0 and rl["tuned"]["value"] == pytest.approx(2.0714, abs=1e-4)
+    assert rl["gain"] == pytest.approx(rl["tuned"]["value"] - rl["base"]["value"], abs=1e-4)
+    assert rl["gain_ci"][0] <= rl["gain"] <= rl["gain_ci"][1] and rl["gain_ci"][0] > 0
+    assert rl["verdict"] == "worse"
+    v = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+    assert not any("reference loss" in x for x in v["better"])
+    assert any(x.startswith("AlpacaEval reference loss (per token): 2.000 -> 2.071 (gain +0.071") for x in v["worse"]), v["worse"]
+    rose = [w for w in v["warnings"] if w.startswith("REFERENCE LOSS ROSE")]
+    assert len(rose) == 1 and "2.000 -> 2.071" in rose[0] and "beyond the interval" in rose[0]
+    assert [d["ref_tokens"] for d in res["rows"][:2]] == [10, 200]  # eval.json keeps what the pooled number needs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 5: chrF / ROUGE-L judged length-controlled; the cap cannot hide a terser model
+
+
+def test_overlap_scores_are_judged_on_pairs_cut_to_the_shorter_answer(monkeypatch):
+    """The tuned answers say the same as the base's, only shorter (a prefix): uncut, chrF's recall weighting
+    calls that a regression; cut to the shorter answer there is no difference. A tuned model that says something
+    else at that length is still caught."""
+    rows = alpaca_rows(24)
+    words = [r["reference"].split() for r in rows]
+    base = [(" ".join(w[:60]), False) for w in words]
+    same_shorter = [(" ".join(w[:30]), True) for w in words]
+    res, _ = run(monkeypatch, "alpaca_eval", rows, {"base": base, "tuned": same_shorter}, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24})
+    m = res["summary"]["metrics"]
+    for key in ("chrf", "rouge_l"):
+        assert m[key]["verdict"] == "unclear" and m[key]["gain"] == 0, (key, m[key])
+    assert m["chrf_uncut"]["gain_ci"][1] < 0 and m["rouge_l_uncut"]["gain_ci"][1] < 0  # the length effect, as constructed
+    assert m["chrf_uncut"]["verdict"] == m["rouge_l_uncut"]["verdict"] == "length-sensitive"
+    v = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+    assert v["worse"] == [] and not any("whole answers" in x for x in v["unclear"])  # length-sensitive: shown, not judged
+    assert "AlpacaEval chrF, whole answers (length-sensitive, not judged)" in ev.benchmark_markdown(
+        ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
+                      gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": res["summary"]}, verdict=v))
+
+    other = [(" ".join(f"x{j}" for j in range(30)), True) for _ in words]
+    res, _ = run(monkeypatch, "alpaca_eval", rows, {"base": base, "tuned": other}, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24})
+    assert res["summary"]["metrics"]["chrf"]["verdict"] == "worse" and res["summary"]["metrics"]["rouge_l"]["verdict"] == "worse"
+
+
+@pytest.mark.parametrize("base_stopped, tuned_words, expected", [
+    (False, 40, "LENGTH NOT JUDGED"),  # base cut at the cap (70 words a floor), tuned ended at 40: cannot be told
+    (False, 20, "TERSER"),             # under half even of the cut base answer
+    (True, 40, None),                  # the base ended by itself at 70: 40 is not under half
+])
+def test_terser_warning_is_not_held_by_the_cap(monkeypatch, base_stopped, tuned_words, expected):
+    """The demo's base hit the 96-token cap on 87.5% of prompts, holding its median near the cap; a tuned model
+    that stops at 40 words then passed the old median rule (40 >= 70 / 2) unseen."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(" ".join(["w"] * 70), base_stopped)] * 24, "tuned": [(" ".join(["w"] * tuned_words), True)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=96)
+    warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(expected + ":"), warnings
+    if expected == "LENGTH NOT JUDGED":
+        assert "24 of 24 base answers were cut at the 96-token cap" in warnings[0] and "eval.benchmark_max_new_tokens.alpaca_eval" in warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 10: benchmarks are prompted as the published model is served
+
+
+SMOL_LIKE_TEMPLATE = (  # like SmolLM2's and Qwen's: a default system turn when the chat has none
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_benchmarks_are_prompted_with_the_published_template(monkeypatch, tiny_tok, tmp_path):
+    """data.system_prompt, which training used and the published template adds, must reach the benchmark prompts
+    and the reference-loss contexts of base and tuned, token for token as the published tokenizer renders them
+    (not the tokenizer's own default system turn)."""
+    from transformers import AutoTokenizer
+
+    from tasks.publish import install_system_prompt
+
+    system = "Follow the instruction exactly."
+    tiny_tok.save_pretrained(tmp_path / "trained")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "trained")
+    tok.chat_template = SMOL_LIKE_TEMPLATE  # the template training and stage 5 use
+    tok.save_pretrained(tmp_path / "published")
+    install_system_prompt(tmp_path / "published", system)  # what publish does to the released tokenizer
+    served = AutoTokenizer.from_pretrained(tmp_path / "published")
+
+    def served_ids(prompt: str) -> list[int]:
+        return served(served.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"]
+
+    rows = alpaca_rows(3, ref_words=5)
+    answers = {who: [("an answer", True)] * 3 for who in ("base", "tuned")}
+    _, seen = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 3, "tuned": [(1.0, 1)] * 3}, tok=tok, system_prompt=system)
+    assert sorted(who for who, _ in seen) == ["base", "tuned"]
+    for who, conversations in seen:
+        for row, conv in zip(rows, conversations):
+            ids = tok(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            assert ids == served_ids(row["prompt"]), who
+            assert "SmolLM" not in tok.decode(ids)
+
+    fed = []  # the reference-loss rows: context (the served prompt) + reference tokens
+    monkeypatch.setattr(ev, "row_nll", lambda model, feats, *a, **k: fed.extend(feats) or [(0.0, 1)] * len(feats))
+    REAL_REFERENCE_NLL(None, tok, ["question 0"], ["the reference"], 8, 1, "cpu", system)
+    ref_ids = tok("the reference", add_special_tokens=False)["input_ids"]
+    assert fed[0]["input_ids"] == served_ids("question 0") + ref_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item 9 (stage-5 half): the verdict says which benchmarks the training data was deduped against
+
+
+def test_verdict_names_the_benchmarks_the_training_data_was_deduped_against(monkeypatch):
+    res, _ = run(monkeypatch, "ifeval", ifeval_rows(4, 1), {"base": [PASS] * 4, "tuned": [PASS] * 4})
+    alpaca, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(4), {w: [("a b c", True)] * 4 for w in ("base", "tuned")},
+                    {"base": [(1.0, 1)] * 4, "tuned": [(1.0, 1)] * 4})
+    dedupe = {"benchmarks": {"ifeval": 541}, "rules": ["exact", "normalized (casefold + whitespace)"], "removed": 3,
+              "removed_by": {"ifeval/exact": 3}}
+    v = ev.make_verdict({}, None, {"ifeval": res, "alpaca_eval": alpaca}, 0.95, dedupe=dedupe)
+    assert ("training data deduped against ifeval (541 prompts) (exact; normalized (casefold + whitespace)): "
+            "3 conversations removed") in v["notes"]
+    assert [w for w in v["warnings"] if w.startswith("NOT DEDUPED")] == [
+        "NOT DEDUPED: alpaca_eval: the training data was not checked against its prompts (data.dedupe); "
+        "a gain there may come from training on the test prompts"]
+    none = ev.make_verdict({}, None, {"ifeval": res}, 0.95, dedupe={"benchmarks": {}, "rules": [], "removed": 0, "removed_by": {}})
+    assert "training data not deduped against any benchmark (data.dedupe: [])" in none["notes"]
+    assert any(w.startswith("NOT DEDUPED: ifeval") for w in none["warnings"])
+
+
+def test_empty_answers_that_run_to_the_cap_are_terse(monkeypatch):
+    """A tuned model spending the cap on whitespace reads as empty: terse, even though it never stopped."""
+    answers = {"base": [("one two three four", True)] * 6, "tuned": [("", False)] * 6}
+    res, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(6), answers, {"base": [(1.0, 1)] * 6, "tuned": [(1.0, 1)] * 6})
+    assert any(w.startswith("TERSER:") for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"])
