@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -273,14 +274,22 @@ def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:
 # chat
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def find_run(run: str | None, artifacts_dir: str) -> Path:
+    """The published folder of `run` (default: the latest) inside `<artifacts>/runs/`.
+
+    A name is looked up as written, never rewritten: one that is not a run folder's name (a path, `..`) or not a
+    run there is refused with the runs that exist, and no link is followed out of the runs folder."""
     root = artifacts_root(artifacts_dir)
+    runs = root / "runs"
     if run is None:
         latest = root / "latest.json"
         if not latest.is_file():
             raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
-        run = read_json(latest)["run"]
-    run_dir = root / "runs" / safe_name(run, "run")
+        run = str(read_json(latest)["run"])
+    run_dir = _run_dir(runs, run)
     # A fully cached rerun publishes nothing new: its summary points at the folder an earlier run published.
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -289,12 +298,30 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
         except (json.JSONDecodeError, OSError):
             published = None
         # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere.
-        if published and Path(published).resolve().is_relative_to(root.resolve() / "runs") and is_published(Path(published)):
+        if published and _inside(Path(published), runs) and is_published(Path(published)):
             return Path(published)
-    candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_published(p)] if run_dir.is_dir() else []
+    candidates = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and _inside(p, runs) and is_published(p)]
     if not candidates:
         raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
     return candidates[0]
+
+
+def _inside(path: Path, runs: Path) -> bool:
+    """`path`, links resolved, lies inside the runs folder."""
+    return path.resolve().is_relative_to(runs.resolve())
+
+
+def _run_dir(runs: Path, run: str) -> Path:
+    existing = sorted(p.name for p in runs.iterdir() if p.is_dir() and not p.is_symlink()) if runs.is_dir() else []
+    known = f"runs there: {', '.join(existing[-5:])}" if existing else f"there are no runs in {runs}"
+    if not RUN_NAME.fullmatch(run):
+        raise StageError(f"run {run!r} is not a run name (a folder name under {runs}: letters, digits, '.', '_', '-'); {known}")
+    run_dir = runs / run
+    if run_dir.is_symlink() or (run_dir.exists() and not _inside(run_dir, runs)):
+        raise StageError(f"run {run!r}: {run_dir} is a link, which is not followed; use the run folder itself")
+    if not run_dir.is_dir():
+        raise StageError(f"run {run!r} has no published model: no such run in {runs}; {known}")
+    return run_dir
 
 
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:

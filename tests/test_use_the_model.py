@@ -38,3 +38,52 @@ def test_mix_rows_keep_their_own_system_turn_else_get_the_default(tmp_path, tiny
         i = int(next(m for m in msgs if m["role"] == "user")["content"].split()[-1].rstrip("."))
         assert [m["role"] for m in msgs] == ["system", "user", "assistant"], msgs  # one system turn, never two
         assert msgs[0]["content"] == (PIRATE if i % 2 else "Follow the instruction exactly.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Run names are looked up as written; links are not followed out
+
+
+def _fake_published(folder: Path) -> Path:
+    from tasks.common import write_json
+    from tasks.publish import MANIFEST
+
+    (folder / "merged").mkdir(parents=True)
+    (folder / "merged" / "config.json").write_text("{}")
+    write_json(folder / MANIFEST, {"files": [{"path": "merged/config.json", "bytes": 2, "sha256": "x"}]})
+    return folder
+
+
+def test_run_names_are_refused_not_rewritten(tmp_path):
+    from tasks.common import write_json
+    from tasks.publish import find_run
+
+    art = tmp_path / "artifacts"
+    runs = art / "runs"
+    outside_run = _fake_published(runs / "outside" / "m")  # what `../../outside` used to be rewritten to
+    r2 = _fake_published(runs / "runs-r2" / "m")  # what `../runs/r2` used to be rewritten to
+    assert find_run("outside", str(art)) == outside_run and find_run("runs-r2", str(art)) == r2
+    for bad in ("../../outside", "../runs/r2", "runs/r2", "r2/", ".hidden", "a b", ""):
+        with pytest.raises(StageError, match=r"is not a run name.*runs there: outside, runs-r2"):
+            find_run(bad, str(art))
+    with pytest.raises(StageError, match=r"'r3' has no published model: no such run .*runs there: outside, runs-r2"):
+        find_run("r3", str(art))
+    write_json(art / "latest.json", {"run": "../runs/r2"})  # a doctored latest.json gets the same rule
+    with pytest.raises(StageError, match="is not a run name"):
+        find_run(None, str(art))
+
+
+def test_a_linked_run_folder_is_not_followed_out_of_artifacts(tmp_path):
+    from tasks.publish import find_run
+
+    art = tmp_path / "artifacts"
+    (art / "runs").mkdir(parents=True)
+    elsewhere = _fake_published(tmp_path / "elsewhere" / "m").parent
+    (art / "runs" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(StageError, match=r"'linked': .* is a link, which is not followed"):
+        find_run("linked", str(art))
+    # A published folder inside a real run folder that links out is not taken either.
+    (art / "runs" / "real").mkdir()
+    (art / "runs" / "real" / "m").symlink_to(elsewhere / "m", target_is_directory=True)
+    with pytest.raises(StageError, match="has no published model"):
+        find_run("real", str(art))
