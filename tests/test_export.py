@@ -481,7 +481,7 @@ def test_serve_model_merged_with_transformers_serve_stops_on_sigterm(smol_export
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
         got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                    {"model": str(pub / "merged"), "messages": heldout[0][1:-1], "max_tokens": 16, "temperature": 0})
+                    {"model": pub.name, "messages": heldout[0][1:-1], "max_tokens": 16, "temperature": 0})  # the published name
     finally:
         rc = _stop_with(proc, signal.SIGTERM)
     assert got["choices"][0]["message"]["content"].strip()

@@ -227,3 +227,166 @@ def test_chat_talks_to_the_evaluated_4bit_model_not_a_full_precision_one(shared_
         want, got, old = (m(**batch).logits.float() for m in (evaluated, served, full_precision))
     assert torch.equal(got, want)
     assert (old - want).abs().max() > 1e-2  # NF4 rounding is visible: the old path talked to another model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Safetensors only, the project's own check, before any load
+
+
+def _copy_run(pub: Path, dest_art: Path, run: str = "r1") -> Path:
+    import shutil
+
+    shutil.copytree(pub.parent, dest_art / "runs" / run, symlinks=True)
+    return dest_art / "runs" / run / pub.name
+
+
+@pytest.mark.parametrize("where", ["merged", "adapter", "base"])
+def test_pickle_weights_are_refused_in_one_line_before_any_load(own_published, tmp_path, monkeypatch, capsys, where):
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    (copy / where / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+
+    def no_load(*a, **k):
+        raise AssertionError("a model, tokenizer or pickle was loaded before the safetensors check")
+
+    for target, attr in ((torch, "load"), (AutoModelForCausalLM, "from_pretrained"), (AutoTokenizer, "from_pretrained"),
+                         (subprocess, "Popen")):
+        monkeypatch.setattr(target, attr, no_load)
+    commands = {"merged": [["chat", "r1", "--merged", "--prompt", "x"], ["serve-model", "r1"]],
+                "adapter": [["chat", "r1", "--prompt", "x"]], "base": [["chat", "r1", "--prompt", "x"]]}[where]
+    for argv in commands:
+        assert main([*argv, "--artifacts-dir", str(tmp_path / "art")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert err.startswith("error: ") and f"{where} holds pickle files (pytorch_model.bin)" in err and "safetensors" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1, 6. serve-model: the published name, no path exposed, an API key, a warning when exposed without one
+
+
+class _FakeServer:
+    def __init__(self, cmd, **kwargs):
+        _FakeServer.started.append((cmd, kwargs))
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_privately(own_published, monkeypatch, capsys):
+    import subprocess
+
+    import tasks.export
+    from flows.cli import main
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    _FakeServer.started = []
+    assert main(["serve-model", "r1", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: serving on 0.0.0.0 without an API key" in err and "--api-key" in err
+    cmd, kwargs = _FakeServer.started[-1]
+    assert API_KEY_ENV not in kwargs["env"] and "--name" in cmd and cmd[cmd.index("--name") + 1] == pub.name
+    assert f'"model": "{pub.name}"' in err and str(pub) not in err  # the printed request names the model, not its path
+
+    assert main(["serve-model", "r1", "--host", "0.0.0.0", "--api-key", "s3cret", "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    cmd, kwargs = _FakeServer.started[-1]
+    assert "warning" not in err and kwargs["env"][API_KEY_ENV] == "s3cret" and "s3cret" not in " ".join(cmd) + err
+    assert f"Authorization: Bearer ${API_KEY_ENV}" in err
+    for host in ("127.0.0.1", "localhost", "::1"):  # loopback: no warning
+        assert main(["serve-model", "r1", "--host", host, "--artifacts-dir", str(art)]) == 0
+        assert "warning" not in capsys.readouterr().err
+
+    seen = {}
+    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None: seen.update(name=name, key=api_key))
+    (pub / "gguf").mkdir(exist_ok=True)
+    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(b"GGUF")
+    try:
+        monkeypatch.setenv(API_KEY_ENV, "from-env")
+        assert main(["serve-model", "r1", "--format", "gguf", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(pub / "gguf")
+    assert seen == {"name": pub.name, "key": "from-env"} and "warning" not in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serve_model_merged_answers_the_documented_request_under_the_published_name(own_published, tmp_path):
+    """A real `serve-model` (transformers serve) on the tiny run: the printed/README request with "model": <published
+    name> is answered; /v1/models and errors show no filesystem path; the API key is required; /load_model is not served."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    port, key = _free_port(), "k-123"
+    log = tmp_path / "serve.log"
+    env = {**os.environ, API_KEY_ENV: key, "PYTHONPATH": str(PROJECT_ROOT)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while _request_or_none(f"{url}/health") != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(1)
+        chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 4, "temperature": 0}
+        assert _request(f"{url}/v1/chat/completions", chat)[0] == 401  # no key
+        assert _request(f"{url}/v1/chat/completions", chat, key="wrong")[0] == 401
+        code, body = _request(f"{url}/v1/chat/completions", chat, key=key)
+        assert code == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant", body
+        code, body = _request(f"{url}/v1/chat/completions", {**chat, "model": "m"}, key=key)
+        assert code == 400 and pub.name in body
+        code, models = _request(f"{url}/v1/models", key=key)
+        assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name]
+        for text in (body, models):
+            assert str(art) not in text and "/merged" not in text and "/tmp" not in text, text
+        assert _request(f"{url}/load_model", {"model": str(pub / "merged")}, key=key)[0] == 404
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped" in log.read_text()
+
+
+def _request_or_none(url: str) -> int | None:
+    try:
+        return _request(url)[0]
+    except OSError:
+        return None
