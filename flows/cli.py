@@ -6,7 +6,7 @@
     qlora-pipeline profiles                             # list the profiles in pipeline.yaml
     qlora-pipeline chat [RUN] [--prompt TEXT]           # talk to a published run (latest by default)
     qlora-pipeline serve                                # run finetune/nightly (prefect.yaml) on its schedule here
-    qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model
+    qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model (--api-key KEY)
 
 Every stage is cached on content: rerun the same command after a crash and it resumes where it stopped.
 """
@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("profiles", help="list the profiles in pipeline.yaml")
 
     chat = sub.add_parser("chat", help="chat with a published run (adapter or merged model)")
-    chat.add_argument("run", nargs="?", help="run name under artifacts/runs (default: the latest)")
+    chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
-    chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter")
+    chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--artifacts-dir", default="artifacts")
 
