@@ -159,7 +159,7 @@ def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], fina
         fam = "\n| family | n | base | tuned |\n|---|---|---|---|\n" + "".join(
             f"| {r['family']} | {r['n']} | {r['base_accuracy']:.0%} | {r['tuned_accuracy']:.0%} |\n" for r in evalr.per_family)
     front = "".join(f"{k}: {v}\n" for k, v in (("base_model", base["hub_id"]), ("license", base["license"])) if v)
-    recipe = (f"NF4 4-bit base ({base['quant']['quant_type']}{' + double quant' if base['quant']['double_quant'] else ''}), "
+    recipe = (f"4-bit base ({base['quant']['quant_type'].upper()}{' + double quant' if base['quant']['double_quant'] else ''}), "
               f"compute dtype {base['compute_dtype']}" if base["loaded_in_4bit"] else f"base in {base['compute_dtype']}, not quantized")
     return f"""---
 library_name: peft
@@ -194,7 +194,7 @@ Base and tuned: the base model loaded as in training ({recipe}), without and wit
 {acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
 {fam}
 {eval_stage.benchmark_markdown(evalr).replace("## ", "### ")}
-Merge check ({merge.merged_modules} LoRA modules merged in fp32{' into the NF4-dequantized weights' if merge.dequantized_from_4bit else ''}, saved {merge.dtype}; merged model reloaded from disk vs
+Merge check ({merge.merged_modules} LoRA modules merged in fp32{' into the dequantized 4-bit weights training saw' if merge.dequantized_from_4bit else ''}, saved {merge.dtype}; merged model reloaded from disk vs
 base + adapter on {merge.check_prompts} held-out prompts): mean KL {merge.kl_mean:.2e} nats/token
 (limit {merge.check.limits['max_kl_mean']:.0e}), top-1 agreement {merge.top1_agreement:.2%}, mean |Δlogit| {merge.mean_abs_diff:.2e};
 the adapter's own effect on the same prompts is KL {merge.check.adapter_kl:.2e}.
@@ -230,7 +230,12 @@ def base_markdown(base: dict[str, Any]) -> str:
     if base["quantization"]:
         lines.append(f"- Quantization: {base['quantization']}. These weights, not the original's, are what was trained, "
                      "evaluated and merged.")
-    lines.append(f"- License: {base['license'] or 'not stated by the source; check it before you redistribute'}.")
+    if base["license"]:
+        lines.append(f"- License: {base['license']}.")
+    elif base["files"]:
+        lines.append("- License: not stated by the source; check it before you redistribute.")
+    else:
+        lines.append(f"- License: as stated on the Hub page of `{base['hub_id']}` (not read by this offline step).")
     if base["files"]:
         lines.append(f"- Weights: `{base['files']}/` in this folder (safetensors), exactly as training loaded them; "
                      "`adapter/adapter_config.json` names that folder.")
