@@ -6,7 +6,7 @@
     qlora-pipeline profiles                             # list the profiles in pipeline.yaml
     qlora-pipeline chat [RUN] [--prompt TEXT]           # talk to a published run (latest by default)
     qlora-pipeline serve                                # run finetune/nightly (prefect.yaml) on its schedule here
-    qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model
+    qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model (--api-key KEY)
 
 Every stage is cached on content: rerun the same command after a crash and it resumes where it stopped.
 """
@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("profiles", help="list the profiles in pipeline.yaml")
 
     chat = sub.add_parser("chat", help="chat with a published run (adapter or merged model)")
-    chat.add_argument("run", nargs="?", help="run name under artifacts/runs (default: the latest)")
+    chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
-    chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter")
+    chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--artifacts-dir", default="artifacts")
 
@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("run", nargs="?", help="run name under artifacts/runs (default: the latest)")
     sm.add_argument("--format", choices=["merged", "gguf"], default="merged", help="merged = transformers serve; gguf = llama.cpp server")
     sm.add_argument("--gguf-type", help="which GGUF (f16, q8_0, ...); default q8_0 if exported")
-    sm.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it to the network)")
+    sm.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it to the network: set an API key)")
+    sm.add_argument("--api-key", default=os.environ.get("QLORA_PIPELINE_API_KEY"),
+                    help="require `Authorization: Bearer KEY` on every request but /health (default: $QLORA_PIPELINE_API_KEY; "
+                         "the variable keeps the key out of the process list)")
     sm.add_argument("--port", type=int, default=8000)
     sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
     sm.add_argument("--artifacts-dir", default="artifacts")
@@ -187,26 +190,36 @@ def cmd_serve_model(args) -> int:
     import subprocess
 
     from tasks.common import StageError
-    from tasks.export import gguf_to_serve, serve_gguf, transformers_serve_command
-    from tasks.publish import find_run
+    from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, serve_gguf, transformers_serve_command
+    from tasks.publish import find_run, require_safetensors
 
     try:
         folder = find_run(args.run, args.artifacts_dir)
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
+        if not gguf:
+            require_safetensors(folder / "merged")  # before any load: a pickle can run code when unpickled
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE
+    if not args.api_key and not is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches port {args.port} can use the model; "
+              f"pass --api-key or set ${API_KEY_ENV}", file=sys.stderr, flush=True)
     _stop_on_ctrl_c_or_sigterm()
+    name = folder.name  # the published name: what the request's "model" says, and all /v1/models shows
     url = f"http://{args.host}:{args.port}/v1"
-    what = f"{gguf.name} (llama.cpp)" if gguf else f"{folder / 'merged'} (transformers serve)"
+    what = f"{gguf.name} (llama.cpp)" if gguf else f"{name} (transformers serve, merged model)"
+    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else ""
     hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
-            f"application/json' -d '{{\"model\": \"{folder.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
+            f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     if gguf:
-        serve_gguf(gguf, args.host, args.port, args.ctx, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
         print("stopped", file=sys.stderr)
         return 0
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    if args.api_key:
+        env[API_KEY_ENV] = args.api_key
     # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
-    proc = subprocess.Popen(transformers_serve_command(folder / "merged", args.host, args.port), start_new_session=True)
+    proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port), start_new_session=True, env=env)
     print(hint, file=sys.stderr, flush=True)
     try:
         return proc.wait()

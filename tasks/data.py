@@ -33,7 +33,8 @@ from .common import StageError, building, file_sha256, fingerprint, is_complete,
 from .config import DataSection, MixSource, ModelSection
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
-DATA_VERSION = 7  # 7: BOS-opened default template, repeats dropped across sources, punctuation-blind benchmark dedupe. Bump when formatting/tokenization changes so cached data is rebuilt
+DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
+# dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
@@ -613,7 +614,8 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
     for msgs in convs:
         if len(held) >= mix.heldout and len(train) >= want:
             break
-        if data.system_prompt:
+        # One rule for every source (as `to_messages` for the main one): the row's own system turn, else the default.
+        if data.system_prompt and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": data.system_prompt}, *msgs]
         enc = _encode_counted(tok, msgs, data, dropped, counts)
         if enc is None:

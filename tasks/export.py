@@ -451,20 +451,43 @@ def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
     return next((f for f in files if f.stem.endswith("-q8_0")), files[0])
 
 
-def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, ready=None) -> None:
-    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C."""
+API_KEY_ENV = "QLORA_PIPELINE_API_KEY"  # how serve-model hands the key to its server process (never on a command line)
+# A pinned server answers these and nothing else: `transformers serve` also has /load_model (any Hub id or local path)
+# and /reset, which a client of a one-model endpoint has no business calling.
+SERVED_PATHS = ("/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None) -> None:
+    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C.
+
+    The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
+    `Authorization: Bearer <key>` (llama.cpp's own check)."""
     import signal
 
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
     params.model.path = str(gguf)
+    params.model_alias = {name}
     params.hostnames = [host]
     params.port = port
     params.n_ctx = n_ctx
     params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
     params.n_parallel = 1
     params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
+    if api_key:
+        params.api_keys = [api_key]
     server = xlc.Server(params)
     try:
         if ready:
@@ -482,7 +505,68 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, ready=None) -> None
         del server  # its destructor stops the HTTP loop and frees the model
 
 
-def transformers_serve_command(merged: Path, host: str, port: int) -> list[str]:
-    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded."""
-    exe = Path(sys.executable).parent / "transformers"
-    return [str(exe) if exe.is_file() else "transformers", "serve", str(merged), "--host", host, "--port", str(port)]
+def transformers_serve_command(merged: Path, name: str, host: str, port: int) -> list[str]:
+    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
+    `serve_merged` in its own process; the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
+    return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port)]
+
+
+def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None) -> None:
+    """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
+
+    transformers serve names a pinned local model by the path it was given, and answers only requests that repeat
+    it (HTTP 400 `Server is pinned to '<absolute path>'` otherwise; /v1/models shows the path). So the server runs in
+    a private folder where `name` is a link to the merged folder: it loads the same files, lists and accepts `name`,
+    and no path leaves the machine. It has no API-key option: a middleware checks the key, and only the inference
+    routes (SERVED_PATHS) are answered."""
+    import hmac
+    import tempfile
+
+    from fastapi.responses import JSONResponse
+    from transformers.cli import serve as hf_serve
+    from transformers.cli.serving import server as hf_server
+
+    build = hf_server.build_server
+
+    def build_guarded(*args, **kwargs):
+        app = build(*args, **kwargs)
+
+        @app.middleware("http")
+        async def guard(request, call_next):
+            path = request.url.path.rstrip("/") or "/"
+            if path not in SERVED_PATHS:
+                return JSONResponse({"error": {"message": f"{path} is not served; this endpoint serves {name} only"}}, status_code=404)
+            if api_key and path != "/health":
+                auth = request.headers.get("authorization", "")
+                given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+                if not hmac.compare_digest(given.encode(), api_key.encode()):
+                    return JSONResponse({"error": {"message": "invalid or missing API key: send Authorization: Bearer <key>",
+                                                   "type": "authentication_error"}}, status_code=401)
+            return await call_next(request)
+
+        return app
+
+    hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
+    with tempfile.TemporaryDirectory(prefix="qlora-serve-") as tmp:
+        (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
+        os.chdir(tmp)
+        hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tasks.export", description="serve-model's server process (see flows/cli.py)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sm = sub.add_parser("serve-merged")
+    sm.add_argument("merged", type=Path)
+    sm.add_argument("--name", required=True)
+    sm.add_argument("--host", default="127.0.0.1")
+    sm.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

