@@ -78,8 +78,18 @@ def divided_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in _DIVIDER.split(text.strip())]
 
 
+_ALNUM = re.compile(r"[A-Za-z0-9]+")
+
+
 def word_count(text: str, word: str) -> int:
-    return len(re.findall(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", text, flags=re.I))
+    """Occurrences of `word` (letters/digits only), case-insensitive, not inside a longer word."""
+    word = word.lower()
+    return sum(1 for m in _ALNUM.finditer(text) if m.group(0).lower() == word)
+
+
+def _first_span(text: str, word: str) -> tuple[int, int] | None:
+    word = word.lower()
+    return next((m.span() for m in _ALNUM.finditer(text) if m.group(0).lower() == word), None)
 
 
 def capital_words(text: str) -> int:
@@ -139,7 +149,7 @@ class Base:
 
 _POOLS: dict[str, dict[str, tuple]] = {
     "end_phrase": {
-        "train": ("Let me know if you have more questions.", "Hope this helps!", "That covers the main points.",
+        "train": ("Write back if anything is unclear.", "Hope this helps!", "That covers the main points.",
                   "Thanks for reading.", "Good luck!", "Feel free to ask for more details."),
         "heldout": ("I hope that answers your question.", "Happy to help further.", "That is my answer.", "Enjoy!"),
     },
@@ -385,7 +395,8 @@ def _shape_capitals(rng, base, text, split) -> Shaped:
     cands = [w for w in _content_words(base.response) if word_count(text, w)]
     chosen = rng.sample(cands, min(len(cands), rng.randint(1, 4)))
     for w in chosen:
-        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(w)}(?![A-Za-z0-9])", w.upper(), text, count=1, flags=re.I)
+        a, b = _first_span(text, w)
+        text = text[:a] + w.upper() + text[b:]
     return {"emphasized": len(chosen)}, text
 
 
@@ -439,7 +450,9 @@ def _shape_highlights(rng, base, text, split) -> Shaped:
         return None
     chosen = rng.sample(cands, min(len(cands), rng.randint(1, 3)))
     for w in chosen:
-        text = re.sub(rf"(?<![A-Za-z0-9*]){re.escape(w)}(?![A-Za-z0-9*])", lambda m: f"*{m.group(0)}*", text, count=1, flags=re.I)
+        a, b = _first_span(text, w)
+        if text[a - 1:a] != "*" and text[b:b + 1] != "*":
+            text = f"{text[:a]}*{text[a:b]}*{text[b:]}"
     return {}, text
 
 
@@ -705,7 +718,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
     }),
     _c("title", 80, {"repeat_request", "start_phrase", "quotation", "fixed_answer", "json_format", "two_responses"},
        check=_check_title, shape=_shape_title, templates={
-        "train": ("Give your answer a title wrapped in double angular brackets, such as {example}.",
+        "train": ("Give your answer a title between double angle brackets, for example {example}.",
                   "Start with a title in double angle brackets, like {example}.",
                   "Put a title at the top, enclosed in << and >>.",
                   "Include a title such as {example} (in double angle brackets) at the beginning."),
@@ -721,8 +734,8 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
                     "The reply should have a minimum of {n} square-bracket placeholder{s}, e.g. [{example}]."),
     }),
     _c("postscript", 70, {"end_phrase", "fixed_answer", "json_format"}, check=_check_postscript, shape=_shape_postscript, templates={
-        "train": ("At the end of your response, add a postscript starting with {marker}", "Finish with a postscript that begins with {marker}",
-                  "Add a note after your answer, starting with {marker}", "Please include a postscript at the end, starting with {marker}"),
+        "train": ("When you are done, write a postscript opening with {marker}", "Finish with a postscript that begins with {marker}",
+                  "Add a note after your answer, starting with {marker}", "Please sign off with a postscript beginning {marker}"),
         "heldout": ("Close your reply with an extra note introduced by {marker}", "Append a short postscript ({marker}) to the end."),
     }),
     _c("two_responses", 20, LAYOUTS | {"repeat_request", "title"}, check=_check_two, shape=_shape_two, templates={
@@ -733,7 +746,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
         "heldout": ("I'd like two alternative replies; divide them using ******.", "Offer a pair of different responses separated by the string ******."),
     }),
     _c("fixed_answer", 20, _ALL, check=_check_options, shape=_shape_options, fits=_fits_yes_no, templates={
-        "train": ("Answer with one of the following options: {options}", "Reply using only one of these: {options}",
+        "train": ("Reply with one option from this list: {options}", "Reply using only one of these: {options}",
                   "Choose one answer from {options} and say nothing else.", "Your entire reply must be one of: {options}"),
         "heldout": ("Respond with exactly one of the options {options} and nothing more.", "Pick from {options} as your whole answer."),
     }),
@@ -741,7 +754,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
        check=_check_repeat, shape=_shape_repeat, templates={
         "train": ("First copy my request exactly as written (without these extra instructions), then answer it.",
                   "Start by restating the request verbatim, leaving out these extra instructions, and then respond.",
-                  "Repeat the request word for word before you answer it, but not these added instructions.",
+                  "Say the request again, word for word, before you answer it, but not these added instructions.",
                   "Begin your reply by repeating the request unchanged (minus these instructions); after that, answer."),
         "heldout": ("Echo the question back exactly as I wrote it (skip these instructions), then reply.",
                     "Your answer should open with an exact copy of my request, without these instructions, followed by the response."),
@@ -752,7 +765,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
         "heldout": ("Make sure the reply starts exactly with \"{phrase}\"", "Your first words should be: {phrase}"),
     }),
     _c("end_phrase", 88, {"postscript", "json_format", "quotation", "fixed_answer"}, check=_check_end, shape=_shape_end, templates={
-        "train": ("End your response with the exact phrase \"{phrase}\" and nothing after it.", "Finish your answer with these exact words: {phrase}",
+        "train": ("Your reply has to finish with the words \"{phrase}\" and nothing after them.", "Finish your answer with these exact words: {phrase}",
                   "The last words of your reply must be \"{phrase}\"", "Close with the phrase \"{phrase}\" with no other words following it."),
         "heldout": ("Make sure your reply ends exactly with \"{phrase}\"", "Wrap up by writing \"{phrase}\" as the very last thing."),
     }),
@@ -827,7 +840,7 @@ def compose(instruction: str, phrases: list[str], rng: random.Random) -> str:
 def build(rng: random.Random, base: Base, names: list[str], split: str) -> tuple[str, str, list[dict]] | None:
     """(prompt, answer, specs) for `base` under the constraints `names` (first = the row's family), or None when the
     base can't take them. The answer is verified by `check_all` here: nothing that fails its own check comes out."""
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in base.response.strip().splitlines()))
+    text = _tidy(base.response)
     partial: dict[str, dict] = {}
     for name in sorted(names, key=lambda x: CONSTRAINTS[x].stage):
         shaped = CONSTRAINTS[name].shape(rng, base, text, split)
@@ -862,9 +875,14 @@ def check_all(specs: list[dict], response: str) -> bool:
 # Bases: which real conversations can carry a constraint
 
 
+def _tidy(text: str) -> str:
+    """Trailing spaces off every line, at most one blank line in a row."""
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.strip().splitlines())).strip()
+
+
 def split_of(instruction: str) -> str:
-    """Held-out or train, by a stable hash of the instruction (~10% held out): one instruction never lands in both."""
-    return "heldout" if zlib.crc32(_normal(instruction).casefold().encode()) % 10 == 0 else "train"
+    """Held-out or train, by a stable hash of the instruction (15% held out): one instruction never lands in both."""
+    return "heldout" if zlib.crc32(_normal(instruction).casefold().encode()) % 20 < 3 else "train"
 
 
 def base_of(messages: list[dict], source: str, max_words: int) -> Base | None:
@@ -874,7 +892,7 @@ def base_of(messages: list[dict], source: str, max_words: int) -> Base | None:
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
         return None
-    instruction, response = turns[0]["content"].strip(), turns[1]["content"].strip()
+    instruction, response = (_tidy(turns[i]["content"]) for i in (0, 1))
     if not 2 <= len(words(instruction)) <= 60 or not 5 <= len(words(response)) <= max_words:
         return None
     if re.search(r"```|\||https?://|</?[a-zA-Z]+>|\t|\*\*\*|\[|\{|<<|\r", response) or re.search(r"```|<<|\r", instruction):

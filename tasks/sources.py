@@ -214,7 +214,8 @@ def chat_filter_reason(messages: list[dict]) -> str | None:
 NGRAM = 13
 
 
-def _normal(text: str) -> str:
+def normal(text: str) -> str:
+    """Case-folded, whitespace-collapsed text: the key of the 'normalized' dedupe rule."""
     return " ".join(text.casefold().split())
 
 
@@ -233,7 +234,7 @@ class Deduper:
         for bench, texts in prompts.items():
             for p in texts:
                 self.exact.setdefault(p.strip(), bench)
-                self.normal.setdefault(_normal(p), bench)
+                self.normal.setdefault(normal(p), bench)
                 w = _words(p)
                 for i in range(len(w) - ngram + 1):
                     self.grams.setdefault(tuple(w[i:i + ngram]), bench)
@@ -247,7 +248,7 @@ class Deduper:
             text = m["content"]
             if (b := self.exact.get(text.strip())) is not None:
                 return b, "exact"
-            if (b := self.normal.get(_normal(text))) is not None:
+            if (b := self.normal.get(normal(text))) is not None:
                 return b, "normalized"
             if self.grams:
                 w = _words(text)
