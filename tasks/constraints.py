@@ -21,7 +21,7 @@ emphasis, decoration, case, wrapping), then `settle` on the final answer (measur
 there: "at least 3 times" is counted on what the answer finally says), then `check`.
 
 Definitions the checkers use (and the transforms, so they agree):
-- word: a run of letters/digits (with inner apostrophes): `words()`.
+- word: a run of letters (any script) and digits, with inner apostrophes: `words()`.
 - sentence: text up to . ! or ? after a letter (or a closing quote/bracket), or up to a line break: `sentences()`.
 - paragraph: blocks separated by blank lines; `***` paragraphs: blocks separated by a line holding only `***`.
 - bullet point: a line starting with `* ` or `- `.  highlight: `*text*` or `**text**` within a line.
@@ -40,7 +40,7 @@ from typing import Callable
 # Text measures shared by transforms and checkers
 
 
-_WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 # A sentence ends at . ! ? after a letter/percent/closing bracket or quote, or after . ! ? + a closing quote, or at a
 # line break. Numbers like "1." or "3.5" don't end one.
 _SENTENCE_BREAK = re.compile(r"(?:(?<=[A-Za-z%)\]\"'’”][.!?])|(?<=[.!?][\"'’”)]))[ \t]+|[ \t]*\n\s*")
@@ -78,11 +78,11 @@ def divided_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in _DIVIDER.split(text.strip())]
 
 
-_ALNUM = re.compile(r"[A-Za-z0-9]+")
+_ALNUM = re.compile(r"[^\W_]+")  # letters (any script) and digits
 
 
 def word_count(text: str, word: str) -> int:
-    """Occurrences of `word` (letters/digits only), case-insensitive, not inside a longer word."""
+    """Occurrences of `word` (letters/digits only), case-insensitive, not inside a longer word ("Römerberg" holds no "merberg")."""
     word = word.lower()
     return sum(1 for m in _ALNUM.finditer(text) if m.group(0).lower() == word)
 
@@ -103,9 +103,9 @@ def _normal(text: str) -> str:
 def _content_words(text: str) -> list[str]:
     """Distinct lowercase content words (>= 5 letters, not stopwords), in order of first appearance."""
     seen: dict[str, None] = {}
-    for w in re.findall(r"[A-Za-z]+", text):
+    for w in _ALNUM.findall(text):
         lw = w.lower()
-        if len(lw) >= 5 and lw not in STOPWORDS and lw not in seen:
+        if len(lw) >= 5 and lw.isascii() and lw.isalpha() and lw not in STOPWORDS and lw not in seen:
             seen[lw] = None
     return list(seen)
 
@@ -775,7 +775,7 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
         "heldout": ("Your reply must contain zero commas.", "Use no comma characters at all."),
     }),
     _c("quotation", 99, _WRAPS | {"title", "start_phrase", "end_phrase", "repeat_request", "fixed_answer"}, check=_check_quoted,
-       shape=lambda rng, base, text, split: ({}, f'"{text.strip()}"'), templates={
+       fits=lambda base: not base.response.startswith('"'), shape=lambda rng, base, text, split: ({}, f'"{text.strip()}"'), templates={
         "train": ("Put your whole answer inside double quotes.", "Enclose the entire reply in double quotation marks.",
                   "Your response must begin and end with a double quote (\").", "Surround everything you write with double quotes."),
         "heldout": ("Quote your full answer, using \" at the very start and the very end.",
