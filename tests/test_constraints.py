@@ -423,3 +423,22 @@ def test_data_stage_attaches_constraints_to_deduped_bases_the_mix_never_shares(t
     assert len(mix_held) == 5 and not set(mix_held) & taken
     mix_train = [t for t in texts if not any(sources.normal(b)[:80] in sources.normal(t) for b in taken)]
     assert len(mix_train) >= mixed["n_train"]  # the mix's training rows are among the texts that hold no base instruction
+
+
+def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
+    from tasks.common import StageError
+    from tasks.config import ConfigError, load_config
+    from tasks.data import load_dataset_records
+
+    for bad, why in (("pypi:nope", "pypi:nope is unknown"), (str(tmp_path / "missing.jsonl"), "file not found")):
+        data = tiny_cfg.data.model_copy(update={"embedded_bases": [bad]})
+        with pytest.raises(StageError, match=rf"^data.embedded_bases: .*{why}.*data.embedded_bases: \[\]") as e:
+            load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+        assert "\n" not in str(e.value)
+    code = tmp_path / "code.jsonl"  # answers that are all code: nothing a constraint can be attached to
+    code.write_text("\n".join('{"instruction": "Write a loop in Python.", "output": "```python\\nfor i in range(3):\\n    print(i)\\n```"}' for _ in range(5)))
+    data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(code)]})
+    with pytest.raises(StageError, match=r"data.embedded_bases: .*code.jsonl' has no conversation usable as a base"):
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    with pytest.raises(ConfigError, match="data.embedded_task_share"):
+        load_config(profile="tiny", overrides=["data.embedded_task_share=1.5"])
