@@ -245,9 +245,7 @@ def _round_count(rng: random.Random, rel: str, n: int) -> int:
     step = 10 if n >= 40 else 5
     if n < step:
         return n
-    if rel in ("at_least", "more_than"):
-        return (n // step) * step
-    return -(-n // step) * step + (step if rel == "less_than" and n % step == 0 else 0)
+    return (n // step) * step if rel in ("at_least", "more_than") else -(-n // step) * step
 
 
 # ---- length: sentences, words, paragraphs
@@ -437,11 +435,11 @@ def _shape_sections(rng, base, text, split) -> Shaped:
 
 
 def _check_sections(spec, text) -> bool:
-    parts = re.split(rf"^[ \t]*{re.escape(spec['marker'])} (\d+)\b[:.]?[ \t]*$", text.strip(), flags=re.M)
-    # parts: [before, num1, body1, num2, body2, ...]
+    # A header is a line starting "<marker> <k>" (a heading may follow on the line: "Section 1: Costs").
+    parts = re.split(rf"^[ \t]*{re.escape(spec['marker'])} (\d+)\b", text.strip(), flags=re.M)
+    # parts: [preamble (a title, an opening line: allowed), num1, body1, num2, body2, ...]
     nums, bodies = parts[1::2], parts[2::2]
-    return ([int(x) for x in nums] == list(range(1, spec["n"] + 1))
-            and all(re.search(r"\w", b) for b in bodies) and not re.search(r"\w", parts[0]))
+    return [int(x) for x in nums] == list(range(1, spec["n"] + 1)) and all(re.search(r"\w", b) for b in bodies)
 
 
 def _shape_highlights(rng, base, text, split) -> Shaped:

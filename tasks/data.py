@@ -536,9 +536,12 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     if data.source == "embedded":
         bases, base_stats = _embedded_bases(data, deduper, removed, artifacts_dir)
         taken = {sources.normal(b.instruction) for b in bases if b.source in {m.source for m in data.mix}}
-        gen = lambda n, split: [ex.to_record() for ex in instructions.generate(  # noqa: E731
-            n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED)]
-        train_recs, held_recs = gen(data.embedded_train, "train"), gen(data.embedded_heldout, "heldout")
+        try:
+            train_recs, held_recs = ([ex.to_record() for ex in instructions.generate(
+                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED)]
+                for n, split in ((data.embedded_train, "train"), (data.embedded_heldout, "heldout")))
+        except ValueError as e:
+            raise StageError(f"data.embedded_bases: {e}") from e
         rows_read = len(train_recs) + len(held_recs)
         convs = [(r["messages"], {"family": r["family"], "check": r["check"], "source": "embedded"}) for r in train_recs + held_recs]
         is_train = [True] * len(train_recs) + [False] * len(held_recs)

@@ -71,9 +71,10 @@ CASES = {
     ),
     "sections": (
         {"marker": "Section", "n": 2},
-        ["Section 1\nIntro text.\n\nSection 2\nMore text.", "Section 1:\nA.\nSection 2\nB."],
-        ["Section 1\nIntro.", "Section 1\nA.\n\nSection 3\nB.", "Hello.\nSection 1\nA.\nSection 2\nB.",
-         "section 1\nA.\nsection 2\nB.", "Section 1\nA.\nSection 2\n"],
+        ["Section 1\nIntro text.\n\nSection 2\nMore text.", "Section 1:\nA.\nSection 2\nB.", "<<Title>>\n\nSection 1\nA.\nSection 2\nB.",
+         "Section 1: Costs\nA.\nSection 2: Risks\nB."],
+        ["Section 1\nIntro.", "Section 1\nA.\n\nSection 3\nB.", "Section 2\nA.\nSection 1\nB.", "section 1\nA.\nsection 2\nB.",
+         "Section 1\nA.\nSection 2\n", "Section 1\nA. Section 2 B.", "Section 1\nA.\nSection 22\nB."],
     ),
     "highlights": (
         {"n": 2},
