@@ -12,6 +12,12 @@ but one are here (its `language:response_language` needs answers in other langua
 have), plus `start_phrase`. Phrasings, value pools and checkers are this project's own: no IFEval prompt or
 phrase is copied (tests/test_constraints.py checks it against the full IFEval set).
 
+Ours <- IFEval's: word_count, sentence_count, paragraph_count, paragraph_first_word <- length_constraints:*;
+include_keywords, keyword_frequency, forbidden_words, letter_frequency <- keywords:*; capital_words, all_uppercase,
+all_lowercase <- change_case:*; bullet_points, sections, highlights, json_format, title, fixed_answer <-
+detectable_format:*; placeholders, postscript <- detectable_content:*; two_responses, repeat_request <- combination:*;
+end_phrase, quotation <- startend:*; no_commas <- punctuation:no_comma; start_phrase is ours.
+
 Each type has >= 4 train phrasings and >= 2 held-out phrasings (disjoint), and the value pools it draws phrases
 from (end/start phrases, postscript notes, answer options, title examples, JSON keys) are split too, so stage 5
 measures whether the constraint was learned, not one sentence.
