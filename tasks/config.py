@@ -108,6 +108,15 @@ class DataSection(Section):
     )
     embedded_train: int = Field(4000, ge=1, description="embedded source: training examples to generate.")
     embedded_heldout: int = Field(240, ge=1, description="embedded source: held-out examples (other templates and values).")
+    embedded_bases: list[str] = Field(
+        default_factory=lambda: ["pypi:sharegpt", "pypi:alpaca-en-demo"],
+        description="embedded source: real conversations whose first instruction and answer carry the generated constraints "
+        "(tasks/constraints.py); any source data.source takes. [] = the synthetic task families only (no real instructions).",
+    )
+    embedded_task_share: float = Field(
+        0.2, ge=0, le=1, description="embedded source: share of rows from the synthetic task families (arithmetic, sorting, "
+        "extraction...); the rest are constrained real instructions. 1 = task families only.",
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
     mix: list[MixSource] = Field(
         default_factory=list, description="Extra sources mixed into the training data, each with a share of the final "

@@ -23,12 +23,13 @@ import hashlib
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from . import instructions, sources
+from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
@@ -94,8 +95,9 @@ def source_fingerprint(data: DataSection) -> str:
     """Content identity of the source: a file's hash, a hub revision, or the generator's code."""
     src = data.source
     if src == "embedded":
-        gen_code = file_sha256(Path(instructions.__file__))
-        return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed)
+        gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
+        bases = [_base_fingerprint(data, b) for b in data.embedded_bases]
+        return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed, bases, data.embedded_task_share)
     if src.startswith("pypi:"):
         spec = sources.packaged_spec(src)
         return fingerprint("pypi", spec.dist, spec.version, spec.member, spec.sha256)  # the read checks this sha256
@@ -105,6 +107,13 @@ def source_fingerprint(data: DataSection) -> str:
     if _looks_like_path(src):
         raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
     return fingerprint("hub", src, data.revision or _hub_revision(src))
+
+
+def _base_fingerprint(data: DataSection, src: str) -> str:
+    try:
+        return source_fingerprint(_base_source(data, src))
+    except StageError as e:
+        raise StageError(f"data.embedded_bases: {str(e).removeprefix('data.source ')}; or set data.embedded_bases: [] for the task families only") from e
 
 
 def _looks_like_path(src: str) -> bool:
@@ -462,6 +471,67 @@ def _without_repeats(convs: list, seen: sources.ExchangeDeduper, dropped: collec
     return kept
 
 
+# Real answers run ~4 characters per token (SmolLM2 and Gemma tokenizers, measured on the constrained rows); 3 leaves
+# room for the system prompt, the template's tokens and uppercase answers (which tokenize at ~2.5).
+CHARS_PER_TOKEN_EMBEDDED = 3
+BASE_MAX_WORDS = 120  # longer real answers are not used as bases: a 256-token demo row can't hold them with a constraint
+
+
+def _base_source(data: DataSection, src: str) -> DataSection:
+    """`data` reading `src` instead (its own schema, split and revision: a base source is not data.source)."""
+    return data.model_copy(update={"source": src, "schema_": "auto", "split": "train", "revision": None, "max_rows": None, "mix": []})
+
+
+def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed: collections.Counter,
+                    artifacts_dir: str) -> tuple[list[constraints.Base], list[dict]]:
+    """The real instructions (first user turn + answer) of `data.embedded_bases` that the generator attaches constraints
+    to: chat-filtered (English, no canned AI answers), within the length limits of `constraints.base_of`, and without
+    any that matches a benchmark prompt. A source that `data.mix` also reads gives half of its conversations (a stable
+    hash of the instruction), so the mix keeps the other half and the two never share a conversation."""
+    mixed = {m.source for m in data.mix}
+    bases, stats = [], []
+    for src in data.embedded_bases:
+        try:
+            rows, prov = read_source(_base_source(data, src), artifacts_dir)
+        except StageError as e:
+            raise StageError(f"data.embedded_bases: {e}; or set data.embedded_bases: [] for the task families only") from e
+        dropped: collections.Counter = collections.Counter()
+        # The mix dedupes (and counts) every conversation of a source it reads; count here only what it won't see.
+        hits = collections.Counter() if src in mixed else removed
+        found = []
+        for msgs in _normalise(rows, "auto", data.language, None, dropped):
+            base = constraints.base_of(msgs, src, BASE_MAX_WORDS)
+            if base is None or (src in mixed and zlib.crc32(f"share:{sources.normal(base.instruction)}".encode()) % 2):
+                continue
+            exchange = [{"role": "user", "content": base.instruction}, {"role": "assistant", "content": base.response}]
+            if sources.chat_filter_reason(exchange) or _without_benchmarks([exchange], deduper, hits) == []:
+                continue
+            found.append(base)
+        if not found:
+            raise StageError(f"data.embedded_bases: {src!r} has no conversation usable as a base (a first instruction of 2-60 words "
+                             f"whose answer has 5-{BASE_MAX_WORDS} words of plain English text); give another source or set data.embedded_bases: []")
+        bases += found
+        stats.append({**prov, "rows_read": len(rows), "bases": len(found), "shared_with_mix": src in mixed})
+    return bases, stats
+
+
+class _EmbeddedGuard:
+    """The mix's dedupe: benchmark prompts (`deduper`), then the instructions the embedded generator took as bases,
+    so no conversation is both a constrained embedded row and a mix row (held-out or trained)."""
+
+    HIT = ("embedded bases", "exact")
+
+    def __init__(self, deduper: sources.Deduper | None, taken: set[str]):
+        self.deduper, self.taken = deduper, taken
+
+    def match(self, messages: list[dict]) -> tuple[str, str] | None:
+        hit = self.deduper.match(messages) if self.deduper else None
+        if hit:
+            return hit
+        first = next((m["content"] for m in messages if m["role"] == "user"), None)
+        return self.HIT if first is not None and sources.normal(first) in self.taken else None
+
+
 def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts") -> DataRecord:
     import datasets
 
@@ -474,9 +544,16 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     deduper = sources.Deduper(prompts) if prompts else None
     seen = sources.ExchangeDeduper()  # shared by every source: no conversation twice, within or across sources
 
+    taken: set[str] = set()  # instructions of the embedded bases: the mix sources skip them
     if data.source == "embedded":
-        train_recs = [ex.to_record() for ex in instructions.generate(data.embedded_train, "train", data.seed)]
-        held_recs = [ex.to_record() for ex in instructions.generate(data.embedded_heldout, "heldout", data.seed)]
+        bases, base_stats = _embedded_bases(data, deduper, removed, artifacts_dir)
+        taken = {sources.normal(b.instruction) for b in bases if b.source in {m.source for m in data.mix}}
+        try:
+            train_recs, held_recs = ([ex.to_record() for ex in instructions.generate(
+                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED)]
+                for n, split in ((data.embedded_train, "train"), (data.embedded_heldout, "heldout")))
+        except ValueError as e:
+            raise StageError(f"data.embedded_bases: {e}") from e
         rows_read = len(train_recs) + len(held_recs)
         convs = [(r["messages"], {"family": r["family"], "check": r["check"], "source": "embedded"}) for r in train_recs + held_recs]
         is_train = [True] * len(train_recs) + [False] * len(held_recs)
@@ -485,7 +562,9 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         pairs = _without_benchmarks(list(zip(convs, is_train)), deduper, removed, lambda pair: pair[0][0])
         pairs = _without_repeats(pairs, seen, dropped, lambda pair: pair[0][0])  # training rows come first: a repeat is held out
         convs, is_train = [c for c, _ in pairs], [t for _, t in pairs]
-        main_prov = {"source": "embedded", "license": "Apache-2.0 (generated by this project: tasks/instructions.py)"}
+        main_prov = {"source": "embedded", "license": "generated by this project (tasks/instructions.py, tasks/constraints.py); "
+                     + ("the constrained rows carry real instructions and answers from " + ", ".join(f"{b['source']} ({b.get('license') or 'see the source'})" for b in base_stats)
+                        if base_stats else "Apache-2.0"), "bases": base_stats}
     else:
         rows, main_prov = read_source(data, artifacts_dir)
         rows_read = len(rows)
@@ -525,9 +604,14 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     if data.mix:
         shares = sum(m.share or 0.0 for m in data.mix)
         total = (len(train) + sum(m.rows or 0 for m in data.mix)) / (1.0 - shares)
+        guard = _EmbeddedGuard(deduper, taken) if taken else deduper
         for mix in data.mix:
             want = mix.rows or round(total * mix.share)
-            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, deduper, seen, removed, artifacts_dir, counts)
+            skipped = removed[_EmbeddedGuard.HIT]
+            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, guard, seen, removed, artifacts_dir, counts)
+            if taken:  # conversations kept for the embedded generator are not benchmark removals
+                stats["embedded_bases_skipped"] = removed[_EmbeddedGuard.HIT] - skipped
+                stats["dedupe_removed"] -= stats["embedded_bases_skipped"]
             train += m_train
             held += m_held
             extra += m_extra
@@ -541,6 +625,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     if data.overlong != "truncate" and missing_eos:
         raise StageError(f"{missing_eos} training examples have no labeled end-of-turn token; the chat template must close assistant turns (set model.chat_template)")
 
+    removed.pop(_EmbeddedGuard.HIT, None)
     dedupe = {
         "benchmarks": {n: len(p) for n, p in prompts.items()},
         "rules": sources.Deduper.rules() if prompts else [],

@@ -1,7 +1,15 @@
-"""Generator and checkers for verifiable instruction-following tasks.
+"""Generator and checkers for verifiable instruction-following tasks (the `embedded` data source).
 
-No dataset can be downloaded in this environment, so the pipeline trains and evaluates on synthetic
-instructions whose answers a program can verify. Every example belongs to one of 14 families:
+Two kinds of rows, each with a checker that verifies an answer:
+
+* constrained real instructions (tasks/constraints.py): a real instruction and answer (a ShareGPT or
+  alpaca_en_demo first exchange, `data.embedded_bases`) with 1-3 of 25 constraint types attached in words and the
+  answer transformed to satisfy them. The row's family is its first constraint type. These teach instruction
+  following in general; `generate(..., bases=...)` makes them, the data stage supplies the bases.
+* synthetic task families (below, a `task_share` of the rows; all rows when no bases are given):
+
+No dataset can be downloaded in this environment, so the task families are synthetic instructions whose
+answers a program can verify. Every task-family example belongs to one of 14 families:
 
     uppercase, lowercase, reverse_words, count_items, sort_numbers, arithmetic, bullet_list,
     json_object, extract_email, extract_date, repeat_word, first_letter, last_letter, yes_no
@@ -20,10 +28,14 @@ differs from "train" in two ways:
              heldout sums harder (a different skill), so each (op, a, b) question is assigned to
              one split by a stable hash; both splits share a difficulty but never a question.
 
+Constrained rows split the same way: held-out rows use other instructions (a stable hash, `constraints.split_of`),
+other phrasings and other value pools (end phrases, options, JSON keys...).
+
 Usage::
 
     from tasks.instructions import generate, score
-    records = [ex.to_record() for ex in generate(200, "heldout", seed=0)]
+    records = [ex.to_record() for ex in generate(200, "heldout", seed=0)]  # task families only
+    records = [ex.to_record() for ex in generate(200, "heldout", seed=0, bases=bases)]  # + constrained real instructions
     accuracy = sum(score(records, responses)) / len(records)
 """
 
@@ -34,7 +46,10 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
+
+from . import constraints
+from .constraints import Base
 
 FAMILIES: tuple[str, ...] = (
     "uppercase",
@@ -54,6 +69,9 @@ FAMILIES: tuple[str, ...] = (
 )
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
+# Held-out constrained rows use real answers of at most this many words (before the constraint's transform), so a
+# model can satisfy them within stage 5's generation cap (eval.max_new_tokens).
+HELDOUT_ANSWER_WORDS = 50
 
 
 @dataclass(frozen=True)
@@ -477,26 +495,76 @@ _GENERATORS: dict[str, Callable[[random.Random, str], _Generated]] = {
 }
 
 
-def generate(n: int, split: str, seed: int) -> list[Example]:
-    """Return `n` examples of `split` ("train" or "heldout"), families round-robin as in FAMILIES.
+def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_share: float = 0.2,
+             max_chars: int | None = None) -> list[Example]:
+    """Return `n` examples of `split` ("train" or "heldout").
 
-    Deterministic for (n, split, seed); the RNG does not depend on `n`, so a shorter list is a
-    prefix of a longer one with the same split and seed.
+    Without `bases`: the synthetic task families, round-robin as in FAMILIES. With `bases` (real instructions and
+    answers, tasks/constraints.py): a `task_share` of the rows are task-family rows, the rest real instructions of
+    this split (`constraints.split_of`) carrying one to three constraints, their primary type round-robin as in
+    constraints.TYPES; every answer passed its checker, and prompt + answer fit `max_chars` characters.
+
+    Deterministic for (n, split, seed, bases, task_share, max_chars); the RNG does not depend on `n`, so a shorter
+    list is a prefix of a longer one with the same arguments.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= task_share <= 1.0:
+        raise ValueError(f"task_share must be in [0, 1], got {task_share}")
     # A string seed is hashed with SHA-512 by random.Random, so it is stable across processes and
     # keeps the train and heldout streams independent for the same integer seed.
     rng = random.Random(f"instructions/{split}/{seed}")
-    examples = []
+    pool = _ConstraintPool(bases, split, max_chars) if bases and task_share < 1.0 else None
+    examples: list[Example] = []
+    n_tasks = 0
     for i in range(n):
-        family = FAMILIES[i % len(FAMILIES)]
-        fields, answer, check = _GENERATORS[family](rng, split)
-        prompt = rng.choice(_TEMPLATES[family][split]).format(**fields)
-        examples.append(Example(family=family, prompt=prompt, answer=answer, check=check))
+        if pool is None or int((i + 1) * task_share) > int(i * task_share):
+            family = FAMILIES[n_tasks % len(FAMILIES)]
+            n_tasks += 1
+            fields, answer, check = _GENERATORS[family](rng, split)
+            prompt = rng.choice(_TEMPLATES[family][split]).format(**fields)
+            examples.append(Example(family=family, prompt=prompt, answer=answer, check=check))
+        else:
+            examples.append(pool.next(rng))
     return examples
+
+
+class _ConstraintPool:
+    """The bases of one split, indexed by the constraint types each can take; `next` makes the next row."""
+
+    TRIES = 40  # draws of (base, extra constraints) per row before moving to the next type
+    EXTRA = (0, 0, 0, 1, 1, 2)  # how many constraints join the primary one: half the rows carry one, some three
+
+    def __init__(self, bases: Sequence[Base], split: str, max_chars: int | None):
+        limit = HELDOUT_ANSWER_WORDS if split == "heldout" else None
+        self.bases = [b for b in bases if constraints.split_of(b.instruction) == split
+                      and (limit is None or len(constraints.words(b.response)) <= limit)]
+        if not self.bases:
+            raise ValueError(f"no {split} bases among {len(bases)} given: give more real instructions (data.embedded_bases)")
+        self.fits = {t: [i for i, b in enumerate(self.bases) if constraints.CONSTRAINTS[t].fits(b)] for t in constraints.TYPES}
+        self.types = [t for t in constraints.TYPES if self.fits[t]]
+        self.split, self.max_chars, self.turn = split, max_chars, 0
+
+    def next(self, rng: random.Random) -> Example:
+        for _ in range(len(self.types)):
+            primary = self.types[self.turn % len(self.types)]
+            self.turn += 1
+            for _ in range(self.TRIES):
+                base = self.bases[rng.choice(self.fits[primary])]
+                names = [primary]
+                for _ in range(rng.choice(self.EXTRA)):
+                    options = [t for t in self.types if t not in names and constraints.CONSTRAINTS[t].fits(base)
+                               and all(constraints.compatible(t, x) for x in names)]
+                    if options:
+                        names.append(rng.choice(options))
+                row = constraints.build(rng, base, names, self.split)
+                if row and (self.max_chars is None or len(row[0]) + len(row[1]) <= self.max_chars):
+                    prompt, answer, specs = row
+                    return Example(family=primary, prompt=prompt, answer=answer, check={"constraints": specs})
+        raise ValueError(f"no constraint fits any of the {len(self.bases)} {self.split} bases within {self.max_chars} characters; "
+                         "raise data.max_length or give more real instructions (data.embedded_bases)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,10 +665,13 @@ _CHECKERS: dict[str, Callable[[dict, str], bool]] = {
 
 
 def check_answer(family: str, check: dict, response: str) -> bool:
-    """Return True iff `response` (a raw model generation) satisfies the instruction of `check`."""
+    """Return True iff `response` (a raw model generation) satisfies the instruction of `check`: a task family's
+    answer, or every constraint of a constrained real instruction (family = its primary constraint type)."""
+    if family in constraints.CONSTRAINTS:
+        return constraints.check_all(check["constraints"], response)
     checker = _CHECKERS.get(family)
     if checker is None:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES} or a constraint type {constraints.TYPES}")
     return checker(check, response)
 
 

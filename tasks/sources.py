@@ -221,7 +221,8 @@ def chat_filter_reason(messages: list[dict]) -> str | None:
 NGRAM = 13
 
 
-def _normal(text: str) -> str:
+def normal(text: str) -> str:
+    """Case-folded, whitespace-collapsed text: the key of the 'normalized' dedupe rule."""
     return " ".join(text.casefold().split())
 
 
@@ -245,7 +246,7 @@ class Deduper:
         for bench, texts in prompts.items():
             for p in texts:
                 self.exact.setdefault(p.strip(), bench)
-                self.normal.setdefault(_normal(p), bench)
+                self.normal.setdefault(normal(p), bench)
                 w = tuple(_words(p))
                 self.words.setdefault(w, bench)
                 if SHORT_MIN_WORDS <= len(w) < ngram:
@@ -263,7 +264,7 @@ class Deduper:
             text = m["content"]
             if (b := self.exact.get(text.strip())) is not None:
                 return b, "exact"
-            if (b := self.normal.get(_normal(text))) is not None:
+            if (b := self.normal.get(normal(text))) is not None:
                 return b, "normalized"
             w = tuple(_words(text))
             if (b := self.words.get(w)) is not None:

@@ -1,0 +1,445 @@
+"""Contracts of tasks/constraints.py and the constrained rows of tasks/instructions.generate.
+
+Every generated answer passes its own checker; a response that breaks a constraint fails it (hand-written cases and a
+mutation of real generated answers, for every type); each type is phrased several ways, train and held-out phrasings
+and value pools are disjoint; generation is deterministic; no row is or near-copies a benchmark prompt (the data
+stage's dedupe never has to remove one, and no phrasing shares 6 words in a row with an IFEval prompt)."""
+
+import collections
+import re
+import time
+
+import pytest
+
+from tasks import constraints, instructions, sources
+from tasks.constraints import CONSTRAINTS, TYPES, Base, check_all
+from tasks.instructions import check_answer, generate
+
+# type -> (spec, responses that satisfy it, responses that break it)
+CASES = {
+    "word_count": (
+        {"relation": "less_than", "n": 6},
+        ["Paris is the capital.", "It's five words, right?"],
+        ["Paris is the capital of France.", "one two three four five six seven"],
+    ),
+    "sentence_count": (
+        {"relation": "exactly", "n": 2},
+        ["Paris is big. It is old.", "Is it? Yes!", "Version 3.5 is out. It costs $1.50 now."],
+        ["Paris is big.", "Paris is big. It is old. It is pretty.", "Paris is big.\nIt is old.\nIt is pretty."],
+    ),
+    "paragraph_count": (
+        {"n": 3},
+        ["One.\n\n***\n\nTwo.\n\n***\n\nThree.", "One.\n***\nTwo.\n***\nThree."],
+        ["One.\n\n***\n\nTwo.", "One.\n\nTwo.\n\nThree.", "One.\n\n***\n\n***\n\nThree."],
+    ),
+    "paragraph_first_word": (
+        {"n": 2, "i": 2, "word": "however"},
+        ["Cats sleep a lot.\n\nHowever, dogs do too.", "Cats sleep.\n\n\"However\" is the word."],
+        ["Cats sleep a lot. However, dogs do too.", "Cats sleep.\n\nDogs however do too.", "A.\n\nHowever b.\n\nC."],
+    ),
+    "include_keywords": (
+        {"keywords": ["river", "stone"]},
+        ["The River runs over a stone.", "stone, river"],
+        ["The river is wide.", "Rivers and stones."],
+    ),
+    "keyword_frequency": (
+        {"word": "tea", "relation": "at_least", "n": 2},
+        ["Tea is good; green tea is better.", "tea tea tea"],
+        ["Tea is good.", "Teas and teapots and a tea-less day"[:12]],
+    ),
+    "forbidden_words": (
+        {"keywords": ["very", "really"]},
+        ["It is quite good.", "Everyone likes it."],
+        ["It is very good.", "REALLY nice."],
+    ),
+    "letter_frequency": (
+        {"letter": "z", "relation": "less_than", "n": 2},
+        ["A lazy day.", "No such letter here."],
+        ["Zig and zag.", "buzz"],
+    ),
+    "capital_words": (
+        {"relation": "at_least", "n": 2},
+        ["This is VERY IMPORTANT.", "NASA and the ESA agree."],
+        ["This is Very Important.", "Only ONE here.", "I am A person."],
+    ),
+    "all_uppercase": ({}, ["HELLO THERE, 42!", "OK."], ["Hello there", "HELLO THERe", "123 ..."]),
+    "all_lowercase": ({}, ["hello there, 42!"], ["Hello there", "hello NASA", "123 ..."]),
+    "bullet_points": (
+        {"n": 2},
+        ["* one\n* two", "Here:\n- one\n- two", "* one\n\n* two\n**bold** line"],
+        ["* one", "* one\n* two\n* three", "1. one\n2. two", "*one\n*two"],
+    ),
+    "sections": (
+        {"marker": "Section", "n": 2},
+        ["Section 1\nIntro text.\n\nSection 2\nMore text.", "Section 1:\nA.\nSection 2\nB.", "<<Title>>\n\nSection 1\nA.\nSection 2\nB.",
+         "Section 1: Costs\nA.\nSection 2: Risks\nB."],
+        ["Section 1\nIntro.", "Section 1\nA.\n\nSection 3\nB.", "Section 2\nA.\nSection 1\nB.", "section 1\nA.\nsection 2\nB.",
+         "Section 1\nA.\nSection 2\n", "Section 1\nA. Section 2 B.", "Section 1\nA.\nSection 22\nB."],
+    ),
+    "highlights": (
+        {"n": 2},
+        ["This is *key* and *also key*.", "**Bold** and *italic*."],
+        ["This is *key* only.", "* a bullet\n* another bullet", "No emphasis at all."],
+    ),
+    "json_format": (
+        {},
+        ['{"answer": "Paris"}', '```json\n{"answer": "Paris"}\n```', '["a", "b"]'],
+        ['Here it is: {"answer": "Paris"}', "{answer: Paris}", '{"answer": "Paris"}\nThanks!', "{}", '"Paris"'],
+    ),
+    "title": (
+        {},
+        ["<<Paris Facts>>\n\nParis is big.", "  <<A title>>\nText."],
+        ["Paris is big.\n<<Paris Facts>>", "<Paris Facts>\n\nParis is big.", "<<Paris Facts>>", "<<>>\nText."],
+    ),
+    "placeholders": (
+        {"n": 2},
+        ["Dear [name], see you at [place].", "[a] [b] [c]"],
+        ["Dear [name], see you soon.", "Dear (name), see you at {place}."],
+    ),
+    "postscript": (
+        {"marker": "P.S."},
+        ["Answer here.\n\nP.S. Bye now.", "Answer.\nP.S. one more thing"],
+        ["Answer here.", "P.S. Bye now.", "Answer.\n\nPS: bye", "Answer.\n\nP.S."],
+    ),
+    "two_responses": (
+        {},
+        ["Short answer.\n******\nA much longer answer.", "A ****** B"],
+        ["Only one answer.", "Same.\n******\nSame.", "A\n******\nB\n******\nC", "A\n******\n"],
+    ),
+    "fixed_answer": (
+        {"options": ["Yes.", "No.", "Maybe."]},
+        ["Yes.", " No. ", '"Maybe."'],
+        ["Yes", "Yes. Because it is.", "Perhaps.", "yes."],
+    ),
+    "repeat_request": (
+        {"request": "Name a fruit."},
+        ["Name a fruit.\n\nApple.", "Name  a fruit. Apple."],
+        ["Apple. Name a fruit.", "Name a fruit.", "Name a fruit please. Apple.", "Sure! Name a fruit. Apple."],
+    ),
+    "start_phrase": (
+        {"phrase": "Of course."},
+        ["Of course. Here it is.", "\nOf course.\n\nText."],
+        ["Sure. Of course.", "of course. Here.", "Of course."],
+    ),
+    "end_phrase": (
+        {"phrase": "Hope this helps!"},
+        ["Answer. Hope this helps!", "Answer.\n\nHope this helps!\n"],
+        ["Hope this helps! Bye.", "Answer. hope this helps!", "Hope this helps!"],
+    ),
+    "no_commas": ({}, ["No commas here.", "1000 and 2000."], ["One, two.", "1,000"]),
+    "quotation": ({}, ['"Hello there."', ' "Line one.\nLine two." '], ["Hello there.", '"Hello there.', "'Hello'", '""']),
+}
+
+
+def _mutate(spec: dict, answer: str) -> str:
+    """A version of a generated `answer` that breaks `spec` (and should fail its checker)."""
+    t, n = spec["type"], spec.get("n", 0)
+    rel = spec.get("relation")
+    grow = rel in ("at_most", "less_than", "exactly")
+    if t == "word_count":
+        return answer + " extra" * (n + 1) if grow else " ".join(constraints.words(answer)[: n - 1 if rel == "at_least" else n])
+    if t == "sentence_count":
+        return answer + " Extra sentence." * (n + 1) if grow else " ".join(constraints.sentences(answer)[: n - 1 if rel == "at_least" else n])
+    if t == "paragraph_count":
+        return re.sub(r"\n[ \t]*\*\*\*[ \t]*\n", "\n\n", answer)
+    if t == "paragraph_first_word":
+        paras = constraints.paragraphs(answer)
+        paras[spec["i"] - 1] = "Zzz " + paras[spec["i"] - 1]
+        return "\n\n".join(paras)
+    if t == "include_keywords":
+        return re.sub(rf"(?i)\b{spec['keywords'][0]}\b", "", answer)
+    if t == "keyword_frequency":
+        return answer + f" {spec['word']}" * n if grow else re.sub(rf"(?i)\b{spec['word']}\b", "", answer)
+    if t == "forbidden_words":
+        return answer + " " + spec["keywords"][-1]
+    if t == "letter_frequency":
+        return answer + " " + spec["letter"] * n if grow else re.sub(spec["letter"], "", answer, flags=re.I)
+    if t == "capital_words":
+        return answer + " WORD" * n if grow else re.sub(r"\b([A-Z])([A-Z]+)\b", lambda m: m.group(1) + m.group(2).lower(), answer)
+    if t == "all_uppercase":
+        return answer + " ok"
+    if t == "all_lowercase":
+        return answer + " OK"
+    if t == "bullet_points":
+        return answer + "\n* one more"
+    if t == "sections":
+        return re.sub(rf"(?m)^{re.escape(spec['marker'])} {n}$", "", answer)
+    if t == "highlights":
+        return answer.replace("*", "")
+    if t == "json_format":
+        return answer + "\nThat is all."
+    if t == "title":
+        return answer.replace("<<", "").replace(">>", "")
+    if t == "placeholders":
+        return answer.replace("[", "(").replace("]", ")")
+    if t == "postscript":
+        return answer.replace(spec["marker"], "Note")
+    if t == "two_responses":
+        return answer.replace("******", "\n")
+    if t == "fixed_answer":
+        return "Well, " + answer
+    if t == "repeat_request":
+        return "Okay. " + answer
+    if t == "start_phrase":
+        return "Okay. " + answer
+    if t == "end_phrase":
+        return answer + " Bye."
+    if t == "no_commas":
+        return answer + ", ok"
+    if t == "quotation":
+        return answer.strip()[1:]
+    raise AssertionError(f"no mutation for {t}")
+
+
+@pytest.fixture(scope="module")
+def bases():
+    """Real bases: the first exchanges of ShareGPT (the installed wheel; no network) that `base_of` accepts."""
+    rows, _ = sources.read_packaged("pypi:sharegpt", "artifacts")
+    found = []
+    for row in rows:
+        turns = row.get("conversations") or []
+        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), "other"), "content": t.get("value") or ""} for t in turns[:2]]
+        if (b := constraints.base_of(msgs, "pypi:sharegpt", 120)) and not sources.chat_filter_reason(msgs):
+            found.append(b)
+    return found
+
+
+@pytest.fixture(scope="module")
+def rows(bases):
+    return {split: generate(n, split, seed=0, bases=bases, task_share=0.0) for split, n in (("train", 2500), ("heldout", 500))}
+
+
+# ---- the type list and its phrasings
+
+
+def test_25_types_each_with_a_checker_case_and_disjoint_phrasings():
+    assert len(TYPES) == 25 and set(CASES) == set(TYPES)
+    for name, c in CONSTRAINTS.items():
+        train, held = c.templates["train"], c.templates["heldout"]
+        assert len(set(train)) >= 4 and len(set(held)) >= 2, name
+        assert not set(train) & set(held), name
+    for name, pool in constraints._POOLS.items():
+        assert not set(pool["train"]) & set(pool["heldout"]), name
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_checker_accepts_right_and_rejects_wrong(name):
+    spec, right, wrong = CASES[name]
+    spec = {"type": name, **spec}
+    for response in right:
+        assert check_all([spec], response), f"{name} should accept {response!r}"
+    for response in wrong:
+        assert not check_all([spec], response), f"{name} should reject {response!r}"
+
+
+def test_unknown_constraint_type_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown constraint type 'poetry'"):
+        check_all([{"type": "poetry"}], "x")
+
+
+_FIELD = {"n": r"\d+", "i": r"\d+", "s": "s?", "rel": "|".join(w for ws in constraints.RELATION_WORDS.values() for w in ws),
+          "nth": "|".join(constraints.ORDINALS)}
+
+
+def _template_regex(template: str) -> re.Pattern:
+    """A regex that finds the sentence `template` renders to inside a prompt."""
+    pieces = re.split(r"\{(\w+)\}", template[0].upper() + template[1:])
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else "(?:" + _FIELD.get(p, r"[^\n]+?") + ")" for i, p in enumerate(pieces)))
+
+
+def test_each_type_is_asked_in_several_phrasings_and_held_out_ones_are_new(rows):
+    used = {split: collections.defaultdict(collections.Counter) for split in rows}
+    for split, exs in rows.items():
+        other = "heldout" if split == "train" else "train"
+        for ex in exs:
+            for spec in ex.check["constraints"]:
+                own = [t for t in CONSTRAINTS[spec["type"]].templates[split] if _template_regex(t).search(ex.prompt)]
+                assert own, (spec["type"], ex.prompt)
+                used[split][spec["type"]][own[0]] += 1
+                foreign = [t for t in CONSTRAINTS[spec["type"]].templates[other] if _template_regex(t).search(ex.prompt)]
+                assert not foreign, (spec["type"], ex.prompt)
+    for name in TYPES:
+        train, held = used["train"][name], used["heldout"][name]
+        assert len(train) >= 4 and len(held) >= 2, (name, train, held)
+        # No phrasing dominates: the model sees the constraint, not one sentence.
+        assert max(train.values()) < 0.5 * sum(train.values()), (name, train)
+    # Constraints sit after the instruction, before it, or as a list under a heading.
+    listed = sum(any(h in ex.prompt for h in constraints._LIST_HEADS) for ex in rows["train"])
+    assert 0.05 * len(rows["train"]) < listed < 0.5 * len(rows["train"])
+
+
+# ---- generated rows
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_every_generated_answer_passes_its_checker(rows, split):
+    exs = rows[split]
+    assert len(exs) == {"train": 2500, "heldout": 500}[split]
+    assert {ex.family for ex in exs} == set(TYPES)  # every type, round-robin
+    failures = [ex for ex in exs if not check_answer(ex.family, ex.check, ex.answer)]
+    assert not failures, failures[:2]
+    sizes = collections.Counter(len(ex.check["constraints"]) for ex in exs)
+    assert set(sizes) == {1, 2, 3} and sizes[1] > sizes[2] > sizes[3]
+    for ex in exs:
+        assert ex.family == ex.check["constraints"][0]["type"]
+        names = [s["type"] for s in ex.check["constraints"]]
+        assert all(constraints.compatible(a, b) for i, a in enumerate(names) for b in names[i + 1:]), names
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_a_generated_answer_that_breaks_a_constraint_fails(rows, split):
+    broken = collections.Counter()
+    for ex in rows[split]:
+        for spec in ex.check["constraints"]:
+            bad = _mutate(spec, ex.answer)
+            assert not CONSTRAINTS[spec["type"]].check(spec, bad), (spec, ex.answer, bad)
+            assert not check_answer(ex.family, ex.check, bad), (spec, bad)
+            broken[spec["type"]] += 1
+    assert set(broken) == set(TYPES)
+
+
+def test_answers_are_transformed_real_answers(rows, bases):
+    """The answer is the base's real answer reshaped, not a canned one: most of its words come from the base."""
+    by_instruction = {b.instruction: b for b in bases}
+    kept = []
+    for ex in rows["train"][:500]:
+        base = next((b for i, b in by_instruction.items() if i in ex.prompt), None)
+        assert base is not None, ex.prompt
+        if ex.family != "fixed_answer":
+            real = {w.lower() for w in constraints.words(base.response)}
+            said = [w.lower() for w in constraints.words(ex.answer)]
+            kept.append(sum(w in real for w in said) / max(len(said), 1))
+    assert sorted(kept)[len(kept) // 2] > 0.8
+
+
+def test_train_and_heldout_use_disjoint_instructions(bases):
+    train = instructions._ConstraintPool(bases, "train", None).bases
+    held = instructions._ConstraintPool(bases, "heldout", None).bases
+    assert train and held and len(train) + len(held) <= len(bases)
+    assert not {b.instruction for b in train} & {b.instruction for b in held}
+    assert all(len(constraints.words(b.response)) <= instructions.HELDOUT_ANSWER_WORDS for b in held)
+
+
+def test_generation_is_deterministic_and_a_prefix_of_longer_runs(bases):
+    a = [ex.to_record() for ex in generate(400, "train", 7, bases)]
+    assert a == [ex.to_record() for ex in generate(400, "train", 7, bases)]
+    assert a[:150] == [ex.to_record() for ex in generate(150, "train", 7, bases)]
+    assert a != [ex.to_record() for ex in generate(400, "train", 8, bases)]
+    families = [r["family"] for r in a]
+    assert sum(f in instructions.FAMILIES for f in families) == 80  # task_share 0.2 of 400
+    assert generate(50, "train", 7) == generate(50, "train", 7, (), 0.3)  # no bases: the task families alone
+
+
+def test_rows_fit_max_chars(bases):
+    for ex in generate(500, "train", 1, bases, 0.0, max_chars=600):
+        assert len(ex.prompt) + len(ex.answer) <= 600
+
+
+def test_bad_generator_inputs_raise_clear_errors(bases):
+    with pytest.raises(ValueError, match="task_share must be in"):
+        generate(10, "train", 0, bases, task_share=1.5)
+    with pytest.raises(ValueError, match="no heldout bases"):
+        generate(10, "heldout", 0, [b for b in bases if constraints.split_of(b.instruction) == "train"][:5], task_share=0.0)
+    with pytest.raises(ValueError, match="raise data.max_length"):
+        generate(10, "train", 0, bases[:50], task_share=0.0, max_chars=20)
+
+
+def test_4000_rows_generate_fast(bases):
+    start = time.perf_counter()
+    generate(4000, "train", 0, bases)
+    assert time.perf_counter() - start < 8.0  # ~0.5-0.8 s on the 2-core box; the data stage does this once per build
+
+
+# ---- benchmark prompts
+
+
+@pytest.fixture(scope="module")
+def benchmark_prompts():
+    return sources.benchmark_prompt_lists(["ifeval", "alpaca_eval"], None)
+
+
+def test_no_phrasing_shares_six_words_in_a_row_with_an_ifeval_prompt(benchmark_prompts):
+    grams = set()
+    for p in benchmark_prompts["ifeval"]:
+        w = re.findall(r"\w+", p.casefold())
+        grams.update(tuple(w[i:i + 6]) for i in range(len(w) - 5))
+    shared = []
+    for c in CONSTRAINTS.values():
+        for template in c.templates["train"] + c.templates["heldout"]:
+            for part in re.split(r"\{\w+\}", template):
+                w = re.findall(r"\w+", part.casefold())
+                shared += [(c.name, " ".join(w[i:i + 6])) for i in range(len(w) - 5) if tuple(w[i:i + 6]) in grams]
+    assert not shared, shared
+
+
+def test_no_generated_row_is_or_near_copies_a_benchmark_prompt(rows, bases, benchmark_prompts):
+    """Through the data stage's own rule (exact, normalized, 13-gram), after its dedupe of the bases: nothing left to remove."""
+    deduper = sources.Deduper(benchmark_prompts)
+    clean = [b for b in bases if not deduper.match([{"role": "user", "content": b.instruction}])]
+    assert len(clean) < len(bases)  # ShareGPT does hold benchmark prompts: the base dedupe matters
+    hits = [ex.prompt for split in ("train", "heldout") for ex in generate(2000, split, 3, clean, 0.2)
+            if deduper.match([{"role": "user", "content": ex.prompt}])]
+    assert not hits, hits[:3]
+
+
+# ---- through the data stage
+
+
+def test_data_stage_attaches_constraints_to_deduped_bases_the_mix_never_shares(tmp_path, tiny_cfg, shared_artifacts, bases, benchmark_prompts):
+    """The embedded source with real bases: its held-out rows carry constraint checkers that pass their own answers; a
+    base whose instruction is a benchmark prompt is never used (and counted); a file read both as bases and as a mix
+    source gives each conversation to one of them only."""
+    import json
+
+    from tasks.data import _embedded_bases, load_dataset_records, load_heldout_meta, load_split
+    from tasks.models import load_tokenizer, resolve_model
+
+    planted = benchmark_prompts["alpaca_eval"][3]
+    convs = [[{"from": "human", "value": b.instruction}, {"from": "gpt", "value": b.response}] for b in bases[:600]]
+    convs.insert(5, [{"from": "human", "value": planted}, {"from": "gpt", "value": "A short and plain answer to this one question."}])
+    src = tmp_path / "chats.json"
+    src.write_text(json.dumps([{"conversations": c} for c in convs]))
+    data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)], "embedded_train": 120, "embedded_heldout": 30, "max_length": 1024,
+                                            "embedded_task_share": 0.25})
+    data.mix = [{"source": str(src), "share": 0.2, "heldout": 5}]
+    rec = load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+
+    main, mixed = rec.sources
+    assert main["bases"][0]["bases"] > 100 and main["bases"][0]["shared_with_mix"] and main["n_heldout"] == 30
+    meta = load_heldout_meta(rec)
+    constrained = [m for m in meta if m["source"] == "embedded" and m["family"] in TYPES]
+    assert len(constrained) >= 15 and rec.has_checkers
+    assert all(check_answer(m["family"], m["check"], m["messages"][-1]["content"]) for m in meta if m["source"] == "embedded")
+    # The planted benchmark prompt: removed (counted once, by the mix that reads the whole file), in no row.
+    assert rec.dedupe["removed_by"].get("alpaca_eval/exact", 0) >= 1 and "embedded bases/exact" not in rec.dedupe["removed_by"]
+    tok = load_tokenizer(resolve_model(tiny_cfg.model, shared_artifacts), tiny_cfg.model)
+    texts = [tok.decode(ids) for split in ("train", "heldout") for ids in load_split(rec, split)["input_ids"]]
+    assert not [t for t in texts if planted[:60] in t]
+    # Each conversation went to the embedded generator or to the mix, never both.
+    taken, _ = _embedded_bases(data, sources.Deduper(benchmark_prompts), collections.Counter(), shared_artifacts)
+    taken = {sources.normal(b.instruction) for b in taken}
+    assert mixed["embedded_bases_skipped"] == sum(sources.normal(c[0]["value"]) in taken for c in convs) > 100
+    assert mixed["dedupe_removed"] >= 1
+    mix_held = [sources.normal(m["messages"][1]["content"]) for m in meta if m["source"] == str(src)]
+    assert len(mix_held) == 5 and not set(mix_held) & taken
+    mix_train = [t for t in texts if not any(sources.normal(b)[:80] in sources.normal(t) for b in taken)]
+    assert len(mix_train) >= mixed["n_train"]  # the mix's training rows are among the texts that hold no base instruction
+
+
+def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
+    from tasks.common import StageError
+    from tasks.config import ConfigError, load_config
+    from tasks.data import load_dataset_records
+
+    for bad, why in (("pypi:nope", "pypi:nope is unknown"), (str(tmp_path / "missing.jsonl"), "file not found")):
+        data = tiny_cfg.data.model_copy(update={"embedded_bases": [bad]})
+        with pytest.raises(StageError, match=rf"^data.embedded_bases: .*{why}.*data.embedded_bases: \[\]") as e:
+            load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+        assert "\n" not in str(e.value)
+    code = tmp_path / "code.jsonl"  # answers that are all code: nothing a constraint can be attached to
+    code.write_text("\n".join('{"instruction": "Write a loop in Python.", "output": "```python\\nfor i in range(3):\\n    print(i)\\n```"}' for _ in range(5)))
+    data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(code)]})
+    with pytest.raises(StageError, match=r"data.embedded_bases: .*code.jsonl' has no conversation usable as a base"):
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    with pytest.raises(ConfigError, match="data.embedded_task_share"):
+        load_config(profile="tiny", overrides=["data.embedded_task_share=1.5"])
