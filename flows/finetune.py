@@ -116,7 +116,8 @@ def finetune(
     records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
     published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
     run.data["published"] = published.dir
-    run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art)
+    exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"])
+    run.data["published"] = exported.published_dir  # this run's folder when publish was cached from an earlier run
 
     run.finish("completed")
     total = sum(s["seconds"] for s in run.data["stages"].values())
