@@ -20,24 +20,36 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks.common import artifacts_root, human_seconds, safe_name, write_json
-from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
 
 def _run_name() -> str:
     p = flow_run.parameters
-    budget = budget_label(p.get("hours"), p.get("minutes"))
-    if budget is None:  # the budget comes from the profile (or --set budget.*): name that one
-        try:
-            b = load_config(p.get("config_path") or DEFAULT_CONFIG_PATH, p.get("profile"), p.get("overrides") or []).budget
-            budget = budget_label(b.hours, b.minutes)
-        except ConfigError:
-            budget = None  # the flow reports the config error itself
-    budget = budget or "no-budget"
+    try:
+        b = run_config(p.get("profile"), p.get("hours"), p.get("minutes"), p.get("overrides"), p.get("config_path"), p.get("default_hours")).budget
+        budget = budget_label(b.hours, b.minutes) or "no-budget"
+    except ConfigError:
+        budget = "no-budget"  # the flow reports the config error itself
     # The flow-run id's head keeps two runs started in the same second (same artifacts/) in distinct folders.
     unique = str(flow_run.id or "")[:4]
     return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{unique}")
+
+
+def run_config(profile: str | None, hours: float | None, minutes: float | None, overrides: list[str] | None,
+               config_path: str | None, default_hours: float | None = None) -> PipelineConfig:
+    """The run's config. A budget given as a parameter (hours, minutes, or both: they add up) replaces the profile's;
+    without one the profile's (or `--set budget.*`) applies, and only without that `default_hours` (the deployment's
+    nightly budget). A run with no budget at all is refused here, before stage 1."""
+    path = config_path or DEFAULT_CONFIG_PATH
+    cfg = load_config(path, profile, overrides or [], hours, minutes)
+    if cfg.budget.seconds is None and default_hours is not None:
+        cfg = load_config(path, profile, overrides or [], default_hours, None)
+    if cfg.budget.seconds is None:
+        raise ConfigError([f"budget: profile {cfg.profile!r} sets no time budget; pass one (-p hours=H or -p minutes=M on a "
+                           "deployment run, --hours/--minutes on the command line) or set budget.hours in pipeline.yaml"])
+    return cfg
 
 
 def budget_label(hours: float | None, minutes: float | None) -> str | None:
@@ -96,13 +108,15 @@ def finetune(
     minutes: float | None = None,
     overrides: list[str] | None = None,
     config_path: str | None = None,
+    default_hours: float | None = None,
 ) -> dict[str, Any]:
     """QLoRA-finetune a base model into an instruction follower within a time budget.
 
-    profile: a profile of pipeline.yaml (demo, tiny, mistral-7b, ...); hours/minutes: the training budget;
-    overrides: `dotted.key=value` settings; config_path: another pipeline.yaml.
+    profile: a profile of pipeline.yaml (demo, tiny, mistral-7b, ...); hours/minutes: the training budget, replacing
+    the profile's; overrides: `dotted.key=value` settings; config_path: another pipeline.yaml; default_hours: the
+    budget when neither hours/minutes nor the profile give one (a deployment's default).
     """
-    cfg = load_config(config_path or DEFAULT_CONFIG_PATH, profile, overrides or [], hours, minutes)
+    cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)
     run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
