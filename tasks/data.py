@@ -110,13 +110,14 @@ def _looks_like_path(src: str) -> bool:
 
 
 def _hub_revision(name: str) -> str:
-    # A moving `main` must not reuse a stale cache: ask the hub for the current commit when we can.
-    try:
-        from huggingface_hub import HfApi
+    # The flow pins data.revision before any stage (tasks/hub.py); this serves direct calls. A moving `main` must not
+    # reuse a stale cache: the current commit, or "unresolved" (never "main", whose key would silently change meaning).
+    from .hub import ask_hub
 
-        return HfApi().dataset_info(name, timeout=10).sha or "main"
+    try:
+        return ask_hub("dataset", name, None)
     except Exception:
-        return "main"
+        return "unresolved"
 
 
 def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:
