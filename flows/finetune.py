@@ -4,7 +4,8 @@
 
 Export (GGUF, Ollama Modelfile, opt-in GPTQ) is its own stage after publish rather than part of it: it can fail
 on things publish should not (an architecture llama.cpp's converter lacks), it retries without republishing,
-and changing `export.*` redoes only it; it adds its files to the published folder and its manifest.
+and changing `export.*` redoes only it; it adds its files to this run's published folder and its manifest (a folder
+published by an earlier run is hard-linked into this run's, never rewritten).
 
 Run it with `qlora-pipeline run --profile demo` (or `make run`), deploy it as `flows/finetune.py:finetune`.
 Every stage is a Prefect task keyed on content, so a rerun reuses what is done and resumes where it stopped.

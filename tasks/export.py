@@ -19,7 +19,9 @@ conversations, and is checked to render multi-turn conversations byte-identicall
 stop tokens are the data stage's end-of-turn ids, spelled as the vocabulary spells them.
 
 Export is its own cached task after publish: a converter failure (unsupported architecture or tokenizer)
-is one line naming it, every earlier stage stays cached, and a rerun after the fix redoes only the export.
+is one line naming it, every earlier stage stays cached, and a rerun after the fix redoes only the export. An export
+writes only its own run's published folder: when publish was cached from an earlier run whose folder holds another
+export, this run gets its own folder (the published files hard-linked), assembled next to it and renamed into place.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ def _cli(art: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
 def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
 
-    # Against the session's server: without PREFECT_API_URL the CLI starts Prefect's temporary server in its own
-    # session, and a SIGKILLed CLI leaves it running (docs/RELIABILITY.md).
+    # Against the session's server (no temporary server per CLI start; that one's cleanup after a SIGKILL is
+    # test_a_killed_run_does_not_leak_its_temporary_prefect_server).
     api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
     art = tmp_path / "artifacts"
     proc = _cli(art, env=api)
