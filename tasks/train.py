@@ -252,7 +252,6 @@ def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSec
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
 
 
-
 def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str, log_fn=None) -> TrainRecord:
     """Stage 4: train LoRA adapters for `probe.max_steps` steps or until the budget runs out; resumable."""
     key = cache_key(data, probe, model, quant, lora, training)
