@@ -112,10 +112,10 @@ def _looks_like_path(src: str) -> bool:
 def _hub_revision(name: str) -> str:
     # The flow pins data.revision before any stage (tasks/hub.py); this serves direct calls. A moving `main` must not
     # reuse a stale cache: the current commit, or "unresolved" (never "main", whose key would silently change meaning).
-    from .hub import ask_hub
-
     try:
-        return ask_hub("dataset", name, None)
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, timeout=10).sha or "unresolved"
     except Exception:
         return "unresolved"
 

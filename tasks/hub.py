@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .common import StageError, artifacts_root, locked, read_json, write_json
+from .common import artifacts_root, locked, read_json, write_json
 from .config import PipelineConfig
 
 HUB_TIMEOUT_S = 10.0
@@ -25,21 +25,22 @@ RECORD = "hub-revisions.json"  # under <artifacts>/cache/: the last commit resol
 
 def hub_entries(cfg: PipelineConfig) -> dict[str, tuple[str, str, str | None]]:
     """Config key -> (kind, hub name, pinned revision) of every hub model/dataset the run reads."""
-    from .data import _looks_like_path
-    from .models import _locate
-
     out: dict[str, tuple[str, str, str | None]] = {}
-    try:
-        if _locate(cfg.model)[0] == "hub":
-            out["model"] = ("model", cfg.model.name, cfg.model.revision)
-    except StageError:
-        pass  # a bad model name is the data stage's one-line error, not this one's
+    if is_hub_id(cfg.model.name):
+        out["model"] = ("model", cfg.model.name, cfg.model.revision)
     for key, src in [("data", cfg.data), *((f"data.mix[{i}]", m) for i, m in enumerate(cfg.data.mix))]:
-        name = src.source
-        if name == "embedded" or name.startswith("pypi:") or Path(name).expanduser().exists() or _looks_like_path(name):
-            continue
-        out[key] = ("dataset", name, src.revision)
+        if is_hub_id(src.source):
+            out[key] = ("dataset", src.source, src.revision)
     return out
+
+
+def is_hub_id(name: str) -> bool:
+    """owner/name, and not a local path or file, a `pypi:` package, a `random:` model or the embedded tasks (the rule
+    tasks/data.py and tasks/models.py apply; a name they refuse is their one-line error, not this module's)."""
+    from .data import LOCAL_SUFFIXES
+
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~", "pypi:", "random:"))
+            and Path(name).suffix.lower() not in LOCAL_SUFFIXES and not Path(name).expanduser().exists())
 
 
 def ask_hub(kind: str, name: str, token: str | None) -> str:

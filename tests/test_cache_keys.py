@@ -9,7 +9,7 @@ the tiny profile. A new config key fails `test_every_config_key_is_in_the_table`
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,17 +203,13 @@ def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
     (first / "adapter_model.safetensors").write_bytes(b"17 steps")
     write_json(second / "adapter_config.json", {"r": 8})
     (second / "adapter_model.safetensors").write_bytes(b"19 steps")
+    copy = tmp_path / "c" / "adapter"
+    shutil.copytree(first, copy)
     runs = [SimpleNamespace(key="same-train-key", adapter_dir=str(d)) for d in (first, second)]
     for key_fn, section in ((eval_key, cfg.eval), (merge_key, cfg.merge)):
         keys = [key_fn(data, t, cfg.model, cfg.quant, section, cfg.device) for t in runs]
         assert keys[0] != keys[1]
-        # ... and an identical adapter in another folder is the same evaluation (content, not path).
-        (tmp_path / "c").mkdir(exist_ok=True)
-        copy = Path(tmp_path / "c" / "adapter")
-        if not copy.exists():
-            import shutil
-
-            shutil.copytree(first, copy)
+        # ... and the same adapter in another folder (another train key) is the same evaluation: content, not path.
         assert key_fn(data, SimpleNamespace(key="other", adapter_dir=str(copy)), cfg.model, cfg.quant, section, cfg.device) == keys[0]
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import pytest
 
 HUB = ["data.source=someorg/somedata", "model.name=someorg/somemodel", "data.dedupe=[]"]
 
