@@ -112,8 +112,8 @@ def _temporary_server_outside_ctrl_c() -> None:
     """Without PREFECT_API_URL, Prefect starts a temporary server as a child process. Ctrl-C signals the whole
     foreground process group: the server died first and the run then hung, reporting its state to it. Started
     in its own session, only this process gets Ctrl-C (training saves a checkpoint and stops, exit 130);
-    Prefect still stops the server when this process exits."""
-    import functools
+    Prefect stops the server when this process exits, and a watchdog in the server stops it when this process is
+    killed without a chance to (SIGKILL, the OOM killer): no orphaned server per crash."""
     import subprocess
     import types
 
@@ -123,9 +123,34 @@ def _temporary_server_outside_ctrl_c() -> None:
         return
     detached = types.ModuleType("subprocess")
     detached.__dict__.update(vars(subprocess))
-    detached.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+    detached.Popen = _guarded_server_popen
     detached._detached = True
     server.subprocess = detached  # only the prefect server module's view of subprocess
+
+
+# Runs `python -m uvicorn ...` after starting a thread that watches the parent: once it is gone (the server was
+# re-parented), SIGTERM to itself (uvicorn's graceful shutdown), then a hard exit if that has not ended it in 10 s.
+_SERVER_GUARD = """
+import os, runpy, signal, sys, threading, time
+parent = int(sys.argv.pop(1))
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    os._exit(1)
+threading.Thread(target=watch, daemon=True).start()
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+def _guarded_server_popen(args, *rest, **kwargs):
+    import subprocess
+
+    args = list(args)
+    if args[1:3] == ["-m", "uvicorn"]:
+        args = [args[0], "-c", _SERVER_GUARD, str(os.getpid()), *args[3:]]
+    return subprocess.Popen(args, *rest, start_new_session=True, **kwargs)
 
 
 def cmd_run(args) -> int:

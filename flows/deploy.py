@@ -45,7 +45,8 @@ class DeploymentSpec:
     schedules: list[CronSpec]
     """Cron schedules; empty = runs only when triggered."""
     parameters: dict[str, Any]
-    """Default flow parameters (profile, hours, minutes, overrides); `-p key=value` overrides them per run."""
+    """Default flow parameters (profile, hours, minutes, default_hours, overrides); `-p key=value` overrides them per run.
+    A run's hours/minutes replace the profile's budget; default_hours applies only when neither gives one."""
     concurrency_limit: int | None = 1
     """Runs of this deployment at once; 1 = one run per GPU machine."""
     collision_strategy: str = "ENQUEUE"

@@ -4,7 +4,8 @@
 
 Export (GGUF, Ollama Modelfile, opt-in GPTQ) is its own stage after publish rather than part of it: it can fail
 on things publish should not (an architecture llama.cpp's converter lacks), it retries without republishing,
-and changing `export.*` redoes only it; it adds its files to the published folder and its manifest.
+and changing `export.*` redoes only it; it adds its files to this run's published folder and its manifest (a folder
+published by an earlier run is hard-linked into this run's, never rewritten).
 
 Run it with `qlora-pipeline run --profile demo` (or `make run`), deploy it as `flows/finetune.py:finetune`.
 Every stage is a Prefect task keyed on content, so a rerun reuses what is done and resumes where it stopped.
@@ -12,32 +13,51 @@ Every stage is a Prefect task keyed on content, so a rerun reuses what is done a
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import artifacts_root, human_seconds, safe_name, write_json
-from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from tasks.common import artifacts_root, human_seconds, read_json, safe_name, write_json
+from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
+from tasks.hub import pin_hub_revisions
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
 
 def _run_name() -> str:
     p = flow_run.parameters
-    budget = budget_label(p.get("hours"), p.get("minutes"))
-    if budget is None:  # the budget comes from the profile (or --set budget.*): name that one
-        try:
-            b = load_config(p.get("config_path") or DEFAULT_CONFIG_PATH, p.get("profile"), p.get("overrides") or []).budget
-            budget = budget_label(b.hours, b.minutes)
-        except ConfigError:
-            budget = None  # the flow reports the config error itself
-    budget = budget or "no-budget"
     # The flow-run id's head keeps two runs started in the same second (same artifacts/) in distinct folders.
     unique = str(flow_run.id or "")[:4]
+    if flow_run.name and re.fullmatch(rf".+-\d{{8}}-\d{{6}}-{re.escape(unique)}", flow_run.name):
+        return flow_run.name  # a retry of this flow run (`prefect flow-run retry`): same name, same run folder
+    try:
+        b = run_config(p.get("profile"), p.get("hours"), p.get("minutes"), p.get("overrides"), p.get("config_path"), p.get("default_hours")).budget
+        budget = budget_label(b.hours, b.minutes) or "no-budget"
+    except ConfigError:
+        budget = "no-budget"  # the flow reports the config error itself
     return safe_name(f"{p.get('profile') or 'default'}-{budget}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{unique}")
+
+
+def run_config(profile: str | None, hours: float | None, minutes: float | None, overrides: list[str] | None,
+               config_path: str | None, default_hours: float | None = None) -> PipelineConfig:
+    """The run's config. A budget given as a parameter (hours, minutes, or both: they add up) replaces the profile's;
+    without one the profile's (or `--set budget.*`) applies, and only without that `default_hours` (the deployment's
+    nightly budget). A run with no budget at all is refused here, before stage 1."""
+    path = config_path or DEFAULT_CONFIG_PATH
+    cfg = load_config(path, profile, overrides or [], hours, minutes)
+    if cfg.budget.seconds is None and default_hours is not None:
+        cfg = load_config(path, profile, overrides or [], default_hours, None)
+    if cfg.budget.seconds is None:
+        raise ConfigError([f"budget: profile {cfg.profile!r} sets no time budget; pass one (-p hours=H or -p minutes=M on a "
+                           "deployment run, --hours/--minutes on the command line) or set budget.hours in pipeline.yaml"])
+    return cfg
 
 
 def budget_label(hours: float | None, minutes: float | None) -> str | None:
@@ -47,15 +67,30 @@ def budget_label(hours: float | None, minutes: float | None) -> str | None:
 
 
 class RunSummary:
-    """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json."""
+    """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json.
 
-    def __init__(self, artifacts_dir: str, run_name: str, config: dict[str, Any]):
+    `status` says what happened to the run: running, completed, failed, crashed (its process died without a word:
+    found by the next run on this machine), superseded (failed or crashed, and a later run of the same config
+    completed: `superseded_by`; that run lists it under `supersedes`). A retry of the same flow run (`prefect
+    flow-run retry`) keeps the run's name and folder; the summary counts the attempt and keeps the earlier attempts'
+    outcomes (`attempts`).
+    """
+
+    def __init__(self, artifacts_dir: str, run_name: str):
         self.root = artifacts_root(artifacts_dir)
         self.run_dir = self.root / "runs" / safe_name(run_name, "run name")
+        self.earlier = _read_summary(self.run_dir / "summary.json") or {}  # this run's earlier attempt, on a retry
+        attempts = list(self.earlier.get("attempts", []))
+        if self.earlier:
+            status = "crashed" if self.earlier.get("status") == "running" else self.earlier.get("status")
+            attempts.append({"started": self.earlier.get("started"), "finished": self.earlier.get("finished"), "status": status,
+                             "failed_stage": self.earlier.get("failed_stage")})
         self.data: dict[str, Any] = {
-            "run": run_name, "started": _now(), "status": "running", "stages": {}, "config": config,
-            "summary_path": str(self.run_dir / "summary.json"),
+            "run": run_name, "started": _now(), "status": "running", "stages": {}, "config": None,
+            "summary_path": str(self.run_dir / "summary.json"), "host": socket.gethostname(), "pid": os.getpid(),
+            "flow_run_id": str(flow_run.id) if flow_run.id else None, "attempt": len(attempts) + 1, "attempts": attempts,
         }
+        mark_crashed_runs(self.root, exclude=self.data["run"])
 
     def stage(self, name: str, task, *args, **kwargs):
         """Run one stage task; a cached result whose files are gone is recomputed, not trusted."""
@@ -70,6 +105,7 @@ class RunSummary:
                 record, cached = state.result(), False
         except BaseException as e:
             entry.update(status="failed", seconds=round(time.monotonic() - t0, 2), error=f"{type(e).__name__}: {e}")
+            self.data["failed_stage"] = name
             self.finish("failed")
             raise
         entry.update(status="completed", cached=cached, seconds=round(time.monotonic() - t0, 2), outputs=record.model_dump(mode="json"))
@@ -78,11 +114,58 @@ class RunSummary:
 
     def finish(self, status: str) -> None:
         self.data.update(status=status, finished=_now())
+        if status == "completed":
+            self.data["supersedes"] = supersede_runs(self.root, self.data)
         self.write()
 
     def write(self) -> None:
         write_json(self.run_dir / "summary.json", self.data)
         write_json(self.root / "latest.json", {"run": self.data["run"], "summary": str(self.run_dir / "summary.json"), "status": self.data["status"]})
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _other_summaries(root: Path, exclude: str):
+    for path in sorted((root / "runs").glob("*/summary.json")):
+        if path.parent.name != exclude and (data := _read_summary(path)) is not None:
+            yield path, data
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
+    """Runs of this machine still `running` whose process is gone (SIGKILL, power loss, OOM killer): `crashed`."""
+    host, found = socket.gethostname(), []
+    for path, data in _other_summaries(root, exclude):
+        if data.get("status") == "running" and data.get("host") == host and isinstance(data.get("pid"), int) and not _alive(data["pid"]):
+            data.update(status="crashed", finished=_now(), crash_found_by=exclude)
+            write_json(path, data)
+            found.append(data.get("run", path.parent.name))
+    return found
+
+
+def supersede_runs(root: Path, done: dict[str, Any]) -> list[str]:
+    """Failed or crashed runs of the same config as this completed one: `superseded` (their outcome kept)."""
+    names = []
+    for path, data in _other_summaries(root, done["run"]):
+        if data.get("status") in ("failed", "crashed") and data.get("config") == done["config"]:
+            data.update(status="superseded", outcome=data["status"], superseded_by=done["run"])
+            write_json(path, data)
+            names.append(data.get("run", path.parent.name))
+    return names
 
 
 def _now() -> str:
@@ -96,16 +179,23 @@ def finetune(
     minutes: float | None = None,
     overrides: list[str] | None = None,
     config_path: str | None = None,
+    default_hours: float | None = None,
 ) -> dict[str, Any]:
     """QLoRA-finetune a base model into an instruction follower within a time budget.
 
-    profile: a profile of pipeline.yaml (demo, tiny, mistral-7b, ...); hours/minutes: the training budget;
-    overrides: `dotted.key=value` settings; config_path: another pipeline.yaml.
+    profile: a profile of pipeline.yaml (demo, tiny, mistral-7b, ...); hours/minutes: the training budget, replacing
+    the profile's; overrides: `dotted.key=value` settings; config_path: another pipeline.yaml; default_hours: the
+    budget when neither hours/minutes nor the profile give one (a deployment's default).
     """
-    cfg = load_config(config_path or DEFAULT_CONFIG_PATH, profile, overrides or [], hours, minutes)
+    cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)
-    run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
+    run = RunSummary(art, flow_run.name or _run_name())
+    cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, run.earlier.get("hub_revisions"))
+    for line in warnings:
+        get_run_logger().warning(line)
+    run.data["config"] = cfg.model_dump(mode="json", by_alias=True)
+    run.write()  # from the start: a run killed in stage 1 is found `crashed` by the next one
 
     data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
     prof = run.stage("profile", profile_task.with_options(**opts), data, art)
@@ -117,7 +207,8 @@ def finetune(
     records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
     published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
     run.data["published"] = published.dir
-    run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art)
+    exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"])
+    run.data["published"] = exported.published_dir  # this run's folder when publish was cached from an earlier run
 
     run.finish("completed")
     total = sum(s["seconds"] for s in run.data["stages"].values())

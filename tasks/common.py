@@ -8,6 +8,7 @@ with a `COMPLETE` file, so a crash mid-write never leaves a folder that looks fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Content hash of every file in a folder (relative names + sha256), e.g. a trained adapter: training stops by the
+    clock, so one train key can hold different adapters, and evaluate/merge are keyed on what was trained.
+    Memoized per (name, size, mtime) of the files: cache-key functions call it several times per run."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder] if folder.is_file() else []
+    stamp = tuple((str(p.relative_to(folder)) if p != folder else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _folder_hash(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _folder_hash(folder: str, stamp: tuple) -> str:
+    if not stamp:
+        return "missing"
+    root = Path(folder)
+    return fingerprint("folder", [(rel, file_sha256(root if root.is_file() else root / rel)) for rel, _, _ in stamp])
 
 
 def artifacts_root(artifacts_dir: str) -> Path:

@@ -121,13 +121,14 @@ def _looks_like_path(src: str) -> bool:
 
 
 def _hub_revision(name: str) -> str:
-    # A moving `main` must not reuse a stale cache: ask the hub for the current commit when we can.
+    # The flow pins data.revision before any stage (tasks/hub.py); this serves direct calls. A moving `main` must not
+    # reuse a stale cache: the current commit, or "unresolved" (never "main", whose key would silently change meaning).
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(name, timeout=10).sha or "main"
+        return HfApi().dataset_info(name, timeout=10).sha or "unresolved"
     except Exception:
-        return "main"
+        return "unresolved"
 
 
 def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:

@@ -30,13 +30,15 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-EVAL_VERSION = 4  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
-# 4: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
+# Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
+EVAL_VERSION = 5  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+# 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
+# 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
 
 
@@ -173,11 +175,52 @@ def mcnemar_exact(base: list[bool], tuned: list[bool], confidence: float = 0.95)
             "test": "exact McNemar", "discordant": {"tuned_only": t_only, "base_only": b_only}, "verdict": verdict}
 
 
-def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection) -> str:
-    # Benchmark files are keyed by content (sha256), so a new copy of a benchmark re-runs the stage; the subset
-    # sizes, seed and caps are part of eval's dump.
+# Settings that change how the stage runs, not what it measures: out of the key (greedy decoding gives the same
+# answers in any batch size; every held-out sample is stored and `samples` only picks how many the report shows).
+NOT_MEASURED = {"samples", "batch_size"}
+# The libraries that score each benchmark: a new checker or metric version can change a score, so it re-evaluates.
+SCORERS = {"ifeval": ("if-verifiable", "nltk", "langdetect", "absl-py", "immutabledict"), "alpaca_eval": ("rouge-score", "nltk", "sacrebleu")}
+
+
+def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str) -> str:
+    # Keyed on the adapter's content, not the train key: training stops by the clock, so one train key can hold
+    # adapters of different step counts (and verdicts). Benchmark files are keyed by content (sha256), so a new copy
+    # of a benchmark re-runs the stage; the subset sizes, seed and caps are part of eval's dump.
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
-    return fingerprint("eval", EVAL_VERSION, data.key, train.key, quant.model_dump(mode="json"), eval.model_dump(mode="json"), sources)
+    return fingerprint("eval", EVAL_VERSION, data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir),
+                       quant.model_dump(mode="json"), eval.model_dump(mode="json", exclude=NOT_MEASURED), sources,
+                       scorer_versions(eval.benchmarks), resolve_device(device))
+
+
+def scorer_versions(benchmarks: list[str]) -> dict[str, str]:
+    """Versions of the checker/metric libraries the benchmarks use, and the NLTK data the IFEval checkers read."""
+    from importlib import metadata
+
+    out = {}
+    for dist in sorted({d for b in benchmarks for d in SCORERS.get(b, ())}):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    if "ifeval" in benchmarks:
+        nltk_dir = bench.nltk_data_dir()
+        out["nltk-data"] = folder_fingerprint(nltk_dir) if nltk_dir else _nltk_resources()
+    return out
+
+
+def _nltk_resources() -> str:
+    # Without the packaged copy the checkers read NLTK's own search path (~/nltk_data, ...): key on what is found there.
+    try:
+        import nltk
+    except ImportError:
+        return "absent"
+    found = []
+    for res in ("tokenizers/punkt_tab", "tokenizers/punkt", "corpora/stopwords"):
+        try:
+            found.append((res, folder_fingerprint(getattr(nltk.data.find(res), "path", res))))
+        except LookupError:
+            found.append((res, "missing"))
+    return fingerprint(found)
 
 
 def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str, log_fn=None,
@@ -185,7 +228,7 @@ def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantS
     """Stage 5: base vs tuned on the held-out split and the benchmarks. `system_prompt` = data.system_prompt: the
     held-out rows carry it already (the data stage prepended it); the benchmarks are prompted with it, as the
     published model is. It is part of data.key, so of this stage's key."""
-    key = cache_key(data, train, model, quant, eval)
+    key = cache_key(data, train, model, quant, eval, device)
     out = stage_dir(artifacts_dir, "eval", key)
     with locked(out):
         if is_complete(out):
@@ -273,7 +316,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
     samples = []
-    for i in range(min(eval.samples, n)):
+    for i in range(n):  # all of them: `eval.samples` only picks how many the report shows (not in the key)
         m = meta[i]
         samples.append({
             "family": m.get("family", ""),

@@ -19,7 +19,9 @@ conversations, and is checked to render multi-turn conversations byte-identicall
 stop tokens are the data stage's end-of-turn ids, spelled as the vocabulary spells them.
 
 Export is its own cached task after publish: a converter failure (unsupported architecture or tokenizer)
-is one line naming it, every earlier stage stays cached, and a rerun after the fix redoes only the export.
+is one line naming it, every earlier stage stays cached, and a rerun after the fix redoes only the export. An export
+writes only its own run's published folder: when publish was cached from an earlier run whose folder holds another
+export, this run gets its own folder (the published files hard-linked), assembled next to it and renamed into place.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, write_json
 from .models import adds_bos
 
 EXPORT_VERSION = 1
@@ -65,16 +67,23 @@ class ExportRecord(BaseModel):
 
     def outputs_exist(self) -> bool:
         paths = [*self.gguf.values(), *([self.modelfile] if self.modelfile else []), *([self.gptq_dir] if self.gptq_dir else [])]
-        return is_complete(Path(self.dir)) and all(Path(p).exists() for p in paths)
+        return is_complete(Path(self.dir)) and (Path(self.published_dir) / MANIFEST).is_file() and all(Path(p).exists() for p in paths)
 
 
-def cache_key(merge, publish, export, data) -> str:
-    """Merged weights (merge key) + the published chat template + export settings + converter version."""
+def build_key(merge, publish, export, data) -> str:
+    """What the built files depend on: merged weights (merge key) + the published chat template + stop tokens + export
+    settings + converter version. Names `cache/export/<key>/`, shared by every run that builds the same thing."""
     # The template lives in chat_template.jinja (transformers 5) or tokenizer_config.json (older): hash both.
     template_hash = [file_sha256(f) if f.is_file() else None
                      for f in (Path(publish.merged_dir) / "chat_template.jinja", Path(publish.merged_dir) / "tokenizer_config.json")]
     return fingerprint("export", EXPORT_VERSION, merge.key, template_hash, data.stop_token_ids,
                        export.model_dump(mode="json"), CONVERTER_VERSION)
+
+
+def cache_key(merge, publish, export, data) -> str:
+    """The task's key: the build + the published folder it completes. A new published folder (publish reran: eval,
+    publish.*, output_name changed) gets its own export; the same folder with the same build is Cached."""
+    return fingerprint(build_key(merge, publish, export, data), str(Path(publish.dir).resolve()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,16 +305,23 @@ def parse_modelfile(text: str) -> dict[str, Any]:
 # The stage
 
 
-def export_artifacts(merge, publish, data, export, system_prompt: str | None, artifacts_dir: str, log_fn=None) -> ExportRecord:
-    """Stage 8: build GGUF (+ Modelfile, + GPTQ if asked) once per key, then install them into the published folder."""
+def export_artifacts(merge, publish, data, export, system_prompt: str | None, artifacts_dir: str, log_fn=None,
+                     run_name: str | None = None) -> ExportRecord:
+    """Stage 8: build GGUF (+ Modelfile, + GPTQ if asked) once per build key, then install them into this run's
+    published folder. When publish was cached from an earlier run, that run's folder is left as it is (a published
+    folder never changes under its run's records) and this run gets its own: the same files, hard-linked, plus this
+    export."""
     log_fn = log_fn or (lambda m: None)
     key = cache_key(merge, publish, export, data)
-    out = stage_dir(artifacts_dir, "export", key)
+    out = stage_dir(artifacts_dir, "export", build_key(merge, publish, export, data))
     with locked(out):
         if not is_complete(out):
             _build(merge, publish, data, export, system_prompt, out, log_fn)
     built = read_json(out / "built.json")
-    return _install(out, Path(publish.dir), built, key, log_fn)
+    source = Path(publish.dir)
+    target = source if run_name is None or source.parent.name == safe_name(run_name) else source.parent.parent / safe_name(run_name) / source.name
+    with locked(target):
+        return _install(out, source, target, built, key, log_fn)
 
 
 def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> None:
@@ -364,31 +380,25 @@ def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn) -> None:
         raise StageError(f"GPTQ export failed ({last}); see `{' '.join(cmd)}`; set export.gptq=false to skip it")
 
 
-def _install(out: Path, pub: Path, built: dict, key: str, log_fn) -> ExportRecord:
-    """Hard-link (or copy) the built files into the published folder, drop stale ones, rewrite MANIFEST last."""
+EXPORT_OWNED = ("gguf/", "gptq-w4a16/", "Modelfile")  # what an export adds to a published folder; replaced by the next
+
+
+def _install(out: Path, source: Path, pub: Path, built: dict, key: str, log_fn) -> ExportRecord:
+    """Assemble `pub` next to it, then rename it into place: the published files of `source` (hard-linked, or copied
+    across filesystems; the card and manifest copied, as they are rewritten) without an earlier export's files, the
+    built files linked in, the card's deploy section and the manifest rewritten last. A crash leaves `pub` as it was."""
     rels = [*built["gguf"].values(), *([built["modelfile"]] if built["modelfile"] else [])]
     gptq_files = sorted(p.relative_to(out) for p in (out / built["gptq"]).rglob("*") if p.is_file()) if built["gptq"] else []
-    wanted = {*rels, *map(str, gptq_files)}
-    # Stale artifacts of an earlier export (e.g. a GGUF type no longer asked for) go.
-    for old in [*(pub / "gguf").glob("*")] + [pub / "Modelfile"] + [*(pub / "gptq-w4a16").rglob("*")]:
-        if old.is_file() and str(old.relative_to(pub)) not in wanted:
-            old.unlink()
-    for rel in sorted(wanted):
-        src, dst = out / rel, pub / rel
-        if dst.is_file() and dst.stat().st_size == src.stat().st_size and os.path.samefile(src, dst):
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)  # same filesystem: no second copy of a multi-GB file
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    if (pub / "gptq-w4a16").is_dir() and not built["gptq"]:
-        shutil.rmtree(pub / "gptq-w4a16", ignore_errors=True)
-    _update_card(pub, built)
-    _update_manifest(pub)
+    wanted = sorted({*rels, *map(str, gptq_files)})
+    with building(pub, mark_complete=False) as tmp:
+        for f in sorted(x for x in source.rglob("*") if x.is_file()):
+            rel = str(f.relative_to(source))
+            if not rel.startswith(EXPORT_OWNED):
+                _place(f, tmp / rel, link=rel not in ("README.md", MANIFEST))
+        for rel in wanted:
+            _place(out / rel, tmp / rel, link=True)
+        _update_card(tmp, built, shown=pub)
+        _update_manifest(tmp)
     gguf = {t: str(pub / r) for t, r in built["gguf"].items()}
     return ExportRecord(
         key=key, dir=str(out), published_dir=str(pub), gguf=gguf, gguf_bytes={t: Path(p).stat().st_size for t, p in gguf.items()},
@@ -398,13 +408,24 @@ def _install(out: Path, pub: Path, built: dict, key: str, log_fn) -> ExportRecor
     )
 
 
-def _update_card(pub: Path, built: dict) -> None:
-    card = pub / "README.md"
+def _place(src: Path, dst: Path, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)  # same filesystem: no second copy of a multi-GB file
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def _update_card(folder: Path, built: dict, shown: Path) -> None:
+    card = folder / "README.md"
     if not card.is_file():
         return
     text = card.read_text(encoding="utf-8")
     text = re.sub(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END) + "\n?", "", text, flags=re.S)
-    text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(pub, built) + CARD_END + "\n"
+    text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(shown, built) + CARD_END + "\n"
     card.write_text(text, encoding="utf-8")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
 from .models import compute_dtype, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
@@ -95,13 +95,16 @@ def merge_dtype(merge: MergeSection, quant: QuantSection, device: str):
     return compute_dtype(quant, device)
 
 
-def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection) -> str:
-    return fingerprint("merge", MERGE_VERSION, train.key, quant.model_dump(mode="json"), merge.model_dump(mode="json"), model.chat_template)
+def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str) -> str:
+    # Keyed on the adapter's content, not the train key (training stops by the clock: one train key, many adapters);
+    # the base it merges into, how the base is loaded, the device (merge.dtype auto follows it) and the check prompts.
+    return fingerprint("merge", MERGE_VERSION, folder_fingerprint(train.adapter_dir), data.key, data.model_fingerprint,
+                       quant.model_dump(mode="json"), merge.model_dump(mode="json"), model.chat_template, resolve_device(device))
 
 
 def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str, artifacts_dir: str, log_fn=None) -> MergeRecord:
     """Stage 6: merged safetensors model + equivalence check. Merging twice is a no-op (cached by key)."""
-    key = cache_key(data, train, model, quant, merge)
+    key = cache_key(data, train, model, quant, merge, device)
     out = stage_dir(artifacts_dir, "merge", key)
     with locked(out):
         if is_complete(out):

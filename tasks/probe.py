@@ -88,9 +88,18 @@ def hardware_id(device: str) -> str:
     return f"cpu:{cpu}:{os.cpu_count()}cores:torch{torch.__version__}"
 
 
+# Settings the probe's measurement and step plan do not depend on (a step costs the same at any learning rate or
+# LoRA scale): in the train key, not here, so changing them retrains without re-probing. `checkpoint_minutes` enters
+# the plan's estimate of save time, but it is bookkeeping (tasks/train.py BOOKKEEPING_KEYS): it reruns nothing.
+NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
+                          "logging_steps", "keep_checkpoints", "checkpoint_minutes"},
+             "lora": {"alpha"}}
+
+
 def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str) -> str:
     dev = resolve_device(device)
-    sections = [s.model_dump(mode="json") for s in (quant, lora, training, budget)]
+    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
+                training.model_dump(mode="json", exclude=NOT_TIMED["training"]), budget.model_dump(mode="json")]
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
 
 

@@ -595,6 +595,8 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
 
 
 def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
-    """Content of what is published (config without the budget + upstream keys), not the run name."""
-    # The export section is stage 8's: changing it re-exports into the same published folder, it does not republish.
-    return fingerprint("publish", PUBLISH_VERSION, cfg.model_dump(mode="json", exclude={"budget", "export"}), {k: getattr(v, "key", None) for k, v in records.items()})
+    """What is published: the upstream stages' results (their keys), the folder's name and where it is pushed — not the
+    run name, and not settings that changed no upstream result (budget, device, logging, eval.samples: the published
+    pipeline.yaml is that of the run that published). Export settings are stage 8's: it writes its own run's folder."""
+    return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, cfg.publish.model_dump(mode="json"),
+                       {k: getattr(v, "key", None) for k, v in records.items()})

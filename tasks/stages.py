@@ -161,7 +161,7 @@ def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSect
                                 "base_ci": rec.base["ci"], "tuned_ci": rec.tuned["ci"]}] if rec.per_family else
                               [{"metric": k, "base": rec.base[k], "tuned": rec.tuned[k]} for k in ("loss", "perplexity", "eos_share")])
     create_table_artifact(key=artifact_key("eval-base-vs-tuned"), table=table, description="Held-out accuracy per family, base vs tuned")
-    samples = read_json(Path(rec.eval_json)).get("samples", [])
+    samples = read_json(Path(rec.eval_json)).get("samples", [])[:eval.samples]  # all are stored; the report shows eval.samples
     create_markdown_artifact(key=artifact_key("eval-report"), markdown=eval_stage.markdown_report(rec, samples) + "\n\n" + png_markdown(rec.chart_png, "eval chart"),
                              description="Evaluation summary and samples")
     if rec.benchmarks or rec.verdict:
@@ -222,14 +222,16 @@ def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) ->
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prefect wrapper: keyed on the merged weights + published template + export settings. Retried once: the
+# Prefect wrapper: keyed on the merged weights + published template + export settings + the published folder it
+# completes (a folder published from an earlier run is copied into this run's, never rewritten). Retried once: the
 # one-time converter download is I/O; a converter failure (unsupported architecture) is a StageError, not retried.
 
 
 @task(name="8-export", cache_key_fn=keyed_by("export", export_stage.cache_key), retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_io_only)
-def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, export: ExportSection, system_prompt: str | None, artifacts_dir: str) -> ExportRecord:
-    rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log)
+def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, export: ExportSection, system_prompt: str | None, artifacts_dir: str,
+                run_name: str | None = None) -> ExportRecord:
+    rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log, run_name=run_name)
     made = [f"{t} {rec.gguf_bytes[t] / 2**20:.0f} MiB" for t in rec.gguf] + (["Modelfile"] if rec.modelfile else []) + (["GPTQ W4A16"] if rec.gptq_dir else [])
     log(f"export: {', '.join(made) or 'nothing (export.gguf=[], export.gptq=false)'} in {sum(rec.seconds.values()):.0f}s"
         + (f"; stop tokens {rec.stop_tokens}" if rec.modelfile else ""))

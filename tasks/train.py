@@ -258,8 +258,13 @@ def _prior_elapsed(work: Path) -> float:
 # The stage
 
 
+# Keys that change how training is logged and saved, not the adapter it trains: in no cache key, so changing them
+# reruns nothing (a crash-safety or logging setting must not cost a retrain). README: "Resume, caching".
+BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_minutes"})
+
+
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
-    sections = [s.model_dump(mode="json") for s in (quant, lora, training)]
+    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS))]
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
 
 

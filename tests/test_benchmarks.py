@@ -128,14 +128,14 @@ def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path):
 
     f = tmp_path / "ifeval.jsonl"
     f.write_text(IFEVAL_FIXTURE.read_text())
-    data, train = SimpleNamespace(key="d"), SimpleNamespace(key="t")
+    data, train = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="t", adapter_dir=str(tmp_path / "adapter"))
     ev = EvalSection(benchmarks=["ifeval"], benchmark_sources={"ifeval": str(f)}, benchmark_prompts={"ifeval": 2})
-    k0 = cache_key(data, train, ModelSection(), QuantSection(), ev)
-    assert k0 == cache_key(data, train, ModelSection(), QuantSection(), ev)
-    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_prompts": {"ifeval": 3}}))
-    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_seed": 1}))
+    k0 = cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
+    assert k0 == cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_prompts": {"ifeval": 3}}), "cpu")
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_seed": 1}), "cpu")
     f.write_text(IFEVAL_FIXTURE.read_text().replace("cats", "dogs"))  # same path, new content
-    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev)
+    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,7 +37,39 @@ def test_prefect_yaml_parses_and_names_the_flow_and_a_schedule():
 
     spec = load_deployment("nightly")
     assert (spec.concurrency_limit, spec.collision_strategy) == (1, "ENQUEUE")
-    assert spec.parameters["profile"] and spec.parameters["hours"]
+    assert spec.parameters["profile"] and spec.parameters["default_hours"]
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"profile": "tiny", "minutes": 1}, 60.0),                    # was 4h1m: the deployment's hours added to the minutes
+    ({"profile": "demo"}, "profile"),                             # was 4 hours: the profile's own budget applies
+    ({"profile": "tiny", "hours": 0.5, "minutes": 6}, 2160.0),    # both given: they add up, as on the command line
+    ({}, "default_hours"),                                        # the nightly run: mistral-7b sets none, the default applies
+])
+def test_deployment_run_parameters_replace_the_budget_never_add_to_it(given, expected):
+    from flows.deploy import load_deployment
+    from flows.finetune import budget_label, run_config
+    from tasks.config import load_config
+
+    params = {**load_deployment("nightly").parameters, **given}  # what Prefect passes: the defaults, then each -p
+    cfg = run_config(params["profile"], params["hours"], params["minutes"], params["overrides"], None, params["default_hours"])
+    if expected == "profile":
+        expected = load_config(profile=params["profile"]).budget.seconds
+    elif expected == "default_hours":
+        expected = params["default_hours"] * 3600
+    assert cfg.budget.seconds == expected
+    if given.get("minutes") == 1:
+        assert budget_label(cfg.budget.hours, cfg.budget.minutes) == "1m"
+
+
+def test_a_run_without_a_budget_is_refused_before_stage_1(tmp_path):
+    from flows.finetune import finetune
+    from tasks.config import ConfigError
+
+    art = tmp_path / "artifacts"
+    with pytest.raises(ConfigError, match="budget: profile 'tiny' sets no time budget.*-p hours=H or -p minutes=M"):
+        finetune.fn(profile="tiny", overrides=[f"artifacts_dir={art}", "budget.minutes=null"])
+    assert not (art / "cache").exists()  # before: data and profile ran, then the probe failed
 
 
 def test_a_broken_deployment_entry_is_reported_by_key(tmp_path):

@@ -56,6 +56,13 @@ def test_changed_config_invalidates_only_downstream_stages(run_flow):
     cached = {k: v["cached"] for k, v in changed["stages"].items()}
     assert cached["data"] and cached["profile"]
     assert not cached["probe"] and not cached["train"] and not cached["merge"]
+    # Publish reruns (eval changed) but merge does not: the new run's folder gets its own export, and the summary
+    # points at it (before, export stayed Cached on the previous run's folder).
+    again = run_flow("lora.r=4", "eval.max_new_tokens=9")
+    assert [s for s, v in again["stages"].items() if not v["cached"]] == ["evaluate", "publish", "export"]
+    export = again["stages"]["export"]["outputs"]
+    assert again["published"] == export["published_dir"] == again["stages"]["publish"]["outputs"]["dir"] != changed["published"]
+    assert Path(again["published"]).parent.name == again["run"]
 
 
 def test_deleted_stage_outputs_are_recomputed_not_trusted(run_flow):

@@ -26,8 +26,8 @@ def _cli(art: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
 def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
 
-    # Against the session's server: without PREFECT_API_URL the CLI starts Prefect's temporary server in its own
-    # session, and a SIGKILLed CLI leaves it running (docs/RELIABILITY.md).
+    # Against the session's server (no temporary server per CLI start; that one's cleanup after a SIGKILL is
+    # test_a_killed_run_does_not_leak_its_temporary_prefect_server).
     api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
     art = tmp_path / "artifacts"
     proc = _cli(art, env=api)
@@ -76,3 +76,42 @@ def test_failure_in_merge_then_retry_reuses_everything_before_it(tmp_path):
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     cached = {k: v["cached"] for k, v in summary["stages"].items()}
     assert cached == {"data": True, "profile": True, "probe": True, "train": True, "evaluate": True, "merge": False, "publish": False, "export": False}
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (the CLI and everything it started)."""
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in env.read_bytes():
+                pids.append(int(env.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the server through /proc")
+def test_a_killed_run_does_not_leak_its_temporary_prefect_server(tmp_path):
+    """Without PREFECT_API_URL the CLI starts Prefect's temporary server (uvicorn, ~200 MB); SIGKILL of the CLI left
+    it running, one per crash. Now it stops within seconds of its parent's death."""
+    import uuid
+
+    marker = f"QLORA_TEST_SERVER={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "QLORA_PIPELINE_FAULT": "data:kill", marker.split("=")[0]: marker.split("=")[1]})
+    log = tmp_path / "cli.log"  # a file, not a pipe: a leaked server would hold a pipe open
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"artifacts_dir={tmp_path / 'art'}"],
+                                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc.wait(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]  # it reached stage 1 (the server was up) and was killed there
+    assert "Starting temporary server" in out, out[-3000:]
+    deadline = time.monotonic() + 30
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = _processes_with(marker)
+    for pid in left:  # don't leak it from the test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after the CLI was killed: {left}"

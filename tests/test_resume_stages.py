@@ -115,7 +115,7 @@ def test_failure_in_a_deployment_run_then_rerun_resumes_at_that_stage(server, cl
     try:
         t0 = time.monotonic()
         if rerun == "flow-run retry":
-            server.prefect("flow-run", "retry", run_id)  # the same flow run, scheduled again
+            server.prefect("flow-run", "retry", failed["name"])  # the same flow run, by its name (README: id or name)
         else:
             run_id = _deployment_run(server, art)  # a new run of the same deployment
         done = server.wait(run_id)
@@ -124,6 +124,12 @@ def test_failure_in_a_deployment_run_then_rerun_resumes_at_that_stage(server, cl
         fixed.stop()
     assert done["state_type"] == "COMPLETED", (done["state"], log.read_text()[-3000:])
     resumed = _summary(art)
+    if rerun == "flow-run retry":  # one run, one folder: the retry kept the name and counts its attempts
+        assert done["name"] == failed["name"] == resumed["run"] and len(list((art / "runs").iterdir())) == 1
+        assert resumed["attempt"] == 2 and [a["status"] for a in resumed["attempts"]] == ["failed"]
+    else:  # a new run of the same config completed: the failed one says so
+        earlier = json.loads((art / "runs" / failed["name"] / "summary.json").read_text())
+        assert (earlier["status"], earlier["outcome"], earlier["superseded_by"]) == ("superseded", "failed", resumed["run"])
     assert {s: v["cached"] for s, v in resumed["stages"].items()} == _cached_from(stage)
     assert _published(art) == (clean["files"], clean["eval"])
     cached = [t for t in server.task_runs(run_id) if t["state_name"] == "Cached"]

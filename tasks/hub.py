@@ -1,0 +1,124 @@
+"""Hub revisions, resolved once per run and pinned into its config.
+
+A hub model or dataset without a pinned `revision` follows the hub's `main`, which moves. The flow asks the hub once,
+at the start of a run, for the commit `main` points at, and pins it into the run's config: every stage is keyed on it
+and loads exactly it, and the run's summary records it. A retry of the same flow run reuses the revisions its first
+attempt recorded. When the hub does not answer (outage, timeout, offline mode), the commit this artifacts folder last
+resolved for the name is used, so a crashed run resumed during an outage finds its stages and checkpoints under the
+same keys; with no such record the run goes on unpinned (keyed as `unresolved`) and says so.
+
+    cfg, revisions, warnings = pin_hub_revisions(cfg)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .common import artifacts_root, locked, read_json, write_json
+from .config import PipelineConfig
+
+HUB_TIMEOUT_S = 10.0
+RECORD = "hub-revisions.json"  # under <artifacts>/cache/: the last commit resolved per hub name
+
+
+def hub_entries(cfg: PipelineConfig) -> dict[str, tuple[str, str, str | None]]:
+    """Config key -> (kind, hub name, pinned revision) of every hub model/dataset the run reads."""
+    out: dict[str, tuple[str, str, str | None]] = {}
+    if is_hub_id(cfg.model.name):
+        out["model"] = ("model", cfg.model.name, cfg.model.revision)
+    for key, src in [("data", cfg.data), *((f"data.mix[{i}]", m) for i, m in enumerate(cfg.data.mix))]:
+        if is_hub_id(src.source):
+            out[key] = ("dataset", src.source, src.revision)
+    return out
+
+
+def is_hub_id(name: str) -> bool:
+    """owner/name, and not a local path or file, a `pypi:` package, a `random:` model or the embedded tasks (the rule
+    tasks/data.py and tasks/models.py apply; a name they refuse is their one-line error, not this module's)."""
+    from .data import LOCAL_SUFFIXES
+
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~", "pypi:", "random:"))
+            and Path(name).suffix.lower() not in LOCAL_SUFFIXES and not Path(name).expanduser().exists())
+
+
+def ask_hub(kind: str, name: str, token: str | None) -> str:
+    """The commit `main` points at now; raises on any error or after HUB_TIMEOUT_S."""
+    from huggingface_hub import HfApi
+
+    info = (HfApi().model_info if kind == "model" else HfApi().dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
+    if not info.sha:
+        raise RuntimeError("the hub gave no commit")
+    return info.sha
+
+
+def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None) -> tuple[PipelineConfig, dict[str, Any], list[str]]:
+    """(config with every unpinned hub revision pinned, what was resolved and how, warnings to log).
+
+    earlier: the `hub_revisions` a previous attempt of this same run recorded (reused as they are).
+    """
+    from .models import hub_token
+
+    entries = hub_entries(cfg)
+    if not entries:
+        return cfg, {}, []
+    record_path = artifacts_root(cfg.artifacts_dir) / "cache" / RECORD
+    known = _read(record_path)
+    pinned = cfg.model_copy(deep=True)
+    revisions: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, (kind, name, revision) in entries.items():
+        if revision is not None:
+            revisions[key] = {"name": name, "revision": revision, "how": "pinned in the config"}
+            continue
+        prior = (earlier or {}).get(key)
+        if prior and prior.get("name") == name and prior.get("revision"):
+            entry = {**prior, "how": "recorded by this run's earlier attempt"}
+        else:
+            try:
+                entry = {"name": name, "revision": ask_hub(kind, name, hub_token(cfg.model) if kind == "model" else None),
+                         "how": "resolved", "at": _now()}
+                known[f"{kind}:{name}"] = {"revision": entry["revision"], "at": entry["at"]}
+            except Exception as e:  # network errors come in many classes; a timeout is one of them
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}"
+                last = known.get(f"{kind}:{name}")
+                if last:
+                    entry = {"name": name, "revision": last["revision"], "how": f"hub unreachable ({why}); last resolved {last['at']}"}
+                    warnings.append(f"hub: cannot resolve {kind} {name!r} ({why}); using {last['revision'][:12]}, the commit this "
+                                    f"artifacts folder resolved on {last['at']}; set {_config_key(key)}=<commit> to choose one")
+                else:
+                    entry = {"name": name, "revision": None, "how": f"unresolved ({why})"}
+                    warnings.append(f"hub: cannot resolve {kind} {name!r} ({why}) and no earlier run recorded a commit; keyed as "
+                                    f"unresolved: a later run that reaches the hub will not reuse this run's stages. Set "
+                                    f"{_config_key(key)}=<commit> to pin one")
+        revisions[key] = entry
+        if entry["revision"]:
+            _section(pinned, key).revision = entry["revision"]
+    if any(e["how"] == "resolved" for e in revisions.values()):
+        with locked(record_path):
+            write_json(record_path, {**_read(record_path), **known})
+    return pinned, revisions, warnings
+
+
+def _section(cfg: PipelineConfig, key: str):
+    if key == "model":
+        return cfg.model
+    if key == "data":
+        return cfg.data
+    return cfg.data.mix[int(key.split("[")[1].rstrip("]"))]
+
+
+def _config_key(key: str) -> str:
+    return {"model": "model.revision", "data": "data.revision"}.get(key, f"{key}.revision")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,331 @@
+"""Which stages each config key invalidates (issue 23 item 4: a key enters a stage's cache key only if it changes that
+stage's result), evaluate/merge keyed on the trained adapter's content (issue 21 item 7), and stage 8 writing only its
+own run's published folder (issue 23 items 1-2).
+
+The key table below is the contract the README's "Resume, caching" section states: for every key of the config, the
+stages whose cache key changes when only that key changes, computed with the task wrappers' own cache-key functions on
+the tiny profile. A new config key fails `test_every_config_key_is_in_the_table` until someone decides its row.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+STAGES = ("data", "profile", "probe", "train", "evaluate", "merge", "publish", "export")
+ALL = set(STAGES)
+FROM_PROBE = ALL - {"data", "profile"}
+FROM_TRAIN = FROM_PROBE - {"probe"}
+EVAL = {"evaluate", "publish", "export"}
+MERGE = {"merge", "publish", "export"}
+PUBLISH = {"publish", "export"}
+EXPORT = {"export"}
+NOTHING: set[str] = set()
+HUB_MODEL = ["model.name=someorg/some-model"]  # keys only a hub model reads are changed on one
+
+# key -> (the override that changes it, the stages it invalidates, extra overrides of the baseline)
+KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
+    "profile": ("renamed", NOTHING, []),
+    "output_name": ("other-name", PUBLISH, []),
+    "device": ("cpu", NOTHING, []),  # = what auto resolves to on this CPU machine (the GPU case: see the test)
+    "model.name": ("random:llama", ALL, []),
+    "model.revision": ("0123abcd", ALL, HUB_MODEL),
+    "model.gguf_file": ("model.Q8_0.gguf", ALL, HUB_MODEL),
+    "model.random_config": ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}", ALL, []),
+    "model.chat_template": ("'{{ messages }}'", ALL, []),
+    "model.trust_remote_code": ("true", NOTHING, []),
+    "model.allow_pickle": ("true", NOTHING, []),
+    "model.token_env": ("OTHER_TOKEN", NOTHING, []),
+    # Every data.* key is the data stage's input, also the ones the embedded source does not read (split, revision...).
+    "data.source": ("pypi:alpaca-en-demo", ALL, []),
+    "data.schema": ("messages", ALL, []),
+    "data.split": ("test", ALL, []),
+    "data.revision": ("0123abcd", ALL, []),
+    "data.language": ("de", ALL, []),
+    "data.max_rows": ("100", ALL, []),
+    "data.heldout_size": ("16", ALL, []),
+    "data.seed": ("7", ALL, []),
+    "data.max_length": ("128", ALL, []),
+    "data.overlong": ("truncate", ALL, []),
+    "data.embedded_train": ("200", ALL, []),
+    "data.embedded_bases": ("[pypi:alpaca-en-demo]", ALL, []),
+    "data.embedded_task_share": ("0.5", ALL, []),
+    "data.embedded_heldout": ("20", ALL, []),
+    "data.system_prompt": ("Be brief.", ALL, []),
+    "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),
+    "data.dedupe": ("[]", ALL, []),
+    "quant.load_in_4bit": ("false", FROM_PROBE, []),
+    "quant.quant_type": ("fp4", FROM_PROBE, []),
+    "quant.double_quant": ("false", FROM_PROBE, []),
+    "quant.compute_dtype": ("float32", FROM_PROBE, []),
+    "quant.cpu_fallback": ("qlora", FROM_PROBE, []),
+    "lora.r": ("4", FROM_PROBE, []),
+    "lora.alpha": ("8", FROM_TRAIN, []),  # the LoRA scale: same step time, different adapter
+    "lora.dropout": ("0.1", FROM_PROBE, []),
+    "lora.target_modules": ("[q_proj, v_proj]", FROM_PROBE, []),
+    "training.micro_batch_size": ("4", FROM_PROBE, []),
+    "training.grad_accum": ("2", FROM_PROBE, []),
+    "training.learning_rate": ("1.0e-3", FROM_TRAIN, []),
+    "training.lr_scheduler": ("linear", FROM_TRAIN, []),
+    "training.warmup_ratio": ("0.1", FROM_TRAIN, []),
+    "training.weight_decay": ("0.01", FROM_TRAIN, []),
+    "training.max_grad_norm": ("1.0", FROM_TRAIN, []),
+    "training.gradient_checkpointing": ("true", FROM_PROBE, []),
+    "training.optimizer": ("adamw_torch", FROM_PROBE, []),
+    "training.engine": ("fast", FROM_PROBE, []),
+    "training.packing": ("matched", FROM_PROBE, []),
+    "training.max_steps": ("6", FROM_PROBE, []),
+    "training.checkpoint_minutes": ("5", NOTHING, []),  # bookkeeping: how often a resumable checkpoint is saved
+    "training.keep_checkpoints": ("5", NOTHING, []),
+    "training.logging_steps": ("5", NOTHING, []),
+    "training.seed": ("7", FROM_PROBE, []),
+    "training.gpus": ("2", FROM_PROBE, ["training.grad_accum=2"]),
+    "budget.hours": ("1", FROM_PROBE, []),
+    "budget.minutes": ("2", FROM_PROBE, []),
+    "budget.vram_gb": ("8", FROM_PROBE, []),
+    "budget.probe_warmup_steps": ("2", FROM_PROBE, []),
+    "budget.probe_steps": ("3", FROM_PROBE, []),
+    "eval.max_prompts": ("8", EVAL, []),
+    "eval.max_new_tokens": ("16", EVAL, []),
+    "eval.batch_size": ("4", NOTHING, []),  # greedy answers do not depend on the batch
+    "eval.samples": ("5", NOTHING, []),  # every sample is stored; this picks how many the report shows
+    "eval.confidence": ("0.9", EVAL, []),
+    "eval.benchmarks": ("[ifeval]", EVAL, []),
+    "eval.benchmark_sources": ("{alpaca_eval: hub}", EVAL, []),
+    "eval.benchmark_prompts": ("{ifeval: 4}", EVAL, []),
+    "eval.benchmark_max_new_tokens": ("{ifeval: 16}", EVAL, []),
+    "eval.reference_max_tokens": ("16", EVAL, []),
+    "eval.benchmark_seed": ("1", EVAL, []),
+    "merge.dtype": ("float16", MERGE, []),
+    "merge.check_prompts": ("4", MERGE, []),
+    "publish.hub_repo_id": ("me/model", PUBLISH, []),
+    "publish.private": ("false", PUBLISH, []),
+    "publish.token_env": ("OTHER_TOKEN", PUBLISH, []),
+    "publish.push_merged": ("true", PUBLISH, []),
+    "export.gguf": ("[f16]", EXPORT, []),
+    "export.modelfile": ("false", EXPORT, []),
+    "export.modelfile_gguf": ("f16", EXPORT, []),
+    "export.num_ctx": ("4096", EXPORT, []),
+    "export.gptq": ("true", EXPORT, []),
+    "export.gptq_python": ("/opt/gptq/bin/python", EXPORT, []),
+    "export.gptq_samples": ("8", EXPORT, []),
+}
+NOT_IN_TABLE = {"artifacts_dir"}  # another artifacts folder is another cache: every stage runs there
+
+
+def stage_keys(cfg, tmp: Path) -> dict[str, str]:
+    """Each stage's task cache key for `cfg`, through the task wrappers' own cache_key_fn, as the flow calls them.
+
+    Records stand in for stage outputs with what a real run would give: content hashes follow the inputs (the same
+    training gives the same adapter; a publish that reruns writes a new run's folder, a cached one is the old folder).
+    """
+    from tasks import stages
+    from tasks.common import fingerprint, write_json
+    from tasks.data import cache_key as data_key
+    from tasks.merge import cache_key as merge_key
+    from tasks.models import model_fingerprint
+    from tasks.probe import cache_key as probe_key
+    from tasks.train import cache_key as train_key
+
+    art = cfg.artifacts_dir
+
+    def task_key(task, **params) -> str:
+        return task.cache_key_fn(None, params)
+
+    keys = {}
+    dk = data_key(cfg.data, cfg.model)
+    data = SimpleNamespace(key=dk, data_hash=fingerprint("tokens", dk), model_fingerprint=model_fingerprint(cfg.model), stop_token_ids=[2])
+    keys["data"] = task_key(stages.data_task, data=cfg.data, model=cfg.model, artifacts_dir=art)
+    keys["profile"] = task_key(stages.profile_task, data=data, artifacts_dir=art)
+    sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
+    keys["probe"] = task_key(stages.probe_task, data=data, budget=cfg.budget, device=cfg.device, artifacts_dir=art, **sections)
+    probe = SimpleNamespace(key=probe_key(data, budget=cfg.budget, device=cfg.device, **sections))
+    keys["train"] = task_key(stages.train_task, data=data, probe=probe, artifacts_dir=art, **sections)
+    tk = train_key(data, probe, **sections)
+    adapter = tmp / "adapters" / tk
+    if not adapter.is_dir():
+        write_json(adapter / "adapter_config.json", {"trained_by": tk})
+    train = SimpleNamespace(key=tk, adapter_dir=str(adapter))
+    keys["evaluate"] = task_key(stages.evaluate_task, data=data, train=train, model=cfg.model, quant=cfg.quant, eval=cfg.eval,
+                                device=cfg.device, artifacts_dir=art)
+    keys["merge"] = task_key(stages.merge_task, data=data, train=train, model=cfg.model, quant=cfg.quant, merge=cfg.merge,
+                             device=cfg.device, artifacts_dir=art)
+    from tasks.evaluate import cache_key as eval_key
+
+    records = {"data": data, "profile": SimpleNamespace(key=keys["profile"]), "probe": probe, "train": train,
+               "evaluate": SimpleNamespace(key=eval_key(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device)),
+               "merge": SimpleNamespace(key=merge_key(data, train, cfg.model, cfg.quant, cfg.merge, cfg.device))}
+    keys["publish"] = stages._publish_key(None, {"cfg": cfg, "run_name": "any", "records": records})
+    pub = tmp / "runs" / keys["publish"] / cfg.output_name
+    published = SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged"))
+    keys["export"] = task_key(stages.export_task, merge=records["merge"], publish=published, data=data, export=cfg.export,
+                              system_prompt=cfg.data.system_prompt, artifacts_dir=art, run_name="any")
+    return keys
+
+
+def _cfg(tmp: Path, *overrides: str):
+    from tasks.config import load_config
+
+    return load_config(profile="tiny", overrides=[f"artifacts_dir={tmp / 'artifacts'}", *overrides])
+
+
+def test_every_config_key_is_in_the_table():
+    from tasks.config import PipelineConfig, _known_keys
+
+    known = _known_keys(PipelineConfig)
+    leaves = {k for k in known if not any(o.startswith(k + ".") for o in known)}
+    assert set(KEY_TABLE) | NOT_IN_TABLE == leaves, "decide which stages a new key invalidates, then add it to KEY_TABLE and the README"
+
+
+@pytest.mark.parametrize("key", sorted(KEY_TABLE))
+def test_a_key_invalidates_exactly_the_stages_whose_result_it_changes(key, tmp_path):
+    import torch
+
+    value, expected, base_extra = KEY_TABLE[key]
+    if key == "device" and torch.cuda.is_available():
+        expected = FROM_PROBE  # cpu is not what auto resolves to on a GPU machine
+    base = stage_keys(_cfg(tmp_path, *base_extra), tmp_path)
+    changed = stage_keys(_cfg(tmp_path, *base_extra, f"{key}={value}"), tmp_path)
+    assert {s for s in STAGES if base[s] != changed[s]} == expected
+
+
+def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
+    """Training stops by the clock: two runs of one config (one train key) can train different adapters; each gets
+    its own evaluation and merge (issue 21 item 7). Before, both were keyed on the train key and shared a verdict."""
+    from tasks.common import write_json
+    from tasks.evaluate import cache_key as eval_key
+    from tasks.merge import cache_key as merge_key
+
+    cfg = _cfg(tmp_path)
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    first, second = tmp_path / "a" / "adapter", tmp_path / "b" / "adapter"
+    write_json(first / "adapter_config.json", {"r": 8})
+    (first / "adapter_model.safetensors").write_bytes(b"17 steps")
+    write_json(second / "adapter_config.json", {"r": 8})
+    (second / "adapter_model.safetensors").write_bytes(b"19 steps")
+    copy = tmp_path / "c" / "adapter"
+    shutil.copytree(first, copy)
+    runs = [SimpleNamespace(key="same-train-key", adapter_dir=str(d)) for d in (first, second)]
+    for key_fn, section in ((eval_key, cfg.eval), (merge_key, cfg.merge)):
+        keys = [key_fn(data, t, cfg.model, cfg.quant, section, cfg.device) for t in runs]
+        assert keys[0] != keys[1]
+        # ... and the same adapter in another folder (another train key) is the same evaluation: content, not path.
+        assert key_fn(data, SimpleNamespace(key="other", adapter_dir=str(copy)), cfg.model, cfg.quant, section, cfg.device) == keys[0]
+
+
+def test_eval_key_follows_scorer_library_versions_and_nltk_data(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from tasks import benchmarks, evaluate
+
+    cfg = _cfg(tmp_path)
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    train = SimpleNamespace(key="t", adapter_dir=str(adapter))
+
+    def key():
+        return evaluate.cache_key(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device)
+
+    k0 = key()
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "if-verifiable" else real(d))
+    k_checker = key()
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "sacrebleu" else real(d))
+    k_metric = key()
+    monkeypatch.setattr(metadata, "version", real)
+    nltk_copy = tmp_path / "nltk_data" / "tokenizers"
+    nltk_copy.mkdir(parents=True)
+    (nltk_copy / "punkt.txt").write_text("other data")
+    monkeypatch.setattr(benchmarks, "nltk_data_dir", lambda: str(tmp_path / "nltk_data"))
+    k_nltk = key()
+    assert len({k0, k_checker, k_metric, k_nltk}) == 4
+    assert "if-verifiable" in evaluate.scorer_versions(["ifeval"]) and "nltk-data" in evaluate.scorer_versions(["ifeval"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 8 completes its own run's published folder, never another run's (issue 23 items 1 and 2)
+
+
+def _published_run(art: Path, run: str, tok) -> SimpleNamespace:
+    """A published folder as stage 7 leaves it (merged tokenizer + config, card, manifest)."""
+    from tasks.common import file_sha256, write_json
+    from tasks.publish import MANIFEST
+
+    pub = art / "runs" / run / "tiny-model"
+    tok.save_pretrained(str(pub / "merged"))
+    (pub / "merged" / "model.safetensors").write_bytes(b"weights" * 100)
+    (pub / "README.md").write_text("# card\n")
+    files = sorted(p for p in pub.rglob("*") if p.is_file())
+    write_json(pub / MANIFEST, {"files": [{"path": str(p.relative_to(pub)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+    return SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged"))
+
+
+def _prebuilt(art: Path, merge, publish, data, export) -> None:
+    """The export cache folder as `_build` leaves it, with stand-in GGUF bytes (the converter is tested elsewhere)."""
+    from tasks.common import building, write_json
+    from tasks.export import build_key
+
+    out = art / "cache" / "export" / build_key(merge, publish, data=data, export=export)
+    with building(out) as tmp:
+        (tmp / "gguf").mkdir()
+        built = {"gguf": {}, "modelfile": None, "gptq": None, "stop_tokens": ["</s>"], "system_prompt": None, "seconds": {}}
+        for t in export.gguf:
+            (tmp / "gguf" / f"tiny-model-{t}.gguf").write_bytes(f"GGUF {t}".encode())
+            built["gguf"][t] = f"gguf/tiny-model-{t}.gguf"
+        write_json(tmp / "built.json", built)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_published_folder_gets_its_own_export(tmp_path, tiny_tok):
+    """Publish reran (eval.*, publish.*, output_name changed) but merge did not: the new folder is exported too."""
+    from tasks.config import ExportSection
+    from tasks.export import cache_key, export_artifacts
+    from tasks.publish import is_published
+
+    art = tmp_path / "artifacts"
+    merge, data, export = SimpleNamespace(key="m"), SimpleNamespace(stop_token_ids=[2], dir=""), ExportSection(gguf=["f16"])
+    first, second = _published_run(art, "run-a", tiny_tok), _published_run(art, "run-b", tiny_tok)
+    assert cache_key(merge, first, export, data) != cache_key(merge, second, export, data)
+    _prebuilt(art, merge, first, data, export)
+    rec = export_artifacts(merge, second, data, export, None, str(art), run_name="run-b")
+    pub = Path(second.dir)
+    assert rec.published_dir == str(pub) and (pub / "gguf" / "tiny-model-f16.gguf").is_file() and is_published(pub)
+    assert "## Deploy" in (pub / "README.md").read_text() and rec.outputs_exist()
+
+
+def test_an_export_change_never_rewrites_another_runs_published_folder(tmp_path, tiny_tok):
+    """Run A published and exported f16; run B (publish Cached: A's folder) asks for q8_0. A's folder stays byte for
+    byte what A's records describe; B gets its own complete folder, hard-linked from A's, with q8_0 only."""
+    from tasks.config import ExportSection
+    from tasks.export import export_artifacts
+    from tasks.publish import is_published
+
+    art = tmp_path / "artifacts"
+    merge, data = SimpleNamespace(key="m"), SimpleNamespace(stop_token_ids=[2], dir="")
+    published = _published_run(art, "run-a", tiny_tok)
+    f16, q8 = ExportSection(gguf=["f16"]), ExportSection(gguf=["q8_0"])
+    _prebuilt(art, merge, published, data, f16)
+    _prebuilt(art, merge, published, data, q8)
+    export_artifacts(merge, published, data, f16, None, str(art), run_name="run-a")
+    a = Path(published.dir)
+    before = _tree(a)
+    assert "gguf/tiny-model-f16.gguf" in before
+
+    rec = export_artifacts(merge, published, data, q8, None, str(art), run_name="run-b")
+    assert _tree(a) == before and is_published(a)
+    b = Path(rec.published_dir)
+    assert b == art / "runs" / "run-b" / "tiny-model" and is_published(b)
+    got = _tree(b)
+    assert "gguf/tiny-model-q8_0.gguf" in got and "gguf/tiny-model-f16.gguf" not in got
+    assert got["merged/model.safetensors"] == before["merged/model.safetensors"]
+    assert (b / "merged" / "model.safetensors").stat().st_ino == (a / "merged" / "model.safetensors").stat().st_ino  # linked, not copied
+    assert str(b) in (b / "README.md").read_text() and str(a) not in (b / "README.md").read_text()
+    assert not list(b.parent.glob(".*tmp*"))  # assembled next to it and renamed into place

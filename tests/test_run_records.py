@@ -1,0 +1,176 @@
+"""Run records and hub revisions (issue 23 items 3 and 7): a hub outage changes no key, an unpinned hub model is keyed
+on the commit it was resolved to, and summaries say what happened to a run — resumed, superseded, crashed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+
+HUB = ["data.source=someorg/somedata", "model.name=someorg/somemodel", "data.dedupe=[]"]
+
+
+def _cfg(tmp_path, *overrides):
+    from tasks.config import load_config
+
+    return load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", *overrides])
+
+
+def _hub(monkeypatch, answers: dict[str, str] | Exception):
+    """The hub's answers (name -> commit), or the error every lookup raises (an outage, a timeout)."""
+    from tasks import hub
+
+    asked = []
+
+    def ask(kind, name, token):
+        asked.append(name)
+        if isinstance(answers, Exception):
+            raise answers
+        return answers[name]
+
+    monkeypatch.setattr(hub, "ask_hub", ask)
+    return asked
+
+
+def test_a_hub_outage_keeps_the_keys_of_the_last_resolved_commits(tmp_path, monkeypatch):
+    """Before: the data key was sha-based when the hub answered and "main"-based on a timeout, so a run resumed
+    during an outage retrained from scratch. Now the commit resolved earlier is reused, and the run says so."""
+    from tasks.data import cache_key
+    from tasks.hub import pin_hub_revisions
+
+    cfg = _cfg(tmp_path, *HUB)
+    _hub(monkeypatch, {"someorg/somedata": "d" * 40, "someorg/somemodel": "m" * 40})
+    online, revisions, warnings = pin_hub_revisions(cfg)
+    assert (online.data.revision, online.model.revision) == ("d" * 40, "m" * 40) and not warnings
+    assert {e["how"] for e in revisions.values()} == {"resolved"}
+
+    _hub(monkeypatch, TimeoutError("read timed out after 10 s"))
+    outage, revisions, warnings = pin_hub_revisions(cfg)
+    assert cache_key(outage.data, outage.model) == cache_key(online.data, online.model)
+    assert len(warnings) == 2 and all("cannot resolve" in w and "TimeoutError" in w and "revision=<commit>" in w for w in warnings)
+    assert revisions["data"]["revision"] == "d" * 40 and "hub unreachable" in revisions["data"]["how"]
+
+
+def test_an_unpinned_hub_model_is_keyed_on_the_commit_main_points_at(tmp_path, monkeypatch):
+    """Before, a hub model without model.revision was keyed on null: an upstream update was never seen."""
+    from tasks.data import cache_key
+    from tasks.hub import pin_hub_revisions
+
+    cfg = _cfg(tmp_path, *HUB)
+    keys = []
+    for commit in ("1" * 40, "2" * 40):
+        _hub(monkeypatch, {"someorg/somedata": "d" * 40, "someorg/somemodel": commit})
+        pinned, _, _ = pin_hub_revisions(cfg)
+        keys.append(cache_key(pinned.data, pinned.model))
+    assert keys[0] != keys[1]
+
+
+def test_never_resolved_is_said_and_a_retry_reuses_its_first_attempts_commits(tmp_path, monkeypatch):
+    from tasks.hub import pin_hub_revisions
+
+    cfg = _cfg(tmp_path, *HUB)
+    _hub(monkeypatch, ConnectionError("Couldn't reach the hub"))
+    pinned, revisions, warnings = pin_hub_revisions(cfg)
+    assert pinned.data.revision is None and revisions["data"]["how"].startswith("unresolved")
+    assert any("no earlier run recorded a commit" in w for w in warnings)
+
+    earlier = {"data": {"name": "someorg/somedata", "revision": "e" * 40, "how": "resolved"},
+               "model": {"name": "someorg/somemodel", "revision": "f" * 40, "how": "resolved"}}
+    asked = _hub(monkeypatch, {"someorg/somedata": "x" * 40, "someorg/somemodel": "y" * 40})
+    pinned, revisions, warnings = pin_hub_revisions(cfg, earlier)
+    assert (pinned.data.revision, pinned.model.revision) == ("e" * 40, "f" * 40) and asked == [] and not warnings
+
+
+def test_local_and_packaged_sources_ask_no_hub(tmp_path, monkeypatch):
+    from tasks.hub import pin_hub_revisions
+
+    asked = _hub(monkeypatch, AssertionError("no hub lookup for local data"))
+    cfg = _cfg(tmp_path)  # random model, embedded data
+    assert pin_hub_revisions(cfg) == (cfg, {}, [])
+    assert asked == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run records
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _summary(art, run):
+    from tasks.common import read_json
+
+    return read_json(art / "runs" / run / "summary.json")
+
+
+def _write_summary(art, run, **fields):
+    from tasks.common import write_json
+
+    write_json(art / "runs" / run / "summary.json", {"run": run, "stages": {}, **fields})
+
+
+def test_a_killed_run_is_found_crashed_by_the_next_run(tmp_path):
+    """Before, a SIGKILLed run's summary said `running` forever."""
+    from flows.finetune import RunSummary
+
+    art = tmp_path / "artifacts"
+    host = socket.gethostname()
+    _write_summary(art, "killed", status="running", host=host, pid=_dead_pid())
+    _write_summary(art, "alive", status="running", host=host, pid=os.getpid())
+    _write_summary(art, "elsewhere", status="running", host=host + "-other", pid=_dead_pid())
+    RunSummary(str(art), "next")
+    assert _summary(art, "killed")["status"] == "crashed" and _summary(art, "killed")["crash_found_by"] == "next"
+    assert _summary(art, "alive")["status"] == "running"  # its process is alive
+    assert _summary(art, "elsewhere")["status"] == "running"  # another machine's process: not ours to judge
+
+
+def test_a_completed_run_supersedes_failed_and_crashed_runs_of_its_config(tmp_path):
+    from flows.finetune import RunSummary
+
+    art = tmp_path / "artifacts"
+    config = {"profile": "tiny", "lora": {"r": 8}}
+    _write_summary(art, "failed", status="failed", config=config)
+    _write_summary(art, "crashed", status="crashed", config=config)
+    _write_summary(art, "other-config", status="failed", config={**config, "lora": {"r": 4}})
+    run = RunSummary(str(art), "resumed")
+    run.data["config"] = config
+    run.finish("completed")
+    assert sorted(run.data["supersedes"]) == ["crashed", "failed"]
+    for name, outcome in (("failed", "failed"), ("crashed", "crashed")):
+        s = _summary(art, name)
+        assert (s["status"], s["outcome"], s["superseded_by"]) == ("superseded", outcome, "resumed")
+    assert _summary(art, "other-config")["status"] == "failed"
+
+
+def test_a_retried_run_keeps_its_folder_and_counts_its_attempts(tmp_path):
+    from flows.finetune import RunSummary
+
+    art = tmp_path / "artifacts"
+    first = RunSummary(str(art), "tiny-1m-20261201-101500-ab12")
+    first.data["failed_stage"] = "train"
+    first.finish("failed")
+    retry = RunSummary(str(art), "tiny-1m-20261201-101500-ab12")
+    retry.finish("completed")
+    s = _summary(art, "tiny-1m-20261201-101500-ab12")
+    assert s["status"] == "completed" and s["attempt"] == 2
+    assert [(a["status"], a["failed_stage"]) for a in s["attempts"]] == [("failed", "train")]
+
+
+def test_a_retry_keeps_the_run_name(monkeypatch):
+    """`prefect flow-run retry` re-resolves the run name: it used to get a new timestamp, so the run was renamed,
+    `retry <old name>` answered "not found" and the failed attempt's folder stayed `failed`."""
+    from flows import finetune as ft
+
+    name = "tiny-1m-20261201-101500-ab12"
+    params = {"profile": "tiny", "overrides": []}
+    monkeypatch.setattr(ft, "flow_run", SimpleNamespace(name=name, id="ab12cdef-0000", parameters=params))
+    assert ft._run_name() == name
+    monkeypatch.setattr(ft, "flow_run", SimpleNamespace(name="clever-fox", id="ab12cdef-0000", parameters=params))
+    fresh = ft._run_name()  # a new flow run (Prefect's generated name): our name
+    assert fresh.startswith("tiny-1m-") and fresh.endswith("-ab12")
