@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from tasks.common import artifacts_root, human_seconds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from tasks.preflight import check_model
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
@@ -105,6 +106,8 @@ def finetune(
     cfg = load_config(config_path or DEFAULT_CONFIG_PATH, profile, overrides or [], hours, minutes)
     art = cfg.artifacts_dir
     opts = task_options(art)
+    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art):  # model-dependent checks: seconds, before stage 1
+        get_run_logger().info(line)
     run = RunSummary(art, flow_run.name or _run_name(), cfg.model_dump(mode="json", by_alias=True))
 
     data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
