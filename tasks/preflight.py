@@ -35,6 +35,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         n = sum(p.numel() for name, p in skeleton.named_parameters() if ".".join(name.split(".")[-2:]) in adapted)
         dtype = compute_dtype(quant, dev)
         gib = n * dtype.itemsize / 2**30
-        lines.append(f"model: the routed experts ({n / 1e9:.2f} B parameters, {gib:.1f} GiB) stay in {str(dtype).removeprefix('torch.')}, "
+        count = f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n:,}"
+        lines.append(f"model: the routed experts ({count} parameters, {gib:.2f} GiB) stay in {str(dtype).removeprefix('torch.')}, "
                      "not NF4: bitsandbytes 4-bit quantizes linear layers only; their LoRA trains on them as they are")
     return lines

@@ -198,3 +198,28 @@ def test_profiles_command_prints_each_profile_with_its_description(capsys):
         cfg = load_config(profile=name)
         assert cfg.description and cfg.budget.vram_gb == "auto"
     assert load_config(profile="qwen3-moe-30b").lora.dropout == 0  # PEFT's expert LoRA takes no dropout
+
+
+def test_moe_qlora_keeps_the_experts_16_bit_and_says_so(shared_artifacts):
+    """NF4 on CPU (quant.cpu_fallback=qlora, bf16 compute): bitsandbytes quantizes the linear layers, the 3-D experts stay
+    bf16, and the k-bit prep must not upcast them to fp32 as PEFT's does with every 16-bit weight (2x their memory)."""
+    import torch
+
+    from tasks.config import load_config
+    from tasks.engine.build import build_model
+    from tasks.models import resolve_model
+    from tasks.preflight import check_model
+
+    cfg = load_config(profile="tiny", overrides=[*_flow_args(shared_artifacts, "mixtral")[1:], "quant.cpu_fallback=qlora",
+                                                 "quant.compute_dtype=bfloat16"])
+    lines = check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts)
+    assert any("routed experts (" in l and "stay in bfloat16, not NF4" in l for l in lines), lines
+    model = build_model(resolve_model(cfg.model, shared_artifacts), cfg.model, cfg.quant, cfg.lora, True, "cpu", "padded")
+    params = dict(model.named_parameters())
+    experts = {n: p for n, p in params.items() if p.ndim == 3}
+    assert len(experts) == 4 and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in experts.values())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "norm" in n)  # the rest of PEFT's prep still applies
+    assert any(type(p).__name__ == "Params4bit" for p in params.values())
+    x = torch.randint(3, 500, (2, 12))
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for n, p in params.items() if p.requires_grad and "experts" in n and "lora_B" in n)

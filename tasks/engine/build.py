@@ -42,7 +42,9 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
     targets = lora_targets(model, lora)
     model.config.use_cache = False
-    if uses_4bit(quant, device) and not fast:
+    if uses_4bit(quant, device) and not fast and targets.parameters:
+        prepare_kbit_keeping_experts(model, gradient_checkpointing)
+    elif uses_4bit(quant, device) and not fast:
         # The seed recipe: PEFT's k-bit prep (also upcasts norms/embeddings/lm_head to fp32).
         with peft_quietly():
             model = prepare_model_for_kbit_training(
@@ -65,6 +67,21 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
 
         fuse_lora(model)
     return model
+
+
+def prepare_kbit_keeping_experts(model, gradient_checkpointing: bool) -> None:
+    """PEFT's k-bit prep (`prepare_model_for_kbit_training`: base frozen, 16-bit weights upcast to fp32, checkpointing)
+    for a mixture-of-experts model, whose routed experts' 3-D weights stay as loaded: bitsandbytes leaves them 16-bit,
+    and PEFT's upcast would double them (54 GiB of bf16 experts on Qwen3-30B-A3B -> 108 GiB of fp32)."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad = False
+        if p.dtype in (torch.float16, torch.bfloat16) and p.ndim != 3 and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+    if gradient_checkpointing:
+        enable_checkpointing(model, {"use_reentrant": False})
+        model.enable_input_require_grads()
 
 
 def drop_log_dicts(trainer) -> None:
