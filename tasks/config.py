@@ -288,13 +288,15 @@ class PublishSection(Section):
 
 
 class ExportSection(Section):
-    gguf: list[Literal["f16", "bf16", "f32", "q8_0"]] = Field(
+    gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"]] = Field(
         default_factory=lambda: ["f16", "q8_0"],
         description="GGUF types written by llama.cpp's converter (llama.cpp, Ollama, LM Studio): f16 = lossless for 16-bit "
-        "weights, q8_0 = half the size, near-lossless; [] = no GGUF and no Modelfile.",
+        "weights, q8_0 = half the size, near-lossless, q4_k_m = about a third of f16, the quant Ollama pulls by default (made "
+        "from the f16 by llama.cpp's llama-quantize, built once from the pinned sources with CMake: tasks/quantize.py); "
+        "[] = no GGUF and no Modelfile.",
     )
     modelfile: bool = Field(True, description="Write an Ollama Modelfile (template, system prompt, stop tokens as in training).")
-    modelfile_gguf: Literal["f16", "bf16", "f32", "q8_0"] = Field("q8_0", description="The GGUF the Modelfile points at (if exported).")
+    modelfile_gguf: Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"] = Field("q8_0", description="The GGUF the Modelfile points at (if exported).")
     num_ctx: int = Field(2048, ge=128, description="Context length in the Modelfile; more = longer chats, more memory.")
     gptq: bool = Field(
         False, description="Also write GPTQ W4A16 (compressed-tensors, for vLLM) with llmcompressor; runs in its own "

@@ -132,6 +132,8 @@ def _run_cli(capfd, *args: str) -> tuple[int, str]:
     ("wrong-target", ["lora.target_modules=[q_proj,qkv_proj]"], ["qkv_proj not in this model", "its linear layers are"]),
     ("moe-dropout", ["model.name=random:mixtral", f"model.random_config={json.dumps(ARCHS['mixtral'][0])}", "lora.dropout=0.05"],
      ["lora.dropout: 0.05", "routed experts", "set lora.dropout=0"]),
+    ("template-without-eos", ["model.chat_template={% for m in messages %}{{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"],
+     ["chat template ends assistant turns with", "can't learn to stop", "model.chat_template"]),
 ])
 def test_model_problems_are_one_line_before_stage_1(case, sets, needles, prefect_server, tmp_path, capfd):
     art = tmp_path / "artifacts"
