@@ -33,6 +33,7 @@ ARCHS = {
     "mixtral": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2}, ATTN, EXPERTS),
     "qwen2_moe": ({**TINY, **MOE, "shared_expert_intermediate_size": 64}, ATTN_MLP, EXPERTS),  # shared expert = linear layers
     "qwen3_moe": ({**TINY, **MOE, "head_dim": 16}, ATTN, EXPERTS),
+    "gpt_oss": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}, ATTN, EXPERTS),  # experts' biases stay frozen
 }
 
 # Each real-GPU profile of pipeline.yaml -> the architecture the matrix above runs for it.
