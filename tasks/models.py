@@ -434,7 +434,7 @@ def lora_config(lora, targets: "LoraTargets", task_type: str = "CAUSAL_LM"):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=targets.pattern,
+        target_modules=targets.pattern or [],  # [] = experts' weights only (PEFT: target_parameters alone)
         target_parameters=list(targets.parameters) or None,
         bias="none",
         task_type=task_type,
@@ -450,7 +450,7 @@ class LoraTargets:
 
     modules: tuple[str, ...]  # last names of the adapted linear layers (q_proj, qkv_proj, ...)
     parameters: tuple[str, ...]  # routed experts' 3-D weights, `<module>.<parameter>` (experts.gate_up_proj): PEFT target_parameters
-    pattern: str  # PEFT target_modules: a regex over module paths that matches `modules` inside the decoder blocks only
+    pattern: str  # PEFT target_modules: a regex over module paths that matches `modules` inside the decoder blocks only ("" = none)
     experts: int  # routed experts per MoE layer (0: a dense model)
     not_adapted: tuple[str, ...]  # what stays frozen although the default would like to reach it, and why (said before training)
 
@@ -487,64 +487,67 @@ def lora_targets(model, lora) -> LoraTargets:
 
     `all-linear`: every linear layer inside the decoder blocks (PEFT's all-linear semantics, whatever the architecture
     calls them: q_proj... on Llama, qkv_proj/gate_up_proj on Phi-3), and on a mixture-of-experts model the routed
-    experts' 3-D weights (transformers 5 keeps each layer's experts in one [experts, out, in] tensor, which no linear-layer
-    LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`, `shared_expert_gate`: a
-    low-rank update to routing shifts the experts' load) are not adapted. A list names linear layers and expert weights
-    by their last name; a name the model lacks is a StageError listing the ones it has.
+    experts' 3-D weights (transformers 5 keeps a layer's experts in one [experts, ., .] tensor per projection, which no
+    linear-layer LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`,
+    `shared_expert_gate`: a low-rank update to routing shifts the experts' load) are not adapted. A list names linear
+    layers and expert weights by their last name; a name the model lacks is a StageError listing the ones it has.
     """
     import re
 
+    blocks, _ = decoder_blocks(model)
+    inv = _inventory(model, blocks)
+    if lora.target_modules == "all-linear":
+        modules, params = inv["linear"], inv["expert_params"]
+    else:
+        wanted = list(dict.fromkeys(lora.target_modules))
+        modules = [n for n in wanted if n in inv["linear"]]
+        params = [p for p in inv["expert_params"] if p.rsplit(".", 1)[-1] in wanted]
+        missing = [n for n in wanted if n not in set(modules) | {p.rsplit(".", 1)[-1] for p in params}]
+        if missing:
+            hint = f"; its routed experts' weights: {', '.join(p.rsplit('.', 1)[-1] for p in inv['expert_params'])}" if inv["expert_params"] else ""
+            raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: "
+                             f"{', '.join(inv['linear'])}{hint}; or use all-linear")
+    if not modules and not params:
+        raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
+                         f"{', '.join(inv['linear']) or 'none'}); use all-linear")
+    not_adapted = []
+    if inv["expert_params"] and not params:
+        not_adapted.append(f"the routed experts ({', '.join(inv['expert_params'])}: name them in lora.target_modules or use all-linear)")
+    if inv["routers"]:
+        not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
+    if inv["expert_other"] and params:
+        not_adapted.append(f"the experts' biases ({', '.join(inv['expert_other'])})")
+    if inv["outside"]:
+        not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(inv['outside'])}: the text model is what is tuned)")
+    # PEFT: a regex is matched against the whole module path, so nothing outside the blocks (a vision tower's q_proj) is hit.
+    pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
+    return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted))
+
+
+def _inventory(model, blocks: str) -> dict:
+    """Inside the decoder blocks: linear layers, routers, experts' 3-D weights (and their other parameters) by last
+    name; outside: the top-level modules that hold linear layers (besides the LM head)."""
     import torch
 
-    blocks, _ = decoder_blocks(model)
-    linear, routers, expert_params, expert_other, experts = [], [], [], [], 0
+    linear, routers, expert_params, expert_other, experts = {}, {}, {}, {}, 0
     for name, m in model.named_modules():
         if not blocks or not name.startswith(blocks + "."):
             continue
         leaf = name.rsplit(".", 1)[-1]
         parent = model.get_submodule(name.rsplit(".", 1)[0])
-        is_router = leaf in ROUTER_NAMES and (leaf == "shared_expert_gate" or hasattr(parent, "experts")) or type(m).__name__.endswith("Router")
-        if is_router:
-            routers.append(leaf)
+        own = dict(m.named_parameters(recurse=False))
+        if (leaf in ROUTER_NAMES and (leaf == "shared_expert_gate" or hasattr(parent, "experts"))) or type(m).__name__.endswith("Router"):
+            routers[leaf] = None
         elif isinstance(m, torch.nn.Linear):
-            linear.append(leaf)
-        for pname, p in m.named_parameters(recurse=False):
-            if p.ndim == 3:
-                expert_params.append(f"{leaf}.{pname}")
-                experts = max(experts, int(p.shape[0]))
-            elif not is_router and not isinstance(m, torch.nn.Linear) and p.ndim >= 1 and any(q.ndim == 3 for q in m.parameters(recurse=False)):
-                expert_other.append(f"{leaf}.{pname}")
-    linear, routers = list(dict.fromkeys(linear)), list(dict.fromkeys(routers))
+            linear[leaf] = None
+        elif any(p.ndim == 3 for p in own.values()):  # an experts module: [experts, ., .] weights, maybe biases
+            for pname, p in own.items():
+                (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
+                experts = max(experts, int(p.shape[0])) if p.ndim == 3 else experts
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
-    expert_params, expert_other = list(dict.fromkeys(expert_params)), list(dict.fromkeys(expert_other))
-
-    if lora.target_modules == "all-linear":
-        modules, params = linear, expert_params
-    else:
-        wanted = list(dict.fromkeys(lora.target_modules))
-        modules = [n for n in wanted if n in linear]
-        params = [p for p in expert_params if p.rsplit(".", 1)[-1] in wanted]
-        found = set(modules) | {p.rsplit(".", 1)[-1] for p in params}
-        missing = [n for n in wanted if n not in found]
-        if missing:
-            experts_hint = f"; its routed experts' weights: {', '.join(p.rsplit('.', 1)[-1] for p in expert_params)}" if expert_params else ""
-            raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: {', '.join(linear)}"
-                             f"{experts_hint}; or use all-linear")
-    not_adapted = []
-    if expert_params and not params:
-        not_adapted.append(f"the routed experts ({', '.join(expert_params)}: name them in lora.target_modules or use all-linear)")
-    if routers:
-        not_adapted.append(f"the routers ({', '.join(routers)}: kept as pretrained so the experts' load stays balanced)")
-    if expert_other and params:
-        not_adapted.append(f"the experts' biases ({', '.join(expert_other)})")
-    if outside:
-        not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(outside)}: the text model is what is tuned)")
-    if not modules and not params:
-        raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: {', '.join(linear) or 'none'}); "
-                         "use all-linear")
-    pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else r"(?!x)x"
-    return LoraTargets(tuple(modules), tuple(params), pattern, experts if params or expert_params else 0, tuple(not_adapted))
+    return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
+            "experts": experts, "outside": outside}
 
 
 def model_skeleton(ref: ModelRef, model: ModelSection):

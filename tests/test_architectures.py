@@ -226,3 +226,18 @@ def test_moe_qlora_keeps_the_experts_16_bit_and_says_so(shared_artifacts):
     x = torch.randint(3, 500, (2, 12))
     model(input_ids=x, labels=x).loss.backward()
     assert all(p.grad is not None for n, p in params.items() if p.requires_grad and "experts" in n and "lora_B" in n)
+
+
+def test_experts_alone_can_be_the_target():
+    from peft import get_peft_model
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets
+
+    model = _skeleton("mixtral")
+    lora = LoraSection(target_modules=["gate_up_proj", "down_proj"], dropout=0.0)
+    t = lora_targets(model, lora)
+    assert t.modules == () and set(t.parameters) == EXPERTS and t.pattern == ""
+    peft_model = get_peft_model(model, lora_config(lora, t))
+    adapted = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert adapted and all(".mlp.experts" in n for n in adapted)
