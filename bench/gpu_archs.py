@@ -13,6 +13,8 @@ in SHAPES (from the models' published config.json):
 
     python bench/gpu_archs.py --profiles llama-3.1-8b --out $OUT/llama.json       # one profile per device call (<10 min)
     python bench/gpu_archs.py --smoke --out /tmp/archs.json                       # every profile, 2 tiny layers, on CPU: plumbing
+    python bench/gpu_archs.py --profiles qwen3-moe-30b --set 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj]' --out x.json
+                                                                                  # the MoE with its experts frozen: their LoRA's cost
 
 The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after each profile.
 """
@@ -53,9 +55,13 @@ SHAPES = {
 SMOKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def shapes(profile: str, smoke: bool) -> tuple[str, dict]:
+def shapes(profile: str, smoke: bool, layers: int | None = None) -> tuple[str, dict]:
     arch, real = SHAPES[profile]
     if not smoke:
+        if layers and "text_config" in real:
+            real = {**real, "text_config": {**real["text_config"], "num_hidden_layers": layers}}
+        elif layers:
+            real = {**real, "num_hidden_layers": layers}
         return arch, {**real, "dtype": "bfloat16"}
     if "text_config" in real:
         return arch, {**real, "text_config": {**SMOKE, "head_dim": 16}, "mm_tokens_per_image": 4,
@@ -115,6 +121,9 @@ def main() -> None:
     ap.add_argument("--profiles", default=",".join(SHAPES), help="comma-separated profiles of pipeline.yaml")
     ap.add_argument("--smoke", action="store_true", help="2 tiny layers of each architecture on CPU: plumbing only")
     ap.add_argument("--steps", type=int, default=5, help="parity steps")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers instead of the real count (a smaller random folder)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra pipeline.yaml overrides, e.g. --set 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj]' (experts frozen)")
     ap.add_argument("--artifacts", default="/tmp/qlp-archs")
     ap.add_argument("--out", default="gpu_archs.json")
     args = ap.parse_args()
@@ -138,18 +147,18 @@ def main() -> None:
     results = {}
     log = lambda m: print(m, flush=True)  # noqa: E731
     for profile in args.profiles.split(","):
-        arch, random_config = shapes(profile, args.smoke)
+        arch, random_config = shapes(profile, args.smoke, args.layers)
         overrides = [f"model.name=random:{arch}", f"model.random_config={json.dumps(random_config)}", f"data.source={data_path}",
                      "data.heldout_size=20", "data.max_length=2048", f"artifacts_dir={args.artifacts}", f"device={device}"]
         if args.smoke:
             overrides += ["data.max_length=256", "training.engine=fused", "budget.vram_gb=null", "training.micro_batch_size=2",
                           "training.grad_accum=1"]
-        cfg = load_config(profile=profile, overrides=overrides, minutes=5)
-        t0 = time.monotonic()
-        lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir)  # builds the random model once
-        log(f"{profile}: random:{arch} built in {time.monotonic() - t0:.0f}s; " + " | ".join(lines))
-        r: dict = {"arch": arch, "model_check": lines}
+        cfg = load_config(profile=profile, overrides=overrides + args.overrides, minutes=5)
+        r: dict = {"arch": arch, "random_config": random_config, "overrides": args.overrides}
         try:
+            t0 = time.monotonic()
+            r["model_check"] = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir)  # builds the random model once
+            log(f"{profile}: random:{arch} built in {time.monotonic() - t0:.0f}s; " + " | ".join(r["model_check"]))
             data = load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
             r["parity"] = parity(cfg, data, device, args.steps)
             log(f"{profile}: parity max rel diff {r['parity']['max_rel_diff']:.2e} over {args.steps} steps")
