@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 GPTQ_VENV ?= .venv-gptq
 
-.PHONY: setup run test test-fast clean-cache gptq-env export-gptq
+.PHONY: setup run test test-fast clean-cache gptq-env export-gptq quantizer
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ $(GPTQ_VENV)/.installed:
 
 export-gptq: setup gptq-env
 	$(VENV)/bin/qlora-pipeline run $(ARGS) --set export.gptq=true
+
+# llama.cpp's llama-quantize for export.gguf q4_k_m, built once from the pinned sources (the export stage does it on
+# first use otherwise): minutes on 2 cores, kept in the venv (tasks/quantize.py).
+quantizer: setup
+	$(PY) -c "from tasks.export import LLAMA_CPP_SOURCES; from tasks.quantize import ensure_quantizer; print(ensure_quantizer(LLAMA_CPP_SOURCES, print))"
 
 clean-cache:
 	rm -rf artifacts/cache artifacts/.prefect-results

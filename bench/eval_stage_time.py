@@ -29,7 +29,7 @@ def main() -> None:
     from tasks.config import load_config
     from tasks.data import load_dataset_records
     from tasks.evaluate import evaluate_heldout
-    from tasks.models import load_base_model, lora_config, resolve_device, resolve_model
+    from tasks.models import load_base_model, lora_config, lora_targets, resolve_device, resolve_model
 
     cfg = load_config(profile=a.profile, overrides=a.overrides)
     device = resolve_device(cfg.device)
@@ -37,7 +37,7 @@ def main() -> None:
     adapter = Path(cfg.artifacts_dir) / "bench" / f"zero-adapter-{fingerprint(data.key, cfg.lora.model_dump(mode='json'))}"
     if not (adapter / "adapter_config.json").is_file():
         base = load_base_model(resolve_model(cfg.model, cfg.artifacts_dir), cfg.model, cfg.quant, device)
-        get_peft_model(base, lora_config(cfg.lora)).save_pretrained(adapter)
+        get_peft_model(base, lora_config(cfg.lora, lora_targets(base, cfg.lora))).save_pretrained(adapter)
     train = SimpleNamespace(key=f"zero-{adapter.name}-{time.time()}", adapter_dir=str(adapter))  # fresh key: never a cache hit
     t0 = time.monotonic()
     rec = evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, cfg.artifacts_dir, print, system_prompt=cfg.data.system_prompt)

@@ -3,7 +3,7 @@
     qlora-pipeline run                                  # the default profile (demo: offline, CPU)
     qlora-pipeline run --profile mistral-7b --hours 4   # the seed recipe on your GPU
     qlora-pipeline run --profile tiny --set lora.r=4    # any pipeline.yaml key, dotted
-    qlora-pipeline profiles                             # list the profiles in pipeline.yaml
+    qlora-pipeline profiles                             # the profiles in pipeline.yaml, one line each
     qlora-pipeline chat [RUN] [--prompt TEXT]           # talk to a published run (latest by default)
     qlora-pipeline serve                                # run finetune/nightly (prefect.yaml) on its schedule here
     qlora-pipeline serve-model [RUN] [--format gguf]    # OpenAI-compatible endpoint on a published model (--api-key KEY)
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a pipeline.yaml key, e.g. --set lora.r=8 --set data.source=my.jsonl (repeatable)")
     run.add_argument("--config", help="path to another pipeline.yaml")
 
-    sub.add_parser("profiles", help="list the profiles in pipeline.yaml")
+    sub.add_parser("profiles", help="list the profiles in pipeline.yaml, one line each on what it is for")
 
     chat = sub.add_parser("chat", help="chat with a published run (adapter or merged model)")
     chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
@@ -194,9 +194,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_profiles(args) -> int:
-    from tasks.config import profile_names
+    from tasks.config import profile_descriptions
 
-    print("\n".join(profile_names()))
+    described = profile_descriptions()
+    width = max(map(len, described), default=0)
+    print("\n".join(f"{name:<{width}}  {text}".rstrip() for name, text in described.items()))
     return 0
 
 

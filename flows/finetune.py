@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from tasks.common import artifacts_root, human_seconds, read_json, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
+from tasks.preflight import check_model
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
@@ -190,6 +191,8 @@ def finetune(
     cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)
+    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art):  # model-dependent checks: seconds, before stage 1
+        get_run_logger().info(line)
     run = RunSummary(art, flow_run.name or _run_name())
     cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, run.earlier.get("hub_revisions"))
     for line in warnings:

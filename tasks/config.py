@@ -153,9 +153,13 @@ class LoraSection(Section):
     r: int = Field(16, description="LoRA rank. Higher = more capacity, more trainable params and VRAM.")
     alpha: int = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path; regularises small datasets.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names that get adapters. All linear layers = best quality; fewer = faster, less memory.",
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="What gets adapters. all-linear = every linear layer of the decoder blocks whatever the architecture "
+        "names them (PEFT's all-linear; the LM head, MoE routers and a multimodal model's vision tower excluded) plus the "
+        "routed experts' 3-D weights of a mixture-of-experts model (PEFT target_parameters). A list names layers (q_proj, "
+        "qkv_proj, ...) or expert weights (gate_up_proj, down_proj) by their last name: fewer = faster, less memory; a "
+        "name the model lacks is an error before stage 1 that lists the model's names.",
     )
 
     @field_validator("r")
@@ -293,13 +297,15 @@ class PublishSection(Section):
 
 
 class ExportSection(Section):
-    gguf: list[Literal["f16", "bf16", "f32", "q8_0"]] = Field(
+    gguf: list[Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"]] = Field(
         default_factory=lambda: ["f16", "q8_0"],
         description="GGUF types written by llama.cpp's converter (llama.cpp, Ollama, LM Studio): f16 = lossless for 16-bit "
-        "weights, q8_0 = half the size, near-lossless; [] = no GGUF and no Modelfile.",
+        "weights, q8_0 = half the size, near-lossless, q4_k_m = about a third of f16, the quant Ollama pulls by default (made "
+        "from the f16 by llama.cpp's llama-quantize, built once from the pinned sources with CMake: tasks/quantize.py); "
+        "[] = no GGUF and no Modelfile.",
     )
     modelfile: bool = Field(True, description="Write an Ollama Modelfile (template, system prompt, stop tokens as in training).")
-    modelfile_gguf: Literal["f16", "bf16", "f32", "q8_0"] = Field("q8_0", description="The GGUF the Modelfile points at (if exported).")
+    modelfile_gguf: Literal["f16", "bf16", "f32", "q8_0", "q4_k_m"] = Field("q8_0", description="The GGUF the Modelfile points at (if exported).")
     num_ctx: int = Field(2048, ge=128, description="Context length in the Modelfile; more = longer chats, more memory.")
     gptq: bool = Field(
         False, description="Also write GPTQ W4A16 (compressed-tensors, for vLLM) with llmcompressor; runs in its own "
@@ -311,6 +317,7 @@ class ExportSection(Section):
 
 class PipelineConfig(Section):
     profile: str = Field("custom", description="Profile name this config was resolved from.")
+    description: str = Field("", description="One line on what the profile is for; `qlora-pipeline profiles` prints it.")
     output_name: str = Field("qlora-model", description="Name of the published model folder and hub repo suffix.")
     artifacts_dir: str = Field("artifacts", description="Where caches, runs and published models go (relative to the project).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
@@ -407,6 +414,11 @@ def profile_names(path: str | Path = DEFAULT_CONFIG_PATH) -> list[str]:
     return sorted((read_yaml(path).get("profiles") or {}).keys())
 
 
+def profile_descriptions(path: str | Path = DEFAULT_CONFIG_PATH) -> dict[str, str]:
+    """Profile -> its one-line `description` (empty when it has none), in file order."""
+    return {name: str((body or {}).get("description") or "") for name, body in (read_yaml(path).get("profiles") or {}).items()}
+
+
 def load_config(
     path: str | Path = DEFAULT_CONFIG_PATH,
     profile: str | None = None,
@@ -470,7 +482,7 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     if cfg.lora.alpha <= 0:
         problems.append(f"lora.alpha: must be > 0 (got {cfg.lora.alpha}); 2×r is a good default")
     if not cfg.lora.target_modules:
-        problems.append("lora.target_modules: empty; list module names such as q_proj, v_proj")
+        problems.append("lora.target_modules: empty; use all-linear (every linear layer of the decoder blocks) or list names such as q_proj, v_proj")
     if cfg.quant.load_in_4bit and cfg.device == "cpu" and cfg.quant.cpu_fallback == "qlora":
         try:
             import bitsandbytes  # noqa: F401

@@ -404,6 +404,22 @@ def stop_token_ids(tok) -> list[int]:
     return sorted(set(closing + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
 
 
+def heldout_problem(data: DataSection, usable: int, planned: int, dropped: collections.Counter, rows_read: int) -> str:
+    """Why the held-out split came out empty, with the count, what the split needs and the key that changes it: too few
+    conversations to split (length is not the cause), or held-out rows dropped while formatting (then it is)."""
+    head = f"data.source {data.source!r}: 0 usable held-out rows"
+    if planned:  # rows were held out, and formatting dropped them all
+        reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none"
+        return f"{head}: the {planned} held out were all dropped while formatting (dropped {reasons}); raise data.max_length or set data.overlong=turns"
+    keys = []
+    if dropped.get("other language"):
+        keys.append(f"widen data.language (now {data.language!r}; null keeps every language: {dropped['other language']} conversations were in others)")
+    if data.max_rows and rows_read >= data.max_rows:
+        keys.append(f"raise data.max_rows (now {data.max_rows})")
+    return (f"{head}: {usable} usable conversation{'s' if usable != 1 else ''} after filtering, and the held-out split needs at least 2 "
+            f"(10% held out, at least 1, never trained on; the rest trains); add rows to {data.source!r}" + "".join(f" or {k}" for k in keys))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The stage
 
@@ -597,7 +613,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         fix = DROP_FIXES.get(dropped.most_common(1)[0][0] if dropped else "", "fix the data")
         raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); {fix}")
     if not held:
-        raise StageError(f"data.source {data.source!r}: 0 usable held-out rows; add rows or raise data.max_length")
+        raise StageError(heldout_problem(data, len(convs), is_train.count(False), dropped, rows_read))
     source_stats = [{**main_prov, "rows_read": rows_read, "n_train": len(train), "n_heldout": len(held),
                      "dedupe_removed": sum(removed.values())}]
 

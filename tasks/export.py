@@ -9,9 +9,10 @@ Adds to the published folder `artifacts/runs/<run>/<output_name>/`:
 GGUF comes from llama.cpp's own `convert_hf_to_gguf.py`, the maintained converter. On PyPI it ships only
 inside the llama-cpp-python source archive; we take that archive at a pinned version and sha256, keep only
 the converter (+ its `conversion/` and `gguf-py/` packages, ~2 MB) and run it in a subprocess, so its
-gguf-py never meets the `gguf` package installed here. Q4_K_M is not produced: it needs llama.cpp's C++
-`llama-quantize` (llama_model_quantize), which neither the prebuilt `xllamacpp` wheel nor gguf-py's Python
-quantizers (K-quants dequantize only) expose; run `llama-quantize x-f16.gguf x-Q4_K_M.gguf Q4_K_M` on the f16.
+gguf-py never meets the `gguf` package installed here. Q4_K_M (`export.gguf: [..., q4_k_m]`, opt-in) needs llama.cpp's
+C++ `llama-quantize`, which neither the prebuilt `xllamacpp` wheel nor gguf-py's Python quantizers (K-quants
+dequantize only) expose: tasks/quantize.py builds it once from the same archive's llama.cpp sources with CMake and
+quantizes the f16.
 
 The Ollama Modelfile reproduces the training-time prompt format: its TEMPLATE is derived from the published
 chat template (which already injects the training system prompt, see publish) by rendering sentinel
@@ -41,6 +42,7 @@ from pydantic import BaseModel
 
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, write_json
 from .models import adds_bos
+from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
 EXPORT_VERSION = 1
 # llama.cpp's converter, taken from the llama-cpp-python source archive (PyPI); bump both together.
@@ -48,6 +50,7 @@ CONVERTER_PACKAGE = "llama-cpp-python"
 CONVERTER_VERSION = "0.3.36"
 CONVERTER_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+LLAMA_CPP_SOURCES = SourceArchive(CONVERTER_PACKAGE, CONVERTER_VERSION, CONVERTER_SHA256)  # llama-quantize is built from the same archive
 GPTQ_SCRIPT = Path(__file__).resolve().parent / "gptq_w4a16.py"
 MANIFEST = "MANIFEST.json"
 CARD_BEGIN, CARD_END = "<!-- export:begin -->", "<!-- export:end -->"
@@ -341,7 +344,16 @@ def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> No
             for outtype in export.gguf:
                 t0 = time.monotonic()
                 f = tmp / "gguf" / f"{name}-{outtype}.gguf"
-                convert_to_gguf(src, f, outtype, converter)
+                if outtype in GGUF_QUANT_TYPES:  # llama-quantize from the f16 (converted here if not asked for)
+                    f16 = tmp / "gguf" / f"{name}-f16.gguf"
+                    if not f16.is_file():
+                        f16 = tmp / f"{name}-f16.gguf"
+                        convert_to_gguf(src, f16, "f16", converter)
+                    quantize_gguf(ensure_quantizer(LLAMA_CPP_SOURCES, log_fn), f16, f, GGUF_QUANT_TYPES[outtype])
+                    if f16.parent == tmp:
+                        f16.unlink()
+                else:
+                    convert_to_gguf(src, f, outtype, converter)
                 seconds[f"gguf-{outtype}"] = round(time.monotonic() - t0, 2)
                 built["gguf"][outtype] = f"gguf/{f.name}"
                 log_fn(f"export: {f.name} ({f.stat().st_size / 2**20:.0f} MiB) in {seconds[f'gguf-{outtype}']:.0f}s")

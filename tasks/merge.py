@@ -192,6 +192,10 @@ def merged_state_dict(peft_model, dtype) -> tuple[dict, int]:
             if any(name == w or name.startswith(w + ".") for w in wrapped):
                 continue  # base_layer / lora_A / lora_B / lora_dropout inside a wrapped layer: handled below
             prefix = f"{name}." if name else ""
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "parameter_name"):
+                wrapped.append(name)
+                merged += _merge_expert_weights(module, prefix, dtype, state)
+                continue
             if isinstance(module, BaseTunerLayer):
                 wrapped.append(name)
                 layer = module.get_base_layer()
@@ -212,6 +216,38 @@ def merged_state_dict(peft_model, dtype) -> tuple[dict, int]:
                 if bname not in module._non_persistent_buffers_set:
                     state[prefix + bname] = (b.to(dtype) if b.is_floating_point() else b).cpu()
     return state, merged
+
+
+def _merge_expert_weights(module, prefix: str, dtype, state: dict) -> int:
+    """A module whose parameters PEFT adapted directly (`target_parameters`: a MoE layer's 3-D expert weights). One
+    ParamWrapper per adapted parameter, nested when there are several (experts.gate_up_proj inside experts.down_proj):
+    each parameter gets its deltas added in fp32, the innermost module's other parameters are copied. Returns the
+    (wrapper, adapter) pairs merged."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    deltas: dict = {}
+    merged = 0
+    layer = module
+    while isinstance(layer, BaseTunerLayer) and hasattr(layer, "parameter_name"):
+        for adapter in layer.active_adapters:
+            if adapter in getattr(layer, "lora_A", {}):
+                delta = layer.get_delta_weight(adapter).float()
+                deltas[layer.parameter_name] = deltas.get(layer.parameter_name, 0) + delta
+                merged += 1
+        layer = layer.base_layer
+    for pname, p in layer.named_parameters(recurse=False):
+        w = _dense_weight(p).to(torch.float32, copy=True)
+        if pname in deltas:
+            if tuple(deltas[pname].shape) != tuple(w.shape):
+                raise StageError(f"merge: the delta for {prefix}{pname} has shape {tuple(deltas[pname].shape)}, the weight {tuple(w.shape)}; "
+                                 "publish the adapter unmerged (report this)")
+            w += deltas[pname].to(w.device)
+        state[prefix + pname] = w.to(dtype).cpu()
+    for bname, b in layer.named_buffers(recurse=False):
+        if bname not in layer._non_persistent_buffers_set:
+            state[prefix + bname] = (b.to(dtype) if b.is_floating_point() else b).cpu()
+    return merged
 
 
 def lora_module_count(peft_model) -> int:

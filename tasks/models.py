@@ -254,6 +254,12 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) 
                 config = AutoConfig.for_model(arch, **kwargs)
             except (ValueError, TypeError) as e:
                 raise StageError(f"model.name random:{arch}: {e}; use a transformers model type such as mistral or llama") from e
+            text = config.get_text_config()
+            if text is not config:  # multimodal (random:gemma3, Gemma-3 4B's type): the tokenizer's ids are its text model's
+                given = random_config.get("text_config") or {}
+                for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+                    if k not in given:
+                        setattr(text, k, kwargs[k] if k not in random_config else random_config[k])
             torch.manual_seed(0)
             # On a GPU machine the random init runs there: a 7B takes seconds instead of ~270 s on 16 CPU cores.
             with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -437,36 +443,179 @@ def _current_gpu() -> int:
     return torch.cuda.current_device()
 
 
-def lora_config(lora, task_type: str = "CAUSAL_LM"):
+def lora_config(lora, targets: "LoraTargets", task_type: str = "CAUSAL_LM"):
+    """PEFT's LoraConfig for the resolved targets (`lora_targets`): linear layers by a pattern that matches only inside
+    the decoder blocks, routed experts' 3-D weights by `target_parameters`."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=targets.pattern or [],  # [] = experts' weights only (PEFT: target_parameters alone)
+        target_parameters=list(targets.parameters) or None,
         bias="none",
         task_type=task_type,
     )
 
 
-def check_target_modules(model, target_modules: list[str]) -> None:
-    """Fail clearly when a configured LoRA target does not exist in the model (PEFT's error is cryptic)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in target_modules if t not in names]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.endswith("Linear") and "." in n} - {"lm_head"})
-        raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: {', '.join(linear)}")
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routing layers: never adapted (see lora_targets)
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What LoRA adapts in one model, resolved from `lora.target_modules` (`lora_targets`)."""
+
+    modules: tuple[str, ...]  # last names of the adapted linear layers (q_proj, qkv_proj, ...)
+    parameters: tuple[str, ...]  # routed experts' 3-D weights, `<module>.<parameter>` (experts.gate_up_proj): PEFT target_parameters
+    pattern: str  # PEFT target_modules: a regex over module paths that matches `modules` inside the decoder blocks only ("" = none)
+    experts: int  # routed experts per MoE layer (0: a dense model)
+    not_adapted: tuple[str, ...]  # what stays frozen although the default would like to reach it, and why (said before training)
+
+    def describe(self) -> str:
+        """One line: what LoRA reaches and what it cannot."""
+        line = f"LoRA on {', '.join(self.modules) or 'no linear layer'}"
+        if self.parameters:
+            line += f" + the routed experts' weights {', '.join(self.parameters)} ({self.experts} experts a layer, PEFT target_parameters)"
+        if self.not_adapted:
+            line += "; not adapted: " + "; ".join(self.not_adapted)
+        return line
+
+    def as_dict(self) -> dict:
+        return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts, "not_adapted": list(self.not_adapted)}
+
+
+def decoder_blocks(model) -> tuple[str, int]:
+    """(path, count) of the repeated decoder layers: the longest ModuleList of the language model (`get_decoder()`:
+    a multimodal model's text half, never its vision tower)."""
+    import torch
+
+    root = model.get_decoder() if hasattr(model, "get_decoder") else model
+    root = root if isinstance(root, torch.nn.Module) else model
+    root_name = next((n for n, m in model.named_modules() if m is root), "")
+    best = ("", 0)
+    for name, m in root.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > best[1]:
+            best = (f"{root_name}.{name}" if root_name else name, len(m))
+    return best
+
+
+def lora_targets(model, lora) -> LoraTargets:
+    """Resolve `lora.target_modules` against the model (real or a meta-device skeleton).
+
+    `all-linear`: every linear layer inside the decoder blocks (PEFT's all-linear semantics, whatever the architecture
+    calls them: q_proj... on Llama, qkv_proj/gate_up_proj on Phi-3), and on a mixture-of-experts model the routed
+    experts' 3-D weights (transformers 5 keeps a layer's experts in one [experts, ., .] tensor per projection, which no
+    linear-layer LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`,
+    `shared_expert_gate`: a low-rank update to routing shifts the experts' load) are not adapted. A list names linear
+    layers and expert weights by their last name; a name the model lacks is a StageError listing the ones it has.
+    """
+    import re
+
+    blocks, _ = decoder_blocks(model)
+    inv = _inventory(model, blocks)
+    if lora.target_modules == "all-linear":
+        modules, params = inv["linear"], inv["expert_params"]
+    else:
+        wanted = list(dict.fromkeys(lora.target_modules))
+        modules = [n for n in wanted if n in inv["linear"]]
+        params = [p for p in inv["expert_params"] if p.rsplit(".", 1)[-1] in wanted]
+        missing = [n for n in wanted if n not in set(modules) | {p.rsplit(".", 1)[-1] for p in params}]
+        if missing:
+            hint = f"; its routed experts' weights: {', '.join(p.rsplit('.', 1)[-1] for p in inv['expert_params'])}" if inv["expert_params"] else ""
+            raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: "
+                             f"{', '.join(inv['linear'])}{hint}; or use all-linear")
+    if not modules and not params:
+        raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
+                         f"{', '.join(inv['linear']) or 'none'}); use all-linear")
+    not_adapted = []
+    if inv["expert_params"] and not params:
+        not_adapted.append(f"the routed experts ({', '.join(inv['expert_params'])}: name them in lora.target_modules or use all-linear)")
+    if inv["routers"]:
+        not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
+    if inv["expert_other"] and params:
+        not_adapted.append(f"the experts' biases ({', '.join(inv['expert_other'])})")
+    if inv["outside"]:
+        not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(inv['outside'])}: the text model is what is tuned)")
+    # PEFT: a regex is matched against the whole module path, so nothing outside the blocks (a vision tower's q_proj) is hit.
+    pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
+    return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted))
+
+
+def _inventory(model, blocks: str) -> dict:
+    """Inside the decoder blocks: linear layers, routers, experts' 3-D weights (and their other parameters) by last
+    name; outside: the top-level modules that hold linear layers (besides the LM head)."""
+    import torch
+
+    linear, routers, expert_params, expert_other, experts = {}, {}, {}, {}, 0
+    for name, m in model.named_modules():
+        if not blocks or not name.startswith(blocks + "."):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        own = dict(m.named_parameters(recurse=False))
+        if (leaf in ROUTER_NAMES and (leaf == "shared_expert_gate" or hasattr(parent, "experts"))) or type(m).__name__.endswith("Router"):
+            routers[leaf] = None
+        elif isinstance(m, torch.nn.Linear):
+            linear[leaf] = None
+        elif any(p.ndim == 3 for p in own.values()):  # an experts module: [experts, ., .] weights, maybe biases
+            for pname, p in own.items():
+                (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
+                experts = max(experts, int(p.shape[0])) if p.ndim == 3 else experts
+    outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
+    return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
+            "experts": experts, "outside": outside}
+
+
+def model_skeleton(ref: ModelRef, model: ModelSection):
+    """The model's modules on the meta device (no weights, no memory): what `lora_targets` resolves against before any stage."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
+    except OSError as e:
+        raise _load_error(ref, model, e) from e
+    with torch.device("meta"), quiet_transformers():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Activation checkpointing under transformers' current name (`activation_checkpointing_enable`; the old
+    `gradient_checkpointing_enable` warns and goes in v6), the old one where the new does not exist (5.17)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# transformers' FutureWarnings for the checkpointing names it renamed (`is_gradient_checkpointing`,
+# `gradient_checkpointing_enable`, ...: removed in v6). Our own calls use the new names; PEFT 0.21 still reads the old.
+V6_RENAMES = r"`(is_)?gradient_checkpointing\w*` is deprecated and will be removed in v6"
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Around a PEFT call (get_peft_model, PeftModel.from_pretrained, k-bit prep): hides only the FutureWarnings for
+    transformers' renamed checkpointing names that PEFT itself still uses; every other warning shows."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=V6_RENAMES, category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' per-load chatter (we log once per stage ourselves)."""
+    """Silence transformers' per-load chatter (we log once per stage ourselves), and the renamed-name FutureWarnings of
+    a PEFT load inside (`peft_quietly`)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with peft_quietly():
+            yield
     finally:
         hf_logging.set_verbosity(level)

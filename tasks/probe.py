@@ -35,7 +35,7 @@ from .common import StageError, building, fingerprint, is_complete, locked, mayb
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import build_model, engine_for, training_args
+from .engine.build import build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
@@ -317,6 +317,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
+        drop_log_dicts(trainer)
         with quiet_transformers():
             t_start = time.monotonic()
             trainer.train()

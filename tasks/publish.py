@@ -47,6 +47,19 @@ class PublishRecord(BaseModel):
         return is_published(Path(self.dir))
 
 
+def lora_targets_markdown(train, lora) -> str:
+    """What LoRA adapted and what it could not (stage 4's record; a record from before it was kept: the configured names)."""
+    t = getattr(train, "lora_targets", None) or {}
+    if not t:
+        return ", ".join(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
+    line = ", ".join(t["modules"]) or "no linear layer"
+    if t.get("parameters"):
+        line += f" + the routed experts' weights {', '.join(t['parameters'])} ({t['experts']} experts a layer)"
+    if t.get("not_adapted"):
+        line += "; **not adapted**: " + "; ".join(t["not_adapted"])
+    return line
+
+
 def is_published(folder: Path) -> bool:
     """Complete = manifest present and every listed file there with its size."""
     man = folder / MANIFEST
@@ -177,7 +190,7 @@ README.md) run `{run_name}` (profile `{cfg.profile}`).
 - Data: `{data.source}`{' + ' + ', '.join(f'`{m.source}`' for m in cfg.data.mix) if cfg.data.mix else ''} — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
   loss on assistant tokens only, end-of-turn learned.{sys_line}
 {data_sources_markdown(data)}- Recipe: {recipe},
-  LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {', '.join(cfg.lora.target_modules)}
+  LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {lora_targets_markdown(train, cfg.lora)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`.
 - Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set

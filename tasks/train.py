@@ -33,7 +33,7 @@ from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, 
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import build_model, count_params, engine_for, training_args
+from .engine.build import build_model, count_params, drop_log_dicts, engine_for, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, resolve_device, resolve_model
 
@@ -70,6 +70,7 @@ class TrainRecord(BaseModel):
     loss_curve_png: str
     tensorboard_dir: str
     gpus: int = 1  # data-parallel processes (training.gpus); tokens_seen and tokens/s are over all of them
+    lora_targets: dict = {}  # what LoRA adapted and what it could not (tasks/models.py LoraTargets.as_dict); the model card says it
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -122,7 +123,9 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, *
                 return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
             return super()._get_train_sampler(train_dataset)
 
-    return TimeBudgetTrainer(**kwargs)
+    trainer = TimeBudgetTrainer(**kwargs)
+    drop_log_dicts(trainer)  # BudgetGuard logs each step as one line; Trainer's own dicts would interleave
+    return trainer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,6 +460,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         loss_curve_png=str(png),
         tensorboard_dir=str(tb_dir),
         gpus=n,
+        lora_targets=model.lora_targets.as_dict(),
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

@@ -29,6 +29,7 @@ HUB_MODEL = ["model.name=someorg/some-model"]  # keys only a hub model reads are
 # key -> (the override that changes it, the stages it invalidates, extra overrides of the baseline)
 KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "profile": ("renamed", NOTHING, []),
+    "description": ("another line", NOTHING, []),
     "output_name": ("other-name", PUBLISH, []),
     "device": ("cpu", NOTHING, []),  # = what auto resolves to on this CPU machine (the GPU case: see the test)
     "model.name": ("random:llama", ALL, []),

@@ -22,7 +22,7 @@ def test_mistral_profile_is_the_seed_recipe_exactly():
     assert cfg.data.source == "trl-lib/Capybara"
     assert (cfg.quant.load_in_4bit, cfg.quant.quant_type, cfg.quant.double_quant) == (True, "nf4", True)
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
-    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg.lora.target_modules == "all-linear"  # = the seed's seven projections on Mistral (tests/test_train.py counts them)
     assert (cfg.training.micro_batch_size, cfg.training.grad_accum) == (4, 4)
     assert cfg.training.gradient_checkpointing and cfg.data.max_length == 2048
     assert cfg.output_name == "mistral-7b-instruct-qlora"

@@ -25,14 +25,14 @@ def test_seed_recipe_has_41943040_trainable_params_on_mistral_7b_shapes():
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from tasks.config import load_config
-    from tasks.models import lora_config
+    from tasks.models import lora_config, lora_targets
 
-    cfg = load_config(profile="mistral-7b")
+    cfg = load_config(profile="mistral-7b")  # lora.target_modules: all-linear = the seed's seven projections
     mistral = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mistral)
-    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    peft_model = get_peft_model(model, lora_config(cfg.lora, lora_targets(model, cfg.lora)))
     trainable, total = count_params(peft_model)
     assert trainable == 41_943_040
     assert total - trainable == 7_241_732_096  # Mistral-7B-v0.1's parameter count

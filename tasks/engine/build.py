@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
-from ..models import ModelRef, check_target_modules, compute_dtype, load_base_model, lora_config, quiet_transformers, uses_4bit
+from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
+                      quiet_transformers, uses_4bit)
 from .dist import world
 
 
@@ -27,7 +28,8 @@ def optimizer_for(training: TrainingSection, device: str) -> str:
 
 
 def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str):
-    """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train."""
+    """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
+    reaches (tasks/models.py `lora_targets`)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)
@@ -38,28 +40,74 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         attn = fast_attn_implementation(device)
     with quiet_transformers():
         model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
-    check_target_modules(model, lora.target_modules)
+    targets = lora_targets(model, lora)
     model.config.use_cache = False
-    if uses_4bit(quant, device) and not fast:
+    if uses_4bit(quant, device) and not fast and targets.parameters:
+        prepare_kbit_keeping_experts(model, gradient_checkpointing)
+    elif uses_4bit(quant, device) and not fast:
         # The seed recipe: PEFT's k-bit prep (also upcasts norms/embeddings/lm_head to fp32).
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        with peft_quietly():
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     elif gradient_checkpointing:
         # The fast engine keeps norms and lm_head in bf16 (Liger's fused cross-entropy reads the bf16
         # lm_head; the fp32 upcast costs ~0.5 GB on a 7B model for no measured gain).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, {"use_reentrant": False})
         model.enable_input_require_grads()
     if fast:
         from .fastpath import prepare_fast_model
 
         model = prepare_fast_model(model)
-    model = get_peft_model(model, lora_config(lora))
+    with peft_quietly():
+        model = get_peft_model(model, lora_config(lora, targets))
+    model.lora_targets = targets
     if engine == "fused":
         from .lora import fuse_lora
 
         fuse_lora(model)
     return model
+
+
+def prepare_kbit_keeping_experts(model, gradient_checkpointing: bool) -> None:
+    """PEFT's k-bit prep (`prepare_model_for_kbit_training`: base frozen, 16-bit weights upcast to fp32, checkpointing)
+    for a mixture-of-experts model, whose routed experts' 3-D weights stay as loaded: bitsandbytes leaves them 16-bit,
+    and PEFT's upcast would double them (54 GiB of bf16 experts on Qwen3-30B-A3B -> 108 GiB of fp32)."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad = False
+        if p.dtype in (torch.float16, torch.bfloat16) and p.ndim != 3 and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+    if gradient_checkpointing:
+        enable_checkpointing(model, {"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def drop_log_dicts(trainer) -> None:
+    """Trainer prints every log dict (`{'loss': ..., 'grad_norm': ...}`) over its progress bar, or as a bare line when
+    the bar is off, in between the project's log lines; stage 4 already logs each step as one line of ours (BudgetGuard)
+    and keeps every dict in log_history.json. Keep the bar with its ETA, drop the dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarWithoutDicts(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarWithoutDicts())
+    trainer.pop_callback(PrinterCallback)
+
+
+def checkpointing_arg() -> str:
+    """TrainingArguments' name for activation checkpointing: `activation_checkpointing` where transformers has it (the old
+    `gradient_checkpointing` warns there and goes in v6), `gradient_checkpointing` before (5.17)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def count_params(model) -> tuple[int, int]:
@@ -87,7 +135,7 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
-        gradient_checkpointing=False,  # already enabled on the model (PEFT needs it set up before wrapping)
+        **{checkpointing_arg(): False},  # already enabled on the model (PEFT needs it set up before wrapping)
         logging_steps=training.logging_steps,
         save_strategy="no",  # BudgetGuard decides when to save (every N minutes, and at the end)
         save_total_limit=keep,

@@ -1,0 +1,243 @@
+"""The architectures people train now, each as a tiny random model (2 layers, tiny dims) through the whole flow with
+no LoRA key set; what LoRA reaches on each (all-linear, MoE experts); the model checks that run before stage 1; the
+profiles and their one-line descriptions; warnings and Trainer output kept out of the run's log (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "initializer_range": 0.2}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ATTN_MLP = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+EXPERTS = {"experts.gate_up_proj", "experts.down_proj"}
+
+# arch -> (random_config, linear layers all-linear must reach, expert weights it must reach)
+ARCHS = {
+    "llama": (TINY, ATTN_MLP, set()),
+    "mistral": (TINY, ATTN_MLP, set()),
+    "qwen2": (TINY, ATTN_MLP, set()),
+    "qwen3": ({**TINY, "head_dim": 16}, ATTN_MLP, set()),
+    "gemma2": ({**TINY, "head_dim": 16}, ATTN_MLP, set()),
+    "gemma3_text": ({**TINY, "head_dim": 16}, ATTN_MLP, set()),
+    # Gemma-3 4B/12B: the multimodal model type; LoRA on its text model only.
+    "gemma3": ({"text_config": {**TINY, "head_dim": 16}, "mm_tokens_per_image": 4,
+                "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "image_size": 28, "patch_size": 14}}, ATTN_MLP, set()),
+    "phi3": (TINY, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, set()),  # Phi-3 / Phi-4-mini
+    "mixtral": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2}, ATTN, EXPERTS),
+    "qwen2_moe": ({**TINY, **MOE, "shared_expert_intermediate_size": 64}, ATTN_MLP, EXPERTS),  # shared expert = linear layers
+    "qwen3_moe": ({**TINY, **MOE, "head_dim": 16}, ATTN, EXPERTS),
+    "gpt_oss": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}, ATTN, EXPERTS),  # experts' biases stay frozen
+}
+
+# Each real-GPU profile of pipeline.yaml -> the architecture the matrix above runs for it.
+PROFILE_ARCH = {
+    "mistral-7b": "mistral", "llama-2-7b": "llama", "llama-3.1-8b": "llama", "qwen2.5-7b": "qwen2",
+    "gemma-3-4b": "gemma3", "gemma-3-12b": "gemma3", "phi-4-mini": "phi3", "mistral-7b-v0.3": "mistral", "qwen3-moe-30b": "qwen3_moe",
+}
+
+
+def _flow_args(art: str, arch: str, *extra: str) -> list[str]:
+    return [f"artifacts_dir={art}", f"model.name=random:{arch}", f"model.random_config={json.dumps(ARCHS[arch][0])}", *extra]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))  # ~4.5 s each on the 2-core box (2026-12-01): not marked slow
+def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_server, tmp_path, capfd):
+    from flows.finetune import finetune
+
+    _, linear, experts = ARCHS[arch]
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(profile="tiny", overrides=_flow_args(str(tmp_path / "artifacts"), arch))
+    out, err = capfd.readouterr()
+    assert result["status"] == "completed"
+    train = result["stages"]["train"]["outputs"]
+    targets = train["lora_targets"]
+    assert set(targets["modules"]) == linear and set(targets["parameters"]) == experts, targets
+    merge = result["stages"]["merge"]["outputs"]
+    assert merge["check"]["passed"] and merge["merged_modules"] == 2 * (len(linear) + len(experts))  # 2 layers
+    card = (Path(result["published"]) / "README.md").read_text()
+    if experts:
+        assert targets["experts"] == 4 and "routed experts" in card and "not adapted" in card and "routers" in card
+    # Quiet and current (issue 20.5): no FutureWarning from the run, no raw Trainer dicts between the log lines.
+    future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
+    assert future == []
+    assert "{'loss'" not in out + err and "{'train_runtime'" not in out + err
+
+
+def _skeleton(arch: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=512, pad_token_id=0, **ARCHS[arch][0])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_all_linear_reaches_every_decoder_linear_whatever_its_name():
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    for arch in ("llama", "phi3", "gemma3", "qwen2_moe", "mixtral"):
+        t = lora_targets(_skeleton(arch), LoraSection())
+        assert set(t.modules) == ARCHS[arch][1] and set(t.parameters) == ARCHS[arch][2], arch
+    gemma = lora_targets(_skeleton("gemma3"), LoraSection())
+    assert "vision_tower" in gemma.describe() and "vision" not in gemma.pattern  # the text model only
+    qwen = lora_targets(_skeleton("qwen2_moe"), LoraSection())
+    assert "routers (gate, shared_expert_gate" in qwen.describe()
+
+
+def test_explicit_targets_still_work_and_a_wrong_name_lists_the_models_names():
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    mixtral = _skeleton("mixtral")
+    attn_only = lora_targets(mixtral, LoraSection(target_modules=["q_proj", "v_proj"]))
+    assert attn_only.modules == ("q_proj", "v_proj") and attn_only.parameters == ()
+    assert "not adapted: the routed experts" in attn_only.describe()  # said, never silent
+    with_experts = lora_targets(mixtral, LoraSection(target_modules=["q_proj", "down_proj"]))
+    assert with_experts.parameters == ("experts.down_proj",)
+    with pytest.raises(StageError) as e:
+        lora_targets(_skeleton("phi3"), LoraSection(target_modules=["q_proj", "qkv_proj"]))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("lora.target_modules: q_proj not in this model")
+    assert "qkv_proj, gate_up_proj" in msg.replace("o_proj, ", "") and "all-linear" in msg
+
+
+def _run_cli(capfd, *args: str) -> tuple[int, str]:
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import main
+
+    for h in logging.getLogger().handlers:  # Prefect's console handler may hold an earlier test's closed capture
+        if isinstance(h, PrefectConsoleHandler):
+            h.stream = h.console.file = sys.stderr
+    capfd.readouterr()
+    code = main(["run", "--profile", "tiny", "--minutes", "1", *[x for a in args for x in ("--set", a)]])
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+@pytest.mark.parametrize("case, sets, needles", [
+    ("wrong-target", ["lora.target_modules=[q_proj,qkv_proj]"], ["qkv_proj not in this model", "its linear layers are"]),
+    ("moe-dropout", ["model.name=random:mixtral", f"model.random_config={json.dumps(ARCHS['mixtral'][0])}", "lora.dropout=0.05"],
+     ["lora.dropout: 0.05", "routed experts", "set lora.dropout=0"]),
+    ("template-without-eos", ["model.chat_template={% for m in messages %}{{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"],
+     ["chat template ends assistant turns with", "can't learn to stop", "model.chat_template"]),
+])
+def test_model_problems_are_one_line_before_stage_1(case, sets, needles, prefect_server, tmp_path, capfd):
+    art = tmp_path / "artifacts"
+    code, output = _run_cli(capfd, f"artifacts_dir={art}", *sets)
+    assert code == 1, output[-3000:]
+    lines = [l for l in output.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), lines
+    assert "Traceback" not in output
+    assert not (art / "cache" / "data").exists()  # found before stage 1 did any work
+
+
+def test_too_few_rows_for_a_heldout_split_names_the_count_and_the_key(tmp_path, tiny_cfg, shared_artifacts):
+    """An OASST1 export filtered to one language that leaves 1 conversation: the length is not the cause."""
+    from tasks.common import StageError
+    from tasks.data import load_dataset_records
+
+    rows = []
+    for t, lang in enumerate(["es", "en", "en", "de"]):
+        root = f"t{t}"
+        rows.append({"message_id": root, "parent_id": None, "message_tree_id": root, "role": "prompter", "text": f"Pregunta {t}?",
+                     "lang": lang, "rank": None, "deleted": False})
+        rows.append({"message_id": f"{root}-a", "parent_id": root, "message_tree_id": root, "role": "assistant", "text": f"Respuesta {t}.",
+                     "lang": lang, "rank": 0, "deleted": False})
+    src = tmp_path / "oasst_export.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_cfg.data.model_copy(update={"source": str(src), "language": "es"})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    msg = str(e.value)
+    assert "0 usable held-out rows: 1 usable conversation after filtering" in msg and "needs at least 2" in msg
+    assert "data.language (now 'es'" in msg and "max_length" not in msg
+
+
+def test_checkpointing_and_peft_calls_use_current_names(tiny_cfg, shared_artifacts):
+    """No FutureWarning for transformers' renamed checkpointing names (removed in v6) from building the model with
+    checkpointing on, PEFT's wrap and the Trainer arguments (issue 20.5)."""
+    from tasks.engine.build import build_model, training_args
+    from tasks.models import resolve_model
+
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model(ref, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, True, "cpu", "padded")
+        args = training_args(tiny_cfg.training, Path(shared_artifacts) / "args", "cpu", tiny_cfg.quant, micro_batch_size=2, grad_accum=1,
+                             max_steps=1, gradient_checkpointing=True)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.get_base_model().modules())  # on, as asked
+    assert not getattr(args, "activation_checkpointing", args.gradient_checkpointing)  # Trainer leaves it to the model
+
+
+def test_profiles_command_prints_each_profile_with_its_description(capsys):
+    from flows.cli import main
+    from tasks.config import load_config, profile_descriptions
+
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    described = profile_descriptions()
+    assert len(out) == len(described)
+    for name, text in described.items():
+        assert text, f"profile {name} has no description"
+        assert any(line.split()[0] == name and text in line for line in out), (name, out)
+    for name, arch in PROFILE_ARCH.items():
+        assert name in described and arch in ARCHS  # each real-GPU profile's architecture runs in the tiny matrix
+        cfg = load_config(profile=name)
+        assert cfg.description and cfg.budget.vram_gb == "auto"
+    assert load_config(profile="qwen3-moe-30b").lora.dropout == 0  # PEFT's expert LoRA takes no dropout
+
+
+def test_moe_qlora_keeps_the_experts_16_bit_and_says_so(shared_artifacts):
+    """NF4 on CPU (quant.cpu_fallback=qlora, bf16 compute): bitsandbytes quantizes the linear layers, the 3-D experts stay
+    bf16, and the k-bit prep must not upcast them to fp32 as PEFT's does with every 16-bit weight (2x their memory)."""
+    import torch
+
+    from tasks.config import load_config
+    from tasks.engine.build import build_model
+    from tasks.models import resolve_model
+    from tasks.preflight import check_model
+
+    cfg = load_config(profile="tiny", overrides=[*_flow_args(shared_artifacts, "mixtral")[1:], "quant.cpu_fallback=qlora",
+                                                 "quant.compute_dtype=bfloat16"])
+    lines = check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts)
+    assert any("routed experts (" in l and "stay in bfloat16, not NF4" in l for l in lines), lines
+    model = build_model(resolve_model(cfg.model, shared_artifacts), cfg.model, cfg.quant, cfg.lora, True, "cpu", "padded")
+    params = dict(model.named_parameters())
+    experts = {n: p for n, p in params.items() if p.ndim == 3}
+    assert len(experts) == 4 and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in experts.values())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if "norm" in n)  # the rest of PEFT's prep still applies
+    assert any(type(p).__name__ == "Params4bit" for p in params.values())
+    x = torch.randint(3, 500, (2, 12))
+    model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for n, p in params.items() if p.requires_grad and "experts" in n and "lora_B" in n)
+
+
+def test_experts_alone_can_be_the_target():
+    from peft import get_peft_model
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets
+
+    model = _skeleton("mixtral")
+    lora = LoraSection(target_modules=["gate_up_proj", "down_proj"], dropout=0.0)
+    t = lora_targets(model, lora)
+    assert t.modules == () and set(t.parameters) == EXPERTS and t.pattern == ""
+    peft_model = get_peft_model(model, lora_config(lora, t))
+    adapted = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert adapted and all(".mlp.experts" in n for n in adapted)
