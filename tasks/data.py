@@ -610,7 +610,8 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
             extra.append({"messages": msgs, **meta})
     if not train:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
-        fix = DROP_FIXES.get(dropped.most_common(1)[0][0] if dropped else "", "fix the data")
+        causes = [r for r, _ in dropped.most_common() if r != "duplicate"]  # a repeat is never the cause to fix
+        fix = DROP_FIXES.get(causes[0] if causes else "", "fix the data")
         raise StageError(f"data.source {data.source!r}: 0 usable training rows ({reasons}); {fix}")
     if not held:
         raise StageError(heldout_problem(data, len(convs), is_train.count(False), dropped, rows_read))

@@ -47,6 +47,14 @@ class PublishRecord(BaseModel):
         return is_published(Path(self.dir))
 
 
+def batch_line(train) -> str:
+    """What one optimizer step trained on (stage 4's record): packing changes it at the same learning rate."""
+    b = getattr(train, "batch", None) or {}
+    if not b:
+        return ""
+    return f"; optimizer batch ~{b['conversations']:,.1f} conversations / ~{b['tokens']:,} tokens per step ({b['rule']})"
+
+
 def lora_targets_markdown(train, lora) -> str:
     """What LoRA adapted and what it could not (stage 4's record; a record from before it was kept: the configured names)."""
     t = getattr(train, "lora_targets", None) or {}
@@ -192,7 +200,7 @@ README.md) run `{run_name}` (profile `{cfg.profile}`).
 {data_sources_markdown(data)}- Recipe: {recipe},
   LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {lora_targets_markdown(train, cfg.lora)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
-  LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`.
+  LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`{batch_line(train)}.
 - Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set
   {probe.max_steps} steps; trained {train.steps} steps ({train.tokens_seen:,} tokens) in {train.wall_seconds / 60:.1f} min
   (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.

@@ -134,7 +134,7 @@ def inputs(tmp_path_factory) -> Path:
     (d / "empty_turns.jsonl").write_text(lines([{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": ""}]}] * 5))
     (d / "latin1.jsonl").write_bytes(lines([GOOD]).encode() + '{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1"))
     (d / "one_mb.jsonl").write_text(lines([{"messages": [{"role": "user", "content": "x" * (1 << 20)}, {"role": "assistant", "content": "ok"}]}]))
-    (d / "overlong.jsonl").write_text(lines([{"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}] * 10))
+    (d / "overlong.jsonl").write_text(lines([{"messages": [{"role": "user", "content": f"word{i} " * 400}, {"role": "assistant", "content": "ok"}]} for i in range(10)]))
     (d / "invalid.json").write_text('[{"messages": [}]')
     return d
 
@@ -255,7 +255,8 @@ def test_one_oversized_row_among_good_ones_is_dropped_and_counted(finished, tmp_
     src = tmp_path / "mixed.jsonl"
     big = {"messages": [{"role": "user", "content": "x" * (1 << 20)}, {"role": "assistant", "content": "ok"}]}
     weird = {"messages": [{"role": "wizard", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    src.write_text("".join(json.dumps(r) + "\n" for r in [GOOD] * 20 + [big, weird]))
+    goods = [{"messages": [{**GOOD["messages"][0], "content": f"{GOOD['messages'][0]['content']} ({i})"}, *GOOD["messages"][1:]]} for i in range(20)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in goods + [big, weird]))
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={finished['art']}", f"data.source={src}"])
     rec = load_dataset_records(cfg.data, cfg.model, finished["art"])
     assert rec.dropped == {"over max_length": 1, "unknown role": 1}

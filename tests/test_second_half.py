@@ -100,7 +100,8 @@ def test_published_folder_card_manifest_and_seed_snippet(trained, tiny_cfg, shar
     # random:mistral is no Hub id: no base_model line, the card says what the base is (tests/test_use_the_model.py).
     assert "base_model:" not in card
     for needle in ("`random:mistral`: random weights for tests", "library_name: peft", "AutoPeftModelForCausalLM", "Time budget", "| perplexity |",
-                   f"{trained['train'].trainable_params:,}", trained["data"].data_hash):
+                   f"{trained['train'].trainable_params:,}", trained["data"].data_hash,
+                   f"optimizer batch ~{trained['train'].batch['conversations']:,.1f} conversations"):
         assert needle in card, needle
     # The seed's snippet, verbatim in spirit: AutoPeftModelForCausalLM on the published adapter.
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder / "adapter"))
