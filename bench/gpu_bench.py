@@ -58,15 +58,14 @@ import torch  # noqa: E402
 from bench.profile_gpu import markdown as profile_markdown  # noqa: E402
 from bench.profile_gpu import step_profiler  # noqa: E402
 from tasks.engine.lora import dropout_backend, fuse_lora  # noqa: E402
-from tasks.fastpath import (  # noqa: E402
+from tasks.engine.fastpath import (  # noqa: E402
     PaddingFreeCollator,
-    PartialRecomputeCallback,
     fast_attn_implementation,
     pack_by_tokens,
     packed_hf_dataset,
     prepare_fast_model,
-    recompute_free_layers,
 )
+from tasks.engine.recompute import PartialRecomputeCallback, recompute_free_layers  # noqa: E402
 
 GIB = 2**30
 CAP_GIB = 15.0  # allocator cap that stands for a 16 GiB card

@@ -1,4 +1,4 @@
-"""Contracts of tasks/fastpath.py on a tiny random Mistral (2 layers, 64 wide), CPU only.
+"""Contracts of tasks/engine/fastpath.py and tasks/engine/recompute.py on a tiny random Mistral (2 layers, 64 wide), CPU only.
 
 The padding-free collator restarts positions and masks each sample's first label; a packed forward gives every
 sample the same logits, loss and gradients as running it alone (no cross-sample attention), with transformers'
@@ -10,8 +10,8 @@ relative on the loss; only summation order differs between them.
 import pytest
 import torch
 
-from tasks import fastpath
-from tasks.fastpath import (
+from tasks.engine import fastpath
+from tasks.engine.fastpath import (
     IGNORE_INDEX,
     PackedDataset,
     PaddingFreeCollator,
@@ -19,10 +19,9 @@ from tasks.fastpath import (
     pack_by_tokens,
     packed_hf_dataset,
     prepare_fast_model,
-    recompute_free_layers,
     register_varlen_attention,
-    set_recompute_free_layers,
 )
+from tasks.engine.recompute import checkpointed_layers, recompute_free_layers, set_recompute_free_layers
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,6 +196,6 @@ def test_set_recompute_free_layers_toggles_the_last_layers():
     model = tiny_model("sdpa").train()
     model.gradient_checkpointing_enable()
     assert set_recompute_free_layers(model, 1) == 1
-    flags = [layer.gradient_checkpointing for layer in fastpath.checkpointed_layers(model)]
+    flags = [layer.gradient_checkpointing for layer in checkpointed_layers(model)]
     assert flags == [True, False]
     assert set_recompute_free_layers(model, 99) == 2
