@@ -480,8 +480,8 @@ def _without_benchmarks(convs: list, deduper: sources.Deduper | None, removed: c
 
 
 def _without_repeats(convs: list, seen: sources.ExchangeDeduper, dropped: collections.Counter, msgs_of=lambda c: c) -> list:
-    """Drop conversations whose first exchange an earlier one (of any source) had; before any split, so a held-out
-    row is never also a training row."""
+    """Drop conversations an earlier one (of any source) repeats; before any split, so a held-out row is never also a
+    training row."""
     kept = [c for c in convs if seen.new(msgs_of(c))]
     if len(kept) < len(convs):
         dropped["duplicate"] += len(convs) - len(kept)

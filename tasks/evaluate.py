@@ -536,7 +536,7 @@ def _binary(k_list: list[bool], confidence: float, clusters: list[int] | None = 
 def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True, sizes: list[int] | None = None) -> dict:
     """Tuned-minus-base gain of sum / sum(sizes) (the mean when `sizes` is None) with a paired bootstrap interval
     over prompts; `better`/`worse` only beyond the interval. The gain is the difference of the two values shown."""
-    if not base:
+    if not base or (sizes is not None and not sum(sizes)):  # no prompts, or references of no tokens at all
         return {"gain": None, "gain_ci": None, "verdict": "unscored"}
     gain = (sum(tuned) - sum(base)) / (sum(sizes) if sizes else len(base))
     lo, hi = paired_bootstrap(base, tuned, confidence, sizes=sizes)
@@ -615,6 +615,12 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         stats = {who: bench.answer_stats(texts[who], [g["stopped"] for g in gens[who]]) for who in gens}
         summary["answers"] = stats
         summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
+        # An empty answer is judged on its own (exact McNemar over prompts): cutting pairs to the shorter answer makes
+        # an empty answer tie its pair at 0, so the overlap scores cannot see a collapse to empty answers.
+        answered = {who: [bool(t.strip()) for t in texts[who]] for who in gens}
+        m["answered"] = {"base": {"value": round(sum(answered["base"]) / len(rows), 4)},
+                         "tuned": {"value": round(sum(answered["tuned"]) / len(rows), 4)},
+                         **mcnemar_exact(answered["base"], answered["tuned"], conf)}
         words = {who: [float(bench.word_count(t)) for t in texts[who]] for who in gens}
         m["answer_words"] = {"base": {"median": stats["base"]["median_words"]}, "tuned": {"median": stats["tuned"]["median_words"]},
                              **_paired(words["base"], words["tuned"], conf)}
@@ -667,7 +673,7 @@ def _version(dist: str) -> str:
         return "missing"
 
 
-RATE_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+RATE_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "answered")
 
 
 def _ordered(name: str, metrics: dict) -> list[tuple[str, dict]]:
@@ -682,6 +688,7 @@ _LABELS = {
     ("ifeval", "prompt_loose"): "IFEval prompt-level loose", ("ifeval", "prompt_strict"): "IFEval prompt-level strict",
     ("ifeval", "instruction_loose"): "IFEval instruction-level loose", ("ifeval", "instruction_strict"): "IFEval instruction-level strict",
     ("alpaca_eval", "reference_loss"): "AlpacaEval reference loss (per token)",
+    ("alpaca_eval", "answered"): "AlpacaEval non-empty answers",
     ("alpaca_eval", "rouge_l"): "AlpacaEval ROUGE-L (pairs cut to the shorter answer)",
     ("alpaca_eval", "chrf"): "AlpacaEval chrF (pairs cut to the shorter answer)",
     ("alpaca_eval", "rouge_l_uncut"): "AlpacaEval ROUGE-L, whole answers (length-sensitive, not judged)",

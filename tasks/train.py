@@ -384,7 +384,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed, packing=training.packing,
                                            min_packs=(cap - done) * packs_per_step, start=start)
     args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=is_padding_free(engine))
-    batch = batch_size(dataset, per_device * ga * n, train_ds)
+    batch = batch_size(dataset, per_device * ga * n, train_ds, training.packing)
     if isinstance(dataset, PackedStream):
         # Resume by rows trained on, not by batch count: the stream already starts at the checkpoint's position.
         args.ignore_data_skip = True
@@ -470,18 +470,17 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     return rec
 
 
-def batch_size(dataset, forwards_per_step: int, train_ds) -> dict:
-    """What one optimizer step trains on, in conversations and real tokens (means over the data): padded micro-batches
-    hold `micro` conversations each; packs hold as many as fit their token budget."""
+def batch_size(dataset, forwards_per_step: int, train_ds, packing: str = "full") -> dict:
+    """What one optimizer step trains on, in conversations and real tokens (means over a pass of the data): padded
+    micro-batches hold `micro` conversations each; packs hold as many as `training.packing` puts in them."""
+    if isinstance(dataset, PackedStream):
+        convs, tokens, largest = dataset.per_pack()
+        rule = f"{forwards_per_step} packs ({packing}: ~{convs:.1f} conversations, up to {largest:,} tokens each)"
+        return {"conversations": round(convs * forwards_per_step, 1), "tokens": round(tokens * forwards_per_step), "rule": rule}
     lengths = [len(x) for x in train_ds["input_ids"]]
     mean_len = sum(lengths) / max(len(lengths), 1)
-    if isinstance(dataset, PackedStream):
-        convs = dataset.conversations_per_pack() * forwards_per_step
-        rule = f"{forwards_per_step} packs of <= {dataset.capacity:,} tokens"
-    else:
-        convs = float(forwards_per_step)
-        rule = f"{forwards_per_step} padded conversations"
-    return {"conversations": round(convs, 1), "tokens": round(convs * mean_len), "rule": rule}
+    return {"conversations": float(forwards_per_step), "tokens": round(forwards_per_step * mean_len),
+            "rule": f"{forwards_per_step} padded conversations"}
 
 
 def _install_interrupt(guard: BudgetGuard):

@@ -300,3 +300,24 @@ def test_empty_answers_that_run_to_the_cap_are_terse(monkeypatch):
     answers = {"base": [("one two three four", True)] * 6, "tuned": [("", False)] * 6}
     res, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(6), answers, {"base": [(1.0, 1)] * 6, "tuned": [(1.0, 1)] * 6})
     assert any(w.startswith("TERSER:") for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"])
+
+
+def test_a_collapse_to_empty_answers_on_40_percent_of_prompts_is_a_regression(monkeypatch):
+    """Cut pairs tie an empty answer with its base at 0 and TERSER needs half the prompts: 40% empty answers went
+    unflagged (review of issue 21). The share of non-empty answers is judged by itself (exact McNemar)."""
+    rows = alpaca_rows(60, ref_words=60)
+    base = [(" ".join(r["reference"].split()[:40]), True) for r in rows]
+    tuned = [b if i % 5 >= 2 else ("", True) for i, b in enumerate(base)]
+    res, _ = run(monkeypatch, "alpaca_eval", rows, {"base": base, "tuned": tuned}, {"base": [(20.0, 10)] * 60, "tuned": [(20.0, 10)] * 60})
+    answered = res["summary"]["metrics"]["answered"]
+    assert answered["base"]["value"] == 1.0 and answered["tuned"]["value"] == 0.6 and answered["verdict"] == "worse"
+    verdict = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+    assert any(w.startswith("AlpacaEval non-empty answers: 100.0% -> 60.0%") for w in verdict["worse"])
+
+
+def test_references_of_no_tokens_are_unscored_not_a_crash(monkeypatch):
+    rows = alpaca_rows(6)
+    answers = {"base": [("some answer", True)] * 6, "tuned": [("another answer", True)] * 6}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(0.0, 0)] * 6, "tuned": [(0.0, 0)] * 6})
+    assert res["summary"]["metrics"]["reference_loss"]["verdict"] == "unscored"
+    ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)  # and the verdict says so instead of dividing by zero

@@ -7,8 +7,10 @@ cross-sample attention (tasks/engine/fastpath.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import random
 
 
 class PaddedCollator:
@@ -39,13 +41,19 @@ def is_padding_free(engine: str) -> bool:
     return engine != "padded"
 
 
-def pack_capacity(packing: str, micro_batch_size: int, max_length: int, lengths: list[int]) -> int:
-    """Tokens per packed micro-batch. `full`: micro x max_length (TRL's and Axolotl's packing: a pack holds
-    max_length / mean length times more conversations than a padded micro-batch). `matched`: micro x the mean
-    length, so a pack holds about micro conversations, the padded recipe's batch (never below the longest row)."""
-    if packing == "full" or not lengths:
-        return micro_batch_size * max_length
-    return min(max(math.ceil(micro_batch_size * sum(lengths) / len(lengths)), max(lengths)), micro_batch_size * max_length)
+def pack_rows(lengths: list[int], packing: str, micro_batch_size: int, max_length: int, seed: int) -> list[list[int]]:
+    """One pass over the rows as packs (one per forward), in a seeded order. `full`: best-fit packs of up to
+    micro x max_length tokens (TRL's and Axolotl's packing: a pack holds max_length / mean length times more
+    conversations than a padded micro-batch). `matched`: exactly `micro` conversations a pack, the padded recipe's
+    batch without its padding (so the learning rate means what it does there, and an out-of-memory retry at half the
+    micro-batch and twice the accumulation keeps the conversations per step)."""
+    from .fastpath import pack_by_tokens
+
+    if packing == "full":
+        return pack_by_tokens(lengths, micro_batch_size * max_length, seed)
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[i:i + micro_batch_size]) for i in range(0, len(order), micro_batch_size)]
 
 
 class PackedStream:
@@ -54,27 +62,26 @@ class PackedStream:
 
     A run resumed from a checkpoint starts where that checkpoint's data position says (`position_after`): the pass
     and the rows of it already trained on. With the same pack size the rest of the pass is the original packs
-    (resume is bit-identical); with another (an out-of-memory retry halves the micro-batch) the rows not yet seen
-    are packed anew. Either way every row is seen once per pass: no row repeats, none is skipped.
+    (resume is bit-identical while the pass is still the one first packed); with another (an out-of-memory retry
+    halves the micro-batch) the rows not yet seen are packed anew. Either way every row is seen once per pass: no row repeats, none is skipped.
     """
 
-    def __init__(self, rows, lengths: list[int], capacity: int, seed: int, min_packs: int, start: dict | None = None):
-        from .fastpath import pack_by_tokens
-
-        self.rows, self.capacity = rows, capacity
+    def __init__(self, rows, lengths: list[int], pack, seed: int, min_packs: int, start: dict | None = None):
+        """`pack(lengths, seed) -> packs` packs one pass (`pack_rows` with the run's settings)."""
+        self.rows, self.lengths, self.pack, self.seed = rows, lengths, pack, seed
         self.packs: list[list[int]] = []
         self.pass_of: list[int] = []
         self.start = start or {"pass": 0, "used": []}
         p, used = self.start["pass"], set(self.start["used"])
         while len(self.packs) < max(min_packs, 1) and lengths:
-            packs = pack_by_tokens(lengths, capacity, seed + p)
+            packs = pack(lengths, seed + p)
             if used:
                 n_done = self._packs_covering(packs, used)
                 if n_done is not None:
                     packs = packs[n_done:]  # the same packing: continue it exactly
                 else:
                     rest = [i for i in range(len(lengths)) if i not in used]
-                    packs = [[rest[j] for j in pk] for pk in pack_by_tokens([lengths[i] for i in rest], capacity, seed + p)]
+                    packs = [[rest[j] for j in pk] for pk in pack([lengths[i] for i in rest], seed + p)]
                 used = set()
             self.packs += packs
             self.pass_of += [p] * len(packs)
@@ -113,8 +120,13 @@ class PackedStream:
             return {"pass": p + 1, "used": []}
         return {"pass": p, "used": sorted(used)}
 
-    def conversations_per_pack(self) -> float:
-        return sum(len(p) for p in self.packs) / max(len(self.packs), 1)
+    def per_pack(self) -> tuple[float, float, int]:
+        """(conversations, real tokens, largest tokens) of a pack, over one fresh pass: the same for a run and its
+        resumes (the stream itself starts mid-pass after a resume)."""
+        packs = self.pack(self.lengths, self.seed)
+        sizes = [sum(self.lengths[i] for i in pk) for pk in packs]
+        n = max(len(packs), 1)
+        return sum(len(pk) for pk in packs) / n, sum(sizes) / n, max(sizes, default=0)
 
 
 def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int, *, packing: str = "full",
@@ -124,8 +136,8 @@ def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: i
     if not is_padding_free(engine):
         return train_ds, micro_batch_size
     lengths = [len(x) for x in train_ds["input_ids"]]
-    capacity = pack_capacity(packing, micro_batch_size, max_length, lengths)
-    return PackedStream(train_ds, lengths, capacity, seed, min_packs, start), 1
+    pack = functools.partial(pack_rows, packing=packing, micro_batch_size=micro_batch_size, max_length=max_length)
+    return PackedStream(train_ds, lengths, lambda ls, sd: pack(ls, seed=sd), seed, min_packs, start), 1
 
 
 def collator_for(engine: str, pad_id: int):
