@@ -142,8 +142,14 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
         if mark_complete:
             (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Two renames, then the slow delete: `final` is missing for microseconds, not for an rmtree of gigabytes,
+            # and a crash in between leaves the old folder whole next to it (`.<name>.old-*`).
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

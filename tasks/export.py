@@ -324,7 +324,7 @@ def export_artifacts(merge, publish, data, export, system_prompt: str | None, ar
     source = Path(publish.dir)
     target = source if run_name is None or source.parent.name == safe_name(run_name) else source.parent.parent / safe_name(run_name) / source.name
     with locked(target):
-        return _install(out, source, target, built, key, log_fn)
+        return _install(out, source, target, built, key, log_fn, export.model_dump(mode="json"))
 
 
 def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> None:
@@ -395,7 +395,7 @@ def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn) -> None:
 EXPORT_OWNED = ("gguf/", "gptq-w4a16/", "Modelfile")  # what an export adds to a published folder; replaced by the next
 
 
-def _install(out: Path, source: Path, pub: Path, built: dict, key: str, log_fn) -> ExportRecord:
+def _install(out: Path, source: Path, pub: Path, built: dict, key: str, log_fn, export_settings: dict | None = None) -> ExportRecord:
     """Assemble `pub` next to it, then rename it into place: the published files of `source` (hard-linked, or copied
     across filesystems; the card and manifest copied, as they are rewritten) without an earlier export's files, the
     built files linked in, the card's deploy section and the manifest rewritten last. A crash leaves `pub` as it was."""
@@ -406,9 +406,11 @@ def _install(out: Path, source: Path, pub: Path, built: dict, key: str, log_fn) 
         for f in sorted(x for x in source.rglob("*") if x.is_file()):
             rel = str(f.relative_to(source))
             if not rel.startswith(EXPORT_OWNED):
-                _place(f, tmp / rel, link=rel not in ("README.md", MANIFEST))
+                _place(f, tmp / rel, link=rel not in ("README.md", MANIFEST, "pipeline.yaml"))
         for rel in wanted:
             _place(out / rel, tmp / rel, link=True)
+        if source != pub:
+            _rehome(tmp, source, pub, export_settings)
         _update_card(tmp, built, shown=pub)
         _update_manifest(tmp)
     gguf = {t: str(pub / r) for t, r in built["gguf"].items()}
@@ -418,6 +420,24 @@ def _install(out: Path, source: Path, pub: Path, built: dict, key: str, log_fn) 
         gptq_dir=str(pub / built["gptq"]) if built["gptq"] else None,
         stop_tokens=built["stop_tokens"], system_prompt=built["system_prompt"], seconds=built["seconds"],
     )
+
+
+def _rehome(folder: Path, source: Path, pub: Path, export_settings: dict | None) -> None:
+    """A folder made from another run's published files describes this run: the card names this run and this
+    folder (its snippet, `chat`, `serve-model`), and pipeline.yaml holds the export settings this folder was built with."""
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8").replace(str(source), str(pub)).replace(source.parent.name, pub.parent.name)
+        card.write_text(text, encoding="utf-8")
+    conf = folder / "pipeline.yaml"
+    if conf.is_file() and export_settings is not None:
+        import yaml
+
+        data = yaml.safe_load(conf.read_text(encoding="utf-8")) or {}
+        if isinstance(data, dict):
+            data["export"] = export_settings
+            conf.write_text(f"# published by run {source.parent.name}; exported by run {pub.parent.name} with the export settings below\n"
+                            + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:

@@ -619,5 +619,6 @@ def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
     """What is published: the upstream stages' results (their keys), the folder's name and where it is pushed — not the
     run name, and not settings that changed no upstream result (budget, device, logging, eval.samples: the published
     pipeline.yaml is that of the run that published). Export settings are stage 8's: it writes its own run's folder."""
-    return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, cfg.publish.model_dump(mode="json"),
-                       {k: getattr(v, "key", None) for k, v in records.items()})
+    # Without a hub repo nothing is pushed: how a push would be made (private, token_env, push_merged) changes nothing.
+    push = cfg.publish.model_dump(mode="json") if cfg.publish.hub_repo_id else None
+    return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, push, {k: getattr(v, "key", None) for k, v in records.items()})

@@ -103,9 +103,9 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "merge.dtype": ("float16", MERGE, []),
     "merge.check_prompts": ("4", MERGE, []),
     "publish.hub_repo_id": ("me/model", PUBLISH, []),
-    "publish.private": ("false", PUBLISH, []),
-    "publish.token_env": ("OTHER_TOKEN", PUBLISH, []),
-    "publish.push_merged": ("true", PUBLISH, []),
+    "publish.private": ("false", NOTHING, []),  # nothing is pushed without publish.hub_repo_id (the test with one: below)
+    "publish.token_env": ("OTHER_TOKEN", NOTHING, []),
+    "publish.push_merged": ("true", NOTHING, []),
     "export.gguf": ("[f16]", EXPORT, []),
     "export.modelfile": ("false", EXPORT, []),
     "export.modelfile_gguf": ("f16", EXPORT, []),
@@ -330,3 +330,63 @@ def test_an_export_change_never_rewrites_another_runs_published_folder(tmp_path,
     assert (b / "merged" / "model.safetensors").stat().st_ino == (a / "merged" / "model.safetensors").stat().st_ino  # linked, not copied
     assert str(b) in (b / "README.md").read_text() and str(a) not in (b / "README.md").read_text()
     assert not list(b.parent.glob(".*tmp*"))  # assembled next to it and renamed into place
+
+
+@pytest.mark.parametrize("key,value", [("publish.private", "false"), ("publish.token_env", "OTHER_TOKEN"), ("publish.push_merged", "true")])
+def test_push_settings_republish_only_when_there_is_a_hub_repo(key, value, tmp_path):
+    base = stage_keys(_cfg(tmp_path, "publish.hub_repo_id=me/model"), tmp_path)
+    changed = stage_keys(_cfg(tmp_path, "publish.hub_repo_id=me/model", f"{key}={value}"), tmp_path)
+    assert {s for s in base if base[s] != changed[s]} == PUBLISH
+
+
+def test_building_swaps_a_folder_in_without_deleting_the_old_one_first(tmp_path, monkeypatch):
+    """The old folder is renamed aside before the new one moves in (it was rmtree'd first: a crash or a reader in
+    that window found no folder at all); a crash between the two renames leaves the old one whole beside it."""
+    import os
+
+    from tasks import common
+
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "a.txt").write_text("old")
+    with common.building(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    calls = []
+    real = os.replace
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(common.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        with common.building(final) as tmp:
+            (tmp / "a.txt").write_text("newer")
+    kept = list(tmp_path.glob(".run.old-*/run/a.txt"))
+    assert len(kept) == 1 and kept[0].read_text() == "new"  # the previous folder survives, whole
+
+
+def test_a_folder_exported_from_another_runs_publish_describes_its_own_run(tmp_path):
+    """Run B's export over run A's cached publish: B's folder, B's name in the card, B's export settings (the review
+    found A's run name, A's folder and A's num_ctx there)."""
+    import yaml
+
+    from tasks.export import _install
+
+    a = tmp_path / "runs" / "demo-4m-A" / "m"
+    a.mkdir(parents=True)
+    (a / "README.md").write_text(f"Trained by run `demo-4m-A`.\nPath(\"{a}\")\nqlora-pipeline chat demo-4m-A\n")
+    (a / "pipeline.yaml").write_text(yaml.safe_dump({"profile": "demo", "export": {"num_ctx": 2048}}))
+    (a / "weights.bin").write_text("w")
+    b = tmp_path / "runs" / "demo-4m-B" / "m"
+    built = {"gguf": {}, "modelfile": None, "gptq": None, "stop_tokens": [], "system_prompt": None, "seconds": {}}
+    _install(tmp_path / "out", a, b, built, "k", lambda m: None, {"num_ctx": 4096})
+    card = (b / "README.md").read_text()
+    assert "demo-4m-A" not in card and str(a) not in card and "chat demo-4m-B" in card and str(b) in card
+    assert yaml.safe_load((b / "pipeline.yaml").read_text())["export"] == {"num_ctx": 4096}
+    assert yaml.safe_load((a / "pipeline.yaml").read_text())["export"] == {"num_ctx": 2048}  # A's folder untouched
+    assert "demo-4m-A" in (a / "README.md").read_text()
