@@ -235,7 +235,9 @@ def cmd_serve_model(args) -> int:
     name = folder.name  # the published name: what the request's "model" says, and all /v1/models shows
     url = f"http://{args.host}:{args.port}/v1"
     what = f"{gguf.name} (llama.cpp)" if gguf else f"{name} (transformers serve, merged model)"
-    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else ""
+    # The key itself is never printed: name the variable when it came from there, else a placeholder to replace.
+    from_env = args.api_key and os.environ.get(API_KEY_ENV) == args.api_key
+    auth = (f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if from_env else " -H 'Authorization: Bearer <your --api-key>'") if args.api_key else ""
     hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
             f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     if gguf:

@@ -47,6 +47,25 @@ class PublishRecord(BaseModel):
         return is_published(Path(self.dir))
 
 
+BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+              "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json", "preprocessor_config.json")
+
+
+def _copy_base(src: Path, dst: Path, link: bool) -> None:
+    """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
+    of the folder's top level (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder
+    is safetensors only). `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten
+    folders: a converted base is not stored twice); a user's folder is copied, as it may change later."""
+    dst.mkdir(parents=True)
+    for f in sorted({p for pat in BASE_FILES for p in src.glob(pat) if p.is_file()}):
+        try:
+            if not link:
+                raise OSError("copy")
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
 def batch_line(train) -> str:
     """What one optimizer step trained on (stage 4's record): packing changes it at the same learning rate."""
     b = getattr(train, "batch", None) or {}
@@ -122,7 +141,8 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         if base["files"]:
             # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
             # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
-            shutil.copytree(data.model_ref, tmp / base["files"], ignore=shutil.ignore_patterns("COMPLETE", "*.lock"))
+            ref = Path(data.model_ref)
+            _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
         # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
         (tmp / "adapter" / "README.md").unlink(missing_ok=True)
         point_adapter_at_base(tmp / "adapter", str(final / base["files"]) if base["files"] else base["hub_id"], base["revision"])
@@ -502,7 +522,11 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
         latest = root / "latest.json"
         if not latest.is_file():
             raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
-        run = str(read_json(latest)["run"])
+        try:
+            run = str(read_json(latest)["run"])
+        except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
+            raise StageError(f"{latest} is unreadable ({type(e).__name__}); name a run (`qlora-pipeline chat <run>`) or rerun "
+                             "`qlora-pipeline run`, which rewrites it") from e
     run_dir = _run_dir(runs, run)
     # A fully cached rerun publishes nothing new: its summary points at the folder an earlier run published.
     summary = run_dir / "summary.json"

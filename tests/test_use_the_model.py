@@ -390,3 +390,20 @@ def _request_or_none(url: str) -> int | None:
         return _request(url)[0]
     except OSError:
         return None
+
+
+def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_training_loaded(tmp_path):
+    """A Hugging Face folder often holds model.safetensors and pytorch_model.bin: the whole folder went into base/,
+    and then `chat` refused the run's own published folder (review of issue 22)."""
+    from tasks.publish import _copy_base, require_safetensors
+
+    src = tmp_path / "local-model"
+    (src / "original").mkdir(parents=True)
+    for name in ("model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "original/consolidated.pth"):
+        (src / name).write_text(name)
+    dst = tmp_path / "published" / "base"
+    _copy_base(src, dst, link=False)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    require_safetensors(dst)  # no pickle: passes
+    (src / "model.safetensors").write_text("changed later")
+    assert (dst / "model.safetensors").read_text() == "model.safetensors"  # a user's folder is copied, not linked
