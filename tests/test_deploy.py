@@ -183,7 +183,8 @@ def test_prefect_deploy_to_a_process_pool_and_a_worker_runs_it(server, art, tmp_
     assert dep["entrypoint"] == "flows/finetune.py:finetune"
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]
     assert dep["global_concurrency_limit"]["limit"] == 1
-    assert dep["parameters"]["profile"] == "mistral-7b" and dep["parameters"]["hours"] == 4
+    # prefect.yaml: hours unset (a run's own budget replaces the profile's), 4 hours only when nothing else gives one
+    assert dep["parameters"]["profile"] == "mistral-7b" and dep["parameters"].get("hours") is None and dep["parameters"]["default_hours"] == 4
     pool = server.get("/work_pools/gpu-local")
     assert pool["type"] == "process"
 

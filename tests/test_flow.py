@@ -43,7 +43,8 @@ def test_flow_runs_seven_stages_then_hits_every_cache(run_flow):
     files = {str(p.relative_to(published)) for p in published.rglob("*") if p.is_file()}
     assert PUBLISHED_FILES <= files
     card = (published / "README.md").read_text()
-    assert "AutoPeftModelForCausalLM" in card and "base_model:" in card and "| perplexity |" in card
+    # random:mistral is no Hub id: no `base_model:` line (tests/test_use_the_model.py covers a Hub-named base)
+    assert "AutoPeftModelForCausalLM" in card and "base_model:" not in card and "| perplexity |" in card
 
     second = run_flow()
     assert all(s["cached"] for s in second["stages"].values()), second["stages"]

@@ -149,7 +149,7 @@ def test_training_freezes_base_moves_lora_and_lowers_loss(tiny_cfg, tiny_data, s
 
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
     training = tiny_cfg.training.model_copy(update={"max_steps": 30})
-    probe30 = probe.model_copy(update={"max_steps": 30})
+    probe30 = probe.model_copy(update={"max_steps": 30, "budget_seconds": 600.0})  # the cap ends it, not a busy box's clock
     rec = train_adapter(tiny_data, probe30, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
     assert rec.steps == 30 and rec.stopped_by == "max_steps"
     assert rec.final_loss < rec.first_loss - 0.5
@@ -179,7 +179,9 @@ def test_budget_guard_stops_on_time_and_saves_adapter(tiny_cfg, tiny_data, share
     training = tiny_cfg.training.model_copy(update={"max_steps": None})
     rec = train_adapter(tiny_data, fake, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
     assert rec.stopped_by == "budget" and rec.steps < 10_000
-    assert abs(rec.wall_seconds - 8.0) < 2.5
+    # Never over the budget by more than a step; under it by the final save the probe measured (a loaded machine's
+    # probe measures slow saves, so the guard stops earlier: 4.2 s once with four other test processes running).
+    assert rec.wall_seconds < 8.0 + 2.5 and rec.wall_seconds > 8.0 - 2.5 - fake.save_seconds
     assert (Path(rec.adapter_dir) / "adapter_config.json").is_file()
 
 
