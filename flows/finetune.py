@@ -169,6 +169,15 @@ def supersede_runs(root: Path, done: dict[str, Any]) -> list[str]:
     return names
 
 
+def unfinished_revisions(root: Path, exclude: str, requested: dict[str, Any]) -> dict[str, Any] | None:
+    """The hub commits of the newest failed or crashed run of the same command: rerunning it resumes it (its stages and
+    checkpoints are keyed on those commits), even when the hub's `main` moved since."""
+    for _, data in sorted(_other_summaries(root, exclude), key=lambda pd: str(pd[1].get("started", "")), reverse=True):
+        if data.get("status") in ("failed", "crashed") and data.get("requested_config") == requested and data.get("hub_revisions"):
+            return data["hub_revisions"]
+    return None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -194,7 +203,10 @@ def finetune(
     for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art):  # model-dependent checks: seconds, before stage 1
         get_run_logger().info(line)
     run = RunSummary(art, flow_run.name or _run_name())
-    cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, run.earlier.get("hub_revisions"))
+    requested = cfg.model_dump(mode="json", by_alias=True)  # before pinning: what a rerun of the same command asks for
+    earlier = run.earlier.get("hub_revisions") or unfinished_revisions(run.root, run.data["run"], requested)
+    cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, earlier)
+    run.data["requested_config"] = requested
     for line in warnings:
         get_run_logger().warning(line)
     run.data["config"] = cfg.model_dump(mode="json", by_alias=True)

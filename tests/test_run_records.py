@@ -174,3 +174,25 @@ def test_a_retry_keeps_the_run_name(monkeypatch):
     monkeypatch.setattr(ft, "flow_run", SimpleNamespace(name="clever-fox", id="ab12cdef-0000", parameters=params))
     fresh = ft._run_name()  # a new flow run (Prefect's generated name): our name
     assert fresh.startswith("tiny-1m-") and fresh.endswith("-ab12")
+
+
+def test_rerunning_a_crashed_run_reuses_its_hub_commits_though_main_moved(tmp_path, monkeypatch):
+    """Resume = the same command again: it must find the crashed run's stages and checkpoints, keyed on the commits that
+    run resolved, not on where `main` points now (review of issue 23: only a retry reused them)."""
+    from flows.finetune import unfinished_revisions
+    from tasks.common import write_json
+    from tasks.hub import pin_hub_revisions
+
+    cfg = _cfg(tmp_path, *HUB)
+    requested = cfg.model_dump(mode="json", by_alias=True)
+    _hub(monkeypatch, {"someorg/somedata": "d" * 40, "someorg/somemodel": "1" * 40})
+    first, revisions, _ = pin_hub_revisions(cfg)
+    root = tmp_path / "artifacts"
+    write_json(root / "runs" / "r1" / "summary.json", {"run": "r1", "status": "crashed", "started": "2026-12-01T10:00:00+00:00",
+                                                      "requested_config": requested, "hub_revisions": revisions})
+    _hub(monkeypatch, {"someorg/somedata": "d" * 40, "someorg/somemodel": "2" * 40})  # main moved after the crash
+    earlier = unfinished_revisions(root, "r2", requested)
+    again, _, _ = pin_hub_revisions(cfg, earlier)
+    assert again.model.revision == first.model.revision == "1" * 40
+    other = cfg.model_copy(update={"output_name": "another"}).model_dump(mode="json", by_alias=True)
+    assert unfinished_revisions(root, "r2", other) is None  # another command starts fresh from main
