@@ -3,8 +3,9 @@
 A hub model or dataset without a pinned `revision` follows the hub's `main`, which moves. The flow asks the hub once,
 at the start of a run, for the commit `main` points at, and pins it into the run's config: every stage is keyed on it
 and loads exactly it, and the run's summary records it. A retry of the same flow run reuses the revisions its first
-attempt recorded, and rerunning a failed or crashed run (the same command: how a run resumes) reuses that run's. When the hub does not answer (outage, timeout, offline mode), the commit this artifacts folder last
-resolved for the name is used, so a crashed run resumed during an outage finds its stages and checkpoints under the
+attempt recorded, and rerunning a failed or crashed run (the same command: how a run resumes) reuses that run's.
+When the hub does not answer (outage, timeout, offline mode), the commit this artifacts folder last resolved for the
+name is used, so a crashed run resumed during an outage finds its stages and checkpoints under the
 same keys; with no such record the run goes on unpinned (keyed as `unresolved`) and says so.
 
     cfg, revisions, warnings = pin_hub_revisions(cfg)
