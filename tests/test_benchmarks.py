@@ -347,7 +347,7 @@ def test_unreadable_benchmark_fails_only_evaluate_then_rerun_reuses_earlier_stag
     ev = json.loads(Path(fixed["stages"]["evaluate"]["outputs"]["eval_json"]).read_text())
     assert ev["benchmarks"]["ifeval"]["provenance"]["source"] == "local"
     assert ev["benchmarks"]["ifeval"]["subset"] == {"n": 3, "n_full": 3, "seed": 0, "max_new_tokens": 8}
-    assert set(ev["benchmarks"]["alpaca_eval"]["metrics"]) == {"answer_words", "reference_loss", "rouge_l", "chrf", "rouge_l_uncut", "chrf_uncut"}
+    assert set(ev["benchmarks"]["alpaca_eval"]["metrics"]) == {"answer_words", "answered", "reference_loss", "rouge_l", "chrf", "rouge_l_uncut", "chrf_uncut"}
     assert len(ev["benchmark_rows"]["alpaca_eval"]) == 6
     assert {"better", "worse", "unclear", "warnings", "notes", "measures", "lines"} <= set(ev["verdict"])
     assert any(n.startswith("training data deduped against alpaca_eval") for n in ev["verdict"]["notes"])  # the tiny profile's data.dedupe

@@ -302,7 +302,12 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     err = capsys.readouterr().err
     cmd, kwargs = _FakeServer.started[-1]
     assert "warning" not in err and kwargs["env"][API_KEY_ENV] == "s3cret" and "s3cret" not in " ".join(cmd) + err
-    assert f"Authorization: Bearer ${API_KEY_ENV}" in err
+    assert "Authorization: Bearer <your --api-key>" in err  # given on the command line: a placeholder, never the key
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")  # given in the environment: the printed request names the variable
+    assert main(["serve-model", "r1", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    assert f"Authorization: Bearer ${API_KEY_ENV}" in err and "s3cret" not in err
+    monkeypatch.delenv(API_KEY_ENV)
     for host in ("127.0.0.1", "localhost", "::1"):  # loopback: no warning
         assert main(["serve-model", "r1", "--host", host, "--artifacts-dir", str(art)]) == 0
         assert "warning" not in capsys.readouterr().err
