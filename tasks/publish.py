@@ -535,9 +535,12 @@ def find_run(run: str | None, artifacts_dir: str) -> Path:
             published = read_json(summary).get("published")
         except (json.JSONDecodeError, OSError):
             published = None
-        # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere.
-        if published and _inside(Path(published), runs) and is_published(Path(published)):
-            return Path(published)
+        # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere. An
+        # artifacts folder copied or moved keeps its summaries' old absolute paths: look for <run>/<name> here.
+        if published:
+            for path in (Path(published), runs / Path(published).parent.name / Path(published).name):
+                if _inside(path, runs) and is_published(path):
+                    return path
     candidates = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and _inside(p, runs) and is_published(p)]
     if not candidates:
         raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")

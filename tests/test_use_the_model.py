@@ -412,3 +412,19 @@ def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_t
     require_safetensors(dst)  # no pickle: passes
     (src / "model.safetensors").write_text("changed later")
     assert (dst / "model.safetensors").read_text() == "model.safetensors"  # a user's folder is copied, not linked
+
+
+def test_a_cached_reruns_folder_is_found_after_the_artifacts_folder_moved(own_published, tmp_path):
+    """A fully cached rerun's summary points at the folder an earlier run published, by absolute path: after the
+    artifacts folder was copied elsewhere, `chat r2` said to finish the run (review of issue 22)."""
+    import shutil
+
+    from tasks.common import write_json
+    from tasks.publish import find_run
+
+    cfg, art, pub, _ = own_published
+    other = tmp_path / "copied-artifacts"
+    shutil.copytree(art / "runs" / "r1", other / "runs" / "r1", symlinks=True)
+    write_json(other / "runs" / "r2" / "summary.json", {"run": "r2", "status": "completed", "published": str(pub)})
+    found = find_run("r2", str(other))
+    assert found == other / "runs" / "r1" / pub.name
