@@ -460,13 +460,21 @@ def _shape_highlights(rng, base, text, split) -> Shaped:
     return {}, text
 
 
-def _settle_highlights(rng, partial, base, text, split) -> dict | None:
-    k = len(_HIGHLIGHT.findall(text))
-    return {"n": rng.randint(1, k)} if k else None
+def _at_least(pattern: re.Pattern):
+    """(settle, check) for "at least n matches of `pattern`": n is drawn from the matches the shaped answer has."""
+
+    def settle(rng, partial, base, text, split) -> dict | None:
+        k = len(pattern.findall(text))
+        return {"n": rng.randint(1, k)} if k else None
+
+    def check(spec, text) -> bool:
+        return len(pattern.findall(text)) >= spec["n"]
+
+    return settle, check
 
 
-def _check_highlights(spec, text) -> bool:
-    return len(_HIGHLIGHT.findall(text)) >= spec["n"]
+_settle_highlights, _check_highlights = _at_least(_HIGHLIGHT)
+_settle_placeholders, _check_placeholders = _at_least(_PLACEHOLDER)
 
 
 def _shape_json(rng, base, text, split) -> Shaped:
@@ -511,15 +519,6 @@ def _shape_placeholders(rng, base, text, split) -> Shaped:
         text += "\n\n" + rng.choice(("Fill in {0} for your own case.", "Replace {0} with your details.",
                                      "Adapt it by filling in {0}.")).format(listed)
     return {}, text
-
-
-def _settle_placeholders(rng, partial, base, text, split) -> dict | None:
-    k = len(_PLACEHOLDER.findall(text))
-    return {"n": rng.randint(1, k)} if k else None
-
-
-def _check_placeholders(spec, text) -> bool:
-    return len(_PLACEHOLDER.findall(text)) >= spec["n"]
 
 
 def _shape_two(rng, base, text, split) -> Shaped:
