@@ -84,6 +84,9 @@ class NonFiniteLoss(StageError):
 # The time-based schedule
 
 
+CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many times the probe's estimate
+
+
 def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
     """LR multiplier: linear warmup over steps, then cosine/linear/constant over the run's progress.
 
@@ -375,8 +378,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     if dist.world() > 1:
         collator = BatchTrace(collator)
 
-    # The clock stops training; the step cap is a backstop (the user's hard cap, else 2x the estimate).
-    cap = training.max_steps or 2 * probe.max_steps
+    # The clock stops training; the step cap is a backstop (the user's hard cap, else 4x the estimate: a probe of a
+    # few steps misjudged an H200 run's step time 3x, and a 2x cap ended it at 61% of its budget).
+    cap = training.max_steps or CAP_FACTOR * probe.max_steps
     n = dist.world()
     done = int(resume.name.split("-")[-1]) if resume else 0
     packs_per_step = ga * n  # packed engines: one pack per forward on each rank

@@ -199,3 +199,41 @@ def test_set_recompute_free_layers_toggles_the_last_layers():
     flags = [layer.gradient_checkpointing for layer in checkpointed_layers(model)]
     assert flags == [True, False]
     assert set_recompute_free_layers(model, 99) == 2
+
+
+def tiny_gemma3(attn: str, sliding_window: int = 6):
+    """Gemma-3's text model: local layers see a window of `sliding_window` tokens, every 2nd layer is global."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=256, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation=attn,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_varlen_packed_rows_keep_sliding_windows_and_samples_apart(train):
+    """Gemma-3 on the varlen attention: samples longer than the local layers' window, packed, get the logits they get
+    alone under sdpa (which applies the window). The old code sent such a pack to a mask-less sdpa call, attending
+    across samples and past the window (an H200 run of Gemma-3-270M started at loss 7.2 instead of 2.6)."""
+    varlen, sdpa = tiny_gemma3(register_varlen_attention()), tiny_gemma3("sdpa")
+    varlen.train(train)  # training mode: attention dropout is 0 in the config, the path is the same
+    feats = samples([9, 4, 17, 1, 12], seed=4)
+    batch = PaddingFreeCollator()(feats)
+    with torch.no_grad():
+        packed = varlen(**batch).logits[0]
+        start = 0
+        for f in feats:
+            n = len(f["input_ids"])
+            alone = sdpa(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start : start + n], alone, atol=LOGITS_ATOL, rtol=0)
+            start += n
+        # one sequence longer than the window, no mask and no boundaries: still windowed
+        ids = torch.tensor([feats[2]["input_ids"]])
+        torch.testing.assert_close(varlen(input_ids=ids, use_cache=False).logits, sdpa(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
+        # an unpadded batch of two such rows
+        two = torch.stack([ids[0], ids[0].flip(0)])
+        torch.testing.assert_close(varlen(input_ids=two, use_cache=False).logits, sdpa(input_ids=two).logits, atol=LOGITS_ATOL, rtol=0)

@@ -216,6 +216,26 @@ def _segments_from_positions(position_ids: torch.Tensor | None, length: int) -> 
     return torch.cat([starts, end]).to(torch.int32)
 
 
+def _window_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of one sequence of n tokens, each seeing itself and the `sliding_window - 1` tokens before it
+    (transformers' `sliding_window_overlay`); None where plain causal attention is the same (no window, or n within it)."""
+    if sliding_window is None or n <= sliding_window:
+        return None
+    i = torch.arange(n, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
+
+
+def _sdpa_per_sample(q, k, v, bounds, scaling, sliding_window, dropout):
+    """Exact reference: one causal (windowed) sdpa call per sample; q/k/v (T, H, D) with kv already repeated."""
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        mask = _window_mask(b - a, sliding_window, q.device)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), attn_mask=mask, is_causal=mask is None,
+            dropout_p=dropout, scale=scaling).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -230,27 +250,38 @@ def varlen_attention_forward(
     position_ids: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention restricted to each packed sample; inputs (B, H, T, D), output (B, T, H, D).
+    """Causal attention restricted to each packed sample (and to the layer's sliding window, where it has one);
+    inputs (B, H, T, D), output (B, T, H, D).
 
-    A padded batch (a 2D mask was given) or a plain unpacked row goes to transformers' sdpa path unchanged,
-    so evaluation and generation behave exactly as with `attn_implementation="sdpa"`.
+    A padded batch (transformers built a 2D mask, window included) and one-token decoding go to transformers'
+    sdpa path unchanged, so evaluation and generation behave exactly as with `attn_implementation="sdpa"`.
+    Without a mask, a row is one or more whole samples (`cu_seq_lens_q`, or restarting `position_ids`): on CUDA
+    torch's varlen flash kernel runs them in one launch, a sliding window as its `window_size`; elsewhere (CPU,
+    attention dropout, a torch without the kernel or its window) one exact sdpa call per sample. A packed row never
+    reaches a mask-less sdpa call: that attends across samples and ignores the window (Gemma-3's local layers trained
+    so on an H200 started at loss 7.2 where the model's own was 2.6).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    _, _, length, _ = query.shape
-    cu = None
-    if attention_mask is None and query.shape[0] == 1 and length > 1 and not (dropout and module.training):
-        cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
-    if cu is not None and sliding_window is not None and max_length_q is not None and max_length_q > sliding_window:
-        cu = None  # a sample longer than the window needs the windowed mask: rare, take the general path
-    if cu is None:
+    batch, _, length, _ = query.shape
+    if attention_mask is not None or length == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    dropout = dropout if module.training else 0.0
+    if batch != 1:  # an unpadded batch of equal rows, each one sequence
+        mask = _window_mask(length, sliding_window, query.device)
+        mask = None if mask is None else mask[None, None]
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
+    cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
+    if cu is None:
+        cu = torch.tensor([0, length], dtype=torch.int32)
     n_rep = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if _VARLEN is not None and q.is_cuda:
+    if _VARLEN is not None and q.is_cuda and not dropout and (sliding_window is None or "window_size" in _VARLEN[1]):
         varlen_attn, causal, has_gqa = _VARLEN
+        if sliding_window is not None:
+            causal = {"window_size": (sliding_window - 1, 0)}  # flash's left window: keys i-(w-1)..i, transformers' w keys
         if not has_gqa:
             k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
         extra = {"enable_gqa": True} if has_gqa and n_rep > 1 else {}
@@ -258,16 +289,8 @@ def varlen_attention_forward(
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len,
                           scale=scaling, **causal, **extra)
         return out.unsqueeze(0), None
-    # Exact fallback (CPU, old torch): one causal sdpa call per sample.
     k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
-    bounds = cu.tolist()
-    outs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scaling
-        ).transpose(0, 1)
-        for a, b in zip(bounds, bounds[1:])
-    ]
-    return torch.cat(outs, dim=0).unsqueeze(0), None
+    return _sdpa_per_sample(q, k, v, cu.tolist(), scaling, sliding_window, dropout).unsqueeze(0), None
 
 
 def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
