@@ -86,7 +86,6 @@ def parity(cfg, data, device: str, steps: int, engines: list[str]) -> dict:
     import torch
 
     from tasks.data import load_split
-    from tasks.engine import fastpath
     from tasks.engine.build import build_model
     from tasks.engine.collate import collator_for
     from tasks.models import load_tokenizer, resolve_model
@@ -96,15 +95,11 @@ def parity(cfg, data, device: str, steps: int, engines: list[str]) -> dict:
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in load_split(data, "train").select(range(4 * steps))]
     lora = cfg.lora.model_copy(update={"dropout": 0.0})
     losses = {}
-    prepare = fastpath.prepare_fast_model
     for name in engines:
         engine = name.removesuffix("-noliger")
-        fastpath.prepare_fast_model = (lambda m, **_: m) if name.endswith("-noliger") else prepare
         torch.manual_seed(0)
-        try:
-            model = build_model(ref, cfg.model, cfg.quant, lora, cfg.training.gradient_checkpointing, device, engine)
-        finally:
-            fastpath.prepare_fast_model = prepare
+        model = build_model(ref, cfg.model, cfg.quant, lora, cfg.training.gradient_checkpointing, device, engine,
+                            liger=not name.endswith("-noliger"))
         with torch.no_grad():
             for i, (n, p) in enumerate(model.named_parameters()):
                 if "lora_B" in n:

@@ -193,6 +193,8 @@ class TrainingSection(Section):
         "fused = fast + the fused LoRA path (one LoRA-A matmul per shared input, LoRA-B added in place, dropout masks regenerated; "
         "tasks/engine/lora.py)."
     )
+    liger: bool = Field(True, description="Liger's fused kernels (RMSNorm, SwiGLU/GeGLU, RoPE, linear cross-entropy) on the fast and fused "
+                        "engines on CUDA; false: transformers' own modules (an architecture Liger gets wrong, or to compare).")
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")

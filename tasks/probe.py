@@ -298,7 +298,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger)
     load_s = time.monotonic() - t0
     n_layers = len(recompute.checkpointed_layers(model))
     if gc and n_free:

@@ -360,7 +360,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     torch.manual_seed(training.seed)
     ref = resolve_model(model_cfg, artifacts_dir)
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine)
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger)
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
         recompute.set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)

@@ -78,6 +78,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "training.optimizer": ("adamw_torch", FROM_PROBE, []),
     "training.engine": ("fast", FROM_PROBE, []),
     "training.packing": ("matched", FROM_PROBE, []),
+    "training.liger": ("false", FROM_PROBE, []),
     "training.max_steps": ("6", FROM_PROBE, []),
     "training.checkpoint_minutes": ("5", NOTHING, []),  # bookkeeping: how often a resumable checkpoint is saved
     "training.keep_checkpoints": ("5", NOTHING, []),

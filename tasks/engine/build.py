@@ -27,7 +27,8 @@ def optimizer_for(training: TrainingSection, device: str) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
-def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str):
+def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str,
+                liger: bool = True):
     """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
     reaches (tasks/models.py `lora_targets`)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -58,7 +59,7 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
     if fast:
         from .fastpath import prepare_fast_model
 
-        model = prepare_fast_model(model)
+        model = prepare_fast_model(model, use_liger=liger)
     with peft_quietly():
         model = get_peft_model(model, lora_config(lora, targets))
     model.lora_targets = targets
