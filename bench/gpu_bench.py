@@ -1,6 +1,7 @@
 """Issue 6 benchmark: the seed QLoRA recipe and the project's fast engine, back to back on one GPU.
 
-Builds the Mistral-7B-v0.1 architecture with random weights (no download), quantizes it to NF4 through
+Builds the Mistral-7B-v0.1 architecture (`--shapes llama-3.1-8b`: Llama-3.1-8B's, a 128k vocabulary) with random
+weights (no download), quantizes it to NF4 through
 bitsandbytes, and trains LoRA r16 on q,k,v,o,gate,up,down through TRL's SFTTrainer on two synthetic sets:
 "full" (every sample 2,048 tokens) and "mixed" (log-normal lengths, median ~500, p95 ~1,700, capped at 2,048).
 Prints one table (real tokens/s excluding padding, peak memory, ratio to the seed on the same data) and the
@@ -76,6 +77,15 @@ MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, n
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                   sliding_window=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, hidden_act="silu", initializer_range=0.02)
+# Llama-3.1-8B's (issue 19.4): 8 KV heads too, but a 128,256-token vocabulary (the LM head and the loss become a real
+# share of the step) and rope scaling; architecture llama.
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu",
+                   initializer_range=0.02, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SHAPES = {"mistral-7b": ("mistral", MISTRAL_7B), "llama-3.1-8b": ("llama", LLAMA_31_8B)}
+VOCAB = 32000  # set from --shapes in main(): the random token ids and the word-level tokenizer span the model's vocabulary
 
 
 def log(msg: str) -> None:
@@ -85,19 +95,21 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def build_model(n_layers: int, workdir: Path):
-    """Random-weight Mistral-7B in bf16 on the GPU, saved once, reloaded in NF4 + double quant (the seed's load)."""
-    from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+def build_model(n_layers: int, workdir: Path, shapes: str = "mistral-7b"):
+    """Random-weight model of `shapes` (Mistral-7B-v0.1 or Llama-3.1-8B) in bf16 on the GPU, saved once, reloaded in
+    NF4 + double quant (the seed's load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = workdir / f"mistral7b-random-{n_layers}l"
+    arch, dims = SHAPES[shapes]
+    path = workdir / f"{shapes}-random-{n_layers}l"
     if not (path / "config.json").exists():
         t = time.time()
-        config = MistralConfig(**{**MISTRAL_7B, "num_hidden_layers": n_layers})
+        config = AutoConfig.for_model(arch, **{**dims, "num_hidden_layers": n_layers})
         torch.manual_seed(0)
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
-            model = MistralForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         torch.set_default_dtype(default)
         model.save_pretrained(path, safe_serialization=True)
         del model
@@ -106,18 +118,18 @@ def build_model(n_layers: int, workdir: Path):
     t = time.time()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
-    model = MistralForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": 0},
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map={"": 0},
                                                dtype=torch.bfloat16, attn_implementation="sdpa")
     log(f"NF4 model loaded in {time.time() - t:.0f}s, {torch.cuda.memory_allocated() / GIB:.2f} GiB on the GPU")
     return model
 
 
 def build_tokenizer():
-    """A 32k word-level tokenizer: the data are token ids already; SFTTrainer only needs pad/eos from it."""
+    """A word-level tokenizer over the model's vocabulary: the data are token ids already; SFTTrainer only needs pad/eos from it."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 32000)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="</s>")
@@ -137,7 +149,7 @@ def make_rows(lengths: list[int], seed: int) -> list[dict]:
     rng = np.random.default_rng(seed + 1)
     rows = []
     for n in lengths:
-        ids = rng.integers(3, 32000, size=n).tolist()
+        ids = rng.integers(3, VOCAB, size=n).tolist()
         rows.append({"input_ids": ids, "labels": ids})
     return rows
 
@@ -357,6 +369,7 @@ def table(results: list[dict], gpu: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
+    ap.add_argument("--shapes", default="mistral-7b", choices=sorted(SHAPES), help="model shapes (random weights)")
     ap.add_argument("--smoke", action="store_true", help="4 layers, 3 steps: checks the plumbing in ~2 min")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first --warmup untimed)")
@@ -369,6 +382,8 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
+    global VOCAB
+    VOCAB = SHAPES[a.shapes][1]["vocab_size"]
     t_start = time.time()
     layers = a.layers or (4 if a.smoke else 32)
     steps = a.steps or (3 if a.smoke else 6)
@@ -376,7 +391,7 @@ def main() -> None:
     families = set(a.runs.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"versions": versions(), "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
+    info = {"versions": versions(), "shapes": a.shapes, "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
             "recipe": f"NF4+double quant, bf16, LoRA r16/a32/dropout0.05 on 7 proj, micro {MICRO} x accum {ACCUM}, "
                       f"max_len {MAX_LEN}, paged_adamw_8bit, TRL SFTTrainer", "cap_gib": CAP_GIB}
     log(json.dumps(info["versions"]))
@@ -393,7 +408,7 @@ def main() -> None:
                      "pack_fill": sum(lengths) / (len(mixed_packs) * TOKEN_BUDGET)}
     log(f"mixed set: {info['mixed']}")
 
-    model = build_model(layers, Path(a.workdir))
+    model = build_model(layers, Path(a.workdir), a.shapes)
     tok = build_tokenizer()
     results: list[dict] = []
 
