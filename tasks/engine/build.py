@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
-from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
+from ..models import (ModelRef, compute_dtype, softcaps_attention, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
                       quiet_transformers, uses_4bit)
 from .dist import world
 
@@ -39,6 +39,10 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         from .fastpath import fast_attn_implementation
 
         attn = fast_attn_implementation(device)
+        if softcaps_attention(ref, model_cfg):
+            # Gemma-2 caps attention logits, which neither flash varlen nor sdpa does: eager attention (transformers
+            # builds block-diagonal masks from the packed position ids), as transformers recommends for it.
+            attn = "eager"
     with quiet_transformers():
         model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
     targets = lora_targets(model, lora)

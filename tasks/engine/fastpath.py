@@ -206,14 +206,31 @@ def _repeat_kv(x: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
 
 
 def _segments_from_positions(position_ids: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """cu_seq_lens from packed position ids (one host sync); None when the row holds a single sequence."""
+    """cu_seq_lens from packed position ids (one host sync): a sample starts at the row's start and wherever the
+    positions restart at 0; None when the row holds a single sequence."""
     if position_ids is None or position_ids.shape[0] != 1:
         return None
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    if starts.numel() <= 1:
+    starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+    if starts.numel() == 0:
         return None
-    end = torch.tensor([length], device=starts.device, dtype=starts.dtype)
-    return torch.cat([starts, end]).to(torch.int32)
+    ends = torch.tensor([0, length], device=starts.device, dtype=starts.dtype)
+    return torch.cat([ends[:1], starts, ends[1:]]).to(torch.int32)
+
+
+def _rows_mask(position_ids: torch.Tensor | None, batch: int, length: int, sliding_window: int | None,
+               device: torch.device) -> torch.Tensor | None:
+    """(B, 1, T, T) mask of an unpadded batch: causal, within the window, and within each sample of a row whose
+    positions restart at 0; None where plain causal attention is the same."""
+    window = _window_mask(length, sliding_window, device)
+    restarts = position_ids is not None and position_ids.shape == (batch, length) and bool((position_ids[:, 1:] == 0).any())
+    if window is None and not restarts:
+        return None
+    i = torch.arange(length, device=device)
+    mask = (window if window is not None else i[None, :] <= i[:, None]).expand(batch, length, length)
+    if restarts:
+        seg = torch.cat([torch.zeros_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], dim=1).cumsum(1)
+        mask = mask & (seg[:, :, None] == seg[:, None, :])
+    return mask[:, None]
 
 
 def _window_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -263,13 +280,15 @@ def varlen_attention_forward(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("softcap") is not None:  # build_model loads such a model (Gemma-2) with eager attention instead
+        raise ValueError("the varlen attention has no logit softcapping; load this model with attn_implementation='eager'")
     batch, _, length, _ = query.shape
-    if attention_mask is not None or length == 1:
+    if attention_mask is not None or length == 1 or key.shape[2] != length:
+        # A padded batch, decoding, or a KV cache: transformers built the mask (`_varlen_mask` defers to sdpa's there).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     dropout = dropout if module.training else 0.0
-    if batch != 1:  # an unpadded batch of equal rows, each one sequence
-        mask = _window_mask(length, sliding_window, query.device)
-        mask = None if mask is None else mask[None, None]
+    if batch != 1:  # an unpadded batch of rows (each one sequence, or samples packed by restarting positions)
+        mask = _rows_mask(position_ids, batch, length, sliding_window, query.device)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
     cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
@@ -294,10 +313,13 @@ def varlen_attention_forward(
 
 
 def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    """No mask for padding-free rows (the boundaries travel as cu_seq_lens); sdpa's mask for padded batches."""
+    """No mask for padding-free rows without a KV cache (the attention keeps samples and windows apart itself, from
+    cu_seq_lens or position ids); sdpa's mask for padded batches and whenever a cache is in play (a static cache's
+    unfilled slots, tokens fed after a prefix: only the mask knows which keys count)."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None:
+    no_cache = kwargs.get("q_length") == kwargs.get("kv_length") and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+    if attention_mask is None and no_cache:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
