@@ -6,6 +6,7 @@ steps on real batches), so the numbers are what the pipeline would plan with. Ru
 
     python bench/cpu_packing.py --profile demo-gemma --out bench/results/cpu-packing.json
     python bench/cpu_packing.py --profile demo --steps 3 --set data.max_length=256
+    python bench/cpu_packing.py --profile demo-gemma --runs packed-full,packed-full-all-logits --steps 2   # the LM head on trained positions only
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.config import load_config  # noqa: E402
 from tasks.data import load_dataset_records  # noqa: E402
-from tasks.probe import probe_throughput  # noqa: E402
+from tasks import probe as probe_module  # noqa: E402
+from tasks.engine import fastpath  # noqa: E402
+from tasks.probe import PROBE_VERSION, probe_throughput  # noqa: E402
+
+ACCEPTS = fastpath.accepts_logits_to_keep
 
 SETTINGS = {  # name: training-section overrides
     "padded": {"engine": "padded"},
     "packed-full": {"engine": "fast", "packing": "full"},
     "packed-matched": {"engine": "fast", "packing": "matched"},
+    # packed-full with the LM head on every position (before 2026-12-01 the only way): what `keep_logits` saves
+    "packed-full-all-logits": {"engine": "fast", "packing": "full"},
 }
+ALL_LOGITS = {"packed-full-all-logits"}
 
 
 def main() -> None:
@@ -45,6 +53,11 @@ def main() -> None:
     rows = []
     for name in a.runs.split(","):
         training = cfg.training.model_copy(update=SETTINGS[name])
+        if name in ALL_LOGITS:  # its own probe key, and the collator told the model cannot keep logits
+            probe_module.PROBE_VERSION = f"{PROBE_VERSION}-all-logits"
+            fastpath.accepts_logits_to_keep = lambda model: False
+        else:
+            probe_module.PROBE_VERSION, fastpath.accepts_logits_to_keep = PROBE_VERSION, ACCEPTS
         t0 = time.monotonic()
         rec = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, training, budget, "cpu", cfg.artifacts_dir)
         row = {"setting": name, "tokens_per_s": round(rec.tokens_per_s, 1), "s_per_step": round(rec.s_per_step, 2),

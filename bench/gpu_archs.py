@@ -106,7 +106,7 @@ def parity(cfg, data, device: str, steps: int, engines: list[str]) -> dict:
                     p.normal_(0, 0.02, generator=torch.Generator(p.device).manual_seed(i))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        collate = collator_for(engine, tok.pad_token_id)
+        collate = collator_for(engine, tok.pad_token_id, model)
         losses[name] = []
         for i in range(steps):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(rows[4 * i:4 * i + 4]).items()}

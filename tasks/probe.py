@@ -40,7 +40,7 @@ from .engine.build import build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
-PROBE_VERSION = 3  # 3: partial-recompute search
+PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
 
 class ProbeRecord(BaseModel):
@@ -317,7 +317,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id), callbacks=[Marks()])
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model), callbacks=[Marks()])
         drop_log_dicts(trainer)
         with quiet_transformers():
             t_start = time.monotonic()

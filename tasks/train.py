@@ -374,7 +374,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     from torch.utils.tensorboard import SummaryWriter
 
     callbacks = [guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if main else [guard]
-    collator = collator_for(engine, tok.pad_token_id)
+    collator = collator_for(engine, tok.pad_token_id, model)
     if dist.world() > 1:
         collator = BatchTrace(collator)
 

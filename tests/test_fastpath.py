@@ -314,3 +314,27 @@ def test_build_model_loads_a_softcapped_model_with_eager_attention(shared_artifa
             n = len(f["input_ids"])
             torch.testing.assert_close(packed[start:start + n], model(input_ids=torch.tensor([f["input_ids"]])).logits[0], atol=LOGITS_ATOL, rtol=0)
             start += n
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_lm_head_on_trained_positions_only_gives_the_same_loss_and_gradients(arch):
+    """keep_logits: the LM head and the loss run only where the next token is a label; loss and every gradient equal
+    the full-logits computation's (prompt positions contribute nothing to either)."""
+    from tasks.engine.fastpath import accepts_logits_to_keep
+
+    model = (tiny_model("sdpa") if arch == "mistral" else tiny_gemma3("sdpa")).train()
+    assert accepts_logits_to_keep(model)
+    feats = samples([11, 6, 20, 3], seed=8)
+    results = []
+    for keep in (False, True):
+        batch = PaddingFreeCollator(keep_logits=keep)(feats)
+        n_items = int((batch.get("shift_labels", batch["labels"][:, 1:]) != IGNORE_INDEX).sum())
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=n_items)
+        out.loss.backward()
+        results.append((out.loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}, out.logits.shape[1], n_items))
+    (full_loss, full_grads, full_positions, n_full), (kept_loss, kept_grads, kept_positions, n_kept) = results
+    assert n_full == n_kept and kept_positions == n_kept < full_positions  # only trained positions went through the head
+    assert kept_loss == pytest.approx(full_loss, rel=1e-6)
+    for k, g in full_grads.items():
+        torch.testing.assert_close(kept_grads[k], g, atol=1e-6, rtol=1e-4, msg=k)

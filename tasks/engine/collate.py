@@ -140,11 +140,13 @@ def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: i
     return PackedStream(train_ds, lengths, lambda ls, sd: pack(ls, seed=sd), seed, min_packs, start), 1
 
 
-def collator_for(engine: str, pad_id: int):
+def collator_for(engine: str, pad_id: int, model=None):
+    """The engine's collator; given the model, packed rows run the LM head on trained positions only where its forward
+    allows (`PaddingFreeCollator(keep_logits=...)`)."""
     if is_padding_free(engine):
-        from .fastpath import PaddingFreeCollator
+        from .fastpath import PaddingFreeCollator, accepts_logits_to_keep
 
-        return PaddingFreeCollator()
+        return PaddingFreeCollator(keep_logits=model is not None and accepts_logits_to_keep(model))
     return PaddedCollator(pad_id)
 
 
