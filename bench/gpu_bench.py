@@ -85,6 +85,7 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                    initializer_range=0.02, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 SHAPES = {"mistral-7b": ("mistral", MISTRAL_7B), "llama-3.1-8b": ("llama", LLAMA_31_8B)}
+OPTIM = "paged_adamw_8bit"  # the seed's; --optim adamw_torch_fused for issue 19.1's one-kernel step
 VOCAB = 32000  # set from --shapes in main(): the random token ids and the word-level tokenizer span the model's vocabulary
 
 
@@ -205,7 +206,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
                 gradient_accumulation_steps=ACCUM, learning_rate=2e-4, logging_steps=1, save_strategy="no",
-                report_to="none", bf16=True, gradient_checkpointing=ckpt, optim="paged_adamw_8bit",
+                report_to="none", bf16=True, gradient_checkpointing=ckpt, optim=OPTIM,
                 max_length=MAX_LEN, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
     if offload:  # transformers >= 5.17: checkpointed layer inputs live in pinned host memory
         args["gradient_checkpointing_kwargs"] = {"offload": True}
@@ -369,6 +370,7 @@ def table(results: list[dict], gpu: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
+    ap.add_argument("--optim", default="paged_adamw_8bit", help="TrainingArguments.optim of every run (issue 19.1: adamw_torch_fused)")
     ap.add_argument("--shapes", default="mistral-7b", choices=sorted(SHAPES), help="model shapes (random weights)")
     ap.add_argument("--smoke", action="store_true", help="4 layers, 3 steps: checks the plumbing in ~2 min")
     ap.add_argument("--layers", type=int, default=None)
@@ -382,8 +384,8 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
-    global VOCAB
-    VOCAB = SHAPES[a.shapes][1]["vocab_size"]
+    global VOCAB, OPTIM
+    VOCAB, OPTIM = SHAPES[a.shapes][1]["vocab_size"], a.optim
     t_start = time.time()
     layers = a.layers or (4 if a.smoke else 32)
     steps = a.steps or (3 if a.smoke else 6)
@@ -391,9 +393,9 @@ def main() -> None:
     families = set(a.runs.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"versions": versions(), "shapes": a.shapes, "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
+    info = {"versions": versions(), "shapes": a.shapes, "optim": a.optim, "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
             "recipe": f"NF4+double quant, bf16, LoRA r16/a32/dropout0.05 on 7 proj, micro {MICRO} x accum {ACCUM}, "
-                      f"max_len {MAX_LEN}, paged_adamw_8bit, TRL SFTTrainer", "cap_gib": CAP_GIB}
+                      f"max_len {MAX_LEN}, {a.optim}, TRL SFTTrainer", "cap_gib": CAP_GIB}
     log(json.dumps(info["versions"]))
 
     # Data: enough rows for `steps` optimizer steps of either engine.
