@@ -362,15 +362,21 @@ class _nullcontext:
         return False
 
 
+LOGITS_BYTES = 1 << 30  # fp32 logits one scoring forward may hold: 1 GiB
+
+
 def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
     """(summed NLL, assistant-token count) of every row, in the dataset's order; batches sorted by length, so
-    little of each forward is padding, and at most `max_tokens` padded tokens per forward (the fp32 logits of
-    a batch are tokens x vocabulary: 8192 x 256k (Gemma) is 8 GiB; a large generation batch_size must not
-    turn into an out-of-memory here)."""
+    little of each forward is padding, and at most `max_tokens` padded tokens per forward — fewer for a large
+    vocabulary, so that a forward's fp32 logits stay within LOGITS_BYTES (8,192 x Gemma's 262k is 8 GiB, and the
+    cross-entropy's copies tripled it: Gemma-3-270M's AlpacaEval scoring was killed for memory on a 24 GiB CPU box).
+    The cross-entropy runs on the answer positions only."""
     import torch
 
     from .train import PaddedCollator
 
+    vocab = model.config.get_text_config().vocab_size
+    max_tokens = min(max_tokens, LOGITS_BYTES // (4 * vocab))  # a row longer than that still gets a forward of its own
     collate = PaddedCollator(pad_id)
     rows = [ds[i] for i in range(len(ds))]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
@@ -384,11 +390,14 @@ def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: in
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for ids in batches:
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in ids]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        scored = labels != -100
+        nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        nll[scored] = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="none")
+        del logits
         for r, i in enumerate(ids):
-            out[i] = (float(nll[r].sum()), int((labels[r] != -100).sum()))
+            out[i] = (float(nll[r].sum()), int(scored[r].sum()))
     return out
 
 

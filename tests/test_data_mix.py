@@ -265,6 +265,21 @@ def test_row_nll_batched_and_sorted_equals_each_row_alone(tiny_cfg, shared_artif
         token_capped = row_nll(model, rows, tok.pad_token_id, batch_size=8, device="cpu", max_tokens=20)  # 1-2 rows a forward
     assert [c for _, c in token_capped] == [c for _, c in together]
     assert [s for s, _ in token_capped] == pytest.approx([s for s, _ in together], rel=1e-4)
+    # A large vocabulary caps the tokens per forward by its logits' bytes (Gemma's 262k: 1,024 tokens a forward).
+    import tasks.evaluate as evaluate
+
+    forwards = []
+    real_forward = model.forward
+    model.forward = lambda *a, **k: forwards.append(tuple(k["input_ids"].shape)) or real_forward(*a, **k)
+    old_bytes, evaluate.LOGITS_BYTES = evaluate.LOGITS_BYTES, 4 * model.config.vocab_size * 20
+    try:
+        with torch.inference_mode():
+            vocab_capped = row_nll(model, rows, tok.pad_token_id, batch_size=8, device="cpu")
+    finally:
+        evaluate.LOGITS_BYTES = old_bytes
+        model.forward = real_forward
+    assert len(forwards) >= 3 and all(b * t <= 20 or b == 1 for b, t in forwards)  # a longer row: a forward of its own
+    assert [s for s, _ in vocab_capped] == pytest.approx([s for s, _ in together], rel=1e-4)
     for (s1, c1), (s2, c2), r in zip(together, alone, rows):
         assert c1 == c2 == sum(x != -100 for x in r["labels"][1:])
         assert s1 == pytest.approx(s2, rel=1e-4)
