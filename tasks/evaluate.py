@@ -36,10 +36,11 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 5  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 6  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
+# 6: IFEval answers that give the prompt back, judged (exact McNemar) and warned (COPIES THE PROMPT)
 
 
 class EvalRecord(BaseModel):
@@ -614,8 +615,14 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         summary["excluded_prompts"] = p["excluded_prompts"]
         summary["by_type"] = {k: {"n": v["n"], "base_loose": round(v["base_loose"] / v["n"], 3), "tuned_loose": round(v["tuned_loose"] / v["n"], 3)}
                               for k, v in sorted(p["by_type"].items())}
+        # A copy of the prompt passes many of IFEval's rules: how often each model answered instead, judged on its own.
+        answered = {who: [not bench.copies_prompt(gens[who][i]["text"], r["prompt"]) for i, r in enumerate(rows)] for who in gens}
+        m["answered"] = {"base": {"value": round(sum(answered["base"]) / len(rows), 4)},
+                         "tuned": {"value": round(sum(answered["tuned"]) / len(rows), 4)},
+                         **mcnemar_exact(answered["base"], answered["tuned"], conf)}
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
+            d["base_copies_prompt"], d["tuned_copies_prompt"] = not answered["base"][i], not answered["tuned"][i]
         summary["checkers"] = f"if-verifiable=={_version('if-verifiable')} (Google's IFEval rule checkers)"
 
     if name == "alpaca_eval":
@@ -691,12 +698,14 @@ def _ordered(name: str, metrics: dict) -> list[tuple[str, dict]]:
     return sorted(metrics.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
 
+COPY_WARN = 0.2  # a model that gives the prompt back on this share of IFEval prompts gets a COPIES THE PROMPT warning
 TERSE_RATIO = 0.5  # tuned answer under this share of the base's length on most prompts = "got terser" warning
 
 _LABELS = {
     ("ifeval", "prompt_loose"): "IFEval prompt-level loose", ("ifeval", "prompt_strict"): "IFEval prompt-level strict",
     ("ifeval", "instruction_loose"): "IFEval instruction-level loose", ("ifeval", "instruction_strict"): "IFEval instruction-level strict",
     ("alpaca_eval", "reference_loss"): "AlpacaEval reference loss (per token)",
+    ("ifeval", "answered"): "IFEval answers that are not a copy of the prompt",
     ("alpaca_eval", "answered"): "AlpacaEval non-empty answers",
     ("alpaca_eval", "rouge_l"): "AlpacaEval ROUGE-L (pairs cut to the shorter answer)",
     ("alpaca_eval", "chrf"): "AlpacaEval chrF (pairs cut to the shorter answer)",
@@ -755,6 +764,13 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
                 beyond = "beyond the interval" if rl["verdict"] == "worse" else "within the interval"
                 warnings.append(f"REFERENCE LOSS ROSE: AlpacaEval reference-answer loss per token {rl['base']['value']:.3f} -> "
                                 f"{rl['tuned']['value']:.3f} (gain {rl['gain']:+.3f}, {beyond})")
+        if name == "ifeval" and "answered" in s["metrics"]:
+            for who in ("base", "tuned"):
+                share = 1 - s["metrics"]["answered"][who]["value"]
+                if share >= COPY_WARN:
+                    warnings.append(f"COPIES THE PROMPT: IFEval: the {who} model gave the prompt back on {share:.0%} of prompts; a copy passes "
+                                    "rules such as no commas or word and sentence limits, so its IFEval score counts copies, not answers "
+                                    "(read the answers side by side)")
         if s.get("unscoreable_instructions"):
             types = ", ".join(f"{k} ({v['count']})" for k, v in s["unscoreable"].items())
             warnings.append(f"UNSCOREABLE: {name}: {s['unscoreable_instructions']} instructions of types {types} could not be checked "

@@ -100,11 +100,11 @@ def test_four_of_24_discordant_all_one_way_is_not_a_gain(monkeypatch):
     for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
         assert m[key]["verdict"] == "unclear" and m[key]["gain"] == pytest.approx(4 / 24, abs=1e-4) and m[key]["p"] == 0.125, (key, m[key])
     v = ev.make_verdict({}, None, {"ifeval": res}, 0.95)
-    assert v["better"] == [] and len(v["unclear"]) == 4
+    assert v["better"] == [] and len(v["unclear"]) == 5  # the four IFEval scores + answers that are not a copy of the prompt
     assert "exact McNemar p = 0.125, 4 prompts passed by tuned only vs 0 by base only" in v["unclear"][0]
     # and it says how many measures it judged
-    assert v["measures"] == 4
-    assert "NOTE 4 measures judged, each at the 95% level: with no real change about 0.2 of them would still read better or regressed by chance" in v["lines"]
+    assert v["measures"] == 5
+    assert "NOTE 5 measures judged, each at the 95% level: with no real change about 0.3 of them would still read better or regressed by chance" in v["lines"]
 
     # The embedded accuracy: the same test.
     base, tuned = [False] * 4 + [True] * 20, [True] * 24
@@ -321,3 +321,31 @@ def test_references_of_no_tokens_are_unscored_not_a_crash(monkeypatch):
     res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(0.0, 0)] * 6, "tuned": [(0.0, 0)] * 6})
     assert res["summary"]["metrics"]["reference_loss"]["verdict"] == "unscored"
     ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)  # and the verdict says so instead of dividing by zero
+
+
+def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
+    """Gemma-3-270M base on CPU (2026-12-01) gave 44 of 48 IFEval prompts back and scored 35% prompt-loose: a copy of a
+    prompt without commas passes 'no commas'. The tuned model answered (8 copies) and 'regressed' to 17%. Stage 5 now
+    judges 'answers that are not a copy of the prompt' and warns when a model copies on >= 20% of prompts."""
+    from tasks.benchmarks import copies_prompt
+
+    prompt = "Write a short poem about the sea and do not use any commas in your response"
+    assert copies_prompt(prompt + "\n\n### Assistant:\n" + prompt, prompt)
+    assert copies_prompt("Write a short poem about the sea and do not use", prompt)
+    assert not copies_prompt("Waves fold over waves\nthe grey sea breathes in and out\nsalt on every stone", prompt)
+    assert not copies_prompt("", prompt) and not copies_prompt("Sea poem", prompt)  # too short to be a copy (non-empty judges it)
+
+    rows = [{"id": str(i), "prompt": f"{prompt} number {i}", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]} for i in range(24)]
+    answers = {"base": [(r["prompt"], False) for r in rows[:20]] + [PASS] * 4,  # copies pass 'no commas'
+               "tuned": [("Waves fold over waves, the sea breathes", True)] * 12 + [PASS] * 12}
+    res, _ = run(monkeypatch, "ifeval", rows, answers)
+    m = res["summary"]["metrics"]
+    assert m["prompt_loose"]["base"]["value"] == 1.0 and m["prompt_loose"]["verdict"] == "worse"
+    assert m["answered"]["base"]["value"] == pytest.approx(4 / 24, abs=1e-4) and m["answered"]["tuned"]["value"] == 1.0
+    assert m["answered"]["verdict"] == "better"
+    assert res["rows"][0]["base_copies_prompt"] and not res["rows"][0]["tuned_copies_prompt"]
+    v = ev.make_verdict({}, None, {"ifeval": res}, 0.95)
+    assert any(b.startswith("IFEval answers that are not a copy of the prompt: 16.7% -> 100.0%") for b in v["better"]), v["better"]
+    assert [w for w in v["warnings"] if w.startswith("COPIES THE PROMPT")] == [
+        "COPIES THE PROMPT: IFEval: the base model gave the prompt back on 83% of prompts; a copy passes rules such as no commas or "
+        "word and sentence limits, so its IFEval score counts copies, not answers (read the answers side by side)"]
