@@ -370,6 +370,16 @@ def copies_prompt(answer: str, prompt: str, share: float = 0.5) -> bool:
     return sum(g in theirs for g in mine) >= share * len(mine)
 
 
+def without_requested_repeat(answer: str, row: dict) -> str:
+    """The answer less the request it was asked to repeat first (IFEval's `combination:repeat_prompt`), so a model that
+    obeys is judged on what follows the repeat, not counted as copying the prompt."""
+    for inst, kw in zip(row.get("instruction_id_list") or [], row.get("kwargs") or []):
+        request = ((kw or {}).get("prompt_to_repeat") or "").strip()
+        if inst == "combination:repeat_prompt" and request and answer.strip().startswith(request):
+            return answer.strip()[len(request):]
+    return answer
+
+
 def word_count(text: str) -> int:
     return len(text.split())
 

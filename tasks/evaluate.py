@@ -616,7 +616,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         summary["by_type"] = {k: {"n": v["n"], "base_loose": round(v["base_loose"] / v["n"], 3), "tuned_loose": round(v["tuned_loose"] / v["n"], 3)}
                               for k, v in sorted(p["by_type"].items())}
         # A copy of the prompt passes many of IFEval's rules: how often each model answered instead, judged on its own.
-        answered = {who: [not bench.copies_prompt(gens[who][i]["text"], r["prompt"]) for i, r in enumerate(rows)] for who in gens}
+        answered = {who: [not bench.copies_prompt(bench.without_requested_repeat(gens[who][i]["text"], r), r["prompt"])
+                          for i, r in enumerate(rows)] for who in gens}
         m["answered"] = {"base": {"value": round(sum(answered["base"]) / len(rows), 4)},
                          "tuned": {"value": round(sum(answered["tuned"]) / len(rows), 4)},
                          **mcnemar_exact(answered["base"], answered["tuned"], conf)}

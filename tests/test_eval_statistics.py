@@ -334,6 +334,14 @@ def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
     assert copies_prompt("Write a short poem about the sea and do not use", prompt)
     assert not copies_prompt("Waves fold over waves\nthe grey sea breathes in and out\nsalt on every stone", prompt)
     assert not copies_prompt("", prompt) and not copies_prompt("Sea poem", prompt)  # too short to be a copy (non-empty judges it)
+    # Asked to repeat the request first (IFEval's combination:repeat_prompt): judged on what follows the repeat.
+    from tasks.benchmarks import without_requested_repeat
+
+    request = "Write a short poem about the sea"
+    row = {"instruction_id_list": ["combination:repeat_prompt"], "kwargs": [{"prompt_to_repeat": request}]}
+    obeys = request + "\nGrey waves, salt air."
+    assert copies_prompt(obeys, request + ". First repeat the request word for word without change, then give your answer")
+    assert not copies_prompt(without_requested_repeat(obeys, row), request + ". First repeat the request word for word")
 
     rows = [{"id": str(i), "prompt": f"{prompt} number {i}", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]} for i in range(24)]
     answers = {"base": [(r["prompt"], False) for r in rows[:20]] + [PASS] * 4,  # copies pass 'no commas'
