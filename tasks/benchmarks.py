@@ -354,17 +354,19 @@ def ifeval_summary(verdicts: list[list[dict]]) -> dict:
 # Open-ended answers (AlpacaEval prompts): shape and overlap with the reference, no judge model
 
 
-def copies_prompt(answer: str, prompt: str, share: float = 0.5) -> bool:
+def copies_prompt(answer: str, prompt: str, share: float = 0.7, min_grams: int = 6) -> bool:
     """Whether an answer is mostly the prompt given back: at least `share` of its word trigrams (casefolded, punctuation
-    dropped) occur in the prompt. A base model often does this; IFEval's rules pass such a copy on many constraints
-    (no commas in a prompt that has none, word or sentence limits, a phrase the prompt quotes), so it can outscore a
-    model that answers (Gemma-3-270M base: 35% prompt-loose, mostly copies)."""
+    dropped; at least `min_grams` of them, so a short answer quoting a phrase is not a copy) occur in the prompt. A base
+    model often does this; IFEval's rules pass such a copy on many constraints (no commas in a prompt that has none, word
+    or sentence limits, a phrase the prompt quotes), so it can outscore a model that answers (Gemma-3-270M base: 35%
+    prompt-loose, 42 of 48 answers copies). Limits: a rewrite of text the prompt supplies can read as a copy, a copy in
+    a script without spaces (Chinese) cannot be seen."""
     def grams(text: str) -> list[tuple[str, ...]]:
         words = re.sub(r"[^\w\s]", " ", text.casefold()).split()
         return list(zip(words, words[1:], words[2:]))
 
     mine = grams(answer)
-    if not mine:
+    if len(mine) < min_grams:
         return False
     theirs = set(grams(prompt))
     return sum(g in theirs for g in mine) >= share * len(mine)

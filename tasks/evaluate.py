@@ -369,7 +369,8 @@ LOGITS_BYTES = 1 << 30  # fp32 logits one scoring forward may hold: 1 GiB
 def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
     """(summed NLL, assistant-token count) of every row, in the dataset's order; batches sorted by length, so
     little of each forward is padding, and at most `max_tokens` padded tokens per forward — fewer for a large
-    vocabulary, so that a forward's fp32 logits stay within LOGITS_BYTES (8,192 x Gemma's 262k is 8 GiB, and the
+    vocabulary, so that a forward's fp32 logits stay within LOGITS_BYTES (a single row longer than that excepted: it gets
+    a forward of its own) (8,192 x Gemma's 262k is 8 GiB, and the
     cross-entropy's copies tripled it: Gemma-3-270M's AlpacaEval scoring was killed for memory on a 24 GiB CPU box).
     The cross-entropy runs on the answer positions only."""
     import torch
@@ -839,8 +840,15 @@ def benchmark_markdown(rec: EvalRecord) -> str:
                     return f"{x['value']:.1%} [{x['ci'][0]:.1%}, {x['ci'][1]:.1%}] (n={x['n']})" if x["value"] is not None else "n/a"
                 if "median" in x:
                     return f"median {x['median']:.0f}"
+                if key in RATE_METRICS:
+                    return f"{x['value']:.1%}"
                 return f"{x['value']:.3f}" + (f" (ppl {x['perplexity']:.1f})" if "perplexity" in x else "")
-            gain = f"{m['gain']:+.3f} [{m['gain_ci'][0]:+.3f}, {m['gain_ci'][1]:+.3f}]" if m.get("gain") is not None else "n/a"
+            if m.get("gain") is None:
+                gain = "n/a"
+            elif key in RATE_METRICS:  # shares: the gain in points, as the verdict lines give it
+                gain = f"{m['gain'] * 100:+.1f} [{m['gain_ci'][0] * 100:+.1f}, {m['gain_ci'][1] * 100:+.1f}] points"
+            else:
+                gain = f"{m['gain']:+.3f} [{m['gain_ci'][0]:+.3f}, {m['gain_ci'][1]:+.3f}]"
             verdict = m["verdict"] + (f" (p = {m['p']:.3f})" if "p" in m else "")
             lines.append(f"| {_LABELS.get((name, key), key)} | {cell(m['base'])} | {cell(m['tuned'])} | {gain} | {verdict} |")
         if "answers" in s:

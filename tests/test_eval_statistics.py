@@ -324,22 +324,23 @@ def test_references_of_no_tokens_are_unscored_not_a_crash(monkeypatch):
 
 
 def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
-    """Gemma-3-270M base on CPU (2026-12-01) gave 44 of 48 IFEval prompts back and scored 35% prompt-loose: a copy of a
-    prompt without commas passes 'no commas'. The tuned model answered (8 copies) and 'regressed' to 17%. Stage 5 now
+    """Gemma-3-270M base on CPU (2026-12-01) gave 42 of 48 IFEval prompts back and scored 35% prompt-loose: a copy of a
+    prompt without commas passes 'no commas'. The tuned model answered (4 copies) and 'regressed' to 17%. Stage 5 now
     judges 'answers that are not a copy of the prompt' and warns when a model copies on >= 20% of prompts."""
     from tasks.benchmarks import copies_prompt
 
     prompt = "Write a short poem about the sea and do not use any commas in your response"
     assert copies_prompt(prompt + "\n\n### Assistant:\n" + prompt, prompt)
     assert copies_prompt("Write a short poem about the sea and do not use", prompt)
+    assert not copies_prompt("Yes, that's a good poem about the sea.", prompt)  # a short answer echoing a phrase (review)
     assert not copies_prompt("Waves fold over waves\nthe grey sea breathes in and out\nsalt on every stone", prompt)
     assert not copies_prompt("", prompt) and not copies_prompt("Sea poem", prompt)  # too short to be a copy (non-empty judges it)
     # Asked to repeat the request first (IFEval's combination:repeat_prompt): judged on what follows the repeat.
     from tasks.benchmarks import without_requested_repeat
 
-    request = "Write a short poem about the sea"
+    request = "Write a short poem about the sea in three lines"
     row = {"instruction_id_list": ["combination:repeat_prompt"], "kwargs": [{"prompt_to_repeat": request}]}
-    obeys = request + "\nGrey waves, salt air."
+    obeys = request + "\nGrey waves."
     assert copies_prompt(obeys, request + ". First repeat the request word for word without change, then give your answer")
     assert not copies_prompt(without_requested_repeat(obeys, row), request + ". First repeat the request word for word")
 
