@@ -369,10 +369,9 @@ LOGITS_BYTES = 1 << 30  # fp32 logits one scoring forward may hold: 1 GiB
 def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
     """(summed NLL, assistant-token count) of every row, in the dataset's order; batches sorted by length, so
     little of each forward is padding, and at most `max_tokens` padded tokens per forward — fewer for a large
-    vocabulary, so that a forward's fp32 logits stay within LOGITS_BYTES (a single row longer than that excepted: it gets
-    a forward of its own) (8,192 x Gemma's 262k is 8 GiB, and the
-    cross-entropy's copies tripled it: Gemma-3-270M's AlpacaEval scoring was killed for memory on a 24 GiB CPU box).
-    The cross-entropy runs on the answer positions only."""
+    vocabulary, so that a forward's fp32 logits stay within LOGITS_BYTES (8,192 x Gemma's 262k is 8 GiB, and the
+    cross-entropy's copies tripled it: Gemma-3-270M's AlpacaEval scoring was killed for memory on a 24 GiB CPU box);
+    a single row longer than that gets a forward of its own. The cross-entropy runs on the answer positions only."""
     import torch
 
     from .train import PaddedCollator
@@ -619,9 +618,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         # A copy of the prompt passes many of IFEval's rules: how often each model answered instead, judged on its own.
         answered = {who: [not bench.copies_prompt(bench.without_requested_repeat(gens[who][i]["text"], r), r["prompt"])
                           for i, r in enumerate(rows)] for who in gens}
-        m["answered"] = {"base": {"value": round(sum(answered["base"]) / len(rows), 4)},
-                         "tuned": {"value": round(sum(answered["tuned"]) / len(rows), 4)},
-                         **mcnemar_exact(answered["base"], answered["tuned"], conf)}
+        m["answered"] = _share_measure(answered, conf)
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
             d["base_copies_prompt"], d["tuned_copies_prompt"] = not answered["base"][i], not answered["tuned"][i]
@@ -635,10 +632,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
         # An empty answer is judged on its own (exact McNemar over prompts): cutting pairs to the shorter answer makes
         # an empty answer tie its pair at 0, so the overlap scores cannot see a collapse to empty answers.
-        answered = {who: [bool(t.strip()) for t in texts[who]] for who in gens}
-        m["answered"] = {"base": {"value": round(sum(answered["base"]) / len(rows), 4)},
-                         "tuned": {"value": round(sum(answered["tuned"]) / len(rows), 4)},
-                         **mcnemar_exact(answered["base"], answered["tuned"], conf)}
+        m["answered"] = _share_measure({who: [bool(t.strip()) for t in texts[who]] for who in gens}, conf)
         words = {who: [float(bench.word_count(t)) for t in texts[who]] for who in gens}
         m["answer_words"] = {"base": {"median": stats["base"]["median_words"]}, "tuned": {"median": stats["tuned"]["median_words"]},
                              **_paired(words["base"], words["tuned"], conf)}
@@ -682,6 +676,13 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     return {"summary": summary, "rows": detail}
 
 
+def _share_measure(passed: dict[str, list[bool]], conf: float) -> dict:
+    """A per-prompt yes/no measure of both models: each one's share, judged by the exact McNemar test."""
+    return {"base": {"value": round(sum(passed["base"]) / len(passed["base"]), 4)},
+            "tuned": {"value": round(sum(passed["tuned"]) / len(passed["tuned"]), 4)},
+            **mcnemar_exact(passed["base"], passed["tuned"], conf)}
+
+
 def _version(dist: str) -> str:
     from importlib import metadata
 
@@ -706,8 +707,8 @@ TERSE_RATIO = 0.5  # tuned answer under this share of the base's length on most 
 _LABELS = {
     ("ifeval", "prompt_loose"): "IFEval prompt-level loose", ("ifeval", "prompt_strict"): "IFEval prompt-level strict",
     ("ifeval", "instruction_loose"): "IFEval instruction-level loose", ("ifeval", "instruction_strict"): "IFEval instruction-level strict",
-    ("alpaca_eval", "reference_loss"): "AlpacaEval reference loss (per token)",
     ("ifeval", "answered"): "IFEval answers that are not a copy of the prompt",
+    ("alpaca_eval", "reference_loss"): "AlpacaEval reference loss (per token)",
     ("alpaca_eval", "answered"): "AlpacaEval non-empty answers",
     ("alpaca_eval", "rouge_l"): "AlpacaEval ROUGE-L (pairs cut to the shorter answer)",
     ("alpaca_eval", "chrf"): "AlpacaEval chrF (pairs cut to the shorter answer)",

@@ -23,9 +23,9 @@ the hardware, so another GPU re-probes.
 from __future__ import annotations
 
 import math
-import statistics
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -331,7 +331,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         save_s = time.monotonic() - t1
     start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
     end_t, end_tok = marks[-1]
-    times = [t for t, _ in ([(start_t, start_tok)] + marks[warm:])]
+    times = [start_t] + [t for t, _ in marks[warm:]]
     s_per_step = step_seconds([b - a for a, b in zip(times, times[1:])])
     tokens = end_tok - start_tok
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()

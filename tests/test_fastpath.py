@@ -50,6 +50,16 @@ def samples(lengths, seed=0):
     return out
 
 
+def assert_packed_matches_alone(packed: torch.Tensor, feats: list[dict], model) -> None:
+    """Each sample's rows of a packed row's logits (T, V) equal `model` run on that sample alone."""
+    start = 0
+    for f in feats:
+        n = len(f["input_ids"])
+        alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+        torch.testing.assert_close(packed[start : start + n], alone, atol=LOGITS_ATOL, rtol=0)
+        start += n
+
+
 def test_collator_positions_labels_and_boundaries():
     feats = samples([5, 3, 7])
     batch = PaddingFreeCollator()(feats)
@@ -97,13 +107,7 @@ def test_packed_forward_matches_separate_samples(attn):
     feats = samples([9, 4, 17, 1, 12], seed=1)
     batch = PaddingFreeCollator()(feats)
     with torch.no_grad():
-        packed = model(**batch).logits[0]
-        start = 0
-        for f in feats:
-            n = len(f["input_ids"])
-            alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start : start + n], alone, atol=LOGITS_ATOL, rtol=0)
-            start += n
+        assert_packed_matches_alone(model(**batch).logits[0], feats, model)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "varlen"])
@@ -224,13 +228,7 @@ def test_varlen_packed_rows_keep_sliding_windows_and_samples_apart(train):
     feats = samples([9, 4, 17, 1, 12], seed=4)
     batch = PaddingFreeCollator()(feats)
     with torch.no_grad():
-        packed = varlen(**batch).logits[0]
-        start = 0
-        for f in feats:
-            n = len(f["input_ids"])
-            alone = sdpa(input_ids=torch.tensor([f["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start : start + n], alone, atol=LOGITS_ATOL, rtol=0)
-            start += n
+        assert_packed_matches_alone(varlen(**batch).logits[0], feats, sdpa)
         # one sequence longer than the window, no mask and no boundaries: still windowed
         ids = torch.tensor([feats[2]["input_ids"]])
         torch.testing.assert_close(varlen(input_ids=ids, use_cache=False).logits, sdpa(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
@@ -308,12 +306,8 @@ def test_build_model_loads_a_softcapped_model_with_eager_attention(shared_artifa
     assert model.config._attn_implementation == "eager"
     feats = samples([5, 7, 4], seed=7)
     with torch.no_grad():
-        packed = model.eval()(**PaddingFreeCollator()(feats)).logits[0]
-        start = 0
-        for f in feats:  # packed samples still attend only to themselves (transformers' masks from the positions)
-            n = len(f["input_ids"])
-            torch.testing.assert_close(packed[start:start + n], model(input_ids=torch.tensor([f["input_ids"]])).logits[0], atol=LOGITS_ATOL, rtol=0)
-            start += n
+        # packed samples still attend only to themselves (transformers' masks from the positions)
+        assert_packed_matches_alone(model.eval()(**PaddingFreeCollator()(feats)).logits[0], feats, model)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
-from ..models import (ModelRef, compute_dtype, softcaps_attention, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
-                      quiet_transformers, uses_4bit)
+from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
+                      quiet_transformers, softcaps_attention, uses_4bit)
 from .dist import world
 
 
