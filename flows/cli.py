@@ -217,7 +217,7 @@ def cmd_serve_model(args) -> int:
     import subprocess
 
     from tasks.common import StageError
-    from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, serve_gguf, transformers_serve_command
+    from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, require_free_port, serve_gguf, transformers_serve_command
     from tasks.publish import find_run, require_safetensors
 
     try:
@@ -225,6 +225,7 @@ def cmd_serve_model(args) -> int:
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
         if not gguf:
             require_safetensors(folder / "merged")  # before any load: a pickle can run code when unpickled
+        require_free_port(args.host, args.port)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE

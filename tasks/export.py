@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -519,6 +520,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def require_free_port(host: str, port: int) -> None:
+    """One line naming the port and the fix when serve-model could not listen on host:port, checked before any
+    server starts: llama.cpp's server otherwise fails with a RuntimeError traceback, and transformers serve only
+    after loading the model. SO_REUSEADDR as the servers set it: a port whose last server just stopped is free."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            raise StageError(f"port {port} on {host} is already in use; stop what is listening there or pick another port "
+                             f"with --port (e.g. --port {port + 1})") from e
+        raise StageError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --host or --port") from e
 
 
 def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None) -> None:

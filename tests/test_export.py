@@ -286,6 +286,33 @@ def test_suite_runs_against_its_own_prefect_home():
     assert Path(out).resolve() == Path(TEST_PREFECT_HOME).resolve()
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "merged"])
+def test_serve_model_on_a_port_in_use_is_one_line_naming_the_port(tmp_path, fmt):
+    """A port another process listens on: `error: ...` naming the port and --port, exit 1, before any server starts
+    (llama.cpp's server ended in a RuntimeError traceback; transformers serve would fail only after loading the
+    model). The weights are stubs: nothing loads them."""
+    from tasks.common import write_json
+    from tasks.publish import MANIFEST
+
+    pub = tmp_path / "runs" / "busy" / "model"
+    (pub / "gguf").mkdir(parents=True)
+    (pub / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF")
+    (pub / "merged").mkdir()
+    (pub / "merged" / "model.safetensors").write_bytes(b"{}")
+    write_json(pub / MANIFEST, {"files": []})
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve-model", "busy", "--format", fmt, "--port", str(port),
+                               "--artifacts-dir", str(tmp_path)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out[-3000:]
+    assert f"port {port} on 127.0.0.1 is already in use" in lines[0] and f"--port {port + 1}" in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Slow: the real SmolLM2-135M, converted once per session
 
