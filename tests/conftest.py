@@ -65,3 +65,42 @@ def server(tmp_path_factory):
     srv = LocalServer(tmp_path_factory.mktemp("prefect-home")).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def publish_smollm2(shared_artifacts):
+    """Builds a published run of SmolLM2-135M (its HF weights stand in for a merged model, with `system` as the
+    training system prompt) and exports it with the demo profile's export settings plus `overrides`:
+    `publish(run, system, overrides, log_fn) -> (ExportRecord, published folder, held-out chats, data record)`.
+    The run is `<artifacts>/runs/<run>/smollm2`; serve-model and chat find it by `run`."""
+
+    def publish(run: str, system: str, overrides: tuple[str, ...] = (), log_fn=None):
+        import json
+        from types import SimpleNamespace
+
+        from tasks.common import write_json
+        from tasks.config import load_config
+        from tasks.data import load_dataset_records
+        from tasks.export import export_artifacts
+        from tasks.models import resolve_model
+        from tasks.publish import MANIFEST, install_system_prompt
+
+        cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
+                                                     "data.heldout_size=16", *overrides])
+        data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
+        ref = resolve_model(cfg.model, shared_artifacts)
+        runs = Path(shared_artifacts) / "runs"
+        pub = runs / run / "smollm2"
+        if not pub.exists():
+            shutil.copytree(ref.path, pub / "merged", ignore=shutil.ignore_patterns("COMPLETE"))
+            install_system_prompt(pub / "merged", system)
+            (pub / "README.md").write_text("# card\n")
+            write_json(pub / "summary.json", {"data": {"stop_token_ids": data.stop_token_ids}})
+            write_json(pub / MANIFEST, {"files": []})
+            write_json(runs / run / "summary.json", {"published": str(pub)})
+        rec = export_artifacts(SimpleNamespace(key=ref.fingerprint), SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged")),
+                               data, cfg.export, system, shared_artifacts, log_fn)
+        heldout = [json.loads(l)["messages"] for l in (Path(data.dir) / "heldout.jsonl").read_text().splitlines()]
+        return rec, pub, heldout, data
+
+    return publish

@@ -324,34 +324,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def smol_export(shared_artifacts, tmp_path_factory):
-    """SmolLM2-135M as a published folder (its HF weights stand in for a merged model) exported to GGUF f16+q8_0."""
-    from tasks.common import write_json
-    from tasks.config import load_config
-    from tasks.data import load_dataset_records
-    from tasks.export import export_artifacts
-    from tasks.models import resolve_model
-    from tasks.publish import MANIFEST, install_system_prompt
-
-    cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
-                                                 "data.heldout_size=16"])
-    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
-    ref = resolve_model(cfg.model, shared_artifacts)
-    runs = Path(shared_artifacts) / "runs"
-    pub = runs / "smol-export" / "smollm2"
-    if not pub.exists():
-        shutil.copytree(ref.path, pub / "merged", ignore=shutil.ignore_patterns("COMPLETE"))
-        install_system_prompt(pub / "merged", SYSTEM)
-        (pub / "README.md").write_text("# card\n")
-        write_json(pub / "summary.json", {"data": {"stop_token_ids": data.stop_token_ids}})
-        write_json(pub / MANIFEST, {"files": []})
-        write_json(runs / "smol-export" / "summary.json", {"published": str(pub)})
-    from types import SimpleNamespace
-
-    rec = export_artifacts(SimpleNamespace(key=ref.fingerprint), SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged")),
-                           data, cfg.export, SYSTEM, shared_artifacts)
-    heldout = [json.loads(l)["messages"] for l in (Path(data.dir) / "heldout.jsonl").read_text().splitlines()]
-    return rec, pub, heldout, data
+def smol_export(publish_smollm2):
+    """SmolLM2-135M published and exported to GGUF f16 + q8_0 (the demo profile's export)."""
+    return publish_smollm2("smol-export", SYSTEM)
 
 
 def _hf(pub: Path):

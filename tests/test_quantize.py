@@ -7,7 +7,6 @@ first time), SmolLM2-135M exported to f16 + q4_k_m."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -56,34 +55,10 @@ def test_a_failing_quantize_is_one_line_with_its_reason(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def q4_export(shared_artifacts):
-    """SmolLM2-135M published (its HF weights stand in for a merged model) and exported to f16 + q4_k_m."""
-    from types import SimpleNamespace
-
-    from tasks.common import write_json
-    from tasks.config import load_config
-    from tasks.data import load_dataset_records
-    from tasks.export import export_artifacts
-    from tasks.models import resolve_model
-    from tasks.publish import MANIFEST, install_system_prompt
-
-    cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
-                                                 "data.heldout_size=16", "export.gguf=[f16, q4_k_m]", "export.modelfile_gguf=q4_k_m"])
-    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
-    ref = resolve_model(cfg.model, shared_artifacts)
-    runs = Path(shared_artifacts) / "runs"
-    pub = runs / "smol-q4" / "smollm2"
-    if not pub.exists():
-        shutil.copytree(ref.path, pub / "merged", ignore=shutil.ignore_patterns("COMPLETE"))
-        install_system_prompt(pub / "merged", SYSTEM)
-        (pub / "README.md").write_text("# card\n")
-        write_json(pub / "summary.json", {"data": {"stop_token_ids": data.stop_token_ids}})
-        write_json(pub / MANIFEST, {"files": []})
-        write_json(runs / "smol-q4" / "summary.json", {"published": str(pub)})
+def q4_export(publish_smollm2):
+    """SmolLM2-135M published and exported to f16 + q4_k_m, with what the export said."""
     said: list[str] = []
-    rec = export_artifacts(SimpleNamespace(key=ref.fingerprint + "-q4"), SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged")),
-                           data, cfg.export, SYSTEM, shared_artifacts, said.append)
-    heldout = [json.loads(l)["messages"] for l in (Path(data.dir) / "heldout.jsonl").read_text().splitlines()]
+    rec, pub, heldout, _ = publish_smollm2("smol-q4", SYSTEM, ("export.gguf=[f16, q4_k_m]", "export.modelfile_gguf=q4_k_m"), said.append)
     return rec, pub, heldout, said
 
 
