@@ -196,7 +196,8 @@ class TrainingSection(Section):
         "tasks/engine/lora.py)."
     )
     liger: bool = Field(True, description="Liger's fused kernels (RMSNorm, SwiGLU/GeGLU, RoPE, linear cross-entropy) on the fast and fused "
-                        "engines on CUDA; false: transformers' own modules (an architecture Liger gets wrong, or to compare).")
+                        "engines on CUDA (transformers 5 needs liger-kernel>=0.7.0, checked before any work); false: transformers' own modules "
+                        "(an architecture Liger gets wrong, or to compare).")
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
@@ -505,6 +506,9 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             problems.append("quant.compute_dtype: bfloat16 is not supported on this GPU; set it to float16 or auto")
+    problem = _liger_problem(cfg.training, cfg.device)
+    if problem:
+        problems.append(problem)
     gpus = cfg.training.gpus
     if isinstance(gpus, int) and gpus > 1 and cfg.training.grad_accum % gpus:
         problems.append(f"training.grad_accum: {cfg.training.grad_accum} is not a multiple of training.gpus={gpus} (each GPU runs "
@@ -519,6 +523,50 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     if cfg.publish.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", cfg.publish.hub_repo_id):
         problems.append(f"publish.hub_repo_id: {cfg.publish.hub_repo_id!r} is not user/name")
     return problems
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed (from its metadata: nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def liger_minimum(transformers_version: str) -> str:
+    """The oldest liger-kernel whose patches fit this transformers. The calls the fast engines make
+    (tasks/engine/fastpath.py: `MODEL_TYPE_TO_APPLY_LIGER_FN`, patching a model instance) date from 0.3 and pyproject's
+    floor is 0.5; transformers 5 support came in 0.7.0 (Liger-Kernel #994, "Support transformers v5"): older releases
+    patch transformers 4's modules and forwards, which v5 changed."""
+    from packaging.version import Version
+
+    return "0.7.0" if Version(transformers_version).major >= 5 else "0.5.0"
+
+
+def _liger_problem(training: TrainingSection, device: str) -> str | None:
+    """training.liger where Liger would be applied (fast or fused engine, on CUDA) with a liger-kernel too old for the
+    installed transformers: one line now, not an ImportError or AttributeError mid-training. A missing liger-kernel
+    is no problem (the engines run without it)."""
+    if not training.liger or training.engine == "padded" or device == "cpu":
+        return None
+    liger = installed_version("liger-kernel")
+    if liger is None:
+        return None
+    from packaging.version import Version
+
+    transformers = installed_version("transformers") or "0"
+    need = liger_minimum(transformers)
+    if Version(liger) >= Version(need):
+        return None
+    if device == "auto":  # auto: CUDA when present, else the CPU, where Liger is never applied
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    return (f"training.liger: liger-kernel {liger} is installed, and Liger's kernels on transformers {transformers} need "
+            f"liger-kernel>={need}; upgrade it (pip install -U 'liger-kernel>={need}') or set training.liger=false")
 
 
 def _benchmark_problems(ev: EvalSection) -> list[str]:

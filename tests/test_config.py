@@ -101,3 +101,44 @@ def test_cuda_requested_without_gpu_fails_early():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert any("device" in p and "cuda" in p for p in _problems(profile="tiny", overrides=["device=cuda"]))
+
+
+@pytest.fixture
+def liger_on_gpu(monkeypatch):
+    """A CUDA machine, as the config check sees it, with the given liger-kernel and transformers installed."""
+    import torch
+
+    from tasks import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def install(liger: str | None, transformers: str = "5.24.0") -> None:
+        monkeypatch.setattr(config, "installed_version", {"liger-kernel": liger, "transformers": transformers}.get)
+
+    return install
+
+
+def test_liger_older_than_transformers_needs_is_one_line_before_any_work(liger_on_gpu, tmp_path, capsys):
+    from flows.cli import main
+
+    liger_on_gpu("0.6.5")
+    (p,) = _problems(profile="tiny")
+    assert p == ("training.liger: liger-kernel 0.6.5 is installed, and Liger's kernels on transformers 5.24.0 need liger-kernel>=0.7.0; "
+                 "upgrade it (pip install -U 'liger-kernel>=0.7.0') or set training.liger=false")
+    art = tmp_path / "artifacts"
+    assert main(["run", "--profile", "tiny", "--minutes", "1", "--set", f"artifacts_dir={art}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"config error: {p}"]
+    assert not art.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("liger, transformers, overrides", [
+    ("0.7.0", "5.24.0", []),                           # new enough
+    ("0.6.5", "4.57.6", []),                           # transformers 4: 0.5 and later patch it
+    (None, "5.24.0", []),                              # not installed: the engines run without Liger
+    ("0.6.5", "5.24.0", ["training.liger=false"]),     # the fix the message names
+    ("0.6.5", "5.24.0", ["training.engine=padded"]),   # an engine that never applies Liger
+    ("0.6.5", "5.24.0", ["device=cpu"]),               # nor does the CPU
+])
+def test_liger_is_checked_only_where_it_would_be_applied(liger_on_gpu, liger, transformers, overrides):
+    liger_on_gpu(liger, transformers)
+    load_config(profile="tiny", overrides=overrides)  # no ConfigError
