@@ -36,11 +36,12 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 6  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 7  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
 # 6: IFEval answers that give the prompt back, judged (exact McNemar) and warned (COPIES THE PROMPT)
+# 7: every generation pass checks its first rows' greedy tokens against a plain forward (decode_check; GENERATION BROKEN)
 
 
 class EvalRecord(BaseModel):
@@ -273,10 +274,11 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         ctx = model.disable_adapter() if name == "base" else _nullcontext()
         with ctx, torch.inference_mode():
             nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
-            gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device)
+            check: dict = {}
+            gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check)
         loss = mean_nll(nll[:n])
         by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
-        results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source}
+        results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
         log_fn(f"evaluate: {name} held-out loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
                f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
 
@@ -289,6 +291,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
              "eos_share": round(sum(g["stopped"] for g in gens) / n, 4), "limit_share": round(sum(not g["stopped"] for g in gens) / n, 4)}
         if r["loss_by_source"]:
             s["loss_by_source"] = r["loss_by_source"]  # held-out loss of each data source (data.source + data.mix)
+        s["decode_check"] = r["decode_check"]
         if has_checkers:
             ok[name] = [instructions.check_answer(m["family"], m["check"], g["text"]) for m, g in zip(meta[:n], gens)]
             k = sum(ok[name])
@@ -364,6 +367,8 @@ class _nullcontext:
 
 
 LOGITS_BYTES = 1 << 30  # fp32 logits one scoring forward may hold: 1 GiB
+DECODE_CHECK_ROWS = 4  # rows of each generation pass whose answers decode_check re-reads with one plain forward
+DECODE_WARN = 0.9  # below this share of greedy tokens that the plain forward also picks: GENERATION BROKEN
 
 
 def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
@@ -407,10 +412,11 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
-def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str) -> list[dict]:
+def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str,
+             check: dict | None = None) -> list[dict]:
     """Greedy answers to each conversation's last user turn, in the input order; `stopped` = ended by an
     end-of-turn token. Batched by prompt length (less left padding: benchmark prompts range from 10 to 500+
-    tokens)."""
+    tokens). `check`, when given, receives `decode_check`'s counts for the first batch."""
     prompts = []
     for msgs in conversations:
         ctx = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
@@ -427,13 +433,36 @@ def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], m
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                                  pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
             new = gen[:, enc["input_ids"].shape[1]:]
+            answers = []
             for i, row in zip(ids, new.tolist()):
                 stop_at = next((j for j, t in enumerate(row) if t in stop_ids), None)
                 kept = row[:stop_at] if stop_at is not None else row
+                answers.append(row[:stop_at + 1] if stop_at is not None else row)
                 out[i] = {"text": tok.decode(kept, skip_special_tokens=True).strip(), "stopped": stop_at is not None}
+            if check is not None and start == 0:
+                prompt_ids = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"])]
+                check.update(decode_check(model, prompt_ids, answers, device))
     finally:
         tok.padding_side = old_side
     return out
+
+
+def decode_check(model, prompts: list[list[int]], answers: list[list[int]], device: str, rows: int = DECODE_CHECK_ROWS) -> dict:
+    """Do greedy answers follow from the model? For a few rows, one forward over prompt + answer (no cache, no padding):
+    its argmax at each answer position should be the token generation chose. A cached, batched decode that the model's
+    own forward disagrees with (Liger's RoPE leaking into stage 5 scored garbage answers on the GPU) shows here as a low
+    share; bf16 near-ties flip a token now and then. Returns {"tokens", "agree"}."""
+    import torch
+
+    tokens = agree = 0
+    for prompt, answer in list(zip(prompts, answers))[:rows]:
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=device)
+        pred = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1].argmax(-1).tolist()
+        tokens += len(answer)
+        agree += sum(p == a for p, a in zip(pred, answer))
+    return {"tokens": tokens, "agree": agree}
 
 
 def _plot(summary: dict, per_family: list[dict], path: Path) -> None:
@@ -585,16 +614,17 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     prompts = [r["prompt"] for r in rows]
     cap = suite["subset"]["max_new_tokens"]
     t0 = time.monotonic()
-    gens, nll = {}, {}
+    gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     for who in ("base", "tuned"):
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
-            gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device)
+            gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device,
+                                 checks[who])
             if name == "alpaca_eval":
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
-                     "system_prompt": system_prompt}
+                     "system_prompt": system_prompt, "decode_check": checks}
     detail = [{"id": r["id"], "prompt": r["prompt"], "base": gens["base"][i]["text"], "tuned": gens["tuned"][i]["text"]} for i, r in enumerate(rows)]
     m = summary["metrics"]
     conf = eval.confidence
@@ -778,6 +808,9 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
             types = ", ".join(f"{k} ({v['count']})" for k, v in s["unscoreable"].items())
             warnings.append(f"UNSCOREABLE: {name}: {s['unscoreable_instructions']} instructions of types {types} could not be checked "
                             f"(missing data); {s['excluded_prompts']} prompts excluded from prompt-level scores")
+    broken, checked = _decode_check_lines(summary, bench_results)
+    warnings += broken
+    notes += checked
     if judged:
         notes.append(f"{judged} measures judged, each at the {confidence:.0%} level: with no real change about "
                      f"{judged * (1 - confidence):.1f} of them would still read better or regressed by chance")
@@ -796,6 +829,23 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
     lines = ([f"better beyond the {confidence:.0%} interval: {x}" for x in better] + [f"REGRESSED beyond the {confidence:.0%} interval: {x}" for x in worse]
              + [f"no clear difference: {x}" for x in unclear] + [f"WARNING {w}" for w in warnings] + [f"NOTE {x}" for x in notes])
     return {"better": better, "worse": worse, "unclear": unclear, "warnings": warnings, "notes": notes, "measures": judged, "lines": lines}
+
+
+def _decode_check_lines(summary: dict, bench_results: dict) -> tuple[list[str], list[str]]:
+    """GENERATION BROKEN warnings where a pass's greedy answers disagree with the model's own plain forward
+    (`decode_check`), and one note with the totals."""
+    passes = [("held-out", who, summary.get(who, {}).get("decode_check")) for who in ("base", "tuned")]
+    passes += [(name, who, c) for name, res in bench_results.items() for who, c in (res["summary"].get("decode_check") or {}).items()]
+    passes = [(where, who, c) for where, who, c in passes if c and c["tokens"]]
+    broken = [f"GENERATION BROKEN: {where}, {who}: only {c['agree']} of {c['tokens']} greedy answer tokens are what one plain "
+              "forward over the same text picks (expected nearly all); the answers scored here are not the model's, so nothing "
+              "judged from them holds (the cached, batched decode differs from the model: a patched kernel, attention or cache bug)"
+              for where, who, c in passes if c["agree"] < DECODE_WARN * c["tokens"]]
+    if not passes:
+        return broken, []
+    agree, tokens = sum(c["agree"] for *_, c in passes), sum(c["tokens"] for *_, c in passes)
+    return broken, [f"decode check: {agree} of {tokens} greedy answer tokens ({agree / tokens:.1%}) from {len(passes)} generation passes "
+                    "are what one plain forward over the same text picks"]
 
 
 def _length_warnings(s: dict, name: str) -> list[str]:

@@ -175,7 +175,10 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
             inputs = {"data": data.model_dump(mode="json"), "device": resolve_device(device), "key": key, "out": str(out), "artifacts_dir": artifacts_dir,
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training), ("budget", budget))}}
             return ProbeRecord.model_validate(launch.run_stage("probe", "tasks.probe:probe_on_rank", inputs, n, out.parent / f".{out.name}.launch", log_fn))
-        return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn)
+        from .engine.fastpath import kernel_patch_scope
+
+        with kernel_patch_scope():  # Liger's module-wide patches end with the stage (tasks/engine/fastpath.py)
+            return _probe(data, model, quant, lora, training, budget, resolve_device(device), key, out, artifacts_dir, log_fn)
 
 
 def probe_on_rank(spec: dict, log_fn) -> ProbeRecord | None:

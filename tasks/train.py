@@ -289,7 +289,10 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training))},
                       "key": key, "out": str(out), "artifacts_dir": artifacts_dir}
             return TrainRecord.model_validate(launch.run_stage("train", "tasks.train:train_on_rank", inputs, n, out / "work", log_fn))
-        return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
+        from .engine.fastpath import kernel_patch_scope
+
+        with kernel_patch_scope():  # Liger's module-wide patches end with the stage: stage 5 loads the model a user loads
+            return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
 
 
 def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:

@@ -8,6 +8,7 @@ import contextlib
 import random
 
 import pytest
+import torch
 
 from tasks import evaluate as ev
 from tasks.config import EvalSection
@@ -35,7 +36,7 @@ def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | Non
     (its result, the conversations each model was prompted with)."""
     seen = []
 
-    def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device):
+    def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device, check=None):
         seen.append((model.who, conversations))
         return [{"text": t, "stopped": s} for t, s in answers[model.who]]
 
@@ -358,3 +359,48 @@ def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
     assert [w for w in v["warnings"] if w.startswith("COPIES THE PROMPT")] == [
         "COPIES THE PROMPT: IFEval: the base model gave the prompt back on 83% of prompts; a copy passes rules such as no commas or "
         "word and sentence limits, so its IFEval score counts copies, not answers (read the answers side by side)"]
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def _greedy(model, rows: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-padded batched greedy answers, as stage 5 generates them."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return rows, out[:, width:].tolist()
+
+
+def test_decode_check_agrees_with_a_sound_decode_and_catches_a_broken_one(monkeypatch):
+    """A batched, cached greedy decode re-read by one plain forward: every token agrees when generation is sound; a RoPE
+    that is wrong only on one-token steps (what Liger's leaked RoPE did to Gemma-3 in stage 5 on the GPU) shows up."""
+    from transformers.models.gemma3 import modeling_gemma3 as g3
+
+    model, rows = _tiny_gemma3(), [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    with torch.inference_mode():
+        sound = ev.decode_check(model, *_greedy(model, rows), "cpu")
+        assert sound == {"tokens": 16, "agree": 16}
+        rope = g3.apply_rotary_pos_emb
+        monkeypatch.setattr(g3, "apply_rotary_pos_emb", lambda q, k, *a, **kw: tuple(
+            t.flip(0) if t.shape[2] == 1 else t for t in rope(q, k, *a, **kw)))
+        prompts, answers = _greedy(model, rows)
+        monkeypatch.setattr(g3, "apply_rotary_pos_emb", rope)
+        broken = ev.decode_check(model, prompts, answers, "cpu")
+    assert broken["tokens"] == 16 and broken["agree"] < ev.DECODE_WARN * 16
+
+
+def test_verdict_says_generation_broken_and_notes_the_decode_check():
+    summary = {"base": {"decode_check": {"tokens": 100, "agree": 100}}, "tuned": {"decode_check": {"tokens": 100, "agree": 99}}}
+    bench = {"ifeval": {"summary": {"metrics": {}, "decode_check": {"base": {"tokens": 50, "agree": 20}, "tuned": {"tokens": 50, "agree": 50}}}}}
+    v = ev.make_verdict(summary, None, bench, 0.95)
+    assert v["warnings"] == [w for w in v["warnings"] if w.startswith("GENERATION BROKEN: ifeval, base: only 20 of 50 ")] and len(v["warnings"]) == 1
+    assert "decode check: 269 of 300 greedy answer tokens (89.7%) from 4 generation passes" in v["notes"][0]
+    assert not ev.make_verdict({"base": {"decode_check": {"tokens": 100, "agree": 95}}}, None, {}, 0.95)["warnings"]

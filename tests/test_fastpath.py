@@ -332,3 +332,49 @@ def test_lm_head_on_trained_positions_only_gives_the_same_loss_and_gradients(arc
     assert kept_loss == pytest.approx(full_loss, rel=1e-6)
     for k, g in full_grads.items():
         torch.testing.assert_close(kept_grads[k], g, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_kernel_patches_end_with_the_scope_so_a_later_model_decodes_as_loaded(tmp_path):
+    """Liger patches transformers module-wide (classes, `apply_rotary_pos_emb`); its RoPE (0.8.5) rotated the wrong rows
+    when a batch decoded one token after Gemma-3's q/k norms, so stage 5 after stage 4 in one process answered garbage on
+    the GPU. A stand-in with the same module-wide reach, and a RoPE that is wrong on one-token steps, must not reach a
+    model loaded after the stage's scope; the model patched inside keeps its patched modules."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.models.gemma3 import modeling_gemma3 as g3
+
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+
+    def answers() -> list[list[int]]:
+        model = Gemma3ForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, ids.shape[1]:].tolist()
+
+    class PatchedNorm(g3.Gemma3RMSNorm):
+        pass
+
+    true_rope, true_forward = g3.apply_rotary_pos_emb, g3.Gemma3ForCausalLM.forward
+
+    def rope_wrong_on_one_token(q, k, cos, sin, *args, **kwargs):
+        q, k = true_rope(q, k, cos, sin, *args, **kwargs)
+        return (q.flip(0), k.flip(0)) if q.shape[2] == 1 else (q, k)
+
+    def like_liger(model):
+        g3.apply_rotary_pos_emb = rope_wrong_on_one_token
+        g3.Gemma3RMSNorm = PatchedNorm
+        g3.Gemma3ForCausalLM.forward = lambda self, *a, **kw: true_forward(self, *a, **kw)
+        model.model.norm.__class__ = PatchedNorm
+
+    before = answers()
+    with fastpath.kernel_patch_scope():
+        patched = Gemma3ForCausalLM.from_pretrained(tmp_path)
+        fastpath.apply_kernel_patches(like_liger, model=patched)
+        assert answers() != before  # what a leaked patch does to a model loaded later (the old stage 5)
+    assert (g3.apply_rotary_pos_emb, g3.Gemma3RMSNorm, g3.Gemma3ForCausalLM.forward) == (true_rope, PatchedNorm.__mro__[1], true_forward)
+    assert isinstance(patched.model.norm, PatchedNorm)
+    assert answers() == before

@@ -30,7 +30,9 @@ from __future__ import annotations
 import bisect
 import inspect
 import random
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -405,6 +407,58 @@ def prepare_fast_model(model, *, use_liger: bool = True, fused_linear_cross_entr
     wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                   fused_linear_cross_entropy=fused_linear_cross_entropy)
     accepted = inspect.signature(apply).parameters
-    apply(model=base, **{k: v for k, v in wanted.items() if k in accepted})
+    apply_kernel_patches(apply, model=base, **{k: v for k, v in wanted.items() if k in accepted})
     base._fastpath_liger = True
     return model
+
+
+def apply_kernel_patches(apply, **kwargs) -> None:
+    """Call a Liger `apply_liger_kernel_to_*` and remember what it replaced, for `kernel_patch_scope` to put back."""
+    before = _patchable_state()
+    apply(**kwargs)
+    _PATCHED.append(before)
+
+
+_PATCHED: list[dict] = []
+"""What transformers' modules held before each `prepare_fast_model` call; `kernel_patch_scope` puts it back."""
+
+
+def _patchable_state() -> dict:
+    """What Liger's `apply_liger_kernel_to_*` may replace, keyed by owner: every loaded transformers modeling module's
+    globals (RMSNorm/MLP classes, `apply_rotary_pos_emb`), its classes' `forward`, and torch's cross-entropy."""
+    state: dict = {torch.nn.functional: {"cross_entropy": torch.nn.functional.cross_entropy}}
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("transformers.models."):
+            continue
+        state[module] = dict(vars(module))
+        for value in state[module].values():
+            if isinstance(value, type) and value.__module__ == name and "forward" in vars(value):
+                state[value] = {"forward": vars(value)["forward"]}
+    return state
+
+
+def _restore(state: dict) -> None:
+    for owner, saved in state.items():
+        now = vars(owner)
+        for key, value in saved.items():
+            if now.get(key) is not value:
+                setattr(owner, key, value)
+
+
+@contextmanager
+def kernel_patch_scope() -> Iterator[None]:
+    """Undo, on exit, what `prepare_fast_model` patched process-wide inside the scope.
+
+    Liger swaps transformers' classes and functions module-wide, not only in the model it is given: a model loaded
+    later in the same process (stage 5 after stage 4 in one flow run) would be built from Liger's RMSNorm/GEGLU and
+    run Liger's RoPE. That model is not the one a user loads, and Liger's RoPE (0.8.5) rotates the wrong rows when a
+    batch decodes one token after a norm that returns fresh memory (Gemma-3's and Qwen3's q/k norms: the size-1
+    sequence dimension's stride is what its kernel steps rows by), so batched greedy answers on the GPU were garbage
+    after the first token. The models patched inside the scope keep their patched modules; only the globals go back.
+    """
+    depth = len(_PATCHED)
+    try:
+        yield
+    finally:
+        while len(_PATCHED) > depth:
+            _restore(_PATCHED.pop())
