@@ -658,7 +658,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
         refs = [r["reference"] for r in rows]
         texts = {who: [g["text"] for g in gens[who]] for who in gens}
         stats = {who: bench.answer_stats(texts[who], [g["stopped"] for g in gens[who]]) for who in gens}
-        summary["answers"] = stats
+        # the references' own lengths (GPT-4's answers), for reading the models' lengths against
+        summary["answers"] = {**stats, "reference": bench.answer_stats(refs, [True] * len(refs))}
         summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
         # An empty answer is judged on its own (exact McNemar over prompts): cutting pairs to the shorter answer makes
         # an empty answer tie its pair at 0, so the overlap scores cannot see a collapse to empty answers.
@@ -904,9 +905,10 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             lines.append(f"| {_LABELS.get((name, key), key)} | {cell(m['base'])} | {cell(m['tuned'])} | {gain} | {verdict} |")
         if "answers" in s:
             a = s["answers"]
-            lines += ["", "| answers | base | tuned |", "|---|---|---|"]
+            cols = [c for c in ("base", "tuned", "reference") if c in a]
+            lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate"):
-                lines.append(f"| {k} | {a['base'][k]} | {a['tuned'][k]} |")
+                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k == "eos_share" else str(a[c][k]) for c in cols) + " |")
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")

@@ -199,9 +199,13 @@ def test_overlap_scores_are_judged_on_pairs_cut_to_the_shorter_answer(monkeypatc
     assert m["chrf_uncut"]["verdict"] == m["rouge_l_uncut"]["verdict"] == "length-sensitive"
     v = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
     assert v["worse"] == [] and not any("whole answers" in x for x in v["unclear"])  # length-sensitive: shown, not judged
-    assert "AlpacaEval chrF, whole answers (length-sensitive, not judged)" in ev.benchmark_markdown(
+    card = ev.benchmark_markdown(
         ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
                       gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": res["summary"]}, verdict=v))
+    assert "AlpacaEval chrF, whole answers (length-sensitive, not judged)" in card
+    # the references' own length beside the models' (issue 18: a median answer between half and twice the references')
+    assert res["summary"]["answers"]["reference"]["median_words"] == 150.0
+    assert "| answers | base | tuned | reference |" in card and "| median_words | 60.0 | 30.0 | 150.0 |" in card
 
     other = [(" ".join(f"x{j}" for j in range(30)), True) for _ in words]
     res, _ = run(monkeypatch, "alpaca_eval", rows, {"base": base, "tuned": other}, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24})
