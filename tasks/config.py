@@ -558,15 +558,34 @@ def _liger_problem(training: TrainingSection, device: str) -> str | None:
 
     transformers = installed_version("transformers") or "0"
     need = liger_minimum(transformers)
-    if Version(liger) >= Version(need):
-        return None
     if device == "auto":  # auto: CUDA when present, else the CPU, where Liger is never applied
         import torch
 
         if not torch.cuda.is_available():
             return None
-    return (f"training.liger: liger-kernel {liger} is installed, and Liger's kernels on transformers {transformers} need "
-            f"liger-kernel>={need}; upgrade it (pip install -U 'liger-kernel>={need}') or set training.liger=false")
+    if Version(liger) < Version(need):
+        return (f"training.liger: liger-kernel {liger} is installed, and Liger's kernels on transformers {transformers} need "
+                f"liger-kernel>={need}; upgrade it (pip install -U 'liger-kernel>={need}') or set training.liger=false")
+    refused = liger_import_error()
+    if refused:  # a newer Liger may refuse this transformers (0.8.5 needs transformers>=5)
+        return (f"training.liger: liger-kernel {liger} does not load with transformers {transformers} ({refused}); install a "
+                "liger-kernel that supports it, upgrade transformers, or set training.liger=false")
+    return None
+
+
+def liger_import_error() -> str | None:
+    """Why Liger's patching module does not import here (its own message), or None when it does."""
+    try:
+        import liger_kernel.transformers.monkey_patch  # noqa: F401
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("liger_kernel"):
+            return None  # not installed: nothing to refuse
+        return str(e)
+    except ImportError as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception:  # triton without a driver and the like: the engines run without Liger (fastpath.liger_available)
+        return None
+    return None
 
 
 def _benchmark_problems(ev: EvalSection) -> list[str]:

@@ -33,7 +33,7 @@ from . import instructions
 from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection
 from .data import DataRecord, load_heldout_meta, load_split
-from .models import load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
 EVAL_VERSION = 7  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
@@ -41,7 +41,8 @@ EVAL_VERSION = 7  # 2: standard benchmarks + verdict; 3: per-source loss over th
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
 # 6: IFEval answers that give the prompt back, judged (exact McNemar) and warned (COPIES THE PROMPT)
-# 7: every generation pass checks its first rows' greedy tokens against a plain forward (decode_check; GENERATION BROKEN)
+# 7: every generation pass checks its first rows' greedy tokens against a plain forward (decode_check; GENERATION BROKEN);
+# the base's benchmark answers cached by base_answers_key and reused across adapters
 
 
 class EvalRecord(BaseModel):
@@ -316,7 +317,9 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         gain, gain_ci = accuracy_test["gain"], accuracy_test["gain_ci"]
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
-    bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt) for name, suite in suites.items()}
+    bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
+                                         base_cache=stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt)))
+                     for name, suite in suites.items()}
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
     samples = []
@@ -369,6 +372,7 @@ class _nullcontext:
 LOGITS_BYTES = 1 << 30  # fp32 logits one scoring forward may hold: 1 GiB
 DECODE_CHECK_ROWS = 4  # rows of each generation pass whose answers decode_check re-reads with one plain forward
 DECODE_WARN = 0.9  # below this share of greedy tokens that the plain forward also picks: GENERATION BROKEN
+DECODE_MIN_TOKENS = 20  # fewer re-read tokens judge nothing (one bf16 near-tie in four one-token answers reads 75%)
 
 
 def row_nll(model, ds, pad_id: int, batch_size: int, device: str, max_tokens: int = 8192) -> list[tuple[float, int]]:
@@ -454,12 +458,16 @@ def decode_check(model, prompts: list[list[int]], answers: list[list[int]], devi
     share; bf16 near-ties flip a token now and then. Returns {"tokens", "agree"}."""
     import torch
 
+    from .engine.fastpath import accepts_logits_to_keep
+
+    keep = accepts_logits_to_keep(model)
     tokens = agree = 0
     for prompt, answer in list(zip(prompts, answers))[:rows]:
         if not answer:
             continue
         ids = torch.tensor([prompt + answer], device=device)
-        pred = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1].argmax(-1).tolist()
+        logits = model(input_ids=ids, **({"logits_to_keep": len(answer) + 1} if keep else {})).logits
+        pred = logits[0, -(len(answer) + 1):-1].argmax(-1).tolist()
         tokens += len(answer)
         agree += sum(p == a for p, a in zip(pred, answer))
     return {"tokens": tokens, "agree": agree}
@@ -605,9 +613,30 @@ def _paired_clustered(base: list[bool], tuned: list[bool], clusters: list[int], 
 LENGTH_SENSITIVE = ("rouge_l_uncut", "chrf_uncut")  # reported, never judged: they mostly measure answer length
 
 
-def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None) -> dict:
+def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSection, eval: EvalSection, suite: dict, device: str,
+                     system_prompt: str | None) -> str:
+    """What the base model's side of one benchmark depends on: the base weights and how they are loaded, the template
+    and stop tokens, the prompts (the file's content, the subset) and their system prompt, greedy decoding's cap and
+    batches, the machine and the libraries that run it. Not the adapter, not the data: a retrained adapter on the same
+    base (a scheduled run, a sweep) reuses the base's answers instead of generating them again."""
+    from importlib import metadata
+
+    libs = {}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            libs[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            libs[dist] = "absent"
+    return fingerprint("eval-base", EVAL_VERSION, suite["name"], data.model_fingerprint, data.chat_template_hash, data.stop_token_ids,
+                       model_cfg.model_dump(mode="json"), quant.model_dump(mode="json"), suite["provenance"], suite["subset"], system_prompt,
+                       eval.batch_size, eval.reference_max_tokens, hardware_id(resolve_device(device)), libs)
+
+
+def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None,
+                  base_cache: Path | None = None) -> dict:
     """Base then tuned on one benchmark, prompted as the published model is (`benchmark_conversation`); returns
-    {"summary": small JSON for the record, "rows": per-prompt detail}."""
+    {"summary": small JSON for the record, "rows": per-prompt detail}. `base_cache` (keyed by `base_answers_key`)
+    holds the base's answers, reference losses and decode check once computed; a later run reads them back."""
     import torch
 
     name, rows = suite["name"], suite["rows"]
@@ -615,16 +644,31 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     cap = suite["subset"]["max_new_tokens"]
     t0 = time.monotonic()
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
+    reused = None
     for who in ("base", "tuned"):
+        if who == "base" and base_cache is not None and is_complete(base_cache):
+            reused = base_cache.name
+            saved = read_json(base_cache / "base.json")
+            gens["base"], checks["base"] = saved["gens"], saved["check"]
+            if name == "alpaca_eval":
+                nll["base"] = [tuple(x) for x in saved["nll"]]
+            log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache.name}: same base, "
+                   "template, prompts, decoding, machine and libraries)")
+            continue
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
             gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device,
                                  checks[who])
             if name == "alpaca_eval":
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
+        if who == "base" and base_cache is not None:
+            with locked(base_cache):
+                if not is_complete(base_cache):
+                    with building(base_cache) as tmp:
+                        write_json(tmp / "base.json", {"gens": gens["base"], "check": checks["base"], "nll": nll.get("base")})
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
-                     "system_prompt": system_prompt, "decode_check": checks}
+                     "system_prompt": system_prompt, "decode_check": checks, "base_reused": reused}
     detail = [{"id": r["id"], "prompt": r["prompt"], "base": gens["base"][i]["text"], "tuned": gens["tuned"][i]["text"]} for i, r in enumerate(rows)]
     m = summary["metrics"]
     conf = eval.confidence
@@ -841,7 +885,7 @@ def _decode_check_lines(summary: dict, bench_results: dict) -> tuple[list[str], 
     broken = [f"GENERATION BROKEN: {where}, {who}: only {c['agree']} of {c['tokens']} greedy answer tokens are what one plain "
               "forward over the same text picks (expected nearly all); the answers scored here are not the model's, so nothing "
               "judged from them holds (the cached, batched decode differs from the model: a patched kernel, attention or cache bug)"
-              for where, who, c in passes if c["agree"] < DECODE_WARN * c["tokens"]]
+              for where, who, c in passes if c["tokens"] >= DECODE_MIN_TOKENS and c["agree"] < DECODE_WARN * c["tokens"]]
     if not passes:
         return broken, []
     agree, tokens = sum(c["agree"] for *_, c in passes), sum(c["tokens"] for *_, c in passes)
@@ -884,7 +928,8 @@ def benchmark_markdown(rec: EvalRecord) -> str:
         sub, prov = s["subset"], s["provenance"]
         lines += [f"### {name}: {sub['n']} of {sub['n_full']} prompts (seed {sub['seed']}), greedy, cap {sub['max_new_tokens']} tokens", "",
                   f"Source: {prov.get('source')} `{prov.get('hub_id') or prov.get('file')}` sha256 `{str(prov.get('sha256'))[:16]}…`, "
-                  f"license {prov.get('license')}. {s['seconds']:.0f} s.", "",
+                  f"license {prov.get('license')}. {s['seconds']:.0f} s"
+                  + (f" (the base's answers reused from an earlier run on the same base, prompts and machine: `{s['base_reused']}`)." if s.get("base_reused") else "."), "",
                   "| metric | base | tuned | gain [CI] | verdict |", "|---|---|---|---|---|"]
         for key, m in _ordered(name, s["metrics"]):
             def cell(x: dict) -> str:

@@ -527,10 +527,13 @@ def require_free_port(host: str, port: int) -> None:
     server starts: llama.cpp's server otherwise fails with a RuntimeError traceback, and transformers serve only
     after loading the model. SO_REUSEADDR as the servers set it: a port whose last server just stopped is free."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(address)
+        # every address the name resolves to (localhost: ::1 and 127.0.0.1), as the servers bind them all
+        for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(address)
     except OSError as e:
         import errno
 

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -454,6 +455,24 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def hardware_id(device: str) -> str:
+    """The machine a measurement or a generation ran on: GPU name + memory + count, or CPU model + cores + torch."""
+    import torch
+
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"cuda:{p.name}:{p.total_memory // 2**20}MiB:x{torch.cuda.device_count()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{cpu}:{os.cpu_count()}cores:torch{torch.__version__}"
 
 
 def compute_dtype(quant: QuantSection, device: str):

@@ -23,8 +23,6 @@ the hardware, so another GPU re-probes.
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +36,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
-from .models import load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
@@ -69,24 +67,6 @@ class ProbeRecord(BaseModel):
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
-
-
-def hardware_id(device: str) -> str:
-    """What the step time depends on: GPU name + memory, or CPU model + cores."""
-    import torch
-
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        return f"cuda:{p.name}:{p.total_memory // 2**20}MiB:x{torch.cuda.device_count()}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{cpu}:{os.cpu_count()}cores:torch{torch.__version__}"
 
 
 # Settings the probe's measurement and step plan do not depend on (a step costs the same at any learning rate or

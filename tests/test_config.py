@@ -112,8 +112,9 @@ def liger_on_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
-    def install(liger: str | None, transformers: str = "5.24.0") -> None:
+    def install(liger: str | None, transformers: str = "5.24.0", refused: str | None = None) -> None:
         monkeypatch.setattr(config, "installed_version", {"liger-kernel": liger, "transformers": transformers}.get)
+        monkeypatch.setattr(config, "liger_import_error", lambda: refused)
 
     return install
 
@@ -129,6 +130,16 @@ def test_liger_older_than_transformers_needs_is_one_line_before_any_work(liger_o
     assert main(["run", "--profile", "tiny", "--minutes", "1", "--set", f"artifacts_dir={art}"]) == 2
     assert capsys.readouterr().err.splitlines() == [f"config error: {p}"]
     assert not art.exists()  # refused before any work
+
+
+def test_a_liger_that_refuses_this_transformers_is_one_line(liger_on_gpu):
+    """liger-kernel 0.8.5 raises ImportError on transformers 4 (its floor is 5.0) though it is newer than 0.5: the
+    refusal itself is asked for, and said in one line before any work."""
+    liger_on_gpu("0.8.5", "4.57.6", refused="liger-kernel requires transformers >= 5.0.0, got 4.57.6. Please install an older version")
+    (p,) = _problems(profile="tiny")
+    assert p.startswith("training.liger: liger-kernel 0.8.5 does not load with transformers 4.57.6 (liger-kernel requires transformers >= 5.0.0")
+    assert p.endswith("install a liger-kernel that supports it, upgrade transformers, or set training.liger=false")
+    load_config(profile="tiny", overrides=["training.liger=false"])  # the fix it names
 
 
 @pytest.mark.parametrize("liger, transformers, overrides", [

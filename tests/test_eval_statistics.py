@@ -31,7 +31,8 @@ class FakeModel:
             self.who = "tuned"
 
 
-def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | None = None, cap: int = 96, tok=None, **kwargs) -> tuple[dict, list]:
+def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | None = None, cap: int = 96, tok=None, log_fn=None,
+        **kwargs) -> tuple[dict, list]:
     """run_benchmark on `rows` with answers[who] = [(text, stopped)] and nll[who] = [(summed NLL, tokens)]; returns
     (its result, the conversations each model was prompted with)."""
     seen = []
@@ -47,7 +48,7 @@ def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | Non
     monkeypatch.setattr(ev, "reference_nll", fake_reference_nll)
     suite = {"name": name, "rows": rows, "provenance": {"source": "constructed"},
              "subset": {"n": len(rows), "n_full": len(rows), "seed": 0, "max_new_tokens": cap}}
-    return ev.run_benchmark(FakeModel(), tok, suite, [0], EvalSection(), "cpu", lambda m: None, **kwargs), seen
+    return ev.run_benchmark(FakeModel(), tok, suite, [0], EvalSection(), "cpu", log_fn or (lambda m: None), **kwargs), seen
 
 
 def alpaca_rows(n: int, ref_words: int = 150, seed: int = 0) -> list[dict]:
@@ -408,3 +409,58 @@ def test_verdict_says_generation_broken_and_notes_the_decode_check():
     assert v["warnings"] == [w for w in v["warnings"] if w.startswith("GENERATION BROKEN: ifeval, base: only 20 of 50 ")] and len(v["warnings"]) == 1
     assert "decode check: 269 of 300 greedy answer tokens (89.7%) from 4 generation passes" in v["notes"][0]
     assert not ev.make_verdict({"base": {"decode_check": {"tokens": 100, "agree": 95}}}, None, {}, 0.95)["warnings"]
+
+
+def test_base_answers_are_generated_once_then_reused_by_a_retrained_adapter(monkeypatch, tmp_path):
+    """The base side of a benchmark does not depend on the adapter: the second run (a new adapter on the same base)
+    reads the base's answers, reference losses and decode check back instead of generating them again."""
+    rows, cache = alpaca_rows(8), tmp_path / "eval-base" / "k"
+    first = {"base": [("base answer", False)] * 8, "tuned": [("tuned answer", True)] * 8}
+    nll = {"base": [(2.0, 1)] * 8, "tuned": [(1.0, 1)] * 8}
+    said = []
+    res1, seen1 = run(monkeypatch, "alpaca_eval", rows, first, nll, base_cache=cache)
+    assert [who for who, _ in seen1] == ["base", "tuned"] and (cache / "COMPLETE").is_file()
+    second = {"base": [("never generated", True)] * 8, "tuned": [("another adapter", True)] * 8}
+    res2, seen2 = run(monkeypatch, "alpaca_eval", rows, second, {"base": [(9.0, 1)] * 8, "tuned": [(1.5, 1)] * 8}, base_cache=cache,
+                      log_fn=said.append)
+    assert [who for who, _ in seen2] == ["tuned"]  # the base was not asked again
+    assert [r["base"] for r in res2["rows"]] == ["base answer"] * 8 and res2["summary"]["metrics"]["reference_loss"]["base"]["value"] == 2.0
+    assert [r["tuned"] for r in res2["rows"]] == ["another adapter"] * 8
+    assert any("base model's answers reused" in m for m in said)
+    assert res1["summary"]["base_reused"] is None and res2["summary"]["base_reused"] == "k"
+
+
+def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "ifeval", "provenance": {"sha256": "s"}, "subset": {"n": 6, "seed": 0, "max_new_tokens": 8}}
+    key = lambda d=data, c=cfg, s=suite, sp=None: ev.base_answers_key(d, c.model, c.quant, c.eval, s, "cpu", sp)  # noqa: E731
+    same = key()
+    assert key(d=data.model_copy(update={"key": "data-b"})) == same  # other data, other adapter: same base answers
+    assert key(d=data.model_copy(update={"chat_template_hash": "t2"})) != same
+    assert key(d=data.model_copy(update={"model_fingerprint": "m2"})) != same
+    assert key(s={**suite, "subset": {**suite["subset"], "max_new_tokens": 16}}) != same
+    assert key(s={**suite, "provenance": {"sha256": "s2"}}) != same
+    assert key(sp="Be brief.") != same
+    assert key(c=load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "quant.load_in_4bit=false"])) != same
+
+
+def test_decode_check_reads_the_last_positions_of_a_forward_that_ignores_logits_to_keep():
+    """Remote-code models often swallow unknown keywords and return every position's logits: the check reads the
+    answer's positions from the end, and asks for `logits_to_keep` only where the forward names it."""
+    model, rows = _tiny_gemma3(), [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+
+    class SwallowsKeywords(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids=input_ids)  # every position, whatever was asked
+
+    with torch.inference_mode():
+        prompts, answers = _greedy(model, rows)
+        assert ev.decode_check(SwallowsKeywords(model), prompts, answers, "cpu") == {"tokens": 16, "agree": 16}

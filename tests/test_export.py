@@ -313,6 +313,21 @@ def test_serve_model_on_a_port_in_use_is_one_line_naming_the_port(tmp_path, fmt)
     assert f"port {port} on 127.0.0.1 is already in use" in lines[0] and f"--port {port + 1}" in lines[0]
 
 
+def test_busy_port_is_found_on_every_address_the_host_resolves_to(monkeypatch):
+    """`localhost` resolving to ::1 first, with 127.0.0.1 taken: the servers bind both, so the check tries both."""
+    from tasks.export import require_free_port
+
+    real = socket.getaddrinfo
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("::1", *a, **k) + real("127.0.0.1", *a, **k))
+        with pytest.raises(StageError, match=f"port {port} on localhost is already in use"):
+            require_free_port("localhost", port)
+    require_free_port("localhost", port)  # released: free on both
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Slow: the real SmolLM2-135M, converted once per session
 

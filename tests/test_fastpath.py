@@ -378,3 +378,19 @@ def test_kernel_patches_end_with_the_scope_so_a_later_model_decodes_as_loaded(tm
     assert (g3.apply_rotary_pos_emb, g3.Gemma3RMSNorm, g3.Gemma3ForCausalLM.forward) == (true_rope, PatchedNorm.__mro__[1], true_forward)
     assert isinstance(patched.model.norm, PatchedNorm)
     assert answers() == before
+
+
+def test_a_patch_that_raises_midway_is_undone_too():
+    """Liger's gemma3 apply swaps the module globals, then raises TypeError on a model of another class."""
+    from transformers.models.llama import modeling_llama as ml
+
+    rope, norm = ml.apply_rotary_pos_emb, ml.LlamaRMSNorm
+
+    def half_applied(model):
+        ml.apply_rotary_pos_emb = lambda *a, **k: None
+        ml.LlamaRMSNorm = type("Patched", (norm,), {})
+        raise TypeError("The model must be Gemma3ForCausalLM.")
+
+    with pytest.raises(TypeError), fastpath.kernel_patch_scope():
+        fastpath.apply_kernel_patches(half_applied, model=None)
+    assert (ml.apply_rotary_pos_emb, ml.LlamaRMSNorm) == (rope, norm)

@@ -290,7 +290,9 @@ def test_two_runs_at_once_on_one_artifacts_folder(tmp_path, api_env):
     assert len(runs) == 2  # distinct run folders, each with its summary
     assert all(json.loads((r / "summary.json").read_text())["status"] == "completed" for r in runs)
     folders = _stage_folders(art)
-    assert len(folders) == 8 and all(is_complete(art / f) for f in folders)  # 7 cached stages (publish writes a run folder) + the model
+    # 7 cached stages (publish writes a run folder) + the model + the base's answers to each of the 2 benchmarks
+    assert len(folders) == 10 and all(is_complete(art / f) for f in folders)
+    assert sum(f.startswith("cache/eval-base/") for f in folders) == 2
     assert not list(art.glob("cache/*/.*")) and not list(art.glob("runs/*/.*"))  # no temp folders left
     for f in (art / ".prefect-results").iterdir():
         json.loads(f.read_text())  # every result record whole

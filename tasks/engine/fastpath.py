@@ -376,7 +376,7 @@ def fast_attn_implementation(device_type: str) -> str:
 def liger_available() -> bool:
     """True when liger-kernel imports (it needs triton and a GPU to run)."""
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.transformers.monkey_patch  # noqa: F401  (the module that refuses an unsupported transformers)
     except Exception:  # ImportError, or triton failing to find a driver
         return False
     return True
@@ -414,9 +414,8 @@ def prepare_fast_model(model, *, use_liger: bool = True, fused_linear_cross_entr
 
 def apply_kernel_patches(apply, **kwargs) -> None:
     """Call a Liger `apply_liger_kernel_to_*` and remember what it replaced, for `kernel_patch_scope` to put back."""
-    before = _patchable_state()
+    _PATCHED.append(_patchable_state())  # before the call: an apply that raises midway has patched globals already
     apply(**kwargs)
-    _PATCHED.append(before)
 
 
 _PATCHED: list[dict] = []
@@ -454,7 +453,8 @@ def kernel_patch_scope() -> Iterator[None]:
     run Liger's RoPE. That model is not the one a user loads, and Liger's RoPE (0.8.5) rotates the wrong rows when a
     batch decodes one token after a norm that returns fresh memory (Gemma-3's and Qwen3's q/k norms: the size-1
     sequence dimension's stride is what its kernel steps rows by), so batched greedy answers on the GPU were garbage
-    after the first token. The models patched inside the scope keep their patched modules; only the globals go back.
+    after the first token. Modules the patch swapped inside a model stay swapped (its RoPE, a module global, does not:
+    nothing runs such a model after the scope).
     """
     depth = len(_PATCHED)
     try:
