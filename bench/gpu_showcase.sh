@@ -9,7 +9,8 @@
 #
 # UPLOAD_DIR holds what bench/gpu_wheels.sh builds (the flow's wheels, Gemma's GGUF chunk wheels) and, optionally,
 # data-*.tar.xz: a data stage built on a CPU machine (`artifacts/cache/data/<key>`, same config: the key matches),
-# so the device needs neither the ShareGPT wheel nor the minute of tokenizing. No GGUF export on the device (the
+# so the device needs neither the ShareGPT wheel nor the minute of tokenizing; and, optionally, eval-base-*.tar.xz that
+# an earlier `poll` brought back (the base's benchmark answers). No GGUF export on the device (the
 # converter is a PyPI source archive; the CPU demo exports).
 set -euo pipefail
 cmd=$1; shift
@@ -20,7 +21,9 @@ if [[ $cmd == start ]]; then
   up=$1; minutes=${2:-10}; shift 2 || shift $#
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$up"/*.whl
   mkdir -p "$art"
-  for t in "$up"/data-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
+  # data-*.tar.xz: a data stage; eval-base-*.tar.xz: the base's benchmark answers from an earlier showcase on this kind
+  # of machine (what `poll` brings back); both are artifacts/cache/<stage>/<key> folders, used only when keys match
+  for t in "$up"/data-*.tar.xz "$up"/eval-base-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
   sets=(--set "artifacts_dir=$art" --set "export.gguf=[]")
   for s in "$@"; do sets+=("$s"); done
   echo "$(date +%s)" > /tmp/qlp-showcase.t0
@@ -41,4 +44,6 @@ if [[ -f /tmp/qlp-showcase.rc && -f $art/latest.json ]]; then
   pub=$(python3 -c "import json; print(json.load(open('$out/summary.json')).get('published') or '')")
   [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
 fi
+# the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side
+if [[ -f /tmp/qlp-showcase.rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
 ls -la "$out"
