@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -318,7 +319,8 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
     bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
-                                         base_cache=stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt)))
+                                         base_cache=stage_dir(artifacts_dir, "eval-base",
+                                                              base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok)))
                      for name, suite in suites.items()}
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
@@ -614,22 +616,44 @@ LENGTH_SENSITIVE = ("rouge_l_uncut", "chrf_uncut")  # reported, never judged: th
 
 
 def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSection, eval: EvalSection, suite: dict, device: str,
-                     system_prompt: str | None) -> str:
-    """What the base model's side of one benchmark depends on: the base weights and how they are loaded, the template
-    and stop tokens, the prompts (the file's content, the subset) and their system prompt, greedy decoding's cap and
-    batches, the machine and the libraries that run it. Not the adapter, not the data: a retrained adapter on the same
-    base (a scheduled run, a sweep) reuses the base's answers instead of generating them again."""
+                     system_prompt: str | None, tok) -> str:
+    """What the base model's side of one benchmark depends on: the base weights and how they are loaded, the token ids
+    generation and scoring are fed (each prompt rendered and tokenized as `generate` does, AlpacaEval's references as
+    `reference_nll` does, pad and stop ids: whatever tokenizer or template code made them), greedy decoding's cap and
+    batches, the code that generates and scores, the machine and the libraries. Not the adapter, not the data: a
+    retrained adapter on the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them
+    again."""
+    import inspect
     from importlib import metadata
 
     libs = {}
-    for dist in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+    for dist in ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate"):
         try:
             libs[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             libs[dist] = "absent"
-    return fingerprint("eval-base", EVAL_VERSION, suite["name"], data.model_fingerprint, data.chat_template_hash, data.stop_token_ids,
-                       model_cfg.model_dump(mode="json"), quant.model_dump(mode="json"), suite["provenance"], suite["subset"], system_prompt,
-                       eval.batch_size, eval.reference_max_tokens, hardware_id(resolve_device(device)), libs)
+    prompts = [tok.apply_chat_template(benchmark_conversation(r["prompt"], system_prompt), tokenize=False, add_generation_prompt=True)
+               for r in suite["rows"]]
+    fed = {"prompts": tok(prompts, add_special_tokens=False)["input_ids"], "pad": tok.pad_token_id, "stop": data.stop_token_ids}
+    if suite["name"] == "alpaca_eval":
+        fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
+    code = [inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)]
+    return fingerprint("eval-base", EVAL_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json"),
+                       quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
+                       eval.batch_size, hardware_id(resolve_device(device)), libs)
+
+
+def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | None:
+    """The cached base side, or None (regenerate) when it is missing, unreadable or not of these n prompts."""
+    try:
+        saved = read_json(base_cache / "base.json")
+        ok = len(saved["gens"]) == n and (not with_nll or len(saved["nll"] or []) == n) and isinstance(saved["check"], dict)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ok, saved = False, str(e)
+    if not ok:
+        log_fn(f"evaluate: {base_cache} holds no usable base answers ({saved if isinstance(saved, str) else 'wrong shape'}); generating them again")
+        return None
+    return saved
 
 
 def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None,
@@ -646,14 +670,14 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
     for who in ("base", "tuned"):
-        if who == "base" and base_cache is not None and is_complete(base_cache):
+        saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if who == "base" and base_cache is not None and is_complete(base_cache) else None
+        if saved is not None:
             reused = base_cache.name
-            saved = read_json(base_cache / "base.json")
             gens["base"], checks["base"] = saved["gens"], saved["check"]
             if name == "alpaca_eval":
                 nll["base"] = [tuple(x) for x in saved["nll"]]
-            log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache.name}: same base, "
-                   "template, prompts, decoding, machine and libraries)")
+            log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache}: same base, "
+                   "prompt and reference token ids, decoding, code, machine and libraries)")
             continue
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
@@ -661,11 +685,13 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                                  checks[who])
             if name == "alpaca_eval":
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
-        if who == "base" and base_cache is not None:
+        if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
             with locked(base_cache):
-                if not is_complete(base_cache):
-                    with building(base_cache) as tmp:
-                        write_json(tmp / "base.json", {"gens": gens["base"], "check": checks["base"], "nll": nll.get("base")})
+                if is_complete(base_cache):
+                    shutil.rmtree(base_cache)  # unusable (read above), or written meanwhile by a run with the same key: same answers
+                with building(base_cache) as tmp:
+                    write_json(tmp / "base.json", {"gens": gens["base"], "check": checks["base"], "nll": nll.get("base"),
+                                                   "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name}})
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
                      "system_prompt": system_prompt, "decode_check": checks, "base_reused": reused}
@@ -876,6 +902,10 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
     return {"better": better, "worse": worse, "unclear": unclear, "warnings": warnings, "notes": notes, "measures": judged, "lines": lines}
 
 
+def _decode_broken(c: dict | None) -> bool:
+    return bool(c) and c["tokens"] >= DECODE_MIN_TOKENS and c["agree"] < DECODE_WARN * c["tokens"]
+
+
 def _decode_check_lines(summary: dict, bench_results: dict) -> tuple[list[str], list[str]]:
     """GENERATION BROKEN warnings where a pass's greedy answers disagree with the model's own plain forward
     (`decode_check`), and one note with the totals."""
@@ -885,7 +915,7 @@ def _decode_check_lines(summary: dict, bench_results: dict) -> tuple[list[str], 
     broken = [f"GENERATION BROKEN: {where}, {who}: only {c['agree']} of {c['tokens']} greedy answer tokens are what one plain "
               "forward over the same text picks (expected nearly all); the answers scored here are not the model's, so nothing "
               "judged from them holds (the cached, batched decode differs from the model: a patched kernel, attention or cache bug)"
-              for where, who, c in passes if c["tokens"] >= DECODE_MIN_TOKENS and c["agree"] < DECODE_WARN * c["tokens"]]
+              for where, who, c in passes if _decode_broken(c)]
     if not passes:
         return broken, []
     agree, tokens = sum(c["agree"] for *_, c in passes), sum(c["tokens"] for *_, c in passes)

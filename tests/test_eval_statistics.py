@@ -5,6 +5,7 @@ losses are given, so the scoring, intervals and verdict are the stage's own."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 
 import pytest
@@ -32,13 +33,15 @@ class FakeModel:
 
 
 def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | None = None, cap: int = 96, tok=None, log_fn=None,
-        **kwargs) -> tuple[dict, list]:
+        checks: dict | None = None, **kwargs) -> tuple[dict, list]:
     """run_benchmark on `rows` with answers[who] = [(text, stopped)] and nll[who] = [(summed NLL, tokens)]; returns
     (its result, the conversations each model was prompted with)."""
     seen = []
 
     def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device, check=None):
         seen.append((model.who, conversations))
+        if check is not None and checks:
+            check.update(checks[model.who])
         return [{"text": t, "stopped": s} for t, s in answers[model.who]]
 
     def fake_reference_nll(model, tok, prompts, references, *a, **k):
@@ -430,37 +433,56 @@ def test_base_answers_are_generated_once_then_reused_by_a_retrained_adapter(monk
     assert res1["summary"]["base_reused"] is None and res2["summary"]["base_reused"] == "k"
 
 
+class CharTok:
+    """A tokenizer stand-in: one id per character, the chat template a prefix (`head`)."""
+
+    pad_token_id = 0
+
+    def __init__(self, head: str = "U: "):
+        self.head = head
+
+    def apply_chat_template(self, conv, tokenize=False, add_generation_prompt=True):
+        return "".join(f"{m['role']}|{m['content']}" for m in conv).replace("user|", self.head) + "\nA: "
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = lambda t: [ord(c) for c in t]  # noqa: E731
+        return {"input_ids": [ids(t) for t in text] if isinstance(text, list) else ids(text)}
+
+
 def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
     from tasks.config import load_config
     from tasks.data import DataRecord
 
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}"])
     data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
-    suite = {"name": "ifeval", "provenance": {"sha256": "s"}, "subset": {"n": 6, "seed": 0, "max_new_tokens": 8}}
-    key = lambda d=data, c=cfg, s=suite, sp=None: ev.base_answers_key(d, c.model, c.quant, c.eval, s, "cpu", sp)  # noqa: E731
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    key = lambda d=data, c=cfg, s=suite, sp=None, tok=CharTok(): ev.base_answers_key(d, c.model, c.quant, c.eval, s, "cpu", sp, tok)  # noqa: E731
     same = key()
-    assert key(d=data.model_copy(update={"key": "data-b"})) == same  # other data, other adapter: same base answers
-    assert key(d=data.model_copy(update={"chat_template_hash": "t2"})) != same
+    assert key(d=data.model_copy(update={"key": "data-b", "chat_template_hash": "other"})) == same  # other data, other adapter
+    assert key(tok=CharTok(head="User: ")) != same  # the ids generation is fed, whatever code rendered them
+    assert key(d=data.model_copy(update={"stop_token_ids": [1, 2]})) != same
     assert key(d=data.model_copy(update={"model_fingerprint": "m2"})) != same
     assert key(s={**suite, "subset": {**suite["subset"], "max_new_tokens": 16}}) != same
     assert key(s={**suite, "provenance": {"sha256": "s2"}}) != same
+    assert key(s={**suite, "rows": [{**r, "reference": "Sure. " + r["reference"]} for r in suite["rows"]]}) != same
     assert key(sp="Be brief.") != same
     assert key(c=load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "quant.load_in_4bit=false"])) != same
 
 
-def test_decode_check_reads_the_last_positions_of_a_forward_that_ignores_logits_to_keep():
-    """Remote-code models often swallow unknown keywords and return every position's logits: the check reads the
-    answer's positions from the end, and asks for `logits_to_keep` only where the forward names it."""
-    model, rows = _tiny_gemma3(), [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
-
-    class SwallowsKeywords(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, **kwargs):
-            return self.inner(input_ids=input_ids)  # every position, whatever was asked
-
-    with torch.inference_mode():
-        prompts, answers = _greedy(model, rows)
-        assert ev.decode_check(SwallowsKeywords(model), prompts, answers, "cpu") == {"tokens": 16, "agree": 16}
+def test_a_broken_or_unreadable_base_side_is_generated_again(monkeypatch, tmp_path):
+    """A base side whose decode check failed is never kept (a fixed run would reuse the broken answers); a cache file
+    that cannot be read, or is not of these prompts, is generated again, not a failing stage."""
+    rows, cache = alpaca_rows(8), tmp_path / "eval-base" / "k"
+    nll = {"base": [(2.0, 1)] * 8, "tuned": [(1.0, 1)] * 8}
+    answers = {"base": [("base answer", False)] * 8, "tuned": [("tuned answer", True)] * 8}
+    broken = {"base": {"tokens": 40, "agree": 10}, "tuned": {"tokens": 40, "agree": 40}}
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, checks=broken)
+    assert not (cache / "COMPLETE").is_file()
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache)
+    assert (cache / "COMPLETE").is_file()
+    for bad in ("{not json", json.dumps({"gens": [{"text": "x", "stopped": True}], "check": {}, "nll": [[1.0, 1]]})):
+        (cache / "base.json").write_text(bad)
+        said = []
+        res, seen = run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, log_fn=said.append)
+        assert [who for who, _ in seen] == ["base", "tuned"] and any("holds no usable base answers" in x for x in said)
+        assert res["summary"]["base_reused"] is None and len(json.loads((cache / "base.json").read_text())["gens"]) == 8
