@@ -436,8 +436,12 @@ def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], m
         for start in range(0, len(order), batch_size):
             ids = order[start:start + batch_size]
             enc = tok([prompts[i] for i in ids], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # Greedy, whatever the model's generation_config.json asks (Qwen2.5-Instruct ships a repetition penalty):
+            # transformers fills every argument left None from it, so the processors that change a greedy pick are
+            # set neutral here, for base and tuned alike.
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                 pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+                                 pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None,
+                                 repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
             new = gen[:, enc["input_ids"].shape[1]:]
             answers = []
             for i, row in zip(ids, new.tolist()):

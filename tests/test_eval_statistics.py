@@ -486,3 +486,21 @@ def test_a_broken_or_unreadable_base_side_is_generated_again(monkeypatch, tmp_pa
         res, seen = run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, log_fn=said.append)
         assert [who for who, _ in seen] == ["base", "tuned"] and any("holds no usable base answers" in x for x in said)
         assert res["summary"]["base_reused"] is None and len(json.loads((cache / "base.json").read_text())["gens"]) == 8
+
+
+def test_stage5_decoding_is_greedy_whatever_the_models_generation_config(tiny_cfg, tiny_tok, shared_artifacts):
+    """A Hub model's generation_config.json may carry a repetition penalty or an n-gram ban (Qwen2.5-Instruct ships
+    repetition_penalty 1.05): transformers applies it to any argument left unset, so 'greedy' was not greedy, and the
+    decode check disagreed with the plain forward."""
+    from tasks.models import load_base_model, resolve_model
+
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    model = load_base_model(ref, tiny_cfg.model, tiny_cfg.quant, "cpu").eval()
+    convs = [[{"role": "user", "content": text}] for text in ("Say hello.", "Count to five, please.", "Name a colour.")]
+    stops = [tiny_tok.eos_token_id]
+    with torch.inference_mode():
+        plain = ev.generate(model, tiny_tok, convs, stops, 24, 4, "cpu")
+        model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.8, 2
+        check: dict = {}
+        again = ev.generate(model, tiny_tok, convs, stops, 24, 4, "cpu", check)
+    assert again == plain and check["tokens"] > 0 and check["agree"] == check["tokens"]
