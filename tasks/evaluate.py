@@ -318,10 +318,11 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         gain, gain_ci = accuracy_test["gain"], accuracy_test["gain_ci"]
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
-    bench_results = {name: run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
-                                         base_cache=stage_dir(artifacts_dir, "eval-base",
-                                                              base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok)))
-                     for name, suite in suites.items()}
+    bench_results = {}
+    for name, suite in suites.items():
+        base_key = base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok)
+        bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
+                                            base_cache=stage_dir(artifacts_dir, "eval-base", base_key))
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
     samples = []
@@ -655,7 +656,8 @@ def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | 
     except (OSError, ValueError, KeyError, TypeError) as e:
         ok, saved = False, str(e)
     if not ok:
-        log_fn(f"evaluate: {base_cache} holds no usable base answers ({saved if isinstance(saved, str) else 'wrong shape'}); generating them again")
+        why = saved if isinstance(saved, str) else "not these prompts"
+        log_fn(f"evaluate: {base_cache} holds no usable base answers ({why}); generating them again")
         return None
     return saved
 
@@ -674,7 +676,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
     for who in ("base", "tuned"):
-        saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if who == "base" and base_cache is not None and is_complete(base_cache) else None
+        cached = who == "base" and base_cache is not None and is_complete(base_cache)
+        saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if cached else None
         if saved is not None:
             reused = base_cache.name
             gens["base"], checks["base"] = saved["gens"], saved["check"]
@@ -944,6 +947,12 @@ def _length_warnings(s: dict, name: str) -> list[str]:
     return []
 
 
+def _reuse_note(s: dict) -> str:
+    if not s.get("base_reused"):
+        return "."
+    return f" (the base's answers reused from an earlier run on the same base, prompts and machine: `{s['base_reused']}`)."
+
+
 def benchmark_markdown(rec: EvalRecord) -> str:
     """The benchmarks and verdict as markdown, for the Prefect UI and the model card."""
     if not rec.benchmarks and not rec.verdict:
@@ -962,8 +971,7 @@ def benchmark_markdown(rec: EvalRecord) -> str:
         sub, prov = s["subset"], s["provenance"]
         lines += [f"### {name}: {sub['n']} of {sub['n_full']} prompts (seed {sub['seed']}), greedy, cap {sub['max_new_tokens']} tokens", "",
                   f"Source: {prov.get('source')} `{prov.get('hub_id') or prov.get('file')}` sha256 `{str(prov.get('sha256'))[:16]}…`, "
-                  f"license {prov.get('license')}. {s['seconds']:.0f} s"
-                  + (f" (the base's answers reused from an earlier run on the same base, prompts and machine: `{s['base_reused']}`)." if s.get("base_reused") else "."), "",
+                  f"license {prov.get('license')}. {s['seconds']:.0f} s" + _reuse_note(s), "",
                   "| metric | base | tuned | gain [CI] | verdict |", "|---|---|---|---|---|"]
         for key, m in _ordered(name, s["metrics"]):
             def cell(x: dict) -> str:
