@@ -242,8 +242,8 @@ the adapter's own effect on the same prompts is KL {merge.check.adapter_kl:.2e}.
 
 ## Prompt format
 Every way of serving this model — `qlora-pipeline chat`, `serve-model` (`transformers serve`), the GGUF's embedded
-template, the Modelfile — uses this chat template (`merged/chat_template.jinja`, identical in `adapter/`; sha256
-prefix `{template_hash(template)}` = `chat_template_hash` in provenance.json):
+template, the Modelfile — uses this chat template, {template_source(cfg, template)} (`merged/chat_template.jinja`,
+identical in `adapter/`; sha256 prefix `{template_hash(template)}` = `chat_template_hash` in provenance.json):
 ```jinja
 {template}
 ```
@@ -411,6 +411,18 @@ def published_template(folder: Path) -> str:
     if not isinstance(template, str):
         raise StageError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json); the tokenizer must be saved with it")
     return template
+
+
+def template_source(cfg: PipelineConfig, template: str) -> str:
+    """Which chat template the model was trained and served with, and why (a base model has none of its own)."""
+    from .models import DEFAULT_CHAT_TEMPLATE
+
+    if cfg.model.chat_template:
+        return "the one `model.chat_template` sets"
+    if DEFAULT_CHAT_TEMPLATE in template:
+        return (f"the project's default (### User: / ### Assistant: headers, answers closed by EOS), because `{cfg.model.name}` "
+                "has no chat template of its own (`model.chat_template` chooses another)")
+    return f"the one `{cfg.model.name}`'s tokenizer ships"
 
 
 def template_hash(template: str) -> str:

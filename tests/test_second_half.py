@@ -101,7 +101,10 @@ def test_published_folder_card_manifest_and_seed_snippet(trained, tiny_cfg, shar
     assert "base_model:" not in card
     for needle in ("`random:mistral`: random weights for tests", "library_name: peft", "AutoPeftModelForCausalLM", "Time budget", "| perplexity |",
                    f"{trained['train'].trainable_params:,}", trained["data"].data_hash,
-                   f"optimizer batch ~{trained['train'].batch['conversations']:,.1f} conversations"):
+                   f"optimizer batch ~{trained['train'].batch['conversations']:,.1f} conversations",
+                   # issue 18: a template-less model's card says which template it got and why
+                   "uses this chat template, the project's default (### User: / ### Assistant: headers, answers closed by EOS), "
+                   "because `random:mistral` has no chat template of its own"):
         assert needle in card, needle
     # The seed's snippet, verbatim in spirit: AutoPeftModelForCausalLM on the published adapter.
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder / "adapter"))
@@ -128,3 +131,14 @@ def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts
     assert chat("chat-run", "Write the word cat in uppercase.", merged=merged, max_new_tokens=6, artifacts_dir=shared_artifacts) == 0
     # The streamer saw the prompt, then each generated token (the random tiny model's text may be blank).
     assert len(streamed) >= 2 and streamed[0] > 1
+
+
+def test_card_names_the_chat_templates_source(tiny_cfg):
+    from tasks.config import load_config
+    from tasks.models import DEFAULT_CHAT_TEMPLATE
+    from tasks.publish import template_source
+
+    assert template_source(tiny_cfg, "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE).startswith("the project's default")
+    assert template_source(tiny_cfg, "{{ messages }}") == "the one `random:mistral`'s tokenizer ships"
+    own = load_config(profile="tiny", overrides=[f"artifacts_dir={tiny_cfg.artifacts_dir}", "model.chat_template={{ messages }}"])
+    assert template_source(own, "{{ messages }}") == "the one `model.chat_template` sets"
