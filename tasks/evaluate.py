@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from . import benchmarks as bench
 from . import instructions
 from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
-from .config import EvalSection, ModelSection, QuantSection
+from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
@@ -198,14 +198,7 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
 
 def scorer_versions(benchmarks: list[str]) -> dict[str, str]:
     """Versions of the checker/metric libraries the benchmarks use, and the NLTK data the IFEval checkers read."""
-    from importlib import metadata
-
-    out = {}
-    for dist in sorted({d for b in benchmarks for d in SCORERS.get(b, ())}):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "absent"
+    out = {dist: installed_version(dist) or "absent" for dist in sorted({d for b in benchmarks for d in SCORERS.get(b, ())})}
     if "ifeval" in benchmarks:
         nltk_dir = bench.nltk_data_dir()
         out["nltk-data"] = folder_fingerprint(nltk_dir) if nltk_dir else _nltk_resources()
@@ -629,14 +622,8 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     retrained adapter on the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them
     again."""
     import inspect
-    from importlib import metadata
 
-    libs = {}
-    for dist in ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate"):
-        try:
-            libs[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            libs[dist] = "absent"
+    libs = {dist: _version(dist) for dist in ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate")}
     prompts = [tok.apply_chat_template(benchmark_conversation(r["prompt"], system_prompt), tokenize=False, add_generation_prompt=True)
                for r in suite["rows"]]
     fed = {"prompts": tok(prompts, add_special_tokens=False)["input_ids"], "pad": tok.pad_token_id, "stop": data.stop_token_ids}
@@ -792,12 +779,7 @@ def _share_measure(passed: dict[str, list[bool]], conf: float) -> dict:
 
 
 def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "missing"
+    return installed_version(dist) or "missing"
 
 
 RATE_METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "answered")
