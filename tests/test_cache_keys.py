@@ -54,6 +54,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "data.embedded_train": ("200", ALL, []),
     "data.embedded_bases": ("[pypi:alpaca-en-demo]", ALL, []),
     "data.embedded_task_share": ("0.5", ALL, []),
+    "data.embedded_base_max_words": ("400", ALL, []),
     "data.embedded_heldout": ("20", ALL, []),
     "data.system_prompt": ("Be brief.", ALL, []),
     "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),

@@ -406,6 +406,7 @@ def test_data_stage_attaches_constraints_to_deduped_bases_the_mix_never_shares(t
 
     main, mixed = rec.sources
     assert main["bases"][0]["bases"] > 100 and main["bases"][0]["shared_with_mix"] and main["n_heldout"] == 30
+    assert main["train_tokens"] + mixed["train_tokens"] == rec.train_tokens and min(main["train_tokens"], mixed["train_tokens"]) > 0
     meta = load_heldout_meta(rec)
     constrained = [m for m in meta if m["source"] == "embedded" and m["family"] in TYPES]
     assert len(constrained) >= 15 and rec.has_checkers
@@ -443,3 +444,24 @@ def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shar
         load_dataset_records(data, tiny_cfg.model, shared_artifacts)
     with pytest.raises(ConfigError, match="data.embedded_task_share"):
         load_config(profile="tiny", overrides=["data.embedded_task_share=1.5"])
+
+
+def test_embedded_base_max_words_decides_which_real_answers_carry_constraints(tmp_path, tiny_cfg, shared_artifacts):
+    """Answers longer than data.embedded_base_max_words are not bases; raising the key makes them bases, and a source
+    with none short enough says which key to raise."""
+    import json
+
+    from tasks.common import StageError
+    from tasks.data import _embedded_bases
+
+    long_answer = "\n\n".join(" ".join(f"Sentence number {i} says something plain about the garden and its trees." for i in range(p, p + 4))
+                              for p in range(0, 20, 4))  # 240 words in 5 paragraphs
+    src = tmp_path / "long.jsonl"
+    src.write_text("\n".join(json.dumps({"instruction": f"Describe garden number {i} in some detail.", "output": long_answer})
+                             for i in range(4)))
+    data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)]})
+    assert data.embedded_base_max_words == 120
+    with pytest.raises(StageError, match=r"5-120 words of plain English text\); give another source, raise data.embedded_base_max_words"):
+        _embedded_bases(data, None, collections.Counter(), shared_artifacts)
+    bases, stats = _embedded_bases(data.model_copy(update={"embedded_base_max_words": 250}), None, collections.Counter(), shared_artifacts)
+    assert len(bases) == stats[0]["bases"] == 4 and bases[0].response == long_answer
