@@ -13,7 +13,7 @@
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
 #   bash bench/gpu_recipes.sh data OUT_DIR            # here (CPU): each setting's data stage as data-<key>.tar.xz
-#   bash bench/gpu_recipes.sh start UPLOAD_DIR        # device: start every setting (gpu_showcase.sh, TAG=a|b|c)
+#   bash bench/gpu_recipes.sh start UPLOAD_DIR [TAG ...]  # device: start these settings (default a b c; gpu_showcase.sh, TAG=a|b|c)
 #   bash bench/gpu_recipes.sh poll OUT_DIR SECONDS    # device: wait for all, then each one's results in OUT_DIR/<tag>
 set -euo pipefail
 cmd=$1; shift
@@ -39,15 +39,20 @@ case $cmd in
       python "$here/data_stage_tar.py" --profile demo-gpu "${embedded[@]}" "${extra[@]}" --out "$out"
     done ;;
   start)
-    up=$1
+    up=$1; shift
+    (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
+      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a, b or c)" >&2; exit 2; }
       eval "extra=(${data_sets[$t]} ${train_sets[$t]})"
       TAG=$t bash "$here/gpu_showcase.sh" start "$up" 60 "${embedded[@]}" "${extra[@]}" "${common[@]}"
     done ;;
   poll)
     out=$1; wait_s=${2:-540}
     bash "$here/gpu_showcase.sh" wait_all "$wait_s"
-    if ! ls /tmp/qlp-showcase-*.rc > /dev/null 2>&1 || (( $(ls /tmp/qlp-showcase-*.rc | wc -l) < ${#tags[@]} )); then exit 0; fi
-    for t in "${tags[@]}"; do TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1 | tail -3; done ;;
+    for t0 in /tmp/qlp-showcase-*.t0; do [[ -f ${t0%.t0}.rc ]] || exit 0; done  # not all done: poll again
+    for t0 in /tmp/qlp-showcase-*.t0; do
+      t=${t0#/tmp/qlp-showcase-}; t=${t%.t0}
+      TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1 | tail -3
+    done ;;
   *) echo "usage: $0 data OUT_DIR | start UPLOAD_DIR | poll OUT_DIR [SECONDS]" >&2; exit 2 ;;
 esac
