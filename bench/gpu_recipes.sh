@@ -12,7 +12,7 @@
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
-#   bash bench/gpu_recipes.sh data OUT_DIR            # here (CPU): each setting's data stage as data-<key>.tar.xz
+#   PYTHON=.venv/bin/python bash bench/gpu_recipes.sh data OUT_DIR   # here (CPU): each setting's data stage, data-<key>.tar.xz
 #   bash bench/gpu_recipes.sh start UPLOAD_DIR [TAG ...]  # device: start these settings (default a b c; gpu_showcase.sh, TAG=a|b|c)
 #   bash bench/gpu_recipes.sh poll OUT_DIR SECONDS    # device: wait for all, then each one's results in OUT_DIR/<tag>
 set -euo pipefail
@@ -36,7 +36,7 @@ case $cmd in
     for t in "${tags[@]}"; do
       [[ $t == c ]] && continue  # c trains on b's data
       eval "extra=(${data_sets[$t]})"
-      python "$here/data_stage_tar.py" --profile demo-gpu "${embedded[@]}" "${extra[@]}" --out "$out"
+      "${PYTHON:-python3}" "$here/data_stage_tar.py" --profile demo-gpu "${embedded[@]}" "${extra[@]}" --out "$out"
     done ;;
   start)
     up=$1; shift

@@ -266,9 +266,20 @@ def _shape_cut(rng, base, text, split) -> Shaped:
     return {"cut": False}, text
 
 
+_LINE_ENDS_SENTENCE = re.compile(r"[.!?][\"'’”)\]]*\s*$")
+_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:[A-Za-z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|vs|etc|approx|No|Fig)\.(?=\s|$)|\b[A-Za-z]\.[A-Za-z]\.")
+
+
+def _counts_agree_on_sentences(text: str) -> bool:
+    """Whether a sentence count of `text` means one thing: every line ends a sentence (IFEval's counter, NLTK's punkt,
+    reads through line breaks; ours breaks at them) and no abbreviation dot (punkt keeps "Dr. Smith" and "U.S." whole)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return _is_prose(text) and all(_LINE_ENDS_SENTENCE.search(line) for line in lines) and not _ABBREVIATION.search(text)
+
+
 def _settle_sentences(rng, partial, base, text, split) -> dict | None:
     k = len(sentences(text))
-    if k == 0:
+    if k == 0 or not _counts_agree_on_sentences(text):
         return None
     if partial["cut"] and rng.random() < 0.5:
         return {"relation": "exactly", "n": k}
@@ -319,13 +330,22 @@ def _first_word(paragraph: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def _plain_first_word(paragraph: str) -> str:
+    """The paragraph's first whitespace-separated token, quotes dropped in front, cut at its first punctuation mark,
+    lowercased: how IFEval's nth_paragraph_first_word reads it (so "(Good" or "* David" is not "good" or "david")."""
+    token = paragraph.split()[0].lstrip("'\"") if paragraph.split() else ""
+    return re.split(r"""[.,?!'"]""", token, maxsplit=1)[0].lower()
+
+
 def _shape_first_word(rng, base, text, split) -> Shaped:
     groups = _groups(rng, text)
     if groups is None:
         return None
     i = rng.randint(1, len(groups))
     word = _first_word(groups[i - 1])
-    return None if word is None else ({"n": len(groups), "i": i, "word": word}, "\n\n".join(groups))
+    if word is None or _plain_first_word(groups[i - 1]) != word:  # a paragraph opening with a bullet, bracket, symbol
+        return None
+    return {"n": len(groups), "i": i, "word": word}, "\n\n".join(groups)
 
 
 def _check_first_word(spec, text) -> bool:
@@ -357,7 +377,10 @@ def _settle_frequency(rng, partial, base, text, split) -> dict | None:
     k = word_count(text, word)
     if k >= 2 and rng.random() < 0.6:
         return {"word": word, "relation": "at_least", "n": rng.randint(2, k)}
-    return {"word": word, "relation": "less_than", "n": rng.randint(k + 1, k + 2)}
+    # "fewer than n": n above every occurrence, inside longer words too ("project" in "projects"), which is how
+    # IFEval's keywords:frequency counts; the whole-word count the checker reads is never more
+    k_any = len(re.findall(re.escape(word), text, flags=re.I))
+    return {"word": word, "relation": "less_than", "n": rng.randint(k_any + 1, k_any + 2)}
 
 
 def _check_frequency(spec, text) -> bool:
@@ -408,7 +431,10 @@ def _settle_capitals(rng, partial, base, text, split) -> dict | None:
     k = capital_words(text)
     if partial["emphasized"] and k >= 1:
         return {"relation": "at_least", "n": rng.randint(max(1, k - 1), k)}
-    return {"relation": "less_than", "n": rng.randint(k + 1, k + 3)}
+    # "fewer than n": n above every all-capitals run of letters, one-letter ones too ("I", "Plan A"), which IFEval's
+    # change_case:capital_word_frequency counts (NLTK tokens that are upper case); ours skips them, so never more
+    k_any = sum(1 for w in re.findall(r"[^\W\d_]+", text) if w.isupper())
+    return {"relation": "less_than", "n": rng.randint(k_any + 1, k_any + 3)}
 
 
 # ---- format: bullets, sections, highlights, JSON, title, placeholders, two responses, fixed answer
