@@ -19,60 +19,8 @@ import json
 
 from tasks import data as D
 from tasks import instructions
-from tasks.benchmarks import check_ifeval, ifeval_registry
+from tasks.benchmarks import check_ifeval, ifeval_mirror, ifeval_registry
 from tasks.config import load_config
-
-IFEVAL_RELATION = {"at_least": "at least", "less_than": "less than"}
-
-
-def _relation(rel: str, n: int) -> list[tuple[str, int]]:
-    """Our (relation, n) as IFEval's two relations ("at least", "less than"), one or two of them."""
-    return {"at_least": [("at least", n)], "more_than": [("at least", n + 1)], "less_than": [("less than", n)],
-            "at_most": [("less than", n + 1)], "exactly": [("at least", n), ("less than", n + 1)]}[rel]
-
-
-def to_ifeval(c: dict) -> list[tuple[str, dict]]:
-    """The IFEval instructions (id, kwargs) one of our constraints mirrors; [] when none does."""
-    t = c["type"]
-    if t == "word_count":
-        return [("length_constraints:number_words", {"num_words": n, "relation": r}) for r, n in _relation(c["relation"], c["n"])]
-    if t == "sentence_count":
-        return [("length_constraints:number_sentences", {"num_sentences": n, "relation": r}) for r, n in _relation(c["relation"], c["n"])]
-    if t == "paragraph_count":
-        return [("length_constraints:number_paragraphs", {"num_paragraphs": c["n"]})]
-    if t == "paragraph_first_word":
-        return [("length_constraints:nth_paragraph_first_word", {"num_paragraphs": c["n"], "nth_paragraph": c["i"], "first_word": c["word"]})]
-    if t == "include_keywords":
-        return [("keywords:existence", {"keywords": c["keywords"]})]
-    if t == "keyword_frequency":
-        return [("keywords:frequency", {"keyword": c["word"], "frequency": n, "relation": r}) for r, n in _relation(c["relation"], c["n"])]
-    if t == "forbidden_words":
-        return [("keywords:forbidden_words", {"forbidden_words": c["keywords"]})]
-    if t == "letter_frequency":
-        return [("keywords:letter_frequency", {"letter": c["letter"], "let_frequency": n, "let_relation": r}) for r, n in _relation(c["relation"], c["n"])]
-    if t == "capital_words":
-        return [("change_case:capital_word_frequency", {"capital_frequency": n, "capital_relation": r}) for r, n in _relation(c["relation"], c["n"])]
-    simple = {"all_uppercase": "change_case:english_capital", "all_lowercase": "change_case:english_lowercase",
-              "json_format": "detectable_format:json_format", "title": "detectable_format:title", "two_responses": "combination:two_responses",
-              "quotation": "startend:quotation", "no_commas": "punctuation:no_comma"}
-    if t in simple:
-        return [(simple[t], {})]
-    if t == "bullet_points":
-        return [("detectable_format:number_bullet_lists", {"num_bullets": c["n"]})]
-    if t == "sections":
-        return [("detectable_format:multiple_sections", {"section_spliter": c["marker"], "num_sections": c["n"]})]
-    if t == "highlights":
-        return [("detectable_format:number_highlighted_sections", {"num_highlights": c["n"]})]
-    if t == "placeholders":
-        return [("detectable_content:number_placeholders", {"num_placeholders": c["n"]})]
-    if t == "postscript":
-        return [("detectable_content:postscript", {"postscript_marker": c["marker"]})]
-    if t == "repeat_request":
-        return [("combination:repeat_prompt", {"prompt_to_repeat": c["request"]})]
-    if t == "end_phrase":
-        return [("startend:end_checker", {"end_phrase": c["phrase"]})]
-    return []
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +40,7 @@ def main() -> None:
         rec = ex.to_record()
         answer = rec["messages"][-1]["content"]
         for c in rec["check"].get("constraints", []):
-            pairs = to_ifeval(c)
+            pairs = ifeval_mirror(c)
             if not pairs:
                 continue
             row = {"instruction_id_list": [p[0] for p in pairs], "kwargs": [p[1] for p in pairs], "prompt": rec["messages"][-2]["content"]}

@@ -316,6 +316,57 @@ def check_ifeval(row: dict, response: str, registry: dict[str, Any]) -> list[dic
     return out
 
 
+def _ifeval_relations(rel: str, n: int) -> list[tuple[str, int]]:
+    """Our (relation, n) as IFEval's two relations ("at least", "less than"), one or two of them."""
+    return {"at_least": [("at least", n)], "more_than": [("at least", n + 1)], "less_than": [("less than", n)],
+            "at_most": [("less than", n + 1)], "exactly": [("at least", n), ("less than", n + 1)]}[rel]
+
+
+def ifeval_mirror(c: dict) -> list[tuple[str, dict]]:
+    """The IFEval instructions (id, kwargs) that one of the embedded generator's constraints (tasks/constraints.py, a
+    check spec's entry) mirrors; [] when none does (fixed_answer: IFEval's options are fixed sentences; start_phrase).
+    bench/constraints_vs_ifeval.py and the tests run IFEval's checkers on the generator's answers through it."""
+    t = c["type"]
+    if t == "word_count":
+        return [("length_constraints:number_words", {"num_words": n, "relation": r}) for r, n in _ifeval_relations(c["relation"], c["n"])]
+    if t == "sentence_count":
+        return [("length_constraints:number_sentences", {"num_sentences": n, "relation": r}) for r, n in _ifeval_relations(c["relation"], c["n"])]
+    if t == "paragraph_count":
+        return [("length_constraints:number_paragraphs", {"num_paragraphs": c["n"]})]
+    if t == "paragraph_first_word":
+        return [("length_constraints:nth_paragraph_first_word", {"num_paragraphs": c["n"], "nth_paragraph": c["i"], "first_word": c["word"]})]
+    if t == "include_keywords":
+        return [("keywords:existence", {"keywords": c["keywords"]})]
+    if t == "keyword_frequency":
+        return [("keywords:frequency", {"keyword": c["word"], "frequency": n, "relation": r}) for r, n in _ifeval_relations(c["relation"], c["n"])]
+    if t == "forbidden_words":
+        return [("keywords:forbidden_words", {"forbidden_words": c["keywords"]})]
+    if t == "letter_frequency":
+        return [("keywords:letter_frequency", {"letter": c["letter"], "let_frequency": n, "let_relation": r}) for r, n in _ifeval_relations(c["relation"], c["n"])]
+    if t == "capital_words":
+        return [("change_case:capital_word_frequency", {"capital_frequency": n, "capital_relation": r}) for r, n in _ifeval_relations(c["relation"], c["n"])]
+    simple = {"all_uppercase": "change_case:english_capital", "all_lowercase": "change_case:english_lowercase",
+              "json_format": "detectable_format:json_format", "title": "detectable_format:title", "two_responses": "combination:two_responses",
+              "quotation": "startend:quotation", "no_commas": "punctuation:no_comma"}
+    if t in simple:
+        return [(simple[t], {})]
+    if t == "bullet_points":
+        return [("detectable_format:number_bullet_lists", {"num_bullets": c["n"]})]
+    if t == "sections":
+        return [("detectable_format:multiple_sections", {"section_spliter": c["marker"], "num_sections": c["n"]})]
+    if t == "highlights":
+        return [("detectable_format:number_highlighted_sections", {"num_highlights": c["n"]})]
+    if t == "placeholders":
+        return [("detectable_content:number_placeholders", {"num_placeholders": c["n"]})]
+    if t == "postscript":
+        return [("detectable_content:postscript", {"postscript_marker": c["marker"]})]
+    if t == "repeat_request":
+        return [("combination:repeat_prompt", {"prompt_to_repeat": c["request"]})]
+    if t == "end_phrase":
+        return [("startend:end_checker", {"end_phrase": c["phrase"]})]
+    return []
+
+
 def ifeval_summary(verdicts: list[list[dict]]) -> dict:
     """Prompt-level (all instructions followed) and instruction-level accuracies, strict and loose, over the
     scoreable part; what was excluded is counted, never folded into pass or fail.
