@@ -49,10 +49,14 @@ case $cmd in
   poll)
     out=$1; wait_s=${2:-540}
     bash "$here/gpu_showcase.sh" wait_all "$wait_s"
-    for t0 in /tmp/qlp-showcase-*.t0; do [[ -f ${t0%.t0}.rc ]] || exit 0; done  # not all done: poll again
-    for t0 in /tmp/qlp-showcase-*.t0; do
+    shopt -s nullglob
+    started=(/tmp/qlp-showcase-*.t0)
+    (( ${#started[@]} )) || exit 0
+    for t0 in "${started[@]}"; do [[ -f ${t0%.t0}.rc ]] || exit 0; done  # not all done: poll again
+    for t0 in "${started[@]}"; do
       t=${t0#/tmp/qlp-showcase-}; t=${t%.t0}
-      TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1 | tail -3
+      res=$(TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1)  # whole, not piped into head: a closed pipe would stop the copy
+      echo "== $t: ${res%%$'\n'*}: $(ls "$out/$t" | tr '\n' ' ')"
     done ;;
   *) echo "usage: $0 data OUT_DIR | start UPLOAD_DIR | poll OUT_DIR [SECONDS]" >&2; exit 2 ;;
 esac

@@ -22,12 +22,19 @@
 # an earlier `poll` brought back (the base's benchmark answers). No GGUF export on the device (the
 # converter is a PyPI source archive; the CPU demo exports).
 set -euo pipefail
+shopt -s nullglob
 cmd=$1; shift
+if [[ -n ${TAG:-} ]]; then
+  [[ $TAG =~ ^[A-Za-z0-9_-]+$ ]] || { echo "TAG=$TAG: letters, digits, - and _ only (it names files)" >&2; exit 2; }
+  [[ -z ${ART:-} && -z ${PREFECT_HOME:-} ]] || { echo "TAG=$TAG with ART or PREFECT_HOME set: each tag needs its own (the default /tmp/qlp-gpu-$TAG); unset them" >&2; exit 2; }
+fi
 tag=${TAG:+-$TAG}
 art=${ART:-/tmp/qlp-gpu${tag:--artifacts}}
 log=/tmp/qlp-showcase$tag.log rc=/tmp/qlp-showcase$tag.rc t0=/tmp/qlp-showcase$tag.t0
 export PREFECT_HOME=${PREFECT_HOME:-/tmp/qlp-prefect-home$tag} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 if [[ $cmd == wait_all ]]; then  # every TAG started on this machine (a .t0 file each) until each has its exit code
+  started=(/tmp/qlp-showcase*.t0)
+  (( ${#started[@]} )) || { echo "nothing started on this machine (no /tmp/qlp-showcase*.t0)"; exit 0; }
   for _ in $(seq "${1:-540}"); do
     left=0; for f in /tmp/qlp-showcase*.t0; do [[ -f ${f%.t0}.rc ]] || left=$((left + 1)); done
     (( left == 0 )) && break; sleep 1
@@ -50,7 +57,7 @@ if [[ $cmd == start ]]; then
   for s in "$@"; do sets+=("$s"); done
   rm -f "$rc"  # a second start on a warm machine (another setting, same ART: stages 1-2 cached)
   echo "$(date +%s)" > "$t0"
-  PYTHONPATH=/tmp/site:$PWD setsid nohup bash -c "python3 -m flows.cli run --profile demo-gpu --minutes $minutes ${sets[*]@Q}; echo \$? > $rc" \
+  PYTHONPATH=/tmp/site:$PWD setsid nohup bash -c "python3 -m flows.cli run --profile demo-gpu --minutes $minutes ${sets[*]@Q}; echo \$? > ${rc@Q}" \
     > "$log" 2>&1 < /dev/null &
   sleep 5; tail -5 "$log"
   exit 0
@@ -65,7 +72,7 @@ if [[ -f $rc && -f $art/latest.json ]]; then
   summary=$(python3 -c "import json; print(json.load(open('$art/latest.json'))['summary'])")
   cp "$summary" "$out/summary.json"
   pub=$(python3 -c "import json; print(json.load(open('$out/summary.json')).get('published') or '')")
-  [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && xz -9 "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
+  [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && xz -9f "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
 fi
 # the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side
 if [[ -f $rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
