@@ -279,6 +279,18 @@ def ifeval_registry() -> dict[str, Any]:
     return dict(INSTRUCTION_DICT)
 
 
+def ifeval_sentence_count(text: str) -> int | None:
+    """Sentences in `text` as IFEval's length_constraints:number_sentences counts them (NLTK's punkt, which reads
+    through line breaks and may split after a list number), or None when punkt's data is not installed."""
+    try:
+        ifeval_registry()  # points NLTK at its data
+        from if_verifiable.ifeval.instructions_util import count_sentences
+
+        return count_sentences(text)
+    except LookupError:
+        return None
+
+
 def loose_variants(response: str) -> list[str]:
     """The official loose-scoring transforms: drop the first/last line, strip markdown asterisks."""
     from if_verifiable.common import get_loose_transformations
