@@ -95,9 +95,13 @@ def source_fingerprint(data: DataSection) -> str:
     """Content identity of the source: a file's hash, a hub revision, or the generator's code."""
     src = data.source
     if src == "embedded":
+        from .benchmarks import ifeval_sentence_counter_id
+
         gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
         bases = [_base_fingerprint(data, b) for b in data.embedded_bases]
-        return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed, bases, data.embedded_task_share)
+        # sentence-count rows are drawn with IFEval's own counter (constraints._settle_sentences): its versions too
+        return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed, bases, data.embedded_task_share,
+                           ifeval_sentence_counter_id())
     if src.startswith("pypi:"):
         spec = sources.packaged_spec(src)
         return fingerprint("pypi", spec.dist, spec.version, spec.member, spec.sha256)  # the read checks this sha256

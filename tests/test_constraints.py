@@ -499,3 +499,16 @@ def test_training_answers_follow_the_rules_as_ifevals_own_checkers_read_them():
         bar = {"all_uppercase": 0.9, "all_lowercase": 0.9}
         low = {t: f"{k}/{n}" for t, (k, n) in tally.items() if k < bar.get(t, 0.95) * n}
         assert not low, f"{split}: IFEval's checker disagrees with the generator's answers: {low}"
+
+
+def test_the_data_key_follows_the_sentence_counter_the_rows_were_drawn_with(monkeypatch, tiny_cfg):
+    """Sentence-count rows are drawn with IFEval's counter (punkt) when its data is installed, with a fallback when not:
+    the embedded source's key tells the two apart, so a cache built with one is never read as the other."""
+    from tasks import benchmarks
+    from tasks.data import source_fingerprint
+
+    with_punkt = source_fingerprint(tiny_cfg.data)
+    assert "punkt yes" in benchmarks.ifeval_sentence_counter_id()
+    monkeypatch.setattr(benchmarks, "ifeval_sentence_count", lambda text: None)
+    assert "punkt missing" in benchmarks.ifeval_sentence_counter_id()
+    assert source_fingerprint(tiny_cfg.data) != with_punkt
