@@ -291,15 +291,6 @@ def ifeval_sentence_count(text: str) -> int | None:
         return None
 
 
-def ifeval_sentence_counter_id() -> str:
-    """What `ifeval_sentence_count` answers with on this machine (library versions, or the fallback when punkt's data
-    is missing): the embedded generator's sentence-count rows depend on it, so the data stage's key carries it."""
-    from .config import installed_version
-
-    punkt = ifeval_sentence_count("One. Two.") is not None
-    return f"if-verifiable {installed_version('if-verifiable')}, nltk {installed_version('nltk')}, punkt {'yes' if punkt else 'missing'}"
-
-
 def loose_variants(response: str) -> list[str]:
     """The official loose-scoring transforms: drop the first/last line, strip markdown asterisks."""
     from if_verifiable.common import get_loose_transformations

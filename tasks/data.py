@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
-from .config import DataSection, MixSource, ModelSection
+from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
 DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
@@ -95,13 +95,11 @@ def source_fingerprint(data: DataSection) -> str:
     """Content identity of the source: a file's hash, a hub revision, or the generator's code."""
     src = data.source
     if src == "embedded":
-        from .benchmarks import ifeval_sentence_counter_id
-
         gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
         bases = [_base_fingerprint(data, b) for b in data.embedded_bases]
         # sentence-count rows are drawn with IFEval's own counter (constraints._settle_sentences): its versions too
         return fingerprint("embedded", gen_code, data.embedded_train, data.embedded_heldout, data.seed, bases, data.embedded_task_share,
-                           ifeval_sentence_counter_id())
+                           sentence_counter_id())
     if src.startswith("pypi:"):
         spec = sources.packaged_spec(src)
         return fingerprint("pypi", spec.dist, spec.version, spec.member, spec.sha256)  # the read checks this sha256
@@ -111,6 +109,15 @@ def source_fingerprint(data: DataSection) -> str:
     if _looks_like_path(src):
         raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
     return fingerprint("hub", src, data.revision or _hub_revision(src))
+
+
+def sentence_counter_id() -> str:
+    """What the generator's sentence counts were drawn with on this machine (`benchmarks.ifeval_sentence_count`: IFEval's
+    punkt counter, or the fallback when punkt's data is missing), for the embedded source's key."""
+    from .benchmarks import ifeval_sentence_count
+
+    punkt = ifeval_sentence_count("One. Two.") is not None
+    return f"if-verifiable {installed_version('if-verifiable')}, nltk {installed_version('nltk')}, punkt {'yes' if punkt else 'missing'}"
 
 
 def _base_fingerprint(data: DataSection, src: str) -> str:

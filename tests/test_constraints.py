@@ -505,10 +505,10 @@ def test_the_data_key_follows_the_sentence_counter_the_rows_were_drawn_with(monk
     """Sentence-count rows are drawn with IFEval's counter (punkt) when its data is installed, with a fallback when not:
     the embedded source's key tells the two apart, so a cache built with one is never read as the other."""
     from tasks import benchmarks
-    from tasks.data import source_fingerprint
+    from tasks.data import sentence_counter_id, source_fingerprint
 
     with_punkt = source_fingerprint(tiny_cfg.data)
-    assert "punkt yes" in benchmarks.ifeval_sentence_counter_id()
+    assert "punkt yes" in sentence_counter_id()
     monkeypatch.setattr(benchmarks, "ifeval_sentence_count", lambda text: None)
-    assert "punkt missing" in benchmarks.ifeval_sentence_counter_id()
+    assert "punkt missing" in sentence_counter_id()
     assert source_fingerprint(tiny_cfg.data) != with_punkt
