@@ -191,17 +191,21 @@ def _mutate(spec: dict, answer: str) -> str:
     raise AssertionError(f"no mutation for {t}")
 
 
-@pytest.fixture(scope="module")
-def bases():
+def sharegpt_bases(max_words: int) -> list[Base]:
     """Real bases: the first exchanges of ShareGPT (the installed wheel; no network) that `base_of` accepts."""
     rows, _ = sources.read_packaged("pypi:sharegpt", "artifacts")
     found = []
     for row in rows:
         turns = row.get("conversations") or []
         msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), "other"), "content": t.get("value") or ""} for t in turns[:2]]
-        if (b := constraints.base_of(msgs, "pypi:sharegpt", 120)) and not sources.chat_filter_reason(msgs):
+        if (b := constraints.base_of(msgs, "pypi:sharegpt", max_words)) and not sources.chat_filter_reason(msgs):
             found.append(b)
     return found
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return sharegpt_bases(120)
 
 
 @pytest.fixture(scope="module")
@@ -477,13 +481,7 @@ def test_training_answers_follow_the_rules_as_ifevals_own_checkers_read_them():
 
     from tasks import benchmarks
 
-    rows, _ = sources.read_packaged("pypi:sharegpt", "artifacts")
-    long_bases = []
-    for row in rows:
-        turns = row.get("conversations") or []
-        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(t.get("from"), "other"), "content": t.get("value") or ""} for t in turns[:2]]
-        if (b := constraints.base_of(msgs, "pypi:sharegpt", 400)) and not sources.chat_filter_reason(msgs):
-            long_bases.append(b)
+    long_bases = sharegpt_bases(400)
     registry = benchmarks.ifeval_registry()
     for split, n_rows in (("train", 3000), ("heldout", 1000)):
         tally = collections.defaultdict(lambda: [0, 0])
