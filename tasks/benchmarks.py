@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -478,9 +479,15 @@ def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
 
 def reference_overlap(texts: list[str], references: list[str]) -> dict[str, list[float]]:
     """Per-answer ROUGE-L F1 (rouge-score, stemmed) and chrF (sacrebleu) against the reference answers."""
+    from absl import logging as absl_logging
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF
 
+    # rouge-score imports absl, which makes a log handler (never attached to a logger) on the sys.stderr of that
+    # moment and, when logging is reconfigured (Prefect's setup runs dictConfig, which closes every handler), closes
+    # that stream unless it is still sys.stderr. Under pytest the first is the session's capture file and the second
+    # a later test's, so every test after fails. absl never closes sys.__stderr__.
+    absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     chrf = CHRF()
     rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(texts, references)]

@@ -6,6 +6,8 @@ only the evaluate stage of a real flow."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,6 +265,29 @@ def test_reference_overlap_scores_identity_high_and_unrelated_low():
     o = bench.reference_overlap([ref, "Bananas are yellow."], [ref, ref])
     assert o["rouge_l"][0] == pytest.approx(1.0) and o["chrf"][0] == pytest.approx(1.0)
     assert o["rouge_l"][1] < 0.2 and o["chrf"][1] < 0.3
+
+
+# The scorer imported while one stream is sys.stderr (a test's capture), logging reconfigured while another is (what
+# Prefect's setup does: dictConfig closes every handler). Prints whether the first stream got closed.
+_SCORE_THEN_RECONFIGURE = """
+import io, logging.config, sys
+sys.stderr = earlier = io.StringIO()
+from tasks.benchmarks import reference_overlap
+reference_overlap(["a b"], ["a b"])
+sys.stderr = io.StringIO()
+logging.config.dictConfig({"version": 1})
+print("closed" if earlier.closed else "open")
+"""
+
+
+def test_reference_overlap_leaves_no_handler_that_closes_an_earlier_stderr():
+    # rouge-score imports absl, whose log handler took the sys.stderr of that moment and closed it on reconfiguration:
+    # in one pytest process, scoring in one test file closed pytest's own capture file when a later file's flow
+    # imported Prefect ("I/O operation on closed file"). A fresh process: absl is imported once per process.
+    r = subprocess.run([sys.executable, "-c", _SCORE_THEN_RECONFIGURE], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == "open"
 
 
 def _alpaca_result(base_words: int, tuned_words: int, base_loss: float, tuned_loss: float, n: int = 40) -> dict:
