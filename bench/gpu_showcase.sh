@@ -53,6 +53,14 @@ if [[ $cmd == start ]]; then
   # data-*.tar.xz: a data stage; eval-base-*.tar.xz: the base's benchmark answers from an earlier showcase on this kind
   # of machine (what `poll` brings back); both are artifacts/cache/<stage>/<key> folders, used only when keys match
   for t in "$up"/data-*.tar.xz "$up"/eval-base-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
+  # a data stage's record names the artifacts folder it was built in (another machine's): point it at this one
+  python3 -c "
+import pathlib, sys
+art = sys.argv[1]
+for rec in pathlib.Path(art).glob('cache/data/*/record.json'):
+    text = rec.read_text(); import json; built = json.loads(text)['dir'][: -len('/cache/data/' + rec.parent.name)]
+    if built != art: rec.write_text(text.replace(built, art))
+" "$art"
   sets=(--set "artifacts_dir=$art" --set "export.gguf=[]")
   for s in "$@"; do sets+=("$s"); done
   rm -f "$rc"  # a second start on a warm machine (another setting, same ART: stages 1-2 cached)
