@@ -19,6 +19,8 @@ Runs, in this order (Liger patches the model class, so every run after it has it
   fusedstored the fused path with torch's dropout instead, dropped input + mask kept for backward as PEFT does
               (`fuse_lora(model, dropout="stored")`): the comparison for the seeded kernel
   offload     fast, with the checkpointed layer inputs held in pinned host memory (transformers' offload=True)
+  fused-offload fused, with the checkpointed layer inputs in pinned host memory through the pipeline's own
+              `offload_checkpoints` (TRL's manager, copies on a side stream; training.offload_activations): issue 19.3
   fit16       fast, with the layers that a 16 GB card can hold freed from recompute (auto-fit from two probes)
   nockpt      fast, with as many layers as 90% of this card holds freed from recompute (large cards)
 With --profile every run trains one more step under torch.profiler and records where that step's GPU time
@@ -32,6 +34,11 @@ starts that would end past 270 s, judged by the previous run's duration, so the 
 whatever finished written out):
 
     python bench/gpu_bench.py --runs fast,fused,fusedstored --profile-runs fused-full --steps 5 --time-budget 270 --out "$OUT"
+
+Issue 19.3, TRL's side-stream offload against transformers' on the compute stream and the fused engine without either
+(one device call):
+
+    python bench/gpu_bench.py --runs fused,offload,fused-offload --out "$OUT"
 
 Runs marked `capped` execute with the allocator limited to 15 GiB (a 16 GiB card less CUDA context): they
 finishing is the 16 GB fit check.
@@ -66,7 +73,7 @@ from tasks.engine.fastpath import (  # noqa: E402
     packed_hf_dataset,
     prepare_fast_model,
 )
-from tasks.engine.recompute import PartialRecomputeCallback, recompute_free_layers  # noqa: E402
+from tasks.engine.recompute import PartialRecomputeCallback, offload_checkpoints, recompute_free_layers  # noqa: E402
 
 GIB = 2**30
 CAP_GIB = 15.0  # allocator cap that stands for a 16 GiB card
@@ -166,9 +173,10 @@ def lora():
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
-        lora_dropout="seeded"):
+        lora_dropout="seeded", side_stream_offload=False):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
-    `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record."""
+    `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record.
+    `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -201,7 +209,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             self.t, self.tok, self.slot = now, tok, slot
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
-              "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload}
+              "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -234,6 +242,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         if engine == "fused":
             record["fused_layers"] = fuse_lora(trainer.model, dropout=lora_dropout)
             record["lora_dropout"] = lora_dropout
+        if side_stream_offload:  # as build_model does for training.offload_activations (after fuse_lora there too)
+            offload_checkpoints(trainer.model)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -358,6 +368,8 @@ def table(results: list[dict], gpu: str) -> str:
             recipe += " (no recompute)"
         elif r.get("offload"):
             recipe += " (checkpoints offloaded to host)"
+        elif r.get("side_stream_offload"):
+            recipe += " (checkpoints offloaded to host, side stream)"
         elif r.get("lora_dropout") == "stored":
             recipe += " (torch dropout, mask stored)"
         elif r["n_recompute_free"]:
@@ -450,7 +462,7 @@ def main() -> None:
         fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
         go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
-    if families & {"fused", "fusedstored"}:
+    if families & {"fused", "fusedstored", "fused-offload"}:
         info["fused_selfcheck"] = fused_selfcheck()
         log(f"fused LoRA self-check: {info['fused_selfcheck']}")
     if "fused" in families:
@@ -465,6 +477,9 @@ def main() -> None:
            lora_dropout="stored", **prof)
     if "offload" in families:
         go("offload-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, offload=True)
+    if "fused-offload" in families:  # after the other full-length runs: TRL's no-op hooks stay on the LM head
+        go("fused-offload-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           side_stream_offload=True, **prof)
 
     if families & {"fit16", "nockpt"} and fast_full and fast_full.get("ok"):
         # Two probes above the recompute transient: their difference is the true per-layer cost (one probe against
@@ -503,6 +518,7 @@ def main() -> None:
                        "fast-vs-fused-mixed": ("fast-mixed", "fused-mixed"),
                        "fast-vs-fusedstored-full": ("fast-full", "fusedstored-full"),
                        "fast-vs-fused-full": ("fast-full", "fused-full"),
+                       "fused-vs-fused-offload-full": ("fused-full", "fused-offload-full"),
                        "seed-vs-nockpt-full": ("seed-full", "nockpt-full")}.items() if a_ in by and b_ in by}
     text = table(results, info["versions"]["gpu"])
     (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))

@@ -190,6 +190,14 @@ class TrainingSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping; 0.3 is the QLoRA paper's.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations: ~30% slower, far less VRAM.")
+    offload_activations: Literal["off", "on", "auto"] = Field(
+        "auto", description="Where the checkpointed layers' saved inputs wait for the backward, on CUDA (on the CPU they already "
+        "live in host memory: nothing to do). on = pinned host memory, copied on a side stream while the GPU computes (TRL's "
+        "activation offloading; needs gradient_checkpointing): layers x tokens x hidden x 2 bytes leave the GPU (2 GiB at "
+        "Mistral-7B's 4 x 2,048 tokens) for some speed (docs/PERF_NOTES.md); no layers without recompute then. auto = the "
+        "probe's memory search (budget.vram_gb) turns it on only where the fully checkpointed micro-batch does not fit "
+        "without it; off = never. true/false read as on/off."
+    )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU. adamw_torch_fused: torch's "
         "fused AdamW, one kernel for every LoRA tensor instead of bitsandbytes' launch per tensor (fp32 states: 8 bytes more "
@@ -213,6 +221,12 @@ class TrainingSection(Section):
         "one process and one 4-bit copy of the base per GPU. The global batch (micro × accum) stays the same: each GPU runs "
         "accum / N micro-batches per step, so grad_accum must be a multiple of N. With device=cpu, N gloo processes (tests)."
     )
+
+    @field_validator("offload_activations", mode="before")
+    @classmethod
+    def _offload_words(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as a boolean: `offload_activations: on` arrives as True.
+        return ("on" if v else "off") if isinstance(v, bool) else v
 
     @field_validator("gpus")
     @classmethod
@@ -514,6 +528,9 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     problem = _liger_problem(cfg.training, cfg.device)
     if problem:
         problems.append(problem)
+    if cfg.training.offload_activations == "on" and not cfg.training.gradient_checkpointing:
+        problems.append("training.offload_activations: on offloads the checkpointed layers' inputs, and training.gradient_checkpointing "
+                        "is false; set training.gradient_checkpointing=true, or offload_activations=auto (the probe decides) or off")
     gpus = cfg.training.gpus
     if isinstance(gpus, int) and gpus > 1 and cfg.training.grad_accum % gpus:
         problems.append(f"training.grad_accum: {cfg.training.grad_accum} is not a multiple of training.gpus={gpus} (each GPU runs "

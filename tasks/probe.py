@@ -12,7 +12,9 @@ memory, and the launch itself (imports, process group) counted as fixed cost.
 
 With `budget.vram_gb` on a GPU it searches for the fastest setting that fits (same effective batch):
 first the largest micro-batch that fits with every layer checkpointed (an out-of-memory trial is recorded and
-the next smaller one tried), then how many decoder layers can skip recompute in the memory left. Each layer
+the next smaller one tried; with `training.offload_activations: auto` a micro-batch that does not fit is tried again
+with the checkpointed layers' inputs offloaded to host memory before a smaller one, and kept when it fits), then how
+many decoder layers can skip recompute in the memory left (not when offloaded: the two exclude each other). Each layer
 freed from recompute saves about a third of its step time (measured on one H200: 4 layers +3.7% within
 16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Two trials that free 4 and 8 layers give the cost per
 layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
@@ -64,6 +66,7 @@ class ProbeRecord(BaseModel):
     launch_seconds: float = 0.0  # several ranks: torchrun start, imports and process-group setup (part of fixed)
     recompute_free_layers: int = 0  # decoder layers whose activations are kept (no recompute) under checkpointing
     vram_budget_gb: float | None = None  # the memory budget the settings were chosen under (budget.vram_gb, auto resolved)
+    offload_activations: bool = False  # the checkpointed layers' inputs wait in host memory (training.offload_activations)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -84,18 +87,24 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
 
 
-def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool]]:
-    """(micro_batch, accum, checkpointing) to try in turn until one fits, same effective batch. Without
+def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool, bool]]:
+    """(micro_batch, accum, checkpointing, offload) to try in turn until one fits, same effective batch. Without
     checkpointing in the config it is tried as asked first; skipping recompute where memory allows is the
-    layer search's job (`next_free_trial`), not a candidate here."""
+    layer search's job (`next_free_trial`), not a candidate here.
+
+    Offload applies to checkpointed settings on CUDA only (on the CPU activations are in host memory already):
+    `on` offloads each of them; `auto` tries each micro-batch without it, then with it, so offload is used only where
+    the fully checkpointed micro-batch does not fit, and a larger micro-batch offloaded comes before a smaller one."""
     mb, ga, gc = training.micro_batch_size, training.grad_accum, training.gradient_checkpointing
+    mode = training.offload_activations if device == "cuda" else "off"
     if device != "cuda" or budget.vram_gb is None:
-        return [(mb, ga, gc)]
+        return [(mb, ga, gc, gc and mode == "on")]
+    offloads = {"off": (False,), "on": (True,), "auto": (False, True)}[mode]
     eff = mb * ga
-    out = [] if gc else [(mb, ga, False)]
+    out = [] if gc else [(mb, ga, False, False)]
     m = mb
     while m >= 1:
-        out.append((m, eff // m, True))
+        out += [(m, eff // m, True, offload) for offload in offloads]
         if m == 1:
             break
         m //= 2
@@ -182,19 +191,25 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     if budget.vram_gb is not None:
         log_fn(f"probe: memory budget {budget.vram_gb:.2f} GiB")
     args = (ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok)
+    if training.offload_activations == "on" and device != "cuda":
+        log_fn(f"probe: training.offload_activations=on does nothing on the {device}: activations already live in host memory")
     trials = []
     candidates = candidate_settings(training, budget, device)
-    for mb, ga, gc in candidates:  # grows on out-of-memory (below)
+    for i, (mb, ga, gc, offload) in enumerate(candidates):  # grows on out-of-memory (below)
         ga = dist.per_rank_accum(ga, n)  # same global batch over n ranks
-        trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn)
+        after = candidates[i + 1] if i + 1 < len(candidates) else None
+        then = f"trying it with the {recompute.OFFLOAD_NOTE}" if after and after[0] == mb and after[3] else "trying a smaller micro-batch"
+        trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn, offload=offload, then=then)
         trials.append(trial)
         if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
             # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
-            candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc))
+            candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc, offload))
         if trial.get("fits"):
             break  # the largest micro-batch that fits; a smaller one is no faster per token
     base = next((t for t in trials if t.get("fits")), None)
-    if base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
+    if base and base["offload_activations"]:
+        log_fn("probe: every layer stays checkpointed: offloaded, a layer without recompute would go to host memory whole")
+    elif base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
         # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
         # trial there cannot be recovered from (the other ranks wait in the all-reduce).
         measured = {0: base["peak_mem_gb"]}
@@ -235,6 +250,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         gradient_checkpointing=best["gradient_checkpointing"],
         recompute_free_layers=best.get("recompute_free_layers", 0),
         vram_budget_gb=budget.vram_gb,
+        offload_activations=best["offload_activations"],
         engine=engine,
         trials=trials,
         gpus=n,
@@ -247,18 +263,21 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     return rec
 
 
-def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, log_fn) -> dict:
-    """Time one setting; an out-of-memory is a recorded trial that does not fit (one rank of several: an error)."""
+def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, log_fn,
+           offload: bool = False, then: str = "trying a smaller micro-batch") -> dict:
+    """Time one setting; an out-of-memory is a recorded trial that does not fit (one rank of several: an error).
+    `then` says what the search tries after an out-of-memory."""
     import gc as pygc
 
     import torch
 
-    trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc, "recompute_free_layers": n_free}
+    trial = {"micro_batch_size": mb, "grad_accum": ga, "gradient_checkpointing": gc, "recompute_free_layers": n_free, "offload_activations": offload}
+    how = ", ".join(([f"{n_free} layers without recompute"] if n_free else []) + ([recompute.OFFLOAD_NOTE] if offload else []))
     try:
         maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
-        trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length))
+        trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload))
         trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
-        log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({n_free} layers without recompute)" if n_free else "")
+        log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({how})" if how else "")
                + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
     except torch.OutOfMemoryError as e:
         if dist.world() > 1:
@@ -266,22 +285,22 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
                              "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
                              "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
         trial.update(fits=False, error="out of memory")
-        log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {n_free} layers without recompute" if n_free else "")
-               + ") ran out of memory" + ("" if n_free else "; trying a smaller micro-batch"))
+        log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {how}" if how else "") + ") ran out of memory"
+               + ("" if n_free else f"; {then}"))
     pygc.collect()  # outside the except block: the traceback no longer pins the failed trial's tensors
     if device == "cuda":
         torch.cuda.empty_cache()
     return trial
 
 
-def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length) -> dict:
+def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger)
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload)
     load_s = time.monotonic() - t0
     n_layers = len(recompute.checkpointed_layers(model))
     if gc and n_free:

@@ -22,6 +22,7 @@ from . import train as train_stage
 from .common import StageError, read_json
 from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
+from .engine.recompute import OFFLOAD_NOTE
 from .evaluate import EvalRecord
 from .export import ExportRecord
 from .merge import MergeRecord
@@ -110,14 +111,18 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
         f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
-        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}")
-    trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('s_per_step', '-')} | "
-                       f"{t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |" for t in rec.trials)
+        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
+        + (f", {OFFLOAD_NOTE}" if rec.offload_activations else ""))
+    trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('recompute_free_layers', 0)} | "
+                       f"{t.get('offload_activations', False)} | {t.get('s_per_step', '-')} | {t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |"
+                       for t in rec.trials)
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
         markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
                   f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
-                  f"peak {rec.peak_mem_gb:.2f} GB.\n\n| micro-batch | accum | checkpointing | s/step | peak GB | fits |\n|---|---|---|---|---|---|\n{trials}\n"),
+                  f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"
+                  f"| micro-batch | accum | checkpointing | layers without recompute | offloaded | s/step | peak GB | fits |\n"
+                  f"|---|---|---|---|---|---|---|---|\n{trials}\n"),
         description="Throughput probe and step budget",
     )
     return rec

@@ -71,6 +71,7 @@ class TrainRecord(BaseModel):
     tensorboard_dir: str
     gpus: int = 1  # data-parallel processes (training.gpus); tokens_seen and tokens/s are over all of them
     lora_targets: dict = {}  # what LoRA adapted and what it could not (tasks/models.py LoraTargets.as_dict); the model card says it
+    offload_activations: bool = False  # the checkpointed layers' inputs waited in host memory (the probe's choice)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -363,7 +364,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     torch.manual_seed(training.seed)
     ref = resolve_model(model_cfg, artifacts_dir)
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger)
+    offload = getattr(probe, "offload_activations", False)  # the probe chose it (tasks/probe.py); never on the CPU
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload)
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
         recompute.set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
@@ -407,7 +409,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     )
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
-           (f", {n_free} layers without recompute" if n_free else "") +
+           (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
@@ -468,6 +470,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         tensorboard_dir=str(tb_dir),
         gpus=n,
         lora_targets=model.lora_targets.as_dict(),
+        offload_activations=offload,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

@@ -76,6 +76,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "training.weight_decay": ("0.01", FROM_TRAIN, []),
     "training.max_grad_norm": ("1.0", FROM_TRAIN, []),
     "training.gradient_checkpointing": ("true", FROM_PROBE, []),
+    "training.offload_activations": ("off", FROM_PROBE, []),  # no numerics change, but the step time (so the steps a budget buys) does
     "training.optimizer": ("adamw_torch", FROM_PROBE, []),
     "training.engine": ("fast", FROM_PROBE, []),
     "training.packing": ("matched", FROM_PROBE, []),

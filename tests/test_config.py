@@ -153,3 +153,15 @@ def test_a_liger_that_refuses_this_transformers_is_one_line(liger_on_gpu):
 def test_liger_is_checked_only_where_it_would_be_applied(liger_on_gpu, liger, transformers, overrides):
     liger_on_gpu(liger, transformers)
     load_config(profile="tiny", overrides=overrides)  # no ConfigError
+
+
+def test_offload_activations_is_off_on_or_auto_one_line_each():
+    assert load_config(profile="mistral-7b").training.offload_activations == "auto"  # the probe decides, on a memory budget
+    ckpt = "training.gradient_checkpointing=true"  # the tiny profile trains without checkpointing
+    for given, read in (("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"), ("false", "off")):  # YAML reads on/off as booleans
+        assert load_config(profile="tiny", overrides=[ckpt, f"training.offload_activations={given}"]).training.offload_activations == read
+    (p,) = _problems(profile="tiny", overrides=[ckpt, "training.offload_activations=maybe"])
+    assert p == "training.offload_activations: Input should be 'off', 'on' or 'auto' (got 'maybe')"
+    (p,) = _problems(profile="tiny", overrides=["training.offload_activations=on"])
+    assert p.startswith("training.offload_activations: on offloads the checkpointed layers' inputs, and training.gradient_checkpointing is false")
+    load_config(profile="tiny", overrides=["training.offload_activations=auto"])  # auto without checkpointing: nothing to offload, no error

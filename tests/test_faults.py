@@ -101,7 +101,7 @@ def test_oom_in_probe_retries_with_half_micro_batch(tiny_cfg, shared_artifacts, 
     rec = probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, budget, "cpu", shared_artifacts, logs.append)
     assert (rec.micro_batch_size, rec.grad_accum) == (4, 2)
     assert rec.trials[0] == {"micro_batch_size": 8, "grad_accum": 1, "gradient_checkpointing": False, "recompute_free_layers": 0,
-                             "fits": False, "error": "out of memory"}
+                             "offload_activations": False, "fits": False, "error": "out of memory"}
     assert any("ran out of memory; trying a smaller micro-batch" in l for l in logs)
     fault("probe:oom")
     with pytest.raises(StageError, match=r"out of memory even at micro-batch 1"):

@@ -66,11 +66,22 @@ def test_probe_step_time_is_not_dragged_by_a_compiling_step():
 
 def test_vram_budget_tries_smaller_micro_batches_same_effective_batch(tiny_cfg):
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16})
-    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True})
-    assert candidate_settings(training, budget, "cuda") == [(4, 4, True), (2, 8, True), (1, 16, True)]
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,
+                                                    "offload_activations": "off"})
+    assert candidate_settings(training, budget, "cuda") == [(4, 4, True, False), (2, 8, True, False), (1, 16, True, False)]
     no_ckpt = training.model_copy(update={"gradient_checkpointing": False})
-    assert candidate_settings(no_ckpt, budget, "cuda")[0] == (4, 4, False)  # as asked first, then checkpointed
-    assert candidate_settings(training, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True)]
+    assert candidate_settings(no_ckpt, budget, "cuda")[0] == (4, 4, False, False)  # as asked first, then checkpointed
+    assert candidate_settings(training, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True, False)]
+    # offload_activations (the 4th): auto tries each micro-batch offloaded right after it does not fit without; on always
+    auto = training.model_copy(update={"offload_activations": "auto"})
+    assert candidate_settings(auto, budget, "cuda") == [(4, 4, True, False), (4, 4, True, True), (2, 8, True, False), (2, 8, True, True),
+                                                        (1, 16, True, False), (1, 16, True, True)]
+    assert candidate_settings(auto.model_copy(update={"gradient_checkpointing": False}), budget, "cuda")[:2] == [(4, 4, False, False), (4, 4, True, False)]
+    assert candidate_settings(auto, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True, False)]  # no search: the recipe
+    on = training.model_copy(update={"offload_activations": "on"})
+    assert candidate_settings(on, budget, "cuda") == [(4, 4, True, True), (2, 8, True, True), (1, 16, True, True)]
+    assert candidate_settings(on, budget.model_copy(update={"vram_gb": None}), "cuda") == [(4, 4, True, True)]
+    assert candidate_settings(on, budget, "cpu") == [(4, 4, True, False)]  # host memory already
 
 
 def test_vram_auto_is_the_free_gpu_memory_now(monkeypatch):
@@ -103,7 +114,7 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
 
     timed = []
 
-    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length):
+    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False):
         timed.append((mb, ga, gc, n_free))
         if mb == 4:
             raise torch.OutOfMemoryError("simulated")
@@ -114,7 +125,8 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     monkeypatch.setattr(probe_mod, "_time_setting", fake_time)
     monkeypatch.setattr(probe_mod, "hardware_id", lambda device: "cuda:simulated")
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
-    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None,
+                                                    "offload_activations": "off"})  # the offloaded candidates: tests/test_offload.py
     logs = []
     rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
                            shared_artifacts, logs.append)

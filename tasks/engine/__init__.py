@@ -5,7 +5,7 @@
     build.py      engine choice, base model + LoRA, TrainingArguments
     collate.py    dataset view and collator per engine (padded batches or padding-free packs)
     fastpath.py   padding-free packing, varlen flash attention, Liger kernels (the `fast` engine)
-    recompute.py  which layers gradient checkpointing recomputes, and how many memory lets skip it
+    recompute.py  which layers gradient checkpointing recomputes, how many memory lets skip it, offloading their inputs
     lora.py       the fused LoRA path on 4-bit linears (the `fused` engine)
 
 Imports run one way: tasks.train and tasks.probe import tasks.engine; the engine imports neither (the launcher

@@ -28,9 +28,10 @@ def optimizer_for(training: TrainingSection, device: str) -> str:
 
 
 def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str,
-                liger: bool = True):
+                liger: bool = True, offload: bool = False):
     """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
-    reaches (tasks/models.py `lora_targets`)."""
+    reaches (tasks/models.py `lora_targets`). `offload`: the checkpointed layers' inputs wait in host memory
+    (recompute.offload_checkpoints; the probe decides, tasks/probe.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)
@@ -71,6 +72,10 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         from .lora import fuse_lora
 
         fuse_lora(model)
+    if offload:
+        from .recompute import offload_checkpoints
+
+        offload_checkpoints(model)
     return model
 
 
