@@ -15,6 +15,7 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_recipes.sh data OUT_DIR   # here (CPU): each setting's data stage, data-<key>.tar.xz
 #   bash bench/gpu_recipes.sh start UPLOAD_DIR [TAG ...]  # device: start these settings (default a b c; gpu_showcase.sh, TAG=a|b|c)
 #   bash bench/gpu_recipes.sh poll OUT_DIR SECONDS    # device: wait for all, then each one's results in OUT_DIR/<tag>
+#   bash bench/gpu_recipes.sh stop TAG                # device: stop one setting (never `pkill -f <tag>`: it kills the call's own shell)
 set -euo pipefail
 cmd=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
@@ -58,5 +59,7 @@ case $cmd in
       res=$(TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1)  # whole, not piped into head: a closed pipe would stop the copy
       echo "== $t: ${res%%$'\n'*}: $(ls "$out/$t" | tr '\n' ' ')"
     done ;;
-  *) echo "usage: $0 data OUT_DIR | start UPLOAD_DIR | poll OUT_DIR [SECONDS]" >&2; exit 2 ;;
+  stop)
+    TAG=$1 bash "$here/gpu_showcase.sh" stop ;;
+  *) echo "usage: $0 data OUT_DIR | start UPLOAD_DIR [TAG ...] | poll OUT_DIR [SECONDS] | stop TAG" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@
 #   for t in a b c; do TAG=$t bash bench/gpu_showcase.sh start /tmp/up 60 --set training.max_steps=847 --set ...; done
 #   for t in a b c; do TAG=$t bash bench/gpu_showcase.sh poll $OUT/$t 1; done     # after `wait_all` below says done
 #   bash bench/gpu_showcase.sh wait_all SECONDS                                  # until every started TAG has an exit code
+#   TAG=c bash bench/gpu_showcase.sh stop                                         # stop one setting (the others get its share)
 #
 # UPLOAD_DIR holds what bench/gpu_wheels.sh builds (the flow's wheels, Gemma's GGUF chunk wheels) and, optionally,
 # data-*.tar.xz: a data stage built on a CPU machine (`artifacts/cache/data/<key>`, same config: the key matches),
@@ -40,7 +41,13 @@ if [[ $cmd == wait_all ]]; then  # every TAG started on this machine (a .t0 file
     (( left == 0 )) && break; sleep 1
   done
   for f in /tmp/qlp-showcase*.t0; do echo "${f%.t0}: $(( $(date +%s) - $(cat "$f") )) s, rc $(cat "${f%.t0}.rc" 2>/dev/null || echo running);" \
-    "$(grep -E "INFO.*(train: [0-9]+/|evaluate: (ifeval|alpaca_eval):|finetune: done)" "${f%.t0}.log" | tail -1 | cut -c1-200)"; done
+    "$(grep -E "INFO.*(step [0-9]+/[0-9]+ |train: [0-9]+/|evaluate: |finetune: done)" "${f%.t0}.log" | tail -1 | cut -c1-200)"; done
+  exit 0
+fi
+if [[ $cmd == stop ]]; then  # stop this TAG's flow (its process group); its exit code becomes "stopped" so wait_all moves on
+  # not `pkill -f <tag>`: the device call's own shell has the tag in its command line, and is killed with it
+  for pid in $(pgrep -f "artifacts_dir=$art( |$)" || true); do [[ $pid != $$ ]] && kill -- -"$(ps -o pgid= "$pid" | tr -d ' ')" 2>/dev/null || true; done
+  echo stopped > "$rc"; echo "stopped $art"
   exit 0
 fi
 if [[ $cmd == start ]]; then
