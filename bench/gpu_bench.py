@@ -233,7 +233,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     profiler = step_profiler(steps, Path(profile_dir) / f"{name}.trace.json") if profile_dir else None
     if profiler is not None:
         callbacks.append(profiler)
-    trainer = None
+    trainer = offloaded = None
     try:
         torch.manual_seed(seed)  # LoRA init and dropout masks: same stream for every engine
         trainer = BenchTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok,
@@ -243,7 +243,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             record["fused_layers"] = fuse_lora(trainer.model, dropout=lora_dropout)
             record["lora_dropout"] = lora_dropout
         if side_stream_offload:  # as build_model does for training.offload_activations (after fuse_lora there too)
-            offload_checkpoints(trainer.model)
+            offloaded = offload_checkpoints(trainer.model)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -276,6 +276,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         log(f"{name}: FAILED {record['error']}")
         traceback.print_exc()
     finally:
+        if offloaded is not None:
+            offloaded.remove()  # its wrapper sits on the base model's decoder stack, which the next run shares
         peft_model = trainer.model if trainer is not None else None
         if trainer is not None:
             trainer.optimizer = trainer.lr_scheduler = None
@@ -477,7 +479,7 @@ def main() -> None:
            lora_dropout="stored", **prof)
     if "offload" in families:
         go("offload-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, offload=True)
-    if "fused-offload" in families:  # after the other full-length runs: TRL's no-op hooks stay on the LM head
+    if "fused-offload" in families:
         go("fused-offload-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
            side_stream_offload=True, **prof)
 

@@ -82,8 +82,11 @@ NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weig
 
 def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str) -> str:
     dev = resolve_device(device)
+    # training.offload_activations counts only where it can act (`offload_can_apply`): elsewhere (the CPU, `off`, `auto`
+    # without budget.vram_gb) the key is the one it had before the setting existed, and changing it reruns nothing.
+    skip = NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
     sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
-                training.model_dump(mode="json", exclude=NOT_TIMED["training"]), budget.model_dump(mode="json")]
+                training.model_dump(mode="json", exclude=skip), budget.model_dump(mode="json")]
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
 
 
@@ -109,6 +112,14 @@ def candidate_settings(training: TrainingSection, budget: BudgetSection, device:
             break
         m //= 2
     return [s for i, s in enumerate(out) if s not in out[:i]]
+
+
+def offload_can_apply(training: TrainingSection, budget: BudgetSection, device: str) -> bool:
+    """Whether training.offload_activations can change what the probe picks (and so stage 4, which follows the probe and
+    retries offloaded on out-of-memory under the same condition): some candidate setting offloads. On CUDA, `on` with
+    gradient checkpointing, or `auto` with budget.vram_gb (its memory search reaches checkpointed settings even from
+    gradient_checkpointing=false); never on the CPU, never `off`, not `auto` without a memory budget (= off there)."""
+    return any(offload for *_, offload in candidate_settings(training, budget, device))
 
 
 FREE_PROBES = (4, 8)  # layers freed from recompute in the two trials that measure the cost per layer
@@ -221,8 +232,11 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
             measured[k] = trial["peak_mem_gb"]
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
-        raise StageError(f"out of memory even at micro-batch 1 (budget.vram_gb={budget.vram_gb}); lower data.max_length, "
-                         "set training.gradient_checkpointing=true or use a smaller model")
+        offloaded = any(t["offload_activations"] for t in trials)
+        raise StageError(f"out of memory even at micro-batch 1" + (f" with the {recompute.OFFLOAD_NOTE}" if offloaded else "")
+                         + f" (budget.vram_gb={budget.vram_gb}); lower data.max_length, "
+                         + ("" if offloaded or device != "cuda" else f"{recompute.OFFLOAD_FIX}, ")
+                         + "set training.gradient_checkpointing=true or use a smaller model")
     best = min(fitting, key=lambda t: t["s_per_step"])
 
     budget_s = float(budget.seconds)
@@ -281,9 +295,10 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
                + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
     except torch.OutOfMemoryError as e:
         if dist.world() > 1:
-            raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}) ran out of memory on rank {dist.rank()}; "
-                             "with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing to a setting that fits "
-                             "(a training.gpus=1 probe with budget.vram_gb finds one)") from e
+            raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {how}" if how else "") + ") ran out of "
+                             f"memory on rank {dist.rank()}; with training.gpus > 1 set training.micro_batch_size / gradient_checkpointing"
+                             + ("" if offload or device != "cuda" else " / offload_activations=on (with gradient_checkpointing)")
+                             + " to a setting that fits (a training.gpus=1 probe with budget.vram_gb finds one)") from e
         trial.update(fits=False, error="out of memory")
         log_fn(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {how}" if how else "") + ") ran out of memory"
                + ("" if n_free else f"; {then}"))

@@ -268,10 +268,13 @@ def _prior_elapsed(work: Path) -> float:
 # Keys that change how training is logged and saved, not the adapter it trains: in no cache key, so changing them
 # reruns nothing (a crash-safety or logging setting must not cost a retrain). README: "Resume, caching".
 BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_minutes"})
+# Keys the probe's key holds exactly where they act (tasks/probe.py `offload_can_apply`; stage 4 offloads as the probe
+# chose, and retries offloaded on out-of-memory under the same condition): `probe.key` carries them into this key.
+PROBE_KEYED = frozenset({"offload_activations"})
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
-    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS))]
+    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS | PROBE_KEYED))]
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
 
 
@@ -307,8 +310,10 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
 
 
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
-    """`_train`, retried on out-of-memory with half the micro-batch and twice the accumulation (the same
-    effective batch; it resumes from the last checkpoint) down to micro-batch 1; disk full is a clear error."""
+    """`_train`, retried on out-of-memory (it resumes from the last checkpoint) in the probe's order: every layer
+    checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then half
+    the micro-batch and twice the accumulation (the same effective batch), down to micro-batch 1. The record says the
+    setting that finished. Disk full is a clear error."""
     import gc
 
     import torch
@@ -317,19 +322,27 @@ def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out:
         try:
             return _train(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
         except torch.OutOfMemoryError as e:
-            mb, ga = probe.micro_batch_size, probe.grad_accum
+            mb, ga, offloaded = probe.micro_batch_size, probe.grad_accum, getattr(probe, "offload_activations", False)
+            at = f"micro-batch {mb} x accum {ga}" + (f" ({recompute.OFFLOAD_NOTE})" if offloaded else "")
             if probe.recompute_free_layers:
                 # Memory the probe did not see (another process on the GPU, a longer pack): recompute every layer first.
                 log_fn(f"train: out of memory with {probe.recompute_free_layers} layers without recompute; retrying with all layers checkpointed")
                 probe = probe.model_copy(update={"recompute_free_layers": 0})
+            elif not offloaded and offload_may_help(probe, training):
+                log_fn(f"train: out of memory at {at}; retrying it with the {recompute.OFFLOAD_NOTE}")
+                probe = probe.model_copy(update={"offload_activations": True})
             elif mb <= 1:
-                raise StageError(f"training ran out of memory even at micro-batch 1 x accum {ga}; lower data.max_length, set "
-                                 "training.gradient_checkpointing=true or use a smaller model") from e
+                raise StageError(f"training ran out of memory even at {at}; lower data.max_length, "
+                                 + ("" if offloaded or resolve_device(probe.device) != "cuda" else f"{recompute.OFFLOAD_FIX}, ")
+                                 + "set training.gradient_checkpointing=true or use a smaller model") from e
             else:
                 new_mb = mb // 2
                 new_ga = math.ceil(mb * ga / new_mb)
-                log_fn(f"train: out of memory at micro-batch {mb} x accum {ga}; retrying at {new_mb} x {new_ga} (same effective batch)")
-                probe = probe.model_copy(update={"micro_batch_size": new_mb, "grad_accum": new_ga})
+                # auto: the smaller micro-batch without offload first, as the probe orders them; on: offloaded throughout
+                offload = offloaded and training.offload_activations == "on"
+                log_fn(f"train: out of memory at {at}; retrying at {new_mb} x {new_ga} (same effective batch"
+                       + (f", {recompute.OFFLOAD_NOTE})" if offload else ")"))
+                probe = probe.model_copy(update={"micro_batch_size": new_mb, "grad_accum": new_ga, "offload_activations": offload})
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -339,6 +352,14 @@ def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out:
         gc.collect()  # outside the except block: the OOM traceback no longer pins the failed attempt's tensors
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def offload_may_help(probe: Any, training: TrainingSection) -> bool:
+    """Whether stage 4 may retry an out-of-memory offloaded: where the probe's memory search would have tried it
+    (training.offload_activations=auto with a memory budget, checkpointing, on CUDA: tasks/probe.py `offload_can_apply`,
+    so the probe key already holds the setting wherever it acts here)."""
+    return (training.offload_activations == "auto" and getattr(probe, "vram_budget_gb", None) is not None
+            and probe.gradient_checkpointing and resolve_device(probe.device) == "cuda")
 
 
 def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn, t_start: float | None = None) -> TrainRecord | None:

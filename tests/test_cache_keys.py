@@ -76,7 +76,9 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "training.weight_decay": ("0.01", FROM_TRAIN, []),
     "training.max_grad_norm": ("1.0", FROM_TRAIN, []),
     "training.gradient_checkpointing": ("true", FROM_PROBE, []),
-    "training.offload_activations": ("off", FROM_PROBE, []),  # no numerics change, but the step time (so the steps a budget buys) does
+    # Where it can act (CUDA: `on`, or `auto` with budget.vram_gb) FROM_PROBE: the step time, so the steps a budget buys; on
+    # this CPU it does nothing and reruns nothing (test_offload_activations_is_keyed_only_where_it_can_act).
+    "training.offload_activations": ("off", NOTHING, []),
     "training.optimizer": ("adamw_torch", FROM_PROBE, []),
     "training.engine": ("fast", FROM_PROBE, []),
     "training.packing": ("matched", FROM_PROBE, []),
@@ -194,6 +196,46 @@ def test_a_key_invalidates_exactly_the_stages_whose_result_it_changes(key, tmp_p
     base = stage_keys(_cfg(tmp_path, *base_extra), tmp_path)
     changed = stage_keys(_cfg(tmp_path, *base_extra, f"{key}={value}"), tmp_path)
     assert {s for s in STAGES if base[s] != changed[s]} == expected
+
+
+@pytest.mark.parametrize("device, budget, gc, a, b, rerun", [
+    ("cpu", "8", "true", "on", "off", False),  # activations already live in host memory
+    ("cpu", "null", "true", "auto", "on", False),
+    ("cuda", "null", "true", "auto", "off", False),  # auto without a memory budget: no search, = off
+    ("cuda", "8", "false", "off", "on", None),  # on without checkpointing: a config error
+    ("cuda", "null", "true", "on", "off", True),  # on: every checkpointed trial offloaded
+    ("cuda", "null", "true", "on", "auto", True),
+    ("cuda", "8", "true", "auto", "off", True),  # the memory search tries it
+    ("cuda", "8", "false", "auto", "off", True),  # ... also from gradient_checkpointing=false: it reaches checkpointed settings
+    ("cuda", "auto", "true", "auto", "off", True),  # budget.vram_gb=auto: the card's free memory, a budget too
+])
+def test_offload_activations_is_keyed_only_where_it_can_act(tmp_path, monkeypatch, device, budget, gc, a, b, rerun):
+    """The per-key rule, on the setting in effect: training.offload_activations enters the probe key (and so every key
+    after it) only where a probe candidate can offload; elsewhere the keys are those from before the setting existed, so
+    switching it reruns nothing. The train key holds it through the probe key only."""
+    import tasks.evaluate as evaluate_mod
+    import tasks.probe as probe_mod
+    from tasks.config import ConfigError
+    from tasks.train import cache_key as train_key
+
+    for mod in (probe_mod, evaluate_mod):  # this machine may have no GPU: the keys of one that has
+        monkeypatch.setattr(mod, "hardware_id", lambda dev: f"{dev}:simulated")
+    base = [f"budget.vram_gb={budget}", f"training.gradient_checkpointing={gc}"]
+
+    def cfg(mode):  # validated on the CPU (device=cuda wants a visible GPU), then keyed as on `device`
+        return _cfg(tmp_path, *base, f"training.offload_activations={mode}").model_copy(update={"device": device})
+
+    if rerun is None:
+        with pytest.raises(ConfigError, match="training.offload_activations: on offloads the checkpointed layers' inputs"):
+            cfg(b)
+        return
+    first, second = stage_keys(cfg(a), tmp_path), stage_keys(cfg(b), tmp_path)
+    assert {s for s in STAGES if first[s] != second[s]} == (FROM_PROBE if rerun else NOTHING)
+
+    cfg = cfg(a)
+    other = cfg.training.model_copy(update={"offload_activations": b})
+    probe, data = SimpleNamespace(key="same probe"), SimpleNamespace(key="d", model_fingerprint="m")
+    assert train_key(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training) == train_key(data, probe, cfg.model, cfg.quant, cfg.lora, other)
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

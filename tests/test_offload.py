@@ -1,6 +1,7 @@
-"""training.offload_activations (issue 19 item 3): TRL's activation offloading entered around every forward of the model the
-probe and stage 4 build, the probe's memory search turning it on only where the fully checkpointed micro-batch does not
-fit, and a clear no-op on the CPU. The GPU's numbers come from bench/gpu_bench.py (`--runs fused,fused-offload`)."""
+"""training.offload_activations (issue 19 item 3): TRL's activation offloading entered around every forward of the decoder
+stack of the model the probe and stage 4 build, the probe's memory search turning it on only where the fully
+checkpointed micro-batch does not fit (stage 4's out-of-memory retry likewise), keyed only where it can act, and a clear
+no-op on the CPU. The GPU's numbers come from bench/gpu_bench.py (`--runs fused,fused-offload`)."""
 
 from __future__ import annotations
 
@@ -22,25 +23,38 @@ def tiny_data(tiny_cfg, shared_artifacts):
     return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
 
 
-class FakeManager:
-    """Stands in for TRL's manager (which needs an accelerator): records when it is entered and left, and whether a
-    decoder layer ran inside it."""
+class FakeManager(torch.autograd.graph.saved_tensors_hooks):
+    """Stands in for TRL's manager (which needs an accelerator): saved-tensor hooks that keep every tensor, recording when
+    it is entered and left, and whether a decoder layer ran inside it."""
 
     def __init__(self):
+        super().__init__(lambda t: t, lambda t: t)
         self.events: list[str] = []
         self.active = False
 
     def __enter__(self):
         self.events.append("enter")
         self.active = True
+        return super().__enter__()
 
     def __exit__(self, *exc):
         self.events.append("exit")
         self.active = False
+        return super().__exit__(*exc)
 
 
 @pytest.fixture
-def fake_manager(monkeypatch):
+def as_if_on_a_gpu(monkeypatch):
+    """A CPU-only torch has no accelerator, and offload_checkpoints refuses it (as TRL's manager would, less clearly): the
+    accelerator is said to be the CPU. For TRL's real manager, which then copies every saved tensor it is handed
+    (without pinned memory or a side stream: torch's CPU stream cannot synchronize) and empties the accelerator's cache
+    on entering once bitsandbytes is imported, which torch.cpu lacks."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)
+
+
+@pytest.fixture
+def fake_manager(monkeypatch, as_if_on_a_gpu):
     managers: list[FakeManager] = []
 
     def make(model, **kwargs):
@@ -66,16 +80,20 @@ def test_the_manager_is_entered_around_every_forward_and_left_before_the_backwar
     ref = resolve_model(tiny_cfg.model, shared_artifacts)
     model = build_model(ref, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, True, "cpu", "padded", offload=True)
     (manager,) = fake_manager
-    assert model.activation_offload is manager
+    assert model.activation_offload.manager is manager
     inside = []
     for layer in recompute.checkpointed_layers(model):
         layer.register_forward_pre_hook(lambda *a: inside.append(manager.active))
+    head = []
+    model.get_base_model().lm_head.register_forward_pre_hook(lambda *a: head.append(manager.active))
     model.train()
     inputs = _batch(tiny_tok, "padded", model)
     for _ in range(2):
         inside.clear()
         loss = model(**inputs).loss
         assert inside == [True, True]  # both decoder layers ran inside it
+        assert head == [False]  # the LM head (and the loss after it) outside: its tokens x vocab output stays on the GPU
+        head.clear()
         assert not manager.active  # left when the forward returned: the backward unpacks on its own (and recomputes)
         loss.backward()
     assert manager.events == ["enter", "exit"] * 2
@@ -87,47 +105,140 @@ def test_the_manager_is_entered_around_every_forward_and_left_before_the_backwar
     assert len(fake_manager) == 1 and getattr(plain, "activation_offload", None) is None  # off: no manager at all
 
 
-@pytest.mark.parametrize("engine", ["padded", "fast", "fused"])
-def test_trls_own_manager_moves_saved_tensors_and_leaves_the_gradients_unchanged(tiny_cfg, tiny_tok, shared_artifacts, engine, monkeypatch):
-    """One real call of TRL's manager through `offload_checkpoints`, on each engine. A CPU-only torch has no accelerator
-    and TRL's manager reads its type (it raises there), so the accelerator is said to be the CPU, without pinned memory
-    or a side stream (torch's CPU stream cannot synchronize): its pack/unpack hooks then copy every saved tensor they
-    are handed and bring it back in the backward, under non-reentrant checkpointing as on the GPU. (Entering, it empties
-    the accelerator's cache once bitsandbytes is imported, which torch.cpu lacks.)"""
-    from tasks.engine.recompute import offload_checkpoints
-
+def _model_with_lora_b(tiny_cfg, shared_artifacts, engine):
+    """A checkpointed LoRA model whose every LoRA weight gets a gradient (LoRA-B starts at zero: random B), no dropout."""
     ref = resolve_model(tiny_cfg.model, shared_artifacts)
     lora = tiny_cfg.lora.model_copy(update={"dropout": 0.0})
     torch.manual_seed(0)
     model = build_model(ref, tiny_cfg.model, tiny_cfg.quant, lora, True, "cpu", engine)
-    with torch.no_grad():  # LoRA-B starts at zero: random B so that every LoRA weight gets a gradient
+    with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
     model.train()
+    return model
+
+
+def _grads(model, loss=None, inputs=None) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    (model(**inputs).loss if loss is None else loss).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7) for n in a)
+
+
+@pytest.mark.parametrize("engine", ["padded", "fast", "fused"])
+def test_trls_manager_offloads_only_the_decoder_stack_and_leaves_the_gradients_unchanged(tiny_cfg, tiny_tok, shared_artifacts, engine,
+                                                                                          as_if_on_a_gpu):
+    """One real call of TRL's manager through `offload_checkpoints`, on each engine (see `as_if_on_a_gpu`): its pack hook
+    sees the decoder stack's saved tensors, i.e. the checkpointed layers' inputs and the final norm's (tokens x hidden),
+    under non-reentrant checkpointing as on the GPU; never a tokens x vocab tensor of the LM head or the loss (1 GiB at
+    Mistral-7B's 8,192 tokens, 7.8 GiB with a 256k vocabulary). Each comes back in the backward: same gradients."""
+    from tasks.engine.recompute import offload_checkpoints
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, engine)
     inputs = _batch(tiny_tok, engine, model)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    before = grads()
-    monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)
-    with mock.patch.object(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu")):
-        manager = offload_checkpoints(model, use_pin_memory=False, use_streams=False)
-    moved = []
+    before = _grads(model, inputs=inputs)
+    handle = offload_checkpoints(model, use_pin_memory=False, use_streams=False)
+    assert handle.module is model.get_base_model().model  # MistralModel: embeddings, layers, final norm
+    manager = handle.manager
+    packed: list[tuple[tuple[int, ...], int]] = []
     pack = manager.pack_hook
 
     def counting_pack(t):
-        moved.append(t.numel())
+        packed.append((tuple(t.shape), t.numel() * t.element_size()))
         return pack(t)
 
     manager.pack_hook = counting_pack  # saved_tensors_hooks registers pack_hook when entered
-    after = grads()
+    after = _grads(model, inputs=inputs)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    moved = [(shape, n) for shape, n in packed if n >= manager.min_tensor_size_bytes]  # what TRL copies (smaller ones stay)
     assert moved, "TRL's hooks saw no saved tensor: the manager was not entered around the forward"
+    assert not [shape for shape, _ in packed if shape and shape[-1] == vocab], "a vocab-sized tensor (logits, loss) went to host memory"
+    assert all(shape[-1] == hidden for shape, _ in moved)  # layer inputs and the final norm's: tokens x hidden
     assert not manager.tracker  # everything it took was given back in the backward
-    assert before.keys() == after.keys() and all(torch.allclose(before[n], after[n], rtol=1e-5, atol=1e-7) for n in before)
+    assert _same(before, after)
+
+
+def test_trls_manager_follows_the_trainers_forward_then_backward_contract(tiny_cfg, tiny_tok, shared_artifacts, as_if_on_a_gpu):
+    """TRL's `__enter__` starts a new forward's bookkeeping (tensor ids from 1, the previous forward's tracker dropped), so
+    the manager serves forward, backward, forward, backward, as the Trainer runs them. A forward without gradients
+    (an evaluation under torch.no_grad or inference mode) saves nothing: it does not enter the manager, and a backward
+    pending from the forward before it still gets its own tensors back. A second forward with gradients before the first
+    one's backward is an error naming the contract (entered, it would make that backward fail, "Untracked tensor", or,
+    with ids reused, unpack the second forward's tensors into it: wrong gradients without a word)."""
+    from tasks.engine.recompute import offload_checkpoints
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    inputs = _batch(tiny_tok, "padded", model)
+    reference = _grads(model, inputs=inputs)
+    handle = offload_checkpoints(model, use_pin_memory=False, use_streams=False)
+    for _ in range(2):
+        assert _same(_grads(model, inputs=inputs), reference)
+
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        loss = model(**inputs).loss
+        with no_grad():
+            model(**inputs)  # between a forward and its backward: the evaluation case
+        assert _same(_grads(model, loss=loss), reference)
+
+    loss = model(**inputs).loss
+    with pytest.raises(RuntimeError, match="second forward with gradients on, before the backward of the previous one"):
+        model(**inputs)
+    assert _same(_grads(model, loss=loss), reference)  # refused before entering: the first forward's tensors are intact
+    assert _same(_grads(model, inputs=inputs), reference)  # and the contract goes on
+    assert not handle.manager.tracker
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "keyboard-interrupt"])
+def test_a_forward_that_raises_leaves_no_saved_tensor_hooks_behind(tiny_cfg, tiny_tok, shared_artifacts, as_if_on_a_gpu, interrupt):
+    """The manager is left on every way out of the forward, a KeyboardInterrupt included (Ctrl-C mid-step: stage 4 saves a
+    checkpoint and exits, and nothing afterwards may run with the hooks still installed); the next forward and backward
+    work."""
+    from tasks.engine import recompute
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    inputs = _batch(tiny_tok, "padded", model)
+    reference = _grads(model, inputs=inputs)
+    recompute.offload_checkpoints(model, use_pin_memory=False, use_streams=False)
+
+    def fail(*args):
+        raise interrupt
+
+    hook = recompute.checkpointed_layers(model)[1].register_forward_pre_hook(fail)
+    with pytest.raises(type(interrupt)):
+        model(**inputs)
+    hook.remove()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert _same(_grads(model, inputs=inputs), reference)  # the failed forward leaves no backward pending
+
+
+def test_offloading_is_installed_once_and_removable(tiny_cfg, tiny_tok, shared_artifacts, as_if_on_a_gpu):
+    from tasks.engine import recompute
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    inputs = _batch(tiny_tok, "padded", model)
+    reference = _grads(model, inputs=inputs)
+    handle = recompute.offload_checkpoints(model, use_pin_memory=False, use_streams=False)
+    assert recompute.offload_checkpoints(model) is handle  # idempotent: one wrapper, one manager
+    stack = handle.module
+    handle.remove()
+    assert "forward" not in stack.__dict__ and getattr(model, "activation_offload", None) is None
+    packed = []
+    handle.manager.pack_hook = packed.append
+    assert _same(_grads(model, inputs=inputs), reference) and packed == []  # not entered any more
+
+
+def test_offload_on_a_torch_without_a_gpu_is_one_clear_error(tiny_cfg, shared_artifacts, monkeypatch):
+    """The pipeline never asks for it there (the probe offloads on CUDA only); a direct call of the builder gets one line
+    instead of TRL's AttributeError on the missing accelerator."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: None)  # what a CPU-only torch says
+    ref = resolve_model(tiny_cfg.model, shared_artifacts)
+    with pytest.raises(RuntimeError, match=r"activation offloading needs a GPU and this torch \(.*\) sees none; .*offload_activations=auto or off") as e:
+        build_model(ref, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, True, "cpu", "padded", offload=True)
+    assert "\n" not in str(e.value)
 
 
 def _fake_time(timed, peak_of):
@@ -190,8 +301,36 @@ def test_probe_tries_offload_at_each_micro_batch_before_a_smaller_one_and_says_w
     assert any("(checkpointing True) ran out of memory; trying it with the checkpointed activations offloaded" in m for m in logs)
     assert any("offloaded to host memory) ran out of memory; trying a smaller micro-batch" in m for m in logs)
 
-    with pytest.raises(StageError, match="out of memory even at micro-batch 1"):
+    with pytest.raises(StageError, match="out of memory even at micro-batch 1 with the checkpointed activations offloaded to host "
+                       r"memory \(budget.vram_gb=16.0\); lower data.max_length, set training.gradient") as e:
         _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, lambda mb, off, k: None)
+    assert "offload_activations=on" not in str(e.value)  # tried already
+
+
+@pytest.mark.parametrize("mode, device", [("off", "cuda"), ("auto", "cuda"), ("off", "cpu")])
+def test_the_probes_out_of_memory_errors_name_offload_where_it_was_not_tried(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path,
+                                                                              mode, device):
+    """Nothing fits even at micro-batch 1 without offload (off, or auto without a memory budget: = off): on CUDA the error
+    names training.offload_activations=on among the fixes; on the CPU, where it does nothing, it does not."""
+    with pytest.raises(StageError, match="out of memory even at micro-batch 1 \\(") as e:
+        _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, lambda mb, off, k: None, mode=mode, device=device, vram_gb=None)
+    assert ("set training.offload_activations=on" in str(e.value)) is (device == "cuda")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_out_of_memory_on_one_of_several_ranks_names_offload_or_says_it_was_offloaded(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                          monkeypatch, offload):
+    import tasks.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "_time_setting", _fake_time([], lambda mb, off, k: None))
+    monkeypatch.setattr(probe_mod.dist, "world", lambda: 2)
+    monkeypatch.setattr(probe_mod.dist, "rank", lambda: 1)
+    args = (None, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "fused", None, None)
+    with pytest.raises(StageError, match="ran out of memory on rank 1") as e:
+        probe_mod._trial(*args, 4, 2, True, 0, 160, lambda m: None, offload=offload)
+    said = str(e.value)
+    assert ("(checkpointing True, checkpointed activations offloaded to host memory) ran out" in said) is offload
+    assert ("/ offload_activations=on" in said) is not offload
 
 
 @pytest.mark.parametrize("mode, offloads", [("off", [False]), ("on", [True])])
@@ -238,3 +377,93 @@ def test_training_offloads_as_the_probe_chose_through_the_same_builder(tiny_cfg,
             load_tokenizer(ref, tiny_cfg.model))
     probe_mod._time_setting(*args, 4, 1, True, 0, tiny_data.max_length, True)
     assert len(fake_manager) == 2 and fake_manager[1].events[:2] == ["enter", "exit"]
+
+
+def _retries(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, fits, mode="auto", vram_gb=16.0, gc=True, device="cuda"):
+    """Stage 4's out-of-memory loop with `_train` faked: `fits(mb, offloaded)` says whether an attempt finishes."""
+    import tasks.train as train_mod
+    from tasks.probe import ProbeRecord
+
+    tried, logs = [], []
+
+    def fake_train(data, probe, *a, **k):
+        tried.append((probe.micro_batch_size, probe.grad_accum, probe.offload_activations))
+        if not fits(probe.micro_batch_size, probe.offload_activations):
+            raise torch.OutOfMemoryError("simulated")
+        return probe
+
+    monkeypatch.setattr(train_mod, "_train", fake_train)
+    probe = ProbeRecord(key="k", dir=".", device=device, hardware="x", budget_seconds=60, load_seconds=1, save_seconds=1, fixed_seconds=3,
+                        s_per_step=1, tokens_per_step=1, tokens_per_s=1, peak_mem_gb=1, max_steps=10, micro_batch_size=4, grad_accum=4,
+                        gradient_checkpointing=gc, engine="fused", trials=[], vram_budget_gb=vram_gb, offload_activations=mode == "on")
+    training = tiny_cfg.training.model_copy(update={"offload_activations": mode, "gradient_checkpointing": gc})
+    run = lambda: train_mod._train_shrinking_on_oom(tiny_data, probe, None, None, None, training, "k", None, "", logs.append)  # noqa: E731
+    return run, tried, logs
+
+
+def test_training_retries_an_out_of_memory_offloaded_before_halving_the_micro_batch(tiny_cfg, shared_artifacts, tiny_data, monkeypatch):
+    """auto (with the memory budget the probe searched under, checkpointing, CUDA): the probe's order, each micro-batch
+    without then with offload; the setting that finished is what `_train` records (its probe copy); the log says it."""
+    run, tried, logs = _retries(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, lambda mb, off: off)
+    assert run().offload_activations and tried == [(4, 4, False), (4, 4, True)]
+    assert logs == ["train: out of memory at micro-batch 4 x accum 4; retrying it with the checkpointed activations offloaded to host memory"]
+
+    run, tried, logs = _retries(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, lambda mb, off: False)
+    with pytest.raises(StageError, match=r"out of memory even at micro-batch 1 x accum 16 \(checkpointed activations offloaded to host "
+                       r"memory\); lower data.max_length, set training.gradient_checkpointing") as e:
+        run()
+    assert tried == [(4, 4, False), (4, 4, True), (2, 8, False), (2, 8, True), (1, 16, False), (1, 16, True)]
+    assert "offload_activations=on" not in str(e.value)
+    assert logs[1] == ("train: out of memory at micro-batch 4 x accum 4 (checkpointed activations offloaded to host memory); retrying at "
+                       "2 x 8 (same effective batch)")
+
+
+@pytest.mark.parametrize("mode, vram_gb, gc, device", [("off", 16.0, True, "cuda"), ("auto", None, True, "cuda"), ("auto", 16.0, False, "cuda"),
+                                                        ("auto", None, True, "cpu")])
+def test_training_only_halves_where_auto_offload_does_not_act(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, mode, vram_gb, gc, device):
+    """off; auto without a memory budget (= off, as in the probe: the probe key holds the setting exactly where it acts);
+    no checkpointing; the CPU. The error at micro-batch 1 names offload where it can help (CUDA)."""
+    run, tried, logs = _retries(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, lambda mb, off: False, mode, vram_gb, gc, device)
+    with pytest.raises(StageError, match=r"out of memory even at micro-batch 1 x accum 16; lower data.max_length") as e:
+        run()
+    assert tried == [(4, 4, False), (2, 8, False), (1, 16, False)]
+    assert ("set training.offload_activations=on" in str(e.value)) is (device == "cuda")
+
+
+def test_training_with_offload_on_stays_offloaded_while_halving(tiny_cfg, shared_artifacts, tiny_data, monkeypatch):
+    run, tried, logs = _retries(tiny_cfg, shared_artifacts, tiny_data, monkeypatch, lambda mb, off: mb == 1, mode="on")
+    assert run().offload_activations and tried == [(4, 4, True), (2, 8, True), (1, 16, True)]
+    assert logs[-1] == ("train: out of memory at micro-batch 2 x accum 8 (checkpointed activations offloaded to host memory); retrying at "
+                        "1 x 16 (same effective batch, checkpointed activations offloaded to host memory)")
+
+
+def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data, monkeypatch):
+    """Stage 3's Prefect wrapper: its one log line and the step-budget artifact (and its trials table) say the probe chose
+    offload."""
+    from tasks import stages
+    from tasks.probe import ProbeRecord
+
+    trials = [{"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": False,
+               "fits": False, "error": "out of memory"},
+              {"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": True,
+               "s_per_step": 3.06, "peak_mem_gb": 15.9, "fits": True}]
+    rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=1, save_seconds=0.5,
+                      fixed_seconds=4, s_per_step=3.06, tokens_per_step=16384, tokens_per_s=5354, peak_mem_gb=15.9, max_steps=1175,
+                      micro_batch_size=4, grad_accum=4, gradient_checkpointing=True, engine="fused", trials=trials, offload_activations=True)
+    logs, artifacts = [], []
+    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec)
+    monkeypatch.setattr(stages, "log", logs.append)
+    monkeypatch.setattr(stages, "create_markdown_artifact", lambda **kw: artifacts.append(kw))
+    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    assert logs[-1].endswith("-> max_steps 1175 at micro-batch 4 x accum 4, checkpointed activations offloaded to host memory")
+    (art,) = artifacts
+    md = art["markdown"]
+    assert "peak 15.90 GB; checkpointed activations offloaded to host memory." in md
+    assert "| layers without recompute | offloaded |" in md
+    assert "| 4 | 4 | True | 0 | False | - | - | False out of memory |" in md and "| 4 | 4 | True | 0 | True | 3.06 | 15.9 | True  |" in md
+
+    logs.clear()
+    artifacts.clear()
+    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec.model_copy(update={"offload_activations": False}))
+    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    assert "offloaded to host" not in logs[-1] and "offloaded to host" not in artifacts[0]["markdown"]

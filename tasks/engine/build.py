@@ -31,7 +31,7 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
                 liger: bool = True, offload: bool = False):
     """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
     reaches (tasks/models.py `lora_targets`). `offload`: the checkpointed layers' inputs wait in host memory
-    (recompute.offload_checkpoints; the probe decides, tasks/probe.py)."""
+    (recompute.offload_checkpoints, around the decoder stack's forward; the probe decides, tasks/probe.py). GPU only."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)

@@ -9,9 +9,14 @@ keeps (one per layer) off the GPU. The two exclude each other: a layer without r
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 OFFLOAD_NOTE = "checkpointed activations offloaded to host memory"  # how the probe's and stage 4's logs say it
+OFFLOAD_FIX = ("set training.offload_activations=on (the checkpointed layers' inputs wait in host memory; with "
+               "training.gradient_checkpointing=true)")  # the out-of-memory errors' suggestion, where offload was not tried
 
 
 def checkpointed_layers(model) -> list[torch.nn.Module]:
@@ -53,24 +58,121 @@ def recompute_free_layers(peak_full_gb: float, per_layer_gb: float, budget_gb: f
     return max(0, min(n_layers, int(room // per_layer_gb)))
 
 
-def offload_checkpoints(model, **manager_kwargs):
-    """Hold what the model saves for the backward in pinned host memory instead of on the GPU: TRL's maintained
-    activation offloading (`trl.models.get_act_offloading_ctx_manager`, torchtune's design: copies on a side stream
-    that overlap the compute, prefetched in the backward; the LM head kept on the GPU, as its output is needed at once).
+def decoder_stack(model) -> torch.nn.Module:
+    """The module whose forward runs the checkpointed decoder layers: the nearest common owner of
+    `checkpointed_layers(model)` that is not a bare container (the ModuleList holding them has no forward of its own).
+    For a causal LM that is `model.get_base_model().model` (MistralModel, LlamaModel, ...): embeddings, layers, final
+    norm; the LM head and the loss sit outside it."""
+    layers = checkpointed_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers that gradient checkpointing toggles (transformers' "
+                         "GradientCheckpointingLayer): there are no checkpointed activations to offload")
+    name_of = {id(m): name for name, m in model.named_modules()}
+    common = os.path.commonprefix([name_of[id(layer)].split(".") for layer in layers])
+    if len(layers) == 1:
+        common = common[:-1]  # one layer: its owner, not the layer itself
+    owner = model.get_submodule(".".join(common))
+    while common and isinstance(owner, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+        common = common[:-1]
+        owner = model.get_submodule(".".join(common))
+    return owner
 
-    Under non-reentrant checkpointing (build_model's) the manager sees only each checkpointed layer's inputs: the
-    layer's internals are saved by checkpoint's own hooks, which nest inside. The manager is entered around every
-    forward of `model` (a forward pre-hook, and a forward hook that runs even when the forward raises: how TRL hooks
-    its own no-op manager around the head), so whatever calls the model, the probe's Trainer or stage 4's, runs
-    offloaded; the backward unpacks on its own. CUDA only: TRL reads the accelerator, and a CPU-only torch has none.
-    Returns the manager (also `model.activation_offload`)."""
+
+SECOND_FORWARD = ("a second forward with gradients on, before the backward of the previous one, on a model whose checkpointed "
+                  "activations are offloaded (training.offload_activations): TRL's manager holds one forward's saved tensors at "
+                  "a time, so the first forward's backward would fail or get wrong gradients. Call backward after each forward "
+                  "(as the Trainer does), or run the extra forward under torch.no_grad()")
+
+
+class OffloadedForward:
+    """TRL's manager entered around each forward of the decoder stack (`decoder_stack`): installed on the stack as its
+    instance `forward`, so `with manager: return original(...)` leaves the manager on every exit, a KeyboardInterrupt
+    included. `remove()` puts the stack's own forward back.
+
+    The manager keeps one forward's saved tensors at a time (its `__enter__` drops whatever the previous forward left),
+    so the contract is the Trainer's: each forward with gradients is followed by its backward before the next one.
+    Forwards without gradients (`torch.no_grad`, inference mode) save nothing and skip the manager altogether, which
+    leaves a pending backward intact. A second forward with gradients while the previous one's saved tensors wait for a
+    backward that has not started is an error (`SECOND_FORWARD`): the manager's pack and unpack hooks are wrapped to
+    note "saved, not yet given back"; a forward that raises clears it (its graph is never backwarded)."""
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, manager):
+        self.model, self.module, self.manager = model, module, manager
+        self.awaiting_backward = False
+        self._own_forward = module.__dict__.get("forward")  # an instance-level forward already there (a patch): remove() keeps it
+        pack, unpack = manager.pack_hook, manager.unpack_hook
+
+        def packed(tensor):
+            self.awaiting_backward = True
+            return pack(tensor)
+
+        def unpacked(ref):
+            self.awaiting_backward = False  # the backward has started giving the saved tensors back
+            return unpack(ref)
+
+        manager.pack_hook, manager.unpack_hook = packed, unpacked  # saved_tensors_hooks pushes these when entered
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():  # torch.no_grad, inference mode
+                return original(*args, **kwargs)  # nothing is saved; entering would drop the pending forward's tensors
+            if self.awaiting_backward:
+                raise RuntimeError(SECOND_FORWARD)
+            try:
+                with manager:
+                    return original(*args, **kwargs)
+            except BaseException:
+                self.awaiting_backward = False  # the failed forward's graph is never backwarded
+                raise
+
+        module.forward = forward
+        model.activation_offload = self
+
+    def remove(self) -> None:
+        if self._own_forward is not None:
+            self.module.forward = self._own_forward
+        else:
+            self.module.__dict__.pop("forward", None)
+        if self.model.__dict__.get("activation_offload") is self:
+            del self.model.__dict__["activation_offload"]
+
+
+def _accelerator_present() -> bool:
+    """What TRL's manager reads the device type of: torch.accelerator's device (torch.cuda before torch 2.6). A CPU-only
+    torch has none, and TRL's manager would raise AttributeError on it."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.current_accelerator() is not None
+    return torch.cuda.is_available()
+
+
+def offload_checkpoints(model, **manager_kwargs) -> OffloadedForward:
+    """Hold the checkpointed layers' saved inputs in pinned host memory instead of on the GPU: TRL's maintained activation
+    offloading (`trl.models.get_act_offloading_ctx_manager`, torchtune's design: each copy to the host runs on a side
+    stream; in the backward, a copy back starts when autograd asks for the tensor, and the compute stream waits for it).
+
+    The manager is entered around the decoder stack's forward only (`decoder_stack`), so what the LM head and the loss
+    save (tokens x vocab: 1 GiB at Mistral-7B's 8,192 tokens, 7.8 GiB with a 256k vocabulary) stays on the GPU, where it
+    is needed right after the forward. Under non-reentrant checkpointing (build_model's) the manager sees each
+    checkpointed layer's input (the layer's internals are saved by checkpoint's own hooks, which nest inside) and what the
+    stack saves after them (the final norm's tokens x hidden tensors). Whatever calls the model, the
+    probe's Trainer or stage 4's, runs offloaded; the backward unpacks on its own. Idempotent: a second call returns the
+    first handle; `model.activation_offload.remove()` undoes it.
+
+    Needs an accelerator (CUDA): TRL reads its type, and a CPU-only torch has none (there, activations already live in
+    host memory). Returns the handle (also `model.activation_offload`; its `manager` is TRL's)."""
+    installed = getattr(model, "activation_offload", None)
+    if installed is not None:
+        return installed
+    if not _accelerator_present():
+        raise RuntimeError(f"activation offloading needs a GPU and this torch ({torch.__version__}) sees none; on the CPU "
+                           "activations already live in host memory: set training.offload_activations=auto or off")
     from trl.models import get_act_offloading_ctx_manager
 
-    manager = get_act_offloading_ctx_manager(model, **manager_kwargs)
-    model.register_forward_pre_hook(lambda *args: manager.__enter__())
-    model.register_forward_hook(lambda *args: manager.__exit__(None, None, None), always_call=True)
-    model.activation_offload = manager
-    return manager
+    stack = decoder_stack(model)
+    # The stack, not `model`: parameter storages it skips are the stack's own; no LM head inside it to exempt.
+    manager = get_act_offloading_ctx_manager(stack, warn_if_no_head=False, **manager_kwargs)
+    return OffloadedForward(model, stack, manager)
 
 
 try:
