@@ -21,6 +21,10 @@ Runs, in this order (Liger patches the model class, so every run after it has it
   offload     fast, with the checkpointed layer inputs held in pinned host memory (transformers' offload=True)
   fused-offload fused, with the checkpointed layer inputs in pinned host memory through the pipeline's own
               `offload_checkpoints` (TRL's manager, copies on a side stream; training.offload_activations): issue 19.3
+  varlen-compile varlen (PEFT's LoRA, no Liger yet) with each decoder layer compiled by the pipeline's own
+              `compile_for_training` (training.compile: layers; inductor fuses the norms, RoPE and SwiGLU itself): issue 19.2
+  fused-compile fused with each decoder layer compiled (the pipeline's default engine + training.compile: layers;
+              inside a compiled layer the fused LoRA path hands over to PEFT's forward, Liger's kernels stay): issue 19.2
   fit16       fast, with the layers that a 16 GB card can hold freed from recompute (auto-fit from two probes)
   nockpt      fast, with as many layers as 90% of this card holds freed from recompute (large cards)
 With --profile every run trains one more step under torch.profiler and records where that step's GPU time
@@ -39,6 +43,12 @@ Issue 19.3, TRL's side-stream offload against transformers' on the compute strea
 (one device call):
 
     python bench/gpu_bench.py --runs fused,offload,fused-offload --out "$OUT"
+
+Issue 19.2, regional compilation against the same engine eager, both profiled (kernels per step, idle, host-bound gaps;
+a compiled run records its compile seconds, the graphs its warm-up compiled, any compiled in the timed steps and every
+graph break by reason; torch's recompile and graph-break logs are on for it):
+
+    python bench/gpu_bench.py --runs fused,fused-compile,varlen-compile --profile-runs fused-full,fused-compile-full --out "$OUT"
 
 Runs marked `capped` execute with the allocator limited to 15 GiB (a 16 GiB card less CUDA context): they
 finishing is the 16 GB fit check.
@@ -73,6 +83,7 @@ from tasks.engine.fastpath import (  # noqa: E402
     packed_hf_dataset,
     prepare_fast_model,
 )
+from tasks.engine.compile import compile_for_training, compiled_graphs, uncompile_layers, warmup_batches  # noqa: E402
 from tasks.engine.recompute import PartialRecomputeCallback, offload_checkpoints, recompute_free_layers  # noqa: E402
 
 GIB = 2**30
@@ -173,10 +184,11 @@ def lora():
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
-        lora_dropout="seeded", side_stream_offload=False):
+        lora_dropout="seeded", side_stream_offload=False, compile_layers=False):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
     `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record.
-    `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward)."""
+    `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward).
+    `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -209,7 +221,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             self.t, self.tok, self.slot = now, tok, slot
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
-              "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload}
+              "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
+              "compile_layers": compile_layers}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -244,10 +257,25 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             record["lora_dropout"] = lora_dropout
         if side_stream_offload:  # as build_model does for training.offload_activations (after fuse_lora there too)
             offloaded = offload_checkpoints(trainer.model)
+        graphs = None
+        if compile_layers:  # as build_model does for training.compile: layers (last, after fuse_lora and offload there too)
+            from torch._dynamo.utils import counters
+
+            torch._logging.set_logs(recompiles=True, graph_breaks=True)
+            breaks = dict(counters["graph_break"])  # torch's counters outlive torch._dynamo.reset(): this run's are the difference
+            state = compile_for_training(trainer.model, warmup_batches(collator, MICRO, MAX_LEN, VOCAB, padded=False), "cuda",
+                                         torch.bfloat16, log, loss_kwargs=False)  # SFTTrainer's compute_loss passes no num_items_in_batch
+            record.update(compile_seconds=round(state.seconds, 1), compile_graphs=state.graphs, compile_error=state.error)
+            log(f"{name}: decoder layers compiled: {state.graphs} graphs in {state.seconds:.0f} s" + (f"; FAILED {state.error}" if state.error else ""))
+            graphs = compiled_graphs()
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        if graphs is not None:
+            record.update(compile_graphs_in_steps=compiled_graphs() - graphs, compile_active_at_end=trainer.model.layer_compile.active,
+                          graph_breaks={k.splitlines()[0][:160]: v - breaks.get(k, 0) for k, v in counters["graph_break"].items()
+                                        if v > breaks.get(k, 0)})
         timed = timer.steps[warmup:steps]
         secs = sum(s["s"] for s in timed)
         tokens = sum(s["tokens"] for s in timed)
@@ -279,6 +307,9 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         if offloaded is not None:
             offloaded.remove()  # its wrapper sits on the base model's decoder stack, which the next run shares
         peft_model = trainer.model if trainer is not None else None
+        if compile_layers and peft_model is not None:
+            uncompile_layers(peft_model)  # the bare model goes on to the next run with its class's forward
+            torch._dynamo.reset()
         if trainer is not None:
             trainer.optimizer = trainer.lr_scheduler = None
             trainer.accelerator.free_memory()
@@ -372,6 +403,8 @@ def table(results: list[dict], gpu: str) -> str:
             recipe += " (checkpoints offloaded to host)"
         elif r.get("side_stream_offload"):
             recipe += " (checkpoints offloaded to host, side stream)"
+        elif r.get("compile_layers"):
+            recipe += f" (decoder layers compiled, {r.get('compile_seconds', 0):.0f} s)"
         elif r.get("lora_dropout") == "stored":
             recipe += " (torch dropout, mask stored)"
         elif r["n_recompute_free"]:
@@ -457,6 +490,9 @@ def main() -> None:
     model.set_attn_implementation(fast_attn_implementation("cuda"))
     if "varlen" in families:
         go("varlen-mixed", model, tok, mixed, "varlen", steps, warmup, a.seed, capped=True, packs=mixed_packs)
+    if "varlen-compile" in families:  # before Liger patches the classes: inductor's own norms, RoPE and SwiGLU
+        go("varlen-compile-full", model, tok, full, "varlen", steps, warmup, a.seed, capped=True, packs=full_packs,
+           compile_layers=True, **prof)
     model = prepare_fast_model(model)
     info["liger_applied"] = bool(getattr(model, "_fastpath_liger", False))
     fast_full = None
@@ -474,6 +510,11 @@ def main() -> None:
            lora_dropout="stored", **prof)
     if "fused" in families:
         go("fused-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
+    if "fused-compile" in families:
+        go("fused-compile-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           compile_layers=True, **prof)
+        go("fused-compile-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
+           compile_layers=True, **prof)
     if "fusedstored" in families:
         go("fusedstored-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
            lora_dropout="stored", **prof)
@@ -521,6 +562,8 @@ def main() -> None:
                        "fast-vs-fusedstored-full": ("fast-full", "fusedstored-full"),
                        "fast-vs-fused-full": ("fast-full", "fused-full"),
                        "fused-vs-fused-offload-full": ("fused-full", "fused-offload-full"),
+                       "fused-vs-fused-compile-full": ("fused-full", "fused-compile-full"),
+                       "fused-vs-fused-compile-mixed": ("fused-mixed", "fused-compile-mixed"),
                        "seed-vs-nockpt-full": ("seed-full", "nockpt-full")}.items() if a_ in by and b_ in by}
     text = table(results, info["versions"]["gpu"])
     (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))

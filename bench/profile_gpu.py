@@ -11,6 +11,8 @@ annotation, and attributes every GPU kernel to a category by its name and by the
     bnb dequantize     bitsandbytes' NF4 -> bf16 kernels
     dropout / RNG      dropout, bernoulli and random-number kernels
     Liger (Triton)     RMSNorm, SwiGLU, RoPE kernels
+    compiled (inductor) kernels torch.compile generated (`triton_poi_/red_/per_/tem_/for_...`: training.compile's
+                       fused norms, RoPE, LoRA arithmetic, activations and adds, forward and backward)
     optimizer          the (8-bit paged) AdamW kernels, gradient clipping
     copies / casts     memcpy/memset, copy_, casts, clone, cat
     add                elementwise adds (PEFT's `result + lora`)
@@ -49,13 +51,14 @@ DEQUANT = re.compile(r"dequant", re.I)
 DROPOUT = re.compile(r"dropout|bernoulli|philox|distribution|curand|rand", re.I)
 OPTIMIZER = re.compile(r"optimizer|adam|kPreconditionOptimizer|multi_tensor|clip|foreach", re.I)
 LIGER = re.compile(r"liger|rms_norm|swiglu|rope|silu_mul|_triton", re.I)
+INDUCTOR = re.compile(r"^triton_(poi|red|per|tem|for)_")  # inductor's generated kernels (their names list the fused ops)
 LOSS = re.compile(r"cross_entropy|nll_loss|log_softmax|element_mul_kernel", re.I)
 COPY = re.compile(r"copy|memcpy|memset|cast|convert|CatArray|cat_", re.I)
 COPY_OPS = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat", "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty_like"}
 ADD_OPS = {"aten::add", "aten::add_", "aten::sum"}
 MUL_OPS = {"aten::mul", "aten::mul_", "aten::div", "aten::div_"}
 
-ORDER = ["base matmul", "LoRA matmul", "lm head + loss", "attention", "bnb dequantize", "dropout / RNG", "Liger (Triton)",
+ORDER = ["base matmul", "LoRA matmul", "lm head + loss", "attention", "bnb dequantize", "dropout / RNG", "Liger (Triton)", "compiled (inductor)",
          "optimizer", "copies / casts", "add", "mul / scale", "other elementwise"]
 
 
@@ -79,6 +82,8 @@ def _dims(op: dict | None) -> list[int]:
 def categorize(kernel: str, op: dict | None, *, max_rank: int, vocab_min: int = 30000) -> str:
     """One category from ORDER for a kernel name and the CPU op (chrome-trace event) that launched it."""
     op_name = op.get("name", "") if op else ""
+    if INDUCTOR.match(kernel):  # before the name tests below: "..._to_copy_add_mean_mul..." is one fused kernel, not a copy
+        return "compiled (inductor)"
     if DEQUANT.search(kernel):
         return "bnb dequantize"
     if ATTENTION.search(kernel) or ATTENTION.search(op_name):

@@ -200,6 +200,13 @@ class TrainingSection(Section):
         "auto = off. off = never. true/false read as on/off. In the cache keys only where it can act (CUDA: on, or auto with "
         "budget.vram_gb)."
     )
+    compile: Literal["off", "layers"] = Field(
+        "off", description="layers = torch.compile each decoder layer (regional compilation; checkpointing stays outside, "
+        "eager): fewer kernels and less Python per step, for a one-off compile of the layer, forward and backward, in the "
+        "model's load time (two compiles: the first micro-batch's exact sizes, then symbolic ones). A compiler that fails "
+        "logs one line and the layers run eagerly. Off by default until measured on a GPU (docs/PERF_NOTES.md, issue 19 "
+        "item 2: a prediction, not a measurement). true/false read as layers/off."
+    )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU. adamw_torch_fused: torch's "
         "fused AdamW, one kernel for every LoRA tensor instead of bitsandbytes' launch per tensor (fp32 states: 8 bytes more "
@@ -229,6 +236,12 @@ class TrainingSection(Section):
     def _offload_words(cls, v: Any) -> Any:
         # YAML reads a bare on/off as a boolean: `offload_activations: on` arrives as True.
         return ("on" if v else "off") if isinstance(v, bool) else v
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_words(cls, v: Any) -> Any:
+        # YAML reads a bare off as a boolean: `compile: off` arrives as False.
+        return ("layers" if v else "off") if isinstance(v, bool) else v
 
     @field_validator("gpus")
     @classmethod

@@ -67,6 +67,8 @@ class ProbeRecord(BaseModel):
     recompute_free_layers: int = 0  # decoder layers whose activations are kept (no recompute) under checkpointing
     vram_budget_gb: float | None = None  # the memory budget the settings were chosen under (budget.vram_gb, auto resolved)
     offload_activations: bool = False  # the checkpointed layers' inputs wait in host memory (training.offload_activations)
+    compile_layers: bool = False  # the decoder layers ran compiled (training.compile: layers, and the compiler worked)
+    compile_seconds: float = 0.0  # what compiling them took (inside load_seconds, so inside the fixed cost)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir))
@@ -84,7 +86,9 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     dev = resolve_device(device)
     # training.offload_activations counts only where it can act (`offload_can_apply`): elsewhere (the CPU, `off`, `auto`
     # without budget.vram_gb) the key is the one it had before the setting existed, and changing it reruns nothing.
-    skip = NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
+    # training.compile likewise: `layers` is keyed (the step and the load time change, on any device), `off` is not.
+    skip = (NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
+            | (set() if training.compile != "off" else {"compile"}))
     sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
                 training.model_dump(mode="json", exclude=skip), budget.model_dump(mode="json")]
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
@@ -265,6 +269,8 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         recompute_free_layers=best.get("recompute_free_layers", 0),
         vram_budget_gb=budget.vram_gb,
         offload_activations=best["offload_activations"],
+        compile_layers=best.get("compile_layers", False),
+        compile_seconds=best.get("compile_seconds", 0.0),
         engine=engine,
         trials=trials,
         gpus=n,
@@ -289,8 +295,11 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
     how = ", ".join(([f"{n_free} layers without recompute"] if n_free else []) + ([recompute.OFFLOAD_NOTE] if offload else []))
     try:
         maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
-        trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload))
+        trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload,
+                                   log_fn=log_fn))
         trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
+        if trial.get("compile_layers"):
+            how = ", ".join(([how] if how else []) + [compile_note(trial)])
         log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({how})" if how else "")
                + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
     except torch.OutOfMemoryError as e:
@@ -308,15 +317,19 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
     return trial
 
 
-def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False) -> dict:
+def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False,
+                  log_fn=None) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback
+
+    from .engine.compile import compiled_graphs
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload)
-    load_s = time.monotonic() - t0
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload,
+                        compile_layers=training.compile == "layers", batch_shape=(mb, max_length), log_fn=log_fn)
+    load_s = time.monotonic() - t0  # with training.compile: layers, the compile too (build_model's warm-up)
     n_layers = len(recompute.checkpointed_layers(model))
     if gc and n_free:
         recompute.set_recompute_free_layers(model, n_free)
@@ -337,8 +350,10 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model), callbacks=[Marks()])
         drop_log_dicts(trainer)
         with quiet_transformers():
+            graphs = compiled_graphs()
             t_start = time.monotonic()
             trainer.train()
+            late_graphs = compiled_graphs() - graphs  # compiled in the steps, not the warm-up: a variant it did not foresee
         # Checkpoint cost: adapter + optimizer + scheduler state, as BudgetGuard's checkpoints write them.
         t1 = time.monotonic()
         trainer._save_checkpoint(trainer.model, trial=None)
@@ -354,8 +369,12 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
     load_s, save_s, s_per_step, peak = dist.sync_max([load_s, save_s, s_per_step, peak])
+    state = model.layer_compile
+    compiled = {} if state is None else {"compile_layers": state.active, "compile_seconds": round(state.seconds, 2),
+                                         "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs}
     del trainer, model
     return {
+        **compiled,
         "load_seconds": round(load_s, 3),
         "save_seconds": round(save_s, 3),
         "s_per_step": round(s_per_step, 4),
@@ -364,6 +383,13 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "peak_mem_gb": round(peak, 3),
         "layers": n_layers,
     }
+
+
+def compile_note(trial: dict) -> str:
+    """How a trial's compiled layers read in the log: graphs and seconds of the warm-up, and any compiled in the steps."""
+    late = trial.get("compile_graphs_in_steps", 0)
+    return (f"decoder layers compiled: {trial['compile_graphs']} graphs in {trial['compile_seconds']:.0f} s"
+            + (f", {late} more in the timed steps" if late else ""))
 
 
 def step_seconds(deltas: list[float]) -> float:

@@ -112,17 +112,18 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
         f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
         f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
-        + (f", {OFFLOAD_NOTE}" if rec.offload_activations else ""))
+        + (f", {OFFLOAD_NOTE}" if rec.offload_activations else "")
+        + (f", decoder layers compiled ({rec.compile_seconds:.0f} s, in the fixed cost)" if rec.compile_layers else ""))
     trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('recompute_free_layers', 0)} | "
-                       f"{t.get('offload_activations', False)} | {t.get('s_per_step', '-')} | {t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |"
+                       f"{t.get('offload_activations', False)} | {t.get('compile_layers', False)} | {t.get('s_per_step', '-')} | {t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |"
                        for t in rec.trials)
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
         markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
                   f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
                   f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"
-                  f"| micro-batch | accum | checkpointing | layers without recompute | offloaded | s/step | peak GB | fits |\n"
-                  f"|---|---|---|---|---|---|---|---|\n{trials}\n"),
+                  f"| micro-batch | accum | checkpointing | layers without recompute | offloaded | compiled | s/step | peak GB | fits |\n"
+                  f"|---|---|---|---|---|---|---|---|---|\n{trials}\n"),
         description="Throughput probe and step budget",
     )
     return rec

@@ -72,6 +72,8 @@ class TrainRecord(BaseModel):
     gpus: int = 1  # data-parallel processes (training.gpus); tokens_seen and tokens/s are over all of them
     lora_targets: dict = {}  # what LoRA adapted and what it could not (tasks/models.py LoraTargets.as_dict); the model card says it
     offload_activations: bool = False  # the checkpointed layers' inputs waited in host memory (the probe's choice)
+    compile_layers: bool = False  # the decoder layers ran compiled (training.compile, as the probe timed them)
+    compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -270,7 +272,7 @@ def _prior_elapsed(work: Path) -> float:
 BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_minutes"})
 # Keys the probe's key holds exactly where they act (tasks/probe.py `offload_can_apply`; stage 4 offloads as the probe
 # chose, and retries offloaded on out-of-memory under the same condition): `probe.key` carries them into this key.
-PROBE_KEYED = frozenset({"offload_activations"})
+PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by the probe where `layers` (tasks/probe.py)
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
@@ -386,7 +388,10 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     torch.manual_seed(training.seed)
     ref = resolve_model(model_cfg, artifacts_dir)
     offload = getattr(probe, "offload_activations", False)  # the probe chose it (tasks/probe.py); never on the CPU
-    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload)
+    compiled = getattr(probe, "compile_layers", False)  # the probe timed compiled layers (and its compiler worked)
+    model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload,
+                        compile_layers=compiled, batch_shape=(mb, data.max_length), log_fn=log_fn)
+    state = model.layer_compile
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
         recompute.set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
@@ -431,6 +436,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
            (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
+           (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
@@ -492,6 +498,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         gpus=n,
         lora_targets=model.lora_targets.as_dict(),
         offload_activations=offload,
+        compile_layers=state is not None and state.active,
+        compile_seconds=round(state.seconds, 2) if state is not None else 0.0,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

@@ -79,6 +79,9 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     # Where it can act (CUDA: `on`, or `auto` with budget.vram_gb) FROM_PROBE: the step time, so the steps a budget buys; on
     # this CPU it does nothing and reruns nothing (test_offload_activations_is_keyed_only_where_it_can_act).
     "training.offload_activations": ("off", NOTHING, []),
+    # layers: the step time and the load time (the compile) change, so the steps a budget buys; `off` is the key from before
+    # the setting existed (test_compile_off_keeps_the_keys_from_before_it_existed).
+    "training.compile": ("layers", FROM_PROBE, []),
     "training.optimizer": ("adamw_torch", FROM_PROBE, []),
     "training.engine": ("fast", FROM_PROBE, []),
     "training.packing": ("matched", FROM_PROBE, []),
@@ -236,6 +239,35 @@ def test_offload_activations_is_keyed_only_where_it_can_act(tmp_path, monkeypatc
     other = cfg.training.model_copy(update={"offload_activations": b})
     probe, data = SimpleNamespace(key="same probe"), SimpleNamespace(key="d", model_fingerprint="m")
     assert train_key(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training) == train_key(data, probe, cfg.model, cfg.quant, cfg.lora, other)
+
+
+def test_compile_off_keeps_the_keys_from_before_it_existed(tmp_path, monkeypatch):
+    """training.compile: off (the default) is in no key's dump: every key is the one from before the setting existed, so
+    no cached probe or adapter reruns for a setting that does nothing. `layers` is in the probe key's dump (on any
+    device: the CPU compiles too), and reaches the train key through the probe key only."""
+    import tasks.probe as probe_mod
+    import tasks.train as train_mod
+
+    dumped = []
+
+    def recording(fingerprint):
+        def record(*parts):
+            dumped.append(parts)
+            return fingerprint(*parts)
+
+        return record
+
+    monkeypatch.setattr(probe_mod, "fingerprint", recording(probe_mod.fingerprint))
+    monkeypatch.setattr(train_mod, "fingerprint", recording(train_mod.fingerprint))
+    data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="same probe")
+    for mode in ("off", "layers"):
+        cfg = _cfg(tmp_path, f"training.compile={mode}")
+        dumped.clear()
+        probe_mod.cache_key(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device)
+        train_mod.cache_key(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training)
+        (probe_parts, train_parts) = dumped
+        assert ("compile" in probe_parts[4][2]) == (mode == "layers")  # sections: quant, lora, training, budget
+        assert "compile" not in train_parts[5][2]
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

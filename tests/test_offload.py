@@ -245,7 +245,7 @@ def _fake_time(timed, peak_of):
     """The probe's `_time_setting` seam: the step costs 3 s (+2% offloaded), the peak is `peak_of(mb, offload, n_free)`,
     or an out-of-memory where that is None."""
 
-    def fake(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False):
+    def fake(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None):
         timed.append((mb, ga, gc, n_free, offload))
         peak = peak_of(mb, offload, n_free)
         if peak is None:
@@ -459,8 +459,8 @@ def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data,
     (art,) = artifacts
     md = art["markdown"]
     assert "peak 15.90 GB; checkpointed activations offloaded to host memory." in md
-    assert "| layers without recompute | offloaded |" in md
-    assert "| 4 | 4 | True | 0 | False | - | - | False out of memory |" in md and "| 4 | 4 | True | 0 | True | 3.06 | 15.9 | True  |" in md
+    assert "| layers without recompute | offloaded | compiled |" in md
+    assert "| 4 | 4 | True | 0 | False | False | - | - | False out of memory |" in md and "| 4 | 4 | True | 0 | True | False | 3.06 | 15.9 | True  |" in md
 
     logs.clear()
     artifacts.clear()

@@ -7,6 +7,7 @@
     fastpath.py   padding-free packing, varlen flash attention, Liger kernels (the `fast` engine)
     recompute.py  which layers gradient checkpointing recomputes, how many memory lets skip it, offloading their inputs
     lora.py       the fused LoRA path on 4-bit linears (the `fused` engine)
+    compile.py    regional compilation: torch.compile on each decoder layer, compiled before training (training.compile)
 
 Imports run one way: tasks.train and tasks.probe import tasks.engine; the engine imports neither (the launcher
 calls a stage's entry by the name the stage gives it), so there is no import cycle and no private name crosses

@@ -28,10 +28,15 @@ def optimizer_for(training: TrainingSection, device: str) -> str:
 
 
 def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str,
-                liger: bool = True, offload: bool = False):
+                liger: bool = True, offload: bool = False, compile_layers: bool = False, batch_shape: tuple[int, int] | None = None,
+                log_fn=None):
     """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
     reaches (tasks/models.py `lora_targets`). `offload`: the checkpointed layers' inputs wait in host memory
-    (recompute.offload_checkpoints, around the decoder stack's forward; the probe decides, tasks/probe.py). GPU only."""
+    (recompute.offload_checkpoints, around the decoder stack's forward; the probe decides, tasks/probe.py). GPU only.
+    `compile_layers` (training.compile: layers): each decoder layer compiled, and both of its compiles run here on two
+    synthetic micro-batches of `batch_shape` (micro-batch, max length), so they count as load time; a compiler that
+    fails is one line in `log_fn` and the layers stay eager (tasks/engine/compile.py). `model.layer_compile` says what
+    happened (None when not asked)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)
@@ -76,7 +81,25 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         from .recompute import offload_checkpoints
 
         offload_checkpoints(model)
+    model.layer_compile = None
+    if compile_layers:
+        from .collate import collator_for, is_padding_free
+        from .compile import compile_for_training, warmup_batches
+
+        micro_batch, max_length = batch_shape or (1, 256)
+        config = model.get_base_model().config
+        batches = warmup_batches(collator_for(engine, 0, model), micro_batch, max_length, config.vocab_size, padded=not is_padding_free(engine))
+        compile_for_training(model, batches, device, autocast_dtype(quant, device), log_fn)
     return model
+
+
+def autocast_dtype(quant: QuantSection, device: str):
+    """The dtype Trainer's mixed precision autocasts the forward to (`training_args`' bf16/fp16), or None (no autocast:
+    the CPU, or fp32 compute)."""
+    import torch
+
+    dtype = compute_dtype(quant, device)
+    return dtype if device == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
 
 
 def prepare_kbit_keeping_experts(model, gradient_checkpointing: bool) -> None:
@@ -130,7 +153,7 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
     import torch
     from transformers import TrainingArguments
 
-    dtype = compute_dtype(quant, device)
+    dtype = autocast_dtype(quant, device)
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=micro_batch_size,
@@ -142,8 +165,8 @@ def training_args(training: TrainingSection, output_dir: Path, device: str, quan
         max_grad_norm=training.max_grad_norm,
         max_steps=max_steps,
         optim=optimizer_for(training, device),
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,  # autocast_dtype: also what a compiled layer's warm-up runs under
+        fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
         **{checkpointing_arg(): False},  # already enabled on the model (PEFT needs it set up before wrapping)
         logging_steps=training.logging_steps,

@@ -275,7 +275,9 @@ def _fusable(layer) -> bool:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if kwargs.get("adapter_names") is not None or not _fusable(self):
+    if kwargs.get("adapter_names") is not None or not _fusable(self) or torch.compiler.is_compiling():
+        # Inside a compiled layer (training.compile, tasks/engine/compile.py) PEFT's forward: the compiler fuses its
+        # clone, scale, add and dropout itself, where this path's host-side seed and group cache would break the graph.
         return self._peft_forward(x, *args, **kwargs)
     name = self.active_adapters[0]
     dropout = self.lora_dropout[name]
