@@ -6,9 +6,10 @@
 For a run whose flow did not reach the end of stage 5 on the device (issue 18 item 5's setting b, 2026-12-01: the
 device time ran out in AlpacaEval's generation) but whose adapter came back. Same prompts, template, system prompt,
 greedy decoding and scoring as stage 5 (`tasks.evaluate.run_benchmark`), same config (`--profile`/`--set`: pass the
-run's own); the base side is read from the device's eval-base cache (the `poll` tarball), the tuned side is the base
-model in fp32 on this CPU plus the adapter (the merged model's numerics; the device trained and evaluated on NF4).
-So the two sides differ in machine and base precision: an approximation, said so in the output.
+run's own); the base side is read from the device's eval-base cache (the `poll` tarball), the tuned side is the
+original (un-quantized) base weights in fp32 on this CPU plus the adapter. That matches neither the device's stage 5
+(adapter on the NF4 base, bf16) nor the published model (the adapter merged into the NF4-dequantized weights): the
+two sides differ in machine, precision and base weights — an approximation, said so in the output.
 `--no-generate alpaca_eval`: the reference loss only (no answers, no length).
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="adapter-bench-"))
     cached = base_sides(args.base_cache, tmp)
     out: dict = {"adapter": str(args.adapter), "profile": args.profile, "overrides": args.overrides,
-                 "note": "tuned side: fp32 base + adapter on this CPU; base side: the device's cached answers (NF4, CUDA)",
+                 "note": "tuned side: the original base weights in fp32 + the adapter on this CPU; base side: the device's cached "
+                         "answers (NF4 base, bf16, CUDA) where base_reused says so",
                  "benchmarks": {}}
     for name in args.benchmarks.split(","):
         t0 = time.monotonic()
@@ -91,6 +93,8 @@ def main() -> None:
         else:
             res = run_benchmark(model, tok, suite, data.stop_token_ids, cfg.eval, "cpu", print, cfg.data.system_prompt,
                                 base_cache=base_dir)
+            if res["summary"]["base_reused"] is None:  # the cached side was refused (log above): both sides came from this CPU
+                res["summary"]["note"] = "base side regenerated on this CPU: the device's cache did not fit these rows"
             out["benchmarks"][name] = res
         out["benchmarks"][name]["seconds"] = round(time.monotonic() - t0, 1)
         args.out.write_text(json.dumps(out, indent=1))

@@ -60,6 +60,7 @@ case $cmd in
       echo "== $t: ${res%%$'\n'*}: $(ls "$out/$t" | tr '\n' ' ')"
     done ;;
   stop)
+    [[ -n ${1:-} ]] || { echo "stop needs a setting (a, b or c)" >&2; exit 2; }
     TAG=$1 bash "$here/gpu_showcase.sh" stop ;;
   *) echo "usage: $0 data OUT_DIR | start UPLOAD_DIR [TAG ...] | poll OUT_DIR [SECONDS] | stop TAG" >&2; exit 2 ;;
 esac

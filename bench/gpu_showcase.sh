@@ -41,13 +41,24 @@ if [[ $cmd == wait_all ]]; then  # every TAG started on this machine (a .t0 file
     (( left == 0 )) && break; sleep 1
   done
   for f in /tmp/qlp-showcase*.t0; do echo "${f%.t0}: $(( $(date +%s) - $(cat "$f") )) s, rc $(cat "${f%.t0}.rc" 2>/dev/null || echo running);" \
-    "$(grep -E "INFO.*(step [0-9]+/[0-9]+ |train: [0-9]+/|evaluate: |finetune: done)" "${f%.t0}.log" | tail -1 | cut -c1-200)"; done
+    "$(tr '\r' '\n' < "${f%.t0}.log" | grep -oE "[0-9:.]+ \| INFO .*(step [0-9]+/[0-9]+ |train: [0-9]+/|evaluate: |finetune: done).*" | tail -1 | cut -c1-200)"; done
   exit 0
 fi
 if [[ $cmd == stop ]]; then  # stop this TAG's flow (its process group); its exit code becomes "stopped" so wait_all moves on
-  # not `pkill -f <tag>`: the device call's own shell has the tag in its command line, and is killed with it
-  for pid in $(pgrep -f "artifacts_dir=$art( |$)" || true); do [[ $pid != $$ ]] && kill -- -"$(ps -o pgid= "$pid" | tr -d ' ')" 2>/dev/null || true; done
-  echo stopped > "$rc"; echo "stopped $art"
+  # Only the flow's own python process is matched (the bash wrapper quotes its arguments; a device call's shell that
+  # names the folder does not start with python3), and never this script's own process group: `pkill -f <tag>`
+  # killed the calling shell once, and with it the rc file that wait_all waits for.
+  [[ -n ${TAG:-} ]] || { echo "stop needs TAG=<name>" >&2; exit 2; }
+  own=$(ps -o pgid= $$ | tr -d ' ') killed=0
+  for pid in $(pgrep -f "^([^ ]*/)?python3?(\.[0-9]+)? -m flows\.cli run .*--set artifacts_dir=$art( |$)" || true); do
+    pg=$(ps -o pgid= "$pid" | tr -d ' ')
+    [[ -n $pg && $pg != "$own" ]] || continue
+    kill -- -"$pg" 2>/dev/null && killed=1
+    for _ in $(seq 10); do pgrep -g "$pg" > /dev/null || break; sleep 1; done
+    pgrep -g "$pg" > /dev/null && kill -9 -- -"$pg" 2>/dev/null
+  done
+  if (( killed )) || [[ ! -f $rc ]]; then echo stopped > "$rc"; fi
+  echo "$art: rc $(cat "$rc")"
   exit 0
 fi
 if [[ $cmd == start ]]; then
@@ -61,12 +72,19 @@ if [[ $cmd == start ]]; then
   # of machine (what `poll` brings back); both are artifacts/cache/<stage>/<key> folders, used only when keys match
   for t in "$up"/data-*.tar.xz "$up"/eval-base-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
   # a data stage's record names the artifacts folder it was built in (another machine's): point it at this one
+  # (`dir` is <folder>/cache/data/<key>; only values that are that folder or lie under it are rewritten)
   python3 -c "
-import pathlib, sys
+import json, pathlib, sys
 art = sys.argv[1]
 for rec in pathlib.Path(art).glob('cache/data/*/record.json'):
-    text = rec.read_text(); import json; built = json.loads(text)['dir'][: -len('/cache/data/' + rec.parent.name)]
-    if built != art: rec.write_text(text.replace(built, art))
+    d = json.loads(rec.read_text())
+    tail = '/cache/data/' + rec.parent.name
+    if not d.get('dir', '').endswith(tail) or d['dir'] == tail:
+        print(f'{rec}: dir {d.get(\"dir\")!r} is not <folder>{tail}; left as it is', file=sys.stderr); continue
+    built = d['dir'][: -len(tail)]
+    if built != art:
+        d = {k: art + v[len(built):] if isinstance(v, str) and (v == built or v.startswith(built + '/')) else v for k, v in d.items()}
+        rec.write_text(json.dumps(d, indent=2))
 " "$art"
   sets=(--set "artifacts_dir=$art" --set "export.gguf=[]")
   for s in "$@"; do sets+=("$s"); done
