@@ -45,8 +45,9 @@ Issue 19.3, TRL's side-stream offload against transformers' on the compute strea
     python bench/gpu_bench.py --runs fused,offload,fused-offload --out "$OUT"
 
 Issue 19.2, regional compilation against the same engine eager, both profiled (kernels per step, idle, host-bound gaps;
-a compiled run records its compile seconds, the graphs its warm-up compiled, any compiled in the timed steps and every
-graph break by reason; torch's recompile and graph-break logs are on for it):
+a compiled run records its compile seconds, the graphs its warm-up compiled, any compiled in the timed steps, the
+layer calls there that no graph fitted (run eagerly) and every graph break by reason; torch's recompile and graph-break
+logs are on for it):
 
     python bench/gpu_bench.py --runs fused,fused-compile,varlen-compile --profile-runs fused-full,fused-compile-full --out "$OUT"
 
@@ -267,13 +268,14 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
                                          torch.bfloat16, log, loss_kwargs=False)  # SFTTrainer's compute_loss passes no num_items_in_batch
             record.update(compile_seconds=round(state.seconds, 1), compile_graphs=state.graphs, compile_error=state.error)
             log(f"{name}: decoder layers compiled: {state.graphs} graphs in {state.seconds:.0f} s" + (f"; FAILED {state.error}" if state.error else ""))
-            graphs = compiled_graphs()
+            graphs, eager = compiled_graphs(), state.eager_calls
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         trainer.train()
         if graphs is not None:
             record.update(compile_graphs_in_steps=compiled_graphs() - graphs, compile_active_at_end=trainer.model.layer_compile.active,
+                          compile_eager_calls_in_steps=trainer.model.layer_compile.eager_calls - eager,
                           graph_breaks={k.splitlines()[0][:160]: v - breaks.get(k, 0) for k, v in counters["graph_break"].items()
                                         if v > breaks.get(k, 0)})
         timed = timer.steps[warmup:steps]

@@ -349,11 +349,15 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         args.disable_tqdm = True
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model), callbacks=[Marks()])
         drop_log_dicts(trainer)
+        state = model.layer_compile
         with quiet_transformers():
-            graphs = compiled_graphs()
+            graphs, eager = compiled_graphs(), (state.eager_calls if state is not None else 0)
             t_start = time.monotonic()
             trainer.train()
-            late_graphs = compiled_graphs() - graphs  # compiled in the steps, not the warm-up: a variant it did not foresee
+            # In the steps, not the warm-up: graphs compiled (none: torch runs a variant it has no graph for eagerly) and
+            # the layer calls that ran eagerly so (a variant the warm-up did not foresee, at the eager speed).
+            late_graphs = compiled_graphs() - graphs
+            late_eager = (state.eager_calls if state is not None else 0) - eager
         # Checkpoint cost: adapter + optimizer + scheduler state, as BudgetGuard's checkpoints write them.
         t1 = time.monotonic()
         trainer._save_checkpoint(trainer.model, trial=None)
@@ -369,9 +373,9 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
     load_s, save_s, s_per_step, peak = dist.sync_max([load_s, save_s, s_per_step, peak])
-    state = model.layer_compile
     compiled = {} if state is None else {"compile_layers": state.active, "compile_seconds": round(state.seconds, 2),
-                                         "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs}
+                                         "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs,
+                                         "compile_eager_calls_in_steps": late_eager}
     del trainer, model
     return {
         **compiled,
@@ -387,9 +391,10 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
 
 def compile_note(trial: dict) -> str:
     """How a trial's compiled layers read in the log: graphs and seconds of the warm-up, and any compiled in the steps."""
-    late = trial.get("compile_graphs_in_steps", 0)
+    late, eager = trial.get("compile_graphs_in_steps", 0), trial.get("compile_eager_calls_in_steps", 0)
     return (f"decoder layers compiled: {trial['compile_graphs']} graphs in {trial['compile_seconds']:.0f} s"
-            + (f", {late} more in the timed steps" if late else ""))
+            + (f", {late} more in the timed steps" if late else "")
+            + (f", {eager} layer calls in the steps ran eagerly (a variant the warm-up did not compile)" if eager else ""))
 
 
 def step_seconds(deltas: list[float]) -> float:

@@ -33,10 +33,10 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
     """Base model (4-bit where QLoRA applies) + LoRA adapters, ready to train. `model.lora_targets` says what LoRA
     reaches (tasks/models.py `lora_targets`). `offload`: the checkpointed layers' inputs wait in host memory
     (recompute.offload_checkpoints, around the decoder stack's forward; the probe decides, tasks/probe.py). GPU only.
-    `compile_layers` (training.compile: layers): each decoder layer compiled, and both of its compiles run here on two
-    synthetic micro-batches of `batch_shape` (micro-batch, max length), so they count as load time; a compiler that
-    fails is one line in `log_fn` and the layers stay eager (tasks/engine/compile.py). `model.layer_compile` says what
-    happened (None when not asked)."""
+    `compile_layers` (training.compile: layers): each decoder layer compiled, and all of its compiles run here on
+    synthetic micro-batches of `batch_shape` (micro-batch, max length) and its variants, so they count as load time and
+    training compiles nothing; a compiler that fails is one line in `log_fn` and the layers stay eager
+    (tasks/engine/compile.py). `model.layer_compile` says what happened (None when not asked)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)

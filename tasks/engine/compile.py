@@ -26,23 +26,37 @@ path (tasks/engine/lora.py) hands over to PEFT's forward inside a compiled regio
 (the defensive clone, the scale and add, dropout in one pass); it stays what runs eagerly.
 
 Shapes vary: a packed micro-batch is one row of T tokens with T, the sample count and the longest sample changing from
-pack to pack (padded batches: the padded length). `dynamic=None` (torch's automatic dynamic): the first call compiles
-for its exact shapes, a call with other sizes recompiles once with those sizes symbolic, and every later size reuses
-it. Recompiles are bounded by torch's own limit per code object (`torch._dynamo.config.recompile_limit`, 8; past it a
-new variant runs eagerly, with a warning): the expected count is 2 per layer kind (static, then dynamic; a model with
-two kinds of layers, Gemma's sliding and global ones, has 4), each shared by every layer of that kind.
+pack to pack (padded batches: the padded length, and an epoch's last batch has fewer rows). Some batches also reach
+the layers in another form: a pack of one sample, or a padded batch without padding, has no attention mask on sdpa.
+`dynamic=None` (torch's automatic dynamic): the first call compiles for its exact shapes, a call with other sizes
+recompiles once with those sizes symbolic, and every later size reuses it; a variant (no mask, fewer rows) seen after
+that compiles once more, symbolic from the start, except in an input it brings that was never seen before (a mask
+first met is compiled at its exact size, so the variant with a mask must come twice). Graphs a warm-up compiles, with
+checkpointing, per layer kind, measured on the tiny model (sdpa, CPU): 3 for packed rows (exact, symbolic, one sample
+without a mask; the GPU's varlen attention takes no mask, so the one-sample pack may reuse the symbolic graph: 2),
+4 for padded batches (3 at micro-batch 1: no fewer rows). Without checkpointing each doubles (the first layer's input
+needs no gradient, the others' do: two variants of every shape), and a model with two kinds of layers (Gemma's sliding
+and global ones) doubles it again. torch's recompile limit (8 per code object, `torch._dynamo.config.recompile_limit`)
+is raised for the warm-up alone, whose variants are a known few; the graphs of a kind serve every layer of it.
 
 Before training (`compile_for_training`, called by build_model: the probe's trials and stage 4 alike): forward and
-backward on two synthetic micro-batches of the run's shape (the engine's own collator, the run's autocast), so both
-compiles happen inside the model's load time (the probe counts it as fixed cost: the steps a budget buys are right)
-and a compiler that fails does so before any step. A failure there: one log line, every layer eager again, the run
-goes on. A compile error later (a variant first met in training) sends that call and every later forward to eager
-too, one log line; a recompute reruns a layer the way its forward ran (compiled or not), as checkpointing needs the
-same saved tensors twice.
+backward on synthetic micro-batches of the run's shape and of each variant (`warmup_batches`; the engine's own
+collator, the run's autocast), so the compiles happen inside the model's load time (the probe counts it as fixed
+cost: the steps a budget buys are right) and a compiler that fails does so before any step. Each build starts from
+empty compile caches (`torch._dynamo.reset()`): the probe's trials in one process would otherwise share them, count
+no compiles of their own and pile up variants to torch's limit. A failure there: one log line, every layer eager
+again, the run goes on. After the warm-up nothing compiles: every call of a compiled layer runs under torch's
+`eager_on_recompile` stance, so a variant the warm-up did not foresee runs eagerly (one log line; `eager_calls` counts
+such calls and the probe records those in its steps) instead of compiling inside a training step, where a compiler
+failure in the backward (compiled lazily, in `loss.backward()`) would have had nothing to fall back to. A recompute
+meets the graph (or its absence) that its forward met, so it reruns the layer the way its forward ran, as
+checkpointing needs the same saved tensors twice. On torch < 2.6 (no stances) a variant compiles as it comes, and a
+forward compile error sends that call and every later forward to eager, one log line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import types
@@ -64,9 +78,19 @@ class CompileState:
     backend: object
     log_fn: object = None
     error: str | None = None
-    warming: bool = False  # inside `warm_up`: a compile error propagates to `compile_for_training`
+    warming: bool = False  # inside `warm_up`: torch may compile, and a compile error propagates to `compile_for_training`
     seconds: float = 0.0
     graphs: int = 0
+    eager_calls: int = 0  # calls of the compiled forward that found no graph for their variant and ran the layer eagerly
+    said_eager: bool = False
+
+    def note_eager(self) -> None:
+        """A compiled layer's call ran its Python forward (no compiled graph fitted it): count it, and say so once."""
+        self.eager_calls += 1
+        if not self.warming and not self.said_eager and self.log_fn is not None:
+            self.said_eager = True
+            self.log_fn("compile: a decoder layer was called in a variant its warm-up did not compile (another shape, mask or "
+                        "mode); such calls run eagerly, nothing is compiled during training (the probe counts them)")
 
     @property
     def active(self) -> bool:
@@ -113,16 +137,44 @@ def _in_backward() -> bool:
 def compile_layers(model, backend=None, log_fn=None) -> CompileState:
     """torch.compile each decoder layer's forward (checkpointing left outside, eager; see the module docstring).
     Compiles nothing yet: torch compiles on the first call (`warm_up`). Returns the state (also `model.layer_compile`)."""
+    # torch keeps compiled graphs per code object, for the process: a second build (the probe's next trial) would
+    # otherwise find the last one's graphs (and count 0 compiles) and pile its own variants on them until torch's
+    # recompile limit sends the layers to eager. Every build starts from empty caches (inductor's disk cache stays).
+    torch._dynamo.reset()
     state = CompileState(layers=checkpointed_layers(model), backend=backend or BACKEND, log_fn=log_fn)
-    compiled = {}  # one compiled callable per layer class: the code object's cache is shared anyway
+    compiled = {}  # one compiled callable per layer class (one code object each: torch's graph cache and limit are per code)
     for layer in state.layers:
         cls = type(layer)
         if cls not in compiled:
             inner, wraps_forward = _layer_forward(cls)
-            compiled[cls] = (inner, wraps_forward, torch.compile(inner, backend=state.backend, dynamic=None))
+            region = torch.compile(_counting_region(inner, state, cls.__name__), backend=state.backend, dynamic=None)
+            compiled[cls] = (inner, wraps_forward, region)
         layer.forward = types.MethodType(_compiled_forward(state, *compiled[cls]), layer)
     model.layer_compile = state
     return state
+
+
+def _counting_region(inner, state: CompileState, name: str):
+    """The function torch compiles: the layer's forward, plus a count of the calls that run it eagerly. Traced, the
+    `is_compiling()` branch is dropped (torch.compiler documents it as True there), so a compiled graph counts
+    nothing; a call no graph fits (after the warm-up: torch's eager_on_recompile stance) runs this code and counts.
+    Its own code object per layer class, as compiling `inner` itself would have."""
+
+    def region(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            state.note_eager()
+        return inner(self, *args, **kwargs)
+
+    region.__code__ = region.__code__.replace(co_name=f"{name}_compiled_forward", co_qualname=f"{name}_compiled_forward")
+    return region
+
+
+def _no_compiles():
+    """After the warm-up: torch runs the graphs it has and runs any other variant eagerly rather than compiling it
+    inside a training step (`set_stance("eager_on_recompile")`, torch >= 2.6; scoped to the call, so the process's
+    other compiled code keeps its stance). Older torch: compiles as before (a compile error then falls back below)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("eager_on_recompile") if set_stance is not None else contextlib.nullcontext()
 
 
 def _compiled_forward(state: CompileState, inner, wraps_forward: bool, compiled):
@@ -138,7 +190,8 @@ def _compiled_forward(state: CompileState, inner, wraps_forward: bool, compiled)
         if not use:
             return inner(self, *args, **kwargs)
         try:
-            return compiled(self, *args, **kwargs)
+            with contextlib.nullcontext() if state.warming else _no_compiles():
+                return compiled(self, *args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
             oom = _out_of_memory(e)
             if oom is not None:
@@ -168,19 +221,37 @@ def uncompile_layers(model) -> None:
 
 
 def warmup_batches(collator, micro_batch: int, max_length: int, vocab_size: int, padded: bool) -> list[dict]:
-    """Two synthetic micro-batches of the run's shape, made by the engine's own collator, whose sizes differ where the
-    training batches' do, so that the second compile makes each size symbolic. Packed rows (fast, fused): the full
-    token budget (`micro_batch` samples of `max_length`), then one sample more (the last two halve one) of one token
-    less each: the token count, the sample count and the longest sample all change. Padded batches: `micro_batch` rows
-    padded to `max_length`, then to 8 tokens less (the collator pads to a multiple of 8), a shorter row in each so both
-    carry padding, as training batches do. Sizes near the real ones, so the kernels torch tunes on them fit the
-    training batches. Token ids are arbitrary; every position is a label."""
+    """Synthetic micro-batches of the run's shape, made by the engine's own collator: one of each variant training
+    batches come in, and sizes that differ where theirs do, so the second compile makes each size symbolic and every
+    later variant is compiled with symbolic sizes. After the warm-up nothing compiles (a call no graph fits runs
+    eagerly), so a variant left out here is a variant trained at the eager speed.
+
+    Packed rows (fast, fused): the full token budget (`micro_batch` samples of `max_length`); one sample more (the last
+    two halve one) of one token less each, so the token count, the sample count and the longest sample all change;
+    then a pack of one sample, which the layers see without an attention mask on sdpa (transformers finds no packing
+    to mask) and which a pack of one long sample is, often, at micro-batch 1. Padded batches: `micro_batch` rows padded
+    to `max_length`, then to 8 tokens less (the collator pads to a multiple of 8), a shorter row in each so both carry
+    padding (a mask); then one row fewer (an epoch's last micro-batch; the row count becomes symbolic); then rows of
+    one length, a multiple of 8, which carry no padding and so reach the layers without a mask (one row in 8 at
+    micro-batch 1). Sizes near the real ones, so the kernels torch tunes on them fit the training batches. Token ids
+    are arbitrary; every position is a label."""
     n = max(int(max_length), 24)
     if padded:
-        shapes = [[n] * (micro_batch - 1) + [n // 2] if micro_batch > 1 else [n],
-                  [n - 8] * (micro_batch - 1) + [n // 2 - 8] if micro_batch > 1 else [n - 8]]
+        def padding(length: int) -> int:  # a length the collator pads
+            return length - 1 if length % 8 == 0 else length
+
+        flat = 8 * ((n - 16) // 8)  # a multiple of 8: rows of it are not padded
+        if micro_batch > 1:
+            shapes = [[n] * (micro_batch - 1) + [n // 2], [n - 8] * (micro_batch - 1) + [n // 2 - 8],
+                      [n - 16] * (micro_batch - 2) + [padding(n // 2)], [flat] * micro_batch]
+        else:
+            shapes = [[padding(n)], [padding(n - 8)], [flat]]
     else:
-        shapes = [[n] * micro_batch, [n - 1] * (micro_batch - 1) + [n // 2, n // 2 - 1]]
+        if micro_batch > 1:
+            shapes = [[n] * micro_batch, [n - 1] * (micro_batch - 1) + [n // 2, n // 2 - 1]]
+        else:  # two packs of several samples first: the mask of a multi-sample pack is an input a first compile fixes
+            shapes = [[n - n // 2, n // 2], [n // 2 - 1, n // 4, n // 4 - 1]]
+        shapes.append([n - 3])
     g = torch.Generator().manual_seed(0)
     out = []
     for lengths in shapes:
@@ -248,15 +319,19 @@ def compiled_graphs() -> int:
 
 def compile_for_training(model, batches: list[dict], device: str, autocast_dtype=None, log_fn=None, backend=None,
                          loss_kwargs: bool | None = None) -> CompileState:
-    """`compile_layers`, then `warm_up` on `batches`: both compiles happen here. A failure (the compiler raising, a
-    graph that does not run) is one log line and the eager layers; an out-of-memory is not a compile failure and
-    propagates (the probe's "does not fit")."""
+    """`compile_layers`, then `warm_up` on `batches`: every compile happens here (later calls run under the
+    eager_on_recompile stance). A failure (the compiler raising, in the forward or in the backward, a graph that does
+    not run) is one log line and the eager layers; an out-of-memory is not a compile failure and propagates (the
+    probe's "does not fit")."""
     state = compile_layers(model, backend=backend, log_fn=log_fn)
     graphs = compiled_graphs()
     t0 = time.monotonic()
     state.warming = True
     try:
-        warm_up(model, batches, device, autocast_dtype, loss_kwargs)
+        # torch's recompile limit (8 graphs per code object) is for a function that recompiles without end; the warm-up
+        # compiles a known few (its batches' variants, twice without checkpointing, per layer kind), which can be more.
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
+            warm_up(model, batches, device, autocast_dtype, loss_kwargs)
     except Exception as e:  # noqa: BLE001 - any failure of the compiled warm-up: eager is the fallback
         oom = _out_of_memory(e)
         if oom is not None:
