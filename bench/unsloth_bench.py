@@ -123,11 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.families = [f for f in a.runs.split(",") if f]
     unknown = [f for f in a.families if f not in RUNS]
     if unknown or not a.families:
-        ap.error(f"--runs {a.runs!r}: unknown run {', '.join(unknown) or '(none given)'}; choose from {', '.join(RUNS)}")
+        ap.error(f"--runs {a.runs!r}: unknown run {', '.join(unknown) or '(none given)'}; "
+                 f"choose from {', '.join(RUNS)}")
     if a.layers < 1:
         ap.error(f"--layers {a.layers}: needs at least 1")
     if not 0 <= a.warmup < a.steps:
-        ap.error(f"--warmup {a.warmup} with --steps {a.steps}: needs 0 <= warmup < steps (the timed steps are the rest)")
+        ap.error(f"--warmup {a.warmup} with --steps {a.steps}: needs 0 <= warmup < steps "
+                 "(the timed steps are the rest)")
     return a
 
 
@@ -355,7 +357,8 @@ def run(entry: dict, rows: dict, model, tok, a: argparse.Namespace) -> dict:
 
 
 def summary(results: list[dict], gpu: str) -> str:
-    lines = [f"GPU: {gpu}", "| run | batching | data | real tokens/s | peak GiB | 16 GiB cap |", "|---|---|---|---|---|---|"]
+    lines = [f"GPU: {gpu}", "| run | batching | data | real tokens/s | peak GiB | 16 GiB cap |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         if r.get("ok"):
             lines.append(f"| {r['name']} | {r['batching']} | {r['data']} | {r['tokens_per_s']:,.0f} | "
@@ -394,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     for entry in runs:
         used = time.time() - t_start
         if a.time_budget is not None and used + last_run_s > a.time_budget:
-            log(f"{entry['name']}: skipped, {used:.0f}s used + ~{last_run_s:.0f}s for it > the {a.time_budget:.0f}s budget")
+            log(f"{entry['name']}: skipped, {used:.0f}s used + ~{last_run_s:.0f}s for it > the "
+                f"{a.time_budget:.0f}s budget")
             info.setdefault("skipped_for_time", []).append(entry["name"])
             continue
         t_run = time.time()

@@ -77,10 +77,12 @@ def table(bench: dict, unsloth: dict) -> str:
     named = ", ".join(f"{data}: {r['name']} ({r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB)"
                       for data, r in sorted(refs.items()))
     lines.append("")
-    lines.append(f"x Unsloth = real tokens/s over the fastest finished Unsloth run on the same data ({named or 'none finished'}).")
+    lines.append("x Unsloth = real tokens/s over the fastest finished Unsloth run on the same data "
+                 f"({named or 'none finished'}).")
     a, b = bench["info"], unsloth["info"]
     if (a.get("steps"), a.get("warmup")) != (b.get("steps"), b.get("warmup")):
-        lines.append(f"Note: gpu_bench timed steps {a.get('warmup')}..{a.get('steps')}, Unsloth {b.get('warmup')}..{b.get('steps')}.")
+        lines.append(f"Note: gpu_bench timed steps {a.get('warmup')}..{a.get('steps')}, "
+                     f"Unsloth {b.get('warmup')}..{b.get('steps')}.")
     return "\n".join(lines)
 
 
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in (("results", a.results), ("unsloth", a.unsloth)):
         try:
             data = json.loads(path.read_text())
-            if not (isinstance(data, dict) and isinstance(data.get("info"), dict) and isinstance(data.get("results"), list)):
+            if not (isinstance(data, dict) and isinstance(data.get("info"), dict)
+                    and isinstance(data.get("results"), list)):
                 raise ValueError("no 'info' object and 'results' list in it")
         except (OSError, ValueError) as e:
             print(f"unsloth_table: cannot read {label} file {path} ({e}); give gpu_bench's results.json, then "
