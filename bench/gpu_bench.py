@@ -60,9 +60,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -71,7 +69,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.profile_gpu import markdown as profile_markdown  # noqa: E402
@@ -86,30 +83,27 @@ from tasks.engine.fastpath import (  # noqa: E402
 )
 from tasks.engine.compile import compile_for_training, compiled_graphs, uncompile_layers, warmup_batches  # noqa: E402
 from tasks.engine.recompute import PartialRecomputeCallback, offload_checkpoints, recompute_free_layers  # noqa: E402
+from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py trains too)
+    ACCUM,
+    CAP_GIB,
+    GIB,
+    LORA,
+    MAX_LEN,
+    MICRO,
+    OPTIM as DEFAULT_OPTIM,
+    SHAPES,
+    WORKDIR,
+    build_tokenizer,
+    log,
+    mixed_stats,
+    synthetic_sets,
+    versions,
+    write_random_checkpoint,
+)
 
-GIB = 2**30
-CAP_GIB = 15.0  # allocator cap that stands for a 16 GiB card
-MICRO, ACCUM, MAX_LEN = 4, 4, 2048
 TOKEN_BUDGET = MICRO * MAX_LEN  # padding-free micro-batch: as many token slots as the seed's padded one
-# Mistral-7B-v0.1's shapes (config.json of the hub repo).
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                  sliding_window=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, hidden_act="silu", initializer_range=0.02)
-# Llama-3.1-8B's (issue 19.4): 8 KV heads too, but a 128,256-token vocabulary (the LM head and the loss become a real
-# share of the step) and rope scaling; architecture llama.
-LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                   rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu",
-                   initializer_range=0.02, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-SHAPES = {"mistral-7b": ("mistral", MISTRAL_7B), "llama-3.1-8b": ("llama", LLAMA_31_8B)}
-OPTIM = "paged_adamw_8bit"  # the seed's; --optim adamw_torch_fused for issue 19.1's one-kernel step
+OPTIM = DEFAULT_OPTIM  # set from --optim in main()
 VOCAB = 32000  # set from --shapes in main(): the random token ids and the word-level tokenizer span the model's vocabulary
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -118,23 +112,9 @@ def log(msg: str) -> None:
 def build_model(n_layers: int, workdir: Path, shapes: str = "mistral-7b"):
     """Random-weight model of `shapes` (Mistral-7B-v0.1 or Llama-3.1-8B) in bf16 on the GPU, saved once, reloaded in
     NF4 + double quant (the seed's load)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    arch, dims = SHAPES[shapes]
-    path = workdir / f"{shapes}-random-{n_layers}l"
-    if not (path / "config.json").exists():
-        t = time.time()
-        config = AutoConfig.for_model(arch, **{**dims, "num_hidden_layers": n_layers})
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config)
-        torch.set_default_dtype(default)
-        model.save_pretrained(path, safe_serialization=True)
-        del model
-        torch.cuda.empty_cache()
-        log(f"random bf16 checkpoint written in {time.time() - t:.0f}s")
+    path = write_random_checkpoint(n_layers, workdir, shapes)
     t = time.time()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
@@ -144,44 +124,13 @@ def build_model(n_layers: int, workdir: Path, shapes: str = "mistral-7b"):
     return model
 
 
-def build_tokenizer():
-    """A word-level tokenizer over the model's vocabulary: the data are token ids already; SFTTrainer only needs pad/eos from it."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def mixed_lengths(n: int, seed: int) -> list[int]:
-    """Log-normal lengths, median 500, p95 ~1,700 (sigma = ln(3.4)/1.645), clipped to [16, 2048]."""
-    rng = np.random.default_rng(seed)
-    x = rng.lognormal(mean=math.log(500), sigma=math.log(1700 / 500) / 1.645, size=n)
-    return [int(v) for v in np.clip(np.round(x), 16, MAX_LEN)]
-
-
-def make_rows(lengths: list[int], seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed + 1)
-    rows = []
-    for n in lengths:
-        ids = rng.integers(3, VOCAB, size=n).tolist()
-        rows.append({"input_ids": ids, "labels": ids})
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------- runs
 
 
 def lora():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return LoraConfig(task_type="CAUSAL_LM", **LORA)
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
@@ -368,25 +317,6 @@ def parity(a: dict, b: dict) -> dict | None:
     return {"steps": n, a["name"]: la[:n], b["name"]: lb[:n], "max_rel_diff": max(rel), "mean_rel_diff": sum(rel) / n}
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "gpu": torch.cuda.get_device_name(0), "gpu_mem_gib": torch.cuda.get_device_properties(0).total_memory / GIB}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton", "datasets"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "missing"
-    try:
-        import unsloth  # noqa: F401
-
-        out["unsloth"] = unsloth.__version__
-    except Exception:  # noqa: BLE001
-        out["unsloth"] = None
-    return out
-
-
 def table(results: list[dict], gpu: str) -> str:
     seed = {r["data"]: r for r in results if r["engine"] == "seed" and r.get("ok")}
     lines = [f"GPU: {gpu}", "| run | recipe | data | real tokens/s | peak GiB | x seed | 16 GiB cap |",
@@ -419,7 +349,7 @@ def table(results: list[dict], gpu: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
-    ap.add_argument("--optim", default="paged_adamw_8bit", help="TrainingArguments.optim of every run (issue 19.1: adamw_torch_fused)")
+    ap.add_argument("--optim", default=DEFAULT_OPTIM, help="TrainingArguments.optim of every run (issue 19.1: adamw_torch_fused)")
     ap.add_argument("--shapes", default="mistral-7b", choices=sorted(SHAPES), help="model shapes (random weights)")
     ap.add_argument("--smoke", action="store_true", help="4 layers, 3 steps: checks the plumbing in ~2 min")
     ap.add_argument("--layers", type=int, default=None)
@@ -427,7 +357,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--runs", default="seed,varlen,fast,fit16,nockpt", help="comma list of run families")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--workdir", default="/tmp/bench_model")
+    ap.add_argument("--workdir", default=WORKDIR, help="where the random checkpoint is written once (bench/unsloth_bench.py reads it too)")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each run (bench/profile_gpu.py)")
     ap.add_argument("--profile-runs", default="", help="comma list of run names to profile (e.g. fused-full); implies --profile for those only")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -448,19 +378,15 @@ def main() -> None:
     log(json.dumps(info["versions"]))
 
     # Data: enough rows for `steps` optimizer steps of either engine.
-    n_full = MICRO * ACCUM * steps
-    full = {"name": "full", "rows": make_rows([MAX_LEN] * n_full, a.seed)}
+    full, mixed = synthetic_sets(steps, a.seed, VOCAB)
+    n_full, lengths = len(full["rows"]), mixed["lengths"]
     full_packs = [list(range(i, i + MICRO)) for i in range(0, n_full, MICRO)]  # = the seed's sequential batches
-    lengths = mixed_lengths(max(2000, 60 * ACCUM * steps), a.seed)
-    mixed = {"name": "mixed", "rows": make_rows(lengths, a.seed)}
     mixed_packs = pack_by_tokens(lengths, TOKEN_BUDGET, a.seed)
-    info["mixed"] = {"n": len(lengths), "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
-                     "mean": float(np.mean(lengths)),
-                     "pack_fill": sum(lengths) / (len(mixed_packs) * TOKEN_BUDGET)}
+    info["mixed"] = {**mixed_stats(lengths), "pack_fill": sum(lengths) / (len(mixed_packs) * TOKEN_BUDGET)}
     log(f"mixed set: {info['mixed']}")
 
     model = build_model(layers, Path(a.workdir), a.shapes)
-    tok = build_tokenizer()
+    tok = build_tokenizer(VOCAB)
     results: list[dict] = []
 
     profile_only = {n for n in a.profile_runs.split(",") if n}
@@ -553,8 +479,6 @@ def main() -> None:
                     go(f"nockpt-{data['name']}", model, tok, data, "fast", steps, warmup, a.seed, capped=False,
                        n_free=nbig if ckpt else 0, ckpt=ckpt, packs=packs)
 
-    if info["versions"]["unsloth"] is None:
-        log("unsloth not importable: skipped")
     results[:] = [r for r in results if not r.get("skipped")]
     by = {r["name"]: r for r in results}
     info["parity"] = {k: parity(by[a_], by[b_]) for k, (a_, b_) in

@@ -1,0 +1,147 @@
+"""The synthetic QLoRA workload that bench/gpu_bench.py and bench/unsloth_bench.py both train, in one place so the
+two scripts measure the same thing: model shapes, batch geometry, the two data sets, the LoRA settings, the
+random-weight checkpoint and its word-level tokenizer, and the versions line of a results file.
+
+Importing this module imports numpy alone. bench/unsloth_bench.py reads it before `import unsloth`, which must come
+before transformers, trl and peft in its process (Unsloth patches them as they load); anything heavier is imported
+inside the function that needs it, which that script calls only after `import unsloth`.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+GIB = 2**30
+CAP_GIB = 15.0  # allocator cap that stands for a 16 GiB card
+MICRO, ACCUM, MAX_LEN = 4, 4, 2048
+OPTIM = "paged_adamw_8bit"  # the seed's; --optim adamw_torch_fused for issue 19.1's one-kernel step
+WORKDIR = "/tmp/bench_model"  # where the random checkpoint is written once per machine, read by both scripts
+# Mistral-7B-v0.1's shapes (config.json of the hub repo).
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                  sliding_window=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, hidden_act="silu", initializer_range=0.02)
+# Llama-3.1-8B's (issue 19.4): 8 KV heads too, but a 128,256-token vocabulary (the LM head and the loss become a real
+# share of the step) and rope scaling; architecture llama.
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, hidden_act="silu",
+                   initializer_range=0.02, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SHAPES = {"mistral-7b": ("mistral", MISTRAL_7B), "llama-3.1-8b": ("llama", LLAMA_31_8B)}
+# LoRA of every run: PEFT's LoraConfig(task_type="CAUSAL_LM", **LORA) in gpu_bench, FastLanguageModel.get_peft_model's
+# keyword arguments in unsloth_bench.
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+# Packages whose versions a results file records (read from their metadata: nothing is imported for it).
+DISTS = ("transformers", "trl", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton", "datasets",
+         "unsloth", "unsloth_zoo")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def checkpoint_dir(workdir: Path, shapes: str, n_layers: int) -> Path:
+    """The random checkpoint's folder: one per shapes and depth, shared by every script that uses `workdir`."""
+    return Path(workdir) / f"{shapes}-random-{n_layers}l"
+
+
+def write_random_checkpoint(n_layers: int, workdir: Path, shapes: str = "mistral-7b") -> Path:
+    """Random-weight model of `shapes` (Mistral-7B-v0.1 or Llama-3.1-8B) built in bf16 on the GPU and saved as
+    safetensors, unless the folder already holds one (the 32-layer one is ~14.5 GB: written once per machine)."""
+    arch, dims = SHAPES[shapes]
+    path = checkpoint_dir(workdir, shapes, n_layers)
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t = time.time()
+    config = AutoConfig.for_model(arch, **{**dims, "num_hidden_layers": n_layers})
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config)
+    torch.set_default_dtype(default)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    log(f"random bf16 checkpoint written in {time.time() - t:.0f}s: {path}")
+    return path
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over the model's vocabulary (`<unk>` 0, `<s>` 1, `</s>` 2, then `t3`...): the data are
+    token ids already; the trainers only need pad/eos from it, and Unsloth a folder to load it from (save_pretrained)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def mixed_lengths(n: int, seed: int) -> list[int]:
+    """Log-normal lengths, median 500, p95 ~1,700 (sigma = ln(3.4)/1.645), clipped to [16, 2048]."""
+    rng = np.random.default_rng(seed)
+    x = rng.lognormal(mean=math.log(500), sigma=math.log(1700 / 500) / 1.645, size=n)
+    return [int(v) for v in np.clip(np.round(x), 16, MAX_LEN)]
+
+
+def make_rows(lengths: list[int], seed: int, vocab: int) -> list[dict]:
+    """One row per length: random token ids in [3, vocab) (never unk, bos or eos), labels = input_ids."""
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for n in lengths:
+        ids = rng.integers(3, vocab, size=n).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+def synthetic_sets(steps: int, seed: int, vocab: int) -> tuple[dict, dict]:
+    """The "full" and "mixed" sets for `steps` optimizer steps. full: exactly the MICRO x ACCUM x steps rows of
+    MAX_LEN tokens that padded micro-batches of MICRO rows read. mixed: log-normal lengths, enough rows for either
+    batching (micro-batches of MICRO rows, or packs of up to MICRO x MAX_LEN tokens); its `lengths` ride along."""
+    full = {"name": "full", "rows": make_rows([MAX_LEN] * (MICRO * ACCUM * steps), seed, vocab)}
+    lengths = mixed_lengths(max(2000, 60 * ACCUM * steps), seed)
+    mixed = {"name": "mixed", "rows": make_rows(lengths, seed, vocab), "lengths": lengths}
+    return full, mixed
+
+
+def mixed_stats(lengths: list[int]) -> dict:
+    return {"n": len(lengths), "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
+            "mean": float(np.mean(lengths))}
+
+
+# ---------------------------------------------------------------------------------------------- record
+
+
+def versions() -> dict:
+    """Python, torch, CUDA, the GPU and the packages in DISTS ("missing" where absent). Reads package metadata only,
+    so it never imports Unsloth into a process that has transformers loaded already."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "gpu": torch.cuda.get_device_name(0), "gpu_mem_gib": torch.cuda.get_device_properties(0).total_memory / GIB}
+    for dist in DISTS:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "missing"
+    return out

@@ -1,0 +1,212 @@
+"""The GPU bench scripts' CPU-side contracts: bench/workload.py (the workload gpu_bench and unsloth_bench share),
+bench/unsloth_bench.py's help, dry plan, import order and LoRA reset, and bench/unsloth_table.py's table. The GPU
+numbers themselves come from the device (bench/unsloth_bench.py's docstring has the command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import unsloth_bench, unsloth_table  # noqa: E402
+from bench.workload import ACCUM, LORA, MAX_LEN, MICRO, mixed_lengths, synthetic_sets  # noqa: E402
+
+HEAVY = ("torch", "transformers", "trl", "peft", "unsloth", "datasets")
+
+
+def script(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, str(ROOT / "bench" / "unsloth_bench.py")]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- workload
+
+
+def test_synthetic_sets_are_the_rows_a_sequential_sampler_reads():
+    full, mixed = synthetic_sets(steps=3, seed=42, vocab=500)
+    assert len(full["rows"]) == MICRO * ACCUM * 3
+    assert all(len(r["input_ids"]) == MAX_LEN for r in full["rows"])
+    assert mixed["lengths"] == mixed_lengths(2000, 42)  # at least 2,000 rows, lengths from the seed alone
+    assert [len(r["input_ids"]) for r in mixed["rows"]] == mixed["lengths"]
+    ids = [t for r in mixed["rows"][:50] for t in r["input_ids"]]
+    assert 3 <= min(ids) and max(ids) < 500  # never unk/bos/eos, inside the vocabulary
+    assert all(r["labels"] == r["input_ids"] for r in full["rows"] + mixed["rows"])
+    again, _ = synthetic_sets(steps=3, seed=42, vocab=500)
+    assert again["rows"] == full["rows"]  # the same seed gives both scripts the same rows
+    other, _ = synthetic_sets(steps=3, seed=43, vocab=500)
+    assert other["rows"] != full["rows"]
+
+
+# ---------------------------------------------------------------------------------------------- unsloth_bench
+
+
+def test_help_works_without_unsloth():
+    res = script("--help")
+    assert res.returncode == 0, res.stderr
+    assert "--dry" in res.stdout and "--time-budget" in res.stdout and "PYTHONPATH=/tmp/site_u" in res.stdout
+
+
+def test_dry_plan_reads_the_rows_of_gpu_bench_and_imports_nothing_heavy(tmp_path):
+    code = ("import sys, json; from bench import unsloth_bench as u; rc = u.main(sys.argv[1:]); "
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules])); sys.exit(rc)")
+    res = script("--dry", "--steps", "3", "--warmup", "1", "--runs", "full,mixed,packed", "--workdir", str(tmp_path),
+                 code=code)
+    assert res.returncode == 0, res.stderr
+    *plan, loaded = res.stdout.strip().splitlines()
+    assert json.loads(loaded) == []  # numpy only: `import unsloth` could still come first
+    text = "\n".join(plan)
+    rows = MICRO * ACCUM * 3
+    mixed_tokens = sum(mixed_lengths(2000, 42)[:rows])  # seed-mixed's padded micro-batches read these rows
+    assert f"unsloth-full: full data, padding-free ({{'padding_free': True}}): {rows} rows, {rows * MAX_LEN:,} tokens" in text
+    assert f"unsloth-mixed: mixed data, padding-free ({{'padding_free': True}}): {rows} rows, {mixed_tokens:,} tokens" in text
+    assert "unsloth-packed-mixed: mixed data, packing" in text
+    assert f"{tmp_path / 'mistral-7b-random-32l'} (absent" in text
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--runs", "full,pack"], "--runs 'full,pack': unknown run pack; choose from full, mixed, packed"),
+    (["--steps", "2", "--warmup", "2"], "--warmup 2 with --steps 2: needs 0 <= warmup < steps"),
+    (["--layers", "0"], "--layers 0: needs at least 1"),
+])
+def test_bad_flags_are_one_line_naming_them(argv, names, capsys):
+    with pytest.raises(SystemExit) as e:
+        unsloth_bench.parse_args(["--dry", *argv])
+    assert e.value.code == 2
+    assert names in capsys.readouterr().err
+
+
+def test_import_unsloth_refuses_a_process_with_transformers_loaded(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
+    with pytest.raises(SystemExit, match="transformers imported before unsloth; run this file as its own process"):
+        unsloth_bench.import_unsloth()
+
+
+def test_import_unsloth_without_it_names_the_package_set(monkeypatch):
+    for name in unsloth_bench.LOADED_FIRST:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # as if not installed, whatever this machine has
+    with pytest.raises(SystemExit, match="cannot import unsloth .*unsloth_wheels.sh, PYTHONPATH=/tmp/site_u"):
+        unsloth_bench.import_unsloth()
+
+
+def test_reset_lora_restores_the_same_init_in_place():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj, self.other = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    model = peft.get_peft_model(Block(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora = [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules() if hasattr(m, "lora_A")]
+    assert unsloth_bench.reset_lora(model, 7) == 2
+    first = [(a.clone(), b.clone()) for a, b in lora]
+    with torch.no_grad():
+        for a, b in lora:  # as a run's optimizer steps leave them
+            a.add_(1.0)
+            b.add_(1.0)
+    assert unsloth_bench.reset_lora(model, 7) == 2
+    for (a, b), (a0, b0) in zip(lora, first):
+        assert torch.equal(a, a0) and torch.count_nonzero(a) > 0
+        assert torch.count_nonzero(b) == 0  # B = 0: the adapter starts as the identity, as PEFT's init
+    unsloth_bench.reset_lora(model, 8)
+    assert not torch.equal(lora[0][0], first[0][0])
+    with pytest.raises(RuntimeError, match="no LoRA layers"):
+        unsloth_bench.reset_lora(Block(), 7)
+
+
+def test_gpu_bench_trains_the_lora_of_the_workload():
+    pytest.importorskip("peft")
+    from bench import gpu_bench, workload
+
+    cfg = gpu_bench.lora()
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.bias) == (LORA["r"], LORA["lora_alpha"], LORA["lora_dropout"],
+                                                                  "none")
+    assert set(cfg.target_modules) == set(LORA["target_modules"])
+    assert gpu_bench.synthetic_sets is workload.synthetic_sets  # the rows and checkpoint unsloth_bench uses too
+    assert gpu_bench.write_random_checkpoint is workload.write_random_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------- unsloth_table
+
+
+def results(info: dict, runs: list[dict]) -> dict:
+    base = {"shapes": "mistral-7b", "layers": 32, "optim": "paged_adamw_8bit", "steps": 6, "warmup": 2,
+            "versions": {"gpu": "NVIDIA H200"}}
+    return {"info": {**base, **info}, "results": runs}
+
+
+def ok(name, engine, data, tok_s, peak=7.0, **kw):
+    return {"name": name, "engine": engine, "data": data, "ok": True, "tokens_per_s": tok_s, "peak_gib": peak,
+            "gradient_checkpointing": True, "n_recompute_free": 0, **kw}
+
+
+def write(tmp_path, bench: dict, unsloth: dict) -> list[str]:
+    (tmp_path / "results.json").write_text(json.dumps(bench))
+    (tmp_path / "unsloth.json").write_text(json.dumps(unsloth))
+    return [str(tmp_path / "results.json"), str(tmp_path / "unsloth.json")]
+
+
+def test_table_gives_ratios_to_the_fastest_unsloth_run_on_the_same_data(tmp_path, capsys):
+    bench = results({}, [ok("seed-full", "seed", "full", 1000.0), ok("fused-full", "fused", "full", 2000.0),
+                         ok("fused-mixed", "fused", "mixed", 3000.0),
+                         {"name": "nockpt-full", "engine": "fast", "data": "full", "ok": False, "error": "OutOfMemoryError: x",
+                          "peak_gib": 14.9, "gradient_checkpointing": False}])
+    unsloth = results({}, [ok("unsloth-full", "unsloth", "full", 4000.0, 6.5, batching="padding-free"),
+                           ok("unsloth-mixed", "unsloth", "mixed", 5000.0, batching="padding-free"),
+                           ok("unsloth-packed-mixed", "unsloth", "mixed", 6000.0, batching="packing")])
+    out = tmp_path / "table.md"
+    assert unsloth_table.main([*write(tmp_path, bench, unsloth), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| fused-full | fused | full | 2,000 | 7.00 | 0.50 |" in text
+    assert "| seed-full | seed | full | 1,000 | 7.00 | 0.25 |" in text
+    assert "| fused-mixed | fused | mixed | 3,000 | 7.00 | 0.50 |" in text  # against packed, the faster Unsloth mixed
+    assert "| unsloth-mixed | Unsloth, padding-free | mixed | 5,000 | 7.00 | 0.83 |" in text
+    assert "| nockpt-full | fast (no recompute) | full | failed: OutOfMemoryError: x | 14.90 | - |" in text
+    assert "full: unsloth-full (4,000 tok/s, 6.50 GiB), mixed: unsloth-packed-mixed (6,000 tok/s, 7.00 GiB)" in text
+    assert out.read_text() == text
+
+
+def test_table_reads_an_old_results_file_as_the_mistral_workload(tmp_path, capsys):
+    bench = results({}, [ok("fast-full", "fast", "full", 2000.0)])
+    del bench["info"]["shapes"], bench["info"]["optim"]  # results.json from before --shapes / --optim
+    unsloth = results({"steps": 8}, [ok("unsloth-full", "unsloth", "full", 4000.0, batching="padding-free")])
+    assert unsloth_table.main(write(tmp_path, bench, unsloth)) == 0
+    text = capsys.readouterr().out
+    assert "| fast-full | fast | full | 2,000 | 7.00 | 0.50 |" in text
+    assert "Note: gpu_bench timed steps 2..6, Unsloth 2..8." in text
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"shapes": "llama-3.1-8b"}, "shapes mistral-7b vs llama-3.1-8b"),
+    ({"layers": 4}, "layers 32 vs 4"),
+    ({"optim": "adamw_torch_fused"}, "optim paged_adamw_8bit vs adamw_torch_fused"),
+    ({"versions": {"gpu": "NVIDIA H100"}}, "gpu NVIDIA H200 vs NVIDIA H100"),
+])
+def test_table_refuses_two_workloads(tmp_path, capsys, change, named):
+    bench = results({}, [ok("fast-full", "fast", "full", 2000.0)])
+    unsloth = results(change, [ok("unsloth-full", "unsloth", "full", 4000.0, batching="padding-free")])
+    assert unsloth_table.main(write(tmp_path, bench, unsloth)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"unsloth_table: not the same workload: {named}" in captured.err
+
+
+def test_table_names_an_unreadable_file(tmp_path, capsys):
+    (tmp_path / "unsloth.json").write_text(json.dumps({"results": []}))
+    assert unsloth_table.main([str(tmp_path / "missing.json"), str(tmp_path / "unsloth.json")]) == 2
+    assert "cannot read results file" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps(results({}, [])))
+    assert unsloth_table.main([str(tmp_path / "results.json"), str(tmp_path / "unsloth.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read unsloth file" in err and "no 'info' object and 'results' list in it" in err
