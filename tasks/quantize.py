@@ -3,11 +3,11 @@
 Q4_K_M (the quant Ollama users pull by default) needs llama.cpp's C++ quantizer: no registry ships `llama-quantize`
 for this machine, the prebuilt `xllamacpp` wheel does not expose it, and gguf-py's K-quants only dequantize. The
 llama.cpp sources inside the same llama-cpp-python archive the GGUF converter comes from (tasks/export.py pins its
-version and sha256) build it with CMake: only the `llama-quantize` target (ggml, libllama, llama-common), static,
-Release, tuned to this CPU. It is built only when `export.gguf` asks for q4_k_m (or `make quantizer`), once: the
+version and sha256) build it with CMake: only the `llama-quantize` target (ggml-base, libllama, llama-common), static,
+Release. It is built only when `export.gguf` asks for q4_k_m (or `make quantizer`), once: the
 binary is kept in the active environment (`<sys.prefix>/share/llama.cpp-quantize-<version>/`, or under
-`$QLORA_PIPELINE_TOOLS` when set), next to the converter. The build prints a progress line every 10%: several minutes
-on 2 cores, under one on 16.
+`$QLORA_PIPELINE_TOOLS` when set), next to the converter. The build prints a progress line every 10%: 2.5-5 minutes
+on 2 cores (docs/BENCHMARKS.md "llama-quantize build"), well under one on 16.
 
     binary = ensure_quantizer(archive_spec, log)                       # builds once, then returns the cached binary
     quantize_gguf(binary, "model-f16.gguf", "model-q4_k_m.gguf", "Q4_K_M")
@@ -28,10 +28,16 @@ from pathlib import Path
 from .common import StageError, file_sha256, locked
 
 BINARY = "llama-quantize"
-# Only what the quantizer needs: no tests, examples, server, HTTPS; one static binary.
+# Only what the quantizer needs: no tests, examples, server, HTTPS; one static binary. Two cuts take a third off the
+# build's CPU time (docs/BENCHMARKS.md "llama-quantize build") and leave the quantizer as fast, its output byte-identical:
+# - GGML_CPU=OFF: llama-quantize computes nothing in a ggml graph; its arithmetic (ggml_quantize_chunk, the f16/bf16 ->
+#   f32 rows) is ggml-base's portable C, which never used the CPU backend (-march=native, AMX, llamafile, repack).
+# - C++ at -O1, C at Release's -O3: the C++ is libllama's model/graph code, chat templates, Jinja, argument parsing and
+#   an HTTP client the quantizer never runs in a loop; the per-element loops are C (ggml-quants.c compiles to the same
+#   object as before).
 CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON",
-                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF")
+                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_CPU=OFF", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG")
 GGUF_QUANT_TYPES = {"q4_k_m": "Q4_K_M"}  # export.gguf name -> llama-quantize's type
 
 

@@ -235,7 +235,7 @@ def test_probe_and_training_compile_through_the_same_builder_and_count_it_as_loa
 def test_the_probe_stages_log_line_and_artifact_say_compiled(tiny_cfg, tiny_data, monkeypatch):
     """Stage 3's Prefect wrapper: its log line says the layers were compiled and that the compile is in the fixed cost;
     the trials table has a compiled column; nothing is said where they were not."""
-    from tasks import stages
+    from helpers import run_probe_stage
     from tasks.probe import ProbeRecord
 
     trials = [{"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": False,
@@ -245,17 +245,11 @@ def test_the_probe_stages_log_line_and_artifact_say_compiled(tiny_cfg, tiny_data
                       fixed_seconds=82, s_per_step=3.2, tokens_per_step=32768, tokens_per_s=10240, peak_mem_gb=7.9, max_steps=1099,
                       micro_batch_size=4, grad_accum=4, gradient_checkpointing=True, engine="fused", trials=trials, compile_layers=True,
                       compile_seconds=71.3)
-    logs, artifacts = [], []
-    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec)
-    monkeypatch.setattr(stages, "log", logs.append)
-    monkeypatch.setattr(stages, "create_markdown_artifact", lambda **kw: artifacts.append(kw))
-    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
     assert logs[-1].endswith("-> max_steps 1099 at micro-batch 4 x accum 4, decoder layers compiled (71 s, in the fixed cost)")
     md = artifacts[0]["markdown"]
     assert "| offloaded | compiled | s/step |" in md and "| 4 | 4 | True | 0 | False | True | 3.2 | 7.9 | True  |" in md
-    logs.clear()
-    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec.model_copy(update={"compile_layers": False}))
-    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    logs, _ = run_probe_stage(monkeypatch, rec.model_copy(update={"compile_layers": False}), tiny_cfg, tiny_data)
     assert "compiled" not in logs[-1]
 
 

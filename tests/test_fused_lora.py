@@ -208,6 +208,7 @@ def test_dropout_masks_survive_recompute_and_apply():
 def test_fused_engine_loss_parity_with_the_seed_engine_and_a_normal_adapter(tiny_cfg, tiny_tok, shared_artifacts, tmp_path):
     from peft import PeftModel
 
+    from helpers import randomize_lora_b
     from tasks.engine.build import build_model
     from tasks.engine.collate import collator_for
     from tasks.models import load_base_model, resolve_model
@@ -226,11 +227,7 @@ def test_fused_engine_loss_parity_with_the_seed_engine_and_a_normal_adapter(tiny
     models = {}
     for engine in ("padded", "fused"):
         torch.manual_seed(0)
-        model = build_model(ref, tiny_cfg.model, tiny_cfg.quant, lora, True, "cpu", engine)
-        with torch.no_grad():
-            for i, (n, prm) in enumerate(model.named_parameters()):
-                if "lora_B" in n:
-                    prm.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+        model = randomize_lora_b(build_model(ref, tiny_cfg.model, tiny_cfg.quant, lora, True, "cpu", engine))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         collate = collator_for(engine, tiny_tok.pad_token_id)

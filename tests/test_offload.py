@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 import torch
 
+from helpers import randomize_lora_b, run_probe_stage
 from tasks.common import StageError
 from tasks.data import load_dataset_records
 from tasks.engine.build import build_model
@@ -110,11 +111,7 @@ def _model_with_lora_b(tiny_cfg, shared_artifacts, engine):
     ref = resolve_model(tiny_cfg.model, shared_artifacts)
     lora = tiny_cfg.lora.model_copy(update={"dropout": 0.0})
     torch.manual_seed(0)
-    model = build_model(ref, tiny_cfg.model, tiny_cfg.quant, lora, True, "cpu", engine)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    model = randomize_lora_b(build_model(ref, tiny_cfg.model, tiny_cfg.quant, lora, True, "cpu", engine))
     model.train()
     return model
 
@@ -440,7 +437,6 @@ def test_training_with_offload_on_stays_offloaded_while_halving(tiny_cfg, shared
 def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data, monkeypatch):
     """Stage 3's Prefect wrapper: its one log line and the step-budget artifact (and its trials table) say the probe chose
     offload."""
-    from tasks import stages
     from tasks.probe import ProbeRecord
 
     trials = [{"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": False,
@@ -450,11 +446,7 @@ def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data,
     rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=1, save_seconds=0.5,
                       fixed_seconds=4, s_per_step=3.06, tokens_per_step=16384, tokens_per_s=5354, peak_mem_gb=15.9, max_steps=1175,
                       micro_batch_size=4, grad_accum=4, gradient_checkpointing=True, engine="fused", trials=trials, offload_activations=True)
-    logs, artifacts = [], []
-    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec)
-    monkeypatch.setattr(stages, "log", logs.append)
-    monkeypatch.setattr(stages, "create_markdown_artifact", lambda **kw: artifacts.append(kw))
-    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
     assert logs[-1].endswith("-> max_steps 1175 at micro-batch 4 x accum 4, checkpointed activations offloaded to host memory")
     (art,) = artifacts
     md = art["markdown"]
@@ -462,8 +454,5 @@ def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data,
     assert "| layers without recompute | offloaded | compiled |" in md
     assert "| 4 | 4 | True | 0 | False | False | - | - | False out of memory |" in md and "| 4 | 4 | True | 0 | True | False | 3.06 | 15.9 | True  |" in md
 
-    logs.clear()
-    artifacts.clear()
-    monkeypatch.setattr(stages.probe_stage, "probe_throughput", lambda *a, **k: rec.model_copy(update={"offload_activations": False}))
-    stages.probe_task.fn(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cuda", "unused")
+    logs, artifacts = run_probe_stage(monkeypatch, rec.model_copy(update={"offload_activations": False}), tiny_cfg, tiny_data)
     assert "offloaded to host" not in logs[-1] and "offloaded to host" not in artifacts[0]["markdown"]
