@@ -107,6 +107,17 @@ if [[ -f $rc && -f $art/latest.json ]]; then
   pub=$(python3 -c "import json; print(json.load(open('$out/summary.json')).get('published') or '')")
   [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && xz -9f "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
 fi
+# the trained adapter (30 MB for demo-gpu's r32), in 9 MB parts (a call's returned files are size-limited), so the tuned
+# model can be read and re-scored on a CPU afterwards (`cat adapter/adapter_model.safetensors.part* > ...`; recipe d's
+# run did not bring it back, and the loops it showed could not be examined)
+if [[ -f $rc && -f $out/summary.json ]]; then
+  adapter=$(python3 -c "import json; print(json.load(open('$out/summary.json'))['stages'].get('train', {}).get('outputs', {}).get('adapter_dir') or '')")
+  if [[ -n $adapter && -f $adapter/adapter_model.safetensors ]]; then
+    mkdir -p "$out/adapter" && cp "$adapter/adapter_config.json" "$out/adapter/"
+    split -b 9M -d "$adapter/adapter_model.safetensors" "$out/adapter/adapter_model.safetensors.part"
+    sha256sum "$adapter/adapter_model.safetensors" > "$out/adapter/SHA256"
+  fi
+fi
 # the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side
 if [[ -f $rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
 ls -la "$out"
