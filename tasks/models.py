@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib
 import importlib.util
 import logging
@@ -185,10 +187,18 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
 
 def gguf_token_metadata(path: Path) -> dict:
     """The GGUF's own word on special tokens: {'eos'|'bos'|'pad': (id, text), 'control': [texts of control tokens],
-    'add_bos': whether every text starts with BOS (llama.cpp's `tokenizer.ggml.add_bos_token`), when the file says}."""
+    'add_bos': whether every text starts with BOS (llama.cpp's `tokenizer.ggml.add_bos_token`), when the file says}.
+    Read once per file and process (gguf-py parses a 262k-token vocabulary in seconds); the file's size and mtime are
+    in the cache key, and each caller gets its own copy."""
+    st = Path(path).stat()
+    return copy.deepcopy(_gguf_token_metadata(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_token_metadata(path: str, size: int, mtime_ns: int) -> dict:
     from gguf import GGUFReader
 
-    fields = GGUFReader(str(path)).fields
+    fields = GGUFReader(path).fields
     if "tokenizer.ggml.tokens" not in fields:
         return {"control": []}
     tokens = fields["tokenizer.ggml.tokens"].contents()
