@@ -457,6 +457,23 @@ def repetition_rate(text: str, n: int = 4) -> float:
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
+LOOP_WORDS = 12  # an answer cut at the cap whose last this-many words it had already written is in a loop
+
+
+def ends_in_loop(text: str, stopped: bool) -> bool:
+    """The answer never ended (cut at the generation cap) and its last LOOP_WORDS words already occur earlier in it:
+    greedy decoding caught in a cycle, which a user sees as an answer that repeats itself and never ends."""
+    words = text.split()
+    if stopped or len(words) < 2 * LOOP_WORDS:
+        return False
+    tail, earlier = words[-LOOP_WORDS:], words[:-LOOP_WORDS]
+    return any(earlier[i:i + LOOP_WORDS] == tail for i in range(len(earlier) - LOOP_WORDS + 1))
+
+
+def loop_share(texts: list[str], stopped: list[bool]) -> float:
+    return round(sum(ends_in_loop(t, s) for t, s in zip(texts, stopped)) / max(len(texts), 1), 4)
+
+
 def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
     """Length distribution and shape of generated answers."""
     import statistics
@@ -474,6 +491,7 @@ def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
         "one_line_share": round(sum(bool(t.strip()) and "\n" not in t.strip() for t in texts) / max(len(texts), 1), 4),
         "eos_share": round(sum(stopped) / max(len(stopped), 1), 4),
         "repetition_rate": round(sum(repetition_rate(t) for t in texts) / max(len(texts), 1), 4),
+        "loop_share": loop_share(texts, stopped),
     }
 
 

@@ -283,7 +283,8 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     for name, r in results.items():
         gens = r["gens"]
         s = {"loss": round(r["loss"], 4), "perplexity": round(math.exp(min(r["loss"], 50)), 3),
-             "eos_share": round(sum(g["stopped"] for g in gens) / n, 4), "limit_share": round(sum(not g["stopped"] for g in gens) / n, 4)}
+             "eos_share": round(sum(g["stopped"] for g in gens) / n, 4), "limit_share": round(sum(not g["stopped"] for g in gens) / n, 4),
+             "loop_share": bench.loop_share([g["text"] for g in gens], [g["stopped"] for g in gens])}
         if r["loss_by_source"]:
             s["loss_by_source"] = r["loss_by_source"]  # held-out loss of each data source (data.source + data.mix)
         s["decode_check"] = r["decode_check"]
@@ -767,6 +768,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
 
     for who in gens:
         summary.setdefault("eos_share", {})[who] = round(sum(g["stopped"] for g in gens[who]) / max(len(rows), 1), 4)
+        summary.setdefault("loop_share", {})[who] = bench.loop_share([g["text"] for g in gens[who]], [g["stopped"] for g in gens[who]])
     log_fn(f"evaluate: {name}: {len(rows)}/{suite['subset']['n_full']} prompts, cap {cap} tokens, base+tuned in {seconds:.0f} s")
     return {"summary": summary, "rows": detail}
 
@@ -792,6 +794,7 @@ def _ordered(name: str, metrics: dict) -> list[tuple[str, dict]]:
 
 
 COPY_WARN = 0.2  # a model that gives the prompt back on this share of IFEval prompts gets a COPIES THE PROMPT warning
+LOOP_WARN = 0.1  # a tuned model whose answers end in a loop (cut at the cap, repeating itself) this often gets a LOOPS warning
 TERSE_RATIO = 0.5  # tuned answer under this share of the base's length on most prompts = "got terser" warning
 
 _LABELS = {
@@ -868,6 +871,7 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
             types = ", ".join(f"{k} ({v['count']})" for k, v in s["unscoreable"].items())
             warnings.append(f"UNSCOREABLE: {name}: {s['unscoreable_instructions']} instructions of types {types} could not be checked "
                             f"(missing data); {s['excluded_prompts']} prompts excluded from prompt-level scores")
+    warnings += _loop_warnings(summary, bench_results)
     broken, checked = _decode_check_lines(summary, bench_results)
     warnings += broken
     notes += checked
@@ -910,6 +914,19 @@ def _decode_check_lines(summary: dict, bench_results: dict) -> tuple[list[str], 
     agree, tokens = sum(c["agree"] for *_, c in passes), sum(c["tokens"] for *_, c in passes)
     return broken, [f"decode check: {agree} of {tokens} greedy answer tokens ({agree / tokens:.1%}) from {len(passes)} generation passes "
                     "are what one plain forward over the same text picks"]
+
+
+def _loop_warnings(summary: dict, bench_results: dict) -> list[str]:
+    """LOOPS where the tuned model's greedy answers end in a loop (`benchmarks.ends_in_loop`) on LOOP_WARN or more of a
+    set's prompts: what a user sees as an answer that repeats itself and never ends, whatever the scores say. The base's
+    share is given beside it (a base model often loops more; that does not make the tuned one usable)."""
+    sets = [("held-out", summary.get("base", {}).get("loop_share"), summary.get("tuned", {}).get("loop_share"))]
+    sets += [(name, (res["summary"].get("loop_share") or {}).get("base"), (res["summary"].get("loop_share") or {}).get("tuned"))
+             for name, res in bench_results.items()]
+    return [f"LOOPS: {where}: {tuned:.0%} of the tuned model's answers repeat themselves until the generation cap (the last "
+            f"{bench.LOOP_WORDS} words already written, no end-of-turn){f'; base {base:.0%}' if base is not None else ''}; a user sees "
+            "answers that never end (read them side by side; more short, well-ended training answers or more steps on them)"
+            for where, base, tuned in sets if tuned is not None and tuned >= LOOP_WARN]
 
 
 def _length_warnings(s: dict, name: str) -> list[str]:
@@ -976,8 +993,8 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             a = s["answers"]
             cols = [c for c in ("base", "tuned", "reference") if c in a]
             lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-            for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate"):
-                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k == "eos_share" else str(a[c][k]) for c in cols) + " |")
+            for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate", "loop_share"):
+                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k == "eos_share" else str(a[c].get(k, "—")) for c in cols) + " |")
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")

@@ -258,6 +258,17 @@ def test_answer_stats_measure_length_shape_and_loops():
     assert s["median_words"] == 5.5  # word counts 0, 4, 7, 10
     assert bench.repetition_rate("go go go go go go go go go go") > 0.8
     assert bench.repetition_rate("the quick brown fox jumps over the lazy dog") == 0.0
+    assert s["loop_share"] == 0.0  # "go go go ..." is cut but too short (10 words) to call a loop
+
+
+def test_ends_in_loop_is_a_cut_answer_repeating_its_last_words():
+    cycle = "1. Measure the circumference of the button and the circumference of the shirt.\n"
+    assert bench.ends_in_loop(cycle * 6, stopped=False)
+    assert not bench.ends_in_loop(cycle * 6, stopped=True)  # it ended: long-winded, not a loop
+    assert not bench.ends_in_loop(" ".join(f"w{i}" for i in range(300)), stopped=False)  # cut, but never repeats
+    assert not bench.ends_in_loop(cycle, stopped=False)  # 13 words: too short to tell
+    # a phrase said twice early does not make a cut answer a loop: only its last 12 words count
+    assert not bench.ends_in_loop(cycle * 2 + " ".join(f"w{i}" for i in range(40)), stopped=False)
 
 
 def test_reference_overlap_scores_identity_high_and_unrelated_low():

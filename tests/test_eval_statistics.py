@@ -236,6 +236,37 @@ def test_terser_warning_is_not_held_by_the_cap(monkeypatch, base_stopped, tuned_
         assert "24 of 24 base answers were cut at the 96-token cap" in warnings[0] and "eval.benchmark_max_new_tokens.alpaca_eval" in warnings[0]
 
 
+LOOPING = " ".join(["Measure the circumference of the button and the circumference of the shirt."] * 8)
+LONG_UNIQUE = " ".join(f"word{i}" for i in range(120))
+
+
+@pytest.mark.parametrize("looping, expected", [(3, True), (2, False)])
+def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, looping, expected):
+    """Recipe d (2026-12-02): 259 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
+    read better and no warning said so. At 3 of 24 (12.5%) the tuned model gets a LOOPS line naming both shares; at
+    2 of 24 (8%) it does not; long answers cut at the cap that do not repeat, and ended answers, are not loops."""
+    rows = alpaca_rows(24)
+    tuned = [(LOOPING, False)] * looping + [(LONG_UNIQUE, False)] * 5 + [("a short answer that ended", True)] * (19 - looping)
+    base = [(LOOPING, False)] * 24
+    res, _ = run(monkeypatch, "alpaca_eval", rows, {"base": base, "tuned": tuned}, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24})
+    s = res["summary"]
+    assert s["loop_share"] == {"base": 1.0, "tuned": round(looping / 24, 4)}
+    assert s["answers"]["tuned"]["loop_share"] == round(looping / 24, 4) and s["answers"]["reference"]["loop_share"] == 0.0
+    loops = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith("LOOPS")]
+    if expected:
+        assert len(loops) == 1 and loops[0].startswith(f"LOOPS: alpaca_eval: {looping / 24:.0%} of the tuned model's answers") \
+            and "base 100%" in loops[0], loops
+    else:
+        assert loops == []
+
+
+def test_loops_warning_reads_the_held_out_answers_too():
+    summary = {"base": {"loop_share": 0.0}, "tuned": {"loop_share": 0.25}}
+    loops = [w for w in ev.make_verdict(summary, None, {}, 0.95)["warnings"] if w.startswith("LOOPS")]
+    assert len(loops) == 1 and loops[0].startswith("LOOPS: held-out: 25%") and "base 0%" in loops[0]
+    assert not [w for w in ev.make_verdict({"tuned": {"loop_share": 0.05}}, None, {}, 0.95)["warnings"] if w.startswith("LOOPS")]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Item 10: benchmarks are prompted as the published model is served
 
