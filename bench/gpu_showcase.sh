@@ -113,7 +113,7 @@ fi
 if [[ -f $rc && -f $out/summary.json ]]; then
   adapter=$(python3 -c "import json; print(json.load(open('$out/summary.json'))['stages'].get('train', {}).get('outputs', {}).get('adapter_dir') or '')")
   if [[ -n $adapter && -f $adapter/adapter_model.safetensors ]]; then
-    mkdir -p "$out/adapter" && cp "$adapter/adapter_config.json" "$out/adapter/"
+    mkdir -p "$out/adapter" && rm -f "$out/adapter/adapter_model.safetensors.part"* && cp "$adapter/adapter_config.json" "$out/adapter/"
     split -b 9M -d "$adapter/adapter_model.safetensors" "$out/adapter/adapter_model.safetensors.part"
     sha256sum "$adapter/adapter_model.safetensors" > "$out/adapter/SHA256"
   fi
