@@ -12,6 +12,10 @@
 #   d: b's constrained share without b's repeats (b read its data 4.6 times in 847 steps and its held-out loss rose):
 #      24,000 embedded rows on answers of <= 600 words (more distinct instructions) and all of ShareGPT's usable rows,
 #      ~15 M tokens, so 847 steps read it < 2 times; held-out answers up to 768 tokens (answers of 600 words)
+#      (measured 2026-12-02 as the demo-gpu profile's own 10-minute run, 771 steps: docs/BENCHMARKS.md "Recipe d")
+# Against d's loops (27% of its AlpacaEval answers repeat themselves to the cap), each at d's 771 steps:
+#   e: d on constrained answers of <= 300 words (data key 6ce34d13fce64192, `.up/p9`: 34.6% of 13.8 M tokens)
+#   f: d with rows of <= 1,024 tokens (ShareGPT's long answers cut away; 3c7cb514ff8d024a, `.up/p10`: 52.3% of 10.0 M)
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
@@ -26,7 +30,8 @@ declare -A embedded_sets=(
   [a]="--set data.embedded_train=12000 --set data.embedded_base_max_words=400 --set data.embedded_task_share=0.1"
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
-embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]}
+embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]}
+embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
 alpaca='{source: "pypi:alpaca-en-demo", rows: 596, heldout: 40}'
 declare -A data_sets=(
   [a]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
@@ -34,7 +39,9 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024"
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
+train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
@@ -51,7 +58,7 @@ case $cmd in
     up=$1; shift
     (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
-      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a, b or c)" >&2; exit 2; }
+      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-f)" >&2; exit 2; }
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]} ${common[@]} ${train_sets[$t]})"
       TAG=$t bash "$here/gpu_showcase.sh" start "$up" 60 "${extra[@]}"
     done ;;
