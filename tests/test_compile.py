@@ -472,3 +472,42 @@ def test_inductor_on_this_cpu_trains_as_eager_does(tiny_cfg, shared_artifacts):
     model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, log=logs.append)
     assert model.layer_compile.active and model.layer_compile.graphs == GRAPHS["padded"] and not logs
     assert _close(eager, _train_steps(model, "padded")) and model.layer_compile.eager_calls == 0
+
+
+GEMMA3 = {"text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "initializer_range": 0.2, "head_dim": 16}, "mm_tokens_per_image": 4,
+          "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "image_size": 28, "patch_size": 14}}
+
+
+def test_a_multimodal_gemma3_without_checkpointing_builds_no_kv_cache_and_trains_its_compiled_layers(tiny_cfg, shared_artifacts,
+                                                                                                   monkeypatch):
+    """Gemma-3 4B/12B's model type (`gemma3`, multimodal) reads `use_cache` from its text config, which build_model's
+    top-level `use_cache=False` did not reach: without checkpointing (which turns it off) every padded training forward
+    built a DynamicCache, each decoder layer took the cache path (transformers' eager forward), and with
+    training.compile=layers the warm-up compiled 0 graphs while the record said compiled, with 0 eager calls."""
+    cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"name": "random:gemma3", "random_config": GEMMA3})})
+    counts: dict = {}
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    model = _model(cfg, shared_artifacts, "padded", compiled=True, gc=False)
+    assert model.get_base_model().config.get_text_config().use_cache is False
+    state = model.layer_compile
+    assert state.active and state.graphs > 0 and state.eager_calls == 0
+    runs = counts["forward_runs"]
+    _train_steps(model, "padded", 2)
+    assert counts["forward_runs"] - runs == 2 * 2 and state.eager_calls == 0  # 2 steps x 2 text layers, compiled
+
+
+def test_a_warm_up_that_compiled_nothing_is_not_a_compiled_run(tiny_cfg, shared_artifacts, monkeypatch):
+    """Layers whose every call bypasses the compiled forward (here: each one said to read a KV cache) compile no graph.
+    The state must not say compiled (the probe's record, stage 4 and their logs read `active`): one log line, the
+    layers' own forwards back, and each bypassing call counted as eager."""
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_mod, "_uses_cache", lambda kwargs: True)
+    logs = []
+    model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, log=logs.append)
+    state = model.layer_compile
+    assert state.graphs == 0 and state.eager_calls > 0
+    assert not state.active and state.error.startswith("RuntimeError: its warm-up compiled no graph (2 decoder layers")
+    assert len(logs) == 1 and logs[0].startswith("compile: training.compile=layers failed in its warm-up step (RuntimeError: its")
+    assert not any("forward" in vars(layer) for layer in checkpointed_layers(model))

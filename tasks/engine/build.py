@@ -52,7 +52,12 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
     with quiet_transformers():
         model = load_base_model(ref, model_cfg, quant, device, attn_implementation=attn)
     targets = lora_targets(model, lora)
-    model.config.use_cache = False
+    # Training builds no KV cache, in the text model's config too: a multimodal model (Gemma-3 4B/12B) reads `use_cache`
+    # from its text config, which the top-level flag does not reach, and without checkpointing (which turns it off) its
+    # text model built a DynamicCache in every padded training forward, each decoder layer taking the cache path
+    # (with training.compile: layers, transformers' eager forward: nothing compiled).
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = False
     if uses_4bit(quant, device) and not fast and targets.parameters:
         prepare_kbit_keeping_experts(model, gradient_checkpointing)
     elif uses_4bit(quant, device) and not fast:

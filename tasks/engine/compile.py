@@ -204,6 +204,7 @@ def _compiled_forward(state: CompileState, inner, wraps_forward: bool, compiled)
 
     def forward(self, *args, **kwargs):
         if _uses_cache(kwargs):
+            state.note_eager()  # not the compiled forward: counted as every other eager call
             return type(self).forward(self, *args, **kwargs)  # transformers' own path, eager
         if wraps_forward and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(functools.partial(run, self, **kwargs), *args)
@@ -343,4 +344,10 @@ def compile_for_training(model, batches: list[dict], device: str, autocast_dtype
         state.warming = False
     state.seconds = time.monotonic() - t0
     state.graphs = compiled_graphs() - graphs
+    if state.active and not state.graphs:
+        # Nothing reached a compiled forward (no decoder layer found, or every call took another path, such as a KV
+        # cache's): the records must not say compiled. The layers are eager already; say so, as for a failure.
+        state.fail(RuntimeError(f"its warm-up compiled no graph ({len(state.layers)} decoder layers, {state.eager_calls} eager "
+                                "calls)"), "in its warm-up step")
+        uncompile_layers(model)
     return state
