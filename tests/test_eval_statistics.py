@@ -242,7 +242,7 @@ LONG_UNIQUE = " ".join(f"word{i}" for i in range(120))
 
 @pytest.mark.parametrize("looping, expected", [(3, True), (2, False)])
 def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, looping, expected):
-    """Recipe d (2026-12-02): 259 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
+    """Recipe d (2026-12-02): 327 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
     read better and no warning said so. At 3 of 24 (12.5%) the tuned model gets a LOOPS line naming both shares; at
     2 of 24 (8%) it does not; long answers cut at the cap that do not repeat, and ended answers, are not loops."""
     rows = alpaca_rows(24)
