@@ -480,7 +480,7 @@ class CharTok:
         return {"input_ids": [ids(t) for t in text] if isinstance(text, list) else ids(text)}
 
 
-def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
+def test_base_answers_key_follows_what_the_base_side_depends_on(monkeypatch, tmp_path):
     from tasks.config import load_config
     from tasks.data import DataRecord
 
@@ -498,6 +498,11 @@ def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
     assert key(s={**suite, "rows": [{**r, "reference": "Sure. " + r["reference"]} for r in suite["rows"]]}) != same
     assert key(sp="Be brief.") != same
     assert key(c=load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "quant.load_in_4bit=false"])) != same
+    # what stage 5 reports from the answers (EVAL_VERSION 8: loop_share, LOOPS) re-runs the stage, not the base's side
+    monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
+    assert key() == same
+    monkeypatch.setattr(ev, "BASE_ANSWERS_VERSION", ev.BASE_ANSWERS_VERSION + 1)
+    assert key() != same
 
 
 def test_a_broken_or_unreadable_base_side_is_generated_again(monkeypatch, tmp_path):
