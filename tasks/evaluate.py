@@ -999,7 +999,9 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             cols = [c for c in ("base", "tuned", "reference") if c in a]
             lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate", "loop_share"):
-                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k == "eos_share" else str(a[c].get(k, "—")) for c in cols) + " |")
+                # the references are whole answers, never cut at a cap: no end-of-turn or loop share to read
+                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k in ("eos_share", "loop_share") else str(a[c].get(k, "—"))
+                                                      for c in cols) + " |")
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")

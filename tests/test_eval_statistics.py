@@ -252,7 +252,12 @@ def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, loop
     s = res["summary"]
     assert s["loop_share"] == {"base": 1.0, "tuned": round(looping / 24, 4)}
     assert s["answers"]["tuned"]["loop_share"] == round(looping / 24, 4) and s["answers"]["reference"]["loop_share"] == 0.0
-    loops = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith("LOOPS")]
+    verdict = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+    loops = [w for w in verdict["warnings"] if w.startswith("LOOPS")]
+    card = ev.benchmark_markdown(
+        ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
+                      gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": s}, verdict=verdict))
+    assert f"| loop_share | 1.0 | {round(looping / 24, 4)} | — |" in card  # the references are never cut: no share to give
     if expected:
         assert len(loops) == 1 and loops[0].startswith(f"LOOPS: alpaca_eval: {looping / 24:.0%} of the tuned model's answers") \
             and "base 100%" in loops[0], loops
