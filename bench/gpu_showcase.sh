@@ -108,14 +108,19 @@ if [[ -f $rc && -f $art/latest.json ]]; then
   [[ -n $pub && -f $pub/eval.json ]] && cp "$pub/eval.json" "$out/eval.json" && xz -9f "$out/eval.json" && cp "$pub/README.md" "$out/model-card.md"
 fi
 # the trained adapter (30 MB for demo-gpu's r32), in 9 MB parts (a call's returned files are size-limited), so the tuned
-# model can be read and re-scored on a CPU afterwards (`cat adapter/adapter_model.safetensors.part* > ...`; recipe d's
-# run did not bring it back, and the loops it showed could not be examined)
+# model can be read and re-scored on a CPU afterwards (recipe d's run did not bring it back, and the loops it showed
+# could not be examined). Join and check in OUT/adapter:
+#   cat adapter_model.safetensors.part* > adapter_model.safetensors && sha256sum -c SHA256
 if [[ -f $rc && -f $out/summary.json ]]; then
   adapter=$(python3 -c "import json; print(json.load(open('$out/summary.json'))['stages'].get('train', {}).get('outputs', {}).get('adapter_dir') or '')")
+  # an earlier poll's adapter into this OUT goes first: its extra parts (a bigger adapter) would join into this one's
+  # file, and a run without an adapter would seem to have that one
+  rm -rf "$out/adapter"
   if [[ -n $adapter && -f $adapter/adapter_model.safetensors ]]; then
     mkdir -p "$out/adapter" && rm -f "$out/adapter/adapter_model.safetensors.part"* && cp "$adapter/adapter_config.json" "$out/adapter/"
     split -b 9M -d "$adapter/adapter_model.safetensors" "$out/adapter/adapter_model.safetensors.part"
-    sha256sum "$adapter/adapter_model.safetensors" > "$out/adapter/SHA256"
+    # the bare file name, not this machine's path: `sha256sum -c SHA256` then checks the joined copy next to it
+    (cd "$adapter" && sha256sum adapter_model.safetensors) > "$out/adapter/SHA256"
   fi
 fi
 # the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side

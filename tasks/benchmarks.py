@@ -462,9 +462,17 @@ LOOP_WORDS = 12  # an answer cut at the cap whose last this-many words it had al
 
 def ends_in_loop(text: str, stopped: bool) -> bool:
     """The answer never ended (cut at the generation cap) and its last LOOP_WORDS words already occur earlier in it:
-    greedy decoding caught in a cycle, which a user sees as an answer that repeats itself and never ends."""
-    words = text.split()
-    if stopped or len(words) < 2 * LOOP_WORDS:
+    greedy decoding caught in a cycle, which a user sees as an answer that repeats itself and never ends.
+    The word the cap cut is left out: it is often a piece ('circumf', 'shirt' of 'shirt.', '1' of '1/4'), which never
+    matches the whole word written before. Numbers are one word whatever their digits ('14:' = '15:', '$1,000' = '$2,500';
+    words with letters are kept as they are): a loop that counts its items ('14. Use a plunger ... 15. Use a plunger ...')
+    is a loop. On recipe d's AlpacaEval answers (bench/results/h200-gemma-recipe-d-2026-12-02) the two take the tuned
+    model's count from 220 to 327 of 805 (the added: items repeated under counting numbers, '* 1/4 cup maple syrup' cut
+    at '1', sentences cut before their period); AlpacaEval's GPT-4 references cut at every third word: 0.24% of cuts."""
+    if stopped:
+        return False
+    words = [w if any(c.isalpha() for c in w) else re.sub(r"\d+", "0", w) for w in text.split()[:-1]]
+    if len(words) < 2 * LOOP_WORDS:
         return False
     tail, earlier = words[-LOOP_WORDS:], words[:-LOOP_WORDS]
     return any(earlier[i:i + LOOP_WORDS] == tail for i in range(len(earlier) - LOOP_WORDS + 1))

@@ -37,13 +37,18 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 7  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 8  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
 # 6: IFEval answers that give the prompt back, judged (exact McNemar) and warned (COPIES THE PROMPT)
 # 7: every generation pass checks its first rows' greedy tokens against a plain forward (decode_check; GENERATION BROKEN);
 # the base's benchmark answers cached by base_answers_key and reused across adapters
+# 8: loop_share in the answer stats and summaries, and the LOOPS warning (a record cached before has neither, so a rerun
+# on the same adapter would give back its verdict without the warning)
+# The base's cached benchmark answers (`base_answers_key`, which also fingerprints the code that generates and scores
+# them) have their own number: bump it when their content changes, not when only what stage 5 reports from them does.
+BASE_ANSWERS_VERSION = 7
 
 
 class EvalRecord(BaseModel):
@@ -631,7 +636,7 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     if suite["name"] == "alpaca_eval":
         fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
     code = [inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)]
-    return fingerprint("eval-base", EVAL_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json"),
+    return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json"),
                        quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
                        eval.batch_size, hardware_id(resolve_device(device)), libs)
 
@@ -994,7 +999,9 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             cols = [c for c in ("base", "tuned", "reference") if c in a]
             lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate", "loop_share"):
-                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k == "eos_share" else str(a[c].get(k, "—")) for c in cols) + " |")
+                # the references are whole answers, never cut at a cap: no end-of-turn or loop share to read
+                lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k in ("eos_share", "loop_share") else str(a[c].get(k, "—"))
+                                                      for c in cols) + " |")
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")

@@ -188,14 +188,16 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
 def gguf_token_metadata(path: Path) -> dict:
     """The GGUF's own word on special tokens: {'eos'|'bos'|'pad': (id, text), 'control': [texts of control tokens],
     'add_bos': whether every text starts with BOS (llama.cpp's `tokenizer.ggml.add_bos_token`), when the file says}.
-    Read once per file and process (gguf-py parses a 262k-token vocabulary in seconds); the file's size and mtime are
-    in the cache key, and each caller gets its own copy."""
+    Read once per file and process (gguf-py parses a 262k-token vocabulary in seconds); the file's size, mtime, inode and
+    ctime are in the cache key (a file replaced by another of the same size whose mtime was kept, `cp -p` or copy2 then a
+    rename, has another inode; a rewrite in place that sets its mtime back has another ctime), and each caller gets its
+    own copy."""
     st = Path(path).stat()
-    return copy.deepcopy(_gguf_token_metadata(str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+    return copy.deepcopy(_gguf_token_metadata(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=4)
-def _gguf_token_metadata(path: str, size: int, mtime_ns: int) -> dict:
+def _gguf_token_metadata(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int) -> dict:
     from gguf import GGUFReader
 
     fields = GGUFReader(path).fields

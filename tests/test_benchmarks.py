@@ -271,6 +271,22 @@ def test_ends_in_loop_is_a_cut_answer_repeating_its_last_words():
     assert not bench.ends_in_loop(cycle * 2 + " ".join(f"w{i}" for i in range(40)), stopped=False)
 
 
+def test_ends_in_loop_reads_the_word_the_cap_cut_and_loops_that_count():
+    """Recipe d's tuned AlpacaEval answers (2026-12-02): the cap cuts a loop anywhere, often inside a word or before its
+    period ('shirt' of 'shirt.', '1' of '1/4'), and many loops number their items; read by whole words with every digit
+    counting, 107 of the 327 loops went uncounted."""
+    cycle = "1. Measure the circumference of the button and the circumference of the shirt.\n"
+    assert bench.ends_in_loop((cycle * 6)[:-2], stopped=False)  # '... of the shirt' before its '.'
+    assert bench.ends_in_loop((cycle * 6)[:-20], stopped=False)  # '... the circumf'
+    assert bench.ends_in_loop("* 1/4 cup maple syrup\n" * 20 + "* 1", stopped=False)
+    counting = "".join(f"{i}. Use a plunger to unclog the drain and water pipes.\n" for i in range(1, 40))
+    assert bench.ends_in_loop(counting, stopped=False) and bench.ends_in_loop(counting[:-25], stopped=False)
+    assert bench.ends_in_loop(" + ".join(f"${i},000" for i in range(1, 60)), stopped=False)  # $1,000 + $2,000 + ...
+    # a number is one word, a word with letters keeps its digits: counting names (w0 ... w299) never repeat
+    assert not bench.ends_in_loop(" ".join(f"w{i}" for i in range(300)), stopped=False)
+    assert not bench.ends_in_loop(counting, stopped=True)
+
+
 def test_reference_overlap_scores_identity_high_and_unrelated_low():
     ref = "The sky looks blue because air scatters blue sunlight more than red."
     o = bench.reference_overlap([ref, "Bananas are yellow."], [ref, ref])

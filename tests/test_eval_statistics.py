@@ -242,7 +242,7 @@ LONG_UNIQUE = " ".join(f"word{i}" for i in range(120))
 
 @pytest.mark.parametrize("looping, expected", [(3, True), (2, False)])
 def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, looping, expected):
-    """Recipe d (2026-12-02): 259 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
+    """Recipe d (2026-12-02): 327 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
     read better and no warning said so. At 3 of 24 (12.5%) the tuned model gets a LOOPS line naming both shares; at
     2 of 24 (8%) it does not; long answers cut at the cap that do not repeat, and ended answers, are not loops."""
     rows = alpaca_rows(24)
@@ -252,7 +252,12 @@ def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, loop
     s = res["summary"]
     assert s["loop_share"] == {"base": 1.0, "tuned": round(looping / 24, 4)}
     assert s["answers"]["tuned"]["loop_share"] == round(looping / 24, 4) and s["answers"]["reference"]["loop_share"] == 0.0
-    loops = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith("LOOPS")]
+    verdict = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+    loops = [w for w in verdict["warnings"] if w.startswith("LOOPS")]
+    card = ev.benchmark_markdown(
+        ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
+                      gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": s}, verdict=verdict))
+    assert f"| loop_share | 1.0 | {round(looping / 24, 4)} | — |" in card  # the references are never cut: no share to give
     if expected:
         assert len(loops) == 1 and loops[0].startswith(f"LOOPS: alpaca_eval: {looping / 24:.0%} of the tuned model's answers") \
             and "base 100%" in loops[0], loops
@@ -480,7 +485,7 @@ class CharTok:
         return {"input_ids": [ids(t) for t in text] if isinstance(text, list) else ids(text)}
 
 
-def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
+def test_base_answers_key_follows_what_the_base_side_depends_on(monkeypatch, tmp_path):
     from tasks.config import load_config
     from tasks.data import DataRecord
 
@@ -498,6 +503,11 @@ def test_base_answers_key_follows_what_the_base_side_depends_on(tmp_path):
     assert key(s={**suite, "rows": [{**r, "reference": "Sure. " + r["reference"]} for r in suite["rows"]]}) != same
     assert key(sp="Be brief.") != same
     assert key(c=load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "quant.load_in_4bit=false"])) != same
+    # what stage 5 reports from the answers (EVAL_VERSION 8: loop_share, LOOPS) re-runs the stage, not the base's side
+    monkeypatch.setattr(ev, "EVAL_VERSION", ev.EVAL_VERSION + 1)
+    assert key() == same
+    monkeypatch.setattr(ev, "BASE_ANSWERS_VERSION", ev.BASE_ANSWERS_VERSION + 1)
+    assert key() != same
 
 
 def test_a_broken_or_unreadable_base_side_is_generated_again(monkeypatch, tmp_path):

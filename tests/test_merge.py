@@ -170,6 +170,37 @@ def test_gguf_metadata_names_smollm2_end_of_turn():
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(meta["control"])
 
 
+def test_gguf_metadata_is_read_again_when_the_file_is_replaced_keeping_size_and_mtime(tmp_path):
+    """gguf_token_metadata caches per file: a GGUF replaced by one of the same size whose mtime was kept (copy2 or
+    `cp -p`, then a rename over it) is read again, not answered from the cache; a caller's changes stay its own."""
+    gguf = pytest.importorskip("gguf")
+    import os
+
+    def write(path, eos):
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", "a", "b"])
+        w.add_token_types([2, 3, 3, 1, 1])
+        w.add_eos_token_id(eos)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    path, other = tmp_path / "m.gguf", tmp_path / "new.gguf"
+    write(path, 2)
+    meta = gguf_token_metadata(path)
+    assert meta["eos"] == (2, "</s>")
+    meta["control"].append("<mine>")
+    assert gguf_token_metadata(path)["control"] == ["<s>", "</s>"]
+    write(other, 4)
+    st = path.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert other.stat().st_size == st.st_size
+    os.replace(other, path)
+    assert gguf_token_metadata(path)["eos"] == (4, "b")
+
+
 GEMMA_TEXTS = [
     "Hello world! It's  a test.\n\nNew para\tTab", "  leading spaces and trailing  ", "日本語のテキストと emoji 🙂 mixed",
     "### User:\nWrite a haiku.\n\n### Assistant:\nWaves<eos>\n\n", "def f(x):\n    return x**2  # comment\n",
