@@ -85,6 +85,9 @@ def test_bad_flags_are_one_line_naming_them(argv, names, capsys):
 
 
 def test_import_unsloth_refuses_a_process_with_transformers_loaded(monkeypatch):
+    # only transformers loaded, whatever else this test process imported before (under xdist, peft often is)
+    for name in unsloth_bench.LOADED_FIRST:
+        monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
     with pytest.raises(SystemExit, match="transformers imported before unsloth; run this file as its own process"):
         unsloth_bench.import_unsloth()
