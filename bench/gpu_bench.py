@@ -97,6 +97,7 @@ from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py
     log,
     mixed_stats,
     synthetic_sets,
+    trainer_classes,
     versions,
     write_random_checkpoint,
 )
@@ -140,35 +141,9 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward).
     `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps."""
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    class BenchTrainer(SFTTrainer):
-        real_tokens = 0
-        slots = 0
-
-        def _get_train_sampler(self, *args, **kwargs):  # same order for every engine: parity on equal batches
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            self.real_tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
-            self.slots += inputs["input_ids"].numel()
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.trainer, self.steps = None, []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.t, self.tok, self.slot = time.perf_counter(), 0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            now, tok, slot = time.perf_counter(), int(self.trainer.real_tokens), int(self.trainer.slots)
-            self.steps.append({"s": now - self.t, "tokens": tok - self.tok, "slots": slot - self.slot})
-            self.t, self.tok, self.slot = now, tok, slot
+    BenchTrainer, StepTimer = trainer_classes()
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,

@@ -92,6 +92,7 @@ from bench.workload import (  # noqa: E402  (numpy only: nothing here may import
     log,
     mixed_stats,
     synthetic_sets,
+    trainer_classes,
     versions,
     write_random_checkpoint,
 )
@@ -245,50 +246,13 @@ def reset_lora(model, seed: int) -> int:
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def trainer_classes():
-    """SFTTrainer (Unsloth's, once `import unsloth` ran) with gpu_bench's sequential sampler and token counting, and
-    its step timer. Defined after the import so the base class is the patched one."""
-    import torch
-    from transformers import TrainerCallback
-    from trl import SFTTrainer
-
-    class BenchTrainer(SFTTrainer):
-        real_tokens = 0
-        slots = 0
-
-        def _get_train_sampler(self, *args, **kwargs):  # the same order as gpu_bench's runs: same rows per step
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            self.real_tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
-            self.slots += inputs["input_ids"].numel()
-            return super().training_step(model, inputs, *args, **kwargs)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.trainer, self.steps = None, []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self.t, self.tok, self.slot = time.perf_counter(), 0, 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            now, tok, slot = time.perf_counter(), int(self.trainer.real_tokens), int(self.trainer.slots)
-            self.steps.append({"s": now - self.t, "tokens": tok - self.tok, "slots": slot - self.slot})
-            self.t, self.tok, self.slot = now, tok, slot
-
-    return BenchTrainer, StepTimer
-
-
 def run(entry: dict, rows: dict, model, tok, a: argparse.Namespace) -> dict:
     """Train `a.steps` optimizer steps; time the last `a.steps - a.warmup`; return a record with gpu_bench's fields."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig
 
-    BenchTrainer, StepTimer = trainer_classes()
+    BenchTrainer, StepTimer = trainer_classes()  # bench/workload.py
     name = entry["name"]
     record = {"name": name, "engine": "unsloth", "data": entry["data"], "batching": entry["batching"],
               "capped_gib": CAP_GIB, "n_recompute_free": 0, "gradient_checkpointing": "unsloth", "offload": False,

@@ -145,3 +145,41 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[dist] = "missing"
     return out
+
+
+def trainer_classes():
+    """TRL's SFTTrainer with a sequential sampler (every run reads the same rows in the same order: parity on equal
+    batches) and real-token counting, and the step timer both benches time with. Imported when called, not with this
+    module: in unsloth_bench that is after `import unsloth`, so the base class is Unsloth's patched one."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class BenchTrainer(SFTTrainer):
+        real_tokens = 0
+        slots = 0
+
+        def _get_train_sampler(self, *args, **kwargs):  # the same order for every engine and bench
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            self.real_tokens += mask.sum() if mask is not None else inputs["input_ids"].numel()
+            self.slots += inputs["input_ids"].numel()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.trainer, self.steps = None, []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.t, self.tok, self.slot = time.perf_counter(), 0, 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            now, tok, slot = time.perf_counter(), int(self.trainer.real_tokens), int(self.trainer.slots)
+            self.steps.append({"s": now - self.t, "tokens": tok - self.tok, "slots": slot - self.slot})
+            self.t, self.tok, self.slot = now, tok, slot
+
+    return BenchTrainer, StepTimer
