@@ -11,12 +11,14 @@ the key and the fix (STYLE §1, §8).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 MAX_HOURS = 720.0  # a month: anything longer is a typo (minutes given as hours, say)
@@ -117,6 +119,12 @@ class DataSection(Section):
         0.2, ge=0, le=1, description="embedded source: share of rows from the synthetic task families (arithmetic, sorting, "
         "extraction...); the rest are constrained real instructions. 1 = task families only.",
     )
+    embedded_type_weights: dict[str, float] | None = Field(
+        None, description="embedded source: relative weight of each constraint type (tasks/constraints.py TYPES) as a training "
+        "row's primary constraint, e.g. {end_phrase: 3, word_count: 0}: a type not named weighs 1, 0 = never primary (it can "
+        "still join as an extra constraint). The shares are exact (weighted round robin, no sampling noise). Held-out rows "
+        "stay uniform, so runs with other weights are scored on the same rows. None = every type alike.",
+    )
     embedded_base_max_words: int = Field(
         120, ge=5, le=2000, description="embedded source: the longest real answer (words) a constrained row is built on. "
         "120 fits the CPU demo's 256-token rows; longer rows (max_length 2048) can take longer answers: more distinct "
@@ -133,6 +141,34 @@ class DataSection(Section):
     )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @field_validator("embedded_type_weights")
+    @classmethod
+    def _type_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None  # {} = unset: the same rows and the same data key
+        from .constraints import TYPES
+
+        problems = []
+        if unknown := sorted(set(v) - set(TYPES)):
+            problems.append(f"unknown constraint type {', '.join(map(repr, unknown))}; use names from {', '.join(TYPES)}")
+        if bad := [f"{t}: {w:g}" for t, w in v.items() if not (math.isfinite(w) and w >= 0)]:
+            problems.append(f"weights must be finite numbers >= 0 (got {', '.join(bad)}); e.g. 3 = three times the rows, 0 = never primary")
+        if not problems and not any(v.get(t, 1.0) for t in TYPES):
+            problems.append("every constraint type weighs 0, so no row has a primary constraint; give at least one a weight > 0 "
+                            "(a type not named weighs 1)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        # Unset, the key is left out of the dump: the data stage's cache key hashes it, and prebuilt data stages
+        # (bench/data_stage_tar.py) are found by key, so configs that don't set it keep the keys they had before it existed.
+        if self.embedded_type_weights is None:
+            out.pop("embedded_type_weights", None)
+        return out
 
     @model_validator(mode="after")
     def _mix_shares(self) -> "DataSection":

@@ -577,9 +577,10 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         bases, base_stats = _embedded_bases(data, deduper, removed, artifacts_dir)
         taken = {sources.normal(b.instruction) for b in bases if b.source in {m.source for m in data.mix}}
         try:
+            # the type weights shape the training rows only: held-out rows stay uniform, the same for any weights
             train_recs, held_recs = ([ex.to_record() for ex in instructions.generate(
-                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED)]
-                for n, split in ((data.embedded_train, "train"), (data.embedded_heldout, "heldout")))
+                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED, weights)]
+                for n, split, weights in ((data.embedded_train, "train", data.embedded_type_weights), (data.embedded_heldout, "heldout", None)))
         except ValueError as e:
             raise StageError(f"data.embedded_bases: {e}") from e
         rows_read = len(train_recs) + len(held_recs)

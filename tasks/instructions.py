@@ -46,7 +46,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import constraints
 from .constraints import Base
@@ -496,16 +496,17 @@ _GENERATORS: dict[str, Callable[[random.Random, str], _Generated]] = {
 
 
 def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_share: float = 0.2,
-             max_chars: int | None = None) -> list[Example]:
+             max_chars: int | None = None, type_weights: Mapping[str, float] | None = None) -> list[Example]:
     """Return `n` examples of `split` ("train" or "heldout").
 
     Without `bases`: the synthetic task families, round-robin as in FAMILIES. With `bases` (real instructions and
     answers, tasks/constraints.py): a `task_share` of the rows are task-family rows, the rest real instructions of
     this split (`constraints.split_of`) carrying one to three constraints, their primary type round-robin as in
-    constraints.TYPES; every answer passed its checker, and prompt + answer fit `max_chars` characters.
+    constraints.TYPES, or weighted by `type_weights` (type -> relative weight; a type not named weighs 1, 0 = never
+    primary); every answer passed its checker, and prompt + answer fit `max_chars` characters.
 
-    Deterministic for (n, split, seed, bases, task_share, max_chars); the RNG does not depend on `n`, so a shorter
-    list is a prefix of a longer one with the same arguments.
+    Deterministic for (n, split, seed, bases, task_share, max_chars, type_weights); the RNG does not depend on `n`,
+    so a shorter list is a prefix of a longer one with the same arguments.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -516,7 +517,7 @@ def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_sha
     # A string seed is hashed with SHA-512 by random.Random, so it is stable across processes and
     # keeps the train and heldout streams independent for the same integer seed.
     rng = random.Random(f"instructions/{split}/{seed}")
-    pool = _ConstraintPool(bases, split, max_chars) if bases and task_share < 1.0 else None
+    pool = _ConstraintPool(bases, split, max_chars, type_weights) if bases and task_share < 1.0 else None
     examples: list[Example] = []
     n_tasks = 0
     for i in range(n):
@@ -537,7 +538,7 @@ class _ConstraintPool:
     TRIES = 40  # draws of (base, extra constraints) per row before moving to the next type
     EXTRA = (0, 0, 0, 1, 1, 2)  # how many constraints join the primary one: half the rows carry one, some three
 
-    def __init__(self, bases: Sequence[Base], split: str, max_chars: int | None):
+    def __init__(self, bases: Sequence[Base], split: str, max_chars: int | None, type_weights: Mapping[str, float] | None = None):
         limit = HELDOUT_ANSWER_WORDS if split == "heldout" else None
         self.bases = [b for b in bases if constraints.split_of(b.instruction) == split
                       and (limit is None or len(constraints.words(b.response)) <= limit)]
@@ -545,12 +546,30 @@ class _ConstraintPool:
             raise ValueError(f"no {split} bases among {len(bases)} given: give more real instructions (data.embedded_bases)")
         self.fits = {t: [i for i, b in enumerate(self.bases) if constraints.CONSTRAINTS[t].fits(b)] for t in constraints.TYPES}
         self.types = [t for t in constraints.TYPES if self.fits[t]]
-        self.split, self.max_chars, self.turn = split, max_chars, 0
+        weights = dict(type_weights or {})
+        unknown = sorted(set(weights) - set(constraints.TYPES))
+        if unknown:
+            raise ValueError(f"unknown constraint types {unknown} in type_weights; known: {', '.join(constraints.TYPES)}")
+        # Primaries by smooth weighted round robin (nginx's): each turn every type gains its weight, the one with the most
+        # credit (the earlier on a tie) is next and pays the total back. Over n rows a type leads n * weight / total rows
+        # (+-1) in a fixed order, no sampling noise; equal weights are the plain round robin over self.types.
+        self.weights = {t: float(weights.get(t, 1.0)) for t in self.types if weights.get(t, 1.0) > 0}
+        if not self.weights:
+            raise ValueError(f"no constraint type with a weight > 0 fits the {split} bases (types that fit: {', '.join(self.types)}); "
+                             "give those a weight in data.embedded_type_weights")
+        self.credit = dict.fromkeys(self.weights, 0.0)
+        self.split, self.max_chars = split, max_chars
+
+    def _next_primary(self) -> str:
+        for t, w in self.weights.items():
+            self.credit[t] += w
+        primary = max(self.credit, key=self.credit.__getitem__)  # max keeps the first of equals: round-robin order
+        self.credit[primary] -= sum(self.weights.values())
+        return primary
 
     def next(self, rng: random.Random) -> Example:
-        for _ in range(len(self.types)):
-            primary = self.types[self.turn % len(self.types)]
-            self.turn += 1
+        for _ in range(len(self.weights)):
+            primary = self._next_primary()
             for _ in range(self.TRIES):
                 base = self.bases[rng.choice(self.fits[primary])]
                 names = [primary]

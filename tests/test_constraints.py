@@ -348,6 +348,40 @@ def test_bad_generator_inputs_raise_clear_errors(bases):
         generate(10, "train", 0, bases[:50], task_share=0.0, max_chars=20)
 
 
+def test_type_weights_give_each_type_its_exact_share_of_primaries(bases):
+    """data.embedded_type_weights: over 400 rows each type leads n * weight / total rows (+-1: a weighted round robin,
+    no sampling noise); weight 0 = never primary, still an extra constraint; every row passes its checker."""
+    weights = {"end_phrase": 3, "word_count": 0}
+    exs = generate(400, "train", 0, bases, 0.0, type_weights=weights)
+    fitting = instructions._ConstraintPool(bases, "train", None).types
+    assert "end_phrase" in fitting and "word_count" in fitting
+    total = sum(weights.get(t, 1) for t in fitting)
+    primaries = collections.Counter(ex.family for ex in exs)
+    assert primaries["word_count"] == 0
+    assert sum(any(s["type"] == "word_count" for s in ex.check["constraints"]) for ex in exs) > 0
+    for t in fitting:
+        assert abs(primaries[t] - 400 * weights.get(t, 1) / total) <= 1, (t, primaries[t])
+    assert all(check_all(ex.check["constraints"], ex.answer) for ex in exs)
+
+
+def test_type_weights_unset_keep_the_round_robin_rows(bases):
+    """None, {} and all-1 weights make the rows of before the key existed: primaries round-robin over the types that fit,
+    in constraints.TYPES order, and the same rows (same seed) whatever form 'every type alike' takes."""
+    rows = [ex.to_record() for ex in generate(300, "train", 3, bases)]
+    fitting = instructions._ConstraintPool(bases, "train", None).types
+    constrained = [r["family"] for r in rows if r["family"] in CONSTRAINTS]
+    assert constrained == [fitting[i % len(fitting)] for i in range(len(constrained))]
+    for same in ({}, dict.fromkeys(TYPES, 1), dict.fromkeys(TYPES, 7)):
+        assert [ex.to_record() for ex in generate(300, "train", 3, bases, type_weights=same)] == rows
+
+
+def test_bad_type_weights_in_the_generator_are_clear_errors(bases):
+    with pytest.raises(ValueError, match="unknown constraint types \\['endphrase'\\]"):
+        generate(10, "train", 0, bases, type_weights={"endphrase": 3})
+    with pytest.raises(ValueError, match="no constraint type with a weight > 0 fits the train bases"):
+        generate(10, "train", 0, bases, 0.0, type_weights=dict.fromkeys(TYPES, 0))
+
+
 def test_4000_rows_generate_fast(bases):
     start = time.perf_counter()
     generate(4000, "train", 0, bases)
