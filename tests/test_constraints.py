@@ -465,6 +465,35 @@ def test_data_stage_attaches_constraints_to_deduped_bases_the_mix_never_shares(t
     assert len(mix_train) >= mixed["n_train"]  # the mix's training rows are among the texts that hold no base instruction
 
 
+def test_data_stage_weights_the_training_rows_and_keeps_the_heldout_rows(tmp_path, tiny_cfg, shared_artifacts, bases, monkeypatch):
+    """data.embedded_type_weights reaches the training rows' generator; the held-out rows are generated unweighted, so
+    runs with other weights are scored on the same held-out rows."""
+    import json
+
+    from tasks.data import load_dataset_records, load_heldout_meta
+
+    src = tmp_path / "chats.json"
+    src.write_text(json.dumps([{"conversations": [{"from": "human", "value": b.instruction}, {"from": "gpt", "value": b.response}]}
+                               for b in bases[:300]]))
+    calls = []
+
+    def spy(n, split, seed, bases=(), *args, **kw):  # the data stage's calls (the tiny tokenizer's training text has no bases)
+        exs = generate(n, split, seed, bases, *args, **kw)
+        if bases:
+            calls.append((split, args[2] if len(args) == 3 else kw.get("type_weights"), collections.Counter(ex.family for ex in exs)))
+        return exs
+
+    monkeypatch.setattr(instructions, "generate", spy)
+    heldout = []
+    for weights in (None, {"end_phrase": 30}):
+        data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)], "embedded_train": 40, "embedded_heldout": 12,
+                                                "max_length": 1024, "embedded_task_share": 0.0, "embedded_type_weights": weights})
+        heldout.append(load_heldout_meta(load_dataset_records(data, tiny_cfg.model, shared_artifacts)))
+    assert [(split, w) for split, w, _ in calls] == [("train", None), ("heldout", None), ("train", {"end_phrase": 30}), ("heldout", None)]
+    assert calls[0][2]["end_phrase"] <= 2 and calls[2][2]["end_phrase"] >= 20  # 30 of ~54 weight units: over half the rows
+    assert heldout[0] == heldout[1]
+
+
 def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
     from tasks.common import StageError
     from tasks.config import ConfigError, load_config
