@@ -81,7 +81,7 @@ from tasks.engine.fastpath import (  # noqa: E402
     packed_hf_dataset,
     prepare_fast_model,
 )
-from tasks.engine.compile import compile_for_training, compiled_graphs, uncompile_layers, warmup_batches  # noqa: E402
+from tasks.engine.compile import compile_for_training, compiled_graphs, trainer_loss, uncompile_layers, warmup_batches  # noqa: E402
 from tasks.engine.recompute import PartialRecomputeCallback, offload_checkpoints, recompute_free_layers  # noqa: E402
 from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py trains too)
     ACCUM,
@@ -132,6 +132,15 @@ def lora():
     from peft import LoraConfig
 
     return LoraConfig(task_type="CAUSAL_LM", **LORA)
+
+
+def compile_trainer_layers(trainer, collator, device: str):
+    """The pipeline's regional compilation of `trainer`'s model (as build_model does for training.compile: layers),
+    warmed up on packed micro-batches of the workload's shape through the trainer's own `compute_loss`: SFTTrainer calls
+    the model with `use_cache=False, fused_lm_head=True`, and its fused LM head calls the backbone past Liger's causal-LM
+    forward, so a warm-up through `model(**batch)` left every layer call of the steps eager (`len(kwargs)` guards)."""
+    return compile_for_training(trainer.model, warmup_batches(collator, MICRO, MAX_LEN, VOCAB, padded=False), device,
+                                torch.bfloat16, log, loss_fn=trainer_loss(trainer))
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
@@ -188,8 +197,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
 
             torch._logging.set_logs(recompiles=True, graph_breaks=True)
             breaks = dict(counters["graph_break"])  # torch's counters outlive torch._dynamo.reset(): this run's are the difference
-            state = compile_for_training(trainer.model, warmup_batches(collator, MICRO, MAX_LEN, VOCAB, padded=False), "cuda",
-                                         torch.bfloat16, log, loss_kwargs=False)  # SFTTrainer's compute_loss passes no num_items_in_batch
+            state = compile_trainer_layers(trainer, collator, "cuda")
             record.update(compile_seconds=round(state.seconds, 1), compile_graphs=state.graphs, compile_error=state.error)
             log(f"{name}: decoder layers compiled: {state.graphs} graphs in {state.seconds:.0f} s" + (f"; FAILED {state.error}" if state.error else ""))
             graphs, eager = compiled_graphs(), state.eager_calls

@@ -27,3 +27,23 @@ def run_probe_stage(monkeypatch, rec, cfg, data) -> tuple[list[str], list[dict]]
     monkeypatch.setattr(stages, "create_markdown_artifact", lambda **kw: artifacts.append(kw))
     stages.probe_task.fn(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cuda", "unused")
     return logs, artifacts
+
+
+def liger_like_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                       labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                       cache_position=None, logits_to_keep=0, **kwargs):
+    """A causal LM's forward that calls its backbone as Liger-Kernel 0.8.5's `lce_forward` does (prepare_fast_model
+    patches it in on CUDA only, so the CPU never runs it): with `output_attentions`, `output_hidden_states`,
+    `return_dict` and `cache_position`, of which transformers 5 passes the output flags and `cache_position` on to every
+    decoder layer's kwargs. Logits and loss as transformers computes them (Liger fuses them; the layers do not see it)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    config = self.config
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=config.output_attentions if output_attentions is None else output_attentions,
+                         output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+                         return_dict=True if return_dict is None else return_dict, cache_position=cache_position, **kwargs)
+    logits = self.lm_head(outputs[0])
+    loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+    return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -140,6 +140,62 @@ def test_gpu_bench_trains_the_lora_of_the_workload():
     assert gpu_bench.write_random_checkpoint is workload.write_random_checkpoint
 
 
+def test_gpu_bench_compiled_layers_run_their_warm_up_graphs_in_sfttrainers_steps(monkeypatch, tmp_path):
+    """gpu_bench's fused-compile on the H200 (2026-12-02): its warm-up compiled 8 graphs, then every decoder-layer call
+    of the steps ran eagerly (1,792 of 1,792; slower than eager fused). SFTTrainer calls the model with
+    `fused_lm_head=True`, whose fused head runs the backbone itself, past the causal LM's forward; on CUDA that forward
+    is Liger's, which passes `output_attentions`, `output_hidden_states` and `cache_position` on to every layer. The
+    warm-up called `model(**batch)`, through Liger's forward: the layers' kwargs differed in number and torch's guard
+    (`len(kwargs) == 12`) failed on every call. Liger's call stands in on the CPU (helpers.liger_like_forward), with the
+    bench's trainer, collator, fused LoRA and `compile_trainer_layers`: every layer call of the steps runs a warm-up graph,
+    none eagerly, nothing compiles, and SFTTrainer's first logged token count is its steps' own (not the warm-up's)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    import types
+
+    from helpers import liger_like_forward
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from bench import gpu_bench, workload
+    from tasks.engine import compile as compile_mod
+    from tasks.engine.fastpath import PaddingFreeCollator, pack_by_tokens, packed_hf_dataset
+    from tasks.engine.lora import fuse_lora
+
+    vocab, micro, max_len = 256, 2, 64
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(gpu_bench, "VOCAB", vocab)  # the warm-up batches' shape: the workload's, scaled down
+    monkeypatch.setattr(gpu_bench, "MICRO", micro)
+    monkeypatch.setattr(gpu_bench, "MAX_LEN", max_len)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mistral", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.forward = types.MethodType(liger_like_forward, model)  # what prepare_fast_model patches in on CUDA
+    lengths = [64, 30, 20, 50, 64, 12, 40, 33, 64, 64, 17, 25]
+    packs = pack_by_tokens(lengths, micro * max_len, 0)
+    collator = PaddingFreeCollator(max_tokens=micro * max_len)
+    bench_trainer, _ = workload.trainer_classes()
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                     logging_steps=1, save_strategy="no", report_to="none", bf16=True, use_cpu=True, gradient_checkpointing=True,
+                     max_length=max_len, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    trainer = bench_trainer(model=model, args=args, train_dataset=packed_hf_dataset(workload.make_rows(lengths, 0, vocab), packs),
+                            processing_class=workload.build_tokenizer(vocab), data_collator=collator,
+                            peft_config=LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.05,
+                                                   target_modules=LORA["target_modules"]))
+    assert fuse_lora(trainer.model) == 14
+    state = gpu_bench.compile_trainer_layers(trainer, collator, "cpu")
+    assert state.active and state.graphs > 0 and state.eager_calls == 0
+    graphs = compile_mod.compiled_graphs()
+    trainer.train()
+    # before: 16 eager calls, every one (2 steps x 2 packs x 2 layers x forward and recompute)
+    assert state.eager_calls == 0 and compile_mod.compiled_graphs() == graphs and state.active
+    first = trainer.state.log_history[0]
+    assert first["num_tokens"] == sum(lengths[i] for p in packs[:2] for i in p)
+
+
 # ---------------------------------------------------------------------------------------------- unsloth_table
 
 

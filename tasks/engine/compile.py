@@ -41,7 +41,8 @@ is raised for the warm-up alone, whose variants are a known few; the graphs of a
 
 Before training (`compile_for_training`, called by build_model: the probe's trials and stage 4 alike): forward and
 backward on synthetic micro-batches of the run's shape and of each variant (`warmup_batches`; the engine's own
-collator, the run's autocast), so the compiles happen inside the model's load time (the probe counts it as fixed
+collator, the run's autocast, the model called as the trainer calls it: the keyword arguments of that call reach every
+layer, and its graphs are guarded on their number and values: `warm_up`, `trainer_loss`), so the compiles happen inside the model's load time (the probe counts it as fixed
 cost: the steps a budget buys are right) and a compiler that fails does so before any step. Each build starts from
 empty compile caches (`torch._dynamo.reset()`): the probe's trials in one process would otherwise share them, count
 no compiles of their own and pile up variants to torch's limit. A failure there: one log line, every layer eager
@@ -276,23 +277,57 @@ def _accepts_loss_kwargs(model) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
 
 
-def warm_up(model, batches: list[dict], device: str, autocast_dtype=None, loss_kwargs: bool | None = None) -> None:
-    """Forward and backward on each batch, called as Trainer calls the model in a training step (train mode, the run's
-    autocast, `num_items_in_batch` where Trainer passes it: anything else would make the first real step compile once
-    more), then the gradients dropped; the random state is put back, so the run draws the same dropout masks as
-    without it. `loss_kwargs`: whether the trainer passes `num_items_in_batch` into the model's forward (TRL's SFTTrainer
-    never does, whatever its `model_accepts_loss_kwargs` says); None = Trainer's own rule for this model."""
+def _trainers_model_call(model, inputs: dict, num_items_in_batch):
+    """The loss of a transformers.Trainer step (its `compute_loss`): the model called with the batch, plus
+    `num_items_in_batch` where Trainer passes it (`_accepts_loss_kwargs`). What build_model warms up with: the probe's
+    and stage 4's Trainer does not exist yet when it compiles."""
+    extra = {"num_items_in_batch": num_items_in_batch} if _accepts_loss_kwargs(model) else {}
+    return model(**inputs, **extra).loss
+
+
+# What a trainer's `compute_loss` adds to for its logs (TRL's SFTTrainer: the per-step entropy/accuracy lists and the
+# running token count): put back after a warm-up step, so the first logged step counts its own batches only.
+_LOGGED_BY_COMPUTE_LOSS = ("_metrics", "_total_train_tokens")
+
+
+def trainer_loss(trainer):
+    """The warm-up's loss function (`compile_for_training(loss_fn=...)`) for a model `trainer` will train: the trainer's
+    own `compute_loss`, given `num_items_in_batch` as its training step gives it, so every decoder layer is called with
+    exactly the keyword arguments of a training step. A compiled layer's guards check them (`len(kwargs) == 12`), and a
+    trainer may call the model otherwise than `model(**batch)`: TRL's SFTTrainer calls `model(**batch, use_cache=False,
+    fused_lm_head=True)`, whose fused LM head runs the backbone itself, past the causal LM's forward, which (Liger's on
+    a GPU) adds `output_attentions`, `output_hidden_states` and `cache_position` to every layer's kwargs; warmed up
+    through `model(**batch)`, every layer call of its steps ran eagerly (issue 19, gpu_bench's fused-compile)."""
+    import copy
+
+    def loss(model, inputs: dict, num_items_in_batch):
+        logged = {k: copy.deepcopy(vars(trainer)[k]) for k in _LOGGED_BY_COMPUTE_LOSS if k in vars(trainer)}
+        try:
+            return trainer.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            for k, v in logged.items():
+                setattr(trainer, k, v)
+
+    return loss
+
+
+def warm_up(model, batches: list[dict], device: str, autocast_dtype=None, loss_fn=None) -> None:
+    """Forward and backward on each batch, the model called as the trainer calls it in a training step (train mode, the
+    run's autocast, the trainer's own keyword arguments: anything else is a variant no compiled graph fits, and its
+    steps run eagerly), then the gradients dropped; the random state is put back, so the run draws the same dropout
+    masks as without it. `loss_fn(model, inputs, num_items_in_batch) -> loss`: how the trainer computes a step's loss
+    (`trainer_loss(trainer)` where the trainer exists); None = transformers.Trainer's `compute_loss`, for the model
+    build_model returns to the probe and stage 4."""
     devices = [torch.cuda.current_device()] if device == "cuda" else []
     was_training = model.training
-    loss_kwargs = _accepts_loss_kwargs(model) if loss_kwargs is None else loss_kwargs
+    loss_fn = loss_fn or _trainers_model_call
     model.train()
     with torch.random.fork_rng(devices=devices):
         for batch in batches:
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if loss_kwargs:
-                inputs["num_items_in_batch"] = (inputs["labels"][..., 1:] != -100).sum()
+            targets = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]  # as Trainer counts
             with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**inputs).loss
+                loss = loss_fn(model, inputs, (targets != -100).sum())
             loss.backward()
             del loss, inputs
     model.zero_grad(set_to_none=True)
@@ -319,9 +354,9 @@ def compiled_graphs() -> int:
 
 
 def compile_for_training(model, batches: list[dict], device: str, autocast_dtype=None, log_fn=None, backend=None,
-                         loss_kwargs: bool | None = None) -> CompileState:
-    """`compile_layers`, then `warm_up` on `batches`: every compile happens here (later calls run under the
-    eager_on_recompile stance). A failure (the compiler raising, in the forward or in the backward, a graph that does
+                         loss_fn=None) -> CompileState:
+    """`compile_layers`, then `warm_up` on `batches` (`loss_fn`: the trainer's loss, see there): every compile happens
+    here (later calls run under the eager_on_recompile stance). A failure (the compiler raising, in the forward or in the backward, a graph that does
     not run) is one log line and the eager layers; an out-of-memory is not a compile failure and propagates (the
     probe's "does not fit")."""
     state = compile_layers(model, backend=backend, log_fn=log_fn)
@@ -332,7 +367,7 @@ def compile_for_training(model, batches: list[dict], device: str, autocast_dtype
         # torch's recompile limit (8 graphs per code object) is for a function that recompiles without end; the warm-up
         # compiles a known few (its batches' variants, twice without checkpointing, per layer kind), which can be more.
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
-            warm_up(model, batches, device, autocast_dtype, loss_kwargs)
+            warm_up(model, batches, device, autocast_dtype, loss_fn)
     except Exception as e:  # noqa: BLE001 - any failure of the compiled warm-up: eager is the fallback
         oom = _out_of_memory(e)
         if oom is not None:
