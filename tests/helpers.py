@@ -44,6 +44,8 @@ def liger_like_forward(self, input_ids=None, attention_mask=None, position_ids=N
                          output_attentions=config.output_attentions if output_attentions is None else output_attentions,
                          output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states,
                          return_dict=True if return_dict is None else return_dict, cache_position=cache_position, **kwargs)
-    logits = self.lm_head(outputs[0])
-    loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+    logits = self.lm_head(outputs[0][:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep])
+    shift_labels = kwargs.pop("shift_labels", None)  # after the backbone call, as Liger does: the layers see it
+    loss = None if labels is None and shift_labels is None else self.loss_function(
+        logits=logits, labels=labels, shift_labels=shift_labels, vocab_size=config.vocab_size, **kwargs)
     return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -463,6 +463,29 @@ def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, mo
     assert counts["forward_runs"] - runs == 2 * 2 * 2 and state.eager_calls == 0 and counts["forward_graphs"] == GRAPHS["fused"]
 
 
+def test_the_pipelines_trainer_runs_the_warm_up_graphs_through_a_liger_forward(tiny_cfg, shared_artifacts, monkeypatch, tmp_path):
+    """On CUDA the fast engines' causal-LM forward is Liger's, which passes output flags and `cache_position` on to every
+    decoder layer (gpu_bench's SFTTrainer steps bypassed it and ran every layer eagerly). The pipeline is not affected:
+    build_model's warm-up and its Trainer both call the model itself, through that same forward, so the layers' kwargs
+    match. Liger's call stands in here (helpers.liger_like_forward, on the class as Liger patches it)."""
+    from helpers import liger_like_forward
+    from transformers import Trainer, TrainingArguments
+    from transformers.models.mistral import modeling_mistral
+
+    monkeypatch.setattr(modeling_mistral.MistralForCausalLM, "forward", liger_like_forward)
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True)
+    state = model.layer_compile
+    assert state.active and state.graphs == GRAPHS["fused"]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+                             save_strategy="no", disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=_rows((24, 17, 30, 11, 40, 13, 22, 9), 3),
+                      data_collator=collator_for("fused", 0, model))
+    graphs = compile_mod.compiled_graphs()
+    trainer.train()
+    assert state.eager_calls == 0 and compile_mod.compiled_graphs() == graphs
+
+
 @pytest.mark.slow
 def test_inductor_on_this_cpu_trains_as_eager_does(tiny_cfg, shared_artifacts):
     """The real backend (inductor's C++ code for this CPU): per-step losses within 1e-4 of eager, under checkpointing.
