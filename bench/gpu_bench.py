@@ -208,6 +208,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         if graphs is not None:
             record.update(compile_graphs_in_steps=compiled_graphs() - graphs, compile_active_at_end=trainer.model.layer_compile.active,
                           compile_eager_calls_in_steps=trainer.model.layer_compile.eager_calls - eager,
+                          compile_eager_reason=trainer.model.layer_compile.eager_reason,
                           graph_breaks={k.splitlines()[0][:160]: v - breaks.get(k, 0) for k, v in counters["graph_break"].items()
                                         if v > breaks.get(k, 0)})
         timed = timer.steps[warmup:steps]

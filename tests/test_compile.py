@@ -362,6 +362,7 @@ def test_a_variant_the_warm_up_did_not_compile_runs_eagerly_and_nothing_compiles
     assert _same_grads(_grads(reference, batch, second_layer_eval=True), _grads(model, batch, second_layer_eval=True))
     assert asked == ["warm"] and state.eager_calls == 1  # the eval-mode layer (not checkpointed in eval: no recompute)
     assert len(logs) == 1 and logs[0].startswith("compile: a decoder layer was called in a variant its warm-up did not compile")
+    assert "training" in state.eager_reason and logs[0].endswith(f"failed guards: {state.eager_reason}"), state.eager_reason
     one_row = collator_for("padded", 0, model)(_rows((21,), 1))
     assert _same_grads(_grads(reference, one_row), _grads(model, one_row))
     assert asked == ["warm"] and state.eager_calls == 1 + 2 * 2  # 2 layers x (forward + recompute), all eager

@@ -84,14 +84,19 @@ class CompileState:
     graphs: int = 0
     eager_calls: int = 0  # calls of the compiled forward that found no graph for their variant and ran the layer eagerly
     said_eager: bool = False
+    eager_reason: str | None = None  # after the warm-up, the first eager call's failed guard per graph (torch logs none then)
 
-    def note_eager(self) -> None:
-        """A compiled layer's call ran its Python forward (no compiled graph fitted it): count it, and say so once."""
+    def note_eager(self, reason=None) -> None:
+        """A compiled layer's call ran its Python forward (no compiled graph fitted it): count it, and say so once, with
+        the guard each graph failed on (`reason()`) where torch tells it."""
         self.eager_calls += 1
-        if not self.warming and not self.said_eager and self.log_fn is not None:
+        if not self.warming and not self.said_eager:
             self.said_eager = True
-            self.log_fn("compile: a decoder layer was called in a variant its warm-up did not compile (another shape, mask or "
-                        "mode); such calls run eagerly, nothing is compiled during training (the probe counts them)")
+            self.eager_reason = reason() if reason is not None else None
+            if self.log_fn is not None:
+                self.log_fn("compile: a decoder layer was called in a variant its warm-up did not compile (another shape, "
+                            "mask, mode or keyword arguments); such calls run eagerly, nothing is compiled during training "
+                            "(the probe counts them)" + (f"; failed guards: {self.eager_reason}" if self.eager_reason else ""))
 
     @property
     def active(self) -> bool:
@@ -163,11 +168,29 @@ def _counting_region(inner, state: CompileState, name: str):
 
     def region(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
-            state.note_eager()
+            state.note_eager(lambda: _failed_guards(code, {"self": self, "args": args, "kwargs": kwargs, "inner": inner, "state": state}))
         return inner(self, *args, **kwargs)
 
     region.__code__ = region.__code__.replace(co_name=f"{name}_compiled_forward", co_qualname=f"{name}_compiled_forward")
+    code = region.__code__
     return region
+
+
+def _failed_guards(code, f_locals: dict) -> str | None:
+    """Why no compiled graph of `code` fits a call with these locals: each graph's first failed guard (`len(kwargs) == 12`,
+    a tensor's size), as torch's recompile log would say; under the eager_on_recompile stance torch checks the guards
+    but says nothing. Reads torch's private guard API: None where it differs (a diagnosis only)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        failed = []
+        for entry in _debug_get_cache_entry_list(code):
+            info = entry.guard_manager.check_verbose(f_locals)
+            if not info.result:
+                failed.append(" / ".join(str(p).split("  #")[0].strip()[:160] for p in info.verbose_code_parts[:2]))
+        return "; ".join(dict.fromkeys(failed)) or None
+    except Exception:  # noqa: BLE001 - another torch's internals: no diagnosis, the count stands
+        return None
 
 
 def _no_compiles():
