@@ -46,8 +46,9 @@ Issue 19.3, TRL's side-stream offload against transformers' on the compute strea
 
 Issue 19.2, regional compilation against the same engine eager, both profiled (kernels per step, idle, host-bound gaps;
 a compiled run records its compile seconds, the graphs its warm-up compiled, any compiled in the timed steps, the
-layer calls there that no graph fitted (run eagerly) and every graph break by reason; torch's recompile and graph-break
-logs are on for it):
+layer calls there that no graph fitted (run eagerly) with the guards the first of them failed (`compile_eager_reason`:
+torch logs no recompile reason under the stance that runs them eagerly) and every graph break by reason; the warm-up
+runs through the trainer's own compute_loss, so its graphs see the steps' keyword arguments):
 
     python bench/gpu_bench.py --runs fused,fused-compile,varlen-compile --profile-runs fused-full,fused-compile-full --out "$OUT"
 
