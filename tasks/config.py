@@ -14,7 +14,8 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer,
@@ -142,17 +143,20 @@ class DataSection(Section):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
-    @field_validator("embedded_type_weights")
+    @field_validator("embedded_type_weights", mode="before")
     @classmethod
-    def _type_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+    def _type_weights(cls, v: Any) -> dict[str, float] | None:
         if not v:
             return None  # {} = unset: the same rows and the same data key
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of constraint type to weight, e.g. {{end_phrase: 3, word_count: 0}} (got {v!r})")
         from .constraints import TYPES
 
         problems = []
-        if unknown := sorted(set(v) - set(TYPES)):
+        if unknown := sorted(set(map(str, v)) - set(TYPES)):
             problems.append(f"unknown constraint type {', '.join(map(repr, unknown))}; use names from {', '.join(TYPES)}")
-        if bad := [f"{t}: {w:g}" for t, w in v.items() if not (math.isfinite(w) and w >= 0)]:
+        # before pydantic's coercion, which reads `true` as 1.0 and "3" as 3.0
+        if bad := [f"{t}: {w}" for t, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf]:
             problems.append(f"weights must be finite numbers >= 0 (got {', '.join(bad)}); e.g. 3 = three times the rows, 0 = never primary")
         if not problems and not any(v.get(t, 1.0) for t in TYPES):
             problems.append("every constraint type weighs 0, so no row has a primary constraint; give at least one a weight > 0 "
@@ -166,6 +170,9 @@ class DataSection(Section):
         out = handler(self)
         # Unset, the key is left out of the dump: the data stage's cache key hashes it, and prebuilt data stages
         # (bench/data_stage_tar.py) are found by key, so configs that don't set it keep the keys they had before it existed.
+        # That holds for non-embedded sources; embedded-source keys changed anyway with the commit that added the key (the
+        # generator's code, tasks/instructions.py, is hashed into them), so for those the exclusion keeps the keys of
+        # later builds whose generator code is unchanged.
         if self.embedded_type_weights is None:
             out.pop("embedded_type_weights", None)
         return out
@@ -448,6 +455,18 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     return keys
 
 
+def _mapping_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted keys whose value is a mapping (e.g. data.embedded_type_weights): `--set` replaces them whole."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key, ann = prefix + (field.alias or name), field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _mapping_keys(ann, key + ".")
+        elif dict in {get_origin(a) or a for a in (get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,))}:
+            keys.add(key)
+    return keys
+
+
 def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node = tree
     for p in parts[:-1]:
@@ -517,7 +536,7 @@ def load_config(
     tree = _deep_merge(data.get("defaults") or {}, profiles[name] or {})
     tree["profile"] = name
 
-    known = _known_keys(PipelineConfig)
+    known, mappings = _known_keys(PipelineConfig), _mapping_keys(PipelineConfig)
     for item in overrides:
         try:
             parts, value = _parse_override(item)
@@ -528,6 +547,9 @@ def load_config(
         if dotted not in known:
             close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
+            if mapping := next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in mappings), None):
+                entry = ".".join(parts[mapping.count(".") + 1:])
+                hint = f"; {mapping} is a mapping, set as a whole: --set '{mapping}={{{entry}: {item.split('=', 1)[1].strip()}}}'"
             problems.append(f"--set {dotted}: unknown key{hint}")
             continue
         _apply_override(tree, parts, value)
@@ -546,6 +568,16 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _idle_type_weights(data: DataSection) -> str | None:
+    """Type weights where no row takes a constraint from the embedded bases: they would weight nothing and still change
+    the data cache key (a rebuild of the same rows). The embedded source is data.source only (data.mix refuses it)."""
+    if data.embedded_type_weights is None:
+        return None
+    why = (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
+           if not data.embedded_bases else "data.embedded_task_share is 1 (task-family rows only)" if data.embedded_task_share >= 1 else None)
+    return why and f"data.embedded_type_weights: set, but {why}, so it weights no row and only changes the data cache key; remove it"
 
 
 def check_rules(cfg: PipelineConfig) -> list[str]:
@@ -576,6 +608,9 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             problems.append("quant.compute_dtype: bfloat16 is not supported on this GPU; set it to float16 or auto")
+    problem = _idle_type_weights(cfg.data)
+    if problem:
+        problems.append(problem)
     problem = _liger_problem(cfg.training, cfg.device)
     if problem:
         problems.append(problem)

@@ -582,7 +582,8 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
                 n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED, weights)]
                 for n, split, weights in ((data.embedded_train, "train", data.embedded_type_weights), (data.embedded_heldout, "heldout", None)))
         except ValueError as e:
-            raise StageError(f"data.embedded_bases: {e}") from e
+            key = "data.embedded_type_weights" if isinstance(e, instructions.TypeWeightsError) else "data.embedded_bases"
+            raise StageError(f"{key}: {e}") from e
         rows_read = len(train_recs) + len(held_recs)
         convs = [(r["messages"], {"family": r["family"], "check": r["check"], "source": "embedded"}) for r in train_recs + held_recs]
         is_train = [True] * len(train_recs) + [False] * len(held_recs)

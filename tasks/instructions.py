@@ -42,10 +42,12 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Mapping, Sequence
 
 from . import constraints
@@ -532,6 +534,10 @@ def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_sha
     return examples
 
 
+class TypeWeightsError(ValueError):
+    """Bad `type_weights`, or no row for the types they weigh > 0: the fix is in data.embedded_type_weights."""
+
+
 class _ConstraintPool:
     """The bases of one split, indexed by the constraint types each can take; `next` makes the next row."""
 
@@ -549,41 +555,62 @@ class _ConstraintPool:
         weights = dict(type_weights or {})
         unknown = sorted(set(weights) - set(constraints.TYPES))
         if unknown:
-            raise ValueError(f"unknown constraint types {unknown} in type_weights; known: {', '.join(constraints.TYPES)}")
-        # Primaries by smooth weighted round robin (nginx's): each turn every type gains its weight, the one with the most
-        # credit (the earlier on a tie) is next and pays the total back. Over n rows a type leads n * weight / total rows
-        # (+-1) in a fixed order, no sampling noise; equal weights are the plain round robin over self.types.
-        self.weights = {t: float(weights.get(t, 1.0)) for t in self.types if weights.get(t, 1.0) > 0}
-        if not self.weights:
-            raise ValueError(f"no constraint type with a weight > 0 fits the {split} bases (types that fit: {', '.join(self.types)}); "
-                             "give those a weight in data.embedded_type_weights")
-        self.credit = dict.fromkeys(self.weights, 0.0)
+            raise TypeWeightsError(f"unknown constraint types {unknown} in type_weights; known: {', '.join(constraints.TYPES)}")
+        if bad := [f"{t}: {w!r}" for t, w in weights.items() if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 <= w < math.inf)]:
+            raise TypeWeightsError(f"type weights must be finite numbers >= 0 (got {', '.join(bad)})")
+        # Primaries by smooth weighted round robin (nginx's): each row every type that can take it gains its weight, the one
+        # with the most credit (the earlier on a tie) leads the row and pays those weights' total back. Over n rows a type
+        # leads n * weight / total rows (+-1) in a fixed order, no sampling noise; equal weights are the plain round robin
+        # over self.types. The weights are scaled to exact integers (Fraction: exact for any finite float), so equal weights
+        # tie exactly (float credits of 0.1 or 1/3 drift and break ties) and no total overflows (two at 1e308).
+        exact = {t: Fraction(weights.get(t, 1)) for t in self.types if weights.get(t, 1) > 0}
+        if not exact:
+            raise TypeWeightsError(f"no constraint type with a weight > 0 fits the {split} bases (types that fit: {', '.join(self.types)}); "
+                                   "give those a weight in data.embedded_type_weights")
+        scale = math.lcm(*(w.denominator for w in exact.values()))
+        ints = {t: int(w * scale) for t, w in exact.items()}
+        unit = math.gcd(*ints.values())
+        self.weights = {t: w // unit for t, w in ints.items()}
+        self.credit = dict.fromkeys(self.weights, 0)
         self.split, self.max_chars = split, max_chars
 
-    def _next_primary(self) -> str:
-        for t, w in self.weights.items():
-            self.credit[t] += w
-        primary = max(self.credit, key=self.credit.__getitem__)  # max keeps the first of equals: round-robin order
-        self.credit[primary] -= sum(self.weights.values())
-        return primary
-
     def next(self, rng: random.Random) -> Example:
-        for _ in range(len(self.weights)):
-            primary = self._next_primary()
-            for _ in range(self.TRIES):
-                base = self.bases[rng.choice(self.fits[primary])]
-                names = [primary]
-                for _ in range(rng.choice(self.EXTRA)):
-                    options = [t for t in self.types if t not in names and constraints.CONSTRAINTS[t].fits(base)
-                               and all(constraints.compatible(t, x) for x in names)]
-                    if options:
-                        names.append(rng.choice(options))
-                row = constraints.build(rng, base, names, self.split)
-                if row and (self.max_chars is None or len(row[0]) + len(row[1]) <= self.max_chars):
-                    prompt, answer, specs = row
-                    return Example(family=primary, prompt=prompt, answer=answer, check={"constraints": specs})
+        left = dict(self.weights)
+        for t, w in left.items():
+            self.credit[t] += w
+        while left:
+            primary = max(left, key=self.credit.__getitem__)  # max keeps the first of equals: round-robin order
+            example = self._row(rng, primary)
+            if example is not None:
+                self.credit[primary] -= sum(left.values())
+                return example
+            # No base within max_chars in TRIES draws: the type sits this row out uncharged, keeping the weight it gained, so
+            # it leads a later row (its share kept when it fits there); the rest pay only their own weights back, so a type that
+            # never fits leaves the others their exact shares among themselves.
+            del left[primary]
+        if len(self.weights) < len(self.types):  # types that might fit were left out by a weight of 0
+            raise TypeWeightsError(
+                f"no row within {self.max_chars} characters has a primary constraint of a type weighted > 0 "
+                f"({', '.join(self.weights)}) in {self.TRIES} draws each from the {len(self.bases)} {self.split} bases; give other types "
+                f"a weight > 0 in data.embedded_type_weights (types that fit: {', '.join(self.types)}), or raise data.max_length")
         raise ValueError(f"no constraint fits any of the {len(self.bases)} {self.split} bases within {self.max_chars} characters; "
                          "raise data.max_length or give more real instructions (data.embedded_bases)")
+
+    def _row(self, rng: random.Random, primary: str) -> Example | None:
+        """A row led by `primary`: up to TRIES draws of a base and extra constraints; None when none fits max_chars."""
+        for _ in range(self.TRIES):
+            base = self.bases[rng.choice(self.fits[primary])]
+            names = [primary]
+            for _ in range(rng.choice(self.EXTRA)):
+                options = [t for t in self.types if t not in names and constraints.CONSTRAINTS[t].fits(base)
+                           and all(constraints.compatible(t, x) for x in names)]
+                if options:
+                    names.append(rng.choice(options))
+            row = constraints.build(rng, base, names, self.split)
+            if row and (self.max_chars is None or len(row[0]) + len(row[1]) <= self.max_chars):
+                prompt, answer, specs = row
+                return Example(family=primary, prompt=prompt, answer=answer, check={"constraints": specs})
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "data.embedded_base_max_words": ("400", ALL, []),
     "data.embedded_heldout": ("20", ALL, []),
     # unset (None or {}) it is in no dump: the keys from before it existed (test_type_weights_unset_keep_the_data_key...)
-    "data.embedded_type_weights": ("{end_phrase: 3}", ALL, []),
+    # set, it needs constrained rows to act on (tiny's embedded_bases is []; else a config error)
+    "data.embedded_type_weights": ("{end_phrase: 3}", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
     "data.system_prompt": ("Be brief.", ALL, []),
     "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),
     "data.dedupe": ("[]", ALL, []),
@@ -287,9 +288,11 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
         assert "embedded_type_weights" not in section_dict(cfg.data)
         assert "embedded_type_weights" not in cfg.model_dump(mode="json", by_alias=True)["data"]
         assert cache_key(cfg.data, cfg.model) == "4cc9794af8b41503"
-    weighted = _cfg(tmp_path, *plain, "data.embedded_type_weights={end_phrase: 3}")
+    embedded = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # set, the weights need constrained rows (else a config error)
+    weighted = _cfg(tmp_path, *embedded, "data.embedded_type_weights={end_phrase: 3}")
     assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}
-    assert cache_key(weighted.data, weighted.model) != "4cc9794af8b41503"
+    unweighted = _cfg(tmp_path, *embedded)
+    assert cache_key(weighted.data, weighted.model) != cache_key(unweighted.data, unweighted.model)
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

@@ -80,18 +80,47 @@ def test_vram_budget_is_gib_or_auto_one_line_each():
         assert p.startswith("budget.vram_gb: must be GiB > 0 or auto") and bad in p
 
 
+WEIGHTED = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # tiny's embedded_bases is []: weights there act on nothing
+
+
 def test_embedded_type_weights_parse_and_bad_ones_are_one_line_each():
-    w = load_config(profile="tiny", overrides=["data.embedded_type_weights={end_phrase: 3, word_count: 0}"]).data.embedded_type_weights
+    w = load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights={end_phrase: 3, word_count: 0}"]).data.embedded_type_weights
     assert w == {"end_phrase": 3.0, "word_count": 0.0}
     assert load_config(profile="tiny", overrides=["data.embedded_type_weights={}"]).data.embedded_type_weights is None
-    assert load_config(profile="tiny", overrides=["data.embedded_type_weights={end_phrase: 0}"])  # the others still weigh 1
+    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights={end_phrase: 0}"])  # the others still weigh 1
     all_zero = "{" + ", ".join(f"{t}: 0" for t in TYPES) + "}"
     for bad, says in (("{endphrase: 3, foo: 1}", ["unknown constraint type 'endphrase', 'foo'", "use names from", "end_phrase"]),
                       ("{end_phrase: -1, word_count: .inf, title: .nan}", ["end_phrase: -1, word_count: inf, title: nan", ">= 0"]),
                       (all_zero, ["every constraint type weighs 0", "give at least one a weight > 0"]),
-                      ("{end_phrase: lots}", ["embedded_type_weights.end_phrase", "lots"])):
-        (p,) = _problems(profile="tiny", overrides=[f"data.embedded_type_weights={bad}"])
+                      ("{end_phrase: lots}", ["end_phrase", "lots"]),
+                      ("{end_phrase: true, title: 2}", ["weights must be finite numbers >= 0 (got end_phrase: True)", "0 = never primary"]),
+                      ("3", ["must be a mapping of constraint type to weight", "{end_phrase: 3"])):
+        (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, f"data.embedded_type_weights={bad}"])
         assert p.startswith("data.embedded_type_weights") and "\n" not in p and all(s in p for s in says), p
+
+
+@pytest.mark.parametrize("where, why", [
+    (["data.source=pypi:alpaca-en-demo"], "data.source is 'pypi:alpaca-en-demo', not embedded"),
+    (["data.embedded_bases=[]"], "data.embedded_bases is []"),
+    (["data.embedded_task_share=1"], "data.embedded_task_share is 1"),
+])
+def test_type_weights_that_weight_no_row_are_one_line_naming_the_key(where, why):
+    """Weights where no row takes a constraint from the embedded bases would only change the data cache key: an error
+    naming the key, why it does nothing, and the fix. The embedded source is data.source only (data.mix refuses it)."""
+    (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, *where, "data.embedded_type_weights={end_phrase: 3}"])
+    assert p.startswith("data.embedded_type_weights: set, but ") and why in p and p.endswith("remove it") and "\n" not in p, p
+    for unset in ("{}", "null"):  # unset is fine anywhere
+        assert load_config(profile="tiny", overrides=[*WEIGHTED, *where, f"data.embedded_type_weights={unset}"])
+
+
+def test_set_into_a_mapping_key_shows_the_working_form():
+    """`--set data.embedded_type_weights.end_phrase=3` is not a key; the error shows the form that works."""
+    (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights.end_phrase=3"])
+    assert p == ("--set data.embedded_type_weights.end_phrase: unknown key; data.embedded_type_weights is a mapping, set as a whole: "
+                 "--set 'data.embedded_type_weights={end_phrase: 3}'"), p
+    (p,) = _problems(profile="tiny", overrides=["model.random_config.num_hidden_layers=1"])
+    assert "--set 'model.random_config={num_hidden_layers: 1}'" in p
+    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights={end_phrase: 3}"]).data.embedded_type_weights == {"end_phrase": 3.0}
 
 
 def test_bad_dotted_key_and_absurd_budget():

@@ -375,11 +375,71 @@ def test_type_weights_unset_keep_the_round_robin_rows(bases):
         assert [ex.to_record() for ex in generate(300, "train", 3, bases, type_weights=same)] == rows
 
 
+def test_equal_non_integer_type_weights_keep_the_round_robin_rows(bases):
+    """Equal weights that floats can't sum exactly (0.1, 1/3, 0.7, 1e-3) or that overflow a float total (1e300) make the
+    unset rows too: the credits are exact, so equal weights tie exactly and the first type wins as in the round robin.
+    Float credits broke those ties (~260 of 300 rows differed)."""
+    rows = [ex.to_record() for ex in generate(300, "train", 3, bases)]
+    for w in (0.1, 1 / 3, 0.7, 1e-3, 1e300):
+        assert [ex.to_record() for ex in generate(300, "train", 3, bases, type_weights=dict.fromkeys(TYPES, w))] == rows, w
+
+
+def test_type_weights_whose_total_overflows_a_float_keep_their_shares(bases):
+    """Two types at 1e308 (total 2e308 = inf as a float): each leads half the rows; float credits gave 376 to 1."""
+    exs = generate(400, "train", 0, bases, 0.0, type_weights={"end_phrase": 1e308, "word_count": 1e308})
+    primaries = collections.Counter(ex.family for ex in exs)
+    assert abs(primaries["end_phrase"] - 200) <= 1 and abs(primaries["word_count"] - 200) <= 1, primaries
+
+
+def test_a_type_that_finds_no_base_within_max_chars_is_not_charged(bases, monkeypatch):
+    """A primary that finds no base within max_chars in TRIES draws sits the row out uncharged, so the shares stay exact
+    (+-1) among the types that fit; charged, the types that failed lost rows to the others (off by 2-6)."""
+    tries, build = instructions._ConstraintPool.TRIES, constraints.build
+    weights = {"end_phrase": 3}
+    for max_chars in (250, 200):
+        run = {"primary": None, "rejects": 0, "failed": 0}
+
+        def counting_build(rng, base, names, split):  # counts the picks whose TRIES draws were all rejected
+            row = build(rng, base, names, split)
+            if names[0] != run["primary"]:
+                run.update(primary=names[0], rejects=0)
+            run["rejects"] = 0 if row is not None and len(row[0]) + len(row[1]) <= max_chars else run["rejects"] + 1
+            if run["rejects"] == tries:
+                run.update(rejects=0, failed=run["failed"] + 1)
+            return row
+
+        monkeypatch.setattr(constraints, "build", counting_build)
+        exs = generate(400, "train", 0, bases, 0.0, max_chars, type_weights=weights)
+        monkeypatch.undo()
+        primaries = collections.Counter(ex.family for ex in exs)
+        fitting = instructions._ConstraintPool(bases, "train", max_chars).types
+        total = sum(weights.get(t, 1) for t in fitting)
+        off = {t: (primaries[t], round(400 * weights.get(t, 1) / total, 1)) for t in fitting
+               if abs(primaries[t] - 400 * weights.get(t, 1) / total) > 1}
+        assert not off, (max_chars, off)
+        assert run["failed"] > 0  # some picks did fail at this max_chars
+        assert all(len(ex.prompt) + len(ex.answer) <= max_chars for ex in exs)
+
+
+def test_no_row_for_the_only_weighted_type_names_the_weights(bases):
+    """Only one type weighs > 0 and it never fits max_chars: the error names data.embedded_type_weights (the key to
+    change), not "no constraint fits any of the bases", which is false when other types were weighted out."""
+    only = {t: 0 for t in TYPES if t != "paragraph_count"}
+    with pytest.raises(ValueError, match=r"type weighted > 0 \(paragraph_count\).*data\.embedded_type_weights") as e:
+        generate(5, "train", 0, bases, 0.0, 60, type_weights=only)
+    assert "no constraint fits any" not in str(e.value)
+    with pytest.raises(ValueError, match="no constraint fits any of the"):  # every type weighted: the bases or max_length are the fix
+        generate(5, "train", 0, bases, 0.0, 60)
+
+
 def test_bad_type_weights_in_the_generator_are_clear_errors(bases):
     with pytest.raises(ValueError, match="unknown constraint types \\['endphrase'\\]"):
         generate(10, "train", 0, bases, type_weights={"endphrase": 3})
     with pytest.raises(ValueError, match="no constraint type with a weight > 0 fits the train bases"):
         generate(10, "train", 0, bases, 0.0, type_weights=dict.fromkeys(TYPES, 0))
+    for bad in (-1, float("inf"), float("nan"), True, "3"):
+        with pytest.raises(ValueError, match="type weights must be finite numbers >= 0"):
+            generate(10, "train", 0, bases, 0.0, type_weights={"end_phrase": bad})
 
 
 def test_4000_rows_generate_fast(bases):
