@@ -19,6 +19,10 @@
 # (keys as of 2ea9cf9; data.embedded_type_weights changed tasks/instructions.py, whose hash is in every embedded key)
 #   g: f with the primary constraints weighted toward d's weak IFEval types (data.embedded_type_weights, 3x for include/
 #      frequency of keywords, highlights, placeholders, word counts, end phrases, a paragraph's first word; 2x fixed answers)
+#      (key ff6a1b6d42a74657 at 33b5475, `.up/p11`: 51.9% of 9.94 M tokens). Rows of <= 1,024 tokens halve the pack
+#      (micro-batch x max_length), so g doubles the micro-batch to read d's 32,768 tokens a step, and runs as the
+#      profile would: solo, its 10-minute budget, no step cap (at 771 fixed steps on 2026-12-02 it read 12.6 M tokens,
+#      half of d's 25.2 M).
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
@@ -45,7 +49,9 @@ declare -A data_sets=(
 )
 data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
-train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]} train_sets[g]=${train_sets[e]}
+train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
+train_sets[g]="--set training.max_steps=null --set training.micro_batch_size=16 --set eval.max_new_tokens=768"
+declare -A minutes=([g]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
@@ -65,7 +71,7 @@ case $cmd in
     for t in "${tags[@]}"; do
       [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-f)" >&2; exit 2; }
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]} ${common[@]} ${train_sets[$t]})"
-      TAG=$t bash "$here/gpu_showcase.sh" start "$up" 60 "${extra[@]}"
+      TAG=$t bash "$here/gpu_showcase.sh" start "$up" "${minutes[$t]:-60}" "${extra[@]}"
     done ;;
   poll)
     out=$1; wait_s=${2:-540}
