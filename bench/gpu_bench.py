@@ -75,6 +75,7 @@ import torch  # noqa: E402
 from bench.profile_gpu import markdown as profile_markdown  # noqa: E402
 from bench.profile_gpu import step_profiler  # noqa: E402
 from tasks.engine.lora import dropout_backend, fuse_lora  # noqa: E402
+from tasks.models import enable_checkpointing  # noqa: E402
 from tasks.engine.fastpath import (  # noqa: E402
     PaddingFreeCollator,
     fast_attn_implementation,
@@ -139,7 +140,12 @@ def compile_trainer_layers(trainer, collator, device: str):
     """The pipeline's regional compilation of `trainer`'s model (as build_model does for training.compile: layers),
     warmed up on packed micro-batches of the workload's shape through the trainer's own `compute_loss`: SFTTrainer calls
     the model with `use_cache=False, fused_lm_head=True`, and its fused LM head calls the backbone past Liger's causal-LM
-    forward, so a warm-up through `model(**batch)` left every layer call of the steps eager (`len(kwargs)` guards)."""
+    forward, so a warm-up through `model(**batch)` left every layer call of the steps eager (`len(kwargs)` guards).
+    Checkpointing is turned on first, as Trainer does only when `train()` starts: a warm-up before it kept every
+    layer's activations (a fused-compile run first in its process ran out of memory at the 15 GiB cap, 2026-12-02)."""
+    if trainer.args.gradient_checkpointing:
+        kwargs = {k: v for k, v in (trainer.args.gradient_checkpointing_kwargs or {}).items() if k not in ("offload", "every_n_layers")}
+        enable_checkpointing(trainer.model, kwargs or None)
     return compile_for_training(trainer.model, warmup_batches(collator, MICRO, MAX_LEN, VOCAB, padded=False), device,
                                 torch.bfloat16, log, loss_fn=trainer_loss(trainer))
 

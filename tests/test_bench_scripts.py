@@ -188,6 +188,9 @@ def test_gpu_bench_compiled_layers_run_their_warm_up_graphs_in_sfttrainers_steps
     assert fuse_lora(trainer.model) == 14
     state = gpu_bench.compile_trainer_layers(trainer, collator, "cpu")
     assert state.active and state.graphs > 0 and state.eager_calls == 0
+    # the warm-up ran with the layers checkpointed, as the steps run them (Trainer turns it on only in train(); a
+    # warm-up without it kept every layer's activations: out of memory at the bench's cap on the H200)
+    assert all(layer.gradient_checkpointing for layer in trainer.model.get_base_model().model.layers)
     graphs = compile_mod.compiled_graphs()
     trainer.train()
     # before: 16 eager calls, every one (2 steps x 2 packs x 2 layers x forward and recompute)
