@@ -23,6 +23,12 @@ atexit.register(shutil.rmtree, TEST_PREFECT_HOME, True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Under xdist (`make test`: 2 workers on a 2-core box) each worker, and every process it starts, gets its share of the
+# cores for torch's intra-op threads, set before torch is imported. Left at torch's default (all cores each), the
+# workers' OpenMP threads wait on each other's preempted threads: tests/test_train.py took 72 s of CPU under a load of 2
+# against 26 s with one thread (2026-12-02). An OMP_NUM_THREADS already set wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -30,3 +30,18 @@ def test_make_test_keeps_the_collected_order():
     """xdist reorders files by their number of tests unless told not to, which put the long files with few tests last."""
     recipe = re.search(r"^test: .*\n\t(.*)$", (TESTS.parent / "Makefile").read_text(), re.M).group(1)
     assert "--dist loadfile --no-loadscope-reorder" in recipe
+
+
+def test_each_xdist_worker_gives_torch_its_share_of_the_cores():
+    """A worker of `pytest -n 2` (and every process it starts) runs torch on cpu_count // 2 threads, not on all cores."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = "import conftest, os, torch; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
+    for workers in (2, 1):
+        out = subprocess.run([sys.executable, "-c", code], cwd=TESTS, env={**env, "PYTEST_XDIST_WORKER_COUNT": str(workers)},
+                             capture_output=True, text=True, timeout=120)
+        share = max(1, (os.cpu_count() or 1) // workers)
+        assert out.stdout.split() == [str(share), str(share)], out.stderr[-2000:]
