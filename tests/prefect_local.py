@@ -182,8 +182,11 @@ class Serve:
 
     def start(self, timeout: float = 180) -> Serve:
         offset = self.log.stat().st_size if self.log.exists() else 0  # the same log across restarts
+        # Started with SIGINT ignored, as a script or CI starts a background command (and as pytest's children were
+        # whenever the suite itself ran in the background): stop() must still end it with Ctrl-C.
         self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *self.args], env=self.env, cwd=ROOT,
-                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -195,7 +198,9 @@ class Serve:
         raise TimeoutError(f"serve did not start within {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        stop_process(self.proc, signal.SIGINT)  # Ctrl-C: the runner cancels nothing that's done, pauses the schedule
+        """Ctrl-C: the runner cancels nothing that's done, pauses the schedule, exits 0 (stop_process SIGKILLs it after
+        30 s otherwise: returncode -9)."""
+        stop_process(self.proc, signal.SIGINT)
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
