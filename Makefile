@@ -32,11 +32,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/qlora-pipeline run $(ARGS)
 
-# Two worker processes, a test file each (most tests wait on subprocesses and Prefect servers, not the CPU);
-# TEST_WORKERS=0 runs serially.
+# Two worker processes, a test file each (most tests wait on subprocesses and Prefect servers, not the CPU), the
+# longest files first (tests/conftest.py LONGEST_FILES; --no-loadscope-reorder keeps that order); TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)

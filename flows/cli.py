@@ -291,9 +291,16 @@ def _quiet_environment() -> None:
 
 
 def cmd_serve(args) -> int:
+    import signal
+
     from prefect.settings import get_current_settings
 
     from flows.deploy import DeploymentSpecError, serve
+
+    # Ctrl-C stops the runner cleanly (it pauses the schedule, exit 0) however this process was started: a script or CI
+    # starts background commands with SIGINT ignored, and Ctrl-C then did nothing (the tests waited 30 s, then SIGKILL).
+    # SIGTERM is the runner's own (a graceful shutdown).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if not get_current_settings().api.url:  # else Prefect serves against a throwaway in-process server: no UI, no runs
         print("config error: no Prefect server to serve against; start one with `prefect server start` and point at it "

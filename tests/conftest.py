@@ -23,6 +23,12 @@ atexit.register(shutil.rmtree, TEST_PREFECT_HOME, True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Under xdist (`make test`: 2 workers on a 2-core box) each worker, and every process it starts, gets its share of the
+# cores for torch's intra-op threads, set before torch is imported. Left at torch's default (all cores each), the
+# workers' OpenMP threads wait on each other's preempted threads: tests/test_train.py took 72 s of CPU under a load of 2
+# against 26 s with one thread (2026-12-02). An OMP_NUM_THREADS already set wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -104,3 +110,20 @@ def publish_smollm2(shared_artifacts):
         return rec, pub, heldout, data
 
     return publish
+
+
+# `make test` runs the files on 2 xdist workers, a file at a time per worker (--dist loadfile), in the order collected
+# (the Makefile passes --no-loadscope-reorder: xdist's own order, most tests first, put these files, which hold few
+# but long tests, last, so the suite ended on one worker running them while the other had nothing left). Longest
+# first: the short files then fill in behind them on whichever worker frees up, and both finish together.
+# Seconds = each file's share of the slowest-30 durations in the fresh-clone `make test` runs of 2026-12-02
+# (03:42 and 04:07 UTC, both workers busy); files not named here run after them, in their usual order.
+LONGEST_FILES = {"test_quantize.py": 300, "test_resume_stages.py": 250, "test_compile.py": 190, "test_export.py": 190,
+                 "test_faults.py": 190, "test_deploy.py": 120, "test_resume.py": 110, "test_architectures.py": 90,
+                 "test_flow.py": 70, "test_ui_browser.py": 60, "test_train.py": 50, "test_bad_inputs.py": 40,
+                 "test_merge.py": 40, "test_multi_gpu.py": 28, "test_use_the_model.py": 20}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (LONGEST_FILES), each file's tests in their own order (a stable sort)."""
+    items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))

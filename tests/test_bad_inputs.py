@@ -279,10 +279,14 @@ def test_deleted_cached_results_are_recomputed_through_the_cli(capfd, finished, 
 
 
 @pytest.mark.slow
-def test_stage_error_in_a_real_process_prints_one_line(tmp_path, inputs):
-    """The same contract in a real `qlora-pipeline run` process: Prefect's logs carry no traceback either."""
+def test_stage_error_in_a_real_process_prints_one_line(tmp_path, inputs, prefect_server):
+    """The same contract in a real `qlora-pipeline run` process: Prefect's logs carry no traceback either. Against the
+    session's Prefect server: the error line is the point, not a temporary server's start (~10 s of CPU)."""
+    from prefect.settings import get_current_settings
+
     art = tmp_path / "artifacts"
-    proc = cli("--minutes", "1", "--set", f"artifacts_dir={art}", "--set", f"data.source={inputs}/malformed.jsonl", timeout=300)
+    proc = cli("--minutes", "1", "--set", f"artifacts_dir={art}", "--set", f"data.source={inputs}/malformed.jsonl", timeout=300,
+               env={"PREFECT_API_URL": str(get_current_settings().api.url)})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert_one_clear_line(proc.stderr + proc.stdout, "error: ", "malformed.jsonl:3", "fix or delete that line")
     assert "Retries are exhausted" not in proc.stderr and "Retrying" not in proc.stderr  # a bad row is not retried

@@ -166,6 +166,7 @@ def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
         runs = [server.wait(first), server.wait(second)]
     finally:
         cancel.stop()
+    assert cancel.proc.returncode == 0, "serve, started with SIGINT ignored, did not stop on Ctrl-C (killed after 30 s)"
     by_state = {r["state_type"]: r for r in runs}
     assert set(by_state) == {"COMPLETED", "CANCELLED"}, [r["state"] for r in runs]
     assert "concurrency limit" in by_state["CANCELLED"]["state"]["message"]
@@ -189,9 +190,11 @@ def test_prefect_deploy_to_a_process_pool_and_a_worker_runs_it(server, art, tmp_
     assert pool["type"] == "process"
 
     log = tmp_path / "worker.log"
+    # SIGINT as in a terminal, whatever this suite inherited: Prefect's worker stops on Ctrl-C only when it is not ignored.
     worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "gpu-local", "--name", "gpu-box"], cwd=ROOT,
                               env={**server.env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         run_id = server.run_deployment("finetune/nightly", **_tiny(art))
         run = server.wait(run_id)

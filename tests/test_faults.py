@@ -206,22 +206,29 @@ def api_env(prefect_server) -> dict:
     return {"PREFECT_API_URL": str(get_current_settings().api.url)}
 
 
-def _cli(art: Path, env: dict, fault_spec: str | None = None) -> subprocess.Popen:
+def _cli(art: Path, env: dict, fault_spec: str | None = None, log: Path | None = None) -> subprocess.Popen:
+    """The CLI on the tiny profile in a subprocess; its output piped, or written to `log` (a run nobody reads while it runs)."""
     cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "30", "--set", f"artifacts_dir={art}"]
     env = {**os.environ, **env}
     env.pop(common.FAULT_ENV, None)
     if fault_spec:
         env[common.FAULT_ENV] = fault_spec
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    stdout = log.open("w") if log else subprocess.PIPE
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc.log = log
+    return proc
 
 
-def _finish(proc: subprocess.Popen, timeout: int = 400) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: int = 400, kill: bool = False) -> tuple[int, str]:
+    """Wait for the run (or SIGKILL its process group first, `kill`); its exit code and output."""
+    if kill:
+        os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=timeout)
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # anything the killed run left behind in its process group
     except ProcessLookupError:
         pass
-    return proc.returncode, out
+    return proc.returncode, proc.log.read_text() if proc.log else out
 
 
 def _summary(art: Path) -> dict:
@@ -242,18 +249,24 @@ def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_
     1..k-2 cached, finish stage k-1 (killed last time) and die in stage k. The last run completes; its
     artifacts equal a clean run's (same files; losses within LOSS_TOL)."""
     clean = tmp_path / "clean"
-    code, out = _finish(_cli(clean, api_env))
-    assert code == 0, out[-3000:]
+    # The clean run has its own folder and nothing in it waits on time: it runs beside the killed runs.
+    clean_run = _cli(clean, api_env, log=tmp_path / "clean.log")
     art = tmp_path / "killed"
-    for k, stage in enumerate(STAGES):
-        code, out = _finish(_cli(art, api_env, f"{stage}:kill"))
-        assert code == -signal.SIGKILL, f"stage {stage}: exit {code}\n{out[-3000:]}"
-        if k == 0:
-            continue
-        stages = _summary(art)["stages"]
-        assert [s for s in STAGES if stages.get(s, {}).get("status") == "completed"] == STAGES[:k], (stage, stages)
-        assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
-    code, out = _finish(_cli(art, api_env))
+    try:
+        for k, stage in enumerate(STAGES):
+            code, out = _finish(_cli(art, api_env, f"{stage}:kill"))
+            assert code == -signal.SIGKILL, f"stage {stage}: exit {code}\n{out[-3000:]}"
+            if k == 0:
+                continue
+            stages = _summary(art)["stages"]
+            assert [s for s in STAGES if stages.get(s, {}).get("status") == "completed"] == STAGES[:k], (stage, stages)
+            assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
+        code, out = _finish(_cli(art, api_env))
+        assert code == 0, out[-3000:]
+    except BaseException:
+        _finish(clean_run, kill=True)
+        raise
+    code, out = _finish(clean_run)
     assert code == 0, out[-3000:]
     summary = _summary(art)
     assert [s for s in STAGES if summary["stages"][s]["cached"]] == STAGES[:-1]
