@@ -7,6 +7,7 @@ reports s/step, tokens/s, peak GB and the training stage's budget error. Prefect
 
     python bench/pipeline_gpu.py --engine fast --minutes 3 --out results.json
     python bench/pipeline_gpu.py --gpus 1,2 --minutes 1.5 --out multi.json   # issue 8: 1 then 2 GPUs, same data
+    python bench/pipeline_gpu.py --engine fused --vram-gb 15 --minutes 1.5 --set training.compile=layers --out c.json  # issue 19
 
 With `--gpus 1,2` it runs the probe + training stage once per GPU count (training.gpus=N: N > 1 goes through
 torchrun, tasks/engine/launch.py) on the same data and model, and adds the scaling (tokens/s with N GPUs over 1) and
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts to run in turn, e.g. 1,2")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the Mistral-7B shapes (fewer: a quicker smoke run)")
     ap.add_argument("--out", default="pipeline_gpu.json")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="more config overrides, after the bench's own (issue 19: training.compile=layers, "
+                         "training.offload_activations=auto, training.optimizer=adamw_torch_fused)")
     args = ap.parse_args()
 
     data_path = Path(args.artifacts) / "mixed.jsonl"
@@ -70,6 +74,7 @@ def main() -> None:
     # No --vram-gb: one probe trial at the recipe's setting (4 x 4, all layers checkpointed). --vram-gb N: the search
     # (largest micro-batch that fits checkpointed, then as many layers without recompute as fit; tasks/probe.py).
     overrides.append(f"budget.vram_gb={args.vram_gb or 'null'}")
+    overrides += args.extra
     log = lambda m: print(m, flush=True)  # noqa: E731
     counts = [int(g) for g in args.gpus.split(",")]
     results = []
@@ -126,6 +131,8 @@ def run_once(overrides: list[str], args, log) -> dict:
         "peak_gb_train": round(peak, 2), "trainable": train.trainable_params,
         "first_loss": train.first_loss, "final_loss": train.final_loss,
         "loss_curve": [round(h["loss"], 5) for h in history if "loss" in h],
+        "overrides": args.extra, "compile": cfg.training.compile, "offload_activations": cfg.training.offload_activations,
+        "optimizer": cfg.training.optimizer,
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
     }
 
