@@ -142,7 +142,9 @@ def compile_trainer_layers(trainer, collator, device: str):
     the model with `use_cache=False, fused_lm_head=True`, and its fused LM head calls the backbone past Liger's causal-LM
     forward, so a warm-up through `model(**batch)` left every layer call of the steps eager (`len(kwargs)` guards).
     Checkpointing is turned on first, as Trainer does only when `train()` starts: a warm-up before it kept every
-    layer's activations (a fused-compile run first in its process ran out of memory at the 15 GiB cap, 2026-12-02)."""
+    layer's activations (a fused-compile run first in its process ran out of memory at the 15 GiB cap, 2026-12-02).
+    Not carried over: the `offload` and `every_n_layers` of `gradient_checkpointing_kwargs` (no compiled run here uses
+    them; a warm-up without them would keep more on the device than the steps do)."""
     if trainer.args.gradient_checkpointing:
         kwargs = {k: v for k, v in (trainer.args.gradient_checkpointing_kwargs or {}).items() if k not in ("offload", "every_n_layers")}
         enable_checkpointing(trainer.model, kwargs or None)

@@ -26,9 +26,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Under xdist (`make test`: 2 workers on a 2-core box) each worker, and every process it starts, gets its share of the
 # cores for torch's intra-op threads, set before torch is imported. Left at torch's default (all cores each), the
 # workers' OpenMP threads wait on each other's preempted threads: tests/test_train.py took 72 s of CPU under a load of 2
-# against 26 s with one thread (2026-12-02). An OMP_NUM_THREADS already set wins.
+# against 26 s with one thread (2026-12-02). An OMP_NUM_THREADS already set wins. The cores are those this process may
+# run on (taskset, a container's cpuset), as torch counts them, not the host's.
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

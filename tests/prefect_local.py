@@ -40,8 +40,10 @@ class LocalServer:
     (~8 s of CPU of its ~11 s start on this 2-core box); a copy of that database as it stood once healthy, before any
     test used it, then starts each later server of the process (~4 s): the same empty, migrated database."""
 
-    _template: Path | None = None  # this process's migrated, unused database (and Prefect's memo of it)
-    TEMPLATE_FILES = ("prefect.db", "memo_store.toml")
+    # this process's migrated, unused database (not Prefect's memo_store.toml: its hash holds the database URL, which
+    # names each server's own home, so a copied memo never matches and the blocks are registered again either way)
+    _template: Path | None = None
+    TEMPLATE_FILES = ("prefect.db",)
 
     def __init__(self, home: Path, log: Path | None = None):
         self.port = free_port()
@@ -97,8 +99,6 @@ class LocalServer:
         atexit.register(shutil.rmtree, template, True)
         with closing(sqlite3.connect(self.home / "prefect.db")) as src, closing(sqlite3.connect(template / "prefect.db")) as dst:
             src.backup(dst)
-        if (self.home / "memo_store.toml").is_file():
-            shutil.copy2(self.home / "memo_store.toml", template / "memo_store.toml")
         return template
 
     def stop(self) -> None:

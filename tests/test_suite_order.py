@@ -33,15 +33,18 @@ def test_make_test_keeps_the_collected_order():
 
 
 def test_each_xdist_worker_gives_torch_its_share_of_the_cores():
-    """A worker of `pytest -n 2` (and every process it starts) runs torch on cpu_count // 2 threads, not on all cores."""
+    """A worker of `pytest -n 2` (and every process it starts) runs torch on its share of the cores it may use, not on
+    all cores; limited to one core (taskset, a container's cpuset) it gets one thread, not the host's count."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     code = "import conftest, os, torch; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
-    for workers in (2, 1):
+    cores = sorted(os.sched_getaffinity(0))
+    runs = [(2, None, max(1, len(cores) // 2)), (1, None, len(cores)), (1, {cores[0]}, 1)]
+    for workers, pinned, share in runs:
         out = subprocess.run([sys.executable, "-c", code], cwd=TESTS, env={**env, "PYTEST_XDIST_WORKER_COUNT": str(workers)},
-                             capture_output=True, text=True, timeout=120)
-        share = max(1, (os.cpu_count() or 1) // workers)
-        assert out.stdout.split() == [str(share), str(share)], out.stderr[-2000:]
+                             capture_output=True, text=True, timeout=120,
+                             preexec_fn=(lambda: os.sched_setaffinity(0, pinned)) if pinned else None)
+        assert out.stdout.split() == [str(share), str(share)], (workers, pinned, out.stderr[-2000:])
