@@ -269,7 +269,7 @@ def cmd_serve_model(args) -> int:
 
 
 def _stop_on_ctrl_c_or_sigterm() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`, systemd) both stop the server cleanly. Set here, not
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`, systemd) both stop serve-model and serve cleanly. Set here, not
     inherited: a shell without job control starts background commands (`serve-model &` in a script, CI) with SIGINT
     ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
     import signal
@@ -291,16 +291,24 @@ def _quiet_environment() -> None:
 
 
 def cmd_serve(args) -> int:
-    import signal
+    # Ctrl-C stops serve cleanly however this process was started: a script or CI starts background commands with
+    # SIGINT ignored, and Ctrl-C then did nothing (the tests waited 30 s, then SIGKILL). SIGTERM does the same until
+    # the runner starts and takes it over (its own graceful shutdown); both end with the deployment paused.
+    _stop_on_ctrl_c_or_sigterm()
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        # Before the runner started (importing, registering): nothing to shut down, and a registered deployment was
+        # paused on the way out. Exit 0 as a Ctrl-C once serving does (Prefect's runner): serve only ever ends on
+        # request, so a script sees one exit code for "stopped", however early.
+        print("stopped before serving", file=sys.stderr)
+        return 0
 
+
+def _serve(args) -> int:
     from prefect.settings import get_current_settings
 
     from flows.deploy import DeploymentSpecError, serve
-
-    # Ctrl-C stops the runner cleanly (it pauses the schedule, exit 0) however this process was started: a script or CI
-    # starts background commands with SIGINT ignored, and Ctrl-C then did nothing (the tests waited 30 s, then SIGKILL).
-    # SIGTERM is the runner's own (a graceful shutdown).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if not get_current_settings().api.url:  # else Prefect serves against a throwaway in-process server: no UI, no runs
         print("config error: no Prefect server to serve against; start one with `prefect server start` and point at it "

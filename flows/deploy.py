@@ -12,6 +12,10 @@ process work pool, run by `prefect worker start`) and `qlora-pipeline serve` reg
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +112,11 @@ def serve(
     deployment: the prefect.yaml entry to read; name: register it under another name (one per GPU machine);
     collision_strategy: override prefect.yaml's ENQUEUE/CANCEL_NEW; paused: register the schedule inactive.
     """
+    import asyncio
+
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
     from prefect.schedules import Cron
 
     from flows.finetune import finetune
@@ -120,12 +128,65 @@ def serve(
     limit = None if spec.concurrency_limit is None else ConcurrencyLimitConfig(
         limit=spec.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy(strategy))
     schedules = [Cron(s.cron, timezone=s.timezone, active=s.active and not paused) for s in spec.schedules]
+    name = name or spec.name
     # The deployment records the flow's entrypoint relative to the working directory: serve from the project
     # root so it reads `flows/finetune.py:finetune`, as prefect.yaml does.
     os.chdir(PROJECT_ROOT)
-    finetune.serve(
-        name=name or spec.name, schedules=schedules, parameters=spec.parameters, global_limit=limit,
-        description=spec.description, tags=spec.tags,
-        # No per-process `limit`: the server-side deployment limit decides, so a waiting or cancelled run says
-        # why in the UI ("AwaitingConcurrencySlot", "Deployment concurrency limit reached.").
-    )
+    # What `finetune.serve()` does, with the deployment's id kept: Prefect pauses it when the runner stops, but only
+    # from inside the runner's startup; a Ctrl-C in the runner's first second (or between registering and starting)
+    # left the schedule live with nothing serving it. The `finally` pauses it whenever this serve registered it.
+    runner = Runner(name=name, pause_on_shutdown=True)
+    deployment_id = None
+    try:
+        # Registering is one or two requests, made on Prefect's loop thread: a Ctrl-C here would leave the
+        # request running and its id unknown. Held until registration ends, it then lands with the id known.
+        with _signals_held():
+            deployment_id = runner.add_flow(
+                finetune, name=name, schedules=schedules, parameters=spec.parameters, concurrency_limit=limit,
+                description=spec.description, tags=spec.tags,
+                # No per-process `limit`: the server-side deployment limit decides, so a waiting or cancelled run
+                # says why in the UI ("AwaitingConcurrencySlot", "Deployment concurrency limit reached.").
+            )
+        try:
+            print(f"Your flow 'finetune' is being served and polling for scheduled runs! Trigger a run with:\n\n"
+                  f"\t$ prefect deployment run 'finetune/{name}'\n", flush=True)
+            asyncio.run(runner.start())
+        except (KeyboardInterrupt, TerminationSignal) as e:
+            print(f"Received {type(e).__name__}, shutting down...", file=sys.stderr, flush=True)
+    finally:
+        if deployment_id is not None:
+            _pause_if_active(deployment_id, f"finetune/{name}")
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C (SIGINT) and SIGTERM that arrive inside the block raise KeyboardInterrupt when it ends, not in it.
+    Signals this process ignores stay ignored; off the main thread (no signal handlers there) nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if got:
+        raise KeyboardInterrupt
+
+
+def _pause_if_active(deployment_id, full_name: str) -> None:
+    """Pause the deployment, as the runner's own shutdown does (`Runner._pause_schedules`), when that did not run."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            if client.read_deployment(deployment_id).paused:  # the runner's shutdown paused it
+                return
+            client.pause_deployment(deployment_id)
+        print(f"{full_name} paused: its schedule waits for the next `qlora-pipeline serve`", file=sys.stderr, flush=True)
+    except (Exception, KeyboardInterrupt) as e:
+        print(f"{full_name} NOT paused ({type(e).__name__}: {e}): its schedule stays active with nothing serving it; "
+              f"pause it in the Prefect UI or start `qlora-pipeline serve` again", file=sys.stderr, flush=True)

@@ -180,7 +180,7 @@ class Serve:
         self.env = {**server.env, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> Serve:
+    def start(self, timeout: float = 180, poll: float = 0.5) -> Serve:
         offset = self.log.stat().st_size if self.log.exists() else 0  # the same log across restarts
         # Started with SIGINT ignored, as a script or CI starts a background command (and as pytest's children were
         # whenever the suite itself ran in the background): stop() must still end it with Ctrl-C.
@@ -193,7 +193,7 @@ class Serve:
                 raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             if b"is being served" in self.log.read_bytes()[offset:]:  # printed once the deployment is registered
                 return self
-            time.sleep(0.5)
+            time.sleep(poll)
         self.stop()
         raise TimeoutError(f"serve did not start within {timeout}s:\n{self.log.read_text()[-3000:]}")
 

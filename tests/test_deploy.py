@@ -147,6 +147,21 @@ def test_two_runs_at_once_queue_one_after_the_other(server, served, art):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopped_as_soon_as_it_serves_the_deployment_ends_paused(server, tmp_path, sig):
+    # "is being served" shows once the deployment is registered, while the runner is still starting (its client,
+    # process manager, ...). Prefect pauses the deployment in the runner's shutdown, which a signal in that first
+    # second skipped: exit 0, "shutting down", and the schedule left live with nothing serving it (4 of 4 for
+    # Ctrl-C in a review; SIGTERM killed the process outright). Polled every 0.05 s to land in that window.
+    name = f"stopped-early-{sig.name.lower()}"
+    proc = Serve(server, "--name", name, log=tmp_path / "serve.log").start(poll=0.05).proc
+    stop_process(proc, sig)
+    log = (tmp_path / "serve.log").read_text()
+    assert proc.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert server.get(f"/deployments/name/finetune/{name}")["paused"], log[-3000:]
+
+
+@pytest.mark.slow
 def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
     cancel = Serve(server, "--name", "nightly-cancel", "--collision-strategy", "CANCEL_NEW", "--paused",
                    log=tmp_path / "serve-cancel.log").start()
