@@ -107,7 +107,8 @@ def serve(
     paused: bool = False,
     path: str | Path = PREFECT_YAML,
 ) -> None:
-    """Register `finetune/<name>` with the Prefect server (PREFECT_API_URL) and execute its runs until Ctrl-C.
+    """Register `finetune/<name>` with the Prefect server (PREFECT_API_URL) and execute its runs until Ctrl-C or SIGTERM;
+    either, however early, leaves the deployment paused once registered (as Prefect's runner does when it stops).
 
     deployment: the prefect.yaml entry to read; name: register it under another name (one per GPU machine);
     collision_strategy: override prefect.yaml's ENQUEUE/CANCEL_NEW; paused: register the schedule inactive.
