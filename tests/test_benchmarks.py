@@ -122,6 +122,18 @@ def test_subsets_are_seeded_sorted_and_full_when_unset():
     assert bench.subset_indices(10, None, 0) == list(range(10)) == bench.subset_indices(10, 99, 0)
 
 
+def test_generation_caps_default_to_each_benchmarks_standard_and_the_key_overrides(tmp_path):
+    """IFEval at lm-evaluation-harness's 1280 tokens unless eval.benchmark_max_new_tokens says otherwise (at 512 its
+    300-900-word tasks cannot pass); AlpacaEval at 512."""
+    from tasks.config import EvalSection
+    from tasks.evaluate import load_suites
+
+    caps = lambda ev: {n: s["subset"]["max_new_tokens"] for n, s in load_suites(ev, str(tmp_path)).items()}  # noqa: E731
+    assert caps(EvalSection(benchmark_prompts={"ifeval": 2, "alpaca_eval": 2})) == {"ifeval": 1280, "alpaca_eval": 512}
+    assert caps(EvalSection(benchmark_prompts={"ifeval": 2, "alpaca_eval": 2}, benchmark_max_new_tokens={"ifeval": 64})) == {
+        "ifeval": 64, "alpaca_eval": 512}
+
+
 def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path):
     from types import SimpleNamespace
 
