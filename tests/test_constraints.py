@@ -316,6 +316,30 @@ def test_answers_are_transformed_real_answers(rows, bases):
     assert sorted(kept)[len(kept) // 2] > 0.8
 
 
+def _specs(rows, split: str, kind: str) -> list[tuple[dict, str]]:
+    return [(c, ex.answer) for ex in rows[split] for c in ex.to_record()["check"]["constraints"] if c["type"] == kind]
+
+
+def test_highlights_and_placeholders_are_asked_in_the_counts_users_ask(rows):
+    """Requests run from 1 to 15 highlights or placeholders; rows that only ever asked 1-3 never showed "at least 5"
+    (setting g's model, asked for 3-6 highlights, marked one or two words). Both counts reach 5+ on a real share of
+    the training rows (~180 of each type here) and in the held-out rows too (~40)."""
+    for kind in ("highlights", "placeholders"):
+        train, heldout = ([c["n"] for c, _ in _specs(rows, split, kind)] for split in ("train", "heldout"))
+        assert len(train) >= 100 and len(heldout) >= 20, (kind, len(train), len(heldout))
+        assert sum(n >= 5 for n in train) >= 0.1 * len(train) and max(train) >= 6, (kind, collections.Counter(train))
+        assert max(heldout) >= 5, (kind, collections.Counter(heldout))
+
+
+def test_include_keywords_are_mostly_words_the_request_does_not_predict(rows):
+    """Keywords the answer uses once and of 7+ letters, not the topic's recurring words: only the request says to
+    write them, so the row shows copying a requested word (IFEval asks for off-topic ones)."""
+    kws = [(w, answer) for c, answer in _specs(rows, "train", "include_keywords") for w in c["keywords"]]
+    assert len(kws) >= 40
+    rare = [len(w) >= 7 and constraints.word_count(answer, w) == 1 for w, answer in kws]
+    assert sum(rare) >= 0.6 * len(rare), f"{sum(rare)} of {len(rare)}"
+
+
 def test_train_and_heldout_use_disjoint_instructions(bases):
     train = instructions._ConstraintPool(bases, "train", None).bases
     held = instructions._ConstraintPool(bases, "heldout", None).bases
