@@ -488,8 +488,9 @@ def loop_share(texts: list[str], stopped: list[bool]) -> float:
     return round(sum(ends_in_loop(t, s) for t, s in zip(texts, stopped)) / max(len(texts), 1), 4)
 
 
-def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
-    """Length distribution and shape of generated answers."""
+def answer_stats(texts: list[str], stopped: list[bool], loops: float | None = None) -> dict:
+    """Length distribution and shape of generated answers. `loops`: their `loop_share` where the caller has it already
+    (stage 5 computes it once per model and benchmark); None = computed here."""
     import statistics
 
     words = [word_count(t) for t in texts]
@@ -505,7 +506,7 @@ def answer_stats(texts: list[str], stopped: list[bool]) -> dict:
         "one_line_share": round(sum(bool(t.strip()) and "\n" not in t.strip() for t in texts) / max(len(texts), 1), 4),
         "eos_share": round(sum(stopped) / max(len(stopped), 1), 4),
         "repetition_rate": round(sum(repetition_rate(t) for t in texts) / max(len(texts), 1), 4),
-        "loop_share": loop_share(texts, stopped),
+        "loop_share": loop_share(texts, stopped) if loops is None else loops,
     }
 
 

@@ -11,7 +11,6 @@ the key and the fix (STYLE §1, §8).
 from __future__ import annotations
 
 import copy
-import math
 import re
 from pathlib import Path
 from types import UnionType
@@ -150,14 +149,15 @@ class DataSection(Section):
             return None  # {} = unset: the same rows and the same data key
         if not isinstance(v, dict):
             raise ValueError(f"must be a mapping of constraint type to weight, e.g. {{end_phrase: 3, word_count: 0}} (got {v!r})")
-        from .constraints import TYPES
+        from .constraints import TYPES, type_weight_problems
 
         problems = []
-        if unknown := sorted(set(map(str, v)) - set(TYPES)):
-            problems.append(f"unknown constraint type {', '.join(map(repr, unknown))}; use names from {', '.join(TYPES)}")
-        # before pydantic's coercion, which reads `true` as 1.0 and "3" as 3.0
-        if bad := [f"{t}: {w}" for t, w in v.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf]:
-            problems.append(f"weights must be finite numbers >= 0 (got {', '.join(bad)}); e.g. 3 = three times the rows, 0 = never primary")
+        unknown, bad = type_weight_problems(v)  # before pydantic's coercion, which reads `true` as 1.0 and "3" as 3.0
+        if unknown:
+            problems.append(f"unknown constraint type {', '.join(repr(str(t)) for t in unknown)}; use names from {', '.join(TYPES)}")
+        if bad:
+            problems.append(f"weights must be finite numbers >= 0 (got {', '.join(f'{t}: {w}' for t, w in bad)}); "
+                            "e.g. 3 = three times the rows, 0 = never primary")
         if not problems and not any(v.get(t, 1.0) for t in TYPES):
             problems.append("every constraint type weighs 0, so no row has a primary constraint; give at least one a weight > 0 "
                             "(a type not named weighs 1)")

@@ -36,6 +36,7 @@ Definitions the checkers use (and the transforms, so they agree):
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import zlib
@@ -837,6 +838,16 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
 )}
 TYPES: tuple[str, ...] = tuple(CONSTRAINTS)
 assert set(TYPES) == _ALL
+
+
+def type_weight_problems(weights: dict) -> tuple[list, list[tuple]]:
+    """What is wrong in a mapping of constraint type -> weight (data.embedded_type_weights): the names that are no
+    constraint type (as given, in name order), and the (type, weight) pairs whose weight is not a finite number >= 0 (a
+    bool is none: YAML's `true` would otherwise count as 1). One check for the config (at load) and the generator
+    (tasks/instructions.py), each of which words the error for its own reader."""
+    unknown = sorted((t for t in weights if str(t) not in TYPES), key=str)
+    bad = [(t, w) for t, w in weights.items() if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 <= w < math.inf)]
+    return unknown, bad
 
 
 def compatible(a: str, b: str) -> bool:

@@ -696,6 +696,9 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     detail = [{"id": r["id"], "prompt": r["prompt"], "base": gens["base"][i]["text"], "tuned": gens["tuned"][i]["text"]} for i, r in enumerate(rows)]
     m = summary["metrics"]
     conf = eval.confidence
+    stopped = {who: [g["stopped"] for g in gens[who]] for who in gens}
+    # Once per model: the summary's loop share and AlpacaEval's answer stats (each answer's loop check scans its words).
+    loops = {who: bench.loop_share([g["text"] for g in gens[who]], stopped[who]) for who in gens}
 
     if name == "ifeval":
         registry = bench.ifeval_registry()
@@ -725,7 +728,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     if name == "alpaca_eval":
         refs = [r["reference"] for r in rows]
         texts = {who: [g["text"] for g in gens[who]] for who in gens}
-        stats = {who: bench.answer_stats(texts[who], [g["stopped"] for g in gens[who]]) for who in gens}
+        stats = {who: bench.answer_stats(texts[who], stopped[who], loops[who]) for who in gens}
         # the references' own lengths (GPT-4's answers), for reading the models' lengths against
         summary["answers"] = {**stats, "reference": bench.answer_stats(refs, [True] * len(refs))}
         summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
@@ -770,8 +773,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                                    "reference loss: NLL per reference token, pooled; lengths in words")
 
     for who in gens:
-        summary.setdefault("eos_share", {})[who] = round(sum(g["stopped"] for g in gens[who]) / max(len(rows), 1), 4)
-        summary.setdefault("loop_share", {})[who] = bench.loop_share([g["text"] for g in gens[who]], [g["stopped"] for g in gens[who]])
+        summary.setdefault("eos_share", {})[who] = round(sum(stopped[who]) / max(len(rows), 1), 4)
+        summary.setdefault("loop_share", {})[who] = loops[who]
     log_fn(f"evaluate: {name}: {len(rows)}/{suite['subset']['n_full']} prompts, cap {cap} tokens, base+tuned in {seconds:.0f} s")
     return {"summary": summary, "rows": detail}
 

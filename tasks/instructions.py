@@ -553,11 +553,11 @@ class _ConstraintPool:
         self.fits = {t: [i for i, b in enumerate(self.bases) if constraints.CONSTRAINTS[t].fits(b)] for t in constraints.TYPES}
         self.types = [t for t in constraints.TYPES if self.fits[t]]
         weights = dict(type_weights or {})
-        unknown = sorted(set(weights) - set(constraints.TYPES))
+        unknown, bad = constraints.type_weight_problems(weights)
         if unknown:
             raise TypeWeightsError(f"unknown constraint types {unknown} in type_weights; known: {', '.join(constraints.TYPES)}")
-        if bad := [f"{t}: {w!r}" for t, w in weights.items() if isinstance(w, bool) or not (isinstance(w, (int, float)) and 0 <= w < math.inf)]:
-            raise TypeWeightsError(f"type weights must be finite numbers >= 0 (got {', '.join(bad)})")
+        if bad:
+            raise TypeWeightsError(f"type weights must be finite numbers >= 0 (got {', '.join(f'{t}: {w!r}' for t, w in bad)})")
         # Primaries by smooth weighted round robin (nginx's): each row every type that can take it gains its weight, the one
         # with the most credit (the earlier on a tie) leads the row and pays those weights' total back. Over n rows a type
         # leads n * weight / total rows (+-1) in a fixed order, no sampling noise; equal weights are the plain round robin

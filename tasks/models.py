@@ -604,13 +604,22 @@ class LoraTargets:
         return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts, "not_adapted": list(self.not_adapted)}
 
 
-def decoder_blocks(model) -> tuple[str, int]:
-    """(path, count) of the repeated decoder layers: the longest ModuleList of the language model (`get_decoder()`:
-    a multimodal model's text half, never its vision tower)."""
+def text_decoder(model):
+    """The language model that a text-only fine-tune runs (transformers' `get_decoder()`, through a PEFT wrapper too): a
+    multimodal model's text half (Gemma-3 4B's Gemma3TextModel, never its SigLIP vision tower), a causal LM's body
+    (LlamaModel, ...); the model itself where there is no such module."""
     import torch
 
     root = model.get_decoder() if hasattr(model, "get_decoder") else model
-    root = root if isinstance(root, torch.nn.Module) else model
+    return root if isinstance(root, torch.nn.Module) else model
+
+
+def decoder_blocks(model) -> tuple[str, int]:
+    """(path, count) of the repeated decoder layers: the longest ModuleList of the language model (`text_decoder`:
+    a multimodal model's text half, never its vision tower)."""
+    import torch
+
+    root = text_decoder(model)
     root_name = next((n for n, m in model.named_modules() if m is root), "")
     best = ("", 0)
     for name, m in root.named_modules():

@@ -394,7 +394,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     state = model.layer_compile
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
-        recompute.set_recompute_free_layers(model, n_free)  # what the probe found to fit (tasks/probe.py)
+        # What the probe found to fit (tasks/probe.py), at most the text decoder's layers (a record probed before they
+        # were counted alone may name more: a multimodal model's vision layers, which a text-only run never runs).
+        n_free = recompute.set_recompute_free_layers(model, n_free)
     trainable, total = count_params(model)
     train_ds = load_split(data, "train")
     tok = load_tokenizer(ref, model_cfg)

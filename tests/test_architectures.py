@@ -241,3 +241,76 @@ def test_experts_alone_can_be_the_target():
     peft_model = get_peft_model(model, lora_config(lora, t))
     adapted = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
     assert adapted and all(".mlp.experts" in n for n in adapted)
+
+
+def _gemma3_cfg(shared_artifacts: str, *extra: str):
+    """The tiny profile on a random Gemma3ForConditionalGeneration with 2 text decoder layers and 3 vision layers."""
+    from tasks.config import load_config
+
+    config = {**ARCHS["gemma3"][0], "vision_config": {**ARCHS["gemma3"][0]["vision_config"], "num_hidden_layers": 3}}
+    return load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:gemma3",
+                                                  f"model.random_config={json.dumps(config)}", *extra])
+
+
+def test_a_multimodal_models_vision_layers_are_not_decoder_layers_to_count_free_or_offload(shared_artifacts):
+    """Issue 20: Gemma-3 4B is a Gemma3ForConditionalGeneration whose text model has 34 decoder layers and whose SigLIP
+    vision tower 27 encoder layers, all of them transformers GradientCheckpointingLayers; the probe counted 61 and timed
+    "61 layers without recompute". The layers counted, freed from recompute and offloaded around are the text decoder's
+    (here 2, beside 3 vision layers); freeing more than there are frees the decoder's and says how many; a text-only
+    forward and backward recomputes exactly the decoder layers left checkpointed and never runs the vision tower."""
+    import torch
+
+    from tasks.engine import recompute
+    from tasks.engine.build import build_model
+    from tasks.engine.collate import collator_for
+    from tasks.models import resolve_model
+
+    cfg = _gemma3_cfg(shared_artifacts, "lora.dropout=0")
+    model = build_model(resolve_model(cfg.model, shared_artifacts), cfg.model, cfg.quant, cfg.lora, True, "cpu", "padded")
+    text = model.get_base_model().model.language_model
+    vision = list(model.get_base_model().model.vision_tower.encoder.layers)
+    assert len(vision) == 3 and all(v.gradient_checkpointing for v in vision)  # checkpointing on in the whole model
+
+    layers = recompute.checkpointed_layers(model)
+    assert len(layers) == 2 and layers == list(text.layers)  # the 2 decoder layers, not 2 + 3
+    assert recompute.decoder_stack(model) is text  # the offloaded stack: the text model, not the multimodal one
+    assert recompute.set_recompute_free_layers(model, 5) == 2  # all the decoder has (the probe's search stops there)
+    assert [layer.gradient_checkpointing for layer in text.layers] == [False, False]
+
+    assert recompute.set_recompute_free_layers(model, 1) == 1
+    assert [layer.gradient_checkpointing for layer in text.layers] == [True, False]  # the last decoder layer freed
+    calls = {}
+    for layer in [*vision, *text.layers]:
+        layer.mlp.register_forward_hook(lambda m, *a: calls.__setitem__(m, calls.get(m, 0) + 1))
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, 500, (n,), generator=g).tolist()), "labels": ids} for n in (12, 9)]
+    model(**collator_for("padded", 0, model)(rows)).loss.backward()
+    # A checkpointed layer runs twice (forward, recompute in the backward), a freed one once; the vision tower never.
+    assert [calls.get(layer.mlp, 0) for layer in text.layers] == [2, 1]
+    assert [calls.get(v.mlp, 0) for v in vision] == [0, 0, 0]
+
+
+def test_the_probes_layer_search_counts_a_multimodal_models_decoder_layers_only(shared_artifacts, tmp_path, monkeypatch):
+    """Stage 3's search for layers to free from recompute, on a simulated GPU with room for every layer (each trial timed
+    for real, on the CPU): it measures 2 freed layers (4 clipped to the text decoder's 2) and stops; the record, its
+    trials and the log say 2. Before, it counted the vision tower's 3 as well and timed 4, then "5 layers without recompute"."""
+    import tasks.probe as probe_mod
+    from tasks.data import load_dataset_records
+
+    cfg = _gemma3_cfg(shared_artifacts, "training.engine=padded", "training.gradient_checkpointing=true",
+                      "training.offload_activations=off", "budget.vram_gb=1000")
+    real = probe_mod._time_setting
+
+    def on_cpu(ref, model_cfg, quant, lora, training, budget, device, *rest, **kwargs):
+        return real(ref, model_cfg, quant, lora, training, budget, "cpu", *rest, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "_time_setting", on_cpu)
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: "cuda:simulated")
+    data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
+    logs = []
+    rec = probe_mod._probe(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cuda", "k", tmp_path / "probe",
+                           shared_artifacts, logs.append)
+    assert [t["recompute_free_layers"] for t in rec.trials] == [0, 2]
+    assert {t["layers"] for t in rec.trials} == {2} and rec.recompute_free_layers in (0, 2)
+    assert any("(2 layers without recompute)" in m for m in logs) and not any("5 layers" in m or "4 layers" in m for m in logs), logs

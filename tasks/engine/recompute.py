@@ -20,10 +20,17 @@ OFFLOAD_FIX = ("set training.offload_activations=on (the checkpointed layers' in
 
 
 def checkpointed_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers that gradient checkpointing can toggle (transformers' GradientCheckpointingLayer)."""
+    """The decoder layers that gradient checkpointing can toggle (transformers' GradientCheckpointingLayer) in the
+    language model (`text_decoder`): what the probe counts and frees from recompute, what stage 4 frees, compiles and
+    offloads around. A multimodal model's vision encoder layers are GradientCheckpointingLayers too, but a text-only
+    fine-tune never runs them (Gemma-3 4B: 34 decoder layers, not 34 + SigLIP's 27). A model whose `get_decoder()`
+    holds none: every such layer of the model, as before."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    from ..models import text_decoder
+
+    layers = [m for m in text_decoder(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    return layers or [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def set_recompute_free_layers(model, n_free: int) -> int:
