@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13/12 on one CUDA GPU: the whole flow (Prefect included) on the real SmolLM2-135M-Instruct as NF4 QLoRA
 # with the opt-in GPTQ W4A16 export, then bench/gptq_check.py on the published folder (W4A16 vs the merged
-# model); with FULL=1 instead, the same run again with the full IFEval (541) and AlpacaEval (805) sets at the
-# default 512-token cap (stages 1-4 come from the cache); BENCH=ifeval or BENCH=alpaca_eval runs one of them
+# model); with FULL=1 instead, the same run again with the full IFEval (541) and AlpacaEval (805) sets at each
+# benchmark's own cap (IFEval 1,280 tokens, AlpacaEval 512; stages 1-4 come from the cache); BENCH=ifeval or BENCH=alpaca_eval runs one of them
 # (a call is capped at 10 minutes).
 #
 #   bash bench/gpu_export.sh GGUF_FOLDER BENCH_DIR OUT_DIR [MINUTES]

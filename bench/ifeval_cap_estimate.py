@@ -1,7 +1,9 @@
 """Estimate IFEval prompt-level loose at a higher generation cap from answers generated at a lower one (an estimate,
 not a measurement): an answer that ends in an exact periodic loop (its last two periods equal, period >= 20
 characters: the cap cut it mid-loop) is continued by that period to FACTOR x its length and re-scored with the official checkers; every other
-answer keeps its verdict (an answer that ended stays as it was; a cut answer with no exact period is not guessed at).
+answer keeps its verdict (a cut answer with no exact period is not guessed at). eval.json's rows carry no stop flag,
+so a short answer that ended by itself on two equal periods is continued too (7 of d's 70 tuned ones; the numbers
+printed do not move).
 
     python bench/ifeval_cap_estimate.py RUN/eval.json.xz [FACTOR]     # FACTOR default 1280/512
 """

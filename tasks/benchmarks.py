@@ -298,6 +298,19 @@ def ifeval_sentence_count(text: str) -> int | None:
         return None
 
 
+def ifeval_capital_count(text: str) -> int | None:
+    """All-capital words as IFEval's change_case:capital_word_frequency counts them (NLTK word tokens that are
+    upper case: "Self-REFLECTION" and "SCALAR.Video" are one token each, not capital; "I" is), or None when punkt's
+    data is not installed."""
+    try:
+        ifeval_registry()  # points NLTK at its data
+        from if_verifiable.ifeval.instructions_util import nltk
+
+        return sum(1 for w in nltk.word_tokenize(text) if w.isupper())
+    except LookupError:
+        return None
+
+
 def loose_variants(response: str) -> list[str]:
     """The official loose-scoring transforms: drop the first/last line, strip markdown asterisks."""
     from if_verifiable.common import get_loose_transformations

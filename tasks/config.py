@@ -708,7 +708,8 @@ def _benchmark_problems(ev: EvalSection) -> list[str]:
             if name not in BENCHMARKS:
                 problems.append(f"eval.{field}.{name}: unknown benchmark; known: {', '.join(sorted(BENCHMARKS))}")
             elif value < 1:
-                problems.append(f"eval.{field}.{name}: must be >= 1 (got {value}); drop the key for the full set")
+                fix = "the full set" if field == "benchmark_prompts" else "the benchmark's own cap"
+                problems.append(f"eval.{field}.{name}: must be >= 1 (got {value}); drop the key for {fix}")
     return problems
 
 

@@ -55,6 +55,7 @@ _BLANK_LINE = re.compile(r"\n[ \t]*\n\s*")
 _DIVIDER = re.compile(r"^[ \t]*\*\*\*[ \t]*$", re.M)
 _BULLET = re.compile(r"^[ \t]*[*-][ \t]+\S", re.M)
 _LIST_ITEM = re.compile(r"^(?:\d{1,2}[.)]|[-*•])[ \t]+(?=\S)")
+_STAR_BULLET = re.compile(r"[ \t]*\*[ \t]")
 _HIGHLIGHT = re.compile(r"\*\*[^*\n]+\*\*|(?<![*\w])\*(?![\s*])[^*\n]+?(?<![\s*])\*(?![*\w])")
 _PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
@@ -199,7 +200,7 @@ _TITLE_SKIP = STOPWORDS | frozenset(
     "suggest find show rewrite draft design answer identify outline classify compare discuss following provided given "
     "based type sentence text paragraph article".split()
 )
-_LETTER_HINTS = re.compile(r"\b(letter|email|e-mail|message|note|invitation|speech|announcement|post)\b", re.I)
+_LETTER_HINTS = re.compile(r"\b(letter|email|e-mail|message|note|invitation|speech|announcement)\b", re.I)
 
 # --------------------------------------------------------------------------------------------------
 # Constraint types
@@ -446,12 +447,18 @@ def _shape_capitals(rng, base, text, split) -> Shaped:
 
 
 def _settle_capitals(rng, partial, base, text, split) -> dict | None:
-    k = capital_words(text)
-    if partial["emphasized"] and k >= 1:
-        return {"relation": "at_least", "n": rng.randint(max(1, k - 1), k)}
-    # "fewer than n": n above every all-capitals run of letters, one-letter ones too ("I", "Plan A"), which IFEval's
-    # change_case:capital_word_frequency counts (NLTK tokens that are upper case); ours skips them, so never more
-    k_any = sum(1 for w in re.findall(r"[^\W\d_]+", text) if w.isupper())
+    """A count that holds under both readings, as for sentences: ours (runs of 2+ capital letters) and IFEval's (NLTK
+    tokens that are upper case, `benchmarks.ifeval_capital_count`: "Self-REFLECTION" is one token and not capital, "I"
+    is). "At least" is drawn from the lower count, "fewer than" above the higher."""
+    from .benchmarks import ifeval_capital_count
+
+    k, other = capital_words(text), ifeval_capital_count(text)
+    lo = k if other is None else min(k, other)
+    if partial["emphasized"] and lo >= 1:
+        return {"relation": "at_least", "n": rng.randint(max(1, lo - 1), lo)}
+    # "fewer than n": n above every all-capitals run of letters, one-letter ones too ("I", "Plan A"), which IFEval
+    # counts; ours skips them, so never more
+    k_any = max(sum(1 for w in re.findall(r"[^\W\d_]+", text) if w.isupper()), other or 0)
     return {"relation": "less_than", "n": rng.randint(k_any + 1, k_any + 3)}
 
 
@@ -504,8 +511,12 @@ def _shape_highlights(rng, base, text, split) -> Shaped:
         return None
     chosen = rng.sample(cands, min(len(cands), rng.choice(_MANY)))
     for w in chosen:
-        a, b = _first_span(text, w)
-        if text[a - 1:a] != "*" and text[b:b + 1] != "*":
+        # never on a "* " bullet line: IFEval's highlight pattern (\*[^\n\*]*\*) pairs the bullet's asterisk with
+        # the highlight's first one and counts one fewer than there are
+        span = next((m.span() for m in _ALNUM.finditer(text) if m.group(0).lower() == w
+                     and not _STAR_BULLET.match(text, text.rfind("\n", 0, m.start()) + 1)), None)
+        if span and text[span[0] - 1:span[0]] != "*" and text[span[1]:span[1] + 1] != "*":
+            a, b = span
             text = f"{text[:a]}*{text[a:b]}*{text[b:]}"
     return {}, text
 
@@ -560,13 +571,18 @@ def _check_title(spec, text) -> bool:
 
 def _shape_placeholders(rng, base, text, split) -> Shaped:
     pool = _POOLS["placeholder"][split]
-    names = rng.sample(pool, min(len(pool), rng.choice(_MANY)))
-    brackets = [f"[{n}]" for n in names]
-    if _LETTER_HINTS.search(base.instruction) and rng.random() < 0.7:
-        head, tail = brackets[0], brackets[1:]
-        text = f"Dear {head}\n\n{text}" + (f"\n\nBest regards\n{' '.join(tail)}" if tail else "")
+    k = min(len(pool), rng.choice(_MANY))
+    if _LETTER_HINTS.search(base.instruction) and rng.random() < 0.7:  # a letter greets the person it is for
+        greeted = pool[0]  # "name" / "recipient"
+        text = f"Dear [{greeted}]\n\n{text}"
+        names = rng.sample(pool[1:], k - 1)
     else:
-        listed = brackets[0] if len(brackets) == 1 else " and ".join(brackets)
+        names = rng.sample(pool, k)
+    if len(names) > 2:  # a form to fill in, one line a field
+        text += "\n\n" + rng.choice(("To adapt it fill in:", "Your details:", "Fill in:")) + "\n" + "\n".join(
+            f"{n[0].upper()}{n[1:]}: [{n}]" for n in names)
+    elif names:
+        listed = " and ".join(f"[{n}]" for n in names)
         text += "\n\n" + rng.choice(("Fill in {0} for your own case.", "Replace {0} with your details.",
                                      "Adapt it by filling in {0}.")).format(listed)
     return {}, text

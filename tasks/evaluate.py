@@ -194,11 +194,17 @@ SCORERS = {"ifeval": ("if-verifiable", "nltk", "langdetect", "absl-py", "immutab
 def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str) -> str:
     # Keyed on the adapter's content, not the train key: training stops by the clock, so one train key can hold
     # adapters of different step counts (and verdicts). Benchmark files are keyed by content (sha256), so a new copy
-    # of a benchmark re-runs the stage; the subset sizes, seed and caps are part of eval's dump.
+    # of a benchmark re-runs the stage; the subset sizes and seed are part of eval's dump, and each benchmark's cap is
+    # keyed as resolved (a cap eval.benchmark_max_new_tokens leaves unset is the benchmark's own, which can change).
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
     return fingerprint("eval", EVAL_VERSION, data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir),
                        quant.model_dump(mode="json"), eval.model_dump(mode="json", exclude=NOT_MEASURED), sources,
-                       scorer_versions(eval.benchmarks), resolve_device(device))
+                       benchmark_caps(eval), scorer_versions(eval.benchmarks), resolve_device(device))
+
+
+def benchmark_caps(eval: EvalSection) -> dict[str, int]:
+    """Each benchmark's generation cap: eval.benchmark_max_new_tokens, else the benchmark's own (tasks/benchmarks.py)."""
+    return {n: eval.benchmark_max_new_tokens.get(n, bench.BENCHMARKS[n].max_new_tokens) for n in eval.benchmarks}
 
 
 def scorer_versions(benchmarks: list[str]) -> dict[str, str]:
@@ -541,7 +547,7 @@ def load_suites(eval: EvalSection, artifacts_dir: str) -> dict[str, dict]:
         idx = bench.subset_indices(len(rows), eval.benchmark_prompts.get(name), eval.benchmark_seed)
         suites[name] = {"name": name, "rows": [rows[i] for i in idx], "provenance": prov,
                         "subset": {"n": len(idx), "n_full": len(rows), "seed": eval.benchmark_seed,
-                                   "max_new_tokens": eval.benchmark_max_new_tokens.get(name, bench.BENCHMARKS[name].max_new_tokens)}}
+                                   "max_new_tokens": benchmark_caps(eval)[name]}}
     return suites
 
 

@@ -134,7 +134,8 @@ def test_generation_caps_default_to_each_benchmarks_standard_and_the_key_overrid
         "ifeval": 64, "alpaca_eval": 512}
 
 
-def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path):
+def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path, monkeypatch):
+    import dataclasses
     from types import SimpleNamespace
 
     from tasks.config import EvalSection, ModelSection, QuantSection
@@ -149,7 +150,12 @@ def test_evaluate_cache_key_follows_benchmark_content_and_subset(tmp_path):
     assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_prompts": {"ifeval": 3}}), "cpu")
     assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev.model_copy(update={"benchmark_seed": 1}), "cpu")
     f.write_text(IFEVAL_FIXTURE.read_text().replace("cats", "dogs"))  # same path, new content
-    assert k0 != cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
+    k1 = cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
+    assert k0 != k1
+    # the cap a run did not set is the benchmark's own: when that changes (512 -> 1280 for IFEval), a cached verdict
+    # measured at the old cap is not served (the config's dump is the same)
+    monkeypatch.setitem(bench.BENCHMARKS, "ifeval", dataclasses.replace(bench.BENCHMARKS["ifeval"], max_new_tokens=512))
+    assert k1 != cache_key(data, train, ModelSection(), QuantSection(), ev, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,6 +382,11 @@ def test_benchmark_typos_are_config_errors_reported_with_the_others():
     assert any(p.startswith("eval.benchmark_sources.ifeval: 'somewhere' is not auto, packaged, hub") for p in problems)
     assert any(p.startswith("lora.alpha") for p in problems)
     assert all("\n" not in p for p in problems)
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="tiny", overrides=["eval.benchmark_max_new_tokens={ifeval: 0}", "eval.benchmark_prompts={ifeval: 0}"])
+    assert set(e.value.problems) >= {
+        "eval.benchmark_max_new_tokens.ifeval: must be >= 1 (got 0); drop the key for the benchmark's own cap",
+        "eval.benchmark_prompts.ifeval: must be >= 1 (got 0); drop the key for the full set"}
 
 
 def test_pipeline_yaml_profiles_name_known_benchmarks():
