@@ -331,6 +331,26 @@ def test_highlights_and_placeholders_are_asked_in_the_counts_users_ask(rows):
         assert max(heldout) >= 5, (kind, collections.Counter(heldout))
 
 
+def test_highlights_stay_off_star_bullet_lines_where_ifeval_counts_one_fewer():
+    """IFEval's highlight pattern pairs a "* " bullet's asterisk with a highlight's first one on the same line
+    ("* Reliable *storage*" reads as one highlight "* Reliable *"), so a highlight there is counted one short."""
+    import random
+
+    from tasks import benchmarks
+
+    registry = benchmarks.ifeval_registry()
+    base = Base("What makes a backup plan good?", "A good plan has these parts:\n* Reliable storage of every archive\n"
+                "* Frequent verification of restores\n* Documented procedures for failures\nAlso keep copies offsite "
+                "and rehearse recovery.", "test")
+    for seed in range(40):
+        shaped = constraints._shape_highlights(random.Random(seed), base, base.response, "train")
+        text = shaped[1]
+        n = len(constraints._HIGHLIGHT.findall(text))
+        row = {"instruction_id_list": ["detectable_format:number_highlighted_sections"], "kwargs": [{"num_highlights": n}], "prompt": ""}
+        assert n == 0 or all(v["strict"] for v in benchmarks.check_ifeval(row, text, registry)), text
+        assert not any(line.startswith("* ") and "*" in line[2:] for line in text.splitlines()), text
+
+
 def test_include_keywords_are_mostly_words_the_request_does_not_predict(rows):
     """Keywords the answer uses once and of 7+ letters, not the topic's recurring words: only the request says to
     write them, so the row shows copying a requested word (IFEval asks for off-topic ones)."""
