@@ -328,7 +328,8 @@ def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out:
             at = f"micro-batch {mb} x accum {ga}" + (f" ({recompute.OFFLOAD_NOTE})" if offloaded else "")
             if probe.recompute_free_layers:
                 # Memory the probe did not see (another process on the GPU, a longer pack): recompute every layer first.
-                log_fn(f"train: out of memory with {probe.recompute_free_layers} layers without recompute; retrying with all layers checkpointed")
+                # (the probe's count; stage 4 frees at most the decoder's layers, which a record from before 65f30ca may exceed)
+                log_fn(f"train: out of memory with the probe's {probe.recompute_free_layers} layers without recompute; retrying with all layers checkpointed")
                 probe = probe.model_copy(update={"recompute_free_layers": 0})
             elif not offloaded and offload_may_help(probe, training):
                 log_fn(f"train: out of memory at {at}; retrying it with the {recompute.OFFLOAD_NOTE}")

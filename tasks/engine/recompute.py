@@ -24,7 +24,8 @@ def checkpointed_layers(model) -> list[torch.nn.Module]:
     language model (`text_decoder`): what the probe counts and frees from recompute, what stage 4 frees, compiles and
     offloads around. A multimodal model's vision encoder layers are GradientCheckpointingLayers too, but a text-only
     fine-tune never runs them (Gemma-3 4B: 34 decoder layers, not 34 + SigLIP's 27). A model whose `get_decoder()`
-    holds none: every such layer of the model, as before."""
+    holds none: every such layer of the model, as before. Still counted (no regression): a model whose `get_decoder()`
+    holds its image encoder too (GitForCausalLM)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from ..models import text_decoder
