@@ -623,6 +623,19 @@ def _check_options(spec, text) -> bool:
 
 
 def _shape_end(rng, base, text, split) -> Shaped:
+    """Most rows end on one of the answer's own sentences (3-16 words, not a list item, not its last), moved to the end: thousands of
+    distinct phrases, so the row shows copying the requested words, where a pool of six closings is learned by heart
+    (IFEval asks for phrases of its own: setting g's model ended with them on 27% of its prompts). The rest close with
+    a phrase from the split's pool."""
+    if rng.random() < 0.7:
+        sents = sentences(text)
+        cands = [x for x in sents[:-1] if 3 <= len(words(x)) <= 16 and x[-1] in ".!?" and text.count(x) == 1 and '"' not in x
+                 and not _LIST_ITEM.match(x) and "*" not in x]
+        if cands:
+            phrase = rng.choice(cands)
+            rest = _tidy(re.sub(re.escape(phrase) + r"[ \t]*", "", text, count=1))
+            if re.search(r"\w", rest):
+                return {"phrase": phrase}, rest + rng.choice(("\n\n", " ")) + phrase
     phrase = rng.choice(_POOLS["end_phrase"][split])
     return {"phrase": phrase}, text.rstrip() + rng.choice(("\n\n", " ")) + phrase
 

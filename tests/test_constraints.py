@@ -351,6 +351,19 @@ def test_highlights_stay_off_star_bullet_lines_where_ifeval_counts_one_fewer():
         assert not any(line.startswith("* ") and "*" in line[2:] for line in text.splitlines()), text
 
 
+def test_end_phrases_are_mostly_the_answers_own_sentences_not_a_memorized_pool(rows):
+    """A pool of six closings is learned by heart; a row whose answer ends on one of its own sentences, named in the
+    request, shows copying the requested words (IFEval asks for phrases of its own). On these short bases (<= 120
+    words: few sentences to move) about a quarter of the rows; on demo-gpu's (<= 600) about half."""
+    phrases = [c["phrase"] for c, _ in _specs(rows, "train", "end_phrase")]
+    pool = set(constraints._POOLS["end_phrase"]["train"])
+    own = [p for p in phrases if p not in pool]
+    assert len(phrases) >= 100 and len(own) >= 0.2 * len(phrases) and len(set(own)) >= 0.9 * len(own), (len(phrases), len(own))
+    for c, answer in _specs(rows, "train", "end_phrase"):
+        if c["phrase"] not in pool:  # moved, not copied: the answer says it once, at the end
+            assert answer.count(c["phrase"]) == 1 and answer.rstrip().endswith(c["phrase"]), answer
+
+
 def test_include_keywords_are_mostly_words_the_request_does_not_predict(rows):
     """Keywords the answer uses once and of 7+ letters, not the topic's recurring words: only the request says to
     write them, so the row shows copying a requested word (IFEval asks for off-topic ones)."""
