@@ -23,8 +23,9 @@
 #      (micro-batch x max_length), so g doubles the micro-batch to read d's 32,768 tokens a step, and runs as the
 #      profile would: solo, its 10-minute budget, no step cap (at 771 fixed steps on 2026-12-02 it read 12.6 M tokens,
 #      half of d's 25.2 M).
-#   h: d (the profile as it stands) with the content-type rows that teach what IFEval measures (50e9af3: 1-8 highlights
-#      and placeholders a row, included keywords the answer uses once) and IFEval at its standard 1,280-token cap; solo,
+#   h: d (the profile as it stands) with the content-type rows that teach what IFEval measures (50e9af3, 56d9ab2,
+#      3707e23: 1-8 highlights and placeholders a row, included keywords the answer uses once, end phrases from the
+#      answer's own sentences; key a5ce6bcbb420c865, `.up/p12`) and IFEval at its standard 1,280-token cap; solo,
 #      its 10-minute budget, no step cap. g (2026-12-02) read its 9.94 M tokens 2.6 times and overfit, so h keeps d's
 #      rows of <= 2,048 tokens and no type weights.
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
