@@ -622,20 +622,39 @@ def _check_options(spec, text) -> bool:
 # ---- framing: start/end phrases, postscript, repeat the request, case, quotes, commas
 
 
+# A sentence that leans on what came before it, or opens/closes a chat turn, reads wrong moved to the end.
+_LEANING = re.compile(r"(it|its|this|these|that|those|they|their|them|he|she|his|her|also|however|so|then|but|and|or|"
+                      r"sure|yes|no|thanks|thank|certainly|hello|hi|i|i'm|i'd|i'll|i've|sorry|of course)\b", re.I)
+_ABBREVIATION_END = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|dr|mr|mrs|ms|st|no|u\.s|jr|sr)|\b[A-Z])\.$", re.I)
+
+
+def _movable(sentence: str, text: str) -> bool:
+    """A sentence that can close the answer instead: 3-16 words, capitalised, a whole sentence (not cut at "Dr." or
+    "e.g."), standing on its own (no brackets, quotes, markdown, no pointer back to what came before), said once, and
+    sharing its line with other text (a line that is one sentence is a poem line, a list item or an option: moving it
+    breaks the layout)."""
+    if not (3 <= len(words(sentence)) <= 16 and sentence[:1].isupper() and sentence[-1] in ".!?"):
+        return False
+    if re.search(r"[()\[\]\"*`_#:]", sentence) or _LEANING.match(sentence) or _ABBREVIATION_END.search(sentence):
+        return False
+    if text.count(sentence) != 1:
+        return False
+    start = text.index(sentence)
+    line = text[text.rfind("\n", 0, start) + 1:(text.find("\n", start) + 1 or len(text) + 1) - 1]
+    return line.strip() != sentence and not _LIST_ITEM.match(line.strip())
+
+
 def _shape_end(rng, base, text, split) -> Shaped:
-    """Most rows end on one of the answer's own sentences (3-16 words, not a list item, not its last), moved to the end: thousands of
-    distinct phrases, so the row shows copying the requested words, where a pool of six closings is learned by heart
-    (IFEval asks for phrases of its own: setting g's model ended with them on 27% of its prompts). The rest close with
-    a phrase from the split's pool."""
+    """Many rows end on one of the answer's own sentences (`_movable`; never its first or last), moved to the end and
+    named in the request: thousands of distinct phrases, so the row shows copying the requested words, where a pool
+    of six closings is learned by heart (IFEval asks for phrases of its own: setting g's model ended with them on 27% of
+    its prompts). The rest close with a phrase from the split's pool."""
     if rng.random() < 0.7:
-        sents = sentences(text)
-        cands = [x for x in sents[:-1] if 3 <= len(words(x)) <= 16 and x[-1] in ".!?" and text.count(x) == 1 and '"' not in x
-                 and not _LIST_ITEM.match(x) and "*" not in x]
+        cands = [x for x in sentences(text)[1:-1] if _movable(x, text)]
         if cands:
             phrase = rng.choice(cands)
             rest = _tidy(re.sub(re.escape(phrase) + r"[ \t]*", "", text, count=1))
-            if re.search(r"\w", rest):
-                return {"phrase": phrase}, rest + rng.choice(("\n\n", " ")) + phrase
+            return {"phrase": phrase}, rest + rng.choice(("\n\n", " ")) + phrase
     phrase = rng.choice(_POOLS["end_phrase"][split])
     return {"phrase": phrase}, text.rstrip() + rng.choice(("\n\n", " ")) + phrase
 

@@ -351,17 +351,20 @@ def test_highlights_stay_off_star_bullet_lines_where_ifeval_counts_one_fewer():
         assert not any(line.startswith("* ") and "*" in line[2:] for line in text.splitlines()), text
 
 
-def test_end_phrases_are_mostly_the_answers_own_sentences_not_a_memorized_pool(rows):
+def test_end_phrases_include_the_answers_own_sentences_not_only_a_memorized_pool(rows):
     """A pool of six closings is learned by heart; a row whose answer ends on one of its own sentences, named in the
-    request, shows copying the requested words (IFEval asks for phrases of its own). On these short bases (<= 120
-    words: few sentences to move) about a quarter of the rows; on demo-gpu's (<= 600) about half."""
+    request, shows copying the requested words (IFEval asks for phrases of its own). Only sentences that read right
+    at the end are moved (a review found openers, half-sentences cut at "Dr." and poem lines moved): ~8% of the rows
+    on these short bases (<= 120 words), ~14% on demo-gpu's (<= 600)."""
     phrases = [c["phrase"] for c, _ in _specs(rows, "train", "end_phrase")]
     pool = set(constraints._POOLS["end_phrase"]["train"])
     own = [p for p in phrases if p not in pool]
-    assert len(phrases) >= 100 and len(own) >= 0.2 * len(phrases) and len(set(own)) >= 0.9 * len(own), (len(phrases), len(own))
+    assert len(phrases) >= 100 and len(own) >= max(8, 0.05 * len(phrases)) and len(set(own)) >= 0.8 * len(own), (len(phrases), len(own))
     for c, answer in _specs(rows, "train", "end_phrase"):
-        if c["phrase"] not in pool:  # moved, not copied: the answer says it once, at the end
-            assert answer.count(c["phrase"]) == 1 and answer.rstrip().endswith(c["phrase"]), answer
+        if c["phrase"] not in pool:  # moved, not copied: the answer says it once, at the end, and it stands on its own
+            p = c["phrase"]
+            assert answer.count(p) == 1 and answer.rstrip().endswith(p), answer
+            assert p[0].isupper() and not constraints._LEANING.match(p) and not re.search(r"[()\[\]\"*]", p), p
 
 
 def test_include_keywords_are_mostly_words_the_request_does_not_predict(rows):
