@@ -25,7 +25,7 @@
 #      half of d's 25.2 M).
 #   h: d (the profile as it stands) with the content-type rows that teach what IFEval measures (50e9af3, 56d9ab2,
 #      3707e23: 1-8 highlights and placeholders a row, included keywords the answer uses once, end phrases from the
-#      answer's own sentences; key a5ce6bcbb420c865, `.up/p12`) and IFEval at its standard 1,280-token cap; solo,
+#      answer's own sentences; key a2fdb98c86465780, `.up/p12`) and IFEval at its standard 1,280-token cap; solo,
 #      its 10-minute budget, no step cap. g (2026-12-02) read its 9.94 M tokens 2.6 times and overfit, so h keeps d's
 #      rows of <= 2,048 tokens and no type weights.
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
