@@ -28,6 +28,7 @@
 #      answer's own sentences; key a2fdb98c86465780, `.up/p12`) and IFEval at its standard 1,280-token cap; solo,
 #      its 10-minute budget, no step cap. g (2026-12-02) read its 9.94 M tokens 2.6 times and overfit, so h keeps d's
 #      rows of <= 2,048 tokens and no type weights.
+#      (measured 2026-12-02 10:33 as the profile's own run, 813 steps: IFEval +5.2 at 1,280 tokens; docs/BENCHMARKS.md "Setting h")
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
