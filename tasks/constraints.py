@@ -233,10 +233,20 @@ def _any(base: Base) -> bool:
     return True
 
 
-def _pick_relation_count(rng: random.Random, k: int, low: int = 1) -> tuple[str, int]:
-    """A (relation, n) that the count `k` satisfies, n >= `low`, with slack: the number asked is rarely exactly k."""
-    options = ["at_least", "at_most", "less_than"] + (["more_than"] if k > low else [])
-    rel = rng.choice(options)
+def _pick_relation_count(rng: random.Random, k: int, low: int = 1, long: tuple[int, int] | None = None) -> tuple[str, int]:
+    """A (relation, n) that the count `k` satisfies, n >= `low`, with slack: the number asked is rarely exactly k.
+
+    `long` = (short_below, long_from): a lower bound ("at least"/"more than") is asked of 85% of the answers with
+    k >= long_from and 15% of those with k < short_below, as IFEval asks them ("at least 300 words", "less than 50"):
+    drawn evenly, most "at least" rows asked for a short answer's length and none for a long one's (h's model, on
+    2026-12-02, wrote 150-300 words where IFEval asked "at least 300-1,200" and failed 18 of 22 such prompts)."""
+    lower = ["at_least"] + (["more_than"] if k > low else [])
+    upper = ["at_most", "less_than"]
+    if long is None:
+        rel = rng.choice(lower + upper)
+    else:
+        p_lower = 0.85 if k >= long[1] else 0.15 if k < long[0] else len(lower) / (len(lower) + len(upper))
+        rel = rng.choice(lower if rng.random() < p_lower else upper)
     slack = max(1, k // 5)
     if rel == "at_least":
         n = rng.randint(max(low, k - slack), max(low, k))
@@ -250,8 +260,9 @@ def _pick_relation_count(rng: random.Random, k: int, low: int = 1) -> tuple[str,
 
 
 def _round_count(rng: random.Random, rel: str, n: int) -> int:
-    """Word counts are asked in round numbers (multiples of 5 or 10), rounded in the direction that keeps the relation."""
-    step = 10 if n >= 40 else 5
+    """Word counts are asked in round numbers (multiples of 5, 10, or 50 from 200 on, as IFEval's 250/300/350/400), rounded
+    in the direction that keeps the relation."""
+    step = 50 if n >= 200 else 10 if n >= 40 else 5
     if n < step:
         return n
     return (n // step) * step if rel in ("at_least", "more_than") else -(-n // step) * step
@@ -285,19 +296,24 @@ def _settle_sentences(rng, partial, base, text, split) -> dict | None:
     lo, hi = min(k, other), max(k, other)
     if partial["cut"] and lo == hi and rng.random() < 0.5:
         return {"relation": "exactly", "n": k}
-    rel, n = _pick_relation_count(rng, max(lo, 1))
+    rel, n = _pick_relation_count(rng, max(lo, 1), long=(4, 8))
     if rel in ("at_most", "less_than"):
         n += hi - max(lo, 1)
     return {"relation": rel, "n": n}
 
 
 def _settle_words(rng, partial, base, text, split) -> dict | None:
-    k = len(words(text))
-    if k < 3:
+    """A word count that holds under both readings, as for sentences: ours (`words`) and IFEval's (`\\w+` runs: "don't"
+    is two words there, "snake_case" one): a lower bound is drawn from the lower count, an upper one above the higher."""
+    k, other = len(words(text)), len(re.findall(r"\w+", text))
+    lo, hi = min(k, other), max(k, other)
+    if lo < 3:
         return None
-    rel, n = _pick_relation_count(rng, k, low=3)
+    rel, n = _pick_relation_count(rng, lo, low=3, long=(60, 150))
+    if rel in ("at_most", "less_than"):
+        n += hi - lo
     n = _round_count(rng, rel, n)
-    return {"relation": rel, "n": n} if RELATIONS[rel](k, n) else None
+    return {"relation": rel, "n": n} if RELATIONS[rel](lo, n) and RELATIONS[rel](hi, n) else None
 
 
 def _check_count(measure: Callable[[str], int]) -> Callable[[dict, str], bool]:
@@ -392,6 +408,12 @@ def _settle_frequency(rng, partial, base, text, split) -> dict | None:
     if not cands:
         return None
     repeated = [w for w in cands if word_count(text, w) >= 2]
+    if repeated and rng.random() < 0.3:
+        # the answer's most used word, asked as often as it is used: IFEval asks 5-10 times on 10 of its 29 "at least"
+        # prompts, and a draw from 2..k over all repeated words asked 2-3 on most rows
+        word = max(repeated, key=lambda w: word_count(text, w))
+        k = word_count(text, word)
+        return {"word": word, "relation": "at_least", "n": rng.randint(max(2, k - 1), k)}
     word = rng.choice(repeated if repeated and rng.random() < 0.7 else cands)
     k = word_count(text, word)
     if k >= 2 and rng.random() < 0.6:
@@ -997,18 +1019,23 @@ def split_of(instruction: str) -> str:
     return "heldout" if zlib.crc32(_normal(instruction).casefold().encode()) % 20 < 3 else "train"
 
 
+MAX_BASE_INSTRUCTION_WORDS = 100  # IFEval's prompts run to ~100 words
+
+
 def base_of(messages: list[dict], source: str, max_words: int) -> Base | None:
-    """The conversation's first exchange as a Base, or None when it is no good as one: the instruction over 60 words,
+    """The conversation's first exchange as a Base, or None when it is no good as one: the instruction over 100 words,
     the answer under 5 or over `max_words` words, or holding code, tables, links or HTML (a transform such as
-    uppercasing or dropping commas would break those)."""
+    uppercasing or dropping commas would break those; backslashes: escaped markdown, LaTeX), a line over 1,200 characters or more than 40 line breaks.
+    (Until 2026-12-02: 60 words, 400 characters, 20 line breaks, which dropped plain prose paragraphs of ~70 words and
+    left demo-gpu 1,871 bases, 61 of them 400-600 words; now 3,035 and 120.)"""
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
         return None
     instruction, response = (_tidy(turns[i]["content"]) for i in (0, 1))
-    if not 2 <= len(words(instruction)) <= 60 or not 5 <= len(words(response)) <= max_words:
+    if not 2 <= len(words(instruction)) <= MAX_BASE_INSTRUCTION_WORDS or not 5 <= len(words(response)) <= max_words:
         return None
-    if re.search(r"```|\||https?://|</?[a-zA-Z]+>|\t|\*\*\*|\[|\{|<<|\r", response) or re.search(r"```|<<|\r", instruction):
+    if re.search(r"```|\||https?://|</?[a-zA-Z]+>|\t|\*\*\*|\[|\{|<<|\r|\\", response) or re.search(r"```|<<|\r", instruction):
         return None
-    if any(len(line) > 400 for line in response.splitlines()) or response.count("\n") > 20:
+    if any(len(line) > 1200 for line in response.splitlines()) or response.count("\n") > 40:
         return None
     return Base(instruction, response, source)

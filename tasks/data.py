@@ -535,7 +535,7 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
                 continue
             found.append(base)
         if not found:
-            raise StageError(f"data.embedded_bases: {src!r} has no conversation usable as a base (a first instruction of 2-60 words "
+            raise StageError(f"data.embedded_bases: {src!r} has no conversation usable as a base (a first instruction of 2-{constraints.MAX_BASE_INSTRUCTION_WORDS} words "
                              f"whose answer has 5-{data.embedded_base_max_words} words of plain English text); give another source, raise "
                              f"data.embedded_base_max_words or set data.embedded_bases: []")
         bases += found

@@ -331,6 +331,55 @@ def test_highlights_and_placeholders_are_asked_in_the_counts_users_ask(rows):
         assert max(heldout) >= 5, (kind, collections.Counter(heldout))
 
 
+@pytest.fixture(scope="module")
+def long_rows():
+    """Training rows on real bases up to 600 words, the demo-gpu profile's limit."""
+    return {"train": generate(2500, "train", seed=0, bases=sharegpt_bases(600), task_share=0.0, max_chars=2048 * 3)}
+
+
+def test_length_bounds_follow_the_answers_length_as_ifeval_asks(long_rows):
+    """IFEval asks a lower bound of long answers ("at least 300 words", "at least 20 sentences") and an upper one of
+    short ones ("less than 50 words"). Drawn evenly, the rows asked "at least 300+ words" on 17 of 24,000 (setting h's
+    model wrote 150-300 words where IFEval asked 250-1,200 and failed 18 of 22): long answers now mostly carry lower
+    bounds, short ones upper bounds, and the word counts come in IFEval's round numbers (250, 300, 350, ...)."""
+    from tasks import benchmarks
+
+    lower = {"at_least", "more_than", "exactly"}
+    for kind, measure, short, long in (("word_count", lambda t: len(constraints.words(t)), 60, 150),
+                                       ("sentence_count", lambda t: min(len(constraints.sentences(t)), benchmarks.ifeval_sentence_count(t)), 3, 10)):
+        specs = [(c, measure(answer)) for c, answer in _specs(long_rows, "train", kind)]
+        of_long = [c["relation"] in lower for c, k in specs if k >= long]
+        of_short = [c["relation"] not in lower for c, k in specs if k < short]
+        assert len(of_long) >= 30 and sum(of_long) >= 0.65 * len(of_long), (kind, sum(of_long), len(of_long))
+        assert len(of_short) >= 30 and sum(of_short) >= 0.65 * len(of_short), (kind, sum(of_short), len(of_short))
+    long_asks = [c["n"] for c, _ in _specs(long_rows, "train", "word_count") if c["relation"] in lower and c["n"] >= 250]
+    assert len(long_asks) >= 10 and all(n % 50 == 0 for n in long_asks), long_asks
+
+
+def test_keyword_frequency_is_asked_as_often_as_ifeval_asks(long_rows):
+    """IFEval asks "at least 5-10 times" on 10 of its 29 "at least" keyword-frequency prompts; rows that drew 2..k for
+    any repeated word asked 2-3 on almost all. A real share of the rows now asks the answer's most used word as often as
+    the answer uses it."""
+    at_least = [c["n"] for c, _ in _specs(long_rows, "train", "keyword_frequency") if c["relation"] == "at_least"]
+    assert len(at_least) >= 50 and sum(n >= 5 for n in at_least) >= 0.1 * len(at_least), collections.Counter(at_least)
+
+
+def test_bases_keep_prose_paragraphs_and_drop_escapes_and_long_instructions():
+    """A plain prose paragraph of ~100 words is one long line: bases kept only lines of <= 400 characters, which dropped
+    most prose answers. Backslashes (escaped markdown, LaTeX) and instructions over 100 words stay out."""
+    para = " ".join(["The committee reviewed the proposal carefully and agreed on most points."] * 12)
+    assert len(para) > 800
+
+    def base(instruction: str, answer: str):
+        return constraints.base_of([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}], "x", 600)
+
+    assert base("Summarize the meeting for me.", para) is not None
+    assert base("Summarize the meeting for me.", para + " It failed with CERTIFICATE\\_VERIFY\\_FAILED.") is None
+    assert base("Summarize the meeting for me.", para + " " + para) is None  # a line over 1,200 characters
+    assert base(" ".join(["word"] * 100), para) is not None
+    assert base(" ".join(["word"] * 101), para) is None
+
+
 def test_highlights_stay_off_star_bullet_lines_where_ifeval_counts_one_fewer():
     """IFEval's highlight pattern pairs a "* " bullet's asterisk with a highlight's first one on the same line
     ("* Reliable *storage*" reads as one highlight "* Reliable *"), so a highlight there is counted one short."""
