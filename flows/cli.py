@@ -17,9 +17,11 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 EXIT_CONFIG = 2
 EXIT_STAGE = 1
+EXIT_NOT_PAUSED = 3  # serve stopped but could not pause its deployment: the schedule stays live, nothing serves it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
                            description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "
-                                       "`prefect server start`) and execute its scheduled and triggered runs on this machine until Ctrl-C.")
+                                       "`prefect server start`) and execute its scheduled and triggered runs on this machine until Ctrl-C. "
+                                       "Exits 0 once stopped with the deployment paused, 3 when it could not be paused "
+                                       "(its schedule stays live with nothing serving it).")
     serve.add_argument("--deployment", default="nightly", help="the deployment of prefect.yaml to serve (default: nightly)")
     serve.add_argument("--name", help="register it under another name, e.g. nightly-<host> for one deployment per GPU machine")
     serve.add_argument("--collision-strategy", choices=["ENQUEUE", "CANCEL_NEW"],
@@ -294,9 +298,17 @@ def cmd_serve(args) -> int:
     # Ctrl-C stops serve cleanly however this process was started: a script or CI starts background commands with
     # SIGINT ignored, and Ctrl-C then did nothing (the tests waited 30 s, then SIGKILL). SIGTERM does the same until
     # the runner starts and takes it over (its own graceful shutdown); both end with the deployment paused.
+    from flows.deploy import DeploymentNotPaused
+
     _stop_on_ctrl_c_or_sigterm()
     try:
         return _serve(args)
+    except DeploymentNotPaused as e:
+        # Its one line (why, and the fix) was printed when the pause failed. It replaced whatever ended serving: an
+        # error's traceback still shows; a Ctrl-C needs none.
+        if isinstance(e.__context__, Exception):
+            traceback.print_exception(e.__context__)
+        return EXIT_NOT_PAUSED
     except KeyboardInterrupt:
         # Before the runner started (importing, registering): nothing to shut down, and a registered deployment was
         # paused on the way out. Exit 0 as a Ctrl-C once serving does (Prefect's runner): serve only ever ends on

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import yaml
 
@@ -61,6 +62,11 @@ class DeploymentSpec:
 
 class DeploymentSpecError(ValueError):
     """prefect.yaml does not hold a usable deployment; the message names the key."""
+
+
+class DeploymentNotPaused(RuntimeError):
+    """`serve` stopped but could not pause the deployment it registered: its schedule stays active with nothing
+    serving it. The one-line reason and the fix were printed when the pause failed."""
 
 
 def load_deployment(name: str = "nightly", path: str | Path = PREFECT_YAML) -> DeploymentSpec:
@@ -112,6 +118,7 @@ def serve(
 
     deployment: the prefect.yaml entry to read; name: register it under another name (one per GPU machine);
     collision_strategy: override prefect.yaml's ENQUEUE/CANCEL_NEW; paused: register the schedule inactive.
+    Raises DeploymentNotPaused when the deployment it registered could not be paused on the way out.
     """
     import asyncio
 
@@ -155,8 +162,10 @@ def serve(
         except (KeyboardInterrupt, TerminationSignal) as e:
             print(f"Received {type(e).__name__}, shutting down...", file=sys.stderr, flush=True)
     finally:
-        if deployment_id is not None:
-            _pause_if_active(deployment_id, f"finetune/{name}")
+        # Raised over whatever ended serving (a Ctrl-C, an error: kept as its __context__): a script or systemd unit
+        # must be able to tell from the exit code that a schedule was left live with nothing serving it.
+        if deployment_id is not None and not _pause_if_active(deployment_id, f"finetune/{name}"):
+            raise DeploymentNotPaused(f"finetune/{name}")
 
 
 @contextmanager
@@ -178,16 +187,19 @@ def _signals_held():
         raise KeyboardInterrupt
 
 
-def _pause_if_active(deployment_id, full_name: str) -> None:
-    """Pause the deployment, as the runner's own shutdown does (`Runner._pause_schedules`), when that did not run."""
+def _pause_if_active(deployment_id: UUID, full_name: str) -> bool:
+    """Pause the deployment, as the runner's own shutdown does (`Runner._pause_schedules`), when that did not run.
+    True once it is paused; False, after one line saying why and what to do, when it could not be."""
     from prefect.client.orchestration import get_client
 
     try:
         with get_client(sync_client=True) as client:
             if client.read_deployment(deployment_id).paused:  # the runner's shutdown paused it
-                return
+                return True
             client.pause_deployment(deployment_id)
         print(f"{full_name} paused: its schedule waits for the next `qlora-pipeline serve`", file=sys.stderr, flush=True)
+        return True
     except (Exception, KeyboardInterrupt) as e:
         print(f"{full_name} NOT paused ({type(e).__name__}: {e}): its schedule stays active with nothing serving it; "
               f"pause it in the Prefect UI or start `qlora-pipeline serve` again", file=sys.stderr, flush=True)
+        return False

@@ -8,10 +8,13 @@ process work pool, and a `prefect worker` polling that pool executes a deploymen
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import subprocess
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
+from uuid import uuid4
 
 import pytest
 import yaml
@@ -84,6 +87,116 @@ def test_a_broken_deployment_entry_is_reported_by_key(tmp_path):
     assert "schedules[0]" in msg and "concurrency_limit.limit" in msg and "collision_strategy" in msg
     with pytest.raises(DeploymentSpecError, match="no deployment named 'weekly'"):
         load_deployment("weekly", bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How `qlora-pipeline serve` ends, in this process: Prefect's Runner is replaced by one that registers and then stops
+# as told (its registering and serving are covered against a real server below); the pause on the way out is the real
+# code, with Prefect's client against a dead server where the pause must fail.
+
+
+class _Runner:
+    """`prefect.runner.Runner` as serve uses it: add_flow registers (returns the deployment id), start serves."""
+
+    ends_with: str = "ctrl-c serving"
+    """ctrl-c serving | ctrl-c registering (a signal during add_flow, held until it returns) | error serving |
+    ctrl-c before registering"""
+
+    def __init__(self, name: str, pause_on_shutdown: bool):
+        self.name = name
+
+    def add_flow(self, flow, **kwargs):
+        if self.ends_with == "ctrl-c before registering":
+            raise KeyboardInterrupt
+        if self.ends_with == "ctrl-c registering":
+            os.kill(os.getpid(), signal.SIGINT)
+        return uuid4()
+
+    async def start(self):
+        if self.ends_with == "error serving":
+            raise RuntimeError("runner lost its server")
+        raise KeyboardInterrupt
+
+
+class _Client:
+    """Prefect's sync client, enough for `_pause_if_active`: the deployment reads as `paused` until it is paused."""
+
+    def __init__(self, paused: bool):
+        self.paused, self.pause_calls = paused, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read_deployment(self, deployment_id):
+        return SimpleNamespace(paused=self.paused)
+
+    def pause_deployment(self, deployment_id):
+        self.pause_calls += 1
+        self.paused = True
+
+
+@pytest.fixture
+def serve_here(monkeypatch, tmp_path):
+    """`main(["serve"])` in this process with the fake Runner; PREFECT_API_URL set to `url`. Signal handlers (serve sets
+    SIGINT/SIGTERM) and the working directory (serve moves to the project root) are restored afterwards."""
+    import prefect.runner
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+    from prefect_local import free_port
+
+    monkeypatch.setattr(prefect.runner, "Runner", _Runner)
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(ends_with: str, url: str = f"http://127.0.0.1:{free_port()}/api") -> int:  # default: nothing listens there
+        monkeypatch.setattr(_Runner, "ends_with", ends_with)
+        with temporary_settings({PREFECT_API_URL: url}):
+            return main(["serve"])
+
+    yield run
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("ends_with", ["ctrl-c serving", "ctrl-c registering", "error serving"])
+def test_serve_exits_3_when_the_deployment_it_registered_could_not_be_paused(serve_here, capfd, ends_with):
+    # The Prefect server is gone when serve stops: the schedule stays live with nothing serving it. This exited 0
+    # (Ctrl-C registering: "stopped before serving", 0), so a script or systemd unit could not tell.
+    from flows.cli import EXIT_NOT_PAUSED
+
+    assert serve_here(ends_with) == EXIT_NOT_PAUSED == 3
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "NOT paused" in line]
+    assert len(lines) == 1 and lines[0].startswith("finetune/nightly NOT paused (ConnectError"), err[-3000:]
+    assert "pause it in the Prefect UI" in lines[0] and "stopped before serving" not in err
+    # an error that ended serving still shows its traceback; a Ctrl-C shows none
+    assert ("RuntimeError: runner lost its server" in err) == ("Traceback" in err) == (ends_with == "error serving"), err[-3000:]
+
+
+@pytest.mark.parametrize("ends_with, paused_by_runner", [
+    ("ctrl-c serving", False), ("ctrl-c serving", True), ("ctrl-c registering", False)])
+def test_serve_exits_0_once_its_deployment_is_paused(serve_here, capfd, monkeypatch, ends_with, paused_by_runner):
+    import prefect.client.orchestration
+
+    client = _Client(paused=paused_by_runner)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
+    assert serve_here(ends_with) == 0
+    assert client.paused and client.pause_calls == (0 if paused_by_runner else 1)
+    err = capfd.readouterr().err
+    assert "NOT paused" not in err and ("stopped before serving" in err) == (ends_with == "ctrl-c registering"), err[-3000:]
+
+
+def test_serve_stopped_before_registering_exits_0_and_pauses_nothing(serve_here, capfd, monkeypatch):
+    import prefect.client.orchestration
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: pytest.fail("nothing to pause"))
+    assert serve_here("ctrl-c before registering") == 0
+    err = capfd.readouterr().err
+    assert "stopped before serving" in err and "paused" not in err, err[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
