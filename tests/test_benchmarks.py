@@ -312,6 +312,72 @@ def test_reference_overlap_scores_identity_high_and_unrelated_low():
     assert o["rouge_l"][1] < 0.2 and o["chrf"][1] < 0.3
 
 
+@pytest.fixture(scope="module")
+def rouge_score_l():
+    """rouge-score's own ROUGE-L F1 (stemmed), what stage 5 computed before rapidfuzz took over the LCS."""
+    from absl import logging as absl_logging
+    from rouge_score import rouge_scorer
+
+    # absl's handler holds the sys.stderr of its import, here a test's capture, and closes it when Prefect later
+    # reconfigures logging: every test after would fail (see the test below). It never closes sys.__stderr__.
+    absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return lambda ref, hyp: scorer.score(ref, hyp)["rougeL"].fmeasure
+
+
+def _rouge_pairs(refs: list[str]) -> list[tuple[str, str]]:
+    """(reference, answer) pairs built from real references, plus the corners of rouge-score's tokenizer."""
+    import random
+
+    rnd = random.Random(0)
+    # stems shared by several words (run/running/runs), one-letter words, numbers: the tokenizer and stemmer decide
+    vocab = "run running runs ran runner the a i 1 2 10 3.14 cat cats caring cared care bloom blooming x y".split()
+    pairs = [(" ".join(rnd.choices(vocab, k=rnd.randint(1, 700))), " ".join(rnd.choices(vocab, k=rnd.randint(1, 700))))
+             for _ in range(12)]  # up to 700 words: rapidfuzz's bit-parallel LCS spans several 64-bit blocks
+    loop = "1. Measure the circumference of the button and the circumference of the shirt.\n" * 40  # a capped loop
+    pairs += [
+        ("", ""), ("", "The sky is blue."), ("The sky is blue.", ""),  # empty: rouge-score's int 0
+        ("...!? -- ***", "The sky is blue."), ("The sky is blue.", "\n\n* * *\n"), ("!!!", "???"),  # no tokens
+        ("日本語のテキスト", "日本語のテキスト"), ("Ünïcödé — café naïve Straße İstanbul \u212aelvin", "unicode cafe naive strasse istanbul kelvin"),
+        ("the the the the the the", "the"), ("the cat the cat the cat", "cat the cat the"), ("a b c d e f", "f e d c b a"),
+        ("Version 3.14 costs $1,000,000 (2024 prices)", "in 2024, version 3 14 cost 1 000 000"),
+        ("Running runners ran; the runner runs.", "run, run, run"), ("I", "i"), ("Caring", "care"),
+        (loop, refs[0]), (refs[0], loop), (loop, loop[: len(loop) // 3]),
+    ]
+    for i, ref in enumerate(refs):
+        other = refs[(i + 1) % len(refs)]
+        sentences = ref.split(". ")
+        rnd.shuffle(sentences)
+        pairs += [(ref, ref), (ref, other), (ref, ". ".join(sentences)), (ref, ref[: len(ref) // 2] + " " + other),
+                  (ref, ref.upper()), (ref, " ".join(ref.split()[::2]))]
+    return pairs
+
+
+def _assert_rouge_l_matches(rouge_score_l, pairs: list[tuple[str, str]]) -> None:
+    wrong = [(ref[:40], hyp[:40], got, want) for ref, hyp in pairs
+             if type(got := bench.rouge_l_f1(ref, hyp)) is not type(want := rouge_score_l(ref, hyp)) or got != want]
+    assert not wrong, f"{len(wrong)} of {len(pairs)} differ from rouge-score: {wrong[:3]}"
+
+
+def test_rouge_l_f1_is_rouge_scores_number(rouge_score_l):
+    """Stage 5's ROUGE-L (rouge-score's tokenizer and stemmer, rapidfuzz's LCS) is rouge-score's number to the bit,
+    and its type: rouge-score's zero is an int, which eval.json's rows write as 0."""
+    refs = [r["output"] for r in json.loads(ALPACA_FIXTURE.read_text())]
+    pairs = _rouge_pairs(refs)
+    _assert_rouge_l_matches(rouge_score_l, pairs)
+    scores = [bench.rouge_l_f1(r, h) for r, h in pairs]
+    assert 0 < sum(0 < x < 1 for x in scores) < len(scores) and 1.0 in scores and 0 in scores  # the cases span the range
+    o = bench.reference_overlap([h for _, h in pairs], [r for r, _ in pairs])
+    assert o["rouge_l"] == scores
+
+
+@needs_packaged
+def test_rouge_l_f1_is_rouge_scores_number_on_alpaca_eval_references(rouge_score_l):
+    """The real references (GPT-4's answers, ~300 words, markdown, lists, code) against each other and edited copies."""
+    rows, _ = bench.load_benchmark("alpaca_eval", "packaged")
+    _assert_rouge_l_matches(rouge_score_l, _rouge_pairs([r["reference"] for r in rows[::101]]))
+
+
 # The scorer imported while one stream is sys.stderr (a test's capture), logging reconfigured while another is (what
 # Prefect's setup does: dictConfig closes every handler). Prints whether the first stream got closed.
 _SCORE_THEN_RECONFIGURE = """
