@@ -1026,9 +1026,10 @@ MAX_BASE_INSTRUCTION_WORDS = 100  # IFEval's prompts run to ~100 words
 def base_of(messages: list[dict], source: str, max_words: int) -> Base | None:
     """The conversation's first exchange as a Base, or None when it is no good as one: the instruction over 100 words,
     the answer under 5 or over `max_words` words, or holding code, tables, links or HTML (a transform such as
-    uppercasing or dropping commas would break those; backslashes: escaped markdown, LaTeX), a line over 1,200 characters or more than 40 line breaks.
-    (Until 2026-12-02: 60 words, 400 characters, 20 line breaks, which dropped plain prose paragraphs of ~70 words and
-    left demo-gpu 1,871 bases, 61 of them 400-600 words; now 3,035 and 120.)"""
+    uppercasing or dropping commas would break those; backslashes: escaped markdown, LaTeX), a line over 1,200
+    characters, or more than 20 line breaks (outlines, poems and lyrics: the length shapes join lines into sentences).
+    (Until 2026-12-02: instructions of <= 60 words and lines of <= 400 characters, which dropped plain prose paragraphs
+    of ~70 words and left demo-gpu 1,871 bases, 30 of them 400-600 words; now 2,757 and 66.)"""
     turns = [m for m in messages if m["role"] != "system"]
     if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
         return None
@@ -1037,6 +1038,6 @@ def base_of(messages: list[dict], source: str, max_words: int) -> Base | None:
         return None
     if re.search(r"```|\||https?://|</?[a-zA-Z]+>|\t|\*\*\*|\[|\{|<<|\r|\\", response) or re.search(r"```|<<|\r", instruction):
         return None
-    if any(len(line) > 1200 for line in response.splitlines()) or response.count("\n") > 40:
+    if any(len(line) > 1200 for line in response.splitlines()) or response.count("\n") > 20:
         return None
     return Base(instruction, response, source)

@@ -344,14 +344,14 @@ def test_length_bounds_follow_the_answers_length_as_ifeval_asks(long_rows):
     bounds, short ones upper bounds, and the word counts come in IFEval's round numbers (250, 300, 350, ...)."""
     from tasks import benchmarks
 
-    lower = {"at_least", "more_than", "exactly"}
+    lower, upper = {"at_least", "more_than"}, {"at_most", "less_than"}  # "exactly" (half of the cut answers) is neither
     for kind, measure, short, long in (("word_count", lambda t: len(constraints.words(t)), 60, 150),
                                        ("sentence_count", lambda t: min(len(constraints.sentences(t)), benchmarks.ifeval_sentence_count(t)), 3, 10)):
         specs = [(c, measure(answer)) for c, answer in _specs(long_rows, "train", kind)]
-        of_long = [c["relation"] in lower for c, k in specs if k >= long]
-        of_short = [c["relation"] not in lower for c, k in specs if k < short]
-        assert len(of_long) >= 30 and sum(of_long) >= 0.65 * len(of_long), (kind, sum(of_long), len(of_long))
-        assert len(of_short) >= 30 and sum(of_short) >= 0.65 * len(of_short), (kind, sum(of_short), len(of_short))
+        of_long = [c["relation"] in lower for c, k in specs if k >= long and c["relation"] != "exactly"]
+        of_short = [c["relation"] in upper for c, k in specs if k < short and c["relation"] != "exactly"]
+        assert len(of_long) >= 20 and sum(of_long) >= 0.7 * len(of_long), (kind, sum(of_long), len(of_long))
+        assert len(of_short) >= 20 and sum(of_short) >= 0.7 * len(of_short), (kind, sum(of_short), len(of_short))
     long_asks = [c["n"] for c, _ in _specs(long_rows, "train", "word_count") if c["relation"] in lower and c["n"] >= 250]
     assert len(long_asks) >= 10 and all(n % 50 == 0 for n in long_asks), long_asks
 
@@ -366,7 +366,8 @@ def test_keyword_frequency_is_asked_as_often_as_ifeval_asks(long_rows):
 
 def test_bases_keep_prose_paragraphs_and_drop_escapes_and_long_instructions():
     """A plain prose paragraph of ~100 words is one long line: bases kept only lines of <= 400 characters, which dropped
-    most prose answers. Backslashes (escaped markdown, LaTeX) and instructions over 100 words stay out."""
+    most prose answers. Backslashes (escaped markdown, LaTeX), answers of more than 20 line breaks (outlines, poems,
+    whose lines the length shapes would join into run-on prose) and instructions over 100 words stay out."""
     para = " ".join(["The committee reviewed the proposal carefully and agreed on most points."] * 12)
     assert len(para) > 800
 
@@ -376,6 +377,7 @@ def test_bases_keep_prose_paragraphs_and_drop_escapes_and_long_instructions():
     assert base("Summarize the meeting for me.", para) is not None
     assert base("Summarize the meeting for me.", para + " It failed with CERTIFICATE\\_VERIFY\\_FAILED.") is None
     assert base("Summarize the meeting for me.", para + " " + para) is None  # a line over 1,200 characters
+    assert base("Write a poem about the sea.", "\n".join(["The waves roll in and out again"] * 22)) is None  # an outline, a poem
     assert base(" ".join(["word"] * 100), para) is not None
     assert base(" ".join(["word"] * 101), para) is None
 
