@@ -30,7 +30,7 @@
 #      rows of <= 2,048 tokens and no type weights.
 #      (measured 2026-12-02 10:33 as the profile's own run, 813 steps: IFEval +5.2 at 1,280 tokens; docs/BENCHMARKS.md "Setting h")
 #   i: h (the profile as it stands) on the rows of 4acdc03: long answers carry lower length bounds as IFEval asks them
-#      ("at least 300 words": 17 rows of 24,000 in h, ~120 in i), keyword frequency asked up to the answer's most used
+#      ("at least 300+ words": 17 rows of 24,000 in h, 76 in i), keyword frequency asked up to the answer's most used
 #      word's count, and 2,757 bases instead of 1,871 (prose paragraphs kept), so each base carries ~9 rows, not ~13
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
