@@ -114,7 +114,7 @@ def packaged_path(spec: BenchmarkSpec) -> Path | None:
 def _read_file(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 in a string
     data = json.loads(text)
     return data if isinstance(data, list) else data.get("data", data.get("rows", []))
 

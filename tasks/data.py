@@ -560,6 +560,17 @@ class _EmbeddedGuard:
         return self.HIT if first is not None and sources.normal(first) in self.taken else None
 
 
+# Characters that str.splitlines() (and some editors) read as line breaks and that json.dumps(ensure_ascii=False) keeps
+# raw inside strings (control characters it escapes itself): ShareGPT holds U+2028, and a reader that splits
+# heldout.jsonl with splitlines() then got half a record.
+_LINE_BREAKERS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def jsonl_line(obj) -> str:
+    """One JSON Lines record: UTF-8 text, one physical line under any line splitter."""
+    return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKERS) + "\n"
+
+
 def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts") -> DataRecord:
     import datasets
 
@@ -694,7 +705,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         datasets.Dataset.from_list(held).save_to_disk(str(tmp / "heldout"))
         with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
             for e in extra:
-                f.write(json.dumps(e, ensure_ascii=False) + "\n")
+                f.write(jsonl_line(e))
         (tmp / "chat_template.jinja").write_text(tok.chat_template or "", encoding="utf-8")
         write_json(tmp / "stats.json", {"dropped": dict(dropped), "n_train": len(train), "n_heldout": len(held),
                                         "sources": source_stats, "dedupe": dedupe})

@@ -323,3 +323,16 @@ def test_repeated_conversations_are_kept_once_across_sources_and_never_held_out_
     assert len(set(train)) == len(train) and len(set(held)) == len(held)
     assert not set(train) & set(held)
     assert rec.dedupe["rules"] == sources.Deduper.rules()
+
+
+def test_heldout_jsonl_is_one_record_a_line_for_any_line_splitter():
+    """ShareGPT holds U+2028 inside answers; json.dumps(ensure_ascii=False) kept it raw, and a reader that split
+    heldout.jsonl with str.splitlines() (this suite's own helper, on 2026-12-02) got half a record."""
+    import json
+
+    from tasks.data import jsonl_line
+
+    rows = [{"messages": [{"role": "user", "content": f"a{ch}b \u00e9 \u4e2d"}]} for ch in "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e\n\r"]
+    text = "".join(jsonl_line(r) for r in rows)
+    assert [json.loads(line) for line in text.splitlines()] == rows
+    assert "\u00e9 \u4e2d" in text  # still UTF-8 text, not ASCII escapes

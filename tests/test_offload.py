@@ -52,6 +52,8 @@ def as_if_on_a_gpu(monkeypatch):
     on entering once bitsandbytes is imported, which torch.cpu lacks."""
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cpu"))
     monkeypatch.setattr(torch.cpu, "empty_cache", lambda: None, raising=False)
+    # accelerate >= 1.16 empties the cache through torch.accelerator once current_accelerator() names a device
+    monkeypatch.setattr(torch.accelerator, "empty_cache", lambda: None, raising=False)
 
 
 @pytest.fixture
