@@ -169,9 +169,10 @@ def serve(
 
 
 @contextmanager
-def _signals_held():
-    """Ctrl-C (SIGINT) and SIGTERM that arrive inside the block raise KeyboardInterrupt when it ends, not in it.
-    Signals this process ignores stay ignored; off the main thread (no signal handlers there) nothing is held."""
+def _signals_held(reraise: bool = True):
+    """Ctrl-C (SIGINT) and SIGTERM that arrive inside the block raise KeyboardInterrupt when it ends, not in it
+    (`reraise=False`: they are dropped, for a block that is already the way out). Signals this process ignores stay
+    ignored; off the main thread (no signal handlers there) nothing is held."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -183,7 +184,7 @@ def _signals_held():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if got:
+    if got and reraise:
         raise KeyboardInterrupt
 
 
@@ -193,13 +194,15 @@ def _pause_if_active(deployment_id: UUID, full_name: str) -> bool:
     from prefect.client.orchestration import get_client
 
     try:
-        with get_client(sync_client=True) as client:
+        # A second Ctrl-C or SIGTERM here (a user pressing again, systemd's stop) must not cut the pause short: Prefect's
+        # runner answers SIGTERM with sys.exit(0), which left the schedule live behind an exit code of 0.
+        with _signals_held(reraise=False), get_client(sync_client=True) as client:
             if client.read_deployment(deployment_id).paused:  # the runner's shutdown paused it
                 return True
             client.pause_deployment(deployment_id)
         print(f"{full_name} paused: its schedule waits for the next `qlora-pipeline serve`", file=sys.stderr, flush=True)
         return True
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt, SystemExit) as e:
         print(f"{full_name} NOT paused ({type(e).__name__}: {e}): its schedule stays active with nothing serving it; "
               f"pause it in the Prefect UI or start `qlora-pipeline serve` again", file=sys.stderr, flush=True)
         return False

@@ -190,6 +190,36 @@ def test_serve_exits_0_once_its_deployment_is_paused(serve_here, capfd, monkeypa
     assert "NOT paused" not in err and ("stopped before serving" in err) == (ends_with == "ctrl-c registering"), err[-3000:]
 
 
+@pytest.mark.parametrize("server_up", [True, False], ids=["pauses", "server-gone"])
+def test_a_second_sigterm_while_pausing_neither_cuts_the_pause_nor_exits_0_unpaused(serve_here, capfd, monkeypatch, server_up):
+    """systemd's stop, or a user pressing again, while serve pauses its deployment: Prefect's runner answers SIGTERM
+    with sys.exit(0), which cut the pause short and exited 0 with the schedule live (a review's repro, 2026-12-02)."""
+    import sys
+
+    import prefect.client.orchestration
+
+    from flows.cli import EXIT_NOT_PAUSED
+
+    async def start(self):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # Runner.start's handle_sigterm, once stopping
+        raise KeyboardInterrupt
+
+    class _SignalledClient(_Client):
+        def read_deployment(self, deployment_id):
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not server_up:
+                raise ConnectionError("server gone")
+            return super().read_deployment(deployment_id)
+
+    client = _SignalledClient(paused=False)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
+    monkeypatch.setattr(_Runner, "start", start)
+    assert serve_here("ctrl-c serving") == (0 if server_up else EXIT_NOT_PAUSED)
+    assert client.paused == server_up
+    err = capfd.readouterr().err
+    assert ("NOT paused (ConnectionError" in err) != server_up, err[-3000:]
+
+
 def test_serve_stopped_before_registering_exits_0_and_pauses_nothing(serve_here, capfd, monkeypatch):
     import prefect.client.orchestration
 
