@@ -22,6 +22,7 @@ The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import shutil
@@ -116,7 +117,8 @@ def parity(cfg, data, device: str, steps: int, engines: list[str]) -> dict:
             opt.step()
             opt.zero_grad()
             losses[name].append(loss.item())
-        del model, opt
+        del model, opt, loss, batch
+        gc.collect()  # PEFT models sit in reference cycles: without this the last one stays allocated into the probe's first trial
         if device == "cuda":
             torch.cuda.empty_cache()
     first = engines[0]

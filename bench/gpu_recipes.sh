@@ -32,6 +32,8 @@
 #   i: h (the profile as it stands) on the rows of 4acdc03: long answers carry lower length bounds as IFEval asks them
 #      ("at least 300+ words": 17 rows of 24,000 in h, 76 in i), keyword frequency asked up to the answer's most used
 #      word's count, and 2,757 bases instead of 1,871 (prose paragraphs kept), so each base carries ~9 rows, not ~13
+#      (measured 2026-12-02 13:21 as the profile's own run, 799 steps: IFEval +3.1, inside its interval; h and i disagree
+#      on 107 of 541 prompts: docs/BENCHMARKS.md "Setting i")
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
