@@ -235,7 +235,7 @@ def _any(base: Base) -> bool:
     return True
 
 
-def _pick_relation_count(rng: random.Random, k: int, low: int = 1, long: tuple[int, int] | None = None) -> tuple[str, int]:
+def _pick_relation_count(rng: random.Random, k: int, low: int, long: tuple[int, int]) -> tuple[str, int]:
     """A (relation, n) that the count `k` satisfies, n >= `low`, with slack: the number asked is rarely exactly k.
 
     `long` = (short_below, long_from): a lower bound ("at least"/"more than") is asked of 85% of the answers with
@@ -244,11 +244,8 @@ def _pick_relation_count(rng: random.Random, k: int, low: int = 1, long: tuple[i
     2026-12-02, wrote 150-300 words where IFEval asked "at least 300-1,200" and failed 18 of 22 such prompts)."""
     lower = ["at_least"] + (["more_than"] if k > low else [])
     upper = ["at_most", "less_than"]
-    if long is None:
-        rel = rng.choice(lower + upper)
-    else:
-        p_lower = 0.85 if k >= long[1] else 0.15 if k < long[0] else len(lower) / (len(lower) + len(upper))
-        rel = rng.choice(lower if rng.random() < p_lower else upper)
+    p_lower = 0.85 if k >= long[1] else 0.15 if k < long[0] else len(lower) / (len(lower) + len(upper))
+    rel = rng.choice(lower if rng.random() < p_lower else upper)
     slack = max(1, k // 5)
     if rel == "at_least":
         n = rng.randint(max(low, k - slack), max(low, k))
@@ -298,7 +295,7 @@ def _settle_sentences(rng, partial, base, text, split) -> dict | None:
     lo, hi = min(k, other), max(k, other)
     if partial["cut"] and lo == hi and rng.random() < 0.5:
         return {"relation": "exactly", "n": k}
-    rel, n = _pick_relation_count(rng, max(lo, 1), long=(4, 8))
+    rel, n = _pick_relation_count(rng, max(lo, 1), low=1, long=(4, 8))
     if rel in ("at_most", "less_than"):
         n += hi - max(lo, 1)
     return {"relation": rel, "n": n}
@@ -406,18 +403,18 @@ def _check_include(spec, text) -> bool:
 
 
 def _settle_frequency(rng, partial, base, text, split) -> dict | None:
-    cands = [w for w in _content_words(base.response) if word_count(text, w)]
-    if not cands:
+    counts = {w: c for w in _content_words(base.response) if (c := word_count(text, w))}
+    if not counts:
         return None
-    repeated = [w for w in cands if word_count(text, w) >= 2]
+    repeated = [w for w, c in counts.items() if c >= 2]
     if repeated and rng.random() < 0.3:
         # the answer's most used word, asked as often as it is used: IFEval asks 5-10 times on 10 of its 29 "at least"
         # prompts, and a draw from 2..k over all repeated words asked 2-3 on most rows
-        word = max(repeated, key=lambda w: word_count(text, w))
-        k = word_count(text, word)
+        word = max(repeated, key=counts.get)
+        k = counts[word]
         return {"word": word, "relation": "at_least", "n": rng.randint(max(2, k - 1), k)}
-    word = rng.choice(repeated if repeated and rng.random() < 0.7 else cands)
-    k = word_count(text, word)
+    word = rng.choice(repeated if repeated and rng.random() < 0.7 else list(counts))
+    k = counts[word]
     if k >= 2 and rng.random() < 0.6:
         return {"word": word, "relation": "at_least", "n": rng.randint(2, k)}
     # "fewer than n": n above every occurrence, inside longer words too ("project" in "projects"), which is how
