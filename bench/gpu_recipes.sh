@@ -34,6 +34,11 @@
 #      word's count, and 2,757 bases instead of 1,871 (prose paragraphs kept), so each base carries ~9 rows, not ~13
 #      (measured 2026-12-02 13:21 as the profile's own run, 799 steps: IFEval +3.1, inside its interval; h and i disagree
 #      on 107 of 541 prompts: docs/BENCHMARKS.md "Setting i")
+#   i2: i with training.seed=43 (LoRA init and batch order; the same rows, data key 247d5ee5704de692 at ac9d85f): the
+#      spread between two runs of one recipe, which h and i (107 of 541 IFEval prompts flipped) could not separate from
+#      the rows' effect; ~21 device minutes with the cached base answers
+#   j: i on a 15-minute budget (~1.5x i's tokens, ~2.9 passes): whether +10 is a budget limit or the model's;
+#      ~25 device minutes, the whole session's budget with the upload
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
 # a budget that does not bind), with run 5's warmup share and cosine schedule completing at the cap.
 #
@@ -48,7 +53,7 @@ declare -A embedded_sets=(
   [a]="--set data.embedded_train=12000 --set data.embedded_base_max_words=400 --set data.embedded_task_share=0.1"
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
-embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]} embedded_sets[i]=${embedded_sets[d]}
+embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]} embedded_sets[i]=${embedded_sets[d]} embedded_sets[i2]=${embedded_sets[d]} embedded_sets[j]=${embedded_sets[d]}
 embedded_sets[g]="${embedded_sets[d]} --set 'data.embedded_type_weights={include_keywords: 3, keyword_frequency: 3, highlights: 3, placeholders: 3, word_count: 3, end_phrase: 3, paragraph_first_word: 3, fixed_answer: 2}'"
 embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
 alpaca='{source: "pypi:alpaca-en-demo", rows: 596, heldout: 40}'
@@ -58,13 +63,13 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
-data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]}
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]} data_sets[i2]=${data_sets[d]} data_sets[j]=${data_sets[d]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
 train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
 train_sets[g]="--set training.max_steps=null --set training.micro_batch_size=16 --set eval.max_new_tokens=768"
 train_sets[h]="--set training.max_steps=null --set eval.max_new_tokens=768"
-train_sets[i]=${train_sets[h]}
-declare -A minutes=([g]=10 [h]=10 [i]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
+train_sets[i]=${train_sets[h]} train_sets[i2]="${train_sets[h]} --set training.seed=43" train_sets[j]=${train_sets[h]}
+declare -A minutes=([g]=10 [h]=10 [i]=10 [i2]=10 [j]=15)  # the rest: 60, a budget that does not bind (their step cap decides)
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
@@ -82,7 +87,7 @@ case $cmd in
     up=$1; shift
     (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
-      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-i)" >&2; exit 2; }
+      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-j)" >&2; exit 2; }
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]} ${common[@]} ${train_sets[$t]})"
       TAG=$t bash "$here/gpu_showcase.sh" start "$up" "${minutes[$t]:-60}" "${extra[@]}"
     done ;;
