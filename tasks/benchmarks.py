@@ -111,11 +111,27 @@ def packaged_path(spec: BenchmarkSpec) -> Path | None:
     return path if path.is_file() else None
 
 
-def _read_file(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+def _read_file(path: Path, name: str) -> list[dict]:
+    """A benchmark's rows from a .jsonl or .json file; a UTF-8 byte order mark (Notepad, Excel) is read through. A file
+    that is not UTF-8 or not JSON is a one-line error naming the file, the line and the key that chose it."""
+    other = f"set eval.benchmark_sources.{name} to another file"
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(f"benchmark {name}: {path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8 or {other}") from None
+    lines = text.split("\n") if path.suffix == ".jsonl" else [text]  # not splitlines(): U+2028 in a string
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            where = f"{path}:{i}" if path.suffix == ".jsonl" else f"{path}:{e.lineno}"
+            raise BenchmarkError(f"benchmark {name}: {where}: malformed JSON ({e.msg}, column {e.colno}); fix it or {other}") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines(): U+2028 in a string
-    data = json.loads(text)
+        return rows
+    data = rows[0] if rows else []
     return data if isinstance(data, list) else data.get("data", data.get("rows", []))
 
 
@@ -171,7 +187,7 @@ def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = 
                 raise BenchmarkError(f"benchmark {name}: local file {path} does not exist; fix eval.benchmark_sources.{name}")
             prov.update(source="local", file=str(path))
         if path is not None:
-            raw = _read_file(path)
+            raw = _read_file(path, name)
             prov["sha256"] = _file_sha256(path)
             if prov["source"] == "packaged":
                 prov["sha256_matches_pinned"] = prov["sha256"] == spec.packaged_sha256

@@ -68,6 +68,27 @@ def test_local_files_load_with_their_own_schema_and_hash():
         "alpaca_eval": ["What is a good name for a cat?", "Explain why the sky is blue in one paragraph."]}
 
 
+def test_local_files_with_a_byte_order_mark_read_like_plain_utf8(tmp_path):
+    for fixture in (IFEVAL_FIXTURE, ALPACA_FIXTURE):
+        bom = tmp_path / f"bom{fixture.suffix}"
+        bom.write_bytes(b"\xef\xbb\xbf" + fixture.read_bytes())
+        name = "ifeval" if fixture == IFEVAL_FIXTURE else "alpaca_eval"
+        assert bench.load_benchmark(name, str(bom))[0] == bench.load_benchmark(name, str(fixture))[0]
+
+
+def test_malformed_local_files_are_one_line_errors_naming_file_line_and_key(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(IFEVAL_FIXTURE.read_text().split("\n")[0] + "\n{\"prompt\": \"cut off\n")
+    with pytest.raises(BenchmarkError, match=r"^benchmark ifeval: .*bad\.jsonl:2: malformed JSON \(.*\); fix it or set "
+                                             r"eval\.benchmark_sources\.ifeval to another file$") as e:
+        bench.load_benchmark("ifeval", str(bad))
+    assert "\n" not in str(e.value)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
+    with pytest.raises(BenchmarkError, match=r"^benchmark alpaca_eval: .*latin\.json: not UTF-8 \(byte 21: invalid continuation byte\); save it as UTF-8"):
+        bench.load_benchmark("alpaca_eval", str(latin))
+
+
 def test_hub_source_goes_through_datasets_load_dataset(monkeypatch):
     import datasets
 
