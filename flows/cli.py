@@ -304,10 +304,8 @@ def cmd_serve(args) -> int:
     try:
         return _serve(args)
     except DeploymentNotPaused as e:
-        # Its one line (why, and the fix) was printed when the pause failed. It replaced whatever ended serving: an
-        # error's traceback still shows; a Ctrl-C needs none.
-        if isinstance(e.__context__, Exception):
-            traceback.print_exception(e.__context__)
+        # Its one line (why, and the fix) was printed when the pause failed.
+        _show_replaced(e.__context__)
         return EXIT_NOT_PAUSED
     except KeyboardInterrupt:
         # Before the runner started (importing, registering): nothing to shut down, and a registered deployment was
@@ -315,6 +313,21 @@ def cmd_serve(args) -> int:
         # request, so a script sees one exit code for "stopped", however early.
         print("stopped before serving", file=sys.stderr)
         return 0
+
+
+def _show_replaced(ended_serving: BaseException | None) -> None:
+    """Show what ended serving (DeploymentNotPaused replaced it) as it shows when the pause works: a stop request
+    (a Ctrl-C, caught in serve or not; a SystemExit) prints no traceback, only a SystemExit's message if it carries one;
+    anything else is a fault and prints its traceback, a BaseException too (an asyncio cancellation, an error grouped
+    with a Ctrl-C in a BaseExceptionGroup), not only an Exception."""
+    if ended_serving is None or isinstance(ended_serving, KeyboardInterrupt):
+        return
+    if isinstance(ended_serving, SystemExit):
+        # Prefect's runner answers SIGTERM with sys.exit(0): a stop request, as a Ctrl-C is.
+        if ended_serving.code is not None and not isinstance(ended_serving.code, int):
+            print(ended_serving.code, file=sys.stderr)
+        return
+    traceback.print_exception(ended_serving)
 
 
 def _serve(args) -> int:

@@ -166,10 +166,11 @@ def _read_local(path: Path) -> list[dict]:
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
+        raw = path.read_bytes()
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(raw.decode("utf-8-sig"))  # -sig: Notepad and Excel begin UTF-8 files with a byte order mark
         except UnicodeDecodeError as e:
-            raise StageError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from e
+            raise StageError(f"{path}: not UTF-8 text (byte {_byte_in(raw, e)}); re-save the file as UTF-8") from e
         except json.JSONDecodeError as e:
             # Maybe it is JSON lines with a .json name.
             try:
@@ -207,17 +208,24 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+            # Read as bytes so a bad byte is named by line; -sig on line 1: Notepad and Excel begin UTF-8 files
+            # with a byte order mark, which json.loads refuses.
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise StageError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from e
+                raise StageError(f"{path}:{lineno}: not UTF-8 (byte {_byte_in(raw, e)}); re-save the file as UTF-8") from e
+            if not line.strip():
+                continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
     return rows
+
+
+def _byte_in(raw: bytes, e: UnicodeDecodeError) -> int:
+    # utf-8-sig reports positions in the bytes after the byte order mark; count from the start of `raw`.
+    return e.start + len(raw) - len(e.object)
 
 
 def _read_hub(data: DataSection | MixSource, max_rows: int | None = None) -> list[dict]:

@@ -392,6 +392,22 @@ def test_rouge_l_f1_is_rouge_scores_number(rouge_score_l):
     assert o["rouge_l"] == scores
 
 
+def test_rouge_l_stem_cache_is_bounded_and_evicting_changes_no_score(rouge_score_l, monkeypatch):
+    """The stems of every distinct word ever scored stayed for the life of the process (serve runs flow after flow)."""
+    bench._porter_stemmer.cache_clear()
+    many = " ".join(f"blooming{i}s" for i in range(bench.STEM_CACHE_WORDS + 1000))  # each one stemmed (> 3 letters)
+    assert bench.rouge_l_f1(many, "blooming7s") > 0
+    assert bench._porter_stemmer().stem.cache_info().currsize == bench.STEM_CACHE_WORDS
+    # A cache of 8 words evicts on nearly every word: the scores stay rouge-score's, to the bit.
+    monkeypatch.setattr(bench, "STEM_CACHE_WORDS", 8)
+    bench._porter_stemmer.cache_clear()
+    try:
+        _assert_rouge_l_matches(rouge_score_l, _rouge_pairs([r["output"] for r in json.loads(ALPACA_FIXTURE.read_text())]))
+        assert bench._porter_stemmer().stem.cache_info().currsize == 8
+    finally:
+        bench._porter_stemmer.cache_clear()  # the next test's stemmer is built with the real size
+
+
 @needs_packaged
 def test_rouge_l_f1_is_rouge_scores_number_on_alpaca_eval_references(rouge_score_l):
     """The real references (GPT-4's answers, ~300 words, markdown, lists, code) against each other and edited copies."""

@@ -138,6 +138,34 @@ def test_malformed_jsonl_names_the_line(tmp_path, tiny_cfg, shared_artifacts):
         load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_a_leading_byte_order_mark_is_read_like_plain_utf8(tmp_path, tiny_cfg, shared_artifacts, kind):
+    # Windows Notepad and Excel's "CSV UTF-8" begin the file with EF BB BF.
+    plain = _write(tmp_path / f"plain.{kind}", CAPYBARA, kind)
+    bom = tmp_path / f"bom.{kind}"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    a = load_dataset_records(*_cfg(tiny_cfg, plain), shared_artifacts)
+    b = load_dataset_records(*_cfg(tiny_cfg, bom), shared_artifacts)
+    assert (b.n_train, b.n_heldout, b.dropped) == (a.n_train, a.n_heldout, a.dropped)
+    for split in ("train", "heldout"):
+        assert load_split(b, split)["input_ids"] == load_split(a, split)["input_ids"]
+
+
+def test_byte_order_mark_keeps_the_clear_errors(tmp_path, tiny_cfg, shared_artifacts):
+    bad_json = tmp_path / "bad.jsonl"  # a BOM file whose line 2 is broken: still named by line
+    bad_json.write_bytes(b"\xef\xbb\xbf" + (json.dumps(CAPYBARA[0]) + "\n{not json\n").encode())
+    with pytest.raises(StageError, match=r"bad.jsonl:2: malformed JSON"):
+        load_dataset_records(*_cfg(tiny_cfg, bad_json), shared_artifacts)
+    latin1 = tmp_path / "latin1.jsonl"  # the byte is counted from the start of the line, the BOM included
+    latin1.write_bytes(b'\xef\xbb\xbf{"a": "caf\xe9"}\n')
+    with pytest.raises(StageError, match=r"latin1.jsonl:1: not UTF-8 \(byte 13\)"):
+        load_dataset_records(*_cfg(tiny_cfg, latin1), shared_artifacts)
+    latin1_json = tmp_path / "latin1.json"
+    latin1_json.write_bytes(b'\xef\xbb\xbf[{"a": "caf\xe9"}]')
+    with pytest.raises(StageError, match=r"latin1.json: not UTF-8 text \(byte 14\)"):
+        load_dataset_records(*_cfg(tiny_cfg, latin1_json), shared_artifacts)
+
+
 def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
     src = _write(tmp_path / "c.jsonl", CAPYBARA, "jsonl")
     a = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)

@@ -100,7 +100,8 @@ class _Runner:
 
     ends_with: str = "ctrl-c serving"
     """ctrl-c serving | ctrl-c registering (a signal during add_flow, held until it returns) | error serving |
-    ctrl-c before registering"""
+    ctrl-c before registering | sigterm serving (the runner's sys.exit(0)) | exit with a message serving |
+    error and ctrl-c serving (a BaseExceptionGroup) | cancelled serving"""
 
     def __init__(self, name: str, pause_on_shutdown: bool):
         self.name = name
@@ -113,9 +114,13 @@ class _Runner:
         return uuid4()
 
     async def start(self):
-        if self.ends_with == "error serving":
-            raise RuntimeError("runner lost its server")
-        raise KeyboardInterrupt
+        import asyncio
+
+        ends = {"error serving": RuntimeError("runner lost its server"), "sigterm serving": SystemExit(0),
+                "exit with a message serving": SystemExit("runner: port in use"),
+                "error and ctrl-c serving": BaseExceptionGroup("runner", [RuntimeError("runner lost its server"), KeyboardInterrupt()]),
+                "cancelled serving": asyncio.CancelledError("runner task cancelled")}
+        raise ends.get(self.ends_with, KeyboardInterrupt())
 
 
 class _Client:
@@ -162,8 +167,12 @@ def serve_here(monkeypatch, tmp_path):
         signal.signal(s, handler)
 
 
-@pytest.mark.parametrize("ends_with", ["ctrl-c serving", "ctrl-c registering", "error serving"])
-def test_serve_exits_3_when_the_deployment_it_registered_could_not_be_paused(serve_here, capfd, ends_with):
+@pytest.mark.parametrize("ends_with, traceback_of", [
+    ("ctrl-c serving", None), ("ctrl-c registering", None), ("sigterm serving", None), ("exit with a message serving", None),
+    ("error serving", "RuntimeError: runner lost its server"),
+    # BaseExceptions that are faults: their traceback was dropped, as a Ctrl-C's is
+    ("error and ctrl-c serving", "RuntimeError: runner lost its server"), ("cancelled serving", "CancelledError: runner task cancelled")])
+def test_serve_exits_3_when_the_deployment_it_registered_could_not_be_paused(serve_here, capfd, ends_with, traceback_of):
     # The Prefect server is gone when serve stops: the schedule stays live with nothing serving it. This exited 0
     # (Ctrl-C registering: "stopped before serving", 0), so a script or systemd unit could not tell.
     from flows.cli import EXIT_NOT_PAUSED
@@ -173,8 +182,10 @@ def test_serve_exits_3_when_the_deployment_it_registered_could_not_be_paused(ser
     lines = [line for line in err.splitlines() if "NOT paused" in line]
     assert len(lines) == 1 and lines[0].startswith("finetune/nightly NOT paused (ConnectError"), err[-3000:]
     assert "pause it in the Prefect UI" in lines[0] and "stopped before serving" not in err
-    # an error that ended serving still shows its traceback; a Ctrl-C shows none
-    assert ("RuntimeError: runner lost its server" in err) == ("Traceback" in err) == (ends_with == "error serving"), err[-3000:]
+    # a fault that ended serving still shows its traceback; a stop request shows none, only a SystemExit's message
+    assert ("Traceback" in err) == (traceback_of is not None), err[-3000:]
+    assert traceback_of is None or traceback_of in err, err[-3000:]
+    assert ("runner: port in use" in err) == (ends_with == "exit with a message serving"), err[-3000:]
 
 
 @pytest.mark.parametrize("ends_with, paused_by_runner", [
