@@ -172,11 +172,15 @@ def _read_local(path: Path) -> list[dict]:
         except UnicodeDecodeError as e:
             raise StageError(f"{path}: not UTF-8 text (byte {_byte_in(raw, e)}); re-save the file as UTF-8") from e
         except json.JSONDecodeError as e:
-            # Maybe it is JSON lines with a .json name.
+            # Maybe it is JSON lines with a .json name: two or more rows, each an object. One value followed by a stray
+            # line (a list, then a line of U+00A0) is a malformed .json file, and is named as one.
             try:
-                return _read_jsonl(path)
+                rows = _read_jsonl(path)
             except StageError:
+                rows = []
+            if len(rows) < 2 or not all(isinstance(r, dict) for r in rows):
                 raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            return rows
         if isinstance(obj, dict):
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):

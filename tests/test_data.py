@@ -166,6 +166,17 @@ def test_byte_order_mark_keeps_the_clear_errors(tmp_path, tiny_cfg, shared_artif
         load_dataset_records(*_cfg(tiny_cfg, latin1_json), shared_artifacts)
 
 
+def test_a_json_file_is_json_lines_only_when_each_line_is_a_row(tmp_path, tiny_cfg, shared_artifacts):
+    lines = tmp_path / "lines.json"  # JSON lines under a .json name: read as such
+    lines.write_text("".join(json.dumps(r) + "\n" for r in CAPYBARA))
+    assert load_dataset_records(*_cfg(tiny_cfg, lines), shared_artifacts).n_train > 0
+    for name, body in (("list.json", json.dumps(CAPYBARA)), ("wrapped.json", json.dumps({"data": CAPYBARA}))):
+        stray = tmp_path / name  # one value, then a line of U+00A0: a malformed .json file, named at its stray line
+        stray.write_text(body + "\n\u00a0\n")
+        with pytest.raises(StageError, match=rf"{name}: invalid JSON at line 2 column 1: Extra data"):
+            load_dataset_records(*_cfg(tiny_cfg, stray), shared_artifacts)
+
+
 def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
     src = _write(tmp_path / "c.jsonl", CAPYBARA, "jsonl")
     a = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
