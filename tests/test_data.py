@@ -177,6 +177,20 @@ def test_a_json_file_is_json_lines_only_when_each_line_is_a_row(tmp_path, tiny_c
             load_dataset_records(*_cfg(tiny_cfg, stray), shared_artifacts)
 
 
+def test_a_folder_source_is_keyed_on_its_files_content(tmp_path, tiny_cfg, shared_artifacts):
+    # A partitioned parquet folder (pandas reads x.parquet/ whole) was keyed on its path: new rows in it were never read.
+    import pandas as pd
+
+    folder = tmp_path / "ds.parquet"
+    folder.mkdir()
+    pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[:30]]).to_parquet(folder / "part-0.parquet")
+    a = load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts)
+    assert load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts).key == a.key  # unchanged: cached
+    pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[30:]]).to_parquet(folder / "part-0.parquet")
+    b = load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts)
+    assert b.key != a.key and b.data_hash != a.data_hash
+
+
 def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
     src = _write(tmp_path / "c.jsonl", CAPYBARA, "jsonl")
     a = load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
