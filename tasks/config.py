@@ -456,7 +456,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 
 
 def _mapping_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
-    """Dotted keys whose value is a mapping (e.g. data.embedded_type_weights): `--set` replaces them whole."""
+    """Dotted keys whose value is a mapping (e.g. data.embedded_type_weights): `--set key={...}` replaces one whole,
+    `--set key.entry=value` sets one entry."""
     keys = set()
     for name, field in model.model_fields.items():
         key, ann = prefix + (field.alias or name), field.annotation
@@ -470,7 +471,9 @@ def _mapping_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
 def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node = tree
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # unset (null) mapping: its first entry starts it
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError([f"--set {'.'.join(parts)}: {p!r} is not a section"])
     node[parts[-1]] = value
@@ -544,15 +547,18 @@ def load_config(
             problems += e.problems
             continue
         dotted = ".".join(parts)
-        if dotted not in known:
+        # An entry of a mapping (eval.benchmark_prompts.ifeval=120) is set into it, keeping the profile's other entries;
+        # `--set 'eval.benchmark_prompts={ifeval: 120}'` replaces the mapping whole. Validation names a wrong entry.
+        in_mapping = any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
+        if dotted not in known and not in_mapping:
             close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
-            if mapping := next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in mappings), None):
-                entry = ".".join(parts[mapping.count(".") + 1:])
-                hint = f"; {mapping} is a mapping, set as a whole: --set '{mapping}={{{entry}: {item.split('=', 1)[1].strip()}}}'"
             problems.append(f"--set {dotted}: unknown key{hint}")
             continue
-        _apply_override(tree, parts, value)
+        try:
+            _apply_override(tree, parts, value)
+        except ConfigError as e:
+            problems += e.problems
     if hours is not None or minutes is not None:
         # The command line's budget replaces the file's, whichever unit the file used.
         tree.setdefault("budget", {})

@@ -113,14 +113,22 @@ def test_type_weights_that_weight_no_row_are_one_line_naming_the_key(where, why)
         assert load_config(profile="tiny", overrides=[*WEIGHTED, *where, f"data.embedded_type_weights={unset}"])
 
 
-def test_set_into_a_mapping_key_shows_the_working_form():
-    """`--set data.embedded_type_weights.end_phrase=3` is not a key; the error shows the form that works."""
-    (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights.end_phrase=3"])
-    assert p == ("--set data.embedded_type_weights.end_phrase: unknown key; data.embedded_type_weights is a mapping, set as a whole: "
-                 "--set 'data.embedded_type_weights={end_phrase: 3}'"), p
-    (p,) = _problems(profile="tiny", overrides=["model.random_config.num_hidden_layers=1"])
-    assert "--set 'model.random_config={num_hidden_layers: 1}'" in p
-    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights={end_phrase: 3}"]).data.embedded_type_weights == {"end_phrase": 3.0}
+def test_set_into_a_mapping_sets_one_entry_and_keeps_the_others():
+    """`--set eval.benchmark_prompts.ifeval=120` sets that entry: the profile's other entries stay (the error's old
+    advice, `--set 'eval.benchmark_prompts={ifeval: 120}'`, silently dropped tiny's alpaca_eval: 6, so AlpacaEval ran
+    all 805 prompts). A whole mapping still replaces; a wrong entry is still named."""
+    base = load_config(profile="tiny")
+    cfg = load_config(profile="tiny", overrides=["eval.benchmark_prompts.ifeval=120"])
+    assert cfg.eval.benchmark_prompts == {**base.eval.benchmark_prompts, "ifeval": 120} and "alpaca_eval" in base.eval.benchmark_prompts
+    assert load_config(profile="tiny", overrides=["eval.benchmark_prompts={ifeval: 120}"]).eval.benchmark_prompts == {"ifeval": 120}
+    cfg = load_config(profile="tiny", overrides=["model.random_config.num_hidden_layers=1"])
+    assert cfg.model.random_config == {**base.model.random_config, "num_hidden_layers": 1}
+    assert base.data.embedded_type_weights is None  # unset: the first entry starts the mapping
+    cfg = load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights.end_phrase=3"])
+    assert cfg.data.embedded_type_weights == {"end_phrase": 3.0}
+    problems = _problems(profile="tiny", overrides=["eval.benchmark_prompts.ifevl=5"])
+    assert any(p.startswith("eval.benchmark_prompts") and "ifevl" in p for p in problems), problems
+    assert "lora.rr" in _problems(profile="tiny", overrides=["lora.rr=3"])[0]  # not a mapping: still an unknown key
 
 
 def test_bad_dotted_key_and_absurd_budget():
