@@ -11,6 +11,7 @@ the key and the fix (STYLE §1, §8).
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from types import UnionType
@@ -551,7 +552,7 @@ def load_config(
         # `--set 'eval.benchmark_prompts={ifeval: 120}'` replaces the mapping whole. Validation names a wrong entry.
         in_mapping = any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
         if dotted not in known and not in_mapping:
-            close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
+            close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]] or difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.85)
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
             problems.append(f"--set {dotted}: unknown key{hint}")
             continue

@@ -131,6 +131,13 @@ def test_set_into_a_mapping_sets_one_entry_and_keeps_the_others():
     assert "lora.rr" in _problems(profile="tiny", overrides=["lora.rr=3"])[0]  # not a mapping: still an unknown key
 
 
+def test_a_misspelt_key_names_the_closest_one():
+    assert _problems(profile="tiny", overrides=["eval.max_new_token=5"]) == [
+        "--set eval.max_new_token: unknown key; did you mean eval.max_new_tokens?"]
+    assert "did you mean training.learning_rate?" in _problems(profile="tiny", overrides=["trainig.learning_rate=1e-4"])[0]
+    assert "see pipeline.yaml" in _problems(profile="tiny", overrides=["nothing.like.this=1"])[0]
+
+
 def test_bad_dotted_key_and_absurd_budget():
     assert "dotted" in _problems(profile="tiny", overrides=["lora..r=3"])[0]
     assert "no_equals" in _problems(profile="tiny", overrides=["no_equals"])[0]
