@@ -115,11 +115,17 @@ def _read_file(path: Path, name: str) -> list[dict]:
     """A benchmark's rows from a .jsonl or .json file; a UTF-8 byte order mark (Notepad, Excel) is read through. A file
     that is not UTF-8 or not JSON is a one-line error naming the file, the line and the key that chose it."""
     other = f"set eval.benchmark_sources.{name} to another file"
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise BenchmarkError(f"benchmark {name}: {path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8 or {other}") from None
-    lines = text.split("\n") if path.suffix == ".jsonl" else [text]  # not splitlines(): U+2028 in a string
+        at = e.start + len(raw) - len(e.object)  # utf-8-sig counts after the byte order mark
+        line = raw[:at].count(b"\n") + 1
+        raise BenchmarkError(f"benchmark {name}: {path}:{line}: not UTF-8 (byte {at} of the file: {e.reason}); "
+                             f"save it as UTF-8 or {other}") from None
+    # Line ends as read_text() reads them (CRLF, old Mac CR); not splitlines(): U+2028 inside a string is no line end
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n") if path.suffix == ".jsonl" else [text]
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():

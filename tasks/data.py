@@ -173,15 +173,11 @@ def _read_local(path: Path) -> list[dict]:
         except UnicodeDecodeError as e:
             raise StageError(f"{path}: not UTF-8 text (byte {_byte_in(raw, e)}); re-save the file as UTF-8") from e
         except json.JSONDecodeError as e:
-            # Maybe it is JSON lines with a .json name: two or more rows, each an object. One value followed by a stray
-            # line (a list, then a line of U+00A0) is a malformed .json file, and is named as one.
-            try:
-                rows = _read_jsonl(path)
-            except StageError:
-                rows = []
-            if len(rows) < 2 or not all(isinstance(r, dict) for r in rows):
-                raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-            return rows
+            # JSON lines with a .json name: two or more lines, the first a row object; read (and its errors named) as
+            # JSON lines. One value followed by a stray line (a list, then a line of U+00A0) is a malformed .json file.
+            if _looks_like_json_lines(raw.decode("utf-8-sig")):
+                return _read_jsonl(path)
+            raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
         if isinstance(obj, dict):
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):
@@ -226,6 +222,14 @@ def _read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
     return rows
+
+
+def _looks_like_json_lines(text: str) -> bool:
+    lines = [line for line in text.split("\n") if line.strip()]
+    try:
+        return len(lines) >= 2 and isinstance(json.loads(lines[0]), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _byte_in(raw: bytes, e: UnicodeDecodeError) -> int:

@@ -85,8 +85,24 @@ def test_malformed_local_files_are_one_line_errors_naming_file_line_and_key(tmp_
     assert "\n" not in str(e.value)
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
-    with pytest.raises(BenchmarkError, match=r"^benchmark alpaca_eval: .*latin\.json: not UTF-8 \(byte 21: invalid continuation byte\); save it as UTF-8"):
+    with pytest.raises(BenchmarkError, match=r"^benchmark alpaca_eval: .*latin\.json:1: not UTF-8 \(byte 21 of the file: invalid continuation byte\); save it as UTF-8"):
         bench.load_benchmark("alpaca_eval", str(latin))
+    latin.write_bytes(b"\xef\xbb\xbf" + latin.read_bytes())  # counted from the file's first byte, the BOM included
+    with pytest.raises(BenchmarkError, match=r"latin\.json:1: not UTF-8 \(byte 24 of the file"):
+        bench.load_benchmark("alpaca_eval", str(latin))
+    second = tmp_path / "second.jsonl"
+    second.write_bytes(IFEVAL_FIXTURE.read_bytes().split(b"\n")[0] + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(BenchmarkError, match=r"second\.jsonl:2: not UTF-8"):
+        bench.load_benchmark("ifeval", str(second))
+
+
+def test_local_files_with_any_line_ends_load(tmp_path):
+    rows = bench.load_benchmark("ifeval", str(IFEVAL_FIXTURE))[0]
+    lines = [line for line in IFEVAL_FIXTURE.read_text().split("\n") if line.strip()]
+    for name, end in (("crlf", "\r\n"), ("cr", "\r")):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_bytes(end.join(lines).encode())
+        assert bench.load_benchmark("ifeval", str(f))[0] == rows, name
 
 
 def test_hub_source_goes_through_datasets_load_dataset(monkeypatch):

@@ -169,7 +169,14 @@ def test_byte_order_mark_keeps_the_clear_errors(tmp_path, tiny_cfg, shared_artif
 def test_a_json_file_is_json_lines_only_when_each_line_is_a_row(tmp_path, tiny_cfg, shared_artifacts):
     lines = tmp_path / "lines.json"  # JSON lines under a .json name: read as such
     lines.write_text("".join(json.dumps(r) + "\n" for r in CAPYBARA))
-    assert load_dataset_records(*_cfg(tiny_cfg, lines), shared_artifacts).n_train > 0
+    n = load_dataset_records(*_cfg(tiny_cfg, lines), shared_artifacts).n_train
+    assert n > 0
+    lines.write_text("".join(json.dumps(r) + "\n" for r in CAPYBARA) + "[]\n")  # a non-object row is dropped, as in .jsonl
+    assert load_dataset_records(*_cfg(tiny_cfg, lines), shared_artifacts).dropped.get("not an object") == 1
+    typo = tmp_path / "typo.json"  # a broken row of JSON lines is named at its own line
+    typo.write_text("".join(json.dumps(r) + "\n" for r in CAPYBARA[:20]) + "{not json\n")
+    with pytest.raises(StageError, match=r"typo\.json:21: malformed JSON"):
+        load_dataset_records(*_cfg(tiny_cfg, typo), shared_artifacts)
     for name, body in (("list.json", json.dumps(CAPYBARA)), ("wrapped.json", json.dumps({"data": CAPYBARA}))):
         stray = tmp_path / name  # one value, then a line of U+00A0: a malformed .json file, named at its stray line
         stray.write_text(body + "\n\u00a0\n")
