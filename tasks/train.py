@@ -170,6 +170,7 @@ class BudgetGuard(_trainer_callback_base()):
         self.losses: list[tuple[int, float]] = []
         self.synced_elapsed = prior_elapsed  # the ranks' common clock, updated every step (several ranks)
         self.data_position = lambda step: None  # packed engines: where in the data a checkpoint at `step` resumes
+        self.tokens_at_start = 0  # tokens seen before this process (a resumed run's): not read in this process's time
 
     def elapsed(self) -> float:
         return self.prior + time.monotonic() - self.t0
@@ -203,6 +204,10 @@ class BudgetGuard(_trainer_callback_base()):
             control.should_save = True
         return control
 
+    def on_train_begin(self, args, state, control, **kw):
+        self.tokens_at_start = int(state.num_input_tokens_seen or 0)  # the checkpoint's count when resuming
+        return control
+
     def on_step_begin(self, args, state, control, model=None, **kw):
         nan_at = fault_arg("train", "nan")  # test-only `train:nan@N` (docs/RELIABILITY.md): weights turn NaN in step N
         if nan_at and model is not None and state.global_step + 1 == int(nan_at):
@@ -225,7 +230,8 @@ class BudgetGuard(_trainer_callback_base()):
         self.losses.append((state.global_step, loss))
         if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
             left = max(self.budget_s - self.elapsed(), 0)
-            tok_s = state.num_input_tokens_seen / max(time.monotonic() - self.t0, 1e-9) if state.num_input_tokens_seen else 0
+            tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start
+            tok_s = tok_s / max(time.monotonic() - self.t0, 1e-9) if tok_s > 0 else 0
             self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f} lr {logs.get('learning_rate', 0):.2e} "
                         f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, pr
     assert marker is not None, "no checkpoint appeared before the deadline"
     time.sleep(1.0)  # let it train past the checkpoint, so there is lost work to redo
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    first_out = proc.communicate(timeout=30)[0]
     first_step = json.loads(marker.read_text())["step"]
     spent = json.loads((marker.parent.parent / "heartbeat.json").read_text())["elapsed"]
     assert spent > 0
@@ -61,6 +62,12 @@ def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, pr
     # The time before the kill counts: the whole training (both processes) stays within the budget.
     assert train["wall_seconds"] <= train["budget_seconds"] * 1.05
     assert train["wall_seconds"] >= spent
+    # tokens/s after the resume counts this process's tokens in its own time (it divided the run's tokens since step 0
+    # by the seconds since the resume: 716,605 tok/s where the real rate was ~23k)
+    rate = lambda text: [int(r.replace(",", "")) for r in re.findall(r"step \d+/\d+ loss \S+ lr \S+ ([\d,]+) tok/s", text)]  # noqa: E731
+    before, after = rate(first_out), rate(out)
+    assert before and after, (first_out[-2000:], out[-2000:])
+    assert max(after) <= 3 * max(before), (max(before), max(after))
 
 
 @pytest.mark.slow
