@@ -34,7 +34,7 @@
 #      word's count, and 2,757 bases instead of 1,871 (prose paragraphs kept), so each base carries ~9 rows, not ~13
 #      (measured 2026-12-02 13:21 as the profile's own run, 799 steps: IFEval +3.1, inside its interval; h and i disagree
 #      on 107 of 541 prompts: docs/BENCHMARKS.md "Setting i")
-#   i2: i with training.seed=43 (LoRA init and batch order; the same rows, data key 247d5ee5704de692 at ac9d85f): the
+#   i2: i with training.seed=43 (LoRA init and batch order; the same rows, data key 8e541f8fc8d2654f at 9b48651): the
 #      spread between two runs of one recipe, which h and i (107 of 541 IFEval prompts flipped) could not separate from
 #      the rows' effect; ~21 device minutes with the cached base answers
 #   j: i on a 15-minute budget (~1.5x i's tokens, ~2.9 passes): whether +10 is a budget limit or the model's;
