@@ -54,9 +54,23 @@ def folder_fingerprint(folder: str | Path) -> str:
     clock, so one train key can hold different adapters, and evaluate/merge are keyed on what was trained.
     Memoized per (name, size, mtime) of the files: cache-key functions call it several times per run."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else [folder] if folder.is_file() else []
+    files = sorted(_files_under(folder)) if folder.is_dir() else [folder] if folder.is_file() else []
     stamp = tuple((str(p.relative_to(folder)) if p != folder else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return _folder_hash(str(folder), stamp)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, through symlinked folders too (a reader such as pandas follows them; rglob does not),
+    each real folder once (a link back up would loop)."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [p for p in (Path(root) / n for n in names) if p.is_file()]
+    return found
 
 
 @functools.lru_cache(maxsize=32)

@@ -552,7 +552,8 @@ def load_config(
         # `--set 'eval.benchmark_prompts={ifeval: 120}'` replaces the mapping whole. Validation names a wrong entry.
         in_mapping = any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
         if dotted not in known and not in_mapping:
-            close = [k for k in sorted(known) if k.split(".")[-1] == parts[-1]] or difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.85)
+            # the nearest whole key (trainig.seed -> training.seed, not data.seed), else one with the same last part
+            close = difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.8) or [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
             problems.append(f"--set {dotted}: unknown key{hint}")
             continue
@@ -584,7 +585,7 @@ def _idle_type_weights(data: DataSection) -> str | None:
         return None
     why = (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
            if not data.embedded_bases else "data.embedded_task_share is 1 (task-family rows only)" if data.embedded_task_share >= 1 else None)
-    return why and f"data.embedded_type_weights: set, but {why}, so it weights no row and only changes the data cache key; remove it"
+    return why and f"data.embedded_type_weights: set, but {why}, so it weights no row; remove it"
 
 
 def check_rules(cfg: PipelineConfig) -> list[str]:

@@ -41,7 +41,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "model.trust_remote_code": ("true", NOTHING, []),
     "model.allow_pickle": ("true", NOTHING, []),
     "model.token_env": ("OTHER_TOKEN", NOTHING, []),
-    # Every data.* key is the data stage's input, also the ones the embedded source does not read (split, revision...).
+    # Every data.* key is the data stage's input where its source reads it (the unread ones: test_a_data_key_its_source_never_reads...).
     "data.source": ("pypi:alpaca-en-demo", ALL, []),
     "data.schema": ("messages", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)
     "data.split": ("test", ALL, FILE_SOURCE),  # read from a file/hub/pypi source; unread by the embedded generator (below)

@@ -136,6 +136,9 @@ def test_a_misspelt_key_names_the_closest_one():
         "--set eval.max_new_token: unknown key; did you mean eval.max_new_tokens?"]
     assert "did you mean training.learning_rate?" in _problems(profile="tiny", overrides=["trainig.learning_rate=1e-4"])[0]
     assert "see pipeline.yaml" in _problems(profile="tiny", overrides=["nothing.like.this=1"])[0]
+    assert "did you mean training.seed?" in _problems(profile="tiny", overrides=["trainig.seed=1"])[0]  # not data.seed
+    assert "did you mean model.revision?" in _problems(profile="tiny", overrides=["modle.revision=x"])[0]
+    assert "did you mean eval.benchmark_prompts?" in _problems(profile="tiny", overrides=["eval.benchmark_prompt.ifeval=3"])[0]
 
 
 def test_bad_dotted_key_and_absurd_budget():

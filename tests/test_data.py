@@ -196,6 +196,14 @@ def test_a_folder_source_is_keyed_on_its_files_content(tmp_path, tiny_cfg, share
     pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[30:]]).to_parquet(folder / "part-0.parquet")
     b = load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts)
     assert b.key != a.key and b.data_hash != a.data_hash
+    other = tmp_path / "other"  # a symlinked folder inside: pandas reads through it, so the key hashes through it
+    other.mkdir()
+    pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[:10]]).to_parquet(other / "part-1.parquet")
+    (folder / "sub").symlink_to(other, target_is_directory=True)
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # a link back up is walked once
+    c = load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts)
+    pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[10:20]]).to_parquet(other / "part-1.parquet")
+    assert load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts).key != c.key
 
 
 def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
