@@ -162,6 +162,8 @@ def _read_local(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise StageError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if path.is_dir() and suffix != ".parquet":  # a partitioned parquet dataset is a folder; no other kind is
+        raise StageError(f"data.source {str(path)!r} is a folder; give a {suffix} file (only a .parquet dataset may be a folder of parts)")
     if path.stat().st_size == 0:
         raise StageError(f"data.source {str(path)!r} is empty; give a file with at least one conversation")
     if suffix == ".jsonl":

@@ -204,6 +204,9 @@ def test_a_folder_source_is_keyed_on_its_files_content(tmp_path, tiny_cfg, share
     c = load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts)
     pd.DataFrame([{"messages": json.dumps(r["messages"])} for r in CAPYBARA[10:20]]).to_parquet(other / "part-1.parquet")
     assert load_dataset_records(*_cfg(tiny_cfg, folder), shared_artifacts).key != c.key
+    (tmp_path / "rows.jsonl").mkdir()  # any other folder is a one-line error, not IsADirectoryError
+    with pytest.raises(StageError, match=r"rows\.jsonl' is a folder; give a \.jsonl file"):
+        load_dataset_records(*_cfg(tiny_cfg, tmp_path / "rows.jsonl"), shared_artifacts)
 
 
 def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cfg, shared_artifacts):
