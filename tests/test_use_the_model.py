@@ -428,3 +428,76 @@ def test_a_cached_reruns_folder_is_found_after_the_artifacts_folder_moved(own_pu
     write_json(other / "runs" / "r2" / "summary.json", {"run": "r2", "status": "completed", "published": str(pub)})
     found = find_run("r2", str(other))
     assert found == other / "runs" / "r1" / pub.name
+
+
+def _stream(url: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed chat completion, in order."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return [line[len("data: "):] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+
+
+def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_requests_with_400(own_published, tmp_path):
+    """As OpenAI's API and llama.cpp's server: the text ends before the stop string (streamed too), a stream ends with
+    `data: [DONE]`, and an empty `messages`, `max_tokens` < 1 or a prompt over the context is a 400 naming the field."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        t0 = time.monotonic()
+        while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(1)
+        # The tiny random model writes only newlines; a logit bias makes it repeat one word's token instead.
+        from transformers import AutoTokenizer
+
+        token = AutoTokenizer.from_pretrained(pub / "merged").encode("cat", add_special_tokens=False)[0]
+        chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 6,
+                "temperature": 0, "logit_bias": {str(token): 100}}
+        code, body = _request(url, chat)
+        full = json.loads(body)["choices"][0]["message"]["content"]
+        assert code == 200 and len(full.strip()) >= 4, body
+        stop = full.strip()[2:4]  # a stop string inside the text
+        want = full[:full.find(stop)]
+        code, body = _request(url, {**chat, "stop": [stop, "never-generated"]})
+        choice = json.loads(body)["choices"][0]
+        assert code == 200 and (choice["message"]["content"], choice["finish_reason"]) == (want, "stop"), (full, stop, body)
+
+        events = _stream(url, {**chat, "stop": stop})
+        assert events[-1] == "[DONE]", events
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert "".join(c["delta"].get("content") or "" for c in chunks) == want and chunks[-1]["finish_reason"] == "stop", (full, stop, events)
+        # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
+        events = _stream(url, {**chat, "stop": [full[-2:] + "\u2603never"]})
+        assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
+
+        limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+        for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
+                                  ({"max_tokens": -1}, "max_tokens", ["max_tokens"]),
+                                  ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"])):
+            code, body = _request(url, {**chat, **bad})
+            error = json.loads(body)["error"]
+            assert code == 400 and error["param"] == field and all(w in error["message"] for w in words), (bad, code, body)
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()[-3000:]
+
