@@ -132,18 +132,14 @@ def _temporary_server_outside_ctrl_c() -> None:
     server.subprocess = detached  # only the prefect server module's view of subprocess
 
 
-# Runs `python -m uvicorn ...` after starting a thread that watches the parent: once it is gone (the server was
-# re-parented), SIGTERM to itself (uvicorn's graceful shutdown), then a hard exit if that has not ended it in 10 s.
+# Runs `python -m uvicorn ...` after starting tasks.common.stop_when_orphaned (the project's root first on the path:
+# the server runs wherever Prefect starts it).
 _SERVER_GUARD = """
-import os, runpy, signal, sys, threading, time
+import runpy, sys
 parent = int(sys.argv.pop(1))
-def watch():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
-    os._exit(1)
-threading.Thread(target=watch, daemon=True).start()
+sys.path.insert(0, sys.argv.pop(1))
+from tasks.common import stop_when_orphaned
+stop_when_orphaned(parent)
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 
@@ -153,7 +149,9 @@ def _guarded_server_popen(args, *rest, **kwargs):
 
     args = list(args)
     if args[1:3] == ["-m", "uvicorn"]:
-        args = [args[0], "-c", _SERVER_GUARD, str(os.getpid()), *args[3:]]
+        from tasks.common import PROJECT_ROOT
+
+        args = [args[0], "-c", _SERVER_GUARD, str(os.getpid()), str(PROJECT_ROOT), *args[3:]]
     return subprocess.Popen(args, *rest, start_new_session=True, **kwargs)
 
 
@@ -283,6 +281,7 @@ def _stop_on_ctrl_c_or_sigterm() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)  # the terminal was closed: stop the server rather than die and orphan it
 
 
 def _quiet_environment() -> None:

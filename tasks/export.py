@@ -583,7 +583,8 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
 def transformers_serve_command(merged: Path, name: str, host: str, port: int) -> list[str]:
     """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
     `serve_merged` in its own process; the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
-    return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port),
+            "--parent", str(os.getpid())]
 
 
 def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None) -> None:
@@ -788,7 +789,12 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--name", required=True)
     sm.add_argument("--host", default="127.0.0.1")
     sm.add_argument("--port", type=int, default=8000)
+    sm.add_argument("--parent", type=int, help="stop when this process (serve-model) is gone, even killed with SIGKILL")
     args = p.parse_args(argv)
+    if args.parent:
+        from .common import stop_when_orphaned
+
+        stop_when_orphaned(args.parent)
     serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
     return 0
 

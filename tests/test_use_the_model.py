@@ -501,3 +501,43 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
         rc = proc.wait(timeout=60)
     assert rc == 0, log.read_text()[-3000:]
 
+
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGHUP"])
+def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_terminal_closes(own_published, tmp_path, signum):
+    """The merged server is a child in its own session: killed with SIGKILL (or hung up), serve-model must not leave it
+    running under PID 1, holding the port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    t0 = time.monotonic()
+    while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
+        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+        time.sleep(1)
+    child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    proc.send_signal(getattr(signal, signum))
+    proc.wait(timeout=60)
+
+    def alive(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    t0 = time.monotonic()
+    while alive(child) and time.monotonic() - t0 < 30:
+        time.sleep(0.5)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the merged server (pid {child}) outlived serve-model's {signum}")
+    assert _request_or_none(f"http://127.0.0.1:{port}/health") is None
