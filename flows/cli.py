@@ -244,7 +244,11 @@ def cmd_serve_model(args) -> int:
     hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
             f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     if gguf:
-        serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        try:
+            serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        except StageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_STAGE
         print("stopped", file=sys.stderr)
         return 0
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
@@ -252,8 +256,13 @@ def cmd_serve_model(args) -> int:
         env[API_KEY_ENV] = args.api_key
     # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
     proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port), start_new_session=True, env=env)
-    print(hint, file=sys.stderr, flush=True)
     try:
+        # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".
+        if not _wait_until_healthy(proc, args.host, args.port):
+            print(f"error: the merged model's server stopped before it served (exit {proc.returncode}); see its message above",
+                  file=sys.stderr)
+            return EXIT_STAGE
+        print(hint, file=sys.stderr, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         import signal
@@ -270,8 +279,26 @@ def cmd_serve_model(args) -> int:
         return 0
 
 
+def _wait_until_healthy(proc, host: str, port: int) -> bool:
+    """True once the server at host:port answers /health, False if `proc` exits first."""
+    import time
+    import urllib.request
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/health"
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def _stop_on_ctrl_c_or_sigterm() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`, systemd) both stop serve-model and serve cleanly. Set here, not
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, `docker stop`, systemd) and SIGHUP (closed terminal) all stop serve-model and serve cleanly. Set here, not
     inherited: a shell without job control starts background commands (`serve-model &` in a script, CI) with SIGINT
     ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
     import signal

@@ -500,9 +500,23 @@ def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
     if gguf_type:
         files = [f for f in files if f.stem.endswith(f"-{gguf_type}")]
     if not files:
-        raise StageError(f"{folder} has no {gguf_type or ''} GGUF (gguf/*.gguf); run the export stage (`qlora-pipeline run`, "
-                         "with export.gguf set) or serve with --format merged")
-    return next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+        raise StageError(f"{folder} has no {gguf_type + ' ' if gguf_type else ''}GGUF (gguf/*.gguf); run the export stage "
+                         "(`qlora-pipeline run`, with export.gguf set) or serve with --format merged")
+    gguf = next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+    require_gguf_header(gguf)
+    return gguf
+
+
+def require_gguf_header(gguf: Path) -> None:
+    """One line naming a damaged GGUF, checked before llama.cpp loads it (which fails with a traceback)."""
+    import struct
+
+    with open(gguf, "rb") as f:
+        head = f.read(24)
+    magic, version, tensors, kvs = struct.unpack("<4sIQQ", head) if len(head) == 24 else (b"", 0, 0, 0)
+    if magic != b"GGUF" or version not in (2, 3) or not 0 < tensors < 1 << 20 or kvs >= 1 << 20:
+        raise StageError(f"{gguf} is damaged (not a GGUF v2/v3 header); delete it and rerun `qlora-pipeline run` to export it again, "
+                         "or serve with --format merged")
 
 
 API_KEY_ENV = "QLORA_PIPELINE_API_KEY"  # how serve-model hands the key to its server process (never on a command line)
@@ -563,7 +577,11 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
     if api_key:
         params.api_keys = [api_key]
-    server = xlc.Server(params)
+    try:
+        server = xlc.Server(params)
+    except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)
+        raise StageError(f"llama.cpp cannot load {gguf} ({e}); delete it and rerun `qlora-pipeline run` to export it again, "
+                         "or serve with --format merged") from e
     try:
         if ready:
             ready(server.listening_address)

@@ -291,14 +291,17 @@ def test_serve_model_on_a_port_in_use_is_one_line_naming_the_port(tmp_path, fmt)
     """A port another process listens on: `error: ...` naming the port and --port, exit 1, before any server starts
     (llama.cpp's server ended in a RuntimeError traceback; transformers serve would fail only after loading the
     model). The weights are stubs: nothing loads them."""
+    import struct
+
     from tasks.common import write_json
     from tasks.publish import MANIFEST
 
     pub = tmp_path / "runs" / "busy" / "model"
     (pub / "gguf").mkdir(parents=True)
-    (pub / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF")
+    # headers only (v3, 1 tensor, 0 keys; an empty safetensors index): they pass the damaged-file checks
+    (pub / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0))
     (pub / "merged").mkdir()
-    (pub / "merged" / "model.safetensors").write_bytes(b"{}")
+    (pub / "merged" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
     write_json(pub / MANIFEST, {"files": []})
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -283,6 +283,7 @@ class _FakeServer:
 def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_privately(own_published, monkeypatch, capsys):
     import subprocess
 
+    import flows.cli
     import tasks.export
     from flows.cli import main
     from tasks.export import API_KEY_ENV
@@ -290,6 +291,7 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     cfg, art, pub, _ = own_published
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
     _FakeServer.started = []
     assert main(["serve-model", "r1", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
     err = capsys.readouterr().err
@@ -315,7 +317,7 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     seen = {}
     monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None: seen.update(name=name, key=api_key))
     (pub / "gguf").mkdir(exist_ok=True)
-    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(b"GGUF")
+    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(_GGUF_HEADER)
     try:
         monkeypatch.setenv(API_KEY_ENV, "from-env")
         assert main(["serve-model", "r1", "--format", "gguf", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
@@ -324,6 +326,41 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
 
         shutil.rmtree(pub / "gguf")
     assert seen == {"name": pub.name, "key": "from-env"} and "warning" not in capsys.readouterr().err
+
+
+_GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (0).to_bytes(8, "little")  # v3, 1 tensor, 0 keys
+
+
+@pytest.mark.parametrize("fmt", ["merged", "gguf"])
+def test_serve_model_names_a_damaged_model_file_in_one_line_before_any_serving_hint(own_published, tmp_path, monkeypatch, capsys, fmt):
+    import subprocess
+
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    if fmt == "merged":
+        damaged = copy / "merged" / "model.safetensors"
+        with open(damaged, "r+b") as f:
+            f.write(b"\xff" * 16)
+    else:
+        (copy / "gguf").mkdir(exist_ok=True)
+        damaged = copy / "gguf" / f"{copy.name}-q8_0.gguf"
+        damaged.write_bytes(b"\xff" * 16 + _GGUF_HEADER[16:] + b"\0" * 64)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a server was started on a damaged model"))
+    assert main(["serve-model", "r1", "--format", fmt, "--port", str(_free_port()), "--artifacts-dir", str(tmp_path / "art")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and str(damaged) in err and "damaged" in err, err
+    assert "qlora-pipeline run" in err and "Try" not in err and "serving" not in err
+
+
+def test_gguf_not_found_names_the_type_without_a_double_space(tmp_path):
+    from tasks.common import StageError
+    from tasks.export import gguf_to_serve
+
+    for gguf_type, want in ((None, "has no GGUF"), ("f16", "has no f16 GGUF")):
+        with pytest.raises(StageError, match=want):
+            gguf_to_serve(tmp_path, gguf_type)
 
 
 def _free_port() -> int:
