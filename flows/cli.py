@@ -24,6 +24,16 @@ EXIT_STAGE = 1
 EXIT_NOT_PAUSED = 3  # serve stopped but could not pause its deployment: the schedule stays live, nothing serves it
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
     chat.add_argument("--artifacts-dir", default="artifacts")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
