@@ -441,14 +441,16 @@ def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_t
 
     src = tmp_path / "local-model"
     (src / "original").mkdir(parents=True)
-    for name in ("model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "original/consolidated.pth"):
+    for name in ("pytorch_model.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "original/consolidated.pth"):
         (src / name).write_text(name)
+    weights = (2).to_bytes(8, "little") + b"{}"  # an empty safetensors file: a header the damaged-file check accepts
+    (src / "model.safetensors").write_bytes(weights)
     dst = tmp_path / "published" / "base"
     _copy_base(src, dst, link=False)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     require_safetensors(dst)  # no pickle: passes
     (src / "model.safetensors").write_text("changed later")
-    assert (dst / "model.safetensors").read_text() == "model.safetensors"  # a user's folder is copied, not linked
+    assert (dst / "model.safetensors").read_bytes() == weights  # a user's folder is copied, not linked
 
 
 def test_a_cached_reruns_folder_is_found_after_the_artifacts_folder_moved(own_published, tmp_path):
