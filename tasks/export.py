@@ -595,7 +595,30 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     except KeyboardInterrupt:
         pass
     finally:
-        del server  # its destructor stops the HTTP loop and frees the model
+        held = [server]
+        del server  # the list holds the last reference, which stop_gguf_server drops
+        stop_gguf_server(held)
+
+
+GGUF_STOP_GRACE_S = 5  # how long a stop waits for llama.cpp's server to finish the requests it is answering
+
+
+def stop_gguf_server(held: list) -> None:
+    """Drop the last reference to an xllamacpp Server (`held`'s only item): its destructor stops the HTTP loop and frees the model.
+
+    It first waits for every request in flight, and a streamed answer holds it until its client gives up (measured:
+    SIGTERM during a 4000-token stream, still running after 30 s; the client's own timeout was 150 s). The
+    destructor holds the GIL, so no Python thread or signal handler can time it out: faulthandler's watchdog, a C
+    thread, ends the process (exit 1) after GGUF_STOP_GRACE_S, cutting those requests off."""
+    import faulthandler
+
+    print(f"stopping (requests still being answered are cut off after {GGUF_STOP_GRACE_S} s)", file=sys.stderr, flush=True)
+    with open(os.devnull, "w") as devnull:  # the watchdog dumps every thread's stack first: nobody needs that here
+        faulthandler.dump_traceback_later(GGUF_STOP_GRACE_S, exit=True, file=devnull)
+        try:
+            held.clear()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def transformers_serve_command(merged: Path, name: str, host: str, port: int) -> list[str]:
