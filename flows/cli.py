@@ -24,6 +24,16 @@ EXIT_STAGE = 1
 EXIT_NOT_PAUSED = 3  # serve stopped but could not pause its deployment: the schedule stays live, nothing serves it
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
     chat.add_argument("--artifacts-dir", default="artifacts")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
@@ -132,18 +142,14 @@ def _temporary_server_outside_ctrl_c() -> None:
     server.subprocess = detached  # only the prefect server module's view of subprocess
 
 
-# Runs `python -m uvicorn ...` after starting a thread that watches the parent: once it is gone (the server was
-# re-parented), SIGTERM to itself (uvicorn's graceful shutdown), then a hard exit if that has not ended it in 10 s.
+# Runs `python -m uvicorn ...` after starting tasks.common.stop_when_orphaned (the project's root first on the path:
+# the server runs wherever Prefect starts it).
 _SERVER_GUARD = """
-import os, runpy, signal, sys, threading, time
+import runpy, sys
 parent = int(sys.argv.pop(1))
-def watch():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
-    os._exit(1)
-threading.Thread(target=watch, daemon=True).start()
+sys.path.insert(0, sys.argv.pop(1))
+from tasks.common import stop_when_orphaned
+stop_when_orphaned(parent)
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 
@@ -153,7 +159,9 @@ def _guarded_server_popen(args, *rest, **kwargs):
 
     args = list(args)
     if args[1:3] == ["-m", "uvicorn"]:
-        args = [args[0], "-c", _SERVER_GUARD, str(os.getpid()), *args[3:]]
+        from tasks.common import PROJECT_ROOT
+
+        args = [args[0], "-c", _SERVER_GUARD, str(os.getpid()), str(PROJECT_ROOT), *args[3:]]
     return subprocess.Popen(args, *rest, start_new_session=True, **kwargs)
 
 
@@ -246,7 +254,11 @@ def cmd_serve_model(args) -> int:
     hint = (f"serving {what} at {url} (OpenAI-compatible); Ctrl-C stops it. Try:\n  curl {url}/chat/completions -H 'Content-Type: "
             f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     if gguf:
-        serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        try:
+            serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+        except StageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_STAGE
         print("stopped", file=sys.stderr)
         return 0
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
@@ -254,8 +266,13 @@ def cmd_serve_model(args) -> int:
         env[API_KEY_ENV] = args.api_key
     # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
     proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port), start_new_session=True, env=env)
-    print(hint, file=sys.stderr, flush=True)
     try:
+        # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".
+        if not _wait_until_healthy(proc, args.host, args.port):
+            print(f"error: the merged model's server stopped before it served (exit {proc.returncode}); see its message above",
+                  file=sys.stderr)
+            return EXIT_STAGE
+        print(hint, file=sys.stderr, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         import signal
@@ -272,8 +289,26 @@ def cmd_serve_model(args) -> int:
         return 0
 
 
+def _wait_until_healthy(proc, host: str, port: int) -> bool:
+    """True once the server at host:port answers /health, False if `proc` exits first."""
+    import time
+    import urllib.request
+
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/health"
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def _stop_on_ctrl_c_or_sigterm() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `docker stop`, systemd) both stop serve-model and serve cleanly. Set here, not
+    """Ctrl-C (SIGINT), SIGTERM (`kill`, `docker stop`, systemd) and SIGHUP (closed terminal) all stop serve-model and serve cleanly. Set here, not
     inherited: a shell without job control starts background commands (`serve-model &` in a script, CI) with SIGINT
     ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
     import signal
@@ -283,6 +318,7 @@ def _stop_on_ctrl_c_or_sigterm() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)  # the terminal was closed: stop the server rather than die and orphan it
 
 
 def _quiet_environment() -> None:

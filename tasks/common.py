@@ -177,6 +177,23 @@ def locked(path: Path, timeout: float = -1) -> Iterator[None]:
         yield
 
 
+def stop_when_orphaned(parent: int, grace_s: float = 10.0) -> None:
+    """A watchdog thread for a server started by `parent`: once this process has another parent (`parent` died, even
+    by SIGKILL or a closed terminal, and this process was re-parented), SIGTERM to itself (a graceful stop), then a hard
+    exit if that has not ended it in `grace_s`: no orphaned server holding its port."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def human_seconds(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)

@@ -500,9 +500,23 @@ def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
     if gguf_type:
         files = [f for f in files if f.stem.endswith(f"-{gguf_type}")]
     if not files:
-        raise StageError(f"{folder} has no {gguf_type or ''} GGUF (gguf/*.gguf); run the export stage (`qlora-pipeline run`, "
-                         "with export.gguf set) or serve with --format merged")
-    return next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+        raise StageError(f"{folder} has no {gguf_type + ' ' if gguf_type else ''}GGUF (gguf/*.gguf); run the export stage "
+                         "(`qlora-pipeline run`, with export.gguf set) or serve with --format merged")
+    gguf = next((f for f in files if f.stem.endswith("-q8_0")), files[0])
+    require_gguf_header(gguf)
+    return gguf
+
+
+def require_gguf_header(gguf: Path) -> None:
+    """One line naming a damaged GGUF, checked before llama.cpp loads it (which fails with a traceback)."""
+    import struct
+
+    with open(gguf, "rb") as f:
+        head = f.read(24)
+    magic, version, tensors, kvs = struct.unpack("<4sIQQ", head) if len(head) == 24 else (b"", 0, 0, 0)
+    if magic != b"GGUF" or version not in (2, 3) or not 0 < tensors < 1 << 20 or kvs >= 1 << 20:
+        raise StageError(f"{gguf} is damaged (not a GGUF v2/v3 header); delete it and rerun `qlora-pipeline run` to export it again, "
+                         "or serve with --format merged")
 
 
 API_KEY_ENV = "QLORA_PIPELINE_API_KEY"  # how serve-model hands the key to its server process (never on a command line)
@@ -563,7 +577,11 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
     if api_key:
         params.api_keys = [api_key]
-    server = xlc.Server(params)
+    try:
+        server = xlc.Server(params)
+    except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)
+        raise StageError(f"llama.cpp cannot load {gguf} ({e}); delete it and rerun `qlora-pipeline run` to export it again, "
+                         "or serve with --format merged") from e
     try:
         if ready:
             ready(server.listening_address)
@@ -577,13 +595,37 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     except KeyboardInterrupt:
         pass
     finally:
-        del server  # its destructor stops the HTTP loop and frees the model
+        held = [server]
+        del server  # the list holds the last reference, which stop_gguf_server drops
+        stop_gguf_server(held)
+
+
+GGUF_STOP_GRACE_S = 5  # how long a stop waits for llama.cpp's server to finish the requests it is answering
+
+
+def stop_gguf_server(held: list) -> None:
+    """Drop the last reference to an xllamacpp Server (`held`'s only item): its destructor stops the HTTP loop and frees the model.
+
+    It first waits for every request in flight, and a streamed answer holds it until its client gives up (measured:
+    SIGTERM during a 4000-token stream, still running after 30 s; the client's own timeout was 150 s). The
+    destructor holds the GIL, so no Python thread or signal handler can time it out: faulthandler's watchdog, a C
+    thread, ends the process (exit 1) after GGUF_STOP_GRACE_S, cutting those requests off."""
+    import faulthandler
+
+    print(f"stopping (requests still being answered are cut off after {GGUF_STOP_GRACE_S} s)", file=sys.stderr, flush=True)
+    with open(os.devnull, "w") as devnull:  # the watchdog dumps every thread's stack first: nobody needs that here
+        faulthandler.dump_traceback_later(GGUF_STOP_GRACE_S, exit=True, file=devnull)
+        try:
+            held.clear()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def transformers_serve_command(merged: Path, name: str, host: str, port: int) -> list[str]:
     """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
     `serve_merged` in its own process; the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
-    return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port),
+            "--parent", str(os.getpid())]
 
 
 def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None) -> None:
@@ -622,10 +664,160 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         return app
 
     hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
+    answer_chat_as_openai_does()
     with tempfile.TemporaryDirectory(prefix="qlora-serve-") as tmp:
         (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
         os.chdir(tmp)
         hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+def openai_error(message: str, param: str | None, status: int = 400):
+    """An OpenAI-style error body (what clients parse), not FastAPI's `{"detail": ...}` or a bare 500."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}, status_code=status)
+
+
+def chat_request_problem(body: dict) -> tuple[str, str] | None:
+    """(message, field) for a chat request transformers serve would answer with a 500 and a traceback, else None."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"{field} must be an integer >= 1, got {value!r}", field
+    bias = body.get("logit_bias")
+    if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                                               str(k).isdigit() for k, v in bias.items())):
+        return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop))):
+        return f"stop must be a string or a list of non-empty strings, got {stop!r}", "stop"
+    return None
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str | None:
+    """`text` up to (excluding) its earliest stop string, or None when it holds none."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(hits)] if hits else None
+
+
+def stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string: held back while streaming."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
+
+
+def answer_chat_as_openai_does() -> None:
+    """Make transformers serve's /v1/chat/completions answer as OpenAI's API (and llama.cpp's server) do:
+    - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it);
+    - a stream ends with `data: [DONE]` (strict SSE clients wait for it);
+    - an empty `messages`, a `max_tokens` < 1 or a prompt longer than the model's context is a 400 naming the field,
+      not a 500 with a traceback in the server's log."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+
+    if getattr(ChatCompletionHandler, "_openai_conformant", False):
+        return
+    handle, streaming, non_streaming = ChatCompletionHandler.handle_request, ChatCompletionHandler._streaming, ChatCompletionHandler._non_streaming
+
+    async def handle_request(self, body: dict, request_id: str):
+        problem = chat_request_problem(body)
+        if problem:
+            return openai_error(*problem)
+        if body.get("logit_bias"):  # transformers refuses an integer bias (OpenAI's own examples send them) with a 500
+            body = {**body, "logit_bias": {k: float(v) for k, v in body["logit_bias"].items()}}
+        return await handle(self, body, request_id)
+
+    def too_long(model, inputs) -> JSONResponse | None:
+        ids = inputs["input_ids"]
+        n = len(ids) if isinstance(ids, list) else ids.shape[-1]
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and n >= limit:
+            return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
+                                "(max_position_embeddings); shorten the messages", "messages")
+        return None
+
+    async def answer(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs):
+        refused = too_long(model, inputs)
+        if refused:
+            return refused
+        response = await non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs)
+        stops = stop_strings(gen_config.stop_strings)
+        body = json.loads(response.body)
+        choice = body["choices"][0]
+        cut = cut_at_stop(choice["message"].get("content") or "", stops) if stops else None
+        if cut is None:
+            return response
+        choice["message"]["content"], choice["finish_reason"] = cut, "stop"
+        return JSONResponse(body)
+
+    def stream(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs):
+        refused = too_long(model, inputs)
+        if refused:
+            return refused
+        response = streaming(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs)
+        stops = stop_strings(gen_config.stop_strings)
+
+        def event(chunk: dict) -> str:
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        async def events():
+            source = response.body_iterator
+            text, sent = "", 0  # content generated so far, and how much of it went out
+            try:
+                async for part in source:
+                    for raw in (e for e in part.split("\n\n") if e.strip()):
+                        data = raw[len("data: "):] if raw.startswith("data: ") else raw
+                        try:
+                            chunk = json.loads(data)
+                        except ValueError:
+                            yield raw + "\n\n"
+                            continue
+                        choice = (chunk.get("choices") or [{}])[0]
+                        delta = choice.get("delta") or {}
+                        if not stops or "error" in chunk:
+                            yield event(chunk)
+                            continue
+                        if delta.get("content"):
+                            text += delta["content"]
+                            cut = cut_at_stop(text, stops)
+                            end = len(cut) if cut is not None else len(text) - stop_prefix_len(text, stops)
+                            if end > sent:
+                                delta["content"], sent = text[sent:end], end
+                                yield event(chunk)
+                            if cut is not None:  # the rest is never sent; closing the source cancels generation
+                                delta.pop("content")
+                                choice["finish_reason"] = "stop"
+                                yield event(chunk)
+                                return
+                        elif choice.get("finish_reason"):
+                            if len(text) > sent:  # held back as a possible stop string that never completed
+                                yield event({**chunk, "choices": [{**choice, "delta": {"content": text[sent:]}, "finish_reason": None}]})
+                                sent = len(text)
+                            yield event(chunk)
+                        else:
+                            yield event(chunk)
+            finally:
+                await source.aclose()
+
+        # [DONE] after a stop string too; not on a client disconnect (the generator is closed, nothing is sent)
+
+        async def with_done():
+            async for e in events():
+                yield e
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(with_done(), media_type="text/event-stream")
+
+    ChatCompletionHandler.handle_request = handle_request
+    ChatCompletionHandler._streaming = stream
+    ChatCompletionHandler._non_streaming = answer
+    ChatCompletionHandler._openai_conformant = True
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -638,7 +830,12 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--name", required=True)
     sm.add_argument("--host", default="127.0.0.1")
     sm.add_argument("--port", type=int, default=8000)
+    sm.add_argument("--parent", type=int, help="stop when this process (serve-model) is gone, even killed with SIGKILL")
     args = p.parse_args(argv)
+    if args.parent:
+        from .common import stop_when_orphaned
+
+        stop_when_orphaned(args.parent)
     serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
     return 0
 

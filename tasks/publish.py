@@ -442,6 +442,15 @@ def require_safetensors(folder: Path) -> None:
                          "weights are loaded: delete them, or convert them to safetensors if you trust their source")
     if not any(folder.glob("*.safetensors")):
         raise StageError(f"{folder} has no safetensors weights; the published folder is incomplete: rerun `qlora-pipeline run`")
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:  # the header only (its length, then JSON): a damaged file fails here in milliseconds, not mid-load
+            with safe_open(f, framework="np"):
+                pass
+        except Exception as e:
+            raise StageError(f"{f} is damaged ({type(e).__name__}: {e}); delete it and rerun `qlora-pipeline run` to publish "
+                             "it again (finished stages are reused)") from e
 
 
 def template_with_system(template: str, system_prompt: str) -> str:

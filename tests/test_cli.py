@@ -40,3 +40,13 @@ def test_config_errors_are_one_line_each_and_exit_2():
 def test_unknown_profile_exit_2(capsys):
     assert main(["run", "--profile", "nope", "--minutes", "1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_chat_refuses_a_max_new_tokens_below_one_in_one_line(capsys):
+    import pytest
+
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["chat", "--max-new-tokens", bad, "--prompt", "hi"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--max-new-tokens: must be an integer >= 1" in err and "Traceback" not in err, err

@@ -291,14 +291,17 @@ def test_serve_model_on_a_port_in_use_is_one_line_naming_the_port(tmp_path, fmt)
     """A port another process listens on: `error: ...` naming the port and --port, exit 1, before any server starts
     (llama.cpp's server ended in a RuntimeError traceback; transformers serve would fail only after loading the
     model). The weights are stubs: nothing loads them."""
+    import struct
+
     from tasks.common import write_json
     from tasks.publish import MANIFEST
 
     pub = tmp_path / "runs" / "busy" / "model"
     (pub / "gguf").mkdir(parents=True)
-    (pub / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF")
+    # headers only (v3, 1 tensor, 0 keys; an empty safetensors index): they pass the damaged-file checks
+    (pub / "gguf" / "model-q8_0.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0))
     (pub / "merged").mkdir()
-    (pub / "merged" / "model.safetensors").write_bytes(b"{}")
+    (pub / "merged" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
     write_json(pub / MANIFEST, {"files": []})
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
@@ -537,3 +540,46 @@ def test_gptq_w4a16_reloads_and_generates(smol_export, tmp_path):
     done = subprocess.run([str(GPTQ_PY), "-c", code, str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip()) > 2
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_stops_within_seconds_while_a_request_streams(smol_export, shared_artifacts):
+    """SIGTERM while an answer streams: llama.cpp's server waited for it until its client gave up (150 s); the stop
+    now cuts it off after tasks.export.GGUF_STOP_GRACE_S."""
+    import http.client
+    import threading
+
+    from tasks.export import GGUF_STOP_GRACE_S
+
+    rec, pub, heldout, _ = smol_export
+    port = _free_port()
+    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16")
+    streamed = threading.Event()
+
+    def long_stream() -> None:
+        body = {"model": pub.name, "messages": [{"role": "user", "content": "Tell a very long story."}], "max_tokens": 4000,
+                "ignore_eos": True, "stream": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=150) as r:
+                r.readline()
+                streamed.set()
+                r.read()
+        except (OSError, http.client.HTTPException):
+            pass
+
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health")
+        client = threading.Thread(target=long_stream, daemon=True)
+        client.start()
+        assert streamed.wait(60), "no streamed token within 60 s"
+        time.sleep(1)
+        t0 = time.monotonic()
+        rc = _stop_with(proc, signal.SIGTERM)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"\nstopped in {took:.1f} s with a request in flight (exit {rc})")
+    assert took < GGUF_STOP_GRACE_S + 10 and rc in (0, 1) and "stopping" in _output(proc), _output(proc)[-3000:]

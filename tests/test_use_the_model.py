@@ -283,6 +283,7 @@ class _FakeServer:
 def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_privately(own_published, monkeypatch, capsys):
     import subprocess
 
+    import flows.cli
     import tasks.export
     from flows.cli import main
     from tasks.export import API_KEY_ENV
@@ -290,6 +291,7 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     cfg, art, pub, _ = own_published
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
     _FakeServer.started = []
     assert main(["serve-model", "r1", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
     err = capsys.readouterr().err
@@ -315,7 +317,7 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     seen = {}
     monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None: seen.update(name=name, key=api_key))
     (pub / "gguf").mkdir(exist_ok=True)
-    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(b"GGUF")
+    (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(_GGUF_HEADER)
     try:
         monkeypatch.setenv(API_KEY_ENV, "from-env")
         assert main(["serve-model", "r1", "--format", "gguf", "--host", "0.0.0.0", "--artifacts-dir", str(art)]) == 0
@@ -324,6 +326,41 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
 
         shutil.rmtree(pub / "gguf")
     assert seen == {"name": pub.name, "key": "from-env"} and "warning" not in capsys.readouterr().err
+
+
+_GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little") + (1).to_bytes(8, "little") + (0).to_bytes(8, "little")  # v3, 1 tensor, 0 keys
+
+
+@pytest.mark.parametrize("fmt", ["merged", "gguf"])
+def test_serve_model_names_a_damaged_model_file_in_one_line_before_any_serving_hint(own_published, tmp_path, monkeypatch, capsys, fmt):
+    import subprocess
+
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    if fmt == "merged":
+        damaged = copy / "merged" / "model.safetensors"
+        with open(damaged, "r+b") as f:
+            f.write(b"\xff" * 16)
+    else:
+        (copy / "gguf").mkdir(exist_ok=True)
+        damaged = copy / "gguf" / f"{copy.name}-q8_0.gguf"
+        damaged.write_bytes(b"\xff" * 16 + _GGUF_HEADER[16:] + b"\0" * 64)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a server was started on a damaged model"))
+    assert main(["serve-model", "r1", "--format", fmt, "--port", str(_free_port()), "--artifacts-dir", str(tmp_path / "art")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and str(damaged) in err and "damaged" in err, err
+    assert "qlora-pipeline run" in err and "Try" not in err and "serving" not in err
+
+
+def test_gguf_not_found_names_the_type_without_a_double_space(tmp_path):
+    from tasks.common import StageError
+    from tasks.export import gguf_to_serve
+
+    for gguf_type, want in ((None, "has no GGUF"), ("f16", "has no f16 GGUF")):
+        with pytest.raises(StageError, match=want):
+            gguf_to_serve(tmp_path, gguf_type)
 
 
 def _free_port() -> int:
@@ -404,14 +441,16 @@ def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_t
 
     src = tmp_path / "local-model"
     (src / "original").mkdir(parents=True)
-    for name in ("model.safetensors", "pytorch_model.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "original/consolidated.pth"):
+    for name in ("pytorch_model.bin", "config.json", "tokenizer.json", "tokenizer_config.json", "original/consolidated.pth"):
         (src / name).write_text(name)
+    weights = (2).to_bytes(8, "little") + b"{}"  # an empty safetensors file: a header the damaged-file check accepts
+    (src / "model.safetensors").write_bytes(weights)
     dst = tmp_path / "published" / "base"
     _copy_base(src, dst, link=False)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     require_safetensors(dst)  # no pickle: passes
     (src / "model.safetensors").write_text("changed later")
-    assert (dst / "model.safetensors").read_text() == "model.safetensors"  # a user's folder is copied, not linked
+    assert (dst / "model.safetensors").read_bytes() == weights  # a user's folder is copied, not linked
 
 
 def test_a_cached_reruns_folder_is_found_after_the_artifacts_folder_moved(own_published, tmp_path):
@@ -428,3 +467,116 @@ def test_a_cached_reruns_folder_is_found_after_the_artifacts_folder_moved(own_pu
     write_json(other / "runs" / "r2" / "summary.json", {"run": "r2", "status": "completed", "published": str(pub)})
     found = find_run("r2", str(other))
     assert found == other / "runs" / "r1" / pub.name
+
+
+def _stream(url: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed chat completion, in order."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return [line[len("data: "):] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+
+
+def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_requests_with_400(own_published, tmp_path):
+    """As OpenAI's API and llama.cpp's server: the text ends before the stop string (streamed too), a stream ends with
+    `data: [DONE]`, and an empty `messages`, `max_tokens` < 1 or a prompt over the context is a 400 naming the field."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.export import API_KEY_ENV
+
+    cfg, art, pub, _ = own_published
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        t0 = time.monotonic()
+        while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
+            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+            time.sleep(1)
+        # The tiny random model writes only newlines; a logit bias makes it repeat one word's token instead.
+        from transformers import AutoTokenizer
+
+        token = AutoTokenizer.from_pretrained(pub / "merged").encode("cat", add_special_tokens=False)[0]
+        chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 6,
+                "temperature": 0, "logit_bias": {str(token): 100}}
+        code, body = _request(url, chat)
+        full = json.loads(body)["choices"][0]["message"]["content"]
+        assert code == 200 and len(full.strip()) >= 4, body
+        stop = full.strip()[2:4]  # a stop string inside the text
+        want = full[:full.find(stop)]
+        code, body = _request(url, {**chat, "stop": [stop, "never-generated"]})
+        choice = json.loads(body)["choices"][0]
+        assert code == 200 and (choice["message"]["content"], choice["finish_reason"]) == (want, "stop"), (full, stop, body)
+
+        events = _stream(url, {**chat, "stop": stop})
+        assert events[-1] == "[DONE]", events
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert "".join(c["delta"].get("content") or "" for c in chunks) == want and chunks[-1]["finish_reason"] == "stop", (full, stop, events)
+        # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
+        events = _stream(url, {**chat, "stop": [full[-2:] + "\u2603never"]})
+        assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
+
+        limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+        for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
+                                  ({"max_tokens": -1}, "max_tokens", ["max_tokens"]),
+                                  ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"])):
+            code, body = _request(url, {**chat, **bad})
+            error = json.loads(body)["error"]
+            assert code == 400 and error["param"] == field and all(w in error["message"] for w in words), (bad, code, body)
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGHUP"])
+def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_terminal_closes(own_published, tmp_path, signum):
+    """The merged server is a child in its own session: killed with SIGKILL (or hung up), serve-model must not leave it
+    running under PID 1, holding the port."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    t0 = time.monotonic()
+    while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
+        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
+        time.sleep(1)
+    child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    proc.send_signal(getattr(signal, signum))
+    proc.wait(timeout=60)
+
+    def alive(pid: int) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    t0 = time.monotonic()
+    while alive(child) and time.monotonic() - t0 < 30:
+        time.sleep(0.5)
+    if alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the merged server (pid {child}) outlived serve-model's {signum}")
+    assert _request_or_none(f"http://127.0.0.1:{port}/health") is None
