@@ -296,9 +296,10 @@ def _wait_until_healthy(proc, host: str, port: int) -> bool:
 
     local = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://{f'[{local}]' if ':' in local else local}:{port}/health"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through $http_proxy
     while proc.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with opener.open(url, timeout=2) as r:
                 if r.status == 200:
                     return True
         except OSError:

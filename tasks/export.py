@@ -681,7 +681,7 @@ def openai_error(message: str, param: str | None, status: int = 400):
 def chat_request_problem(body: dict) -> tuple[str, str] | None:
     """(message, field) for a chat request transformers serve would answer with a 500 and a traceback, else None."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
@@ -689,11 +689,11 @@ def chat_request_problem(body: dict) -> tuple[str, str] | None:
             return f"{field} must be an integer >= 1, got {value!r}", field
     bias = body.get("logit_bias")
     if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                                                               str(k).isdigit() for k, v in bias.items())):
+                                                               str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
         return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
     stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop))):
-        return f"stop must be a string or a list of non-empty strings, got {stop!r}", "stop"
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
+        return f"stop must be a string or a list of strings, got {stop!r}", "stop"
     return None
 
 
@@ -731,7 +731,13 @@ def answer_chat_as_openai_does() -> None:
             return openai_error(*problem)
         if body.get("logit_bias"):  # transformers refuses an integer bias (OpenAI's own examples send them) with a 500
             body = {**body, "logit_bias": {k: float(v) for k, v in body["logit_bias"].items()}}
-        return await handle(self, body, request_id)
+        if "stop" in body:  # an empty stop string stops nothing, as llama.cpp's server reads it (transformers: a 500)
+            stops = [x for x in stop_strings(body["stop"]) if x]
+            body = {**{k: v for k, v in body.items() if k != "stop"}, **({"stop": stops} if stops else {})}
+        try:
+            return await handle(self, body, request_id)
+        except ValueError as e:  # what generation refuses in the request (a logit_bias id beyond the vocabulary, ...)
+            return openai_error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, None)
 
     def too_long(model, inputs) -> JSONResponse | None:
         ids = inputs["input_ids"]
@@ -797,7 +803,8 @@ def answer_chat_as_openai_does() -> None:
                                 return
                         elif choice.get("finish_reason"):
                             if len(text) > sent:  # held back as a possible stop string that never completed
-                                yield event({**chunk, "choices": [{**choice, "delta": {"content": text[sent:]}, "finish_reason": None}]})
+                                held = {k: v for k, v in chunk.items() if k != "usage"}  # usage goes out once, with the finish
+                                yield event({**held, "choices": [{**choice, "delta": {"content": text[sent:]}, "finish_reason": None}]})
                                 sent = len(text)
                             yield event(chunk)
                         else:

@@ -50,3 +50,35 @@ def test_chat_refuses_a_max_new_tokens_below_one_in_one_line(capsys):
             main(["chat", "--max-new-tokens", bad, "--prompt", "hi"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "--max-new-tokens: must be an integer >= 1" in err and "Traceback" not in err, err
+
+
+def test_the_serving_hint_waits_for_health_on_loopback_past_an_http_proxy(monkeypatch):
+    # With $http_proxy set, urlopen sent the /health probe to the proxy: the server answered, the hint never printed.
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    from flows.cli import _wait_until_healthy
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        result = []
+        probe = threading.Thread(target=lambda: result.append(_wait_until_healthy(SimpleNamespace(poll=lambda: None), "127.0.0.1", server.server_port)),
+                                 daemon=True)
+        probe.start()
+        probe.join(timeout=15)
+        assert result == [True]
+    finally:
+        server.shutdown()

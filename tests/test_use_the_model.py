@@ -526,10 +526,17 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
         events = _stream(url, {**chat, "stop": [full[-2:] + "\u2603never"]})
         assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
+        assert sum("usage" in json.loads(e) and json.loads(e)["usage"] is not None for e in events[:-1]) <= 1, events  # once
+        # an empty stop string stops nothing (llama.cpp's reading; transformers answered [] with a 500, "" with no text)
+        for empty in ("", [], [""], ["", "never-generated"]):
+            code, body = _request(url, {**chat, "stop": empty})
+            assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == full, (empty, body)
 
         limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
         for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
-                                  ({"max_tokens": -1}, "max_tokens", ["max_tokens"]),
+                                  ({"max_tokens": -1}, "max_tokens", ["max_tokens"]), ({"messages": [1]}, "messages", ["messages"]),
+                                  ({"logit_bias": {"\u00b2": 5}}, "logit_bias", ["logit_bias"]),
+                                  ({"logit_bias": {"99999999": 5}}, None, ["vocabulary"]),
                                   ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"])):
             code, body = _request(url, {**chat, **bad})
             error = json.loads(body)["error"]
