@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -315,6 +316,8 @@ def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str
     else:
         where = json.dumps(base["hub_id"]) + (f", revision={json.dumps(base['revision'])}" if base["revision"] else "")
         hub_note = ""
+    # the CLI looks for runs under ./artifacts: another artifacts dir must be named, or the command finds no such run
+    dir_arg = "" if cfg.artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(cfg.artifacts_dir)}"
     return f"""```python
 from pathlib import Path
 
@@ -332,8 +335,8 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["in
 ```
 On this machine `AutoPeftModelForCausalLM.from_pretrained(folder / "adapter")` loads the same base{' (pass the same `quantization_config`)' if q else ''}.
 Or the merged model (the same weights, merged and checked above): `AutoModelForCausalLM.from_pretrained(folder / "merged")`,
-`qlora-pipeline chat {run_name}` (base + adapter, as evaluated; `--merged` for the merged model), or
-`qlora-pipeline serve-model {run_name}` (OpenAI-compatible; the request's `"model"` is `{cfg.output_name}`).
+`qlora-pipeline chat {run_name}{dir_arg}` (base + adapter, as evaluated; `--merged` for the merged model), or
+`qlora-pipeline serve-model {run_name}{dir_arg}` (OpenAI-compatible; the request's `"model"` is `{cfg.output_name}`).
 """
 
 

@@ -547,3 +547,5 @@ def test_unreadable_benchmark_fails_only_evaluate_then_rerun_reuses_earlier_stag
     assert any(n.startswith("training data deduped against alpaca_eval") for n in ev["verdict"]["notes"])  # the tiny profile's data.dedupe
     card = (Path(fixed["published"]) / "README.md").read_text()
     assert "Verdict: base vs tuned" in card and "ifeval: 3 of 3 prompts" in card
+    run = Path(fixed["published"]).parent.name  # the card's commands name this run's artifacts dir (not ./artifacts)
+    assert f"`qlora-pipeline chat {run} --artifacts-dir {art}`" in card and f"`qlora-pipeline serve-model {run} --artifacts-dir {art}`" in card
