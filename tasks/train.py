@@ -131,6 +131,10 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, *
 
     trainer = TimeBudgetTrainer(**kwargs)
     drop_log_dicts(trainer)  # BudgetGuard logs each step as one line; Trainer's own dicts would interleave
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:  # the bar is on (one rank): show it on the run's clock
+        trainer.add_callback(BudgetBar(guard, cap))
     return trainer
 
 
@@ -243,6 +247,37 @@ class BudgetGuard(_trainer_callback_base()):
             write_json(ckpt / CKPT_MARKER, {"step": state.global_step, "elapsed": self.elapsed(), "files": sorted(p.name for p in ckpt.iterdir()),
                                             "data_position": self.data_position(state.global_step)})
         return control
+
+
+class BudgetBar(_trainer_callback_base()):
+    """Stage 4's progress bar on the run's clock. The budget ends training, the step cap (4x the probe's estimate) is a
+    backstop, so Trainer's bar over steps showed an ETA several times too long: `787/3924 [09:52<40:42]` one second
+    before an H200 run's 600 s budget ended (2026-12-02). Its progress is the LR schedule's: elapsed / budget, or
+    steps / cap when the cap (a user's training.max_steps) is further along."""
+
+    def __init__(self, guard: BudgetGuard, cap: int):
+        self.guard, self.cap, self.bar = guard, cap, None
+
+    def position(self, step: int) -> float:
+        budget = self.guard.budget_s
+        return min(max(self.guard.elapsed() / budget, step / max(self.cap, 1)), 1.0) * budget
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=round(self.guard.budget_s), initial=round(self.position(state.global_step)), unit="s",
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s of the budget [{elapsed}<{remaining}{postfix}]")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.bar.update(max(self.position(state.global_step) - self.bar.n, 0))
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def newest_checkpoint(work: Path) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,7 +235,20 @@ def test_lr_anneals_by_the_step_cap_when_it_ends_training_first():
     assert abs(lin(10) - 0.2) < 1e-9  # ... the steps once they are
 
 
-def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts):
+def test_progress_bar_runs_on_the_budget_clock_not_the_step_cap():
+    """An H200 run's bar read `787/3924 [09:52<40:42]` a second before its 600 s budget ended: a bar over the step cap
+    (4x the probe's estimate) promises 40 more minutes. The bar's position is the LR schedule's progress, in seconds."""
+    from tasks.train import BudgetBar
+
+    guard = SimpleNamespace(budget_s=600.0, elapsed=lambda: 300.0)
+    bar = BudgetBar(guard, cap=3924)
+    assert bar.position(400) == 300.0  # the clock leads: half the budget, whatever the step count
+    assert bar.position(3924) == 600.0  # a cap reached first ends the bar
+    guard.elapsed = lambda: 900.0
+    assert bar.position(10) == 600.0
+
+
+def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts, capfd):
     """Tiny profile, 5-minute budget, 12-step cap: training stops at the cap within seconds; the LR must still
     have annealed (it stayed at 1.0x the peak on every step when progress was elapsed / budget only)."""
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
@@ -245,6 +259,7 @@ def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifa
     lrs = [h["learning_rate"] for h in json.loads((Path(rec.dir) / "log_history.json").read_text()) if "learning_rate" in h]
     assert len(lrs) == 12 and lrs[-1] < 0.05 * training.learning_rate, lrs
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # cosine: never rises after warmup
+    assert "300/300 s of the budget" in capfd.readouterr().err  # the bar completes when the cap ends the run
 
 
 def test_torn_checkpoint_is_skipped(tmp_path):
