@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -47,7 +48,8 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin; None = main.")
     gguf_file: str | None = Field(None, description="GGUF file name inside a local/hub folder to convert once.")
     random_config: dict[str, Any] = Field(
-        default_factory=dict, description="Config kwargs for `random:<arch>` models (e.g. num_hidden_layers: 2)."
+        default_factory=dict, description="Config kwargs for `random:<arch>` models (e.g. num_hidden_layers: 2), checked against "
+        "the architecture's config class (a key it would not read is an error naming the nearest one)."
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template to use instead of the tokenizer's; None = the tokenizer's, or "
@@ -469,6 +471,59 @@ def _mapping_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     return keys
 
 
+@dataclass(frozen=True)
+class _Removal:
+    """What `--set mapping.entry=null` leaves in the tree until every override is applied: whether it removes the entry
+    or sets it to null depends on the final model.name (`_resolve_removals`)."""
+
+    item: str  # the dotted key, for the error
+    existed: bool  # the entry was there to remove
+
+
+def _entry_exists(tree: dict, parts: list[str]) -> bool:
+    node: Any = tree
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    return isinstance(node, dict) and parts[-1] in node and not isinstance(node[parts[-1]], _Removal)
+
+
+def _resolve_removals(tree: dict, mappings: set[str]) -> list[str]:
+    """Turn each `--set mapping.entry=null` into a removed entry, so its default applies again: null is no value of
+    these mappings' entries (a weight, a prompt count), except in model.random_config, where a key the architecture's
+    config takes None for (mistral's sliding_window: None = no window) is set to null. Removing an entry that is not
+    there is an error naming the nearest one: a misspelt removal would otherwise do nothing without a word."""
+    name = str((tree.get("model") or {}).get("name") or "")
+    arch = name.split(":", 1)[1] if name.startswith("random:") else None
+    problems: list[str] = []
+
+    def walk(node: dict, mapping: str, path: list[str], root: dict) -> None:
+        for key, value in list(node.items()):
+            if isinstance(value, dict):
+                walk(value, mapping, [*path, key], root)
+            if not isinstance(value, _Removal):
+                continue
+            if mapping == "model.random_config" and arch is not None:
+                from .models import random_config_takes_none
+
+                if random_config_takes_none(arch, [*path, key], root):
+                    node[key] = None
+                    continue
+            del node[key]
+            if not value.existed:
+                entries = [k for k, v in node.items() if not isinstance(v, _Removal)]
+                close = difflib.get_close_matches(key, entries, n=1)
+                has = f"did you mean {close[0]}?" if close else f"its entries: {', '.join(entries)}" if entries else "it has none"
+                problems.append(f"--set {value.item}=null: nothing to remove, {'.'.join([mapping, *path])} has no entry {key!r}; {has}")
+
+    for mapping in sorted(mappings):
+        node: Any = tree
+        for p in mapping.split("."):
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            walk(node, mapping, [], node)
+    return problems
+
+
 def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node = tree
     for p in parts[:-1]:
@@ -557,10 +612,13 @@ def load_config(
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
             problems.append(f"--set {dotted}: unknown key{hint}")
             continue
+        if value is None and in_mapping:
+            value = _Removal(dotted, _entry_exists(tree, parts))
         try:
             _apply_override(tree, parts, value)
         except ConfigError as e:
             problems += e.problems
+    problems += _resolve_removals(tree, mappings)
     if hours is not None or minutes is not None:
         # The command line's budget replaces the file's, whichever unit the file used.
         tree.setdefault("budget", {})
@@ -632,8 +690,12 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     if cfg.eval.max_prompts < 1:
         problems.append("eval.max_prompts: must be >= 1")
     problems += _benchmark_problems(cfg.eval)
-    if cfg.model.name.startswith("random:") and not cfg.model.random_config:
-        problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
+    if cfg.model.name.startswith("random:"):
+        from .models import random_config_problems
+
+        if not cfg.model.random_config:
+            problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
+        problems += random_config_problems(cfg.model.name.split(":", 1)[1], cfg.model.random_config)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", cfg.output_name):
         problems.append(f"output_name: {cfg.output_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
     if cfg.publish.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", cfg.publish.hub_repo_id):

@@ -436,11 +436,18 @@ def stop_token_ids(tok) -> list[int]:
 
 def heldout_problem(data: DataSection, usable: int, planned: int, dropped: collections.Counter, rows_read: int) -> str:
     """Why the held-out split came out empty, with the count, what the split needs and the key that changes it: too few
-    conversations to split (length is not the cause), or held-out rows dropped while formatting (then it is)."""
+    conversations to split (length is not the cause), held-out rows dropped while formatting (then it is), or, for the
+    embedded source, every generated held-out row removed as a repeat (its own keys: it reads no data.max_rows)."""
     head = f"data.source {data.source!r}: 0 usable held-out rows"
     if planned:  # rows were held out, and formatting dropped them all
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none"
         return f"{head}: the {planned} held out were all dropped while formatting (dropped {reasons}); raise data.max_length or set data.overlong=turns"
+    if data.source == "embedded":  # a generated split of data.embedded_heldout rows: no 10% rule, and max_rows is unread (UNREAD_BY_EMBEDDED)
+        n = data.embedded_heldout
+        rows = "the 1 generated held-out row was" if n == 1 else f"all {n} generated held-out rows were"
+        repeats = f" ({dropped['duplicate']} repeats)" if dropped.get("duplicate") else ""
+        return (f"{head}: {rows} removed before formatting, as repeats of training rows or benchmark prompts{repeats}; raise "
+                f"data.embedded_heldout (now {n}) or lower data.embedded_train (now {data.embedded_train}: fewer training rows to repeat)")
     keys = []
     if dropped.get("other language"):
         keys.append(f"widen data.language (now {data.language!r}; null keeps every language: {dropped['other language']} conversations were in others)")

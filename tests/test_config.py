@@ -227,3 +227,82 @@ def test_offload_activations_is_off_on_or_auto_one_line_each():
     (p,) = _problems(profile="tiny", overrides=["training.offload_activations=on"])
     assert p.startswith("training.offload_activations: on offloads the checkpointed layers' inputs, and training.gradient_checkpointing is false")
     load_config(profile="tiny", overrides=["training.offload_activations=auto"])  # auto without checkpointing: nothing to offload, no error
+
+
+def test_a_misspelt_random_config_key_is_one_line_naming_the_architecture_and_the_real_key(tmp_path, capsys):
+    """transformers keeps a key its config does not know as an attribute nothing reads: `hiden_size=32` trained a
+    model of tiny's hidden_size 64 without a word. Now it is a config error before any work, for sub-configs too."""
+    from flows.cli import main
+
+    assert _problems(profile="tiny", overrides=["model.random_config.hiden_size=32"]) == [
+        "model.random_config.hiden_size: not a key of mistral's config (MistralConfig), which would keep it unread (the model builds "
+        "as if it were absent); did you mean hidden_size?"]
+    gemma3 = ["model.name=random:gemma3", "model.random_config={text_config: {hidden_size: 64, num_hidden_layers: 2, head_dim: 16}, "
+              "vision_config: {hidden_size: 32, num_hidden_layers: 1, patch_size: 14}}"]
+    assert load_config(profile="tiny", overrides=gemma3).model.random_config["text_config"]["head_dim"] == 16
+    (p,) = _problems(profile="tiny", overrides=[*gemma3, "model.random_config.text_config.num_hiden_layers=1"])
+    assert p.startswith("model.random_config.text_config.num_hiden_layers: not a key of gemma3's text_config (Gemma3TextConfig)")
+    assert p.endswith("did you mean num_hidden_layers?")
+    (p,) = _problems(profile="tiny", overrides=[*gemma3, "model.random_config.vision_config.patch_sise=16"])
+    assert "gemma3's vision_config (SiglipVisionConfig)" in p and p.endswith("did you mean patch_size?")
+    assert _problems(profile="tiny", overrides=["model.name=random:mistrl"]) == [
+        "model.name random:mistrl: not a transformers model type; did you mean random:mistral?"]
+    art = tmp_path / "artifacts"
+    assert main(["run", "--profile", "tiny", "--minutes", "1", "--set", f"artifacts_dir={art}", "--set", "model.random_config.hiden_size=32"]) == 2
+    assert capsys.readouterr().err.startswith("config error: model.random_config.hiden_size: not a key of mistral's config")
+    assert not art.exists()  # refused before any work
+
+
+def test_legitimate_random_config_keys_keep_working(monkeypatch):
+    """Keys the architecture reads without an __init__ parameter of that name pass: consumed by the config (rope_theta,
+    attn_implementation), settable properties (num_labels), aliases (gpt2's hidden_size = n_embd), attributes the
+    modeling code reads (qwen3_moe's head_dim, phi3's partial_rotary_factor), and every real shape bench/gpu_archs.py builds."""
+    from pathlib import Path
+
+    from tasks.models import random_config_problems
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    from bench.gpu_archs import SHAPES, shapes
+
+    for profile in SHAPES:
+        for smoke in (False, True):
+            arch, config = shapes(profile, smoke)
+            assert random_config_problems(arch, config) == [], (profile, smoke)
+    assert random_config_problems("llama", {"rope_theta": 1e6, "attn_implementation": "eager", "num_labels": 2, "dtype": "bfloat16",
+                                            "rope_scaling": {"rope_type": "linear", "factor": 2.0}}) == []
+    assert random_config_problems("gpt2", {"hidden_size": 64, "n_layer": 2}) == []
+
+
+def test_a_random_model_with_a_misspelt_key_is_not_built(tmp_path):
+    """A ModelSection made in code skips load_config: the builder refuses the key too, before building anything."""
+    from tasks.common import StageError
+    from tasks.config import ModelSection
+    from tasks.models import resolve_model
+
+    with pytest.raises(StageError, match="model.random_config.hiden_size: .*did you mean hidden_size"):
+        resolve_model(ModelSection(name="random:mistral", random_config={"hidden_size": 64, "hiden_size": 32}), str(tmp_path))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_null_on_a_mapping_entry_removes_it():
+    """`--set mapping.entry=null` removes that entry (its default applies again): before, the null went into the mapping,
+    an error for a weight and a None initializer_range for the random model. In model.random_config a key whose config
+    takes None keeps null (mistral's sliding_window: no window). Removing an entry that is not there is named."""
+    base = load_config(profile="tiny")
+    set_two = [*WEIGHTED, "data.embedded_type_weights={end_phrase: 3, word_count: 2}"]
+    cfg = load_config(profile="tiny", overrides=[*set_two, "data.embedded_type_weights.end_phrase=null"])
+    assert cfg.data.embedded_type_weights == {"word_count": 2.0}
+    cfg = load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights.end_phrase=3", "data.embedded_type_weights.end_phrase=null"])
+    assert cfg.data.embedded_type_weights is None  # the last entry gone: unset, the same data key as never set
+    assert load_config(profile="tiny", overrides=["eval.benchmark_prompts.ifeval=null"]).eval.benchmark_prompts == {
+        k: v for k, v in base.eval.benchmark_prompts.items() if k != "ifeval"}
+    config = load_config(profile="tiny", overrides=["model.random_config.initializer_range=null"]).model.random_config
+    assert config == {k: v for k, v in base.model.random_config.items() if k != "initializer_range"}
+    assert load_config(profile="tiny", overrides=["model.random_config.sliding_window=null"]).model.random_config["sliding_window"] is None
+    again = ["model.random_config.initializer_range=null", "model.random_config.initializer_range=0.1"]  # in order: the last wins
+    assert load_config(profile="tiny", overrides=again).model.random_config["initializer_range"] == 0.1
+    assert _problems(profile="tiny", overrides=[*set_two, "data.embedded_type_weights.end_phrse=null"]) == [
+        "--set data.embedded_type_weights.end_phrse=null: nothing to remove, data.embedded_type_weights has no entry 'end_phrse'; "
+        "did you mean end_phrase?"]
+    (p,) = _problems(profile="tiny", overrides=["model.random_config.hiden_size=null"])
+    assert p.startswith("--set model.random_config.hiden_size=null: nothing to remove") and p.endswith("did you mean hidden_size?")

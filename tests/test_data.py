@@ -224,3 +224,21 @@ def test_cache_is_reused_and_invalidated_by_content_and_config(tmp_path, tiny_cf
 def test_to_messages_maps_sharegpt_roles():
     msgs, reason = to_messages({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}, "messages")
     assert reason is None and [m["role"] for m in msgs] == ["user", "assistant"]
+
+
+def test_an_embedded_source_without_heldout_rows_names_the_embedded_keys(tiny_cfg, shared_artifacts, monkeypatch):
+    """Every generated held-out row repeats a training row, so dedupe removes them all: the advice names the keys the
+    embedded source reads (data.embedded_heldout, data.embedded_train), never data.max_rows, which it does not read
+    (the old advice: "add rows to 'embedded' or raise data.max_rows (now 10)")."""
+    from tasks import instructions
+
+    generate = instructions.generate
+    monkeypatch.setattr(instructions, "generate", lambda n, split, *a, **kw: generate(n, "train", *a, **kw))
+    data = tiny_cfg.data.model_copy(update={"max_rows": 10, "embedded_train": 12, "embedded_heldout": 3})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    msg = str(e.value)
+    assert msg == ("data.source 'embedded': 0 usable held-out rows: all 3 generated held-out rows were removed before formatting, as "
+                   "repeats of training rows or benchmark prompts (3 repeats); raise data.embedded_heldout (now 3) or lower "
+                   "data.embedded_train (now 12: fewer training rows to repeat)"), msg
+    assert "max_rows" not in msg
