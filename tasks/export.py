@@ -631,14 +631,15 @@ def transformers_serve_command(merged: Path, name: str, host: str, port: int) ->
 def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None) -> None:
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
-    transformers serve names a pinned local model by the path it was given, and answers only requests that repeat
-    it (HTTP 400 `Server is pinned to '<absolute path>'` otherwise; /v1/models shows the path). So the server runs in
-    a private folder where `name` is a link to the merged folder: it loads the same files, lists and accepts `name`,
-    and no path leaves the machine. It has no API-key option: a middleware checks the key, and only the inference
-    routes (SERVED_PATHS) are answered."""
+    transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
+    it). So the server runs in a private folder where `name` is a link to the merged folder: it loads the same files,
+    lists and answers as `name`, and no path leaves the machine. A request naming another model is answered by this
+    one, as llama.cpp's server does (`answer_as_openai_does`). It has no API-key option: a middleware checks the key,
+    and only the inference routes (SERVED_PATHS) are answered."""
     import hmac
     import tempfile
 
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from transformers.cli import serve as hf_serve
     from transformers.cli.serving import server as hf_server
@@ -661,10 +662,14 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
                                                    "type": "authentication_error"}}, status_code=401)
             return await call_next(request)
 
+        @app.exception_handler(RequestValidationError)
+        async def not_an_object(request, exc):  # FastAPI's 422 {"detail": [...]} for a body that is no JSON object
+            return openai_error("the request body must be a JSON object", None)
+
         return app
 
     hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
-    answer_chat_as_openai_does()
+    answer_as_openai_does()
     with tempfile.TemporaryDirectory(prefix="qlora-serve-") as tmp:
         (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
         os.chdir(tmp)
@@ -678,12 +683,22 @@ def openai_error(message: str, param: str | None, status: int = 400):
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}, status_code=status)
 
 
-def chat_request_problem(body: dict) -> tuple[str, str] | None:
-    """(message, field) for a chat request transformers serve would answer with a 500 and a traceback, else None."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
-    for field in ("max_tokens", "max_completion_tokens"):
+def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
+    """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
+    traceback (or a FastAPI 422), else None."""
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
+    elif kind == "completion":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return f"prompt must be a non-empty string (one prompt per request), got {type(prompt).__name__} {str(prompt)[:40]!r}", "prompt"
+    else:
+        given = body.get("input")
+        if not (isinstance(given, str) and given) and not (isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
+            return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):  # chat, completions, responses
         value = body.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return f"{field} must be an integer >= 1, got {value!r}", field
@@ -712,119 +727,216 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
-def answer_chat_as_openai_does() -> None:
-    """Make transformers serve's /v1/chat/completions answer as OpenAI's API (and llama.cpp's server) do:
-    - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it);
-    - a stream ends with `data: [DONE]` (strict SSE clients wait for it);
-    - an empty `messages`, a `max_tokens` < 1 or a prompt longer than the model's context is a 400 naming the field,
-      not a 500 with a traceback in the server's log."""
+def cut_answer(kind: str, answer: dict, stops: list[str], suffix: str | None = None) -> bool:
+    """Cut a `kind` endpoint's JSON answer before its earliest stop string, in place; True when it held one.
+    A completion's `suffix` (appended by transformers after the generated text) stays."""
+    if kind == "response":
+        holders = [(p, "text") for item in answer.get("output") or [] if item.get("type") == "message"
+                   for p in item.get("content") or [] if p.get("type") == "output_text"]
+    else:
+        choice = answer["choices"][0]
+        holders = [(choice["message"], "content") if kind == "chat" else (choice, "text")]
+    cut_any = False
+    for holder, key in holders:
+        text = holder.get(key) or ""
+        tail = suffix if suffix and text.endswith(suffix) else ""
+        cut = cut_at_stop(text[:len(text) - len(tail)], stops)
+        if cut is not None:
+            holder[key], cut_any = cut + tail, True
+    if cut_any and kind != "response":
+        answer["choices"][0]["finish_reason"] = "stop"
+    return cut_any
+
+
+class StopCuttingQueue:
+    """The generation queue a transformers serve handler reads (`await get()`, `get_nowait()`), passing answer text
+    only up to the earliest stop string. The end of the text that could still grow into a stop string is held back
+    until it does not; at a stop the rest is dropped, `on_stop` runs, and the handler gets the end of the stream (None).
+    Reasoning text, tool calls and errors pass as they come."""
+
+    def __init__(self, queue, stops: list[str], on_stop) -> None:
+        from collections import deque
+
+        self.queue, self.stops, self.on_stop = queue, stops, on_stop
+        self.text, self.sent, self.stopped = "", 0, False
+        self.ready: deque = deque()
+
+    def _take(self, item) -> None:
+        from transformers.cli.serving.utils import ReasoningText
+
+        if self.stopped:
+            return
+        if isinstance(item, str) and not isinstance(item, ReasoningText):
+            self.text += item
+            cut = cut_at_stop(self.text, self.stops)
+            end = len(cut) if cut is not None else len(self.text) - stop_prefix_len(self.text, self.stops)
+            if end > self.sent:
+                self.ready.append(self.text[self.sent:end])
+                self.sent = end
+            if cut is not None:
+                self.stopped = True
+                self.on_stop()
+                self.ready.append(None)
+            return
+        if item is None and len(self.text) > self.sent:  # held back as a possible stop string that never completed
+            self.ready.append(self.text[self.sent:])
+            self.sent = len(self.text)
+        self.ready.append(item)
+
+    async def get(self):
+        while not self.ready:
+            self._take(await self.queue.get())
+        return self.ready.popleft()
+
+    def get_nowait(self):
+        while not self.ready:
+            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
+        return self.ready.popleft()
+
+
+class StopCuttingManager:
+    """A transformers serve generation manager whose streamed text ends before the earliest stop string."""
+
+    def __init__(self, manager, stops: list[str], gen_config) -> None:
+        self.manager, self.stops, self.gen_config = manager, stops, gen_config
+
+    def generate_streaming(self, *args, **kwargs):
+        queue, streamer = self.manager.generate_streaming(*args, **kwargs)
+
+        def on_stop() -> None:
+            streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
+            # The handlers call it a "length" finish when max_new_tokens tokens came; a stop string is a stop. generate()
+            # works on its own copy of the config, so this changes nothing but that reading.
+            self.gen_config.max_new_tokens = None
+
+        return StopCuttingQueue(queue, self.stops, on_stop), streamer
+
+    def __getattr__(self, name: str):
+        return getattr(self.manager, name)
+
+
+def named_events(part: str) -> str:
+    """Responses API events with their `event: <type>` line, as OpenAI's API and llama.cpp's server send them
+    (transformers serve sends `data:` lines only; clients that dispatch on the SSE event name saw nothing)."""
+    out = []
+    for raw in (e for e in part.split("\n\n") if e.strip()):
+        try:
+            kind = json.loads(raw.removeprefix("data: ")).get("type")
+        except (ValueError, AttributeError):
+            kind = None
+        out.append((f"event: {kind}\n" if isinstance(kind, str) and not raw.startswith("event:") else "") + raw + "\n\n")
+    return "".join(out)
+
+
+def answer_as_openai_does() -> None:
+    """Make transformers serve's generation endpoints (/v1/chat/completions, /v1/completions, /v1/responses) answer as
+    OpenAI's API and llama.cpp's server do, all three the same way:
+    - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it; the
+      Responses API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
+    - a chat or completions stream ends with `data: [DONE]` (strict SSE clients wait for it); a Responses stream ends
+      with its `response.completed` event, each event named by an `event:` line, and without `"stream"` the answer is
+      one JSON object (transformers streamed it: the openai client failed to parse it);
+    - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
+    - a malformed request (no messages/prompt/input, a length limit < 1, a prompt longer than the model's context,
+      what generation refuses) is a 400 naming the field, not a 500 with a traceback in the server's log."""
+    import inspect
+    from contextvars import ContextVar
+
+    from fastapi import HTTPException
     from fastapi.responses import JSONResponse, StreamingResponse
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.response import ResponseHandler
 
-    if getattr(ChatCompletionHandler, "_openai_conformant", False):
-        return
-    handle, streaming, non_streaming = ChatCompletionHandler.handle_request, ChatCompletionHandler._streaming, ChatCompletionHandler._non_streaming
+    # A request's stop strings and logit bias, taken out of its body before the handler's own field check (the
+    # Responses handler refuses both: OpenAI's Responses API has neither) and applied to its generation config here.
+    request_options: ContextVar[dict] = ContextVar("request_options", default={})
 
-    async def handle_request(self, body: dict, request_id: str):
-        problem = chat_request_problem(body)
-        if problem:
-            return openai_error(*problem)
-        if body.get("logit_bias"):  # transformers refuses an integer bias (OpenAI's own examples send them) with a 500
-            body = {**body, "logit_bias": {k: float(v) for k, v in body["logit_bias"].items()}}
-        if "stop" in body:  # an empty stop string stops nothing, as llama.cpp's server reads it (transformers: a 500)
-            stops = [x for x in stop_strings(body["stop"]) if x]
-            body = {**{k: v for k, v in body.items() if k != "stop"}, **({"stop": stops} if stops else {})}
-        try:
-            return await handle(self, body, request_id)
-        except ValueError as e:  # what generation refuses in the request (a logit_bias id beyond the vocabulary, ...)
-            return openai_error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, None)
-
-    def too_long(model, inputs) -> JSONResponse | None:
+    def too_long(model, inputs, kind: str) -> JSONResponse | None:
         ids = inputs["input_ids"]
         n = len(ids) if isinstance(ids, list) else ids.shape[-1]
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if limit and n >= limit:
+            field = {"chat": "messages", "completion": "prompt", "response": "input"}[kind]
             return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
-                                "(max_position_embeddings); shorten the messages", "messages")
+                                f"(max_position_embeddings); shorten the {field}", field)
         return None
 
-    async def answer(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs):
-        refused = too_long(model, inputs)
-        if refused:
-            return refused
-        response = await non_streaming(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs)
-        stops = stop_strings(gen_config.stop_strings)
-        body = json.loads(response.body)
-        choice = body["choices"][0]
-        cut = cut_at_stop(choice["message"].get("content") or "", stops) if stops else None
-        if cut is None:
-            return response
-        choice["message"]["content"], choice["finish_reason"] = cut, "stop"
-        return JSONResponse(body)
+    def conform(handler: type, kind: str) -> None:
+        handle, build = handler.handle_request, handler._build_generation_config
+        streaming, non_streaming = handler._streaming, handler._non_streaming
+        stream_sig, answer_sig = inspect.signature(streaming), inspect.signature(non_streaming)
 
-    def stream(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs):
-        refused = too_long(model, inputs)
-        if refused:
-            return refused
-        response = streaming(self, request_id, model, processor, model_id, inputs, gen_config, **kwargs)
-        stops = stop_strings(gen_config.stop_strings)
-
-        def event(chunk: dict) -> str:
-            return f"data: {json.dumps(chunk)}\n\n"
-
-        async def events():
-            source = response.body_iterator
-            text, sent = "", 0  # content generated so far, and how much of it went out
+        async def handle_request(self, body: dict, request_id: str):
+            problem = request_problem(kind, body)
+            if problem:
+                return openai_error(*problem)
+            body = dict(body)
+            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) if x], "logit_bias": body.pop("logit_bias", None)}
+            if self.model_manager.force_model is not None:
+                body["model"] = self.model_manager.force_model
+            if kind == "response":
+                body.setdefault("stream", False)
+            reset = request_options.set(options)
             try:
-                async for part in source:
-                    for raw in (e for e in part.split("\n\n") if e.strip()):
-                        data = raw[len("data: "):] if raw.startswith("data: ") else raw
-                        try:
-                            chunk = json.loads(data)
-                        except ValueError:
-                            yield raw + "\n\n"
-                            continue
-                        choice = (chunk.get("choices") or [{}])[0]
-                        delta = choice.get("delta") or {}
-                        if not stops or "error" in chunk:
-                            yield event(chunk)
-                            continue
-                        if delta.get("content"):
-                            text += delta["content"]
-                            cut = cut_at_stop(text, stops)
-                            end = len(cut) if cut is not None else len(text) - stop_prefix_len(text, stops)
-                            if end > sent:
-                                delta["content"], sent = text[sent:end], end
-                                yield event(chunk)
-                            if cut is not None:  # the rest is never sent; closing the source cancels generation
-                                delta.pop("content")
-                                choice["finish_reason"] = "stop"
-                                yield event(chunk)
-                                return
-                        elif choice.get("finish_reason"):
-                            if len(text) > sent:  # held back as a possible stop string that never completed
-                                held = {k: v for k, v in chunk.items() if k != "usage"}  # usage goes out once, with the finish
-                                yield event({**held, "choices": [{**choice, "delta": {"content": text[sent:]}, "finish_reason": None}]})
-                                sent = len(text)
-                            yield event(chunk)
-                        else:
-                            yield event(chunk)
+                return await handle(self, body, request_id)
+            except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
+                return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
+            except ValueError as e:  # what generation refuses in the request (a logit_bias id beyond the vocabulary, ...)
+                return openai_error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, None)
             finally:
-                await source.aclose()
+                request_options.reset(reset)
 
-        # [DONE] after a stop string too; not on a client disconnect (the generator is closed, nothing is sent)
+        def build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
+            config = build(self, body, model_generation_config, use_cb=use_cb)
+            options = request_options.get()
+            if options.get("stop"):
+                config.stop_strings = options["stop"]
+            if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500
+                config.sequence_bias = {(int(k),): float(v) for k, v in options["logit_bias"].items()}
+            return config
 
-        async def with_done():
-            async for e in events():
-                yield e
-            yield "data: [DONE]\n\n"
+        async def answer(self, *args, **kwargs):
+            given = answer_sig.bind(self, *args, **kwargs).arguments
+            refused = too_long(given["model"], given["inputs"], kind)
+            if refused:
+                return refused
+            response = await non_streaming(self, *args, **kwargs)
+            stops = stop_strings(given["gen_config"].stop_strings)
+            body = json.loads(response.body)
+            if stops and cut_answer(kind, body, stops, given.get("suffix")):
+                return JSONResponse(body)
+            return response
 
-        return StreamingResponse(with_done(), media_type="text/event-stream")
+        def stream(self, *args, **kwargs):
+            bound = stream_sig.bind(self, *args, **kwargs)
+            given = bound.arguments
+            refused = too_long(given["model"], given["inputs"], kind)
+            if refused:
+                return refused
+            stops = stop_strings(given["gen_config"].stop_strings)
+            if stops:
+                given["gen_manager"] = StopCuttingManager(given["gen_manager"], stops, given["gen_config"])
+            source = streaming(*bound.args, **bound.kwargs).body_iterator
 
-    ChatCompletionHandler.handle_request = handle_request
-    ChatCompletionHandler._streaming = stream
-    ChatCompletionHandler._non_streaming = answer
-    ChatCompletionHandler._openai_conformant = True
+            async def events():
+                try:
+                    async for part in source:
+                        yield named_events(part) if kind == "response" else part
+                finally:  # a client gone: closing the source cancels generation, and nothing more is sent
+                    await source.aclose()
+                if kind != "response":
+                    yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        handler.handle_request, handler._build_generation_config = handle_request, build_generation_config
+        handler._streaming, handler._non_streaming = stream, answer
+        handler._openai_conformant = True
+
+    for handler, kind in ((ChatCompletionHandler, "chat"), (CompletionHandler, "completion"), (ResponseHandler, "response")):
+        if not handler.__dict__.get("_openai_conformant"):
+            conform(handler, kind)
 
 
 def _main(argv: list[str] | None = None) -> int:

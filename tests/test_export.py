@@ -488,6 +488,9 @@ def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol
             _post(f"http://127.0.0.1:{port}/v1/chat/completions", request)
         assert denied.value.code == 401
         got = _post(f"http://127.0.0.1:{port}/v1/chat/completions", request, key="k-gguf")
+        # another model's name is answered by the one model, named as published: what the merged format does too
+        other = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {**request, "model": "gpt-4o-mini", "max_tokens": 2}, key="k-gguf")
+        assert other["model"] == pub.name, other
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k-gguf"})
         with urllib.request.urlopen(req, timeout=60) as r:
             models = json.loads(r.read())

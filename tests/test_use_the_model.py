@@ -387,35 +387,20 @@ def _request(url: str, body: dict | None = None, key: str | None = None) -> tupl
 def test_serve_model_merged_answers_the_documented_request_under_the_published_name(own_published, tmp_path):
     """A real `serve-model` (transformers serve) on the tiny run: the printed/README request with "model": <published
     name> is answered; /v1/models and errors show no filesystem path; the API key is required; /load_model is not served."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
-
-    from tasks.common import PROJECT_ROOT
-    from tasks.export import API_KEY_ENV
 
     cfg, art, pub, _ = own_published
-    port, key = _free_port(), "k-123"
+    key = "k-123"
     log = tmp_path / "serve.log"
-    env = {**os.environ, API_KEY_ENV: key, "PYTHONPATH": str(PROJECT_ROOT)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
-                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start_serve_model(art, log, key=key)
     try:
-        t0 = time.monotonic()
-        while _request_or_none(f"{url}/health") != 200:
-            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
-            time.sleep(1)
         chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 4, "temperature": 0}
         assert _request(f"{url}/v1/chat/completions", chat)[0] == 401  # no key
         assert _request(f"{url}/v1/chat/completions", chat, key="wrong")[0] == 401
         code, body = _request(f"{url}/v1/chat/completions", chat, key=key)
         assert code == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant", body
-        code, body = _request(f"{url}/v1/chat/completions", {**chat, "model": "m"}, key=key)
-        assert code == 400 and pub.name in body
+        code, body = _request(f"{url}/v1/chat/completions", {**chat, "model": "m"}, key=key)  # another name: answered, as llama.cpp does
+        assert code == 200 and json.loads(body)["model"] == pub.name, body
         code, models = _request(f"{url}/v1/models", key=key)
         assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name]
         for text in (body, models):
@@ -432,6 +417,33 @@ def _request_or_none(url: str) -> int | None:
         return _request(url)[0]
     except OSError:
         return None
+
+
+def _start_serve_model(art: Path, log: Path, key: str | None = None):
+    """A real `serve-model` (merged format) on run r1 of `art`, on a free loopback port, its output in `log`, once its
+    /health answers: (process, base URL). With `key`, it gets the API key through the environment; else none at all."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.export import API_KEY_ENV
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)} | ({API_KEY_ENV: key} if key else {})
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while _request_or_none(f"{url}/health") != 200:
+        if proc.poll() is not None or time.monotonic() - t0 > 300:
+            proc.kill()
+            proc.wait(timeout=60)
+            pytest.fail(f"serve-model did not answer /health: {log.read_text()[-3000:]}")
+        time.sleep(1)
+    return proc, url
 
 
 def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_training_loaded(tmp_path):
@@ -481,28 +493,13 @@ def _stream(url: str, body: dict) -> list[str]:
 def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_requests_with_400(own_published, tmp_path):
     """As OpenAI's API and llama.cpp's server: the text ends before the stop string (streamed too), a stream ends with
     `data: [DONE]`, and an empty `messages`, `max_tokens` < 1 or a prompt over the context is a 400 naming the field."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
-
-    from tasks.common import PROJECT_ROOT
-    from tasks.export import API_KEY_ENV
 
     cfg, art, pub, _ = own_published
-    port = _free_port()
     log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
-                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proc, base = _start_serve_model(art, log)
+    url = f"{base}/v1/chat/completions"
     try:
-        t0 = time.monotonic()
-        while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
-            assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
-            time.sleep(1)
         # The tiny random model writes only newlines; a logit bias makes it repeat one word's token instead.
         from transformers import AutoTokenizer
 
@@ -548,28 +545,116 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
     assert rc == 0, log.read_text()[-3000:]
 
 
+def _sse(url: str, body: dict) -> list[tuple[str | None, str]]:
+    """A streamed answer's events, in order: (the `event:` name or None, the `data:` payload)."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        raw = r.read().decode()
+    events = []
+    for block in (b for b in raw.split("\n\n") if b.strip()):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields.get("event"), fields["data"]))
+    return events
+
+
+def test_serve_model_merged_completions_and_responses_answer_as_chat_does(own_published, tmp_path):
+    """/v1/completions and /v1/responses as /v1/chat/completions (and llama.cpp's server): the text ends before the
+    stop string, streamed or not; completion streams end with `data: [DONE]`, Responses streams with `response.completed`,
+    each event named (`event:`) and no [DONE], as OpenAI's API sends them; a Responses request without "stream" gets
+    one JSON answer; a bad request is a 400 naming the field; a request naming another model is answered by this one,
+    as llama.cpp's server answers it. The client is the openai package."""
+    import signal
+
+    import openai
+    from transformers import AutoTokenizer
+
+    cfg, art, pub, _ = own_published
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(art, log)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    try:
+        # The tiny random model writes only newlines after a chat prompt; a logit bias makes it repeat " the" instead.
+        (token,) = AutoTokenizer.from_pretrained(pub / "merged").encode(" the", add_special_tokens=False)
+        bias = {str(token): 100}
+        common = {"model": "gpt-4o-mini", "temperature": 0}  # not the served name: answered all the same
+        ask = {"chat": lambda **kw: client.chat.completions.create(messages=[{"role": "user", "content": "Say the."}], max_tokens=6, **common, **kw),
+               "completion": lambda **kw: client.completions.create(prompt="Say the.", max_tokens=6, **common, **kw),
+               "response": lambda **kw: client.responses.create(input="Say the.", max_output_tokens=6, **common,
+                                                                extra_body={k: kw.pop(k) for k in ("logit_bias", "stop") if k in kw}, **kw)}
+
+        def text(kind, answer) -> str:
+            return {"chat": lambda: answer.choices[0].message.content, "completion": lambda: answer.choices[0].text,
+                    "response": lambda: answer.output_text}[kind]()
+
+        def streamed(kind, events) -> tuple[str, str | None]:
+            if kind == "response":
+                events = list(events)
+                assert events[-1].type == "response.completed", [e.type for e in events]
+                deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+                assert events[-1].response.output_text == deltas, events[-1]
+                return deltas, None
+            chunks = [c for c in events if c.choices]
+            pieces = [(c.choices[0].delta.content if kind == "chat" else c.choices[0].text) or "" for c in chunks]
+            return "".join(pieces), chunks[-1].choices[0].finish_reason
+
+        for kind, call in ask.items():
+            answer = call(logit_bias=bias)
+            full = text(kind, answer)
+            assert full == " the" * 6 and answer.model == pub.name, (kind, answer)
+            want = full[:full.find("e t")]  # " th": the stop string spans two tokens
+            answer = call(logit_bias=bias, stop=["e t", "never-generated"])
+            assert text(kind, answer) == want, (kind, answer)
+            if kind != "response":
+                assert answer.choices[0].finish_reason == "stop", answer
+            assert streamed(kind, call(logit_bias=bias, stop="e t", stream=True)) == (want, None if kind == "response" else "stop"), kind
+            # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
+            assert streamed(kind, call(logit_bias=bias, stop=[full[-2:] + "\u2603never"], stream=True)) == (full, None if kind == "response" else "length")
+            for empty in ("", [], [""]):  # an empty stop string stops nothing
+                assert text(kind, call(logit_bias=bias, stop=empty)) == full, (kind, empty)
+
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), ("/v1/completions", {"prompt": "hi"})):
+            events = _sse(f"{base}{path}", {**body, "max_tokens": 3})
+            assert events[-1] == (None, "[DONE]") and "[DONE]" not in [d for _, d in events[:-1]], events
+            assert sum(json.loads(d).get("usage") is not None for _, d in events[:-1]) == 1, events
+        events = _sse(f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 3})
+        assert all(name == json.loads(data)["type"] for name, data in events), events  # every event named, no [DONE]
+        assert events[-1][0] == "response.completed"
+
+        limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+        long_text = "cat " * (limit + 10)
+        bad = {"/v1/completions": (({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": ""}, "prompt"),
+                                   ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "stop": 5}, "stop"),
+                                   ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"), ({"prompt": long_text}, "prompt"),
+                                   ({"prompt": "hi", "logit_bias": {"99999999": 5}}, None), ({"prompt": "hi", "no_such_field": 1}, None)),
+               "/v1/responses": (({}, "input"), ({"input": []}, "input"), ({"input": 5}, "input"), ({"input": [1]}, "input"),
+                                 ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"), ({"input": "hi", "stop": [1]}, "stop"),
+                                 ({"input": long_text}, "input"), ({"input": "hi", "stream": True, "max_output_tokens": -1}, "max_output_tokens"))}
+        for path, cases in bad.items():
+            for body, field in cases:
+                code, answer = _request(f"{base}{path}", {"model": pub.name, **body})
+                error = json.loads(answer)["error"]
+                assert code == 400 and error["param"] == field and "\n" not in error["message"], (path, body, code, answer)
+        code, answer = _request(f"{base}/v1/completions", ["not", "an", "object"])
+        assert code == 400 and "JSON object" in json.loads(answer)["error"]["message"], answer
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()[-3000:]
+
+
 @pytest.mark.parametrize("signum", ["SIGKILL", "SIGHUP"])
 def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_terminal_closes(own_published, tmp_path, signum):
     """The merged server is a child in its own session: killed with SIGKILL (or hung up), serve-model must not leave it
     running under PID 1, holding the port."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from tasks.common import PROJECT_ROOT
-
     cfg, art, pub, _ = own_published
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
-                                cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    t0 = time.monotonic()
-    while _request_or_none(f"http://127.0.0.1:{port}/health") != 200:
-        assert proc.poll() is None and time.monotonic() - t0 < 300, log.read_text()[-3000:]
-        time.sleep(1)
+    proc, url = _start_serve_model(art, tmp_path / "serve.log")
     child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
     proc.send_signal(getattr(signal, signum))
     proc.wait(timeout=60)
@@ -586,4 +671,4 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
     if alive(child):
         os.kill(child, signal.SIGKILL)
         pytest.fail(f"the merged server (pid {child}) outlived serve-model's {signum}")
-    assert _request_or_none(f"http://127.0.0.1:{port}/health") is None
+    assert _request_or_none(f"{url}/health") is None
