@@ -37,6 +37,8 @@
 #   i2: i with training.seed=43 (LoRA init and batch order; the same rows, data key 8e541f8fc8d2654f at 9b48651): the
 #      spread between two runs of one recipe, which h and i (107 of 541 IFEval prompts flipped) could not separate from
 #      the rows' effect; ~21 device minutes with the cached base answers
+#      (measured 2026-12-02 16:11, 787 steps: IFEval +3.0, i's total, yet i and i2 disagree on 105 of 541 prompts, as
+#      many as h and i: docs/BENCHMARKS.md "Setting i2")
 #   j: i on a 15-minute budget (~1.5x i's tokens, ~2.9 passes): whether +10 is a budget limit or the model's;
 #      ~25 device minutes, the whole session's budget with the upload
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
