@@ -266,12 +266,13 @@ class BudgetBar(_trainer_callback_base()):
         from tqdm.auto import tqdm
 
         if state.is_world_process_zero:
-            self.bar = tqdm(total=round(self.guard.budget_s), initial=round(self.position(state.global_step)), unit="s",
-                            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s of the budget [{elapsed}<{remaining}{postfix}]")
+            # The position is in budget seconds, but when the cap leads it is not the clock: show the share of the run.
+            self.bar = tqdm(total=round(self.guard.budget_s), initial=round(self.position(state.global_step)), desc="train",
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar is not None:
-            self.bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.bar.set_postfix_str(f"step {state.global_step} (cap {self.cap}), budget {self.guard.budget_s:.0f} s", refresh=False)
             self.bar.update(max(self.position(state.global_step) - self.bar.n, 0))
 
     def on_train_end(self, args, state, control, **kw):
