@@ -484,7 +484,10 @@ def _entry_exists(tree: dict, parts: list[str]) -> bool:
     node: Any = tree
     for p in parts[:-1]:
         node = node.get(p) if isinstance(node, dict) else None
-    return isinstance(node, dict) and parts[-1] in node and not isinstance(node[parts[-1]], _Removal)
+    if not isinstance(node, dict) or parts[-1] not in node:
+        return False
+    value = node[parts[-1]]
+    return value.existed if isinstance(value, _Removal) else True  # the same `=null` twice: the second finds what the first did
 
 
 def _resolve_removals(tree: dict, mappings: set[str]) -> list[str]:
@@ -503,7 +506,7 @@ def _resolve_removals(tree: dict, mappings: set[str]) -> list[str]:
             if not isinstance(value, _Removal):
                 continue
             if mapping == "model.random_config" and arch is not None:
-                from .models import random_config_takes_none
+                from .random_config import random_config_takes_none
 
                 if random_config_takes_none(arch, [*path, key], root):
                     node[key] = None
@@ -527,7 +530,7 @@ def _resolve_removals(tree: dict, mappings: set[str]) -> list[str]:
 def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node = tree
     for p in parts[:-1]:
-        if node.get(p) is None:  # unset (null) mapping: its first entry starts it
+        if node.get(p) is None or isinstance(node[p], _Removal):  # unset (null, or removed earlier): its first entry starts it
             node[p] = {}
         node = node[p]
         if not isinstance(node, dict):
@@ -631,6 +634,12 @@ def load_config(
         problems += _format_validation(e)
         raise ConfigError(problems) from None
     problems += check_rules(cfg)
+    if not problems and cfg.model.name.startswith("random:"):
+        # Last, and only when all else is right: it imports transformers and torch (~2 s), which a typo elsewhere
+        # should not wait for.
+        from .random_config import random_config_problems
+
+        problems += random_config_problems(cfg.model.name.split(":", 1)[1], cfg.model.random_config)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -690,12 +699,8 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     if cfg.eval.max_prompts < 1:
         problems.append("eval.max_prompts: must be >= 1")
     problems += _benchmark_problems(cfg.eval)
-    if cfg.model.name.startswith("random:"):
-        from .models import random_config_problems
-
-        if not cfg.model.random_config:
-            problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
-        problems += random_config_problems(cfg.model.name.split(":", 1)[1], cfg.model.random_config)
+    if cfg.model.name.startswith("random:") and not cfg.model.random_config:  # its keys: load_config, last
+        problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", cfg.output_name):
         problems.append(f"output_name: {cfg.output_name!r} must be letters, digits, '.', '_' or '-' (it becomes a folder name)")
     if cfg.publish.hub_repo_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", cfg.publish.hub_repo_id):

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import functools
 import importlib
 import importlib.util
-import inspect
 import logging
 import os
 import platform
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir
 from .config import ModelSection, QuantSection
+from .random_config import TOKENIZER_KEYS, random_config_problems
 
 # The project's chat template for base models that ship none: plain role headers, the answer closed by
 # the tokenizer's EOS so the model learns to stop (the peers' "never-ending generation" bug). For tokenizers
@@ -349,7 +347,7 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) 
             # random_config wins: e.g. vocab_size=32000 gives a real 7B's exact shapes (the byte tokenizer's
             # ids are a subset), dtype=bfloat16 halves the folder of a 7B.
             kwargs.update({k: v for k, v in random_config.items() if k != "dtype"})
-            dtype = getattr(torch, random_config.get("dtype", "float32"))
+            dtype = getattr(torch, random_config.get("dtype") or "float32")  # null (`--set ...dtype=null`) = the default
             try:
                 config = AutoConfig.for_model(arch, **kwargs)
             except (ValueError, TypeError) as e:
@@ -357,9 +355,9 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) 
             text = config.get_text_config()
             if text is not config:  # multimodal (random:gemma3, Gemma-3 4B's type): the tokenizer's ids are its text model's
                 given = random_config.get("text_config") or {}
-                for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+                for k in TOKENIZER_KEYS:
                     if k not in given:
-                        setattr(text, k, kwargs[k] if k not in random_config else random_config[k])
+                        setattr(text, k, kwargs[k])
             torch.manual_seed(0)
             # On a GPU machine the random init runs there: a 7B takes seconds instead of ~270 s on 16 CPU cores.
             with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -371,137 +369,6 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return ModelRef(str(out), None, key, True)
-
-
-def random_config_problems(arch: str, random_config: dict) -> list[str]:
-    """`random:<arch>` and its `model.random_config` checked against the architecture's config class, one line per
-    problem: transformers keeps a key it does not know as a plain attribute that nothing reads, so a misspelt
-    `hiden_size` would build a model of the default shape without a word. Sub-configs (gemma3's text_config,
-    vision_config) are checked against their own classes."""
-    from transformers import CONFIG_MAPPING
-
-    if arch not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=1)
-        fix = f"did you mean random:{close[0]}?" if close else "use a transformers model type such as mistral or llama"
-        return [f"model.name random:{arch}: not a transformers model type; {fix}"]
-    cls = CONFIG_MAPPING[arch]
-    return _unknown_config_keys(cls, random_config, "model.random_config", f"{arch}'s config ({cls.__name__})", arch)
-
-
-def random_config_takes_none(arch: str, path: list[str], random_config: dict) -> bool:
-    """Whether `random:<arch>`'s config takes None as the value of the key at `path` inside random_config
-    (mistral's sliding_window: None = no window), following sub-configs (text_config.sliding_window)."""
-    from transformers import CONFIG_MAPPING
-
-    cls, node = CONFIG_MAPPING[arch] if arch in CONFIG_MAPPING else None, random_config
-    for part in path[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-        cls = _sub_config_class(cls, part, node if isinstance(node, dict) else {}) if cls is not None else None
-    return cls is not None and _config_keys(cls).get(path[-1], False)
-
-
-def _unknown_config_keys(cls, given: dict, prefix: str, what: str, arch: str) -> list[str]:
-    keys = _config_keys(cls)
-    problems = []
-    for key, value in given.items():
-        sub = _sub_config_class(cls, key, value) if isinstance(value, dict) else None
-        if isinstance(sub, str):
-            problems.append(f"{prefix}.{key}.model_type: {sub}")
-        elif sub is not None:
-            entries = {k: v for k, v in value.items() if k != "model_type"}
-            problems += _unknown_config_keys(sub, entries, f"{prefix}.{key}", f"{arch}'s {key} ({sub.__name__})", arch)
-        elif key not in keys and _stored_unused(cls, key, value):
-            close = difflib.get_close_matches(key, sorted(keys), n=1)
-            fix = f"did you mean {close[0]}?" if close else f"remove it, or use a parameter of {cls.__name__}"
-            problems.append(f"{prefix}.{key}: not a key of {what}, which would keep it unread (the model builds as if it were absent); {fix}")
-    return problems
-
-
-def _sub_config_class(cls, key: str, value: dict):
-    """The config class a dict under `key` becomes (gemma3's text_config: Gemma3TextConfig; its vision_config, declared
-    as AutoConfig: the default's SiglipVisionConfig, or the class of the dict's own model_type); None when `key` is no
-    sub-config (then the dict is a plain value, e.g. rope_parameters); a string saying why for an unknown model_type."""
-    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
-
-    if key not in (getattr(cls, "sub_configs", None) or {}):
-        return None
-    if "model_type" in value:
-        kind = value["model_type"]
-        return CONFIG_MAPPING[kind] if kind in CONFIG_MAPPING else f"{kind!r} is not a transformers model type"
-    declared = cls.sub_configs[key]
-    if declared is not AutoConfig and isinstance(declared, type) and issubclass(declared, PretrainedConfig):
-        return declared
-    default = getattr(_config_default(cls), key, None)
-    return type(default) if isinstance(default, PretrainedConfig) else None
-
-
-@functools.cache
-def _config_default(cls):
-    """The config class built with its defaults; None where it cannot be built bare."""
-    try:
-        with quiet_transformers():
-            return cls()
-    except Exception:
-        return None
-
-
-@functools.cache
-def _config_keys(cls) -> dict[str, bool]:
-    """The keys a config class reads, each with whether None is a value it takes: its own and PretrainedConfig's
-    __init__ parameters (None where annotated `| None`), its default instance's public attributes (None where that
-    default is None), settable properties (num_labels, rope_scaling) and `attribute_map` aliases (gpt2's hidden_size)."""
-    from transformers import PretrainedConfig
-
-    keys: dict[str, bool] = {}
-    for c in (PretrainedConfig, cls):
-        for p in inspect.signature(c.__init__).parameters.values():
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                keys[p.name] = _takes_none(p)
-    default = _config_default(cls)
-    for name, value in (vars(default).items() if default is not None else ()):
-        if not name.startswith("_"):
-            keys.setdefault(name, value is None)
-    for c in cls.__mro__:
-        for name, attr in vars(c).items():
-            if isinstance(attr, property) and attr.fset is not None and not name.startswith("_"):
-                keys.setdefault(name, False)
-    for alias, target in (getattr(cls, "attribute_map", None) or {}).items():
-        keys.setdefault(alias, keys.get(target, False))
-    return keys
-
-
-def _takes_none(p: inspect.Parameter) -> bool:
-    ann = p.annotation
-    if ann is p.empty:  # transformers 4's unannotated parameters: None only where it is the default
-        return p.default is None
-    if isinstance(ann, str):  # a module under `from __future__ import annotations`
-        return bool(re.search(r"\bNone\b|Optional\[|\bAny\b", ann))
-    return ann is typing.Any or ann is None or type(None) in typing.get_args(ann)
-
-
-def _stored_unused(cls, key: str, value) -> bool:
-    """Whether nothing reads `key`: the config keeps it as a plain attribute (what it does with a kwarg it does not know)
-    and neither the architecture's config and modeling code nor transformers' shared config and RoPE code name it
-    (qwen3_moe's modeling reads `getattr(config, "head_dim", ...)`, phi3's config `kwargs.get("partial_rotary_factor")`).
-    A key the __init__ consumes without a parameter of that name (rope_theta, attn_implementation) is read too."""
-    try:
-        with quiet_transformers():
-            stored = key in vars(cls(**{key: copy.deepcopy(value)}))
-    except Exception:  # refused: something read it (the build names a bad value)
-        return False
-    return stored and not re.search(rf"""(["']){re.escape(key)}\1|config\.{re.escape(key)}\b""", _config_sources(cls))
-
-
-@functools.cache
-def _config_sources(cls) -> str:
-    """The code that reads a config of this class: its configuration module, the modeling modules beside it, and
-    transformers' shared configuration_utils.py and modeling_rope_utils.py."""
-    import transformers
-
-    here = Path(inspect.getfile(cls)).parent
-    shared = Path(transformers.__file__).parent
-    files = [Path(inspect.getfile(cls)), *sorted(here.glob("modeling_*.py")), shared / "configuration_utils.py", shared / "modeling_rope_utils.py"]
-    return "\n".join(f.read_text(encoding="utf-8") for f in dict.fromkeys(files) if f.is_file())
 
 
 def build_byte_tokenizer(vocab_size: int = 512):

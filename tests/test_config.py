@@ -259,7 +259,7 @@ def test_legitimate_random_config_keys_keep_working(monkeypatch):
     modeling code reads (qwen3_moe's head_dim, phi3's partial_rotary_factor), and every real shape bench/gpu_archs.py builds."""
     from pathlib import Path
 
-    from tasks.models import random_config_problems
+    from tasks.random_config import random_config_problems
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
     from bench.gpu_archs import SHAPES, shapes
@@ -268,6 +268,10 @@ def test_legitimate_random_config_keys_keep_working(monkeypatch):
         for smoke in (False, True):
             arch, config = shapes(profile, smoke)
             assert random_config_problems(arch, config) == [], (profile, smoke)
+    from tests.test_architectures import ARCHS
+
+    for arch, (config, _, _) in ARCHS.items():
+        assert random_config_problems(arch, config) == [], arch
     assert random_config_problems("llama", {"rope_theta": 1e6, "attn_implementation": "eager", "num_labels": 2, "dtype": "bfloat16",
                                             "rope_scaling": {"rope_type": "linear", "factor": 2.0}}) == []
     assert random_config_problems("gpt2", {"hidden_size": 64, "n_layer": 2}) == []
@@ -306,3 +310,89 @@ def test_null_on_a_mapping_entry_removes_it():
         "did you mean end_phrase?"]
     (p,) = _problems(profile="tiny", overrides=["model.random_config.hiden_size=null"])
     assert p.startswith("--set model.random_config.hiden_size=null: nothing to remove") and p.endswith("did you mean hidden_size?")
+
+
+GEMMA3 = ["model.name=random:gemma3", "model.random_config={text_config: {hidden_size: 64, num_hidden_layers: 2, head_dim: 16}}"]
+
+
+def test_random_config_keys_in_the_wrong_place_are_refused(tmp_path, capsys):
+    """Keys the modeling code reads off another config than the one they were given to: gemma3's flat hidden_size
+    (its text model reads text_config's, so this built a 2.7B default), a text_config on mistral/llama (no sub-configs:
+    the build crashed on `'dict' object has no attribute 'vocab_size'`), and model_type (model.name sets it: the build
+    failed on "multiple values for argument 'model_type'")."""
+    from flows.cli import main
+
+    flat = ["model.name=random:gemma3", "model.random_config={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+            "num_key_value_heads: 2, intermediate_size: 128}"]
+    problems = _problems(profile="tiny", overrides=flat)
+    assert [p.split(":")[0] for p in problems] == [f"model.random_config.{k}" for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")]
+    assert problems[0].startswith("model.random_config.hidden_size: not a key of gemma3's config (Gemma3Config)")
+    assert problems[0].endswith("; set it inside text_config: model.random_config.text_config.hidden_size")
+    load_config(profile="tiny", overrides=[*GEMMA3, "model.random_config.vocab_size=600"])  # the builder gives it to text_config
+    for arch in ("mistral", "llama"):
+        assert _problems(profile="tiny", overrides=[f"model.name=random:{arch}", "model.random_config.text_config.hidden_sz=8"]) == [
+            f"model.random_config.text_config: not a key of {arch}'s config ({arch.capitalize()}Config), which would keep it unread (the "
+            f"model builds as if it were absent); {arch.capitalize()}Config has no sub-configs: set these keys in model.random_config itself"]
+    assert _problems(profile="tiny", overrides=["model.random_config.model_type=llama"]) == [
+        "model.random_config.model_type: model.name random:mistral sets it; remove it, or set model.name=random:llama"]
+    art = tmp_path / "artifacts"
+    assert main(["run", "--profile", "tiny", "--minutes", "1", "--set", f"artifacts_dir={art}", "--set", "model.random_config.text_config.hidden_sz=8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: model.random_config.text_config: not a key of mistral's config") and len(err.strip().splitlines()) == 1
+    assert not art.exists()
+
+
+def test_random_config_keys_only_named_by_shared_code_are_refused_and_real_ones_kept():
+    """transformers' shared code names keys it reads off other objects: `hasattr(self, "num_heads")` (a check of some
+    other configs), rope_parameters' dict keys rope_type and factor. Those were taken as read; only a read off the config
+    (`config.<key>`, `getattr(config, "<key>"`, `kwargs.get("<key>"`) counts now. GenerationConfig's fields are read off
+    the model's config (from_model_config), so cache_implementation is a key."""
+    from tasks.random_config import random_config_problems
+
+    for arch, key, value, hint in [("llama", "num_heads", 4, "did you mean num_key_value_heads or num_attention_heads?"),
+                                   ("mistral", "rope_type", "linear", None), ("mistral", "factor", 2.0, None),
+                                   ("llama", "num_layers", 2, "did you mean num_hidden_layers?")]:
+        (p,) = random_config_problems(arch, {key: value})
+        assert p.startswith(f"model.random_config.{key}: not a key of {arch}'s config"), p
+        assert hint is None or p.endswith(hint), p
+    assert random_config_problems("llama", {"cache_implementation": "static"}) == []
+    assert random_config_problems("qwen3_moe", {"head_dim": 16}) == random_config_problems("phi3", {"partial_rotary_factor": 0.75}) == []
+
+
+def test_null_then_entries_of_a_random_config_mapping_start_it_again():
+    """The last override wins: a removal (`=null`) still pending is no obstacle to a later entry under it (it was
+    "'rope_scaling' is not a section"), the same removal twice removes once, and a removed dtype builds in float32."""
+    rope = ["model.random_config.rope_scaling={rope_type: linear, factor: 2.0}", "model.random_config.rope_scaling=null"]
+    cfg = load_config(profile="tiny", overrides=[*rope, "model.random_config.rope_scaling.factor=3.0"])
+    assert cfg.model.random_config["rope_scaling"] == {"factor": 3.0}
+    cfg = load_config(profile="tiny", overrides=[*GEMMA3, "model.random_config.text_config=null", "model.random_config.text_config.hidden_size=32"])
+    assert cfg.model.random_config["text_config"] == {"hidden_size": 32}
+    twice = ["model.random_config.initializer_range=null"] * 2
+    assert "initializer_range" not in load_config(profile="tiny", overrides=twice).model.random_config
+    twice = ["data.embedded_type_weights.end_phrase=null"] * 2
+    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_type_weights={end_phrase: 3, word_count: 2}", *twice]
+                       ).data.embedded_type_weights == {"word_count": 2.0}
+
+
+def test_a_null_random_dtype_builds_in_float32(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import resolve_model
+
+    model = load_config(profile="tiny", overrides=["model.random_config.dtype=bfloat16", "model.random_config.dtype=null"]).model
+    assert model.random_config["dtype"] is None  # PretrainedConfig takes dtype None: the null is kept
+    ref = resolve_model(model, str(tmp_path))
+    assert next(AutoModelForCausalLM.from_pretrained(ref.path).parameters()).dtype == torch.float32
+
+
+def test_a_problem_elsewhere_is_reported_without_importing_transformers():
+    """The random_config check imports transformers and torch (~2 s): it runs last, only when all else is right."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom tasks.config import load_config, ConfigError\ntry:\n    load_config(profile='tiny', overrides=['lora.alpha=0'])\n"
+            "except ConfigError as e:\n    print(e.problems)\nprint('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("['lora.alpha: must be > 0") and out[1] == "False"

@@ -229,16 +229,40 @@ def test_to_messages_maps_sharegpt_roles():
 def test_an_embedded_source_without_heldout_rows_names_the_embedded_keys(tiny_cfg, shared_artifacts, monkeypatch):
     """Every generated held-out row repeats a training row, so dedupe removes them all: the advice names the keys the
     embedded source reads (data.embedded_heldout, data.embedded_train), never data.max_rows, which it does not read
-    (the old advice: "add rows to 'embedded' or raise data.max_rows (now 10)")."""
+    (the old advice: "add rows to 'embedded' or raise data.max_rows (now 10)"). The count is of held-out rows only:
+    the training rows here repeat too (each twice), which the old count of every repeat (15) took in."""
     from tasks import instructions
 
     generate = instructions.generate
-    monkeypatch.setattr(instructions, "generate", lambda n, split, *a, **kw: generate(n, "train", *a, **kw))
+    monkeypatch.setattr(instructions, "generate", lambda n, split, *a, **kw: list(generate(n, "train", *a, **kw)) * (2 if split == "train" else 1))
     data = tiny_cfg.data.model_copy(update={"max_rows": 10, "embedded_train": 12, "embedded_heldout": 3})
     with pytest.raises(StageError) as e:
         load_dataset_records(data, tiny_cfg.model, shared_artifacts)
     msg = str(e.value)
-    assert msg == ("data.source 'embedded': 0 usable held-out rows: all 3 generated held-out rows were removed before formatting, as "
-                   "repeats of training rows or benchmark prompts (3 repeats); raise data.embedded_heldout (now 3) or lower "
-                   "data.embedded_train (now 12: fewer training rows to repeat)"), msg
+    assert msg == ("data.source 'embedded': 0 usable held-out rows: all 3 generated held-out rows were removed before formatting (3 as "
+                   "repeats of training rows); raise data.embedded_heldout (now 3) or lower data.embedded_train (now 12: fewer training "
+                   "rows to repeat)"), msg
     assert "max_rows" not in msg
+
+
+def test_an_embedded_heldout_row_removed_as_a_benchmark_prompt_is_counted_and_named(tiny_cfg, shared_artifacts, monkeypatch):
+    """A held-out row that matches a benchmark prompt is removed before any repeat check: it was counted nowhere (the
+    message read as if repeats were the cause and named no key for it); now it is counted, singular, with data.seed."""
+    from tasks import instructions, sources
+
+    generate, match, held = instructions.generate, sources.Deduper.match, set()
+
+    def generate_noting_heldout(n, split, *a, **kw):
+        recs = list(generate(n, split, *a, **kw))
+        held.update(next(m["content"] for m in r.to_record()["messages"] if m["role"] == "user") for r in recs if split == "heldout")
+        return recs
+
+    monkeypatch.setattr(instructions, "generate", generate_noting_heldout)
+    monkeypatch.setattr(sources.Deduper, "match", lambda self, msgs: ("ifeval", "exact") if any(
+        m["role"] == "user" and m["content"] in held for m in msgs) else match(self, msgs))
+    data = tiny_cfg.data.model_copy(update={"embedded_train": 11, "embedded_heldout": 1})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    assert str(e.value) == ("data.source 'embedded': 0 usable held-out rows: the 1 generated held-out row was removed before formatting "
+                            f"(1 as a benchmark prompt); raise data.embedded_heldout (now 1) or change data.seed (now {data.seed}: other "
+                            "generated rows)"), str(e.value)
