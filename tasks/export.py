@@ -654,6 +654,11 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
             path = request.url.path.rstrip("/") or "/"
             if path not in SERVED_PATHS:
                 return JSONResponse({"error": {"message": f"{path} is not served; this endpoint serves {name} only"}}, status_code=404)
+            if request.method == "POST":
+                # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
+                # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".
+                request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")]
             if api_key and path != "/health":
                 auth = request.headers.get("authorization", "")
                 given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -664,7 +669,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
 
         @app.exception_handler(RequestValidationError)
         async def not_an_object(request, exc):  # FastAPI's 422 {"detail": [...]} for a body that is no JSON object
-            return openai_error("the request body must be a JSON object", None)
+            return openai_error(body_problem(exc.errors(), exc.body), None)
 
         return app
 
@@ -683,21 +688,83 @@ def openai_error(message: str, param: str | None, status: int = 400):
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}, status_code=status)
 
 
+def body_problem(errors: list[dict], body: Any) -> str:
+    """One line for FastAPI's refusal of a request body: where its JSON breaks, or that it is no JSON object."""
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        doc = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+        reason = json.JSONDecodeError(broken.get("ctx", {}).get("error", "invalid JSON"), doc, broken["loc"][-1])
+        return f"the request body is not valid JSON: {reason}"
+    return "the request body must be a JSON object"
+
+
+TEXT_PARTS = ("text", "input_text", "output_text")  # content parts whose "text" transformers serve reads
+ITEM_FIELDS = {"function_call": ("call_id", "name", "arguments"), "function_call_output": ("call_id", "output")}  # Responses input items
+
+
+def content_problem(content: Any, where: str) -> tuple[str, str] | None:
+    """(message, field) when a message's content (at `where`, e.g. `messages[0].content`) is neither text, nothing,
+    nor a list of content parts as transformers serve reads them, else None."""
+    if content is None or isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return f"{where} must be a string or a list of content parts, got {type(content).__name__} {content!r:.40}", where
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            return (f"{where}[{i}] must be a content part with a \"type\", e.g. {{\"type\": \"text\", \"text\": \"Hi\"}}, "
+                    f"got {part!r:.40}"), f"{where}[{i}]"
+        if part["type"] in TEXT_PARTS and not isinstance(part.get("text"), str):
+            return f"{where}[{i}].text must be a string (a {part['type']!r} part holds its text there)", f"{where}[{i}].text"
+    return None
+
+
+def input_problem(given: Any) -> tuple[str, str] | None:
+    """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. A list
+    whose first item has no "role" is one user message's content parts; else a conversation of items."""
+    if not (isinstance(given, str) and given) and not (isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
+        return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
+    if isinstance(given, str) or "role" not in given[0]:
+        return None if isinstance(given, str) else content_problem(given, "input")
+    for i, item in enumerate(given):
+        if "role" in item:
+            if not isinstance(item["role"], str):
+                return f"input[{i}].role must be a string such as \"user\", got {item['role']!r:.40}", f"input[{i}].role"
+            problem = content_problem(item.get("content"), f"input[{i}].content")
+            if problem:
+                return problem
+        for key in ITEM_FIELDS.get(item.get("type"), ()):
+            if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
+                return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
+    return None
+
+
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
-    traceback (or a FastAPI 422), else None."""
+    traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
+        for i, message in enumerate(messages):
+            problem = content_problem(message.get("content"), f"messages[{i}].content")
+            if problem:
+                return problem
     elif kind == "completion":
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             return f"prompt must be a non-empty string (one prompt per request), got {type(prompt).__name__} {str(prompt)[:40]!r}", "prompt"
+        if not isinstance(body.get("suffix"), (str, type(None))):
+            return f"suffix must be a string, got {body['suffix']!r:.40}", "suffix"
     else:
-        given = body.get("input")
-        if not (isinstance(given, str) and given) and not (isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
-            return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
+        problem = input_problem(body.get("input"))
+        if problem:
+            return problem
+        if not isinstance(body.get("instructions"), (str, type(None))):
+            return f"instructions must be a string, got {body['instructions']!r:.40}", "instructions"
+    for field in ("n", "best_of"):  # transformers serve ignored both and answered one choice
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or value != 1):
+            return f"{field} must be 1: this server answers one choice per request, got {value!r:.40}; leave {field} out and send the request again for another answer", field
     for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):  # chat, completions, responses
         value = body.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -795,37 +862,69 @@ class StopCuttingQueue:
 
 
 class StopCuttingManager:
-    """A transformers serve generation manager whose streamed text ends before the earliest stop string."""
+    """A transformers serve generation manager whose streamed text ends before the earliest stop string; it keeps the
+    streamer, whose token count tells an answer cut short by the length limit."""
 
     def __init__(self, manager, stops: list[str], gen_config) -> None:
         self.manager, self.stops, self.gen_config = manager, stops, gen_config
+        self.streamer = None
 
     def generate_streaming(self, *args, **kwargs):
-        queue, streamer = self.manager.generate_streaming(*args, **kwargs)
+        queue, self.streamer = self.manager.generate_streaming(*args, **kwargs)
+        if not self.stops:
+            return queue, self.streamer
 
         def on_stop() -> None:
-            streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
+            self.streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
             # The handlers call it a "length" finish when max_new_tokens tokens came; a stop string is a stop. generate()
             # works on its own copy of the config, so this changes nothing but that reading.
             self.gen_config.max_new_tokens = None
 
-        return StopCuttingQueue(queue, self.stops, on_stop), streamer
+        return StopCuttingQueue(queue, self.stops, on_stop), self.streamer
+
+    def cut_short(self) -> bool:
+        """Whether generation ended at the length limit (the handlers' own "length" reading)."""
+        limit = self.gen_config.max_new_tokens
+        return self.streamer is not None and limit is not None and self.streamer.total_tokens >= limit
 
     def __getattr__(self, name: str):
         return getattr(self.manager, name)
 
 
-def named_events(part: str) -> str:
+def mark_incomplete(response: dict) -> None:
+    """A Responses API answer cut by the length limit, as OpenAI reports it: status "incomplete", the reason in
+    `incomplete_details`, its message "incomplete" too (transformers serve said "completed"). In place."""
+    response["status"], response["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
+    for item in response.get("output") or []:
+        if item.get("type") == "message":
+            item["status"] = "incomplete"
+
+
+def named_events(part: str, cut_short=lambda: False) -> str:
     """Responses API events with their `event: <type>` line, as OpenAI's API and llama.cpp's server send them
-    (transformers serve sends `data:` lines only; clients that dispatch on the SSE event name saw nothing)."""
+    (transformers serve sends `data:` lines only; clients that dispatch on the SSE event name saw nothing). When
+    `cut_short()` (asked only once generation is over), the message ends "incomplete" and the stream with
+    `response.incomplete`, as OpenAI's does, not `response.completed`."""
     out = []
     for raw in (e for e in part.split("\n\n") if e.strip()):
         try:
-            kind = json.loads(raw.removeprefix("data: ")).get("type")
-        except (ValueError, AttributeError):
-            kind = None
-        out.append((f"event: {kind}\n" if isinstance(kind, str) and not raw.startswith("event:") else "") + raw + "\n\n")
+            event = json.loads(raw.removeprefix("data: "))
+        except ValueError:
+            event = None
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind in ("response.output_item.done", "response.completed") and cut_short():
+            if kind == "response.completed":
+                event["type"] = kind = "response.incomplete"
+                mark_incomplete(event["response"])
+            elif event["item"].get("type") == "message":
+                event["item"]["status"] = "incomplete"
+            raw = "data: " + json.dumps(event)
+        out.append((f"event: {kind}\n" if isinstance(kind, str) else "") + raw + "\n\n")
     return "".join(out)
+
+
+PROMPT_FIELDS = {"chat": "messages", "completion": "prompt", "response": "input"}
+LIMIT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "completion": ("max_tokens",), "response": ("max_output_tokens",)}  # first given wins
 
 
 def answer_as_openai_does() -> None:
@@ -834,11 +933,14 @@ def answer_as_openai_does() -> None:
     - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it; the
       Responses API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
     - a chat or completions stream ends with `data: [DONE]` (strict SSE clients wait for it); a Responses stream ends
-      with its `response.completed` event, each event named by an `event:` line, and without `"stream"` the answer is
-      one JSON object (transformers streamed it: the openai client failed to parse it);
+      with its `response.completed` event (`response.incomplete` when the length limit cut it, as the answer's status
+      says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
+      streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
-    - a malformed request (no messages/prompt/input, a length limit < 1, a prompt longer than the model's context,
-      what generation refuses) is a 400 naming the field, not a 500 with a traceback in the server's log."""
+    - a malformed request (no messages/prompt/input, a field of the wrong type, a length limit < 1, `n` > 1, a prompt
+      plus length limit beyond the model's context, a logit_bias id beyond its vocabulary) is a 400 naming the field,
+      streamed or not, and never a 500 with a traceback in the server's log. Without a length limit, generation stops
+      at the end of the context, as llama.cpp's does."""
     import inspect
     from contextvars import ContextVar
 
@@ -849,17 +951,35 @@ def answer_as_openai_does() -> None:
     from transformers.cli.serving.response import ResponseHandler
 
     # A request's stop strings and logit bias, taken out of its body before the handler's own field check (the
-    # Responses handler refuses both: OpenAI's Responses API has neither) and applied to its generation config here.
+    # Responses handler refuses both: OpenAI's Responses API has neither) and applied to its generation config here;
+    # the length-limit field it named; whether its generation started (errors before that are the request's).
     request_options: ContextVar[dict] = ContextVar("request_options", default={})
 
-    def too_long(model, inputs, kind: str) -> JSONResponse | None:
+    def refusal(model, inputs, gen_config, kind: str) -> JSONResponse | None:
+        """A 400 for what generation would fail on or cut short, checked before any token is generated: a stream's
+        200 goes out with its first event, too early for a 400."""
+        text_config = model.config.get_text_config()
         ids = inputs["input_ids"]
         n = len(ids) if isinstance(ids, list) else ids.shape[-1]
-        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        field = PROMPT_FIELDS[kind]
+        options = request_options.get()
+        limit = getattr(text_config, "max_position_embeddings", None)
         if limit and n >= limit:
-            field = {"chat": "messages", "completion": "prompt", "response": "input"}[kind]
             return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
                                 f"(max_position_embeddings); shorten the {field}", field)
+        asked = gen_config.max_new_tokens
+        if limit and asked and n + asked > limit:
+            given = options.get("limit_field")
+            if given:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
+                return openai_error(f"the prompt is {n} tokens and {given} asks for {asked} more, beyond the model's context "
+                                    f"of {limit} tokens (max_position_embeddings): lower {given} to {limit - n} or less, "
+                                    f"or shorten the {field}", given)
+            gen_config.max_new_tokens = limit - n  # no limit asked for: stop at the end of the context, as llama.cpp does
+        vocab = getattr(text_config, "vocab_size", None)
+        beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
+        if beyond:
+            return openai_error(f"logit_bias names token ids beyond the model's vocabulary of {vocab} tokens "
+                                f"(ids 0 to {vocab - 1}): {', '.join(map(str, beyond[:5]))}", "logit_bias")
         return None
 
     def conform(handler: type, kind: str) -> None:
@@ -872,7 +992,8 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) if x], "logit_bias": body.pop("logit_bias", None)}
+            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) if x], "logit_bias": body.pop("logit_bias", None),
+                       "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model
             if kind == "response":
@@ -882,8 +1003,14 @@ def answer_as_openai_does() -> None:
                 return await handle(self, body, request_id)
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
-            except ValueError as e:  # what generation refuses in the request (a logit_bias id beyond the vocabulary, ...)
-                return openai_error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, None)
+            except (TypeError, KeyError, ValueError) as e:
+                # Before generation, the handlers index and convert the request's fields as they come: what fails there
+                # is the request (a field request_problem does not check). A ValueError from generation is what it
+                # refuses in the request's settings; anything else from generation is the server's own failure.
+                if options["generating"] and not isinstance(e, ValueError):
+                    raise
+                line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                return openai_error(f"malformed request: {type(e).__name__}" + (f": {line}" if line else ""), None)
             finally:
                 request_options.reset(reset)
 
@@ -898,31 +1025,36 @@ def answer_as_openai_does() -> None:
 
         async def answer(self, *args, **kwargs):
             given = answer_sig.bind(self, *args, **kwargs).arguments
-            refused = too_long(given["model"], given["inputs"], kind)
+            gen_config = given["gen_config"]
+            refused = refusal(given["model"], given["inputs"], gen_config, kind)
             if refused:
                 return refused
+            request_options.get()["generating"] = True
             response = await non_streaming(self, *args, **kwargs)
-            stops = stop_strings(given["gen_config"].stop_strings)
+            stops = stop_strings(gen_config.stop_strings)
             body = json.loads(response.body)
-            if stops and cut_answer(kind, body, stops, given.get("suffix")):
-                return JSONResponse(body)
-            return response
+            cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
+            limit = gen_config.max_new_tokens  # the handlers' "length" reading: as many tokens came as were allowed
+            incomplete = kind == "response" and not cut and limit is not None and body.get("usage", {}).get("output_tokens", 0) >= limit
+            if incomplete:
+                mark_incomplete(body)
+            return JSONResponse(body) if cut or incomplete else response
 
         def stream(self, *args, **kwargs):
             bound = stream_sig.bind(self, *args, **kwargs)
             given = bound.arguments
-            refused = too_long(given["model"], given["inputs"], kind)
+            refused = refusal(given["model"], given["inputs"], given["gen_config"], kind)
             if refused:
                 return refused
-            stops = stop_strings(given["gen_config"].stop_strings)
-            if stops:
-                given["gen_manager"] = StopCuttingManager(given["gen_manager"], stops, given["gen_config"])
+            request_options.get()["generating"] = True
+            manager = given["gen_manager"] = StopCuttingManager(given["gen_manager"], stop_strings(given["gen_config"].stop_strings),
+                                                                given["gen_config"])
             source = streaming(*bound.args, **bound.kwargs).body_iterator
 
             async def events():
                 try:
                     async for part in source:
-                        yield named_events(part) if kind == "response" else part
+                        yield named_events(part, manager.cut_short) if kind == "response" else part
                 finally:  # a client gone: closing the source cancels generation, and nothing more is sent
                     await source.aclose()
                 if kind != "response":

@@ -371,12 +371,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, str]:
+def _request(url: str, body: dict | None = None, key: str | None = None, raw: bytes | None = None,
+             content_type: str | None = "application/json") -> tuple[int, str]:
+    """(status, text) of a GET (no body) or a POST of `body` as JSON, or of the `raw` bytes; without `content_type`,
+    urllib sends a form type, as `curl -d` does."""
     import urllib.error
     import urllib.request
 
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    headers = {**({"Content-Type": content_type} if content_type else {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, r.read().decode()
@@ -533,11 +537,20 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
         for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
                                   ({"max_tokens": -1}, "max_tokens", ["max_tokens"]), ({"messages": [1]}, "messages", ["messages"]),
                                   ({"logit_bias": {"\u00b2": 5}}, "logit_bias", ["logit_bias"]),
-                                  ({"logit_bias": {"99999999": 5}}, None, ["vocabulary"]),
-                                  ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"])):
+                                  ({"logit_bias": {"99999999": 5}}, "logit_bias", ["vocabulary", "99999999"]),
+                                  ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias", ["vocabulary"]),  # a 400, not a 200 with an error event
+                                  ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"]),
+                                  ({"max_tokens": limit}, "max_tokens", [str(limit), "lower max_tokens", "shorten the messages"]),
+                                  ({"max_completion_tokens": limit, "stream": True}, "max_completion_tokens", [str(limit)]),
+                                  ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["messages[0].content", "string"]),
+                                  ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", ["\"type\""]),
+                                  ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", ["string"]),
+                                  ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
+                                  ({"tools": 5}, None, ["malformed request: TypeError"]),  # no check of its own: the backstop's one line
+                                  ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
             code, body = _request(url, {**chat, **bad})
             error = json.loads(body)["error"]
-            assert code == 400 and error["param"] == field and all(w in error["message"] for w in words), (bad, code, body)
+            assert code == 400 and error["param"] == field and all(w in error["message"] for w in words) and "\n" not in error["message"], (bad, code, body)
         assert "Traceback" not in log.read_text()
     finally:
         proc.send_signal(signal.SIGINT)
@@ -589,28 +602,40 @@ def test_serve_model_merged_completions_and_responses_answer_as_chat_does(own_pu
                     "response": lambda: answer.output_text}[kind]()
 
         def streamed(kind, events) -> tuple[str, str | None]:
+            """The streamed text and how it finished: a chat/completion finish_reason, a Responses stream's last event
+            ("completed", or "incomplete" with the reason, as OpenAI's API sends it when max_output_tokens cut it)."""
             if kind == "response":
                 events = list(events)
-                assert events[-1].type == "response.completed", [e.type for e in events]
+                end = events[-1]
+                assert end.type in ("response.completed", "response.incomplete"), [e.type for e in events]
+                status = "completed" if end.type == "response.completed" else f"incomplete: {end.response.incomplete_details.reason}"
+                assert end.response.status == status.split(":")[0], end
+                message = next(e.item for e in events if e.type == "response.output_item.done" and e.item.type == "message")
+                assert message.status == end.response.output[0].status == status.split(":")[0], events
                 deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-                assert events[-1].response.output_text == deltas, events[-1]
-                return deltas, None
+                assert end.response.output_text == deltas, end
+                return deltas, status
             chunks = [c for c in events if c.choices]
             pieces = [(c.choices[0].delta.content if kind == "chat" else c.choices[0].text) or "" for c in chunks]
             return "".join(pieces), chunks[-1].choices[0].finish_reason
 
+        def finish(kind, answer) -> str:
+            if kind == "response":
+                return answer.status + (f": {answer.incomplete_details.reason}" if answer.incomplete_details else "")
+            return answer.choices[0].finish_reason
+
+        stopped = {"chat": "stop", "completion": "stop", "response": "completed"}
+        cut = {"chat": "length", "completion": "length", "response": "incomplete: max_output_tokens"}
         for kind, call in ask.items():
             answer = call(logit_bias=bias)
             full = text(kind, answer)
-            assert full == " the" * 6 and answer.model == pub.name, (kind, answer)
+            assert full == " the" * 6 and answer.model == pub.name and finish(kind, answer) == cut[kind], (kind, answer)
             want = full[:full.find("e t")]  # " th": the stop string spans two tokens
             answer = call(logit_bias=bias, stop=["e t", "never-generated"])
-            assert text(kind, answer) == want, (kind, answer)
-            if kind != "response":
-                assert answer.choices[0].finish_reason == "stop", answer
-            assert streamed(kind, call(logit_bias=bias, stop="e t", stream=True)) == (want, None if kind == "response" else "stop"), kind
+            assert text(kind, answer) == want and finish(kind, answer) == stopped[kind], (kind, answer)
+            assert streamed(kind, call(logit_bias=bias, stop="e t", stream=True)) == (want, stopped[kind]), kind
             # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
-            assert streamed(kind, call(logit_bias=bias, stop=[full[-2:] + "\u2603never"], stream=True)) == (full, None if kind == "response" else "length")
+            assert streamed(kind, call(logit_bias=bias, stop=[full[-2:] + "\u2603never"], stream=True)) == (full, cut[kind])
             for empty in ("", [], [""]):  # an empty stop string stops nothing
                 assert text(kind, call(logit_bias=bias, stop=empty)) == full, (kind, empty)
 
@@ -620,17 +645,25 @@ def test_serve_model_merged_completions_and_responses_answer_as_chat_does(own_pu
             assert sum(json.loads(d).get("usage") is not None for _, d in events[:-1]) == 1, events
         events = _sse(f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 3})
         assert all(name == json.loads(data)["type"] for name, data in events), events  # every event named, no [DONE]
-        assert events[-1][0] == "response.completed"
+        assert events[-1][0] == "response.incomplete", events  # 3 tokens of a model that never ends by itself
 
-        limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+        config = json.loads((pub / "merged" / "config.json").read_text())
+        limit, vocab = config["max_position_embeddings"], config["vocab_size"]
         long_text = "cat " * (limit + 10)
         bad = {"/v1/completions": (({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": ""}, "prompt"),
                                    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "stop": 5}, "stop"),
                                    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"), ({"prompt": long_text}, "prompt"),
-                                   ({"prompt": "hi", "logit_bias": {"99999999": 5}}, None), ({"prompt": "hi", "no_such_field": 1}, None)),
+                                   ({"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"), ({"prompt": "hi", "no_such_field": 1}, None),
+                                   ({"prompt": "hi", "logit_bias": {str(vocab): 5}, "stream": True}, "logit_bias"),
+                                   ({"prompt": "hi", "max_tokens": limit}, "max_tokens"), ({"prompt": "hi", "suffix": 5}, "suffix"),
+                                   ({"prompt": "hi", "n": 2}, "n"), ({"prompt": "hi", "best_of": 3}, "best_of")),
                "/v1/responses": (({}, "input"), ({"input": []}, "input"), ({"input": 5}, "input"), ({"input": [1]}, "input"),
                                  ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"), ({"input": "hi", "stop": [1]}, "stop"),
-                                 ({"input": long_text}, "input"), ({"input": "hi", "stream": True, "max_output_tokens": -1}, "max_output_tokens"))}
+                                 ({"input": long_text}, "input"), ({"input": "hi", "stream": True, "max_output_tokens": -1}, "max_output_tokens"),
+                                 ({"input": [{"foo": 1}]}, "input[0]"), ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+                                 ({"input": [{"role": "user", "content": "a"}, {"type": "function_call"}]}, "input[1].call_id"),
+                                 ({"input": "hi", "instructions": 5}, "instructions"),
+                                 ({"input": "hi", "stream": True, "max_output_tokens": limit}, "max_output_tokens"))}
         for path, cases in bad.items():
             for body, field in cases:
                 code, answer = _request(f"{base}{path}", {"model": pub.name, **body})
@@ -638,6 +671,12 @@ def test_serve_model_merged_completions_and_responses_answer_as_chat_does(own_pu
                 assert code == 400 and error["param"] == field and "\n" not in error["message"], (path, body, code, answer)
         code, answer = _request(f"{base}/v1/completions", ["not", "an", "object"])
         assert code == 400 and "JSON object" in json.loads(answer)["error"]["message"], answer
+        code, answer = _request(f"{base}/v1/completions", raw=b'{"prompt": "hi",\n "max_tokens": 2,}')
+        assert code == 400 and "not valid JSON" in answer and "line 2 column 18" in answer, answer
+        # a JSON body is read as JSON whatever its Content-Type says, as OpenAI's API and llama.cpp's server read it
+        for content_type in (None, "text/plain"):
+            code, answer = _request(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2}, content_type=content_type)
+            assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2, (content_type, answer)
         assert "Traceback" not in log.read_text()
     finally:
         proc.send_signal(signal.SIGINT)
