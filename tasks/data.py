@@ -52,6 +52,8 @@ DROP_FIXES = {
     "no assistant turn": "every conversation needs an assistant answer",
     "no assistant tokens": "raise data.max_length (the answers were cut off)",
     "duplicate": "nothing to fix: a repeated conversation is kept once",
+    "other language": "widen data.language (null keeps every language)",
+    "deleted or rejected": "nothing to fix in the data: deleted or rejected messages are never trained on; add conversations",
 }
 MAX_ROW_CHARS = 64 * 2048  # a row this long can't fit any sensible max_length: drop it before tokenizing
 # English text runs ~4 characters per token, so a mix conversation's prefix longer than max_length x 5

@@ -82,7 +82,8 @@ def lora_targets_markdown(train, lora) -> str:
         return ", ".join(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
     line = ", ".join(t["modules"]) or "no linear layer"
     if t.get("parameters"):
-        line += f" + the routed experts' weights {', '.join(t['parameters'])} ({t['experts']} experts a layer)"
+        line += (f" + the routed experts' weights {', '.join(t['parameters'])} ({t['experts']} experts a layer; never 4-bit: "
+                 "bitsandbytes quantizes linear layers only)")
     if t.get("not_adapted"):
         line += "; **not adapted**: " + "; ".join(t["not_adapted"])
     return line

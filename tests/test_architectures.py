@@ -65,7 +65,7 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     assert merge["check"]["passed"] and merge["merged_modules"] == 2 * (len(linear) + len(experts))  # 2 layers
     card = (Path(result["published"]) / "README.md").read_text()
     if experts:
-        assert targets["experts"] == 4 and "routed experts" in card and "not adapted" in card and "routers" in card
+        assert targets["experts"] == 4 and "routed experts" in card and "not adapted" in card and "routers" in card and "never 4-bit" in card
     # Quiet and current (issue 20.5): no FutureWarning from the run, no raw Trainer dicts between the log lines.
     future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
     assert future == []

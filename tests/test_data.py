@@ -76,6 +76,12 @@ def test_oasst_trees_take_the_best_ranked_path_in_one_language(tmp_path, tiny_cf
     assert rec.n_train + rec.n_heldout == 15
 
 
+def test_a_language_filter_that_leaves_nothing_names_data_language(tmp_path, tiny_cfg, shared_artifacts):
+    src = _write(tmp_path / "oasst.jsonl", _oasst_rows(), "jsonl")
+    with pytest.raises(StageError, match=r"0 usable training rows \(other language: 20\); widen data.language"):
+        load_dataset_records(*_cfg(tiny_cfg, src, language="fr"), shared_artifacts)
+
+
 def test_labels_cover_assistant_tokens_only_with_eos(tiny_tok):
     msgs = CAPYBARA[3]["messages"]
     enc, reason = encode(tiny_tok, msgs, 512, "drop")
