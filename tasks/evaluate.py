@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -275,13 +276,19 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     for j, i in enumerate(loss_rows):
         groups.setdefault(source_of[i], []).append(j)
 
+    base_caches = {name: stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
+                   for name, suite in suites.items()}
+    bar = EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches))
+
     results = {}
     for name in ("base", "tuned"):
         ctx = model.disable_adapter() if name == "base" else _nullcontext()
         with ctx, torch.inference_mode():
+            bar.describe(f"held-out {name} loss")
             nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
             check: dict = {}
-            gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check)
+            gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check,
+                            bar.part(f"held-out {name}", n * eval.max_new_tokens))
         loss = mean_nll(nll[:n])
         by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
         results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
@@ -325,9 +332,9 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
 
     bench_results = {}
     for name, suite in suites.items():
-        base_key = base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok)
         bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
-                                            base_cache=stage_dir(artifacts_dir, "eval-base", base_key))
+                                            base_cache=base_caches[name], bar=bar)
+    bar.close()
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
     samples = []
@@ -424,11 +431,61 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
+def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path]) -> dict[str, int]:
+    """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
+    answers x their token cap. A benchmark's base side already cached (`base_answers_key`) generates nothing: left out."""
+    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned")}
+    for name, suite in suites.items():
+        for who in ("base", "tuned"):
+            if not (who == "base" and is_complete(base_caches[name])):
+                parts[f"{name} {who}"] = len(suite["rows"]) * suite["subset"]["max_new_tokens"]
+    return parts
+
+
+class EvalBar:
+    """Stage 5's one progress bar (stderr, main process only, as stage 4's `BudgetBar`), over `plan_generation`'s parts.
+    Its unit is an answer's token cap, not the answer: a batch decodes until its longest answer stops, most often at the
+    cap, so its time follows the cap (pipeline.yaml's demo: "cost is batches x cap"), and an IFEval answer at 1280 tokens
+    weighs 20 held-out answers at 64: counted in answers, the quick held-out part would make the ETA far too short.
+    The loss passes (held-out rows, AlpacaEval's references) are named on the bar but not counted: their speed against
+    decoding differs by device (a few times faster per token on a CPU, far more on a GPU), so no one weight fits."""
+
+    def __init__(self, parts: dict[str, int]):
+        from tqdm.auto import tqdm
+
+        from .engine.dist import is_main
+
+        self.planned = dict(parts)
+        self.bar = tqdm(total=sum(parts.values()), desc="evaluate", disable=not is_main(),
+                        bar_format="{l_bar}{bar}| {n:,}/{total:,} tokens of the caps [{elapsed}<{remaining}{postfix}]")
+
+    def part(self, name: str, size: int) -> Callable[[int], object]:
+        """Part `name` starts: the bar names it; one the plan left out (a cached base side that could not be read back)
+        adds its size to the total. Returns the per-batch update for `generate`."""
+        if self.planned.pop(name, None) is None:
+            self.bar.total += size
+        self.bar.set_description_str(f"evaluate: {name}")
+        return self.bar.update
+
+    def describe(self, what: str) -> None:
+        """Name work that the bar does not count (a loss pass), so a bar standing still says what runs."""
+        self.bar.set_description_str(f"evaluate: {what}")
+
+    def skip(self, name: str) -> None:
+        """Part `name` generates nothing (the base's answers reused): out of the total if the plan counted it."""
+        self.bar.total -= self.planned.pop(name, 0)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str,
-             check: dict | None = None) -> list[dict]:
+             check: dict | None = None, progress: Callable[[int], object] | None = None) -> list[dict]:
     """Greedy answers to each conversation's last user turn, in the input order; `stopped` = ended by an
     end-of-turn token. Batched by prompt length (less left padding: benchmark prompts range from 10 to 500+
-    tokens). `check`, when given, receives `decode_check`'s counts for the first batch."""
+    tokens). `check`, when given, receives `decode_check`'s counts for the first batch; `progress`, when given, is
+    called after each batch with its answers' token caps (answers x max_new_tokens: `EvalBar`'s unit)."""
     prompts = []
     for msgs in conversations:
         ctx = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
@@ -458,6 +515,8 @@ def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], m
             if check is not None and start == 0:
                 prompt_ids = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"])]
                 check.update(decode_check(model, prompt_ids, answers, device))
+            if progress is not None:
+                progress(len(ids) * max_new_tokens)
     finally:
         tok.padding_side = old_side
     return out
@@ -660,10 +719,11 @@ def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | 
 
 
 def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None,
-                  base_cache: Path | None = None) -> dict:
+                  base_cache: Path | None = None, bar: EvalBar | None = None) -> dict:
     """Base then tuned on one benchmark, prompted as the published model is (`benchmark_conversation`); returns
     {"summary": small JSON for the record, "rows": per-prompt detail}. `base_cache` (keyed by `base_answers_key`)
-    holds the base's answers, reference losses and decode check once computed; a later run reads them back."""
+    holds the base's answers, reference losses and decode check once computed; a later run reads them back.
+    `bar`: stage 5's progress bar, advanced batch by batch."""
     import torch
 
     name, rows = suite["name"], suite["rows"]
@@ -682,12 +742,17 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                 nll["base"] = [tuple(x) for x in saved["nll"]]
             log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache}: same base, "
                    "prompt and reference token ids, decoding, code, machine and libraries)")
+            if bar is not None:
+                bar.skip(f"{name} base")
             continue
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
+            progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
             gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device,
-                                 checks[who])
+                                 checks[who], progress)
             if name == "alpaca_eval":
+                if bar is not None:
+                    bar.describe(f"{name} {who} reference loss")
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
         if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
             with locked(base_cache):

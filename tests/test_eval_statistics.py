@@ -38,10 +38,12 @@ def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | Non
     (its result, the conversations each model was prompted with)."""
     seen = []
 
-    def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device, check=None):
+    def fake_generate(model, tok, conversations, stop_ids, max_new_tokens, batch_size, device, check=None, progress=None):
         seen.append((model.who, conversations))
         if check is not None and checks:
             check.update(checks[model.who])
+        if progress is not None:
+            progress(len(conversations) * max_new_tokens)
         return [{"text": t, "stopped": s} for t, s in answers[model.who]]
 
     def fake_reference_nll(model, tok, prompts, references, *a, **k):
@@ -467,6 +469,30 @@ def test_base_answers_are_generated_once_then_reused_by_a_retrained_adapter(monk
     assert [r["tuned"] for r in res2["rows"]] == ["another adapter"] * 8
     assert any("base model's answers reused" in m for m in said)
     assert res1["summary"]["base_reused"] is None and res2["summary"]["base_reused"] == "k"
+
+
+def test_the_bar_counts_a_base_side_generated_again_and_not_one_reused(monkeypatch, tmp_path):
+    """Stage 5's bar plans its total before any generation (issue 20 item 5): a base side cached then is left out; one
+    whose cache cannot be read back is generated after all and adds itself; one the plan counted but that is reused
+    (another run wrote it meanwhile) takes itself out. Each way the bar ends at its total."""
+    rows, cache = alpaca_rows(8), tmp_path / "eval-base" / "k"
+    answers = {"base": [("base answer", False)] * 8, "tuned": [("tuned answer", True)] * 8}
+    nll = {"base": [(2.0, 1)] * 8, "tuned": [(1.0, 1)] * 8}
+    suites = {"alpaca_eval": {"rows": rows, "subset": {"max_new_tokens": 96}}}
+    side = 8 * 96
+
+    def bar_after(plan_cache, *, unreadable: bool = False):
+        bar = ev.EvalBar(ev.plan_generation(0, 1, suites, {"alpaca_eval": plan_cache}))
+        if unreadable:
+            (cache / "base.json").write_text("{not json")
+        run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, bar=bar)
+        bar.close()
+        return bar.bar.n, bar.bar.total
+
+    assert bar_after(cache) == (2 * side, 2 * side)  # nothing cached yet: both sides generated
+    assert bar_after(cache) == (side, side)  # the base side read back: not counted
+    assert bar_after(cache, unreadable=True) == (2 * side, 2 * side)  # planned as cached, generated again
+    assert bar_after(tmp_path / "not-yet") == (side, side)  # planned as generated, reused
 
 
 class CharTok:

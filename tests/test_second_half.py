@@ -54,6 +54,39 @@ def test_evaluate_reports_base_and_tuned_side_by_side(trained, tiny_cfg, shared_
     assert Path(rec.chart_png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_shows_one_bar_that_reaches_its_planned_generation_work(trained, tiny_cfg, tmp_path, capfd, monkeypatch):
+    """Stage 5 ran minutes with no bar (issue 20 item 5): one tqdm bar on stderr, its total every part's answers x
+    token cap (held-out and each benchmark, base and tuned), named part by part (loss passes too), ending at that
+    total. A rerun that reuses the base's benchmark answers leaves them out of the total. Another rank than 0 shows
+    none, and the stage's outputs are the same with the bar or without it."""
+    ev = tiny_cfg.eval
+    run = lambda e, art: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(art))  # noqa: E731
+    first = run(ev, tmp_path / "a")
+    err = capfd.readouterr().err
+    caps = {b: ev.benchmark_prompts[b] * ev.benchmark_max_new_tokens[b] for b in ev.benchmarks}
+    total = 2 * (first.n_prompts * ev.max_new_tokens + sum(caps.values()))
+    assert f"{total}/{total} tokens of the caps" in err and err.count(f"/{total} tokens") >= 3  # updated along the way
+    for part in ["held-out base", "held-out tuned"] + [f"{b} {who}" for b in ev.benchmarks for who in ("base", "tuned")]:
+        assert f"evaluate: {part}:" in err
+    assert "evaluate: held-out base loss:" in err and "evaluate: alpaca_eval tuned reference loss:" in err  # named, not counted
+    # eval.confidence re-runs the stage, not the base's answers: their parts generate nothing and are not counted
+    second = run(ev.model_copy(update={"confidence": 0.9}), tmp_path / "a")
+    err = capfd.readouterr().err
+    rest = total - sum(caps.values())
+    assert f"{rest}/{rest} tokens of the caps" in err and "ifeval base" not in err and "alpaca_eval base" not in err
+    assert all(second.benchmarks[b]["base_reused"] for b in ev.benchmarks)
+
+    monkeypatch.setenv("RANK", "1")
+    quiet = run(ev, tmp_path / "b")
+    assert "tokens of the caps" not in capfd.readouterr().err
+    where = ("dir", "eval_json", "chart_png", "seconds", "benchmarks")  # paths and clocks; the benchmarks less their clocks below
+    drop = lambda d: {k: v for k, v in d.items() if k not in where}  # noqa: E731
+    timeless = lambda r: {k: {m: v for m, v in s.items() if m != "seconds"} for k, s in r.benchmarks.items()}  # noqa: E731
+    assert drop(first.model_dump(mode="json")) == drop(quiet.model_dump(mode="json")) and timeless(first) == timeless(quiet)
+    assert drop(json.loads(Path(first.eval_json).read_text())) == drop(json.loads(Path(quiet.eval_json).read_text()))  # answers, rows, samples
+    assert sorted(p.name for p in Path(first.dir).iterdir()) == sorted(p.name for p in Path(quiet.dir).iterdir())
+
+
 def test_merge_matches_base_plus_adapter_and_twice_is_a_noop(trained, tiny_cfg, shared_artifacts):
     rec = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", shared_artifacts)
     assert rec.check.passed and rec.dtype == "float32" and rec.top1_agreement == 1.0 and rec.kl_mean < 1e-6
