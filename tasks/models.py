@@ -420,6 +420,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
         raise StageError(f"tokenizer of {model.name!r} has no EOS token; the model could never learn to stop — pick another model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    check_chat_template(tok, model)
     if adds_bos(tok) and not _renders_bos(tok):
         # The tokenizer puts BOS before every text (pretraining always had it) but the template does not: open the
         # template with it, or training and stage 5 would run without the BOS that llama.cpp/Ollama add.
@@ -430,6 +431,43 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
                 f"the chat template does not start with {tok.bos_token!r}, which the tokenizer of {model.name!r} puts before "
                 "every text; prepended it so training, evaluation and serving see the same first tokens")
     return tok
+
+
+def check_chat_template(tok, model: ModelSection, system_prompt: str | None = None) -> None:
+    """Render a user + assistant exchange (behind a system turn when `system_prompt`, data.system_prompt, is set) with
+    the tokenizer's chat template: a Jinja syntax error, or a template that refuses the exchange (`raise_exception`, as
+    Gemma-2's does for a system turn), is one StageError naming the key, the template's message and line, and the fix."""
+    import jinja2
+
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    if system_prompt:
+        probe = [{"role": "system", "content": system_prompt}, *probe]
+    try:
+        tok.apply_chat_template(probe, tokenize=False)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise _template_error(e, model, system_prompt) from e
+
+
+def _template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
+    import jinja2
+
+    line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame
+    tb = e.__traceback__
+    while line is None and tb is not None:
+        if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    what = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+    at = f" (line {line})" if line else ""
+    key = "model.chat_template" if model.chat_template else f"the chat template of {model.name!r} (its tokenizer's)"
+    if isinstance(e, jinja2.TemplateSyntaxError):
+        return StageError(f"{key}: not valid Jinja: {what}{at}; fix the template (every {{% ... %}} and {{{{ ... }}}} closed) "
+                          "or unset model.chat_template to use the tokenizer's own")
+    if system_prompt:
+        return StageError(f"{key}: refuses the system turn that data.system_prompt adds: {what}{at}; unset data.system_prompt "
+                          "(put the instructions in the data's user turns) or set model.chat_template to a template that takes a system turn")
+    return StageError(f"{key}: cannot render a user + assistant exchange: {what}{at}; set model.chat_template to a template "
+                      "that renders user and assistant turns")
 
 
 def adds_bos(tok) -> bool:
@@ -681,6 +719,7 @@ def _inventory(model, blocks: str) -> dict:
     import torch
 
     linear, routers, expert_params, expert_other, experts = {}, {}, {}, {}, 0
+    counts = _expert_counts(model)
     for name, m in model.named_modules():
         if not blocks or not name.startswith(blocks + "."):
             continue
@@ -691,7 +730,7 @@ def _inventory(model, blocks: str) -> dict:
             routers[leaf] = None
         elif isinstance(m, torch.nn.Linear):
             linear[leaf] = None
-        elif any(p.ndim == 3 for p in own.values()):  # an experts module: [experts, ., .] weights, maybe biases
+        elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
                 (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
                 experts = max(experts, int(p.shape[0])) if p.ndim == 3 else experts
@@ -699,6 +738,35 @@ def _inventory(model, blocks: str) -> dict:
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
             "experts": experts, "outside": outside}
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_moe_experts", "n_experts")
+
+
+def _expert_counts(model) -> set[int]:
+    """The routed-expert counts the model's (text) config states, under any of the names architectures use for it."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return set()
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    sources = [config, getattr(config, "ffn_config", None)]  # DBRX keeps it in ffn_config
+    return {v for c in sources if c is not None for k in EXPERT_COUNT_KEYS if isinstance(v := getattr(c, k, None), int) and v > 1}
+
+
+def _holds_experts(m, own: dict, counts: set[int]) -> bool:
+    """Whether a module keeps routed experts' weights as [experts, ., .] tensors (MixtralExperts, Qwen3MoeExperts,
+    GptOssExperts, ...). A Conv1d's [out, 1, kernel] weight is 3-D too (Mamba, Falcon-H1, Jamba, Qwen3-Next's
+    linear attention): not an expert's, so convolutions never count, and where the config states an expert count the
+    first dimension must equal it; without one, the module's class must name experts."""
+    import torch
+
+    weights = [p for p in own.values() if p.ndim == 3]
+    if not weights or isinstance(m, torch.nn.modules.conv._ConvNd):
+        return False
+    if counts:
+        return all(int(p.shape[0]) in counts for p in weights)
+    return "Expert" in type(m).__name__
 
 
 def model_skeleton(ref: ModelRef, model: ModelSection):

@@ -5,7 +5,7 @@ not truncated), that its tokenizer has a chat template that closes assistant tur
 (EOS or a special end-of-turn token), that the LoRA targets exist in it, and on a mixture-of-experts model what LoRA
 reaches and what it cannot. The model is built on the meta device from its config: no weights are read.
 
-    lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir)   # StageError if it cannot work
+    lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir, cfg.data.system_prompt)   # StageError if it cannot work
 """
 
 from __future__ import annotations
@@ -13,14 +13,19 @@ from __future__ import annotations
 from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
-from .models import compute_dtype, load_tokenizer, lora_targets, model_skeleton, resolve_device, resolve_model, uses_4bit
+from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, resolve_device,
+                     resolve_model, uses_4bit)
 
 
-def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str) -> list[str]:
+def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str,
+                system_prompt: str | None = None) -> list[str]:
     """Every model-dependent check of the run; returns the lines to log before stage 1 (what LoRA adapts and what it
-    cannot). Raises StageError, one line naming the key and the fix, when the run could not work."""
+    cannot). `system_prompt` is data.system_prompt: the chat template must take the system turn it adds. Raises
+    StageError, one line naming the key and the fix, when the run could not work."""
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
-    tok = load_tokenizer(ref, model)  # chat template (the project's default is said once), an EOS
+    tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
+    if system_prompt:
+        check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
     skeleton = model_skeleton(ref, model)
     targets = lora_targets(skeleton, lora)
@@ -38,4 +43,27 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         count = f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n:,}"
         lines.append(f"model: the routed experts ({count} parameters, {gib:.2f} GiB) stay in {str(dtype).removeprefix('torch.')}, "
                      "not NF4: bitsandbytes 4-bit quantizes linear layers only; their LoRA trains on them as they are")
+    _check_peft_accepts(skeleton, lora, targets)  # last: it wraps the skeleton in place
     return lines
+
+
+def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> None:
+    """PEFT's own refusals (Mamba-based models take no LoRA on out_proj/conv1d, ...) before stage 1, not as a traceback in
+    stage 3: wrap the meta skeleton as training will (under a second on an 8B config, no memory)."""
+    import re
+
+    import torch
+    from peft import get_peft_model
+
+    try:
+        with torch.device("meta"), peft_quietly():
+            get_peft_model(skeleton, lora_config(lora, targets))
+    except (ValueError, TypeError, NotImplementedError) as e:
+        msg = re.sub(r"^\[PEFT:[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        msg = msg.split(" Please ")[0]  # PEFT's own advice names its keyword, not ours: the fix below replaces it
+        bad = set(re.findall(r"\{([^}]*)\}", msg)[-1].replace("'", "").replace(" ", "").split(",")) if "{" in msg else set()
+        bad |= set(re.findall(r"Module '(\w+)'", msg))
+        rest = [n for n in targets.modules if n not in bad]
+        fix = f"set lora.target_modules=[{','.join(rest)}]" if bad and rest else "name other layers in lora.target_modules"
+        raise StageError(f"lora.target_modules: PEFT cannot adapt this model with {', '.join(targets.modules + targets.parameters)}: "
+                         f"{msg.removesuffix('.')}; {fix}") from e

@@ -72,11 +72,20 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     assert "{'loss'" not in out + err and "{'train_runtime'" not in out + err
 
 
+# State-space and hybrid models: a Conv1d's [channels, 1, kernel] weight in every Mamba mixer, 3-D like MoE experts' weights.
+SSM_ARCHS = {
+    "mamba": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 8},
+    "falcon_h1": {**TINY, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "head_dim": 16},
+    "jamba": {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
+              "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 8},  # Mamba mixers + MoE layers
+}
+
+
 def _skeleton(arch: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(arch, vocab_size=512, pad_token_id=0, **ARCHS[arch][0])
+    config = AutoConfig.for_model(arch, vocab_size=512, pad_token_id=0, **(ARCHS[arch][0] if arch in ARCHS else SSM_ARCHS[arch]))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -92,6 +101,40 @@ def test_all_linear_reaches_every_decoder_linear_whatever_its_name():
     assert "vision_tower" in gemma.describe() and "vision" not in gemma.pattern  # the text model only
     qwen = lora_targets(_skeleton("qwen2_moe"), LoraSection())
     assert "routers (gate, shared_expert_gate" in qwen.describe()
+
+
+def test_a_convolutions_3d_weight_is_not_a_routed_experts():
+    """Mamba, Falcon-H1 and Jamba keep a Conv1d ([channels, 1, kernel]) in each mixer: all-linear once adapted it as "the
+    routed experts' weights conv1d.weight (80 experts a layer)"; the MoE models still find their experts."""
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"):
+        t = lora_targets(_skeleton(arch), LoraSection())
+        assert set(t.parameters) == EXPERTS and t.experts == 4, (arch, t.describe())
+    for arch in ("mamba", "falcon_h1"):
+        t = lora_targets(_skeleton(arch), LoraSection())
+        assert t.parameters == () and t.experts == 0 and "conv1d" not in t.describe(), (arch, t.describe())
+    jamba = lora_targets(_skeleton("jamba"), LoraSection())
+    assert set(jamba.parameters) == EXPERTS and jamba.experts == 4 and "conv1d" not in jamba.describe(), jamba.describe()
+
+
+def test_a_target_peft_refuses_is_one_line_before_stage_1(shared_artifacts):
+    """PEFT takes no LoRA on a Mamba model's out_proj: said by the model check naming lora.target_modules and the layers
+    it can take, not as a traceback from stage 3."""
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.preflight import check_model
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:mamba",
+                                                 f"model.random_config={json.dumps(SSM_ARCHS['mamba'])}"])
+    with pytest.raises(StageError) as e:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("lora.target_modules: PEFT cannot adapt this model"), msg
+    assert "out_proj" in msg and "set lora.target_modules=[in_proj,x_proj,dt_proj]" in msg, msg
+    fixed = cfg.lora.model_copy(update={"target_modules": ["in_proj", "x_proj", "dt_proj"]})
+    assert check_model(cfg.model, fixed, cfg.quant, "cpu", shared_artifacts)[0].startswith("model: LoRA on in_proj, x_proj, dt_proj")
 
 
 def test_explicit_targets_still_work_and_a_wrong_name_lists_the_models_names():
@@ -135,6 +178,15 @@ def _run_cli(capfd, *args: str) -> tuple[int, str]:
      ["lora.dropout: 0.05", "routed experts", "set lora.dropout=0"]),
     ("template-without-eos", ["model.chat_template={% for m in messages %}{{ m['role'] }}: {{ m['content'] }} END\n{% endfor %}"],
      ["chat template ends assistant turns with", "can't learn to stop", "model.chat_template"]),
+    ("template-syntax", ["model.chat_template={% for m in messages %}{{ m['content'] }"],
+     ["model.chat_template: not valid Jinja: unexpected '}' (line 1)", "fix the template"]),
+    ("template-raises", ["model.chat_template={{ raise_exception('no chat here') }}"],
+     ["model.chat_template: cannot render a user + assistant exchange: no chat here (line 1)", "set model.chat_template"]),
+    # Gemma-2's template refuses a system turn: with data.system_prompt set, stage 1 once died after 48 s.
+    ("system-refused", ["data.system_prompt=Answer briefly.", "model.chat_template={% for m in messages %}\n{% if m['role'] == "
+                        "'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{{ eos_token }}{% endfor %}"],
+     ["model.chat_template: refuses the system turn that data.system_prompt adds: System role not supported (line 2)",
+      "unset data.system_prompt"]),
 ])
 def test_model_problems_are_one_line_before_stage_1(case, sets, needles, prefect_server, tmp_path, capfd):
     art = tmp_path / "artifacts"
