@@ -757,16 +757,15 @@ def _expert_counts(model) -> set[int]:
 def _holds_experts(m, own: dict, counts: set[int]) -> bool:
     """Whether a module keeps routed experts' weights as [experts, ., .] tensors (MixtralExperts, Qwen3MoeExperts,
     GptOssExperts, ...). A Conv1d's [out, 1, kernel] weight is 3-D too (Mamba, Falcon-H1, Jamba, Qwen3-Next's
-    linear attention): not an expert's, so convolutions never count, and where the config states an expert count the
-    first dimension must equal it; without one, the module's class must name experts."""
+    linear attention): not an expert's, so convolutions never count; a weight's first dimension equals an expert count the
+    config states, or the module's class names experts."""
     import torch
 
     weights = [p for p in own.values() if p.ndim == 3]
     if not weights or isinstance(m, torch.nn.modules.conv._ConvNd):
         return False
-    if counts:
-        return all(int(p.shape[0]) in counts for p in weights)
-    return "Expert" in type(m).__name__
+    # One matching weight is enough: LongCat-Flash's gate_up_proj holds its zero-computation experts too (10 vs 8).
+    return any(int(p.shape[0]) in counts for p in weights) or "Expert" in type(m).__name__
 
 
 def model_skeleton(ref: ModelRef, model: ModelSection):

@@ -117,6 +117,16 @@ def test_a_convolutions_3d_weight_is_not_a_routed_experts():
         assert t.parameters == () and t.experts == 0 and "conv1d" not in t.describe(), (arch, t.describe())
     jamba = lora_targets(_skeleton("jamba"), LoraSection())
     assert set(jamba.parameters) == EXPERTS and jamba.experts == 4 and "conv1d" not in jamba.describe(), jamba.describe()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # LongCat-Flash: gate_up_proj holds 8 routed + 2 zero-computation experts, down_proj the 8 (a review, 2026-12-02)
+    config = AutoConfig.for_model("longcat_flash", hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                                  n_routed_experts=8, zero_expert_num=2, moe_intermediate_size=32, ffn_hidden_size=64, q_lora_rank=16,
+                                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    with torch.device("meta"):
+        longcat = lora_targets(AutoModelForCausalLM.from_config(config), LoraSection())
+    assert set(longcat.parameters) == EXPERTS, longcat.describe()
 
 
 def test_a_target_peft_refuses_is_one_line_before_stage_1(shared_artifacts):
