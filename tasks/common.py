@@ -194,6 +194,24 @@ def stop_when_orphaned(parent: int, grace_s: float = 10.0) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+@contextlib.contextmanager
+def transformers_logs_at_error() -> Iterator[None]:
+    """transformers' log level at error for the block (its per-load and per-config chatter; we log once per stage)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or `taskset`'s share), not the machine's."""
+    return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
+
+
 def human_seconds(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)

@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, write_json
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, usable_cores, write_json
 from .models import adds_bos
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
@@ -574,7 +574,7 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params.n_ctx = n_ctx
     params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
     params.n_parallel = 1
-    params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
+    params.cpuparams.n_threads = usable_cores()
     if api_key:
         params.api_keys = [api_key]
     try:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir
+from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
 from .config import ModelSection, QuantSection
 from .random_config import TOKENIZER_KEYS, random_config_problems
 
@@ -810,12 +810,5 @@ def peft_quietly():
 def quiet_transformers():
     """Silence transformers' per-load chatter (we log once per stage ourselves), and the renamed-name FutureWarnings of
     a PEFT load inside (`peft_quietly`)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with peft_quietly():
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
+    with transformers_logs_at_error(), peft_quietly():
+        yield

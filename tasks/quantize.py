@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError, file_sha256, locked
+from .common import StageError, file_sha256, locked, usable_cores
 
 BINARY = "llama-quantize"
 # Only what the quantizer needs: no tests, examples, server, HTTPS; one static binary. Two cuts take a third off the
@@ -124,7 +124,7 @@ def extract_llama_cpp(archive: Path, src: SourceArchive, dest: Path) -> Path:
 
 def build_quantizer(root: Path, build: Path, log_fn) -> Path:
     """CMake configure + build of the llama-quantize target, a progress line every 10%; returns the binary."""
-    jobs = max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)  # the cores this process may use
+    jobs = usable_cores()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     t0 = time.monotonic()
     _run(["cmake", "-S", str(root), "-B", str(build), *generator, *CMAKE_OPTIONS], "configure", log_fn, t0)

@@ -5,7 +5,6 @@ calls it while loading the config and tasks/models.py imports tasks/config.py.""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import functools
@@ -13,6 +12,8 @@ import inspect
 import re
 import typing
 from pathlib import Path
+
+from .common import transformers_logs_at_error
 
 # The byte tokenizer's size and ids, which tasks.models gives the random model's config (random_config's win), and its
 # text model's too in a multimodal config: read by the builder at the top level of any architecture.
@@ -103,7 +104,7 @@ def _sub_config_class(cls, key: str, value: dict):
 def _config_default(cls):
     """The config class built with its defaults; None where it cannot be built bare."""
     try:
-        with _quiet_transformers():
+        with transformers_logs_at_error():
             return cls()
     except Exception:
         return None
@@ -151,7 +152,7 @@ def _stored_unused(cls, key: str, value) -> bool:
     of rope_parameters, `hasattr(self, "num_heads")` in a shared check) is no reader. A key the __init__ consumes without
     a parameter of that name (rope_theta, attn_implementation) is read too."""
     try:
-        with _quiet_transformers():
+        with transformers_logs_at_error():
             stored = key in vars(cls(**{key: copy.deepcopy(value)}))
     except Exception:  # refused: something read it (the build names a bad value)
         return False
@@ -173,17 +174,3 @@ def _config_sources(cls) -> str:
     files = [own] if getattr(cls, "sub_configs", None) else [
         own, *sorted(own.parent.glob("modeling_*.py")), shared / "configuration_utils.py", shared / "modeling_rope_utils.py"]
     return "\n".join(f.read_text(encoding="utf-8") for f in dict.fromkeys(files) if f.is_file())
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' log level at error while it builds configs to probe (tasks.models.quiet_transformers, which this
-    module cannot import: tasks.models imports it)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)

@@ -130,11 +130,8 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, *
             return super()._get_train_sampler(train_dataset)
 
     trainer = TimeBudgetTrainer(**kwargs)
-    drop_log_dicts(trainer)  # BudgetGuard logs each step as one line; Trainer's own dicts would interleave
-    from transformers.trainer_callback import ProgressCallback
-
-    if trainer.pop_callback(ProgressCallback) is not None:  # the bar is on (one rank): show it on the run's clock
-        trainer.add_callback(BudgetBar(guard, cap))
+    # BudgetGuard logs each step as one line (Trainer's own dicts would interleave); the bar runs on the budget's clock
+    drop_log_dicts(trainer, bar=BudgetBar(guard, cap))
     return trainer
 
 

@@ -122,10 +122,11 @@ def prepare_kbit_keeping_experts(model, gradient_checkpointing: bool) -> None:
         model.enable_input_require_grads()
 
 
-def drop_log_dicts(trainer) -> None:
+def drop_log_dicts(trainer, bar=None) -> None:
     """Trainer prints every log dict (`{'loss': ..., 'grad_norm': ...}`) over its progress bar, or as a bare line when
     the bar is off, in between the project's log lines; stage 4 already logs each step as one line of ours (BudgetGuard)
-    and keeps every dict in log_history.json. Keep the bar with its ETA, drop the dicts."""
+    and keeps every dict in log_history.json. Keep a bar (`bar`, a ProgressCallback-like callback; default Trainer's own
+    with its ETA), drop the dicts. Where Trainer shows no bar (not the main process, `disable_tqdm`) none is added."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class BarWithoutDicts(ProgressCallback):
@@ -133,7 +134,7 @@ def drop_log_dicts(trainer) -> None:
             return None
 
     if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(BarWithoutDicts())
+        trainer.add_callback(bar if bar is not None else BarWithoutDicts())
     trainer.pop_callback(PrinterCallback)
 
 
