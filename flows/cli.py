@@ -313,13 +313,30 @@ def _stop_on_ctrl_c_or_sigterm() -> None:
     inherited: a shell without job control starts background commands (`serve-model &` in a script, CI) with SIGINT
     ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C would do nothing."""
     import signal
+    import threading
+
+    sent = [signal.SIGINT]  # the last stop signal, as the KeyboardInterrupt does not say which one raised it
 
     def interrupt(signum, frame):
+        sent[0] = signum
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGHUP, interrupt)  # the terminal was closed: stop the server rather than die and orphan it
+
+    previous_hook = sys.unraisablehook
+
+    def send_again(unraisable):
+        # A handler's KeyboardInterrupt lands wherever the main thread is; inside a weakref callback or a __del__ run
+        # by the garbage collector Python prints "Exception ignored in ..." and drops it: serve went on serving
+        # (CI, a SIGTERM in the runner's startup: killed 30 s later). Send the signal again from another thread: it is
+        # handled at the main thread's next bytecode, by whichever handler holds it then (Prefect's, once it serves).
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return previous_hook(unraisable)
+        threading.Timer(0.01, os.kill, (os.getpid(), sent[0])).start()
+
+    sys.unraisablehook = send_again
 
 
 def _quiet_environment() -> None:

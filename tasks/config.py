@@ -250,8 +250,9 @@ class TrainingSection(Section):
         "off", description="layers = torch.compile each decoder layer (regional compilation; checkpointing stays outside, "
         "eager): fewer kernels and less Python per step, for a one-off compile of the layer, forward and backward, in the "
         "model's load time (two compiles: the first micro-batch's exact sizes, then symbolic ones). A compiler that fails "
-        "logs one line and the layers run eagerly. Off by default until measured on a GPU (docs/PERF_NOTES.md, issue 19 "
-        "item 2: a prediction, not a measurement). true/false read as layers/off."
+        "logs one line and the layers run eagerly. Off by default: measured on an H200 (2026-12-03, docs/BENCHMARKS.md) it "
+        "is 6% slower with the CUDA engine's Liger kernels (they split each layer's graph) and within noise without them. "
+        "true/false read as layers/off."
     )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto", description="auto = paged AdamW 8-bit on CUDA (spills to RAM on spikes), AdamW on CPU. adamw_torch_fused: torch's "

@@ -63,11 +63,13 @@ def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, pr
     assert train["wall_seconds"] <= train["budget_seconds"] * 1.05
     assert train["wall_seconds"] >= spent
     # tokens/s after the resume counts this process's tokens in its own time (it divided the run's tokens since step 0
-    # by the seconds since the resume: 716,605 tok/s where the real rate was ~23k)
+    # by the seconds since the resume: 716,605 tok/s where the real rate was ~23k). The first line after the resume is
+    # where that showed most; later lines climb towards the steady rate, which the first process, killed a second
+    # after its first checkpoint, never reached (CI: 4,989 before the kill, 15,938 at the end of the rerun).
     rate = lambda text: [int(r.replace(",", "")) for r in re.findall(r"step \d+/\d+ loss \S+ lr \S+ ([\d,]+) tok/s", text)]  # noqa: E731
     before, after = rate(first_out), rate(out)
     assert before and after, (first_out[-2000:], out[-2000:])
-    assert max(after) <= 3 * max(before), (max(before), max(after))
+    assert after[0] <= 3 * max(before), (before, after)
 
 
 @pytest.mark.slow
