@@ -33,7 +33,7 @@ from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, check_chat_template, load_tokenizer, model_fingerprint, resolve_model,
-                     template_message, template_source)
+                     raised_by_template, template_message, template_source)
 
 DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
@@ -550,7 +550,7 @@ def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | N
         return
     at = [i for i, row in enumerate(rows, 1) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
     if at:
-        more = f" (and {len(at) - 1} other rows)" if len(at) > 1 else ""
+        more = f" (and {len(at) - 1} other row{'s' if len(at) > 2 else ''})" if len(at) > 1 else ""
         raise StageError(f"{where} row {at[0]}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
                          "remove the system turns from the data (or move their text into the first user turn), or set "
                          "model.chat_template to a template that takes a system turn")
@@ -856,9 +856,9 @@ def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collectio
     the conversation's first user turn."""
     try:
         enc, reason = encode(tok, msgs, data.max_length, data.overlong)
-    except StageError:
-        raise
-    except Exception as e:  # raised while rendering: the template's words, not a traceback
+    except Exception as e:
+        if not raised_by_template(e):  # a StageError already says what to do; anything else is not the template's
+            raise
         first = next((m["content"] for m in msgs if m["role"] == "user"), msgs[0]["content"])
         opening = " ".join(first.split())[:60]
         raise StageError(f"{where}: the chat template cannot render the conversation whose first user turn opens {opening!r}: "

@@ -485,6 +485,19 @@ def template_error(e: Exception, model: ModelSection, system_prompt: str | None)
                       "that renders user and assistant turns")
 
 
+def raised_by_template(e: BaseException) -> bool:
+    """Whether a chat template raised `e`: a jinja2.TemplateError (`raise_exception`, an undefined name), or any exception
+    whose traceback passes through the template's code (its own ZeroDivisionError, KeyError, TypeError)."""
+    import jinja2
+
+    tb = e.__traceback__
+    while tb is not None and not isinstance(e, jinja2.TemplateError):
+        if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
+            return True
+        tb = tb.tb_next
+    return isinstance(e, jinja2.TemplateError)
+
+
 def template_message(e: Exception) -> str:
     """The first line of what a template raised: its own words for a TemplateError (`raise_exception('...')`, which is
     what a template means to say), the exception's type too for anything else (`ZeroDivisionError: division by zero`)."""

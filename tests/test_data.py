@@ -310,7 +310,7 @@ def test_rows_with_their_own_system_turn_under_a_template_that_refuses_one_name_
     with pytest.raises(StageError) as e:
         load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r} row 3 (and 1 other rows) opens with its own system turn"), msg
+    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r} row 3 (and 1 other row) opens with its own system turn"), msg
     assert "model.chat_template refuses: System role not supported" in msg, msg
     assert "remove the system turns from the data (or move their text into the first user turn)" in msg, msg
     assert "set model.chat_template to a template that takes a system turn" in msg, msg
@@ -340,14 +340,21 @@ def test_data_system_prompt_under_a_template_that_refuses_it_is_one_line_in_stag
         load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
 
 
-def test_a_row_the_template_refuses_for_another_reason_is_one_line_quoting_it(tmp_path, tiny_cfg, shared_artifacts):
-    """Gemma-2's "Conversation roles must alternate" on a row with two user turns in a row: one line, not a traceback."""
-    twice = {"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "user", "content": "a second one"},
-                          {"role": "assistant", "content": "One answer."}]}
-    data, _ = _cfg(tiny_cfg, _write(tmp_path / "twice.jsonl", CAPYBARA[:20] + [twice], "jsonl"))
+@pytest.mark.parametrize("row, said", [
+    ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "user", "content": "a second one"},
+                   {"role": "assistant", "content": "One answer."}]}, "Conversation roles must alternate"),
+    ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "assistant", "content": "Divide"}]},
+     "ZeroDivisionError: integer division or modulo by zero"),
+], ids=["roles-must-alternate", "runtime-error"])
+def test_a_row_the_template_refuses_for_another_reason_is_one_line_quoting_it(tmp_path, tiny_cfg, shared_artifacts, row, said):
+    """Gemma-2's "Conversation roles must alternate" on a row with two user turns in a row, or the template's own runtime
+    error on one row's content: one line quoting the row, not a traceback."""
+    template = GEMMA2_TEMPLATE.replace("{{ '<start_of_turn>'", "{% if message['content'] == 'Divide' %}{{ 1 // 0 }}{% endif %}{{ '<start_of_turn>'")
+    data, _ = _cfg(tiny_cfg, _write(tmp_path / "odd_row.jsonl", CAPYBARA[:20] + [row], "jsonl"))
+    model = tiny_cfg.model.model_copy(update={"chat_template": template})
     with pytest.raises(StageError) as e:
-        load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+        load_dataset_records(data, model, shared_artifacts)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"data.source {data.source!r}: the chat template cannot render the conversation whose first "
-                                              "user turn opens 'First question, then': Conversation roles must alternate"), msg
+                                              f"user turn opens 'First question, then': {said}"), msg
     assert "fix or remove that row" in msg, msg
