@@ -490,12 +490,14 @@ def raised_by_template(e: BaseException) -> bool:
     whose traceback passes through the template's code (its own ZeroDivisionError, KeyError, TypeError)."""
     import jinja2
 
+    if isinstance(e, jinja2.TemplateError):
+        return True
     tb = e.__traceback__
-    while tb is not None and not isinstance(e, jinja2.TemplateError):
+    while tb is not None:
         if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
             return True
         tb = tb.tb_next
-    return isinstance(e, jinja2.TemplateError)
+    return False
 
 
 def template_message(e: Exception) -> str:
