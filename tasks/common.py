@@ -212,6 +212,31 @@ def usable_cores() -> int:
     return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 1)
 
 
+# A bar redraws up to 10 times a second. On a terminal that rewrites one line; in a log (Prefect's, CI's, `make run > log`)
+# every redraw stays, a line each. Off a terminal a bar draws at most once this often (and when it starts, changes part
+# or closes).
+BAR_INTERVAL_OFF_TTY_S = 30.0
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar (`tqdm.auto`'s; `kwargs` are tqdm's) that draws at most every BAR_INTERVAL_OFF_TTY_S seconds when its
+    stream (`file`, default stderr) is not a terminal; tqdm's own rate on one, or where TQDM_MININTERVAL says. Close it
+    in a `finally`: an exception would leave it half drawn, and the next bar a line lower."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        tty = False
+    if not tty and "TQDM_MININTERVAL" not in os.environ:
+        kwargs.setdefault("mininterval", BAR_INTERVAL_OFF_TTY_S)
+        kwargs.setdefault("maxinterval", BAR_INTERVAL_OFF_TTY_S)  # tqdm's monitor would otherwise force a draw every 10 s
+    return tqdm(**kwargs)
+
+
 def human_seconds(s: float) -> str:
     s = int(round(s))
     h, rem = divmod(s, 3600)

@@ -32,7 +32,8 @@ from pydantic import BaseModel
 from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
-from .models import ModelRef, load_tokenizer, model_fingerprint, resolve_model
+from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, check_chat_template, load_tokenizer, model_fingerprint, resolve_model,
+                     raised_by_template, template_message, template_source)
 
 DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
@@ -421,14 +422,20 @@ def stop_token_ids(tok) -> list[int]:
     Fails, naming both, when the template closes assistant turns with text that holds neither the tokenizer's
     EOS nor any special token: the model could not learn to stop, and generation could not detect it.
     """
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    text, spans = assistant_spans(tok, probe)
+    # Not an EOS problem when the answer itself is missing (the template drops assistant content, or renders only the
+    # header the generation prompt adds): say that, before the spans (which such a template may not even have) or EOS.
+    whole = tok.apply_chat_template(PROBE_EXCHANGE, tokenize=False)
+    text, spans = assistant_spans(tok, PROBE_EXCHANGE) if PROBE_ANSWER in whole else (whole, [(len(whole), len(whole))])
     s, e = spans[-1]
+    if PROBE_ANSWER not in text[s:e]:
+        raise StageError(f"the chat template renders no assistant text: it renders a user + assistant exchange as {whole!r}, "
+                         f"without the answer ({PROBE_ANSWER!r}); render each assistant message's content ({{{{ message['content'] }}}}) "
+                         "in model.chat_template")
     answer_ids = tok(text[s:e], add_special_tokens=False)["input_ids"]
     special = set(tok.all_special_ids)
     closing = [t for t in answer_ids if t in special]
     if not closing and tok.eos_token_id not in answer_ids:
-        tail = text[s:e].split("ok", 1)[-1]
+        tail = text[s:e].split(PROBE_ANSWER, 1)[-1]
         raise StageError(f"the chat template ends assistant turns with {tail!r}, but the tokenizer's EOS is {tok.eos_token!r} "
                          f"(id {tok.eos_token_id}) and {tail.strip()!r} is not one of its special tokens, so the model can't learn "
                          "to stop; fix the tokenizer's eos_token (a GGUF's metadata names it) or set model.chat_template to a "
@@ -505,7 +512,7 @@ def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: 
 def _normalise(rows: list[dict], schema: str, language: str | None, system_prompt: str | None,
                dropped: collections.Counter) -> list[list[dict]]:
     """Raw rows -> messages lists (dropped rows counted by reason)."""
-    schema = schema if schema != "auto" else detect_schema(next((r for r in rows if isinstance(r, dict)), {}))
+    schema = resolve_schema(rows, schema)
     if schema == "oasst":
         trees, tree_drops = oasst_conversations(rows, language)
         dropped.update(tree_drops)
@@ -518,6 +525,35 @@ def _normalise(rows: list[dict], schema: str, language: str | None, system_promp
         else:
             convs.append(msgs)
     return convs
+
+
+def resolve_schema(rows: list, schema: str) -> str:
+    """data.schema, or the schema the first row shows when it is `auto`."""
+    return schema if schema != "auto" else detect_schema(next((r for r in rows if isinstance(r, dict)), {}))
+
+
+def system_turn_refusal(tok) -> str | None:
+    """What the chat template says when it refuses a system turn (Gemma-2's `raise_exception('System role not
+    supported')`); None when it renders one."""
+    try:
+        tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *PROBE_EXCHANGE], tokenize=False)
+    except Exception as e:
+        return template_message(e)
+    return None
+
+
+def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | None, model: ModelSection) -> None:
+    """Rows that open with their own system turn, under a template that refuses one (`refusal`): one StageError naming
+    the first such row (counted from 1 over the rows read), how many there are, the template's words and the fix, before
+    any row is tokenized. Not known before stage 1: only reading the data finds them."""
+    if refusal is None or (schema := resolve_schema(rows, schema)) == "oasst":  # OASST trees hold no system turns
+        return
+    at = [i for i, row in enumerate(rows, 1) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
+    if at:
+        more = f" (and {len(at) - 1} other row{'s' if len(at) > 2 else ''})" if len(at) > 1 else ""
+        raise StageError(f"{where} row {at[0]}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
+                         "remove the system turns from the data (or move their text into the first user turn), or set "
+                         "model.chat_template to a template that takes a system turn")
 
 
 def _without_benchmarks(convs: list, deduper: sources.Deduper | None, removed: collections.Counter, msgs_of=lambda c: c) -> list:
@@ -619,6 +655,9 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
 
     maybe_fault("data")
     tok = load_tokenizer(ref, model)
+    if data.system_prompt:  # the model check before stage 1 says this first; stage 1 may also be called on its own
+        check_chat_template(tok, model, data.system_prompt)
+    refusal = system_turn_refusal(tok)  # a row's own system turn (the data's, or a mix source's) must render too
     dropped: collections.Counter = collections.Counter()
     removed: collections.Counter = collections.Counter()  # (benchmark, rule) -> conversations removed by dedupe
     names = dedupe_names(data)
@@ -657,6 +696,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         rows_read = len(rows)
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
+        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model)
         msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped), deduper, removed)
         msgs = _without_repeats(msgs, seen, dropped)
         convs = [(m, {"source": data.source}) for m in msgs]
@@ -672,7 +712,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     train, held, extra = [], [], []  # extra: per held-out conversation, messages + family/check + source
     counts = collections.Counter()
     for (msgs, meta), for_train in zip(convs, is_train):
-        enc = _encode_counted(tok, msgs, data, dropped, counts)
+        enc = _encode_counted(tok, msgs, data, dropped, counts, f"data.source {data.source!r}")
         if enc is None:
             continue
         (train if for_train else held).append(enc)
@@ -696,7 +736,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         for mix in data.mix:
             want = mix.rows or round(total * mix.share)
             skipped = removed[_EmbeddedGuard.HIT]
-            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, guard, seen, removed, artifacts_dir, counts)
+            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, guard, seen, removed, artifacts_dir, counts, model, refusal)
             if taken:  # conversations kept for the embedded generator are not benchmark removals
                 stats["embedded_bases_skipped"] = removed[_EmbeddedGuard.HIT] - skipped
                 stats["dedupe_removed"] -= stats["embedded_bases_skipped"]
@@ -760,12 +800,13 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
 
 
 def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: sources.ExchangeDeduper, removed: collections.Counter,
-              artifacts_dir: str, counts: collections.Counter) -> tuple[list, list, list, dict]:
+              artifacts_dir: str, counts: collections.Counter, model: ModelSection, refusal: str | None) -> tuple[list, list, list, dict]:
     """(train, held-out, held-out meta, stats) from one mix source: normalise, dedupe, pre-cut to max_length by
     characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
     are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
     don't move when the share changes."""
     rows, prov = read_source(mix, artifacts_dir)
+    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model)
     dropped: collections.Counter = collections.Counter()
     before = sum(removed.values())
     convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
@@ -790,7 +831,7 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
         # One rule for every source (as `to_messages` for the main one): the row's own system turn, else the default.
         if data.system_prompt and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": data.system_prompt}, *msgs]
-        enc = _encode_counted(tok, msgs, data, dropped, counts)
+        enc = _encode_counted(tok, msgs, data, dropped, counts, f"data.mix source {mix.source!r}")
         if enc is None:
             continue
         if len(held) < mix.heldout:
@@ -807,10 +848,22 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
     return train, held, extra, stats
 
 
-def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collections.Counter, counts: collections.Counter) -> dict | None:
-    """`encode` one conversation; a dropped one is counted under its reason (None), a kept one's truncation and
-    cut turns are added to `counts`."""
-    enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collections.Counter, counts: collections.Counter,
+                    where: str) -> dict | None:
+    """`encode` one conversation of `where` (the source, as an error names it); a dropped one is counted under its reason
+    (None), a kept one's truncation and cut turns are added to `counts`. A conversation the chat template refuses to
+    render (Gemma's "Conversation roles must alternate", or the template's own runtime error) is one StageError quoting
+    the conversation's first user turn."""
+    try:
+        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+    except Exception as e:
+        if not raised_by_template(e):  # a StageError already says what to do; anything else is not the template's
+            raise
+        first = next((m["content"] for m in msgs if m["role"] == "user"), msgs[0]["content"])
+        opening = " ".join(first.split())[:60]
+        raise StageError(f"{where}: the chat template cannot render the conversation whose first user turn opens {opening!r}: "
+                         f"{template_message(e)}; fix or remove that row (roles: an optional system turn, then user and assistant "
+                         "turns in turn), or set model.chat_template to a template that renders it") from e
     if reason:
         dropped[reason] += 1
         return None

@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -278,22 +278,26 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
 
     base_caches = {name: stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
                    for name, suite in suites.items()}
-    bar = EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches))
-
-    results = {}
-    for name in ("base", "tuned"):
-        ctx = model.disable_adapter() if name == "base" else _nullcontext()
-        with ctx, torch.inference_mode():
-            bar.describe(f"held-out {name} loss")
-            nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
-            check: dict = {}
-            gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check,
-                            bar.part(f"held-out {name}", n * eval.max_new_tokens))
-        loss = mean_nll(nll[:n])
-        by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
-        results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
-        log_fn(f"evaluate: {name} held-out loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
-               f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
+    # The passes that move the bar; it closes on the way out, an exception's too, so an error starts a line of its own.
+    with EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches)) as bar:
+        results = {}
+        for name in ("base", "tuned"):
+            ctx = model.disable_adapter() if name == "base" else _nullcontext()
+            with ctx, torch.inference_mode():
+                bar.describe(f"held-out {name} loss")
+                nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
+                check: dict = {}
+                gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check,
+                                bar.part(f"held-out {name}", n * eval.max_new_tokens))
+            loss = mean_nll(nll[:n])
+            by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
+            results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
+            log_fn(f"evaluate: {name} held-out loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f}), "
+                   f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
+        bench_results = {}
+        for name, suite in suites.items():
+            bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
+                                                base_cache=base_caches[name], bar=bar)
 
     has_checkers = data.has_checkers and all("check" in m for m in meta[:n])
     summary = {}
@@ -330,11 +334,6 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         gain, gain_ci = accuracy_test["gain"], accuracy_test["gain_ci"]
         beats = summary["tuned"]["ci"][0] > summary["base"]["ci"][1]
 
-    bench_results = {}
-    for name, suite in suites.items():
-        bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
-                                            base_cache=base_caches[name], bar=bar)
-    bar.close()
     verdict = make_verdict(summary, accuracy_test, bench_results, eval.confidence, data.dedupe)  # logged once by the task wrapper
 
     samples = []
@@ -451,13 +450,11 @@ class EvalBar:
     decoding differs by device (a few times faster per token on a CPU, far more on a GPU), so no one weight fits."""
 
     def __init__(self, parts: dict[str, int]):
-        from tqdm.auto import tqdm
-
         from .engine.dist import is_main
 
         self.planned = dict(parts)
-        self.bar = tqdm(total=sum(parts.values()), desc="evaluate", disable=not is_main(),
-                        bar_format="{l_bar}{bar}| {n:,}/{total:,} tokens of the caps [{elapsed}<{remaining}{postfix}]")
+        self.bar = progress_bar(total=sum(parts.values()), desc="evaluate", disable=not is_main(),
+                                bar_format="{l_bar}{bar}| {n:,}/{total:,} tokens of the caps [{elapsed}<{remaining}{postfix}]")
 
     def part(self, name: str, size: int) -> Callable[[int], object]:
         """Part `name` starts: the bar names it; one the plan left out (a cached base side that could not be read back)
@@ -478,6 +475,12 @@ class EvalBar:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> "EvalBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # an exception too: the bar's line ends before the error is printed
 
 
 def generate(model, tok, conversations: list[list[dict]], stop_ids: list[int], max_new_tokens: int, batch_size: int, device: str,

@@ -433,22 +433,37 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     return tok
 
 
+# The exchange every template check renders; its answer is a word no template's own text holds, so finding it in a
+# rendering means the template put the assistant's content there.
+PROBE_ANSWER = "Okapi"
+PROBE_EXCHANGE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_ANSWER}]
+
+
 def check_chat_template(tok, model: ModelSection, system_prompt: str | None = None) -> None:
-    """Render a user + assistant exchange (behind a system turn when `system_prompt`, data.system_prompt, is set) with
-    the tokenizer's chat template: a Jinja syntax error, or a template that refuses the exchange (`raise_exception`, as
-    Gemma-2's does for a system turn), is one StageError naming the key, the template's message and line, and the fix."""
-    import jinja2
-
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    if system_prompt:
-        probe = [{"role": "system", "content": system_prompt}, *probe]
+    """Render a user + assistant exchange (behind a system turn when `system_prompt`, data.system_prompt, is set) and a
+    user turn with the generation prompt, with the tokenizer's chat template. A Jinja syntax error, a template that
+    refuses the exchange (`raise_exception`, as Gemma-2's does for a system turn), one that fails as it runs (its own
+    ZeroDivisionError, KeyError, TypeError: any exception), or one that leaves the assistant's text out of the rendering
+    is one StageError naming the key, the template's message and line, and the fix."""
+    probe = PROBE_EXCHANGE if not system_prompt else [{"role": "system", "content": system_prompt}, *PROBE_EXCHANGE]
     try:
-        tok.apply_chat_template(probe, tokenize=False)
-    except (jinja2.TemplateError, TypeError, ValueError) as e:
-        raise _template_error(e, model, system_prompt) from e
+        text = tok.apply_chat_template(probe, tokenize=False)
+        tok.apply_chat_template(probe[:-1], tokenize=False, add_generation_prompt=True)  # how stage 5 and serving prompt
+    except Exception as e:  # a template is a program: whatever it raises is the template's problem, said in one line
+        raise template_error(e, model, system_prompt) from e
+    if PROBE_ANSWER not in text:  # not an EOS problem (what stop_token_ids would say next): there is no answer to close
+        fix = ("render each assistant message's content ({{ message['content'] }}) in it, or unset it to use the tokenizer's own"
+               if model.chat_template else "set model.chat_template to a template that renders each message's content")
+        raise StageError(f"{template_source(model)}: renders no assistant text: its rendering of a user + assistant exchange leaves "
+                         f"out the answer ({PROBE_ANSWER!r}), so training would have nothing to learn; {fix}")
 
 
-def _template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
+def template_source(model: ModelSection) -> str:
+    """Where the chat template comes from, as an error message names it."""
+    return "model.chat_template" if model.chat_template else f"the chat template of {model.name!r} (its tokenizer's)"
+
+
+def template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
     import jinja2
 
     line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame
@@ -457,9 +472,9 @@ def _template_error(e: Exception, model: ModelSection, system_prompt: str | None
         if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
             line = tb.tb_lineno
         tb = tb.tb_next
-    what = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()[0]
+    what = template_message(e)
     at = f" (line {line})" if line else ""
-    key = "model.chat_template" if model.chat_template else f"the chat template of {model.name!r} (its tokenizer's)"
+    key = template_source(model)
     if isinstance(e, jinja2.TemplateSyntaxError):
         return StageError(f"{key}: not valid Jinja: {what}{at}; fix the template (every {{% ... %}} and {{{{ ... }}}} closed) "
                           "or unset model.chat_template to use the tokenizer's own")
@@ -468,6 +483,33 @@ def _template_error(e: Exception, model: ModelSection, system_prompt: str | None
                           "(put the instructions in the data's user turns) or set model.chat_template to a template that takes a system turn")
     return StageError(f"{key}: cannot render a user + assistant exchange: {what}{at}; set model.chat_template to a template "
                       "that renders user and assistant turns")
+
+
+def raised_by_template(e: BaseException) -> bool:
+    """Whether a chat template raised `e`: a jinja2.TemplateError (`raise_exception`, an undefined name), or any exception
+    whose traceback passes through the template's code (its own ZeroDivisionError, KeyError, TypeError)."""
+    import jinja2
+
+    if isinstance(e, jinja2.TemplateError):
+        return True
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def template_message(e: Exception) -> str:
+    """The first line of what a template raised: its own words for a TemplateError (`raise_exception('...')`, which is
+    what a template means to say), the exception's type too for anything else (`ZeroDivisionError: division by zero`)."""
+    import jinja2
+
+    text = (getattr(e, "message", None) or str(e)).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(e, jinja2.TemplateError):
+        return first or type(e).__name__
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def adds_bos(tok) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -112,8 +112,9 @@ def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
     return factor
 
 
-def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, **kwargs):
-    """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring)."""
+def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, bar: "BudgetBar | None" = None, **kwargs):
+    """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring),
+    showing `bar` (default a new BudgetBar) instead of Trainer's own."""
     import torch
     from transformers import Trainer
 
@@ -131,7 +132,7 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, *
 
     trainer = TimeBudgetTrainer(**kwargs)
     # BudgetGuard logs each step as one line (Trainer's own dicts would interleave); the bar runs on the budget's clock
-    drop_log_dicts(trainer, bar=BudgetBar(guard, cap))
+    drop_log_dicts(trainer, bar=bar or BudgetBar(guard, cap))
     return trainer
 
 
@@ -260,12 +261,10 @@ class BudgetBar(_trainer_callback_base()):
         return min(max(self.guard.elapsed() / budget, step / max(self.cap, 1)), 1.0) * budget
 
     def on_train_begin(self, args, state, control, **kw):
-        from tqdm.auto import tqdm
-
         if state.is_world_process_zero:
             # The position is in budget seconds, but when the cap leads it is not the clock: show the share of the run.
-            self.bar = tqdm(total=round(self.guard.budget_s), initial=round(self.position(state.global_step)), desc="train",
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+            self.bar = progress_bar(total=round(self.guard.budget_s), initial=round(self.position(state.global_step)), desc="train",
+                                    bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -273,6 +272,10 @@ class BudgetBar(_trainer_callback_base()):
             self.bar.update(max(self.position(state.global_step) - self.bar.n, 0))
 
     def on_train_end(self, args, state, control, **kw):
+        self.close()
+
+    def close(self) -> None:
+        """End the bar's line; also called in `_train`'s finally, as an exception skips on_train_end."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -467,8 +470,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         args.ignore_data_skip = True
         guard.data_position = lambda step: dataset.position_after((step - done) * packs_per_step)
     warmup = int(round(training.warmup_ratio * probe.max_steps))
+    bar = BudgetBar(guard, cap)
     trainer = make_trainer(
-        guard, training.lr_scheduler, warmup, cap,
+        guard, training.lr_scheduler, warmup, cap, bar,
         model=model,
         args=args,
         train_dataset=dataset,
@@ -488,6 +492,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         maybe_fault("train")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
+        bar.close()  # before the error is printed: a NaN loss, an OOM or Ctrl-C ends the bar's line, not the message's start
         _restore_interrupt(previous)
     if guard.interrupted:
         raise KeyboardInterrupt("training interrupted; checkpoint saved")

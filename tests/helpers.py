@@ -3,6 +3,8 @@ pytest puts tests/ on sys.path, as for prefect_local."""
 
 from __future__ import annotations
 
+import io
+
 
 def randomize_lora_b(model, std: float = 0.05):
     """LoRA-B drawn at random, in place, seeded per parameter (its index in named_parameters): PEFT starts B at zero,
@@ -49,3 +51,19 @@ def liger_like_forward(self, input_ids=None, attention_mask=None, position_ids=N
     loss = None if labels is None and shift_labels is None else self.loss_function(
         logits=logits, labels=labels, shift_labels=shift_labels, vocab_size=config.vocab_size, **kwargs)
     return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def tqdm_clock(monkeypatch) -> list[float]:
+    """tqdm's clock, replaced by one a test moves (`clock[0] += 5`): how often a bar redraws, without waiting."""
+    import tqdm.std
+
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])  # tqdm reads it through the module, bar by bar
+    return clock
+
+
+class TtyStream(io.StringIO):
+    """A captured stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True

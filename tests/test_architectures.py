@@ -192,6 +192,12 @@ def _run_cli(capfd, *args: str) -> tuple[int, str]:
      ["model.chat_template: not valid Jinja: unexpected '}' (line 1)", "fix the template"]),
     ("template-raises", ["model.chat_template={{ raise_exception('no chat here') }}"],
      ["model.chat_template: cannot render a user + assistant exchange: no chat here (line 1)", "set model.chat_template"]),
+    # a template's own runtime error (not a jinja2.TemplateError) escaped as a traceback (issue 20, a review)
+    ("template-runtime-error", ["model.chat_template={{ (messages | length) // 0 }}{% for m in messages %}{{ m['content'] }}{% endfor %}"],
+     ["model.chat_template: cannot render a user + assistant exchange: ZeroDivisionError: integer division or modulo by zero (line 1)"]),
+    # a template that drops the assistant's text was blamed on EOS ("ends assistant turns with ''")
+    ("template-drops-answers", ["model.chat_template={% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{{ eos_token }}{% endfor %}"],
+     ["model.chat_template: renders no assistant text", "{{ message['content'] }}"]),
     # Gemma-2's template refuses a system turn: with data.system_prompt set, stage 1 once died after 48 s.
     ("system-refused", ["data.system_prompt=Answer briefly.", "model.chat_template={% for m in messages %}\n{% if m['role'] == "
                         "'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{{ eos_token }}{% endfor %}"],

@@ -27,6 +27,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}
+# Refuses a system turn as Gemma-2's template does (braces doubled: STAGE_CASES are str.format-ed)
+NO_SYSTEM = ("{{% for m in messages %}}{{% if m['role'] == 'system' %}}{{{{ raise_exception('System role not supported') }}}}{{% endif %}}"
+             "{{{{ m['content'] }}}}{{{{ eos_token }}}}{{% endfor %}}")
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -136,6 +139,9 @@ def inputs(tmp_path_factory) -> Path:
     (d / "one_mb.jsonl").write_text(lines([{"messages": [{"role": "user", "content": "x" * (1 << 20)}, {"role": "assistant", "content": "ok"}]}]))
     (d / "overlong.jsonl").write_text(lines([{"messages": [{"role": "user", "content": f"word{i} " * 400}, {"role": "assistant", "content": "ok"}]} for i in range(10)]))
     (d / "invalid.json").write_text('[{"messages": [}]')
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]} for w in ("hi", "yes", "no", "ok", "bye")]
+    chats[1]["messages"].insert(0, {"role": "system", "content": "Be terse."})
+    (d / "system_turns.jsonl").write_text(lines(chats))
     return d
 
 
@@ -216,6 +222,10 @@ STAGE_CASES = [
     ("model-without-weights", ["model.name={models}/no_weights"], ["has no weight files", "copy the complete model folder"]),
     ("truncated-safetensors", ["model.name={models}/truncated"], ["truncated or corrupt", "download the model again"]),
     ("pickle-weights-refused", ["model.name={models}/pickle_only"], ["only pickle .bin weights", "safetensors", "model.allow_pickle=true"]),
+    # rows carrying their own system turn under a template that refuses one: found in stage 1 (only reading the data shows them)
+    ("rows-with-system-turns", ["data.source={inputs}/system_turns.jsonl", "model.chat_template=" + NO_SYSTEM],
+     ["system_turns.jsonl' row 2 opens with its own system turn", "model.chat_template refuses: System role not supported",
+      "move their text into the first user turn"]),
     ("target-module-missing", ["lora.target_modules=[q_proj,qkv_proj]"], ["lora.target_modules", "qkv_proj not in this model", "its linear layers are", "o_proj"]),
 ]
 

@@ -107,3 +107,71 @@ def test_tokenizer_without_bos_gets_none_on_any_path(tiny_cfg, tiny_tok, tmp_pat
     paths = _paths(tiny_tok, tmp_path)
     assert all(ids == paths["training"] for ids in paths.values())
     assert tiny_tok.bos_token_id not in paths["training"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat templates that cannot train: one line naming where the template comes from, before stage 1 (issue 20, a review)
+
+ASKS = "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+GEN = "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+
+
+@pytest.mark.parametrize("template, said", [
+    ("{{ (messages | length) // 0 }}" + ASKS, "ZeroDivisionError: integer division or modulo by zero (line 1)"),
+    ("{{ '%(date)s' % {} }}" + ASKS, "KeyError: 'date' (line 1)"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "TypeError: can only concatenate str"),
+    # stage 5 and serving prompt with the generation prompt: a template that fails only there fails before stage 1 too
+    (ASKS + "{% if add_generation_prompt %}{{ messages[0]['content'] * 'x' }}{% endif %}",
+     "TypeError: can't multiply sequence by non-int"),
+], ids=["zero-division", "key-error", "type-error", "generation-prompt-only"])
+def test_a_template_that_fails_as_it_runs_is_one_line_naming_the_key(tiny_cfg, tiny_tok, tmp_path, template, said):
+    """A template's own runtime error (ZeroDivisionError, KeyError, TypeError: not a jinja2.TemplateError) escaped
+    load_tokenizer as a traceback; it is the one-line StageError naming model.chat_template, the error and its line."""
+    from tasks.common import StageError
+
+    folder = _base_tokenizer_folder(tiny_tok, tmp_path / "tok", template=None)
+    with pytest.raises(StageError) as e:
+        _load(tiny_cfg, folder, template)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.chat_template: cannot render a user + assistant exchange: "), msg
+    assert said in msg and "set model.chat_template to a template" in msg, msg
+
+
+def test_a_tokenizers_own_template_that_fails_names_the_tokenizer(tiny_cfg, tiny_tok, tmp_path):
+    from tasks.common import StageError
+
+    folder = _base_tokenizer_folder(tiny_tok, tmp_path / "tok", template="{{ (messages | length) // 0 }}")
+    with pytest.raises(StageError) as e:
+        _load(tiny_cfg, folder)
+    assert str(e.value).startswith(f"the chat template of {str(folder)!r} (its tokenizer's): cannot render a user + assistant exchange: "
+                                   "ZeroDivisionError"), str(e.value)
+
+
+@pytest.mark.parametrize("template", [
+    # drops the assistant's content but closes the turn with EOS: stop_token_ids passed it, training learned EOS alone
+    ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ eos_token }}{% else %}"
+     "<|user|>\n{{ m['content'] }}\n{% endif %}{% endfor %}" + GEN),
+    # renders only the header the generation prompt adds: blamed on EOS ("ends assistant turns with ''")
+    ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n{% else %}<|assistant|>\n"
+     "{% endif %}{% endfor %}" + GEN),
+    ("{% for m in messages if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n{% endfor %}" + GEN),
+], ids=["header-and-eos", "header-only", "user-turns-only"])
+def test_a_template_that_renders_no_assistant_text_says_so_not_eos(tiny_cfg, tiny_tok, tmp_path, template):
+    """The assistant's text missing from the rendering is named as that, by the template check and by stop_token_ids
+    (which alone blamed the tokenizer's EOS)."""
+    import copy
+
+    from tasks.common import StageError
+    from tasks.data import stop_token_ids
+
+    folder = _base_tokenizer_folder(tiny_tok, tmp_path / "tok", template=None)
+    with pytest.raises(StageError) as e:
+        _load(tiny_cfg, folder, template)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.chat_template: renders no assistant text"), msg
+    assert "EOS" not in msg and "{{ message['content'] }}" in msg, msg
+    tok = copy.deepcopy(tiny_tok)
+    tok.chat_template = template
+    with pytest.raises(StageError) as e:
+        stop_token_ids(tok)
+    assert str(e.value).startswith("the chat template renders no assistant text") and "EOS" not in str(e.value), str(e.value)

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.common import StageError
-from tasks.data import encode, load_dataset_records, load_heldout_meta, load_split, oasst_conversations, to_messages
+from tasks.common import StageError, stage_dir
+from tasks.data import cache_key, encode, load_dataset_records, load_heldout_meta, load_split, oasst_conversations, to_messages
 
 # trl-lib/Capybara: a `messages` column of role/content dicts (plus a `source` column).
 CAPYBARA = [
@@ -272,3 +272,89 @@ def test_an_embedded_heldout_row_removed_as_a_benchmark_prompt_is_counted_and_na
     assert str(e.value) == ("data.source 'embedded': 0 usable held-out rows: the 1 generated held-out row was removed before formatting "
                             f"(1 as a benchmark prompt); raise data.embedded_heldout (now 1) or change data.seed (now {data.seed}: other "
                             "generated rows)"), str(e.value)
+
+
+# Gemma-2's chat template, its turns closed by the tiny tokenizer's EOS instead of <end_of_turn> (which it lacks): it
+# refuses a system turn and turns out of order with raise_exception.
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + eos_token + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+SYSTEM_ROW = {"messages": [{"role": "system", "content": "You are terse."}, *CAPYBARA[0]["messages"][:2]]}
+
+
+def _gemma2(tiny_cfg):
+    return tiny_cfg.model.model_copy(update={"chat_template": GEMMA2_TEMPLATE})
+
+
+def _count_encodes(monkeypatch) -> list:
+    """The calls stage 1 makes to `encode` (tokenizing a row), counted."""
+    from tasks import data as data_stage
+
+    calls, real = [], data_stage.encode
+    monkeypatch.setattr(data_stage, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_rows_with_their_own_system_turn_under_a_template_that_refuses_one_name_the_row_before_any_tokenizing(
+        tmp_path, tiny_cfg, shared_artifacts, monkeypatch):
+    """Data rows carrying a system turn, with Gemma-2's template ("System role not supported"): stage 1 died in a
+    traceback from Jinja. It is one line naming the source, the first such row (counted from 1), how many, the template's
+    words and the fix, before a single row is tokenized; nothing is written."""
+    rows = CAPYBARA[:2] + [SYSTEM_ROW] + CAPYBARA[2:20] + [SYSTEM_ROW]
+    data, model = _cfg(tiny_cfg, _write(tmp_path / "with_system.jsonl", rows, "jsonl"))
+    encodes = _count_encodes(monkeypatch)
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r} row 3 (and 1 other row) opens with its own system turn"), msg
+    assert "model.chat_template refuses: System role not supported" in msg, msg
+    assert "remove the system turns from the data (or move their text into the first user turn)" in msg, msg
+    assert "set model.chat_template to a template that takes a system turn" in msg, msg
+    assert encodes == []
+    out = stage_dir(shared_artifacts, "data", cache_key(data, _gemma2(tiny_cfg)))
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))  # no stage folder, finished or half-built
+    # The same rows without their system turns train under that template.
+    plain = _write(tmp_path / "plain.jsonl", CAPYBARA[:20], "jsonl")
+    assert load_dataset_records(_cfg(tiny_cfg, plain)[0], _gemma2(tiny_cfg), shared_artifacts).n_train > 0
+
+
+def test_a_mix_source_with_system_turns_names_the_mix_source_and_row(tmp_path, tiny_cfg, shared_artifacts):
+    main = _write(tmp_path / "main.jsonl", CAPYBARA[:20], "jsonl")
+    extra = _write(tmp_path / "extra.json", [SYSTEM_ROW] + CAPYBARA[20:30], "json")
+    data, _ = _cfg(tiny_cfg, main)
+    data.mix = [{"source": str(extra), "rows": 5, "heldout": 2}]
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+    assert str(e.value).startswith(f"data.mix source {str(extra)!r} row 1 opens with its own system turn"), str(e.value)
+
+
+def test_data_system_prompt_under_a_template_that_refuses_it_is_one_line_in_stage_1_too(tmp_path, tiny_cfg, shared_artifacts):
+    """The model check before stage 1 says this in a run; stage 1 called on its own (a test, a notebook) says the same."""
+    data, _ = _cfg(tiny_cfg, _write(tmp_path / "plain.jsonl", CAPYBARA[:20], "jsonl"), system_prompt="Answer briefly.")
+    with pytest.raises(StageError, match=r"^model.chat_template: refuses the system turn that data.system_prompt adds: System role not "
+                                         r"supported \(line 1\); unset data.system_prompt"):
+        load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+
+
+@pytest.mark.parametrize("row, said", [
+    ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "user", "content": "a second one"},
+                   {"role": "assistant", "content": "One answer."}]}, "Conversation roles must alternate"),
+    ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "assistant", "content": "Divide"}]},
+     "ZeroDivisionError: integer division or modulo by zero"),
+], ids=["roles-must-alternate", "runtime-error"])
+def test_a_row_the_template_refuses_for_another_reason_is_one_line_quoting_it(tmp_path, tiny_cfg, shared_artifacts, row, said):
+    """Gemma-2's "Conversation roles must alternate" on a row with two user turns in a row, or the template's own runtime
+    error on one row's content: one line quoting the row, not a traceback."""
+    template = GEMMA2_TEMPLATE.replace("{{ '<start_of_turn>'", "{% if message['content'] == 'Divide' %}{{ 1 // 0 }}{% endif %}{{ '<start_of_turn>'")
+    data, _ = _cfg(tiny_cfg, _write(tmp_path / "odd_row.jsonl", CAPYBARA[:20] + [row], "jsonl"))
+    model = tiny_cfg.model.model_copy(update={"chat_template": template})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, model, shared_artifacts)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r}: the chat template cannot render the conversation whose first "
+                                              f"user turn opens 'First question, then': {said}"), msg
+    assert "fix or remove that row" in msg, msg

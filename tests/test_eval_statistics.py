@@ -571,3 +571,38 @@ def test_stage5_decoding_is_greedy_whatever_the_models_generation_config(tiny_cf
         check: dict = {}
         again = ev.generate(model, tiny_tok, convs, stops, 24, 4, "cpu", check)
     assert again == plain and check["tokens"] > 0 and check["agree"] == check["tokens"]
+
+
+def test_the_evaluate_bar_draws_twice_a_minute_off_a_terminal_and_closes_on_an_error(monkeypatch):
+    """Stage 5's bar off a terminal (Prefect's log, CI, `make run > log`): a draw every 30 s, when a part starts and when
+    it closes, not tqdm's ~10 a second. As a context manager it closes when the work inside raises, so the error is
+    printed on a line of its own (and no half-drawn bar stays registered to push the next one down a line)."""
+    import io
+    import sys
+
+    from helpers import TtyStream, tqdm_clock
+
+    clock = tqdm_clock(monkeypatch)
+
+    def two_minutes_of_batches(stream: io.StringIO) -> str:
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = ev.EvalBar({"held-out base": 240 * 64})
+        update = bar.part("held-out base", 240 * 64)
+        for _ in range(240):  # a batch every 0.5 s
+            clock[0] += 0.5
+            update(64)
+        bar.close()
+        return stream.getvalue()
+
+    log = two_minutes_of_batches(io.StringIO())
+    assert 4 <= log.count("\r") <= 8, log  # start, the part's name, every 30 s, the close
+    assert log.endswith("15,360/15,360 tokens of the caps [02:00<00:00]\n"), log[-200:]
+    assert two_minutes_of_batches(TtyStream()).count("\r") > 200  # a terminal keeps tqdm's rate
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with ev.EvalBar({"ifeval tuned": 100}) as bar:
+            bar.part("ifeval tuned", 100)(10)
+            raise RuntimeError("CUDA out of memory")
+    assert bar.bar.disable and stream.getvalue().endswith("\n")  # closed: tqdm disables a bar it closed

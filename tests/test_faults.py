@@ -113,15 +113,22 @@ def test_oom_in_probe_retries_with_half_micro_batch(tiny_cfg, shared_artifacts, 
 # NaN loss: stop, say which step, keep the last good checkpoint
 
 
-def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, shared_artifacts, upstream, fault):
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, shared_artifacts, upstream, fault, capfd):
     from safetensors.torch import load_file
+    from tqdm import tqdm
 
     from tasks.train import NonFiniteLoss, newest_checkpoint
 
     data, probe = upstream
     fault("train:nan@4")  # the weights turn NaN during step 4
-    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 4; the last good checkpoint is checkpoint-3"):
+    capfd.readouterr()
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 4; the last good checkpoint is checkpoint-3") as raised:
         _train(tiny_cfg, shared_artifacts, data, probe, "nan-loss", max_steps=8, checkpoint_minutes=1e-6)  # a checkpoint every step
+    # The error skipped Trainer's on_train_end: the bar is closed in a finally, its line ended before the error is printed
+    # (`raised` holds the frames, so the bar is not merely garbage-collected).
+    assert raised.value is not None and not [b for b in list(tqdm._instances) if str(b.desc).startswith("train")]
+    err = capfd.readouterr().err
+    assert "train:" in err and err[err.rindex("train:"):].endswith("\n"), err[-300:]
     work = _work(tiny_cfg, shared_artifacts, data, probe, "nan-loss", max_steps=8, checkpoint_minutes=1e-6)
     last = newest_checkpoint(work)
     assert last.name == "checkpoint-3" and not (work / "checkpoint-4").exists()

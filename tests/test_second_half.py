@@ -87,6 +87,25 @@ def test_evaluate_shows_one_bar_that_reaches_its_planned_generation_work(trained
     assert sorted(p.name for p in Path(first.dir).iterdir()) == sorted(p.name for p in Path(quiet.dir).iterdir())
 
 
+def test_evaluate_closes_its_bar_when_a_pass_fails(trained, tiny_cfg, tmp_path, capfd, monkeypatch):
+    """A pass that raises (out of memory, a broken benchmark row) left stage 5's bar open: the error printed after a
+    half-drawn bar, and the next bar drew a line lower. It is closed on the way out."""
+    from tqdm import tqdm
+
+    from tasks import evaluate
+
+    def generate_fails(*a, **k):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(evaluate, "generate", generate_fails)
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="stand-in") as raised:
+        evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.eval, "cpu", str(tmp_path))
+    assert raised.value is not None and not [b for b in list(tqdm._instances) if str(b.desc).startswith("evaluate")]
+    err = capfd.readouterr().err
+    assert "evaluate: held-out base loss" in err and err[err.rindex("evaluate:"):].endswith("\n"), err[-300:]
+
+
 def test_merge_matches_base_plus_adapter_and_twice_is_a_noop(trained, tiny_cfg, shared_artifacts):
     rec = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", shared_artifacts)
     assert rec.check.passed and rec.dtype == "float32" and rec.top1_agreement == 1.0 and rec.kl_mean < 1e-6

@@ -404,3 +404,42 @@ def test_batch_record_is_the_same_for_a_run_and_its_resume(tiny_data):
     fresh, _ = training_dataset("fast", train_ds, 8, 160, 0, min_packs=40)
     resumed, _ = training_dataset("fast", train_ds, 8, 160, 0, min_packs=40, start=fresh.position_after(5))
     assert batch_size(fresh, 2, train_ds) == batch_size(resumed, 2, train_ds)
+
+
+def _draws(text: str) -> int:
+    """How many times a bar was drawn into a captured stream (tqdm starts each draw with a carriage return)."""
+    return text.count("\r")
+
+
+def test_the_train_bar_draws_twice_a_minute_off_a_terminal_and_at_tqdms_rate_on_one(monkeypatch):
+    """Under Prefect, in CI or `make run > log` stderr is no terminal and every redraw of a bar is a line kept: tqdm's
+    0.1 s interval made ~10 a second. Off a terminal the bar draws every 30 s (and when it starts and closes)."""
+    import io
+    import sys
+
+    from helpers import TtyStream, tqdm_clock
+
+    from tasks.train import BudgetBar
+
+    clock = tqdm_clock(monkeypatch)
+
+    def run_two_minutes(stream: io.StringIO) -> str:
+        monkeypatch.setattr(sys, "stderr", stream)
+        start = clock[0]
+        bar = BudgetBar(SimpleNamespace(budget_s=600.0, elapsed=lambda: clock[0] - start), cap=4000)
+        state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+        bar.on_train_begin(None, state, None)
+        for step in range(1, 241):  # a step every 0.5 s
+            clock[0] += 0.5
+            state.global_step = step
+            bar.on_step_end(None, state, None)
+        bar.on_train_end(None, state, None)
+        return stream.getvalue()
+
+    log = run_two_minutes(io.StringIO())
+    assert 4 <= _draws(log) <= 7, log  # start, every 30 s of the 120, the close
+    assert log.endswith("step 240 (cap 4000), budget 600 s]\n"), log[-200:]  # the last state, its line ended
+    terminal = run_two_minutes(TtyStream())
+    assert _draws(terminal) > 200  # tqdm's own rate where a redraw rewrites one line
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # a user's own setting wins off a terminal too
+    assert _draws(run_two_minutes(io.StringIO())) > 200
