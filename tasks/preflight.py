@@ -28,11 +28,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
     skeleton = model_skeleton(ref, model)
-    targets = lora_targets(skeleton, lora)
-    if targets.parameters and lora.dropout > 0:
-        raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(targets.parameters)}): PEFT "
-                         "adapts 3-D expert weights without dropout; set lora.dropout=0 (the MoE profile does), or name only linear "
-                         "layers in lora.target_modules to leave the experts frozen")
+    targets = lora_targets(skeleton, lora)  # StageError for a name the model lacks, or a dropout its expert weights cannot take
     lines = [f"model: {targets.describe()}"]
     dev = resolve_device(device)
     if targets.parameters and uses_4bit(quant, dev):
