@@ -21,7 +21,7 @@ import logging
 import os
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
@@ -817,6 +817,37 @@ def _expert_counts(model) -> set[int]:
         config = config.get_text_config()
     sources = [config, getattr(config, "ffn_config", None)]  # DBRX keeps it in ffn_config
     return {v for c in sources if c is not None for k in EXPERT_COUNT_KEYS if isinstance(v := getattr(c, k, None), int) and v > 1}
+
+
+def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
+    """`targets` as PEFT wrapped them. PEFT >= 0.19 rewrites a LoraConfig for a model whose MoE layers transformers 5
+    fused (its v4-to-v5 conversion, for adapters trained on transformers 4): on 30 model types (LongCat-Flash, DeepSeek-V3,
+    GLM-4.5, Qwen3-Next, ...) it takes `gate_proj` / `up_proj` / `down_proj` for the experts' fused weights, so dense or
+    shared-expert linear layers of those names get no LoRA and the experts' gate_up_proj trains at twice the rank (peft
+    issue 3711, fix proposed in PR 3715). The linear layers matched by `targets.pattern` that PEFT left unwrapped go to
+    `not_adapted`, and `modules` keeps only names PEFT adapted somewhere: the line says what trains."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    wrapped, missed = set(), []
+    for name, m in peft_model.named_modules():
+        path = name.removeprefix("base_model.model.")
+        if any(f".{part}" in f".{path}" for part in inner):
+            continue  # PEFT's own layers inside a wrapper
+        if isinstance(m, BaseTunerLayer):
+            wrapped.add(path.rsplit(".", 1)[-1])
+        elif isinstance(m, torch.nn.Linear) and targets.pattern and re.fullmatch(targets.pattern, path):
+            missed.append(path)
+    if not missed:
+        return targets
+    names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in missed))
+    config = next(iter(peft_model.peft_config.values()))
+    ranks = "".join(f"; it trains the experts' {k.rsplit('.', 1)[-1]} at rank {r}, {r // config.r} x lora.r"
+                    for k, r in (config.rank_pattern or {}).items() if r != config.r)
+    why = (f"linear layers PEFT did not wrap ({', '.join(names)} at {missed[0]} and {len(missed) - 1} more: its transformers-v4 "
+           f"conversion takes these names for the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
+    return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why))
 
 
 def _holds_experts(m, own: dict, counts: set[int]) -> bool:

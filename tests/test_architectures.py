@@ -93,8 +93,8 @@ MORE_MOE = {
     "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}},
     "longcat_flash": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
-                      "zero_expert_num": 2, "moe_intermediate_size": 32, "ffn_hidden_size": 64, "q_lora_rank": 16, "kv_lora_rank": 16,
-                      "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8},
+                      "zero_expert_num": 2, "moe_topk": 2, "moe_intermediate_size": 32, "ffn_hidden_size": 64, "q_lora_rank": 16, "kv_lora_rank": 16,
+                      "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8},
     "jetmoe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 16,
                "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
@@ -203,6 +203,38 @@ def test_jetmoes_attention_experts_are_counted_apart_from_its_feed_forward_exper
     for arch in ("mixtral", "qwen3_moe"):  # no attention experts: the line as it was
         t = lora_targets(_skeleton(arch), LoraSection())
         assert t.attention_experts == 0 and "(4 experts a layer; PEFT target_parameters)" in t.describe(), t.describe()
+
+
+def test_linear_layers_peft_leaves_unwrapped_are_said_not_adapted():
+    """PEFT 0.21 rewrites the LoraConfig of 30 MoE model types for adapters trained on transformers 4: on LongCat-Flash it
+    takes the dense MLPs' gate_proj / up_proj / down_proj (model.layers.N.mlps.M) for the experts' fused weights, wraps
+    none of them and trains the experts' gate_up_proj at twice lora.r (peft issue 3711). The line named them as adapted;
+    it now says what PEFT wrapped. When PEFT stops doing this (its PR 3715), the first asserts fail: drop the note then."""
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets, peft_quietly, peft_reach
+
+    lora = LoraSection(r=8)
+    t = lora_targets(_skeleton("longcat_flash"), lora)
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(t.modules), t.describe()
+    with torch.device("meta"), peft_quietly(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # PEFT's own note on the rank pattern it added
+        model = get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert wrapped and not [n for n in wrapped if ".mlps." in n]  # what PEFT does today
+    assert sorted(m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj") == [16, 16]
+    reached = peft_reach(model, t)
+    assert reached.modules == ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), reached.describe()
+    assert ("linear layers PEFT did not wrap (gate_proj, up_proj, down_proj at model.layers.0.mlps.0.gate_proj and 11 more: its "
+            "transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; it trains the experts' "
+            "gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in reached.describe(), reached.describe()
+    for arch in ("qwen2_moe", "mixtral", "jetmoe"):  # PEFT wraps what the line names: nothing to add
+        t = lora_targets(_skeleton(arch), lora)
+        with torch.device("meta"), peft_quietly():
+            assert peft_reach(get_peft_model(_skeleton(arch), lora_config(lora, t)), t) is t, arch
 
 
 def test_a_moe_under_a_profile_that_never_sets_lora_dropout_trains_without_it_and_says_so(shared_artifacts):
