@@ -820,12 +820,13 @@ def _expert_counts(model) -> set[int]:
 
 
 def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
-    """`targets` as PEFT wrapped them. PEFT >= 0.19 rewrites a LoraConfig for a model whose MoE layers transformers 5
-    fused (its v4-to-v5 conversion, for adapters trained on transformers 4): on 30 model types (LongCat-Flash, DeepSeek-V3,
-    GLM-4.5, Qwen3-Next, ...) it takes `gate_proj` / `up_proj` / `down_proj` for the experts' fused weights, so dense or
-    shared-expert linear layers of those names get no LoRA and the experts' gate_up_proj trains at twice the rank (peft
-    issue 3711, fix proposed in PR 3715). The linear layers matched by `targets.pattern` that PEFT left unwrapped go to
-    `not_adapted`, and `modules` keeps only names PEFT adapted somewhere: the line says what trains."""
+    """`targets` as PEFT wrapped them. PEFT 0.21 rewrites the LoraConfig of a model whose MoE layers transformers 5 fused
+    (its v4-to-v5 conversion, for adapters trained on transformers 4): on the model types transformers converts like
+    Qwen2-MoE it takes `gate_proj` / `up_proj` / `down_proj` for the experts' fused weights, so dense or shared-expert
+    linear layers of those names get no LoRA and the experts' gate_up_proj trains at twice the rank (LongCat-Flash's
+    dense `mlps` here, DeepSeek-V3's shared experts in peft issue 3711, a fix proposed in its PR 3715). The linear layers
+    matched by `targets.pattern` that PEFT left unwrapped go to `not_adapted`, and `modules` keeps only names PEFT adapted
+    somewhere: the line says what trains."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -845,7 +846,8 @@ def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
     config = next(iter(peft_model.peft_config.values()))
     ranks = "".join(f"; it trains the experts' {k.rsplit('.', 1)[-1]} at rank {r}, {r // config.r} x lora.r"
                     for k, r in (config.rank_pattern or {}).items() if r != config.r)
-    why = (f"linear layers PEFT did not wrap ({', '.join(names)} at {missed[0]} and {len(missed) - 1} more: its transformers-v4 "
+    more = f" and {len(missed) - 1} more" if len(missed) > 1 else ""
+    why = (f"linear layers PEFT did not wrap ({', '.join(names)} at {missed[0]}{more}: its transformers-v4 "
            f"conversion takes these names for the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
     return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why))
 
