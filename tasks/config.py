@@ -203,7 +203,11 @@ class QuantSection(Section):
 class LoraSection(Section):
     r: int = Field(16, description="LoRA rank. Higher = more capacity, more trainable params and VRAM.")
     alpha: int = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path; regularises small datasets.")
+    dropout: float | Literal["auto"] = Field(
+        "auto", description="Dropout on the LoRA path; regularises small datasets. auto = 0.05, or none where LoRA adapts a "
+        "mixture-of-experts model's expert weights (PEFT's LoRA on them takes no dropout, so the adapter gets none; said "
+        "before training and in the model card). A number > 0 with expert weights targeted is an error before stage 1.",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="What gets adapters. all-linear = every linear layer of the decoder blocks whatever the architecture "
@@ -219,6 +223,19 @@ class LoraSection(Section):
         if v <= 0:
             raise ValueError("must be > 0; use 8-64 (16 is the QLoRA default)")
         return v
+
+    @field_validator("dropout", mode="before")
+    @classmethod
+    def _dropout_range(cls, v: Any) -> float | str:
+        if v == "auto":
+            return v
+        try:
+            p = float(v)
+        except (TypeError, ValueError):
+            p = -1.0
+        if isinstance(v, bool) or not 0 <= p < 1:
+            raise ValueError("must be auto or a number in [0, 1); 0.05 is the usual LoRA dropout")
+        return p
 
 
 class TrainingSection(Section):

@@ -21,7 +21,7 @@ import logging
 import os
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
@@ -649,13 +649,13 @@ def _current_gpu() -> int:
 
 def lora_config(lora, targets: "LoraTargets", task_type: str = "CAUSAL_LM"):
     """PEFT's LoraConfig for the resolved targets (`lora_targets`): linear layers by a pattern that matches only inside
-    the decoder blocks, routed experts' 3-D weights by `target_parameters`."""
+    the decoder blocks, routed experts' 3-D weights by `target_parameters`, the dropout `lora_targets` resolved."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
+        lora_dropout=targets.dropout,
         target_modules=targets.pattern or [],  # [] = experts' weights only (PEFT: target_parameters alone)
         target_parameters=list(targets.parameters) or None,
         bias="none",
@@ -664,6 +664,10 @@ def lora_config(lora, targets: "LoraTargets", task_type: str = "CAUSAL_LM"):
 
 
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routing layers: never adapted (see lora_targets)
+# Router classes whatever their attribute's name: DbrxRouter, MixtralTopKRouter, LongcatFlashTopkRouter, JetMoeTopKGating,
+# HunYuanMoEV1Gate (not the ForgetGate / ResidualGate of linear-attention and gated blocks, which are no routers).
+ROUTER_CLASS = re.compile(r"(Router|TopKGating|MoE\w*Gate)$")
+AUTO_DROPOUT = 0.05  # lora.dropout auto on a model whose adapted weights all take dropout
 
 
 @dataclass(frozen=True)
@@ -673,20 +677,35 @@ class LoraTargets:
     modules: tuple[str, ...]  # last names of the adapted linear layers (q_proj, qkv_proj, ...)
     parameters: tuple[str, ...]  # routed experts' 3-D weights, `<module>.<parameter>` (experts.gate_up_proj): PEFT target_parameters
     pattern: str  # PEFT target_modules: a regex over module paths that matches `modules` inside the decoder blocks only ("" = none)
-    experts: int  # routed experts per MoE layer (0: a dense model)
+    experts: int  # routed experts per MoE layer in the feed-forward part (0: a dense model)
     not_adapted: tuple[str, ...]  # what stays frozen although the default would like to reach it, and why (said before training)
+    dropout: float = AUTO_DROPOUT  # the LoRA dropout the adapter trains with (lora.dropout, auto resolved)
+    dropout_note: str = ""  # why it is not what lora.dropout auto gives a dense model ("" = nothing to say)
+    attention_experts: int = 0  # experts per layer inside the attention (JetMoE's mixture of attention heads), adapted with `parameters`
+
+    def experts_line(self) -> str:
+        """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE)."""
+        where = [f"{self.experts} experts a layer in the feed-forward block" if self.attention_experts else f"{self.experts} experts a layer"] if self.experts else []
+        if self.attention_experts:
+            where.append(f"{self.attention_experts} in the attention, a mixture of attention heads" if self.experts
+                         else f"{self.attention_experts} attention experts a layer, a mixture of attention heads")
+        return f"the routed experts' weights {', '.join(self.parameters)} ({' and '.join(where)};"
 
     def describe(self) -> str:
-        """One line: what LoRA reaches and what it cannot."""
+        """One line: what LoRA reaches, its dropout where auto could not give the usual one, and what it cannot reach."""
         line = f"LoRA on {', '.join(self.modules) or 'no linear layer'}"
         if self.parameters:
-            line += f" + the routed experts' weights {', '.join(self.parameters)} ({self.experts} experts a layer, PEFT target_parameters)"
+            line += f" + {self.experts_line()} PEFT target_parameters)"
+        if self.dropout_note:
+            line += f"; {self.dropout_note}"
         if self.not_adapted:
             line += "; not adapted: " + "; ".join(self.not_adapted)
         return line
 
     def as_dict(self) -> dict:
-        return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts, "not_adapted": list(self.not_adapted)}
+        return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts,
+                "attention_experts": self.attention_experts, "not_adapted": list(self.not_adapted), "dropout": self.dropout,
+                "dropout_note": self.dropout_note}
 
 
 def text_decoder(model):
@@ -720,11 +739,15 @@ def lora_targets(model, lora) -> LoraTargets:
     calls them: q_proj... on Llama, qkv_proj/gate_up_proj on Phi-3), and on a mixture-of-experts model the routed
     experts' 3-D weights (transformers 5 keeps a layer's experts in one [experts, ., .] tensor per projection, which no
     linear-layer LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`,
-    `shared_expert_gate`: a low-rank update to routing shifts the experts' load) are not adapted. A list names linear
+    `shared_expert_gate`, a `*Router` module and the linear layers inside it, DBRX's `router.layer`, LongCat-Flash's
+    `router.classifier`: a low-rank update to routing shifts the experts' load; PEFT's own all-linear keeps them, Unsloth's
+    and LLaMA-Factory's MoE recipes name the projections and so leave them out) are not adapted. A list names linear
     layers and expert weights by their last name; a name the model lacks is a StageError listing the ones it has.
-    """
-    import re
 
+    `lora.dropout` auto is 0.05, or 0 where expert weights are adapted: PEFT's LoRA on a parameter (`ParamWrapper`)
+    refuses any dropout (it cannot factor the input out of lora_B(lora_A(dropout(x)))), and one adapter has one dropout,
+    so the whole adapter trains without it (said in `describe`). A number > 0 with expert weights is a StageError.
+    """
     blocks, _ = decoder_blocks(model)
     inv = _inventory(model, blocks)
     if lora.target_modules == "all-linear":
@@ -741,9 +764,21 @@ def lora_targets(model, lora) -> LoraTargets:
     if not modules and not params:
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
                          f"{', '.join(inv['linear']) or 'none'}); use all-linear")
+    if params and lora.dropout != "auto" and lora.dropout > 0:
+        raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(params)}): PEFT "
+                         "adapts expert weights without dropout; set lora.dropout=0 (or auto: none where expert weights are adapted), "
+                         "or name only linear layers in lora.target_modules to leave the experts frozen")
+    dropout, dropout_note = (lora.dropout, "") if lora.dropout != "auto" else (AUTO_DROPOUT, "") if not params else (
+        0.0, f"LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none, so the adapter has none; auto is "
+             f"{AUTO_DROPOUT:g} without them)")
     not_adapted = []
     if inv["expert_params"] and not params:
         not_adapted.append(f"the routed experts ({', '.join(inv['expert_params'])}: name them in lora.target_modules or use all-linear)")
+    if inv["expert_2d"]:
+        n = f"{max(_expert_counts(model))} a layer; " if _expert_counts(model) else ""
+        not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_2d'])}: each one 2-D [experts x ffn, hidden] matrix that the "
+                           "model slices per expert outside the module holding it, so PEFT's LoRA on a parameter cannot wrap it; they "
+                           "stay as pretrained)")
     if inv["routers"]:
         not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
     if inv["expert_other"] and params:
@@ -752,34 +787,64 @@ def lora_targets(model, lora) -> LoraTargets:
         not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(inv['outside'])}: the text model is what is tuned)")
     # PEFT: a regex is matched against the whole module path, so nothing outside the blocks (a vision tower's q_proj) is hit.
     pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
-    return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted))
+    return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted), dropout, dropout_note,
+                       inv["attention_experts"])
 
 
 def _inventory(model, blocks: str) -> dict:
-    """Inside the decoder blocks: linear layers, routers, experts' 3-D weights (and their other parameters) by last
-    name; outside: the top-level modules that hold linear layers (besides the LM head)."""
+    """Inside the decoder blocks: linear layers, routers (with everything inside them), experts' 3-D weights (and their
+    other parameters) by last name, the experts counted apart where they sit inside the attention (JetMoE), experts'
+    weights kept in 2-D matrices (DBRX); outside: the top-level modules that hold linear layers (besides the LM head)."""
     import torch
 
-    linear, routers, expert_params, expert_other, experts = {}, {}, {}, {}, 0
+    linear, routers, expert_params, expert_other, expert_2d = {}, {}, {}, {}, {}
+    experts = {"ffn": 0, "attention": 0}
+    router_paths: list[str] = []
     counts = _expert_counts(model)
     for name, m in model.named_modules():
-        if not blocks or not name.startswith(blocks + "."):
-            continue
+        if not blocks or not name.startswith(blocks + ".") or any(name.startswith(r + ".") for r in router_paths):
+            continue  # a router's own linear layer (DBRX's router.layer, LongCat-Flash's router.classifier) is the router
         leaf = name.rsplit(".", 1)[-1]
-        parent = model.get_submodule(name.rsplit(".", 1)[0])
         own = dict(m.named_parameters(recurse=False))
-        if (leaf in ROUTER_NAMES and (leaf == "shared_expert_gate" or hasattr(parent, "experts"))) or type(m).__name__.endswith("Router"):
+        if _is_router(model, name, m, counts):
             routers[leaf] = None
+            router_paths.append(name)
         elif isinstance(m, torch.nn.Linear):
             linear[leaf] = None
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
                 (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
-                experts = max(experts, int(p.shape[0])) if p.ndim == 3 else experts
+            dims = [int(p.shape[0]) for p in own.values() if p.ndim == 3]
+            # The routed count where a weight states it: LongCat-Flash's gate_up_proj adds its zero-computation experts (10 vs 8).
+            n = max([d for d in dims if d in counts] or dims)
+            where = "attention" if _inside_attention(model, blocks, name) else "ffn"
+            experts[where] = max(experts[where], n)
+        elif "Expert" in type(m).__name__ and any(p.ndim == 2 for p in own.values()):
+            expert_2d.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 2})  # DBRX's mlp.w1/v1/w2
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
-            "experts": experts, "outside": outside}
+            "expert_2d": list(expert_2d), "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+
+
+def _is_router(model, name: str, m, counts: set[int]) -> bool:
+    """A MoE router: a `*Router` / `*TopKGating` / `*MoE*Gate` module, `shared_expert_gate`, or a `gate` / `router`
+    beside the experts it routes to (a dense model's `gate` that routes nothing stays a linear layer)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if ROUTER_CLASS.search(type(m).__name__) or leaf == "shared_expert_gate":
+        return True
+    if leaf not in ("gate", "router"):
+        return False
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    return hasattr(parent, "experts") or any(
+        c is not m and ("Expert" in type(c).__name__ or _holds_experts(c, dict(c.named_parameters(recurse=False)), counts))
+        for c in parent.children())
+
+
+def _inside_attention(model, blocks: str, name: str) -> bool:
+    """Whether a module sits inside a decoder block's attention (JetMoE's `self_attention.experts`: attention experts)."""
+    parts = name[len(blocks) + 1:].split(".")  # "<layer>.self_attention.experts.input_linear"
+    return any("Attention" in type(model.get_submodule(".".join([blocks, *parts[:i]]))).__name__ for i in range(2, len(parts)))
 
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_moe_experts", "n_experts")
@@ -794,6 +859,39 @@ def _expert_counts(model) -> set[int]:
         config = config.get_text_config()
     sources = [config, getattr(config, "ffn_config", None)]  # DBRX keeps it in ffn_config
     return {v for c in sources if c is not None for k in EXPERT_COUNT_KEYS if isinstance(v := getattr(c, k, None), int) and v > 1}
+
+
+def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
+    """`targets` as PEFT wrapped them. PEFT 0.21 rewrites the LoraConfig of a model whose MoE layers transformers 5 fused
+    (its v4-to-v5 conversion, for adapters trained on transformers 4): on the model types transformers converts like
+    Qwen2-MoE it takes `gate_proj` / `up_proj` / `down_proj` for the experts' fused weights, so dense or shared-expert
+    linear layers of those names get no LoRA and the experts' gate_up_proj trains at twice the rank (LongCat-Flash's
+    dense `mlps` here, DeepSeek-V3's shared experts in peft issue 3711, a fix proposed in its PR 3715). The linear layers
+    matched by `targets.pattern` that PEFT left unwrapped go to `not_adapted`, and `modules` keeps only names PEFT adapted
+    somewhere: the line says what trains."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inner = ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    wrapped, missed = set(), []
+    for name, m in peft_model.named_modules():
+        path = name.removeprefix("base_model.model.")
+        if any(f".{part}" in f".{path}" for part in inner):
+            continue  # PEFT's own layers inside a wrapper
+        if isinstance(m, BaseTunerLayer):
+            wrapped.add(path.rsplit(".", 1)[-1])
+        elif isinstance(m, torch.nn.Linear) and targets.pattern and re.fullmatch(targets.pattern, path):
+            missed.append(path)
+    if not missed:
+        return targets
+    names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in missed))
+    config = next(iter(peft_model.peft_config.values()))
+    ranks = "".join(f"; it trains the experts' {k.rsplit('.', 1)[-1]} at rank {r}, {r // config.r} x lora.r"
+                    for k, r in (config.rank_pattern or {}).items() if r != config.r)
+    more = f" and {len(missed) - 1} more" if len(missed) > 1 else ""
+    why = (f"linear layers PEFT did not wrap ({', '.join(names)} at {missed[0]}{more}: its transformers-v4 "
+           f"conversion takes these names for the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
+    return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why))
 
 
 def _holds_experts(m, own: dict, counts: set[int]) -> bool:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
-from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, resolve_device,
-                     resolve_model, uses_4bit)
+from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
+                     resolve_device, resolve_model, uses_4bit)
 
 
 def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str,
@@ -28,12 +28,8 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
     skeleton = model_skeleton(ref, model)
-    targets = lora_targets(skeleton, lora)
-    if targets.parameters and lora.dropout > 0:
-        raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(targets.parameters)}): PEFT "
-                         "adapts 3-D expert weights without dropout; set lora.dropout=0 (the MoE profile does), or name only linear "
-                         "layers in lora.target_modules to leave the experts frozen")
-    lines = [f"model: {targets.describe()}"]
+    targets = lora_targets(skeleton, lora)  # StageError for a name the model lacks, or a dropout its expert weights cannot take
+    lines = []
     dev = resolve_device(device)
     if targets.parameters and uses_4bit(quant, dev):
         adapted = set(targets.parameters)  # `experts.gate_up_proj`: the last two parts of a parameter's name
@@ -43,13 +39,14 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         count = f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n:,}"
         lines.append(f"model: the routed experts ({count} parameters, {gib:.2f} GiB) stay in {str(dtype).removeprefix('torch.')}, "
                      "not NF4: bitsandbytes 4-bit quantizes linear layers only; their LoRA trains on them as they are")
-    _check_peft_accepts(skeleton, lora, targets)  # last: it wraps the skeleton in place
-    return lines
+    targets = _check_peft_accepts(skeleton, lora, targets)  # last: it wraps the skeleton in place
+    return [f"model: {targets.describe()}", *lines]
 
 
-def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> None:
+def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> LoraTargets:
     """PEFT's own refusals (Mamba-based models take no LoRA on out_proj/conv1d, ...) before stage 1, not as a traceback in
-    stage 3: wrap the meta skeleton as training will (under a second on an 8B config, no memory)."""
+    stage 3: wrap the meta skeleton as training will (under a second on an 8B config, no memory). Returns the targets as
+    PEFT wrapped them (`peft_reach`)."""
     import re
 
     import torch
@@ -57,7 +54,7 @@ def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> No
 
     try:
         with torch.device("meta"), peft_quietly():
-            get_peft_model(skeleton, lora_config(lora, targets))
+            wrapped = get_peft_model(skeleton, lora_config(lora, targets))
     except (ValueError, TypeError, NotImplementedError) as e:
         msg = re.sub(r"^\[PEFT:[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         msg = msg.split(" Please ")[0]  # PEFT's own advice names its keyword, not ours: the fix below replaces it
@@ -67,3 +64,4 @@ def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> No
         fix = f"set lora.target_modules=[{','.join(rest)}]" if bad and rest else "name other layers in lora.target_modules"
         raise StageError(f"lora.target_modules: PEFT cannot adapt this model with {', '.join(targets.modules + targets.parameters)}: "
                          f"{msg.removesuffix('.')}; {fix}") from e
+    return peft_reach(wrapped, targets)

@@ -75,6 +75,14 @@ def batch_line(train) -> str:
     return f"; optimizer batch ~{b['conversations']:,.1f} conversations / ~{b['tokens']:,} tokens per step ({b['rule']})"
 
 
+def lora_dropout(train, lora) -> str:
+    """The LoRA dropout the adapter trained with (stage 4's record: lora.dropout auto resolved), as the card writes it."""
+    p = (getattr(train, "lora_targets", None) or {}).get("dropout")
+    if p is None:  # a record from before it was kept
+        return str(lora.dropout)
+    return f"{p:g} (auto)" if lora.dropout == "auto" else f"{p:g}"
+
+
 def lora_targets_markdown(train, lora) -> str:
     """What LoRA adapted and what it could not (stage 4's record; a record from before it was kept: the configured names)."""
     t = getattr(train, "lora_targets", None) or {}
@@ -82,8 +90,12 @@ def lora_targets_markdown(train, lora) -> str:
         return ", ".join(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
     line = ", ".join(t["modules"]) or "no linear layer"
     if t.get("parameters"):
-        line += (f" + the routed experts' weights {', '.join(t['parameters'])} ({t['experts']} experts a layer; never 4-bit: "
-                 "bitsandbytes quantizes linear layers only)")
+        from .models import LoraTargets
+
+        experts = LoraTargets((), tuple(t["parameters"]), "", t["experts"], (), attention_experts=t.get("attention_experts", 0)).experts_line()
+        line += f" + {experts} never 4-bit: bitsandbytes quantizes linear layers only)"
+    if t.get("dropout_note"):
+        line += f"; {t['dropout_note']}"
     if t.get("not_adapted"):
         line += "; **not adapted**: " + "; ".join(t["not_adapted"])
     return line
@@ -220,7 +232,7 @@ README.md) run `{run_name}` (profile `{cfg.profile}`).
 - Data: `{data.source}`{' + ' + ', '.join(f'`{m.source}`' for m in cfg.data.mix) if cfg.data.mix else ''} — {data.n_train:,} training / {data.n_heldout:,} held-out conversations, data hash `{data.data_hash}`;
   loss on assistant tokens only, end-of-turn learned.{sys_line}
 {data_sources_markdown(data)}- Recipe: {recipe},
-  LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout} on {lora_targets_markdown(train, cfg.lora)}
+  LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={lora_dropout(train, cfg.lora)} on {lora_targets_markdown(train, cfg.lora)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`{batch_line(train)}.
 - Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set

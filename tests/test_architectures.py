@@ -4,6 +4,7 @@ profiles and their one-line descriptions; warnings and Trainer output kept out o
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -52,10 +53,12 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     from flows.finetune import finetune
 
     _, linear, experts = ARCHS[arch]
+    # The tiny profile sets lora.dropout 0 (speed); on a MoE the run takes auto, the default of every real profile but one.
+    dropout = ["lora.dropout=auto"] if experts else []
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = finetune(profile="tiny", overrides=_flow_args(str(tmp_path / "artifacts"), arch))
+        result = finetune(profile="tiny", overrides=_flow_args(str(tmp_path / "artifacts"), arch, *dropout))
     out, err = capfd.readouterr()
     assert result["status"] == "completed"
     train = result["stages"]["train"]["outputs"]
@@ -66,6 +69,7 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     card = (Path(result["published"]) / "README.md").read_text()
     if experts:
         assert targets["experts"] == 4 and "routed experts" in card and "not adapted" in card and "routers" in card and "never 4-bit" in card
+        assert "dropout=0 (auto) on " in card and "LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none" in card
     # Quiet and current (issue 20.5): no FutureWarning from the run, no raw Trainer dicts between the log lines.
     future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
     assert future == []
@@ -81,12 +85,28 @@ SSM_ARCHS = {
 }
 
 
-def _skeleton(arch: str):
+# Other MoE layouts (issue 20, a review): DBRX keeps each layer's experts in 2-D [experts x ffn, hidden] matrices and its
+# router's linear layer inside a DbrxRouter (transformers 5.24's DBRX needs rope_theta and clip_qkv in attn_config);
+# LongCat-Flash a router.classifier, and 8 routed + 2 zero-computation experts in gate_up_proj; JetMoE routed experts in
+# the attention (a mixture of attention heads) as well as in the feed-forward block, each with its own router.
+MORE_MOE = {
+    "dbrx": {"d_model": 64, "n_heads": 4, "n_layers": 2, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}},
+    "longcat_flash": {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+                      "zero_expert_num": 2, "moe_topk": 2, "moe_intermediate_size": 32, "ffn_hidden_size": 64, "q_lora_rank": 16, "kv_lora_rank": 16,
+                      "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8},
+    "jetmoe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 16,
+               "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+def _skeleton(arch: str, device: str = "meta"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(arch, vocab_size=512, pad_token_id=0, **(ARCHS[arch][0] if arch in ARCHS else SSM_ARCHS[arch]))
-    with torch.device("meta"):
+    kwargs = ARCHS[arch][0] if arch in ARCHS else SSM_ARCHS[arch] if arch in SSM_ARCHS else MORE_MOE[arch]
+    config = AutoConfig.for_model(arch, vocab_size=512, pad_token_id=0, **copy.deepcopy(kwargs))
+    with torch.device(device):
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -117,16 +137,134 @@ def test_a_convolutions_3d_weight_is_not_a_routed_experts():
         assert t.parameters == () and t.experts == 0 and "conv1d" not in t.describe(), (arch, t.describe())
     jamba = lora_targets(_skeleton("jamba"), LoraSection())
     assert set(jamba.parameters) == EXPERTS and jamba.experts == 4 and "conv1d" not in jamba.describe(), jamba.describe()
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    # LongCat-Flash: gate_up_proj holds 8 routed + 2 zero-computation experts, down_proj the 8 (a review, 2026-12-02); the
+    # line counts the 8 routed ones (it said "10 experts a layer")
+    longcat = lora_targets(_skeleton("longcat_flash"), LoraSection())
+    assert set(longcat.parameters) == EXPERTS and longcat.experts == 8 and "(8 experts a layer;" in longcat.describe(), longcat.describe()
 
-    # LongCat-Flash: gate_up_proj holds 8 routed + 2 zero-computation experts, down_proj the 8 (a review, 2026-12-02)
-    config = AutoConfig.for_model("longcat_flash", hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
-                                  n_routed_experts=8, zero_expert_num=2, moe_intermediate_size=32, ffn_hidden_size=64, q_lora_rank=16,
-                                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
-    with torch.device("meta"):
-        longcat = lora_targets(AutoModelForCausalLM.from_config(config), LoraSection())
-    assert set(longcat.parameters) == EXPERTS, longcat.describe()
+
+def test_a_routers_own_linear_layer_is_never_adapted():
+    """A router module holds a linear layer of its own: DBRX's ffn.router.layer, LongCat-Flash's mlp.router.classifier,
+    JetMoE's mlp.router.layer and self_attention.experts.router.layer. all-linear adapted them as the linear layers `layer`
+    and `classifier` while the same line said the routers stay as pretrained (a review): no LoRA inside a router."""
+    import torch
+    from peft import get_peft_model
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets
+
+    for arch, router_linear in (("dbrx", "layer"), ("longcat_flash", "classifier"), ("jetmoe", "layer"), ("mixtral", "gate"),
+                                ("qwen2_moe", "shared_expert_gate")):
+        model = _skeleton(arch)
+        t = lora_targets(model, LoraSection())
+        assert router_linear not in t.modules and "not adapted: " in t.describe() and "the routers (" in t.describe(), (arch, t.describe())
+        with torch.device("meta"):
+            peft_model = get_peft_model(model, lora_config(LoraSection(), t))
+        adapted = {n.split(".lora_")[0] for n, _ in peft_model.named_parameters() if ".lora_" in n}
+        assert adapted and not [n for n in adapted if ".router." in n or n.endswith((".gate", ".router", "_gate"))], (arch, sorted(adapted))
+
+
+def test_dbrxs_2d_expert_matrices_stay_frozen_and_the_line_says_why():
+    """DBRX keeps each layer's experts as three 2-D [experts x ffn, hidden] matrices (mlp.w1, v1, w2) that DbrxExperts
+    slices per expert before calling its mlp: PEFT's LoRA on a parameter wraps that mlp, so the slicing finds no w1 and the
+    forward fails (checked here on a real tiny DBRX: when PEFT learns it, adapt them). They were frozen without a word."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    t = lora_targets(_skeleton("dbrx"), LoraSection())
+    assert t.parameters == () and set(t.modules) == {"Wqkv", "out_proj"}, t.describe()
+    assert "not adapted: the routed experts (4 a layer; mlp.w1, mlp.v1, mlp.w2: each one 2-D [experts x ffn, hidden] matrix" in t.describe()
+    assert "PEFT's LoRA on a parameter cannot wrap it; they stay as pretrained" in t.describe() and "dropout" not in t.describe()
+    torch.manual_seed(0)
+    model = get_peft_model(_skeleton("dbrx", "cpu"), LoraConfig(r=2, target_modules=[], target_parameters=["mlp.w1"]))
+    with pytest.raises(AttributeError, match="no attribute 'v1'"):
+        model(input_ids=torch.randint(3, 500, (1, 6)))
+
+
+def test_jetmoes_attention_experts_are_counted_apart_from_its_feed_forward_experts():
+    """JetMoE has routed experts in the attention (a mixture of attention heads) as well as in the feed-forward block; both
+    share the weight names input_linear.weight / output_linear.weight, and the line said "(4 experts a layer" as if all were
+    feed-forward experts (a review). The line and the model card count them apart."""
+    from types import SimpleNamespace
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+    from tasks.publish import lora_targets_markdown
+
+    t = lora_targets(_skeleton("jetmoe"), LoraSection())
+    assert set(t.parameters) == {"input_linear.weight", "output_linear.weight"} and (t.experts, t.attention_experts) == (4, 4)
+    counted = "(4 experts a layer in the feed-forward block and 4 in the attention, a mixture of attention heads;"
+    assert counted in t.describe() and t.modules == ("kv_proj",), t.describe()
+    card = lora_targets_markdown(SimpleNamespace(lora_targets=t.as_dict()), LoraSection())
+    assert counted in card and "never 4-bit" in card and "LoRA dropout 0 (lora.dropout auto" in card, card
+    for arch in ("mixtral", "qwen3_moe"):  # no attention experts: the line as it was
+        t = lora_targets(_skeleton(arch), LoraSection())
+        assert t.attention_experts == 0 and "(4 experts a layer; PEFT target_parameters)" in t.describe(), t.describe()
+
+
+def test_linear_layers_peft_leaves_unwrapped_are_said_not_adapted():
+    """PEFT 0.21 rewrites the LoraConfig of 30 MoE model types for adapters trained on transformers 4: on LongCat-Flash it
+    takes the dense MLPs' gate_proj / up_proj / down_proj (model.layers.N.mlps.M) for the experts' fused weights, wraps
+    none of them and trains the experts' gate_up_proj at twice lora.r (peft issue 3711). The line named them as adapted;
+    it now says what PEFT wrapped. When PEFT stops doing this (its PR 3715), the first asserts fail: drop the note then."""
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets, peft_quietly, peft_reach
+
+    lora = LoraSection(r=8)
+    t = lora_targets(_skeleton("longcat_flash"), lora)
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(t.modules), t.describe()
+    with torch.device("meta"), peft_quietly(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # PEFT's own note on the rank pattern it added
+        model = get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert wrapped and not [n for n in wrapped if ".mlps." in n]  # what PEFT does today
+    assert sorted(m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj") == [16, 16]
+    reached = peft_reach(model, t)
+    assert reached.modules == ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), reached.describe()
+    assert ("linear layers PEFT did not wrap (gate_proj, up_proj, down_proj at model.layers.0.mlps.0.gate_proj and 11 more: its "
+            "transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; it trains the experts' "
+            "gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in reached.describe(), reached.describe()
+    for arch in ("qwen2_moe", "mixtral", "jetmoe"):  # PEFT wraps what the line names: nothing to add
+        t = lora_targets(_skeleton(arch), lora)
+        with torch.device("meta"), peft_quietly():
+            assert peft_reach(get_peft_model(_skeleton(arch), lora_config(lora, t)), t) is t, arch
+
+
+def test_a_moe_under_a_profile_that_never_sets_lora_dropout_trains_without_it_and_says_so(shared_artifacts):
+    """A profile that leaves lora.dropout alone (mistral-7b) with model.name switched to a MoE was refused before stage 1:
+    "lora.dropout: 0.05 cannot apply to the routed experts' weights" (a review), although the user never set it. PEFT's
+    LoRA on expert weights (ParamWrapper) refuses any dropout and one adapter has one, so auto gives the adapter none there
+    and says so in the model line; a dense model, or a MoE whose experts stay frozen, keeps 0.05; a number > 0 the user
+    set with expert weights targeted is still a one-line error (also test_model_problems_are_one_line_before_stage_1)."""
+    from tasks.common import StageError
+    from tasks.config import LoraSection, load_config
+    from tasks.models import lora_config, lora_targets
+    from tasks.preflight import check_model
+
+    cfg = load_config(profile="mistral-7b", overrides=_flow_args(shared_artifacts, "mixtral"))
+    assert cfg.lora.dropout == "auto"
+    lines = check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts)
+    assert ("LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none, so the adapter has none; auto is 0.05 "
+            "without them); not adapted: the routers") in lines[0], lines
+    t = lora_targets(_skeleton("mixtral"), cfg.lora)
+    assert t.dropout == 0 and lora_config(cfg.lora, t).lora_dropout == 0 and t.as_dict()["dropout"] == 0
+    # A multi-GPU run's ranks re-read lora from the launch spec (tasks/engine/launch.py): auto survives, and resolves alike.
+    assert LoraSection.model_validate(cfg.lora.model_dump(mode="json")).dropout == "auto"
+    dense = lora_targets(_skeleton("llama"), cfg.lora)
+    assert dense.dropout == 0.05 and lora_config(cfg.lora, dense).lora_dropout == 0.05 and "dropout" not in dense.describe()
+    frozen_experts = lora_targets(_skeleton("mixtral"), cfg.lora.model_copy(update={"target_modules": ["q_proj", "v_proj"]}))
+    assert frozen_experts.dropout == 0.05 and "dropout" not in frozen_experts.describe()
+    with pytest.raises(StageError) as e:
+        lora_targets(_skeleton("mixtral"), cfg.lora.model_copy(update={"dropout": 0.1}))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("lora.dropout: 0.1 cannot apply to the routed experts' weights") and "set lora.dropout=0" in msg
 
 
 def test_a_target_peft_refuses_is_one_line_before_stage_1(shared_artifacts):

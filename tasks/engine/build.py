@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
-from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly,
+from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly, peft_reach,
                       quiet_transformers, softcaps_attention, uses_4bit)
 from .dist import world
 
@@ -77,7 +77,7 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
         model = prepare_fast_model(model, use_liger=liger)
     with peft_quietly():
         model = get_peft_model(model, lora_config(lora, targets))
-    model.lora_targets = targets
+    model.lora_targets = peft_reach(model, targets)  # what PEFT wrapped: the record and the model card say that
     if engine == "fused":
         from .lora import fuse_lora
 
