@@ -859,9 +859,14 @@ def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collectio
     except Exception as e:
         if not raised_by_template(e):  # a StageError already says what to do; anything else is not the template's
             raise
-        first = next((m["content"] for m in msgs if m["role"] == "user"), msgs[0]["content"])
-        opening = " ".join(first.split())[:60]
-        raise StageError(f"{where}: the chat template cannot render the conversation whose first user turn opens {opening!r}: "
+        # The row's index is gone (normalised, deduped, shuffled): quote what finds it in the file. Both ends of the
+        # first user turn (Alpaca-style rows share their opening preamble) and the roles, which an alternation error is about.
+        user = next((m for m in msgs if m["role"] == "user"), msgs[0])
+        text = " ".join(user["content"].split())
+        quote = repr(text[:60]) + (f" ... {text[-60:]!r}" if len(text) > 120 else "")
+        roles = ", ".join(m["role"] for m in msgs[:8]) + (", ..." if len(msgs) > 8 else "")
+        turn = "first user turn" if user["role"] == "user" else f"first turn ({user['role']}; no user turn)"
+        raise StageError(f"{where}: the chat template cannot render the conversation (roles: {roles}) whose {turn} is {quote}: "
                          f"{template_message(e)}; fix or remove that row (roles: an optional system turn, then user and assistant "
                          "turns in turn), or set model.chat_template to a template that renders it") from e
     if reason:

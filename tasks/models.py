@@ -466,12 +466,14 @@ def template_source(model: ModelSection) -> str:
 def template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
     import jinja2
 
-    line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame
-    tb = e.__traceback__
+    line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame:
+    tb = e.__traceback__  # the innermost one (a macro's or a {% generation %} block's body, not the line that called it)
+    found = None
     while line is None and tb is not None:
         if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
-            line = tb.tb_lineno
+            found = tb.tb_lineno
         tb = tb.tb_next
+    line = line if line is not None else found
     what = template_message(e)
     at = f" (line {line})" if line else ""
     key = template_source(model)

@@ -123,7 +123,10 @@ GEN = "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     # stage 5 and serving prompt with the generation prompt: a template that fails only there fails before stage 1 too
     (ASKS + "{% if add_generation_prompt %}{{ messages[0]['content'] * 'x' }}{% endif %}",
      "TypeError: can't multiply sequence by non-int"),
-], ids=["zero-division", "key-error", "type-error", "generation-prompt-only"])
+    # the line that failed, inside a macro (line 2), not the line that called it (line 4: a review)
+    ("{% macro turn(m) %}\n{{ m['content'] ~ (1 // 0) }}\n{% endmacro %}\n{% for m in messages %}{{ turn(m) }}{% endfor %}",
+     "ZeroDivisionError: integer division or modulo by zero (line 2)"),
+], ids=["zero-division", "key-error", "type-error", "generation-prompt-only", "inside-a-macro"])
 def test_a_template_that_fails_as_it_runs_is_one_line_naming_the_key(tiny_cfg, tiny_tok, tmp_path, template, said):
     """A template's own runtime error (ZeroDivisionError, KeyError, TypeError: not a jinja2.TemplateError) escaped
     load_tokenizer as a traceback; it is the one-line StageError naming model.chat_template, the error and its line."""

@@ -355,6 +355,22 @@ def test_a_row_the_template_refuses_for_another_reason_is_one_line_quoting_it(tm
     with pytest.raises(StageError) as e:
         load_dataset_records(data, model, shared_artifacts)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r}: the chat template cannot render the conversation whose first "
-                                              f"user turn opens 'First question, then': {said}"), msg
+    roles = "user, user, assistant" if said.startswith("Conversation") else "user, assistant"
+    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r}: the chat template cannot render the conversation (roles: "
+                                              f"{roles}) whose first user turn is 'First question, then': {said}"), msg
     assert "fix or remove that row" in msg, msg
+
+
+def test_a_refused_row_behind_a_shared_preamble_is_quoted_by_both_ends(tmp_path, tiny_cfg, shared_artifacts):
+    """Alpaca-style rows open with the same preamble: the opening alone matched all 30 rows of a review's file. The quote
+    carries the turn's end too, where the rows differ."""
+    preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
+    rows = [{"messages": [{"role": "user", "content": f"{preamble}Instruction: name fruit number {i}."},
+                          {"role": "assistant", "content": f"Fruit {i}."}]} for i in range(30)]
+    rows[17] = {"messages": [{"role": "user", "content": f"{preamble}Instruction: list three colours please."},
+                             {"role": "user", "content": "and shapes"}, {"role": "assistant", "content": "Red."}]}
+    data, _ = _cfg(tiny_cfg, _write(tmp_path / "alpaca.jsonl", rows, "jsonl"))
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+    msg = str(e.value)
+    assert "(roles: user, user, assistant)" in msg and "list three colours please.'" in msg, msg
