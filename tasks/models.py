@@ -649,6 +649,22 @@ def _current_gpu() -> int:
     return torch.cuda.current_device()
 
 
+def _peft_converted_parameters(model, lora, modules, params) -> list[str]:
+    """The expert weights PEFT will adapt for these targets after its own v4-to-v5 config conversion (`target_parameters`
+    it adds from linear names, peft issue 3711); [] where PEFT has no such conversion or the names do not convert."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers, get_model_conversion_mapping
+    except ImportError:  # a PEFT without the conversion: it adapts what it is given
+        return []
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(modules), target_parameters=list(params) or None)
+    try:
+        convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    except Exception:  # its own refusal ("cannot convert gate_proj without up_proj") is said when PEFT wraps the model
+        return []
+    return sorted(set(config.target_parameters or ()) - set(params))
+
+
 def lora_config(lora, targets: "LoraTargets", task_type: str = "CAUSAL_LM"):
     """PEFT's LoraConfig for the resolved targets (`lora_targets`): linear layers by a pattern that matches only inside
     the decoder blocks, routed experts' 3-D weights by `target_parameters`, the dropout `lora_targets` resolved."""
@@ -766,11 +782,15 @@ def lora_targets(model, lora) -> LoraTargets:
     if not modules and not params:
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
                          f"{', '.join(inv['linear']) or 'none'}); use all-linear")
-    if params and lora.dropout != "auto" and lora.dropout > 0:
-        raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(params)}): PEFT "
+    # PEFT's v4-to-v5 conversion may turn linear names into expert weights of its own (gate_proj + up_proj -> the experts'
+    # gate_up_proj on DeepSeek-V3, Qwen3-Next, LongCat-Flash...): those take no dropout either (a review: auto gave 0.05
+    # there and PEFT refused it, blaming lora.target_modules).
+    expert_params = list(params) + [p for p in _peft_converted_parameters(model, lora, modules, params) if p not in params]
+    if expert_params and lora.dropout != "auto" and lora.dropout > 0:
+        raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(expert_params)}): PEFT "
                          "adapts expert weights without dropout; set lora.dropout=0 (or auto: none where expert weights are adapted), "
                          "or name only linear layers in lora.target_modules to leave the experts frozen")
-    dropout, dropout_note = (lora.dropout, "") if lora.dropout != "auto" else (AUTO_DROPOUT, "") if not params else (
+    dropout, dropout_note = (lora.dropout, "") if lora.dropout != "auto" else (AUTO_DROPOUT, "") if not expert_params else (
         0.0, f"LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none, so the adapter has none; auto is "
              f"{AUTO_DROPOUT:g} without them)")
     not_adapted = []

@@ -520,3 +520,26 @@ def test_the_probes_layer_search_counts_a_multimodal_models_decoder_layers_only(
     assert [t["recompute_free_layers"] for t in rec.trials] == [0, 2]
     assert {t["layers"] for t in rec.trials} == {2} and rec.recompute_free_layers in (0, 2)
     assert any("(2 layers without recompute)" in m for m in logs) and not any("5 layers" in m or "4 layers" in m for m in logs), logs
+
+
+def test_auto_dropout_counts_the_expert_weights_peft_converts_linear_names_into():
+    """PEFT's v4-to-v5 conversion turns a list naming gate_proj + up_proj into LoRA on the experts' gate_up_proj (LongCat-
+    Flash, DeepSeek-V3, Qwen3-Next...): auto gave 0.05 there, and PEFT refused it with "ParamWrapper does not work with
+    lora_dropout != 0", which the check blamed on lora.target_modules (a review). auto now gives 0 and says so; a number
+    the user set is the lora.dropout line."""
+    import torch
+    from peft import get_peft_model
+
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets, peft_quietly
+
+    lora = LoraSection(r=8, target_modules=["q_a_proj", "gate_proj", "up_proj"])
+    t = lora_targets(_skeleton("longcat_flash"), lora)
+    assert t.dropout == 0 and "LoRA dropout 0 (lora.dropout auto" in t.describe(), t.describe()
+    with torch.device("meta"), peft_quietly(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))  # PEFT takes it
+    with pytest.raises(StageError, match=r"^lora\.dropout: 0\.05 cannot apply to the routed experts' weights \((experts\.)?gate_up_proj\)"):
+        lora_targets(_skeleton("longcat_flash"), lora.model_copy(update={"dropout": 0.05}))
+    assert lora_targets(_skeleton("llama"), LoraSection(target_modules=["gate_proj", "up_proj"])).dropout == 0.05  # no conversion there
