@@ -466,14 +466,8 @@ def template_source(model: ModelSection) -> str:
 def template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
     import jinja2
 
-    line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame:
-    tb = e.__traceback__  # the innermost one (a macro's or a {% generation %} block's body, not the line that called it)
-    found = None
-    while line is None and tb is not None:
-        if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
-            found = tb.tb_lineno
-        tb = tb.tb_next
-    line = line if line is not None else found
+    line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame
+    line = line if line is not None else _template_frame_line(e)
     what = template_message(e)
     at = f" (line {line})" if line else ""
     key = template_source(model)
@@ -492,14 +486,18 @@ def raised_by_template(e: BaseException) -> bool:
     whose traceback passes through the template's code (its own ZeroDivisionError, KeyError, TypeError)."""
     import jinja2
 
-    if isinstance(e, jinja2.TemplateError):
-        return True
-    tb = e.__traceback__
+    return isinstance(e, jinja2.TemplateError) or _template_frame_line(e) is not None
+
+
+def _template_frame_line(e: BaseException) -> int | None:
+    """The template line `e` was raised at: its traceback's innermost frame in the template's code (a macro's or a
+    {% generation %} block's body, not the line that called it); None when the traceback never enters a template."""
+    line, tb = None, e.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):
-            return True
+            line = tb.tb_lineno
         tb = tb.tb_next
-    return False
+    return line
 
 
 def template_message(e: Exception) -> str:
@@ -701,19 +699,11 @@ class LoraTargets:
     dropout_note: str = ""  # why it is not what lora.dropout auto gives a dense model ("" = nothing to say)
     attention_experts: int = 0  # experts per layer inside the attention (JetMoE's mixture of attention heads), adapted with `parameters`
 
-    def experts_line(self) -> str:
-        """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE)."""
-        where = [f"{self.experts} experts a layer in the feed-forward block" if self.attention_experts else f"{self.experts} experts a layer"] if self.experts else []
-        if self.attention_experts:
-            where.append(f"{self.attention_experts} in the attention, a mixture of attention heads" if self.experts
-                         else f"{self.attention_experts} attention experts a layer, a mixture of attention heads")
-        return f"the routed experts' weights {', '.join(self.parameters)} ({' and '.join(where)};"
-
     def describe(self) -> str:
         """One line: what LoRA reaches, its dropout where auto could not give the usual one, and what it cannot reach."""
         line = f"LoRA on {', '.join(self.modules) or 'no linear layer'}"
         if self.parameters:
-            line += f" + {self.experts_line()} PEFT target_parameters)"
+            line += f" + {experts_line(self.parameters, self.experts, self.attention_experts)} PEFT target_parameters)"
         if self.dropout_note:
             line += f"; {self.dropout_note}"
         if self.not_adapted:
@@ -724,6 +714,16 @@ class LoraTargets:
         return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts,
                 "attention_experts": self.attention_experts, "not_adapted": list(self.not_adapted), "dropout": self.dropout,
                 "dropout_note": self.dropout_note}
+
+
+def experts_line(parameters, experts: int, attention_experts: int) -> str:
+    """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE); the
+    parenthesis is left open for the caller's last words (the model line's, the card's)."""
+    where = [f"{experts} experts a layer in the feed-forward block" if attention_experts else f"{experts} experts a layer"] if experts else []
+    if attention_experts:
+        where.append(f"{attention_experts} in the attention, a mixture of attention heads" if experts
+                     else f"{attention_experts} attention experts a layer, a mixture of attention heads")
+    return f"the routed experts' weights {', '.join(parameters)} ({' and '.join(where)};"
 
 
 def text_decoder(model):

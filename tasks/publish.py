@@ -90,9 +90,9 @@ def lora_targets_markdown(train, lora) -> str:
         return ", ".join(lora.target_modules) if isinstance(lora.target_modules, list) else lora.target_modules
     line = ", ".join(t["modules"]) or "no linear layer"
     if t.get("parameters"):
-        from .models import LoraTargets
+        from .models import experts_line
 
-        experts = LoraTargets((), tuple(t["parameters"]), "", t["experts"], (), attention_experts=t.get("attention_experts", 0)).experts_line()
+        experts = experts_line(t["parameters"], t["experts"], t.get("attention_experts", 0))
         line += f" + {experts} never 4-bit: bitsandbytes quantizes linear layers only)"
     if t.get("dropout_note"):
         line += f"; {t['dropout_note']}"
