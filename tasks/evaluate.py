@@ -278,17 +278,27 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
 
     base_caches = {name: stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
                    for name, suite in suites.items()}
+    # Each pass's answers as it ends, under this stage's own key: a run stopped partway (a crash, a killed job, a lost
+    # machine) redoes only the passes it had not finished. Removed once the stage's record is written.
+    parts = stage_dir(artifacts_dir, "eval-parts", key)
     # The passes that move the bar; it closes on the way out, an exception's too, so an error starts a line of its own.
-    with EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches)) as bar:
+    with EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches, parts)) as bar:
         results = {}
         for name in ("base", "tuned"):
-            ctx = model.disable_adapter() if name == "base" else _nullcontext()
-            with ctx, torch.inference_mode():
-                bar.describe(f"held-out {name} loss")
-                nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
-                check: dict = {}
-                gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device, check,
-                                bar.part(f"held-out {name}", n * eval.max_new_tokens))
+            saved = _read_side(parts / f"held-out-{name}.json", n, len(loss_rows))
+            if isinstance(saved, dict):
+                nll, gens, check = [tuple(x) for x in saved["nll"]], saved["gens"], saved["check"]
+                log_fn(f"evaluate: held-out {name}: answers and losses reused from this stage's interrupted run ({parts})")
+                bar.skip(f"held-out {name}")
+            else:
+                ctx = model.disable_adapter() if name == "base" else _nullcontext()
+                with ctx, torch.inference_mode():
+                    bar.describe(f"held-out {name} loss")
+                    nll = row_nll(model, held.select(loss_rows), tok.pad_token_id, eval.batch_size, device)
+                    check = {}
+                    gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device,
+                                    check, bar.part(f"held-out {name}", n * eval.max_new_tokens))
+                write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
             loss = mean_nll(nll[:n])
             by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
             results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
@@ -297,7 +307,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         bench_results = {}
         for name, suite in suites.items():
             bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
-                                                base_cache=base_caches[name], bar=bar)
+                                                base_cache=base_caches[name], bar=bar, parts=parts)
 
     has_checkers = data.has_checkers and all("check" in m for m in meta[:n])
     summary = {}
@@ -372,6 +382,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                                        "generations": {k: [g["text"] for g in v["gens"]] for k, v in results.items()},
                                        "benchmark_rows": {k: v["rows"] for k, v in bench_results.items()}})
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
+    shutil.rmtree(parts, ignore_errors=True)  # the record holds it all now
     return rec
 
 
@@ -430,13 +441,18 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
-def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path]) -> dict[str, int]:
+def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path],
+                    done: Path | None = None) -> dict[str, int]:
     """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
-    answers x their token cap. A benchmark's base side already cached (`base_answers_key`) generates nothing: left out."""
-    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned")}
+    answers x their token cap. A benchmark's base side already cached (`base_answers_key`) generates nothing, nor does a
+    pass an interrupted run of the stage saved in `done` (its parts folder): left out."""
+    def saved(part: str) -> bool:
+        return done is not None and (done / f"{part.replace(' ', '-')}.json").is_file()
+
+    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}")}
     for name, suite in suites.items():
         for who in ("base", "tuned"):
-            if not (who == "base" and is_complete(base_caches[name])):
+            if not (who == "base" and is_complete(base_caches[name])) and not saved(f"{name} {who}"):
                 parts[f"{name} {who}"] = len(suite["rows"]) * suite["subset"]["max_new_tokens"]
     return parts
 
@@ -707,25 +723,34 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
                        eval.batch_size, hardware_id(resolve_device(device)), libs)
 
 
+def _read_side(path: Path, n: int, n_nll: int | None) -> dict | str:
+    """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used: unreadable, or not of
+    these n answers (and n_nll losses, where the pass has them)."""
+    try:
+        saved = read_json(path)
+        ok = (len(saved["gens"]) == n and isinstance(saved["check"], dict)
+              and (n_nll is None or len(saved["nll"] or []) == n_nll) and all("text" in g and "stopped" in g for g in saved["gens"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return str(e)
+    return saved if ok else "not these prompts"
+
+
 def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | None:
     """The cached base side, or None (regenerate) when it is missing, unreadable or not of these n prompts."""
-    try:
-        saved = read_json(base_cache / "base.json")
-        ok = len(saved["gens"]) == n and (not with_nll or len(saved["nll"] or []) == n) and isinstance(saved["check"], dict)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        ok, saved = False, str(e)
-    if not ok:
-        why = saved if isinstance(saved, str) else "not these prompts"
-        log_fn(f"evaluate: {base_cache} holds no usable base answers ({why}); generating them again")
+    saved = _read_side(base_cache / "base.json", n, n if with_nll else None)
+    if not isinstance(saved, dict):
+        log_fn(f"evaluate: {base_cache} holds no usable base answers ({saved}); generating them again")
         return None
     return saved
 
 
 def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None,
-                  base_cache: Path | None = None, bar: EvalBar | None = None) -> dict:
+                  base_cache: Path | None = None, bar: EvalBar | None = None, parts: Path | None = None) -> dict:
     """Base then tuned on one benchmark, prompted as the published model is (`benchmark_conversation`); returns
     {"summary": small JSON for the record, "rows": per-prompt detail}. `base_cache` (keyed by `base_answers_key`)
     holds the base's answers, reference losses and decode check once computed; a later run reads them back.
+    `parts` (the stage's own folder of finished passes): each side is saved there as it ends and read back by a rerun
+    of the same stage, so an interrupted stage 5 does not generate a finished side again.
     `bar`: stage 5's progress bar, advanced batch by batch."""
     import torch
 
@@ -748,6 +773,16 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
             if bar is not None:
                 bar.skip(f"{name} base")
             continue
+        part = parts / f"{name}-{who}.json" if parts is not None else None
+        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None) if part is not None and part.is_file() else None
+        if isinstance(resumed, dict):
+            gens[who], checks[who] = resumed["gens"], resumed["check"]
+            if name == "alpaca_eval":
+                nll[who] = [tuple(x) for x in resumed["nll"]]
+            log_fn(f"evaluate: {name}: the {who} model's answers reused from this stage's interrupted run ({parts})")
+            if bar is not None:
+                bar.skip(f"{name} {who}")
+            continue
         ctx = model.disable_adapter() if who == "base" else _nullcontext()
         with ctx, torch.inference_mode():
             progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
@@ -757,6 +792,8 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                 if bar is not None:
                     bar.describe(f"{name} {who} reference loss")
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
+        if part is not None:
+            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who)})
         if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
             with locked(base_cache):
                 if is_complete(base_cache):

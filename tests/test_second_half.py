@@ -106,6 +106,57 @@ def test_evaluate_closes_its_bar_when_a_pass_fails(trained, tiny_cfg, tmp_path, 
     assert "evaluate: held-out base loss" in err and err[err.rindex("evaluate:"):].endswith("\n"), err[-300:]
 
 
+def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(trained, tiny_cfg, tmp_path, capfd, monkeypatch):
+    """Stage 5 is the longest stage on a GPU (7-10 min for the showcase): a run stopped in its fifth pass (a crash, a
+    killed job, a machine taken away) generated everything again on the rerun. Each finished pass is kept under the
+    stage's key and read back: the rerun generates only the passes left, its bar counts only those, its record equals
+    an uninterrupted run's, and the kept passes are gone once the record is written."""
+    from tasks import evaluate
+
+    ev = tiny_cfg.eval
+    run = lambda art: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, ev, "cpu", str(art))  # noqa: E731
+    ref = run(tmp_path / "ref")
+    real_generate, real_row_nll = evaluate.generate, evaluate.row_nll
+    calls = []
+
+    def generate(*a, **k):
+        calls.append("generate")
+        if len(calls) == stop_at:
+            raise RuntimeError("machine taken away (stand-in)")
+        return real_generate(*a, **k)
+
+    def row_nll(*a, **k):
+        calls.append("row_nll")
+        return real_row_nll(*a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    monkeypatch.setattr(evaluate, "row_nll", row_nll)
+    # passes in order: held-out base, held-out tuned (a loss pass and a generation each), ifeval base, ifeval tuned,
+    # alpaca_eval base: stopped there
+    stop_at = 7
+    with pytest.raises(RuntimeError, match="stand-in"):
+        run(tmp_path / "cut")
+    assert calls.count("generate") == 5
+    calls.clear()
+    stop_at = None
+    capfd.readouterr()
+    logs = []
+    got = evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, ev, "cpu", str(tmp_path / "cut"), logs.append)
+    # alpaca_eval's base and tuned sides only (each a generation and its reference loss); no held-out pass
+    assert calls == ["generate", "row_nll"] * 2
+    rest = 2 * ev.benchmark_prompts["alpaca_eval"] * ev.benchmark_max_new_tokens["alpaca_eval"]
+    assert f"{rest}/{rest} tokens of the caps" in capfd.readouterr().err
+    said = [m for m in logs if "interrupted run" in m]
+    assert len(said) == 3 and any("held-out tuned" in m for m in said) and any("ifeval: the tuned model" in m for m in said)
+    assert any("ifeval: the base model's answers reused from an earlier run" in m for m in logs)  # its base cache, as before
+    where = ("dir", "eval_json", "chart_png", "seconds", "benchmarks")
+    drop = lambda d: {k: v for k, v in d.items() if k not in where}  # noqa: E731
+    timeless = lambda r: {k: {m: v for m, v in s.items() if m not in ("seconds", "base_reused")} for k, s in r.benchmarks.items()}  # noqa: E731
+    assert drop(got.model_dump(mode="json")) == drop(ref.model_dump(mode="json")) and timeless(got) == timeless(ref)
+    assert drop(json.loads(Path(got.eval_json).read_text())) == drop(json.loads(Path(ref.eval_json).read_text()))
+    assert not list((tmp_path / "cut").glob("cache/eval-parts/*")) and not list((tmp_path / "ref").glob("cache/eval-parts/*"))
+
+
 def test_merge_matches_base_plus_adapter_and_twice_is_a_noop(trained, tiny_cfg, shared_artifacts):
     rec = merge_adapter(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.merge, "cpu", shared_artifacts)
     assert rec.check.passed and rec.dtype == "float32" and rec.top1_agreement == 1.0 and rec.kl_mean < 1e-6
