@@ -123,6 +123,9 @@ if [[ -f $rc && -f $out/summary.json ]]; then
     (cd "$adapter" && sha256sum adapter_model.safetensors) > "$out/adapter/SHA256"
   fi
 fi
+# a stage 5 still running or cut: the passes it finished (cache/eval-parts, small JSON) and the base's answers, so a run
+# the device budget ends in stage 5 still brings back what it generated (setting j, 2026-12-03, lost 6 of its 7 minutes)
+if [[ ! -f $rc && -d $art/cache/eval-parts ]]; then tar -cJf "$out/eval-parts.tar.xz" -C "$art" cache/eval-parts $( [[ -d $art/cache/eval-base ]] && echo cache/eval-base); fi
 # the base's benchmark answers (small JSON): carry them up next time and stage 5 generates only the tuned side
 if [[ -f $rc && -d $art/cache/eval-base ]]; then tar -cJf "$out/eval-base.tar.xz" -C "$art" cache/eval-base; fi
 ls -la "$out"
