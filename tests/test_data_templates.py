@@ -111,7 +111,7 @@ def test_qwen3_thinking_template_is_said_before_stage_1(tmp_path, tiny_cfg, shar
     lines = check_model(_model(tiny_cfg, folder), tiny_cfg.lora, tiny_cfg.quant, "cpu", shared_artifacts)
     said = [line for line in lines if line.startswith("data: ")]
     assert said == [f"data: the chat template of {str(folder)!r} (its tokenizer's) renders a past answer otherwise once a later turn "
-                    "follows (Qwen3 drops its <think> block), so stage 1 trains each answer of a multi-turn row in the conversation cut "
+                    "follows (as Qwen3's drops its <think> block), so stage 1 trains each answer of a multi-turn row in the conversation cut "
                     "after it, as the model will be prompted: one example per answer, the earlier turns repeated in each"], lines
     plain = check_model(tiny_cfg.model, tiny_cfg.lora, tiny_cfg.quant, "cpu", shared_artifacts)
     assert not [line for line in plain if line.startswith("data: ")], plain
@@ -144,3 +144,26 @@ def test_a_template_that_does_not_open_a_later_answer_with_its_generation_prompt
     src.write_text("".join(json.dumps(r) + "\n" for r in SHAREGPT))
     with pytest.raises(StageError, match=r"^model.chat_template: does not open an assistant turn the way its generation prompt does"):
         load_dataset_records(tiny_cfg.data.model_copy(update={"source": str(src)}), model, shared_artifacts)
+
+
+def test_a_row_whose_answer_the_template_does_not_open_with_its_generation_prompt_is_named_in_one_line(tmp_path, tiny_cfg, shared_artifacts):
+    """A template that passes the check but renders some answer otherwise (here by its content: an answer with a '*' gets
+    its own header) is one line naming the source and quoting the row, the template's two renderings, and the fix —
+    not the bare "does not render conversations as prefixes of each other" that named neither."""
+    from tasks.data import load_dataset_records
+
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'U: ' + m['content'] + '\\n' }}{% else %}"
+                "{{ ('A*: ' if '*' in m['content'] else 'A: ') + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} times {i}?"}, {"role": "assistant", "content": f"{i}*{i} is {i * i}."}
+                          if i == 7 else {"role": "assistant", "content": f"It is {i * i}."}]} for i in range(20)]
+    src = tmp_path / "stars.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_cfg.model.model_copy(update={"chat_template": template})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(tiny_cfg.data.model_copy(update={"source": str(src)}), model, shared_artifacts)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"data.source {str(src)!r}: the chat template cannot mark the answers of the conversation "
+                                              "(roles: user, assistant) whose first user turn is 'What is 7 times 7?': its generation "
+                                              "prompt ends 'U: What is 7 times 7?\\nA: ' where it renders the answer as "), msg
+    assert msg.endswith("set model.chat_template to a template whose generation prompt is the start of its assistant turns"), msg
