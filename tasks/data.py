@@ -32,8 +32,8 @@ from pydantic import BaseModel
 from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
-from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer, model_fingerprint, resolve_model,
-                     raised_by_template, template_message, template_source)
+from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
+                     model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
 
 DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
