@@ -228,12 +228,9 @@ def progress_bar(**kwargs):
     from tqdm.auto import tqdm
 
     kwargs.setdefault("delay", 0)
-    if not _is_terminal(kwargs.get("file") or sys.stderr):
-        # Read here, not left to tqdm: tqdm reads TQDM_* once, when first imported, which may have been before they were set.
-        interval = float(os.environ.get("TQDM_MININTERVAL", BAR_INTERVAL_OFF_TTY_S))
-        kwargs.setdefault("mininterval", interval)
-        # tqdm's monitor forces a draw every maxinterval (10 s by default)
-        kwargs.setdefault("maxinterval", float(os.environ.get("TQDM_MAXINTERVAL", max(interval, 10.0))))
+    if not _is_terminal(kwargs.get("file") or sys.stderr) and "TQDM_MININTERVAL" not in os.environ:
+        kwargs.setdefault("mininterval", BAR_INTERVAL_OFF_TTY_S)
+        kwargs.setdefault("maxinterval", BAR_INTERVAL_OFF_TTY_S)  # tqdm's monitor would otherwise force a draw every 10 s
     return tqdm(**kwargs)
 
 
