@@ -467,12 +467,14 @@ def answer_renderings(tok, messages: list[dict]) -> dict[int, tuple[str, str]]:
     return own
 
 
-def rewrites_past_answers(tok) -> bool:
+def rewrites_past_answers(tok, system_prompt: str | None = None) -> bool:
     """Whether the chat template renders a past answer otherwise once a later user turn follows (Qwen3 renders the last
-    answer with a `<think>` block and past ones without): then the conversation up to an answer is not the start of the
-    whole, and stage 1 trains each such answer in the conversation cut after it (`data.renderings`)."""
-    whole = tok.apply_chat_template(PROBE_DIALOG, tokenize=False)
-    return not all(whole.startswith(upto) for _, upto in answer_renderings(tok, PROBE_DIALOG).values())
+    answer with a `<think>` block and past ones without; Mistral-v0.3's puts the system prompt in the last user turn):
+    then the conversation up to an answer is not the start of the whole, and stage 1 trains each such answer in the
+    conversation cut after it (`data.renderings`). `system_prompt`: data.system_prompt, opening every row when set."""
+    dialog = [*([{"role": "system", "content": system_prompt}] if system_prompt else []), *PROBE_DIALOG]
+    whole = tok.apply_chat_template(dialog, tokenize=False)
+    return not all(whole.startswith(upto) for _, upto in answer_renderings(tok, dialog).values())
 
 
 def check_chat_template(tok, model: ModelSection, system_prompt: str | None = None) -> None:

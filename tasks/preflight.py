@@ -28,7 +28,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
     lines = []
-    if rewrites_past_answers(tok):  # not an error (stage 1 trains such rows right), but a multi-turn row costs more tokens
+    if rewrites_past_answers(tok, system_prompt):  # not an error (stage 1 trains such rows right), but a multi-turn row costs more tokens
         lines.append(f"data: {template_source(model)} renders a past answer otherwise once a later turn follows (as Qwen3's drops its "
                      "<think> block), so stage 1 trains each answer of a multi-turn row in the conversation cut after it, as the "
                      "model will be prompted: one example per answer, the earlier turns repeated in each")
