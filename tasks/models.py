@@ -437,6 +437,44 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
 # rendering means the template put the assistant's content there.
 PROBE_ANSWER = "Okapi"
 PROBE_EXCHANGE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_ANSWER}]
+# Two exchanges: what a multi-turn row (ShareGPT, OASST) asks of a template that one exchange does not.
+PROBE_DIALOG = [*PROBE_EXCHANGE, {"role": "user", "content": "And then?"}, {"role": "assistant", "content": f"{PROBE_ANSWER} again."}]
+
+
+class UnmarkedAnswer(Exception):
+    """An assistant turn a chat template renders otherwise than the generation prompt before it opens it: training could
+    not tell the answer's tokens from the prompt's."""
+
+    def __init__(self, prompt: str, rendered: str):
+        at = next((k for k, (a, b) in enumerate(zip(prompt, rendered)) if a != b), min(len(prompt), len(rendered)))
+        super().__init__(f"its generation prompt ends {prompt[max(0, at - 30):]!r} where it renders the answer as "
+                         f"{rendered[max(0, at - 30):at + 30]!r}")
+
+
+def answer_renderings(tok, messages: list[dict]) -> dict[int, tuple[str, str]]:
+    """For each assistant turn (by index): the conversation before it rendered with the generation prompt (what the model
+    is prompted with when it writes this answer), and the conversation up to the answer's end; the second starts with the
+    first, or `UnmarkedAnswer`."""
+    own = {}
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not upto.startswith(before):
+            raise UnmarkedAnswer(before, upto)
+        own[i] = (before, upto)
+    return own
+
+
+def rewrites_past_answers(tok, system_prompt: str | None = None) -> bool:
+    """Whether the chat template renders a past answer otherwise once a later user turn follows (Qwen3 renders the last
+    answer with a `<think>` block and past ones without; Mistral-v0.3's puts the system prompt in the last user turn):
+    then the conversation up to an answer is not the start of the whole, and stage 1 trains each such answer in the
+    conversation cut after it (`data.renderings`). `system_prompt`: data.system_prompt, opening every row when set."""
+    dialog = [*([{"role": "system", "content": system_prompt}] if system_prompt else []), *PROBE_DIALOG]
+    whole = tok.apply_chat_template(dialog, tokenize=False)
+    return not all(whole.startswith(upto) for _, upto in answer_renderings(tok, dialog).values())
 
 
 def check_chat_template(tok, model: ModelSection, system_prompt: str | None = None) -> None:
@@ -445,7 +483,8 @@ def check_chat_template(tok, model: ModelSection, system_prompt: str | None = No
     refuses the exchange (`raise_exception`, as Gemma-2's does for a system turn), one that fails as it runs (its own
     ZeroDivisionError, KeyError, TypeError: any exception), or one that leaves the assistant's text out of the rendering
     is one StageError naming the key, the template's message and line, and the fix."""
-    probe = PROBE_EXCHANGE if not system_prompt else [{"role": "system", "content": system_prompt}, *PROBE_EXCHANGE]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    probe = [*system, *PROBE_EXCHANGE]
     try:
         text = tok.apply_chat_template(probe, tokenize=False)
         tok.apply_chat_template(probe[:-1], tokenize=False, add_generation_prompt=True)  # how stage 5 and serving prompt
@@ -456,6 +495,14 @@ def check_chat_template(tok, model: ModelSection, system_prompt: str | None = No
                if model.chat_template else "set model.chat_template to a template that renders each message's content")
         raise StageError(f"{template_source(model)}: renders no assistant text: its rendering of a user + assistant exchange leaves "
                          f"out the answer ({PROBE_ANSWER!r}), so training would have nothing to learn; {fix}")
+    try:  # a multi-turn row: each answer must start where the generation prompt before it ends (stage 1 labels it from there)
+        answer_renderings(tok, [*system, *PROBE_DIALOG])
+    except UnmarkedAnswer as e:
+        raise StageError(f"{template_source(model)}: does not open an assistant turn the way its generation prompt does: {e}; "
+                         "training could not tell an answer's tokens from the prompt's; set model.chat_template to a template whose "
+                         "generation prompt is the start of its assistant turns") from e
+    except Exception as e:  # the system turn rendered above: blame the second exchange, not it
+        raise template_error(e, model, None, "a conversation of two user + assistant exchanges") from e
 
 
 def template_source(model: ModelSection) -> str:
@@ -463,7 +510,7 @@ def template_source(model: ModelSection) -> str:
     return "model.chat_template" if model.chat_template else f"the chat template of {model.name!r} (its tokenizer's)"
 
 
-def template_error(e: Exception, model: ModelSection, system_prompt: str | None) -> StageError:
+def template_error(e: Exception, model: ModelSection, system_prompt: str | None, what_failed: str = "a user + assistant exchange") -> StageError:
     import jinja2
 
     line = getattr(e, "lineno", None)  # a syntax error knows its line; a render error's is in the template's frame
@@ -477,7 +524,7 @@ def template_error(e: Exception, model: ModelSection, system_prompt: str | None)
     if system_prompt:
         return StageError(f"{key}: refuses the system turn that data.system_prompt adds: {what}{at}; unset data.system_prompt "
                           "(put the instructions in the data's user turns) or set model.chat_template to a template that takes a system turn")
-    return StageError(f"{key}: cannot render a user + assistant exchange: {what}{at}; set model.chat_template to a template "
+    return StageError(f"{key}: cannot render {what_failed}: {what}{at}; set model.chat_template to a template "
                       "that renders user and assistant turns")
 
 

@@ -14,7 +14,7 @@ from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
 from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
-                     resolve_device, resolve_model, uses_4bit)
+                     resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
 
 
 def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str,
@@ -27,9 +27,13 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     if system_prompt:
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
+    lines = []
+    if rewrites_past_answers(tok, system_prompt):  # not an error (stage 1 trains such rows right), but a multi-turn row costs more tokens
+        lines.append(f"data: {template_source(model)} renders a past answer otherwise once a later turn follows (as Qwen3's drops its "
+                     "<think> block), so stage 1 trains each answer of a multi-turn row in the conversation cut after it, as the "
+                     "model will be prompted: one example per answer, the earlier turns repeated in each")
     skeleton = model_skeleton(ref, model)
     targets = lora_targets(skeleton, lora)  # StageError for a name the model lacks, or a dropout its expert weights cannot take
-    lines = []
     dev = resolve_device(device)
     if targets.parameters and uses_4bit(quant, dev):
         adapted = set(targets.parameters)  # `experts.gate_up_proj`: the last two parts of a parameter's name

@@ -336,6 +336,13 @@ def _run_cli(capfd, *args: str) -> tuple[int, str]:
     # a template that drops the assistant's text was blamed on EOS ("ends assistant turns with ''")
     ("template-drops-answers", ["model.chat_template={% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{{ eos_token }}{% endfor %}"],
      ["model.chat_template: renders no assistant text", "{{ message['content'] }}"]),
+    # a later answer not opened by the generation prompt (one exchange renders fine): stage 1 died on the first multi-turn
+    # row with a line naming neither the key nor the row
+    ("template-later-answer-unmarked", ["model.chat_template={% for m in messages %}{% if m['role'] == 'user' %}{{ 'U: ' + m['content'] + "
+                                        "'\n' }}{% else %}{{ 'A' + (loop.index ~ '') * (loop.index > 2) + ': ' + m['content'] + eos_token + "
+                                        "'\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"],
+     ["model.chat_template: does not open an assistant turn the way its generation prompt does", "as 'hi\\nA: Okapi</s>\\nU: And then?\\nA4: Okapi again.",
+      "set model.chat_template to a template whose generation prompt is the start of its assistant turns"]),
     # Gemma-2's template refuses a system turn: with data.system_prompt set, stage 1 once died after 48 s.
     ("system-refused", ["data.system_prompt=Answer briefly.", "model.chat_template={% for m in messages %}\n{% if m['role'] == "
                         "'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{{ eos_token }}{% endfor %}"],

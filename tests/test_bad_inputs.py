@@ -224,7 +224,7 @@ STAGE_CASES = [
     ("pickle-weights-refused", ["model.name={models}/pickle_only"], ["only pickle .bin weights", "safetensors", "model.allow_pickle=true"]),
     # rows carrying their own system turn under a template that refuses one: found in stage 1 (only reading the data shows them)
     ("rows-with-system-turns", ["data.source={inputs}/system_turns.jsonl", "model.chat_template=" + NO_SYSTEM],
-     ["system_turns.jsonl' row 2 opens with its own system turn", "model.chat_template refuses: System role not supported",
+     ["system_turns.jsonl' line 2 opens with its own system turn", "model.chat_template refuses: System role not supported",
       "move their text into the first user turn"]),
     ("target-module-missing", ["lora.target_modules=[q_proj,qkv_proj]"], ["lora.target_modules", "qkv_proj not in this model", "its linear layers are", "o_proj"]),
 ]

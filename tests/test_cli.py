@@ -122,3 +122,54 @@ def test_a_stop_signal_handled_inside_a_weakref_callback_still_stops_serve(sig):
                          timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "stopped", (out.stdout, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+LIBRARY_BARS = r'''
+import json, sys
+from flows.cli import _quiet_environment
+_quiet_environment()  # what `qlora-pipeline` does first
+import tqdm.std
+clock = [1000.0]
+tqdm.std.time = lambda: clock[0]  # tqdm's clock, moved by hand: minutes of bars in a second
+from huggingface_hub.utils import tqdm as hub_tqdm
+from transformers.utils.logging import tqdm as transformers_tqdm
+from tasks.common import progress_bar
+def run(make, desc, steps, every_s):
+    sys.stderr.write(f"<{desc}>")
+    bar = make(total=steps, desc=desc)
+    for _ in range(steps):
+        clock[0] += every_s
+        bar.update(1)
+    bar.close()
+    sys.stderr.write(f"</{desc}>")
+run(transformers_tqdm, "Loading weights", 21, 0.01)  # a small model's load: 0.2 s
+run(transformers_tqdm, "Writing model shards", 2, 0.5)
+run(hub_tqdm, "Fetching 4 files", 240, 0.5)  # a download of two minutes, a chunk every 0.5 s
+run(progress_bar, "evaluate", 4, 0.1)  # a stage's own bar: drawn when it starts, and when it closes
+'''
+
+
+def _bar_draws(env: dict) -> dict[str, str]:
+    """What each bar of LIBRARY_BARS wrote to stderr, a pipe (no terminal) as under Prefect, CI or `make run > log`."""
+    import os
+    import re
+
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_BARS], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("TQDM_")} | env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dict(re.findall(r"<([^>]+)>(.*?)</\1>", proc.stderr, re.S))
+
+
+def test_library_bars_draw_off_a_terminal_only_past_thirty_seconds_and_then_twice_a_minute():
+    """`make run > log` (tiny profile, 2026-12-03): 28 bar draws in the log, 14 of them transformers' "Loading weights"
+    and "Writing model shards" (0% and 100% of loads that took a fraction of a second, 5 of them); a 7B's download or
+    load drew every 0.1 s, a log line each. Off a terminal the libraries' bars now draw as the stages' own do: a bar done
+    within 30 s draws nothing, a longer one every 30 s with its ETA and when it closes; the stages' bars still draw when
+    they start. A TQDM_MININTERVAL the user set wins."""
+    drawn = _bar_draws({})
+    assert drawn["Loading weights"] == "" and drawn["Writing model shards"] == "", drawn
+    download = drawn["Fetching 4 files"]
+    assert 3 <= download.count("Fetching 4 files:") <= 6, download  # 30 s, 60 s, 90 s, 120 s and the close, no more
+    assert "00:30<01:30" in download, download  # elapsed < remaining: the ETA
+    assert drawn["evaluate"].count("evaluate:") >= 2 and "0/4" in drawn["evaluate"], drawn["evaluate"]
+    assert _bar_draws({"TQDM_MININTERVAL": "0", "TQDM_DELAY": "0"})["Fetching 4 files"].count("Fetching 4 files:") > 200

@@ -310,7 +310,7 @@ def test_rows_with_their_own_system_turn_under_a_template_that_refuses_one_name_
     with pytest.raises(StageError) as e:
         load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r} row 3 (and 1 other row) opens with its own system turn"), msg
+    assert "\n" not in msg and msg.startswith(f"data.source {data.source!r} line 3 (and 1 other row) opens with its own system turn"), msg
     assert "model.chat_template refuses: System role not supported" in msg, msg
     assert "remove the system turns from the data (or move their text into the first user turn)" in msg, msg
     assert "set model.chat_template to a template that takes a system turn" in msg, msg
@@ -320,6 +320,22 @@ def test_rows_with_their_own_system_turn_under_a_template_that_refuses_one_name_
     # The same rows without their system turns train under that template.
     plain = _write(tmp_path / "plain.jsonl", CAPYBARA[:20], "jsonl")
     assert load_dataset_records(_cfg(tiny_cfg, plain)[0], _gemma2(tiny_cfg), shared_artifacts).n_train > 0
+
+
+def test_a_row_of_json_lines_is_named_by_the_line_it_stands_on(tmp_path, tiny_cfg, shared_artifacts):
+    """A JSON lines file with blank lines (a paragraph break between groups of rows, a trailing blank line per row): the
+    error named the system row by its count among the rows (3), and the user who opened the file at line 3 found a blank
+    line or another row. It names the line the row stands on, counted as an editor counts; the same under a .json name."""
+    rows = [json.dumps(r) for r in CAPYBARA[:2]]
+    body = rows[0] + "\n\n" + rows[1] + "\n   \n\n" + json.dumps(SYSTEM_ROW) + "\n" + "".join(json.dumps(r) + "\n" for r in CAPYBARA[2:20])
+    assert body.splitlines()[5] == json.dumps(SYSTEM_ROW)  # line 6 of the file, the third row
+    for name in ("gaps.jsonl", "gaps.json"):
+        path = tmp_path / name
+        path.write_text(body)
+        data, _ = _cfg(tiny_cfg, path)
+        with pytest.raises(StageError) as e:
+            load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+        assert str(e.value).startswith(f"data.source {data.source!r} line 6 opens with its own system turn"), str(e.value)
 
 
 def test_a_mix_source_with_system_turns_names_the_mix_source_and_row(tmp_path, tiny_cfg, shared_artifacts):
