@@ -759,33 +759,36 @@ def lora_targets(model, lora) -> LoraTargets:
     linear-layer LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`,
     `shared_expert_gate`, a `*Router` module and the linear layers inside it, DBRX's `router.layer`, LongCat-Flash's
     `router.classifier`: a low-rank update to routing shifts the experts' load; PEFT's own all-linear keeps them, Unsloth's
-    and LLaMA-Factory's MoE recipes name the projections and so leave them out) are not adapted. A list names linear
-    layers and expert weights by their last name; a name the model lacks is a StageError listing the ones it has.
+    and LLaMA-Factory's MoE recipes name the projections and so leave them out) are not adapted. Routers are found once as
+    modules (`_routers`) and kept out by their path, so a linear `layer` elsewhere is still adapted. A list names linear
+    layers by their last name and expert weights as `<module>.<parameter>`, by their module or by their parameter's own
+    name (`_weights_named`); a name the model lacks is a StageError listing the ones it has, and naming DBRX's 2-D expert
+    matrices one saying why they stay frozen.
 
     `lora.dropout` auto is 0.05, or 0 where expert weights are adapted: PEFT's LoRA on a parameter (`ParamWrapper`)
     refuses any dropout (it cannot factor the input out of lora_B(lora_A(dropout(x)))), and one adapter has one dropout,
     so the whole adapter trains without it (said in `describe`). A number > 0 with expert weights is a StageError.
     """
-    blocks, _ = decoder_blocks(model)
+    blocks, n_blocks = decoder_blocks(model)
     inv = _inventory(model, blocks)
     if lora.target_modules == "all-linear":
         modules, params = inv["linear"], inv["expert_params"]
     else:
-        wanted = list(dict.fromkeys(lora.target_modules))
-        modules = [n for n in wanted if n in inv["linear"]]
-        params = [p for p in inv["expert_params"] if p.rsplit(".", 1)[-1] in wanted]
-        missing = [n for n in wanted if n not in set(modules) | {p.rsplit(".", 1)[-1] for p in params}]
-        if missing:
-            hint = f"; its routed experts' weights: {', '.join(p.rsplit('.', 1)[-1] for p in inv['expert_params'])}" if inv["expert_params"] else ""
-            raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: "
-                             f"{', '.join(inv['linear'])}{hint}; or use all-linear")
+        modules, params = _named_targets(model, inv, list(dict.fromkeys(lora.target_modules)))
     if not modules and not params:
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
                          f"{', '.join(inv['linear']) or 'none'}); use all-linear")
     # PEFT's v4-to-v5 conversion may turn linear names into expert weights of its own (gate_proj + up_proj -> the experts'
     # gate_up_proj on DeepSeek-V3, Qwen3-Next, LongCat-Flash...): those take no dropout either (a review: auto gave 0.05
     # there and PEFT refused it, blaming lora.target_modules).
-    expert_params = list(params) + [p for p in _peft_converted_parameters(model, lora, modules, params) if p not in params]
+    converted = _peft_converted_parameters(model, lora, modules, params)
+    # The same conversion takes a linear `gate` for the router's weight (`gate.weight`: Mixtral's and Qwen2-MoE's routers were
+    # linear layers in transformers 4) and adapts every router: a linear layer named like the routers stays frozen there.
+    like_routers = [n for n in modules if any(c.split(".")[0] == n and _router_weights(model, inv, c) for c in converted)]
+    if like_routers:
+        modules = [n for n in modules if n not in like_routers]
+        converted = _peft_converted_parameters(model, lora, modules, params)
+    expert_params = list(params) + [p for p in converted if p not in params]
     if expert_params and lora.dropout != "auto" and lora.dropout > 0:
         raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(expert_params)}): PEFT "
                          "adapts expert weights without dropout; set lora.dropout=0 (or auto: none where expert weights are adapted), "
@@ -803,35 +806,98 @@ def lora_targets(model, lora) -> LoraTargets:
                            "stay as pretrained)")
     if inv["routers"]:
         not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
+    if like_routers:
+        at = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in like_routers and n not in inv["router_paths"]]
+        not_adapted.append(f"linear layers named like the routers ({', '.join(like_routers)}{f' at {at[0]}' if at else ''}: PEFT's transformers-v4 "
+                           "conversion takes that name for the routers' weight on this model type and would adapt every router, peft "
+                           "issue 3711; they stay as pretrained)")
     if inv["expert_other"] and params:
         not_adapted.append(f"the experts' biases ({', '.join(inv['expert_other'])})")
     if inv["outside"]:
         not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(inv['outside'])}: the text model is what is tuned)")
     # PEFT: a regex is matched against the whole module path, so nothing outside the blocks (a vision tower's q_proj) is hit.
-    pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
+    # A router is kept out by its path, not by its name: a router's `layer` and another `layer` that routes nothing can share it.
+    keep_out = _router_exclusion(model, blocks, n_blocks, inv["router_paths"], modules)
+    pattern = rf"{re.escape(blocks)}\.{keep_out}\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
     return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted), dropout, dropout_note,
                        inv["attention_experts"])
 
 
+GENERIC_PARAMETER_NAMES = ("weight", "bias")  # every linear layer's too: no name for the experts' weights alone
+
+
+def _weights_named(name: str, weights) -> list[str]:
+    """The `<module>.<parameter>` entries of `weights` that one name of lora.target_modules picks: the entry itself
+    (experts.gate_up_proj, JetMoE's input_linear.weight), its module's name (experts, input_linear: all that module's
+    weights) or the parameter's own name where that says which weight (gate_up_proj; never `weight`, which PEFT's
+    target_parameters would match on every linear layer)."""
+    return [w for w in weights if name in (w, w.rsplit(".", 1)[0])
+            or (name == w.rsplit(".", 1)[1] and name not in GENERIC_PARAMETER_NAMES)]
+
+
+def _named_targets(model, inv: dict, wanted: list[str]) -> tuple[list[str], list[str]]:
+    """(linear layers, routed experts' weights) that the names of lora.target_modules pick (`_weights_named`). A name that
+    picks nothing is a StageError, one line for all of them: a name the model lacks (listing the names it has), a bare
+    `weight` (naming the experts' weights as the model does) or a weight PEFT cannot wrap (DBRX's 2-D expert matrices: in
+    the model, but frozen, and why)."""
+    modules = [n for n in wanted if n in inv["linear"]]
+    picked = {n: _weights_named(n, inv["expert_params"]) for n in wanted}
+    params = [p for p in inv["expert_params"] if any(p in ps for ps in picked.values())]
+    unmatched = [n for n in wanted if n not in modules and not picked[n]]
+    frozen = {n: ws for n in unmatched if (ws := _weights_named(n, inv["expert_2d"]))}
+    generic = [n for n in unmatched if n in GENERIC_PARAMETER_NAMES and any(p.endswith("." + n) for p in inv["expert_params"])]
+    missing = [n for n in unmatched if n not in frozen and n not in generic]
+    problems = []
+    if frozen:
+        problems.append(_frozen_experts_problem(model, inv, frozen))
+    if generic:
+        holders = ", ".join(dict.fromkeys(p.rsplit(".", 1)[0] for p in inv["expert_params"]))
+        problems.append(f"{', '.join(generic)} names a parameter of every linear layer, not the routed experts' weights alone; name "
+                        f"those as the model does: {', '.join(inv['expert_params'])}, or their modules: {holders}")
+    if missing:
+        hint = f"; its routed experts' weights: {', '.join(inv['expert_params'])}" if inv["expert_params"] else ""
+        problems.append(f"{', '.join(missing)} not in this model; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear")
+    if problems:
+        raise StageError("lora.target_modules: " + "; ".join(problems))
+    return modules, params
+
+
+def _frozen_experts_problem(model, inv: dict, frozen: dict[str, list[str]]) -> str:
+    """Why names of lora.target_modules that pick DBRX's 2-D expert matrices (w1, mlp.w1, mlp) adapt nothing, and what to
+    name instead."""
+    names = list(frozen)
+    weights = list(dict.fromkeys(w for ws in frozen.values() for w in ws))
+    shapes = {inv["expert_2d"][w] for w in weights}
+    n = max(_expert_counts(model) or {0})
+    (rows, cols), = shapes if len(shapes) == 1 else ((0, 0),)
+    shape = f" ([{n} x {rows // n}, {cols}] here)" if n and rows and rows % n == 0 else ""
+    one = len(names) == 1
+    return (f"{', '.join(names)} {'is' if one else 'are'} in this model but stay{'s' if one else ''} frozen: the routed experts' weights "
+            f"{', '.join(weights)}, each one 2-D [experts x ffn, hidden] matrix{shape} that the model slices per expert outside the "
+            "module holding it, so PEFT's LoRA on a parameter (which wraps that module) breaks the forward; name linear layers "
+            f"instead ({', '.join(inv['linear'])}) or use all-linear, which adapts those and leaves the experts as pretrained")
+
+
 def _inventory(model, blocks: str) -> dict:
     """Inside the decoder blocks: linear layers, routers (with everything inside them), experts' 3-D weights (and their
-    other parameters) by last name, the experts counted apart where they sit inside the attention (JetMoE), experts'
-    weights kept in 2-D matrices (DBRX); outside: the top-level modules that hold linear layers (besides the LM head)."""
+    other parameters) as `<module>.<parameter>`, the experts counted apart where they sit inside the attention (JetMoE),
+    experts' weights kept in 2-D matrices (DBRX, with their shape); outside: the top-level modules that hold linear layers
+    (besides the LM head). `router_paths`: where each router sits, for the pattern to leave out (`_router_exclusion`)."""
     import torch
 
-    linear, routers, expert_params, expert_other, expert_2d = {}, {}, {}, {}, {}
+    linear, expert_params, expert_other, expert_2d = {}, {}, {}, {}
     experts = {"ffn": 0, "attention": 0}
-    router_paths: list[str] = []
     counts = _expert_counts(model)
+    routers = _routers(model, blocks, counts)
+    # A router's own linear layer (DBRX's router.layer, LongCat-Flash's router.classifier) is the router: every module inside
+    # a router object found above is its, whatever its name (a `layer` or `classifier` elsewhere is a linear layer).
+    in_routers = {id(sub) for r in routers.values() for sub in r.modules()}
     for name, m in model.named_modules():
-        if not blocks or not name.startswith(blocks + ".") or any(name.startswith(r + ".") for r in router_paths):
-            continue  # a router's own linear layer (DBRX's router.layer, LongCat-Flash's router.classifier) is the router
+        if not blocks or not name.startswith(blocks + ".") or id(m) in in_routers:
+            continue
         leaf = name.rsplit(".", 1)[-1]
         own = dict(m.named_parameters(recurse=False))
-        if _is_router(model, name, m, counts):
-            routers[leaf] = None
-            router_paths.append(name)
-        elif isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear):
             linear[leaf] = None
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
@@ -842,11 +908,50 @@ def _inventory(model, blocks: str) -> dict:
             where = "attention" if _inside_attention(model, blocks, name) else "ffn"
             experts[where] = max(experts[where], n)
         elif "Expert" in type(m).__name__ and any(p.ndim == 2 for p in own.values()):
-            expert_2d.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 2})  # DBRX's mlp.w1/v1/w2
+            for pname, p in own.items():  # DBRX's mlp.w1/v1/w2
+                if p.ndim == 2:
+                    expert_2d.setdefault(f"{leaf}.{pname}", tuple(int(d) for d in p.shape))
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
-    return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
-            "expert_2d": list(expert_2d), "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+    return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
+            "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d,
+            "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+
+
+def _router_weights(model, inv: dict, name: str) -> list[str]:
+    """The routers' parameters that PEFT's target_parameters entry `name` matches (its path ends in `.<name>`)."""
+    return [f"{r}.{p}" for r in inv["router_paths"] for p, _ in model.get_submodule(r).named_parameters()
+            if f"{r}.{p}".endswith("." + name)]
+
+
+def _routers(model, blocks: str, counts: set[int]) -> dict:
+    """Every MoE router inside the decoder blocks, path -> module, found once (`_is_router`); a module inside a router is
+    part of it, never a router of its own."""
+    found: dict = {}
+    for name, m in model.named_modules():
+        if blocks and name.startswith(blocks + ".") and not any(name.startswith(r + ".") for r in found) and _is_router(model, name, m, counts):
+            found[name] = m
+    return found
+
+
+def _router_exclusion(model, blocks: str, n_blocks: int, router_paths: list[str], modules: list[str]) -> str:
+    """A negative lookahead for the target pattern (after `<blocks>.`) that keeps out each router whose own path or a
+    module inside it ends in a name of `modules`: a model whose routers hold a `layer` (DBRX, JetMoE) with a non-router
+    linear layer also called `layer` elsewhere. The routers are named by their path (layer index and all), so a same-named
+    layer at another path (a dense layer's `mlp.gate` beside a MoE layer's router `mlp.gate`) is still adapted; "" when no
+    router's name collides."""
+    names = set(modules)
+    by_rel: dict[str, list[str]] = {}
+    for path in router_paths:
+        subtree = [path] + [f"{path}.{n}" for n, _ in model.get_submodule(path).named_modules() if n]
+        if any(p.rsplit(".", 1)[-1] in names for p in subtree):
+            index, rel = path[len(blocks) + 1:].split(".", 1)
+            by_rel.setdefault(rel, []).append(index)
+    if not by_rel:
+        return ""
+    alternatives = [(r"\d+" if len(set(ix)) == n_blocks else f"(?:{'|'.join(dict.fromkeys(ix))})") + r"\." + re.escape(rel)
+                    for rel, ix in by_rel.items()]
+    return rf"(?!(?:{'|'.join(alternatives)})(?:\.|$))"
 
 
 def _is_router(model, name: str, m, counts: set[int]) -> bool:
