@@ -804,6 +804,10 @@ def lora_targets(model, lora) -> LoraTargets:
         not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_2d'])}: each one 2-D [experts x ffn, hidden] matrix that the "
                            "model slices per expert outside the module holding it, so PEFT's LoRA on a parameter cannot wrap it; they "
                            "stay as pretrained)")
+    if inv["expert_tables"]:
+        n = f"{max(_expert_counts(model))} a layer; " if _expert_counts(model) else ""
+        not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_tables'])}: embedding tables with a row per expert, which "
+                           "LoRA on linear layers does not reach; they stay as pretrained)")
     if inv["routers"]:
         not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
     if like_routers:
@@ -885,7 +889,7 @@ def _inventory(model, blocks: str) -> dict:
     (besides the LM head). `router_paths`: where each router sits, for the pattern to leave out (`_router_exclusion`)."""
     import torch
 
-    linear, expert_params, expert_other, expert_2d = {}, {}, {}, {}
+    linear, expert_params, expert_other, expert_2d, expert_tables = {}, {}, {}, {}, {}
     experts = {"ffn": 0, "attention": 0}
     counts = _expert_counts(model)
     routers = _routers(model, blocks, counts)
@@ -907,6 +911,8 @@ def _inventory(model, blocks: str) -> dict:
             n = max([d for d in dims if d in counts] or dims)
             where = "attention" if _inside_attention(model, blocks, name) else "ffn"
             experts[where] = max(experts[where], n)
+        elif _expert_table(m, counts) and any(r.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] for r in routers):
+            expert_tables[leaf] = None  # Doge's down_embed / up_embed, beside the router that picks their rows
         elif "Expert" in type(m).__name__ and any(p.ndim == 2 for p in own.values()):
             for pname, p in own.items():  # DBRX's mlp.w1/v1/w2
                 if p.ndim == 2:
@@ -914,7 +920,7 @@ def _inventory(model, blocks: str) -> dict:
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
-            "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d,
+            "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d, "expert_tables": list(expert_tables),
             "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
 
 
@@ -955,17 +961,27 @@ def _router_exclusion(model, blocks: str, n_blocks: int, router_paths: list[str]
 
 
 def _is_router(model, name: str, m, counts: set[int]) -> bool:
-    """A MoE router: a `*Router` / `*TopKGating` / `*MoE*Gate` module, `shared_expert_gate`, or a `gate` / `router`
-    beside the experts it routes to (a dense model's `gate` that routes nothing stays a linear layer)."""
+    """A MoE router: a `*Router` / `*TopKGating` / `*MoE*Gate` module, `shared_expert_gate`, or a `gate` / `router` /
+    `router_*` beside the experts it routes to (a dense model's `gate` that routes nothing stays a linear layer). Experts
+    are an `experts` module, a module holding them (`_holds_experts`) or an embedding table with a row per expert
+    (`_expert_table`: Doge's CDMoE, whose `router_gate` picks rows of down_embed / up_embed)."""
     leaf = name.rsplit(".", 1)[-1]
     if ROUTER_CLASS.search(type(m).__name__) or leaf == "shared_expert_gate":
         return True
-    if leaf not in ("gate", "router"):
+    if leaf not in ("gate", "router") and not leaf.startswith("router_"):
         return False
     parent = model.get_submodule(name.rsplit(".", 1)[0])
     return hasattr(parent, "experts") or any(
-        c is not m and ("Expert" in type(c).__name__ or _holds_experts(c, dict(c.named_parameters(recurse=False)), counts))
+        c is not m and ("Expert" in type(c).__name__ or _holds_experts(c, dict(c.named_parameters(recurse=False)), counts)
+                        or _expert_table(c, counts))
         for c in parent.children())
+
+
+def _expert_table(m, counts: set[int]) -> bool:
+    """Whether a module is an embedding table with one row per routed expert (Doge's CDMoE keeps its experts' weights so)."""
+    import torch
+
+    return isinstance(m, torch.nn.Embedding) and m.num_embeddings in counts
 
 
 def _inside_attention(model, blocks: str, name: str) -> bool:

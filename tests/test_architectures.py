@@ -97,6 +97,9 @@ MORE_MOE = {
                       "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8},
     "jetmoe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 16,
                "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # Doge's CDMoE: a dense MLP plus 16 experts kept as rows of two embedding tables, picked by a linear `router_gate`.
+    "doge": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+             "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
 }
 
 
@@ -425,6 +428,21 @@ def test_a_router_is_kept_out_by_where_it_is_not_by_its_name():
             ) in t.describe(), t.describe()
     for arch in ("mixtral", "qwen2_moe", "jetmoe"):  # no name collides: the pattern as it was
         assert "(?!" not in lora_targets(_skeleton(arch), LoraSection()).pattern, arch
+
+
+def test_dogess_router_gate_is_a_router_and_its_expert_tables_are_said():
+    """Doge's CDMoE routes with a linear `router_gate` (a `router_*`, not `gate` / `router`) to experts kept as rows of
+    two embedding tables: all-linear adapted the router and the line never named the experts (the random:<moe-arch>
+    survey of this branch). The router stays as pretrained, the tables are said not adapted."""
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    t = lora_targets(_skeleton("doge"), LoraSection())
+    assert "router_gate" not in t.modules and set(t.modules) == {"q_proj", "k_proj", "v_proj", "dt_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"}, t.describe()
+    assert ("not adapted: the routed experts (16 a layer; down_embed, up_embed: embedding tables with a row per expert, which LoRA on "
+            "linear layers does not reach; they stay as pretrained); the routers (router_gate: kept as pretrained") in t.describe(), t.describe()
+    assert t.dropout == 0.05  # nothing PEFT wraps as a parameter: the usual dropout
 
 
 def _run_cli(capfd, *args: str) -> tuple[int, str]:
