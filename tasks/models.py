@@ -698,12 +698,13 @@ class LoraTargets:
     dropout: float = AUTO_DROPOUT  # the LoRA dropout the adapter trains with (lora.dropout, auto resolved)
     dropout_note: str = ""  # why it is not what lora.dropout auto gives a dense model ("" = nothing to say)
     attention_experts: int = 0  # experts per layer inside the attention (JetMoE's mixture of attention heads), adapted with `parameters`
+    shared_parameters: tuple[str, ...] = ()  # those of `parameters` that belong to shared experts (3-D too: Inkling's), not routed ones
 
     def describe(self) -> str:
         """One line: what LoRA reaches, its dropout where auto could not give the usual one, and what it cannot reach."""
         line = f"LoRA on {', '.join(self.modules) or 'no linear layer'}"
         if self.parameters:
-            line += f" + {experts_line(self.parameters, self.experts, self.attention_experts)} PEFT target_parameters)"
+            line += f" + {experts_line(self.parameters, self.experts, self.attention_experts, self.shared_parameters)} PEFT target_parameters)"
         if self.dropout_note:
             line += f"; {self.dropout_note}"
         if self.not_adapted:
@@ -713,17 +714,23 @@ class LoraTargets:
     def as_dict(self) -> dict:
         return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts,
                 "attention_experts": self.attention_experts, "not_adapted": list(self.not_adapted), "dropout": self.dropout,
-                "dropout_note": self.dropout_note}
+                "dropout_note": self.dropout_note, "shared_parameters": list(self.shared_parameters)}
 
 
-def experts_line(parameters, experts: int, attention_experts: int) -> str:
-    """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE); the
-    parenthesis is left open for the caller's last words (the model line's, the card's)."""
+def experts_line(parameters, experts: int, attention_experts: int, shared=()) -> str:
+    """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE), the shared
+    experts' weights among them named apart (Inkling keeps those 3-D too); the parenthesis is left open for the caller's
+    last words (the model line's, the card's)."""
     where = [f"{experts} experts a layer in the feed-forward block" if attention_experts else f"{experts} experts a layer"] if experts else []
     if attention_experts:
         where.append(f"{attention_experts} in the attention, a mixture of attention heads" if experts
                      else f"{attention_experts} attention experts a layer, a mixture of attention heads")
-    return f"the routed experts' weights {', '.join(parameters)} ({' and '.join(where)};"
+    routed, shared = [p for p in parameters if p not in shared], [p for p in parameters if p in shared]
+    if not routed:  # the shared experts alone: no routed count to give
+        return f"the shared experts' weights {', '.join(shared)} (every token goes through them;"
+    names = " and ".join(([f"the routed experts' weights {', '.join(routed)}"] if routed else [])
+                         + ([f"the shared experts' weights {', '.join(shared)}"] if shared else []))
+    return f"{names} ({' and '.join(where)};"
 
 
 def text_decoder(model):
@@ -797,8 +804,11 @@ def lora_targets(model, lora) -> LoraTargets:
         0.0, f"LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none, so the adapter has none; auto is "
              f"{AUTO_DROPOUT:g} without them)")
     not_adapted = []
-    if inv["expert_params"] and not params:
-        not_adapted.append(f"the routed experts ({', '.join(inv['expert_params'])}: name them in lora.target_modules or use all-linear)")
+    routed = [p for p in inv["expert_params"] if p not in inv["shared_params"]]
+    if routed and not set(routed) & set(params):
+        not_adapted.append(f"the routed experts ({', '.join(routed)}: name them in lora.target_modules or use all-linear)")
+    if inv["shared_params"] and not set(inv["shared_params"]) & set(params):
+        not_adapted.append(f"the shared experts ({', '.join(inv['shared_params'])}: name them in lora.target_modules or use all-linear)")
     if inv["expert_2d"]:
         n = f"{max(_expert_counts(model))} a layer; " if _expert_counts(model) else ""
         not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_2d'])}: each one 2-D [experts x ffn, hidden] matrix that the "
@@ -824,7 +834,7 @@ def lora_targets(model, lora) -> LoraTargets:
     keep_out = _router_exclusion(model, blocks, n_blocks, inv["router_paths"], modules)
     pattern = rf"{re.escape(blocks)}\.{keep_out}\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
     return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted), dropout, dropout_note,
-                       inv["attention_experts"])
+                       inv["attention_experts"], tuple(p for p in params if p in inv["shared_params"]))
 
 
 GENERIC_PARAMETER_NAMES = ("weight", "bias")  # every linear layer's too: no name for the experts' weights alone
@@ -889,7 +899,7 @@ def _inventory(model, blocks: str) -> dict:
     (besides the LM head). `router_paths`: where each router sits, for the pattern to leave out (`_router_exclusion`)."""
     import torch
 
-    linear, expert_params, expert_other, expert_2d, expert_tables = {}, {}, {}, {}, {}
+    linear, expert_params, expert_other, expert_2d, expert_tables, shared_params = {}, {}, {}, {}, {}, {}
     experts = {"ffn": 0, "attention": 0}
     counts = _expert_counts(model)
     routers = _routers(model, blocks, counts)
@@ -906,6 +916,9 @@ def _inventory(model, blocks: str) -> dict:
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
                 (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
+            if "Shared" in type(m).__name__ or "shared" in leaf:  # Inkling's shared_experts: [2, ., .] weights every token uses
+                shared_params.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 3})
+                continue
             dims = [int(p.shape[0]) for p in own.values() if p.ndim == 3]
             # The routed count where a weight states it: LongCat-Flash's gate_up_proj adds its zero-computation experts (10 vs 8).
             n = max([d for d in dims if d in counts] or dims)
@@ -921,6 +934,7 @@ def _inventory(model, blocks: str) -> dict:
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
             "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d, "expert_tables": list(expert_tables),
+            "shared_params": list(shared_params),
             "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
 
 

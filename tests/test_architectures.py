@@ -98,6 +98,8 @@ MORE_MOE = {
     "jetmoe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 16,
                "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
     # Doge's CDMoE: a dense MLP plus 16 experts kept as rows of two embedding tables, picked by a linear `router_gate`.
+    # Inkling: routed experts' 3-D weights and its shared experts' 3-D weights too ([n_shared_experts, ., .]).
+    "inkling_text": {**TINY, "head_dim": 16, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
     "doge": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
              "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
 }
@@ -443,6 +445,29 @@ def test_dogess_router_gate_is_a_router_and_its_expert_tables_are_said():
     assert ("not adapted: the routed experts (16 a layer; down_embed, up_embed: embedding tables with a row per expert, which LoRA on "
             "linear layers does not reach; they stay as pretrained); the routers (router_gate: kept as pretrained") in t.describe(), t.describe()
     assert t.dropout == 0.05  # nothing PEFT wraps as a parameter: the usual dropout
+
+
+def test_shared_experts_kept_in_3d_weights_are_not_called_routed():
+    """Inkling keeps its shared experts (every token goes through them) in 3-D weights as well: the line called
+    shared_experts.gate_proj... "the routed experts' weights" beside experts.gate_up_proj (the random:<moe-arch> survey of
+    this branch). They are adapted as before, named apart; a list that leaves either kind out says so."""
+    from types import SimpleNamespace
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+    from tasks.publish import lora_targets_markdown
+
+    shared = ("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
+    t = lora_targets(_skeleton("inkling_text"), LoraSection())
+    assert t.parameters == ("experts.gate_up_proj", "experts.down_proj", *shared) and t.shared_parameters == shared and t.experts == 4
+    line = ("the routed experts' weights experts.gate_up_proj, experts.down_proj and the shared experts' weights "
+            f"{', '.join(shared)} (4 experts a layer;")
+    assert line in t.describe() and line in lora_targets_markdown(SimpleNamespace(lora_targets=t.as_dict()), LoraSection()), t.describe()
+    only_shared = lora_targets(_skeleton("inkling_text"), LoraSection(target_modules=["q_proj", "shared_experts"], dropout=0))
+    assert (f"+ the shared experts' weights {', '.join(shared)} (every token goes through them; PEFT target_parameters); not adapted: "
+            "the routed experts (experts.gate_up_proj, experts.down_proj: name them") in only_shared.describe(), only_shared.describe()
+    routed_only = lora_targets(_skeleton("inkling_text"), LoraSection(target_modules=["experts"], dropout=0))
+    assert f"not adapted: the shared experts ({', '.join(shared)}: name them" in routed_only.describe(), routed_only.describe()
 
 
 def _run_cli(capfd, *args: str) -> tuple[int, str]:
