@@ -916,7 +916,9 @@ def _inventory(model, blocks: str) -> dict:
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
                 (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
-            if "Shared" in type(m).__name__ or "shared" in leaf:  # Inkling's shared_experts: [2, ., .] weights every token uses
+            # Inkling's shared_experts: [2, ., .] weights every token uses. By the module's name: a class name says "Shared" on a
+            # model named so (GraniteMoeShared's routed GraniteMoeSharedExperts).
+            if "shared" in leaf:
                 shared_params.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 3})
                 continue
             dims = [int(p.shape[0]) for p in own.values() if p.ndim == 3]

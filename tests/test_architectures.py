@@ -100,6 +100,7 @@ MORE_MOE = {
     # Doge's CDMoE: a dense MLP plus 16 experts kept as rows of two embedding tables, picked by a linear `router_gate`.
     # Inkling: routed experts' 3-D weights and its shared experts' 3-D weights too ([n_shared_experts, ., .]).
     "inkling_text": {**TINY, "head_dim": 16, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "granitemoeshared": {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
     "doge": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
              "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
 }
@@ -468,6 +469,8 @@ def test_shared_experts_kept_in_3d_weights_are_not_called_routed():
             "the routed experts (experts.gate_up_proj, experts.down_proj: name them") in only_shared.describe(), only_shared.describe()
     routed_only = lora_targets(_skeleton("inkling_text"), LoraSection(target_modules=["experts"], dropout=0))
     assert f"not adapted: the shared experts ({', '.join(shared)}: name them" in routed_only.describe(), routed_only.describe()
+    granite = lora_targets(_skeleton("granitemoeshared"), LoraSection())  # its routed experts' class is GraniteMoeSharedExperts
+    assert granite.shared_parameters == () and "the routed experts' weights experts.gate_up_proj" in granite.describe(), granite.describe()
 
 
 def _run_cli(capfd, *args: str) -> tuple[int, str]:
