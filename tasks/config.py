@@ -213,8 +213,9 @@ class LoraSection(Section):
         description="What gets adapters. all-linear = every linear layer of the decoder blocks whatever the architecture "
         "names them (PEFT's all-linear; the LM head, MoE routers and a multimodal model's vision tower excluded) plus the "
         "routed experts' 3-D weights of a mixture-of-experts model (PEFT target_parameters). A list names layers (q_proj, "
-        "qkv_proj, ...) or expert weights (gate_up_proj, down_proj) by their last name: fewer = faster, less memory; a "
-        "name the model lacks is an error before stage 1 that lists the model's names.",
+        "qkv_proj, ...) by their last name and expert weights as the model line writes them (experts.gate_up_proj, "
+        "input_linear.weight), by their module (experts) or parameter (gate_up_proj; not a bare weight): fewer = faster, "
+        "less memory; a name the model lacks is an error before stage 1 that lists the model's names.",
     )
 
     @field_validator("r")

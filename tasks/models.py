@@ -745,12 +745,13 @@ class LoraTargets:
     dropout: float = AUTO_DROPOUT  # the LoRA dropout the adapter trains with (lora.dropout, auto resolved)
     dropout_note: str = ""  # why it is not what lora.dropout auto gives a dense model ("" = nothing to say)
     attention_experts: int = 0  # experts per layer inside the attention (JetMoE's mixture of attention heads), adapted with `parameters`
+    shared_parameters: tuple[str, ...] = ()  # those of `parameters` that belong to shared experts (3-D too: Inkling's), not routed ones
 
     def describe(self) -> str:
         """One line: what LoRA reaches, its dropout where auto could not give the usual one, and what it cannot reach."""
         line = f"LoRA on {', '.join(self.modules) or 'no linear layer'}"
         if self.parameters:
-            line += f" + {experts_line(self.parameters, self.experts, self.attention_experts)} PEFT target_parameters)"
+            line += f" + {experts_line(self.parameters, self.experts, self.attention_experts, self.shared_parameters)} PEFT target_parameters)"
         if self.dropout_note:
             line += f"; {self.dropout_note}"
         if self.not_adapted:
@@ -760,17 +761,23 @@ class LoraTargets:
     def as_dict(self) -> dict:
         return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts,
                 "attention_experts": self.attention_experts, "not_adapted": list(self.not_adapted), "dropout": self.dropout,
-                "dropout_note": self.dropout_note}
+                "dropout_note": self.dropout_note, "shared_parameters": list(self.shared_parameters)}
 
 
-def experts_line(parameters, experts: int, attention_experts: int) -> str:
-    """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE); the
-    parenthesis is left open for the caller's last words (the model line's, the card's)."""
+def experts_line(parameters, experts: int, attention_experts: int, shared=()) -> str:
+    """Which experts `parameters` reach, counted apart where the attention has experts of its own (JetMoE), the shared
+    experts' weights among them named apart (Inkling keeps those 3-D too); the parenthesis is left open for the caller's
+    last words (the model line's, the card's)."""
     where = [f"{experts} experts a layer in the feed-forward block" if attention_experts else f"{experts} experts a layer"] if experts else []
     if attention_experts:
         where.append(f"{attention_experts} in the attention, a mixture of attention heads" if experts
                      else f"{attention_experts} attention experts a layer, a mixture of attention heads")
-    return f"the routed experts' weights {', '.join(parameters)} ({' and '.join(where)};"
+    routed, shared = [p for p in parameters if p not in shared], [p for p in parameters if p in shared]
+    if not routed:  # the shared experts alone: no routed count to give
+        return f"the shared experts' weights {', '.join(shared)} (every token goes through them;"
+    names = " and ".join(([f"the routed experts' weights {', '.join(routed)}"] if routed else [])
+                         + ([f"the shared experts' weights {', '.join(shared)}"] if shared else []))
+    return f"{names} ({' and '.join(where)};"
 
 
 def text_decoder(model):
@@ -806,33 +813,36 @@ def lora_targets(model, lora) -> LoraTargets:
     linear-layer LoRA reaches). The LM head, embeddings, a vision tower and MoE routers (`gate`, `router`,
     `shared_expert_gate`, a `*Router` module and the linear layers inside it, DBRX's `router.layer`, LongCat-Flash's
     `router.classifier`: a low-rank update to routing shifts the experts' load; PEFT's own all-linear keeps them, Unsloth's
-    and LLaMA-Factory's MoE recipes name the projections and so leave them out) are not adapted. A list names linear
-    layers and expert weights by their last name; a name the model lacks is a StageError listing the ones it has.
+    and LLaMA-Factory's MoE recipes name the projections and so leave them out) are not adapted. Routers are found once as
+    modules (`_routers`) and kept out by their path, so a linear `layer` elsewhere is still adapted. A list names linear
+    layers by their last name and expert weights as `<module>.<parameter>`, by their module or by their parameter's own
+    name (`_weights_named`); a name the model lacks is a StageError listing the ones it has, and naming DBRX's 2-D expert
+    matrices one saying why they stay frozen.
 
     `lora.dropout` auto is 0.05, or 0 where expert weights are adapted: PEFT's LoRA on a parameter (`ParamWrapper`)
     refuses any dropout (it cannot factor the input out of lora_B(lora_A(dropout(x)))), and one adapter has one dropout,
     so the whole adapter trains without it (said in `describe`). A number > 0 with expert weights is a StageError.
     """
-    blocks, _ = decoder_blocks(model)
+    blocks, n_blocks = decoder_blocks(model)
     inv = _inventory(model, blocks)
     if lora.target_modules == "all-linear":
         modules, params = inv["linear"], inv["expert_params"]
     else:
-        wanted = list(dict.fromkeys(lora.target_modules))
-        modules = [n for n in wanted if n in inv["linear"]]
-        params = [p for p in inv["expert_params"] if p.rsplit(".", 1)[-1] in wanted]
-        missing = [n for n in wanted if n not in set(modules) | {p.rsplit(".", 1)[-1] for p in params}]
-        if missing:
-            hint = f"; its routed experts' weights: {', '.join(p.rsplit('.', 1)[-1] for p in inv['expert_params'])}" if inv["expert_params"] else ""
-            raise StageError(f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: "
-                             f"{', '.join(inv['linear'])}{hint}; or use all-linear")
+        modules, params = _named_targets(model, inv, list(dict.fromkeys(lora.target_modules)))
     if not modules and not params:
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
                          f"{', '.join(inv['linear']) or 'none'}); use all-linear")
     # PEFT's v4-to-v5 conversion may turn linear names into expert weights of its own (gate_proj + up_proj -> the experts'
     # gate_up_proj on DeepSeek-V3, Qwen3-Next, LongCat-Flash...): those take no dropout either (a review: auto gave 0.05
     # there and PEFT refused it, blaming lora.target_modules).
-    expert_params = list(params) + [p for p in _peft_converted_parameters(model, lora, modules, params) if p not in params]
+    converted = _peft_converted_parameters(model, lora, modules, params)
+    # The same conversion takes a linear `gate` for the router's weight (`gate.weight`: Mixtral's and Qwen2-MoE's routers were
+    # linear layers in transformers 4) and adapts every router: a linear layer named like the routers stays frozen there.
+    like_routers = [n for n in modules if any(c.split(".")[0] == n and _router_weights(model, inv, c) for c in converted)]
+    if like_routers:
+        modules = [n for n in modules if n not in like_routers]
+        converted = _peft_converted_parameters(model, lora, modules, params)
+    expert_params = list(params) + [p for p in converted if p not in params]
     if expert_params and lora.dropout != "auto" and lora.dropout > 0:
         raise StageError(f"lora.dropout: {lora.dropout:g} cannot apply to the routed experts' weights ({', '.join(expert_params)}): PEFT "
                          "adapts expert weights without dropout; set lora.dropout=0 (or auto: none where expert weights are adapted), "
@@ -841,73 +851,200 @@ def lora_targets(model, lora) -> LoraTargets:
         0.0, f"LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none, so the adapter has none; auto is "
              f"{AUTO_DROPOUT:g} without them)")
     not_adapted = []
-    if inv["expert_params"] and not params:
-        not_adapted.append(f"the routed experts ({', '.join(inv['expert_params'])}: name them in lora.target_modules or use all-linear)")
+    routed = [p for p in inv["expert_params"] if p not in inv["shared_params"]]
+    if routed and not set(routed) & set(params):
+        not_adapted.append(f"the routed experts ({', '.join(routed)}: name them in lora.target_modules or use all-linear)")
+    if inv["shared_params"] and not set(inv["shared_params"]) & set(params):
+        not_adapted.append(f"the shared experts ({', '.join(inv['shared_params'])}: name them in lora.target_modules or use all-linear)")
     if inv["expert_2d"]:
         n = f"{max(_expert_counts(model))} a layer; " if _expert_counts(model) else ""
         not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_2d'])}: each one 2-D [experts x ffn, hidden] matrix that the "
                            "model slices per expert outside the module holding it, so PEFT's LoRA on a parameter cannot wrap it; they "
                            "stay as pretrained)")
+    if inv["expert_tables"]:
+        n = f"{max(_expert_counts(model))} a layer; " if _expert_counts(model) else ""
+        not_adapted.append(f"the routed experts ({n}{', '.join(inv['expert_tables'])}: embedding tables with a row per expert, which "
+                           "LoRA on linear layers does not reach; they stay as pretrained)")
     if inv["routers"]:
         not_adapted.append(f"the routers ({', '.join(inv['routers'])}: kept as pretrained so the experts' load stays balanced)")
+    if like_routers:
+        at = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in like_routers and n not in inv["router_paths"]]
+        not_adapted.append(f"linear layers named like the routers ({', '.join(like_routers)}{f' at {at[0]}' if at else ''}: PEFT's transformers-v4 "
+                           "conversion takes that name for the routers' weight on this model type and would adapt every router, peft "
+                           "issue 3711; they stay as pretrained)")
     if inv["expert_other"] and params:
         not_adapted.append(f"the experts' biases ({', '.join(inv['expert_other'])})")
     if inv["outside"]:
         not_adapted.append(f"linear layers outside the decoder blocks ({', '.join(inv['outside'])}: the text model is what is tuned)")
     # PEFT: a regex is matched against the whole module path, so nothing outside the blocks (a vision tower's q_proj) is hit.
-    pattern = rf"{re.escape(blocks)}\.\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
+    # A router is kept out by its path, not by its name: a router's `layer` and another `layer` that routes nothing can share it.
+    keep_out = _router_exclusion(model, blocks, n_blocks, inv["router_paths"], modules)
+    pattern = rf"{re.escape(blocks)}\.{keep_out}\d+\.(?:.+\.)?(?:{'|'.join(re.escape(n) for n in modules)})" if modules else ""
     return LoraTargets(tuple(modules), tuple(params), pattern, inv["experts"], tuple(not_adapted), dropout, dropout_note,
-                       inv["attention_experts"])
+                       inv["attention_experts"], tuple(p for p in params if p in inv["shared_params"]))
+
+
+GENERIC_PARAMETER_NAMES = ("weight", "bias")  # every linear layer's too: no name for the experts' weights alone
+
+
+def _weights_named(name: str, weights) -> list[str]:
+    """The `<module>.<parameter>` entries of `weights` that one name of lora.target_modules picks: the entry itself
+    (experts.gate_up_proj, JetMoE's input_linear.weight), its module's name (experts, input_linear: all that module's
+    weights) or the parameter's own name where that says which weight (gate_up_proj; never `weight`, which PEFT's
+    target_parameters would match on every linear layer)."""
+    return [w for w in weights if name in (w, w.rsplit(".", 1)[0])
+            or (name == w.rsplit(".", 1)[1] and name not in GENERIC_PARAMETER_NAMES)]
+
+
+def _named_targets(model, inv: dict, wanted: list[str]) -> tuple[list[str], list[str]]:
+    """(linear layers, routed experts' weights) that the names of lora.target_modules pick (`_weights_named`). A name that
+    picks nothing is a StageError, one line for all of them: a name the model lacks (listing the names it has), a bare
+    `weight` (naming the experts' weights as the model does) or a weight PEFT cannot wrap (DBRX's 2-D expert matrices: in
+    the model, but frozen, and why)."""
+    modules = [n for n in wanted if n in inv["linear"]]
+    picked = {n: _weights_named(n, inv["expert_params"]) for n in wanted}
+    params = [p for p in inv["expert_params"] if any(p in ps for ps in picked.values())]
+    unmatched = [n for n in wanted if n not in modules and not picked[n]]
+    frozen = {n: ws for n in unmatched if (ws := _weights_named(n, inv["expert_2d"]))}
+    generic = [n for n in unmatched if n in GENERIC_PARAMETER_NAMES and any(p.endswith("." + n) for p in inv["expert_params"])]
+    missing = [n for n in unmatched if n not in frozen and n not in generic]
+    problems = []
+    if frozen:
+        problems.append(_frozen_experts_problem(model, inv, frozen))
+    if generic:
+        holders = ", ".join(dict.fromkeys(p.rsplit(".", 1)[0] for p in inv["expert_params"]))
+        problems.append(f"{', '.join(generic)} names a parameter of every linear layer, not the routed experts' weights alone; name "
+                        f"those as the model does: {', '.join(inv['expert_params'])}, or their modules: {holders}")
+    if missing:
+        hint = f"; its routed experts' weights: {', '.join(inv['expert_params'])}" if inv["expert_params"] else ""
+        problems.append(f"{', '.join(missing)} not in this model; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear")
+    if problems:
+        raise StageError("lora.target_modules: " + "; ".join(problems))
+    return modules, params
+
+
+def _frozen_experts_problem(model, inv: dict, frozen: dict[str, list[str]]) -> str:
+    """Why names of lora.target_modules that pick DBRX's 2-D expert matrices (w1, mlp.w1, mlp) adapt nothing, and what to
+    name instead."""
+    names = list(frozen)
+    weights = list(dict.fromkeys(w for ws in frozen.values() for w in ws))
+    shapes = {inv["expert_2d"][w] for w in weights}
+    n = max(_expert_counts(model) or {0})
+    (rows, cols), = shapes if len(shapes) == 1 else ((0, 0),)
+    shape = f" ([{n} x {rows // n}, {cols}] here)" if n and rows and rows % n == 0 else ""
+    one = len(names) == 1
+    return (f"{', '.join(names)} {'is' if one else 'are'} in this model but stay{'s' if one else ''} frozen: the routed experts' weights "
+            f"{', '.join(weights)}, each one 2-D [experts x ffn, hidden] matrix{shape} that the model slices per expert outside the "
+            "module holding it, so PEFT's LoRA on a parameter (which wraps that module) breaks the forward; name linear layers "
+            f"instead ({', '.join(inv['linear'])}) or use all-linear, which adapts those and leaves the experts as pretrained")
 
 
 def _inventory(model, blocks: str) -> dict:
     """Inside the decoder blocks: linear layers, routers (with everything inside them), experts' 3-D weights (and their
-    other parameters) by last name, the experts counted apart where they sit inside the attention (JetMoE), experts'
-    weights kept in 2-D matrices (DBRX); outside: the top-level modules that hold linear layers (besides the LM head)."""
+    other parameters) as `<module>.<parameter>`, the experts counted apart where they sit inside the attention (JetMoE),
+    experts' weights kept in 2-D matrices (DBRX, with their shape); outside: the top-level modules that hold linear layers
+    (besides the LM head). `router_paths`: where each router sits, for the pattern to leave out (`_router_exclusion`)."""
     import torch
 
-    linear, routers, expert_params, expert_other, expert_2d = {}, {}, {}, {}, {}
+    linear, expert_params, expert_other, expert_2d, expert_tables, shared_params = {}, {}, {}, {}, {}, {}
     experts = {"ffn": 0, "attention": 0}
-    router_paths: list[str] = []
     counts = _expert_counts(model)
+    routers = _routers(model, blocks, counts)
+    # A router's own linear layer (DBRX's router.layer, LongCat-Flash's router.classifier) is the router: every module inside
+    # a router object found above is its, whatever its name (a `layer` or `classifier` elsewhere is a linear layer).
+    in_routers = {id(sub) for r in routers.values() for sub in r.modules()}
     for name, m in model.named_modules():
-        if not blocks or not name.startswith(blocks + ".") or any(name.startswith(r + ".") for r in router_paths):
-            continue  # a router's own linear layer (DBRX's router.layer, LongCat-Flash's router.classifier) is the router
+        if not blocks or not name.startswith(blocks + ".") or id(m) in in_routers:
+            continue
         leaf = name.rsplit(".", 1)[-1]
         own = dict(m.named_parameters(recurse=False))
-        if _is_router(model, name, m, counts):
-            routers[leaf] = None
-            router_paths.append(name)
-        elif isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear):
             linear[leaf] = None
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
                 (expert_params if p.ndim == 3 else expert_other)[f"{leaf}.{pname}"] = None
+            # Inkling's shared_experts: [2, ., .] weights every token uses. By the module's name: a class name says "Shared" on a
+            # model named so (GraniteMoeShared's routed GraniteMoeSharedExperts).
+            if "shared" in leaf:
+                shared_params.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 3})
+                continue
             dims = [int(p.shape[0]) for p in own.values() if p.ndim == 3]
             # The routed count where a weight states it: LongCat-Flash's gate_up_proj adds its zero-computation experts (10 vs 8).
             n = max([d for d in dims if d in counts] or dims)
             where = "attention" if _inside_attention(model, blocks, name) else "ffn"
             experts[where] = max(experts[where], n)
+        elif _expert_table(m, counts) and any(r.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] for r in routers):
+            expert_tables[leaf] = None  # Doge's down_embed / up_embed, beside the router that picks their rows
         elif "Expert" in type(m).__name__ and any(p.ndim == 2 for p in own.values()):
-            expert_2d.update({f"{leaf}.{pname}": None for pname, p in own.items() if p.ndim == 2})  # DBRX's mlp.w1/v1/w2
+            for pname, p in own.items():  # DBRX's mlp.w1/v1/w2
+                if p.ndim == 2:
+                    expert_2d.setdefault(f"{leaf}.{pname}", tuple(int(d) for d in p.shape))
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
-    return {"linear": list(linear), "routers": list(routers), "expert_params": list(expert_params), "expert_other": list(expert_other),
-            "expert_2d": list(expert_2d), "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+    return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
+            "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d, "expert_tables": list(expert_tables),
+            "shared_params": list(shared_params),
+            "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+
+
+def _router_weights(model, inv: dict, name: str) -> list[str]:
+    """The routers' parameters that PEFT's target_parameters entry `name` matches (its path ends in `.<name>`)."""
+    return [f"{r}.{p}" for r in inv["router_paths"] for p, _ in model.get_submodule(r).named_parameters()
+            if f"{r}.{p}".endswith("." + name)]
+
+
+def _routers(model, blocks: str, counts: set[int]) -> dict:
+    """Every MoE router inside the decoder blocks, path -> module, found once (`_is_router`); a module inside a router is
+    part of it, never a router of its own."""
+    found: dict = {}
+    for name, m in model.named_modules():
+        if blocks and name.startswith(blocks + ".") and not any(name.startswith(r + ".") for r in found) and _is_router(model, name, m, counts):
+            found[name] = m
+    return found
+
+
+def _router_exclusion(model, blocks: str, n_blocks: int, router_paths: list[str], modules: list[str]) -> str:
+    """A negative lookahead for the target pattern (after `<blocks>.`) that keeps out each router whose own path or a
+    module inside it ends in a name of `modules`: a model whose routers hold a `layer` (DBRX, JetMoE) with a non-router
+    linear layer also called `layer` elsewhere. The routers are named by their path (layer index and all), so a same-named
+    layer at another path (a dense layer's `mlp.gate` beside a MoE layer's router `mlp.gate`) is still adapted; "" when no
+    router's name collides."""
+    names = set(modules)
+    by_rel: dict[str, list[str]] = {}
+    for path in router_paths:
+        subtree = [path] + [f"{path}.{n}" for n, _ in model.get_submodule(path).named_modules() if n]
+        if any(p.rsplit(".", 1)[-1] in names for p in subtree):
+            index, rel = path[len(blocks) + 1:].split(".", 1)
+            by_rel.setdefault(rel, []).append(index)
+    if not by_rel:
+        return ""
+    alternatives = [(r"\d+" if len(set(ix)) == n_blocks else f"(?:{'|'.join(dict.fromkeys(ix))})") + r"\." + re.escape(rel)
+                    for rel, ix in by_rel.items()]
+    return rf"(?!(?:{'|'.join(alternatives)})(?:\.|$))"
 
 
 def _is_router(model, name: str, m, counts: set[int]) -> bool:
-    """A MoE router: a `*Router` / `*TopKGating` / `*MoE*Gate` module, `shared_expert_gate`, or a `gate` / `router`
-    beside the experts it routes to (a dense model's `gate` that routes nothing stays a linear layer)."""
+    """A MoE router: a `*Router` / `*TopKGating` / `*MoE*Gate` module, `shared_expert_gate`, or a `gate` / `router` /
+    `router_*` beside the experts it routes to (a dense model's `gate` that routes nothing stays a linear layer). Experts
+    are an `experts` module, a module holding them (`_holds_experts`) or an embedding table with a row per expert
+    (`_expert_table`: Doge's CDMoE, whose `router_gate` picks rows of down_embed / up_embed)."""
     leaf = name.rsplit(".", 1)[-1]
     if ROUTER_CLASS.search(type(m).__name__) or leaf == "shared_expert_gate":
         return True
-    if leaf not in ("gate", "router"):
+    if leaf not in ("gate", "router") and not leaf.startswith("router_"):
         return False
     parent = model.get_submodule(name.rsplit(".", 1)[0])
     return hasattr(parent, "experts") or any(
-        c is not m and ("Expert" in type(c).__name__ or _holds_experts(c, dict(c.named_parameters(recurse=False)), counts))
+        c is not m and ("Expert" in type(c).__name__ or _holds_experts(c, dict(c.named_parameters(recurse=False)), counts)
+                        or _expert_table(c, counts))
         for c in parent.children())
+
+
+def _expert_table(m, counts: set[int]) -> bool:
+    """Whether a module is an embedding table with one row per routed expert (Doge's CDMoE keeps its experts' weights so)."""
+    import torch
+
+    return isinstance(m, torch.nn.Embedding) and m.num_embeddings in counts
 
 
 def _inside_attention(model, blocks: str, name: str) -> bool:

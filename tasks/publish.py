@@ -92,7 +92,7 @@ def lora_targets_markdown(train, lora) -> str:
     if t.get("parameters"):
         from .models import experts_line
 
-        experts = experts_line(t["parameters"], t["experts"], t.get("attention_experts", 0))
+        experts = experts_line(t["parameters"], t["experts"], t.get("attention_experts", 0), t.get("shared_parameters", ()))
         line += f" + {experts} never 4-bit: bitsandbytes quantizes linear layers only)"
     if t.get("dropout_note"):
         line += f"; {t['dropout_note']}"

@@ -97,6 +97,12 @@ MORE_MOE = {
                       "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8},
     "jetmoe": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "kv_channels": 16,
                "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # Doge's CDMoE: a dense MLP plus 16 experts kept as rows of two embedding tables, picked by a linear `router_gate`.
+    # Inkling: routed experts' 3-D weights and its shared experts' 3-D weights too ([n_shared_experts, ., .]).
+    "inkling_text": {**TINY, "head_dim": 16, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "granitemoeshared": {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "doge": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+             "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
 }
 
 
@@ -301,6 +307,170 @@ def test_explicit_targets_still_work_and_a_wrong_name_lists_the_models_names():
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("lora.target_modules: q_proj not in this model")
     assert "qkv_proj, gate_up_proj" in msg.replace("o_proj, ", "") and "all-linear" in msg
+
+
+def test_naming_dbrxs_2d_expert_matrices_says_they_stay_frozen_and_why():
+    """lora.target_modules=[w1] on DBRX answered "w1 not in this model", but w1 is in it: the experts' 2-D
+    [experts x ffn, hidden] matrix the project keeps frozen because PEFT's wrap breaks DBRX's forward (a review). The
+    line says what w1 is, that it stays frozen and why, and what to name instead; by its parameter name, as mlp.w1 or by
+    its module's name."""
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    dbrx = _skeleton("dbrx")
+    for names, said, weights in ((["w1"], "w1 is", "mlp.w1,"), (["Wqkv", "mlp.v1", "w2"], "mlp.v1, w2 are", "mlp.v1, mlp.w2,"),
+                                 (["mlp"], "mlp is", "mlp.w1, mlp.v1, mlp.w2,")):
+        with pytest.raises(StageError) as e:
+            lora_targets(dbrx, LoraSection(target_modules=names))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"lora.target_modules: {said} in this model but stay"), msg
+        assert f"frozen: the routed experts' weights {weights} each one 2-D [experts x ffn, hidden] matrix ([4 x 32, 64] here)" in msg, msg
+        assert "PEFT's LoRA on a parameter (which wraps that module) breaks the forward" in msg, msg
+        assert msg.endswith("name linear layers instead (Wqkv, out_proj) or use all-linear, which adapts those and leaves the experts as "
+                            "pretrained"), msg
+    with pytest.raises(StageError) as e:  # a name the model lacks is still said, in the same line
+        lora_targets(dbrx, LoraSection(target_modules=["w1", "q_proj"]))
+    assert "w1 is in this model but stays frozen" in str(e.value) and "; q_proj not in this model; its linear layers are: Wqkv, out_proj" in str(e.value)
+    assert lora_targets(dbrx, LoraSection(target_modules=["Wqkv"])).modules == ("Wqkv",)
+
+
+def test_expert_weights_are_named_as_the_model_names_them():
+    """JetMoE's expert weights could only be named `weight` (the last name of input_linear.weight / output_linear.weight),
+    which names every linear layer's parameter too (PEFT's target_parameters matches it on all of them). An expert weight
+    is named as the model line writes it (`<module>.<parameter>`: input_linear.weight, experts.gate_up_proj), by its
+    module (input_linear, experts) or, where that says which, by its parameter's own name (gate_up_proj); a bare `weight`
+    is a one-line error that names them."""
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets
+
+    def targets(arch, *names):
+        t = lora_targets(_skeleton(arch), LoraSection(target_modules=list(names), dropout=0.0))
+        return t.modules, t.parameters
+
+    assert targets("jetmoe", "input_linear") == ((), ("input_linear.weight",))
+    assert targets("jetmoe", "kv_proj", "output_linear.weight") == (("kv_proj",), ("output_linear.weight",))
+    assert targets("mixtral", "experts") == ((), ("experts.gate_up_proj", "experts.down_proj"))
+    assert targets("mixtral", "q_proj", "experts.down_proj") == (("q_proj",), ("experts.down_proj",))
+    assert targets("mixtral", "gate_up_proj") == ((), ("experts.gate_up_proj",))  # the parameter's own name, as before
+    with pytest.raises(StageError) as e:
+        targets("jetmoe", "weight")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("lora.target_modules: weight names a parameter of every linear layer"), msg
+    assert msg.endswith("name those as the model does: input_linear.weight, output_linear.weight, or their modules: input_linear, "
+                        "output_linear"), msg
+    with pytest.raises(StageError) as e:  # the names a wrong one is told about are names that work
+        targets("mixtral", "w1")
+    assert "; its routed experts' weights: experts.gate_up_proj, experts.down_proj; or use all-linear" in str(e.value)
+    # What PEFT wraps: both input_linear modules (the feed-forward and the attention experts), no linear layer.
+    model = _skeleton("jetmoe")
+    lora = LoraSection(target_modules=["input_linear"], dropout=0.0)
+    with torch.device("meta"):
+        wrapped = get_peft_model(model, lora_config(lora, lora_targets(model, lora)))
+    names = sorted(n.removeprefix("base_model.model.") for n, m in wrapped.named_modules()
+                   if isinstance(m, BaseTunerLayer) and ".base_layer" not in n)
+    assert names == ["model.layers.0.mlp.input_linear", "model.layers.0.self_attention.experts.input_linear",
+                     "model.layers.1.mlp.input_linear", "model.layers.1.self_attention.experts.input_linear"], names
+
+
+def test_a_router_is_kept_out_by_where_it_is_not_by_its_name():
+    """Routers were kept out of LoRA by their inner module's name: DBRX's router holds a linear `layer`, so a model with a
+    linear `layer` elsewhere adapted it and wrapped the routers too (the pattern matched every `layer`). The routers are
+    found once, as modules, and kept out by their path: a non-router `layer` is adapted, the router's is not; a linear
+    layer at a router's place in a block without experts (block 0's ffn.router here) is no router and is adapted."""
+    import re
+
+    import torch
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets
+
+    def wrapped_after(model):
+        t = lora_targets(model, LoraSection())
+        with torch.device("meta"):
+            peft_model = get_peft_model(model, lora_config(LoraSection(), t))
+        return t, sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                         if isinstance(m, BaseTunerLayer) and ".base_layer" not in n)
+
+    model = _skeleton("dbrx")
+    for block in model.transformer.blocks:
+        with torch.device("meta"):
+            block.norm_attn_norm.attn.layer = torch.nn.Linear(64, 64)  # not a router, named like DBRX's router's own
+    t, wrapped = wrapped_after(model)
+    assert "layer" in t.modules and "the routers (router:" in t.describe(), t.describe()
+    assert [n for n in wrapped if n.endswith(".layer")] == ["transformer.blocks.0.norm_attn_norm.attn.layer",
+                                                            "transformer.blocks.1.norm_attn_norm.attn.layer"], wrapped
+    assert not re.fullmatch(t.pattern, "transformer.blocks.1.ffn.router.layer")
+    model = _skeleton("dbrx")
+    dense = torch.nn.Module()  # block 0 without experts: its `router` routes nothing
+    with torch.device("meta"):
+        dense.router = torch.nn.Linear(64, 64)
+    model.transformer.blocks[0].ffn = dense
+    t, wrapped = wrapped_after(model)
+    assert "router" in t.modules and "transformer.blocks.0.ffn.router" in wrapped, wrapped
+    assert not [n for n in wrapped if n.startswith("transformer.blocks.1.ffn.router")], wrapped
+    # On the model types PEFT converts from transformers 4 (Qwen2-MoE's family, Mixtral's), PEFT turns the pattern into bare
+    # names and a linear `gate` into the routers' `gate.weight`, wrapping every router whatever the pattern says: a linear
+    # layer named like the routers stays frozen there, and the line says so.
+    model = _skeleton("qwen3_moe")
+    dense = torch.nn.Module()  # block 0 without experts, with a linear `gate` (block 1's router is a `gate` too)
+    with torch.device("meta"):
+        dense.gate = torch.nn.Linear(64, 64)
+    model.model.layers[0].mlp = dense
+    t, wrapped = wrapped_after(model)
+    assert "gate" not in t.modules and not [n for n in wrapped if ".gate" in n], wrapped
+    assert ("linear layers named like the routers (gate at model.layers.0.mlp.gate: PEFT's transformers-v4 conversion takes that "
+            "name for the routers' weight on this model type and would adapt every router, peft issue 3711; they stay as pretrained)"
+            ) in t.describe(), t.describe()
+    for arch in ("mixtral", "qwen2_moe", "jetmoe"):  # no name collides: the pattern as it was
+        assert "(?!" not in lora_targets(_skeleton(arch), LoraSection()).pattern, arch
+
+
+def test_dogess_router_gate_is_a_router_and_its_expert_tables_are_said():
+    """Doge's CDMoE routes with a linear `router_gate` (a `router_*`, not `gate` / `router`) to experts kept as rows of
+    two embedding tables: all-linear adapted the router and the line never named the experts (the random:<moe-arch>
+    survey of this branch). The router stays as pretrained, the tables are said not adapted."""
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    t = lora_targets(_skeleton("doge"), LoraSection())
+    assert "router_gate" not in t.modules and set(t.modules) == {"q_proj", "k_proj", "v_proj", "dt_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"}, t.describe()
+    assert ("not adapted: the routed experts (16 a layer; down_embed, up_embed: embedding tables with a row per expert, which LoRA on "
+            "linear layers does not reach; they stay as pretrained); the routers (router_gate: kept as pretrained") in t.describe(), t.describe()
+    assert t.dropout == 0.05  # nothing PEFT wraps as a parameter: the usual dropout
+
+
+def test_shared_experts_kept_in_3d_weights_are_not_called_routed():
+    """Inkling keeps its shared experts (every token goes through them) in 3-D weights as well: the line called
+    shared_experts.gate_proj... "the routed experts' weights" beside experts.gate_up_proj (the random:<moe-arch> survey of
+    this branch). They are adapted as before, named apart; a list that leaves either kind out says so."""
+    from types import SimpleNamespace
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+    from tasks.publish import lora_targets_markdown
+
+    shared = ("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
+    t = lora_targets(_skeleton("inkling_text"), LoraSection())
+    assert t.parameters == ("experts.gate_up_proj", "experts.down_proj", *shared) and t.shared_parameters == shared and t.experts == 4
+    line = ("the routed experts' weights experts.gate_up_proj, experts.down_proj and the shared experts' weights "
+            f"{', '.join(shared)} (4 experts a layer;")
+    assert line in t.describe() and line in lora_targets_markdown(SimpleNamespace(lora_targets=t.as_dict()), LoraSection()), t.describe()
+    only_shared = lora_targets(_skeleton("inkling_text"), LoraSection(target_modules=["q_proj", "shared_experts"], dropout=0))
+    assert (f"+ the shared experts' weights {', '.join(shared)} (every token goes through them; PEFT target_parameters); not adapted: "
+            "the routed experts (experts.gate_up_proj, experts.down_proj: name them") in only_shared.describe(), only_shared.describe()
+    routed_only = lora_targets(_skeleton("inkling_text"), LoraSection(target_modules=["experts"], dropout=0))
+    assert f"not adapted: the shared experts ({', '.join(shared)}: name them" in routed_only.describe(), routed_only.describe()
+    granite = lora_targets(_skeleton("granitemoeshared"), LoraSection())  # its routed experts' class is GraniteMoeSharedExperts
+    assert granite.shared_parameters == () and "the routed experts' weights experts.gate_up_proj" in granite.describe(), granite.describe()
 
 
 def _run_cli(capfd, *args: str) -> tuple[int, str]:
