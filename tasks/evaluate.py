@@ -729,7 +729,8 @@ def _read_side(path: Path, n: int, n_nll: int | None) -> dict | str:
     try:
         saved = read_json(path)
         ok = (len(saved["gens"]) == n and isinstance(saved["check"], dict)
-              and (n_nll is None or len(saved["nll"] or []) == n_nll) and all("text" in g and "stopped" in g for g in saved["gens"]))
+              and (n_nll is None or (len(saved["nll"] or []) == n_nll and all(len(x) == 2 for x in saved["nll"])))
+              and all("text" in g and "stopped" in g for g in saved["gens"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return str(e)
     return saved if ok else "not these prompts"
