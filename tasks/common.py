@@ -228,7 +228,14 @@ def progress_bar(**kwargs):
     from tqdm.auto import tqdm
 
     kwargs.setdefault("delay", 0)
-    if not _is_terminal(kwargs.get("file") or sys.stderr) and "TQDM_MININTERVAL" not in os.environ:
+    if "TQDM_MININTERVAL" in os.environ:
+        # tqdm reads TQDM_* once, when first imported; the CLI (or a user's shell after an import) may set it later.
+        for name, key in (("TQDM_MININTERVAL", "mininterval"), ("TQDM_MAXINTERVAL", "maxinterval")):
+            try:
+                kwargs.setdefault(key, float(os.environ[name]))
+            except (KeyError, ValueError):
+                pass
+    elif not _is_terminal(kwargs.get("file") or sys.stderr):
         kwargs.setdefault("mininterval", BAR_INTERVAL_OFF_TTY_S)
         kwargs.setdefault("maxinterval", BAR_INTERVAL_OFF_TTY_S)  # tqdm's monitor would otherwise force a draw every 10 s
     return tqdm(**kwargs)

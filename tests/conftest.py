@@ -40,6 +40,21 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def _library_bar_settings_stay_in_their_test():
+    """`flows.cli.main`, called in-process by many tests, sets TQDM_MININTERVAL/MAXINTERVAL/DELAY off a terminal (as it
+    does for a user's run); left set they would change how the next test's bars draw in that worker."""
+    from tasks.common import LIBRARY_BAR_SETTINGS
+
+    before = {name: os.environ.get(name) for name in LIBRARY_BAR_SETTINGS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def shared_artifacts(tmp_path_factory) -> str:
     """One artifacts dir per test session: the tiny model is built once and reused (it is content-keyed)."""
