@@ -22,7 +22,8 @@ The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after
 (model.random_weights=memory) writes none: each build makes the random weights on the GPU (seed 0, the folder's values)
 and hands them to from_pretrained as a state dict, so the same layers are NF4 as from the folder (tests/test_architectures.py
 checks module types, trainable parameters and loss against the folder path on CPU). Peak while building: the 16-bit
-weights once (Qwen3-30B-A3B: 61 GB, 54 of them the experts, which stay bf16) plus the 4-bit attention layers.
+model once (Qwen3-30B-A3B: 61 GB, 54 of them the experts, which stay bf16), ~1.3 GiB over a folder's load (whose
+attention layers arrive 4-bit); the probe's peak includes the build, so it reads that much high if training peaks lower.
 """
 
 from __future__ import annotations
