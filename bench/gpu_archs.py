@@ -15,8 +15,15 @@ in SHAPES (from the models' published config.json):
     python bench/gpu_archs.py --smoke --out /tmp/archs.json                       # every profile, 2 tiny layers, on CPU: plumbing
     python bench/gpu_archs.py --profiles qwen3-moe-30b --set 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj]' --out x.json
                                                                                   # the MoE with its experts frozen: their LoRA's cost
+    python bench/gpu_archs.py --profiles qwen3-moe-30b --in-memory --no-parity --one-trial --out $OUT/moe48.json
+                                                                                  # all 48 layers of Qwen3-30B-A3B, no 61 GB folder
 
-The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after each profile.
+The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after each profile. `--in-memory`
+(model.random_weights=memory) writes none: each build makes the random weights on the GPU (seed 0, the folder's values)
+and hands them to from_pretrained as a state dict, so the same layers are NF4 as from the folder (tests/test_architectures.py
+checks module types, trainable parameters and loss against the folder path on CPU). Peak while building: the 16-bit
+model once (Qwen3-30B-A3B: 61 GB, 54 of them the experts, which stay bf16), ~1.3 GiB over a folder's load (whose
+attention layers arrive 4-bit); the probe's peak includes the build, so it reads that much high if training peaks lower.
 """
 
 from __future__ import annotations
@@ -171,6 +178,11 @@ def main() -> None:
                     help="parity: engines compared with the first, e.g. padded,fast-noliger,fast,fused (-noliger: without Liger)")
     ap.add_argument("--no-probe", action="store_true", help="parity only")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers instead of the real count (a smaller random folder)")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="model.random_weights=memory: random weights built on the device at each build, no model folder written")
+    ap.add_argument("--no-parity", action="store_true", help="skip the parity builds (two more models): the probe only")
+    ap.add_argument("--one-trial", action="store_true",
+                    help="one probe trial: the profile's micro-batch with every layer recomputed (budget.vram_gb=null: no memory search)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra pipeline.yaml overrides, e.g. --set 'lora.target_modules=[q_proj,k_proj,v_proj,o_proj]' (experts frozen)")
     ap.add_argument("--artifacts", default="/tmp/qlp-archs")
@@ -199,6 +211,10 @@ def main() -> None:
         arch, random_config = shapes(profile, args.smoke, args.layers)
         overrides = [f"model.name=random:{arch}", f"model.random_config={json.dumps(random_config)}", f"data.source={data_path}",
                      "data.heldout_size=20", "data.max_length=2048", f"artifacts_dir={args.artifacts}", f"device={device}"]
+        if args.in_memory:
+            overrides += ["model.random_weights=memory"]
+        if args.one_trial:
+            overrides += ["budget.vram_gb=null", "training.gradient_checkpointing=true"]
         if args.smoke:
             overrides += ["data.max_length=256", "training.engine=fused", "budget.vram_gb=null", "training.micro_batch_size=2",
                           "training.grad_accum=1"]
@@ -212,9 +228,10 @@ def main() -> None:
             if arch.startswith("gemma3"):
                 r["window_check"] = window_check(device)
                 log(f"window check: {r['window_check']}")
-            r["parity"] = parity(cfg, data, device, args.steps, args.engines.split(","))
-            log(f"{profile}: parity losses {json.dumps(r['parity']['loss'])}")
-            log(f"{profile}: parity max rel diff {r['parity']['max_rel_diff']:.2e} over {args.steps} steps")
+            if not args.no_parity:
+                r["parity"] = parity(cfg, data, device, args.steps, args.engines.split(","))
+                log(f"{profile}: parity losses {json.dumps(r['parity']['loss'])}")
+                log(f"{profile}: parity max rel diff {r['parity']['max_rel_diff']:.2e} over {args.steps} steps")
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             probe = None if args.no_probe else probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget,
@@ -223,6 +240,8 @@ def main() -> None:
                 r["probe"] = {k: getattr(probe, k) for k in ("engine", "micro_batch_size", "grad_accum", "gradient_checkpointing",
                                                           "recompute_free_layers", "s_per_step", "tokens_per_s", "peak_mem_gb",
                                                           "vram_budget_gb", "load_seconds", "hardware", "trials")}
+                log(f"{profile}: {probe.tokens_per_s:,.0f} tokens/s, peak {probe.peak_mem_gb:.2f} GiB ({len(probe.trials)} trial(s), "
+                    f"model built in {probe.load_seconds:.0f} s); {time.monotonic() - t0:.0f} s for the profile")
         except Exception as e:  # one profile's failure is a result; the next profile still runs
             r["error"] = f"{type(e).__name__}: {e}"
             log(f"{profile}: FAILED {r['error']}")

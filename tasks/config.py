@@ -51,6 +51,11 @@ class ModelSection(Section):
         default_factory=dict, description="Config kwargs for `random:<arch>` models (e.g. num_hidden_layers: 2), checked against "
         "the architecture's config class (a key it would not read is an error naming the nearest one)."
     )
+    random_weights: Literal["folder", "memory"] = Field(
+        "folder", description="Where a `random:<arch>` model's weights live. folder = written once to the model cache and loaded "
+        "like any folder; memory = built on the device at each load (same seed, same values, same 4-bit layers) and never "
+        "written: no disk for them (Qwen3-30B-A3B's would be 61 GB), a few seconds of init per load, and nothing to publish."
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template to use instead of the tokenizer's; None = the tokenizer's, or "
         "the project's default for base models that have none."
@@ -718,6 +723,9 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
     if cfg.eval.max_prompts < 1:
         problems.append("eval.max_prompts: must be >= 1")
     problems += _benchmark_problems(cfg.eval)
+    if cfg.model.random_weights == "memory" and not cfg.model.name.startswith("random:"):
+        problems.append(f"model.random_weights: memory builds random:<arch> models only, and model.name is {cfg.model.name!r}; "
+                        "remove it (the default, folder) or use a random:<arch> model")
     if cfg.model.name.startswith("random:") and not cfg.model.random_config:  # its keys: load_config, last
         problems.append(f"model.random_config: required for {cfg.model.name}; give e.g. num_hidden_layers: 2, hidden_size: 64")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", cfg.output_name):

@@ -718,7 +718,8 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     if suite["name"] == "alpaca_eval":
         fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
     code = [inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)]
-    return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json"),
+    # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
+    return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
                        quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
                        eval.batch_size, hardware_id(resolve_device(device)), libs)
 

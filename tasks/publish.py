@@ -119,6 +119,9 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     maybe_fault("publish")
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
+    if not is_published(final) and cfg.model.random_weights == "memory":
+        raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
+                         "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
     if not is_published(final):
         try:
             _assemble(cfg, run_name, records, final)

@@ -720,3 +720,59 @@ def test_auto_dropout_counts_the_expert_weights_peft_converts_linear_names_into(
     with pytest.raises(StageError, match=r"^lora\.dropout: 0\.05 cannot apply to the routed experts' weights \((experts\.)?gate_up_proj\)"):
         lora_targets(_skeleton("longcat_flash"), lora.model_copy(update={"dropout": 0.05}))
     assert lora_targets(_skeleton("llama"), LoraSection(target_modules=["gate_proj", "up_proj"])).dropout == 0.05  # no conversion there
+
+
+@pytest.mark.parametrize("quant", [["quant.cpu_fallback=qlora", "quant.compute_dtype=bfloat16"], []], ids=["nf4", "lora"])
+def test_random_weights_in_memory_build_the_model_the_folder_gives(quant, tmp_path):
+    """model.random_weights=memory (bench/gpu_archs.py --in-memory: Qwen3-30B-A3B at 48 layers without its 61 GB folder):
+    no weights written, and the model training gets is the folder's: the same module types by name (NF4 Linear4bit where
+    the folder's has them: bitsandbytes quantizes on CPU with quant.cpu_fallback=qlora), the same trainable parameters,
+    the same loss on the same batch with the same LoRA (the profile's: attention + the experts' target_parameters)."""
+    import torch
+
+    from tasks.config import load_config
+    from tasks.engine.build import build_model
+    from tasks.models import resolve_model
+
+    def built(weights: str):
+        cfg = load_config(profile="qwen3-moe-30b", overrides=[
+            f"artifacts_dir={tmp_path}", "model.name=random:qwen3_moe", "device=cpu", f"model.random_weights={weights}",
+            f"model.random_config={json.dumps({**ARCHS['qwen3_moe'][0], 'dtype': 'bfloat16'})}", *quant])
+        ref = resolve_model(cfg.model, cfg.artifacts_dir)
+        torch.manual_seed(0)
+        model = build_model(ref, cfg.model, cfg.quant, cfg.lora, True, "cpu", "fused" if not quant else "padded")
+        with torch.no_grad():  # LoRA-B off zero, so the loss goes through every adapter
+            for i, (n, p) in enumerate(model.named_parameters()):
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
+        x = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=x, labels=x).loss.item()
+        return ref, {n: type(m).__name__ for n, m in model.named_modules()}, \
+            {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}, loss
+
+    (folder, *expected), (memory, *got) = built("folder"), built("memory")
+    assert list(Path(folder.path).glob("*.safetensors")) and not list(Path(memory.path).glob("*.safetensors"))
+    assert memory.random_in_memory and memory.path != folder.path and (Path(memory.path) / "tokenizer.json").is_file()
+    types, trainable, loss = got
+    assert types == expected[0] and ("Linear4bit" in types.values()) == bool(quant)
+    assert trainable == expected[1] and any("experts" in n for n in trainable)
+    assert loss == expected[2]
+
+
+def test_random_weights_memory_is_for_random_models_only():
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.random_weights: memory builds random:<arch> models only.*'mistralai/Mistral-7B-v0.1'"):
+        load_config(profile="mistral-7b", overrides=["model.random_weights=memory", "model.name=mistralai/Mistral-7B-v0.1"])
+
+
+def test_a_run_with_random_weights_in_memory_publishes_nothing(tmp_path):
+    """Its base folder holds config and tokenizer only: stage 7 would ship an adapter whose base cannot be loaded."""
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.publish import publish_artifacts
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "model.random_weights=memory"])
+    with pytest.raises(StageError, match="model.random_weights is memory.*set model.random_weights=folder"):
+        publish_artifacts(cfg, "run", {})
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))

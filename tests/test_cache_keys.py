@@ -37,6 +37,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "model.revision": ("0123abcd", ALL, HUB_MODEL),
     "model.gguf_file": ("model.Q8_0.gguf", ALL, HUB_MODEL),
     "model.random_config": ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}", ALL, []),
+    "model.random_weights": ("memory", ALL, []),  # another folder (config and tokenizer only): another model fingerprint
     "model.chat_template": ("'{{ messages }}'", ALL, []),
     "model.trust_remote_code": ("true", NOTHING, []),
     "model.allow_pickle": ("true", NOTHING, []),
