@@ -164,9 +164,20 @@ def start_quantizer_build(items, worker: str, collect_only: bool = False, log_di
 
     if quantizer_path(LLAMA_CPP_SOURCES).is_file():
         return None
-    log = open(os.path.join(log_dir, "llama-quantize-build.log"), "w")
-    return subprocess.Popen([sys.executable, "-c", _BUILD], cwd=Path(__file__).resolve().parent.parent, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.nice(19))
+    return spawn_build([sys.executable, "-c", _BUILD], stdout=open(os.path.join(log_dir, "llama-quantize-build.log"), "w"))
+
+
+def spawn_build(cmd: list[str], **popen) -> subprocess.Popen:
+    """`cmd` at the lowest priority, in its own session, with Ctrl-C restored: a suite started in the background (CI,
+    `make test &`) hands its children SIGINT ignored, and the build would then stop only on SIGKILL, leaving its
+    temporary folder behind."""
+
+    def lowest_priority_and_ctrl_c():
+        os.nice(19)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lowest_priority_and_ctrl_c, **popen)
 
 
 def pytest_collection_finish(session):

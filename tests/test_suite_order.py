@@ -124,15 +124,24 @@ def test_the_fixtures_quantizer_waits_for_a_build_in_progress_instead_of_buildin
 
 
 @pytest.mark.parametrize("ends, stopped", [("normally", False), ("on -x", True)])
-def test_a_session_that_ends_early_stops_the_build_and_one_that_ends_normally_lets_it_finish(monkeypatch, tmp_path, ends, stopped):
-    build = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline(); print('finished')"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+def test_a_session_that_ends_early_stops_the_build_and_one_that_ends_normally_lets_it_finish(monkeypatch, ends, stopped):
+    """Stopped with Ctrl-C, which it handles (its temporary folder removed) even when the suite itself was started with
+    SIGINT ignored, as a background job is (the build then waited 30 s for its SIGKILL)."""
+    import signal
+    import threading
+
+    code = ("import sys\ntry:\n    print('building', flush=True); sys.stdin.readline(); print('finished')\n"
+            "except KeyboardInterrupt:\n    print('cleaned up'); sys.exit(1)")
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a suite started in the background
+    try:
+        build = conftest.spawn_build([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     monkeypatch.setattr(conftest, "_background_build", build)
     session = SimpleNamespace(shouldstop=False, shouldfail=ends == "on -x")
+    assert build.stdout.readline() == "building\n"  # under way: a Ctrl-C now reaches the build, not the interpreter's start
     if not stopped:
-        import threading
-
         threading.Timer(0.5, lambda: (build.stdin.write("\n"), build.stdin.flush())).start()
     pytest_sessionfinish(session, pytest.ExitCode.TESTS_FAILED if stopped else pytest.ExitCode.OK)
     assert build.poll() is not None  # never left running past the session
-    assert (build.returncode != 0) == stopped and (build.stdout.read() == "finished\n") != stopped
+    assert (build.returncode, build.stdout.read()) == ((1, "cleaned up\n") if stopped else (0, "finished\n"))
