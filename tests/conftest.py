@@ -150,7 +150,16 @@ def pytest_collection_modifyitems(config, items):
 # waits for it on the build's own file lock (ensure_quantizer), which also keeps the two from building twice. A build
 # that fails in the background is simply tried again by the fixture, which reports the error as before.
 QUANTIZER_FIXTURE = "q4_export"  # tests/test_quantize.py: the fixture whose export runs llama-quantize
-_BUILD = "from tasks.export import LLAMA_CPP_SOURCES; from tasks.quantize import ensure_quantizer; ensure_quantizer(LLAMA_CPP_SOURCES, print)"
+# The build stops as on Ctrl-C once the session's process is gone without ending it (killed, or torn down by xdist
+# after a Ctrl-C to pytest): no build left running after the suite.
+STOP_WHEN_ORPHANED = """import os, signal, sys, threading, time
+def _watch(parent=int(sys.argv[1])):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.killpg(0, signal.SIGINT)
+threading.Thread(target=_watch, daemon=True).start()
+"""
+_BUILD = STOP_WHEN_ORPHANED + "from tasks.export import LLAMA_CPP_SOURCES; from tasks.quantize import ensure_quantizer; ensure_quantizer(LLAMA_CPP_SOURCES, print)"
 _background_build: subprocess.Popen | None = None
 
 
@@ -164,7 +173,7 @@ def start_quantizer_build(items, worker: str, collect_only: bool = False, log_di
 
     if quantizer_path(LLAMA_CPP_SOURCES).is_file():
         return None
-    return spawn_build([sys.executable, "-c", _BUILD], stdout=open(os.path.join(log_dir, "llama-quantize-build.log"), "w"))
+    return spawn_build([sys.executable, "-c", _BUILD, str(os.getpid())], stdout=open(os.path.join(log_dir, "llama-quantize-build.log"), "w"))
 
 
 def spawn_build(cmd: list[str], **popen) -> subprocess.Popen:

@@ -4,6 +4,7 @@ so the short ones fill in behind them and neither worker ends the suite alone on
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def test_the_quantizer_build_starts_once_per_session_only_when_its_tests_will_ru
     assert not started
     assert start_quantizer_build(wanted, "gw0", log_dir=str(tmp_path)) == "build"
     (cmd,), kw = started[0]
-    assert cmd[0] == sys.executable and "ensure_quantizer(LLAMA_CPP_SOURCES" in cmd[-1]  # the build `make quantizer` runs
+    assert cmd[0] == sys.executable and "ensure_quantizer(LLAMA_CPP_SOURCES" in cmd[2]  # the build `make quantizer` runs
+    assert cmd[2].startswith(conftest.STOP_WHEN_ORPHANED) and cmd[3] == str(os.getpid())
     kw["stdout"].close()
     assert kw["start_new_session"] and kw["stdout"].name == str(tmp_path / "llama-quantize-build.log")
     from tasks.export import LLAMA_CPP_SOURCES
@@ -145,3 +147,24 @@ def test_a_session_that_ends_early_stops_the_build_and_one_that_ends_normally_le
     pytest_sessionfinish(session, pytest.ExitCode.TESTS_FAILED if stopped else pytest.ExitCode.OK)
     assert build.poll() is not None  # never left running past the session
     assert (build.returncode, build.stdout.read()) == ((1, "cleaned up\n") if stopped else (0, "finished\n"))
+
+
+def test_a_build_whose_session_is_gone_stops_as_on_ctrl_c(tmp_path):
+    """pytest killed, or its xdist worker torn down after a Ctrl-C without its session ending: the build does not run on."""
+    import time
+
+    log = tmp_path / "build.log"
+    code = conftest.STOP_WHEN_ORPHANED + "print('building', flush=True)\ntry:\n    time.sleep(600)\nexcept KeyboardInterrupt:\n    print('cleaned up')"
+    session = ("import conftest, os, sys\n"  # a stand-in for the test session: starts the build, then dies
+               f"b = conftest.spawn_build([sys.executable, '-c', {code!r}, str(os.getpid())], stdout=open({str(log)!r}, 'w'))\n"
+               "print(b.pid, flush=True); sys.stdin.readline()")
+    parent = subprocess.Popen([sys.executable, "-c", session], cwd=TESTS, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    deadline = time.monotonic() + 60
+    while "building" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parent.kill()
+    parent.wait()
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # reaped by init once it exits
+        time.sleep(0.2)
+    assert log.read_text() == "building\ncleaned up\n"
