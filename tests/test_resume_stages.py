@@ -26,30 +26,16 @@ STAGES = ["data", "profile", "probe", "train", "evaluate", "merge", "publish", "
 DETERMINISTIC = ["training.lr_scheduler=constant", "training.warmup_ratio=0"]
 
 
-def _start_cli(server: LocalServer, art: Path, fault: str | None = None) -> subprocess.Popen:
-    """`qlora-pipeline run --profile tiny ...` in a subprocess against the local server, output piped."""
+def _cli(server: LocalServer, art: Path, fault: str | None = None) -> tuple[int, str, float]:
+    """`qlora-pipeline run --profile tiny ...` in a subprocess against the local server; (exit code, output, seconds)."""
     env = dict(server.env)
     if fault:
         env["QLORA_PIPELINE_FAULT"] = fault
     sets = [a for kv in [f"artifacts_dir={art}", *DETERMINISTIC] for a in ("--set", kv)]
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "1", *sets],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen, t0: float) -> tuple[int, str, float]:
-    """(exit code, output, seconds since t0) of a run started by _start_cli."""
-    try:
-        out = proc.communicate(timeout=600)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return proc.returncode, out, time.monotonic() - t0
-
-
-def _cli(server: LocalServer, art: Path, fault: str | None = None) -> tuple[int, str, float]:
-    """The run to its end; (exit code, output, seconds)."""
     t0 = time.monotonic()
-    return _finish(_start_cli(server, art, fault), t0)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "1", *sets],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return out.returncode, out.stdout + out.stderr, time.monotonic() - t0
 
 
 def _summary(art: Path) -> dict:
@@ -72,27 +58,13 @@ def _cached_from(stage: str) -> dict[str, bool]:
 
 @pytest.fixture(scope="module")
 def clean(server, tmp_path_factory):
-    """One clean run to compare against: `clean()` is its published files, eval numbers and duration. Started here and
-    waited for where first needed, so it runs beside the first test's failing run: it has its own folder, and nothing
-    in it depends on time (constant LR), so the numbers are those of a run alone; its wall seconds, printed, are not."""
+    """One clean run to compare against: its published files, eval numbers and duration."""
     art = tmp_path_factory.mktemp("clean") / "artifacts"
-    t0 = time.monotonic()
-    proc = _start_cli(server, art)
-    done: dict = {}
-
-    def result() -> dict:
-        if not done:
-            done["rc"], done["out"], done["seconds"] = _finish(proc, t0)
-        assert done["rc"] == 0, done["out"][-3000:]
-        if "files" not in done:
-            done["files"], done["eval"] = _published(art)
-            done["stage_seconds"] = {s: v["seconds"] for s, v in _summary(art)["stages"].items()}
-        return done
-
-    yield result
-    if proc.poll() is None:  # no test waited for it (deselected, or the first failed before): don't leave it running
-        proc.kill()
-        proc.communicate()
+    rc, out, seconds = _cli(server, art)
+    assert rc == 0, out[-3000:]
+    files, numbers = _published(art)
+    stages = _summary(art)["stages"]
+    return {"files": files, "eval": numbers, "seconds": seconds, "stage_seconds": {s: v["seconds"] for s, v in stages.items()}}
 
 
 def test_train_failure_then_same_command_resumes_at_train_and_matches_a_clean_run(server, clean, tmp_path):
@@ -108,11 +80,10 @@ def test_train_failure_then_same_command_resumes_at_train_and_matches_a_clean_ru
     resumed = _summary(art)
     assert resumed["status"] == "completed"
     assert {s: v["cached"] for s, v in resumed["stages"].items()} == _cached_from("train")
-    clean = clean()
     assert _published(art) == (clean["files"], clean["eval"])
 
     before = ("data", "profile", "probe")
-    print(f"\n[resume timing] CLI: clean run {clean['seconds']:.1f}s wall (beside the failing run), {sum(clean['stage_seconds'].values()):.1f}s in stages "
+    print(f"\n[resume timing] CLI: clean run {clean['seconds']:.1f}s wall, {sum(clean['stage_seconds'].values()):.1f}s in stages "
           f"(data+profile+probe {sum(clean['stage_seconds'][s] for s in before):.1f}s); rerun after the train failure "
           f"{seconds:.1f}s wall, {sum(v['seconds'] for v in resumed['stages'].values()):.1f}s in stages "
           f"(data+profile+probe cached: {sum(resumed['stages'][s]['seconds'] for s in before):.1f}s)")
@@ -160,7 +131,6 @@ def test_failure_in_a_deployment_run_then_rerun_resumes_at_that_stage(server, cl
         earlier = json.loads((art / "runs" / failed["name"] / "summary.json").read_text())
         assert (earlier["status"], earlier["outcome"], earlier["superseded_by"]) == ("superseded", "failed", resumed["run"])
     assert {s: v["cached"] for s, v in resumed["stages"].items()} == _cached_from(stage)
-    clean = clean()
     assert _published(art) == (clean["files"], clean["eval"])
     cached = [t for t in server.task_runs(run_id) if t["state_name"] == "Cached"]
     assert len(cached) >= STAGES.index(stage), "the UI shows the stages before the failure as Cached"
