@@ -5,6 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -140,12 +143,86 @@ def publish_smollm2(shared_artifacts):
 # first: the short files then fill in behind them on whichever worker frees up, and both finish together.
 # Seconds = each file's share of the slowest-30 durations in the fresh-clone `make test` runs of 2026-12-02
 # (03:42 and 04:07 UTC, both workers busy); files not named here run after them, in their usual order.
-LONGEST_FILES = {"test_quantize.py": 300, "test_resume_stages.py": 250, "test_compile.py": 190, "test_export.py": 190,
+# test_quantize.py is the exception: its ~120 s without the llama-quantize build, and placed after the long files on
+# purpose, so the build (started in the background as the session begins, below) has most of the suite's first ten
+# minutes before its Q4_K_M tests need the binary.
+LONGEST_FILES = {"test_resume_stages.py": 250, "test_compile.py": 190, "test_export.py": 190,
                  "test_faults.py": 190, "test_deploy.py": 120, "test_resume.py": 110, "test_architectures.py": 90,
-                 "test_flow.py": 70, "test_ui_browser.py": 60, "test_train.py": 50, "test_bad_inputs.py": 40,
-                 "test_merge.py": 40, "test_multi_gpu.py": 28, "test_use_the_model.py": 20}
+                 "test_flow.py": 70, "test_ui_browser.py": 60, "test_train.py": 50, "test_quantize.py": 45,
+                 "test_bad_inputs.py": 40, "test_merge.py": 40, "test_multi_gpu.py": 28, "test_use_the_model.py": 20}
 
 
 def pytest_collection_modifyitems(config, items):
     """Longest files first (LONGEST_FILES), each file's tests in their own order (a stable sort)."""
     items.sort(key=lambda item: -LONGEST_FILES.get(item.path.name, 0))
+
+
+# llama.cpp's llama-quantize (tasks/quantize.py), which the Q4_K_M tests need, is built once per environment: ~300 s of
+# CPU on 2 cores (docs/BENCHMARKS.md "llama-quantize build"). Built inside their fixture, it held one worker for 270-390 s
+# of every fresh-clone `make test`, while the suite as a whole leaves cores idle (the workers' tests wait on Prefect
+# servers, subprocess starts and polls). So one process of the session (xdist's gw0, or the only one) starts the same
+# build at the lowest priority as soon as collection shows those tests will run, and the fixture finds the binary, or
+# waits for it on the build's own file lock (ensure_quantizer), which also keeps the two from building twice. A build
+# that fails in the background is simply tried again by the fixture, which reports the error as before.
+QUANTIZER_FIXTURE = "q4_export"  # tests/test_quantize.py: the fixture whose export runs llama-quantize
+# The build stops as on Ctrl-C once the session's process is gone without ending it (killed, or torn down by xdist
+# after a Ctrl-C to pytest): no build left running after the suite.
+STOP_WHEN_ORPHANED = """import os, signal, sys, threading, time
+def _watch(parent=int(sys.argv[1])):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.killpg(0, signal.SIGINT)
+threading.Thread(target=_watch, daemon=True).start()
+"""
+_BUILD = STOP_WHEN_ORPHANED + "from tasks.export import LLAMA_CPP_SOURCES; from tasks.quantize import ensure_quantizer; ensure_quantizer(LLAMA_CPP_SOURCES, print)"
+_background_build: subprocess.Popen | None = None
+
+
+def start_quantizer_build(items, worker: str, collect_only: bool = False, log_dir: str = TEST_PREFECT_HOME) -> subprocess.Popen | None:
+    """The background build, when these `items` include a test of QUANTIZER_FIXTURE, this process is the one to start it
+    (`worker` gw0) and the binary is not built yet; None otherwise."""
+    if collect_only or worker != "gw0" or not any(QUANTIZER_FIXTURE in getattr(i, "fixturenames", ()) for i in items):
+        return None
+    from tasks.export import LLAMA_CPP_SOURCES
+    from tasks.quantize import quantizer_path
+
+    if quantizer_path(LLAMA_CPP_SOURCES).is_file():
+        return None
+    return spawn_build([sys.executable, "-c", _BUILD, str(os.getpid())], stdout=open(os.path.join(log_dir, "llama-quantize-build.log"), "w"))
+
+
+def spawn_build(cmd: list[str], **popen) -> subprocess.Popen:
+    """`cmd` at the lowest priority, in its own session, with Ctrl-C restored: a suite started in the background (CI,
+    `make test &`) hands its children SIGINT ignored, and the build would then stop only on SIGKILL, leaving its
+    temporary folder behind."""
+
+    def lowest_priority_and_ctrl_c():
+        os.nice(19)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lowest_priority_and_ctrl_c, **popen)
+
+
+def pytest_collection_finish(session):
+    global _background_build
+    _background_build = start_quantizer_build(session.items, os.environ.get("PYTEST_XDIST_WORKER", "gw0"),
+                                              session.config.option.collectonly)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A session that ends early (Ctrl-C, -x, --maxfail) stops the build: Ctrl-C to its process group, so its temporary
+    folder is removed; the binary is written whole or not at all. Otherwise it is left to finish (another worker's
+    Q4_K_M tests may be waiting for it)."""
+    proc = _background_build
+    if proc is None or proc.poll() is not None:
+        return
+    if exitstatus == pytest.ExitCode.INTERRUPTED or session.shouldstop or session.shouldfail:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -16,29 +16,35 @@ PUBLISHED_FILES = {"README.md", "MANIFEST.json", "pipeline.yaml", "provenance.js
                    "plots/eval_chart.png"}
 
 
-@pytest.fixture()
-def run_flow(prefect_server, tmp_path):
+@pytest.fixture(scope="module")
+def run_flow(prefect_server, tmp_path_factory):
+    """The flow on one artifacts folder for the module, run from scratch and again here (`run_flow.first`,
+    `run_flow.second`, and latest.json as the first left it): each test then starts from that completed run (its first
+    call hits the caches: seconds) and changes only what it tests. Each test's folder used to start empty: four whole
+    runs of the tiny flow where one does."""
     from flows.finetune import finetune
 
-    art = str(tmp_path / "artifacts")
+    art = str(tmp_path_factory.mktemp("flow") / "artifacts")
 
     def run(*extra: str):
         return finetune(profile="tiny", overrides=[f"artifacts_dir={art}", *extra])
 
     run.artifacts = Path(art)
+    run.first = run()
+    run.latest_after_first = json.loads((run.artifacts / "latest.json").read_text())
+    run.second = run()
     return run
 
 
 def test_flow_runs_seven_stages_then_hits_every_cache(run_flow):
-    first = run_flow()
+    first = run_flow.first
     assert first["status"] == "completed"
     assert list(first["stages"]) == STAGES
     assert not any(s["cached"] for s in first["stages"].values())
 
     summary = json.loads(Path(first["summary_path"]).read_text())
     assert summary["stages"]["train"]["outputs"]["steps"] > 0
-    latest = json.loads((run_flow.artifacts / "latest.json").read_text())
-    assert latest["run"] == first["run"]
+    assert run_flow.latest_after_first["run"] == first["run"]
     published = Path(first["published"])
     files = {str(p.relative_to(published)) for p in published.rglob("*") if p.is_file()}
     assert PUBLISHED_FILES <= files
@@ -46,7 +52,7 @@ def test_flow_runs_seven_stages_then_hits_every_cache(run_flow):
     # random:mistral is no Hub id: no `base_model:` line (tests/test_use_the_model.py covers a Hub-named base)
     assert "AutoPeftModelForCausalLM" in card and "base_model:" not in card and "| perplexity |" in card
 
-    second = run_flow()
+    second = run_flow.second
     assert all(s["cached"] for s in second["stages"].values()), second["stages"]
     assert second["published"] == first["published"]
 
