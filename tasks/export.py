@@ -815,6 +815,19 @@ def cut_answer(kind: str, answer: dict, stops: list[str], suffix: str | None = N
     return cut_any
 
 
+def setting(gen, name: str):
+    """A generation setting of transformers serve's request: a GenerationConfig (transformers <= 5.24) or the
+    keyword arguments of generate() (5.25 on, which generates in a process of its own)."""
+    return gen.get(name) if isinstance(gen, dict) else getattr(gen, name, None)
+
+
+def set_setting(gen, name: str, value) -> None:
+    if isinstance(gen, dict):
+        gen[name] = value
+    else:
+        setattr(gen, name, value)
+
+
 class StopCuttingQueue:
     """The generation queue a transformers serve handler reads (`await get()`, `get_nowait()`), passing answer text
     only up to the earliest stop string. The end of the text that could still grow into a stop string is held back
@@ -860,6 +873,12 @@ class StopCuttingQueue:
             self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
         return self.ready.popleft()
 
+    def empty(self) -> bool:
+        """Whether `get_nowait` would find nothing: text held back as a possible stop string does not count."""
+        while not self.ready and not self.queue.empty():
+            self._take(self.queue.get_nowait())
+        return not self.ready
+
 
 class StopCuttingManager:
     """A transformers serve generation manager whose streamed text ends before the earliest stop string; it keeps the
@@ -877,14 +896,14 @@ class StopCuttingManager:
         def on_stop() -> None:
             self.streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
             # The handlers call it a "length" finish when max_new_tokens tokens came; a stop string is a stop. generate()
-            # works on its own copy of the config, so this changes nothing but that reading.
-            self.gen_config.max_new_tokens = None
+            # works on its own copy of the settings, so this changes nothing but that reading.
+            set_setting(self.gen_config, "max_new_tokens", None)
 
         return StopCuttingQueue(queue, self.stops, on_stop), self.streamer
 
     def cut_short(self) -> bool:
         """Whether generation ended at the length limit (the handlers' own "length" reading)."""
-        limit = self.gen_config.max_new_tokens
+        limit = setting(self.gen_config, "max_new_tokens")
         return self.streamer is not None and limit is not None and self.streamer.total_tokens >= limit
 
     def __getattr__(self, name: str):
@@ -955,11 +974,14 @@ def answer_as_openai_does() -> None:
     # the length-limit field it named; whether its generation started (errors before that are the request's).
     request_options: ContextVar[dict] = ContextVar("request_options", default={})
 
-    def refusal(model, inputs, gen_config, kind: str) -> JSONResponse | None:
+    def refusal(given: dict, kind: str) -> JSONResponse | None:
         """A 400 for what generation would fail on or cut short, checked before any token is generated: a stream's
-        200 goes out with its first event, too early for a 400."""
-        text_config = model.config.get_text_config()
-        ids = inputs["input_ids"]
+        200 goes out with its first event, too early for a 400. `given`: the handler's arguments, by name."""
+        # <= 5.24: the model and its GenerationConfig; 5.25 on: the model's process (`engine`) and generate()'s kwargs
+        config = given["engine"].model_config if "engine" in given else given["model"].config
+        gen = generation_settings(given)
+        text_config = config.get_text_config()
+        ids = given["inputs"]["input_ids"]
         n = len(ids) if isinstance(ids, list) else ids.shape[-1]
         field = PROMPT_FIELDS[kind]
         options = request_options.get()
@@ -967,14 +989,14 @@ def answer_as_openai_does() -> None:
         if limit and n >= limit:
             return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
                                 f"(max_position_embeddings); shorten the {field}", field)
-        asked = gen_config.max_new_tokens
+        asked = setting(gen, "max_new_tokens")
         if limit and asked and n + asked > limit:
-            given = options.get("limit_field")
-            if given:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
-                return openai_error(f"the prompt is {n} tokens and {given} asks for {asked} more, beyond the model's context "
-                                    f"of {limit} tokens (max_position_embeddings): lower {given} to {limit - n} or less, "
-                                    f"or shorten the {field}", given)
-            gen_config.max_new_tokens = limit - n  # no limit asked for: stop at the end of the context, as llama.cpp does
+            given_field = options.get("limit_field")
+            if given_field:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
+                return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
+                                    f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
+                                    f"or shorten the {field}", given_field)
+            set_setting(gen, "max_new_tokens", limit - n)  # no limit asked for: stop at the end of the context, as llama.cpp does
         vocab = getattr(text_config, "vocab_size", None)
         beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
         if beyond:
@@ -982,8 +1004,13 @@ def answer_as_openai_does() -> None:
                                 f"(ids 0 to {vocab - 1}): {', '.join(map(str, beyond[:5]))}", "logit_bias")
         return None
 
+    def generation_settings(given: dict):
+        return given["generation_kwargs"] if "generation_kwargs" in given else given["gen_config"]
+
     def conform(handler: type, kind: str) -> None:
-        handle, build = handler.handle_request, handler._build_generation_config
+        # The request's generation settings: a GenerationConfig up to transformers 5.24, generate()'s kwargs from 5.25
+        build_name = "_build_generation_kwargs" if hasattr(handler, "_build_generation_kwargs") else "_build_generation_config"
+        handle, build = handler.handle_request, getattr(handler, build_name)
         streaming, non_streaming = handler._streaming, handler._non_streaming
         stream_sig, answer_sig = inspect.signature(streaming), inspect.signature(non_streaming)
 
@@ -1014,27 +1041,30 @@ def answer_as_openai_does() -> None:
             finally:
                 request_options.reset(reset)
 
-        def build_generation_config(self, body: dict, model_generation_config, use_cb: bool = False):
-            config = build(self, body, model_generation_config, use_cb=use_cb)
+        def build_generation_config(self, *args, **kwargs):
+            config = build(self, *args, **kwargs)
             options = request_options.get()
             if options.get("stop"):
-                config.stop_strings = options["stop"]
+                set_setting(config, "stop_strings", options["stop"])
             if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500
-                config.sequence_bias = {(int(k),): float(v) for k, v in options["logit_bias"].items()}
+                set_setting(config, "sequence_bias", {(int(k),): float(v) for k, v in options["logit_bias"].items()})
             return config
+
+        def check_prompt_length(self, *args, **kwargs):
+            """transformers 5.25's own check, a ValueError before the handler: `refusal` does it, naming the field."""
 
         async def answer(self, *args, **kwargs):
             given = answer_sig.bind(self, *args, **kwargs).arguments
-            gen_config = given["gen_config"]
-            refused = refusal(given["model"], given["inputs"], gen_config, kind)
+            gen_config = generation_settings(given)
+            refused = refusal(given, kind)
             if refused:
                 return refused
             request_options.get()["generating"] = True
             response = await non_streaming(self, *args, **kwargs)
-            stops = stop_strings(gen_config.stop_strings)
+            stops = stop_strings(setting(gen_config, "stop_strings"))
             body = json.loads(response.body)
             cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
-            limit = gen_config.max_new_tokens  # the handlers' "length" reading: as many tokens came as were allowed
+            limit = setting(gen_config, "max_new_tokens")  # the handlers' "length" reading: as many tokens came as were allowed
             incomplete = kind == "response" and not cut and limit is not None and body.get("usage", {}).get("output_tokens", 0) >= limit
             if incomplete:
                 mark_incomplete(body)
@@ -1043,13 +1073,15 @@ def answer_as_openai_does() -> None:
         def stream(self, *args, **kwargs):
             bound = stream_sig.bind(self, *args, **kwargs)
             given = bound.arguments
-            refused = refusal(given["model"], given["inputs"], given["gen_config"], kind)
+            refused = refusal(given, kind)
             if refused:
                 return refused
             request_options.get()["generating"] = True
-            manager = given["gen_manager"] = StopCuttingManager(given["gen_manager"], stop_strings(given["gen_config"].stop_strings),
-                                                                given["gen_config"])
-            source = streaming(*bound.args, **bound.kwargs).body_iterator
+            gen_config = generation_settings(given)
+            generator = "engine" if "engine" in given else "gen_manager"  # what generates: 5.25's model process, or the manager
+            manager = given[generator] = StopCuttingManager(given[generator], stop_strings(setting(gen_config, "stop_strings")), gen_config)
+            original = streaming(*bound.args, **bound.kwargs)
+            source = original.body_iterator
 
             async def events():
                 try:
@@ -1060,9 +1092,13 @@ def answer_as_openai_does() -> None:
                 if kind != "response":
                     yield "data: [DONE]\n\n"
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            # 5.25's own StreamingResponse notices a client gone through its CancelOnDisconnect middleware
+            return (type(original) if isinstance(original, StreamingResponse) else StreamingResponse)(events(), media_type="text/event-stream")
 
-        handler.handle_request, handler._build_generation_config = handle_request, build_generation_config
+        handler.handle_request = handle_request
+        setattr(handler, build_name, build_generation_config)
+        if hasattr(handler, "_check_prompt_length"):
+            handler._check_prompt_length = check_prompt_length
         handler._streaming, handler._non_streaming = stream, answer
         handler._openai_conformant = True
 
