@@ -35,8 +35,9 @@ from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
 
-DATA_VERSION = 7  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
-# dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone)
+DATA_VERSION = 8  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
+# dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone; 8: turns of one role
+# in a row merged into one)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
@@ -79,6 +80,7 @@ class DataRecord(BaseModel):
     n_heldout: int
     train_tokens: int
     dropped: dict[str, int]
+    merged: int = 0  # rows kept (every source, before dedupe) whose turns of one role in a row were joined into one (`to_messages`)
     truncated: int = 0  # examples cut to max_length (overlong=truncate)
     turns_cut: int = 0  # conversations cut to their leading whole turns (overlong=turns)
     split: int = 0  # conversations trained as more than one example (the template renders past answers otherwise: `renderings`)
@@ -284,8 +286,10 @@ def detect_schema(row: dict) -> str:
     raise StageError(f"cannot tell the schema from columns {sorted(row)}; expected messages, instruction/input/output, or oasst fields — or set data.schema")
 
 
-def to_messages(row: Any, schema: str, system_prompt: str | None = None) -> tuple[list[dict] | None, str | None]:
-    """One row -> (messages, None) or (None, reason it was dropped)."""
+def to_messages(row: Any, schema: str, system_prompt: str | None = None,
+                counts: collections.Counter | None = None) -> tuple[list[dict] | None, str | None]:
+    """One row -> (messages, None) or (None, reason it was dropped). Turns of one role in a row are one turn, their
+    contents joined by a blank line; a kept row that had some adds 1 to `counts["merged"]` when a counter is given."""
     if not isinstance(row, dict):
         return None, "not an object"
     if schema == "alpaca":
@@ -312,6 +316,16 @@ def to_messages(row: Any, schema: str, system_prompt: str | None = None) -> tupl
     for m in msgs:
         if not m["content"].strip():
             return None, "empty turn"
+    # ShareGPT rows often hold two turns of one role in a row (an answer sent in two parts, a user who sent two messages):
+    # one turn each, so a template that needs the roles in turn (Gemma's, Mistral's) renders them and Qwen3's marks the
+    # answer. Before the checks below, which are about roles; after the empty one, which a join would hide.
+    merged = []
+    for m in msgs:
+        if merged and merged[-1]["role"] == m["role"]:
+            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            merged.append(m)
+    had_repeats, msgs = len(merged) < len(msgs), merged
     # Trailing user turns have nothing to learn from.
     while msgs and msgs[-1]["role"] != "assistant":
         msgs.pop()
@@ -323,6 +337,8 @@ def to_messages(row: Any, schema: str, system_prompt: str | None = None) -> tupl
         return None, "over max_length"
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}, *msgs]
+    if had_repeats and counts is not None:
+        counts["merged"] += 1
     return msgs, None
 
 
@@ -536,8 +552,8 @@ def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: 
 
 
 def _normalise(rows: list[dict], schema: str, language: str | None, system_prompt: str | None,
-               dropped: collections.Counter) -> list[list[dict]]:
-    """Raw rows -> messages lists (dropped rows counted by reason)."""
+               dropped: collections.Counter, counts: collections.Counter | None = None) -> list[list[dict]]:
+    """Raw rows -> messages lists (dropped rows counted by reason; rows that had turns merged in `counts["merged"]`)."""
     schema = resolve_schema(rows, schema)
     if schema == "oasst":
         trees, tree_drops = oasst_conversations(rows, language)
@@ -545,7 +561,7 @@ def _normalise(rows: list[dict], schema: str, language: str | None, system_promp
         rows, schema = [{"messages": t} for t in trees], "messages"
     convs = []
     for row in rows:
-        msgs, reason = to_messages(row, schema, system_prompt)
+        msgs, reason = to_messages(row, schema, system_prompt, counts)
         if reason:
             dropped[reason] += 1
         else:
@@ -688,6 +704,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         check_chat_template(tok, model, data.system_prompt)
     refusal = system_turn_refusal(tok)  # a row's own system turn (the data's, or a mix source's) must render too
     dropped: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()  # rows with turns merged; examples truncated, cut, split (every source)
     removed: collections.Counter = collections.Counter()  # (benchmark, rule) -> conversations removed by dedupe
     names = dedupe_names(data)
     prompts = sources.benchmark_prompt_lists(names, artifacts_dir) if names else {}
@@ -726,7 +743,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
         check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model, lines)
-        msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped), deduper, removed)
+        msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped, counts), deduper, removed)
         msgs = _without_repeats(msgs, seen, dropped)
         convs = [(m, {"source": data.source}) for m in msgs]
         # The held-out split is fixed by the seed and taken before any training use.
@@ -739,7 +756,6 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
 
     stops = stop_token_ids(tok)  # before formatting every row: a template/EOS mismatch is one clear error, early
     train, held, extra = [], [], []  # extra: per held-out conversation, messages + family/check + source
-    counts = collections.Counter()
     for (msgs, meta), for_train in zip(convs, is_train):
         encs = _encode_counted(tok, msgs, data, dropped, counts, f"data.source {data.source!r}", every_answer=for_train)
         if not encs:
@@ -808,6 +824,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         n_heldout=len(held),
         train_tokens=sum(len(ex["input_ids"]) for ex in train),
         dropped=dict(dropped),
+        merged=counts["merged"],
         truncated=counts["truncated"],
         turns_cut=counts["cut"],
         split=counts["split"],
@@ -842,7 +859,7 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
     convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
     # Dedupe first and on the whole conversation (not only the part that fits): the count covers every
     # well-formed conversation of the source, and a benchmark prompt anywhere in a chat removes it.
-    clean = _without_benchmarks(_normalise(rows, mix.schema_, data.language, None, dropped), deduper, removed)
+    clean = _without_benchmarks(_normalise(rows, mix.schema_, data.language, None, dropped, counts), deduper, removed)
     for msgs in _without_repeats(clean, seen, dropped):
         cut = cut_to_chars(msgs, max_chars) if data.overlong == "turns" else msgs
         if cut is None or (data.overlong == "drop" and sum(len(m["content"]) for m in cut) > max_chars):

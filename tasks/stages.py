@@ -59,10 +59,12 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
     datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
     rec = data_stage.load_dataset_records(data, model, artifacts_dir)
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
+    merged = (f", {rec.merged} row{'s' if rec.merged > 1 else ''} had turns of one role in a row merged into one turn "
+              "(joined by a blank line)") if rec.merged else ""
     split = (f" ({rec.split} multi-turn conversations train as one example per answer, in the conversation cut after it: the "
              "chat template renders past answers otherwise)") if rec.split else ""
     log(f"data: {rec.n_train} train / {rec.n_heldout} held-out {'examples' if rec.split else 'conversations'}{split}, "
-        f"{rec.train_tokens:,} train tokens, dropped {dropped}; hash {rec.data_hash}")
+        f"{rec.train_tokens:,} train tokens, dropped {dropped}{merged}; hash {rec.data_hash}")
     if len(rec.sources) > 1:
         log("data: mix " + ", ".join(f"{s['source']} {s['n_train']} train / {s['n_heldout']} held-out" for s in rec.sources)
             + f"; benchmark dedupe removed {rec.dedupe.get('removed', 0)} conversations")

