@@ -964,7 +964,7 @@ def answer_as_openai_does() -> None:
     from contextvars import ContextVar
 
     from fastapi import HTTPException
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.response import ResponseHandler
@@ -1092,8 +1092,8 @@ def answer_as_openai_does() -> None:
                 if kind != "response":
                     yield "data: [DONE]\n\n"
 
-            # 5.25's own StreamingResponse notices a client gone through its CancelOnDisconnect middleware
-            return (type(original) if isinstance(original, StreamingResponse) else StreamingResponse)(events(), media_type="text/event-stream")
+            # the handler's own response class: 5.25's notices a client gone through its CancelOnDisconnect middleware
+            return type(original)(events(), media_type="text/event-stream")
 
         handler.handle_request = handle_request
         setattr(handler, build_name, build_generation_config)
