@@ -301,7 +301,8 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
         if trial.get("compile_layers"):
             how = ", ".join(([how] if how else []) + [compile_note(trial)])
         log_fn(f"probe: micro-batch {mb} x accum {ga}, checkpointing {gc}" + (f" ({how})" if how else "")
-               + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB")
+               + f": {trial['s_per_step']:.2f} s/step, {trial['tokens_per_s']:,.0f} tokens/s, peak {trial['peak_mem_gb']:.2f} GiB"
+               + (f" (the load's; the steps' {trial['train_peak_mem_gb']:.2f})" if trial.get("load_peak_mem_gb", 0) > trial.get("train_peak_mem_gb", trial["peak_mem_gb"]) else ""))
     except torch.OutOfMemoryError as e:
         if dist.world() > 1:
             raise StageError(f"probe: micro-batch {mb} x accum {ga} (checkpointing {gc}" + (f", {how}" if how else "") + ") ran out of "
@@ -330,6 +331,11 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload,
                         compile_layers=training.compile == "layers", batch_shape=(mb, max_length), log_fn=log_fn)
     load_s = time.monotonic() - t0  # with training.compile: layers, the compile too (build_model's warm-up)
+    # The load's own peak apart from the steps': a load can peak above training (a random model built in memory holds its
+    # 16-bit weights beside the 4-bit ones), and the trial's peak, what must fit, is the larger of the two.
+    load_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     n_layers = len(recompute.checkpointed_layers(model))
     if gc and n_free:
         recompute.set_recompute_free_layers(model, n_free)
@@ -370,9 +376,11 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     times = [start_t] + [t for t, _ in marks[warm:]]
     s_per_step = step_seconds([b - a for a, b in zip(times, times[1:])])
     tokens = end_tok - start_tok
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
+    load_peak = train_peak if load_peak is None else load_peak  # on CPU the process's RSS high-water mark holds both
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
-    load_s, save_s, s_per_step, peak = dist.sync_max([load_s, save_s, s_per_step, peak])
+    load_s, save_s, s_per_step, load_peak, train_peak = dist.sync_max([load_s, save_s, s_per_step, load_peak, train_peak])
+    peak = max(load_peak, train_peak)
     compiled = {} if state is None else {"compile_layers": state.active, "compile_seconds": round(state.seconds, 2),
                                          "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs,
                                          "compile_eager_calls_in_steps": late_eager}
@@ -385,6 +393,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "tokens_per_step": round(tokens / timed, 1),
         "tokens_per_s": round(tokens / timed / max(s_per_step, 1e-9), 1),
         "peak_mem_gb": round(peak, 3),
+        "load_peak_mem_gb": round(load_peak, 3),
+        "train_peak_mem_gb": round(train_peak, 3),
         "layers": n_layers,
     }
 
