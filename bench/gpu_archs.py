@@ -21,9 +21,9 @@ in SHAPES (from the models' published config.json):
 The random model folder (up to 61 GB for Qwen3-30B-A3B in bf16) is deleted after each profile. `--in-memory`
 (model.random_weights=memory) writes none: each build makes the random weights on the GPU (seed 0, the folder's values)
 and hands them to from_pretrained as a state dict, so the same layers are NF4 as from the folder (tests/test_architectures.py
-checks module types, trainable parameters and loss against the folder path on CPU). Peak while building: the 16-bit
-model once (Qwen3-30B-A3B: 61 GB, 54 of them the experts, which stay bf16), ~1.3 GiB over a folder's load (whose
-attention layers arrive 4-bit); the probe's peak includes the build, so it reads that much high if training peaks lower.
+checks module types, trainable parameters and loss against the folder path on CPU). The load peaks higher than a
+folder's: the state dict and the model's copies of the 16-bit tensors are held at once (Qwen3-30B-A3B on an H200:
+112 GiB while loading, 63 GiB in the steps; the probe records both, `load_peak_mem_gb` and `train_peak_mem_gb`).
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ def main() -> None:
     for profile in args.profiles.split(","):
         arch, random_config = shapes(profile, args.smoke, args.layers)
         overrides = [f"model.name=random:{arch}", f"model.random_config={json.dumps(random_config)}", f"data.source={data_path}",
-                     "data.heldout_size=20", "data.max_length=2048", f"artifacts_dir={args.artifacts}", f"device={device}"]
+                     "data.heldout_size=20", "data.max_length=2048", f"artifacts_dir={args.artifacts}", f"device={device}",
+                     "data.dedupe=[]"]  # synthetic chats, no benchmark text in them (and the device has no hub to read the benchmarks from)
         if args.in_memory:
             overrides += ["model.random_weights=memory"]
         if args.one_trial:

@@ -725,10 +725,9 @@ def _load_random_in_memory(ref: ModelRef, model: ModelSection, kwargs: dict):
     """A `random:` model whose weights are not written (model.random_weights: memory): built as the folder's were (the same
     config, seed and device: the same values), then handed to from_pretrained as its state dict, so transformers' own
     loading gives what the folder would: the same modules quantized to 4 bit (bitsandbytes, as they arrive), the same
-    dtypes. The tensors that stay 16-bit (the routed experts' 3-D weights, embeddings, norms) are the state dict's own,
-    not copies, where random_config's dtype is the compute dtype (bench/gpu_archs.py: bfloat16 on a GPU): one copy of the
-    weights, plus the linear layers' 4-bit versions until the state dict goes. So the load's peak is the whole model in
-    16 bit (Qwen3-30B-A3B: 61 GB), where a folder's load reaches its 4-bit size (~1.3 GiB less: its attention layers)."""
+    dtypes. The load holds the state dict and the model's own tensors at once: on an H200 with transformers 5.17,
+    Qwen3-30B-A3B's load peaked at 112 GiB (61 GB of state dict + its 54 GiB of bf16 experts copied), training at 63 GiB
+    (docs/BENCHMARKS.md, 2026-12-04); the probe records the two peaks apart."""
     config, dtype = random_model_config(model.name.split(":", 1)[1], model.random_config, build_byte_tokenizer())
     built = _random_model(config, dtype)
     cls, state = type(built), built.state_dict()
