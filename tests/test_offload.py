@@ -458,3 +458,26 @@ def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data,
 
     logs, artifacts = run_probe_stage(monkeypatch, rec.model_copy(update={"offload_activations": False}), tiny_cfg, tiny_data)
     assert "offloaded to host" not in logs[-1] and "offloaded to host" not in artifacts[0]["markdown"]
+
+
+def test_a_trial_whose_load_peaks_above_its_steps_says_so_and_is_judged_by_the_larger(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                     monkeypatch, tmp_path):
+    """A load can peak above the steps (a random model built in memory: 112 GiB loading, 63 training on an H200): the log
+    names both, and what must fit the budget is the larger."""
+    import tasks.probe as probe_mod
+
+    def fake(*a, mb, offload=False, **kw):
+        load, steps = (9.0, 7.0) if mb == 2 else (18.0, 12.0)
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "s_per_step": 3.0, "tokens_per_step": 8192.0 * mb, "tokens_per_s": 2730.0 * mb,
+                "peak_mem_gb": max(load, steps), "load_peak_mem_gb": load, "train_peak_mem_gb": steps, "layers": 32}
+
+    monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **kw: fake(*a, mb=a[10], **{k: v for k, v in kw.items() if k != "mb"}))
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: f"{device}:simulated")
+    logs = []
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,
+                                                    "max_steps": None, "offload_activations": "off"})
+    rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
+                           shared_artifacts, logs.append)
+    assert [t["fits"] for t in rec.trials][0] is False and rec.micro_batch_size == 2 and rec.peak_mem_gb == pytest.approx(9.0)
+    assert any("peak 18.00 GiB (the load's; the steps' 12.00)" in m for m in logs)
