@@ -22,8 +22,8 @@ Each type has >= 4 train phrasings and >= 2 held-out phrasings (disjoint), and t
 from (end/start phrases, postscript notes, answer options, title examples, JSON keys) are split too, so stage 5
 measures whether the constraint was learned, not one sentence.
 
-A type's life in `build`: `shape` (transform the answer; types run in `stage` order: cut, layout, punctuation,
-emphasis, decoration, case, wrapping), then `settle` on the final answer (measured types choose their number
+A type's life in `build`: `shape` (transform the answer; types run in `stage` order: cut, added keywords, layout,
+punctuation, emphasis, decoration, case, wrapping), then `settle` on the final answer (measured types choose their number
 there: "at least 3 times" is counted on what the answer finally says), then `check`.
 
 Definitions the checkers use (and the transforms, so they agree):
