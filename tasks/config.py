@@ -133,6 +133,13 @@ class DataSection(Section):
         "still join as an extra constraint). The shares are exact (weighted round robin, no sampling noise). Held-out rows "
         "stay uniform, so runs with other weights are scored on the same rows. None = every type alike.",
     )
+    embedded_keywords_added: float = Field(
+        0.0, ge=0, le=1, description="embedded source: share of the training rows' include_keywords (and keyword_frequency "
+        "'at least') constraints whose words the real answer does not use and a sentence added to it says: the instruction's "
+        "own words, else ordinary nouns. Taken from the answer as written (0), the request changes nothing in the row, which "
+        "teaches that it can be ignored. Held-out rows stay as they are, so runs with other shares are scored on the same "
+        "rows. 0 = the rows and data key of before the setting existed.",
+    )
     embedded_base_max_words: int = Field(
         120, ge=5, le=2000, description="embedded source: the longest real answer (words) a constrained row is built on. "
         "120 fits the CPU demo's 256-token rows; longer rows (max_length 2048) can take longer answers: more distinct "
@@ -183,6 +190,8 @@ class DataSection(Section):
         # later builds whose generator code is unchanged.
         if self.embedded_type_weights is None:
             out.pop("embedded_type_weights", None)
+        if not self.embedded_keywords_added:  # the same for the keyword share at 0
+            out.pop("embedded_keywords_added", None)
         return out
 
     @model_validator(mode="after")
@@ -669,14 +678,18 @@ def load_config(
     return cfg
 
 
-def _idle_type_weights(data: DataSection) -> str | None:
-    """Type weights where no row takes a constraint from the embedded bases: they would weight nothing and still change
-    the data cache key (a rebuild of the same rows). The embedded source is data.source only (data.mix refuses it)."""
-    if data.embedded_type_weights is None:
-        return None
+def _idle_embedded_settings(data: DataSection) -> list[str]:
+    """Type weights or a keyword share where no row takes a constraint from the embedded bases: they would act on nothing
+    and still change the data cache key (a rebuild of the same rows). The embedded source is data.source only (data.mix
+    refuses it)."""
     why = (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
            if not data.embedded_bases else "data.embedded_task_share is 1 (task-family rows only)" if data.embedded_task_share >= 1 else None)
-    return why and f"data.embedded_type_weights: set, but {why}, so it weights no row; remove it"
+    if why is None:
+        return []
+    return [f"data.{key}: set, but {why}, so it {does} no row; remove it" for key, is_set, does in (
+        ("embedded_type_weights", data.embedded_type_weights is not None, "weights"),
+        ("embedded_keywords_added", bool(data.embedded_keywords_added), "adds keywords to"),
+    ) if is_set]
 
 
 def check_rules(cfg: PipelineConfig) -> list[str]:
@@ -707,9 +720,7 @@ def check_rules(cfg: PipelineConfig) -> list[str]:
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             problems.append("quant.compute_dtype: bfloat16 is not supported on this GPU; set it to float16 or auto")
-    problem = _idle_type_weights(cfg.data)
-    if problem:
-        problems.append(problem)
+    problems += _idle_embedded_settings(cfg.data)
     problem = _liger_problem(cfg.training, cfg.device)
     if problem:
         problems.append(problem)

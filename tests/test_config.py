@@ -116,6 +116,20 @@ def test_type_weights_that_weight_no_row_are_one_line_naming_the_key(where, why)
         assert load_config(profile="tiny", overrides=[*WEIGHTED, *where, f"data.embedded_type_weights={unset}"])
 
 
+def test_embedded_keywords_added_parses_and_bad_or_idle_values_are_one_line_naming_the_key():
+    """data.embedded_keywords_added: a share in [0, 1]; anything else, or a share where no row takes a constraint from
+    the embedded bases (it would add words to nothing and only change the data key), is one line naming the key."""
+    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_keywords_added=0.7"]).data.embedded_keywords_added == 0.7
+    assert load_config(profile="tiny").data.embedded_keywords_added == 0.0
+    for bad in ("-0.1", "2", "x"):
+        (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, f"data.embedded_keywords_added={bad}"])
+        assert p.startswith("data.embedded_keywords_added") and "\n" not in p, p
+    for where, why in ((["data.source=pypi:alpaca-en-demo"], "not embedded"), ([], "data.embedded_bases is []")):
+        (p,) = _problems(profile="tiny", overrides=[*where, "data.embedded_keywords_added=0.5"])
+        assert p.startswith("data.embedded_keywords_added: set, but ") and why in p and p.endswith("remove it"), p
+        assert load_config(profile="tiny", overrides=[*where, "data.embedded_keywords_added=0"])  # 0 is fine anywhere
+
+
 def test_set_into_a_mapping_sets_one_entry_and_keeps_the_others():
     """`--set eval.benchmark_prompts.ifeval=120` sets that entry: the profile's other entries stay (the error's old
     advice, `--set 'eval.benchmark_prompts={ifeval: 120}'`, silently dropped tiny's alpaca_eval: 6, so AlpacaEval ran

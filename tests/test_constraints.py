@@ -427,6 +427,58 @@ def test_include_keywords_are_mostly_words_the_request_does_not_predict(rows):
     assert sum(rare) >= 0.6 * len(rare), f"{sum(rare)} of {len(rare)}"
 
 
+@pytest.fixture(scope="module")
+def added_rows(bases):
+    """Training rows with every include_keywords / keyword_frequency word added to the answer (data.embedded_keywords_added=1)."""
+    return generate(1500, "train", seed=0, bases=bases, task_share=0.0, keywords_added=1.0)
+
+
+def _base_of(prompt: str, bases) -> Base:
+    """The base a row was built on: the longest instruction its prompt holds (compose keeps it whole)."""
+    return max((b for b in bases if b.instruction.strip() in prompt), key=lambda b: len(b.instruction))
+
+
+def test_keywords_added_at_share_0_leave_every_row_as_before(bases, rows):
+    """Share 0 draws nothing more from the row's RNG: the same rows as a generator without the setting (checked against
+    the commit before it, 2026-12-04: byte-identical records), so the default keeps every data key's rows."""
+    assert generate(2500, "train", seed=0, bases=bases, task_share=0.0, keywords_added=0.0) == rows["train"]
+
+
+def test_keywords_added_are_absent_from_the_real_answer_and_said_in_the_trained_one(bases, added_rows):
+    """Share 1: each include_keywords row's keywords are words the real answer never uses, and the trained answer says
+    them (by an added sentence, placed after one of the answer's sentences, not always the last); every row passes
+    check_all. keyword_frequency's words are added the same way, "at least n" times."""
+    train_sentences = constraints._POOLS["keyword_sentence"]["train"]
+    pattern = re.compile("|".join(re.escape(t).replace(re.escape("{w}"), "[a-z ]+") for t in train_sentences), re.I)
+    include = freq = inside = 0
+    for ex in added_rows:
+        specs = ex.check["constraints"]
+        assert check_all(specs, ex.answer)
+        base = _base_of(ex.prompt, bases)
+        for spec in specs:
+            if spec["type"] == "include_keywords":
+                include += 1
+                assert 1 <= len(spec["keywords"]) <= 3
+                assert all(constraints.word_count(ex.answer, w) and not constraints.word_count(base.response, w) for w in spec["keywords"]), ex
+                said = pattern.search(ex.answer)
+                assert said, ex.answer
+                inside += bool(re.search(r"\w", ex.answer[said.end():]))
+            elif spec["type"] == "keyword_frequency":
+                freq += 1
+                assert spec["relation"] == "at_least" and not constraints.word_count(base.response, spec["word"])
+    assert include >= 40 and freq >= 40
+    assert 0.2 * include <= inside < include  # inside the answer on some rows, at its end on others
+
+
+def test_keywords_added_only_to_their_share_of_the_rows(bases, rows):
+    """At 0.7 about 70% of the include_keywords constraints carry words the real answer lacks; the rest keep today's
+    draw from the answer as written."""
+    rows_07 = generate(2500, "train", seed=0, bases=bases, task_share=0.0, keywords_added=0.7)
+    added = [not all(constraints.word_count(_base_of(ex.prompt, bases).response, w) for w in c["keywords"])
+             for ex in rows_07 for c in ex.check["constraints"] if c["type"] == "include_keywords"]
+    assert len(added) >= 80 and 0.55 <= sum(added) / len(added) <= 0.85, f"{sum(added)} of {len(added)}"
+
+
 def test_train_and_heldout_use_disjoint_instructions(bases):
     train = instructions._ConstraintPool(bases, "train", None).bases
     held = instructions._ConstraintPool(bases, "heldout", None).bases
@@ -510,8 +562,8 @@ def test_a_type_that_finds_no_base_within_max_chars_is_not_charged(bases, monkey
     for max_chars in (250, 200):
         run = {"primary": None, "rejects": 0, "failed": 0}
 
-        def counting_build(rng, base, names, split):  # counts the picks whose TRIES draws were all rejected
-            row = build(rng, base, names, split)
+        def counting_build(rng, base, names, split, *rest):  # counts the picks whose TRIES draws were all rejected
+            row = build(rng, base, names, split, *rest)
             if names[0] != run["primary"]:
                 run.update(primary=names[0], rejects=0)
             run["rejects"] = 0 if row is not None and len(row[0]) + len(row[1]) <= max_chars else run["rejects"] + 1
@@ -637,8 +689,8 @@ def test_data_stage_attaches_constraints_to_deduped_bases_the_mix_never_shares(t
 
 
 def test_data_stage_weights_the_training_rows_and_keeps_the_heldout_rows(tmp_path, tiny_cfg, shared_artifacts, bases, monkeypatch):
-    """data.embedded_type_weights reaches the training rows' generator; the held-out rows are generated unweighted, so
-    runs with other weights are scored on the same held-out rows."""
+    """data.embedded_type_weights and data.embedded_keywords_added reach the training rows' generator; the held-out rows
+    are generated unweighted and with no words added, so runs with other settings are scored on the same held-out rows."""
     import json
 
     from tasks.data import load_dataset_records, load_heldout_meta
@@ -650,19 +702,20 @@ def test_data_stage_weights_the_training_rows_and_keeps_the_heldout_rows(tmp_pat
 
     def spy(n, split, seed, bases=(), *args, **kw):  # the data stage's calls (the tiny tokenizer's training text has no bases)
         exs = generate(n, split, seed, bases, *args, **kw)
-        if bases:
-            calls.append((split, args[2] if len(args) == 3 else kw.get("type_weights"), collections.Counter(ex.family for ex in exs)))
+        if bases:  # args: task_share, max_chars, type_weights, keywords_added
+            calls.append((split, args[2:4], collections.Counter(ex.family for ex in exs)))
         return exs
 
     monkeypatch.setattr(instructions, "generate", spy)
     heldout = []
-    for weights in (None, {"end_phrase": 30}):
-        data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)], "embedded_train": 40, "embedded_heldout": 12,
-                                                "max_length": 1024, "embedded_task_share": 0.0, "embedded_type_weights": weights})
+    for weights, added in ((None, 0.0), ({"end_phrase": 30}, 0.0), (None, 1.0)):
+        data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)], "embedded_train": 40, "embedded_heldout": 12, "max_length": 1024,
+                                                "embedded_task_share": 0.0, "embedded_type_weights": weights, "embedded_keywords_added": added})
         heldout.append(load_heldout_meta(load_dataset_records(data, tiny_cfg.model, shared_artifacts)))
-    assert [(split, w) for split, w, _ in calls] == [("train", None), ("heldout", None), ("train", {"end_phrase": 30}), ("heldout", None)]
+    assert [(split, a) for split, a, _ in calls] == [("train", (None, 0.0)), ("heldout", (None, 0.0)), ("train", ({"end_phrase": 30}, 0.0)),
+                                                     ("heldout", (None, 0.0)), ("train", (None, 1.0)), ("heldout", (None, 0.0))]
     assert calls[0][2]["end_phrase"] <= 2 and calls[2][2]["end_phrase"] >= 20  # 30 of ~54 weight units: over half the rows
-    assert heldout[0] == heldout[1]
+    assert heldout[0] == heldout[1] == heldout[2]  # and the added keywords (data.embedded_keywords_added) too
 
 
 def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
