@@ -1009,7 +1009,7 @@ def _inventory(model, blocks: str) -> dict:
             continue
         leaf = name.rsplit(".", 1)[-1]
         own = dict(m.named_parameters(recurse=False))
-        if isinstance(m, torch.nn.Linear):
+        if _is_linear_layer(m):
             linear[leaf] = None
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
@@ -1031,11 +1031,20 @@ def _inventory(model, blocks: str) -> dict:
                 if p.ndim == 2:
                     expert_2d.setdefault(f"{leaf}.{pname}", tuple(int(d) for d in p.shape))
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
+                      if _is_linear_layer(m) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
             "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d, "expert_tables": list(expert_tables),
             "shared_params": list(shared_params),
             "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+
+
+def _is_linear_layer(m) -> bool:
+    """A linear layer as PEFT's all-linear counts them: torch's nn.Linear, or transformers' Conv1D (GPT-2's c_attn, c_proj,
+    c_fc: a linear layer with its weight stored transposed, which PEFT's LoRA wraps with fan_in_fan_out)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, (torch.nn.Linear, Conv1D))
 
 
 def _router_weights(model, inv: dict, name: str) -> list[str]:
@@ -1137,7 +1146,7 @@ def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
             continue  # PEFT's own layers inside a wrapper
         if isinstance(m, BaseTunerLayer):
             wrapped.add(path.rsplit(".", 1)[-1])
-        elif isinstance(m, torch.nn.Linear) and targets.pattern and re.fullmatch(targets.pattern, path):
+        elif _is_linear_layer(m) and targets.pattern and re.fullmatch(targets.pattern, path):
             missed.append(path)
     if not missed:
         return targets
@@ -1195,11 +1204,13 @@ V6_RENAMES = r"`(is_)?gradient_checkpointing\w*` is deprecated and will be remov
 @contextlib.contextmanager
 def peft_quietly():
     """Around a PEFT call (get_peft_model, PeftModel.from_pretrained, k-bit prep): hides only the FutureWarnings for
-    transformers' renamed checkpointing names that PEFT itself still uses; every other warning shows."""
+    transformers' renamed checkpointing names that PEFT itself still uses, and PEFT's note that it turned fan_in_fan_out on
+    for a Conv1D (GPT-2's layers: it does the right thing, once per wrap); every other warning shows."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=V6_RENAMES, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`", category=UserWarning)
         yield
 
 

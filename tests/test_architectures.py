@@ -776,3 +776,25 @@ def test_a_run_with_random_weights_in_memory_publishes_nothing(tmp_path):
     with pytest.raises(StageError, match="model.random_weights is memory.*set model.random_weights=folder"):
         publish_artifacts(cfg, "run", {})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_folds(prefect_server, tmp_path, capfd):
+    """GPT-2 keeps its linear layers as transformers' Conv1D (c_attn, c_proj, c_fc: the weight stored [in, out]), which
+    PEFT's all-linear counts. A review (2026-12-04): all-linear stopped the run with "nothing to adapt in the decoder blocks
+    of this model (linear layers: none); use all-linear"; counted as linear layers, the merge's delta check then took
+    PEFT's transposed (fan_in_fan_out) delta for a shape error. The whole flow runs, every Conv1D merged, and PEFT's note
+    that it turned fan_in_fan_out on is not repeated at each wrap."""
+    from flows.finetune import finetune
+
+    cfg = {"n_embd": 64, "n_layer": 2, "n_head": 4, "initializer_range": 0.2}
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", "model.name=random:gpt2",
+                                                     f"model.random_config={json.dumps(cfg)}"])
+    assert result["status"] == "completed"
+    targets = result["stages"]["train"]["outputs"]["lora_targets"]
+    assert set(targets["modules"]) == {"c_attn", "c_proj", "c_fc"}, targets
+    merge = result["stages"]["merge"]["outputs"]
+    assert merge["check"]["passed"] and merge["merged_modules"] == 2 * 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
