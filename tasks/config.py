@@ -223,6 +223,18 @@ class LoraSection(Section):
         "less memory; a name the model lacks is an error before stage 1 that lists the model's names.",
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_or_all_linear(cls, v: Any) -> Any:
+        # PEFT also takes one string, as a regex over module paths: here a string is all-linear or nothing, one line.
+        if isinstance(v, str) and v != "all-linear":
+            if re.sub(r"[\W_]+", "-", v.strip().lower()) == "all-linear":
+                raise ValueError("did you mean all-linear?")
+            names = [n.strip() for n in re.split(r"[,|\s]+", v) if n.strip()]
+            example = f"[{', '.join(names)}]" if names and all(re.fullmatch(r"[\w.]+", n) for n in names) else "[q_proj, v_proj]"
+            raise ValueError(f"a list of layer names such as {example}, or all-linear (a single string is no regex here)")
+        return v
+
     @field_validator("r")
     @classmethod
     def _positive_r(cls, v: int) -> int:

@@ -967,11 +967,41 @@ def _named_targets(model, inv: dict, wanted: list[str]) -> tuple[list[str], list
         problems.append(f"{', '.join(generic)} names a parameter of every linear layer, not the routed experts' weights alone; name "
                         f"those as the model does: {', '.join(inv['expert_params'])}, or their modules: {holders}")
     if missing:
+        problems += _why_not_targets(model, inv, missing)
         hint = f"; its routed experts' weights: {', '.join(inv['expert_params'])}" if inv["expert_params"] else ""
-        problems.append(f"{', '.join(missing)} not in this model; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear")
+        problems[-1] += f"; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear"
     if problems:
         raise StageError("lora.target_modules: " + "; ".join(problems))
     return modules, params
+
+
+def _why_not_targets(model, inv: dict, names: list[str]) -> list[str]:
+    """Why each name picks no layer to adapt: the model has a module of that name that is no target (the LM head or a vision
+    tower's layer outside the decoder blocks, a MoE router, a block's module that holds linear layers), the name is a
+    path (self_attn.q_proj: layers go by their last name), or the model has no such name."""
+    blocks, _ = decoder_blocks(model)
+    paths: dict[str, list[str]] = {}
+    for path, _m in model.named_modules():
+        paths.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    lines, absent = [], []
+    for name in names:
+        where = paths.get(name, [])
+        if any(p == r or p.startswith(r + ".") for p in where for r in inv["router_paths"]):
+            lines.append(f"{name} is a MoE router, kept as pretrained so the experts' load stays balanced")
+        elif where and not any(p == blocks or p.startswith(blocks + ".") or blocks.startswith(p + ".") for p in where):
+            lines.append(f"{name} is outside the decoder blocks ({where[0]}), which LoRA here does not adapt")
+        elif where:
+            inside = [n for n in inv["linear"] if any(sub.rsplit(".", 1)[-1] == n and _is_linear_layer(m)
+                                                      for p in where for sub, m in model.get_submodule(p).named_modules())]
+            holds = f"name its linear layers instead: {', '.join(inside)}" if inside else "it holds no linear layer"
+            lines.append(f"{name} is no linear layer ({where[0]}); {holds}")
+        elif "." in name and name.rsplit(".", 1)[-1] in inv["linear"]:
+            lines.append(f"{name}: name a layer by its last name ({name.rsplit('.', 1)[-1]}), which picks it in every block")
+        else:
+            absent.append(name)
+    if absent:
+        lines.append(f"{', '.join(absent)} not in this model")
+    return lines
 
 
 def _frozen_experts_problem(model, inv: dict, frozen: dict[str, list[str]]) -> str:

@@ -798,3 +798,26 @@ def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_
     merge = result["stages"]["merge"]["outputs"]
     assert merge["check"]["passed"] and merge["merged_modules"] == 2 * 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+
+
+@pytest.mark.parametrize("arch, name, says", [
+    ("llama", "lm_head", "lm_head is outside the decoder blocks (lm_head), which LoRA here does not adapt"),
+    ("gemma3", "out_proj", "out_proj is outside the decoder blocks (model.vision_tower."),
+    ("mixtral", "gate", "gate is a MoE router, kept as pretrained so the experts' load stays balanced"),
+    ("qwen2_moe", "shared_expert_gate", "shared_expert_gate is a MoE router"),
+    ("qwen2_moe", "shared_expert", "shared_expert is no linear layer (model.layers.0.mlp.shared_expert); name its linear layers instead: "
+                                   "gate_proj, up_proj, down_proj"),
+    ("llama", "self_attn.q_proj", "self_attn.q_proj: name a layer by its last name (q_proj)"),
+    ("llama", "q_prj", "q_prj not in this model"),
+])
+def test_a_target_name_the_model_has_but_lora_does_not_adapt_says_what_it_is(arch, name, says):
+    """A name that picks nothing was always "<name> not in this model", also for the LM head, a router or the vision tower's
+    layers, which are in the model (a review, 2026-12-04): the line says what the name is, then the names that work."""
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    with pytest.raises(StageError) as e:
+        lora_targets(_skeleton(arch), LoraSection(target_modules=["q_proj", name], dropout=0.0))
+    msg = str(e.value)
+    assert msg.startswith(f"lora.target_modules: {says}") and "its linear layers are: q_proj" in msg and "\n" not in msg, msg

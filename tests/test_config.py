@@ -399,3 +399,19 @@ def test_a_problem_elsewhere_is_reported_without_importing_transformers():
             "except ConfigError as e:\n    print(e.problems)\nprint('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("['lora.alpha: must be > 0") and out[1] == "False"
+
+
+@pytest.mark.parametrize("value, says", [
+    ("q_proj", "lora.target_modules: a list of layer names such as [q_proj], or all-linear"),
+    ("q_proj|v_proj", "lora.target_modules: a list of layer names such as [q_proj, v_proj], or all-linear"),
+    (".*_proj", "lora.target_modules: a list of layer names such as [q_proj, v_proj], or all-linear"),
+    ("all_linear", "lora.target_modules: did you mean all-linear?"),
+])
+def test_a_single_string_of_target_modules_is_one_line_naming_the_fix(value, says):
+    """PEFT takes one string as a regex; here a string other than all-linear was pydantic's two lines for the union
+    ("Input should be a valid list", "Input should be 'all-linear'") with no word on what to write (a review, 2026-12-04)."""
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="tiny", overrides=[f"lora.target_modules={value}"])
+    assert str(e.value).startswith(says) and "\n" not in str(e.value), str(e.value)
