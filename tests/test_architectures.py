@@ -551,6 +551,33 @@ def test_too_few_rows_for_a_heldout_split_names_the_count_and_the_key(tmp_path, 
     assert "data.language (now 'es'" in msg and "max_length" not in msg
 
 
+@pytest.mark.parametrize("overlong, fix", [("drop", "raise data.max_length (now 256) or set data.overlong=truncate"),
+                                            ("turns", "raise data.max_length (now 256) or set data.overlong=truncate")])
+def test_a_heldout_row_dropped_for_its_length_names_a_fix_that_keeps_it(overlong, fix, tmp_path, tiny_cfg, shared_artifacts):
+    """The held-out split is a whole conversation each: when the one held out is over data.max_length, the line said "set
+    data.overlong=turns", which keeps no conversation whose first answer does not fit, so the run stopped the same way
+    again (a review, 2026-12-04). truncate keeps it; the line counts the conversation and names max_length's value."""
+    import random
+
+    from tasks.common import StageError
+    from tasks.data import load_dataset_records
+
+    order = list(range(3))
+    random.Random(tiny_cfg.data.seed).shuffle(order)  # the data stage's seeded split: order[0] is the one held out
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}. " * (400 if i == order[0] else 1)}]} for i in range(3)]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_cfg.data.model_copy(update={"source": str(src), "max_length": 256, "overlong": overlong})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    msg = str(e.value)
+    assert "0 usable held-out rows: the 1 held-out conversation was dropped while formatting (dropped over max_length: 1)" in msg, msg
+    assert msg.endswith(fix), msg
+    kept = load_dataset_records(data.model_copy(update={"overlong": "truncate"}), tiny_cfg.model, shared_artifacts)
+    assert kept.n_heldout == 1
+
+
 def test_checkpointing_and_peft_calls_use_current_names(tiny_cfg, shared_artifacts):
     """No FutureWarning for transformers' renamed checkpointing names (removed in v6) from building the model with
     checkpointing on, PEFT's wrap and the Trainer arguments (issue 20.5)."""
