@@ -838,7 +838,9 @@ def text_decoder(model):
     import torch
 
     root = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return root if isinstance(root, torch.nn.Module) else model
+    # ModernBERT-decoder names its LM head `decoder`, which get_decoder() returns: a language model has layers to repeat.
+    layered = isinstance(root, torch.nn.Module) and any(isinstance(m, torch.nn.ModuleList) for m in root.modules())
+    return root if layered else model
 
 
 def decoder_blocks(model) -> tuple[str, int]:
@@ -881,8 +883,9 @@ def lora_targets(model, lora) -> LoraTargets:
     else:
         modules, params = _named_targets(model, inv, list(dict.fromkeys(lora.target_modules)))
     if not modules and not params:
+        fix = "use all-linear" if lora.target_modules != "all-linear" else f"this model's decoder blocks ({blocks or 'none found'}) hold none that LoRA can wrap"
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
-                         f"{', '.join(inv['linear']) or 'none'}); use all-linear")
+                         f"{', '.join(inv['linear']) or 'none'}); {fix}")
     # PEFT's v4-to-v5 conversion may turn linear names into expert weights of its own (gate_proj + up_proj -> the experts'
     # gate_up_proj on DeepSeek-V3, Qwen3-Next, LongCat-Flash...): those take no dropout either (a review: auto gave 0.05
     # there and PEFT refused it, blaming lora.target_modules).

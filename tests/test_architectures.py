@@ -848,3 +848,22 @@ def test_a_target_name_the_model_has_but_lora_does_not_adapt_says_what_it_is(arc
         lora_targets(_skeleton(arch), LoraSection(target_modules=["q_proj", name], dropout=0.0))
     msg = str(e.value)
     assert msg.startswith(f"lora.target_modules: {says}") and "its linear layers are: q_proj" in msg and "\n" not in msg, msg
+
+
+def test_a_model_whose_lm_head_is_called_decoder_still_finds_its_blocks():
+    """ModernBERT-decoder (the Ettin decoders) names its LM head `decoder`, which `get_decoder()` returns: the decoder blocks
+    were looked for inside that Linear, and all-linear stopped with "nothing to adapt ... (linear layers: none); use
+    all-linear" (a review, 2026-12-04)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.config import LoraSection
+    from tasks.models import decoder_blocks, lora_targets
+
+    config = AutoConfig.for_model("modernbert-decoder", vocab_size=512, pad_token_id=0, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert decoder_blocks(model) == ("model.layers", 2)
+    t = lora_targets(model, LoraSection())
+    assert set(t.modules) == {"q_proj", "k_proj", "v_proj", "Wo", "Wi"}, t.describe()
