@@ -986,7 +986,7 @@ def _why_not_targets(model, inv: dict, names: list[str]) -> list[str]:
     paths: dict[str, list[str]] = {}
     for path, _m in model.named_modules():
         paths.setdefault(path.rsplit(".", 1)[-1], []).append(path)
-    lines, absent = [], []
+    lines, absent, fused_names = [], [], {}
     for name in names:
         where = paths.get(name, [])
         if any(p == r or p.startswith(r + ".") for p in where for r in inv["router_paths"]):
@@ -1000,11 +1000,23 @@ def _why_not_targets(model, inv: dict, names: list[str]) -> list[str]:
             lines.append(f"{name} is no linear layer ({where[0]}); {holds}")
         elif "." in name and name.rsplit(".", 1)[-1] in inv["linear"]:
             lines.append(f"{name}: name a layer by its last name ({name.rsplit('.', 1)[-1]}), which picks it in every block")
+        elif fused := [w for w in inv["expert_params"] if _fuses(w.rsplit(".", 1)[-1], name)]:
+            fused_names.setdefault(fused[0], []).append(name)
         else:
             absent.append(name)
+    # The transformers-4 names of MoE recipes (Unsloth's, LLaMA-Factory's: q..o_proj, gate_proj, up_proj, down_proj): transformers
+    # 5 keeps each layer's experts' gate and up projections in one 3-D weight.
+    lines += [f"{', '.join(names)}: this model keeps its experts' {' and '.join(n.removesuffix('_proj') for n in names)} projections "
+              f"fused in {w} (transformers 5); name that" for w, names in fused_names.items()]
     if absent:
         lines.append(f"{', '.join(absent)} not in this model")
     return lines
+
+
+def _fuses(weight: str, name: str) -> bool:
+    """Whether an expert weight's name fuses the layer `name` (gate_up_proj fuses gate_proj and up_proj)."""
+    parts = weight.removesuffix("_proj").split("_")
+    return name.endswith("_proj") and len(parts) > 1 and name.removesuffix("_proj") in parts
 
 
 def _frozen_experts_problem(model, inv: dict, frozen: dict[str, list[str]]) -> str:

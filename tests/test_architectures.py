@@ -840,6 +840,8 @@ def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_
                                    "gate_proj, up_proj, down_proj"),
     ("llama", "self_attn.q_proj", "self_attn.q_proj: name a layer by its last name (q_proj)"),
     ("llama", "q_prj", "q_prj not in this model"),
+    # the transformers-4 names of Unsloth's and LLaMA-Factory's MoE recipes
+    ("qwen3_moe", "gate_proj", "gate_proj: this model keeps its experts' gate projections fused in experts.gate_up_proj (transformers 5)"),
 ])
 def test_a_target_name_the_model_has_but_lora_does_not_adapt_says_what_it_is(arch, name, says):
     """A name that picks nothing was always "<name> not in this model", also for the LM head, a router or the vision tower's
