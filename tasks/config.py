@@ -232,6 +232,18 @@ class LoraSection(Section):
         "less memory; a name the model lacks is an error before stage 1 that lists the model's names.",
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_or_all_linear(cls, v: Any) -> Any:
+        # PEFT also takes one string, as a regex over module paths: here a string is all-linear or nothing, one line.
+        if isinstance(v, str) and v != "all-linear":
+            if re.sub(r"[\W_]+", "-", v.strip().lower()) == "all-linear":
+                raise ValueError("did you mean all-linear?")
+            names = [n.strip() for n in re.split(r"[,|\s]+", v) if n.strip()]
+            example = f"[{', '.join(names)}]" if names and all(re.fullmatch(r"[\w.]+", n) for n in names) else "[q_proj, v_proj]"
+            raise ValueError(f"a list of layer names such as {example}, or all-linear (a single string is no regex here)")
+        return v
+
     @field_validator("r")
     @classmethod
     def _positive_r(cls, v: int) -> int:
@@ -571,12 +583,21 @@ def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+# PEFT's LoraConfig keywords that people coming from PEFT write, and where each lives here.
+PEFT_NAMES = {
+    "lora.target_parameters": "; name expert weights in lora.target_modules too (experts.gate_up_proj, or all-linear: every "
+                              "routed expert's 3-D weight)",
+    "lora.lora_alpha": "; did you mean lora.alpha?",
+    "lora.lora_dropout": "; did you mean lora.dropout?",
+}
+
+
 def _format_validation(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key; check the spelling against pipeline.yaml (e.g. `qlora-pipeline run --help`)")
+            problems.append(f"{key}: unknown key{PEFT_NAMES.get(key, '; check the spelling against pipeline.yaml (e.g. `qlora-pipeline run --help`)')}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) and "(got" not in e["msg"] else ""
@@ -646,7 +667,7 @@ def load_config(
             # the nearest whole key (trainig.seed -> training.seed, not data.seed), else one with the same last part
             close = difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.8) or [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
             hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
-            problems.append(f"--set {dotted}: unknown key{hint}")
+            problems.append(f"--set {dotted}: unknown key{PEFT_NAMES.get(dotted, hint)}")
             continue
         if value is None and in_mapping:
             value = _Removal(dotted, _entry_exists(tree, parts))

@@ -494,7 +494,11 @@ def heldout_problem(data: DataSection, usable: int, planned: int, dropped: colle
     head = f"data.source {data.source!r}: 0 usable held-out rows"
     if planned:  # rows were held out, and formatting dropped them all
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common()) or "none"
-        return f"{head}: the {planned} held out were all dropped while formatting (dropped {reasons}); raise data.max_length or set data.overlong=turns"
+        rows = "the 1 held-out conversation was" if planned == 1 else f"all {planned} held-out conversations were"
+        # A held-out row is the whole conversation: overlong=turns keeps none whose first answer does not fit, truncate keeps
+        # every one whose prompt fits.
+        fix = f"raise data.max_length (now {data.max_length})" + (" or set data.overlong=truncate" if data.overlong != "truncate" else "")
+        return f"{head}: {rows} dropped while formatting (dropped {reasons}); {fix}"
     if data.source == "embedded":  # a generated split of data.embedded_heldout rows: no 10% rule, and max_rows is unread (UNREAD_BY_EMBEDDED)
         n, held_removed = data.embedded_heldout, held_removed or {}
         rows = "the 1 generated held-out row was" if n == 1 else f"all {n} generated held-out rows were"

@@ -267,7 +267,8 @@ def _check_delta(module, adapter: str, delta, name: str, probes: int = 16) -> No
     x = torch.randn(probes, lora_a.in_features, device=lora_a.weight.device, dtype=torch.float32,
                     generator=torch.Generator(lora_a.weight.device).manual_seed(0))
     want = lora_b(lora_a(x.to(lora_a.weight.dtype))).float() * module.scaling[adapter]
-    got = x @ delta.to(x.device).T
+    # A Conv1D (GPT-2's c_attn...) keeps its weight as [in, out]: PEFT's delta for it (fan_in_fan_out) is transposed too.
+    got = x @ (delta if getattr(module, "fan_in_fan_out", False) else delta.T).to(x.device)
     err = float((got - want).norm() / want.norm().clamp_min(1e-30))
     if want.norm() > 0 and err > 1e-3:
         raise StageError(f"merge: the delta for {name} does not reproduce its LoRA layer ({err:.1e} relative error); "

@@ -837,7 +837,9 @@ def text_decoder(model):
     import torch
 
     root = model.get_decoder() if hasattr(model, "get_decoder") else model
-    return root if isinstance(root, torch.nn.Module) else model
+    # ModernBERT-decoder names its LM head `decoder`, which get_decoder() returns: a language model has layers to repeat.
+    layered = isinstance(root, torch.nn.Module) and any(isinstance(m, torch.nn.ModuleList) for m in root.modules())
+    return root if layered else model
 
 
 def decoder_blocks(model) -> tuple[str, int]:
@@ -880,8 +882,9 @@ def lora_targets(model, lora) -> LoraTargets:
     else:
         modules, params = _named_targets(model, inv, list(dict.fromkeys(lora.target_modules)))
     if not modules and not params:
+        fix = "use all-linear" if lora.target_modules != "all-linear" else f"this model's decoder blocks ({blocks or 'none found'}) hold none that LoRA can wrap"
         raise StageError(f"lora.target_modules: nothing to adapt in the decoder blocks of this model (linear layers: "
-                         f"{', '.join(inv['linear']) or 'none'}); use all-linear")
+                         f"{', '.join(inv['linear']) or 'none'}); {fix}")
     # PEFT's v4-to-v5 conversion may turn linear names into expert weights of its own (gate_proj + up_proj -> the experts'
     # gate_up_proj on DeepSeek-V3, Qwen3-Next, LongCat-Flash...): those take no dropout either (a review: auto gave 0.05
     # there and PEFT refused it, blaming lora.target_modules).
@@ -966,11 +969,53 @@ def _named_targets(model, inv: dict, wanted: list[str]) -> tuple[list[str], list
         problems.append(f"{', '.join(generic)} names a parameter of every linear layer, not the routed experts' weights alone; name "
                         f"those as the model does: {', '.join(inv['expert_params'])}, or their modules: {holders}")
     if missing:
+        problems += _why_not_targets(model, inv, missing)
         hint = f"; its routed experts' weights: {', '.join(inv['expert_params'])}" if inv["expert_params"] else ""
-        problems.append(f"{', '.join(missing)} not in this model; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear")
+        problems[-1] += f"; its linear layers are: {', '.join(inv['linear'])}{hint}; or use all-linear"
     if problems:
         raise StageError("lora.target_modules: " + "; ".join(problems))
     return modules, params
+
+
+def _why_not_targets(model, inv: dict, names: list[str]) -> list[str]:
+    """Why each name picks no layer to adapt: the model has a module of that name that is no target (the LM head or a vision
+    tower's layer outside the decoder blocks, a MoE router, a block's module that holds linear layers), the name is a
+    path (self_attn.q_proj: layers go by their last name), or the model has no such name."""
+    blocks, _ = decoder_blocks(model)
+    paths: dict[str, list[str]] = {}
+    for path, _m in model.named_modules():
+        paths.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    lines, absent, fused_names = [], [], {}
+    for name in names:
+        where = paths.get(name, [])
+        if any(p == r or p.startswith(r + ".") for p in where for r in inv["router_paths"]):
+            lines.append(f"{name} is a MoE router, kept as pretrained so the experts' load stays balanced")
+        elif where and not any(p == blocks or p.startswith(blocks + ".") or blocks.startswith(p + ".") for p in where):
+            lines.append(f"{name} is outside the decoder blocks ({where[0]}), which LoRA here does not adapt")
+        elif where:
+            inside = [n for n in inv["linear"] if any(sub.rsplit(".", 1)[-1] == n and _is_linear_layer(m)
+                                                      for p in where for sub, m in model.get_submodule(p).named_modules())]
+            holds = f"name its linear layers instead: {', '.join(inside)}" if inside else "it holds no linear layer"
+            lines.append(f"{name} is no linear layer ({where[0]}); {holds}")
+        elif "." in name and name.rsplit(".", 1)[-1] in inv["linear"]:
+            lines.append(f"{name}: name a layer by its last name ({name.rsplit('.', 1)[-1]}), which picks it in every block")
+        elif fused := [w for w in inv["expert_params"] if _fuses(w.rsplit(".", 1)[-1], name)]:
+            fused_names.setdefault(fused[0], []).append(name)
+        else:
+            absent.append(name)
+    # The transformers-4 names of MoE recipes (Unsloth's, LLaMA-Factory's: q..o_proj, gate_proj, up_proj, down_proj): transformers
+    # 5 keeps each layer's experts' gate and up projections in one 3-D weight.
+    lines += [f"{', '.join(names)}: this model keeps its experts' {' and '.join(n.removesuffix('_proj') for n in names)} projections "
+              f"fused in {w} (transformers 5); name that" for w, names in fused_names.items()]
+    if absent:
+        lines.append(f"{', '.join(absent)} not in this model")
+    return lines
+
+
+def _fuses(weight: str, name: str) -> bool:
+    """Whether an expert weight's name fuses the layer `name` (gate_up_proj fuses gate_proj and up_proj)."""
+    parts = weight.removesuffix("_proj").split("_")
+    return name.endswith("_proj") and len(parts) > 1 and name.removesuffix("_proj") in parts
 
 
 def _frozen_experts_problem(model, inv: dict, frozen: dict[str, list[str]]) -> str:
@@ -1008,7 +1053,7 @@ def _inventory(model, blocks: str) -> dict:
             continue
         leaf = name.rsplit(".", 1)[-1]
         own = dict(m.named_parameters(recurse=False))
-        if isinstance(m, torch.nn.Linear):
+        if _is_linear_layer(m):
             linear[leaf] = None
         elif _holds_experts(m, own, counts):  # an experts module: [experts, ., .] weights, maybe biases
             for pname, p in own.items():
@@ -1030,11 +1075,20 @@ def _inventory(model, blocks: str) -> dict:
                 if p.ndim == 2:
                     expert_2d.setdefault(f"{leaf}.{pname}", tuple(int(d) for d in p.shape))
     outside = sorted({".".join(n.split(".")[:2]) for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
+                      if _is_linear_layer(m) and not n.startswith(blocks + ".") and m is not model.get_output_embeddings()})
     return {"linear": list(linear), "routers": list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in routers)), "router_paths": list(routers),
             "expert_params": list(expert_params), "expert_other": list(expert_other), "expert_2d": expert_2d, "expert_tables": list(expert_tables),
             "shared_params": list(shared_params),
             "experts": experts["ffn"], "attention_experts": experts["attention"], "outside": outside}
+
+
+def _is_linear_layer(m) -> bool:
+    """A linear layer as PEFT's all-linear counts them: torch's nn.Linear, or transformers' Conv1D (GPT-2's c_attn, c_proj,
+    c_fc: a linear layer with its weight stored transposed, which PEFT's LoRA wraps with fan_in_fan_out)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(m, (torch.nn.Linear, Conv1D))
 
 
 def _router_weights(model, inv: dict, name: str) -> list[str]:
@@ -1136,7 +1190,7 @@ def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
             continue  # PEFT's own layers inside a wrapper
         if isinstance(m, BaseTunerLayer):
             wrapped.add(path.rsplit(".", 1)[-1])
-        elif isinstance(m, torch.nn.Linear) and targets.pattern and re.fullmatch(targets.pattern, path):
+        elif _is_linear_layer(m) and targets.pattern and re.fullmatch(targets.pattern, path):
             missed.append(path)
     if not missed:
         return targets
@@ -1194,11 +1248,19 @@ V6_RENAMES = r"`(is_)?gradient_checkpointing\w*` is deprecated and will be remov
 @contextlib.contextmanager
 def peft_quietly():
     """Around a PEFT call (get_peft_model, PeftModel.from_pretrained, k-bit prep): hides only the FutureWarnings for
-    transformers' renamed checkpointing names that PEFT itself still uses; every other warning shows."""
+    transformers' renamed checkpointing names that PEFT itself still uses, PEFT's note that it turned fan_in_fan_out on
+    for a Conv1D (GPT-2's layers: it does the right thing, once per wrap) and its false note that the rank pattern of its
+    own conversion was ignored; every other warning shows."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=V6_RENAMES, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target module is `Conv1D`", category=UserWarning)
+        # PEFT's v4-to-v5 conversion adds `.*\.gate_up_proj` to rank_pattern/alpha_pattern (peft issue 3711); its check matches
+        # patterns against module names only, so it calls them ignored while the experts' gate_up_proj does train at that
+        # rank (`peft_reach` says so in the model line).
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match any targeted module",
+                                category=RuntimeWarning)
         yield
 
 

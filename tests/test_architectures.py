@@ -226,9 +226,13 @@ def test_linear_layers_peft_leaves_unwrapped_are_said_not_adapted():
     lora = LoraSection(r=8)
     t = lora_targets(_skeleton("longcat_flash"), lora)
     assert {"gate_proj", "up_proj", "down_proj"} <= set(t.modules), t.describe()
-    with torch.device("meta"), peft_quietly(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # PEFT's own note on the rank pattern it added
-        model = get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))
+    # PEFT's note that the rank pattern it added was ignored (it is not: r below) was printed at each wrap, 10 lines a run
+    # on a tiny DeepSeek-V3 (a review, 2026-12-04)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.device("meta"), peft_quietly():
+            model = get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))
+    assert not [w for w in caught if "_pattern keys did not match" in str(w.message)]
     wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
     assert wrapped and not [n for n in wrapped if ".mlps." in n]  # what PEFT does today
     assert sorted(m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj") == [16, 16]
@@ -551,6 +555,33 @@ def test_too_few_rows_for_a_heldout_split_names_the_count_and_the_key(tmp_path, 
     assert "data.language (now 'es'" in msg and "max_length" not in msg
 
 
+@pytest.mark.parametrize("overlong, fix", [("drop", "raise data.max_length (now 256) or set data.overlong=truncate"),
+                                            ("turns", "raise data.max_length (now 256) or set data.overlong=truncate")])
+def test_a_heldout_row_dropped_for_its_length_names_a_fix_that_keeps_it(overlong, fix, tmp_path, tiny_cfg, shared_artifacts):
+    """The held-out split is a whole conversation each: when the one held out is over data.max_length, the line said "set
+    data.overlong=turns", which keeps no conversation whose first answer does not fit, so the run stopped the same way
+    again (a review, 2026-12-04). truncate keeps it; the line counts the conversation and names max_length's value."""
+    import random
+
+    from tasks.common import StageError
+    from tasks.data import load_dataset_records
+
+    order = list(range(3))
+    random.Random(tiny_cfg.data.seed).shuffle(order)  # the data stage's seeded split: order[0] is the one held out
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}. " * (400 if i == order[0] else 1)}]} for i in range(3)]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_cfg.data.model_copy(update={"source": str(src), "max_length": 256, "overlong": overlong})
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    msg = str(e.value)
+    assert "0 usable held-out rows: the 1 held-out conversation was dropped while formatting (dropped over max_length: 1)" in msg, msg
+    assert msg.endswith(fix), msg
+    kept = load_dataset_records(data.model_copy(update={"overlong": "truncate"}), tiny_cfg.model, shared_artifacts)
+    assert kept.n_heldout == 1
+
+
 def test_checkpointing_and_peft_calls_use_current_names(tiny_cfg, shared_artifacts):
     """No FutureWarning for transformers' renamed checkpointing names (removed in v6) from building the model with
     checkpointing on, PEFT's wrap and the Trainer arguments (issue 20.5)."""
@@ -776,3 +807,69 @@ def test_a_run_with_random_weights_in_memory_publishes_nothing(tmp_path):
     with pytest.raises(StageError, match="model.random_weights is memory.*set model.random_weights=folder"):
         publish_artifacts(cfg, "run", {})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_folds(prefect_server, tmp_path, capfd):
+    """GPT-2 keeps its linear layers as transformers' Conv1D (c_attn, c_proj, c_fc: the weight stored [in, out]), which
+    PEFT's all-linear counts. A review (2026-12-04): all-linear stopped the run with "nothing to adapt in the decoder blocks
+    of this model (linear layers: none); use all-linear"; counted as linear layers, the merge's delta check then took
+    PEFT's transposed (fan_in_fan_out) delta for a shape error. The whole flow runs, every Conv1D merged, and PEFT's note
+    that it turned fan_in_fan_out on is not repeated at each wrap."""
+    from flows.finetune import finetune
+
+    cfg = {"n_embd": 64, "n_layer": 2, "n_head": 4, "initializer_range": 0.2}
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = finetune(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", "model.name=random:gpt2",
+                                                     f"model.random_config={json.dumps(cfg)}"])
+    assert result["status"] == "completed"
+    targets = result["stages"]["train"]["outputs"]["lora_targets"]
+    assert set(targets["modules"]) == {"c_attn", "c_proj", "c_fc"}, targets
+    merge = result["stages"]["merge"]["outputs"]
+    assert merge["check"]["passed"] and merge["merged_modules"] == 2 * 4  # attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+
+
+@pytest.mark.parametrize("arch, name, says", [
+    ("llama", "lm_head", "lm_head is outside the decoder blocks (lm_head), which LoRA here does not adapt"),
+    ("gemma3", "out_proj", "out_proj is outside the decoder blocks (model.vision_tower."),
+    ("mixtral", "gate", "gate is a MoE router, kept as pretrained so the experts' load stays balanced"),
+    ("qwen2_moe", "shared_expert_gate", "shared_expert_gate is a MoE router"),
+    ("qwen2_moe", "shared_expert", "shared_expert is no linear layer (model.layers.0.mlp.shared_expert); name its linear layers instead: "
+                                   "gate_proj, up_proj, down_proj"),
+    ("llama", "self_attn.q_proj", "self_attn.q_proj: name a layer by its last name (q_proj)"),
+    ("llama", "q_prj", "q_prj not in this model"),
+    # the transformers-4 names of Unsloth's and LLaMA-Factory's MoE recipes
+    ("qwen3_moe", "gate_proj", "gate_proj: this model keeps its experts' gate projections fused in experts.gate_up_proj (transformers 5)"),
+])
+def test_a_target_name_the_model_has_but_lora_does_not_adapt_says_what_it_is(arch, name, says):
+    """A name that picks nothing was always "<name> not in this model", also for the LM head, a router or the vision tower's
+    layers, which are in the model (a review, 2026-12-04): the line says what the name is, then the names that work."""
+    from tasks.common import StageError
+    from tasks.config import LoraSection
+    from tasks.models import lora_targets
+
+    with pytest.raises(StageError) as e:
+        lora_targets(_skeleton(arch), LoraSection(target_modules=["q_proj", name], dropout=0.0))
+    msg = str(e.value)
+    assert msg.startswith(f"lora.target_modules: {says}") and "its linear layers are: q_proj" in msg and "\n" not in msg, msg
+
+
+def test_a_model_whose_lm_head_is_called_decoder_still_finds_its_blocks():
+    """ModernBERT-decoder (the Ettin decoders) names its LM head `decoder`, which `get_decoder()` returns: the decoder blocks
+    were looked for inside that Linear, and all-linear stopped with "nothing to adapt ... (linear layers: none); use
+    all-linear" (a review, 2026-12-04)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.config import LoraSection
+    from tasks.models import decoder_blocks, lora_targets
+
+    config = AutoConfig.for_model("modernbert-decoder", vocab_size=512, pad_token_id=0, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert decoder_blocks(model) == ("model.layers", 2)
+    t = lora_targets(model, LoraSection())
+    assert set(t.modules) == {"q_proj", "k_proj", "v_proj", "Wo", "Wi"}, t.describe()

@@ -413,3 +413,34 @@ def test_a_problem_elsewhere_is_reported_without_importing_transformers():
             "except ConfigError as e:\n    print(e.problems)\nprint('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("['lora.alpha: must be > 0") and out[1] == "False"
+
+
+@pytest.mark.parametrize("value, says", [
+    ("q_proj", "lora.target_modules: a list of layer names such as [q_proj], or all-linear"),
+    ("q_proj|v_proj", "lora.target_modules: a list of layer names such as [q_proj, v_proj], or all-linear"),
+    (".*_proj", "lora.target_modules: a list of layer names such as [q_proj, v_proj], or all-linear"),
+    ("all_linear", "lora.target_modules: did you mean all-linear?"),
+])
+def test_a_single_string_of_target_modules_is_one_line_naming_the_fix(value, says):
+    """PEFT takes one string as a regex; here a string other than all-linear was pydantic's two lines for the union
+    ("Input should be a valid list", "Input should be 'all-linear'") with no word on what to write (a review, 2026-12-04)."""
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(profile="tiny", overrides=[f"lora.target_modules={value}"])
+    assert str(e.value).startswith(says) and "\n" not in str(e.value), str(e.value)
+
+
+def test_peft_keyword_names_say_where_they_live_here(tmp_path):
+    """LoraConfig's target_parameters, lora_alpha and lora_dropout, written by someone coming from PEFT, were "unknown key;
+    see pipeline.yaml for the keys" (a review, 2026-12-04): the line says which key takes them."""
+    (p,) = _problems(profile="tiny", overrides=["lora.target_parameters=[experts.gate_up_proj]"])
+    assert p.startswith("--set lora.target_parameters: unknown key; name expert weights in lora.target_modules too"), p
+    (p,) = _problems(profile="tiny", overrides=["lora.lora_alpha=16"])
+    assert p.endswith("did you mean lora.alpha?"), p
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["profiles"]["tiny"]["lora"]["lora_dropout"] = 0.1
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    (p,) = _problems(path=path, profile="tiny")
+    assert "lora.lora_dropout: unknown key; did you mean lora.dropout?" in p, p
