@@ -716,8 +716,8 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
 
 # ---------------------------------------------------------------------------------------------------------
 # Review of b787caf (serve-model on transformers 5.25, 2026-12-04): requests still answered otherwise than OpenAI's
-# API and llama.cpp's server answer them, on 5.25 and 5.17 alike. Each fails today: xfail, strict, so that the fix
-# makes it pass and its mark must go.
+# API and llama.cpp's server answer them, on 5.25 and 5.17 alike. The first still fails (xfail, strict: its fix makes
+# it pass and the mark must go); tasks/export.py now answers the other three as they ask.
 
 
 @pytest.fixture(scope="module")
@@ -771,13 +771,11 @@ def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1)
             assert _answer_text(path, {**body, "stop": [stop]}, stream) == want, (path, stop, stream, full)
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve: transformers serve keeps the model's do_sample (False without one, as for "
-                                       "Mistral-7B-v0.1): a temperature above 0 and a seed change nothing, every answer is greedy")
 def test_serve_model_merged_samples_when_a_temperature_above_0_is_asked(served_r1):
     """OpenAI's API and llama.cpp's server sample at a temperature above 0 (OpenAI's default is 1), and a `seed` picks
     the draw. transformers serve sets do_sample only to turn it off at temperature 0; a model whose generation config
-    has no do_sample (the tiny one, and the pipeline's default base mistralai/Mistral-7B-v0.1) answers greedily
-    whatever the request asks."""
+    has no do_sample (the tiny one, and the pipeline's default base mistralai/Mistral-7B-v0.1) answered greedily
+    whatever the request asked."""
     pub, base = served_r1
     for path, body in ((f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 12}),
                        (f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Once upon"}], "max_tokens": 12})):
@@ -787,11 +785,9 @@ def test_serve_model_merged_samples_when_a_temperature_above_0_is_asked(served_r
         assert len(set(drawn)) > 1 and set(drawn) != {greedy}, (path, greedy, drawn)
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve: a seed torch cannot take fails in the model's process: a 200 and an "
-                                       "error event when streamed, a 400 with no param otherwise")
 def test_serve_model_merged_refuses_a_seed_out_of_range_with_400_naming_it(served_r1):
     """A `seed` beyond 64 bits (torch.manual_seed's range): OpenAI's API answers a 400 naming `seed`; the layer's rule is
-    a 400 naming the field, streamed or not. Today the stream is a 200 whose only event is {"error": "Overflow ..."}."""
+    a 400 naming the field, streamed or not. The stream was a 200 whose only event was {"error": "Overflow ..."}."""
     pub, base = served_r1
     for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                        (f"{base}/v1/completions", {"prompt": "hi"}), (f"{base}/v1/responses", {"input": "hi"})):
@@ -801,12 +797,10 @@ def test_serve_model_merged_refuses_a_seed_out_of_range_with_400_naming_it(serve
             assert code == 400 and json.loads(answer)["error"]["param"] == "seed", (path, stream, code, answer[:300])
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve: without a length limit transformers serve stops at 1024 tokens "
-                                       "(its own default), not at the end of the context as answer_as_openai_does says")
 def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_context(own_published, tmp_path):
     """`answer_as_openai_does`: "Without a length limit, generation stops at the end of the context, as llama.cpp's
     does" (OpenAI's too). transformers serve's default max_new_tokens is max(the model's, 1024); `refusal` lowers it
-    to the room left when that is less, and never raises it: a request with no max_tokens is cut at 1024 tokens,
+    to the room left when that is less, and never raised it: a request with no max_tokens was cut at 1024 tokens,
     "length" (Responses: "incomplete", max_output_tokens, which it never sent). A copy of the run whose context is
     1100 tokens shows it with a 1100-token answer at most."""
     import hashlib
@@ -830,7 +824,7 @@ def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_c
     try:
         code, answer = _request(f"{base}/v1/completions", {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub)})
         usage = json.loads(answer)["usage"]
-        assert code == 200 and usage["total_tokens"] == 1100, usage  # today: 1024 completion tokens
+        assert code == 200 and usage["total_tokens"] == 1100, usage  # it was 1024 completion tokens
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
