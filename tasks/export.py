@@ -773,6 +773,9 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
                                                                str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
         return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
+    seed = body.get("seed")  # torch.manual_seed's range; beyond it the model's process fails, after a stream's 200
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+        return f"seed must be an integer from {-2 ** 63} to {2 ** 64 - 1}, got {seed!r:.40}", "seed"
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         return f"stop must be a string or a list of strings, got {stop!r}", "stop"
@@ -990,13 +993,15 @@ def answer_as_openai_does() -> None:
             return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
                                 f"(max_position_embeddings); shorten the {field}", field)
         asked = setting(gen, "max_new_tokens")
-        if limit and asked and n + asked > limit:
-            given_field = options.get("limit_field")
-            if given_field:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
-                return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
-                                    f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
-                                    f"or shorten the {field}", given_field)
-            set_setting(gen, "max_new_tokens", limit - n)  # no limit asked for: stop at the end of the context, as llama.cpp does
+        given_field = options.get("limit_field")
+        if limit and not given_field:
+            # No limit asked for: stop at the end of the context, as llama.cpp does (transformers serve's own default,
+            # max(the model's max_new_tokens, 1024), cut longer answers short and called it "length").
+            set_setting(gen, "max_new_tokens", limit - n)
+        elif limit and asked and n + asked > limit:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
+            return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
+                                f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
+                                f"or shorten the {field}", given_field)
         vocab = getattr(text_config, "vocab_size", None)
         beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
         if beyond:
@@ -1044,6 +1049,11 @@ def answer_as_openai_does() -> None:
         def build_generation_config(self, *args, **kwargs):
             config = build(self, *args, **kwargs)
             options = request_options.get()
+            body = args[0] if args else kwargs.get("body") or {}
+            if body.get("temperature") is not None and (setting(config, "temperature") or 0) > 0:
+                # transformers serve only turns sampling off (at temperature 0): a model whose generation config has no
+                # do_sample (mistralai/Mistral-7B-v0.1) answered greedily at any temperature, whatever the seed
+                set_setting(config, "do_sample", True)
             if options.get("stop"):
                 set_setting(config, "stop_strings", options["stop"])
             if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500

@@ -712,3 +712,119 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
         os.kill(child, signal.SIGKILL)
         pytest.fail(f"the merged server (pid {child}) outlived serve-model's {signum}")
     assert _request_or_none(f"{url}/health") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Review of b787caf (serve-model on transformers 5.25, 2026-12-04): requests still answered otherwise than OpenAI's
+# API and llama.cpp's server answer them, on 5.25 and 5.17 alike. The first still fails (xfail, strict: its fix makes
+# it pass and the mark must go); tasks/export.py now answers the other three as they ask.
+
+
+@pytest.fixture(scope="module")
+def served_r1(own_published, tmp_path_factory):
+    """One `serve-model` on the tiny run for the review's tests: (published folder, base URL)."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    proc, base = _start_serve_model(art, tmp_path_factory.mktemp("serve-review") / "serve.log")
+    yield pub, base
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def _the_bias(pub: Path) -> dict:
+    """A logit bias that makes the tiny random model repeat " the" (it never ends by itself then)."""
+    from transformers import AutoTokenizer
+
+    (token,) = AutoTokenizer.from_pretrained(pub / "merged").encode(" the", add_special_tokens=False)
+    return {str(token): 100}
+
+
+def _answer_text(path: str, body: dict, stream: bool) -> str:
+    if stream:
+        chunks = [json.loads(d) for _, d in _sse(path, body) if d != "[DONE]"]
+        return "".join((c["choices"][0].get("delta", {}).get("content") if "chat" in path else c["choices"][0].get("text")) or ""
+                       for c in chunks if c.get("choices"))
+    code, answer = _request(path, body)
+    assert code == 200, answer
+    choice = json.loads(answer)["choices"][0]
+    return choice["message"]["content"] if "chat" in path else choice["text"]
+
+
+@pytest.mark.xfail(strict=True, reason="review-serve: transformers' stop_strings also match text the prompt's end and the "
+                                       "answer's first tokens spell together; generation stops there and the cut finds nothing")
+def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1):
+    """OpenAI's API and llama.cpp's server look for a stop string in the generated text only. transformers' stopping
+    criterion (StopStringCriteria, handed the request's `stop`) reads the prompt's tokens too: a stop string spelled by
+    the prompt's end and the first generated token ends generation after that token, `cut_at_stop` finds no stop in
+    the answer, and the first token(s) come back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
+    meet it whenever a model opens its answer with a newline."""
+    pub, base = served_r1
+    bias = _the_bias(pub)
+    completion = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": bias}
+    chat = {"messages": [{"role": "user", "content": "Say the."}], "max_tokens": 6, "temperature": 0}  # ends "### Assistant:\n"
+    for path, body, stop in ((f"{base}/v1/completions", completion, " the the"), (f"{base}/v1/chat/completions", chat, "\n\n")):
+        full = _answer_text(path, body, stream=False)
+        assert stop in full, (path, full)  # " the the the ...", "\n\n\n..."
+        want = full[:full.find(stop)]
+        for stream in (False, True):
+            assert _answer_text(path, {**body, "stop": [stop]}, stream) == want, (path, stop, stream, full)
+
+
+def test_serve_model_merged_samples_when_a_temperature_above_0_is_asked(served_r1):
+    """OpenAI's API and llama.cpp's server sample at a temperature above 0 (OpenAI's default is 1), and a `seed` picks
+    the draw. transformers serve sets do_sample only to turn it off at temperature 0; a model whose generation config
+    has no do_sample (the tiny one, and the pipeline's default base mistralai/Mistral-7B-v0.1) answered greedily
+    whatever the request asked."""
+    pub, base = served_r1
+    for path, body in ((f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 12}),
+                       (f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Once upon"}], "max_tokens": 12})):
+        greedy = _answer_text(path, {**body, "temperature": 0}, stream=False)
+        drawn = [_answer_text(path, {**body, "temperature": 1.0, "seed": seed}, stream=False) for seed in (1, 2, 3, 1)]
+        assert drawn[0] == drawn[3], drawn  # the same seed, the same draw (holds today, greedily)
+        assert len(set(drawn)) > 1 and set(drawn) != {greedy}, (path, greedy, drawn)
+
+
+def test_serve_model_merged_refuses_a_seed_out_of_range_with_400_naming_it(served_r1):
+    """A `seed` beyond 64 bits (torch.manual_seed's range): OpenAI's API answers a 400 naming `seed`; the layer's rule is
+    a 400 naming the field, streamed or not. The stream was a 200 whose only event was {"error": "Overflow ..."}."""
+    pub, base = served_r1
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       (f"{base}/v1/completions", {"prompt": "hi"}), (f"{base}/v1/responses", {"input": "hi"})):
+        for stream in (False, True):
+            code, answer = _request(path, {**body, "max_tokens" if "responses" not in path else "max_output_tokens": 2,
+                                           "seed": 2 ** 70, "stream": stream})
+            assert code == 400 and json.loads(answer)["error"]["param"] == "seed", (path, stream, code, answer[:300])
+
+
+def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_context(own_published, tmp_path):
+    """`answer_as_openai_does`: "Without a length limit, generation stops at the end of the context, as llama.cpp's
+    does" (OpenAI's too). transformers serve's default max_new_tokens is max(the model's, 1024); `refusal` lowers it
+    to the room left when that is less, and never raised it: a request with no max_tokens was cut at 1024 tokens,
+    "length" (Responses: "incomplete", max_output_tokens, which it never sent). A copy of the run whose context is
+    1100 tokens shows it with a 1100-token answer at most."""
+    import hashlib
+    import shutil
+    import signal
+
+    cfg, art, pub, _ = own_published
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy, symlinks=True)
+    run = copy / pub.relative_to(art)
+    config_file = run / "merged" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.unlink()  # a link into the cache, maybe: the copy gets a file of its own
+    config_file.write_text(json.dumps({**config, "max_position_embeddings": 1100}))
+    manifest = json.loads((run / "MANIFEST.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "merged/config.json":
+            entry.update(sha256=hashlib.sha256(config_file.read_bytes()).hexdigest(), bytes=config_file.stat().st_size)
+    (run / "MANIFEST.json").write_text(json.dumps(manifest))
+    proc, base = _start_serve_model(copy, tmp_path / "serve.log")
+    try:
+        code, answer = _request(f"{base}/v1/completions", {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub)})
+        usage = json.loads(answer)["usage"]
+        assert code == 200 and usage["total_tokens"] == 1100, usage  # it was 1024 completion tokens
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
