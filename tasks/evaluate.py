@@ -38,7 +38,7 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 8  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 9  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
@@ -47,6 +47,7 @@ EVAL_VERSION = 8  # 2: standard benchmarks + verdict; 3: per-source loss over th
 # the base's benchmark answers cached by base_answers_key and reused across adapters
 # 8: loop_share in the answer stats and summaries, and the LOOPS warning (a record cached before has neither, so a rerun
 # on the same adapter would give back its verdict without the warning)
+# 9: AlpacaEval's reference loss, ROUGE-L and chrF judged better/worse only where the paired sign-flip test agrees
 # The base's cached benchmark answers (`base_answers_key`, which also fingerprints the code that generates and scores
 # them) have their own number: bump it when their content changes, not when only what stage 5 reports from them does.
 BASE_ANSWERS_VERSION = 7
@@ -668,15 +669,40 @@ def _binary(k_list: list[bool], confidence: float, clusters: list[int] | None = 
     return {"value": round(k / n, 4) if n else None, "k": k, "n": n, "ci": [round(lo, 4), round(hi, 4)]}
 
 
-def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True, sizes: list[int] | None = None) -> dict:
+def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True, sizes: list[int] | None = None,
+            sign_test: bool = True) -> dict:
     """Tuned-minus-base gain of sum / sum(sizes) (the mean when `sizes` is None) with a paired bootstrap interval
-    over prompts; `better`/`worse` only beyond the interval. The gain is the difference of the two values shown."""
+    over prompts; `better`/`worse` only beyond the interval and, with `sign_test`, where `sign_flip_p` is below
+    1 - confidence too. The gain is the difference of the two values shown."""
     if not base or (sizes is not None and not sum(sizes)):  # no prompts, or references of no tokens at all
         return {"gain": None, "gain_ci": None, "verdict": "unscored"}
     gain = (sum(tuned) - sum(base)) / (sum(sizes) if sizes else len(base))
     lo, hi = paired_bootstrap(base, tuned, confidence, sizes=sizes)
     good, bad = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
-    return {"gain": round(gain, 4), "gain_ci": [round(lo, 4), round(hi, 4)], "verdict": "better" if good else "worse" if bad else "unclear"}
+    r = {"gain": round(gain, 4), "gain_ci": [round(lo, 4), round(hi, 4)], "verdict": "better" if good else "worse" if bad else "unclear"}
+    # A percentile bootstrap of a few prompts that all moved the same way has an interval off 0 at any n (1 prompt:
+    # [gain, gain]): better/worse also needs the paired sign-flip test below 1 - confidence (4 of 4 prompts: p = 0.125).
+    if sign_test and r["verdict"] != "unclear":
+        p = sign_flip_p([t - b for b, t in zip(base, tuned)])
+        r.update(p=round(p, 4), test="paired bootstrap + sign-flip test over prompts")
+        if p >= 1 - confidence:
+            r["verdict"] = "unclear"
+    return r
+
+
+def sign_flip_p(d: list[float], rounds: int = 4096, seed: int = 0) -> float:
+    """Two-sided p of the paired randomization test: under no change, base and tuned are exchangeable on each prompt,
+    so each difference's sign is a coin flip; p = share of sign assignments whose |sum| reaches the observed one.
+    Exact (every assignment) up to 12 prompts, else `rounds` seeded draws, counted with the observed one."""
+    obs = abs(sum(d)) * (1 - 1e-9)
+    if len(d) <= 12:
+        sums = [0.0]
+        for x in d:
+            sums = [s + x for s in sums] + [s - x for s in sums]
+        return sum(abs(s) >= obs for s in sums) / len(sums)
+    rng = random.Random(seed)
+    hits = sum(abs(sum(x if rng.random() < 0.5 else -x for x in d)) >= obs for _ in range(rounds))
+    return (hits + 1) / (rounds + 1)
 
 
 def _paired_clustered(base: list[bool], tuned: list[bool], clusters: list[int], confidence: float) -> dict:
@@ -688,7 +714,7 @@ def _paired_clustered(base: list[bool], tuned: list[bool], clusters: list[int], 
         return {"gain": None, "gain_ci": None, "verdict": "unscored"}
     b_sums, sizes = _cluster_sums([float(x) for x in base], clusters)
     t_sums, _ = _cluster_sums([float(x) for x in tuned], clusters)
-    r = _paired(b_sums, t_sums, confidence, sizes=sizes)
+    r = _paired(b_sums, t_sums, confidence, sizes=sizes, sign_test=False)  # its own exact sign test, below
     up = sum(t > b for b, t in zip(b_sums, t_sums))
     down = sum(t < b for b, t in zip(b_sums, t_sums))
     p = exact_binomial_p(up, up + down)
@@ -970,7 +996,8 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
             if key in RATE_METRICS:  # shares: percent, gain in points
                 put(label, m["verdict"], f"{b:.1%} -> {t:.1%} (gain CI [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] points{_test_detail(m)})")
             else:
-                put(label, m["verdict"], f"{b:.3f} -> {t:.3f} (gain {m['gain']:+.3f}, CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
+                test = f"; sign-flip test over prompts p = {m['p']:.3f}" if "p" in m else ""
+                put(label, m["verdict"], f"{b:.3f} -> {t:.3f} (gain {m['gain']:+.3f}, CI [{ci[0]:+.3f}, {ci[1]:+.3f}]{test})")
         s = res["summary"]
         if name == "alpaca_eval":
             warnings += _length_warnings(s, name)

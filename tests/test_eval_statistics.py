@@ -185,6 +185,25 @@ def test_reference_loss_value_gain_interval_verdict_and_warning_are_one_per_toke
     assert [d["ref_tokens"] for d in res["rows"][:2]] == [10, 200]  # eval.json keeps what the pooled number needs
 
 
+def test_reference_loss_of_a_few_prompts_is_not_called_better_by_a_degenerate_bootstrap(monkeypatch):
+    """4 AlpacaEval prompts whose reference loss each fell by the same 0.5 per token: every bootstrap resample has the
+    same gain, so the percentile interval is [-0.5, -0.5] and the verdict read "better beyond the 95% interval"; 1 prompt
+    did too. Exchanging base and tuned on a prompt is as likely as not under no change: 2 of the 16 exchanges give a
+    gain this large (p = 0.125), so nothing is judged. The same holds for ROUGE-L and chrF (`_paired`)."""
+    for n in (1, 4):
+        rows = alpaca_rows(n, ref_words=20)
+        nll = {"base": [(20.0, 10)] * n, "tuned": [(15.0, 10)] * n}
+        answers = {who: [(r["reference"], True) for r in rows] for who in ("base", "tuned")}
+        res, _ = run(monkeypatch, "alpaca_eval", rows, answers, nll)
+        rl = res["summary"]["metrics"]["reference_loss"]
+        assert rl["gain"] == -0.5 and rl["verdict"] == "unclear", (n, rl)
+        v = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+        assert v["better"] == [] and any(x.startswith("AlpacaEval reference loss") for x in v["unclear"])
+    assert "sign-flip test over prompts p = 0.125" in next(x for x in v["unclear"] if x.startswith("AlpacaEval reference loss"))
+    assert ev._paired([0.2] * 4, [0.3] * 4, 0.95)["verdict"] == "unclear"  # ROUGE-L / chrF up on 4 of 4 prompts
+    assert ev._paired([0.2] * 8, [0.3] * 8, 0.95)["verdict"] == "better"  # 8 of 8: p = 2 / 256
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Item 5: chrF / ROUGE-L judged length-controlled; the cap cannot hide a terser model
 
