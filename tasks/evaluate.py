@@ -750,14 +750,14 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
                        eval.batch_size, hardware_id(resolve_device(device)), libs)
 
 
-def _read_side(path: Path, n: int, n_nll: int | None) -> dict | str:
+def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> dict | str:
     """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used: unreadable, or not of
-    these n answers (and n_nll losses, where the pass has them)."""
+    these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those prompts."""
     try:
         saved = read_json(path)
         ok = (len(saved["gens"]) == n and isinstance(saved["check"], dict)
               and (n_nll is None or (len(saved["nll"] or []) == n_nll and all(len(x) == 2 for x in saved["nll"])))
-              and all("text" in g and "stopped" in g for g in saved["gens"]))
+              and all("text" in g and "stopped" in g for g in saved["gens"]) and (asked is None or saved.get("asked") == asked))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return str(e)
     return saved if ok else "not these prompts"
@@ -788,6 +788,9 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     t0 = time.monotonic()
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
+    # The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
+    # updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back.
+    asked = fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
     for who in ("base", "tuned"):
         cached = who == "base" and base_cache is not None and is_complete(base_cache)
         saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if cached else None
@@ -802,7 +805,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                 bar.skip(f"{name} base")
             continue
         part = parts / f"{name}-{who}.json" if parts is not None else None
-        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None) if part is not None and part.is_file() else None
+        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None, asked) if part is not None and part.is_file() else None
         if isinstance(resumed, dict):
             gens[who], checks[who] = resumed["gens"], resumed["check"]
             if name == "alpaca_eval":
@@ -821,7 +824,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                     bar.describe(f"{name} {who} reference loss")
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
         if part is not None:
-            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who)})
+            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who), "asked": asked})
         if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
             with locked(base_cache):
                 if is_complete(base_cache):

@@ -204,6 +204,26 @@ def test_reference_loss_of_a_few_prompts_is_not_called_better_by_a_degenerate_bo
     assert ev._paired([0.2] * 8, [0.3] * 8, 0.95)["verdict"] == "better"  # 8 of 8: p = 2 / 256
 
 
+def test_a_saved_pass_of_other_prompts_is_not_read_back(monkeypatch, tmp_path):
+    """Stage 5's saved passes (`parts`) are keyed by the stage's key, and a hub benchmark source is keyed by its id
+    alone: a hub copy updated between a cut run and its rerun gives other prompts under the same key. The saved answers
+    were read back by their count only, so the tuned (and base) answers to the old prompts were scored against the new
+    ones. A saved pass is used only for the prompts it answered."""
+    n = 4
+    old = [{**r, "prompt": f"old question {i}"} for i, r in enumerate(alpaca_rows(n))]
+    new = [{**r, "prompt": f"new question {i}"} for i, r in enumerate(alpaca_rows(n, seed=1))]
+    nll = {who: [(1.0, 1)] * n for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", old, {who: [(f"{who} to old", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca_eval-base.json", "alpaca_eval-tuned.json"]
+    logs = []
+    res, seen = run(monkeypatch, "alpaca_eval", new, {who: [(f"{who} to new", True)] * n for who in ("base", "tuned")}, nll,
+                    parts=tmp_path, log_fn=logs.append)
+    assert [who for who, _ in seen] == ["base", "tuned"] and not any("interrupted run" in m for m in logs), logs
+    assert {d["base"] for d in res["rows"]} == {"base to new"} and {d["tuned"] for d in res["rows"]} == {"tuned to new"}
+    res, seen = run(monkeypatch, "alpaca_eval", new, {who: [("unused", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
+    assert seen == [] and {d["tuned"] for d in res["rows"]} == {"tuned to new"}  # the same prompts: read back
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Item 5: chrF / ROUGE-L judged length-controlled; the cap cannot hide a terser model
 
