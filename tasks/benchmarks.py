@@ -174,6 +174,19 @@ def normalize(name: str, rows: list[dict]) -> list[dict]:
     return out
 
 
+TEXT_FIELDS = {"ifeval": ("prompt",), "alpaca_eval": ("instruction", "output")}  # what is rendered, tokenized or deduped as text
+
+
+def _check_text_fields(name: str, source: str, raw: list[dict]) -> None:
+    """A prompt or reference that is not a string (a list of answers, a null) loads and fails far later: the data stage's
+    dedupe with an AttributeError, stage 5 after loading the model. Named here, by row (counted from 1) and field."""
+    for i, r in enumerate(raw, 1):
+        for field in TEXT_FIELDS.get(name, ()):
+            if not isinstance(r[field], str):
+                raise BenchmarkError(f"benchmark {name}: source {source!r}: row {i}: field {field!r} is a {type(r[field]).__name__}, "
+                                     f"not text; fix it or set eval.benchmark_sources.{name} to another file")
+
+
 def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = None) -> tuple[list[dict], dict]:
     """(normalized rows of the FULL benchmark, provenance). Raises BenchmarkError naming the source and the fix."""
     spec = BENCHMARKS[name]
@@ -203,6 +216,7 @@ def load_benchmark(name: str, source: str = "auto", artifacts_dir: str | None = 
             prov.update(source="hub", hub_id=repo, hub_file=spec.hub_file if repo == spec.hub_id else None,
                         sha256=_records_sha256(raw))
         rows = normalize(name, raw)
+        _check_text_fields(name, source, raw)
     except BenchmarkError:
         raise
     except (KeyError, TypeError) as e:

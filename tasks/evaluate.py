@@ -38,7 +38,7 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 8  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 9  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
@@ -47,6 +47,7 @@ EVAL_VERSION = 8  # 2: standard benchmarks + verdict; 3: per-source loss over th
 # the base's benchmark answers cached by base_answers_key and reused across adapters
 # 8: loop_share in the answer stats and summaries, and the LOOPS warning (a record cached before has neither, so a rerun
 # on the same adapter would give back its verdict without the warning)
+# 9: AlpacaEval's reference loss, ROUGE-L and chrF judged better/worse only where the paired sign-flip test agrees
 # The base's cached benchmark answers (`base_answers_key`, which also fingerprints the code that generates and scores
 # them) have their own number: bump it when their content changes, not when only what stage 5 reports from them does.
 BASE_ANSWERS_VERSION = 7
@@ -668,15 +669,40 @@ def _binary(k_list: list[bool], confidence: float, clusters: list[int] | None = 
     return {"value": round(k / n, 4) if n else None, "k": k, "n": n, "ci": [round(lo, 4), round(hi, 4)]}
 
 
-def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True, sizes: list[int] | None = None) -> dict:
+def _paired(base: list[float], tuned: list[float], confidence: float, higher_is_better: bool = True, sizes: list[int] | None = None,
+            sign_test: bool = True) -> dict:
     """Tuned-minus-base gain of sum / sum(sizes) (the mean when `sizes` is None) with a paired bootstrap interval
-    over prompts; `better`/`worse` only beyond the interval. The gain is the difference of the two values shown."""
+    over prompts; `better`/`worse` only beyond the interval and, with `sign_test`, where `sign_flip_p` is below
+    1 - confidence too. The gain is the difference of the two values shown."""
     if not base or (sizes is not None and not sum(sizes)):  # no prompts, or references of no tokens at all
         return {"gain": None, "gain_ci": None, "verdict": "unscored"}
     gain = (sum(tuned) - sum(base)) / (sum(sizes) if sizes else len(base))
     lo, hi = paired_bootstrap(base, tuned, confidence, sizes=sizes)
     good, bad = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
-    return {"gain": round(gain, 4), "gain_ci": [round(lo, 4), round(hi, 4)], "verdict": "better" if good else "worse" if bad else "unclear"}
+    r = {"gain": round(gain, 4), "gain_ci": [round(lo, 4), round(hi, 4)], "verdict": "better" if good else "worse" if bad else "unclear"}
+    # A percentile bootstrap of a few prompts that all moved the same way has an interval off 0 at any n (1 prompt:
+    # [gain, gain]): better/worse also needs the paired sign-flip test below 1 - confidence (4 of 4 prompts: p = 0.125).
+    if sign_test and r["verdict"] != "unclear":
+        p = sign_flip_p([t - b for b, t in zip(base, tuned)])
+        r.update(p=round(p, 4), test="paired bootstrap + sign-flip test over prompts")
+        if p >= 1 - confidence:
+            r["verdict"] = "unclear"
+    return r
+
+
+def sign_flip_p(d: list[float], rounds: int = 4096, seed: int = 0) -> float:
+    """Two-sided p of the paired randomization test: under no change, base and tuned are exchangeable on each prompt,
+    so each difference's sign is a coin flip; p = share of sign assignments whose |sum| reaches the observed one.
+    Exact (every assignment) up to 12 prompts, else `rounds` seeded draws, counted with the observed one."""
+    obs = abs(sum(d)) * (1 - 1e-9)
+    if len(d) <= 12:
+        sums = [0.0]
+        for x in d:
+            sums = [s + x for s in sums] + [s - x for s in sums]
+        return sum(abs(s) >= obs for s in sums) / len(sums)
+    rng = random.Random(seed)
+    hits = sum(abs(sum(x if rng.random() < 0.5 else -x for x in d)) >= obs for _ in range(rounds))
+    return (hits + 1) / (rounds + 1)
 
 
 def _paired_clustered(base: list[bool], tuned: list[bool], clusters: list[int], confidence: float) -> dict:
@@ -688,7 +714,7 @@ def _paired_clustered(base: list[bool], tuned: list[bool], clusters: list[int], 
         return {"gain": None, "gain_ci": None, "verdict": "unscored"}
     b_sums, sizes = _cluster_sums([float(x) for x in base], clusters)
     t_sums, _ = _cluster_sums([float(x) for x in tuned], clusters)
-    r = _paired(b_sums, t_sums, confidence, sizes=sizes)
+    r = _paired(b_sums, t_sums, confidence, sizes=sizes, sign_test=False)  # its own exact sign test, below
     up = sum(t > b for b, t in zip(b_sums, t_sums))
     down = sum(t < b for b, t in zip(b_sums, t_sums))
     p = exact_binomial_p(up, up + down)
@@ -724,14 +750,14 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
                        eval.batch_size, hardware_id(resolve_device(device)), libs)
 
 
-def _read_side(path: Path, n: int, n_nll: int | None) -> dict | str:
+def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> dict | str:
     """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used: unreadable, or not of
-    these n answers (and n_nll losses, where the pass has them)."""
+    these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those prompts."""
     try:
         saved = read_json(path)
         ok = (len(saved["gens"]) == n and isinstance(saved["check"], dict)
               and (n_nll is None or (len(saved["nll"] or []) == n_nll and all(len(x) == 2 for x in saved["nll"])))
-              and all("text" in g and "stopped" in g for g in saved["gens"]))
+              and all("text" in g and "stopped" in g for g in saved["gens"]) and (asked is None or saved.get("asked") == asked))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return str(e)
     return saved if ok else "not these prompts"
@@ -762,6 +788,9 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
     t0 = time.monotonic()
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
+    # The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
+    # updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back.
+    asked = fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
     for who in ("base", "tuned"):
         cached = who == "base" and base_cache is not None and is_complete(base_cache)
         saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if cached else None
@@ -776,7 +805,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                 bar.skip(f"{name} base")
             continue
         part = parts / f"{name}-{who}.json" if parts is not None else None
-        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None) if part is not None and part.is_file() else None
+        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None, asked) if part is not None and part.is_file() else None
         if isinstance(resumed, dict):
             gens[who], checks[who] = resumed["gens"], resumed["check"]
             if name == "alpaca_eval":
@@ -795,7 +824,7 @@ def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSectio
                     bar.describe(f"{name} {who} reference loss")
                 nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
         if part is not None:
-            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who)})
+            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who), "asked": asked})
         if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
             with locked(base_cache):
                 if is_complete(base_cache):
@@ -970,7 +999,8 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
             if key in RATE_METRICS:  # shares: percent, gain in points
                 put(label, m["verdict"], f"{b:.1%} -> {t:.1%} (gain CI [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] points{_test_detail(m)})")
             else:
-                put(label, m["verdict"], f"{b:.3f} -> {t:.3f} (gain {m['gain']:+.3f}, CI [{ci[0]:+.3f}, {ci[1]:+.3f}])")
+                test = f"; sign-flip test over prompts p = {m['p']:.3f}" if "p" in m else ""
+                put(label, m["verdict"], f"{b:.3f} -> {t:.3f} (gain {m['gain']:+.3f}, CI [{ci[0]:+.3f}, {ci[1]:+.3f}]{test})")
         s = res["summary"]
         if name == "alpaca_eval":
             warnings += _length_warnings(s, name)

@@ -134,6 +134,25 @@ def test_hub_source_goes_through_datasets_load_dataset(monkeypatch):
     assert prov["source"] == "hub"
 
 
+def test_a_local_benchmark_whose_text_fields_are_not_strings_is_a_one_line_error(tmp_path):
+    """A local AlpacaEval copy with a list of reference answers, or a null one, loaded: the data stage's dedupe then
+    raised AttributeError ('list' object has no attribute 'strip') on an IFEval prompt given as a list, and stage 5
+    would tokenize the list as a batch after loading the model and generating. The load names the row and field."""
+    alp = tmp_path / "alp.jsonl"
+    alp.write_text(json.dumps({"instruction": "Who is Larry Page?", "output": "He co-founded Google."}) + "\n"
+                   + json.dumps({"instruction": "Name a color", "output": ["red", "blue"]}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"^benchmark alpaca_eval: source .*alp\.jsonl': row 2: field 'output' is a list, not text; "
+                       r"fix it or set eval\.benchmark_sources\.alpaca_eval to another file$"):
+        bench.load_benchmark("alpaca_eval", str(alp))
+    ife = tmp_path / "ife.jsonl"
+    ife.write_text(json.dumps({"prompt": ["Write a poem", "no commas"], "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"row 1: field 'prompt' is a list, not text"):
+        bench.load_benchmark("ifeval", str(ife))
+    alp.write_text(json.dumps({"instruction": "Name a color", "output": None}) + "\n")
+    with pytest.raises(BenchmarkError, match=r"row 1: field 'output' is a NoneType, not text"):
+        bench.load_benchmark("alpaca_eval", str(alp))
+
+
 def test_unreadable_sources_are_one_line_errors_naming_the_key(monkeypatch, tmp_path):
     with pytest.raises(BenchmarkError, match=r"^benchmark ifeval: local file .*nope\.jsonl does not exist; fix eval\.benchmark_sources\.ifeval$"):
         bench.load_benchmark("ifeval", str(tmp_path / "nope.jsonl"))

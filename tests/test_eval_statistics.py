@@ -185,6 +185,45 @@ def test_reference_loss_value_gain_interval_verdict_and_warning_are_one_per_toke
     assert [d["ref_tokens"] for d in res["rows"][:2]] == [10, 200]  # eval.json keeps what the pooled number needs
 
 
+def test_reference_loss_of_a_few_prompts_is_not_called_better_by_a_degenerate_bootstrap(monkeypatch):
+    """4 AlpacaEval prompts whose reference loss each fell by the same 0.5 per token: every bootstrap resample has the
+    same gain, so the percentile interval is [-0.5, -0.5] and the verdict read "better beyond the 95% interval"; 1 prompt
+    did too. Exchanging base and tuned on a prompt is as likely as not under no change: 2 of the 16 exchanges give a
+    gain this large (p = 0.125), so nothing is judged. The same holds for ROUGE-L and chrF (`_paired`)."""
+    for n in (1, 4):
+        rows = alpaca_rows(n, ref_words=20)
+        nll = {"base": [(20.0, 10)] * n, "tuned": [(15.0, 10)] * n}
+        answers = {who: [(r["reference"], True) for r in rows] for who in ("base", "tuned")}
+        res, _ = run(monkeypatch, "alpaca_eval", rows, answers, nll)
+        rl = res["summary"]["metrics"]["reference_loss"]
+        assert rl["gain"] == -0.5 and rl["verdict"] == "unclear", (n, rl)
+        v = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)
+        assert v["better"] == [] and any(x.startswith("AlpacaEval reference loss") for x in v["unclear"])
+    assert "sign-flip test over prompts p = 0.125" in next(x for x in v["unclear"] if x.startswith("AlpacaEval reference loss"))
+    assert ev._paired([0.2] * 4, [0.3] * 4, 0.95)["verdict"] == "unclear"  # ROUGE-L / chrF up on 4 of 4 prompts
+    assert ev._paired([0.2] * 8, [0.3] * 8, 0.95)["verdict"] == "better"  # 8 of 8: p = 2 / 256
+
+
+def test_a_saved_pass_of_other_prompts_is_not_read_back(monkeypatch, tmp_path):
+    """Stage 5's saved passes (`parts`) are keyed by the stage's key, and a hub benchmark source is keyed by its id
+    alone: a hub copy updated between a cut run and its rerun gives other prompts under the same key. The saved answers
+    were read back by their count only, so the tuned (and base) answers to the old prompts were scored against the new
+    ones. A saved pass is used only for the prompts it answered."""
+    n = 4
+    old = [{**r, "prompt": f"old question {i}"} for i, r in enumerate(alpaca_rows(n))]
+    new = [{**r, "prompt": f"new question {i}"} for i, r in enumerate(alpaca_rows(n, seed=1))]
+    nll = {who: [(1.0, 1)] * n for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", old, {who: [(f"{who} to old", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca_eval-base.json", "alpaca_eval-tuned.json"]
+    logs = []
+    res, seen = run(monkeypatch, "alpaca_eval", new, {who: [(f"{who} to new", True)] * n for who in ("base", "tuned")}, nll,
+                    parts=tmp_path, log_fn=logs.append)
+    assert [who for who, _ in seen] == ["base", "tuned"] and not any("interrupted run" in m for m in logs), logs
+    assert {d["base"] for d in res["rows"]} == {"base to new"} and {d["tuned"] for d in res["rows"]} == {"tuned to new"}
+    res, seen = run(monkeypatch, "alpaca_eval", new, {who: [("unused", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
+    assert seen == [] and {d["tuned"] for d in res["rows"]} == {"tuned to new"}  # the same prompts: read back
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Item 5: chrF / ROUGE-L judged length-controlled; the cap cannot hide a terser model
 
