@@ -843,17 +843,23 @@ def text_decoder(model):
 
 
 def decoder_blocks(model) -> tuple[str, int]:
-    """(path, count) of the repeated decoder layers: the longest ModuleList of the language model (`text_decoder`:
-    a multimodal model's text half, never its vision tower)."""
+    """(path, count) of the repeated decoder layers of the language model (`text_decoder`: a multimodal model's text half,
+    never its vision tower): its outermost ModuleList, the one of the config's layer count where several lie at that
+    depth (Gemma-3n's `altup_projections` beside `layers`), else the longest. Outermost first: a list inside a block is
+    no stack of blocks, however long (LongCat-Flash's blocks each hold two attentions and two MLPs in lists, which the
+    longest list picked at one layer; so would a block's list of experts outnumbering the layers)."""
     import torch
 
     root = text_decoder(model)
     root_name = next((n for n, m in model.named_modules() if m is root), "")
-    best = ("", 0)
-    for name, m in root.named_modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > best[1]:
-            best = (f"{root_name}.{name}" if root_name else name, len(m))
-    return best
+    config = getattr(model, "config", None)
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
+    lists = [(name.count("."), len(m) != layers, -len(m), i, name) for i, (name, m) in enumerate(root.named_modules())
+             if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return "", 0
+    *_, name = min(lists)  # ties: the first in the model's own order
+    return (f"{root_name}.{name}" if root_name else name), len(root.get_submodule(name))
 
 
 def lora_targets(model, lora) -> LoraTargets:

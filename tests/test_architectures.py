@@ -873,3 +873,24 @@ def test_a_model_whose_lm_head_is_called_decoder_still_finds_its_blocks():
     assert decoder_blocks(model) == ("model.layers", 2)
     t = lora_targets(model, LoraSection())
     assert set(t.modules) == {"q_proj", "k_proj", "v_proj", "Wo", "Wi"}, t.describe()
+
+
+def test_the_decoder_blocks_are_the_outermost_list_not_a_longer_one_inside_a_block():
+    """LongCat-Flash's blocks each hold two attentions and two MLPs in ModuleLists: at one layer the longest list was a
+    block's `self_attn` (2), so recompute and the layer count worked on attention modules; GIT's longest list is its
+    vision encoder's (12 layers), not its 2 text layers (a review of issue 20, 2026-12-04)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.models import decoder_blocks
+
+    config = AutoConfig.for_model("longcat_flash", num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=256)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert decoder_blocks(model) == ("model.layers", 1)
+
+    config = AutoConfig.for_model("git", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert decoder_blocks(model) == ("git.encoder.layer", 2)
