@@ -58,7 +58,7 @@ def main() -> None:
             m.scaling["default"] /= factor
     left = dict(states["correct bfloat16"][0])
     name, layer = layers[len(layers) // 2]
-    left[name + ".weight"] = M._dense_weight(layer.get_base_layer().weight).to(torch.bfloat16).cpu()
+    left[name + ".weight"] = M._as_source_layout(layer.get_base_layer(), M._dense_weight(layer.get_base_layer().weight)).to(torch.bfloat16).cpu()
     states[f"left out: {name}"] = (left, torch.bfloat16)
     if uses_4bit(cfg.quant, device):
         requant = copy.deepcopy(model)
@@ -66,7 +66,7 @@ def main() -> None:
         four = dict(states["correct bfloat16"][0])
         for n, m in requant.get_base_model().named_modules():
             if isinstance(m, BaseTunerLayer):
-                four[n + ".weight"] = M._dense_weight(m.get_base_layer().weight).to(torch.bfloat16).cpu()
+                four[n + ".weight"] = M._as_source_layout(m.get_base_layer(), M._dense_weight(m.get_base_layer().weight)).to(torch.bfloat16).cpu()
         states["merged into 4-bit"] = (four, torch.bfloat16)
         del requant
     reference, without = M.reference_logits(model, batch)

@@ -206,16 +206,29 @@ def merged_state_dict(peft_model, dtype) -> tuple[dict, int]:
                         _check_delta(module, adapter, delta, name)
                         w += delta
                         merged += 1
-                state[prefix + "weight"] = w.to(dtype).cpu()
+                state[prefix + "weight"] = _as_source_layout(layer, w).to(dtype).cpu()
                 if getattr(layer, "bias", None) is not None:
                     state[prefix + "bias"] = layer.bias.detach().to(dtype).cpu()
                 continue
             for pname, p in module.named_parameters(recurse=False):
-                state[prefix + pname] = _dense_weight(p).to(dtype).cpu()
+                dense = _dense_weight(p)
+                state[prefix + pname] = (_as_source_layout(module, dense) if pname == "weight" else dense).to(dtype).cpu()
             for bname, b in module.named_buffers(recurse=False):
                 if bname not in module._non_persistent_buffers_set:
                     state[prefix + bname] = (b.to(dtype) if b.is_floating_point() else b).cpu()
     return state, merged
+
+
+def _as_source_layout(layer, w):
+    """A weight in the layout of the plain model's own layer. transformers quantizes a Conv1D (GPT-2's c_attn, c_fc,
+    c_proj: weight [in, out]) into a bitsandbytes Linear4bit/Linear8bitLt (weight [out, in]), transposed, and marks the
+    layer's `source_cls`; dequantized, such a weight (and the LoRA delta PEFT adds to it as a Linear's) is transposed
+    back for the plain model's Conv1D (its square attn.c_proj included, which no shape check could tell)."""
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(layer, "source_cls", None)
+    quantized = type(getattr(layer, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    return w.T.contiguous() if quantized and isinstance(source, type) and issubclass(source, Conv1D) else w
 
 
 def _merge_expert_weights(module, prefix: str, dtype, state: dict) -> int:

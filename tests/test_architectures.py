@@ -809,12 +809,16 @@ def test_a_run_with_random_weights_in_memory_publishes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
-def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_folds(prefect_server, tmp_path, capfd):
+@pytest.mark.parametrize("fallback", ["lora", "qlora"])
+def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_folds(prefect_server, tmp_path, capfd, fallback):
     """GPT-2 keeps its linear layers as transformers' Conv1D (c_attn, c_proj, c_fc: the weight stored [in, out]), which
     PEFT's all-linear counts. A review (2026-12-04): all-linear stopped the run with "nothing to adapt in the decoder blocks
     of this model (linear layers: none); use all-linear"; counted as linear layers, the merge's delta check then took
     PEFT's transposed (fan_in_fan_out) delta for a shape error. The whole flow runs, every Conv1D merged, and PEFT's note
-    that it turned fan_in_fan_out on is not repeated at each wrap."""
+    that it turned fan_in_fan_out on is not repeated at each wrap. Under 4-bit (`qlora`: NF4 on the CPU as on a GPU)
+    transformers quantizes each Conv1D into a Linear4bit, transposed: the merged [out, in] weights did not load into the
+    plain GPT-2's [in, out] Conv1D ("size mismatch for transformer.h.0.attn.c_attn.weight"), found 2026-12-04 by
+    bench/merge_check.py; they are transposed back, the square attn.c_proj too."""
     from flows.finetune import finetune
 
     cfg = {"n_embd": 64, "n_layer": 2, "n_head": 4, "initializer_range": 0.2}
@@ -822,7 +826,7 @@ def test_gpt2s_conv1d_layers_are_linear_layers_all_linear_reaches_and_the_merge_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = finetune(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", "model.name=random:gpt2",
-                                                     f"model.random_config={json.dumps(cfg)}"])
+                                                     f"model.random_config={json.dumps(cfg)}", f"quant.cpu_fallback={fallback}"])
     assert result["status"] == "completed"
     targets = result["stages"]["train"]["outputs"]["lora_targets"]
     assert set(targets["modules"]) == {"c_attn", "c_proj", "c_fc"}, targets
