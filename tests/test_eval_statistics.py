@@ -53,7 +53,8 @@ def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | Non
     monkeypatch.setattr(ev, "reference_nll", fake_reference_nll)
     suite = {"name": name, "rows": rows, "provenance": {"source": "constructed"},
              "subset": {"n": len(rows), "n_full": len(rows), "seed": 0, "max_new_tokens": cap}}
-    return ev.run_benchmark(FakeModel(), tok, suite, [0], EvalSection(), "cpu", log_fn or (lambda m: None), **kwargs), seen
+    model = FakeModel()
+    return ev.run_benchmark(lambda: model, tok, suite, [0], EvalSection(), "cpu", log_fn or (lambda m: None), **kwargs), seen
 
 
 def alpaca_rows(n: int, ref_words: int = 150, seed: int = 0) -> list[dict]:
@@ -218,10 +219,77 @@ def test_a_saved_pass_of_other_prompts_is_not_read_back(monkeypatch, tmp_path):
     logs = []
     res, seen = run(monkeypatch, "alpaca_eval", new, {who: [(f"{who} to new", True)] * n for who in ("base", "tuned")}, nll,
                     parts=tmp_path, log_fn=logs.append)
-    assert [who for who, _ in seen] == ["base", "tuned"] and not any("interrupted run" in m for m in logs), logs
+    assert [who for who, _ in seen] == ["base", "tuned"] and not any("reused" in m for m in logs), logs
+    assert sum("answers to other prompts" in m for m in logs) == 2  # each side said why it is generated again
     assert {d["base"] for d in res["rows"]} == {"base to new"} and {d["tuned"] for d in res["rows"]} == {"tuned to new"}
     res, seen = run(monkeypatch, "alpaca_eval", new, {who: [("unused", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
     assert seen == [] and {d["tuned"] for d in res["rows"]} == {"tuned to new"}  # the same prompts: read back
+
+
+def _saved(n: int, **fields) -> str:
+    return json.dumps({"gens": [{"text": "saved", "stopped": True}] * n, "check": {}, "nll": [[1.0, 1]] * n, "asked": "?", **fields})
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "unreadable: Expecting property name"),
+    (_saved(3), "3 answers where this pass has 4 prompts"),
+    (_saved(4, nll=[[1.0, 1]] * 2), "2 losses where this pass has 4 rows"),
+    (_saved(4, gens=[{"text": "no stop flag"}] * 4), "not in the saved form"),
+    (json.dumps({"answers": []}), "not in the saved form: KeyError 'gens'"),
+    (_saved(4), "answers to other prompts: the benchmark's prompts or references changed since it was saved"),
+])
+def test_a_saved_pass_that_cannot_be_used_is_named_with_why_before_it_is_generated_again(monkeypatch, tmp_path, content, why):
+    """A saved pass that cannot be used (cut mid-write, of another prompt count, of other prompts) was generated again
+    without a word: the log said nothing of the minutes it cost, nor why. One line now says what was found, why it is
+    not used and that it is generated again; a pass never saved says nothing."""
+    rows = alpaca_rows(4)
+    (tmp_path / "alpaca_eval-tuned.json").write_text(content)
+    logs = []
+    res, seen = run(monkeypatch, "alpaca_eval", rows, {who: [(f"{who} now", True)] * 4 for who in ("base", "tuned")},
+                    {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}, parts=tmp_path, log_fn=logs.append)
+    assert [who for who, _ in seen] == ["base", "tuned"] and {d["tuned"] for d in res["rows"]} == {"tuned now"}
+    said = [m for m in logs if "alpaca_eval-tuned.json" in m]
+    assert len(said) == 1, logs
+    assert said[0].startswith(f"evaluate: alpaca_eval tuned: the saved pass {tmp_path / 'alpaca_eval-tuned.json'} is not used (")
+    assert why in said[0] and said[0].endswith("; generating it again")
+    assert not any("alpaca_eval-base.json" in m for m in logs)  # never saved: nothing to say
+
+
+def test_the_batch_size_is_not_in_the_key_of_the_bases_cached_answers(tmp_path):
+    """eval.batch_size was out of stage 5's key (greedy answers do not depend on the batch: evaluate.NOT_MEASURED) but
+    in the key of the base's cached benchmark answers: a new batch size generated the base's answers again, minutes on
+    a GPU, for a setting that only trades memory for speed."""
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    keys = {ev.base_answers_key(data, cfg.model, cfg.quant, cfg.eval.model_copy(update={"batch_size": b}), suite, "cpu", None, CharTok())
+            for b in (1, 16, 1024)}
+    assert len(keys) == 1
+
+
+def test_the_bases_answers_cached_with_the_batch_size_in_their_key_are_still_used(tmp_path):
+    """The base's answers cached while eval.batch_size was in their key (the demo profiles' at 24, demo-gpu's at 1024)
+    are copied under the key without it, once, rather than generated again; the old folder stays for older code."""
+    from tasks.common import building, is_complete
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "eval.batch_size=24"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    args = (data, cfg.model, cfg.quant, cfg.eval, suite, "cpu", None, CharTok())
+    old = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args, batch_size=24)
+    with building(old) as tmp:
+        (tmp / "base.json").write_text(_saved(4))
+    other = cfg.eval.model_copy(update={"batch_size": 16})  # a cache made at 24 is not looked for at 16 (not its old key)
+    assert not is_complete(ev.base_answers_dir(str(tmp_path), data, cfg.model, cfg.quant, other, suite, "cpu", None, CharTok()))
+    folder = ev.base_answers_dir(str(tmp_path), *args)
+    assert folder.name == ev.base_answers_key(*args) != old.name and is_complete(folder) and is_complete(old)
+    assert (folder / "base.json").read_text() == (old / "base.json").read_text()
+    assert ev.base_answers_dir(str(tmp_path), data, cfg.model, cfg.quant, other, suite, "cpu", None, CharTok()) == folder
 
 
 # ---------------------------------------------------------------------------------------------------------
