@@ -204,6 +204,9 @@ NOT_MEASURED = {"samples", "batch_size"}
 # recomputes the statistics from the answers already generated, with no model loaded. Every other eval setting picks
 # the prompts, their caps or the references, so the answers or losses themselves.
 STATISTICS_ONLY = {"confidence"}
+# The libraries that render the prompts and generate and score the answers and losses: with the machine, in the key of
+# every cache of answers (`answers_made_on`), not in the stage's.
+ANSWER_LIBRARIES = ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate")
 # The libraries that score each benchmark: a new checker or metric version can change a score, so it re-scores (in the
 # stage's key, not in its saved passes': the answers are scored again, not generated again).
 SCORERS = {"ifeval": ("if-verifiable", "nltk", "langdetect", "absl-py", "immutabledict"), "alpaca_eval": ("rouge-score", "nltk", "sacrebleu")}
@@ -221,9 +224,21 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
 def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, device: str) -> str:
     """The key of stage 5's saved passes (`cache/eval-parts/<key>/`: each model's answers, losses and decode check on the
     held-out rows and on each benchmark): the stage's key less what only scores or summarises the answers
-    (STATISTICS_ONLY, the scorer libraries), so a change of those recomputes the record from the passes already made."""
+    (STATISTICS_ONLY, the scorer libraries), so a change of those recomputes the record from the passes already made;
+    plus the machine and the generating libraries (`answers_made_on`), as the base's cached answers have them. The
+    passes outlive the run that made them, like that cache: a pass made on another GPU or under another transformers is
+    generated again there, so the answers one record pairs (base and tuned, held-out and benchmarks) all come from one
+    machine and one set of libraries, and a library upgrade (the usual fix of a GENERATION BROKEN) is not served the
+    answers made before it. The stage's own key stays without them: its record is reused on any machine, as before."""
     return fingerprint("eval-passes", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
-                       resolve_device(device))
+                       resolve_device(device), *answers_made_on(device))
+
+
+def answers_made_on(device: str) -> list:
+    """The machine (GPU name, memory and count; or CPU model, cores and torch) and the library versions that generate
+    and score stage 5's answers and losses: greedy answers follow both (another GPU's kernels, a new transformers), so
+    every cache of answers is keyed on them (`base_answers_key`, `passes_key`)."""
+    return [hardware_id(resolve_device(device)), {dist: _version(dist) for dist in ANSWER_LIBRARIES}]
 
 
 def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str]) -> list:
@@ -302,13 +317,14 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     for j, i in enumerate(loss_rows):
         groups.setdefault(source_of[i], []).append(j)
 
-    base_caches = {name: base_answers_dir(artifacts_dir, data, model_cfg, quant, eval, suite, device, system_prompt, tok)
+    base_caches = {name: base_answers_dir(artifacts_dir, data, model_cfg, quant, eval, suite, device, system_prompt, tok, log_fn)
                    for name, suite in suites.items()}
-    # Each pass's answers as it ends, under the key of what makes them (`passes_key`): a run stopped partway (a crash, a
-    # killed job, a lost machine) redoes only the passes it had not finished, and a run at another eval.confidence (or
-    # scorer version) generates none. Kept once the stage's record is written, marked complete.
+    # Each pass's answers as it ends, under the key of what makes them (`passes_key`, the machine and libraries included):
+    # a run stopped partway (a crash, a killed job, a lost machine) redoes only the passes it had not finished, and a run
+    # at another eval.confidence (or scorer version) generates none. Kept once the stage's record is written, marked
+    # complete when every pass is in (a pass whose decode check failed is not saved).
     parts = stage_dir(artifacts_dir, "eval-parts", passes_key(data, train, quant, eval, device))
-    plan = plan_generation(n, eval.max_new_tokens, suites, base_caches, parts)
+    plan = plan_generation(n, eval.max_new_tokens, suites, base_caches, parts, heldout_losses=len(loss_rows))
     if plan:
         load_model()  # before the bar draws: the weights' own loading bar stays off it
     # The passes that move the bar; it closes on the way out, an exception's too, so an error starts a line of its own.
@@ -329,7 +345,10 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                     check = {}
                     gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device,
                                     check, bar.part(f"held-out {name}", n * eval.max_new_tokens))
-                write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
+                if _decode_broken(check):  # not the model's answers: not kept for a later run
+                    log_fn(f"evaluate: held-out {name}: not saved for a later run (its decode check failed: GENERATION BROKEN)")
+                else:
+                    write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
             loss = mean_nll(nll[:n])
             by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
             results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
@@ -415,7 +434,9 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                                        "generations": {k: [g["text"] for g in v["gens"]] for k, v in results.items()},
                                        "benchmark_rows": {k: v["rows"] for k, v in bench_results.items()}})
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
-    (parts / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")  # every pass of this evaluation is saved
+    names = ["held-out-base", "held-out-tuned"] + [f"{b}-{who}" for b in suites for who in ("base", "tuned")]
+    if all((parts / f"{part}.json").is_file() for part in names):  # every pass of this evaluation is saved (none broken)
+        (parts / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return rec
 
 
@@ -487,19 +508,33 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
-def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path],
-                    done: Path | None = None) -> dict[str, int]:
-    """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
-    answers x their token cap. A benchmark's base side already cached (`base_answers_key`) generates nothing, nor does a
-    pass an earlier run of the stage saved in `done` (its parts folder, `passes_key`): left out."""
-    def saved(part: str) -> bool:
-        return done is not None and (done / f"{part.replace(' ', '-')}.json").is_file()
+def _asked(rows: list[dict]) -> str:
+    """The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
+    updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back."""
+    return fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
 
-    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}")}
+
+def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path],
+                    done: Path | None = None, heldout_losses: int | None = None) -> dict[str, int]:
+    """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
+    answers x their token cap. A pass an earlier run of the stage saved in `done` (its parts folder, `passes_key`) and
+    a benchmark's base side already cached (`base_answers_key`) generate nothing: left out, when the stage will read
+    them back (`_read_side`, the test the reading uses: `heldout_losses` = the held-out pass's loss rows), so a model
+    loaded for a pass the plan left out never loads under the bar."""
+    def usable(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> bool:
+        return isinstance(_read_side(path, n, n_nll, asked), dict)
+
+    def saved(part: str, n: int, n_nll: int | None, asked: str | None = None) -> bool:
+        return done is not None and usable(done / f"{part.replace(' ', '-')}.json", n, n_nll, asked)
+
+    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}", n_heldout, heldout_losses)}
     for name, suite in suites.items():
+        rows = suite["rows"]
+        n_nll = len(rows) if name == "alpaca_eval" else None
         for who in ("base", "tuned"):
-            if not (who == "base" and is_complete(base_caches[name])) and not saved(f"{name} {who}"):
-                parts[f"{name} {who}"] = len(suite["rows"]) * suite["subset"]["max_new_tokens"]
+            cached = who == "base" and is_complete(base_caches[name]) and usable(base_caches[name] / "base.json", len(rows), n_nll)
+            if not cached and not saved(f"{name} {who}", len(rows), n_nll, _asked(rows)):
+                parts[f"{name} {who}"] = len(rows) * suite["subset"]["max_new_tokens"]
     return parts
 
 
@@ -783,7 +818,6 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     (`base_answers_dir` reads a cache made then)."""
     import inspect
 
-    libs = {dist: _version(dist) for dist in ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate")}
     prompts = [tok.apply_chat_template(benchmark_conversation(r["prompt"], system_prompt), tokenize=False, add_generation_prompt=True)
                for r in suite["rows"]]
     fed = {"prompts": tok(prompts, add_special_tokens=False)["input_ids"], "pad": tok.pad_token_id, "stop": data.stop_token_ids}
@@ -794,32 +828,42 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
     return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
                        quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
-                       *before, hardware_id(resolve_device(device)), libs)
+                       *before, *answers_made_on(device))
 
 
 def base_answers_dir(artifacts_dir: str, data: DataRecord, model_cfg: ModelSection, quant: QuantSection, eval: EvalSection, suite: dict,
-                     device: str, system_prompt: str | None, tok) -> Path:
+                     device: str, system_prompt: str | None, tok, log_fn: Callable[[str], object] = lambda m: None) -> Path:
     """The folder of the base's cached side of one benchmark (`base_answers_key`). A side cached while eval.batch_size was
     in that key, under this run's batch size, is copied in once (the old folder stays, for an older checkout): leaving
-    the batch size out of the key costs nobody the base's answers already made. Drop the copy at the next
-    BASE_ANSWERS_VERSION: no cache of that version holds a batch size."""
+    the batch size out of the key costs nobody the base's answers already made. One that cannot be used (base.json
+    missing or unreadable beside its COMPLETE, not of these prompts) is not copied, in one line; the side is then made
+    as if none were cached. Drop the copy at the next BASE_ANSWERS_VERSION: no cache of that version holds a batch size."""
     folder = stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
     if is_complete(folder):
         return folder
     before = stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok,
                                                                     batch_size=eval.batch_size))
     if is_complete(before):
+        n = len(suite["rows"])
+        why = _read_side(before / "base.json", n, n if suite["name"] == "alpaca_eval" else None)
         with locked(folder):
-            if not is_complete(folder):
-                with building(folder) as tmp:
-                    shutil.copy2(before / "base.json", tmp / "base.json")
+            if isinstance(why, dict) and not is_complete(folder):
+                try:
+                    with building(folder) as tmp:
+                        shutil.copy2(before / "base.json", tmp / "base.json")
+                except OSError as e:  # read above, gone or unreadable since
+                    why = f"unreadable: {e}"
+        if isinstance(why, str):
+            log_fn(f"evaluate: {suite['name']}: the base's answers cached while eval.batch_size was in their key ({before}) are not "
+                   f"copied ({why})")
     return folder
 
 
 def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> dict | str:
     """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used, in words: unreadable, or
     not of these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those
-    prompts."""
+    prompts, or answers whose decode check failed (not the model's: this code saves none, a pass saved by older code
+    may hold some)."""
     try:
         saved = read_json(path)
         gens, nll = saved["gens"], saved["nll"] if n_nll is not None else None
@@ -832,6 +876,9 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
             return "answers, losses or decode check not in the saved form"
         if asked is not None and saved.get("asked") != asked:
             return "answers to other prompts: the benchmark's prompts or references changed since it was saved"
+        if _decode_broken(saved["check"]):
+            return (f"its decode check failed, {saved['check']['agree']} of {saved['check']['tokens']} greedy tokens agreeing "
+                    "(GENERATION BROKEN): not the model's answers")
     except (OSError, ValueError) as e:
         return f"unreadable: {e}"
     except (KeyError, TypeError) as e:
@@ -839,15 +886,16 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
     return saved
 
 
-def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: str | None = None) -> dict | None:
+def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: str | None = None,
+               then: str = "generating it again") -> dict | None:
     """A pass saved by an earlier run of this stage (`passes_key`), or None: none saved, or one that cannot be used,
-    which is said in one line before the pass is generated again."""
+    which is said in one line ending in what is done instead (`then`)."""
     if not path.is_file():
         return None
     saved = _read_side(path, n, n_nll, asked)
     if isinstance(saved, dict):
         return saved
-    log_fn(f"evaluate: {what}: the saved pass {path} is not used ({saved}); generating it again")
+    log_fn(f"evaluate: {what}: the saved pass {path} is not used ({saved}); {then}")
     return None
 
 
@@ -860,69 +908,98 @@ def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | 
     return saved
 
 
+def _keep_base_side(base_cache: Path, side: dict, name: str, **made) -> None:
+    """Cache the base's side of benchmark `name` ({"gens", "check", "nll"}) under `base_answers_key`, replacing what is
+    there (unusable, or written meanwhile by a run with the same key: the same answers). Never a broken decode."""
+    with locked(base_cache):
+        if is_complete(base_cache):
+            shutil.rmtree(base_cache)
+        with building(base_cache) as tmp:
+            write_json(tmp / "base.json", {"gens": side["gens"], "check": side["check"], "nll": side.get("nll"),
+                                           "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name, **made}})
+
+
+def _recache_base_side(base_cache: Path | None, side: dict, part: Path, name: str, n_nll: int | None, log_fn) -> None:
+    """The base's side read from a saved pass, cached again under `base_answers_key` where that cache is missing or
+    unusable and the pass was made under the same key (`base_key`: the same base, token ids, code, machine and libraries),
+    so the next adapter on this base reads it there and no run repeats the cache's fault."""
+    if base_cache is None or side.get("base_key") != base_cache.name:
+        return
+    why = _read_side(base_cache / "base.json", len(side["gens"]), n_nll) if is_complete(base_cache) else "none cached"
+    if isinstance(why, dict):
+        return
+    _keep_base_side(base_cache, side, name, copied_from=str(part))
+    log_fn(f"evaluate: {name}: the base model's answers cached again in {base_cache} from this stage's saved pass ({why})")
+
+
 def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn,
                   system_prompt: str | None = None, base_cache: Path | None = None, bar: EvalBar | None = None, parts: Path | None = None) -> dict:
     """Base then tuned on one benchmark, prompted as the published model is (`benchmark_conversation`); returns
     {"summary": small JSON for the record, "rows": per-prompt detail}. `load_model()` gives base + adapter (a PeftModel:
-    the base is it with the adapter disabled); it is called only for a side that is generated. `base_cache` (keyed by
+    the base is it with the adapter disabled); it is called only for a side that is generated. `parts` (the stage's
+    folder of finished passes, `passes_key`): each side is saved there as it ends, the base's too when it came from its
+    cache, and read back first by a later run of the stage (an interrupted one, one at another eval.confidence), so a
+    finished side is not generated again and a statistics-only rerun needs nothing else. `base_cache` (keyed by
     `base_answers_key`) holds the base's answers, reference losses and decode check once computed; a later run reads
-    them back. `parts` (the stage's folder of finished passes, `passes_key`): each side is saved there as it ends and
-    read back by a later run of the stage (an interrupted one, one at another eval.confidence), so a finished side is
-    not generated again. `bar`: stage 5's progress bar, advanced batch by batch."""
+    them back when its passes hold no base side. A side whose decode check failed is kept in neither. `bar`: stage 5's
+    progress bar, advanced batch by batch."""
     import torch
 
     name, rows = suite["name"], suite["rows"]
     prompts = [r["prompt"] for r in rows]
     cap = suite["subset"]["max_new_tokens"]
+    n_nll = len(rows) if name == "alpaca_eval" else None  # AlpacaEval's sides carry the reference losses
     t0 = time.monotonic()
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
-    # The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
-    # updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back.
-    asked = fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
+    asked = _asked(rows)
     for who in ("base", "tuned"):
+        part = parts / f"{name}-{who}.json" if parts is not None else None
         cached = who == "base" and base_cache is not None and is_complete(base_cache)
-        saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if cached else None
-        if saved is not None:
-            reused = base_cache.name
-            gens["base"], checks["base"] = saved["gens"], saved["check"]
-            if name == "alpaca_eval":
-                nll["base"] = [tuple(x) for x in saved["nll"]]
+        then = f"reading the base's cached answers ({base_cache})" if cached else "generating it again"
+        # The stage's saved pass first: it was made with the record's other passes, on one machine and set of libraries.
+        side = _read_part(part, f"{name} {who}", len(rows), n_nll, log_fn, asked, then) if part is not None else None
+        origin = "pass" if side is not None else None
+        if side is not None:
+            log_fn(f"evaluate: {name}: the {who} model's answers reused from this stage's saved pass ({parts})")
+            if who == "base":
+                reused = side.get("reused")  # where the pass's base side came from
+                _recache_base_side(base_cache, side, part, name, n_nll, log_fn)
+        elif cached and (side := _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn)) is not None:
+            origin, reused = "cache", base_cache.name
             log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache}: same base, "
                    "prompt and reference token ids, decoding, code, machine and libraries)")
-            if bar is not None:
-                bar.skip(f"{name} base")
-            continue
-        part = parts / f"{name}-{who}.json" if parts is not None else None
-        n_nll = len(rows) if name == "alpaca_eval" else None  # AlpacaEval's sides carry the reference losses
-        resumed = _read_part(part, f"{name} {who}", len(rows), n_nll, log_fn, asked) if part is not None else None
-        if resumed is not None:
-            gens[who], checks[who] = resumed["gens"], resumed["check"]
+        if side is not None:
+            gens[who], checks[who] = side["gens"], side["check"]
             if name == "alpaca_eval":
-                nll[who] = [tuple(x) for x in resumed["nll"]]
-            log_fn(f"evaluate: {name}: the {who} model's answers reused from this stage's saved pass ({parts})")
+                nll[who] = [tuple(x) for x in side["nll"]]
             if bar is not None:
                 bar.skip(f"{name} {who}")
+        else:
+            model = load_model()
+            ctx = model.disable_adapter() if who == "base" else _nullcontext()
+            with ctx, torch.inference_mode():
+                progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
+                gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size,
+                                     device, checks[who], progress)
+                if name == "alpaca_eval":
+                    if bar is not None:
+                        bar.describe(f"{name} {who} reference loss")
+                    nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size,
+                                             device, system_prompt)
+        if origin == "pass":
             continue
-        model = load_model()
-        ctx = model.disable_adapter() if who == "base" else _nullcontext()
-        with ctx, torch.inference_mode():
-            progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
-            gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device,
-                                 checks[who], progress)
-            if name == "alpaca_eval":
-                if bar is not None:
-                    bar.describe(f"{name} {who} reference loss")
-                nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
+        made = {"gens": gens[who], "check": checks[who], "nll": nll.get(who)}
+        if _decode_broken(checks[who]):  # not the model's answers: kept in neither the passes nor the base's cache
+            log_fn(f"evaluate: {name} {who}: not saved for a later run (its decode check failed: GENERATION BROKEN)")
+            continue
+        if origin is None and who == "base" and base_cache is not None:
+            _keep_base_side(base_cache, made, name)
         if part is not None:
-            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who), "asked": asked})
-        if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
-            with locked(base_cache):
-                if is_complete(base_cache):
-                    shutil.rmtree(base_cache)  # unusable (read above), or written meanwhile by a run with the same key: same answers
-                with building(base_cache) as tmp:
-                    write_json(tmp / "base.json", {"gens": gens["base"], "check": checks["base"], "nll": nll.get("base"),
-                                                   "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name}})
+            # The base's side is saved whatever its origin: a later run of these passes reads it here, not from a cache
+            # keyed otherwise (`base_key`: the cache it belongs in; `reused`: the one it came from, if any).
+            extra = {"base_key": base_cache.name if base_cache is not None else None, "reused": reused} if who == "base" else {}
+            write_json(part, {**made, "asked": asked, **extra})
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
                      "system_prompt": system_prompt, "decode_check": checks, "base_reused": reused}

@@ -378,7 +378,8 @@ def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monk
     """Stage 5 saves each pass (a model's answers, losses and decode check) under `passes_key`. eval.confidence only sets
     the level of the intervals and tests, and a scorer library only scores the answers: both re-run the stage (its
     record changes) but were in the passes' key too, so a new value generated every pass again. They are out of it
-    now; eval.batch_size and eval.samples are in neither key; every other eval key changes the answers or losses."""
+    now; eval.batch_size and eval.samples are in neither key; every other eval key changes the answers or losses, and so
+    do the machine and the libraries that generate them (in the passes' key only)."""
     from importlib import metadata
 
     from tasks import evaluate
@@ -407,6 +408,16 @@ def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monk
     monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d in ("if-verifiable", "sacrebleu") else real(d))
     stage, passes = keys()
     assert stage != stage0 and passes == passes0  # answers scored again, not generated again
+    # The machine and the generating libraries: in the passes' key, as in the base's cached answers' (the answers follow
+    # them, and kept passes outlive their run as that cache does), not in the stage's (its record is reused anywhere).
+    monkeypatch.setattr(metadata, "version", real)
+    monkeypatch.setattr(evaluate, "hardware_id", lambda device: "cuda:another GPU:x2")
+    assert keys()[0] == stage0 and keys()[1] != passes0
+    monkeypatch.undo()
+    assert keys() == (stage0, passes0)
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "transformers" else real(d))
+    assert keys()[0] == stage0 and keys()[1] != passes0
+    assert set(evaluate.ANSWER_LIBRARIES) >= {"torch", "transformers", "tokenizers", "peft", "bitsandbytes"}
 
 
 # ---------------------------------------------------------------------------------------------------------
