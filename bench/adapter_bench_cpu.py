@@ -91,7 +91,7 @@ def main() -> None:
                                                           "tuned": sum(s for s, _ in tuned) / sum(tokens)},
                                        "per_prompt": {"base": [s for s, _ in base], "tuned": [s for s, _ in tuned], "tokens": tokens}}
         else:
-            res = run_benchmark(model, tok, suite, data.stop_token_ids, cfg.eval, "cpu", print, cfg.data.system_prompt,
+            res = run_benchmark(lambda: model, tok, suite, data.stop_token_ids, cfg.eval, "cpu", print, cfg.data.system_prompt,
                                 base_cache=base_dir)
             if res["summary"]["base_reused"] is None:  # the cached side was refused (log above): both sides came from this CPU
                 res["summary"]["note"] = "base side regenerated on this CPU: the device's cache did not fit these rows"

@@ -21,6 +21,7 @@ User datasets without checkers get loss/perplexity, the samples and the benchmar
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -32,7 +33,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
+from .common import COMPLETE, building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -186,10 +187,28 @@ def mcnemar_exact(base: list[bool], tuned: list[bool], confidence: float = 0.95)
             "test": "exact McNemar", "discordant": {"tuned_only": t_only, "base_only": b_only}, "verdict": verdict}
 
 
-# Settings that change how the stage runs, not what it measures: out of the key (greedy decoding gives the same
-# answers in any batch size; every held-out sample is stored and `samples` only picks how many the report shows).
+# Settings that change how the stage runs, not what it measures: in no key (not the stage's, not its saved passes', not
+# the base's cached answers'). Every held-out sample is stored and `samples` only picks how many the report shows.
+# `batch_size`: greedy decoding gives a prompt the same answer in any batch, up to floating-point noise. `generate` pads
+# on the left with an attention mask, and transformers' generate derives the position ids from that mask (cumsum - 1),
+# so a padded row sees the positions and attends to the tokens it would alone; a row that stopped decodes pad tokens
+# that are cut off; `row_nll` pads on the right, behind every scored token. What the batch does change is the kernels'
+# shapes (rows, padded length), so the order of floating-point sums: in bf16 a near-tie between two tokens can flip and
+# the greedy answer goes on differently from there. That is noise of the kind another GPU's kernels give, not a
+# measured difference (`decode_check` bounds it; with a batch under DECODE_CHECK_ROWS it re-reads that many rows of
+# the same answers), and keying on it would generate minutes of the base's answers again for a setting that only
+# trades memory for speed.
 NOT_MEASURED = {"samples", "batch_size"}
-# The libraries that score each benchmark: a new checker or metric version can change a score, so it re-evaluates.
+# Settings that only change the statistics computed from the answers (the level of the intervals and of the tests'
+# thresholds): in the stage's key (its record changes), not in its saved passes' (`passes_key`), so a new value
+# recomputes the statistics from the answers already generated, with no model loaded. Every other eval setting picks
+# the prompts, their caps or the references, so the answers or losses themselves.
+STATISTICS_ONLY = {"confidence"}
+# The libraries that render the prompts and generate and score the answers and losses: with the machine, in the key of
+# every cache of answers (`answers_made_on`), not in the stage's.
+ANSWER_LIBRARIES = ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate")
+# The libraries that score each benchmark: a new checker or metric version can change a score, so it re-scores (in the
+# stage's key, not in its saved passes': the answers are scored again, not generated again).
 SCORERS = {"ifeval": ("if-verifiable", "nltk", "langdetect", "absl-py", "immutabledict"), "alpaca_eval": ("rouge-score", "nltk", "sacrebleu")}
 
 
@@ -198,10 +217,35 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # adapters of different step counts (and verdicts). Benchmark files are keyed by content (sha256), so a new copy
     # of a benchmark re-runs the stage; the subset sizes and seed are part of eval's dump, and each benchmark's cap is
     # keyed as resolved (a cap eval.benchmark_max_new_tokens leaves unset is the benchmark's own, which can change).
+    return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED), scorer_versions(eval.benchmarks),
+                       resolve_device(device))
+
+
+def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, device: str) -> str:
+    """The key of stage 5's saved passes (`cache/eval-parts/<key>/`: each model's answers, losses and decode check on the
+    held-out rows and on each benchmark): the stage's key less what only scores or summarises the answers
+    (STATISTICS_ONLY, the scorer libraries), so a change of those recomputes the record from the passes already made;
+    plus the machine and the generating libraries (`answers_made_on`), as the base's cached answers have them. The
+    passes outlive the run that made them, like that cache: a pass made on another GPU or under another transformers is
+    generated again there, so the answers one record pairs (base and tuned, held-out and benchmarks) all come from one
+    machine and one set of libraries, and a library upgrade (the usual fix of a GENERATION BROKEN) is not served the
+    answers made before it. The stage's own key stays without them: its record is reused on any machine, as before."""
+    return fingerprint("eval-passes", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
+                       resolve_device(device), *answers_made_on(device))
+
+
+def answers_made_on(device: str) -> list:
+    """The machine (GPU name, memory and count; or CPU model, cores and torch) and the library versions that generate
+    and score stage 5's answers and losses: greedy answers follow both (another GPU's kernels, a new transformers), so
+    every cache of answers is keyed on them (`base_answers_key`, `passes_key`)."""
+    return [hardware_id(resolve_device(device)), {dist: _version(dist) for dist in ANSWER_LIBRARIES}]
+
+
+def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str]) -> list:
+    """What stage 5's answers and losses depend on besides the device, in the order the stage's key has always hashed them."""
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
-    return fingerprint("eval", EVAL_VERSION, data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir),
-                       quant.model_dump(mode="json"), eval.model_dump(mode="json", exclude=NOT_MEASURED), sources,
-                       benchmark_caps(eval), scorer_versions(eval.benchmarks), resolve_device(device))
+    return [data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir), quant.model_dump(mode="json"),
+            eval.model_dump(mode="json", exclude=exclude), sources, benchmark_caps(eval)]
 
 
 def benchmark_caps(eval: EvalSection) -> dict[str, int]:
@@ -248,7 +292,6 @@ def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantS
 
 def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_dir, log_fn, system_prompt=None) -> EvalRecord:
     import torch
-    from peft import PeftModel
 
     maybe_fault("evaluate")
     t0 = time.monotonic()
@@ -256,10 +299,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     suites = load_suites(eval, artifacts_dir)
     ref = resolve_model(model_cfg, artifacts_dir)
     tok = load_tokenizer(ref, model_cfg)
-    with quiet_transformers():
-        base = load_base_model(ref, model_cfg, quant, device)
-        model = PeftModel.from_pretrained(base, train.adapter_dir)
-    model.eval()
+    load_model = _model_loader(ref, model_cfg, quant, device, train.adapter_dir)
 
     held = load_split(data, "heldout")
     meta_all = load_heldout_meta(data)
@@ -277,21 +317,27 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     for j, i in enumerate(loss_rows):
         groups.setdefault(source_of[i], []).append(j)
 
-    base_caches = {name: stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
+    base_caches = {name: base_answers_dir(artifacts_dir, data, model_cfg, quant, eval, suite, device, system_prompt, tok, log_fn)
                    for name, suite in suites.items()}
-    # Each pass's answers as it ends, under this stage's own key: a run stopped partway (a crash, a killed job, a lost
-    # machine) redoes only the passes it had not finished. Removed once the stage's record is written.
-    parts = stage_dir(artifacts_dir, "eval-parts", key)
+    # Each pass's answers as it ends, under the key of what makes them (`passes_key`, the machine and libraries included):
+    # a run stopped partway (a crash, a killed job, a lost machine) redoes only the passes it had not finished, and a run
+    # at another eval.confidence (or scorer version) generates none. Kept once the stage's record is written, marked
+    # complete when every pass is in (a pass whose decode check failed is not saved).
+    parts = stage_dir(artifacts_dir, "eval-parts", passes_key(data, train, quant, eval, device))
+    plan = plan_generation(n, eval.max_new_tokens, suites, base_caches, parts, heldout_losses=len(loss_rows))
+    if plan:
+        load_model()  # before the bar draws: the weights' own loading bar stays off it
     # The passes that move the bar; it closes on the way out, an exception's too, so an error starts a line of its own.
-    with EvalBar(plan_generation(n, eval.max_new_tokens, suites, base_caches, parts)) as bar:
+    with EvalBar(plan) as bar:
         results = {}
         for name in ("base", "tuned"):
-            saved = _read_side(parts / f"held-out-{name}.json", n, len(loss_rows))
-            if isinstance(saved, dict):
+            saved = _read_part(parts / f"held-out-{name}.json", f"held-out {name}", n, len(loss_rows), log_fn)
+            if saved is not None:
                 nll, gens, check = [tuple(x) for x in saved["nll"]], saved["gens"], saved["check"]
-                log_fn(f"evaluate: held-out {name}: answers and losses reused from this stage's interrupted run ({parts})")
+                log_fn(f"evaluate: held-out {name}: answers and losses reused from this stage's saved pass ({parts})")
                 bar.skip(f"held-out {name}")
             else:
+                model = load_model()
                 ctx = model.disable_adapter() if name == "base" else _nullcontext()
                 with ctx, torch.inference_mode():
                     bar.describe(f"held-out {name} loss")
@@ -299,7 +345,10 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                     check = {}
                     gens = generate(model, tok, [m["messages"] for m in meta[:n]], data.stop_token_ids, eval.max_new_tokens, eval.batch_size, device,
                                     check, bar.part(f"held-out {name}", n * eval.max_new_tokens))
-                write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
+                if _decode_broken(check):  # not the model's answers: not kept for a later run
+                    log_fn(f"evaluate: held-out {name}: not saved for a later run (its decode check failed: GENERATION BROKEN)")
+                else:
+                    write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
             loss = mean_nll(nll[:n])
             by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
             results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
@@ -307,8 +356,10 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                    f"{sum(g['stopped'] for g in gens)}/{n} generations stopped by EOS")
         bench_results = {}
         for name, suite in suites.items():
-            bench_results[name] = run_benchmark(model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
+            bench_results[name] = run_benchmark(load_model, tok, suite, data.stop_token_ids, eval, device, log_fn, system_prompt,
                                                 base_cache=base_caches[name], bar=bar, parts=parts)
+    if not load_model.cache_info().currsize:
+        log_fn(f"evaluate: every pass read back ({parts}): statistics computed at confidence {eval.confidence} without loading the model")
 
     has_checkers = data.has_checkers and all("check" in m for m in meta[:n])
     summary = {}
@@ -383,8 +434,23 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                                        "generations": {k: [g["text"] for g in v["gens"]] for k, v in results.items()},
                                        "benchmark_rows": {k: v["rows"] for k, v in bench_results.items()}})
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
-    shutil.rmtree(parts, ignore_errors=True)  # the record holds it all now
+    names = ["held-out-base", "held-out-tuned"] + [f"{b}-{who}" for b in suites for who in ("base", "tuned")]
+    if all((parts / f"{part}.json").is_file() for part in names):  # every pass of this evaluation is saved (none broken)
+        (parts / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return rec
+
+
+def _model_loader(ref, model_cfg: ModelSection, quant: QuantSection, device: str, adapter_dir: str) -> Callable[[], object]:
+    """Base + adapter (a PeftModel in eval mode), loaded on the first call, for the first pass that is generated: a run
+    that finds every pass saved (another eval.confidence) loads no model."""
+    @functools.cache
+    def load():
+        from peft import PeftModel
+
+        with quiet_transformers():
+            return PeftModel.from_pretrained(load_base_model(ref, model_cfg, quant, device), adapter_dir).eval()
+
+    return load
 
 
 class _nullcontext:
@@ -442,19 +508,33 @@ def mean_nll(rows: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in rows) / max(sum(c for _, c in rows), 1)
 
 
-def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path],
-                    done: Path | None = None) -> dict[str, int]:
-    """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
-    answers x their token cap. A benchmark's base side already cached (`base_answers_key`) generates nothing, nor does a
-    pass an interrupted run of the stage saved in `done` (its parts folder): left out."""
-    def saved(part: str) -> bool:
-        return done is not None and (done / f"{part.replace(' ', '-')}.json").is_file()
+def _asked(rows: list[dict]) -> str:
+    """The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
+    updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back."""
+    return fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
 
-    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}")}
+
+def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], base_caches: dict[str, Path],
+                    done: Path | None = None, heldout_losses: int | None = None) -> dict[str, int]:
+    """Stage 5's generation work, known before any of it runs: part ("held-out base", "ifeval tuned", ...) -> its
+    answers x their token cap. A pass an earlier run of the stage saved in `done` (its parts folder, `passes_key`) and
+    a benchmark's base side already cached (`base_answers_key`) generate nothing: left out, when the stage will read
+    them back (`_read_side`, the test the reading uses: `heldout_losses` = the held-out pass's loss rows), so a model
+    loaded for a pass the plan left out never loads under the bar."""
+    def usable(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> bool:
+        return isinstance(_read_side(path, n, n_nll, asked), dict)
+
+    def saved(part: str, n: int, n_nll: int | None, asked: str | None = None) -> bool:
+        return done is not None and usable(done / f"{part.replace(' ', '-')}.json", n, n_nll, asked)
+
+    parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}", n_heldout, heldout_losses)}
     for name, suite in suites.items():
+        rows = suite["rows"]
+        n_nll = len(rows) if name == "alpaca_eval" else None
         for who in ("base", "tuned"):
-            if not (who == "base" and is_complete(base_caches[name])) and not saved(f"{name} {who}"):
-                parts[f"{name} {who}"] = len(suite["rows"]) * suite["subset"]["max_new_tokens"]
+            cached = who == "base" and is_complete(base_caches[name]) and usable(base_caches[name] / "base.json", len(rows), n_nll)
+            if not cached and not saved(f"{name} {who}", len(rows), n_nll, _asked(rows)):
+                parts[f"{name} {who}"] = len(rows) * suite["subset"]["max_new_tokens"]
     return parts
 
 
@@ -728,39 +808,95 @@ LENGTH_SENSITIVE = ("rouge_l_uncut", "chrf_uncut")  # reported, never judged: th
 
 
 def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSection, eval: EvalSection, suite: dict, device: str,
-                     system_prompt: str | None, tok) -> str:
+                     system_prompt: str | None, tok, *, batch_size: int | None = None) -> str:
     """What the base model's side of one benchmark depends on: the base weights and how they are loaded, the token ids
     generation and scoring are fed (each prompt rendered and tokenized as `generate` does, AlpacaEval's references as
-    `reference_nll` does, pad and stop ids: whatever tokenizer or template code made them), greedy decoding's cap and
-    batches, the code that generates and scores, the machine and the libraries. Not the adapter, not the data: a
-    retrained adapter on the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them
-    again."""
+    `reference_nll` does, pad and stop ids: whatever tokenizer or template code made them), greedy decoding's cap, the
+    code that generates and scores, the machine and the libraries. Not the adapter, not the data: a retrained adapter on
+    the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them again. Not the batch
+    size (NOT_MEASURED says why); `batch_size` given = the key as it was made while eval.batch_size was in it
+    (`base_answers_dir` reads a cache made then)."""
     import inspect
 
-    libs = {dist: _version(dist) for dist in ("torch", "transformers", "tokenizers", "jinja2", "peft", "bitsandbytes", "accelerate")}
     prompts = [tok.apply_chat_template(benchmark_conversation(r["prompt"], system_prompt), tokenize=False, add_generation_prompt=True)
                for r in suite["rows"]]
     fed = {"prompts": tok(prompts, add_special_tokens=False)["input_ids"], "pad": tok.pad_token_id, "stop": data.stop_token_ids}
     if suite["name"] == "alpaca_eval":
         fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
     code = [inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)]
+    before = [] if batch_size is None else [batch_size]
     # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
     return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
                        quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
-                       eval.batch_size, hardware_id(resolve_device(device)), libs)
+                       *before, *answers_made_on(device))
+
+
+def base_answers_dir(artifacts_dir: str, data: DataRecord, model_cfg: ModelSection, quant: QuantSection, eval: EvalSection, suite: dict,
+                     device: str, system_prompt: str | None, tok, log_fn: Callable[[str], object] = lambda m: None) -> Path:
+    """The folder of the base's cached side of one benchmark (`base_answers_key`). A side cached while eval.batch_size was
+    in that key, under this run's batch size, is copied in once (the old folder stays, for an older checkout): leaving
+    the batch size out of the key costs nobody the base's answers already made. One that cannot be used (base.json
+    missing or unreadable beside its COMPLETE, not of these prompts) is not copied, in one line; the side is then made
+    as if none were cached. Drop the copy at the next BASE_ANSWERS_VERSION: no cache of that version holds a batch size."""
+    folder = stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok))
+    if is_complete(folder):
+        return folder
+    before = stage_dir(artifacts_dir, "eval-base", base_answers_key(data, model_cfg, quant, eval, suite, device, system_prompt, tok,
+                                                                    batch_size=eval.batch_size))
+    if is_complete(before):
+        n = len(suite["rows"])
+        why = _read_side(before / "base.json", n, n if suite["name"] == "alpaca_eval" else None)
+        with locked(folder):
+            if isinstance(why, dict) and not is_complete(folder):
+                try:
+                    with building(folder) as tmp:
+                        shutil.copy2(before / "base.json", tmp / "base.json")
+                except OSError as e:  # read above, gone or unreadable since
+                    why = f"unreadable: {e}"
+        if isinstance(why, str):
+            log_fn(f"evaluate: {suite['name']}: the base's answers cached while eval.batch_size was in their key ({before}) are not "
+                   f"copied ({why})")
+    return folder
 
 
 def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> dict | str:
-    """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used: unreadable, or not of
-    these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those prompts."""
+    """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used, in words: unreadable, or
+    not of these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those
+    prompts, or answers whose decode check failed (not the model's: this code saves none, a pass saved by older code
+    may hold some)."""
     try:
         saved = read_json(path)
-        ok = (len(saved["gens"]) == n and isinstance(saved["check"], dict)
-              and (n_nll is None or (len(saved["nll"] or []) == n_nll and all(len(x) == 2 for x in saved["nll"])))
-              and all("text" in g and "stopped" in g for g in saved["gens"]) and (asked is None or saved.get("asked") == asked))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return str(e)
-    return saved if ok else "not these prompts"
+        gens, nll = saved["gens"], saved["nll"] if n_nll is not None else None
+        if len(gens) != n:
+            return f"{len(gens)} answers where this pass has {n} prompts"
+        if n_nll is not None and len(nll or []) != n_nll:
+            return f"{len(nll or [])} losses where this pass has {n_nll} rows"
+        if not (isinstance(saved["check"], dict) and all("text" in g and "stopped" in g for g in gens)
+                and (n_nll is None or all(len(x) == 2 for x in nll))):
+            return "answers, losses or decode check not in the saved form"
+        if asked is not None and saved.get("asked") != asked:
+            return "answers to other prompts: the benchmark's prompts or references changed since it was saved"
+        if _decode_broken(saved["check"]):
+            return (f"its decode check failed, {saved['check']['agree']} of {saved['check']['tokens']} greedy tokens agreeing "
+                    "(GENERATION BROKEN): not the model's answers")
+    except (OSError, ValueError) as e:
+        return f"unreadable: {e}"
+    except (KeyError, TypeError) as e:
+        return f"not in the saved form: {type(e).__name__} {e}"
+    return saved
+
+
+def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: str | None = None,
+               then: str = "generating it again") -> dict | None:
+    """A pass saved by an earlier run of this stage (`passes_key`), or None: none saved, or one that cannot be used,
+    which is said in one line ending in what is done instead (`then`)."""
+    if not path.is_file():
+        return None
+    saved = _read_side(path, n, n_nll, asked)
+    if isinstance(saved, dict):
+        return saved
+    log_fn(f"evaluate: {what}: the saved pass {path} is not used ({saved}); {then}")
+    return None
 
 
 def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | None:
@@ -772,66 +908,98 @@ def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | 
     return saved
 
 
-def run_benchmark(model, tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn, system_prompt: str | None = None,
-                  base_cache: Path | None = None, bar: EvalBar | None = None, parts: Path | None = None) -> dict:
+def _keep_base_side(base_cache: Path, side: dict, name: str, **made) -> None:
+    """Cache the base's side of benchmark `name` ({"gens", "check", "nll"}) under `base_answers_key`, replacing what is
+    there (unusable, or written meanwhile by a run with the same key: the same answers). Never a broken decode."""
+    with locked(base_cache):
+        if is_complete(base_cache):
+            shutil.rmtree(base_cache)
+        with building(base_cache) as tmp:
+            write_json(tmp / "base.json", {"gens": side["gens"], "check": side["check"], "nll": side.get("nll"),
+                                           "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name, **made}})
+
+
+def _recache_base_side(base_cache: Path | None, side: dict, part: Path, name: str, n_nll: int | None, log_fn) -> None:
+    """The base's side read from a saved pass, cached again under `base_answers_key` where that cache is missing or
+    unusable and the pass was made under the same key (`base_key`: the same base, token ids, code, machine and libraries),
+    so the next adapter on this base reads it there and no run repeats the cache's fault."""
+    if base_cache is None or side.get("base_key") != base_cache.name:
+        return
+    why = _read_side(base_cache / "base.json", len(side["gens"]), n_nll) if is_complete(base_cache) else "none cached"
+    if isinstance(why, dict):
+        return
+    _keep_base_side(base_cache, side, name, copied_from=str(part))
+    log_fn(f"evaluate: {name}: the base model's answers cached again in {base_cache} from this stage's saved pass ({why})")
+
+
+def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: list[int], eval: EvalSection, device: str, log_fn,
+                  system_prompt: str | None = None, base_cache: Path | None = None, bar: EvalBar | None = None, parts: Path | None = None) -> dict:
     """Base then tuned on one benchmark, prompted as the published model is (`benchmark_conversation`); returns
-    {"summary": small JSON for the record, "rows": per-prompt detail}. `base_cache` (keyed by `base_answers_key`)
-    holds the base's answers, reference losses and decode check once computed; a later run reads them back.
-    `parts` (the stage's own folder of finished passes): each side is saved there as it ends and read back by a rerun
-    of the same stage, so an interrupted stage 5 does not generate a finished side again.
-    `bar`: stage 5's progress bar, advanced batch by batch."""
+    {"summary": small JSON for the record, "rows": per-prompt detail}. `load_model()` gives base + adapter (a PeftModel:
+    the base is it with the adapter disabled); it is called only for a side that is generated. `parts` (the stage's
+    folder of finished passes, `passes_key`): each side is saved there as it ends, the base's too when it came from its
+    cache, and read back first by a later run of the stage (an interrupted one, one at another eval.confidence), so a
+    finished side is not generated again and a statistics-only rerun needs nothing else. `base_cache` (keyed by
+    `base_answers_key`) holds the base's answers, reference losses and decode check once computed; a later run reads
+    them back when its passes hold no base side. A side whose decode check failed is kept in neither. `bar`: stage 5's
+    progress bar, advanced batch by batch."""
     import torch
 
     name, rows = suite["name"], suite["rows"]
     prompts = [r["prompt"] for r in rows]
     cap = suite["subset"]["max_new_tokens"]
+    n_nll = len(rows) if name == "alpaca_eval" else None  # AlpacaEval's sides carry the reference losses
     t0 = time.monotonic()
     gens, nll, checks = {}, {}, {"base": {}, "tuned": {}}
     reused = None
-    # The prompts (and references) a saved pass answered: the stage's key holds a hub source by its id alone, so an
-    # updated hub copy gives other prompts under the same key; a pass saved for the old ones is not read back.
-    asked = fingerprint([[r["id"], r["prompt"], r.get("reference")] for r in rows])
+    asked = _asked(rows)
     for who in ("base", "tuned"):
+        part = parts / f"{name}-{who}.json" if parts is not None else None
         cached = who == "base" and base_cache is not None and is_complete(base_cache)
-        saved = _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn) if cached else None
-        if saved is not None:
-            reused = base_cache.name
-            gens["base"], checks["base"] = saved["gens"], saved["check"]
-            if name == "alpaca_eval":
-                nll["base"] = [tuple(x) for x in saved["nll"]]
+        then = f"reading the base's cached answers ({base_cache})" if cached else "generating it again"
+        # The stage's saved pass first: it was made with the record's other passes, on one machine and set of libraries.
+        side = _read_part(part, f"{name} {who}", len(rows), n_nll, log_fn, asked, then) if part is not None else None
+        origin = "pass" if side is not None else None
+        if side is not None:
+            log_fn(f"evaluate: {name}: the {who} model's answers reused from this stage's saved pass ({parts})")
+            if who == "base":
+                reused = side.get("reused")  # where the pass's base side came from
+                _recache_base_side(base_cache, side, part, name, n_nll, log_fn)
+        elif cached and (side := _read_base_side(base_cache, len(rows), name == "alpaca_eval", log_fn)) is not None:
+            origin, reused = "cache", base_cache.name
             log_fn(f"evaluate: {name}: the base model's answers reused from an earlier run ({base_cache}: same base, "
                    "prompt and reference token ids, decoding, code, machine and libraries)")
-            if bar is not None:
-                bar.skip(f"{name} base")
-            continue
-        part = parts / f"{name}-{who}.json" if parts is not None else None
-        resumed = _read_side(part, len(rows), len(rows) if name == "alpaca_eval" else None, asked) if part is not None and part.is_file() else None
-        if isinstance(resumed, dict):
-            gens[who], checks[who] = resumed["gens"], resumed["check"]
+        if side is not None:
+            gens[who], checks[who] = side["gens"], side["check"]
             if name == "alpaca_eval":
-                nll[who] = [tuple(x) for x in resumed["nll"]]
-            log_fn(f"evaluate: {name}: the {who} model's answers reused from this stage's interrupted run ({parts})")
+                nll[who] = [tuple(x) for x in side["nll"]]
             if bar is not None:
                 bar.skip(f"{name} {who}")
+        else:
+            model = load_model()
+            ctx = model.disable_adapter() if who == "base" else _nullcontext()
+            with ctx, torch.inference_mode():
+                progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
+                gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size,
+                                     device, checks[who], progress)
+                if name == "alpaca_eval":
+                    if bar is not None:
+                        bar.describe(f"{name} {who} reference loss")
+                    nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size,
+                                             device, system_prompt)
+        if origin == "pass":
             continue
-        ctx = model.disable_adapter() if who == "base" else _nullcontext()
-        with ctx, torch.inference_mode():
-            progress = bar.part(f"{name} {who}", len(rows) * cap) if bar is not None else None
-            gens[who] = generate(model, tok, [benchmark_conversation(p, system_prompt) for p in prompts], stop_ids, cap, eval.batch_size, device,
-                                 checks[who], progress)
-            if name == "alpaca_eval":
-                if bar is not None:
-                    bar.describe(f"{name} {who} reference loss")
-                nll[who] = reference_nll(model, tok, prompts, [r["reference"] for r in rows], eval.reference_max_tokens, eval.batch_size, device, system_prompt)
+        made = {"gens": gens[who], "check": checks[who], "nll": nll.get(who)}
+        if _decode_broken(checks[who]):  # not the model's answers: kept in neither the passes nor the base's cache
+            log_fn(f"evaluate: {name} {who}: not saved for a later run (its decode check failed: GENERATION BROKEN)")
+            continue
+        if origin is None and who == "base" and base_cache is not None:
+            _keep_base_side(base_cache, made, name)
         if part is not None:
-            write_json(part, {"gens": gens[who], "check": checks[who], "nll": nll.get(who), "asked": asked})
-        if who == "base" and base_cache is not None and not _decode_broken(checks["base"]):  # a broken decode is never kept
-            with locked(base_cache):
-                if is_complete(base_cache):
-                    shutil.rmtree(base_cache)  # unusable (read above), or written meanwhile by a run with the same key: same answers
-                with building(base_cache) as tmp:
-                    write_json(tmp / "base.json", {"gens": gens["base"], "check": checks["base"], "nll": nll.get("base"),
-                                                   "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name}})
+            # The base's side is saved whatever its origin: a later run of these passes reads it here, not from a cache
+            # keyed otherwise (`base_key`: the cache it belongs in; `reused`: the one it came from, if any).
+            extra = {"base_key": base_cache.name if base_cache is not None else None, "reused": reused} if who == "base" else {}
+            write_json(part, {**made, "asked": asked, **extra})
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
                      "system_prompt": system_prompt, "decode_check": checks, "base_reused": reused}

@@ -374,6 +374,52 @@ def test_eval_key_follows_scorer_library_versions_and_nltk_data(tmp_path, monkey
     assert "if-verifiable" in evaluate.scorer_versions(["ifeval"]) and "nltk-data" in evaluate.scorer_versions(["ifeval"])
 
 
+def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monkeypatch):
+    """Stage 5 saves each pass (a model's answers, losses and decode check) under `passes_key`. eval.confidence only sets
+    the level of the intervals and tests, and a scorer library only scores the answers: both re-run the stage (its
+    record changes) but were in the passes' key too, so a new value generated every pass again. They are out of it
+    now; eval.batch_size and eval.samples are in neither key; every other eval key changes the answers or losses, and so
+    do the machine and the libraries that generate them (in the passes' key only)."""
+    from importlib import metadata
+
+    from tasks import evaluate
+
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    train = SimpleNamespace(key="t", adapter_dir=str(adapter))
+
+    def keys(*overrides: str) -> tuple[str, str]:
+        cfg = _cfg(tmp_path, *overrides)
+        return (evaluate.cache_key(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device),
+                evaluate.passes_key(data, train, cfg.quant, cfg.eval, cfg.device))
+
+    stage0, passes0 = keys()
+    moved = {}
+    for key, (value, _, extra) in KEY_TABLE.items():
+        if key.startswith("eval."):
+            assert keys(*extra) == (stage0, passes0)
+            stage, passes = keys(*extra, f"{key}={value}")
+            moved[key.removeprefix("eval.")] = (stage != stage0, passes != passes0)
+    assert {k for k, (stage, _) in moved.items() if not stage} == {"batch_size", "samples"} == evaluate.NOT_MEASURED
+    assert {k for k, (stage, passes) in moved.items() if stage and not passes} == {"confidence"} == evaluate.STATISTICS_ONLY
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d in ("if-verifiable", "sacrebleu") else real(d))
+    stage, passes = keys()
+    assert stage != stage0 and passes == passes0  # answers scored again, not generated again
+    # The machine and the generating libraries: in the passes' key, as in the base's cached answers' (the answers follow
+    # them, and kept passes outlive their run as that cache does), not in the stage's (its record is reused anywhere).
+    monkeypatch.setattr(metadata, "version", real)
+    monkeypatch.setattr(evaluate, "hardware_id", lambda device: "cuda:another GPU:x2")
+    assert keys()[0] == stage0 and keys()[1] != passes0
+    monkeypatch.undo()
+    assert keys() == (stage0, passes0)
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "transformers" else real(d))
+    assert keys()[0] == stage0 and keys()[1] != passes0
+    assert set(evaluate.ANSWER_LIBRARIES) >= {"torch", "transformers", "tokenizers", "peft", "bitsandbytes"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage 8 completes its own run's published folder, never another run's (issue 23 items 1 and 2)
 

@@ -53,7 +53,8 @@ def run(monkeypatch, name: str, rows: list[dict], answers: dict, nll: dict | Non
     monkeypatch.setattr(ev, "reference_nll", fake_reference_nll)
     suite = {"name": name, "rows": rows, "provenance": {"source": "constructed"},
              "subset": {"n": len(rows), "n_full": len(rows), "seed": 0, "max_new_tokens": cap}}
-    return ev.run_benchmark(FakeModel(), tok, suite, [0], EvalSection(), "cpu", log_fn or (lambda m: None), **kwargs), seen
+    model = FakeModel()
+    return ev.run_benchmark(lambda: model, tok, suite, [0], EvalSection(), "cpu", log_fn or (lambda m: None), **kwargs), seen
 
 
 def alpaca_rows(n: int, ref_words: int = 150, seed: int = 0) -> list[dict]:
@@ -218,10 +219,157 @@ def test_a_saved_pass_of_other_prompts_is_not_read_back(monkeypatch, tmp_path):
     logs = []
     res, seen = run(monkeypatch, "alpaca_eval", new, {who: [(f"{who} to new", True)] * n for who in ("base", "tuned")}, nll,
                     parts=tmp_path, log_fn=logs.append)
-    assert [who for who, _ in seen] == ["base", "tuned"] and not any("interrupted run" in m for m in logs), logs
+    assert [who for who, _ in seen] == ["base", "tuned"] and not any("reused" in m for m in logs), logs
+    assert sum("answers to other prompts" in m for m in logs) == 2  # each side said why it is generated again
     assert {d["base"] for d in res["rows"]} == {"base to new"} and {d["tuned"] for d in res["rows"]} == {"tuned to new"}
     res, seen = run(monkeypatch, "alpaca_eval", new, {who: [("unused", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
     assert seen == [] and {d["tuned"] for d in res["rows"]} == {"tuned to new"}  # the same prompts: read back
+
+
+def _saved(n: int, **fields) -> str:
+    return json.dumps({"gens": [{"text": "saved", "stopped": True}] * n, "check": {}, "nll": [[1.0, 1]] * n, "asked": "?", **fields})
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "unreadable: Expecting property name"),
+    (_saved(3), "3 answers where this pass has 4 prompts"),
+    (_saved(4, nll=[[1.0, 1]] * 2), "2 losses where this pass has 4 rows"),
+    (_saved(4, gens=[{"text": "no stop flag"}] * 4), "not in the saved form"),
+    (json.dumps({"answers": []}), "not in the saved form: KeyError 'gens'"),
+    (_saved(4), "answers to other prompts: the benchmark's prompts or references changed since it was saved"),
+    (_saved(4, asked=ev._asked(alpaca_rows(4)), check={"tokens": 40, "agree": 0}),
+     "its decode check failed, 0 of 40 greedy tokens agreeing (GENERATION BROKEN): not the model's answers"),
+])
+def test_a_saved_pass_that_cannot_be_used_is_named_with_why_before_it_is_generated_again(monkeypatch, tmp_path, content, why):
+    """A saved pass that cannot be used (cut mid-write, of another prompt count, of other prompts) was generated again
+    without a word: the log said nothing of the minutes it cost, nor why. One line now says what was found, why it is
+    not used and that it is generated again; a pass never saved says nothing."""
+    rows = alpaca_rows(4)
+    (tmp_path / "alpaca_eval-tuned.json").write_text(content)
+    logs = []
+    res, seen = run(monkeypatch, "alpaca_eval", rows, {who: [(f"{who} now", True)] * 4 for who in ("base", "tuned")},
+                    {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}, parts=tmp_path, log_fn=logs.append)
+    assert [who for who, _ in seen] == ["base", "tuned"] and {d["tuned"] for d in res["rows"]} == {"tuned now"}
+    said = [m for m in logs if "alpaca_eval-tuned.json" in m]
+    assert len(said) == 1, logs
+    assert said[0].startswith(f"evaluate: alpaca_eval tuned: the saved pass {tmp_path / 'alpaca_eval-tuned.json'} is not used (")
+    assert why in said[0] and said[0].endswith("; generating it again")
+    assert not any("alpaca_eval-base.json" in m for m in logs)  # never saved: nothing to say
+
+
+def test_the_batch_size_is_not_in_the_key_of_the_bases_cached_answers(tmp_path):
+    """eval.batch_size was out of stage 5's key (greedy answers do not depend on the batch: evaluate.NOT_MEASURED) but
+    in the key of the base's cached benchmark answers: a new batch size generated the base's answers again, minutes on
+    a GPU, for a setting that only trades memory for speed."""
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    keys = {ev.base_answers_key(data, cfg.model, cfg.quant, cfg.eval.model_copy(update={"batch_size": b}), suite, "cpu", None, CharTok())
+            for b in (1, 16, 1024)}
+    assert len(keys) == 1
+
+
+def test_the_bases_answers_cached_with_the_batch_size_in_their_key_are_still_used(tmp_path):
+    """The base's answers cached while eval.batch_size was in their key (the demo profiles' at 24, demo-gpu's at 1024)
+    are copied under the key without it, once, rather than generated again; the old folder stays for older code."""
+    from tasks.common import building, is_complete
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", "eval.batch_size=24"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    args = (data, cfg.model, cfg.quant, cfg.eval, suite, "cpu", None, CharTok())
+    old = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args, batch_size=24)
+    with building(old) as tmp:
+        (tmp / "base.json").write_text(_saved(4))
+    other = cfg.eval.model_copy(update={"batch_size": 16})  # a cache made at 24 is not looked for at 16 (not its old key)
+    assert not is_complete(ev.base_answers_dir(str(tmp_path), data, cfg.model, cfg.quant, other, suite, "cpu", None, CharTok()))
+    folder = ev.base_answers_dir(str(tmp_path), *args)
+    assert folder.name == ev.base_answers_key(*args) != old.name and is_complete(folder) and is_complete(old)
+    assert (folder / "base.json").read_text() == (old / "base.json").read_text()
+    assert ev.base_answers_dir(str(tmp_path), data, cfg.model, cfg.quant, other, suite, "cpu", None, CharTok()) == folder
+
+
+def _base_args(tmp_path, batch_size: int = 24) -> tuple:
+    from tasks.config import load_config
+    from tasks.data import DataRecord
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}", f"eval.batch_size={batch_size}"])
+    data = DataRecord.model_construct(model_fingerprint="m", chat_template_hash="t", stop_token_ids=[1], key="data-a")
+    suite = {"name": "alpaca_eval", "rows": alpaca_rows(4), "provenance": {"sha256": "s"}, "subset": {"n": 4, "seed": 0, "max_new_tokens": 8}}
+    return data, cfg.model, cfg.quant, cfg.eval, suite, "cpu", None, CharTok()
+
+
+@pytest.mark.parametrize("content, why", [(None, "unreadable: [Errno 2]"), ("{not json", "unreadable: Expecting"),
+                                          (_saved(3), "3 answers where this pass has 4 prompts")])
+def test_an_old_key_base_cache_that_cannot_be_used_is_not_copied_in_one_line(tmp_path, content, why):
+    """base_answers_dir copies the base's answers cached under the old key (with eval.batch_size). One there that cannot
+    be used (base.json missing or unreadable beside its COMPLETE: a partial rsync or tar extract, a hand edit) made
+    shutil.copy2 raise, and stage 5 failed before generating anything, on every run; or, unreadable, was copied and
+    refused only on reading. It is now one line naming the folder and why, the new key's folder stays empty (the side
+    is made as if none were cached) and the old folder is left as it was."""
+    from tasks.common import building, is_complete
+
+    args = _base_args(tmp_path)
+    old = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args, batch_size=24)
+    with building(old) as tmp:
+        if content is not None:
+            (tmp / "base.json").write_text(content)
+    logs = []
+    folder = ev.base_answers_dir(str(tmp_path), *args, log_fn=logs.append)
+    assert not is_complete(folder) and is_complete(old)
+    assert len(logs) == 1 and logs[0].startswith(f"evaluate: alpaca_eval: the base's answers cached while eval.batch_size was in their key ({old}) "
+                                                 f"are not copied ({why}"), logs
+
+
+def test_an_unusable_base_cache_is_written_again_from_the_saved_pass_that_is_used(monkeypatch, tmp_path):
+    """With the passes kept, a base side is often both in the base's cache and in the saved passes. When the cache could
+    not be used the log said "generating them again", then the saved pass was read back and nothing was generated, and
+    the unusable cache stayed, so every later run said the same wrong line. The saved pass is now read first; the
+    cache, where unusable and the pass was made under its key, is written again from it, in one line."""
+    rows, cache, parts = alpaca_rows(4), tmp_path / "eval-base" / "k", tmp_path / "parts"
+    answers = {who: [(f"{who} answer", True)] * 4 for who in ("base", "tuned")}
+    nll = {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, parts=parts)
+    (cache / "base.json").write_text("{not json")
+    for attempt in ("repaired", "as repaired"):
+        logs = []
+        res, seen = run(monkeypatch, "alpaca_eval", rows, {who: [("never generated", True)] * 4 for who in ("base", "tuned")}, nll,
+                        base_cache=cache, parts=parts, log_fn=logs.append)
+        assert seen == [] and {d["base"] for d in res["rows"]} == {"base answer"}  # nothing generated: the saved pass was used
+        assert not any("generating" in m or "holds no usable" in m for m in logs), logs
+        recached = [m for m in logs if "cached again" in m]
+        if attempt == "repaired":
+            assert recached == [f"evaluate: alpaca_eval: the base model's answers cached again in {cache} from this stage's saved pass "
+                                "(unreadable: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"], logs
+        else:
+            assert recached == []  # the cache is whole again: nothing more to say
+        assert [g["text"] for g in json.loads((cache / "base.json").read_text())["gens"]] == ["base answer"] * 4
+    res, seen = run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache)  # another adapter: the cache serves it
+    assert [who for who, _ in seen] == ["tuned"] and res["summary"]["base_reused"] == "k"
+
+
+def test_an_unusable_saved_base_pass_is_said_to_give_way_to_the_base_cache_and_is_saved_from_it(monkeypatch, tmp_path):
+    """A saved base pass that cannot be used, with the base's cache usable beside it: the line says the cache is read
+    (not "generating it again"), nothing is generated, and the pass is saved again from the cache."""
+    rows, cache, parts = alpaca_rows(4), tmp_path / "eval-base" / "k", tmp_path / "parts"
+    answers = {who: [(f"{who} answer", True)] * 4 for who in ("base", "tuned")}
+    nll = {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, parts=parts)
+    part = parts / "alpaca_eval-base.json"
+    part.write_text("{not json")
+    logs = []
+    res, seen = run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, parts=parts, log_fn=logs.append)
+    assert seen == [] and res["summary"]["base_reused"] == "k"
+    said = [m for m in logs if str(part) in m]
+    assert len(said) == 1 and said[0].endswith(f"; reading the base's cached answers ({cache})"), logs
+    assert any("the base model's answers reused from an earlier run" in m for m in logs)
+    saved = json.loads(part.read_text())
+    assert [g["text"] for g in saved["gens"]] == ["base answer"] * 4 and saved["reused"] == saved["base_key"] == "k"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -310,9 +310,9 @@ def test_two_runs_at_once_on_one_artifacts_folder(tmp_path, api_env):
     assert len(runs) == 2  # distinct run folders, each with its summary
     assert all(json.loads((r / "summary.json").read_text())["status"] == "completed" for r in runs)
     folders = _stage_folders(art)
-    # 7 cached stages (publish writes a run folder) + the model + the base's answers to each of the 2 benchmarks
-    assert len(folders) == 10 and all(is_complete(art / f) for f in folders)
-    assert sum(f.startswith("cache/eval-base/") for f in folders) == 2
+    # 7 cached stages (publish writes a run folder) + the model + the base's answers to each of the 2 benchmarks + stage 5's passes
+    assert len(folders) == 11 and all(is_complete(art / f) for f in folders)
+    assert sum(f.startswith("cache/eval-base/") for f in folders) == 2 and sum(f.startswith("cache/eval-parts/") for f in folders) == 1
     assert not list(art.glob("cache/*/.*")) and not list(art.glob("runs/*/.*"))  # no temp folders left
     for f in (art / ".prefect-results").iterdir():
         json.loads(f.read_text())  # every result record whole

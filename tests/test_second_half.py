@@ -69,10 +69,11 @@ def test_evaluate_shows_one_bar_that_reaches_its_planned_generation_work(trained
     for part in ["held-out base", "held-out tuned"] + [f"{b} {who}" for b in ev.benchmarks for who in ("base", "tuned")]:
         assert f"evaluate: {part}:" in err
     assert "evaluate: held-out base loss:" in err and "evaluate: alpaca_eval tuned reference loss:" in err  # named, not counted
-    # eval.confidence re-runs the stage, not the base's answers: their parts generate nothing and are not counted
-    second = run(ev.model_copy(update={"confidence": 0.9}), tmp_path / "a")
+    # fewer held-out prompts re-run the stage, not the base's benchmark answers: their parts generate nothing and are not counted
+    fewer = ev.max_prompts - 4
+    second = run(ev.model_copy(update={"max_prompts": fewer}), tmp_path / "a")
     err = capfd.readouterr().err
-    rest = total - sum(caps.values())
+    rest = 2 * fewer * ev.max_new_tokens + sum(caps.values())
     assert f"{rest}/{rest} tokens of the caps" in err and "ifeval base" not in err and "alpaca_eval base" not in err
     assert all(second.benchmarks[b]["base_reused"] for b in ev.benchmarks)
 
@@ -109,8 +110,9 @@ def test_evaluate_closes_its_bar_when_a_pass_fails(trained, tiny_cfg, tmp_path, 
 def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(trained, tiny_cfg, tmp_path, capfd, monkeypatch):
     """Stage 5 is the longest stage on a GPU (7-10 min for the showcase): a run stopped in its fifth pass (a crash, a
     killed job, a machine taken away) generated everything again on the rerun. Each finished pass is kept under the
-    stage's key and read back: the rerun generates only the passes left, its bar counts only those, its record equals
-    an uninterrupted run's, and the kept passes are gone once the record is written."""
+    key of what makes it (`passes_key`) and read back: the rerun generates only the passes left, its bar counts only
+    those, its record equals an uninterrupted run's, and the passes stay, marked complete, once the record is written
+    (a run at another eval.confidence reads them: test_a_new_confidence_...)."""
     from tasks import evaluate
 
     ev = tiny_cfg.eval
@@ -146,15 +148,195 @@ def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(tra
     assert calls == ["generate", "row_nll"] * 2
     rest = 2 * ev.benchmark_prompts["alpaca_eval"] * ev.benchmark_max_new_tokens["alpaca_eval"]
     assert f"{rest}/{rest} tokens of the caps" in capfd.readouterr().err
-    said = [m for m in logs if "interrupted run" in m]
-    assert len(said) == 3 and any("held-out tuned" in m for m in said) and any("ifeval: the tuned model" in m for m in said)
-    assert any("ifeval: the base model's answers reused from an earlier run" in m for m in logs)  # its base cache, as before
+    said = [m for m in logs if "reused from this stage's saved pass" in m]
+    assert len(said) == 4 and any("held-out tuned" in m for m in said) and any("ifeval: the tuned model" in m for m in said)
+    # the base side too is read from the passes, first: its base cache (written beside it) is not needed
+    assert any("ifeval: the base model's" in m for m in said) and not any("reused from an earlier run" in m for m in logs)
     where = ("dir", "eval_json", "chart_png", "seconds", "benchmarks")
     drop = lambda d: {k: v for k, v in d.items() if k not in where}  # noqa: E731
     timeless = lambda r: {k: {m: v for m, v in s.items() if m not in ("seconds", "base_reused")} for k, s in r.benchmarks.items()}  # noqa: E731
     assert drop(got.model_dump(mode="json")) == drop(ref.model_dump(mode="json")) and timeless(got) == timeless(ref)
     assert drop(json.loads(Path(got.eval_json).read_text())) == drop(json.loads(Path(ref.eval_json).read_text()))
-    assert not list((tmp_path / "cut").glob("cache/eval-parts/*")) and not list((tmp_path / "ref").glob("cache/eval-parts/*"))
+    assert not any("is not used" in m for m in logs), logs
+    for art in ("cut", "ref"):
+        [kept] = (tmp_path / art).glob("cache/eval-parts/*")
+        assert sorted(p.name for p in kept.iterdir()) == sorted(["COMPLETE", "held-out-base.json", "held-out-tuned.json"]
+                                                                 + [f"{b}-{who}.json" for b in ev.benchmarks for who in ("base", "tuned")])
+
+
+def test_an_unusable_saved_held_out_pass_is_named_with_why_before_it_is_generated_again(trained, tiny_cfg, tmp_path, monkeypatch):
+    """A held-out pass saved by a run stopped partway that cannot be used (here one answer short, as a folder copied in
+    from another run or a file edited by hand can be) was generated again without a word. One line says which saved
+    pass is not used, why, and that it is generated again; the usable one beside it is read back."""
+    from tasks import evaluate
+
+    real_generate = evaluate.generate
+    calls = []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise RuntimeError("machine taken away (stand-in)")
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    run = lambda **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.eval, "cpu", str(tmp_path), **kw)  # noqa: E731
+    stop_at = 3  # held-out base and tuned saved, stopped in ifeval's base side
+    with pytest.raises(RuntimeError, match="stand-in"):
+        run()
+    [part] = tmp_path.glob("cache/eval-parts/*/held-out-tuned.json")
+    saved = json.loads(part.read_text())
+    part.write_text(json.dumps({**saved, "gens": saved["gens"][:-1]}))  # one answer short
+    stop_at = None
+    logs = []
+    run(log_fn=logs.append)
+    said = [m for m in logs if "held-out" in m and ("not used" in m or "reused" in m)]
+    n = tiny_cfg.eval.max_prompts
+    assert said == [f"evaluate: held-out base: answers and losses reused from this stage's saved pass ({part.parent})",
+                    f"evaluate: held-out tuned: the saved pass {part} is not used ({n - 1} answers where this pass has {n} prompts); "
+                    "generating it again"], logs
+    assert len(json.loads(part.read_text())["gens"]) == n
+
+
+def test_a_new_confidence_recomputes_the_statistics_from_the_saved_answers(trained, tiny_cfg, tmp_path, monkeypatch):
+    """eval.confidence only sets the level of the intervals and of the tests' thresholds, yet a new value generated the
+    held-out passes and the tuned model's benchmark answers again (only the base's benchmark answers were cached). It
+    now recomputes the record from the answers the first run saved, loading no model and generating nothing, and that
+    record is the one a fresh run at the new level gives."""
+    from tasks import evaluate
+
+    run = lambda e, art, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(art), **kw)  # noqa: E731
+    at95, at90 = tiny_cfg.eval, tiny_cfg.eval.model_copy(update={"confidence": 0.9})
+    first = run(at95, tmp_path / "a")
+    fresh = run(at90, tmp_path / "b")
+
+    def refuse(*a, **k):
+        raise AssertionError("a new eval.confidence loaded the model or generated")
+
+    for name in ("load_base_model", "generate", "row_nll", "reference_nll"):
+        monkeypatch.setattr(evaluate, name, refuse)
+    logs = []
+    again = run(at90, tmp_path / "a", log_fn=logs.append)
+    assert again.key != first.key and again.key == fresh.key  # a record of its own, the one a run at 0.9 has
+    assert any("statistics computed at confidence 0.9 without loading the model" in m for m in logs), logs
+    where = ("dir", "eval_json", "chart_png", "seconds", "benchmarks")
+    drop = lambda d: {k: v for k, v in d.items() if k not in where}  # noqa: E731
+    timeless = lambda r: {k: {m: v for m, v in s.items() if m not in ("seconds", "base_reused")} for k, s in r.benchmarks.items()}  # noqa: E731
+    assert drop(again.model_dump(mode="json")) == drop(fresh.model_dump(mode="json")) and timeless(again) == timeless(fresh)
+    assert drop(json.loads(Path(again.eval_json).read_text())) == drop(json.loads(Path(fresh.eval_json).read_text()))
+    width = lambda r: r.base["ci"][1] - r.base["ci"][0]  # noqa: E731
+    assert width(again) < width(first) and again.verdict["lines"] != first.verdict["lines"]
+
+
+@pytest.mark.parametrize("gone", ["eval-base cleared", "base key moved"])
+def test_a_new_confidence_reads_a_base_side_that_came_from_the_base_cache_from_the_saved_passes(trained, tiny_cfg, tmp_path, monkeypatch, gone):
+    """A benchmark's base side read from the base's cache (every adapter after the first on one base, or a run after one
+    with other eval.max_prompts) was not saved into the passes, yet they were marked complete: a run at another
+    eval.confidence then needed that cache under today's `base_answers_key`, and where it was gone (cleared, or its key
+    moved: BASE_ANSWERS_VERSION, the source of `generate`) it loaded the model and generated the base side again, to be
+    paired with the tuned answers of the first run. The base side is now saved into the passes whatever its origin and
+    read from them first: the rerun loads no model and scores the very answers the first record scored. A cache that
+    was cleared is written again from the pass (the pass was made under its key); a moved key is not (another key)."""
+    import shutil
+
+    from tasks import evaluate
+
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    ev16 = tiny_cfg.eval
+    ev12 = ev16.model_copy(update={"max_prompts": ev16.max_prompts - 4})
+    run(ev16)  # makes the base caches
+    second = run(ev12)  # another record and passes; its benchmark base sides come from the base cache
+    assert all(second.benchmarks[b]["base_reused"] for b in ev16.benchmarks)
+    caches = sorted(p.name for p in tmp_path.glob("cache/eval-base/*"))
+    if gone == "eval-base cleared":
+        shutil.rmtree(tmp_path / "cache" / "eval-base")
+    else:
+        monkeypatch.setattr(evaluate, "BASE_ANSWERS_VERSION", evaluate.BASE_ANSWERS_VERSION + 1)
+
+    def refuse(*a, **k):  # the model's loading only: replacing generate would move the base key by itself (its source)
+        raise AssertionError("a statistics-only rerun loaded the model")
+
+    monkeypatch.setattr(evaluate, "load_base_model", refuse)
+    logs = []
+    again = run(ev12.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
+    assert any("without loading the model" in m for m in logs), logs
+    assert again.tuned == {**second.tuned, "ci": again.tuned["ci"]}
+    read = lambda r: {k: json.loads(Path(r.eval_json).read_text())[k] for k in ("generations", "benchmark_rows")}  # noqa: E731
+    answers = lambda rows: {b: [{k: v for k, v in d.items() if k in ("id", "base", "tuned")} for d in r] for b, r in rows.items()}  # noqa: E731
+    assert read(again)["generations"] == read(second)["generations"]
+    assert answers(read(again)["benchmark_rows"]) == answers(read(second)["benchmark_rows"])
+    assert {b: again.benchmarks[b]["base_reused"] for b in ev16.benchmarks} == {b: second.benchmarks[b]["base_reused"] for b in ev16.benchmarks}
+    recached = [m for m in logs if "cached again in" in m]
+    if gone == "eval-base cleared":
+        assert len(recached) == 2 and sorted(p.name for p in tmp_path.glob("cache/eval-base/*")) == caches, logs
+    else:
+        assert recached == [] and sorted(p.name for p in tmp_path.glob("cache/eval-base/*")) == caches
+
+
+def test_saved_passes_of_another_machine_are_generated_again_not_paired_with_this_ones(trained, tiny_cfg, tmp_path, monkeypatch):
+    """The passes outlive their run, like the base's cached answers, and are keyed as those are on the machine and the
+    libraries that make the answers (`passes_key`): a run on another machine (another GPU, GPU count or CPU) generates
+    every pass there, so one record never pairs the base's answers of one machine with the tuned answers of another."""
+    from tasks import evaluate
+
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    run(tiny_cfg.eval)
+    monkeypatch.setattr(evaluate, "hardware_id", lambda device: "cpu:another box")  # the same "cpu": the same stage key
+    logs = []
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
+    assert not any("reused" in m or "without loading the model" in m for m in logs), logs
+    kept = list(tmp_path.glob("cache/eval-parts/*"))
+    assert len(kept) == 2 and all((k / "COMPLETE").is_file() for k in kept)
+
+
+@pytest.mark.parametrize("rerun", ["another confidence", "record folder deleted"])
+def test_a_pass_whose_decode_is_broken_is_not_kept_for_later_runs(trained, tiny_cfg, tmp_path, monkeypatch, rerun):
+    """The base's cached answers never keep a broken decode (the answers are not the model's), but the saved passes
+    did: once they outlived the stage, a run that said GENERATION BROKEN, rerun after the cause was fixed (a new
+    eval.confidence, or its record deleted to run stage 5 again), read the broken answers back without loading the
+    model and said GENERATION BROKEN again. A pass whose decode check failed is now not saved (one line says so), not
+    read back (`_read_side`), and its folder is not marked complete."""
+    from tasks import evaluate
+
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    real = evaluate.decode_check
+    monkeypatch.setattr(evaluate, "decode_check", lambda *a, **k: {"tokens": 40, "agree": 0})  # a broken kernel (stand-in)
+    logs = []
+    first = run(tiny_cfg.eval, log_fn=logs.append)
+    assert any("GENERATION BROKEN" in x for x in first.verdict["warnings"])
+    assert not list(tmp_path.glob("cache/eval-parts/*/*")) and not list(tmp_path.glob("cache/eval-base/*/COMPLETE"))
+    assert sum("not saved for a later run (its decode check failed" in m for m in logs) == 2 + 2 * len(tiny_cfg.eval.benchmarks), logs
+    monkeypatch.setattr(evaluate, "decode_check", real)  # the environment fixed
+    if rerun == "record folder deleted":
+        import shutil
+
+        shutil.rmtree(first.dir)
+        again = run(tiny_cfg.eval)
+    else:
+        again = run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}))
+    assert not any("GENERATION BROKEN" in x for x in again.verdict["warnings"]), again.verdict["warnings"]
+    assert len(list(tmp_path.glob("cache/eval-parts/*/COMPLETE"))) == 1
+
+
+def test_the_model_is_loaded_before_the_bar_draws_when_a_saved_pass_turns_out_unusable(trained, tiny_cfg, tmp_path, monkeypatch):
+    """The model loads before the bar draws ("the weights' own loading bar stays off it") when the plan has work, but
+    plan_generation counted a saved pass as done when its file existed, usable or not. With every pass saved and one of
+    them for other prompts (a hub benchmark updated under the same key, then a run at another confidence) the plan was
+    empty, the bar drew, and the model (its "Loading checkpoint shards" bar) loaded inside it. The plan now tests each
+    saved pass as its reading does."""
+    from tasks import evaluate
+
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    run(tiny_cfg.eval)
+    [part] = tmp_path.glob("cache/eval-parts/*/ifeval-tuned.json")
+    part.write_text(json.dumps({**json.loads(part.read_text()), "asked": "the prompts of the hub copy before its update"}))
+    events = []
+    real_bar, real_load = evaluate.EvalBar.__init__, evaluate.load_base_model
+    monkeypatch.setattr(evaluate.EvalBar, "__init__", lambda self, parts: events.append(("bar", dict(parts))) or real_bar(self, parts))
+    monkeypatch.setattr(evaluate, "load_base_model", lambda *a, **k: events.append("load") or real_load(*a, **k))
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}))
+    cap = tiny_cfg.eval.benchmark_max_new_tokens["ifeval"]
+    assert events == ["load", ("bar", {"ifeval tuned": tiny_cfg.eval.benchmark_prompts["ifeval"] * cap})], events
 
 
 def test_merge_matches_base_plus_adapter_and_twice_is_a_noop(trained, tiny_cfg, shared_artifacts):
