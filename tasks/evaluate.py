@@ -1030,6 +1030,13 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
         answered = {who: [not bench.copies_prompt(bench.without_requested_repeat(gens[who][i]["text"], r), r["prompt"])
                           for i, r in enumerate(rows)] for who in gens}
         m["answered"] = _share_measure(answered, conf)
+        # Prompt-level loose with a copy of the prompt counted as a failure, on the prompts both models are scored on:
+        # shown beside the COPIES THE PROMPT warning, not judged (the standard score above is the one judged).
+        scored = [i for i in range(len(rows)) if verdicts["base"][i] and not any(x.get("unscoreable") for who in gens for x in verdicts[who][i])]
+        if scored:
+            summary["prompt_loose_copies_failed"] = {
+                who: round(sum(answered[who][i] and all(x["loose"] for x in verdicts[who][i]) for i in scored) / len(scored), 4)
+                for who in gens} | {"n": len(scored)}
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
             d["base_copies_prompt"], d["tuned_copies_prompt"] = not answered["base"][i], not answered["tuned"][i]
@@ -1178,12 +1185,15 @@ def make_verdict(summary: dict, accuracy: dict | None, bench_results: dict, conf
                 warnings.append(f"REFERENCE LOSS ROSE: AlpacaEval reference-answer loss per token {rl['base']['value']:.3f} -> "
                                 f"{rl['tuned']['value']:.3f} (gain {rl['gain']:+.3f}, {beyond})")
         if name == "ifeval" and "answered" in s["metrics"]:
+            strict_copies = s.get("prompt_loose_copies_failed")
             for who in ("base", "tuned"):
                 share = 1 - s["metrics"]["answered"][who]["value"]
                 if share >= COPY_WARN:
+                    recount = (f"; counting a copy as a failure, prompt-level loose reads {strict_copies['base']:.1%} (base) -> "
+                               f"{strict_copies['tuned']:.1%} (tuned) on {strict_copies['n']} prompts, not judged") if strict_copies else ""
                     warnings.append(f"COPIES THE PROMPT: IFEval: the {who} model gave the prompt back on {share:.0%} of prompts; a copy passes "
                                     "rules such as no commas or word and sentence limits, so its IFEval score counts copies, not answers "
-                                    "(read the answers side by side)")
+                                    f"(read the answers side by side){recount}")
         if s.get("unscoreable_instructions"):
             types = ", ".join(f"{k} ({v['count']})" for k, v in s["unscoreable"].items())
             warnings.append(f"UNSCOREABLE: {name}: {s['unscoreable_instructions']} instructions of types {types} could not be checked "

@@ -560,7 +560,9 @@ def test_references_of_no_tokens_are_unscored_not_a_crash(monkeypatch):
 def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
     """Gemma-3-270M base on CPU (2026-12-01) gave 42 of 48 IFEval prompts back and scored 35% prompt-loose: a copy of a
     prompt without commas passes 'no commas'. The tuned model answered (4 copies) and 'regressed' to 17%. Stage 5 now
-    judges 'answers that are not a copy of the prompt' and warns when a model copies on >= 20% of prompts."""
+    judges 'answers that are not a copy of the prompt' and warns when a model copies on >= 20% of prompts. The warning gives
+    the prompt-level score with a copy counted as a failure (setting k on the GPU, 2026-12-04: 129 of the base's 150 passes
+    were copies), shown, not judged."""
     from tasks.benchmarks import copies_prompt
 
     prompt = "Write a short poem about the sea and do not use any commas in your response"
@@ -591,7 +593,9 @@ def test_a_base_that_gives_the_prompt_back_is_named_not_credited(monkeypatch):
     assert any(b.startswith("IFEval answers that are not a copy of the prompt: 16.7% -> 100.0%") for b in v["better"]), v["better"]
     assert [w for w in v["warnings"] if w.startswith("COPIES THE PROMPT")] == [
         "COPIES THE PROMPT: IFEval: the base model gave the prompt back on 83% of prompts; a copy passes rules such as no commas or "
-        "word and sentence limits, so its IFEval score counts copies, not answers (read the answers side by side)"]
+        "word and sentence limits, so its IFEval score counts copies, not answers (read the answers side by side); counting a copy "
+        "as a failure, prompt-level loose reads 16.7% (base) -> 50.0% (tuned) on 24 prompts, not judged"]
+    assert res["summary"]["prompt_loose_copies_failed"] == {"base": pytest.approx(4 / 24, abs=1e-4), "tuned": 0.5, "n": 24}
 
 
 def _tiny_gemma3():
