@@ -416,6 +416,68 @@ def test_serve_model_merged_answers_the_documented_request_under_the_published_n
     assert rc == 0 and "stopped" in log.read_text()
 
 
+def test_serve_model_merged_honours_max_completion_tokens(served_r1):
+    """OpenAI's chat field for the length limit is `max_completion_tokens` (`max_tokens` is deprecated for it), and the
+    layer names it first (LIMIT_FIELDS). transformers 5.17 lists it among the fields it ignores: the answer ran to the
+    default limit (here 15 tokens, to an end of sequence), and a limit beyond the context was no 400 (a streamed 200),
+    on main's code as on 89f143f. 5.25 reads it."""
+    pub, base = served_r1
+    url = f"{base}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_completion_tokens": 3}
+    for stream in (False, True):
+        if stream:
+            chunks = [json.loads(d) for _, d in _sse(url, {**body, "stream_options": {"include_usage": True}}) if d != "[DONE]"]
+            usage = [c["usage"] for c in chunks if c.get("usage")][-1]
+        else:
+            code, answer = _request(url, body)
+            assert code == 200, answer
+            usage = json.loads(answer)["usage"]
+        assert usage["completion_tokens"] == 3, (stream, usage)
+
+
+def test_serve_model_merged_answers_under_the_served_name_on_every_endpoint(served_r1):
+    """Every answer's "model", streamed or not, on the three endpoints, is the name serve-model served, as OpenAI's API
+    and llama.cpp's server answer with the model's name. transformers 5.17 answered `<name>@main` (its canonical
+    `repo@revision` form); 5.25 answers the name."""
+    pub, base = served_r1
+    for path, body in (("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                       ("completions", {"prompt": "hi", "max_tokens": 2}), ("responses", {"input": "hi", "max_output_tokens": 2})):
+        url = f"{base}/v1/{path}"
+        code, answer = _request(url, {**body, "model": "another-name"})
+        assert code == 200 and json.loads(answer)["model"] == pub.name, (path, answer)
+        events = [json.loads(d) for _, d in _sse(url, body) if d != "[DONE]"]
+        named = [e["response"]["model"] if "response" in e else e["model"] for e in events if "model" in e or "model" in e.get("response", {})]
+        assert named and set(named) == {pub.name}, (path, events)
+
+
+def _hub_cache_with_another_model(folder: Path) -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE's layout) holding one generative model, acme/other-llm."""
+    repo = folder / "models--acme--other-llm"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return folder
+
+
+@pytest.mark.parametrize("cache", ["none", "another model"])
+def test_serve_model_merged_lists_the_served_model_alone_whatever_the_hub_cache_holds(own_published, tmp_path, cache):
+    """/v1/models lists the served model, under its name, and nothing else, as llama.cpp's server lists its one model.
+    transformers 5.17 listed the generative models of the Hugging Face cache: a 500 (CacheNotFound) on a machine that
+    never downloaded one, and acme/other-llm, not the served model, on one that did. 5.25 lists a pinned model alone."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    hub = tmp_path / "no-hub-cache" if cache == "none" else _hub_cache_with_another_model(tmp_path / "hub")
+    proc, base = _start_serve_model(art, tmp_path / "serve.log", env={"HF_HUB_CACHE": str(hub)})
+    try:
+        code, models = _request(f"{base}/v1/models")
+        assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name], models
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def _request_or_none(url: str) -> int | None:
     try:
         return _request(url)[0]
@@ -423,9 +485,10 @@ def _request_or_none(url: str) -> int | None:
         return None
 
 
-def _start_serve_model(art: Path, log: Path, key: str | None = None):
+def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[str, str] | None = None):
     """A real `serve-model` (merged format) on run r1 of `art`, on a free loopback port, its output in `log`, once its
-    /health answers: (process, base URL). With `key`, it gets the API key through the environment; else none at all."""
+    /health answers: (process, base URL). With `key`, it gets the API key through the environment; else none at all.
+    `env`: more environment variables for it."""
     import os
     import subprocess
     import sys
@@ -435,7 +498,7 @@ def _start_serve_model(art: Path, log: Path, key: str | None = None):
     from tasks.export import API_KEY_ENV
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)} | ({API_KEY_ENV: key} if key else {})
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)} | ({API_KEY_ENV: key} if key else {}) | (env or {})
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
                                 cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
