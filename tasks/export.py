@@ -675,10 +675,67 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
 
     hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
     answer_as_openai_does()
+    honour_max_completion_tokens()
+    name_answers_as_served()
+    list_only_the_served_model(name)
     with tempfile.TemporaryDirectory(prefix="qlora-serve-") as tmp:
         (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
         os.chdir(tmp)
         hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+# transformers 5.17 (the GPU image) serves a pinned model otherwise than 5.25 in three ways that OpenAI's clients see;
+# each function below makes 5.17 answer as 5.25 does and leaves a transformers that already does alone.
+
+def honour_max_completion_tokens() -> None:
+    """A chat request's `max_completion_tokens` (OpenAI's length limit; `max_tokens` is its deprecated name) limits the
+    answer, as `max_tokens` does. transformers 5.17 lists it among the fields it ignores: the answer ran to the default
+    limit, and a limit beyond the context was no 400 (`refusal` reads the limit from the generation settings)."""
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler as handler
+
+    if "max_completion_tokens" not in handler._unused_fields:  # 5.25 on reads it
+        return
+    build = handler._build_generation_config
+
+    def build_with_limit(self, body: dict, *args, **kwargs):
+        config = build(self, body, *args, **kwargs)
+        if body.get("max_completion_tokens") is not None:  # first, as 5.25 reads it: it wins over max_tokens
+            set_setting(config, "max_new_tokens", int(body["max_completion_tokens"]))
+        return config
+
+    handler._build_generation_config = build_with_limit
+    handler._unused_fields = handler._unused_fields - {"max_completion_tokens"}  # no "Ignoring unsupported fields" line
+
+
+def name_answers_as_served() -> None:
+    """Answers name the model as it was served (`--name`), as 5.25's do. transformers 5.17 names a model
+    `<name>@main` (ModelManager.process_model_name, the form its loader splits), and its handlers put that name in
+    every answer's "model"; they use it otherwise only as the key of the model's generation manager."""
+    from transformers.cli.serving.utils import BaseHandler
+
+    resolve = BaseHandler.__dict__.get("_resolve_model")
+    if resolve is None or getattr(resolve, "served_name", False):  # 5.25 on: a local folder keeps its name
+        return
+
+    def resolve_as_served(self, body: dict):
+        model_id, model, processor = resolve(self, body)
+        return self.model_manager.force_model or model_id, model, processor
+
+    resolve_as_served.served_name = True
+    BaseHandler._resolve_model = resolve_as_served
+
+
+def list_only_the_served_model(name: str) -> None:
+    """/v1/models lists the served model alone, under `name`, as 5.25 lists a pinned server's model. transformers 5.17
+    lists the generative models of the Hugging Face cache instead: not the served one, and a 500 (CacheNotFound) on a
+    machine that never downloaded anything."""
+    from transformers.cli.serving.model_manager import ModelManager
+
+    if hasattr(ModelManager, "list_models"):  # 5.25 on: a pinned server lists its model alone
+        return
+    # 5.25's entry; the pinned model is loaded before the server starts and never unloaded
+    entry = {"owned_by": "local", "id": name, "object": "model", "created": 0, "status": {"value": "loaded"}}
+    ModelManager.get_gen_models = staticmethod(lambda cache_dir=None: [dict(entry)])
 
 
 def openai_error(message: str, param: str | None, status: int = 400):
