@@ -538,7 +538,9 @@ UNREAD_BY_FILES = frozenset({"embedded_train", "embedded_heldout", "embedded_bas
 
 def cache_key(data: DataSection, model: ModelSection) -> str:
     names = dedupe_names(data)
-    bench = sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)) if names else None
+    # Deduped: the prompts and the code of the rules (tasks/sources.py), so a changed rule rebuilds the data (and every stage
+    # keyed on it); a source file's bytes alone would keep a build deduped by the old rules.
+    bench = [sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)), file_sha256(Path(sources.__file__))] if names else None
     unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
                        data.model_dump(mode="json", by_alias=True, exclude=set(unread)), model_fingerprint(model), model.chat_template)

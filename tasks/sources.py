@@ -19,10 +19,23 @@ Dedupe (`Deduper`): a conversation is removed from training (and from held-out) 
 2. equals one after normalising case and whitespace (casefold, runs of whitespace -> one space),
 3. has the same words (casefolded `\\w+` tokens: punctuation and spacing ignored) — 257 of AlpacaEval's 805
    prompts are under 13 words and would otherwise match only exactly,
-4. contains a benchmark prompt of 6 to 12 words as a run of its words (a short prompt with a lead-in), or
+4. contains a benchmark prompt of 6 to 12 words as a run of its words (a short prompt with a lead-in),
 5. shares a run of 13 consecutive words with one (the GPT-3 paper's contamination rule) — this catches a
-   benchmark prompt pasted inside a longer message.
-Prompts shorter than 6 words are matched by rules 1-3 only (a 3-word run is common English).
+   benchmark prompt pasted inside a longer message,
+6. is a prompt of 1 to 5 words with a lead-in or trailer of at most 8 words ("Q: What is Atlantis?", "Who is Larry
+   Page? One sentence."), the prompt's last word ending the turn or a sentence (. ? ! : ; or a line break) — so
+   "can you write code on how to do it?" is not "can you write code?" (AlpacaEval has 26 prompts under 6 words), or
+7. is a near copy: its words (joined by single spaces) are within one character edit (optimal string alignment:
+   insert, delete, replace, swap two neighbours) per 20 characters of a prompt's — a typo, a changed digit, a dropped
+   short word. Prompts under 20 characters get no edit ("What is Atlantis?" and "What is Atlantic?" are one edit
+   apart), and 5% keeps "...films between 1940 and 1950 that are in Spanish..." (a ShareGPT turn, 6 edits from an
+   AlpacaEval prompt of 109 characters) another question.
+Every rule reads both texts in one canonical form (`canonical`): NFKC (full-width letters and digits, compatibility
+forms such as ligatures, non-breaking spaces), curly quotes and primes made straight, zero-width and other format
+characters removed. Prompts shorter than 6 words are matched inside other text by rule 6 only (a 3-word run is common
+English). On the real sources (ShareGPT's 17,446 conversations, alpaca_en_demo, the demo-gpu generator's rows) rules
+6-7 and the canonical form remove nothing the first five did not, for +1 to 1.5 s of CPU over ShareGPT (~4.8 -> ~6.1 s;
+docs/BENCHMARKS.md "Benchmark dedupe: near copies").
 
 Within and across the training sources, a conversation already seen (its user and assistant turns compared by their
 words) is dropped before any held-out split (`ExchangeDeduper`), so no held-out row is also a training row.
@@ -32,14 +45,20 @@ words) is dropped before any held-out split (`ExchangeDeduper`), so no held-out 
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 import re
 import subprocess
 import sys
 import tarfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+from rapidfuzz import process
+from rapidfuzz.distance import OSA, Levenshtein
 
 from .common import StageError, artifacts_root, file_sha256
 
@@ -218,6 +237,9 @@ def chat_filter_reason(messages: list[dict]) -> str | None:
 # Dedupe against benchmark prompts
 
 NGRAM = 13
+SHORT_MIN_WORDS = 6  # shorter benchmark prompts are matched inside other text by rule 6 only
+LEAD_IN_WORDS = 8  # rule 6: words a 1-5-word prompt may have around it (lead-in + trailer)
+NEAR_COPY_CHARS = 20  # rule 7: one character edit allowed per this many characters of the prompt
 
 
 def normal(text: str) -> str:
@@ -229,7 +251,28 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.casefold())
 
 
-SHORT_MIN_WORDS = 6  # shorter benchmark prompts are matched whole only (rules 1-3)
+_TOKEN = re.compile(r"\w+")  # the words of `_words`, with their places
+_SENTENCE_END = re.compile(r"[.?!:;\n]")
+# After NFKC: curly quotes, primes and the modifier apostrophe (a letter to `\w`, so "whatʼs" was one word) -> ASCII.
+_QUOTES = {0x2018: "'", 0x2019: "'", 0x201A: "'", 0x201B: "'", 0x2032: "'", 0x02BC: "'",
+           0x201C: '"', 0x201D: '"', 0x201E: '"', 0x201F: '"'}
+
+
+@functools.cache
+def _canonical_table() -> dict[int, str | None]:
+    """str.translate table: every format character (Unicode category Cf: zero-width space and joiners, BOM, soft
+    hyphen, direction marks; 163 in Unicode 14) removed, quotes straightened. Built once (~0.15 s)."""
+    table: dict[int, str | None] = {c: None for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"}
+    return {**table, **_QUOTES}
+
+
+def canonical(text: str) -> str:
+    """The text every dedupe rule reads: NFKC (full-width forms, ligatures, non-breaking and other compatibility spaces
+    become plain characters), format characters removed, curly quotes straight. ASCII text is returned as is (most
+    turns: the 21.7 M characters of ShareGPT's user turns take ~0.4 s)."""
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", text).translate(_canonical_table())
 
 
 class Deduper:
@@ -240,19 +283,30 @@ class Deduper:
         self.exact: dict[str, str] = {}
         self.normal: dict[str, str] = {}
         self.words: dict[tuple[str, ...], str] = {}
-        self.short: dict[tuple[str, ...], str] = {}  # whole word sequences of the 6-12-word prompts
+        self.short: dict[tuple[str, ...], str] = {}  # whole word sequences of the 6-12-word prompts (rule 4)
         self.grams: dict[tuple[str, ...], str] = {}
+        self.tiny: dict[tuple[str, ...], str] = {}  # whole word sequences of the 1-5-word prompts (rule 6)
+        near: dict[str, str] = {}  # words joined by spaces -> benchmark, prompts of NEAR_COPY_CHARS+ characters (rule 7)
         for bench, texts in prompts.items():
-            for p in texts:
+            for p in map(canonical, texts):
                 self.exact.setdefault(p.strip(), bench)
                 self.normal.setdefault(normal(p), bench)
                 w = tuple(_words(p))
                 self.words.setdefault(w, bench)
                 if SHORT_MIN_WORDS <= len(w) < ngram:
                     self.short.setdefault(w, bench)
+                elif 0 < len(w) < SHORT_MIN_WORDS:
+                    self.tiny.setdefault(w, bench)
                 for i in range(len(w) - ngram + 1):
                     self.grams.setdefault(w[i:i + ngram], bench)
+                if len(key := " ".join(w)) >= NEAR_COPY_CHARS:
+                    near.setdefault(key, bench)
         self.short_lengths = sorted({len(w) for w in self.short})
+        self.tiny_lengths = sorted({len(w) for w in self.tiny})
+        # Rule 7 compares a turn only with the prompts whose length it can be within budget of, found by bisection.
+        self.near = sorted(near.items(), key=lambda kv: len(kv[0]))
+        self.near_keys = [k for k, _ in self.near]
+        self.near_lengths = [len(k) for k in self.near_keys]
         self.n_prompts = sum(len(t) for t in prompts.values())
 
     def match(self, messages: list[dict]) -> tuple[str, str] | None:
@@ -260,7 +314,7 @@ class Deduper:
         for m in messages:
             if m["role"] != "user":
                 continue
-            text = m["content"]
+            text = canonical(m["content"])
             if (b := self.exact.get(text.strip())) is not None:
                 return b, "exact"
             if (b := self.normal.get(normal(text))) is not None:
@@ -275,12 +329,50 @@ class Deduper:
             for i in range(len(w) - self.ngram + 1):
                 if (b := self.grams.get(w[i:i + self.ngram])) is not None:
                     return b, f"{self.ngram}-gram"
+            if self.tiny_lengths and len(w) <= self.tiny_lengths[-1] + LEAD_IN_WORDS and (b := self._tiny_in(text)) is not None:
+                return b, f"a 1-{SHORT_MIN_WORDS - 1}-word prompt with a lead-in"
+            if (b := self._near_copy(" ".join(w))) is not None:
+                return b, "near copy"
+        return None
+
+    def _tiny_in(self, text: str) -> str | None:
+        """Rule 6 on a turn of few words: a 1-5-word prompt's words in a row, ending the turn or a sentence."""
+        folded = text.casefold()
+        spans = list(_TOKEN.finditer(folded))
+        w = tuple(s.group() for s in spans)
+        for n in self.tiny_lengths:
+            if len(w) > n + LEAD_IN_WORDS:
+                continue
+            for i in range(len(w) - n + 1):
+                if (b := self.tiny.get(w[i:i + n])) is None:
+                    continue
+                end = i + n
+                if end == len(w) or _SENTENCE_END.search(folded, spans[end - 1].end(), spans[end].start()):
+                    return b
+        return None
+
+    def _near_copy(self, key: str) -> str | None:
+        """Rule 7: the benchmark of a prompt within one edit per NEAR_COPY_CHARS characters of `key` (a turn's words)."""
+        # |len(key) - len(prompt)| <= len(prompt) // NEAR_COPY_CHARS bounds the lengths of the prompts worth comparing.
+        lo = bisect.bisect_left(self.near_lengths, len(key) * NEAR_COPY_CHARS / (NEAR_COPY_CHARS + 1))
+        hi = bisect.bisect_right(self.near_lengths, len(key) * NEAR_COPY_CHARS / (NEAR_COPY_CHARS - 1))
+        if lo == hi:
+            return None
+        # Edits are OSA's (a swap of two neighbours, "thier", is one edit), which rapidfuzz computes ~14x slower than
+        # Levenshtein's: Levenshtein <= 2 x OSA, so one Levenshtein pass over the candidates (C++) keeps the few worth it.
+        budget = self.near_lengths[hi - 1] // NEAR_COPY_CHARS
+        for prompt, _, i in process.extract(key, self.near_keys[lo:hi], scorer=Levenshtein.distance, score_cutoff=2 * budget, limit=None):
+            if OSA.distance(key, prompt, score_cutoff=len(prompt) // NEAR_COPY_CHARS) <= len(prompt) // NEAR_COPY_CHARS:
+                return self.near[lo + i][1]
         return None
 
     @staticmethod
     def rules() -> list[str]:
-        return ["exact", "normalized (casefold + whitespace)", "same words (punctuation ignored)",
-                f"contains a {SHORT_MIN_WORDS}-{NGRAM - 1}-word prompt", f"{NGRAM}-gram (casefolded words)"]
+        return ["every rule on NFKC text (format characters removed, quotes straight)",
+                "exact", "normalized (casefold + whitespace)", "same words (punctuation ignored)",
+                f"contains a {SHORT_MIN_WORDS}-{NGRAM - 1}-word prompt", f"{NGRAM}-gram (casefolded words)",
+                f"a 1-{SHORT_MIN_WORDS - 1}-word prompt with a lead-in or trailer of <= {LEAD_IN_WORDS} words, ending the turn or a sentence",
+                f"near copy (<= 1 character edit per {NEAR_COPY_CHARS} characters of the prompt's words)"]
 
 
 def exchange_key(messages: list[dict]) -> tuple[str, ...]:

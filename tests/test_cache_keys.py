@@ -319,6 +319,23 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     assert cache_key(added.data, added.model) != cache_key(unweighted.data, unweighted.model)
 
 
+def test_data_key_holds_the_dedupe_rules_code(tmp_path, monkeypatch):
+    """Deduped, the data key holds tasks/sources.py's bytes: a changed rule rebuilds the data and every stage keyed on it
+    (three rules added on 2026-12-04 kept the old key: a cached build deduped by the old rules was reused). Not deduped,
+    the rules are not read and the key stays."""
+    from tasks import sources
+    from tasks.data import cache_key
+
+    on, off = _cfg(tmp_path), _cfg(tmp_path, "data.dedupe=[]")
+    assert on.data.dedupe and not off.data.dedupe
+    before = cache_key(on.data, on.model), cache_key(off.data, off.model)
+    edited = tmp_path / "sources.py"
+    edited.write_text(Path(sources.__file__).read_text(encoding="utf-8") + "\n# a rule changed\n", encoding="utf-8")
+    monkeypatch.setattr(sources, "__file__", str(edited))
+    assert cache_key(on.data, on.model) != before[0]
+    assert cache_key(off.data, off.model) == before[1]
+
+
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
     """Training stops by the clock: two runs of one config (one train key) can train different adapters; each gets
     its own evaluation and merge (issue 21 item 7). Before, both were keyed on the train key and shared a verdict."""

@@ -300,7 +300,7 @@ def test_short_benchmark_prompts_match_without_their_punctuation(bench_prompts):
     assert d.match(user(p.replace(" ", ", ", 1))) == ("alpaca_eval", "same words")
     assert d.match(user("Quick question for you: " + p.lower())) == ("alpaca_eval", "contains a short prompt")
     tiny = next(q for q in bench_prompts["alpaca_eval"] if len(sources._words(q)) < 6)
-    assert d.match(user("Well, " + tiny + " and tell me more about your day please")) is None  # too short to match inside text
+    assert d.match(user("Well, " + tiny + " and tell me more about your day please")) is None  # 9 words around it: rule 6 takes 8
 
 
 def test_repeated_conversations_are_kept_once_across_sources_and_never_held_out_and_trained(tmp_path, tiny_cfg, shared_artifacts):
@@ -336,3 +336,96 @@ def test_heldout_jsonl_is_one_record_a_line_for_any_line_splitter():
     text = "".join(jsonl_line(r) for r in rows)
     assert [json.loads(line) for line in text.splitlines()] == rows
     assert "\u00e9 \u4e2d" in text  # still UTF-8 text, not ASCII escapes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Near copies the rules missed (review, 2026-12-04): Unicode variants, 1-5-word prompts with a lead-in, typos
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}]
+
+
+def _full_width(text: str) -> str:
+    """ASCII letters, digits and punctuation as their full-width forms (U+FF01-FF5E), spaces as ideographic spaces."""
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" if c == " " else c for c in text)
+
+
+def test_unicode_variants_of_a_prompt_match_as_the_prompt(bench_prompts):
+    """Every rule reads NFKC text without format characters and with straight quotes: full-width and mathematical bold
+    letters and zero-width characters passed every rule before (a full-width prompt pasted into a message too); a
+    straight apostrophe typed for a prompt's curly one matched only by its words."""
+    d = sources.Deduper(bench_prompts)
+    ifeval, alpaca = bench_prompts["ifeval"][3], "What is Atlantis?"
+    assert alpaca in bench_prompts["alpaca_eval"]
+    assert d.match(_user(_full_width(ifeval))) == ("ifeval", "exact")
+    assert d.match(_user("\ufeff" + "\u200b".join(alpaca))) == ("alpaca_eval", "exact")  # BOM, a zero-width space in every gap
+    bold = "".join(chr(0x1D400 + ord(c) - 65) if c.isupper() else chr(0x1D41A + ord(c) - 97) if c.islower() else c for c in alpaca)
+    assert d.match(_user(bold.replace(" ", "\u00a0"))) == ("alpaca_eval", "exact")  # "fancy text", non-breaking spaces
+    curly = next(p for p in bench_prompts["alpaca_eval"] if "\u2019" in p)
+    assert d.match(_user(curly.replace("\u2019", "'"))) == ("alpaca_eval", "exact")  # typed with a straight apostrophe
+    pasted = "Please help me with my homework. " + _full_width(" ".join(ifeval.split()[2:17])) + " Thanks!"
+    assert d.match(_user(pasted)) == ("ifeval", "13-gram")
+
+
+SHORT_RULE = ("alpaca_eval", "a 1-5-word prompt with a lead-in")
+
+
+@pytest.mark.parametrize("text", ["Please answer this: What is Atlantis?", "Q: who is larry page?\nA:",
+                                  "What causes the northern lights? Keep it under 50 words.",
+                                  "Hi there! Quick question for you, what is Gremolata?"])
+def test_a_short_prompt_with_a_lead_in_or_trailer_matches(bench_prompts, text):
+    """AlpacaEval's 26 prompts under 6 words matched only whole: a lead-in or trailer hid them."""
+    assert len([p for p in bench_prompts["alpaca_eval"] if len(sources._words(p)) < 6]) == 26
+    assert sources.Deduper(bench_prompts).match(_user(text)) == SHORT_RULE
+
+
+@pytest.mark.parametrize("text", [
+    "can you write code on how to do it?",  # ShareGPT turns that hold a short prompt's words (can you write code?,
+    "What languages can you write code in with the ASK?",  # Write "Test") as part of another sentence
+    "write test for approveLeave()",
+    "What is Atlantis in the game Civilization VI?",
+    "Where is Indonesia's capital, and how big is it?",
+    "I have been reading Plato's dialogues for a philosophy class this week. What is Atlantis?",  # 11 words of lead-in
+])
+def test_ordinary_turns_that_share_a_short_prompts_words_are_kept(bench_prompts, text):
+    assert sources.Deduper(bench_prompts).match(_user(text)) is None
+
+
+@pytest.mark.parametrize("text", [
+    "How did US states get thier names?",  # two letters swapped: one edit, 33 characters
+    "How do I wrap a presnet neatly?",
+    "do you think retinoid is effective on removing acne? because I have a lot of it",  # "the" dropped: no 13-gram left
+])
+def test_a_prompt_with_a_typo_or_a_dropped_word_is_a_near_copy(bench_prompts, text):
+    assert sources.Deduper(bench_prompts).match(_user(text)) == ("alpaca_eval", "near copy")
+
+
+@pytest.mark.parametrize("text", [
+    "What is Atlantic?",  # "What is Atlantis?" is under 20 characters: no edit allowed
+    "What is the capital of Austria?",  # two edits from "...of Australia?" (32 characters: one allowed)
+    "How do I wrap a present nicely?",
+    "What do you think about cats?",
+    # a real ShareGPT turn, 6 edits from an AlpacaEval prompt of 109 characters (5 allowed): another question
+    "Can you list the top 20 films or movies between 1940 and 1950 that are in Spanish and in the US public domain?",
+])
+def test_other_questions_a_few_edits_from_a_prompt_are_kept(bench_prompts, text):
+    assert sources.Deduper(bench_prompts).match(_user(text)) is None
+
+
+def test_the_rules_remove_from_sharegpt_only_what_they_removed_before_the_near_copy_rules(bench_prompts):
+    """The false-positive side on the real data: over ShareGPT's 17,446 well-formed conversations the 1-5-word-prompt,
+    near-copy and canonical-form rules remove nothing the first five did not (docs/BENCHMARKS.md "Benchmark dedupe:
+    near copies" lists the nearest turns they leave, read one by one); the 45 removed are AlpacaEval prompts, their
+    lead-ins or their templates."""
+    import collections
+
+    from tasks.data import _normalise
+
+    rows, _ = sources.read_packaged("pypi:sharegpt", "artifacts")
+    convs = _normalise(rows, "auto", None, None, collections.Counter())
+    d = sources.Deduper(bench_prompts)
+    removed = collections.Counter(hit for c in convs if (hit := d.match(c)))
+    assert len(convs) == 17_446
+    assert removed == {("alpaca_eval", "exact"): 22, ("alpaca_eval", "13-gram"): 19, ("alpaca_eval", "same words"): 2,
+                       ("alpaca_eval", "contains a short prompt"): 2}
