@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import COMPLETE, building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
+from .common import COMPLETE, StageError, building, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -49,8 +49,9 @@ EVAL_VERSION = 9  # 2: standard benchmarks + verdict; 3: per-source loss over th
 # 8: loop_share in the answer stats and summaries, and the LOOPS warning (a record cached before has neither, so a rerun
 # on the same adapter would give back its verdict without the warning)
 # 9: AlpacaEval's reference loss, ROUGE-L and chrF judged better/worse only where the paired sign-flip test agrees
-# The base's cached benchmark answers (`base_answers_key`, which also fingerprints the code that generates and scores
-# them) have their own number: bump it when their content changes, not when only what stage 5 reports from them does.
+# The base's cached benchmark answers (`base_answers_key`, which, as `passes_key`, also fingerprints the code that
+# generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
+# what stage 5 reports from them does.
 BASE_ANSWERS_VERSION = 7
 
 
@@ -225,13 +226,14 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
     """The key of stage 5's saved passes (`cache/eval-parts/<key>/`: each model's answers, losses and decode check on the
     held-out rows and on each benchmark): the stage's key less what only scores or summarises the answers
     (STATISTICS_ONLY, the scorer libraries), so a change of those recomputes the record from the passes already made;
-    plus the machine and the generating libraries (`answers_made_on`), as the base's cached answers have them. The
-    passes outlive the run that made them, like that cache: a pass made on another GPU or under another transformers is
-    generated again there, so the answers one record pairs (base and tuned, held-out and benchmarks) all come from one
-    machine and one set of libraries, and a library upgrade (the usual fix of a GENERATION BROKEN) is not served the
-    answers made before it. The stage's own key stays without them: its record is reused on any machine, as before."""
+    plus the machine, the generating libraries (`answers_made_on`) and the generating code (`answer_code`), as the base's
+    cached answers have them. The passes outlive the run that made them, like that cache: a pass made on another GPU,
+    under another transformers or by other generating code is generated again there, so the answers one record pairs
+    (base and tuned, held-out and benchmarks) all come from one machine, one set of libraries and one version of the code,
+    and a library upgrade or a code fix (the usual fixes of a GENERATION BROKEN) is not served the answers made before it.
+    The stage's own key stays without them: its record is reused on any machine, as before."""
     return fingerprint("eval-passes", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
-                       resolve_device(device), *answers_made_on(device))
+                       resolve_device(device), *answers_made_on(device), answer_code())
 
 
 def answers_made_on(device: str) -> list:
@@ -239,6 +241,15 @@ def answers_made_on(device: str) -> list:
     and score stage 5's answers and losses: greedy answers follow both (another GPU's kernels, a new transformers), so
     every cache of answers is keyed on them (`base_answers_key`, `passes_key`)."""
     return [hardware_id(resolve_device(device)), {dist: _version(dist) for dist in ANSWER_LIBRARIES}]
+
+
+def answer_code() -> str:
+    """A fingerprint of the source of the code that generates and scores stage 5's answers and losses, in the key of
+    every cache of answers (`base_answers_key`, `passes_key`): the key cannot otherwise see a fix of that code, and a
+    side kept from before it must not be paired with one made after. Looked up at call time (a patched `generate` counts)."""
+    import inspect
+
+    return fingerprint([inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)])
 
 
 def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str]) -> list:
@@ -319,10 +330,10 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
 
     base_caches = {name: base_answers_dir(artifacts_dir, data, model_cfg, quant, eval, suite, device, system_prompt, tok, log_fn)
                    for name, suite in suites.items()}
-    # Each pass's answers as it ends, under the key of what makes them (`passes_key`, the machine and libraries included):
-    # a run stopped partway (a crash, a killed job, a lost machine) redoes only the passes it had not finished, and a run
-    # at another eval.confidence (or scorer version) generates none. Kept once the stage's record is written, marked
-    # complete when every pass is in (a pass whose decode check failed is not saved).
+    # Each pass's answers as it ends, under the key of what makes them (`passes_key`: the machine, libraries and code
+    # included): a run stopped partway (a crash, a killed job, a lost machine) redoes only the passes it had not
+    # finished, and a run at another eval.confidence (or scorer version) generates none. Kept once the stage's record is
+    # written, marked complete when every pass is in (a pass whose decode check failed is not saved).
     parts = stage_dir(artifacts_dir, "eval-parts", passes_key(data, train, quant, eval, device))
     plan = plan_generation(n, eval.max_new_tokens, suites, base_caches, parts, heldout_losses=len(loss_rows))
     if plan:
@@ -812,22 +823,19 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     """What the base model's side of one benchmark depends on: the base weights and how they are loaded, the token ids
     generation and scoring are fed (each prompt rendered and tokenized as `generate` does, AlpacaEval's references as
     `reference_nll` does, pad and stop ids: whatever tokenizer or template code made them), greedy decoding's cap, the
-    code that generates and scores, the machine and the libraries. Not the adapter, not the data: a retrained adapter on
-    the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them again. Not the batch
-    size (NOT_MEASURED says why); `batch_size` given = the key as it was made while eval.batch_size was in it
+    code that generates and scores (`answer_code`), the machine and the libraries. Not the adapter, not the data: a
+    retrained adapter on the same base (a scheduled run, a sweep) reuses the base's answers instead of generating them
+    again. Not the batch size (NOT_MEASURED says why); `batch_size` given = the key as it was made while eval.batch_size was in it
     (`base_answers_dir` reads a cache made then)."""
-    import inspect
-
     prompts = [tok.apply_chat_template(benchmark_conversation(r["prompt"], system_prompt), tokenize=False, add_generation_prompt=True)
                for r in suite["rows"]]
     fed = {"prompts": tok(prompts, add_special_tokens=False)["input_ids"], "pad": tok.pad_token_id, "stop": data.stop_token_ids}
     if suite["name"] == "alpaca_eval":
         fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
-    code = [inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)]
     before = [] if batch_size is None else [batch_size]
     # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
     return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
-                       quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), fingerprint(code),
+                       quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), answer_code(),
                        *before, *answers_made_on(device))
 
 
@@ -851,11 +859,16 @@ def base_answers_dir(artifacts_dir: str, data: DataRecord, model_cfg: ModelSecti
                 try:
                     with building(folder) as tmp:
                         shutil.copy2(before / "base.json", tmp / "base.json")
-                except OSError as e:  # read above, gone or unreadable since
+                except OSError as e:  # read above: gone or unreadable since, or no room for the copy
+                    if disk_full(e):  # the old cache is whole; generating the answers would not fit either
+                        raise StageError(f"disk full while copying the base's cached answers from {before} to {folder} (the partial "
+                                         "copy was removed); free some space and rerun the same command: every finished stage is "
+                                         "cached") from e
                     why = f"unreadable: {e}"
         if isinstance(why, str):
             log_fn(f"evaluate: {suite['name']}: the base's answers cached while eval.batch_size was in their key ({before}) are not "
-                   f"copied ({why})")
+                   f"copied ({why}); the base's side is generated as if none were cached (or read from this stage's saved pass, "
+                   "where one holds it)")
     return folder
 
 
@@ -910,10 +923,10 @@ def _read_base_side(base_cache: Path, n: int, with_nll: bool, log_fn) -> dict | 
 
 def _keep_base_side(base_cache: Path, side: dict, name: str, **made) -> None:
     """Cache the base's side of benchmark `name` ({"gens", "check", "nll"}) under `base_answers_key`, replacing what is
-    there (unusable, or written meanwhile by a run with the same key: the same answers). Never a broken decode."""
+    there (unusable, or written meanwhile by a run with the same key: the same answers). Never a broken decode. The
+    folder is replaced by `building`'s two renames, never deleted first: a run reading a usable cache meanwhile (reads
+    take no lock) finds the old folder or the new one, not none."""
     with locked(base_cache):
-        if is_complete(base_cache):
-            shutil.rmtree(base_cache)
         with building(base_cache) as tmp:
             write_json(tmp / "base.json", {"gens": side["gens"], "check": side["check"], "nll": side.get("nll"),
                                            "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name, **made}})
@@ -956,7 +969,9 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
     for who in ("base", "tuned"):
         part = parts / f"{name}-{who}.json" if parts is not None else None
         cached = who == "base" and base_cache is not None and is_complete(base_cache)
-        then = f"reading the base's cached answers ({base_cache})" if cached else "generating it again"
+        # What an unusable saved pass gives way to: the base's cache only where it can be read (as plan_generation found).
+        usable_cache = cached and isinstance(_read_side(base_cache / "base.json", len(rows), n_nll), dict)
+        then = f"reading the base's cached answers ({base_cache})" if usable_cache else "generating it again"
         # The stage's saved pass first: it was made with the record's other passes, on one machine and set of libraries.
         side = _read_part(part, f"{name} {who}", len(rows), n_nll, log_fn, asked, then) if part is not None else None
         origin = "pass" if side is not None else None

@@ -435,6 +435,15 @@ def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monk
     monkeypatch.setattr(metadata, "version", lambda d: "9.9.9" if d == "transformers" else real(d))
     assert keys()[0] == stage0 and keys()[1] != passes0
     assert set(evaluate.ANSWER_LIBRARIES) >= {"torch", "transformers", "tokenizers", "peft", "bitsandbytes"}
+    # And the code that generates them (`answer_code`, in the base's cached answers' key too): a fix of `generate` makes
+    # the passes again, the stage's record is keyed by EVAL_VERSION as before.
+    monkeypatch.undo()
+
+    def generate(*a, **k):  # another version of the generating code
+        return []
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    assert keys()[0] == stage0 and keys()[1] != passes0
 
 
 # ---------------------------------------------------------------------------------------------------------

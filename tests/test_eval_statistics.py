@@ -326,6 +326,50 @@ def test_an_old_key_base_cache_that_cannot_be_used_is_not_copied_in_one_line(tmp
                                                  f"are not copied ({why}"), logs
 
 
+def test_an_old_key_base_cache_not_copied_says_what_happens_instead(tmp_path):
+    """Every other line about a saved pass or cache that cannot be used ends in what is done instead ("generating it
+    again", "reading the base's cached answers (...)"); the old-key copy's line stopped at "are not copied (why)", so the
+    log did not say whether the base's answers are now generated (minutes on a GPU) or come from elsewhere."""
+    from tasks.common import building
+
+    args = _base_args(tmp_path)
+    old = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args, batch_size=24)
+    with building(old) as tmp:
+        (tmp / "base.json").write_text("{not json")
+    logs = []
+    ev.base_answers_dir(str(tmp_path), *args, log_fn=logs.append)
+    [line] = logs
+    assert "are not copied (unreadable" in line
+    assert "generat" in line, line  # what happens next: here the base side is generated
+
+
+def test_a_full_disk_while_copying_the_old_key_base_cache_is_not_called_an_unreadable_cache(monkeypatch, tmp_path):
+    """base_answers_dir's copy caught every OSError as "read above, gone or unreadable since": a full disk (ENOSPC,
+    which train and publish tell apart with `disk_full`) during the copy was logged as the old cache being unreadable,
+    and the stage went on to generate the base's answers (minutes on a GPU) on a disk that cannot take them. It now
+    stops as train and publish do: a StageError naming the folder and the fix, from the disk-full error."""
+    import errno
+
+    from tasks.common import StageError, building, disk_full, is_complete
+
+    args = _base_args(tmp_path)
+    old = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args, batch_size=24)
+    with building(old) as tmp:
+        (tmp / "base.json").write_text(_saved(4))
+
+    def copy2(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ev.shutil, "copy2", copy2)
+    logs = []
+    folder = tmp_path / "cache" / "eval-base" / ev.base_answers_key(*args)
+    with pytest.raises(StageError, match="disk full") as e:
+        ev.base_answers_dir(str(tmp_path), *args, log_fn=logs.append)
+    assert disk_full(e.value.__cause__) and str(folder) in str(e.value) and "free some space" in str(e.value)
+    assert not any("unreadable" in m for m in logs), logs  # the old cache is whole; the disk is full
+    assert is_complete(old) and not folder.exists() and not list(folder.parent.glob(f".{folder.name}.tmp-*"))
+
+
 def test_an_unusable_base_cache_is_written_again_from_the_saved_pass_that_is_used(monkeypatch, tmp_path):
     """With the passes kept, a base side is often both in the base's cache and in the saved passes. When the cache could
     not be used the log said "generating them again", then the saved pass was read back and nothing was generated, and
@@ -370,6 +414,50 @@ def test_an_unusable_saved_base_pass_is_said_to_give_way_to_the_base_cache_and_i
     assert any("the base model's answers reused from an earlier run" in m for m in logs)
     saved = json.loads(part.read_text())
     assert [g["text"] for g in saved["gens"]] == ["base answer"] * 4 and saved["reused"] == saved["base_key"] == "k"
+
+
+def test_an_unusable_saved_base_pass_beside_an_unusable_cache_is_not_said_to_give_way_to_that_cache(monkeypatch, tmp_path):
+    """The saved base pass and the base's cache both unusable: the pass's line said "...; reading the base's cached
+    answers (cache)", a second line then said that cache is unusable too and the side is generated. What the first line
+    said happens next did not happen (the reader's test, which plan_generation already ran on that cache, says so before
+    the line is written). The pass's line now names the cache only where it can be read."""
+    rows, cache, parts = alpaca_rows(4), tmp_path / "eval-base" / "k", tmp_path / "parts"
+    answers = {who: [(f"{who} answer", True)] * 4 for who in ("base", "tuned")}
+    nll = {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, parts=parts)
+    (parts / "alpaca_eval-base.json").write_text("{not json")
+    (cache / "base.json").write_text("{not json")
+    logs = []
+    _, seen = run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache, parts=parts, log_fn=logs.append)
+    assert [who for who, _ in seen] == ["base"]  # generated: neither could be used
+    said = [m for m in logs if str(parts / "alpaca_eval-base.json") in m]
+    assert len(said) == 1 and not said[0].endswith(f"; reading the base's cached answers ({cache})"), logs
+
+
+def test_a_same_key_rewrite_of_the_base_cache_never_hides_a_usable_cache_from_a_concurrent_reader(monkeypatch, tmp_path):
+    """`_keep_base_side` (a run that generated the base side while another wrote it, and `_recache_base_side` too)
+    rmtree'd a complete cache before `building` swapped the new one in. `building` swaps with two renames precisely so a
+    reader never finds the folder gone; the rmtree before it reopened that window for the whole write (an fsync'd
+    base.json): a concurrent run reading the usable cache then (no lock on reading) found it missing (or COMPLETE
+    without base.json: rmtree's order), said it "holds no usable base answers" and generated them again. `building`
+    alone now replaces it."""
+    rows, cache = alpaca_rows(4), tmp_path / "eval-base" / "k"
+    answers = {who: [(f"{who} answer", True)] * 4 for who in ("base", "tuned")}
+    nll = {who: [(1.0, 1)] * 4 for who in ("base", "tuned")}
+    run(monkeypatch, "alpaca_eval", rows, answers, nll, base_cache=cache)  # a usable cache
+    side = json.loads((cache / "base.json").read_text())
+    seen = []
+    real_building = ev.building
+
+    def building(final, *a, **k):  # another run looks at the cache while this one writes the same answers
+        logs = []
+        seen.append((ev.is_complete(cache), ev._read_base_side(cache, 4, True, logs.append) is not None, logs))
+        return real_building(final, *a, **k)
+
+    monkeypatch.setattr(ev, "building", building)
+    ev._keep_base_side(cache, side, "alpaca_eval")
+    assert seen == [(True, True, [])], seen
+    assert [g["text"] for g in json.loads((cache / "base.json").read_text())["gens"]] == ["base answer"] * 4  # replaced, whole
 
 
 # ---------------------------------------------------------------------------------------------------------
