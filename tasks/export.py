@@ -27,6 +27,7 @@ export, this run gets its own folder (the published files hard-linked), assemble
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -818,6 +819,60 @@ def cut_answer(kind: str, answer: dict, stops: list[str], suffix: str | None = N
     return cut_any
 
 
+class StopAtStrings:
+    """generate()'s stopping criterion for a request's stop strings: a sequence ends once the text it generated holds
+    one (OpenAI's API and llama.cpp's server look in the generated text only). transformers' own (StopStringCriteria,
+    the `stop_strings` setting) reads the prompt's tokens too: a stop string spelled by the prompt's end and the
+    answer's first tokens ended the answer there, with no stop in it to cut. Each sequence's new tokens are decoded
+    after the last few read (a window: the cost stays per token), as the served text decodes them; a token that ends
+    inside a character (a UTF-8 byte of it) waits for the rest. A plain callable, as generate() takes one: subclassing
+    transformers' StoppingCriteria would import transformers with this module, for every CLI command."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int) -> None:
+        self.tokenizer, self.stops, self.read = tokenizer, stops, prompt_len
+        self.keep = max(len(s) for s in stops) - 1  # text carried to the next step: a stop string may span tokens
+        self.rows: list[dict] = []  # per sequence: the window's tokens, how many of them are read, the text's end
+
+    def __getstate__(self) -> dict:
+        # transformers >= 5.25 generates in a process of its own: the tokenizer crosses by name, not as megabytes
+        return {**self.__dict__, "tokenizer": self.tokenizer.name_or_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, tokenizer=cached_tokenizer(state["tokenizer"]))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.read:].tolist()
+        self.read = input_ids.shape[1]
+        if not self.rows:
+            self.rows = [{"ids": [], "done": 0, "text": "", "stop": False} for _ in new]
+        for row, ids in zip(self.rows, new):
+            if not row["stop"]:
+                row["ids"] += ids
+                self.take(row)
+        return torch.tensor([row["stop"] for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+    def take(self, row: dict) -> None:
+        """Decode a sequence's unread tokens, with the last read ones before them for context, and look for a stop."""
+        window = self.tokenizer.decode(row["ids"], skip_special_tokens=True)
+        if window.endswith("\ufffd"):  # the first bytes of a character: read it once it is whole
+            return
+        text = row["text"] + window[len(self.tokenizer.decode(row["ids"][:row["done"]], skip_special_tokens=True)):]
+        row["stop"] = any(s in text for s in self.stops)
+        row["text"] = text[max(len(text) - self.keep, 0):]
+        row["ids"] = row["ids"][row["done"]:]
+        row["done"] = len(row["ids"])
+
+
+@functools.cache
+def cached_tokenizer(source: str):
+    """A tokenizer by name or folder, loaded once per process (StopAtStrings in transformers 5.25's model process)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
 def setting(gen, name: str):
     """A generation setting of transformers serve's request: a GenerationConfig (transformers <= 5.24) or the
     keyword arguments of generate() (5.25 on, which generates in a process of its own)."""
@@ -897,7 +952,7 @@ class StopCuttingManager:
             return queue, self.streamer
 
         def on_stop() -> None:
-            self.streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
+            self.streamer.cancel()  # StopAtStrings ended generation at this token already; continuous batching takes no criterion
             # The handlers call it a "length" finish when max_new_tokens tokens came; a stop string is a stop. generate()
             # works on its own copy of the settings, so this changes nothing but that reading.
             set_setting(self.gen_config, "max_new_tokens", None)
@@ -911,6 +966,58 @@ class StopCuttingManager:
 
     def __getattr__(self, name: str):
         return getattr(self.manager, name)
+
+
+class StoppingModel:
+    """The model, whose generate() also takes `criteria`: transformers <= 5.24's managers call generate() with the
+    request's GenerationConfig, which has no place for a stopping criterion."""
+
+    def __init__(self, model, criteria: list) -> None:
+        self.model, self.criteria = model, criteria
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, stopping_criteria=self.criteria, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+class StreamedTokens:
+    """transformers >= 5.25's model-process client, whose answers that do not stream are generated as streamed ones
+    and gathered: its own non-streaming generate() puts its cancel check in place of the request's stopping criteria
+    (GenerateRunner.generate), so StopAtStrings never ran; a streamed one keeps them, and ends when the client leaves."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.ids = engine, []
+
+    def put_token(self, token_id: int) -> None:  # what the client hands each streamed token to
+        self.ids.append(token_id)
+
+    async def generate_non_streaming(self, inputs: dict, generation_kwargs: dict) -> tuple[str, int, list[int]]:
+        await self.engine._send_request("generate", args=(dict(inputs), generation_kwargs), streamer=self)
+        return self.engine.processor.decode(self.ids, skip_special_tokens=True), prompt_tokens(inputs), self.ids
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def prompt_tokens(inputs: dict) -> int:
+    ids = inputs["input_ids"]
+    return len(ids) if isinstance(ids, list) else ids.shape[-1]
+
+
+def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
+    """Make a handler's generation end at the request's stop strings, looked for in the generated text only
+    (StopAtStrings); `given`: the handler's arguments, by name, changed in place. transformers >= 5.25 takes the
+    criterion in generate()'s kwargs, sent to the model's process; <= 5.24 through the model."""
+    processor = given["engine"].processor if "engine" in given else given["processor"]
+    criteria = [StopAtStrings(getattr(processor, "tokenizer", processor), stops, prompt_tokens(given["inputs"]))]
+    if "engine" in given:
+        given["generation_kwargs"]["stopping_criteria"] = criteria
+        if not streaming:
+            given["engine"] = StreamedTokens(given["engine"])
+    else:
+        given["model"] = StoppingModel(given["model"], criteria)
 
 
 def mark_incomplete(response: dict) -> None:
@@ -952,8 +1059,9 @@ LIMIT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "completion": (
 def answer_as_openai_does() -> None:
     """Make transformers serve's generation endpoints (/v1/chat/completions, /v1/completions, /v1/responses) answer as
     OpenAI's API and llama.cpp's server do, all three the same way:
-    - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it; the
-      Responses API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
+    - generation stops at a `stop` string in the generated text (StopAtStrings; transformers' own stop_strings also
+      matched the prompt's end) and the text ends before the earliest one (transformers returned it; the Responses
+      API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
     - a chat or completions stream ends with `data: [DONE]` (strict SSE clients wait for it); a Responses stream ends
       with its `response.completed` event (`response.incomplete` when the length limit cut it, as the answer's status
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
@@ -973,7 +1081,8 @@ def answer_as_openai_does() -> None:
     from transformers.cli.serving.response import ResponseHandler
 
     # A request's stop strings and logit bias, taken out of its body before the handler's own field check (the
-    # Responses handler refuses both: OpenAI's Responses API has neither) and applied to its generation config here;
+    # Responses handler refuses both: OpenAI's Responses API has neither) and applied here (the logit bias to its
+    # generation settings, the stop strings by `stop_generating_at`);
     # the length-limit field it named; whether its generation started (errors before that are the request's).
     request_options: ContextVar[dict] = ContextVar("request_options", default={})
 
@@ -984,8 +1093,7 @@ def answer_as_openai_does() -> None:
         config = given["engine"].model_config if "engine" in given else given["model"].config
         gen = generation_settings(given)
         text_config = config.get_text_config()
-        ids = given["inputs"]["input_ids"]
-        n = len(ids) if isinstance(ids, list) else ids.shape[-1]
+        n = prompt_tokens(given["inputs"])
         field = PROMPT_FIELDS[kind]
         options = request_options.get()
         limit = getattr(text_config, "max_position_embeddings", None)
@@ -1054,8 +1162,6 @@ def answer_as_openai_does() -> None:
                 # transformers serve only turns sampling off (at temperature 0): a model whose generation config has no
                 # do_sample (mistralai/Mistral-7B-v0.1) answered greedily at any temperature, whatever the seed
                 set_setting(config, "do_sample", True)
-            if options.get("stop"):
-                set_setting(config, "stop_strings", options["stop"])
             if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500
                 set_setting(config, "sequence_bias", {(int(k),): float(v) for k, v in options["logit_bias"].items()})
             return config
@@ -1064,14 +1170,18 @@ def answer_as_openai_does() -> None:
             """transformers 5.25's own check, a ValueError before the handler: `refusal` does it, naming the field."""
 
         async def answer(self, *args, **kwargs):
-            given = answer_sig.bind(self, *args, **kwargs).arguments
+            bound = answer_sig.bind(self, *args, **kwargs)
+            given = bound.arguments
             gen_config = generation_settings(given)
             refused = refusal(given, kind)
             if refused:
                 return refused
-            request_options.get()["generating"] = True
-            response = await non_streaming(self, *args, **kwargs)
-            stops = stop_strings(setting(gen_config, "stop_strings"))
+            options = request_options.get()
+            options["generating"] = True
+            stops = options["stop"]
+            if stops:
+                stop_generating_at(given, stops, streaming=False)
+            response = await non_streaming(*bound.args, **bound.kwargs)
             body = json.loads(response.body)
             cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
             limit = setting(gen_config, "max_new_tokens")  # the handlers' "length" reading: as many tokens came as were allowed
@@ -1086,10 +1196,12 @@ def answer_as_openai_does() -> None:
             refused = refusal(given, kind)
             if refused:
                 return refused
-            request_options.get()["generating"] = True
-            gen_config = generation_settings(given)
+            options = request_options.get()
+            options["generating"] = True
+            if options["stop"]:
+                stop_generating_at(given, options["stop"], streaming=True)
             generator = "engine" if "engine" in given else "gen_manager"  # what generates: 5.25's model process, or the manager
-            manager = given[generator] = StopCuttingManager(given[generator], stop_strings(setting(gen_config, "stop_strings")), gen_config)
+            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given))
             original = streaming(*bound.args, **bound.kwargs)
             source = original.body_iterator
 

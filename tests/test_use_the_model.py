@@ -716,8 +716,8 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
 
 # ---------------------------------------------------------------------------------------------------------
 # Review of b787caf (serve-model on transformers 5.25, 2026-12-04): requests still answered otherwise than OpenAI's
-# API and llama.cpp's server answer them, on 5.25 and 5.17 alike. The first still fails (xfail, strict: its fix makes
-# it pass and the mark must go); tasks/export.py now answers the other three as they ask.
+# API and llama.cpp's server answer them, on 5.25 and 5.17 alike; tasks/export.py now answers all four as they ask (the
+# first, stop strings read in the answer only, by its own stopping criterion, StopAtStrings: tests after it).
 
 
 @pytest.fixture(scope="module")
@@ -751,14 +751,12 @@ def _answer_text(path: str, body: dict, stream: bool) -> str:
     return choice["message"]["content"] if "chat" in path else choice["text"]
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve: transformers' stop_strings also match text the prompt's end and the "
-                                       "answer's first tokens spell together; generation stops there and the cut finds nothing")
 def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1):
     """OpenAI's API and llama.cpp's server look for a stop string in the generated text only. transformers' stopping
     criterion (StopStringCriteria, handed the request's `stop`) reads the prompt's tokens too: a stop string spelled by
-    the prompt's end and the first generated token ends generation after that token, `cut_at_stop` finds no stop in
-    the answer, and the first token(s) come back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
-    meet it whenever a model opens its answer with a newline."""
+    the prompt's end and the first generated token ended generation after that token, `cut_at_stop` found no stop in
+    the answer, and the first token(s) came back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
+    meet it whenever a model opens its answer with a newline. Generation now stops in StopAtStrings."""
     pub, base = served_r1
     bias = _the_bias(pub)
     completion = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": bias}
@@ -769,6 +767,90 @@ def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1)
         want = full[:full.find(stop)]
         for stream in (False, True):
             assert _answer_text(path, {**body, "stop": [stop]}, stream) == want, (path, stop, stream, full)
+
+
+def _completion(url: str, body: dict, stream: bool) -> tuple[str, str, int]:
+    """A completion's (text, finish_reason, completion_tokens), streamed or not."""
+    if not stream:
+        code, answer = _request(url, body)
+        assert code == 200, answer
+        answer = json.loads(answer)
+        return answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]
+    chunks = [json.loads(d) for _, d in _sse(url, {**body, "stream_options": {"include_usage": True}}) if d != "[DONE]"]
+    choices = [c["choices"][0] for c in chunks if c.get("choices")]
+    (usage,) = [c["usage"] for c in chunks if c.get("usage")]
+    return "".join(c.get("text") or "" for c in choices), choices[-1]["finish_reason"], usage["completion_tokens"]
+
+
+def test_stop_at_strings_reads_each_sequence_s_generated_text_as_its_tokens_come(own_published):
+    """StopAtStrings, generate()'s criterion for a request's `stop`: a sequence stops at the token that completes a stop
+    string in the text it generated, never with the prompt's end; a stop string may span several tokens, and a
+    character whose UTF-8 bytes are separate tokens counts once its last byte came; each sequence of a batch is read on
+    its own. It crosses to transformers 5.25's model process pickled, the tokenizer by name."""
+    import pickle
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.export import StopAtStrings
+
+    cfg, art, pub, _ = own_published
+    tok = AutoTokenizer.from_pretrained(pub / "merged")
+
+    def stopped_at(prompt: str, answers: list[str], stops: list[str]) -> list[int | None]:
+        """The token (1 = the first generated) at which each answer of a batch is stopped, None if never."""
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        rows = [tok.encode(a, add_special_tokens=False) for a in answers]
+        assert len({len(r) for r in rows}) == 1, rows  # a batch grows one token per sequence per step
+        criterion = pickle.loads(pickle.dumps(StopAtStrings(tok, stops, len(prompt_ids))))
+        done = [criterion(torch.tensor([prompt_ids + r[:step] for r in rows]), None).tolist() for step in range(1, len(rows[0]) + 1)]
+        assert all(a <= b for earlier, later in zip(done, done[1:]) for a, b in zip(earlier, later)), done  # stopped stays stopped
+        return [next((step + 1 for step, row in enumerate(done) if row[i]), None) for i in range(len(rows))]
+
+    assert tok.encode(" the", add_special_tokens=False) == [tok.encode(" the the", add_special_tokens=False)[0]]  # one token
+    assert len(tok.encode("\u2603", add_special_tokens=False)) == 3  # a snowman is three byte tokens
+    assert stopped_at("Say the", [" the the the"], [" the the"]) == [2]  # the prompt's " the" and the first token: no stop
+    assert stopped_at("Say the", [" the the the"], ["e the t"]) == [3]  # over three tokens
+    assert stopped_at("Say", [" the the the"], [" the the the"]) == [3]  # at the last token
+    assert stopped_at("Say", [" the the the"], ["the the the the"]) == [None]
+    assert stopped_at("Say", [" a\u2603b"], ["\u2603"]) == [4]  # its third byte
+    assert stopped_at("Say", [" a\u2603b"], ["\ufffd", "never"]) == [None]  # a character's first bytes are no text yet
+    assert stopped_at("Say", [" a\u2603b", " the cat sat"], ["\u2603", "cat"]) == [4, 3]  # a batch: each its own
+    assert stopped_at("Say", [" a\u2603b", " the cat sat"], ["at"]) == [None, 3]
+
+
+def test_serve_model_merged_stops_at_a_stop_string_over_three_tokens_that_starts_in_the_prompt(served_r1):
+    """A stop string first spelled by the prompt's end and two answer tokens ("Say the" + " the the"), then by the
+    answer's first three tokens: transformers stopped at the first, answering " the the" as a "stop" of 2 tokens.
+    Streamed or not: the text ends before the stop string in the answer, generation ended at its third token."""
+    pub, base = served_r1
+    body = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub), "stop": ["e the t"]}
+    for stream in (False, True):
+        assert _completion(f"{base}/v1/completions", body, stream) == (" th", "stop", 3), stream
+
+
+def test_serve_model_merged_a_stop_string_the_last_allowed_token_completes_is_a_stop(served_r1):
+    """A stop string completed by the max_tokens-th token: the text ends before it, and it is a "stop", not "length"."""
+    pub, base = served_r1
+    body = {"prompt": "Say it.", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+    assert _completion(f"{base}/v1/completions", body, stream=False) == (" the" * 6, "length", 6)
+    for stream in (False, True):
+        assert _completion(f"{base}/v1/completions", {**body, "stop": ["the the the the the the"]}, stream) == (" ", "stop", 6), stream
+
+
+def test_serve_model_merged_keeps_each_concurrent_request_s_stop_strings_to_its_own_answer(served_r1):
+    """Requests in flight together, streamed or not, with and without stop strings: each answer is cut by its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    body = {"prompt": "Say it.", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+    full = " the" * 6
+    cases = [(stop, stream) for stop in (None, "e t", " the the the", "never-generated", "e the the t") for stream in (False, True)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda c: _answer_text(url, {**body, **({"stop": c[0]} if c[0] else {})}, c[1]), cases))
+    want = [full[:full.find(stop)] if stop and stop in full else full for stop, _ in cases]
+    assert got == want, list(zip(cases, got))
 
 
 def test_serve_model_merged_samples_when_a_temperature_above_0_is_asked(served_r1):
