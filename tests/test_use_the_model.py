@@ -910,3 +910,97 @@ def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_c
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Review of 89f143f (StopAtStrings, 2026-12-04): generation modes a request can ask for through transformers serve's
+# `generation_config` field, where StopAtStrings' per-row state or StreamedTokens' one-token-per-put reading breaks.
+
+
+def _stateless_stop_reading(tok, stops: list[str], prompt_len: int):
+    """What StopAtStrings promises, read afresh each step from each row's own generated tokens (no state carried between
+    calls, so it holds whatever generate() reorders or takes back): the reference the tests below compare it with."""
+    import torch
+
+    def reading(input_ids, scores, **kwargs):
+        rows = [tok.decode(row[prompt_len:], skip_special_tokens=True) for row in input_ids.tolist()]
+        return torch.tensor([any(s in text for s in stops) for text in rows], dtype=torch.bool, device=input_ids.device)
+
+    return reading
+
+
+def test_stop_at_strings_under_beam_search_stops_each_hypothesis_at_its_own_text(own_published):
+    """Beam search (`"generation_config": "{\\"num_beams\\": 3}"`, which transformers serve takes) hands the stopping
+    criteria the candidate hypotheses, reordered at every step: row i is not the sequence row i was a step before.
+    StopAtStrings keeps each row's text and its `stop` across calls, so a hypothesis inherited another's text, a row
+    once stopped stayed stopped, and the answer ended with no stop string in it (prompt "Once upon a time", stop " on":
+    "Z\\n'", 3 tokens, finish_reason "stop", on transformers 5.17's server; transformers' stop_strings answered 12)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import StopAtStrings
+
+    cfg, art, pub, _ = own_published
+    tok = AutoTokenizer.from_pretrained(pub / "merged")
+    model = AutoModelForCausalLM.from_pretrained(pub / "merged")
+    prompt = tok("Once upon a time", return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+
+    def answer(criterion) -> str:
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False, num_beams=3, stopping_criteria=[criterion])
+        return tok.decode(out[0, n:], skip_special_tokens=True)
+
+    full = answer(_stateless_stop_reading(tok, ["never-generated"], n))
+    stops = sorted({full[i:i + 2] for i in range(len(full) - 1) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]})
+    got = {s: answer(StopAtStrings(tok, [s], n)) for s in stops}
+    want = {s: answer(_stateless_stop_reading(tok, [s], n)) for s in stops}
+    assert got == want, [(s, got[s], want[s]) for s in stops if got[s] != want[s]]
+
+
+def test_serve_model_merged_prompt_lookup_and_beam_search_requests_with_a_stop_string_are_answered(served_r1):
+    """Prompt lookup decoding (`prompt_lookup_num_tokens`) is greedy decoding, faster: its answer with a stop string is
+    the greedy answer cut before it. On transformers 5.25, a non-streamed answer with a stop string is generated as a
+    streamed one (StreamedTokens): prompt lookup streams several tokens at once, which StreamedTokens took as one id
+    (a 400 "ValidationError: 1 validation error for CompletionChoice"), and beam search takes no streamer (a 400
+    "`streamer` cannot be used with beam search"); both were answered before 89f143f. On 5.17 the assisted decoding
+    loop hands the stopping criteria the *candidate* tokens before verifying them: StopAtStrings read the prompt's
+    n-grams it proposed (" time" for stop "me"), stopped for good, and the answer was its first token, "stop"."""
+    import json as _json
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    greedy = {"prompt": "Once upon a time Once upon a time Once upon", "max_tokens": 30, "temperature": 0}
+    full, _, _ = _completion(url, greedy, stream=False)
+    lookup = {**greedy, "generation_config": _json.dumps({"prompt_lookup_num_tokens": 3})}
+    assert _completion(url, lookup, stream=False)[0] == full  # lossless: the same tokens
+    stops = sorted({full[i:i + 2] for i in range(len(full) - 1) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]})
+    got = {s: _request(url, {**lookup, "stop": [s]}) for s in stops}
+    want = {s: full[:full.find(s)] for s in stops}
+    assert {s: (code, json.loads(a)["choices"][0]["text"] if code == 200 else a) for s, (code, a) in got.items()} == \
+        {s: (200, w) for s, w in want.items()}
+
+    beams = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "generation_config": _json.dumps({"num_beams": 3})}
+    code, plain = _request(url, beams)
+    assert code == 200, plain
+    code, answer = _request(url, {**beams, "stop": ["never-generated"]})  # a stop string it never meets changes nothing
+    assert code == 200 and json.loads(answer)["choices"][0]["text"] == json.loads(plain)["choices"][0]["text"], answer
+
+
+def test_serve_model_merged_stop_strings_in_generation_config_are_read_in_the_answer_only_too(served_r1):
+    """transformers serve's `generation_config` field takes `stop_strings` as well. Before 89f143f the layer read them
+    as `stop` (the answer was cut before them); now they only reach transformers' StopStringCriteria: the answer keeps
+    the stop string ("Say it.", stop_strings ["e t"]: " the the", where main answered " th"), and the prompt's end still
+    counts ("Say the", [" the the"]: " the", 1 token, no stop string in it: the defect 89f143f fixes for `stop`).
+    Read as `stop` is, or refused with a 400 naming the field."""
+    import json as _json
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    for prompt, stop in (("Say it.", "e t"), ("Say the", " the the")):
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+        want = _completion(url, {**body, "stop": [stop]}, stream=False)
+        code, answer = _request(url, {**body, "generation_config": _json.dumps({"stop_strings": [stop]})})
+        if code == 400:
+            assert json.loads(answer)["error"]["param"] == "generation_config", answer
+        else:
+            choice, usage = json.loads(answer)["choices"][0], json.loads(answer)["usage"]
+            assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == want, (prompt, stop, answer, want)
