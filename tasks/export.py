@@ -787,6 +787,28 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
+def take_configured_stops(body: dict) -> tuple[list[str], tuple[str, str] | None]:
+    """The `stop_strings` of a request's `generation_config` field (transformers serve's JSON of generate() settings),
+    taken out of it in `body`, to be read as `stop` is: transformers' own stop_strings also match the prompt's end,
+    and the answer kept them. Returns them and the problem (message, field) with them, if any. A field that is no JSON
+    object is left as it is, for the handler to refuse."""
+    raw = body.get("generation_config")
+    try:
+        settings = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return [], None
+    if not isinstance(settings, dict) or "stop_strings" not in settings:
+        return [], None
+    stops = settings.pop("stop_strings")
+    if stops is not None and not (isinstance(stops, str) or (isinstance(stops, list) and all(isinstance(x, str) for x in stops))):
+        return [], (f"generation_config's stop_strings must be a string or a list of strings, got {stops!r:.60}", "generation_config")
+    if settings:
+        body["generation_config"] = json.dumps(settings)
+    else:  # nothing else asked: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
+        del body["generation_config"]
+    return stop_strings(stops), None
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
     """`text` up to (excluding) its earliest stop string, or None when it holds none."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -823,15 +845,23 @@ class StopAtStrings:
     """generate()'s stopping criterion for a request's stop strings: a sequence ends once the text it generated holds
     one (OpenAI's API and llama.cpp's server look in the generated text only). transformers' own (StopStringCriteria,
     the `stop_strings` setting) reads the prompt's tokens too: a stop string spelled by the prompt's end and the
-    answer's first tokens ended the answer there, with no stop in it to cut. Each sequence's new tokens are decoded
-    after the last few read (a window: the cost stays per token), as the served text decodes them; a token that ends
-    inside a character (a UTF-8 byte of it) waits for the rest. A plain callable, as generate() takes one: subclassing
-    transformers' StoppingCriteria would import transformers with this module, for every CLI command."""
+    answer's first tokens ended the answer there, with no stop in it to cut.
+
+    Each call reads each row afresh from its own tokens, and carries nothing of a row to the next call: beam search
+    hands it candidate hypotheses reordered at every step, and assisted decoding (prompt lookup) proposed tokens it
+    may take back. A row's last generated tokens are decoded (never the prompt's), enough of them to hold the longest
+    stop string: a character is at most 4 UTF-8 bytes and a token at least one, plus 3 tokens for a character whose
+    first bytes end the text, plus the most tokens a step added (several when assisted decoding accepts a run of
+    them). So the cost per step stays bounded, however long or degenerate the answer. The bytes of a character not
+    yet whole (decoded as "\ufffd") are no text yet, at either end of the window: a stop string completed just before
+    them counts at once. Tokens that decode to nothing (special tokens, skipped as the served text skips them) are
+    the one thing that narrows the window. A plain callable, as generate() takes one: subclassing transformers'
+    StoppingCriteria would import transformers with this module, for every CLI command."""
 
     def __init__(self, tokenizer, stops: list[str], prompt_len: int) -> None:
-        self.tokenizer, self.stops, self.read = tokenizer, stops, prompt_len
-        self.keep = max(len(s) for s in stops) - 1  # text carried to the next step: a stop string may span tokens
-        self.rows: list[dict] = []  # per sequence: the window's tokens, how many of them are read, the text's end
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+        self.per_step = 4 * max(len(s) for s in stops) + 3  # tokens that hold the longest stop string and a partial character
+        self.seen, self.most_added = prompt_len, 1  # the length of the last call's rows; the most tokens a step added
 
     def __getstate__(self) -> dict:
         # transformers >= 5.25 generates in a process of its own: the tokenizer crosses by name, not as megabytes
@@ -843,26 +873,16 @@ class StopAtStrings:
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        new = input_ids[:, self.read:].tolist()
-        self.read = input_ids.shape[1]
-        if not self.rows:
-            self.rows = [{"ids": [], "done": 0, "text": "", "stop": False} for _ in new]
-        for row, ids in zip(self.rows, new):
-            if not row["stop"]:
-                row["ids"] += ids
-                self.take(row)
-        return torch.tensor([row["stop"] for row in self.rows], dtype=torch.bool, device=input_ids.device)
+        length = input_ids.shape[1]
+        self.most_added, self.seen = max(self.most_added, length - self.seen), length
+        # one token more than most_added: assisted decoding accepts its candidates and a token of its own after them
+        start = max(self.prompt_len, length - self.per_step - self.most_added)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        return torch.tensor([self.holds_stop(text) for text in texts], dtype=torch.bool, device=input_ids.device)
 
-    def take(self, row: dict) -> None:
-        """Decode a sequence's unread tokens, with the last read ones before them for context, and look for a stop."""
-        window = self.tokenizer.decode(row["ids"], skip_special_tokens=True)
-        if window.endswith("\ufffd"):  # the first bytes of a character: read it once it is whole
-            return
-        text = row["text"] + window[len(self.tokenizer.decode(row["ids"][:row["done"]], skip_special_tokens=True)):]
-        row["stop"] = any(s in text for s in self.stops)
-        row["text"] = text[max(len(text) - self.keep, 0):]
-        row["ids"] = row["ids"][row["done"]:]
-        row["done"] = len(row["ids"])
+    def holds_stop(self, text: str) -> bool:
+        text = text.strip("\ufffd")  # a character's first bytes at the end, its last ones where the window starts
+        return any(s in text for s in self.stops)
 
 
 @functools.cache
@@ -982,23 +1002,39 @@ class StoppingModel:
         return getattr(self.model, name)
 
 
-class StreamedTokens:
-    """transformers >= 5.25's model-process client, whose answers that do not stream are generated as streamed ones
-    and gathered: its own non-streaming generate() puts its cancel check in place of the request's stopping criteria
-    (GenerateRunner.generate), so StopAtStrings never ran; a streamed one keeps them, and ends when the client leaves."""
+class StoppingEngine:
+    """transformers >= 5.25's model-process client, whose answers that do not stream are generated by
+    `generate_until_stop` (sent with its public `submit`): its own non-streaming generate() puts its cancel check in
+    place of the request's stopping criteria (GenerateRunner.generate), so StopAtStrings never ran there. Its
+    streamed generation keeps them, but takes no streamer with beam search, and streams several tokens a step with
+    prompt lookup. The cost: a client that leaves before such an answer is whole does not end its generation, which
+    runs on to its stop string or length limit (a submitted function gets no cancel check)."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.ids = engine, []
-
-    def put_token(self, token_id: int) -> None:  # what the client hands each streamed token to
-        self.ids.append(token_id)
+        self.engine = engine
 
     async def generate_non_streaming(self, inputs: dict, generation_kwargs: dict) -> tuple[str, int, list[int]]:
-        await self.engine._send_request("generate", args=(dict(inputs), generation_kwargs), streamer=self)
-        return self.engine.processor.decode(self.ids, skip_special_tokens=True), prompt_tokens(inputs), self.ids
+        ids = await self.engine.submit(generate_until_stop, dict(inputs), generation_kwargs)
+        return self.engine.processor.decode(ids, skip_special_tokens=True), prompt_tokens(inputs), ids
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
+
+
+def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict) -> list[int]:
+    """The generated tokens of a request, in transformers >= 5.25's model process: GenerateRunner.generate's own
+    generate() call, with the request's stopping criteria (StopAtStrings) kept."""
+    import torch
+
+    kwargs = {name: value for name, value in generation_kwargs.items() if value is not None}
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model_inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
+    if hasattr(model, "has_talker"):  # a model that may also speak (Qwen2.5-Omni): text only, as transformers serve asks
+        kwargs["generation_mode"] = "text"
+    sequences = model.generate(**model_inputs, **kwargs, tokenizer=processor)
+    return sequences[0, model_inputs["input_ids"].shape[-1]:].tolist()
 
 
 def prompt_tokens(inputs: dict) -> int:
@@ -1015,7 +1051,13 @@ def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
     if "engine" in given:
         given["generation_kwargs"]["stopping_criteria"] = criteria
         if not streaming:
-            given["engine"] = StreamedTokens(given["engine"])
+            if not callable(getattr(given["engine"], "submit", None)):
+                import transformers
+
+                raise RuntimeError(f"transformers {transformers.__version__}'s model process takes no submitted function "
+                                   "(EngineClient.submit), which a non-streamed answer with stop strings needs: ask with "
+                                   '"stream": true, or leave `stop` out, or use transformers 5.25')
+            given["engine"] = StoppingEngine(given["engine"])
     else:
         given["model"] = StoppingModel(given["model"], criteria)
 
@@ -1061,7 +1103,8 @@ def answer_as_openai_does() -> None:
     OpenAI's API and llama.cpp's server do, all three the same way:
     - generation stops at a `stop` string in the generated text (StopAtStrings; transformers' own stop_strings also
       matched the prompt's end) and the text ends before the earliest one (transformers returned it; the Responses
-      API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
+      API refused `stop`); `stop_strings` inside the `generation_config` field are read the same way; an empty stop
+      string stops nothing; `logit_bias` works on every endpoint;
     - a chat or completions stream ends with `data: [DONE]` (strict SSE clients wait for it); a Responses stream ends
       with its `response.completed` event (`response.incomplete` when the length limit cut it, as the answer's status
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
@@ -1132,7 +1175,10 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) if x], "logit_bias": body.pop("logit_bias", None),
+            configured, problem = take_configured_stops(body)
+            if problem:
+                return openai_error(*problem)
+            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) + configured if x], "logit_bias": body.pop("logit_bias", None),
                        "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model

@@ -956,6 +956,40 @@ def test_stop_at_strings_under_beam_search_stops_each_hypothesis_at_its_own_text
     assert got == want, [(s, got[s], want[s]) for s in stops if got[s] != want[s]]
 
 
+class _ByteTokenizer:
+    """A byte-level tokenizer of a few tokens (id -> bytes): one token can end inside a character, as a real
+    byte-level BPE token can. It records the longest row it decoded."""
+
+    VOCAB = {0: b"Say", 1: b" th", 2: b"e\xe2", 3: b"\x98", 4: b"\x83", 5: b"x", 6: b"\xff"}
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def batch_decode(self, rows, skip_special_tokens=True) -> list[str]:
+        self.longest = max([self.longest, *map(len, rows)])
+        return [b"".join(self.VOCAB[i] for i in row).decode("utf-8", errors="replace") for row in rows]
+
+
+def test_stop_at_strings_reads_a_stop_the_token_that_ends_inside_a_character_completes_in_a_bounded_window():
+    """A stop string completed by a token that also holds a character's first byte (" th" + "e\\xe2") is met at that
+    token, not once the character is whole; an answer of invalid bytes, however long, is read a bounded window at
+    a time: the cost per step does not grow with the answer."""
+    import torch
+
+    from tasks.export import StopAtStrings
+
+    def stopped(rows: list[list[int]], stops: list[str], tok=None) -> list[bool]:
+        criterion = StopAtStrings(tok or _ByteTokenizer(), stops, 1)
+        return [criterion(torch.tensor([[0] + r[:n] for r in rows]), None).tolist() for n in range(1, len(rows[0]) + 1)][-1]
+
+    assert stopped([[1, 2]], [" the"]) == [True]  # at the token that completes it, its snowman not whole yet
+    assert stopped([[1, 2, 3, 4]], [" the\u2603"]) == [True]
+    assert stopped([[1, 2, 3]], ["\ufffd"]) == [False]  # a character's first bytes are no text yet
+    tok = _ByteTokenizer()
+    assert stopped([[5] + [6] * 2000 + [1, 2]], [" the"], tok) == [True]  # degenerate bytes, then the stop string
+    assert tok.longest <= 4 * len(" the") + 5, tok.longest
+
+
 def test_serve_model_merged_prompt_lookup_and_beam_search_requests_with_a_stop_string_are_answered(served_r1):
     """Prompt lookup decoding (`prompt_lookup_num_tokens`) is greedy decoding, faster: its answer with a stop string is
     the greedy answer cut before it. On transformers 5.25, a non-streamed answer with a stop string is generated as a
