@@ -27,6 +27,7 @@ export, this run gets its own folder (the published files hard-linked), assemble
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -843,6 +844,28 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
+def take_configured_stops(body: dict) -> tuple[list[str], tuple[str, str] | None]:
+    """The `stop_strings` of a request's `generation_config` field (transformers serve's JSON of generate() settings),
+    taken out of it in `body`, to be read as `stop` is: transformers' own stop_strings also match the prompt's end,
+    and the answer kept them. Returns them and the problem (message, field) with them, if any. A field that is no JSON
+    object is left as it is, for the handler to refuse."""
+    raw = body.get("generation_config")
+    try:
+        settings = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return [], None
+    if not isinstance(settings, dict) or "stop_strings" not in settings:
+        return [], None
+    stops = settings.pop("stop_strings")
+    if stops is not None and not (isinstance(stops, str) or (isinstance(stops, list) and all(isinstance(x, str) for x in stops))):
+        return [], (f"generation_config's stop_strings must be a string or a list of strings, got {stops!r:.60}", "generation_config")
+    if settings:
+        body["generation_config"] = json.dumps(settings)
+    else:  # nothing else asked: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
+        del body["generation_config"]
+    return stop_strings(stops), None
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
     """`text` up to (excluding) its earliest stop string, or None when it holds none."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -873,6 +896,58 @@ def cut_answer(kind: str, answer: dict, stops: list[str], suffix: str | None = N
     if cut_any and kind != "response":
         answer["choices"][0]["finish_reason"] = "stop"
     return cut_any
+
+
+class StopAtStrings:
+    """generate()'s stopping criterion for a request's stop strings: a sequence ends once the text it generated holds
+    one (OpenAI's API and llama.cpp's server look in the generated text only). transformers' own (StopStringCriteria,
+    the `stop_strings` setting) reads the prompt's tokens too: a stop string spelled by the prompt's end and the
+    answer's first tokens ended the answer there, with no stop in it to cut.
+
+    Each call reads each row afresh from its own tokens, and carries nothing of a row to the next call: beam search
+    hands it candidate hypotheses reordered at every step, and assisted decoding (prompt lookup) proposed tokens it
+    may take back. A row's last generated tokens are decoded (never the prompt's), enough of them to hold the longest
+    stop string: a character is at most 4 UTF-8 bytes and a token at least one, plus 3 tokens for a character whose
+    first bytes end the text, plus the most tokens a step added (several when assisted decoding accepts a run of
+    them). So the cost per step stays bounded, however long or degenerate the answer. The bytes of a character not
+    yet whole (decoded as "\ufffd") are no text yet, at either end of the window: a stop string completed just before
+    them counts at once. Tokens that decode to nothing (special tokens, skipped as the served text skips them) are
+    the one thing that narrows the window. A plain callable, as generate() takes one: subclassing transformers'
+    StoppingCriteria would import transformers with this module, for every CLI command."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int) -> None:
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+        self.per_step = 4 * max(len(s) for s in stops) + 3  # tokens that hold the longest stop string and a partial character
+        self.seen, self.most_added = prompt_len, 1  # the length of the last call's rows; the most tokens a step added
+
+    def __getstate__(self) -> dict:
+        # transformers >= 5.25 generates in a process of its own: the tokenizer crosses by name, not as megabytes
+        return {**self.__dict__, "tokenizer": self.tokenizer.name_or_path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, tokenizer=cached_tokenizer(state["tokenizer"]))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        length = input_ids.shape[1]
+        self.most_added, self.seen = max(self.most_added, length - self.seen), length
+        # one token more than most_added: assisted decoding accepts its candidates and a token of its own after them
+        start = max(self.prompt_len, length - self.per_step - self.most_added)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        return torch.tensor([self.holds_stop(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+
+    def holds_stop(self, text: str) -> bool:
+        text = text.strip("\ufffd")  # a character's first bytes at the end, its last ones where the window starts
+        return any(s in text for s in self.stops)
+
+
+@functools.cache
+def cached_tokenizer(source: str):
+    """A tokenizer by name or folder, loaded once per process (StopAtStrings in transformers 5.25's model process)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
 
 
 def setting(gen, name: str):
@@ -954,7 +1029,7 @@ class StopCuttingManager:
             return queue, self.streamer
 
         def on_stop() -> None:
-            self.streamer.cancel()  # generation stops at the stop string itself; this is for one the tokens only spell when decoded together
+            self.streamer.cancel()  # StopAtStrings ended generation at this token already; continuous batching takes no criterion
             # The handlers call it a "length" finish when max_new_tokens tokens came; a stop string is a stop. generate()
             # works on its own copy of the settings, so this changes nothing but that reading.
             set_setting(self.gen_config, "max_new_tokens", None)
@@ -968,6 +1043,80 @@ class StopCuttingManager:
 
     def __getattr__(self, name: str):
         return getattr(self.manager, name)
+
+
+class StoppingModel:
+    """The model, whose generate() also takes `criteria`: transformers <= 5.24's managers call generate() with the
+    request's GenerationConfig, which has no place for a stopping criterion."""
+
+    def __init__(self, model, criteria: list) -> None:
+        self.model, self.criteria = model, criteria
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, stopping_criteria=self.criteria, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+class StoppingEngine:
+    """transformers >= 5.25's model-process client, whose answers that do not stream are generated by
+    `generate_until_stop` (sent with its public `submit`): its own non-streaming generate() puts its cancel check in
+    place of the request's stopping criteria (GenerateRunner.generate), so StopAtStrings never ran there. Its
+    streamed generation keeps them, but takes no streamer with beam search, and streams several tokens a step with
+    prompt lookup. The cost: a client that leaves before such an answer is whole does not end its generation, which
+    runs on to its stop string or length limit (a submitted function gets no cancel check)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def generate_non_streaming(self, inputs: dict, generation_kwargs: dict) -> tuple[str, int, list[int]]:
+        ids = await self.engine.submit(generate_until_stop, dict(inputs), generation_kwargs)
+        return self.engine.processor.decode(ids, skip_special_tokens=True), prompt_tokens(inputs), ids
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict) -> list[int]:
+    """The generated tokens of a request, in transformers >= 5.25's model process: GenerateRunner.generate's own
+    generate() call, with the request's stopping criteria (StopAtStrings) kept."""
+    import torch
+
+    kwargs = {name: value for name, value in generation_kwargs.items() if value is not None}
+    seed = kwargs.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model_inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
+    if hasattr(model, "has_talker"):  # a model that may also speak (Qwen2.5-Omni): text only, as transformers serve asks
+        kwargs["generation_mode"] = "text"
+    sequences = model.generate(**model_inputs, **kwargs, tokenizer=processor)
+    return sequences[0, model_inputs["input_ids"].shape[-1]:].tolist()
+
+
+def prompt_tokens(inputs: dict) -> int:
+    ids = inputs["input_ids"]
+    return len(ids) if isinstance(ids, list) else ids.shape[-1]
+
+
+def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
+    """Make a handler's generation end at the request's stop strings, looked for in the generated text only
+    (StopAtStrings); `given`: the handler's arguments, by name, changed in place. transformers >= 5.25 takes the
+    criterion in generate()'s kwargs, sent to the model's process; <= 5.24 through the model."""
+    processor = given["engine"].processor if "engine" in given else given["processor"]
+    criteria = [StopAtStrings(getattr(processor, "tokenizer", processor), stops, prompt_tokens(given["inputs"]))]
+    if "engine" in given:
+        given["generation_kwargs"]["stopping_criteria"] = criteria
+        if not streaming:
+            if not callable(getattr(given["engine"], "submit", None)):
+                import transformers
+
+                raise RuntimeError(f"transformers {transformers.__version__}'s model process takes no submitted function "
+                                   "(EngineClient.submit), which a non-streamed answer with stop strings needs: ask with "
+                                   '"stream": true, or leave `stop` out, or use transformers 5.25')
+            given["engine"] = StoppingEngine(given["engine"])
+    else:
+        given["model"] = StoppingModel(given["model"], criteria)
 
 
 def mark_incomplete(response: dict) -> None:
@@ -1009,8 +1158,10 @@ LIMIT_FIELDS = {"chat": ("max_completion_tokens", "max_tokens"), "completion": (
 def answer_as_openai_does() -> None:
     """Make transformers serve's generation endpoints (/v1/chat/completions, /v1/completions, /v1/responses) answer as
     OpenAI's API and llama.cpp's server do, all three the same way:
-    - the text ends before the earliest `stop` string (transformers stops generating at it, but returns it; the
-      Responses API refused `stop`); an empty stop string stops nothing; `logit_bias` works on every endpoint;
+    - generation stops at a `stop` string in the generated text (StopAtStrings; transformers' own stop_strings also
+      matched the prompt's end) and the text ends before the earliest one (transformers returned it; the Responses
+      API refused `stop`); `stop_strings` inside the `generation_config` field are read the same way; an empty stop
+      string stops nothing; `logit_bias` works on every endpoint;
     - a chat or completions stream ends with `data: [DONE]` (strict SSE clients wait for it); a Responses stream ends
       with its `response.completed` event (`response.incomplete` when the length limit cut it, as the answer's status
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
@@ -1030,7 +1181,8 @@ def answer_as_openai_does() -> None:
     from transformers.cli.serving.response import ResponseHandler
 
     # A request's stop strings and logit bias, taken out of its body before the handler's own field check (the
-    # Responses handler refuses both: OpenAI's Responses API has neither) and applied to its generation config here;
+    # Responses handler refuses both: OpenAI's Responses API has neither) and applied here (the logit bias to its
+    # generation settings, the stop strings by `stop_generating_at`);
     # the length-limit field it named; whether its generation started (errors before that are the request's).
     request_options: ContextVar[dict] = ContextVar("request_options", default={})
 
@@ -1041,8 +1193,7 @@ def answer_as_openai_does() -> None:
         config = given["engine"].model_config if "engine" in given else given["model"].config
         gen = generation_settings(given)
         text_config = config.get_text_config()
-        ids = given["inputs"]["input_ids"]
-        n = len(ids) if isinstance(ids, list) else ids.shape[-1]
+        n = prompt_tokens(given["inputs"])
         field = PROMPT_FIELDS[kind]
         options = request_options.get()
         limit = getattr(text_config, "max_position_embeddings", None)
@@ -1081,7 +1232,10 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) if x], "logit_bias": body.pop("logit_bias", None),
+            configured, problem = take_configured_stops(body)
+            if problem:
+                return openai_error(*problem)
+            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) + configured if x], "logit_bias": body.pop("logit_bias", None),
                        "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model
@@ -1111,8 +1265,6 @@ def answer_as_openai_does() -> None:
                 # transformers serve only turns sampling off (at temperature 0): a model whose generation config has no
                 # do_sample (mistralai/Mistral-7B-v0.1) answered greedily at any temperature, whatever the seed
                 set_setting(config, "do_sample", True)
-            if options.get("stop"):
-                set_setting(config, "stop_strings", options["stop"])
             if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500
                 set_setting(config, "sequence_bias", {(int(k),): float(v) for k, v in options["logit_bias"].items()})
             return config
@@ -1121,14 +1273,18 @@ def answer_as_openai_does() -> None:
             """transformers 5.25's own check, a ValueError before the handler: `refusal` does it, naming the field."""
 
         async def answer(self, *args, **kwargs):
-            given = answer_sig.bind(self, *args, **kwargs).arguments
+            bound = answer_sig.bind(self, *args, **kwargs)
+            given = bound.arguments
             gen_config = generation_settings(given)
             refused = refusal(given, kind)
             if refused:
                 return refused
-            request_options.get()["generating"] = True
-            response = await non_streaming(self, *args, **kwargs)
-            stops = stop_strings(setting(gen_config, "stop_strings"))
+            options = request_options.get()
+            options["generating"] = True
+            stops = options["stop"]
+            if stops:
+                stop_generating_at(given, stops, streaming=False)
+            response = await non_streaming(*bound.args, **bound.kwargs)
             body = json.loads(response.body)
             cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
             limit = setting(gen_config, "max_new_tokens")  # the handlers' "length" reading: as many tokens came as were allowed
@@ -1143,10 +1299,12 @@ def answer_as_openai_does() -> None:
             refused = refusal(given, kind)
             if refused:
                 return refused
-            request_options.get()["generating"] = True
-            gen_config = generation_settings(given)
+            options = request_options.get()
+            options["generating"] = True
+            if options["stop"]:
+                stop_generating_at(given, options["stop"], streaming=True)
             generator = "engine" if "engine" in given else "gen_manager"  # what generates: 5.25's model process, or the manager
-            manager = given[generator] = StopCuttingManager(given[generator], stop_strings(setting(gen_config, "stop_strings")), gen_config)
+            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given))
             original = streaming(*bound.args, **bound.kwargs)
             source = original.body_iterator
 

@@ -779,8 +779,8 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
 
 # ---------------------------------------------------------------------------------------------------------
 # Review of b787caf (serve-model on transformers 5.25, 2026-12-04): requests still answered otherwise than OpenAI's
-# API and llama.cpp's server answer them, on 5.25 and 5.17 alike. The first still fails (xfail, strict: its fix makes
-# it pass and the mark must go); tasks/export.py now answers the other three as they ask.
+# API and llama.cpp's server answer them, on 5.25 and 5.17 alike; tasks/export.py now answers all four as they ask (the
+# first, stop strings read in the answer only, by its own stopping criterion, StopAtStrings: tests after it).
 
 
 @pytest.fixture(scope="module")
@@ -814,14 +814,12 @@ def _answer_text(path: str, body: dict, stream: bool) -> str:
     return choice["message"]["content"] if "chat" in path else choice["text"]
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve: transformers' stop_strings also match text the prompt's end and the "
-                                       "answer's first tokens spell together; generation stops there and the cut finds nothing")
 def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1):
     """OpenAI's API and llama.cpp's server look for a stop string in the generated text only. transformers' stopping
     criterion (StopStringCriteria, handed the request's `stop`) reads the prompt's tokens too: a stop string spelled by
-    the prompt's end and the first generated token ends generation after that token, `cut_at_stop` finds no stop in
-    the answer, and the first token(s) come back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
-    meet it whenever a model opens its answer with a newline."""
+    the prompt's end and the first generated token ended generation after that token, `cut_at_stop` found no stop in
+    the answer, and the first token(s) came back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
+    meet it whenever a model opens its answer with a newline. Generation now stops in StopAtStrings."""
     pub, base = served_r1
     bias = _the_bias(pub)
     completion = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": bias}
@@ -832,6 +830,90 @@ def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1)
         want = full[:full.find(stop)]
         for stream in (False, True):
             assert _answer_text(path, {**body, "stop": [stop]}, stream) == want, (path, stop, stream, full)
+
+
+def _completion(url: str, body: dict, stream: bool) -> tuple[str, str, int]:
+    """A completion's (text, finish_reason, completion_tokens), streamed or not."""
+    if not stream:
+        code, answer = _request(url, body)
+        assert code == 200, answer
+        answer = json.loads(answer)
+        return answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]
+    chunks = [json.loads(d) for _, d in _sse(url, {**body, "stream_options": {"include_usage": True}}) if d != "[DONE]"]
+    choices = [c["choices"][0] for c in chunks if c.get("choices")]
+    (usage,) = [c["usage"] for c in chunks if c.get("usage")]
+    return "".join(c.get("text") or "" for c in choices), choices[-1]["finish_reason"], usage["completion_tokens"]
+
+
+def test_stop_at_strings_reads_each_sequence_s_generated_text_as_its_tokens_come(own_published):
+    """StopAtStrings, generate()'s criterion for a request's `stop`: a sequence stops at the token that completes a stop
+    string in the text it generated, never with the prompt's end; a stop string may span several tokens, and a
+    character whose UTF-8 bytes are separate tokens counts once its last byte came; each sequence of a batch is read on
+    its own. It crosses to transformers 5.25's model process pickled, the tokenizer by name."""
+    import pickle
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.export import StopAtStrings
+
+    cfg, art, pub, _ = own_published
+    tok = AutoTokenizer.from_pretrained(pub / "merged")
+
+    def stopped_at(prompt: str, answers: list[str], stops: list[str]) -> list[int | None]:
+        """The token (1 = the first generated) at which each answer of a batch is stopped, None if never."""
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        rows = [tok.encode(a, add_special_tokens=False) for a in answers]
+        assert len({len(r) for r in rows}) == 1, rows  # a batch grows one token per sequence per step
+        criterion = pickle.loads(pickle.dumps(StopAtStrings(tok, stops, len(prompt_ids))))
+        done = [criterion(torch.tensor([prompt_ids + r[:step] for r in rows]), None).tolist() for step in range(1, len(rows[0]) + 1)]
+        assert all(a <= b for earlier, later in zip(done, done[1:]) for a, b in zip(earlier, later)), done  # stopped stays stopped
+        return [next((step + 1 for step, row in enumerate(done) if row[i]), None) for i in range(len(rows))]
+
+    assert tok.encode(" the", add_special_tokens=False) == [tok.encode(" the the", add_special_tokens=False)[0]]  # one token
+    assert len(tok.encode("\u2603", add_special_tokens=False)) == 3  # a snowman is three byte tokens
+    assert stopped_at("Say the", [" the the the"], [" the the"]) == [2]  # the prompt's " the" and the first token: no stop
+    assert stopped_at("Say the", [" the the the"], ["e the t"]) == [3]  # over three tokens
+    assert stopped_at("Say", [" the the the"], [" the the the"]) == [3]  # at the last token
+    assert stopped_at("Say", [" the the the"], ["the the the the"]) == [None]
+    assert stopped_at("Say", [" a\u2603b"], ["\u2603"]) == [4]  # its third byte
+    assert stopped_at("Say", [" a\u2603b"], ["\ufffd", "never"]) == [None]  # a character's first bytes are no text yet
+    assert stopped_at("Say", [" a\u2603b", " the cat sat"], ["\u2603", "cat"]) == [4, 3]  # a batch: each its own
+    assert stopped_at("Say", [" a\u2603b", " the cat sat"], ["at"]) == [None, 3]
+
+
+def test_serve_model_merged_stops_at_a_stop_string_over_three_tokens_that_starts_in_the_prompt(served_r1):
+    """A stop string first spelled by the prompt's end and two answer tokens ("Say the" + " the the"), then by the
+    answer's first three tokens: transformers stopped at the first, answering " the the" as a "stop" of 2 tokens.
+    Streamed or not: the text ends before the stop string in the answer, generation ended at its third token."""
+    pub, base = served_r1
+    body = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub), "stop": ["e the t"]}
+    for stream in (False, True):
+        assert _completion(f"{base}/v1/completions", body, stream) == (" th", "stop", 3), stream
+
+
+def test_serve_model_merged_a_stop_string_the_last_allowed_token_completes_is_a_stop(served_r1):
+    """A stop string completed by the max_tokens-th token: the text ends before it, and it is a "stop", not "length"."""
+    pub, base = served_r1
+    body = {"prompt": "Say it.", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+    assert _completion(f"{base}/v1/completions", body, stream=False) == (" the" * 6, "length", 6)
+    for stream in (False, True):
+        assert _completion(f"{base}/v1/completions", {**body, "stop": ["the the the the the the"]}, stream) == (" ", "stop", 6), stream
+
+
+def test_serve_model_merged_keeps_each_concurrent_request_s_stop_strings_to_its_own_answer(served_r1):
+    """Requests in flight together, streamed or not, with and without stop strings: each answer is cut by its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    body = {"prompt": "Say it.", "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+    full = " the" * 6
+    cases = [(stop, stream) for stop in (None, "e t", " the the the", "never-generated", "e the the t") for stream in (False, True)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda c: _answer_text(url, {**body, **({"stop": c[0]} if c[0] else {})}, c[1]), cases))
+    want = [full[:full.find(stop)] if stop and stop in full else full for stop, _ in cases]
+    assert got == want, list(zip(cases, got))
 
 
 def test_serve_model_merged_samples_when_a_temperature_above_0_is_asked(served_r1):
@@ -891,3 +973,131 @@ def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_c
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Review of 89f143f (StopAtStrings, 2026-12-04): generation modes a request can ask for through transformers serve's
+# `generation_config` field, where StopAtStrings' per-row state or StreamedTokens' one-token-per-put reading breaks.
+
+
+def _stateless_stop_reading(tok, stops: list[str], prompt_len: int):
+    """What StopAtStrings promises, read afresh each step from each row's own generated tokens (no state carried between
+    calls, so it holds whatever generate() reorders or takes back): the reference the tests below compare it with."""
+    import torch
+
+    def reading(input_ids, scores, **kwargs):
+        rows = [tok.decode(row[prompt_len:], skip_special_tokens=True) for row in input_ids.tolist()]
+        return torch.tensor([any(s in text for s in stops) for text in rows], dtype=torch.bool, device=input_ids.device)
+
+    return reading
+
+
+def test_stop_at_strings_under_beam_search_stops_each_hypothesis_at_its_own_text(own_published):
+    """Beam search (`"generation_config": "{\\"num_beams\\": 3}"`, which transformers serve takes) hands the stopping
+    criteria the candidate hypotheses, reordered at every step: row i is not the sequence row i was a step before.
+    StopAtStrings keeps each row's text and its `stop` across calls, so a hypothesis inherited another's text, a row
+    once stopped stayed stopped, and the answer ended with no stop string in it (prompt "Once upon a time", stop " on":
+    "Z\\n'", 3 tokens, finish_reason "stop", on transformers 5.17's server; transformers' stop_strings answered 12)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import StopAtStrings
+
+    cfg, art, pub, _ = own_published
+    tok = AutoTokenizer.from_pretrained(pub / "merged")
+    model = AutoModelForCausalLM.from_pretrained(pub / "merged")
+    prompt = tok("Once upon a time", return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+
+    def answer(criterion) -> str:
+        out = model.generate(**prompt, max_new_tokens=12, do_sample=False, num_beams=3, stopping_criteria=[criterion])
+        return tok.decode(out[0, n:], skip_special_tokens=True)
+
+    full = answer(_stateless_stop_reading(tok, ["never-generated"], n))
+    stops = sorted({full[i:i + 2] for i in range(len(full) - 1) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]})
+    got = {s: answer(StopAtStrings(tok, [s], n)) for s in stops}
+    want = {s: answer(_stateless_stop_reading(tok, [s], n)) for s in stops}
+    assert got == want, [(s, got[s], want[s]) for s in stops if got[s] != want[s]]
+
+
+class _ByteTokenizer:
+    """A byte-level tokenizer of a few tokens (id -> bytes): one token can end inside a character, as a real
+    byte-level BPE token can. It records the longest row it decoded."""
+
+    VOCAB = {0: b"Say", 1: b" th", 2: b"e\xe2", 3: b"\x98", 4: b"\x83", 5: b"x", 6: b"\xff"}
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def batch_decode(self, rows, skip_special_tokens=True) -> list[str]:
+        self.longest = max([self.longest, *map(len, rows)])
+        return [b"".join(self.VOCAB[i] for i in row).decode("utf-8", errors="replace") for row in rows]
+
+
+def test_stop_at_strings_reads_a_stop_the_token_that_ends_inside_a_character_completes_in_a_bounded_window():
+    """A stop string completed by a token that also holds a character's first byte (" th" + "e\\xe2") is met at that
+    token, not once the character is whole; an answer of invalid bytes, however long, is read a bounded window at
+    a time: the cost per step does not grow with the answer."""
+    import torch
+
+    from tasks.export import StopAtStrings
+
+    def stopped(rows: list[list[int]], stops: list[str], tok=None) -> list[bool]:
+        criterion = StopAtStrings(tok or _ByteTokenizer(), stops, 1)
+        return [criterion(torch.tensor([[0] + r[:n] for r in rows]), None).tolist() for n in range(1, len(rows[0]) + 1)][-1]
+
+    assert stopped([[1, 2]], [" the"]) == [True]  # at the token that completes it, its snowman not whole yet
+    assert stopped([[1, 2, 3, 4]], [" the\u2603"]) == [True]
+    assert stopped([[1, 2, 3]], ["\ufffd"]) == [False]  # a character's first bytes are no text yet
+    tok = _ByteTokenizer()
+    assert stopped([[5] + [6] * 2000 + [1, 2]], [" the"], tok) == [True]  # degenerate bytes, then the stop string
+    assert tok.longest <= 4 * len(" the") + 5, tok.longest
+
+
+def test_serve_model_merged_prompt_lookup_and_beam_search_requests_with_a_stop_string_are_answered(served_r1):
+    """Prompt lookup decoding (`prompt_lookup_num_tokens`) is greedy decoding, faster: its answer with a stop string is
+    the greedy answer cut before it. On transformers 5.25, a non-streamed answer with a stop string is generated as a
+    streamed one (StreamedTokens): prompt lookup streams several tokens at once, which StreamedTokens took as one id
+    (a 400 "ValidationError: 1 validation error for CompletionChoice"), and beam search takes no streamer (a 400
+    "`streamer` cannot be used with beam search"); both were answered before 89f143f. On 5.17 the assisted decoding
+    loop hands the stopping criteria the *candidate* tokens before verifying them: StopAtStrings read the prompt's
+    n-grams it proposed (" time" for stop "me"), stopped for good, and the answer was its first token, "stop"."""
+    import json as _json
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    greedy = {"prompt": "Once upon a time Once upon a time Once upon", "max_tokens": 30, "temperature": 0}
+    full, _, _ = _completion(url, greedy, stream=False)
+    lookup = {**greedy, "generation_config": _json.dumps({"prompt_lookup_num_tokens": 3})}
+    assert _completion(url, lookup, stream=False)[0] == full  # lossless: the same tokens
+    stops = sorted({full[i:i + 2] for i in range(len(full) - 1) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2]})
+    got = {s: _request(url, {**lookup, "stop": [s]}) for s in stops}
+    want = {s: full[:full.find(s)] for s in stops}
+    assert {s: (code, json.loads(a)["choices"][0]["text"] if code == 200 else a) for s, (code, a) in got.items()} == \
+        {s: (200, w) for s, w in want.items()}
+
+    beams = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "generation_config": _json.dumps({"num_beams": 3})}
+    code, plain = _request(url, beams)
+    assert code == 200, plain
+    code, answer = _request(url, {**beams, "stop": ["never-generated"]})  # a stop string it never meets changes nothing
+    assert code == 200 and json.loads(answer)["choices"][0]["text"] == json.loads(plain)["choices"][0]["text"], answer
+
+
+def test_serve_model_merged_stop_strings_in_generation_config_are_read_in_the_answer_only_too(served_r1):
+    """transformers serve's `generation_config` field takes `stop_strings` as well. Before 89f143f the layer read them
+    as `stop` (the answer was cut before them); now they only reach transformers' StopStringCriteria: the answer keeps
+    the stop string ("Say it.", stop_strings ["e t"]: " the the", where main answered " th"), and the prompt's end still
+    counts ("Say the", [" the the"]: " the", 1 token, no stop string in it: the defect 89f143f fixes for `stop`).
+    Read as `stop` is, or refused with a 400 naming the field."""
+    import json as _json
+
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    for prompt, stop in (("Say it.", "e t"), ("Say the", " the the")):
+        body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logit_bias": _the_bias(pub)}
+        want = _completion(url, {**body, "stop": [stop]}, stream=False)
+        code, answer = _request(url, {**body, "generation_config": _json.dumps({"stop_strings": [stop]})})
+        if code == 400:
+            assert json.loads(answer)["error"]["param"] == "generation_config", answer
+        else:
+            choice, usage = json.loads(answer)["choices"][0], json.loads(answer)["usage"]
+            assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == want, (prompt, stop, answer, want)
