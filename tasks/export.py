@@ -1083,7 +1083,9 @@ def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict)
     generate() call, with the request's stopping criteria (StopAtStrings) kept."""
     import torch
 
-    kwargs = {name: value for name, value in generation_kwargs.items() if value is not None}
+    # transformers' own call sets `tokenizer` and `streamer` after the request's settings: a generation_config naming
+    # either must not reach generate() twice or as the request's value (a review, 2026-12-04)
+    kwargs = {name: value for name, value in generation_kwargs.items() if value is not None and name not in ("tokenizer", "streamer")}
     seed = kwargs.pop("seed", None)
     if seed is not None:
         torch.manual_seed(seed)

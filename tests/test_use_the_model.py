@@ -1101,3 +1101,29 @@ def test_serve_model_merged_stop_strings_in_generation_config_are_read_in_the_an
         else:
             choice, usage = json.loads(answer)["choices"][0], json.loads(answer)["usage"]
             assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == want, (prompt, stop, answer, want)
+
+
+def test_generate_until_stop_takes_generation_config_s_tokenizer_and_streamer_as_transformers_own_generate_does():
+    """transformers 5.25's GenerateRunner.generate merges the request's kwargs first and then sets `tokenizer` and
+    `streamer` itself, so a generation_config naming either is answered (200). generate_until_stop passed them on and
+    added tokenizer=processor: generate() got `tokenizer` twice (TypeError, a 500), or the request's `streamer`
+    (AttributeError: 'int' object has no attribute 'put', a 500), only when the request also had a stop string (a
+    review, 2026-12-04)."""
+    import torch
+
+    from tasks.export import generate_until_stop
+
+    got = {}
+
+    class Model:
+        device = "cpu"
+
+        def generate(self, **kwargs):
+            got.update(kwargs)
+            return torch.tensor([[1, 2, 3]])
+
+    processor = object()
+    ids = generate_until_stop(Model(), processor, {"input_ids": torch.tensor([[1, 2]])},
+                              {"tokenizer": "x", "streamer": 1, "max_new_tokens": 1})
+    assert ids == [3]
+    assert got["tokenizer"] is processor and got.get("streamer") is None, got
