@@ -648,6 +648,7 @@ def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
     instr = {m: ([], []) for m in ("strict", "loose")}
     instr_prompt: list[int] = []
     prompt = {m: ([], []) for m in ("strict", "loose")}
+    prompt_index: list[int] = []  # the prompt of each prompt-level pair
     excluded: dict[str, dict] = {}
     by_type: dict[str, dict[str, int]] = {}
     excluded_prompts = 0
@@ -671,8 +672,10 @@ def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:
         if dropped or not vb:
             excluded_prompts += 1
             continue
+        prompt_index.append(i)
         for m in prompt:
             prompt[m][0].append(all(x[m] for x in vb))
             prompt[m][1].append(all(x[m] for x in vt))
-    return {"instruction": instr, "instruction_prompt": instr_prompt, "prompt": prompt, "unscoreable": excluded, "excluded_prompts": excluded_prompts,
+    return {"instruction": instr, "instruction_prompt": instr_prompt, "prompt": prompt, "prompt_index": prompt_index,
+            "unscoreable": excluded, "excluded_prompts": excluded_prompts,
             "unscoreable_instructions": sum(e["count"] for e in excluded.values()), "by_type": by_type}

@@ -1047,10 +1047,11 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
         m["answered"] = _share_measure(answered, conf)
         # Prompt-level loose with a copy of the prompt counted as a failure, on the prompts both models are scored on:
         # shown beside the COPIES THE PROMPT warning, not judged (the standard score above is the one judged).
-        scored = [i for i in range(len(rows)) if verdicts["base"][i] and not any(x.get("unscoreable") for who in gens for x in verdicts[who][i])]
+        scored = p["prompt_index"]  # the prompts of the prompt-level pairs
         if scored:
+            passed = dict(zip(("base", "tuned"), p["prompt"]["loose"]))
             summary["prompt_loose_copies_failed"] = {
-                who: round(sum(answered[who][i] and all(x["loose"] for x in verdicts[who][i]) for i in scored) / len(scored), 4)
+                who: round(sum(ok and answered[who][i] for ok, i in zip(passed[who], scored)) / len(scored), 4)
                 for who in gens} | {"n": len(scored)}
         for i, d in enumerate(detail):
             d["base_checks"], d["tuned_checks"] = verdicts["base"][i], verdicts["tuned"][i]
