@@ -60,7 +60,7 @@ declare -A embedded_sets=(
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
 embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]} embedded_sets[i]=${embedded_sets[d]} embedded_sets[i2]=${embedded_sets[d]} embedded_sets[j]=${embedded_sets[d]}
-embedded_sets[k]="${embedded_sets[i]} --set data.embedded_keywords_added=0.7"
+embedded_sets[k]="${embedded_sets[i]} --set data.embedded_keywords_added=0.7" embedded_sets[l]=${embedded_sets[i]}
 embedded_sets[g]="${embedded_sets[d]} --set 'data.embedded_type_weights={include_keywords: 3, keyword_frequency: 3, highlights: 3, placeholders: 3, word_count: 3, end_phrase: 3, paragraph_first_word: 3, fixed_answer: 2}'"
 embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
 alpaca='{source: "pypi:alpaca-en-demo", rows: 596, heldout: 40}'
@@ -70,7 +70,7 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
-data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]} data_sets[i2]=${data_sets[d]} data_sets[j]=${data_sets[d]} data_sets[k]=${data_sets[i]}
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]} data_sets[i2]=${data_sets[d]} data_sets[j]=${data_sets[d]} data_sets[k]=${data_sets[i]} data_sets[l]=${data_sets[i]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
 train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
 train_sets[g]="--set training.max_steps=null --set training.micro_batch_size=16 --set eval.max_new_tokens=768"
@@ -80,7 +80,9 @@ train_sets[i]=${train_sets[h]} train_sets[i2]="${train_sets[h]} --set training.s
 # AlpacaEval, the target's sets, stay whole
 train_sets[j]="${train_sets[h]} --set eval.max_prompts=96"
 train_sets[k]=${train_sets[i]}
-declare -A minutes=([g]=10 [h]=10 [i]=10 [i2]=10 [j]=15 [k]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
+# l: i with LoRA rank 128 (a quarter of the model's 640-wide hidden state; r=32 was 5%), alpha 128 (scale 1, not 2)
+train_sets[l]="${train_sets[i]} --set lora.r=128 --set lora.alpha=128"
+declare -A minutes=([g]=10 [h]=10 [i]=10 [i2]=10 [j]=15 [k]=10 [l]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
@@ -98,7 +100,7 @@ case $cmd in
     up=$1; shift
     (( $# )) && tags=("$@")
     for t in "${tags[@]}"; do
-      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-k)" >&2; exit 2; }
+      [[ -v "data_sets[$t]" ]] || { echo "no setting $t (a-l)" >&2; exit 2; }
       eval "extra=(${embedded_sets[$t]} ${data_sets[$t]} ${common[@]} ${train_sets[$t]})"
       TAG=$t bash "$here/gpu_showcase.sh" start "$up" "${minutes[$t]:-60}" "${extra[@]}"
     done ;;

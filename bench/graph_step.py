@@ -42,9 +42,12 @@ CHECKPOINTING = {"use_reentrant": False, "preserve_rng_state": False}
 
 
 def build(layers: int, shapes: str, dropout: float):
-    """The fused engine's model as stage 4 builds it on CUDA: NF4 + double quant, Liger's kernels, PEFT LoRA on the
-    seven projections, `fuse_lora`, checkpointing on every layer."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """The fused engine's model as stage 4 builds it on CUDA (tasks/engine/build.py): NF4 + double quant, no k-bit
+    prep (norms, embeddings and LM head stay bf16: the residual stream is bf16), Liger's kernels, PEFT LoRA on the
+    seven projections, `fuse_lora`, checkpointing on every layer. The first run (2026-12-04 09:45) used PEFT's k-bit prep,
+    whose fp32 upcast made the eager residual stream fp32 while the graphs' bf16 placeholders cast it to bf16: a
+    different computation (losses 8e-3 apart), not a measure of the host's share."""
+    from peft import LoraConfig, get_peft_model
 
     from bench.gpu_bench import build_model
     from tasks.engine.fastpath import prepare_fast_model
@@ -53,7 +56,6 @@ def build(layers: int, shapes: str, dropout: float):
 
     model = build_model(layers, Path(WORKDIR), shapes)
     prepare_fast_model(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=CHECKPOINTING)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **{**LORA, "lora_dropout": dropout}))
     fused = fuse_lora(model, dropout="seeded")
     enable_checkpointing(model, CHECKPOINTING)
@@ -85,11 +87,13 @@ class LayerRunner(torch.nn.Module):
 class GraphedSlot(torch.nn.Module):
     """What sits in `layers[i]` while graphed: the model's loop calls it with its usual keywords, which the graph fixed."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, dtype: torch.dtype):
         super().__init__()
-        self.runner = runner
+        self.runner, self.dtype = runner, dtype
 
     def forward(self, hidden_states, *args, **kwargs):
+        if hidden_states.dtype != self.dtype:  # the graph's placeholder would cast it silently: another computation
+            raise TypeError(f"hidden states arrive as {hidden_states.dtype}, the graph was captured for {self.dtype}")
         return self.runner(hidden_states)
 
 
@@ -100,14 +104,15 @@ def graph_layers(model, batch_shape: tuple[int, int]) -> list:
     bsz, seq = batch_shape
     hidden = dec.config.hidden_size
     position_ids = torch.arange(seq, device="cuda").unsqueeze(0).expand(bsz, -1)
-    probe = torch.zeros(bsz, seq, hidden, device="cuda", dtype=torch.bfloat16)
+    dtype = dec.embed_tokens.weight.dtype  # the residual stream's dtype in the eager model
+    probe = torch.zeros(bsz, seq, hidden, device="cuda", dtype=dtype)
     position_embeddings = tuple(t.detach() for t in dec.rotary_emb(probe, position_ids))
     runners = tuple(LayerRunner(layer, position_embeddings, position_ids) for layer in originals)
-    samples = tuple((torch.randn(bsz, seq, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True),) for _ in runners)
+    samples = tuple((torch.randn(bsz, seq, hidden, device="cuda", dtype=dtype, requires_grad=True),) for _ in runners)
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(runners, samples, num_warmup_iters=3)
     for i, g in enumerate(graphed):
-        dec.layers[i] = GraphedSlot(g)
+        dec.layers[i] = GraphedSlot(g, dtype)
     return originals
 
 
