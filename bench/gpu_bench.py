@@ -456,7 +456,7 @@ def main() -> None:
            compile_layers=True, **prof)
     if "fusedinmatmul" in families:
         go("fusedinmatmul-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
-           lora_dropout="inmatmul")
+           lora_dropout="inmatmul", **prof)
     if "fusedstored" in families:
         go("fusedstored-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
            lora_dropout="stored", **prof)

@@ -9,14 +9,17 @@
 * dropout in the matmul (`dropout="inmatmul"`): the torch reference's Philox equals Random123's known answers, its
   mask depends on (row, column, seed, p) only and drops at rate p; the Triton kernels (tasks/engine/lora_kernels.py,
   run on CPU by Triton's interpreter where Triton is installed, skipped otherwise) apply exactly that mask in the
-  forward, grad_x and grad_A and match a float64 reference on shapes that leave partial tiles; a kernel that fails
-  falls back to the reference with one warning;
+  forward, grad_x and grad_A and match a float64 reference on shapes that leave partial tiles; dtypes they do not
+  compute in (float64) take the reference; a kernel that fails falls back to the reference with one warning, and
+  bench/graph_step.py's `inmatmul_check` then reports not-ok; `fuse_lora(dropout="inmatmul")` on a tiny Mistral equals
+  PEFT whose dropout applies the reference mask with the same seeds; p >= 1 is refused in every mode;
 * the engine: per-step loss of `engine: fused` (padding-free packs) equals the seed engine `padded` (padded
   batches) on the same samples over 4 AdamW steps within 1e-3 relative; the saved adapter is a normal PEFT
   adapter that reloads to the same outputs.
 Tolerances: fp32, only summation order differs -> 1e-5 absolute on outputs and gradients.
 """
 
+import itertools
 import types
 import warnings
 from pathlib import Path
@@ -177,6 +180,18 @@ def test_inmatmul_mask_is_a_function_of_position_and_seed_and_drops_at_rate_p(p)
     assert inmatmul_scale(p) == 65536 / (65536 - keep_threshold(p))
 
 
+def test_reference_mask_rows_past_the_first_1024_row_chunk():
+    """`inmatmul_keep_mask` builds 1,024 rows at a time: rows past the first chunk draw with their own row counter, as
+    the mapping computed for every row at once (from `philox4x32` directly) says."""
+    rows, cols, p, seed = 2100, 20, 0.5, 2**40 + 5
+    keep = inmatmul_keep_mask(rows, cols, p, seed, "cpu")
+    r = torch.arange(rows, dtype=torch.int64)[:, None].expand(rows, 3)  # unchunked: every row at once
+    c = torch.arange(3, dtype=torch.int64).expand(rows, 3)
+    w = philox4x32(c, r, torch.zeros_like(c), torch.zeros_like(c), seed)
+    halves = torch.stack([w[j // 2] & 0xFFFF if j % 2 == 0 else w[j // 2] >> 16 for j in range(8)], -1).reshape(rows, 24)
+    assert torch.equal(keep, halves[:, :cols] >= keep_threshold(p))
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_lora_a_in_matmul_matches_the_formula_with_the_reference_mask(p):
     """CPU (the torch reference path): forward and both gradients equal the float64 formula with `inmatmul_keep_mask`,
@@ -217,6 +232,43 @@ def test_a_failing_kernel_falls_back_to_the_reference_with_one_warning(monkeypat
     assert lora_mod._TRITON_INMATMUL is None
     ref, ref_gx, ref_ga = _inmatmul_reference(x, a, inmatmul_keep_mask(40, 24, p, seed, "cpu"), inmatmul_scale(p), g)
     assert _close(out, ref, 1e-5) and _close(x.grad, ref_gx, 1e-5) and _close(a.grad, ref_ga, 1e-5)
+
+
+def test_inmatmul_check_does_not_report_ok_for_kernels_that_never_ran(monkeypatch):
+    """bench/graph_step.py `inmatmul_check` (CUDA faked on CPU) with kernels that raise on their first call: the torch
+    reference ran in their place, so the check must say so (not-ok, the backend that ran, the kernel's error), not
+    compare the reference with itself and report ok for "triton"."""
+    gs = pytest.importorskip("bench.graph_step")
+
+    def broken(*a):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(lora_mod, "_INMATMUL_DEVICES", {"cpu"})
+    monkeypatch.setattr(lora_mod, "_INMATMUL_CHECKED", True)
+    monkeypatch.setattr(lora_mod, "_TRITON_INMATMUL", types.SimpleNamespace(xa=broken, grad_x=broken, grad_a=broken))
+    real_backend, randn = lora_mod.dropout_backend, torch.randn
+    monkeypatch.setattr(lora_mod, "dropout_backend", lambda dev="cuda", mode="seeded": real_backend("cuda", mode))
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: randn(*a, **{n: v for n, v in k.items() if n != "device"}))
+
+    class Event:
+        def __init__(self, **k):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setitem(gs.SHAPES, "tiny", ("tiny", {"hidden_size": 64, "intermediate_size": 96}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = gs.safe_inmatmul_check("tiny")
+    assert not res["ok"] and res["backend"] == "torch" and "PassManager::run failed" in res["error"], res
+    assert "fwd_bwd_ms" not in res  # no "inmatmul" time taken from the reference
 
 
 # The kernels under Triton's interpreter run in a subprocess: `triton.jit` picks interpreter or compiler when a function
@@ -290,6 +342,21 @@ for name, checkpointed in (("plain", False), ("checkpointed", True)):
     (y * torch.randn(y.shape)).sum().backward()
     out[name] = {"y": y.detach(), "x": x.grad, "a1": a1.grad.clone(), "a2": a2.grad.clone()}
     a1.grad = a2.grad = None
+
+# float64 (the kernels compute in fp32/fp16/bf16; the interpreter returned ~1e289 for it): a direct kernel call refuses it,
+# lora.py's dispatcher (the kernels installed above) runs the torch reference for it and keeps the kernels for later calls.
+gen = torch.Generator().manual_seed(0)
+x, a, g = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((40, 24), (8, 24), (40, 8)))
+try:
+    lora_kernels.xa(x, a, *args(0.3, 5), torch.float64)
+    out["float64"] = {"direct": "no error"}
+except TypeError as e:
+    out["float64"] = {"direct": str(e)}
+failed_before = len(lora.inmatmul_failures())
+out["float64"].update(x=x, a=a, g=g, xa=lora.dropout_xa(x, a, 0.3, 5, torch.float64),
+                      grad_x=lora.dropout_grad_x(g, a, 0.3, 5, torch.float64), grad_a=lora.dropout_grad_a(g, x, 0.3, 5),
+                      kernels_kept=lora._TRITON_INMATMUL is lora_kernels,
+                      failures=len(lora.inmatmul_failures()) - failed_before)
 torch.save(out, sys.argv[1])
 """
 
@@ -345,6 +412,19 @@ def test_triton_kernels_under_checkpoint_recompute_give_identical_gradients(inte
     for name in plain:
         assert torch.equal(plain[name], ckpt[name]), name
     assert (plain["x"] == 0).float().mean() < 0.5  # dropout applied, gradients not all dropped
+
+
+def test_xa_kernel_on_float64_inputs(interpreted):
+    """float64, which the kernels do not compute in (under the interpreter xa returned ~1e289): a direct kernel call
+    raises TypeError naming the dtype; through lora.py with the kernels installed, the torch reference runs, the result
+    is right, and the kernels stay installed (no failure recorded)."""
+    r = interpreted["float64"]
+    assert "float64 not supported" in r["direct"], r["direct"]
+    keep = inmatmul_keep_mask(40, 24, 0.3, 5, "cpu")
+    ref, ref_gx, ref_ga = _inmatmul_reference(r["x"], r["a"], keep, inmatmul_scale(0.3), r["g"])
+    assert r["xa"].dtype == r["grad_x"].dtype == r["grad_a"].dtype == torch.float64
+    assert _close(r["xa"], ref, 1e-12) and _close(r["grad_x"], ref_gx, 1e-12) and _close(r["grad_a"], ref_ga, 1e-12)
+    assert r["kernels_kept"] and r["failures"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-matmul kernels' bf16 check runs on CUDA only")
@@ -414,6 +494,53 @@ def test_fused_model_equals_peft_and_shares_one_a_matmul_per_group(monkeypatch):
     unfuse_lora(model)
     calls.clear()
     assert torch.allclose(lora_grads(model, inputs)[0], logits_ref, atol=ATOL) and not calls
+
+
+SLOT = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3}  # seed draw order
+
+
+class _ReferenceMaskDropout(torch.nn.Module):
+    """PEFT's lora_dropout replaced by the in-matmul mode's reference mask for a fixed seed."""
+
+    def __init__(self, seed, p):
+        super().__init__()
+        self.seed, self.p = seed, p
+
+    def forward(self, x):
+        keep = inmatmul_keep_mask(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], self.p, self.seed, x.device)
+        return x * keep.view(x.shape) * inmatmul_scale(self.p)
+
+
+def test_fused_inmatmul_model_equals_peft_with_the_same_masks(monkeypatch):
+    """`fuse_lora(dropout="inmatmul")` really routes through the in-matmul path at the layer's p: in float64, the fused
+    tiny Mistral's logits and every LoRA gradient equal PEFT's whose lora_dropout applies `inmatmul_keep_mask` with the
+    seeds the fused path draws (one per group and layer, in order q/k/v, o, gate/up, down)."""
+    p, inputs = 0.3, batch(3)
+    ref = tiny_lora_model(dropout=p).double()
+    for name, m in ref.named_modules():
+        if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            m.lora_dropout["default"] = _ReferenceMaskDropout(1000 + 4 * layer + SLOT[name.rsplit(".", 1)[1]], p)
+    logits_ref, grads_ref = lora_grads(ref, inputs)
+    fused = tiny_lora_model(dropout=p).double()
+    fuse_lora(fused, dropout="inmatmul")
+    counter = itertools.count(1000)
+    monkeypatch.setattr(lora_mod, "draw_seed", lambda: next(counter))
+    logits, grads = lora_grads(fused, inputs)
+    assert next(counter) == 1000 + 4 * 2  # one seed per group and layer
+    assert torch.allclose(logits, logits_ref, atol=1e-10)
+    for n in grads:
+        assert torch.allclose(grads[n], grads_ref[n], atol=1e-10), n
+
+
+def test_fuse_refuses_dropout_one_in_every_mode():
+    """p = 1: PEFT's adapter output and gradients are zeros, which no mode computes (seeded and stored divide by 1 - p;
+    the kernels' 16-bit threshold keeps one element in 65,536, scaled by 65,536): refused at fuse time, layers untouched."""
+    model = tiny_lora_model(dropout=1.0)
+    for mode in ("seeded", "stored", "inmatmul"):
+        with pytest.raises(ValueError, match=r"p >= 1 on .*layers\.0\.self_attn\.q_proj and 13 more layers.*\[0, 1\)"):
+            fuse_lora(model, dropout=mode)
+    assert not any(hasattr(m, "_peft_forward") for m in model.modules())
 
 
 @pytest.mark.parametrize("mode", ["seeded", "inmatmul"])

@@ -238,12 +238,20 @@ def _triton_inmatmul():
 _TRITON_INMATMUL = None
 _INMATMUL_CHECKED = False
 _INMATMUL_DEVICES = {"cuda"}  # where the kernels run; the tests add "cpu" with the kernels under Triton's interpreter
+_INMATMUL_FAILURES: list[str] = []  # one entry per kernel failure that switched this process to the reference
+
+
+def inmatmul_failures() -> tuple[str, ...]:
+    """The errors of the in-matmul kernels that failed in this process (each switched it to the torch reference), oldest
+    first: bench/graph_step.py `inmatmul_check` compares the count before and after it runs, so it knows what ran."""
+    return tuple(_INMATMUL_FAILURES)
 
 
 def _inmatmul_triton(op: str, t: torch.Tensor, *args):
     """Kernel `op` of the in-matmul mode on t's device, or None where the torch reference must run (not CUDA, no
-    Triton, or a Triton that failed once: one warning, then the reference for the rest of the process; it draws the
-    same mask, so a forward run by the kernel and a backward by the reference still agree)."""
+    Triton, a dtype the kernels do not compute in (float64: the tests' models), or a Triton that failed once: one
+    warning, then the reference for the rest of the process; it draws the same mask, so a forward run by the kernel and a
+    backward by the reference still agree)."""
     global _TRITON_INMATMUL, _INMATMUL_CHECKED
     if t.device.type not in _INMATMUL_DEVICES:
         return None
@@ -251,6 +259,11 @@ def _inmatmul_triton(op: str, t: torch.Tensor, *args):
         _TRITON_INMATMUL, _INMATMUL_CHECKED = _triton_inmatmul(), True
     if _TRITON_INMATMUL is None:
         return None
+    from .lora_kernels import DTYPES  # loaded with the kernels (`_triton_inmatmul`): a lookup here
+
+    if any(d not in DTYPES for d in (v.dtype if isinstance(v, torch.Tensor) else v for v in (t, *args))
+           if isinstance(d, torch.dtype)):
+        return None  # the kernels refuse it (under the interpreter float64 came back as garbage, not an error)
     try:
         return getattr(_TRITON_INMATMUL, op)(t, *args)
     except torch.OutOfMemoryError:
@@ -258,6 +271,7 @@ def _inmatmul_triton(op: str, t: torch.Tensor, *args):
     except Exception as e:  # a Triton that cannot compile here
         warnings.warn(f"fused LoRA: Triton in-matmul dropout failed ({type(e).__name__}: {e}); using the torch reference "
                       "(same mask, separate passes)")
+        _INMATMUL_FAILURES.append(f"{op}: {type(e).__name__}: {str(e)[:600]}")
         _TRITON_INMATMUL = None
         return None
 
@@ -468,16 +482,25 @@ def fuse_lora(model, dropout: str = "seeded") -> int:
     `dropout`: "seeded" (the engine's: mask regenerated from a seed, nothing kept), "inmatmul" (the same, with the
     mask made inside the LoRA-A matmuls instead of separate passes: measured by bench/graph_step.py before it may
     become the default) or "stored" (torch's dropout, dropped input + mask kept for backward as PEFT does; for
-    bench/gpu_bench.py's comparison). With dropout 0 all three run the same code.
+    bench/gpu_bench.py's comparison). With dropout 0 all three run the same code. A LoRA dropout p >= 1 is refused
+    (ValueError): PEFT's adapter is then dead weight, and none of the three modes computes its zeros.
     """
     from peft.tuners.lora import LoraLayer
 
     if dropout not in DROPOUT_MODES:
         raise ValueError(f"fuse_lora: dropout={dropout!r} is not one of {DROPOUT_MODES}")
+    # p >= 1 (PEFT: every input dropped, the adapter's output and gradients zero) is refused in every mode: the seeded
+    # and stored modes divide by 1 - p (ZeroDivisionError in the first forward), and the kernels' 16-bit threshold caps
+    # P(drop) at 65,535 / 65,536, keeping one element in 65,536 scaled by 65,536 where PEFT gives zeros.
+    dead = [name for name, m in model.named_modules() if _switchable(m, LoraLayer)
+            and any(isinstance(d, torch.nn.Dropout) and d.p >= 1 for d in m.lora_dropout.values())]
+    if dead:
+        more = f" and {len(dead) - 1} more layers" if len(dead) > 1 else ""
+        raise ValueError(f"fuse_lora: LoRA dropout p >= 1 on {dead[0]}{more}: every adapter input would be dropped and the "
+                         "adapter never trains; use a p in [0, 1) (lora.dropout; 0.05 is the usual LoRA dropout)")
     n = 0
     for parent in model.modules():
-        children = {k: m for k, m in parent.named_children() if isinstance(m, LoraLayer) and isinstance(m, torch.nn.Module)
-                    and hasattr(m, "lora_A") and _is_linear(m)}
+        children = {k: m for k, m in parent.named_children() if _switchable(m, LoraLayer)}
         if not children:
             continue
         grouped: set[str] = set()
@@ -494,6 +517,11 @@ def fuse_lora(model, dropout: str = "seeded") -> int:
                 _install(m, LoraGroup([m], dropout))
         n += len(children)
     return n
+
+
+def _switchable(m, lora_layer_class) -> bool:
+    """A PEFT LoRA linear that `fuse_lora` switches (those not `_fusable` at call time run PEFT's forward from it)."""
+    return isinstance(m, lora_layer_class) and isinstance(m, torch.nn.Module) and hasattr(m, "lora_A") and _is_linear(m)
 
 
 def _is_linear(layer) -> bool:

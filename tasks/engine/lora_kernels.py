@@ -107,6 +107,18 @@ def _lora_dropout_grad_a_kernel(g_ptr, x_ptr, out_ptr, M, K, N, sgm, sgn, sxm, s
     tl.store(out_ptr + split.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :], acc * scale, mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in (tl.dot's operands here)
+
+
+def _check_dtypes(op: str, *dtypes: torch.dtype) -> None:
+    """Refuse what the kernels do not compute in: float64 came back from Triton's interpreter as garbage (~1e289), not an
+    error. lora.py routes the dtypes outside DTYPES to the torch reference before it calls a kernel."""
+    bad = sorted({str(d) for d in dtypes if d not in DTYPES})
+    if bad:
+        raise TypeError(f"lora_kernels.{op}: {', '.join(bad)} not supported (the kernels compute in float32, float16 or "
+                        f"bfloat16); tasks.engine.lora.dropout_{op} runs the torch reference for other dtypes")
+
+
 def _block_n(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
@@ -117,6 +129,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def xa(x2: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, scale: float, rounds: int, dtype: torch.dtype) -> torch.Tensor:
     """(x2 * keep * scale) @ A^T in `dtype` (M, N). Tiles: 32 rows x 128 columns of x per step, N in tiles of <= 128."""
+    _check_dtypes("xa", x2.dtype, a.dtype, dtype)
     (m, k), n = x2.shape, a.shape[0]
     out = torch.empty(m, n, device=x2.device, dtype=dtype)
     if m == 0:
@@ -130,6 +143,7 @@ def xa(x2: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, scale: floa
 
 def grad_x(g2: torch.Tensor, a: torch.Tensor, seed: int, threshold: int, scale: float, rounds: int, out_dtype: torch.dtype) -> torch.Tensor:
     """(g2 @ A) * keep * scale in `out_dtype` (M, K), computed in g2's dtype. Output tiles of 64 x 128, N in steps of <= 64."""
+    _check_dtypes("grad_x", g2.dtype, a.dtype, out_dtype)
     (m, n), k = g2.shape, a.shape[1]
     out = torch.empty(m, k, device=g2.device, dtype=out_dtype)
     if m == 0:
@@ -145,6 +159,7 @@ def grad_a(g2: torch.Tensor, x2: torch.Tensor, seed: int, threshold: int, scale:
     """g2^T @ (x2 * keep * scale) in fp32 (N, K), computed in g2's dtype. The output is small (N x K) and the
     reduction long (M rows): the rows split across programs until there are ~2 per SM; each split writes its own
     partial sum and torch adds them in a fixed order (deterministic, no atomics)."""
+    _check_dtypes("grad_a", g2.dtype, x2.dtype)
     (m, n), k = g2.shape, x2.shape[1]
     if m == 0:
         return torch.zeros(n, k, device=g2.device, dtype=torch.float32)
