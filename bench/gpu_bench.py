@@ -18,6 +18,8 @@ Runs, in this order (Liger patches the model class, so every run after it has it
               added in place into the base output, dropout masks regenerated from a seed (issue 14)
   fusedstored the fused path with torch's dropout instead, dropped input + mask kept for backward as PEFT does
               (`fuse_lora(model, dropout="stored")`): the comparison for the seeded kernel
+  fusedinmatmul the fused path with the dropout mask made inside the LoRA-A matmuls (`fuse_lora(model,
+              dropout="inmatmul")`, tasks/engine/lora_kernels.py): no dropout pass of its own
   offload     fast, with the checkpointed layer inputs held in pinned host memory (transformers' offload=True)
   fused-offload fused, with the checkpointed layer inputs in pinned host memory through the pipeline's own
               `offload_checkpoints` (TRL's manager, copies on a side stream; training.offload_activations): issue 19.3
@@ -38,6 +40,11 @@ starts that would end past 270 s, judged by the previous run's duration, so the 
 whatever finished written out):
 
     python bench/gpu_bench.py --runs fast,fused,fusedstored --profile-runs fused-full --steps 5 --time-budget 270 --out "$OUT"
+
+Dropout inside the LoRA-A matmuls against the seeded kernel's passes, full length and mixed (the in-matmul kernels are
+first checked against the torch reference and timed alone: bench/graph_step.py `inmatmul_check`, in results.json's info):
+
+    python bench/gpu_bench.py --runs fused,fusedinmatmul --out "$OUT"
 
 Issue 19.3, TRL's side-stream offload against transformers' on the compute stream and the fused engine without either
 (one device call):
@@ -239,7 +246,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             if "error" not in profiler.result:
                 Path(profile_dir, f"{name}.trace.json").unlink(missing_ok=True)  # ~100 MB; the breakdown is kept
         if engine == "fused":
-            record["dropout_backend"] = dropout_backend("cuda") if lora_dropout == "seeded" else "torch (stored mask)"
+            stored = lora_dropout == "stored"
+            record["dropout_backend"] = "torch (stored mask)" if stored else dropout_backend("cuda", lora_dropout)
         log(f"{name}: {record['tokens_per_s']:,.0f} real tok/s, peak {record['peak_gib']:.2f} GiB, "
             f"steps {record['step_s']}, losses {[round(x, 4) for x in record['losses']]}")
     except Exception as e:  # an OOM under the cap is a result ("does not fit"), not a crash
@@ -332,6 +340,8 @@ def table(results: list[dict], gpu: str) -> str:
             recipe += f" (decoder layers compiled, {r.get('compile_seconds', 0):.0f} s)"
         elif r.get("lora_dropout") == "stored":
             recipe += " (torch dropout, mask stored)"
+        elif r.get("lora_dropout") == "inmatmul":
+            recipe += " (dropout inside the LoRA-A matmuls)"
         elif r["n_recompute_free"]:
             recipe += f" ({r['n_recompute_free']} layers without recompute)"
         cap = "fits" if r["capped_gib"] else "uncapped"
@@ -421,14 +431,22 @@ def main() -> None:
         fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
         go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
-    if families & {"fused", "fusedstored", "fused-offload"}:
+    if families & {"fused", "fusedstored", "fused-offload", "fusedinmatmul"}:
         info["fused_selfcheck"] = fused_selfcheck()
         log(f"fused LoRA self-check: {info['fused_selfcheck']}")
+    if "fusedinmatmul" in families:
+        from bench.graph_step import safe_inmatmul_check
+
+        info["inmatmul_check"] = safe_inmatmul_check(a.shapes)
+        log(f"in-matmul dropout check: {info['inmatmul_check']}")
     if "fused" in families:
         go("fused-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fusedstored" in families:  # before the mixed runs: the full-row comparison matters most in a short call
         go("fusedstored-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
            lora_dropout="stored", **prof)
+    if "fusedinmatmul" in families:
+        go("fusedinmatmul-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           lora_dropout="inmatmul", **prof)
     if "fused" in families:
         go("fused-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
     if "fused-compile" in families:
@@ -436,6 +454,9 @@ def main() -> None:
            compile_layers=True, **prof)
         go("fused-compile-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
            compile_layers=True, **prof)
+    if "fusedinmatmul" in families:
+        go("fusedinmatmul-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
+           lora_dropout="inmatmul", **prof)
     if "fusedstored" in families:
         go("fusedstored-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs,
            lora_dropout="stored", **prof)
@@ -480,6 +501,7 @@ def main() -> None:
                        "fast-vs-fused-mixed": ("fast-mixed", "fused-mixed"),
                        "fast-vs-fusedstored-full": ("fast-full", "fusedstored-full"),
                        "fast-vs-fused-full": ("fast-full", "fused-full"),
+                       "fused-vs-fusedinmatmul-full": ("fused-full", "fusedinmatmul-full"),
                        "fused-vs-fused-offload-full": ("fused-full", "fused-offload-full"),
                        "fused-vs-fused-compile-full": ("fused-full", "fused-compile-full"),
                        "fused-vs-fused-compile-mixed": ("fused-mixed", "fused-compile-mixed"),

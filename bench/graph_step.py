@@ -14,8 +14,14 @@ replay: a graphed engine needs the seed in device memory), full recompute with `
 nothing random to restore). The same model, LoRA init and batches run eagerly and graphed, so the per-step losses must
 agree (the graphs run the same kernels); the eager loop with dropout 0.05 says what dropout itself costs.
 
+Mode `eager-dropout-inmatmul` (opt-in) is eager-dropout with the mask made inside the LoRA-A matmuls
+(`fuse_lora(model, dropout="inmatmul")`, tasks/engine/lora_kernels.py) instead of the seeded kernel's separate passes.
+Before it runs, `inmatmul_check` compares the kernels with the torch reference on this GPU (the same mask, the
+formula in bf16) and times one LoRA-A forward + backward per mode at the model's shapes (graph_step.json "meta").
+
     python3 bench/graph_step.py --out $OUT                       # Mistral-7B shapes, 32 layers, 6 steps per mode
     python3 bench/graph_step.py --layers 4 --steps 3 --out $OUT  # a smoke test (~1 min)
+    python3 bench/graph_step.py --modes eager,eager-dropout,eager-dropout-inmatmul --out $OUT  # dropout in the matmul
 
 Writes graph_step.json (one record per mode) and prints one line per mode. Every mode runs in its own try: a capture
 that fails is a result (its error recorded), not a crash.
@@ -186,13 +192,106 @@ def run_mode(name: str, model, lora_init: dict, data, steps: int, warmup: int, g
     return rec
 
 
+def inmatmul_check(shapes: str, p: float = 0.05, seed: int = 1234) -> dict:
+    """The in-matmul dropout on this GPU, before its timed mode: which backend runs; each kernel against the torch
+    reference (the same mask, bf16: relative error of the forward, grad_x, grad_A; grad_x zero exactly where the
+    reference drops); milliseconds of one LoRA-A forward + backward per dropout mode at the model's group shapes
+    (r16: q/k/v 48 rows of A, gate/up 32, o 16 over `hidden`; down 16 over `intermediate`; 8,192 tokens).
+
+    `ok` says the kernels themselves ran and matched: a kernel that fails falls back to the torch reference (lora.py,
+    one warning), which this check would then compare with itself and time as "inmatmul". So a fallback during the
+    check (a new entry in `inmatmul_failures`) makes the result not-ok, with the backend that then ran and the kernel's
+    error, and no in-matmul time is recorded from the reference."""
+    from tasks.engine.lora import STORED, LoraA, LoraAInMatmul, dropout_backend, dropout_grad_a, dropout_grad_x, dropout_xa, \
+        inmatmul_failures, inmatmul_keep_mask, inmatmul_scale
+
+    cfg = SHAPES[shapes][1]
+    hidden, inter, r = cfg["hidden_size"], cfg["intermediate_size"], LORA["r"]
+    failed_before = len(inmatmul_failures())
+    res = {"backend": dropout_backend("cuda", "inmatmul")}
+    if res["backend"] != "triton":
+        res.update(ok=False, error="no in-matmul kernels here (no Triton, or they failed earlier in this process): nothing "
+                                   "to check; the timed mode runs the torch reference")
+        return res
+
+    def kernels_failed(where: str) -> bool:
+        new = inmatmul_failures()[failed_before:]
+        if new:
+            res.update(ok=False, backend=dropout_backend("cuda", "inmatmul"),
+                       error=f"the in-matmul kernels failed {where} and the torch reference ran instead: {new[0]}")
+        return bool(new)
+
+    def rel(u, v):
+        return float((u.float() - v).norm() / v.norm())
+
+    m, k, n = 8192 + 37, hidden + 8, 3 * r + 5  # odd sizes: partial tiles on every axis
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(n, k, device="cuda") * 0.02
+    g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    keep = inmatmul_keep_mask(m, k, p, seed, x.device)
+    xd = x.float() * keep * inmatmul_scale(p)
+    ab = a.bfloat16().float()
+    gx = dropout_grad_x(g, a, p, seed, torch.bfloat16)
+    res.update(drop_share=round(1 - keep.float().mean().item(), 5),
+               rel_err_xa=rel(dropout_xa(x, a, p, seed, torch.bfloat16), xd @ ab.t()),
+               rel_err_grad_x=rel(gx, (g.float() @ ab) * keep * inmatmul_scale(p)),
+               rel_err_grad_a=rel(dropout_grad_a(g, x, p, seed), g.float().t() @ xd),
+               grad_x_zero_where_dropped=bool((gx[~keep] == 0).all()))
+    del x, a, g, keep, xd, gx
+    if kernels_failed("in the check"):  # the numbers above compare the reference with itself
+        return res
+    # bf16 outputs round at ~2^-9 relative: 1e-2 leaves a margin of ~4x (docs/PERF_NOTES.md's prediction says < 1e-2)
+    res["ok"] = res["grad_x_zero_where_dropped"] and abs(res["drop_share"] - p) < 0.002 and \
+        max(res["rel_err_xa"], res["rel_err_grad_x"], res["rel_err_grad_a"]) < 1e-2
+
+    def fwd_bwd_ms(width: int, rows: int, mode: str) -> float:
+        xs = torch.randn(8192, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(rows, width, device="cuda") * 0.02).requires_grad_()
+        gs = torch.randn(8192, rows, device="cuda", dtype=torch.bfloat16)
+
+        def once():
+            if mode == "inmatmul":
+                out = LoraAInMatmul.apply(xs, w, p, seed, torch.bfloat16)
+            else:
+                out = LoraA.apply(xs, w, 0.0 if mode == "none" else p, STORED if mode == "stored" else seed, torch.bfloat16)
+            out.backward(gs)
+        for _ in range(3):
+            once()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            once()
+        end.record()
+        torch.cuda.synchronize()
+        return round(start.elapsed_time(end) / 20, 4)
+
+    groups = (("qkv", hidden, 3 * r), ("gate_up", hidden, 2 * r), ("o", hidden, r), ("down", inter, r))
+    res["fwd_bwd_ms"] = {}
+    for label, width, rows in groups:  # other N than the check's: other kernel specializations, which may fail to compile
+        times = {mode: fwd_bwd_ms(width, rows, mode) for mode in ("none", "seeded", "inmatmul")}
+        if kernels_failed(f"at {label} {width}x{rows}"):  # that "inmatmul" time is the reference's: not recorded
+            break
+        res["fwd_bwd_ms"][f"{label} {width}x{rows}"] = times
+    torch.cuda.empty_cache()
+    return res
+
+
+def safe_inmatmul_check(shapes: str) -> dict:
+    """`inmatmul_check`, its failure a result (the timed mode still runs: on the torch reference if the kernels fail)."""
+    try:
+        return inmatmul_check(shapes)
+    except Exception as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e)[:600]}", "traceback": traceback.format_exc()[-3000:]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--shapes", default="mistral-7b", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--modes", default="eager,graph,eager-dropout")
+    ap.add_argument("--modes", default="eager,graph,eager-dropout",
+                    help="comma list of eager, graph, eager-dropout, eager-dropout-inmatmul")
     ap.add_argument("--out", default=".")
     a = ap.parse_args()
     out = Path(a.out)
@@ -200,20 +299,29 @@ def main() -> None:
     modes = a.modes.split(",")
     vocab = SHAPES[a.shapes][1]["vocab_size"]
     data = batches(ACCUM * 2, vocab, seed=0)
-    records = []
+    records, meta_extra = [], {}
     model, fused = build(a.layers, a.shapes, dropout=0.0)
     log(f"{a.shapes}, {a.layers} layers: {fused} projections on the fused LoRA path")
     lora_init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for mode in [m for m in modes if m in ("eager", "graph")]:
         records.append(run_mode(mode, model, lora_init, data, a.steps, a.warmup, graphed=mode == "graph"))
-    if "eager-dropout" in modes:  # the same model with dropout 0.05 on every adapter: what the seeded dropout costs
+    dropout_modes = {"eager-dropout": "seeded", "eager-dropout-inmatmul": "inmatmul"}
+    if any(m in modes for m in dropout_modes):  # the same model with dropout 0.05 on every adapter: what dropout costs
+        from tasks.engine.lora import dropout_backend, fuse_lora
+
         for module in model.modules():
             if hasattr(module, "lora_dropout") and "default" in getattr(module, "lora_dropout", {}):
                 module.lora_dropout["default"] = torch.nn.Dropout(LORA["lora_dropout"])
-        from tasks.engine.lora import fuse_lora
-
-        fuse_lora(model, dropout="seeded")  # re-reads each layer's dropout p
-        records.append(run_mode("eager-dropout", model, lora_init, data, a.steps, a.warmup, graphed=False))
+        for name, mode in dropout_modes.items():
+            if name not in modes:
+                continue
+            if mode == "inmatmul":
+                meta_extra["inmatmul_check"] = safe_inmatmul_check(a.shapes)
+                log(f"in-matmul dropout check: {meta_extra['inmatmul_check']}")
+            fuse_lora(model, dropout=mode)  # re-reads each layer's dropout p
+            rec = run_mode(name, model, lora_init, data, a.steps, a.warmup, graphed=False)
+            rec.update(lora_dropout=mode, dropout_backend=dropout_backend("cuda", mode))
+            records.append(rec)
     ok = {r["name"]: r for r in records if r.get("ok")}
     summary = {}
     if "eager" in ok and "graph" in ok:
@@ -221,8 +329,17 @@ def main() -> None:
         summary = {"graph_over_eager": round(g["tokens_per_s"] / e["tokens_per_s"], 4),
                    "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(e["losses"], g["losses"]))}
         log(f"graph / eager: {summary['graph_over_eager']:.3f}x; losses differ by at most {summary['max_rel_loss_diff']:.1e} (relative)")
+    for name in [n for n in dropout_modes if n in ok and "eager" in ok]:
+        summary[f"{name}_over_eager"] = round(ok[name]["tokens_per_s"] / ok["eager"]["tokens_per_s"], 4)
+        log(f"{name} / eager: {summary[f'{name}_over_eager']:.3f}x")
+    if "eager-dropout" in ok and "eager-dropout-inmatmul" in ok:  # different masks: losses close, not equal
+        d, i = ok["eager-dropout"], ok["eager-dropout-inmatmul"]
+        summary["inmatmul_over_seeded"] = round(i["tokens_per_s"] / d["tokens_per_s"], 4)
+        summary["inmatmul_vs_seeded_max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(d["losses"], i["losses"]))
+        log(f"eager-dropout-inmatmul / eager-dropout: {summary['inmatmul_over_seeded']:.3f}x")
     meta = {"shapes": a.shapes, "layers": a.layers, "micro": MICRO, "accum": ACCUM, "max_len": MAX_LEN, "fused_projections": fused,
-            "gpu": torch.cuda.get_device_name(0), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "gpu": torch.cuda.get_device_name(0), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            **meta_extra}
     (out / "graph_step.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))
 
 
