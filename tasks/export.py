@@ -815,15 +815,16 @@ SETTING_TYPES = {
     **dict.fromkeys(("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_beams", "num_beam_groups",
                      "num_return_sequences", "top_k", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
                      "prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens", "assistant_lookbehind",
-                     "target_lookbehind", "pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
-                     "forced_eos_token_id"), ("an integer", _integer)),
+                     "target_lookbehind", "pad_token_id", "bos_token_id", "forced_bos_token_id"), ("an integer", _integer)),
     **dict.fromkeys(("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
                      "encoder_repetition_penalty", "length_penalty", "diversity_penalty", "penalty_alpha", "guidance_scale",
                      "max_time", "assistant_confidence_threshold", "top_h"), ("a number", _number)),
     **dict.fromkeys(("do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "output_scores",
                      "output_logits", "return_dict_in_generate", "low_memory"), ("true or false", lambda v: isinstance(v, bool))),
     "early_stopping": ('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
-    "eos_token_id": ("a token id or a list of them", lambda v: _integer(v) or _token_ids(v)),
+    # transformers' GenerationConfig documents these three as an int or a list of ints (a review, 2026-12-04)
+    **dict.fromkeys(("eos_token_id", "forced_eos_token_id", "decoder_start_token_id"),
+                    ("a token id or a list of them", lambda v: _integer(v) or _token_ids(v))),
     **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens"), ("a list of token ids", _token_ids)),
 }
 

@@ -1207,3 +1207,14 @@ def test_serve_model_merged_refuses_a_generation_config_setting_of_the_wrong_typ
         code, answer = _request(path, {**body, "max_tokens" if "responses" not in path else "max_output_tokens": 2,
                                        "generation_config": _json.dumps({"top_k": 5, "temperature": 0.5, "eos_token_id": [2]})})
         assert code == 200, (path, answer[:300])  # the right types are answered
+
+
+def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_documents_as_int_or_list(served_r1):
+    """transformers' GenerationConfig documents forced_eos_token_id and decoder_start_token_id as `int` or `list[int]`;
+    the wrong-type check first asked for an integer: a false 400 (a review of b5c0002, 2026-12-04)."""
+    pub, base = served_r1
+    for settings in ({"forced_eos_token_id": [2]}, {"decoder_start_token_id": [1]}):
+        for extra in ({}, {"stop": "zz"}):
+            code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0,
+                                                               "generation_config": json.dumps(settings), **extra})
+            assert code == 200, (settings, extra, code, answer[:300])
