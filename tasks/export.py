@@ -796,6 +796,62 @@ def input_problem(given: Any) -> tuple[str, str] | None:
     return None
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and all(map(_integer, value))
+
+
+# The type generate() needs for each setting a request's `generation_config` field can set that has one plain type
+# (a None sets nothing). transformers serve passes the field to generate() unread: a wrong type failed there (a 500, or
+# a stream's 200 with an error event), or was dropped unread (max_new_tokens, which the length limit overwrites).
+SETTING_TYPES = {
+    **dict.fromkeys(("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_beams", "num_beam_groups",
+                     "num_return_sequences", "top_k", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+                     "prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens", "assistant_lookbehind",
+                     "target_lookbehind", "pad_token_id", "bos_token_id", "forced_bos_token_id"), ("an integer", _integer)),
+    **dict.fromkeys(("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                     "encoder_repetition_penalty", "length_penalty", "diversity_penalty", "penalty_alpha", "guidance_scale",
+                     "max_time", "assistant_confidence_threshold", "top_h"), ("a number", _number)),
+    **dict.fromkeys(("do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "output_scores",
+                     "output_logits", "return_dict_in_generate", "low_memory"), ("true or false", lambda v: isinstance(v, bool))),
+    "early_stopping": ('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
+    # transformers' GenerationConfig documents these three as an int or a list of ints (a review, 2026-12-04)
+    **dict.fromkeys(("eos_token_id", "forced_eos_token_id", "decoder_start_token_id"),
+                    ("a token id or a list of them", lambda v: _integer(v) or _token_ids(v))),
+    **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens"), ("a list of token ids", _token_ids)),
+}
+
+
+def generation_config_problem(raw: Any) -> tuple[str, str] | None:
+    """(message, field) for a request's `generation_config` (transformers serve's JSON string of generate() settings)
+    that holds no JSON object, or sets a setting to a value of the wrong type (SETTING_TYPES), else None."""
+    example = json.dumps(json.dumps({"num_beams": 3}))
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        return (f"generation_config must be a string holding a JSON object of generate() settings, e.g. {example}, "
+                f"got {type(raw).__name__} {raw!r:.40}"), "generation_config"
+    try:
+        settings = json.loads(raw)
+    except ValueError as e:
+        return f"generation_config must hold a JSON object of generate() settings, e.g. {example}: {e}", "generation_config"
+    if not isinstance(settings, dict):
+        return (f"generation_config must hold a JSON object of generate() settings, e.g. {example}, "
+                f"got {type(settings).__name__} {settings!r:.40}"), "generation_config"
+    for name, value in settings.items():
+        want, fits = SETTING_TYPES.get(name, (None, None))
+        if value is not None and fits is not None and not fits(value):
+            return f"generation_config's {name} must be {want}, got {value!r:.40}", "generation_config"
+    return None
+
+
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
@@ -837,7 +893,7 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         return f"stop must be a string or a list of strings, got {stop!r}", "stop"
-    return None
+    return generation_config_problem(body.get("generation_config"))
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -847,8 +903,8 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 def take_configured_stops(body: dict) -> tuple[list[str], tuple[str, str] | None]:
     """The `stop_strings` of a request's `generation_config` field (transformers serve's JSON of generate() settings),
     taken out of it in `body`, to be read as `stop` is: transformers' own stop_strings also match the prompt's end,
-    and the answer kept them. Returns them and the problem (message, field) with them, if any. A field that is no JSON
-    object is left as it is, for the handler to refuse."""
+    and the answer kept them. Returns them and the problem (message, field) with them, if any. A field that holds no
+    JSON object was refused before (generation_config_problem)."""
     raw = body.get("generation_config")
     try:
         settings = json.loads(raw) if isinstance(raw, str) else None
@@ -1061,26 +1117,46 @@ class StoppingModel:
 
 class StoppingEngine:
     """transformers >= 5.25's model-process client, whose answers that do not stream are generated by
-    `generate_until_stop` (sent with its public `submit`): its own non-streaming generate() puts its cancel check in
-    place of the request's stopping criteria (GenerateRunner.generate), so StopAtStrings never ran there. Its
-    streamed generation keeps them, but takes no streamer with beam search, and streams several tokens a step with
-    prompt lookup. The cost: a client that leaves before such an answer is whole does not end its generation, which
-    runs on to its stop string or length limit (a submitted function gets no cancel check)."""
+    `generate_until_stop`: its own non-streaming generate() puts its cancel check in place of the request's stopping
+    criteria (GenerateRunner.generate), so StopAtStrings never ran there. Its streamed generation keeps them, but takes
+    no streamer with beam search, and streams several tokens a step with prompt lookup.
+
+    The function goes as a request that streams, so that the model's process hands it its streamer, whose `put` raises
+    once the request is cancelled: `generate_until_stop` asks it at every step, and sends the answer's tokens through it
+    at the end (a streaming request's result is dropped). A client that leaves cancels its handler (transformers'
+    CancelOnDisconnect), and with it the await below, which then sends the cancel, as transformers' own
+    generate_non_streaming does.
+    Sent with `_send_request`, the call under both: `submit` sends no streamer, and `submit_streaming` hands its errors
+    on as text only, so a generate() setting it refuses (a ValueError, a 400) would be a 500."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
 
     async def generate_non_streaming(self, inputs: dict, generation_kwargs: dict) -> tuple[str, int, list[int]]:
-        ids = await self.engine.submit(generate_until_stop, dict(inputs), generation_kwargs)
-        return self.engine.processor.decode(ids, skip_special_tokens=True), prompt_tokens(inputs), ids
+        tokens = GeneratedTokens()
+        await self.engine._send_request("submit", args=(generate_until_stop, (dict(inputs), generation_kwargs)), streamer=tokens)
+        return self.engine.processor.decode(tokens.ids, skip_special_tokens=True), prompt_tokens(inputs), tokens.ids
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
 
-def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict) -> list[int]:
+class GeneratedTokens:
+    """The API server's end of a StoppingEngine request: keeps the tokens the model's process streams (in place of
+    transformers' Detokenizer, which decodes them into text)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def put_token(self, token_id: int) -> None:
+        self.ids.append(token_id)
+
+
+def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict, streamer=None) -> list[int]:
     """The generated tokens of a request, in transformers >= 5.25's model process: GenerateRunner.generate's own
-    generate() call, with the request's stopping criteria (StopAtStrings) kept."""
+    generate() call, with the request's stopping criteria (StopAtStrings) kept. With the request's `streamer`
+    (StoppingEngine sends it as one that streams), generation ends once the request is cancelled, and the tokens go
+    out through it."""
     import torch
 
     # transformers' own call sets `tokenizer` and `streamer` after the request's settings: a generation_config naming
@@ -1092,13 +1168,42 @@ def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict)
     model_inputs = {key: value.to(model.device) if hasattr(value, "to") else value for key, value in inputs.items()}
     if hasattr(model, "has_talker"):  # a model that may also speak (Qwen2.5-Omni): text only, as transformers serve asks
         kwargs["generation_mode"] = "text"
+    if streamer is not None:
+        streamer.put(model_inputs["input_ids"].cpu())  # the prompt, which it sends nothing for, as generate() does
+        kwargs["stopping_criteria"] = [*kwargs.get("stopping_criteria", []), until_cancelled(streamer)]
     sequences = model.generate(**model_inputs, **kwargs, tokenizer=processor)
-    return sequences[0, model_inputs["input_ids"].shape[-1]:].tolist()
+    ids = sequences[0, model_inputs["input_ids"].shape[-1]:]
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    return ids.tolist()
+
+
+def until_cancelled(streamer):
+    """generate()'s stopping criterion that ends a generation once its request is cancelled: the model process's
+    streamer raises then (transformers' _TokenStreamer). It is handed no tokens: with beam search the rows are
+    candidates, not the answer, and generate() itself takes no streamer then."""
+
+    def check(input_ids, scores, **kwargs):
+        import torch
+
+        streamer.put(input_ids.new_empty(0).cpu())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return check
 
 
 def prompt_tokens(inputs: dict) -> int:
     ids = inputs["input_ids"]
     return len(ids) if isinstance(ids, list) else ids.shape[-1]
+
+
+def streams_submitted_functions(engine) -> bool:
+    """Whether transformers' model-process client sends a submitted function as a request that streams, as
+    StoppingEngine needs (5.25: EngineClient.submit_streaming, through _send_request's `streamer`)."""
+    import inspect
+
+    send = getattr(engine, "_send_request", None)
+    return callable(getattr(engine, "submit_streaming", None)) and callable(send) and "streamer" in inspect.signature(send).parameters
 
 
 def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
@@ -1110,12 +1215,13 @@ def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
     if "engine" in given:
         given["generation_kwargs"]["stopping_criteria"] = criteria
         if not streaming:
-            if not callable(getattr(given["engine"], "submit", None)):
+            if not streams_submitted_functions(given["engine"]):
                 import transformers
 
                 raise RuntimeError(f"transformers {transformers.__version__}'s model process takes no submitted function "
-                                   "(EngineClient.submit), which a non-streamed answer with stop strings needs: ask with "
-                                   '"stream": true, or leave `stop` out, or use transformers 5.25')
+                                   "that streams (EngineClient.submit_streaming, _send_request's streamer), which a "
+                                   'non-streamed answer with stop strings needs: ask with "stream": true, or leave `stop` '
+                                   "out, or use transformers 5.25")
             given["engine"] = StoppingEngine(given["engine"])
     else:
         given["model"] = StoppingModel(given["model"], criteria)
@@ -1169,10 +1275,11 @@ def answer_as_openai_does() -> None:
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
-    - a malformed request (no messages/prompt/input, a field of the wrong type, a length limit < 1, `n` > 1, a prompt
-      plus length limit beyond the model's context, a logit_bias id beyond its vocabulary) is a 400 naming the field,
-      streamed or not, and never a 500 with a traceback in the server's log. Without a length limit, generation stops
-      at the end of the context, as llama.cpp's does."""
+    - a malformed request (no messages/prompt/input, a field of the wrong type, a `generation_config` that holds no
+      JSON object or a setting of the wrong type, a length limit < 1, `n` > 1, a prompt plus length limit beyond the
+      model's context, a logit_bias id beyond its vocabulary) is a 400 naming the field, streamed or not, and never a
+      500 with a traceback in the server's log. Without a length limit, generation stops at the end of the context, as
+      llama.cpp's does."""
     import inspect
     from contextvars import ContextVar
 

@@ -372,9 +372,9 @@ def _free_port() -> int:
 
 
 def _request(url: str, body: dict | None = None, key: str | None = None, raw: bytes | None = None,
-             content_type: str | None = "application/json") -> tuple[int, str]:
+             content_type: str | None = "application/json", timeout: float = 300) -> tuple[int, str]:
     """(status, text) of a GET (no body) or a POST of `body` as JSON, or of the `raw` bytes; without `content_type`,
-    urllib sends a form type, as `curl -d` does."""
+    urllib sends a form type, as `curl -d` does. An answer not complete within `timeout` seconds raises TimeoutError."""
     import urllib.error
     import urllib.request
 
@@ -382,7 +382,7 @@ def _request(url: str, body: dict | None = None, key: str | None = None, raw: by
     data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=300) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -942,30 +942,36 @@ def test_serve_model_merged_refuses_a_seed_out_of_range_with_400_naming_it(serve
             assert code == 400 and json.loads(answer)["error"]["param"] == "seed", (path, stream, code, answer[:300])
 
 
+def _copy_with_context(art: Path, pub: Path, copy: Path, context: int) -> Path:
+    """A copy of the artifacts folder `art` whose published run's model has a context (max_position_embeddings) of
+    `context` tokens, its MANIFEST updated to match: the copy's folder."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(art, copy, symlinks=True)
+    run = copy / pub.relative_to(art)
+    config_file = run / "merged" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.unlink()  # a link into the cache, maybe: the copy gets a file of its own
+    config_file.write_text(json.dumps({**config, "max_position_embeddings": context}))
+    manifest = json.loads((run / "MANIFEST.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "merged/config.json":
+            entry.update(sha256=hashlib.sha256(config_file.read_bytes()).hexdigest(), bytes=config_file.stat().st_size)
+    (run / "MANIFEST.json").write_text(json.dumps(manifest))
+    return copy
+
+
 def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_context(own_published, tmp_path):
     """`answer_as_openai_does`: "Without a length limit, generation stops at the end of the context, as llama.cpp's
     does" (OpenAI's too). transformers serve's default max_new_tokens is max(the model's, 1024); `refusal` lowers it
     to the room left when that is less, and never raised it: a request with no max_tokens was cut at 1024 tokens,
     "length" (Responses: "incomplete", max_output_tokens, which it never sent). A copy of the run whose context is
     1100 tokens shows it with a 1100-token answer at most."""
-    import hashlib
-    import shutil
     import signal
 
     cfg, art, pub, _ = own_published
-    copy = tmp_path / "art"
-    shutil.copytree(art, copy, symlinks=True)
-    run = copy / pub.relative_to(art)
-    config_file = run / "merged" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.unlink()  # a link into the cache, maybe: the copy gets a file of its own
-    config_file.write_text(json.dumps({**config, "max_position_embeddings": 1100}))
-    manifest = json.loads((run / "MANIFEST.json").read_text())
-    for entry in manifest["files"]:
-        if entry["path"] == "merged/config.json":
-            entry.update(sha256=hashlib.sha256(config_file.read_bytes()).hexdigest(), bytes=config_file.stat().st_size)
-    (run / "MANIFEST.json").write_text(json.dumps(manifest))
-    proc, base = _start_serve_model(copy, tmp_path / "serve.log")
+    proc, base = _start_serve_model(_copy_with_context(art, pub, tmp_path / "art", 1100), tmp_path / "serve.log")
     try:
         code, answer = _request(f"{base}/v1/completions", {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub)})
         usage = json.loads(answer)["usage"]
@@ -1127,3 +1133,88 @@ def test_generate_until_stop_takes_generation_config_s_tokenizer_and_streamer_as
                               {"tokenizer": "x", "streamer": 1, "max_new_tokens": 1})
     assert ids == [3]
     assert got["tokenizer"] is processor and got.get("streamer") is None, got
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open since dfd95e0 (README: "set `max_tokens` with `stop`, or stream"): on transformers 5.25 a non-streamed answer with
+# a stop string ran on after its client left; and a generate() setting of the wrong type was a 500.
+
+
+def _leave_during(url: str, body: dict) -> None:
+    """POST `body` to `url`, and leave (close the connection) while it is being answered."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    conn.request("POST", where.path, json.dumps(body), {"Content-Type": "application/json"})
+    time.sleep(3)  # generating by now: nothing but the client leaving would end it before the context's end
+    conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", [{}, {"generation_config": json.dumps({"num_beams": 2})},
+                                   {"generation_config": json.dumps({"prompt_lookup_num_tokens": 3})}, {"stream": True}, {"stop": None}],
+                         ids=["greedy", "beams", "lookup", "streamed", "no-stop"])
+def test_serve_model_merged_a_request_whose_client_leaves_frees_the_server(own_published, tmp_path, asked):
+    """The server answers one request at a time. A non-streamed request with a stop string it never meets and no
+    max_tokens generates to the end of the context: on transformers 5.25 its generation (generate_until_stop, sent
+    with EngineClient.submit, which no cancel reaches) went on after its client left, and held every later request
+    that long. It now ends when the client leaves, as transformers' own non-streamed generation does (the request
+    without `stop`) and a stream does, with beam search and prompt lookup too. A context of 2**20 tokens makes a
+    generation that runs on take far longer than the bound below (~700 tokens/s on 2 CPU cores: ~25 min), and the next
+    request, 1 token, takes a second."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    proc, base = _start_serve_model(_copy_with_context(art, pub, tmp_path / "art", 2 ** 20), tmp_path / "serve.log")
+    url = f"{base}/v1/completions"
+    endless = {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub), "stop": ["never-generated"]}
+    try:
+        _leave_during(url, {**endless, **asked})
+        code, answer = _request(url, {"prompt": "Say the", "max_tokens": 1, "temperature": 0}, timeout=240)
+        assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1, answer
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_serve_model_merged_refuses_a_generation_config_setting_of_the_wrong_type_with_400_naming_it(served_r1):
+    """transformers serve's `generation_config` field (a JSON string of generate() settings) goes to generate() as it
+    is: a setting of the wrong type failed there, a 500 ("'>' not supported between instances of 'str' and 'int'"
+    for top_k), or a stream's 200 with an error event, or was dropped unread (max_new_tokens "abc"). A 400 naming the
+    field and the setting, streamed or not, as the layer answers every other malformed request; the field itself must
+    be a string holding a JSON object (an object was "malformed request: TypeError: the JSON object must be str")."""
+    import json as _json
+
+    pub, base = served_r1
+    bad = [{"max_new_tokens": "abc"}, {"temperature": [1]}, {"top_k": "x"}, {"num_beams": "2"}, {"do_sample": "yes"},
+           {"repetition_penalty": {}}, {"max_new_tokens": True}, {"eos_token_id": ["2"]}]
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       (f"{base}/v1/completions", {"prompt": "hi"}), (f"{base}/v1/responses", {"input": "hi"})):
+        for settings in bad:
+            (name,) = settings
+            for extra in ({}, {"stop": "zz"}):
+                for stream in (False, True):
+                    code, answer = _request(path, {**body, **extra, "generation_config": _json.dumps(settings), "stream": stream})
+                    assert code == 400, (path, settings, extra, stream, code, answer[:300])
+                    error = json.loads(answer)["error"]
+                    assert error["param"] == "generation_config" and name in error["message"], (path, settings, error)
+        for raw in ({"top_k": 5}, "not json", "[1]"):
+            code, answer = _request(path, {**body, "generation_config": raw})
+            assert code == 400 and json.loads(answer)["error"]["param"] == "generation_config", (path, raw, code, answer[:300])
+        code, answer = _request(path, {**body, "max_tokens" if "responses" not in path else "max_output_tokens": 2,
+                                       "generation_config": _json.dumps({"top_k": 5, "temperature": 0.5, "eos_token_id": [2]})})
+        assert code == 200, (path, answer[:300])  # the right types are answered
+
+
+def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_documents_as_int_or_list(served_r1):
+    """transformers' GenerationConfig documents forced_eos_token_id and decoder_start_token_id as `int` or `list[int]`;
+    the wrong-type check first asked for an integer: a false 400 (a review of b5c0002, 2026-12-04)."""
+    pub, base = served_r1
+    for settings in ({"forced_eos_token_id": [2]}, {"decoder_start_token_id": [1]}):
+        for extra in ({}, {"stop": "zz"}):
+            code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0,
+                                                               "generation_config": json.dumps(settings), **extra})
+            assert code == 200, (settings, extra, code, answer[:300])
