@@ -203,7 +203,7 @@ def inmatmul_check(shapes: str, p: float = 0.05, seed: int = 1234) -> dict:
     check (a new entry in `inmatmul_failures`) makes the result not-ok, with the backend that then ran and the kernel's
     error, and no in-matmul time is recorded from the reference."""
     from tasks.engine.lora import STORED, LoraA, LoraAInMatmul, dropout_backend, dropout_grad_a, dropout_grad_x, dropout_xa, \
-        inmatmul_failures, inmatmul_keep_mask, inmatmul_scale
+        inmatmul_failures, inmatmul_keep_mask, kept_scale
 
     cfg = SHAPES[shapes][1]
     hidden, inter, r = cfg["hidden_size"], cfg["intermediate_size"], LORA["r"]
@@ -229,12 +229,12 @@ def inmatmul_check(shapes: str, p: float = 0.05, seed: int = 1234) -> dict:
     a = torch.randn(n, k, device="cuda") * 0.02
     g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     keep = inmatmul_keep_mask(m, k, p, seed, x.device)
-    xd = x.float() * keep * inmatmul_scale(p)
+    xd = x.float() * keep * kept_scale(p)
     ab = a.bfloat16().float()
     gx = dropout_grad_x(g, a, p, seed, torch.bfloat16)
     res.update(drop_share=round(1 - keep.float().mean().item(), 5),
                rel_err_xa=rel(dropout_xa(x, a, p, seed, torch.bfloat16), xd @ ab.t()),
-               rel_err_grad_x=rel(gx, (g.float() @ ab) * keep * inmatmul_scale(p)),
+               rel_err_grad_x=rel(gx, (g.float() @ ab) * keep * kept_scale(p)),
                rel_err_grad_a=rel(dropout_grad_a(g, x, p, seed), g.float().t() @ xd),
                grad_x_zero_where_dropped=bool((gx[~keep] == 0).all()))
     del x, a, g, keep, xd, gx

@@ -38,7 +38,7 @@ from tasks.engine.lora import (
     dropout_mask,
     fuse_lora,
     inmatmul_keep_mask,
-    inmatmul_scale,
+    kept_scale,
     keep_threshold,
     philox4x32,
     seeded_dropout,
@@ -177,7 +177,7 @@ def test_inmatmul_mask_is_a_function_of_position_and_seed_and_drops_at_rate_p(p)
     assert all(within(s, q, 300 * 125) for s in per_half.tolist()), per_half
     assert within((drop[:, 1:] & drop[:, :-1]).float().mean().item(), q * q, 300 * 1000)
     assert within((drop[1:] & drop[:-1]).float().mean().item(), q * q, 299 * 1001)
-    assert inmatmul_scale(p) == 65536 / (65536 - keep_threshold(p))
+    assert kept_scale(p) == 65536 / (65536 - keep_threshold(p))
 
 
 def test_reference_mask_rows_past_the_first_1024_row_chunk():
@@ -204,7 +204,7 @@ def test_lora_a_in_matmul_matches_the_formula_with_the_reference_mask(p):
     g = torch.randn_like(out)
     out.backward(g)
     keep = inmatmul_keep_mask(69, 37, p, seed, x.device).view(3, 23, 37)
-    ref, ref_gx, ref_ga = _inmatmul_reference(x, a, keep, inmatmul_scale(p), g)
+    ref, ref_gx, ref_ga = _inmatmul_reference(x, a, keep, kept_scale(p), g)
     ref_ga = ref_ga.sum(0)  # batched g^T @ xd, summed over the leading axis
     assert _close(out, ref, 1e-5) and _close(x.grad, ref_gx, 1e-5) and _close(a.grad, ref_ga, 1e-5)
     assert torch.equal(x.grad == 0, ~keep)
@@ -230,7 +230,7 @@ def test_a_failing_kernel_falls_back_to_the_reference_with_one_warning(monkeypat
         out.backward(g)
     assert [str(w.message)[:40] for w in caught] == ["fused LoRA: Triton in-matmul dropout fai"]
     assert lora_mod._TRITON_INMATMUL is None
-    ref, ref_gx, ref_ga = _inmatmul_reference(x, a, inmatmul_keep_mask(40, 24, p, seed, "cpu"), inmatmul_scale(p), g)
+    ref, ref_gx, ref_ga = _inmatmul_reference(x, a, inmatmul_keep_mask(40, 24, p, seed, "cpu"), kept_scale(p), g)
     assert _close(out, ref, 1e-5) and _close(x.grad, ref_gx, 1e-5) and _close(a.grad, ref_ga, 1e-5)
 
 
@@ -298,13 +298,13 @@ except Exception as e:
     sys.exit(3)
 
 from tasks.engine import lora, lora_kernels
-from tasks.engine.lora import PHILOX_ROUNDS, LoraAInMatmul, inmatmul_scale, keep_threshold
+from tasks.engine.lora import PHILOX_ROUNDS, LoraAInMatmul, kept_scale, keep_threshold
 
 cases, out = json.loads(sys.argv[2]), {}
 
 
 def args(p, seed):
-    return seed, keep_threshold(p), inmatmul_scale(p), PHILOX_ROUNDS
+    return seed, keep_threshold(p), kept_scale(p), PHILOX_ROUNDS
 
 
 n = 150  # masks read back through identity matrices (fp32: exact)
@@ -399,7 +399,7 @@ def test_triton_kernels_match_float64_on_partial_tiles(interpreted, p, m, k, n, 
     tensor (row stride != K), grad_A's rows split over programs: the three kernels against the float64 formula."""
     r = interpreted[(p, m, k, n, dtype)]
     keep = inmatmul_keep_mask(m, k, p, 2**40 + 99, "cpu")
-    ref, ref_gx, ref_ga = _inmatmul_reference(r["x"], r["a"], keep, inmatmul_scale(p), r["g"])
+    ref, ref_gx, ref_ga = _inmatmul_reference(r["x"], r["a"], keep, kept_scale(p), r["g"])
     assert r["xa"].dtype == getattr(torch, dtype) and r["grad_x"].dtype == r["grad_a"].dtype == torch.float32
     assert _close(r["xa"], ref, 1e-5 if dtype == "float32" else 2e-3)  # fp16 output: its rounding
     assert _close(r["grad_x"], ref_gx, 1e-5) and _close(r["grad_a"], ref_ga, 1e-5)  # fp32 sums of exact products
@@ -421,7 +421,7 @@ def test_xa_kernel_on_float64_inputs(interpreted):
     r = interpreted["float64"]
     assert "float64 not supported" in r["direct"], r["direct"]
     keep = inmatmul_keep_mask(40, 24, 0.3, 5, "cpu")
-    ref, ref_gx, ref_ga = _inmatmul_reference(r["x"], r["a"], keep, inmatmul_scale(0.3), r["g"])
+    ref, ref_gx, ref_ga = _inmatmul_reference(r["x"], r["a"], keep, kept_scale(0.3), r["g"])
     assert r["xa"].dtype == r["grad_x"].dtype == r["grad_a"].dtype == torch.float64
     assert _close(r["xa"], ref, 1e-12) and _close(r["grad_x"], ref_gx, 1e-12) and _close(r["grad_a"], ref_ga, 1e-12)
     assert r["kernels_kept"] and r["failures"] == 0
@@ -438,7 +438,7 @@ def test_cuda_inmatmul_kernels_match_the_reference_in_bf16():
     g = torch.randn_like(out)
     out.backward(g)
     keep = inmatmul_keep_mask(4099, 520, p, seed, x.device)
-    ref, ref_gx, ref_ga = _inmatmul_reference(x, a.bfloat16(), keep, inmatmul_scale(p), g)
+    ref, ref_gx, ref_ga = _inmatmul_reference(x, a.bfloat16(), keep, kept_scale(p), g)
     assert _close(out, ref, 1e-2) and _close(x.grad, ref_gx, 1e-2) and _close(a.grad, ref_ga, 1e-3)
     assert torch.equal(x.grad == 0, ~keep)
 
@@ -508,7 +508,7 @@ class _ReferenceMaskDropout(torch.nn.Module):
 
     def forward(self, x):
         keep = inmatmul_keep_mask(x.reshape(-1, x.shape[-1]).shape[0], x.shape[-1], self.p, self.seed, x.device)
-        return x * keep.view(x.shape) * inmatmul_scale(self.p)
+        return x * keep.view(x.shape) * kept_scale(self.p)
 
 
 def test_fused_inmatmul_model_equals_peft_with_the_same_masks(monkeypatch):

@@ -74,6 +74,12 @@ def keep_threshold(p: float) -> int:
     return min(65535, max(0, round(p * 65536)))
 
 
+def kept_scale(p: float) -> float:
+    """What the 16-bit kernels (seeded and in-matmul) multiply kept elements by: 1 / (1 - p') with p' =
+    keep_threshold(p) / 65,536."""
+    return 65536.0 / (65536 - keep_threshold(p))
+
+
 def _triton_dropout():
     """A one-pass seeded dropout kernel: reads t, writes t * keep / (1 - p') (in place or not), stores no mask.
     One Philox-4x32-10 call serves 8 elements (16-bit uniforms, p' = round(65,536 p) / 65,536): the first
@@ -111,8 +117,7 @@ def _triton_dropout():
         t = t.contiguous()
         out = t if inplace else torch.empty_like(t)
         n = t.numel()
-        thr = keep_threshold(p)
-        _lora_seeded_dropout_kernel[(triton.cdiv(n, PHILOX_WORDS * SUB),)](t, out, n, thr, 65536.0 / (65536 - thr), seed,
+        _lora_seeded_dropout_kernel[(triton.cdiv(n, PHILOX_WORDS * SUB),)](t, out, n, keep_threshold(p), kept_scale(p), seed,
                                                                           SUB=SUB, num_warps=4)
         return out
 
@@ -220,12 +225,6 @@ def inmatmul_keep_mask(rows: int, cols: int, p: float, seed: int, device: torch.
     return out
 
 
-def inmatmul_scale(p: float) -> float:
-    """What kept elements are multiplied by: 1 / (1 - p') with p' = keep_threshold(p) / 65,536."""
-    thr = keep_threshold(p)
-    return 65536.0 / (65536 - thr)
-
-
 def _triton_inmatmul():
     """The three in-matmul kernels (tasks/engine/lora_kernels.py: `xa`, `grad_x`, `grad_a`), or None without Triton."""
     try:
@@ -279,30 +278,30 @@ def _inmatmul_triton(op: str, t: torch.Tensor, *args):
 def dropout_xa(x2: torch.Tensor, a: torch.Tensor, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """(x2 * keep * scale) @ A^T in `dtype`, the keep-mask `inmatmul_keep_mask(x2's shape, p, seed)`."""
     a = a.to(dtype)  # N x K, small: cast once here rather than in every program that reads it
-    out = _inmatmul_triton("xa", x2, a, seed, keep_threshold(p), inmatmul_scale(p), PHILOX_ROUNDS, dtype)
+    out = _inmatmul_triton("xa", x2, a, seed, keep_threshold(p), kept_scale(p), PHILOX_ROUNDS, dtype)
     if out is not None:
         return out
     keep = inmatmul_keep_mask(*x2.shape, p, seed, x2.device)
-    return (x2.to(dtype) * keep * inmatmul_scale(p)) @ a.t()
+    return (x2.to(dtype) * keep * kept_scale(p)) @ a.t()
 
 
 def dropout_grad_x(g2: torch.Tensor, a: torch.Tensor, p: float, seed: int, out_dtype: torch.dtype) -> torch.Tensor:
     """(g2 @ A) * keep * scale in `out_dtype`: the input gradient of `dropout_xa` for the upstream gradient g2."""
     a = a.to(g2.dtype)
-    out = _inmatmul_triton("grad_x", g2, a, seed, keep_threshold(p), inmatmul_scale(p), PHILOX_ROUNDS, out_dtype)
+    out = _inmatmul_triton("grad_x", g2, a, seed, keep_threshold(p), kept_scale(p), PHILOX_ROUNDS, out_dtype)
     if out is not None:
         return out
     gx = g2 @ a
-    return (gx * inmatmul_keep_mask(*gx.shape, p, seed, gx.device) * inmatmul_scale(p)).to(out_dtype)
+    return (gx * inmatmul_keep_mask(*gx.shape, p, seed, gx.device) * kept_scale(p)).to(out_dtype)
 
 
 def dropout_grad_a(g2: torch.Tensor, x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """g2^T @ (x2 * keep * scale), fp32 on the kernel path (g2's dtype on the reference): A's gradient of `dropout_xa`."""
-    out = _inmatmul_triton("grad_a", g2, x2, seed, keep_threshold(p), inmatmul_scale(p), PHILOX_ROUNDS)
+    out = _inmatmul_triton("grad_a", g2, x2, seed, keep_threshold(p), kept_scale(p), PHILOX_ROUNDS)
     if out is not None:
         return out
     keep = inmatmul_keep_mask(*x2.shape, p, seed, x2.device)
-    return g2.t() @ (x2.to(g2.dtype) * keep * inmatmul_scale(p))
+    return g2.t() @ (x2.to(g2.dtype) * keep * kept_scale(p))
 
 
 # --------------------------------------------------------------------------------------------------------
