@@ -48,7 +48,7 @@
 #   l: i with LoRA rank 128, alpha 128 (measured 2026-12-04 09:58, 1,009 steps: IFEval +8.7 beyond its interval;
 #      AlpacaEval not scored: docs/BENCHMARKS.md "Setting l")
 #   m: i with LoRA rank 256, alpha 256: whether l's gain over i (rank 32 -> 128: +5.6 points) is capacity that keeps
-#      paying; l's held-out ShareGPT loss was only 0.035 above i's (its constrained rows' loss rose, not the real ones')
+#      paying; l's held-out loss on the real rows was i's (its constrained rows' loss rose, not the real ones')
 #      (measured 2026-12-04 13:05 as the profile's own run, 790 steps: IFEval +10.7 [+5.4, +15.7], AlpacaEval better;
 #      now the demo-gpu profile: docs/BENCHMARKS.md "Setting m")
 #   m2: m with training.seed=43: whether m's +10.7 holds at a second seed (i and i2 disagreed on 105 of 541 prompts)
