@@ -29,13 +29,24 @@ Dedupe (`Deduper`): a conversation is removed from training (and from held-out) 
    insert, delete, replace, swap two neighbours) per 20 characters of a prompt's — a typo, a changed digit, a dropped
    short word. Prompts under 20 characters get no edit ("What is Atlantis?" and "What is Atlantic?" are one edit
    apart), and 5% keeps "...films between 1940 and 1950 that are in Spanish..." (a ShareGPT turn, 6 edits from an
-   AlpacaEval prompt of 109 characters) another question.
+   AlpacaEval prompt of 109 characters) another question, or
+8. is a paraphrase: it has >= 60% of a prompt's content words, at least 4, of which >= 3 are distinctive, and is not much
+   longer (its content words <= 1.5 x the prompt's + 5: longer is a document on the topic, not the request). Content
+   words: casefolded words of 3+ letters, not function words (`_FUNCTION_WORDS`), not numbers ("four", "4th":
+   paraphrases write them either way), a plural's "s" dropped ("kids"). Distinctive: used by at most 5 of the 1,346
+   benchmark prompts — names and uncommon terms, not the instruction vocabulary every prompt uses ("write", "response",
+   "include", "name"); no word-frequency list is installed, so rarity among the prompts stands in for rarity in English.
+   "Mike's mum had 4 kids; 3 of them are Luis, Drake and Matilda. What is the name of 4th kid?" (a ShareGPT turn, and 16
+   constrained rows built on it in setting m's data) has 6 of the 8 content words of AlpacaEval's "Mike's mother had four
+   kids. Three of them are named Luis, Drake, and Matilda. What is the name of the fourth kid?", 4 of them distinctive;
+   "I suppose that is one interpretation of quantum mechanics. Are there any others?" has 3 of another's 5 (a follow-up
+   on its topic), and a Discord bot request 6 of "Write code for a Discord bot ..."'s 7 but 3 times as many of its own.
 Every rule reads both texts in one canonical form (`canonical`): NFKC (full-width letters and digits, compatibility
 forms such as ligatures, non-breaking spaces), curly quotes and primes made straight, zero-width and other format
 characters removed. Prompts shorter than 6 words are matched inside other text by rule 6 only (a 3-word run is common
 English). On the real sources (ShareGPT's 17,446 conversations, alpaca_en_demo, the demo-gpu generator's rows) rules
 6-7 and the canonical form remove nothing the first five did not, for +1 to 1.5 s of CPU over ShareGPT (~4.8 -> ~6.1 s;
-docs/BENCHMARKS.md "Benchmark dedupe: near copies").
+docs/BENCHMARKS.md "Benchmark dedupe: near copies"); rule 8's removals and cost are in "Benchmark dedupe: paraphrases".
 
 Within and across the training sources, a conversation already seen (its user and assistant turns compared by their
 words) is dropped before any held-out split (`ExchangeDeduper`), so no held-out row is also a training row.
@@ -46,8 +57,10 @@ words) is dropped before any held-out split (`ExchangeDeduper`), so no held-out 
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import hashlib
+import itertools
 import json
 import re
 import subprocess
@@ -240,6 +253,28 @@ NGRAM = 13
 SHORT_MIN_WORDS = 6  # shorter benchmark prompts are matched inside other text by rule 6 only
 LEAD_IN_WORDS = 8  # rule 6: words a 1-5-word prompt may have around it (lead-in + trailer)
 NEAR_COPY_CHARS = 20  # rule 7: one character edit allowed per this many characters of the prompt
+PARAPHRASE_SHARE = 0.6  # rule 8: share of a prompt's content words a turn must have
+PARAPHRASE_DISTINCT = 3  # rule 8: distinctive words of the prompt it must have (fewer: the prompt is not checked)
+PARAPHRASE_MIN_SHARED = 4  # rule 8: content words in common, at least (3 of 5 is what an on-topic follow-up shares)
+DISTINCT_MAX_PROMPTS = 5  # rule 8: a word in at most this many benchmark prompts is distinctive
+PARAPHRASE_LONGER = (1.5, 5)  # rule 8: a turn's content words <= 1.5 x the prompt's + 5 (longer: a document, not a request)
+# Rule 8's function words: NLTK's English stopwords of 3+ letters (its data ships in llama-index-core; the shorter ones
+# and the `\w+` pieces of contractions, "t", "ll", "don", fall under 3 letters or are here), other function words and a
+# few verbs and nouns every request uses. Kept here, not read from NLTK's file: this file's bytes are the dedupe's key.
+_FUNCTION_WORDS = frozenset(
+    """the and but then for with from into onto about over under again further once out off above below down between
+    through during before after while because until against among within without upon this that these those there
+    here where when why how what which who whom whose you your yours yourself yourselves our ours ourselves they
+    them their theirs themselves his her hers him himself she herself its itself myself are was were been being
+    have has had having does did doing done can could would should will shall may might must not nor very also
+    just than too more most much many some any each every all both few other such only own same now yes don isn
+    aren wasn weren hasn haven hadn doesn didn won wouldn shan shouldn couldn mustn mightn needn ain make made get
+    got use used using way ways thing things like well""".split())
+# Numbers in words, which a paraphrase may write as digits (words with a digit are never content words).
+_NUMBER_WORDS = frozenset(
+    """zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen
+    eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million billion first second
+    third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth once twice half double""".split())
 
 
 def normal(text: str) -> str:
@@ -275,6 +310,24 @@ def canonical(text: str) -> str:
     return unicodedata.normalize("NFKC", text).translate(_canonical_table())
 
 
+def content_words(words, at_most: float = float("inf")) -> set[str] | None:
+    """Rule 8's content words of casefolded `\\w+` words: 3+ letters, no digit, not a function or number word, a plural's
+    "s" dropped ("kids" -> "kid"; not after s, i or u: "class", "Luis", "status"). None once there are more than `at_most`
+    (a long turn is then not read to its end)."""
+    kept: set[str] = set()
+    for w in set(words) - _FUNCTION_WORDS - _NUMBER_WORDS:
+        if len(w) < 3 or not w.isalpha():
+            continue
+        if len(w) > 3 and w[-1] == "s" and w[-2] not in "ius":
+            w = w[:-1]
+            if w in _FUNCTION_WORDS or w in _NUMBER_WORDS:  # "others", "thousands"
+                continue
+        kept.add(w)
+        if len(kept) > at_most:
+            return None
+    return kept
+
+
 class Deduper:
     """Finds conversations whose user turns are benchmark prompts (rules in the module docstring)."""
 
@@ -308,6 +361,28 @@ class Deduper:
         self.near_keys = [k for k, _ in self.near]
         self.near_lengths = [len(k) for k in self.near_keys]
         self.n_prompts = sum(len(t) for t in prompts.values())
+        self._index_paraphrases(prompts)
+
+    def _index_paraphrases(self, prompts: dict[str, list[str]]) -> None:
+        """Rule 8's index: the prompts with PARAPHRASE_DISTINCT+ distinctive words, as (benchmark, content words), and
+        which of them each distinctive word is in."""
+        content = {}  # one entry per distinct prompt text: a prompt in two benchmarks counts once
+        for bench, texts in prompts.items():
+            for p in map(canonical, texts):
+                content.setdefault(p, (bench, frozenset(content_words(_words(p)))))
+        used_by = collections.Counter(w for _, c in content.values() for w in c)
+        having: dict[str, list[tuple[str, frozenset[str]]]] = collections.defaultdict(list)
+        for bench, c in content.values():
+            distinct = [w for w in c if used_by[w] <= DISTINCT_MAX_PROMPTS]
+            if len(distinct) >= PARAPHRASE_DISTINCT:
+                for w in distinct:
+                    having[w].append((bench, c))
+        # Each written form of a distinctive word ("kid", "kids") -> the word; each word -> its prompts, by number.
+        self.paraphrase_word = {form: w for w in having for form in (w, w + "s") if content_words([form]) == {w}}
+        self.paraphrase_forms = frozenset(self.paraphrase_word)
+        self.paraphrase_prompts = list({id(c): (bench, c) for w in having for bench, c in having[w]}.values())
+        number = {id(c): i for i, (_, c) in enumerate(self.paraphrase_prompts)}
+        self.paraphrase_of = {w: tuple(number[id(c)] for _, c in having[w]) for w in having}
 
     def match(self, messages: list[dict]) -> tuple[str, str] | None:
         """(benchmark, rule) of the first user turn that matches (rules in the module docstring); None = clean."""
@@ -333,6 +408,8 @@ class Deduper:
                 return b, f"a 1-{SHORT_MIN_WORDS - 1}-word prompt with a lead-in"
             if (b := self._near_copy(" ".join(w))) is not None:
                 return b, "near copy"
+            if (b := self._paraphrase(w)) is not None:
+                return b, "paraphrase"
         return None
 
     def _tiny_in(self, text: str) -> str | None:
@@ -366,13 +443,37 @@ class Deduper:
                 return self.near[lo + i][1]
         return None
 
+    def _paraphrase(self, words: tuple[str, ...]) -> str | None:
+        """Rule 8: the benchmark of a prompt whose distinctive words (>= PARAPHRASE_DISTINCT) and share of content words
+        (>= PARAPHRASE_SHARE) the turn has, the turn not much longer than the prompt."""
+        # Prompts are found through their distinctive words (set intersection and counting in C); a turn has 3 of almost
+        # no prompt's, so its own content words (a Python loop over its words) are seldom needed.
+        distinct = {self.paraphrase_word[form] for form in self.paraphrase_forms.intersection(words)}
+        if len(distinct) < PARAPHRASE_DISTINCT:
+            return None
+        found = collections.Counter(itertools.chain.from_iterable(self.paraphrase_of[w] for w in distinct))
+        if max(found.values()) < PARAPHRASE_DISTINCT:
+            return None
+        candidates = [self.paraphrase_prompts[i] for i, n in found.items() if n >= PARAPHRASE_DISTINCT]
+        longest = max(PARAPHRASE_LONGER[0] * len(c) + PARAPHRASE_LONGER[1] for _, c in candidates)
+        if (turn := content_words(words, at_most=longest)) is None:
+            return None
+        for bench, c in candidates:
+            if len(turn) <= PARAPHRASE_LONGER[0] * len(c) + PARAPHRASE_LONGER[1] \
+                    and len(shared := turn & c) >= PARAPHRASE_MIN_SHARED and len(shared) >= PARAPHRASE_SHARE * len(c):
+                return bench
+        return None
+
     @staticmethod
     def rules() -> list[str]:
         return ["every rule on NFKC text (format characters removed, quotes straight)",
                 "exact", "normalized (casefold + whitespace)", "same words (punctuation ignored)",
                 f"contains a {SHORT_MIN_WORDS}-{NGRAM - 1}-word prompt", f"{NGRAM}-gram (casefolded words)",
                 f"a 1-{SHORT_MIN_WORDS - 1}-word prompt with a lead-in or trailer of <= {LEAD_IN_WORDS} words, ending the turn or a sentence",
-                f"near copy (<= 1 character edit per {NEAR_COPY_CHARS} characters of the prompt's words)"]
+                f"near copy (<= 1 character edit per {NEAR_COPY_CHARS} characters of the prompt's words)",
+                f"paraphrase (>= {PARAPHRASE_SHARE:.0%} and >= {PARAPHRASE_MIN_SHARED} of a prompt's content words, >= "
+                f"{PARAPHRASE_DISTINCT} of them distinctive: in <= {DISTINCT_MAX_PROMPTS} benchmark prompts; the turn's content "
+                f"words <= {PARAPHRASE_LONGER[0]} x the prompt's + {PARAPHRASE_LONGER[1]})"]
 
 
 def exchange_key(messages: list[dict]) -> tuple[str, ...]:

@@ -67,7 +67,8 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
         f"{rec.train_tokens:,} train tokens, dropped {dropped}{merged}; hash {rec.data_hash}")
     if len(rec.sources) > 1:
         log("data: mix " + ", ".join(f"{s['source']} {s['n_train']} train / {s['n_heldout']} held-out" for s in rec.sources)
-            + f"; benchmark dedupe removed {rec.dedupe.get('removed', 0)} conversations")
+            + f"; benchmark dedupe removed {rec.dedupe.get('removed', 0)} conversations"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in rec.dedupe['removed_by'].items())})" if rec.dedupe.get("removed_by") else ""))
         for s in rec.sources[1:]:
             if s["n_train"] < s["wanted"]:
                 get_run_logger().warning(f"data: {s['source']} gave {s['n_train']} of the {s['wanted']} training rows its share asks "

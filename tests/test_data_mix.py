@@ -417,7 +417,9 @@ def test_the_rules_remove_from_sharegpt_only_what_they_removed_before_the_near_c
     """The false-positive side on the real data: over ShareGPT's 17,446 well-formed conversations the 1-5-word-prompt,
     near-copy and canonical-form rules remove nothing the first five did not (docs/BENCHMARKS.md "Benchmark dedupe:
     near copies" lists the nearest turns they leave, read one by one); the 45 removed are AlpacaEval prompts, their
-    lead-ins or their templates."""
+    lead-ins or their templates. The paraphrase rule adds 4, each the same task as its prompt (docs/BENCHMARKS.md
+    "Benchmark dedupe: paraphrases"): Mike's mum's 4 kids (twice), the verifiable-credentials patent, and a 925 silver
+    Cuban link chain's product description."""
     import collections
 
     from tasks.data import _normalise
@@ -428,4 +430,52 @@ def test_the_rules_remove_from_sharegpt_only_what_they_removed_before_the_near_c
     removed = collections.Counter(hit for c in convs if (hit := d.match(c)))
     assert len(convs) == 17_446
     assert removed == {("alpaca_eval", "exact"): 22, ("alpaca_eval", "13-gram"): 19, ("alpaca_eval", "same words"): 2,
-                       ("alpaca_eval", "contains a short prompt"): 2}
+                       ("alpaca_eval", "contains a short prompt"): 2, ("alpaca_eval", "paraphrase"): 4}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paraphrases the rules missed (review of setting m, 2026-12-04): shared distinctive words, not shared runs of words
+
+MIKE = "Mike's mother had four kids. Three of them are named Luis, Drake, and Matilda. What is the name of the fourth kid?"
+
+
+@pytest.mark.parametrize("text", [
+    # ShareGPT turns (real text) that reached setting m's training rows: the first in 16 of them
+    "Mike's mum had 4 kids; 3 of them are Luis, Drake and Matilda. What is the name of 4th kid?",
+    "Put a title at the top, enclosed in << and >>.  Mike's mum had 4 kids; 3 of them are Luis, Drake and Matilda. "
+    "What is the name of 4th kid?",  # one of the constrained rows built on it
+    "Write a patent on using verifiable credentials, digital wallet on a blockchain, and machine learning in the "
+    "implementation of community tax certificates and other relevant permits and clearances. include exhaustive claims "
+    "on system architecture and algorithm",
+])
+def test_a_paraphrase_with_a_prompts_distinctive_words_is_removed(bench_prompts, text):
+    """Reworded (mum, 4, 4th; the patent's clauses reordered), no 13-gram, many edits: only their words give them away."""
+    assert MIKE in bench_prompts["alpaca_eval"]
+    assert any(p.startswith("Write a detailed patent writing for an innovative and novel way of issuing community tax")
+               for p in bench_prompts["alpaca_eval"])
+    assert sources.Deduper(bench_prompts).match(_user(text)) == ("alpaca_eval", "paraphrase")
+
+
+@pytest.mark.parametrize("text", [
+    # 4 of the Mike prompt's distinctive words (its names), half its content words: another question about them
+    "Luis, Drake and Matilda are playing football with Mike. Who wins?",
+    # real ShareGPT turns, the nearest the rule leaves (docs/BENCHMARKS.md "Benchmark dedupe: paraphrases"):
+    "I suppose that is one interpretation of quantum mechanics. Are there any others?",  # 3 of 5: a follow-up on its topic
+    "multinational companies that work in the fields of remote sensing, machine learning, and water resources in Algeria",
+    "Google Workspaces has an API for managing a directory of users. Write a javascript function that takes a the user's "
+    "email address as a text string as input and uses the API to return a structure containing user information and an "
+    "id that can be used later to manage that user.",
+    # 6 of the 7 content words of "Write code for a Discord bot using Discord.js v14 ...", but 3 times as many of its own
+    'write me code for a python discord bot cog that will dm a user a reminder in minutes based on the minutes 1-59 that '
+    'the user puts in their command. an example use of this command is: "remind me to take out the dog in 58 minutes.". '
+    "Then when the timer is up the bot will send a reminder in that users DMs in an embed format telling them to do what "
+    "they asked it to remind them of the command needs to use @discord.slash\\_command(). the commands name will be "
+    "(insert name here)",
+])
+def test_other_questions_that_share_some_of_a_prompts_words_are_kept(bench_prompts, text):
+    assert sources.Deduper(bench_prompts).match(_user(text)) is None
+
+
+def test_content_words_leave_out_function_words_numbers_and_plural_s():
+    assert sources.content_words(sources._words(MIKE)) == {"mike", "mother", "kid", "named", "luis", "drake", "matilda", "name"}
+    assert sources.content_words(["others", "thousands", "class", "status", "4th", "ab", "this", "kids"]) == {"class", "status", "kid"}
