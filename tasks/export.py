@@ -826,12 +826,63 @@ SETTING_TYPES = {
     **dict.fromkeys(("eos_token_id", "forced_eos_token_id", "decoder_start_token_id"),
                     ("a token id or a list of them", lambda v: _integer(v) or _token_ids(v))),
     **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens"), ("a list of token ids", _token_ids)),
+    # transformers builds its WatermarkingConfig from an object, and fails on anything else with an AttributeError
+    "watermarking_config": ('an object of watermarking settings, e.g. {"greenlist_ratio": 0.25}', lambda v: isinstance(v, dict)),
 }
+
+
+def transformers_refusal(settings: dict) -> str | None:
+    """transformers' own refusal of a request's generate() settings, asked before any generation: a stream's 200 goes
+    out before generate() reads them (its refusal was an error event), and some failed a non-streamed one as a 500. The
+    settings go into a GenerationConfig as generate() puts them there (`update`, whose validate() checks the values it
+    knows; transformers <= 5.24's serve builds one from them too), and bad_words_ids and sequence_bias, which only their
+    logits processors check, build those as generate() does. Names a GenerationConfig does not have are left to
+    generate(), which hands them to the model. The message names the setting that fails alone, else it is transformers'
+    own, which names the settings that clash."""
+    error = _refused(settings)
+    if error is None:
+        return None
+    for name, value in settings.items():
+        alone = _refused({name: value})
+        if alone is not None:
+            hint = f" ({JSON_FORMS[name]})" if name in JSON_FORMS else ""
+            return f"generation_config's {name} {value!r:.40} is refused by transformers: {_one_line(alone, name)}{hint}"
+    return f"generation_config's settings are refused together by transformers: {_one_line(error, None)}"
+
+
+def _refused(settings: dict) -> Exception | None:
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor, SequenceBiasLogitsProcessor
+
+    try:
+        config = GenerationConfig()
+        config.update(**settings)
+        if config.bad_words_ids is not None:
+            NoBadWordsLogitsProcessor(config.bad_words_ids)
+        if config.sequence_bias is not None:
+            SequenceBiasLogitsProcessor(config.sequence_bias)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        return e
+    return None
+
+
+# transformers' messages name the Python forms of these; JSON spells only one of them (it has no tuple keys)
+JSON_FORMS = {"sequence_bias": "in JSON a list of [token ids, bias] pairs, each bias a float, e.g. [[[42], -5.0]]"}
+
+
+def _one_line(error: Exception, name: str | None) -> str:
+    """transformers' message on one line: its ValueErrors say what the value must be; anything else is a type it
+    did not expect, which its GenerationConfig documents."""
+    text = " ".join(str(error).split())
+    if isinstance(error, ValueError):
+        return text
+    return f"{type(error).__name__}: {text}; see {name or 'these settings'} in the documentation of transformers' GenerationConfig"
 
 
 def generation_config_problem(raw: Any) -> tuple[str, str] | None:
     """(message, field) for a request's `generation_config` (transformers serve's JSON string of generate() settings)
-    that holds no JSON object, or sets a setting to a value of the wrong type (SETTING_TYPES), else None."""
+    that holds no JSON object, sets a setting to a value of the wrong type (SETTING_TYPES), or sets what transformers
+    refuses (transformers_refusal), else None."""
     example = json.dumps(json.dumps({"num_beams": 3}))
     if raw is None:
         return None
@@ -849,7 +900,8 @@ def generation_config_problem(raw: Any) -> tuple[str, str] | None:
         want, fits = SETTING_TYPES.get(name, (None, None))
         if value is not None and fits is not None and not fits(value):
             return f"generation_config's {name} must be {want}, got {value!r:.40}", "generation_config"
-    return None
+    refused = transformers_refusal(settings)
+    return (refused, "generation_config") if refused else None
 
 
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
@@ -893,7 +945,14 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         return f"stop must be a string or a list of strings, got {stop!r}", "stop"
-    return generation_config_problem(body.get("generation_config"))
+    problem = generation_config_problem(body.get("generation_config"))
+    if problem or not body.get("stream") or body.get("generation_config") is None:
+        return problem
+    beams = json.loads(body["generation_config"]).get("num_beams")
+    if beams is not None and beams > 1:  # generate() refuses a streamer with beam search: a stream's 200 and an error event
+        return (f"generation_config's num_beams {beams} cannot be streamed: transformers' generate() takes no streamer with "
+                'beam search; send "stream": false, or num_beams 1', "generation_config")
+    return None
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -1198,12 +1257,25 @@ def prompt_tokens(inputs: dict) -> int:
 
 
 def streams_submitted_functions(engine) -> bool:
-    """Whether transformers' model-process client sends a submitted function as a request that streams, as
-    StoppingEngine needs (5.25: EngineClient.submit_streaming, through _send_request's `streamer`)."""
+    """Whether transformers' model-process client can send a submitted function as a request that streams, as
+    StoppingEngine does: through `_send_request`'s `streamer` (transformers 5.25), the one call it makes."""
     import inspect
 
     send = getattr(engine, "_send_request", None)
-    return callable(getattr(engine, "submit_streaming", None)) and callable(send) and "streamer" in inspect.signature(send).parameters
+    return callable(send) and "streamer" in inspect.signature(send).parameters
+
+
+def unstreamed_stop_refusal(engine) -> str | None:
+    """Why a non-streamed request with stop strings cannot be answered by `engine` (transformers >= 5.25's
+    model-process client), else None: StoppingEngine needs streams_submitted_functions. Asked before generation,
+    so that the client gets it, not a 500 with the reason in the server's log."""
+    if streams_submitted_functions(engine):
+        return None
+    import transformers
+
+    return (f"`stop` (or generation_config's stop_strings) without \"stream\": true is not supported on transformers "
+            f"{transformers.__version__}, whose EngineClient._send_request takes no `streamer`: send \"stream\": true, "
+            "or leave `stop` out, or serve with transformers 5.25")
 
 
 def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
@@ -1214,14 +1286,7 @@ def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
     criteria = [StopAtStrings(getattr(processor, "tokenizer", processor), stops, prompt_tokens(given["inputs"]))]
     if "engine" in given:
         given["generation_kwargs"]["stopping_criteria"] = criteria
-        if not streaming:
-            if not streams_submitted_functions(given["engine"]):
-                import transformers
-
-                raise RuntimeError(f"transformers {transformers.__version__}'s model process takes no submitted function "
-                                   "that streams (EngineClient.submit_streaming, _send_request's streamer), which a "
-                                   'non-streamed answer with stop strings needs: ask with "stream": true, or leave `stop` '
-                                   "out, or use transformers 5.25")
+        if not streaming:  # a transformers whose client cannot send it was refused before (unstreamed_stop_refusal)
             given["engine"] = StoppingEngine(given["engine"])
     else:
         given["model"] = StoppingModel(given["model"], criteria)
@@ -1276,10 +1341,11 @@ def answer_as_openai_does() -> None:
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
     - a malformed request (no messages/prompt/input, a field of the wrong type, a `generation_config` that holds no
-      JSON object or a setting of the wrong type, a length limit < 1, `n` > 1, a prompt plus length limit beyond the
-      model's context, a logit_bias id beyond its vocabulary) is a 400 naming the field, streamed or not, and never a
-      500 with a traceback in the server's log. Without a length limit, generation stops at the end of the context, as
-      llama.cpp's does."""
+      JSON object, a setting of the wrong type or one transformers refuses, beam search in a stream, a length limit
+      < 1, `n` > 1, a prompt plus length limit beyond the model's context, a logit_bias id beyond its vocabulary) is a
+      400 naming the field, streamed or not, and never a 500 with a traceback in the server's log; so is a
+      non-streamed `stop` on a transformers that cannot send it (unstreamed_stop_refusal). Without a length limit,
+      generation stops at the end of the context, as llama.cpp's does."""
     import inspect
     from contextvars import ContextVar
 
@@ -1389,8 +1455,11 @@ def answer_as_openai_does() -> None:
             if refused:
                 return refused
             options = request_options.get()
-            options["generating"] = True
             stops = options["stop"]
+            cannot_stop = bool(stops) and "engine" in given and unstreamed_stop_refusal(given["engine"])
+            if cannot_stop:  # a 400, not a 501: the request can be changed to be answered, and clients retry 5xx
+                return openai_error(cannot_stop, "stop")
+            options["generating"] = True
             if stops:
                 stop_generating_at(given, stops, streaming=False)
             response = await non_streaming(*bound.args, **bound.kwargs)

@@ -1220,26 +1220,57 @@ def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_
             assert code == 200, (settings, extra, code, answer[:300])
 
 
-# Open defects from a review of b5c0002 (2026-12-04), kept as strict xfails until fixed: a fix makes them pass and CI says so.
-
-
-@pytest.mark.xfail(strict=True, reason="open: settings outside SETTING_TYPES are not validated before generation (watermarking_config "
-                   "a 500; the others streamed a 200 with an error event); fix: validate transformers' GenerationConfig up front")
 @pytest.mark.parametrize("settings", [{"watermarking_config": "x"}, {"bad_words_ids": "x"}, {"sequence_bias": 5},
                                       {"cache_implementation": 5}], ids=["watermarking", "bad_words", "sequence_bias", "cache"])
 def test_serve_model_merged_answers_any_generation_config_setting_of_the_wrong_type_with_400_streamed_or_not(served_r1, settings):
+    """Settings outside SETTING_TYPES were not checked before generation (a review of b5c0002, 2026-12-04):
+    watermarking_config "x" was a 500, the others a stream's 200 with an error event. transformers' GenerationConfig
+    and the logits processors generate() builds now check them first: a 400 naming the setting."""
     pub, base = served_r1
+    (name,) = settings
     for stream in (False, True):
         code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0,
                                                            "generation_config": json.dumps(settings), "stream": stream})
         assert code == 400, (settings, stream, code, answer[:300])
+        error = json.loads(answer)["error"]
+        assert error["param"] == "generation_config" and name in error["message"] and "\n" not in error["message"], error
 
 
-@pytest.mark.xfail(strict=True, reason="open: the refusal of a transformers without _send_request's streamer is raised as a RuntimeError, "
-                   "which the handler turns into a bare 500 (the reason only in the log)")
+def test_serve_model_merged_answers_valid_settings_outside_the_typed_ones(served_r1):
+    """The up-front check of transformers' GenerationConfig refuses no setting generate() takes: each kind the check
+    reads (a list for the int-or-list token ids, bad words, sequence bias, a cache, watermarking, beams with several
+    sequences, sampling settings without do_sample) is answered, streamed or not. Beam search takes no streamer in
+    generate(): streamed, it is a 400 naming num_beams (it was a 200 with an error event)."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 2, "temperature": 0}
+    for settings in ({"forced_eos_token_id": [2]}, {"eos_token_id": [2, 3]}, {"bad_words_ids": [[5], [6, 7]]},
+                     {"sequence_bias": [[[5], -1.0]]}, {"cache_implementation": "dynamic"},
+                     {"watermarking_config": {"greenlist_ratio": 0.25}}, {"num_beams": 2, "num_return_sequences": 2},
+                     {"top_k": 5, "top_p": 0.9}):
+        for stream in (False, True) if "num_beams" not in settings else (False,):
+            code, answer = _request(url, {**body, "generation_config": json.dumps(settings), "stream": stream})
+            assert code == 200 and "\"error\"" not in answer, (settings, stream, code, answer[:300])
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"num_beams": 2}), "stream": True})
+    assert code == 400 and "num_beams" in json.loads(answer)["error"]["message"], (code, answer[:300])
+
+
+def test_generation_config_problem_names_the_setting_transformers_refuses_alone_else_transformers_own_clash():
+    """The message names the one setting transformers refuses alone, with its reason on one line; settings refused
+    only together get transformers' message, which names them; what generate() takes gets none."""
+    from tasks.export import generation_config_problem
+
+    message, field = generation_config_problem(json.dumps({"num_beams": 2, "bad_words_ids": [[-1]]}))
+    assert field == "generation_config" and message.startswith("generation_config's bad_words_ids [[-1]] is refused") and "\n" not in message
+    message, _ = generation_config_problem(json.dumps({"suppress_tokens": [1], "forced_eos_token_id": 1}))
+    assert "together" in message and "suppress_tokens" in message and "\n" not in message
+    assert generation_config_problem(json.dumps({"num_beams": 2, "num_return_sequences": 2, "tokenizer": "x"})) is None
+
+
 def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_reason_not_a_bare_500(own_published, tmp_path):
-    """A transformers whose model-process client lacks what the non-streamed stop path uses (here submit_streaming,
-    which the check still tests): the client must get the reason ("stream": true, or leave `stop` out)."""
+    """A transformers whose model-process client cannot send a request that streams (_send_request without
+    `streamer`), which the non-streamed stop path needs: the refusal was a RuntimeError, a bare 500 with the reason in
+    the log only (a review of b5c0002, 2026-12-04). The client gets it: a 400 naming `stop` and what to do. A stream
+    with `stop`, and a request without it, are still answered."""
     import signal
 
     from tasks.common import PROJECT_ROOT
@@ -1247,12 +1278,21 @@ def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_rea
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("from transformers.cli.serving import model_manager as m\n"
-                                           "del m.EngineClient.submit_streaming\n")
+                                           "send = m.EngineClient._send_request\n"
+                                           "async def _send_request(self, method, args):\n"
+                                           "    return await send(self, method, args)\n"
+                                           "m.EngineClient._send_request = _send_request\n")
     cfg, art, pub, _ = own_published
     proc, base = _start_serve_model(art, tmp_path / "serve.log", env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0}
     try:
-        code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "stop": "zz"})
-        assert code != 500 and "stream" in answer, (code, answer[:300])
+        for asked in ({"stop": "zz"}, {"generation_config": json.dumps({"stop_strings": ["zz"]})}):
+            code, answer = _request(url, {**body, **asked})
+            assert code == 400, (asked, code, answer[:300])
+            error = json.loads(answer)["error"]
+            assert error["param"] == "stop" and "`stop`" in error["message"] and '"stream": true' in error["message"], error
+        assert _request(url, {**body, "stop": "zz", "stream": True})[0] == 200
+        assert _request(url, body)[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
