@@ -1220,50 +1220,169 @@ def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_
             assert code == 200, (settings, extra, code, answer[:300])
 
 
-@pytest.mark.parametrize("settings", [{"watermarking_config": "x"}, {"bad_words_ids": "x"}, {"sequence_bias": 5},
-                                      {"cache_implementation": 5}], ids=["watermarking", "bad_words", "sequence_bias", "cache"])
-def test_serve_model_merged_answers_any_generation_config_setting_of_the_wrong_type_with_400_streamed_or_not(served_r1, settings):
-    """Settings outside SETTING_TYPES were not checked before generation (a review of b5c0002, 2026-12-04):
-    watermarking_config "x" was a 500, the others a stream's 200 with an error event. transformers' GenerationConfig
-    and the logits processors generate() builds now check them first: a 400 naming the setting."""
+# A review of 82f5eb4 (2026-12-04) on a real server: generation_config settings the check let through failed in
+# generation (a 500, a "malformed request" 400 with param null, a stream's 200 with an error event), changed the shared
+# model for every later request (assistant_early_exit), or ran for as long as their value asked (18 GB for
+# encoder_no_repeat_ngram_size 2**70). The server now accepts a list of settings, each with its type and range
+# (ALLOWED_SETTINGS), and transformers validates them merged as generate() will run them.
+BIG = 2 ** 70
+REVIEWED_BAD_SETTINGS = [
+    {"assistant_early_exit": -1}, {"assistant_early_exit": 0}, {"assistant_early_exit": BIG},
+    {"encoder_no_repeat_ngram_size": BIG}, {"prompt_lookup_num_tokens": BIG}, {"guidance_scale": BIG},
+    {"return_dict_in_generate": True}, {"output_logits": True}, {"output_hidden_states": "x"},
+    {"num_beams": 0}, {"num_beams": -1}, {"exponential_decay_length_penalty": 0}, {"exponential_decay_length_penalty": "x"},
+    {"prefill_chunk_size": -1}, {"is_assistant": True}, {"forced_eos_token_id": 10 ** 9}, {"forced_eos_token_id": -1},
+    {"forced_eos_token_id": []}, {"cache_implementation": "offloaded"}, {"cache_implementation": "offloaded_static"},
+    {"cache_implementation": "paged"}, {"cache_implementation": "quantized"}, {"watermarking_config": {"bias": "x"}},
+    {"watermarking_config": "x"}, {"custom_generate": "x"}, {"assistant_model": "x"}, {"prefix_allowed_tokens_fn": "x"},
+    {"input_ids": [1]}, {"attention_mask": [1]}, {"logits_processor": []}, {"stopping_criteria": []}, {"synced_gpus": True},
+    {"use_mtp": True}, {"repetition_penalty": 0}, {"repetition_penalty": -1}, {"top_k": -1}, {"top_p": -1}, {"min_p": 2},
+    {"typical_p": 0}, {"bad_words_ids": [[10 ** 9]]}, {"bad_words_ids": "x"}, {"sequence_bias": [[[10 ** 9], -1.0]]},
+    {"sequence_bias": 5}, {"eos_token_id": BIG}, {"pad_token_id": BIG}, {"bos_token_id": BIG}, {"constraints": []},
+    {"force_words_ids": [[1]]}, {"dola_layers": "low"}, {"penalty_alpha": 0.6}, {"no_such_setting": 1}, {"seed": BIG},
+    {"cache_implementation": 5}, {"max_new_tokens": 10 ** 9}, {"no_repeat_ngram_size": BIG}, {"max_time": BIG},
+    {"num_beams": 10 ** 6}, {"temperature": 0}, {"tokenizer": "x"}, {"streamer": 1},
+]
+
+
+def _name(settings: dict) -> str:
+    return next(iter(settings))
+
+
+@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
+def test_generation_config_problem_refuses_each_reviewed_setting_naming_it_in_one_line(settings):
+    """Each setting the review of 82f5eb4 found passing the check and failing in generation (or worse) is refused
+    before generation, naming the setting, on one line: outside the accepted ones (the message lists them), or out
+    of its range (with the model's vocabulary and context, as `refusal` asks, for token ids and lengths)."""
+    from tasks.export import ModelLimits, generation_config_problem
+
+    message, field = generation_config_problem(json.dumps(settings), ModelLimits(vocab=100, context=64))
+    assert field == "generation_config" and f"generation_config's {_name(settings)} " in message and "\n" not in message, message
+
+
+def test_generation_config_problem_says_why_and_how_for_the_settings_it_refuses_by_kind():
+    """An unknown setting lists what is accepted; output_* says the server writes the answer; `seed` points to the
+    top-level field, whose range it then has; an integer sequence bias asks for a decimal point; ids name the
+    vocabulary; stop_strings of the wrong type name generation_config's stop_strings."""
+    from tasks.export import ModelLimits, generation_config_problem
+
+    def message(settings, limits=ModelLimits(vocab=100, context=64)):
+        return generation_config_problem(json.dumps(settings), limits)[0]
+
+    assert "it accepts max_new_tokens" in message({"assistant_early_exit": -1}) and "README" in message({"x": 1})
+    assert "writes the answer itself" in message({"return_dict_in_generate": True})
+    assert 'top-level "seed"' in message({"seed": 1})
+    assert "decimal point" in message({"sequence_bias": [[[5], -5]]})
+    assert "ids 0 to 99" in message({"eos_token_id": 100}) and "(64 tokens)" in message({"max_length": 65})
+    assert message({"stop_strings": 5}).startswith("generation_config's stop_strings must be a string or a list")
+    # without the model's limits (request_problem, before the model is at hand) the bounds that need them wait
+    assert generation_config_problem(json.dumps({"eos_token_id": 100, "max_length": 65})) is None
+
+
+ACCEPTED_SETTINGS = [
+    {"max_new_tokens": 4, "min_new_tokens": 1}, {"max_length": 64, "min_length": 0}, {"do_sample": True, "temperature": 0.7},
+    {"top_k": 0}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.1}, {"typical_p": 0.9}, {"epsilon_cutoff": 0.001},
+    {"eta_cutoff": 0.001}, {"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 3}, {"num_beams": 2, "num_return_sequences": 2},
+    {"num_beams": 2, "length_penalty": -1, "early_stopping": "never"}, {"bad_words_ids": [[5], [6, 7]]},
+    {"sequence_bias": [[[5], -1.0]]}, {"suppress_tokens": [5]}, {"begin_suppress_tokens": [5]}, {"eos_token_id": [2, 3]},
+    {"forced_eos_token_id": [2]}, {"decoder_start_token_id": [1]}, {"forced_bos_token_id": 1}, {"pad_token_id": 0},
+    {"renormalize_logits": True, "remove_invalid_values": True}, {"max_time": 30}, {"prompt_lookup_num_tokens": 3},
+    {"cache_implementation": "dynamic"}, {"cache_implementation": "static"}, {"stop_strings": ["zz"]},
+    {"watermarking_config": {"greenlist_ratio": 0.25, "bias": 2.0, "hashing_key": 15485863, "seeding_scheme": "lefthash",
+                             "context_width": 1}},
+    {"max_new_tokens": None},
+]
+
+
+@pytest.mark.parametrize("settings", ACCEPTED_SETTINGS, ids=lambda s: "+".join(s))
+def test_generation_config_problem_accepts_each_setting_in_its_range(settings):
+    from tasks.export import ModelLimits, generation_config_problem
+
+    assert generation_config_problem(json.dumps(settings), ModelLimits(vocab=100, context=64)) is None
+
+
+def test_merged_settings_problem_reads_the_settings_generation_runs_with_and_blames_what_transformers_names():
+    """The check validates what generate() will run with, not a blank GenerationConfig: several sequences are
+    sampled at a temperature of 0.7 (the layer turns sampling on: a false 400 before), and are refused at
+    temperature 0 though do_sample is asked (serve turns it off: missed before); more sequences than beams names both
+    (it blamed num_return_sequences with the greedy message); settings that clash are named together."""
+    from transformers import GenerationConfig
+
+    from tasks.export import merged_settings_problem
+
+    model = GenerationConfig(do_sample=False)
+    assert merged_settings_problem(model, {"num_return_sequences": 2, "do_sample": True, "temperature": 0.7},
+                                   {"num_return_sequences": 2}) is None
+    message = merged_settings_problem(model, {"num_return_sequences": 2, "do_sample": False, "temperature": 0.0},
+                                      {"num_return_sequences": 2, "do_sample": True})
+    assert message.startswith("generation_config's num_return_sequences") and "temperature of 0" in message, message
+    message = merged_settings_problem(model, {"num_return_sequences": 3, "num_beams": 2}, {"num_return_sequences": 3, "num_beams": 2})
+    assert message.startswith("generation_config's num_return_sequences, num_beams refused") and "Greedy" not in message, message
+    message = merged_settings_problem(model, {"suppress_tokens": [1], "forced_eos_token_id": 1}, {"suppress_tokens": [1], "forced_eos_token_id": 1})
+    assert "suppress_tokens, forced_eos_token_id" in message and "\n" not in message, message
+    gen = GenerationConfig(num_return_sequences=2, do_sample=True)  # transformers <= 5.24: serve's builder made one
+    assert merged_settings_problem(model, gen, {"num_return_sequences": 2}) is None
+
+
+@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
+def test_serve_model_merged_answers_a_refused_generation_config_setting_with_400_streamed_or_not(served_r1, settings):
+    """On the real server, streamed or not and on each endpoint: a 400 naming the setting, on one line, with param
+    generation_config (they were 500s, a stream's 200 with an error event, or a 400 "malformed request" param null);
+    the bounds that need the model (token ids beyond its vocabulary, lengths beyond its context) included."""
     pub, base = served_r1
-    (name,) = settings
-    for stream in (False, True):
-        code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0,
-                                                           "generation_config": json.dumps(settings), "stream": stream})
-        assert code == 400, (settings, stream, code, answer[:300])
-        error = json.loads(answer)["error"]
-        assert error["param"] == "generation_config" and name in error["message"] and "\n" not in error["message"], error
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       (f"{base}/v1/completions", {"prompt": "Once upon"}), (f"{base}/v1/responses", {"input": "hi"})):
+        for stream in (False, True):
+            code, answer = _request(path, {**body, "temperature": 0, "generation_config": json.dumps(settings), "stream": stream})
+            assert code == 400, (path, settings, stream, code, answer[:300])
+            error = json.loads(answer)["error"]
+            assert error["param"] == "generation_config" and _name(settings) in error["message"] and "\n" not in error["message"], error
+
+
+def test_serve_model_merged_refuses_assistant_early_exit_and_answers_the_next_request(served_r1):
+    """assistant_early_exit -1 passed the check; generation failed and left the shared model's num_hidden_layers
+    changed, so every later request failed until a restart (a review of 82f5eb4). It is a 400, and a plain request
+    after it, on each endpoint, is answered."""
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    for value in (-1, 0, BIG):
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "temperature": 0,
+                                      "generation_config": json.dumps({"assistant_early_exit": value})})
+        assert code == 400 and "assistant_early_exit" in json.loads(answer)["error"]["message"], (value, code, answer[:300])
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                       (url, {"prompt": "Once upon", "max_tokens": 2}), (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2})):
+        code, answer = _request(path, {**body, "temperature": 0})
+        assert code == 200, (path, code, answer[:300])
+
+
+def test_serve_model_merged_checks_generation_config_with_the_request_s_temperature(served_r1):
+    """Several sequences at temperature 0.7 are sampled and answered (a false 400 before); at temperature 0 they are
+    a 400 even with do_sample, which serve turns off (a 500 before); more sequences than beams names both."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 2}
+    code, answer = _request(url, {**body, "temperature": 0.7, "generation_config": json.dumps({"num_return_sequences": 2})})
+    assert code == 200, answer[:300]
+    code, answer = _request(url, {**body, "temperature": 0, "generation_config": json.dumps({"num_return_sequences": 2, "do_sample": True})})
+    assert code == 400 and "num_return_sequences" in json.loads(answer)["error"]["message"], answer[:300]
+    code, answer = _request(url, {**body, "temperature": 0, "generation_config": json.dumps({"num_return_sequences": 3, "num_beams": 2})})
+    assert code == 400 and "num_return_sequences, num_beams" in json.loads(answer)["error"]["message"], answer[:300]
 
 
 def test_serve_model_merged_answers_valid_settings_outside_the_typed_ones(served_r1):
-    """The up-front check of transformers' GenerationConfig refuses no setting generate() takes: each kind the check
-    reads (a list for the int-or-list token ids, bad words, sequence bias, a cache, watermarking, beams with several
-    sequences, sampling settings without do_sample) is answered, streamed or not. Beam search takes no streamer in
-    generate(): streamed, it is a 400 naming num_beams (it was a 200 with an error event)."""
+    """The check refuses no accepted setting in its range: each is answered, streamed or not. Beam search takes no
+    streamer in generate(): streamed, it is a 400 naming num_beams (it was a 200 with an error event)."""
     pub, base = served_r1
     url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 2, "temperature": 0}
     for settings in ({"forced_eos_token_id": [2]}, {"eos_token_id": [2, 3]}, {"bad_words_ids": [[5], [6, 7]]},
-                     {"sequence_bias": [[[5], -1.0]]}, {"cache_implementation": "dynamic"},
+                     {"sequence_bias": [[[5], -1.0]]}, {"cache_implementation": "dynamic"}, {"cache_implementation": "static"},
                      {"watermarking_config": {"greenlist_ratio": 0.25}}, {"num_beams": 2, "num_return_sequences": 2},
-                     {"top_k": 5, "top_p": 0.9}):
+                     {"top_k": 5, "top_p": 0.9}, {"max_time": 30, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+                     {"prompt_lookup_num_tokens": 3}, {"suppress_tokens": [5], "renormalize_logits": True}):
         for stream in (False, True) if "num_beams" not in settings else (False,):
             code, answer = _request(url, {**body, "generation_config": json.dumps(settings), "stream": stream})
             assert code == 200 and "\"error\"" not in answer, (settings, stream, code, answer[:300])
     code, answer = _request(url, {**body, "generation_config": json.dumps({"num_beams": 2}), "stream": True})
     assert code == 400 and "num_beams" in json.loads(answer)["error"]["message"], (code, answer[:300])
-
-
-def test_generation_config_problem_names_the_setting_transformers_refuses_alone_else_transformers_own_clash():
-    """The message names the one setting transformers refuses alone, with its reason on one line; settings refused
-    only together get transformers' message, which names them; what generate() takes gets none."""
-    from tasks.export import generation_config_problem
-
-    message, field = generation_config_problem(json.dumps({"num_beams": 2, "bad_words_ids": [[-1]]}))
-    assert field == "generation_config" and message.startswith("generation_config's bad_words_ids [[-1]] is refused") and "\n" not in message
-    message, _ = generation_config_problem(json.dumps({"suppress_tokens": [1], "forced_eos_token_id": 1}))
-    assert "together" in message and "suppress_tokens" in message and "\n" not in message
-    assert generation_config_problem(json.dumps({"num_beams": 2, "num_return_sequences": 2, "tokenizer": "x"})) is None
 
 
 def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_reason_not_a_bare_500(own_published, tmp_path):
@@ -1286,11 +1405,12 @@ def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_rea
     proc, base = _start_serve_model(art, tmp_path / "serve.log", env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
     url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0}
     try:
-        for asked in ({"stop": "zz"}, {"generation_config": json.dumps({"stop_strings": ["zz"]})}):
+        for asked, field, named in (({"stop": "zz"}, "stop", "`stop`"),
+                                    ({"generation_config": json.dumps({"stop_strings": ["zz"]})}, "generation_config", "stop_strings")):
             code, answer = _request(url, {**body, **asked})
             assert code == 400, (asked, code, answer[:300])
             error = json.loads(answer)["error"]
-            assert error["param"] == "stop" and "`stop`" in error["message"] and '"stream": true' in error["message"], error
+            assert error["param"] == field and named in error["message"] and '"stream": true' in error["message"], error
         assert _request(url, {**body, "stop": "zz", "stream": True})[0] == 200
         assert _request(url, body)[0] == 200
     finally:
