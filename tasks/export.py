@@ -856,6 +856,8 @@ def _watermarking(value, limits: ModelLimits) -> bool:
 
 MAX_BEAMS = 16  # each beam is a sequence generated alongside the others: memory and time grow with it
 MAX_TIME_S = 600  # the server answers one request at a time: a longer one holds every other behind it
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100
+MAX_LENGTH_PENALTY = 3
 MAX_LOOKUP_TOKENS = 64  # prompt lookup's candidate tokens per step; more only costs (it was unbounded: 2**70 hung)
 
 # The generate() settings a request's `generation_config` field (transformers serve's JSON string of them) may set:
@@ -868,8 +870,9 @@ ALLOWED_SETTINGS = {
     "min_new_tokens": ("an integer from 0 to the model's context", _length(0)),
     "min_length": ("an integer from 0 to the model's context", _length(0)),
     "do_sample": ("true or false", lambda v, limits: isinstance(v, bool)),
-    "temperature": ('a number > 0 (for greedy decoding send the top-level "temperature": 0, or do_sample false)',
-                    _between(0, math.inf, low_open=True)),
+    # below 0.001 the scaled logits overflow to inf (1e-300: "probability tensor contains inf, nan"); above 100 all is noise
+    "temperature": (f'a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE} (for greedy decoding send the top-level '
+                    '"temperature": 0, or do_sample false)', _between(MIN_TEMPERATURE, MAX_TEMPERATURE)),
     "top_k": ("an integer >= 0 (0: no top-k)", lambda v, limits: _integer(v) and v >= 0),
     "top_p": ("a number from 0 to 1", _between(0, 1)),
     "min_p": ("a number from 0 to 1", _between(0, 1)),
@@ -881,7 +884,9 @@ ALLOWED_SETTINGS = {
     "num_beams": (f"an integer from 1 to {MAX_BEAMS}", lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
     "num_return_sequences": (f"an integer from 1 to {MAX_BEAMS} (only the first is answered)",
                              lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
-    "length_penalty": ("a number", lambda v, limits: _number(v)),
+    # beam search divides by length ** length_penalty: an integer 100 overflowed ("int too big to convert"), and
+    # an integer 4 does at 2**16 tokens; within 3 it stays in range for any context up to 2**21 tokens
+    "length_penalty": (f"a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY}", _between(-MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)),
     "early_stopping": ('true, false or "never"', lambda v, limits: isinstance(v, bool) or v == "never"),
     "bad_words_ids": ("a non-empty list of non-empty lists of token ids in the model's vocabulary, e.g. [[42], [7, 8]]", _bad_words),
     "sequence_bias": ("a non-empty list of [token ids, bias] pairs, the ids in the model's vocabulary and each bias a "
@@ -1042,6 +1047,10 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
                                                                str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
         return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
+    temperature = body.get("temperature")  # 0: greedy; a number as ALLOWED_SETTINGS' temperature else
+    if temperature is not None and not (_number(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
+        return (f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, "
+                f"got {temperature!r:.40}"), "temperature"
     seed = body.get("seed")  # torch.manual_seed's range; beyond it the model's process fails, after a stream's 200
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
         return f"seed must be an integer from {-2 ** 63} to {2 ** 64 - 1}, got {seed!r:.40}", "seed"

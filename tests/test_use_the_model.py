@@ -1242,6 +1242,8 @@ REVIEWED_BAD_SETTINGS = [
     {"force_words_ids": [[1]]}, {"dola_layers": "low"}, {"penalty_alpha": 0.6}, {"no_such_setting": 1}, {"seed": BIG},
     {"cache_implementation": 5}, {"max_new_tokens": 10 ** 9}, {"no_repeat_ngram_size": BIG}, {"max_time": BIG},
     {"num_beams": 10 ** 6}, {"temperature": 0}, {"tokenizer": "x"}, {"streamer": 1},
+    # found with the fix: generate() failed on these too (inf logits; an integer power beyond int64)
+    {"temperature": 1e-300}, {"length_penalty": 100},
 ]
 
 
@@ -1353,6 +1355,18 @@ def test_serve_model_merged_refuses_assistant_early_exit_and_answers_the_next_re
                        (url, {"prompt": "Once upon", "max_tokens": 2}), (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2})):
         code, answer = _request(path, {**body, "temperature": 0})
         assert code == 200, (path, code, answer[:300])
+
+
+def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
+    """A temperature of 1e-300 overflowed the scaled logits (generate(): "probability tensor contains inf, nan");
+    "x" was a "malformed request" 400 with param null. 0 (greedy) and the usual range are taken."""
+    from tasks.export import request_problem
+
+    for temperature in (1e-300, -1, 1000, "x", True):
+        message, field = request_problem("completion", {"prompt": "hi", "temperature": temperature})
+        assert field == "temperature" and "from 0.001 to 100" in message, message
+    for temperature in (0, 0.7, 2, 100):
+        assert request_problem("completion", {"prompt": "hi", "temperature": temperature}) is None
 
 
 def test_serve_model_merged_checks_generation_config_with_the_request_s_temperature(served_r1):
