@@ -841,7 +841,7 @@ def _bad_words(value, limits: ModelLimits) -> bool:
 def _sequence_bias(value, limits: ModelLimits) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(p, list) and len(p) == 2 and _token_ids(p[0], limits, empty=False) and isinstance(p[1], float)
-        and math.isfinite(p[1]) for p in value)
+        and -MAX_BIAS <= p[1] <= MAX_BIAS for p in value)
 
 
 WATERMARKING = {"greenlist_ratio": _between(0, 1, low_open=True, high_open=True), "bias": _between(-100, 100),
@@ -856,7 +856,11 @@ def _watermarking(value, limits: ModelLimits) -> bool:
 
 MAX_BEAMS = 16  # each beam is a sequence generated alongside the others: memory and time grow with it
 MAX_TIME_S = 600  # the server answers one request at a time: a longer one holds every other behind it
+# Multipliers and biases of the logits, kept where float32 logits stay finite at any accepted temperature: an
+# infinite logit makes the sampling probabilities nan, and generation fails (repetition_penalty 1e-300, a bias 1e300)
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100
+MAX_BIAS = 100  # OpenAI's logit_bias range
 MAX_LENGTH_PENALTY = 3
 MAX_LOOKUP_TOKENS = 64  # prompt lookup's candidate tokens per step; more only costs (it was unbounded: 2**70 hung)
 
@@ -879,7 +883,8 @@ ALLOWED_SETTINGS = {
     "typical_p": ("a number > 0 and <= 1", _between(0, 1, low_open=True)),
     "epsilon_cutoff": ("a number >= 0 and < 1", _between(0, 1, high_open=True)),
     "eta_cutoff": ("a number >= 0 and < 1", _between(0, 1, high_open=True)),
-    "repetition_penalty": ("a number > 0 (1: none)", _between(0, math.inf, low_open=True)),
+    "repetition_penalty": (f"a number from {MIN_REPETITION_PENALTY} to {MAX_REPETITION_PENALTY} (1: none)",
+                           _between(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)),
     "no_repeat_ngram_size": ("an integer from 0 to the model's context", _length(0)),
     "num_beams": (f"an integer from 1 to {MAX_BEAMS}", lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
     "num_return_sequences": (f"an integer from 1 to {MAX_BEAMS} (only the first is answered)",
@@ -890,7 +895,7 @@ ALLOWED_SETTINGS = {
     "early_stopping": ('true, false or "never"', lambda v, limits: isinstance(v, bool) or v == "never"),
     "bad_words_ids": ("a non-empty list of non-empty lists of token ids in the model's vocabulary, e.g. [[42], [7, 8]]", _bad_words),
     "sequence_bias": ("a non-empty list of [token ids, bias] pairs, the ids in the model's vocabulary and each bias a "
-                      "number with a decimal point, e.g. [[[42], -5.0]]", _sequence_bias),
+                      f"number from -{MAX_BIAS}.0 to {MAX_BIAS}.0 with a decimal point, e.g. [[[42], -5.0]]", _sequence_bias),
     "suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
     "begin_suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
     "eos_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
@@ -1009,7 +1014,26 @@ def generation_config_problem(raw: Any, limits: ModelLimits = ModelLimits()) -> 
         problem = setting_problem(name, value, limits)
         if problem:
             return problem, "generation_config"
-    return None
+    problem = no_token_left(settings, limits.vocab)
+    return (problem, "generation_config") if problem else None
+
+
+def no_token_left(settings: dict, vocab: int | None) -> str | None:
+    """Settings (each in range) that together forbid every token of the vocabulary at some step: sampling's
+    probabilities are then nan, and generation fails ("probability tensor contains either inf, nan")."""
+    if not vocab:
+        return None
+    forbidding = {"suppress_tokens": settings.get("suppress_tokens") or [],
+                  "begin_suppress_tokens": settings.get("begin_suppress_tokens") or [],
+                  "bad_words_ids": [w[0] for w in settings.get("bad_words_ids") or [] if len(w) == 1]}
+    if settings.get("min_new_tokens") or settings.get("min_length"):  # the end-of-sequence ids are forbidden until then
+        eos = settings.get("eos_token_id")
+        forbidding["eos_token_id"] = [eos] if isinstance(eos, int) else eos or []
+    if len(set().union(*forbidding.values())) < vocab:
+        return None
+    named = [name for name in ("min_new_tokens", "min_length") if "eos_token_id" in forbidding and settings.get(name)]
+    named += [name for name, ids in forbidding.items() if ids]
+    return f"generation_config's {', '.join(named)} forbid every token of the model's vocabulary ({vocab} tokens): leave some to generate"
 
 
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
@@ -1044,9 +1068,9 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return f"{field} must be an integer >= 1, got {value!r}", field
     bias = body.get("logit_bias")
-    if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+    if bias is not None and not (isinstance(bias, dict) and all(_number(v) and -MAX_BIAS <= v <= MAX_BIAS and
                                                                str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
-        return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
+        return f"logit_bias must map token ids to numbers from -{MAX_BIAS} to {MAX_BIAS}, e.g. {{\"42\": -100}}", "logit_bias"
     temperature = body.get("temperature")  # 0: greedy; a number as ALLOWED_SETTINGS' temperature else
     if temperature is not None and not (_number(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
         return (f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, "

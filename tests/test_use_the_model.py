@@ -7,6 +7,7 @@ the published folder loads with the cache deleted; the card and provenance say b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -1111,10 +1112,10 @@ def test_serve_model_merged_stop_strings_in_generation_config_are_read_in_the_an
 
 def test_generate_until_stop_takes_generation_config_s_tokenizer_and_streamer_as_transformers_own_generate_does():
     """transformers 5.25's GenerateRunner.generate merges the request's kwargs first and then sets `tokenizer` and
-    `streamer` itself, so a generation_config naming either is answered (200). generate_until_stop passed them on and
-    added tokenizer=processor: generate() got `tokenizer` twice (TypeError, a 500), or the request's `streamer`
-    (AttributeError: 'int' object has no attribute 'put', a 500), only when the request also had a stop string (a
-    review, 2026-12-04)."""
+    `streamer` itself. generate_until_stop passed them on and added tokenizer=processor: generate() got `tokenizer`
+    twice (TypeError, a 500), or the request's `streamer` (AttributeError: 'int' object has no attribute 'put', a
+    500), only when the request also had a stop string (a review, 2026-12-04). serve-model now refuses both in a
+    request's generation_config (ALLOWED_SETTINGS); generate_until_stop still takes them as generate() does."""
     import torch
 
     from tasks.export import generate_until_stop
@@ -1243,15 +1244,18 @@ REVIEWED_BAD_SETTINGS = [
     {"cache_implementation": 5}, {"max_new_tokens": 10 ** 9}, {"no_repeat_ngram_size": BIG}, {"max_time": BIG},
     {"num_beams": 10 ** 6}, {"temperature": 0}, {"tokenizer": "x"}, {"streamer": 1},
     # found with the fix: generate() failed on these too (inf logits; an integer power beyond int64)
-    {"temperature": 1e-300}, {"length_penalty": 100},
+    {"temperature": 1e-300}, {"length_penalty": 100}, {"repetition_penalty": 1e-300}, {"sequence_bias": [[[5], 1e300]]},
 ]
+# with the unit tests' vocabulary of 100 tokens: every token forbidden (sampling's probabilities nan)
+NO_TOKEN_LEFT = [{"suppress_tokens": list(range(100))}, {"begin_suppress_tokens": list(range(100))},
+                 {"bad_words_ids": [[i] for i in range(100)]}, {"min_new_tokens": 2, "eos_token_id": list(range(100))}]
 
 
 def _name(settings: dict) -> str:
     return next(iter(settings))
 
 
-@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
+@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS + NO_TOKEN_LEFT, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
 def test_generation_config_problem_refuses_each_reviewed_setting_naming_it_in_one_line(settings):
     """Each setting the review of 82f5eb4 found passing the check and failing in generation (or worse) is refused
     before generation, naming the setting, on one line: outside the accepted ones (the message lists them), or out
@@ -1259,7 +1263,7 @@ def test_generation_config_problem_refuses_each_reviewed_setting_naming_it_in_on
     from tasks.export import ModelLimits, generation_config_problem
 
     message, field = generation_config_problem(json.dumps(settings), ModelLimits(vocab=100, context=64))
-    assert field == "generation_config" and f"generation_config's {_name(settings)} " in message and "\n" not in message, message
+    assert field == "generation_config" and re.match(f"generation_config's {_name(settings)}[ ,]", message) and "\n" not in message, message
 
 
 def test_generation_config_problem_says_why_and_how_for_the_settings_it_refuses_by_kind():
