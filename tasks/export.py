@@ -861,8 +861,11 @@ MAX_TIME_S = 600  # the server answers one request at a time: a longer one holds
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100
 MAX_BIAS = 100  # OpenAI's logit_bias range
+# OpenAI's -2 to 2, where serve's repetition_penalty = 1 + frequency_penalty stays within MIN_REPETITION_PENALTY
+MIN_FREQUENCY_PENALTY, MAX_FREQUENCY_PENALTY = MIN_REPETITION_PENALTY - 1, 2
 MAX_LENGTH_PENALTY = 3
 MAX_LOOKUP_TOKENS = 64  # prompt lookup's candidate tokens per step; more only costs (it was unbounded: 2**70 hung)
+MAX_MATCHING_NGRAM = 16  # prompt lookup's n-gram: each step searches the prompt for it
 
 # The generate() settings a request's `generation_config` field (transformers serve's JSON string of them) may set:
 # what it must be, and whether a value is that, given the model's limits. Anything else is refused by name: generate()
@@ -874,9 +877,12 @@ ALLOWED_SETTINGS = {
     "min_new_tokens": ("an integer from 0 to the model's context", _length(0)),
     "min_length": ("an integer from 0 to the model's context", _length(0)),
     "do_sample": ("true or false", lambda v, limits: isinstance(v, bool)),
-    # below 0.001 the scaled logits overflow to inf (1e-300: "probability tensor contains inf, nan"); above 100 all is noise
-    "temperature": (f'a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE} (for greedy decoding send the top-level '
-                    '"temperature": 0, or do_sample false)', _between(MIN_TEMPERATURE, MAX_TEMPERATURE)),
+    "use_cache": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "low_memory": ("true or false", lambda v, limits: isinstance(v, bool)),
+    # below 0.001 the scaled logits overflow to inf (1e-300: "probability tensor contains inf, nan"); above 100 all is
+    # noise; 0 is greedy decoding, as the top-level temperature's 0 (settings_as_sent turns do_sample off)
+    "temperature": (f"0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
+                    lambda v, limits: v == 0 or _between(MIN_TEMPERATURE, MAX_TEMPERATURE)(v, limits)),
     "top_k": ("an integer >= 0 (0: no top-k)", lambda v, limits: _integer(v) and v >= 0),
     "top_p": ("a number from 0 to 1", _between(0, 1)),
     "min_p": ("a number from 0 to 1", _between(0, 1)),
@@ -908,6 +914,13 @@ ALLOWED_SETTINGS = {
     "max_time": (f"a number of seconds > 0 and <= {MAX_TIME_S}", _between(0, MAX_TIME_S, low_open=True)),
     "prompt_lookup_num_tokens": (f"an integer from 1 to {MAX_LOOKUP_TOKENS}",
                                  lambda v, limits: _integer(v) and 1 <= v <= MAX_LOOKUP_TOKENS),
+    "max_matching_ngram_size": (f"an integer from 1 to {MAX_MATCHING_NGRAM}",  # prompt lookup's n-gram to match
+                                lambda v, limits: _integer(v) and 1 <= v <= MAX_MATCHING_NGRAM),
+    "bos_token_id": ("a token id in the model's vocabulary", _token_id),
+    # only their neutral values: another guidance_scale runs the model twice per token (classifier-free guidance),
+    # another diversity_penalty needs group beam search, which transformers 5 moved out of generate()
+    "guidance_scale": ("1 (no guidance)", lambda v, limits: _number(v) and v == 1),
+    "diversity_penalty": ("0 (no penalty)", lambda v, limits: _number(v) and v == 0),
     # the two caches that run wherever the model does (offloaded ones need a GPU, paged and quantized another path)
     "cache_implementation": ('"dynamic" or "static"', lambda v, limits: v in ("dynamic", "static")),
     "watermarking_config": ("an object of watermarking settings: greenlist_ratio (> 0 and < 1), bias (a number from -100 "
@@ -927,15 +940,40 @@ REFUSED_BECAUSE = {
 }
 
 
+# What a model's generation_config.json holds besides its settings (pasted in whole, they are left out)
+IGNORED_SETTINGS = ("transformers_version", "_from_model_config")
+# Settings whose value is a float in transformers' logits processors: a JSON 2 (JavaScript's 2.0) is an int there,
+# and RepetitionPenaltyLogitsProcessor refused it ("has to be a strictly positive float, but is 2") in generation
+FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                  "length_penalty", "max_time", "guidance_scale", "diversity_penalty")
+
+
+def sets_nothing(name: str, value: Any) -> bool:
+    """A setting that leaves generation as it is: any null, a model's file's bookkeeping, a refused one set off."""
+    return value is None or name in IGNORED_SETTINGS or (name in REFUSED_BECAUSE and name != "seed" and not value)
+
+
+def settings_as_sent(settings: dict) -> dict:
+    """A request's generation_config (checked by generation_config_problem) as generate() is to get it: what sets
+    nothing left out, JSON integers of float settings as floats, and a temperature of 0 read as greedy decoding, as
+    serve reads the top-level temperature's 0."""
+    sent = {name: float(value) if name in FLOAT_SETTINGS and _integer(value) else value
+            for name, value in settings.items() if not sets_nothing(name, value)}
+    if sent.get("temperature") == 0:
+        sent["do_sample"] = False
+    return sent
+
+
 def setting_problem(name: str, value: Any, limits: ModelLimits = ModelLimits()) -> str | None:
-    """What is wrong with one `generation_config` setting (None sets nothing and is left alone), else None."""
+    """What is wrong with one `generation_config` setting (what sets nothing is left alone: sets_nothing), else None."""
+    if sets_nothing(name, value):
+        return None
     if name in REFUSED_BECAUSE:
         return f"generation_config's {name} is not accepted: {REFUSED_BECAUSE[name]}"
     if name not in ALLOWED_SETTINGS:
-        return (f"generation_config's {name} is not accepted by this server; it accepts {', '.join(ALLOWED_SETTINGS)} "
-                "(see README, serve-model)")
+        return f"generation_config's {name} is not accepted; README's serve-model section lists what is"
     want, fits = ALLOWED_SETTINGS[name]
-    if value is None or fits(value, limits):
+    if fits(value, limits):
         return None
     vocab = f" (the vocabulary has {limits.vocab} tokens, ids 0 to {limits.vocab - 1})" if limits.vocab and "token id" in want else ""
     context = f" ({limits.context} tokens)" if limits.context and "model's context" in want else ""
@@ -1075,6 +1113,14 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if temperature is not None and not (_number(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
         return (f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, "
                 f"got {temperature!r:.40}"), "temperature"
+    penalty = body.get("frequency_penalty")  # serve runs it as repetition_penalty = 1 + frequency_penalty, which must be > 0
+    if penalty is not None and not (_number(penalty) and MIN_FREQUENCY_PENALTY <= penalty <= MAX_FREQUENCY_PENALTY):
+        return (f"frequency_penalty must be a number from {MIN_FREQUENCY_PENALTY} to {MAX_FREQUENCY_PENALTY} on this server "
+                "(it runs as transformers' repetition_penalty = 1 + frequency_penalty, which must be above 0: a negative "
+                f"penalty cannot be expressed), got {penalty!r:.40}"), "frequency_penalty"
+    top_p = body.get("top_p")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        return f"top_p must be a number > 0 and <= 1, got {top_p!r:.40}", "top_p"
     seed = body.get("seed")  # torch.manual_seed's range; beyond it the model's process fails, after a stream's 200
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
         return f"seed must be an integer from {-2 ** 63} to {2 ** 64 - 1}, got {seed!r:.40}", "seed"
@@ -1088,6 +1134,17 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if beams is not None and beams > 1:  # generate() refuses a streamer with beam search: a stream's 200 and an error event
         return (f"generation_config's num_beams {beams} cannot be streamed: transformers' generate() takes no streamer with "
                 'beam search; send "stream": false, or num_beams 1', "generation_config")
+    return None
+
+
+def configured_limit(raw: str | None, prompt: int) -> tuple[str, int] | None:
+    """(the setting, new tokens) for the length limit of a request's generation_config (its max_new_tokens, else its
+    max_length, which counts the `prompt`'s tokens), else None."""
+    settings = json.loads(raw) if raw else {}
+    if settings.get("max_new_tokens") is not None:
+        return "generation_config's max_new_tokens", settings["max_new_tokens"]
+    if settings.get("max_length") is not None:
+        return "generation_config's max_length", settings["max_length"] - prompt
     return None
 
 
@@ -1406,9 +1463,9 @@ def unstreamed_stop_refusal(engine, field: str = "stop") -> str | None:
     import transformers
 
     asked = "`stop`" if field == "stop" else "generation_config's stop_strings"
-    return (f"{asked} without \"stream\": true is not supported on transformers {transformers.__version__}, whose "
-            f"EngineClient._send_request takes no `streamer`: send \"stream\": true, or leave {asked} out, or serve "
-            "with transformers 5.25")
+    return (f"{asked} without \"stream\": true is not supported on this server's transformers ({transformers.__version__}), "
+            f"whose EngineClient._send_request takes no `streamer`: send \"stream\": true, or leave {asked} out, or serve "
+            "with a transformers whose EngineClient._send_request takes a streamer (5.25's does)")
 
 
 def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
@@ -1511,6 +1568,13 @@ def answer_as_openai_does() -> None:
                                 f"(max_position_embeddings); shorten the {field}", field)
         asked = setting(gen, "max_new_tokens")
         given_field = options.get("limit_field")
+        configured = configured_limit(options.get("generation_config"), n)
+        if not given_field and configured:
+            # generation_config's own limit, which serve's default (at least 1024 new tokens) had overwritten
+            given_field, asked = configured
+            set_setting(gen, "max_new_tokens", asked)
+            if asked < 1:
+                return openai_error(f"{given_field} leaves no token to generate after the prompt's {n} tokens", "generation_config")
         if limit and not given_field:
             # No limit asked for: stop at the end of the context, as llama.cpp does (transformers serve's own default,
             # max(the model's max_new_tokens, 1024), cut longer answers short and called it "length").
@@ -1518,7 +1582,7 @@ def answer_as_openai_does() -> None:
         elif limit and asked and n + asked > limit:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
             return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
                                 f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
-                                f"or shorten the {field}", given_field)
+                                f"or shorten the {field}", given_field.split("'")[0])
         vocab = getattr(text_config, "vocab_size", None)
         beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
         if beyond:
@@ -1549,6 +1613,12 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
+            if body.get("generation_config") is not None:
+                sent = settings_as_sent(json.loads(body["generation_config"]))
+                if sent:
+                    body["generation_config"] = json.dumps(sent)
+                else:  # nothing set: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
+                    del body["generation_config"]
             configured = take_configured_stops(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

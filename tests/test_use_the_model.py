@@ -1242,9 +1242,12 @@ REVIEWED_BAD_SETTINGS = [
     {"sequence_bias": 5}, {"eos_token_id": BIG}, {"pad_token_id": BIG}, {"bos_token_id": BIG}, {"constraints": []},
     {"force_words_ids": [[1]]}, {"dola_layers": "low"}, {"penalty_alpha": 0.6}, {"no_such_setting": 1}, {"seed": BIG},
     {"cache_implementation": 5}, {"max_new_tokens": 10 ** 9}, {"no_repeat_ngram_size": BIG}, {"max_time": BIG},
-    {"num_beams": 10 ** 6}, {"temperature": 0}, {"tokenizer": "x"}, {"streamer": 1},
+    {"num_beams": 10 ** 6}, {"tokenizer": "x"}, {"streamer": 1},
     # found with the fix: generate() failed on these too (inf logits; an integer power beyond int64)
     {"temperature": 1e-300}, {"length_penalty": 100}, {"repetition_penalty": 1e-300}, {"sequence_bias": [[[5], 1e300]]},
+    # a second review (2026-12-04): only the neutral values of these are taken
+    {"guidance_scale": 1.5}, {"diversity_penalty": 0.5}, {"max_matching_ngram_size": 0}, {"max_matching_ngram_size": 17},
+    {"use_cache": "yes"}, {"output_scores": True}, {"seed": 0},
 ]
 # with the unit tests' vocabulary of 100 tokens: every token forbidden (sampling's probabilities nan)
 NO_TOKEN_LEFT = [{"suppress_tokens": list(range(100))}, {"begin_suppress_tokens": list(range(100))},
@@ -1275,7 +1278,8 @@ def test_generation_config_problem_says_why_and_how_for_the_settings_it_refuses_
     def message(settings, limits=ModelLimits(vocab=100, context=64)):
         return generation_config_problem(json.dumps(settings), limits)[0]
 
-    assert "it accepts max_new_tokens" in message({"assistant_early_exit": -1}) and "README" in message({"x": 1})
+    assert message({"assistant_early_exit": -1}) == ("generation_config's assistant_early_exit is not accepted; "
+                                                      "README's serve-model section lists what is")
     assert "writes the answer itself" in message({"return_dict_in_generate": True})
     assert 'top-level "seed"' in message({"seed": 1})
     assert "decimal point" in message({"sequence_bias": [[[5], -5]]})
@@ -1297,6 +1301,12 @@ ACCEPTED_SETTINGS = [
     {"watermarking_config": {"greenlist_ratio": 0.25, "bias": 2.0, "hashing_key": 15485863, "seeding_scheme": "lefthash",
                              "context_width": 1}},
     {"max_new_tokens": None},
+    # a second review (2026-12-04): false 400s
+    {"output_scores": False, "return_dict_in_generate": False, "output_attentions": False, "trust_remote_code": False},
+    {"output_scores": None, "forced_decoder_ids": None, "seed": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
+    {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
+    {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0}, {"diversity_penalty": 0.0},
+    {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True},
 ]
 
 
@@ -1395,7 +1405,13 @@ def test_serve_model_merged_answers_valid_settings_outside_the_typed_ones(served
                      {"sequence_bias": [[[5], -1.0]]}, {"cache_implementation": "dynamic"}, {"cache_implementation": "static"},
                      {"watermarking_config": {"greenlist_ratio": 0.25}}, {"num_beams": 2, "num_return_sequences": 2},
                      {"top_k": 5, "top_p": 0.9}, {"max_time": 30, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
-                     {"prompt_lookup_num_tokens": 3}, {"suppress_tokens": [5], "renormalize_logits": True}):
+                     {"prompt_lookup_num_tokens": 3}, {"suppress_tokens": [5], "renormalize_logits": True},
+                     # a second review (2026-12-04): false 400s, and integers for float settings that failed in generation
+                     {"output_scores": False, "return_dict_in_generate": False, "output_attentions": False},
+                     {"output_scores": None, "forced_decoder_ids": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
+                     {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
+                     {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0, "diversity_penalty": 0.0},
+                     {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}):
         for stream in (False, True) if "num_beams" not in settings else (False,):
             code, answer = _request(url, {**body, "generation_config": json.dumps(settings), "stream": stream})
             assert code == 200 and "\"error\"" not in answer, (settings, stream, code, answer[:300])
@@ -1434,3 +1450,76 @@ def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_rea
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_settings_as_sent_leaves_out_what_sets_nothing_reads_0_as_greedy_and_sends_floats_as_floats():
+    """A second review (2026-12-04): a null or a refused setting set off (output_scores false) sets nothing and goes
+    nowhere (forced_decoder_ids null included: generate() has no such setting); a model's generation_config.json's
+    bookkeeping is left out; a temperature of 0 is greedy decoding; a JSON integer for a float setting (JavaScript's
+    2.0) is a float, which transformers' logits processors ask for ("has to be a strictly positive float, but is 2")."""
+    from tasks.export import settings_as_sent
+
+    assert settings_as_sent({"output_scores": False, "return_dict_in_generate": False, "trust_remote_code": False,
+                             "forced_decoder_ids": None, "transformers_version": "4.51.0", "_from_model_config": True,
+                             "top_k": 5}) == {"top_k": 5}
+    assert settings_as_sent({"temperature": 0}) == {"temperature": 0.0, "do_sample": False}
+    sent = settings_as_sent({"repetition_penalty": 2, "temperature": 2, "do_sample": True, "top_k": 2, "max_time": 30})
+    assert sent == {"repetition_penalty": 2.0, "temperature": 2.0, "do_sample": True, "top_k": 2, "max_time": 30.0}
+    assert [type(sent[k]) for k in ("repetition_penalty", "temperature", "top_k")] == [float, float, int]
+
+
+def test_request_problem_refuses_a_top_level_frequency_penalty_or_top_p_generation_fails_on_naming_it():
+    """serve runs frequency_penalty as repetition_penalty = 1 + frequency_penalty: -1 to -2 (OpenAI's range) made it
+    <= 0 and generation failed (a stream's 200 and an error event); a top_p outside (0, 1] and a string named
+    generation_config or nothing. A 400 naming the field and the range this server honours."""
+    from tasks.export import request_problem
+
+    for field, value, want in (("frequency_penalty", -1, "from -0.99 to 2"), ("frequency_penalty", -2, "from -0.99 to 2"),
+                               ("frequency_penalty", 2.5, "from -0.99 to 2"), ("frequency_penalty", "x", "from -0.99 to 2"),
+                               ("top_p", -0.1, "> 0 and <= 1"), ("top_p", 1.5, "> 0 and <= 1"), ("top_p", 0, "> 0 and <= 1"),
+                               ("top_p", "x", "> 0 and <= 1")):
+        message, named = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], field: value})
+        assert named == field and want in message, (field, value, message)
+    for body in ({"frequency_penalty": -0.5}, {"frequency_penalty": 2}, {"top_p": 1}, {"top_p": 0.5}):
+        assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], **body}) is None
+
+
+def test_configured_limit_reads_generation_config_s_length_limit_max_length_counting_the_prompt():
+    """generation_config's max_new_tokens / max_length were accepted, then overwritten by the fill-to-context
+    default when no top-level max_tokens came (a second review, 2026-12-04)."""
+    from tasks.export import configured_limit
+
+    assert configured_limit(json.dumps({"max_new_tokens": 3}), 10) == ("generation_config's max_new_tokens", 3)
+    assert configured_limit(json.dumps({"max_length": 13}), 10) == ("generation_config's max_length", 3)
+    assert configured_limit(json.dumps({"top_k": 3}), 10) is None and configured_limit(None, 10) is None
+
+
+def test_unstreamed_stop_refusal_does_not_name_a_version_it_contradicts():
+    """It said "or serve with transformers 5.25" on 5.25 itself (a second review, 2026-12-04)."""
+    from tasks.export import unstreamed_stop_refusal
+
+    class Client:
+        def _send_request(self, method, args):
+            pass
+
+    message = unstreamed_stop_refusal(Client())
+    assert "takes a streamer" in message and "or serve with transformers 5.25" not in message, message
+
+
+def test_serve_model_merged_answers_generation_config_s_length_limit_and_refuses_a_negative_repetition_penalty(served_r1):
+    """generation_config's max_new_tokens (and max_length, counting the prompt) is the limit without a top-level one
+    (it was overwritten: the answer ran to the context); frequency_penalty -1.5 is a 400 naming it, streamed too (a
+    200 and an error event before)."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "temperature": 0, "generation_config": json.dumps({"max_new_tokens": 3})}
+    code, answer = _request(url, body)
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] <= 3, answer[:300]
+    prompt_tokens = json.loads(answer)["usage"]["prompt_tokens"]
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"max_length": prompt_tokens + 2})})
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] <= 2, answer[:300]
+    for stream in (False, True):  # sampled at a JSON integer temperature (transformers asks for a float)
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "stream": stream,
+                                      "generation_config": json.dumps({"temperature": 2, "do_sample": True, "repetition_penalty": 2})})
+        assert code == 200 and '"error"' not in answer, (stream, code, answer[:300])
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "frequency_penalty": -1.5, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "frequency_penalty", (stream, code, answer[:300])
