@@ -812,6 +812,7 @@ class ModelLimits:
     when request_problem reads the body before the model is at hand; the bound is then checked in `refusal`)."""
     vocab: int | None = None
     context: int | None = None
+    new_tokens: int | None = None  # the request's length limit, in `refusal`
 
 
 def _token_id(value, limits: ModelLimits) -> bool:
@@ -844,6 +845,18 @@ def _sequence_bias(value, limits: ModelLimits) -> bool:
         and -MAX_BIAS <= p[1] <= MAX_BIAS for p in value)
 
 
+def _decay(value, limits: ModelLimits) -> bool:
+    """exponential_decay_length_penalty's [start, factor]: the end-of-sequence logit grows by factor ** (new tokens
+    past start), a Python float power that overflows (OverflowError in generation); kept within MAX_DECAY_GROWTH at the
+    request's length limit (else the context)."""
+    if not (isinstance(value, list) and len(value) == 2 and _integer(value[0]) and value[0] >= 0 and _number(value[1])
+            and 1 < value[1] <= 10):
+        return False
+    reach = limits.new_tokens or limits.context
+    return limits.context is None or (value[0] < limits.context and
+                                      (reach - value[0]) * math.log(value[1]) <= math.log(MAX_DECAY_GROWTH))
+
+
 WATERMARKING = {"greenlist_ratio": _between(0, 1, low_open=True, high_open=True), "bias": _between(-100, 100),
                 "hashing_key": lambda v, limits: _integer(v) and 0 <= v < 2 ** 32,
                 "seeding_scheme": lambda v, limits: v in ("lefthash", "selfhash"),
@@ -861,6 +874,7 @@ MAX_TIME_S = 600  # the server answers one request at a time: a longer one holds
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100
 MAX_BIAS = 100  # OpenAI's logit_bias range
+MAX_DECAY_GROWTH = 1e30  # exponential_decay_length_penalty's most growth of a logit: times a logit it stays a finite float32
 # OpenAI's -2 to 2, where serve's repetition_penalty = 1 + frequency_penalty stays within MIN_REPETITION_PENALTY
 MIN_FREQUENCY_PENALTY, MAX_FREQUENCY_PENALTY = MIN_REPETITION_PENALTY - 1, 2
 MAX_LENGTH_PENALTY = 3
@@ -921,6 +935,9 @@ ALLOWED_SETTINGS = {
     # another diversity_penalty needs group beam search, which transformers 5 moved out of generate()
     "guidance_scale": ("1 (no guidance)", lambda v, limits: _number(v) and v == 1),
     "diversity_penalty": ("0 (no penalty)", lambda v, limits: _number(v) and v == 0),
+    "exponential_decay_length_penalty": ("[start, factor]: start an integer >= 0 below the model's context, factor a number "
+                                         f"> 1 and <= 10, with factor ** (the request's length limit - start) <= {MAX_DECAY_GROWTH:g} "
+                                         "(lower the factor or the length limit)", _decay),
     # the two caches that run wherever the model does (offloaded ones need a GPU, paged and quantized another path)
     "cache_implementation": ('"dynamic" or "static"', lambda v, limits: v in ("dynamic", "static")),
     "watermarking_config": ("an object of watermarking settings: greenlist_ratio (> 0 and < 1), bias (a number from -100 "
@@ -959,6 +976,9 @@ def settings_as_sent(settings: dict) -> dict:
     serve reads the top-level temperature's 0."""
     sent = {name: float(value) if name in FLOAT_SETTINGS and _integer(value) else value
             for name, value in settings.items() if not sets_nothing(name, value)}
+    if "exponential_decay_length_penalty" in sent:  # an integer factor's power is an int: unbounded, then no float
+        start, factor = sent["exponential_decay_length_penalty"]
+        sent["exponential_decay_length_penalty"] = [start, float(factor)]
     if sent.get("temperature") == 0:
         sent["do_sample"] = False
     return sent
@@ -1590,7 +1610,7 @@ def answer_as_openai_does() -> None:
                                 f"(ids 0 to {vocab - 1}): {', '.join(map(str, beyond[:5]))}", "logit_bias")
         # the request's settings again, now with the bounds that need the model (token ids, lengths), then as generate()
         # will run them: merged with the model's own and the request's temperature, and validated by transformers
-        problem = generation_config_problem(options.get("generation_config"), ModelLimits(vocab, limit))
+        problem = generation_config_problem(options.get("generation_config"), ModelLimits(vocab, limit, setting(gen, "max_new_tokens")))
         if problem:
             return openai_error(*problem)
         model_defaults = given["engine"].generation_config if "engine" in given else getattr(given["model"], "generation_config", None)

@@ -1247,7 +1247,9 @@ REVIEWED_BAD_SETTINGS = [
     {"temperature": 1e-300}, {"length_penalty": 100}, {"repetition_penalty": 1e-300}, {"sequence_bias": [[[5], 1e300]]},
     # a second review (2026-12-04): only the neutral values of these are taken
     {"guidance_scale": 1.5}, {"diversity_penalty": 0.5}, {"max_matching_ngram_size": 0}, {"max_matching_ngram_size": 17},
-    {"use_cache": "yes"}, {"output_scores": True}, {"seed": 0},
+    {"use_cache": "yes"}, {"output_scores": True}, {"seed": 0}, {"exponential_decay_length_penalty": [5, 1]},
+    {"exponential_decay_length_penalty": [-1, 1.01]}, {"exponential_decay_length_penalty": [5, 11]},
+    {"exponential_decay_length_penalty": [64, 1.01]}, {"exponential_decay_length_penalty": [0, 10]},
 ]
 # with the unit tests' vocabulary of 100 tokens: every token forbidden (sampling's probabilities nan)
 NO_TOKEN_LEFT = [{"suppress_tokens": list(range(100))}, {"begin_suppress_tokens": list(range(100))},
@@ -1306,7 +1308,8 @@ ACCEPTED_SETTINGS = [
     {"output_scores": None, "forced_decoder_ids": None, "seed": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
     {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
     {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0}, {"diversity_penalty": 0.0},
-    {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True},
+    {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}, {"exponential_decay_length_penalty": [5, 1.01]},
+    {"exponential_decay_length_penalty": [0, 2]},
 ]
 
 
@@ -1411,7 +1414,7 @@ def test_serve_model_merged_answers_valid_settings_outside_the_typed_ones(served
                      {"output_scores": None, "forced_decoder_ids": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
                      {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
                      {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0, "diversity_penalty": 0.0},
-                     {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}):
+                     {"exponential_decay_length_penalty": [5, 1.01]}, {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}):
         for stream in (False, True) if "num_beams" not in settings else (False,):
             code, answer = _request(url, {**body, "generation_config": json.dumps(settings), "stream": stream})
             assert code == 200 and "\"error\"" not in answer, (settings, stream, code, answer[:300])
@@ -1466,6 +1469,13 @@ def test_settings_as_sent_leaves_out_what_sets_nothing_reads_0_as_greedy_and_sen
     sent = settings_as_sent({"repetition_penalty": 2, "temperature": 2, "do_sample": True, "top_k": 2, "max_time": 30})
     assert sent == {"repetition_penalty": 2.0, "temperature": 2.0, "do_sample": True, "top_k": 2, "max_time": 30.0}
     assert [type(sent[k]) for k in ("repetition_penalty", "temperature", "top_k")] == [float, float, int]
+    assert settings_as_sent({"exponential_decay_length_penalty": [5, 2]}) == {"exponential_decay_length_penalty": [5, 2.0]}
+    # bounded where generation can reach: the request's length limit, else the context
+    from tasks.export import ModelLimits, generation_config_problem
+
+    decay = json.dumps({"exponential_decay_length_penalty": [5, 1.01]})
+    assert "length limit" in generation_config_problem(decay, ModelLimits(100, 131072))[0]
+    assert generation_config_problem(decay, ModelLimits(100, 131072, new_tokens=1000)) is None
 
 
 def test_request_problem_refuses_a_top_level_frequency_penalty_or_top_p_generation_fails_on_naming_it():
