@@ -1527,6 +1527,9 @@ def test_serve_model_merged_answers_generation_config_s_length_limit_and_refuses
     prompt_tokens = json.loads(answer)["usage"]["prompt_tokens"]
     code, answer = _request(url, {**body, "generation_config": json.dumps({"max_length": prompt_tokens + 2})})
     assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] <= 2, answer[:300]
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"max_length": prompt_tokens})})
+    error = json.loads(answer)["error"]
+    assert code == 400 and error["param"] == "generation_config" and "max_length leaves no token" in error["message"], answer[:300]
     for stream in (False, True):  # sampled at a JSON integer temperature (transformers asks for a float)
         code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "stream": stream,
                                       "generation_config": json.dumps({"temperature": 2, "do_sample": True, "repetition_penalty": 2})})
