@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -801,37 +803,258 @@ def _integer(value) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _token_ids(value) -> bool:
-    return isinstance(value, list) and all(map(_integer, value))
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a setting's range depends on: the model's vocabulary and context, in tokens (None: not known yet, as
+    when request_problem reads the body before the model is at hand; the bound is then checked in `refusal`)."""
+    vocab: int | None = None
+    context: int | None = None
+    new_tokens: int | None = None  # the request's length limit, in `refusal`
 
 
-# The type generate() needs for each setting a request's `generation_config` field can set that has one plain type
-# (a None sets nothing). transformers serve passes the field to generate() unread: a wrong type failed there (a 500, or
-# a stream's 200 with an error event), or was dropped unread (max_new_tokens, which the length limit overwrites).
-SETTING_TYPES = {
-    **dict.fromkeys(("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_beams", "num_beam_groups",
-                     "num_return_sequences", "top_k", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-                     "prompt_lookup_num_tokens", "max_matching_ngram_size", "num_assistant_tokens", "assistant_lookbehind",
-                     "target_lookbehind", "pad_token_id", "bos_token_id", "forced_bos_token_id"), ("an integer", _integer)),
-    **dict.fromkeys(("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
-                     "encoder_repetition_penalty", "length_penalty", "diversity_penalty", "penalty_alpha", "guidance_scale",
-                     "max_time", "assistant_confidence_threshold", "top_h"), ("a number", _number)),
-    **dict.fromkeys(("do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "output_scores",
-                     "output_logits", "return_dict_in_generate", "low_memory"), ("true or false", lambda v: isinstance(v, bool))),
-    "early_stopping": ('true, false or "never"', lambda v: isinstance(v, bool) or v == "never"),
-    # transformers' GenerationConfig documents these three as an int or a list of ints (a review, 2026-12-04)
-    **dict.fromkeys(("eos_token_id", "forced_eos_token_id", "decoder_start_token_id"),
-                    ("a token id or a list of them", lambda v: _integer(v) or _token_ids(v))),
-    **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens"), ("a list of token ids", _token_ids)),
+def _token_id(value, limits: ModelLimits) -> bool:
+    return _integer(value) and value >= 0 and (limits.vocab is None or value < limits.vocab)
+
+
+def _token_ids(value, limits: ModelLimits, empty: bool = True) -> bool:
+    return isinstance(value, list) and (empty or bool(value)) and all(_token_id(v, limits) for v in value)
+
+
+def _id_or_ids(value, limits: ModelLimits) -> bool:
+    return _token_id(value, limits) or _token_ids(value, limits, empty=False)
+
+
+def _length(low: int):
+    return lambda v, limits: _integer(v) and low <= v and (limits.context is None or v <= limits.context)
+
+
+def _between(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    return lambda v, limits: _number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+
+def _bad_words(value, limits: ModelLimits) -> bool:
+    return isinstance(value, list) and bool(value) and all(_token_ids(w, limits, empty=False) for w in value)
+
+
+def _sequence_bias(value, limits: ModelLimits) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, list) and len(p) == 2 and _token_ids(p[0], limits, empty=False) and isinstance(p[1], float)
+        and -MAX_BIAS <= p[1] <= MAX_BIAS for p in value)
+
+
+def _decay(value, limits: ModelLimits) -> bool:
+    """exponential_decay_length_penalty's [start, factor]: the end-of-sequence logit grows by factor ** (new tokens
+    past start), a Python float power that overflows (OverflowError in generation); kept within MAX_DECAY_GROWTH at the
+    request's length limit (else the context)."""
+    if not (isinstance(value, list) and len(value) == 2 and _integer(value[0]) and value[0] >= 0 and _number(value[1])
+            and 1 < value[1] <= 10):
+        return False
+    reach = limits.new_tokens or limits.context
+    return limits.context is None or (value[0] < limits.context and
+                                      (reach - value[0]) * math.log(value[1]) <= math.log(MAX_DECAY_GROWTH))
+
+
+WATERMARKING = {"greenlist_ratio": _between(0, 1, low_open=True, high_open=True), "bias": _between(-100, 100),
+                "hashing_key": lambda v, limits: _integer(v) and 0 <= v < 2 ** 32,
+                "seeding_scheme": lambda v, limits: v in ("lefthash", "selfhash"),
+                "context_width": lambda v, limits: _integer(v) and 1 <= v <= 16}
+
+
+def _watermarking(value, limits: ModelLimits) -> bool:
+    return isinstance(value, dict) and all(k in WATERMARKING and WATERMARKING[k](v, limits) for k, v in value.items())
+
+
+MAX_BEAMS = 16  # each beam is a sequence generated alongside the others: memory and time grow with it
+MAX_TIME_S = 600  # the server answers one request at a time: a longer one holds every other behind it
+# Multipliers and biases of the logits, kept where float32 logits stay finite at any accepted temperature: an
+# infinite logit makes the sampling probabilities nan, and generation fails (repetition_penalty 1e-300, a bias 1e300)
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 100
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100
+MAX_BIAS = 100  # OpenAI's logit_bias range
+MAX_DECAY_GROWTH = 1e30  # exponential_decay_length_penalty's most growth of a logit: times a logit it stays a finite float32
+# OpenAI's -2 to 2, where serve's repetition_penalty = 1 + frequency_penalty stays within MIN_REPETITION_PENALTY
+MIN_FREQUENCY_PENALTY, MAX_FREQUENCY_PENALTY = MIN_REPETITION_PENALTY - 1, 2
+MAX_LENGTH_PENALTY = 3
+MAX_LOOKUP_TOKENS = 64  # prompt lookup's candidate tokens per step; more only costs (it was unbounded: 2**70 hung)
+MAX_MATCHING_NGRAM = 16  # prompt lookup's n-gram: each step searches the prompt for it
+
+# The generate() settings a request's `generation_config` field (transformers serve's JSON string of them) may set:
+# what it must be, and whether a value is that, given the model's limits. Anything else is refused by name: generate()
+# takes many more arguments, and some of those fail in generation only, or change the shared model for every later
+# request (assistant_early_exit), or run for as long as their value asks (encoder_no_repeat_ngram_size 2**70).
+ALLOWED_SETTINGS = {
+    "max_new_tokens": ("an integer from 1 to the model's context", _length(1)),
+    "max_length": ("an integer from 1 to the model's context", _length(1)),
+    "min_new_tokens": ("an integer from 0 to the model's context", _length(0)),
+    "min_length": ("an integer from 0 to the model's context", _length(0)),
+    "do_sample": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "use_cache": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "low_memory": ("true or false", lambda v, limits: isinstance(v, bool)),
+    # below 0.001 the scaled logits overflow to inf (1e-300: "probability tensor contains inf, nan"); above 100 all is
+    # noise; 0 is greedy decoding, as the top-level temperature's 0 (settings_as_sent turns do_sample off)
+    "temperature": (f"0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
+                    lambda v, limits: v == 0 or _between(MIN_TEMPERATURE, MAX_TEMPERATURE)(v, limits)),
+    "top_k": ("an integer >= 0 (0: no top-k)", lambda v, limits: _integer(v) and v >= 0),
+    "top_p": ("a number from 0 to 1", _between(0, 1)),
+    "min_p": ("a number from 0 to 1", _between(0, 1)),
+    "typical_p": ("a number > 0 and <= 1", _between(0, 1, low_open=True)),
+    "epsilon_cutoff": ("a number >= 0 and < 1", _between(0, 1, high_open=True)),
+    "eta_cutoff": ("a number >= 0 and < 1", _between(0, 1, high_open=True)),
+    "repetition_penalty": (f"a number from {MIN_REPETITION_PENALTY} to {MAX_REPETITION_PENALTY} (1: none)",
+                           _between(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)),
+    "no_repeat_ngram_size": ("an integer from 0 to the model's context", _length(0)),
+    "num_beams": (f"an integer from 1 to {MAX_BEAMS}", lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
+    "num_return_sequences": (f"an integer from 1 to {MAX_BEAMS} (only the first is answered)",
+                             lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
+    # beam search divides by length ** length_penalty: an integer 100 overflowed ("int too big to convert"), and
+    # an integer 4 does at 2**16 tokens; within 3 it stays in range for any context up to 2**21 tokens
+    "length_penalty": (f"a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY}", _between(-MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)),
+    "early_stopping": ('true, false or "never"', lambda v, limits: isinstance(v, bool) or v == "never"),
+    "bad_words_ids": ("a non-empty list of non-empty lists of token ids in the model's vocabulary, e.g. [[42], [7, 8]]", _bad_words),
+    "sequence_bias": ("a non-empty list of [token ids, bias] pairs, the ids in the model's vocabulary and each bias a "
+                      f"number from -{MAX_BIAS}.0 to {MAX_BIAS}.0 with a decimal point, e.g. [[[42], -5.0]]", _sequence_bias),
+    "suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
+    "begin_suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
+    "eos_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
+    "forced_eos_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
+    "decoder_start_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
+    "forced_bos_token_id": ("a token id in the model's vocabulary", _token_id),
+    "pad_token_id": ("a token id in the model's vocabulary", _token_id),
+    "renormalize_logits": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "remove_invalid_values": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "max_time": (f"a number of seconds > 0 and <= {MAX_TIME_S}", _between(0, MAX_TIME_S, low_open=True)),
+    "prompt_lookup_num_tokens": (f"an integer from 1 to {MAX_LOOKUP_TOKENS}",
+                                 lambda v, limits: _integer(v) and 1 <= v <= MAX_LOOKUP_TOKENS),
+    "max_matching_ngram_size": (f"an integer from 1 to {MAX_MATCHING_NGRAM}",  # prompt lookup's n-gram to match
+                                lambda v, limits: _integer(v) and 1 <= v <= MAX_MATCHING_NGRAM),
+    "bos_token_id": ("a token id in the model's vocabulary", _token_id),
+    # only their neutral values: another guidance_scale runs the model twice per token (classifier-free guidance),
+    # another diversity_penalty needs group beam search, which transformers 5 moved out of generate()
+    "guidance_scale": ("1 (no guidance)", lambda v, limits: _number(v) and v == 1),
+    "diversity_penalty": ("0 (no penalty)", lambda v, limits: _number(v) and v == 0),
+    "exponential_decay_length_penalty": ("[start, factor]: start an integer >= 0 below the model's context, factor a number "
+                                         f"> 1 and <= 10, with factor ** (the request's length limit - start) <= {MAX_DECAY_GROWTH:g} "
+                                         "(lower the factor or the length limit)", _decay),
+    # the two caches that run wherever the model does (offloaded ones need a GPU, paged and quantized another path)
+    "cache_implementation": ('"dynamic" or "static"', lambda v, limits: v in ("dynamic", "static")),
+    "watermarking_config": ("an object of watermarking settings: greenlist_ratio (> 0 and < 1), bias (a number from -100 "
+                            'to 100), hashing_key (an integer from 0 to 2**32 - 1), seeding_scheme ("lefthash" or '
+                            '"selfhash"), context_width (an integer from 1 to 16)', _watermarking),
+    "stop_strings": ("a string or a list of strings", lambda v, limits: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(x, str) for x in v))),
+}
+
+# Refused with their own reason: the server writes the answer, and seeds generation from the top-level field
+OUTPUT_SETTINGS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions", "output_hidden_states")
+REFUSED_BECAUSE = {
+    **dict.fromkeys(OUTPUT_SETTINGS, "the server writes the answer itself (text, finish reason, usage) and returns no "
+                                     "scores, logits, attentions or hidden states; leave it out"),
+    "seed": 'set it as the request\'s top-level "seed" field (an integer from -2**63 to 2**64 - 1), not in generation_config',
+    "trust_remote_code": "a request cannot run a repository's code",
 }
 
 
-def generation_config_problem(raw: Any) -> tuple[str, str] | None:
+# What a model's generation_config.json holds besides its settings (pasted in whole, they are left out)
+IGNORED_SETTINGS = ("transformers_version", "_from_model_config")
+# Settings whose value is a float in transformers' logits processors: a JSON 2 (JavaScript's 2.0) is an int there,
+# and RepetitionPenaltyLogitsProcessor refused it ("has to be a strictly positive float, but is 2") in generation
+FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                  "length_penalty", "max_time", "guidance_scale", "diversity_penalty")
+
+
+def sets_nothing(name: str, value: Any) -> bool:
+    """A setting that leaves generation as it is: any null, a model's file's bookkeeping, a refused one set off."""
+    return value is None or name in IGNORED_SETTINGS or (name in REFUSED_BECAUSE and name != "seed" and not value)
+
+
+def settings_as_sent(settings: dict) -> dict:
+    """A request's generation_config (checked by generation_config_problem) as generate() is to get it: what sets
+    nothing left out, JSON integers of float settings as floats, and a temperature of 0 read as greedy decoding, as
+    serve reads the top-level temperature's 0."""
+    sent = {name: float(value) if name in FLOAT_SETTINGS and _integer(value) else value
+            for name, value in settings.items() if not sets_nothing(name, value)}
+    if "exponential_decay_length_penalty" in sent:  # an integer factor's power is an int: unbounded, then no float
+        start, factor = sent["exponential_decay_length_penalty"]
+        sent["exponential_decay_length_penalty"] = [start, float(factor)]
+    if sent.get("temperature") == 0:
+        sent["do_sample"] = False
+    return sent
+
+
+def setting_problem(name: str, value: Any, limits: ModelLimits = ModelLimits()) -> str | None:
+    """What is wrong with one `generation_config` setting (what sets nothing is left alone: sets_nothing), else None."""
+    if sets_nothing(name, value):
+        return None
+    if name in REFUSED_BECAUSE:
+        return f"generation_config's {name} is not accepted: {REFUSED_BECAUSE[name]}"
+    if name not in ALLOWED_SETTINGS:
+        return f"generation_config's {name} is not accepted; README's serve-model section lists what is"
+    want, fits = ALLOWED_SETTINGS[name]
+    if fits(value, limits):
+        return None
+    vocab = f" (the vocabulary has {limits.vocab} tokens, ids 0 to {limits.vocab - 1})" if limits.vocab and "token id" in want else ""
+    context = f" ({limits.context} tokens)" if limits.context and "model's context" in want else ""
+    return f"generation_config's {name} must be {want}{vocab}{context}, got {json.dumps(value)[:60]}"
+
+
+def merged_settings_problem(model_defaults, settings, asked: dict) -> str | None:
+    """transformers' own refusal of the settings generation will run with, else None. `settings`: what serve's builder
+    made of the request (its generation_config, and its top-level fields: a temperature of 0 turns sampling off,
+    above 0 the layer turns it on); `model_defaults`: the model's generation config, under them; `asked`: the
+    request's generation_config. They are merged as generate() merges them (merged_generation_config) and validated
+    as it validates them (validate(): a ValueError for what it cannot run; bad_words_ids and sequence_bias only in
+    their logits processors). The message names the request's settings transformers names (both, when they clash)."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor, SequenceBiasLogitsProcessor
+
+    try:
+        config = merged_generation_config(model_defaults, settings)
+        config.validate()
+        if config.bad_words_ids is not None:
+            NoBadWordsLogitsProcessor(config.bad_words_ids)
+        if config.sequence_bias is not None:
+            SequenceBiasLogitsProcessor(config.sequence_bias)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        return transformers_refusal(e, asked)
+    return None
+
+
+def transformers_refusal(error: Exception, asked: dict, read: str = "merged with the request's temperature and the "
+                         "model's own settings") -> str:
+    """transformers' refusal of the request's generation_config `asked`, on one line, naming the settings it names;
+    `read`: what transformers saw."""
+    text = " ".join(str(error).split())
+    named = [name for name in asked if f"`{name}`" in text or f" {name} " in f" {text} "] or list(asked)
+    if asked.get("do_sample") is True and "do_sample" in text:
+        text += " (the request's temperature of 0 turns do_sample off)"
+    return f"generation_config's {', '.join(named) or 'settings'} refused by transformers ({read}): {text}"
+
+
+class SettingsRefused(ValueError):
+    """transformers <= 5.24's serve refused the request's settings as it built their GenerationConfig."""
+
+
+def merged_generation_config(model_defaults, settings):
+    """The GenerationConfig generate() runs with: transformers 5.25's serve hands generate() keyword settings, which
+    it puts over a copy of the model's generation config (`update`, values of None left out, as GenerateRunner does);
+    transformers <= 5.24's serve builds the GenerationConfig itself (`settings` is one)."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    if isinstance(settings, GenerationConfig):
+        return copy.deepcopy(settings)
+    config = copy.deepcopy(model_defaults) if model_defaults is not None else GenerationConfig()
+    config.update(**{k: v for k, v in settings.items() if v is not None and k != "seed"})
+    return config
+
+
+def generation_config_problem(raw: Any, limits: ModelLimits = ModelLimits()) -> tuple[str, str] | None:
     """(message, field) for a request's `generation_config` (transformers serve's JSON string of generate() settings)
-    that holds no JSON object, or sets a setting to a value of the wrong type (SETTING_TYPES), else None."""
+    that holds no JSON object, or sets a setting this server does not accept or to a value out of its range
+    (setting_problem; the bounds that need the model's vocabulary or context only when `limits` has them), else None."""
     example = json.dumps(json.dumps({"num_beams": 3}))
     if raw is None:
         return None
@@ -846,10 +1069,29 @@ def generation_config_problem(raw: Any) -> tuple[str, str] | None:
         return (f"generation_config must hold a JSON object of generate() settings, e.g. {example}, "
                 f"got {type(settings).__name__} {settings!r:.40}"), "generation_config"
     for name, value in settings.items():
-        want, fits = SETTING_TYPES.get(name, (None, None))
-        if value is not None and fits is not None and not fits(value):
-            return f"generation_config's {name} must be {want}, got {value!r:.40}", "generation_config"
-    return None
+        problem = setting_problem(name, value, limits)
+        if problem:
+            return problem, "generation_config"
+    problem = no_token_left(settings, limits.vocab)
+    return (problem, "generation_config") if problem else None
+
+
+def no_token_left(settings: dict, vocab: int | None) -> str | None:
+    """Settings (each in range) that together forbid every token of the vocabulary at some step: sampling's
+    probabilities are then nan, and generation fails ("probability tensor contains either inf, nan")."""
+    if not vocab:
+        return None
+    forbidding = {"suppress_tokens": settings.get("suppress_tokens") or [],
+                  "begin_suppress_tokens": settings.get("begin_suppress_tokens") or [],
+                  "bad_words_ids": [w[0] for w in settings.get("bad_words_ids") or [] if len(w) == 1]}
+    if settings.get("min_new_tokens") or settings.get("min_length"):  # the end-of-sequence ids are forbidden until then
+        eos = settings.get("eos_token_id")
+        forbidding["eos_token_id"] = [eos] if isinstance(eos, int) else eos or []
+    if len(set().union(*forbidding.values())) < vocab:
+        return None
+    named = [name for name in ("min_new_tokens", "min_length") if "eos_token_id" in forbidding and settings.get(name)]
+    named += [name for name, ids in forbidding.items() if ids]
+    return f"generation_config's {', '.join(named)} forbid every token of the model's vocabulary ({vocab} tokens): leave some to generate"
 
 
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
@@ -884,42 +1126,67 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return f"{field} must be an integer >= 1, got {value!r}", field
     bias = body.get("logit_bias")
-    if bias is not None and not (isinstance(bias, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+    if bias is not None and not (isinstance(bias, dict) and all(_number(v) and -MAX_BIAS <= v <= MAX_BIAS and
                                                                str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
-        return "logit_bias must map token ids to numbers, e.g. {\"42\": -100}", "logit_bias"
+        return f"logit_bias must map token ids to numbers from -{MAX_BIAS} to {MAX_BIAS}, e.g. {{\"42\": -100}}", "logit_bias"
+    temperature = body.get("temperature")  # 0: greedy; a number as ALLOWED_SETTINGS' temperature else
+    if temperature is not None and not (_number(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
+        return (f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, "
+                f"got {temperature!r:.40}"), "temperature"
+    penalty = body.get("frequency_penalty")  # serve runs it as repetition_penalty = 1 + frequency_penalty, which must be > 0
+    if penalty is not None and not (_number(penalty) and MIN_FREQUENCY_PENALTY <= penalty <= MAX_FREQUENCY_PENALTY):
+        return (f"frequency_penalty must be a number from {MIN_FREQUENCY_PENALTY} to {MAX_FREQUENCY_PENALTY} on this server "
+                "(it runs as transformers' repetition_penalty = 1 + frequency_penalty, which must be above 0: a negative "
+                f"penalty cannot be expressed), got {penalty!r:.40}"), "frequency_penalty"
+    top_p = body.get("top_p")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        return f"top_p must be a number > 0 and <= 1, got {top_p!r:.40}", "top_p"
     seed = body.get("seed")  # torch.manual_seed's range; beyond it the model's process fails, after a stream's 200
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
         return f"seed must be an integer from {-2 ** 63} to {2 ** 64 - 1}, got {seed!r:.40}", "seed"
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         return f"stop must be a string or a list of strings, got {stop!r}", "stop"
-    return generation_config_problem(body.get("generation_config"))
+    problem = generation_config_problem(body.get("generation_config"))
+    if problem or not body.get("stream") or body.get("generation_config") is None:
+        return problem
+    beams = json.loads(body["generation_config"]).get("num_beams")
+    if beams is not None and beams > 1:  # generate() refuses a streamer with beam search: a stream's 200 and an error event
+        return (f"generation_config's num_beams {beams} cannot be streamed: transformers' generate() takes no streamer with "
+                'beam search; send "stream": false, or num_beams 1', "generation_config")
+    return None
+
+
+def configured_limit(raw: str | None, prompt: int) -> tuple[str, int] | None:
+    """(the setting, new tokens) for the length limit of a request's generation_config (its max_new_tokens, else its
+    max_length, which counts the `prompt`'s tokens), else None."""
+    settings = json.loads(raw) if raw else {}
+    if settings.get("max_new_tokens") is not None:
+        return "generation_config's max_new_tokens", settings["max_new_tokens"]
+    if settings.get("max_length") is not None:
+        return "generation_config's max_length", settings["max_length"] - prompt
+    return None
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def take_configured_stops(body: dict) -> tuple[list[str], tuple[str, str] | None]:
+def take_configured_stops(body: dict) -> list[str]:
     """The `stop_strings` of a request's `generation_config` field (transformers serve's JSON of generate() settings),
     taken out of it in `body`, to be read as `stop` is: transformers' own stop_strings also match the prompt's end,
-    and the answer kept them. Returns them and the problem (message, field) with them, if any. A field that holds no
-    JSON object was refused before (generation_config_problem)."""
+    and the answer kept them. A field that holds no JSON object, or stop_strings of the wrong type, was refused
+    before (generation_config_problem)."""
     raw = body.get("generation_config")
-    try:
-        settings = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError:
-        return [], None
+    settings = json.loads(raw) if isinstance(raw, str) else None
     if not isinstance(settings, dict) or "stop_strings" not in settings:
-        return [], None
+        return []
     stops = settings.pop("stop_strings")
-    if stops is not None and not (isinstance(stops, str) or (isinstance(stops, list) and all(isinstance(x, str) for x in stops))):
-        return [], (f"generation_config's stop_strings must be a string or a list of strings, got {stops!r:.60}", "generation_config")
     if settings:
         body["generation_config"] = json.dumps(settings)
     else:  # nothing else asked: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
         del body["generation_config"]
-    return stop_strings(stops), None
+    return stop_strings(stops)
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
@@ -1198,12 +1465,27 @@ def prompt_tokens(inputs: dict) -> int:
 
 
 def streams_submitted_functions(engine) -> bool:
-    """Whether transformers' model-process client sends a submitted function as a request that streams, as
-    StoppingEngine needs (5.25: EngineClient.submit_streaming, through _send_request's `streamer`)."""
+    """Whether transformers' model-process client can send a submitted function as a request that streams, as
+    StoppingEngine does: through `_send_request`'s `streamer` (transformers 5.25), the one call it makes."""
     import inspect
 
     send = getattr(engine, "_send_request", None)
-    return callable(getattr(engine, "submit_streaming", None)) and callable(send) and "streamer" in inspect.signature(send).parameters
+    return callable(send) and "streamer" in inspect.signature(send).parameters
+
+
+def unstreamed_stop_refusal(engine, field: str = "stop") -> str | None:
+    """Why a non-streamed request with stop strings cannot be answered by `engine` (transformers >= 5.25's
+    model-process client), else None: StoppingEngine needs streams_submitted_functions. Asked before generation,
+    so that the client gets it, not a 500 with the reason in the server's log. `field`: where the request set them,
+    `stop` or generation_config (its stop_strings)."""
+    if streams_submitted_functions(engine):
+        return None
+    import transformers
+
+    asked = "`stop`" if field == "stop" else "generation_config's stop_strings"
+    return (f"{asked} without \"stream\": true is not supported on this server's transformers ({transformers.__version__}), "
+            f"whose EngineClient._send_request takes no `streamer`: send \"stream\": true, or leave {asked} out, or serve "
+            "with a transformers whose EngineClient._send_request takes a streamer (5.25's does)")
 
 
 def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
@@ -1214,14 +1496,7 @@ def stop_generating_at(given: dict, stops: list[str], streaming: bool) -> None:
     criteria = [StopAtStrings(getattr(processor, "tokenizer", processor), stops, prompt_tokens(given["inputs"]))]
     if "engine" in given:
         given["generation_kwargs"]["stopping_criteria"] = criteria
-        if not streaming:
-            if not streams_submitted_functions(given["engine"]):
-                import transformers
-
-                raise RuntimeError(f"transformers {transformers.__version__}'s model process takes no submitted function "
-                                   "that streams (EngineClient.submit_streaming, _send_request's streamer), which a "
-                                   'non-streamed answer with stop strings needs: ask with "stream": true, or leave `stop` '
-                                   "out, or use transformers 5.25")
+        if not streaming:  # a transformers whose client cannot send it was refused before (unstreamed_stop_refusal)
             given["engine"] = StoppingEngine(given["engine"])
     else:
         given["model"] = StoppingModel(given["model"], criteria)
@@ -1276,10 +1551,12 @@ def answer_as_openai_does() -> None:
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
     - a malformed request (no messages/prompt/input, a field of the wrong type, a `generation_config` that holds no
-      JSON object or a setting of the wrong type, a length limit < 1, `n` > 1, a prompt plus length limit beyond the
-      model's context, a logit_bias id beyond its vocabulary) is a 400 naming the field, streamed or not, and never a
-      500 with a traceback in the server's log. Without a length limit, generation stops at the end of the context, as
-      llama.cpp's does."""
+      JSON object, a setting not in ALLOWED_SETTINGS or out of its range, settings transformers refuses as generate()
+      will run them (merged_settings_problem), beam search in a stream, a length limit
+      < 1, `n` > 1, a prompt plus length limit beyond the model's context, a logit_bias id beyond its vocabulary) is a
+      400 naming the field, streamed or not, and never a 500 with a traceback in the server's log; so is a
+      non-streamed `stop` on a transformers that cannot send it (unstreamed_stop_refusal). Without a length limit,
+      generation stops at the end of the context, as llama.cpp's does."""
     import inspect
     from contextvars import ContextVar
 
@@ -1311,6 +1588,13 @@ def answer_as_openai_does() -> None:
                                 f"(max_position_embeddings); shorten the {field}", field)
         asked = setting(gen, "max_new_tokens")
         given_field = options.get("limit_field")
+        configured = configured_limit(options.get("generation_config"), n)
+        if not given_field and configured:
+            # generation_config's own limit, which serve's default (at least 1024 new tokens) had overwritten
+            given_field, asked = configured
+            set_setting(gen, "max_new_tokens", asked)
+            if asked < 1:
+                return openai_error(f"{given_field} leaves no token to generate after the prompt's {n} tokens", "generation_config")
         if limit and not given_field:
             # No limit asked for: stop at the end of the context, as llama.cpp does (transformers serve's own default,
             # max(the model's max_new_tokens, 1024), cut longer answers short and called it "length").
@@ -1318,13 +1602,21 @@ def answer_as_openai_does() -> None:
         elif limit and asked and n + asked > limit:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
             return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
                                 f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
-                                f"or shorten the {field}", given_field)
+                                f"or shorten the {field}", given_field.split("'")[0])
         vocab = getattr(text_config, "vocab_size", None)
         beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
         if beyond:
             return openai_error(f"logit_bias names token ids beyond the model's vocabulary of {vocab} tokens "
                                 f"(ids 0 to {vocab - 1}): {', '.join(map(str, beyond[:5]))}", "logit_bias")
-        return None
+        # the request's settings again, now with the bounds that need the model (token ids, lengths), then as generate()
+        # will run them: merged with the model's own and the request's temperature, and validated by transformers
+        problem = generation_config_problem(options.get("generation_config"), ModelLimits(vocab, limit, setting(gen, "max_new_tokens")))
+        if problem:
+            return openai_error(*problem)
+        model_defaults = given["engine"].generation_config if "engine" in given else getattr(given["model"], "generation_config", None)
+        asked = json.loads(options["generation_config"]) if options.get("generation_config") else {}
+        refused = merged_settings_problem(model_defaults, gen, asked)
+        return openai_error(refused, "generation_config") if refused else None
 
     def generation_settings(given: dict):
         return given["generation_kwargs"] if "generation_kwargs" in given else given["gen_config"]
@@ -1341,10 +1633,16 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            configured, problem = take_configured_stops(body)
-            if problem:
-                return openai_error(*problem)
-            options = {"stop": [x for x in stop_strings(body.pop("stop", None)) + configured if x], "logit_bias": body.pop("logit_bias", None),
+            if body.get("generation_config") is not None:
+                sent = settings_as_sent(json.loads(body["generation_config"]))
+                if sent:
+                    body["generation_config"] = json.dumps(sent)
+                else:  # nothing set: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
+                    del body["generation_config"]
+            configured = take_configured_stops(body)
+            stops = [x for x in stop_strings(body.pop("stop", None)) if x]
+            options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),
+                       "stop_field": "stop" if stops else "generation_config", "generation_config": body.get("generation_config"),
                        "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model
@@ -1353,6 +1651,8 @@ def answer_as_openai_does() -> None:
             reset = request_options.set(options)
             try:
                 return await handle(self, body, request_id)
+            except SettingsRefused as e:
+                return openai_error(str(e), "generation_config")
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
             except (TypeError, KeyError, ValueError) as e:
@@ -1367,9 +1667,14 @@ def answer_as_openai_does() -> None:
                 request_options.reset(reset)
 
         def build_generation_config(self, *args, **kwargs):
-            config = build(self, *args, **kwargs)
             options = request_options.get()
             body = args[0] if args else kwargs.get("body") or {}
+            try:
+                config = build(self, *args, **kwargs)
+            except ValueError as e:  # <= 5.24: GenerationConfig(**the request's settings) validates them as it is built
+                read = ("alone: this transformers' serve reads them before the request's temperature; a setting that "
+                        'needs sampling needs "do_sample": true here')
+                raise SettingsRefused(transformers_refusal(e, json.loads(options.get("generation_config") or "{}"), read)) from e
             if body.get("temperature") is not None and (setting(config, "temperature") or 0) > 0:
                 # transformers serve only turns sampling off (at temperature 0): a model whose generation config has no
                 # do_sample (mistralai/Mistral-7B-v0.1) answered greedily at any temperature, whatever the seed
@@ -1389,8 +1694,11 @@ def answer_as_openai_does() -> None:
             if refused:
                 return refused
             options = request_options.get()
-            options["generating"] = True
             stops = options["stop"]
+            cannot_stop = bool(stops) and "engine" in given and unstreamed_stop_refusal(given["engine"], options["stop_field"])
+            if cannot_stop:  # a 400, not a 501: the request can be changed to be answered, and clients retry 5xx
+                return openai_error(cannot_stop, options["stop_field"])
+            options["generating"] = True
             if stops:
                 stop_generating_at(given, stops, streaming=False)
             response = await non_streaming(*bound.args, **bound.kwargs)

@@ -7,6 +7,7 @@ the published folder loads with the cache deleted; the card and provenance say b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -1111,10 +1112,10 @@ def test_serve_model_merged_stop_strings_in_generation_config_are_read_in_the_an
 
 def test_generate_until_stop_takes_generation_config_s_tokenizer_and_streamer_as_transformers_own_generate_does():
     """transformers 5.25's GenerateRunner.generate merges the request's kwargs first and then sets `tokenizer` and
-    `streamer` itself, so a generation_config naming either is answered (200). generate_until_stop passed them on and
-    added tokenizer=processor: generate() got `tokenizer` twice (TypeError, a 500), or the request's `streamer`
-    (AttributeError: 'int' object has no attribute 'put', a 500), only when the request also had a stop string (a
-    review, 2026-12-04)."""
+    `streamer` itself. generate_until_stop passed them on and added tokenizer=processor: generate() got `tokenizer`
+    twice (TypeError, a 500), or the request's `streamer` (AttributeError: 'int' object has no attribute 'put', a
+    500), only when the request also had a stop string (a review, 2026-12-04). serve-model now refuses both in a
+    request's generation_config (ALLOWED_SETTINGS); generate_until_stop still takes them as generate() does."""
     import torch
 
     from tasks.export import generate_until_stop
@@ -1220,26 +1221,212 @@ def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_
             assert code == 200, (settings, extra, code, answer[:300])
 
 
-# Open defects from a review of b5c0002 (2026-12-04), kept as strict xfails until fixed: a fix makes them pass and CI says so.
+# A review of 82f5eb4 (2026-12-04) on a real server: generation_config settings the check let through failed in
+# generation (a 500, a "malformed request" 400 with param null, a stream's 200 with an error event), changed the shared
+# model for every later request (assistant_early_exit), or ran for as long as their value asked (18 GB for
+# encoder_no_repeat_ngram_size 2**70). The server now accepts a list of settings, each with its type and range
+# (ALLOWED_SETTINGS), and transformers validates them merged as generate() will run them.
+BIG = 2 ** 70
+REVIEWED_BAD_SETTINGS = [
+    {"assistant_early_exit": -1}, {"assistant_early_exit": 0}, {"assistant_early_exit": BIG},
+    {"encoder_no_repeat_ngram_size": BIG}, {"prompt_lookup_num_tokens": BIG}, {"guidance_scale": BIG},
+    {"return_dict_in_generate": True}, {"output_logits": True}, {"output_hidden_states": "x"},
+    {"num_beams": 0}, {"num_beams": -1}, {"exponential_decay_length_penalty": 0}, {"exponential_decay_length_penalty": "x"},
+    {"prefill_chunk_size": -1}, {"is_assistant": True}, {"forced_eos_token_id": 10 ** 9}, {"forced_eos_token_id": -1},
+    {"forced_eos_token_id": []}, {"cache_implementation": "offloaded"}, {"cache_implementation": "offloaded_static"},
+    {"cache_implementation": "paged"}, {"cache_implementation": "quantized"}, {"watermarking_config": {"bias": "x"}},
+    {"watermarking_config": "x"}, {"custom_generate": "x"}, {"assistant_model": "x"}, {"prefix_allowed_tokens_fn": "x"},
+    {"input_ids": [1]}, {"attention_mask": [1]}, {"logits_processor": []}, {"stopping_criteria": []}, {"synced_gpus": True},
+    {"use_mtp": True}, {"repetition_penalty": 0}, {"repetition_penalty": -1}, {"top_k": -1}, {"top_p": -1}, {"min_p": 2},
+    {"typical_p": 0}, {"bad_words_ids": [[10 ** 9]]}, {"bad_words_ids": "x"}, {"sequence_bias": [[[10 ** 9], -1.0]]},
+    {"sequence_bias": 5}, {"eos_token_id": BIG}, {"pad_token_id": BIG}, {"bos_token_id": BIG}, {"constraints": []},
+    {"force_words_ids": [[1]]}, {"dola_layers": "low"}, {"penalty_alpha": 0.6}, {"no_such_setting": 1}, {"seed": BIG},
+    {"cache_implementation": 5}, {"max_new_tokens": 10 ** 9}, {"no_repeat_ngram_size": BIG}, {"max_time": BIG},
+    {"num_beams": 10 ** 6}, {"tokenizer": "x"}, {"streamer": 1},
+    # found with the fix: generate() failed on these too (inf logits; an integer power beyond int64)
+    {"temperature": 1e-300}, {"length_penalty": 100}, {"repetition_penalty": 1e-300}, {"sequence_bias": [[[5], 1e300]]},
+    # a second review (2026-12-04): only the neutral values of these are taken
+    {"guidance_scale": 1.5}, {"diversity_penalty": 0.5}, {"max_matching_ngram_size": 0}, {"max_matching_ngram_size": 17},
+    {"use_cache": "yes"}, {"output_scores": True}, {"seed": 0}, {"exponential_decay_length_penalty": [5, 1]},
+    {"exponential_decay_length_penalty": [-1, 1.01]}, {"exponential_decay_length_penalty": [5, 11]},
+    {"exponential_decay_length_penalty": [64, 1.01]}, {"exponential_decay_length_penalty": [0, 10]},
+]
+# with the unit tests' vocabulary of 100 tokens: every token forbidden (sampling's probabilities nan)
+NO_TOKEN_LEFT = [{"suppress_tokens": list(range(100))}, {"begin_suppress_tokens": list(range(100))},
+                 {"bad_words_ids": [[i] for i in range(100)]}, {"min_new_tokens": 2, "eos_token_id": list(range(100))}]
 
 
-@pytest.mark.xfail(strict=True, reason="open: settings outside SETTING_TYPES are not validated before generation (watermarking_config "
-                   "a 500; the others streamed a 200 with an error event); fix: validate transformers' GenerationConfig up front")
-@pytest.mark.parametrize("settings", [{"watermarking_config": "x"}, {"bad_words_ids": "x"}, {"sequence_bias": 5},
-                                      {"cache_implementation": 5}], ids=["watermarking", "bad_words", "sequence_bias", "cache"])
-def test_serve_model_merged_answers_any_generation_config_setting_of_the_wrong_type_with_400_streamed_or_not(served_r1, settings):
+def _name(settings: dict) -> str:
+    return next(iter(settings))
+
+
+@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS + NO_TOKEN_LEFT, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
+def test_generation_config_problem_refuses_each_reviewed_setting_naming_it_in_one_line(settings):
+    """Each setting the review of 82f5eb4 found passing the check and failing in generation (or worse) is refused
+    before generation, naming the setting, on one line: outside the accepted ones (the message lists them), or out
+    of its range (with the model's vocabulary and context, as `refusal` asks, for token ids and lengths)."""
+    from tasks.export import ModelLimits, generation_config_problem
+
+    message, field = generation_config_problem(json.dumps(settings), ModelLimits(vocab=100, context=64))
+    assert field == "generation_config" and re.match(f"generation_config's {_name(settings)}[ ,]", message) and "\n" not in message, message
+
+
+def test_generation_config_problem_says_why_and_how_for_the_settings_it_refuses_by_kind():
+    """An unknown setting lists what is accepted; output_* says the server writes the answer; `seed` points to the
+    top-level field, whose range it then has; an integer sequence bias asks for a decimal point; ids name the
+    vocabulary; stop_strings of the wrong type name generation_config's stop_strings."""
+    from tasks.export import ModelLimits, generation_config_problem
+
+    def message(settings, limits=ModelLimits(vocab=100, context=64)):
+        return generation_config_problem(json.dumps(settings), limits)[0]
+
+    assert message({"assistant_early_exit": -1}) == ("generation_config's assistant_early_exit is not accepted; "
+                                                      "README's serve-model section lists what is")
+    assert "writes the answer itself" in message({"return_dict_in_generate": True})
+    assert 'top-level "seed"' in message({"seed": 1})
+    assert "decimal point" in message({"sequence_bias": [[[5], -5]]})
+    assert "ids 0 to 99" in message({"eos_token_id": 100}) and "(64 tokens)" in message({"max_length": 65})
+    assert message({"stop_strings": 5}).startswith("generation_config's stop_strings must be a string or a list")
+    # without the model's limits (request_problem, before the model is at hand) the bounds that need them wait
+    assert generation_config_problem(json.dumps({"eos_token_id": 100, "max_length": 65})) is None
+
+
+ACCEPTED_SETTINGS = [
+    {"max_new_tokens": 4, "min_new_tokens": 1}, {"max_length": 64, "min_length": 0}, {"do_sample": True, "temperature": 0.7},
+    {"top_k": 0}, {"top_k": 5, "top_p": 0.9}, {"min_p": 0.1}, {"typical_p": 0.9}, {"epsilon_cutoff": 0.001},
+    {"eta_cutoff": 0.001}, {"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 3}, {"num_beams": 2, "num_return_sequences": 2},
+    {"num_beams": 2, "length_penalty": -1, "early_stopping": "never"}, {"bad_words_ids": [[5], [6, 7]]},
+    {"sequence_bias": [[[5], -1.0]]}, {"suppress_tokens": [5]}, {"begin_suppress_tokens": [5]}, {"eos_token_id": [2, 3]},
+    {"forced_eos_token_id": [2]}, {"decoder_start_token_id": [1]}, {"forced_bos_token_id": 1}, {"pad_token_id": 0},
+    {"renormalize_logits": True, "remove_invalid_values": True}, {"max_time": 30}, {"prompt_lookup_num_tokens": 3},
+    {"cache_implementation": "dynamic"}, {"cache_implementation": "static"}, {"stop_strings": ["zz"]},
+    {"watermarking_config": {"greenlist_ratio": 0.25, "bias": 2.0, "hashing_key": 15485863, "seeding_scheme": "lefthash",
+                             "context_width": 1}},
+    {"max_new_tokens": None},
+    # a second review (2026-12-04): false 400s
+    {"output_scores": False, "return_dict_in_generate": False, "output_attentions": False, "trust_remote_code": False},
+    {"output_scores": None, "forced_decoder_ids": None, "seed": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
+    {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
+    {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0}, {"diversity_penalty": 0.0},
+    {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}, {"exponential_decay_length_penalty": [5, 1.01]},
+    {"exponential_decay_length_penalty": [0, 2]},
+]
+
+
+@pytest.mark.parametrize("settings", ACCEPTED_SETTINGS, ids=lambda s: "+".join(s))
+def test_generation_config_problem_accepts_each_setting_in_its_range(settings):
+    from tasks.export import ModelLimits, generation_config_problem
+
+    assert generation_config_problem(json.dumps(settings), ModelLimits(vocab=100, context=64)) is None
+
+
+def test_merged_settings_problem_reads_the_settings_generation_runs_with_and_blames_what_transformers_names():
+    """The check validates what generate() will run with, not a blank GenerationConfig: several sequences are
+    sampled at a temperature of 0.7 (the layer turns sampling on: a false 400 before), and are refused at
+    temperature 0 though do_sample is asked (serve turns it off: missed before); more sequences than beams names both
+    (it blamed num_return_sequences with the greedy message); settings that clash are named together."""
+    from transformers import GenerationConfig
+
+    from tasks.export import merged_settings_problem
+
+    model = GenerationConfig(do_sample=False)
+    assert merged_settings_problem(model, {"num_return_sequences": 2, "do_sample": True, "temperature": 0.7},
+                                   {"num_return_sequences": 2}) is None
+    message = merged_settings_problem(model, {"num_return_sequences": 2, "do_sample": False, "temperature": 0.0},
+                                      {"num_return_sequences": 2, "do_sample": True})
+    assert message.startswith("generation_config's num_return_sequences") and "temperature of 0" in message, message
+    message = merged_settings_problem(model, {"num_return_sequences": 3, "num_beams": 2}, {"num_return_sequences": 3, "num_beams": 2})
+    assert message.startswith("generation_config's num_return_sequences, num_beams refused") and "Greedy" not in message, message
+    message = merged_settings_problem(model, {"suppress_tokens": [1], "forced_eos_token_id": 1}, {"suppress_tokens": [1], "forced_eos_token_id": 1})
+    assert "suppress_tokens, forced_eos_token_id" in message and "\n" not in message, message
+    gen = GenerationConfig(num_return_sequences=2, do_sample=True)  # transformers <= 5.24: serve's builder made one
+    assert merged_settings_problem(model, gen, {"num_return_sequences": 2}) is None
+
+
+@pytest.mark.parametrize("settings", REVIEWED_BAD_SETTINGS, ids=lambda s: f"{_name(s)}={json.dumps(s[_name(s)])[:12]}")
+def test_serve_model_merged_answers_a_refused_generation_config_setting_with_400_streamed_or_not(served_r1, settings):
+    """On the real server, streamed or not and on each endpoint: a 400 naming the setting, on one line, with param
+    generation_config (they were 500s, a stream's 200 with an error event, or a 400 "malformed request" param null);
+    the bounds that need the model (token ids beyond its vocabulary, lengths beyond its context) included."""
     pub, base = served_r1
-    for stream in (False, True):
-        code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0,
-                                                           "generation_config": json.dumps(settings), "stream": stream})
-        assert code == 400, (settings, stream, code, answer[:300])
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       (f"{base}/v1/completions", {"prompt": "Once upon"}), (f"{base}/v1/responses", {"input": "hi"})):
+        for stream in (False, True):
+            code, answer = _request(path, {**body, "temperature": 0, "generation_config": json.dumps(settings), "stream": stream})
+            assert code == 400, (path, settings, stream, code, answer[:300])
+            error = json.loads(answer)["error"]
+            assert error["param"] == "generation_config" and _name(settings) in error["message"] and "\n" not in error["message"], error
 
 
-@pytest.mark.xfail(strict=True, reason="open: the refusal of a transformers without _send_request's streamer is raised as a RuntimeError, "
-                   "which the handler turns into a bare 500 (the reason only in the log)")
+def test_serve_model_merged_refuses_assistant_early_exit_and_answers_the_next_request(served_r1):
+    """assistant_early_exit -1 passed the check; generation failed and left the shared model's num_hidden_layers
+    changed, so every later request failed until a restart (a review of 82f5eb4). It is a 400, and a plain request
+    after it, on each endpoint, is answered."""
+    pub, base = served_r1
+    url = f"{base}/v1/completions"
+    for value in (-1, 0, BIG):
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "temperature": 0,
+                                      "generation_config": json.dumps({"assistant_early_exit": value})})
+        assert code == 400 and "assistant_early_exit" in json.loads(answer)["error"]["message"], (value, code, answer[:300])
+    for path, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                       (url, {"prompt": "Once upon", "max_tokens": 2}), (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2})):
+        code, answer = _request(path, {**body, "temperature": 0})
+        assert code == 200, (path, code, answer[:300])
+
+
+def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
+    """A temperature of 1e-300 overflowed the scaled logits (generate(): "probability tensor contains inf, nan");
+    "x" was a "malformed request" 400 with param null. 0 (greedy) and the usual range are taken."""
+    from tasks.export import request_problem
+
+    for temperature in (1e-300, -1, 1000, "x", True):
+        message, field = request_problem("completion", {"prompt": "hi", "temperature": temperature})
+        assert field == "temperature" and "from 0.001 to 100" in message, message
+    for temperature in (0, 0.7, 2, 100):
+        assert request_problem("completion", {"prompt": "hi", "temperature": temperature}) is None
+
+
+def test_serve_model_merged_checks_generation_config_with_the_request_s_temperature(served_r1):
+    """Several sequences at temperature 0.7 are sampled and answered (a false 400 before); at temperature 0 they are
+    a 400 even with do_sample, which serve turns off (a 500 before); more sequences than beams names both."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 2}
+    code, answer = _request(url, {**body, "temperature": 0.7, "generation_config": json.dumps({"num_return_sequences": 2})})
+    assert code == 200, answer[:300]
+    code, answer = _request(url, {**body, "temperature": 0, "generation_config": json.dumps({"num_return_sequences": 2, "do_sample": True})})
+    assert code == 400 and "num_return_sequences" in json.loads(answer)["error"]["message"], answer[:300]
+    code, answer = _request(url, {**body, "temperature": 0, "generation_config": json.dumps({"num_return_sequences": 3, "num_beams": 2})})
+    assert code == 400 and "num_return_sequences, num_beams" in json.loads(answer)["error"]["message"], answer[:300]
+
+
+def test_serve_model_merged_answers_valid_settings_outside_the_typed_ones(served_r1):
+    """The check refuses no accepted setting in its range: each is answered, streamed or not. Beam search takes no
+    streamer in generate(): streamed, it is a 400 naming num_beams (it was a 200 with an error event)."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 2, "temperature": 0}
+    for settings in ({"forced_eos_token_id": [2]}, {"eos_token_id": [2, 3]}, {"bad_words_ids": [[5], [6, 7]]},
+                     {"sequence_bias": [[[5], -1.0]]}, {"cache_implementation": "dynamic"}, {"cache_implementation": "static"},
+                     {"watermarking_config": {"greenlist_ratio": 0.25}}, {"num_beams": 2, "num_return_sequences": 2},
+                     {"top_k": 5, "top_p": 0.9}, {"max_time": 30, "no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+                     {"prompt_lookup_num_tokens": 3}, {"suppress_tokens": [5], "renormalize_logits": True},
+                     # a second review (2026-12-04): false 400s, and integers for float settings that failed in generation
+                     {"output_scores": False, "return_dict_in_generate": False, "output_attentions": False},
+                     {"output_scores": None, "forced_decoder_ids": None}, {"temperature": 0}, {"temperature": 0, "do_sample": False},
+                     {"use_cache": True, "low_memory": False}, {"bos_token_id": 1}, {"transformers_version": "4.51.0", "_from_model_config": True},
+                     {"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 2}, {"guidance_scale": 1.0, "diversity_penalty": 0.0},
+                     {"exponential_decay_length_penalty": [5, 1.01]}, {"repetition_penalty": 2}, {"temperature": 2, "do_sample": True}):
+        for stream in (False, True) if "num_beams" not in settings else (False,):
+            code, answer = _request(url, {**body, "generation_config": json.dumps(settings), "stream": stream})
+            assert code == 200 and "\"error\"" not in answer, (settings, stream, code, answer[:300])
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"num_beams": 2}), "stream": True})
+    assert code == 400 and "num_beams" in json.loads(answer)["error"]["message"], (code, answer[:300])
+
+
 def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_reason_not_a_bare_500(own_published, tmp_path):
-    """A transformers whose model-process client lacks what the non-streamed stop path uses (here submit_streaming,
-    which the check still tests): the client must get the reason ("stream": true, or leave `stop` out)."""
+    """A transformers whose model-process client cannot send a request that streams (_send_request without
+    `streamer`), which the non-streamed stop path needs: the refusal was a RuntimeError, a bare 500 with the reason in
+    the log only (a review of b5c0002, 2026-12-04). The client gets it: a 400 naming `stop` and what to do. A stream
+    with `stop`, and a request without it, are still answered."""
     import signal
 
     from tasks.common import PROJECT_ROOT
@@ -1247,12 +1434,105 @@ def test_serve_model_merged_refuses_a_stop_request_it_cannot_cancel_with_its_rea
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("from transformers.cli.serving import model_manager as m\n"
-                                           "del m.EngineClient.submit_streaming\n")
+                                           "send = m.EngineClient._send_request\n"
+                                           "async def _send_request(self, method, args):\n"
+                                           "    return await send(self, method, args)\n"
+                                           "m.EngineClient._send_request = _send_request\n")
     cfg, art, pub, _ = own_published
     proc, base = _start_serve_model(art, tmp_path / "serve.log", env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "temperature": 0}
     try:
-        code, answer = _request(f"{base}/v1/completions", {"prompt": "Once upon", "max_tokens": 4, "stop": "zz"})
-        assert code != 500 and "stream" in answer, (code, answer[:300])
+        for asked, field, named in (({"stop": "zz"}, "stop", "`stop`"),
+                                    ({"generation_config": json.dumps({"stop_strings": ["zz"]})}, "generation_config", "stop_strings")):
+            code, answer = _request(url, {**body, **asked})
+            assert code == 400, (asked, code, answer[:300])
+            error = json.loads(answer)["error"]
+            assert error["param"] == field and named in error["message"] and '"stream": true' in error["message"], error
+        assert _request(url, {**body, "stop": "zz", "stream": True})[0] == 200
+        assert _request(url, body)[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_settings_as_sent_leaves_out_what_sets_nothing_reads_0_as_greedy_and_sends_floats_as_floats():
+    """A second review (2026-12-04): a null or a refused setting set off (output_scores false) sets nothing and goes
+    nowhere (forced_decoder_ids null included: generate() has no such setting); a model's generation_config.json's
+    bookkeeping is left out; a temperature of 0 is greedy decoding; a JSON integer for a float setting (JavaScript's
+    2.0) is a float, which transformers' logits processors ask for ("has to be a strictly positive float, but is 2")."""
+    from tasks.export import settings_as_sent
+
+    assert settings_as_sent({"output_scores": False, "return_dict_in_generate": False, "trust_remote_code": False,
+                             "forced_decoder_ids": None, "transformers_version": "4.51.0", "_from_model_config": True,
+                             "top_k": 5}) == {"top_k": 5}
+    assert settings_as_sent({"temperature": 0}) == {"temperature": 0.0, "do_sample": False}
+    sent = settings_as_sent({"repetition_penalty": 2, "temperature": 2, "do_sample": True, "top_k": 2, "max_time": 30})
+    assert sent == {"repetition_penalty": 2.0, "temperature": 2.0, "do_sample": True, "top_k": 2, "max_time": 30.0}
+    assert [type(sent[k]) for k in ("repetition_penalty", "temperature", "top_k")] == [float, float, int]
+    assert settings_as_sent({"exponential_decay_length_penalty": [5, 2]}) == {"exponential_decay_length_penalty": [5, 2.0]}
+    # bounded where generation can reach: the request's length limit, else the context
+    from tasks.export import ModelLimits, generation_config_problem
+
+    decay = json.dumps({"exponential_decay_length_penalty": [5, 1.01]})
+    assert "length limit" in generation_config_problem(decay, ModelLimits(100, 131072))[0]
+    assert generation_config_problem(decay, ModelLimits(100, 131072, new_tokens=1000)) is None
+
+
+def test_request_problem_refuses_a_top_level_frequency_penalty_or_top_p_generation_fails_on_naming_it():
+    """serve runs frequency_penalty as repetition_penalty = 1 + frequency_penalty: -1 to -2 (OpenAI's range) made it
+    <= 0 and generation failed (a stream's 200 and an error event); a top_p outside (0, 1] and a string named
+    generation_config or nothing. A 400 naming the field and the range this server honours."""
+    from tasks.export import request_problem
+
+    for field, value, want in (("frequency_penalty", -1, "from -0.99 to 2"), ("frequency_penalty", -2, "from -0.99 to 2"),
+                               ("frequency_penalty", 2.5, "from -0.99 to 2"), ("frequency_penalty", "x", "from -0.99 to 2"),
+                               ("top_p", -0.1, "> 0 and <= 1"), ("top_p", 1.5, "> 0 and <= 1"), ("top_p", 0, "> 0 and <= 1"),
+                               ("top_p", "x", "> 0 and <= 1")):
+        message, named = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], field: value})
+        assert named == field and want in message, (field, value, message)
+    for body in ({"frequency_penalty": -0.5}, {"frequency_penalty": 2}, {"top_p": 1}, {"top_p": 0.5}):
+        assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], **body}) is None
+
+
+def test_configured_limit_reads_generation_config_s_length_limit_max_length_counting_the_prompt():
+    """generation_config's max_new_tokens / max_length were accepted, then overwritten by the fill-to-context
+    default when no top-level max_tokens came (a second review, 2026-12-04)."""
+    from tasks.export import configured_limit
+
+    assert configured_limit(json.dumps({"max_new_tokens": 3}), 10) == ("generation_config's max_new_tokens", 3)
+    assert configured_limit(json.dumps({"max_length": 13}), 10) == ("generation_config's max_length", 3)
+    assert configured_limit(json.dumps({"top_k": 3}), 10) is None and configured_limit(None, 10) is None
+
+
+def test_unstreamed_stop_refusal_does_not_name_a_version_it_contradicts():
+    """It said "or serve with transformers 5.25" on 5.25 itself (a second review, 2026-12-04)."""
+    from tasks.export import unstreamed_stop_refusal
+
+    class Client:
+        def _send_request(self, method, args):
+            pass
+
+    message = unstreamed_stop_refusal(Client())
+    assert "takes a streamer" in message and "or serve with transformers 5.25" not in message, message
+
+
+def test_serve_model_merged_answers_generation_config_s_length_limit_and_refuses_a_negative_repetition_penalty(served_r1):
+    """generation_config's max_new_tokens (and max_length, counting the prompt) is the limit without a top-level one
+    (it was overwritten: the answer ran to the context); frequency_penalty -1.5 is a 400 naming it, streamed too (a
+    200 and an error event before)."""
+    pub, base = served_r1
+    url, body = f"{base}/v1/completions", {"prompt": "Once upon", "temperature": 0, "generation_config": json.dumps({"max_new_tokens": 3})}
+    code, answer = _request(url, body)
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] <= 3, answer[:300]
+    prompt_tokens = json.loads(answer)["usage"]["prompt_tokens"]
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"max_length": prompt_tokens + 2})})
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] <= 2, answer[:300]
+    code, answer = _request(url, {**body, "generation_config": json.dumps({"max_length": prompt_tokens})})
+    error = json.loads(answer)["error"]
+    assert code == 400 and error["param"] == "generation_config" and "max_length leaves no token" in error["message"], answer[:300]
+    for stream in (False, True):  # sampled at a JSON integer temperature (transformers asks for a float)
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "stream": stream,
+                                      "generation_config": json.dumps({"temperature": 2, "do_sample": True, "repetition_penalty": 2})})
+        assert code == 200 and '"error"' not in answer, (stream, code, answer[:300])
+        code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "frequency_penalty": -1.5, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "frequency_penalty", (stream, code, answer[:300])
