@@ -1148,12 +1148,23 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         return f"stop must be a string or a list of strings, got {stop!r}", "stop"
     problem = generation_config_problem(body.get("generation_config"))
-    if problem or not body.get("stream") or body.get("generation_config") is None:
+    if problem or body.get("generation_config") is None:
         return problem
-    beams = json.loads(body["generation_config"]).get("num_beams")
+    settings = json.loads(body["generation_config"])
+    beams = settings.get("num_beams")
+    if settings.get("low_memory") and beams is not None and beams > 1:  # generate() refuses it, a ValueError naming no key
+        return (f"generation_config's low_memory true cannot be used with num_beams {beams}: transformers' beam search no "
+                "longer has a low-memory mode; leave low_memory out", "generation_config")
+    if not body.get("stream"):
+        return None
     if beams is not None and beams > 1:  # generate() refuses a streamer with beam search: a stream's 200 and an error event
         return (f"generation_config's num_beams {beams} cannot be streamed: transformers' generate() takes no streamer with "
                 'beam search; send "stream": false, or num_beams 1', "generation_config")
+    sequences = settings.get("num_return_sequences")
+    if sequences is not None and sequences > 1:  # the streamer gets every sequence's tokens interleaved, as one answer
+        return (f"generation_config's num_return_sequences {sequences} cannot be streamed: transformers' streamer would "
+                'interleave the sequences in one answer; send "stream": false (the first is answered), or leave it out',
+                "generation_config")
     return None
 
 

@@ -1374,6 +1374,25 @@ def test_serve_model_merged_refuses_assistant_early_exit_and_answers_the_next_re
         assert code == 200, (path, code, answer[:300])
 
 
+def test_request_problem_refuses_what_generate_mixes_or_refuses_in_a_stream_naming_the_setting():
+    """A third review on a live server: a streamed num_return_sequences 2 answered both sequences interleaved as one
+    answer at twice the limit; low_memory with beams was a "malformed request" 400 with param null. Not streamed,
+    several sequences answer the first; low_memory alone and beams alone are taken."""
+    from tasks.export import request_problem
+
+    def problem(settings: dict, stream: bool):
+        return request_problem("completion", {"prompt": "hi", "stream": stream, "generation_config": json.dumps(settings)})
+
+    message, field = problem({"num_return_sequences": 2, "do_sample": True}, stream=True)
+    assert field == "generation_config" and "num_return_sequences 2 cannot be streamed" in message, message
+    message, field = problem({"low_memory": True, "num_beams": 2}, stream=False)
+    assert field == "generation_config" and "low_memory" in message and "\n" not in message, message
+    for settings in ({"num_return_sequences": 2, "do_sample": True}, {"low_memory": True}, {"num_beams": 2}):
+        assert problem(settings, stream=False) is None, settings
+    for settings in ({"num_return_sequences": 1}, {"low_memory": True}, {"low_memory": False, "num_beams": 1}):
+        assert problem(settings, stream=True) is None, settings
+
+
 def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
     """A temperature of 1e-300 overflowed the scaled logits (generate(): "probability tensor contains inf, nan");
     "x" was a "malformed request" 400 with param null. 0 (greedy) and the usual range are taken."""
