@@ -1183,21 +1183,20 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
-def take_configured_stops(body: dict) -> list[str]:
-    """The `stop_strings` of a request's `generation_config` field (transformers serve's JSON of generate() settings),
-    taken out of it in `body`, to be read as `stop` is: transformers' own stop_strings also match the prompt's end,
-    and the answer kept them. A field that holds no JSON object, or stop_strings of the wrong type, was refused
-    before (generation_config_problem)."""
-    raw = body.get("generation_config")
-    settings = json.loads(raw) if isinstance(raw, str) else None
-    if not isinstance(settings, dict) or "stop_strings" not in settings:
+def take_generation_config(body: dict) -> list[str]:
+    """A request's `generation_config` field (transformers serve's JSON of generate() settings) rewritten in `body` as
+    generate() is to get it (settings_as_sent), and its `stop_strings` taken out of it and returned, to be read as
+    `stop` is: transformers' own stop_strings also match the prompt's end, and the answer kept them. A field that holds
+    no JSON object, or a setting out of range, was refused before (generation_config_problem)."""
+    if body.get("generation_config") is None:
         return []
-    stops = settings.pop("stop_strings")
+    settings = settings_as_sent(json.loads(body["generation_config"]))
+    stops = stop_strings(settings.pop("stop_strings", None))
     if settings:
         body["generation_config"] = json.dumps(settings)
-    else:  # nothing else asked: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
+    else:  # nothing set: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
         del body["generation_config"]
-    return stop_strings(stops)
+    return stops
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str | None:
@@ -1644,13 +1643,7 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            if body.get("generation_config") is not None:
-                sent = settings_as_sent(json.loads(body["generation_config"]))
-                if sent:
-                    body["generation_config"] = json.dumps(sent)
-                else:  # nothing set: transformers <= 5.24 would build its settings afresh, not from the model's, for "{}"
-                    del body["generation_config"]
-            configured = take_configured_stops(body)
+            configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),
                        "stop_field": "stop" if stops else "generation_config", "generation_config": body.get("generation_config"),
