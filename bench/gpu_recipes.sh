@@ -118,7 +118,16 @@ case $cmd in
     shopt -s nullglob
     started=(/tmp/qlp-showcase-*.t0)
     (( ${#started[@]} )) || exit 0
-    for t0 in "${started[@]}"; do [[ -f ${t0%.t0}.rc ]] || exit 0; done  # not all done: poll again
+    # Not all done: poll again. Each running setting's log so far comes back with this call (flow-so-far.log.xz): a device
+    # given back between two polls takes /tmp with it (m2, 2026-12-04: lost in stage 5 with nothing but two log tails).
+    running=0
+    for t0 in "${started[@]}"; do
+      [[ -f ${t0%.t0}.rc ]] && continue
+      running=1 t=${t0#/tmp/qlp-showcase-}; t=${t%.t0}
+      mkdir -p "$out/$t" && python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.compress(sys.stdin.buffer.read()))" \
+        < "${t0%.t0}.log" > "$out/$t/flow-so-far.log.xz"
+    done
+    (( running )) && exit 0
     for t0 in "${started[@]}"; do
       t=${t0#/tmp/qlp-showcase-}; t=${t%.t0}
       res=$(TAG=$t bash "$here/gpu_showcase.sh" poll "$out/$t" 1)  # whole, not piped into head: a closed pipe would stop the copy
