@@ -835,6 +835,13 @@ def _between(low: float, high: float, low_open: bool = False, high_open: bool = 
     return lambda v, limits: _number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
 
 
+def _integer_from(low: int, high: int):
+    return lambda v, limits: _integer(v) and low <= v <= high
+
+
+_FLAG = ("true or false", lambda v, limits: isinstance(v, bool))
+
+
 def _bad_words(value, limits: ModelLimits) -> bool:
     return isinstance(value, list) and bool(value) and all(_token_ids(w, limits, empty=False) for w in value)
 
@@ -890,9 +897,9 @@ ALLOWED_SETTINGS = {
     "max_length": ("an integer from 1 to the model's context", _length(1)),
     "min_new_tokens": ("an integer from 0 to the model's context", _length(0)),
     "min_length": ("an integer from 0 to the model's context", _length(0)),
-    "do_sample": ("true or false", lambda v, limits: isinstance(v, bool)),
-    "use_cache": ("true or false", lambda v, limits: isinstance(v, bool)),
-    "low_memory": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "do_sample": _FLAG,
+    "use_cache": _FLAG,
+    "low_memory": _FLAG,
     # below 0.001 the scaled logits overflow to inf (1e-300: "probability tensor contains inf, nan"); above 100 all is
     # noise; 0 is greedy decoding, as the top-level temperature's 0 (settings_as_sent turns do_sample off)
     "temperature": (f"0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
@@ -906,9 +913,9 @@ ALLOWED_SETTINGS = {
     "repetition_penalty": (f"a number from {MIN_REPETITION_PENALTY} to {MAX_REPETITION_PENALTY} (1: none)",
                            _between(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)),
     "no_repeat_ngram_size": ("an integer from 0 to the model's context", _length(0)),
-    "num_beams": (f"an integer from 1 to {MAX_BEAMS}", lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
+    "num_beams": (f"an integer from 1 to {MAX_BEAMS}", _integer_from(1, MAX_BEAMS)),
     "num_return_sequences": (f"an integer from 1 to {MAX_BEAMS} (only the first is answered)",
-                             lambda v, limits: _integer(v) and 1 <= v <= MAX_BEAMS),
+                             _integer_from(1, MAX_BEAMS)),
     # beam search divides by length ** length_penalty: an integer 100 overflowed ("int too big to convert"), and
     # an integer 4 does at 2**16 tokens; within 3 it stays in range for any context up to 2**21 tokens
     "length_penalty": (f"a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY}", _between(-MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY)),
@@ -923,13 +930,13 @@ ALLOWED_SETTINGS = {
     "decoder_start_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
     "forced_bos_token_id": ("a token id in the model's vocabulary", _token_id),
     "pad_token_id": ("a token id in the model's vocabulary", _token_id),
-    "renormalize_logits": ("true or false", lambda v, limits: isinstance(v, bool)),
-    "remove_invalid_values": ("true or false", lambda v, limits: isinstance(v, bool)),
+    "renormalize_logits": _FLAG,
+    "remove_invalid_values": _FLAG,
     "max_time": (f"a number of seconds > 0 and <= {MAX_TIME_S}", _between(0, MAX_TIME_S, low_open=True)),
     "prompt_lookup_num_tokens": (f"an integer from 1 to {MAX_LOOKUP_TOKENS}",
-                                 lambda v, limits: _integer(v) and 1 <= v <= MAX_LOOKUP_TOKENS),
+                                 _integer_from(1, MAX_LOOKUP_TOKENS)),
     "max_matching_ngram_size": (f"an integer from 1 to {MAX_MATCHING_NGRAM}",  # prompt lookup's n-gram to match
-                                lambda v, limits: _integer(v) and 1 <= v <= MAX_MATCHING_NGRAM),
+                                _integer_from(1, MAX_MATCHING_NGRAM)),
     "bos_token_id": ("a token id in the model's vocabulary", _token_id),
     # only their neutral values: another guidance_scale runs the model twice per token (classifier-free guidance),
     # another diversity_penalty needs group beam search, which transformers 5 moved out of generate()
