@@ -36,7 +36,7 @@ from .common import StageError, building, fingerprint, is_complete, locked, mayb
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import build_model, drop_log_dicts, engine_for, training_args
+from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .models import hardware_id, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
@@ -321,7 +321,7 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
 def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False,
                   log_fn=None) -> dict:
     import torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
     from .engine.compile import compiled_graphs
 
@@ -353,7 +353,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model), callbacks=[Marks()])
+        trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model),
+                                        callbacks=[Marks()])  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)
         state = model.layer_compile
         with quiet_transformers():

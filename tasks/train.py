@@ -33,7 +33,7 @@ from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, 
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import build_model, count_params, drop_log_dicts, engine_for, training_args
+from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .models import load_tokenizer, resolve_device, resolve_model
 
@@ -116,9 +116,8 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, b
     """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring),
     showing `bar` (default a new BudgetBar) instead of Trainer's own."""
     import torch
-    from transformers import Trainer
 
-    class TimeBudgetTrainer(Trainer):
+    class TimeBudgetTrainer(bookkeeping_trainer()):  # token and FLOP counts on the host: no per-micro-batch sync
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress, cap))
