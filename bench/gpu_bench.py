@@ -113,6 +113,8 @@ from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py
 
 TOKEN_BUDGET = MICRO * MAX_LEN  # padding-free micro-batch: as many token slots as the seed's padded one
 OPTIM = DEFAULT_OPTIM  # set from --optim in main()
+TRAINER = "sft"  # set from --trainer in main(): "plain" = transformers' Trainer, stage 4's loop (issue 19's Trainer split)
+ARG_OVERRIDES: dict = {}  # training-argument ablations from main() (--logging-steps, --max-grad-norm, --nan-filter)
 VOCAB = 32000  # set from --shapes in main(): the random token ids and the word-level tokenizer span the model's vocabulary
 
 
@@ -166,13 +168,14 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward).
     `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps."""
     from datasets import Dataset
+    from transformers import TrainingArguments
     from trl import SFTConfig
 
-    BenchTrainer, StepTimer = trainer_classes()
+    BenchTrainer, StepTimer = trainer_classes(TRAINER)
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
-              "compile_layers": compile_layers}
+              "compile_layers": compile_layers, "trainer": TRAINER, "arg_overrides": dict(ARG_OVERRIDES)}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -189,6 +192,9 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         collator = PaddingFreeCollator(max_tokens=TOKEN_BUDGET)
         args.update(per_device_train_batch_size=1, remove_unused_columns=False,
                     dataset_kwargs={"skip_prepare_dataset": True})
+    args.update(ARG_OVERRIDES)
+    if TRAINER == "plain" and engine == "seed":
+        raise ValueError("--trainer plain runs the packed engines only (the seed's rows need SFTTrainer's tokenization)")
     if not ckpt:
         model.gradient_checkpointing_disable()  # earlier runs left the layers' flags on
     timer = StepTimer()
@@ -199,8 +205,18 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     trainer = offloaded = None
     try:
         torch.manual_seed(seed)  # LoRA init and dropout masks: same stream for every engine
-        trainer = BenchTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok,
-                               data_collator=collator, peft_config=lora(), callbacks=callbacks)
+        if TRAINER == "plain":  # stage 4's loop: PEFT applied here, TrainingArguments without SFTConfig's keys
+            from peft import get_peft_model
+
+            plain = {k: v for k, v in args.items() if k not in ("max_length", "dataset_kwargs")}
+            plain.setdefault("include_num_input_tokens_seen", "all")  # tasks/engine/build.py training_args on packed rows
+            plain.setdefault("max_grad_norm", 0.3)  # the pipeline's default (SFTConfig's: 1.0; the same kernels)
+            plain.setdefault("logging_nan_inf_filter", False)
+            trainer = BenchTrainer(model=get_peft_model(model, lora()), args=TrainingArguments(**plain), train_dataset=dataset,
+                                   processing_class=tok, data_collator=collator, callbacks=callbacks)
+        else:
+            trainer = BenchTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok,
+                                   data_collator=collator, peft_config=lora(), callbacks=callbacks)
         timer.trainer = trainer
         if engine == "fused":
             record["fused_layers"] = fuse_lora(trainer.model, dropout=lora_dropout)
@@ -354,6 +370,14 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench"))
     ap.add_argument("--optim", default=DEFAULT_OPTIM, help="TrainingArguments.optim of every run (issue 19.1: adamw_torch_fused)")
     ap.add_argument("--shapes", default="mistral-7b", choices=sorted(SHAPES), help="model shapes (random weights)")
+    ap.add_argument("--trainer", default="sft", choices=("sft", "plain"),
+                    help="sft: TRL's SFTTrainer (its fused LM head and per-micro-batch metrics); plain: transformers' Trainer, "
+                         "stage 4's loop (the model's own loss); packed engines only")
+    ap.add_argument("--data", default="full,mixed", help="which data sets the fused family trains: full, mixed or both")
+    ap.add_argument("--logging-steps", type=int, default=None, help="TrainingArguments.logging_steps (default 1)")
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="TrainingArguments.max_grad_norm (default 1.0; 0 = no clipping)")
+    ap.add_argument("--nan-filter", type=int, choices=(0, 1), default=None,
+                    help="TrainingArguments.logging_nan_inf_filter (default 1: an isnan/isinf read-back after every micro-batch)")
     ap.add_argument("--smoke", action="store_true", help="4 layers, 3 steps: checks the plumbing in ~2 min")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (first --warmup untimed)")
@@ -366,8 +390,12 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
-    global VOCAB, OPTIM
-    VOCAB, OPTIM = SHAPES[a.shapes][1]["vocab_size"], a.optim
+    global VOCAB, OPTIM, TRAINER
+    VOCAB, OPTIM, TRAINER = SHAPES[a.shapes][1]["vocab_size"], a.optim, a.trainer
+    for key, value in (("logging_steps", a.logging_steps), ("max_grad_norm", a.max_grad_norm),
+                       ("logging_nan_inf_filter", None if a.nan_filter is None else bool(a.nan_filter))):
+        if value is not None:
+            ARG_OVERRIDES[key] = value
     t_start = time.time()
     layers = a.layers or (4 if a.smoke else 32)
     steps = a.steps or (3 if a.smoke else 6)
@@ -375,9 +403,10 @@ def main() -> None:
     families = set(a.runs.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"versions": versions(), "shapes": a.shapes, "optim": a.optim, "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
+    info = {"versions": versions(), "shapes": a.shapes, "optim": a.optim, "trainer": a.trainer, "arg_overrides": dict(ARG_OVERRIDES), "layers": layers, "steps": steps, "warmup": warmup, "date": time.strftime("%Y-%m-%d"),
             "recipe": f"NF4+double quant, bf16, LoRA r16/a32/dropout0.05 on 7 proj, micro {MICRO} x accum {ACCUM}, "
-                      f"max_len {MAX_LEN}, {a.optim}, TRL SFTTrainer", "cap_gib": CAP_GIB}
+                      f"max_len {MAX_LEN}, {a.optim}, " + ("TRL SFTTrainer" if a.trainer == "sft" else "transformers Trainer (stage 4's loop)"),
+            "cap_gib": CAP_GIB}
     log(json.dumps(info["versions"]))
 
     # Data: enough rows for `steps` optimizer steps of either engine.
@@ -439,7 +468,7 @@ def main() -> None:
 
         info["inmatmul_check"] = safe_inmatmul_check(a.shapes)
         log(f"in-matmul dropout check: {info['inmatmul_check']}")
-    if "fused" in families:
+    if "fused" in families and "full" in a.data.split(","):
         go("fused-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fusedstored" in families:  # before the mixed runs: the full-row comparison matters most in a short call
         go("fusedstored-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
@@ -447,7 +476,7 @@ def main() -> None:
     if "fusedinmatmul" in families:
         go("fusedinmatmul-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
            lora_dropout="inmatmul", **prof)
-    if "fused" in families:
+    if "fused" in families and "mixed" in a.data.split(","):
         go("fused-mixed", model, tok, mixed, "fused", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
     if "fused-compile" in families:
         go("fused-compile-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,

@@ -45,9 +45,10 @@ import torch  # noqa: E402
 from bench.workload import ACCUM, GIB, LORA, MAX_LEN, MICRO, SHAPES, WORKDIR, log, versions  # noqa: E402
 
 CHECKPOINTING = {"use_reentrant": False, "preserve_rng_state": False}
+AUTOCAST_CACHE = False  # --autocast-cache: Trainer's autocast (accelerate) keeps torch's default cache_enabled=True
 
 
-def build(layers: int, shapes: str, dropout: float):
+def build(layers: int, shapes: str, dropout: float, preserve_rng: bool = False):
     """The fused engine's model as stage 4 builds it on CUDA (tasks/engine/build.py): NF4 + double quant, no k-bit
     prep (norms, embeddings and LM head stay bf16: the residual stream is bf16), Liger's kernels, PEFT LoRA on the
     seven projections, `fuse_lora`, checkpointing on every layer. The first run (2026-12-04 09:45) used PEFT's k-bit prep,
@@ -64,7 +65,7 @@ def build(layers: int, shapes: str, dropout: float):
     prepare_fast_model(model)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **{**LORA, "lora_dropout": dropout}))
     fused = fuse_lora(model, dropout="seeded")
-    enable_checkpointing(model, CHECKPOINTING)
+    enable_checkpointing(model, {**CHECKPOINTING, "preserve_rng_state": preserve_rng})
     model.enable_input_require_grads()
     model.train()
     return model, fused
@@ -133,6 +134,28 @@ def batches(n: int, vocab: int, seed: int) -> list[torch.Tensor]:
     return [torch.randint(3, vocab, (MICRO, MAX_LEN), generator=g).cuda() for _ in range(n)]
 
 
+def packed(data: list[torch.Tensor], device: str = "cuda") -> list[dict]:
+    """The same micro-batches as the Trainer's fused runs feed them (`--inputs packed`): the MICRO rows of each
+    concatenated into one (1, MICRO x MAX_LEN) row by the engine's PaddingFreeCollator (position_ids restarting per
+    sample, cu_seq_lens, each sample's first label -100: the same 4 x 2,047 trained tokens as `labels=ids`), on the
+    device before the steps (the Trainer copies them at each step's start; that copy is not what this measures)."""
+    from tasks.engine.fastpath import PaddingFreeCollator
+
+    collate = PaddingFreeCollator()
+    out = []
+    for ids in data:
+        batch = collate([{"input_ids": row, "labels": row} for row in ids.tolist()])
+        out.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return out
+
+
+def forward_loss(model, batch) -> torch.Tensor:
+    """`model(...).loss` of one micro-batch: a (MICRO, MAX_LEN) tensor of ids (the rows) or a packed dict."""
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
 def train_steps(model, optimizer, data: list[torch.Tensor], steps: int) -> tuple[list[float], list[float]]:
     """`steps` optimizer steps of ACCUM micro-batches each; (seconds per step, mean loss per step)."""
     seconds, losses = [], []
@@ -142,8 +165,8 @@ def train_steps(model, optimizer, data: list[torch.Tensor], steps: int) -> tuple
         total = torch.zeros((), device="cuda")
         for m in range(ACCUM):
             ids = data[(s * ACCUM + m) % len(data)]
-            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss / ACCUM
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=AUTOCAST_CACHE):
+                loss = forward_loss(model, ids) / ACCUM
             loss.backward()
             total += loss.detach()
         optimizer.step()
@@ -293,14 +316,30 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,graph,eager-dropout",
                     help="comma list of eager, graph, eager-dropout, eager-dropout-inmatmul")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--inputs", default="rows", choices=("rows", "packed"),
+                    help="rows: (MICRO, MAX_LEN) ids, sdpa causal; packed: the Trainer runs' inputs (one packed row, "
+                         "position_ids, cu_seq_lens) through the engine's varlen attention (fastpath_varlen)")
+    ap.add_argument("--preserve-rng", action="store_true",
+                    help="checkpoint with preserve_rng_state=True, as Trainer enables it (the seeded dropout's seeds come "
+                         "from the CPU generator: without it a recompute draws other masks than its forward did)")
+    ap.add_argument("--autocast-cache", action="store_true", help="autocast with cache_enabled=True, as the Trainer's")
     a = ap.parse_args()
+    global AUTOCAST_CACHE
+    AUTOCAST_CACHE = a.autocast_cache
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = a.modes.split(",")
+    if a.inputs == "packed" and "graph" in modes:
+        ap.error("--inputs packed runs the eager modes only (the graphed layers replay (MICRO, MAX_LEN) rows)")
     vocab = SHAPES[a.shapes][1]["vocab_size"]
     data = batches(ACCUM * 2, vocab, seed=0)
     records, meta_extra = [], {}
-    model, fused = build(a.layers, a.shapes, dropout=0.0)
+    model, fused = build(a.layers, a.shapes, dropout=0.0, preserve_rng=a.preserve_rng)
+    if a.inputs == "packed":
+        from tasks.engine.fastpath import register_varlen_attention
+
+        model.set_attn_implementation(register_varlen_attention())
+        data = packed(data)
     log(f"{a.shapes}, {a.layers} layers: {fused} projections on the fused LoRA path")
     lora_init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for mode in [m for m in modes if m in ("eager", "graph")]:
@@ -337,7 +376,8 @@ def main() -> None:
         summary["inmatmul_over_seeded"] = round(i["tokens_per_s"] / d["tokens_per_s"], 4)
         summary["inmatmul_vs_seeded_max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(d["losses"], i["losses"]))
         log(f"eager-dropout-inmatmul / eager-dropout: {summary['inmatmul_over_seeded']:.3f}x")
-    meta = {"shapes": a.shapes, "layers": a.layers, "micro": MICRO, "accum": ACCUM, "max_len": MAX_LEN, "fused_projections": fused,
+    meta = {"shapes": a.shapes, "layers": a.layers, "inputs": a.inputs, "preserve_rng_state": a.preserve_rng,
+            "autocast_cache": a.autocast_cache, "micro": MICRO, "accum": ACCUM, "max_len": MAX_LEN, "fused_projections": fused,
             "gpu": torch.cuda.get_device_name(0), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             **meta_extra}
     (out / "graph_step.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": records}, indent=1))

@@ -147,15 +147,28 @@ def versions() -> dict:
     return out
 
 
-def trainer_classes():
+def trainer_classes(base: str = "sft"):
     """TRL's SFTTrainer with a sequential sampler (every run reads the same rows in the same order: parity on equal
     batches) and real-token counting, and the step timer both benches time with. Imported when called, not with this
-    module: in unsloth_bench that is after `import unsloth`, so the base class is Unsloth's patched one."""
-    import torch
-    from transformers import TrainerCallback
-    from trl import SFTTrainer
+    module: in unsloth_bench that is after `import unsloth`, so the base class is Unsloth's patched one.
 
-    class BenchTrainer(SFTTrainer):
+    `base="plain"`: the same on transformers' Trainer with stage 4's bookkeeping (tasks/engine/build.py
+    `bookkeeping_trainer`), the loop stage 4 runs (tasks/train.py): no TRL fused LM head (the
+    model's own loss: Liger's fused linear cross-entropy on the fast engines), no per-micro-batch entropy/accuracy
+    metrics and their `.item()`s; the caller wraps the model in PEFT itself (Trainer takes no peft_config)."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    if base == "sft":
+        from trl import SFTTrainer as Base
+    elif base == "plain":  # stage 4's Trainer as tasks/train.py builds it (its bookkeeping on the host)
+        from tasks.engine.build import bookkeeping_trainer
+
+        Base = bookkeeping_trainer(Trainer)
+    else:
+        raise ValueError(f"trainer_classes: base={base!r} is not 'sft' or 'plain'")
+
+    class BenchTrainer(Base):
         real_tokens = 0
         slots = 0
 

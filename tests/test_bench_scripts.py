@@ -272,3 +272,44 @@ def test_table_names_an_unreadable_file(tmp_path, capsys):
     assert unsloth_table.main([str(tmp_path / "results.json"), str(tmp_path / "unsloth.json")]) == 2
     err = capsys.readouterr().err
     assert "cannot read unsloth file" in err and "no 'info' object and 'results' list in it" in err
+
+
+def test_graph_step_packed_inputs_train_the_same_tokens_as_its_rows():
+    """bench/graph_step.py `--inputs packed` (issue 19's Trainer split): the own loop fed the Trainer runs' packed row
+    (PaddingFreeCollator, varlen attention) computes the loss of its (MICRO, MAX_LEN) rows: the same 4 x (len - 1)
+    trained tokens, each sample attending to itself only. On CPU the varlen attention runs one sdpa per sample."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench import graph_step
+    from tasks.engine.fastpath import register_varlen_attention
+
+    cfg = AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=4096)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    rows = torch.randint(3, 64, (4, 24))
+    with torch.no_grad():
+        plain = graph_step.forward_loss(model, rows)
+        (batch,) = graph_step.packed([rows], device="cpu")
+        assert batch["input_ids"].shape == (1, 96) and batch["cu_seq_lens_q"].tolist() == [0, 24, 48, 72, 96]
+        model.set_attn_implementation(register_varlen_attention())
+        packed = graph_step.forward_loss(model, batch)
+    assert torch.allclose(plain, packed, rtol=1e-5), (plain, packed)
+
+
+def test_gpu_bench_plain_trainer_is_stage_4s_loop():
+    """`gpu_bench.py --trainer plain`: transformers' Trainer (tasks/train.py's base), not TRL's SFTTrainer with its fused
+    LM head and per-micro-batch metrics; the sequential sampler and token counting stay."""
+    import pytest
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    from bench import workload
+
+    plain, _ = workload.trainer_classes("plain")
+    sft, _ = workload.trainer_classes()
+    assert issubclass(plain, Trainer) and not issubclass(plain, SFTTrainer) and issubclass(sft, SFTTrainer)
+    assert "training_step" in vars(plain) and "_get_train_sampler" in vars(plain)
+    with pytest.raises(ValueError, match="plain"):
+        workload.trainer_classes("unsloth")
