@@ -526,11 +526,57 @@ def ends_in_loop(text: str, stopped: bool) -> bool:
     at '1', sentences cut before their period); AlpacaEval's GPT-4 references cut at every third word: 0.24% of cuts."""
     if stopped:
         return False
-    words = [w if any(c.isalpha() for c in w) else re.sub(r"\d+", "0", w) for w in text.split()[:-1]]
+    words = _loop_words(text)
     if len(words) < 2 * LOOP_WORDS:
         return False
     tail, earlier = words[-LOOP_WORDS:], words[:-LOOP_WORDS]
     return any(earlier[i:i + LOOP_WORDS] == tail for i in range(len(earlier) - LOOP_WORDS + 1))
+
+
+def _loop_words(text: str) -> list[str]:
+    """The answer's words as `ends_in_loop` compares them: the word the cap cut left out, numbers one word."""
+    return [w if any(c.isalpha() for c in w) else re.sub(r"\d+", "0", w) for w in text.split()[:-1]]
+
+
+def loop_start(text: str, stopped: bool) -> int | None:
+    """Where an answer's loop begins, in words: the first word from which every word lies inside a LOOP_WORDS-word span
+    the answer had already written (the first copy of the cycle is before it, the repeats from it on); None when the
+    answer does not end in a loop (`ends_in_loop`). What the answer says before it is all it says: setting m's AlpacaEval
+    loops (bench/results/h200-gemma-recipe-m-2026-12-04) begin at word 87 (median), then repeat to the cap."""
+    if not ends_in_loop(text, stopped):
+        return None
+    words, n = _loop_words(text), LOOP_WORDS
+    seen: set[tuple[str, ...]] = set()
+    repeated = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeated[i:i + n] = [True] * n
+        seen.add(gram)
+    start = len(words)
+    while start and repeated[start - 1]:
+        start -= 1
+    return start
+
+
+def words_before_loop(text: str, stopped: bool) -> int:
+    """The answer's length without its loop: its words up to `loop_start`, or all of them when it does not loop. A
+    loop's repeats to the cap are not length a reader gets: counted, they made a looping model's answers read as long."""
+    start = loop_start(text, stopped)
+    return word_count(text) if start is None else start
+
+
+def length_vs_reference(texts: list[str], stopped: list[bool], references: list[str]) -> dict:
+    """Each answer's length, its loop cut (`words_before_loop`), against its own prompt's reference answer: the median
+    ratio and the shares under half and over twice the reference. Per prompt, because a median against a median lets
+    long answers to some prompts stand in for one-liners to others."""
+    import statistics
+
+    ratios = [words_before_loop(t, s) / max(word_count(r), 1) for t, s, r in zip(texts, stopped, references, strict=True)]
+    if not ratios:
+        return {"median_ratio": 0.0, "under_half": 0.0, "over_twice": 0.0}
+    return {"median_ratio": round(statistics.median(ratios), 4), "under_half": round(sum(x < 0.5 for x in ratios) / len(ratios), 4),
+            "over_twice": round(sum(x > 2 for x in ratios) / len(ratios), 4)}
 
 
 def loop_share(texts: list[str], stopped: list[bool]) -> float:
@@ -543,11 +589,14 @@ def answer_stats(texts: list[str], stopped: list[bool], loops: float | None = No
     import statistics
 
     words = [word_count(t) for t in texts]
+    unlooped = [words_before_loop(t, s) for t, s in zip(texts, stopped)]
     q = sorted(words)
     pct = lambda p: q[min(len(q) - 1, int(p * len(q)))] if q else 0  # noqa: E731
     return {
         "n": len(texts),
         "median_words": float(statistics.median(words)) if words else 0.0,
+        # the median with each loop cut where it begins (`words_before_loop`): the length a reader gets
+        "median_words_loops_cut": float(statistics.median(unlooped)) if unlooped else 0.0,
         "mean_words": round(sum(words) / len(words), 2) if words else 0.0,
         "p10_words": pct(0.10),
         "p90_words": pct(0.90),

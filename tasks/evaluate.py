@@ -39,7 +39,7 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 9  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 10  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
@@ -49,6 +49,7 @@ EVAL_VERSION = 9  # 2: standard benchmarks + verdict; 3: per-source loss over th
 # 8: loop_share in the answer stats and summaries, and the LOOPS warning (a record cached before has neither, so a rerun
 # on the same adapter would give back its verdict without the warning)
 # 9: AlpacaEval's reference loss, ROUGE-L and chrF judged better/worse only where the paired sign-flip test agrees
+# 10: answer lengths with each loop cut where it begins (median_words_loops_cut, AlpacaEval's length_vs_reference)
 # The base's cached benchmark answers (`base_answers_key`, which, as `passes_key`, also fingerprints the code that
 # generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
 # what stage 5 reports from them does.
@@ -1065,6 +1066,7 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
         # the references' own lengths (GPT-4's answers), for reading the models' lengths against
         summary["answers"] = {**stats, "reference": bench.answer_stats(refs, [True] * len(refs))}
         summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
+        summary["length_vs_reference"] = {who: bench.length_vs_reference(texts[who], stopped[who], refs) for who in gens}
         # An empty answer is judged on its own (exact McNemar over prompts): cutting pairs to the shorter answer makes
         # an empty answer tie its pair at 0, so the overlap scores cannot see a collapse to empty answers.
         m["answered"] = _share_measure({who: [bool(t.strip()) for t in texts[who]] for who in gens}, conf)
@@ -1336,10 +1338,15 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             a = s["answers"]
             cols = [c for c in ("base", "tuned", "reference") if c in a]
             lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-            for k in ("median_words", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share", "repetition_rate", "loop_share"):
+            for k in ("median_words", "median_words_loops_cut", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share",
+                      "repetition_rate", "loop_share"):
                 # the references are whole answers, never cut at a cap: no end-of-turn or loop share to read
                 lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k in ("eos_share", "loop_share") else str(a[c].get(k, "—"))
                                                       for c in cols) + " |")
+        if "length_vs_reference" in s:
+            lines += ["", "Length against each prompt's reference, loops cut where they begin: " + "; ".join(
+                f"{who} median {x['median_ratio']:.2f}x, under half {x['under_half']:.1%}, over twice {x['over_twice']:.1%}"
+                for who, x in s["length_vs_reference"].items()) + "."]
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")

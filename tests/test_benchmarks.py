@@ -345,6 +345,32 @@ def test_ends_in_loop_is_a_cut_answer_repeating_its_last_words():
     assert not bench.ends_in_loop(cycle * 2 + " ".join(f"w{i}" for i in range(40)), stopped=False)
 
 
+def test_a_loop_is_cut_where_it_begins_for_the_length_a_reader_gets():
+    intro = " ".join(f"w{i}" for i in range(30))  # 30 words said once
+    cycle = "1. Measure the circumference of the button and the circumference of the shirt.\n"  # 13 words
+    looping = intro + " " + cycle * 6
+    assert bench.loop_start(looping, stopped=False) == 30 + 13  # the intro and the cycle's first copy; the repeats after
+    assert bench.words_before_loop(looping, stopped=False) == 43
+    assert bench.loop_start(looping, stopped=True) is None and bench.words_before_loop(looping, stopped=True) == 30 + 78
+    assert bench.loop_start(intro, stopped=False) is None  # cut, never repeats: all of it counts
+    # counted items repeat as one cycle (numbers are one word), whatever number the cap cut
+    counting = "".join(f"{i}. Use a plunger to clear the drain, then run hot water.\n" for i in range(1, 30))
+    assert bench.loop_start(counting, stopped=False) == 12  # item 1 kept: "1. Use ... water." is 12 words
+    stats = bench.answer_stats([looping, intro + ".", "short answer"], [False, True, True])
+    assert stats["median_words"] == 30 and stats["median_words_loops_cut"] == 30  # 108/30/2 -> 43/30/2
+    stats = bench.answer_stats([looping, looping, "short answer"], [False, False, True])
+    assert stats["median_words"] == 108 and stats["median_words_loops_cut"] == 43
+
+
+def test_length_against_each_reference_cuts_loops_and_reads_per_prompt():
+    cycle = "the same sentence comes back again and again in this answer now.\n"  # 12 words
+    refs = [" ".join(["r"] * 100)] * 3
+    answers = [cycle * 20, " ".join(["a"] * 60), " ".join(["a"] * 250)]
+    x = bench.length_vs_reference(answers, [False, True, True], refs)
+    # the loop reads as 12 words (0.12x), not its 240; 60 words 0.6x; 250 words 2.5x
+    assert x == {"median_ratio": 0.6, "under_half": round(1 / 3, 4), "over_twice": round(1 / 3, 4)}
+
+
 def test_ends_in_loop_reads_the_word_the_cap_cut_and_loops_that_count():
     """Recipe d's tuned AlpacaEval answers (2026-12-02): the cap cuts a loop anywhere, often inside a word or before its
     period ('shirt' of 'shirt.', '1' of '1/4'), and many loops number their items; read by whole words with every digit
