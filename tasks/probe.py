@@ -78,7 +78,8 @@ class ProbeRecord(BaseModel):
 # LoRA scale): in the train key, not here, so changing them retrains without re-probing. `checkpoint_minutes` enters
 # the plan's estimate of save time, but it is bookkeeping (tasks/train.py BOOKKEEPING_KEYS): it reruns nothing.
 NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
-                          "logging_steps", "keep_checkpoints", "checkpoint_minutes"},
+                          "logging_steps", "keep_checkpoints", "checkpoint_minutes",
+                          "neftune_noise_alpha"},  # a few elementwise ops on the embeddings: not timed
              "lora": {"alpha"}}
 
 

@@ -35,6 +35,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
+from .engine.noise import add_embedding_noise
 from .models import load_tokenizer, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
@@ -317,7 +318,9 @@ PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
-    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS | PROBE_KEYED))]
+    # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
+    unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
+    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
 
 
@@ -434,6 +437,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload,
                         compile_layers=compiled, batch_shape=(mb, data.max_length), log_fn=log_fn)
     state = model.layer_compile
+    if training.neftune_noise_alpha:
+        add_embedding_noise(model, training.neftune_noise_alpha)
     n_free = probe.recompute_free_layers if gc else 0
     if n_free:
         # What the probe found to fit (tasks/probe.py), at most the text decoder's layers (a record probed before they
@@ -482,6 +487,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
            (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
            (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
+           (f", NEFTune noise alpha {training.neftune_noise_alpha:g} on the input embeddings" if training.neftune_noise_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
