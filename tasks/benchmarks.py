@@ -513,39 +513,69 @@ def repetition_rate(text: str, n: int = 4) -> float:
 
 
 LOOP_WORDS = 12  # an answer cut at the cap whose last this-many words it had already written is in a loop
+LOOP_CHARS = 200  # ... or whose last this-many characters are one piece of at most LOOP_PERIOD characters, repeated
+LOOP_PERIOD = 40
 
 
 def ends_in_loop(text: str, stopped: bool) -> bool:
-    """The answer never ended (cut at the generation cap) and its last LOOP_WORDS words already occur earlier in it:
-    greedy decoding caught in a cycle, which a user sees as an answer that repeats itself and never ends.
+    """The answer never ended (cut at the generation cap) and its last LOOP_WORDS words already occur earlier in it, or
+    its last LOOP_CHARS characters repeat one piece of at most LOOP_PERIOD characters: greedy decoding caught in a cycle,
+    which a user sees as an answer that repeats itself and never ends.
     The word the cap cut is left out: it is often a piece ('circumf', 'shirt' of 'shirt.', '1' of '1/4'), which never
-    matches the whole word written before. Numbers are one word whatever their digits ('14:' = '15:', '$1,000' = '$2,500';
-    words with letters are kept as they are): a loop that counts its items ('14. Use a plunger ... 15. Use a plunger ...')
-    is a loop. On recipe d's AlpacaEval answers (bench/results/h200-gemma-recipe-d-2026-12-02) the two take the tuned
-    model's count from 220 to 327 of 805 (the added: items repeated under counting numbers, '* 1/4 cup maple syrup' cut
-    at '1', sentences cut before their period); AlpacaEval's GPT-4 references cut at every third word: 0.24% of cuts."""
-    if stopped:
-        return False
-    words = _loop_words(text)
-    if len(words) < 2 * LOOP_WORDS:
-        return False
-    tail, earlier = words[-LOOP_WORDS:], words[:-LOOP_WORDS]
-    return any(earlier[i:i + LOOP_WORDS] == tail for i in range(len(earlier) - LOOP_WORDS + 1))
+    matches the whole word written before. A counter is one word whatever it counts (`_loop_word`): numbers ('14:' =
+    '15:', '$1,000' = '$2,500'), ordinals ('1st' = '2nd', 'First,' = 'Second,'), number words to twenty ('Step one' =
+    'Step two'), roman numerals and letters as list markers ('IV.' = 'V.', 'b)' = 'c)'; not the pronoun 'I'): a loop
+    that counts its items ('14. Use a plunger ... 15. Use a plunger ...') is a loop. The characters catch loops without spaces, which have no
+    words to repeat ('7777...', '<b><i><b><i>...', 'hahaha...', a URL written again and again).
+    On recipe d's AlpacaEval answers (bench/results/h200-gemma-recipe-d-2026-12-02) the cut word and the numbers took
+    the tuned model's count from 220 to 327 of 805 (the added: items repeated under counting numbers, '* 1/4 cup maple
+    syrup' cut at '1', sentences cut before their period). The counters and the characters take setting m's tuned count
+    (bench/results/h200-gemma-recipe-m-2026-12-04) from 265 to 276 of 805, m2's from 247 to 257, the base's from 799 to
+    802 (the added: '7777...', '0,000,000,...', '<b><i>...', 'examples/examples/...', items under 'vi.', 'xiii.', 'The
+    tenth performance'; none lost). AlpacaEval's GPT-4 references cut at every third word from the 24th (80,954 cuts):
+    0.24% read as loops before the counters, 0.26% after (the 17 added all in one reference's sudoku walk-through, 'the 3
+    in the third column of the first box'); cut at 5 random places each (3,900 cuts), 0.26% before and after."""
+    return loop_start(text, stopped) is not None
+
+
+_COUNTER_WORDS = frozenset(
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen "
+    "nineteen twenty first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth "
+    "fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth firstly secondly thirdly fourthly fifthly".split())
+_ORDINAL = re.compile(r"\d+(?:st|nd|rd|th)", re.IGNORECASE)
+# list markers, counters only when followed by '.' or ')': roman numerals I to XX (and the empty string: checked
+# apart) and single letters ('a)', 'k.': a list past 'h.' runs on into 'i.', 'j.', where roman and letter meet)
+_MARKER = re.compile(r"x{0,2}(?:ix|iv|v?i{0,3})|[a-z]", re.IGNORECASE)
+_WORD_PARTS = re.compile(r"(\W*)(.*?)(\W*)", re.DOTALL)  # leading punctuation, the word, trailing punctuation
+
+
+def _loop_word(word: str) -> str:
+    """One word as `ends_in_loop` compares it: a counter becomes '#' in its punctuation ('2nd' -> '#', 'Second,' -> '#,',
+    'IV.' -> '#.', '(ii)' -> '(#)', 'k.' -> '#.'); other words with letters stay as they are; in the rest every number is
+    '0'. A roman numeral or a single letter is a counter only as a list marker, followed by '.' or ')': 'I' in prose is
+    the pronoun, 'a' the article."""
+    lead, core, trail = _WORD_PARTS.fullmatch(word).groups()
+    folded = core.casefold()
+    if folded in _COUNTER_WORDS or _ORDINAL.fullmatch(core):
+        return f"{lead}#{trail}"
+    if core and _MARKER.fullmatch(core) and trail[:1] in (".", ")"):
+        return f"{lead}#{trail}"
+    return word if any(c.isalpha() for c in word) else re.sub(r"\d+", "0", word)
 
 
 def _loop_words(text: str) -> list[str]:
-    """The answer's words as `ends_in_loop` compares them: the word the cap cut left out, numbers one word."""
-    return [w if any(c.isalpha() for c in w) else re.sub(r"\d+", "0", w) for w in text.split()[:-1]]
+    """The answer's words as `ends_in_loop` compares them: the word the cap cut left out, counters one word."""
+    return [_loop_word(w) for w in text.split()[:-1]]
 
 
-def loop_start(text: str, stopped: bool) -> int | None:
-    """Where an answer's loop begins, in words: the first word from which every word lies inside a LOOP_WORDS-word span
-    the answer had already written (the first copy of the cycle is before it, the repeats from it on); None when the
-    answer does not end in a loop (`ends_in_loop`). What the answer says before it is all it says: setting m's AlpacaEval
-    loops (bench/results/h200-gemma-recipe-m-2026-12-04) begin at word 87 (median), then repeat to the cap."""
-    if not ends_in_loop(text, stopped):
-        return None
+def _word_loop_start(text: str) -> int | None:
+    """Where a loop of words begins (see `loop_start`); None when the last LOOP_WORDS words were not written before."""
     words, n = _loop_words(text), LOOP_WORDS
+    if len(words) < 2 * n:
+        return None
+    tail, earlier = words[-n:], words[:-n]
+    if not any(earlier[i:i + n] == tail for i in range(len(earlier) - n + 1)):
+        return None
     seen: set[tuple[str, ...]] = set()
     repeated = [False] * len(words)
     for i in range(len(words) - n + 1):
@@ -557,6 +587,41 @@ def loop_start(text: str, stopped: bool) -> int | None:
     while start and repeated[start - 1]:
         start -= 1
     return start
+
+
+def _char_loop_start(text: str) -> int | None:
+    """Where a loop of characters begins, in words: None unless the last LOOP_CHARS characters repeat one piece of at
+    most LOOP_PERIOD characters. The run of that repeat is followed back to where it starts; the words that begin within
+    the piece's first copy or before it are kept (as a loop of words keeps its cycle's first copy), the rest are the
+    loop's: '... is 7777...' keeps its 3 words and '7777...', 'hahaha...' alone 1, 'Sure! ha ha ha ...' 2."""
+    if len(text) < LOOP_CHARS:
+        return None
+    tail = text[-LOOP_CHARS:]
+    period = next((p for p in range(1, LOOP_PERIOD + 1) if tail[p:] == tail[:-p]), None)
+    if period is None:
+        return None
+    start = len(text) - LOOP_CHARS
+    while start and text[start - 1] == text[start - 1 + period]:
+        start -= 1
+    return sum(1 for m in re.finditer(r"\S+", text) if m.start() < start + period)
+
+
+LOOP_CACHE_ANSWERS = 1 << 12
+"""Answers whose `loop_start` is kept: stage 5 asks it of each answer three times (`loop_share`, `answer_stats`,
+`length_vs_reference`), and its 4 x 805 AlpacaEval answers fit, so each is scanned once."""
+
+
+@functools.lru_cache(maxsize=LOOP_CACHE_ANSWERS)
+def loop_start(text: str, stopped: bool) -> int | None:
+    """Where an answer's loop begins, in words: the first word from which every word lies inside a LOOP_WORDS-word span
+    the answer had already written (the first copy of the cycle is before it, the repeats from it on), or for a loop of
+    characters the first word after its piece's first copy (`_char_loop_start`), whichever is earlier; None when the
+    answer does not end in a loop (`ends_in_loop`). What the answer says before it is all it says: setting m's AlpacaEval
+    loops (bench/results/h200-gemma-recipe-m-2026-12-04) begin at word 85 (median of 276), then repeat to the cap."""
+    if stopped:
+        return None
+    starts = [s for s in (_word_loop_start(text), _char_loop_start(text)) if s is not None]
+    return min(starts) if starts else None
 
 
 def words_before_loop(text: str, stopped: bool) -> int:
@@ -572,7 +637,10 @@ def length_vs_reference(texts: list[str], stopped: list[bool], references: list[
     long answers to some prompts stand in for one-liners to others."""
     import statistics
 
-    ratios = [words_before_loop(t, s) / max(word_count(r), 1) for t, s, r in zip(texts, stopped, references, strict=True)]
+    if not len(texts) == len(stopped) == len(references):
+        raise ValueError(f"length_vs_reference needs one answer, stopped flag and reference per prompt: texts {len(texts)}, "
+                         f"stopped {len(stopped)}, references {len(references)}")
+    ratios = [words_before_loop(t, s) / max(word_count(r), 1) for t, s, r in zip(texts, stopped, references)]
     if not ratios:
         return {"median_ratio": 0.0, "under_half": 0.0, "over_twice": 0.0}
     return {"median_ratio": round(statistics.median(ratios), 4), "under_half": round(sum(x < 0.5 for x in ratios) / len(ratios), 4),

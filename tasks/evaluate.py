@@ -39,7 +39,7 @@ from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 10  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
@@ -50,6 +50,8 @@ EVAL_VERSION = 10  # 2: standard benchmarks + verdict; 3: per-source loss over t
 # on the same adapter would give back its verdict without the warning)
 # 9: AlpacaEval's reference loss, ROUGE-L and chrF judged better/worse only where the paired sign-flip test agrees
 # 10: answer lengths with each loop cut where it begins (median_words_loops_cut, AlpacaEval's length_vs_reference)
+# 11: loops that count their items in ordinals, number words, roman numerals or letters, and loops of characters
+# without spaces ('7777...'), read as loops (loop_share, median_words_loops_cut, length_vs_reference change)
 # The base's cached benchmark answers (`base_answers_key`, which, as `passes_key`, also fingerprints the code that
 # generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
 # what stage 5 reports from them does.
@@ -1023,7 +1025,8 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
     m = summary["metrics"]
     conf = eval.confidence
     stopped = {who: [g["stopped"] for g in gens[who]] for who in gens}
-    # Once per model: the summary's loop share and AlpacaEval's answer stats (each answer's loop check scans its words).
+    # Once per model: the summary's loop share (AlpacaEval's answer stats and length ask each answer's `loop_start` again,
+    # which keeps it).
     loops = {who: bench.loop_share([g["text"] for g in gens[who]], stopped[who]) for who in gens}
 
     if name == "ifeval":
@@ -1269,7 +1272,8 @@ def _loop_warnings(summary: dict, bench_results: dict) -> list[str]:
     sets += [(name, (res["summary"].get("loop_share") or {}).get("base"), (res["summary"].get("loop_share") or {}).get("tuned"))
              for name, res in bench_results.items()]
     return [f"LOOPS: {where}: {tuned:.0%} of the tuned model's answers repeat themselves until the generation cap (the last "
-            f"{bench.LOOP_WORDS} words already written, no end-of-turn){f'; base {base:.0%}' if base is not None else ''}; a user sees "
+            f"{bench.LOOP_WORDS} words already written or the last {bench.LOOP_CHARS} characters one short piece repeated, "
+            f"no end-of-turn){f'; base {base:.0%}' if base is not None else ''}; a user sees "
             "answers that never end (read them side by side; more short, well-ended training answers or more steps on them)"
             for where, base, tuned in sets if tuned is not None and tuned >= LOOP_WARN]
 

@@ -387,6 +387,52 @@ def test_ends_in_loop_reads_the_word_the_cap_cut_and_loops_that_count():
     assert not bench.ends_in_loop(counting, stopped=True)
 
 
+def test_ends_in_loop_reads_counters_in_words_as_one_word():
+    """Settings m and m2's AlpacaEval answers (2026-12-04) loop through items numbered in words ('The first performance
+    of the year ... The second performance ...'), roman numerals ('xiii. Develop a digital marketing campaign ...') and
+    letters: each 12 words of such a loop hold one counter, so with counters read as words it never repeats."""
+    tip = " tip: drink a glass of water before you eat anything at all.\n"  # 11 words after the counter
+    ordinals = "".join(f"{n}{tip}" for n in ("1st", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th"))
+    words = "".join(f"{n.capitalize()},{tip}" for n in ("first", "second", "third", "fourth", "fifth", "sixth", "seventh"))
+    steps = "".join(f"Step {n}: drink a glass of water before you eat anything.\n" for n in ("one", "two", "three", "four", "five", "six"))
+    roman = "".join(f"{n}.{tip}" for n in ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI"))
+    letters = "".join(f"({n}){tip}" for n in "abcdefgh")
+    for looping in (ordinals, words, steps, roman, letters):
+        assert bench.ends_in_loop(looping, stopped=False), looping
+        assert not bench.ends_in_loop(looping, stopped=True)
+        assert bench.loop_start(looping, stopped=False) == len(looping.split("\n")[0].split())  # item 1 kept, the repeats after
+    # a roman numeral or a letter is a counter only as a list marker: the pronoun and the article stay words
+    assert [bench._loop_word(w) for w in ("I", "I.", "IV)", "(xii)", "a", "b)", "i.e.", "civil.", "12th,", "Twelve")] == \
+        ["I", "#.", "#)", "(#)", "a", "#)", "i.e.", "civil.", "#,", "#"]
+    # without its '.' or ')' a roman numeral stays a word (so 'I drink ...' is not 'II drink ...')
+    unmarked = "".join(f"{n} drink a glass of water before we eat at all.\n" for n in ("I", "II", "III", "IV", "V", "VI"))
+    assert not bench.ends_in_loop(unmarked, stopped=False)
+
+
+def test_ends_in_loop_reads_loops_of_characters_without_spaces():
+    """Settings m and m2's AlpacaEval answers (2026-12-04) that end in '7777...', '0,000,000,...', '<b><i><b><i>...' or
+    'examples/examples/...': one word to the cap, so no words repeat; the characters do."""
+    for run in ("7" * 600, "<b><i>" * 100, "ha" * 300, "http://example.com/a?b=1/" * 30, "0,000," * 90):
+        looping = "The answer is " + run
+        assert bench.ends_in_loop(looping, stopped=False), run[:20]
+        assert not bench.ends_in_loop(looping, stopped=True)
+        # the word the run starts in is kept (it holds the first copy, as a loop of words keeps its cycle's first copy)
+        assert bench.loop_start(looping, stopped=False) == 4 and bench.words_before_loop(looping, stopped=False) == 4
+    # the repeat is followed back to where it starts: here inside the third word
+    assert bench.loop_start("It is ver" + "y" * 300, stopped=False) == 3
+    # a loop with spaces is read the same by its words and by its characters: the first copy kept
+    assert bench.loop_start("Sure! " + "ha " * 100, stopped=False) == 2
+    # a run shorter than LOOP_CHARS, or a piece longer than LOOP_PERIOD, is not a loop of characters
+    assert not bench.ends_in_loop("The answer is " + "7" * 150, stopped=False)
+    assert not bench.ends_in_loop("x" + "".join(chr(0x4E00 + i) for i in range(400)), stopped=False)  # Chinese, no spaces
+    assert not bench.ends_in_loop("The answer is " + "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJ" * 8, stopped=False)
+
+
+def test_length_against_references_names_lists_of_different_lengths():
+    with pytest.raises(ValueError, match=r"^length_vs_reference .*texts 2, stopped 3, references 3$"):
+        bench.length_vs_reference(["a", "b"], [True, True, True], ["r", "r", "r"])
+
+
 def test_reference_overlap_scores_identity_high_and_unrelated_low():
     ref = "The sky looks blue because air scatters blue sunlight more than red."
     o = bench.reference_overlap([ref, "Bananas are yellow."], [ref, ref])
