@@ -10,6 +10,8 @@ Variants (every one in its own try: an unavailable backend is a recorded error, 
 
     rows/sdpa-*            transformers' sdpa_attention_forward on (4, 32, 2048, 128) q, (4, 8, 2048, 128) k/v, as
                            MistralAttention calls it; torch's default backend choice, then each backend forced
+    rows/sdpa-repeated-*   F.scaled_dot_product_attention on the rows with k/v repeated to 32 heads beforehand
+                           (default, cuDNN, flash): what cuDNN does on the rows if GQA is what keeps it out
     {equal,mixed}/varlen-wrapper      tasks/engine/fastpath.py varlen_attention_forward on the (1, 32, 8192, 128) row
     {equal,mixed}/varlen-kernel-*     torch.nn.attention.varlen.varlen_attn alone: GQA native (if the kernel has it),
                                       or k/v repeated and contiguous before the clock starts (with/without the window)
@@ -52,10 +54,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 ROW_BACKENDS = ("default", "cudnn", "flash", "efficient", "math")
+ROW_REPEATED = ("default", "cudnn", "flash")
 PACK_VARIANTS = ("varlen-wrapper", "varlen-kernel-gqa", "varlen-kernel-repeated", "varlen-kernel-repeated-nowindow",
                  "cudnn-op-gqa", "cudnn-op-repeated", "varlen-attn-cudnn",
                  "njt-sdpa-default", "njt-sdpa-cudnn", "njt-sdpa-flash", "njt-sdpa-efficient", "sdpa-per-sample")
-VARIANTS = ([f"rows/sdpa-{b}" for b in ROW_BACKENDS]
+VARIANTS = ([f"rows/sdpa-{b}" for b in ROW_BACKENDS] + [f"rows/sdpa-repeated-{b}" for b in ROW_REPEATED]
             + [f"{pack}/{v}" for pack in ("equal", "mixed") for v in PACK_VARIANTS])
 """Every record attn_bench.json holds, in table order (the test checks each has a time or an error)."""
 REFERENCES = {"rows": "rows/sdpa-default", "equal": "rows/sdpa-default", "mixed": "mixed/sdpa-per-sample"}
@@ -186,6 +189,19 @@ def sdpa_rows(inp: Inputs, backend: str) -> Callable:
     return run
 
 
+def sdpa_rows_repeated(inp: Inputs, backend: str) -> Callable:
+    """F.scaled_dot_product_attention itself on the rows with k/v repeated beforehand (no enable_gqa): whether a
+    backend that refuses or slows on GQA (cuDNN) would win on the rows if it were handed 32 kv heads."""
+    s = inp.shape
+
+    def run():
+        with forced(backend):
+            out = F.scaled_dot_product_attention(inp.rows(inp.q), inp.rows(inp.k_rep), inp.rows(inp.v_rep),
+                                                 is_causal=True, scale=inp.scale)
+        return out.transpose(1, 2).reshape(s.tokens, s.heads, s.head_dim), (inp.q, inp.k_rep, inp.v_rep)
+    return run
+
+
 def varlen_wrapper(inp: Inputs, cu: list[int]) -> Callable:
     from tasks.engine.fastpath import varlen_attention_forward
 
@@ -251,9 +267,8 @@ def cudnn_op(inp: Inputs, cu: list[int], kv: str) -> Callable:
 def varlen_attn_cudnn(inp: Inputs, cu: list[int]) -> Callable:
     run_kernel = varlen_kernel(inp, cu, "repeated", window=False)  # torch's cuDNN branch refuses GQA and windows
 
-    def run():
-        with cudnn_varlen_routing():
-            return run_kernel()
+    run = lambda: run_kernel()  # noqa: E731
+    run.scope = cudnn_varlen_routing  # held over forward AND backward: the custom op's backward asks again
     return run
 
 
@@ -295,6 +310,8 @@ def sdpa_per_sample(inp: Inputs, cu: list[int]) -> Callable:
 
 def build(name: str, inp: Inputs, cus: dict[str, list[int]]) -> Callable:
     pack, variant = name.split("/")
+    if pack == "rows" and variant.startswith("sdpa-repeated-"):
+        return sdpa_rows_repeated(inp, variant.removeprefix("sdpa-repeated-"))
     if pack == "rows":
         return sdpa_rows(inp, variant.removeprefix("sdpa-"))
     cu = cus[pack]
@@ -478,7 +495,8 @@ def run_all(args) -> dict:
         ref_name = REFERENCES[name.split("/")[0]]
         try:
             run = build(name, inp, cus)
-            rec = measure(name, run, inp, refs.get(ref_name), args)
+            with getattr(run, "scope", nullcontext)():
+                rec = measure(name, run, inp, refs.get(ref_name), args)
             if getattr(run, "note", ""):
                 rec["note"] = run.note
         except Exception as e:  # noqa: BLE001  (an unavailable backend or API is a result)
