@@ -925,7 +925,8 @@ ALLOWED_SETTINGS = {
                       f"number from -{MAX_BIAS}.0 to {MAX_BIAS}.0 with a decimal point, e.g. [[[42], -5.0]]", _sequence_bias),
     "suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
     "begin_suppress_tokens": ("a list of token ids in the model's vocabulary", _token_ids),
-    "eos_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
+    # an empty list adds no stop: sets_nothing leaves it out, and the model's own end-of-turn ids stop generation
+    "eos_token_id": ("a token id in the model's vocabulary or a list of them ([]: only the model's own)", _id_or_ids),
     "forced_eos_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
     "decoder_start_token_id": ("a token id in the model's vocabulary or a non-empty list of them", _id_or_ids),
     "forced_bos_token_id": ("a token id in the model's vocabulary", _token_id),
@@ -973,8 +974,11 @@ FLOAT_SETTINGS = ("temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff"
 
 
 def sets_nothing(name: str, value: Any) -> bool:
-    """A setting that leaves generation as it is: any null, a model's file's bookkeeping, a refused one set off."""
-    return value is None or name in IGNORED_SETTINGS or (name in REFUSED_BECAUSE and name != "seed" and not value)
+    """A setting that leaves generation as it is: any null, a model's file's bookkeeping, a refused one set off, an
+    empty eos_token_id list. generate() would put that list over the model's own end-of-sequence ids (transformers
+    5.25: an IndexError without a pad token, else no end-of-turn stop at all); read as "no stop added", it is left out."""
+    return (value is None or name in IGNORED_SETTINGS or (name in REFUSED_BECAUSE and name != "seed" and not value)
+            or (name == "eos_token_id" and value == []))
 
 
 def settings_as_sent(settings: dict) -> dict:

@@ -1221,6 +1221,51 @@ def test_serve_model_merged_takes_a_list_for_the_token_id_settings_transformers_
             assert code == 200, (settings, extra, code, answer[:300])
 
 
+def test_serve_model_merged_reads_an_empty_eos_token_id_list_as_the_model_s_own_stops(served_r1):
+    """`"eos_token_id": []` in generation_config was a 400 (the check asked for a non-empty list). Passed on as it
+    is, transformers 5.25's generate() would put the empty list over the model's own end-of-sequence ids: an
+    IndexError without a pad token (_prepare_special_tokens takes eos[0] for it), else no end-of-turn stop at all.
+    A user reads an empty list as adding no stop: the answer is the one without the setting, still ending at the
+    model's end-of-turn token (a logit bias makes the tiny model say it first)."""
+    pub, base = served_r1
+    eos = json.loads((pub / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    first = eos[0] if isinstance(eos, list) else eos
+    url = f"{base}/v1/completions"
+    body = {"prompt": "Once upon", "max_tokens": 8, "temperature": 0, "logit_bias": {str(first): 100}}
+    code, plain = _request(url, body)
+    assert code == 200 and json.loads(plain)["choices"][0]["finish_reason"] == "stop", plain
+    for stream in (False, True):
+        asked = {**body, "generation_config": json.dumps({"eos_token_id": []}), "stream": stream}
+        if stream:
+            chunks = [json.loads(d) for _, d in _sse(url, asked) if d != "[DONE]"]
+            assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "stop", chunks
+        else:
+            code, answer = _request(url, asked)
+            assert code == 200, answer[:300]
+            assert json.loads(answer)["choices"] == json.loads(plain)["choices"], (answer, plain)
+            assert json.loads(answer)["usage"]["completion_tokens"] < 8, answer
+
+
+def test_serve_model_merged_refuses_a_generation_config_max_new_tokens_beyond_the_context_at_once(served_r1):
+    """A generation_config max_new_tokens far beyond the model's context is a 400 naming the setting and the context
+    (max_position_embeddings), answered at once, not a generation that runs to the end of the context."""
+    import time
+
+    pub, base = served_r1
+    limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+    endpoints = (("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+                 ("completions", {"prompt": "Once upon"}, "max_tokens"), ("responses", {"input": "hi"}, "max_output_tokens"))
+    for path, body, field in endpoints:
+        for stream in (False, True):
+            for extra in ({}, {field: 4}):  # alone, and under the request's own length limit
+                t0 = time.monotonic()
+                code, answer = _request(f"{base}/v1/{path}", {**body, **extra, "temperature": 0, "stream": stream,
+                                                              "generation_config": json.dumps({"max_new_tokens": max(100000, limit + 1)})}, timeout=30)
+                error = json.loads(answer)["error"]
+                assert code == 400 and error["param"] == "generation_config" and "max_new_tokens" in error["message"], (path, extra, answer)
+                assert str(limit) in error["message"] and "\n" not in error["message"] and time.monotonic() - t0 < 10, answer
+
+
 # A review of 82f5eb4 (2026-12-04) on a real server: generation_config settings the check let through failed in
 # generation (a 500, a "malformed request" 400 with param null, a stream's 200 with an error event), changed the shared
 # model for every later request (assistant_early_exit), or ran for as long as their value asked (18 GB for

@@ -138,14 +138,35 @@ def drop_log_dicts(trainer, bar=None) -> None:
     trainer.pop_callback(PrinterCallback)
 
 
+NON_PADDING_TOKENS = "_non_padding_tokens"  # the batch's key for its count of non-padding tokens (CountNonPadding)
+
+
+class CountNonPadding:
+    """Wraps a collator: each batch also carries its count of non-padding tokens (its attention_mask's sum) as a host
+    integer, made here while the mask is still on the host; the Trainer's dataloader then moves the batch to the GPU,
+    where the same sum would be a read-back (bookkeeping_trainer). A batch without a host attention_mask is left as it is."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+        if mask is not None and getattr(mask, "device", None) is not None and mask.device.type == "cpu":
+            batch[NON_PADDING_TOKENS] = int(mask.sum())
+        return batch
+
+
 def bookkeeping_trainer(base=None):
     """`base` (default transformers' Trainer) with its per-micro-batch bookkeeping made on the host (issue 19, the
-    Trainer's share of a step). Stage 4 and the probe count tokens with `include_num_input_tokens_seen="all"` on packed
-    rows: transformers turns that count, the row's size (a host integer), into a device tensor, gathers it and
-    `.item()`s it after every micro-batch's backward — a host-device sync that drains the CUDA queue, so the next
-    forward's launches start from an idle GPU. On one process the count is added as the integer it is; several ranks
-    keep transformers' gather (the ranks' packs differ in size). `floating_point_ops` (the `total_flos` of the logs)
-    walks every parameter per micro-batch (~7 ms of host time on 32 layers, measured on CPU): the count of non-embedding
+    Trainer's share of a step). transformers' `_track_num_input_tokens` turns each micro-batch's token count into a
+    device tensor, gathers it and `.item()`s it after the backward — a host-device sync that drains the CUDA queue, so
+    the next forward's launches start from an idle GPU. On one process the count is added as a host integer instead:
+    with `include_num_input_tokens_seen="all"` (stage 4 and the probe on packed rows) the row's size; with
+    "non_padding" (the padded engine) the attention_mask's sum, counted by the collator before the batch leaves the
+    host (CountNonPadding; `_prepare_inputs` drops the count, so the model never sees it). Several ranks keep
+    transformers' gather (the ranks' batches differ). `floating_point_ops` (the `total_flos` of the logs) walks every
+    parameter per micro-batch (~7 ms of host time on 32 layers, measured on CPU): the count of non-embedding
     parameters is read once; it does not change during training. The numbers are the same as transformers'."""
     if base is None:
         from transformers import Trainer as base
@@ -153,11 +174,26 @@ def bookkeeping_trainer(base=None):
     class BookkeepingTrainer(base):
         _parameters_for_flops: int | None = None
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if (self.args.include_num_input_tokens_seen == "non_padding" and self.args.world_size == 1
+                    and self.data_collator is not None):
+                self.data_collator = CountNonPadding(self.data_collator)
+
+        def _prepare_inputs(self, inputs):
+            if NON_PADDING_TOKENS in inputs:
+                inputs = {k: v for k, v in inputs.items() if k != NON_PADDING_TOKENS}
+            return super()._prepare_inputs(inputs)
+
         def _track_num_input_tokens(self, inputs):
             name = getattr(self.model, "main_input_name", "input_ids")
-            if self.args.include_num_input_tokens_seen == "all" and self.args.world_size == 1 and name in inputs:
-                self.state.num_input_tokens_seen += int(inputs[name].numel())
-                return
+            if self.args.world_size == 1 and name in inputs:
+                if self.args.include_num_input_tokens_seen == "all":
+                    self.state.num_input_tokens_seen += int(inputs[name].numel())
+                    return
+                if self.args.include_num_input_tokens_seen == "non_padding" and NON_PADDING_TOKENS in inputs:
+                    self.state.num_input_tokens_seen += inputs[NON_PADDING_TOKENS]
+                    return
             return super()._track_num_input_tokens(inputs)
 
         def floating_point_ops(self, inputs):
