@@ -317,7 +317,7 @@ class TrainingSection(Section):
     logging_steps: int = Field(1, ge=1, description="Log loss/LR/tokens per second every N steps.")
     seed: int = Field(42, description="Training seed (LoRA init, dropout, data order).")
     neftune_noise_alpha: float | None = Field(
-        None, ge=0, description="NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(sample length x width) on the input "
+        None, ge=0, allow_inf_nan=False, description="NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(sample length x width) on the input "
         "embeddings while training; the paper's alpha is 5-15 (longer, more helpful answers on AlpacaEval). Each token's sample "
         "length is its own in packed rows and without padding in padded ones (tasks/engine/noise.py; transformers' own hook "
         "would use the whole pack's). None/0 = off; in the training key only when set."

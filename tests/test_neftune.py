@@ -28,6 +28,8 @@ def test_sample_lengths_count_a_padded_rows_real_tokens_only():
     pos = torch.arange(5).expand(2, 5)
     assert sample_lengths((2, 5), position_ids=pos, attention_mask=mask).tolist() == [[3] * 5, [5] * 5]
     assert sample_lengths((1, 4)).tolist() == [[4] * 4]
+    # multimodal rotary positions, (3, B, T): the first axis' restarts
+    assert sample_lengths((1, 4), position_ids=torch.tensor([[[0, 1, 0, 1]]] * 3)).tolist() == [[2, 2, 2, 2]]
 
 
 def _tiny(kind: str = "llama"):
@@ -124,6 +126,8 @@ def test_a_negative_alpha_is_one_line_naming_the_key(tmp_path):
 
     with pytest.raises((ConfigError, ValueError), match="neftune_noise_alpha"):
         load_config(profile="tiny", overrides=["training.neftune_noise_alpha=-1"])
+    with pytest.raises((ConfigError, ValueError), match="neftune_noise_alpha"):  # infinite noise: a NaN loss, not a run
+        load_config(profile="tiny", overrides=["training.neftune_noise_alpha=inf"])
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ def sample_lengths(shape: tuple[int, int], position_ids: Any = None, attention_m
     import torch
 
     batch, length = shape
+    if position_ids is not None and position_ids.dim() == 3:
+        position_ids = position_ids[0]  # multimodal rotary positions (3, B, T): the text positions' restarts are the first's
     if position_ids is not None and position_ids.shape[-1] == length:
         pos = position_ids.reshape(-1, length).expand(batch, length).to(device)
         starts = pos == 0
