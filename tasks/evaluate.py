@@ -56,6 +56,11 @@ EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over t
 # generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
 # what stage 5 reports from them does.
 BASE_ANSWERS_VERSION = 7
+# The saved passes (`passes_key`: each model's answers, losses and decode check) have theirs too, for the same reason: a
+# change to how answers are scored or summarised (EVAL_VERSION 11's loop reading) re-scores the passes already made
+# instead of generating every tuned answer again. 10 = the EVAL_VERSION they were keyed under until it had its own
+# number, so passes saved before are still found. Bump it when what a pass holds changes.
+PASSES_VERSION = 10
 
 
 class EvalRecord(BaseModel):
@@ -235,7 +240,7 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
     (base and tuned, held-out and benchmarks) all come from one machine, one set of libraries and one version of the code,
     and a library upgrade or a code fix (the usual fixes of a GENERATION BROKEN) is not served the answers made before it.
     The stage's own key stays without them: its record is reused on any machine, as before."""
-    return fingerprint("eval-passes", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
+    return fingerprint("eval-passes", PASSES_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
                        resolve_device(device), *answers_made_on(device), answer_code())
 
 

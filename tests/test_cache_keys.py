@@ -392,6 +392,32 @@ def test_eval_key_follows_scorer_library_versions_and_nltk_data(tmp_path, monkey
     assert "if-verifiable" in evaluate.scorer_versions(["ifeval"]) and "nltk-data" in evaluate.scorer_versions(["ifeval"])
 
 
+def test_a_scoring_only_eval_version_keeps_the_saved_passes(tmp_path, monkeypatch):
+    """EVAL_VERSION marks a change of what stage 5 reports (its record is made again); the saved passes (answers, losses,
+    decode check) have their own PASSES_VERSION, so a scoring-only bump (11: the loop reading) re-scores the answers
+    already made instead of generating them again on the GPU (a fresh review found 11 regenerating every tuned pass)."""
+    from tasks import evaluate
+
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    train, cfg = SimpleNamespace(key="t", adapter_dir=str(adapter)), _cfg(tmp_path)
+    keys = lambda: (evaluate.cache_key(data, train, cfg.model, cfg.quant, cfg.eval, cfg.device),  # noqa: E731
+                    evaluate.passes_key(data, train, cfg.quant, cfg.eval, cfg.device))
+    stage, passes = keys()
+    monkeypatch.setattr(evaluate, "EVAL_VERSION", evaluate.EVAL_VERSION + 1)
+    assert keys()[0] != stage and keys()[1] == passes
+    monkeypatch.setattr(evaluate, "PASSES_VERSION", evaluate.PASSES_VERSION + 1)
+    assert keys()[1] != passes
+    # the passes saved under EVAL_VERSION 10 (setting m2's, 2026-12-04) keep their key
+    monkeypatch.setattr(evaluate, "PASSES_VERSION", 10)
+    monkeypatch.setattr(evaluate, "EVAL_VERSION", 10)
+    at_10 = keys()[1]
+    monkeypatch.setattr(evaluate, "EVAL_VERSION", 11)
+    assert keys()[1] == at_10
+
+
 def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monkeypatch):
     """Stage 5 saves each pass (a model's answers, losses and decode check) under `passes_key`. eval.confidence only sets
     the level of the intervals and tests, and a scorer library only scores the answers: both re-run the stage (its
