@@ -1349,6 +1349,8 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             lines += ["", "| answers | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for k in ("median_words", "median_words_loops_cut", "p10_words", "p90_words", "empty_share", "one_line_share", "eos_share",
                       "repetition_rate", "loop_share"):
+                if not any(k in a[c] for c in cols):  # a record made before the row existed: no row of dashes
+                    continue
                 # the references are whole answers, never cut at a cap: no end-of-turn or loop share to read
                 lines.append(f"| {k} | " + " | ".join("—" if c == "reference" and k in ("eos_share", "loop_share") else str(a[c].get(k, "—"))
                                                       for c in cols) + " |")

@@ -535,6 +535,12 @@ def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, loop
         ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
                       gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": s}, verdict=verdict))
     assert f"| loop_share | 1.0 | {round(looping / 24, 4)} | — |" in card  # the references are never cut: no share to give
+    # a record made before median_words_loops_cut existed (EVAL_VERSION < 10) shows no row of dashes for it
+    old = {**s, "answers": {c: {k: v for k, v in x.items() if k != "median_words_loops_cut"} for c, x in s["answers"].items()}}
+    old_card = ev.benchmark_markdown(
+        ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
+                      gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": old}, verdict=verdict))
+    assert "| median_words_loops_cut |" in card and "median_words_loops_cut" not in old_card and "| median_words |" in old_card
     if expected:
         assert len(loops) == 1 and loops[0].startswith(f"LOOPS: alpaca_eval: {looping / 24:.0%} of the tuned model's answers") \
             and "base 100%" in loops[0], loops
