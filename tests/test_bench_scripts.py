@@ -313,3 +313,13 @@ def test_gpu_bench_plain_trainer_is_stage_4s_loop():
     assert "training_step" in vars(plain) and "_get_train_sampler" in vars(plain)
     with pytest.raises(ValueError, match="plain"):
         workload.trainer_classes("unsloth")
+
+
+def test_answer_lengths_reads_each_assistant_turn_from_the_labels():
+    """bench/answer_lengths.py: one span per run of trained-on tokens (an assistant turn), none for the masked prompt."""
+    from bench.answer_lengths import assistant_spans
+
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    labels = [-100, -100, 3, 4, -100, -100, 7, 8, 9]
+    assert assistant_spans(ids, labels) == [[3, 4], [7, 8, 9]]
+    assert assistant_spans(ids, [-100] * 9) == []
