@@ -40,15 +40,13 @@ def sample_lengths(shape: tuple[int, int], position_ids: Any = None, attention_m
         flat = (segment + torch.arange(batch, device=pos.device).unsqueeze(1) * length).reshape(-1)
         sizes = torch.zeros(batch * length, dtype=torch.float32, device=pos.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
         lengths = sizes[flat].reshape(batch, length)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == (batch, length):
-            # positions and padding together (a padded batch that also passes positions): real tokens only
-            real = attention_mask.to(device=device, dtype=torch.float32)
-            return torch.minimum(lengths, real.sum(1, keepdim=True).clamp(min=1).expand(batch, length))
-        return lengths
+    else:
+        lengths = torch.full((batch, length), float(length), device=device)
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == (batch, length):
+        # a padded row: its real tokens only (with positions too, right padding continues them past the sample)
         real = attention_mask.to(device=device, dtype=torch.float32).sum(1, keepdim=True).clamp(min=1)
-        return real.expand(batch, length)
-    return torch.full((batch, length), float(length), device=device)
+        lengths = torch.minimum(lengths, real.expand(batch, length))
+    return lengths
 
 
 def add_embedding_noise(model, alpha: float) -> list:
