@@ -145,6 +145,14 @@ class DataSection(Section):
         "120 fits the CPU demo's 256-token rows; longer rows (max_length 2048) can take longer answers: more distinct "
         "instructions to attach constraints to, and long-answer constraints (paragraphs, word minimums) on real text.",
     )
+    embedded_base_min_words: int | None = Field(
+        None, ge=5, le=2000, description="embedded source: the shortest real answer (words) a constrained *training* row is "
+        "built on. The model learns when to stop from its rows: on the demo-gpu rows (bases of 5-600 words, median 136) the "
+        "tuned model's answers, loops cut, end near the rows' median first answer (128 words), where AlpacaEval's GPT-4 "
+        "references run to 347. Bases under it are left out (the mix does not take them back), so fewer instructions carry "
+        "the same rows. Held-out rows keep their short bases (<= 50 words, to fit stage 5's cap), so runs with other "
+        "values are scored on the same rows. None = every base of 5 words or more (the rows and data key of before).",
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
     mix: list[MixSource] = Field(
         default_factory=list, description="Extra sources mixed into the training data, each with a share of the final "
@@ -192,7 +200,17 @@ class DataSection(Section):
             out.pop("embedded_type_weights", None)
         if not self.embedded_keywords_added:  # the same for the keyword share at 0
             out.pop("embedded_keywords_added", None)
+        if self.embedded_base_min_words is None:  # and for the shortest base answer, unset
+            out.pop("embedded_base_min_words", None)
         return out
+
+    @model_validator(mode="after")
+    def _base_words(self) -> "DataSection":
+        low, high = self.embedded_base_min_words, self.embedded_base_max_words
+        if low is not None and low > high:
+            raise ValueError(f"embedded_base_min_words {low} is above embedded_base_max_words {high}, so no answer fits; "
+                             f"lower it or raise embedded_base_max_words (e.g. {max(low, 600)})")
+        return self
 
     @model_validator(mode="after")
     def _mix_shares(self) -> "DataSection":
@@ -706,7 +724,7 @@ def load_config(
 
 
 def _idle_embedded_settings(data: DataSection) -> list[str]:
-    """Type weights or a keyword share where no row takes a constraint from the embedded bases: they would act on nothing
+    """Type weights, a keyword share or a shortest base answer where no row takes a constraint from the embedded bases: they would act on nothing
     and still change the data cache key (a rebuild of the same rows). The embedded source is data.source only (data.mix
     refuses it)."""
     why = (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
@@ -716,6 +734,7 @@ def _idle_embedded_settings(data: DataSection) -> list[str]:
     return [f"data.{key}: set, but {why}, so it {does} no row; remove it" for key, is_set, does in (
         ("embedded_type_weights", data.embedded_type_weights is not None, "weights"),
         ("embedded_keywords_added", bool(data.embedded_keywords_added), "adds keywords to"),
+        ("embedded_base_min_words", data.embedded_base_min_words is not None, "picks the base of"),
     ) if is_set]
 
 

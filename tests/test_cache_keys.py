@@ -63,6 +63,8 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "data.embedded_type_weights": ("{end_phrase: 3}", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
     # the same for the added-keyword share: 0 in no dump (the same test), set it needs constrained rows
     "data.embedded_keywords_added": ("0.7", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
+    # and for the shortest base answer: unset in no dump (the same test), set it needs constrained rows
+    "data.embedded_base_min_words": ("60", ALL, ["data.embedded_bases=[pypi:alpaca-en-demo]"]),
     "data.system_prompt": ("Be brief.", ALL, []),
     "data.mix": ("[{source: 'pypi:alpaca-en-demo', rows: 10}]", ALL, []),
     "data.dedupe": ("[]", ALL, []),
@@ -304,7 +306,7 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     plain = ["data.source=pypi:alpaca-en-demo", "data.dedupe=[]"]
     for unset in ([], ["data.embedded_type_weights={}"], ["data.embedded_type_weights=null"], ["data.embedded_keywords_added=0"]):
         cfg = _cfg(tmp_path, *plain, *unset)
-        for key in ("embedded_type_weights", "embedded_keywords_added"):  # the share of added keywords at 0: the same
+        for key in ("embedded_type_weights", "embedded_keywords_added", "embedded_base_min_words"):  # keyword share 0: the same
             assert key not in section_dict(cfg.data)
             assert key not in cfg.model_dump(mode="json", by_alias=True)["data"]
         assert cache_key(cfg.data, cfg.model) == "063f38c25db98935"
@@ -318,6 +320,9 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     added = _cfg(tmp_path, *embedded, "data.embedded_keywords_added=0.7")
     assert section_dict(added.data)["embedded_keywords_added"] == 0.7
     assert cache_key(added.data, added.model) != cache_key(unweighted.data, unweighted.model)
+    longer = _cfg(tmp_path, *embedded, "data.embedded_base_min_words=60")
+    assert section_dict(longer.data)["embedded_base_min_words"] == 60
+    assert cache_key(longer.data, longer.model) != cache_key(unweighted.data, unweighted.model)
 
 
 def test_data_key_holds_the_dedupe_rules_code(tmp_path, monkeypatch):

@@ -130,6 +130,24 @@ def test_embedded_keywords_added_parses_and_bad_or_idle_values_are_one_line_nami
         assert load_config(profile="tiny", overrides=[*where, "data.embedded_keywords_added=0"])  # 0 is fine anywhere
 
 
+def test_embedded_base_min_words_parses_and_bad_or_idle_values_are_one_line_naming_the_key():
+    """data.embedded_base_min_words: unset by default; a word count of 5-2,000 that is not above
+    data.embedded_base_max_words (no answer would fit); set where no row takes a base (another source, no bases, task
+    families only), it would pick nothing and only change the data key: one line each, naming the key and the fix."""
+    assert load_config(profile="tiny").data.embedded_base_min_words is None
+    assert load_config(profile="tiny", overrides=[*WEIGHTED, "data.embedded_base_min_words=60"]).data.embedded_base_min_words == 60
+    for bad in ("4", "2001", "x", "1.5"):
+        (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, f"data.embedded_base_min_words={bad}"])
+        assert p.startswith("data.embedded_base_min_words") and "\n" not in p, p
+    (p,) = _problems(profile="tiny", overrides=[*WEIGHTED, "data.embedded_base_max_words=100", "data.embedded_base_min_words=150"])
+    assert p.startswith("data: embedded_base_min_words 150 is above embedded_base_max_words 100") and "\n" not in p, p
+    assert "lower it or raise embedded_base_max_words (e.g. 600)" in p
+    for where, why in ((["data.source=pypi:alpaca-en-demo"], "not embedded"), ([], "data.embedded_bases is []"),
+                       ([*WEIGHTED, "data.embedded_task_share=1"], "task-family rows only")):
+        (p,) = _problems(profile="tiny", overrides=[*where, "data.embedded_base_min_words=60"])
+        assert p.startswith("data.embedded_base_min_words: set, but ") and why in p and p.endswith("remove it"), p
+
+
 def test_set_into_a_mapping_sets_one_entry_and_keeps_the_others():
     """`--set eval.benchmark_prompts.ifeval=120` sets that entry: the profile's other entries stay (the error's old
     advice, `--set 'eval.benchmark_prompts={ifeval: 120}'`, silently dropped tiny's alpaca_eval: 6, so AlpacaEval ran

@@ -718,6 +718,46 @@ def test_data_stage_weights_the_training_rows_and_keeps_the_heldout_rows(tmp_pat
     assert heldout[0] == heldout[1] == heldout[2]  # and the added keywords (data.embedded_keywords_added) too
 
 
+def test_data_stage_builds_training_rows_on_long_answers_only_and_keeps_the_heldout_rows(tmp_path, tiny_cfg, tiny_tok, shared_artifacts, bases):
+    """data.embedded_base_min_words: every constrained training row is built on a real answer of at least that many
+    words (a row's answer may be shorter: a length constraint can cut it); the held-out rows (short bases, to fit stage 5's
+    cap) are the same as without it, so settings are scored on the same rows. Too high for every training base: one line
+    naming the key and the longest answer there is."""
+    import json
+    from pathlib import Path
+
+    from tasks.common import StageError
+    from tasks.data import load_dataset_records, load_heldout_meta, load_split
+
+    src = tmp_path / "chats.json"
+    src.write_text(json.dumps([{"conversations": [{"from": "human", "value": b.instruction}, {"from": "gpt", "value": b.response}]}
+                               for b in bases[:300]]))
+    length = {constraints._tidy(b.instruction): len(constraints.words(constraints._tidy(b.response))) for b in bases[:300]}
+    train_words = sorted(w for i, w in length.items() if constraints.split_of(i) == "train")
+    low = train_words[len(train_words) // 2]  # the training bases' median: about half of them go
+
+    def build(**update):
+        data = tiny_cfg.data.model_copy(update={"embedded_bases": [str(src)], "embedded_train": 60, "embedded_heldout": 12,
+                                                "max_length": 1024, "embedded_task_share": 0.0, **update})
+        return load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+
+    def base_words(rec) -> list[int]:  # the answer length of each training row's base, found by its (longest) instruction
+        texts = [tiny_tok.decode(r["input_ids"]) for r in load_split(rec, "train")]
+        return [length[max((i for i in length if i in t), key=len)] for t in texts]
+
+    plain, longer = build(), build(embedded_base_min_words=low)
+    assert load_heldout_meta(plain) == load_heldout_meta(longer) and plain.key != longer.key
+    plain_w, longer_w = base_words(plain), base_words(longer)
+    assert len(longer_w) == 60 and min(longer_w) >= low  # every row's base is long enough
+    assert min(plain_w) < low  # without the key the short ones are used
+    stats = json.loads((Path(longer.dir) / "stats.json").read_text())["sources"][0]["bases"][0]
+    assert 0 < stats["train_bases_kept"] < stats["bases"]
+    with pytest.raises(StageError, match=r"^data.embedded_base_min_words: 2000, but the longest training base answer has (\d+) words; "
+                       r"lower it \(to at most \1\) or give longer answers in data.embedded_bases$") as e:
+        build(embedded_base_max_words=2000, embedded_base_min_words=2000)
+    assert low <= int(e.value.args[0].split(" has ")[1].split()[0]) <= train_words[-1]
+
+
 def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
     from tasks.common import StageError
     from tasks.config import ConfigError, load_config
