@@ -114,6 +114,7 @@ from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py
 TOKEN_BUDGET = MICRO * MAX_LEN  # padding-free micro-batch: as many token slots as the seed's padded one
 OPTIM = DEFAULT_OPTIM  # set from --optim in main()
 TRAINER = "sft"  # set from --trainer in main(): "plain" = transformers' Trainer, stage 4's loop (issue 19's Trainer split)
+FULL_ROWS = False  # set from --full-rows in main(): a pack of MICRO samples of MAX_LEN goes as (MICRO, MAX_LEN) rows, as stage 4 sends it
 ARG_OVERRIDES: dict = {}  # training-argument ablations from main() (--logging-steps, --max-grad-norm, --nan-filter)
 VOCAB = 32000  # set from --shapes in main(): the random token ids and the word-level tokenizer span the model's vocabulary
 
@@ -175,7 +176,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
-              "compile_layers": compile_layers, "trainer": TRAINER, "arg_overrides": dict(ARG_OVERRIDES)}
+              "compile_layers": compile_layers, "trainer": TRAINER, "full_rows": FULL_ROWS, "arg_overrides": dict(ARG_OVERRIDES)}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -189,7 +190,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         collator = None
     else:
         dataset = packed_hf_dataset(rows["rows"], packs)
-        collator = PaddingFreeCollator(max_tokens=TOKEN_BUDGET)
+        collator = PaddingFreeCollator(max_tokens=TOKEN_BUDGET, full_rows=(MICRO, MAX_LEN) if FULL_ROWS else None)
         args.update(per_device_train_batch_size=1, remove_unused_columns=False,
                     dataset_kwargs={"skip_prepare_dataset": True})
     args.update(ARG_OVERRIDES)
@@ -373,6 +374,9 @@ def main() -> None:
     ap.add_argument("--trainer", default="sft", choices=("sft", "plain"),
                     help="sft: TRL's SFTTrainer (its fused LM head and per-micro-batch metrics); plain: transformers' Trainer, "
                          "stage 4's loop (the model's own loss); packed engines only")
+    ap.add_argument("--full-rows", action="store_true",
+                    help="send a pack of micro-batch samples that each fill max_length as plain rows (stage 4's collator since "
+                         "2026-12-04), not one packed varlen row")
     ap.add_argument("--data", default="full,mixed", help="which data sets the fused family trains: full, mixed or both")
     ap.add_argument("--logging-steps", type=int, default=None, help="TrainingArguments.logging_steps (default 1)")
     ap.add_argument("--max-grad-norm", type=float, default=None, help="TrainingArguments.max_grad_norm (default 1.0; 0 = no clipping)")
@@ -390,8 +394,8 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
-    global VOCAB, OPTIM, TRAINER
-    VOCAB, OPTIM, TRAINER = SHAPES[a.shapes][1]["vocab_size"], a.optim, a.trainer
+    global VOCAB, OPTIM, TRAINER, FULL_ROWS
+    VOCAB, OPTIM, TRAINER, FULL_ROWS = SHAPES[a.shapes][1]["vocab_size"], a.optim, a.trainer, a.full_rows
     for key, value in (("logging_steps", a.logging_steps), ("max_grad_norm", a.max_grad_norm),
                        ("logging_nan_inf_filter", None if a.nan_filter is None else bool(a.nan_filter))):
         if value is not None:

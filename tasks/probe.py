@@ -354,7 +354,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
-        trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model),
+        trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model, (mb, max_length)),
                                         callbacks=[Marks()])  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)
         state = model.layer_compile

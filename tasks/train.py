@@ -454,7 +454,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     from torch.utils.tensorboard import SummaryWriter
 
     callbacks = [guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if main else [guard]
-    collator = collator_for(engine, tok.pad_token_id, model)
+    collator = collator_for(engine, tok.pad_token_id, model, (mb, data.max_length))
     if dist.world() > 1:
         collator = BatchTrace(collator)
 

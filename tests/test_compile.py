@@ -22,9 +22,10 @@ from tasks.engine.recompute import checkpointed_layers
 from tasks.models import resolve_model
 
 REL = 1e-4  # per-step loss, compiled vs eager (fp32; only the order of sums may differ)
-# Graphs the warm-up compiles per layer kind, with checkpointing, on the tiny model (sdpa): packed rows exact, symbolic
-# and a one-sample pack (no mask); padded batches exact, symbolic, fewer rows and no padding (no mask).
-GRAPHS = {"padded": 4, "fused": 3, "fast": 3}
+# Graphs the warm-up compiles per layer kind, with checkpointing, on the tiny model (sdpa): packed rows exact, symbolic,
+# a one-sample pack (no mask) and a full pack as (micro_batch, max_length) rows; padded batches exact, symbolic, fewer
+# rows and no padding (no mask).
+GRAPHS = {"padded": 4, "fused": 4, "fast": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -420,6 +421,10 @@ def test_warm_up_batches_differ_where_training_batches_do_and_take_each_form_the
     assert packed == [((1, 256), 4, 64), ((1, 3 * 63 + 32 + 31), 5, 63), ((1, 61), 1, 61)]
     packed = [form(b) for b in compile_mod.warmup_batches(PaddingFreeCollator(), 1, 64, 100, padded=False)]
     assert packed == [((1, 64), 2, 32), ((1, 31 + 16 + 15), 3, 31), ((1, 61), 1, 61)]
+    # full packs as rows (full_rows): a packed row leads (the full budget less a token), the rows come last
+    rows = [form(b) if "cu_seq_lens_q" in b else (tuple(b["input_ids"].shape), "rows")
+            for b in compile_mod.warmup_batches(PaddingFreeCollator(full_rows=(4, 64)), 4, 64, 100, padded=False)]
+    assert rows == [((1, 255), 4, 64), ((1, 3 * 63 + 32 + 31), 5, 63), ((1, 61), 1, 61), ((4, 64), "rows")]
     padded = [form(b) for b in compile_mod.warmup_batches(PaddedCollator(0), 4, 64, 100, padded=True)]
     assert padded == [((4, 64), False), ((4, 56), False), ((3, 48), False), ((4, 48), True)]
     padded = [form(b) for b in compile_mod.warmup_batches(PaddedCollator(0), 1, 64, 100, padded=True)]
@@ -452,7 +457,7 @@ def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, mo
     counts: dict = {}
     monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
     model = _model(tiny_cfg, shared_artifacts, "fused", compiled=False)
-    collate = collator_for("fused", 0, model)
+    collate = collator_for("fused", 0, model, (4, 48))  # as build_model makes it
     vocab = model.get_base_model().config.vocab_size
     state = compile_mod.compile_for_training(model, compile_mod.warmup_batches(collate, 4, 48, vocab, padded=False), "cpu", torch.bfloat16)
     assert state.active and state.graphs == GRAPHS["fused"]
@@ -462,6 +467,31 @@ def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, mo
     runs = counts["forward_runs"]
     trainer.train()
     assert counts["forward_runs"] - runs == 2 * 2 * 2 and state.eager_calls == 0 and counts["forward_graphs"] == GRAPHS["fused"]
+
+
+def test_a_full_pack_trains_as_rows_on_a_warm_up_graph_with_the_packed_rows_loss(tiny_cfg, shared_artifacts, monkeypatch):
+    """A pack of micro_batch samples that each fill max_length goes as (micro_batch, max_length) rows (the collator
+    build_model and stage 4 make): its layer calls run the warm-up's graph (none eagerly), and its loss and LoRA
+    gradients are those of the same samples as one packed row through the eager model."""
+    counts: dict = {}
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    rows = _rows((48,) * 4, 5)
+    results = []
+    for compiled, shape in ((True, (4, 48)), (False, None)):
+        model = _model(tiny_cfg, shared_artifacts, "fused", compiled=compiled).train()
+        batch = collator_for("fused", 0, model, shape)(rows)
+        assert ("cu_seq_lens_q" in batch) == (shape is None) and tuple(batch["input_ids"].shape) == ((4, 48) if shape else (1, 192))
+        runs = counts.get("forward_runs", 0)
+        loss = model(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+        if compiled:
+            assert model.layer_compile.eager_calls == 0 and counts["forward_runs"] - runs == 2 * 2  # 2 layers, forward + recompute
+    (rows_loss, rows_grads), (packed_loss, packed_grads) = results
+    assert rows_loss == pytest.approx(packed_loss, rel=REL)
+    for k, g in packed_grads.items():
+        torch.testing.assert_close(rows_grads[k], g, atol=1e-5, rtol=1e-3, msg=k)
 
 
 def test_the_pipelines_trainer_runs_the_warm_up_graphs_through_a_liger_forward(tiny_cfg, shared_artifacts, monkeypatch, tmp_path):

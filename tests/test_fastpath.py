@@ -135,6 +135,56 @@ def test_packed_loss_and_gradients_match_separate_samples(attn):
         torch.testing.assert_close(packed_grads[k], p.grad, atol=1e-6, rtol=1e-4, msg=k)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_full_packs_go_as_rows_with_the_packed_rows_loss_and_gradients(attn, keep):
+    """full_rows=(n, length): n samples of `length` tokens each go as an (n, length) batch of plain causal rows (no
+    positions, no cu_seq_lens); loss, head positions' targets and every gradient equal the packed row's. With
+    keep_logits the head runs on the positions any row trains on (rows masked differently: the union), each row's
+    others labelled -100. Any other pack stays one packed row."""
+    attn = register_varlen_attention() if attn == "varlen" else attn
+    model = tiny_model(attn).train()
+    feats = samples([16, 16, 16], seed=4)
+    feats[1]["labels"] = [IGNORE_INDEX] * 12 + feats[1]["labels"][12:]  # another prompt length: the kept positions differ
+    results = []
+    for rows in (None, (3, 16)):
+        batch = PaddingFreeCollator(keep_logits=keep, full_rows=rows)(feats)
+        assert ("position_ids" in batch) == (rows is None) and batch["input_ids"].shape == ((3, 16) if rows else (1, 48))
+        n_items = int((batch.get("shift_labels", batch["labels"][..., 1:]) != IGNORE_INDEX).sum())  # Trainer's count
+        model.zero_grad()
+        out = model(**batch, num_items_in_batch=n_items)
+        out.loss.backward()
+        results.append((out.loss.item(), n_items, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (packed_loss, packed_n, packed_grads), (rows_loss, rows_n, rows_grads) = results
+    assert rows_n == packed_n == sum(sum(y != IGNORE_INDEX for y in f["labels"][1:]) for f in feats)
+    assert rows_loss == pytest.approx(packed_loss, rel=LOSS_RTOL)
+    for k, g in packed_grads.items():
+        torch.testing.assert_close(rows_grads[k], g, atol=1e-6, rtol=1e-4, msg=k)
+    if keep:
+        batch = PaddingFreeCollator(keep_logits=True, full_rows=(3, 16))(feats)
+        assert batch["logits_to_keep"].tolist() == list(range(16 // 3 - 1, 15))  # the union: rows 0 and 2 train from 5 on
+        assert (batch["shift_labels"][1, : 12 - 16 // 3] == IGNORE_INDEX).all()  # row 1 trains from 12 on
+    for other in (samples([16, 16], seed=5), samples([16, 16, 15], seed=5), samples([16, 16, 16, 16], seed=5)):
+        assert "cu_seq_lens_q" in PaddingFreeCollator(full_rows=(3, 16))(other)  # not exactly 3 samples of 16: packed
+
+
+def test_collator_for_sends_full_packs_as_rows_only_where_the_window_holds_a_row():
+    """collator_for's rows need the model and the run's (micro_batch, max_length), and a model whose sliding window,
+    if any, holds a whole row: a shorter window would need a mask (Gemma-3's 512-token local layers stay packed)."""
+    from tasks.engine.collate import collator_for
+
+    model = tiny_model("sdpa")
+    assert collator_for("fused", 0, model, (3, 16)).full_rows == (3, 16)
+    assert collator_for("fast", 0, model, (3, 16)).full_rows == (3, 16)
+    assert collator_for("fused", 0, model).full_rows is None and collator_for("fused", 0, None, (3, 16)).full_rows is None
+    for window, rows in ((8, None), (16, (3, 16)), (4096, (3, 16))):
+        model.config.sliding_window = window
+        assert collator_for("fused", 0, model, (3, 16)).full_rows == rows, window
+    gemma = tiny_gemma3("sdpa")
+    assert collator_for("fused", 0, gemma, (2, gemma.config.sliding_window + 1)).full_rows is None
+    assert not hasattr(collator_for("padded", 0, model, (3, 16)), "full_rows")
+
+
 def test_varlen_attention_keeps_padded_batches_on_sdpa():
     """A padded batch (2D attention mask) gives the same logits under the varlen name as under sdpa."""
     varlen, sdpa = tiny_model(register_varlen_attention()), tiny_model("sdpa")

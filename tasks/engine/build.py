@@ -93,7 +93,8 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
 
         micro_batch, max_length = batch_shape or (1, 256)
         config = model.get_base_model().config
-        batches = warmup_batches(collator_for(engine, 0, model), micro_batch, max_length, config.vocab_size, padded=not is_padding_free(engine))
+        collator = collator_for(engine, 0, model, (micro_batch, max_length))
+        batches = warmup_batches(collator, micro_batch, max_length, config.vocab_size, padded=not is_padding_free(engine))
         compile_for_training(model, batches, device, autocast_dtype(quant, device), log_fn)
     return model
 

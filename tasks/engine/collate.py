@@ -140,13 +140,16 @@ def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: i
     return PackedStream(train_ds, lengths, lambda ls, sd: pack(ls, seed=sd), seed, min_packs, start), 1
 
 
-def collator_for(engine: str, pad_id: int, model=None):
+def collator_for(engine: str, pad_id: int, model=None, batch_shape: tuple[int, int] | None = None):
     """The engine's collator; given the model, packed rows run the LM head on trained positions only where its forward
-    allows (`PaddingFreeCollator(keep_logits=...)`)."""
+    allows (`PaddingFreeCollator(keep_logits=...)`), and given the run's (micro_batch, max_length) too, a pack of
+    micro_batch samples that each fill max_length goes as plain rows where the model's attention window holds a row
+    (`PaddingFreeCollator(full_rows=...)`)."""
     if is_padding_free(engine):
-        from .fastpath import PaddingFreeCollator, accepts_logits_to_keep
+        from .fastpath import PaddingFreeCollator, accepts_logits_to_keep, rows_fit_window
 
-        return PaddingFreeCollator(keep_logits=model is not None and accepts_logits_to_keep(model))
+        rows = batch_shape if model is not None and batch_shape and rows_fit_window(model, batch_shape[1]) else None
+        return PaddingFreeCollator(keep_logits=model is not None and accepts_logits_to_keep(model), full_rows=rows)
     return PaddedCollator(pad_id)
 
 

@@ -254,7 +254,8 @@ def warmup_batches(collator, micro_batch: int, max_length: int, vocab_size: int,
     Packed rows (fast, fused): the full token budget (`micro_batch` samples of `max_length`); one sample more (the last
     two halve one) of one token less each, so the token count, the sample count and the longest sample all change;
     then a pack of one sample, which the layers see without an attention mask on sdpa (transformers finds no packing
-    to mask) and which a pack of one long sample is, often, at micro-batch 1. Padded batches: `micro_batch` rows padded
+    to mask) and which a pack of one long sample is, often, at micro-batch 1; where the collator sends full packs as
+    rows (`full_rows`), those rows too, last. Padded batches: `micro_batch` rows padded
     to `max_length`, then to 8 tokens less (the collator pads to a multiple of 8), a shorter row in each so both carry
     padding (a mask); then one row fewer (an epoch's last micro-batch; the row count becomes symbolic); then rows of
     one length, a multiple of 8, which carry no padding and so reach the layers without a mask (one row in 8 at
@@ -277,6 +278,10 @@ def warmup_batches(collator, micro_batch: int, max_length: int, vocab_size: int,
         else:  # two packs of several samples first: the mask of a multi-sample pack is an input a first compile fixes
             shapes = [[n - n // 2, n // 2], [n // 2 - 1, n // 4, n // 4 - 1]]
         shapes.append([n - 3])
+        if getattr(collator, "full_rows", None) == (micro_batch, n):
+            # full packs go as (micro_batch, n) rows (PaddingFreeCollator's full_rows): the first shape above is one, so
+            # a packed row of the full budget less one token leads instead, and the rows come last, at their one size
+            shapes = [[n] * (micro_batch - 1) + [n - 1], *shapes[1:], [n] * micro_batch]
     g = torch.Generator().manual_seed(0)
     out = []
     for lengths in shapes:

@@ -84,17 +84,29 @@ class PaddingFreeCollator:
     `shift_labels` (also passed as `labels`, which makes transformers compute the loss) holds those targets. The loss
     and its gradients are the same; the prompt and system positions skip the (tokens x vocabulary) head, a real share
     of a step with a 128k-262k vocabulary (Gemma-3-270M on CPU: the head is ~60% of the FLOPs).
+
+    `full_rows=(n, length)`: a pack of exactly n samples of `length` tokens each (rows that fill max_length: long
+    documents, the full-length benchmark) goes as an (n, length) batch of plain causal rows instead of one packed row
+    — the same attention and loss, but sdpa's kernel on rows where the packed row takes the varlen kernel and its
+    copies (one H200, Mistral-7B shapes, the own loop: 11,264 against 10,579 tokens/s in one call, docs/BENCHMARKS.md
+    "The split finished"). No position ids (every row starts at 0) and no cu_seq_lens; with `keep_logits`, the head runs
+    on the positions any row trains on, each row's other kept positions labelled -100. Only for a model whose
+    attention window, if any, holds a whole row (`collate.collator_for` checks): a window shorter than the row would
+    need a mask, which costs more than the varlen kernel's window.
     """
 
-    def __init__(self, max_tokens: int | None = None, keep_logits: bool = False):
+    def __init__(self, max_tokens: int | None = None, keep_logits: bool = False, full_rows: tuple[int, int] | None = None):
         self.max_tokens = max_tokens
         self.keep_logits = keep_logits
+        self.full_rows = tuple(full_rows) if full_rows else None
         self.tokens_seen = 0
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
         samples = [s for s in _flatten_features(features) if len(s["input_ids"]) > 0]
         if not samples:
             raise ValueError("PaddingFreeCollator got no non-empty sample; drop empty rows in the data stage")
+        if self.full_rows and len(samples) == self.full_rows[0] > 1 and all(len(x["input_ids"]) == self.full_rows[1] for x in samples):
+            return self._rows(samples)
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -131,6 +143,41 @@ class PaddingFreeCollator:
                 targets = torch.tensor([[shifted[i] for i in keep]], dtype=torch.long)
                 batch.update(logits_to_keep=torch.tensor(keep, dtype=torch.long), shift_labels=targets, labels=targets)
         return batch
+
+
+    def _rows(self, samples: list[dict]) -> dict[str, Any]:
+        """An (n, length) batch of whole samples, one a row (see `full_rows`)."""
+        ids, labels = [], []
+        for i, s in enumerate(samples):
+            x, y = list(s["input_ids"]), list(s.get("labels", s["input_ids"]))
+            if len(y) != len(x):
+                raise ValueError(f"sample {i} of the batch has {len(x)} input_ids but {len(y)} labels; they must match")
+            y[0] = IGNORE_INDEX  # as in a packed row (the causal shift never reads a row's first label)
+            ids.append(x)
+            labels.append(y)
+        if self.max_tokens is not None and len(ids) * len(ids[0]) > self.max_tokens:
+            raise ValueError(f"a batch holds {len(ids) * len(ids[0])} tokens, over max_tokens={self.max_tokens}")
+        self.tokens_seen += len(ids) * len(ids[0])
+        batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long), "use_cache": False}
+        if self.keep_logits:
+            shifted = [y[1:] + [IGNORE_INDEX] for y in labels]
+            keep = [j for j in range(len(ids[0])) if any(row[j] != IGNORE_INDEX for row in shifted)]
+            if keep:
+                targets = torch.tensor([[row[j] for j in keep] for row in shifted], dtype=torch.long)
+                batch.update(logits_to_keep=torch.tensor(keep, dtype=torch.long), shift_labels=targets, labels=targets)
+        return batch
+
+
+def rows_fit_window(model, length: int) -> bool:
+    """Whether plain causal rows of `length` tokens attend as the model does: no sliding window, or one that holds the
+    whole row (Mistral-7B-v0.1's 4,096 at 2,048; not Gemma-3's 512-token local layers)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return True
+    return length <= int(window)
 
 
 def accepts_logits_to_keep(model) -> bool:
