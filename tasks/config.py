@@ -151,7 +151,7 @@ class DataSection(Section):
         "tuned model's answers, loops cut, end near the rows' median first answer (128 words), where AlpacaEval's GPT-4 "
         "references run to 347. Bases under it are left out (the mix does not take them back), so fewer instructions carry "
         "the same rows. Held-out rows keep their short bases (<= 50 words, to fit stage 5's cap), so runs with other "
-        "values are scored on the same rows. None = every base of 5 words or more (the rows and data key of before).",
+        "values are scored on the same rows. None (or 5) = every base of 5 words or more (the rows and data key of before).",
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation; None = none.")
     mix: list[MixSource] = Field(
@@ -204,10 +204,17 @@ class DataSection(Section):
             out.pop("embedded_base_min_words", None)
         return out
 
+    @field_validator("embedded_base_min_words")
+    @classmethod
+    def _base_floor(cls, v: int | None) -> int | None:
+        # constraints.base_of takes answers of 5 words or more: 5 keeps every base, the rows (and data key) of unset
+        return None if v is not None and v <= 5 else v
+
     @model_validator(mode="after")
     def _base_words(self) -> "DataSection":
         low, high = self.embedded_base_min_words, self.embedded_base_max_words
-        if low is not None and low > high:
+        # where no row takes a base, the idle check says "remove it" (check_rules); raising the max would not help
+        if low is not None and low > high and not _idle_why(self):
             raise ValueError(f"embedded_base_min_words {low} is above embedded_base_max_words {high}, so no answer fits; "
                              f"lower it or raise embedded_base_max_words (e.g. {max(low, 600)})")
         return self
@@ -723,12 +730,17 @@ def load_config(
     return cfg
 
 
+def _idle_why(data: DataSection) -> str | None:
+    """Why no row takes a constraint from the embedded bases, or None when some do."""
+    return (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
+            if not data.embedded_bases else "data.embedded_task_share is 1 (task-family rows only)" if data.embedded_task_share >= 1 else None)
+
+
 def _idle_embedded_settings(data: DataSection) -> list[str]:
     """Type weights, a keyword share or a shortest base answer where no row takes a constraint from the embedded bases: they would act on nothing
     and still change the data cache key (a rebuild of the same rows). The embedded source is data.source only (data.mix
     refuses it)."""
-    why = (f"data.source is {data.source!r}, not embedded" if data.source != "embedded" else "data.embedded_bases is [] (task-family rows only)"
-           if not data.embedded_bases else "data.embedded_task_share is 1 (task-family rows only)" if data.embedded_task_share >= 1 else None)
+    why = _idle_why(data)
     if why is None:
         return []
     return [f"data.{key}: set, but {why}, so it {does} no row; remove it" for key, is_set, does in (

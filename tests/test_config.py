@@ -148,6 +148,19 @@ def test_embedded_base_min_words_parses_and_bad_or_idle_values_are_one_line_nami
         assert p.startswith("data.embedded_base_min_words: set, but ") and why in p and p.endswith("remove it"), p
 
 
+def test_embedded_base_min_words_5_is_unset_and_an_idle_value_above_the_max_says_remove_it():
+    """5 is every base there is (constraints.base_of takes answers of 5 words or more): the rows of unset, so the data key
+    of unset. Set where no row takes a base, a value above data.embedded_base_max_words is still idle: "remove it", not
+    advice to raise the max, which only leads to the idle error next."""
+    from tasks.data import cache_key
+
+    five, unset = (load_config(profile="tiny", overrides=[*WEIGHTED, *ov]) for ov in (["data.embedded_base_min_words=5"], []))
+    assert five.data.embedded_base_min_words is None and cache_key(five.data, five.model) == cache_key(unset.data, unset.model)
+    for where in ([], ["data.source=pypi:alpaca-en-demo"], [*WEIGHTED, "data.embedded_task_share=1"]):
+        (p,) = _problems(profile="tiny", overrides=[*where, "data.embedded_base_min_words=150"])
+        assert p.startswith("data.embedded_base_min_words: set, but ") and p.endswith("remove it"), p
+
+
 def test_set_into_a_mapping_sets_one_entry_and_keeps_the_others():
     """`--set eval.benchmark_prompts.ifeval=120` sets that entry: the profile's other entries stay (the error's old
     advice, `--set 'eval.benchmark_prompts={ifeval: 120}'`, silently dropped tiny's alpaca_eval: 6, so AlpacaEval ran

