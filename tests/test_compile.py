@@ -419,12 +419,18 @@ def test_warm_up_batches_differ_where_training_batches_do_and_take_each_form_the
 
     packed = [form(b) for b in compile_mod.warmup_batches(PaddingFreeCollator(), 4, 64, 100, padded=False)]
     assert packed == [((1, 256), 4, 64), ((1, 3 * 63 + 32 + 31), 5, 63), ((1, 61), 1, 61)]
-    packed = [form(b) for b in compile_mod.warmup_batches(PaddingFreeCollator(), 1, 64, 100, padded=False)]
-    assert packed == [((1, 64), 2, 32), ((1, 31 + 16 + 15), 3, 31), ((1, 61), 1, 61)]
+    packed_1 = [form(b) for b in compile_mod.warmup_batches(PaddingFreeCollator(), 1, 64, 100, padded=False)]
+    assert packed_1 == [((1, 64), 2, 32), ((1, 31 + 16 + 15), 3, 31), ((1, 61), 1, 61)]
     # full packs as rows (full_rows): a packed row leads (the full budget less a token), the rows come last
     rows = [form(b) if "cu_seq_lens_q" in b else (tuple(b["input_ids"].shape), "rows")
             for b in compile_mod.warmup_batches(PaddingFreeCollator(full_rows=(4, 64)), 4, 64, 100, padded=False)]
     assert rows == [((1, 255), 4, 64), ((1, 3 * 63 + 32 + 31), 5, 63), ((1, 61), 1, 61), ((4, 64), "rows")]
+    # micro-batch 1 (a probe trial, an out-of-memory retry's last halving): no pack goes as rows, so the warm-up is the
+    # packed one, its multi-sample packs first; below 24 tokens the rows are max_length long (n is 24 there)
+    assert PaddingFreeCollator(full_rows=(1, 64)).full_rows is None
+    assert [form(b) for b in compile_mod.warmup_batches(PaddingFreeCollator(full_rows=(1, 64)), 1, 64, 100, padded=False)] == packed_1
+    short = compile_mod.warmup_batches(PaddingFreeCollator(full_rows=(2, 16)), 2, 16, 100, padded=False)
+    assert "cu_seq_lens_q" in short[0] and tuple(short[-1]["input_ids"].shape) == (2, 16) and "cu_seq_lens_q" not in short[-1]
     padded = [form(b) for b in compile_mod.warmup_batches(PaddedCollator(0), 4, 64, 100, padded=True)]
     assert padded == [((4, 64), False), ((4, 56), False), ((3, 48), False), ((4, 48), True)]
     padded = [form(b) for b in compile_mod.warmup_batches(PaddedCollator(0), 1, 64, 100, padded=True)]
@@ -492,6 +498,23 @@ def test_a_full_pack_trains_as_rows_on_a_warm_up_graph_with_the_packed_rows_loss
     assert rows_loss == pytest.approx(packed_loss, rel=REL)
     for k, g in packed_grads.items():
         torch.testing.assert_close(rows_grads[k], g, atol=1e-5, rtol=1e-3, msg=k)
+
+
+def test_at_micro_batch_1_the_collator_that_build_model_makes_keeps_the_packed_warm_up(tiny_cfg, shared_artifacts, monkeypatch):
+    """At micro-batch 1 no pack goes as rows (a full pack is one sample), so collator_for sets no full_rows and the
+    warm-up is the packed one, its multi-sample packs first: packs of several samples and of one, of any length, then
+    train on its graphs, none eagerly (with a rows warm-up the one-sample pack led, the multi-sample pack's mask was
+    fixed by a later exact compile, and every other multi-sample pack ran eagerly)."""
+    counts: dict = {}
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, shape=(1, 48))
+    collate = collator_for("fused", 0, model, (1, 48))
+    model.train()
+    for k, lengths in enumerate(((24, 17), (40,), (19, 13, 15), (48,))):
+        batch = collate(_rows(lengths, k))
+        model(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss.backward()
+    assert model.layer_compile.eager_calls == 0, model.layer_compile.eager_reason
+    assert collate.full_rows is None
 
 
 def test_the_pipelines_trainer_runs_the_warm_up_graphs_through_a_liger_forward(tiny_cfg, shared_artifacts, monkeypatch, tmp_path):

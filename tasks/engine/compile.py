@@ -278,10 +278,14 @@ def warmup_batches(collator, micro_batch: int, max_length: int, vocab_size: int,
         else:  # two packs of several samples first: the mask of a multi-sample pack is an input a first compile fixes
             shapes = [[n - n // 2, n // 2], [n // 2 - 1, n // 4, n // 4 - 1]]
         shapes.append([n - 3])
-        if getattr(collator, "full_rows", None) == (micro_batch, n):
-            # full packs go as (micro_batch, n) rows (PaddingFreeCollator's full_rows): the first shape above is one, so
-            # a packed row of the full budget less one token leads instead, and the rows come last, at their one size
-            shapes = [[n] * (micro_batch - 1) + [n - 1], *shapes[1:], [n] * micro_batch]
+        if micro_batch > 1 and getattr(collator, "full_rows", None) == (micro_batch, int(max_length)):
+            # full packs go as (micro_batch, max_length) rows (PaddingFreeCollator's full_rows): where the first shape
+            # above is one, a packed row of the full budget less one token leads instead; the rows come last, at their
+            # one size (max_length itself, which n exceeds below 24 tokens). At micro-batch 1 no pack goes as rows and
+            # the warm-up keeps its two multi-sample packs first.
+            if n == int(max_length):
+                shapes[0] = [n] * (micro_batch - 1) + [n - 1]
+            shapes.append([int(max_length)] * micro_batch)
     g = torch.Generator().manual_seed(0)
     out = []
     for lengths in shapes:

@@ -98,7 +98,8 @@ class PaddingFreeCollator:
     def __init__(self, max_tokens: int | None = None, keep_logits: bool = False, full_rows: tuple[int, int] | None = None):
         self.max_tokens = max_tokens
         self.keep_logits = keep_logits
-        self.full_rows = tuple(full_rows) if full_rows else None
+        # one sample is one row either way (a pack of one goes packed, with no mask): rows only from 2 samples on
+        self.full_rows = tuple(full_rows) if full_rows and int(full_rows[0]) > 1 else None
         self.tokens_seen = 0
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
