@@ -394,6 +394,10 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
     a = ap.parse_args()
+    if a.full_rows and a.trainer != "plain":
+        # TRL's SFTTrainer counts a train batch's tokens from its attention_mask or position_ids and raises on a batch
+        # with neither, which plain rows are (trl 1.16: "Expected 'attention_mask' or 'position_ids' in inputs")
+        ap.error("--full-rows needs --trainer plain (stage 4's loop): SFTTrainer refuses rows without attention_mask or position_ids")
     global VOCAB, OPTIM, TRAINER, FULL_ROWS
     VOCAB, OPTIM, TRAINER, FULL_ROWS = SHAPES[a.shapes][1]["vocab_size"], a.optim, a.trainer, a.full_rows
     for key, value in (("logging_steps", a.logging_steps), ("max_grad_norm", a.max_grad_norm),

@@ -323,3 +323,14 @@ def test_answer_lengths_reads_each_assistant_turn_from_the_labels():
     labels = [-100, -100, 3, 4, -100, -100, 7, 8, 9]
     assert assistant_spans(ids, labels) == [[3, 4], [7, 8, 9]]
     assert assistant_spans(ids, [-100] * 9) == []
+
+
+def test_gpu_bench_full_rows_runs_on_the_plain_trainer_only(monkeypatch, capsys):
+    """--full-rows batches are plain rows (no attention_mask, no position_ids), which TRL's SFTTrainer refuses in its
+    first step's token count; the bench says so before loading anything (the default trainer is sft)."""
+    from bench import gpu_bench
+
+    monkeypatch.setattr("sys.argv", ["gpu_bench.py", "--full-rows"])
+    with pytest.raises(SystemExit) as exit_:
+        gpu_bench.main()
+    assert exit_.value.code == 2 and "--full-rows needs --trainer plain" in capsys.readouterr().err
