@@ -328,6 +328,46 @@ def test_varlen_attention_keeps_samples_apart_in_unusual_rows():
         torch.testing.assert_close(out[9:], alone["b"], atol=LOGITS_ATOL, rtol=0)
 
 
+def tiny_gpt_oss(attn: str, sliding_window: int = 6):
+    """GPT-OSS: attention sinks (a learned logit per head), sliding and full layers alternating, experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                  num_experts_per_tok=2, sliding_window=sliding_window, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # sinks far from 0, so dropping them shows (random init leaves them ~0.02)
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, 4))
+    return model
+
+
+def test_attention_sinks_are_kept_in_every_batch_form_of_the_varlen_attention():
+    """GPT-OSS's sinks (`s_aux`) reach the varlen attention as a keyword that flash varlen and sdpa have no place for:
+    it dropped them (logits off by up to 5.7 on this model). Now every form computes them as transformers' eager
+    attention does: a packed row (each sample as if alone), full packs as rows, a padded batch and greedy decoding with
+    a KV cache give the eager model's logits and tokens; the sinks get a gradient."""
+    varlen, eager = tiny_gpt_oss(register_varlen_attention()), tiny_gpt_oss("eager")
+    eager.load_state_dict(varlen.state_dict())
+    feats = samples([9, 4, 17, 12], seed=11)
+    with torch.no_grad():
+        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
+        rows = samples([10, 10, 10], seed=12)
+        batch = PaddingFreeCollator(full_rows=(3, 10))(rows)
+        assert batch["input_ids"].shape == (3, 10)
+        torch.testing.assert_close(varlen(**batch).logits, eager(input_ids=batch["input_ids"]).logits, atol=LOGITS_ATOL, rtol=0)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
+        mask = (ids != 0).long()
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(varlen.generate(input_ids=ids, attention_mask=mask, **kw), eager.generate(input_ids=ids, attention_mask=mask, **kw))
+    varlen.train()
+    varlen(**PaddingFreeCollator()(feats)).loss.backward()
+    assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in varlen.model.layers)
+
+
 def test_softcapped_attention_trains_on_eager_not_varlen():
     """Gemma-2 caps attention logits; the varlen kernel cannot, so build_model loads it with eager attention (and the
     varlen function refuses a softcap rather than dropping it)."""

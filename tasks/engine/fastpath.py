@@ -353,6 +353,9 @@ def varlen_attention_forward(
     if kwargs.get("softcap") is not None:  # build_model loads such a model (Gemma-2) with eager attention instead
         raise ValueError("the varlen attention has no logit softcapping; load this model with attn_implementation='eager'")
     batch, _, length, _ = query.shape
+    if kwargs.get("s_aux") is not None:  # attention sinks (GPT-OSS): neither flash varlen nor sdpa has them
+        return _attention_with_sinks(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                     cu_seq_lens_q, position_ids, kwargs["s_aux"]), None
     if attention_mask is not None or length == 1 or key.shape[2] != length:
         # A padded batch, decoding, or a KV cache: transformers built the mask (`_varlen_mask` defers to sdpa's there).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -380,6 +383,54 @@ def varlen_attention_forward(
         return out.unsqueeze(0), None
     k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
     return _sdpa_per_sample(q, k, v, cu.tolist(), scaling, sliding_window, dropout).unsqueeze(0), None
+
+
+def _attention_with_sinks(module, query, key, value, attention_mask, dropout, scaling, sliding_window, cu_seq_lens,
+                          position_ids, sinks) -> torch.Tensor:
+    """Attention with a learned sink logit per head (GPT-OSS's `s_aux`: one more column in each softmax, dropped after
+    it, as transformers' gpt_oss eager attention computes it), in every batch form the varlen attention takes: a mask
+    transformers built (padded batches, a KV cache), plain rows (causal, within the window), or one packed row, one
+    sample at a time (each causal within the window). Eager arithmetic: correct, not fast (GPT-OSS trains on it where the
+    varlen kernel would drop the sinks: on a tiny GPT-OSS, logits off by up to 5.7)."""
+    dropout = dropout if module.training else 0.0
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, n_rep, 1), _repeat_kv(value, n_rep, 1)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+    def attend(q, k, v, mask):  # (B, H, T, D) each; mask bool (B|1, 1|H, T, S) or additive float
+        weights = torch.matmul(q, k.transpose(2, 3)) * scaling
+        if mask.dtype == torch.bool:
+            weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + mask
+        sink = sinks.reshape(1, -1, 1, 1).to(weights.dtype).expand(q.shape[0], -1, q.shape[-2], 1)
+        logits = torch.cat([weights, sink], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1)[..., :-1]
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training).to(v.dtype)
+        return torch.matmul(probs, v).transpose(1, 2)  # (B, T, H, D)
+
+    batch, _, length, _ = query.shape
+
+    def causal(n: int) -> torch.Tensor:
+        window = _window_mask(n, sliding_window, query.device)
+        i = torch.arange(n, device=query.device)
+        return (window if window is not None else i[None, :] <= i[:, None])[None, None]
+
+    if attention_mask is not None or key.shape[2] != length:
+        mask = attention_mask
+        if mask is None:  # a cache without a mask: the new tokens see every cached key and, among themselves, causally
+            past = key.shape[2] - length
+            i = torch.arange(length, device=query.device)[:, None] + past
+            mask = (torch.arange(key.shape[2], device=query.device)[None, :] <= i)[None, None]
+        return attend(query, key, value, mask[..., : key.shape[2]])
+    if batch != 1:
+        mask = _rows_mask(position_ids, batch, length, sliding_window, query.device)
+        return attend(query, key, value, mask if mask is not None else causal(length))
+    cu = cu_seq_lens if cu_seq_lens is not None else _segments_from_positions(position_ids, length)
+    bounds = cu.tolist() if cu is not None else [0, length]
+    outs = [attend(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], causal(b - a)) for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=1)
 
 
 def _varlen_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
