@@ -200,7 +200,7 @@ def finetune(
     cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)
-    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art, cfg.data.system_prompt):  # model-dependent checks: seconds, before stage 1
+    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art, cfg.data.system_prompt, cfg.training.engine):  # model-dependent checks: seconds, before stage 1
         get_run_logger().info(line)
     run = RunSummary(art, flow_run.name or _run_name())
     requested = cfg.model_dump(mode="json", by_alias=True)  # before pinning: what a rerun of the same command asks for

@@ -690,6 +690,35 @@ def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
     return getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
 
 
+# Layer kinds that carry a state along the sequence (state-space/Mamba, linear attention, short convolutions, recurrent
+# blocks), as configs name them in `layer_types` / `layers_block_type`: Jamba's "mamba", Qwen3-Next's "linear_attention",
+# LFM2's "conv", Falcon-H1's "hybrid" (attention and Mamba side by side in every layer).
+_RECURRENT_KIND = re.compile(r"mamba|linear|conv|ssm|hybrid|recurrent|rwkv|lstm|delta|retention", re.I)
+_RECURRENT_MODELS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"})
+
+
+def recurrent_layers_of(config) -> str | None:
+    """What in the model carries state along a row, named from its (text) config — Mamba/state-space, linear-attention,
+    convolution or recurrent layers — or None for a model of attention layers only. Such a layer reads a packed row as
+    one sequence (no sample boundaries), so one conversation's state would reach the next."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = [*(getattr(config, "layer_types", None) or []), *(getattr(config, "layers_block_type", None) or [])]
+    found = sorted({str(k) for k in kinds if _RECURRENT_KIND.search(str(k))})
+    if found:
+        return f"{', '.join(found)} layers"
+    if config.model_type in _RECURRENT_MODELS or any(k.startswith(("mamba_", "ssm_")) for k in vars(config)):
+        return "state-space layers"
+    return None
+
+
+def recurrent_layers(ref: ModelRef, model: ModelSection) -> str | None:
+    """`recurrent_layers_of` the model's config (read alone, no weights)."""
+    from transformers import AutoConfig
+
+    return recurrent_layers_of(AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model),
+                                                          trust_remote_code=model.trust_remote_code))
+
+
 def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, device: str, *, quantize: bool = True, attn_implementation: str | None = None):
     """The base model on `device`: 4-bit when QLoRA applies and `quantize`, else in the compute dtype."""
     from transformers import AutoModelForCausalLM

@@ -14,11 +14,11 @@ from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
 from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
-                     resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
+                     recurrent_layers_of, resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
 
 
 def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str,
-                system_prompt: str | None = None) -> list[str]:
+                system_prompt: str | None = None, engine: str = "auto") -> list[str]:
     """Every model-dependent check of the run; returns the lines to log before stage 1 (what LoRA adapts and what it
     cannot). `system_prompt` is data.system_prompt: the chat template must take the system turn it adds. Raises
     StageError, one line naming the key and the fix, when the run could not work."""
@@ -33,6 +33,14 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
                      "<think> block), so stage 1 trains each answer of a multi-turn row in the conversation cut after it, as the "
                      "model will be prompted: one example per answer, the earlier turns repeated in each")
     skeleton = model_skeleton(ref, model)
+    recurrent = recurrent_layers_of(skeleton.config)
+    if recurrent and engine in ("fast", "fused"):
+        raise StageError(f"training.engine: {engine} packs conversations into one row, and this model carries a state along a row in "
+                         f"its {recurrent}, so one conversation's state would reach the next; set training.engine: padded (auto picks it "
+                         "for this model)")
+    if recurrent and engine == "auto" and resolve_device(device) == "cuda":
+        lines.append(f"model: its {recurrent} carry a state along a row: training.engine auto trains padded batches, not packed rows "
+                     "(one conversation's state would reach the next)")
     targets = lora_targets(skeleton, lora)  # StageError for a name the model lacks, or a dropout its expert weights cannot take
     dev = resolve_device(device)
     if targets.parameters and uses_4bit(quant, dev):

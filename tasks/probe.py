@@ -38,7 +38,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
-from .models import hardware_id, load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, load_tokenizer, quiet_transformers, recurrent_layers, resolve_device, resolve_model
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
@@ -199,8 +199,8 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     """The probe's work, in this process; under torchrun every rank runs it and rank 0 returns the record."""
     n = dist.world()
     launch_s = dist.sync_max([time.monotonic() - t_start])[0] if t_start else 0.0
-    engine = engine_for(training, device)
     ref = resolve_model(model_cfg, artifacts_dir)
+    engine = engine_for(training, device, recurrent_layers(ref, model_cfg))
     tok = load_tokenizer(ref, model_cfg)
     train_ds = load_split(data, "train")
     budget = budget.model_copy(update={"vram_gb": vram_budget(budget.vram_gb, device)})  # auto -> GiB free now

@@ -36,7 +36,7 @@ from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .engine.noise import add_embedding_noise
-from .models import load_tokenizer, resolve_device, resolve_model
+from .models import load_tokenizer, recurrent_layers, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
 # its home is tasks/engine/collate.py.
@@ -427,11 +427,11 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     if prior >= budget_s and resume is not None:
         log_fn(f"train: budget already spent before the crash ({prior:.0f}s of {budget_s:.0f}s); finishing from {resume.name}")
     device = resolve_device(probe.device)
-    engine = engine_for(training, device)
+    ref = resolve_model(model_cfg, artifacts_dir)
+    engine = engine_for(training, device, recurrent_layers(ref, model_cfg))
     mb, ga, gc = probe.micro_batch_size, probe.grad_accum, probe.gradient_checkpointing
 
     torch.manual_seed(training.seed)
-    ref = resolve_model(model_cfg, artifacts_dir)
     offload = getattr(probe, "offload_activations", False)  # the probe chose it (tasks/probe.py); never on the CPU
     compiled = getattr(probe, "compile_layers", False)  # the probe timed compiled layers (and its compiler worked)
     model = build_model(ref, model_cfg, quant, lora, gc, device, engine, liger=training.liger, offload=offload,

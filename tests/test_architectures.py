@@ -295,6 +295,48 @@ def test_a_target_peft_refuses_is_one_line_before_stage_1(shared_artifacts):
     assert check_model(cfg.model, fixed, cfg.quant, "cpu", shared_artifacts)[0].startswith("model: LoRA on in_proj, x_proj, dt_proj")
 
 
+def test_models_that_carry_state_along_a_row_train_padded_not_packed(shared_artifacts):
+    """A state-space, linear-attention or convolution layer reads a packed row as one sequence: one conversation's state
+    reaches the next (a packed Jamba's second sample differs from it alone; an attention model's does not, to 1e-6). So
+    the model check names such layers: training.engine auto trains them padded (engine_for), and an explicit packed
+    engine is one line naming the key before stage 1. Attention-only models, sliding windows and attention sinks
+    included, keep the packed engines."""
+    import torch
+
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.engine.build import engine_for
+    from tasks.engine.fastpath import PaddingFreeCollator
+    from tasks.models import recurrent_layers_of
+    from tasks.preflight import check_model
+
+    for arch in ("mamba", "falcon_h1", "jamba"):
+        assert recurrent_layers_of(_skeleton(arch).config), arch
+    for arch in ("llama", "mistral", "gemma3", "qwen2_moe", "mixtral", "gpt_oss", "phi3"):
+        assert recurrent_layers_of(_skeleton(arch).config) is None, arch
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(3, 500, (n,), generator=g).tolist()} for n in (7, 9)]
+    batch = {k: v for k, v in PaddingFreeCollator()(rows).items() if k != "labels"}
+    for arch, leaks in (("jamba", True), ("llama", False)):
+        torch.manual_seed(0)
+        model = _skeleton(arch, "cpu").float().eval()
+        with torch.no_grad():
+            packed, alone = model(**batch).logits[0, 7:], model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
+        assert ((packed - alone).abs().max() > 1e-4) == leaks, arch
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:jamba",
+                                                 f"model.random_config={json.dumps(SSM_ARCHS['jamba'])}"])
+    recurrent = recurrent_layers_of(_skeleton("jamba").config)
+    assert engine_for(cfg.training, "cuda", recurrent) == "padded" and engine_for(cfg.training, "cuda", None) == "fused"
+    assert engine_for(cfg.training.model_copy(update={"engine": "fused"}), "cuda", recurrent) == "fused"  # explicit: preflight refuses it
+    for engine in ("fast", "fused"):
+        with pytest.raises(StageError) as e:
+            check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts, engine=engine)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"training.engine: {engine} packs conversations into one row") and "mamba" in msg, msg
+        assert msg.endswith("set training.engine: padded (auto picks it for this model)"), msg
+    assert check_model(cfg.model, cfg.lora, cfg.quant, "cpu", shared_artifacts, engine="padded")
+
+
 def test_explicit_targets_still_work_and_a_wrong_name_lists_the_models_names():
     from tasks.common import StageError
     from tasks.config import LoraSection

@@ -14,11 +14,14 @@ from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_m
 from .dist import world
 
 
-def engine_for(training: TrainingSection, device: str) -> str:
+def engine_for(training: TrainingSection, device: str, recurrent: str | None = None) -> str:
+    """The engine that trains: training.engine, or for auto the fused engine on CUDA and the padded one elsewhere — and
+    the padded one for a model with layers that carry state along a row (`recurrent`, models.recurrent_layers: packed
+    rows would carry one conversation's state into the next; preflight refuses an explicit packed engine for them)."""
     if training.engine != "auto":
         return training.engine
     # fused: measured faster than fast on full and mixed lengths in the same H200 call, with less memory (PERF_NOTES row 19).
-    return "fused" if device == "cuda" else "padded"
+    return "fused" if device == "cuda" and not recurrent else "padded"
 
 
 def optimizer_for(training: TrainingSection, device: str) -> str:
