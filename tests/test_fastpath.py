@@ -484,3 +484,21 @@ def test_a_patch_that_raises_midway_is_undone_too():
     with pytest.raises(TypeError), fastpath.kernel_patch_scope():
         fastpath.apply_kernel_patches(half_applied, model=None)
     assert (ml.apply_rotary_pos_emb, ml.LlamaRMSNorm) == (rope, norm)
+
+
+def test_attention_sinks_prefill_into_a_static_cache_without_a_mask():
+    """generate(cache_implementation="static") on a batch without padding: transformers skips the prefill's mask (keys
+    are the cache's max_cache_len slots, the new tokens the first of them: sdpa's top-left is_causal). The sinks path
+    read a missing mask as "the new tokens come last", so each prompt token attended to the empty slots and the
+    first generated token's logits were off by up to 0.8 on this model."""
+    varlen, eager = tiny_gpt_oss(register_varlen_attention(), sliding_window=3), tiny_gpt_oss("eager", sliding_window=3)
+    eager.load_state_dict(varlen.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static", output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        for mask in (None, torch.ones_like(ids)):
+            a, b = varlen.generate(input_ids=ids, attention_mask=mask, **kw), eager.generate(input_ids=ids, attention_mask=mask, **kw)
+            assert torch.equal(a.sequences, b.sequences)
+            for x, y in zip(a.scores, b.scores):
+                torch.testing.assert_close(x, y, atol=LOGITS_ATOL, rtol=0)

@@ -419,10 +419,12 @@ def _attention_with_sinks(module, query, key, value, attention_mask, dropout, sc
 
     if attention_mask is not None or key.shape[2] != length:
         mask = attention_mask
-        if mask is None:  # a cache without a mask: the new tokens see every cached key and, among themselves, causally
-            past = key.shape[2] - length
-            i = torch.arange(length, device=query.device)[:, None] + past
-            mask = (torch.arange(key.shape[2], device=query.device)[None, :] <= i)[None, None]
+        if mask is None:  # transformers skipped the mask, leaving sdpa's convention (`_ignore_causal_mask_sdpa`): one
+            # token decoding sees every key; more tokens are a prefill into an empty cache (a static cache's unfilled
+            # slots after them), causal from the first key (sdpa's top-left is_causal), not from the last
+            j = torch.arange(key.shape[2], device=query.device)[None, :]
+            mask = (j < key.shape[2]) if length == 1 else (j <= torch.arange(length, device=query.device)[:, None])
+            mask = mask.expand(length, -1)[None, None]
         return attend(query, key, value, mask[..., : key.shape[2]])
     if batch != 1:
         mask = _rows_mask(position_ids, batch, length, sliding_window, query.device)
