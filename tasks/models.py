@@ -695,6 +695,8 @@ def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
 # LFM2's "conv", Falcon-H1's "hybrid" (attention and Mamba side by side in every layer).
 _RECURRENT_KIND = re.compile(r"mamba|linear|conv|ssm|hybrid|recurrent|rwkv|lstm|delta|retention", re.I)
 _RECURRENT_MODELS = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"})
+_RECURRENT_TYPE = re.compile(r"mamba|ssm|rwkv|lstm|delta|linear|hybrid|recurrent|(^|_)(gla|retnet|hgrn\d*|gsa|samba|lightnet)($|_)", re.I)
+"""The same in a model_type (a trust_remote_code config with no layer_types): not `conv`, which names vision models."""
 
 
 def recurrent_layers_of(config) -> str | None:
@@ -708,6 +710,15 @@ def recurrent_layers_of(config) -> str | None:
         return f"{', '.join(found)} layers"
     if config.model_type in _RECURRENT_MODELS or any(k.startswith(("mamba_", "ssm_")) for k in vars(config)):
         return "state-space layers"
+    # trust_remote_code configs name no layer_types: RWKV-5/6/7 and flash-linear-attention's models by their type
+    # (rwkv7, gated_deltanet, gla, retnet, hgrn2, Kimi-Linear's kimi_linear), MiniMax-Text-01/M1 by `attn_type_list`
+    # (0 = a linear-attention layer), Kimi-Linear by `linear_attn_config`, Nemotron-H by `hybrid_override_pattern`.
+    if _RECURRENT_TYPE.search(config.model_type or ""):
+        return f"{config.model_type} layers"
+    if 0 in (getattr(config, "attn_type_list", None) or []) or getattr(config, "linear_attn_config", None):
+        return "linear_attention layers"
+    if "M" in str(getattr(config, "hybrid_override_pattern", "") or ""):
+        return "mamba layers"
     return None
 
 

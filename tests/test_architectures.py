@@ -940,3 +940,24 @@ def test_the_decoder_blocks_are_the_outermost_list_not_a_longer_one_inside_a_blo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert decoder_blocks(model) == ("git.encoder.layer", 2)
+
+
+def test_remote_code_models_that_carry_state_along_a_row_are_named_too():
+    """trust_remote_code configs of linear-attention/RNN models name no layer_types (MiniMax-Text-01's attn_type_list,
+    0 = a lightning-attention layer; Kimi-Linear's linear_attn_config; RWKV-6/7 and flash-linear-attention's models by
+    their model_type; Nemotron-H's hybrid_override_pattern): they were called attention-only, so engine auto packed
+    their rows on CUDA. Attention-only remote configs (and MiniMax with softmax layers only) stay None."""
+    from transformers import PretrainedConfig
+
+    from tasks.models import recurrent_layers_of
+
+    def config(model_type, **kw):
+        return type("RemoteConfig", (PretrainedConfig,), {"model_type": model_type})(**kw)
+
+    for c in (config("minimax_text_01", attn_type_list=[0] * 7 + [1]), config("rwkv7", attn_mode="chunk"), config("rwkv6"),
+              config("kimi_linear", linear_attn_config={"kda_layers": [1, 2, 3], "full_attn_layers": [4]}),
+              config("gated_deltanet"), config("gla"), config("retnet"), config("hgrn2"),
+              config("nemotron_h_remote", hybrid_override_pattern="M-M-M*-M")):
+        assert recurrent_layers_of(c), c.model_type
+    for c in (config("my_llama", hidden_size=64), config("minimax_text_01", attn_type_list=[1, 1])):
+        assert recurrent_layers_of(c) is None, c.model_type
