@@ -95,6 +95,17 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
 
 
+def probe_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection,
+              budget: BudgetSection, device: str, artifacts_dir: str) -> str:
+    """`cache_key`, and for a model that engine auto trains padded on CUDA because it carries a state along a row, a key
+    of its own: the key it had before that held a probe of the fused engine, and stage 4's key (which holds this one)
+    an adapter trained on packed rows, one conversation's state reaching the next."""
+    key = cache_key(data, model, quant, lora, training, budget, device)
+    if training.engine == "auto" and resolve_device(device) == "cuda" and recurrent_layers(resolve_model(model, artifacts_dir), model):
+        key = fingerprint(key, "engine auto: padded, state along a row")
+    return key
+
+
 def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool, bool]]:
     """(micro_batch, accum, checkpointing, offload) to try in turn until one fits, same effective batch. Without
     checkpointing in the config it is tried as asked first; skipping recompute where memory allows is the
@@ -167,7 +178,7 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
     """Stage 3: measure s/step and turn the time budget into max_steps."""
     if budget.seconds is None:
         raise StageError("budget: no time budget; pass --hours H or --minutes M (or set budget.hours in pipeline.yaml)")
-    key = cache_key(data, model, quant, lora, training, budget, device)
+    key = probe_key(data, model, quant, lora, training, budget, device, artifacts_dir)
     out = stage_dir(artifacts_dir, "probe", key)
     log_fn = log_fn or (lambda m: None)
     with locked(out):

@@ -111,7 +111,7 @@ def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
 
 
 
-@task(name="3-probe", cache_key_fn=keyed_by("probe", probe_stage.cache_key))
+@task(name="3-probe", cache_key_fn=keyed_by("probe", probe_stage.probe_key))
 def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "

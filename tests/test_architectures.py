@@ -961,3 +961,22 @@ def test_remote_code_models_that_carry_state_along_a_row_are_named_too():
         assert recurrent_layers_of(c), c.model_type
     for c in (config("my_llama", hidden_size=64), config("minimax_text_01", attn_type_list=[1, 1])):
         assert recurrent_layers_of(c) is None, c.model_type
+
+
+def test_a_probe_cached_before_auto_trained_state_carrying_models_padded_is_not_reused(shared_artifacts, monkeypatch):
+    """engine auto on CUDA was fused for a Jamba until it learnt to train such models padded; the probe's key did not
+    change with that, so a probe measured on packed rows (and stage 4's adapter, keyed by the probe's key, trained on
+    them) came back from the cache, and stage 4 trained padded under the fused probe's micro-batch and accumulation.
+    Now such a model's probe key is its own; an attention-only model's, any explicit engine's and the CPU's are as they were."""
+    import tasks.probe as probe
+    from tasks.config import load_config
+
+    monkeypatch.setattr(probe, "cache_key", lambda *a: "key")
+    for arch, device, engine, same in (("jamba", "cuda", "auto", False), ("jamba", "cpu", "auto", True),
+                                       ("jamba", "cuda", "padded", True), ("llama", "cuda", "auto", True)):
+        monkeypatch.setattr(probe, "resolve_device", lambda d, device=device: device)
+        cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", f"model.name=random:{arch}",
+                                                     *([f"model.random_config={json.dumps(SSM_ARCHS['jamba'])}"] if arch == "jamba" else []),
+                                                     f"training.engine={engine}"])
+        key = probe.probe_key(None, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, device, shared_artifacts)
+        assert (key == "key") == same, (arch, device, engine)
