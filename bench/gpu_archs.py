@@ -223,7 +223,7 @@ def main() -> None:
         r: dict = {"arch": arch, "random_config": random_config, "overrides": args.overrides}
         try:
             t0 = time.monotonic()
-            r["model_check"] = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir)  # builds the random model once
+            r["model_check"] = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir, engine=cfg.training.engine)  # builds the random model once
             log(f"{profile}: random:{arch} built in {time.monotonic() - t0:.0f}s; " + " | ".join(r["model_check"]))
             data = load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
             if arch.startswith("gemma3"):

@@ -329,7 +329,7 @@ class TrainingSection(Section):
         "per trainable parameter, ~340 MB for Mistral-7B's r16 all-linear LoRA; issue 19)."
     )
     engine: Literal["auto", "fast", "fused", "padded"] = Field(
-        "auto", description="auto = fused on CUDA, padded on CPU; fast = padding-free packing + varlen attention + Liger kernels; padded = the seed recipe's padded batches; "
+        "auto", description="auto = fused on CUDA, padded on CPU and for models with layers that carry a state along a row (Mamba, linear attention); fast = padding-free packing + varlen attention + Liger kernels; padded = the seed recipe's padded batches; "
         "fused = fast + the fused LoRA path (one LoRA-A matmul per shared input, LoRA-B added in place, dropout masks regenerated; "
         "tasks/engine/lora.py)."
     )

@@ -5,7 +5,7 @@ not truncated), that its tokenizer has a chat template that closes assistant tur
 (EOS or a special end-of-turn token), that the LoRA targets exist in it, and on a mixture-of-experts model what LoRA
 reaches and what it cannot. The model is built on the meta device from its config: no weights are read.
 
-    lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir, cfg.data.system_prompt)   # StageError if it cannot work
+    lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir, cfg.data.system_prompt, cfg.training.engine)   # StageError if it cannot work
 """
 
 from __future__ import annotations
