@@ -682,12 +682,16 @@ def quant_config(quant: QuantSection, device: str):
     )
 
 
-def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
-    """Whether the model caps its attention logits (Gemma-2's `attn_logit_softcapping`), read from its config alone."""
+def model_config(ref: ModelRef, model: ModelSection):
+    """The model's transformers config, read alone (no weights)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
-    return getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None
+    return AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
+
+
+def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
+    """Whether the model caps its attention logits (Gemma-2's `attn_logit_softcapping`), read from its config alone."""
+    return getattr(model_config(ref, model).get_text_config(), "attn_logit_softcapping", None) is not None
 
 
 # Layer kinds that carry a state along the sequence (state-space/Mamba, linear attention, short convolutions, recurrent
@@ -724,10 +728,7 @@ def recurrent_layers_of(config) -> str | None:
 
 def recurrent_layers(ref: ModelRef, model: ModelSection) -> str | None:
     """`recurrent_layers_of` the model's config (read alone, no weights)."""
-    from transformers import AutoConfig
-
-    return recurrent_layers_of(AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model),
-                                                          trust_remote_code=model.trust_remote_code))
+    return recurrent_layers_of(model_config(ref, model))
 
 
 def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, device: str, *, quantize: bool = True, attn_implementation: str | None = None):
@@ -1267,10 +1268,10 @@ def _holds_experts(m, own: dict, counts: set[int]) -> bool:
 def model_skeleton(ref: ModelRef, model: ModelSection):
     """The model's modules on the meta device (no weights, no memory): what `lora_targets` resolves against before any stage."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
+        config = model_config(ref, model)
     except OSError as e:
         raise _load_error(ref, model, e) from e
     with torch.device("meta"), quiet_transformers():

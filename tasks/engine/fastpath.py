@@ -106,18 +106,14 @@ class PaddingFreeCollator:
         samples = [s for s in _flatten_features(features) if len(s["input_ids"]) > 0]
         if not samples:
             raise ValueError("PaddingFreeCollator got no non-empty sample; drop empty rows in the data stage")
-        if self.full_rows and len(samples) == self.full_rows[0] > 1 and all(len(x["input_ids"]) == self.full_rows[1] for x in samples):
+        if self.full_rows and len(samples) == self.full_rows[0] and all(len(x["input_ids"]) == self.full_rows[1] for x in samples):
             return self._rows(samples)
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
         cu = [0]
         for i, s in enumerate(samples):
-            x = list(s["input_ids"])
-            y = list(s.get("labels", x))
-            if len(y) != len(x):
-                raise ValueError(f"sample {i} of the batch has {len(x)} input_ids but {len(y)} labels; they must match")
-            y[0] = IGNORE_INDEX
+            x, y = _ids_and_labels(i, s)
             ids.extend(x)
             labels.extend(y)
             positions.extend(range(len(x)))
@@ -150,10 +146,7 @@ class PaddingFreeCollator:
         """An (n, length) batch of whole samples, one a row (see `full_rows`)."""
         ids, labels = [], []
         for i, s in enumerate(samples):
-            x, y = list(s["input_ids"]), list(s.get("labels", s["input_ids"]))
-            if len(y) != len(x):
-                raise ValueError(f"sample {i} of the batch has {len(x)} input_ids but {len(y)} labels; they must match")
-            y[0] = IGNORE_INDEX  # as in a packed row (the causal shift never reads a row's first label)
+            x, y = _ids_and_labels(i, s)  # the first label masked as in a packed row (a row's shift never reads it)
             ids.append(x)
             labels.append(y)
         if self.max_tokens is not None and len(ids) * len(ids[0]) > self.max_tokens:
@@ -167,6 +160,17 @@ class PaddingFreeCollator:
                 targets = torch.tensor([[row[j] for j in keep] for row in shifted], dtype=torch.long)
                 batch.update(logits_to_keep=torch.tensor(keep, dtype=torch.long), shift_labels=targets, labels=targets)
         return batch
+
+
+def _ids_and_labels(i: int, sample: dict) -> tuple[list[int], list[int]]:
+    """Sample i's token ids and labels (its ids where it has none), the first label masked: in a packed row the causal
+    shift would otherwise train the last token of one sample to predict the first of the next."""
+    x = list(sample["input_ids"])
+    y = list(sample.get("labels", x))
+    if len(y) != len(x):
+        raise ValueError(f"sample {i} of the batch has {len(x)} input_ids but {len(y)} labels; they must match")
+    y[0] = IGNORE_INDEX
+    return x, y
 
 
 def rows_fit_window(model, length: int) -> bool:
@@ -295,12 +299,20 @@ def _rows_mask(position_ids: torch.Tensor | None, batch: int, length: int, slidi
     restarts = position_ids is not None and position_ids.shape == (batch, length) and bool((position_ids[:, 1:] == 0).any())
     if window is None and not restarts:
         return None
-    i = torch.arange(length, device=device)
-    mask = (window if window is not None else i[None, :] <= i[:, None]).expand(batch, length, length)
+    mask = (window if window is not None else _causal_mask(length, None, device)).expand(batch, length, length)
     if restarts:
         seg = torch.cat([torch.zeros_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], dim=1).cumsum(1)
         mask = mask & (seg[:, :, None] == seg[:, None, :])
     return mask[:, None]
+
+
+def _causal_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """(n, n) bool mask of one sequence: causal, within the window where it has one (`_window_mask`)."""
+    window = _window_mask(n, sliding_window, device)
+    if window is not None:
+        return window
+    i = torch.arange(n, device=device)
+    return i[None, :] <= i[:, None]
 
 
 def _window_mask(n: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -412,11 +424,6 @@ def _attention_with_sinks(module, query, key, value, attention_mask, dropout, sc
 
     batch, _, length, _ = query.shape
 
-    def causal(n: int) -> torch.Tensor:
-        window = _window_mask(n, sliding_window, query.device)
-        i = torch.arange(n, device=query.device)
-        return (window if window is not None else i[None, :] <= i[:, None])[None, None]
-
     if attention_mask is not None or key.shape[2] != length:
         mask = attention_mask
         if mask is None:  # transformers skipped the mask, leaving sdpa's convention (`_ignore_causal_mask_sdpa`): one
@@ -428,10 +435,11 @@ def _attention_with_sinks(module, query, key, value, attention_mask, dropout, sc
         return attend(query, key, value, mask[..., : key.shape[2]])
     if batch != 1:
         mask = _rows_mask(position_ids, batch, length, sliding_window, query.device)
-        return attend(query, key, value, mask if mask is not None else causal(length))
+        return attend(query, key, value, mask if mask is not None else _causal_mask(length, sliding_window, query.device)[None, None])
     cu = cu_seq_lens if cu_seq_lens is not None else _segments_from_positions(position_ids, length)
     bounds = cu.tolist() if cu is not None else [0, length]
-    outs = [attend(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], causal(b - a)) for a, b in zip(bounds, bounds[1:])]
+    outs = [attend(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], _causal_mask(b - a, sliding_window, query.device)[None, None])
+            for a, b in zip(bounds, bounds[1:])]
     return torch.cat(outs, dim=1)
 
 
