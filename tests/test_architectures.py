@@ -35,6 +35,9 @@ ARCHS = {
     "qwen2_moe": ({**TINY, **MOE, "shared_expert_intermediate_size": 64}, ATTN_MLP, EXPERTS),  # shared expert = linear layers
     "qwen3_moe": ({**TINY, **MOE, "head_dim": 16}, ATTN, EXPERTS),
     "gpt_oss": ({**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16}, ATTN, EXPERTS),  # experts' biases stay frozen
+    # Llama-4's text model: chunked attention on 3 layers of 4 (here chunks of 8 tokens), routed experts + a shared MLP.
+    "llama4_text": ({**TINY, "head_dim": 16, "num_local_experts": 4, "intermediate_size_mlp": 128, "attention_chunk_size": 8},
+                    ATTN_MLP, EXPERTS),
 }
 
 # Each real-GPU profile of pipeline.yaml -> the architecture the matrix above runs for it.

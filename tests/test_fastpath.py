@@ -20,6 +20,7 @@ from tasks.engine.fastpath import (
     packed_hf_dataset,
     prepare_fast_model,
     register_varlen_attention,
+    rows_fit_window,
 )
 from tasks.engine.recompute import checkpointed_layers, recompute_free_layers, set_recompute_free_layers
 
@@ -366,6 +367,44 @@ def test_attention_sinks_are_kept_in_every_batch_form_of_the_varlen_attention():
     varlen.train()
     varlen(**PaddingFreeCollator()(feats)).loss.backward()
     assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in varlen.model.layers)
+
+
+def tiny_llama4(attn: str, chunk: int = 4):
+    """Llama-4's text model: chunked attention on its RoPE layers (each token sees its own `chunk`-token chunk), full
+    causal attention on every fourth (no RoPE), experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama4_text", vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_local_experts=2, attention_chunk_size=chunk, pad_token_id=0)
+    assert config.layer_types.count("chunked_attention") == 3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+
+
+def test_llama4s_chunked_attention_is_kept_on_packed_rows_and_plain_rows():
+    """Llama-4's chunked layers reach the varlen attention with no mask on a packed row or plain rows: it attended
+    across chunks (logits off by up to 0.49 on this model, samples longer than the 4-token chunk). Now each chunk of a
+    sample is a sample of its own on a packed row (for the flash varlen kernel too), rows get the chunk mask, and a
+    sample that starts mid-sequence (positions from 5) is chunked by position, as transformers counts; padded batches
+    and decoding keep transformers' own mask. Full packs longer than a chunk stay one packed row."""
+    varlen, eager = tiny_llama4(register_varlen_attention()), tiny_llama4("eager")
+    eager.load_state_dict(varlen.state_dict())
+    feats = samples([9, 4, 17, 12], seed=11)
+    with torch.no_grad():
+        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
+        rows = samples([10, 10, 10], seed=12)
+        batch = PaddingFreeCollator(full_rows=(3, 10))(rows)
+        torch.testing.assert_close(varlen(**batch).logits, eager(input_ids=batch["input_ids"]).logits, atol=LOGITS_ATOL, rtol=0)
+        ids = torch.tensor([rows[0]["input_ids"][:7] + rows[1]["input_ids"][:6]])
+        pos = torch.cat([torch.arange(5, 12), torch.arange(6)])[None]
+        out = varlen(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        torch.testing.assert_close(out[:7], eager(input_ids=ids[:, :7], position_ids=pos[:, :7]).logits[0], atol=LOGITS_ATOL, rtol=0)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
+        mask = (ids != 0).long()
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+    assert rows_fit_window(varlen, 4) and not rows_fit_window(varlen, 5)
 
 
 def test_softcapped_attention_trains_on_eager_not_varlen():

@@ -179,6 +179,9 @@ def rows_fit_window(model, length: int) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     config = getattr(config, "text_config", None) or config
+    chunk = getattr(config, "attention_chunk_size", None) if "chunked_attention" in (getattr(config, "layer_types", None) or ()) else None
+    if chunk and length > int(chunk):  # Llama-4's chunked layers: rows longer than a chunk need a chunk mask, as a window does
+        return False
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
         return True
@@ -291,18 +294,52 @@ def _segments_from_positions(position_ids: torch.Tensor | None, length: int) -> 
     return torch.cat([ends[:1], starts, ends[1:]]).to(torch.int32)
 
 
+def _attention_chunk(module: torch.nn.Module) -> int | None:
+    """The chunk of a layer with chunked attention (Llama-4's RoPE layers: `config.layer_types[i] ==
+    "chunked_attention"`, each token seeing only the tokens of its own `attention_chunk_size`-token chunk of the
+    sequence, counted from the sequence's start); None for every other layer. Transformers builds that mask for a
+    padded batch; a packed row or plain rows carry none, so the varlen attention applies the chunks itself."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    index = getattr(module, "layer_idx", None)
+    if not types or index is None or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    chunk = getattr(config, "attention_chunk_size", None)
+    return int(chunk) if chunk else None
+
+
+def _chunked_segments(cu: torch.Tensor, chunk: int, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """cu_seq_lens with every sample also cut where its position is a multiple of `chunk` (transformers counts chunks
+    by position: `create_chunked_causal_mask`); from each sample's start where there are no position ids. Within a
+    chunk attention is plain causal and no chunk sees another, so each chunk is a sample of its own (for the flash
+    varlen kernel too)."""
+    bounds = cu.tolist()
+    if position_ids is not None and position_ids.shape[-1] == bounds[-1]:
+        cuts = set(bounds) | set((position_ids[0] % chunk == 0).nonzero().flatten().tolist())
+    else:
+        cuts = set(bounds) | {b for a, e in zip(bounds, bounds[1:]) for b in range(a, e, chunk)}
+    return torch.tensor(sorted(cuts), dtype=cu.dtype, device=cu.device)
+
+
 def _rows_mask(position_ids: torch.Tensor | None, batch: int, length: int, sliding_window: int | None,
-               device: torch.device) -> torch.Tensor | None:
-    """(B, 1, T, T) mask of an unpadded batch: causal, within the window, and within each sample of a row whose
-    positions restart at 0; None where plain causal attention is the same."""
+               device: torch.device, chunk: int | None = None) -> torch.Tensor | None:
+    """(B, 1, T, T) mask of an unpadded batch: causal, within the window, within each sample of a row whose
+    positions restart at 0, and within the token's chunk of its sample (`_attention_chunk`); None where plain causal
+    attention is the same."""
     window = _window_mask(length, sliding_window, device)
     restarts = position_ids is not None and position_ids.shape == (batch, length) and bool((position_ids[:, 1:] == 0).any())
-    if window is None and not restarts:
+    chunked = chunk is not None and length > chunk
+    if window is None and not restarts and not chunked:
         return None
     mask = (window if window is not None else _causal_mask(length, None, device)).expand(batch, length, length)
     if restarts:
         seg = torch.cat([torch.zeros_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], dim=1).cumsum(1)
         mask = mask & (seg[:, :, None] == seg[:, None, :])
+    if chunked:  # chunks by position, as transformers counts them: the row's position ids, else each row's own
+        has_positions = position_ids is not None and position_ids.shape == (batch, length)
+        pos = position_ids if has_positions else torch.arange(length, device=device).expand(batch, length)
+        block = pos // chunk
+        mask = mask & (block[:, :, None] == block[:, None, :])
     return mask[:, None]
 
 
@@ -372,13 +409,16 @@ def varlen_attention_forward(
         # A padded batch, decoding, or a KV cache: transformers built the mask (`_varlen_mask` defers to sdpa's there).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     dropout = dropout if module.training else 0.0
+    chunk = _attention_chunk(module)
     if batch != 1:  # an unpadded batch of rows (each one sequence, or samples packed by restarting positions)
-        mask = _rows_mask(position_ids, batch, length, sliding_window, query.device)
+        mask = _rows_mask(position_ids, batch, length, sliding_window, query.device, chunk)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
     cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
     if cu is None:
         cu = torch.tensor([0, length], dtype=torch.int32)
+    if chunk is not None:
+        cu, max_length_q = _chunked_segments(cu, chunk, position_ids), None
     n_rep = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     cu = cu.to(device=q.device, dtype=torch.int32)
