@@ -689,6 +689,18 @@ def model_config(ref: ModelRef, model: ModelSection):
     return AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
 
 
+def supports_sdpa(ref: ModelRef, model: ModelSection) -> bool:
+    """Whether transformers loads the model with sdpa attention, read from the class its config maps to (GPT-OSS's and
+    Gemma-2's do not: sinks and softcapped logits have no sdpa form); True where the class is not transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(model_config(ref, model))]
+    except (KeyError, ValueError):
+        return True
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
 def softcaps_attention(ref: ModelRef, model: ModelSection) -> bool:
     """Whether the model caps its attention logits (Gemma-2's `attn_logit_softcapping`), read from its config alone."""
     return getattr(model_config(ref, model).get_text_config(), "attn_logit_softcapping", None) is not None

@@ -439,6 +439,29 @@ def test_build_model_loads_a_softcapped_model_with_eager_attention(shared_artifa
         assert_packed_matches_alone(model.eval()(**PaddingFreeCollator()(feats)).logits[0], feats, model)
 
 
+@pytest.mark.parametrize("engine", ["fast", "fused"])
+def test_gpt_oss_loads_with_the_varlen_attention_on_the_packed_engines_off_cuda(engine, shared_artifacts):
+    """Off CUDA the packed engines load models with sdpa, which transformers refuses for GPT-OSS (its sinks): an explicit
+    training.engine fast or fused failed in stage 3 with transformers' error. Such a model now loads with the registered
+    varlen attention, which computes the sinks; packed samples see only themselves."""
+    import json
+
+    from tasks.config import load_config
+    from tasks.engine.build import build_model
+    from tasks.models import resolve_model
+
+    small = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2}
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:gpt_oss",
+                                                 f"model.random_config={json.dumps(small)}", "device=cpu"])
+    ref = resolve_model(cfg.model, shared_artifacts)
+    model = build_model(ref, cfg.model, cfg.quant, cfg.lora, False, "cpu", engine)
+    assert model.config._attn_implementation == register_varlen_attention()
+    feats = samples([5, 7, 4], seed=7)
+    with torch.no_grad():
+        assert_packed_matches_alone(model.eval()(**PaddingFreeCollator()(feats)).logits[0], feats, model)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])
 def test_lm_head_on_trained_positions_only_gives_the_same_loss_and_gradients(arch):
     """keep_logits: the LM head and the loss run only where the next token is a label; loss and every gradient equal

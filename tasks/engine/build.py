@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
 from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly, peft_reach,
-                      quiet_transformers, softcaps_attention, uses_4bit)
+                      quiet_transformers, softcaps_attention, supports_sdpa, uses_4bit)
 from .dist import world
 
 
@@ -45,9 +45,13 @@ def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lor
     fast = engine in ("fast", "fused")  # fused = fast + the fused LoRA path (tasks/engine/lora.py)
     attn = None
     if fast:
-        from .fastpath import fast_attn_implementation
+        from .fastpath import fast_attn_implementation, register_varlen_attention
 
         attn = fast_attn_implementation(device)
+        if attn == "sdpa" and not supports_sdpa(ref, model_cfg):
+            # GPT-OSS off CUDA: transformers refuses sdpa for its sinks; the registered varlen attention computes them in
+            # every batch form (a packed row per sample, padded batches, decoding).
+            attn = register_varlen_attention()
         if softcaps_attention(ref, model_cfg):
             # Gemma-2 caps attention logits, which neither flash varlen nor sdpa does: eager attention (transformers
             # builds block-diagonal masks from the packed position ids), as transformers recommends for it.
