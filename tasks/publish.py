@@ -552,39 +552,82 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def find_run(run: str | None, artifacts_dir: str) -> Path:
-    """The published folder of `run` (default: the latest) inside `<artifacts>/runs/`.
+    """The published folder of `run` (default: the latest run that published) inside `<artifacts>/runs/`.
 
     A name is looked up as written, never rewritten: one that is not a run folder's name (a path, `..`) or not a
-    run there is refused with the runs that exist, and no link is followed out of the runs folder."""
+    run there is refused with the runs that exist, and no link is followed out of the runs folder. Without a name,
+    a latest run that published nothing (it failed, crashed or is still training) gives way, with a note, to the
+    newest run that did: a typo in the next `--set` must not take the model already published away from `chat`."""
     root = artifacts_root(artifacts_dir)
     runs = root / "runs"
-    if run is None:
-        latest = root / "latest.json"
-        if not latest.is_file():
-            raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
-        try:
-            run = str(read_json(latest)["run"])
-        except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
-            raise StageError(f"{latest} is unreadable ({type(e).__name__}); name a run (`qlora-pipeline chat <run>`) or rerun "
-                             "`qlora-pipeline run`, which rewrites it") from e
+    if run is not None:
+        return _published(runs, _run_dir(runs, run), run)
+    latest = root / "latest.json"
+    if not latest.is_file():
+        raise StageError(f"no runs in {root}; run `qlora-pipeline run` first or name a run")
+    try:
+        pointer = read_json(latest)
+        run = str(pointer["run"])
+    except (json.JSONDecodeError, OSError, KeyError, TypeError) as e:
+        raise StageError(f"{latest} is unreadable ({type(e).__name__}); name a run (`qlora-pipeline chat <run>`) or rerun "
+                         "`qlora-pipeline run`, which rewrites it") from e
     run_dir = _run_dir(runs, run)
-    # A fully cached rerun publishes nothing new: its summary points at the folder an earlier run published.
+    found = _published_in(run_dir, runs)
+    if found:
+        return found
+    newest = _newest_published(runs)
+    if newest is None:
+        return _published(runs, run_dir, run)  # the error naming the latest run
+    status = pointer.get("status") if isinstance(pointer, dict) else None
+    print(f"note: the latest run {run!r} has no published model{f' ({status})' if status else ''}; using "
+          f"{newest.parent.name}, the newest run that published", file=sys.stderr)
+    return newest
+
+
+def _published(runs: Path, run_dir: Path, run: str) -> Path:
+    found = _published_in(run_dir, runs)
+    if not found:
+        raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
+    return found
+
+
+def _published_in(run_dir: Path, runs: Path) -> Path | None:
+    """The complete published folder this run's summary names (a fully cached rerun points at an earlier run's), else
+    the first complete one in the run's folder; None when there is none."""
     summary = run_dir / "summary.json"
     if summary.is_file():
         try:
             published = read_json(summary).get("published")
-        except (json.JSONDecodeError, OSError):
+        except (json.JSONDecodeError, OSError, AttributeError):
             published = None
         # Only a folder inside this artifacts root: a summary never sends `chat` or `serve-model` elsewhere. An
         # artifacts folder copied or moved keeps its summaries' old absolute paths: look for <run>/<name> here.
-        if published:
+        if isinstance(published, str) and published:
             for path in (Path(published), runs / Path(published).parent.name / Path(published).name):
                 if _inside(path, runs) and is_published(path):
                     return path
     candidates = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and _inside(p, runs) and is_published(p)]
-    if not candidates:
-        raise StageError(f"run {run!r} has no published model under {run_dir}; finish it with `qlora-pipeline run` (it resumes)")
-    return candidates[0]
+    return candidates[0] if candidates else None
+
+
+def _newest_published(runs: Path) -> Path | None:
+    """The published folder of the run that finished last with status completed (its summary's `finished`)."""
+    done = []
+    for summary in runs.glob("*/summary.json"):
+        run_dir = summary.parent
+        if run_dir.is_symlink() or not RUN_NAME.fullmatch(run_dir.name):
+            continue
+        try:
+            data = read_json(summary)
+        except (json.JSONDecodeError, OSError):
+            continue
+        if isinstance(data, dict) and data.get("status") == "completed":
+            done.append((str(data.get("finished") or ""), run_dir.name, run_dir))
+    for _, _, run_dir in sorted(done, reverse=True):
+        found = _published_in(run_dir, runs)
+        if found:
+            return found
+    return None
 
 
 def _inside(path: Path, runs: Path) -> bool:

@@ -90,6 +90,32 @@ def test_a_linked_run_folder_is_not_followed_out_of_artifacts(tmp_path):
         find_run("real", str(art))
 
 
+def test_chat_without_a_run_name_takes_the_newest_published_run_when_the_latest_published_nothing(tmp_path, capsys):
+    # A run that failed (a mistyped `--set data.source=...`) or is still training publishes nothing; `chat` and
+    # `serve-model` without a run name went on refusing ("has no published model") the model published before it.
+    from tasks.common import write_json
+    from tasks.publish import find_run
+
+    art = tmp_path / "artifacts"
+    runs = art / "runs"
+    older = _fake_published(runs / "r1" / "m")
+    newer = _fake_published(runs / "r2" / "m")
+    write_json(runs / "r1" / "summary.json", {"run": "r1", "status": "completed", "finished": "2026-12-05T01:00:00+00:00", "published": str(older)})
+    write_json(runs / "r2" / "summary.json", {"run": "r2", "status": "completed", "finished": "2026-12-05T02:00:00+00:00", "published": str(newer)})
+    (runs / "r3").mkdir()
+    write_json(runs / "r3" / "summary.json", {"run": "r3", "status": "failed", "failed_stage": "data", "finished": "2026-12-05T03:00:00+00:00"})
+    write_json(art / "latest.json", {"run": "r3", "status": "failed"})
+    assert find_run(None, str(art)) == newer
+    assert "the latest run 'r3' has no published model (failed); using r2" in capsys.readouterr().err
+    with pytest.raises(StageError, match="'r3' has no published model"):  # named, it is still refused
+        find_run("r3", str(art))
+    # Nothing published anywhere: the latest run's own error, as before.
+    (older / "MANIFEST.json").unlink()
+    (newer / "MANIFEST.json").unlink()
+    with pytest.raises(StageError, match="'r3' has no published model"):
+        find_run(None, str(art))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2, 4, 5. The published folder stands on its own; card and provenance say what the model is; the default path
 # is the evaluated one
