@@ -34,6 +34,18 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    """A TCP port a client can be told: 0 (any free port) would serve where the printed curl line and the health wait
+    do not look, and one above 65535 failed only after the model loaded, with uvicorn's traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--api-key", default=os.environ.get("QLORA_PIPELINE_API_KEY"),
                     help="require `Authorization: Bearer KEY` on every request but /health (default: $QLORA_PIPELINE_API_KEY; "
                          "the variable keeps the key out of the process list)")
-    sm.add_argument("--port", type=int, default=8000)
+    sm.add_argument("--port", type=_port, default=8000, help="listen port, 1 to 65535 (default 8000)")
     sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
     sm.add_argument("--artifacts-dir", default="artifacts")
     return p

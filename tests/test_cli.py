@@ -57,6 +57,16 @@ def test_chat_refuses_a_max_new_tokens_below_one_in_one_line(capsys):
         assert e.value.code == 2 and "--max-new-tokens: must be an integer >= 1" in err and "Traceback" not in err, err
 
 
+def test_serve_model_refuses_a_port_out_of_range_in_one_line_before_loading(capsys):
+    # 70000 loaded the model, then failed with uvicorn's OverflowError traceback; 0 served on a random port while
+    # the health wait looked at port 0: no "serving ... Try: curl" line ever came.
+    for bad in ("0", "70000", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve-model", "--port", bad, "--artifacts-dir", "/nonexistent"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--port: must be a port number from 1 to 65535" in err and "Traceback" not in err, err
+
+
 def test_the_serving_hint_waits_for_health_on_loopback_past_an_http_proxy(monkeypatch):
     # With $http_proxy set, urlopen sent the /health probe to the proxy: the server answered, the hint never printed.
     import http.server
