@@ -235,6 +235,9 @@ def cmd_chat(args) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE
+    except KeyboardInterrupt:  # while the model loads, or during a --prompt answer: stop without a traceback
+        print("\nstopped", file=sys.stderr)
+        return 130
 
 
 def cmd_serve_model(args) -> int:

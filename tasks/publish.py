@@ -703,25 +703,30 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     history: list[dict] = []
 
     def answer(text: str) -> None:
-        history.append({"role": "user", "content": text})
-        enc = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+        turn = {"role": "user", "content": text}
+        enc = tok.apply_chat_template([*history, turn], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
         reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        history.append({"role": "assistant", "content": reply})
+        history.extend([turn, {"role": "assistant", "content": reply}])  # an answer cut off by Ctrl-C leaves no turn behind
 
     if prompt is not None:
         answer(prompt)
         return 0
-    print(f"chatting with {folder.name} ({'merged' if merged else 'adapter'}); empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"chatting with {folder.name} ({'merged' if merged else 'adapter'}); empty line, Ctrl-D or Ctrl-C to quit; "
+          "Ctrl-C during an answer stops it", file=sys.stderr)
     while True:
         try:
             text = input("> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-C at the prompt quits as Ctrl-D does, not with a traceback
+            print(file=sys.stderr)
             break
         if not text:
             break
-        answer(text)
+        try:
+            answer(text)
+        except KeyboardInterrupt:
+            print("\n(answer stopped; it is not part of the chat)", file=sys.stderr, flush=True)
     return 0
 
 

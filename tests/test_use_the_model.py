@@ -188,6 +188,64 @@ def test_published_folder_loads_with_the_cache_deleted_and_moved_elsewhere(own_p
         hidden.rename(art)
 
 
+def test_chat_ctrl_c_stops_an_answer_and_quits_at_the_prompt_without_a_traceback(own_published, tmp_path, monkeypatch, capsys):
+    # Ctrl-C, what a person types to leave a REPL, printed a KeyboardInterrupt traceback at the prompt and during an answer.
+    import builtins
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transformers import PreTrainedTokenizerBase, TextStreamer
+
+    from tasks.common import PROJECT_ROOT
+    from tasks.publish import chat
+
+    cfg, art, pub, _ = own_published
+    # In place: Ctrl-C during the first answer stops it and leaves it out of the chat; the next one is answered; Ctrl-C
+    # at the prompt quits with 0.
+    typed = iter(["first question", "second question"])
+
+    def type_or_ctrl_c(prompt=""):
+        for text in typed:
+            return text
+        raise KeyboardInterrupt
+
+    cut = {"once": True}
+    put = TextStreamer.put
+
+    def ctrl_c_once(self, value):
+        if not self.next_tokens_are_prompt and cut.pop("once", False):  # the first answer token, past the prompt
+            raise KeyboardInterrupt
+        return put(self, value)
+
+    seen = []
+    template = PreTrainedTokenizerBase.apply_chat_template
+    monkeypatch.setattr(builtins, "input", type_or_ctrl_c)
+    monkeypatch.setattr(TextStreamer, "put", ctrl_c_once)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template",
+                        lambda self, conversation, *a, **k: seen.append([m["content"] for m in conversation]) or template(self, conversation, *a, **k))
+    assert chat("r1", None, max_new_tokens=4, artifacts_dir=str(art)) == 0
+    assert seen == [["first question"], ["second question"]], seen  # the stopped turn is not part of the chat
+    err = capsys.readouterr().err
+    assert "answer stopped" in err and "Traceback" not in err, err
+
+    # As a user runs it: SIGINT at the prompt ends the process at once, exit 0, no traceback.
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "chat", "r1", "--artifacts-dir", str(art)], cwd=PROJECT_ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    log = tmp_path / "chat.err"
+    t0 = time.monotonic()
+    while "chatting with" not in (proc.stderr.readline() if proc.poll() is None else "chatting with"):
+        assert time.monotonic() - t0 < 120
+    time.sleep(1)  # at input() now
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    log.write_text(err)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
     import hashlib
 
