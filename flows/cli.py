@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
     chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
-    chat.add_argument("--artifacts-dir", default="artifacts")
+    chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it)")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
                            description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                          "the variable keeps the key out of the process list)")
     sm.add_argument("--port", type=_port, default=8000, help="listen port, 1 to 65535 (default 8000)")
     sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
-    sm.add_argument("--artifacts-dir", default="artifacts")
+    sm.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it)")
     return p
 
 
@@ -226,12 +226,26 @@ def cmd_profiles(args) -> int:
     return 0
 
 
+def _artifacts_dir(given: str | None) -> str:
+    """--artifacts-dir, else the one `qlora-pipeline run` writes to by default: pipeline.yaml's artifacts_dir (its default
+    profile's). A pipeline.yaml pointed at a bigger disk sent `run` there while `chat` and `serve-model` went on
+    looking in the project's artifacts/ ("no runs")."""
+    if given is not None:
+        return given
+    from tasks import config
+
+    try:
+        return config.load_config(config.DEFAULT_CONFIG_PATH).artifacts_dir
+    except config.ConfigError:  # a pipeline.yaml that does not load: `run` says why; the runs are then where they always were
+        return "artifacts"
+
+
 def cmd_chat(args) -> int:
     from tasks.common import StageError
     from tasks.publish import chat
 
     try:
-        return chat(args.run, args.prompt, merged=args.merged, max_new_tokens=args.max_new_tokens, artifacts_dir=args.artifacts_dir)
+        return chat(args.run, args.prompt, merged=args.merged, max_new_tokens=args.max_new_tokens, artifacts_dir=_artifacts_dir(args.artifacts_dir))
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE
@@ -248,7 +262,7 @@ def cmd_serve_model(args) -> int:
     from tasks.publish import find_run, require_safetensors
 
     try:
-        folder = find_run(args.run, args.artifacts_dir)
+        folder = find_run(args.run, _artifacts_dir(args.artifacts_dir))
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
         if not gguf:
             require_safetensors(folder / "merged")  # before any load: a pickle can run code when unpickled

@@ -246,6 +246,31 @@ def test_chat_ctrl_c_stops_an_answer_and_quits_at_the_prompt_without_a_traceback
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_chat_and_serve_model_look_for_runs_where_pipeline_yaml_sends_them(own_published, tmp_path, monkeypatch, capsys):
+    # pipeline.yaml's artifacts_dir pointed at a bigger disk: `run` wrote there, `chat` and `serve-model` looked in the
+    # project's artifacts/ and found no run.
+    import tasks.config
+    from flows.cli import main
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    text = (PROJECT_ROOT / "pipeline.yaml").read_text()
+    assert "  artifacts_dir: artifacts " in text
+    moved = tmp_path / "pipeline.yaml"
+    moved.write_text(text.replace("  artifacts_dir: artifacts ", f"  artifacts_dir: {art} ", 1))
+    monkeypatch.setattr(tasks.config, "DEFAULT_CONFIG_PATH", moved)
+    assert main(["chat", "r1", "--prompt", "Say ok.", "--max-new-tokens", "2"]) == 0, capsys.readouterr().err
+    # serve-model finds the same run: with the port taken, it stops at the port's one-line error, past the run lookup.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve-model", "r1", "--port", str(s.getsockname()[1])]) == 1
+    err = capsys.readouterr().err
+    assert "is already in use" in err and "no published model" not in err, err
+
+
 def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
     import hashlib
 
