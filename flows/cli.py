@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Serve a published run's model at http://HOST:PORT/v1 (chat/completions): the merged "
                                     "folder with `transformers serve`, or its GGUF with llama.cpp's server (xllamacpp).")
     sm.add_argument("run", nargs="?", help="run name under artifacts/runs (default: the latest)")
-    sm.add_argument("--format", choices=["merged", "gguf"], default="merged", help="merged = transformers serve; gguf = llama.cpp server")
-    sm.add_argument("--gguf-type", help="which GGUF (f16, q8_0, ...); default q8_0 if exported")
+    sm.add_argument("--format", choices=["merged", "gguf"], help="merged = transformers serve (the default); gguf = llama.cpp server")
+    sm.add_argument("--gguf-type", help="which GGUF (f16, q8_0, ...; serves the gguf format); default q8_0 if exported")
     sm.add_argument("--host", default="127.0.0.1", help="listen address (default loopback; 0.0.0.0 exposes it to the network: set an API key)")
     sm.add_argument("--api-key", default=os.environ.get("QLORA_PIPELINE_API_KEY"),
                     help="require `Authorization: Bearer KEY` on every request but /health (default: $QLORA_PIPELINE_API_KEY; "
@@ -261,6 +261,10 @@ def cmd_serve_model(args) -> int:
     from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, require_free_port, serve_gguf, transformers_serve_command
     from tasks.publish import find_run, require_safetensors
 
+    if args.gguf_type and args.format == "merged":
+        print(f"error: --gguf-type {args.gguf_type} picks a GGUF, which --format merged does not serve; drop one of them", file=sys.stderr)
+        return EXIT_CONFIG
+    args.format = args.format or ("gguf" if args.gguf_type else "merged")  # --gguf-type f16 served the merged model
     try:
         folder = find_run(args.run, _artifacts_dir(args.artifacts_dir))
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None

@@ -499,11 +499,12 @@ def _update_manifest(pub: Path) -> None:
 
 
 def gguf_to_serve(folder: Path, gguf_type: str | None) -> Path:
-    files = sorted((folder / "gguf").glob("*.gguf"))
-    if gguf_type:
-        files = [f for f in files if f.stem.endswith(f"-{gguf_type}")]
+    every = sorted((folder / "gguf").glob("*.gguf"))
+    # Q8_0, Q4_K_M: the names llama.cpp and Ollama print; the files are named in export.gguf's lower case
+    files = [f for f in every if f.stem.lower().endswith(f"-{gguf_type.lower()}")] if gguf_type else every
     if not files:
-        raise StageError(f"{folder} has no {gguf_type + ' ' if gguf_type else ''}GGUF (gguf/*.gguf); run the export stage "
+        there = f"; it has {', '.join(f.stem.rsplit('-', 1)[-1] for f in every)} (--gguf-type)" if every else ""
+        raise StageError(f"{folder} has no {gguf_type + ' ' if gguf_type else ''}GGUF (gguf/*.gguf){there}; run the export stage "
                          "(`qlora-pipeline run`, with export.gguf set) or serve with --format merged")
     gguf = next((f for f in files if f.stem.endswith("-q8_0")), files[0])
     require_gguf_header(gguf)

@@ -473,6 +473,35 @@ def test_gguf_not_found_names_the_type_without_a_double_space(tmp_path):
             gguf_to_serve(tmp_path, gguf_type)
 
 
+def test_gguf_type_is_read_as_llama_cpp_names_it_and_picks_the_gguf_format(tmp_path, capsys):
+    # `--gguf-type Q8_0` (llama.cpp's and Ollama's spelling) found no GGUF, without saying which there are; and
+    # `serve-model --gguf-type f16` without `--format gguf` served the merged model with transformers.
+    import socket
+    import struct
+
+    from flows.cli import main
+    from tasks.common import write_json
+    from tasks.export import gguf_to_serve
+
+    pub = _fake_published(tmp_path / "artifacts" / "runs" / "r1" / "m")
+    (pub / "gguf").mkdir()
+    for kind in ("f16", "q8_0"):
+        (pub / "gguf" / f"m-{kind}.gguf").write_bytes(struct.pack("<4sIQQ", b"GGUF", 3, 1, 0))
+    assert gguf_to_serve(pub, "Q8_0").name == "m-q8_0.gguf" and gguf_to_serve(pub, "F16").name == "m-f16.gguf"
+    with pytest.raises(StageError, match=r"has no q4_k_m GGUF \(gguf/\*\.gguf\); it has f16, q8_0 \(--gguf-type\)"):
+        gguf_to_serve(pub, "q4_k_m")
+    write_json(tmp_path / "artifacts" / "latest.json", {"run": "r1"})
+    with socket.socket() as s:  # a busy port: serve-model stops at its one line, after choosing what to serve
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        assert main(["serve-model", "--gguf-type", "f16", "--port", port, "--artifacts-dir", str(tmp_path / "artifacts")]) == 1
+        err = capsys.readouterr().err
+        assert "is already in use" in err and "safetensors" not in err, err  # the GGUF, not the merged folder
+        assert main(["serve-model", "--format", "merged", "--gguf-type", "f16", "--port", port, "--artifacts-dir", str(tmp_path / "artifacts")]) == 2
+        assert "--format merged does not serve" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     import socket
 
