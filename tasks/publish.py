@@ -168,6 +168,8 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
             # none, so `chat`, `transformers serve`, the GGUF and any user of the tokenizer prompt the model as trained.
             for folder in (tmp / "adapter", tmp / "merged"):
                 install_system_prompt(folder, cfg.data.system_prompt)
+        for folder in (tmp / "adapter", tmp / "merged", *([tmp / base["files"]] if base["files"] else [])):
+            portable_tokenizer_class(folder)
         template = published_template(tmp / "merged")
         (tmp / "plots").mkdir()
         shutil.copy2(prof.histogram_png, tmp / "plots" / "length_histogram.png")
@@ -481,6 +483,20 @@ def template_with_system(template: str, system_prompt: str) -> str:
     return ("{%- if messages and messages[0]['role'] != 'system' %}"
             f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
             "{%- endif %}" + template)
+
+
+def portable_tokenizer_class(folder: Path) -> None:
+    """Name a saved tokenizer's class as every transformers release knows it. transformers 5 saves a tokenizer it built
+    from tokenizer.json alone (a GGUF's, as the demo's base) as `TokenizersBackend`, a class transformers 4 does not
+    have: its AutoTokenizer (vLLM, TGI and most installs of 2026) refused the published folder ("Tokenizer class
+    TokenizersBackend does not exist"). `PreTrainedTokenizerFast` is that same class in 5 and reads the same
+    tokenizer.json in 4: the same ids and chat template. Written by replacement: the base's files may be hard links."""
+    tcfg = folder / "tokenizer_config.json"
+    if not tcfg.is_file():
+        return
+    conf = read_json(tcfg)
+    if isinstance(conf, dict) and conf.get("tokenizer_class") == "TokenizersBackend":
+        write_json(tcfg, {**conf, "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def install_system_prompt(folder: Path, system_prompt: str) -> None:

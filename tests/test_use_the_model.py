@@ -271,6 +271,23 @@ def test_chat_and_serve_model_look_for_runs_where_pipeline_yaml_sends_them(own_p
     assert "is already in use" in err and "no published model" not in err, err
 
 
+def test_published_tokenizers_name_a_class_transformers_4_has_and_the_cache_is_left_alone(own_published):
+    # transformers 5 saved these tokenizers as `TokenizersBackend`, which transformers 4's AutoTokenizer (vLLM, TGI, most
+    # installs) refused: "Tokenizer class TokenizersBackend does not exist or is not currently imported".
+    from transformers import AutoTokenizer
+
+    cfg, art, pub, records = own_published
+    for sub in ("adapter", "merged", "base"):
+        assert json.loads((pub / sub / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast", sub
+    chat = [{"role": "user", "content": "Write cat in uppercase."}]
+    cache = Path(records["data"].model_ref)
+    assert AutoTokenizer.from_pretrained(str(pub / "merged")).apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
+        AutoTokenizer.from_pretrained(str(cache)).apply_chat_template(
+            [{"role": "system", "content": "Follow the instruction exactly."}, *chat], add_generation_prompt=True, tokenize=False))
+    # The base's files may be hard links into the cache: rewritten by replacement, the cache's own file is unchanged.
+    assert json.loads((cache / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+
+
 def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
     import hashlib
 
