@@ -170,6 +170,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
                 install_system_prompt(folder, cfg.data.system_prompt)
         for folder in (tmp / "adapter", tmp / "merged", *([tmp / base["files"]] if base["files"] else [])):
             portable_tokenizer_class(folder)
+            portable_rope_config(folder)
         template = published_template(tmp / "merged")
         (tmp / "plots").mkdir()
         shutil.copy2(prof.histogram_png, tmp / "plots" / "length_histogram.png")
@@ -497,6 +498,28 @@ def portable_tokenizer_class(folder: Path) -> None:
     conf = read_json(tcfg)
     if isinstance(conf, dict) and conf.get("tokenizer_class") == "TokenizersBackend":
         write_json(tcfg, {**conf, "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def portable_rope_config(folder: Path) -> None:
+    """Spell a saved config's RoPE settings for transformers 4 too. transformers 5 writes them as `rope_parameters`
+    only, which transformers 4 does not read: it loaded the demo's merged model with rope_theta 10,000 in place of
+    100,000 (its default), a silently different model. `rope_theta` (and `rope_scaling` for a scaled RoPE such as
+    Llama-3.1's) beside them are what 4 reads; 5 loads the config exactly as before. A per-layer-type mapping
+    (Gemma-3's) has no such spelling and is left as it is."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    conf = read_json(path)
+    rope = conf.get("rope_parameters") if isinstance(conf, dict) else None
+    if not isinstance(rope, dict) or "rope_type" not in rope:
+        return
+    extra = {}
+    if "rope_theta" in rope and "rope_theta" not in conf:
+        extra["rope_theta"] = rope["rope_theta"]
+    if rope["rope_type"] != "default" and conf.get("rope_scaling") is None:
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if extra:
+        write_json(path, {**conf, **extra})
 
 
 def install_system_prompt(folder: Path, system_prompt: str) -> None:

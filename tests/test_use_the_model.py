@@ -288,6 +288,31 @@ def test_published_tokenizers_name_a_class_transformers_4_has_and_the_cache_is_l
     assert json.loads((cache / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
 
 
+def test_published_configs_spell_rope_for_transformers_4_and_load_the_same_in_5(own_published, tmp_path):
+    # transformers 5 writes RoPE as `rope_parameters` only; transformers 4 (vLLM, TGI, most installs) does not read it and
+    # loaded the demo's merged SmolLM2 with rope_theta 10,000 instead of its 100,000: another model, silently.
+    from transformers import AutoConfig, LlamaConfig
+
+    cfg, art, pub, records = own_published
+    cache = Path(records["data"].model_ref)
+    for sub in ("merged", "base"):
+        conf = json.loads((pub / sub / "config.json").read_text())
+        assert conf["rope_theta"] == conf["rope_parameters"]["rope_theta"], sub
+        assert AutoConfig.from_pretrained(str(pub / sub)).rope_parameters == AutoConfig.from_pretrained(str(cache)).rope_parameters
+    assert "rope_theta" not in json.loads((cache / "config.json").read_text())  # the cache's file (maybe hard-linked) untouched
+    # A scaled RoPE (Llama-3.1's) gets transformers 4's rope_scaling too; transformers 5 reads the same parameters back.
+    from tasks.publish import portable_rope_config
+
+    scaled = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    LlamaConfig(max_position_embeddings=131072, rope_parameters=scaled).save_pretrained(tmp_path)
+    before = AutoConfig.from_pretrained(tmp_path).rope_parameters
+    portable_rope_config(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["rope_theta"] == 500000.0 and conf["rope_scaling"] == {k: v for k, v in scaled.items() if k != "rope_theta"}
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == before
+
+
 def test_provenance_and_card_name_the_published_template_and_the_base(own_published):
     import hashlib
 
