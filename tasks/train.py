@@ -574,8 +574,15 @@ def batch_size(dataset, forwards_per_step: int, train_ds, packing: str = "full")
             "rule": f"{forwards_per_step} padded conversations"}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _install_interrupt(guard: BudgetGuard):
-    """First Ctrl-C: finish the step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the step, save a checkpoint, stop. A second one: stop at once.
+
+    SIGTERM too: `kill`, `docker stop`, systemd, a preempted cloud machine or Slurm's time limit ask a run to stop with
+    it, and it ended training on the spot (Prefect's "aborted by a termination signal"), losing every step since the
+    last periodic checkpoint (up to training.checkpoint_minutes of work)."""
 
     def handler(signum, frame):
         if guard.interrupted:
@@ -583,16 +590,16 @@ def _install_interrupt(guard: BudgetGuard):
         guard.interrupted = True
 
     try:
-        return signal.signal(signal.SIGINT, handler)
+        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave Python's default
         return None
 
 
 def _restore_interrupt(previous) -> None:
-    if previous is not None:
+    for sig, handler in (previous or {}).items():
         try:
-            signal.signal(signal.SIGINT, previous)
-        except ValueError:
+            signal.signal(sig, handler)
+        except (ValueError, TypeError):
             pass
 
 

@@ -73,6 +73,39 @@ def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, pr
 
 
 @pytest.mark.slow
+def test_sigterm_mid_training_saves_a_checkpoint_at_that_step_and_the_rerun_resumes_there(tmp_path, prefect_server):
+    # `kill`, `docker stop`, systemd and preemption stop a run with SIGTERM: training ended on the spot (Prefect's
+    # "aborted by a termination signal"), losing every step since the last periodic checkpoint. It stops as on
+    # Ctrl-C now: the step ends, a checkpoint is saved, exit 130, and the same command resumes from that step.
+    from prefect.settings import get_current_settings
+
+    api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
+    art = tmp_path / "artifacts"
+    no_periodic = ("--set", "training.checkpoint_minutes=60")  # any checkpoint there is the one the signal saved
+    proc = _cli(art, *no_periodic, env=api)
+    deadline = time.monotonic() + 240
+    step = 0
+    while time.monotonic() < deadline and proc.poll() is None and step < 20:
+        beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
+        step = json.loads(beat[0].read_text())["step"] if beat else 0
+        time.sleep(0.1)
+    assert step >= 20, "training did not start before the deadline"
+    proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` and `docker stop` send it
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "rerun the same command to resume" in out, out[-3000:]
+    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+    assert len(saved) == 1, saved
+    saved_step = json.loads(saved[0].read_text())["step"]
+    assert saved_step >= step
+
+    rerun = _cli(art, *no_periodic, env=api)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
+
+
+@pytest.mark.slow
 def test_failure_in_merge_then_retry_reuses_everything_before_it(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
 
