@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
     chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
-    chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it)")
+    chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
                            description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                          "the variable keeps the key out of the process list)")
     sm.add_argument("--port", type=_port, default=8000, help="listen port, 1 to 65535 (default 8000)")
     sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
-    sm.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it)")
+    sm.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
     return p
 
 
