@@ -523,6 +523,30 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _text_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted keys whose value is free text (a str, or a str or null): data.system_prompt, model.revision, output_name..."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        key, ann = prefix + (field.alias or name), field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys |= _text_keys(ann, key + ".")
+        elif ann is str or (get_origin(ann) in (Union, UnionType) and set(get_args(ann)) == {str, type(None)}):
+            keys.add(key)
+    return keys
+
+
+def _as_text(raw: str, parsed: Any) -> Any:
+    """A text key's `--set` value as typed. Read as YAML it changed under the user: `Reply with # headings` lost its
+    end to a YAML comment (silently: the run trained on "Reply with"), `Answer: briefly` became a mapping, `yes` a
+    bool and a digits-only revision an (octal) integer. Quoted, it is YAML's string; null (or ~) is null."""
+    text = raw.strip()
+    if text in ("null", "Null", "NULL", "~"):
+        return None
+    if isinstance(parsed, str) and (parsed in (raw, text) or text[:1] in ("'", '"')):
+        return parsed  # as before: what was typed (a template YAML cannot parse keeps its whitespace), or a quoted string
+    return text
+
+
 def _known_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     keys = set()
     for name, field in model.model_fields.items():
@@ -683,7 +707,7 @@ def load_config(
     tree = _deep_merge(data.get("defaults") or {}, profiles[name] or {})
     tree["profile"] = name
 
-    known, mappings = _known_keys(PipelineConfig), _mapping_keys(PipelineConfig)
+    known, mappings, texts = _known_keys(PipelineConfig), _mapping_keys(PipelineConfig), _text_keys(PipelineConfig)
     for item in overrides:
         try:
             parts, value = _parse_override(item)
@@ -691,6 +715,8 @@ def load_config(
             problems += e.problems
             continue
         dotted = ".".join(parts)
+        if dotted in texts:
+            value = _as_text(item.split("=", 1)[1], value)
         # An entry of a mapping (eval.benchmark_prompts.ifeval=120) is set into it, keeping the profile's other entries;
         # `--set 'eval.benchmark_prompts={ifeval: 120}'` replaces the mapping whole. Validation names a wrong entry.
         in_mapping = any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))

@@ -475,3 +475,27 @@ def test_peft_keyword_names_say_where_they_live_here(tmp_path):
     path.write_text(yaml.safe_dump(data))
     (p,) = _problems(path=path, profile="tiny")
     assert "lora.lora_dropout: unknown key; did you mean lora.dropout?" in p, p
+
+
+def test_set_takes_a_text_key_s_value_as_typed():
+    # Read as YAML, `--set data.system_prompt=Reply with # headings` trained on "Reply with" (a YAML comment, silently);
+    # `Answer: briefly` (a mapping), `yes` (a bool) and a digits-only revision (an octal integer, "got 42798") were refused.
+    typed = {
+        "data.system_prompt=Reply with # headings": ("data", "system_prompt", "Reply with # headings"),
+        "data.system_prompt=Answer: briefly": ("data", "system_prompt", "Answer: briefly"),
+        "data.system_prompt=yes": ("data", "system_prompt", "yes"),
+        "model.revision=0123456": ("model", "revision", "0123456"),
+        "output_name=1e3": (None, "output_name", "1e3"),
+        # quotes are YAML's still; null is null; the everyday values are what they were
+        "data.system_prompt='Say: hi'": ("data", "system_prompt", "Say: hi"),
+        "data.system_prompt=null": ("data", "system_prompt", None),
+        "data.system_prompt=": ("data", "system_prompt", ""),
+        "data.source=embedded": ("data", "source", "embedded"),
+        "model.name=random:mistral": ("model", "name", "random:mistral"),
+    }
+    for item, (section, key, want) in typed.items():
+        cfg = load_config(profile="tiny", overrides=[item])
+        assert getattr(getattr(cfg, section) if section else cfg, key) == want, item
+    # Keys that are not text still read YAML: numbers, bools, lists.
+    cfg = load_config(profile="tiny", overrides=["lora.r=4", "training.gradient_checkpointing=yes", "export.gguf=[f16]"])
+    assert (cfg.lora.r, cfg.training.gradient_checkpointing, cfg.export.gguf) == (4, True, ["f16"])
