@@ -574,7 +574,7 @@ def batch_size(dataset, forwards_per_step: int, train_ds, packing: str = "full")
             "rule": f"{forwards_per_step} padded conversations"}
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _install_interrupt(guard: BudgetGuard):
@@ -582,17 +582,40 @@ def _install_interrupt(guard: BudgetGuard):
 
     SIGTERM too: `kill`, `docker stop`, systemd, a preempted cloud machine or Slurm's time limit ask a run to stop with
     it, and it ended training on the spot (Prefect's "aborted by a termination signal"), losing every step since the
-    last periodic checkpoint (up to training.checkpoint_minutes of work)."""
+    last periodic checkpoint (up to training.checkpoint_minutes of work). SIGHUP too: the terminal closed (an ssh
+    session dropped); what is still written to it then goes to /dev/null, as writing to a hung-up terminal fails."""
 
     def handler(signum, frame):
         if guard.interrupted:
             raise KeyboardInterrupt
         guard.interrupted = True
+        if signum == signal.SIGHUP:
+            _off_the_lost_terminal()
 
     try:
         return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave Python's default
         return None
+
+
+def _off_the_lost_terminal() -> None:
+    """Point stdout and stderr that are a terminal at /dev/null (the progress bar and the log lines would fail with EIO
+    on a hung-up one, and the checkpoint would not be saved); redirected to a file, they stay."""
+    import stat
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null = os.fstat(devnull).st_rdev
+        for fd in (1, 2):
+            try:
+                # a character device other than /dev/null: the terminal (isatty already says no once it hung up)
+                st = os.fstat(fd)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev != null:
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
 
 
 def _restore_interrupt(previous) -> None:

@@ -106,6 +106,56 @@ def test_sigterm_mid_training_saves_a_checkpoint_at_that_step_and_the_rerun_resu
 
 
 @pytest.mark.slow
+def test_a_closed_terminal_mid_training_saves_a_checkpoint_and_the_rerun_resumes_there(tmp_path, prefect_server):
+    # A dropped ssh session hangs the terminal up: SIGHUP killed the run on the spot, every step since the last periodic
+    # checkpoint lost. It stops as on Ctrl-C now, writing what is left of its output to /dev/null (the terminal is gone).
+    import fcntl
+    import pty
+    import termios
+
+    from prefect.settings import get_current_settings
+
+    api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
+    art = tmp_path / "artifacts"
+    no_periodic = ("--set", "training.checkpoint_minutes=60")
+    master, slave = pty.openpty()
+
+    def own_terminal():  # a login shell's child: its own session, the pty its controlling terminal
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6", "--set", f"artifacts_dir={art}",
+           "--set", "training.max_steps=null", *no_periodic]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal,
+                            env={**os.environ, **api})
+    os.close(slave)
+    deadline = time.monotonic() + 240
+    step = 0
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and step < 20:
+            try:
+                os.read(master, 65536)  # a terminal someone reads: the run never blocks on its output
+            except OSError:
+                break
+            beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
+            step = json.loads(beat[0].read_text())["step"] if beat else 0
+    finally:
+        os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
+    assert step >= 20, "training did not start before the deadline"
+    assert proc.wait(timeout=120) == 130
+    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+    assert len(saved) == 1, saved
+    saved_step = json.loads(saved[0].read_text())["step"]
+    assert saved_step >= step
+
+    rerun = _cli(art, *no_periodic, env=api)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
+
+
+@pytest.mark.slow
 def test_failure_in_merge_then_retry_reuses_everything_before_it(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
 
