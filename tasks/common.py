@@ -312,3 +312,23 @@ def maybe_fault(stage: str) -> None:
 def fault_arg(stage: str, kind: str) -> str | None:
     """The argument of a test-only `<stage>:<kind>@<arg>` fault if one is set (e.g. `train:nan@3` -> "3")."""
     return next((arg for k, arg in _faults(stage) if k == kind), None)
+
+
+def off_the_lost_terminal() -> None:
+    """Point stdout and stderr that are a terminal at /dev/null (the progress bar and the log lines would fail with EIO
+    on a hung-up one, and the checkpoint would not be saved); redirected to a file, they stay."""
+    import stat
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null = os.fstat(devnull).st_rdev
+        for fd in (1, 2):
+            try:
+                # a character device other than /dev/null: the terminal (isatty already says no once it hung up)
+                st = os.fstat(fd)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev != null:
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)

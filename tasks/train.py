@@ -29,7 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
+from .common import (StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, off_the_lost_terminal, progress_bar,
+                     read_json, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -590,32 +591,12 @@ def _install_interrupt(guard: BudgetGuard):
             raise KeyboardInterrupt
         guard.interrupted = True
         if signum == signal.SIGHUP:
-            _off_the_lost_terminal()
+            off_the_lost_terminal()
 
     try:
         return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave Python's default
         return None
-
-
-def _off_the_lost_terminal() -> None:
-    """Point stdout and stderr that are a terminal at /dev/null (the progress bar and the log lines would fail with EIO
-    on a hung-up one, and the checkpoint would not be saved); redirected to a file, they stay."""
-    import stat
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        null = os.fstat(devnull).st_rdev
-        for fd in (1, 2):
-            try:
-                # a character device other than /dev/null: the terminal (isatty already says no once it hung up)
-                st = os.fstat(fd)
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev != null:
-                    os.dup2(devnull, fd)
-            except OSError:
-                pass
-    finally:
-        os.close(devnull)
 
 
 def _restore_interrupt(previous) -> None:

@@ -62,3 +62,49 @@ def test_two_ranks_train_in_step_a_killed_rank_fails_clearly_and_both_ranks_resu
     assert any(m.startswith("step 4/4") for m in logs)  # rank 0's log lines reach the stage logger
     again = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, cfg.artifacts_dir)
     assert again == rec  # cached: no launch
+
+
+def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_stop(two_ranks, tmp_path):
+    """`kill PID`, `docker stop`, a worker cancelling the run: SIGTERM reaches the stage's own process only. Multi-rank,
+    that process died and left torchrun and the ranks training on, nothing saved. It now passes the signal on: the
+    ranks finish the step, save a checkpoint and stop together, the stage ends as on Ctrl-C, no rank is left running,
+    and the same call resumes from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    cfg, data, probe = two_ranks
+    art = str(tmp_path / "artifacts")  # its own training, never a cached one
+    training = cfg.training.model_copy(update={"max_steps": 24, "checkpoint_minutes": 60})  # no periodic checkpoint
+    probe = probe.model_copy(update={"budget_seconds": 3600.0, "max_steps": 24})
+    sent = {}
+
+    def stop_when_training():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            beat = sorted(Path(art).glob("cache/train/*/work/heartbeat.json"))
+            step = json.loads(beat[0].read_text())["step"] if beat else 0
+            if step >= 3:
+                sent["step"] = step
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    before = signal.signal(signal.SIGTERM, lambda *a: None)  # without the forwarding, the signal is lost here, not fatal
+    try:
+        threading.Thread(target=stop_when_training, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert sent["step"] >= 3
+    saved = sorted(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+    assert len(saved) == 1, saved
+    step = json.loads(saved[0].read_text())["step"]
+    assert sent["step"] <= step < 24
+    left = subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+    rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    assert rec.resumed_from_step == step and rec.steps == 24

@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import StageError, read_json, write_json
+from ..common import StageError, off_the_lost_terminal, read_json, write_json
 from .dist import is_main, local_rank, rank
 
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
@@ -65,6 +65,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1)
+    previous = _forward_stop_signals(proc)
     try:
         for line in proc.stdout:
             text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
@@ -81,11 +82,36 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             proc.kill()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     return read_json(result_path)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _forward_stop_signals(proc: subprocess.Popen) -> dict:
+    """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
+    and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
+    worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
+    the ranks training on, with nothing saved. On SIGHUP (the terminal closed) the ranks' lines go to /dev/null.
+    Returns the handlers it replaced ({} off the main thread, where Python's stay)."""
+
+    def forward(signum, frame):
+        if signum == signal.SIGHUP:
+            off_the_lost_terminal()
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    try:
+        return {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    except ValueError:
+        return {}
 
 
 def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str]) -> BaseException:
