@@ -419,6 +419,21 @@ def test_softcapped_attention_trains_on_eager_not_varlen():
         model(**PaddingFreeCollator()(samples([5, 7])))
 
 
+def test_varlen_attention_refuses_per_token_sinks_and_a_position_bias_rather_than_dropping_them():
+    """A model whose class has no sdpa loads with the varlen attention on the packed engines (GPT-OSS: its `s_aux`
+    sinks are computed). Inkling2 has no sdpa either, for its per-token `sinks` and its relative `position_bias`,
+    which the varlen attention dropped without a word (logits off by 0.05 on one sample alone): it refuses them now,
+    as it refuses a softcap, instead of training a different attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("inkling2_text", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=register_varlen_attention()).float().eval()
+    with pytest.raises(ValueError, match="sinks"):
+        model(input_ids=torch.tensor([samples([9])[0]["input_ids"]]), use_cache=False)
+
+
 def test_build_model_loads_a_softcapped_model_with_eager_attention(shared_artifacts):
     import json
 

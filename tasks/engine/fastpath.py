@@ -401,6 +401,11 @@ def varlen_attention_forward(
 
     if kwargs.get("softcap") is not None:  # build_model loads such a model (Gemma-2) with eager attention instead
         raise ValueError("the varlen attention has no logit softcapping; load this model with attn_implementation='eager'")
+    # Inkling2 has no sdpa for these, so build_model's no-sdpa models reach here too: refused, not dropped.
+    unsupported = [name for name in ("sinks", "position_bias") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"the varlen attention has no {' or '.join(unsupported)} (this model's attention needs them); "
+                         "train it with training.engine=padded, or load it with attn_implementation='eager'")
     batch, _, length, _ = query.shape
     if kwargs.get("s_aux") is not None:  # attention sinks (GPT-OSS): neither flash varlen nor sdpa has them
         return _attention_with_sinks(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
