@@ -332,3 +332,12 @@ def off_the_lost_terminal() -> None:
                 pass
     finally:
         os.close(devnull)
+
+
+def in_a_deployment_run() -> bool:
+    """Whether a Prefect runner or worker started this run. Its Cancel is a SIGTERM that Prefect's own handler must
+    receive: the run acknowledges the cancel only while that handler is installed, and with training's the cancelled
+    run ended Crashed ("aborted by an interrupt signal"), not Cancelled, its cancellation hooks not run."""
+    from prefect.runtime import deployment
+
+    return deployment.id is not None

@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import (StageError, disk_full, fault_arg, fingerprint, is_complete, locked, maybe_fault, off_the_lost_terminal, progress_bar,
-                     read_json, stage_dir, write_json)
+from .common import (StageError, disk_full, fault_arg, fingerprint, in_a_deployment_run, is_complete, locked, maybe_fault,
+                     off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -594,7 +594,7 @@ def _install_interrupt(guard: BudgetGuard):
             off_the_lost_terminal()
 
     try:
-        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if not (sig == signal.SIGTERM and in_a_deployment_run())}
     except ValueError:  # not the main thread: leave Python's default
         return None
 

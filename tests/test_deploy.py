@@ -374,3 +374,31 @@ def test_prefect_deploy_to_a_process_pool_and_a_worker_runs_it(server, art, tmp_
     worker_rec = server.post("/work_pools/gpu-local/workers/filter", {})
     assert [w["name"] for w in worker_rec] == ["gpu-box"]  # the worker that picked it up reported in
     assert sorted(t["name"].rsplit("-", 1)[0] for t in server.task_runs(run_id)) == STAGE_TASKS
+
+
+@pytest.mark.slow
+def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
+    # Training stops on SIGTERM as on Ctrl-C (a checkpoint at that step). The runner cancelling a deployment run sends
+    # SIGTERM too, acknowledged only while Prefect's handler is installed: with training's, the run ended Crashed
+    # ("aborted by an interrupt signal"), not Cancelled, its cancellation hooks not run.
+    import json
+    import time
+
+    srv = Serve(server, "--name", "cancel-mid-training", "--paused", log=tmp_path / "serve.log").start()
+    art = tmp_path / "artifacts"
+    try:
+        dep = server.get("/deployments/name/finetune/cancel-mid-training")
+        params = {**_tiny(art), "minutes": 0.6}
+        params["overrides"] = [*params["overrides"], "training.max_steps=null", "training.checkpoint_minutes=60"]
+        run = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
+        server.wait_for_task(run, "4-train")
+        deadline, step = time.monotonic() + 200, 0
+        while time.monotonic() < deadline and step < 10:
+            beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
+            step = json.loads(beat[0].read_text())["step"] if beat else 0
+            time.sleep(0.2)
+        server.post(f"/flow_runs/{run}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        final = server.wait(run)
+    finally:
+        srv.stop()
+    assert final["state_type"] == "CANCELLED", (final["state"], (tmp_path / "serve.log").read_text()[-3000:])

@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import StageError, off_the_lost_terminal, read_json, write_json
+from ..common import StageError, in_a_deployment_run, off_the_lost_terminal, read_json, write_json
 from .dist import is_main, local_rank, rank
 
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
@@ -85,6 +85,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
+            proc.terminate()
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
@@ -108,8 +114,11 @@ def _forward_stop_signals(proc: subprocess.Popen) -> dict:
         if proc.poll() is None:
             proc.send_signal(signum)
 
+    # A deployment run's SIGTERM stays Prefect's (its Cancel is acknowledged only by Prefect's handler; tasks/train.py):
+    # the flow run ends Cancelled and the `finally` above stops torchrun, whose ranks save a checkpoint as they stop.
+    signals = [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
     try:
-        return {sig: signal.signal(sig, forward) for sig in FORWARDED}
+        return {sig: signal.signal(sig, forward) for sig in signals}
     except ValueError:
         return {}
 
