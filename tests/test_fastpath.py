@@ -369,14 +369,14 @@ def test_attention_sinks_are_kept_in_every_batch_form_of_the_varlen_attention():
     assert all(layer.self_attn.sinks.grad.abs().sum() > 0 for layer in varlen.model.layers)
 
 
-def tiny_llama4(attn: str, chunk: int = 4):
+def tiny_llama4(attn: str, chunk: int = 4, **extra):
     """Llama-4's text model: chunked attention on its RoPE layers (each token sees its own `chunk`-token chunk), full
-    causal attention on every fourth (no RoPE), experts."""
+    causal attention on every fourth (no RoPE, queries scaled by position), experts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama4_text", vocab_size=128, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  num_local_experts=2, attention_chunk_size=chunk, pad_token_id=0)
+                                  num_local_experts=2, attention_chunk_size=chunk, pad_token_id=0, **extra)
     assert config.layer_types.count("chunked_attention") == 3
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
@@ -405,6 +405,23 @@ def test_llama4s_chunked_attention_is_kept_on_packed_rows_and_plain_rows():
         torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
                                    eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
     assert rows_fit_window(varlen, 4) and not rows_fit_window(varlen, 5)
+
+
+def test_llama4s_position_scaled_queries_count_each_packed_sample_from_its_start():
+    """Llama-4's no-RoPE layers scale queries by position (`attn_temperature_tuning`), counted along the row by
+    transformers: on a packed row longer than floor_scale (8,192 on Llama-4, here 8) a sample past it was scaled as if
+    it sat that far into one sequence (logits off by up to 3e-4 on this model). Now each sample's queries are scaled by
+    its own positions, as when it runs alone; a padded batch keeps transformers' own scaling."""
+    tuned = dict(floor_scale=8, attn_scale=1.0)
+    varlen, eager = tiny_llama4(register_varlen_attention(), **tuned), tiny_llama4("eager", **tuned)
+    eager.load_state_dict(varlen.state_dict())
+    feats = samples([9, 4, 17, 12], seed=11)
+    with torch.no_grad():
+        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 13, 14, 15, 16, 17, 18, 19]])
+        mask = (ids != 0).long()
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
 
 
 def test_softcapped_attention_trains_on_eager_not_varlen():

@@ -321,6 +321,27 @@ def _chunked_segments(cu: torch.Tensor, chunk: int, position_ids: torch.Tensor |
     return torch.tensor(sorted(cuts), dtype=cu.dtype, device=cu.device)
 
 
+def _temperature_per_sample(module: torch.nn.Module, query: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Queries of one packed row rescaled to each sample's own positions where the layer tunes its temperature by
+    position (Llama-4's no-RoPE layers: `1 + attn_scale * log1p(floor((i + 1) / floor_scale))`). Transformers counts i
+    along the row, not from each sample's start, so on a packed row longer than floor_scale (8,192 on Llama-4; packs
+    hold micro_batch_size * max_length tokens) every sample past it had its queries scaled as if it sat that far into
+    one long sequence. Unchanged for every other layer and for rows within floor_scale (all scales 1 there)."""
+    if not getattr(module, "attn_temperature_tuning", False) or getattr(module, "use_rope", True):
+        return query
+    floor, length = float(module.floor_scale), query.shape[2]
+    if length < floor:
+        return query
+    row = torch.arange(length, device=query.device)
+    cu = cu.to(device=query.device, dtype=torch.long)
+    own = row - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+
+    def scale(i):
+        return torch.log1p(torch.floor((i.float() + 1.0) / floor)) * module.attn_scale + 1.0
+
+    return (query.float() * (scale(own) / scale(row)).view(1, 1, -1, 1)).to(query.dtype)
+
+
 def _rows_mask(position_ids: torch.Tensor | None, batch: int, length: int, sliding_window: int | None,
                device: torch.device, chunk: int | None = None) -> torch.Tensor | None:
     """(B, 1, T, T) mask of an unpadded batch: causal, within the window, within each sample of a row whose
@@ -422,6 +443,7 @@ def varlen_attention_forward(
     cu = cu_seq_lens_q if cu_seq_lens_q is not None else _segments_from_positions(position_ids, length)
     if cu is None:
         cu = torch.tensor([0, length], dtype=torch.int32)
+    query = _temperature_per_sample(module, query, cu)
     if chunk is not None:
         cu, max_length_q = _chunked_segments(cu, chunk, position_ids), None
     n_rep = query.shape[1] // key.shape[1]
