@@ -25,6 +25,20 @@ def _cli(art: Path, *extra: str, env: dict | None = None, on_the_clock: bool = T
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
+def _saved_at_least_and_resumed(art: Path, step: int, extra: tuple[str, ...], env: dict) -> None:
+    """The one checkpoint a stopped run saved is at `step` or later, and the same command resumes from it."""
+    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+    assert len(saved) == 1, saved
+    saved_step = json.loads(saved[0].read_text())["step"]
+    assert saved_step >= step
+
+    rerun = _cli(art, *extra, env=env)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
@@ -93,16 +107,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_at_that_step_and_the_rerun_resu
     proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` and `docker stop` send it
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "rerun the same command to resume" in out, out[-3000:]
-    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
-    assert len(saved) == 1, saved
-    saved_step = json.loads(saved[0].read_text())["step"]
-    assert saved_step >= step
-
-    rerun = _cli(art, *no_periodic, env=api)
-    out, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, out[-3000:]
-    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
-    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
+    _saved_at_least_and_resumed(art, step, no_periodic, api)
 
 
 @pytest.mark.slow
@@ -143,16 +148,7 @@ def test_a_closed_terminal_mid_training_saves_a_checkpoint_and_the_rerun_resumes
         os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
     assert step >= 20, "training did not start before the deadline"
     assert proc.wait(timeout=120) == 130
-    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
-    assert len(saved) == 1, saved
-    saved_step = json.loads(saved[0].read_text())["step"]
-    assert saved_step >= step
-
-    rerun = _cli(art, *no_periodic, env=api)
-    out, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, out[-3000:]
-    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
-    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
+    _saved_at_least_and_resumed(art, step, no_periodic, api)
 
 
 @pytest.mark.slow
