@@ -58,6 +58,7 @@
 #   o: m2 with every constrained training row built on a real answer of >= 150 words (data.embedded_base_min_words=150;
 #      key bb07c47d8833dfda, `.up/p15`; held-out rows, seed and base answers as m2's): the training rows' median first
 #      answer 218 words, not 128 (bench/answer_lengths.py), the length lever with a mechanism (docs/BENCHMARKS.md "Setting o")
+#      (measured 2026-12-05 04:33, 930 steps: IFEval +6.1 [+1.1, +10.9], loops-cut AlpacaEval median 151 words: docs/BENCHMARKS.md "Setting o")
 # STEPS=835 bash bench/gpu_recipes.sh start /tmp/up n o: each at a fixed 835 steps (m2's) on a budget that does not bind,
 # so two settings can share the card side by side (their clocks then mean nothing; steps and answers still compare).
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
