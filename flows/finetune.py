@@ -101,7 +101,8 @@ class RunSummary:
             state = task(*args, return_state=True, **kwargs)
             record = state.result()
             cached = state.name == "Cached"
-            if cached and not record.outputs_exist():
+            # A record of another artifacts folder (one this one was copied from) is not this run's: its files are there.
+            if cached and not (record.outputs_exist() and _inside(getattr(record, "dir", None), self.root)):
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
                 record, cached = state.result(), False
         except BaseException as e:
@@ -122,6 +123,10 @@ class RunSummary:
     def write(self) -> None:
         write_json(self.run_dir / "summary.json", self.data)
         write_json(self.root / "latest.json", {"run": self.data["run"], "summary": str(self.run_dir / "summary.json"), "status": self.data["status"]})
+
+
+def _inside(path: str | None, root: Path) -> bool:
+    return path is None or Path(path).resolve().is_relative_to(root.resolve())
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:

@@ -122,6 +122,34 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+def read_record(out: Path) -> dict[str, Any]:
+    """The record.json of the complete stage folder `out`, its paths pointing where the folder is now (`at_home`)."""
+    return at_home(read_json(out / "record.json"), out)
+
+
+def at_home(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    """`record` (a stage's, written into `<root>/cache/<stage>/<key>/`) with every path under the artifacts folder it was
+    written in moved to the one that holds `out` now. Records keep absolute paths (their folder's files, the model under
+    cache/models/): an artifacts folder moved, copied or renamed with its checkout would otherwise hand the next stages the
+    old place, so a run read another folder's files and published into its runs/, or failed on a missing file once the
+    old folder was gone."""
+    old = record.get("dir")
+    if not isinstance(old, str) or Path(old) == out or Path(old).name != out.name or Path(old).parent.parent.name != "cache":
+        return record
+    was, now = str(Path(old).parent.parent.parent), str(out.parent.parent.parent)
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and (value == was or value.startswith(was + os.sep)):
+            return now + value[len(was):]
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    return moved(record)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same folder + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,15 +23,17 @@ def keyed_by(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str,
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str:
         args = {k: v for k, v in parameters.items() if k in sig.parameters}
-        return f"{stage}-{key_fn(**args)}-{_artifacts_tag(parameters)}"
+        return f"{stage}-{key_fn(**args)}-{artifacts_tag(parameters.get('artifacts_dir', ''))}"
 
     return cache_key_fn
 
 
-def _artifacts_tag(parameters: dict[str, Any]) -> str:
-    from .common import fingerprint
+def artifacts_tag(artifacts_dir: str) -> str:
+    """The artifacts folder in every task's key: its records hold that folder's paths. The folder, not its spelling
+    (`artifacts`, `artifacts/`, its absolute path or a link to it: one folder, one set of records)."""
+    from .common import artifacts_root, fingerprint
 
-    return fingerprint(str(parameters.get("artifacts_dir", "")), length=8)
+    return fingerprint(str(artifacts_root(artifacts_dir).resolve()), length=8)
 
 
 def task_options(artifacts_dir: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import building, fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import building, fingerprint, is_complete, locked, maybe_fault, read_record, stage_dir, write_json
 from .data import DataRecord, load_split
 
 PROFILE_VERSION = 1
@@ -44,7 +44,7 @@ def profile_lengths(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
     out = stage_dir(artifacts_dir, "profile", key)
     with locked(out):
         if is_complete(out):
-            return ProfileRecord.model_validate(read_json(out / "record.json"))
+            return ProfileRecord.model_validate(read_record(out))
         return _build(data, key, out)
 
 

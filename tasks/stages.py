@@ -19,14 +19,14 @@ from . import probe as probe_stage
 from . import profile as profile_stage
 from . import publish as publish_stage
 from . import train as train_stage
-from .common import StageError, read_json
+from .common import StageError, at_home, read_json, stage_dir
 from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
 from .engine.recompute import OFFLOAD_NOTE
 from .evaluate import EvalRecord
 from .export import ExportRecord
 from .merge import MergeRecord
-from .prefect_glue import STAGE_RETRIES_IO, artifact_key, keyed_by, log, png_markdown
+from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, keyed_by, log, png_markdown
 from .probe import ProbeRecord
 from .profile import ProfileRecord
 from .publish import PublishRecord
@@ -58,6 +58,8 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
 
     datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
     rec = data_stage.load_dataset_records(data, model, artifacts_dir)
+    # tasks/data.py reads its folder's record as written; its paths are moved here to where the folder is now (`at_home`).
+    rec = DataRecord.model_validate(at_home(rec.model_dump(mode="json"), stage_dir(artifacts_dir, "data", rec.key)))
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
     merged = (f", {rec.merged} row{'s' if rec.merged > 1 else ''} had turns of one role in a row merged into one turn "
               "(joined by a blank line)") if rec.merged else ""
@@ -218,7 +220,10 @@ def merge_task(data: DataRecord, train, model: ModelSection, quant: QuantSection
 
 
 def _publish_key(context, parameters: dict[str, Any]) -> str:
-    return "publish-" + publish_stage.cache_key(parameters["cfg"], parameters["records"])
+    # The artifacts folder's tag as every other stage has it: a copy of artifacts/ (its .prefect-results too) got back
+    # the record of the folder published in the original, and stage 8 then wrote this run's folder there.
+    cfg = parameters["cfg"]
+    return "publish-" + publish_stage.cache_key(cfg, parameters["records"]) + "-" + artifacts_tag(cfg.artifacts_dir)
 
 
 @task(name="7-publish", cache_key_fn=_publish_key)

@@ -87,3 +87,28 @@ def test_deleted_prefect_results_are_recomputed(run_flow):
     again = run_flow()
     assert again["status"] == "completed"
     assert not again["stages"]["data"]["cached"]  # Prefect record gone: the stage reruns (and reuses its folder)
+
+
+def test_the_artifacts_folder_spelled_otherwise_hits_every_cache(run_flow):
+    # `artifacts_dir=<it>/` or a relative spelling is the same folder: its Prefect records were missed (a review: every
+    # stage reported completed, not cached, though each only read its folder back)
+    run_flow()
+    again = run_flow(f"artifacts_dir={run_flow.artifacts}/")
+    assert all(s["cached"] for s in again["stages"].values()), again["stages"]
+
+
+def test_a_copied_artifacts_folder_reuses_its_stages_and_writes_only_into_itself(run_flow, tmp_path):
+    # A review: records keep absolute paths, so a run on a copy of artifacts/ (a moved checkout, a bigger disk) read the
+    # original's data, adapter and merged model and published its run folder into the original's runs/; with the
+    # original gone, stage 2 failed on FileNotFoundError.
+    first = run_flow()
+    copy = tmp_path / "copy"
+    shutil.copytree(run_flow.artifacts, copy, symlinks=True)
+    runs_before = {p.name for p in (run_flow.artifacts / "runs").iterdir()}
+    again = run_flow(f"artifacts_dir={copy}")
+    assert again["status"] == "completed"
+    assert {p.name for p in (run_flow.artifacts / "runs").iterdir()} == runs_before
+    outputs = json.dumps({stage: s["outputs"] for stage, s in again["stages"].items()})
+    assert str(run_flow.artifacts) not in outputs and Path(again["published"]).is_relative_to(copy)
+    # the copy's stage folders were read back, not redone: the same training record
+    assert again["stages"]["train"]["outputs"]["wall_seconds"] == first["stages"]["train"]["outputs"]["wall_seconds"]
