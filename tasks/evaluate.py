@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import COMPLETE, StageError, building, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, read_record, stage_dir, write_json
+from .common import COMPLETE, StageError, building, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -305,7 +305,7 @@ def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantS
     out = stage_dir(artifacts_dir, "eval", key)
     with locked(out):
         if is_complete(out):
-            return EvalRecord.model_validate(read_record(out))
+            return complete_record(out, EvalRecord)
         return _evaluate(data, train, model, quant, eval, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None), system_prompt)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_record, stage_dir, write_json
+from .common import StageError, building, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
 from .models import compute_dtype, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
@@ -108,7 +108,7 @@ def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSect
     out = stage_dir(artifacts_dir, "merge", key)
     with locked(out):
         if is_complete(out):
-            return MergeRecord.model_validate(read_record(out))
+            return complete_record(out, MergeRecord)
         return _merge(data, train, model, quant, merge, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None))
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, fingerprint, is_complete, locked, maybe_fault, read_record, stage_dir, write_json
+from .common import StageError, building, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -183,7 +183,7 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
     log_fn = log_fn or (lambda m: None)
     with locked(out):
         if is_complete(out):
-            return ProbeRecord.model_validate(read_record(out))
+            return complete_record(out, ProbeRecord)
         n = dist.world_size(training.gpus, device)
         if n > 1 and dist.world() == 1:
             dist.per_rank_accum(training.grad_accum, n)  # fail before starting N processes

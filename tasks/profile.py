@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import building, fingerprint, is_complete, locked, maybe_fault, read_record, stage_dir, write_json
+from .common import building, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .data import DataRecord, load_split
 
 PROFILE_VERSION = 1
@@ -44,7 +44,7 @@ def profile_lengths(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
     out = stage_dir(artifacts_dir, "profile", key)
     with locked(out):
         if is_complete(out):
-            return ProfileRecord.model_validate(read_record(out))
+            return complete_record(out, ProfileRecord)
         return _build(data, key, out)
 
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import (StageError, disk_full, fault_arg, fingerprint, in_a_deployment_run, is_complete, locked, maybe_fault,
-                     off_the_lost_terminal, progress_bar, read_json, read_record, stage_dir, write_json)
+from .common import (StageError, complete_record, disk_full, fault_arg, fingerprint, in_a_deployment_run, is_complete, locked, maybe_fault,
+                     off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -78,7 +78,7 @@ class TrainRecord(BaseModel):
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
+        return is_complete(Path(self.dir)) and all((Path(self.adapter_dir) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
 
 
 class NonFiniteLoss(StageError):
@@ -332,7 +332,7 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
     log_fn = log_fn or (lambda m: None)
     with locked(out):
         if is_complete(out):
-            return TrainRecord.model_validate(read_record(out))
+            return complete_record(out, TrainRecord)
         n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks
         if n > 1 and dist.world() == 1:
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once

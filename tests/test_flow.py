@@ -112,3 +112,22 @@ def test_a_copied_artifacts_folder_reuses_its_stages_and_writes_only_into_itself
     assert str(run_flow.artifacts) not in outputs and Path(again["published"]).is_relative_to(copy)
     # the copy's stage folders were read back, not redone: the same training record
     assert again["stages"]["train"]["outputs"]["wall_seconds"] == first["stages"]["train"]["outputs"]["wall_seconds"]
+
+
+@pytest.mark.parametrize("stage, damage", [("train", "adapter"), ("probe", "record.json")])
+def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
+    # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
+    # 'adapter_config.json'"); a truncated record.json failed as a bare JSONDecodeError. Neither named the folder or a fix.
+    from tasks.common import StageError
+
+    done = run_flow()
+    copy = tmp_path / "copy"
+    shutil.copytree(run_flow.artifacts, copy, symlinks=True)
+    shutil.rmtree(copy / ".prefect-results")  # the stage reads its folder back
+    folder = copy / Path(done["stages"][stage]["outputs"]["dir"]).relative_to(run_flow.artifacts)
+    if damage == "adapter":
+        shutil.rmtree(folder / "adapter")
+    else:
+        (folder / "record.json").write_text((folder / "record.json").read_text()[:40])
+    with pytest.raises(StageError, match=f"{folder} is marked complete but .*; delete that folder and rerun"):
+        run_flow(f"artifacts_dir={copy}")
