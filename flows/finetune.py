@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import artifacts_root, human_seconds, read_json, safe_name, write_json
+from tasks.common import artifacts_root, human_seconds, pid_alive, read_json, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
 from tasks.preflight import check_model
@@ -142,21 +142,11 @@ def _other_summaries(root: Path, exclude: str):
             yield path, data
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
     """Runs of this machine still `running` whose process is gone (SIGKILL, power loss, OOM killer): `crashed`."""
     host, found = socket.gethostname(), []
     for path, data in _other_summaries(root, exclude):
-        if data.get("status") == "running" and data.get("host") == host and isinstance(data.get("pid"), int) and not _alive(data["pid"]):
+        if data.get("status") == "running" and data.get("host") == host and isinstance(data.get("pid"), int) and not pid_alive(data["pid"]):
             data.update(status="crashed", finished=_now(), crash_found_by=exclude)
             write_json(path, data)
             found.append(data.get("run", path.parent.name))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,7 +196,8 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
     On failure the temp folder is removed and `final` (if a complete one existed) is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    _remove_dead_builds(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_builder()}-"))
     try:
         yield tmp
         if mark_complete:
@@ -211,6 +214,36 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _builder() -> str:
+    """This process in a temp folder's name (`building`): host and pid, so a later build can tell a dead one's."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _remove_dead_builds(final: Path) -> None:
+    """Temp folders of `final` left by a process of this machine that is gone (kill -9, power loss, the OOM killer:
+    `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its partial copy for good: a
+    merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live builder's (another run
+    building the same folder, another machine sharing the folder) is left alone, as are temp folders named before the
+    builder was in the name (their owner cannot be told)."""
+    prefix = f".{final.name}.tmp-"
+    host = _builder().rsplit("-", 1)[0]
+    for p in final.parent.glob(glob.escape(prefix) + "*"):
+        m = re.fullmatch(re.escape(prefix + host) + r"-(\d+)-[A-Za-z0-9_]+", p.name)
+        if m and p.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -600,6 +600,34 @@ def test_building_swaps_a_folder_in_without_deleting_the_old_one_first(tmp_path,
     assert len(kept) == 1 and kept[0].read_text() == "new"  # the previous folder survives, whole
 
 
+def test_building_removes_the_temp_folder_a_killed_build_left_and_no_one_elses(tmp_path):
+    """A build killed with SIGKILL (power loss, the OOM killer) never ran building's cleanup: its partial folder stayed
+    beside the result for good, a new one made by every rerun (a review: a merge killed after writing its weights left
+    `.<key>.tmp-*` in cache/merge/; a 7B model's is 14 GB). Removed by the next build of the same folder once its
+    process is gone; a live builder's, another machine's and a temp folder of an unknown owner are left alone."""
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    child = subprocess.run([sys.executable, "-c", "import os, signal, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                            "from tasks.common import building\n"
+                            "with building(Path(sys.argv[2])) as tmp:\n"
+                            "    (tmp / 'weights').write_text('half')\n"
+                            "    os.kill(os.getpid(), signal.SIGKILL)", str(common.PROJECT_ROOT), str(tmp_path / "merged")])
+    assert child.returncode == -9
+    (dead,) = tmp_path.glob(".merged.tmp-*")
+    assert (dead / "weights").is_file()
+    live = tmp_path / f".merged.tmp-{common._builder()}-abc123"  # this process: building now
+    elsewhere = tmp_path / ".merged.tmp-otherhost-1-abc123"
+    unknown = tmp_path / ".merged.tmp-abc123"
+    for p in (live, elsewhere, unknown):
+        p.mkdir()
+    with common.building(tmp_path / "merged") as tmp:
+        (tmp / "weights").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name, elsewhere.name, unknown.name])
+
+
 def test_a_folder_exported_from_another_runs_publish_describes_its_own_run(tmp_path):
     """Run B's export over run A's cached publish: B's folder, B's name in the card, B's export settings (the review
     found A's run name, A's folder and A's num_ctx there)."""
