@@ -38,7 +38,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
-from .models import hardware_id, load_tokenizer, quiet_transformers, recurrent_layers, resolve_device, resolve_model
+from .models import hardware_id, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device, resolve_model
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
@@ -95,15 +95,32 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
 
 
+# Fixes to what the packed engines (fast, fused) compute for one kind of model, by its (text) model_type: each is in that
+# kind's probe key on those engines, so in stage 4's, which holds it. The keys cannot see code, and TRAIN_VERSION would
+# retrain every model for a fix that changed one kind's: without these, an adapter trained on the wrong attention came
+# back from the cache after the fix (a review: a llama4_text adapter trained at b21e026^ was Cached at HEAD, its
+# evaluation and merge with it). Add a kind's fix here when it changes what its training computes.
+PACKED_ENGINE_FIXES = {
+    "llama4_text": "chunked attention per chunk on packed and plain rows (b21e026), queries position-scaled per sample (cd180de)",
+    "gpt_oss": "attention sinks kept on packed rows, plain rows and padded batches (e019f7e)",
+}
+
+
 def probe_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection,
               budget: BudgetSection, device: str, artifacts_dir: str) -> str:
-    """`cache_key`, and for a model that engine auto trains padded on CUDA because it carries a state along a row, a key
-    of its own: the key it had before that held a probe of the fused engine, and stage 4's key (which holds this one)
-    an adapter trained on packed rows, one conversation's state reaching the next."""
+    """`cache_key`, and a key of its own for a model that engine auto trains padded on CUDA because it carries a state
+    along a row (the key it had before held a probe of the fused engine, and stage 4's key, which holds this one, an
+    adapter trained on packed rows, one conversation's state reaching the next), or whose packed-engine training a fix
+    changed (`PACKED_ENGINE_FIXES`). The padded engine's keys, and other models', are as they were."""
     key = cache_key(data, model, quant, lora, training, budget, device)
-    if training.engine == "auto" and resolve_device(device) == "cuda" and recurrent_layers(resolve_model(model, artifacts_dir), model):
-        key = fingerprint(key, "engine auto: padded, state along a row")
-    return key
+    dev = resolve_device(device)
+    if engine_for(training, dev) == "padded":
+        return key
+    config = model_config(resolve_model(model, artifacts_dir), model)
+    if training.engine == "auto" and dev == "cuda" and recurrent_layers_of(config):
+        return fingerprint(key, "engine auto: padded, state along a row")
+    fix = PACKED_ENGINE_FIXES.get(config.get_text_config().model_type)
+    return fingerprint(key, fix) if fix else key
 
 
 def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool, bool]]:

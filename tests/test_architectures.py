@@ -983,3 +983,21 @@ def test_a_probe_cached_before_auto_trained_state_carrying_models_padded_is_not_
                                                      f"training.engine={engine}"])
         key = probe.probe_key(None, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, device, shared_artifacts)
         assert (key == "key") == same, (arch, device, engine)
+
+
+def test_an_adapter_trained_before_a_fix_to_its_models_packed_training_is_not_reused(shared_artifacts, monkeypatch):
+    """A review: a llama4_text adapter trained on the fast engine at b21e026^ (its chunked attention crossed chunks on packed
+    rows: logits off by up to 0.49) came back Cached at HEAD, with its evaluation and merge: the keys cannot see the fix.
+    Such a kind's probe key on the packed engines is its own now (PACKED_ENGINE_FIXES; stage 4's key holds it); the padded
+    engine's, other models' and engine auto on the CPU (padded) keep theirs."""
+    import tasks.probe as probe
+    from tasks.config import load_config
+
+    monkeypatch.setattr(probe, "cache_key", lambda *a: "key")
+    for arch, device, engine, same in (("llama4_text", "cpu", "fast", False), ("gpt_oss", "cuda", "auto", False),
+                                       ("gpt_oss", "cpu", "fast", False), ("gpt_oss", "cpu", "auto", True),
+                                       ("llama4_text", "cuda", "padded", True), ("llama", "cuda", "auto", True), ("llama", "cpu", "fast", True)):
+        monkeypatch.setattr(probe, "resolve_device", lambda d, device=device: device)
+        cfg = load_config(profile="tiny", overrides=[*_flow_args(shared_artifacts, arch), f"training.engine={engine}", "lora.dropout=auto"])
+        key = probe.probe_key(None, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, device, shared_artifacts)
+        assert (key == "key") == same, (arch, device, engine)
