@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import artifacts_root, human_seconds, pid_alive, read_json, safe_name, write_json
+from tasks.common import artifacts_root, human_seconds, pid_alive, read_json, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
 from tasks.preflight import check_model
@@ -149,6 +149,7 @@ def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
         if data.get("status") == "running" and data.get("host") == host and isinstance(data.get("pid"), int) and not pid_alive(data["pid"]):
             data.update(status="crashed", finished=_now(), crash_found_by=exclude)
             write_json(path, data)
+            remove_dead_builds(path.parent)  # its published folder half assembled: no later run builds that one again
             found.append(data.get("run", path.parent.name))
     return found
 

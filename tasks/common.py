@@ -196,7 +196,7 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
     On failure the temp folder is removed and `final` (if a complete one existed) is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(final)
+    remove_dead_builds(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_builder()}-"))
     try:
         yield tmp
@@ -221,16 +221,16 @@ def _builder() -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())}-{os.getpid()}"
 
 
-def _remove_dead_builds(final: Path) -> None:
-    """Temp folders of `final` left by a process of this machine that is gone (kill -9, power loss, the OOM killer:
-    `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its partial copy for good: a
-    merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live builder's (another run
-    building the same folder, another machine sharing the folder) is left alone, as are temp folders named before the
-    builder was in the name (their owner cannot be told)."""
-    prefix = f".{final.name}.tmp-"
+def remove_dead_builds(parent: Path, name: str | None = None) -> None:
+    """Temp folders in `parent` (of `name`, or of any folder) left by a process of this machine that is gone (kill -9,
+    power loss, the OOM killer: `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its
+    partial copy for good: a merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live
+    builder's (another run building the same folder), another machine's (a shared folder) and temp folders named before
+    the builder was in the name (their owner cannot be told) are left alone."""
     host = _builder().rsplit("-", 1)[0]
-    for p in final.parent.glob(glob.escape(prefix) + "*"):
-        m = re.fullmatch(re.escape(prefix + host) + r"-(\d+)-[A-Za-z0-9_]+", p.name)
+    stem = re.escape(f".{name}.") if name is not None else r"\..+\."
+    for p in parent.glob(glob.escape(f".{name}.tmp-") + "*" if name is not None else ".*.tmp-*"):
+        m = re.fullmatch(stem + "tmp-" + re.escape(host) + r"-(\d+)-[A-Za-z0-9_]+", p.name)
         if m and p.is_dir() and not pid_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 

@@ -130,6 +130,22 @@ def test_a_killed_run_is_found_crashed_by_the_next_run(tmp_path):
     assert _summary(art, "elsewhere")["status"] == "running"  # another machine's process: not ours to judge
 
 
+def test_a_crashed_runs_half_published_folder_is_removed_when_the_crash_is_found(tmp_path):
+    """A publish (or export) killed mid-copy left `.<name>.tmp-*` (the merged model's copy) in its own run's folder,
+    which no later run builds again (a rerun is a new run, with a new folder): removed when the next run finds the crash."""
+    from flows.finetune import RunSummary
+    from tasks.common import _builder
+
+    art = tmp_path / "artifacts"
+    host = socket.gethostname()
+    dead = _dead_pid()
+    _write_summary(art, "killed", status="running", host=host, pid=dead)
+    half = art / "runs" / "killed" / f".model.tmp-{_builder().rsplit('-', 1)[0]}-{dead}-abc123"
+    (half / "merged").mkdir(parents=True)
+    RunSummary(str(art), "next")
+    assert _summary(art, "killed")["status"] == "crashed" and not half.exists()
+
+
 def test_a_completed_run_supersedes_failed_and_crashed_runs_of_its_config(tmp_path):
     from flows.finetune import RunSummary
 
