@@ -61,6 +61,21 @@ def assert_packed_matches_alone(packed: torch.Tensor, feats: list[dict], model) 
         start += n
 
 
+def assert_batch_forms_match(varlen, eager, packed: list[dict], padded: torch.Tensor, rows: list[dict] | None = None) -> None:
+    """`varlen` gives `eager`'s logits (same weights) on each batch form: `packed` samples on one packed row (each
+    sample as if run alone), `rows` (n samples of one length, if given) as full packs of n plain rows, and `padded`
+    (token 0 is padding) with its attention mask, compared on the real tokens."""
+    with torch.no_grad():
+        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(packed)).logits[0], packed, eager)
+        if rows is not None:
+            batch = PaddingFreeCollator(full_rows=(len(rows), len(rows[0]["input_ids"])))(rows)
+            assert batch["input_ids"].shape == (len(rows), len(rows[0]["input_ids"]))
+            torch.testing.assert_close(varlen(**batch).logits, eager(input_ids=batch["input_ids"]).logits, atol=LOGITS_ATOL, rtol=0)
+        mask = (padded != 0).long()
+        torch.testing.assert_close(varlen(input_ids=padded, attention_mask=mask).logits[mask.bool()],
+                                   eager(input_ids=padded, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+
+
 def test_collator_positions_labels_and_boundaries():
     feats = samples([5, 3, 7])
     batch = PaddingFreeCollator()(feats)
@@ -352,16 +367,10 @@ def test_attention_sinks_are_kept_in_every_batch_form_of_the_varlen_attention():
     varlen, eager = tiny_gpt_oss(register_varlen_attention()), tiny_gpt_oss("eager")
     eager.load_state_dict(varlen.state_dict())
     feats = samples([9, 4, 17, 12], seed=11)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
+    assert_batch_forms_match(varlen, eager, feats, ids, rows=samples([10, 10, 10], seed=12))
     with torch.no_grad():
-        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
-        rows = samples([10, 10, 10], seed=12)
-        batch = PaddingFreeCollator(full_rows=(3, 10))(rows)
-        assert batch["input_ids"].shape == (3, 10)
-        torch.testing.assert_close(varlen(**batch).logits, eager(input_ids=batch["input_ids"]).logits, atol=LOGITS_ATOL, rtol=0)
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
         mask = (ids != 0).long()
-        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(varlen.generate(input_ids=ids, attention_mask=mask, **kw), eager.generate(input_ids=ids, attention_mask=mask, **kw))
     varlen.train()
@@ -390,16 +399,8 @@ def test_llama4s_chunked_attention_is_kept_on_packed_rows_and_plain_rows():
     the attention no position ids: chunks count from each sample's start, where the collator's positions start.)"""
     varlen, eager = tiny_llama4(register_varlen_attention()), tiny_llama4("eager")
     eager.load_state_dict(varlen.state_dict())
-    feats = samples([9, 4, 17, 12], seed=11)
-    with torch.no_grad():
-        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
-        rows = samples([10, 10, 10], seed=12)
-        batch = PaddingFreeCollator(full_rows=(3, 10))(rows)
-        torch.testing.assert_close(varlen(**batch).logits, eager(input_ids=batch["input_ids"]).logits, atol=LOGITS_ATOL, rtol=0)
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
-        mask = (ids != 0).long()
-        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 13, 14, 15, 16, 17]])  # left-padded, as generation pads
+    assert_batch_forms_match(varlen, eager, samples([9, 4, 17, 12], seed=11), ids, rows=samples([10, 10, 10], seed=12))
     assert rows_fit_window(varlen, 4) and not rows_fit_window(varlen, 5)
 
 
@@ -411,13 +412,8 @@ def test_llama4s_position_scaled_queries_count_each_packed_sample_from_its_start
     tuned = dict(floor_scale=8, attn_scale=1.0)
     varlen, eager = tiny_llama4(register_varlen_attention(), **tuned), tiny_llama4("eager", **tuned)
     eager.load_state_dict(varlen.state_dict())
-    feats = samples([9, 4, 17, 12], seed=11)
-    with torch.no_grad():
-        assert_packed_matches_alone(varlen(**PaddingFreeCollator()(feats)).logits[0], feats, eager)
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 13, 14, 15, 16, 17, 18, 19]])
-        mask = (ids != 0).long()
-        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   eager(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=LOGITS_ATOL, rtol=0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 13, 14, 15, 16, 17, 18, 19]])
+    assert_batch_forms_match(varlen, eager, samples([9, 4, 17, 12], seed=11), ids)
 
 
 def test_softcapped_attention_trains_on_eager_not_varlen():
