@@ -4,6 +4,9 @@ pytest puts tests/ on sys.path, as for prefect_local."""
 from __future__ import annotations
 
 import io
+import json
+import time
+from pathlib import Path
 
 
 def randomize_lora_b(model, std: float = 0.05):
@@ -51,6 +54,25 @@ def liger_like_forward(self, input_ids=None, attention_mask=None, position_ids=N
     loss = None if labels is None and shift_labels is None else self.loss_function(
         logits=logits, labels=labels, shift_labels=shift_labels, vocab_size=config.vocab_size, **kwargs)
     return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _pause() -> bool:
+    time.sleep(0.1)
+    return True
+
+
+def wait_for_training_step(art, step: int, *, running=lambda: True, between=_pause, timeout: float = 240.0) -> int:
+    """Reads the training heartbeat under artifacts dir `art` (cache/train/*/work/heartbeat.json) until it reports
+    `step` or later, `running()` turns false (the run ended) or `timeout` seconds pass; `between()` runs before each
+    read (a 0.1 s sleep; one that returns False stops the wait). The last step read: 0 before the file appears."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline and running() and seen < step:
+        if not between():
+            break
+        beat = sorted(Path(art).glob("cache/train/*/work/heartbeat.json"))
+        seen = json.loads(beat[0].read_text())["step"] if beat else 0
+    return seen
 
 
 def tqdm_clock(monkeypatch) -> list[float]:

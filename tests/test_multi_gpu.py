@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for_training_step
 from tasks.common import FAULT_ENV, StageError
 from tasks.config import load_config
 from tasks.data import load_dataset_records
@@ -73,7 +74,6 @@ def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_sto
     import signal
     import subprocess
     import threading
-    import time
 
     cfg, data, probe = two_ranks
     art = str(tmp_path / "artifacts")  # its own training, never a cached one
@@ -82,15 +82,10 @@ def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_sto
     sent = {}
 
     def stop_when_training():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            beat = sorted(Path(art).glob("cache/train/*/work/heartbeat.json"))
-            step = json.loads(beat[0].read_text())["step"] if beat else 0
-            if step >= 3:
-                sent["step"] = step
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.1)
+        step = wait_for_training_step(art, 3)
+        if step >= 3:
+            sent["step"] = step
+            os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.signal(signal.SIGTERM, lambda *a: None)  # without the forwarding, the signal is lost here, not fatal
     try:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for_training_step
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,12 +99,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_at_that_step_and_the_rerun_resu
     art = tmp_path / "artifacts"
     no_periodic = ("--set", "training.checkpoint_minutes=60")  # any checkpoint there is the one the signal saved
     proc = _cli(art, *no_periodic, env=api)
-    deadline = time.monotonic() + 240
-    step = 0
-    while time.monotonic() < deadline and proc.poll() is None and step < 20:
-        beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
-        step = json.loads(beat[0].read_text())["step"] if beat else 0
-        time.sleep(0.1)
+    step = wait_for_training_step(art, 20, running=lambda: proc.poll() is None)
     assert step >= 20, "training did not start before the deadline"
     proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` and `docker stop` send it
     out = proc.communicate(timeout=120)[0]
@@ -134,16 +131,16 @@ def test_a_closed_terminal_mid_training_saves_a_checkpoint_and_the_rerun_resumes
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal,
                             env={**os.environ, **api})
     os.close(slave)
-    deadline = time.monotonic() + 240
-    step = 0
+
+    def read_terminal() -> bool:  # a terminal someone reads: the run never blocks on its output
+        try:
+            os.read(master, 65536)
+        except OSError:
+            return False
+        return True
+
     try:
-        while time.monotonic() < deadline and proc.poll() is None and step < 20:
-            try:
-                os.read(master, 65536)  # a terminal someone reads: the run never blocks on its output
-            except OSError:
-                break
-            beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
-            step = json.loads(beat[0].read_text())["step"] if beat else 0
+        step = wait_for_training_step(art, 20, running=lambda: proc.poll() is None, between=read_terminal)
     finally:
         os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
     assert step >= 20, "training did not start before the deadline"
