@@ -134,6 +134,16 @@ def _base_fingerprint(data: DataSection, src: str) -> str:
         raise StageError(f"data.embedded_bases: {str(e).removeprefix('data.source ')}; or set data.embedded_bases: [] for the task families only") from e
 
 
+def keyed_source(src: str) -> str:
+    """`src` as the data key's dump holds it. A local file or folder is there by its suffix only (which picks the reader):
+    its content is in the key already (`source_fingerprint`), and the path text would give the same file a new key when
+    it is spelled `./x.jsonl` instead of its absolute path or the checkout moves, and every stage after data would run
+    again. The record keeps the path as given (provenance). Any other source (embedded, `pypi:`, hub) is as written."""
+    if src == "embedded" or src.startswith("pypi:") or not Path(src).expanduser().exists():
+        return src
+    return f"local {Path(src).suffix.lower()}"
+
+
 def _looks_like_path(src: str) -> bool:
     return src.startswith((".", "/", "~")) or Path(src).suffix.lower() in LOCAL_SUFFIXES or src.count("/") != 1
 
@@ -543,7 +553,19 @@ def cache_key(data: DataSection, model: ModelSection) -> str:
     bench = [sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)), file_sha256(Path(sources.__file__))] if names else None
     unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
-                       data.model_dump(mode="json", by_alias=True, exclude=set(unread)), model_fingerprint(model), model.chat_template)
+                       _keyed_dump(data, unread), model_fingerprint(model), model.chat_template)
+
+
+def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
+    """The data section as the key hashes it: what the source reads, each source by `keyed_source` (local files by
+    content, not path)."""
+    dump = data.model_dump(mode="json", by_alias=True, exclude=set(unread))
+    dump["source"] = keyed_source(data.source)
+    for m in dump["mix"]:
+        m["source"] = keyed_source(m["source"])
+    if "embedded_bases" in dump:
+        dump["embedded_bases"] = [keyed_source(b) for b in dump["embedded_bases"]]
+    return dump
 
 
 def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:

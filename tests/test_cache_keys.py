@@ -342,6 +342,52 @@ def test_data_key_holds_the_dedupe_rules_code(tmp_path, monkeypatch):
     assert cache_key(off.data, off.model) == before[1]
 
 
+def test_a_local_source_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
+    """A local file in data.source, a data.mix source or an embedded base is in the data key by its content (its sha256,
+    `source_fingerprint`) and its suffix (which picks the reader), not by the path text: the same file spelled
+    `./chats.jsonl` or by its absolute path, or found in a moved checkout, had another data key, and every stage after
+    it ran again (a review, 2026-12-05). Other bytes are another key."""
+    from tasks.data import cache_key
+
+    rows = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n' * 3
+    here, moved = tmp_path / "checkout" / "chats.jsonl", tmp_path / "moved" / "checkout" / "chats.jsonl"
+    for p in (here, moved):
+        p.parent.mkdir(parents=True)
+        p.write_text(rows, encoding="utf-8")
+    monkeypatch.chdir(here.parent)
+
+    def key(setting: str, path) -> str:
+        cfg = _cfg(tmp_path, setting.format(path))
+        return cache_key(cfg.data, cfg.model)
+
+    for setting in ("data.source={}", "data.mix=[{{source: '{}', rows: 2}}]", "data.embedded_bases=['{}']"):
+        keys = {key(setting, p) for p in (here, "./chats.jsonl", "chats.jsonl", moved)}
+        assert len(keys) == 1, setting
+        other = tmp_path / "other" / "chats.jsonl"
+        other.parent.mkdir(exist_ok=True)
+        other.write_text(rows.replace("Hello.", "Hi there."), encoding="utf-8")
+        assert key(setting, other) not in keys, setting  # the content is keyed
+
+
+def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypatch):
+    """Keying local files by content changed no other source's key: packaged (`pypi:`) and hub sources (the literals
+    are these configs' keys before the change, 2026-12-05), and the demo profile's embedded source with its packaged
+    mix and bases, whose key is the one computed with the source text left as written."""
+    from tasks import data as data_mod
+    from tasks.config import load_config
+
+    def key(*overrides: str) -> str:
+        cfg = _cfg(tmp_path, "data.dedupe=[]", *overrides)
+        return data_mod.cache_key(cfg.data, cfg.model)
+
+    assert key("data.source=pypi:alpaca-en-demo", "data.mix=[{source: 'pypi:sharegpt', share: 0.2, filter: chat}]") == "da9bc4436c554f2f"
+    assert key("data.source=someorg/chats", "data.revision=0123abcd", "data.mix=[{source: someorg/more, revision: 4567cdef, rows: 10}]") == "95a281229e45b729"
+    demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
+    now = data_mod.cache_key(demo.data, demo.model)
+    monkeypatch.setattr(data_mod, "keyed_source", lambda src: src)
+    assert data_mod.cache_key(demo.data, demo.model) == now
+
+
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
     """Training stops by the clock: two runs of one config (one train key) can train different adapters; each gets
     its own evaluation and merge (issue 21 item 7). Before, both were keyed on the train key and shared a verdict."""
