@@ -245,10 +245,10 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
 
 
 def answers_made_on(device: str) -> list:
-    """The machine (GPU name, memory and count; or CPU model, cores and torch) and the library versions that generate
-    and score stage 5's answers and losses: greedy answers follow both (another GPU's kernels, a new transformers), so
-    every cache of answers is keyed on them (`base_answers_key`, `passes_key`)."""
-    return [hardware_id(resolve_device(device)), {dist: _version(dist) for dist in ANSWER_LIBRARIES}]
+    """The machine (GPU name and memory, one card: stage 5 generates on one whatever else is visible; or CPU model, cores
+    and torch) and the library versions that generate and score stage 5's answers and losses: greedy answers follow both
+    (another GPU's kernels, a new transformers), so every cache of answers is keyed on them (`base_answers_key`, `passes_key`)."""
+    return [hardware_id(resolve_device(device), gpus=1), {dist: _version(dist) for dist in ANSWER_LIBRARIES}]
 
 
 def answer_code() -> str:

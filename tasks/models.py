@@ -634,13 +634,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def hardware_id(device: str) -> str:
-    """The machine a measurement or a generation ran on: GPU name + memory + count, or CPU model + cores + torch."""
+def hardware_id(device: str, gpus: int = 1) -> str:
+    """The machine a measurement or a generation ran on: GPU name + memory + how many of them the work runs on (`gpus`),
+    or CPU model + cores + torch. The GPUs used, not the GPUs visible: a second card in the box, or CUDA_VISIBLE_DEVICES,
+    changes neither a one-GPU run's speed nor its answers, and held in the probe key it re-probed and retrained the run."""
     import torch
 
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        return f"cuda:{p.name}:{p.total_memory // 2**20}MiB:x{torch.cuda.device_count()}"
+        return f"cuda:{p.name}:{p.total_memory // 2**20}MiB:x{gpus}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

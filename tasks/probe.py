@@ -19,7 +19,8 @@ freed from recompute saves about a third of its step time (measured on one H200:
 16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Two trials that free 4 and 8 layers give the cost per
 layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
 checkpointed peak underestimates it by half), a third confirms the extrapolated count. The cache key includes
-the hardware, so another GPU re-probes.
+the hardware (the card, and how many of them the run trains on), so another GPU re-probes; a card added beside a
+one-GPU run, or CUDA_VISIBLE_DEVICES, does not.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
             | (set() if training.compile != "off" else {"compile"}))
     sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
                 training.model_dump(mode="json", exclude=skip), budget.model_dump(mode="json")]
-    return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev))
+    # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
+    return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
 
 
 # Fixes to what the packed engines (fast, fused) compute for one kind of model, by its (text) model_type: each is in that
@@ -282,7 +284,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         key=key,
         dir=str(out),
         device=device,
-        hardware=hardware_id(device),
+        hardware=hardware_id(device, n),
         budget_seconds=budget_s,
         load_seconds=best["load_seconds"],
         save_seconds=best["save_seconds"],

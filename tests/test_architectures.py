@@ -765,7 +765,7 @@ def test_the_probes_layer_search_counts_a_multimodal_models_decoder_layers_only(
         return real(ref, model_cfg, quant, lora, training, budget, "cpu", *rest, **kwargs)
 
     monkeypatch.setattr(probe_mod, "_time_setting", on_cpu)
-    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: "cuda:simulated")
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: "cuda:simulated")
     data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
     logs = []
     rec = probe_mod._probe(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cuda", "k", tmp_path / "probe",

@@ -245,7 +245,7 @@ def test_offload_activations_is_keyed_only_where_it_can_act(tmp_path, monkeypatc
     from tasks.train import cache_key as train_key
 
     for mod in (probe_mod, evaluate_mod):  # this machine may have no GPU: the keys of one that has
-        monkeypatch.setattr(mod, "hardware_id", lambda dev: f"{dev}:simulated")
+        monkeypatch.setattr(mod, "hardware_id", lambda dev, gpus=1: f"{dev}:simulated")
     base = [f"budget.vram_gb={budget}", f"training.gradient_checkpointing={gc}"]
 
     def cfg(mode):  # validated on the CPU (device=cuda wants a visible GPU), then keyed as on `device`
@@ -388,6 +388,46 @@ def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypa
     assert data_mod.cache_key(demo.data, demo.model) == now
 
 
+def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, monkeypatch):
+    """The probe key (so stage 4's, which holds it) and stage 5's saved passes hold the machine by `hardware_id`: it held
+    how many GPUs were visible, so a one-GPU run re-probed and retrained when a second card went in or CUDA_VISIBLE_DEVICES
+    changed (a review, 2026-12-05), and stage 5 generated every answer again. They hold the card and how many of them
+    the run trains on (training.gpus; auto = every visible one); evaluation generates on one."""
+    import torch
+
+    from tasks import evaluate, probe
+    from tasks.models import hardware_id
+
+    cfgs = {gpus: _cfg(tmp_path, f"training.gpus={gpus}", "training.grad_accum=4") for gpus in (1, 2, "auto")}
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    train = SimpleNamespace(key="t", adapter_dir=str(adapter))
+    card = {"name": "NVIDIA H100 80GB HBM3", "visible": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: card["visible"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name=card["name"], total_memory=80 * 2**30))
+
+    def keys(gpus, visible: int, name: str = "NVIDIA H100 80GB HBM3") -> tuple[str, str]:
+        card.update(name=name, visible=visible)
+        cfg = cfgs[gpus]
+        return (probe.cache_key(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cuda"),
+                evaluate.passes_key(data, train, cfg.quant, cfg.eval, "cuda"))
+
+    one = keys(1, visible=1)
+    assert keys(1, visible=2) == keys(1, visible=8) == one  # another card in the box, or CUDA_VISIBLE_DEVICES
+    assert keys(1, visible=1, name="NVIDIA A100-SXM4-40GB") != one  # another card model: another speed, other kernels
+    assert keys(2, visible=2) == keys(2, visible=4)
+    assert keys(2, visible=2)[0] != one[0]
+    assert keys("auto", visible=2)[0] != keys("auto", visible=4)[0]  # auto trains on every visible card
+    assert keys("auto", visible=2)[0] != keys(2, visible=2)[0]  # training.gpus as written is in the dump, as before
+    assert keys("auto", visible=4)[1] == keys(2, visible=2)[1] == one[1]  # stage 5 generates on one card
+    # A one-GPU machine's keys are as they were: the string they always held.
+    card.update(name="NVIDIA H100 80GB HBM3", visible=1)
+    assert hardware_id("cuda") == "cuda:NVIDIA H100 80GB HBM3:81920MiB:x1"
+
+
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
     """Training stops by the clock: two runs of one config (one train key) can train different adapters; each gets
     its own evaluation and merge (issue 21 item 7). Before, both were keyed on the train key and shared a verdict."""
@@ -506,7 +546,7 @@ def test_stage5s_saved_passes_are_keyed_on_what_makes_the_answers(tmp_path, monk
     # The machine and the generating libraries: in the passes' key, as in the base's cached answers' (the answers follow
     # them, and kept passes outlive their run as that cache does), not in the stage's (its record is reused anywhere).
     monkeypatch.setattr(metadata, "version", real)
-    monkeypatch.setattr(evaluate, "hardware_id", lambda device: "cuda:another GPU:x2")
+    monkeypatch.setattr(evaluate, "hardware_id", lambda device, gpus=1: "cuda:another GPU:x2")
     assert keys()[0] == stage0 and keys()[1] != passes0
     monkeypatch.undo()
     assert keys() == (stage0, passes0)

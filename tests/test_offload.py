@@ -261,7 +261,7 @@ def _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, peak_of
 
     timed, logs = [], []
     monkeypatch.setattr(probe_mod, "_time_setting", _fake_time(timed, peak_of))
-    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: f"{device}:simulated")
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: f"{device}:simulated")
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": vram_gb, "minutes": 60})
     training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,
                                                     "max_steps": None, "offload_activations": mode})
@@ -472,7 +472,7 @@ def test_a_trial_whose_load_peaks_above_its_steps_says_so_and_is_judged_by_the_l
                 "peak_mem_gb": max(load, steps), "load_peak_mem_gb": load, "train_peak_mem_gb": steps, "layers": 32}
 
     monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **kw: fake(*a, mb=a[10], **{k: v for k, v in kw.items() if k != "mb"}))
-    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: f"{device}:simulated")
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: f"{device}:simulated")
     logs = []
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
     training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,

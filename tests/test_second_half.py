@@ -285,7 +285,7 @@ def test_saved_passes_of_another_machine_are_generated_again_not_paired_with_thi
 
     run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
     run(tiny_cfg.eval)
-    monkeypatch.setattr(evaluate, "hardware_id", lambda device: "cpu:another box")  # the same "cpu": the same stage key
+    monkeypatch.setattr(evaluate, "hardware_id", lambda device, gpus=1: "cpu:another box")  # the same "cpu": the same stage key
     logs = []
     run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
     assert not any("reused" in m or "without loading the model" in m for m in logs), logs

@@ -124,7 +124,7 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
                 "tokens_per_s": 16384 / (3.0 - 0.05 * n_free), "peak_mem_gb": peak, "layers": 32}
 
     monkeypatch.setattr(probe_mod, "_time_setting", fake_time)
-    monkeypatch.setattr(probe_mod, "hardware_id", lambda device: "cuda:simulated")
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: "cuda:simulated")
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
     training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None,
                                                     "offload_activations": "off"})  # the offloaded candidates: tests/test_offload.py

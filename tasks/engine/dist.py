@@ -47,6 +47,14 @@ def world_size(gpus: int | str, device: str) -> int:
     return n
 
 
+def gpus_used(gpus: int | str) -> int:
+    """How many GPUs a CUDA run of `training.gpus` trains on (auto = every visible one), for the probe's key: unchecked,
+    `world_size` says what is wrong with a count this machine lacks when the stage runs."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1) if gpus == "auto" else int(gpus)
+
+
 def per_rank_accum(grad_accum: int, n: int) -> int:
     """Micro-batches per optimizer step on each rank: the global batch (micro x accum) stays the recipe's."""
     if grad_accum % n:
