@@ -144,6 +144,16 @@ def keyed_source(src: str) -> str:
     return f"local {Path(src).suffix.lower()}"
 
 
+def source_id(src: str) -> str:
+    """`src` where the build tells sources apart (a mix source's seeded shuffle; a base source the mix reads too): as
+    written, but a local file or folder by its suffix and content, as the data key holds it (`keyed_source`), so the same
+    file at another path or spelling builds the rows its key stands for."""
+    if keyed_source(src) == src:
+        return src
+    path = Path(src).expanduser()
+    return f"{keyed_source(src)} {file_sha256(path) if path.is_file() else folder_fingerprint(path)}"
+
+
 def _looks_like_path(src: str) -> bool:
     return src.startswith((".", "/", "~")) or Path(src).suffix.lower() in LOCAL_SUFFIXES or src.count("/") != 1
 
@@ -667,20 +677,21 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
     to: chat-filtered (English, no canned AI answers), within the length limits of `constraints.base_of`, and without
     any that matches a benchmark prompt. A source that `data.mix` also reads gives half of its conversations (a stable
     hash of the instruction), so the mix keeps the other half and the two never share a conversation."""
-    mixed = {m.source for m in data.mix}
+    mixed = {source_id(m.source) for m in data.mix}
     bases, stats = [], []
     for src in data.embedded_bases:
+        in_mix = source_id(src) in mixed
         try:
             rows, prov, _ = read_source(_base_source(data, src), artifacts_dir)
         except StageError as e:
             raise StageError(f"data.embedded_bases: {e}; or set data.embedded_bases: [] for the task families only") from e
         dropped: collections.Counter = collections.Counter()
         # The mix dedupes (and counts) every conversation of a source it reads; count here only what it won't see.
-        hits = collections.Counter() if src in mixed else removed
+        hits = collections.Counter() if in_mix else removed
         found = []
         for msgs in _normalise(rows, "auto", data.language, None, dropped):
             base = constraints.base_of(msgs, src, data.embedded_base_max_words)
-            if base is None or (src in mixed and zlib.crc32(f"share:{sources.normal(base.instruction)}".encode()) % 2):
+            if base is None or (in_mix and zlib.crc32(f"share:{sources.normal(base.instruction)}".encode()) % 2):
                 continue
             exchange = [{"role": "user", "content": base.instruction}, {"role": "assistant", "content": base.response}]
             if sources.chat_filter_reason(exchange) or _without_benchmarks([exchange], deduper, hits) == []:
@@ -691,7 +702,7 @@ def _embedded_bases(data: DataSection, deduper: sources.Deduper | None, removed:
                              f"whose answer has 5-{data.embedded_base_max_words} words of plain English text); give another source, raise "
                              f"data.embedded_base_max_words or set data.embedded_bases: []")
         bases += found
-        stats.append({**prov, "rows_read": len(rows), "bases": len(found), "shared_with_mix": src in mixed})
+        stats.append({**prov, "rows_read": len(rows), "bases": len(found), "shared_with_mix": in_mix})
     return bases, stats
 
 
@@ -756,7 +767,9 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     held_removed: dict[str, int] = {}  # generated held-out rows removed before formatting, by cause (for heldout_problem)
     if data.source == "embedded":
         bases, base_stats = _embedded_bases(data, deduper, removed, artifacts_dir)
-        taken = {sources.normal(b.instruction) for b in bases if b.source in {m.source for m in data.mix}}
+        mixed = {source_id(m.source) for m in data.mix}
+        shared = {src for src in data.embedded_bases if source_id(src) in mixed}  # a base's `source` is its entry as written
+        taken = {sources.normal(b.instruction) for b in bases if b.source in shared}
         train_bases = _long_enough(bases, data.embedded_base_min_words)
         recs: dict[str, list[dict]] = {}
         try:
@@ -922,7 +935,7 @@ def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: 
             dropped[reason] += 1
             continue
         convs.append(cut)
-    random.Random(f"{data.seed}:{mix.source}").shuffle(convs)
+    random.Random(f"{data.seed}:{source_id(mix.source)}").shuffle(convs)
     train, held, extra = [], [], []
     for msgs in convs:
         if len(held) >= mix.heldout and len(train) >= want:

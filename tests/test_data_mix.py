@@ -479,3 +479,25 @@ def test_other_questions_that_share_some_of_a_prompts_words_are_kept(bench_promp
 def test_content_words_leave_out_function_words_numbers_and_plural_s():
     assert sources.content_words(sources._words(MIKE)) == {"mike", "mother", "kid", "named", "luis", "drake", "matilda", "name"}
     assert sources.content_words(["others", "thousands", "class", "status", "4th", "ab", "this", "kids"]) == {"class", "status", "kid"}
+
+
+def test_a_local_mix_file_builds_the_same_rows_wherever_it_is(tmp_path, tiny_cfg, shared_artifacts):
+    """The data key holds a local file by its content, not its path (tasks/data.py `keyed_source`), so the build must not
+    read the path either: the mix's seeded shuffle was seeded by the path text, and the same file in a moved checkout drew
+    other training rows under the same key. Built twice into separate folders, from two paths, the tokens are the same."""
+    from tasks.data import _build, cache_key
+    from tasks.models import resolve_model
+
+    chats = json.dumps([_chat(f"Explain idea number {i} simply.", f"Idea {i} is simple: it is about the number {i}.") for i in range(60)])
+    records = []
+    for where in ("checkout", "moved/checkout"):
+        extra = tmp_path / where / "chats.json"
+        extra.parent.mkdir(parents=True)
+        extra.write_text(chats)
+        data = tiny_cfg.data.model_copy(update={"embedded_train": 64, "embedded_heldout": 8})
+        data.mix = [{"source": str(extra), "rows": 12, "heldout": 4}]
+        key = cache_key(data, tiny_cfg.model)
+        records.append(_build(data, tiny_cfg.model, resolve_model(tiny_cfg.model, shared_artifacts), key, tmp_path / where / "built", shared_artifacts))
+    first, second = records
+    assert first.key == second.key and first.sources[1]["n_train"] == 12
+    assert first.data_hash == second.data_hash
