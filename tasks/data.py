@@ -546,7 +546,7 @@ def heldout_problem(data: DataSection, usable: int, planned: int, dropped: colle
 def dedupe_names(data: DataSection) -> list[str]:
     from .benchmarks import BENCHMARKS
 
-    return sorted(BENCHMARKS) if data.dedupe == "all" else list(data.dedupe)
+    return sorted(BENCHMARKS) if data.dedupe == "all" else sorted(set(data.dedupe))  # a set: sorted, the build and key agree
 
 
 # Keys one kind of source never reads: in no key for it, so changing them rebuilds nothing (and retrains nothing: the
@@ -568,9 +568,13 @@ def cache_key(data: DataSection, model: ModelSection) -> str:
 
 def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
     """The data section as the key hashes it: what the source reads, each source by `keyed_source` (local files by
-    content, not path)."""
+    content, not path), data.dedupe as a set."""
+    from .benchmarks import BENCHMARKS
+
     dump = data.model_dump(mode="json", by_alias=True, exclude=set(unread))
     dump["source"] = keyed_source(data.source)
+    # data.dedupe is a set of benchmarks: sorted, and `all` when it names every one (the prompts are keyed by `bench`)
+    dump["dedupe"] = "all" if dedupe_names(data) == sorted(BENCHMARKS) else dedupe_names(data)
     for m in dump["mix"]:
         m["source"] = keyed_source(m["source"])
     if "embedded_bases" in dump:

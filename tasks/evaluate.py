@@ -36,7 +36,7 @@ from . import instructions
 from .common import COMPLETE, StageError, building, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
-from .models import hardware_id, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
 EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
@@ -226,7 +226,7 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # adapters of different step counts (and verdicts). Benchmark files are keyed by content (sha256), so a new copy
     # of a benchmark re-runs the stage; the subset sizes and seed are part of eval's dump, and each benchmark's cap is
     # keyed as resolved (a cap eval.benchmark_max_new_tokens leaves unset is the benchmark's own, which can change).
-    return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED), scorer_versions(eval.benchmarks),
+    return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED, device), scorer_versions(eval.benchmarks),
                        resolve_device(device))
 
 
@@ -240,7 +240,7 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
     (base and tuned, held-out and benchmarks) all come from one machine, one set of libraries and one version of the code,
     and a library upgrade or a code fix (the usual fixes of a GENERATION BROKEN) is not served the answers made before it.
     The stage's own key stays without them: its record is reused on any machine, as before."""
-    return fingerprint("eval-passes", PASSES_VERSION, *_answer_inputs(data, train, quant, eval, exclude=NOT_MEASURED | STATISTICS_ONLY),
+    return fingerprint("eval-passes", PASSES_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED | STATISTICS_ONLY, device),
                        resolve_device(device), *answers_made_on(device), answer_code())
 
 
@@ -260,11 +260,27 @@ def answer_code() -> str:
     return fingerprint([inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)])
 
 
-def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str]) -> list:
+def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str], device: str) -> list:
     """What stage 5's answers and losses depend on besides the device, in the order the stage's key has always hashed them."""
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
-    return [data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir), quant.model_dump(mode="json"),
-            eval.model_dump(mode="json", exclude=exclude), sources, benchmark_caps(eval)]
+    return [data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir), keyed_quant(quant, resolve_device(device)),
+            _keyed_eval(eval, exclude), sources, benchmark_caps(eval)]
+
+
+def _keyed_eval(eval: EvalSection, exclude: set[str]) -> dict:
+    """The eval section (less `exclude`) as the keys hold it: the benchmarks in tasks/benchmarks.py's order (each is
+    loaded, subset and scored on its own: the order means nothing), and of the per-benchmark settings only those that
+    differ from the default, for a benchmark that is run (`auto` source, the benchmark's own cap, a benchmark not in
+    eval.benchmarks: the same run)."""
+    out = eval.model_dump(mode="json", exclude=exclude)
+    order = list(bench.BENCHMARKS)
+    run = sorted(set(eval.benchmarks), key=lambda n: (order.index(n) if n in order else len(order), n))
+    out["benchmarks"] = run
+    out["benchmark_sources"] = {n: s for n, s in eval.benchmark_sources.items() if n in run and s != "auto"}
+    out["benchmark_prompts"] = {n: k for n, k in eval.benchmark_prompts.items() if n in run}
+    out["benchmark_max_new_tokens"] = {n: k for n, k in eval.benchmark_max_new_tokens.items()
+                                       if n in run and not (n in bench.BENCHMARKS and k == bench.BENCHMARKS[n].max_new_tokens)}
+    return out
 
 
 def benchmark_caps(eval: EvalSection) -> dict[str, int]:
@@ -843,7 +859,7 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     before = [] if batch_size is None else [batch_size]
     # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
     return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
-                       quant.model_dump(mode="json"), suite["provenance"], suite["subset"], fingerprint(fed), answer_code(),
+                       keyed_quant(quant, resolve_device(device)), suite["provenance"], suite["subset"], fingerprint(fed), answer_code(),
                        *before, *answers_made_on(device))
 
 

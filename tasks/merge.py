@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from .common import StageError, building, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
-from .models import compute_dtype, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
+from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
 
 MERGE_VERSION = 2
 
@@ -98,8 +98,17 @@ def merge_dtype(merge: MergeSection, quant: QuantSection, device: str):
 def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str) -> str:
     # Keyed on the adapter's content, not the train key (training stops by the clock: one train key, many adapters);
     # the base it merges into, how the base is loaded, the device (merge.dtype auto follows it) and the check prompts.
+    dev = resolve_device(device)
     return fingerprint("merge", MERGE_VERSION, folder_fingerprint(train.adapter_dir), data.key, data.model_fingerprint,
-                       quant.model_dump(mode="json"), merge.model_dump(mode="json"), model.chat_template, resolve_device(device))
+                       keyed_quant(quant, dev), _keyed_merge(merge, quant, dev), model.chat_template, dev)
+
+
+def _keyed_merge(merge: MergeSection, quant: QuantSection, device: str) -> dict:
+    """The merge section as the key holds it: a dtype written out as what `auto` saves (the compute dtype) is `auto`."""
+    out = merge.model_dump(mode="json")
+    if merge.dtype != "auto" and merge_dtype(merge, quant, device) == compute_dtype(quant, device):
+        out["dtype"] = "auto"
+    return out
 
 
 def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str, artifacts_dir: str, log_fn=None) -> MergeRecord:

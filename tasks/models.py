@@ -665,6 +665,15 @@ def compute_dtype(quant: QuantSection, device: str):
     return torch.float32
 
 
+def keyed_quant(quant: QuantSection, device: str | None) -> dict:
+    """The quant section as the cache keys hold it: a compute_dtype written out as what `auto` picks on `device` is
+    `auto` (the same run; spelt out it had other keys and retrained). `device` None (not known): as written."""
+    out = quant.model_dump(mode="json")
+    if device is not None and quant.compute_dtype != "auto" and compute_dtype(quant, device) == compute_dtype(quant.model_copy(update={"compute_dtype": "auto"}), device):
+        out["compute_dtype"] = "auto"
+    return out
+
+
 def uses_4bit(quant: QuantSection, device: str) -> bool:
     return quant.load_in_4bit and (device == "cuda" or quant.cpu_fallback == "qlora")
 

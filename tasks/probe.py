@@ -37,9 +37,10 @@ from .common import StageError, building, complete_record, fingerprint, is_compl
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, training_args
+from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
-from .models import hardware_id, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device, resolve_model
+from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
+                     resolve_model)
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
@@ -91,8 +92,9 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     # training.compile likewise: `layers` is keyed (the step and the load time change, on any device), `off` is not.
     skip = (NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
             | (set() if training.compile != "off" else {"compile"}))
-    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
-                training.model_dump(mode="json", exclude=skip), budget.model_dump(mode="json")]
+    # Values written out as what `auto` picks on this device are keyed as `auto` (`keyed_quant`, `keyed_training`).
+    sections = [keyed_quant(quant, dev), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
+                keyed_training(training, dev, skip), budget.model_dump(mode="json")]
     # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
 

@@ -34,10 +34,10 @@ from .common import (StageError, complete_record, disk_full, fault_arg, fingerpr
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
-from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, training_args
+from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .engine.noise import add_embedding_noise
-from .models import load_tokenizer, recurrent_layers, resolve_device, resolve_model
+from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
 # its home is tasks/engine/collate.py.
@@ -321,7 +321,9 @@ PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
     # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
     unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
-    sections = [quant.model_dump(mode="json"), lora.model_dump(mode="json"), training.model_dump(mode="json", exclude=set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
+    # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
+    dev = getattr(probe, "device", None)
+    sections = [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
 
 

@@ -71,7 +71,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "quant.load_in_4bit": ("false", FROM_PROBE, []),
     "quant.quant_type": ("fp4", FROM_PROBE, []),
     "quant.double_quant": ("false", FROM_PROBE, []),
-    "quant.compute_dtype": ("float32", FROM_PROBE, []),
+    "quant.compute_dtype": ("float16", FROM_PROBE, []),  # not what auto picks (fp32 on the CPU; float32 there: the same run)
     "quant.cpu_fallback": ("qlora", FROM_PROBE, []),
     "lora.r": ("4", FROM_PROBE, []),
     "lora.alpha": ("8", FROM_TRAIN, []),  # the LoRA scale: same step time, different adapter
@@ -91,7 +91,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     # layers: the step time and the load time (the compile) change, so the steps a budget buys; `off` is the key from before
     # the setting existed (test_compile_off_keeps_the_keys_from_before_it_existed).
     "training.compile": ("layers", FROM_PROBE, []),
-    "training.optimizer": ("adamw_torch", FROM_PROBE, []),
+    "training.optimizer": ("adamw_torch_fused", FROM_PROBE, []),  # not what auto picks (adamw_torch there: the same run)
     "training.engine": ("fast", FROM_PROBE, []),
     "training.packing": ("matched", FROM_PROBE, []),
     "training.liger": ("false", FROM_PROBE, []),
@@ -145,7 +145,7 @@ def stage_keys(cfg, tmp: Path) -> dict[str, str]:
     from tasks.common import fingerprint, write_json
     from tasks.data import cache_key as data_key
     from tasks.merge import cache_key as merge_key
-    from tasks.models import model_fingerprint
+    from tasks.models import model_fingerprint, resolve_device
     from tasks.probe import cache_key as probe_key
     from tasks.train import cache_key as train_key
 
@@ -161,7 +161,7 @@ def stage_keys(cfg, tmp: Path) -> dict[str, str]:
     keys["profile"] = task_key(stages.profile_task, data=data, artifacts_dir=art)
     sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
     keys["probe"] = task_key(stages.probe_task, data=data, budget=cfg.budget, device=cfg.device, artifacts_dir=art, **sections)
-    probe = SimpleNamespace(key=probe_key(data, budget=cfg.budget, device=cfg.device, **sections))
+    probe = SimpleNamespace(key=probe_key(data, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
     keys["train"] = task_key(stages.train_task, data=data, probe=probe, artifacts_dir=art, **sections)
     tk = train_key(data, probe, **sections)
     adapter = tmp / "adapters" / tk
@@ -421,11 +421,95 @@ def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, 
     assert keys(2, visible=2) == keys(2, visible=4)
     assert keys(2, visible=2)[0] != one[0]
     assert keys("auto", visible=2)[0] != keys("auto", visible=4)[0]  # auto trains on every visible card
-    assert keys("auto", visible=2)[0] != keys(2, visible=2)[0]  # training.gpus as written is in the dump, as before
+    assert keys("auto", visible=2)[0] == keys(2, visible=2)[0]  # auto is keyed as the count it trains on (`keyed_training`)
     assert keys("auto", visible=4)[1] == keys(2, visible=2)[1] == one[1]  # stage 5 generates on one card
     # A one-GPU machine's keys are as they were: the string they always held.
     card.update(name="NVIDIA H100 80GB HBM3", visible=1)
     assert hardware_id("cuda") == "cuda:NVIDIA H100 80GB HBM3:81920MiB:x1"
+
+
+# Pairs of configs that train, evaluate and merge alike on the CPU (device=cpu, on any machine): every stage key is the
+# same. "{cap}" is alpaca_eval's own generation cap (tasks/benchmarks.py).
+SAME_RUN = [
+    (["data.dedupe=[ifeval, alpaca_eval]"], ["data.dedupe=[alpaca_eval, ifeval]"]),  # a set: which prompts are removed
+    (["data.dedupe=all"], ["data.dedupe=[ifeval, alpaca_eval]"]),  # every benchmark there is, named
+    (["eval.benchmarks=[ifeval, alpaca_eval]"], ["eval.benchmarks=[alpaca_eval, ifeval]"]),  # each scored on its own
+    ([], ["eval.benchmark_sources={ifeval: auto}"]),  # absent = auto
+    (["eval.benchmark_max_new_tokens.alpaca_eval=null"], ["eval.benchmark_max_new_tokens.alpaca_eval={cap}"]),  # its own cap
+    (["eval.benchmarks=[ifeval]"], ["eval.benchmarks=[ifeval]", "eval.benchmark_prompts.alpaca_eval=100",
+                                    "eval.benchmark_sources={alpaca_eval: hub}"]),  # settings of a benchmark not run
+    ([], ["quant.compute_dtype=float32"]),  # what auto picks on the CPU
+    ([], ["training.optimizer=adamw_torch"]),
+    ([], ["training.engine=padded"]),
+    ([], ["merge.dtype=float32"]),  # auto = the compute dtype
+    (["training.gpus=1"], ["training.gpus=auto"]),  # auto = every visible GPU; one process on the CPU
+]
+
+
+@pytest.mark.parametrize("a, b", SAME_RUN)
+def test_equivalent_settings_give_the_same_keys(a, b, tmp_path):
+    """A list whose order means nothing, and a value written out as what `auto` resolves to on this machine (cheaply and
+    the same every time), are the same run: they had other keys, and a config that spelt one out retrained (a review,
+    2026-12-05). The keys normalise them; the config is left as the user wrote it."""
+    from tasks.benchmarks import BENCHMARKS
+
+    cap = BENCHMARKS["alpaca_eval"].max_new_tokens
+    first = stage_keys(_cfg(tmp_path, "device=cpu", *[o.replace("{cap}", str(cap)) for o in a]), tmp_path)
+    second = stage_keys(_cfg(tmp_path, "device=cpu", *[o.replace("{cap}", str(cap)) for o in b]), tmp_path)
+    assert {s for s in STAGES if first[s] != second[s]} == NOTHING
+
+
+@pytest.mark.parametrize("a, b, changed", [
+    # data.mix is read in order (a conversation in two sources is kept from the first) into the training set the seeded
+    # shuffle starts from: not normalised
+    (["data.mix=[{source: 'pypi:alpaca-en-demo', rows: 10}, {source: 'pypi:sharegpt', rows: 10}]"],
+     ["data.mix=[{source: 'pypi:sharegpt', rows: 10}, {source: 'pypi:alpaca-en-demo', rows: 10}]"], ALL),
+    # export.gguf's last type is the Modelfile's when export.modelfile_gguf is not among them
+    (["export.gguf=[f16, q8_0]"], ["export.gguf=[q8_0, f16]"], EXPORT),
+    ([], ["quant.compute_dtype=bfloat16"], FROM_PROBE),  # not what auto picks on the CPU
+    ([], ["training.optimizer=adamw_torch_fused"], FROM_PROBE),
+    ([], ["merge.dtype=bfloat16"], MERGE),
+])
+def test_settings_that_differ_keep_their_own_keys(a, b, changed, tmp_path):
+    first, second = stage_keys(_cfg(tmp_path, "device=cpu", *a), tmp_path), stage_keys(_cfg(tmp_path, "device=cpu", *b), tmp_path)
+    assert {s for s in STAGES if first[s] != second[s]} == changed
+
+
+def test_auto_resolved_on_a_gpu_gives_the_keys_of_auto(tmp_path, monkeypatch):
+    """The same on a GPU machine (the device query monkeypatched): bf16 where the card supports it, paged AdamW 8-bit, and
+    `gpus: auto` trains on every visible card. fp16 on a bf16 card is another run."""
+    import torch
+
+    from tasks import evaluate, merge, probe, train
+    from tasks.data import dedupe_names
+
+    cfgs = {o: _cfg(tmp_path, "training.grad_accum=4", *o) for o in [(), ("quant.compute_dtype=bfloat16",), ("quant.compute_dtype=float16",),
+                                                                     ("training.optimizer=paged_adamw_8bit",), ("merge.dtype=bfloat16",),
+                                                                     ("training.gpus=2",), ("training.gpus=auto",)]}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30))
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def keys(*overrides: str) -> tuple[str, ...]:
+        cfg = cfgs[overrides]
+        pk = probe.cache_key(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cuda")
+        tk = train.cache_key(data, SimpleNamespace(key=pk, device="cuda"), cfg.model, cfg.quant, cfg.lora, cfg.training)
+        trained = SimpleNamespace(key=tk, adapter_dir=str(adapter))
+        return (pk, tk, evaluate.cache_key(data, trained, cfg.model, cfg.quant, cfg.eval, "cuda"),
+                merge.cache_key(data, trained, cfg.model, cfg.quant, cfg.merge, "cuda"))
+
+    auto = keys()
+    assert keys("quant.compute_dtype=bfloat16") == auto
+    assert keys("quant.compute_dtype=float16")[0] != auto[0]
+    assert keys("training.optimizer=paged_adamw_8bit") == auto
+    assert keys("merge.dtype=bfloat16") == auto
+    assert keys("training.gpus=auto")[:2] == keys("training.gpus=2")[:2] != auto[:2]
+    assert dedupe_names(cfgs[()].data) == dedupe_names(cfgs[()].data.model_copy(update={"dedupe": ["ifeval", "alpaca_eval"]}))
 
 
 def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):

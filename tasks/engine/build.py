@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import LoraSection, ModelSection, QuantSection, TrainingSection
 from ..models import (ModelRef, compute_dtype, enable_checkpointing, load_base_model, lora_config, lora_targets, peft_quietly, peft_reach,
                       quiet_transformers, softcaps_attention, supports_sdpa, uses_4bit)
-from .dist import world
+from .dist import world, world_size
 
 
 def engine_for(training: TrainingSection, device: str, recurrent: str | None = None) -> str:
@@ -28,6 +28,25 @@ def optimizer_for(training: TrainingSection, device: str) -> str:
     if training.optimizer != "auto":
         return training.optimizer
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def keyed_training(training: TrainingSection, device: str | None, exclude: set[str]) -> dict:
+    """The training section (less `exclude`) as the cache keys hold it, each value that `auto` resolves to on `device`
+    cheaply and always alike written as `auto` resolves it: an explicit optimizer or engine equal to what auto picks
+    is `auto`, `gpus: auto` is the count it trains on (1 on the CPU). The engine only on the CPU: on CUDA auto depends
+    on the model's layers (`engine_for`'s `recurrent`, from its config), so an explicit `fused` stays as written.
+    `device` None (not known): as written."""
+    out = training.model_dump(mode="json", exclude=exclude)
+    if device is None:
+        return out
+    auto = training.model_copy(update={"optimizer": "auto", "engine": "auto"})
+    if out.get("optimizer", "auto") != "auto" and training.optimizer == optimizer_for(auto, device):
+        out["optimizer"] = "auto"
+    if device == "cpu" and out.get("engine", "auto") != "auto" and training.engine == engine_for(auto, device):
+        out["engine"] = "auto"
+    if out.get("gpus") == "auto":
+        out["gpus"] = world_size("auto", device)
+    return out
 
 
 def build_model(ref: ModelRef, model_cfg: ModelSection, quant: QuantSection, lora: LoraSection, gradient_checkpointing: bool, device: str, engine: str,
