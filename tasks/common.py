@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 COMPLETE = "COMPLETE"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -247,11 +247,46 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def locked(path: Path, timeout: float = -1) -> Iterator[None]:
-    """Inter-process lock on `path`.lock: two runs sharing artifacts/ never build the same folder at once."""
+def locked(path: Path, timeout: float = -1, log_fn=None) -> Iterator[None]:
+    """Inter-process lock on `path`.lock: two runs sharing artifacts/ never build the same folder at once.
+
+    Held by another process, one line (`log_fn`, else stderr) names the folder and the holder and says this run waits:
+    a second identical run otherwise sat silent for the hours the first one trained, then reused its result. Whoever
+    takes the lock records itself (pid, host, since when) in `path`.lock.holder for that line, and removes it on release.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=timeout):
+    lock, holder = FileLock(str(path) + ".lock", timeout=timeout), Path(str(path) + ".lock.holder")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        (log_fn or _to_stderr)(f"{path}: locked by {_lock_holder(holder)}, building it; this run waits for it, then uses what it "
+                               "built (or builds it, if that run stops first)")
+        lock.acquire()
+    try:
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
         yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+def _lock_holder(holder: Path) -> str:
+    """Who holds a lock, as it recorded itself (`locked`); a record of a process of this machine that is gone is stale
+    (the holder was killed before removing it, and the one holding the lock now has not written its own yet)."""
+    try:
+        text = holder.read_text().strip()
+    except OSError:
+        text = ""
+    m = re.fullmatch(r"pid (\d+) on (\S+) since .*", text)
+    if not m or (m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1)))):
+        return "another process (not recorded yet)"
+    return text
+
+
+def _to_stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def stop_when_orphaned(parent: int, grace_s: float = 10.0) -> None:

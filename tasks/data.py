@@ -582,12 +582,13 @@ def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
     return dump
 
 
-def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
-    """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config."""
+def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str, log_fn=None) -> DataRecord:
+    """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config. `log_fn`: where the
+    line saying this run waits for another building the same folder goes (stderr when None)."""
     key = cache_key(data, model)
     ref = resolve_model(model, artifacts_dir)
     out = stage_dir(artifacts_dir, "data", key)
-    with locked(out):
+    with locked(out, log_fn=log_fn):
         if is_complete(out):
             return DataRecord.model_validate(read_json(out / "record.json"))
         return _build(data, model, ref, key, out, artifacts_dir)

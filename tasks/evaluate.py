@@ -319,7 +319,7 @@ def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantS
     published model is. It is part of data.key, so of this stage's key."""
     key = cache_key(data, train, model, quant, eval, device)
     out = stage_dir(artifacts_dir, "eval", key)
-    with locked(out):
+    with locked(out, log_fn=log_fn):
         if is_complete(out):
             return complete_record(out, EvalRecord)
         return _evaluate(data, train, model, quant, eval, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None), system_prompt)

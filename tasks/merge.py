@@ -115,7 +115,7 @@ def merge_adapter(data: DataRecord, train, model: ModelSection, quant: QuantSect
     """Stage 6: merged safetensors model + equivalence check. Merging twice is a no-op (cached by key)."""
     key = cache_key(data, train, model, quant, merge, device)
     out = stage_dir(artifacts_dir, "merge", key)
-    with locked(out):
+    with locked(out, log_fn=log_fn):
         if is_complete(out):
             return complete_record(out, MergeRecord)
         return _merge(data, train, model, quant, merge, resolve_device(device), key, out, artifacts_dir, log_fn or (lambda m: None))

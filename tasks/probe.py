@@ -202,7 +202,7 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
     key = probe_key(data, model, quant, lora, training, budget, device, artifacts_dir)
     out = stage_dir(artifacts_dir, "probe", key)
     log_fn = log_fn or (lambda m: None)
-    with locked(out):
+    with locked(out, log_fn=log_fn):
         if is_complete(out):
             return complete_record(out, ProbeRecord)
         n = dist.world_size(training.gpus, device)

@@ -38,11 +38,12 @@ def cache_key(data: DataRecord) -> str:
     return fingerprint("profile", PROFILE_VERSION, data.key, data.data_hash)
 
 
-def profile_lengths(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
-    """Stage 2: length statistics, truncation report and histogram of the formatted data."""
+def profile_lengths(data: DataRecord, artifacts_dir: str, log_fn=None) -> ProfileRecord:
+    """Stage 2: length statistics, truncation report and histogram of the formatted data. `log_fn`: as
+    `load_dataset_records`'s."""
     key = cache_key(data)
     out = stage_dir(artifacts_dir, "profile", key)
-    with locked(out):
+    with locked(out, log_fn=log_fn):
         if is_complete(out):
             return complete_record(out, ProfileRecord)
         return _build(data, key, out)

@@ -57,7 +57,7 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
     import datasets
 
     datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
-    rec = data_stage.load_dataset_records(data, model, artifacts_dir)
+    rec = data_stage.load_dataset_records(data, model, artifacts_dir, log)
     # tasks/data.py reads its folder's record as written; its paths are moved here to where the folder is now (`at_home`).
     rec = DataRecord.model_validate(at_home(rec.model_dump(mode="json"), stage_dir(artifacts_dir, "data", rec.key)))
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
@@ -87,7 +87,7 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
 
 @task(name="2-profile", cache_key_fn=keyed_by("profile", profile_stage.cache_key))
 def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
-    rec = profile_stage.profile_lengths(data, artifacts_dir)
+    rec = profile_stage.profile_lengths(data, artifacts_dir, log)
     t = rec.stats["total"]
     log(f"profile: total tokens p50 {t['p50']:.0f}, p95 {t['p95']:.0f}, p99 {t['p99']:.0f}, max {t['max']:.0f}; "
         f"{rec.over_max_length} examples over max_length={rec.max_length}; suggested {rec.suggested_max_length}")

@@ -332,7 +332,7 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
     key = cache_key(data, probe, model, quant, lora, training)
     out = stage_dir(artifacts_dir, "train", key)
     log_fn = log_fn or (lambda m: None)
-    with locked(out):
+    with locked(out, log_fn=log_fn):  # an identical run training this folder: says so, waits, then reuses its adapter
         if is_complete(out):
             return complete_record(out, TrainRecord)
         n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks

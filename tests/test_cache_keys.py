@@ -739,6 +739,56 @@ def test_push_settings_republish_only_when_there_is_a_hub_repo(key, value, tmp_p
     assert {s for s in base if base[s] != changed[s]} == PUBLISH
 
 
+def test_a_run_waiting_on_a_held_lock_says_so_and_who_holds_it(tmp_path):
+    """A second identical run reaches a stage folder another run is building (stage 4's for hours) and waits on its lock:
+    it waited without a word (a review, 2026-12-05). Now one line names the folder, the holder (pid and host, recorded
+    by whoever takes the lock) and says that this run waits; an uncontended lock says nothing."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from tasks import common
+
+    folder = tmp_path / "cache" / "train" / "0123abcd"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                               "from tasks.common import locked\n"
+                               "with locked(Path(sys.argv[2])):\n"
+                               "    print('holding', flush=True); sys.stdin.readline()", str(common.PROJECT_ROOT), str(folder)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        lines, logged, entered = [], threading.Event(), threading.Event()
+
+        def log(message: str) -> None:
+            lines.append(message)
+            logged.set()
+
+        def second_run() -> None:
+            try:
+                with common.locked(folder, log_fn=log):
+                    entered.set()
+            except BaseException as e:  # shown by the assertion below, not lost in the thread
+                lines.append(repr(e))
+                logged.set()
+
+        waiter = threading.Thread(target=second_run, daemon=True)
+        waiter.start()
+        assert logged.wait(120), "no line while waiting on a held lock"
+        assert not entered.is_set()  # the holder has not let go: it reads stdin
+        (line,) = lines
+        assert str(folder) in line and f"pid {holder.pid}" in line and socket.gethostname() in line and "this run waits" in line
+    finally:
+        holder.communicate("\n", timeout=120)
+    waiter.join(120)
+    assert entered.is_set() and len(lines) == 1
+    assert not Path(str(folder) + ".lock.holder").exists()  # released: no holder left recorded
+    quiet = []
+    with common.locked(tmp_path / "cache" / "train" / "free", log_fn=quiet.append):
+        pass
+    assert quiet == []
+
+
 def test_building_swaps_a_folder_in_without_deleting_the_old_one_first(tmp_path, monkeypatch):
     """The old folder is renamed aside before the new one moves in (it was rmtree'd first: a crash or a reader in
     that window found no folder at all); a crash between the two renames leaves the old one whole beside it."""
