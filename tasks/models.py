@@ -669,8 +669,9 @@ def keyed_quant(quant: QuantSection, device: str | None) -> dict:
     """The quant section as the cache keys hold it: a compute_dtype written out as what `auto` picks on `device` is
     `auto` (the same run; spelt out it had other keys and retrained). `device` None (not known): as written."""
     out = quant.model_dump(mode="json")
-    if device is not None and quant.compute_dtype != "auto" and compute_dtype(quant, device) == compute_dtype(quant.model_copy(update={"compute_dtype": "auto"}), device):
-        out["compute_dtype"] = "auto"
+    if device is not None and quant.compute_dtype != "auto":
+        if compute_dtype(quant, device) == compute_dtype(quant.model_copy(update={"compute_dtype": "auto"}), device):
+            out["compute_dtype"] = "auto"
     return out
 
 
