@@ -1265,14 +1265,36 @@ def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
             missed.append(path)
     if not missed:
         return targets
-    names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in missed))
     config = next(iter(peft_model.peft_config.values()))
     ranks = "".join(f"; it trains the experts' {k.rsplit('.', 1)[-1]} at rank {r}, {r // config.r} x lora.r"
                     for k, r in (config.rank_pattern or {}).items() if r != config.r)
-    more = f" and {len(missed) - 1} more" if len(missed) > 1 else ""
-    why = (f"linear layers PEFT did not wrap ({', '.join(names)} at {missed[0]}{more}: its transformers-v4 "
-           f"conversion takes these names for the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
+    why = (f"linear layers PEFT did not wrap ({_unwrapped_places(missed)}: its transformers-v4 conversion takes these names for "
+           f"the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
     return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why))
+
+
+def _unwrapped_places(paths: list[str]) -> str:
+    """Linear layers inside the decoder blocks by place and layers: `model.layers.0.mlp.gate_proj` ... ->
+    "mlp.gate_proj/up_proj/down_proj in layers 0-2, mlp.shared_experts.gate_proj/up_proj/down_proj in layers 3-60". The place
+    says what a path and a count did not: DeepSeek-V3's dense MLPs and its shared experts, which every token goes through."""
+    places: dict[str, tuple[dict, dict]] = {}  # "mlp.shared_experts" -> (its leaf names, its layers), in the model's order
+    for path in paths:
+        index, rest = re.match(r".*?\.(\d+)\.(.+)$", path).groups()  # the first index is the block's: a pattern target is inside one
+        place, leaf = rest.rsplit(".", 1) if "." in rest else ("", rest)
+        leaves, layers = places.setdefault(place, ({}, {}))
+        leaves[leaf], layers[int(index)] = None, None
+    return ", ".join(f"{place + '.' if place else ''}{'/'.join(leaves)} in {_layer_runs(list(layers))}" for place, (leaves, layers) in places.items())
+
+
+def _layer_runs(indices: list[int]) -> str:
+    """'layer 3', 'layers 0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ("layers " if len(indices) > 1 else "layer ") + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def _holds_experts(m, own: dict, counts: set[int]) -> bool:

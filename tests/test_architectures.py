@@ -106,6 +106,12 @@ MORE_MOE = {
     "granitemoeshared": {**TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
     "doge": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
              "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2},
+    # DeepSeek-V3: dense MLPs in the first layers (first_k_dense_replace) and a shared expert beside the routed ones in the rest,
+    # all plain gate_proj / up_proj / down_proj; multi-head latent attention (its tiny configs need as many KV heads as heads).
+    "deepseek_v3": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                    "first_k_dense_replace": 2, "n_group": 1, "topk_group": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8},
 }
 
 
@@ -241,13 +247,39 @@ def test_linear_layers_peft_leaves_unwrapped_are_said_not_adapted():
     assert sorted(m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj") == [16, 16]
     reached = peft_reach(model, t)
     assert reached.modules == ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), reached.describe()
-    assert ("linear layers PEFT did not wrap (gate_proj, up_proj, down_proj at model.layers.0.mlps.0.gate_proj and 11 more: its "
+    assert ("linear layers PEFT did not wrap (mlps.0.gate_proj/up_proj/down_proj in layers 0-1, mlps.1.gate_proj/up_proj/down_proj "
+            "in layers 0-1: its "
             "transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; it trains the experts' "
             "gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in reached.describe(), reached.describe()
     for arch in ("qwen2_moe", "mixtral", "jetmoe"):  # PEFT wraps what the line names: nothing to add
         t = lora_targets(_skeleton(arch), lora)
         with torch.device("meta"), peft_quietly():
             assert peft_reach(get_peft_model(_skeleton(arch), lora_config(lora, t)), t) is t, arch
+
+
+def test_the_line_names_where_peft_left_linear_layers_unwrapped():
+    """DeepSeek-V3 (GLM-4.5, dots.llm1 alike) keeps a dense MLP in its first layers and a shared expert, which every token
+    goes through, in the others, both plain gate_proj / up_proj / down_proj: PEFT 0.21's v4-to-v5 conversion leaves all of
+    them without LoRA (peft issue 3711). The line said "gate_proj, up_proj, down_proj at model.layers.0.mlp.gate_proj and 11
+    more", never naming the shared experts (a review, 2026-12-05); it names each place and its layers now."""
+    import torch
+    from peft import get_peft_model
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets, peft_quietly, peft_reach
+
+    lora = LoraSection(r=8)
+    t = lora_targets(_skeleton("deepseek_v3"), lora)
+    with torch.device("meta"), peft_quietly():
+        model = get_peft_model(_skeleton("deepseek_v3"), lora_config(lora, t))
+    plain = [n.removeprefix("base_model.model.model.layers.") for n, m in model.named_modules()
+             if type(m) is torch.nn.Linear and n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    assert plain == [f"{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")] + [
+        f"{i}.mlp.shared_experts.{p}" for i in (2, 3) for p in ("gate_proj", "up_proj", "down_proj")]  # what PEFT does today
+    line = peft_reach(model, t).describe()
+    assert ("linear layers PEFT did not wrap (mlp.gate_proj/up_proj/down_proj in layers 0-1, mlp.shared_experts.gate_proj/up_proj/"
+            "down_proj in layers 2-3: its transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; "
+            "it trains the experts' gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in line, line
 
 
 def test_a_moe_under_a_profile_that_never_sets_lora_dropout_trains_without_it_and_says_so(shared_artifacts):
