@@ -17,6 +17,9 @@ MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 ATTN_MLP = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 EXPERTS = {"experts.gate_up_proj", "experts.down_proj"}
+# GLM-4.5 and dots.llm1: a dense first layer (first_k_dense_replace), then routed experts beside a shared expert.
+DENSE_THEN_MOE = {"head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_shared_experts": 1,
+                  "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
 
 # arch -> (random_config, linear layers all-linear must reach, expert weights it must reach)
 ARCHS = {
@@ -38,7 +41,16 @@ ARCHS = {
     # Llama-4's text model: chunked attention on 3 layers of 4 (here chunks of 8 tokens), routed experts + a shared MLP.
     "llama4_text": ({**TINY, "head_dim": 16, "num_local_experts": 4, "intermediate_size_mlp": 128, "attention_chunk_size": 8},
                     ATTN_MLP, EXPERTS),
+    # PEFT 0.21's v4-to-v5 conversion leaves their dense and shared MLPs without LoRA (PEFT_UNWRAPPED): attention + experts.
+    "glm4_moe": ({**TINY, **DENSE_THEN_MOE}, ATTN, EXPERTS),
+    "dots1": ({**TINY, **DENSE_THEN_MOE}, ATTN, EXPERTS),
 }
+
+# Model types PEFT 0.21 converts as transformers-4 checkpoints (peft issue 3711) whose dense or shared MLPs keep plain
+# gate_proj / up_proj / down_proj: PEFT wraps none of them -> where the model line must say so (their layer 0 is dense,
+# so their routed experts sit in layer 1 alone).
+PEFT_UNWRAPPED = {arch: "mlp.gate_proj/up_proj/down_proj in layer 0, mlp.shared_experts.gate_proj/up_proj/down_proj in layer 1"
+                  for arch in ("glm4_moe", "dots1")}
 
 # Each real-GPU profile of pipeline.yaml -> the architecture the matrix above runs for it.
 PROFILE_ARCH = {
@@ -68,8 +80,12 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     targets = train["lora_targets"]
     assert set(targets["modules"]) == linear and set(targets["parameters"]) == experts, targets
     merge = result["stages"]["merge"]["outputs"]
-    assert merge["check"]["passed"] and merge["merged_modules"] == 2 * (len(linear) + len(experts))  # 2 layers
+    moe_layers = 1 if arch in PEFT_UNWRAPPED else 2  # of the 2 layers
+    assert merge["check"]["passed"] and merge["merged_modules"] == 2 * len(linear) + moe_layers * len(experts)
     card = (Path(result["published"]) / "README.md").read_text()
+    if arch in PEFT_UNWRAPPED:  # the model line, the record and the card
+        said = f"linear layers PEFT did not wrap ({PEFT_UNWRAPPED[arch]}: "
+        assert any(said in n for n in targets["not_adapted"]) and said in card and said in out + err, targets
     if experts:
         assert targets["experts"] == 4 and "routed experts" in card and "not adapted" in card and "routers" in card and "never 4-bit" in card
         assert "dropout=0 (auto) on " in card and "LoRA dropout 0 (lora.dropout auto: PEFT's LoRA on expert weights takes none" in card
