@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -296,6 +297,44 @@ def test_the_line_names_where_peft_left_linear_layers_unwrapped():
     assert ("linear layers PEFT did not wrap (mlp.gate_proj/up_proj/down_proj in layers 0-1, mlp.shared_experts.gate_proj/up_proj/"
             "down_proj in layers 2-3: its transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; "
             "it trains the experts' gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in line, line
+
+
+def test_every_model_type_peft_converts_names_the_linear_layers_it_left_unwrapped():
+    """Every causal LM type that PEFT 0.21 converts like Qwen2-MoE (transformers' conversion mapping: DeepSeek-V2/V3/V3.2,
+    GLM-4.5 and its Lite/DSA, dots.llm1, ERNIE-4.5-MoE, Qwen3-Next, Hunyuan-MoE, EXAONE-MoE, Cohere2-MoE, Solar-Open, AFMoE,
+    Qwen3-MoE with a dense layer...), as a 3-layer skeleton with a dense first layer and shared experts where its config has
+    them: each plain linear layer PEFT left unwrapped is named in the line, by place and name (AFMoE's attention gate_proj
+    too)."""
+    import torch
+    from peft import get_peft_model
+    from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tasks.config import LoraSection
+    from tasks.models import lora_config, lora_targets, peft_quietly, peft_reach
+
+    sizes = {**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 512, "pad_token_id": 0,
+             **DENSE_THEN_MOE, "num_experts": 4, "num_local_experts": 4, "num_shared_experts": 1, "num_dense_layers": 1,
+             "shared_expert_intermediate_size": 64, "mlp_only_layers": [0], "q_lora_rank": 16, "kv_lora_rank": 16,
+             "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8}
+    types = [t for t, base in _MODEL_TO_CONVERSION_PATTERN.items() if base == "qwen2_moe" and t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+    named = {}
+    for arch in types:
+        default = CONFIG_MAPPING[arch]()
+        with torch.device("meta"), peft_quietly(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = CONFIG_MAPPING[arch](**{k: v for k, v in sizes.items() if hasattr(default, k)})
+            t = lora_targets(AutoModelForCausalLM.from_config(config), LoraSection(r=8))
+            model = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(LoraSection(r=8), t))
+        line = peft_reach(model, t).describe()
+        plain = [n.split(".layers.", 1)[1].split(".", 1)[1] for n, m in model.named_modules()
+                 if type(m) is torch.nn.Linear and ".layers." in n and n.endswith(("gate_proj", "up_proj", "down_proj"))]
+        for path in plain:
+            place, leaf = path.rsplit(".", 1)
+            assert re.search(rf"(?:\(|, ){re.escape(place)}\.[\w/]*\b{leaf}\b[\w/]* in layers? \d", line), (arch, path, line)
+        named[arch] = bool(plain)
+    assert len(types) >= 15 and all(named[a] for a in ("deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "ernie4_5_moe")), named
 
 
 def test_a_moe_under_a_profile_that_never_sets_lora_dropout_trains_without_it_and_says_so(shared_artifacts):
