@@ -102,6 +102,10 @@ SSM_ARCHS = {
     "falcon_h1": {**TINY, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "head_dim": 16},
     "jamba": {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
               "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 8},  # Mamba mixers + MoE layers
+    # Qwen3-Next: gated-DeltaNet linear attention (its state runs along the row) in layer 0, full attention in layer 1; MoE.
+    "qwen3_next": {**TINY, "head_dim": 16, **MOE, "shared_expert_intermediate_size": 64, "linear_num_value_heads": 4,
+                   "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                   "layer_types": ["linear_attention", "full_attention"]},
 }
 
 
@@ -396,11 +400,12 @@ def test_models_that_carry_state_along_a_row_train_padded_not_packed(shared_arti
     from tasks.common import StageError
     from tasks.config import load_config
     from tasks.engine.build import engine_for
+    from tasks.engine.collate import PaddedCollator
     from tasks.engine.fastpath import PaddingFreeCollator
     from tasks.models import recurrent_layers_of
     from tasks.preflight import check_model
 
-    for arch in ("mamba", "falcon_h1", "jamba"):
+    for arch in ("mamba", "falcon_h1", "jamba", "qwen3_next"):
         assert recurrent_layers_of(_skeleton(arch).config), arch
     for arch in ("llama", "mistral", "gemma3", "qwen2_moe", "mixtral", "gpt_oss", "phi3"):
         assert recurrent_layers_of(_skeleton(arch).config) is None, arch
@@ -413,6 +418,19 @@ def test_models_that_carry_state_along_a_row_train_padded_not_packed(shared_arti
         with torch.no_grad():
             packed, alone = model(**batch).logits[0, 7:], model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
         assert ((packed - alone).abs().max() > 1e-4) == leaks, arch
+    # Qwen3-Next on CPU (transformers' reference kernels): the padded engine's rows are each conversation alone (transformers
+    # refuses a packed row there without flash-linear-attention), and auto trains it padded on CUDA too.
+    torch.manual_seed(0)
+    model = _skeleton("qwen3_next", "cpu").float().eval()
+    padded = {k: v for k, v in PaddedCollator(0)([{**r, "labels": r["input_ids"]} for r in rows]).items() if k != "labels"}
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            assert (model(**padded).logits[i, :len(alone)] - alone).abs().max() < 1e-5, i
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:qwen3_next",
+                                                 f"model.random_config={json.dumps(SSM_ARCHS['qwen3_next'])}"])
+    assert recurrent_layers_of(model.config) == "linear_attention layers"
+    assert {engine_for(cfg.training, d, recurrent_layers_of(model.config)) for d in ("cpu", "cuda")} == {"padded"}
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={shared_artifacts}", "model.name=random:jamba",
                                                  f"model.random_config={json.dumps(SSM_ARCHS['jamba'])}"])
     recurrent = recurrent_layers_of(_skeleton("jamba").config)
