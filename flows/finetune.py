@@ -126,7 +126,13 @@ class RunSummary:
 
 
 def _inside(path: str | None, root: Path) -> bool:
-    return path is None or Path(path).resolve().is_relative_to(root.resolve())
+    """`path` lies in the artifacts folder `root`: as written (a record's paths are `root`'s own spelling, and a folder
+    inside it may be a link to another disk: cache/ or runs/ on a bigger one), or with links resolved (`root` spelled
+    through a link to it)."""
+    if path is None:
+        return True
+    return (Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root))
+            or Path(path).resolve().is_relative_to(root.resolve()))
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:

@@ -114,6 +114,18 @@ def test_a_copied_artifacts_folder_reuses_its_stages_and_writes_only_into_itself
     assert again["stages"]["train"]["outputs"]["wall_seconds"] == first["stages"]["train"]["outputs"]["wall_seconds"]
 
 
+def test_an_artifacts_folder_whose_cache_is_a_link_to_another_disk_hits_every_cache(run_flow, tmp_path):
+    # A review: with artifacts/cache a link to another disk (a bigger one), every record's folder resolved outside the
+    # artifacts folder, so the flow took each cached record for another folder's and recomputed every stage, every run.
+    copy = tmp_path / "copy"
+    shutil.copytree(run_flow.artifacts, copy, symlinks=True)
+    (copy / "cache").rename(tmp_path / "other-disk")
+    (copy / "cache").symlink_to(tmp_path / "other-disk")
+    run_flow(f"artifacts_dir={copy}")  # a new folder: its stages read back, once
+    again = run_flow(f"artifacts_dir={copy}")
+    assert all(s["cached"] for s in again["stages"].values()), again["stages"]
+
+
 @pytest.mark.parametrize("stage, damage", [("train", "adapter"), ("probe", "record.json")])
 def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
     # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
