@@ -21,6 +21,7 @@ a 4-bit merge fails them (tests/test_merge.py).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -83,7 +84,19 @@ class MergeRecord(BaseModel):
     seconds: float
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and (Path(self.merged_dir) / "config.json").is_file()
+        return is_complete(Path(self.dir)) and (Path(self.merged_dir) / "config.json").is_file() and weights_present(Path(self.merged_dir))
+
+
+def weights_present(folder: Path) -> bool:
+    """`folder` (a save_pretrained one) holds its safetensors weights: model.safetensors, or an index and every shard it
+    names. config.json alone was taken for a merged model: its weights deleted, the folder was published without them."""
+    if (folder / "model.safetensors").is_file():
+        return True
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((folder / s).is_file() for s in shards)
 
 
 def merge_dtype(merge: MergeSection, quant: QuantSection, device: str):
