@@ -81,7 +81,8 @@ class EvalRecord(BaseModel):
     verdict: dict = {}  # better / worse / unclear metric lines and warnings (see `make_verdict`)
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir))
+        # publish copies both: without them it failed on a bare FileNotFoundError naming neither the folder nor a fix
+        return is_complete(Path(self.dir)) and Path(self.eval_json).is_file() and Path(self.chart_png).is_file()
 
 
 def _wilson_at(p: float, n: float, confidence: float) -> tuple[float, float]:
