@@ -31,7 +31,7 @@ class ProfileRecord(BaseModel):
     warning: str | None
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir))
+        return is_complete(Path(self.dir)) and Path(self.histogram_png).is_file()  # stage 2 shows it, publish copies it
 
 
 def cache_key(data: DataRecord) -> str:

@@ -78,7 +78,8 @@ class TrainRecord(BaseModel):
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and all((Path(self.adapter_dir) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+        return (is_complete(Path(self.dir)) and all((Path(self.adapter_dir) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+                and Path(self.loss_curve_png).is_file())  # publish copies it
 
 
 class NonFiniteLoss(StageError):

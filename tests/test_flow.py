@@ -127,7 +127,8 @@ def test_an_artifacts_folder_whose_cache_is_a_link_to_another_disk_hits_every_ca
 
 
 @pytest.mark.parametrize("stage, damage", [("train", "adapter"), ("probe", "record.json"), ("merge", "merged/model.safetensors"),
-                                          ("evaluate", "eval_chart.png")])
+                                          ("evaluate", "eval_chart.png"), ("profile", "length_histogram.png"),
+                                          ("train", "loss_curve.png")])
 def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
     # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
     # 'adapter_config.json'"); a truncated record.json failed as a bare JSONDecodeError. Neither named the folder or a fix.
