@@ -217,8 +217,16 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
 
 
 def _builder() -> str:
-    """This process in a temp folder's name (`building`): host and pid, so a later build can tell a dead one's."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())}-{os.getpid()}"
+    """This process in a temp folder's name (`building`): host and pid, so a later build can tell a dead one's. The host
+    part carries the PID namespace where there is one to read (Linux): a container sharing the host's name (host
+    network, `--uts=host`) and the artifacts folder numbers its processes apart, so a pid of another namespace says
+    nothing here; one namespace's build took another's live one for dead and removed it mid-build."""
+    host = re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())
+    try:
+        ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        ns = ""
+    return f"{host}_pidns{ns}-{os.getpid()}" if ns else f"{host}-{os.getpid()}"
 
 
 def remove_dead_builds(parent: Path, name: str | None = None) -> None:

@@ -848,6 +848,27 @@ def test_building_removes_the_temp_folder_a_killed_build_left_and_no_one_elses(t
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name, elsewhere.name, unknown.name])
 
 
+def test_building_leaves_a_live_build_of_another_pid_namespace_on_the_same_host_alone(tmp_path):
+    """A review: a process in another PID namespace with this host's name (a container on the host's network, or
+    `--uts=host`) sharing the artifacts folder read a live build's pid in its own numbering, found no such process and
+    removed the temp folder mid-build (the build then failed on FileNotFoundError). Needs `unshare` (root)."""
+    import shutil as sh
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    if sh.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.skip("no PID namespaces here (unshare needs root)")
+    live = tmp_path / f".merged.tmp-{common._builder()}-abc123"  # this process, building now
+    live.mkdir()
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                    "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                    "from tasks.common import remove_dead_builds; remove_dead_builds(Path(sys.argv[2]), 'merged')",
+                    str(common.PROJECT_ROOT), str(tmp_path)], check=True)
+    assert live.is_dir()
+
+
 def test_a_folder_exported_from_another_runs_publish_describes_its_own_run(tmp_path):
     """Run B's export over run A's cached publish: B's folder, B's name in the card, B's export settings (the review
     found A's run name, A's folder and A's num_ctx there)."""
