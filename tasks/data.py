@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import StageError, building, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
@@ -90,7 +90,10 @@ class DataRecord(BaseModel):
     dedupe: dict = {}  # benchmarks, prompts checked against, rules, conversations removed per benchmark and rule
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir))
+        return is_complete(Path(self.dir)) and all((Path(self.dir) / f).exists() for f in DATA_FILES)
+
+
+DATA_FILES = ("train/dataset_info.json", "heldout/dataset_info.json", "heldout.jsonl", "chat_template.jinja")  # what stages 2-5 read
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -590,7 +593,7 @@ def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: 
     out = stage_dir(artifacts_dir, "data", key)
     with locked(out, log_fn=log_fn):
         if is_complete(out):
-            return DataRecord.model_validate(read_json(out / "record.json"))
+            return complete_record(out, DataRecord)
         return _build(data, model, ref, key, out, artifacts_dir)
 
 

@@ -324,11 +324,26 @@ def export_artifacts(merge, publish, data, export, system_prompt: str | None, ar
     with locked(out):
         if not is_complete(out):
             _build(merge, publish, data, export, system_prompt, out, log_fn)
-    built = read_json(out / "built.json")
+    built = _built(out)
     source = Path(publish.dir)
     target = source if run_name is None or source.parent.name == safe_name(run_name) else source.parent.parent / safe_name(run_name) / source.name
     with locked(target):
         return _install(out, source, target, built, key, log_fn, export.model_dump(mode="json"))
+
+
+def _built(out: Path) -> dict[str, Any]:
+    """built.json of the complete export folder `out`; one whose record cannot be read or whose built files are gone (a
+    GGUF deleted to save space) is a StageError naming the folder and the fix, not a raw error in the install."""
+    fix = "delete that folder and rerun the same command to build it again"
+    try:
+        built = read_json(out / "built.json")
+        files = [*built["gguf"].values(), *([built["modelfile"]] if built["modelfile"] else []), *([built["gptq"]] if built["gptq"] else [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise StageError(f"{out} is marked complete but its built.json cannot be read ({type(e).__name__}: {e}); {fix}") from e
+    gone = [f for f in files if not (out / f).exists()]
+    if gone:
+        raise StageError(f"{out} is marked complete but {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone; {fix}")
+    return built
 
 
 def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> None:

@@ -19,7 +19,7 @@ from . import probe as probe_stage
 from . import profile as profile_stage
 from . import publish as publish_stage
 from . import train as train_stage
-from .common import StageError, at_home, read_json, stage_dir
+from .common import StageError, read_json
 from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
 from .engine.recompute import OFFLOAD_NOTE
@@ -58,8 +58,6 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
 
     datasets.disable_progress_bars()  # one log line per stage, not a bar per shard
     rec = data_stage.load_dataset_records(data, model, artifacts_dir, log)
-    # tasks/data.py reads its folder's record as written; its paths are moved here to where the folder is now (`at_home`).
-    rec = DataRecord.model_validate(at_home(rec.model_dump(mode="json"), stage_dir(artifacts_dir, "data", rec.key)))
     dropped = ", ".join(f"{k}: {v}" for k, v in rec.dropped.items()) or "none"
     merged = (f", {rec.merged} row{'s' if rec.merged > 1 else ''} had turns of one role in a row merged into one turn "
               "(joined by a blank line)") if rec.merged else ""

@@ -586,3 +586,28 @@ def test_serve_model_gguf_stops_within_seconds_while_a_request_streams(smol_expo
             proc.kill()
     print(f"\nstopped in {took:.1f} s with a request in flight (exit {rc})")
     assert took < GGUF_STOP_GRACE_S + 10 and rc in (0, 1) and "stopping" in _output(proc), _output(proc)[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["gguf", "built.json"])
+def test_a_complete_export_folder_with_a_gguf_gone_names_itself_and_the_fix(tmp_path, damage):
+    # A review: a GGUF deleted from a complete cache/export/<key>/ (to save space) failed in the install as a raw
+    # FileNotFoundError naming neither the folder nor a fix.
+    from tasks.common import COMPLETE
+    from tasks.export import _built
+
+    out = tmp_path / "export" / "k"
+    (out / "gguf").mkdir(parents=True)
+    (out / "gguf" / "m-Q4_K_M.gguf").write_bytes(b"GGUF")
+    (out / "Modelfile").write_text("FROM ./gguf/m-Q4_K_M.gguf\n")
+    built = {"gguf": {"Q4_K_M": "gguf/m-Q4_K_M.gguf"}, "modelfile": "Modelfile", "gptq": None}
+    (out / "built.json").write_text(json.dumps(built))
+    (out / COMPLETE).touch()
+    assert _built(out) == built
+    if damage == "gguf":
+        (out / "gguf" / "m-Q4_K_M.gguf").unlink()
+        match = "gguf/m-Q4_K_M.gguf is gone"
+    else:
+        (out / "built.json").write_text("{")
+        match = "built.json cannot be read"
+    with pytest.raises(StageError, match=f"{out} is marked complete but .*{match}.*; delete that folder and rerun"):
+        _built(out)
