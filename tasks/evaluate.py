@@ -277,11 +277,19 @@ def _keyed_eval(eval: EvalSection, exclude: set[str]) -> dict:
     order = list(bench.BENCHMARKS)
     run = sorted(set(eval.benchmarks), key=lambda n: (order.index(n) if n in order else len(order), n))
     out["benchmarks"] = run
-    out["benchmark_sources"] = {n: s for n, s in eval.benchmark_sources.items() if n in run and s != "auto"}
+    out["benchmark_sources"] = {n: _keyed_benchmark_source(s) for n, s in eval.benchmark_sources.items() if n in run and s != "auto"}
     out["benchmark_prompts"] = {n: k for n, k in eval.benchmark_prompts.items() if n in run}
     out["benchmark_max_new_tokens"] = {n: k for n, k in eval.benchmark_max_new_tokens.items()
                                        if n in run and not (n in bench.BENCHMARKS and k == bench.BENCHMARKS[n].max_new_tokens)}
     return out
+
+
+def _keyed_benchmark_source(source: str) -> str:
+    """A benchmark source as the keys hold it: a local file by its suffix only, its content being in the key already
+    (`bench.source_fingerprint`: the same file spelled otherwise, or a moved checkout, re-evaluated); others as written."""
+    if source in ("packaged", "hub") or source.startswith("hub:"):
+        return source
+    return f"local {Path(source).suffix.lower()}"
 
 
 def benchmark_caps(eval: EvalSection) -> dict[str, int]:

@@ -369,6 +369,26 @@ def test_a_local_source_is_keyed_by_its_content_not_its_path(tmp_path, monkeypat
         assert key(setting, other) not in keys, setting  # the content is keyed
 
 
+def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
+    """eval.benchmark_sources naming a local file: its sha256 is in stage 5's key (`bench.source_fingerprint`), and the
+    path text was too, so the same file spelled otherwise or in a moved checkout re-evaluated (a review, 2026-12-05)."""
+    rows = '{"key": 1, "prompt": "Write a haiku.", "instruction_id_list": [], "kwargs": []}\n'
+    here, moved = tmp_path / "checkout" / "ifeval.jsonl", tmp_path / "moved" / "ifeval.jsonl"
+    for p in (here, moved):
+        p.parent.mkdir(parents=True)
+        p.write_text(rows, encoding="utf-8")
+    monkeypatch.chdir(here.parent)
+
+    def keys(path) -> dict:
+        return stage_keys(_cfg(tmp_path, "device=cpu", f"eval.benchmark_sources={{ifeval: '{path}'}}"), tmp_path)
+
+    first = keys(here)
+    for path in ("./ifeval.jsonl", moved):
+        assert keys(path) == first, path
+    moved.write_text(rows.replace("haiku", "limerick"), encoding="utf-8")
+    assert {s for s in STAGES if keys(moved)[s] != first[s]} == EVAL  # other bytes: evaluated again
+
+
 def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypatch):
     """Keying local files by content changed no other source's key: packaged (`pypi:`) and hub sources (the literals
     are these configs' keys before the change, 2026-12-05), and the demo profile's embedded source with its packaged
