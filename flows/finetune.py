@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import artifacts_root, human_seconds, pid_alive, read_json, remove_dead_builds, safe_name, write_json
+from tasks.common import artifacts_root, human_seconds, pid_alive, process_space, read_json, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
 from tasks.preflight import check_model
@@ -89,6 +89,7 @@ class RunSummary:
         self.data: dict[str, Any] = {
             "run": run_name, "started": _now(), "status": "running", "stages": {}, "config": None,
             "summary_path": str(self.run_dir / "summary.json"), "host": socket.gethostname(), "pid": os.getpid(),
+            "process_space": process_space(),
             "flow_run_id": str(flow_run.id) if flow_run.id else None, "attempt": len(attempts) + 1, "attempts": attempts,
         }
         mark_crashed_runs(self.root, exclude=self.data["run"])
@@ -150,9 +151,11 @@ def _other_summaries(root: Path, exclude: str):
 
 def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
     """Runs of this machine still `running` whose process is gone (SIGKILL, power loss, OOM killer): `crashed`."""
-    host, found = socket.gethostname(), []
+    host, space, found = socket.gethostname(), process_space(), []
     for path, data in _other_summaries(root, exclude):
-        if data.get("status") == "running" and data.get("host") == host and isinstance(data.get("pid"), int) and not pid_alive(data["pid"]):
+        # Its pid is one of this process space's (a summary written before process_space was recorded: of this host)
+        here = data.get("process_space", space) == space and data.get("host") == host
+        if data.get("status") == "running" and here and isinstance(data.get("pid"), int) and not pid_alive(data["pid"]):
             data.update(status="crashed", finished=_now(), crash_found_by=exclude)
             write_json(path, data)
             remove_dead_builds(path.parent)  # its published folder half assembled: no later run builds that one again

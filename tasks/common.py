@@ -216,17 +216,22 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
         raise
 
 
-def _builder() -> str:
-    """This process in a temp folder's name (`building`): host and pid, so a later build can tell a dead one's. The host
-    part carries the PID namespace where there is one to read (Linux): a container sharing the host's name (host
-    network, `--uts=host`) and the artifacts folder numbers its processes apart, so a pid of another namespace says
-    nothing here; one namespace's build took another's live one for dead and removed it mid-build."""
+def process_space() -> str:
+    """Where this process's pid means something: the host, and its PID namespace where there is one to read (Linux). A
+    container sharing the host's name (host network, `--uts=host`) and the artifacts folder numbers its processes apart,
+    so a pid of another namespace says nothing here: one namespace's build took another's live one for dead and removed
+    it mid-build, and a live run of another namespace was marked crashed."""
     host = re.sub(r'[^A-Za-z0-9_.-]+', '_', socket.gethostname())
     try:
         ns = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
     except OSError:
         ns = ""
-    return f"{host}_pidns{ns}-{os.getpid()}" if ns else f"{host}-{os.getpid()}"
+    return f"{host}_pidns{ns}" if ns else host
+
+
+def _builder() -> str:
+    """This process in a temp folder's name (`building`): its process space and pid, so a later build can tell a dead one's."""
+    return f"{process_space()}-{os.getpid()}"
 
 
 def remove_dead_builds(parent: Path, name: str | None = None) -> None:
@@ -235,7 +240,7 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     partial copy for good: a merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live
     builder's (another run building the same folder), another machine's (a shared folder) and temp folders named before
     the builder was in the name (their owner cannot be told) are left alone."""
-    host = _builder().rsplit("-", 1)[0]
+    host = process_space()
     stem = re.escape(f".{name}.") if name is not None else r"\..+\."
     for p in parent.glob(glob.escape(f".{name}.tmp-") + "*" if name is not None else ".*.tmp-*"):
         m = re.fullmatch(stem + "tmp-" + re.escape(host) + r"-(\d+)-[A-Za-z0-9_]+", p.name)

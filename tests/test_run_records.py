@@ -130,17 +130,35 @@ def test_a_killed_run_is_found_crashed_by_the_next_run(tmp_path):
     assert _summary(art, "elsewhere")["status"] == "running"  # another machine's process: not ours to judge
 
 
+def test_a_live_run_of_another_pid_namespace_on_this_host_is_not_marked_crashed(tmp_path):
+    """A container sharing the host's name (host network, `--uts=host`) and the artifacts folder numbers its processes
+    apart: its live run's pid is no process here, and the next run of the host marked it crashed (a review, 2026-12-05).
+    A summary records its process space; one of another space is not judged, one of this space (or of before the field
+    was recorded, on this host) still is."""
+    from flows.finetune import RunSummary
+    from tasks.common import process_space
+
+    art = tmp_path / "artifacts"
+    host = socket.gethostname()
+    _write_summary(art, "container", status="running", host=host, pid=_dead_pid(), process_space=f"{process_space()}x")
+    _write_summary(art, "here", status="running", host=host, pid=_dead_pid(), process_space=process_space())
+    _write_summary(art, "older", status="running", host=host, pid=_dead_pid())
+    assert RunSummary(str(art), "next").data["process_space"] == process_space()
+    assert _summary(art, "container")["status"] == "running"
+    assert _summary(art, "here")["status"] == "crashed" and _summary(art, "older")["status"] == "crashed"
+
+
 def test_a_crashed_runs_half_published_folder_is_removed_when_the_crash_is_found(tmp_path):
     """A publish (or export) killed mid-copy left `.<name>.tmp-*` (the merged model's copy) in its own run's folder,
     which no later run builds again (a rerun is a new run, with a new folder): removed when the next run finds the crash."""
     from flows.finetune import RunSummary
-    from tasks.common import _builder
+    from tasks.common import process_space
 
     art = tmp_path / "artifacts"
     host = socket.gethostname()
     dead = _dead_pid()
     _write_summary(art, "killed", status="running", host=host, pid=dead)
-    half = art / "runs" / "killed" / f".model.tmp-{_builder().rsplit('-', 1)[0]}-{dead}-abc123"
+    half = art / "runs" / "killed" / f".model.tmp-{process_space()}-{dead}-abc123"
     (half / "merged").mkdir(parents=True)
     RunSummary(str(art), "next")
     assert _summary(art, "killed")["status"] == "crashed" and not half.exists()
