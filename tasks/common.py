@@ -276,7 +276,8 @@ def locked(path: Path, timeout: float = -1, log_fn=None) -> Iterator[None]:
                                "built (or builds it, if that run stops first)")
         lock.acquire()
     try:
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
+                          f"(process space {process_space()})\n")
         yield
     finally:
         holder.unlink(missing_ok=True)
@@ -290,8 +291,10 @@ def _lock_holder(holder: Path) -> str:
         text = holder.read_text().strip()
     except OSError:
         text = ""
-    m = re.fullmatch(r"pid (\d+) on (\S+) since .*", text)
-    if not m or (m.group(2) == socket.gethostname() and not pid_alive(int(m.group(1)))):
+    m = re.fullmatch(r"pid (\d+) on (\S+) since .*?(?: \(process space (\S+)\))?", text)
+    # its pid is judged only in its own process space (a record written before the field: by host, as before)
+    here = m and (m.group(3) == process_space() if m.group(3) else m.group(2) == socket.gethostname())
+    if not m or (here and not pid_alive(int(m.group(1)))):
         return "another process (not recorded yet)"
     return text
 

@@ -909,3 +909,28 @@ def test_a_folder_exported_from_another_runs_publish_describes_its_own_run(tmp_p
     assert yaml.safe_load((b / "pipeline.yaml").read_text())["export"] == {"num_ctx": 4096}
     assert yaml.safe_load((a / "pipeline.yaml").read_text())["export"] == {"num_ctx": 2048}  # A's folder untouched
     assert "demo-4m-A" in (a / "README.md").read_text()
+
+
+def test_a_lock_holder_of_another_pid_namespace_on_this_host_is_named_not_taken_for_stale(tmp_path, monkeypatch):
+    """`_lock_holder` judged a recorded holder by host name alone: a run in a container sharing this host's name (host
+    network, `--uts=host`) and the artifacts folder holds the lock under a pid of its own PID namespace, which is not
+    alive here, so the waiting run said "another process (not recorded yet)" instead of naming it (the defect a436639
+    fixed for run summaries and builds). The holder records its process space; a pid is judged only in its own."""
+    import socket
+
+    from tasks import common
+
+    folder = tmp_path / "cache" / "train" / "0123abcd"
+    with common.locked(folder):
+        text = Path(str(folder) + ".lock.holder").read_text()
+    assert common.process_space() in text  # recorded by whoever takes the lock
+    dead = 2**22 + 12345  # above pid_max's default: alive in no namespace here
+    holder = Path(str(folder) + ".lock.holder")
+    other = f"pid {dead} on {socket.gethostname()} since 2026-12-05 10:00:00 UTC (process space {socket.gethostname()}_pidns999)"
+    holder.write_text(other + "\n")
+    assert common._lock_holder(holder) == other  # another namespace's pid: named as recorded
+    here = f"pid {dead} on {socket.gethostname()} since 2026-12-05 10:00:00 UTC (process space {common.process_space()})"
+    holder.write_text(here + "\n")
+    assert common._lock_holder(holder) == "another process (not recorded yet)"  # this space's pid, gone: stale
+    holder.write_text(f"pid {dead} on {socket.gethostname()} since 2026-12-05 10:00:00 UTC\n")  # written before the field
+    assert common._lock_holder(holder) == "another process (not recorded yet)"
