@@ -129,19 +129,21 @@ def read_record(out: Path) -> dict[str, Any]:
     return at_home(read_json(out / "record.json"), out)
 
 
+REBUILD = "delete that folder and rerun the same command to build it again"  # the fix for a complete folder with files gone
+
+
 def complete_record(out: Path, record_type: Any) -> Any:
     """The record of the complete stage folder `out` as `record_type` (`read_record`). A folder marked complete whose
     record cannot be read, or whose outputs are gone (`outputs_exist`: an adapter deleted to save space, a copy cut
     short), is a StageError naming it and the fix: it was handed on as it was, and a later stage failed on a raw
     JSONDecodeError or PEFT's "Can't find 'adapter_config.json'" that named neither."""
-    fix = "delete that folder and rerun the same command to build it again"
     try:
         record = record_type.model_validate(read_record(out))
     except (OSError, ValueError) as e:  # a pydantic ValidationError is a ValueError
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StageError(f"{out} is marked complete but its record.json cannot be read ({why}); {fix}") from e
+        raise StageError(f"{out} is marked complete but its record.json cannot be read ({why}); {REBUILD}") from e
     if not record.outputs_exist():
-        raise StageError(f"{out} is marked complete but some of its files are gone; {fix}")
+        raise StageError(f"{out} is marked complete but some of its files are gone; {REBUILD}")
     return record
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, usable_cores, write_json
+from .common import REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, usable_cores, write_json
 from .models import adds_bos
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
@@ -206,13 +206,13 @@ def template_parts(tok) -> dict[str, tuple[str, str]]:
         user_suf = _render(tok, msgs[:2]).split(s["user"], 1)[1]
         gen_tail = _render(tok, msgs[:2], gen=True).split(s["user"], 1)[1]
     except ValueError as e:
-        raise StageError(f"the chat template drops or rewrites message content, so no Ollama TEMPLATE can reproduce it; {fix}") from e
+        raise StageError(f"the chat template drops or rewrites message content, so no Ollama TEMPLATE can reproduce it; {REBUILD}") from e
     if last_user_suf != user_suf or not gen_tail.startswith(user_suf) or not asst_suf_user_pre.startswith(asst_suf):
-        raise StageError(f"the chat template's turns are not self-contained (a turn's text depends on the next one); {fix}")
+        raise StageError(f"the chat template's turns are not self-contained (a turn's text depends on the next one); {REBUILD}")
     asst_pre = gen_tail[len(user_suf):]
     user_pre = asst_suf_user_pre[len(asst_suf):]
     if user_suf_asst_pre != user_suf + asst_pre or not sys_suf_user_pre.endswith(user_pre):
-        raise StageError(f"the chat template renders a role's header differently by position; {fix}")
+        raise StageError(f"the chat template renders a role's header differently by position; {REBUILD}")
     return {"system": (sys_pre, sys_suf_user_pre[: len(sys_suf_user_pre) - len(user_pre)]),
             "user": (user_pre, user_suf), "assistant": (asst_pre, asst_suf)}
 
@@ -334,15 +334,14 @@ def export_artifacts(merge, publish, data, export, system_prompt: str | None, ar
 def _built(out: Path) -> dict[str, Any]:
     """built.json of the complete export folder `out`; one whose record cannot be read or whose built files are gone (a
     GGUF deleted to save space) is a StageError naming the folder and the fix, not a raw error in the install."""
-    fix = "delete that folder and rerun the same command to build it again"
     try:
         built = read_json(out / "built.json")
         files = [*built["gguf"].values(), *([built["modelfile"]] if built["modelfile"] else []), *([built["gptq"]] if built["gptq"] else [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise StageError(f"{out} is marked complete but its built.json cannot be read ({type(e).__name__}: {e}); {fix}") from e
+        raise StageError(f"{out} is marked complete but its built.json cannot be read ({type(e).__name__}: {e}); {REBUILD}") from e
     gone = [f for f in files if not (out / f).exists()]
     if gone:
-        raise StageError(f"{out} is marked complete but {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone; {fix}")
+        raise StageError(f"{out} is marked complete but {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone; {REBUILD}")
     return built
 
 
