@@ -206,13 +206,13 @@ def template_parts(tok) -> dict[str, tuple[str, str]]:
         user_suf = _render(tok, msgs[:2]).split(s["user"], 1)[1]
         gen_tail = _render(tok, msgs[:2], gen=True).split(s["user"], 1)[1]
     except ValueError as e:
-        raise StageError(f"the chat template drops or rewrites message content, so no Ollama TEMPLATE can reproduce it; {REBUILD}") from e
+        raise StageError(f"the chat template drops or rewrites message content, so no Ollama TEMPLATE can reproduce it; {fix}") from e
     if last_user_suf != user_suf or not gen_tail.startswith(user_suf) or not asst_suf_user_pre.startswith(asst_suf):
-        raise StageError(f"the chat template's turns are not self-contained (a turn's text depends on the next one); {REBUILD}")
+        raise StageError(f"the chat template's turns are not self-contained (a turn's text depends on the next one); {fix}")
     asst_pre = gen_tail[len(user_suf):]
     user_pre = asst_suf_user_pre[len(asst_suf):]
     if user_suf_asst_pre != user_suf + asst_pre or not sys_suf_user_pre.endswith(user_pre):
-        raise StageError(f"the chat template renders a role's header differently by position; {REBUILD}")
+        raise StageError(f"the chat template renders a role's header differently by position; {fix}")
     return {"system": (sys_pre, sys_suf_user_pre[: len(sys_suf_user_pre) - len(user_pre)]),
             "user": (user_pre, user_suf), "assistant": (asst_pre, asst_suf)}
 
