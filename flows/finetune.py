@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.common import artifacts_root, human_seconds, pid_alive, process_space, read_json, remove_dead_builds, safe_name, write_json
+from tasks.common import artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
 from tasks.preflight import check_model
@@ -151,11 +151,9 @@ def _other_summaries(root: Path, exclude: str):
 
 def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
     """Runs of this machine still `running` whose process is gone (SIGKILL, power loss, OOM killer): `crashed`."""
-    host, space, found = socket.gethostname(), process_space(), []
+    found = []
     for path, data in _other_summaries(root, exclude):
-        # Its pid is one of this process space's (a summary written before process_space was recorded: of this host)
-        here = data.get("process_space", space) == space and data.get("host") == host
-        if data.get("status") == "running" and here and isinstance(data.get("pid"), int) and not pid_alive(data["pid"]):
+        if data.get("status") == "running" and recorded_process_gone(data.get("pid"), data.get("host"), data.get("process_space")):
             data.update(status="crashed", finished=_now(), crash_found_by=exclude)
             write_json(path, data)
             remove_dead_builds(path.parent)  # its published folder half assembled: no later run builds that one again

@@ -250,6 +250,14 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def recorded_process_gone(pid: Any, host: Any, space: Any) -> bool:
+    """Whether the process a record names (pid, host name, `process_space`) is known to be gone: its pid is judged only in
+    its own process space (a record written before the space was recorded: by host name), so another machine's or PID
+    namespace's process is never taken for dead."""
+    here = space == process_space() if space else host == socket.gethostname()
+    return bool(here) and isinstance(pid, int) and not pid_alive(pid)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` of this machine exists (another user's counts)."""
     try:
@@ -294,9 +302,7 @@ def _lock_holder(holder: Path) -> str:
     except OSError:
         text = ""
     m = re.fullmatch(r"pid (\d+) on (\S+) since .*?(?: \(process space (\S+)\))?", text)
-    # its pid is judged only in its own process space (a record written before the field: by host, as before)
-    here = m and (m.group(3) == process_space() if m.group(3) else m.group(2) == socket.gethostname())
-    if not m or (here and not pid_alive(int(m.group(1)))):
+    if not m or recorded_process_gone(int(m.group(1)), m.group(2), m.group(3)):
         return "another process (not recorded yet)"
     return text
 
