@@ -121,6 +121,8 @@ def stage_dir(artifacts_dir: str, stage: str, key: str) -> Path:
 
 
 def is_complete(path: Path) -> bool:
+    if not path.exists():
+        remove_dead_builds(path.parent, path.name)  # a build killed between `building`'s two renames: the folder comes back
     return (path / COMPLETE).is_file()
 
 
@@ -206,8 +208,9 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
             (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
         if final.exists():
             # Two renames, then the slow delete: `final` is missing for microseconds, not for an rmtree of gigabytes,
-            # and a crash in between leaves the old folder whole next to it (`.<name>.old-*`).
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            # and a crash in between leaves the old folder whole next to it (`.<name>.old-<builder>-*`), which the next
+            # look at `final` puts back (`remove_dead_builds`).
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{_builder()}-"))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -241,13 +244,19 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     power loss, the OOM killer: `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its
     partial copy for good: a merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live
     builder's (another run building the same folder), another machine's (a shared folder) and temp folders named before
-    the builder was in the name (their owner cannot be told) are left alone."""
+    the builder was in the name (their owner cannot be told) are left alone. A build killed between `building`'s two
+    renames left the folder it replaced aside (`.<name>.old-<builder>-*`) and none in place: that one is put back."""
     host = process_space()
-    stem = re.escape(f".{name}.") if name is not None else r"\..+\."
-    for p in parent.glob(glob.escape(f".{name}.tmp-") + "*" if name is not None else ".*.tmp-*"):
-        m = re.fullmatch(stem + "tmp-" + re.escape(host) + r"-(\d+)-[A-Za-z0-9_]+", p.name)
-        if m and p.is_dir() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+    stem = re.escape(f".{name}.") if name is not None else r"\.(?P<name>.+)\."
+    for p in sorted(parent.glob(glob.escape(f".{name}.") + "*" if name is not None else ".*.*-*")):
+        m = re.fullmatch(stem + r"(?P<kind>tmp|old)-" + re.escape(host) + r"-(?P<pid>\d+)-[A-Za-z0-9_]+", p.name)
+        if not (m and p.is_dir() and not pid_alive(int(m["pid"]))):
+            continue
+        if m["kind"] == "old":  # killed between the two renames: the folder it moved aside goes back
+            final = parent / (name if name is not None else m["name"])
+            if not final.exists() and (p / final.name).is_dir():
+                os.replace(p / final.name, final)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def recorded_process_gone(pid: Any, host: Any, space: Any) -> bool:

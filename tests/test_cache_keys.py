@@ -840,6 +840,33 @@ def test_building_swaps_a_folder_in_without_deleting_the_old_one_first(tmp_path,
     assert len(kept) == 1 and kept[0].read_text() == "new"  # the previous folder survives, whole
 
 
+def test_a_build_killed_between_the_two_renames_gets_its_folder_back(tmp_path):
+    """SIGKILL after the old folder was moved aside and before the new one moved in: nothing stood at the folder's
+    place, so the next run rebuilt it (hours, for an adapter) and the old copy stayed beside it for good. The next look
+    at the folder puts the old one back (same key, so the same result) and leaves no temp folder."""
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    final = tmp_path / "adapter"
+    with common.building(final) as tmp:
+        (tmp / "weights").write_text("whole")
+    child = subprocess.run([sys.executable, "-c", "import os, signal, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                            "from tasks import common\n"
+                            "real, calls = os.replace, []\n"
+                            "def replace(src, dst):\n"
+                            "    calls.append(dst)\n"
+                            "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+                            "    real(src, dst)\n"
+                            "common.os.replace = replace\n"
+                            "with common.building(Path(sys.argv[2])) as tmp:\n"
+                            "    (tmp / 'weights').write_text('rebuilt')", str(common.PROJECT_ROOT), str(final)])
+    assert child.returncode == -9 and not final.exists()
+    assert common.is_complete(final) and (final / "weights").read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_building_removes_the_temp_folder_a_killed_build_left_and_no_one_elses(tmp_path):
     """A build killed with SIGKILL (power loss, the OOM killer) never ran building's cleanup: its partial folder stayed
     beside the result for good, a new one made by every rerun (a review: a merge killed after writing its weights left
