@@ -738,68 +738,59 @@ def _stream(url: str, body: dict) -> list[str]:
         return [line[len("data: "):] for line in r.read().decode().splitlines() if line.startswith("data: ")]
 
 
-def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_requests_with_400(own_published, tmp_path):
+def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_requests_with_400(served_r1_log):
     """As OpenAI's API and llama.cpp's server: the text ends before the stop string (streamed too), a stream ends with
     `data: [DONE]`, and an empty `messages`, `max_tokens` < 1 or a prompt over the context is a 400 naming the field."""
-    import signal
-
-    cfg, art, pub, _ = own_published
-    log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log)
+    pub, base, log = served_r1_log
     url = f"{base}/v1/chat/completions"
-    try:
-        # The tiny random model writes only newlines; a logit bias makes it repeat one word's token instead.
-        from transformers import AutoTokenizer
+    # The tiny random model writes only newlines; a logit bias makes it repeat one word's token instead.
+    from transformers import AutoTokenizer
 
-        token = AutoTokenizer.from_pretrained(pub / "merged").encode("cat", add_special_tokens=False)[0]
-        chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 6,
-                "temperature": 0, "logit_bias": {str(token): 100}}
-        code, body = _request(url, chat)
-        full = json.loads(body)["choices"][0]["message"]["content"]
-        assert code == 200 and len(full.strip()) >= 4, body
-        stop = full.strip()[2:4]  # a stop string inside the text
-        want = full[:full.find(stop)]
-        code, body = _request(url, {**chat, "stop": [stop, "never-generated"]})
-        choice = json.loads(body)["choices"][0]
-        assert code == 200 and (choice["message"]["content"], choice["finish_reason"]) == (want, "stop"), (full, stop, body)
+    token = AutoTokenizer.from_pretrained(pub / "merged").encode("cat", add_special_tokens=False)[0]
+    chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 6,
+            "temperature": 0, "logit_bias": {str(token): 100}}
+    code, body = _request(url, chat)
+    full = json.loads(body)["choices"][0]["message"]["content"]
+    assert code == 200 and len(full.strip()) >= 4, body
+    stop = full.strip()[2:4]  # a stop string inside the text
+    want = full[:full.find(stop)]
+    code, body = _request(url, {**chat, "stop": [stop, "never-generated"]})
+    choice = json.loads(body)["choices"][0]
+    assert code == 200 and (choice["message"]["content"], choice["finish_reason"]) == (want, "stop"), (full, stop, body)
 
-        events = _stream(url, {**chat, "stop": stop})
-        assert events[-1] == "[DONE]", events
-        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
-        assert "".join(c["delta"].get("content") or "" for c in chunks) == want and chunks[-1]["finish_reason"] == "stop", (full, stop, events)
-        # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
-        events = _stream(url, {**chat, "stop": [full[-2:] + "\u2603never"]})
-        assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
-        assert sum("usage" in json.loads(e) and json.loads(e)["usage"] is not None for e in events[:-1]) <= 1, events  # once
-        # an empty stop string stops nothing (llama.cpp's reading; transformers answered [] with a 500, "" with no text)
-        for empty in ("", [], [""], ["", "never-generated"]):
-            code, body = _request(url, {**chat, "stop": empty})
-            assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == full, (empty, body)
+    events = _stream(url, {**chat, "stop": stop})
+    assert events[-1] == "[DONE]", events
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == want and chunks[-1]["finish_reason"] == "stop", (full, stop, events)
+    # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
+    events = _stream(url, {**chat, "stop": [full[-2:] + "\u2603never"]})
+    assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
+    assert sum("usage" in json.loads(e) and json.loads(e)["usage"] is not None for e in events[:-1]) <= 1, events  # once
+    # an empty stop string stops nothing (llama.cpp's reading; transformers answered [] with a 500, "" with no text)
+    for empty in ("", [], [""], ["", "never-generated"]):
+        code, body = _request(url, {**chat, "stop": empty})
+        assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == full, (empty, body)
 
-        limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
-        for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
-                                  ({"max_tokens": -1}, "max_tokens", ["max_tokens"]), ({"messages": [1]}, "messages", ["messages"]),
-                                  ({"logit_bias": {"\u00b2": 5}}, "logit_bias", ["logit_bias"]),
-                                  ({"logit_bias": {"99999999": 5}}, "logit_bias", ["vocabulary", "99999999"]),
-                                  ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias", ["vocabulary"]),  # a 400, not a 200 with an error event
-                                  ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"]),
-                                  ({"max_tokens": limit}, "max_tokens", [str(limit), "lower max_tokens", "shorten the messages"]),
-                                  ({"max_completion_tokens": limit, "stream": True}, "max_completion_tokens", [str(limit)]),
-                                  ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["messages[0].content", "string"]),
-                                  ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", ["\"type\""]),
-                                  ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", ["string"]),
-                                  ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
-                                  ({"tools": 5}, None, ["malformed request: TypeError"]),  # no check of its own: the backstop's one line
-                                  ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
-            code, body = _request(url, {**chat, **bad})
-            error = json.loads(body)["error"]
-            assert code == 400 and error["param"] == field and all(w in error["message"] for w in words) and "\n" not in error["message"], (bad, code, body)
-        assert "Traceback" not in log.read_text()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-    assert rc == 0, log.read_text()[-3000:]
+    limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+    for bad, field, words in (({"messages": []}, "messages", ["messages"]), ({"max_tokens": 0}, "max_tokens", ["max_tokens"]),
+                              ({"max_tokens": -1}, "max_tokens", ["max_tokens"]), ({"messages": [1]}, "messages", ["messages"]),
+                              ({"logit_bias": {"\u00b2": 5}}, "logit_bias", ["logit_bias"]),
+                              ({"logit_bias": {"99999999": 5}}, "logit_bias", ["vocabulary", "99999999"]),
+                              ({"logit_bias": {"99999999": 5}, "stream": True}, "logit_bias", ["vocabulary"]),  # a 400, not a 200 with an error event
+                              ({"messages": [{"role": "user", "content": "cat " * (limit + 10)}]}, "messages", [str(limit), "tokens"]),
+                              ({"max_tokens": limit}, "max_tokens", [str(limit), "lower max_tokens", "shorten the messages"]),
+                              ({"max_completion_tokens": limit, "stream": True}, "max_completion_tokens", [str(limit)]),
+                              ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["messages[0].content", "string"]),
+                              ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", ["\"type\""]),
+                              ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", ["string"]),
+                              ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
+                              ({"tools": 5}, None, ["malformed request: TypeError"]),  # no check of its own: the backstop's one line
+                              ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
+        code, body = _request(url, {**chat, **bad})
+        error = json.loads(body)["error"]
+        assert code == 400 and error["param"] == field and all(w in error["message"] for w in words) and "\n" not in error["message"], (bad, code, body)
+    assert "Traceback" not in log.read_text()
 
 
 def _sse(url: str, body: dict) -> list[tuple[str | None, str]]:
@@ -816,117 +807,108 @@ def _sse(url: str, body: dict) -> list[tuple[str | None, str]]:
     return events
 
 
-def test_serve_model_merged_completions_and_responses_answer_as_chat_does(own_published, tmp_path):
+def test_serve_model_merged_completions_and_responses_answer_as_chat_does(served_r1_log):
     """/v1/completions and /v1/responses as /v1/chat/completions (and llama.cpp's server): the text ends before the
     stop string, streamed or not; completion streams end with `data: [DONE]`, Responses streams with `response.completed`,
     each event named (`event:`) and no [DONE], as OpenAI's API sends them; a Responses request without "stream" gets
     one JSON answer; a bad request is a 400 naming the field; a request naming another model is answered by this one,
     as llama.cpp's server answers it. The client is the openai package."""
-    import signal
-
     import openai
     from transformers import AutoTokenizer
 
-    cfg, art, pub, _ = own_published
-    log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log)
+    pub, base, log = served_r1_log
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-    try:
-        # The tiny random model writes only newlines after a chat prompt; a logit bias makes it repeat " the" instead.
-        (token,) = AutoTokenizer.from_pretrained(pub / "merged").encode(" the", add_special_tokens=False)
-        bias = {str(token): 100}
-        common = {"model": "gpt-4o-mini", "temperature": 0}  # not the served name: answered all the same
-        ask = {"chat": lambda **kw: client.chat.completions.create(messages=[{"role": "user", "content": "Say the."}], max_tokens=6, **common, **kw),
-               "completion": lambda **kw: client.completions.create(prompt="Say the.", max_tokens=6, **common, **kw),
-               "response": lambda **kw: client.responses.create(input="Say the.", max_output_tokens=6, **common,
-                                                                extra_body={k: kw.pop(k) for k in ("logit_bias", "stop") if k in kw}, **kw)}
+    # The tiny random model writes only newlines after a chat prompt; a logit bias makes it repeat " the" instead.
+    (token,) = AutoTokenizer.from_pretrained(pub / "merged").encode(" the", add_special_tokens=False)
+    bias = {str(token): 100}
+    common = {"model": "gpt-4o-mini", "temperature": 0}  # not the served name: answered all the same
+    ask = {"chat": lambda **kw: client.chat.completions.create(messages=[{"role": "user", "content": "Say the."}], max_tokens=6, **common, **kw),
+           "completion": lambda **kw: client.completions.create(prompt="Say the.", max_tokens=6, **common, **kw),
+           "response": lambda **kw: client.responses.create(input="Say the.", max_output_tokens=6, **common,
+                                                            extra_body={k: kw.pop(k) for k in ("logit_bias", "stop") if k in kw}, **kw)}
 
-        def text(kind, answer) -> str:
-            return {"chat": lambda: answer.choices[0].message.content, "completion": lambda: answer.choices[0].text,
-                    "response": lambda: answer.output_text}[kind]()
+    def text(kind, answer) -> str:
+        return {"chat": lambda: answer.choices[0].message.content, "completion": lambda: answer.choices[0].text,
+                "response": lambda: answer.output_text}[kind]()
 
-        def streamed(kind, events) -> tuple[str, str | None]:
-            """The streamed text and how it finished: a chat/completion finish_reason, a Responses stream's last event
-            ("completed", or "incomplete" with the reason, as OpenAI's API sends it when max_output_tokens cut it)."""
-            if kind == "response":
-                events = list(events)
-                end = events[-1]
-                assert end.type in ("response.completed", "response.incomplete"), [e.type for e in events]
-                status = "completed" if end.type == "response.completed" else f"incomplete: {end.response.incomplete_details.reason}"
-                assert end.response.status == status.split(":")[0], end
-                message = next(e.item for e in events if e.type == "response.output_item.done" and e.item.type == "message")
-                assert message.status == end.response.output[0].status == status.split(":")[0], events
-                deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-                assert end.response.output_text == deltas, end
-                return deltas, status
-            chunks = [c for c in events if c.choices]
-            pieces = [(c.choices[0].delta.content if kind == "chat" else c.choices[0].text) or "" for c in chunks]
-            return "".join(pieces), chunks[-1].choices[0].finish_reason
+    def streamed(kind, events) -> tuple[str, str | None]:
+        """The streamed text and how it finished: a chat/completion finish_reason, a Responses stream's last event
+        ("completed", or "incomplete" with the reason, as OpenAI's API sends it when max_output_tokens cut it)."""
+        if kind == "response":
+            events = list(events)
+            end = events[-1]
+            assert end.type in ("response.completed", "response.incomplete"), [e.type for e in events]
+            status = "completed" if end.type == "response.completed" else f"incomplete: {end.response.incomplete_details.reason}"
+            assert end.response.status == status.split(":")[0], end
+            message = next(e.item for e in events if e.type == "response.output_item.done" and e.item.type == "message")
+            assert message.status == end.response.output[0].status == status.split(":")[0], events
+            deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            assert end.response.output_text == deltas, end
+            return deltas, status
+        chunks = [c for c in events if c.choices]
+        pieces = [(c.choices[0].delta.content if kind == "chat" else c.choices[0].text) or "" for c in chunks]
+        return "".join(pieces), chunks[-1].choices[0].finish_reason
 
-        def finish(kind, answer) -> str:
-            if kind == "response":
-                return answer.status + (f": {answer.incomplete_details.reason}" if answer.incomplete_details else "")
-            return answer.choices[0].finish_reason
+    def finish(kind, answer) -> str:
+        if kind == "response":
+            return answer.status + (f": {answer.incomplete_details.reason}" if answer.incomplete_details else "")
+        return answer.choices[0].finish_reason
 
-        stopped = {"chat": "stop", "completion": "stop", "response": "completed"}
-        cut = {"chat": "length", "completion": "length", "response": "incomplete: max_output_tokens"}
-        for kind, call in ask.items():
-            answer = call(logit_bias=bias)
-            full = text(kind, answer)
-            assert full == " the" * 6 and answer.model == pub.name and finish(kind, answer) == cut[kind], (kind, answer)
-            want = full[:full.find("e t")]  # " th": the stop string spans two tokens
-            answer = call(logit_bias=bias, stop=["e t", "never-generated"])
-            assert text(kind, answer) == want and finish(kind, answer) == stopped[kind], (kind, answer)
-            assert streamed(kind, call(logit_bias=bias, stop="e t", stream=True)) == (want, stopped[kind]), kind
-            # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
-            assert streamed(kind, call(logit_bias=bias, stop=[full[-2:] + "\u2603never"], stream=True)) == (full, cut[kind])
-            for empty in ("", [], [""]):  # an empty stop string stops nothing
-                assert text(kind, call(logit_bias=bias, stop=empty)) == full, (kind, empty)
+    stopped = {"chat": "stop", "completion": "stop", "response": "completed"}
+    cut = {"chat": "length", "completion": "length", "response": "incomplete: max_output_tokens"}
+    for kind, call in ask.items():
+        answer = call(logit_bias=bias)
+        full = text(kind, answer)
+        assert full == " the" * 6 and answer.model == pub.name and finish(kind, answer) == cut[kind], (kind, answer)
+        want = full[:full.find("e t")]  # " th": the stop string spans two tokens
+        answer = call(logit_bias=bias, stop=["e t", "never-generated"])
+        assert text(kind, answer) == want and finish(kind, answer) == stopped[kind], (kind, answer)
+        assert streamed(kind, call(logit_bias=bias, stop="e t", stream=True)) == (want, stopped[kind]), kind
+        # the end of the text could still grow into this stop string: held back while streaming, then sent as it never completes
+        assert streamed(kind, call(logit_bias=bias, stop=[full[-2:] + "\u2603never"], stream=True)) == (full, cut[kind])
+        for empty in ("", [], [""]):  # an empty stop string stops nothing
+            assert text(kind, call(logit_bias=bias, stop=empty)) == full, (kind, empty)
 
-        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), ("/v1/completions", {"prompt": "hi"})):
-            # usage once, when asked for as OpenAI's API takes it (transformers <= 5.24 sent it unasked, 5.25 as OpenAI does)
-            events = _sse(f"{base}{path}", {**body, "max_tokens": 3, "stream_options": {"include_usage": True}})
-            assert events[-1] == (None, "[DONE]") and "[DONE]" not in [d for _, d in events[:-1]], events
-            assert sum(json.loads(d).get("usage") is not None for _, d in events[:-1]) == 1, events
-        events = _sse(f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 3})
-        assert all(name == json.loads(data)["type"] for name, data in events), events  # every event named, no [DONE]
-        assert events[-1][0] == "response.incomplete", events  # 3 tokens of a model that never ends by itself
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), ("/v1/completions", {"prompt": "hi"})):
+        # usage once, when asked for as OpenAI's API takes it (transformers <= 5.24 sent it unasked, 5.25 as OpenAI does)
+        events = _sse(f"{base}{path}", {**body, "max_tokens": 3, "stream_options": {"include_usage": True}})
+        assert events[-1] == (None, "[DONE]") and "[DONE]" not in [d for _, d in events[:-1]], events
+        assert sum(json.loads(d).get("usage") is not None for _, d in events[:-1]) == 1, events
+    events = _sse(f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 3})
+    assert all(name == json.loads(data)["type"] for name, data in events), events  # every event named, no [DONE]
+    assert events[-1][0] == "response.incomplete", events  # 3 tokens of a model that never ends by itself
 
-        config = json.loads((pub / "merged" / "config.json").read_text())
-        limit, vocab = config["max_position_embeddings"], config["vocab_size"]
-        long_text = "cat " * (limit + 10)
-        bad = {"/v1/completions": (({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": ""}, "prompt"),
-                                   ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "stop": 5}, "stop"),
-                                   ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"), ({"prompt": long_text}, "prompt"),
-                                   ({"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"), ({"prompt": "hi", "no_such_field": 1}, None),
-                                   ({"prompt": "hi", "logit_bias": {str(vocab): 5}, "stream": True}, "logit_bias"),
-                                   ({"prompt": "hi", "max_tokens": limit}, "max_tokens"), ({"prompt": "hi", "suffix": 5}, "suffix"),
-                                   ({"prompt": "hi", "n": 2}, "n"), ({"prompt": "hi", "best_of": 3}, "best_of")),
-               "/v1/responses": (({}, "input"), ({"input": []}, "input"), ({"input": 5}, "input"), ({"input": [1]}, "input"),
-                                 ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"), ({"input": "hi", "stop": [1]}, "stop"),
-                                 ({"input": long_text}, "input"), ({"input": "hi", "stream": True, "max_output_tokens": -1}, "max_output_tokens"),
-                                 ({"input": [{"foo": 1}]}, "input[0]"), ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
-                                 ({"input": [{"role": "user", "content": "a"}, {"type": "function_call"}]}, "input[1].call_id"),
-                                 ({"input": "hi", "instructions": 5}, "instructions"),
-                                 ({"input": "hi", "stream": True, "max_output_tokens": limit}, "max_output_tokens"))}
-        for path, cases in bad.items():
-            for body, field in cases:
-                code, answer = _request(f"{base}{path}", {"model": pub.name, **body})
-                error = json.loads(answer)["error"]
-                assert code == 400 and error["param"] == field and "\n" not in error["message"], (path, body, code, answer)
-        code, answer = _request(f"{base}/v1/completions", ["not", "an", "object"])
-        assert code == 400 and "JSON object" in json.loads(answer)["error"]["message"], answer
-        code, answer = _request(f"{base}/v1/completions", raw=b'{"prompt": "hi",\n "max_tokens": 2,}')
-        assert code == 400 and "not valid JSON" in answer and "line 2 column 18" in answer, answer
-        # a JSON body is read as JSON whatever its Content-Type says, as OpenAI's API and llama.cpp's server read it
-        for content_type in (None, "text/plain"):
-            code, answer = _request(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2}, content_type=content_type)
-            assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2, (content_type, answer)
-        assert "Traceback" not in log.read_text()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-    assert rc == 0, log.read_text()[-3000:]
+    config = json.loads((pub / "merged" / "config.json").read_text())
+    limit, vocab = config["max_position_embeddings"], config["vocab_size"]
+    long_text = "cat " * (limit + 10)
+    bad = {"/v1/completions": (({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": ""}, "prompt"),
+                               ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "stop": 5}, "stop"),
+                               ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"), ({"prompt": long_text}, "prompt"),
+                               ({"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"), ({"prompt": "hi", "no_such_field": 1}, None),
+                               ({"prompt": "hi", "logit_bias": {str(vocab): 5}, "stream": True}, "logit_bias"),
+                               ({"prompt": "hi", "max_tokens": limit}, "max_tokens"), ({"prompt": "hi", "suffix": 5}, "suffix"),
+                               ({"prompt": "hi", "n": 2}, "n"), ({"prompt": "hi", "best_of": 3}, "best_of")),
+           "/v1/responses": (({}, "input"), ({"input": []}, "input"), ({"input": 5}, "input"), ({"input": [1]}, "input"),
+                             ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"), ({"input": "hi", "stop": [1]}, "stop"),
+                             ({"input": long_text}, "input"), ({"input": "hi", "stream": True, "max_output_tokens": -1}, "max_output_tokens"),
+                             ({"input": [{"foo": 1}]}, "input[0]"), ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+                             ({"input": [{"role": "user", "content": "a"}, {"type": "function_call"}]}, "input[1].call_id"),
+                             ({"input": "hi", "instructions": 5}, "instructions"),
+                             ({"input": "hi", "stream": True, "max_output_tokens": limit}, "max_output_tokens"))}
+    for path, cases in bad.items():
+        for body, field in cases:
+            code, answer = _request(f"{base}{path}", {"model": pub.name, **body})
+            error = json.loads(answer)["error"]
+            assert code == 400 and error["param"] == field and "\n" not in error["message"], (path, body, code, answer)
+    code, answer = _request(f"{base}/v1/completions", ["not", "an", "object"])
+    assert code == 400 and "JSON object" in json.loads(answer)["error"]["message"], answer
+    code, answer = _request(f"{base}/v1/completions", raw=b'{"prompt": "hi",\n "max_tokens": 2,}')
+    assert code == 400 and "not valid JSON" in answer and "line 2 column 18" in answer, answer
+    # a JSON body is read as JSON whatever its Content-Type says, as OpenAI's API and llama.cpp's server read it
+    for content_type in (None, "text/plain"):
+        code, answer = _request(f"{base}/v1/completions", {"prompt": "hi", "max_tokens": 2}, content_type=content_type)
+        assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 2, (content_type, answer)
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.parametrize("signum", ["SIGKILL", "SIGHUP"])
@@ -965,15 +947,25 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
 
 
 @pytest.fixture(scope="module")
-def served_r1(own_published, tmp_path_factory):
-    """One `serve-model` on the tiny run for the review's tests: (published folder, base URL)."""
+def served_r1_log(own_published, tmp_path_factory):
+    """One `serve-model` on the tiny run, shared by the tests that need no server of their own (each start is ~13 s of
+    the suite): (published folder, base URL, its log). Every request of those tests went to it, so at the end it still
+    stops cleanly on Ctrl-C, and its log shows no traceback."""
     import signal
 
     cfg, art, pub, _ = own_published
-    proc, base = _start_serve_model(art, tmp_path_factory.mktemp("serve-review") / "serve.log")
-    yield pub, base
+    log = tmp_path_factory.mktemp("serve-review") / "serve.log"
+    proc, base = _start_serve_model(art, log)
+    yield pub, base, log
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    rc = proc.wait(timeout=60)
+    assert rc == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def served_r1(served_r1_log):
+    """The shared `serve-model` on the tiny run: (published folder, base URL)."""
+    return served_r1_log[:2]
 
 
 def _the_bias(pub: Path) -> dict:
@@ -1321,6 +1313,21 @@ def test_generate_until_stop_takes_generation_config_s_tokenizer_and_streamer_as
 # a stop string ran on after its client left; and a generate() setting of the wrong type was a 500.
 
 
+@pytest.fixture(scope="module")
+def served_endless(own_published, tmp_path_factory):
+    """One `serve-model` on a copy of the tiny run whose context is 2**20 tokens (a generation that is not stopped runs
+    for ~25 min): (published folder of the copy, base URL)."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    tmp = tmp_path_factory.mktemp("serve-endless")
+    copy = _copy_with_context(art, pub, tmp / "art", 2 ** 20)
+    proc, base = _start_serve_model(copy, tmp / "serve.log")
+    yield copy / pub.relative_to(art), base
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
 def _leave_during(url: str, body: dict) -> None:
     """POST `body` to `url`, and leave (close the connection) while it is being answered."""
     import http.client
@@ -1338,27 +1345,21 @@ def _leave_during(url: str, body: dict) -> None:
 @pytest.mark.parametrize("asked", [{}, {"generation_config": json.dumps({"num_beams": 2})},
                                    {"generation_config": json.dumps({"prompt_lookup_num_tokens": 3})}, {"stream": True}, {"stop": None}],
                          ids=["greedy", "beams", "lookup", "streamed", "no-stop"])
-def test_serve_model_merged_a_request_whose_client_leaves_frees_the_server(own_published, tmp_path, asked):
+def test_serve_model_merged_a_request_whose_client_leaves_frees_the_server(served_endless, asked):
     """The server answers one request at a time. A non-streamed request with a stop string it never meets and no
     max_tokens generates to the end of the context: on transformers 5.25 its generation (generate_until_stop, sent
     with EngineClient.submit, which no cancel reaches) went on after its client left, and held every later request
     that long. It now ends when the client leaves, as transformers' own non-streamed generation does (the request
     without `stop`) and a stream does, with beam search and prompt lookup too. A context of 2**20 tokens makes a
     generation that runs on take far longer than the bound below (~700 tokens/s on 2 CPU cores: ~25 min), and the next
-    request, 1 token, takes a second."""
-    import signal
-
-    cfg, art, pub, _ = own_published
-    proc, base = _start_serve_model(_copy_with_context(art, pub, tmp_path / "art", 2 ** 20), tmp_path / "serve.log")
+    request, 1 token, takes a second. One server serves every case in turn (`served_endless`): a generation a case left
+    running holds that case's own next request."""
+    pub, base = served_endless
     url = f"{base}/v1/completions"
     endless = {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub), "stop": ["never-generated"]}
-    try:
-        _leave_during(url, {**endless, **asked})
-        code, answer = _request(url, {"prompt": "Say the", "max_tokens": 1, "temperature": 0}, timeout=240)
-        assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1, answer
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+    _leave_during(url, {**endless, **asked})
+    code, answer = _request(url, {"prompt": "Say the", "max_tokens": 1, "temperature": 0}, timeout=240)
+    assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1, answer
 
 
 def test_serve_model_merged_refuses_a_generation_config_setting_of_the_wrong_type_with_400_naming_it(served_r1):
