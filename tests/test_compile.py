@@ -3,9 +3,11 @@ micro-batches of the run's shape and its variants (tasks/engine/compile.py), thr
 stage 4 share; after that nothing compiles (a variant no graph fits runs eagerly, counted).
 
 On the CPU: the compiler is swapped at the module's seam (`compile.BACKEND`) for torch's `aot_eager` (dynamo's trace
-and AOTAutograd's forward/backward split, run by eager kernels: seconds) in every test but one, which runs the real
-inductor backend (C++ codegen on this CPU: ~70 s for its four compiles, so `slow`). A backend that counts its graphs'
-runs shows the compiled code is what trains; one that raises stands in for a compiler that fails. The GPU's numbers
+and AOTAutograd's forward/backward split, run by eager kernels: ~18 s a warm-up) where the backward graphs are the
+subject, and for dynamo's trace alone (`eager`: ~6 s, AOTAutograd is two thirds of a warm-up here) where only dynamo's
+part is (its graphs, guards, caches, recompiles and graph breaks); one test runs the real inductor backend (C++ codegen
+on this CPU: ~70 s for its four compiles, so `slow`). A backend that counts its graphs' runs shows the compiled code is
+what trains; one that raises stands in for a compiler that fails. The GPU's numbers
 (tokens/s, kernels per step, compile seconds) come from bench/gpu_bench.py (`--runs fused,fused-compile`).
 """
 
@@ -46,10 +48,23 @@ def tiny_data(tiny_cfg, shared_artifacts):
     return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
 
 
-def counting_backend(counts: dict):
-    """aot_eager whose compiled forward and backward graphs count how often they are compiled and run."""
+def counting_backend(counts: dict, aot: bool = True):
+    """aot_eager whose compiled forward and backward graphs count how often they are compiled and run; `aot=False`:
+    dynamo's graphs run as traced (no AOTAutograd, no backward graphs), counted as forward graphs."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
+
+    if not aot:
+        def dynamo_only(gm, example_inputs):
+            counts["forward_graphs"] = counts.get("forward_graphs", 0) + 1
+
+            def run(*args):
+                counts["forward_runs"] = counts.get("forward_runs", 0) + 1
+                return gm(*args)
+
+            return run
+
+        return dynamo_only
 
     def compiler(kind):
         def compile_graph(gm, example_inputs):
@@ -194,12 +209,12 @@ def test_4bit_layers_compile_without_graph_breaks_and_train_as_eager_does(tiny_c
 def test_the_fused_path_hands_over_to_peft_inside_a_compiled_layer(tiny_cfg, shared_artifacts, monkeypatch):
     """With dropout the fused LoRA path draws its seed on the host (`.item()`) and keeps the group's product on a Python
     object: inside a compiled layer each would break the graph (48 graphs instead of 2, measured). It hands over to PEFT's
-    forward there: no graph break, the warm-up's GRAPHS, and, since aot_eager draws eager's random numbers in eager's
+    forward there: no graph break, the warm-up's GRAPHS, and, since dynamo's graphs draw eager's random numbers in eager's
     order, exactly the per-step losses of the `fast` engine (PEFT's LoRA and dropout), eager."""
     from torch._dynamo.utils import counters
 
     fast = _train_steps(_model(tiny_cfg, shared_artifacts, "fast", compiled=False, dropout=0.1), "fast")
-    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_mod, "BACKEND", "eager")  # dynamo's part is the subject
     model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, dropout=0.1)
     assert model.layer_compile.graphs == GRAPHS["fused"] and not counters["graph_break"]
     fused = _train_steps(model, "fused")
@@ -214,7 +229,7 @@ def test_probe_and_training_compile_through_the_same_builder_and_count_it_as_loa
     from tasks.probe import probe_throughput
     from tasks.train import train_adapter
 
-    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_mod, "BACKEND", "eager")  # dynamo's part is the subject
     training = tiny_cfg.training.model_copy(update={"compile": "layers", "gradient_checkpointing": True, "max_steps": 2, "grad_accum": 2})
     logs = []
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", str(tmp_path), logs.append)
@@ -443,7 +458,7 @@ def test_each_build_in_one_process_compiles_its_own_graphs(tiny_cfg, shared_arti
     limit, 8 per code object, is never reached, past which a layer ran eagerly while the record said compiled). Before,
     a build found the earlier builds' graphs (0 compiled, recorded so) and the trials' variants piled up on one cache."""
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     for gc, shape in ((False, (2, 40)), (True, (4, 48))):  # 6 graphs, then 3: 9 on one cache were past torch's limit
         model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, gc=gc, shape=shape)
         state = model.layer_compile
@@ -461,7 +476,7 @@ def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, mo
     from transformers import Trainer, TrainingArguments
 
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     model = _model(tiny_cfg, shared_artifacts, "fused", compiled=False)
     collate = collator_for("fused", 0, model, (4, 48))  # as build_model makes it
     vocab = model.get_base_model().config.vocab_size
@@ -480,7 +495,7 @@ def test_a_full_pack_trains_as_rows_on_a_warm_up_graph_with_the_packed_rows_loss
     build_model and stage 4 make): its layer calls run the warm-up's graph (none eagerly), and its loss and LoRA
     gradients are those of the same samples as one packed row through the eager model."""
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     rows = _rows((48,) * 4, 5)
     results = []
     for compiled, shape in ((True, (4, 48)), (False, None)):
@@ -506,7 +521,7 @@ def test_at_micro_batch_1_the_collator_that_build_model_makes_keeps_the_packed_w
     train on its graphs, none eagerly (with a rows warm-up the one-sample pack led, the multi-sample pack's mask was
     fixed by a later exact compile, and every other multi-sample pack ran eagerly)."""
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, shape=(1, 48))
     collate = collator_for("fused", 0, model, (1, 48))
     model.train()
@@ -527,7 +542,7 @@ def test_the_pipelines_trainer_runs_the_warm_up_graphs_through_a_liger_forward(t
     from transformers.models.mistral import modeling_mistral
 
     monkeypatch.setattr(modeling_mistral.MistralForCausalLM, "forward", liger_like_forward)
-    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_mod, "BACKEND", "eager")  # dynamo's part is the subject
     model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True)
     state = model.layer_compile
     assert state.active and state.graphs == GRAPHS["fused"]
@@ -565,7 +580,7 @@ def test_a_multimodal_gemma3_without_checkpointing_builds_no_kv_cache_and_trains
     training.compile=layers the warm-up compiled 0 graphs while the record said compiled, with 0 eager calls."""
     cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"name": "random:gemma3", "random_config": GEMMA3})})
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     model = _model(cfg, shared_artifacts, "padded", compiled=True, gc=False)
     assert model.get_base_model().config.get_text_config().use_cache is False
     state = model.layer_compile
@@ -579,7 +594,7 @@ def test_a_warm_up_that_compiled_nothing_is_not_a_compiled_run(tiny_cfg, shared_
     """Layers whose every call bypasses the compiled forward (here: each one said to read a KV cache) compile no graph.
     The state must not say compiled (the probe's record, stage 4 and their logs read `active`): one log line, the
     layers' own forwards back, and each bypassing call counted as eager."""
-    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setattr(compile_mod, "BACKEND", "eager")  # dynamo's part is the subject
     monkeypatch.setattr(compile_mod, "_uses_cache", lambda kwargs: True)
     logs = []
     model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, log=logs.append)
