@@ -82,13 +82,16 @@ def cached_sha256(path: str | Path) -> str:
     if max(st.st_mtime_ns, st.st_ctime_ns) >= started - RACY_NS:
         return digest
     _digests[stamp] = digest
-    try:  # a memo that cannot be written (a read-only home) only costs the next run the hash again
+    tmp = None
+    try:  # a memo that cannot be written (a read-only home, a full disk) only costs the next run the hash again
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as f:
+            tmp = f.name
             f.write(digest + "\n")
-        os.replace(f.name, memo)
+        os.replace(tmp, memo)
     except OSError:
-        pass
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return digest
 
 

@@ -23,6 +23,7 @@ import platform
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from .common import StageError, building, cached_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
 from .config import ModelSection, QuantSection
@@ -100,11 +101,19 @@ def keyed_model(model: ModelSection) -> dict:
     return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if _local_folder(model) else [])})
 
 
-def base_path_now(model: ModelSection, recorded: str) -> str:
-    """Where the base's weights are now, for the stage that copies them (publish): a local folder (no `gguf_file`) where
-    `model.name` points now, since its key holds its content and a record made before the folder moved names the old
-    place (gone, or a copy that may have changed since); anything else as `recorded` (stage 1's `model_ref`)."""
-    return str(Path(model.name).expanduser().resolve()) if _locate(model)[0] == "local" else recorded
+def base_path_now(model: ModelSection, data: Any) -> str:
+    """Where the base's weights are now, for the stage that copies them (publish), from stage 1's record `data`
+    (`model_ref`, `model_fingerprint`): a local folder (no `gguf_file`) is where `model.name` points now, since its key
+    holds its content and a record made before the folder moved names the old place; anything stage 1 did not record as
+    a local folder (a Hub id, even one that has since appeared as a folder here; a converted GGUF) as recorded. A local
+    folder whose files changed since stage 1 hashed them is a StageError: the adapter was trained on other weights."""
+    kind, now, _ = _locate(model)
+    if kind != "local" or not Path(data.model_ref).is_absolute():
+        return data.model_ref
+    if now != data.model_fingerprint:
+        raise StageError(f"model folder {model.name!r} changed since stage 1 read it (its files' hashes differ), so it is not "
+                         "the base this adapter was trained on; rerun the same command to train on the folder as it is now")
+    return str(Path(model.name).expanduser().resolve())
 
 
 def gguf_source(model: ModelSection) -> Path | None:

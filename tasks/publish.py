@@ -160,7 +160,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         if base["files"]:
             # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
             # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
-            ref = Path(base_path_now(cfg.model, data.model_ref))
+            ref = Path(base_path_now(cfg.model, data))
             _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
         # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
         (tmp / "adapter" / "README.md").unlink(missing_ok=True)
@@ -367,7 +367,7 @@ def describe_base(cfg: PipelineConfig, data, merge, probe) -> dict[str, Any]:
     from . import models
 
     name = cfg.model.name
-    ref = models.base_path_now(cfg.model, data.model_ref)
+    ref = models.base_path_now(cfg.model, data)
     shipped = Path(ref).is_absolute() and Path(ref).is_dir()
     info: dict[str, Any] = {
         "name": name, "files": "base" if shipped else None, "hub_id": None if shipped else ref,

@@ -427,6 +427,10 @@ def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_
     memo.write_bytes(b"\xff\xfe half-written garbage")
     common._digests.clear()
     assert common.cached_sha256(f) == right and len(hashed) == 4
+    memo.unlink()
+    memo.mkdir()  # a memo that cannot be written: the digest still comes, and no temp file is left behind
+    common._digests.clear()
+    assert common.cached_sha256(f) == right and sorted(p.name for p in memo.parent.iterdir()) == [memo.name]
 
 
 def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkeypatch):
@@ -442,7 +446,8 @@ def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkey
     (here / "config.json").write_text('{"model_type": "llama"}')
     (here / "model.safetensors").write_bytes(b"weights" * 1000)
     cfg = _cfg(tmp_path, f"model.name={here}", "data.dedupe=[]")
-    data = SimpleNamespace(model_ref=resolve_model(cfg.model, cfg.artifacts_dir).path)  # what stage 1 records
+    ref = resolve_model(cfg.model, cfg.artifacts_dir)
+    data = SimpleNamespace(model_ref=ref.path, model_fingerprint=ref.fingerprint)  # what stage 1 records
     keys = stage_keys(cfg, tmp_path)
     moved = tmp_path / "other-disk" / "my-7b"
     moved.parent.mkdir()
@@ -451,9 +456,27 @@ def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkey
     assert stage_keys(cfg, tmp_path) == keys  # the data stage and its record are reused
     base = describe_base(cfg, data, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"))
     assert base["files"] == "base" and base["hub_id"] is None, base
+    from tasks.common import StageError
     from tasks.models import base_path_now
 
-    assert base_path_now(cfg.model, data.model_ref) == str(moved)
+    assert base_path_now(cfg.model, data) == str(moved)
+    (moved / "model.safetensors").write_bytes(b"weights" * 999 + b"edited!")  # not the weights the adapter was trained on
+    with pytest.raises(StageError, match=r"changed since stage 1 read it .*rerun the same command"):
+        base_path_now(cfg.model, data)
+
+
+def test_a_hub_id_that_appears_as_a_folder_after_stage_1_is_still_published_as_the_hub_model(tmp_path, monkeypatch):
+    """`huggingface-cli download org/model --local-dir org/model` during a run: stage 1 recorded the Hub id, and the
+    adapter was trained on the Hub's weights; publish must not ship that folder as the base (a review)."""
+    from tasks.publish import describe_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    (tmp_path / "org" / "model" / "config.json").write_text("{}")
+    cfg = _cfg(tmp_path, "model.name=org/model")
+    data = SimpleNamespace(model_ref="org/model", model_fingerprint="recorded-as-hub")
+    base = describe_base(cfg, data, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"))
+    assert base["hub_id"] == "org/model" and base["files"] is None, base
 
 
 def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
