@@ -155,12 +155,22 @@ def serve(
                 # No per-process `limit`: the server-side deployment limit decides, so a waiting or cancelled run
                 # says why in the UI ("AwaitingConcurrencySlot", "Deployment concurrency limit reached.").
             )
+        # asyncio.run, with its loop built whole first: a signal in the middle of the build (CI, a SIGTERM right after
+        # "is being served") left half a loop, whose __del__ printed a traceback.
+        aio, serving = asyncio.Runner(), None
         try:
+            with _signals_held():
+                aio.get_loop()
             print(f"Your flow 'finetune' is being served and polling for scheduled runs! Trigger a run with:\n\n"
                   f"\t$ prefect deployment run 'finetune/{name}'\n", flush=True)
-            asyncio.run(runner.start())
+            serving = runner.start()
+            aio.run(serving)
         except (KeyboardInterrupt, TerminationSignal) as e:
             print(f"Received {type(e).__name__}, shutting down...", file=sys.stderr, flush=True)
+        finally:
+            aio.close()
+            if serving is not None:
+                serving.close()  # not started when a signal beat the loop to it: no "never awaited" warning
     finally:
         # Raised over whatever ended serving (a Ctrl-C, an error: kept as its __context__): a script or systemd unit
         # must be able to tell from the exit code that a schedule was left live with nothing serving it.

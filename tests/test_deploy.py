@@ -231,6 +231,39 @@ def test_a_second_sigterm_while_pausing_neither_cuts_the_pause_nor_exits_0_unpau
     assert ("NOT paused (ConnectionError" in err) != server_up, err[-3000:]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_event_loop_is_built_stops_serve_without_a_traceback(serve_here, capfd, monkeypatch, sig):
+    """CI, 2026-12-05: a SIGTERM right after "is being served" landed inside asyncio.run's loop construction (before
+    its self-pipe existed); the half-built loop's __del__ then printed "Exception ignored ... Traceback ...
+    AttributeError: ... '_ssock'" and "coroutine 'Runner.start' was never awaited"."""
+    import asyncio.selector_events
+    import gc
+    import sys
+    import warnings
+
+    import prefect.client.orchestration
+
+    build = asyncio.selector_events.BaseSelectorEventLoop._make_self_pipe
+
+    def make_self_pipe(self):
+        os.kill(os.getpid(), sig)  # its handler raises KeyboardInterrupt at the next bytecode: in the middle of the build
+        build(self)
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # serve's hook passes other errors on to this one
+    monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "_make_self_pipe", make_self_pipe)
+    client = _Client(paused=False)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert serve_here("ctrl-c serving") == 0
+        gc.collect()
+    assert client.paused
+    assert not unraisable, [(u.exc_type, u.exc_value, u.object) for u in unraisable]
+    assert not [w for w in warned if "never awaited" in str(w.message)], [str(w.message) for w in warned]
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_serve_stopped_before_registering_exits_0_and_pauses_nothing(serve_here, capfd, monkeypatch):
     import prefect.client.orchestration
 
