@@ -89,3 +89,13 @@ class TtyStream(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+
+def assert_one_clear_line(output: str, prefix: str, *needles: str) -> str:
+    """Exactly one `<prefix>` line, holding every needle (the problem and the fix); no traceback anywhere."""
+    assert "Traceback" not in output, output[-4000:]
+    lines = [l for l in output.splitlines() if l.startswith(prefix)]
+    assert len(lines) == 1, f"expected one {prefix!r} line, got {lines}\n{output[-3000:]}"
+    for n in needles:
+        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
+    return lines[0]

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from helpers import assert_one_clear_line
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}
@@ -35,16 +35,6 @@ NO_SYSTEM = ("{{% for m in messages %}}{{% if m['role'] == 'system' %}}{{{{ rais
 def cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def assert_one_clear_line(output: str, prefix: str, *needles: str) -> str:
-    """Exactly one `<prefix>` line, holding every needle (the problem and the fix); no traceback anywhere."""
-    assert "Traceback" not in output, output[-4000:]
-    lines = [l for l in output.splitlines() if l.startswith(prefix)]
-    assert len(lines) == 1, f"expected one {prefix!r} line, got {lines}\n{output[-3000:]}"
-    for n in needles:
-        assert n.lower() in lines[0].lower(), f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,24 +292,3 @@ def test_stage_error_in_a_real_process_prints_one_line(tmp_path, inputs, prefect
     assert "Retries are exhausted" not in proc.stderr and "Retrying" not in proc.stderr  # a bad row is not retried
 
 
-@pytest.mark.slow
-def test_ctrl_c_mid_training_saves_a_checkpoint_and_exits_130(tmp_path):
-    art = tmp_path / "artifacts"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "1", "--set", f"artifacts_dir={art}",
-           "--set", "training.max_steps=null", "--set", "training.checkpoint_minutes=10"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not list(art.glob("cache/train/*/work/heartbeat.json")):
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
-    assert_one_clear_line(out, "interrupted: ", "checkpoint", "rerun the same command to resume")
-    from tasks.train import newest_checkpoint
-
-    work = next(art.glob("cache/train/*/work"))
-    assert newest_checkpoint(work) is not None  # saved on the way out, although checkpoint_minutes=10
-    for stage in ("data", "profile", "probe"):
-        assert next(art.glob(f"cache/{stage}/*/COMPLETE"))

@@ -27,20 +27,6 @@ def _cli(art: Path, *extra: str, env: dict | None = None, on_the_clock: bool = T
                             env={**os.environ, **(env or {})}, start_new_session=True)
 
 
-def _saved_at_least_and_resumed(art: Path, step: int, extra: tuple[str, ...], env: dict) -> None:
-    """The one checkpoint a stopped run saved is at `step` or later, and the same command resumes from it."""
-    saved = sorted(art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
-    assert len(saved) == 1, saved
-    saved_step = json.loads(saved[0].read_text())["step"]
-    assert saved_step >= step
-
-    rerun = _cli(art, *extra, env=env)
-    out, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, out[-3000:]
-    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
-    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == saved_step
-
-
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, prefect_server):
     from prefect.settings import get_current_settings
@@ -89,37 +75,48 @@ def test_sigkill_mid_training_resumes_from_checkpoint_within_budget(tmp_path, pr
 
 
 @pytest.mark.slow
-def test_sigterm_mid_training_saves_a_checkpoint_at_that_step_and_the_rerun_resumes_there(tmp_path, prefect_server):
-    # `kill`, `docker stop`, systemd and preemption stop a run with SIGTERM: training ended on the spot (Prefect's
-    # "aborted by a termination signal"), losing every step since the last periodic checkpoint. It stops as on
-    # Ctrl-C now: the step ends, a checkpoint is saved, exit 130, and the same command resumes from that step.
-    from prefect.settings import get_current_settings
-
-    api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
-    art = tmp_path / "artifacts"
-    no_periodic = ("--set", "training.checkpoint_minutes=60")  # any checkpoint there is the one the signal saved
-    proc = _cli(art, *no_periodic, env=api)
-    step = wait_for_training_step(art, 20, running=lambda: proc.poll() is None)
-    assert step >= 20, "training did not start before the deadline"
-    proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` and `docker stop` send it
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130 and "rerun the same command to resume" in out, out[-3000:]
-    _saved_at_least_and_resumed(art, step, no_periodic, api)
-
-
-@pytest.mark.slow
-def test_a_closed_terminal_mid_training_saves_a_checkpoint_and_the_rerun_resumes_there(tmp_path, prefect_server):
-    # A dropped ssh session hangs the terminal up: SIGHUP killed the run on the spot, every step since the last periodic
-    # checkpoint lost. It stops as on Ctrl-C now, writing what is left of its output to /dev/null (the terminal is gone).
+def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoint_and_the_rerun_resumes_there(tmp_path, prefect_server):
+    """Four runs of the same command, a chain (each rerun is the next stop's run):
+    1. Ctrl-C mid-training: the step ends, a checkpoint is saved although none was due, one clear line, exit 130.
+    2. SIGTERM (`kill`, `docker stop`, systemd, preemption) ended training on the spot (Prefect's "aborted by a
+       termination signal"), losing every step since the last periodic checkpoint. It stops as on Ctrl-C now.
+    3. A terminal that closes (a dropped ssh session hangs it up): SIGHUP killed the run on the spot; it stops as on
+       Ctrl-C too, writing what is left of its output to /dev/null.
+    4. The rerun resumes from the checkpoint the closed terminal's run saved, and completes.
+    Runs 2 and 3 each resume from the checkpoint the run before them saved."""
     import fcntl
     import pty
     import termios
 
     from prefect.settings import get_current_settings
 
+    from helpers import assert_one_clear_line
+
     api = {"PREFECT_API_URL": str(get_current_settings().api.url)}
     art = tmp_path / "artifacts"
-    no_periodic = ("--set", "training.checkpoint_minutes=60")
+    no_periodic = ("--set", "training.checkpoint_minutes=60")  # any checkpoint there is one a signal saved
+
+    proc = _cli(art, *no_periodic, env=api)
+    step = wait_for_training_step(art, 20, running=lambda: proc.poll() is None)
+    assert step >= 20, "training did not start before the deadline"
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert_one_clear_line(out, "interrupted: ", "checkpoint", "rerun the same command to resume")
+    assert all(next(art.glob(f"cache/{stage}/*/COMPLETE"), None) for stage in ("data", "profile", "probe"))
+    saved = _checkpoint_steps(art)
+    assert saved == [saved[-1]] and saved[-1] >= step, saved
+
+    proc = _cli(art, *no_periodic, env=api)
+    step = wait_for_training_step(art, saved[-1] + 5, running=lambda: proc.poll() is None)
+    assert step >= saved[-1] + 5, "the resumed training did not go on before the deadline"
+    proc.send_signal(signal.SIGTERM)  # to the CLI's process only, as `kill PID` and `docker stop` send it
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "rerun the same command to resume" in out, out[-3000:]
+    assert f"resuming from checkpoint-{saved[-1]}" in out, out[-3000:]
+    first = _checkpoint_steps(art)[-1:]
+    assert first[0] >= step, first
+
     master, slave = pty.openpty()
 
     def own_terminal():  # a login shell's child: its own session, the pty its controlling terminal
@@ -131,21 +128,36 @@ def test_a_closed_terminal_mid_training_saves_a_checkpoint_and_the_rerun_resumes
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal,
                             env={**os.environ, **api})
     os.close(slave)
+    shown = bytearray()
 
     def read_terminal() -> bool:  # a terminal someone reads: the run never blocks on its output
         try:
-            os.read(master, 65536)
+            shown.extend(os.read(master, 65536))
         except OSError:
             return False
         return True
 
     try:
-        step = wait_for_training_step(art, 20, running=lambda: proc.poll() is None, between=read_terminal)
+        step = wait_for_training_step(art, first[0] + 5, running=lambda: proc.poll() is None, between=read_terminal)
     finally:
         os.close(master)  # the terminal goes away: the kernel hangs it up and sends SIGHUP
-    assert step >= 20, "training did not start before the deadline"
+    assert step >= first[0] + 5, "the resumed training did not go on before the deadline"
     assert proc.wait(timeout=120) == 130
-    _saved_at_least_and_resumed(art, step, no_periodic, api)
+    assert f"resuming from checkpoint-{first[0]}" in shown.decode(errors="replace"), shown.decode(errors="replace")[-3000:]
+    second = _checkpoint_steps(art)
+    assert second[-1] >= step > first[0], second  # the closed terminal's run saved where it stopped
+
+    rerun = _cli(art, *no_periodic, env=api)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == second[-1]
+
+
+def _checkpoint_steps(art: Path) -> list[int]:
+    """The steps of the complete checkpoints under `art`, oldest first."""
+    marks = art.glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json")
+    return sorted(json.loads(p.read_text())["step"] for p in marks)
 
 
 @pytest.mark.slow
