@@ -357,10 +357,10 @@ def test_cancel_new_cancels_the_second_run(server, art, tmp_path):
         assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
         assert not any(s["active"] for s in dep["schedules"])  # --paused
         # The second run is created once the first is training, and must find the slot held. So the first run
-        # computes (a fresh artifacts folder, not the module's caches) and trains on the clock for 30 s (no
+        # computes (a fresh artifacts folder, not the module's caches) and trains on the clock for ~20 s (no
         # step cap): the tiny profile's 12 capped steps took seconds, and the runner, polling every 2 s, once
         # started the second run after the first had finished (both COMPLETED).
-        params = {**_tiny(tmp_path / "artifacts"), "minutes": 0.5}
+        params = {**_tiny(tmp_path / "artifacts"), "minutes": 0.35}
         params["overrides"] = [*params["overrides"], "training.max_steps=null"]
         first = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})["id"]
         server.wait_for_task(first, "4-train")

@@ -2,7 +2,8 @@
 the test-only QLORA_PIPELINE_FAULT, watch the run fail, remove the fault, run again — through the CLI and
 through the deployment (`prefect flow-run retry <id>` and `prefect deployment run` against a local server).
 The rerun starts at the failed stage (earlier ones report cached), completes, and publishes what a clean run
-publishes. tests/test_resume.py covers the merge fault through the CLI and SIGKILL mid-training.
+publishes. Through the CLI a train fault, then a merge fault, then none, in one chain; tests/test_resume.py covers
+SIGKILL and stop signals mid-training.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def clean(server, tmp_path_factory):
     return {"files": files, "eval": numbers, "seconds": seconds, "stage_seconds": {s: v["seconds"] for s, v in stages.items()}}
 
 
-def test_train_failure_then_same_command_resumes_at_train_and_matches_a_clean_run(server, clean, tmp_path):
+def test_train_then_merge_failure_each_rerun_resumes_at_the_failed_stage_and_matches_a_clean_run(server, clean, tmp_path):
+    # Three runs of the same command: a fault in train, then (fixed there) one in merge, then none.
     art = tmp_path / "artifacts"
     rc, out, _ = _cli(server, art, fault="train")
     assert rc != 0 and "injected failure in stage train" in out, out[-3000:]
@@ -75,18 +77,25 @@ def test_train_failure_then_same_command_resumes_at_train_and_matches_a_clean_ru
     assert failed["status"] == "failed" and failed["stages"]["train"]["status"] == "failed"
     assert {s for s, v in failed["stages"].items() if v["status"] == "completed"} == {"data", "profile", "probe"}
 
+    rc, out, _ = _cli(server, art, fault="merge")  # resumes at train, then fails in merge
+    assert rc != 0 and "injected failure in stage merge" in out, out[-3000:]
+    failed = _summary(art)
+    assert failed["status"] == "failed" and failed["stages"]["merge"]["status"] == "failed"
+    done = {s: v["cached"] for s, v in failed["stages"].items() if v["status"] == "completed"}
+    assert done == {s: c for s, c in _cached_from("train").items() if s in ("data", "profile", "probe", "train", "evaluate")}
+
     rc, out, seconds = _cli(server, art)
     assert rc == 0, out[-3000:]
     resumed = _summary(art)
     assert resumed["status"] == "completed"
-    assert {s: v["cached"] for s, v in resumed["stages"].items()} == _cached_from("train")
+    assert {s: v["cached"] for s, v in resumed["stages"].items()} == _cached_from("merge")
     assert _published(art) == (clean["files"], clean["eval"])
 
-    before = ("data", "profile", "probe")
+    before = ("data", "profile", "probe", "train", "evaluate")
     print(f"\n[resume timing] CLI: clean run {clean['seconds']:.1f}s wall, {sum(clean['stage_seconds'].values()):.1f}s in stages "
-          f"(data+profile+probe {sum(clean['stage_seconds'][s] for s in before):.1f}s); rerun after the train failure "
+          f"({'+'.join(before)} {sum(clean['stage_seconds'][s] for s in before):.1f}s); rerun after the merge failure "
           f"{seconds:.1f}s wall, {sum(v['seconds'] for v in resumed['stages'].values()):.1f}s in stages "
-          f"(data+profile+probe cached: {sum(resumed['stages'][s]['seconds'] for s in before):.1f}s)")
+          f"({'+'.join(before)} cached: {sum(resumed['stages'][s]['seconds'] for s in before):.1f}s)")
 
 
 # ---------------------------------------------------------------------------------------------------------
