@@ -264,6 +264,42 @@ def test_a_signal_while_the_event_loop_is_built_stops_serve_without_a_traceback(
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_second_signal_while_the_loop_closes_leaves_no_never_awaited_warning(serve_here, monkeypatch, sig):
+    """A signal beats the loop to Runner.start (its coroutine made, not started), and a second one (Ctrl-C pressed
+    again, systemd's SIGTERM after a Ctrl-C) lands while serve closes the loop: aio.close() raised, the
+    serving.close() after it was skipped, and the coroutine's garbage collection warned "never awaited"."""
+    import asyncio.base_events
+    import gc
+    import warnings
+
+    import prefect.client.orchestration
+
+    run, shutdown = asyncio.Runner.run, asyncio.base_events.BaseEventLoop.shutdown_default_executor
+    sent = []
+
+    def run_signalled(self, coro, **kwargs):
+        sent.append("first")
+        os.kill(os.getpid(), sig)  # before its task is made: the coroutine never starts
+        return run(self, coro, **kwargs)
+
+    def shutdown_signalled(self, *args):
+        sent.append("second")
+        os.kill(os.getpid(), sig)  # inside aio.close()
+        return shutdown(self, *args)
+
+    monkeypatch.setattr(asyncio.Runner, "run", run_signalled)
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "shutdown_default_executor", shutdown_signalled)
+    client = _Client(paused=False)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert serve_here("ctrl-c serving") == 0
+        gc.collect()
+    assert sent == ["first", "second"] and client.paused
+    assert not [w for w in warned if "never awaited" in str(w.message)], [str(w.message) for w in warned]
+
+
 def test_serve_stopped_before_registering_exits_0_and_pauses_nothing(serve_here, capfd, monkeypatch):
     import prefect.client.orchestration
 
