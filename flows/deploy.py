@@ -11,6 +11,7 @@ process work pool, run by `prefect worker start`) and `qlora-pipeline serve` reg
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -168,9 +169,14 @@ def serve(
         except (KeyboardInterrupt, TerminationSignal) as e:
             print(f"Received {type(e).__name__}, shutting down...", file=sys.stderr, flush=True)
         finally:
-            aio.close()
-            if serving is not None:
-                serving.close()  # not started when a signal beat the loop to it: no "never awaited" warning
+            try:
+                aio.close()  # a second signal here cuts it short: the coroutine below is closed all the same
+            finally:
+                # Not started when a signal beat the loop to it: closed, no "never awaited" warning. One that started
+                # was finished by aio.close(), or (a signal cut that short) is left alone: closing it would run its
+                # cleanup with no loop.
+                if serving is not None and inspect.getcoroutinestate(serving) == inspect.CORO_CREATED:
+                    serving.close()
     finally:
         # Raised over whatever ended serving (a Ctrl-C, an error: kept as its __context__): a script or systemd unit
         # must be able to tell from the exit code that a schedule was left live with nothing serving it.
