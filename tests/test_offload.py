@@ -481,3 +481,136 @@ def test_a_trial_whose_load_peaks_above_its_steps_says_so_and_is_judged_by_the_l
                            shared_artifacts, logs.append)
     assert [t["fits"] for t in rec.trials][0] is False and rec.micro_batch_size == 2 and rec.peak_mem_gb == pytest.approx(9.0)
     assert any("peak 18.00 GiB (the load's; the steps' 12.00)" in m for m in logs)
+
+
+# ------------------------------------------------------------------------------ opt-in backward prefetch (BackwardPrefetch)
+
+
+class FakeCopies:
+    """Stands in for `_SideStreamCopies` (CUDA streams and events; torch.cpu's streams are stubs and `record_stream` refuses
+    a CPU stream): a "copy" is a clone restored to TRL's recorded strides, the "event" names the tensor it belongs to. It
+    logs the order in which copies are started and consumed; nothing here tests stream ordering on a GPU."""
+
+    def __init__(self):
+        self.log: list[tuple[str, int]] = []
+
+    def launch(self, tensor_id, host, stride, offset, shape):
+        self.log.append(("launch", tensor_id))
+        device = host.clone()
+        if stride is not None:
+            device = torch.as_strided(device, size=shape, stride=stride, storage_offset=offset)
+        return device, ("event", tensor_id)
+
+    def consume(self, tensor_id, device, event):
+        assert event == ("event", tensor_id)
+        self.log.append(("consume", tensor_id))
+
+
+@pytest.fixture
+def cpu_streams(monkeypatch, as_if_on_a_gpu):
+    """TRL's side-stream path on the CPU: torch.cpu's Stream stubs lack `synchronize` (TRL's __exit__ calls it)."""
+    monkeypatch.setattr(torch.cpu.Stream, "synchronize", lambda self: None, raising=False)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefetch_starts_each_copy_before_autograd_asks_and_returns_what_was_packed(tiny_cfg, tiny_tok, shared_artifacts, cpu_streams,
+                                                                                    depth):
+    """TRL's real manager (its side-stream bookkeeping, on torch.cpu's stub streams) under `prefetch`: the backward's
+    first offloaded tensor is TRL's own copy, every later one was started before autograd unpacked it, highest id first
+    (the last layer's input first), with at most `depth` largest tensors in flight; each unpacked tensor equals the one
+    packed, the gradients are unchanged, and nothing is left behind, over two forward/backward pairs."""
+    from tasks.engine.recompute import offload_checkpoints
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    inputs = _batch(tiny_tok, "padded", model)
+    reference = _grads(model, inputs=inputs)
+    handle = offload_checkpoints(model, prefetch=depth, use_pin_memory=False)
+    prefetch, manager = handle.prefetch, handle.manager
+    assert prefetch.depth == depth and manager.use_streams
+    copies = prefetch.ops = FakeCopies()
+    packed: dict[int, torch.Tensor] = {}
+    unpacked: list[int] = []
+    pack, unpack = manager.pack_hook, manager.unpack_hook
+
+    def recording_pack(t):
+        tensor_id = pack(t)
+        packed[tensor_id] = t.detach().clone()
+        return tensor_id
+
+    def recording_unpack(tensor_id):
+        out = unpack(tensor_id)
+        unpacked.append(tensor_id)
+        copies.log.append(("unpacked", tensor_id))
+        assert torch.equal(out, packed[tensor_id]) and out.stride() == packed[tensor_id].stride()
+        flying = sum(b for _, _, b in prefetch.in_flight.values())
+        assert flying < prefetch.budget * (depth + 1) / depth  # topped up to `depth` largest tensors, overshooting by < one
+        return out
+
+    manager.pack_hook, manager.unpack_hook = recording_pack, recording_unpack
+    for step in range(2):
+        packed.clear(), unpacked.clear(), copies.log.clear()
+        prefetch.hits = prefetch.misses = 0
+        assert _same(_grads(model, inputs=inputs), reference)
+        offloaded = sorted(prefetch.order, reverse=True)
+        assert len(offloaded) >= 3  # two layer inputs and the final norm's, at least
+        assert prefetch.order == offloaded
+        # The first unpack starts the prefetching; here the final norm's weight and a tensor TRL kept on the GPU (a second
+        # save of the norm's input, deduplicated) come first, so even the first offloaded tensor is prefetched. Where the
+        # first unpack is an offloaded tensor, that one is TRL's own copy (the one miss).
+        assert prefetch.misses <= 1 and prefetch.hits + prefetch.misses == len(offloaded)
+        launched = [i for what, i in copies.log if what == "launch"]
+        assert launched == offloaded[prefetch.misses:]  # in the order the backward asks for them
+        assert [i for what, i in copies.log if what == "consume"] == launched  # each one used, none left over
+        for i in launched:  # started while autograd unpacked an earlier tensor: before it was asked for
+            start, use = copies.log.index(("launch", i)), copies.log.index(("consume", i))
+            assert start < use and ("unpacked", i) not in copies.log[start:use]
+            assert [what for what, _ in copies.log[start:use]].count("unpacked") >= 1
+        assert [i for i in unpacked if i in offloaded] == offloaded  # the last layer's input first
+        assert sorted(unpacked) == sorted(packed)  # every saved tensor came back once
+        assert not manager.tracker and not prefetch.in_flight
+
+
+def test_prefetch_is_off_by_default_and_refuses_what_it_cannot_do(tiny_cfg, shared_artifacts, cpu_streams):
+    from tasks.engine.recompute import BackwardPrefetch, offload_checkpoints
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    with pytest.raises(ValueError, match="needs use_streams=True"):
+        offload_checkpoints(model, prefetch=True, use_streams=False, use_pin_memory=False)
+    handle = offload_checkpoints(model, use_pin_memory=False)
+    assert handle.prefetch is None  # stage 4's call: TRL's hooks as they are
+    with pytest.raises(ValueError, match="needs at least 1"):
+        BackwardPrefetch(handle.manager, depth=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies and events need CUDA; this torch sees no GPU")
+def test_prefetch_on_a_gpu_gives_the_gradients_of_no_offload():
+    """The real `_SideStreamCopies` on CUDA streams: a checkpointed MLP stack, prefetched offload against none."""
+    from torch.utils.checkpoint import checkpoint
+    from trl.models import get_act_offloading_ctx_manager
+
+    from tasks.engine.recompute import BackwardPrefetch
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+                                 for _ in range(6)).cuda()
+    x = torch.randn(64, 512, 256, device="cuda", requires_grad=True)
+
+    def grads(manager=None):
+        layers.zero_grad(set_to_none=True)
+        x.grad = None
+        with (manager if manager is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+            h = x
+            for layer in layers:
+                h = h + checkpoint(layer, h, use_reentrant=False)
+        h.square().mean().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in layers.parameters()]
+
+    reference = grads()
+    manager = get_act_offloading_ctx_manager(layers, warn_if_no_head=False)
+    prefetch = BackwardPrefetch(manager)
+    for _ in range(2):
+        got = grads(manager)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, reference))
+        assert prefetch.hits >= len(layers) - 1 and prefetch.misses <= 1
+        prefetch.hits = prefetch.misses = 0
