@@ -51,6 +51,13 @@ Issue 19.3, TRL's side-stream offload against transformers' on the compute strea
 
     python bench/gpu_bench.py --runs fused,offload,fused-offload --out "$OUT"
 
+The same offload with other settings in one call: each --offload-kwargs (a JSON object for `offload_checkpoints`: TRL's
+max_fwd_stash_size, min_offload_size, ...; the pipeline's opt-in `prefetch`, which starts the backward's host-to-device
+copies ahead of autograd) is one run, fused-offload-full, fused-offload-full-v1, ...:
+
+    python bench/gpu_bench.py --runs fused,fused-offload --data full --optim adamw_torch_fused --trainer plain --full-rows \
+        --offload-kwargs '{}' --offload-kwargs '{"prefetch": true}' --out "$OUT"
+
 Issue 19.2, regional compilation against the same engine eager, both profiled (kernels per step, idle, host-bound gaps;
 a compiled run records its compile seconds, the graphs its warm-up compiled, any compiled in the timed steps, the
 layer calls there that no graph fitted (run eagerly) with the guards the first of them failed (`compile_eager_reason`:
@@ -163,10 +170,11 @@ def compile_trainer_layers(trainer, collator, device: str):
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
-        lora_dropout="seeded", side_stream_offload=False, compile_layers=False):
+        lora_dropout="seeded", side_stream_offload=False, compile_layers=False, offload_kwargs=None):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
     `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record.
-    `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward).
+    `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward),
+    `offload_kwargs` its keyword arguments (`offload_checkpoints(model, **offload_kwargs)`: TRL's, and `prefetch`).
     `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps."""
     from datasets import Dataset
     from transformers import TrainingArguments
@@ -176,6 +184,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
 
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
+              "offload_kwargs": dict(offload_kwargs or {}) if side_stream_offload else None,
               "compile_layers": compile_layers, "trainer": TRAINER, "full_rows": FULL_ROWS, "arg_overrides": dict(ARG_OVERRIDES)}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
@@ -223,7 +232,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             record["fused_layers"] = fuse_lora(trainer.model, dropout=lora_dropout)
             record["lora_dropout"] = lora_dropout
         if side_stream_offload:  # as build_model does for training.offload_activations (after fuse_lora there too)
-            offloaded = offload_checkpoints(trainer.model)
+            offloaded = offload_checkpoints(trainer.model, **(offload_kwargs or {}))
         graphs = None
         if compile_layers:  # as build_model does for training.compile: layers (last, after fuse_lora and offload there too)
             from torch._dynamo.utils import counters
@@ -258,6 +267,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
             losses=[h["loss"] for h in trainer.state.log_history if "loss" in h][:steps],
         )
+        if offloaded is not None and offloaded.prefetch is not None:  # counts of the last backward
+            record["prefetch_hits_misses"] = [offloaded.prefetch.hits, offloaded.prefetch.misses]
         if profiler is not None and profiler.result is not None:
             record["profile"] = profiler.result
             if "error" not in profiler.result:
@@ -352,7 +363,7 @@ def table(results: list[dict], gpu: str) -> str:
         elif r.get("offload"):
             recipe += " (checkpoints offloaded to host)"
         elif r.get("side_stream_offload"):
-            recipe += " (checkpoints offloaded to host, side stream)"
+            recipe += " (checkpoints offloaded to host, side stream" + (f", {json.dumps(r['offload_kwargs'])}" if r.get("offload_kwargs") else "") + ")"
         elif r.get("compile_layers"):
             recipe += f" (decoder layers compiled, {r.get('compile_seconds', 0):.0f} s)"
         elif r.get("lora_dropout") == "stored":
@@ -364,6 +375,22 @@ def table(results: list[dict], gpu: str) -> str:
         cap = "fits" if r["capped_gib"] else "uncapped"
         lines.append(f"| {r['name']} | {recipe} | {r['data']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} | {cap} |")
     return "\n".join(lines)
+
+
+def offload_kwargs_arg(text: str) -> dict:
+    """--offload-kwargs: a JSON object (argparse turns the ValueError into a one-line usage error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"needs a JSON object of offload_checkpoints' keyword arguments: {text}")
+    return value
+
+
+def offload_variants(kwargs_list: list[dict] | None) -> list[tuple[str, dict]]:
+    """The fused-offload runs: one per --offload-kwargs (none given: TRL's defaults), the first named as before."""
+    return [("fused-offload-full" + (f"-v{i}" if i else ""), kw) for i, kw in enumerate(kwargs_list or [{}])]
 
 
 def main() -> None:
@@ -393,6 +420,10 @@ def main() -> None:
     ap.add_argument("--profile-runs", default="", help="comma list of run names to profile (e.g. fused-full); implies --profile for those only")
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds: start no run once this much has passed since launch (the ones done are written out)")
+    ap.add_argument("--offload-kwargs", action="append", type=offload_kwargs_arg, default=None, metavar="JSON",
+                    help="a JSON object passed to offload_checkpoints for the fused-offload run (TRL's use_pin_memory, "
+                         "use_streams, min_offload_size, max_fwd_stash_size; the pipeline's prefetch); repeated: one run each, "
+                         "fused-offload-full, fused-offload-full-v1, ... (e.g. '{}' '{\"prefetch\": true}')")
     a = ap.parse_args()
     if a.full_rows and a.trainer != "plain":
         # TRL's SFTTrainer counts a train batch's tokens from its attention_mask or position_ids and raises on a batch
@@ -500,8 +531,10 @@ def main() -> None:
     if "offload" in families:
         go("offload-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, offload=True)
     if "fused-offload" in families:
-        go("fused-offload-full", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
-           side_stream_offload=True, **prof)
+        info["offload_variants"] = dict(offload_variants(a.offload_kwargs))
+        for name, kwargs in offload_variants(a.offload_kwargs):
+            go(name, model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+               side_stream_offload=True, offload_kwargs=kwargs, **prof)
 
     if families & {"fit16", "nockpt"} and fast_full and fast_full.get("ok"):
         # Two probes above the recompute transient: their difference is the true per-layer cost (one probe against
@@ -539,7 +572,7 @@ def main() -> None:
                        "fast-vs-fusedstored-full": ("fast-full", "fusedstored-full"),
                        "fast-vs-fused-full": ("fast-full", "fused-full"),
                        "fused-vs-fusedinmatmul-full": ("fused-full", "fusedinmatmul-full"),
-                       "fused-vs-fused-offload-full": ("fused-full", "fused-offload-full"),
+                       **{f"fused-vs-{name}": ("fused-full", name) for name, _ in offload_variants(a.offload_kwargs)},
                        "fused-vs-fused-compile-full": ("fused-full", "fused-compile-full"),
                        "fused-vs-fused-compile-mixed": ("fused-mixed", "fused-compile-mixed"),
                        "seed-vs-nockpt-full": ("seed-full", "nockpt-full")}.items() if a_ in by and b_ in by}

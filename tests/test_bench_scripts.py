@@ -334,3 +334,18 @@ def test_gpu_bench_full_rows_runs_on_the_plain_trainer_only(monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_:
         gpu_bench.main()
     assert exit_.value.code == 2 and "--full-rows needs --trainer plain" in capsys.readouterr().err
+
+
+def test_gpu_bench_offload_kwargs_are_json_objects_one_run_each(monkeypatch, capsys):
+    """--offload-kwargs: each a JSON object for offload_checkpoints, one fused-offload run each (the first keeps the old
+    name, so older results compare); anything else is refused before the model loads."""
+    from bench import gpu_bench
+
+    assert gpu_bench.offload_variants(None) == [("fused-offload-full", {})]
+    assert gpu_bench.offload_variants([{}, {"prefetch": True}, {"max_fwd_stash_size": 10}]) == [
+        ("fused-offload-full", {}), ("fused-offload-full-v1", {"prefetch": True}), ("fused-offload-full-v2", {"max_fwd_stash_size": 10})]
+    for bad, says in (("{prefetch: true}", "not JSON"), ("[1]", "needs a JSON object")):
+        monkeypatch.setattr("sys.argv", ["gpu_bench.py", "--offload-kwargs", bad])
+        with pytest.raises(SystemExit) as exit_:
+            gpu_bench.main()
+        assert exit_.value.code == 2 and f"--offload-kwargs: {says}" in capsys.readouterr().err
