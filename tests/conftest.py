@@ -141,15 +141,16 @@ def publish_smollm2(shared_artifacts):
 # (the Makefile passes --no-loadscope-reorder: xdist's own order, most tests first, put these files, which hold few
 # but long tests, last, so the suite ended on one worker running them while the other had nothing left). Longest
 # first: the short files then fill in behind them on whichever worker frees up, and both finish together.
-# Seconds = each file's share of the slowest-30 durations in the fresh-clone `make test` runs of 2026-12-02
-# (03:42 and 04:07 UTC, both workers busy); files not named here run after them, in their usual order.
+# Seconds = each file's total (setup + call + teardown of every test) in the fresh-clone `make test --durations=0` run of
+# 2026-12-05 17:15 UTC (both workers busy; 2,533 s in all, 21 min 28 s of pytest), less that session's later cuts;
+# files not named here run after them, in their usual order.
 # test_quantize.py is the exception: its ~120 s without the llama-quantize build, and placed after the long files on
 # purpose, so the build (started in the background as the session begins, below) has most of the suite's first ten
 # minutes before its Q4_K_M tests need the binary.
-LONGEST_FILES = {"test_resume_stages.py": 250, "test_compile.py": 190, "test_export.py": 190,
-                 "test_faults.py": 190, "test_deploy.py": 120, "test_resume.py": 110, "test_architectures.py": 90,
-                 "test_flow.py": 70, "test_ui_browser.py": 60, "test_train.py": 50, "test_quantize.py": 45,
-                 "test_bad_inputs.py": 40, "test_merge.py": 40, "test_multi_gpu.py": 28, "test_use_the_model.py": 150}
+LONGEST_FILES = {"test_compile.py": 354, "test_export.py": 275, "test_faults.py": 210, "test_architectures.py": 193,
+                 "test_deploy.py": 185, "test_resume.py": 177, "test_resume_stages.py": 170, "test_use_the_model.py": 163,
+                 "test_multi_gpu.py": 79, "test_constraints.py": 69, "test_merge.py": 60, "test_bad_inputs.py": 57,
+                 "test_ui_browser.py": 53, "test_flow.py": 52, "test_quantize.py": 45, "test_train.py": 36}
 
 
 def pytest_collection_modifyitems(config, items):
