@@ -614,3 +614,74 @@ def test_prefetch_on_a_gpu_gives_the_gradients_of_no_offload():
         assert all(torch.equal(a, b) for a, b in zip(got, reference))
         assert prefetch.hits >= len(layers) - 1 and prefetch.misses <= 1
         prefetch.hits = prefetch.misses = 0
+
+
+# ------------------------------------------------------------------------------ review of the prefetch (rev-pf): failing cases
+
+
+def test_prefetch_asked_for_on_an_installed_model_is_not_silently_dropped(tiny_cfg, shared_artifacts, cpu_streams):
+    """offload_checkpoints is idempotent by returning the first handle: a second call that asks for `prefetch` on a model
+    already offloaded without it gets a handle with no prefetch and no word (a bench variant would be labelled
+    {"prefetch": true} while running TRL's plain unpack). Either install it or refuse; not a silent no-op."""
+    from tasks.engine.recompute import offload_checkpoints
+
+    model = _model_with_lora_b(tiny_cfg, shared_artifacts, "padded")
+    offload_checkpoints(model, use_pin_memory=False)
+    try:
+        handle = offload_checkpoints(model, prefetch=2, use_pin_memory=False)
+    except ValueError:
+        return  # refusing is fine
+    assert handle.prefetch is not None and handle.prefetch.depth == 2
+
+
+def _mlp_stack_with_prefetch():
+    from torch.utils.checkpoint import checkpoint
+    from trl.models import get_act_offloading_ctx_manager
+
+    from tasks.engine.recompute import BackwardPrefetch
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+                                 for _ in range(4))
+    x = torch.randn(8, 64, 16, requires_grad=True)
+    manager = get_act_offloading_ctx_manager(layers, warn_if_no_head=False, use_pin_memory=False)
+    prefetch = BackwardPrefetch(manager, depth=1, ops=FakeCopies())
+    side = {}
+
+    def forward(dead_branch=False):
+        with manager:
+            h = x
+            for layer in layers:
+                h = h + checkpoint(layer, h, use_reentrant=False)
+            if dead_branch:  # saved (offloaded) but off the loss's path: never unpacked in the backward
+                side["dead"] = (h * 2).sin()
+        return h.square().mean()
+
+    return layers, manager, prefetch, forward, side
+
+
+def test_prefetch_state_survives_an_unpack_outside_a_backward(cpu_streams, monkeypatch):
+    """A saved tensor read outside a backward (grad_fn._saved_self): `_start_backward` sets `order` and only then
+    `queue_callback` raises (the same error TRL raises there), so the real backward that follows never queues the
+    end-of-backward clear: copies nobody consumed stay on the GPU after the backward."""
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)  # TRL's hook calls it; CPU streams refuse
+    layers, manager, prefetch, forward, side = _mlp_stack_with_prefetch()
+    loss = forward(dead_branch=True)
+    with pytest.raises(RuntimeError, match="only be installed during backward"):
+        side["dead"].grad_fn._saved_self
+    loss.backward()
+    assert not prefetch.in_flight
+
+
+def test_prefetch_a_tensor_the_backward_never_unpacks_does_not_stall_it(cpu_streams, monkeypatch):
+    """A saved tensor whose node the backward never runs (here a dead branch of the forward; TRL's own docstring names
+    MoE routing as another) is the highest id: its copy is started first, never consumed, and fills the whole budget, so
+    no other copy is started for the rest of the backward (speed only: every later tensor is a miss)."""
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+    layers, manager, prefetch, forward, side = _mlp_stack_with_prefetch()
+    forward().backward()
+    baseline = prefetch.hits
+    assert baseline >= len(layers) - 1
+    prefetch.hits = prefetch.misses = 0
+    forward(dead_branch=True).backward()
+    assert prefetch.hits >= baseline, (prefetch.hits, prefetch.misses)
