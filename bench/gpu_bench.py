@@ -267,7 +267,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
             losses=[h["loss"] for h in trainer.state.log_history if "loss" in h][:steps],
         )
-        if offloaded is not None and offloaded.prefetch is not None:  # counts of the last backward
+        if offloaded is not None and offloaded.prefetch is not None:  # summed over the run: warm-up, timed and profiled backwards
             record["prefetch_hits_misses"] = [offloaded.prefetch.hits, offloaded.prefetch.misses]
         if profiler is not None and profiler.result is not None:
             record["profile"] = profiler.result

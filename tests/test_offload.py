@@ -580,6 +580,10 @@ def test_prefetch_is_off_by_default_and_refuses_what_it_cannot_do(tiny_cfg, shar
     assert handle.prefetch is None  # stage 4's call: TRL's hooks as they are
     with pytest.raises(ValueError, match="needs at least 1"):
         BackwardPrefetch(handle.manager, depth=0)
+    handle.remove()
+    with pytest.raises(ValueError, match=r"prefetch=0\.5: needs at least 1"):  # refused before TRL's manager is built
+        offload_checkpoints(model, prefetch=0.5, use_pin_memory=False)
+    assert getattr(model, "activation_offload", None) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-stream copies and events need CUDA; this torch sees no GPU")
@@ -616,7 +620,7 @@ def test_prefetch_on_a_gpu_gives_the_gradients_of_no_offload():
         prefetch.hits = prefetch.misses = 0
 
 
-# ------------------------------------------------------------------------------ review of the prefetch (rev-pf): failing cases
+# ------------------------------------------------------------------------------ the prefetch's review (2026-12-05): its cases
 
 
 def test_prefetch_asked_for_on_an_installed_model_is_not_silently_dropped(tiny_cfg, shared_artifacts, cpu_streams):

@@ -107,6 +107,7 @@ class OffloadedForward:
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module, manager):
         self.model, self.module, self.manager = model, module, manager
         self.prefetch = None  # offload_checkpoints(prefetch=...) sets its BackwardPrefetch
+        self.manager_kwargs: dict = {}  # what offload_checkpoints gave TRL's manager (a second call must ask the same)
         self.awaiting_backward = False
         self._own_forward = module.__dict__.get("forward")  # an instance-level forward already there (a patch): remove() keeps it
         pack, unpack = manager.pack_hook, manager.unpack_hook
@@ -180,12 +181,14 @@ class BackwardPrefetch:
     unpacks the checkpointed layers' inputs last layer first). A tensor whose copy is in flight is handed to TRL's unpack
     as one it kept on the GPU (its tracker entry swapped for the copy), after the compute stream waits for the copy's
     event: TRL's bookkeeping (tracker, dedup keys, end of the forward) runs unchanged. The first tensor of each backward
-    (nothing predicted it) and any one asked out of order go through TRL's own copy. Costs at most `depth` extra
-    largest tensors of GPU memory in the backward."""
+    (nothing predicted it) and any one asked out of order go through TRL's own copy. A copy the backward skipped past (a
+    saved tensor whose node never runs: a dead branch, MoE routing) is dropped as soon as a lower id is asked, so it does
+    not hold the budget. Costs at most `depth` + 1 extra largest tensors of GPU memory in the backward (the last copy
+    started may overshoot the budget); a backward that raises keeps its copies until the next forward's first pack."""
 
     def __init__(self, manager, depth: int = 1, ops=None):
-        if depth < 1:
-            raise ValueError(f"prefetch depth {depth}: needs at least 1")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth {depth!r}: needs at least 1 (True, or a whole number)")
         self.manager, self.depth = manager, depth
         self.ops = ops if ops is not None else _SideStreamCopies(manager)
         self.in_flight: dict[int, tuple] = {}  # tensor id -> (device tensor, event, bytes)
@@ -203,9 +206,13 @@ class BackwardPrefetch:
 
         def unpacked(tensor_id):
             tracker = manager.tracker
-            if self.order is None:
-                self._start_backward(tracker)
+            if self.order is None and not self._start_backward(tracker):
+                return unpack(tensor_id)  # not in a backward (a saved tensor read directly): TRL's own path, no prefetch
             hit = self.in_flight.pop(tensor_id, None)
+            for skipped in [i for i in self.in_flight if i > tensor_id]:  # passed by: the backward will not ask for them
+                del self.in_flight[skipped]
+            while self.next < len(self.order) and self.order[self.next] >= tensor_id:
+                self.next += 1  # the copies to start next are of the ids below this one
             if hit is not None and tensor_id in tracker:
                 device, event, _ = hit
                 self.ops.consume(tensor_id, device, event)
@@ -219,12 +226,17 @@ class BackwardPrefetch:
 
         manager.pack_hook, manager.unpack_hook = packed, unpacked
 
-    def _start_backward(self, tracker) -> None:
+    def _start_backward(self, tracker) -> bool:
+        """Plan this backward's copies; False (nothing planned) when no backward is running."""
+        try:
+            # the end of this backward drops copies nobody asked for (used on s1 only), as TRL drops its own stash there
+            torch.autograd.Variable._execution_engine.queue_callback(self.in_flight.clear)
+        except RuntimeError:  # "Final callbacks can only be installed during backward pass"
+            return False
         offloaded = {i: e[0].numel() * e[0].element_size() for i, e in tracker.items() if e[1]}
         self.order, self.next = sorted(offloaded, reverse=True), 0
         self.budget = self.depth * max(offloaded.values(), default=0)
-        # the end of this backward drops copies nobody asked for (used on s1 only), as TRL drops its own stash there
-        torch.autograd.Variable._execution_engine.queue_callback(self.in_flight.clear)
+        return True
 
     def _top_up(self, tracker) -> None:
         flying = sum(b for _, _, b in self.in_flight.values())
@@ -269,9 +281,16 @@ def offload_checkpoints(model, prefetch: bool | int = False, **manager_kwargs) -
 
     Needs an accelerator (CUDA): TRL reads its type, and a CPU-only torch has none (there, activations already live in
     host memory). Returns the handle (also `model.activation_offload`; its `manager` is TRL's)."""
+    depth = 1 if prefetch is True else prefetch or None
     installed = getattr(model, "activation_offload", None)
-    if installed is not None:
+    if installed is not None:  # idempotent; a call that asks for other settings than the installed ones is refused
+        if (depth is not None and (installed.prefetch.depth if installed.prefetch else None) != depth) or \
+                (manager_kwargs and installed.manager_kwargs != manager_kwargs):
+            raise ValueError(f"this model is already offloaded with other settings (prefetch={installed.prefetch.depth if installed.prefetch else None}, "
+                             f"{installed.manager_kwargs}); call model.activation_offload.remove() first")
         return installed
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"prefetch={prefetch!r}: needs at least 1 (True, or a whole number)")
     if not _accelerator_present():
         raise RuntimeError(f"activation offloading needs a GPU and this torch ({torch.__version__}) sees none; on the CPU "
                            "activations already live in host memory: set training.offload_activations=auto or off")
@@ -282,9 +301,9 @@ def offload_checkpoints(model, prefetch: bool | int = False, **manager_kwargs) -
     if prefetch and not manager_kwargs.get("use_streams", True):
         raise ValueError("prefetch=True copies on TRL's side stream: it needs use_streams=True (TRL's default)")
     manager = get_act_offloading_ctx_manager(stack, warn_if_no_head=False, **manager_kwargs)
-    prefetcher = BackwardPrefetch(manager, depth=int(prefetch)) if prefetch else None  # wraps TRL's hooks first
+    prefetcher = BackwardPrefetch(manager, depth=depth) if depth else None  # wraps TRL's hooks first
     handle = OffloadedForward(model, stack, manager)
-    handle.prefetch = prefetcher
+    handle.prefetch, handle.manager_kwargs = prefetcher, dict(manager_kwargs)
     return handle
 
 
