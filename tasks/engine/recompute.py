@@ -187,9 +187,9 @@ class BackwardPrefetch:
     started may overshoot the budget); a backward that raises keeps its copies until the next forward's first pack."""
 
     def __init__(self, manager, depth: int = 1, ops=None):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        self.manager, self.depth = manager, prefetch_depth(depth)
+        if self.depth is None:  # off is offload_checkpoints' choice, not a prefetcher's
             raise ValueError(f"prefetch depth {depth!r}: needs at least 1 (True, or a whole number)")
-        self.manager, self.depth = manager, depth
         self.ops = ops if ops is not None else _SideStreamCopies(manager)
         self.in_flight: dict[int, tuple] = {}  # tensor id -> (device tensor, event, bytes)
         self.order: list[int] | None = None  # this backward's offloaded ids, highest first (None: no backward yet)
@@ -253,6 +253,17 @@ class BackwardPrefetch:
             flying += nbytes
 
 
+def prefetch_depth(prefetch: bool | int) -> int | None:
+    """`offload_checkpoints(prefetch=...)` as a depth: True is 1, False/0/None no prefetch, a whole number k >= 1 itself."""
+    if prefetch is None or prefetch is False or (prefetch == 0 and type(prefetch) is int):
+        return None
+    if prefetch is True:
+        return 1
+    if not isinstance(prefetch, int) or prefetch < 1:
+        raise ValueError(f"prefetch={prefetch!r}: needs at least 1 (True, or a whole number)")
+    return prefetch
+
+
 def _accelerator_present() -> bool:
     """What TRL's manager reads the device type of: torch.accelerator's device (torch.cuda before torch 2.6). A CPU-only
     torch has none, and TRL's manager would raise AttributeError on it."""
@@ -281,7 +292,7 @@ def offload_checkpoints(model, prefetch: bool | int = False, **manager_kwargs) -
 
     Needs an accelerator (CUDA): TRL reads its type, and a CPU-only torch has none (there, activations already live in
     host memory). Returns the handle (also `model.activation_offload`; its `manager` is TRL's)."""
-    depth = 1 if prefetch is True else prefetch or None
+    depth = prefetch_depth(prefetch)
     installed = getattr(model, "activation_offload", None)
     if installed is not None:  # idempotent; a call that asks for other settings than the installed ones is refused
         if (depth is not None and (installed.prefetch.depth if installed.prefetch else None) != depth) or \
@@ -289,8 +300,6 @@ def offload_checkpoints(model, prefetch: bool | int = False, **manager_kwargs) -
             raise ValueError(f"this model is already offloaded with other settings (prefetch={installed.prefetch.depth if installed.prefetch else None}, "
                              f"{installed.manager_kwargs}); call model.activation_offload.remove() first")
         return installed
-    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-        raise ValueError(f"prefetch={prefetch!r}: needs at least 1 (True, or a whole number)")
     if not _accelerator_present():
         raise RuntimeError(f"activation offloading needs a GPU and this torch ({torch.__version__}) sees none; on the CPU "
                            "activations already live in host memory: set training.offload_activations=auto or off")
@@ -298,7 +307,7 @@ def offload_checkpoints(model, prefetch: bool | int = False, **manager_kwargs) -
 
     stack = decoder_stack(model)
     # The stack, not `model`: parameter storages it skips are the stack's own; no LM head inside it to exempt.
-    if prefetch and not manager_kwargs.get("use_streams", True):
+    if depth and not manager_kwargs.get("use_streams", True):
         raise ValueError("prefetch=True copies on TRL's side stream: it needs use_streams=True (TRL's default)")
     manager = get_act_offloading_ctx_manager(stack, warn_if_no_head=False, **manager_kwargs)
     prefetcher = BackwardPrefetch(manager, depth=depth) if depth else None  # wraps TRL's hooks first
