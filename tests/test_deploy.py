@@ -237,11 +237,7 @@ def test_a_signal_while_the_event_loop_is_built_stops_serve_without_a_traceback(
     its self-pipe existed); the half-built loop's __del__ then printed "Exception ignored ... Traceback ...
     AttributeError: ... '_ssock'" and "coroutine 'Runner.start' was never awaited"."""
     import asyncio.selector_events
-    import gc
     import sys
-    import warnings
-
-    import prefect.client.orchestration
 
     build = asyncio.selector_events.BaseSelectorEventLoop._make_self_pipe
 
@@ -255,16 +251,11 @@ def test_a_signal_while_the_event_loop_is_built_stops_serve_without_a_traceback(
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # serve's hook passes other errors on to this one
     monkeypatch.setattr(asyncio.selector_events.BaseSelectorEventLoop, "_make_self_pipe", make_self_pipe)
-    client = _Client(paused=False)
-    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
-        # "error serving": had Runner.start run (the signal missed the build), its RuntimeError would fail the test
-        assert serve_here("error serving") == 0
-        gc.collect()
-    assert sent == [sig] and client.paused
+    # "error serving": had Runner.start run (the signal missed the build), its RuntimeError would fail the test
+    rc, client, never_awaited = _serve_against_a_fake_client(serve_here, monkeypatch, "error serving")
+    assert rc == 0 and sent == [sig] and client.paused
     assert not unraisable, [(u.exc_type, u.exc_value, u.object) for u in unraisable]
-    assert not [w for w in warned if "never awaited" in str(w.message)], [str(w.message) for w in warned]
+    assert not never_awaited, never_awaited
     assert "Traceback" not in capfd.readouterr().err
 
 
@@ -274,10 +265,6 @@ def test_a_second_signal_while_the_loop_closes_leaves_no_never_awaited_warning(s
     again, systemd's SIGTERM after a Ctrl-C) lands while serve closes the loop: aio.close() raised, the
     serving.close() after it was skipped, and the coroutine's garbage collection warned "never awaited"."""
     import asyncio.base_events
-    import gc
-    import warnings
-
-    import prefect.client.orchestration
 
     run, shutdown = asyncio.Runner.run, asyncio.base_events.BaseEventLoop.shutdown_default_executor
     sent = []
@@ -294,14 +281,26 @@ def test_a_second_signal_while_the_loop_closes_leaves_no_never_awaited_warning(s
 
     monkeypatch.setattr(asyncio.Runner, "run", run_signalled)
     monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "shutdown_default_executor", shutdown_signalled)
+    rc, client, never_awaited = _serve_against_a_fake_client(serve_here, monkeypatch, "ctrl-c serving")
+    assert rc == 0 and sent == ["first", "second"] and client.paused
+    assert not never_awaited, never_awaited
+
+
+def _serve_against_a_fake_client(serve_here, monkeypatch, mode: str):
+    """`serve_here(mode)` with Prefect's client faked and every warning recorded, garbage collected after (where a
+    coroutine that never ran warns): its exit status, the fake client, and the "never awaited" warnings."""
+    import gc
+    import warnings
+
+    import prefect.client.orchestration
+
     client = _Client(paused=False)
     monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: client)
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        assert serve_here("ctrl-c serving") == 0
+        rc = serve_here(mode)
         gc.collect()
-    assert sent == ["first", "second"] and client.paused
-    assert not [w for w in warned if "never awaited" in str(w.message)], [str(w.message) for w in warned]
+    return rc, client, [str(w.message) for w in warned if "never awaited" in str(w.message)]
 
 
 def test_serve_stopped_before_registering_exits_0_and_pauses_nothing(serve_here, capfd, monkeypatch):
