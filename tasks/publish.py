@@ -156,11 +156,11 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         shutil.copytree(train.adapter_dir, tmp / "adapter")
         shutil.copytree(merge.merged_dir, tmp / "merged")
-        base = describe_base(cfg, data, merge, probe)
+        ref = Path(base_path_now(cfg.model, data))  # a local folder's files hashed once (a big folder: seconds)
+        base = describe_base(cfg, data, merge, probe, ref=str(ref))
         if base["files"]:
             # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
             # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
-            ref = Path(base_path_now(cfg.model, data))
             _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
         # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
         (tmp / "adapter" / "README.md").unlink(missing_ok=True)
@@ -361,13 +361,14 @@ Or the merged model (the same weights, merged and checked above): `AutoModelForC
 """
 
 
-def describe_base(cfg: PipelineConfig, data, merge, probe) -> dict[str, Any]:
+def describe_base(cfg: PipelineConfig, data, merge, probe, ref: str | None = None) -> dict[str, Any]:
     """The base model as the card and provenance state it: where its weights are (`files`: a folder of the published
-    one, or a Hub id), where they came from, their license and quantization, and how stage 5 loaded them."""
+    one, or a Hub id), where they came from, their license and quantization, and how stage 5 loaded them. `ref`: where
+    the base is now (`models.base_path_now`), when the caller has it."""
     from . import models
 
     name = cfg.model.name
-    ref = models.base_path_now(cfg.model, data)
+    ref = ref if ref is not None else models.base_path_now(cfg.model, data)
     shipped = Path(ref).is_absolute() and Path(ref).is_dir()
     info: dict[str, Any] = {
         "name": name, "files": "base" if shipped else None, "hub_id": None if shipped else ref,
