@@ -325,6 +325,16 @@ def test_answer_lengths_reads_each_assistant_turn_from_the_labels():
     assert assistant_spans(ids, [-100] * 9) == []
 
 
+def test_answer_repeats_counts_words_inside_a_span_written_before():
+    """bench/answer_repeats.py: a 10-word span written again counts its words; a text with no repeat counts none."""
+    from bench.answer_repeats import repeated_share
+
+    once = [f"w{i}" for i in range(20)]
+    assert repeated_share(once) == 0.0
+    assert repeated_share(once + once[:10]) == 10 / 30  # the second copy of the first ten words
+    assert repeated_share(once + once[:9]) == 0.0  # nine words again: no 10-word span repeats
+
+
 def test_gpu_bench_full_rows_runs_on_the_plain_trainer_only(monkeypatch, capsys):
     """--full-rows batches are plain rows (no attention_mask, no position_ids), which TRL's SFTTrainer refuses in its
     first step's token count; the bench says so before loading anything (the default trainer is sft)."""
