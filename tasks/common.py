@@ -8,12 +8,15 @@ with a `COMPLETE` file, so a crash mid-write never leaves a folder that looks fi
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import glob
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -245,20 +248,25 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
     """Yield a fresh temp folder next to `final`; on success move it into place (marked complete, unless the
     folder has its own completeness record, like a published run's manifest).
 
-    On failure the temp folder is removed and `final` (if a complete one existed) is untouched.
+    On failure the temp folder is removed and `final` (if a complete one existed) is untouched. For the whole build the
+    builder holds the flock of a lock file beside the temp folder (`_start_build`), which tells a later build of any
+    process space (another container on the same volume) whether this one is still alive (`remove_dead_builds`).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_builds(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{_builder()}-"))
+    tmp, lock, lock_fd = _start_build(final)
+    old = None
     try:
         yield tmp
         if mark_complete:
             (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
         if final.exists():
             # Two renames, then the slow delete: `final` is missing for microseconds, not for an rmtree of gigabytes,
-            # and a crash in between leaves the old folder whole next to it (`.<name>.old-<builder>-*`), which the next
-            # look at `final` puts back (`remove_dead_builds`).
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{_builder()}-"))
+            # and a crash in between leaves the old folder whole next to it (`.<name>.old-<builder>-*`, the temp
+            # folder's suffix, so the same lock file speaks for it), which the next look at `final` puts back
+            # (`remove_dead_builds`).
+            old = final.parent / _build_folder(final.name, "old", tmp)
+            os.mkdir(old, 0o700)
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -267,6 +275,91 @@ def building(final: Path, mark_complete: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _end_build(tmp, old, lock, lock_fd)
+
+
+_HELD_BUILD_LOCKS: set[tuple[int, int]] = set()  # (device, inode) of the build lock files this process holds: its own
+                                                  # looks never open them (`_dead_builders_lock`)
+
+
+def _build_folder(name: str, kind: str, tmp: Path) -> str:
+    """The `kind` file of the build whose temp folder is `tmp` (`.<name>.tmp-<builder>-<suffix>`): its folder moved
+    aside ("old") or its lock file ("lock"), named `.<name>.<kind>-<builder>-<suffix>`: same builder, same suffix. The
+    lock file sits beside the temp folder, never inside (the folder is renamed into place), and is not named `.tmp-*`:
+    it speaks for both folders, and a look for leftover temp folders does not take it for one."""
+    return f".{name}.{kind}-" + tmp.name[len(f".{name}.tmp-"):]
+
+
+def _start_build(final: Path) -> tuple[Path, Path, int | None]:
+    """A new temp folder for `final` (`.<name>.tmp-<builder>-<suffix>`), its lock file (`.<name>.lock-<builder>-<suffix>`)
+    and the descriptor holding that file's flock, or None where the filesystem has no flock (the folder is then judged by
+    its pid, as folders were before lock files).
+
+    Ordering, so that a build never finds its own temp folder removed: the lock file is created (O_EXCL) and locked, and
+    checked to still be the file at its name, BEFORE the folder is made; it is unlinked only after the temp folder and the
+    `.old-*` one are gone, and unlocked after that (`_end_build`). A checker removes or puts back a build's folders only
+    while it holds the flock of the file linked at that build's lock name (`_dead_builders_lock`), and unlinks the lock
+    file only after the folders, still holding it. So while a folder of this build exists, this process holds that flock
+    and no checker can. A checker that takes the lock in the instant between its creation and this flock (an orphan: no
+    folder yet) unlinks it; this flock then fails or lands on the unlinked file, the check below sees it, and this build
+    starts over under a new name, its folder never made under a lock someone else held."""
+    while True:
+        tmp = final.parent / f".{final.name}.tmp-{_builder()}-{secrets.token_hex(4)}"
+        lock = tmp.with_name(_build_folder(final.name, "lock", tmp))
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a checker took it for an orphan: a new name
+                continue
+            fd = None  # no flock on this filesystem (some network ones): no lock file, the pid rule as before
+        else:
+            if not _still_linked(fd, lock):  # a checker unlinked it before this flock landed: a new name
+                os.close(fd)
+                continue
+            _HELD_BUILD_LOCKS.add(_file_id(os.fstat(fd)))
+        try:
+            if fd is not None:  # for a person who finds it
+                os.write(fd, f"pid {os.getpid()} in process space {process_space()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+            os.mkdir(tmp, 0o700)  # mkdtemp's mode, as before
+        except BaseException as e:
+            _end_build(tmp, None, lock, fd)
+            if isinstance(e, FileExistsError):  # a lockless folder of that very name (an old version's): a new name
+                continue
+            raise
+        return tmp, lock, fd
+
+
+def _end_build(tmp: Path, old: Path | None, lock: Path, fd: int | None) -> None:
+    """Let go of a build's lock (`_start_build`): its file is unlinked once no folder of the build is left, then the flock
+    is released (closing drops it). A folder left (a failure between the two renames left the old one aside, an rmtree
+    that could not finish) keeps its lock file, unlocked: any later look takes it and puts back or removes that folder."""
+    if fd is None:
+        return
+    try:
+        if not tmp.exists() and not (old is not None and old.exists()):
+            lock.unlink(missing_ok=True)
+    finally:
+        _HELD_BUILD_LOCKS.discard(_file_id(os.fstat(fd)))
+        os.close(fd)
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _still_linked(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not unlinked or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except OSError:
+        return False
 
 
 def process_space() -> str:
@@ -288,26 +381,86 @@ def _builder() -> str:
 
 
 def remove_dead_builds(parent: Path, name: str | None = None) -> None:
-    """Temp folders in `parent` (of `name`, or of any folder) left by a process of this machine that is gone (kill -9,
-    power loss, the OOM killer: `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its
-    partial copy for good: a merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A live
-    builder's (another run building the same folder), another machine's (a shared folder) and temp folders named before
-    the builder was in the name (their owner cannot be told) are left alone. A build killed between `building`'s two
-    renames left the folder it replaced aside (`.<name>.old-<builder>-*`) and none in place: that one is put back."""
-    host = process_space()
+    """Temp folders in `parent` (of `name`, or of any folder) left by a builder that is gone (kill -9, power loss, the OOM
+    killer, `docker kill`: `building`'s cleanup never ran). A rerun builds in a new one, so each crash left its partial
+    copy for good: a merged 7B model is 14 GB (28 in fp32), and every killed merge or publish kept one. A build killed
+    between `building`'s two renames left the folder it replaced aside (`.<name>.old-<builder>-*`) and none in place:
+    that one is put back.
+
+    A builder is judged by its lock file (`.<name>.lock-<builder>-*`, `_start_build`), whatever its process space: the kernel
+    drops a dead process's flock, so a lock taken here without waiting means its builder is gone (its folders are
+    removed or put back while holding it, then the lock file goes); one held is a live build (another container's
+    on the same volume), left alone. Folders without a lock file (made before lock files, or where the filesystem has no
+    flock) keep the pid rule: removed when their pid is gone in this process space; another space's pid says nothing
+    here, so theirs are left alone, as are temp folders named before the builder was in the name.
+
+    Caveat: this trusts flock to be shared by everyone who sees the folder. It is on one kernel (containers sharing a
+    volume or bind mount) and on NFS with working lock managers (Linux maps flock to NFS byte-range locks; a crashed
+    client's locks are freed only when its lease ends, so its folders wait for that). It is NOT on a mount whose flock is
+    local to each client (NFS `local_lock=flock` or `local_lock=all`, some FUSE and SMB mounts): there a live build of
+    another machine looks dead, so do not share one artifacts folder between machines over such a mount. A builder's
+    forked children (data workers) share its lock: its folders count as live until they exit too."""
+    space = process_space()
     stem = re.escape(f".{name}.") if name is not None else r"\.(?P<name>.+)\."
+    builds: dict[Path, list[tuple[str, Path, str, str, int]]] = {}  # lock file -> its build's folders
     for p in sorted(parent.glob(glob.escape(f".{name}.") + "*" if name is not None else ".*.*-*")):
-        m = re.fullmatch(stem + r"(?P<kind>tmp|old)-" + re.escape(host) + r"-(?P<pid>\d+)-[A-Za-z0-9_]+", p.name)
-        if not (m and p.is_dir() and not pid_alive(int(m["pid"]))):
+        m = re.fullmatch(stem + r"(?P<kind>tmp|old|lock)-(?P<space>.+)-(?P<pid>\d+)-(?P<suffix>[A-Za-z0-9_]+)", p.name)
+        if not m:
             continue
-        if m["kind"] == "old":  # killed between the two renames: the folder it moved aside goes back
-            final = parent / (name if name is not None else m["name"])
-            if not final.exists() and (p / final.name).is_dir():
+        final = name if name is not None else m["name"]
+        folders = builds.setdefault(parent / f".{final}.lock-{m['space']}-{m['pid']}-{m['suffix']}", [])
+        if m["kind"] != "lock" and p.is_dir():
+            folders.append((m["kind"], p, final, m["space"], int(m["pid"])))
+    for lock, folders in builds.items():
+        with _dead_builders_lock(lock) as gone:
+            if gone is None:  # no lock file: the pid rule
+                _remove_dead_build(parent, [f for f in folders if f[3] == space and not pid_alive(f[4])])
+            elif gone:
+                _remove_dead_build(parent, folders)
+                if not any(f[1].exists() for f in folders):  # still holding it: the lock file goes last
+                    lock.unlink(missing_ok=True)
+
+
+def _remove_dead_build(parent: Path, folders: list[tuple[str, Path, str, str, int]]) -> None:
+    """Put back the folder a dead build moved aside (its `.old-*` one, if nothing stands in its place) and remove the rest."""
+    for kind, p, final_name, _, _ in folders:
+        if kind == "old":  # killed between the two renames: the folder it moved aside goes back
+            final = parent / final_name
+            if not final.exists() and (p / final_name).is_dir():
                 try:
-                    os.replace(p / final.name, final)
+                    os.replace(p / final_name, final)
                 except OSError:  # read-only, or another look put it back first: left for a later look
                     continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _dead_builders_lock(lock: Path) -> Iterator[bool | None]:
+    """Inside: None where `lock` does not exist (a build without a lock file), False while its builder lives (or where
+    it cannot be told: unreadable, no flock here), True holding the flock of a gone builder's lock file, which is still
+    the file at its name (not one a finishing build or another look unlinked after this one opened it). Opened for
+    writing where it may be (NFS grants flock's exclusive lock only then), else read-only (a lock file of another
+    container's user, on a local filesystem)."""
+    fd = None
+    try:
+        if _file_id(os.stat(lock, follow_symlinks=False)) in _HELD_BUILD_LOCKS:  # this process's own build (whatever path
+            gone = False  # names it), never opened here: on NFS, closing a second descriptor drops the process's own lock
+        else:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except PermissionError:
+                fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            gone = _still_linked(fd, lock)
+    except FileNotFoundError:
+        gone = None
+    except OSError:  # held: a live build; or unreadable, or no flock here: cannot be told
+        gone = False
+    try:
+        yield gone
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def recorded_process_gone(pid: Any, host: Any, space: Any) -> bool:

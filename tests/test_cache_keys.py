@@ -1058,6 +1058,134 @@ def test_building_leaves_a_live_build_of_another_pid_namespace_on_the_same_host_
     assert live.is_dir()
 
 
+OTHER_SPACE = "otherbox_pidns4026599999"  # another container's process space: its own host name and PID namespace
+
+
+def _build_in_another_space(final: Path, inside: str, before: str = ""):
+    """A child process of another process space (`process_space` patched, as in another container sharing the
+    artifacts folder) building `final`: `before` runs first, `inside` in the build after it wrote its weights. Its pid
+    means nothing in this process space, so only its build lock can tell whether it is alive."""
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    return subprocess.Popen([sys.executable, "-c", "import os, signal, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                             "from tasks import common\n"
+                             f"common.process_space = lambda: {OTHER_SPACE!r}\n" + before +
+                             "with common.building(Path(sys.argv[2])) as tmp:\n"
+                             "    (tmp / 'weights').write_text('rebuilt')\n"
+                             f"    {inside}\n", str(common.PROJECT_ROOT), str(final)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+KILLED_BETWEEN_THE_RENAMES = ("real, calls = os.replace, []\n"
+                              "def replace(src, dst):\n"
+                              "    calls.append(dst)\n"
+                              "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+                              "    real(src, dst)\n"
+                              "common.os.replace = replace\n")
+
+
+def test_a_build_killed_in_another_process_space_leaves_a_temp_folder_the_next_build_removes(tmp_path):
+    """A build killed in a container (the OOM killer, `docker kill`) whose artifacts folder is a volume left its temp
+    folder for good: the next build, in another container, is another PID namespace, where that pid says nothing, so
+    the folder (a merged 7B model's: 14-28 GB) was never judged dead. The builder's lock file tells it: the kernel
+    dropped the dead builder's flock, so the next build takes it and removes the folder, then the lock file."""
+    from tasks import common
+
+    child = _build_in_another_space(tmp_path / "merged", "os.kill(os.getpid(), signal.SIGKILL)")
+    child.communicate(timeout=120)
+    assert child.returncode == -9
+    (dead,) = tmp_path.glob(f".merged.tmp-{OTHER_SPACE}-*")
+    assert (dead / "weights").is_file()
+    with common.building(tmp_path / "merged") as tmp:
+        (tmp / "weights").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp folder, no lock file left
+    assert (tmp_path / "merged" / "weights").read_text() == "whole"
+
+
+def test_a_build_killed_between_the_renames_in_another_process_space_gets_its_folder_back(tmp_path):
+    """The same, killed between `building`'s two renames: the folder it replaced stood aside (`.old-*`) and none in its
+    place, so every later container recomputed the stage (hours, for training) and the old copy stayed. The next look
+    at the folder takes the dead builder's lock and puts it back."""
+    from tasks import common
+
+    final = tmp_path / "adapter"
+    with common.building(final) as tmp:
+        (tmp / "weights").write_text("whole")
+    child = _build_in_another_space(final, "pass", before=KILLED_BETWEEN_THE_RENAMES)
+    child.communicate(timeout=120)
+    assert child.returncode == -9 and not final.exists()
+    assert len(list(tmp_path.glob(f".adapter.old-{OTHER_SPACE}-*/adapter"))) == 1
+    assert common.is_complete(final) and (final / "weights").read_text() == "whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_live_build_of_another_process_space_keeps_its_folder_until_its_builder_is_gone(tmp_path):
+    """A concurrent container building the same folder on the shared volume holds its lock: its temp folder (and the
+    `.old-*` one, for as long as its build lasts) is left alone by every look, this process's own live build too; once
+    that builder is killed, the next look removes its folder and lock file."""
+    import signal
+
+    from tasks import common
+
+    child = _build_in_another_space(tmp_path / "merged", "print('building', flush=True); sys.stdin.readline()")
+    try:
+        assert child.stdout.readline() == "building\n"
+        (live,) = tmp_path.glob(f".merged.tmp-{OTHER_SPACE}-*")
+        lock = live.with_name(live.name.replace(".tmp-", ".lock-", 1))
+        assert lock.is_file()  # beside the temp folder, not in it: the folder is renamed into place
+        with common.building(tmp_path / "merged") as tmp:
+            (tmp / "weights").write_text("whole")
+            with common.building(tmp_path / "other") as mine:  # this process, building now
+                common.remove_dead_builds(tmp_path)
+                assert mine.is_dir()
+        common.remove_dead_builds(tmp_path)
+        assert live.is_dir() and (live / "weights").is_file() and lock.is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", "other", live.name, lock.name])
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=120)
+    common.remove_dead_builds(tmp_path, "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "other"]
+
+
+def test_a_folder_of_another_process_space_without_a_lock_file_is_left_alone(tmp_path):
+    """Temp and `.old-*` folders of another process space made before build locks (no lock file) cannot be judged: their
+    pid says nothing here and their builder may be a live container's, so they are left alone (the put-back too) while
+    a dead build of the same space that has a lock file is removed: the lock decides per build, not per space."""
+    from tasks import common
+
+    child = _build_in_another_space(tmp_path / "merged", "os.kill(os.getpid(), signal.SIGKILL)")
+    child.communicate(timeout=120)
+    assert child.returncode == -9
+    unlocked = tmp_path / f".merged.tmp-{OTHER_SPACE}-{child.pid}-abc123"  # an older version's, same builder name
+    aside = tmp_path / f".merged.old-{OTHER_SPACE}-{child.pid}-abc124"
+    (unlocked / "half").mkdir(parents=True)
+    (aside / "merged").mkdir(parents=True)
+    assert not common.is_complete(tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([aside.name, unlocked.name])
+    assert (aside / "merged").is_dir() and (unlocked / "half").is_dir()
+
+
+def test_a_build_where_the_filesystem_has_no_flock_goes_on_without_a_lock_file(tmp_path, monkeypatch):
+    """Some network filesystems refuse flock (ENOLCK, EOPNOTSUPP): the build goes on as before lock files, its temp
+    folder judged by its pid, and no lock file is left that no look could take."""
+    import errno
+
+    from tasks import common
+
+    def refused(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(common.fcntl, "flock", refused)
+    with common.building(tmp_path / "merged") as tmp:
+        (tmp / "weights").write_text("whole")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_a_folder_exported_from_another_runs_publish_describes_its_own_run(tmp_path):
     """Run B's export over run A's cached publish: B's folder, B's name in the card, B's export settings (the review
     found A's run name, A's folder and A's num_ctx there)."""
