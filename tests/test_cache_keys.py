@@ -1105,6 +1105,31 @@ def test_a_build_killed_in_another_process_space_leaves_a_temp_folder_the_next_b
     assert (tmp_path / "merged" / "weights").read_text() == "whole"
 
 
+def test_a_build_killed_in_a_real_other_pid_namespace_leaves_a_temp_folder_the_next_build_removes(tmp_path):
+    """The same with a real PID namespace (`unshare`, as a container has): the killed builder is pid 2 there, a number
+    that means another process (or none) here. Needs `unshare` (root)."""
+    import shutil as sh
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    if sh.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"]).returncode:
+        pytest.skip("no PID namespaces here (unshare needs root)")
+    build = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from tasks import common\n"
+             "with common.building(Path(sys.argv[2])) as tmp:\n"
+             "    (tmp / 'weights').write_text('half')\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    # not the namespace's pid 1 (its init ignores its own SIGKILL): a shell runs it as a child
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", '"$0" -c "$1" "$2" "$3"; true',
+                    sys.executable, build, str(common.PROJECT_ROOT), str(tmp_path / "merged")], check=True)
+    (dead,) = tmp_path.glob(".merged.tmp-*")
+    assert (dead / "weights").is_file() and common.process_space() not in dead.name
+    with common.building(tmp_path / "merged") as tmp:
+        (tmp / "weights").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_a_build_killed_between_the_renames_in_another_process_space_gets_its_folder_back(tmp_path):
     """The same, killed between `building`'s two renames: the folder it replaced stood aside (`.old-*`) and none in its
     place, so every later container recomputed the stage (hours, for training) and the old copy stayed. The next look
