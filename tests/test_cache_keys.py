@@ -1256,3 +1256,33 @@ def test_a_lock_holder_of_another_pid_namespace_on_this_host_is_named_not_taken_
     assert common._lock_holder(holder) == "another process (not recorded yet)"  # this space's pid, gone: stale
     holder.write_text(f"pid {dead} on {socket.gethostname()} since 2026-12-05 10:00:00 UTC\n")  # written before the field
     assert common._lock_holder(holder) == "another process (not recorded yet)"
+
+
+def test_rev_a_look_that_listed_a_live_build_does_not_unlink_its_lock_before_seeing_the_folder_it_made_after(tmp_path, monkeypatch):
+    """REVIEW (defect): `remove_dead_builds` lists the folders (glob) BEFORE it takes each build's flock. A builder alive
+    at the listing that moves the old folder aside (`.old-*`) and is killed before the flock is taken: the look takes the
+    now-free lock, removes only the folders it listed (the new temp folder: the finished build), and unlinks the lock file
+    since those are gone. The `.old-*` folder is left without a lock file: of another process space it is never put back
+    nor removed (the stage is recomputed and its old copy leaks) - the very case the build locks were meant to fix."""
+    from tasks import common
+
+    final = tmp_path / "adapter"
+    with common.building(final) as tmp:
+        (tmp / "weights").write_text("whole")
+    child = _build_in_another_space(final, "print('building', flush=True); sys.stdin.readline()", before=KILLED_BETWEEN_THE_RENAMES)
+    assert child.stdout.readline() == "building\n"
+    real, calls = common._dead_builders_lock, []
+
+    def after_the_listing(lock):
+        if not calls:  # the look has listed the live build's folders; now it goes on and is killed between the renames
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.wait(timeout=60) == -9
+        calls.append(lock)
+        return real(lock)
+
+    monkeypatch.setattr(common, "_dead_builders_lock", after_the_listing)
+    common.remove_dead_builds(tmp_path, "adapter")
+    monkeypatch.setattr(common, "_dead_builders_lock", real)
+    assert common.is_complete(final) and (final / "weights").read_text() == "whole", sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
