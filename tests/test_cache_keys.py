@@ -1286,3 +1286,28 @@ def test_rev_a_look_that_listed_a_live_build_does_not_unlink_its_lock_before_see
     monkeypatch.setattr(common, "_dead_builders_lock", real)
     assert common.is_complete(final) and (final / "weights").read_text() == "whole", sorted(p.name for p in tmp_path.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_rev_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monkeypatch):
+    """REVIEW (defect): a look (`is_complete`) must never raise. A dead build's lock file left without folders (someone
+    removed the `.tmp-*` folders by hand, or the builder was killed between its last rename and unlinking the lock) in a
+    stage folder this user may read but not write (artifacts made by another container's user, root; a sticky shared
+    folder): the look takes the flock (read-only descriptor; a local flock needs no write access), finds the builder
+    gone, and `lock.unlink` raises PermissionError out of `is_complete`. (Root ignores permissions, so the unlink's
+    refusal is simulated.)"""
+    import errno
+    import pathlib
+
+    from tasks import common
+
+    lock = tmp_path / f".merged.lock-{OTHER_SPACE}-123-deadbeef"
+    lock.write_text("pid 123 in process space otherbox since then\n")
+    real_unlink = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.parent == tmp_path:  # a folder this user may not write in
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    assert common.is_complete(tmp_path / "merged") is False  # raised PermissionError
