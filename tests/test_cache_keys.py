@@ -1311,3 +1311,42 @@ def test_rev_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monk
 
     monkeypatch.setattr(pathlib.Path, "unlink", unlink)
     assert common.is_complete(tmp_path / "merged") is False  # raised PermissionError
+
+
+def test_rev_a_filesystem_whose_flock_always_refuses_does_not_loop_forever(tmp_path, monkeypatch):
+    """REVIEW (defect, low): `_start_build` takes EAGAIN/EWOULDBLOCK/EACCES from its own flock of a file it just created
+    for "a checker took it" and retries under a new name with no bound. Where flock answers so every time (a network or
+    FUSE filesystem mapping flock to byte-range locks that refuse, EACCES being fcntl's own refusal errno), a build spins
+    forever creating and unlinking lock files instead of building (as it does for ENOLCK/EOPNOTSUPP) or failing."""
+    import errno
+
+    from tasks import common
+
+    tries = []
+
+    def flock(fd, op):
+        tries.append(op)
+        if len(tries) > 1000:
+            raise RuntimeError("still retrying after 1000 refused flocks: would loop forever")
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(common.fcntl, "flock", flock)
+    with common.building(tmp_path / "merged") as tmp:
+        (tmp / "weights").write_text("whole")
+    assert (tmp_path / "merged" / "weights").read_text() == "whole"
+
+
+def test_rev_a_final_name_whose_temp_folder_name_fits_name_max_still_builds(tmp_path):
+    """REVIEW (defect, low): the lock file's name (`.<name>.lock-<builder>-<8 hex>`) is one character longer than the temp
+    folder's (`.tmp-`, as `mkdtemp` named it before, with 8 random characters). A final name whose temp folder name is
+    exactly NAME_MAX (255 on ext4; 143 on eCryptfs) built before the change and now fails with ENAMETOOLONG."""
+    import os
+
+    from tasks import common
+
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "m" * (name_max - len(f"..tmp-{common._builder()}-") - 8)
+    assert len(f".{name}.tmp-{common._builder()}-12345678") == name_max
+    with common.building(tmp_path / name) as tmp:
+        (tmp / "weights").write_text("whole")
+    assert (tmp_path / name / "weights").read_text() == "whole"
