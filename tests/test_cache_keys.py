@@ -1350,3 +1350,26 @@ def test_rev_a_final_name_whose_temp_folder_name_fits_name_max_still_builds(tmp_
     with common.building(tmp_path / name) as tmp:
         (tmp / "weights").write_text("whole")
     assert (tmp_path / name / "weights").read_text() == "whole"
+
+
+@pytest.mark.parametrize("space", ["app.old-dc.corp_pidns4026531836", "db.lock-7_pidns4026531836", "h.tmp-1_pidns4026531836"])
+def test_rev_a_look_at_every_folder_parses_a_host_name_with_a_kind_in_it(tmp_path, space):
+    """REVIEW (defect, very low): `remove_dead_builds(parent)` without a name (`mark_crashed_runs`) parses the final name
+    greedily (`\\.(?P<name>.+)\\.(?P<kind>tmp|old|lock)-`), and the process space is no longer a literal: a host name
+    holding `.old-`, `.lock-` or `.tmp-` (dots and dashes are kept by `process_space`) splits at the wrong place, the lock
+    file is looked for under a wrong name, and the dead build's temp folder is left for good (with `.lock-` in the host,
+    its lock file is even taken for another build's and unlinked, the folder kept)."""
+    import subprocess
+    import sys
+
+    from tasks import common
+
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from tasks import common\n"
+            f"common.process_space = lambda: {space!r}\n"
+            "with common.building(Path(sys.argv[2])) as tmp:\n"
+            "    (tmp / 'weights').write_text('half')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", code, str(common.PROJECT_ROOT), str(tmp_path / "merged")])
+    assert len(list(tmp_path.glob(".merged.tmp-*"))) == 1
+    common.remove_dead_builds(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
