@@ -1373,3 +1373,32 @@ def test_rev_a_look_at_every_folder_parses_a_host_name_with_a_kind_in_it(tmp_pat
     assert len(list(tmp_path.glob(".merged.tmp-*"))) == 1
     common.remove_dead_builds(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_rev_a_look_never_raises_on_a_dead_builds_old_folder_it_may_not_enter(tmp_path, monkeypatch):
+    """REVIEW (defect, medium): a build of another container's user killed between `building`'s two renames left its
+    `.old-*` folder (mode 0700, `os.mkdir(old, 0o700)`). A look by another user (containers of different uids sharing
+    the volume) takes the dead builder's lock (read-only descriptor), then `(p / final_name).is_dir()` stats inside that
+    0700 folder and PermissionError escapes `is_complete`; before the build locks only this process space's pids were
+    judged, so another container's `.old-*` folder was never entered. Real permissions: scratch/perm_old_nobody.sh.
+    (Root ignores permissions, so the refusal is simulated.)"""
+    import errno
+    import pathlib
+
+    from tasks import common
+
+    final = tmp_path / "adapter"
+    with common.building(final) as tmp:
+        (tmp / "weights").write_text("whole")
+    child = _build_in_another_space(final, "pass", before=KILLED_BETWEEN_THE_RENAMES)
+    child.communicate(timeout=120)
+    assert child.returncode == -9 and not final.exists()
+    real_is_dir = pathlib.Path.is_dir
+
+    def is_dir(self):
+        if ".adapter.old-" in self.parent.name:  # inside another user's 0700 folder
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_is_dir(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_dir", is_dir)
+    assert common.is_complete(final) is False  # raised PermissionError
