@@ -285,14 +285,14 @@ _HELD_BUILD_LOCKS: set[tuple[int, int]] = set()  # (device, inode) of the build 
 
 def _build_folder(name: str, kind: str, tmp: Path) -> str:
     """The `kind` file of the build whose temp folder is `tmp` (`.<name>.tmp-<builder>-<suffix>`): its folder moved
-    aside ("old") or its lock file ("lock"), named `.<name>.<kind>-<builder>-<suffix>`: same builder, same suffix. The
+    aside ("old") or its lock file ("lck", as long as "tmp": a temp folder name that fits NAME_MAX fits for both), named `.<name>.<kind>-<builder>-<suffix>`: same builder, same suffix. The
     lock file sits beside the temp folder, never inside (the folder is renamed into place), and is not named `.tmp-*`:
     it speaks for both folders, and a look for leftover temp folders does not take it for one."""
     return f".{name}.{kind}-" + tmp.name[len(f".{name}.tmp-"):]
 
 
 def _start_build(final: Path) -> tuple[Path, Path, int | None]:
-    """A new temp folder for `final` (`.<name>.tmp-<builder>-<suffix>`), its lock file (`.<name>.lock-<builder>-<suffix>`)
+    """A new temp folder for `final` (`.<name>.tmp-<builder>-<suffix>`), its lock file (`.<name>.lck-<builder>-<suffix>`)
     and the descriptor holding that file's flock, or None where the filesystem has no flock (the folder is then judged by
     its pid, as folders were before lock files).
 
@@ -306,7 +306,7 @@ def _start_build(final: Path) -> tuple[Path, Path, int | None]:
     starts over under a new name, its folder never made under a lock someone else held."""
     while True:
         tmp = final.parent / f".{final.name}.tmp-{_builder()}-{secrets.token_hex(4)}"
-        lock = tmp.with_name(_build_folder(final.name, "lock", tmp))
+        lock = tmp.with_name(_build_folder(final.name, "lck", tmp))
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileExistsError:
@@ -387,7 +387,7 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     between `building`'s two renames left the folder it replaced aside (`.<name>.old-<builder>-*`) and none in place:
     that one is put back.
 
-    A builder is judged by its lock file (`.<name>.lock-<builder>-*`, `_start_build`), whatever its process space: the kernel
+    A builder is judged by its lock file (`.<name>.lck-<builder>-*`, `_start_build`), whatever its process space: the kernel
     drops a dead process's flock, so a lock taken here without waiting means its builder is gone (its folders are
     removed or put back while holding it, then the lock file goes); one held is a live build (another container's
     on the same volume), left alone. Folders without a lock file (made before lock files, or where the filesystem has no
@@ -404,12 +404,12 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     stem = re.escape(f".{name}.") if name is not None else r"\.(?P<name>.+)\."
     builds: dict[Path, list[tuple[str, Path, str, str, int]]] = {}  # lock file -> its build's folders
     for p in sorted(parent.glob(glob.escape(f".{name}.") + "*" if name is not None else ".*.*-*")):
-        m = re.fullmatch(stem + r"(?P<kind>tmp|old|lock)-(?P<space>.+)-(?P<pid>\d+)-(?P<suffix>[A-Za-z0-9_]+)", p.name)
+        m = re.fullmatch(stem + r"(?P<kind>tmp|old|lck)-(?P<space>.+)-(?P<pid>\d+)-(?P<suffix>[A-Za-z0-9_]+)", p.name)
         if not m:
             continue
         final = name if name is not None else m["name"]
-        folders = builds.setdefault(parent / f".{final}.lock-{m['space']}-{m['pid']}-{m['suffix']}", [])
-        if m["kind"] != "lock" and p.is_dir():
+        folders = builds.setdefault(parent / f".{final}.lck-{m['space']}-{m['pid']}-{m['suffix']}", [])
+        if m["kind"] != "lck" and p.is_dir():
             folders.append((m["kind"], p, final, m["space"], int(m["pid"])))
     for lock, folders in builds.items():
         with _dead_builders_lock(lock) as gone:

@@ -1159,7 +1159,7 @@ def test_a_live_build_of_another_process_space_keeps_its_folder_until_its_builde
     try:
         assert child.stdout.readline() == "building\n"
         (live,) = tmp_path.glob(f".merged.tmp-{OTHER_SPACE}-*")
-        lock = live.with_name(live.name.replace(".tmp-", ".lock-", 1))
+        lock = live.with_name(live.name.replace(".tmp-", ".lck-", 1))
         assert lock.is_file()  # beside the temp folder, not in it: the folder is renamed into place
         with common.building(tmp_path / "merged") as tmp:
             (tmp / "weights").write_text("whole")
@@ -1300,7 +1300,7 @@ def test_rev_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monk
 
     from tasks import common
 
-    lock = tmp_path / f".merged.lock-{OTHER_SPACE}-123-deadbeef"
+    lock = tmp_path / f".merged.lck-{OTHER_SPACE}-123-deadbeef"
     lock.write_text("pid 123 in process space otherbox since then\n")
     real_unlink = pathlib.Path.unlink
 
@@ -1336,10 +1336,10 @@ def test_rev_a_filesystem_whose_flock_always_refuses_does_not_loop_forever(tmp_p
     assert (tmp_path / "merged" / "weights").read_text() == "whole"
 
 
-def test_rev_a_final_name_whose_temp_folder_name_fits_name_max_still_builds(tmp_path):
-    """REVIEW (defect, low): the lock file's name (`.<name>.lock-<builder>-<8 hex>`) is one character longer than the temp
-    folder's (`.tmp-`, as `mkdtemp` named it before, with 8 random characters). A final name whose temp folder name is
-    exactly NAME_MAX (255 on ext4; 143 on eCryptfs) built before the change and now fails with ENAMETOOLONG."""
+def test_a_final_name_whose_temp_folder_name_fits_name_max_still_builds(tmp_path):
+    """The lock file's name (`.<name>.lck-<builder>-<8 hex>`) is as long as the temp folder's (`.tmp-`, as `mkdtemp` named
+    it before): a final name whose temp folder name is exactly NAME_MAX (255 on ext4; 143 on eCryptfs) builds, as it did
+    before lock files (a review: `.lock-`, one character longer, failed with ENAMETOOLONG)."""
     import os
 
     from tasks import common
