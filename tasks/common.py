@@ -291,6 +291,9 @@ def _build_folder(name: str, kind: str, tmp: Path) -> str:
     return f".{name}.{kind}-" + tmp.name[len(f".{name}.tmp-"):]
 
 
+BUILD_LOCK_TRIES = 5  # `_start_build`: lock files taken by a checker (or refused by flock) before building without one
+
+
 def _start_build(final: Path) -> tuple[Path, Path, int | None]:
     """A new temp folder for `final` (`.<name>.tmp-<builder>-<suffix>`), its lock file (`.<name>.lck-<builder>-<suffix>`)
     and the descriptor holding that file's flock, or None where the filesystem has no flock (the folder is then judged by
@@ -303,7 +306,10 @@ def _start_build(final: Path) -> tuple[Path, Path, int | None]:
     file only after the folders, still holding it. So while a folder of this build exists, this process holds that flock
     and no checker can. A checker that takes the lock in the instant between its creation and this flock (an orphan: no
     folder yet) unlinks it; this flock then fails or lands on the unlinked file, the check below sees it, and this build
-    starts over under a new name, its folder never made under a lock someone else held."""
+    starts over under a new name, its folder never made under a lock someone else held. After `BUILD_LOCK_TRIES` such
+    refusals it goes on without a lock file (the pid rule, as where the filesystem has no flock): a filesystem whose flock
+    refuses every time (some network or FUSE ones answer EACCES) would otherwise keep it from ever building."""
+    refused = 0
     while True:
         tmp = final.parent / f".{final.name}.tmp-{_builder()}-{secrets.token_hex(4)}"
         lock = tmp.with_name(_build_folder(final.name, "lck", tmp))
@@ -316,14 +322,19 @@ def _start_build(final: Path) -> tuple[Path, Path, int | None]:
         except OSError as e:
             os.close(fd)
             lock.unlink(missing_ok=True)
-            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a checker took it for an orphan: a new name
-                continue
+            refused += 1
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES) and refused < BUILD_LOCK_TRIES:  # a checker took
+                continue                                                                                 # it: a new name
             fd = None  # no flock on this filesystem (some network ones): no lock file, the pid rule as before
         else:
-            if not _still_linked(fd, lock):  # a checker unlinked it before this flock landed: a new name
+            if _still_linked(fd, lock):
+                _HELD_BUILD_LOCKS.add(_file_id(os.fstat(fd)))
+            else:  # a checker unlinked it before this flock landed: a new name
                 os.close(fd)
-                continue
-            _HELD_BUILD_LOCKS.add(_file_id(os.fstat(fd)))
+                fd = None
+                refused += 1
+                if refused < BUILD_LOCK_TRIES:
+                    continue
         try:
             if fd is not None:  # for a person who finds it
                 os.write(fd, f"pid {os.getpid()} in process space {process_space()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())

@@ -1313,11 +1313,11 @@ def test_rev_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monk
     assert common.is_complete(tmp_path / "merged") is False  # raised PermissionError
 
 
-def test_rev_a_filesystem_whose_flock_always_refuses_does_not_loop_forever(tmp_path, monkeypatch):
-    """REVIEW (defect, low): `_start_build` takes EAGAIN/EWOULDBLOCK/EACCES from its own flock of a file it just created
-    for "a checker took it" and retries under a new name with no bound. Where flock answers so every time (a network or
-    FUSE filesystem mapping flock to byte-range locks that refuse, EACCES being fcntl's own refusal errno), a build spins
-    forever creating and unlinking lock files instead of building (as it does for ENOLCK/EOPNOTSUPP) or failing."""
+def test_a_filesystem_whose_flock_always_refuses_still_builds(tmp_path, monkeypatch):
+    """`_start_build` takes a refusal (EAGAIN/EWOULDBLOCK/EACCES) of its own flock on the file it just created for "a checker
+    took it" and starts over under a new name, but only a few times (`BUILD_LOCK_TRIES`): where flock refuses every time
+    (a network or FUSE filesystem answering EACCES) the build goes on without a lock file, as where there is no flock,
+    and never loops forever (a review)."""
     import errno
 
     from tasks import common
