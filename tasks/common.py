@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -354,8 +355,9 @@ def _end_build(tmp: Path, old: Path | None, lock: Path, fd: int | None) -> None:
     if fd is None:
         return
     try:
-        if not tmp.exists() and not (old is not None and old.exists()):
-            lock.unlink(missing_ok=True)
+        if not _folder_left(tmp) and not (old is not None and _folder_left(old)):
+            with contextlib.suppress(OSError):  # left for a later look, as when a folder is
+                lock.unlink(missing_ok=True)
     finally:
         _HELD_BUILD_LOCKS.discard(_file_id(os.fstat(fd)))
         os.close(fd)
@@ -410,7 +412,10 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     client's locks are freed only when its lease ends, so its folders wait for that). It is NOT on a mount whose flock is
     local to each client (NFS `local_lock=flock` or `local_lock=all`, some FUSE and SMB mounts): there a live build of
     another machine looks dead, so do not share one artifacts folder between machines over such a mount. A builder's
-    forked children (data workers) share its lock: its folders count as live until they exit too."""
+    forked children (data workers) share its lock: its folders count as live until they exit too.
+
+    A look never raises (it runs inside `is_complete` and before every build): a step refused (another user's 0700
+    `.old-*` folder it may not enter, a lock file in a folder it may not write) leaves that build for a later look."""
     space = process_space()
     stem = re.escape(f".{name}.") if name is not None else r"\.(?P<name>.+)\."
     builds: dict[Path, list[tuple[str, Path, str, str, int]]] = {}  # lock file -> its build's folders
@@ -428,8 +433,9 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
                 _remove_dead_build(parent, [f for f in folders if f[3] == space and not pid_alive(f[4])])
             elif gone:
                 _remove_dead_build(parent, folders)
-                if not any(f[1].exists() for f in folders):  # still holding it: the lock file goes last
-                    lock.unlink(missing_ok=True)
+                if not any(_folder_left(f[1]) for f in folders):  # still holding it: the lock file goes last
+                    with contextlib.suppress(OSError):  # may not (another user's file in a sticky folder): a later look
+                        lock.unlink(missing_ok=True)
 
 
 def _remove_dead_build(parent: Path, folders: list[tuple[str, Path, str, str, int]]) -> None:
@@ -437,12 +443,22 @@ def _remove_dead_build(parent: Path, folders: list[tuple[str, Path, str, str, in
     for kind, p, final_name, _, _ in folders:
         if kind == "old":  # killed between the two renames: the folder it moved aside goes back
             final = parent / final_name
-            if not final.exists() and (p / final_name).is_dir():
-                try:
+            try:
+                if not final.exists() and (p / final_name).is_dir():
                     os.replace(p / final_name, final)
-                except OSError:  # read-only, or another look put it back first: left for a later look
-                    continue
+            except OSError:  # another user's 0700 folder, read-only, or another look put it back first: for a later look
+                continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _folder_left(p: Path) -> bool:
+    """Whether build folder `p` is still there; True where that cannot be told (its lock file then stays for a later look)."""
+    try:
+        return stat.S_ISDIR(os.lstat(p).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
 
 
 @contextlib.contextmanager
@@ -677,8 +693,6 @@ def fault_arg(stage: str, kind: str) -> str | None:
 def off_the_lost_terminal() -> None:
     """Point stdout and stderr that are a terminal at /dev/null (the progress bar and the log lines would fail with EIO
     on a hung-up one, and the checkpoint would not be saved); redirected to a file, they stay."""
-    import stat
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         null = os.fstat(devnull).st_rdev

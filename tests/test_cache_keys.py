@@ -1288,13 +1288,12 @@ def test_rev_a_look_that_listed_a_live_build_does_not_unlink_its_lock_before_see
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_rev_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monkeypatch):
-    """REVIEW (defect): a look (`is_complete`) must never raise. A dead build's lock file left without folders (someone
-    removed the `.tmp-*` folders by hand, or the builder was killed between its last rename and unlinking the lock) in a
-    stage folder this user may read but not write (artifacts made by another container's user, root; a sticky shared
-    folder): the look takes the flock (read-only descriptor; a local flock needs no write access), finds the builder
-    gone, and `lock.unlink` raises PermissionError out of `is_complete`. (Root ignores permissions, so the unlink's
-    refusal is simulated.)"""
+def test_a_look_never_raises_on_a_lock_file_it_may_not_unlink(tmp_path, monkeypatch):
+    """A look (`is_complete`) never raises. A dead build's lock file left without folders (removed by hand, or the builder
+    killed between its last rename and unlinking the lock) in a stage folder this user may read but not write (artifacts
+    of another container's user; a sticky shared folder): the look takes the flock (a read-only descriptor will do), finds
+    the builder gone, may not unlink the file, and leaves it for a later look (a review: PermissionError escaped
+    `is_complete`). Root ignores permissions, so the refusal is simulated."""
     import errno
     import pathlib
 
@@ -1375,13 +1374,11 @@ def test_rev_a_look_at_every_folder_parses_a_host_name_with_a_kind_in_it(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_rev_a_look_never_raises_on_a_dead_builds_old_folder_it_may_not_enter(tmp_path, monkeypatch):
-    """REVIEW (defect, medium): a build of another container's user killed between `building`'s two renames left its
-    `.old-*` folder (mode 0700, `os.mkdir(old, 0o700)`). A look by another user (containers of different uids sharing
-    the volume) takes the dead builder's lock (read-only descriptor), then `(p / final_name).is_dir()` stats inside that
-    0700 folder and PermissionError escapes `is_complete`; before the build locks only this process space's pids were
-    judged, so another container's `.old-*` folder was never entered. Real permissions: scratch/perm_old_nobody.sh.
-    (Root ignores permissions, so the refusal is simulated.)"""
+def test_a_look_never_raises_on_a_dead_builds_old_folder_it_may_not_enter(tmp_path, monkeypatch):
+    """A build of another container's user killed between `building`'s two renames left its `.old-*` folder (mode 0700). A
+    look by another user (containers of different uids sharing the volume) takes the dead builder's lock, may not look
+    inside that folder to put it back, and leaves it (and its lock file) for a later look (a review: PermissionError
+    escaped `is_complete`). Root ignores permissions, so the refusal is simulated."""
     import errno
     import pathlib
 
