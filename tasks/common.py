@@ -11,7 +11,6 @@ import contextlib
 import errno
 import fcntl
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -417,30 +416,72 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
     A look never raises (it runs inside `is_complete` and before every build): a step refused (another user's 0700
     `.old-*` folder it may not enter, a lock file in a folder it may not write) leaves that build for a later look."""
     space = process_space()
-    stem = re.escape(f".{name}.") if name is not None else r"\.(?P<name>.+)\."
-    builds: dict[Path, list[tuple[str, Path, str, str, int]]] = {}  # lock file -> its build's folders
-    for p in sorted(parent.glob(glob.escape(f".{name}.") + "*" if name is not None else ".*.*-*")):
-        m = re.fullmatch(stem + r"(?P<kind>tmp|old|lck)-(?P<space>.+)-(?P<pid>\d+)-(?P<suffix>[A-Za-z0-9_]+)", p.name)
-        if not m:
-            continue
-        final = name if name is not None else m["name"]
-        folders = builds.setdefault(parent / f".{final}.lck-{m['space']}-{m['pid']}-{m['suffix']}", [])
-        if m["kind"] != "lck" and p.is_dir():
-            folders.append((m["kind"], p, final, m["space"], int(m["pid"])))
-    for lock, folders in builds.items():
+    prefix = f".{name}." if name is not None else "."
+    try:
+        with os.scandir(parent) as listing:
+            entries = {e.name: _entry_is_dir(e) for e in listing if e.name.startswith(prefix)}  # name -> is a folder
+    except OSError:  # gone, or not readable: nothing this look can do
+        return
+    builds: dict[str, set[tuple[str, str]]] = {}  # lock file name -> the builds it may speak for: (final name, builder-suffix)
+    for entry, is_dir in sorted(entries.items()):
+        splits = [(final, rest) for final, kind, rest in _build_name_splits(entry, name) if (kind != "lck") == is_dir]
+        if is_dir:  # a folder: the build whose lock file is there, else one of this process space (the pid rule)
+            splits = ([(f, r) for f, r in splits if f".{f}.lck-{r}" in entries]
+                      or [(f, r) for f, r in splits if _BUILDER_SUFFIX.fullmatch(r)["space"] == space])
+        for final, rest in splits:
+            builds.setdefault(f".{final}.lck-{rest}", set()).add((final, rest))
+    for lock_name, ids in sorted(builds.items()):
+        lock = parent / lock_name
         with _dead_builders_lock(lock) as gone:
+            if gone is False:  # a live build, or one that cannot be told: left alone
+                continue
             if gone is None:  # no lock file: the pid rule
-                _remove_dead_build(parent, [f for f in folders if f[3] == space and not pid_alive(f[4])])
-            elif gone:
-                _remove_dead_build(parent, folders)
-                if not any(_folder_left(f[1]) for f in folders):  # still holding it: the lock file goes last
-                    with contextlib.suppress(OSError):  # may not (another user's file in a sticky folder): a later look
-                        lock.unlink(missing_ok=True)
+                ids = {(f, r) for f, r in ids if _pid_gone_here(r, space)}
+            # Listed again by name now that its builder is known gone: one alive at the listing above may have made a
+            # folder since (its `.old-*` one) before it died, which would otherwise be left without its lock file.
+            folders = [(kind, parent / f".{final}.{kind}-{rest}", final) for final, rest in sorted(ids) for kind in ("tmp", "old")]
+            folders = [f for f in folders if _folder_left(f[1])]
+            _remove_dead_build(parent, folders)
+            if gone and not any(_folder_left(f[1]) for f in folders):  # still holding it: the lock file goes last
+                with contextlib.suppress(OSError):  # may not (another user's file in a sticky folder): a later look
+                    lock.unlink(missing_ok=True)
 
 
-def _remove_dead_build(parent: Path, folders: list[tuple[str, Path, str, str, int]]) -> None:
+_BUILDER_SUFFIX = re.compile(r"(?P<space>.+)-(?P<pid>\d+)-(?P<suffix>[A-Za-z0-9_]+)")  # after `.<name>.<kind>-`
+
+
+def _build_name_splits(entry: str, name: str | None) -> list[tuple[str, str, str]]:
+    """Each way to read `entry` as a build's file `.<final>.<kind>-<space>-<pid>-<suffix>` (kind tmp, old or lck), as
+    (final, kind, `<space>-<pid>-<suffix>`); where `name` is given, only the one whose final name it is. A process space
+    may itself hold `.tmp-`, `.old-` or `.lck-` (a host name such as `app.old-dc`), so without a name there can be several:
+    `remove_dead_builds` keeps the one whose lock file is there."""
+    if not entry.startswith("."):
+        return []
+    splits = []
+    for m in re.finditer(r"\.(tmp|old|lck)-", entry):
+        final, rest = entry[1:m.start()], entry[m.end():]
+        if final and (name is None or final == name) and _BUILDER_SUFFIX.fullmatch(rest):
+            splits.append((final, m[1], rest))
+    return splits
+
+
+def _pid_gone_here(builder_suffix: str, space: str) -> bool:
+    """Whether the builder of `<space>-<pid>-<suffix>` is of this process space and its pid gone (another space's pid says
+    nothing here)."""
+    m = _BUILDER_SUFFIX.fullmatch(builder_suffix)
+    return m["space"] == space and not pid_alive(int(m["pid"]))
+
+
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _remove_dead_build(parent: Path, folders: list[tuple[str, Path, str]]) -> None:
     """Put back the folder a dead build moved aside (its `.old-*` one, if nothing stands in its place) and remove the rest."""
-    for kind, p, final_name, _, _ in folders:
+    for kind, p, final_name in folders:
         if kind == "old":  # killed between the two renames: the folder it moved aside goes back
             final = parent / final_name
             try:

@@ -1258,12 +1258,12 @@ def test_a_lock_holder_of_another_pid_namespace_on_this_host_is_named_not_taken_
     assert common._lock_holder(holder) == "another process (not recorded yet)"
 
 
-def test_rev_a_look_that_listed_a_live_build_does_not_unlink_its_lock_before_seeing_the_folder_it_made_after(tmp_path, monkeypatch):
-    """REVIEW (defect): `remove_dead_builds` lists the folders (glob) BEFORE it takes each build's flock. A builder alive
-    at the listing that moves the old folder aside (`.old-*`) and is killed before the flock is taken: the look takes the
-    now-free lock, removes only the folders it listed (the new temp folder: the finished build), and unlinks the lock file
-    since those are gone. The `.old-*` folder is left without a lock file: of another process space it is never put back
-    nor removed (the stage is recomputed and its old copy leaks) - the very case the build locks were meant to fix."""
+def test_a_look_that_listed_a_live_build_sees_the_folder_it_made_before_it_died(tmp_path, monkeypatch):
+    """`remove_dead_builds` lists the folders, then takes each build's flock. A builder alive at the listing that moves the
+    old folder aside (`.old-*`) and is killed before the flock is taken: the look, holding the now-free lock, lists that
+    build's folders again by name, puts the old folder back and removes the temp one, and only then unlinks the lock file
+    (a review: it acted on the folders it had listed, unlinked the lock file, and left the `.old-*` folder without one,
+    never put back from another process space)."""
     from tasks import common
 
     final = tmp_path / "adapter"
@@ -1351,13 +1351,12 @@ def test_a_final_name_whose_temp_folder_name_fits_name_max_still_builds(tmp_path
     assert (tmp_path / name / "weights").read_text() == "whole"
 
 
-@pytest.mark.parametrize("space", ["app.old-dc.corp_pidns4026531836", "db.lock-7_pidns4026531836", "h.tmp-1_pidns4026531836"])
-def test_rev_a_look_at_every_folder_parses_a_host_name_with_a_kind_in_it(tmp_path, space):
-    """REVIEW (defect, very low): `remove_dead_builds(parent)` without a name (`mark_crashed_runs`) parses the final name
-    greedily (`\\.(?P<name>.+)\\.(?P<kind>tmp|old|lock)-`), and the process space is no longer a literal: a host name
-    holding `.old-`, `.lock-` or `.tmp-` (dots and dashes are kept by `process_space`) splits at the wrong place, the lock
-    file is looked for under a wrong name, and the dead build's temp folder is left for good (with `.lock-` in the host,
-    its lock file is even taken for another build's and unlinked, the folder kept)."""
+@pytest.mark.parametrize("space", ["app.old-dc.corp_pidns4026531836", "db.lck-7_pidns4026531836", "h.tmp-1_pidns4026531836"])
+def test_a_look_at_every_folder_parses_a_host_name_with_a_kind_in_it(tmp_path, space):
+    """`remove_dead_builds(parent)` without a name (`mark_crashed_runs`) reads a build's files whatever their process space
+    holds: a host name with `.old-`, `.lck-` or `.tmp-` in it (`process_space` keeps dots and dashes) splits the file name
+    in more than one place, and the look keeps the split whose lock file is there, so a dead build's temp folder is
+    removed (a review: the greedy name looked for the lock file under a wrong name and left the folder for good)."""
     import subprocess
     import sys
 
