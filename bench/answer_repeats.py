@@ -12,14 +12,11 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.answer_lengths import assistant_spans  # noqa: E402
+from bench.answer_lengths import cli, sampled_turns  # noqa: E402
 
 
 def repeated_share(words: list[str], n: int = 10) -> float:
@@ -34,32 +31,17 @@ def repeated_share(words: list[str], n: int = 10) -> float:
 
 
 def repeats(data_dir: Path, tokenizer_dir: Path, rows: int, seed: int) -> dict:
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer
-
     from tasks.benchmarks import loop_start
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    ds = load_from_disk(str(data_dir / "train"))
-    picked = random.Random(seed).sample(range(len(ds)), min(rows, len(ds)))
-    turns = [tok.decode(s, skip_special_tokens=True) for i in picked for s in assistant_spans(ds[i]["input_ids"], ds[i]["labels"])]
+    total, sampled = sampled_turns(data_dir, tokenizer_dir, rows, seed)
+    turns = [t for row in sampled for t in row]
     # " x": a word for the detector to drop as the one the cap cut, so the turn's own last word is compared
     ends = sum(loop_start(t + " x", False) is not None for t in turns)
     shares = [repeated_share(t.split()) for t in turns]
-    return {"rows": len(picked), "of": len(ds), "turns": len(turns), "end_in_a_repeat": round(ends / len(turns), 4),
+    return {"rows": len(sampled), "of": total, "turns": len(turns), "end_in_a_repeat": round(ends / len(turns), 4),
             "repeated_10grams_over_10pct": round(sum(s > 0.1 for s in shares) / len(turns), 4),
             "repeated_10grams_over_20pct": round(sum(s > 0.2 for s in shares) / len(turns), 4)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("data_dir", type=Path)
-    ap.add_argument("tokenizer_dir", type=Path)
-    ap.add_argument("--rows", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=2)
-    a = ap.parse_args()
-    print(json.dumps(repeats(a.data_dir, a.tokenizer_dir, a.rows, a.seed)))
-
-
 if __name__ == "__main__":
-    main()
+    cli(repeats)
