@@ -1130,10 +1130,9 @@ def test_a_build_killed_in_a_real_other_pid_namespace_leaves_a_temp_folder_the_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_a_build_killed_between_the_renames_in_another_process_space_gets_its_folder_back(tmp_path):
-    """The same, killed between `building`'s two renames: the folder it replaced stood aside (`.old-*`) and none in its
-    place, so every later container recomputed the stage (hours, for training) and the old copy stayed. The next look
-    at the folder takes the dead builder's lock and puts it back."""
+def _adapter_moved_aside_by_a_build_killed_in_another_space(tmp_path: Path) -> Path:
+    """`tmp_path / "adapter"`, built whole ("weights": "whole"), then rebuilt by another process space's builder that was
+    SIGKILLed between the two renames: the folder stands aside in its `.adapter.old-*` folder and none in its place."""
     from tasks import common
 
     final = tmp_path / "adapter"
@@ -1142,6 +1141,16 @@ def test_a_build_killed_between_the_renames_in_another_process_space_gets_its_fo
     child = _build_in_another_space(final, "pass", before=KILLED_BETWEEN_THE_RENAMES)
     child.communicate(timeout=120)
     assert child.returncode == -9 and not final.exists()
+    return final
+
+
+def test_a_build_killed_between_the_renames_in_another_process_space_gets_its_folder_back(tmp_path):
+    """The same, killed between `building`'s two renames: the folder it replaced stood aside (`.old-*`) and none in its
+    place, so every later container recomputed the stage (hours, for training) and the old copy stayed. The next look
+    at the folder takes the dead builder's lock and puts it back."""
+    from tasks import common
+
+    final = _adapter_moved_aside_by_a_build_killed_in_another_space(tmp_path)
     assert len(list(tmp_path.glob(f".adapter.old-{OTHER_SPACE}-*/adapter"))) == 1
     assert common.is_complete(final) and (final / "weights").read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
@@ -1383,12 +1392,7 @@ def test_a_look_never_raises_on_a_dead_builds_old_folder_it_may_not_enter(tmp_pa
 
     from tasks import common
 
-    final = tmp_path / "adapter"
-    with common.building(final) as tmp:
-        (tmp / "weights").write_text("whole")
-    child = _build_in_another_space(final, "pass", before=KILLED_BETWEEN_THE_RENAMES)
-    child.communicate(timeout=120)
-    assert child.returncode == -9 and not final.exists()
+    final = _adapter_moved_aside_by_a_build_killed_in_another_space(tmp_path)
     real_is_dir = pathlib.Path.is_dir
 
     def is_dir(self):
