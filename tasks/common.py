@@ -436,7 +436,7 @@ def remove_dead_builds(parent: Path, name: str | None = None) -> None:
             if gone is False:  # a live build, or one that cannot be told: left alone
                 continue
             if gone is None:  # no lock file: the pid rule
-                ids = {(f, r) for f, r in ids if _pid_gone_here(r, space)}
+                ids = {(f, r) for f, r in ids if _pid_gone_here(r)}
             # Listed again by name now that its builder is known gone: one alive at the listing above may have made a
             # folder since (its `.old-*` one) before it died, which would otherwise be left without its lock file.
             folders = [(kind, parent / f".{final}.{kind}-{rest}", final) for final, rest in sorted(ids) for kind in ("tmp", "old")]
@@ -465,11 +465,11 @@ def _build_name_splits(entry: str, name: str | None) -> list[tuple[str, str, str
     return splits
 
 
-def _pid_gone_here(builder_suffix: str, space: str) -> bool:
-    """Whether the builder of `<space>-<pid>-<suffix>` is of this process space and its pid gone (another space's pid says
-    nothing here)."""
+def _pid_gone_here(builder_suffix: str) -> bool:
+    """Whether the builder of `<space>-<pid>-<suffix>` is known gone: of this process space and its pid gone (another
+    space's pid says nothing here), as a run record's process is judged."""
     m = _BUILDER_SUFFIX.fullmatch(builder_suffix)
-    return m["space"] == space and not pid_alive(int(m["pid"]))
+    return recorded_process_gone(int(m["pid"]), None, m["space"])
 
 
 def _entry_is_dir(entry: os.DirEntry) -> bool:
