@@ -571,13 +571,15 @@ def _request(url: str, body: dict | None = None, key: str | None = None, raw: by
 
 def test_serve_model_merged_answers_the_documented_request_under_the_published_name(own_published, tmp_path):
     """A real `serve-model` (transformers serve) on the tiny run: the printed/README request with "model": <published
-    name> is answered; /v1/models and errors show no filesystem path; the API key is required; /load_model is not served."""
+    name> is answered; /v1/models and errors show no filesystem path; the API key is required; /load_model is not served.
+    Its Hugging Face cache holds another generative model, which /v1/models must not list (the other case of
+    `test_serve_model_merged_lists_the_served_model_alone_whatever_the_hub_cache_holds`, on this server: a start is ~20 s)."""
     import signal
 
     cfg, art, pub, _ = own_published
     key = "k-123"
     log = tmp_path / "serve.log"
-    proc, url = _start_serve_model(art, log, key=key)
+    proc, url = _start_serve_model(art, log, key=key, env={"HF_HUB_CACHE": str(_hub_cache_with_another_model(tmp_path / "hub"))})
     try:
         chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 4, "temperature": 0}
         assert _request(f"{url}/v1/chat/completions", chat)[0] == 401  # no key
@@ -641,22 +643,15 @@ def _hub_cache_with_another_model(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("cache", ["none", "another model"])
-def test_serve_model_merged_lists_the_served_model_alone_whatever_the_hub_cache_holds(own_published, tmp_path, cache):
+def test_serve_model_merged_lists_the_served_model_alone_whatever_the_hub_cache_holds(served_r1):
     """/v1/models lists the served model, under its name, and nothing else, as llama.cpp's server lists its one model.
     transformers 5.17 listed the generative models of the Hugging Face cache: a 500 (CacheNotFound) on a machine that
-    never downloaded one, and acme/other-llm, not the served model, on one that did. 5.25 lists a pinned model alone."""
-    import signal
-
-    cfg, art, pub, _ = own_published
-    hub = tmp_path / "no-hub-cache" if cache == "none" else _hub_cache_with_another_model(tmp_path / "hub")
-    proc, base = _start_serve_model(art, tmp_path / "serve.log", env={"HF_HUB_CACHE": str(hub)})
-    try:
-        code, models = _request(f"{base}/v1/models")
-        assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name], models
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+    never downloaded one, and acme/other-llm, not the served model, on one that did. 5.25 lists a pinned model alone.
+    Here the shared server, whose cache folder does not exist; a cache holding another model is the documented-request
+    test's server."""
+    pub, base = served_r1
+    code, models = _request(f"{base}/v1/models")
+    assert code == 200 and [m["id"] for m in json.loads(models)["data"]] == [pub.name], models
 
 
 def _request_or_none(url: str) -> int | None:
@@ -954,8 +949,9 @@ def served_r1_log(own_published, tmp_path_factory):
     import signal
 
     cfg, art, pub, _ = own_published
-    log = tmp_path_factory.mktemp("serve-review") / "serve.log"
-    proc, base = _start_serve_model(art, log)
+    tmp = tmp_path_factory.mktemp("serve-review")
+    log = tmp / "serve.log"
+    proc, base = _start_serve_model(art, log, env={"HF_HUB_CACHE": str(tmp / "no-hub-cache")})  # a machine that never downloaded a model
     yield pub, base, log
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(timeout=60)
