@@ -143,6 +143,10 @@ def _temporary_server_outside_ctrl_c() -> None:
     import subprocess
     import types
 
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:  # a server of the user's: nothing to start (and its module, ~4 s of imports, unread)
+        return
     from prefect.server.api import server
 
     if getattr(server.subprocess, "_detached", False):
