@@ -28,6 +28,10 @@ REL = 1e-4  # per-step loss, compiled vs eager (fp32; only the order of sums may
 # a one-sample pack (no mask) and a full pack as (micro_batch, max_length) rows; padded batches exact, symbolic, fewer
 # rows and no padding (no mask).
 GRAPHS = {"padded": 4, "fused": 4, "fast": 4}
+# At micro-batch 1 (a quarter of the compute per step): packed rows exact, symbolic and a one-sample pack (no rows:
+# a full pack is one sample); padded batches exact, symbolic and no padding (no fewer rows).
+GRAPHS_MB1 = 3
+ROWS_MB1 = ((30,), (17,), (40,))  # micro-batches of one row: padded to 32 and 24 (a mask), and 40 unpadded (no mask)
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +52,13 @@ def tiny_data(tiny_cfg, shared_artifacts):
     return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
 
 
-def counting_backend(counts: dict, aot: bool = True):
+def counting_backend(counts: dict, aot: bool = True, fail_after: list | None = None):
     """aot_eager whose compiled forward and backward graphs count how often they are compiled and run; `aot=False`:
-    dynamo's graphs run as traced (no AOTAutograd, no backward graphs), counted as forward graphs."""
+    dynamo's graphs run as traced (no AOTAutograd, no backward graphs), counted as forward graphs. `fail_after`: once
+    it holds "warm", each graph asked for is noted there and its compile fails: on a backward one, the compiler failure
+    that, met in a training step, raised in `loss.backward()` (AOTAutograd compiles a graph with symbolic sizes'
+    backward there, lazily), where no fallback can reach; on a forward one, a compile error a forward meets while
+    training (torch without stances)."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
 
@@ -68,6 +76,9 @@ def counting_backend(counts: dict, aot: bool = True):
 
     def compiler(kind):
         def compile_graph(gm, example_inputs):
+            if fail_after is not None and "warm" in fail_after:
+                fail_after.append(kind)
+                raise RuntimeError(f"injected {kind} compiler failure after the warm-up")
             counts[f"{kind}_graphs"] = counts.get(f"{kind}_graphs", 0) + 1
 
             def run(*args):
@@ -158,21 +169,21 @@ STEP_BATCHES = {"fused": ((24, 17, 30, 11), (40,), (19, 33, 27, 15), (45,)),
                 "padded": ((24, 17, 30, 11), (40, 13, 22), (32, 32, 32, 32), (19, 33, 27, 15))}
 
 
-@pytest.mark.parametrize("engine", ["padded", "fused"])
-def test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs(tiny_cfg, shared_artifacts, monkeypatch, engine):
+def _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, engine, asked=None):
     """Checkpointed layers, compiled: both layers share one graph per variant (GRAPHS: the warm-up's exact sizes, then
     symbolic ones, then each other form a batch takes), the training steps, packs of one sample and short or unpadded
     batches among them, compile nothing more and run the compiled forward and backward for every layer (the backward's
     forward included: the recompute reruns the compiled layer), none of them eagerly; a forward keeps for the backward
     what eager checkpointing keeps (the checkpoint stays outside the compiled region: transformers 5.2x's checkpointing
-    wrapper, compiled, kept 5x the tensors), and per-step losses equal eager's. `fused` runs PEFT's LoRA forward inside
-    the graph (the fused path hands over while compiling)."""
+    wrapper, compiled, kept 5x the tensors), and per-step losses equal eager's. `asked`: the backend also fails on any
+    graph asked for once `asked` holds "warm" (counting_backend). Returns (the eager reference, the compiled model,
+    its log lines), trained."""
     steps = len(STEP_BATCHES[engine])
     reference = _model(tiny_cfg, shared_artifacts, engine, compiled=False)
     kept = _saved(reference, engine)
     eager = _train_steps(reference, engine, steps, STEP_BATCHES[engine])
     counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts))
+    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, fail_after=asked))
     logs = []
     model = _model(tiny_cfg, shared_artifacts, engine, compiled=True, log=logs.append)
     state = model.layer_compile
@@ -189,6 +200,15 @@ def test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs(tiny_cf
     assert counts["backward_runs"] - warm["backward_runs"] == steps * 2
     assert state.eager_calls == 0 and not logs
     assert _close(eager, compiled), (eager, compiled)
+    return reference, model, logs
+
+
+def test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs(tiny_cfg, shared_artifacts, monkeypatch):
+    """_check_compiled_layers_train_as_eager_does on the `fused` engine, which runs PEFT's LoRA forward inside the graph
+    (the fused path hands over while compiling). The `padded` engine's case opens
+    test_a_variant_the_warm_up_did_not_compile_runs_eagerly_..., which goes on with the model it trained (one aot_eager
+    build for both)."""
+    _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "fused")
 
 
 def test_4bit_layers_compile_without_graph_breaks_and_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch):
@@ -197,13 +217,14 @@ def test_4bit_layers_compile_without_graph_breaks_and_train_as_eager_does(tiny_c
     layers (the 4-bit weights are graph inputs, not per-layer constants), per-step losses equal eager's."""
     from torch._dynamo.utils import counters
 
-    qlora = tiny_cfg.quant.model_copy(update={"cpu_fallback": "qlora"})
-    eager = _train_steps(_model(tiny_cfg, shared_artifacts, "padded", compiled=False, quant=qlora), "padded")
+    qlora = tiny_cfg.quant.model_copy(update={"cpu_fallback": "qlora"})  # at micro-batch 1: 3 graphs, not 4
+    eager = _train_steps(_model(tiny_cfg, shared_artifacts, "padded", compiled=False, quant=qlora), "padded", 3, ROWS_MB1)
     monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
-    model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, quant=qlora)
+    model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, quant=qlora, shape=(1, 48))
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
-    assert model.layer_compile.graphs == GRAPHS["padded"] and not counters["graph_break"]
-    assert _close(eager, _train_steps(model, "padded")) and not counters["graph_break"]
+    assert model.layer_compile.graphs == GRAPHS_MB1 and not counters["graph_break"]
+    assert _close(eager, _train_steps(model, "padded", 3, ROWS_MB1)) and not counters["graph_break"]
+    assert model.layer_compile.eager_calls == 0  # the steps ran the compiled graphs
 
 
 def test_the_fused_path_hands_over_to_peft_inside_a_compiled_layer(tiny_cfg, shared_artifacts, monkeypatch):
@@ -230,14 +251,15 @@ def test_probe_and_training_compile_through_the_same_builder_and_count_it_as_loa
     from tasks.train import train_adapter
 
     monkeypatch.setattr(compile_mod, "BACKEND", "eager")  # dynamo's part is the subject
-    training = tiny_cfg.training.model_copy(update={"compile": "layers", "gradient_checkpointing": True, "max_steps": 2, "grad_accum": 2})
+    training = tiny_cfg.training.model_copy(update={"compile": "layers", "gradient_checkpointing": True, "max_steps": 2, "grad_accum": 2,
+                                                    "micro_batch_size": 2})  # 2, not the profile's 8: still the padded warm-up's 4 graphs
     logs = []
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", str(tmp_path), logs.append)
     (trial,) = probe.trials
     assert probe.compile_layers and trial["compile_layers"] and trial["compile_graphs"] == GRAPHS["padded"]
     assert trial["compile_graphs_in_steps"] == 0 and trial["compile_eager_calls_in_steps"] == 0
     assert 0 < probe.compile_seconds <= probe.load_seconds <= probe.fixed_seconds
-    assert any(m.startswith(f"probe: micro-batch 8 x accum 2, checkpointing True (decoder layers compiled: {GRAPHS['padded']} graphs in")
+    assert any(m.startswith(f"probe: micro-batch 2 x accum 2, checkpointing True (decoder layers compiled: {GRAPHS['padded']} graphs in")
                for m in logs)
     logs.clear()
     rec = train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, str(tmp_path), logs.append)
@@ -322,26 +344,6 @@ def test_an_out_of_memory_in_the_warm_up_stays_an_out_of_memory(tiny_cfg, shared
         _model(tiny_cfg, shared_artifacts, "padded", compiled=True)
 
 
-def failing_after_warm_up(asked: list):
-    """aot_eager whose compilers, once `asked` holds "warm", note each graph asked for and fail: on a backward one, the
-    compiler failure that, met in a training step, raised in `loss.backward()` (AOTAutograd compiles a graph with
-    symbolic sizes' backward there, lazily), where no fallback can reach; on a forward one, a compile error a forward
-    meets while training (torch without stances)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    def compiler(kind):
-        def compile_graph(gm, example_inputs):
-            if "warm" in asked:
-                asked.append(kind)
-                raise RuntimeError(f"injected {kind} compiler failure after the warm-up")
-            return make_boxed_func(gm)
-
-        return compile_graph
-
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
-
-
 def _grads(model, batch, second_layer_eval=False) -> dict:
     model.train()
     if second_layer_eval:
@@ -360,7 +362,11 @@ def _same_grads(a: dict, b: dict) -> bool:
 
 def test_a_variant_the_warm_up_did_not_compile_runs_eagerly_and_without_stances_its_compile_error_sends_later_forwards_to_eager(
         tiny_cfg, shared_artifacts, monkeypatch):
-    """One compiled build (an aot_eager warm-up is most of a test's time), two claims in turn.
+    """One compiled build (an aot_eager warm-up is most of a test's time), three claims in turn.
+
+    First, _check_compiled_layers_train_as_eager_does on the `padded` engine (the case
+    test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs checks on `fused`); then the eager reference's
+    trained LoRA weights are copied into the compiled model, so the gradients below compare like with like.
 
     With stances: after the warm-up every call runs under torch's eager_on_recompile stance: a variant met in training
     that no graph fits (here: one layer in eval mode; a padded batch of one row at micro-batch 4, whose size 1 torch
@@ -376,10 +382,12 @@ def test_a_variant_the_warm_up_did_not_compile_runs_eagerly_and_without_stances_
     import contextlib
 
     asked: list = []
-    reference = _model(tiny_cfg, shared_artifacts, "padded", compiled=False)
-    monkeypatch.setattr(compile_mod, "BACKEND", failing_after_warm_up(asked))
-    logs = []
-    model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, log=logs.append)
+    reference, model, logs = _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "padded", asked)
+    trained = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
     state = model.layer_compile
     assert state.active and state.graphs == GRAPHS["padded"] and state.eager_calls == 0 and not logs
     asked.append("warm")
@@ -446,10 +454,10 @@ def test_each_build_in_one_process_compiles_its_own_graphs(tiny_cfg, shared_arti
     a build found the earlier builds' graphs (0 compiled, recorded so) and the trials' variants piled up on one cache."""
     counts: dict = {}
     monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
-    for gc, shape in ((False, (2, 40)), (True, (4, 48))):  # 6 graphs, then 3: 9 on one cache were past torch's limit
+    for gc, shape in ((False, (1, 40)), (True, (1, 48))):  # 6 graphs, then 3: 9 on one cache were past torch's limit
         model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, gc=gc, shape=shape)
         state = model.layer_compile
-        assert state.active and state.graphs == GRAPHS["fused"] * (1 if gc else 2)  # without checkpointing: layer 0's input needs no grad
+        assert state.active and state.graphs == GRAPHS_MB1 * (1 if gc else 2)  # without checkpointing: layer 0's input needs no grad
         runs = counts["forward_runs"]
         _train_steps(model, "fused", 2, STEP_BATCHES["fused"])
         assert counts["forward_runs"] - runs == 2 * 2 * (2 if gc else 1) and state.eager_calls == 0
@@ -549,7 +557,7 @@ def test_inductor_on_this_cpu_trains_as_eager_does(tiny_cfg, shared_artifacts):
     mask) rather than 4 (no fewer-rows batch): inductor's C++ compiles, with a cold cache as on a fresh CI box, are the
     test's time (~112 s at micro-batch 4, ~97 s at 1, on 2 busy cores, 2026-12-05), and the rows' lengths vary as packs
     do, with and without padding."""
-    rows = ((30,), (17,), (40,))  # padded to 32 and 24 (a mask), and 40 unpadded (no mask)
+    rows = ROWS_MB1
     eager = _train_steps(_model(tiny_cfg, shared_artifacts, "padded", compiled=False), "padded", 3, rows)
     logs = []
     model = _model(tiny_cfg, shared_artifacts, "padded", compiled=True, log=logs.append, shape=(1, 48))
@@ -572,12 +580,12 @@ def test_a_multimodal_gemma3_without_checkpointing_builds_no_kv_cache_and_trains
     cfg = tiny_cfg.model_copy(update={"model": tiny_cfg.model.model_copy(update={"name": "random:gemma3", "random_config": GEMMA3})})
     counts: dict = {}
     monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
-    model = _model(cfg, shared_artifacts, "padded", compiled=True, gc=False)
+    model = _model(cfg, shared_artifacts, "padded", compiled=True, gc=False, shape=(1, 48))  # micro-batch 1: 12 graphs, not 16
     assert model.get_base_model().config.get_text_config().use_cache is False
     state = model.layer_compile
     assert state.active and state.graphs > 0 and state.eager_calls == 0
     runs = counts["forward_runs"]
-    _train_steps(model, "padded", 2)
+    _train_steps(model, "padded", 2, ROWS_MB1)
     assert counts["forward_runs"] - runs == 2 * 2 and state.eager_calls == 0  # 2 steps x 2 text layers, compiled
 
 
