@@ -177,7 +177,8 @@ def _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monke
     what eager checkpointing keeps (the checkpoint stays outside the compiled region: transformers 5.2x's checkpointing
     wrapper, compiled, kept 5x the tensors), and per-step losses equal eager's. `asked`: the backend also fails on any
     graph asked for once `asked` holds "warm" (counting_backend). Returns (the eager reference, the compiled model,
-    its log lines), trained."""
+    its log lines, the backend's counts), trained; then the reference's trained LoRA weights are copied into the
+    compiled model, so what the caller compares next starts from the same weights."""
     steps = len(STEP_BATCHES[engine])
     reference = _model(tiny_cfg, shared_artifacts, engine, compiled=False)
     kept = _saved(reference, engine)
@@ -200,15 +201,40 @@ def _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monke
     assert counts["backward_runs"] - warm["backward_runs"] == steps * 2
     assert state.eager_calls == 0 and not logs
     assert _close(eager, compiled), (eager, compiled)
-    return reference, model, logs
+    trained = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
+    return reference, model, logs, counts
 
 
-def test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs(tiny_cfg, shared_artifacts, monkeypatch):
-    """_check_compiled_layers_train_as_eager_does on the `fused` engine, which runs PEFT's LoRA forward inside the graph
-    (the fused path hands over while compiling). The `padded` engine's case opens
-    test_a_variant_the_warm_up_did_not_compile_runs_eagerly_..., which goes on with the model it trained (one aot_eager
-    build for both)."""
-    _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "fused")
+def test_compiled_layers_train_as_eager_does_and_a_full_pack_trains_as_rows_with_the_packed_rows_loss(tiny_cfg, shared_artifacts,
+                                                                                                     monkeypatch):
+    """One aot_eager build, two claims. _check_compiled_layers_train_as_eager_does on the `fused` engine, which runs
+    PEFT's LoRA forward inside the graph (the fused path hands over while compiling); the `padded` engine's case opens
+    test_a_variant_the_warm_up_did_not_compile_runs_eagerly_..., one build for both there too.
+
+    Then a pack of micro_batch samples that each fill max_length goes as (micro_batch, max_length) rows (the collator
+    build_model and stage 4 make): its layer calls run the warm-up's graph (none eagerly), and its loss and LoRA
+    gradients are those of the same samples as one packed row through the eager model."""
+    reference, model, _, counts = _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "fused")
+    rows = _rows((48,) * 4, 5)
+    results = []
+    for net, shape in ((model, (4, 48)), (reference, None)):  # the compiled model as rows, the eager one packed
+        batch = collator_for("fused", 0, net.train(), shape)(rows)
+        assert ("cu_seq_lens_q" in batch) == (shape is None) and tuple(batch["input_ids"].shape) == ((4, 48) if shape else (1, 192))
+        runs = counts["forward_runs"]
+        loss = net(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+        if shape:
+            assert model.layer_compile.eager_calls == 0 and counts["forward_runs"] - runs == 2 * 2  # 2 layers, forward + recompute
+    (rows_loss, rows_grads), (packed_loss, packed_grads) = results
+    assert rows_loss == pytest.approx(packed_loss, rel=REL)
+    for k, g in packed_grads.items():
+        torch.testing.assert_close(rows_grads[k], g, atol=1e-5, rtol=1e-3, msg=k)
 
 
 def test_4bit_layers_compile_without_graph_breaks_and_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch):
@@ -364,9 +390,9 @@ def test_a_variant_the_warm_up_did_not_compile_runs_eagerly_and_without_stances_
         tiny_cfg, shared_artifacts, monkeypatch):
     """One compiled build (an aot_eager warm-up is most of a test's time), three claims in turn.
 
-    First, _check_compiled_layers_train_as_eager_does on the `padded` engine (the case
-    test_compiled_layers_train_as_eager_does_and_run_the_compiled_graphs checks on `fused`); then the eager reference's
-    trained LoRA weights are copied into the compiled model, so the gradients below compare like with like.
+    First, _check_compiled_layers_train_as_eager_does on the `padded` engine (test_compiled_layers_train_as_eager_does_...
+    checks it on `fused`), which leaves the compiled model with the eager reference's trained LoRA weights, so the
+    gradients below compare like with like.
 
     With stances: after the warm-up every call runs under torch's eager_on_recompile stance: a variant met in training
     that no graph fits (here: one layer in eval mode; a padded batch of one row at micro-batch 4, whose size 1 torch
@@ -382,12 +408,7 @@ def test_a_variant_the_warm_up_did_not_compile_runs_eagerly_and_without_stances_
     import contextlib
 
     asked: list = []
-    reference, model, logs = _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "padded", asked)
-    trained = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(trained[name])
+    reference, model, logs, _ = _check_compiled_layers_train_as_eager_does(tiny_cfg, shared_artifacts, monkeypatch, "padded", asked)
     state = model.layer_compile
     assert state.active and state.graphs == GRAPHS["padded"] and state.eager_calls == 0 and not logs
     asked.append("warm")
@@ -447,11 +468,17 @@ def test_warm_up_batches_differ_where_training_batches_do_and_take_each_form_the
     assert padded == [((1, 64), False), ((1, 56), False), ((1, 48), True)]
 
 
-def test_each_build_in_one_process_compiles_its_own_graphs(tiny_cfg, shared_artifacts, monkeypatch):
+def test_each_build_in_one_process_compiles_its_own_graphs_and_at_micro_batch_1_keeps_the_packed_warm_up(tiny_cfg, shared_artifacts,
+                                                                                                         monkeypatch):
     """The probe builds a model per trial in one process. Each build starts from empty compile caches, so it compiles
     and records its own graphs however many builds came before, and its steps run them (none eagerly: torch's recompile
     limit, 8 per code object, is never reached, past which a layer ran eagerly while the record said compiled). Before,
-    a build found the earlier builds' graphs (0 compiled, recorded so) and the trials' variants piled up on one cache."""
+    a build found the earlier builds' graphs (0 compiled, recorded so) and the trials' variants piled up on one cache.
+
+    The last build is at micro-batch 1, where no pack goes as rows (a full pack is one sample), so collator_for sets no
+    full_rows and the warm-up is the packed one, its multi-sample packs first: packs of several samples and of one, of
+    any length, then train on its graphs, none eagerly (with a rows warm-up the one-sample pack led, the multi-sample
+    pack's mask was fixed by a later exact compile, and every other multi-sample pack ran eagerly)."""
     counts: dict = {}
     monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
     for gc, shape in ((False, (1, 40)), (True, (1, 48))):  # 6 graphs, then 3: 9 on one cache were past torch's limit
@@ -461,6 +488,13 @@ def test_each_build_in_one_process_compiles_its_own_graphs(tiny_cfg, shared_arti
         runs = counts["forward_runs"]
         _train_steps(model, "fused", 2, STEP_BATCHES["fused"])
         assert counts["forward_runs"] - runs == 2 * 2 * (2 if gc else 1) and state.eager_calls == 0
+    collate = collator_for("fused", 0, model, (1, 48))  # as build_model made it for the last build
+    model.train()
+    for k, lengths in enumerate(((24, 17), (40,), (19, 13, 15), (48,))):
+        batch = collate(_rows(lengths, k))
+        model(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss.backward()
+    assert model.layer_compile.eager_calls == 0, model.layer_compile.eager_reason
+    assert collate.full_rows is None
 
 
 def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, monkeypatch, tmp_path):
@@ -483,48 +517,6 @@ def test_the_warm_up_runs_under_trainers_autocast(tiny_cfg, shared_artifacts, mo
     runs = counts["forward_runs"]
     trainer.train()
     assert counts["forward_runs"] - runs == 2 * 2 * 2 and state.eager_calls == 0 and counts["forward_graphs"] == GRAPHS["fused"]
-
-
-def test_a_full_pack_trains_as_rows_on_a_warm_up_graph_with_the_packed_rows_loss(tiny_cfg, shared_artifacts, monkeypatch):
-    """A pack of micro_batch samples that each fill max_length goes as (micro_batch, max_length) rows (the collator
-    build_model and stage 4 make): its layer calls run the warm-up's graph (none eagerly), and its loss and LoRA
-    gradients are those of the same samples as one packed row through the eager model."""
-    counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
-    rows = _rows((48,) * 4, 5)
-    results = []
-    for compiled, shape in ((True, (4, 48)), (False, None)):
-        model = _model(tiny_cfg, shared_artifacts, "fused", compiled=compiled).train()
-        batch = collator_for("fused", 0, model, shape)(rows)
-        assert ("cu_seq_lens_q" in batch) == (shape is None) and tuple(batch["input_ids"].shape) == ((4, 48) if shape else (1, 192))
-        runs = counts.get("forward_runs", 0)
-        loss = model(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-        results.append((loss.item(), grads))
-        if compiled:
-            assert model.layer_compile.eager_calls == 0 and counts["forward_runs"] - runs == 2 * 2  # 2 layers, forward + recompute
-    (rows_loss, rows_grads), (packed_loss, packed_grads) = results
-    assert rows_loss == pytest.approx(packed_loss, rel=REL)
-    for k, g in packed_grads.items():
-        torch.testing.assert_close(rows_grads[k], g, atol=1e-5, rtol=1e-3, msg=k)
-
-
-def test_at_micro_batch_1_the_collator_that_build_model_makes_keeps_the_packed_warm_up(tiny_cfg, shared_artifacts, monkeypatch):
-    """At micro-batch 1 no pack goes as rows (a full pack is one sample), so collator_for sets no full_rows and the
-    warm-up is the packed one, its multi-sample packs first: packs of several samples and of one, of any length, then
-    train on its graphs, none eagerly (with a rows warm-up the one-sample pack led, the multi-sample pack's mask was
-    fixed by a later exact compile, and every other multi-sample pack ran eagerly)."""
-    counts: dict = {}
-    monkeypatch.setattr(compile_mod, "BACKEND", counting_backend(counts, aot=False))
-    model = _model(tiny_cfg, shared_artifacts, "fused", compiled=True, shape=(1, 48))
-    collate = collator_for("fused", 0, model, (1, 48))
-    model.train()
-    for k, lengths in enumerate(((24, 17), (40,), (19, 13, 15), (48,))):
-        batch = collate(_rows(lengths, k))
-        model(**batch, num_items_in_batch=(batch.get("shift_labels", batch["labels"][..., 1:]) != -100).sum()).loss.backward()
-    assert model.layer_compile.eager_calls == 0, model.layer_compile.eager_reason
-    assert collate.full_rows is None
 
 
 def test_the_pipelines_trainer_runs_the_warm_up_graphs_through_a_liger_forward(tiny_cfg, shared_artifacts, monkeypatch, tmp_path):
