@@ -170,12 +170,14 @@ def compile_trainer_layers(trainer, collator, device: str):
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
-        lora_dropout="seeded", side_stream_offload=False, compile_layers=False, offload_kwargs=None):
+        lora_dropout="seeded", side_stream_offload=False, compile_layers=False, offload_kwargs=None, gc_frozen=False):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
     `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record.
     `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward),
     `offload_kwargs` its keyword arguments (`offload_checkpoints(model, **offload_kwargs)`: TRL's, and `prefetch`).
-    `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps."""
+    `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps.
+    `gc_frozen`: every object alive when training starts (the model, torch's and the libraries' own) moved out of the
+    cyclic garbage collector's reach (`gc.freeze()`), so a full collection in a step walks only what the steps made."""
     from datasets import Dataset
     from transformers import TrainingArguments
     from trl import SFTConfig
@@ -185,7 +187,8 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     record = {"name": name, "engine": engine, "data": rows["name"], "capped_gib": CAP_GIB if capped else None,
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
               "offload_kwargs": dict(offload_kwargs or {}) if side_stream_offload else None,
-              "compile_layers": compile_layers, "trainer": TRAINER, "full_rows": FULL_ROWS, "arg_overrides": dict(ARG_OVERRIDES)}
+              "compile_layers": compile_layers, "trainer": TRAINER, "full_rows": FULL_ROWS, "arg_overrides": dict(ARG_OVERRIDES),
+              "gc_frozen": gc_frozen}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -246,7 +249,12 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        if gc_frozen:
+            gc.freeze()
+        try:
+            trainer.train()
+        finally:
+            gc.unfreeze()  # the next run starts as every run did
         if graphs is not None:
             record.update(compile_graphs_in_steps=compiled_graphs() - graphs, compile_active_at_end=trainer.model.layer_compile.active,
                           compile_eager_calls_in_steps=trainer.model.layer_compile.eager_calls - eager,
@@ -262,6 +270,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             slots_per_s=sum(s["slots"] for s in timed) / secs,
             padding_share=1 - tokens / max(1, sum(s["slots"] for s in timed)),
             step_s=[round(s["s"], 3) for s in timer.steps],
+            step_gc_s=[s["gc_s"] for s in timer.steps],  # the garbage collector's seconds in each step, by generation
             step_tokens=[s["tokens"] for s in timer.steps],
             peak_gib=torch.cuda.max_memory_allocated() / GIB,
             peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB,
@@ -499,7 +508,7 @@ def main() -> None:
         fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
         go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
-    if families & {"fused", "fusedstored", "fused-offload", "fusedinmatmul"}:
+    if families & {"fused", "fusedstored", "fused-offload", "fused-offload-gcfrozen", "fusedinmatmul"}:
         info["fused_selfcheck"] = fused_selfcheck()
         log(f"fused LoRA self-check: {info['fused_selfcheck']}")
     if "fusedinmatmul" in families:
@@ -535,6 +544,9 @@ def main() -> None:
         for name, kwargs in offload_variants(a.offload_kwargs):
             go(name, model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
                side_stream_offload=True, offload_kwargs=kwargs, **prof)
+    if "fused-offload-gcfrozen" in families:  # TRL's offload as is, the collector frozen at the start (PERF_NOTES.md)
+        go("fused-offload-full-gcfrozen", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           side_stream_offload=True, offload_kwargs={}, gc_frozen=True, **prof)
 
     if families & {"fit16", "nockpt"} and fast_full and fast_full.get("ok"):
         # Two probes above the recompute transient: their difference is the true per-layer cost (one probe against

@@ -293,6 +293,7 @@ def run(entry: dict, rows: dict, model, tok, a: argparse.Namespace) -> dict:
             slots_per_s=sum(s["slots"] for s in timed) / secs,
             padding_share=1 - tokens / max(1, sum(s["slots"] for s in timed)),
             step_s=[round(s["s"], 3) for s in timer.steps],
+            step_gc_s=[s["gc_s"] for s in timer.steps],  # the garbage collector's seconds in each step, by generation
             step_tokens=[s["tokens"] for s in timer.steps],
             tokens_expected=entry["tokens"],
             tokens_match=None if entry["tokens"] is None else counted == entry["tokens"],

@@ -9,6 +9,7 @@ inside the function that needs it, which that script calls only after `import un
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import time
@@ -182,17 +183,53 @@ def trainer_classes(base: str = "sft"):
             return super().training_step(model, inputs, *args, **kwargs)
 
     class StepTimer(TrainerCallback):
+        """Each optimizer step's seconds, real tokens and slots, and the seconds Python's cyclic garbage collector ran
+        inside it (`gc_s`, by generation 0/1/2: a full collection walks every object the model and torch hold)."""
+
         def __init__(self):
             self.trainer, self.steps = None, []
+            self.pauses = GcPauses()
 
         def on_train_begin(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             self.t, self.tok, self.slot = time.perf_counter(), 0, 0
+            self.pauses.start()
 
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             now, tok, slot = time.perf_counter(), int(self.trainer.real_tokens), int(self.trainer.slots)
-            self.steps.append({"s": now - self.t, "tokens": tok - self.tok, "slots": slot - self.slot})
+            self.steps.append({"s": now - self.t, "tokens": tok - self.tok, "slots": slot - self.slot, "gc_s": [round(x, 4) for x in self.pauses.take()]})
             self.t, self.tok, self.slot = now, tok, slot
 
+        def on_train_end(self, args, state, control, **kwargs):
+            self.pauses.stop()
+
     return BenchTrainer, StepTimer
+
+
+class GcPauses:
+    """The seconds Python's cyclic garbage collector runs, by generation, between `start()` and `stop()` (a
+    `gc.callbacks` hook); `take()` returns them since the last take and starts again from 0."""
+
+    def __init__(self):
+        self.seconds, self._since = [0.0, 0.0, 0.0], None
+
+    def start(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        if self._hook not in gc.callbacks:
+            gc.callbacks.append(self._hook)
+
+    def stop(self) -> None:
+        if self._hook in gc.callbacks:
+            gc.callbacks.remove(self._hook)
+
+    def take(self) -> list[float]:
+        out, self.seconds = self.seconds, [0.0, 0.0, 0.0]
+        return out
+
+    def _hook(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._since = time.perf_counter()
+        elif self._since is not None:
+            self.seconds[info["generation"]] += time.perf_counter() - self._since
+            self._since = None

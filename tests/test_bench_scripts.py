@@ -46,6 +46,26 @@ def test_synthetic_sets_are_the_rows_a_sequential_sampler_reads():
     assert other["rows"] != full["rows"]
 
 
+def test_gc_pauses_counts_each_generation_between_start_and_stop_and_take_starts_again():
+    import gc
+
+    from bench.workload import GcPauses
+
+    pauses = GcPauses()
+    junk = [[i] for i in range(200_000)]  # a full collection with something to walk
+    pauses.start()
+    gc.collect(2)
+    first = pauses.take()
+    assert first[2] > 0 and first[0] == first[1] == 0, first
+    assert pauses.take() == [0.0, 0.0, 0.0]  # since the last take
+    gc.collect(0)
+    assert pauses.take()[0] > 0
+    pauses.stop()
+    gc.collect(2)
+    assert pauses.take() == [0.0, 0.0, 0.0] and pauses._hook not in gc.callbacks  # stopped: nothing counted
+    del junk
+
+
 # ---------------------------------------------------------------------------------------------- unsloth_bench
 
 
