@@ -355,6 +355,8 @@ class Deduper:
     """Finds conversations whose user turns are benchmark prompts (rules in the module docstring)."""
 
     def __init__(self, prompts: dict[str, list[str]], ngram: int = NGRAM):
+        if ngram < 2:  # rule 5 finds its places by a turn's word pairs (`gram_starts`)
+            raise ValueError(f"Deduper: ngram={ngram}; rule 5's n-grams are of 2 or more words (default {NGRAM})")
         self.ngram = ngram
         self.exact: dict[str, str] = {}
         self.normal: dict[str, str] = {}

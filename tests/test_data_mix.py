@@ -501,3 +501,10 @@ def test_a_local_mix_file_builds_the_same_rows_wherever_it_is(tmp_path, tiny_cfg
     first, second = records
     assert first.key == second.key and first.sources[1]["n_train"] == 12
     assert first.data_hash == second.data_hash
+
+
+def test_a_deduper_of_n_grams_under_two_words_is_refused_not_blind_to_rule_5(bench_prompts):
+    """Rule 5 looks a turn up by its word pairs: at ngram=1 it found nothing (a review of 7f33821); 2 still finds."""
+    with pytest.raises(ValueError, match="ngram=1"):
+        sources.Deduper(bench_prompts, ngram=1)
+    assert sources.Deduper({"x": ["alpha beta gamma delta"]}, ngram=2).match(_user("so beta gamma it is")) == ("x", "2-gram")
