@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import signal
@@ -209,7 +210,13 @@ def spawn_build(cmd: list[str], **popen) -> subprocess.Popen:
 
 
 def pytest_collection_finish(session):
+    """Also: what the test modules imported (torch, transformers, PEFT, Prefect: ~0.5 M objects) is frozen out of the
+    cyclic garbage collector's reach. Each full collection walked all of it, ~0.3-0.5 s on this box, 34 of them in
+    test_train.py alone (docs/BENCHMARKS.md "The garbage collector in the suite"); what the tests make is collected
+    as before."""
     global _background_build
+    gc.collect()
+    gc.freeze()
     _background_build = start_quantizer_build(session.items, os.environ.get("PYTEST_XDIST_WORKER", "gw0"),
                                               session.config.option.collectonly)
 
