@@ -255,6 +255,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
             trainer.train()
         finally:
             gc.unfreeze()  # the next run starts as every run did
+            timer.pauses.stop()  # on_train_end does not run when training raises (an OOM under the cap)
         if graphs is not None:
             record.update(compile_graphs_in_steps=compiled_graphs() - graphs, compile_active_at_end=trainer.model.layer_compile.active,
                           compile_eager_calls_in_steps=trainer.model.layer_compile.eager_calls - eager,

@@ -282,7 +282,10 @@ def run(entry: dict, rows: dict, model, tok, a: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         record["start_gib"] = torch.cuda.memory_allocated() / GIB
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            timer.pauses.stop()  # on_train_end does not run when training raises
         timed = timer.steps[a.warmup:a.steps]
         secs = sum(s["s"] for s in timed)
         tokens = sum(s["tokens"] for s in timed)

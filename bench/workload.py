@@ -209,7 +209,8 @@ def trainer_classes(base: str = "sft"):
 
 class GcPauses:
     """The seconds Python's cyclic garbage collector runs, by generation, between `start()` and `stop()` (a
-    `gc.callbacks` hook); `take()` returns them since the last take and starts again from 0."""
+    `gc.callbacks` hook); `take()` returns them since the last take and starts again from 0. A collection another
+    thread runs counts too (the collector holds the GIL, so it delays the step's Python all the same)."""
 
     def __init__(self):
         self.seconds, self._since = [0.0, 0.0, 0.0], None
