@@ -508,6 +508,16 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _budget_from(tree: dict, named: set[str]) -> None:
+    """The time budget is one length in two units: a layer that names either unit (a profile over the file's defaults,
+    `--set` over the profile) replaces the budget below it, whichever unit that used. The demo profile's `minutes: 4`
+    under `--set budget.hours=1` is one hour, not 1 h 4 min; units named in the same layer add up."""
+    budget = tree.get("budget")
+    if named & {"hours", "minutes"} and isinstance(budget, dict):
+        for unit in {"hours", "minutes"} - named:
+            budget[unit] = None
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError([f"--set {item!r}: expected dotted.key=value, e.g. --set lora.r=8"])
@@ -705,6 +715,8 @@ def load_config(
         problems.append(f"profile {name!r} does not exist; choose one of: {', '.join(sorted(profiles)) or '(none defined)'}")
         raise ConfigError(problems)
     tree = _deep_merge(data.get("defaults") or {}, profiles[name] or {})
+    profile_budget = (profiles[name] or {}).get("budget")
+    _budget_from(tree, set(profile_budget) if isinstance(profile_budget, dict) else set())
     tree["profile"] = name
 
     known, mappings, texts = _known_keys(PipelineConfig), _mapping_keys(PipelineConfig), _text_keys(PipelineConfig)
@@ -733,6 +745,8 @@ def load_config(
         except ConfigError as e:
             problems += e.problems
     problems += _resolve_removals(tree, mappings)
+    set_keys = [item.split("=", 1)[0].strip() for item in overrides]
+    _budget_from(tree, {k.removeprefix("budget.") for k in set_keys if k.startswith("budget.")})
     if hours is not None or minutes is not None:
         # The command line's budget replaces the file's, whichever unit the file used.
         tree.setdefault("budget", {})

@@ -499,3 +499,18 @@ def test_set_takes_a_text_key_s_value_as_typed():
     # Keys that are not text still read YAML: numbers, bools, lists.
     cfg = load_config(profile="tiny", overrides=["lora.r=4", "training.gradient_checkpointing=yes", "export.gguf=[f16]"])
     assert (cfg.lora.r, cfg.training.gradient_checkpointing, cfg.export.gguf) == (4, True, ["f16"])
+
+
+def test_a_budget_given_in_one_unit_replaces_the_one_below_in_the_other(tmp_path):
+    # The demo profile's budget is {minutes: 4}: `--set budget.hours=1` is one hour, not 1 h 4 min.
+    assert load_config(profile="demo", overrides=["budget.hours=1"]).budget.seconds == 3600
+    assert load_config(profile="demo", overrides=["budget.minutes=30"]).budget.seconds == 1800
+    assert load_config(profile="demo", overrides=["budget.hours=1", "budget.minutes=30"]).budget.seconds == 5400  # one layer adds up
+    assert load_config(profile="demo", overrides=["budget.vram_gb=12"]).budget.seconds == 240  # another budget key keeps the time
+    # A profile's unit replaces the file defaults' other unit the same way.
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("defaults:\n  model: {name: 'pypi:smollm2'}\n  data: {source: embedded}\n  budget: {hours: 4}\n"
+                    "profiles:\n  quick: {budget: {minutes: 30}}\n  plain: {}\n")
+    assert load_config(path, profile="quick").budget.seconds == 1800
+    assert load_config(path, profile="plain").budget.seconds == 4 * 3600
+    assert load_config(path, profile="quick", overrides=["budget.hours=2"]).budget.seconds == 7200
