@@ -85,6 +85,18 @@ NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weig
              "lora": {"alpha"}}
 
 
+def keyed_budget(budget: BudgetSection) -> dict:
+    """The budget as keyed: one length, one way of writing it. A whole number of hours is keyed in hours, any other
+    length in minutes, so `--hours 1`, `--minutes 60` and `{hours: 0.5, minutes: 30}` share a probe (they keyed apart);
+    the forms users write (`--hours 4`, `--minutes 30`, the demo's `minutes: 4`) keep the keys they had."""
+    keyed = budget.model_dump(mode="json")
+    seconds = budget.seconds
+    if seconds is not None:
+        whole_hours = seconds % 3600 == 0
+        keyed.update(hours=seconds / 3600 if whole_hours else None, minutes=None if whole_hours else seconds / 60)
+    return keyed
+
+
 def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str) -> str:
     dev = resolve_device(device)
     # training.offload_activations counts only where it can act (`offload_can_apply`): elsewhere (the CPU, `off`, `auto`
@@ -94,7 +106,7 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
             | (set() if training.compile != "off" else {"compile"}))
     # Values written out as what `auto` picks on this device are keyed as `auto` (`keyed_quant`, `keyed_training`).
     sections = [keyed_quant(quant, dev), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
-                keyed_training(training, dev, skip), budget.model_dump(mode="json")]
+                keyed_training(training, dev, skip), keyed_budget(budget)]
     # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
 

@@ -573,6 +573,9 @@ SAME_RUN = [
     ([], ["training.engine=padded"]),
     ([], ["merge.dtype=float32"]),  # auto = the compute dtype
     (["training.gpus=1"], ["training.gpus=auto"]),  # auto = every visible GPU; one process on the CPU
+    (["budget.hours=1"], ["budget.minutes=60"]),  # one length (tiny's own budget is {minutes: 1})
+    (["budget.minutes=90"], ["budget.hours=1.5"]),
+    (["budget.hours=1"], ["budget.hours=0.5", "budget.minutes=30"]),  # units in one layer add up
 ]
 
 
@@ -599,6 +602,7 @@ def test_equivalent_settings_give_the_same_keys(a, b, tmp_path):
     ([], ["quant.compute_dtype=bfloat16"], FROM_PROBE),  # not what auto picks on the CPU
     ([], ["training.optimizer=adamw_torch_fused"], FROM_PROBE),
     ([], ["merge.dtype=bfloat16"], MERGE),
+    (["budget.hours=1"], ["budget.minutes=61"], FROM_PROBE),
 ])
 def test_settings_that_differ_keep_their_own_keys(a, b, changed, tmp_path):
     first, second = stage_keys(_cfg(tmp_path, "device=cpu", *a), tmp_path), stage_keys(_cfg(tmp_path, "device=cpu", *b), tmp_path)
@@ -1402,3 +1406,15 @@ def test_a_look_never_raises_on_a_dead_builds_old_folder_it_may_not_enter(tmp_pa
 
     monkeypatch.setattr(pathlib.Path, "is_dir", is_dir)
     assert common.is_complete(final) is False  # raised PermissionError
+
+
+def test_the_budgets_users_write_keep_the_probe_keys_they_had():
+    """`keyed_budget` writes one length one way; the forms users write (whole hours, minutes that are not whole hours)
+    were keyed as written and still are, so no cached probe of theirs is lost to the change."""
+    from tasks.config import BudgetSection
+    from tasks.probe import keyed_budget
+
+    for written in ({"hours": 4}, {"hours": 1}, {"minutes": 30}, {"minutes": 4}, {"minutes": 10, "vram_gb": "auto"}, {}):
+        budget = BudgetSection(**written)
+        assert keyed_budget(budget) == budget.model_dump(mode="json"), written
+    assert keyed_budget(BudgetSection(minutes=120)) == BudgetSection(hours=2).model_dump(mode="json")
