@@ -110,6 +110,7 @@ from bench.workload import (  # noqa: E402  (the workload bench/unsloth_bench.py
     SHAPES,
     WORKDIR,
     build_tokenizer,
+    collect_every,
     log,
     mixed_stats,
     synthetic_sets,
@@ -170,14 +171,16 @@ def compile_trainer_layers(trainer, collator, device: str):
 
 
 def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, packs=None, ckpt=True, offload=False, profile_dir=None,
-        lora_dropout="seeded", side_stream_offload=False, compile_layers=False, offload_kwargs=None, gc_frozen=False):
+        lora_dropout="seeded", side_stream_offload=False, compile_layers=False, offload_kwargs=None, gc_frozen=False, gc_every=0):
     """Train `steps` optimizer steps; time the last `steps - warmup`; return a result record. With
     `profile_dir`, one more step runs under torch.profiler (not timed) and its breakdown joins the record.
     `offload`: transformers' offload=True; `side_stream_offload`: the pipeline's (TRL's manager around each forward),
     `offload_kwargs` its keyword arguments (`offload_checkpoints(model, **offload_kwargs)`: TRL's, and `prefetch`).
     `compile_layers`: the pipeline's regional compilation (tasks/engine/compile.py), warmed up before the timed steps.
     `gc_frozen`: every object alive when training starts (the model, torch's and the libraries' own) moved out of the
-    cyclic garbage collector's reach (`gc.freeze()`), so a full collection in a step walks only what the steps made."""
+    cyclic garbage collector's reach (`gc.freeze()`), so a full collection in a step walks only what the steps made.
+    `gc_every`: the automatic collector off while training (`gc.disable()`), a generation-1 collection every `gc_every`
+    steps instead (torchtitan's way), inside the step it ends, so the step's time and `gc_s` count it."""
     from datasets import Dataset
     from transformers import TrainingArguments
     from trl import SFTConfig
@@ -188,7 +191,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
               "n_recompute_free": n_free, "gradient_checkpointing": ckpt, "offload": offload, "side_stream_offload": side_stream_offload,
               "offload_kwargs": dict(offload_kwargs or {}) if side_stream_offload else None,
               "compile_layers": compile_layers, "trainer": TRAINER, "full_rows": FULL_ROWS, "arg_overrides": dict(ARG_OVERRIDES),
-              "gc_frozen": gc_frozen}
+              "gc_frozen": gc_frozen, "gc_every": gc_every}
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total) if capped else 1.0)
     args = dict(output_dir=f"/tmp/bench_out/{name}", max_steps=steps + (1 if profile_dir else 0), per_device_train_batch_size=MICRO,
@@ -211,7 +214,7 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
     if not ckpt:
         model.gradient_checkpointing_disable()  # earlier runs left the layers' flags on
     timer = StepTimer()
-    callbacks = [timer] + ([PartialRecomputeCallback(n_free)] if n_free else [])
+    callbacks = ([collect_every(gc_every)] if gc_every else []) + [timer] + ([PartialRecomputeCallback(n_free)] if n_free else [])
     profiler = step_profiler(steps, Path(profile_dir) / f"{name}.trace.json") if profile_dir else None
     if profiler is not None:
         callbacks.append(profiler)
@@ -251,9 +254,12 @@ def run(name, model, tok, rows, engine, steps, warmup, seed, capped, n_free=0, p
         torch.cuda.reset_peak_memory_stats()
         if gc_frozen:
             gc.freeze()
+        if gc_every:
+            gc.disable()
         try:
             trainer.train()
         finally:
+            gc.enable()
             gc.unfreeze()  # the next run starts as every run did
             timer.pauses.stop()  # on_train_end does not run when training raises (an OOM under the cap)
         if graphs is not None:
@@ -509,7 +515,7 @@ def main() -> None:
         fast_full = go("fast-full", model, tok, full, "fast", steps, warmup, a.seed, capped=True, packs=full_packs, **prof)
     if "fast" in families:
         go("fast-mixed", model, tok, mixed, "fast", steps, warmup, a.seed, capped=True, packs=mixed_packs, **prof)
-    if families & {"fused", "fusedstored", "fused-offload", "fused-offload-gcfrozen", "fusedinmatmul"}:
+    if families & {"fused", "fusedstored", "fused-offload", "fused-offload-gcfrozen", "fused-offload-gcmanual", "fusedinmatmul"}:
         info["fused_selfcheck"] = fused_selfcheck()
         log(f"fused LoRA self-check: {info['fused_selfcheck']}")
     if "fusedinmatmul" in families:
@@ -545,9 +551,15 @@ def main() -> None:
         for name, kwargs in offload_variants(a.offload_kwargs):
             go(name, model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
                side_stream_offload=True, offload_kwargs=kwargs, **prof)
+    if "fused-offload-gcmanual" in families:  # the same, the automatic collector off, generation 1 every 10 steps
+        go("fused-offload-full-gcmanual", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
+           side_stream_offload=True, offload_kwargs={}, gc_frozen=True, gc_every=10, **prof)
     if "fused-offload-gcfrozen" in families:  # TRL's offload as is, the collector frozen at the start (PERF_NOTES.md)
-        go("fused-offload-full-gcfrozen", model, tok, full, "fused", steps, warmup, a.seed, capped=True, packs=full_packs,
-           side_stream_offload=True, offload_kwargs={}, gc_frozen=True, **prof)
+        # on each --data asked for (it ran on full rows only, whatever --data said: a 2026-12-06 call asked for mixed)
+        for name, rows, packs in (("full", full, full_packs), ("mixed", mixed, mixed_packs)):
+            if name in a.data.split(","):
+                go(f"fused-offload-{name}-gcfrozen", model, tok, rows, "fused", steps, warmup, a.seed, capped=True, packs=packs,
+                   side_stream_offload=True, offload_kwargs={}, gc_frozen=True, **prof)
 
     if families & {"fit16", "nockpt"} and fast_full and fast_full.get("ok"):
         # Two probes above the recompute transient: their difference is the true per-layer cost (one probe against

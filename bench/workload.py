@@ -207,6 +207,19 @@ def trainer_classes(base: str = "sft"):
     return BenchTrainer, StepTimer
 
 
+def collect_every(steps: int):
+    """A TrainerCallback that runs a generation-1 collection at the end of every `steps`-th optimizer step: with the
+    automatic collector off (`gc.disable()`), what it would have found in the young generations (torchtitan's way)."""
+    from transformers import TrainerCallback
+
+    class CollectEvery(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % steps == 0:
+                gc.collect(1)
+
+    return CollectEvery()
+
+
 class GcPauses:
     """The seconds Python's cyclic garbage collector runs, by generation, between `start()` and `stop()` (a
     `gc.callbacks` hook); `take()` returns them since the last take and starts again from 0. A collection another

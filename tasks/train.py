@@ -18,12 +18,15 @@ position via Trainer's own resume — and counts the time already spent against 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -359,13 +362,35 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
                   spec["key"], Path(spec["out"]), spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 
 
+@contextlib.contextmanager
+def _collector_kept_off_the_model() -> Iterator[None]:
+    """Python's cyclic garbage collector kept off every object alive when training starts (the model, its LoRA modules,
+    the libraries'): a full collection walks all of them, and one in a step cost 0.29-0.34 s of a 3.15 s step on the
+    Mistral-7B bench (one H100; none over 3.17 s with them frozen: docs/BENCHMARKS.md "The collector kept off the model").
+    On exit they are back in its reach, so the model's own cycles (modules and their hooks) are freed once the stage
+    drops it; a freeze made before (`qlora-pipeline run`'s, tests/conftest.py's) is made again once the stage's training returns (`_train_shrinking_on_oom`)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
+    was_frozen = gc.get_freeze_count() > 0
+    record = _train_retried_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
+    if was_frozen:  # the training's model is unreachable now that `_train` returned: collected, not frozen for good
+        gc.collect()
+        gc.freeze()
+    return record
+
+
+def _train_retried_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
     """`_train`, retried on out-of-memory (it resumes from the last checkpoint) in the probe's order: every layer
     checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then half
     the micro-batch and twice the accumulation (the same effective batch), down to micro-batch 1. The record says the
     setting that finished. Disk full is a clear error."""
-    import gc
-
     import torch
 
     while True:
@@ -498,8 +523,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     previous = _install_interrupt(guard)
     try:
-        maybe_fault("train")
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with _collector_kept_off_the_model():
+            maybe_fault("train")
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         bar.close()  # before the error is printed: a NaN loss, an OOM or Ctrl-C ends the bar's line, not the message's start
         _restore_interrupt(previous)

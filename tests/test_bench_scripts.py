@@ -66,6 +66,20 @@ def test_gc_pauses_counts_each_generation_between_start_and_stop_and_take_starts
     del junk
 
 
+def test_collect_every_runs_a_young_collection_at_every_nth_step_only(monkeypatch):
+    import gc
+    from types import SimpleNamespace
+
+    from bench.workload import collect_every
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
+    callback = collect_every(3)
+    for step in range(1, 10):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert calls == [1, 1, 1]  # steps 3, 6 and 9, generation 1 each
+
+
 # ---------------------------------------------------------------------------------------------- unsloth_bench
 
 
