@@ -375,7 +375,7 @@ class TrainingSection(Section):
 
 class BudgetSection(Section):
     hours: float | None = Field(None, description="Wall-clock time budget for training. The probe turns it into steps.")
-    minutes: float | None = Field(None, description="Same, in minutes (hours and minutes add up).")
+    minutes: float | None = Field(None, description="Same, in minutes (given together they add up; a profile or --set giving one unit replaces the budget below).")
     vram_gb: float | Literal["auto"] | None = Field(
         None, description="GPU memory budget in GiB; the probe picks the fastest settings that fit under it. auto = the memory "
         "free on the GPU when the probe starts; None = the recipe's settings as written."
@@ -399,7 +399,7 @@ class BudgetSection(Section):
     @field_validator("hours", "minutes")
     @classmethod
     def _positive_budget(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
+        if v is not None and not v > 0:  # NaN too: it passed `v <= 0` and the month's limit, and keyed a probe
             raise ValueError(f"must be > 0 (got {v}); give the training time, e.g. --hours 4 or --minutes 30")
         return v
 
@@ -508,10 +508,15 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _units_given(budget: Any) -> set[str]:
+    """The time units a layer's budget gives a value (null gives none: `--set budget.hours=null` keeps the minutes)."""
+    return {k for k, v in budget.items() if k in ("hours", "minutes") and v is not None} if isinstance(budget, dict) else set()
+
+
 def _budget_from(tree: dict, named: set[str]) -> None:
-    """The time budget is one length in two units: a layer that names either unit (a profile over the file's defaults,
-    `--set` over the profile) replaces the budget below it, whichever unit that used. The demo profile's `minutes: 4`
-    under `--set budget.hours=1` is one hour, not 1 h 4 min; units named in the same layer add up."""
+    """The time budget is one length in two units: a layer that gives either unit a value (a profile over the file's
+    defaults, `--set` over the profile) replaces the budget below it, whichever unit that used. The demo profile's
+    `minutes: 4` under `--set budget.hours=1` is one hour, not 1 h 4 min; units given in the same layer add up."""
     budget = tree.get("budget")
     if named & {"hours", "minutes"} and isinstance(budget, dict):
         for unit in {"hours", "minutes"} - named:
@@ -715,11 +720,11 @@ def load_config(
         problems.append(f"profile {name!r} does not exist; choose one of: {', '.join(sorted(profiles)) or '(none defined)'}")
         raise ConfigError(problems)
     tree = _deep_merge(data.get("defaults") or {}, profiles[name] or {})
-    profile_budget = (profiles[name] or {}).get("budget")
-    _budget_from(tree, set(profile_budget) if isinstance(profile_budget, dict) else set())
+    _budget_from(tree, _units_given((profiles[name] or {}).get("budget")))
     tree["profile"] = name
 
     known, mappings, texts = _known_keys(PipelineConfig), _mapping_keys(PipelineConfig), _text_keys(PipelineConfig)
+    set_units: set[str] = set()
     for item in overrides:
         try:
             parts, value = _parse_override(item)
@@ -727,6 +732,8 @@ def load_config(
             problems += e.problems
             continue
         dotted = ".".join(parts)
+        if parts[0] == "budget":  # `--set budget.hours=1`, or the section whole: `--set 'budget={minutes: 30}'`
+            set_units |= _units_given(value if len(parts) == 1 else {parts[1]: value} if len(parts) == 2 else None)
         if dotted in texts:
             value = _as_text(item.split("=", 1)[1], value)
         # An entry of a mapping (eval.benchmark_prompts.ifeval=120) is set into it, keeping the profile's other entries;
@@ -745,8 +752,7 @@ def load_config(
         except ConfigError as e:
             problems += e.problems
     problems += _resolve_removals(tree, mappings)
-    set_keys = [item.split("=", 1)[0].strip() for item in overrides]
-    _budget_from(tree, {k.removeprefix("budget.") for k in set_keys if k.startswith("budget.")})
+    _budget_from(tree, set_units)
     if hours is not None or minutes is not None:
         # The command line's budget replaces the file's, whichever unit the file used.
         tree.setdefault("budget", {})

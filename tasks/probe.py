@@ -87,13 +87,15 @@ NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weig
 
 def keyed_budget(budget: BudgetSection) -> dict:
     """The budget as keyed: one length, one way of writing it. A whole number of hours is keyed in hours, any other
-    length in minutes, so `--hours 1`, `--minutes 60` and `{hours: 0.5, minutes: 30}` share a probe (they keyed apart);
-    the forms users write (`--hours 4`, `--minutes 30`, the demo's `minutes: 4`) keep the keys they had."""
+    length in minutes (to 9 decimals: `--hours 1.1` is 3960.0000000000005 s), so `--hours 1`, `--minutes 60` and
+    `{hours: 0.5, minutes: 30}` share a probe, as do `--hours 1.1` and `--minutes 66` (they keyed apart). Whole hours
+    (`--hours 4`) and minutes that are not whole hours (`--minutes 30`, the demo's `minutes: 4`) keep the keys they had;
+    fractional hours (`--hours 0.5`) and whole hours in minutes (`--minutes 60`) were keyed as written and re-probe once."""
     keyed = budget.model_dump(mode="json")
     seconds = budget.seconds
     if seconds is not None:
-        whole_hours = seconds % 3600 == 0
-        keyed.update(hours=seconds / 3600 if whole_hours else None, minutes=None if whole_hours else seconds / 60)
+        whole_hours = round(seconds, 6) % 3600 == 0
+        keyed.update(hours=round(seconds / 3600, 9) if whole_hours else None, minutes=None if whole_hours else round(seconds / 60, 9))
     return keyed
 
 

@@ -576,6 +576,8 @@ SAME_RUN = [
     (["budget.hours=1"], ["budget.minutes=60"]),  # one length (tiny's own budget is {minutes: 1})
     (["budget.minutes=90"], ["budget.hours=1.5"]),
     (["budget.hours=1"], ["budget.hours=0.5", "budget.minutes=30"]),  # units in one layer add up
+    (["budget.hours=1.1"], ["budget.minutes=66"]),  # 3960.0000000000005 s and 3960 s (a review)
+    (["budget.hours=0.55"], ["budget.minutes=33"]),
 ]
 
 
@@ -1418,3 +1420,5 @@ def test_the_budgets_users_write_keep_the_probe_keys_they_had():
         budget = BudgetSection(**written)
         assert keyed_budget(budget) == budget.model_dump(mode="json"), written
     assert keyed_budget(BudgetSection(minutes=120)) == BudgetSection(hours=2).model_dump(mode="json")
+    # What re-keys once (said in keyed_budget's docstring): fractional hours, and whole hours written in minutes.
+    assert keyed_budget(BudgetSection(hours=0.5)) == BudgetSection(minutes=30).model_dump(mode="json") != BudgetSection(hours=0.5).model_dump(mode="json")

@@ -514,3 +514,13 @@ def test_a_budget_given_in_one_unit_replaces_the_one_below_in_the_other(tmp_path
     assert load_config(path, profile="quick").budget.seconds == 1800
     assert load_config(path, profile="plain").budget.seconds == 4 * 3600
     assert load_config(path, profile="quick", overrides=["budget.hours=2"]).budget.seconds == 7200
+    # The section set whole gives its units in the --set layer too, so another unit set beside it adds (a review) ...
+    assert load_config(profile="demo", overrides=["budget={minutes: 30}", "budget.hours=1"]).budget.seconds == 5400
+    # ... and a unit set to null gives nothing: the profile's 4 minutes stay (it was "no budget" at 6d3543f).
+    assert load_config(profile="demo", overrides=["budget.hours=null"]).budget.seconds == 240
+
+
+def test_a_nan_budget_is_refused_in_one_line():
+    for kw in ({"hours": float("nan")}, {"overrides": ["budget.minutes=.nan"]}):
+        (p,) = _problems(profile="tiny", **kw)
+        assert p.startswith("budget.") and "must be > 0 (got nan)" in p, p
