@@ -366,9 +366,14 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
 def _collector_kept_off_the_model() -> Iterator[None]:
     """Python's cyclic garbage collector kept off every object alive when training starts (the model, its LoRA modules,
     the libraries'): a full collection walks all of them, and one in a step cost 0.29-0.34 s of a 3.15 s step on the
-    Mistral-7B bench (one H100; none over 3.17 s with them frozen: docs/BENCHMARKS.md "The collector kept off the model").
-    On exit they are back in its reach, so the model's own cycles (modules and their hooks) are freed once the stage
-    drops it; a freeze made before (`qlora-pipeline run`'s, tests/conftest.py's) is made again once the stage's training returns (`_train_shrinking_on_oom`)."""
+    Mistral-7B bench (one H100; none over 3.171 s with them frozen: docs/BENCHMARKS.md "the collector kept off the
+    model"). On exit, however training ends, they are back in its reach, so the model's own cycles are freed once the
+    stage drops it. Where a freeze is already made (`qlora-pipeline run`'s, tests/conftest.py's: the imports, the bulk of
+    what a collection walks), it is left as it is: unfreezing is all or nothing, and a freeze lost on an exception would
+    stay lost for the process (a review of d6993f8)."""
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:
@@ -378,15 +383,6 @@ def _collector_kept_off_the_model() -> Iterator[None]:
 
 
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
-    was_frozen = gc.get_freeze_count() > 0
-    record = _train_retried_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
-    if was_frozen:  # the training's model is unreachable now that `_train` returned: collected, not frozen for good
-        gc.collect()
-        gc.freeze()
-    return record
-
-
-def _train_retried_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
     """`_train`, retried on out-of-memory (it resumes from the last checkpoint) in the probe's order: every layer
     checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then half
     the micro-batch and twice the accumulation (the same effective batch), down to micro-batch 1. The record says the
