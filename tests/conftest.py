@@ -100,11 +100,24 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def publish_smollm2(shared_artifacts):
+def smollm2_artifacts(tmp_path_factory) -> str:
+    """publish_smollm2's artifacts dir: one for the whole test run, which xdist's workers share. What its runs start
+    from, SmolLM2-135M's model folder (~12 s on this box) and the demo data stage (~30 s), is content-keyed: built by
+    the first worker that needs it (test_export.py's fixture, early in `make test`) and found by the other's
+    (test_quantize.py's, late), where each worker built its own before. A stage both build at once is still whole
+    (tasks.common.building); the runs' names differ."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smollm2-artifacts"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def publish_smollm2(smollm2_artifacts):
     """Builds a published run of SmolLM2-135M (its HF weights stand in for a merged model, with `system` as the
     training system prompt) and exports it with the demo profile's export settings plus `overrides`:
     `publish(run, system, overrides, log_fn) -> (ExportRecord, published folder, held-out chats, data record)`.
-    The run is `<artifacts>/runs/<run>/smollm2`; serve-model and chat find it by `run`."""
+    The run is `<smollm2_artifacts>/runs/<run>/smollm2`; serve-model and chat find it by `run`."""
 
     def publish(run: str, system: str, overrides: tuple[str, ...] = (), log_fn=None):
         import json
@@ -117,11 +130,11 @@ def publish_smollm2(shared_artifacts):
         from tasks.models import resolve_model
         from tasks.publish import MANIFEST, install_system_prompt
 
-        cfg = load_config(profile="demo", overrides=[f"artifacts_dir={shared_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
+        cfg = load_config(profile="demo", overrides=[f"artifacts_dir={smollm2_artifacts}", "data.embedded_train=64", "data.embedded_heldout=16",
                                                      "data.heldout_size=16", *overrides])
-        data = load_dataset_records(cfg.data, cfg.model, shared_artifacts)
-        ref = resolve_model(cfg.model, shared_artifacts)
-        runs = Path(shared_artifacts) / "runs"
+        data = load_dataset_records(cfg.data, cfg.model, smollm2_artifacts)
+        ref = resolve_model(cfg.model, smollm2_artifacts)
+        runs = Path(smollm2_artifacts) / "runs"
         pub = runs / run / "smollm2"
         if not pub.exists():
             shutil.copytree(ref.path, pub / "merged", ignore=shutil.ignore_patterns("COMPLETE"))
@@ -131,7 +144,7 @@ def publish_smollm2(shared_artifacts):
             write_json(pub / MANIFEST, {"files": []})
             write_json(runs / run / "summary.json", {"published": str(pub)})
         rec = export_artifacts(SimpleNamespace(key=ref.fingerprint), SimpleNamespace(dir=str(pub), merged_dir=str(pub / "merged")),
-                               data, cfg.export, system, shared_artifacts, log_fn)
+                               data, cfg.export, system, smollm2_artifacts, log_fn)
         heldout = [json.loads(l)["messages"] for l in (Path(data.dir) / "heldout.jsonl").read_text().splitlines()]
         return rec, pub, heldout, data
 

@@ -458,7 +458,7 @@ def _stop_with(proc, sig=signal.SIGINT) -> int:
 
 
 @pytest.mark.slow
-def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol_export, shared_artifacts):
+def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol_export, smollm2_artifacts):
     """A real llama.cpp server (xllamacpp) on the f16 GGUF via `serve-model --format gguf`: a held-out prompt's
     greedy answer equals the HF model's, it stops at end-of-turn, and Ctrl-C shuts it down with exit 0.
     (f16: q8_0 agrees on ~97% of tokens, so a long greedy answer may fork; its logits are checked above.)"""
@@ -484,7 +484,7 @@ def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol
     want = tok.decode(new, skip_special_tokens=True).strip()
 
     port = _free_port()
-    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16", "--api-key", "k-gguf")
+    proc = _serve_model("smol-export", smollm2_artifacts, "gguf", port, "--gguf-type", "f16", "--api-key", "k-gguf")
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
         request = {"model": pub.name, "messages": prompt, "max_tokens": 32, "temperature": 0, "top_k": 1}
@@ -509,11 +509,11 @@ def test_serve_model_gguf_answers_like_the_merged_model_and_stops_on_ctrl_c(smol
 
 
 @pytest.mark.slow
-def test_serve_model_merged_with_transformers_serve_stops_on_sigterm(smol_export, shared_artifacts):
+def test_serve_model_merged_with_transformers_serve_stops_on_sigterm(smol_export, smollm2_artifacts):
     """`docker stop` / systemd / `kill` send SIGTERM: the server behind serve-model stops too (no orphan on the port)."""
     rec, pub, heldout, _ = smol_export
     port = _free_port()
-    proc = _serve_model("smol-export", shared_artifacts, "merged", port)
+    proc = _serve_model("smol-export", smollm2_artifacts, "merged", port)
     try:
         _wait_ready(proc, f"http://127.0.0.1:{port}/health")
         got = _post(f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -550,7 +550,7 @@ def test_gptq_w4a16_reloads_and_generates(smol_export, tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_model_gguf_stops_within_seconds_while_a_request_streams(smol_export, shared_artifacts):
+def test_serve_model_gguf_stops_within_seconds_while_a_request_streams(smol_export, smollm2_artifacts):
     """SIGTERM while an answer streams: llama.cpp's server waited for it until its client gave up (150 s); the stop
     now cuts it off after tasks.export.GGUF_STOP_GRACE_S."""
     import http.client
@@ -560,7 +560,7 @@ def test_serve_model_gguf_stops_within_seconds_while_a_request_streams(smol_expo
 
     rec, pub, heldout, _ = smol_export
     port = _free_port()
-    proc = _serve_model("smol-export", shared_artifacts, "gguf", port, "--gguf-type", "f16")
+    proc = _serve_model("smol-export", smollm2_artifacts, "gguf", port, "--gguf-type", "f16")
     streamed = threading.Event()
 
     def long_stream() -> None:

@@ -101,12 +101,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_q4_k_m_loads_in_the_llama_cpp_server_and_answers(q4_export, shared_artifacts, tmp_path):
+def test_q4_k_m_loads_in_the_llama_cpp_server_and_answers(q4_export, smollm2_artifacts, tmp_path):
     rec, pub, heldout, _ = q4_export
     port = _free_port()
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "smol-q4", "--format", "gguf", "--gguf-type", "q4_k_m",
-                             "--port", str(port), "--artifacts-dir", shared_artifacts, "--ctx", "1024"],
+                             "--port", str(port), "--artifacts-dir", smollm2_artifacts, "--ctx", "1024"],
                             cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
