@@ -156,18 +156,19 @@ def publish_smollm2(smollm2_artifacts):
 # but long tests, last, so the suite ended on one worker running them while the other had nothing left). Longest
 # first: the short files then fill in behind them on whichever worker frees up, and both finish together.
 # Seconds = each file's total (setup + call + teardown of every test) in the fresh-clone `make test --durations=0` run of
-# 2026-12-05 17:15 UTC (both workers busy; 2,533 s in all, 21 min 28 s of pytest), less that session's later cuts
-# (test_compile.py: 354 x 0.91, its paired single-process cut of 20:40 UTC, 550 s -> 500 s);
-# files not named here run after them, in their usual order. test_export.py and test_merge.py less what parsing each GGUF
-# once saved (tasks.models.gguf_parsed_once, measured one after the other on this box 2026-12-05: the GGUF logits test
-# 157 -> 110 s, the Gemma tokenizer test 70 -> 45 s).
-# test_quantize.py is the exception: its ~120 s without the llama-quantize build, and placed after the long files on
-# purpose, so the build (started in the background as the session begins, below) has most of the suite's first ten
-# minutes before its Q4_K_M tests need the binary.
-LONGEST_FILES = {"test_compile.py": 322, "test_export.py": 228, "test_faults.py": 210, "test_architectures.py": 193,
-                 "test_deploy.py": 185, "test_resume.py": 177, "test_resume_stages.py": 170, "test_use_the_model.py": 163,
-                 "test_multi_gpu.py": 79, "test_constraints.py": 69, "test_bad_inputs.py": 57, "test_ui_browser.py": 53,
-                 "test_flow.py": 52, "test_quantize.py": 45, "test_train.py": 36, "test_merge.py": 35}
+# 2026-12-06 00:28 UTC at 222dcc6 (both workers busy: 2,758 s in all, 23 min 22 s of pytest; the box otherwise idle),
+# files of 15 s and more (test_cache_keys.py and test_second_half.py, unnamed before, ran last on one worker);
+# test_export.py less the SmolLM2 artifacts its fixture now shares with test_quantize.py (45 -> 21 s of setup, b1d02db).
+# Files not named here run after them, in their usual order.
+# test_quantize.py is the exception: 80 s in that run, and placed after the long files on purpose, so the llama-quantize
+# build (started in the background as the session begins, below) has most of the suite's first ten minutes before its
+# Q4_K_M tests need the binary.
+LONGEST_FILES = {"test_compile.py": 337, "test_export.py": 290, "test_deploy.py": 256, "test_faults.py": 240,
+                 "test_architectures.py": 230, "test_use_the_model.py": 202, "test_resume.py": 198, "test_resume_stages.py": 149,
+                 "test_multi_gpu.py": 124, "test_constraints.py": 94, "test_bad_inputs.py": 71, "test_ui_browser.py": 71,
+                 "test_cache_keys.py": 67, "test_flow.py": 51, "test_merge.py": 50, "test_quantize.py": 45,
+                 "test_second_half.py": 37, "test_data_mix.py": 20, "test_train.py": 20, "test_bench_scripts.py": 19,
+                 "test_imports.py": 19, "test_benchmarks.py": 16, "test_data.py": 15}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,6 @@ balanced and JSON-serializable."""
 
 import json
 import re
-import time
 from collections import Counter
 
 import pytest
@@ -277,9 +276,3 @@ def test_bad_inputs_raise_clear_errors():
         check_answer("poetry", {}, "x")
     with pytest.raises(ValueError, match="one response per record"):
         score([Example("yes_no", "p", "Yes", {"expected": "yes"}).to_record()], [])
-
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    generate(5000, "train", seed=0)
-    assert time.perf_counter() - start < 1.0

@@ -29,7 +29,7 @@ def test_longest_files_come_first_and_each_file_keeps_its_own_order():
              [("test_config.py", 1), ("test_quantize.py", 1), ("test_config.py", 2), ("test_merge.py", 1), ("test_quantize.py", 2),
               ("test_resume_stages.py", 1)]]
     pytest_collection_modifyitems(None, items)
-    assert [i.name for i in items] == ["test_resume_stages.py::1", "test_quantize.py::1", "test_quantize.py::2", "test_merge.py::1",
+    assert [i.name for i in items] == ["test_resume_stages.py::1", "test_merge.py::1", "test_quantize.py::1", "test_quantize.py::2",
                                        "test_config.py::1", "test_config.py::2"]
 
 
