@@ -742,12 +742,14 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     model = load_published(folder, merged=merged, device=device)
     tok = AutoTokenizer.from_pretrained(str(folder / ("merged" if merged else "adapter")))
     stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     history: list[dict] = []
 
     def answer(text: str) -> None:
         turn = {"role": "user", "content": text}
         enc = tok.apply_chat_template([*history, turn], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+        # A streamer of its own: one that Ctrl-C stopped mid-answer keeps that answer's undecoded tail and takes the next
+        # prompt for generated text (a review: the next answer began with the stopped one's tail and the whole prompt).
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
         reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

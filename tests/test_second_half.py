@@ -468,6 +468,31 @@ def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts
     assert len(streamed) >= 2 and streamed[0] > 1
 
 
+def test_chat_after_an_answer_stopped_by_ctrl_c_streams_only_the_next_answer(trained, tiny_cfg, shared_artifacts, monkeypatch, capfd):
+    """Ctrl-C inside an answer stops it; the next answer's stream holds neither the stopped one's tail nor its own prompt
+    (one streamer for the session printed both: a review, 2026-12-06)."""
+    from transformers import TextStreamer
+
+    from tasks.publish import chat
+
+    lines, calls = iter(["first question", "second question", ""]), []
+    original = TextStreamer.put
+
+    def put(self, value):
+        calls.append(value.numel())
+        if len(calls) == 4:  # the prompt, then tokens: stopped on the third generated token of the first answer
+            raise KeyboardInterrupt
+        return original(self, value)
+
+    monkeypatch.setattr(TextStreamer, "put", put)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    publish_artifacts(tiny_cfg, "chat-stop", _records(trained, tiny_cfg, shared_artifacts))
+    assert chat("chat-stop", None, max_new_tokens=8, artifacts_dir=shared_artifacts) == 0
+    out, err = capfd.readouterr()
+    assert "(answer stopped" in err and len(calls) > 5  # the second answer streamed too
+    assert "question" not in out, out  # no prompt text printed as if generated
+
+
 def test_card_names_the_chat_templates_source(tiny_cfg):
     from tasks.config import load_config
     from tasks.models import DEFAULT_CHAT_TEMPLATE
