@@ -319,18 +319,34 @@ def cmd_serve_model(args) -> int:
         print(hint, file=sys.stderr, flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        import signal
-
-        # SIGTERM, not SIGINT: uvicorn stops gracefully on either, and SIGTERM also ends a server still loading
-        # (whose SIGINT may be ignored, inherited as above).
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_merged_server(proc)
         print("stopped", file=sys.stderr)
         return 0
+
+
+def _stop_merged_server(proc) -> None:
+    """Stops transformers serve as the gguf backend stops llama.cpp's: SIGTERM (not SIGINT: it also ends a server still
+    loading, whose SIGINT may be ignored, inherited as above), so uvicorn takes no new request and waits for the open
+    ones; after GGUF_STOP_GRACE_S a second signal (uvicorn's "force quit") stops the waiting, cutting off a request still
+    being answered; then SIGKILL. A stream no longer holds the stop for 30 s before a SIGKILL (a review, 2026-12-06), and
+    another Ctrl-C meanwhile kills it at once, without a traceback."""
+    import signal
+    import subprocess
+
+    from tasks.export import GGUF_STOP_GRACE_S
+
+    try:
+        for sig, wait_s in ((signal.SIGTERM, GGUF_STOP_GRACE_S), (signal.SIGINT, 10)):
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+    except KeyboardInterrupt:
+        pass
+    proc.kill()
+    proc.wait()
 
 
 def _wait_until_healthy(proc, host: str, port: int) -> bool:

@@ -183,3 +183,42 @@ def test_library_bars_draw_off_a_terminal_only_past_thirty_seconds_and_then_twic
     assert "00:30<01:30" in download, download  # elapsed < remaining: the ETA
     assert drawn["evaluate"].count("evaluate:") >= 2 and "0/4" in drawn["evaluate"], drawn["evaluate"]
     assert _bar_draws({"TQDM_MININTERVAL": "0", "TQDM_DELAY": "0"})["Fetching 4 files"].count("Fetching 4 files:") > 200
+
+
+class _Server:
+    """A stand-in for transformers serve's process: which signals it got, and how it answers each wait."""
+
+    def __init__(self, *waits):
+        self.signals, self.waits, self.killed = [], list(waits), False
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def wait(self, timeout=None):
+        outcome = self.waits.pop(0) if self.waits else 0
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def kill(self):
+        self.killed = True
+
+
+def test_serve_model_stops_the_merged_server_gracefully_then_forces_it_and_a_second_ctrl_c_kills_it():
+    import signal
+    import subprocess
+
+    from flows.cli import _stop_merged_server
+
+    idle = _Server(0)  # ends on SIGTERM
+    _stop_merged_server(idle)
+    assert idle.signals == [signal.SIGTERM] and not idle.killed
+    busy = _Server(subprocess.TimeoutExpired("serve", 5), 0)  # a request still being answered: uvicorn's second signal
+    _stop_merged_server(busy)
+    assert busy.signals == [signal.SIGTERM, signal.SIGINT] and not busy.killed
+    stuck = _Server(subprocess.TimeoutExpired("serve", 5), subprocess.TimeoutExpired("serve", 10))
+    _stop_merged_server(stuck)
+    assert stuck.signals == [signal.SIGTERM, signal.SIGINT] and stuck.killed
+    again = _Server(KeyboardInterrupt())  # Ctrl-C pressed again while it waits: killed, no traceback
+    _stop_merged_server(again)
+    assert again.signals == [signal.SIGTERM] and again.killed

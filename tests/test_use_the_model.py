@@ -1324,6 +1324,53 @@ def served_endless(own_published, tmp_path_factory):
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
+def test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_without_a_traceback(own_published, tmp_path):
+    """Ctrl-C while a client streams a long answer: uvicorn's graceful stop waits for open streams, so serve-model waited
+    30 s and then SIGKILLed the server (a review, 2026-12-06). It now cuts the request off after the gguf backend's
+    GGUF_STOP_GRACE_S, as that backend does, and says `stopped`."""
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from tasks.export import GGUF_STOP_GRACE_S
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_with_context(art, pub, tmp_path / "art", 2 ** 20)  # an answer that is not stopped runs for ~25 min
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(copy, log)
+    chunks = []
+
+    def stream():
+        body = json.dumps({"model": "x", "prompt": "Hello", "max_tokens": 100_000, "stream": True,
+                           "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()  # the review's request
+        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                for line in response:
+                    chunks.append(line)
+        except Exception:  # cut off by the stop: what this test is about
+            pass
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while len(chunks) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(chunks) >= 5, log.read_text()[-2000:]  # streaming by now
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    out = log.read_text()
+    assert rc == 0 and took < GGUF_STOP_GRACE_S + 15, (rc, took, out[-2000:])
+    assert "\nstopped\n" in out and "Traceback" not in out, out[-2000:]
+
+
 def _leave_during(url: str, body: dict) -> None:
     """POST `body` to `url`, and leave (close the connection) while it is being answered."""
     import http.client
