@@ -327,8 +327,8 @@ def cmd_serve_model(args) -> int:
 def _stop_merged_server(proc) -> None:
     """Stops transformers serve as the gguf backend stops llama.cpp's: SIGTERM (not SIGINT: it also ends a server still
     loading, whose SIGINT may be ignored, inherited as above), so uvicorn takes no new request and waits for the open
-    ones; after GGUF_STOP_GRACE_S a second signal (uvicorn's "force quit") stops the waiting, cutting off a request still
-    being answered; then SIGKILL. A stream no longer holds the stop for 30 s before a SIGKILL (a review, 2026-12-06), and
+    ones for GGUF_STOP_GRACE_S (its `timeout_graceful_shutdown`), then cuts them off and stops; should it not, a second
+    signal (uvicorn's "force quit"), then SIGKILL. A stream no longer holds the stop for 30 s before a SIGKILL (a review, 2026-12-06), and
     another Ctrl-C meanwhile kills it at once, without a traceback."""
     import signal
     import subprocess
@@ -336,7 +336,8 @@ def _stop_merged_server(proc) -> None:
     from tasks.export import GGUF_STOP_GRACE_S
 
     try:
-        for sig, wait_s in ((signal.SIGTERM, GGUF_STOP_GRACE_S), (signal.SIGINT, 10)):
+        # the server's own graceful stop ends by then (tasks/export.py `_bounded_graceful_shutdown`)
+        for sig, wait_s in ((signal.SIGTERM, GGUF_STOP_GRACE_S + 5), (signal.SIGINT, 10)):
             proc.send_signal(sig)
             try:
                 proc.wait(timeout=wait_s)
@@ -346,7 +347,12 @@ def _stop_merged_server(proc) -> None:
     except KeyboardInterrupt:
         pass
     proc.kill()
-    proc.wait()
+    while True:
+        try:
+            proc.wait()
+            return
+        except KeyboardInterrupt:  # yet another Ctrl-C while the killed server exits: it is going already
+            continue
 
 
 def _wait_until_healthy(proc, host: str, port: int) -> bool:

@@ -692,6 +692,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         return app
 
     hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
+    _bounded_graceful_shutdown()
     answer_as_openai_does()
     honour_max_completion_tokens()
     name_answers_as_served()
@@ -700,6 +701,27 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
         os.chdir(tmp)
         hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+def _bounded_graceful_shutdown() -> None:
+    """uvicorn, as transformers serve builds it, waits on a stop for every open request however long: a stream held
+    serve-model's Ctrl-C for 30 s, then a SIGKILL (a review, 2026-12-06), and on Python >= 3.12 even uvicorn's second
+    signal does not end the wait (`server.wait_closed()` waits for open connections: uvicorn PR #2145). Its
+    `timeout_graceful_shutdown` cancels what is still answered after GGUF_STOP_GRACE_S, as llama.cpp's stop does, and
+    the app still shuts down (its model process with it). A value transformers passes itself is kept."""
+    import uvicorn
+
+    if getattr(uvicorn.Config, "_qlora_bounded", False):
+        return
+
+    class Config(uvicorn.Config):
+        _qlora_bounded = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("timeout_graceful_shutdown", GGUF_STOP_GRACE_S)
+            super().__init__(*args, **kwargs)
+
+    uvicorn.Config = Config  # serve.py looks it up on the module when the server is built
 
 
 # transformers 5.17 (the GPU image) serves a pinned model otherwise than 5.25 in three ways that OpenAI's clients see;

@@ -222,3 +222,6 @@ def test_serve_model_stops_the_merged_server_gracefully_then_forces_it_and_a_sec
     again = _Server(KeyboardInterrupt())  # Ctrl-C pressed again while it waits: killed, no traceback
     _stop_merged_server(again)
     assert again.signals == [signal.SIGTERM] and again.killed
+    third = _Server(KeyboardInterrupt(), KeyboardInterrupt(), 0)  # ... and once more while the killed server exits
+    _stop_merged_server(third)
+    assert third.killed and not third.waits

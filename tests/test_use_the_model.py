@@ -1367,7 +1367,10 @@ def test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_with
         proc.kill()
     took = time.monotonic() - t0
     out = log.read_text()
-    assert rc == 0 and took < GGUF_STOP_GRACE_S + 15, (rc, took, out[-2000:])
+    assert rc == 0 and took < GGUF_STOP_GRACE_S + 5, (rc, took, out[-2000:])
+    # the server stopped itself (uvicorn says so), not killed by serve-model: on Python >= 3.12 uvicorn's force-quit
+    # signal alone left it waiting on the open stream until the SIGKILL (a review)
+    assert "timeout graceful shutdown exceeded" in out and "Finished server process" in out, out[-2000:]
     assert "\nstopped\n" in out and "Traceback" not in out, out[-2000:]
 
 
