@@ -562,15 +562,26 @@ def _as_text(raw: str, parsed: Any) -> Any:
     return text
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+def _known_keys(model: type[BaseModel], prefix: str = "", items: bool = False) -> set[str]:
+    """Dotted keys of `model`; items: the keys of a list's entries too (data.mix.source), for naming a misspelt one."""
     keys = set()
     for name, field in model.model_fields.items():
         key = field.alias or name
         keys.add(prefix + key)
         ann = field.annotation
+        if items and get_origin(ann) is list:
+            ann = get_args(ann)[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys |= _known_keys(ann, prefix + key + ".")
+            keys |= _known_keys(ann, prefix + key + ".", items)
     return keys
+
+
+def _unknown_key_hint(dotted: str, known: set[str]) -> str:
+    """'; did you mean <the nearest whole key>?' (trainig.seed -> training.seed, not data.seed), else one with the same
+    last part (learning_rate -> training.learning_rate), else where the keys are listed."""
+    last = dotted.split(".")[-1]
+    close = difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.8) or [k for k in sorted(known) if k.split(".")[-1] == last]
+    return PEFT_NAMES.get(dotted, f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys")
 
 
 def _mapping_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
@@ -664,10 +675,18 @@ PEFT_NAMES = {
 
 def _format_validation(err: ValidationError) -> list[str]:
     problems = []
+    known = _known_keys(PipelineConfig, items=True)
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")  # data.mix[0].source
         if e["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key{PEFT_NAMES.get(key, '; check the spelling against pipeline.yaml (e.g. `qlora-pipeline run --help`)')}")
+            # a key of a whole mapping (`--set 'lora={rnak: 8}'`) or of a --config file: named as a misspelt --set key is,
+            # a list entry's (data.mix[0].sourc) with its index
+            schema_key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+            hint = _unknown_key_hint(schema_key, known)
+            parent, index_parent = schema_key.rpartition(".")[0], key.rpartition(".")[0]
+            if parent != index_parent and hint.startswith(f"; did you mean {parent}."):  # the entry's own key: with its index
+                hint = hint.replace(f"; did you mean {parent}.", f"; did you mean {index_parent}.", 1)
+            problems.append(f"{key}: unknown key{hint}")
         else:
             got = e.get("input")
             got_s = f" (got {got!r})" if not isinstance(got, dict) and "(got" not in e["msg"] else ""
@@ -740,10 +759,7 @@ def load_config(
         # `--set 'eval.benchmark_prompts={ifeval: 120}'` replaces the mapping whole. Validation names a wrong entry.
         in_mapping = any(".".join(parts[:i]) in mappings for i in range(1, len(parts)))
         if dotted not in known and not in_mapping:
-            # the nearest whole key (trainig.seed -> training.seed, not data.seed), else one with the same last part
-            close = difflib.get_close_matches(dotted, sorted(known), n=1, cutoff=0.8) or [k for k in sorted(known) if k.split(".")[-1] == parts[-1]]
-            hint = f"; did you mean {close[0]}?" if close else "; see pipeline.yaml for the keys"
-            problems.append(f"--set {dotted}: unknown key{PEFT_NAMES.get(dotted, hint)}")
+            problems.append(f"--set {dotted}: unknown key{_unknown_key_hint(dotted, known)}")
             continue
         if value is None and in_mapping:
             value = _Removal(dotted, _entry_exists(tree, parts))

@@ -189,6 +189,20 @@ def test_a_misspelt_key_names_the_closest_one():
     assert "did you mean eval.benchmark_prompts?" in _problems(profile="tiny", overrides=["eval.benchmark_prompt.ifeval=3"])[0]
 
 
+def test_a_misspelt_key_in_a_whole_mapping_or_a_file_names_the_closest_one(tmp_path):
+    """`--set lora.rnak=8` said "did you mean lora.r?", but the same typo in `--set 'lora={rnak: 8}'`, a --config file or a
+    data.mix entry pointed at `run --help`, which lists no keys (a review, 2026-12-06): every path names the nearest key."""
+    assert _problems(profile="tiny", overrides=['lora={"rnak": 8}']) == ["lora.rnak: unknown key; did you mean lora.r?"]
+    problems = _problems(profile="tiny", overrides=['data.mix=[{"sourc": "x.jsonl", "share": 0.2}]'])
+    assert "data.mix[0].sourc: unknown key; did you mean data.mix[0].source?" in problems, problems
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["profiles"]["tiny"]["training"]["learnig_rate"] = 0.1
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert _problems(path=path, profile="tiny") == ["training.learnig_rate: unknown key; did you mean training.learning_rate?"]
+    assert not any("--help" in p for p in _problems(profile="tiny", overrides=['lora={"zzz": 1}']))
+
+
 def test_bad_dotted_key_and_absurd_budget():
     assert "dotted" in _problems(profile="tiny", overrides=["lora..r=3"])[0]
     assert "no_equals" in _problems(profile="tiny", overrides=["no_equals"])[0]

@@ -209,11 +209,11 @@ def test_mix_shares_heldout_per_source_and_provenance(tmp_path, tiny_cfg, shared
 
 
 def test_mix_config_errors_name_the_key(shared_artifacts):
-    with pytest.raises(ConfigError, match=r"data.mix.0: .*exactly one of share"):
+    with pytest.raises(ConfigError, match=r"data\.mix\[0\]: .*exactly one of share"):
         load_config(profile="tiny", overrides=["data.mix=[{source: a.json}]"])
     with pytest.raises(ConfigError, match=r"data: mix shares add up to 1.1"):
         load_config(profile="tiny", overrides=["data.mix=[{source: a.json, share: 0.6}, {source: b.json, share: 0.5}]"])
-    with pytest.raises(ConfigError, match=r"data.mix.0: source 'embedded' can't be mixed in"):
+    with pytest.raises(ConfigError, match=r"data\.mix\[0\]: source 'embedded' can't be mixed in"):
         load_config(profile="tiny", overrides=["data.mix=[{source: embedded, share: 0.2}]"])
     cfg = load_config(profile="demo")
     assert [m.source for m in cfg.data.mix] == ["pypi:sharegpt", "pypi:alpaca-en-demo"] and cfg.data.dedupe == "all"
