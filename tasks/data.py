@@ -100,8 +100,9 @@ DATA_FILES = ("train/dataset_info.json", "heldout/dataset_info.json", "heldout.j
 # Reading sources
 
 
-def source_fingerprint(data: DataSection) -> str:
-    """Content identity of the source: a file's hash, a hub revision, or the generator's code."""
+def source_fingerprint(data: DataSection | MixSource, key: str = "data.source") -> str:
+    """Content identity of the source: a file's hash, a hub revision, or the generator's code. `key`: the config key
+    an error names (data.mix[0].source for a mix entry)."""
     src = data.source
     if src == "embedded":
         gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
@@ -117,7 +118,7 @@ def source_fingerprint(data: DataSection) -> str:
         # A folder (a partitioned x.parquet/) by its files' content, as a file: by its path, new rows in it were never read
         return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", folder_fingerprint(path))
     if _looks_like_path(src):
-        raise StageError(f"data.source {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
+        raise StageError(f"{key} {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
     return fingerprint("hub", src, data.revision or _hub_revision(src))
 
 
@@ -565,7 +566,8 @@ def cache_key(data: DataSection, model: ModelSection) -> str:
     # keyed on it); a source file's bytes alone would keep a build deduped by the old rules.
     bench = [sources.prompts_fingerprint(sources.benchmark_prompt_lists(names, None)), file_sha256(Path(sources.__file__))] if names else None
     unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
-    return fingerprint("data", DATA_VERSION, source_fingerprint(data), [source_fingerprint(m) for m in data.mix], bench,
+    mixed = [source_fingerprint(m, f"data.mix[{i}].source") for i, m in enumerate(data.mix)]
+    return fingerprint("data", DATA_VERSION, source_fingerprint(data), mixed, bench,
                        _keyed_dump(data, unread), model_fingerprint(model), model.chat_template)
 
 

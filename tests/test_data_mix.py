@@ -220,6 +220,18 @@ def test_mix_config_errors_name_the_key(shared_artifacts):
 
 
 @pytest.mark.slow
+def test_a_missing_mix_file_names_its_own_key(tmp_path, tiny_cfg, shared_artifacts):
+    """A missing file in data.mix[1].source was reported as `data.source` (a review, 2026-12-06), the key of another
+    setting: the line names the entry it is in."""
+    there = tmp_path / "there.json"
+    there.write_text(json.dumps([_chat("Say hi.")]))
+    data = tiny_cfg.data.model_copy()
+    data.mix = [{"source": str(there), "rows": 1, "heldout": 0}, {"source": str(tmp_path / "nope.jsonl"), "rows": 1}]
+    with pytest.raises(StageError, match=r"^data\.mix\[1\]\.source '.*nope\.jsonl': file not found; give an existing") as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    assert "\n" not in str(e.value)
+
+
 def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path, tiny_cfg, shared_artifacts):
     """A mixed held-out split: accuracy only where a checker exists, held-out loss reported for each source."""
     from tasks.evaluate import evaluate_heldout
