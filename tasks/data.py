@@ -307,7 +307,23 @@ def detect_schema(row: dict) -> str:
         return "alpaca"
     if "message_tree_id" in row or ("parent_id" in row and "role" in row and "text" in row):
         return "oasst"
-    raise StageError(f"cannot tell the schema from columns {sorted(row)}; expected messages, instruction/input/output, or oasst fields — or set data.schema")
+    # data.schema only picks one of these three readers, none of which reads other columns: renaming is the fix
+    raise StageError(f"cannot tell the schema from columns {sorted(row)}; the columns read are `messages` (or `conversations`: a list "
+                     f"of role/content turns), `instruction` + `output` (+ optional `input`), or OASST's message_tree_id/parent_id/"
+                     f"role/text; rename the file's columns to one of these{_rename_hint(row)}")
+
+
+# Column names people give a prompt and an answer, for the rename an unreadable file is told (to alpaca's columns),
+# the preferred first: with both `instruction` and `input` there, `input` is not the one to rename
+PROMPT_COLUMNS = ("instruction", "question", "prompt", "query", "input", "user", "human")
+ANSWER_COLUMNS = ("output", "answer", "response", "completion", "assistant", "gpt", "reply")
+
+
+def _rename_hint(row: dict) -> str:
+    prompt = next((c for name in PROMPT_COLUMNS for c in row if str(c).lower() == name), None)
+    answer = next((c for name in ANSWER_COLUMNS for c in row if str(c).lower() == name), None)
+    renames = [f"{c} -> {to}" for c, to in ((prompt, "instruction"), (answer, "output")) if c is not None and c != to]
+    return f" (here: {', '.join(renames)})" if prompt is not None and answer is not None and renames else ""
 
 
 def to_messages(row: Any, schema: str, system_prompt: str | None = None,

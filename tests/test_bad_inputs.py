@@ -198,7 +198,7 @@ STAGE_CASES = [
     # id, extra CLI args (input names are filled in), words the `error:` line must hold
     ("malformed-jsonl-line", ["data.source={inputs}/malformed.jsonl"], ["malformed.jsonl:3", "malformed JSON", "fix or delete that line"]),
     ("empty-file", ["data.source={inputs}/empty.jsonl"], ["is empty", "at least one conversation"]),
-    ("wrong-schema", ["data.source={inputs}/schema.jsonl"], ["cannot tell the schema", "completion", "data.schema"]),
+    ("wrong-schema", ["data.source={inputs}/schema.jsonl"], ["cannot tell the schema", "completion", "prompt -> instruction, completion -> output"]),
     ("unknown-roles", ["data.source={inputs}/roles.jsonl"], ["0 usable training rows", "unknown role: 5", "use roles", "assistant"]),
     ("empty-turns", ["data.source={inputs}/empty_turns.jsonl"], ["0 usable training rows", "empty turn: 5", "remove empty messages"]),
     ("non-utf8-bytes", ["data.source={inputs}/latin1.jsonl"], ["latin1.jsonl:2", "not UTF-8", "re-save the file as UTF-8"]),
