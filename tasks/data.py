@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked, maybe_fault, read_json, stage_dir, write_json
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
@@ -217,7 +217,7 @@ def _read_local(path: Path) -> tuple[list[dict], list[int] | None]:
             # JSON lines. One value followed by a stray line (a list, then a line of U+00A0) is a malformed .json file.
             if _looks_like_json_lines(raw.decode("utf-8-sig")):
                 return _read_jsonl(path)
-            raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {json_msg(e)}; fix that line") from e
         if isinstance(obj, dict):
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):
@@ -261,7 +261,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or delete that line") from e
+                raise StageError(f"{path}:{lineno}: malformed JSON ({json_msg(e)} at column {e.colno}); fix or delete that line") from e
             lines.append(lineno)
     return rows, lines
 

@@ -157,6 +157,20 @@ def test_malformed_jsonl_names_the_line(tmp_path, tiny_cfg, shared_artifacts):
         load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
 
 
+def test_a_json_error_reads_as_a_sentence_naming_file_line_and_column(tmp_path, tiny_cfg, shared_artifacts):
+    """json's "Unterminated string starting at" read "... at at column 9" (a review, 2026-12-06)."""
+    src = tmp_path / "cut.jsonl"
+    src.write_text(json.dumps(CAPYBARA[0]) + '\n{"messages": "cut off')  # the file ends inside the string
+    with pytest.raises(StageError) as e:
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert str(e.value) == f"{src}:2: malformed JSON (Unterminated string starting at column 14); fix or delete that line"
+    src = tmp_path / "cut.json"
+    src.write_text('[\n{"messages": "cut off')
+    with pytest.raises(StageError) as e:
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert str(e.value) == f"{src}: invalid JSON at line 2 column 14: Unterminated string starting; fix that line"
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
 def test_a_leading_byte_order_mark_is_read_like_plain_utf8(tmp_path, tiny_cfg, shared_artifacts, kind):
     # Windows Notepad and Excel's "CSV UTF-8" begin the file with EF BB BF.
