@@ -219,7 +219,6 @@ def test_mix_config_errors_name_the_key(shared_artifacts):
     assert [m.source for m in cfg.data.mix] == ["pypi:sharegpt", "pypi:alpaca-en-demo"] and cfg.data.dedupe == "all"
 
 
-@pytest.mark.slow
 def test_a_missing_mix_file_names_its_own_key(tmp_path, tiny_cfg, shared_artifacts):
     """A missing file in data.mix[1].source was reported as `data.source` (a review, 2026-12-06), the key of another
     setting: the line names the entry it is in."""
@@ -232,6 +231,7 @@ def test_a_missing_mix_file_names_its_own_key(tmp_path, tiny_cfg, shared_artifac
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path, tiny_cfg, shared_artifacts):
     """A mixed held-out split: accuracy only where a checker exists, held-out loss reported for each source."""
     from tasks.evaluate import evaluate_heldout
