@@ -673,19 +673,32 @@ PEFT_NAMES = {
 }
 
 
+# What people write for a list entry's source (a hub name or a file); leaf-name matching would offer `filter` for `file`.
+SOURCE_NAMES = {"file", "path", "name", "dataset", "data_files"}
+
+
+def _entry_key_hint(leaf: str, entry: str, leaves: list[str]) -> str:
+    """'; did you mean <entry>.<nearest key of the same entry>?', by the leaf names alone: over whole dotted paths the
+    shared prefix makes anything close (data.mix.count -> data.mix.heldout); else the entry's keys."""
+    close = ["source"] if leaf in SOURCE_NAMES and "source" in leaves else difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.8)
+    return f"; did you mean {entry}.{close[0]}?" if close else f"; its keys: {', '.join(leaves)}"
+
+
 def _format_validation(err: ValidationError) -> list[str]:
     problems = []
-    known = _known_keys(PipelineConfig, items=True)
+    known, item_keys = _known_keys(PipelineConfig), _known_keys(PipelineConfig, items=True)
     for e in err.errors():
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")  # data.mix[0].source
         if e["type"] == "extra_forbidden":
-            # a key of a whole mapping (`--set 'lora={rnak: 8}'`) or of a --config file: named as a misspelt --set key is,
-            # a list entry's (data.mix[0].sourc) with its index
-            schema_key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
-            hint = _unknown_key_hint(schema_key, known)
-            parent, index_parent = schema_key.rpartition(".")[0], key.rpartition(".")[0]
-            if parent != index_parent and hint.startswith(f"; did you mean {parent}."):  # the entry's own key: with its index
-                hint = hint.replace(f"; did you mean {parent}.", f"; did you mean {index_parent}.", 1)
+            # a key of a whole mapping (`--set 'lora={rnak: 8}'`) or of a --config file: named as a misspelt --set key is;
+            # a list entry's (data.mix[0].sourc) among that entry's keys, with its index. Only there: an entry's keys
+            # (data.mix.heldout) are no --set key, so data.heldout is told data.heldout_size, as `--set data.heldout=` is.
+            if len(e["loc"]) >= 2 and isinstance(e["loc"][-2], int):
+                schema_parent = ".".join(str(p) for p in e["loc"][:-1] if not isinstance(p, int)) + "."
+                leaves = sorted(k.removeprefix(schema_parent) for k in item_keys if k.startswith(schema_parent) and "." not in k.removeprefix(schema_parent))
+                hint = _entry_key_hint(str(e["loc"][-1]), key.rpartition(".")[0], leaves)
+            else:
+                hint = _unknown_key_hint(key, known)
             problems.append(f"{key}: unknown key{hint}")
         else:
             got = e.get("input")

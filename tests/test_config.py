@@ -203,6 +203,27 @@ def test_a_misspelt_key_in_a_whole_mapping_or_a_file_names_the_closest_one(tmp_p
     assert not any("--help" in p for p in _problems(profile="tiny", overrides=['lora={"zzz": 1}']))
 
 
+def test_an_unknown_key_is_told_a_key_that_can_be_set(tmp_path):
+    """`data: {heldout: 100}` in a file was told "did you mean data.mix.heldout?", a key of the mix entries that no
+    --set takes (a review, 2026-12-06): outside an entry the hint is the dotted --set path's (data.heldout_size); inside
+    one, the nearest of that entry's own keys by name, not by the whole path (count -> heldout, file -> filter were)."""
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    data["profiles"]["tiny"]["data"]["heldout"] = 100
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    dotted = _problems(profile="tiny", overrides=["data.heldout=100"])[0]
+    assert _problems(path=path, profile="tiny") == [dotted.removeprefix("--set ")] == ["data.heldout: unknown key; did you mean data.heldout_size?"]
+    for leaf in ("rows", "share", "filter"):
+        assert "data.mix" not in _problems(profile="tiny", overrides=[f'data={{"{leaf}": 1}}'])[0]
+    problems = _problems(profile="tiny", overrides=['data.mix=[{"source": "x.jsonl", "share": 0.2, "path": 1, "file": 1, "name": 1, "count": 1, "r": 1, "row": 1}]'])
+    assert "data.mix[0].path: unknown key; did you mean data.mix[0].source?" in problems, problems
+    assert "data.mix[0].file: unknown key; did you mean data.mix[0].source?" in problems, problems
+    assert "data.mix[0].name: unknown key; did you mean data.mix[0].source?" in problems, problems
+    assert "data.mix[0].row: unknown key; did you mean data.mix[0].rows?" in problems, problems
+    for leaf in ("count", "r"):
+        assert f"data.mix[0].{leaf}: unknown key; its keys: filter, heldout, revision, rows, schema, share, source, split" in problems, problems
+
+
 def test_bad_dotted_key_and_absurd_budget():
     assert "dotted" in _problems(profile="tiny", overrides=["lora..r=3"])[0]
     assert "no_equals" in _problems(profile="tiny", overrides=["no_equals"])[0]
