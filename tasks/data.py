@@ -217,7 +217,7 @@ def _read_local(path: Path) -> tuple[list[dict], list[int] | None]:
             # JSON lines. One value followed by a stray line (a list, then a line of U+00A0) is a malformed .json file.
             if _looks_like_json_lines(raw.decode("utf-8-sig")):
                 return _read_jsonl(path)
-            raise StageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {json_msg(e)}; fix that line") from e
+            raise StageError(f"{path}: invalid JSON ({json_msg(e)} at line {e.lineno} column {e.colno}); fix that line") from e
         if isinstance(obj, dict):
             obj = next((v for v in obj.values() if isinstance(v, list)), None)
         if not isinstance(obj, list):

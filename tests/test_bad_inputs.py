@@ -204,7 +204,7 @@ STAGE_CASES = [
     ("non-utf8-bytes", ["data.source={inputs}/latin1.jsonl"], ["latin1.jsonl:2", "not UTF-8", "re-save the file as UTF-8"]),
     ("one-mb-example", ["data.source={inputs}/one_mb.jsonl"], ["over max_length: 1", "raise data.max_length"]),
     ("all-rows-over-max-length", ["data.source={inputs}/overlong.jsonl"], ["over max_length: 10", "raise data.max_length", "overlong=truncate"]),
-    ("invalid-json-file", ["data.source={inputs}/invalid.json"], ["invalid.json", "invalid JSON at line 1"]),
+    ("invalid-json-file", ["data.source={inputs}/invalid.json"], ["invalid.json", "invalid JSON (", "at line 1 column"]),
     ("missing-dataset-path", ["data.source={inputs}/nope.jsonl"], ["nope.jsonl", "file not found", "give an existing"]),
     ("hub-dataset-offline", ["data.source=someone/some-dataset"], ["cannot reach the hub", "use a local file or the demo profile"]),
     ("hub-model-offline", ["model.name=someone/some-model"], ["cannot reach the hub", "use a local folder or the demo profile"]),

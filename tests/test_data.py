@@ -158,7 +158,9 @@ def test_malformed_jsonl_names_the_line(tmp_path, tiny_cfg, shared_artifacts):
 
 
 def test_a_json_error_reads_as_a_sentence_naming_file_line_and_column(tmp_path, tiny_cfg, shared_artifacts):
-    """json's "Unterminated string starting at" read "... at at column 9" (a review, 2026-12-06)."""
+    """json's "Unterminated string starting at" read "... at at column 9" (a review, 2026-12-06); the .json form then
+    read "...: Unterminated string starting; fix that line", a dangling "starting" (a second review): both put the
+    position after json's words."""
     src = tmp_path / "cut.jsonl"
     src.write_text(json.dumps(CAPYBARA[0]) + '\n{"messages": "cut off')  # the file ends inside the string
     with pytest.raises(StageError) as e:
@@ -168,7 +170,7 @@ def test_a_json_error_reads_as_a_sentence_naming_file_line_and_column(tmp_path, 
     src.write_text('[\n{"messages": "cut off')
     with pytest.raises(StageError) as e:
         load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
-    assert str(e.value) == f"{src}: invalid JSON at line 2 column 14: Unterminated string starting; fix that line"
+    assert str(e.value) == f"{src}: invalid JSON (Unterminated string starting at line 2 column 14); fix that line"
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
@@ -213,7 +215,7 @@ def test_a_json_file_is_json_lines_only_when_each_line_is_a_row(tmp_path, tiny_c
     for name, body in (("list.json", json.dumps(CAPYBARA)), ("wrapped.json", json.dumps({"data": CAPYBARA}))):
         stray = tmp_path / name  # one value, then a line of U+00A0: a malformed .json file, named at its stray line
         stray.write_text(body + "\n\u00a0\n")
-        with pytest.raises(StageError, match=rf"{name}: invalid JSON at line 2 column 1: Extra data"):
+        with pytest.raises(StageError, match=rf"{name}: invalid JSON \(Extra data at line 2 column 1\)"):
             load_dataset_records(*_cfg(tiny_cfg, stray), shared_artifacts)
 
 
