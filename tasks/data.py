@@ -313,17 +313,29 @@ def detect_schema(row: dict) -> str:
                      f"role/text; rename the file's columns to one of these{_rename_hint(row)}")
 
 
-# Column names people give a prompt and an answer, for the rename an unreadable file is told (to alpaca's columns),
-# the preferred first: with both `instruction` and `input` there, `input` is not the one to rename
+# Column names people give a prompt, its context and an answer, for the rename an unreadable file is told (to alpaca's
+# columns), the preferred first: with both `instruction` and `input` there, `input` is not the one to rename
 PROMPT_COLUMNS = ("instruction", "question", "prompt", "query", "input", "user", "human")
+CONTEXT_COLUMNS = ("input", "context", "passage", "document")
 ANSWER_COLUMNS = ("output", "answer", "response", "completion", "assistant", "gpt", "reply")
 
 
 def _rename_hint(row: dict) -> str:
-    prompt = next((c for name in PROMPT_COLUMNS for c in row if str(c).lower() == name), None)
-    answer = next((c for name in ANSWER_COLUMNS for c in row if str(c).lower() == name), None)
-    renames = [f"{c} -> {to}" for c, to in ((prompt, "instruction"), (answer, "output")) if c is not None and c != to]
-    return f" (here: {', '.join(renames)})" if prompt is not None and answer is not None and renames else ""
+    """The renames to alpaca's columns, and the columns that would still go unread: alpaca's reader adds `input` to the
+    prompt, so a context (Dolly's) is renamed to it, but it reads nothing else (a history, a system prompt, a category
+    would be dropped without a word)."""
+    def find(names: tuple[str, ...], taken: tuple) -> Any:
+        return next((c for name in names for c in row if str(c).lower() == name and c not in taken), None)
+
+    prompt = find(PROMPT_COLUMNS, ())
+    answer = find(ANSWER_COLUMNS, (prompt,))
+    context = find(CONTEXT_COLUMNS, (prompt, answer))
+    if prompt is None or answer is None:
+        return ""
+    mapped = ((prompt, "instruction"), (answer, "output"), (context, "input"))
+    renames = [f"{c} -> {to}" for c, to in mapped if c is not None and c != to]
+    unread = sorted(str(c) for c in row if c not in (prompt, answer, context))
+    return f" (here: {', '.join(renames)}{'; then still not read: ' + ', '.join(unread) if unread else ''})" if renames else ""
 
 
 def to_messages(row: Any, schema: str, system_prompt: str | None = None,

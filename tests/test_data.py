@@ -150,6 +150,22 @@ def test_unknown_columns_are_told_the_columns_read_and_the_rename(tmp_path, tiny
     assert "data.schema" not in msg and "\n" not in msg
 
 
+def test_the_rename_hint_keeps_a_context_and_names_what_stays_unread(tmp_path, tiny_cfg, shared_artifacts):
+    """A Dolly row was told `response -> output` only, after which its context was dropped without a word (a review,
+    2026-12-06): alpaca's reader adds `input` to the prompt, so the context is renamed to it; what no reader takes
+    (a category, a history, a system prompt) is named."""
+    dolly = {"instruction": "Who wrote it?", "context": "Ann wrote the book.", "response": "Ann.", "category": "closed_qa"}
+    src = _write(tmp_path / "dolly.jsonl", [dolly] * 20, "jsonl")
+    with pytest.raises(StageError) as e:
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert str(e.value).endswith("(here: response -> output, context -> input; then still not read: category)"), str(e.value)
+    row = {"prompt": "Hi?", "completion": "Hello.", "history": [["a", "b"]], "system": "Be brief."}
+    src = _write(tmp_path / "chat.jsonl", [row] * 20, "jsonl")
+    with pytest.raises(StageError) as e:
+        load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
+    assert str(e.value).endswith("(here: prompt -> instruction, completion -> output; then still not read: history, system)"), str(e.value)
+
+
 def test_malformed_jsonl_names_the_line(tmp_path, tiny_cfg, shared_artifacts):
     src = tmp_path / "broken.jsonl"
     src.write_text(json.dumps(CAPYBARA[0]) + "\n{not json\n")
