@@ -1,0 +1,226 @@
+"""Token-level unlikelihood on the tokens already written (Welleck et al. 2020, "Neural Text Generation with Unlikelihood
+Training", arXiv:1908.04319, section 5.1), computed with cross-entropy in one chunked pass over the LM head.
+
+At each trained position t the model is asked, besides the usual cross-entropy on the next token y_t, to give little
+probability to the tokens its sample already holds up to t (the candidates C_t, y_t itself left out):
+
+    loss_t = -log p(y_t) - alpha * sum_{c in C_t} log(1 - p(c))
+
+Greedy decoding of a small model falls into loops by picking a token it has just written; the unlikelihood term is
+what makes that costly in training. The paper's token-level form (not its sequence-level one, which needs the model's
+own generations) cut repeated next 4-grams of greedy continuations by about a third (.44 -> .28) on a 16-layer
+Wikitext-103 model, perplexity 25.6 -> 26.9.
+
+Like Liger's fused linear cross-entropy, the pass never holds the (tokens x vocab) logits: it walks the positions in
+chunks, and each chunk's gradient for the hidden states and the head's weight is made in the forward (the derivatives
+below are closed forms), so the backward only scales them. With p = softmax(z) over the chunk's logits z:
+
+    d(-log p(y)) / dz = p - onehot(y)
+    d(-sum_c log(1 - p_c)) / dz = r - p * sum(r),   r_k = p_k / (1 - p_k) for k in C_t, 0 elsewhere
+
+1 - p is clamped at `EPS` as the paper's code clamps it; a clamped candidate adds its clamped term to the loss and
+nothing to the gradient, as autograd through `clamp` gives. A model that caps its logits (Gemma-2's
+`final_logit_softcapping`: z = cap * tanh(z_raw / cap)) gets the cap and its chain-rule factor.
+
+Positions are flat: `hidden` (N, d) and `labels` (N,) already shifted (the hidden state at t predicts labels[t]),
+`context` (N,) the token at t (the last token the model has seen there), `segment` (N,) which sample t belongs to,
+non-decreasing (a packed row's samples, or the rows of a batch one after another). A position whose label is
+`ignore_index` (prompt, padding) is not trained on and adds nothing; its token still counts as written for the
+positions after it (the prompt's words are part of what the answer should not repeat, as in the paper's contexts).
+"""
+
+from __future__ import annotations
+
+EPS = 1e-5
+
+
+def candidate_mask(context, labels, segment, seen_before, segment_before: int | None, vocab: int):
+    """(n, vocab) bool: for each position of a chunk, the tokens its sample has written up to it, its own label left
+    out. `seen_before` (vocab,) bool: the tokens written before the chunk by the sample at the chunk's first position
+    (`segment_before` its segment; None = the chunk starts a new sample). The samples in a chunk are told apart by a
+    running maximum over (chunk + 1) x vocab small integers: token k counts for position i iff the latest sample to
+    write k up to i is i's own sample (segments never decrease)."""
+    import torch
+
+    n = context.shape[0]
+    rel = (segment - segment[0] + 1).to(torch.int32)  # 1.. within the chunk
+    marks = torch.zeros(n + 1, vocab, dtype=torch.int32, device=context.device)
+    if segment_before is not None and seen_before is not None and int(segment[0]) == segment_before:
+        marks[0] = seen_before.to(torch.int32)  # rel 1: the first position's sample, written before the chunk
+    marks[1:].scatter_(1, context.unsqueeze(1).long(), rel.unsqueeze(1))
+    latest = marks.cummax(0).values[1:]
+    mask = latest == rel.unsqueeze(1)
+    mask.scatter_(1, labels.clamp(min=0).unsqueeze(1).long(), False)
+    return mask
+
+
+class _HeadLoss:
+    """The chunked pass (a torch.autograd.Function made on first use, so importing this module needs no torch)."""
+
+    fn = None
+
+    @classmethod
+    def get(cls):
+        if cls.fn is None:
+            import torch
+
+            class HeadLoss(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index):
+                    need_w = ctx.needs_input_grad[1]  # a frozen (tied, embedding) head: no vocab x d gradient made
+                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w)
+                    ctx.save_for_backward(grad_h, grad_w)
+                    ctx.mark_non_differentiable(ce, ul)
+                    return ce + alpha * ul, ce, ul
+
+                @staticmethod
+                def backward(ctx, grad_loss, _grad_ce, _grad_ul):
+                    grad_h, grad_w = ctx.saved_tensors
+                    return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype) if grad_w.numel() else None,
+                            None, None, None, None, None, None, None)
+
+            cls.fn = HeadLoss
+        return cls.fn
+
+
+def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, chunk: int, softcap: float | None, ignore_index: int,
+                       need_w: bool = True):
+    import torch
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    grad_h = torch.zeros_like(hidden)
+    grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=torch.float32, device=weight.device)
+    ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    ul = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    seen, seg_before = None, None
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        h, y, ctx_ids, seg = hidden[a:b], labels[a:b], context[a:b], segment[a:b]
+        mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab)
+        last = seg == seg[-1]  # what the chunk's last sample has written, for the next chunk
+        written = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
+        written[ctx_ids[last].long()] = True
+        if seen is not None and seg_before == int(seg[-1]):
+            written |= seen
+        seen, seg_before = written, int(seg[-1])
+
+        valid = y != ignore_index
+        if not bool(valid.any()):
+            continue
+        raw = (h @ weight.t()).float()
+        if softcap:
+            t = torch.tanh(raw / softcap)
+            z = softcap * t
+        else:
+            z = raw
+        logp = torch.log_softmax(z, dim=-1)
+        p = logp.exp()
+        yv = y.clamp(min=0).long().unsqueeze(1)
+        vf = valid.float().unsqueeze(1)
+        ce = ce - (logp.gather(1, yv).squeeze(1) * valid.float()).sum()
+        dz = p.clone()
+        dz.scatter_add_(1, yv, -torch.ones_like(yv, dtype=dz.dtype))
+        if alpha:
+            mask &= valid.unsqueeze(1)
+            one_minus = 1.0 - p
+            ul = ul - torch.log(one_minus.clamp(min=EPS))[mask].sum()
+            r = torch.where(mask & (one_minus > EPS), p / one_minus.clamp(min=EPS), torch.zeros_like(p))
+            dz = dz + alpha * (r - p * r.sum(1, keepdim=True))
+        dz = dz * vf
+        if softcap:
+            dz = dz * (1.0 - t * t)
+        grad_h[a:b] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+        if need_w:
+            grad_w += dz.t() @ h.float()
+    return grad_h, grad_w.to(weight.dtype), ce, ul
+
+
+def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: int = 512, softcap: float | None = None,
+              ignore_index: int = -100):
+    """Summed cross-entropy plus `alpha` x summed unlikelihood over the trained positions, with the gradients for
+    `hidden` and `weight` (the LM head's, vocab x d) made in the pass. Returns (loss, ce, ul): `loss` is the one to
+    backpropagate (divide it by the trained tokens, or by the trainer's `num_items_in_batch`, as a mean loss is); `ce`
+    and `ul` are its parts, detached, for the logs. alpha = 0 is plain cross-entropy (no candidates are built)."""
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or context.shape != labels.shape or segment.shape != labels.shape:
+        raise ValueError(f"head_loss takes flat positions: hidden (N, d), labels/context/segment (N,); got hidden "
+                         f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, context {tuple(context.shape)}, segment {tuple(segment.shape)}")
+    if chunk < 1:
+        raise ValueError(f"head_loss chunk must be >= 1, got {chunk}")
+    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index))
+
+
+def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -100):
+    """(labels, context, segment) for `head_loss` from a causal LM batch: (B, T) `input_ids` and `labels` as the model
+    takes them (not yet shifted: the hidden state at t predicts labels[t + 1]). Each row is one sample, or for a packed
+    row (`position_ids` restarting at 0) one sample per restart; a row's last position has no next token and gets
+    `ignore_index`, as does the last position of each packed sample (its next token is the next sample's first)."""
+    import torch
+
+    batch, length = input_ids.shape
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[:, :-1] = labels[:, 1:]
+    if position_ids is not None and position_ids.dim() == 3:
+        position_ids = position_ids[0]
+    if position_ids is not None and position_ids.shape[-1] == length:
+        starts = position_ids.reshape(-1, length).expand(batch, length) == 0
+    else:
+        starts = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+    starts = starts.clone()
+    starts[:, 0] = True
+    ends_sample = torch.zeros_like(starts)
+    ends_sample[:, :-1] = starts[:, 1:]  # the next position starts another sample: nothing of this one to predict
+    shifted = shifted.masked_fill(ends_sample, ignore_index)
+    segment = starts.reshape(-1).long().cumsum(0) - 1
+    return shifted.reshape(-1), input_ids.reshape(-1), segment
+
+
+def attach_unlikelihood(model, alpha: float, chunk: int = 512):
+    """Make `model` (a PEFT model or a plain causal LM) train on cross-entropy plus `alpha` x token-level unlikelihood.
+    Returns (compute_loss_func, handles): pass the first to the Trainer (`Trainer(compute_loss_func=...)`, which then
+    takes `labels` out of the batch and hands them to it with the step's `num_items_in_batch`); `handle.remove()` takes
+    the hooks off. While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
+    the last position's logits only (`logits_to_keep=1`: the head runs here, chunked, not over every position), and a hook
+    on its decoder keeps the final hidden states (after the last norm) for the loss. Everything else in the forward (PEFT,
+    Liger's kernels, NEFTune's hooks, compiled layers) runs as it would. In eval mode the hooks stand aside.
+
+    The LM head must be a plain linear without LoRA and without bias (every causal LM this project trains: LoRA targets
+    the decoder's projections); a model whose head is otherwise is refused in one line."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        raise ValueError(f"training.unlikelihood_alpha needs a causal LM whose head is a plain linear layer without bias and a "
+                         f"decoder it can read the last hidden states of; {type(inner).__name__} has head "
+                         f"{type(head).__name__} (set training.unlikelihood_alpha to null to train without it)")
+    softcap = getattr(getattr(inner.config, "get_text_config", lambda: inner.config)(), "final_logit_softcapping", None)
+    seen: dict = {}
+
+    def remember_inputs(module, args, kwargs):
+        if not module.training:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ValueError("training.unlikelihood_alpha needs input_ids in the training batch (it scores the tokens already "
+                             "written); this batch has inputs_embeds only")
+        seen.clear()
+        seen.update(input_ids=ids, position_ids=kwargs.get("position_ids"))
+        return args, {**kwargs, "logits_to_keep": 1}
+
+    def keep_hidden(module, args, output):
+        if module.training:
+            seen["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        return None
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        hidden = seen.pop("hidden")
+        flat_labels, context, segment = flat_positions(seen["input_ids"], labels, seen.get("position_ids"))
+        total, ce, ul = head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, context, segment,
+                                  alpha=alpha, chunk=chunk, softcap=softcap)
+        count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != -100).sum()
+        count = torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
+        return total / count
+
+    return loss, [inner.register_forward_pre_hook(remember_inputs, with_kwargs=True),
+                  decoder.register_forward_hook(keep_hidden)]

@@ -1,0 +1,195 @@
+"""tasks/engine/unlikelihood.py against a plain autograd reference on full logits: the loss, its two parts and the
+gradients for the hidden states and the head's weight, across chunk sizes that split samples, packed samples,
+ignored positions and a logit cap."""
+
+import pytest
+import torch
+
+from tasks.engine.unlikelihood import EPS, flat_positions, head_loss
+
+
+def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ignore_index=-100):
+    """The paper's token-level loss written the plain way: full logits, candidates by a loop over positions."""
+    z = hidden.double() @ weight.double().t()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    ce = torch.zeros((), dtype=torch.float64)
+    ul = torch.zeros((), dtype=torch.float64)
+    for t in range(len(labels)):
+        if labels[t] == ignore_index:
+            continue
+        ce = ce - logp[t, labels[t]]
+        cands = {int(context[s]) for s in range(t + 1) if segment[s] == segment[t]} - {int(labels[t])}
+        for c in cands:
+            ul = ul - torch.log(torch.clamp(1 - p[t, c], min=EPS))
+    return ce + alpha * ul, ce, ul
+
+
+def case(n=37, d=8, vocab=11, seed=0, segments=(0, 0, 0, 1, 1, 2), ignore_share=0.3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    context = torch.randint(0, vocab, (n,), generator=g)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_share] = -100
+    # samples of uneven lengths, in order
+    cuts = sorted(torch.randperm(n - 1, generator=g)[: len(set(segments)) - 1].add(1).tolist())
+    segment = torch.zeros(n, dtype=torch.long)
+    for c in cuts:
+        segment[c:] += 1
+    return hidden, weight, labels, context, segment
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_matches_the_autograd_reference(chunk, alpha, softcap):
+    hidden, weight, labels, context, segment = case()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, ce, ul = head_loss(h1, w1, labels, context, segment, alpha=alpha, chunk=chunk, softcap=softcap)
+    (2.5 * loss).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rloss, rce, rul = reference(h2, w2, labels, context, segment, alpha, softcap)
+    (2.5 * rloss).backward()
+    assert torch.allclose(loss, rloss.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ce, rce.to(ce.dtype), rtol=1e-5)
+    # alpha = 0 builds no candidates: its unlikelihood part is not computed
+    assert torch.allclose(ul, rul.to(ul.dtype), rtol=1e-5, atol=1e-6) if alpha else ul == 0
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=2e-5)  # the pass computes in float32
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-5, atol=2e-5)
+
+
+def test_the_candidates_are_the_samples_own_tokens():
+    """A position's candidates are what its own sample wrote up to it: a token only another sample wrote is not one,
+    whatever chunk the samples share."""
+    vocab, d = 6, 4
+    hidden = torch.zeros(4, d, dtype=torch.float64, requires_grad=True)  # uniform p = 1/6 everywhere
+    weight = torch.zeros(vocab, d, dtype=torch.float64)
+    context = torch.tensor([1, 2, 3, 3])
+    labels = torch.tensor([0, 0, 0, 0])
+    one = -torch.log(torch.tensor(1 - 1 / 6))
+    for chunk in (1, 2, 4):
+        # one sample: positions see {1}, {1,2}, {1,2,3}, {1,2,3}
+        _, _, ul = head_loss(hidden, weight, labels, context, torch.tensor([0, 0, 0, 0]), alpha=1.0, chunk=chunk)
+        assert torch.isclose(ul, 9 * one)
+        # two samples split after position 1: {1}, {1,2} | {3}, {3}
+        _, _, ul = head_loss(hidden, weight, labels, context, torch.tensor([0, 0, 1, 1]), alpha=1.0, chunk=chunk)
+        assert torch.isclose(ul, 5 * one)
+    # the label itself is never a candidate
+    _, _, ul = head_loss(hidden, weight, torch.tensor([1, 2, 3, 3]), context, torch.tensor([0, 0, 0, 0]), alpha=1.0, chunk=3)
+    assert torch.isclose(ul, 5 * one)
+
+
+def test_bf16_weights_give_the_reference_within_bf16():
+    hidden, weight, labels, context, segment = case(n=64, d=16, vocab=50, seed=3)
+    h1 = hidden.to(torch.bfloat16).requires_grad_()
+    w1 = weight.to(torch.bfloat16).requires_grad_()
+    loss, _, _ = head_loss(h1, w1, labels, context, segment, alpha=1.0, chunk=16)
+    loss.backward()
+    assert h1.grad.dtype == torch.bfloat16 and w1.grad.dtype == torch.bfloat16
+    h2, w2 = h1.detach().double().requires_grad_(), w1.detach().double().requires_grad_()
+    rloss, _, _ = reference(h2, w2, labels, context, segment, 1.0)
+    rloss.backward()
+    assert torch.allclose(loss.double(), rloss, rtol=1e-3)  # the logits are a bf16 matmul, as in Liger's head
+    assert (h1.grad.double() - h2.grad).abs().max() <= 0.02 * h2.grad.abs().max()
+
+
+def test_flat_positions_of_a_packed_row():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 4]])
+    labels = torch.tensor([[-100, 6, 7, 8, 9, 4]])  # the second sample's first token labelled: still not the first's target
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    y, ctx, seg = flat_positions(input_ids, labels, position_ids)
+    assert y.tolist() == [6, 7, -100, 9, 4, -100]  # shifted; a sample's last position and the row's last predict nothing
+    assert ctx.tolist() == [5, 6, 7, 8, 9, 4]
+    assert seg.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_flat_positions_of_a_batch():
+    input_ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    y, ctx, seg = flat_positions(input_ids, input_ids.clone())
+    assert y.tolist() == [2, 3, -100, 5, 6, -100]
+    assert seg.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_bad_shapes_name_what_was_given():
+    with pytest.raises(ValueError, match=r"hidden \(N, d\).*hidden \(2, 3, 4\)"):
+        head_loss(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long),
+                  torch.zeros(6, dtype=torch.long), alpha=1.0)
+
+
+def tiny_lora_llama(tie=False, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(cfg)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                                             init_lora_weights=False))
+    return model.train()
+
+
+def packed_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (1, 20), generator=g)
+    pos = torch.tensor([list(range(7)) + list(range(9)) + list(range(4))])
+    labels = ids.clone()
+    labels[0, [0, 1, 7, 8, 16]] = -100  # prompts; each sample's first token is never a target (as the packing collator sets)
+    return ids, pos, labels
+
+
+def reference_model_loss(model, ids, pos, labels, alpha):
+    """Full logits from the model's own forward, then the paper's loss by loops, normalised by the trained tokens."""
+    logits = model(input_ids=ids, position_ids=pos).logits[0].double()
+    y, ctx, seg = flat_positions(ids, labels, pos)
+    logp = torch.log_softmax(logits, -1)
+    p = logp.exp()
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(len(y)):
+        if y[t] == -100:
+            continue
+        total = total - logp[t, y[t]]
+        for c in {int(ctx[s]) for s in range(t + 1) if seg[s] == seg[t]} - {int(y[t])}:
+            total = total - alpha * torch.log(torch.clamp(1 - p[t, c], min=EPS))
+    return total / (y != -100).sum()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_attached_to_a_peft_model_gives_the_reference_loss_and_lora_gradients(tie):
+    from tasks.engine.unlikelihood import attach_unlikelihood
+
+    ids, pos, labels = packed_batch()
+    model = tiny_lora_llama(tie)
+    ref = reference_model_loss(model, ids, pos, labels, alpha=0.7)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    loss_fn, handles = attach_unlikelihood(model, 0.7, chunk=6)
+    out = model(input_ids=ids, position_ids=pos)
+    assert out.logits.shape[1] == 1  # the hooks asked for the last position's logits only
+    loss = loss_fn(out, labels, num_items_in_batch=int((flat_positions(ids, labels, pos)[0] != -100).sum()))
+    loss.backward()
+    assert torch.allclose(loss.double(), ref, rtol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, want[n].to(p.grad.dtype), rtol=1e-4, atol=1e-6), n
+    for h in handles:
+        h.remove()
+    assert model(input_ids=ids, position_ids=pos).logits.shape[1] == 20
+
+
+def test_alpha_zero_is_the_models_own_loss_and_eval_mode_is_untouched():
+    from tasks.engine.unlikelihood import attach_unlikelihood
+
+    ids, pos, labels = packed_batch(seed=2)
+    model = tiny_lora_llama(seed=3)
+    own = model(input_ids=ids, position_ids=pos, labels=labels).loss
+    loss_fn, handles = attach_unlikelihood(model, 0.0)
+    loss = loss_fn(model(input_ids=ids, position_ids=pos), labels)
+    assert torch.allclose(loss, own, rtol=1e-5)
+    model.eval()
+    assert model(input_ids=ids, position_ids=pos).logits.shape[1] == 20
