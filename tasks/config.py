@@ -347,6 +347,12 @@ class TrainingSection(Section):
         "length is its own in packed rows and without padding in padded ones (tasks/engine/noise.py; transformers' own hook "
         "would use the whole pack's). None/0 = off; in the training key only when set."
     )
+    unlikelihood_alpha: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Token-level unlikelihood (Welleck et al. 2020): besides cross-entropy, each trained "
+        "token is scored -alpha x sum log(1 - p) over the tokens its sample has already written (special and stop tokens "
+        "exempt), so greedy decoding learns not to pick the token it just wrote; the paper's alpha is 1 (tasks/engine/"
+        "unlikelihood.py). Costs head time, so the probe times it. None/0 = off; in the probe and training keys only when set."
+    )
     gpus: int | Literal["auto"] = Field(
         1, description="GPUs to train on: 1 = in the task's process; N or auto (all visible) = data-parallel under torchrun, "
         "one process and one 4-bit copy of the base per GPU. The global batch (micro × accum) stays the same: each GPU runs "

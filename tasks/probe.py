@@ -39,6 +39,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
+from .engine.unlikelihood import attach_unlikelihood
 from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
                      resolve_model)
 
@@ -105,7 +106,8 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     # without budget.vram_gb) the key is the one it had before the setting existed, and changing it reruns nothing.
     # training.compile likewise: `layers` is keyed (the step and the load time change, on any device), `off` is not.
     skip = (NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
-            | (set() if training.compile != "off" else {"compile"}))
+            | (set() if training.compile != "off" else {"compile"})
+            | (set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}))  # keyed only when set: older keys stay
     # Values written out as what `auto` picks on this device are keyed as `auto` (`keyed_quant`, `keyed_training`).
     sections = [keyed_quant(quant, dev), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
                 keyed_training(training, dev, skip), keyed_budget(budget)]
@@ -400,8 +402,11 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
         args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
+        extra = {}
+        if training.unlikelihood_alpha:  # the head's extra pass is in the steps timed, as stage 4 runs it
+            extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=tok.all_special_ids)
         trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model, (mb, max_length)),
-                                        callbacks=[Marks()])  # stage 4's bookkeeping: the steps it times are stage 4's
+                                        callbacks=[Marks()], **extra)  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)
         state = model.layer_compile
         with quiet_transformers():

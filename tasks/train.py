@@ -40,6 +40,7 @@ from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .engine.noise import add_embedding_noise
+from .engine.unlikelihood import attach_unlikelihood
 from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
@@ -322,9 +323,16 @@ BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_m
 PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by the probe where `layers` (tasks/probe.py)
 
 
+def unlikelihood_exempt(tok, data: DataRecord) -> list[int]:
+    """Token ids `training.unlikelihood_alpha` never penalises: the tokenizer's special tokens and the run's stop tokens
+    (an end-of-turn an earlier turn wrote must stay a token the next turn may end with)."""
+    return sorted({int(i) for i in (tok.all_special_ids or [])} | {int(i) for i in (data.stop_token_ids or [])})
+
+
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
     # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
     unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
+    unset |= set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}
     # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
     dev = getattr(probe, "device", None)
     sections = [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
@@ -472,6 +480,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     trainable, total = count_params(model)
     train_ds = load_split(data, "train")
     tok = load_tokenizer(ref, model_cfg)
+    extra = {}
+    if training.unlikelihood_alpha:
+        extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data))
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
     guard.last_ckpt = time.monotonic()
@@ -507,12 +518,14 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         train_dataset=dataset,
         data_collator=collator,
         callbacks=callbacks,
+        **extra,
     )
     log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
            f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
            (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
            (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
            (f", NEFTune noise alpha {training.neftune_noise_alpha:g} on the input embeddings" if training.neftune_noise_alpha else "") +
+           (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))

@@ -77,6 +77,9 @@ def test_the_candidates_are_the_samples_own_tokens():
         # two samples split after position 1: {1}, {1,2} | {3}, {3}
         _, _, ul = head_loss(hidden, weight, labels, context, torch.tensor([0, 0, 1, 1]), alpha=1.0, chunk=chunk)
         assert torch.isclose(ul, 5 * one)
+    # an exempt token (an end-of-turn written by an earlier turn) is never a candidate: {1}, {1}, {1,3}, {1,3}
+    _, _, ul = head_loss(hidden, weight, labels, context, torch.tensor([0, 0, 0, 0]), alpha=1.0, chunk=chunk, exempt=[2])
+    assert torch.isclose(ul, 6 * one)
     # the label itself is never a candidate
     _, _, ul = head_loss(hidden, weight, torch.tensor([1, 2, 3, 3]), context, torch.tensor([0, 0, 0, 0]), alpha=1.0, chunk=3)
     assert torch.isclose(ul, 5 * one)
@@ -193,3 +196,89 @@ def test_alpha_zero_is_the_models_own_loss_and_eval_mode_is_untouched():
     assert torch.allclose(loss, own, rtol=1e-5)
     model.eval()
     assert model(input_ids=ids, position_ids=pos).logits.shape[1] == 20
+
+
+def test_the_keys_hold_the_alpha_only_when_set(tiny_cfg):
+    from types import SimpleNamespace
+
+    from tasks.probe import cache_key as probe_key
+    from tasks.train import cache_key as train_key
+
+    data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
+    t = tiny_cfg.training
+    for key in (lambda training: train_key(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training),
+                lambda training: probe_key(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu")):
+        assert key(t) == key(t.model_copy(update={"unlikelihood_alpha": None})) == key(t.model_copy(update={"unlikelihood_alpha": 0.0}))
+        assert key(t.model_copy(update={"unlikelihood_alpha": 1.0})) != key(t)
+
+
+def test_a_negative_or_infinite_alpha_is_one_line_naming_the_key():
+    from tasks.config import ConfigError, load_config
+
+    for bad in ("-1", "inf"):
+        with pytest.raises((ConfigError, ValueError), match="unlikelihood_alpha"):
+            load_config(profile="tiny", overrides=[f"training.unlikelihood_alpha={bad}"])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_cfg, shared_artifacts):
+    from tasks.data import load_dataset_records
+
+    return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+
+
+@pytest.mark.parametrize("engine", ["fused", "padded"])
+def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, shared_artifacts, engine, monkeypatch):
+    """Through the probe and train_adapter on the tiny model: the loss runs through head_loss in every training forward
+    (packed rows split by their positions on the fused engine, padded rows on the padded one), the special and stop
+    tokens are exempt, the log says so, the loss is finite and the adapter is saved."""
+    import math
+    from pathlib import Path
+
+    import tasks.engine.unlikelihood as ul_mod
+    from tasks.probe import probe_throughput
+    from tasks.train import train_adapter
+
+    calls = []
+    real = ul_mod.head_loss
+    monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], list(k["exempt"]))) or real(*a, **k))
+    training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": 2, "unlikelihood_alpha": 1.0})
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    assert calls, "the probe did not time the unlikelihood pass"
+    lines = []
+    calls.clear()
+    rec = train_adapter(tiny_data, probe.model_copy(update={"max_steps": 2, "key": f"unlikelihood-{engine}"}), tiny_cfg.model, tiny_cfg.quant,
+                        tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
+    assert rec.steps == 2 and math.isfinite(rec.final_loss)
+    assert calls and all(alpha == 1.0 for _, alpha, _ in calls)
+    assert all(set(tiny_data.stop_token_ids) <= set(exempt) for _, _, exempt in calls)
+    if engine == "padded":
+        assert any(samples > 1 for samples, _, _ in calls)  # rows of a padded batch are samples apart
+    assert any("unlikelihood alpha 1" in line for line in lines)
+    assert Path(rec.adapter_dir).is_dir()
+
+
+@pytest.mark.parametrize("full_rows", [None, (2, 6)])
+def test_a_head_only_where_trained_batch_gives_the_same_loss(full_rows):
+    """The packing collator's `keep_logits` batches (targets at the trained positions only, `shift_labels`) give the
+    loss and gradients the plain packed batch gives: the targets are put back in place, the model's own loss is not run."""
+    from tasks.engine.fastpath import PaddingFreeCollator
+    from tasks.engine.unlikelihood import attach_unlikelihood
+
+    g = torch.Generator().manual_seed(5)
+    samples = [{"input_ids": torch.randint(0, 97, (6,), generator=g).tolist()} for _ in range(2)]
+    for s in samples:
+        s["labels"] = [-100, -100] + s["input_ids"][2:]
+    results = []
+    for keep in (False, True):
+        model = tiny_lora_llama(seed=4)
+        loss_fn, _ = attach_unlikelihood(model, 1.0, chunk=5, exempt=[3])
+        batch = PaddingFreeCollator(keep_logits=keep, full_rows=full_rows)(samples)
+        labels = batch.pop("labels")
+        assert ("logits_to_keep" in batch) == keep
+        loss = loss_fn(model(**batch), labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-6)
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(ga, gb))

@@ -27,6 +27,8 @@ Positions are flat: `hidden` (N, d) and `labels` (N,) already shifted (the hidde
 non-decreasing (a packed row's samples, or the rows of a batch one after another). A position whose label is
 `ignore_index` (prompt, padding) is not trained on and adds nothing; its token still counts as written for the
 positions after it (the prompt's words are part of what the answer should not repeat, as in the paper's contexts).
+Tokens in `exempt` are never candidates: the end-of-turn and other special tokens a multi-turn sample has written
+before (penalised, they would teach the later turns not to end, the opposite of what this is for).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 EPS = 1e-5
 
 
-def candidate_mask(context, labels, segment, seen_before, segment_before: int | None, vocab: int):
+def candidate_mask(context, labels, segment, seen_before, segment_before: int | None, vocab: int, exempt=None):
     """(n, vocab) bool: for each position of a chunk, the tokens its sample has written up to it, its own label left
     out. `seen_before` (vocab,) bool: the tokens written before the chunk by the sample at the chunk's first position
     (`segment_before` its segment; None = the chunk starts a new sample). The samples in a chunk are told apart by a
@@ -51,6 +53,8 @@ def candidate_mask(context, labels, segment, seen_before, segment_before: int | 
     latest = marks.cummax(0).values[1:]
     mask = latest == rel.unsqueeze(1)
     mask.scatter_(1, labels.clamp(min=0).unsqueeze(1).long(), False)
+    if exempt is not None and exempt.numel():
+        mask[:, exempt] = False
     return mask
 
 
@@ -66,9 +70,9 @@ class _HeadLoss:
 
             class HeadLoss(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index):
+                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, exempt):
                     need_w = ctx.needs_input_grad[1]  # a frozen (tied, embedding) head: no vocab x d gradient made
-                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w)
+                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w, exempt)
                     ctx.save_for_backward(grad_h, grad_w)
                     ctx.mark_non_differentiable(ce, ul)
                     return ce + alpha * ul, ce, ul
@@ -77,14 +81,14 @@ class _HeadLoss:
                 def backward(ctx, grad_loss, _grad_ce, _grad_ul):
                     grad_h, grad_w = ctx.saved_tensors
                     return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype) if grad_w.numel() else None,
-                            None, None, None, None, None, None, None)
+                            None, None, None, None, None, None, None, None)
 
             cls.fn = HeadLoss
         return cls.fn
 
 
 def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, chunk: int, softcap: float | None, ignore_index: int,
-                       need_w: bool = True):
+                       need_w: bool = True, exempt=None):
     import torch
 
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -96,7 +100,7 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         h, y, ctx_ids, seg = hidden[a:b], labels[a:b], context[a:b], segment[a:b]
-        mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab)
+        mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab, exempt) if alpha else None
         last = seg == seg[-1]  # what the chunk's last sample has written, for the next chunk
         written = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
         written[ctx_ids[last].long()] = True
@@ -136,29 +140,37 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
 
 
 def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: int = 512, softcap: float | None = None,
-              ignore_index: int = -100):
+              ignore_index: int = -100, exempt=None):
     """Summed cross-entropy plus `alpha` x summed unlikelihood over the trained positions, with the gradients for
     `hidden` and `weight` (the LM head's, vocab x d) made in the pass. Returns (loss, ce, ul): `loss` is the one to
     backpropagate (divide it by the trained tokens, or by the trainer's `num_items_in_batch`, as a mean loss is); `ce`
-    and `ul` are its parts, detached, for the logs. alpha = 0 is plain cross-entropy (no candidates are built)."""
+    and `ul` are its parts, detached, for the logs. alpha = 0 is plain cross-entropy (no candidates are built). `exempt`:
+    token ids never penalised (see the module docstring)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or context.shape != labels.shape or segment.shape != labels.shape:
         raise ValueError(f"head_loss takes flat positions: hidden (N, d), labels/context/segment (N,); got hidden "
                          f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, context {tuple(context.shape)}, segment {tuple(segment.shape)}")
     if chunk < 1:
         raise ValueError(f"head_loss chunk must be >= 1, got {chunk}")
-    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index))
+    import torch
+
+    exempt = torch.as_tensor(list(exempt) if exempt is not None else [], dtype=torch.long, device=hidden.device)
+    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt)
 
 
-def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -100):
+def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -100, shifted: bool = False):
     """(labels, context, segment) for `head_loss` from a causal LM batch: (B, T) `input_ids` and `labels` as the model
     takes them (not yet shifted: the hidden state at t predicts labels[t + 1]). Each row is one sample, or for a packed
     row (`position_ids` restarting at 0) one sample per restart; a row's last position has no next token and gets
-    `ignore_index`, as does the last position of each packed sample (its next token is the next sample's first)."""
+    `ignore_index`, as does the last position of each packed sample (its next token is the next sample's first).
+    `shifted=True`: `labels` are already each position's next-token target (B, T)."""
     import torch
 
     batch, length = input_ids.shape
-    shifted = torch.full_like(labels, ignore_index)
-    shifted[:, :-1] = labels[:, 1:]
+    if shifted:
+        targets = labels.clone()
+    else:
+        targets = torch.full_like(labels, ignore_index)
+        targets[:, :-1] = labels[:, 1:]
     if position_ids is not None and position_ids.dim() == 3:
         position_ids = position_ids[0]
     if position_ids is not None and position_ids.shape[-1] == length:
@@ -169,16 +181,16 @@ def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -10
     starts[:, 0] = True
     ends_sample = torch.zeros_like(starts)
     ends_sample[:, :-1] = starts[:, 1:]  # the next position starts another sample: nothing of this one to predict
-    shifted = shifted.masked_fill(ends_sample, ignore_index)
+    targets = targets.masked_fill(ends_sample, ignore_index)
     segment = starts.reshape(-1).long().cumsum(0) - 1
-    return shifted.reshape(-1), input_ids.reshape(-1), segment
+    return targets.reshape(-1), input_ids.reshape(-1), segment
 
 
-def attach_unlikelihood(model, alpha: float, chunk: int = 512):
+def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()):
     """Make `model` (a PEFT model or a plain causal LM) train on cross-entropy plus `alpha` x token-level unlikelihood.
     Returns (compute_loss_func, handles): pass the first to the Trainer (`Trainer(compute_loss_func=...)`, which then
     takes `labels` out of the batch and hands them to it with the step's `num_items_in_batch`); `handle.remove()` takes
-    the hooks off. While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
+    the hooks off. `exempt`: token ids never penalised (the tokenizer's special tokens and the run's stop tokens). While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
     the last position's logits only (`logits_to_keep=1`: the head runs here, chunked, not over every position), and a hook
     on its decoder keeps the final hidden states (after the last norm) for the loss. Everything else in the forward (PEFT,
     Liger's kernels, NEFTune's hooks, compiled layers) runs as it would. In eval mode the hooks stand aside.
@@ -194,6 +206,8 @@ def attach_unlikelihood(model, alpha: float, chunk: int = 512):
         raise ValueError(f"training.unlikelihood_alpha needs a causal LM whose head is a plain linear layer without bias and a "
                          f"decoder it can read the last hidden states of; {type(inner).__name__} has head "
                          f"{type(head).__name__} (set training.unlikelihood_alpha to null to train without it)")
+    if chunk is None:  # ~2^26 logits a chunk: each of the pass's (chunk x vocab) float32 tensors ~256 MiB (Gemma's 262k: 256 rows)
+        chunk = max(16, min(4096, (1 << 26) // head.weight.shape[0]))
     softcap = getattr(getattr(inner.config, "get_text_config", lambda: inner.config)(), "final_logit_softcapping", None)
     seen: dict = {}
 
@@ -206,7 +220,13 @@ def attach_unlikelihood(model, alpha: float, chunk: int = 512):
                              "written); this batch has inputs_embeds only")
         seen.clear()
         seen.update(input_ids=ids, position_ids=kwargs.get("position_ids"))
-        return args, {**kwargs, "logits_to_keep": 1}
+        keep = kwargs.get("logits_to_keep")
+        if torch.is_tensor(keep) and keep.dim() == 1:
+            # the packing collator's head-only-where-trained batch (`keep_logits`): the Trainer hands this loss its
+            # shifted targets at those positions; the model's own loss on them (`shift_labels`) is not asked for
+            seen["keep"] = keep
+        rest = {k: v for k, v in kwargs.items() if k != "shift_labels"}
+        return args, {**rest, "logits_to_keep": 1}
 
     def keep_hidden(module, args, output):
         if module.training:
@@ -215,9 +235,15 @@ def attach_unlikelihood(model, alpha: float, chunk: int = 512):
 
     def loss(outputs, labels, num_items_in_batch=None):
         hidden = seen.pop("hidden")
-        flat_labels, context, segment = flat_positions(seen["input_ids"], labels, seen.get("position_ids"))
+        ids, keep = seen["input_ids"], seen.get("keep")
+        if keep is not None:  # targets at the kept positions, already shifted: put them back in place
+            targets = torch.full(ids.shape, -100, dtype=labels.dtype, device=labels.device)
+            targets[:, keep.to(labels.device)] = labels
+            flat_labels, context, segment = flat_positions(ids, targets, seen.get("position_ids"), shifted=True)
+        else:
+            flat_labels, context, segment = flat_positions(ids, labels, seen.get("position_ids"))
         total, ce, ul = head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, context, segment,
-                                  alpha=alpha, chunk=chunk, softcap=softcap)
+                                  alpha=alpha, chunk=chunk, softcap=softcap, exempt=exempt)
         count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != -100).sum()
         count = torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
         return total / count
