@@ -179,6 +179,8 @@ class BudgetGuard(_trainer_callback_base()):
         self.synced_elapsed = prior_elapsed  # the ranks' common clock, updated every step (several ranks)
         self.data_position = lambda step: None  # packed engines: where in the data a checkpoint at `step` resumes
         self.tokens_at_start = 0  # tokens seen before this process (a resumed run's): not read in this process's time
+        self.loss_parts = None  # training.unlikelihood_alpha: () -> {"ce", "ul"} since the last log line, shown with the loss
+        self.parts_step = 0
 
     def elapsed(self) -> float:
         return self.prior + time.monotonic() - self.t0
@@ -240,7 +242,11 @@ class BudgetGuard(_trainer_callback_base()):
             left = max(self.budget_s - self.elapsed(), 0)
             tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start
             tok_s = tok_s / max(time.monotonic() - self.t0, 1e-9) if tok_s > 0 else 0
-            self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f} lr {logs.get('learning_rate', 0):.2e} "
+            parts = self.loss_parts() if self.loss_parts else {}
+            steps = max(state.global_step - self.parts_step, 1)  # the loss shown is the mean over the steps since the last line
+            self.parts_step = state.global_step
+            split = f" (cross-entropy {parts['ce'] / steps:.4f} + unlikelihood {parts['ul'] / steps:.4f} x alpha)" if parts else ""
+            self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f}{split} lr {logs.get('learning_rate', 0):.2e} "
                         f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
 
     def on_save(self, args, state, control, **kw):
@@ -485,6 +491,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data))
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
+    if "compute_loss_func" in extra:
+        guard.loss_parts = extra["compute_loss_func"].take_parts
     guard.last_ckpt = time.monotonic()
     tb_dir = out / "work" / "tensorboard"
     from torch.utils.tensorboard import SummaryWriter

@@ -255,6 +255,8 @@ def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, s
     if engine == "padded":
         assert any(samples > 1 for samples, _, _ in calls)  # rows of a padded batch are samples apart
     assert any("unlikelihood alpha 1" in line for line in lines)
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert step_lines and all("cross-entropy" in line and "unlikelihood" in line for line in step_lines)
     assert Path(rec.adapter_dir).is_dir()
 
 
@@ -282,3 +284,35 @@ def test_a_head_only_where_trained_batch_gives_the_same_loss(full_rows):
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, rtol=1e-6)
     assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("arch,key,value", [("granite", "logits_scaling", 8.0), ("cohere", "logit_scale", 0.25)])
+def test_a_model_that_scales_its_logits_gets_its_own_loss_at_alpha_zero(arch, key, value):
+    """Granite divides the head's output by logits_scaling, Cohere multiplies it by logit_scale: the pass does the same,
+    so alpha = 0 is the model's own loss (a review: 6.27 against 10.29 on Granite before)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tasks.engine.unlikelihood import attach_unlikelihood
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(arch, vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, **{key: value})
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    ids, pos, labels = packed_batch(seed=6)
+    own = model(input_ids=ids, position_ids=pos, labels=labels).loss
+    loss_fn, _ = attach_unlikelihood(model, 0.0)
+    assert torch.allclose(loss_fn(model(input_ids=ids, position_ids=pos), labels), own, rtol=1e-4)
+
+
+def test_ids_outside_the_head_are_not_exempted_from_the_wrong_row():
+    from tasks.engine.unlikelihood import attach_unlikelihood
+
+    ids, pos, labels = packed_batch(seed=7)
+    losses = []
+    for exempt in ([], [-1, 97, 10_000]):  # none of them a token the head can produce
+        model = tiny_lora_llama(seed=8)
+        loss_fn, _ = attach_unlikelihood(model, 1.0, exempt=exempt)
+        losses.append(loss_fn(model(input_ids=ids, position_ids=pos), labels).detach())
+    assert torch.equal(losses[0], losses[1])

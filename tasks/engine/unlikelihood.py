@@ -36,22 +36,24 @@ from __future__ import annotations
 EPS = 1e-5
 
 
-def candidate_mask(context, labels, segment, seen_before, segment_before: int | None, vocab: int, exempt=None):
+def candidate_mask(context, labels, segment, seen_before, segment_before, vocab: int, exempt=None):
     """(n, vocab) bool: for each position of a chunk, the tokens its sample has written up to it, its own label left
-    out. `seen_before` (vocab,) bool: the tokens written before the chunk by the sample at the chunk's first position
-    (`segment_before` its segment; None = the chunk starts a new sample). The samples in a chunk are told apart by a
-    running maximum over (chunk + 1) x vocab small integers: token k counts for position i iff the latest sample to
-    write k up to i is i's own sample (segments never decrease)."""
+    out. `seen_before` (vocab,) bool: the tokens written before the chunk by the sample `segment_before` (a 0-dim
+    tensor; None = nothing before the chunk), which counts for the chunk's positions of that sample. Built from the
+    chunk's (n + 1) n / 2 position pairs (j <= i, same sample: position i has seen token context[j]), so it holds
+    nothing bigger than the mask itself and needs no host sync."""
     import torch
 
     n = context.shape[0]
-    rel = (segment - segment[0] + 1).to(torch.int32)  # 1.. within the chunk
-    marks = torch.zeros(n + 1, vocab, dtype=torch.int32, device=context.device)
-    if segment_before is not None and seen_before is not None and int(segment[0]) == segment_before:
-        marks[0] = seen_before.to(torch.int32)  # rel 1: the first position's sample, written before the chunk
-    marks[1:].scatter_(1, context.unsqueeze(1).long(), rel.unsqueeze(1))
-    latest = marks.cummax(0).values[1:]
-    mask = latest == rel.unsqueeze(1)
+    i, j = torch.tril_indices(n, n, device=context.device)
+    same = segment[i] == segment[j]
+    mask = torch.zeros(n, vocab, dtype=torch.bool, device=context.device)
+    # pairs of other samples write to a row/column that is then cleared: where() keeps the scatter's shape static
+    rows = torch.where(same, i, torch.zeros_like(i))
+    cols = torch.where(same, context[j].long(), torch.zeros_like(j))
+    mask.index_put_((rows, cols), same, accumulate=True)  # bool accumulate = or: a False pair never clears a True
+    if seen_before is not None:
+        mask |= (segment == segment_before).unsqueeze(1) & seen_before.unsqueeze(0)
     mask.scatter_(1, labels.clamp(min=0).unsqueeze(1).long(), False)
     if exempt is not None and exempt.numel():
         mask[:, exempt] = False
@@ -70,9 +72,9 @@ class _HeadLoss:
 
             class HeadLoss(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, exempt):
+                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, exempt, scale):
                     need_w = ctx.needs_input_grad[1]  # a frozen (tied, embedding) head: no vocab x d gradient made
-                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w, exempt)
+                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w, exempt, scale)
                     ctx.save_for_backward(grad_h, grad_w)
                     ctx.mark_non_differentiable(ce, ul)
                     return ce + alpha * ul, ce, ul
@@ -81,14 +83,14 @@ class _HeadLoss:
                 def backward(ctx, grad_loss, _grad_ce, _grad_ul):
                     grad_h, grad_w = ctx.saved_tensors
                     return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype) if grad_w.numel() else None,
-                            None, None, None, None, None, None, None, None)
+                            None, None, None, None, None, None, None, None, None)
 
             cls.fn = HeadLoss
         return cls.fn
 
 
 def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, chunk: int, softcap: float | None, ignore_index: int,
-                       need_w: bool = True, exempt=None):
+                       need_w: bool = True, exempt=None, scale: float = 1.0):
     import torch
 
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -100,18 +102,8 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         h, y, ctx_ids, seg = hidden[a:b], labels[a:b], context[a:b], segment[a:b]
-        mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab, exempt) if alpha else None
-        last = seg == seg[-1]  # what the chunk's last sample has written, for the next chunk
-        written = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
-        written[ctx_ids[last].long()] = True
-        if seen is not None and seg_before == int(seg[-1]):
-            written |= seen
-        seen, seg_before = written, int(seg[-1])
-
         valid = y != ignore_index
-        if not bool(valid.any()):
-            continue
-        raw = (h @ weight.t()).float()
+        raw = (h @ weight.t()).float() * scale
         if softcap:
             t = torch.tanh(raw / softcap)
             z = softcap * t
@@ -125,14 +117,22 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
         dz = p.clone()
         dz.scatter_add_(1, yv, -torch.ones_like(yv, dtype=dz.dtype))
         if alpha:
-            mask &= valid.unsqueeze(1)
-            one_minus = 1.0 - p
-            ul = ul - torch.log(one_minus.clamp(min=EPS))[mask].sum()
+            mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab, exempt) & valid.unsqueeze(1)
+            # what the chunk's last sample has written, carried to the next chunk (on the device: no sync)
+            last = seg[-1]
+            written = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
+            written.index_put_((ctx_ids.long(),), seg == last, accumulate=True)
+            if seen is not None:
+                written |= seen & (seg_before == last)
+            seen, seg_before = written, last
+            one_minus = -torch.expm1(logp)  # 1 - p without float32's cancellation near p = 1
+            ul = ul - torch.where(mask, torch.log(one_minus.clamp(min=EPS)), torch.zeros_like(p)).sum()
             r = torch.where(mask & (one_minus > EPS), p / one_minus.clamp(min=EPS), torch.zeros_like(p))
             dz = dz + alpha * (r - p * r.sum(1, keepdim=True))
         dz = dz * vf
         if softcap:
             dz = dz * (1.0 - t * t)
+        dz = dz * scale
         grad_h[a:b] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
         if need_w:
             grad_w += dz.t() @ h.float()
@@ -140,12 +140,13 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
 
 
 def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: int = 512, softcap: float | None = None,
-              ignore_index: int = -100, exempt=None):
+              ignore_index: int = -100, exempt=None, scale: float = 1.0):
     """Summed cross-entropy plus `alpha` x summed unlikelihood over the trained positions, with the gradients for
     `hidden` and `weight` (the LM head's, vocab x d) made in the pass. Returns (loss, ce, ul): `loss` is the one to
     backpropagate (divide it by the trained tokens, or by the trainer's `num_items_in_batch`, as a mean loss is); `ce`
     and `ul` are its parts, detached, for the logs. alpha = 0 is plain cross-entropy (no candidates are built). `exempt`:
-    token ids never penalised (see the module docstring)."""
+    token ids never penalised (see the module docstring). `scale`: what the model multiplies the head's output by before
+    any cap (Granite's 1 / logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or context.shape != labels.shape or segment.shape != labels.shape:
         raise ValueError(f"head_loss takes flat positions: hidden (N, d), labels/context/segment (N,); got hidden "
                          f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, context {tuple(context.shape)}, segment {tuple(segment.shape)}")
@@ -154,7 +155,7 @@ def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: 
     import torch
 
     exempt = torch.as_tensor(list(exempt) if exempt is not None else [], dtype=torch.long, device=hidden.device)
-    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt)
+    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt, float(scale))
 
 
 def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -100, shifted: bool = False):
@@ -186,9 +187,25 @@ def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -10
     return targets.reshape(-1), input_ids.reshape(-1), segment
 
 
+LOGIT_SCALES = (("logits_scaling", True), ("logit_scale", False), ("lm_head_multiplier", False))
+"""Config keys of models that scale the head's output before the loss (Granite divides by `logits_scaling`; Cohere
+multiplies by `logit_scale`, Falcon-H1 by `lm_head_multiplier`): (key, divides)."""
+
+
+def logit_scale(config) -> float:
+    """What `config`'s model multiplies its head's output by (1.0 for most; see LOGIT_SCALES)."""
+    scale = 1.0
+    for key, divides in LOGIT_SCALES:
+        value = getattr(config, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            scale = scale / value if divides else scale * value
+    return scale
+
+
 def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()):
     """Make `model` (a PEFT model or a plain causal LM) train on cross-entropy plus `alpha` x token-level unlikelihood.
-    Returns (compute_loss_func, handles): pass the first to the Trainer (`Trainer(compute_loss_func=...)`, which then
+    Returns (compute_loss_func, handles): pass the first to the Trainer (its `take_parts()` gives the cross-entropy and
+    unlikelihood parts of the loss since the last call, each per trained token) (`Trainer(compute_loss_func=...)`, which then
     takes `labels` out of the batch and hands them to it with the step's `num_items_in_batch`); `handle.remove()` takes
     the hooks off. `exempt`: token ids never penalised (the tokenizer's special tokens and the run's stop tokens). While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
     the last position's logits only (`logits_to_keep=1`: the head runs here, chunked, not over every position), and a hook
@@ -202,13 +219,19 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is inner:  # Llama-4 text: get_decoder() is the causal LM itself; its decoder is `.model`
+        decoder = getattr(inner, "model", None)
     if decoder is None or not isinstance(head, torch.nn.Linear) or head.bias is not None:
         raise ValueError(f"training.unlikelihood_alpha needs a causal LM whose head is a plain linear layer without bias and a "
                          f"decoder it can read the last hidden states of; {type(inner).__name__} has head "
                          f"{type(head).__name__} (set training.unlikelihood_alpha to null to train without it)")
-    if chunk is None:  # ~2^26 logits a chunk: each of the pass's (chunk x vocab) float32 tensors ~256 MiB (Gemma's 262k: 256 rows)
+    if chunk is None:  # ~2^26 logits a chunk (Gemma's 262k vocabulary: 256 rows): each (chunk x vocab) float32 tensor 256 MiB, a few alive at once
         chunk = max(16, min(4096, (1 << 26) // head.weight.shape[0]))
-    softcap = getattr(getattr(inner.config, "get_text_config", lambda: inner.config)(), "final_logit_softcapping", None)
+    text_cfg = getattr(inner.config, "get_text_config", lambda: inner.config)()
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    scale = logit_scale(text_cfg)
+    vocab = head.weight.shape[0]
+    exempt = sorted({int(i) for i in exempt if 0 <= int(i) < vocab})  # an id the head cannot produce needs no exemption
     seen: dict = {}
 
     def remember_inputs(module, args, kwargs):
@@ -230,7 +253,11 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
 
     def keep_hidden(module, args, output):
         if module.training:
-            seen["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
+            if hidden is None:
+                raise ValueError(f"training.unlikelihood_alpha: {type(module).__name__} returned no last_hidden_state to score "
+                                 "(set training.unlikelihood_alpha to null for this model)")
+            seen["hidden"] = hidden
         return None
 
     def loss(outputs, labels, num_items_in_batch=None):
@@ -243,10 +270,23 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
         else:
             flat_labels, context, segment = flat_positions(ids, labels, seen.get("position_ids"))
         total, ce, ul = head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, context, segment,
-                                  alpha=alpha, chunk=chunk, softcap=softcap, exempt=exempt)
+                                  alpha=alpha, chunk=chunk, softcap=softcap, exempt=exempt, scale=scale)
         count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != -100).sum()
         count = torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
+        # the parts, summed over the step's micro-batches on the device (no sync): `take_parts` reads and clears them
+        parts["ce"] = parts.get("ce", 0) + ce / count
+        parts["ul"] = parts.get("ul", 0) + ul / count
         return total / count
+
+    parts: dict = {}
+
+    def take_parts() -> dict:
+        """The cross-entropy and unlikelihood parts of the loss since the last call, as floats (a sync: once a step)."""
+        out = {k: float(v) for k, v in parts.items()}
+        parts.clear()
+        return out
+
+    loss.take_parts = take_parts
 
     return loss, [inner.register_forward_pre_hook(remember_inputs, with_kwargs=True),
                   decoder.register_forward_hook(keep_hidden)]
