@@ -47,11 +47,11 @@ def candidate_mask(context, labels, segment, seen_before, segment_before, vocab:
     n = context.shape[0]
     i, j = torch.tril_indices(n, n, device=context.device)
     same = segment[i] == segment[j]
-    mask = torch.zeros(n, vocab, dtype=torch.bool, device=context.device)
-    # pairs of other samples write to a row/column that is then cleared: where() keeps the scatter's shape static
-    rows = torch.where(same, i, torch.zeros_like(i))
-    cols = torch.where(same, context[j].long(), torch.zeros_like(j))
-    mask.index_put_((rows, cols), same, accumulate=True)  # bool accumulate = or: a False pair never clears a True
+    # pairs of two samples write into one extra column, dropped after: every write is True (duplicates agree, no
+    # accumulate needed) and the index's shape does not depend on the data (no sync)
+    mask = torch.zeros(n, vocab + 1, dtype=torch.bool, device=context.device)
+    mask[i, torch.where(same, context[j].long(), torch.full_like(j, vocab))] = True
+    mask = mask[:, :vocab]
     if seen_before is not None:
         mask |= (segment == segment_before).unsqueeze(1) & seen_before.unsqueeze(0)
     mask.scatter_(1, labels.clamp(min=0).unsqueeze(1).long(), False)
@@ -120,8 +120,9 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
             mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab, exempt) & valid.unsqueeze(1)
             # what the chunk's last sample has written, carried to the next chunk (on the device: no sync)
             last = seg[-1]
-            written = torch.zeros(vocab, dtype=torch.bool, device=hidden.device)
-            written.index_put_((ctx_ids.long(),), seg == last, accumulate=True)
+            written = torch.zeros(vocab + 1, dtype=torch.bool, device=hidden.device)
+            written[torch.where(seg == last, ctx_ids.long(), torch.full_like(ctx_ids, vocab, dtype=torch.long))] = True
+            written = written[:vocab]
             if seen is not None:
                 written |= seen & (seg_before == last)
             seen, seg_before = written, last
