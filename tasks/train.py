@@ -216,6 +216,7 @@ class BudgetGuard(_trainer_callback_base()):
 
     def on_train_begin(self, args, state, control, **kw):
         self.tokens_at_start = int(state.num_input_tokens_seen or 0)  # the checkpoint's count when resuming
+        self.parts_step = state.global_step  # a resumed run's first line covers the steps since the resume
         return control
 
     def on_step_begin(self, args, state, control, model=None, **kw):
@@ -242,7 +243,8 @@ class BudgetGuard(_trainer_callback_base()):
             left = max(self.budget_s - self.elapsed(), 0)
             tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start
             tok_s = tok_s / max(time.monotonic() - self.t0, 1e-9) if tok_s > 0 else 0
-            parts = self.loss_parts() if self.loss_parts else {}
+            # one rank's parts are its share of the step's loss (the Trainer sums the ranks'): shown on one process only
+            parts = self.loss_parts() if self.loss_parts and dist.world() == 1 else {}
             steps = max(state.global_step - self.parts_step, 1)  # the loss shown is the mean over the steps since the last line
             self.parts_step = state.global_step
             split = f" (cross-entropy {parts['ce'] / steps:.4f} + unlikelihood {parts['ul'] / steps:.4f} x alpha)" if parts else ""

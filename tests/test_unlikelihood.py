@@ -2,6 +2,8 @@
 gradients for the hidden states and the head's weight, across chunk sizes that split samples, packed samples,
 ignored positions and a logit cap."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -316,3 +318,20 @@ def test_ids_outside_the_head_are_not_exempted_from_the_wrong_row():
         loss_fn, _ = attach_unlikelihood(model, 1.0, exempt=exempt)
         losses.append(loss_fn(model(input_ids=ids, position_ids=pos), labels).detach())
     assert torch.equal(losses[0], losses[1])
+
+
+def test_the_log_split_after_a_resume_covers_the_steps_since_the_resume():
+    """BudgetGuard's step line divides the parts by the steps since its last line; a resumed run's first line covers
+    the steps since the resume, not since step 0 (a review: resumed at step 2, step 3's parts were shown divided by 3)."""
+    from types import SimpleNamespace
+
+    from tasks.train import BudgetGuard
+
+    lines = []
+    guard = BudgetGuard(Path("/nonexistent"), 100.0, 0.0, 600.0, 0.0, log_fn=lines.append)
+    guard.loss_parts = lambda: {"ce": 2.0, "ul": 0.5}
+    state = SimpleNamespace(global_step=2, num_input_tokens_seen=0, max_steps=4)
+    guard.on_train_begin(SimpleNamespace(), state, None)
+    state.global_step = 3
+    guard.on_log(SimpleNamespace(logging_steps=1), state, None, logs={"loss": 2.5, "learning_rate": 1e-4})
+    assert "cross-entropy 2.0000 + unlikelihood 0.5000" in lines[-1]
