@@ -815,6 +815,21 @@ def content_problem(content: Any, where: str) -> tuple[str, str] | None:
     return None
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's; "developer" is read as "system" (its newer name)
+
+
+def message_problem(message: dict, i: int) -> tuple[str, str] | None:
+    """(message, field) for chat message `i` with a role OpenAI's API does not take, or no content where one is needed
+    (an assistant turn may carry tool_calls instead), else None. transformers serve hands any role and a missing content
+    to the chat template, which rendered them as it could: a 200 with some answer (a review, 2026-12-06)."""
+    if message["role"] not in CHAT_ROLES:
+        return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r:.40}", f"messages[{i}].role"
+    if message.get("content") is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+        needs = "content (or tool_calls)" if message["role"] == "assistant" else "content"
+        return f"messages[{i}] (role {message['role']!r}) has no {needs}: send a string or a list of text parts", f"messages[{i}].content"
+    return content_problem(message.get("content"), f"messages[{i}].content")
+
+
 def input_problem(given: Any) -> tuple[str, str] | None:
     """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. A list
     whose first item has no "role" is one user message's content parts; else a conversation of items."""
@@ -1150,7 +1165,7 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             return "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages"
         for i, message in enumerate(messages):
-            problem = content_problem(message.get("content"), f"messages[{i}].content")
+            problem = message_problem(message, i)
             if problem:
                 return problem
     elif kind == "completion":
@@ -1691,6 +1706,8 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
+            if kind == "chat":  # the chat template knows a system turn, not OpenAI's newer name for it
+                body["messages"] = [{**m, "role": "system"} if m["role"] == "developer" else m for m in body["messages"]]
             configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

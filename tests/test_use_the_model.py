@@ -779,6 +779,8 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
                               ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["messages[0].content", "string"]),
                               ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", ["\"type\""]),
                               ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", ["string"]),
+                              ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", ["messages[0].role", "wizard"]),
+                              ({"messages": [{"role": "user"}]}, "messages[0].content", ["messages[0]", "content"]),
                               ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
                               ({"tools": 5}, None, ["malformed request: TypeError"]),  # no check of its own: the backstop's one line
                               ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
@@ -1663,6 +1665,26 @@ def test_request_problem_refuses_what_generate_mixes_or_refuses_in_a_stream_nami
         assert problem(settings, stream=False) is None, settings
     for settings in ({"num_return_sequences": 1}, {"low_memory": True}, {"low_memory": False, "num_beams": 1}):
         assert problem(settings, stream=True) is None, settings
+
+
+def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_naming_its_index():
+    """A review as a new user: {"role": "wizard"} and a user message with no "content" were answered 200 (the chat
+    template rendered them as it could); OpenAI's API answers 400. An assistant turn may carry tool_calls instead."""
+    from tasks.export import request_problem
+
+    def problem(*messages):
+        return request_problem("chat", {"messages": [{"role": "user", "content": "hi"}, *messages]})
+
+    message, field = problem({"role": "wizard", "content": "abracadabra"})
+    assert field == "messages[1].role" and "'wizard'" in message and "user" in message and "\n" not in message, message
+    for role in ("user", "system", "tool", "assistant"):
+        message, field = problem({"role": role})
+        assert field == "messages[1].content" and "messages[1]" in message and "content" in message, (role, message)
+        assert problem({"role": role, "content": None})[1] == "messages[1].content", role
+    assert problem({"role": "user", "content": {"text": "hi"}})[1] == "messages[1].content"
+    for ok in ({"role": "developer", "content": "Be brief."}, {"role": "assistant", "tool_calls": [{"id": "a"}]},
+               {"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": ""}):
+        assert problem(ok) is None, ok
 
 
 def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
