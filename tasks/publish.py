@@ -733,6 +733,18 @@ def load_published(folder: Path, *, merged: bool, device: str):
     return PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
 
 
+def read_turn() -> str:
+    """The next line `chat` answers, after a "> " prompt only where a person types it (stdin a terminal): piped in
+    (`echo hi | qlora-pipeline chat`), stdout holds the answers alone, as `python`, `bc` and `sqlite3` keep it. With
+    stdout piped on but typing at a terminal, the prompt goes to stderr, which the terminal still shows."""
+    if not sys.stdin.isatty():
+        return input().strip()
+    if sys.stdout.isatty():
+        return input("> ").strip()  # through readline, which must know the prompt to edit the line under it
+    print("> ", end="", file=sys.stderr, flush=True)
+    return input().strip()
+
+
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
@@ -762,7 +774,7 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
           "Ctrl-C during an answer stops it", file=sys.stderr)
     while True:
         try:
-            text = input("> ").strip()
+            text = read_turn()
         except (EOFError, KeyboardInterrupt):  # Ctrl-C at the prompt quits as Ctrl-D does, not with a traceback
             print(file=sys.stderr)
             break

@@ -246,6 +246,33 @@ def test_chat_ctrl_c_stops_an_answer_and_quits_at_the_prompt_without_a_traceback
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_chat_piped_writes_the_answers_alone_to_stdout_and_prompts_only_a_person_at_a_terminal(own_published, monkeypatch, capsys):
+    """A review: `echo hi | qlora-pipeline chat` wrote the "> " prompt into stdout, ahead of the answer meant for the pipe."""
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "r1", "--max-new-tokens", "2", "--artifacts-dir", str(art)],
+                          cwd=PROJECT_ROOT, input="hi\n", capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and ">" not in done.stdout and ">" not in done.stderr, (done.stdout, done.stderr[-2000:])
+
+    from tasks.publish import read_turn
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("typed\n"))  # typing at a terminal, the answers piped on: the prompt on stderr
+    assert read_turn() == "typed"
+    out, err = capsys.readouterr()
+    assert out == "" and err == "> ", (out, err)
+
+
 def test_chat_and_serve_model_look_for_runs_where_pipeline_yaml_sends_them(own_published, tmp_path, monkeypatch, capsys):
     # pipeline.yaml's artifacts_dir pointed at a bigger disk: `run` wrote there, `chat` and `serve-model` looked in the
     # project's artifacts/ and found no run.
