@@ -266,7 +266,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve_model(args) -> int:
+    import shutil
     import subprocess
+    import tempfile
 
     from tasks.common import StageError
     from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, require_free_port, serve_gguf, transformers_serve_command
@@ -309,7 +311,8 @@ def cmd_serve_model(args) -> int:
     if args.api_key:
         env[API_KEY_ENV] = args.api_key
     # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
-    proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port), start_new_session=True, env=env)
+    workdir = tempfile.mkdtemp(prefix="qlora-serve-")  # the server's folder: this process removes it once the server has exited
+    proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port, workdir), start_new_session=True, env=env)
     try:
         # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".
         if not _wait_until_healthy(proc, args.host, args.port):
@@ -322,6 +325,9 @@ def cmd_serve_model(args) -> int:
         _stop_merged_server(proc)
         print("stopped", file=sys.stderr)
         return 0
+    finally:
+        if proc.poll() is not None:  # however it exited: its own stop ends by the signal it caught, before any cleanup
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _stop_merged_server(proc) -> None:

@@ -639,23 +639,23 @@ def stop_gguf_server(held: list) -> None:
             faulthandler.cancel_dump_traceback_later()
 
 
-def transformers_serve_command(merged: Path, name: str, host: str, port: int) -> list[str]:
+def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path) -> list[str]:
     """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
-    `serve_merged` in its own process; the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
+    `serve_merged` in its own process, in `workdir` (which the caller removes once that process has exited); the API
+    key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
     return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port),
-            "--parent", str(os.getpid())]
+            "--workdir", str(workdir), "--parent", str(os.getpid())]
 
 
-def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None) -> None:
+def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path) -> None:
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
     transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
-    it). So the server runs in a private folder where `name` is a link to the merged folder: it loads the same files,
+    it). So the server runs in a private folder (`workdir`, empty) where `name` is a link to the merged folder: it loads the same files,
     lists and answers as `name`, and no path leaves the machine. A request naming another model is answered by this
     one, as llama.cpp's server does (`answer_as_openai_does`). It has no API-key option: a middleware checks the key,
     and only the inference routes (SERVED_PATHS) are answered."""
     import hmac
-    import tempfile
 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -697,10 +697,11 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     honour_max_completion_tokens()
     name_answers_as_served()
     list_only_the_served_model(name)
-    with tempfile.TemporaryDirectory(prefix="qlora-serve-") as tmp:
-        (Path(tmp) / name).symlink_to(merged.resolve(), target_is_directory=True)
-        os.chdir(tmp)
-        hf_serve.Serve(force_model=name, host=host, port=port)
+    # Not a TemporaryDirectory of its own: uvicorn ends a stop by raising the signal it caught again, and the process
+    # died of it before the folder was removed (one /tmp/qlora-serve-* left per stop). serve-model owns the folder.
+    (workdir / name).symlink_to(merged.resolve(), target_is_directory=True)
+    os.chdir(workdir)
+    hf_serve.Serve(force_model=name, host=host, port=port)
 
 
 def _bounded_graceful_shutdown() -> None:
@@ -1828,13 +1829,14 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--name", required=True)
     sm.add_argument("--host", default="127.0.0.1")
     sm.add_argument("--port", type=int, default=8000)
+    sm.add_argument("--workdir", type=Path, required=True, help="an empty folder to serve from (the caller removes it)")
     sm.add_argument("--parent", type=int, help="stop when this process (serve-model) is gone, even killed with SIGKILL")
     args = p.parse_args(argv)
     if args.parent:
         from .common import stop_when_orphaned
 
         stop_when_orphaned(args.parent)
-    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None)
+    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir)
     return 0
 
 

@@ -458,6 +458,9 @@ class _FakeServer:
     def wait(self, timeout=None):
         return 0
 
+    def poll(self):
+        return 0
+
 
 def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_privately(own_published, monkeypatch, capsys):
     import subprocess
@@ -962,6 +965,26 @@ def test_serve_model_merged_server_stops_when_serve_model_is_killed_or_its_termi
         os.kill(child, signal.SIGKILL)
         pytest.fail(f"the merged server (pid {child}) outlived serve-model's {signum}")
     assert _request_or_none(f"{url}/health") is None
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "server killed"])
+def test_serve_model_merged_leaves_no_serving_folder_behind_however_its_server_ends(own_published, tmp_path, stop):
+    """A review: each stop left a /tmp/qlora-serve-* folder: the server dies of the stop signal uvicorn raises again
+    at its end, before its own TemporaryDirectory was removed. serve-model owns the folder and removes it."""
+    import os
+    import signal
+
+    cfg, art, pub, _ = own_published
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, url = _start_serve_model(art, tmp_path / "serve.log", env={"TMPDIR": str(tmp)})
+    assert [p.name[:12] for p in tmp.iterdir()] == ["qlora-serve-"], list(tmp.iterdir())  # the server's, while it serves
+    if stop == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.kill(int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]), signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert list(tmp.iterdir()) == [], (list(tmp.iterdir()), (tmp_path / "serve.log").read_text()[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------------------
