@@ -656,6 +656,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     one, as llama.cpp's server does (`answer_as_openai_does`). It has no API-key option: a middleware checks the key,
     and only the inference routes (SERVED_PATHS) are answered."""
     import hmac
+    import signal
 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -701,7 +702,20 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     # died of it before the folder was removed (one /tmp/qlora-serve-* left per stop). serve-model owns the folder.
     (workdir / name).symlink_to(merged.resolve(), target_is_directory=True)
     os.chdir(workdir)
+    signal.signal(signal.SIGTERM, _exit_after_stop)
     hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+def _exit_after_stop(signum, frame) -> None:
+    """SIGTERM's handler in the merged server. uvicorn ends its stop by raising the signal it caught again, whose default
+    action killed the process there, before multiprocessing's exit handlers unlinked the semaphores of the queues to
+    the model's process (transformers' EngineClient.start_process): the resource tracker then warned of "7 leaked
+    semaphore objects" on every stop. The stop is over by then: run the exit handlers, then exit at once, as the signal
+    did (a sys.exit would first run the event loop again, to log each request the stop cut off as a traceback)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    os._exit(0)
 
 
 def _bounded_graceful_shutdown() -> None:
@@ -1839,6 +1853,16 @@ def _main(argv: list[str] | None = None) -> int:
     serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir)
     return 0
 
+
+if __name__ == "__mp_main__":
+    # The model's process transformers serve spawns from serve-merged runs this module under this name first. tqdm's
+    # first bar there ("Loading weights") made a cross-process lock, a named semaphore, which transformers' SIGTERM to
+    # that process at each stop left to the resource tracker ("1 leaked semaphore objects"). One process draws there.
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 if __name__ == "__main__":
     sys.exit(_main())
