@@ -845,6 +845,12 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
     return content_problem(message.get("content"), f"messages[{i}].content")
 
 
+def developer_as_system(messages: list[dict]) -> list[dict]:
+    """`messages` with OpenAI's "developer" turns as "system" ones: its newer name for them, which the chat template
+    the model was trained with does not know (it would render an unknown header, or none)."""
+    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+
+
 def input_problem(given: Any) -> tuple[str, str] | None:
     """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. A list
     whose first item has no "role" is one user message's content parts; else a conversation of items."""
@@ -1721,8 +1727,8 @@ def answer_as_openai_does() -> None:
             if problem:
                 return openai_error(*problem)
             body = dict(body)
-            if kind == "chat":  # the chat template knows a system turn, not OpenAI's newer name for it
-                body["messages"] = [{**m, "role": "system"} if m["role"] == "developer" else m for m in body["messages"]]
+            if kind == "chat":
+                body["messages"] = developer_as_system(body["messages"])
             configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

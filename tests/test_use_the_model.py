@@ -1746,7 +1746,7 @@ def test_request_problem_refuses_what_generate_mixes_or_refuses_in_a_stream_nami
 def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_naming_its_index():
     """A review as a new user: {"role": "wizard"} and a user message with no "content" were answered 200 (the chat
     template rendered them as it could); OpenAI's API answers 400. An assistant turn may carry tool_calls instead."""
-    from tasks.export import request_problem
+    from tasks.export import developer_as_system, request_problem
 
     def problem(*messages):
         return request_problem("chat", {"messages": [{"role": "user", "content": "hi"}, *messages]})
@@ -1758,6 +1758,8 @@ def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_na
         assert field == "messages[1].content" and "messages[1]" in message and "content" in message, (role, message)
         assert problem({"role": role, "content": None})[1] == "messages[1].content", role
     assert problem({"role": "user", "content": {"text": "hi"}})[1] == "messages[1].content"
+    assert developer_as_system([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     for ok in ({"role": "developer", "content": "Be brief."}, {"role": "assistant", "tool_calls": [{"id": "a"}]},
                {"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": ""}):
         assert problem(ok) is None, ok
