@@ -830,7 +830,9 @@ def content_problem(content: Any, where: str) -> tuple[str, str] | None:
     return None
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's; "developer" is read as "system" (its newer name)
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; "developer" is read as "system"
+# (its newer name); "function" is the deprecated tool-result role older clients still send, with an assistant turn's
+# function_call standing in for its content
 
 
 def message_problem(message: dict, i: int) -> tuple[str, str] | None:
@@ -839,7 +841,7 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
     to the chat template, which rendered them as it could: a 200 with some answer (a review, 2026-12-06)."""
     if message["role"] not in CHAT_ROLES:
         return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r:.40}", f"messages[{i}].role"
-    if message.get("content") is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+    if message.get("content") is None and not (message["role"] == "assistant" and (message.get("tool_calls") or message.get("function_call"))):
         needs = "content (or tool_calls)" if message["role"] == "assistant" else "content"
         return f"messages[{i}] (role {message['role']!r}) has no {needs}: send a string or a list of text parts", f"messages[{i}].content"
     return content_problem(message.get("content"), f"messages[{i}].content")

@@ -1763,6 +1763,9 @@ def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_na
     for ok in ({"role": "developer", "content": "Be brief."}, {"role": "assistant", "tool_calls": [{"id": "a"}]},
                {"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": ""}):
         assert problem(ok) is None, ok
+    # the deprecated function-calling turns older OpenAI clients still send (a review: both were refused with 400)
+    assert problem({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+                   {"role": "function", "name": "f", "content": "42"}) is None
 
 
 def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
