@@ -320,7 +320,13 @@ def cmd_serve_model(args) -> int:
                   file=sys.stderr)
             return EXIT_STAGE
         print(hint, file=sys.stderr, flush=True)
-        return proc.wait()
+        code = proc.wait()
+        if code != 0:  # killed (a negative code: the signal) or failed while serving: say so, exit as a stage error
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+            print(f"error: the merged model's server {how} while serving; see its message above, then rerun serve-model",
+                  file=sys.stderr)
+            return EXIT_STAGE
+        return 0
     except KeyboardInterrupt:
         _stop_merged_server(proc)
         print("stopped", file=sys.stderr)
