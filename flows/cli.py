@@ -215,6 +215,9 @@ def cmd_run(args) -> int:
     # `main(["run", ...])` in-process) are freed, not frozen with the rest for the life of the process.
     gc.collect()
     gc.freeze()
+    # Ctrl-C stops a run in any stage (in training after a checkpoint, exit 130); a stop signal the run inherited as
+    # ignored (`nohup`, `trap "" INT`, a script's `cmd &`) stays ignored in every stage, training's too (tasks/train.py
+    # `_install_interrupt`), as Python leaves it; serve-model alone takes SIGINT back (`_stop_on_ctrl_c_or_sigterm`).
     try:
         result = finetune(profile=cfg.profile, hours=hours, minutes=minutes, overrides=args.overrides, config_path=str(path))
     except (StageError, ConfigError) as e:

@@ -632,7 +632,11 @@ def _install_interrupt(guard: BudgetGuard):
     SIGTERM too: `kill`, `docker stop`, systemd, a preempted cloud machine or Slurm's time limit ask a run to stop with
     it, and it ended training on the spot (Prefect's "aborted by a termination signal"), losing every step since the
     last periodic checkpoint (up to training.checkpoint_minutes of work). SIGHUP too: the terminal closed (an ssh
-    session dropped); what is still written to it then goes to /dev/null, as writing to a hung-up terminal fails."""
+    session dropped); what is still written to it then goes to /dev/null, as writing to a hung-up terminal fails.
+
+    A signal this process inherited as ignored (`nohup` ignores SIGHUP; `trap "" INT` and a script's `cmd &` ignore
+    SIGINT) stays ignored in training as it is in every other stage, as Python leaves it: a closed terminal no longer
+    stops a `nohup` run in stage 4 only, and Ctrl-C does not stop only stage 4 of a run started with SIGINT ignored."""
 
     def handler(signum, frame):
         if guard.interrupted:
@@ -642,7 +646,8 @@ def _install_interrupt(guard: BudgetGuard):
             off_the_lost_terminal()
 
     try:
-        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if not (sig == signal.SIGTERM and in_a_deployment_run())}
+        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN and not (sig == signal.SIGTERM and in_a_deployment_run())}
     except ValueError:  # not the main thread: leave Python's default
         return None
 

@@ -330,6 +330,27 @@ def test_torn_checkpoint_is_skipped(tmp_path):
     assert newest_checkpoint(tmp_path) == good  # marker lists a file that never got written
 
 
+def test_a_stop_signal_inherited_as_ignored_stays_ignored_in_training():
+    """`nohup` (SIGHUP) and `trap "" INT` or a script's `cmd &` (SIGINT) start the run with the signal ignored, and every
+    stage but training kept ignoring it: training's handler took it over, so a closed terminal stopped a `nohup` run in
+    stage 4 only. Now training leaves an ignored signal ignored; the others still save a checkpoint and stop."""
+    import signal
+
+    from tasks.train import BudgetGuard, _install_interrupt, _restore_interrupt
+
+    inherited = {sig: signal.signal(sig, signal.SIG_IGN if sig != signal.SIGTERM else signal.SIG_DFL)
+                 for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
+    try:
+        previous = _install_interrupt(BudgetGuard(Path("."), 60.0, 0.0, 60.0, 0.0))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert callable(signal.getsignal(signal.SIGTERM))  # not ignored: training's handler, which saves and stops
+        _restore_interrupt(previous)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for sig, handler in inherited.items():
+            signal.signal(sig, handler)
+
+
 def test_padded_collator_masks_padding():
     batch = PaddedCollator(pad_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].shape == (2, 8)
