@@ -32,8 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import (StageError, complete_record, disk_full, fault_arg, fingerprint, in_a_deployment_run, is_complete, locked, maybe_fault,
-                     off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
+from .common import (StageError, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete, locked,
+                     maybe_fault, off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -338,13 +338,49 @@ def unlikelihood_exempt(tok, data: DataRecord) -> list[int]:
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
+    return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, _keyed_sections(probe, quant, lora, training))
+
+
+def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list:
     # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
     unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
     unset |= set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}
     # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
     dev = getattr(probe, "device", None)
-    sections = [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
-    return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, sections)
+    return [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
+
+
+BUDGETLESS = "budgetless_key.json"  # in work/: the training's key but for its budget, and the budget (`checkpoint_of_another_budget`)
+
+
+def budgetless_key(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
+    """`cache_key` without the budget (`probe.key` holds it: tasks/probe.py `keyed_budget`): the same data, model and
+    settings on the same hardware."""
+    return fingerprint("train-any-budget", TRAIN_VERSION, data.key, data.model_fingerprint, getattr(probe, "hardware", None),
+                       getattr(probe, "gpus", 1), _keyed_sections(probe, quant, lora, training))
+
+
+def checkpoint_of_another_budget(work: Path, same: str, budget_s: float) -> str | None:
+    """The line to log when a training of the same data, model and settings under another budget was stopped with a
+    checkpoint. The budget is keyed, so this training starts from step 0, which it did without a word: a run stopped
+    with Ctrl-C and rerun with `--minutes 8` instead of 5 looked like a resume that forgot its steps."""
+    found = []
+    for other in work.parent.parent.glob(f"*/work/{BUDGETLESS}"):
+        if other.parent == work or is_complete(other.parent.parent):
+            continue
+        try:
+            info = read_json(other)
+        except (OSError, ValueError):
+            continue
+        ckpt = newest_checkpoint(other.parent) if info.get("key") == same and info.get("budget_seconds") != budget_s else None
+        if ckpt is not None:
+            found.append((ckpt.stat().st_mtime, other.parent.parent.name, int(ckpt.name.split("-")[-1]), float(info["budget_seconds"])))
+    if not found:
+        return None
+    _, key, step, old = max(found)  # the newest, should several budgets have been tried
+    return (f"train: a checkpoint from an interrupted run of this data and model exists under cache/train/{key} at step {step}, "
+            f"but the budget changed ({human_seconds(old)} -> {human_seconds(budget_s)}), so training starts again from step 0; "
+            "rerun with the old budget to resume it")
 
 
 def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str, log_fn=None) -> TrainRecord:
@@ -465,6 +501,11 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         if main and torn.is_dir() and resume is not None and torn != resume and not (torn / CKPT_MARKER).is_file():
             shutil.rmtree(torn, ignore_errors=True)  # cut off mid-write: never used
     budget_s = float(probe.budget_seconds)
+    if main:
+        same = budgetless_key(data, probe, quant, lora, training)
+        if resume is None and (line := checkpoint_of_another_budget(work, same, budget_s)):
+            log_fn(line)
+        write_json(work / BUDGETLESS, {"key": same, "budget_seconds": budget_s})
     if prior >= budget_s and resume is not None:
         log_fn(f"train: budget already spent before the crash ({prior:.0f}s of {budget_s:.0f}s); finishing from {resume.name}")
     device = resolve_device(probe.device)

@@ -136,6 +136,21 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tiny_c
     assert all(v.isfinite().all() for v in weights.values())
 
 
+def test_a_rerun_with_another_budget_says_it_does_not_resume_the_stopped_ones_checkpoint(tiny_cfg, shared_artifacts, upstream, fault):
+    """The budget is keyed (tasks/probe.py `keyed_budget`): a run stopped with a checkpoint and rerun with `--minutes 8`
+    instead of 5 trains from step 0 under another key, and did so without a word. The key stays; the rerun says so."""
+    data, probe = upstream
+    fault("train:nan@3")  # stops training with checkpoint-2 kept, as a Ctrl-C would
+    with pytest.raises(StageError):
+        _train(tiny_cfg, shared_artifacts, data, probe.model_copy(update={"budget_seconds": 300.0}), "budget-5m", max_steps=6, checkpoint_minutes=1e-6)
+    fault("")
+    logs: list[str] = []
+    _train(tiny_cfg, shared_artifacts, data, probe.model_copy(update={"budget_seconds": 480.0}), "budget-8m", logs, max_steps=6)
+    said = [line for line in logs if "budget changed" in line]
+    assert len(said) == 1 and "at step 2" in said[0] and "(5m00s -> 8m00s)" in said[0] and "rerun with the old budget" in said[0], logs
+    assert not any("resuming from" in line for line in logs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Disk full (ENOSPC) while checkpointing or publishing
 
