@@ -205,6 +205,8 @@ def cmd_run(args) -> int:
             print(f"config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from prefect.exceptions import CancelledRun
+
     from flows.finetune import finetune
 
     _hide_user_error_tracebacks()
@@ -224,7 +226,7 @@ def cmd_run(args) -> int:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return EXIT_STAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, CancelledRun):  # CancelledRun: the flow ended Cancelled, training stopped after a checkpoint
         print("interrupted: finished stages and the last training checkpoint are kept; rerun the same command to resume", file=sys.stderr)
         return 130
     print(f"results: {result.get('published') or result.get('summary_path')}")

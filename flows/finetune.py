@@ -23,8 +23,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
-from tasks.common import artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
+from tasks.common import TrainingStopped, artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import pin_hub_revisions
 from tasks.preflight import check_model
@@ -70,9 +71,10 @@ def budget_label(hours: float | None, minutes: float | None) -> str | None:
 class RunSummary:
     """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json.
 
-    `status` says what happened to the run: running, completed, failed, crashed (its process died without a word:
-    found by the next run on this machine), superseded (failed or crashed, and a later run of the same config
-    completed: `superseded_by`; that run lists it under `supersedes`). A retry of the same flow run (`prefect
+    `status` says what happened to the run: running, completed, failed, cancelled (a stop signal ended training after a
+    checkpoint: `cancelled_stage`; Prefect's state is Cancelled too; rerunning the same command resumes it), crashed (its
+    process died without a word: found by the next run on this machine), superseded (failed, cancelled or crashed, and a
+    later run of the same config completed: `superseded_by`; that run lists it under `supersedes`). A retry of the same flow run (`prefect
     flow-run retry`) keeps the run's name and folder; the summary counts the attempt and keeps the earlier attempts'
     outcomes (`attempts`).
     """
@@ -106,6 +108,11 @@ class RunSummary:
             if cached and not (record.outputs_exist() and _inside(getattr(record, "dir", None), self.root)):
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
                 record, cached = state.result(), False
+        except TrainingStopped as e:
+            entry.update(status="cancelled", seconds=round(time.monotonic() - t0, 2), message=str(e))
+            self.data["cancelled_stage"] = name
+            self.finish("cancelled")
+            raise
         except BaseException as e:
             entry.update(status="failed", seconds=round(time.monotonic() - t0, 2), error=f"{type(e).__name__}: {e}")
             self.data["failed_stage"] = name
@@ -162,10 +169,10 @@ def mark_crashed_runs(root: Path, exclude: str) -> list[str]:
 
 
 def supersede_runs(root: Path, done: dict[str, Any]) -> list[str]:
-    """Failed or crashed runs of the same config as this completed one: `superseded` (their outcome kept)."""
+    """Failed, cancelled or crashed runs of the same config as this completed one: `superseded` (their outcome kept)."""
     names = []
     for path, data in _other_summaries(root, done["run"]):
-        if data.get("status") in ("failed", "crashed") and data.get("config") == done["config"]:
+        if data.get("status") in ("failed", "crashed", "cancelled") and data.get("config") == done["config"]:
             data.update(status="superseded", outcome=data["status"], superseded_by=done["run"])
             write_json(path, data)
             names.append(data.get("run", path.parent.name))
@@ -173,10 +180,10 @@ def supersede_runs(root: Path, done: dict[str, Any]) -> list[str]:
 
 
 def unfinished_revisions(root: Path, exclude: str, requested: dict[str, Any]) -> dict[str, Any] | None:
-    """The hub commits of the newest failed or crashed run of the same command: rerunning it resumes it (its stages and
+    """The hub commits of the newest failed, cancelled or crashed run of the same command: rerunning it resumes it (its stages and
     checkpoints are keyed on those commits), even when the hub's `main` moved since."""
     for _, data in sorted(_other_summaries(root, exclude), key=lambda pd: str(pd[1].get("started", "")), reverse=True):
-        if data.get("status") in ("failed", "crashed") and data.get("requested_config") == requested and data.get("hub_revisions"):
+        if data.get("status") in ("failed", "crashed", "cancelled") and data.get("requested_config") == requested and data.get("hub_revisions"):
             return data["hub_revisions"]
     return None
 
@@ -215,18 +222,22 @@ def finetune(
     run.data["config"] = cfg.model_dump(mode="json", by_alias=True)
     run.write()  # from the start: a run killed in stage 1 is found `crashed` by the next one
 
-    data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
-    prof = run.stage("profile", profile_task.with_options(**opts), data, art)
-    probe = run.stage("probe", probe_task.with_options(**opts), data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, art)
-    train = run.stage("train", train_task.with_options(**opts), data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
-    evalr = run.stage("evaluate", evaluate_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, art,
-                      cfg.data.system_prompt)
-    merged = run.stage("merge", merge_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.merge, cfg.device, art)
-    records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
-    published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
-    run.data["published"] = published.dir
-    exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"])
-    run.data["published"] = exported.published_dir  # this run's folder when publish was cached from an earlier run
+    try:
+        data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
+        prof = run.stage("profile", profile_task.with_options(**opts), data, art)
+        probe = run.stage("probe", probe_task.with_options(**opts), data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, art)
+        train = run.stage("train", train_task.with_options(**opts), data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+        evalr = run.stage("evaluate", evaluate_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.eval, cfg.device, art,
+                          cfg.data.system_prompt)
+        merged = run.stage("merge", merge_task.with_options(**opts), data, train, cfg.model, cfg.quant, cfg.merge, cfg.device, art)
+        records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
+        published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
+        run.data["published"] = published.dir
+        exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"])
+        run.data["published"] = exported.published_dir  # this run's folder when publish was cached from an earlier run
+    except TrainingStopped as e:  # stopped on purpose with a checkpoint, resumable: Cancelled (Crashed reads as a failure)
+        get_run_logger().info(f"finetune: {e}")
+        return Cancelled(message=f"{e} (summary: {run.run_dir / 'summary.json'})")
 
     run.finish("completed")
     total = sum(s["seconds"] for s in run.data["stages"].values())

@@ -40,6 +40,12 @@ class StageError(RuntimeError):
     retryable = False
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """A stop signal (Ctrl-C, SIGTERM, a closed terminal) ended training after it saved a checkpoint: stopped on
+    purpose and resumable, so the flow records the run as Cancelled, not Crashed. Still a KeyboardInterrupt: whatever
+    stops on Ctrl-C stops on it."""
+
+
 def fingerprint(*parts: Any, length: int = 16) -> str:
     """Stable short hash of JSON-able parts (dicts are key-sorted), for cache keys."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()

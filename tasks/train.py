@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import (StageError, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete, locked,
+from .common import (StageError, TrainingStopped, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete, locked,
                      maybe_fault, off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
@@ -590,7 +590,11 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         bar.close()  # before the error is printed: a NaN loss, an OOM or Ctrl-C ends the bar's line, not the message's start
         _restore_interrupt(previous)
     if guard.interrupted:
-        raise KeyboardInterrupt("training interrupted; checkpoint saved")
+        saved = newest_checkpoint(work)
+        if saved is None:
+            raise KeyboardInterrupt("training interrupted before a checkpoint was saved")
+        raise TrainingStopped(f"training stopped by a signal at step {trainer.state.global_step}, {saved.name} saved; "
+                              "rerun the same command to resume from it")
     if n > 1:
         # Per-rank provenance: steps must agree; the batch fingerprints show each rank trained on its own shard.
         write_json(work / "ranks" / f"rank-{dist.rank()}.json", {"rank": dist.rank(), "steps": trainer.state.global_step,

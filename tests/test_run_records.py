@@ -230,3 +230,33 @@ def test_rerunning_a_crashed_run_reuses_its_hub_commits_though_main_moved(tmp_pa
     assert again.model.revision == first.model.revision == "1" * 40
     other = cfg.model_copy(update={"output_name": "another"}).model_dump(mode="json", by_alias=True)
     assert unfinished_revisions(root, "r2", other) is None  # another command starts fresh from main
+
+
+def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_summary(tmp_path, monkeypatch, prefect_server):
+    """Before, a Ctrl-C that stopped training with a checkpoint ended the flow run Crashed ("aborted by an interrupt
+    signal") and the summary `failed`, though the user stopped it on purpose and the rerun resumes it. Now both say
+    cancelled, with how to resume."""
+    import json
+    import signal
+    from pathlib import Path
+
+    import pytest
+
+    import tasks.train
+    from flows.finetune import finetune
+
+    def ctrl_c_as_training_starts(stage):  # what Ctrl-C runs: the handler training installed (tasks/train.py)
+        if stage == "train":
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    monkeypatch.setattr(tasks.train, "maybe_fault", ctrl_c_as_training_starts)
+    art = tmp_path / "artifacts"
+    try:
+        state = finetune(profile="tiny", overrides=[f"artifacts_dir={art}"], return_state=True)
+    except KeyboardInterrupt as e:  # not into pytest, which would stop the session
+        pytest.fail(f"the flow raised {e!r} instead of ending Cancelled")
+    assert state.is_cancelled(), state
+    assert "checkpoint-1 saved" in state.message and "rerun the same command to resume" in state.message, state.message
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary
+    assert summary["stages"]["train"]["status"] == "cancelled" and "rerun the same command" in summary["stages"]["train"]["message"]

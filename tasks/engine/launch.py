@@ -35,7 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common import StageError, in_a_deployment_run, off_the_lost_terminal, read_json, write_json
+from ..common import StageError, TrainingStopped, in_a_deployment_run, off_the_lost_terminal, read_json, write_json
 from .dist import is_main, local_rank, rank
 
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
@@ -138,8 +138,8 @@ def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str
     if err is None and code >= 0 and errors:
         err = errors[min(errors)]
     if err is not None:
-        if err["type"] == "KeyboardInterrupt":
-            return KeyboardInterrupt(err["message"])
+        if err["type"] in ("KeyboardInterrupt", "TrainingStopped"):
+            return (TrainingStopped if err["type"] == "TrainingStopped" else KeyboardInterrupt)(err["message"])
         return StageError(f"{stage}: rank {err['rank']} of {n} failed: {err['type']}: {err['message']}")
     how = f"exit code {code}"
     if code < 0:
