@@ -27,7 +27,7 @@ from prefect.states import Cancelled
 
 from tasks.common import TrainingStopped, artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
-from tasks.hub import pin_hub_revisions
+from tasks.hub import check_hub_reachable, pin_hub_revisions
 from tasks.preflight import check_model
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
@@ -210,15 +210,18 @@ def finetune(
     cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)
-    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art, cfg.data.system_prompt, cfg.training.engine):  # model-dependent checks: seconds, before stage 1
-        get_run_logger().info(line)
     run = RunSummary(art, flow_run.name or _run_name())
     requested = cfg.model_dump(mode="json", by_alias=True)  # before pinning: what a rerun of the same command asks for
     earlier = run.earlier.get("hub_revisions") or unfinished_revisions(run.root, run.data["run"], requested)
     cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, earlier)
     run.data["requested_config"] = requested
+    # Pinned first, then checked: the hub's one metadata call (no retries) tells an offline, uncached model in a line,
+    # and has a cached one loaded offline, where the model checks sat through ~48 s of huggingface_hub's retries.
+    warnings += check_hub_reachable(cfg, run.data["hub_revisions"])
     for line in warnings:
         get_run_logger().warning(line)
+    for line in check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, art, cfg.data.system_prompt, cfg.training.engine):  # model-dependent checks: seconds, before stage 1
+        get_run_logger().info(line)
     run.data["config"] = cfg.model_dump(mode="json", by_alias=True)
     run.write()  # from the start: a run killed in stage 1 is found `crashed` by the next one
 

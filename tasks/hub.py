@@ -13,6 +13,7 @@ same keys; with no such record the run goes on unpinned (keyed as `unresolved`) 
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,35 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
         with locked(record_path):
             write_json(record_path, {**_read(record_path), **known})
     return pinned, revisions, warnings
+
+
+def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[str]:
+    """Before the model checks: a hub model the hub cannot be asked about is loaded from the local hub cache with
+    huggingface_hub offline for the rest of the process (returns the line to log), and one that is not cached is a
+    StageError in one line. Both sat through huggingface_hub's retries, 5 per request with 1+2+4+8+8 s between them,
+    which no setting turns off: ~48 s and ~45 log lines before the error offline, and as long before a cached model
+    loaded (transformers lists the repo's chat templates and files; 2026-12-06). `revisions` is what
+    `pin_hub_revisions` found: when it reached the hub just now nothing is asked again, else the hub is asked once,
+    without retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .common import StageError
+    from .models import hub_token
+
+    if not is_hub_id(cfg.model.name) or (revisions.get("model") or {}).get("how") == "resolved":
+        return []
+    try:
+        ask_hub("model", cfg.model.name, hub_token(cfg.model))
+        return []
+    except Exception as e:  # network errors come in many classes; a timeout is one of them
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}"
+        if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
+            raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "
+                             "network (or download it once), or use a local folder or the demo profile (`make run`)") from e
+    constants.HF_HUB_OFFLINE = True  # read at each request (`is_offline_mode`), by transformers too
+    os.environ["HF_HUB_OFFLINE"] = "1"  # and by the processes this one starts (several ranks' torchrun)
+    return [f"hub: cannot reach the hub for {cfg.model.name!r} ({why}); loading it from the local hub cache, with "
+            "huggingface_hub offline (HF_HUB_OFFLINE=1) for this run"]
 
 
 def _section(cfg: PipelineConfig, key: str):

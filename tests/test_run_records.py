@@ -84,6 +84,43 @@ def test_never_resolved_is_said_and_a_retry_reuses_its_first_attempts_commits(tm
     assert (pinned.data.revision, pinned.model.revision) == ("e" * 40, "f" * 40) and asked == [] and not warnings
 
 
+def test_an_offline_hub_model_fails_in_one_line_before_the_model_checks_and_a_cached_one_loads_offline(tmp_path, monkeypatch, prefect_server):
+    """Before, the model checks ran first and sat through huggingface_hub's retries (~48 s, ~45 log lines offline)
+    before their one-line error, and as long before a cached model loaded. Now the hub's one metadata call, made to pin
+    the revision, tells it; a model in the local hub cache goes on to the model checks with huggingface_hub offline."""
+    import huggingface_hub.constants
+    import pytest
+
+    import flows.finetune
+    from flows.finetune import finetune
+    from tasks.common import StageError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # restored after: the run turns it on
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _hub(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))
+    checked = []
+
+    def check_model(*args, **kwargs):
+        checked.append((args[0].name, huggingface_hub.constants.is_offline_mode()))
+        raise StageError("the model checks ran")  # what loading the model would start with: the retries
+
+    monkeypatch.setattr(flows.finetune, "check_model", check_model)
+    overrides = [f"artifacts_dir={tmp_path / 'artifacts'}", "model.name=someorg/somemodel"]
+    with pytest.raises(StageError, match=r"^cannot reach the hub for 'someorg/somemodel' \(ConnectionError: .*not in the local hub cache"):
+        finetune(profile="tiny", overrides=overrides)
+    assert checked == []
+
+    snapshot = tmp_path / "hub" / "models--someorg--somemodel" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    with pytest.raises(StageError, match="the model checks ran"):  # cached: on to the checks, which load it from the cache
+        finetune(profile="tiny", overrides=overrides)
+    assert checked == [("someorg/somemodel", True)] and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
 def test_local_and_packaged_sources_ask_no_hub(tmp_path, monkeypatch):
     from tasks.hub import pin_hub_revisions
 
