@@ -103,6 +103,13 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
     return pinned, revisions, warnings
 
 
+def hub_answered(error: Exception) -> bool:
+    """Whether `error` is the hub's own answer (an HTTP status: not found, unauthorized, gated) rather than no answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (isinstance(error, HfHubHTTPError) and getattr(error, "response", None) is not None) or isinstance(error, RuntimeError)
+
+
 def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[str]:
     """Before the model checks: a hub model the hub cannot be asked about is loaded from the local hub cache with
     huggingface_hub offline for the rest of the process (returns the line to log), and one that is not cached is a
@@ -122,6 +129,8 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
         ask_hub("model", cfg.model.name, hub_token(cfg.model))
         return []
     except Exception as e:  # network errors come in many classes; a timeout is one of them
+        if hub_answered(e):  # reached: a typo (404), a gated or private model (401/403): the model checks say which
+            return []
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}"
         if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
             raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "

@@ -297,3 +297,19 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary
     assert summary["stages"]["train"]["status"] == "cancelled" and "rerun the same command" in summary["stages"]["train"]["message"]
+
+
+def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
+    """A review: a misspelt model id while online (the hub's 404) was told 'cannot reach the hub ... connect to the
+    network' and, if cached under that name, loaded offline. The hub's own answer goes on to the model checks."""
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import tasks.hub as hub
+    from tasks.config import load_config
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/someorg/typo"))
+    monkeypatch.setattr(hub, "ask_hub", lambda *a: (_ for _ in ()).throw(RepositoryNotFoundError("404 not found", response=response)))
+    cfg = load_config(profile="tiny", overrides=["model.name=someorg/typo-model"])
+    assert hub.check_hub_reachable(cfg, {}) == []
+    assert hub.hub_answered(ConnectionError("Name or service not known")) is False
