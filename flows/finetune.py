@@ -27,7 +27,7 @@ from prefect.states import Cancelled
 
 from tasks.common import TrainingStopped, artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
-from tasks.hub import check_hub_reachable, pin_hub_revisions
+from tasks.hub import check_hub_reachable, hub_offline_restored, pin_hub_revisions
 from tasks.preflight import check_model
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
@@ -207,6 +207,11 @@ def finetune(
     the profile's; overrides: `dotted.key=value` settings; config_path: another pipeline.yaml; default_hours: the
     budget when neither hours/minutes nor the profile give one (a deployment's default).
     """
+    with hub_offline_restored():  # a cached model loaded offline (check_hub_reachable): offline for this run only
+        return _finetune(profile, hours, minutes, overrides, config_path, default_hours)
+
+
+def _finetune(profile, hours, minutes, overrides, config_path, default_hours) -> dict[str, Any]:
     cfg = run_config(profile, hours, minutes, overrides, config_path, default_hours)
     art = cfg.artifacts_dir
     opts = task_options(art)

@@ -14,6 +14,8 @@ same keys; with no such record the run goes on unpinned (keyed as `unresolved`) 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,23 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
     return pinned, revisions, warnings
 
 
+@contextmanager
+def hub_offline_restored() -> Iterator[None]:
+    """huggingface_hub's offline switch (and HF_HUB_OFFLINE in the environment) as they were before, on exit: what
+    `check_hub_reachable` turns on lasts one run, not the process (a library caller's or a test's next run)."""
+    from huggingface_hub import constants
+
+    before, env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+        if env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = env
+
+
 def hub_answered(error: Exception) -> bool:
     """Whether `error` is the hub's own answer (an HTTP status: not found, unauthorized, gated) rather than no answer."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -138,7 +157,7 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
     constants.HF_HUB_OFFLINE = True  # read at each request (`is_offline_mode`), by transformers too
     os.environ["HF_HUB_OFFLINE"] = "1"  # and by the processes this one starts (several ranks' torchrun)
     return [f"hub: cannot reach the hub for {cfg.model.name!r} ({why}); loading it from the local hub cache, with "
-            "huggingface_hub offline (HF_HUB_OFFLINE=1) for this run"]
+            "huggingface_hub offline (HF_HUB_OFFLINE=1) for this run"]  # undone as the run ends (`hub_offline_restored`)
 
 
 def _section(cfg: PipelineConfig, key: str):

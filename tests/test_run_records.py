@@ -118,7 +118,8 @@ def test_an_offline_hub_model_fails_in_one_line_before_the_model_checks_and_a_ca
     (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
     with pytest.raises(StageError, match="the model checks ran"):  # cached: on to the checks, which load it from the cache
         finetune(profile="tiny", overrides=overrides)
-    assert checked == [("someorg/somemodel", True)] and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert checked == [("someorg/somemodel", True)]  # True: huggingface_hub offline while the checks ran
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # and undone after the run
 
 
 def test_local_and_packaged_sources_ask_no_hub(tmp_path, monkeypatch):
@@ -313,3 +314,23 @@ def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
     cfg = load_config(profile="tiny", overrides=["model.name=someorg/typo-model"])
     assert hub.check_hub_reachable(cfg, {}) == []
     assert hub.hub_answered(ConnectionError("Name or service not known")) is False
+
+
+def test_offline_mode_turned_on_for_a_run_is_undone_after_it(monkeypatch):
+    """A review: check_hub_reachable's offline switch stayed on for the process, so a library caller's next run (or a
+    test's) pinned nothing and loaded offline with the network back."""
+    import os
+
+    import huggingface_hub
+    import pytest
+
+    from tasks.hub import hub_offline_restored
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(RuntimeError):
+        with hub_offline_restored():
+            huggingface_hub.constants.HF_HUB_OFFLINE = True
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            raise RuntimeError("the run failed")
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ
