@@ -28,7 +28,7 @@ def test_config_accepts_q4_k_m_and_names_the_types_on_a_typo():
     assert cfg.export.gguf == ["f16", "q8_0", "q4_k_m"]
     with pytest.raises(ConfigError) as e:
         load_config(profile="tiny", overrides=["export.gguf=[q4_km]"])
-    assert "export.gguf.0" in str(e.value) and "'q4_k_m'" in str(e.value)
+    assert "export.gguf[0]" in str(e.value) and "'q4_k_m'" in str(e.value)
 
 
 def test_missing_build_tools_are_one_line_naming_the_fix(monkeypatch, tmp_path):

@@ -24,7 +24,14 @@ def _cli(art: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     clock = ("--set", "training.max_steps=null", "--set", "training.checkpoint_minutes=0.05")
     cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6", "--set", f"artifacts_dir={art}", *clock, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_stop_signals_as_in_a_terminal)
+
+
+def _stop_signals_as_in_a_terminal():
+    """SIGINT and SIGHUP as a terminal's shell hands them to a command: a suite started in the background (`make test
+    &`, CI) hands its children SIGINT ignored (and `nohup`, SIGHUP), which the CLI keeps ignoring, as Python does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.mark.slow
@@ -122,6 +129,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
     def own_terminal():  # a login shell's child: its own session, the pty its controlling terminal
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        _stop_signals_as_in_a_terminal()
 
     cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6", "--set", f"artifacts_dir={art}",
            "--set", "training.max_steps=null", *no_periodic]
