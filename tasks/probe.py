@@ -39,7 +39,7 @@ from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
-from .engine.unlikelihood import attach_unlikelihood
+from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
                      resolve_model)
 
@@ -255,6 +255,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     if budget.vram_gb is not None:
         log_fn(f"probe: memory budget {budget.vram_gb:.2f} GiB")
     args = (ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok)
+    exempt = unlikelihood_exempt(tok, data.stop_token_ids)  # as stage 4 exempts them: the pass it times is stage 4's
     if training.offload_activations == "on" and device != "cuda":
         log_fn(f"probe: training.offload_activations=on does nothing on the {device}: activations already live in host memory")
     trials = []
@@ -263,7 +264,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         ga = dist.per_rank_accum(ga, n)  # same global batch over n ranks
         after = candidates[i + 1] if i + 1 < len(candidates) else None
         then = f"trying it with the {recompute.OFFLOAD_NOTE}" if after and after[0] == mb and after[3] else "trying a smaller micro-batch"
-        trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn, offload=offload, then=then)
+        trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn, offload=offload, then=then, exempt=exempt)
         trials.append(trial)
         if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
             # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
@@ -278,7 +279,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         # trial there cannot be recovered from (the other ranks wait in the all-reduce).
         measured = {0: base["peak_mem_gb"]}
         while (k := next_free_trial(base["layers"], budget.vram_gb, measured)) is not None:
-            trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, data.max_length, log_fn)
+            trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, data.max_length, log_fn, exempt=exempt)
             trials.append(trial)
             if not trial.get("fits"):
                 break
@@ -333,7 +334,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
 
 
 def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, log_fn,
-           offload: bool = False, then: str = "trying a smaller micro-batch") -> dict:
+           offload: bool = False, then: str = "trying a smaller micro-batch", exempt=()) -> dict:
     """Time one setting; an out-of-memory is a recorded trial that does not fit (one rank of several: an error).
     `then` says what the search tries after an out-of-memory."""
     import gc as pygc
@@ -345,7 +346,7 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
     try:
         maybe_fault("probe")  # test-only (docs/RELIABILITY.md); here so an injected OOM hits a trial
         trial.update(_time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload,
-                                   log_fn=log_fn))
+                                   log_fn=log_fn, exempt=exempt))
         trial["fits"] = budget.vram_gb is None or trial["peak_mem_gb"] <= budget.vram_gb
         if trial.get("compile_layers"):
             how = ", ".join(([how] if how else []) + [compile_note(trial)])
@@ -368,7 +369,7 @@ def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_
 
 
 def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False,
-                  log_fn=None) -> dict:
+                  log_fn=None, exempt=()) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -404,7 +405,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         args.disable_tqdm = True
         extra = {}
         if training.unlikelihood_alpha:  # the head's extra pass is in the steps timed, as stage 4 runs it
-            extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=tok.all_special_ids)
+            extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=exempt)
         trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model, (mb, max_length)),
                                         callbacks=[Marks()], **extra)  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)

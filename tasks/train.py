@@ -40,7 +40,7 @@ from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
 from .engine.noise import add_embedding_noise
-from .engine.unlikelihood import attach_unlikelihood
+from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
@@ -331,12 +331,6 @@ BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_m
 PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by the probe where `layers` (tasks/probe.py)
 
 
-def unlikelihood_exempt(tok, data: DataRecord) -> list[int]:
-    """Token ids `training.unlikelihood_alpha` never penalises: the tokenizer's special tokens and the run's stop tokens
-    (an end-of-turn an earlier turn wrote must stay a token the next turn may end with)."""
-    return sorted({int(i) for i in (tok.all_special_ids or [])} | {int(i) for i in (data.stop_token_ids or [])})
-
-
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
     return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, _keyed_sections(probe, quant, lora, training))
 
@@ -531,7 +525,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     tok = load_tokenizer(ref, model_cfg)
     extra = {}
     if training.unlikelihood_alpha:
-        extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data))
+        extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data.stop_token_ids))
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
     if "compute_loss_func" in extra:

@@ -2,6 +2,7 @@
 gradients for the hidden states and the head's weight, across chunk sizes that split samples, packed samples,
 ignored positions and a logit cap."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from tasks.engine.unlikelihood import EPS, flat_positions, head_loss
 
 
-def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ignore_index=-100):
+def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ignore_index=-100, exempt=()):
     """The paper's token-level loss written the plain way: full logits, candidates by a loop over positions."""
     z = hidden.double() @ weight.double().t()
     if softcap:
@@ -23,7 +24,7 @@ def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ign
         if labels[t] == ignore_index:
             continue
         ce = ce - logp[t, labels[t]]
-        cands = {int(context[s]) for s in range(t + 1) if segment[s] == segment[t]} - {int(labels[t])}
+        cands = {int(context[s]) for s in range(t + 1) if segment[s] == segment[t]} - {int(labels[t])} - set(exempt)
         for c in cands:
             ul = ul - torch.log(torch.clamp(1 - p[t, c], min=EPS))
     return ce + alpha * ul, ce, ul
@@ -61,6 +62,38 @@ def test_matches_the_autograd_reference(chunk, alpha, softcap):
     assert torch.allclose(ul, rul.to(ul.dtype), rtol=1e-5, atol=1e-6) if alpha else ul == 0
     assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=2e-5)  # the pass computes in float32
     assert torch.allclose(w1.grad, w2.grad, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 200])
+def test_samples_that_repeat_their_tokens_many_times_match_the_reference(chunk):
+    """Each token a sample wrote is one candidate however often it was written, across chunks that cut samples, with
+    exempt tokens and samples that start mid-chunk (a 5-token vocabulary over 90 positions in 7 samples)."""
+    hidden, weight, labels, context, segment = case(n=90, d=6, vocab=5, seed=11, segments=tuple(range(7)), ignore_share=0.2)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, ce, ul = head_loss(h1, w1, labels, context, segment, alpha=0.7, chunk=chunk, exempt=[3])
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rloss, rce, rul = reference(h2, w2, labels, context, segment, 0.7, exempt=[3])
+    rloss.backward()
+    assert torch.allclose(ul, rul.to(ul.dtype), rtol=1e-5)
+    assert torch.allclose(loss, rloss.to(loss.dtype), rtol=1e-5)
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=2e-5)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-5, atol=2e-5)
+
+
+def test_a_candidate_the_model_is_sure_of_adds_its_clamped_loss_and_no_gradient():
+    """1 - p under EPS is clamped, as the paper's code does: the loss gets log(EPS), the gradient nothing from it (what
+    autograd through clamp gives), so one saturated candidate cannot blow the step up."""
+    weight = torch.tensor([[40.0], [0.0], [0.0]], dtype=torch.float64)
+    hidden = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)  # p(token 0) ~ 1 - 2e-17
+    context, labels, segment = torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0, 0])
+    loss, ce, ul = head_loss(hidden, weight, labels, context, segment, alpha=1.0, chunk=2)
+    assert torch.isclose(ul, torch.tensor(-2 * math.log(EPS), dtype=ul.dtype))
+    loss.backward()
+    h2 = torch.ones(2, 1, dtype=torch.float64, requires_grad=True)
+    plain, _, _ = head_loss(h2, weight, labels, context, segment, alpha=0.0, chunk=2)
+    plain.backward()
+    assert torch.allclose(hidden.grad, h2.grad)  # the clamped candidate changed nothing in the gradient
 
 
 def test_the_candidates_are_the_samples_own_tokens():
@@ -245,8 +278,12 @@ def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, s
     real = ul_mod.head_loss
     monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], list(k["exempt"]))) or real(*a, **k))
     training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": 2, "unlikelihood_alpha": 1.0})
-    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    # a stop token that is not one of the tokenizer's special ones (a template's end-of-turn often is not)
+    stopping = tiny_data.model_copy(update={"stop_token_ids": [*tiny_data.stop_token_ids, 100]})
+    probe = probe_throughput(stopping, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
     assert calls, "the probe did not time the unlikelihood pass"
+    # the probe times stage 4's pass: the same exempt tokens (stop tokens included, not only the special ones)
+    assert all(100 in exempt for _, _, exempt in calls)
     lines = []
     calls.clear()
     rec = train_adapter(tiny_data, probe.model_copy(update={"max_steps": 2, "key": f"unlikelihood-{engine}"}), tiny_cfg.model, tiny_cfg.quant,

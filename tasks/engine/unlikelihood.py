@@ -36,28 +36,52 @@ from __future__ import annotations
 EPS = 1e-5
 
 
-def candidate_mask(context, labels, segment, seen_before, segment_before, vocab: int, exempt=None):
-    """(n, vocab) bool: for each position of a chunk, the tokens its sample has written up to it, its own label left
-    out. `seen_before` (vocab,) bool: the tokens written before the chunk by the sample `segment_before` (a 0-dim
-    tensor; None = nothing before the chunk), which counts for the chunk's positions of that sample. Built from the
-    chunk's (n + 1) n / 2 position pairs (j <= i, same sample: position i has seen token context[j]), so it holds
-    nothing bigger than the mask itself and needs no host sync."""
+def candidate_pairs(context, labels, segment, vocab: int, ignore_index: int, chunk: int, exempt=None):
+    """The (position, token) pairs the unlikelihood term scores, one list per chunk of `chunk` positions: for each
+    trained position i, the tokens its sample has written up to i (context[j], j <= i, same sample), each once, its
+    own label and `exempt` left out. Returns [(rows, tokens, keep), ...]: `rows` the position within the chunk,
+    `tokens` the candidate, `keep` False where the candidate is the position's label (kept in the list with no
+    weight, so the lists' lengths are known from counts alone).
+
+    Each (sample, token) is taken at its first occurrence: position i's candidates are the first occurrences in its
+    sample at or before i, which are a run of the sorted first-occurrence positions (from the sample's first one to
+    the last one <= i). So the pairs are made from counts and offsets, never from a (positions x vocab) mask, and a
+    chunk's list holds sum over its positions of the distinct tokens written so far (Gemma's 2,048-token rows: a few
+    hundred a position). Two host syncs a call (the first occurrences, and the chunks' pair counts)."""
     import torch
 
     n = context.shape[0]
-    i, j = torch.tril_indices(n, n, device=context.device)
-    same = segment[i] == segment[j]
-    # pairs of two samples write into one extra column, dropped after: every write is True (duplicates agree, no
-    # accumulate needed) and the index's shape does not depend on the data (no sync)
-    mask = torch.zeros(n, vocab + 1, dtype=torch.bool, device=context.device)
-    mask[i, torch.where(same, context[j].long(), torch.full_like(j, vocab))] = True
-    mask = mask[:, :vocab]
-    if seen_before is not None:
-        mask |= (segment == segment_before).unsqueeze(1) & seen_before.unsqueeze(0)
-    mask.scatter_(1, labels.clamp(min=0).unsqueeze(1).long(), False)
+    device = context.device
+    idx = torch.arange(n, device=device)
+    context = context.long()
+    # first occurrence of each (sample, token): a stable sort keeps the earliest position first in each run
+    key = segment.long() * (vocab + 1) + context
+    sorted_key, order = torch.sort(key, stable=True)
+    first_sorted = torch.ones(n, dtype=torch.bool, device=device)
+    first_sorted[1:] = sorted_key[1:] != sorted_key[:-1]
+    first = torch.zeros(n, dtype=torch.bool, device=device)
+    first[order] = first_sorted
     if exempt is not None and exempt.numel():
-        mask[:, exempt] = False
-    return mask
+        first &= ~torch.isin(context, exempt)
+    upto = first.long().cumsum(0)  # first occurrences at positions <= i, all samples
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    starts[1:] = segment[1:] != segment[:-1]
+    sample_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
+    before = upto[sample_start] - first[sample_start].long()  # first occurrences before the sample: its run's start in `where_first`
+    count = torch.where(labels != ignore_index, upto - before, torch.zeros_like(upto))
+    bounds = list(range(0, n, chunk)) + [n]
+    ends = torch.tensor(bounds[1:], device=device) - 1
+    totals = count.cumsum(0)[ends] if n else ends
+    sizes = torch.diff(totals, prepend=totals.new_zeros(1)).tolist()  # sync 1: the chunks' pair counts
+    where_first = torch.nonzero(first).squeeze(1)  # sync 2
+    lists = []
+    for a, b, size in zip(bounds[:-1], bounds[1:], sizes):
+        c = count[a:b]
+        rows = torch.repeat_interleave(torch.arange(b - a, device=device), c, output_size=size)
+        offsets = torch.arange(size, device=device) - (c.cumsum(0) - c)[rows]
+        tokens = context[where_first[before[a + rows] + offsets]]
+        lists.append((rows, tokens, tokens != labels[a + rows].long()))
+    return lists
 
 
 class _HeadLoss:
@@ -93,47 +117,53 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
                        need_w: bool = True, exempt=None, scale: float = 1.0):
     import torch
 
-    n, vocab = hidden.shape[0], weight.shape[0]
-    grad_h = torch.zeros_like(hidden)
+    n = hidden.shape[0]
+    grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=torch.float32, device=weight.device)
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     ul = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    seen, seg_before = None, None
-    for a in range(0, n, chunk):
+    pairs = candidate_pairs(context, labels, segment, weight.shape[0], ignore_index, chunk, exempt) if alpha else None
+    for k, a in enumerate(range(0, n, chunk)):
         b = min(a + chunk, n)
-        h, y, ctx_ids, seg = hidden[a:b], labels[a:b], context[a:b], segment[a:b]
-        valid = y != ignore_index
-        raw = (h @ weight.t()).float() * scale
+        h, y = hidden[a:b], labels[a:b]
+        valid = (y != ignore_index).float()
+        rows_all = torch.arange(b - a, device=hidden.device)
+        yv = y.clamp(min=0).long()
+        z = (h @ weight.t()).float()  # logits in float32; then log-probabilities, which become p and then the gradient in place
+        if scale != 1.0:
+            z.mul_(scale)
         if softcap:
-            t = torch.tanh(raw / softcap)
-            z = softcap * t
-        else:
-            z = raw
-        logp = torch.log_softmax(z, dim=-1)
-        p = logp.exp()
-        yv = y.clamp(min=0).long().unsqueeze(1)
-        vf = valid.float().unsqueeze(1)
-        ce = ce - (logp.gather(1, yv).squeeze(1) * valid.float()).sum()
-        dz = p.clone()
-        dz.scatter_add_(1, yv, -torch.ones_like(yv, dtype=dz.dtype))
-        if alpha:
-            mask = candidate_mask(ctx_ids, y, seg, seen, seg_before, vocab, exempt) & valid.unsqueeze(1)
-            # what the chunk's last sample has written, carried to the next chunk (on the device: no sync)
-            last = seg[-1]
-            written = torch.zeros(vocab + 1, dtype=torch.bool, device=hidden.device)
-            written[torch.where(seg == last, ctx_ids.long(), torch.full_like(ctx_ids, vocab, dtype=torch.long))] = True
-            written = written[:vocab]
-            if seen is not None:
-                written |= seen & (seg_before == last)
-            seen, seg_before = written, last
-            one_minus = -torch.expm1(logp)  # 1 - p without float32's cancellation near p = 1
-            ul = ul - torch.where(mask, torch.log(one_minus.clamp(min=EPS)), torch.zeros_like(p)).sum()
-            r = torch.where(mask & (one_minus > EPS), p / one_minus.clamp(min=EPS), torch.zeros_like(p))
-            dz = dz + alpha * (r - p * r.sum(1, keepdim=True))
-        dz = dz * vf
+            t = z.div_(softcap).tanh_()  # z = cap * tanh(raw / cap); t kept for the chain rule's 1 - t^2
+            z = t * softcap
+        z = torch.log_softmax(z, dim=1)  # log-probabilities (fused; z - logsumexp(z) would round the log-sum to the logits' scale)
+        ce = ce - (z[rows_all, yv] * valid).sum()
+        factor = valid
+        if pairs is not None:
+            rows, tokens, keep = pairs[k]
+            logp_c = z[rows, tokens]
+            one_minus = -torch.expm1(logp_c)  # 1 - p without float32's cancellation near p = 1
+            weight_c = keep.float() * valid[rows]
+            ul = ul - (torch.log(one_minus.clamp(min=EPS)) * weight_c).sum()
+            live = (weight_c > 0) & (one_minus > EPS)  # a clamped candidate: its loss, no gradient (as autograd through clamp)
+            p_c = logp_c.exp()
+            # r = p / (1 - p) and its row sums S in float64 (sparse, cheap): a candidate the model is nearly sure of has
+            # r ~ 1e3, and its own entry below needs S - r, which float32 would leave with r's rounding
+            r = torch.where(live, p_c.double() / one_minus.clamp(min=EPS).double(), 0.0)
+            total = torch.zeros(b - a, dtype=torch.float64, device=hidden.device).index_add_(0, rows, r)
+            factor = valid * (1.0 - alpha * total).float()
+        dz = z.exp_()  # p, in place
+        # d/dz = p (1 - alpha S) - onehot(y) + alpha r on the trained positions, S = sum r over the row's candidates
+        dz.mul_(factor.unsqueeze(1))
+        if pairs is not None:
+            # a candidate's own entry, p (1 - alpha S) + alpha r, written as p (1 + alpha - alpha (S - r)) (r (1 - p) = p):
+            # the two ~alpha r terms cancel in closed form, not in float32
+            own = torch.where(live, 1.0 + alpha - alpha * (total[rows] - r), 1.0 - alpha * total[rows])
+            dz[rows, tokens] = (p_c.double() * own).float() * valid[rows]
+        dz.index_put_((rows_all, yv), -valid, accumulate=True)
         if softcap:
-            dz = dz * (1.0 - t * t)
-        dz = dz * scale
+            dz.mul_(t.mul_(t).neg_().add_(1.0))
+        if scale != 1.0:
+            dz.mul_(scale)
         grad_h[a:b] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
         if need_w:
             grad_w += dz.t() @ h.float()
@@ -203,6 +233,20 @@ def logit_scale(config) -> float:
     return scale
 
 
+def default_chunk(vocab: int) -> int:
+    """Positions a chunk: ~2^27 logits (Gemma's 262,144-token vocabulary: 512 rows; a 32k one: 4,096). A chunk holds its
+    logits once in the head's dtype and twice in float32 for a moment (the raw logits and their log-probabilities), then
+    one float32 tensor that becomes the gradient and its copy in the head's dtype: ~1.3 GiB at bf16 (2^27 x 10 bytes)."""
+    return max(16, min(4096, (1 << 27) // vocab))
+
+
+def unlikelihood_exempt(tok, stop_token_ids=()) -> list[int]:
+    """Token ids `training.unlikelihood_alpha` never penalises: the tokenizer's special tokens and the run's stop tokens
+    (an end-of-turn an earlier turn wrote must stay a token the next turn may end with). Stage 3 (its timed steps) and
+    stage 4 both take them from here."""
+    return sorted({int(i) for i in (tok.all_special_ids or [])} | {int(i) for i in (stop_token_ids or [])})
+
+
 def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()):
     """Make `model` (a PEFT model or a plain causal LM) train on cross-entropy plus `alpha` x token-level unlikelihood.
     Returns (compute_loss_func, handles): pass the first to the Trainer (its `take_parts()` gives the cross-entropy and
@@ -226,8 +270,8 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
         raise ValueError(f"training.unlikelihood_alpha needs a causal LM whose head is a plain linear layer without bias and a "
                          f"decoder it can read the last hidden states of; {type(inner).__name__} has head "
                          f"{type(head).__name__} (set training.unlikelihood_alpha to null to train without it)")
-    if chunk is None:  # ~2^26 logits a chunk (Gemma's 262k vocabulary: 256 rows): each (chunk x vocab) float32 tensor 256 MiB, ~8 alive at once (~2 GiB; a review measured 2.07 on CPU)
-        chunk = max(16, min(4096, (1 << 26) // head.weight.shape[0]))
+    if chunk is None:
+        chunk = default_chunk(head.weight.shape[0])
     text_cfg = getattr(inner.config, "get_text_config", lambda: inner.config)()
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
     scale = logit_scale(text_cfg)
