@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from .common import StageError, building, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
-from .engine import dist, launch, recompute
+from .engine import dist, launch, recompute, unlikelihood
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
@@ -111,6 +111,8 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     # Values written out as what `auto` picks on this device are keyed as `auto` (`keyed_quant`, `keyed_training`).
     sections = [keyed_quant(quant, dev), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
                 keyed_training(training, dev, skip), keyed_budget(budget)]
+    if training.unlikelihood_alpha:
+        sections.append({"unlikelihood_pass": unlikelihood.PASS_VERSION})
     # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
     return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
 

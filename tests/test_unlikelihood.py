@@ -247,6 +247,54 @@ def test_the_keys_hold_the_alpha_only_when_set(tiny_cfg):
         assert key(t.model_copy(update={"unlikelihood_alpha": 1.0})) != key(t)
 
 
+def test_a_probe_timed_on_another_pass_is_not_reused(tiny_cfg, monkeypatch):
+    """The pass's version is in the probe key of a run with unlikelihood (a probe timed on the dense pass, 1.17 s a step,
+    would plan a sparse-pass run's steps), and not in one without."""
+    from types import SimpleNamespace
+
+    import tasks.engine.unlikelihood as ul_mod
+    from tasks.probe import cache_key as probe_key
+
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    t = tiny_cfg.training
+    key = lambda training: probe_key(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu")  # noqa: E731
+    with_ul, without = key(t.model_copy(update={"unlikelihood_alpha": 1.0})), key(t)
+    monkeypatch.setattr(ul_mod, "PASS_VERSION", "another pass")
+    assert key(t.model_copy(update={"unlikelihood_alpha": 1.0})) != with_ul
+    assert key(t) == without
+
+
+@pytest.mark.parametrize("max_pairs", [1, 7, 40, 10_000])
+def test_spans_hold_at_most_max_pairs_and_give_the_same_loss(max_pairs, monkeypatch):
+    """A chunk whose positions have written many distinct tokens is cut into spans of at most `max_pairs` candidate
+    pairs (one position alone may hold more), so the pass's memory follows the chunk, not the sample; the loss and the
+    gradients are the same however it is cut."""
+    import tasks.engine.unlikelihood as ul_mod
+    from tasks.engine.unlikelihood import candidate_plan
+
+    hidden, weight, labels, context, segment = case(n=80, d=6, vocab=23, seed=5, segments=(0, 1), ignore_share=0.1)
+    spans, _ = candidate_plan(context, labels, segment, 23, -100, 64, max_pairs=max_pairs)
+    assert spans[0][0] == 0 and spans[-1][1] == 80 and all(b1 == a2 for (_, b1, _), (a2, _, _) in zip(spans, spans[1:]))
+    assert all(b - a <= 64 and (size <= max_pairs or b - a == 1) for a, b, size in spans)
+    grads = []
+    for cap in (max_pairs, 1 << 30):
+        h = hidden.clone().requires_grad_()
+        monkeypatch.setattr(ul_mod, "MAX_PAIRS", cap)
+        loss, _, ul = head_loss(h, weight, labels, context, segment, alpha=1.0, chunk=64)
+        loss.backward()
+        grads.append((loss.detach(), ul, h.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6) and torch.allclose(grads[0][1], grads[1][1], rtol=1e-6)
+    assert torch.allclose(grads[0][2], grads[1][2], rtol=1e-6, atol=1e-7)
+
+
+def test_exempt_ids_as_a_tensor_or_a_list_give_the_same_loss():
+    hidden, weight, labels, context, segment = case(n=40, d=6, vocab=9, seed=2)
+    losses = [head_loss(hidden, weight, labels, context, segment, alpha=1.0, chunk=16, exempt=e)[2]
+              for e in ([2, 5], (5, 2), torch.tensor([2, 5]), torch.tensor([[2], [5]], dtype=torch.int32))]
+    assert all(torch.equal(losses[0], x) for x in losses[1:])
+    assert not torch.equal(losses[0], head_loss(hidden, weight, labels, context, segment, alpha=1.0, chunk=16)[2])
+
+
 def test_a_negative_or_infinite_alpha_is_one_line_naming_the_key():
     from tasks.config import ConfigError, load_config
 
@@ -276,7 +324,7 @@ def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, s
 
     calls = []
     real = ul_mod.head_loss
-    monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], list(k["exempt"]))) or real(*a, **k))
+    monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], [int(i) for i in k["exempt"]])) or real(*a, **k))
     training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": 2, "unlikelihood_alpha": 1.0})
     # a stop token that is not one of the tokenizer's special ones (a template's end-of-turn often is not)
     stopping = tiny_data.model_copy(update={"stop_token_ids": [*tiny_data.stop_token_ids, 100]})

@@ -36,18 +36,29 @@ from __future__ import annotations
 EPS = 1e-5
 
 
-def candidate_pairs(context, labels, segment, vocab: int, ignore_index: int, chunk: int, exempt=None):
-    """The (position, token) pairs the unlikelihood term scores, one list per chunk of `chunk` positions: for each
-    trained position i, the tokens its sample has written up to i (context[j], j <= i, same sample), each once, its
-    own label and `exempt` left out. Returns [(rows, tokens, keep), ...]: `rows` the position within the chunk,
-    `tokens` the candidate, `keep` False where the candidate is the position's label (kept in the list with no
-    weight, so the lists' lengths are known from counts alone).
+PASS_VERSION = "sparse candidates, stop tokens exempt in the probe (d42cfda)"
+"""What the pass computes and costs, in the probe's key of a run that sets training.unlikelihood_alpha (and through it
+stage 4's): a probe timed on an earlier pass (7b810f5's dense one: 1.17 s a step where this one takes ~0.83) is not
+reused. Runs without unlikelihood keep their keys. Change it when the pass's time, memory or exempt tokens change."""
+
+MAX_PAIRS = 1 << 22
+"""Candidate pairs a chunk scores at most (~80 bytes each in the chunk's temporaries: ~330 MiB): a chunk whose positions
+have written more distinct tokens than this (one long sample of many distinct tokens) is split, so the pass's memory
+follows the chunk, not the sample's length times its vocabulary."""
+
+
+def candidate_plan(context, labels, segment, vocab: int, ignore_index: int, chunk: int, exempt=None, max_pairs: int | None = None):
+    """How the pass walks the positions when it scores unlikelihood: [(a, b, pairs), ...] spans of at most `chunk`
+    positions and at most `max_pairs` candidate pairs (a single position may exceed it alone), and the O(N) arrays
+    `chunk_pairs` makes each span's pairs from. For each trained position i the candidates are the tokens its sample has
+    written up to i (context[j], j <= i, same sample), each once, its own label and `exempt` left out.
 
     Each (sample, token) is taken at its first occurrence: position i's candidates are the first occurrences in its
-    sample at or before i, which are a run of the sorted first-occurrence positions (from the sample's first one to
-    the last one <= i). So the pairs are made from counts and offsets, never from a (positions x vocab) mask, and a
-    chunk's list holds sum over its positions of the distinct tokens written so far (Gemma's 2,048-token rows: a few
-    hundred a position). Two host syncs a call (the first occurrences, and the chunks' pair counts)."""
+    sample at or before i, a run of the first-occurrence positions in order (from the sample's first one to the last
+    one <= i). So the pairs come from counts and offsets, never from a (positions x vocab) mask, and only one span's
+    pairs exist at a time. One host sync a call (the positions' pair counts, to cut the spans)."""
+    import bisect
+
     import torch
 
     n = context.shape[0]
@@ -64,24 +75,40 @@ def candidate_pairs(context, labels, segment, vocab: int, ignore_index: int, chu
     if exempt is not None and exempt.numel():
         first &= ~torch.isin(context, exempt)
     upto = first.long().cumsum(0)  # first occurrences at positions <= i, all samples
+    # the first-occurrence positions in order, without a sync: the others all write into a spare last slot
+    where_first = torch.zeros(n + 1, dtype=torch.long, device=device)
+    where_first[torch.where(first, upto - 1, torch.full_like(upto, n))] = idx
     starts = torch.ones(n, dtype=torch.bool, device=device)
     starts[1:] = segment[1:] != segment[:-1]
     sample_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
     before = upto[sample_start] - first[sample_start].long()  # first occurrences before the sample: its run's start in `where_first`
     count = torch.where(labels != ignore_index, upto - before, torch.zeros_like(upto))
-    bounds = list(range(0, n, chunk)) + [n]
-    ends = torch.tensor(bounds[1:], device=device) - 1
-    totals = count.cumsum(0)[ends] if n else ends
-    sizes = torch.diff(totals, prepend=totals.new_zeros(1)).tolist()  # sync 1: the chunks' pair counts
-    where_first = torch.nonzero(first).squeeze(1)  # sync 2
-    lists = []
-    for a, b, size in zip(bounds[:-1], bounds[1:], sizes):
-        c = count[a:b]
-        rows = torch.repeat_interleave(torch.arange(b - a, device=device), c, output_size=size)
-        offsets = torch.arange(size, device=device) - (c.cumsum(0) - c)[rows]
-        tokens = context[where_first[before[a + rows] + offsets]]
-        lists.append((rows, tokens, tokens != labels[a + rows].long()))
-    return lists
+    total = count.cumsum(0).tolist()  # the sync
+    max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
+    spans, a = [], 0
+    while a < n:
+        done = total[a - 1] if a else 0
+        b = min(a + chunk, n)
+        if total[b - 1] - done > max_pairs:
+            b = max(a + 1, bisect.bisect_right(total, done + max_pairs, a, b))
+        spans.append((a, b, total[b - 1] - done))
+        a = b
+    return spans, (context, count, before, where_first)
+
+
+def chunk_pairs(plan, labels, a: int, b: int, size: int):
+    """The candidate pairs of positions a..b-1 (`size` of them, from `candidate_plan`): (rows, tokens, keep), `rows` the
+    position within the span, `tokens` the candidate, `keep` False where the candidate is the position's own label
+    (listed with no weight, so the list's length is known from the counts alone)."""
+    import torch
+
+    context, count, before, where_first = plan
+    device = context.device
+    c = count[a:b]
+    rows = torch.repeat_interleave(torch.arange(b - a, device=device), c, output_size=size)
+    offsets = torch.arange(size, device=device) - (c.cumsum(0) - c)[rows]
+    tokens = context[where_first[before[a + rows] + offsets]]
+    return rows, tokens, tokens != labels[a + rows].long()
 
 
 class _HeadLoss:
@@ -122,9 +149,11 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
     grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=torch.float32, device=weight.device)
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     ul = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    pairs = candidate_pairs(context, labels, segment, weight.shape[0], ignore_index, chunk, exempt) if alpha else None
-    for k, a in enumerate(range(0, n, chunk)):
-        b = min(a + chunk, n)
+    if alpha:
+        spans, plan = candidate_plan(context, labels, segment, weight.shape[0], ignore_index, chunk, exempt)
+    else:
+        spans, plan = [(a, min(a + chunk, n), 0) for a in range(0, n, chunk)], None
+    for a, b, size in spans:
         h, y = hidden[a:b], labels[a:b]
         valid = (y != ignore_index).float()
         rows_all = torch.arange(b - a, device=hidden.device)
@@ -138,8 +167,8 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
         z = torch.log_softmax(z, dim=1)  # log-probabilities (fused; z - logsumexp(z) would round the log-sum to the logits' scale)
         ce = ce - (z[rows_all, yv] * valid).sum()
         factor = valid
-        if pairs is not None:
-            rows, tokens, keep = pairs[k]
+        if plan is not None:
+            rows, tokens, keep = chunk_pairs(plan, labels, a, b, size)
             logp_c = z[rows, tokens]
             one_minus = -torch.expm1(logp_c)  # 1 - p without float32's cancellation near p = 1
             weight_c = keep.float() * valid[rows]
@@ -154,7 +183,7 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
         dz = z.exp_()  # p, in place
         # d/dz = p (1 - alpha S) - onehot(y) + alpha r on the trained positions, S = sum r over the row's candidates
         dz.mul_(factor.unsqueeze(1))
-        if pairs is not None:
+        if plan is not None:
             # a candidate's own entry, p (1 - alpha S) + alpha r, written as p (1 + alpha - alpha (S - r)) (r (1 - p) = p):
             # the two ~alpha r terms cancel in closed form, not in float32
             own = torch.where(live, 1.0 + alpha - alpha * (total[rows] - r), 1.0 - alpha * total[rows])
@@ -185,7 +214,9 @@ def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: 
         raise ValueError(f"head_loss chunk must be >= 1, got {chunk}")
     import torch
 
-    exempt = torch.as_tensor(list(exempt) if exempt is not None else [], dtype=torch.long, device=hidden.device)
+    if not torch.is_tensor(exempt):  # a list made into a device tensor is a host sync: attach_unlikelihood hands a tensor
+        exempt = torch.as_tensor(list(exempt) if exempt is not None else [], dtype=torch.long)
+    exempt = exempt.to(hidden.device, torch.long).reshape(-1)
     return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt, float(scale))
 
 
@@ -277,6 +308,7 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
     scale = logit_scale(text_cfg)
     vocab = head.weight.shape[0]
     exempt = sorted({int(i) for i in exempt if 0 <= int(i) < vocab})  # an id the head cannot produce needs no exemption
+    exempt_on: dict = {}  # device -> the ids as a tensor there, made once (each copy from the host is a sync)
     seen: dict = {}
 
     def remember_inputs(module, args, kwargs):
@@ -315,7 +347,9 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
         else:
             flat_labels, context, segment = flat_positions(ids, labels, seen.get("position_ids"))
         total, ce, ul = head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, context, segment,
-                                  alpha=alpha, chunk=chunk, softcap=softcap, exempt=exempt, scale=scale)
+                                  alpha=alpha, chunk=chunk, softcap=softcap, scale=scale,
+                                  exempt=exempt_on.get(hidden.device) if hidden.device in exempt_on else
+                                  exempt_on.setdefault(hidden.device, torch.tensor(exempt, dtype=torch.long, device=hidden.device)))
         count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != -100).sum()
         count = torch.as_tensor(count, device=total.device, dtype=total.dtype).clamp(min=1)
         # the parts, summed over the step's micro-batches on the device (no sync): `take_parts` reads and clears them
