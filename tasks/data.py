@@ -846,8 +846,12 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         rows_read = len(rows)
         if not rows:
             raise StageError(f"data.source {data.source!r} has no rows; give a file with at least one conversation")
-        check_own_system_turns(rows, data.schema_, f"data.source {data.source!r}", refusal, model, lines)
-        msgs = _without_benchmarks(_normalise(rows, data.schema_, data.language, data.system_prompt, dropped, counts), deduper, removed)
+        try:
+            schema = resolve_schema(rows, data.schema_)
+        except StageError as e:  # detect_schema names the columns, not the file: say which key and file they are from
+            raise StageError(f"data.source {data.source!r}: {e}") from e
+        check_own_system_turns(rows, schema, f"data.source {data.source!r}", refusal, model, lines)
+        msgs = _without_benchmarks(_normalise(rows, schema, data.language, data.system_prompt, dropped, counts), deduper, removed)
         msgs = _without_repeats(msgs, seen, dropped)
         convs = [(m, {"source": data.source}) for m in msgs]
         # The held-out split is fixed by the seed and taken before any training use.

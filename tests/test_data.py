@@ -140,12 +140,14 @@ def test_zero_usable_rows_is_an_error(tmp_path, tiny_cfg, shared_artifacts):
 
 def test_unknown_columns_are_told_the_columns_read_and_the_rename(tmp_path, tiny_cfg, shared_artifacts):
     """A question/answer CSV was told "or set data.schema", which cannot help: every schema reads only its own columns
-    (a review, 2026-12-06). The line names the columns that are read and the rename that fixes the file."""
+    (a review, 2026-12-06). The line names the columns that are read and the rename that fixes the file, after the key and
+    the file they are in (a review: data.source's line named no file, where a data.mix entry's named its key and file)."""
     src = _write(tmp_path / "qa.csv", [{"question": "What is 2 + 2?", "answer": "4."}] * 20, "csv")
     with pytest.raises(StageError) as e:
         load_dataset_records(*_cfg(tiny_cfg, src), shared_artifacts)
     msg = str(e.value)
-    assert msg.startswith("cannot tell the schema from columns ['answer', 'question']; the columns read are `messages`"), msg
+    assert msg.startswith(f"data.source {str(src)!r}: cannot tell the schema from columns ['answer', 'question']; the columns read "
+                          "are `messages`"), msg
     assert msg.endswith("rename the file's columns to one of these (here: question -> instruction, answer -> output)"), msg
     assert "data.schema" not in msg and "\n" not in msg
 
