@@ -47,13 +47,27 @@ def is_hub_id(name: str) -> bool:
             and Path(name).suffix.lower() not in LOCAL_SUFFIXES and not Path(name).expanduser().exists())
 
 
-def ask_hub(kind: str, name: str, token: str | None) -> str:
-    """The commit `main` points at now; raises on any error or after HUB_TIMEOUT_S."""
-    from huggingface_hub import HfApi
+class HubAnswered(RuntimeError):
+    """The hub's own answer to `ask_hub`, other than a commit: not found (404: a misspelt id), unauthorized or forbidden
+    (401/403: a private or gated model), or a reply without a commit. Raised from the hub's error, which `_why` names."""
 
-    info = (HfApi().model_info if kind == "model" else HfApi().dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
+
+def ask_hub(kind: str, name: str, token: str | None) -> str:
+    """The commit `main` points at now. Raises HubAnswered when the hub answers with an error of its own, and whatever
+    else the lookup raises (a network error, a timeout after HUB_TIMEOUT_S, a 5xx) when it gives no answer."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = (HfApi().model_info if kind == "model" else HfApi().dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        # A 4xx is about this name; a 429 (slow down) and a 5xx (the hub is down) say nothing about it: no answer
+        if status is not None and 400 <= status < 500 and status != 429:
+            raise HubAnswered(str(e)) from e
+        raise
     if not info.sha:
-        raise RuntimeError("the hub gave no commit")
+        raise HubAnswered("the hub gave no commit")
     return info.sha
 
 
@@ -85,7 +99,7 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
                          "how": "resolved", "at": _now()}
                 known[f"{kind}:{name}"] = {"revision": entry["revision"], "at": entry["at"]}
             except Exception as e:  # network errors come in many classes; a timeout is one of them
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}"
+                why = _why(e)
                 last = known.get(f"{kind}:{name}")
                 if last:
                     entry = {"name": name, "revision": last["revision"], "how": f"hub unreachable ({why}); last resolved {last['at']}"}
@@ -123,10 +137,9 @@ def hub_offline_restored() -> Iterator[None]:
 
 
 def hub_answered(error: Exception) -> bool:
-    """Whether `error` is the hub's own answer (an HTTP status: not found, unauthorized, gated) rather than no answer."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    return (isinstance(error, HfHubHTTPError) and getattr(error, "response", None) is not None) or isinstance(error, RuntimeError)
+    """Whether `error` is the hub's own answer (not found, unauthorized, gated: `ask_hub`'s HubAnswered) rather than no
+    answer. Any other error, a RuntimeError from a full disk or a bug among them, is not something the hub said."""
+    return isinstance(error, HubAnswered)
 
 
 def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[str]:
@@ -150,7 +163,7 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
     except Exception as e:  # network errors come in many classes; a timeout is one of them
         if hub_answered(e):  # reached: a typo (404), a gated or private model (401/403): the model checks say which
             return []
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}"
+        why = _why(e)
         if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
             raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "
                              "network (or download it once), or use a local folder or the demo profile (`make run`)") from e
@@ -158,6 +171,13 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
     os.environ["HF_HUB_OFFLINE"] = "1"  # and by the processes this one starts (several ranks' torchrun)
     return [f"hub: cannot reach the hub for {cfg.model.name!r} ({why}); loading it from the local hub cache, with "
             "huggingface_hub offline (HF_HUB_OFFLINE=1) for this run"]  # undone as the run ends (`hub_offline_restored`)
+
+
+def _why(error: Exception) -> str:
+    """`<error class>: <first line>` for a one-line message; for HubAnswered, the class of the hub's error it was raised
+    from (RepositoryNotFoundError, GatedRepoError), which says more than HubAnswered."""
+    shown = error.__cause__ if isinstance(error, HubAnswered) and error.__cause__ is not None else error
+    return f"{type(shown).__name__}: {str(shown).splitlines()[0][:120] if str(shown) else 'no detail'}"
 
 
 def _section(cfg: PipelineConfig, key: str):

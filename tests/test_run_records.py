@@ -35,6 +35,34 @@ def _hub(monkeypatch, answers: dict[str, str] | Exception):
     return asked
 
 
+def _hf_api(monkeypatch, answer: str | None | Exception):
+    """huggingface_hub's HfApi, under the real ask_hub: every model_info/dataset_info returns `answer` as the commit or
+    raises it. Returns the names asked, in order."""
+    import huggingface_hub
+
+    asked = []
+
+    class FakeHfApi:
+        def model_info(self, name, timeout=None, token=None):
+            asked.append(name)
+            if isinstance(answer, Exception):
+                raise answer
+            return SimpleNamespace(sha=answer)
+
+        dataset_info = model_info
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return asked
+
+
+def _http_error(cls, status: int):
+    """The error huggingface_hub raises for the hub's HTTP `status` (with its response, as hf_raise_for_status gives it)."""
+    import httpx2
+
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/someorg/somemodel"))
+    return cls(f"{status} Client Error for url https://huggingface.co/api/models/someorg/somemodel", response=response)
+
+
 def test_a_hub_outage_keeps_the_keys_of_the_last_resolved_commits(tmp_path, monkeypatch):
     """Before: the data key was sha-based when the hub answered and "main"-based on a timeout, so a run resumed
     during an outage retrained from scratch. Now the commit resolved earlier is reused, and the run says so."""
@@ -303,17 +331,48 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
 def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
     """A review: a misspelt model id while online (the hub's 404) was told 'cannot reach the hub ... connect to the
     network' and, if cached under that name, loaded offline. The hub's own answer goes on to the model checks."""
-    import httpx2
     from huggingface_hub.errors import RepositoryNotFoundError
 
     import tasks.hub as hub
     from tasks.config import load_config
 
-    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/someorg/typo"))
-    monkeypatch.setattr(hub, "ask_hub", lambda *a: (_ for _ in ()).throw(RepositoryNotFoundError("404 not found", response=response)))
+    _hf_api(monkeypatch, _http_error(RepositoryNotFoundError, 404))
     cfg = load_config(profile="tiny", overrides=["model.name=someorg/typo-model"])
     assert hub.check_hub_reachable(cfg, {}) == []
     assert hub.hub_answered(ConnectionError("Name or service not known")) is False
+
+
+def test_only_the_hubs_own_answer_is_read_as_one(tmp_path, monkeypatch):
+    """A review: hub_answered took any RuntimeError for the hub's answer, so one from a full disk or a bug sent a model
+    the hub was never asked about on to the model checks, as if the hub had answered. Now only ask_hub's HubAnswered is:
+    raised for the hub's 4xx (a misspelt id, a private or gated model) and a reply with no commit; the messages still
+    name the hub's own error class."""
+    import huggingface_hub.constants
+    import pytest
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    import tasks.hub as hub
+    from tasks.common import StageError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+    for error in (_http_error(RepositoryNotFoundError, 404), _http_error(RepositoryNotFoundError, 401), _http_error(GatedRepoError, 403)):
+        _hf_api(monkeypatch, error)
+        with pytest.raises(hub.HubAnswered) as e:
+            hub.ask_hub("model", "someorg/somemodel", None)
+        assert hub.hub_answered(e.value) and e.value.__cause__ is error
+        assert hub.check_hub_reachable(cfg, {}) == []  # on to the model checks, which say what the hub said
+        _, _, warnings = hub.pin_hub_revisions(cfg)
+        assert f"({type(error).__name__}: {error.response.status_code} Client Error" in warnings[0], warnings
+    _hf_api(monkeypatch, None)
+    with pytest.raises(hub.HubAnswered, match="the hub gave no commit"):
+        hub.ask_hub("model", "someorg/somemodel", None)
+
+    for error in (RuntimeError("No space left on device"), _http_error(HfHubHTTPError, 503)):
+        _hf_api(monkeypatch, error)
+        assert not hub.hub_answered(error)
+        with pytest.raises(StageError, match=rf"^cannot reach the hub for 'someorg/somemodel' \({type(error).__name__}: .*not in the local hub cache"):
+            hub.check_hub_reachable(cfg, {})
 
 
 def test_offline_mode_turned_on_for_a_run_is_undone_after_it(monkeypatch):
