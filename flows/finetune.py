@@ -220,8 +220,9 @@ def _finetune(profile, hours, minutes, overrides, config_path, default_hours) ->
     earlier = run.earlier.get("hub_revisions") or unfinished_revisions(run.root, run.data["run"], requested)
     cfg, run.data["hub_revisions"], warnings = pin_hub_revisions(cfg, earlier)
     run.data["requested_config"] = requested
-    # Pinned first, then checked: the hub's one metadata call (no retries) tells an offline, uncached model in a line,
-    # and has a cached one loaded offline, where the model checks sat through ~48 s of huggingface_hub's retries.
+    # Pinned first, then checked on pinning's answer: the hub's one metadata call (no retries, not repeated) tells an
+    # offline, uncached model in a line, and has a cached one loaded offline, where the model checks sat through ~48 s
+    # of huggingface_hub's retries.
     warnings += check_hub_reachable(cfg, run.data["hub_revisions"])
     for line in warnings:
         get_run_logger().warning(line)

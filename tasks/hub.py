@@ -75,6 +75,8 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
     """(config with every unpinned hub revision pinned, what was resolved and how, warnings to log).
 
     earlier: the `hub_revisions` a previous attempt of this same run recorded (reused as they are).
+    An entry the hub was asked about just now and did not resolve says what it got in `hub` ("answered": the hub's own
+    error, or "unreachable") and `why`, which check_hub_reachable reuses rather than asking again.
     """
     from .models import hub_token
 
@@ -92,7 +94,8 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
             continue
         prior = (earlier or {}).get(key)
         if prior and prior.get("name") == name and prior.get("revision"):
-            entry = {**prior, "how": "recorded by this run's earlier attempt"}
+            # `hub`/`why` are what the hub said to that attempt, maybe hours ago: not an answer check_hub_reachable may reuse
+            entry = {**{k: v for k, v in prior.items() if k not in ("hub", "why")}, "how": "recorded by this run's earlier attempt"}
         else:
             try:
                 entry = {"name": name, "revision": ask_hub(kind, name, hub_token(cfg.model) if kind == "model" else None),
@@ -100,13 +103,14 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
                 known[f"{kind}:{name}"] = {"revision": entry["revision"], "at": entry["at"]}
             except Exception as e:  # network errors come in many classes; a timeout is one of them
                 why = _why(e)
+                said = {"hub": "answered" if hub_answered(e) else "unreachable", "why": why}
                 last = known.get(f"{kind}:{name}")
                 if last:
-                    entry = {"name": name, "revision": last["revision"], "how": f"hub unreachable ({why}); last resolved {last['at']}"}
+                    entry = {"name": name, "revision": last["revision"], "how": f"hub unreachable ({why}); last resolved {last['at']}", **said}
                     warnings.append(f"hub: cannot resolve {kind} {name!r} ({why}); using {last['revision'][:12]}, the commit this "
                                     f"artifacts folder resolved on {last['at']}; set {_config_key(key)}=<commit> to choose one")
                 else:
-                    entry = {"name": name, "revision": None, "how": f"unresolved ({why})"}
+                    entry = {"name": name, "revision": None, "how": f"unresolved ({why})", **said}
                     warnings.append(f"hub: cannot resolve {kind} {name!r} ({why}) and no earlier run recorded a commit; keyed as "
                                     f"unresolved: a later run that reaches the hub will not reuse this run's stages. Set "
                                     f"{_config_key(key)}=<commit> to pin one")
@@ -148,25 +152,31 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
     StageError in one line. Both sat through huggingface_hub's retries, 5 per request with 1+2+4+8+8 s between them,
     which no setting turns off: ~48 s and ~45 log lines before the error offline, and as long before a cached model
     loaded (transformers lists the repo's chat templates and files; 2026-12-06). `revisions` is what
-    `pin_hub_revisions` found: when it reached the hub just now nothing is asked again, else the hub is asked once,
-    without retries."""
+    `pin_hub_revisions` found just now: when it asked the hub about the model, what the hub said (a commit, an error of
+    its own, or no answer) is reused, so a user with no network waits for one lookup, not two; else (a revision pinned
+    in the config or by an earlier attempt) the hub is asked once, without retries."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     from .common import StageError
     from .models import hub_token
 
-    if not is_hub_id(cfg.model.name) or (revisions.get("model") or {}).get("how") == "resolved":
+    entry = revisions.get("model") or {}
+    # Reached: a commit, or an answer of its own (a typo's 404, a gated or private model's 401/403): the model checks say which
+    if not is_hub_id(cfg.model.name) or entry.get("how") == "resolved" or entry.get("hub") == "answered":
         return []
-    try:
-        ask_hub("model", cfg.model.name, hub_token(cfg.model))
-        return []
-    except Exception as e:  # network errors come in many classes; a timeout is one of them
-        if hub_answered(e):  # reached: a typo (404), a gated or private model (401/403): the model checks say which
+    if entry.get("hub") == "unreachable":  # pin_hub_revisions asked just now and got no answer: not asked twice
+        why, error = entry["why"], None
+    else:
+        try:
+            ask_hub("model", cfg.model.name, hub_token(cfg.model))
             return []
-        why = _why(e)
-        if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
-            raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "
-                             "network (or download it once), or use a local folder or the demo profile (`make run`)") from e
+        except Exception as e:  # network errors come in many classes; a timeout is one of them
+            if hub_answered(e):
+                return []
+            why, error = _why(e), e
+    if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
+        raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "
+                         "network (or download it once), or use a local folder or the demo profile (`make run`)") from error
     constants.HF_HUB_OFFLINE = True  # read at each request (`is_offline_mode`), by transformers too
     os.environ["HF_HUB_OFFLINE"] = "1"  # and by the processes this one starts (several ranks' torchrun)
     return [f"hub: cannot reach the hub for {cfg.model.name!r} ({why}); loading it from the local hub cache, with "

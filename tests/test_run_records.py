@@ -126,7 +126,7 @@ def test_an_offline_hub_model_fails_in_one_line_before_the_model_checks_and_a_ca
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # restored after: the run turns it on
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    _hub(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))
+    asked = _hub(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))
     checked = []
 
     def check_model(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_an_offline_hub_model_fails_in_one_line_before_the_model_checks_and_a_ca
     overrides = [f"artifacts_dir={tmp_path / 'artifacts'}", "model.name=someorg/somemodel"]
     with pytest.raises(StageError, match=r"^cannot reach the hub for 'someorg/somemodel' \(ConnectionError: .*not in the local hub cache"):
         finetune(profile="tiny", overrides=overrides)
-    assert checked == []
+    assert checked == [] and asked == ["someorg/somemodel"]  # asked once: the check reuses pinning's answer
 
     snapshot = tmp_path / "hub" / "models--someorg--somemodel" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
@@ -147,6 +147,7 @@ def test_an_offline_hub_model_fails_in_one_line_before_the_model_checks_and_a_ca
     with pytest.raises(StageError, match="the model checks ran"):  # cached: on to the checks, which load it from the cache
         finetune(profile="tiny", overrides=overrides)
     assert checked == [("someorg/somemodel", True)]  # True: huggingface_hub offline while the checks ran
+    assert asked == ["someorg/somemodel"] * 2  # once a run
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ  # and undone after the run
 
 
@@ -373,6 +374,52 @@ def test_only_the_hubs_own_answer_is_read_as_one(tmp_path, monkeypatch):
         assert not hub.hub_answered(error)
         with pytest.raises(StageError, match=rf"^cannot reach the hub for 'someorg/somemodel' \({type(error).__name__}: .*not in the local hub cache"):
             hub.check_hub_reachable(cfg, {})
+
+
+def test_the_hubs_one_answer_to_pinning_is_reused_by_the_reachability_check(tmp_path, monkeypatch):
+    """A review: with the hub out of reach, pin_hub_revisions asked it about the model, then check_hub_reachable asked
+    again, so a user with no network waited for two lookups (and could see two sets of huggingface_hub's retries). Now
+    each run asks once, as the flow calls them: pin, then check on pin's revisions; a commit pinned by an earlier attempt
+    is checked with one lookup of its own, since what the hub said to that attempt is no answer for this one."""
+    import huggingface_hub.constants
+    import pytest
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import tasks.hub as hub
+    from tasks.common import StageError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+
+    def pin_then_check(earlier=None):
+        pinned, revisions, _ = hub.pin_hub_revisions(cfg, earlier)
+        with hub.hub_offline_restored():  # as the flow runs them: the offline switch lasts the run
+            return revisions, hub.check_hub_reachable(pinned, revisions)
+
+    asked = _hf_api(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))
+    with pytest.raises(StageError, match=r"^cannot reach the hub for 'someorg/somemodel' \(ConnectionError: \[Errno -2\] Name or"):
+        pin_then_check()
+    assert asked == ["someorg/somemodel"]
+
+    snapshot = tmp_path / "hub" / "models--someorg--somemodel" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    asked.clear()
+    revisions, lines = pin_then_check()
+    assert asked == ["someorg/somemodel"] and len(lines) == 1 and "loading it from the local hub cache" in lines[0], lines
+    assert revisions["model"]["hub"] == "unreachable" and revisions["model"]["why"].startswith("ConnectionError: ")
+
+    asked = _hf_api(monkeypatch, _http_error(RepositoryNotFoundError, 404))  # online, a misspelt id: on to the model checks
+    assert pin_then_check()[1] == [] and asked == ["someorg/somemodel"]
+
+    asked = _hf_api(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))
+    earlier = {"model": {"name": "someorg/somemodel", "revision": "a" * 40, "how": "hub unreachable (...)", "hub": "unreachable",
+                         "why": "ConnectionError: an hour ago"}}
+    revisions, lines = pin_then_check(earlier)  # the earlier attempt's commit is reused; the hub is asked now, once
+    assert asked == ["someorg/somemodel"] and "hub" not in revisions["model"] and "(ConnectionError: [Errno -2]" in lines[0], lines
 
 
 def test_offline_mode_turned_on_for_a_run_is_undone_after_it(monkeypatch):
