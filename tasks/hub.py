@@ -48,22 +48,28 @@ def is_hub_id(name: str) -> bool:
 
 
 class HubAnswered(RuntimeError):
-    """The hub's own answer to `ask_hub`, other than a commit: not found (404: a misspelt id), unauthorized or forbidden
-    (401/403: a private or gated model), or a reply without a commit. Raised from the hub's error, which `_why` names."""
+    """The hub's own answer to `ask_hub` about the name, other than a commit: not found (404, RepositoryNotFoundError: a
+    misspelt id), unauthorized or forbidden (401/403: a private or gated model), a disabled repo, an unknown revision, a bad
+    request (400), gone (410), or a reply without a commit. Raised from the hub's error, which `_why` names."""
+
+
+# The statuses that are the hub's verdict on the name. Not 407 (a proxy's), 408 (a timeout), 429 (slow down) or a 5xx (the
+# hub is down): those say nothing about the name, and a later request (the model checks' downloads) may well get through.
+HUB_ANSWERS = {400, 401, 403, 404, 410}
 
 
 def ask_hub(kind: str, name: str, token: str | None) -> str:
-    """The commit `main` points at now. Raises HubAnswered when the hub answers with an error of its own, and whatever
-    else the lookup raises (a network error, a timeout after HUB_TIMEOUT_S, a 5xx) when it gives no answer."""
+    """The commit `main` points at now. Raises HubAnswered when the hub answers with an error of its own about the name,
+    and whatever else the lookup raises (a network error, a timeout after HUB_TIMEOUT_S, a 429 or 5xx) when it does not:
+    `hub_reply` sorts those."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import DisabledRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         info = (HfApi().model_info if kind == "model" else HfApi().dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
-    except HfHubHTTPError as e:
+    except HfHubHTTPError as e:  # GatedRepoError is a RepositoryNotFoundError
         status = getattr(getattr(e, "response", None), "status_code", None)
-        # A 4xx is about this name; a 429 (slow down) and a 5xx (the hub is down) say nothing about it: no answer
-        if status is not None and 400 <= status < 500 and status != 429:
+        if isinstance(e, (RepositoryNotFoundError, DisabledRepoError, RevisionNotFoundError)) or status in HUB_ANSWERS:
             raise HubAnswered(str(e)) from e
         raise
     if not info.sha:
@@ -71,12 +77,42 @@ def ask_hub(kind: str, name: str, token: str | None) -> str:
     return info.sha
 
 
+def hub_reply(error: BaseException) -> str | None:
+    """What a failed `ask_hub` got: "answered" (HubAnswered: the hub's word on the name), "unreachable" (no connection: a
+    network error, a timeout, huggingface_hub's offline mode), "failed" (an HTTP error that says nothing about the name: a
+    429, a 5xx, a proxy's 407; or another OSError), or None: not a lookup error at all (a bug, a full disk's RuntimeError),
+    which the caller re-raises rather than call the hub unreachable."""
+    if isinstance(error, HubAnswered):
+        return "answered"
+    if isinstance(error, (ConnectionError, TimeoutError, *_transport_errors())):  # OfflineModeIsEnabled is a ConnectionError
+        return "unreachable"
+    if isinstance(error, OSError):  # HfHubHTTPError is one, and requests' errors
+        return "failed"
+    return None
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP clients' no-connection errors (huggingface_hub's httpx2; httpx and requests where installed), which are
+    not OSErrors (requests' are, but not ConnectionErrors)."""
+    out: list[type[BaseException]] = []
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        out += [getattr(mod, n) for n in names]
+    return tuple(out)
+
+
+HOW = {"answered": "hub answered", "unreachable": "hub unreachable", "failed": "hub lookup failed"}  # an entry's `how`, by `hub`
+
+
 def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None) -> tuple[PipelineConfig, dict[str, Any], list[str]]:
     """(config with every unpinned hub revision pinned, what was resolved and how, warnings to log).
 
     earlier: the `hub_revisions` a previous attempt of this same run recorded (reused as they are).
-    An entry the hub was asked about just now and did not resolve says what it got in `hub` ("answered": the hub's own
-    error, or "unreachable") and `why`, which check_hub_reachable reuses rather than asking again.
+    An entry the hub was asked about just now and did not resolve says what it got in `hub` (`hub_reply`: "answered",
+    "unreachable" or "failed") and `why`, which check_hub_reachable reuses rather than asking again.
     """
     from .models import hub_token
 
@@ -101,12 +137,14 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
                 entry = {"name": name, "revision": ask_hub(kind, name, hub_token(cfg.model) if kind == "model" else None),
                          "how": "resolved", "at": _now()}
                 known[f"{kind}:{name}"] = {"revision": entry["revision"], "at": entry["at"]}
-            except Exception as e:  # network errors come in many classes; a timeout is one of them
+            except Exception as e:  # network errors come in many classes (hub_reply sorts them); any other is raised
+                if (reply := hub_reply(e)) is None:
+                    raise
                 why = _why(e)
-                said = {"hub": "answered" if hub_answered(e) else "unreachable", "why": why}
+                said = {"hub": reply, "why": why}
                 last = known.get(f"{kind}:{name}")
                 if last:
-                    entry = {"name": name, "revision": last["revision"], "how": f"hub unreachable ({why}); last resolved {last['at']}", **said}
+                    entry = {"name": name, "revision": last["revision"], "how": f"{HOW[reply]} ({why}); last resolved {last['at']}", **said}
                     warnings.append(f"hub: cannot resolve {kind} {name!r} ({why}); using {last['revision'][:12]}, the commit this "
                                     f"artifacts folder resolved on {last['at']}; set {_config_key(key)}=<commit> to choose one")
                 else:
@@ -140,29 +178,25 @@ def hub_offline_restored() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = env
 
 
-def hub_answered(error: Exception) -> bool:
-    """Whether `error` is the hub's own answer (not found, unauthorized, gated: `ask_hub`'s HubAnswered) rather than no
-    answer. Any other error, a RuntimeError from a full disk or a bug among them, is not something the hub said."""
-    return isinstance(error, HubAnswered)
-
-
 def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[str]:
-    """Before the model checks: a hub model the hub cannot be asked about is loaded from the local hub cache with
-    huggingface_hub offline for the rest of the process (returns the line to log), and one that is not cached is a
-    StageError in one line. Both sat through huggingface_hub's retries, 5 per request with 1+2+4+8+8 s between them,
-    which no setting turns off: ~48 s and ~45 log lines before the error offline, and as long before a cached model
-    loaded (transformers lists the repo's chat templates and files; 2026-12-06). `revisions` is what
-    `pin_hub_revisions` found just now: when it asked the hub about the model, what the hub said (a commit, an error of
-    its own, or no answer) is reused, so a user with no network waits for one lookup, not two; else (a revision pinned
-    in the config or by an earlier attempt) the hub is asked once, without retries."""
+    """Before the model checks: a hub model the hub cannot be reached about (no connection, a timeout, offline mode) is
+    loaded from the local hub cache with huggingface_hub offline for the rest of the run (returns the line to log), and
+    one that is not cached is a StageError in one line. Both sat through huggingface_hub's retries, 5 per request with
+    1+2+4+8+8 s between them, which no setting turns off: ~48 s and ~45 log lines before the error offline, and as long
+    before a cached model loaded (transformers lists the repo's chat templates and files; 2026-12-06). The hub's own
+    answer (a typo's 404, a gated model's 401/403) goes on to the model checks, which say which; so does a reply that
+    says nothing about the name (a 429, a 5xx): the hub is there, and the checks' downloads may get through, with their
+    retries. `revisions` is what `pin_hub_revisions` found just now: when it asked the hub about the model, what it got
+    (a commit, an answer, an error, no connection) is reused, so a user with no network waits for one lookup, not two;
+    else (a revision pinned in the config or by an earlier attempt) the hub is asked once, without retries."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     from .common import StageError
     from .models import hub_token
 
     entry = revisions.get("model") or {}
-    # Reached: a commit, or an answer of its own (a typo's 404, a gated or private model's 401/403): the model checks say which
-    if not is_hub_id(cfg.model.name) or entry.get("how") == "resolved" or entry.get("hub") == "answered":
+    # pin_hub_revisions' warning has said what a "failed" lookup got (its status): not said twice
+    if not is_hub_id(cfg.model.name) or entry.get("how") == "resolved" or entry.get("hub") in ("answered", "failed"):
         return []
     if entry.get("hub") == "unreachable":  # pin_hub_revisions asked just now and got no answer: not asked twice
         why, error = entry["why"], None
@@ -170,9 +204,14 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
         try:
             ask_hub("model", cfg.model.name, hub_token(cfg.model))
             return []
-        except Exception as e:  # network errors come in many classes; a timeout is one of them
-            if hub_answered(e):
+        except Exception as e:  # network errors come in many classes (hub_reply sorts them); any other is raised
+            reply = hub_reply(e)
+            if reply is None:
+                raise
+            if reply == "answered":
                 return []
+            if reply == "failed":
+                return [f"hub: cannot check model {cfg.model.name!r} ({_why(e)}); going on to the model checks, which ask again"]
             why, error = _why(e), e
     if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
         raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 
 HUB = ["data.source=someorg/somedata", "model.name=someorg/somemodel", "data.dedupe=[]"]
 
@@ -340,28 +342,30 @@ def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
     _hf_api(monkeypatch, _http_error(RepositoryNotFoundError, 404))
     cfg = load_config(profile="tiny", overrides=["model.name=someorg/typo-model"])
     assert hub.check_hub_reachable(cfg, {}) == []
-    assert hub.hub_answered(ConnectionError("Name or service not known")) is False
+    assert hub.hub_reply(ConnectionError("Name or service not known")) == "unreachable"
 
 
 def test_only_the_hubs_own_answer_is_read_as_one(tmp_path, monkeypatch):
     """A review: hub_answered took any RuntimeError for the hub's answer, so one from a full disk or a bug sent a model
     the hub was never asked about on to the model checks, as if the hub had answered. Now only ask_hub's HubAnswered is:
-    raised for the hub's 4xx (a misspelt id, a private or gated model) and a reply with no commit; the messages still
-    name the hub's own error class."""
+    raised for the hub's word on the name (a misspelt id, a private or gated model) and a reply with no commit; the
+    messages still name the hub's own error class. An error that is no lookup error (a full disk, a bug) is raised as it
+    is, not told as an unreachable hub (a second review)."""
     import huggingface_hub.constants
     import pytest
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     import tasks.hub as hub
     from tasks.common import StageError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the user's is told apart (tests set it)
     cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
     for error in (_http_error(RepositoryNotFoundError, 404), _http_error(RepositoryNotFoundError, 401), _http_error(GatedRepoError, 403)):
         _hf_api(monkeypatch, error)
         with pytest.raises(hub.HubAnswered) as e:
             hub.ask_hub("model", "someorg/somemodel", None)
-        assert hub.hub_answered(e.value) and e.value.__cause__ is error
+        assert hub.hub_reply(e.value) == "answered" and e.value.__cause__ is error
         assert hub.check_hub_reachable(cfg, {}) == []  # on to the model checks, which say what the hub said
         _, _, warnings = hub.pin_hub_revisions(cfg)
         assert f"({type(error).__name__}: {error.response.status_code} Client Error" in warnings[0], warnings
@@ -369,11 +373,17 @@ def test_only_the_hubs_own_answer_is_read_as_one(tmp_path, monkeypatch):
     with pytest.raises(hub.HubAnswered, match="the hub gave no commit"):
         hub.ask_hub("model", "someorg/somemodel", None)
 
-    for error in (RuntimeError("No space left on device"), _http_error(HfHubHTTPError, 503)):
+    for error in (RuntimeError("No space left on device"), KeyError("sha")):
         _hf_api(monkeypatch, error)
-        assert not hub.hub_answered(error)
-        with pytest.raises(StageError, match=rf"^cannot reach the hub for 'someorg/somemodel' \({type(error).__name__}: .*not in the local hub cache"):
+        assert hub.hub_reply(error) is None
+        with pytest.raises(type(error)) as e:
             hub.check_hub_reachable(cfg, {})
+        assert e.value is error
+        with pytest.raises(type(error)):
+            hub.pin_hub_revisions(cfg)
+    _hf_api(monkeypatch, ConnectionError("[Errno -2] Name or service not known"))  # no connection: that is "cannot reach"
+    with pytest.raises(StageError, match=r"^cannot reach the hub for 'someorg/somemodel' \(ConnectionError: .*not in the local hub cache; connect"):
+        hub.check_hub_reachable(cfg, {})
 
 
 def test_the_hubs_one_answer_to_pinning_is_reused_by_the_reachability_check(tmp_path, monkeypatch):
@@ -420,6 +430,98 @@ def test_the_hubs_one_answer_to_pinning_is_reused_by_the_reachability_check(tmp_
                          "why": "ConnectionError: an hour ago"}}
     revisions, lines = pin_then_check(earlier)  # the earlier attempt's commit is reused; the hub is asked now, once
     assert asked == ["someorg/somemodel"] and "hub" not in revisions["model"] and "(ConnectionError: [Errno -2]" in lines[0], lines
+
+
+def _hub_error(status: int, headers: dict | None = None) -> Exception:
+    """What huggingface_hub's own hf_raise_for_status raises for a reply with this status (its class picked from the
+    status and headers as it does)."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    response = httpx2.Response(status, headers=headers or {}, request=httpx2.Request("GET", "https://huggingface.co/api/models/someorg/somemodel"))
+    try:
+        hf_raise_for_status(response)
+    except Exception as e:
+        return e
+    raise AssertionError(f"no error for {status}")
+
+
+def _cache_model(tmp_path, name="someorg/somemodel", sha="a" * 40):
+    snapshot = tmp_path / "hub" / f"models--{name.replace('/', '--')}" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(sha)
+
+
+def test_a_rate_limit_or_an_outage_reply_is_neither_the_hubs_answer_nor_an_unreachable_hub(tmp_path, monkeypatch):
+    """A second review: a 429 (rate limit) or a 5xx on the one model lookup was read as "cannot reach the hub", so an
+    uncached model was refused with "connect to the network" (the hub had answered), and a cached one switched the whole
+    run offline (an uncached hub dataset then failed). Before the branch such a run went on to the model checks, whose
+    downloads retry; it does again, online, with the status in a warning. A proxy's 407 and a 408 are no answer about the
+    name either (they were taken for one); only real no-connection errors are "unreachable"."""
+    import httpx2
+    import huggingface_hub.constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    import tasks.hub as hub
+
+    for status in (400, 401, 403, 404, 410):
+        _hf_api(monkeypatch, _hub_error(status))
+        with pytest.raises(hub.HubAnswered):
+            hub.ask_hub("model", "someorg/somemodel", None)
+    for status in (407, 408, 409, 429, 451, 500, 502, 503):
+        error = _hub_error(status)
+        _hf_api(monkeypatch, error)
+        with pytest.raises(type(error)):
+            hub.ask_hub("model", "someorg/somemodel", None)
+        assert hub.hub_reply(error) == "failed", status
+    for error in (ConnectionError("down"), TimeoutError("timed out"), OfflineModeIsEnabled("offline"),
+                  httpx2.ConnectError("[Errno -2] Name or service not known"), httpx2.ReadTimeout("read timed out")):
+        assert hub.hub_reply(error) == "unreachable", error
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+    rate_limited = _hub_error(429, {"RateLimit": '"api";r=0;t=55', "RateLimit-Policy": '"fixed window";"api";q=2500;w=300'})
+
+    def pin_then_check(c):
+        pinned, revisions, warnings = hub.pin_hub_revisions(c)
+        with hub.hub_offline_restored():
+            lines = hub.check_hub_reachable(pinned, revisions)
+            return revisions, warnings + lines, huggingface_hub.constants.HF_HUB_OFFLINE
+
+    for cached in (False, True):
+        if cached:
+            _cache_model(tmp_path)
+        for error in (rate_limited, _hub_error(503), _hub_error(407), _hub_error(408)):
+            asked = _hf_api(monkeypatch, error)
+            revisions, lines, offline = pin_then_check(cfg)
+            status = str(error.response.status_code)
+            assert not offline and asked == ["someorg/somemodel"], (status, cached)
+            assert revisions["model"]["hub"] == "failed" and len(lines) == 1 and status in lines[0], lines
+
+    # a revision pinned in the config: the check's own lookup gets the 429, and says so
+    asked = _hf_api(monkeypatch, rate_limited)
+    _, lines, offline = pin_then_check(_cfg(tmp_path, "model.name=someorg/somemodel", "model.revision=" + "a" * 40))
+    assert not offline and asked == ["someorg/somemodel"] and len(lines) == 1 and "429" in lines[0], lines
+
+
+def test_an_entry_says_how_the_hub_replied(tmp_path, monkeypatch):
+    """A second review: an entry reused from the record read 'how': 'hub unreachable (...401...)' beside 'hub': 'answered'.
+    `how` now words what `hub` says."""
+    import tasks.hub as hub
+
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+    _hf_api(monkeypatch, "b" * 40)
+    hub.pin_hub_revisions(cfg)  # recorded in this artifacts folder
+    for error, said, how in ((_hub_error(401), "answered", "hub answered (RepositoryNotFoundError: 401"),
+                             (_hub_error(429), "failed", "hub lookup failed (HfHubHTTPError: 429"),
+                             (ConnectionError("down"), "unreachable", "hub unreachable (ConnectionError: down)")):
+        _hf_api(monkeypatch, error)
+        entry = hub.pin_hub_revisions(cfg)[1]["model"]
+        assert entry["hub"] == said and entry["revision"] == "b" * 40 and entry["how"].startswith(how), entry
 
 
 def test_offline_mode_turned_on_for_a_run_is_undone_after_it(monkeypatch):
