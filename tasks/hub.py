@@ -104,6 +104,22 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
+def check_hub_ids(cfg: PipelineConfig) -> None:
+    """A hub name huggingface_hub refuses (`someorg/a--b`, a space) is a StageError in one line naming the key, where
+    it was HFValidationError's traceback from the first lookup."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .common import StageError
+
+    for key, (kind, name, _) in hub_entries(cfg).items():
+        try:
+            validate_repo_id(name)
+        except HFValidationError as e:
+            raise StageError(f"{_name_key(key)} {name!r} is not a hub id or a local {'folder' if kind == 'model' else 'file'}: "
+                             f"{str(e).rstrip('.')}; fix the name") from e
+
+
 HOW = {"answered": "hub answered", "unreachable": "hub unreachable", "failed": "hub lookup failed"}  # an entry's `how`, by `hub`
 
 
@@ -119,6 +135,7 @@ def pin_hub_revisions(cfg: PipelineConfig, earlier: dict[str, Any] | None = None
     entries = hub_entries(cfg)
     if not entries:
         return cfg, {}, []
+    check_hub_ids(cfg)
     record_path = artifacts_root(cfg.artifacts_dir) / "cache" / RECORD
     known = _read(record_path)
     pinned = cfg.model_copy(deep=True)
@@ -201,6 +218,7 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
     if entry.get("hub") == "unreachable":  # pin_hub_revisions asked just now and got no answer: not asked twice
         why, error = entry["why"], None
     else:
+        check_hub_ids(cfg)
         try:
             ask_hub("model", cfg.model.name, hub_token(cfg.model))
             return []
@@ -214,6 +232,10 @@ def check_hub_reachable(cfg: PipelineConfig, revisions: dict[str, Any]) -> list[
                 return [f"hub: cannot check model {cfg.model.name!r} ({_why(e)}); going on to the model checks, which ask again"]
             why, error = _why(e), e
     if not isinstance(try_to_load_from_cache(cfg.model.name, cfg.model.gguf_file or "config.json", revision=cfg.model.revision), str):
+        if constants.HF_HUB_OFFLINE:  # the user's: this run turns it on only below
+            raise StageError(f"cannot reach the hub for {cfg.model.name!r}: huggingface_hub is offline (HF_HUB_OFFLINE=1) and it is "
+                             "not in the local hub cache; unset HF_HUB_OFFLINE (or download it once), or use a local folder or "
+                             "the demo profile (`make run`)") from error
         raise StageError(f"cannot reach the hub for {cfg.model.name!r} ({why}) and it is not in the local hub cache; connect to the "
                          "network (or download it once), or use a local folder or the demo profile (`make run`)") from error
     constants.HF_HUB_OFFLINE = True  # read at each request (`is_offline_mode`), by transformers too
@@ -235,6 +257,10 @@ def _section(cfg: PipelineConfig, key: str):
     if key == "data":
         return cfg.data
     return cfg.data.mix[int(key.split("[")[1].rstrip("]"))]
+
+
+def _name_key(key: str) -> str:
+    return {"model": "model.name", "data": "data.source"}.get(key, f"{key}.source")
 
 
 def _config_key(key: str) -> str:

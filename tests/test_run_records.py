@@ -524,6 +524,46 @@ def test_an_entry_says_how_the_hub_replied(tmp_path, monkeypatch):
         assert entry["hub"] == said and entry["revision"] == "b" * 40 and entry["how"].startswith(how), entry
 
 
+def test_user_offline_mode_with_an_uncached_model_is_told_to_unset_it(tmp_path, monkeypatch):
+    """A second review: with HF_HUB_OFFLINE=1 set by the user and the model not cached, the run said "connect to the
+    network", which cannot help while huggingface_hub is told to stay offline."""
+    import huggingface_hub.constants
+
+    import tasks.hub as hub
+    from tasks.common import StageError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the real HfApi refuses to ask: no network
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+    pinned, revisions, _ = hub.pin_hub_revisions(cfg)
+    assert revisions["model"]["hub"] == "unreachable"
+    with pytest.raises(StageError) as e:
+        hub.check_hub_reachable(pinned, revisions)
+    msg = str(e.value)
+    assert msg.startswith("cannot reach the hub for 'someorg/somemodel': huggingface_hub is offline (HF_HUB_OFFLINE=1)"), msg
+    assert "unset HF_HUB_OFFLINE (or download it once)" in msg and "connect to the network" not in msg, msg
+
+
+def test_an_invalid_hub_id_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    """A second review: model.name 'someorg/a--b' crashed with huggingface_hub's HFValidationError traceback."""
+    import tasks.hub as hub
+    from tasks.common import StageError
+
+    asked = _hf_api(monkeypatch, "b" * 40)
+    for key, name, extra, said in (("model.name", "someorg/a--b", [], "local folder"),
+                                   ("model.name", "someorg/bad name", ["model.revision=" + "a" * 40], "local folder"),
+                                   ("data.source", "someorg/a--b", [], "local file")):
+        cfg = _cfg(tmp_path, f"{key}={name}", *extra)
+        with pytest.raises(StageError) as e:
+            hub.pin_hub_revisions(cfg)
+        msg = str(e.value)
+        assert msg.startswith(f"{key} {name!r} is not a hub id or a {said}: ") and msg.endswith("; fix the name") and "\n" not in msg, msg
+        if key == "model.name":
+            with pytest.raises(StageError, match="is not a hub id"):
+                hub.check_hub_reachable(cfg, {})
+    assert asked == []
+
+
 def test_offline_mode_turned_on_for_a_run_is_undone_after_it(monkeypatch):
     """A review: check_hub_reachable's offline switch stayed on for the process, so a library caller's next run (or a
     test's) pinned nothing and loaded offline with the network back."""
