@@ -158,13 +158,18 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
         valid = (y != ignore_index).float()
         rows_all = torch.arange(b - a, device=hidden.device)
         yv = y.clamp(min=0).long()
-        z = (h @ weight.t()).float()  # logits in float32; then log-probabilities, which become p and then the gradient in place
-        if scale != 1.0:
-            z.mul_(scale)
-        if softcap:
-            t = z.div_(softcap).tanh_()  # z = cap * tanh(raw / cap); t kept for the chain rule's 1 - t^2
-            z = t * softcap
-        z = torch.log_softmax(z, dim=1)  # log-probabilities (fused; z - logsumexp(z) would round the log-sum to the logits' scale)
+        z = h @ weight.t()  # the logits in the head's dtype
+        if scale != 1.0 or softcap:
+            z = z.float()
+            if scale != 1.0:
+                z.mul_(scale)
+            if softcap:
+                t = z.div_(softcap).tanh_()  # z = cap * tanh(raw / cap); t kept for the chain rule's 1 - t^2
+                z = t * softcap
+        # log-probabilities in float32, which become p and then the gradient in place: log_softmax casts the logits
+        # itself (where PyTorch's kernel reads the head's dtype as float32, no float32 copy of them is made) and is
+        # fused (z - logsumexp(z) would round the log-sum to the logits' scale)
+        z = torch.log_softmax(z, dim=1, dtype=torch.float32)
         ce = ce - (z[rows_all, yv] * valid).sum()
         factor = valid
         if plan is not None:
