@@ -848,9 +848,14 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
 
 
 def developer_as_system(messages: list[dict]) -> list[dict]:
-    """`messages` with OpenAI's "developer" turns as "system" ones: its newer name for them, which the chat template
-    the model was trained with does not know (it would render an unknown header, or none)."""
-    return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    """`messages` (a chat's, or a Responses `input`'s items) with OpenAI's "developer" turns as "system" ones: its
+    newer name for them, which the chat template the model was trained with does not know (it would render an unknown
+    header, or none). Items without a role (a Responses function_call) are kept as they are."""
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
+RESPONSE_ROLES = ("system", "developer", "user", "assistant")  # a Responses input message's; tool results come as
+# function_call_output items, and "developer" is read as "system" as in a chat
 
 
 def input_problem(given: Any) -> tuple[str, str] | None:
@@ -862,8 +867,13 @@ def input_problem(given: Any) -> tuple[str, str] | None:
         return None if isinstance(given, str) else content_problem(given, "input")
     for i, item in enumerate(given):
         if "role" in item:
-            if not isinstance(item["role"], str):
-                return f"input[{i}].role must be a string such as \"user\", got {item['role']!r:.40}", f"input[{i}].role"
+            # transformers serve hands any role, and a missing content as "", to the chat template: a 200 with some
+            # answer (a review, 2026-12-06), where OpenAI's API and a chat request here answer 400
+            if not isinstance(item["role"], str) or item["role"] not in RESPONSE_ROLES:
+                return f"input[{i}].role must be one of {', '.join(RESPONSE_ROLES)}, got {item['role']!r:.40}", f"input[{i}].role"
+            if item.get("content") is None:
+                return (f"input[{i}] (role {item['role']!r}) has no content: send a string or a list of input_text parts",
+                        f"input[{i}].content")
             problem = content_problem(item.get("content"), f"input[{i}].content")
             if problem:
                 return problem
@@ -1731,6 +1741,8 @@ def answer_as_openai_does() -> None:
             body = dict(body)
             if kind == "chat":
                 body["messages"] = developer_as_system(body["messages"])
+            elif kind == "response" and isinstance(body["input"], list) and "role" in body["input"][0]:
+                body["input"] = developer_as_system(body["input"])  # a conversation (a list of content parts has no roles)
             configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

@@ -1770,6 +1770,52 @@ def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_na
                    {"role": "function", "name": "f", "content": "42"}) is None
 
 
+def test_request_problem_refuses_an_unknown_role_or_an_item_without_content_in_a_responses_input():
+    """A review: /v1/responses took {"role": "wizard"} and a message item with no content (transformers serve made it
+    "") with a 200, where a chat request is refused with a 400 naming messages[i]; a developer item reached the chat
+    template as "developer". Items without a role (function calls) and a list of content parts are still taken."""
+    from tasks.export import developer_as_system, request_problem
+
+    def problem(*items):
+        return request_problem("response", {"input": [{"role": "user", "content": "hi"}, *items]})
+
+    message, field = problem({"role": "wizard", "content": "abracadabra"})
+    assert field == "input[1].role" and "'wizard'" in message and "developer" in message and "\n" not in message, message
+    assert problem({"role": "tool", "content": "42"})[1] == "input[1].role"  # a tool result is a function_call_output item
+    assert problem({"type": "message", "role": 5, "content": "hi"})[1] == "input[1].role"
+    for role in ("user", "system", "developer", "assistant"):
+        message, field = problem({"role": role})
+        assert field == "input[1].content" and "input[1]" in message and "content" in message and "\n" not in message, (role, message)
+        assert problem({"role": role, "content": None})[1] == "input[1].content", role
+        assert problem({"role": role, "content": "hi"}) is None, role
+    for ok in ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}, {"role": "user", "content": ""},
+               {"type": "function_call_output", "call_id": "c", "output": "42"}, {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}):
+        assert problem(ok) is None, ok
+    assert request_problem("response", {"input": [{"type": "input_text", "text": "hi"}]}) is None  # one user message's parts
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    assert developer_as_system([{"role": "developer", "content": "Be brief."}, call, {"role": "user", "content": "hi"}]) == [
+        {"role": "system", "content": "Be brief."}, call, {"role": "user", "content": "hi"}]
+
+
+def test_serve_model_merged_responses_refuses_an_unknown_role_and_reads_developer_as_system(served_r1):
+    """The served /v1/responses, streamed or not: an unknown role or a message item without content is a 400 naming
+    input[i] (it was a 200), and a developer item is rendered as the system item it stands for (the same prompt)."""
+    pub, base = served_r1
+    url = f"{base}/v1/responses"
+    for stream in (False, True):
+        for item, field in (({"role": "wizard", "content": "hi"}, "input[0].role"), ({"role": "user"}, "input[0].content")):
+            code, body = _request(url, {"input": [item], "max_output_tokens": 2, "stream": stream})
+            error = json.loads(body)["error"]
+            assert code == 400 and error["param"] == field and field[:8] in error["message"] and "\n" not in error["message"], (item, code, body)
+    tokens = {}
+    for role in ("system", "developer", "user"):
+        code, body = _request(url, {"input": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                    "max_output_tokens": 1, "temperature": 0})
+        assert code == 200, body
+        tokens[role] = json.loads(body)["usage"]["input_tokens"]
+    assert tokens["developer"] == tokens["system"] != tokens["user"], tokens  # a system turn's header, not a "developer" one
+
+
 def test_request_problem_refuses_a_top_level_temperature_generation_fails_on():
     """A temperature of 1e-300 overflowed the scaled logits (generate(): "probability tensor contains inf, nan");
     "x" was a "malformed request" 400 with param null. 0 (greedy) and the usual range are taken."""
