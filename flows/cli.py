@@ -275,10 +275,10 @@ def cmd_chat(args) -> int:
 def cmd_serve_model(args) -> int:
     import shutil
     import subprocess
-    import tempfile
 
     from tasks.common import StageError
-    from tasks.export import API_KEY_ENV, gguf_to_serve, is_loopback, require_free_port, serve_gguf, transformers_serve_command
+    from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, remove_stale_serving_folders, require_free_port,
+                              serve_gguf, transformers_serve_command)
     from tasks.publish import find_run, require_safetensors
 
     if args.gguf_type and args.format == "merged":
@@ -318,7 +318,10 @@ def cmd_serve_model(args) -> int:
     if args.api_key:
         env[API_KEY_ENV] = args.api_key
     # Its own session: Ctrl-C reaches this process only, which stops the server and waits for it (no orphan).
-    workdir = tempfile.mkdtemp(prefix="qlora-serve-")  # the server's folder: this process removes it once the server has exited
+    stale = remove_stale_serving_folders()  # left by a serve-model killed before it could remove its own
+    if stale:
+        print(f"removed {len(stale)} serving folder(s) left by a killed serve-model: {', '.join(map(str, stale))}", file=sys.stderr)
+    workdir = make_serving_folder()  # the server's folder: this process removes it once the server has exited
     proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port, workdir), start_new_session=True, env=env)
     try:
         # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".

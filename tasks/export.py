@@ -44,7 +44,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, read_json, safe_name, stage_dir, usable_cores, write_json
+from .common import (REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, process_space, read_json, safe_name,
+                     stage_dir, usable_cores, write_json)
 from .models import adds_bos
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
@@ -639,6 +640,69 @@ def stop_gguf_server(held: list) -> None:
             faulthandler.cancel_dump_traceback_later()
 
 
+SERVING_FOLDER_PREFIX = "qlora-serve-"  # the merged server's folder, in the temp folder ($TMPDIR)
+SERVING_OWNER = ".owner.json"  # in it: the serve-model process that owns it (pid, start time, process space)
+
+
+def process_start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks after boot: /proc/<pid>/stat's 22nd field), or None where there is no
+    /proc or no such process. With the pid it names one process: a pid alone may have been reused by a later one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces and parentheses
+
+
+def make_serving_folder(parent: Path | None = None) -> Path:
+    """A new, private qlora-serve-* folder in `parent` (the temp folder) for one merged server, recording this process
+    as its owner, which removes it once the server has exited; `remove_stale_serving_folders` removes it should this
+    process be killed first."""
+    folder = Path(tempfile.mkdtemp(prefix=SERVING_FOLDER_PREFIX, dir=parent))
+    write_json(folder / SERVING_OWNER, {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "process_space": process_space()})
+    return folder
+
+
+def _owner_alive(pid: int, start_time: str | None) -> bool:
+    if start_time is not None:  # the same pid started at another time is another process: the owner is gone
+        return process_start_time(pid) == start_time
+    try:  # no /proc where the owner ran: its pid alone, kept while any process has it
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process has it
+        return True
+    return True
+
+
+def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
+    """The qlora-serve-* folders in `parent` (the temp folder) whose serve-model is gone, removed; returns them.
+
+    serve-model removes its folder once its server has exited, but a serve-model killed with SIGKILL (the OOM killer,
+    `docker kill`) never gets to: its server stops (`stop_when_orphaned`) and the folder stayed, one per kill. A folder
+    is removed only when its owner record (SERVING_OWNER) names a process of this process space that no longer runs:
+    its pid is gone, or has been reused by a process that started at another time. A folder without a readable record
+    (made by an older serve-model, being made now, another user's) or of another process space (a container sharing
+    /tmp numbers its processes apart) may be a live server's: left alone."""
+    parent = Path(parent or tempfile.gettempdir())
+    space = process_space()
+    removed = []
+    for folder in sorted(parent.glob(f"{SERVING_FOLDER_PREFIX}*")):
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            owner = json.loads((folder / SERVING_OWNER).read_text())
+            pid, start_time = int(owner["pid"]), owner.get("start_time")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner.get("process_space") != space or _owner_alive(pid, start_time):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # not the folder a link points to, nor what links in it point to
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
 def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path) -> list[str]:
     """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
     `serve_merged` in its own process, in `workdir` (which the caller removes once that process has exited); the API
@@ -651,7 +715,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
     transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
-    it). So the server runs in a private folder (`workdir`, empty) where `name` is a link to the merged folder: it loads the same files,
+    it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a link to the merged folder: it loads the same files,
     lists and answers as `name`, and no path leaves the machine. A request naming another model is answered by this
     one, as llama.cpp's server does (`answer_as_openai_does`). It has no API-key option: a middleware checks the key,
     and only the inference routes (SERVED_PATHS) are answered."""

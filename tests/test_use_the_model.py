@@ -990,6 +990,86 @@ def test_serve_model_merged_leaves_no_serving_folder_behind_however_its_server_e
         assert code == 1 and "was killed by signal 9 while serving" in (tmp_path / "serve.log").read_text()
 
 
+def _dead_process() -> tuple[int, str]:
+    """(pid, start time) of a process that has exited."""
+    import subprocess
+
+    from tasks.export import process_start_time
+
+    proc = subprocess.Popen(["sleep", "30"])
+    start = process_start_time(proc.pid)
+    proc.kill()
+    proc.wait()
+    return proc.pid, start
+
+
+def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_those(tmp_path):
+    """A serve-model killed with SIGKILL left its /tmp/qlora-serve-* folder for good (its cleanup never ran). A later
+    start removes a folder whose recorded owner is gone, or whose pid now belongs to a process started at another time
+    (reused), and keeps a live owner's, one without a record, and one of another process space."""
+    import os
+
+    from tasks.common import process_space, write_json
+    from tasks.export import SERVING_OWNER, make_serving_folder, process_start_time, remove_stale_serving_folders
+
+    live = make_serving_folder(tmp_path)
+    assert live.name.startswith("qlora-serve-") and oct(live.stat().st_mode)[-3:] == "700"
+    assert json.loads((live / SERVING_OWNER).read_text()) == {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                                                              "process_space": process_space()}
+    pid, start = _dead_process()
+    assert start is not None and process_start_time(pid) is None
+    folders = {}
+    for case, owner in (("dead", {"pid": pid, "start_time": start}), ("reused", {"pid": os.getpid(), "start_time": str(int(start) - 1)}),
+                        ("dead, no /proc", {"pid": pid, "start_time": None}), ("live, no /proc", {"pid": os.getpid(), "start_time": None}),
+                        ("other space", {"pid": pid, "start_time": start, "process_space": "elsewhere_pidns1"}), ("no record", None)):
+        folders[case] = make_serving_folder(tmp_path)
+        (folders[case] / "m").symlink_to(tmp_path / "model", target_is_directory=True)
+        if owner is None:
+            (folders[case] / SERVING_OWNER).unlink()
+        else:
+            write_json(folders[case] / SERVING_OWNER, {"process_space": process_space(), **owner})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights").write_text("kept")
+    (tmp_path / "qlora-serve-link").symlink_to(folders["dead"], target_is_directory=True)
+    removed = remove_stale_serving_folders(tmp_path)
+    assert sorted(removed) == sorted(folders[c] for c in ("dead", "reused", "dead, no /proc")), removed
+    assert all(not f.exists() for f in removed) and (tmp_path / "model" / "weights").read_text() == "kept"
+    assert live.is_dir() and all(folders[c].is_dir() for c in ("live, no /proc", "other space", "no record"))
+    assert remove_stale_serving_folders(tmp_path) == []
+
+
+def test_serve_model_merged_removes_the_folders_of_killed_serve_models_as_it_starts(own_published, tmp_path, monkeypatch, capsys):
+    import subprocess
+    import tempfile
+
+    import flows.cli
+    from flows.cli import main
+    from tasks.common import write_json
+    from tasks.export import SERVING_OWNER, make_serving_folder
+
+    cfg, art, pub, _ = own_published
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pid, start = _dead_process()
+    stale, live = make_serving_folder(), make_serving_folder()
+    write_json(stale / SERVING_OWNER, {**json.loads((stale / SERVING_OWNER).read_text()), "pid": pid, "start_time": start})
+
+    class Serving(_FakeServer):  # the real folder is made and handed over: see it while the server "runs"
+        def wait(self, timeout=None):
+            Serving.seen = sorted(tmp_path.iterdir())
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Serving)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
+    _FakeServer.started = []
+    assert main(["serve-model", "r1", "--port", str(_free_port()), "--artifacts-dir", str(art)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed 1 serving folder(s) left by a killed serve-model: {stale}" in err, err
+    cmd = _FakeServer.started[-1][0]
+    workdir = Path(cmd[cmd.index("--workdir") + 1])
+    assert Serving.seen == sorted([live, workdir]) and (workdir.parent, workdir.name[:12]) == (tmp_path, "qlora-serve-")
+    assert sorted(tmp_path.iterdir()) == [live]  # its own removed once its server exited; the live one's kept
+
+
 def test_serve_model_merged_stops_without_leaking_semaphores(own_published, tmp_path):
     """A review: every stop printed "resource_tracker: There appear to be 7 leaked semaphore objects to clean up at
     shutdown": the server died of the SIGTERM uvicorn raises again at the end of its stop, before multiprocessing's
