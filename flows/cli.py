@@ -346,28 +346,39 @@ def cmd_serve_model(args) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+STOP_NOW_S = 5  # how long a merged server told to stop now may take to kill its model's process and exit
+
+
 def _stop_merged_server(proc) -> None:
     """Stops transformers serve as the gguf backend stops llama.cpp's: SIGTERM (not SIGINT: it also ends a server still
     loading, whose SIGINT may be ignored, inherited as above), so uvicorn takes no new request and waits for the open
     ones for GGUF_STOP_GRACE_S (its `timeout_graceful_shutdown`), then cuts them off and stops; should it not, a second
-    signal (uvicorn's "force quit"), then SIGKILL. A stream no longer holds the stop for 30 s before a SIGKILL (a review, 2026-12-06), and
-    another Ctrl-C meanwhile kills it at once, without a traceback."""
+    signal (uvicorn's "force quit"), then SIGKILL. A stream no longer holds the stop for 30 s before a SIGKILL (a review, 2026-12-06).
+    Another Ctrl-C meanwhile, or a server that did not stop, gets STOP_NOW_SIGNAL: the server kills its model's process
+    and exits at once, after multiprocessing's exit handlers (a SIGKILL there left its semaphores to the resource
+    tracker, which warned of them as leaked); a third Ctrl-C, or a server that does not end in STOP_NOW_S, a SIGKILL.
+    No traceback on the way."""
     import signal
     import subprocess
 
-    from tasks.export import GGUF_STOP_GRACE_S
+    from tasks.export import GGUF_STOP_GRACE_S, STOP_NOW_SIGNAL
 
     try:
         # the server's own graceful stop ends by then (tasks/export.py `_bounded_graceful_shutdown`)
-        for sig, wait_s in ((signal.SIGTERM, GGUF_STOP_GRACE_S + 5), (signal.SIGINT, 10)):
+        for sig, wait_s in ((signal.SIGTERM, GGUF_STOP_GRACE_S + 5), (signal.SIGINT, 10), (STOP_NOW_SIGNAL, STOP_NOW_S)):
             proc.send_signal(sig)
             try:
                 proc.wait(timeout=wait_s)
                 return
             except subprocess.TimeoutExpired:
                 continue
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # another Ctrl-C: stop now
+        try:
+            proc.send_signal(STOP_NOW_SIGNAL)
+            proc.wait(timeout=STOP_NOW_S)
+            return
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            pass
     proc.kill()
     while True:
         try:

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -581,8 +582,6 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
 
     The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
     `Authorization: Bearer <key>` (llama.cpp's own check)."""
-    import signal
-
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
@@ -715,12 +714,11 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
     transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
-    it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a link to the merged folder: it loads the same files,
-    lists and answers as `name`, and no path leaves the machine. A request naming another model is answered by this
-    one, as llama.cpp's server does (`answer_as_openai_does`). It has no API-key option: a middleware checks the key,
-    and only the inference routes (SERVED_PATHS) are answered."""
+    it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a link to
+    the merged folder: it loads the same files, lists and answers as `name`, and no path leaves the machine. A request
+    naming another model is answered by this one, as llama.cpp's server does (`answer_as_openai_does`). It has no
+    API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered."""
     import hmac
-    import signal
 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -767,6 +765,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     (workdir / name).symlink_to(merged.resolve(), target_is_directory=True)
     os.chdir(workdir)
     signal.signal(signal.SIGTERM, _exit_after_stop)
+    signal.signal(STOP_NOW_SIGNAL, _exit_now)
     hf_serve.Serve(force_model=name, host=host, port=port)
 
 
@@ -778,8 +777,29 @@ def _exit_after_stop(signum, frame) -> None:
     did (a sys.exit would first run the event loop again, to log each request the stop cut off as a traceback)."""
     import atexit
 
+    _EXITING["now"] = True
     atexit._run_exitfuncs()
     os._exit(0)
+
+
+_EXITING = {"now": False}  # the merged server runs its exit handlers: a stop-now signal then only kills the model's process
+
+
+STOP_NOW_SIGNAL = signal.SIGUSR1  # serve-model's second Ctrl-C to the merged server: stop now, not gracefully
+
+
+def _exit_now(signum, frame) -> None:
+    """STOP_NOW_SIGNAL's handler in the merged server: a second Ctrl-C, which no longer waits for the graceful stop.
+    serve-model SIGKILLed the server there, and multiprocessing's exit handlers never ran: the resource tracker then
+    warned of "6 leaked semaphore objects" (the queues to the model's process, EngineClient.start_process). Kill the
+    model's process (it may be generating; it holds nothing of its own to clean up), then run the exit handlers, which
+    unlink those semaphores, and exit at once."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    if not _EXITING["now"]:  # else the exit handlers this signal interrupted go on, and exit
+        _exit_after_stop(signum, frame)
 
 
 def _bounded_graceful_shutdown() -> None:

@@ -1095,6 +1095,63 @@ def test_serve_model_merged_stops_without_leaking_semaphores(own_published, tmp_
     assert "stopped" in text and "leaked" not in text and "resource_tracker" not in text, text[-2000:]
 
 
+def test_serve_model_merged_a_second_ctrl_c_stops_at_once_without_leaking_semaphores(own_published, tmp_path):
+    """A second Ctrl-C while the server waits for an open stream to end (its graceful stop, up to GGUF_STOP_GRACE_S):
+    serve-model SIGKILLed the server, whose exit handlers never ran, and the resource tracker warned of "6 leaked
+    semaphore objects". The server now kills its model's process and exits through them, at once."""
+    import os
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from tasks.export import GGUF_STOP_GRACE_S
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_with_context(art, pub, tmp_path / "art", 2 ** 20)  # an answer that is not stopped runs for ~25 min
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(copy, log)
+    server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+    chunks = []
+
+    def stream():
+        body = json.dumps({"prompt": "Hello", "max_tokens": 100_000, "stream": True,
+                           "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                for line in response:
+                    chunks.append(line)
+        except Exception:  # cut off by the stop
+            pass
+
+    threading.Thread(target=stream, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while len(chunks) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(chunks) >= 5, log.read_text()[-2000:]  # streaming by now: the graceful stop would wait for it
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    while time.monotonic() - t0 < 30:  # the resource tracker, in the server's process group, warns as it exits
+        try:
+            os.killpg(server, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the merged server's processes outlived serve-model: {log.read_text()[-2000:]}")
+    out = log.read_text()
+    assert rc == 0 and took < GGUF_STOP_GRACE_S, (rc, took, out[-2000:])  # not the graceful stop's wait
+    assert "\nstopped\n" in out and "leaked" not in out and "resource_tracker" not in out and "Traceback" not in out, out[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Review of b787caf (serve-model on transformers 5.25, 2026-12-04): requests still answered otherwise than OpenAI's
 # API and llama.cpp's server answer them, on 5.25 and 5.17 alike; tasks/export.py now answers all four as they ask (the
