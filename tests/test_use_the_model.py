@@ -574,6 +574,97 @@ def test_gguf_type_is_read_as_llama_cpp_names_it_and_picks_the_gguf_format(tmp_p
         assert "--format merged does not serve" in capsys.readouterr().err
 
 
+class _FakeLlamaServer:
+    """xllamacpp.Server's stand-in: an HTTP server where llama.cpp's would listen (its params' first host and port, 0 for
+    any), answering each request with what it received, a streamed one in three pieces, as llama.cpp's streams do; a
+    request without the key of its params (if any) is a 401, as llama.cpp's own check answers it."""
+
+    def __init__(self, params):
+        import http.server
+        import threading
+
+        received, keys = self.received, params.api_keys
+
+        class Echo(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append((self.path, body))
+                if keys and self.headers.get("Authorization") != f"Bearer {keys[0]}":
+                    return self.answer(401, b'{"error": {"message": "Invalid API Key"}}')
+                if json.loads(body).get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for part in (b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n", b""):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                        self.wfile.flush()
+                    return None
+                return self.answer(200, json.dumps({"path": self.path, "body": json.loads(body)}).encode())
+
+            def answer(self, status, payload):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        _FakeLlamaServer.bound = (params.hostnames, params.port)
+        self.http = http.server.ThreadingHTTPServer((params.hostnames[0], params.port), Echo)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.listening_address = f"http://{params.hostnames[0]}:{self.http.server_address[1]}"
+
+    def __del__(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_serve_model_gguf_refuses_an_unknown_role_or_a_message_without_content_before_llama_cpp_sees_it(monkeypatch):
+    """A review: llama.cpp's server answered {"role": "wizard"} with a 200 (its chat template rendered a "wizard"
+    turn), where the merged format answers OpenAI's 400. serve_gguf now puts llama.cpp's server on a private loopback
+    port behind a front on --host/--port that refuses such a chat with the merged format's one-line 400 and passes
+    everything else through as it is: a stream as it comes, llama.cpp's own 401 for a request without the key."""
+    import sys
+    import types
+
+    from tasks.export import serve_gguf
+
+    fake = types.SimpleNamespace(Server=_FakeLlamaServer, CommonParams=lambda: types.SimpleNamespace(model=types.SimpleNamespace(), cpuparams=types.SimpleNamespace()))
+    monkeypatch.setitem(sys.modules, "xllamacpp", fake)
+    _FakeLlamaServer.received = []
+    port, seen = _free_port(), {}
+    url = f"http://127.0.0.1:{port}"
+
+    def while_serving(address):
+        seen["hint"] = address
+        ask = {"model": "m", "max_tokens": 2}
+        for messages, field in (([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+                                ([{"role": "system", "content": "Be brief."}, {"role": "user"}], "messages[1].content"),
+                                ("hi", "messages")):
+            for path in ("/v1/chat/completions", "/chat/completions"):
+                code, body = _request(url + path, {**ask, "messages": messages}, key="k")
+                error = json.loads(body)["error"]
+                assert code == 400 and error["param"] == field and field[:8] in error["message"] and "\n" not in error["message"], (path, body)
+        assert _FakeLlamaServer.received == []  # refused before llama.cpp's server saw them
+        chat = {**ask, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+        code, body = _request(f"{url}/v1/chat/completions", chat, key="k")
+        assert code == 200 and json.loads(body) == {"path": "/v1/chat/completions", "body": chat}, body
+        assert _request(f"{url}/v1/chat/completions", {**chat, "stream": True}, key="k") == (200, "data: 1\n\ndata: 2\n\ndata: [DONE]\n\n")
+        code, body = _request(f"{url}/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})  # no key: llama.cpp's 401
+        assert code == 401 and "Invalid API Key" in body, body
+        assert _request(f"{url}/v1/completions?x=1", {"prompt": "hi"}, key="k") == (200, json.dumps({"path": "/v1/completions?x=1", "body": {"prompt": "hi"}}))
+        raise KeyboardInterrupt  # Ctrl-C
+
+    serve_gguf(Path("m.gguf"), "127.0.0.1", port, 256, "m", api_key="k", ready=while_serving)
+    assert seen["hint"] == url and _FakeLlamaServer.bound == (["127.0.0.1"], 0)  # llama.cpp's own port: private, any free one
+    assert _request_or_none(f"{url}/health") is None  # the front is closed with the server
+
+
 def _free_port() -> int:
     import socket
 
