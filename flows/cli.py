@@ -277,8 +277,8 @@ def cmd_serve_model(args) -> int:
     import subprocess
 
     from tasks.common import StageError
-    from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, remove_stale_serving_folders, require_free_port,
-                              serve_gguf, transformers_serve_command)
+    from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, record_server, remove_stale_serving_folders,
+                              require_free_port, serve_gguf, transformers_serve_command)
     from tasks.publish import find_run, require_safetensors
 
     if args.gguf_type and args.format == "merged":
@@ -324,6 +324,7 @@ def cmd_serve_model(args) -> int:
     workdir = make_serving_folder()  # the server's folder: this process removes it once the server has exited
     proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port, workdir), start_new_session=True, env=env)
     try:
+        record_server(workdir, proc.pid)
         # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".
         if not _wait_until_healthy(proc, args.host, args.port):
             print(f"error: the merged model's server stopped before it served (exit {proc.returncode}); see its message above",

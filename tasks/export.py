@@ -750,7 +750,7 @@ def stop_gguf_server(held: list) -> None:
 
 
 SERVING_FOLDER_PREFIX = "qlora-serve-"  # the merged server's folder, in the temp folder ($TMPDIR)
-SERVING_OWNER = ".owner.json"  # in it: the serve-model process that owns it (pid, start time, process space)
+SERVING_OWNER = ".owner.json"  # in it: the serve-model process that owns it and its server (pid, start time), their process space
 
 
 def process_start_time(pid: int) -> str | None:
@@ -772,6 +772,13 @@ def make_serving_folder(parent: Path | None = None) -> Path:
     return folder
 
 
+def record_server(folder: Path, pid: int) -> None:
+    """Adds the server serving from `folder` (process `pid`) to its owner record: an orphaned server still stopping
+    (`stop_when_orphaned`) keeps its folder, as its owner does."""
+    owner = read_json(folder / SERVING_OWNER)
+    write_json(folder / SERVING_OWNER, {**owner, "server": {"pid": pid, "start_time": process_start_time(pid)}})
+
+
 def _owner_alive(pid: int, start_time: str | None) -> bool:
     if start_time is not None:  # the same pid started at another time is another process: the owner is gone
         return process_start_time(pid) == start_time
@@ -789,8 +796,8 @@ def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
 
     serve-model removes its folder once its server has exited, but a serve-model killed with SIGKILL (the OOM killer,
     `docker kill`) never gets to: its server stops (`stop_when_orphaned`) and the folder stayed, one per kill. A folder
-    is removed only when its owner record (SERVING_OWNER) names a process of this process space that no longer runs:
-    its pid is gone, or has been reused by a process that started at another time. A folder without a readable record
+    is removed only when its owner record (SERVING_OWNER) names processes of this process space that no longer run,
+    serve-model and its server alike: each pid is gone, or has been reused by a process that started at another time. A folder without a readable record
     (made by an older serve-model, being made now, another user's) or of another process space (a container sharing
     /tmp numbers its processes apart) may be a live server's: left alone."""
     parent = Path(parent or tempfile.gettempdir())
@@ -801,10 +808,10 @@ def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
             if folder.is_symlink() or not folder.is_dir():
                 continue
             owner = json.loads((folder / SERVING_OWNER).read_text())
-            pid, start_time = int(owner["pid"]), owner.get("start_time")
+            processes = [(int(p["pid"]), p.get("start_time")) for p in (owner, *([owner["server"]] if "server" in owner else []))]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if owner.get("process_space") != space or _owner_alive(pid, start_time):
+        if owner.get("process_space") != space or any(_owner_alive(pid, start_time) for pid, start_time in processes):
             continue
         shutil.rmtree(folder, ignore_errors=True)  # not the folder a link points to, nor what links in it point to
         if not folder.exists():

@@ -453,7 +453,10 @@ def test_pickle_weights_are_refused_in_one_line_before_any_load(own_published, t
 
 class _FakeServer:
     def __init__(self, cmd, **kwargs):
+        import os
+
         _FakeServer.started.append((cmd, kwargs))
+        self.pid = os.getpid()  # what serve-model records of its server: a live process
 
     def wait(self, timeout=None):
         return 0
@@ -1096,8 +1099,9 @@ def _dead_process() -> tuple[int, str]:
 
 def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_those(tmp_path):
     """A serve-model killed with SIGKILL left its /tmp/qlora-serve-* folder for good (its cleanup never ran). A later
-    start removes a folder whose recorded owner is gone, or whose pid now belongs to a process started at another time
-    (reused), and keeps a live owner's, one without a record, and one of another process space."""
+    start removes a folder whose recorded owner (and server, once recorded) is gone, or whose pid now belongs to a
+    process started at another time (reused), and keeps a live owner's, an orphaned server's still stopping, one
+    without a record, and one of another process space."""
     import os
 
     from tasks.common import process_space, write_json
@@ -1112,7 +1116,9 @@ def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_thos
     folders = {}
     for case, owner in (("dead", {"pid": pid, "start_time": start}), ("reused", {"pid": os.getpid(), "start_time": str(int(start) - 1)}),
                         ("dead, no /proc", {"pid": pid, "start_time": None}), ("live, no /proc", {"pid": os.getpid(), "start_time": None}),
-                        ("other space", {"pid": pid, "start_time": start, "process_space": "elsewhere_pidns1"}), ("no record", None)):
+                        ("other space", {"pid": pid, "start_time": start, "process_space": "elsewhere_pidns1"}), ("no record", None),
+                        ("server stopping", {"pid": pid, "start_time": start, "server": {"pid": os.getpid(), "start_time": process_start_time(os.getpid())}}),
+                        ("server gone too", {"pid": pid, "start_time": start, "server": {"pid": pid, "start_time": start}})):
         folders[case] = make_serving_folder(tmp_path)
         (folders[case] / "m").symlink_to(tmp_path / "model", target_is_directory=True)
         if owner is None:
@@ -1123,13 +1129,14 @@ def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_thos
     (tmp_path / "model" / "weights").write_text("kept")
     (tmp_path / "qlora-serve-link").symlink_to(folders["dead"], target_is_directory=True)
     removed = remove_stale_serving_folders(tmp_path)
-    assert sorted(removed) == sorted(folders[c] for c in ("dead", "reused", "dead, no /proc")), removed
+    assert sorted(removed) == sorted(folders[c] for c in ("dead", "reused", "dead, no /proc", "server gone too")), removed
     assert all(not f.exists() for f in removed) and (tmp_path / "model" / "weights").read_text() == "kept"
-    assert live.is_dir() and all(folders[c].is_dir() for c in ("live, no /proc", "other space", "no record"))
+    assert live.is_dir() and all(folders[c].is_dir() for c in ("live, no /proc", "other space", "no record", "server stopping"))
     assert remove_stale_serving_folders(tmp_path) == []
 
 
 def test_serve_model_merged_removes_the_folders_of_killed_serve_models_as_it_starts(own_published, tmp_path, monkeypatch, capsys):
+    import os
     import subprocess
     import tempfile
 
@@ -1147,6 +1154,7 @@ def test_serve_model_merged_removes_the_folders_of_killed_serve_models_as_it_sta
     class Serving(_FakeServer):  # the real folder is made and handed over: see it while the server "runs"
         def wait(self, timeout=None):
             Serving.seen = sorted(tmp_path.iterdir())
+            Serving.owner = json.loads(next(p for p in Serving.seen if p != live).joinpath(SERVING_OWNER).read_text())
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", Serving)
@@ -1158,6 +1166,7 @@ def test_serve_model_merged_removes_the_folders_of_killed_serve_models_as_it_sta
     cmd = _FakeServer.started[-1][0]
     workdir = Path(cmd[cmd.index("--workdir") + 1])
     assert Serving.seen == sorted([live, workdir]) and (workdir.parent, workdir.name[:12]) == (tmp_path, "qlora-serve-")
+    assert Serving.owner["server"]["pid"] == os.getpid()  # the server recorded with its owner (the fake's pid)
     assert sorted(tmp_path.iterdir()) == [live]  # its own removed once its server exited; the live one's kept
 
 
