@@ -578,9 +578,7 @@ def require_free_port(host: str, port: int) -> None:
 
 
 def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None) -> None:
-    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template, on a private loopback port
-    behind `front_llama_server` on host:port (which refuses what OpenAI's API refuses and llama.cpp takes); blocks
-    until Ctrl-C.
+    """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C.
 
     The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
     `Authorization: Bearer <key>` (llama.cpp's own check)."""
@@ -589,8 +587,8 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params = xlc.CommonParams()
     params.model.path = str(gguf)
     params.model_alias = {name}
-    params.hostnames = ["127.0.0.1"]  # private: clients reach it through `front_llama_server` on host:port
-    params.port = 0  # any free port
+    params.hostnames = [host]
+    params.port = port
     params.n_ctx = n_ctx
     params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
     params.n_parallel = 1
@@ -602,11 +600,9 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)
         raise StageError(f"llama.cpp cannot load {gguf} ({e}); delete it and rerun `qlora-pipeline run` to export it again, "
                          "or serve with --format merged") from e
-    fronts = []
     try:
-        fronts = front_llama_server(host, port, server.listening_address, api_key)
         if ready:
-            ready(f"http://{f'[{host}]' if ':' in host else host}:{port}")
+            ready(server.listening_address)
         stop = {"now": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
         try:
@@ -617,115 +613,9 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     except KeyboardInterrupt:
         pass
     finally:
-        for front in fronts:  # no new request; those being answered end with llama.cpp's server
-            front.shutdown()
-            front.server_close()
         held = [server]
         del server  # the list holds the last reference, which stop_gguf_server drops
         stop_gguf_server(held)
-
-
-CHAT_PATHS = ("/v1/chat/completions", "/chat/completions", "/api/chat")  # where llama.cpp's server answers a chat
-HOP_HEADERS = ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection",
-               "expect")  # the front answers a client's "Expect: 100-continue" itself, and sends llama.cpp the whole body
-
-
-def front_llama_server(host: str, port: int, backend: str, api_key: str | None) -> list:
-    """Listens on host:port (each address the name resolves to) in front of llama.cpp's server at `backend` (its
-    private loopback URL) and passes every request through as it is, but a chat request whose messages OpenAI's API
-    refuses: a role it does not know, a message without content (`chat_messages_problem`), answered with the merged
-    format's one-line 400. llama.cpp's server renders an unknown role into the chat template as it comes, and answered
-    200 (a review, 2026-12-06); its Responses endpoint refuses one itself. A request without the API key is left to
-    llama.cpp's own check (401). Returns the servers, each serving from a thread, for `shutdown()`."""
-    import hmac
-    import http.client
-    import http.server
-    import socketserver
-    import threading
-    from urllib.parse import urlsplit
-
-    where = urlsplit(backend)
-
-    class Front(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:  # llama.cpp's server logs each request itself
-            pass
-
-        def do_GET(self) -> None:
-            body = self.read_body()
-            refused = self.refusal(body)
-            if refused:
-                return self.send(400, json.dumps({"error": {"message": refused[0], "type": "invalid_request_error", "param": refused[1],
-                                                            "code": None}}).encode(), "application/json")
-            backend_conn = http.client.HTTPConnection(where.hostname, where.port)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-                backend_conn.request(self.command, self.path, body=body, headers=headers)
-                answer = backend_conn.getresponse()
-                self.send_response_only(answer.status, answer.reason)
-                for k, v in answer.getheaders():
-                    if k.lower() not in HOP_HEADERS:
-                        self.send_header(k, v)
-                self.send_header("Connection", "close")  # a body of unknown length (a stream) ends with the connection
-                self.end_headers()
-                self.close_connection = True
-                while chunk := answer.read1(65536):
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-            except OSError:  # the client left (llama.cpp ends its generation as its connection closes), or the server stops
-                self.close_connection = True
-            finally:
-                backend_conn.close()
-
-        do_POST = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = do_GET
-
-        def read_body(self) -> bytes | None:
-            if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else None
-            parts = []  # a chunked upload: passed on whole, with its length
-            while size := int(self.rfile.readline().split(b";")[0] or b"0", 16):
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                pass
-            return b"".join(parts)
-
-        def refusal(self, body: bytes | None) -> tuple[str, str] | None:
-            if self.command != "POST" or (self.path.split("?")[0].rstrip("/") or "/") not in CHAT_PATHS:
-                return None
-            if api_key:
-                auth = self.headers.get("Authorization", "")
-                given = auth[7:] if auth.lower().startswith("bearer ") else self.headers.get("X-Api-Key", "")
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    return None
-            try:
-                request = json.loads(body or b"")
-            except ValueError:
-                return None  # llama.cpp's own 400 names where the JSON breaks
-            return chat_messages_problem(request.get("messages")) if isinstance(request, dict) else None
-
-        def send(self, status: int, payload: bytes, kind: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-    servers = []
-    try:
-        for family, _, _, _, address in dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)):
-            server = type("FrontServer", (socketserver.ThreadingMixIn, socketserver.TCPServer),
-                          {"address_family": family, "allow_reuse_address": True, "daemon_threads": True})(address[:2], Front)
-            servers.append(server)
-            threading.Thread(target=server.serve_forever, name=f"front-{address[0]}", daemon=True).start()
-    except OSError as e:  # taken since require_free_port looked
-        for server in servers:
-            server.shutdown()
-            server.server_close()
-        raise StageError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port") from e
-    return servers
 
 
 GGUF_STOP_GRACE_S = 5  # how long a stop waits for llama.cpp's server to finish the requests it is answering
