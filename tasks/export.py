@@ -669,6 +669,52 @@ def record_server(folder: Path, pid: int) -> None:
     write_json(folder / SERVING_OWNER, {**owner, "server": {"pid": pid, "start_time": process_start_time(pid)}})
 
 
+SERVING_OWNER_MAX_BYTES = 4096  # a record serve-model writes is ~200 bytes: a larger file is none of its records
+PID_LIMIT = 2**22  # the kernel's PID_MAX_LIMIT on 64-bit: no pid reaches it (pid_max itself may have been lowered since)
+
+
+def read_serving_owner(folder: Path) -> dict | None:
+    """The owner record in `folder` as serve-model wrote it, or None for anything else: no record, a link, a FIFO or
+    device (a FIFO's read would block the start forever), a file over SERVING_OWNER_MAX_BYTES, no JSON object. Anyone
+    can make a qlora-serve-* folder in the shared temp folder (a review, 2026-12-06), so the record is opened without
+    following a link and without waiting, and read only once it is known to be a small regular file."""
+    import stat
+
+    path = folder / SERVING_OWNER
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)  # what was opened: it may have been swapped since the lstat
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SERVING_OWNER_MAX_BYTES:
+            return None
+        data = os.read(fd, SERVING_OWNER_MAX_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        owner = json.loads(data) if len(data) <= SERVING_OWNER_MAX_BYTES else None
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def recorded_process(entry: Any) -> tuple[int, str | None] | None:
+    """(pid, start time) of a process in an owner record, or None if `entry` is not one serve-model writes: a pid that is
+    an int (not a bool) in 1..PID_LIMIT - 1 and a start time that is a string or null. A pid beyond any platform's
+    (10**30) made os.kill raise OverflowError, a start time of another type counted a live owner as gone."""
+    if not isinstance(entry, dict):
+        return None
+    pid, start_time = entry.get("pid"), entry.get("start_time")
+    if type(pid) is not int or not 1 <= pid < PID_LIMIT or not (start_time is None or isinstance(start_time, str)):
+        return None
+    return pid, start_time
+
+
 def _owner_alive(pid: int, start_time: str | None) -> bool:
     if start_time is not None:  # the same pid started at another time is another process: the owner is gone
         return process_start_time(pid) == start_time
@@ -676,7 +722,7 @@ def _owner_alive(pid: int, start_time: str | None) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process has it
+    except OSError:  # another user's process has it (PermissionError), or the pid cannot be asked about: keep the folder
         return True
     return True
 
@@ -688,20 +734,27 @@ def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
     `docker kill`) never gets to: its server stops (`stop_when_orphaned`) and the folder stayed, one per kill. A folder
     is removed only when its owner record (SERVING_OWNER) names processes of this process space that no longer run,
     serve-model and its server alike: each pid is gone, or has been reused by a process that started at another time. A folder without a readable record
-    (made by an older serve-model, being made now, another user's) or of another process space (a container sharing
-    /tmp numbers its processes apart) may be a live server's: left alone."""
+    (made by an older serve-model, being made now, another user's), with a record serve-model did not write (not a small
+    regular file, a pid or start time of the wrong type: `read_serving_owner`, `recorded_process`), or of another
+    process space (a container sharing /tmp numbers its processes apart) may be a live server's: left alone."""
     parent = Path(parent or tempfile.gettempdir())
     space = process_space()
     removed = []
-    for folder in sorted(parent.glob(f"{SERVING_FOLDER_PREFIX}*")):
+    try:
+        folders = sorted(parent.glob(f"{SERVING_FOLDER_PREFIX}*"))
+    except OSError:  # a temp folder that cannot be listed: nothing to clean, the start goes on
+        return removed
+    for folder in folders:
         try:
             if folder.is_symlink() or not folder.is_dir():
                 continue
-            owner = json.loads((folder / SERVING_OWNER).read_text())
-            processes = [(int(p["pid"]), p.get("start_time")) for p in (owner, *([owner["server"]] if "server" in owner else []))]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if owner.get("process_space") != space or any(_owner_alive(pid, start_time) for pid, start_time in processes):
+            owner = read_serving_owner(folder)
+            if owner is None or owner.get("process_space") != space:
+                continue
+            processes = [recorded_process(owner), *([recorded_process(owner["server"])] if "server" in owner else [])]
+            if None in processes or any(_owner_alive(pid, start_time) for pid, start_time in processes):
+                continue  # a record serve-model did not write is left alone, as a live owner's is
+        except (OSError, ValueError, OverflowError):  # one folder's problem must not stop the start
             continue
         shutil.rmtree(folder, ignore_errors=True)  # not the folder a link points to, nor what links in it point to
         if not folder.exists():

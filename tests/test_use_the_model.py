@@ -1044,6 +1044,67 @@ def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_thos
     assert remove_stale_serving_folders(tmp_path) == []
 
 
+def test_a_crafted_serving_folder_neither_hangs_nor_stops_a_start_nor_counts_a_live_owner_as_gone(tmp_path):
+    """A review: anyone can make a /tmp/qlora-serve-* folder. An .owner.json that is a FIFO blocked the start forever
+    (read_text() waits for a writer), a pid of 10**30 raised OverflowError from os.kill (a traceback, exit 1), and a
+    start time that is no string (123) counted a live owner as gone, so its folder was removed. Now a record that is not
+    a small regular file, or whose pid or start time is not what serve-model writes, is left alone, and the folders
+    after it are still looked at: a dead owner's is removed."""
+    import os
+    import threading
+
+    from tasks.common import process_space, write_json
+    from tasks.export import SERVING_OWNER, make_serving_folder, remove_stale_serving_folders
+
+    pid, start = _dead_process()
+    here = {"process_space": process_space()}
+    folders = {}
+    for case, owner in (("fifo", None), ("pid too big", {"pid": 10**30, "start_time": None}), ("pid 0", {"pid": 0, "start_time": None}),
+                        ("pid -1", {"pid": -1, "start_time": None}), ("pid true", {"pid": True, "start_time": None}),
+                        ("pid string", {"pid": str(pid), "start_time": start}), ("live, start 123", {"pid": os.getpid(), "start_time": 123}),
+                        ("dead, start list", {"pid": pid, "start_time": [start]}), ("server pid too big", {"pid": pid, "start_time": start,
+                                                                                                          "server": {"pid": 10**30, "start_time": None}}),
+                        ("server not a record", {"pid": pid, "start_time": start, "server": 5}), ("link", None), ("too big", None),
+                        ("a folder", None), ("a list", None), ("not utf-8", None), ("zz dead", {"pid": pid, "start_time": start})):
+        folders[case] = make_serving_folder(tmp_path)
+        record = folders[case] / SERVING_OWNER
+        if owner is not None:
+            write_json(record, {**here, **owner})
+            continue
+        record.unlink()
+        if case == "fifo":
+            os.mkfifo(record)
+        elif case == "link":  # a valid record of a dead owner, but through a link
+            write_json(tmp_path / "elsewhere.json", {**here, "pid": pid, "start_time": start})
+            record.symlink_to(tmp_path / "elsewhere.json")
+        elif case == "too big":
+            record.write_text(json.dumps({**here, "pid": pid, "start_time": start}) + " " * 100_000)
+        elif case == "a folder":
+            record.mkdir()
+        elif case == "a list":
+            record.write_text(json.dumps([here]))
+        else:
+            record.write_bytes(b"\xff\xfe{}")
+    result = {}
+
+    def look():
+        try:
+            result["removed"] = remove_stale_serving_folders(tmp_path)
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            result["error"] = e
+
+    looking = threading.Thread(target=look, daemon=True)
+    looking.start()
+    looking.join(30)
+    if looking.is_alive():  # blocked on the FIFO: a writer that opens and closes it lets the read end
+        os.close(os.open(folders["fifo"] / SERVING_OWNER, os.O_WRONLY | os.O_NONBLOCK))
+        looking.join(5)
+        raise AssertionError("the look at the serving folders blocked on a FIFO record")
+    assert "error" not in result, repr(result.get("error"))
+    assert result["removed"] == [folders["zz dead"]]
+    assert all(folders[c].is_dir() for c in folders if c != "zz dead")
+
+
 def test_serve_model_merged_removes_the_folders_of_killed_serve_models_as_it_starts(own_published, tmp_path, monkeypatch, capsys):
     import os
     import subprocess
