@@ -1013,29 +1013,44 @@ RESPONSE_ROLES = ("system", "developer", "user", "assistant")  # a Responses inp
 # function_call_output items, and "developer" is read as "system" as in a chat
 
 
+def response_input_as_system(given: Any) -> Any:
+    """A Responses `input` with every developer message item read as a system one (`developer_as_system`), wherever it
+    is in the list: not only when the first item has a role (a review: after a first function_call_output item a
+    developer item was left as it came). A string, or a list's content parts (no role), is returned as it is."""
+    return developer_as_system(given) if isinstance(given, list) else given
+
+
+def _message_item(item: dict) -> bool:
+    return "role" in item or item.get("type") == "message"
+
+
 def input_problem(given: Any) -> tuple[str, str] | None:
-    """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. A list
-    whose first item has no "role" is one user message's content parts; else a conversation of items."""
+    """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. Every
+    message item (one with a role, or of type "message") is checked wherever it is: transformers serve reads a list
+    whose first item has no "role" as one user message's content parts, and a later {"type": "message", "role":
+    "wizard"} item passed as a part of it (a 200; a review, 2026-12-06)."""
     if not (isinstance(given, str) and given) and not (isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
         return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
-    if isinstance(given, str) or "role" not in given[0]:
-        return None if isinstance(given, str) else content_problem(given, "input")
+    if isinstance(given, str):
+        return None
     for i, item in enumerate(given):
-        if "role" in item:
+        if _message_item(item):
             # transformers serve hands any role, and a missing content as "", to the chat template: a 200 with some
             # answer (a review, 2026-12-06), where OpenAI's API and a chat request here answer 400
-            if not isinstance(item["role"], str) or item["role"] not in RESPONSE_ROLES:
-                return f"input[{i}].role must be one of {', '.join(RESPONSE_ROLES)}, got {item['role']!r:.40}", f"input[{i}].role"
+            role = item.get("role")
+            if not isinstance(role, str) or role not in RESPONSE_ROLES:
+                return f"input[{i}].role must be one of {', '.join(RESPONSE_ROLES)}, got {role!r:.40}", f"input[{i}].role"
             if item.get("content") is None:
-                return (f"input[{i}] (role {item['role']!r}) has no content: send a string or a list of input_text parts",
+                return (f"input[{i}] (role {role!r}) has no content: send a string or a list of input_text parts",
                         f"input[{i}].content")
             problem = content_problem(item.get("content"), f"input[{i}].content")
             if problem:
                 return problem
-        for key in ITEM_FIELDS.get(item.get("type"), ()):
-            if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
-                return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
-    return None
+        elif "role" in given[0]:  # a conversation's other items: function calls and their outputs
+            for key in ITEM_FIELDS.get(item.get("type"), ()):
+                if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
+                    return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
+    return None if "role" in given[0] else content_problem(given, "input")
 
 
 def _integer(value) -> bool:
@@ -1892,8 +1907,8 @@ def answer_as_openai_does() -> None:
             body = dict(body)
             if kind == "chat":
                 body["messages"] = developer_as_system(body["messages"])
-            elif kind == "response" and isinstance(body["input"], list) and "role" in body["input"][0]:
-                body["input"] = developer_as_system(body["input"])  # a conversation (a list of content parts has no roles)
+            elif kind == "response":
+                body["input"] = response_input_as_system(body["input"])
             configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

@@ -2004,16 +2004,45 @@ def test_request_problem_refuses_an_unknown_role_or_an_item_without_content_in_a
         {"role": "system", "content": "Be brief."}, call, {"role": "user", "content": "hi"}]
 
 
+def test_request_problem_checks_every_message_item_of_a_responses_input_whatever_comes_first():
+    """A review: with a first item that has no role (a function_call_output), the whole input was read as content
+    parts, so a later {"type": "message", "role": "wizard"} item was answered 200 and a later developer item was not
+    read as system. Every item with a role or of type "message" is now checked, and each developer item mapped."""
+    from tasks.export import request_problem, response_input_as_system
+
+    output = {"type": "function_call_output", "call_id": "c", "output": "42"}
+
+    def problem(*items):
+        return request_problem("response", {"input": [output, *items]})
+
+    for item, field in (({"type": "message", "role": "wizard", "content": "hi"}, "input[1].role"),
+                        ({"role": "wizard", "content": "hi"}, "input[1].role"), ({"type": "message", "content": "hi"}, "input[1].role"),
+                        ({"type": "message", "role": "user"}, "input[1].content"), ({"type": "message", "role": "user", "content": 5}, "input[1].content")):
+        message, got = problem(item)
+        assert got == field and "input[1]" in message and "\n" not in message, (item, message)
+    assert request_problem("response", {"input": [{"type": "message", "content": "hi"}]})[1] == "input[0].role"  # first, without a role
+    assert problem({"type": "message", "role": "developer", "content": "Be brief."}) is None
+    assert request_problem("response", {"input": [{"type": "input_text", "text": "hi"}, {"type": "input_text", "text": "there"}]}) is None
+    developer = {"type": "message", "role": "developer", "content": "Be brief."}
+    assert response_input_as_system([output, developer, {"role": "developer", "content": "x"}]) == [
+        output, {**developer, "role": "system"}, {"role": "system", "content": "x"}]
+    assert response_input_as_system("hi") == "hi"
+    parts = [{"type": "input_text", "text": "hi"}]
+    assert response_input_as_system(parts) == parts
+
+
 def test_serve_model_merged_responses_refuses_an_unknown_role_and_reads_developer_as_system(served_r1):
     """The served /v1/responses, streamed or not: an unknown role or a message item without content is a 400 naming
     input[i] (it was a 200), and a developer item is rendered as the system item it stands for (the same prompt)."""
     pub, base = served_r1
     url = f"{base}/v1/responses"
     for stream in (False, True):
-        for item, field in (({"role": "wizard", "content": "hi"}, "input[0].role"), ({"role": "user"}, "input[0].content")):
-            code, body = _request(url, {"input": [item], "max_output_tokens": 2, "stream": stream})
+        output = {"type": "function_call_output", "call_id": "c", "output": "42"}
+        for items, field in (([{"role": "wizard", "content": "hi"}], "input[0].role"), ([{"role": "user"}], "input[0].content"),
+                             ([output, {"type": "message", "role": "wizard", "content": "hi"}], "input[1].role")):
+            code, body = _request(url, {"input": items, "max_output_tokens": 2, "stream": stream})
             error = json.loads(body)["error"]
-            assert code == 400 and error["param"] == field and field[:8] in error["message"] and "\n" not in error["message"], (item, code, body)
+            assert code == 400 and error["param"] == field and field[:8] in error["message"] and "\n" not in error["message"], (items, code, body)
     tokens = {}
     for role in ("system", "developer", "user"):
         code, body = _request(url, {"input": [{"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}],
