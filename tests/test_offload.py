@@ -248,7 +248,7 @@ def _fake_time(timed, peak_of):
     """The probe's `_time_setting` seam: the step costs 3 s (+2% offloaded), the peak is `peak_of(mb, offload, n_free)`,
     or an out-of-memory where that is None."""
 
-    def fake(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None):
+    def fake(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None, exempt=()):
         timed.append((mb, ga, gc, n_free, offload))
         peak = peak_of(mb, offload, n_free)
         if peak is None:

@@ -115,7 +115,7 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
 
     timed = []
 
-    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None):
+    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None, exempt=()):
         timed.append((mb, ga, gc, n_free))
         if mb == 4:
             raise torch.OutOfMemoryError("simulated")
