@@ -216,12 +216,20 @@ def test_serve_model_stops_the_merged_server_gracefully_then_forces_it_and_a_sec
     busy = _Server(subprocess.TimeoutExpired("serve", 5), 0)  # a request still being answered: uvicorn's second signal
     _stop_merged_server(busy)
     assert busy.signals == [signal.SIGTERM, signal.SIGINT] and not busy.killed
-    stuck = _Server(subprocess.TimeoutExpired("serve", 5), subprocess.TimeoutExpired("serve", 10))
+    from tasks.export import STOP_NOW_SIGNAL
+
+    slow = _Server(subprocess.TimeoutExpired("serve", 5), subprocess.TimeoutExpired("serve", 10), 0)  # ends on the stop-now signal
+    _stop_merged_server(slow)
+    assert slow.signals == [signal.SIGTERM, signal.SIGINT, STOP_NOW_SIGNAL] and not slow.killed
+    stuck = _Server(*[subprocess.TimeoutExpired("serve", 5)] * 3)
     _stop_merged_server(stuck)
-    assert stuck.signals == [signal.SIGTERM, signal.SIGINT] and stuck.killed
-    again = _Server(KeyboardInterrupt())  # Ctrl-C pressed again while it waits: killed, no traceback
+    assert stuck.signals == [signal.SIGTERM, signal.SIGINT, STOP_NOW_SIGNAL] and stuck.killed
+    again = _Server(KeyboardInterrupt(), 0)  # Ctrl-C pressed again while it waits: stopped at once (its exit handlers run), no traceback
     _stop_merged_server(again)
-    assert again.signals == [signal.SIGTERM] and again.killed
+    assert again.signals == [signal.SIGTERM, STOP_NOW_SIGNAL] and not again.killed
+    deaf = _Server(KeyboardInterrupt(), subprocess.TimeoutExpired("serve", 5))  # ... and should it not end then: killed
+    _stop_merged_server(deaf)
+    assert deaf.signals == [signal.SIGTERM, STOP_NOW_SIGNAL] and deaf.killed
     third = _Server(KeyboardInterrupt(), KeyboardInterrupt(), 0)  # ... and once more while the killed server exits
     _stop_merged_server(third)
     assert third.killed and not third.waits
