@@ -102,12 +102,12 @@ class RunSummary:
         entry = self.data["stages"].setdefault(name, {})
         try:
             state = task(*args, return_state=True, **kwargs)
-            record = state.result()
+            record = _record(state)
             cached = state.name == "Cached"
             # A record of another artifacts folder (one this one was copied from) is not this run's: its files are there.
             if cached and not (record.outputs_exist() and _inside(getattr(record, "dir", None), self.root)):
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
-                record, cached = state.result(), False
+                record, cached = _record(state), False
         except TrainingStopped as e:
             entry.update(status="cancelled", seconds=round(time.monotonic() - t0, 2), message=str(e))
             self.data["cancelled_stage"] = name
@@ -131,6 +131,14 @@ class RunSummary:
     def write(self) -> None:
         write_json(self.run_dir / "summary.json", self.data)
         write_json(self.root / "latest.json", {"run": self.data["run"], "summary": str(self.run_dir / "summary.json"), "status": self.data["status"]})
+
+
+def _record(state):
+    """A stage task's result; a Cancelled task (training stopped by a signal after a checkpoint, tasks/stages.py returns
+    that state so the task run reads Cancelled, not Crashed) raises TrainingStopped again, which stops the flow."""
+    if state.is_cancelled():
+        raise TrainingStopped(state.message)
+    return state.result()
 
 
 def _inside(path: str | None, root: Path) -> bool:

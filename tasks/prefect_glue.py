@@ -12,7 +12,10 @@ import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prefect.states import State
 
 STAGE_RETRIES_IO = 2  # download/publish: transient network errors
 
@@ -50,6 +53,22 @@ def task_options(artifacts_dir: str) -> dict[str, Any]:
         "result_storage": store,  # a Path: local storage without a server-side block
         "cache_expiration": timedelta(days=365),
     }
+
+
+def cancelled_uncached(message: str) -> State:
+    """A Cancelled state for a task to return when its work was stopped on purpose (TrainingStopped).
+
+    Prefect's task engine records a raised KeyboardInterrupt as Crashed and has no exception that ends a task run
+    Cancelled; a state the task returns becomes the task run's state. The engine commits a returned state to the task's
+    cache key as it does a result (it skips only Failed ones), so the transaction is told not to write: the rerun must run
+    the stage again (and resume), not find it Cached with nothing in it."""
+    from prefect.states import Cancelled
+    from prefect.transactions import get_transaction
+
+    txn = get_transaction()
+    if txn is not None:
+        txn.write_on_commit = False
+    return Cancelled(message=message)
 
 
 def log(message: str) -> None:

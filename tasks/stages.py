@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import State, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from . import data as data_stage
@@ -19,14 +19,14 @@ from . import probe as probe_stage
 from . import profile as profile_stage
 from . import publish as publish_stage
 from . import train as train_stage
-from .common import StageError, read_json
+from .common import StageError, TrainingStopped, read_json
 from .config import BudgetSection, DataSection, EvalSection, ExportSection, LoraSection, MergeSection, ModelSection, PipelineConfig, QuantSection, TrainingSection
 from .data import DataRecord
 from .engine.recompute import OFFLOAD_NOTE
 from .evaluate import EvalRecord
 from .export import ExportRecord
 from .merge import MergeRecord
-from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, keyed_by, log, png_markdown
+from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, cancelled_uncached, keyed_by, log, png_markdown
 from .probe import ProbeRecord
 from .profile import ProfileRecord
 from .publish import PublishRecord
@@ -142,8 +142,11 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
 
 
 @task(name="4-train", cache_key_fn=keyed_by("train", train_stage.cache_key))
-def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord:
-    rec = train_stage.train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
+def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord | State:
+    try:
+        rec = train_stage.train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
+    except TrainingStopped as e:  # a stop signal, a checkpoint saved: Cancelled (raised, Prefect records it Crashed)
+        return cancelled_uncached(str(e))  # the flow turns it back into TrainingStopped (flows/finetune.py)
     log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
         f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")
     create_table_artifact(key=artifact_key("training"), table=[{k: v for k, v in rec.model_dump().items() if not isinstance(v, (dict, list))}],

@@ -75,6 +75,16 @@ def wait_for_training_step(art, step: int, *, running=lambda: True, between=_pau
     return seen
 
 
+def task_run_states(flow_run_id) -> dict:
+    """The flow run's task runs as the Prefect server holds them: task name (`4-train`) -> state."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state for r in runs}
+
+
 def tqdm_clock(monkeypatch) -> list[float]:
     """tqdm's clock, replaced by one a test moves (`clock[0] += 5`): how often a bar redraws, without waiting."""
     import tqdm.std

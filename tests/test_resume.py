@@ -90,7 +90,8 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
     3. A terminal that closes (a dropped ssh session hangs it up): SIGHUP killed the run on the spot; it stops as on
        Ctrl-C too, writing what is left of its output to /dev/null.
     4. The rerun resumes from the checkpoint the closed terminal's run saved, and completes.
-    Runs 2 and 3 each resume from the checkpoint the run before them saved."""
+    Runs 2 and 3 each resume from the checkpoint the run before them saved. Each stopped run's Prefect flow run and its
+    train task run end Cancelled (the task read Crashed under the Cancelled flow run)."""
     import fcntl
     import pty
     import termios
@@ -113,6 +114,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
     assert all(next(art.glob(f"cache/{stage}/*/COMPLETE"), None) for stage in ("data", "profile", "probe"))
     saved = _checkpoint_steps(art)
     assert saved == [saved[-1]] and saved[-1] >= step, saved
+    _assert_cancelled_in_prefect(art)
 
     proc = _cli(art, *no_periodic, env=api)
     step = wait_for_training_step(art, saved[-1] + 5, running=lambda: proc.poll() is None)
@@ -123,6 +125,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
     assert f"resuming from checkpoint-{saved[-1]}" in out, out[-3000:]
     first = _checkpoint_steps(art)[-1:]
     assert first[0] >= step, first
+    _assert_cancelled_in_prefect(art)
 
     master, slave = pty.openpty()
 
@@ -154,12 +157,28 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
     assert f"resuming from checkpoint-{first[0]}" in shown.decode(errors="replace"), shown.decode(errors="replace")[-3000:]
     second = _checkpoint_steps(art)
     assert second[-1] >= step > first[0], second  # the closed terminal's run saved where it stopped
+    _assert_cancelled_in_prefect(art)
 
     rerun = _cli(art, *no_periodic, env=api)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     assert summary["stages"]["train"]["outputs"]["resumed_from_step"] == second[-1]
+
+
+def _assert_cancelled_in_prefect(art: Path) -> None:
+    """The latest run under `art` is `cancelled` in training in its summary, and Cancelled in Prefect: the flow run and
+    its train task run."""
+    from prefect import get_client
+
+    from helpers import task_run_states
+
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train", summary
+    with get_client(sync_client=True) as client:
+        flow = client.read_flow_run(summary["flow_run_id"]).state
+    train = task_run_states(summary["flow_run_id"])["4-train"]
+    assert flow.is_cancelled() and train.is_cancelled(), (flow, train)
 
 
 def _checkpoint_steps(art: Path) -> list[int]:

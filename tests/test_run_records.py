@@ -304,7 +304,8 @@ def test_rerunning_a_crashed_run_reuses_its_hub_commits_though_main_moved(tmp_pa
 def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_summary(tmp_path, monkeypatch, prefect_server):
     """Before, a Ctrl-C that stopped training with a checkpoint ended the flow run Crashed ("aborted by an interrupt
     signal") and the summary `failed`, though the user stopped it on purpose and the rerun resumes it. Now both say
-    cancelled, with how to resume."""
+    cancelled, with how to resume; the train task run too (it read Crashed under the Cancelled flow run), and its
+    Cancelled state is not cached: the rerun trains on from the checkpoint."""
     import json
     import signal
     from pathlib import Path
@@ -313,6 +314,7 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
 
     import tasks.train
     from flows.finetune import finetune
+    from helpers import task_run_states
 
     def ctrl_c_as_training_starts(stage):  # what Ctrl-C runs: the handler training installed (tasks/train.py)
         if stage == "train":
@@ -329,6 +331,15 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary
     assert summary["stages"]["train"]["status"] == "cancelled" and "rerun the same command" in summary["stages"]["train"]["message"]
+    train = task_run_states(state.state_details.flow_run_id)["4-train"]
+    assert train.is_cancelled() and "checkpoint-1 saved" in train.message, train
+
+    monkeypatch.setattr(tasks.train, "maybe_fault", lambda stage: None)
+    again = finetune(profile="tiny", overrides=[f"artifacts_dir={art}"], return_state=True)
+    assert again.is_completed(), again
+    rerun = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert not rerun["stages"]["train"]["cached"] and rerun["stages"]["train"]["outputs"]["resumed_from_step"] == 1
+    assert task_run_states(again.state_details.flow_run_id)["4-train"].is_completed()
 
 
 def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
