@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
@@ -72,7 +73,8 @@ class RunSummary:
     """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json.
 
     `status` says what happened to the run: running, completed, failed, cancelled (a stop signal ended training after a
-    checkpoint: `cancelled_stage`; Prefect's state is Cancelled too; rerunning the same command resumes it), crashed (its
+    checkpoint, or Prefect's Cancel stopped a deployment run in a stage: `cancelled_stage`; Prefect's state is Cancelled
+    too; rerunning the same command resumes it), crashed (its
     process died without a word: found by the next run on this machine), superseded (failed, cancelled or crashed, and a
     later run of the same config completed: `superseded_by`; that run lists it under `supersedes`). A retry of the same flow run (`prefect
     flow-run retry`) keeps the run's name and folder; the summary counts the attempt and keeps the earlier attempts'
@@ -108,15 +110,16 @@ class RunSummary:
             if cached and not (record.outputs_exist() and _inside(getattr(record, "dir", None), self.root)):
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
                 record, cached = _record(state), False
-        except TrainingStopped as e:
-            entry.update(status="cancelled", seconds=round(time.monotonic() - t0, 2), message=str(e))
-            self.data["cancelled_stage"] = name
-            self.finish("cancelled")
-            raise
         except BaseException as e:
-            entry.update(status="failed", seconds=round(time.monotonic() - t0, 2), error=f"{type(e).__name__}: {e}")
-            self.data["failed_stage"] = name
-            self.finish("failed")
+            # A deployment run cancelled from Prefect: the runner or worker SIGTERMs the process and Prefect's handler raises
+            # TerminationSignal wherever it is (no checkpoint at this step). A SIGTERM while the run is not Cancelling fails it.
+            stopped = (str(e) if isinstance(e, TrainingStopped)
+                       else "cancelled from Prefect" if isinstance(e, TerminationSignal) and cancelling_in_prefect() else None)
+            outcome = "failed" if stopped is None else "cancelled"
+            entry.update(status=outcome, seconds=round(time.monotonic() - t0, 2),
+                         **({"error": f"{type(e).__name__}: {e}"} if stopped is None else {"message": stopped}))
+            self.data[f"{outcome}_stage"] = name
+            self.finish(outcome)
             raise
         entry.update(status="completed", cached=cached, seconds=round(time.monotonic() - t0, 2), outputs=record.model_dump(mode="json"))
         self.write()
@@ -139,6 +142,20 @@ def _record(state):
     if state.is_cancelled():
         raise TrainingStopped(state.message)
     return state.result()
+
+
+def cancelling_in_prefect() -> bool:
+    """Whether this flow run is being cancelled from Prefect (the UI's Cancel, `prefect flow-run cancel`): the server holds
+    it Cancelling (Cancelled, once the runner has marked it) while the runner or worker stops its process. False without a
+    flow run or an API that answers."""
+    if flow_run.id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+    except Exception:
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def _inside(path: str | None, root: Path) -> bool:

@@ -474,3 +474,7 @@ def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
     finally:
         srv.stop()
     assert final["state_type"] == "CANCELLED", (final["state"], (tmp_path / "serve.log").read_text()[-3000:])
+    # The run's summary says so too, in its stage (it was `failed`, `failed_stage: train`).
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary, summary
+    assert summary["stages"]["train"]["message"] == "cancelled from Prefect", summary["stages"]["train"]

@@ -342,6 +342,50 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
     assert task_run_states(again.state_details.flow_run_id)["4-train"].is_completed()
 
 
+def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_stage(tmp_path, monkeypatch, prefect_server):
+    """Before, a deployment run cancelled from Prefect mid-stage was recorded `failed` (`failed_stage`): the runner's
+    SIGTERM reaches the stage as Prefect's TerminationSignal, which the summary took for an error. Now, while the run is
+    Cancelling, it is `cancelled` with `cancelled_stage`; a SIGTERM to a run nobody cancelled still fails it.
+    In-process: the fault hook at training's start does what Prefect's Cancel does, the state first, then the signal
+    (the real runner's SIGTERM: tests/test_deploy.py::test_cancelling_a_run_mid_training_ends_cancelled)."""
+    import json
+    import signal
+    from pathlib import Path
+
+    import pytest
+    from prefect import get_client
+    from prefect.exceptions import TerminationSignal
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelling
+
+    import tasks.train
+    from flows.finetune import finetune
+
+    def cancel_from_prefect(stage, cancel=True):
+        if stage == "train":
+            if cancel:
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled in the UI"), force=True)
+            raise TerminationSignal(signal.SIGTERM)  # what Prefect's SIGTERM handler raises (capture_sigterm)
+
+    # Prefect sends an unexpected SIGTERM on to the handler it replaced (capture_sigterm): here that is not pytest's death.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        for cancel, art in ((True, tmp_path / "cancelled"), (False, tmp_path / "killed")):
+            monkeypatch.setattr(tasks.train, "maybe_fault", lambda stage: cancel_from_prefect(stage, cancel))
+            with pytest.raises(TerminationSignal):
+                finetune(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for cancel, art in ((True, tmp_path / "cancelled"), (False, tmp_path / "killed")):
+        summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+        if cancel:
+            assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary, summary
+            assert summary["stages"]["train"] == {**summary["stages"]["train"], "status": "cancelled", "message": "cancelled from Prefect"}
+        else:
+            assert summary["status"] == "failed" and summary["failed_stage"] == "train" and "cancelled_stage" not in summary, summary
+
+
 def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
     """A review: a misspelt model id while online (the hub's 404) was told 'cannot reach the hub ... connect to the
     network' and, if cached under that name, loaded offline. The hub's own answer goes on to the model checks."""
