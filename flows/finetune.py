@@ -13,9 +13,13 @@ Every stage is a Prefect task keyed on content, so a rerun reuses what is done a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 from prefect import flow, get_client, get_run_logger
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Cancelled
 
 from tasks.common import TrainingStopped, artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
@@ -32,6 +37,10 @@ from tasks.hub import check_hub_reachable, hub_offline_restored, pin_hub_revisio
 from tasks.preflight import check_model
 from tasks.prefect_glue import task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
+
+# How long a stopped run asks the server whether it was cancelled from Prefect: well inside the runner's 30 s (docker
+# stop's 10 s) between its SIGTERM and its kill, with the summary already written `failed`.
+CANCEL_QUERY_SECONDS = 3.0
 
 
 def _run_name() -> str:
@@ -111,19 +120,29 @@ class RunSummary:
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
                 record, cached = _record(state), False
         except BaseException as e:
-            # A deployment run cancelled from Prefect: the runner or worker SIGTERMs the process and Prefect's handler raises
-            # TerminationSignal wherever it is (no checkpoint at this step). A SIGTERM while the run is not Cancelling fails it.
-            stopped = (str(e) if isinstance(e, TrainingStopped)
-                       else "cancelled from Prefect" if isinstance(e, TerminationSignal) and cancelling_in_prefect() else None)
-            outcome = "failed" if stopped is None else "cancelled"
-            entry.update(status=outcome, seconds=round(time.monotonic() - t0, 2),
-                         **({"error": f"{type(e).__name__}: {e}"} if stopped is None else {"message": stopped}))
-            self.data[f"{outcome}_stage"] = name
-            self.finish(outcome)
+            self._record_stop(name, entry, e, time.monotonic() - t0)
             raise
         entry.update(status="completed", cached=cached, seconds=round(time.monotonic() - t0, 2), outputs=record.model_dump(mode="json"))
         self.write()
         return record
+
+    def _record_stop(self, name: str, entry: dict, e: BaseException, seconds: float) -> None:
+        """Record how stage `name` ended when it raised `e`: `cancelled` for TrainingStopped, else `failed`, written before
+        anything else can stop the process (a second signal, the runner's kill): never left `running`. A deployment run
+        cancelled from Prefect (the runner or worker SIGTERMs the process, Prefect's handler raises TerminationSignal
+        wherever it is) is then asked of the server, for a few seconds at most, and rewritten `cancelled` if it says so."""
+        stopped = isinstance(e, TrainingStopped)
+        outcome = "cancelled" if stopped else "failed"
+        entry.update(status=outcome, seconds=round(seconds, 2), **({"message": str(e)} if stopped else {"error": f"{type(e).__name__}: {e}"}))
+        self.data[f"{outcome}_stage"] = name
+        with _signals_held():
+            self.finish(outcome)
+        if isinstance(e, TerminationSignal) and cancelling_in_prefect():
+            entry.pop("error")
+            entry.update(status="cancelled", message="cancelled from Prefect")
+            self.data["cancelled_stage"] = self.data.pop("failed_stage")
+            with _signals_held():
+                self.finish("cancelled")
 
     def finish(self, status: str) -> None:
         self.data.update(status=status, finished=_now())
@@ -144,18 +163,41 @@ def _record(state):
     return state.result()
 
 
-def cancelling_in_prefect() -> bool:
+def cancelling_in_prefect(seconds: float = CANCEL_QUERY_SECONDS) -> bool:
     """Whether this flow run is being cancelled from Prefect (the UI's Cancel, `prefect flow-run cancel`): the server holds
     it Cancelling (Cancelled, once the runner has marked it) while the runner or worker stops its process. False without a
-    flow run or an API that answers."""
+    flow run, or an API that does not answer within `seconds`: the runner kills the process 30 s after its SIGTERM (docker
+    stop after 10 s), and the client's own retries and timeout took minutes. One request, no retries, in a thread joined
+    with that deadline (a second signal still reaches the main thread)."""
     if flow_run.id is None:
         return False
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.id).state
-    except Exception:
-        return False
+    run_id, answer = flow_run.id, []
+
+    def ask() -> None:
+        try:
+            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: seconds}):
+                with get_client(sync_client=True, httpx_settings={"timeout": seconds}) as client:
+                    answer.append(client.read_flow_run(run_id).state)
+        except Exception:
+            pass
+
+    context = contextvars.copy_context()  # the API URL may be a setting of this context (a test harness), not the env
+    asking = threading.Thread(target=context.run, args=(ask,), name="cancelling-in-prefect", daemon=True)
+    asking.start()
+    asking.join(seconds)
+    state = answer[0] if answer else None
     return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) wait until the block ends: a summary being written is written whole."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _inside(path: str | None, root: Path) -> bool:

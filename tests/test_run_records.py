@@ -386,6 +386,87 @@ def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_st
             assert summary["status"] == "failed" and summary["failed_stage"] == "train" and "cancelled_stage" not in summary, summary
 
 
+def test_asking_prefect_whether_a_stopped_run_was_cancelled_takes_seconds_when_its_api_fails_or_hangs(monkeypatch):
+    """A review: the question had the client's own retries and timeout, and summary.json waited on it: an API answering
+    503 took 134 s (6 requests), one that accepts and never answers minutes; the runner kills the process 30 s after its
+    SIGTERM, so the summary stayed `running`. Now one request, a few seconds at most."""
+    import threading
+    import time
+    import uuid
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import finetune as ft
+
+    hits = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    busy = HTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    silent = socket.socket()  # accepts (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(ft, "flow_run", SimpleNamespace(id=uuid.uuid4()))
+    try:
+        for port in (busy.server_port, silent.getsockname()[1]):
+            with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
+                t0 = time.monotonic()
+                assert ft.cancelling_in_prefect() is False
+                assert time.monotonic() - t0 < ft.CANCEL_QUERY_SECONDS + 2, time.monotonic() - t0
+    finally:
+        busy.shutdown()
+        silent.close()
+    assert len(hits) == 1, hits
+
+
+def test_a_stopped_stage_is_recorded_before_prefect_is_asked_and_a_second_signal_cannot_leave_it_running(tmp_path, monkeypatch):
+    """A review: a SIGTERM'd stage was recorded only after the server answered whether the run was being cancelled, so a
+    runner's kill or a second SIGTERM during the question (TerminationSignal is no Exception) left the summary `running`.
+    Now it is written `failed` first, then `cancelled` if the server says so; a second signal leaves it `failed`."""
+    import json
+    import signal
+
+    import pytest
+    from prefect.exceptions import TerminationSignal
+
+    from flows import finetune as ft
+
+    def stage(return_state):
+        raise TerminationSignal(signal.SIGTERM)
+
+    on_disk = []
+
+    def server_says(answer):
+        def ask():
+            on_disk.append(json.loads((art / "runs" / answer / "summary.json").read_text())["status"])
+            if answer == "second-signal":
+                raise TerminationSignal(signal.SIGTERM)
+            return answer == "cancelling"
+        return ask
+
+    art = tmp_path / "artifacts"
+    for answer in ("cancelling", "not-cancelling", "second-signal"):
+        monkeypatch.setattr(ft, "cancelling_in_prefect", server_says(answer))
+        with pytest.raises(TerminationSignal):
+            ft.RunSummary(str(art), answer).stage("train", stage)
+    assert on_disk == ["failed"] * 3
+    cancelled, failed, twice = (_summary(art, name) for name in ("cancelling", "not-cancelling", "second-signal"))
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_stage"] == "train" and "failed_stage" not in cancelled, cancelled
+    assert cancelled["stages"]["train"]["message"] == "cancelled from Prefect" and "error" not in cancelled["stages"]["train"]
+    for s in (failed, twice):
+        assert s["status"] == "failed" and s["failed_stage"] == "train" and "cancelled_stage" not in s, s
+
+
 def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
     """A review: a misspelt model id while online (the hub's 404) was told 'cannot reach the hub ... connect to the
     network' and, if cached under that name, loaded offline. The hub's own answer goes on to the model checks."""
