@@ -55,6 +55,16 @@ def task_options(artifacts_dir: str) -> dict[str, Any]:
     }
 
 
+def in_flow_task_run() -> bool:
+    """Whether this code runs as a task run of a flow run: only there does a task's returned state reach a caller that
+    reads it (RunSummary.stage). `train_task.fn(...)` (a notebook, a test) or a task called outside any flow hands its
+    return value to a caller that expects a record, so there a stop is raised, not returned."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ctx is not None and ctx.task_run.flow_run_id is not None
+
+
 def cancelled_uncached(message: str) -> State:
     """A Cancelled state for a task to return when its work was stopped on purpose (TrainingStopped).
 

@@ -26,7 +26,7 @@ from .engine.recompute import OFFLOAD_NOTE
 from .evaluate import EvalRecord
 from .export import ExportRecord
 from .merge import MergeRecord
-from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, cancelled_uncached, keyed_by, log, png_markdown
+from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, cancelled_uncached, in_flow_task_run, keyed_by, log, png_markdown
 from .probe import ProbeRecord
 from .profile import ProfileRecord
 from .publish import PublishRecord
@@ -146,6 +146,8 @@ def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSe
     try:
         rec = train_stage.train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
     except TrainingStopped as e:  # a stop signal, a checkpoint saved: Cancelled (raised, Prefect records it Crashed)
+        if not in_flow_task_run():
+            raise  # .fn() or outside a flow: the caller expects a record or the exception, not a state
         return cancelled_uncached(str(e))  # the flow turns it back into TrainingStopped (flows/finetune.py)
     log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
         f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")

@@ -342,6 +342,29 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
     assert task_run_states(again.state_details.flow_run_id)["4-train"].is_completed()
 
 
+def test_a_stopped_train_task_outside_a_flow_raises_training_stopped(tmp_path, monkeypatch, prefect_server):
+    """A review: the train task returned a Cancelled state for a stop wherever it ran, so a notebook calling
+    `train_task.fn(...)`, or the task outside a flow, got a State back where a record or TrainingStopped was due. The state
+    is returned only in a flow's task run (RunSummary.stage reads it; the Ctrl-C test above); elsewhere the stop raises."""
+    import pytest
+
+    from tasks import stages
+    from tasks.common import TrainingStopped
+    from tasks.prefect_glue import task_options
+
+    def stopped(*args, **kwargs):
+        raise TrainingStopped("training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it")
+
+    monkeypatch.setattr(stages.train_stage, "train_adapter", stopped)
+    args = (None, None, None, None, None, None, str(tmp_path))
+    with pytest.raises(TrainingStopped, match="checkpoint-3 saved"):
+        stages.train_task.fn(*args)
+    outside = stages.train_task.with_options(cache_key_fn=lambda *_: "train-fixed-key", **task_options(str(tmp_path)))
+    for _ in range(2):  # the second call: nothing was cached under the key
+        with pytest.raises(TrainingStopped, match="checkpoint-3 saved"):
+            outside(*args)
+
+
 def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_stage(tmp_path, monkeypatch, prefect_server):
     """Before, a deployment run cancelled from Prefect mid-stage was recorded `failed` (`failed_stage`): the runner's
     SIGTERM reaches the stage as Prefect's TerminationSignal, which the summary took for an error. Now, while the run is
