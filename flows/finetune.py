@@ -98,7 +98,7 @@ class RunSummary:
         if self.earlier:
             status = "crashed" if self.earlier.get("status") == "running" else self.earlier.get("status")
             attempts.append({"started": self.earlier.get("started"), "finished": self.earlier.get("finished"), "status": status,
-                             "failed_stage": self.earlier.get("failed_stage")})
+                             "failed_stage": self.earlier.get("failed_stage"), "cancelled_stage": self.earlier.get("cancelled_stage")})
         self.data: dict[str, Any] = {
             "run": run_name, "started": _now(), "status": "running", "stages": {}, "config": None,
             "summary_path": str(self.run_dir / "summary.json"), "host": socket.gethostname(), "pid": os.getpid(),

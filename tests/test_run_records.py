@@ -265,6 +265,20 @@ def test_a_retried_run_keeps_its_folder_and_counts_its_attempts(tmp_path):
     assert [(a["status"], a["failed_stage"]) for a in s["attempts"]] == [("failed", "train")]
 
 
+def test_a_retried_cancelled_run_says_where_its_attempt_was_cancelled(tmp_path):
+    """A review: after `prefect flow-run retry` of a cancelled run its attempt read {'status': 'cancelled',
+    'failed_stage': None}, not the stage it was cancelled in."""
+    from flows.finetune import RunSummary
+
+    art = tmp_path / "artifacts"
+    first = RunSummary(str(art), "tiny-1m-20261201-101500-ab12")
+    first.data["cancelled_stage"] = "train"
+    first.finish("cancelled")
+    RunSummary(str(art), "tiny-1m-20261201-101500-ab12").finish("completed")
+    attempt, = _summary(art, "tiny-1m-20261201-101500-ab12")["attempts"]
+    assert (attempt["status"], attempt["cancelled_stage"], attempt["failed_stage"]) == ("cancelled", "train", None), attempt
+
+
 def test_a_retry_keeps_the_run_name(monkeypatch):
     """`prefect flow-run retry` re-resolves the run name: it used to get a new timestamp, so the run was renamed,
     `retry <old name>` answered "not found" and the failed attempt's folder stayed `failed`."""
