@@ -103,3 +103,32 @@ def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_sto
     assert left == [], left
     rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
     assert rec.resumed_from_step == step and rec.steps == 24
+
+
+def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_training_stopped(two_ranks, tmp_path):
+    """A review: Ctrl-C (SIGINT to the terminal's process group: this process, torchrun and the ranks) stopped the ranks
+    with a checkpoint, each reporting TrainingStopped, but the stage re-raised the plain KeyboardInterrupt it got itself:
+    the run read Crashed / `failed`, not Cancelled / `cancelled`. Now the ranks' own word is raised."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from tasks.common import TrainingStopped
+
+    cfg, data, probe = two_ranks
+    art = str(tmp_path / "artifacts")
+    training = cfg.training.model_copy(update={"max_steps": 24, "checkpoint_minutes": 60})  # no periodic checkpoint
+    probe = probe.model_copy(update={"budget_seconds": 3600.0, "max_steps": 24})
+
+    def ctrl_c_when_training():
+        if wait_for_training_step(art, 2) >= 2:
+            ranks = subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout.split()
+            for pid in [*map(int, ranks), os.getpid()]:  # what the terminal's Ctrl-C reaches (killpg would hit pytest's shell)
+                os.kill(pid, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_when_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt) as e:
+        train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    assert type(e.value) is TrainingStopped and "saved" in str(e.value), repr(e.value)
+    assert len(list(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))) == 1

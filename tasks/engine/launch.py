@@ -81,6 +81,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             proc.wait(timeout=600)
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             proc.kill()
+        # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
+        stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
+        if stopped is not None:
+            raise TrainingStopped(stopped["message"]) from None
         raise
     finally:
         for sig, handler in previous.items():
@@ -131,7 +135,7 @@ def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str
     m_code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     who = m_rank.group(1) if m_rank else "?"
     code = int(m_code.group(1)) if m_code else rc
-    errors = {read_json(p)["rank"]: read_json(p) for p in sorted(work.glob(f"error-{stage}-rank*.json"))}
+    errors = _rank_errors(stage, work)
     # A rank that raised names the problem itself (NaN loss, a bad key, Ctrl-C); a rank killed by a signal
     # cannot, and the others then fail on the broken connection: report the killed one.
     err = errors.get(int(who)) if who.isdigit() else None
@@ -150,6 +154,11 @@ def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str
     last = _rank_tail(logs, who) or [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
                       f"full logs in {logs}. Rerun the same command to resume from the newest checkpoint")
+
+
+def _rank_errors(stage: str, work: Path) -> dict[int, dict]:
+    """Rank -> the exception it reported before exiting (type, message): error-<stage>-rank<N>.json."""
+    return {read_json(p)["rank"]: read_json(p) for p in sorted(work.glob(f"error-{stage}-rank*.json"))}
 
 
 def _rank_tail(logs: Path, who: str) -> list[str]:
