@@ -336,10 +336,15 @@ def test_ctrl_c_in_training_after_a_checkpoint_is_cancelled_in_prefect_and_the_s
 
     monkeypatch.setattr(tasks.train, "maybe_fault", ctrl_c_as_training_starts)
     art = tmp_path / "artifacts"
+    # Ctrl-C as a terminal hands it: a suite started in the background (`nohup make test &`) hands its workers SIGINT
+    # ignored, which training keeps ignoring (no handler of its own to call)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         state = finetune(profile="tiny", overrides=[f"artifacts_dir={art}"], return_state=True)
     except KeyboardInterrupt as e:  # not into pytest, which would stop the session
         pytest.fail(f"the flow raised {e!r} instead of ending Cancelled")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert state.is_cancelled(), state
     assert "checkpoint-1 saved" in state.message and "rerun the same command to resume" in state.message, state.message
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
