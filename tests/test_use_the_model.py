@@ -713,13 +713,55 @@ def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[s
                                 cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    while _request_or_none(f"{url}/health") != 200:
+    # serving once serve-model itself says so (its hint), not at the server's first /health: a test that stops the
+    # server in between met serve-model still waiting for it ("stopped before it served"; CI, 2026-12-06)
+    while _request_or_none(f"{url}/health") != 200 or "Ctrl-C stops it" not in log.read_text():
         if proc.poll() is not None or time.monotonic() - t0 > 300:
             proc.kill()
             proc.wait(timeout=60)
             pytest.fail(f"serve-model did not answer /health: {log.read_text()[-3000:]}")
         time.sleep(1)
     return proc, url
+
+
+def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int) -> tuple[float, int]:
+    """Stream a ~25-minute answer to `body` from serve-model `proc` at `base`; once 5 chunks came (the graceful stop
+    would wait for the stream), press Ctrl-C `presses` times a second apart: (time of the first press, exit code)."""
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from tasks.export import GGUF_STOP_GRACE_S
+
+    chunks = []
+
+    def stream():
+        data = json.dumps(body | {"max_tokens": 100_000, "stream": True,
+                                  "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", data, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                for line in response:
+                    chunks.append(line)
+        except Exception:  # cut off by the stop
+            pass
+
+    threading.Thread(target=stream, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while len(chunks) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(chunks) >= 5, log.read_text()[-2000:]
+    t0 = time.monotonic()
+    for press in range(presses):
+        if press:
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
+    finally:
+        proc.kill()
+    return t0, rc
 
 
 def test_a_local_base_with_a_pickle_beside_its_safetensors_publishes_only_what_training_loaded(tmp_path):
@@ -1170,10 +1212,7 @@ def test_serve_model_merged_a_second_ctrl_c_stops_at_once_without_leaking_semaph
     serve-model SIGKILLed the server, whose exit handlers never ran, and the resource tracker warned of "6 leaked
     semaphore objects". The server now kills its model's process and exits through them, at once."""
     import os
-    import signal
-    import threading
     import time
-    import urllib.request
 
     from tasks.export import GGUF_STOP_GRACE_S
 
@@ -1182,32 +1221,7 @@ def test_serve_model_merged_a_second_ctrl_c_stops_at_once_without_leaking_semaph
     log = tmp_path / "serve.log"
     proc, base = _start_serve_model(copy, log)
     server = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
-    chunks = []
-
-    def stream():
-        body = json.dumps({"prompt": "Hello", "max_tokens": 100_000, "stream": True,
-                           "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()
-        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                for line in response:
-                    chunks.append(line)
-        except Exception:  # cut off by the stop
-            pass
-
-    threading.Thread(target=stream, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while len(chunks) < 5 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(chunks) >= 5, log.read_text()[-2000:]  # streaming by now: the graceful stop would wait for it
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1)
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
-    finally:
-        proc.kill()
+    t0, rc = _stream_then_ctrl_c(proc, base, log, {"prompt": "Hello"}, presses=2)
     took = time.monotonic() - t0
     while time.monotonic() - t0 < 30:  # the resource tracker, in the server's process group, warns as it exits
         try:
@@ -1616,10 +1630,7 @@ def test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_with
     """Ctrl-C while a client streams a long answer: uvicorn's graceful stop waits for open streams, so serve-model waited
     30 s and then SIGKILLed the server (a review, 2026-12-06). It now cuts the request off after the gguf backend's
     GGUF_STOP_GRACE_S, as that backend does, and says `stopped`."""
-    import signal
-    import threading
     import time
-    import urllib.request
 
     from tasks.export import GGUF_STOP_GRACE_S
 
@@ -1627,31 +1638,7 @@ def test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_with
     copy = _copy_with_context(art, pub, tmp_path / "art", 2 ** 20)  # an answer that is not stopped runs for ~25 min
     log = tmp_path / "serve.log"
     proc, base = _start_serve_model(copy, log)
-    chunks = []
-
-    def stream():
-        body = json.dumps({"model": "x", "prompt": "Hello", "max_tokens": 100_000, "stream": True,
-                           "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()  # the review's request
-        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                for line in response:
-                    chunks.append(line)
-        except Exception:  # cut off by the stop: what this test is about
-            pass
-
-    reader = threading.Thread(target=stream, daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while len(chunks) < 5 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(chunks) >= 5, log.read_text()[-2000:]  # streaming by now
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
-    finally:
-        proc.kill()
+    t0, rc = _stream_then_ctrl_c(proc, base, log, {"model": "x", "prompt": "Hello"}, presses=1)  # the review's request
     took = time.monotonic() - t0
     out = log.read_text()
     assert rc == 0 and took < GGUF_STOP_GRACE_S + 5, (rc, took, out[-2000:])
