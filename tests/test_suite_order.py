@@ -168,3 +168,17 @@ def test_a_build_whose_session_is_gone_stops_as_on_ctrl_c(tmp_path):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # reaped by init once it exits
         time.sleep(0.2)
     assert log.read_text() == "building\ncleaned up\n"
+
+
+def test_the_build_runs_at_the_lowest_priority_in_its_scheduler_group_too():
+    """nice ranks processes only within one scheduler group where the kernel groups sessions (autogroup): the build's
+    own session was a group at nice 0, as heavy as the suite's workers together. Its process and its group read 19."""
+    import os
+
+    code = "import os\nprint(os.nice(0))\ntry:\n    print(open('/proc/self/autogroup').read().split()[-1])\nexcept OSError:\n    print('none')"
+    build = conftest.spawn_build([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    out, _ = build.communicate(timeout=60)
+    nice, group = out.split()
+    assert nice == "19", out
+    if os.path.exists("/proc/self/autogroup"):
+        assert group == "19", out
