@@ -265,31 +265,48 @@ def _tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
 
 
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, api_env):
+    """Two complete runs started at once on one artifacts folder, in the background, by the first test that asks:
+    `finish()` waits for them and returns (the folder, each run's exit code and output). They are
+    test_two_runs_at_once_on_one_artifacts_folder's runs and the SIGKILL-each-stage test's clean runs: nothing in them
+    waits on time, so they run beside its killed runs (as its own clean run did, one full run less in the module)."""
+    folder = tmp_path_factory.mktemp("two-runs")
+    art = folder / "artifacts"
+    procs = [_cli(art, api_env, log=folder / f"run-{i}.log") for i in range(2)]
+    results: list[tuple[int, str]] = []
+
+    def finish() -> tuple[Path, list[tuple[int, str]]]:
+        if not results:
+            results.extend(_finish(p) for p in procs)
+        return art, results
+
+    yield finish
+    for p in procs:  # a test that failed before finish(): stop them
+        if p.poll() is None:
+            _finish(p, kill=True)
+
+
 @pytest.mark.slow
-def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_env):
+def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_env, two_runs):
     """Run k is SIGKILLed at the start of stage k; it is also the rerun of run k-1, so it must find stages
     1..k-2 cached, finish stage k-1 (killed last time) and die in stage k. The last run completes; its
-    artifacts equal a clean run's (same files; losses within LOSS_TOL)."""
-    clean = tmp_path / "clean"
-    # The clean run has its own folder and nothing in it waits on time: it runs beside the killed runs.
-    clean_run = _cli(clean, api_env, log=tmp_path / "clean.log")
+    artifacts equal a clean run's (same files; losses within LOSS_TOL): the clean runs are `two_runs`', started
+    before the chain and running beside it."""
     art = tmp_path / "killed"
-    try:
-        for k, stage in enumerate(STAGES):
-            code, out = _finish(_cli(art, api_env, f"{stage}:kill"))
-            assert code == -signal.SIGKILL, f"stage {stage}: exit {code}\n{out[-3000:]}"
-            if k == 0:
-                continue
-            stages = _summary(art)["stages"]
-            assert [s for s in STAGES if stages.get(s, {}).get("status") == "completed"] == STAGES[:k], (stage, stages)
-            assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
-        code, out = _finish(_cli(art, api_env))
-        assert code == 0, out[-3000:]
-    except BaseException:
-        _finish(clean_run, kill=True)
-        raise
-    code, out = _finish(clean_run)
+    for k, stage in enumerate(STAGES):
+        code, out = _finish(_cli(art, api_env, f"{stage}:kill"))
+        assert code == -signal.SIGKILL, f"stage {stage}: exit {code}\n{out[-3000:]}"
+        if k == 0:
+            continue
+        stages = _summary(art)["stages"]
+        assert [s for s in STAGES if stages.get(s, {}).get("status") == "completed"] == STAGES[:k], (stage, stages)
+        assert [s for s in STAGES[:k] if stages[s]["cached"]] == STAGES[: k - 1], (stage, stages)  # 0 redone
+    code, out = _finish(_cli(art, api_env))
     assert code == 0, out[-3000:]
+    clean, results = two_runs()
+    for code, out in results:
+        assert code == 0, out[-3000:]
     summary = _summary(art)
     assert [s for s in STAGES if summary["stages"][s]["cached"]] == STAGES[:-1]
     # Each killed run was found crashed by the next, then superseded by the run that completed.
@@ -311,12 +328,10 @@ def test_sigkill_in_each_stage_then_rerun_redoes_nothing_finished(tmp_path, api_
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_on_one_artifacts_folder(tmp_path, api_env):
+def test_two_runs_at_once_on_one_artifacts_folder(two_runs):
     from tasks.publish import is_published
 
-    art = tmp_path / "artifacts"
-    procs = [_cli(art, api_env), _cli(art, api_env)]
-    results = [_finish(p) for p in procs]
+    art, results = two_runs()
     for code, out in results:
         assert code == 0, out[-3000:]
     published = [l.split("results: ", 1)[1].strip() for _, out in results for l in out.splitlines() if l.startswith("results: ")]
