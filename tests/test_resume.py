@@ -18,11 +18,18 @@ from helpers import wait_for_training_step
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The runs' budget. Training runs it out (no step cap), so each test's last run trains on the clock until what is left
+# of it is spent: 0.6 minutes made that ~25-30 s of each test on CI, 0.4 makes it 12 s less. What the stops need of it
+# is a few seconds: the first checkpoint comes after 3 s of training, and the Ctrl-C chain's three stopped runs train
+# ~30 steps in all (~480 tokens a step; CI trains 5-16k tokens/s). The budget's 5% tolerance is 1.2 s, a dozen steps.
+MINUTES = "0.4"
+
+
 def _cli(art: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """The CLI on the tiny profile with a 0.6-minute budget: training runs the budget out (no step cap), checkpointing
+    """The CLI on the tiny profile with a MINUTES budget: training runs the budget out (no step cap), checkpointing
     every 3 s, so there is a training to stop."""
     clock = ("--set", "training.max_steps=null", "--set", "training.checkpoint_minutes=0.05")
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6", "--set", f"artifacts_dir={art}", *clock, *extra]
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", MINUTES, "--set", f"artifacts_dir={art}", *clock, *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_stop_signals_as_in_a_terminal)
 
@@ -134,7 +141,7 @@ def test_ctrl_c_sigterm_and_a_closed_terminal_mid_training_each_save_a_checkpoin
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         _stop_signals_as_in_a_terminal()
 
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", "0.6", "--set", f"artifacts_dir={art}",
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--minutes", MINUTES, "--set", f"artifacts_dir={art}",
            "--set", "training.max_steps=null", *no_periodic]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, preexec_fn=own_terminal,
                             env={**os.environ, **api})
