@@ -61,17 +61,24 @@ HUB_ANSWERS = {400, 401, 403, 404, 410}
 def ask_hub(kind: str, name: str, token: str | None) -> str:
     """The commit `main` points at now. Raises HubAnswered when the hub answers with an error of its own about the name,
     and whatever else the lookup raises (a network error, a timeout after HUB_TIMEOUT_S, a 429 or 5xx) when it does not:
-    `hub_reply` sorts those."""
+    `hub_reply` sorts those. A reply that is not the hub API's (a captive portal's or a proxy's HTML page with a 200, a
+    wrong HF_ENDPOINT, a 3xx whose JSON has no `id`) is a ConnectionError saying so: no hub was reached."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import DisabledRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (DisabledRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
+    api = HfApi()
     try:
-        info = (HfApi().model_info if kind == "model" else HfApi().dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
+        info = (api.model_info if kind == "model" else api.dataset_info)(name, timeout=HUB_TIMEOUT_S, token=token)
     except HfHubHTTPError as e:  # GatedRepoError is a RepositoryNotFoundError
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(e, (RepositoryNotFoundError, DisabledRepoError, RevisionNotFoundError)) or status in HUB_ANSWERS:
             raise HubAnswered(str(e)) from e
         raise
+    except HFValidationError:  # a ValueError, but about the name (check_hub_ids words it), not the reply
+        raise
+    except (ValueError, KeyError) as e:  # the body is no JSON (JSONDecodeError is a ValueError), or lacks the info's fields
+        raise ConnectionError(f"the hub's reply at {api.endpoint} is not its API's: {_why(e)}") from e
     if not info.sha:
         raise HubAnswered("the hub gave no commit")
     return info.sha
@@ -79,12 +86,13 @@ def ask_hub(kind: str, name: str, token: str | None) -> str:
 
 def hub_reply(error: BaseException) -> str | None:
     """What a failed `ask_hub` got: "answered" (HubAnswered: the hub's word on the name), "unreachable" (no connection: a
-    network error, a timeout, huggingface_hub's offline mode), "failed" (an HTTP error that says nothing about the name: a
-    429, a 5xx, a proxy's 407; or another OSError), or None: not a lookup error at all (a bug, a full disk's RuntimeError),
-    which the caller re-raises rather than call the hub unreachable."""
+    network error, a timeout, huggingface_hub's offline mode, a reply that is not the hub API's), "failed" (an HTTP error
+    that says nothing about the name: a 429, a 5xx, a proxy's 407; or another OSError), or None: not a lookup error at
+    all (a bug, a full disk's RuntimeError), which the caller re-raises rather than call the hub unreachable."""
     if isinstance(error, HubAnswered):
         return "answered"
-    if isinstance(error, (ConnectionError, TimeoutError, *_transport_errors())):  # OfflineModeIsEnabled is a ConnectionError
+    # OfflineModeIsEnabled is a ConnectionError, and so is ask_hub's for a reply that is not the hub API's
+    if isinstance(error, (ConnectionError, TimeoutError, *_transport_errors())):
         return "unreachable"
     if isinstance(error, OSError):  # HfHubHTTPError is one, and requests' errors
         return "failed"

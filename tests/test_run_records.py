@@ -551,7 +551,8 @@ def test_only_the_hubs_own_answer_is_read_as_one(tmp_path, monkeypatch):
     with pytest.raises(hub.HubAnswered, match="the hub gave no commit"):
         hub.ask_hub("model", "someorg/somemodel", None)
 
-    for error in (RuntimeError("No space left on device"), KeyError("sha")):
+    # (a KeyError or ValueError from the lookup is a reply that is not the hub API's: an unreachable hub, tested below)
+    for error in (RuntimeError("No space left on device"), AttributeError("'NoneType' object has no attribute 'sha'")):
         _hf_api(monkeypatch, error)
         assert hub.hub_reply(error) is None
         with pytest.raises(type(error)) as e:
@@ -684,6 +685,69 @@ def test_a_rate_limit_or_an_outage_reply_is_neither_the_hubs_answer_nor_an_unrea
     asked = _hf_api(monkeypatch, rate_limited)
     _, lines, offline = pin_then_check(_cfg(tmp_path, "model.name=someorg/somemodel", "model.revision=" + "a" * 40))
     assert not offline and asked == ["someorg/somemodel"] and len(lines) == 1 and "429" in lines[0], lines
+
+
+def test_a_reply_that_is_not_the_hubs_api_is_an_unreachable_hub(tmp_path, monkeypatch):
+    """A review: an HTML page with a 200 (a captive portal, a corporate proxy, a wrong HF_ENDPOINT) crashed the run with
+    a raw JSONDecodeError from the pinning, and a 3xx with a JSON body without `id` with KeyError: 'id'. Such a reply says
+    nothing about the name: it is an unreachable hub (a cached model loads offline, an uncached one is the one-line
+    "cannot reach the hub") with the reply's fault in the message. Real replies, from a server on loopback."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import huggingface_hub.constants
+
+    import tasks.hub as hub
+    from tasks.common import StageError
+
+    reply = {}
+
+    class NotTheHub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = reply["body"].encode()
+            self.send_response(reply["status"])
+            self.send_header("Content-Type", reply["type"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotTheHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)  # HF_ENDPOINT, read as huggingface_hub is imported
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = _cfg(tmp_path, "model.name=someorg/somemodel")
+
+    def pin_then_check():
+        pinned, revisions, warnings = hub.pin_hub_revisions(cfg)
+        with hub.hub_offline_restored():
+            return revisions, warnings + hub.check_hub_reachable(pinned, revisions)
+
+    replies = ((200, "text/html", "<html><body>Sign in to the guest network</body></html>", "JSONDecodeError: Expecting value"),
+               (302, "application/json", '{"error": "moved"}', "KeyError: 'id'"))
+    try:
+        for status, kind, body, fault in replies:
+            reply.update(status=status, type=kind, body=body)
+            with pytest.raises(ConnectionError, match=f"^the hub's reply at {endpoint} is not its API's: {fault}"):
+                hub.ask_hub("model", "someorg/somemodel", None)
+            with pytest.raises(StageError) as e:
+                pin_then_check()
+            msg = str(e.value)
+            assert msg.startswith(f"cannot reach the hub for 'someorg/somemodel' (ConnectionError: the hub's reply at {endpoint} "
+                                  f"is not its API's: {fault}") and "not in the local hub cache; connect" in msg and "\n" not in msg, msg
+        _cache_model(tmp_path)
+        for status, kind, body, fault in replies:
+            reply.update(status=status, type=kind, body=body)
+            revisions, lines = pin_then_check()
+            assert revisions["model"]["hub"] == "unreachable" and fault in revisions["model"]["why"], revisions
+            assert "loading it from the local hub cache" in lines[-1] and fault in lines[-1], lines
+    finally:
+        server.shutdown()
 
 
 def test_an_entry_says_how_the_hub_replied(tmp_path, monkeypatch):
