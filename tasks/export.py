@@ -1024,11 +1024,18 @@ def _message_item(item: dict) -> bool:
     return "role" in item or item.get("type") == "message"
 
 
+def _conversation_item(item: dict) -> bool:
+    """A Responses input item of a conversation (a message, a function call or its output, a reasoning item), not a
+    content part."""
+    return _message_item(item) or item.get("type") in (*ITEM_FIELDS, "reasoning")
+
+
 def input_problem(given: Any) -> tuple[str, str] | None:
     """(message, field) for a Responses `input` that transformers serve cannot turn into messages, else None. Every
     message item (one with a role, or of type "message") is checked wherever it is: transformers serve reads a list
     whose first item has no "role" as one user message's content parts, and a later {"type": "message", "role":
-    "wizard"} item passed as a part of it (a 200; a review, 2026-12-06)."""
+    "wizard"} item passed as a part of it (a 200; a review, 2026-12-06). Such a list holds content parts only: a
+    conversation's item in it (a message, a function call or its output) is refused, as serve would drop it."""
     if not (isinstance(given, str) and given) and not (isinstance(given, list) and given and all(isinstance(i, dict) for i in given)):
         return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
     if isinstance(given, str):
@@ -1050,7 +1057,22 @@ def input_problem(given: Any) -> tuple[str, str] | None:
             for key in ITEM_FIELDS.get(item.get("type"), ()):
                 if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
                     return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
-    return None if "role" in given[0] else content_problem(given, "input")
+    if "role" in given[0]:
+        return None
+    # transformers serve reads a list whose first item has no role as one user message's content parts and keeps only its
+    # text (image, audio) parts: a message, function call or output item among them was dropped with a 200, a developer
+    # item after an input_text part or a user question after a first function_call_output (a review, 2026-12-06)
+    for i, item in enumerate(given):
+        if _conversation_item(item):
+            what = "a message item" if _message_item(item) else f"a {item['type']!r} item"
+            if i == 0:
+                return (f"input[0]: {what} cannot open the input without a role (it would be read as a content part and "
+                        "dropped); start with the conversation's messages (a role each), e.g. the user's question, then "
+                        "the function call and its output"), "input[0]"
+            fix = ("give every item a role (or send the parts as one message's content)" if _message_item(item) else
+                   "send the parts as a message's content, e.g. {\"role\": \"user\", \"content\": [...]}")
+            return f"input[{i}]: {what} cannot follow content parts; {fix}", f"input[{i}]"
+    return content_problem(given, "input")
 
 
 def _integer(value) -> bool:

@@ -2008,7 +2008,8 @@ def test_request_problem_checks_every_message_item_of_a_responses_input_whatever
         message, got = problem(item)
         assert got == field and "input[1]" in message and "\n" not in message, (item, message)
     assert request_problem("response", {"input": [{"type": "message", "content": "hi"}]})[1] == "input[0].role"  # first, without a role
-    assert problem({"type": "message", "role": "developer", "content": "Be brief."}) is None
+    # a first function_call_output makes the list content parts, which lose a message item: refused (a later review)
+    assert problem({"type": "message", "role": "developer", "content": "Be brief."})[1] == "input[0]"
     assert request_problem("response", {"input": [{"type": "input_text", "text": "hi"}, {"type": "input_text", "text": "there"}]}) is None
     developer = {"type": "message", "role": "developer", "content": "Be brief."}
     assert response_input_as_system([output, developer, {"role": "developer", "content": "x"}]) == [
@@ -2018,15 +2019,54 @@ def test_request_problem_checks_every_message_item_of_a_responses_input_whatever
     assert response_input_as_system(parts) == parts
 
 
+def test_request_problem_refuses_a_conversation_item_among_a_responses_inputs_content_parts():
+    """A review: transformers serve reads a Responses `input` whose first item has no role as one user message's content
+    parts and keeps only their text (image, audio), so a developer message after an input_text part, or everything
+    after a first function_call_output, reached the chat template dropped, with a 200. Such a list is now a 400 naming
+    the item; content parts alone, and a conversation that opens with a message, are taken as before."""
+    from transformers.cli.serving.response import ResponseHandler
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import request_problem
+
+    def served_as(items):  # the messages transformers serve hands the chat template
+        return BaseHandler.get_processor_inputs_from_messages(ResponseHandler._normalize_input({"input": items}), Modality.LLM)
+
+    colour = {"type": "input_text", "text": "Name a colour."}
+    developer = {"type": "message", "role": "developer", "content": "Answer in French."}
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c", "output": "42"}
+    question = {"type": "message", "role": "user", "content": "What is it?"}
+    # what it was: a 200 whose prompt had lost the item
+    assert served_as([colour, developer]) == [{"role": "user", "content": "Name a colour."}]
+    assert served_as([output, question]) == served_as([call, output, question]) == [{"role": "user", "content": ""}]
+    for items, field, said in (([colour, developer], "input[1]", "input[1]: a message item cannot follow content parts; give every item a role"),
+                               ([colour, {"role": "developer", "content": "x"}], "input[1]", "give every item a role"),
+                               ([colour, output], "input[1]", "input[1]: a 'function_call_output' item cannot follow content parts"),
+                               ([output], "input[0]", "input[0]: a 'function_call_output' item cannot open the input"),
+                               ([output, question], "input[0]", "start with the conversation's messages"),
+                               ([call, output, question], "input[0]", "input[0]: a 'function_call' item cannot open the input"),
+                               ([{"type": "reasoning", "content": []}, question], "input[0]", "a 'reasoning' item")):
+        message, got = request_problem("response", {"input": items})
+        assert got == field and said in message and "\n" not in message, (items, message)
+    for ok in ([colour], [colour, {"type": "input_text", "text": "In French."}], [question, call, output],
+               [{"role": "user", "content": [colour]}, developer]):
+        assert request_problem("response", {"input": ok}) is None, ok
+
+
 def test_serve_model_merged_responses_refuses_an_unknown_role_and_reads_developer_as_system(served_r1):
-    """The served /v1/responses, streamed or not: an unknown role or a message item without content is a 400 naming
-    input[i] (it was a 200), and a developer item is rendered as the system item it stands for (the same prompt)."""
+    """The served /v1/responses, streamed or not: an unknown role, a message item without content or a conversation's
+    item among content parts is a 400 naming input[i] (it was a 200), and a developer item is rendered as the system item it stands for (the same prompt)."""
     pub, base = served_r1
     url = f"{base}/v1/responses"
     for stream in (False, True):
         output = {"type": "function_call_output", "call_id": "c", "output": "42"}
         for items, field in (([{"role": "wizard", "content": "hi"}], "input[0].role"), ([{"role": "user"}], "input[0].content"),
-                             ([output, {"type": "message", "role": "wizard", "content": "hi"}], "input[1].role")):
+                             ([output, {"type": "message", "role": "wizard", "content": "hi"}], "input[1].role"),
+                             # content parts then a message item: serve dropped the item, with a 200 (a later review)
+                             ([{"type": "input_text", "text": "Name a colour."},
+                               {"type": "message", "role": "developer", "content": "Answer in French."}], "input[1]"),
+                             ([output, {"type": "message", "role": "user", "content": "What is it?"}], "input[0]")):
             code, body = _request(url, {"input": items, "max_output_tokens": 2, "stream": stream})
             error = json.loads(body)["error"]
             assert code == 400 and error["param"] == field and field[:8] in error["message"] and "\n" not in error["message"], (items, code, body)
