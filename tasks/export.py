@@ -645,12 +645,14 @@ SERVING_OWNER = ".owner.json"  # in it: the serve-model process that owns it and
 
 def process_start_time(pid: int) -> str | None:
     """When process `pid` started (clock ticks after boot: /proc/<pid>/stat's 22nd field), or None where there is no
-    /proc or no such process. With the pid it names one process: a pid alone may have been reused by a later one."""
+    /proc, no such process, or only a zombie of it (state Z: it has exited and its parent has not reaped it; a review
+    found such an owner's serving folder kept). With the pid it names one process: a pid alone may have been reused."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces and parentheses
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie (or dead) process keeps its start time: runs nothing
 
 
 def make_serving_folder(parent: Path | None = None) -> Path:

@@ -1086,6 +1086,42 @@ def test_stale_serving_folders_are_those_whose_serve_model_is_gone_and_only_thos
     assert remove_stale_serving_folders(tmp_path) == []
 
 
+def test_a_serving_folder_whose_owner_is_a_zombie_is_stale():
+    """A review: a serve-model (or server) that has exited but whose parent has not reaped it keeps its /proc entry,
+    start time included, in state Z, so its folder was kept as a live owner's. A zombie runs nothing: it is gone."""
+    import os
+    import subprocess
+    import tempfile
+
+    from tasks.common import process_space, write_json
+    from tasks.export import SERVING_OWNER, make_serving_folder, process_start_time, remove_stale_serving_folders
+
+    dead, dead_start = _dead_process()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(["sleep", "30"])
+        try:
+            start = process_start_time(proc.pid)
+            assert start is not None
+            folders = {}
+            for case, owner in (("zombie", {"pid": proc.pid, "start_time": start}),
+                                ("gone, zombie server", {"pid": dead, "start_time": dead_start,
+                                                         "server": {"pid": proc.pid, "start_time": start}}),
+                                ("live", {"pid": os.getpid(), "start_time": process_start_time(os.getpid())})):
+                folders[case] = make_serving_folder(Path(tmp))
+                write_json(folders[case] / SERVING_OWNER, {"process_space": process_space(), **owner})
+            assert remove_stale_serving_folders(Path(tmp)) == []  # running: kept
+            proc.kill()
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, and not reaped: a zombie
+            stat = Path(f"/proc/{proc.pid}/stat").read_text()
+            assert stat.rsplit(")", 1)[1].split()[0] == "Z" and stat.rsplit(")", 1)[1].split()[19] == start, stat
+            removed = remove_stale_serving_folders(Path(tmp))
+            assert sorted(removed) == sorted(folders[c] for c in ("zombie", "gone, zombie server")) and folders["live"].is_dir(), removed
+            assert process_start_time(proc.pid) is None
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_crafted_serving_folder_neither_hangs_nor_stops_a_start_nor_counts_a_live_owner_as_gone(tmp_path):
     """A review: anyone can make a /tmp/qlora-serve-* folder. An .owner.json that is a FIFO blocked the start forever
     (read_text() waits for a writer), a pid of 10**30 raised OverflowError from os.kill (a traceback, exit 1), and a
