@@ -264,6 +264,64 @@ def test_a_probe_timed_on_another_pass_is_not_reused(tiny_cfg, monkeypatch):
     assert key(t) == without
 
 
+# The pass's code (`pass_code`) at each PASS_VERSION: a change of the code without a new version (b645bef, whose float32
+# copy fewer lowered the pass's peak memory, left "(d42cfda)" in the probe key), or of the version without the code, fails
+# test_the_pass_version_changes_with_the_pass. A code change that leaves the pass's time, memory and exempt tokens as
+# they were (a rename, a log line) records its new fingerprint under the same version instead.
+PASS_CODE = {
+    "sparse candidates, stop tokens exempt in the probe (d42cfda)": "fb39d39961230f82",  # 67337b8 (the span cap)
+    "sparse candidates in spans of at most MAX_PAIRS pairs, no float32 copy of the logits (b645bef)": "02210f7910a436bb",
+}
+
+
+def pass_code(source: str) -> str:
+    """A fingerprint of tasks/engine/unlikelihood.py's code: its syntax tree without docstrings or PASS_VERSION's line
+    (comments are not in it), written out field by field so that Python 3.11 to 3.13 give the same one."""
+    import ast
+    import hashlib
+
+    def tree(node):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str))]
+        out = [type(node).__name__]
+        for name, value in ast.iter_fields(node):
+            if isinstance(value, ast.AST):
+                out.append((name, tree(value)))
+            elif isinstance(value, list) and value:  # an empty list left out: 3.12's type_params
+                out.append((name, [tree(v) if isinstance(v, ast.AST) else repr(v) for v in value]))
+            elif value is not None and not isinstance(value, list):
+                out.append((name, repr(value)))
+        return out
+
+    module = ast.parse(source)
+    module.body = [s for s in module.body if not (isinstance(s, ast.Assign) and any(getattr(t, "id", None) == "PASS_VERSION" for t in s.targets))]
+    return hashlib.sha256(repr(tree(module)).encode()).hexdigest()[:16]
+
+
+def test_the_pass_version_changes_with_the_pass(tiny_cfg, monkeypatch):
+    """A review: b645bef changed the pass's memory (log_softmax casting the logits itself: one float32 chunk x vocab
+    copy fewer at the peak) and kept PASS_VERSION, so a probe that measured the earlier pass's peak memory was reused.
+    The pass's code is pinned to its version here, and the version is in the probe key of a run with unlikelihood."""
+    from types import SimpleNamespace
+
+    import tasks.engine.unlikelihood as ul_mod
+    from tasks.probe import cache_key as probe_key
+
+    code = pass_code(Path(ul_mod.__file__).read_text())
+    assert PASS_CODE.get(ul_mod.PASS_VERSION) == code, (
+        f"tasks/engine/unlikelihood.py's code changed (now {code}) since PASS_VERSION {ul_mod.PASS_VERSION!r} was set: if the "
+        "pass's time, memory or exempt tokens changed, give it a new PASS_VERSION, else record the new code under this one")
+    assert list(PASS_CODE.values()).count(code) == 1  # a new version for the same code: name what changed, or keep the old
+    data = SimpleNamespace(key="d", model_fingerprint="m")
+    t = tiny_cfg.training.model_copy(update={"unlikelihood_alpha": 1.0})
+    key = lambda: probe_key(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, t, tiny_cfg.budget, "cpu")  # noqa: E731
+    now, current = key(), ul_mod.PASS_VERSION
+    for version in PASS_CODE:  # each version its own probe key: a probe of the earlier pass is not reused
+        monkeypatch.setattr(ul_mod, "PASS_VERSION", version)
+        assert (key() == now) == (version == current), version
+
+
 @pytest.mark.parametrize("max_pairs", [1, 7, 40, 10_000])
 def test_spans_hold_at_most_max_pairs_and_give_the_same_loss(max_pairs, monkeypatch):
     """A chunk whose positions have written many distinct tokens is cut into spans of at most `max_pairs` candidate

@@ -36,10 +36,14 @@ from __future__ import annotations
 EPS = 1e-5
 
 
-PASS_VERSION = "sparse candidates, stop tokens exempt in the probe (d42cfda)"
+# b645bef: log_softmax casts the logits to float32 itself, so a chunk holds the head's-dtype logits and one float32
+# (chunk x vocab) tensor at its peak, not two float32 ones: a lower peak memory than the pass 67337b8 keyed (as
+# "sparse candidates, stop tokens exempt in the probe (d42cfda)", its span cap included), whose probes are not reused.
+PASS_VERSION = "sparse candidates in spans of at most MAX_PAIRS pairs, no float32 copy of the logits (b645bef)"
 """What the pass computes and costs, in the probe's key of a run that sets training.unlikelihood_alpha (and through it
 stage 4's): a probe timed on an earlier pass (7b810f5's dense one: 1.17 s a step where this one takes ~0.83) is not
-reused. Runs without unlikelihood keep their keys. Change it when the pass's time, memory or exempt tokens change."""
+reused, nor its peak memory. Runs without unlikelihood keep their keys. Change it when the pass's time, memory or
+exempt tokens change (tests/test_unlikelihood.py pins the pass's code to it and fails on a change of either alone)."""
 
 MAX_PAIRS = 1 << 22
 """Candidate pairs a chunk scores at most (~80 bytes each in the chunk's temporaries: ~330 MiB): a chunk whose positions
