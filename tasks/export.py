@@ -1398,6 +1398,10 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if not isinstance(body.get("suffix"), (str, type(None))):
             return f"suffix must be a string, got {body['suffix']!r:.40}", "suffix"
     else:
+        if body.get("previous_response_id") is not None:  # serve lists it unused: the follow-up was answered without its history
+            return ("previous_response_id is not supported: this server keeps no conversation history (transformers serve "
+                    "ignores the field); send the whole conversation in `input` (each item with its role), without "
+                    "previous_response_id"), "previous_response_id"
         problem = input_problem(body.get("input"))
         if problem:
             return problem

@@ -77,7 +77,8 @@ def ask_hub(kind: str, name: str, token: str | None) -> str:
         raise
     except HFValidationError:  # a ValueError, but about the name (check_hub_ids words it), not the reply
         raise
-    except (ValueError, KeyError) as e:  # the body is no JSON (JSONDecodeError is a ValueError), or lacks the info's fields
+    except (ValueError, KeyError, TypeError) as e:  # the body is no JSON (JSONDecodeError is a ValueError), no JSON object
+        # (a list, null or a string: ModelInfo(**body) is a TypeError), or lacks the info's fields
         raise ConnectionError(f"the hub's reply at {api.endpoint} is not its API's: {_why(e)}") from e
     if not info.sha:
         raise HubAnswered("the hub gave no commit")

@@ -729,7 +729,8 @@ def test_a_reply_that_is_not_the_hubs_api_is_an_unreachable_hub(tmp_path, monkey
             return revisions, warnings + hub.check_hub_reachable(pinned, revisions)
 
     replies = ((200, "text/html", "<html><body>Sign in to the guest network</body></html>", "JSONDecodeError: Expecting value"),
-               (302, "application/json", '{"error": "moved"}', "KeyError: 'id'"))
+               (302, "application/json", '{"error": "moved"}', "KeyError: 'id'"),
+               (200, "application/json", '["another", "API"]', "TypeError: "))  # a review: JSON that is no object
     try:
         for status, kind, body, fault in replies:
             reply.update(status=status, type=kind, body=body)

@@ -2277,3 +2277,20 @@ def test_serve_model_merged_answers_generation_config_s_length_limit_and_refuses
         assert code == 200 and '"error"' not in answer, (stream, code, answer[:300])
         code, answer = _request(url, {"prompt": "Once upon", "max_tokens": 2, "frequency_penalty": -1.5, "stream": stream})
         assert code == 400 and json.loads(answer)["error"]["param"] == "frequency_penalty", (stream, code, answer[:300])
+
+
+def test_request_problem_refuses_previous_response_id_which_serve_ignores():
+    """A review: transformers serve lists previous_response_id among the fields it ignores, so a follow-up that names
+    the previous response was answered as if it opened the conversation (its history lost), with a 200; the OpenAI
+    SDK's tool-result continuation (input [function_call_output] + previous_response_id) got a 400 that did not say
+    why. Both now get one line naming the field and the fix: the whole conversation in `input`."""
+    from transformers.cli.serving.response import UNUSED_RESPONSE_FIELDS
+
+    from tasks.export import request_problem
+
+    assert "previous_response_id" in UNUSED_RESPONSE_FIELDS  # why: serve keeps no history
+    output = {"type": "function_call_output", "call_id": "c", "output": "42"}
+    for given in ("And in French?", [output]):
+        message, field = request_problem("response", {"input": given, "previous_response_id": "resp_1"})
+        assert field == "previous_response_id" and "send the whole conversation in `input`" in message and "\n" not in message
+    assert request_problem("response", {"input": "hi", "previous_response_id": None}) is None
