@@ -14,33 +14,34 @@ Every stage is a Prefect task keyed on content, so a rerun reuses what is done a
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import re
 import signal
 import socket
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_client, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Cancelled
 
-from tasks.common import TrainingStopped, artifacts_root, human_seconds, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
+from tasks.common import TrainingStopped, artifacts_root, human_seconds, maybe_fault, process_space, read_json, recorded_process_gone, remove_dead_builds, safe_name, write_json
 from tasks.config import DEFAULT_CONFIG_PATH, ConfigError, PipelineConfig, load_config
 from tasks.hub import check_hub_reachable, hub_offline_restored, pin_hub_revisions
 from tasks.preflight import check_model
-from tasks.prefect_glue import task_options
+from tasks.prefect_glue import CANCELLED_FROM_PREFECT, cancelling_in_prefect, task_options
 from tasks.stages import data_task, evaluate_task, export_task, merge_task, probe_task, profile_task, publish_task, train_task
 
-# How long a stopped run asks the server whether it was cancelled from Prefect: well inside the runner's 30 s (docker
-# stop's 10 s) between its SIGTERM and its kill, with the summary already written `failed`.
-CANCEL_QUERY_SECONDS = 3.0
+# The stages in the order the flow runs them (the drawing above).
+STAGES = ("data", "profile", "probe", "train", "evaluate", "merge", "publish", "export")
+
+
+class CancelledFromPrefect(TerminationSignal):
+    """Prefect's Cancel stopped a stage, whose task run ended Cancelled (tasks/prefect_glue.py: cancelled_by_prefect): the
+    SIGTERM's TerminationSignal raised again in the flow, so Prefect's flow engine ends the run as it ends any cancelled run."""
 
 
 def _run_name() -> str:
@@ -82,8 +83,9 @@ class RunSummary:
     """Stage -> status, cached, seconds, key outputs; written to artifacts/runs/<run>/summary.json.
 
     `status` says what happened to the run: running, completed, failed, cancelled (a stop signal ended training after a
-    checkpoint, or Prefect's Cancel stopped a deployment run in a stage: `cancelled_stage`; Prefect's state is Cancelled
-    too; rerunning the same command resumes it), crashed (its
+    checkpoint, or Prefect's Cancel stopped a deployment run in a stage: `cancelled_stage`, or between two stages: the one
+    it was about to start; Prefect's state is Cancelled too, the stage's task run's as well; rerunning the same command
+    resumes it), crashed (its
     process died without a word: found by the next run on this machine), superseded (failed, cancelled or crashed, and a
     later run of the same config completed: `superseded_by`; that run lists it under `supersedes`). A retry of the same flow run (`prefect
     flow-run retry`) keeps the run's name and folder; the summary counts the attempt and keeps the earlier attempts'
@@ -124,22 +126,39 @@ class RunSummary:
             raise
         entry.update(status="completed", cached=cached, seconds=round(time.monotonic() - t0, 2), outputs=record.model_dump(mode="json"))
         self.write()
+        maybe_fault(f"after-{name}")  # tests only: a stop between this stage and the next
         return record
 
-    def _record_stop(self, name: str, entry: dict, e: BaseException, seconds: float) -> None:
+    @contextlib.contextmanager
+    def stops_recorded(self):
+        """Around the stages: a stop that reaches the flow between two of them (one recorded, the next not started;
+        Prefect's Cancel lands wherever the process is) is recorded in the stage the run was about to start, as a stop in
+        a stage is (`_record_stop`), that stage marked never started. It was left `running`, and the next run called it
+        `crashed`. After the last stage it names none."""
+        try:
+            yield
+        except BaseException as e:
+            if self.data["status"] == "running":
+                upcoming = next((s for s in STAGES if self.data["stages"].get(s, {}).get("status") != "completed"), None)
+                entry = self.data["stages"].setdefault(upcoming, {}) if upcoming else {}
+                self._record_stop(upcoming, entry, e, 0.0, started=False)
+            raise
+
+    def _record_stop(self, name: str | None, entry: dict, e: BaseException, seconds: float, started: bool = True) -> None:
         """Record how stage `name` ended when it raised `e`: `cancelled` for TrainingStopped, else `failed`, written before
         anything else can stop the process (a second signal, the runner's kill): never left `running`. A deployment run
         cancelled from Prefect (the runner or worker SIGTERMs the process, Prefect's handler raises TerminationSignal
-        wherever it is) is then asked of the server, for a few seconds at most, and rewritten `cancelled` if it says so."""
+        wherever it is) is then asked of the server, for a few seconds at most, and rewritten `cancelled` if it says so;
+        a stage whose task run already found it so (CancelledFromPrefect) is not asked again."""
         stopped = isinstance(e, TrainingStopped)
         outcome = "cancelled" if stopped else "failed"
         entry.update(status=outcome, seconds=round(seconds, 2), **({"message": str(e)} if stopped else {"error": f"{type(e).__name__}: {e}"}))
         self.data[f"{outcome}_stage"] = name
         with _signals_held():
             self.finish(outcome)
-        if isinstance(e, TerminationSignal) and cancelling_in_prefect():
+        if isinstance(e, CancelledFromPrefect) or (isinstance(e, TerminationSignal) and cancelling_in_prefect()):
             entry.pop("error")
-            entry.update(status="cancelled", message="cancelled from Prefect")
+            entry.update(status="cancelled", message=CANCELLED_FROM_PREFECT if started else f"{CANCELLED_FROM_PREFECT} before the stage started")
             self.data["cancelled_stage"] = self.data.pop("failed_stage")
             with _signals_held():
                 self.finish("cancelled")
@@ -156,37 +175,14 @@ class RunSummary:
 
 
 def _record(state):
-    """A stage task's result; a Cancelled task (training stopped by a signal after a checkpoint, tasks/stages.py returns
-    that state so the task run reads Cancelled, not Crashed) raises TrainingStopped again, which stops the flow."""
+    """A stage task's result. A Cancelled task (tasks/stages.py returns that state so the task run reads Cancelled, not
+    Crashed) stops the flow: training stopped by a signal after a checkpoint raises TrainingStopped again, Prefect's
+    Cancel its TerminationSignal (CancelledFromPrefect)."""
     if state.is_cancelled():
+        if state.message == CANCELLED_FROM_PREFECT:
+            raise CancelledFromPrefect(signal.SIGTERM)
         raise TrainingStopped(state.message)
     return state.result()
-
-
-def cancelling_in_prefect(seconds: float = CANCEL_QUERY_SECONDS) -> bool:
-    """Whether this flow run is being cancelled from Prefect (the UI's Cancel, `prefect flow-run cancel`): the server holds
-    it Cancelling (Cancelled, once the runner has marked it) while the runner or worker stops its process. False without a
-    flow run, or an API that does not answer within `seconds`: the runner kills the process 30 s after its SIGTERM (docker
-    stop after 10 s), and the client's own retries and timeout took minutes. One request, no retries, in a thread joined
-    with that deadline (a second signal still reaches the main thread)."""
-    if flow_run.id is None:
-        return False
-    run_id, answer = flow_run.id, []
-
-    def ask() -> None:
-        try:
-            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: seconds}):
-                with get_client(sync_client=True, httpx_settings={"timeout": seconds}) as client:
-                    answer.append(client.read_flow_run(run_id).state)
-        except Exception:
-            pass
-
-    context = contextvars.copy_context()  # the API URL may be a setting of this context (a test harness), not the env
-    asking = threading.Thread(target=context.run, args=(ask,), name="cancelling-in-prefect", daemon=True)
-    asking.start()
-    asking.join(seconds)
-    state = answer[0] if answer else None
-    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 @contextlib.contextmanager
@@ -297,7 +293,11 @@ def _finetune(profile, hours, minutes, overrides, config_path, default_hours) ->
         get_run_logger().info(line)
     run.data["config"] = cfg.model_dump(mode="json", by_alias=True)
     run.write()  # from the start: a run killed in stage 1 is found `crashed` by the next one
+    with run.stops_recorded():
+        return _run_stages(run, cfg, art, opts)
 
+
+def _run_stages(run: RunSummary, cfg: PipelineConfig, art: str, opts: dict[str, Any]) -> dict[str, Any]:
     try:
         data = run.stage("data", data_task.with_options(**opts), cfg.data, cfg.model, art)
         prof = run.stage("profile", profile_task.with_options(**opts), data, art)

@@ -721,7 +721,8 @@ def maybe_fault(stage: str) -> None:
     tests). `QLORA_PIPELINE_FAULT=<stage>[:<kind>],...` where kind is:
 
     (none)  raise RuntimeError (an unexpected crash);   kill   SIGKILL this process (power loss, OOM killer);
-    oom     raise torch.OutOfMemoryError every time;   oom@K  only the first K calls in this process.
+    oom     raise torch.OutOfMemoryError every time;   oom@K  only the first K calls in this process;
+    sleep@S sleep S seconds: a window a test's signal lands in (`after-<stage>`: the flow between that stage and the next).
     `train:nan@N` is not raised here: the training loop turns the weights NaN at step N (`fault_arg`).
     """
     calls = _fault_calls[stage] = _fault_calls.get(stage, 0) + 1
@@ -734,6 +735,10 @@ def maybe_fault(stage: str) -> None:
             import torch
 
             raise torch.OutOfMemoryError(f"injected out-of-memory in {stage} ({FAULT_ENV})")
+        if kind == "sleep":
+            import time
+
+            time.sleep(float(arg))
         if kind == "":
             raise RuntimeError(f"injected failure in stage {stage} ({FAULT_ENV}={os.environ.get(FAULT_ENV)})")
 

@@ -8,7 +8,10 @@ persisted as JSON (no pickle) under `<artifacts>/.prefect-results`.
 from __future__ import annotations
 
 import base64
+import contextvars
+import functools
 import inspect
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +21,10 @@ if TYPE_CHECKING:
     from prefect.states import State
 
 STAGE_RETRIES_IO = 2  # download/publish: transient network errors
+# How long a stopped run asks the server whether it was cancelled from Prefect: well inside the runner's 30 s (docker
+# stop's 10 s) between its SIGTERM and its kill.
+CANCEL_QUERY_SECONDS = 3.0
+CANCELLED_FROM_PREFECT = "cancelled from Prefect"  # the stage's message, in its task run and in summary.json
 
 
 def keyed_by(stage: str, key_fn: Callable[..., str]) -> Callable[[Any, dict[str, Any]], str]:
@@ -79,6 +86,58 @@ def cancelled_uncached(message: str) -> State:
     if txn is not None:
         txn.write_on_commit = False
     return Cancelled(message=message)
+
+
+def cancelling_in_prefect(seconds: float = CANCEL_QUERY_SECONDS) -> bool:
+    """Whether this flow run is being cancelled from Prefect (the UI's Cancel, `prefect flow-run cancel`): the server holds
+    it Cancelling (Cancelled, once the runner has marked it) while the runner or worker stops its process. False without a
+    flow run, or an API that does not answer within `seconds`: the runner kills the process 30 s after its SIGTERM (docker
+    stop after 10 s), and the client's own retries and timeout took minutes. One request, no retries, in a thread joined
+    with that deadline (a second signal still reaches the main thread)."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if flow_run.id is None:
+        return False
+    run_id, answer = flow_run.id, []
+
+    def ask() -> None:
+        try:
+            with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: seconds}):
+                with get_client(sync_client=True, httpx_settings={"timeout": seconds}) as client:
+                    answer.append(client.read_flow_run(run_id).state)
+        except Exception:
+            pass
+
+    context = contextvars.copy_context()  # the API URL may be a setting of this context (a test harness), not the env
+    asking = threading.Thread(target=context.run, args=(ask,), name="cancelling-in-prefect", daemon=True)
+    asking.start()
+    asking.join(seconds)
+    state = answer[0] if answer else None
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
+def cancelled_by_prefect(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A stage task body that Prefect's Cancel stops ends its task run Cancelled, not Crashed.
+
+    The runner (or worker) cancels a deployment run with a SIGTERM, which Prefect's handler turns into TerminationSignal
+    wherever the stage is. Prefect's task engine records that as a crash whatever the flow run's state (task_engine.py,
+    `except TerminationSignal: self.handle_crash(exc)`): the UI showed a red Crashed stage under a Cancelled run. Caught
+    here, in the stage, a run the server holds Cancelling returns a Cancelled state instead (not cached: the rerun does
+    the stage); the flow reads it as a stop (RunSummary.stage). Any other SIGTERM, or one outside a flow, is raised on."""
+    from prefect.exceptions import TerminationSignal
+
+    @functools.wraps(fn)
+    def stage_body(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TerminationSignal:
+            if in_flow_task_run() and cancelling_in_prefect():
+                return cancelled_uncached(CANCELLED_FROM_PREFECT)
+            raise
+
+    return stage_body
 
 
 def log(message: str) -> None:

@@ -26,7 +26,7 @@ from .engine.recompute import OFFLOAD_NOTE
 from .evaluate import EvalRecord
 from .export import ExportRecord
 from .merge import MergeRecord
-from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, cancelled_uncached, in_flow_task_run, keyed_by, log, png_markdown
+from .prefect_glue import STAGE_RETRIES_IO, artifact_key, artifacts_tag, cancelled_by_prefect, cancelled_uncached, in_flow_task_run, keyed_by, log, png_markdown
 from .probe import ProbeRecord
 from .profile import ProfileRecord
 from .publish import PublishRecord
@@ -53,6 +53,7 @@ def _retry_io_only(task, task_run, state) -> bool:
 
 @task(name="1-data", cache_key_fn=keyed_by("data", data_stage.cache_key), retries=STAGE_RETRIES_IO, retry_delay_seconds=10,
       retry_condition_fn=_retry_io_only)
+@cancelled_by_prefect
 def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> DataRecord:
     import datasets
 
@@ -84,6 +85,7 @@ def data_task(data: DataSection, model: ModelSection, artifacts_dir: str) -> Dat
 
 
 @task(name="2-profile", cache_key_fn=keyed_by("profile", profile_stage.cache_key))
+@cancelled_by_prefect
 def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
     rec = profile_stage.profile_lengths(data, artifacts_dir, log)
     t = rec.stats["total"]
@@ -112,6 +114,7 @@ def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
 
 
 @task(name="3-probe", cache_key_fn=keyed_by("probe", probe_stage.probe_key))
+@cancelled_by_prefect
 def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
@@ -142,6 +145,7 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
 
 
 @task(name="4-train", cache_key_fn=keyed_by("train", train_stage.cache_key))
+@cancelled_by_prefect
 def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str) -> TrainRecord | State:
     try:
         rec = train_stage.train_adapter(data, probe, model, quant, lora, training, artifacts_dir, log)
@@ -166,6 +170,7 @@ def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSe
 
 
 @task(name="5-evaluate", cache_key_fn=keyed_by("eval", eval_stage.cache_key))
+@cancelled_by_prefect
 def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, eval: EvalSection, device: str, artifacts_dir: str,
                   system_prompt: str | None = None) -> EvalRecord:
     rec = eval_stage.evaluate_heldout(data, train, model, quant, eval, device, artifacts_dir, log, system_prompt=system_prompt)
@@ -196,6 +201,7 @@ def evaluate_task(data: DataRecord, train, model: ModelSection, quant: QuantSect
 
 
 @task(name="6-merge", cache_key_fn=keyed_by("merge", merge_stage.cache_key))
+@cancelled_by_prefect
 def merge_task(data: DataRecord, train, model: ModelSection, quant: QuantSection, merge: MergeSection, device: str, artifacts_dir: str) -> MergeRecord:
     rec = merge_stage.merge_adapter(data, train, model, quant, merge, device, artifacts_dir, log)
     create_markdown_artifact(
@@ -230,6 +236,7 @@ def _publish_key(context, parameters: dict[str, Any]) -> str:
 
 
 @task(name="7-publish", cache_key_fn=_publish_key)
+@cancelled_by_prefect
 def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) -> PublishRecord:
     rec = publish_stage.publish_artifacts(cfg, run_name, records, log)
     log(f"publish: {rec.files} files ({rec.bytes / 2**20:.1f} MiB) in {rec.dir}" + (f"; pushed to {rec.pushed_to}" if rec.pushed_to else ""))
@@ -248,6 +255,7 @@ def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) ->
 
 @task(name="8-export", cache_key_fn=keyed_by("export", export_stage.cache_key), retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_io_only)
+@cancelled_by_prefect
 def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, export: ExportSection, system_prompt: str | None, artifacts_dir: str,
                 run_name: str | None = None) -> ExportRecord:
     rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log, run_name=run_name)

@@ -478,3 +478,39 @@ def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
     summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
     assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary, summary
     assert summary["stages"]["train"]["message"] == "cancelled from Prefect", summary["stages"]["train"]
+    # The UI too: the stage Cancel stopped reads Cancelled, the ones before it Completed (it read Crashed: Prefect's task
+    # engine records a TerminationSignal in a task as a crash, whatever the flow run's state).
+    tasks = {t["name"].rsplit("-", 1)[0]: t["state"] for t in server.task_runs(run)}
+    assert {name: s["type"] for name, s in tasks.items()} == {"1-data": "COMPLETED", "2-profile": "COMPLETED", "3-probe": "COMPLETED",
+                                                              "4-train": "CANCELLED"}, tasks
+    assert tasks["4-train"]["message"] == "cancelled from Prefect", tasks["4-train"]
+
+
+@pytest.mark.slow
+def test_cancelling_a_run_between_stages_records_it_cancelled(server, tmp_path):
+    # A Cancel after one stage finished and before the next started stopped the flow outside any stage: the run ended
+    # Cancelled in Prefect, its summary stayed `running` and the next run on the machine marked it `crashed`.
+    import json
+    import time
+
+    srv = Serve(server, "--name", "cancel-between-stages", "--paused", log=tmp_path / "serve.log",
+                env={"QLORA_PIPELINE_FAULT": "after-data:sleep@120"}).start()
+    art = tmp_path / "artifacts"
+    try:
+        dep = server.get("/deployments/name/finetune/cancel-between-stages")
+        run = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": _tiny(art)})["id"]
+        deadline, summary = time.monotonic() + 200, {}
+        while time.monotonic() < deadline and summary.get("stages", {}).get("data", {}).get("status") != "completed":
+            latest = art / "latest.json"
+            summary = json.loads(Path(json.loads(latest.read_text())["summary"]).read_text()) if latest.is_file() else {}
+            time.sleep(0.2)
+        server.post(f"/flow_runs/{run}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+        final = server.wait(run)
+    finally:
+        srv.stop()
+    assert final["state_type"] == "CANCELLED", (final["state"], (tmp_path / "serve.log").read_text()[-3000:])
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "profile" and "failed_stage" not in summary, summary
+    assert summary["stages"]["data"]["status"] == "completed", summary["stages"]
+    assert summary["stages"]["profile"] == {"status": "cancelled", "seconds": 0, "message": "cancelled from Prefect before the stage started"}, summary["stages"]
+    assert {t["name"].rsplit("-", 1)[0]: t["state_type"] for t in server.task_runs(run)} == {"1-data": "COMPLETED"}

@@ -402,6 +402,7 @@ def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_st
 
     import tasks.train
     from flows.finetune import finetune
+    from helpers import task_run_states
 
     def cancel_from_prefect(stage, cancel=True):
         if stage == "train":
@@ -421,11 +422,16 @@ def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_st
         signal.signal(signal.SIGTERM, previous)
     for cancel, art in ((True, tmp_path / "cancelled"), (False, tmp_path / "killed")):
         summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+        tasks = task_run_states(summary["flow_run_id"])
+        assert all(tasks[name].is_completed() for name in ("1-data", "2-profile", "3-probe")), tasks
         if cancel:
             assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary, summary
             assert summary["stages"]["train"] == {**summary["stages"]["train"], "status": "cancelled", "message": "cancelled from Prefect"}
+            # the stage's task run too: it read Crashed (Prefect's task engine takes any TerminationSignal for a crash)
+            assert tasks["4-train"].is_cancelled() and tasks["4-train"].message == "cancelled from Prefect", tasks["4-train"]
         else:
             assert summary["status"] == "failed" and summary["failed_stage"] == "train" and "cancelled_stage" not in summary, summary
+            assert tasks["4-train"].is_crashed(), tasks["4-train"]
 
 
 def test_asking_prefect_whether_a_stopped_run_was_cancelled_takes_seconds_when_its_api_fails_or_hangs(monkeypatch):
@@ -437,9 +443,10 @@ def test_asking_prefect_whether_a_stopped_run_was_cancelled_takes_seconds_when_i
     import uuid
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
+    import prefect.runtime
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import finetune as ft
+    from tasks import prefect_glue
 
     hits = []
 
@@ -458,13 +465,13 @@ def test_asking_prefect_whether_a_stopped_run_was_cancelled_takes_seconds_when_i
     silent = socket.socket()  # accepts (the kernel's backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    monkeypatch.setattr(ft, "flow_run", SimpleNamespace(id=uuid.uuid4()))
+    monkeypatch.setattr(prefect.runtime, "flow_run", SimpleNamespace(id=uuid.uuid4()))
     try:
         for port in (busy.server_port, silent.getsockname()[1]):
             with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}):
                 t0 = time.monotonic()
-                assert ft.cancelling_in_prefect() is False
-                assert time.monotonic() - t0 < ft.CANCEL_QUERY_SECONDS + 2, time.monotonic() - t0
+                assert prefect_glue.cancelling_in_prefect() is False
+                assert time.monotonic() - t0 < prefect_glue.CANCEL_QUERY_SECONDS + 2, time.monotonic() - t0
     finally:
         busy.shutdown()
         silent.close()
@@ -507,6 +514,41 @@ def test_a_stopped_stage_is_recorded_before_prefect_is_asked_and_a_second_signal
     assert cancelled["stages"]["train"]["message"] == "cancelled from Prefect" and "error" not in cancelled["stages"]["train"]
     for s in (failed, twice):
         assert s["status"] == "failed" and s["failed_stage"] == "train" and "cancelled_stage" not in s, s
+
+
+def test_a_stop_between_stages_is_recorded_in_the_stage_about_to_start(tmp_path, monkeypatch):
+    """A review: Prefect's Cancel landing after one stage was recorded and before the next started stopped the flow outside
+    any stage, and the summary stayed `running` (the next run then called it `crashed`). Now it is recorded as a stop in
+    the stage the run was about to start, marked never started: `cancelled` while Prefect is cancelling the run, else
+    `failed`; after the last stage it names none. (Through a real server: test_deploy.py's
+    test_cancelling_a_run_between_stages_records_it_cancelled.)"""
+    import signal
+
+    import pytest
+    from prefect.exceptions import TerminationSignal
+
+    from flows import finetune as ft
+
+    def done(return_state):
+        return SimpleNamespace(is_cancelled=lambda: False, name="Completed",
+                               result=lambda: SimpleNamespace(outputs_exist=lambda: True, model_dump=lambda mode: {}))
+
+    art = tmp_path / "artifacts"
+    for name, cancelling, finished in (("cancelled", True, ["data"]), ("killed", False, ["data", "profile"]), ("last", True, list(ft.STAGES))):
+        monkeypatch.setattr(ft, "cancelling_in_prefect", lambda: cancelling)
+        run = ft.RunSummary(str(art), name)
+        with pytest.raises(TerminationSignal), run.stops_recorded():
+            for stage in finished:
+                run.stage(stage, done)
+            raise TerminationSignal(signal.SIGTERM)  # between that stage and the next
+    cancelled, killed, last = (_summary(art, name) for name in ("cancelled", "killed", "last"))
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_stage"] == "profile" and "failed_stage" not in cancelled, cancelled
+    assert cancelled["stages"]["data"]["status"] == "completed"
+    assert cancelled["stages"]["profile"] == {"status": "cancelled", "seconds": 0, "message": "cancelled from Prefect before the stage started"}
+    assert killed["status"] == "failed" and killed["failed_stage"] == "probe" and "cancelled_stage" not in killed, killed
+    assert killed["stages"]["probe"] == {"status": "failed", "seconds": 0, "error": "TerminationSignal: 15"}, killed["stages"]
+    assert last["status"] == "cancelled" and last["cancelled_stage"] is None, last
+    assert all(s["status"] == "completed" for s in last["stages"].values()), last["stages"]
 
 
 def test_a_hub_that_answers_not_found_is_not_called_unreachable(monkeypatch):
