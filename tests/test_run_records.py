@@ -434,6 +434,43 @@ def test_a_deployment_run_cancelled_from_prefect_is_recorded_cancelled_in_its_st
             assert tasks["4-train"].is_crashed(), tasks["4-train"]
 
 
+def test_prefects_cancel_in_a_stage_other_than_training_ends_that_task_run_cancelled(tmp_path, monkeypatch, prefect_server):
+    """Every stage's task, not only training's, ends Cancelled when Prefect's Cancel stops it (Prefect's task engine records
+    the SIGTERM's TerminationSignal as a crash); the stage before it stays Completed, none after it starts."""
+    import json
+    import signal
+    from pathlib import Path
+
+    import pytest
+    from prefect import get_client
+    from prefect.exceptions import TerminationSignal
+    from prefect.runtime import flow_run
+    from prefect.states import Cancelling
+
+    from flows.finetune import finetune
+    from helpers import task_run_states
+    from tasks import stages
+
+    def cancelled_while_profiling(*args, **kwargs):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled in the UI"), force=True)
+        raise TerminationSignal(signal.SIGTERM)  # what Prefect's SIGTERM handler raises (capture_sigterm)
+
+    monkeypatch.setattr(stages.profile_stage, "profile_lengths", cancelled_while_profiling)
+    art = tmp_path / "artifacts"
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # Prefect sends the signal on to the handler it replaced
+    try:
+        with pytest.raises(TerminationSignal):
+            finetune(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "profile", summary
+    tasks = task_run_states(summary["flow_run_id"])
+    assert set(tasks) == {"1-data", "2-profile"} and tasks["1-data"].is_completed(), tasks
+    assert tasks["2-profile"].is_cancelled() and tasks["2-profile"].message == "cancelled from Prefect", tasks["2-profile"]
+
+
 def test_asking_prefect_whether_a_stopped_run_was_cancelled_takes_seconds_when_its_api_fails_or_hangs(monkeypatch):
     """A review: the question had the client's own retries and timeout, and summary.json waited on it: an API answering
     503 took 134 s (6 requests), one that accepts and never answers minutes; the runner kills the process 30 s after its
