@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -187,13 +188,24 @@ def _record(state):
 
 @contextlib.contextmanager
 def _signals_held():
-    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) wait until the block ends: a summary being written is written whole."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) wait until the block ends: a summary being written is written whole. Each
+    one that came is handed to its own handler after the block. (Blocking them with pthread_sigmask held them on this
+    thread only: in a process with other threads, as a flow run's is, the kernel handed the signal to another thread and
+    Python ran the handler here at once; a review, 2026-12-06.) Off the main thread Python runs no handler in the block
+    anyway; a signal ignored stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) not in (signal.SIG_IGN, None)]  # None: not Python's
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(got):  # each once, in the order they came
+            signal.raise_signal(s)
 
 
 def _inside(path: str | None, root: Path) -> bool:
