@@ -106,9 +106,9 @@ def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_sto
 
 
 def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_training_stopped(two_ranks, tmp_path):
-    """A review: Ctrl-C (SIGINT to the terminal's process group: this process and the ranks, here) stopped the ranks
-    with a checkpoint, each reporting TrainingStopped, but the stage re-raised the plain KeyboardInterrupt it got itself:
-    the run read Crashed / `failed`, not Cancelled / `cancelled`. Now the ranks' own word is raised."""
+    """A review: Ctrl-C (SIGINT to this process and the ranks, here) stopped the ranks with a checkpoint, each reporting
+    TrainingStopped, but the stage re-raised the plain KeyboardInterrupt it got itself: the run read Crashed / `failed`,
+    not Cancelled / `cancelled`. Now the ranks' own word is raised."""
     import os
     import signal
     import subprocess
@@ -125,8 +125,9 @@ def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_train
         if wait_for_training_step(art, 2) >= 2:
             found = subprocess.run(["pgrep", "-af", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout
             ranks = [int(line.split()[0]) for line in found.splitlines() if "torch.distributed.run" not in line]
-            # The ranks and this process, as Ctrl-C reaches them (killpg would hit pytest's shell). Not torchrun: it sends
-            # the ranks a second signal on its own SIGINT, which can stop a rank at once, unsaved: a race of its own, not this one.
+            # The ranks and this process (killpg would hit pytest's shell), not torchrun: the stage raising the ranks' own
+            # TrainingStopped is what this tests. A terminal's Ctrl-C reaches torchrun and not the ranks, which torchrun
+            # starts in sessions of their own: test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_...
             for pid in [*ranks, os.getpid()]:
                 os.kill(pid, signal.SIGINT)
 
@@ -135,3 +136,68 @@ def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_train
         train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
     assert type(e.value) is TrainingStopped and "saved" in str(e.value), repr(e.value)
     assert len(list(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))) == 1
+
+
+
+# The stage's parent as `qlora-pipeline run` is to it: calls the stage in its main thread; a TrainingStopped is the stop
+# (exit 130, as the CLI's "interrupted:"), anything else is not.
+_PARENT = """import json, sys
+from tasks.common import TrainingStopped
+from tasks.config import LoraSection, ModelSection, QuantSection, TrainingSection
+from tasks.data import DataRecord
+from tasks.probe import ProbeRecord
+from tasks.train import train_adapter
+s = json.loads(open(sys.argv[1]).read())
+try:
+    train_adapter(DataRecord.model_validate(s["data"]), ProbeRecord.model_validate(s["probe"]), ModelSection.model_validate(s["model"]),
+                  QuantSection.model_validate(s["quant"]), LoraSection.model_validate(s["lora"]),
+                  TrainingSection.model_validate(s["training"]), s["artifacts_dir"], print)
+except TrainingStopped as e:
+    print(f"stopped: {e}", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_the_stop_and_the_rerun_resumes_there(two_ranks, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the foreground process group, here the stage's process (in a session
+    of its own, as a terminal's foreground job) and torchrun; not the ranks, which torchrun starts in sessions of their
+    own. torchrun passes it on and SIGKILLs a rank still running after its grace (30 s by default, which a large
+    model's step and checkpoint outlast): no checkpoint, a plain KeyboardInterrupt, and the rerun started over. The
+    grace is 0 here, so that any stop outlasts it; the stage now sets torchrun's grace to its own wait for a stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cfg, data, probe = two_ranks
+    art = str(tmp_path / "artifacts")
+    training = cfg.training.model_copy(update={"max_steps": 24, "checkpoint_minutes": 60})  # no periodic checkpoint
+    probe = probe.model_copy(update={"budget_seconds": 3600.0, "max_steps": 24})
+    spec = tmp_path / "stage.json"
+    spec.write_text(json.dumps({"data": data.model_dump(mode="json"), "probe": probe.model_dump(mode="json"), "artifacts_dir": art,
+                                **{k: s.model_dump(mode="json", by_alias=True) for k, s in
+                                   (("model", cfg.model), ("quant", cfg.quant), ("lora", cfg.lora), ("training", training))}}))
+
+    def as_in_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a suite started in the background hands its children SIGINT ignored
+
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT, str(spec)], cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
+    try:
+        step = wait_for_training_step(art, 2, running=lambda: proc.poll() is None)
+        assert step >= 2, "training did not start before the deadline"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+        out = proc.communicate(timeout=180)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "saved" in out, out[-3000:]
+    saved = sorted(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
+    assert len(saved) == 1, saved
+    at = json.loads(saved[0].read_text())["step"]
+    assert step <= at < 24
+    left = subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+    rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    assert rec.resumed_from_step == at and rec.steps == 24

@@ -38,6 +38,7 @@ from typing import Any, Callable
 from ..common import StageError, TrainingStopped, in_a_deployment_run, off_the_lost_terminal, read_json, write_json
 from .dist import is_main, local_rank, rank
 
+STOP_GRACE_S = 600  # how long a stop may take: every rank finishes its step and the checkpoint is saved
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
 TAIL_LINES = 4
 
@@ -61,6 +62,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
            "--tee=3", f"--log-dir={logs}", "-m", "tasks.engine.launch", "worker", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: not needed for LoRA-sized all-reduces
+    # A stop (Ctrl-C, SIGTERM, SIGHUP) reaches the ranks through torchrun only: it starts each rank in a session of its
+    # own, so a terminal's Ctrl-C reaches this process and torchrun, not the ranks. torchrun passes the signal on and
+    # SIGKILLs a rank still running after its grace, 30 s by default, which a large model's step plus checkpoint
+    # outlasts: killed before it saved. Its grace is this stage's own wait for a stop (torch reads it since early 2026,
+    # pytorch#172596; older versions keep 30 s).
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(STOP_GRACE_S)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
@@ -76,9 +83,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 tail.append(line.rstrip("\n"))
         rc = proc.wait()
     except KeyboardInterrupt:
-        # Ctrl-C reached the ranks too (same process group): they save a checkpoint and exit; wait for that.
+        # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
         try:
-            proc.wait(timeout=600)
+            proc.wait(timeout=STOP_GRACE_S + 30)  # torchrun's own kill first: no rank outlives it
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             proc.kill()
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
