@@ -722,7 +722,9 @@ def maybe_fault(stage: str) -> None:
 
     (none)  raise RuntimeError (an unexpected crash);   kill   SIGKILL this process (power loss, OOM killer);
     oom     raise torch.OutOfMemoryError every time;   oom@K  only the first K calls in this process;
-    sleep@S sleep S seconds: a window a test's signal lands in (`after-<stage>`: the flow between that stage and the next).
+    sleep@S sleep S seconds: a window a test's signal lands in (`after-<stage>`: the flow between that stage and the next);
+    hang    stuck for an hour with the stop signals blocked, as in native code (an NCCL collective, a CUDA kernel),
+            where Python's signal handlers do not run: a stop that never ends; only SIGKILL ends it.
     `train:nan@N` is not raised here: the training loop turns the weights NaN at step N (`fault_arg`).
     """
     calls = _fault_calls[stage] = _fault_calls.get(stage, 0) + 1
@@ -731,6 +733,11 @@ def maybe_fault(stage: str) -> None:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "hang":
+            import signal
+
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+            time.sleep(3600)
         if kind == "oom" and (not arg or calls <= int(arg)):
             import torch
 

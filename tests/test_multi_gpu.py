@@ -139,6 +139,25 @@ def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_train
 
 
 
+
+def test_torchruns_grace_for_a_stop_is_the_larger_of_the_users_and_the_stages():
+    """A user's TORCH_ELASTIC_SHUTDOWN_TIMEOUT was overwritten with 600, a longer one too, and PET_SHUTDOWN_TIMEOUT
+    (torchrun's --shutdown-timeout, which wins over it) was left: a short one let torchrun kill the ranks as they saved."""
+    from tasks.engine.launch import STOP_GRACE_S, _stop_grace
+
+    cases = [({}, STOP_GRACE_S, None), ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, STOP_GRACE_S, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=0"),
+             ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900"}, 900, None),
+             ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "900", "PET_SHUTDOWN_TIMEOUT": "5"}, STOP_GRACE_S, "PET_SHUTDOWN_TIMEOUT=5"),
+             ({"PET_SHUTDOWN_TIMEOUT": "1200"}, 1200, None)]
+    for user, grace, said in cases:
+        env, logs = dict(user), []
+        assert _stop_grace(env, "train", logs.append) == grace, user
+        assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == env["PET_SHUTDOWN_TIMEOUT"] == str(grace), user
+        assert logs == ([] if said is None else [f"train: {said} raised to {STOP_GRACE_S}: torchrun SIGKILLs a rank still "
+                                                 "stopping after it, before the rank saved its checkpoint"]), user
+    with pytest.raises(StageError, match="TORCH_ELASTIC_SHUTDOWN_TIMEOUT='10m' is not a whole number of seconds"):
+        _stop_grace({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10m"}, "train", print)
+
 # The stage's parent as `qlora-pipeline run` is to it: calls the stage in its main thread; a TrainingStopped is the stop
 # (exit 130, as the CLI's "interrupted:"), anything else is not.
 _PARENT = """import json, sys
@@ -158,12 +177,9 @@ except TrainingStopped as e:
 """
 
 
-def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_the_stop_and_the_rerun_resumes_there(two_ranks, tmp_path):
-    """Ctrl-C as a terminal sends it: SIGINT to the foreground process group, here the stage's process (in a session
-    of its own, as a terminal's foreground job) and torchrun; not the ranks, which torchrun starts in sessions of their
-    own. torchrun passes it on and SIGKILLs a rank still running after its grace (30 s by default, which a large
-    model's step and checkpoint outlast): no checkpoint, a plain KeyboardInterrupt, and the rerun started over. The
-    grace is 0 here, so that any stop outlasts it; the stage now sets torchrun's grace to its own wait for a stop."""
+def _start_as_in_a_terminal(two_ranks, tmp_path, env: dict[str, str]):
+    """The stage in a `_PARENT` process of its own session, as a terminal's foreground job: 24 steps, no periodic
+    checkpoint. Returns the artifacts dir, the training section and probe it runs, and the process."""
     import os
     import signal
     import subprocess
@@ -182,8 +198,23 @@ def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_th
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a suite started in the background hands its children SIGINT ignored
 
     proc = subprocess.Popen([sys.executable, "-c", _PARENT, str(spec)], cwd=Path(__file__).resolve().parent.parent,
-                            env={**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}, stdout=subprocess.PIPE,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
+    return art, training, probe, proc
+
+
+def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_the_stop_and_the_rerun_resumes_there(two_ranks, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the foreground process group, here the stage's process (in a session
+    of its own, as a terminal's foreground job) and torchrun; not the ranks, which torchrun starts in sessions of their
+    own. torchrun passes it on and SIGKILLs a rank still running after its grace (30 s by default, which a large
+    model's step and checkpoint outlast): no checkpoint, a plain KeyboardInterrupt, and the rerun started over. The
+    grace is 0 here, so that any stop outlasts it; the stage now sets torchrun's grace to its own wait for a stop."""
+    import os
+    import signal
+    import subprocess
+
+    cfg, data, probe = two_ranks
+    art, training, probe, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"})
     try:
         # 480 s, not 240: beside other test runs on a 2-core box (load ~10) one run failed after 8 minutes, most likely
         # here (its output was not kept; a timeout here now shows it).
@@ -205,3 +236,99 @@ def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_th
     assert left == [], left
     rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
     assert rec.resumed_from_step == at and rec.steps == 24
+
+
+def test_a_second_ctrl_c_stops_torchrun_and_every_rank_at_once_and_the_first_says_how(two_ranks, tmp_path):
+    """A stop that does not end (rank 1 stuck in step 3 here; a large model's step and checkpoint in life). The first
+    Ctrl-C printed nothing for up to 10 minutes; the second killed torchrun only, and the ranks, in sessions of their
+    own, trained on with PPID 1, holding their GPU. Now the first says what happens and how to stop at once, and the
+    second kills torchrun and every rank, saying no checkpoint was saved."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    art, _, _, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
+
+    def ranks_left(wait: float) -> list[str]:
+        deadline = time.monotonic() + wait  # SIGKILLed processes take a moment to go
+        while (left := subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True,
+                                      text=True).stdout.split()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
+    try:
+        step = wait_for_training_step(art, 2, running=lambda: proc.poll() is None, timeout=480)
+        if step < 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"training did not reach step 2 before the deadline: {proc.communicate(timeout=60)[0][-3000:]}")
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(5)
+        assert proc.poll() is None  # the stop waits for the stuck rank
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+        left = ranks_left(10)
+        assert left == [], (left, out[-3000:])
+        first, second = out.find("stopping: each rank finishes its step"), out.find("stopped at once: no checkpoint saved")
+        assert 0 <= first < second and "Ctrl-C again to stop at once" in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks_left(0):  # the ranks run in sessions of their own: the test's own cleanup
+            os.kill(int(pid), signal.SIGKILL)
+
+
+
+@pytest.mark.parametrize("torchrun_outlasts_the_wait", [False, True])
+def test_a_cancel_ends_with_torchrun_and_no_rank_left_even_a_stuck_one(two_ranks, tmp_path, monkeypatch, torchrun_outlasts_the_wait):
+    """A deployment run's Cancel (Prefect's SIGTERM handler raises): the stage's `finally` stops torchrun. It waited
+    120 s and then killed torchrun alone while torchrun still gave the ranks their 600 s: the ranks, in sessions of their
+    own, outlived the stage with PPID 1, holding their GPU. Now it waits as long as torchrun's grace (shortened here),
+    so torchrun kills a rank that does not stop; and when torchrun outlasts that wait all the same (a torchrun that
+    hangs), the stage kills torchrun's ranks with it."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from tasks.engine import launch
+
+    class Cancelled(BaseException):
+        pass
+
+    def cancel(signum, frame):
+        raise Cancelled
+
+    cfg, data, probe = two_ranks
+    art = str(tmp_path / "artifacts")
+    training = cfg.training.model_copy(update={"max_steps": 24, "checkpoint_minutes": 60})
+    probe = probe.model_copy(update={"budget_seconds": 3600.0, "max_steps": 24})
+    if torchrun_outlasts_the_wait:  # torchrun's grace stays 600 s; the stage waits 5 + 30
+        grace = launch._stop_grace
+        monkeypatch.setattr(launch, "_stop_grace", lambda env, stage, log_fn: grace(env, stage, log_fn) and 5)
+    else:
+        monkeypatch.setattr(launch, "STOP_GRACE_S", 5)
+    monkeypatch.setattr(launch, "in_a_deployment_run", lambda: True)  # SIGTERM stays Prefect's: here `cancel`
+    monkeypatch.setenv(FAULT_ENV, "train-rank1-step3:hang")
+    sent = {}
+
+    def cancel_when_training():
+        if wait_for_training_step(art, 2) >= 2:
+            sent["t"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.signal(signal.SIGTERM, cancel)
+    try:
+        threading.Thread(target=cancel_when_training, daemon=True).start()
+        with pytest.raises(Cancelled):
+            train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+        took = time.monotonic() - sent["t"]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        time.sleep(1)  # SIGKILLed processes take a moment to go
+        left = subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout.split()
+        for pid in left:  # the test's own cleanup
+            os.kill(int(pid), signal.SIGKILL)
+    assert left == [], left
+    assert took < 5 + 30 + 10, took

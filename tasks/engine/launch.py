@@ -30,6 +30,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -65,29 +66,48 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # A stop (Ctrl-C, SIGTERM, SIGHUP) reaches the ranks through torchrun only: it starts each rank in a session of its
     # own, so a terminal's Ctrl-C reaches this process and torchrun, not the ranks. torchrun passes the signal on and
     # SIGKILLs a rank still running after its grace, 30 s by default, which a large model's step plus checkpoint
-    # outlasts: killed before it saved. Its grace is this stage's own wait for a stop (torch reads it since early 2026,
-    # pytorch#172596; older versions keep 30 s).
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(STOP_GRACE_S)
+    # outlasts: killed before it saved. Its grace is this stage's own wait for a stop, STOP_GRACE_S or a user's longer
+    # one (torch reads it since early 2026, pytorch#172596; older versions keep 30 s).
+    grace = _stop_grace(env, stage, log_fn)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1)
     previous = _forward_stop_signals(proc)
+
+    def show(line: str) -> None:
+        text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
+        if text.startswith(LOG_PREFIX):
+            log_fn(text[len(LOG_PREFIX):])
+        else:
+            sys.stderr.write(line)
+            tail.append(line.rstrip("\n"))
+
+    def keep_reading() -> threading.Thread:
+        # While this thread waits for the stop: the ranks' "saved" lines still reach the log, and a full pipe never
+        # blocks torchrun's copying of them.
+        reader = threading.Thread(target=lambda: [show(line) for line in proc.stdout], daemon=True)
+        reader.start()
+        return reader
+
     try:
         for line in proc.stdout:
-            text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
-            if text.startswith(LOG_PREFIX):
-                log_fn(text[len(LOG_PREFIX):])
-            else:
-                sys.stderr.write(line)
-                tail.append(line.rstrip("\n"))
+            show(line)
         rc = proc.wait()
     except KeyboardInterrupt:
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
+        log_fn(f"{stage}: stopping: each rank finishes its step and saves a checkpoint (up to {-(-grace // 60)} min); "
+               "Ctrl-C again to stop at once")
+        reader = keep_reading()
         try:
-            proc.wait(timeout=STOP_GRACE_S + 30)  # torchrun's own kill first: no rank outlives it
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            proc.kill()
+            proc.wait(timeout=grace + 30)  # torchrun's own kill first
+        except (KeyboardInterrupt, subprocess.TimeoutExpired) as e:
+            _kill_with_its_ranks(proc)
+            log_fn(f"{stage}: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one"
+                   if isinstance(e, KeyboardInterrupt) else
+                   f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; no checkpoint "
+                   "saved for this stop; the rerun resumes from the last saved one")
+        reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
         stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
         if stopped is not None:
@@ -97,16 +117,66 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
-            proc.terminate()
+            proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
+            keep_reading()
             try:
-                proc.wait(timeout=120)
+                proc.wait(timeout=grace + 30)  # torchrun's own kill first
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill_with_its_ranks(proc)
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     return read_json(result_path)
+
+
+def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) -> int:
+    """Set torchrun's grace for a stop in `env` to the larger of the user's and STOP_GRACE_S, and return it.
+    PET_SHUTDOWN_TIMEOUT (torchrun's --shutdown-timeout as an environment variable) overrides
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT: the user's value is the one torchrun would read."""
+    name = next((v for v in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT") if env.get(v)), None)
+    grace = STOP_GRACE_S
+    if name is not None:
+        try:
+            users = int(env[name])
+        except ValueError:
+            raise StageError(f"{name}={env[name]!r} is not a whole number of seconds; unset it or set e.g. {STOP_GRACE_S}") from None
+        if users < STOP_GRACE_S:
+            log_fn(f"{stage}: {name}={users} raised to {STOP_GRACE_S}: torchrun SIGKILLs a rank still stopping after it, "
+                   "before the rank saved its checkpoint")
+        grace = max(users, STOP_GRACE_S)
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = env["PET_SHUTDOWN_TIMEOUT"] = str(grace)
+    return grace
+
+
+def _kill_with_its_ranks(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
+    it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended."""
+    under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
+    proc.kill()
+    for pid in under:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid`, read from /proc (Linux; [] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])  # after the name, which may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
