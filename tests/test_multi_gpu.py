@@ -228,6 +228,9 @@ def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_th
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "saved" in out, out[-3000:]
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=0 raised to 600" in out, out[-3000:]
+    # The stop says so at once, and the ranks' output during it still reaches the stage's (their TrainingStopped).
+    assert -1 < out.find("stopping: each rank finishes its step") < out.find("]: tasks.common.TrainingStopped:"), out[-3000:]
     saved = sorted(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))
     assert len(saved) == 1, saved
     at = json.loads(saved[0].read_text())["step"]
