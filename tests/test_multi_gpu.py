@@ -335,3 +335,34 @@ def test_a_cancel_ends_with_torchrun_and_no_rank_left_even_a_stuck_one(two_ranks
             os.kill(int(pid), signal.SIGKILL)
     assert left == [], left
     assert took < 5 + 30 + 10, took
+
+
+def test_the_ranks_lines_read_during_a_stop_reach_a_prefect_tasks_log(prefect_server):
+    """A review: while the stage waits for the ranks' stop, a thread reads torchrun's output and logs rank 0's lines
+    through the stage's log function, which in the pipeline is the Prefect task's logger: from a plain thread the first
+    line raised MissingContextError, which ended the thread (lines lost, the pipe no longer drained)."""
+    import threading
+
+    from prefect import task
+
+    from tasks.engine.launch import read_in_background
+    from tasks.prefect_glue import log
+
+    errors = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        @task
+        def stage() -> int:
+            shown = []
+
+            def show(line: str) -> None:
+                log(line)  # the pipeline's log_fn in a task run
+                shown.append(line)
+
+            read_in_background(iter(["saved checkpoint-3", "TrainingStopped"]), show).join(timeout=30)
+            return len(shown)
+
+        assert stage() == 2 and errors == [], errors
+    finally:
+        threading.excepthook = hook

@@ -24,6 +24,7 @@ writes checkpoints, the heartbeat, the adapter and the stage record; the parent 
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import os
 import re
@@ -86,9 +87,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     def keep_reading() -> threading.Thread:
         # While this thread waits for the stop: the ranks' "saved" lines still reach the log, and a full pipe never
         # blocks torchrun's copying of them.
-        reader = threading.Thread(target=lambda: [show(line) for line in proc.stdout], daemon=True)
-        reader.start()
-        return reader
+        return read_in_background(proc.stdout, show)
 
     try:
         for line in proc.stdout:
@@ -128,6 +127,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     return read_json(result_path)
+
+
+def read_in_background(lines, show: Callable[[str], None]) -> threading.Thread:
+    """A started daemon thread that hands each of `lines` to `show`, in the caller's context: a Prefect task's logger
+    is found through it (a plain thread's first log line raised MissingContextError, which ended the thread, so the
+    ranks' lines were lost and the pipe no longer drained; a review, 2026-12-06)."""
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(lambda: [show(line) for line in lines],), daemon=True)
+    reader.start()
+    return reader
 
 
 def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) -> int:
