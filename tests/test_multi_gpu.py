@@ -241,47 +241,6 @@ def test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_th
     assert rec.resumed_from_step == at and rec.steps == 24
 
 
-def test_a_second_ctrl_c_stops_torchrun_and_every_rank_at_once_and_the_first_says_how(two_ranks, tmp_path):
-    """A stop that does not end (rank 1 stuck in step 3 here; a large model's step and checkpoint in life). The first
-    Ctrl-C printed nothing for up to 10 minutes; the second killed torchrun only, and the ranks, in sessions of their
-    own, trained on with PPID 1, holding their GPU. Now the first says what happens and how to stop at once, and the
-    second kills torchrun and every rank, saying no checkpoint was saved."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    art, _, _, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
-
-    def ranks_left(wait: float) -> list[str]:
-        deadline = time.monotonic() + wait  # SIGKILLed processes take a moment to go
-        while (left := subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True,
-                                      text=True).stdout.split()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return left
-
-    try:
-        step = wait_for_training_step(art, 2, running=lambda: proc.poll() is None, timeout=480)
-        if step < 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"training did not reach step 2 before the deadline: {proc.communicate(timeout=60)[0][-3000:]}")
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(5)
-        assert proc.poll() is None  # the stop waits for the stuck rank
-        os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=60)[0]
-        left = ranks_left(10)
-        assert left == [], (left, out[-3000:])
-        first, second = out.find("stopping: each rank finishes its step"), out.find("stopped at once: no checkpoint saved")
-        assert 0 <= first < second and "Ctrl-C again to stop at once" in out, out[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in ranks_left(0):  # the ranks run in sessions of their own: the test's own cleanup
-            os.kill(int(pid), signal.SIGKILL)
-
-
-
 @pytest.mark.parametrize("torchrun_outlasts_the_wait", [False, True])
 def test_a_cancel_ends_with_torchrun_and_no_rank_left_even_a_stuck_one(two_ranks, tmp_path, monkeypatch, torchrun_outlasts_the_wait):
     """A deployment run's Cancel (Prefect's SIGTERM handler raises): the stage's `finally` stops torchrun. It waited
