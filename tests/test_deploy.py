@@ -448,6 +448,20 @@ def test_prefect_deploy_to_a_process_pool_and_a_worker_runs_it(server, art, tmp_
     assert sorted(t["name"].rsplit("-", 1)[0] for t in server.task_runs(run_id)) == STAGE_TASKS
 
 
+def _cancel_from_prefect(server, run: str) -> dict:
+    """Cancel flow run `run` as the UI's Cancel does (the server holds it Cancelling; its runner stops the process), and
+    wait for its final state."""
+    server.post(f"/flow_runs/{run}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    return server.wait(run)
+
+
+def _latest_summary(art: Path) -> dict:
+    """The summary.json of the newest run in artifacts folder `art`."""
+    import json
+
+    return json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+
+
 @pytest.mark.slow
 def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
     # Training stops on SIGTERM as on Ctrl-C (a checkpoint at that step). The runner cancelling a deployment run sends
@@ -469,13 +483,12 @@ def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
             beat = sorted(art.glob("cache/train/*/work/heartbeat.json"))
             step = json.loads(beat[0].read_text())["step"] if beat else 0
             time.sleep(0.2)
-        server.post(f"/flow_runs/{run}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
-        final = server.wait(run)
+        final = _cancel_from_prefect(server, run)
     finally:
         srv.stop()
     assert final["state_type"] == "CANCELLED", (final["state"], (tmp_path / "serve.log").read_text()[-3000:])
     # The run's summary says so too, in its stage (it was `failed`, `failed_stage: train`).
-    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    summary = _latest_summary(art)
     assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "train" and "failed_stage" not in summary, summary
     assert summary["stages"]["train"]["message"] == "cancelled from Prefect", summary["stages"]["train"]
     # The UI too: the stage Cancel stopped reads Cancelled, the ones before it Completed (it read Crashed: Prefect's task
@@ -490,7 +503,6 @@ def test_cancelling_a_run_mid_training_ends_cancelled(server, tmp_path):
 def test_cancelling_a_run_between_stages_records_it_cancelled(server, tmp_path):
     # A Cancel after one stage finished and before the next started stopped the flow outside any stage: the run ended
     # Cancelled in Prefect, its summary stayed `running` and the next run on the machine marked it `crashed`.
-    import json
     import time
 
     srv = Serve(server, "--name", "cancel-between-stages", "--paused", log=tmp_path / "serve.log",
@@ -501,15 +513,13 @@ def test_cancelling_a_run_between_stages_records_it_cancelled(server, tmp_path):
         run = server.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": _tiny(art)})["id"]
         deadline, summary = time.monotonic() + 200, {}
         while time.monotonic() < deadline and summary.get("stages", {}).get("data", {}).get("status") != "completed":
-            latest = art / "latest.json"
-            summary = json.loads(Path(json.loads(latest.read_text())["summary"]).read_text()) if latest.is_file() else {}
+            summary = _latest_summary(art) if (art / "latest.json").is_file() else {}
             time.sleep(0.2)
-        server.post(f"/flow_runs/{run}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
-        final = server.wait(run)
+        final = _cancel_from_prefect(server, run)
     finally:
         srv.stop()
     assert final["state_type"] == "CANCELLED", (final["state"], (tmp_path / "serve.log").read_text()[-3000:])
-    summary = json.loads(Path(json.loads((art / "latest.json").read_text())["summary"]).read_text())
+    summary = _latest_summary(art)
     assert summary["status"] == "cancelled" and summary["cancelled_stage"] == "profile" and "failed_stage" not in summary, summary
     assert summary["stages"]["data"]["status"] == "completed", summary["stages"]
     assert summary["stages"]["profile"] == {"status": "cancelled", "seconds": 0, "message": "cancelled from Prefect before the stage started"}, summary["stages"]
