@@ -90,10 +90,22 @@ class DataRecord(BaseModel):
     dedupe: dict = {}  # benchmarks, prompts checked against, rules, conversations removed per benchmark and rule
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and all((Path(self.dir) / f).exists() for f in DATA_FILES)
+        out = Path(self.dir)
+        return is_complete(out) and all((out / f).exists() for f in DATA_FILES) and all(_split_files_present(out / s) for s in SPLITS)
 
 
 DATA_FILES = ("train/dataset_info.json", "heldout/dataset_info.json", "heldout.jsonl", "chat_template.jinja")  # what stages 2-5 read
+SPLITS = ("train", "heldout")  # `save_to_disk` folders (`load_split`)
+
+
+def _split_files_present(split: Path) -> bool:
+    """Every arrow file the split's state.json names is there: with one gone (its dataset_info.json left) the folder was
+    trusted, and stage 3 failed on a raw FileNotFoundError naming neither the stage folder nor the fix."""
+    try:
+        names = [f["filename"] for f in json.loads((split / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(names) and all((split / n).is_file() for n in names)
 
 
 # ---------------------------------------------------------------------------------------------------------
