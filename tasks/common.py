@@ -723,8 +723,9 @@ def maybe_fault(stage: str) -> None:
     (none)  raise RuntimeError (an unexpected crash);   kill   SIGKILL this process (power loss, OOM killer);
     oom     raise torch.OutOfMemoryError every time;   oom@K  only the first K calls in this process;
     sleep@S sleep S seconds: a window a test's signal lands in (`after-<stage>`: the flow between that stage and the next);
-    hang    stuck for an hour with the stop signals blocked, as in native code (an NCCL collective, a CUDA kernel),
-            where Python's signal handlers do not run: a stop that never ends; only SIGKILL ends it.
+    hang    stuck for an hour with the stop signals ignored, its connections to the other ranks kept, as in native
+            code (an NCCL collective, a CUDA kernel), where Python's signal handlers do not run: a stop that never
+            ends; only SIGKILL ends it. It says so on stderr first (a test waits for that line).
     `train:nan@N` is not raised here: the training loop turns the weights NaN at step N (`fault_arg`).
     """
     calls = _fault_calls[stage] = _fault_calls.get(stage, 0) + 1
@@ -735,16 +736,19 @@ def maybe_fault(stage: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
             import signal
+            import sys
 
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+            # Ignored by the whole process, not blocked in this thread: a signal blocked here only went to another
+            # thread, and the rank ended on the first stop (closing its connection) instead of staying stuck.
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            print(f"{FAULT_ENV}: {stage} hangs, the stop signals ignored", file=sys.stderr, flush=True)
             time.sleep(3600)
         if kind == "oom" and (not arg or calls <= int(arg)):
             import torch
 
             raise torch.OutOfMemoryError(f"injected out-of-memory in {stage} ({FAULT_ENV})")
         if kind == "sleep":
-            import time
-
             time.sleep(float(arg))
         if kind == "":
             raise RuntimeError(f"injected failure in stage {stage} ({FAULT_ENV}={os.environ.get(FAULT_ENV)})")
