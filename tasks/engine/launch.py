@@ -73,7 +73,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1,
+                            preexec_fn=_dies_with(os.getpid()))
     previous = _forward_stop_signals(proc)
 
     def show(line: str) -> None:
@@ -168,6 +169,54 @@ def _kill_with_its_ranks(proc: subprocess.Popen) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     proc.wait()
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the new process (torchrun) receive SIGKILL when `parent`, this process, dies (Linux;
+    None elsewhere). A SIGKILLed stage process (Prefect's kill of a cancelled flow after its grace, the OOM killer,
+    `docker kill`) left torchrun running as an orphan, and with it the ranks, a stuck one on its GPU for good; each
+    rank in turn dies with torchrun (`die_with_parent`). The kernel sends it when the *thread* that started the process
+    ends: this one, which waits in `run_stage` until torchrun has ended. prctl is looked up here, before the fork: the
+    child only makes two system calls."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the prctl: nothing would send the signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent() -> None:
+    """A rank: receive SIGKILL when torchrun, its parent, dies (Linux). torchrun passes on a stop and kills its ranks
+    itself; killed (`_dies_with`), it could not, and a rank stuck in a collective would hold its GPU for good. torchrun
+    starts every rank from its main thread, which lives as long as torchrun. A rank whose parent is already not
+    torchrun (it died while the rank started, or the rank was started by hand) ends at once."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        parent = b""
+    if b"torch.distributed.run" not in parent:
+        sys.exit(f"tasks.engine.launch worker: its parent (pid {os.getppid()}) is not torchrun: torchrun ended as this rank "
+                 "started, or the rank was started by hand; the train/probe stage starts the ranks")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -296,4 +345,5 @@ def _run_worker_stage(stage: str, spec: dict, log_fn):
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "worker":
         sys.exit("usage: python -m tasks.engine.launch worker <spec.json>  (started by torchrun from the train/probe stage)")
+    die_with_parent()
     worker(sys.argv[2])
