@@ -24,6 +24,7 @@ writes checkpoints, the heartbeat, the adapter and the stage record; the parent 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import os
@@ -160,15 +161,32 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
 
 def _kill_with_its_ranks(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
-    it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended."""
-    under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
-    proc.kill()
-    for pid in under:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait()
+    it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. Another
+    Ctrl-C meanwhile (the third) is ignored: it raised KeyboardInterrupt halfway, and the ranks not yet killed lived on."""
+    with _ctrl_c_ignored():
+        under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
+        proc.kill()
+        for pid in under:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    """SIGINT ignored inside, restored after. Off the main thread nothing changes: Python raises KeyboardInterrupt in
+    the main thread only, and sets handlers only there."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)  # None: a handler set outside Python
 
 
 def _dies_with(parent: int) -> Callable[[], None] | None:
