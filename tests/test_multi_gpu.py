@@ -640,3 +640,146 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
     assert rank and left == [], (rank, left)
 
 
+
+
+def _read_in_background(proc) -> list[str]:
+    """The lines `proc` prints, appended to the returned list as they come."""
+    import threading
+
+    out: list[str] = []
+    threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return out
+
+
+def _wait_for_line(proc, out: list[str], text: str, timeout: float = 480) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(text in line for line in out), f"no line with {text!r}: {''.join(out)[-3000:]}"
+
+
+def _torchrun_and_ranks(art: str) -> list[int]:
+    import subprocess
+
+    return [int(p) for p in subprocess.run(["pgrep", "-f", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout.split()]
+
+
+def _gone(pids: list[int], timeout: float = 60) -> list[int]:
+    """`pids` still alive (not zombies) after waiting up to `timeout` seconds for them to go."""
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def test_a_second_ctrl_c_kills_torchrun_and_a_stuck_rank_at_once(two_ranks, tmp_path):
+    """A rank stuck in native code (the `hang` fault: stop signals ignored, its connection kept) makes the first Ctrl-C's
+    stop wait for torchrun's grace (600 s); the second Ctrl-C kills torchrun and every rank at once and says so.
+    (The `hang` fault's rank raised UnboundLocalError at once before, so this could not be tested.)"""
+    import os
+    import signal
+    import time
+
+    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
+    out = _read_in_background(proc)
+    pids = []
+    try:
+        _wait_for_line(proc, out, f"{FAULT_ENV}: train-rank1-step3 hangs")
+        pids = _torchrun_and_ranks(art)
+        assert len(pids) == 3, pids  # torchrun and its 2 ranks
+        os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C
+        _wait_for_line(proc, out, "Ctrl-C again to stop at once", timeout=60)
+        _wait_for_line(proc, out, "death signal, shutting down workers", timeout=60)  # torchrun passed it on
+        time.sleep(10)  # the stuck rank does not end, so neither do rank 0 (waiting for it) and torchrun
+        assert proc.poll() is None and _gone(pids, timeout=0) == pids, "".join(out)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # the second
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = _gone(pids)
+        for pid in left:  # the test's own cleanup
+            os.kill(pid, signal.SIGKILL)
+    text = "".join(out)
+    assert left == [], (left, text[-3000:])
+    assert "train: stopped at once: no checkpoint saved for this stop" in text, text[-3000:]
+    assert proc.returncode not in (0, 130) and "KeyboardInterrupt" in text, (proc.returncode, text[-3000:])  # not the ranks' stop
+
+
+def test_a_sigkilled_stage_process_takes_torchrun_and_a_stuck_rank_with_it(two_ranks, tmp_path):
+    """Prefect SIGKILLs a cancelled flow's process after its grace; so do the OOM killer and `docker kill`. torchrun, its
+    child, lived on, and with it the ranks, a stuck one on its GPU for good. Each now dies with its parent."""
+    import os
+    import signal
+    import subprocess
+
+    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
+    out = _read_in_background(proc)
+    pids = []
+    try:
+        _wait_for_line(proc, out, f"{FAULT_ENV}: train-rank1-step3 hangs")
+        pids = _torchrun_and_ranks(art)
+        assert len(pids) == 3, pids
+        os.kill(proc.pid, signal.SIGKILL)  # the stage's process alone
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = _gone(pids)
+        survivors = subprocess.run(["ps", "-o", "pid,ppid,args", "-p", ",".join(map(str, left))], capture_output=True, text=True).stdout if left else ""
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], (survivors, "".join(out)[-3000:])
+
+
+def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
+    """A Ctrl-C arriving while the second one's kill runs raised KeyboardInterrupt in it, before torchrun and its
+    ranks were killed: they lived on. Here the Ctrl-C lands just after the ranks were listed, before any kill."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    # torchrun's shape: a parent, and a child in a session of its own (a rank)
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600'], start_new_session=True); "
+                             "time.sleep(600)"])
+    rank = []
+    try:
+        while not rank and proc.poll() is None:
+            rank = launch._descendants(proc.pid)
+        listed = launch._descendants
+
+        def listed_then_ctrl_c(pid):
+            found = listed(pid)
+            os.kill(os.getpid(), signal.SIGINT)  # the third Ctrl-C
+            return found
+
+        monkeypatch.setattr(launch, "_descendants", listed_then_ctrl_c)
+        launch._kill_with_its_ranks(proc)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after the kill
+    finally:
+        left = _gone([proc.pid, *rank], timeout=10)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    assert rank and left == [], (rank, left)
+
+
+def test_the_probe_stage_stop_message_does_not_promise_a_checkpoint():
+    """The probe's ranks save nothing when stopped; its stop message said "saves a checkpoint", as training's does."""
+    from tasks.engine.launch import STOP_WORDS
+
+    assert "checkpoint" not in " ".join(STOP_WORDS["probe"]) and "probes again" in STOP_WORDS["probe"][1]
+    assert "saves a checkpoint" in STOP_WORDS["train"][0]

@@ -97,17 +97,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         rc = proc.wait()
     except KeyboardInterrupt:
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
-        log_fn(f"{stage}: stopping: each rank finishes its step and saves a checkpoint (up to {-(-grace // 60)} min); "
-               "Ctrl-C again to stop at once")
+        stopping, lost = STOP_WORDS[stage]
+        log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
         reader = keep_reading()
         try:
             proc.wait(timeout=grace + 30)  # torchrun's own kill first
         except (KeyboardInterrupt, subprocess.TimeoutExpired) as e:
             _kill_with_its_ranks(proc)
-            log_fn(f"{stage}: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one"
-                   if isinstance(e, KeyboardInterrupt) else
-                   f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; no checkpoint "
-                   "saved for this stop; the rerun resumes from the last saved one")
+            log_fn(f"{stage}: stopped at once: {lost}" if isinstance(e, KeyboardInterrupt) else
+                   f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
         stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
@@ -129,6 +127,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     return read_json(result_path)
+
+
+# What a stop does in each stage, and what a stop at once loses: only training saves a checkpoint as it stops.
+STOP_WORDS = {
+    "train": ("each rank finishes its step and saves a checkpoint",
+              "no checkpoint saved for this stop; the rerun resumes from the last saved one"),
+    "probe": ("the ranks end their trial; the probe saves nothing, so the rerun probes again", "the rerun probes again"),
+}
 
 
 def read_in_background(lines, show: Callable[[str], None]) -> threading.Thread:
