@@ -69,7 +69,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # own, so a terminal's Ctrl-C reaches this process and torchrun, not the ranks. torchrun passes the signal on and
     # SIGKILLs a rank still running after its grace, 30 s by default, which a large model's step plus checkpoint
     # outlasts: killed before it saved. Its grace is this stage's own wait for a stop, STOP_GRACE_S or a user's longer
-    # one (torch reads it since early 2026, pytorch#172596; older versions keep 30 s).
+    # one (torch reads it from 2.12 on, pytorch#172596: 2.12.0's torch/distributed/launcher/api.py does, 2.11.0's does not;
+    # 2.11 and older keep 30 s).
     grace = _stop_grace(env, stage, log_fn)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
