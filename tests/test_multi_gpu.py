@@ -390,7 +390,6 @@ def test_a_second_ctrl_c_kills_torchrun_and_a_stuck_rank_at_once(two_ranks, tmp_
         assert len(pids) == 3, pids  # torchrun and its 2 ranks
         os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C
         _wait_for_line(proc, out, "Ctrl-C again to stop at once", timeout=60)
-        _wait_for_line(proc, out, "death signal, shutting down workers", timeout=60)  # torchrun passed it on
         time.sleep(10)  # the stuck rank does not end, so neither do rank 0 (waiting for it) and torchrun
         assert proc.poll() is None and _gone(pids, timeout=0) == pids, "".join(out)[-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # the second
