@@ -707,12 +707,24 @@ FAULT_ENV = "QLORA_PIPELINE_FAULT"
 _fault_calls: dict[str, int] = {}  # maybe_fault calls per stage in this process (for `oom@K`)
 
 
+FAULT_ARGS = {"sleep": ("sleep@S (S: seconds, a number >= 0, e.g. sleep@2.5)", lambda a: float(a) >= 0),
+              "oom": ("oom or oom@K (K: calls, an integer >= 1, e.g. oom@2)", lambda a: a == "" or int(a) >= 1)}
+
+
 def _faults(stage: str) -> Iterator[tuple[str, str]]:
-    """(kind, argument) of every `<stage>:<kind>[@<arg>]` item of QLORA_PIPELINE_FAULT naming this stage."""
+    """(kind, argument) of every `<stage>:<kind>[@<arg>]` item of QLORA_PIPELINE_FAULT naming this stage; a ValueError
+    naming the item for an argument its kind cannot take (FAULT_ARGS)."""
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         name, _, spec = item.strip().partition(":")
         if name == stage:
             kind, _, arg = spec.partition("@")
+            form, fits = FAULT_ARGS.get(kind, ("", lambda a: True))
+            try:
+                ok = fits(arg)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{FAULT_ENV} item {item.strip()!r} is not a fault this switch takes: write <stage>:{form}")
             yield kind, arg
 
 

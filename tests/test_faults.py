@@ -346,3 +346,32 @@ def test_two_runs_at_once_on_one_artifacts_folder(two_runs):
     assert not list(art.glob("cache/*/.*")) and not list(art.glob("runs/*/.*"))  # no temp folders left
     for f in (art / ".prefect-results").iterdir():
         json.loads(f.read_text())  # every result record whole
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fault switch itself (test-only): its values are checked, and docs/RELIABILITY.md names every stage it can name
+
+
+def test_a_sleep_fault_without_its_seconds_is_one_line_naming_the_value(fault):
+    """`after-publish:sleep` (no `@S`) raised float("")'s unchecked ValueError ("could not convert string to float: ''"),
+    which names neither the fault variable nor the form it takes."""
+    for spec, form in (("after-publish:sleep", "sleep@S"), ("after-publish:sleep@", "sleep@S"), ("after-publish:sleep@soon", "sleep@S"),
+                       ("after-publish:sleep@-1", "sleep@S"), ("after-publish:oom@x", "oom@K"), ("after-publish:oom@0", "oom@K")):
+        fault(spec)
+        with pytest.raises(ValueError) as e:
+            common.maybe_fault("after-publish")
+        said = str(e.value)
+        assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
+
+
+def test_a_sleep_and_a_hang_fault_sleep(fault, monkeypatch):
+    """maybe_fault's sleep branch imported `time` inside the function, which made `time` a local name of the whole
+    function: the `hang` branch's time.sleep then raised UnboundLocalError instead of hanging."""
+    slept = []
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    monkeypatch.setattr(signal, "pthread_sigmask", lambda *a: None)  # the hang's blocked stop signals: not in the test process
+    fault("after-publish:sleep@0.5,after-merge:hang")
+    common.maybe_fault("after-publish")
+    common.maybe_fault("after-merge")
+    assert slept == [0.5, 3600]
+
