@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -375,3 +376,12 @@ def test_a_sleep_and_a_hang_fault_sleep(fault, monkeypatch):
     common.maybe_fault("after-merge")
     assert slept == [0.5, 3600]
 
+
+def test_reliability_doc_lists_every_stage_of_the_flow_in_order():
+    """docs/RELIABILITY.md's list of the stages a fault can name left out the export stage."""
+    from flows.finetune import STAGES as FLOW_STAGES
+
+    doc = (ROOT / "docs" / "RELIABILITY.md").read_text()
+    line = next(l for l in doc.splitlines() if l.startswith("Stages"))
+    assert re.findall(r"`(\w+)`", line.split(":", 1)[1]) == list(FLOW_STAGES) == STAGES, line
+    assert f"each of the {len(FLOW_STAGES)} stages" in doc
