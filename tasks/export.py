@@ -1026,6 +1026,12 @@ def _message_item(item: dict) -> bool:
     return "role" in item or item.get("type") == "message"
 
 
+def _item_reference(item: dict) -> bool:
+    """A Responses input item that names an earlier item by id instead of holding it: {"type": "item_reference", "id":
+    ...}, or {"id": ...} alone (OpenAI's type is optional there)."""
+    return item.get("type") == "item_reference" or ("id" in item and "type" not in item and "role" not in item)
+
+
 def _conversation_item(item: dict) -> bool:
     """A Responses input item of a conversation (a message, a function call or its output, a reasoning item), not a
     content part."""
@@ -1042,6 +1048,11 @@ def input_problem(given: Any) -> tuple[str, str] | None:
         return "input must be a non-empty string or a non-empty list of input items (objects)", "input"
     if isinstance(given, str):
         return None
+    for i, item in enumerate(given):
+        if _item_reference(item):  # serve stores no items: it dropped the reference (a 200) or named no field (a 422)
+            return (f"input[{i}] is an item_reference ({item.get('id')!r:.40}), which is not supported: this server keeps "
+                    "no items (transformers serve stores none to look up); send the item itself in `input` (the message, "
+                    "function call or its output, with its content) in its place"), f"input[{i}]"
     for i, item in enumerate(given):
         if _message_item(item):
             # transformers serve hands any role, and a missing content as "", to the chat template: a 200 with some

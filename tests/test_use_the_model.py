@@ -2294,3 +2294,42 @@ def test_request_problem_refuses_previous_response_id_which_serve_ignores():
         message, field = request_problem("response", {"input": given, "previous_response_id": "resp_1"})
         assert field == "previous_response_id" and "send the whole conversation in `input`" in message and "\n" not in message
     assert request_problem("response", {"input": "hi", "previous_response_id": None}) is None
+
+
+def test_request_problem_refuses_an_item_reference_which_serve_cannot_look_up():
+    """transformers serve stores no items, so an input item of type item_reference (the OpenAI SDK's way to name an
+    earlier item by id instead of sending it) was dropped: opening the input (or among content parts) it was read as a
+    content part and left out of the prompt, with a 200; after a message it was serve's 422, turned into a 400 that
+    named no field. Now it is a 400 naming input[i] and the fix (send the item itself), as previous_response_id is."""
+    from transformers.cli.serving.response import ResponseHandler
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import request_problem
+
+    ref = {"type": "item_reference", "id": "msg_1"}
+    question = {"role": "user", "content": "And in French?"}
+    colour = {"type": "input_text", "text": "Name a colour."}
+    # what it was: the reference reached the chat template as nothing
+    assert BaseHandler.get_processor_inputs_from_messages(ResponseHandler._normalize_input({"input": [ref]}), Modality.LLM) == [
+        {"role": "user", "content": ""}]
+    for items, field in (([ref], "input[0]"), ([ref, question], "input[0]"), ([colour, ref], "input[1]"),
+                         ([question, ref], "input[1]"), ([question, {"id": "msg_1"}], "input[1]")):
+        message, got = request_problem("response", {"input": items})
+        assert got == field and f"{field} is an item_reference" in message and "send the item itself" in message, (items, message)
+        assert "\n" not in message
+    assert request_problem("response", {"input": [question, {"type": "message", "role": "assistant", "content": "Bleu", "id": "msg_1"}]}) is None
+
+
+def test_serve_model_merged_responses_refuses_an_item_reference(served_r1):
+    """The served /v1/responses, streamed or not: an item_reference anywhere in `input` is a 400 naming input[i] (a
+    200 that dropped it, or a 400 naming no field, before)."""
+    pub, base = served_r1
+    url = f"{base}/v1/responses"
+    ref = {"type": "item_reference", "id": "msg_1"}
+    question = {"role": "user", "content": "And in French?"}
+    for stream in (False, True):
+        for items, field in (([ref], "input[0]"), ([{"type": "input_text", "text": "Name a colour."}, ref], "input[1]"),
+                             ([question, ref], "input[1]")):
+            code, body = _request(url, {"input": items, "max_output_tokens": 2, "stream": stream})
+            error = json.loads(body)["error"]
+            assert code == 400 and error["param"] == field and "send the item itself" in error["message"], (items, stream, code, body)
