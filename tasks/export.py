@@ -1395,6 +1395,48 @@ def no_token_left(settings: dict, vocab: int | None) -> str | None:
     return f"generation_config's {', '.join(named)} forbid every token of the model's vocabulary ({vocab} tokens): leave some to generate"
 
 
+def _asks_for_text(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+# Fields transformers serve lists as unused (UNUSED_*_FIELDS in transformers/cli/serving), each with the values that
+# ask for nothing more than its answer already is; any other value asked for an answer of another meaning or shape
+# (JSON, a tool call, log probabilities, the echoed prompt, audio) and got plain text, with a 200 (a review, 2026-12-06).
+_AS_ANSWERED = (None, False, 0, "", [], {}, "auto")
+IGNORED_FIELDS = {
+    "chat": {"response_format": ("{\"type\": \"text\"}", lambda v: v in _AS_ANSWERED or _asks_for_text(v)),
+             "tool_choice": ('"auto"', lambda v: v in _AS_ANSWERED),
+             "functions": ("nothing (send `tools` instead)", lambda v: v in _AS_ANSWERED),
+             "function_call": ("nothing (send `tools` instead)", lambda v: v in _AS_ANSWERED),
+             "logprobs": ("false", lambda v: v in _AS_ANSWERED),
+             "top_logprobs": ("0", lambda v: v in _AS_ANSWERED),
+             "modalities": ('["text"]', lambda v: v in _AS_ANSWERED or v == ["text"]),
+             "audio": ("nothing", lambda v: v in _AS_ANSWERED),
+             "presence_penalty": ("0 (frequency_penalty is applied)", lambda v: v in _AS_ANSWERED)},
+    "completion": {"echo": ("false", lambda v: v in _AS_ANSWERED),
+                   "logprobs": ("nothing", lambda v: v is None),
+                   "presence_penalty": ("0 (frequency_penalty is applied)", lambda v: v in _AS_ANSWERED)},
+    "response": {"text": ('{"format": {"type": "text"}}', lambda v: v in _AS_ANSWERED or (isinstance(v, dict) and set(v) <= {"format", "verbosity"}
+                                                                                        and (v.get("format") is None or _asks_for_text(v.get("format"))))),
+                 "tool_choice": ('"auto"', lambda v: v in _AS_ANSWERED),
+                 "top_logprobs": ("0", lambda v: v in _AS_ANSWERED),
+                 "include": ("nothing", lambda v: v in _AS_ANSWERED),
+                 "prompt": ("nothing (send the prompt's text in `instructions` and `input`)", lambda v: v in _AS_ANSWERED),
+                 "background": ("false (answers are given as the request waits)", lambda v: v in _AS_ANSWERED)},
+}
+
+
+def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
+    """(message, field) for a field transformers serve ignores, set to a value that asks for another answer than the
+    plain text it gives (IGNORED_FIELDS), else None."""
+    for field, (answered, as_answered) in IGNORED_FIELDS[kind].items():
+        value = body.get(field)
+        if not as_answered(value):
+            return (f"{field} {json.dumps(value)[:60]} is not supported: this server (transformers serve) ignores {field} and "
+                    f"would answer plain text as if it were not sent; leave {field} out, or send {answered}"), field
+    return None
+
+
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
@@ -1418,6 +1460,9 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
             return problem
         if not isinstance(body.get("instructions"), (str, type(None))):
             return f"instructions must be a string, got {body['instructions']!r:.40}", "instructions"
+    problem = ignored_field_problem(kind, body)
+    if problem:
+        return problem
     for field in ("n", "best_of"):  # transformers serve ignored both and answered one choice
         value = body.get(field)
         if value is not None and (isinstance(value, bool) or value != 1):

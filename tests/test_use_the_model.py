@@ -2333,3 +2333,57 @@ def test_serve_model_merged_responses_refuses_an_item_reference(served_r1):
             code, body = _request(url, {"input": items, "max_output_tokens": 2, "stream": stream})
             error = json.loads(body)["error"]
             assert code == 400 and error["param"] == field and "send the item itself" in error["message"], (items, stream, code, body)
+
+
+def test_request_problem_refuses_a_field_serve_ignores_that_asks_for_another_answer():
+    """A review: transformers serve lists response_format, tool_choice, logprobs, echo, presence_penalty, the Responses
+    `text` (its format), `prompt`, `background` ... as unused and answered plain text with a 200: a client that asked
+    for JSON, a forced tool call, log probabilities or the echoed prompt got an answer of another meaning or shape. Such
+    a value is now a 400 naming the field; the values that ask for nothing more (false, 0, "auto", text) are taken."""
+    from transformers.cli.serving.chat_completion import UNUSED_CHAT_COMPLETION_FIELDS
+    from transformers.cli.serving.completion import UNUSED_LEGACY_COMPLETION_FIELDS
+    from transformers.cli.serving.response import UNUSED_RESPONSE_FIELDS
+
+    from tasks.export import IGNORED_FIELDS, request_problem
+
+    unused = {"chat": UNUSED_CHAT_COMPLETION_FIELDS, "completion": UNUSED_LEGACY_COMPLETION_FIELDS, "response": UNUSED_RESPONSE_FIELDS}
+    for kind, fields in IGNORED_FIELDS.items():
+        assert set(fields) <= unused[kind], kind  # why: serve ignores each
+    prompt = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completion": {"prompt": "hi"}, "response": {"input": "hi"}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for kind, field, value in (("chat", "response_format", {"type": "json_object"}), ("chat", "tool_choice", "required"),
+                               ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}), ("chat", "tool_choice", "none"),
+                               ("chat", "logprobs", True), ("chat", "top_logprobs", 2), ("chat", "functions", [tool["function"]]),
+                               ("chat", "modalities", ["text", "audio"]), ("chat", "presence_penalty", 1.5),
+                               ("completion", "echo", True), ("completion", "logprobs", 0), ("completion", "presence_penalty", -1),
+                               ("response", "text", {"format": {"type": "json_schema", "name": "x", "schema": {}}}),
+                               ("response", "tool_choice", "required"), ("response", "top_logprobs", 3),
+                               ("response", "include", ["message.output_text.logprobs"]), ("response", "prompt", {"id": "pmpt_1"}),
+                               ("response", "background", True)):
+        message, got = request_problem(kind, {**prompt[kind], field: value})
+        assert got == field and message.startswith(f"{field} ") and "ignores" in message and "\n" not in message, (kind, field, message)
+    for kind, body in (("chat", {"response_format": {"type": "text"}, "tool_choice": "auto", "tools": [tool], "logprobs": False,
+                                 "top_logprobs": 0, "modalities": ["text"], "presence_penalty": 0, "functions": None}),
+                       ("completion", {"echo": False, "logprobs": None, "presence_penalty": 0.0}),
+                       ("response", {"text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto", "include": [],
+                                     "background": False, "prompt": None, "top_logprobs": 0})):
+        assert request_problem(kind, {**prompt[kind], **body}) is None, (kind, body)
+
+
+def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
+    """The served endpoints, streamed or not: JSON output, a forced tool call, logprobs, echo are a 400 naming the
+    field (each was a 200 with plain text)."""
+    pub, base = served_r1
+    chat, completions, responses = (f"{base}/v1/{p}" for p in ("chat/completions", "completions", "responses"))
+    messages = [{"role": "user", "content": "hi"}]
+    for stream in (False, True):
+        for url, body, field in ((chat, {"messages": messages, "max_tokens": 2, "response_format": {"type": "json_object"}}, "response_format"),
+                                 (chat, {"messages": messages, "max_tokens": 2, "logprobs": True}, "logprobs"),
+                                 (completions, {"prompt": "hi", "max_tokens": 2, "echo": True}, "echo"),
+                                 (responses, {"input": "hi", "max_output_tokens": 2, "tool_choice": "required"}, "tool_choice"),
+                                 (responses, {"input": "hi", "max_output_tokens": 2, "text": {"format": {"type": "json_object"}}}, "text")):
+            code, answer = _request(url, {**body, "stream": stream})
+            error = json.loads(answer)["error"]
+            assert code == 400 and error["param"] == field and "ignores" in error["message"], (url, body, code, answer[:300])
+        code, answer = _request(chat, {"messages": messages, "max_tokens": 2, "stream": stream, "response_format": {"type": "text"}, "logprobs": False})
+        assert code == 200 and '"error"' not in answer, (code, answer[:300])
