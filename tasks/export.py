@@ -1022,6 +1022,22 @@ def response_input_as_system(given: Any) -> Any:
     return developer_as_system(given) if isinstance(given, list) else given
 
 
+def instructions_kept_with_system(body: dict) -> dict:
+    """A Responses request whose `instructions` and first input item, a system (or developer) message, are one system
+    message: instructions first, then that message's text. transformers serve put the instructions in place of that
+    message's content, so the input's own system message was lost, with a 200 (a review, 2026-12-06); OpenAI's API
+    keeps both. Any other request is returned as it is."""
+    given, instructions = body.get("input"), body.get("instructions")
+    if not instructions or not isinstance(given, list) or not given or given[0].get("role") not in ("system", "developer"):
+        return body
+    first, content = given[0], given[0].get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in TEXT_PARTS for p in content):
+        content = " ".join(p.get("text") or "" for p in content)  # as serve joins a message's text parts
+    joined = (f"{instructions}\n\n{content}" if isinstance(content, str) else
+              [{"type": "input_text", "text": instructions}, *(content or [])])
+    return {**{k: v for k, v in body.items() if k != "instructions"}, "input": [{**first, "content": joined}, *given[1:]]}
+
+
 def _message_item(item: dict) -> bool:
     return "role" in item or item.get("type") == "message"
 
@@ -1993,6 +2009,7 @@ def answer_as_openai_does() -> None:
                 body["messages"] = developer_as_system(body["messages"])
             elif kind == "response":
                 body["input"] = response_input_as_system(body["input"])
+                body = instructions_kept_with_system(body)
             configured = take_generation_config(body)
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),

@@ -2387,3 +2387,39 @@ def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_
             assert code == 400 and error["param"] == field and "ignores" in error["message"], (url, body, code, answer[:300])
         code, answer = _request(chat, {"messages": messages, "max_tokens": 2, "stream": stream, "response_format": {"type": "text"}, "logprobs": False})
         assert code == 200 and '"error"' not in answer, (code, answer[:300])
+
+
+def test_responses_instructions_keep_the_input_s_own_system_message():
+    """transformers serve put `instructions` in place of the content of an input that opens with a system message, so
+    that message (or a developer one, read as system here) was lost, with a 200; OpenAI's API keeps both. They are now
+    one system message: the instructions, then the input's own."""
+    from transformers.cli.serving.response import ResponseHandler
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import instructions_kept_with_system, response_input_as_system
+
+    def served_as(body):  # the messages transformers serve hands the chat template
+        return BaseHandler.get_processor_inputs_from_messages(ResponseHandler._normalize_input(body), Modality.LLM)
+
+    user = {"role": "user", "content": "hi"}
+    french = {"role": "developer", "content": "Speak French."}
+    assert served_as({"input": response_input_as_system([french, user]), "instructions": "Be brief."})[0] == {"role": "system", "content": "Be brief."}
+    both = {"role": "system", "content": "Be brief.\n\nSpeak French."}
+    for first in (french, {"type": "message", "role": "system", "content": [{"type": "input_text", "text": "Speak French."}]}):
+        body = instructions_kept_with_system({"input": response_input_as_system([first, user]), "instructions": "Be brief."})
+        assert "instructions" not in body and served_as(body) == [both, user], body
+    for body in ({"input": [user], "instructions": "Be brief."}, {"input": "hi", "instructions": "Be brief."}, {"input": [french, user]}):
+        assert instructions_kept_with_system(body) is body
+
+
+def test_serve_model_merged_responses_instructions_keep_the_input_s_own_system_message(served_r1):
+    """The served /v1/responses: instructions with an input that opens with a system message read both (the prompt was
+    as long as with the instructions alone: the input's system message was dropped)."""
+    pub, base = served_r1
+    url, user = f"{base}/v1/responses", {"role": "user", "content": "hi"}
+    tokens = {}
+    for name, items in (("alone", [user]), ("system", [{"role": "system", "content": "Speak French, always, to everyone."}, user])):
+        code, body = _request(url, {"input": items, "instructions": "Be brief.", "max_output_tokens": 1, "temperature": 0})
+        assert code == 200, body
+        tokens[name] = json.loads(body)["usage"]["input_tokens"]
+    assert tokens["system"] > tokens["alone"] + 5, tokens
