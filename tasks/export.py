@@ -971,7 +971,12 @@ def content_problem(content: Any, where: str) -> tuple[str, str] | None:
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             return (f"{where}[{i}] must be a content part with a \"type\", e.g. {{\"type\": \"text\", \"text\": \"Hi\"}}, "
                     f"got {part!r:.40}"), f"{where}[{i}]"
-        if part["type"] in TEXT_PARTS and not isinstance(part.get("text"), str):
+        if part["type"] not in TEXT_PARTS:
+            # serve's text-only (LLM) reading keeps a message's text parts and drops the rest: an image, audio or
+            # file part was left out of the prompt, with a 200 answering as if it had not been sent (a review, 2026-12-06)
+            return (f"{where}[{i}] is of type {part['type']!r:.30}, which this server cannot read: the served model takes "
+                    "text only (the part would be dropped); send text parts ({\"type\": \"text\", \"text\": ...}) only"), f"{where}[{i}]"
+        if not isinstance(part.get("text"), str):
             return f"{where}[{i}].text must be a string (a {part['type']!r} part holds its text there)", f"{where}[{i}].text"
     return None
 

@@ -2423,3 +2423,40 @@ def test_serve_model_merged_responses_instructions_keep_the_input_s_own_system_m
         assert code == 200, body
         tokens[name] = json.loads(body)["usage"]["input_tokens"]
     assert tokens["system"] > tokens["alone"] + 5, tokens
+
+
+def test_request_problem_refuses_a_content_part_a_text_only_model_would_drop():
+    """transformers serve's text-only reading keeps a message's text parts and drops the rest: a chat message's
+    image_url part, a Responses input_image or input_file part was left out of the prompt, with a 200 answering as if
+    it had not been sent. It is now a 400 naming the part; text parts are taken as before."""
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import request_problem
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    question = {"type": "text", "text": "What is in this picture?"}
+    # what it was: the image was not in the messages the chat template got
+    assert BaseHandler.get_processor_inputs_from_messages([{"role": "user", "content": [image, question]}], Modality.LLM) == [
+        {"role": "user", "content": "What is in this picture?"}]
+    for kind, body, field in (("chat", {"messages": [{"role": "user", "content": [image, question]}]}, "messages[0].content[0]"),
+                              ("chat", {"messages": [{"role": "user", "content": [question, {"type": "input_audio", "input_audio": {}}]}]},
+                               "messages[0].content[1]"),
+                              ("response", {"input": [{"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": "x"}]}, "input[1]"),
+                              ("response", {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]")):
+        message, got = request_problem(kind, body)
+        assert got == field and f"{field} is of type" in message and "text only" in message and "\n" not in message, (body, message)
+    assert request_problem("chat", {"messages": [{"role": "user", "content": [question, {"type": "text", "text": "Be brief."}]}]}) is None
+    assert request_problem("response", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}) is None
+
+
+def test_serve_model_merged_refuses_an_image_part(served_r1):
+    """The served endpoints: an image part is a 400 naming it (a 200 whose prompt had dropped it, before)."""
+    pub, base = served_r1
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    for stream in (False, True):
+        code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What?"}]}],
+                                                                 "max_tokens": 2, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "messages[0].content[0]", (code, answer[:300])
+        code, answer = _request(f"{base}/v1/responses", {"input": [{"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": "x"}],
+                                                          "max_output_tokens": 2, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "input[1]", (code, answer[:300])
