@@ -1354,6 +1354,15 @@ def transformers_refusal(error: Exception, asked: dict, read: str = "merged with
     return f"generation_config's {', '.join(named) or 'settings'} refused by transformers ({read}): {text}"
 
 
+class ToolsNotRendered(Exception):
+    """The model's chat template rendered the request's `tools` as nothing: a 400 naming `tools`."""
+
+
+def _token_list(inputs) -> list:
+    ids = inputs["input_ids"]
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
 class SettingsRefused(ValueError):
     """transformers <= 5.24's serve refused the request's settings as it built their GenerationConfig."""
 
@@ -2029,6 +2038,8 @@ def answer_as_openai_does() -> None:
                 return await handle(self, body, request_id)
             except SettingsRefused as e:
                 return openai_error(str(e), "generation_config")
+            except ToolsNotRendered as e:
+                return openai_error(str(e), "tools")
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
             except (TypeError, KeyError, ValueError) as e:
@@ -2058,6 +2069,17 @@ def answer_as_openai_does() -> None:
             if options.get("logit_bias"):  # transformers refused an integer bias (OpenAI's own examples send them) with a 500
                 set_setting(config, "sequence_bias", {(int(k),): float(v) for k, v in options["logit_bias"].items()})
             return config
+
+        def render_messages(self, engine, messages, body):
+            """serve's rendering, refusing `tools` the chat template leaves out: transformers hands them to any
+            template, and one that does not read them (the tiny run's) rendered the prompt as without them, so the
+            model was asked to answer with no tool to call, with a 200 (a review, 2026-12-06)."""
+            inputs = render(self, engine, messages, body)
+            if body.get("tools") and _token_list(inputs) == _token_list(render(self, engine, messages, {**body, "tools": None})):
+                raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
+                                       "the same without them), so the model would never see them; leave tools out, or "
+                                       "serve a model whose chat template renders tools")
+            return inputs
 
         def check_prompt_length(self, *args, **kwargs):
             """transformers 5.25's own check, a ValueError before the handler: `refusal` does it, naming the field."""
@@ -2115,6 +2137,9 @@ def answer_as_openai_does() -> None:
 
         handler.handle_request = handle_request
         setattr(handler, build_name, build_generation_config)
+        if kind != "completion" and hasattr(handler, "render_messages"):  # transformers 5.25's; <= 5.24 render elsewhere
+            render = handler.render_messages
+            handler.render_messages = render_messages
         if hasattr(handler, "_check_prompt_length"):
             handler._check_prompt_length = check_prompt_length
         handler._streaming, handler._non_streaming = stream, answer

@@ -2460,3 +2460,20 @@ def test_serve_model_merged_refuses_an_image_part(served_r1):
         code, answer = _request(f"{base}/v1/responses", {"input": [{"type": "input_text", "text": "What?"}, {"type": "input_image", "image_url": "x"}],
                                                           "max_output_tokens": 2, "stream": stream})
         assert code == 400 and json.loads(answer)["error"]["param"] == "input[1]", (code, answer[:300])
+
+
+def test_serve_model_merged_refuses_tools_its_chat_template_does_not_render(served_r1):
+    """transformers serve hands a request's tools to the chat template, and the tiny run's template does not read them:
+    the prompt was the same as without them (the model never saw a tool to call), with a 200. Such tools are now a 400
+    naming `tools`, on chat and Responses, streamed or not; the same request without tools is answered."""
+    pub, base = served_r1
+    function = {"name": "get_weather", "description": "The weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    for stream in (False, True):
+        for url, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 2,
+                                                            "tools": [{"type": "function", "function": function}]}),
+                          (f"{base}/v1/responses", {"input": "Weather in Paris?", "max_output_tokens": 2, "tools": [{"type": "function", **function}]})):
+            code, answer = _request(url, {**body, "stream": stream})
+            error = json.loads(answer)["error"]
+            assert code == 400 and error["param"] == "tools" and "renders no tools" in error["message"], (url, code, answer[:300])
+            code, answer = _request(url, {**{k: v for k, v in body.items() if k != "tools"}, "stream": stream})
+            assert code == 200 and '"error"' not in answer, (url, code, answer[:300])
