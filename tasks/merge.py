@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
+from .common import StageError, building, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
 from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
@@ -91,12 +91,12 @@ def weights_present(folder: Path) -> bool:
     """`folder` (a save_pretrained one) holds its safetensors weights: model.safetensors, or an index and every shard it
     names. config.json alone was taken for a merged model: its weights deleted, the folder was published without them."""
     if (folder / "model.safetensors").is_file():
-        return True
+        return safetensors_whole(folder / "model.safetensors")
     try:
         shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return bool(shards) and all((folder / s).is_file() for s in shards)
+    return bool(shards) and all(safetensors_whole(folder / s) for s in shards)  # each one whole: a shard cut short too
 
 
 def merge_dtype(merge: MergeSection, quant: QuantSection, device: str):

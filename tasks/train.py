@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .common import (StageError, TrainingStopped, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete, locked,
-                     maybe_fault, off_the_lost_terminal, progress_bar, read_json, stage_dir, write_json)
+                     maybe_fault, off_the_lost_terminal, progress_bar, read_json, safetensors_whole, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -82,7 +82,8 @@ class TrainRecord(BaseModel):
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
 
     def outputs_exist(self) -> bool:
-        return (is_complete(Path(self.dir)) and all((Path(self.adapter_dir) / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+        return (is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
+                and safetensors_whole(Path(self.adapter_dir) / "adapter_model.safetensors")
                 and Path(self.loss_curve_png).is_file())  # publish copies it
 
 

@@ -4,6 +4,7 @@ published folder, a second run that hits every cache, and a deleted result that 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def test_an_artifacts_folder_whose_cache_is_a_link_to_another_disk_hits_every_ca
 @pytest.mark.parametrize("stage, damage", [("train", "adapter"), ("probe", "record.json"), ("merge", "merged/model.safetensors"),
                                           ("evaluate", "eval_chart.png"), ("profile", "length_histogram.png"),
                                           ("train", "loss_curve.png"), ("data", "train"),
-                                          ("data", "train/data-00000-of-00001.arrow"), ("data", "heldout/state.json")])
+                                          ("data", "train/data-00000-of-00001.arrow"), ("data", "heldout/state.json"),
+                                          ("train", "adapter/adapter_model.safetensors:cut"), ("merge", "merged/model.safetensors:cut")])
 def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
     # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
     # 'adapter_config.json'"); a truncated record.json failed as a bare JSONDecodeError. Neither named the folder or a fix.
@@ -143,6 +145,9 @@ def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_
     # A data split's arrow file gone (its dataset_info.json left) was trusted too: stage 3 failed on a raw FileNotFoundError
     if damage in ("adapter", "train"):  # a data split gone failed as a raw FileNotFoundError in stage 2
         shutil.rmtree(folder / damage)
+    elif damage.endswith(":cut"):  # a weights file cut short was trusted: stage 5 failed on safetensors' bare "header too small"
+        path = folder / damage.removesuffix(":cut")
+        os.truncate(path, path.stat().st_size // 2)
     elif damage != "record.json":
         (folder / damage).unlink()
     else:

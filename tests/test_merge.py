@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,35 @@ def test_conversion_version_keys_every_converted_model(monkeypatch):
     monkeypatch.setattr(models, "CONVERT_VERSION", models.CONVERT_VERSION + 1)
     after = [models._locate(m)[1] for m in (hub_gguf, hub)]
     assert before[0] != after[0] and before[1] == after[1]
+
+
+def test_safetensors_whole_tells_a_file_cut_short_or_grown_from_a_whole_one(tmp_path):
+    # A fresh-context review: a merged model.safetensors or an adapter cut short passed the "file is there" check and
+    # failed later as safetensors' bare "header too small"; only the header is read to tell.
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.common import safetensors_whole
+    from tasks.merge import weights_present
+
+    whole = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(64, 8), "b": torch.ones(3)}, str(whole))
+    data = whole.read_bytes()
+    assert safetensors_whole(whole)
+    for name, blob in [("cut", data[:-1]), ("half", data[: len(data) // 2]), ("grown", data + b"\0"), ("empty", b""),
+                       ("header only", data[:8]), ("not one", b"not a safetensors file at all")]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(blob)
+        assert not safetensors_whole(path), name
+    assert not safetensors_whole(tmp_path / "absent.safetensors")
+    # a sharded save: every shard the index names must be whole
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    for i in (1, 2):
+        save_file({f"w{i}": torch.zeros(16)}, str(shards / f"model-0000{i}-of-00002.safetensors"))
+    (shards / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w1": "model-00001-of-00002.safetensors", "w2": "model-00002-of-00002.safetensors"}}))
+    assert weights_present(shards)
+    second = shards / "model-00002-of-00002.safetensors"
+    os.truncate(second, second.stat().st_size - 4)
+    assert not weights_present(shards)
