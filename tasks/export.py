@@ -1461,6 +1461,8 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     plain text it gives (IGNORED_FIELDS), else None."""
     for field, (answered, as_answered) in IGNORED_FIELDS[kind].items():
         value = body.get(field)
+        if field in ("tool_choice", "function_call") and value == "none" and not body.get("tools") and not body.get("functions"):
+            continue  # no tool to call: "none" asks for the plain text serve answers (a 400 before; a review, 2026-12-06)
         if not as_answered(value):
             return (f"{field} {json.dumps(value)[:60]} is not supported: this server (transformers serve) ignores {field} and "
                     f"would answer plain text as if it were not sent; leave {field} out, or send {answered}"), field

@@ -2352,7 +2352,7 @@ def test_request_problem_refuses_a_field_serve_ignores_that_asks_for_another_ans
     prompt = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completion": {"prompt": "hi"}, "response": {"input": "hi"}}
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     for kind, field, value in (("chat", "response_format", {"type": "json_object"}), ("chat", "tool_choice", "required"),
-                               ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}), ("chat", "tool_choice", "none"),
+                               ("chat", "tool_choice", {"type": "function", "function": {"name": "f"}}),
                                ("chat", "logprobs", True), ("chat", "top_logprobs", 2), ("chat", "functions", [tool["function"]]),
                                ("chat", "modalities", ["text", "audio"]), ("chat", "presence_penalty", 1.5),
                                ("completion", "echo", True), ("completion", "logprobs", 0), ("completion", "presence_penalty", -1),
@@ -2368,6 +2368,37 @@ def test_request_problem_refuses_a_field_serve_ignores_that_asks_for_another_ans
                        ("response", {"text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto", "include": [],
                                      "background": False, "prompt": None, "top_logprobs": 0})):
         assert request_problem(kind, {**prompt[kind], **body}) is None, (kind, body)
+
+
+def test_request_problem_takes_tool_choice_none_without_tools_and_refuses_it_with_tools():
+    """A review: tool_choice "none" (function_call "none", its older name) with no tools asks for the plain text serve
+    answers, yet it was a 400 ("ignores tool_choice"): a false refusal of what LangChain's bind_tools(tool_choice="none")
+    or a client's fixed "none" sends. With tools (or functions) sent, serve would still show them and might answer a
+    tool call: that stays a 400 naming the field."""
+    from tasks.export import request_problem
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    chat, response = {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}
+    for kind, body in (("chat", {**chat, "tool_choice": "none"}), ("chat", {**chat, "function_call": "none"}),
+                       ("chat", {**chat, "tool_choice": "none", "tools": []}), ("response", {**response, "tool_choice": "none"})):
+        assert request_problem(kind, body) is None, (kind, body)
+    for kind, body, field in (("chat", {**chat, "tool_choice": "none", "tools": [tool]}, "tool_choice"),
+                              ("chat", {**chat, "function_call": "none", "functions": [tool["function"]]}, "functions"),
+                              ("response", {**response, "tool_choice": "none", "tools": [{"type": "function", "name": "f"}]}, "tool_choice")):
+        message, got = request_problem(kind, body)
+        assert got == field and "ignores" in message and "\n" not in message, (kind, body, message)
+
+
+def test_serve_model_merged_answers_tool_choice_none_without_tools(served_r1):
+    """The served chat and responses endpoints, streamed or not: tool_choice "none" with no tools is answered (a 400
+    before)."""
+    pub, base = served_r1
+    for stream in (False, True):
+        for url, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tool_choice": "none"}),
+                          (f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "function_call": "none"}),
+                          (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2, "tool_choice": "none"})):
+            code, answer = _request(url, {**body, "stream": stream})
+            assert code == 200 and '"error"' not in answer, (url, body, code, answer[:300])
 
 
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
