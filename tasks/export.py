@@ -1456,6 +1456,28 @@ IGNORED_FIELDS = {
 }
 
 
+def tools_problem(kind: str, tools: Any) -> tuple[str, str] | None:
+    """(message, field) for `tools` that are no list of function tools, else None: transformers serve's
+    _normalize_tools calls .items() on each, so a string or an object was a 500 and a traceback, a list of numbers a
+    400 naming no field, and a tool with no function reached the chat template as an unnamed one (a review,
+    2026-12-06). A chat tool is {"type": "function", "function": {"name": ...}}; a Responses one may be flat,
+    {"type": "function", "name": ...}."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return f"tools must be a list of function tools, got {type(tools).__name__} {json.dumps(tools)[:40]}", "tools"
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        flat = kind == "response" and isinstance(tool, dict) and function is None and isinstance(tool.get("name"), str)
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not (named or flat):
+            example = ('{"type": "function", "name": "get_weather", "parameters": {...}}' if kind == "response" else
+                       '{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}')
+            return (f"tools[{i}] must be a function tool with a name, e.g. {example} (this server runs function tools "
+                    f"only), got {json.dumps(tool)[:60]}"), f"tools[{i}]"
+    return None
+
+
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a field transformers serve ignores, set to a value that asks for another answer than the
     plain text it gives (IGNORED_FIELDS), else None."""
@@ -1492,7 +1514,7 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
             return problem
         if not isinstance(body.get("instructions"), (str, type(None))):
             return f"instructions must be a string, got {body['instructions']!r:.40}", "instructions"
-    problem = ignored_field_problem(kind, body)
+    problem = (tools_problem(kind, body.get("tools")) if kind != "completion" else None) or ignored_field_problem(kind, body)
     if problem:
         return problem
     for field in ("n", "best_of"):  # transformers serve ignored both and answered one choice

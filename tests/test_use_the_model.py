@@ -2401,6 +2401,39 @@ def test_serve_model_merged_answers_tool_choice_none_without_tools(served_r1):
             assert code == 200 and '"error"' not in answer, (url, body, code, answer[:300])
 
 
+def test_request_problem_refuses_tools_that_are_no_list_of_function_tools():
+    """A review: transformers serve's _normalize_tools calls .items() on each tool, so `tools` as a string or an object
+    was a 500 with a traceback, a list of numbers a 400 naming no field ("argument of type 'int' is not iterable"), and
+    a tool without a function (or a Responses web_search tool) reached a template that renders tools as a nameless
+    function. Each is now a 400 naming tools or tools[i]; function tools, nested or (Responses) flat, are taken."""
+    from tasks.export import request_problem
+
+    chat, response = {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}
+    nested = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    flat = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    for kind, prompt in (("chat", chat), ("response", response)):
+        for tools, field in (("abc", "tools"), ({"a": 1}, "tools"), ([1], "tools[0]"), ([nested, {}], "tools[1]"),
+                             ([{"type": "function", "function": "f"}], "tools[0]"), ([{"type": "web_search_preview"}], "tools[0]")):
+            message, got = request_problem(kind, {**prompt, "tools": tools})
+            assert got == field and message.startswith(f"{field} must be") and "\n" not in message, (kind, tools, message)
+        assert request_problem(kind, {**prompt, "tools": [nested]}) is None
+        assert request_problem(kind, {**prompt, "tools": []}) is None
+    assert request_problem("response", {**response, "tools": [flat]}) is None
+    assert request_problem("chat", {**chat, "tools": [flat]})[1] == "tools[0]"  # chat's tools are nested
+
+
+def test_serve_model_merged_refuses_tools_that_are_no_list_with_400_not_500(served_r1):
+    """The served chat and responses endpoints, streamed or not: `tools` as a string or an object is a 400 naming
+    tools (a 500 with a traceback in the log before)."""
+    pub, base = served_r1
+    for stream in (False, True):
+        for url, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                          (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2})):
+            for tools in ("abc", {"a": 1}):
+                code, answer = _request(url, {**body, "tools": tools, "stream": stream})
+                assert code == 400 and json.loads(answer)["error"]["param"] == "tools", (url, tools, code, answer[:300])
+
+
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
     """The served endpoints, streamed or not: JSON output, a forced tool call, logprobs, echo are a 400 naming the
     field (each was a 200 with plain text)."""
