@@ -1091,6 +1091,11 @@ def input_problem(given: Any) -> tuple[str, str] | None:
             for key in ITEM_FIELDS.get(item.get("type"), ()):
                 if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
                     return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
+            if item.get("type") == "function_call_output" and isinstance(item.get("output"), list):
+                # serve keeps an output list's text parts only: an input_image in it was dropped, with a 200 (a review)
+                problem = content_problem(item["output"], f"input[{i}].output")
+                if problem:
+                    return problem
     if "role" in given[0]:
         return None
     # transformers serve reads a list whose first item has no role as one user message's content parts and keeps only its

@@ -2434,6 +2434,21 @@ def test_serve_model_merged_refuses_tools_that_are_no_list_with_400_not_500(serv
                 assert code == 400 and json.loads(answer)["error"]["param"] == "tools", (url, tools, code, answer[:300])
 
 
+def test_request_problem_refuses_an_image_in_a_function_call_output_list():
+    """A review: a Responses function_call_output whose output is a list of parts had them unchecked: an input_image
+    there was dropped from the prompt (3 tokens fewer than the same output as input_text, on the tiny run), with a
+    200, where the same part in a message is a 400. Now it is a 400 naming input[i].output[j]."""
+    from tasks.export import request_problem
+
+    user = {"role": "user", "content": "Weather in Paris?"}
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}
+    text = {"type": "input_text", "text": "20C"}
+    message, field = request_problem("response", {"input": [user, call, {"type": "function_call_output", "call_id": "c1", "output": [text, image]}]})
+    assert field == "input[2].output[1]" and "text only" in message, message
+    assert request_problem("response", {"input": [user, call, {"type": "function_call_output", "call_id": "c1", "output": [text]}]}) is None
+
+
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
     """The served endpoints, streamed or not: JSON output, a forced tool call, logprobs, echo are a 400 naming the
     field (each was a 200 with plain text)."""
