@@ -1360,7 +1360,19 @@ def transformers_refusal(error: Exception, asked: dict, read: str = "merged with
 
 
 class ToolsNotRendered(Exception):
-    """The model's chat template rendered the request's `tools` as nothing: a 400 naming `tools`."""
+    """The model's chat template rendered the request's `tools` (or its turns' tool calls) as nothing: a 400 naming
+    `param`."""
+
+    def __init__(self, message: str, param: str = "tools") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def without_tool_calls(messages: list[dict]) -> list[dict]:
+    """`messages` with each turn's tool calls left out, as transformers serve reads such a turn (its content is
+    ignored beside tool calls): what the chat template renders when it does not read tool calls."""
+    return [{k: v for k, v in m.items() if k != "tool_calls"} | {"content": None} if isinstance(m, dict) and m.get("tool_calls") else m
+            for m in messages]
 
 
 def _token_list(inputs) -> list:
@@ -2068,7 +2080,7 @@ def answer_as_openai_does() -> None:
             except SettingsRefused as e:
                 return openai_error(str(e), "generation_config")
             except ToolsNotRendered as e:
-                return openai_error(str(e), "tools")
+                return openai_error(str(e), e.param)
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
             except (TypeError, KeyError, ValueError) as e:
@@ -2108,6 +2120,15 @@ def answer_as_openai_does() -> None:
                 raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
                                        "the same without them), so the model would never see them; leave tools out, or "
                                        "serve a model whose chat template renders tools")
+            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
+                    _token_list(inputs) == _token_list(render(self, engine, without_tool_calls(messages), body)):
+                # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
+                # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
+                where = "messages" if kind == "chat" else "input"
+                raise ToolsNotRendered(f"{where} hold a tool call (an assistant turn's tool_calls{', a function_call item' if kind == 'response' else ''}) "
+                                       "this model's chat template does not render: the model would see an empty turn "
+                                       "in its place; send the call and its result as text, or serve a model whose "
+                                       "chat template renders tool calls", where)
             return inputs
 
         def check_prompt_length(self, *args, **kwargs):

@@ -857,7 +857,7 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
                               ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", ["messages[0].role", "wizard"]),
                               ({"messages": [{"role": "user"}]}, "messages[0].content", ["messages[0]", "content"]),
                               ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
-                              ({"tools": 5}, None, ["malformed request: TypeError"]),  # no check of its own: the backstop's one line
+                              ({"tools": 5}, "tools", ["tools must be a list"]),
                               ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
         code, body = _request(url, {**chat, **bad})
         error = json.loads(body)["error"]
@@ -2447,6 +2447,34 @@ def test_request_problem_refuses_an_image_in_a_function_call_output_list():
     message, field = request_problem("response", {"input": [user, call, {"type": "function_call_output", "call_id": "c1", "output": [text, image]}]})
     assert field == "input[2].output[1]" and "text only" in message, message
     assert request_problem("response", {"input": [user, call, {"type": "function_call_output", "call_id": "c1", "output": [text]}]}) is None
+
+
+def test_serve_model_merged_refuses_tool_calls_its_chat_template_does_not_render(served_r1):
+    """A review: the tiny run's template renders a turn's content only, and transformers serve ignores the content
+    beside tool calls: a history holding the model's own tool call (chat tool_calls, a Responses function_call item)
+    reached the model as an empty assistant turn (as many prompt tokens whatever the call's name and arguments), with
+    a 200. It is now a 400 naming messages / input, streamed or not; the history without the call is answered."""
+    pub, base = served_r1
+    user = {"role": "user", "content": "Weather in Paris?"}
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]
+    result = {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    chat, responses = f"{base}/v1/chat/completions", f"{base}/v1/responses"
+    for stream in (False, True):
+        for url, body, field in (
+                (chat, {"messages": [user, {"role": "assistant", "content": None, "tool_calls": calls}, result], "max_tokens": 2}, "messages"),
+                (chat, {"messages": [user, {"role": "assistant", "content": "Let me look.", "tool_calls": calls}, result], "max_tokens": 2}, "messages"),
+                (responses, {"input": [user, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                                       {"type": "function_call_output", "call_id": "c1", "output": "20C"}], "max_output_tokens": 2}, "input")):
+            code, answer = _request(url, {**body, "stream": stream})
+            assert code == 400 and json.loads(answer)["error"]["param"] == field and "tool call" in answer, (url, code, answer[:300])
+        code, answer = _request(chat, {"messages": [user, {"role": "assistant", "content": "It is 20C."}, user], "max_tokens": 2, "stream": stream})
+        assert code == 200 and '"error"' not in answer, (code, answer[:300])
+        # a template that renders tool calls (here through chat_template_kwargs) is answered: the check does not misfire
+        renders = ("{% for m in messages %}<{{ m.role }}>{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}"
+                   "{% endfor %}{{ m.content if m.content is string else '' }}</s>{% endfor %}<assistant>")
+        code, answer = _request(chat, {"messages": [user, {"role": "assistant", "content": None, "tool_calls": calls}, result], "max_tokens": 2,
+                                       "stream": stream, "chat_template_kwargs": {"chat_template": renders}})
+        assert code == 200 and '"error"' not in answer, (code, answer[:300])
 
 
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
