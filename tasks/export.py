@@ -2125,7 +2125,7 @@ def answer_as_openai_does() -> None:
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"
-                raise ToolsNotRendered(f"{where} hold a tool call (an assistant turn's tool_calls{', a function_call item' if kind == 'response' else ''}) "
+                raise ToolsNotRendered(f"{where} {'hold' if kind == 'chat' else 'holds'} a tool call (an assistant turn's tool_calls{', a function_call item' if kind == 'response' else ''}) "
                                        "this model's chat template does not render: the model would see an empty turn "
                                        "in its place; send the call and its result as text, or serve a model whose "
                                        "chat template renders tool calls", where)
