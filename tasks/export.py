@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from .common import (REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, process_space, read_json, safe_name,
                      stage_dir, usable_cores, write_json)
-from .models import adds_bos
+from .models import adds_bos, template_message
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
 EXPORT_VERSION = 1
@@ -2049,6 +2049,8 @@ def answer_as_openai_does() -> None:
         return given["generation_kwargs"] if "generation_kwargs" in given else given["gen_config"]
 
     def conform(handler: type, kind: str) -> None:
+        import jinja2
+
         # The request's generation settings: a GenerationConfig up to transformers 5.24, generate()'s kwargs from 5.25
         build_name = "_build_generation_kwargs" if hasattr(handler, "_build_generation_kwargs") else "_build_generation_config"
         handle, build = handler.handle_request, getattr(handler, build_name)
@@ -2081,6 +2083,13 @@ def answer_as_openai_does() -> None:
                 return openai_error(str(e), "generation_config")
             except ToolsNotRendered as e:
                 return openai_error(str(e), e.param)
+            except jinja2.TemplateError as e:
+                # the chat template refused the conversation (Gemma-2's raise_exception('System role not supported')
+                # for a system or developer turn, or Responses instructions): a 500 and a traceback (a review, 2026-12-06)
+                where = "messages" if kind == "chat" else "input"
+                return openai_error(f"the model's chat template refused the {where}" +
+                                    (" (with instructions, sent as a system turn)" if body.get("instructions") else "") +
+                                    f": {template_message(e)}", where)
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
             except (TypeError, KeyError, ValueError) as e:

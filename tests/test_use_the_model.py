@@ -2477,6 +2477,21 @@ def test_serve_model_merged_refuses_tool_calls_its_chat_template_does_not_render
         assert code == 200 and '"error"' not in answer, (code, answer[:300])
 
 
+def test_serve_model_merged_answers_a_chat_template_s_refusal_with_400_not_500(served_r1):
+    """A review: a chat template that refuses the conversation (Gemma-2's raise_exception('System role not supported'),
+    here passed through chat_template_kwargs) met a system or developer turn and answered 500 with a traceback in the
+    log. It is now a 400 naming messages, with the template's own words, streamed or not."""
+    pub, base = served_r1
+    refuses = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+               "<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    for stream in (False, True):
+        for first in ({"role": "developer", "content": "Be brief."}, {"role": "system", "content": "Be brief."}):
+            code, answer = _request(f"{base}/v1/chat/completions", {"messages": [first, {"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                                    "stream": stream, "chat_template_kwargs": {"chat_template": refuses}})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == "messages" and error["message"].endswith("System role not supported"), (code, answer[:300])
+
+
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
     """The served endpoints, streamed or not: JSON output, a forced tool call, logprobs, echo are a 400 naming the
     field (each was a 200 with plain text)."""
