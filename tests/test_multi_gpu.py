@@ -432,6 +432,37 @@ def test_a_sigkilled_stage_process_takes_torchrun_and_a_stuck_rank_with_it(two_r
     assert left == [], (survivors, "".join(out)[-3000:])
 
 
+def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(monkeypatch, tmp_path):
+    """A preexec_fn runs Python between fork and exec, which Python's docs call not safe in a process with threads (a flow
+    run's): the child may deadlock before exec. torchrun is now started through a small program that sets
+    PR_SET_PDEATHSIG and execs it; the signal must survive that exec."""
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    started = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(args, **kwargs):
+        started.update(kwargs, args=args)
+        raise Started
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+    monkeypatch.undo()
+    assert started.get("preexec_fn") is None, started
+    args = started["args"]
+    torchrun = args.index("torch.distributed.run") - 2  # sys.executable -m torch.distributed.run ...
+    # the same start, with torchrun swapped for a program that says which death signal it has (PR_GET_PDEATHSIG)
+    says = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
+    out = subprocess.run([*args[:torchrun], sys.executable, "-c", says], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "9", (args[:torchrun], out)  # SIGKILL
+
+
 def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
     """A Ctrl-C arriving while the second one's kill runs raised KeyboardInterrupt in it, before torchrun and its
     ranks were killed: they lived on. Here the Ctrl-C lands just after the ranks were listed, before any kill."""

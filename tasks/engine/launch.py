@@ -75,8 +75,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace", bufsize=1,
-                            preexec_fn=_dies_with(os.getpid()))
+    proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            errors="replace", bufsize=1)
     previous = _forward_stop_signals(proc)
 
     def show(line: str) -> None:
@@ -196,23 +196,24 @@ def _ctrl_c_ignored():
         signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)  # None: a handler set outside Python
 
 
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the new process (torchrun) receive SIGKILL when `parent`, this process, dies (Linux;
-    None elsewhere). A SIGKILLed stage process (Prefect's kill of a cancelled flow after its grace, the OOM killer,
-    `docker kill`) left torchrun running as an orphan, and with it the ranks, a stuck one on its GPU for good; each
-    rank in turn dies with torchrun (`die_with_parent`). The kernel sends it when the *thread* that started the process
-    ends: this one, which waits in `run_stage` until torchrun has ended. prctl is looked up here, before the fork: the
-    child only makes two system calls."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
+def _dying_with(parent: int, cmd: list[str]) -> list[str]:
+    """`cmd` as a program that receives SIGKILL when `parent`, this process, dies (Linux; `cmd` itself elsewhere). A
+    SIGKILLed stage process (Prefect's kill of a cancelled flow after its grace, the OOM killer, `docker kill`) left
+    torchrun running as an orphan, and with it the ranks, a stuck one on its GPU for good; each rank in turn dies with
+    torchrun (`die_with_parent`). A small Python program sets PR_SET_PDEATHSIG and then becomes `cmd` (execv keeps it,
+    the interpreter being no set-user-ID program). It was a preexec_fn before, Python code run between fork and exec in
+    a process with threads (a flow run's), which Python's docs call not safe: the child may deadlock before exec; it also
+    made subprocess fork the whole process instead of vfork (a review, 2026-12-06). The kernel sends the signal when the
+    *thread* that started the process ends: this one, which waits in `run_stage` until torchrun has ended; a flow run's
+    tasks run in its main thread (Prefect 3.9)."""
+    if _prctl() is None:
+        return cmd
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(parent), *cmd]
 
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the prctl: nothing would send the signal
-            os.kill(os.getpid(), signal.SIGKILL)
 
-    return preexec
+# argv: the parent's pid, then the command. It died before the prctl: nothing would send the signal, so it ends here.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL); "
+                    "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), signal.SIGKILL); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -228,7 +229,7 @@ def _prctl() -> Callable[..., int] | None:
 
 def die_with_parent() -> None:
     """A rank: receive SIGKILL when torchrun, its parent, dies (Linux). torchrun passes on a stop and kills its ranks
-    itself; killed (`_dies_with`), it could not, and a rank stuck in a collective would hold its GPU for good. torchrun
+    itself; killed (`_dying_with`), it could not, and a rank stuck in a collective would hold its GPU for good. torchrun
     starts every rank from its main thread, which lives as long as torchrun. A rank whose parent is already not
     torchrun (it died while the rank started, or the rank was started by hand) ends at once."""
     prctl = _prctl()
