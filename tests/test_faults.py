@@ -368,13 +368,20 @@ def test_a_sleep_fault_without_its_seconds_is_one_line_naming_the_value(fault):
 def test_a_sleep_and_a_hang_fault_sleep(fault, monkeypatch):
     """maybe_fault's sleep branch imported `time` inside the function, which made `time` a local name of the whole
     function: the `hang` branch's time.sleep then raised UnboundLocalError instead of hanging."""
-    slept = []
+    slept, ignored = [], []
     monkeypatch.setattr(common.time, "sleep", slept.append)
-    monkeypatch.setattr(signal, "pthread_sigmask", lambda *a: None)  # the hang's blocked stop signals: not in the test process
+    # The hang ignores the stop signals process-wide: recorded here, not done to the test process. Done, they stayed
+    # ignored for the rest of the session (and in every process it starts): test_multi_gpu's third-Ctrl-C test then
+    # found SIGINT ignored after the kill, and a later test's subprocess ignored its terminate().
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: ignored.append((sig, handler)))
     fault("after-publish:sleep@0.5,after-merge:hang")
     common.maybe_fault("after-publish")
     common.maybe_fault("after-merge")
+    monkeypatch.undo()
     assert slept == [0.5, 3600]
+    assert ignored == [(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_reliability_doc_lists_every_stage_of_the_flow_in_order():
