@@ -725,8 +725,12 @@ FAULT_ENV = "QLORA_PIPELINE_FAULT"
 _fault_calls: dict[str, int] = {}  # maybe_fault calls per stage in this process (for `oom@K`)
 
 
-FAULT_ARGS = {"sleep": ("sleep@S (S: seconds, a number >= 0, e.g. sleep@2.5)", lambda a: float(a) >= 0),
-              "oom": ("oom or oom@K (K: calls, an integer >= 1, e.g. oom@2)", lambda a: a == "" or int(a) >= 1)}
+FAULT_ARGS = {"sleep": ("sleep@S (S: seconds, a number >= 0, e.g. sleep@2.5)", lambda a: 0 <= float(a) < 1e9),
+              "oom": ("oom or oom@K (K: calls, an integer >= 1, e.g. oom@2)", lambda a: a == "" or int(a) >= 1),
+              "nan": ("nan@N (N: the step, an integer >= 1, e.g. nan@3)", lambda a: int(a) >= 1),
+              "": ("kill, hang, oom[@K], sleep@S, nan@N, or nothing after the stage name (a crash)", lambda a: a == ""),
+              "kill": ("kill (no argument)", lambda a: a == ""),
+              "hang": ("hang (no argument)", lambda a: a == "")}
 
 
 def _faults(stage: str) -> Iterator[tuple[str, str]]:
@@ -736,7 +740,7 @@ def _faults(stage: str) -> Iterator[tuple[str, str]]:
         name, _, spec = item.strip().partition(":")
         if name == stage:
             kind, _, arg = spec.partition("@")
-            form, fits = FAULT_ARGS.get(kind, ("", lambda a: True))
+            form, fits = FAULT_ARGS.get(kind, (f"<kind>, one of {', '.join(filter(None, FAULT_ARGS))} or none", lambda a: False))
             try:
                 ok = fits(arg)
             except ValueError:

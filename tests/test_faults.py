@@ -365,6 +365,22 @@ def test_a_sleep_fault_without_its_seconds_is_one_line_naming_the_value(fault):
         assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
 
 
+def test_a_fault_of_no_known_kind_or_an_argument_its_kind_cannot_take_is_one_line(fault):
+    """Only sleep and oom were checked: `train:hnag` (a typo) and `train:kill@3` passed as no fault / a plain kill,
+    `train:nan@x` raised int()'s bare ValueError mid-training, `sleep@inf` OverflowError in time.sleep."""
+    for spec, form in (("after-publish:hnag", "one of"), ("after-publish:kill@3", "kill (no argument)"),
+                       ("after-publish:hang@5", "hang (no argument)"), ("after-publish:@2", "nothing after the stage name"),
+                       ("after-publish:nan@x", "nan@N"), ("after-publish:nan", "nan@N"), ("after-publish:sleep@inf", "sleep@S")):
+        fault(spec)
+        with pytest.raises(ValueError) as e:
+            common.maybe_fault("after-publish")
+        said = str(e.value)
+        assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
+    for spec in ("after-publish:nan@3", "after-publish:sleep@0"):  # well-formed: taken (nan is the training loop's)
+        fault(spec)
+        common.maybe_fault("after-publish")
+
+
 def test_a_sleep_and_a_hang_fault_sleep(fault, monkeypatch):
     """maybe_fault's sleep branch imported `time` inside the function, which made `time` a local name of the whole
     function: the `hang` branch's time.sleep then raised UnboundLocalError instead of hanging."""
