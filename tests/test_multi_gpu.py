@@ -459,7 +459,8 @@ def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(
     torchrun = args.index("torch.distributed.run") - 2  # sys.executable -m torch.distributed.run ...
     # the same start, with torchrun swapped for a program that says which death signal it has (PR_GET_PDEATHSIG)
     says = "import ctypes; v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"
-    out = subprocess.run([*args[:torchrun], sys.executable, "-c", says], capture_output=True, text=True, timeout=60)
+    (tmp_path / "ctypes.py").write_text("raise SystemExit('a ctypes.py of the working folder was imported')")  # a user's file
+    out = subprocess.run([*args[:torchrun], sys.executable, "-I", "-c", says], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.stdout.strip() == "9", (args[:torchrun], out)  # SIGKILL
 
 

@@ -208,7 +208,7 @@ def _dying_with(parent: int, cmd: list[str]) -> list[str]:
     tasks run in its main thread (Prefect 3.9)."""
     if _prctl() is None:
         return cmd
-    return [sys.executable, "-c", _DIE_WITH_PARENT, str(parent), *cmd]
+    return [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(parent), *cmd]  # -I: no module of the working folder
 
 
 # argv: the parent's pid, then the command. It died before the prctl: nothing would send the signal, so it ends here.
