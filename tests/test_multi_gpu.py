@@ -474,6 +474,10 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
 
     from tasks.engine import launch
 
+    # Python's own Ctrl-C handler for this test, whatever the suite started with: a suite started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no handler (the fresh-clone run of
+    # 2026-12-06 16:27 failed here: SIG_IGN before the test began, so the third Ctrl-C proved nothing either)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     # torchrun's shape: a parent, and a child in a session of its own (a rank)
     proc = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600'], start_new_session=True); "
                              "time.sleep(600)"])
@@ -492,6 +496,7 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
         launch._kill_with_its_ranks(proc)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after the kill
     finally:
+        signal.signal(signal.SIGINT, outer)
         left = _gone([proc.pid, *rank], timeout=10)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
