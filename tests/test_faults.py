@@ -353,16 +353,21 @@ def test_two_runs_at_once_on_one_artifacts_folder(two_runs):
 # The fault switch itself (test-only): its values are checked, and docs/RELIABILITY.md names every stage it can name
 
 
+def _refused_in_one_line(fault, spec: str, form: str) -> None:
+    """Fault `spec` set, the stage's check raises one line naming the item and the `form` its kind takes."""
+    fault(spec)
+    with pytest.raises(ValueError) as e:
+        common.maybe_fault("after-publish")
+    said = str(e.value)
+    assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
+
+
 def test_a_sleep_fault_without_its_seconds_is_one_line_naming_the_value(fault):
     """`after-publish:sleep` (no `@S`) raised float("")'s unchecked ValueError ("could not convert string to float: ''"),
     which names neither the fault variable nor the form it takes."""
     for spec, form in (("after-publish:sleep", "sleep@S"), ("after-publish:sleep@", "sleep@S"), ("after-publish:sleep@soon", "sleep@S"),
                        ("after-publish:sleep@-1", "sleep@S"), ("after-publish:oom@x", "oom@K"), ("after-publish:oom@0", "oom@K")):
-        fault(spec)
-        with pytest.raises(ValueError) as e:
-            common.maybe_fault("after-publish")
-        said = str(e.value)
-        assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
+        _refused_in_one_line(fault, spec, form)
 
 
 def test_a_fault_of_no_known_kind_or_an_argument_its_kind_cannot_take_is_one_line(fault):
@@ -371,11 +376,7 @@ def test_a_fault_of_no_known_kind_or_an_argument_its_kind_cannot_take_is_one_lin
     for spec, form in (("after-publish:hnag", "one of"), ("after-publish:kill@3", "kill (no argument)"),
                        ("after-publish:hang@5", "hang (no argument)"), ("after-publish:@2", "nothing after the stage name"),
                        ("after-publish:nan@x", "nan@N"), ("after-publish:nan", "nan@N"), ("after-publish:sleep@inf", "sleep@S")):
-        fault(spec)
-        with pytest.raises(ValueError) as e:
-            common.maybe_fault("after-publish")
-        said = str(e.value)
-        assert f"{common.FAULT_ENV} item {spec!r}" in said and form in said and "\n" not in said, said
+        _refused_in_one_line(fault, spec, form)
     for spec in ("after-publish:nan@3", "after-publish:sleep@0"):  # well-formed: taken (nan is the training loop's)
         fault(spec)
         common.maybe_fault("after-publish")

@@ -373,6 +373,17 @@ def _gone(pids: list[int], timeout: float = 60) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def _stuck(proc, out, art) -> list[int]:
+    """Once rank 1 hangs at step 3 (the `hang` fault of STUCK): the pids of torchrun and its 2 ranks."""
+    _wait_for_line(proc, out, f"{FAULT_ENV}: train-rank1-step3 hangs")
+    pids = _torchrun_and_ranks(art)
+    assert len(pids) == 3, pids  # torchrun and its 2 ranks
+    return pids
+
+
+STUCK = {FAULT_ENV: "train-rank1-step3:hang"}
+
+
 def test_a_second_ctrl_c_kills_torchrun_and_a_stuck_rank_at_once(two_ranks, tmp_path):
     """A rank stuck in native code (the `hang` fault: stop signals ignored, its connection kept) makes the first Ctrl-C's
     stop wait for torchrun's grace (600 s); the second Ctrl-C kills torchrun and every rank at once and says so.
@@ -381,13 +392,11 @@ def test_a_second_ctrl_c_kills_torchrun_and_a_stuck_rank_at_once(two_ranks, tmp_
     import signal
     import time
 
-    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
+    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, STUCK)
     out = _read_in_background(proc)
     pids = []
     try:
-        _wait_for_line(proc, out, f"{FAULT_ENV}: train-rank1-step3 hangs")
-        pids = _torchrun_and_ranks(art)
-        assert len(pids) == 3, pids  # torchrun and its 2 ranks
+        pids = _stuck(proc, out, art)
         os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C
         _wait_for_line(proc, out, "Ctrl-C again to stop at once", timeout=60)
         time.sleep(10)  # the stuck rank does not end, so neither do rank 0 (waiting for it) and torchrun
@@ -413,13 +422,11 @@ def test_a_sigkilled_stage_process_takes_torchrun_and_a_stuck_rank_with_it(two_r
     import signal
     import subprocess
 
-    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, {FAULT_ENV: "train-rank1-step3:hang"})
+    art, *_, proc = _start_as_in_a_terminal(two_ranks, tmp_path, STUCK)
     out = _read_in_background(proc)
     pids = []
     try:
-        _wait_for_line(proc, out, f"{FAULT_ENV}: train-rank1-step3 hangs")
-        pids = _torchrun_and_ranks(art)
-        assert len(pids) == 3, pids
+        pids = _stuck(proc, out, art)
         os.kill(proc.pid, signal.SIGKILL)  # the stage's process alone
         proc.wait(timeout=60)
     finally:
