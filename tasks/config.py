@@ -337,6 +337,13 @@ class TrainingSection(Section):
                         "engines on CUDA (transformers 5 needs liger-kernel>=0.7.0, checked before any work); false: transformers' own modules "
                         "(an architecture Liger gets wrong, or to compare).")
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
+    max_epochs: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="At most this many passes over the training tokens (tokens read / the data "
+        "stage's training tokens). Where the budget would buy more, the step that completes them becomes the step cap: the LR "
+        "schedule completes there, the run ends early and says so (stopped by max_epochs). A budget that buys more passes "
+        "than the rows hold overfits them (docs/BENCHMARKS.md \"Setting q\"). None = the budget (or max_steps) decides; in the "
+        "training key only when set."
+    )
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     logging_steps: int = Field(1, ge=1, description="Log loss/LR/tokens per second every N steps.")

@@ -82,7 +82,8 @@ class ProbeRecord(BaseModel):
 # the plan's estimate of save time, but it is bookkeeping (tasks/train.py BOOKKEEPING_KEYS): it reruns nothing.
 NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
                           "logging_steps", "keep_checkpoints", "checkpoint_minutes",
-                          "neftune_noise_alpha"},  # a few elementwise ops on the embeddings: not timed
+                          "neftune_noise_alpha",  # a few elementwise ops on the embeddings: not timed
+                          "max_epochs"},  # where the run stops, not what a step costs (stage 4 turns it into its cap)
              "lora": {"alpha"}}
 
 

@@ -77,6 +77,12 @@ def batch_line(train) -> str:
     return f"; optimizer batch ~{b['conversations']:,.1f} conversations / ~{b['tokens']:,} tokens per step ({b['rule']})"
 
 
+def passes_line(train) -> str:
+    """How many times training read its rows (stage 4's record; none in a record from before it was kept)."""
+    passes = getattr(train, "passes", None)
+    return "" if passes is None else f"; {passes:.2f} passes over the training rows"
+
+
 def lora_dropout(train, lora) -> str:
     """The LoRA dropout the adapter trained with (stage 4's record: lora.dropout auto resolved), as the card writes it."""
     p = (getattr(train, "lora_targets", None) or {}).get("dropout")
@@ -245,7 +251,7 @@ README.md) run `{run_name}` (profile `{cfg.profile}`).
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`{batch_line(train)}.
 - Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set
   {probe.max_steps} steps; trained {train.steps} steps ({train.tokens_seen:,} tokens) in {train.wall_seconds / 60:.1f} min
-  (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.
+  (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}{passes_line(train)}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.
 
 ## Evaluation (held-out prompts, greedy)
 Base and tuned: the base model loaded as in training ({recipe}), without and with the adapter.

@@ -154,7 +154,8 @@ def train_task(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSe
             raise  # .fn() or outside a flow: the caller expects a record or the exception, not a state
         return cancelled_uncached(str(e))  # the flow turns it back into TrainingStopped (flows/finetune.py)
     log(f"train: {rec.steps}/{rec.max_steps} steps, {rec.tokens_seen:,} tokens, loss {rec.first_loss:.3f} -> {rec.final_loss:.3f}, "
-        f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}")
+        f"wall {rec.wall_seconds:.0f}s of {rec.budget_seconds:.0f}s budget ({rec.budget_error:+.1%}), stopped by {rec.stopped_by}"
+        + (f", {rec.passes:.2f} passes over the training rows" if rec.passes is not None else ""))
     create_table_artifact(key=artifact_key("training"), table=[{k: v for k, v in rec.model_dump().items() if not isinstance(v, (dict, list))}],
                           description="Training outcome")
     create_markdown_artifact(key=artifact_key("loss-curve"), markdown="## Training loss\n\n" + png_markdown(rec.loss_curve_png, "loss curve"),

@@ -62,7 +62,7 @@ class TrainRecord(BaseModel):
     wall_seconds: float
     budget_seconds: float
     budget_error: float  # (wall - budget) / budget
-    stopped_by: str  # max_steps | budget
+    stopped_by: str  # max_steps | max_epochs | budget
     final_loss: float
     mean_loss: float
     first_loss: float
@@ -80,6 +80,7 @@ class TrainRecord(BaseModel):
     offload_activations: bool = False  # the checkpointed layers' inputs waited in host memory (the probe's choice)
     compile_layers: bool = False  # the decoder layers ran compiled (training.compile, as the probe timed them)
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
+    passes: float | None = None  # tokens read / the data stage's training tokens: how many times the rows were read
 
     def outputs_exist(self) -> bool:
         return (is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -96,6 +97,24 @@ class NonFiniteLoss(StageError):
 
 
 CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many times the probe's estimate
+
+
+def epoch_cap(max_epochs: float | None, train_tokens: int, tokens_per_step: float) -> int | None:
+    """The step by which `max_epochs` passes over `train_tokens` are read at the probe's `tokens_per_step` (the
+    optimizer step's real tokens over all ranks, the unit of the data stage's count); None without a cap."""
+    if not max_epochs or tokens_per_step <= 0:
+        return None
+    return max(1, math.ceil(max_epochs * train_tokens / tokens_per_step))
+
+
+def _epochs_note(max_epochs: float, train_tokens: int, probe: Any, by_epochs: int) -> str:
+    """The log's words for training.max_epochs: the cap, and what it leaves of the budget when it binds."""
+    buys = probe.max_steps * probe.tokens_per_step / max(train_tokens, 1)
+    note = f"; training.max_epochs {max_epochs:g}: {by_epochs} steps read the {train_tokens:,} training tokens {max_epochs:g} times"
+    if by_epochs < probe.max_steps:
+        note += (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
+                 "early (raise training.max_epochs, or add rows, to spend it)")
+    return note
 
 
 def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
@@ -340,6 +359,7 @@ def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training
     # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
     unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
     unset |= set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}
+    unset |= set() if training.max_epochs else {"max_epochs"}
     # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
     dev = getattr(probe, "device", None)
     return [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
@@ -543,6 +563,13 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     # The clock stops training; the step cap is a backstop (the user's hard cap, else 4x the estimate: a probe of a
     # few steps misjudged an H200 run's step time 3x, and a 2x cap ended it at 61% of its budget).
     cap = training.max_steps or CAP_FACTOR * probe.max_steps
+    # training.max_epochs: where the budget buys more passes over the rows than that, the run ends at the step that
+    # completes them (the schedule completes there: `time_schedule` follows the cap when it leads)
+    by_epochs = epoch_cap(training.max_epochs, data.train_tokens, probe.tokens_per_step)
+    planned = probe.max_steps
+    if by_epochs is not None and by_epochs < cap:
+        cap, guard.stopped_by = by_epochs, "max_epochs"
+        planned = min(planned, by_epochs)
     n = dist.world()
     done = int(resume.name.split("-")[-1]) if resume else 0
     packs_per_step = ga * n  # packed engines: one pack per forward on each rank
@@ -555,7 +582,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         # Resume by rows trained on, not by batch count: the stream already starts at the checkpoint's position.
         args.ignore_data_skip = True
         guard.data_position = lambda step: dataset.position_after((step - done) * packs_per_step)
-    warmup = int(round(training.warmup_ratio * probe.max_steps))
+    warmup = int(round(training.warmup_ratio * planned))
     bar = BudgetBar(guard, cap)
     trainer = make_trainer(
         guard, training.lr_scheduler, warmup, cap, bar,
@@ -574,6 +601,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
+           + (_epochs_note(training.max_epochs, data.train_tokens, probe, by_epochs) if by_epochs is not None else "")
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)
@@ -641,6 +669,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         offload_activations=offload,
         compile_layers=state is not None and state.active,
         compile_seconds=round(state.seconds, 2) if state is not None else 0.0,
+        passes=round(int(trainer.state.num_input_tokens_seen or 0) / data.train_tokens, 3) if data.train_tokens else None,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")

@@ -101,6 +101,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "training.logging_steps": ("5", NOTHING, []),
     "training.seed": ("7", FROM_PROBE, []),
     "training.neftune_noise_alpha": ("5", FROM_TRAIN, []),  # set: stage 4's input; unset (the default): in no key
+    "training.max_epochs": ("0.5", FROM_TRAIN, []),  # set: stage 4's step cap (a step costs the same: no re-probe); unset: in no key
     "training.unlikelihood_alpha": ("1", FROM_PROBE, []),  # set: the head's extra pass is timed; unset (the default): in no key
     "training.gpus": ("2", FROM_PROBE, ["training.grad_accum=2"]),
     "budget.hours": ("1", FROM_PROBE, []),

@@ -319,6 +319,52 @@ def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifa
     assert any(b.startswith("train: 100%") and "step 12 (cap 12), budget 300 s" in b for b in bar), bar[-3:]  # the cap ended the run
 
 
+def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts):
+    """A budget that buys more passes over the rows than training.max_epochs allows (the demo-gpu profile's 10 minutes
+    bought 2.4 passes on an H100, and every held-out loss rose against 2.0: docs/BENCHMARKS.md "Setting q") ends at the
+    step that completes them: the schedule anneals there, the record and the log say why the run ended early."""
+    from tasks.train import epoch_cap
+
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    roomy = probe.model_copy(update={"max_steps": 40, "budget_seconds": 300.0, "key": "max-epochs"})
+    per_pass = tiny_data.train_tokens / roomy.tokens_per_step
+    epochs = 5.5 / per_pass  # five and a half steps' worth of rows: the cap is the sixth step
+    training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": epochs, "warmup_ratio": 0.0})
+    assert epoch_cap(epochs, tiny_data.train_tokens, roomy.tokens_per_step) == 6
+    lines = []
+    rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
+    assert rec.stopped_by == "max_epochs" and rec.steps == rec.max_steps == 6 and rec.expected_steps == 40
+    assert rec.passes == round(rec.tokens_seen / tiny_data.train_tokens, 3) and 0 < rec.passes
+    lrs = [h["learning_rate"] for h in json.loads((Path(rec.dir) / "log_history.json").read_text()) if "learning_rate" in h]
+    assert len(lrs) == 6 and lrs[-1] < 0.1 * training.learning_rate, lrs  # the schedule completed at the cap, not at 40
+    said = next(line for line in lines if "training.max_epochs" in line)
+    assert "6 steps read the" in said and "the run ends ~" in said and "early" in said, said
+
+
+def test_max_epochs_above_what_the_budget_buys_changes_nothing_but_the_key(tiny_cfg):
+    from tasks.probe import cache_key as probe_key
+    from tasks.train import cache_key, epoch_cap
+
+    assert epoch_cap(None, 1000, 10.0) is None and epoch_cap(2.0, 1000, 10.0) == 200 and epoch_cap(0.001, 1000, 10.0) == 1
+    data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
+    t = tiny_cfg.training
+    key = lambda training: cache_key(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training)  # noqa: E731
+    assert key(t.model_copy(update={"max_epochs": None})) == key(t)  # runs without it keep their keys
+    assert key(t.model_copy(update={"max_epochs": 2.0})) != key(t) != key(t.model_copy(update={"max_epochs": 3.0}))
+    pdata = SimpleNamespace(key="d", model_fingerprint="m")
+    pkey = lambda training: probe_key(pdata, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu")  # noqa: E731
+    assert pkey(t.model_copy(update={"max_epochs": 2.0})) == pkey(t)  # a step costs the same: no re-probe
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan"])
+def test_a_max_epochs_that_is_not_a_positive_number_is_one_line_naming_the_key(value):
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, ValueError), match="max_epochs") as e:
+        load_config(profile="tiny", overrides=[f"training.max_epochs={value}"])
+    assert "\n" not in str(e.value).strip()
+
+
 def test_torn_checkpoint_is_skipped(tmp_path):
     good, torn = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8"
     for c in (good, torn):
