@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import (StageError, building, complete_record, file_sha256, fingerprint, folder_fingerprint, hash_memo_dir, is_complete, json_msg, locked,
+from .common import (StageError, building, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, hash_memo_dir, is_complete, json_msg, locked,
                      maybe_fault, read_json, remember, stage_dir, write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
@@ -94,7 +94,8 @@ class DataRecord(BaseModel):
 
     def outputs_exist(self) -> bool:
         out = Path(self.dir)
-        return is_complete(out) and all((out / f).exists() for f in DATA_FILES) and all(_split_files_present(out / s) for s in SPLITS)
+        return (is_complete(out) and all((out / f).exists() for f in DATA_FILES) and all(_split_files_present(out / s) for s in SPLITS)
+                and changed_file(out) is None)
 
 
 DATA_FILES = ("train/dataset_info.json", "heldout/dataset_info.json", "heldout.jsonl", "chat_template.jinja")  # what stages 2-5 read
@@ -1021,7 +1022,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         sources=source_stats,
         dedupe=dedupe,
     )
-    with building(out) as tmp:
+    with building(out, record_files=True) as tmp:  # an arrow file cut short or changed in place is refused (`changed_file`)
         datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))
         datasets.Dataset.from_list(held).save_to_disk(str(tmp / "heldout"))
         with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import building, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
+from .common import building, changed_file, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .data import DataRecord, load_split
 
 PROFILE_VERSION = 1
@@ -31,7 +31,8 @@ class ProfileRecord(BaseModel):
     warning: str | None
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and Path(self.histogram_png).is_file()  # stage 2 shows it, publish copies it
+        # stage 2 shows the chart, publish copies it: one cut short (`changed_file`) was published as it was
+        return is_complete(Path(self.dir)) and Path(self.histogram_png).is_file() and changed_file(Path(self.dir)) is None
 
 
 def cache_key(data: DataRecord) -> str:
@@ -76,7 +77,7 @@ def _build(data: DataRecord, key: str, out: Path) -> ProfileRecord:
         warning = (f"data.max_length={data.max_length} drops or truncates {share:.1%} of examples (> 5%); "
                    f"raise it (e.g. to {max(suggested, data.max_length * 2)}) if memory allows")
 
-    with building(out) as tmp:
+    with building(out, record_files=True) as tmp:
         png = tmp / "length_histogram.png"
         _plot(df, data.max_length, png)
         record = ProfileRecord(

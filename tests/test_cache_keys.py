@@ -1503,3 +1503,75 @@ def test_the_budgets_users_write_keep_the_probe_keys_they_had():
     assert keyed_budget(BudgetSection(minutes=120)) == BudgetSection(hours=2).model_dump(mode="json")
     # What re-keys once (said in keyed_budget's docstring): fractional hours, and whole hours written in minutes.
     assert keyed_budget(BudgetSection(hours=0.5)) == BudgetSection(minutes=30).model_dump(mode="json") != BudgetSection(hours=0.5).model_dump(mode="json")
+
+
+def test_a_complete_folder_whose_files_changed_since_it_was_marked_names_the_file(tmp_path, monkeypatch):
+    """A folder built with `record_files` (stage 1's data, stage 2's chart) lists each file's size and sha256 in its
+    COMPLETE marker; a file cut short, changed in place (same size) or gone since is named in the one-line "delete that
+    folder and rerun", where before only a missing file was seen (an arrow file cut short was trained on). A copy of the
+    folder (new inodes and mtimes) passes; a marker from before the list (a timestamp) checks nothing; an unchanged file
+    is hashed once per version, not on every read (`cached_sha256`'s memo)."""
+    import os
+
+    from pydantic import BaseModel
+
+    from tasks import common
+    from tasks.common import COMPLETE, StageError, building, changed_file, complete_record
+
+    class Record(BaseModel):
+        key: str
+
+        def outputs_exist(self) -> bool:
+            return True
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_NS", 0)  # files written just now are remembered
+    arrow = "train/data-00000-of-00001.arrow"
+    built = tmp_path / "cache" / "data" / "k"
+    with building(built, record_files=True) as tmp:
+        (tmp / "train").mkdir()
+        (tmp / arrow).write_bytes(bytes(range(256)) * 64)
+        (tmp / "record.json").write_text('{"key": "k"}')
+    hashed = []
+    real_hash = common.file_sha256
+    monkeypatch.setattr(common, "file_sha256", lambda p, *a: hashed.append(Path(p).name) or real_hash(p, *a))
+    assert changed_file(built) is None and sorted(hashed) == ["data-00000-of-00001.arrow", "record.json"]
+    common._digests.clear()  # a new run: the memo on disk answers
+    assert changed_file(built) is None and len(hashed) == 2
+    assert complete_record(built, Record).key == "k"
+
+    copies = iter(range(100))
+
+    def copy() -> Path:
+        out = tmp_path / f"copy{next(copies)}" / "k"
+        shutil.copytree(built, out)  # new inodes (and ctimes): hashed again, the same bytes
+        return out
+
+    assert changed_file(copy()) is None
+
+    cut = copy()
+    os.truncate(cut / arrow, 8192)
+    said = f"its file {arrow} is 8,192 bytes, 16,384 when the folder was completed (cut short or rewritten)"
+    assert changed_file(cut) == said
+    with pytest.raises(StageError) as e:
+        complete_record(cut, Record)
+    assert str(e.value) == f"{cut} is marked complete but {said}; delete that folder and rerun the same command to build it again"
+
+    flipped = copy()
+    with open(flipped / arrow, "r+b") as f:  # one byte, in place: the same size
+        f.seek(100)
+        f.write(b"\xff")
+    assert changed_file(flipped) == f"its file {arrow} has other bytes than when the folder was completed (changed in place)"
+
+    gone = copy()
+    (gone / "record.json").unlink()
+    assert changed_file(gone) == "its file record.json is gone"
+
+    old = copy()
+    os.truncate(old / arrow, 8192)
+    (old / COMPLETE).write_text("2026-12-01T10:00:00+0000\n")  # completed before markers listed files: nothing to compare
+    assert changed_file(old) is None
+
+    torn = copy()
+    (torn / COMPLETE).write_text('{"completed": "2026-12-06", "files": {"record.json": {"si')
+    assert changed_file(torn) == f"its {COMPLETE} marker is not the file list it was written as (cut short or edited)"

@@ -131,7 +131,9 @@ def test_an_artifacts_folder_whose_cache_is_a_link_to_another_disk_hits_every_ca
                                           ("evaluate", "eval_chart.png"), ("profile", "length_histogram.png"),
                                           ("train", "loss_curve.png"), ("data", "train"),
                                           ("data", "train/data-00000-of-00001.arrow"), ("data", "heldout/state.json"),
-                                          ("train", "adapter/adapter_model.safetensors:cut"), ("merge", "merged/model.safetensors:cut")])
+                                          ("train", "adapter/adapter_model.safetensors:cut"), ("merge", "merged/model.safetensors:cut"),
+                                          ("data", "train/data-00000-of-00001.arrow:cut"), ("data", "heldout/data-00000-of-00001.arrow:flip"),
+                                          ("profile", "length_histogram.png:cut")])
 def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
     # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
     # 'adapter_config.json'"); a truncated record.json failed as a bare JSONDecodeError. Neither named the folder or a fix.
@@ -146,11 +148,19 @@ def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_
     if damage in ("adapter", "train"):  # a data split gone failed as a raw FileNotFoundError in stage 2
         shutil.rmtree(folder / damage)
     elif damage.endswith(":cut"):  # a weights file cut short was trusted: stage 5 failed on safetensors' bare "header too small"
-        path = folder / damage.removesuffix(":cut")
+        path = folder / damage.removesuffix(":cut")  # (an arrow file or the chart cut short was trained on, published as it was)
         os.truncate(path, path.stat().st_size // 2)
+    elif damage.endswith(":flip"):  # one byte changed in place, the size kept: trained on as it was
+        with open(folder / damage.removesuffix(":flip"), "r+b") as f:
+            f.seek(-64, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-64, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
     elif damage != "record.json":
         (folder / damage).unlink()
     else:
         (folder / "record.json").write_text((folder / "record.json").read_text()[:40])
-    with pytest.raises(StageError, match=f"{folder} is marked complete but .*; delete that folder and rerun"):
+    with pytest.raises(StageError, match=f"{folder} is marked complete but .*; delete that folder and rerun") as e:
         run_flow(f"artifacts_dir={copy}")
+    if damage.endswith((":cut", ":flip")) and stage in ("data", "profile"):  # their markers list each file: it is named
+        assert f"its file {damage.split(':')[0]} " in str(e.value), str(e.value)
