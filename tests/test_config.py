@@ -155,7 +155,7 @@ def test_embedded_base_min_words_5_is_unset_and_an_idle_value_above_the_max_says
     from tasks.data import cache_key
 
     five, unset = (load_config(profile="tiny", overrides=[*WEIGHTED, *ov]) for ov in (["data.embedded_base_min_words=5"], []))
-    assert five.data.embedded_base_min_words is None and cache_key(five.data, five.model) == cache_key(unset.data, unset.model)
+    assert five.data.embedded_base_min_words is None and cache_key(five.data, five.model, five.artifacts_dir) == cache_key(unset.data, unset.model, unset.artifacts_dir)
     for where in ([], ["data.source=pypi:alpaca-en-demo"], [*WEIGHTED, "data.embedded_task_share=1"]):
         (p,) = _problems(profile="tiny", overrides=[*where, "data.embedded_base_min_words=150"])
         assert p.startswith("data.embedded_base_min_words: set, but ") and p.endswith("remove it"), p

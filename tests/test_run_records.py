@@ -21,6 +21,15 @@ def _cfg(tmp_path, *overrides):
     return load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", *overrides])
 
 
+def _no_hub_tokenizer(monkeypatch):
+    """The data key holds how the model's tokenizer renders a fixed conversation (tasks/data.py `rendering_fingerprint`);
+    someorg/somemodel has no tokenizer to load offline, so it renders as a stand-in made of what the real one's memo is
+    kept under (`render_stamp`: the model's commit with it), as in test_cache_keys.py."""
+    from tasks import data as data_mod
+
+    monkeypatch.setattr(data_mod, "rendering_fingerprint", lambda model, artifacts_dir: data_mod.render_stamp(model)[:16])
+
+
 def _hub(monkeypatch, answers: dict[str, str] | Exception):
     """The hub's answers (name -> commit), or the error every lookup raises (an outage, a timeout)."""
     from tasks import hub
@@ -68,6 +77,7 @@ def _http_error(cls, status: int):
 def test_a_hub_outage_keeps_the_keys_of_the_last_resolved_commits(tmp_path, monkeypatch):
     """Before: the data key was sha-based when the hub answered and "main"-based on a timeout, so a run resumed
     during an outage retrained from scratch. Now the commit resolved earlier is reused, and the run says so."""
+    _no_hub_tokenizer(monkeypatch)
     from tasks.data import cache_key
     from tasks.hub import pin_hub_revisions
 
@@ -79,13 +89,14 @@ def test_a_hub_outage_keeps_the_keys_of_the_last_resolved_commits(tmp_path, monk
 
     _hub(monkeypatch, TimeoutError("read timed out after 10 s"))
     outage, revisions, warnings = pin_hub_revisions(cfg)
-    assert cache_key(outage.data, outage.model) == cache_key(online.data, online.model)
+    assert cache_key(outage.data, outage.model, outage.artifacts_dir) == cache_key(online.data, online.model, online.artifacts_dir)
     assert len(warnings) == 2 and all("cannot resolve" in w and "TimeoutError" in w and "revision=<commit>" in w for w in warnings)
     assert revisions["data"]["revision"] == "d" * 40 and "hub unreachable" in revisions["data"]["how"]
 
 
 def test_an_unpinned_hub_model_is_keyed_on_the_commit_main_points_at(tmp_path, monkeypatch):
     """Before, a hub model without model.revision was keyed on null: an upstream update was never seen."""
+    _no_hub_tokenizer(monkeypatch)
     from tasks.data import cache_key
     from tasks.hub import pin_hub_revisions
 
@@ -94,7 +105,7 @@ def test_an_unpinned_hub_model_is_keyed_on_the_commit_main_points_at(tmp_path, m
     for commit in ("1" * 40, "2" * 40):
         _hub(monkeypatch, {"someorg/somedata": "d" * 40, "someorg/somemodel": commit})
         pinned, _, _ = pin_hub_revisions(cfg)
-        keys.append(cache_key(pinned.data, pinned.model))
+        keys.append(cache_key(pinned.data, pinned.model, pinned.artifacts_dir))
     assert keys[0] != keys[1]
 
 
