@@ -60,9 +60,25 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def hash_memo_dir() -> Path:
-    """Where `cached_sha256` keeps the digests it computed: the user's cache folder, shared by every artifacts folder."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipeline" / "sha256"
+def user_cache_dir() -> Path | None:
+    """This project's folder in the user's cache folder (`$XDG_CACHE_HOME/qlora-pipeline`, else `~/.cache/qlora-pipeline`),
+    where memos shared by every artifacts folder live; None when there is none: no HOME and no passwd entry for the user
+    (`docker run --user 1234`), where `Path.home()` raises RuntimeError. A relative XDG_CACHE_HOME is ignored, as the XDG
+    spec says (it would put the memos in whatever folder a run starts in). A memo only saves work, so without this folder
+    everything is computed as if none had been kept."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "qlora-pipeline"
+    try:
+        return Path.home() / ".cache" / "qlora-pipeline"
+    except RuntimeError:
+        return None
+
+
+def hash_memo_dir() -> Path | None:
+    """Where `cached_sha256` keeps the digests it computed (`user_cache_dir`); None: nowhere."""
+    home = user_cache_dir()
+    return home / "sha256" if home else None
 
 
 def cached_sha256(path: str | Path) -> str:
@@ -76,9 +92,10 @@ def cached_sha256(path: str | Path) -> str:
     stamp = (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if stamp in _digests:
         return _digests[stamp]
-    memo = hash_memo_dir() / fingerprint(*stamp, length=32)
+    memos = hash_memo_dir()
+    memo = memos / fingerprint(*stamp, length=32) if memos else None
     try:
-        digest = memo.read_text().strip()
+        digest = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{64}", digest):
             _digests[stamp] = digest
             return digest
@@ -95,10 +112,12 @@ def cached_sha256(path: str | Path) -> str:
     return digest
 
 
-def remember(memo: Path, digest: str) -> None:
-    """Write `digest` to the memo file `memo` atomically. A memo that cannot be written (a read-only home, a full disk)
-    only costs the next run the work again, so that is no error."""
+def remember(memo: Path | None, digest: str) -> None:
+    """Write `digest` to the memo file `memo` atomically (None: there is no cache folder, `user_cache_dir`). A memo that
+    cannot be written (a read-only home, a full disk) only costs the next run the work again, so that is no error."""
     tmp = None
+    if memo is None:
+        return
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as f:

@@ -32,8 +32,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import (StageError, building, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, hash_memo_dir, is_complete, json_msg, locked,
-                     maybe_fault, read_json, remember, stage_dir, write_json)
+from .common import (StageError, building, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked,
+                     maybe_fault, read_json, remember, stage_dir, user_cache_dir, write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
@@ -635,7 +635,7 @@ RENDER_PROBE = [
 # sets the template up (tasks/models.py `load_tokenizer`) and encodes (this module). A change in any of them renders the
 # probe again, once (`rendering_fingerprint`'s memo); the key changes only when what comes out does.
 RENDER_LIBRARIES = ("transformers", "tokenizers", "jinja2", "sentencepiece", "tiktoken", "protobuf")
-RENDER_MEMO = "rendering"  # beside `hash_memo_dir`: the user's cache folder, shared by every artifacts folder
+RENDER_MEMO = "rendering"  # in `user_cache_dir`, beside `hash_memo_dir`: shared by every artifacts folder
 
 
 def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
@@ -648,9 +648,10 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
     Loading the tokenizer would cost every cached run 0.2-2.5 s (the demo's, on a 2-core box: after the model checks'
     own load, or in a fresh process), so the hash is remembered on disk under what can change it (`render_stamp`) and
     computed only when that changed."""
-    memo = hash_memo_dir().parent / RENDER_MEMO / render_stamp(model)
+    home = user_cache_dir()
+    memo = home / RENDER_MEMO / render_stamp(model) if home else None
     try:
-        found = memo.read_text().strip()
+        found = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{16}", found):
             return found
     except (OSError, ValueError):  # none yet, unreadable or not text: rendered again

@@ -455,6 +455,45 @@ def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_
     assert common.cached_sha256(f) == right and sorted(p.name for p in memo.parent.iterdir()) == [memo.name]
 
 
+def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_writes_nothing_in_the_working_folder(tmp_path, monkeypatch):
+    """A process with no HOME whose user has no passwd entry (`docker run --user 1234`, an OpenShift pod) made
+    `Path.home()` raise RuntimeError("Could not determine home directory.") in `hash_memo_dir`: every run with a `random:`
+    or hub model failed in the data key (`rendering_fingerprint`), one with a local or GGUF model in its fingerprint
+    (`cached_sha256`), where the memo is only a shortcut. A relative XDG_CACHE_HOME, which the XDG spec says to ignore,
+    put the memos under whatever folder the run started in. Now both key as before, without a memo there."""
+    import pwd
+
+    from tasks import common
+    from tasks import data as data_mod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    cfg = _cfg(tmp_path)
+    with_home = data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"weights")
+    monkeypatch.setattr(common, "RACY_NS", 0)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    assert common.hash_memo_dir() is None
+    assert data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir) == with_home
+    common._digests.clear()
+    assert common.cached_sha256(weights) == common.file_sha256(weights)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-cache")
+    assert common.hash_memo_dir() is None
+    assert data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir) == with_home
+    common._digests.clear()
+    assert common.cached_sha256(weights) == common.file_sha256(weights)
+    assert not list(Path.cwd().iterdir())  # no "relative-cache/" (nor "~/") made here
+
+
 def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkeypatch):
     """Stage 1's record, reused after a local model folder moved (its key is its content), names the folder where it
     was: publish shipped no base/ and pointed the adapter and the card at that gone path as a "Hub id" (a review); a
