@@ -633,7 +633,9 @@ RENDER_PROBE = [
 # What can change how RENDER_PROBE renders and tokenizes besides the tokenizer's files and the configured template (both
 # in the model's fingerprint and the key): the libraries that load, render and tokenize, and this project's code that
 # sets the template up (tasks/models.py `load_tokenizer`) and encodes (this module). A change in any of them renders the
-# probe again, once (`rendering_fingerprint`'s memo); the key changes only when what comes out does.
+# probe again, once (`rendering_fingerprint`'s memo); the key changes only when what comes out does. A library is known by
+# its version and its installed files (`library_install`): a version string alone stays at a git commit's or a local
+# build's reinstall.
 RENDER_LIBRARIES = ("transformers", "tokenizers", "jinja2", "sentencepiece", "tiktoken", "protobuf")
 RENDER_MEMO = "rendering"  # in `user_cache_dir`, beside `hash_memo_dir`: shared by every artifacts folder
 
@@ -647,9 +649,11 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
 
     Loading the tokenizer would cost every cached run 0.2-2.5 s (the demo's, on a 2-core box: after the model checks'
     own load, or in a fresh process), so the hash is remembered on disk under what can change it (`render_stamp`) and
-    computed only when that changed."""
+    computed only when that changed. Not with a rendering library installed editable (`pip install -e`): its code
+    changes with no reinstall, so nothing tells the memo, and the tokenizer is loaded every time."""
     home = user_cache_dir()
-    memo = home / RENDER_MEMO / render_stamp(model) if home else None
+    editable = any(origin_editable(dist) for dist in RENDER_LIBRARIES)
+    memo = home / RENDER_MEMO / render_stamp(model) if home and not editable else None
     try:
         found = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{16}", found):
@@ -663,10 +667,34 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
 
 def render_stamp(model: ModelSection) -> str:
     """What `rendering_fingerprint`'s memo is kept under: the model's content (its tokenizer files with it), the configured
-    template, the versions of RENDER_LIBRARIES, the Python version and the bytes of the code that loads and encodes."""
+    template, the versions and installed files of RENDER_LIBRARIES (`library_install`), the Python version and the bytes
+    of the code that loads and encodes."""
     code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
-    versions = {dist: installed_version(dist) for dist in RENDER_LIBRARIES}
+    versions = {dist: [installed_version(dist), library_install(dist)] for dist in RENDER_LIBRARIES}
     return fingerprint("render-stamp", model_fingerprint(model), model.chat_template, versions, sys.version_info[:3], code, length=32)
+
+
+def library_install(dist: str) -> dict | None:
+    """What a distribution's version string does not say about its code: the sha256 of its RECORD (pip's and uv's list of
+    every installed file with its sha256) and its direct_url.json (where it was installed from: a git commit, a local
+    folder, a wheel file); None when it is not installed. Read from its metadata: nothing is imported."""
+    from importlib import metadata
+
+    try:
+        found = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    return {"record": hashlib.sha256((found.read_text("RECORD") or "").encode()).hexdigest(), "origin": found.read_text("direct_url.json")}
+
+
+def origin_editable(dist: str) -> bool:
+    """Whether `dist` is installed editable (`pip install -e`, its direct_url.json says so): its code is read from a
+    checkout that changes without a reinstall."""
+    origin = (library_install(dist) or {}).get("origin")
+    try:
+        return bool(json.loads(origin or "{}").get("dir_info", {}).get("editable"))
+    except (ValueError, AttributeError):  # not JSON, or not the object pip writes: not known to be editable
+        return False
 
 
 def probe_encoding(tok) -> dict:

@@ -638,6 +638,59 @@ def test_the_data_key_follows_how_the_tokenizer_renders_not_the_library_versions
     assert all(tokenized[s] not in (first[s], rendered[s]) for s in STAGES), (tokenized, first)
 
 
+def test_a_rendering_library_installed_again_at_the_same_version_or_editable_renders_the_probe_again(tmp_path, monkeypatch):
+    """`rendering_fingerprint`'s memo was kept under the rendering libraries' version strings alone, but a library
+    installed from a git commit, a local checkout or a rebuilt wheel keeps its version string while its code changes
+    (transformers' main is "5.26.0.dev0" at every commit): after `pip install -U git+https://.../transformers` that
+    rendered otherwise, the memo answered with the old rendering, the data key stayed, and the data tokenized the old
+    way was trained on again, the defect the rendering key is there to fix. Now the memo is also kept under each
+    library's installed file list (its RECORD, which holds every installed file's sha256, and direct_url.json, which
+    names the commit), and an editable install (`pip install -e`: its code changes with no reinstall) renders every time."""
+    import json
+
+    import transformers
+
+    from tasks import data as data_mod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    site = tmp_path / "site-packages"
+    info = site / "fakerender-1.0.dev0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakerender\nVersion: 1.0.dev0\n")
+
+    def install(commit: str, editable: bool = False) -> None:  # what pip leaves in the dist-info folder
+        (info / "RECORD").write_text(f"fakerender/__init__.py,sha256={commit * 4},1234\n")
+        where = {"url": "file:///home/me/fakerender", "dir_info": {"editable": True}} if editable else \
+            {"url": "https://github.com/someorg/fakerender", "vcs_info": {"vcs": "git", "commit_id": commit * 4}}
+        (info / "direct_url.json").write_text(json.dumps(where))
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(data_mod, "RENDER_LIBRARIES", (*data_mod.RENDER_LIBRARIES, "fakerender"))
+    loads = []
+    real_load = data_mod.load_tokenizer
+    monkeypatch.setattr(data_mod, "load_tokenizer", lambda ref, model: loads.append(model.name) or real_load(ref, model))
+    cfg = _cfg(tmp_path)
+
+    def key() -> str:
+        return data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
+
+    install("aaaaaaaaaa")
+    first = key()
+    assert key() == first and len(loads) == 1  # remembered
+
+    install("bbbbbbbbbb")  # the same version string, another commit, which renders the template otherwise
+    base = transformers.PreTrainedTokenizerBase
+    real_render = base.apply_chat_template
+    monkeypatch.setattr(base, "apply_chat_template", lambda self, conversation, *a, **k: (
+        out.replace("### ", "#### ") if isinstance(out := real_render(self, conversation, *a, **k), str) else out))
+    changed = key()
+    assert len(loads) == 2 and changed != first
+    assert key() == changed and len(loads) == 2
+
+    install("bbbbbbbbbb", editable=True)  # its files change with no reinstall: nothing to remember it under
+    assert key() == changed and key() == changed and len(loads) == 4
+
+
 def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, monkeypatch):
     """The probe key (so stage 4's, which holds it) and stage 5's saved passes hold the machine by `hardware_id`: it held
     how many GPUs were visible, so a one-GPU run re-probed and retrained when a second card went in or CUDA_VISIBLE_DEVICES
