@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import constraints, instructions, sources
-from .common import (StageError, building, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked,
+from .common import (COMPLETE, StageError, building, cached_sha256, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked,
                      maybe_fault, read_json, remember, stage_dir, user_cache_dir, write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
@@ -653,25 +653,44 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
     changes with no reinstall, so nothing tells the memo, and the tokenizer is loaded every time."""
     home = user_cache_dir()
     editable = any(origin_editable(dist) for dist in RENDER_LIBRARIES)
-    memo = home / RENDER_MEMO / render_stamp(model) if home and not editable else None
+    ref = resolve_model(model, artifacts_dir)  # stage 1 resolves it on every run too: a built folder is only looked at
+    memo = home / RENDER_MEMO / render_stamp(model, ref) if home and not editable else None
     try:
         found = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{16}", found):
             return found
     except (OSError, ValueError):  # none yet, unreadable or not text: rendered again
         pass
-    digest = fingerprint("rendering", probe_encoding(load_tokenizer(resolve_model(model, artifacts_dir), model)))
+    digest = fingerprint("rendering", probe_encoding(load_tokenizer(ref, model)))
     remember(memo, digest)
     return digest
 
 
-def render_stamp(model: ModelSection) -> str:
-    """What `rendering_fingerprint`'s memo is kept under: the model's content (its tokenizer files with it), the configured
-    template, the versions and installed files of RENDER_LIBRARIES (`library_install`), the Python version and the bytes
-    of the code that loads and encodes."""
+def render_stamp(model: ModelSection, ref: ModelRef | None = None) -> str:
+    """What `rendering_fingerprint`'s memo is kept under: the model's content (its tokenizer files with it), the files the
+    tokenizer loads from when `ref` is a folder here (`tokenizer_files`), the configured template, the versions and
+    installed files of RENDER_LIBRARIES (`library_install`), the Python version and the bytes of the code that loads and
+    encodes."""
     code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
     versions = {dist: [installed_version(dist), library_install(dist)] for dist in RENDER_LIBRARIES}
-    return fingerprint("render-stamp", model_fingerprint(model), model.chat_template, versions, sys.version_info[:3], code, length=32)
+    return fingerprint("render-stamp", model_fingerprint(model), tokenizer_files(ref), model.chat_template, versions, sys.version_info[:3], code,
+                       length=32)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".npz", ".onnx")  # not the tokenizer's
+
+
+def tokenizer_files(ref: ModelRef | None) -> list | None:
+    """Name and sha256 (`cached_sha256`) of each file but the weights in the folder `ref` loads from, when it is one here;
+    None for a hub id (its commit is in the model's fingerprint). A GGUF's or a `random:` model's folder is built in the
+    artifacts folder and keyed by the GGUF's bytes and CONVERT_VERSION, not by the libraries that built it: one built
+    before an upgrade holds another tokenizer than one built after, under the same model fingerprint."""
+    folder = Path(ref.path) if ref is not None and ref.local else None
+    if folder is None or not folder.is_dir():
+        return None
+    # COMPLETE: when the folder was built, which renders nothing (each artifacts folder would render once more for it)
+    return [(p.name, cached_sha256(p)) for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != COMPLETE and not p.name.endswith(WEIGHT_SUFFIXES)]
 
 
 def library_install(dist: str) -> dict | None:

@@ -691,6 +691,30 @@ def test_a_rendering_library_installed_again_at_the_same_version_or_editable_ren
     assert key() == changed and key() == changed and len(loads) == 4
 
 
+def test_a_model_built_in_another_artifacts_folder_renders_as_its_own_not_as_the_first_one_rendered(tmp_path, monkeypatch):
+    """The tokenizer of a GGUF or `random:` model is a folder built in the artifacts folder (`resolve_model`), keyed by
+    the GGUF's bytes and CONVERT_VERSION, not by the transformers that converted it; `rendering_fingerprint`'s memo is
+    kept in the user's cache, shared by every artifacts folder, under the model's fingerprint. So an artifacts folder
+    whose conversion was made before an upgrade (transformers converts GGUF tokenizers otherwise) got the rendering of
+    whichever folder rendered first, e.g. the test suite's fresh conversion: its data key followed another folder's
+    tokenizer, and which one depended on the order runs happened in. Now the memo is also kept under the built
+    folder's tokenizer files (every file but the weights)."""
+    from tasks import data as data_mod
+    from tasks.models import resolve_model
+
+    def key(where: str, memo: str) -> str:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / memo))
+        cfg = _cfg(tmp_path / where)
+        return data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
+
+    old = _cfg(tmp_path / "old")
+    built = Path(resolve_model(old.model, old.artifacts_dir).path)  # as an older conversion left it: its template otherwise
+    (built / "chat_template.jinja").write_text((built / "chat_template.jinja").read_text().replace("### ", "#### "))
+    alone = key("old", "memo-old-alone")
+    assert key("new", "memo-shared") != alone  # the fresh build renders otherwise
+    assert key("old", "memo-shared") == alone
+
+
 def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, monkeypatch):
     """The probe key (so stage 4's, which holds it) and stage 5's saved passes hold the machine by `hardware_id`: it held
     how many GPUs were visible, so a one-GPU run re-probed and retrained when a second card went in or CUDA_VISIBLE_DEVICES
