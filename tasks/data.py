@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import datetime
 import hashlib
 import json
 import os
 import random
 import re
 import sys
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -661,7 +664,8 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
             return found
     except (OSError, ValueError):  # none yet, unreadable or not text: rendered again
         pass
-    digest = fingerprint("rendering", probe_encoding(load_tokenizer(ref, model)))
+    with template_clock_at(RENDER_PROBE_DATE):
+        digest = fingerprint("rendering", probe_encoding(load_tokenizer(ref, model)))
     remember(memo, digest)
     return digest
 
@@ -691,6 +695,39 @@ def tokenizer_files(ref: ModelRef | None) -> list | None:
     # COMPLETE: when the folder was built, which renders nothing (each artifacts folder would render once more for it)
     return [(p.name, cached_sha256(p)) for p in sorted(folder.iterdir())
             if p.is_file() and p.name != COMPLETE and not p.name.endswith(WEIGHT_SUFFIXES)]
+
+
+RENDER_PROBE_DATE = datetime.datetime(2024, 7, 26, 12, 0)  # what `strftime_now` says while the probe renders (any fixed day)
+_TEMPLATE_CLOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def template_clock_at(when: datetime.datetime):
+    """Within this block chat templates that render today's date (`strftime_now`: Llama-3.2/3.3's, SmolLM3's and
+    Granite's "Today Date: ..." system header) render `when`: the probe's rendering is a key and must not hold the day it
+    was made, or every memo made again (a library upgrade, another machine) would rebuild and retrain. transformers
+    builds `strftime_now` on its module's `datetime` and looks it up at each call, so that name is swapped for the block;
+    blocks take turns. A transformers without that name renders the real date."""
+    try:
+        from transformers.utils import chat_template_utils as templates
+    except ImportError:
+        templates = None
+    real = getattr(templates, "datetime", None)
+    if not (isinstance(real, type) and issubclass(real, datetime.datetime)):  # moved or renamed: nothing known to swap
+        yield
+        return
+
+    class Fixed(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return when.replace(tzinfo=tz) if tz else when
+
+    with _TEMPLATE_CLOCK:
+        templates.datetime = Fixed
+        try:
+            yield
+        finally:
+            templates.datetime = real
 
 
 def library_install(dist: str) -> dict | None:

@@ -715,6 +715,37 @@ def test_a_model_built_in_another_artifacts_folder_renders_as_its_own_not_as_the
     assert key("old", "memo-shared") == alone
 
 
+def test_a_template_that_renders_todays_date_keys_the_same_data_on_another_day(tmp_path, monkeypatch):
+    """Llama-3.2/3.3's, SmolLM3's and Granite's chat templates put today's date in the system header
+    (`strftime_now`), so the rendering of the fixed conversation in the data key (`rendering_fingerprint`) held the day
+    it was rendered on: wherever the memo had to be made again (after any library upgrade, on another machine, an
+    artifacts folder copied there, a CI runner), the data key changed and every stage was rebuilt and retrained for
+    nothing, and two identical runs on two days got two keys. The probe is now rendered at a fixed date."""
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    from tasks import data as data_mod
+
+    dated = ("'{% if strftime_now is defined %}<|system|>Today Date: {{ strftime_now(\"%d %b %Y\") }}{{ eos_token }}{% endif %}"
+             "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>{% endif %}'")
+    cfg = _cfg(tmp_path, f"model.chat_template={dated}")
+    keys = []
+    for day in (1, 2):
+        class OnThatDay(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return dt.datetime(2026, 12, day, 9, 30, tzinfo=tz)
+
+        monkeypatch.setattr(chat_template_utils, "datetime", OnThatDay)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"memo-day-{day}"))  # another machine, or the memo made again
+        assert f"Today Date: 0{day} Dec 2026" in data_mod.renderings(data_mod.load_tokenizer(
+            data_mod.resolve_model(cfg.model, cfg.artifacts_dir), cfg.model), data_mod.RENDER_PROBE)[0][0]  # the template does
+        keys.append(data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir))
+    assert keys[0] == keys[1]
+
+
 def test_the_probe_key_holds_the_gpus_a_run_uses_not_the_gpus_visible(tmp_path, monkeypatch):
     """The probe key (so stage 4's, which holds it) and stage 5's saved passes hold the machine by `hardware_id`: it held
     how many GPUs were visible, so a one-GPU run re-probed and retrained when a second card went in or CUDA_VISIBLE_DEVICES
