@@ -38,7 +38,7 @@ from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
-from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, training_dataset
+from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, steps_per_pass, training_dataset
 from .engine.noise import add_embedding_noise
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
@@ -99,17 +99,19 @@ class NonFiniteLoss(StageError):
 CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many times the probe's estimate
 
 
-def epoch_cap(max_epochs: float | None, train_tokens: int, tokens_per_step: float) -> int | None:
-    """The step by which `max_epochs` passes over `train_tokens` are read at the probe's `tokens_per_step` (the
-    optimizer step's real tokens over all ranks, the unit of the data stage's count); None without a cap."""
-    if not max_epochs or tokens_per_step <= 0:
+def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
+    """The step by which `max_epochs` passes over the rows are read, `per_pass` optimizer steps a pass
+    (tasks/engine/collate.py `steps_per_pass`, from the rows as the engine deals them out: not the probe's tokens per
+    step, the mean of the step or two it timed, which put max_epochs=1 at 1.10 and 0.92 passes on the tiny profile);
+    None without a cap."""
+    if not max_epochs or per_pass <= 0:
         return None
-    return max(1, math.ceil(max_epochs * train_tokens / tokens_per_step))
+    return max(1, math.ceil(round(max_epochs * per_pass, 6)))  # rounded: 0.1 x 30 steps is 3 steps, not 4
 
 
-def _epochs_note(max_epochs: float, train_tokens: int, probe: Any, by_epochs: int) -> str:
+def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int) -> str:
     """The log's words for training.max_epochs: the cap, and what it leaves of the budget when it binds."""
-    buys = probe.max_steps * probe.tokens_per_step / max(train_tokens, 1)
+    buys = probe.max_steps / per_pass
     note = f"; training.max_epochs {max_epochs:g}: {by_epochs} steps read the {train_tokens:,} training tokens {max_epochs:g} times"
     if by_epochs < probe.max_steps:
         note += (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
@@ -563,14 +565,16 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     # The clock stops training; the step cap is a backstop (the user's hard cap, else 4x the estimate: a probe of a
     # few steps misjudged an H200 run's step time 3x, and a 2x cap ended it at 61% of its budget).
     cap = training.max_steps or CAP_FACTOR * probe.max_steps
+    n = dist.world()
     # training.max_epochs: where the budget buys more passes over the rows than that, the run ends at the step that
     # completes them (the schedule completes there: `time_schedule` follows the cap when it leads)
-    by_epochs = epoch_cap(training.max_epochs, data.train_tokens, probe.tokens_per_step)
+    per_pass = steps_per_pass(engine, [len(x) for x in train_ds["input_ids"]], mb, ga, n, data.max_length, training.seed,
+                              packing=training.packing) if training.max_epochs else 0.0
+    by_epochs = epoch_cap(training.max_epochs, per_pass)
     planned = probe.max_steps
     if by_epochs is not None and by_epochs < cap:
         cap, guard.stopped_by = by_epochs, "max_epochs"
         planned = min(planned, by_epochs)
-    n = dist.world()
     done = int(resume.name.split("-")[-1]) if resume else 0
     packs_per_step = ga * n  # packed engines: one pack per forward on each rank
     start = read_json(resume / CKPT_MARKER).get("data_position") if resume else None
@@ -601,7 +605,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
-           + (_epochs_note(training.max_epochs, data.train_tokens, probe, by_epochs) if by_epochs is not None else "")
+           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs) if by_epochs is not None else "")
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)

@@ -323,14 +323,17 @@ def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(ti
     """A budget that buys more passes over the rows than training.max_epochs allows (the demo-gpu profile's 10 minutes
     bought 2.4 passes on an H100, and every held-out loss rose against 2.0: docs/BENCHMARKS.md "Setting q") ends at the
     step that completes them: the schedule anneals there, the record and the log say why the run ended early."""
+    from tasks.data import load_split
+    from tasks.engine.collate import steps_per_pass
     from tasks.train import epoch_cap
 
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
     roomy = probe.model_copy(update={"max_steps": 40, "budget_seconds": 300.0, "key": "max-epochs"})
-    per_pass = tiny_data.train_tokens / roomy.tokens_per_step
+    lengths = [len(x) for x in load_split(tiny_data, "train")["input_ids"]]
+    per_pass = steps_per_pass("padded", lengths, roomy.micro_batch_size, roomy.grad_accum, 1, tiny_data.max_length, 0)
     epochs = 5.5 / per_pass  # five and a half steps' worth of rows: the cap is the sixth step
     training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": epochs, "warmup_ratio": 0.0})
-    assert epoch_cap(epochs, tiny_data.train_tokens, roomy.tokens_per_step) == 6
+    assert epoch_cap(epochs, per_pass) == 6
     lines = []
     rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
     assert rec.stopped_by == "max_epochs" and rec.steps == rec.max_steps == 6 and rec.expected_steps == 40
@@ -341,11 +344,41 @@ def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(ti
     assert "6 steps read the" in said and "the run ends ~" in said and "early" in said, said
 
 
+@pytest.mark.parametrize("engine", ["padded", "fast"])
+def test_max_epochs_one_reads_every_row_once_whatever_steps_the_probe_sampled(engine, tiny_cfg, tiny_data, shared_artifacts):
+    """The cap came from the probe's tokens per step, the mean of the step or two it timed: on the tiny profile
+    max_epochs=1 read the rows 1.10 times on the padded engine (the probe's micro-batches were shorter than the rows'
+    mean) and 0.92 times on the fast one (its packs were fuller than a pass's mean, whose last packs are part-filled:
+    a pack of rows never read). The steps a pass takes come from the rows, as the engine deals them out."""
+    training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": None, "max_epochs": 1.0, "warmup_ratio": 0.0})
+    budget = tiny_cfg.budget.model_copy(update={"probe_steps": 2})  # the default's two timed steps
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
+    roomy = probe.model_copy(update={"max_steps": 400, "budget_seconds": 600.0, "key": f"one-pass-{engine}"})
+    rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.stopped_by == "max_epochs" and rec.tokens_seen == tiny_data.train_tokens and rec.passes == 1.0, (rec.steps, rec.passes)
+
+
+def test_a_pass_is_the_steps_the_engine_deals_the_rows_out_in():
+    """255 rows in micro-batches of 8 are 32 micro-batches, 16 a rank on 2 ranks, 2 a step: 8 steps (the 2-rank
+    tiny run of tests/test_multi_gpu.py; the probe's sampled tokens per step capped max_epochs=1 at 9, 1.14 passes).
+    Packed rows: a pass is its packs, `grad_accum` packs a rank a step."""
+    from tasks.engine.collate import pack_rows, steps_per_pass
+
+    assert steps_per_pass("padded", [60] * 255, 8, 2, 2, 160, 0) == 8
+    assert steps_per_pass("padded", [60] * 255, 8, 1, 1, 160, 0) == 32 and steps_per_pass("padded", [60] * 255, 8, 3, 1, 160, 0) == 11
+    lengths = [10 + (i * 37) % 150 for i in range(255)]
+    packs = len(pack_rows(lengths, "full", 8, 160, 0))
+    assert steps_per_pass("fast", lengths, 8, 2, 2, 160, 0) == packs / 4
+    assert steps_per_pass("fused", lengths, 8, 1, 1, 160, 0, packing="matched") == 32
+    assert steps_per_pass("padded", [], 8, 1, 1, 160, 0) == 0.0
+
+
 def test_max_epochs_above_what_the_budget_buys_changes_nothing_but_the_key(tiny_cfg):
     from tasks.probe import cache_key as probe_key
     from tasks.train import cache_key, epoch_cap
 
-    assert epoch_cap(None, 1000, 10.0) is None and epoch_cap(2.0, 1000, 10.0) == 200 and epoch_cap(0.001, 1000, 10.0) == 1
+    assert epoch_cap(None, 100.0) is None and epoch_cap(2.0, 100.0) == 200 and epoch_cap(0.001, 100.0) == 1
+    assert epoch_cap(0.1, 30.0) == 3  # not 4: 0.1 x 30 is 3.0000000000000004 in floating point
     data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
     t = tiny_cfg.training
     key = lambda training: cache_key(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training)  # noqa: E731

@@ -140,6 +140,20 @@ def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: i
     return PackedStream(train_ds, lengths, lambda ls, sd: pack(ls, seed=sd), seed, min_packs, start), 1
 
 
+def steps_per_pass(engine: str, lengths: list[int], micro_batch_size: int, grad_accum: int, ranks: int, max_length: int, seed: int, *,
+                   packing: str = "full") -> float:
+    """Optimizer steps that read the training rows once, as stage 4 deals them out: the padded recipe's Trainer takes
+    ceil(rows / micro-batch) micro-batches a pass, shared by the ranks (the last rank's share filled up), `grad_accum`
+    a step (the last step of a pass takes what is left); the packed engines read `grad_accum` packs a rank a step from a
+    stream that runs on into the next pass, so a pass is its packs' share of a step (the first pass's packs)."""
+    if not lengths:
+        return 0.0
+    if not is_padding_free(engine):
+        per_rank = math.ceil(math.ceil(len(lengths) / micro_batch_size) / ranks)
+        return float(math.ceil(per_rank / grad_accum))
+    return len(pack_rows(lengths, packing, micro_batch_size, max_length, seed)) / (grad_accum * ranks)
+
+
 def collator_for(engine: str, pad_id: int, model=None, batch_shape: tuple[int, int] | None = None):
     """The engine's collator; given the model, packed rows run the LM head on trained positions only where its forward
     allows (`PaddingFreeCollator(keep_logits=...)`), and given the run's (micro_batch, max_length) too, a pack of
