@@ -104,9 +104,10 @@ def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
     (tasks/engine/collate.py `steps_per_pass`, from the rows as the engine deals them out: not the probe's tokens per
     step, the mean of the step or two it timed, which put max_epochs=1 at 1.10 and 0.92 passes on the tiny profile);
     None without a cap."""
-    if not max_epochs or per_pass <= 0:
+    steps = (max_epochs or 0.0) * per_pass
+    if steps <= 0 or not math.isfinite(steps):  # a max_epochs the config takes (1e308) can overflow: no cap, as unset
         return None
-    return max(1, math.ceil(round(max_epochs * per_pass, 6)))  # rounded: 0.1 x 30 steps is 3 steps, not 4
+    return max(1, math.ceil(round(steps, 6)))  # rounded: 0.1 x 30 steps is 3 steps, not 4
 
 
 def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int) -> str:

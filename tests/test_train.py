@@ -379,6 +379,7 @@ def test_max_epochs_above_what_the_budget_buys_changes_nothing_but_the_key(tiny_
 
     assert epoch_cap(None, 100.0) is None and epoch_cap(2.0, 100.0) == 200 and epoch_cap(0.001, 100.0) == 1
     assert epoch_cap(0.1, 30.0) == 3  # not 4: 0.1 x 30 is 3.0000000000000004 in floating point
+    assert epoch_cap(1e308, 32.0) is None  # passes the config (finite), but its steps overflow to inf: no cap, not an OverflowError
     data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
     t = tiny_cfg.training
     key = lambda training: cache_key(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training)  # noqa: E731
