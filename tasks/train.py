@@ -113,7 +113,9 @@ def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
 def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int) -> str:
     """The log's words for training.max_epochs: the cap, and what it leaves of the budget when it binds."""
     buys = probe.max_steps / per_pass
-    note = f"; training.max_epochs {max_epochs:g}: {by_epochs} steps read the {train_tokens:,} training tokens {max_epochs:g} times"
+    # the passes the cap reads, not max_epochs itself: the cap is whole steps, at least one (0.0001 is a step's 0.03 passes)
+    note = (f"; training.max_epochs {max_epochs:g}: {by_epochs} steps ({per_pass:g} a pass) read the {train_tokens:,} training tokens "
+            f"{by_epochs / per_pass:.2f} times")
     if by_epochs < probe.max_steps:
         note += (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
                  "early (raise training.max_epochs, or add rows, to spend it)")

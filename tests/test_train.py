@@ -341,7 +341,7 @@ def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(ti
     lrs = [h["learning_rate"] for h in json.loads((Path(rec.dir) / "log_history.json").read_text()) if "learning_rate" in h]
     assert len(lrs) == 6 and lrs[-1] < 0.1 * training.learning_rate, lrs  # the schedule completed at the cap, not at 40
     said = next(line for line in lines if "training.max_epochs" in line)
-    assert "6 steps read the" in said and "the run ends ~" in said and "early" in said, said
+    assert f"6 steps ({per_pass:g} a pass) read the" in said and "the run ends ~" in said and "early" in said, said
 
 
 @pytest.mark.parametrize("engine", ["padded", "fast"])
@@ -356,6 +356,17 @@ def test_max_epochs_one_reads_every_row_once_whatever_steps_the_probe_sampled(en
     roomy = probe.model_copy(update={"max_steps": 400, "budget_seconds": 600.0, "key": f"one-pass-{engine}"})
     rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
     assert rec.stopped_by == "max_epochs" and rec.tokens_seen == tiny_data.train_tokens and rec.passes == 1.0, (rec.steps, rec.passes)
+
+
+def test_the_max_epochs_log_line_says_the_passes_the_cap_reads_not_the_setting():
+    """A cap is whole steps, at least one: max_epochs 0.0001 over 32-step passes caps at 1 step, 0.03 passes; the line
+    said the step read the rows 0.0001 times."""
+    from tasks.train import _epochs_note
+
+    probe = SimpleNamespace(max_steps=20, s_per_step=0.5)
+    note = _epochs_note(0.0001, 15296, 32.0, probe, 1)
+    assert "1 steps (32 a pass) read the 15,296 training tokens 0.03 times" in note and "ends ~10 s early" in note, note
+    assert "read the 15,296 training tokens 2.00 times" in _epochs_note(2.0, 15296, 6.5, probe, 13)
 
 
 def test_a_pass_is_the_steps_the_engine_deals_the_rows_out_in():
