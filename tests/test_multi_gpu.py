@@ -71,6 +71,18 @@ def test_two_ranks_train_in_step_a_killed_rank_fails_clearly_and_both_ranks_resu
     assert again == rec  # cached: no launch
 
 
+def test_two_ranks_stop_together_at_the_max_epochs_cap_a_pass_of_their_shards_makes(two_ranks):
+    """The rows' 32 micro-batches of 8 are 16 a rank, 2 a step: 8 steps a pass, so max_epochs 0.25 is 2 steps on both
+    ranks. The cap came from the probe's tokens per step (the mean of the steps it timed), which made it 3 here."""
+    cfg, data, probe = two_ranks
+    training = cfg.training.model_copy(update={"max_steps": None, "max_epochs": 0.25})
+    probe = probe.model_copy(update={"budget_seconds": 600.0, "max_steps": 40, "key": "two-ranks-max-epochs"})
+    rec = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, cfg.artifacts_dir)
+    ranks = [json.loads((Path(rec.dir) / "work" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["steps"], r["stopped_by"]) for r in ranks] == [(2, "max_epochs")] * 2
+    assert rec.steps == rec.max_steps == 2 and rec.stopped_by == "max_epochs" and 0.2 < rec.passes < 0.3, (rec.steps, rec.passes)  # 64 of 255 rows
+
+
 def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_stop(two_ranks, tmp_path):
     """`kill PID`, `docker stop`, a worker cancelling the run: SIGTERM reaches the stage's own process only. Multi-rank,
     that process died and left torchrun and the ranks training on, nothing saved. It now passes the signal on: the
