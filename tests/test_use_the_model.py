@@ -1325,11 +1325,19 @@ def test_serve_model_merged_looks_for_stop_strings_in_the_answer_only(served_r1)
     criterion (StopStringCriteria, handed the request's `stop`) reads the prompt's tokens too: a stop string spelled by
     the prompt's end and the first generated token ended generation after that token, `cut_at_stop` found no stop in
     the answer, and the first token(s) came back as a "stop". A chat template ending in "\\n" and `stop: ["\\n\\n"]`
-    meet it whenever a model opens its answer with a newline. Generation now stops in StopAtStrings."""
+    meet it whenever a model opens its answer with a newline. Generation now stops in StopAtStrings.
+    Both answers are set by a logit bias, not by what the tiny model learnt: its training follows the wall clock (the
+    LR schedule runs on elapsed / budget, and the budget may stop it first), so under load its chat answer had no
+    "\\n\\n" in 6 tokens and the test failed (2026-12-06). Forced newlines give the answer "" (the stop at its start);
+    the bug gave "\\n"."""
+    from transformers import AutoTokenizer
+
     pub, base = served_r1
     bias = _the_bias(pub)
+    (newline,) = AutoTokenizer.from_pretrained(pub / "merged").encode("\n", add_special_tokens=False)
     completion = {"prompt": "Say the", "max_tokens": 6, "temperature": 0, "logit_bias": bias}
-    chat = {"messages": [{"role": "user", "content": "Say the."}], "max_tokens": 6, "temperature": 0}  # ends "### Assistant:\n"
+    chat = {"messages": [{"role": "user", "content": "Say the."}], "max_tokens": 6, "temperature": 0,  # ends "### Assistant:\n"
+            "logit_bias": {str(newline): 100}}
     for path, body, stop in ((f"{base}/v1/completions", completion, " the the"), (f"{base}/v1/chat/completions", chat, "\n\n")):
         full = _answer_text(path, body, stream=False)
         assert stop in full, (path, full)  # " the the the ...", "\n\n\n..."
