@@ -960,17 +960,27 @@ TEXT_PARTS = ("text", "input_text", "output_text")  # content parts whose "text"
 ITEM_FIELDS = {"function_call": ("call_id", "name", "arguments"), "function_call_output": ("call_id", "output")}  # Responses input items
 
 
-def content_problem(content: Any, where: str) -> tuple[str, str] | None:
+def content_problem(content: Any, where: str, role: str | None = None) -> tuple[str, str] | None:
     """(message, field) when a message's content (at `where`, e.g. `messages[0].content`) is neither text, nothing,
-    nor a list of content parts as transformers serve reads them, else None."""
+    nor a non-empty list of content parts as transformers serve reads them, else None. An assistant's (`role`) content
+    may hold OpenAI's refusal parts, {"type": "refusal", "refusal": ...}: read as its text (refusals_as_text)."""
     if content is None or isinstance(content, str):
         return None
     if not isinstance(content, list):
         return f"{where} must be a string or a list of content parts, got {type(content).__name__} {content!r:.40}", where
+    if not content:  # serve rendered the turn as empty and answered it, with a 200 (a review, 2026-12-06)
+        return f"{where} is an empty list: send a string or at least one text part ({{\"type\": \"text\", \"text\": ...}})", where
     for i, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             return (f"{where}[{i}] must be a content part with a \"type\", e.g. {{\"type\": \"text\", \"text\": \"Hi\"}}, "
                     f"got {part!r:.40}"), f"{where}[{i}]"
+        if part["type"] == "refusal":
+            # the assistant's own words, as OpenAI's API answered them: carried as its text (serve refused the part)
+            if role != "assistant":
+                return f"{where}[{i}] is a refusal part, which only an assistant turn holds; send the text as a text part", f"{where}[{i}]"
+            if not isinstance(part.get("refusal"), str):
+                return f"{where}[{i}].refusal must be a string (a 'refusal' part holds its text there)", f"{where}[{i}].refusal"
+            continue
         if part["type"] not in TEXT_PARTS:
             # serve's text-only (LLM) reading keeps a message's text parts and drops the rest: an image, audio or
             # file part was left out of the prompt, with a 200 answering as if it had not been sent (a review, 2026-12-06)
@@ -988,14 +998,35 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  #
 
 def message_problem(message: dict, i: int) -> tuple[str, str] | None:
     """(message, field) for chat message `i` with a role OpenAI's API does not take, or no content where one is needed
-    (an assistant turn may carry tool_calls instead), else None. transformers serve hands any role and a missing content
-    to the chat template, which rendered them as it could: a 200 with some answer (a review, 2026-12-06)."""
-    if message["role"] not in CHAT_ROLES:
-        return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {message['role']!r:.40}", f"messages[{i}].role"
-    if message.get("content") is None and not (message["role"] == "assistant" and (message.get("tool_calls") or message.get("function_call"))):
-        needs = "content (or tool_calls)" if message["role"] == "assistant" else "content"
-        return f"messages[{i}] (role {message['role']!r}) has no {needs}: send a string or a list of text parts", f"messages[{i}].content"
-    return content_problem(message.get("content"), f"messages[{i}].content")
+    (an assistant turn may carry tool_calls, or the older function_call, instead), else None. transformers serve hands
+    any role and a missing content to the chat template, which rendered them as it could: a 200 with some answer (a
+    review, 2026-12-06)."""
+    role, content = message["role"], message.get("content")
+    if role not in CHAT_ROLES:
+        return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r:.40}", f"messages[{i}].role"
+    calls = role == "assistant" and (message.get("tool_calls") or message.get("function_call"))
+    if (content is None or content == []) and not calls:
+        needs = "content (or tool_calls)" if role == "assistant" else "content"
+        return (f"messages[{i}] (role {role!r}) has no {needs}" + (" (an empty list)" if content == [] else "") +
+                ": send a string or a list of text parts"), f"messages[{i}].content"
+    if message.get("function_call") is not None:
+        # the pre-tools API's call: serve reads tool_calls only, so the turn reached the template empty (a 200; a review)
+        call = message["function_call"]
+        if role != "assistant" or not (isinstance(call, dict) and isinstance(call.get("name"), str) and _json_text(call.get("arguments"))):
+            return (f"messages[{i}].function_call must be an assistant turn's {{\"name\": ..., \"arguments\": \"<JSON>\"}} "
+                    f"(arguments a string of JSON), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
+    return None if content == [] else content_problem(content, f"messages[{i}].content", role)
+
+
+def _json_text(value: Any) -> bool:
+    """Whether `value` is a string of JSON, as a call's arguments are (serve parses them for the chat template)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
 
 
 def chat_messages_problem(messages: Any) -> tuple[str, str] | None:
@@ -1016,6 +1047,35 @@ def developer_as_system(messages: list[dict]) -> list[dict]:
     return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
 
 
+def refusals_as_text(content: Any, text_type: str = "text") -> Any:
+    """An assistant turn's content with each refusal part ({"type": "refusal", "refusal": ...}, OpenAI's answer when
+    the model declined) as a text part of `text_type`: the assistant's words, which the chat template renders as its
+    text. serve reads text parts only (the refusal was a 400 before, naming the part)."""
+    if not isinstance(content, list):
+        return content
+    return [{"type": text_type, "text": p["refusal"]} if isinstance(p, dict) and p.get("type") == "refusal" else p for p in content]
+
+
+def history_as_served(messages: list[dict]) -> list[dict]:
+    """A chat's `messages` as transformers serve reads them: developer turns as system ones (developer_as_system),
+    refusal parts as text (refusals_as_text), and the pre-tools API's assistant `function_call` as a tool call, its
+    `function` result as that call's `tool` result. serve reads tool_calls only: a function_call turn reached the chat
+    template empty, with a 200 (a review, 2026-12-06); as a tool call, a template that renders tool calls renders it and
+    one that does not is refused (ToolsNotRendered), as a history's tool_calls are."""
+    served, call_id = [], None
+    for i, m in enumerate(developer_as_system(messages)):
+        if m.get("role") == "assistant":
+            m = {**m, "content": refusals_as_text(m.get("content"))}
+            if m.get("function_call") is not None:
+                call_id = f"call_function_{i}"
+                call = {"id": call_id, "type": "function", "function": dict(m["function_call"])}
+                m = {**{k: v for k, v in m.items() if k != "function_call"}, "tool_calls": [*(m.get("tool_calls") or []), call]}
+        elif m.get("role") == "function" and call_id is not None:
+            m = {"role": "tool", "tool_call_id": call_id, "content": m.get("content")}
+        served.append(m)
+    return served
+
+
 RESPONSE_ROLES = ("system", "developer", "user", "assistant")  # a Responses input message's; tool results come as
 # function_call_output items, and "developer" is read as "system" as in a chat
 
@@ -1023,8 +1083,12 @@ RESPONSE_ROLES = ("system", "developer", "user", "assistant")  # a Responses inp
 def response_input_as_system(given: Any) -> Any:
     """A Responses `input` with every developer message item read as a system one (`developer_as_system`), wherever it
     is in the list: not only when the first item has a role (a review: after a first function_call_output item a
-    developer item was left as it came). A string, or a list's content parts (no role), is returned as it is."""
-    return developer_as_system(given) if isinstance(given, list) else given
+    developer item was left as it came); an assistant item's refusal parts are read as its text (refusals_as_text).
+    A string, or a list's content parts (no role), is returned as it is."""
+    if not isinstance(given, list):
+        return given
+    return [{**m, "content": refusals_as_text(m.get("content"), "output_text")} if m.get("role") == "assistant" else m
+            for m in developer_as_system(given)]
 
 
 def instructions_kept_with_system(body: dict) -> dict:
@@ -1084,7 +1148,7 @@ def input_problem(given: Any) -> tuple[str, str] | None:
             if item.get("content") is None:
                 return (f"input[{i}] (role {role!r}) has no content: send a string or a list of input_text parts",
                         f"input[{i}].content")
-            problem = content_problem(item.get("content"), f"input[{i}].content")
+            problem = content_problem(item.get("content"), f"input[{i}].content", role)
             if problem:
                 return problem
         elif "role" in given[0]:  # a conversation's other items: function calls and their outputs
@@ -1446,30 +1510,94 @@ def _asks_for_text(value: Any) -> bool:
     return isinstance(value, dict) and value.get("type") == "text"
 
 
-# Fields transformers serve lists as unused (UNUSED_*_FIELDS in transformers/cli/serving), each with the values that
-# ask for nothing more than its answer already is; any other value asked for an answer of another meaning or shape
-# (JSON, a tool call, log probabilities, the echoed prompt, audio) and got plain text, with a 200 (a review, 2026-12-06).
-_AS_ANSWERED = (None, False, 0, "", [], {}, "auto")
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _one_of(*values: str):
+    return lambda v, body: isinstance(v, str) and v in values
+
+
+def _shows_tools(body: dict) -> bool:
+    """Whether the request's tools (or functions) reach the model: sent, and tool_choice (function_call) not "none"."""
+    return bool(body.get("tools") or body.get("functions")) and "none" not in (body.get("tool_choice"), body.get("function_call"))
+
+
+@dataclass(frozen=True)
+class Unanswerable:
+    """A request field this server cannot honour (transformers serve ignores it, or the model has no such ability):
+    the type OpenAI's API gives it, and the values that ask for nothing more than the plain answer served. A value of
+    another type is a 400 naming the type (`"logprobs": "auto"` was taken as false, with a 200); a value of its type
+    that asks for more is a 400 saying `why` (it was answered as if not sent). null is never sent."""
+
+    expected: str  # its type, as the 400 says it
+    typed: Any  # (value, body) -> whether the value is of that type
+    answered: str  # the values that ask for nothing more, as the 400 says them
+    as_answered: Any  # (value, body) -> whether the value asks for nothing more
+    why: str = ""  # why another value cannot be answered; "" = serve ignores the field
+
+
+_BOOL = lambda v, body: isinstance(v, bool)  # noqa: E731
+_OBJECT = lambda v, body: isinstance(v, dict)  # noqa: E731
+_NEVER = lambda v, body: False  # noqa: E731
+_ALWAYS = lambda v, body: True  # noqa: E731
+_TOOL_CHOICE = lambda v, body: v in ("none", "auto", "required") or isinstance(v, dict)  # noqa: E731
+_AUTO_OR_NONE = lambda v, body: v in ("auto", "none")  # noqa: E731  "none": served without the tools (tools_left_out)
+_NO_MORE_THAN_ONE_CALL = ("this server cannot hold the model to one tool call (its chat template does not say so and "
+                          "generation does not enforce it)")
+_REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+# OpenAI's Responses `include` values (its API reference; the openai package's ResponseIncludable): only encrypted
+# reasoning has nothing to include here (the model does no reasoning), as a stateless client (store false) asks for it;
+# each other one asks for output this server does not give (log probabilities, tool results, image URLs)
+INCLUDE_NOTHING_TO_ADD = ("reasoning.encrypted_content",)
+
+# Fields transformers serve lists as unused (UNUSED_*_FIELDS in transformers/cli/serving), and those it reads but
+# cannot honour, each with its type and the values that ask for nothing more than its answer already is; any other
+# value asked for an answer of another meaning or shape (JSON, a tool call, log probabilities, the echoed prompt,
+# audio, a web search, reasoning) and got plain text, with a 200 (reviews, 2026-12-06).
 IGNORED_FIELDS = {
-    "chat": {"response_format": ("{\"type\": \"text\"}", lambda v: v in _AS_ANSWERED or _asks_for_text(v)),
-             "tool_choice": ('"auto"', lambda v: v in _AS_ANSWERED),
-             "functions": ("nothing (send `tools` instead)", lambda v: v in _AS_ANSWERED),
-             "function_call": ("nothing (send `tools` instead)", lambda v: v in _AS_ANSWERED),
-             "logprobs": ("false", lambda v: v in _AS_ANSWERED),
-             "top_logprobs": ("0", lambda v: v in _AS_ANSWERED),
-             "modalities": ('["text"]', lambda v: v in _AS_ANSWERED or v == ["text"]),
-             "audio": ("nothing", lambda v: v in _AS_ANSWERED),
-             "presence_penalty": ("0 (frequency_penalty is applied)", lambda v: v in _AS_ANSWERED)},
-    "completion": {"echo": ("false", lambda v: v in _AS_ANSWERED),
-                   "logprobs": ("nothing", lambda v: v is None),
-                   "presence_penalty": ("0 (frequency_penalty is applied)", lambda v: v in _AS_ANSWERED)},
-    "response": {"text": ('{"format": {"type": "text"}}', lambda v: v in _AS_ANSWERED or (isinstance(v, dict) and set(v) <= {"format", "verbosity"}
-                                                                                        and (v.get("format") is None or _asks_for_text(v.get("format"))))),
-                 "tool_choice": ('"auto"', lambda v: v in _AS_ANSWERED),
-                 "top_logprobs": ("0", lambda v: v in _AS_ANSWERED),
-                 "include": ("nothing", lambda v: v in _AS_ANSWERED),
-                 "prompt": ("nothing (send the prompt's text in `instructions` and `input`)", lambda v: v in _AS_ANSWERED),
-                 "background": ("false (answers are given as the request waits)", lambda v: v in _AS_ANSWERED)},
+    "chat": {"response_format": Unanswerable("an object", _OBJECT, '{"type": "text"}', lambda v, body: v == {} or _asks_for_text(v)),
+             "tool_choice": Unanswerable('"none", "auto", "required" or an object', _TOOL_CHOICE, '"auto" or "none"', _AUTO_OR_NONE),
+             "functions": Unanswerable("a list of functions", lambda v, body: isinstance(v, list), "nothing (send `tools` instead)",
+                                       lambda v, body: v == [] or body.get("function_call") == "none"),
+             "function_call": Unanswerable('"none", "auto" or an object', _TOOL_CHOICE, '"auto" or "none" (send `tools` instead)', _AUTO_OR_NONE),
+             "logprobs": Unanswerable("true or false", _BOOL, "false", lambda v, body: v is False),
+             "top_logprobs": Unanswerable("an integer", lambda v, body: _integer(v), "0", lambda v, body: v == 0),
+             "modalities": Unanswerable("a list of strings", lambda v, body: _strings(v), '["text"]', lambda v, body: v in ([], ["text"])),
+             "audio": Unanswerable("an object", _OBJECT, "nothing", _NEVER),
+             "presence_penalty": Unanswerable("a number", lambda v, body: _number(v), "0 (frequency_penalty is applied)", lambda v, body: v == 0),
+             "parallel_tool_calls": Unanswerable("true or false", _BOOL, "true", lambda v, body: v is True or not _shows_tools(body), _NO_MORE_THAN_ONE_CALL),
+             "web_search_options": Unanswerable("an object", _OBJECT, "nothing", _NEVER,
+                                                "this server has no web search (the model would answer from its weights alone, as if searching found nothing)"),
+             # serve ignores both reasoning fields; the pipeline's models do no reasoning: only "none" is what they answer
+             "reasoning_effort": Unanswerable(" or ".join(f'"{e}"' for e in _REASONING_EFFORTS), _one_of(*_REASONING_EFFORTS), '"none"',
+                                              lambda v, body: v == "none"),
+             # a prediction only speeds generation up (OpenAI's Predicted Outputs): the answer is the same without it
+             "prediction": Unanswerable('an object such as {"type": "content", "content": ...}', lambda v, body: isinstance(v, dict) and v.get("type") == "content",
+                                        "anything", _ALWAYS),
+             "verbosity": Unanswerable('"low", "medium" or "high"', _one_of("low", "medium", "high"), '"medium"', lambda v, body: v == "medium")},
+    "completion": {"echo": Unanswerable("true or false", _BOOL, "false", lambda v, body: v is False),
+                   "logprobs": Unanswerable("an integer", lambda v, body: _integer(v), "nothing", _NEVER),
+                   "presence_penalty": Unanswerable("a number", lambda v, body: _number(v), "0 (frequency_penalty is applied)", lambda v, body: v == 0)},
+    "response": {"text": Unanswerable("an object", _OBJECT, '{"format": {"type": "text"}}',
+                                      lambda v, body: set(v) <= {"format", "verbosity"} and (v.get("format") is None or _asks_for_text(v.get("format")))
+                                      and v.get("verbosity") in (None, "medium")),
+                 "tool_choice": Unanswerable('"none", "auto", "required" or an object', _TOOL_CHOICE, '"auto" or "none"', _AUTO_OR_NONE),
+                 "top_logprobs": Unanswerable("an integer", lambda v, body: _integer(v), "0", lambda v, body: v == 0),
+                 "include": Unanswerable("a list of strings", lambda v, body: _strings(v), f"only {json.dumps(list(INCLUDE_NOTHING_TO_ADD))}",
+                                         lambda v, body: set(v) <= set(INCLUDE_NOTHING_TO_ADD)),
+                 "conversation": Unanswerable("a string or an object", lambda v, body: isinstance(v, (str, dict)),
+                                              "nothing (send the whole conversation in `input`)", _NEVER,
+                                              "this server keeps no conversation history (transformers serve stores none)"),
+                 "prompt": Unanswerable("an object", _OBJECT, "nothing (send the prompt's text in `instructions` and `input`)", _NEVER),
+                 "background": Unanswerable("true or false", _BOOL, "false (answers are given as the request waits)", lambda v, body: v is False),
+                 "parallel_tool_calls": Unanswerable("true or false", _BOOL, "true", lambda v, body: v is True or not _shows_tools(body), _NO_MORE_THAN_ONE_CALL),
+                 "reasoning": Unanswerable("an object", _OBJECT, '{"effort": "none"}', lambda v, body: v.get("effort") in (None, "none")),
+                 # limits calls to OpenAI's built-in tools, which this server refuses (tools_problem): nothing to limit
+                 "max_tool_calls": Unanswerable("an integer >= 1", lambda v, body: _integer(v) and v >= 1, "anything", _ALWAYS),
+                 # "auto" drops input items that do not fit the context; an input that fits is answered as asked, and one
+                 # that does not is refused naming truncation (answer_as_openai_does' refusal)
+                 "truncation": Unanswerable('"auto" or "disabled"', _one_of("auto", "disabled"), "anything", _ALWAYS)},
 }
 
 
@@ -1495,22 +1623,86 @@ def tools_problem(kind: str, tools: Any) -> tuple[str, str] | None:
     return None
 
 
+# Fields that change nothing in the answer's text but are read as their type: `"stream": "false"` (a string) streamed
+FIELD_TYPES = {"stream": ("true or false", bool), "store": ("true or false", bool), "stream_options": ("an object", dict),
+               "metadata": ("an object", dict), "user": ("a string", str), "service_tier": ("a string", str),
+               "safety_identifier": ("a string", str), "prompt_cache_key": ("a string", str)}
+
+
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
-    """(message, field) for a field transformers serve ignores, set to a value that asks for another answer than the
-    plain text it gives (IGNORED_FIELDS), else None."""
-    for field, (answered, as_answered) in IGNORED_FIELDS[kind].items():
+    """(message, field) for a field this server cannot honour (IGNORED_FIELDS) sent with a value of another type than
+    OpenAI's API gives it, or one that asks for another answer than the one served, else None."""
+    for field, (expected, kind_of) in FIELD_TYPES.items():
         value = body.get(field)
-        if field in ("tool_choice", "function_call") and value == "none" and not body.get("tools") and not body.get("functions"):
-            continue  # no tool to call: "none" asks for the plain text serve answers (a 400 before; a review, 2026-12-06)
-        if not as_answered(value):
-            return (f"{field} {json.dumps(value)[:60]} is not supported: this server (transformers serve) ignores {field} and "
-                    f"would answer plain text as if it were not sent; leave {field} out, or send {answered}"), field
+        if value is not None and (not isinstance(value, kind_of) or (kind_of is not bool and isinstance(value, bool))):
+            return f"{field} must be {expected}, got {type(value).__name__} {json.dumps(value)[:60]}", field
+    for field, spec in IGNORED_FIELDS[kind].items():
+        value = body.get(field)
+        if value is None:
+            continue
+        if not spec.typed(value, body):
+            return f"{field} must be {spec.expected}, got {type(value).__name__} {json.dumps(value)[:60]}", field
+        if not spec.as_answered(value, body):
+            why = spec.why or f"this server (transformers serve) ignores {field} and would answer plain text as if it were not sent"
+            return f"{field} {json.dumps(value)[:60]} is not supported: {why}; leave {field} out, or send {spec.answered}", field
     return None
+
+
+def tools_left_out(body: dict) -> dict:
+    """The request without its tools (and the older functions) when tool_choice (function_call) is "none": OpenAI's
+    model then sees no tool to call and answers with a message. transformers serve ignores tool_choice: it showed the
+    model the tools, and parsed a tool call from its answer (a 400 here before; LangChain sends "none" with its
+    tools). Without them the chat template renders none, and `tool_calls_not_parsed` keeps any call-like text of the
+    answer as its text. Any other request is returned as it is."""
+    if "none" not in (body.get("tool_choice"), body.get("function_call")):
+        return body
+    return {k: v for k, v in body.items() if k not in ("tools", "functions")}
+
+
+def template_without_tool_calls(template: dict | None) -> dict | None:
+    """A transformers response template (what serve parses an answer's reasoning, tool calls and text with) that
+    reads no tool calls: the text a call's markup spans is the answer's text."""
+    if not isinstance(template, dict) or "tool_calls" not in (template.get("fields") or {}):
+        return template
+    return {**template, "fields": {k: v for k, v in template["fields"].items() if k != "tool_calls"}}
+
+
+API_NAMES = {"chat": "chat completions", "completion": "completions", "response": "Responses"}
+LAYER_FIELDS = {"response": ("stop", "logit_bias")}  # taken out of a Responses request before serve reads it (answer_as_openai_does)
+
+
+@functools.cache
+def known_fields(kind: str) -> frozenset[str] | None:
+    """The fields a request to the `kind` endpoint may hold: those of OpenAI's API that transformers serve's params
+    class has, its own (generation_config, seed, ...) and this server's (LAYER_FIELDS); None when the installed
+    transformers names none (its handler then checks the fields itself)."""
+    from transformers.cli.serving.chat_completion import ChatCompletionHandler
+    from transformers.cli.serving.completion import CompletionHandler
+    from transformers.cli.serving.response import ResponseHandler
+
+    handler = {"chat": ChatCompletionHandler, "completion": CompletionHandler, "response": ResponseHandler}[kind]
+    keys = getattr(getattr(handler, "_valid_params_class", None), "__mutable_keys__", None)
+    return frozenset(keys) | frozenset(LAYER_FIELDS.get(kind, ())) if keys else None
+
+
+def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
+    """(message, field) for the first field of `body` the `kind` endpoint does not know, else None: serve's own check
+    was a 400 whose message was a Python set and whose param was null (a review, 2026-12-06)."""
+    known = known_fields(kind)
+    unknown = sorted(f for f in body if known is not None and f not in known)
+    if not unknown:
+        return None
+    field = unknown[0]
+    return (f"{field} is not a field of the {API_NAMES[kind]} API on this server (OpenAI's fields, and generation_config "
+            f"and seed); check its spelling, or leave {field} out" + (f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else "")), field
 
 
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
+    problem = unknown_field_problem(kind, body)
+    if problem:
+        return problem
     if kind == "chat":
         problem = chat_messages_problem(body.get("messages"))
         if problem:
@@ -1977,7 +2169,10 @@ def answer_as_openai_does() -> None:
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
-    - a malformed request (no messages/prompt/input, a field of the wrong type, a `generation_config` that holds no
+    - tool_choice "none" is answered with a message: served without the tools, no tool call parsed from the answer
+      (tools_left_out, parse_no_tool_calls_when_none); an assistant's refusal part is its text, a legacy function_call
+      a tool call (history_as_served);
+    - a malformed request (no messages/prompt/input, an unknown field or one of the wrong type, both named, a `generation_config` that holds no
       JSON object, a setting not in ALLOWED_SETTINGS or out of its range, settings transformers refuses as generate()
       will run them (merged_settings_problem), beam search in a stream, a length limit
       < 1, `n` > 1, a prompt plus length limit beyond the model's context, a logit_bias id beyond its vocabulary) is a
@@ -2010,9 +2205,10 @@ def answer_as_openai_does() -> None:
         field = PROMPT_FIELDS[kind]
         options = request_options.get()
         limit = getattr(text_config, "max_position_embeddings", None)
+        dropped = " (truncation \"auto\" is not done here: this server drops no input items)" if options.get("truncation") == "auto" else ""
         if limit and n >= limit:
             return openai_error(f"the prompt is {n} tokens, and the model's context is {limit} tokens "
-                                f"(max_position_embeddings); shorten the {field}", field)
+                                f"(max_position_embeddings); shorten the {field}{dropped}", "truncation" if dropped else field)
         asked = setting(gen, "max_new_tokens")
         given_field = options.get("limit_field")
         configured = configured_limit(options.get("generation_config"), n)
@@ -2029,7 +2225,7 @@ def answer_as_openai_does() -> None:
         elif limit and asked and n + asked > limit:  # OpenAI refuses it; generating past max_position_embeddings is garbage or a crash
             return openai_error(f"the prompt is {n} tokens and {given_field} asks for {asked} more, beyond the model's context "
                                 f"of {limit} tokens (max_position_embeddings): lower {given_field} to {limit - n} or less, "
-                                f"or shorten the {field}", given_field.split("'")[0])
+                                f"or shorten the {field}{dropped}", "truncation" if dropped else given_field.split("'")[0])
         vocab = getattr(text_config, "vocab_size", None)
         beyond = sorted(int(k) for k in options.get("logit_bias") or {} if vocab and int(k) >= vocab)
         if beyond:
@@ -2061,9 +2257,9 @@ def answer_as_openai_does() -> None:
             problem = request_problem(kind, body)
             if problem:
                 return openai_error(*problem)
-            body = dict(body)
+            body = tools_left_out(dict(body))
             if kind == "chat":
-                body["messages"] = developer_as_system(body["messages"])
+                body["messages"] = history_as_served(body["messages"])
             elif kind == "response":
                 body["input"] = response_input_as_system(body["input"])
                 body = instructions_kept_with_system(body)
@@ -2071,7 +2267,8 @@ def answer_as_openai_does() -> None:
             stops = [x for x in stop_strings(body.pop("stop", None)) if x]
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),
                        "stop_field": "stop" if stops else "generation_config", "generation_config": body.get("generation_config"),
-                       "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False}
+                       "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False,
+                       "no_tool_calls": "none" in (body.get("tool_choice"), body.get("function_call")), "truncation": body.get("truncation")}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model
             if kind == "response":
@@ -2134,7 +2331,7 @@ def answer_as_openai_does() -> None:
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"
-                raise ToolsNotRendered(f"{where} {'hold' if kind == 'chat' else 'holds'} a tool call (an assistant turn's tool_calls{', a function_call item' if kind == 'response' else ''}) "
+                raise ToolsNotRendered(f"{where} {'hold' if kind == 'chat' else 'holds'} a tool call (an assistant turn's tool_calls{' or function_call' if kind == 'chat' else ', a function_call item'}) "
                                        "this model's chat template does not render: the model would see an empty turn "
                                        "in its place; send the call and its result as text, or serve a model whose "
                                        "chat template renders tool calls", where)
@@ -2207,6 +2404,26 @@ def answer_as_openai_does() -> None:
     for handler, kind in ((ChatCompletionHandler, "chat"), (CompletionHandler, "completion"), (ResponseHandler, "response")):
         if not handler.__dict__.get("_openai_conformant"):
             conform(handler, kind)
+    parse_no_tool_calls_when_none(request_options)
+
+
+def parse_no_tool_calls_when_none(request_options) -> None:
+    """Make transformers serve (5.25 on) parse no tool call from the answer of a request whose tool_choice is "none"
+    (`request_options`' no_tool_calls): its response template, which both its stream parser and its whole-answer parser
+    read (get_response_template), without the tool_calls field. The model saw no tools (tools_left_out); a call-like
+    text it writes all the same is its answer's text, as OpenAI's "none" answers a message."""
+    from transformers.cli.serving import utils
+
+    template_of = getattr(utils, "get_response_template", None)
+    if template_of is None or getattr(template_of, "_no_tool_calls_when_none", False):
+        return
+
+    def get_response_template(processor, config):
+        template = template_of(processor, config)
+        return template_without_tool_calls(template) if request_options.get().get("no_tool_calls") else template
+
+    get_response_template._no_tool_calls_when_none = True
+    utils.get_response_template = get_response_template
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -956,7 +956,7 @@ def test_serve_model_merged_completions_and_responses_answer_as_chat_does(served
     bad = {"/v1/completions": (({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": ""}, "prompt"),
                                ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "stop": 5}, "stop"),
                                ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"), ({"prompt": long_text}, "prompt"),
-                               ({"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"), ({"prompt": "hi", "no_such_field": 1}, None),
+                               ({"prompt": "hi", "logit_bias": {"99999999": 5}}, "logit_bias"), ({"prompt": "hi", "no_such_field": 1}, "no_such_field"),
                                ({"prompt": "hi", "logit_bias": {str(vocab): 5}, "stream": True}, "logit_bias"),
                                ({"prompt": "hi", "max_tokens": limit}, "max_tokens"), ({"prompt": "hi", "suffix": 5}, "suffix"),
                                ({"prompt": "hi", "n": 2}, "n"), ({"prompt": "hi", "best_of": 3}, "best_of")),
@@ -2354,9 +2354,12 @@ def test_request_problem_refuses_a_field_serve_ignores_that_asks_for_another_ans
 
     from tasks.export import IGNORED_FIELDS, request_problem
 
+    from tasks.export import known_fields
+
     unused = {"chat": UNUSED_CHAT_COMPLETION_FIELDS, "completion": UNUSED_LEGACY_COMPLETION_FIELDS, "response": UNUSED_RESPONSE_FIELDS}
     for kind, fields in IGNORED_FIELDS.items():
-        assert set(fields) <= unused[kind], kind  # why: serve ignores each
+        assert {f for f, spec in fields.items() if not spec.why} <= unused[kind] | {"verbosity", "reasoning"}, kind  # why: serve ignores each
+        assert set(fields) <= known_fields(kind), kind  # each one of OpenAI's
     prompt = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completion": {"prompt": "hi"}, "response": {"input": "hi"}}
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     for kind, field, value in (("chat", "response_format", {"type": "json_object"}), ("chat", "tool_choice", "required"),
@@ -2378,33 +2381,64 @@ def test_request_problem_refuses_a_field_serve_ignores_that_asks_for_another_ans
         assert request_problem(kind, {**prompt[kind], **body}) is None, (kind, body)
 
 
-def test_request_problem_takes_tool_choice_none_without_tools_and_refuses_it_with_tools():
-    """A review: tool_choice "none" (function_call "none", its older name) with no tools asks for the plain text serve
-    answers, yet it was a 400 ("ignores tool_choice"): a false refusal of what LangChain's bind_tools(tool_choice="none")
-    or a client's fixed "none" sends. With tools (or functions) sent, serve would still show them and might answer a
-    tool call: that stays a 400 naming the field."""
-    from tasks.export import request_problem
+def test_request_problem_takes_tool_choice_none_with_or_without_tools_and_leaves_the_tools_out():
+    """tool_choice "none" (function_call "none", its older name) asks for a message, not a tool call. Without tools it
+    was a 400 (a first review); with tools (what LangChain's bind_tools(tool_choice="none") sends) it still was ("ignores
+    tool_choice", a second review, 2026-12-06). Both are now taken: tools_left_out serves the request without its tools
+    (the model sees none, as OpenAI's "none" means). Malformed tools are still refused; "required" still is."""
+    from tasks.export import request_problem, tools_left_out
 
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     chat, response = {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}
     for kind, body in (("chat", {**chat, "tool_choice": "none"}), ("chat", {**chat, "function_call": "none"}),
-                       ("chat", {**chat, "tool_choice": "none", "tools": []}), ("response", {**response, "tool_choice": "none"})):
+                       ("chat", {**chat, "tool_choice": "none", "tools": []}), ("response", {**response, "tool_choice": "none"}),
+                       ("chat", {**chat, "tool_choice": "none", "tools": [tool]}),
+                       ("chat", {**chat, "function_call": "none", "functions": [tool["function"]]}),
+                       ("response", {**response, "tool_choice": "none", "tools": [{"type": "function", "name": "f"}]})):
         assert request_problem(kind, body) is None, (kind, body)
-    for kind, body, field in (("chat", {**chat, "tool_choice": "none", "tools": [tool]}, "tool_choice"),
-                              ("chat", {**chat, "function_call": "none", "functions": [tool["function"]]}, "functions"),
-                              ("response", {**response, "tool_choice": "none", "tools": [{"type": "function", "name": "f"}]}, "tool_choice")):
+        served = tools_left_out(body)
+        assert "tools" not in served and "functions" not in served and (served.get("messages") or served.get("input")), served
+    assert tools_left_out({**chat, "tool_choice": "auto", "tools": [tool]})["tools"] == [tool]
+    for kind, body, field in (("chat", {**chat, "tool_choice": "none", "tools": "abc"}, "tools"),
+                              ("chat", {**chat, "tool_choice": "required", "tools": [tool]}, "tool_choice"),
+                              ("chat", {**chat, "function_call": "auto", "functions": [tool["function"]]}, "functions")):
         message, got = request_problem(kind, body)
-        assert got == field and "ignores" in message and "\n" not in message, (kind, body, message)
+        assert got == field and "\n" not in message, (kind, body, message)
 
 
-def test_serve_model_merged_answers_tool_choice_none_without_tools(served_r1):
-    """The served chat and responses endpoints, streamed or not: tool_choice "none" with no tools is answered (a 400
-    before)."""
+def test_template_without_tool_calls_keeps_a_call_like_answer_as_its_text(own_published):
+    """With tool_choice "none" no tool call is parsed from the answer: serve's response template (Qwen's here, on the
+    tiny run's tokenizer) without its tool_calls field reads the call's markup as the answer's text."""
+    from transformers import AutoTokenizer
+    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+
+    from tasks.export import template_without_tool_calls
+
+    tok = AutoTokenizer.from_pretrained(own_published[2] / "merged")
+    qwen = next(t for types, t in _RESPONSE_TEMPLATE_FALLBACKS.items() if "qwen2" in types)
+    answer = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+    ids = tok.encode(answer, add_special_tokens=False)
+    assert tok.parse_response(ids, qwen, prefix=[])["tool_calls"]  # what "auto" parses
+    parsed = tok.parse_response(ids, template_without_tool_calls(qwen), prefix=[])
+    assert "tool_calls" not in parsed and parsed["content"] == answer, parsed
+    assert "tool_calls" in qwen["fields"] and template_without_tool_calls(None) is None
+
+
+def test_serve_model_merged_answers_tool_choice_none_with_or_without_tools(served_r1):
+    """The served chat and responses endpoints, streamed or not: tool_choice "none" is answered, without tools (a 400
+    before a first review) and with them (a 400 before a second one; the tiny run's template renders no tools, so with
+    the tools shown it would be a 400 naming tools: they were left out)."""
     pub, base = served_r1
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    messages = [{"role": "user", "content": "hi"}]
     for stream in (False, True):
-        for url, body in ((f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tool_choice": "none"}),
-                          (f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "function_call": "none"}),
-                          (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2, "tool_choice": "none"})):
+        for url, body in ((f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 2, "tool_choice": "none"}),
+                          (f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 2, "function_call": "none"}),
+                          (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2, "tool_choice": "none"}),
+                          (f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 2, "tool_choice": "none",
+                                                           "tools": [{"type": "function", "function": function}]}),
+                          (f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 2, "function_call": "none", "functions": [function]}),
+                          (f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2, "tool_choice": "none", "tools": [{"type": "function", **function}]})):
             code, answer = _request(url, {**body, "stream": stream})
             assert code == 200 and '"error"' not in answer, (url, body, code, answer[:300])
 
@@ -2607,3 +2641,199 @@ def test_serve_model_merged_refuses_tools_its_chat_template_does_not_render(serv
             assert code == 400 and error["param"] == "tools" and "renders no tools" in error["message"], (url, code, answer[:300])
             code, answer = _request(url, {**{k: v for k, v in body.items() if k != "tools"}, "stream": stream})
             assert code == 200 and '"error"' not in answer, (url, code, answer[:300])
+
+
+def test_request_problem_accepts_include_reasoning_encrypted_content_and_refuses_what_it_would_drop():
+    """A review: a stateless Responses client (the OpenAI Agents SDK with store=false) sends include
+    ["reasoning.encrypted_content"], which was a 400; the model does no reasoning, so there is nothing to include and it
+    is taken. Each other value of OpenAI's API asks for output this server does not give (log probabilities, tool
+    results, image URLs) and stays a 400 naming include, as does a value of the wrong type."""
+    from typing import get_args
+
+    from openai.types.responses.response_includable import ResponseIncludable
+
+    from tasks.export import INCLUDE_NOTHING_TO_ADD, request_problem
+
+    assert set(INCLUDE_NOTHING_TO_ADD) <= set(get_args(ResponseIncludable))  # OpenAI's own names
+    for include in ([], ["reasoning.encrypted_content"]):
+        assert request_problem("response", {"input": "hi", "include": include, "store": False}) is None, include
+    for value in get_args(ResponseIncludable):
+        if value not in INCLUDE_NOTHING_TO_ADD:
+            message, field = request_problem("response", {"input": "hi", "include": ["reasoning.encrypted_content", value]})
+            assert field == "include" and "is not supported" in message and "\n" not in message, (value, message)
+    for bad in ("reasoning.encrypted_content", [1], {"a": 1}):
+        message, field = request_problem("response", {"input": "hi", "include": bad})
+        assert field == "include" and message.startswith("include must be a list of strings"), (bad, message)
+
+
+def test_request_problem_refuses_a_value_of_the_wrong_type_naming_the_field_and_its_type():
+    """A review: a field serve ignores passed whenever its value was in one list of "as answered" values, whatever its
+    type: `logprobs: "auto"`, `presence_penalty: []`, `echo: 0` were answered with a 200 (and `"stream": "false"`
+    streamed). Each is now a 400 naming the field and the type OpenAI's API gives it."""
+    from tasks.export import request_problem
+
+    prompt = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completion": {"prompt": "hi"}, "response": {"input": "hi"}}
+    for kind, field, value, expected in (("chat", "logprobs", "auto", "true or false"), ("chat", "presence_penalty", [], "a number"),
+                                         ("chat", "top_logprobs", "0", "an integer"), ("chat", "modalities", "text", "a list of strings"),
+                                         ("chat", "response_format", "text", "an object"), ("chat", "tool_choice", 0, '"none", "auto"'),
+                                         ("chat", "function_call", [], '"none", "auto"'), ("chat", "audio", "", "an object"),
+                                         ("chat", "parallel_tool_calls", "false", "true or false"), ("chat", "reasoning_effort", "max", '"none" or'),
+                                         ("chat", "prediction", "abc", "an object"), ("chat", "web_search_options", [], "an object"),
+                                         ("completion", "echo", 0, "true or false"), ("completion", "presence_penalty", "0", "a number"),
+                                         ("completion", "logprobs", True, "an integer"), ("response", "background", "no", "true or false"),
+                                         ("response", "text", "plain", "an object"), ("response", "max_tool_calls", 0, "an integer >= 1"),
+                                         ("response", "truncation", "sometimes", '"auto" or "disabled"'), ("response", "reasoning", "none", "an object"),
+                                         ("completion", "stream", "false", "true or false"), ("response", "store", "no", "true or false"),
+                                         ("chat", "stream_options", True, "an object")):
+        message, got = request_problem(kind, {**prompt[kind], field: value})
+        assert got == field and message.startswith(f"{field} must be {expected}") and "\n" not in message, (kind, field, value, message)
+
+
+def test_request_problem_decides_each_field_that_asked_for_another_answer_silently():
+    """A review listed fields still answered as if not sent while asking for another answer. Each is decided: refused
+    (400 naming it) when it asks for what this server cannot give — one tool call at most (parallel_tool_calls false,
+    with tools shown), a web search, reasoning effort, a stored conversation, another verbosity — and taken when it asks
+    for nothing more: a prediction (it only speeds generation up), max_tool_calls (it limits OpenAI's built-in tools,
+    refused here), truncation (a prompt that does not fit is refused naming it), reasoning "none"."""
+    from tasks.export import request_problem
+
+    chat, response = {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for kind, body, field in (("chat", {**chat, "tools": [tool], "parallel_tool_calls": False}, "parallel_tool_calls"),
+                              ("response", {**response, "tools": [{"type": "function", "name": "f"}], "parallel_tool_calls": False}, "parallel_tool_calls"),
+                              ("chat", {**chat, "web_search_options": {}}, "web_search_options"),
+                              ("chat", {**chat, "reasoning_effort": "high"}, "reasoning_effort"),
+                              ("response", {**response, "reasoning": {"effort": "low"}}, "reasoning"),
+                              ("response", {**response, "conversation": "conv_1"}, "conversation"),
+                              ("chat", {**chat, "verbosity": "low"}, "verbosity"),
+                              ("response", {**response, "text": {"verbosity": "high"}}, "text")):
+        message, got = request_problem(kind, body)
+        assert got == field and "is not supported" in message and "\n" not in message, (body, message)
+    for kind, body in (("chat", {**chat, "parallel_tool_calls": False}), ("chat", {**chat, "tools": [tool], "tool_choice": "none", "parallel_tool_calls": False}),
+                       ("chat", {**chat, "tools": [tool], "parallel_tool_calls": True}), ("chat", {**chat, "reasoning_effort": "none"}),
+                       ("chat", {**chat, "prediction": {"type": "content", "content": "Hello"}}), ("chat", {**chat, "verbosity": "medium"}),
+                       ("chat", {**chat, "web_search_options": None}), ("response", {**response, "max_tool_calls": 3}),
+                       ("response", {**response, "truncation": "auto"}), ("response", {**response, "truncation": "disabled"}),
+                       ("response", {**response, "reasoning": {"effort": "none", "summary": "auto"}}), ("response", {**response, "reasoning": {}})):
+        assert request_problem(kind, body) is None, body
+
+
+def test_serve_model_merged_answers_or_refuses_each_decided_field_naming_it(served_r1):
+    """The served endpoints, streamed or not, on the fields above: a wrong type, a field asking for what this server
+    cannot give, an include value it would drop are 400s naming the field (each was a 200); include
+    ["reasoning.encrypted_content"] with store false is answered (a 400 before), as are prediction, max_tool_calls and
+    truncation "auto"; with truncation "auto" a request that does not fit the context is a 400 naming truncation."""
+    pub, base = served_r1
+    chat, responses = f"{base}/v1/chat/completions", f"{base}/v1/responses"
+    limit = json.loads((pub / "merged" / "config.json").read_text())["max_position_embeddings"]
+    messages = [{"role": "user", "content": "hi"}]
+    for stream in (False, True):
+        for url, body, field in ((chat, {"messages": messages, "logprobs": "auto"}, "logprobs"),
+                                 (chat, {"messages": messages, "presence_penalty": []}, "presence_penalty"),
+                                 (chat, {"messages": messages, "web_search_options": {}}, "web_search_options"),
+                                 (chat, {"messages": messages, "reasoning_effort": "high"}, "reasoning_effort"),
+                                 (responses, {"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+                                 (responses, {"input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
+                                 (responses, {"input": "hi", "truncation": "auto", "max_output_tokens": limit}, "truncation")):
+            code, answer = _request(url, {"max_tokens" if url == chat else "max_output_tokens": 2, **body, "stream": stream})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == field and "\n" not in error["message"], (body, stream, code, answer[:300])
+        for url, body in ((responses, {"input": "hi", "include": ["reasoning.encrypted_content"], "store": False}),
+                          (responses, {"input": "hi", "max_tool_calls": 1, "truncation": "auto", "reasoning": {"effort": "none"}}),
+                          (chat, {"messages": messages, "prediction": {"type": "content", "content": "hi"}, "parallel_tool_calls": False})):
+            code, answer = _request(url, {"max_tokens" if url == chat else "max_output_tokens": 2, **body, "stream": stream})
+            assert code == 200 and '"error"' not in answer, (body, stream, code, answer[:300])
+
+
+def test_serve_model_merged_names_an_unknown_field_on_every_endpoint(served_r1):
+    """A review: an unknown field was a 400 whose message was serve's Python set ("Unexpected fields in the request:
+    {'no_such_field'}") and whose param was null, on /v1/responses as on the others. It now names the field in both."""
+    pub, base = served_r1
+    for stream in (False, True):
+        for path, body in (("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                           ("completions", {"prompt": "hi", "max_tokens": 2}), ("responses", {"input": "hi", "max_output_tokens": 2})):
+            code, answer = _request(f"{base}/v1/{path}", {**body, "no_such_field": 1, "stream": stream})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == "no_such_field" and error["message"].startswith("no_such_field is not a field"), (path, code, answer[:300])
+
+
+def test_request_problem_refuses_an_empty_content_list_and_a_malformed_function_call():
+    """A review: a user message with "content": [] was answered (the template rendered an empty turn), where OpenAI's API
+    refuses it; it is now a 400 naming messages[i].content (input[i].content on Responses). An assistant turn's legacy
+    function_call was not checked at all: one that is no {name, arguments as JSON} is a 400 naming it. A refusal part
+    is only an assistant's."""
+    from tasks.export import request_problem
+
+    user = {"role": "user", "content": "hi"}
+    for kind, body, field in (("chat", {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+                              ("chat", {"messages": [user, {"role": "assistant", "content": []}]}, "messages[1].content"),
+                              ("response", {"input": [{"role": "user", "content": []}]}, "input[0].content"),
+                              ("chat", {"messages": [user, {"role": "assistant", "content": None, "function_call": {"name": "f"}}]}, "messages[1].function_call"),
+                              ("chat", {"messages": [user, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{x"}}]},
+                               "messages[1].function_call"),
+                              ("chat", {"messages": [user, {"role": "assistant", "content": None, "function_call": "f"}]}, "messages[1].function_call"),
+                              ("chat", {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}]}, "messages[0].content[0]"),
+                              ("chat", {"messages": [user, {"role": "assistant", "content": [{"type": "refusal"}]}]}, "messages[1].content[0].refusal")):
+        message, got = request_problem(kind, body)
+        assert got == field and "\n" not in message, (body, message)
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    for messages in ([user, {"role": "assistant", "content": [], "tool_calls": calls}],
+                     [user, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}, {"role": "function", "name": "f", "content": "1"}],
+                     [user, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}, user]):
+        assert request_problem("chat", {"messages": messages}) is None, messages
+
+
+def test_history_as_served_reads_a_refusal_as_text_and_a_legacy_function_call_as_a_tool_call():
+    """An assistant turn's refusal part (OpenAI's answer when its model declined) was a 400 ("cannot read"); it is the
+    assistant's text. The pre-tools API's function_call (and its `function` result) reached the chat template as an
+    empty turn, serve reading tool_calls only; it is a tool call with its result, so a template renders it or the
+    request is refused (ToolsNotRendered), as a history's tool_calls are."""
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import history_as_served, response_input_as_system
+
+    user = {"role": "user", "content": "hi"}
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}
+    served = BaseHandler.get_processor_inputs_from_messages(history_as_served([user, refused, user]), Modality.LLM)
+    assert served[1] == {"role": "assistant", "content": "I can't help with that."}, served
+    call = {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    result = {"role": "function", "name": "get_weather", "content": "20C"}
+    got = history_as_served([user, call, result])
+    assert got[1]["tool_calls"] == [{"id": "call_function_1", "type": "function", "function": call["function_call"]}] and "function_call" not in got[1]
+    assert got[2] == {"role": "tool", "tool_call_id": "call_function_1", "content": "20C"}, got
+    items = response_input_as_system([user, {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}])
+    assert items[1]["content"] == [{"type": "output_text", "text": "No."}], items
+
+
+def test_serve_model_merged_refuses_an_empty_content_and_reads_refusals_and_function_calls(served_r1):
+    """The served chat endpoint, streamed or not: "content": [] is a 400 naming messages[0].content (a 200 before); an
+    assistant refusal part is answered, its prompt the same as with the refusal sent as text (a 400 before); a legacy
+    function_call is a 400 naming messages on the tiny run's template, which renders no tool calls (a 200 with an empty
+    turn before), and is rendered as the same tool call by a template that renders them."""
+    pub, base = served_r1
+    url = f"{base}/v1/chat/completions"
+    user = {"role": "user", "content": "Weather in Paris?"}
+    for stream in (False, True):
+        code, answer = _request(url, {"messages": [{"role": "user", "content": []}], "max_tokens": 2, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "messages[0].content", (code, answer[:300])
+        code, answer = _request(f"{base}/v1/responses", {"input": [{"role": "user", "content": []}], "max_output_tokens": 2, "stream": stream})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "input[0].content", (code, answer[:300])
+        call = {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}}
+        code, answer = _request(url, {"messages": [user, call, {"role": "function", "name": "get_weather", "content": "20C"}], "max_tokens": 2, "stream": stream})
+        error = json.loads(answer)["error"] if code == 400 else {}
+        assert error.get("param") == "messages" and "function_call" in error["message"], (code, answer[:300])
+    tokens = {}
+    for name, content in (("refusal", [{"type": "refusal", "refusal": "I can't help with that."}]), ("text", "I can't help with that.")):
+        code, answer = _request(url, {"messages": [user, {"role": "assistant", "content": content}, user], "max_tokens": 1})
+        assert code == 200, answer
+        tokens[name] = json.loads(answer)["usage"]["prompt_tokens"]
+    assert tokens["refusal"] == tokens["text"], tokens
+    renders = ("{% for m in messages %}<{{ m.role }}>{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}"
+               "{{ c.function.arguments }}{% endfor %}{{ m.content if m.content is string else '' }}</s>{% endfor %}<assistant>")
+    tool_calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
+    for name, turns in (("function_call", [call, {"role": "function", "name": "get_weather", "content": "20C"}]),
+                        ("tool_calls", [{"role": "assistant", "content": None, "tool_calls": tool_calls}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}])):
+        code, answer = _request(url, {"messages": [user, *turns], "max_tokens": 1, "chat_template_kwargs": {"chat_template": renders}})
+        assert code == 200, answer
+        tokens[name] = json.loads(answer)["usage"]["prompt_tokens"]
+    assert tokens["function_call"] == tokens["tool_calls"], tokens
