@@ -1005,7 +1005,8 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
     if role not in CHAT_ROLES:
         return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r:.40}", f"messages[{i}].role"
     calls = role == "assistant" and (message.get("tool_calls") or message.get("function_call"))
-    if (content is None or content == []) and not calls:
+    declined = role == "assistant" and content is None and isinstance(message.get("refusal"), str)  # refusal_as_text
+    if (content is None or content == []) and not calls and not declined:
         needs = "content (or tool_calls)" if role == "assistant" else "content"
         return (f"messages[{i}] (role {role!r}) has no {needs}" + (" (an empty list)" if content == [] else "") +
                 ": send a string or a list of text parts"), f"messages[{i}].content"
@@ -1056,16 +1057,25 @@ def refusals_as_text(content: Any, text_type: str = "text") -> Any:
     return [{"type": text_type, "text": p["refusal"]} if isinstance(p, dict) and p.get("type") == "refusal" else p for p in content]
 
 
+def refusal_as_text(message: dict) -> Any:
+    """An assistant turn's content, or its `refusal` when it has none: OpenAI's chat API answers a declined request
+    with content null and the words in `refusal`, and a client sends that answer back as it came (the openai
+    package's message). serve reads content only: it was a 400 ("has no content"; a review of served-fields)."""
+    content = message.get("content")
+    return message["refusal"] if content is None and isinstance(message.get("refusal"), str) else content
+
+
 def history_as_served(messages: list[dict]) -> list[dict]:
     """A chat's `messages` as transformers serve reads them: developer turns as system ones (developer_as_system),
-    refusal parts as text (refusals_as_text), and the pre-tools API's assistant `function_call` as a tool call, its
-    `function` result as that call's `tool` result. serve reads tool_calls only: a function_call turn reached the chat
-    template empty, with a 200 (a review, 2026-12-06); as a tool call, a template that renders tool calls renders it and
-    one that does not is refused (ToolsNotRendered), as a history's tool_calls are."""
+    a declined turn's refusal and refusal parts as text (refusal_as_text, refusals_as_text), and the pre-tools API's
+    assistant `function_call` as a tool call, its `function` result as that call's `tool` result. serve reads
+    tool_calls only: a function_call turn reached the chat template empty, with a 200 (a review, 2026-12-06); as a tool
+    call, a template that renders tool calls renders it and one that does not is refused (ToolsNotRendered), as a
+    history's tool_calls are."""
     served, call_id = [], None
     for i, m in enumerate(developer_as_system(messages)):
         if m.get("role") == "assistant":
-            m = {**m, "content": refusals_as_text(m.get("content"))}
+            m = {**m, "content": refusals_as_text(refusal_as_text(m))}
             if m.get("function_call") is not None:
                 call_id = f"call_function_{i}"
                 call = {"id": call_id, "type": "function", "function": dict(m["function_call"])}

@@ -2837,3 +2837,25 @@ def test_serve_model_merged_refuses_an_empty_content_and_reads_refusals_and_func
         assert code == 200, answer
         tokens[name] = json.loads(answer)["usage"]["prompt_tokens"]
     assert tokens["function_call"] == tokens["tool_calls"], tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Review of served-fields (2026-12-06): what real clients send that was still refused or misread.
+
+
+def test_an_assistant_turn_s_refusal_field_is_its_text():
+    """OpenAI's chat API answers a declined request with a message whose content is null and whose `refusal` holds the
+    words; a client that sends the answer back in its history (the openai package's message, as it came) got a 400:
+    "has no content". Such a turn is read as the refusal's text, as a refusal part is."""
+    from transformers.cli.serving.utils import BaseHandler, Modality
+
+    from tasks.export import history_as_served, request_problem
+
+    user = {"role": "user", "content": "hi"}
+    declined = {"role": "assistant", "content": None, "refusal": "I can't help with that.", "tool_calls": None, "function_call": None}
+    assert request_problem("chat", {"messages": [user, declined, user]}) is None
+    served = BaseHandler.get_processor_inputs_from_messages(history_as_served([user, declined, user]), Modality.LLM)
+    assert served[1] == {"role": "assistant", "content": "I can't help with that."}, served
+    for turn, field in (({"role": "assistant", "content": None, "refusal": 5}, "messages[1].content"),
+                        ({"role": "user", "content": None, "refusal": "No."}, "messages[1].content")):
+        assert request_problem("chat", {"messages": [user, turn]})[1] == field, turn
