@@ -1658,6 +1658,14 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     return None
 
 
+def nulls_left_out(body: dict) -> dict:
+    """The request without its fields sent as null: OpenAI's API reads null as not sent (the openai package sends it for
+    a keyword given None). serve read some as their value: Responses `"parallel_tool_calls": null` went into its
+    Response object, a 400 naming no field ("malformed request: ValidationError"), and streamed, a 200 with an empty
+    stream and a traceback (a review of served-fields). request_problem reads null as not sent already."""
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def tools_left_out(body: dict) -> dict:
     """The request without its tools (and the older functions) when tool_choice (function_call) is "none": OpenAI's
     model then sees no tool to call and answers with a message. transformers serve ignores tool_choice: it showed the
@@ -2267,7 +2275,7 @@ def answer_as_openai_does() -> None:
             problem = request_problem(kind, body)
             if problem:
                 return openai_error(*problem)
-            body = tools_left_out(dict(body))
+            body = tools_left_out(nulls_left_out(body))
             if kind == "chat":
                 body["messages"] = history_as_served(body["messages"])
             elif kind == "response":

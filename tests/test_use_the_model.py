@@ -2859,3 +2859,28 @@ def test_an_assistant_turn_s_refusal_field_is_its_text():
     for turn, field in (({"role": "assistant", "content": None, "refusal": 5}, "messages[1].content"),
                         ({"role": "user", "content": None, "refusal": "No."}, "messages[1].content")):
         assert request_problem("chat", {"messages": [user, turn]})[1] == field, turn
+
+
+def test_serve_model_merged_reads_null_fields_as_not_sent_streamed_or_not(served_r1):
+    """OpenAI's API reads an optional field sent as null as not sent (the openai package sends null for a keyword
+    given None). Responses `"parallel_tool_calls": null` reached serve, which builds its Response object with it: a
+    400 naming no field ("malformed request: ValidationError"), and streamed a 200 whose stream was empty, a traceback
+    in the server's log. Each endpoint, with every optional field of OpenAI's API (the openai package's request types)
+    null at once, is answered."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+    from openai.types.responses import response_create_params
+
+    def fields(params) -> set[str]:
+        return {f for cls in params.__mro__ for f in getattr(cls, "__annotations__", {})}
+
+    pub, base = served_r1
+    for path, params, body in (("chat/completions", chat_create_params.CompletionCreateParamsBase, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                               ("completions", completion_create_params.CompletionCreateParamsBase, {"prompt": "hi", "max_tokens": 2}),
+                               ("responses", response_create_params.ResponseCreateParamsBase, {"input": "hi", "max_output_tokens": 2})):
+        nulls = {f: None for f in fields(params) - set(body) - {"stream"}}
+        assert "parallel_tool_calls" in nulls or path == "completions", sorted(nulls)
+        for stream in (False, True):
+            code, answer = _request(f"{base}/v1/{path}", {**body, **nulls, "stream": stream})
+            ended = "[DONE]" in answer or "response.incomplete" in answer or "response.completed" in answer
+            assert code == 200 and '"error"' not in answer and (ended or not stream), (path, stream, code, answer[:300])
