@@ -1636,7 +1636,9 @@ def tools_problem(kind: str, tools: Any) -> tuple[str, str] | None:
 # Fields that change nothing in the answer's text but are read as their type: `"stream": "false"` (a string) streamed
 FIELD_TYPES = {"stream": ("true or false", bool), "store": ("true or false", bool), "stream_options": ("an object", dict),
                "metadata": ("an object", dict), "user": ("a string", str), "service_tier": ("a string", str),
-               "safety_identifier": ("a string", str), "prompt_cache_key": ("a string", str)}
+               "safety_identifier": ("a string", str), "prompt_cache_key": ("a string", str),
+               # serve's own (chat): "x" was a 400 naming no field ("TypeError: 'str' object is not a mapping")
+               "chat_template_kwargs": ("an object", dict)}
 
 
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:

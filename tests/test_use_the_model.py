@@ -2884,3 +2884,14 @@ def test_serve_model_merged_reads_null_fields_as_not_sent_streamed_or_not(served
             code, answer = _request(f"{base}/v1/{path}", {**body, **nulls, "stream": stream})
             ended = "[DONE]" in answer or "response.incomplete" in answer or "response.completed" in answer
             assert code == 200 and '"error"' not in answer and (ended or not stream), (path, stream, code, answer[:300])
+
+
+def test_request_problem_names_chat_template_kwargs_of_the_wrong_type():
+    """`"chat_template_kwargs": "x"` was a 400 naming no field ("malformed request: TypeError: 'str' object is not a
+    mapping"): it is an object, named as the other fields of the wrong type are."""
+    from tasks.export import request_problem
+
+    for value in ("x", [1], True):
+        message, field = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": value})
+        assert field == "chat_template_kwargs" and message.startswith("chat_template_kwargs must be an object"), message
+    assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {}}) is None
