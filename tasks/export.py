@@ -1672,8 +1672,8 @@ def tools_left_out(body: dict) -> dict:
     """The request without its tools (and the older functions) when tool_choice (function_call) is "none": OpenAI's
     model then sees no tool to call and answers with a message. transformers serve ignores tool_choice: it showed the
     model the tools, and parsed a tool call from its answer (a 400 here before; LangChain sends "none" with its
-    tools). Without them the chat template renders none, and `tool_calls_not_parsed` keeps any call-like text of the
-    answer as its text. Any other request is returned as it is."""
+    tools). Without them the chat template renders none, and parse_no_tool_calls_without_tools keeps any call-like
+    text of the answer as its text. Any other request is returned as it is."""
     if "none" not in (body.get("tool_choice"), body.get("function_call")):
         return body
     return {k: v for k, v in body.items() if k not in ("tools", "functions")}
@@ -2189,9 +2189,9 @@ def answer_as_openai_does() -> None:
       says), each event named by an `event:` line, and without `"stream"` the answer is one JSON object (transformers
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
-    - tool_choice "none" is answered with a message: served without the tools, no tool call parsed from the answer
-      (tools_left_out, parse_no_tool_calls_when_none); an assistant's refusal part is its text, a legacy function_call
-      a tool call (history_as_served);
+    - tool_choice "none" is answered with a message: served without the tools (tools_left_out); no tool call is parsed
+      from the answer of a request that shows no tool (parse_no_tool_calls_without_tools); an assistant's refusal (part
+      or field) is its text, a legacy function_call a tool call (history_as_served);
     - a malformed request (no messages/prompt/input, an unknown field or one of the wrong type, both named, a `generation_config` that holds no
       JSON object, a setting not in ALLOWED_SETTINGS or out of its range, settings transformers refuses as generate()
       will run them (merged_settings_problem), beam search in a stream, a length limit
@@ -2288,7 +2288,7 @@ def answer_as_openai_does() -> None:
             options = {"stop": stops + [x for x in configured if x], "logit_bias": body.pop("logit_bias", None),
                        "stop_field": "stop" if stops else "generation_config", "generation_config": body.get("generation_config"),
                        "limit_field": next((f for f in LIMIT_FIELDS[kind] if body.get(f) is not None), None), "generating": False,
-                       "no_tool_calls": "none" in (body.get("tool_choice"), body.get("function_call")), "truncation": body.get("truncation")}
+                       "no_tool_calls": not _shows_tools(body), "truncation": body.get("truncation")}
             if self.model_manager.force_model is not None:
                 body["model"] = self.model_manager.force_model
             if kind == "response":
@@ -2424,25 +2424,28 @@ def answer_as_openai_does() -> None:
     for handler, kind in ((ChatCompletionHandler, "chat"), (CompletionHandler, "completion"), (ResponseHandler, "response")):
         if not handler.__dict__.get("_openai_conformant"):
             conform(handler, kind)
-    parse_no_tool_calls_when_none(request_options)
+    parse_no_tool_calls_without_tools(request_options)
 
 
-def parse_no_tool_calls_when_none(request_options) -> None:
-    """Make transformers serve (5.25 on) parse no tool call from the answer of a request whose tool_choice is "none"
-    (`request_options`' no_tool_calls): its response template, which both its stream parser and its whole-answer parser
-    read (get_response_template), without the tool_calls field. The model saw no tools (tools_left_out); a call-like
-    text it writes all the same is its answer's text, as OpenAI's "none" answers a message."""
+def parse_no_tool_calls_without_tools(request_options) -> None:
+    """Make transformers serve parse no tool call from the answer of a request that shows the model no tool
+    (`request_options`' no_tool_calls): none sent, or tool_choice "none" (tools_left_out). Its response template, which
+    both its stream parser and its whole-answer parser read (get_response_template; 5.17 and 5.25 alike, each calling
+    it from its own module), is read without the tool_calls field. A call-like text the model writes all the same is
+    its answer's text, as OpenAI's model, shown no tool, answers a message: serve parsed calls from every answer of a
+    model whose template reads them (Qwen's, Gemma's), a request without tools getting finish_reason "tool_calls" and
+    calls of a function it never declared (a review of served-fields). A transformers without it is left alone."""
     from transformers.cli.serving import utils
 
     template_of = getattr(utils, "get_response_template", None)
-    if template_of is None or getattr(template_of, "_no_tool_calls_when_none", False):
+    if template_of is None or getattr(template_of, "_no_tool_calls_without_tools", False):
         return
 
     def get_response_template(processor, config):
         template = template_of(processor, config)
         return template_without_tool_calls(template) if request_options.get().get("no_tool_calls") else template
 
-    get_response_template._no_tool_calls_when_none = True
+    get_response_template._no_tool_calls_without_tools = True
     utils.get_response_template = get_response_template
 
 

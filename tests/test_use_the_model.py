@@ -1459,21 +1459,27 @@ def test_serve_model_merged_refuses_a_seed_out_of_range_with_400_naming_it(serve
 def _copy_with_context(art: Path, pub: Path, copy: Path, context: int) -> Path:
     """A copy of the artifacts folder `art` whose published run's model has a context (max_position_embeddings) of
     `context` tokens, its MANIFEST updated to match: the copy's folder."""
-    import hashlib
     import shutil
 
     shutil.copytree(art, copy, symlinks=True)
     run = copy / pub.relative_to(art)
-    config_file = run / "merged" / "config.json"
-    config = json.loads(config_file.read_text())
-    config_file.unlink()  # a link into the cache, maybe: the copy gets a file of its own
-    config_file.write_text(json.dumps({**config, "max_position_embeddings": context}))
+    config = json.loads((run / "merged" / "config.json").read_text())
+    _replace_published_file(run, "merged/config.json", json.dumps({**config, "max_position_embeddings": context}))
+    return copy
+
+
+def _replace_published_file(run: Path, path: str, text: str) -> None:
+    """Write `text` as the file `path` of the published folder `run` (a copy), its MANIFEST entry updated to match."""
+    import hashlib
+
+    file = run / path
+    file.unlink()  # a link into the cache, maybe: the copy gets a file of its own
+    file.write_text(text)
     manifest = json.loads((run / "MANIFEST.json").read_text())
     for entry in manifest["files"]:
-        if entry["path"] == "merged/config.json":
-            entry.update(sha256=hashlib.sha256(config_file.read_bytes()).hexdigest(), bytes=config_file.stat().st_size)
+        if entry["path"] == path:
+            entry.update(sha256=hashlib.sha256(file.read_bytes()).hexdigest(), bytes=file.stat().st_size)
     (run / "MANIFEST.json").write_text(json.dumps(manifest))
-    return copy
 
 
 def test_serve_model_merged_without_a_length_limit_generates_to_the_end_of_the_context(own_published, tmp_path):
@@ -2895,3 +2901,58 @@ def test_request_problem_names_chat_template_kwargs_of_the_wrong_type():
         message, field = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": value})
         assert field == "chat_template_kwargs" and message.startswith("chat_template_kwargs must be an object"), message
     assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {}}) is None
+
+
+def _copy_whose_answers_hold_tool_calls(art: Path, pub: Path, copy: Path) -> Path:
+    """A copy of the artifacts folder `art` whose published run's model renders tools and tool calls (its chat template)
+    and whose tokenizer reads a tool call between two newlines of an answer (a response template, as Qwen's and Gemma's
+    tokenizers carry one): with a logit bias on the newline token its answers are tool calls. The copy's folder."""
+    import shutil
+
+    shutil.copytree(art, copy, symlinks=True)
+    run = copy / pub.relative_to(art)
+    template = ("{% if tools %}### Tools:\n{% for t in tools %}{{ t.function.name }}\n{% endfor %}\n{% endif %}"
+                "{% for m in messages %}### {{ m.role | capitalize }}:\n{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}{% endfor %}"
+                "{{ m.content if m.content is string else '' }}\n\n{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+    _replace_published_file(run, "merged/chat_template.jinja", template)
+    config = json.loads((run / "merged" / "tokenizer_config.json").read_text())
+    call = {"open": "\n", "close": "\n", "repeats": True, "content": "text",
+            "transform": {"type": "function", "function": {"name": "get_weather", "arguments": "{content}"}}}
+    config["response_template"] = {"defaults": {"role": "assistant"}, "start_anchor": "### Assistant:\n",
+                                   "fields": {"tool_calls": call, "content": {"content": "text"}}}
+    _replace_published_file(run, "merged/tokenizer_config.json", json.dumps(config))
+    return copy
+
+
+def test_serve_model_merged_parses_no_tool_call_from_an_answer_no_tool_was_shown_for(own_published, tmp_path):
+    """transformers serve parses tool calls from every answer of a model whose response template reads them (Qwen's,
+    Gemma's), whether the request sent tools or not: a request with no tools got finish_reason "tool_calls" and calls of
+    a function it never declared, which OpenAI's model, shown no tool, never answers (the Agents SDK fails on a call
+    of an unknown tool). Only tool_choice "none" was read so. Now no call is parsed where no tool reaches the model.
+    On a copy whose answers of newlines are tool calls: with tools shown they are, streamed or not; with none sent or
+    tool_choice "none" (checked here through a parsing template for the first time) they are not."""
+    import signal
+
+    from transformers import AutoTokenizer
+
+    cfg, art, pub, _ = own_published
+    (newline,) = AutoTokenizer.from_pretrained(pub / "merged").encode("\n", add_special_tokens=False)
+    proc, base = _start_serve_model(_copy_whose_answers_hold_tool_calls(art, pub, tmp_path / "art"), tmp_path / "serve.log")
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    asked = {"max_tokens": 4, "temperature": 0, "logit_bias": {str(newline): 100}, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for extra, calls in (({}, False), ({"tools": [{"type": "function", "function": function}]}, True),
+                             ({"tools": [{"type": "function", "function": function}], "tool_choice": "none"}, False)):
+            code, answer = _request(f"{base}/v1/chat/completions", {**asked, **extra})
+            choice = json.loads(answer)["choices"][0]
+            assert code == 200 and bool(choice["message"].get("tool_calls")) == calls, (extra, code, answer[:300])
+            assert (choice["finish_reason"] == "tool_calls") == calls, choice
+            chunks = [json.loads(d) for _, d in _sse(f"{base}/v1/chat/completions", {**asked, **extra}) if d != "[DONE]"]
+            assert any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks) == calls, (extra, chunks[:4])
+            response = {"input": "hi", "max_output_tokens": 4, "temperature": 0, "logit_bias": {str(newline): 100},
+                        **({"tools": [{"type": "function", **function}]} if "tools" in extra else {}), **({"tool_choice": "none"} if "tool_choice" in extra else {})}
+            code, answer = _request(f"{base}/v1/responses", response)
+            assert code == 200 and any(o["type"] == "function_call" for o in json.loads(answer)["output"]) == calls, (response, answer[:300])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
