@@ -488,8 +488,6 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
     ranks were killed: they lived on. Here the Ctrl-C lands just after the ranks were listed, before any kill."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from tasks.engine import launch
 
@@ -497,13 +495,8 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
     # non-interactive shell inherits SIGINT ignored, and Python then installs no handler (the fresh-clone run of
     # 2026-12-06 16:27 failed here: SIG_IGN before the test began, so the third Ctrl-C proved nothing either)
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    # torchrun's shape: a parent, and a child in a session of its own (a rank)
-    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600'], start_new_session=True); "
-                             "time.sleep(600)"])
-    rank = []
+    proc, rank = _torchrun_shaped()
     try:
-        while not rank and proc.poll() is None:
-            rank = launch._descendants(proc.pid)
         listed = launch._descendants
 
         def listed_then_ctrl_c(pid):
@@ -512,7 +505,7 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
             return found
 
         monkeypatch.setattr(launch, "_descendants", listed_then_ctrl_c)
-        launch._kill_with_its_ranks(proc)
+        launch._kill_with_its_ranks(proc, "train", print)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after the kill
     finally:
         signal.signal(signal.SIGINT, outer)
@@ -521,6 +514,61 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
             os.kill(pid, signal.SIGKILL)
         proc.wait()
     assert rank and left == [], (rank, left)
+
+
+def _torchrun_shaped():
+    """torchrun's shape: a parent, and a child in a session of its own (a rank). Returns the parent and the child's pid."""
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '600'], start_new_session=True); "
+                             "time.sleep(600)"])
+    rank = []
+    while not rank and proc.poll() is None:
+        rank = launch._descendants(proc.pid)
+    return proc, rank
+
+
+def test_a_kill_that_leaves_a_process_stuck_in_the_kernel_names_it_and_gives_ctrl_c_back(monkeypatch):
+    """A process stuck in the kernel (uninterruptible sleep, the GPU driver) outlives its SIGKILL until the kernel call
+    returns, maybe for good: the kill waited for torchrun with no limit and Ctrl-C ignored, so the terminal stayed deaf.
+    Here SIGKILL misses torchrun and its rank, as it misses such a process: the kill gives up after its wait, names
+    them with the command that shows their state, and Ctrl-C works again."""
+    import os
+    import signal
+
+    from tasks.engine import launch
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    proc, rank = _torchrun_shaped()
+    logs: list[str] = []
+
+    def still_waiting(signum, frame):
+        raise TimeoutError("the kill still waited for torchrun 60 s later")
+
+    alarm = signal.signal(signal.SIGALRM, still_waiting)
+    try:
+        monkeypatch.setattr(launch, "KILL_WAIT_S", 1)
+        monkeypatch.setattr(launch.os, "kill", lambda pid, sig: None)  # sent, and nothing happens
+        monkeypatch.setattr(proc, "kill", lambda: None)
+        signal.alarm(60)
+        launch._kill_with_its_ranks(proc, "train", logs.append)
+        signal.alarm(0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        signal.signal(signal.SIGINT, outer)
+        monkeypatch.undo()
+        for pid in [proc.pid, *rank]:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    pids = ",".join(map(str, [proc.pid, *rank]))
+    assert len(logs) == 1 and "\n" not in logs[0], logs
+    assert logs[0].startswith(f"train: processes {pids} (torchrun and its ranks) were sent SIGKILL but had not ended 1 s later"), logs
+    assert f"Ctrl-C works again; see them with `ps -o pid,stat,cmd -p {pids}`" in logs[0], logs
 
 
 def test_the_probe_stage_stop_message_does_not_promise_a_checkpoint():

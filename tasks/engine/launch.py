@@ -104,7 +104,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         try:
             proc.wait(timeout=grace + 30)  # torchrun's own kill first
         except (KeyboardInterrupt, subprocess.TimeoutExpired) as e:
-            _kill_with_its_ranks(proc)
+            _kill_with_its_ranks(proc, stage, log_fn)
             log_fn(f"{stage}: stopped at once: {lost}" if isinstance(e, KeyboardInterrupt) else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         reader.join(timeout=5)
@@ -122,7 +122,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             try:
                 proc.wait(timeout=grace + 30)  # torchrun's own kill first
             except subprocess.TimeoutExpired:
-                _kill_with_its_ranks(proc)
+                _kill_with_its_ranks(proc, stage, log_fn)
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
@@ -166,10 +166,13 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
     return grace
 
 
-def _kill_with_its_ranks(proc: subprocess.Popen) -> None:
+def _kill_with_its_ranks(proc: subprocess.Popen, stage: str, log_fn: Callable[[str], None]) -> None:
     """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
     it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. Another
-    Ctrl-C meanwhile (the third) is ignored: it raised KeyboardInterrupt halfway, and the ranks not yet killed lived on."""
+    Ctrl-C meanwhile (the third) is ignored: it raised KeyboardInterrupt halfway, and the ranks not yet killed lived on.
+    The wait for them to go is KILL_WAIT_S: a process stuck in the kernel (uninterruptible sleep, STAT D: the GPU driver)
+    ends only when the kernel call returns, and an endless wait left the terminal deaf to Ctrl-C; those still there are
+    named in one line."""
     with _ctrl_c_ignored():
         under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
         proc.kill()
@@ -178,7 +181,33 @@ def _kill_with_its_ranks(proc: subprocess.Popen) -> None:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        proc.wait()
+        left = _still_there(proc, under, KILL_WAIT_S)
+    if left:
+        pids = ",".join(map(str, left))
+        log_fn(f"{stage}: processes {pids} (torchrun and its ranks) were sent SIGKILL but had not ended {KILL_WAIT_S} s later: "
+               f"stuck in the kernel, most often the GPU driver; they end when it returns (a GPU reset or a reboot if never). "
+               f"Ctrl-C works again; see them with `ps -o pid,stat,cmd -p {pids}` (STAT D: stuck in the kernel)")
+
+
+KILL_WAIT_S = 30  # how long the kill of torchrun and its ranks waits for them to go before it says which are left
+
+
+def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> list[int]:
+    """Of `proc` (reaped here) and `others` (not this process's children: read from /proc), those still running
+    after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    while any(map(running, others)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in [proc.pid] if proc.poll() is None] + [pid for pid in others if running(pid)]
 
 
 @contextlib.contextmanager
