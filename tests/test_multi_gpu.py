@@ -571,6 +571,66 @@ def test_a_kill_that_leaves_a_process_stuck_in_the_kernel_names_it_and_gives_ctr
     assert f"Ctrl-C works again; see them with `ps -o pid,stat,cmd -p {pids}`" in logs[0], logs
 
 
+# torchrun's shape for run_stage: "ready", then on SIGUSR1 what torchrun prints on a Ctrl-C, and the exit code of a stop
+_TORCHRUN_ON_A_STOP = """import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # for sigwait
+print("ready", flush=True)
+signal.sigwait([signal.SIGUSR1])
+print("W1206 torch/distributed/elastic/agent/server/api.py:753] Received Signals.SIGINT death signal, shutting down workers",
+      flush=True)
+sys.exit(1)
+"""
+
+
+def test_torchruns_lines_written_as_ctrl_c_lands_reach_the_output(monkeypatch, tmp_path):
+    """torchrun's "death signal" line did not reach the stage's output in 3 of 4 stuck-rank stops. The stage read torchrun's
+    output in its main thread, where the Ctrl-C raises KeyboardInterrupt; torchrun got the same Ctrl-C and wrote its line
+    before that thread ran again (2 busy cores, nice 19), so the read took the line from the pipe, and the exception,
+    raised at the first Python code after the read (the text decoder), dropped it. Here the moment is made certain: the
+    Ctrl-C is taken by another thread (the main one blocks SIGINT), so the main thread, waiting for the pipe, is not woken
+    by it, and torchrun writes its line after the Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tasks.engine import launch
+
+    ready, started, shown = threading.Event(), [], []
+    popen = subprocess.Popen
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_ON_A_STOP])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+
+    class Stderr:
+        def write(self, text):
+            shown.append(text)
+            if text == "ready\n":
+                ready.set()
+
+    def ctrl_c_then_torchrun_writes():
+        if ready.wait(timeout=120):  # the main thread is back in its read once it lets this thread run
+            os.kill(os.getpid(), signal.SIGINT)  # taken by this thread: the main one blocks SIGINT
+            started[0].send_signal(signal.SIGUSR1)
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    threading.Thread(target=ctrl_c_then_torchrun_writes, daemon=True).start()  # before the block: it takes SIGINT
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    monkeypatch.setattr(launch.sys, "stderr", Stderr())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+    finally:
+        monkeypatch.undo()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, outer)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert ready.is_set() and any("death signal" in text for text in shown), shown
+
+
 def test_the_probe_stage_stop_message_does_not_promise_a_checkpoint():
     """The probe's ranks save nothing when stopped; its stop message said "saves a checkpoint", as training's does."""
     from tasks.engine.launch import STOP_WORDS

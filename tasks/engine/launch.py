@@ -87,20 +87,18 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
 
-    def keep_reading() -> threading.Thread:
-        # While this thread waits for the stop: the ranks' "saved" lines still reach the log, and a full pipe never
-        # blocks torchrun's copying of them.
-        return read_in_background(proc.stdout, show)
-
+    # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
+    # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
+    # torchrun's "Received SIGINT death signal" line with them (3 of 4 runs of a stuck-rank stop). The thread also keeps
+    # the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
+    reader = read_in_background(proc.stdout, show)
     try:
-        for line in proc.stdout:
-            show(line)
         rc = proc.wait()
+        reader.join()  # the last lines, torchrun's failure summary among them
     except KeyboardInterrupt:
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
         stopping, lost = STOP_WORDS[stage]
         log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
-        reader = keep_reading()
         try:
             proc.wait(timeout=grace + 30)  # torchrun's own kill first
         except (KeyboardInterrupt, subprocess.TimeoutExpired) as e:
@@ -118,7 +116,6 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             signal.signal(sig, handler)
         if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
             proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
-            keep_reading()
             try:
                 proc.wait(timeout=grace + 30)  # torchrun's own kill first
             except subprocess.TimeoutExpired:
