@@ -483,37 +483,92 @@ def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(
     assert out.stdout.strip() == "9", (args[:torchrun], out)  # SIGKILL
 
 
-def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch):
-    """A Ctrl-C arriving while the second one's kill runs raised KeyboardInterrupt in it, before torchrun and its
-    ranks were killed: they lived on. Here the Ctrl-C lands just after the ranks were listed, before any kill."""
+# torchrun waiting on a stuck rank: the stop goes nowhere. Its rank is in a session of its own, as torchrun's are.
+_TORCHRUN_STUCK = """import signal, subprocess, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+subprocess.Popen(["sleep", "600"], start_new_session=True)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _stop_twice(monkeypatch, tmp_path):
+    """run_stage on _TORCHRUN_STUCK as torchrun, in this (main) thread with Python's own Ctrl-C handler, as in a terminal:
+    a Ctrl-C once it is ready, another once the stage says it is stopping. Returns the stage's log lines, what it raised,
+    the pids of torchrun and its rank, and SIGINT's handler once the stage had ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tasks.engine import launch
+
+    ready, stopping, started, pids, logs = threading.Event(), threading.Event(), [], [], []
+    popen, reading = subprocess.Popen, launch.read_in_background
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_STUCK])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+    monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, lambda line: line == "ready\n" and ready.set()))
+
+    def log(line: str) -> None:
+        logs.append(line)
+        if "stopping" in line:
+            stopping.set()
+
+    def ctrl_c_twice():
+        if ready.wait(timeout=120):
+            while not pids[1:] and started[0].poll() is None:
+                pids[:] = [started[0].pid, *launch._descendants(started[0].pid)]
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: to the process, so the main thread, waiting, takes it
+            if stopping.wait(timeout=120):
+                os.kill(os.getpid(), signal.SIGINT)  # the second
+
+    # Python's own Ctrl-C handler, whatever the suite started with: a suite started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then installs no handler (the fresh-clone run of 2026-12-06 16:27 failed
+    # there: SIG_IGN before the test began, so its Ctrl-Cs proved nothing)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    raised = None
+    try:
+        threading.Thread(target=ctrl_c_twice, daemon=True).start()
+        try:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, log)
+        except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
+            raised = e
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+        monkeypatch.undo()
+        left = _gone(pids, timeout=10)
+        for pid in left:  # the test's own cleanup
+            os.kill(pid, signal.SIGKILL)
+        for proc in started:
+            proc.wait()
+    return logs, raised, pids, left, after
+
+
+def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch, tmp_path):
+    """A Ctrl-C arriving while the second one's kill of torchrun and its ranks began raised KeyboardInterrupt before
+    they were killed: they lived on. The kill ignored Ctrl-C once it had begun, which left the instructions before that
+    (a review): here the third Ctrl-C lands at the kill's very first instruction. Now no Ctrl-C after the first raises
+    anything (the stage's handler only counts them), wherever it lands; Ctrl-C works again once the stage has ended.
+    """
     import os
     import signal
 
     from tasks.engine import launch
 
-    # Python's own Ctrl-C handler for this test, whatever the suite started with: a suite started in the background by a
-    # non-interactive shell inherits SIGINT ignored, and Python then installs no handler (the fresh-clone run of
-    # 2026-12-06 16:27 failed here: SIG_IGN before the test began, so the third Ctrl-C proved nothing either)
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    proc, rank = _torchrun_shaped()
-    try:
-        listed = launch._descendants
+    kill = launch._kill_with_its_ranks
 
-        def listed_then_ctrl_c(pid):
-            found = listed(pid)
-            os.kill(os.getpid(), signal.SIGINT)  # the third Ctrl-C
-            return found
+    def ctrl_c_then_kill(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # the third Ctrl-C
+        return kill(*args)
 
-        monkeypatch.setattr(launch, "_descendants", listed_then_ctrl_c)
-        launch._kill_with_its_ranks(proc, "train", print)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after the kill
-    finally:
-        signal.signal(signal.SIGINT, outer)
-        left = _gone([proc.pid, *rank], timeout=10)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        proc.wait()
-    assert rank and left == [], (rank, left)
+    monkeypatch.setattr(launch, "_kill_with_its_ranks", ctrl_c_then_kill)
+    logs, raised, pids, left, after = _stop_twice(monkeypatch, tmp_path)
+    assert len(pids) == 2 and type(raised) is KeyboardInterrupt, (pids, repr(raised), logs)
+    assert left == [], (pids, left, logs)
+    assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs
+    assert after is signal.default_int_handler  # Ctrl-C works again
 
 
 def _torchrun_shaped():
@@ -534,14 +589,13 @@ def _torchrun_shaped():
 def test_a_kill_that_leaves_a_process_stuck_in_the_kernel_names_it_and_gives_ctrl_c_back(monkeypatch):
     """A process stuck in the kernel (uninterruptible sleep, the GPU driver) outlives its SIGKILL until the kernel call
     returns, maybe for good: the kill waited for torchrun with no limit and Ctrl-C ignored, so the terminal stayed deaf.
-    Here SIGKILL misses torchrun and its rank, as it misses such a process: the kill gives up after its wait, names
-    them with the command that shows their state, and Ctrl-C works again."""
+    Here SIGKILL misses torchrun and its rank, as it misses such a process: the kill gives up after its wait and names
+    them with the command that shows their state; the stage then ends, and gives Ctrl-C back (the third-Ctrl-C test)."""
     import os
     import signal
 
     from tasks.engine import launch
 
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
     proc, rank = _torchrun_shaped()
     logs: list[str] = []
 
@@ -555,12 +609,9 @@ def test_a_kill_that_leaves_a_process_stuck_in_the_kernel_names_it_and_gives_ctr
         monkeypatch.setattr(proc, "kill", lambda: None)
         signal.alarm(60)
         launch._kill_with_its_ranks(proc, "train", logs.append)
-        signal.alarm(0)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, alarm)
-        signal.signal(signal.SIGINT, outer)
         monkeypatch.undo()
         for pid in [proc.pid, *rank]:
             os.kill(pid, signal.SIGKILL)

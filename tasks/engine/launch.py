@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import itertools
 import os
 import re
 import signal
@@ -78,6 +79,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             errors="replace", bufsize=1)
     previous = _forward_stop_signals(proc)
+    ctrl_c = _CtrlC.install(previous)
 
     def show(line: str) -> None:
         text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
@@ -99,11 +101,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
         stopping, lost = STOP_WORDS[stage]
         log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
-        try:
-            proc.wait(timeout=grace + 30)  # torchrun's own kill first
-        except (KeyboardInterrupt, subprocess.TimeoutExpired) as e:
+        ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
+        if ended != "ended":
             _kill_with_its_ranks(proc, stage, log_fn)
-            log_fn(f"{stage}: stopped at once: {lost}" if isinstance(e, KeyboardInterrupt) else
+            log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
@@ -112,14 +113,13 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             raise TrainingStopped(stopped["message"]) from None
         raise
     finally:
+        if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
+            ctrl_c.disarm()  # a Ctrl-C from here on stops at once; it raises nothing
+            proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
+            if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
+                _kill_with_its_ranks(proc, stage, log_fn)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
-            proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
-            try:
-                proc.wait(timeout=grace + 30)  # torchrun's own kill first
-            except subprocess.TimeoutExpired:
-                _kill_with_its_ranks(proc, stage, log_fn)
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
@@ -165,20 +165,18 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
 
 def _kill_with_its_ranks(proc: subprocess.Popen, stage: str, log_fn: Callable[[str], None]) -> None:
     """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
-    it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. Another
-    Ctrl-C meanwhile (the third) is ignored: it raised KeyboardInterrupt halfway, and the ranks not yet killed lived on.
-    The wait for them to go is KILL_WAIT_S: a process stuck in the kernel (uninterruptible sleep, STAT D: the GPU driver)
+    it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. A Ctrl-C
+    meanwhile cannot cut it short: run_stage's handler (_CtrlC) raises on the first Ctrl-C only. The wait for them to go is KILL_WAIT_S: a process stuck in the kernel (uninterruptible sleep, STAT D: the GPU driver)
     ends only when the kernel call returns, and an endless wait left the terminal deaf to Ctrl-C; those still there are
     named in one line."""
-    with _ctrl_c_ignored():
-        under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
-        proc.kill()
-        for pid in under:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        left = _still_there(proc, under, KILL_WAIT_S)
+    under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
+    proc.kill()
+    for pid in under:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    left = _still_there(proc, under, KILL_WAIT_S)
     if left:
         pids = ",".join(map(str, left))
         log_fn(f"{stage}: processes {pids} (torchrun and its ranks) were sent SIGKILL but had not ended {KILL_WAIT_S} s later: "
@@ -207,19 +205,50 @@ def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> l
     return [pid for pid in [proc.pid] if proc.poll() is None] + [pid for pid in others if running(pid)]
 
 
-@contextlib.contextmanager
-def _ctrl_c_ignored():
-    """SIGINT ignored inside, restored after. Off the main thread nothing changes: Python raises KeyboardInterrupt in
-    the main thread only, and sets handlers only there."""
-    try:
-        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)  # None: a handler set outside Python
+class _CtrlC:
+    """SIGINT while torchrun runs: the first Ctrl-C raises KeyboardInterrupt (the stop); each later one only lands in
+    `later`, the ask to stop at once that `_wait_for_stop` looks for. So no Ctrl-C after the first can raise, and none
+    can cut the kill of torchrun and its ranks short, wherever it lands. The kill ignored Ctrl-C only once it had
+    begun: a third Ctrl-C in the instructions between the second's KeyboardInterrupt and that ignore raised, and the
+    ranks lived on (a review). The choice is made in the handler by one C call, `next(self.presses)`: a second handler
+    run as the first one starts (Python may run one at any instruction, a handler's first too) takes the next number;
+    no two can take 0. Set only in the main thread over Python's own Ctrl-C handler: SIGINT ignored (a run started in
+    the background) or a handler of someone else's stays as it is, and so does Python's elsewhere, which raises
+    KeyboardInterrupt in the main thread only."""
+
+    def __init__(self) -> None:
+        self.presses = itertools.count()
+        self.later: list[int] = []
+
+    def __call__(self, signum, frame) -> None:
+        if next(self.presses) == 0:
+            raise KeyboardInterrupt
+        self.later.append(signum)
+
+    def disarm(self) -> None:
+        """From here on no Ctrl-C raises, the first included (a stage ending for another reason stops torchrun)."""
+        next(self.presses)
+
+    @classmethod
+    def install(cls, replaced: dict) -> _CtrlC:
+        """Set as SIGINT's handler where it may be (see the class); the handler it replaced goes into `replaced`."""
+        ctrl_c = cls()
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            replaced[signal.SIGINT] = signal.signal(signal.SIGINT, ctrl_c)
+        return ctrl_c
+
+
+def _wait_for_stop(proc: subprocess.Popen, later: list[int], seen: int, timeout: float) -> str:
+    """Wait up to `timeout` seconds for torchrun to end: "ended", "again" (a Ctrl-C after the first `seen` of `later`:
+    stop at once) or "late"."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if len(later) > seen:
+            return "again"
+        if time.monotonic() >= deadline:
+            return "late"
+        time.sleep(0.1)
+    return "ended"
 
 
 def _dying_with(parent: int, cmd: list[str]) -> list[str]:
