@@ -546,6 +546,40 @@ def _stop_twice(monkeypatch, tmp_path):
     return logs, raised, pids, left, after
 
 
+@pytest.mark.parametrize("module", ["torch.py", "tasks/__init__.py"])  # imported by torchrun / by the ranks only
+def test_torchrun_and_its_ranks_import_no_module_of_the_working_folder(monkeypatch, tmp_path, module):
+    """`python -m` puts the working folder first on sys.path: a user's torch.py there was imported by torchrun instead
+    of torch, a tasks/ folder by each rank instead of this project's. The stage's command, run for real from a folder
+    with such a module that says so: torchrun starts its 2 ranks, which import torch and stop at the empty spec."""
+    import subprocess
+
+    from tasks.engine import launch
+
+    started = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(args, **kwargs):
+        started.update(kwargs, args=args)
+        raise Started
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path / "work", lambda m: None)
+    monkeypatch.undo()
+    user = tmp_path / "user"
+    user.mkdir()
+    imported = tmp_path / "imported"
+    (user / module).parent.mkdir(exist_ok=True)
+    (user / module).write_text(f"open({str(imported)!r}, 'a').write('{module} of the working folder')\n"
+                               f"raise SystemExit('{module} of the working folder imported')\n")
+    out = subprocess.run(started["args"], env=started["env"], cwd=user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=300)
+    assert not imported.exists(), out.stdout[-3000:]
+    assert out.stdout.count("KeyError: 'device'") >= 2, out.stdout[-3000:]  # both ranks ran, on the real torch
+
+
 def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch, tmp_path):
     """A Ctrl-C arriving while the second one's kill of torchrun and its ranks began raised KeyboardInterrupt before
     they were killed: they lived on. The kill ignored Ctrl-C once it had begun, which left the instructions before that

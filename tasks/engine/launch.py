@@ -74,6 +74,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # 2.11 and older keep 30 s).
     grace = _stop_grace(env, stage, log_fn)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    # `python -m` puts the working folder first on sys.path, before the installed packages: a user's torch.py, signal.py
+    # or tasks/ there was imported by torchrun and the ranks instead (Python >= 3.11, which the project requires; torchrun
+    # passes its environment on to the ranks).
+    env["PYTHONSAFEPATH"] = "1"
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
