@@ -411,6 +411,9 @@ def test_a_second_ctrl_c_kills_torchrun_and_a_stuck_rank_at_once(two_ranks, tmp_
         pids = _stuck(proc, out, art)
         os.killpg(proc.pid, signal.SIGINT)  # the first Ctrl-C
         _wait_for_line(proc, out, "Ctrl-C again to stop at once", timeout=60)
+        # torchrun passed it on. Its line was lost in most runs while the stage read torchrun's output in its main thread
+        # (test_torchruns_lines_written_as_ctrl_c_lands_reach_the_output).
+        _wait_for_line(proc, out, "death signal, shutting down workers", timeout=60)
         time.sleep(10)  # the stuck rank does not end, so neither do rank 0 (waiting for it) and torchrun
         assert proc.poll() is None and _gone(pids, timeout=0) == pids, "".join(out)[-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # the second
@@ -492,10 +495,11 @@ time.sleep(600)
 """
 
 
-def _stop_twice(monkeypatch, tmp_path):
+def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False):
     """run_stage on _TORCHRUN_STUCK as torchrun, in this (main) thread with Python's own Ctrl-C handler, as in a terminal:
-    a Ctrl-C once it is ready, another once the stage says it is stopping. Returns the stage's log lines, what it raised,
-    the pids of torchrun and its rank, and SIGINT's handler once the stage had ended."""
+    a Ctrl-C once it is ready, another once the stage says it is stopping (or, 30 s later, a SIGKILL to torchrun, the
+    test's own end). Returns the stage's log lines, what it raised, the pids of torchrun and its rank, those left alive,
+    and SIGINT's handler once the stage had ended."""
     import os
     import signal
     import subprocess
@@ -519,9 +523,11 @@ def _stop_twice(monkeypatch, tmp_path):
         if ready.wait(timeout=120):
             while not pids[1:] and started[0].poll() is None:
                 pids[:] = [started[0].pid, *launch._descendants(started[0].pid)]
-            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: to the process, so the main thread, waiting, takes it
-            if stopping.wait(timeout=120):
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, to the process
+            if stopping.wait(timeout=30):
                 os.kill(os.getpid(), signal.SIGINT)  # the second
+            else:
+                started[0].kill()
 
     # Python's own Ctrl-C handler, whatever the suite started with: a suite started in the background by a non-interactive
     # shell inherits SIGINT ignored, and Python then installs no handler (the fresh-clone run of 2026-12-06 16:27 failed
@@ -530,12 +536,15 @@ def _stop_twice(monkeypatch, tmp_path):
     raised = None
     try:
         threading.Thread(target=ctrl_c_twice, daemon=True).start()
+        if main_thread_blocks_sigint:  # after the thread started: it takes the Ctrl-Cs
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, log)
         except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
             raised = e
         after = signal.getsignal(signal.SIGINT)
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGINT, outer)
         monkeypatch.undo()
         left = _gone(pids, timeout=10)
@@ -603,6 +612,18 @@ def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch, tmp_p
     assert left == [], (pids, left, logs)
     assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs
     assert after is signal.default_int_handler  # Ctrl-C works again
+
+
+def test_a_ctrl_c_that_another_thread_takes_still_stops_torchrun(monkeypatch, tmp_path):
+    """The stage waited for torchrun in waitpid, which a Ctrl-C reached late: 0.25 s on an idle box, and under load
+    after the ranks had stopped and printed it (the terminal Ctrl-C test saw their TrainingStopped before the stage's
+    `stopping` line). A Ctrl-C that another thread of the stage takes (its output reader; here the main thread blocks
+    SIGINT, so the kernel must hand it to another) did not end that wait at all: the stop began only when torchrun
+    ended, and the second Ctrl-C could not stop a stuck torchrun. The wait now sleeps in 0.1 s turns."""
+    logs, raised, pids, left, after = _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint=True)
+    assert any(line.startswith("train: stopping:") for line in logs), logs
+    assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs
+    assert type(raised) is KeyboardInterrupt and left == [], (repr(raised), left, logs)
 
 
 def _torchrun_shaped():

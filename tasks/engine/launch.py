@@ -95,11 +95,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
 
     # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
     # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
-    # torchrun's "Received SIGINT death signal" line with them (3 of 4 runs of a stuck-rank stop). The thread also keeps
+    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 18 since). The thread also keeps
     # the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
     reader = read_in_background(proc.stdout, show)
     try:
-        rc = proc.wait()
+        # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
+        # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
+        while proc.poll() is None:
+            time.sleep(0.1)
+        rc = proc.returncode
         reader.join()  # the last lines, torchrun's failure summary among them
     except KeyboardInterrupt:
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
@@ -170,9 +174,9 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
 def _kill_with_its_ranks(proc: subprocess.Popen, stage: str, log_fn: Callable[[str], None]) -> None:
     """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
     it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. A Ctrl-C
-    meanwhile cannot cut it short: run_stage's handler (_CtrlC) raises on the first Ctrl-C only. The wait for them to go is KILL_WAIT_S: a process stuck in the kernel (uninterruptible sleep, STAT D: the GPU driver)
-    ends only when the kernel call returns, and an endless wait left the terminal deaf to Ctrl-C; those still there are
-    named in one line."""
+    meanwhile cannot cut it short: run_stage's handler (_CtrlC) raises on the first Ctrl-C only. The wait for them to
+    go is KILL_WAIT_S: a process stuck in the kernel (uninterruptible sleep, STAT D: the GPU driver) ends only when the
+    kernel call returns, and an endless wait left the terminal deaf to Ctrl-C; those still there are named in one line."""
     under = _descendants(proc.pid)  # before the kill: then they are no longer torchrun's
     proc.kill()
     for pid in under:
