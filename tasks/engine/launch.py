@@ -95,7 +95,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
 
     # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
     # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
-    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 18 since). The thread also keeps
+    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also keeps
     # the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
     reader = read_in_background(proc.stdout, show)
     try:
