@@ -743,3 +743,62 @@ def test_the_probe_stage_stop_message_does_not_promise_a_checkpoint():
 
     assert "checkpoint" not in " ".join(STOP_WORDS["probe"]) and "probes again" in STOP_WORDS["probe"][1]
     assert "saves a checkpoint" in STOP_WORDS["train"][0]
+
+
+# torchrun that starts, says so and ends by itself a moment later, as a Ctrl-C is taken by the stage
+_TORCHRUN_ENDS = """import signal, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(2)
+"""
+
+
+@pytest.mark.parametrize("when", ["as the reader thread starts", "as the stage puts the handlers back"])
+def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(monkeypatch, tmp_path, when):
+    """A review (2026-12-06): the stage set its SIGINT and SIGTERM handlers before its `try` and put them back in its
+    `finally` one by one, where a Ctrl-C raises. A Ctrl-C as the reader thread started, or as the first handler was
+    put back, ended the stage with _CtrlC still SIGINT's handler, its one raising Ctrl-C used up, and SIGTERM still
+    forwarded to the ended torchrun: from then on Ctrl-C and `kill PID` did nothing in this process (a notebook, a flow
+    going on to its next stage). Here the Ctrl-C lands at each of those moments; the stage raises KeyboardInterrupt
+    (the user's Ctrl-C) and leaves both handlers as they were."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    started = []
+    popen, reading, setting = subprocess.Popen, launch.read_in_background, signal.signal
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_ENDS])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+    if when == "as the reader thread starts":
+        def ctrl_c_then_read(lines, show):
+            os.kill(os.getpid(), signal.SIGINT)
+            return reading(lines, show)
+
+        monkeypatch.setattr(launch, "read_in_background", ctrl_c_then_read)
+    else:
+        pressed = []
+
+        def ctrl_c_then_put_back(sig, handler):  # the first handler put back: neither the stage's SIGTERM nor SIGINT one
+            if not pressed and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC):
+                pressed.append(sig)
+                os.kill(os.getpid(), signal.SIGINT)
+            return setting(sig, handler)
+
+        monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)
+    outer = setting(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+        signal.signal(signal.SIGTERM, term)  # the next test's, whatever this one left
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert after == (signal.default_int_handler, term), after

@@ -82,8 +82,6 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             errors="replace", bufsize=1)
-    previous = _forward_stop_signals(proc)
-    ctrl_c = _CtrlC.install(previous)
 
     def show(line: str) -> None:
         text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
@@ -93,12 +91,21 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
 
-    # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
-    # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
-    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also keeps
-    # the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
-    reader = read_in_background(proc.stdout, show)
+    # The handlers are set inside the `try`, each recorded before it is set, and put back in the `finally` with no Ctrl-C
+    # raising: a Ctrl-C as the reader thread started (before the `try`) or as the handlers were put back (in the `finally`)
+    # ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing from then on in this
+    # process, a later stage's included, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
+    previous: dict = {}
+    ctrl_c = _CtrlC()
+    reader = None
     try:
+        _forward_stop_signals(proc, previous)
+        ctrl_c.install(previous)
+        # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
+        # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
+        # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also
+        # keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
+        reader = read_in_background(proc.stdout, show)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
@@ -114,20 +121,24 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             _kill_with_its_ranks(proc, stage, log_fn)
             log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
-        reader.join(timeout=5)
+        if reader is not None:
+            reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
         stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
         if stopped is not None:
             raise TrainingStopped(stopped["message"]) from None
         raise
     finally:
+        unpressed = ctrl_c.disarm()  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
         if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
-            ctrl_c.disarm()  # a Ctrl-C from here on stops at once; it raises nothing
             proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
+        seen = len(ctrl_c.later)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
+            raise KeyboardInterrupt
     if rc != 0:
         raise _failure(stage, n, rc, work, logs, list(tail))
     if not result_path.is_file():
@@ -233,17 +244,16 @@ class _CtrlC:
             raise KeyboardInterrupt
         self.later.append(signum)
 
-    def disarm(self) -> None:
-        """From here on no Ctrl-C raises, the first included (a stage ending for another reason stops torchrun)."""
-        next(self.presses)
+    def disarm(self) -> bool:
+        """From here on no Ctrl-C raises, the first included (the stage is ending). Whether none had raised before."""
+        return next(self.presses) == 0
 
-    @classmethod
-    def install(cls, replaced: dict) -> _CtrlC:
-        """Set as SIGINT's handler where it may be (see the class); the handler it replaced goes into `replaced`."""
-        ctrl_c = cls()
+    def install(self, replaced: dict) -> None:
+        """Set as SIGINT's handler where it may be (see the class). The handler it replaces goes into `replaced` first:
+        a Ctrl-C may raise as soon as `signal.signal` has returned, before its result could be stored."""
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            replaced[signal.SIGINT] = signal.signal(signal.SIGINT, ctrl_c)
-        return ctrl_c
+            replaced[signal.SIGINT] = signal.default_int_handler
+            signal.signal(signal.SIGINT, self)
 
 
 def _wait_for_stop(proc: subprocess.Popen, later: list[int], seen: int, timeout: float) -> str:
@@ -328,12 +338,12 @@ def _descendants(pid: int) -> list[int]:
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 
 
-def _forward_stop_signals(proc: subprocess.Popen) -> dict:
+def _forward_stop_signals(proc: subprocess.Popen, replaced: dict) -> None:
     """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
     the ranks training on, with nothing saved. On SIGHUP (the terminal closed) the ranks' lines go to /dev/null.
-    Returns the handlers it replaced ({} off the main thread, where Python's stay)."""
+    The handlers it replaces go into `replaced`, each before it is replaced (none off the main thread, where Python's stay)."""
 
     def forward(signum, frame):
         if signum == signal.SIGHUP:
@@ -344,10 +354,11 @@ def _forward_stop_signals(proc: subprocess.Popen) -> dict:
     # A deployment run's SIGTERM stays Prefect's (its Cancel is acknowledged only by Prefect's handler; tasks/train.py):
     # the flow run ends Cancelled and the `finally` above stops torchrun, whose ranks save a checkpoint as they stop.
     signals = [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
-    try:
-        return {sig: signal.signal(sig, forward) for sig in signals}
-    except ValueError:
-        return {}
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signals:
+        replaced[sig] = signal.getsignal(sig)
+        signal.signal(sig, forward)
 
 
 def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str]) -> BaseException:
