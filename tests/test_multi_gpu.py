@@ -802,3 +802,49 @@ def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(m
             proc.kill()
             proc.wait()
     assert after == (signal.default_int_handler, term), after
+
+
+# torchrun that writes more than a pipe holds (64 KiB), then ends cleanly: it ends only once the stage has read it all
+_TORCHRUN_WRITES_A_LOT = """for i in range(20000):
+    print(f"[rank1]:line {i} of a rank's output, copied by torchrun to its own", flush=False)
+"""
+
+
+def test_a_line_the_stage_cannot_show_does_not_stop_it_reading_torchrun(monkeypatch, tmp_path):
+    """A review (2026-12-06): an exception in the reader thread's handling of a line (here stderr a closed pipe,
+    BrokenPipeError: `| head`, a pager quit) ended the thread; torchrun then blocked writing to the full pipe and
+    never ended, and neither did the stage. Reading in the main thread, the stage had failed with that exception. Now
+    the thread reads on. A watchdog kills the stuck torchrun after 120 s (the test's own bound): the stage then sees it
+    killed, not ended cleanly."""
+    import subprocess
+    import sys
+    import threading
+
+    from tasks.engine import launch
+
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_WRITES_A_LOT])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(launch.sys, "stderr", ClosedPipe())
+    monkeypatch.setattr(launch.sys, "__stderr__", ClosedPipe())
+    watchdog = threading.Timer(120, lambda: started and started[0].kill())
+    watchdog.start()
+    try:
+        with pytest.raises(StageError) as e:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+    finally:
+        watchdog.cancel()
+        monkeypatch.undo()
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert "the 2 processes exited cleanly but rank 0 wrote no record" in str(e.value), e.value

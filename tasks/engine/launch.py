@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
@@ -157,8 +158,25 @@ STOP_WORDS = {
 def read_in_background(lines, show: Callable[[str], None]) -> threading.Thread:
     """A started daemon thread that hands each of `lines` to `show`, in the caller's context: a Prefect task's logger
     is found through it (a plain thread's first log line raised MissingContextError, which ended the thread, so the
-    ranks' lines were lost and the pipe no longer drained; a review, 2026-12-06)."""
-    reader = threading.Thread(target=contextvars.copy_context().run, args=(lambda: [show(line) for line in lines],), daemon=True)
+    ranks' lines were lost and the pipe no longer drained; a review, 2026-12-06). A line `show` fails on goes to the
+    process's own stderr as it is, if it can, and the reading goes on: a failure ended the thread, and torchrun, blocked
+    on the full pipe, never ended, so neither did the stage (stderr a closed pipe: BrokenPipeError; a review, 2026-12-06).
+    The first failure's traceback is printed once."""
+
+    def read() -> None:
+        failed = False
+        for line in lines:
+            try:
+                show(line)
+            except Exception:  # noqa: BLE001 -- whatever it is, the pipe must keep draining
+                with contextlib.suppress(Exception):
+                    if not failed:
+                        failed = True
+                        traceback.print_exc(file=sys.__stderr__)
+                with contextlib.suppress(Exception):
+                    sys.__stderr__.write(line)
+
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(read,), daemon=True)
     reader.start()
     return reader
 
