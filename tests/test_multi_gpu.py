@@ -495,7 +495,7 @@ time.sleep(600)
 """
 
 
-def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False):
+def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False, first_ctrl_c: bool = True):
     """run_stage on _TORCHRUN_STUCK as torchrun, in this (main) thread with Python's own Ctrl-C handler, as in a terminal:
     a Ctrl-C once it is ready, another once the stage says it is stopping (or, 30 s later, a SIGKILL to torchrun, the
     test's own end). Returns the stage's log lines, what it raised, the pids of torchrun and its rank, those left alive,
@@ -523,7 +523,8 @@ def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False):
         if ready.wait(timeout=120):
             while not pids[1:] and started[0].poll() is None:
                 pids[:] = [started[0].pid, *launch._descendants(started[0].pid)]
-            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, to the process
+            if first_ctrl_c:  # else the test's own
+                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, to the process
             if stopping.wait(timeout=30):
                 os.kill(os.getpid(), signal.SIGINT)  # the second
             else:
@@ -848,3 +849,27 @@ def test_a_line_the_stage_cannot_show_does_not_stop_it_reading_torchrun(monkeypa
             proc.kill()
             proc.wait()
     assert "the 2 processes exited cleanly but rank 0 wrote no record" in str(e.value), e.value
+
+
+def test_a_ctrl_c_as_the_stage_sets_its_handlers_still_lets_the_second_stop_at_once(monkeypatch, tmp_path):
+    """A review (2026-12-06): the stage set its SIGTERM/SIGHUP forwarding before its Ctrl-C handler; a first Ctrl-C
+    between the two raised from Python's own handler, so the second raised too, out of the wait for the stop, and
+    torchrun got SIGTERM and the stage's whole wait instead of the kill at once its line promised (a stuck rank: 10
+    minutes). Now the Ctrl-C handler is set first. Here the first Ctrl-C lands just after the forwarding is set."""
+    import os
+    import signal
+
+    from tasks.engine import launch
+
+    forward = launch._forward_stop_signals
+
+    def forward_then_ctrl_c(*args):
+        forward(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+
+    monkeypatch.setattr(launch, "_forward_stop_signals", forward_then_ctrl_c)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 60)  # the test's bound where the second Ctrl-C is not taken as one
+    logs, raised, pids, left, after = _stop_twice(monkeypatch, tmp_path, first_ctrl_c=False)
+    assert type(raised) is KeyboardInterrupt and left == [], (repr(raised), left, logs)
+    assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs
+    assert after is signal.default_int_handler

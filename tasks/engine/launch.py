@@ -92,21 +92,21 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
 
+    # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
+    # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
+    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also
+    # keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
+    # Started before any handler is set: a Ctrl-C as it starts raises from Python's own, with nothing to put back.
+    reader = read_in_background(proc.stdout, show)
     # The handlers are set inside the `try`, each recorded before it is set, and put back in the `finally` with no Ctrl-C
     # raising: a Ctrl-C as the reader thread started (before the `try`) or as the handlers were put back (in the `finally`)
     # ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing from then on in this
     # process, a later stage's included, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
     ctrl_c = _CtrlC()
-    reader = None
     try:
+        ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         _forward_stop_signals(proc, previous)
-        ctrl_c.install(previous)
-        # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
-        # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
-        # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also
-        # keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
-        reader = read_in_background(proc.stdout, show)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
@@ -122,8 +122,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             _kill_with_its_ranks(proc, stage, log_fn)
             log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
-        if reader is not None:
-            reader.join(timeout=5)
+        reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
         stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
         if stopped is not None:
