@@ -873,3 +873,29 @@ def test_a_ctrl_c_as_the_stage_sets_its_handlers_still_lets_the_second_stop_at_o
     assert type(raised) is KeyboardInterrupt and left == [], (repr(raised), left, logs)
     assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs
     assert after is signal.default_int_handler
+
+
+def test_after_a_kill_that_leaves_torchrun_stuck_the_stage_ends_without_a_second_wait(monkeypatch, tmp_path):
+    """A review (2026-12-06): when the second Ctrl-C's kill left torchrun stuck in the kernel, the kill named it after
+    KILL_WAIT_S and said Ctrl-C works again, but the stage's `finally` then found torchrun still running and began a stop
+    of its own: SIGTERM and the whole grace again (10.5 min), Ctrl-C still the stage's. Here SIGKILL and SIGTERM miss
+    torchrun and its rank, as they miss such a process; the stage waits for the stop once, kills, and ends."""
+    import os
+    import signal
+    import subprocess
+
+    from tasks.engine import launch
+
+    waits, kill = [], os.kill
+    wait_for_stop = launch._wait_for_stop
+    monkeypatch.setattr(launch, "_wait_for_stop", lambda *a: waits.append(a[1:]) or wait_for_stop(*a))
+    monkeypatch.setattr(launch, "KILL_WAIT_S", 1)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 30)
+    monkeypatch.setattr(launch.os, "kill", lambda pid, sig: None if sig == signal.SIGKILL else kill(pid, sig))
+    monkeypatch.setattr(subprocess.Popen, "kill", lambda self: None)
+    monkeypatch.setattr(subprocess.Popen, "terminate", lambda self: None)
+    logs, raised, pids, left, after = _stop_twice(monkeypatch, tmp_path)
+    assert type(raised) is KeyboardInterrupt and len(pids) == 2, (repr(raised), pids, logs)
+    assert any("were sent SIGKILL but had not ended 1 s later" in line for line in logs), logs
+    assert len(waits) == 1, (waits, logs)  # the stop's own wait, and no other
+    assert after is signal.default_int_handler

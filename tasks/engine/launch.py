@@ -104,6 +104,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # process, a later stage's included, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
     ctrl_c = _CtrlC()
+    killed = False
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         _forward_stop_signals(proc, previous)
@@ -120,6 +121,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
         if ended != "ended":
             _kill_with_its_ranks(proc, stage, log_fn)
+            killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
             log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         reader.join(timeout=5)
@@ -130,7 +132,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         raise
     finally:
         unpressed = ctrl_c.disarm()  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
-        if proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
+        if not killed and proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
             proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
