@@ -81,6 +81,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     env["PYTHONSAFEPATH"] = "1"
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
+    forwarded = stop_signals_to_forward()
     proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             errors="replace", bufsize=1)
 
@@ -107,7 +108,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     killed = False
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
-        _forward_stop_signals(proc, previous)
+        _forward_stop_signals(proc, previous, forwarded)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
@@ -357,7 +358,16 @@ def _descendants(pid: int) -> list[int]:
 FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 
 
-def _forward_stop_signals(proc: subprocess.Popen, replaced: dict) -> None:
+def stop_signals_to_forward() -> list[signal.Signals]:
+    """FORWARDED, less SIGTERM in a deployment run: its SIGTERM stays Prefect's (its Cancel is acknowledged only by
+    Prefect's handler; tasks/train.py): the flow run ends Cancelled and run_stage's `finally` stops torchrun, whose ranks
+    save a checkpoint as they stop. Asked before torchrun starts: the first ask imports Prefect (seconds), and a Ctrl-C
+    in that import, once the stage's handlers were set, left Prefect's modules half made (AttributeError from
+    prefect.types later; a review, 2026-12-06)."""
+    return [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
+
+
+def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals]) -> None:
     """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
@@ -370,9 +380,6 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    # A deployment run's SIGTERM stays Prefect's (its Cancel is acknowledged only by Prefect's handler; tasks/train.py):
-    # the flow run ends Cancelled and the `finally` above stops torchrun, whose ranks save a checkpoint as they stop.
-    signals = [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in signals:
