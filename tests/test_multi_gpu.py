@@ -587,7 +587,9 @@ def test_torchrun_and_its_ranks_import_no_module_of_the_working_folder(monkeypat
     out = subprocess.run(started["args"], env=started["env"], cwd=user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=300)
     assert not imported.exists(), out.stdout[-3000:]
-    assert out.stdout.count("KeyError: 'device'") >= 2, out.stdout[-3000:]  # both ranks ran, on the real torch
+    # a rank ran the worker on the real torch and this project's tasks (the other may be stopped by torchrun before it gets
+    # there: the first rank's failure ends the group; under load, in a fresh clone's suite, rank 1 got SIGTERM first)
+    assert out.stdout.count("KeyError: 'device'") >= 1, out.stdout[-3000:]
 
 
 def test_a_third_ctrl_c_during_the_kill_leaves_no_rank_behind(monkeypatch, tmp_path):
