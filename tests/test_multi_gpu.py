@@ -454,13 +454,8 @@ def test_a_sigkilled_stage_process_takes_torchrun_and_a_stuck_rank_with_it(two_r
     assert left == [], (survivors, "".join(out)[-3000:])
 
 
-def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(monkeypatch, tmp_path):
-    """A preexec_fn runs Python between fork and exec, which Python's docs call not safe in a process with threads (a flow
-    run's): the child may deadlock before exec. torchrun is now started through a small program that sets
-    PR_SET_PDEATHSIG and execs it; the signal must survive that exec."""
-    import subprocess
-    import sys
-
+def _torchrun_start(monkeypatch, work) -> dict:
+    """What the train stage passes to Popen to start torchrun for 2 ranks (`args` and the keyword arguments), not run."""
     from tasks.engine import launch
 
     started = {}
@@ -474,8 +469,19 @@ def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(
 
     monkeypatch.setattr(launch.subprocess, "Popen", popen)
     with pytest.raises(Started):
-        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, lambda m: None)
     monkeypatch.undo()
+    return started
+
+
+def test_torchrun_is_started_without_a_preexec_fn_and_still_dies_with_the_stage(monkeypatch, tmp_path):
+    """A preexec_fn runs Python between fork and exec, which Python's docs call not safe in a process with threads (a flow
+    run's): the child may deadlock before exec. torchrun is now started through a small program that sets
+    PR_SET_PDEATHSIG and execs it; the signal must survive that exec."""
+    import subprocess
+    import sys
+
+    started = _torchrun_start(monkeypatch, tmp_path)
     assert started.get("preexec_fn") is None, started
     args = started["args"]
     torchrun = args.index("torch.distributed.run") - 2  # sys.executable -m torch.distributed.run ...
@@ -563,21 +569,7 @@ def test_torchrun_and_its_ranks_import_no_module_of_the_working_folder(monkeypat
     with such a module that says so: torchrun starts its 2 ranks, which import torch and stop at the empty spec."""
     import subprocess
 
-    from tasks.engine import launch
-
-    started = {}
-
-    class Started(Exception):
-        pass
-
-    def popen(args, **kwargs):
-        started.update(kwargs, args=args)
-        raise Started
-
-    monkeypatch.setattr(launch.subprocess, "Popen", popen)
-    with pytest.raises(Started):
-        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path / "work", lambda m: None)
-    monkeypatch.undo()
+    started = _torchrun_start(monkeypatch, tmp_path / "work")
     user = tmp_path / "user"
     user.mkdir()
     imported = tmp_path / "imported"
