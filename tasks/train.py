@@ -5,8 +5,9 @@ The loop is `transformers.Trainer` — the same loop, bf16 autocast and loss pat
 turns. We skip SFTTrainer's own tokenization and its per-step entropy/accuracy metrics (an extra pass over
 the full-vocabulary logits per step) because stage 1 already did the former and nobody reads the latter.
 
-Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops when the
-next step plus the final save would cross the deadline, or at the step cap (the user's `training.max_steps`,
+Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops where the run
+ends nearest the deadline (when half the next step plus the final save would reach it: at most half a step over or
+under, where stopping before any crossing left up to a whole step unspent), or at the step cap (the user's `training.max_steps`,
 else `CAP_FACTOR` (4) times the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
 learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
 step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
@@ -221,8 +222,10 @@ class BudgetGuard(_trainer_callback_base()):
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
-        # Stop if one more step and the final save would cross the deadline.
-        stop = self.elapsed() + recent + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
+        # Stop where the run ends nearest the deadline: now (ending at elapsed + save) unless one more step would end
+        # nearer (elapsed + step + save), i.e. stop once half a step and the save reach it. Stopping before any crossing
+        # ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06).
+        stop = self.elapsed() + recent / 2 + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
         save = now - self.last_ckpt >= self.checkpoint_s
         stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
         if dist.is_main():

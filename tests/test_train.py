@@ -616,3 +616,28 @@ def test_the_train_bar_draws_twice_a_minute_off_a_terminal_and_at_tqdms_rate_on_
     monkeypatch.setenv("TQDM_MININTERVAL", "30")
     monkeypatch.setenv("TQDM_MAXINTERVAL", "30")
     assert 4 <= _draws(run_two_minutes(io.StringIO())) <= 7
+
+
+@pytest.mark.parametrize("step_s, budget_s, ends_at", [
+    (3.5, 10.0, 10.5),  # after 2 steps (7 s): a third ends 0.5 s over, stopping ends 3 s short: the third runs
+    (3.0, 10.0, 9.0),  # after 3 steps (9 s): stopping is 1 s short, a fourth 2 s over: stop
+    (3.1, 92.0, 93.0),  # the 15 GiB stage's 3.1-s step with 2.1 s left: one more ends 1.0 s over, not 2.1 s short
+])
+def test_the_budget_stops_where_the_run_ends_nearest_the_deadline(tmp_path, monkeypatch, step_s, budget_s, ends_at):
+    """The guard stopped before any crossing, so a run ended up to a whole step short (a 90-s budget of 3.1-s steps:
+    -3.5%); it now ends where the deadline is nearest, at most half a step over or under."""
+    import types
+
+    from tasks import train
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, 1e9, 0.0)
+    state = types.SimpleNamespace(global_step=0, max_steps=10_000)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    while not control.should_training_stop:
+        clock[0] += step_s
+        state.global_step += 1
+        guard.on_step_end(None, state, control)
+    assert guard.stopped_by == "budget"
+    assert clock[0] == pytest.approx(ends_at) and abs(clock[0] - budget_s) <= step_s / 2 + 1e-9
