@@ -884,6 +884,8 @@ def in_a_deployment_run() -> bool:
     """Whether a Prefect runner or worker started this run. Its Cancel is a SIGTERM that Prefect's own handler must
     receive: the run acknowledges the cancel only while that handler is installed, and with training's the cancelled
     run ended Crashed ("aborted by an interrupt signal"), not Cancelled, its cancellation hooks not run."""
-    from prefect.runtime import deployment
-
+    try:
+        from prefect.runtime import deployment
+    except ImportError:  # the stage called as a plain function where Prefect is not installed (bench/pipeline_gpu.py on a GPU box)
+        return False
     return deployment.id is not None

@@ -641,3 +641,14 @@ def test_the_budget_stops_where_the_run_ends_nearest_the_deadline(tmp_path, monk
         guard.on_step_end(None, state, control)
     assert guard.stopped_by == "budget"
     assert clock[0] == pytest.approx(ends_at) and abs(clock[0] - budget_s) <= step_s / 2 + 1e-9
+
+
+def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkeypatch):
+    """Stages are plain functions: bench/pipeline_gpu.py calls stage 4 on a GPU box without Prefect, and the question
+    whether Prefect started the run (which SIGTERM handler training may take) raised ModuleNotFoundError there."""
+    import sys
+
+    from tasks.common import in_a_deployment_run
+
+    monkeypatch.setitem(sys.modules, "prefect.runtime", None)  # `from prefect.runtime import ...` raises ImportError
+    assert in_a_deployment_run() is False
