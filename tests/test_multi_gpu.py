@@ -454,8 +454,9 @@ def test_a_sigkilled_stage_process_takes_torchrun_and_a_stuck_rank_with_it(two_r
     assert left == [], (survivors, "".join(out)[-3000:])
 
 
-def _torchrun_start(monkeypatch, work) -> dict:
-    """What the train stage passes to Popen to start torchrun for 2 ranks (`args` and the keyword arguments), not run."""
+def _torchrun_start(monkeypatch, work, logs: list[str] | None = None) -> dict:
+    """What the train stage passes to Popen to start torchrun for 2 ranks (`args` and the keyword arguments), not run;
+    the stage's log lines go to `logs`."""
     from tasks.engine import launch
 
     started = {}
@@ -469,7 +470,7 @@ def _torchrun_start(monkeypatch, work) -> dict:
 
     monkeypatch.setattr(launch.subprocess, "Popen", popen)
     with pytest.raises(Started):
-        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, lambda m: None)
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, (logs if logs is not None else []).append)
     monkeypatch.undo()
     return started
 
@@ -562,16 +563,22 @@ def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False, 
     return logs, raised, pids, left, after
 
 
-@pytest.mark.parametrize("module", ["torch.py", "tasks/__init__.py"])  # imported by torchrun / by the ranks only
-def test_torchrun_and_its_ranks_import_no_module_of_the_working_folder(monkeypatch, tmp_path, module):
+# torch.py: imported by torchrun; tasks/: by the ranks only. With PYTHONPATH=. only torch.py can be: the project's root,
+# on PYTHONPATH before the user's entries, gives the ranks this project's tasks/ either way.
+@pytest.mark.parametrize(("module", "pythonpath"), [("torch.py", None), ("tasks/__init__.py", None), ("torch.py", ".")])
+def test_torchrun_and_its_ranks_import_no_module_of_the_working_folder(monkeypatch, tmp_path, module, pythonpath):
     """`python -m` puts the working folder first on sys.path: a user's torch.py there was imported by torchrun instead
-    of torch, a tasks/ folder by each rank instead of this project's. The stage's command, run for real from a folder
-    with such a module that says so: torchrun starts its 2 ranks, which import torch and stop at the empty spec."""
+    of torch, a tasks/ folder by each rank instead of this project's; so did a user's PYTHONPATH=. after PYTHONSAFEPATH
+    had taken the first way away. The stage's command, run for real from a folder with such a module that says so:
+    torchrun starts its 2 ranks, which import torch and stop at the empty spec."""
     import subprocess
 
-    started = _torchrun_start(monkeypatch, tmp_path / "work")
     user = tmp_path / "user"
     user.mkdir()
+    if pythonpath is not None:
+        monkeypatch.setenv("PYTHONPATH", pythonpath)
+        monkeypatch.chdir(user)  # the stage runs there too
+    started = _torchrun_start(monkeypatch, tmp_path / "work")
     imported = tmp_path / "imported"
     (user / module).parent.mkdir(exist_ok=True)
     (user / module).write_text(f"open({str(imported)!r}, 'a').write('{module} of the working folder')\n"
@@ -893,3 +900,22 @@ def test_after_a_kill_that_leaves_torchrun_stuck_the_stage_ends_without_a_second
     assert any("were sent SIGKILL but had not ended 1 s later" in line for line in logs), logs
     assert len(waits) == 1, (waits, logs)  # the stop's own wait, and no other
     assert after is signal.default_int_handler
+def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(monkeypatch, tmp_path):
+    """PYTHONPATH=. (a common shell habit) put the working folder back on torchrun's and the ranks' path, before the
+    installed packages, undoing PYTHONSAFEPATH: a torch.py or tasks/ there was imported again. Entries that are the
+    working folder ('.', '', its absolute path, a path through it) are left out, with a line that says so; others stay."""
+    import os
+
+    from tasks.engine import launch
+
+    user, other = tmp_path / "user", tmp_path / "libs"
+    (user / "sub").mkdir(parents=True)
+    other.mkdir()
+    monkeypatch.chdir(user)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([".", str(other), "", str(user), "sub/.."]))
+    logs: list[str] = []
+    started = _torchrun_start(monkeypatch, tmp_path / "work", logs)
+    root = str(Path(launch.__file__).resolve().parents[2])
+    assert started["env"]["PYTHONPATH"] == os.pathsep.join([root, str(other)]), started["env"]["PYTHONPATH"]
+    assert (f"train: PYTHONPATH entries '.', '', {str(user)!r}, 'sub/..' are the working folder ({user}): left out of torchrun's and "
+            "the ranks' PYTHONPATH, so that a module there (a torch.py, a tasks/) is not imported instead of the real one") in logs, logs

@@ -74,7 +74,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # one (torch reads it from 2.12 on, pytorch#172596: 2.12.0's torch/distributed/launcher/api.py does, 2.11.0's does not;
     # 2.11 and older keep 30 s).
     grace = _stop_grace(env, stage, log_fn)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = _python_path(env.get("PYTHONPATH"), stage, log_fn)
     # `python -m` puts the working folder first on sys.path, before the installed packages: a user's torch.py, signal.py
     # or tasks/ there was imported by torchrun and the ranks instead (Python >= 3.11, which the project requires; torchrun
     # passes its environment on to the ranks).
@@ -414,6 +414,23 @@ def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str
     last = _rank_tail(logs, who) or [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
                       f"full logs in {logs}. Rerun the same command to resume from the newest checkpoint")
+
+
+def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -> str:
+    """torchrun's and the ranks' PYTHONPATH: this project's root, then the user's entries less those that are the working
+    folder ('.', '' and the like): PYTHONPATH=. (a common shell habit) put it back before the installed packages after
+    PYTHONSAFEPATH had taken it away, and a torch.py or tasks/ there was imported again (a review, 2026-12-06). Neither
+    torchrun nor the ranks import anything of the user's; in the project's root the entries are left, the root being
+    first anyway."""
+    root = Path(__file__).resolve().parents[2]
+    here = Path.cwd().resolve()
+    entries = users.split(os.pathsep) if users else []
+    dropped = [e for e in entries if here != root and Path(e or ".").resolve() == here]
+    if dropped:
+        which = f"entry {dropped[0]!r} is" if len(dropped) == 1 else f"entries {', '.join(map(repr, dropped))} are"
+        log_fn(f"{stage}: PYTHONPATH {which} the working folder ({here}): left out of torchrun's and the ranks' PYTHONPATH, "
+               "so that a module there (a torch.py, a tasks/) is not imported instead of the real one")
+    return os.pathsep.join([str(root), *(e for e in entries if e not in dropped)])
 
 
 def _rank_errors(stage: str, work: Path) -> dict[int, dict]:
