@@ -900,6 +900,61 @@ def test_after_a_kill_that_leaves_torchrun_stuck_the_stage_ends_without_a_second
     assert any("were sent SIGKILL but had not ended 1 s later" in line for line in logs), logs
     assert len(waits) == 1, (waits, logs)  # the stop's own wait, and no other
     assert after is signal.default_int_handler
+# torchrun SIGKILLed itself, not a rank: no failure summary
+_TORCHRUN_KILLED = """import os, signal
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_sigkilled_torchrun_is_named_as_such_not_as_a_rank(monkeypatch, tmp_path):
+    """A review (2026-12-06): torchrun itself SIGKILLed (`kill -9` of it, a scheduler, the OOM killer) failed the stage
+    with "rank ? of 2 died with exit code -9 (SIGKILL; killed from outside: out of host memory is the usual cause)"."""
+    import sys
+
+    from tasks.engine import launch
+
+    started, popen = [], launch.subprocess.Popen
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_KILLED])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+    monkeypatch.setattr(launch, "_oom_kills", lambda: 7)  # the OOM killer did nothing meanwhile
+    with pytest.raises(StageError) as e:
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "rank ?" not in msg, msg
+    assert msg.startswith(f"train: torchrun itself (pid {started[0].pid}) was killed by SIGKILL, not one of its 2 ranks: not by the "
+                          "kernel's OOM killer (/proc/vmstat oom_kill unchanged): by another process"), msg
+    assert "its last lines: ready;" in msg and msg.endswith("Rerun the same command to resume from the newest checkpoint"), msg
+
+
+ROOT_CAUSE = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-06_21:00:00
+  host      : box
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4321)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4321"""
+
+
+def test_the_failure_texts_say_who_killed_torchrun_and_promise_the_probe_no_checkpoint(monkeypatch, tmp_path):
+    """The failure's advice said "resume from the newest checkpoint" for the probe too, which saves none; and a killed
+    torchrun is said to be the OOM killer's doing only when the kernel counted an OOM kill while it ran."""
+    from tasks.engine import launch
+
+    monkeypatch.setattr(launch, "_oom_kills", lambda: 4)
+    oom = launch._failure("probe", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], oom_before=3)
+    assert str(oom).startswith("probe: torchrun itself (pid 123) was killed by SIGKILL, not one of its 2 ranks: most likely by the "
+                               "kernel's OOM killer (/proc/vmstat oom_kill 3 -> 4 while it ran): the host ran out of memory;"), oom
+    assert "Free host memory" in str(oom) and str(oom).endswith("Rerun the same command: the probe starts over (it saves nothing)"), oom
+    unknown = launch._failure("probe", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], oom_before=None)
+    assert "by whom is not known" in str(unknown) and "dmesg" in str(unknown), unknown
+    rank = launch._failure("probe", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=3)
+    assert str(rank).startswith("probe: rank 1 of 2 died with exit code -9 (SIGKILL;") and "checkpoint" not in str(rank), rank
+    rank = launch._failure("train", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=3)
+    assert str(rank).endswith("Rerun the same command to resume from the newest checkpoint"), rank
+
+
 def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(monkeypatch, tmp_path):
     """PYTHONPATH=. (a common shell habit) put the working folder back on torchrun's and the ranks' path, before the
     installed packages, undoing PYTHONSAFEPATH: a torch.py or tasks/ there was imported again. Entries that are the

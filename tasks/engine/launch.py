@@ -82,6 +82,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     forwarded = stop_signals_to_forward()
+    oom_before = _oom_kills()
     proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             errors="replace", bufsize=1)
 
@@ -143,7 +144,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
             raise KeyboardInterrupt
     if rc != 0:
-        raise _failure(stage, n, rc, work, logs, list(tail))
+        raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     return read_json(result_path)
@@ -387,10 +388,14 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
         signal.signal(sig, forward)
 
 
-def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str]) -> BaseException:
-    """One line: which rank died first, how, and its last lines (or the exception it reported itself)."""
+def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail: list[str], oom_before: int | None) -> BaseException:
+    """One line: which rank died first, how, and its last lines (or the exception it reported itself); or that torchrun
+    itself (`pid`) was killed, and by whom if the kernel's OOM kill count (`oom_before` at the launch) tells."""
     text = "\n".join(tail)
     root = text[text.rfind("Root Cause"):] if "Root Cause" in text else ""  # torchrun's failure summary
+    last = [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
+    if not root and rc < 0:  # killed by a signal with no summary written: torchrun itself, not a rank (it names those)
+        return StageError(_torchrun_killed(stage, n, -rc, pid, oom_before, last, logs))
     m_rank = re.search(r"rank\s*:\s*(\d+)", root)
     m_code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     who = m_rank.group(1) if m_rank else "?"
@@ -411,9 +416,54 @@ def _failure(stage: str, n: int, rc: int, work: Path, logs: Path, tail: list[str
             how += f" ({signal.Signals(-code).name}; killed from outside: out of host memory is the usual cause)"
         except ValueError:
             pass
-    last = _rank_tail(logs, who) or [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
+    last = _rank_tail(logs, who) or last
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
-                      f"full logs in {logs}. Rerun the same command to resume from the newest checkpoint")
+                      f"full logs in {logs}. {RERUN[stage]}")
+
+
+# What a rerun after a failure does in each stage: only training resumes (the probe saves nothing).
+RERUN = {"train": "Rerun the same command to resume from the newest checkpoint",
+         "probe": "Rerun the same command: the probe starts over (it saves nothing)"}
+
+
+def _torchrun_killed(stage: str, n: int, signum: int, pid: int, oom_before: int | None, last: list[str], logs: Path) -> str:
+    """The failure line for torchrun itself killed by `signum`. It said "rank ? of 2 died ... out of host memory is the
+    usual cause" (a review, 2026-12-06): no rank had, and a `kill -9` of torchrun is no memory problem. The ranks die with
+    torchrun (`die_with_parent`). The kernel counts its OOM kills host-wide (/proc/vmstat oom_kill): one counted while
+    torchrun ran makes the OOM killer the likely killer; none rules it out."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    oom_now = _oom_kills() if name == "SIGKILL" else None  # the OOM killer sends SIGKILL only
+    advice = ""
+    if name != "SIGKILL":
+        who = ""
+    elif oom_before is None or oom_now is None:
+        who = (": by whom is not known (the kernel's OOM killer: see `dmesg | grep -i 'killed process'`; or another process: "
+               "`kill -9`, a job scheduler's or container's stop)")
+    elif oom_now > oom_before:
+        who = f": most likely by the kernel's OOM killer (/proc/vmstat oom_kill {oom_before} -> {oom_now} while it ran): the host ran out of memory"
+        advice = "Free host memory (other programs; fewer ranks: training.gpus). "
+    else:
+        who = (": not by the kernel's OOM killer (/proc/vmstat oom_kill unchanged): by another process (`kill -9`, a job "
+               "scheduler's or container's stop, a watchdog)")
+        advice = "If a scheduler's or container's limit (time, memory) stopped it, give the run more. "
+    ranks = "; its ranks ended with it" if _prctl() is not None else ""  # die_with_parent
+    return (f"{stage}: torchrun itself (pid {pid}) was killed by {name}, not one of its {n} ranks{who}{ranks}; "
+            f"its last lines: {' | '.join(last) or '(none)'}; full logs in {logs}. {advice}{RERUN[stage]}")
+
+
+def _oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed on this host since boot (Linux 4.13+), or None."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -> str:
