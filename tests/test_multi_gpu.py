@@ -900,6 +900,59 @@ def test_after_a_kill_that_leaves_torchrun_stuck_the_stage_ends_without_a_second
     assert any("were sent SIGKILL but had not ended 1 s later" in line for line in logs), logs
     assert len(waits) == 1, (waits, logs)  # the stop's own wait, and no other
     assert after is signal.default_int_handler
+# torchrun whose rank 0 wrote the record (its path: argv[1]), ending cleanly
+_TORCHRUN_FINISHES = """import json, sys
+print("ready", flush=True)
+open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
+"""
+
+
+def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train") -> dict:
+    """run_stage on _TORCHRUN_FINISHES as torchrun, in this (main) thread with Python's own Ctrl-C handler."""
+    import signal
+    import sys
+
+    from tasks.engine import launch
+
+    record = str(tmp_path / f"result-{stage}.json")
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FINISHES, record])
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return launch.run_stage(stage, f"tasks.{stage}:{stage}_on_rank", {}, 2, tmp_path, logs.append)
+    except KeyboardInterrupt as e:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
+        pytest.fail(f"the stage raised {e!r}; its log: {logs}")
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+
+
+def test_a_stop_signal_handler_set_outside_python_is_left_in_place(monkeypatch, tmp_path):
+    """A handler set from C (a C library, a program embedding Python) reads as None in signal.getsignal, and
+    signal.signal cannot set None back: the stage put its SIGTERM/SIGHUP forwarding in place of such a handler and then
+    failed with TypeError putting None back, after torchrun had finished. Such a handler now stays: the stage does not
+    forward that signal (it could not give the handler back), and says so."""
+    import signal
+
+    from tasks.engine import launch
+
+    def set_from_c(signum, frame):  # stands for the C handler: signal.getsignal reports None for these signals
+        pass
+
+    getsignal, logs = signal.getsignal, []
+    before = {s: signal.signal(s, set_from_c) for s in (signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(launch.signal, "getsignal", lambda s: None if s in before or s == signal.SIGINT else getsignal(s))
+    try:
+        rec = _finish(monkeypatch, tmp_path, logs)
+        after = [getsignal(s) for s in before]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert rec == {"steps": 4} and after == [set_from_c, set_from_c], (after, logs)
+    for name in ("SIGTERM", "SIGHUP"):
+        assert (f"train: {name} has a handler set outside Python (signal.getsignal gives None), which could not be put back: "
+                f"it stays, and {name} is not passed on to torchrun") in logs, logs
+
+
 # torchrun SIGKILLed itself, not a rank: no failure summary
 _TORCHRUN_KILLED = """import os, signal
 print("ready", flush=True)

@@ -109,7 +109,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     killed = False
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
-        _forward_stop_signals(proc, previous, forwarded)
+        _forward_stop_signals(proc, previous, forwarded, stage, log_fn)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
@@ -139,7 +139,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
         seen = len(ctrl_c.later)
-        for sig, handler in previous.items():
+        for sig, handler in previous.items():  # never None: a handler set outside Python is not replaced (_forward_stop_signals)
             signal.signal(sig, handler)
         if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
             raise KeyboardInterrupt
@@ -368,12 +368,18 @@ def stop_signals_to_forward() -> list[signal.Signals]:
     return [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
 
 
-def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals]) -> None:
+def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals], stage: str,
+                          log_fn: Callable[[str], None]) -> None:
     """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
     the ranks training on, with nothing saved. On SIGHUP (the terminal closed) the ranks' lines go to /dev/null.
-    The handlers it replaces go into `replaced`, each before it is replaced (none off the main thread, where Python's stay)."""
+    The handlers it replaces go into `replaced`, each before it is replaced (none off the main thread, where Python's stay).
+    A handler set outside Python (a C library's, a program's that embeds Python) is not replaced, and its signal not
+    forwarded: signal.getsignal gives None for it, which signal.signal cannot set back (TypeError as the stage ended), so
+    replaced it would be lost for good, and a later SIGTERM would do nothing in this process but forward to an ended
+    torchrun. Left in place, it handles that signal as before; the ranks stop only if it ends this process (they die
+    with it: `_dying_with`)."""
 
     def forward(signum, frame):
         if signum == signal.SIGHUP:
@@ -384,7 +390,12 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in signals:
-        replaced[sig] = signal.getsignal(sig)
+        handler = signal.getsignal(sig)
+        if handler is None:
+            log_fn(f"{stage}: {sig.name} has a handler set outside Python (signal.getsignal gives None), which could not be put "
+                   f"back: it stays, and {sig.name} is not passed on to torchrun")
+            continue
+        replaced[sig] = handler
         signal.signal(sig, forward)
 
 
