@@ -900,6 +900,59 @@ def test_after_a_kill_that_leaves_torchrun_stuck_the_stage_ends_without_a_second
     assert any("were sent SIGKILL but had not ended 1 s later" in line for line in logs), logs
     assert len(waits) == 1, (waits, logs)  # the stop's own wait, and no other
     assert after is signal.default_int_handler
+
+
+@pytest.mark.parametrize("when", ["as Popen returns", "as the reader thread starts"])
+def test_a_ctrl_c_as_torchrun_starts_waits_for_torchruns_stop(monkeypatch, tmp_path, when):
+    """A review (2026-12-06): the stage set its Ctrl-C handler inside its `try`, after starting torchrun and its reader:
+    a Ctrl-C in between raised from Python's own handler, out of the stage, which neither waited for torchrun (which got
+    the same Ctrl-C and stopped its ranks on its own, saving a checkpoint) nor killed it when it did not stop. Here the
+    Ctrl-C lands as Popen returns and as the reader starts; torchrun stops when the stage says it waits for the stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    started, logs = [], []
+    popen, reading = subprocess.Popen, launch.read_in_background
+
+    def popen_then_ctrl_c(*a, **k):
+        started.append(popen(*a, **k))
+        if when == "as Popen returns":
+            os.kill(os.getpid(), signal.SIGINT)
+        return started[0]
+
+    def ctrl_c_then_read(lines, show):
+        os.kill(os.getpid(), signal.SIGINT)
+        return reading(lines, show)
+
+    def log(line: str) -> None:
+        logs.append(line)
+        if line.startswith("train: stopping:"):
+            started[0].send_signal(signal.SIGUSR1)  # torchrun's stop ends
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_ON_A_STOP])
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
+    if when == "as the reader thread starts":
+        monkeypatch.setattr(launch, "read_in_background", ctrl_c_then_read)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, log)
+        running = started[0].poll() is None
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert not running and any(line.startswith("train: stopping:") for line in logs), logs
+    assert after is signal.default_int_handler
+
+
 # torchrun whose rank 0 wrote the record (its path: argv[1]), ending cleanly
 _TORCHRUN_FINISHES = """import json, sys
 print("ready", flush=True)

@@ -83,8 +83,6 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     tail: deque[str] = deque(maxlen=40)
     forwarded = stop_signals_to_forward()
     oom_before = _oom_kills()
-    proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                            errors="replace", bufsize=1)
 
     def show(line: str) -> None:
         text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
@@ -94,29 +92,39 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
 
-    # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in the
-    # middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped them,
-    # torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The thread also
-    # keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking torchrun's copying of them.
-    # Started before any handler is set: a Ctrl-C as it starts raises from Python's own, with nothing to put back.
-    reader = read_in_background(proc.stdout, show)
-    # The handlers are set inside the `try`, each recorded before it is set, and put back in the `finally` with no Ctrl-C
-    # raising: a Ctrl-C as the reader thread started (before the `try`) or as the handlers were put back (in the `finally`)
-    # ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing from then on in this
-    # process, a later stage's included, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
+    # The Ctrl-C handler is set first, inside the `try`, before torchrun starts, and holds a first Ctrl-C until torchrun
+    # is started, read and its stop signals forwarded (`watch`): one that raised as Popen returned or the reader started
+    # (before the `try`, from Python's own handler) ended the stage without waiting for torchrun's stop or killing it
+    # (a review, 2026-12-06). Left open: a terminal's Ctrl-C in Popen's own Python code before the fork reaches no
+    # torchrun; the stop then waits for one that trains on, and the second Ctrl-C (the stop's line asks for it) kills it.
+    # Each handler is recorded before it is set, and put back in the `finally` with no Ctrl-C raising: a Ctrl-C as they
+    # were put back ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing
+    # from then on in this process, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
     ctrl_c = _CtrlC()
+    proc: subprocess.Popen | None = None
+    reader: threading.Thread | None = None
     killed = False
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
+        proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, errors="replace", bufsize=1)
+        # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in
+        # the middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped
+        # them, torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The
+        # thread also keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking
+        # torchrun's copying of them.
+        reader = read_in_background(proc.stdout, show)
         _forward_stop_signals(proc, previous, forwarded, stage, log_fn)
+        ctrl_c.watch()  # a Ctrl-C held meanwhile raises here
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
             time.sleep(0.1)
-        rc = proc.returncode
         reader.join()  # the last lines, torchrun's failure summary among them
     except KeyboardInterrupt:
+        if proc is None:  # torchrun never started (a handler not the stage's raised): nothing to stop
+            raise
         # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
         stopping, lost = STOP_WORDS[stage]
         log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
@@ -126,7 +134,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
             log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
-        reader.join(timeout=5)
+        if reader is not None:
+            reader.join(timeout=5)
         # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
         stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
         if stopped is not None:
@@ -134,7 +143,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         raise
     finally:
         unpressed = ctrl_c.disarm()  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
-        if not killed and proc.poll() is None:  # this process is ending otherwise (a deployment run's Cancel): no rank outlives it
+        # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
+        if proc is not None and not killed and proc.poll() is None:
             proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
@@ -143,6 +153,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             signal.signal(sig, handler)
         if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
             raise KeyboardInterrupt
+    rc = proc.returncode
     if rc != 0:
         raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
     if not result_path.is_file():
@@ -254,16 +265,29 @@ class _CtrlC:
     run as the first one starts (Python may run one at any instruction, a handler's first too) takes the next number;
     no two can take 0. Set only in the main thread over Python's own Ctrl-C handler: SIGINT ignored (a run started in
     the background) or a handler of someone else's stays as it is, and so does Python's elsewhere, which raises
-    KeyboardInterrupt in the main thread only."""
+    KeyboardInterrupt in the main thread only. Until `watch`, while torchrun is started, the first Ctrl-C is held, not
+    raised: raised inside Popen or the reader's start, it left the stage without the torchrun it had started, running."""
 
     def __init__(self) -> None:
         self.presses = itertools.count()
         self.later: list[int] = []
+        self.watching = False
+        self.held = False  # a first Ctrl-C came before `watch`
 
     def __call__(self, signum, frame) -> None:
         if next(self.presses) == 0:
+            if not self.watching:
+                self.held = True
+                return
             raise KeyboardInterrupt
         self.later.append(signum)
+
+    def watch(self) -> None:
+        """torchrun is started and read: a first Ctrl-C raises from here on, and one held before raises now. (One that lands
+        between the two lines raises in the handler, with `held` still False: either way it raises once.)"""
+        self.watching = True
+        if self.held:
+            raise KeyboardInterrupt
 
     def disarm(self) -> bool:
         """From here on no Ctrl-C raises, the first included (the stage is ending). Whether none had raised before."""
