@@ -979,6 +979,36 @@ def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train") -> dic
         signal.signal(signal.SIGINT, outer)
 
 
+def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path):
+    """A review (2026-12-06): a first Ctrl-C as the stage read torchrun's last lines, torchrun already ended cleanly,
+    logged a stop of the ended torchrun and raised KeyboardInterrupt: the finished training's record was dropped (the
+    stage records the adapter only from it). Now the record is returned and the stage says the Ctrl-C came too late."""
+    import os
+    import signal
+
+    from tasks.engine import launch
+
+    reading, pressed, logs = launch.read_in_background, [], []
+
+    def ctrl_c_at_the_join(lines, show):
+        reader = reading(lines, show)
+        join = reader.join
+
+        def ctrl_c_then_join(timeout=None):
+            if not pressed:
+                pressed.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return join(timeout)
+
+        reader.join = ctrl_c_then_join
+        return reader
+
+    monkeypatch.setattr(launch, "read_in_background", ctrl_c_at_the_join)
+    assert _finish(monkeypatch, tmp_path, logs) == {"steps": 4}, logs
+    assert pressed and not any("stopping" in line for line in logs), logs
+    assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+
+
 def test_a_stop_signal_handler_set_outside_python_is_left_in_place(monkeypatch, tmp_path):
     """A handler set from C (a C library, a program embedding Python) reads as None in signal.getsignal, and
     signal.signal cannot set None back: the stage put its SIGTERM/SIGHUP forwarding in place of such a handler and then

@@ -125,22 +125,30 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     except KeyboardInterrupt:
         if proc is None:  # torchrun never started (a handler not the stage's raised): nothing to stop
             raise
-        # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
-        stopping, lost = STOP_WORDS[stage]
-        log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
-        ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
-        if ended != "ended":
-            _kill_with_its_ranks(proc, stage, log_fn)
-            killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
-            log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
-                   f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
+        # A Ctrl-C that reached the stage once torchrun had ended (as its last lines were read) stops nothing: it said
+        # "stopping" for an ended torchrun and dropped the record of a finished run (a review, 2026-12-06).
+        stopping = None
+        if proc.poll() is None:
+            # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
+            stopping, lost = STOP_WORDS[stage]
+            log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
+            ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
+            if ended != "ended":
+                _kill_with_its_ranks(proc, stage, log_fn)
+                killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
+                log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
+                       f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         if reader is not None:
             reader.join(timeout=5)
-        # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
-        stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
-        if stopped is not None:
-            raise TrainingStopped(stopped["message"]) from None
-        raise
+        if not killed and proc.returncode == 0 and result_path.is_file():  # the ranks finished: the Ctrl-C came too late
+            when = "after the" if stopping is None else "as the stage stopped them, but the"
+            log_fn(f"{stage}: Ctrl-C {when} {n} processes had finished: the stage's result is kept; Ctrl-C again stops what follows")
+        else:
+            # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
+            stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
+            if stopped is not None:
+                raise TrainingStopped(stopped["message"]) from None
+            raise
     finally:
         unpressed = ctrl_c.disarm()  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
