@@ -1110,3 +1110,19 @@ def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(
     assert started["env"]["PYTHONPATH"] == os.pathsep.join([root, str(other)]), started["env"]["PYTHONPATH"]
     assert (f"train: PYTHONPATH entries '.', '', {str(user)!r}, 'sub/..' are the working folder ({user}): left out of torchrun's and "
             "the ranks' PYTHONPATH, so that a module there (a torch.py, a tasks/) is not imported instead of the real one") in logs, logs
+
+
+def test_a_deleted_working_folder_does_not_stop_the_launch(monkeypatch, tmp_path):
+    """The PYTHONPATH check above resolves the working folder; one deleted under the stage (a cleaned-up temporary
+    folder) made that raise FileNotFoundError before torchrun started. Nothing can be imported from it: entries stay."""
+    import os
+
+    from tasks.engine import launch
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    monkeypatch.setenv("PYTHONPATH", ".")
+    started = _torchrun_start(monkeypatch, tmp_path / "work")
+    assert started["env"]["PYTHONPATH"] == os.pathsep.join([str(Path(launch.__file__).resolve().parents[2]), "."])

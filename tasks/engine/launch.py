@@ -516,7 +516,10 @@ def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -
     torchrun nor the ranks import anything of the user's; in the project's root the entries are left, the root being
     first anyway."""
     root = Path(__file__).resolve().parents[2]
-    here = Path.cwd().resolve()
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing there to import
+        here = root
     entries = users.split(os.pathsep) if users else []
     dropped = [e for e in entries if here != root and Path(e or ".").resolve() == here]
     if dropped:
