@@ -960,15 +960,15 @@ open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
 """
 
 
-def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train") -> dict:
-    """run_stage on _TORCHRUN_FINISHES as torchrun, in this (main) thread with Python's own Ctrl-C handler."""
+def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train", program: str = _TORCHRUN_FINISHES) -> dict:
+    """run_stage on `program` (_TORCHRUN_FINISHES) as torchrun, in this (main) thread with Python's own Ctrl-C handler."""
     import signal
     import sys
 
     from tasks.engine import launch
 
     record = str(tmp_path / f"result-{stage}.json")
-    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FINISHES, record])
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, record])
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return launch.run_stage(stage, f"tasks.{stage}:{stage}_on_rank", {}, 2, tmp_path, logs.append)
@@ -1007,6 +1007,52 @@ def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path
     assert _finish(monkeypatch, tmp_path, logs) == {"steps": 4}, logs
     assert pressed and not any("stopping" in line for line in logs), logs
     assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+
+
+# torchrun whose ranks finish (rank 0's record written, exit 0) once told to (a file <record>.go appears; a signal
+# could come before the program is ready for it): they were past their last step already
+_TORCHRUN_FINISHES_WHEN_TOLD = """import json, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1] + ".go"):
+    time.sleep(0.05)
+open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
+"""
+
+
+def test_ranks_that_finish_as_a_ctrl_c_stops_them_keep_the_record(monkeypatch, tmp_path):
+    """The same for a Ctrl-C in the ranks' last moments: the stage says it is stopping, and torchrun then ends cleanly
+    with rank 0's record written (the ranks were past their last step). The stage raised KeyboardInterrupt and dropped
+    the record; now it returns it."""
+    import os
+    import signal
+    import subprocess
+
+    from tasks.engine import launch
+
+    started, popen = [], subprocess.Popen
+
+    def popen_then_ctrl_c(*a, **k):
+        started.append(popen(*a, **k))
+        os.kill(os.getpid(), signal.SIGINT)
+        return started[0]
+
+    class Logs(list):
+        def append(self, line: str) -> None:
+            super().append(line)
+            if line.startswith("train: stopping:"):
+                (tmp_path / "result-train.json.go").touch()  # the ranks finish
+
+    logs = Logs()
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        rec = _finish(monkeypatch, tmp_path, logs, program=_TORCHRUN_FINISHES_WHEN_TOLD)
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert rec == {"steps": 4}, logs
+    assert "train: the 2 processes finished before the stop reached them: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
 
 
 def test_a_stop_signal_handler_set_outside_python_is_left_in_place(monkeypatch, tmp_path):
@@ -1093,7 +1139,7 @@ def test_the_failure_texts_say_who_killed_torchrun_and_promise_the_probe_no_chec
 
 def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(monkeypatch, tmp_path):
     """PYTHONPATH=. (a common shell habit) put the working folder back on torchrun's and the ranks' path, before the
-    installed packages, undoing PYTHONSAFEPATH: a torch.py or tasks/ there was imported again. Entries that are the
+    installed packages, undoing PYTHONSAFEPATH: a torch.py there was imported by torchrun again. Entries that are the
     working folder ('.', '', its absolute path, a path through it) are left out, with a line that says so; others stay."""
     import os
 
@@ -1109,7 +1155,7 @@ def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(
     root = str(Path(launch.__file__).resolve().parents[2])
     assert started["env"]["PYTHONPATH"] == os.pathsep.join([root, str(other)]), started["env"]["PYTHONPATH"]
     assert (f"train: PYTHONPATH entries '.', '', {str(user)!r}, 'sub/..' are the working folder ({user}): left out of torchrun's and "
-            "the ranks' PYTHONPATH, so that a module there (a torch.py, a tasks/) is not imported instead of the real one") in logs, logs
+            "the ranks' PYTHONPATH, so that a module there (a torch.py, a signal.py) is not imported instead of the real one") in logs, logs
 
 
 def test_a_deleted_working_folder_does_not_stop_the_launch(monkeypatch, tmp_path):

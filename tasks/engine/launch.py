@@ -141,8 +141,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         if reader is not None:
             reader.join(timeout=5)
         if not killed and proc.returncode == 0 and result_path.is_file():  # the ranks finished: the Ctrl-C came too late
-            when = "after the" if stopping is None else "as the stage stopped them, but the"
-            log_fn(f"{stage}: Ctrl-C {when} {n} processes had finished: the stage's result is kept; Ctrl-C again stops what follows")
+            when = f"Ctrl-C after the {n} processes had finished" if stopping is None else f"the {n} processes finished before the stop reached them"
+            log_fn(f"{stage}: {when}: the stage's result is kept; Ctrl-C again stops what follows")
         else:
             # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
             stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
@@ -512,9 +512,9 @@ def _oom_kills() -> int | None:
 def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -> str:
     """torchrun's and the ranks' PYTHONPATH: this project's root, then the user's entries less those that are the working
     folder ('.', '' and the like): PYTHONPATH=. (a common shell habit) put it back before the installed packages after
-    PYTHONSAFEPATH had taken it away, and a torch.py or tasks/ there was imported again (a review, 2026-12-06). Neither
-    torchrun nor the ranks import anything of the user's; in the project's root the entries are left, the root being
-    first anyway."""
+    PYTHONSAFEPATH had taken it away, and a torch.py there was imported by torchrun again (any module but this project's,
+    whose root comes first; a review, 2026-12-06). Neither torchrun nor the ranks import anything of the user's; in the
+    project's root the entries are left, the root being first anyway."""
     root = Path(__file__).resolve().parents[2]
     try:
         here = Path.cwd().resolve()
@@ -525,7 +525,7 @@ def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -
     if dropped:
         which = f"entry {dropped[0]!r} is" if len(dropped) == 1 else f"entries {', '.join(map(repr, dropped))} are"
         log_fn(f"{stage}: PYTHONPATH {which} the working folder ({here}): left out of torchrun's and the ranks' PYTHONPATH, "
-               "so that a module there (a torch.py, a tasks/) is not imported instead of the real one")
+               "so that a module there (a torch.py, a signal.py) is not imported instead of the real one")
     return os.pathsep.join([str(root), *(e for e in entries if e not in dropped)])
 
 
