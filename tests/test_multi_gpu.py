@@ -755,14 +755,17 @@ time.sleep(2)
 """
 
 
-@pytest.mark.parametrize("when", ["as the reader thread starts", "as the stage puts the handlers back"])
+@pytest.mark.parametrize("when", ["as the reader thread starts", "as the stage puts the handlers back",
+                                  "once SIGINT's handler is back, before SIGTERM's"])
 def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(monkeypatch, tmp_path, when):
     """A review (2026-12-06): the stage set its SIGINT and SIGTERM handlers before its `try` and put them back in its
     `finally` one by one, where a Ctrl-C raises. A Ctrl-C as the reader thread started, or as the first handler was
     put back, ended the stage with _CtrlC still SIGINT's handler, its one raising Ctrl-C used up, and SIGTERM still
     forwarded to the ended torchrun: from then on Ctrl-C and `kill PID` did nothing in this process (a notebook, a flow
-    going on to its next stage). Here the Ctrl-C lands at each of those moments; the stage raises KeyboardInterrupt
-    (the user's Ctrl-C) and leaves both handlers as they were."""
+    going on to its next stage). A second review (2026-12-06): SIGINT's was put back first, so a Ctrl-C right after it
+    raised from Python's own handler before SIGTERM's and SIGHUP's were put back: the same deaf `kill PID`. Here the
+    Ctrl-C lands at each of those moments; the stage raises KeyboardInterrupt (the user's Ctrl-C) and leaves the
+    handlers as they were."""
     import os
     import signal
     import subprocess
@@ -783,27 +786,29 @@ def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(m
     else:
         pressed = []
 
-        def ctrl_c_then_put_back(sig, handler):  # the first handler put back: neither the stage's SIGTERM nor SIGINT one
-            if not pressed and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC):
+        def ctrl_c_then_put_back(sig, handler):  # the first handler put back (or SIGTERM's): neither the stage's SIGTERM nor SIGINT one
+            if (not pressed and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC)
+                    and (when == "as the stage puts the handlers back" or sig == signal.SIGTERM)):
                 pressed.append(sig)
                 os.kill(os.getpid(), signal.SIGINT)
             return setting(sig, handler)
 
         monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)
     outer = setting(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
-    term = signal.getsignal(signal.SIGTERM)
+    term, hup = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
         with pytest.raises(KeyboardInterrupt):
             launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
-        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     finally:
         monkeypatch.undo()
         signal.signal(signal.SIGINT, outer)
         signal.signal(signal.SIGTERM, term)  # the next test's, whatever this one left
+        signal.signal(signal.SIGHUP, hup)
         for proc in started:
             proc.kill()
             proc.wait()
-    assert after == (signal.default_int_handler, term), after
+    assert after == (signal.default_int_handler, term, hup), after
 
 
 # torchrun that writes more than a pipe holds (64 KiB), then ends cleanly: it ends only once the stage has read it all

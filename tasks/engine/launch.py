@@ -157,7 +157,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
         seen = len(ctrl_c.later)
-        for sig, handler in previous.items():  # never None: a handler set outside Python is not replaced (_forward_stop_signals)
+        # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
+        # before SIGTERM's and SIGHUP's were put back, and those forwarded to the ended torchrun from then on (a review,
+        # 2026-12-06). Never None: a handler set outside Python is not replaced (_forward_stop_signals).
+        for sig, handler in reversed(previous.items()):
             signal.signal(sig, handler)
         if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
             raise KeyboardInterrupt
