@@ -755,7 +755,7 @@ time.sleep(2)
 """
 
 
-@pytest.mark.parametrize("when", ["as the reader thread starts", "as the stage puts the handlers back",
+@pytest.mark.parametrize("when", ["as the reader thread starts", "as the `finally` begins", "as the stage puts the handlers back",
                                   "once SIGINT's handler is back, before SIGTERM's"])
 def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(monkeypatch, tmp_path, when):
     """A review (2026-12-06): the stage set its SIGINT and SIGTERM handlers before its `try` and put them back in its
@@ -763,9 +763,10 @@ def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(m
     put back, ended the stage with _CtrlC still SIGINT's handler, its one raising Ctrl-C used up, and SIGTERM still
     forwarded to the ended torchrun: from then on Ctrl-C and `kill PID` did nothing in this process (a notebook, a flow
     going on to its next stage). A second review (2026-12-06): SIGINT's was put back first, so a Ctrl-C right after it
-    raised from Python's own handler before SIGTERM's and SIGHUP's were put back: the same deaf `kill PID`. Here the
-    Ctrl-C lands at each of those moments; the stage raises KeyboardInterrupt (the user's Ctrl-C) and leaves the
-    handlers as they were."""
+    raised from Python's own handler before SIGTERM's and SIGHUP's were put back: the same deaf `kill PID`; and a first
+    Ctrl-C as the `finally` began raised from _CtrlC as `disarm` started (Python runs a pending handler as a function
+    starts), before its count: none was put back. Here the Ctrl-C lands at each of those moments; the stage raises
+    KeyboardInterrupt (the user's Ctrl-C) and leaves the handlers as they were."""
     import os
     import signal
     import subprocess
@@ -783,6 +784,14 @@ def test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working(m
             return reading(lines, show)
 
         monkeypatch.setattr(launch, "read_in_background", ctrl_c_then_read)
+    elif when == "as the `finally` begins":
+        disarm = launch._CtrlC.disarm
+
+        def ctrl_c_then_disarm(self):  # the handler runs here, where a pending one runs as `disarm` starts
+            os.kill(os.getpid(), signal.SIGINT)
+            return disarm(self)
+
+        monkeypatch.setattr(launch._CtrlC, "disarm", ctrl_c_then_disarm)
     else:
         pressed = []
 

@@ -150,7 +150,13 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 raise TrainingStopped(stopped["message"]) from None
             raise
     finally:
-        unpressed = ctrl_c.disarm()  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
+        try:  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
+            unpressed, late = ctrl_c.disarm(), False
+        except KeyboardInterrupt:
+            # The first Ctrl-C, its handler run as `disarm` started (Python runs a pending one as a function starts),
+            # before the count: it raised out of the `finally` and put no handler back (a review, 2026-12-06). Theirs,
+            # raised below once the handlers are back.
+            unpressed, late = True, True
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
         if proc is not None and not killed and proc.poll() is None:
             proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
@@ -162,7 +168,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # 2026-12-06). Never None: a handler set outside Python is not replaced (_forward_stop_signals).
         for sig, handler in reversed(previous.items()):
             signal.signal(sig, handler)
-        if unpressed and len(ctrl_c.later) > seen:  # the user's first Ctrl-C, as the handlers were put back: theirs
+        if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             raise KeyboardInterrupt
     rc = proc.returncode
     if rc != 0:
