@@ -1023,6 +1023,47 @@ def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path
     assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
 
 
+@pytest.mark.parametrize("when", ["as the `finally` begins", "as the stage puts the handlers back"])
+def test_a_ctrl_c_as_the_stage_ends_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path, when):
+    """A second review (2026-12-06): the same first Ctrl-C one moment later, in the stage's `finally` (as it began, or
+    as it put the handlers back), still raised KeyboardInterrupt and dropped the finished run's record. Now the record
+    is returned, the stage says the Ctrl-C came too late, and the handlers are as they were."""
+    import os
+    import signal
+
+    from tasks.engine import launch
+
+    logs, pressed = [], []
+    if when == "as the `finally` begins":
+        disarm = launch._CtrlC.disarm
+
+        def ctrl_c_then_disarm(self):  # the handler runs here, where a pending one runs as `disarm` starts
+            os.kill(os.getpid(), signal.SIGINT)
+            return disarm(self)
+
+        monkeypatch.setattr(launch._CtrlC, "disarm", ctrl_c_then_disarm)
+    else:
+        setting = signal.signal
+
+        def ctrl_c_then_put_back(sig, handler):  # the first handler put back: neither the stage's SIGTERM nor SIGINT one
+            if not pressed and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC):
+                pressed.append(sig)
+                os.kill(os.getpid(), signal.SIGINT)
+            return setting(sig, handler)
+
+        monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)
+    term, hup = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        rec = _finish(monkeypatch, tmp_path, logs)
+        after = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    finally:
+        signal.signal(signal.SIGTERM, term)  # the next test's, whatever this one left
+        signal.signal(signal.SIGHUP, hup)
+    assert rec == {"steps": 4}, logs
+    assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+    assert after == (term, hup), after
+
+
 # torchrun whose ranks finish (rank 0's record written, exit 0) once told to (a file <record>.go appears; a signal
 # could come before the program is ready for it): they were past their last step already
 _TORCHRUN_FINISHES_WHEN_TOLD = """import json, os, signal, sys, time

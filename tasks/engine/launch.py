@@ -105,6 +105,13 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     killed = False
+
+    def finished() -> bool:
+        """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
+        return proc is not None and not killed and proc.returncode == 0 and result_path.is_file()
+
+    def too_late(when: str) -> None:
+        log_fn(f"{stage}: {when}: the stage's result is kept; Ctrl-C again stops what follows")
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -140,9 +147,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                        f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         if reader is not None:
             reader.join(timeout=5)
-        if not killed and proc.returncode == 0 and result_path.is_file():  # the ranks finished: the Ctrl-C came too late
-            when = f"Ctrl-C after the {n} processes had finished" if stopping is None else f"the {n} processes finished before the stop reached them"
-            log_fn(f"{stage}: {when}: the stage's result is kept; Ctrl-C again stops what follows")
+        if finished():  # the ranks finished: the Ctrl-C came too late
+            too_late(f"Ctrl-C after the {n} processes had finished" if stopping is None else
+                     f"the {n} processes finished before the stop reached them")
         else:
             # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
             stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
@@ -169,7 +176,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         for sig, handler in reversed(previous.items()):
             signal.signal(sig, handler)
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
-            raise KeyboardInterrupt
+            # Once the ranks had finished it stops nothing, as in the `except`: it dropped the finished run's record (a
+            # review, 2026-12-06).
+            if not finished():
+                raise KeyboardInterrupt
+            too_late(f"Ctrl-C after the {n} processes had finished")
     rc = proc.returncode
     if rc != 0:
         raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
