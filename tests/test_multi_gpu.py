@@ -1213,6 +1213,24 @@ def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(
             "the ranks' PYTHONPATH, so that a module there (a torch.py, a signal.py) is not imported instead of the real one") in logs, logs
 
 
+def test_a_pythonpath_entry_that_is_a_symlink_loop_does_not_stop_the_launch(monkeypatch, tmp_path):
+    """A second review (2026-12-06): the check above resolves each entry, and Path.resolve raises RuntimeError
+    ("Symlink loop from ...") on a symlink that points at itself: the stage failed before torchrun started, on an entry
+    Python itself skips. It stays (nothing can be imported through it); the working folder's entry is still left out."""
+    import os
+
+    from tasks.engine import launch
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (tmp_path / "loop").symlink_to("loop")
+    monkeypatch.chdir(user)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "loop"), "."]))
+    started = _torchrun_start(monkeypatch, tmp_path / "work")
+    root = str(Path(launch.__file__).resolve().parents[2])
+    assert started["env"]["PYTHONPATH"] == os.pathsep.join([root, str(tmp_path / "loop")]), started["env"]["PYTHONPATH"]
+
+
 def test_a_deleted_working_folder_does_not_stop_the_launch(monkeypatch, tmp_path):
     """The PYTHONPATH check above resolves the working folder; one deleted under the stage (a cleaned-up temporary
     folder) made that raise FileNotFoundError before torchrun started. Nothing can be imported from it: entries stay."""

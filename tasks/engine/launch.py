@@ -541,7 +541,9 @@ def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -
     except OSError:  # the working folder was deleted: nothing there to import
         here = root
     entries = users.split(os.pathsep) if users else []
-    dropped = [e for e in entries if here != root and Path(e or ".").resolve() == here]
+    # os.path.realpath, not Path.resolve: that raised RuntimeError on a symlink loop (before Python 3.13), and the
+    # launch failed on an entry Python itself skips (a review, 2026-12-06).
+    dropped = [e for e in entries if here != root and Path(os.path.realpath(e or ".")) == here]
     if dropped:
         which = f"entry {dropped[0]!r} is" if len(dropped) == 1 else f"entries {', '.join(map(repr, dropped))} are"
         log_fn(f"{stage}: PYTHONPATH {which} the working folder ({here}): left out of torchrun's and the ranks' PYTHONPATH, "
