@@ -1045,13 +1045,14 @@ def test_a_ctrl_c_as_the_stage_ends_after_torchrun_finished_keeps_the_record(mon
     else:
         setting = signal.signal
 
-        def ctrl_c_then_put_back(sig, handler):  # the first handler put back: neither the stage's SIGTERM nor SIGINT one
-            if not pressed and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC):
+        def ctrl_c_then_put_back(sig, handler):  # the first handler the stage puts back: neither its SIGTERM nor SIGINT one
+            if (not pressed and isinstance(signal.getsignal(signal.SIGINT), launch._CtrlC)
+                    and getattr(handler, "__name__", "") != "forward" and not isinstance(handler, launch._CtrlC)):
                 pressed.append(sig)
                 os.kill(os.getpid(), signal.SIGINT)
             return setting(sig, handler)
 
-        monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)
+        monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)  # the signal module: _finish's own calls too
     term, hup = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
         rec = _finish(monkeypatch, tmp_path, logs)
