@@ -1023,6 +1023,56 @@ def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path
     assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
 
 
+# torchrun whose rank 1 was killed: its failure summary, then exit 1
+_TORCHRUN_FAILS = """import sys
+print("ready", flush=True)
+print(sys.argv[2], flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_ctrl_c_after_torchrun_failed_reports_the_failure(monkeypatch, tmp_path):
+    """A second review (2026-12-06): the same late Ctrl-C (torchrun already ended, as the stage read its last lines)
+    after torchrun had failed raised KeyboardInterrupt: the stage's line naming the rank that died and how was never
+    written, and the run ended as stopped by the user, not failed. The Ctrl-C stops nothing there either: the failure is
+    reported as without it."""
+    import os
+    import signal
+    import sys
+
+    from tasks.engine import launch
+
+    reading, pressed, logs = launch.read_in_background, [], []
+
+    def ctrl_c_at_the_join(lines, show):
+        reader = reading(lines, show)
+        join = reader.join
+
+        def ctrl_c_then_join(timeout=None):
+            if not pressed:
+                pressed.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            return join(timeout)
+
+        reader.join = ctrl_c_then_join
+        return reader
+
+    monkeypatch.setattr(launch, "read_in_background", ctrl_c_at_the_join)
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FAILS, "-", ROOT_CAUSE])
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(StageError) as e:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+    except KeyboardInterrupt as e:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
+        pytest.fail(f"the stage raised {e!r}; its log: {logs}")
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+    assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL;"), (e.value, logs)
+    assert "train: Ctrl-C after the 2 processes had ended (exit code 1): it stops nothing; their failure follows" in logs, logs
+    assert not any("stopping" in line for line in logs), logs
+
+
 @pytest.mark.parametrize("when", ["as the `finally` begins", "as the stage puts the handlers back"])
 def test_a_ctrl_c_as_the_stage_ends_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path, when):
     """A second review (2026-12-06): the same first Ctrl-C one moment later, in the stage's `finally` (as it began, or

@@ -105,6 +105,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     killed = False
+    seen_ended = False
 
     def finished() -> bool:
         """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
@@ -128,6 +129,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
         while proc.poll() is None:
             time.sleep(0.1)
+        # Seen ended before any Ctrl-C raised: one from here on came after torchrun had ended on its own (one that torchrun
+        # got too ran its handler here by the sleep's end at the latest) and stops nothing.
+        seen_ended = True
         reader.join()  # the last lines, torchrun's failure summary among them
     except KeyboardInterrupt:
         if proc is None:  # torchrun never started (a handler not the stage's raised): nothing to stop
@@ -150,6 +154,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         if finished():  # the ranks finished: the Ctrl-C came too late
             too_late(f"Ctrl-C after the {n} processes had finished" if stopping is None else
                      f"the {n} processes finished before the stop reached them")
+        elif seen_ended:
+            # They had failed on their own: reported below as without the Ctrl-C, whose KeyboardInterrupt hid which rank
+            # died and how (a review, 2026-12-06).
+            log_fn(f"{stage}: Ctrl-C after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; "
+                   "their failure follows")
         else:
             # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
             stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
