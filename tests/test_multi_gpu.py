@@ -175,6 +175,11 @@ def test_torchruns_grace_for_a_stop_is_the_larger_of_the_users_and_the_stages():
                                                  "stopping after it, before the rank saved its checkpoint"]), user
     with pytest.raises(StageError, match="TORCH_ELASTIC_SHUTDOWN_TIMEOUT='10m' is not a whole number of seconds"):
         _stop_grace({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10m"}, "train", print)
+    # The probe saves nothing (a second review, 2026-12-06: its line spoke of the checkpoint a rank saves)
+    logs = []
+    _stop_grace({"PET_SHUTDOWN_TIMEOUT": "5"}, "probe", logs.append)
+    assert logs == [f"probe: PET_SHUTDOWN_TIMEOUT=5 raised to {STOP_GRACE_S}: torchrun SIGKILLs a rank still stopping after it, "
+                    "before the rank ended its trial"], logs
 
 # The stage's parent as `qlora-pipeline run` is to it: calls the stage in its main thread; a TrainingStopped is the stop
 # (exit 130, as the CLI's "interrupted:"), anything else is not.

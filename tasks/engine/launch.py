@@ -244,8 +244,9 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
         except ValueError:
             raise StageError(f"{name}={env[name]!r} is not a whole number of seconds; unset it or set e.g. {STOP_GRACE_S}") from None
         if users < STOP_GRACE_S:
+            saved = "saved its checkpoint" if stage == "train" else "ended its trial"  # the probe saves nothing
             log_fn(f"{stage}: {name}={users} raised to {STOP_GRACE_S}: torchrun SIGKILLs a rank still stopping after it, "
-                   "before the rank saved its checkpoint")
+                   f"before the rank {saved}")
         grace = max(users, STOP_GRACE_S)
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = env["PET_SHUTDOWN_TIMEOUT"] = str(grace)
     return grace
