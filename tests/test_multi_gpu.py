@@ -998,10 +998,35 @@ def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train", progra
         signal.signal(signal.SIGINT, outer)
 
 
+def _finish_stopped(monkeypatch, tmp_path, logs: list[str], program: str = _TORCHRUN_FINISHES) -> None:
+    """run_stage as `_finish`, where a Ctrl-C came after the ranks finished: the run stops (KeyboardInterrupt) as the
+    user asked, and the stage's result stays where rank 0 wrote it (in a real run, after completing the stage's folder,
+    which the rerun reuses). Going on to evaluate, merge and publish after a Ctrl-C, as a first fix did, was not asked."""
+    import signal
+    import sys
+
+    from tasks.engine import launch
+
+    record = tmp_path / "result-train.json"
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(record)])
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+    assert json.loads(record.read_text()) == {"steps": 4}, logs
+
+
+KEPT = "its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked"
+
+
 def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path):
     """A review (2026-12-06): a first Ctrl-C as the stage read torchrun's last lines, torchrun already ended cleanly,
     logged a stop of the ended torchrun and raised KeyboardInterrupt: the finished training's record was dropped (the
-    stage records the adapter only from it). Now the record is returned and the stage says the Ctrl-C came too late."""
+    stage records the adapter only from it). Now the stage says the ranks had finished, their result is kept (rank 0
+    completed the folder the rerun reuses), and the run stops as asked (it went on to evaluate and publish once)."""
     import os
     import signal
 
@@ -1023,9 +1048,9 @@ def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path
         return reader
 
     monkeypatch.setattr(launch, "read_in_background", ctrl_c_at_the_join)
-    assert _finish(monkeypatch, tmp_path, logs) == {"steps": 4}, logs
-    assert pressed and not any("stopping" in line for line in logs), logs
-    assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+    _finish_stopped(monkeypatch, tmp_path, logs)
+    assert pressed and not any(line.startswith("train: stopping") for line in logs), logs
+    assert f"train: Ctrl-C after the 2 processes had finished: {KEPT}" in logs, logs
 
 
 # torchrun whose rank 1 was killed: its failure summary, then exit 1
@@ -1082,7 +1107,7 @@ def test_a_ctrl_c_after_torchrun_failed_reports_the_failure(monkeypatch, tmp_pat
 def test_a_ctrl_c_as_the_stage_ends_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path, when):
     """A second review (2026-12-06): the same first Ctrl-C one moment later, in the stage's `finally` (as it began, or
     as it put the handlers back), still raised KeyboardInterrupt and dropped the finished run's record. Now the record
-    is returned, the stage says the Ctrl-C came too late, and the handlers are as they were."""
+    is kept, the stage says so and stops the run, and the handlers are as they were."""
     import os
     import signal
 
@@ -1110,13 +1135,12 @@ def test_a_ctrl_c_as_the_stage_ends_after_torchrun_finished_keeps_the_record(mon
         monkeypatch.setattr(launch.signal, "signal", ctrl_c_then_put_back)  # the signal module: _finish's own calls too
     term, hup = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
-        rec = _finish(monkeypatch, tmp_path, logs)
+        _finish_stopped(monkeypatch, tmp_path, logs)
         after = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     finally:
         signal.signal(signal.SIGTERM, term)  # the next test's, whatever this one left
         signal.signal(signal.SIGHUP, hup)
-    assert rec == {"steps": 4}, logs
-    assert "train: Ctrl-C after the 2 processes had finished: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+    assert f"train: Ctrl-C after the 2 processes had finished: {KEPT}" in logs, logs
     assert after == (term, hup), after
 
 
@@ -1134,7 +1158,7 @@ open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
 def test_ranks_that_finish_as_a_ctrl_c_stops_them_keep_the_record(monkeypatch, tmp_path):
     """The same for a Ctrl-C in the ranks' last moments: the stage says it is stopping, and torchrun then ends cleanly
     with rank 0's record written (the ranks were past their last step). The stage raised KeyboardInterrupt and dropped
-    the record; now it returns it."""
+    the record; now it keeps it, says so, and stops the run."""
     import os
     import signal
     import subprocess
@@ -1157,13 +1181,12 @@ def test_ranks_that_finish_as_a_ctrl_c_stops_them_keep_the_record(monkeypatch, t
     logs = Logs()
     monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
     try:
-        rec = _finish(monkeypatch, tmp_path, logs, program=_TORCHRUN_FINISHES_WHEN_TOLD)
+        _finish_stopped(monkeypatch, tmp_path, logs, program=_TORCHRUN_FINISHES_WHEN_TOLD)
     finally:
         for proc in started:
             proc.kill()
             proc.wait()
-    assert rec == {"steps": 4}, logs
-    assert "train: the 2 processes finished before the stop reached them: the stage's result is kept; Ctrl-C again stops what follows" in logs, logs
+    assert f"train: the 2 processes finished before the stop reached them: {KEPT}" in logs, logs
 
 
 def test_a_stop_signal_handler_set_outside_python_is_left_in_place(monkeypatch, tmp_path):

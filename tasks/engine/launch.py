@@ -112,7 +112,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         return proc is not None and not killed and proc.returncode == 0 and result_path.is_file()
 
     def too_late(when: str) -> None:
-        log_fn(f"{stage}: {when}: the stage's result is kept; Ctrl-C again stops what follows")
+        # Rank 0 completed the stage's folder before writing the record, so stopping loses nothing, and the user asked
+        # to stop: going on to evaluate, merge and publish after a Ctrl-C (as the first fix did) is not what they asked.
+        log_fn(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked")
     try:
         ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -151,9 +153,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                        f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         if reader is not None:
             reader.join(timeout=5)
-        if finished():  # the ranks finished: the Ctrl-C came too late
+        if finished():  # the ranks finished: the Ctrl-C came too late to stop them, not to stop the run
             too_late(f"Ctrl-C after the {n} processes had finished" if stopping is None else
                      f"the {n} processes finished before the stop reached them")
+            raise
         elif seen_ended:
             # They had failed on their own: reported below as without the Ctrl-C, whose KeyboardInterrupt hid which rank
             # died and how (a review, 2026-12-06).
@@ -185,11 +188,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         for sig, handler in reversed(previous.items()):
             signal.signal(sig, handler)
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
-            # Once the ranks had finished it stops nothing, as in the `except`: it dropped the finished run's record (a
-            # review, 2026-12-06).
-            if not finished():
-                raise KeyboardInterrupt
-            too_late(f"Ctrl-C after the {n} processes had finished")
+            # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
+            if finished():
+                too_late(f"Ctrl-C after the {n} processes had finished")
+            raise KeyboardInterrupt
     rc = proc.returncode
     if rc != 0:
         raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
