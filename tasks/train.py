@@ -6,8 +6,8 @@ turns. We skip SFTTrainer's own tokenization and its per-step entropy/accuracy m
 the full-vocabulary logits per step) because stage 1 already did the former and nobody reads the latter.
 
 Budget: the stage's wall clock (model load + steps + saves) is the budget. `BudgetGuard` stops where the run
-ends nearest the deadline (when half the next step plus the final save would reach it: at most half a step over or
-under, where stopping before any crossing left up to a whole step unspent), or at the step cap (the user's `training.max_steps`,
+ends nearest the deadline (when half the next step plus the final save would reach it, a checkpoint due then counted
+in the step: at most half a step over or under, where stopping before any crossing left up to a whole step unspent), or at the step cap (the user's `training.max_steps`,
 else `CAP_FACTOR` (4) times the probe's estimate), whichever first, and saves a checkpoint every `checkpoint_minutes`. The
 learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
 step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
@@ -222,11 +222,14 @@ class BudgetGuard(_trainer_callback_base()):
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
+        save = now - self.last_ckpt >= self.checkpoint_s
         # Stop where the run ends nearest the deadline: now (ending at elapsed + save) unless one more step would end
         # nearer (elapsed + step + save), i.e. stop once half a step and the save reach it. Stopping before any crossing
-        # ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06).
-        stop = self.elapsed() + recent / 2 + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
-        save = now - self.last_ckpt >= self.checkpoint_s
+        # ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06). A checkpoint
+        # due now is part of going on (a budget stop saves none): weighing the step alone ran half of it and the
+        # checkpoint's save past the deadline.
+        ahead = recent + (self.save_cost_s if save else 0.0)
+        stop = self.elapsed() + ahead / 2 + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
         stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
         if dist.is_main():
             write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})

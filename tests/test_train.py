@@ -652,3 +652,34 @@ def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkey
 
     monkeypatch.setitem(sys.modules, "prefect.runtime", None)  # `from prefect.runtime import ...` raises ImportError
     assert in_a_deployment_run() is False
+
+
+@pytest.mark.parametrize("budget_s, ends_at", [
+    (11.8, 10.0),  # after 3 steps (9 s) with a checkpoint due: stopping ends at 10 (1.8 short); the checkpoint, a fourth step
+                   # and the final save end at 14 (2.2 over): stop (the guard weighed the step alone and ran on to 14)
+    (12.6, 14.0),  # the same with 2.6 left: ending at 14 (1.4 over) is nearer than at 10 (2.6 short): the fourth runs
+])
+def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_path, monkeypatch, budget_s, ends_at):
+    """A checkpoint falls due as the guard decides whether one more step ends nearer the deadline: continuing costs the
+    checkpoint's save too (no checkpoint is saved on a budget stop), so the guard that weighed half the step alone ran
+    past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget)."""
+    import types
+
+    from tasks import train
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    save_s = 1.0  # the probe's save time: the final adapter's and a checkpoint's
+    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, 9.0, save_s)
+    state = types.SimpleNamespace(global_step=0, max_steps=10_000)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    while not control.should_training_stop:
+        clock[0] += 3.0
+        state.global_step += 1
+        guard.on_step_end(None, state, control)
+        if control.should_save and not control.should_training_stop:  # as Trainer: the checkpoint, then on_save
+            clock[0] += save_s
+            control.should_save = False
+            guard.on_save(None, state, control)
+    assert guard.stopped_by == "budget"
+    assert clock[0] + save_s == pytest.approx(ends_at)  # the final adapter's save ends the run
