@@ -283,7 +283,7 @@ class BudgetGuard(_trainer_callback_base()):
                         f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
 
     def on_save(self, args, state, control, **kw):
-        self.last_ckpt = time.monotonic()
+        self.last_ckpt = self.last_step_t = time.monotonic()  # the next step is timed without this save (on_step_end adds it when due)
         dist.barrier()  # every rank has written its part (its RNG state) before the marker says complete
         ckpt = self.work / f"checkpoint-{state.global_step}"
         if dist.is_main() and ckpt.is_dir():

@@ -654,15 +654,19 @@ def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkey
     assert in_a_deployment_run() is False
 
 
-@pytest.mark.parametrize("budget_s, ends_at", [
-    (11.8, 10.0),  # after 3 steps (9 s) with a checkpoint due: stopping ends at 10 (1.8 short); the checkpoint, a fourth step
-                   # and the final save end at 14 (2.2 over): stop (the guard weighed the step alone and ran on to 14)
-    (12.6, 14.0),  # the same with 2.6 left: ending at 14 (1.4 over) is nearer than at 10 (2.6 short): the fourth runs
+@pytest.mark.parametrize("checkpoint_s, budget_s, ends_at", [
+    (9.0, 11.8, 10.0),  # after 3 steps (9 s) with a checkpoint due: stopping ends at 10 (1.8 short); the checkpoint, a fourth
+                        # step and the final save end at 14 (2.2 over): stop (the guard weighed the step alone and ran on to 14)
+    (9.0, 12.6, 14.0),  # the same with 2.6 left: ending at 14 (1.4 over) is nearer than at 10 (2.6 short): the fourth runs
+    (1e-9, 14.2, 16.0),  # a checkpoint every step: after 3 (11 s, 3 saved) stopping ends at 12 (2.2 short), going on at 16
+                         # (1.8 over): the fourth runs (the step timed with the save before it counted that save twice)
+    (1e-9, 13.8, 12.0),  # the same with 2.8 left: 12 (1.8 short) is nearer than 16 (2.2 over): stop
 ])
-def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_path, monkeypatch, budget_s, ends_at):
+def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_path, monkeypatch, checkpoint_s, budget_s, ends_at):
     """A checkpoint falls due as the guard decides whether one more step ends nearer the deadline: continuing costs the
     checkpoint's save too (no checkpoint is saved on a budget stop), so the guard that weighed half the step alone ran
-    past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget)."""
+    past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget).
+    The step is timed without the checkpoint saved before it, else a save every step counts twice."""
     import types
 
     from tasks import train
@@ -670,7 +674,7 @@ def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_pat
     clock = [0.0]
     monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
     save_s = 1.0  # the probe's save time: the final adapter's and a checkpoint's
-    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, 9.0, save_s)
+    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, checkpoint_s, save_s)
     state = types.SimpleNamespace(global_step=0, max_steps=10_000)
     control = types.SimpleNamespace(should_training_stop=False, should_save=False)
     while not control.should_training_stop:
