@@ -39,7 +39,8 @@ from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
-from .engine.collate import BatchTrace, PackedStream, PaddedCollator, collator_for, is_padding_free, steps_per_pass, training_dataset
+from .engine.collate import (BatchTrace, PackedStream, PaddedCollator, PassPacks, collator_for, is_padding_free, steps_per_pass,
+                             training_dataset)
 from .engine.noise import add_embedding_noise
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
@@ -576,9 +577,12 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     cap = training.max_steps or CAP_FACTOR * probe.max_steps
     n = dist.world()
     # training.max_epochs: where the budget buys more passes over the rows than that, the run ends at the step that
-    # completes them (the schedule completes there: `time_schedule` follows the cap when it leads)
-    per_pass = steps_per_pass(engine, [len(x) for x in train_ds["input_ids"]], mb, ga, n, data.max_length, training.seed,
-                              packing=training.packing) if training.max_epochs else 0.0
+    # completes them (the schedule completes there: `time_schedule` follows the cap when it leads). The packed engines
+    # pack each pass once (`packs`): the first pass's packs make the cap, then the stream trains on those same packs.
+    lengths = [len(x) for x in train_ds["input_ids"]]
+    packs = PassPacks(lengths, training.packing, mb, data.max_length) if is_padding_free(engine) else None
+    per_pass = steps_per_pass(engine, lengths, mb, ga, n, data.max_length, training.seed, packing=training.packing,
+                              packs=packs) if training.max_epochs else 0.0
     by_epochs = epoch_cap(training.max_epochs, per_pass)
     planned = probe.max_steps
     if by_epochs is not None and by_epochs < cap:
@@ -588,7 +592,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     packs_per_step = ga * n  # packed engines: one pack per forward on each rank
     start = read_json(resume / CKPT_MARKER).get("data_position") if resume else None
     dataset, per_device = training_dataset(engine, train_ds, mb, data.max_length, training.seed, packing=training.packing,
-                                           min_packs=(cap - done) * packs_per_step, start=start)
+                                           min_packs=(cap - done) * packs_per_step, start=start, packs=packs)
     args = training_args(training, work, device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=cap, gradient_checkpointing=gc, keep=training.keep_checkpoints, padding_free=is_padding_free(engine))
     batch = batch_size(dataset, per_device * ga * n, train_ds, training.packing)
     if isinstance(dataset, PackedStream):

@@ -358,6 +358,38 @@ def test_max_epochs_one_reads_every_row_once_whatever_steps_the_probe_sampled(en
     assert rec.stopped_by == "max_epochs" and rec.tokens_seen == tiny_data.train_tokens and rec.passes == 1.0, (rec.steps, rec.passes)
 
 
+def test_the_packed_engines_pack_each_pass_once_and_train_on_the_packs_pack_rows_makes(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    """Stage 4 packed the first pass three times on the packed engines: `steps_per_pass` for max_epochs' cap, then
+    `PackedStream` the same pass again to train on it, then `per_pack` for the batch line (~0.08 s a packing over 60k rows
+    of demo-gpu's lengths, besides reading the rows' lengths twice, ~1.2 s each). Each pass is packed once now, and the
+    packs trained are the ones `pack_rows` makes for passes seed, seed + 1, ... as before."""
+    import collections
+
+    import tasks.engine.collate as collate
+    import tasks.train as train_mod
+    from tasks.data import load_split
+
+    training = tiny_cfg.training.model_copy(update={"engine": "fast", "max_steps": None, "max_epochs": 1.5, "warmup_ratio": 0.0})
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    roomy = probe.model_copy(update={"max_steps": 400, "budget_seconds": 600.0, "key": "packed-once"})
+    real_pack, real_dataset = collate.pack_rows, train_mod.training_dataset
+    packed, built = collections.Counter(), []
+
+    def counted(lengths, packing, micro_batch_size, max_length, seed):
+        packed[seed, len(lengths)] += 1
+        return real_pack(lengths, packing, micro_batch_size, max_length, seed)
+
+    monkeypatch.setattr(collate, "pack_rows", counted)
+    monkeypatch.setattr(train_mod, "training_dataset", lambda *a, **k: built.append(real_dataset(*a, **k)) or built[-1])
+    rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    n, seed = tiny_data.n_train, training.seed
+    assert packed == {(seed, n): 1, (seed + 1, n): 1}, packed  # was {(seed, n): 3, ...}: the first pass packed three times
+    lengths = [len(x) for x in load_split(tiny_data, "train")["input_ids"]]
+    before = [pk for p in range(2) for pk in real_pack(lengths, "full", roomy.micro_batch_size, tiny_data.max_length, seed + p)]
+    stream = built[0][0]
+    assert stream.packs == before and rec.steps <= len(before)
+
+
 def test_the_max_epochs_log_line_says_the_passes_the_cap_reads_not_the_setting():
     """A cap is whole steps, at least one: max_epochs 0.0001 over 32-step passes caps at 1 step, 0.03 passes; the line
     said the step read the rows 0.0001 times."""

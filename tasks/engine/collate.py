@@ -7,7 +7,6 @@ cross-sample attention (tasks/engine/fastpath.py).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import random
@@ -54,6 +53,26 @@ def pack_rows(lengths: list[int], packing: str, micro_batch_size: int, max_lengt
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     return [sorted(order[i:i + micro_batch_size]) for i in range(0, len(order), micro_batch_size)]
+
+
+class PassPacks:
+    """`pack(lengths, seed) -> packs` for `PackedStream`: a pass over every row (`pack_rows` with the run's settings)
+    is packed once per seed and kept. Stage 4 counts the first pass's packs for training.max_epochs' cap
+    (`steps_per_pass`), trains on them (`PackedStream`) and describes a pack by them (`PackedStream.per_pack`): it
+    packed that pass three times (~0.08 s each over 60k rows of demo-gpu's lengths). Other rows (a resume's unseen rows
+    at another pack size) are packed as asked, each time."""
+
+    def __init__(self, lengths: list[int], packing: str, micro_batch_size: int, max_length: int):
+        self.lengths = lengths
+        self.settings = {"packing": packing, "micro_batch_size": micro_batch_size, "max_length": max_length}
+        self.passes: dict[int, list[list[int]]] = {}
+
+    def __call__(self, lengths: list[int], seed: int) -> list[list[int]]:
+        if lengths != self.lengths:
+            return pack_rows(lengths, seed=seed, **self.settings)
+        if seed not in self.passes:
+            self.passes[seed] = pack_rows(lengths, seed=seed, **self.settings)
+        return self.passes[seed]
 
 
 class PackedStream:
@@ -130,28 +149,30 @@ class PackedStream:
 
 
 def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: int, seed: int, *, packing: str = "full",
-                     min_packs: int = 1, start: dict | None = None):
+                     min_packs: int = 1, start: dict | None = None, packs: PassPacks | None = None):
     """(dataset, per-device batch size) for the engine (see the module docstring): the rows themselves for the padded
-    recipe, a `PackedStream` of at least `min_packs` packs (one per forward) for the padding-free engines."""
+    recipe, a `PackedStream` of at least `min_packs` packs (one per forward) for the padding-free engines, packed by
+    `packs` where the caller has one (stage 4: the packings its max_epochs cap counted), else by a new one."""
     if not is_padding_free(engine):
         return train_ds, micro_batch_size
-    lengths = [len(x) for x in train_ds["input_ids"]]
-    pack = functools.partial(pack_rows, packing=packing, micro_batch_size=micro_batch_size, max_length=max_length)
-    return PackedStream(train_ds, lengths, lambda ls, sd: pack(ls, seed=sd), seed, min_packs, start), 1
+    packs = packs or PassPacks([len(x) for x in train_ds["input_ids"]], packing, micro_batch_size, max_length)
+    return PackedStream(train_ds, packs.lengths, packs, seed, min_packs, start), 1
 
 
 def steps_per_pass(engine: str, lengths: list[int], micro_batch_size: int, grad_accum: int, ranks: int, max_length: int, seed: int, *,
-                   packing: str = "full") -> float:
+                   packing: str = "full", packs: PassPacks | None = None) -> float:
     """Optimizer steps that read the training rows once, as stage 4 deals them out: the padded recipe's Trainer takes
     ceil(rows / micro-batch) micro-batches a pass, shared by the ranks (the last rank's share filled up), `grad_accum`
     a step (the last step of a pass takes what is left); the packed engines read `grad_accum` packs a rank a step from a
-    stream that runs on into the next pass, so a pass is its packs' share of a step (the first pass's packs)."""
+    stream that runs on into the next pass, so a pass is its packs' share of a step (the first pass's packs, from
+    `packs` where given: the stream then trains on the packs counted here, not on a second packing of them)."""
     if not lengths:
         return 0.0
     if not is_padding_free(engine):
         per_rank = math.ceil(math.ceil(len(lengths) / micro_batch_size) / ranks)
         return float(math.ceil(per_rank / grad_accum))
-    return len(pack_rows(lengths, packing, micro_batch_size, max_length, seed)) / (grad_accum * ranks)
+    packs = packs or PassPacks(lengths, packing, micro_batch_size, max_length)
+    return len(packs(lengths, seed)) / (grad_accum * ranks)
 
 
 def collator_for(engine: str, pad_id: int, model=None, batch_shape: tuple[int, int] | None = None):
