@@ -339,10 +339,12 @@ class TrainingSection(Section):
     max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
     max_epochs: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="At most this many passes over the training tokens (tokens read / the data "
-        "stage's training tokens). Where the budget would buy more, the step that completes them becomes the step cap: the LR "
-        "schedule completes there, the run ends early and says so (stopped by max_epochs). A budget that buys more passes "
-        "than the rows hold overfits them (docs/BENCHMARKS.md \"Setting q\"). None = the budget (or max_steps) decides; in the "
-        "training key only when set."
+        "stage's training tokens). Where the budget would buy more, the last step within them becomes the step cap: the LR "
+        "schedule completes there, the run ends early and says so (stopped by max_epochs). The cap is whole steps rounded "
+        "down, so 2 reads the rows no more than twice (a part of a pass counts that pass's steps), and at least one step: a "
+        "value worth less than a step trains one, and the log says so. A budget that buys more passes than the rows hold "
+        "overfits them (docs/BENCHMARKS.md \"Setting q\"). None = the budget (or max_steps) decides; in the training key only "
+        "when set."
     )
     checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")

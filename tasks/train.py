@@ -102,22 +102,27 @@ CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many ti
 
 
 def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
-    """The step by which `max_epochs` passes over the rows are read, `per_pass` optimizer steps a pass
+    """The last step that reads the rows no more than `max_epochs` times, `per_pass` optimizer steps a pass
     (tasks/engine/collate.py `steps_per_pass`, from the rows as the engine deals them out: not the probe's tokens per
     step, the mean of the step or two it timed, which put max_epochs=1 at 1.10 and 0.92 passes on the tiny profile);
-    None without a cap."""
+    None without a cap. Whole steps, rounded down (`max_epochs: 2` means no more than two passes; rounded up, a pass of
+    32.5 steps capped max_epochs 1 at 33, a pack more than the pass), but at least one step: a max_epochs below a step
+    trains one (`_epochs_note` says so)."""
     steps = (max_epochs or 0.0) * per_pass
     if steps <= 0 or not math.isfinite(steps):  # a max_epochs the config takes (1e308) can overflow: no cap, as unset
         return None
-    return max(1, math.ceil(round(steps, 6)))  # rounded: 0.1 x 30 steps is 3 steps, not 4
+    return max(1, math.floor(round(steps, 6)))  # rounded: 0.29 x 100 steps is 29 steps (28.999999999999996), not 28
 
 
 def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int) -> str:
     """The log's words for training.max_epochs: the cap, and what it leaves of the budget when it binds."""
     buys = probe.max_steps / per_pass
+    allows = max_epochs * per_pass
     # the passes the cap reads, not max_epochs itself: the cap is whole steps, at least one (0.0001 is a step's 0.03 passes)
     note = (f"; training.max_epochs {max_epochs:g}: {by_epochs} steps ({per_pass:g} a pass) read the {train_tokens:,} training tokens "
             f"{by_epochs / per_pass:.2f} times")
+    if round(allows, 6) < 1:
+        note += f" (it allows {allows:.2g} of a step; a run trains at least one)"
     if by_epochs < probe.max_steps:
         note += (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
                  "early (raise training.max_epochs, or add rows, to spend it)")
@@ -576,9 +581,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     # few steps misjudged an H200 run's step time 3x, and a 2x cap ended it at 61% of its budget).
     cap = training.max_steps or CAP_FACTOR * probe.max_steps
     n = dist.world()
-    # training.max_epochs: where the budget buys more passes over the rows than that, the run ends at the step that
-    # completes them (the schedule completes there: `time_schedule` follows the cap when it leads). The packed engines
-    # pack each pass once (`packs`): the first pass's packs make the cap, then the stream trains on those same packs.
+    # training.max_epochs: where the budget buys more passes over the rows than that, the run ends at the last step
+    # within them (`epoch_cap`; the schedule completes there: `time_schedule` follows the cap when it leads). The packed
+    # engines pack each pass once (`packs`): the first pass's packs make the cap, then the stream trains on those packs.
     lengths = [len(x) for x in train_ds["input_ids"]]
     packs = PassPacks(lengths, training.packing, mb, data.max_length) if is_padding_free(engine) else None
     per_pass = steps_per_pass(engine, lengths, mb, ga, n, data.max_length, training.seed, packing=training.packing,

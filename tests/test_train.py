@@ -322,7 +322,7 @@ def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifa
 def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts):
     """A budget that buys more passes over the rows than training.max_epochs allows (the demo-gpu profile's 10 minutes
     bought 2.4 passes on an H100, and every held-out loss rose against 2.0: docs/BENCHMARKS.md "Setting q") ends at the
-    step that completes them: the schedule anneals there, the record and the log say why the run ended early."""
+    last step within them: the schedule anneals there, the record and the log say why the run ended early."""
     from tasks.data import load_split
     from tasks.engine.collate import steps_per_pass
     from tasks.train import epoch_cap
@@ -331,7 +331,7 @@ def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(ti
     roomy = probe.model_copy(update={"max_steps": 40, "budget_seconds": 300.0, "key": "max-epochs"})
     lengths = [len(x) for x in load_split(tiny_data, "train")["input_ids"]]
     per_pass = steps_per_pass("padded", lengths, roomy.micro_batch_size, roomy.grad_accum, 1, tiny_data.max_length, 0)
-    epochs = 5.5 / per_pass  # five and a half steps' worth of rows: the cap is the sixth step
+    epochs = 6.5 / per_pass  # six and a half steps' worth of rows: the cap is the sixth step (no more than it allows)
     training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": epochs, "warmup_ratio": 0.0})
     assert epoch_cap(epochs, per_pass) == 6
     lines = []
@@ -387,7 +387,7 @@ def test_the_packed_engines_pack_each_pass_once_and_train_on_the_packs_pack_rows
     lengths = [len(x) for x in load_split(tiny_data, "train")["input_ids"]]
     before = [pk for p in range(2) for pk in real_pack(lengths, "full", roomy.micro_batch_size, tiny_data.max_length, seed + p)]
     stream = built[0][0]
-    assert stream.packs == before and rec.steps <= len(before)
+    assert stream.packs == before and rec.steps <= len(before) and 1.0 < rec.passes <= 1.5, (rec.steps, rec.passes)
 
 
 def test_the_max_epochs_log_line_says_the_passes_the_cap_reads_not_the_setting():
@@ -398,7 +398,9 @@ def test_the_max_epochs_log_line_says_the_passes_the_cap_reads_not_the_setting()
     probe = SimpleNamespace(max_steps=20, s_per_step=0.5)
     note = _epochs_note(0.0001, 15296, 32.0, probe, 1)
     assert "1 steps (32 a pass) read the 15,296 training tokens 0.03 times" in note and "ends ~10 s early" in note, note
-    assert "read the 15,296 training tokens 2.00 times" in _epochs_note(2.0, 15296, 6.5, probe, 13)
+    assert "(it allows 0.0032 of a step; a run trains at least one)" in note, note  # more than it allows, and said so
+    whole = _epochs_note(2.0, 15296, 6.5, probe, 13)
+    assert "read the 15,296 training tokens 2.00 times" in whole and "a run trains at least one" not in whole, whole
 
 
 def test_a_pass_is_the_steps_the_engine_deals_the_rows_out_in():
@@ -421,7 +423,10 @@ def test_max_epochs_above_what_the_budget_buys_changes_nothing_but_the_key(tiny_
     from tasks.train import cache_key, epoch_cap
 
     assert epoch_cap(None, 100.0) is None and epoch_cap(2.0, 100.0) == 200 and epoch_cap(0.001, 100.0) == 1
-    assert epoch_cap(0.1, 30.0) == 3  # not 4: 0.1 x 30 is 3.0000000000000004 in floating point
+    assert epoch_cap(0.1, 30.0) == 3 and epoch_cap(0.29, 100.0) == 29  # 0.29 x 100 is 28.999999999999996 in floating point
+    # No more passes than it says: rounded down to whole steps (it rounded up: 33 steps read 66 of a pass's 65 packs)
+    assert epoch_cap(1.0, 32.5) == 32 and epoch_cap(2.0, 6.5) == 13 and epoch_cap(0.99, 10.0) == 9 and epoch_cap(1.5, 13.0) == 19
+    assert epoch_cap(0.05, 10.0) == 1  # half a step: one, the least a run trains (the log says so)
     assert epoch_cap(1e308, 32.0) is None  # passes the config (finite), but its steps overflow to inf: no cap, not an OverflowError
     data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
     t = tiny_cfg.training
