@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, field_validator,
+                      model_serializer, model_validator)
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.yaml"
 MAX_HOURS = 720.0  # a month: anything longer is a typo (minutes given as hours, say)
@@ -37,6 +37,19 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     # extra="forbid": a typo in pipeline.yaml is an error that names the key, never a silent default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _number(fix: str) -> BeforeValidator:
+    """A number key that takes no true/false, the error saying `fix`: pydantic's lax mode reads a bool as 1 or 0
+    (`training.max_epochs: true` was one pass, `micro_batch_size: true` a micro-batch of one, `seed: false` seed 0), and
+    YAML reads yes/no and on/off as booleans too. `Annotated[float | None, _number(...)]`: checked before the type is."""
+
+    def refuse_bool(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be a number (got {v!r}: YAML reads true/false, yes/no and on/off as booleans); give {fix}")
+        return v
+
+    return BeforeValidator(refuse_bool)
 
 
 class ModelSection(Section):
@@ -291,19 +304,25 @@ class LoraSection(Section):
 
 
 class TrainingSection(Section):
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass. Higher = faster, more VRAM.")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step. Padded engine: the optimizer batch is micro × accum "
-                            "conversations; packed engines: accum packs (see packing). Stage 4 logs and records the batch in both units.")
+    micro_batch_size: Annotated[int, _number("examples per forward pass, e.g. 4")] = Field(
+        4, ge=1, description="Examples per forward pass. Higher = faster, more VRAM.")
+    grad_accum: Annotated[int, _number("micro-batches per optimizer step, e.g. 4")] = Field(
+        4, ge=1, description="Micro-batches per optimizer step. Padded engine: the optimizer batch is micro × accum "
+        "conversations; packed engines: accum packs (see packing). Stage 4 logs and records the batch in both units.")
     packing: Literal["full", "matched"] = Field(
         "full", description="Packed engines (fast, fused) only. full = a micro-batch packs up to micro × max_length tokens "
         "(TRL/Axolotl packing): max_length / mean-length times more conversations per step than the padded recipe, at the "
         "same learning rate, so fewer, larger steps. matched = packs of about micro conversations (micro × mean length "
         "tokens): the padded recipe's batch, so the learning rate means what it does there; smaller forwards.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak LR. QLoRA default 2e-4; lower for larger models.")
+    learning_rate: Annotated[float, _number("the peak LR, e.g. 2e-4")] = Field(
+        2e-4, gt=0, description="Peak LR. QLoRA default 2e-4; lower for larger models.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay over the step budget.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming the LR up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
-    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping; 0.3 is the QLoRA paper's.")
+    warmup_ratio: Annotated[float, _number("the share of steps warming up, e.g. 0.03, or 0 for none")] = Field(
+        0.03, ge=0, lt=1, description="Share of steps spent warming the LR up.")
+    weight_decay: Annotated[float, _number("the decay, e.g. 0.01, or 0 for none")] = Field(
+        0.0, ge=0, description="AdamW weight decay on LoRA weights.")
+    max_grad_norm: Annotated[float, _number("the clipping norm, e.g. 0.3")] = Field(
+        0.3, gt=0, description="Gradient clipping; 0.3 is the QLoRA paper's.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations: ~30% slower, far less VRAM.")
     offload_activations: Literal["off", "on", "auto"] = Field(
         "auto", description="Where the checkpointed layers' saved inputs wait for the backward, on CUDA (on the CPU they already "
@@ -336,8 +355,9 @@ class TrainingSection(Section):
     liger: bool = Field(True, description="Liger's fused kernels (RMSNorm, SwiGLU/GeGLU, RoPE, linear cross-entropy) on the fast and fused "
                         "engines on CUDA (transformers 5 needs liger-kernel>=0.7.0, checked before any work); false: transformers' own modules "
                         "(an architecture Liger gets wrong, or to compare).")
-    max_steps: int | None = Field(None, ge=1, description="Hard step cap; None = the probe's budget decides.")
-    max_epochs: float | None = Field(
+    max_steps: Annotated[int | None, _number("a step count, e.g. 500, or null for the budget's")] = Field(
+        None, ge=1, description="Hard step cap; None = the probe's budget decides.")
+    max_epochs: Annotated[float | None, _number("the passes over the rows, e.g. 2, or null for no cap")] = Field(
         None, gt=0, allow_inf_nan=False, description="At most this many passes over the training tokens (tokens read / the data "
         "stage's training tokens). Where the budget would buy more, the last step within them becomes the step cap: the LR "
         "schedule completes there, the run ends early and says so (stopped by max_epochs). The cap is whole steps rounded "
@@ -346,23 +366,25 @@ class TrainingSection(Section):
         "overfits them (docs/BENCHMARKS.md \"Setting q\"). None = the budget (or max_steps) decides; in the training key only "
         "when set."
     )
-    checkpoint_minutes: float = Field(10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
-    logging_steps: int = Field(1, ge=1, description="Log loss/LR/tokens per second every N steps.")
-    seed: int = Field(42, description="Training seed (LoRA init, dropout, data order).")
-    neftune_noise_alpha: float | None = Field(
+    checkpoint_minutes: Annotated[float, _number("minutes between checkpoints, e.g. 10")] = Field(
+        10.0, gt=0, description="Save a resumable checkpoint this often. Lower = less lost on a crash, more I/O.")
+    keep_checkpoints: Annotated[int, _number("how many to keep, e.g. 2")] = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    logging_steps: Annotated[int, _number("log every N steps, e.g. 1")] = Field(
+        1, ge=1, description="Log loss/LR/tokens per second every N steps.")
+    seed: Annotated[int, _number("an integer, e.g. 42")] = Field(42, description="Training seed (LoRA init, dropout, data order).")
+    neftune_noise_alpha: Annotated[float | None, _number("the noise alpha, e.g. 5, or null (or 0) for off")] = Field(
         None, ge=0, allow_inf_nan=False, description="NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(sample length x width) on the input "
         "embeddings while training; the paper's alpha is 5-15 (longer, more helpful answers on AlpacaEval). Each token's sample "
         "length is its own in packed rows and without padding in padded ones (tasks/engine/noise.py; transformers' own hook "
         "would use the whole pack's). None/0 = off; in the training key only when set."
     )
-    unlikelihood_alpha: float | None = Field(
+    unlikelihood_alpha: Annotated[float | None, _number("the alpha, e.g. 1, or null (or 0) for off")] = Field(
         None, ge=0, allow_inf_nan=False, description="Token-level unlikelihood (Welleck et al. 2020): besides cross-entropy, each trained "
         "token is scored -alpha x sum log(1 - p) over the tokens its sample has already written (special and stop tokens "
         "exempt), so greedy decoding learns not to pick the token it just wrote; the paper's alpha is 1 (tasks/engine/"
         "unlikelihood.py). Costs head time, so the probe times it. None/0 = off; in the probe and training keys only when set."
     )
-    gpus: int | Literal["auto"] = Field(
+    gpus: Annotated[int | Literal["auto"], _number("a GPU count, e.g. 1, or auto")] = Field(
         1, description="GPUs to train on: 1 = in the task's process; N or auto (all visible) = data-parallel under torchrun, "
         "one process and one 4-bit copy of the base per GPU. The global batch (micro × accum) stays the same: each GPU runs "
         "accum / N micro-batches per step, so grad_accum must be a multiple of N. With device=cpu, N gloo processes (tests)."
@@ -389,14 +411,18 @@ class TrainingSection(Section):
 
 
 class BudgetSection(Section):
-    hours: float | None = Field(None, description="Wall-clock time budget for training. The probe turns it into steps.")
-    minutes: float | None = Field(None, description="Same, in minutes (given together they add up; a profile or --set giving one unit replaces the budget below).")
+    hours: Annotated[float | None, _number("the training time in hours, e.g. 4 (or --hours 4)")] = Field(
+        None, description="Wall-clock time budget for training. The probe turns it into steps.")
+    minutes: Annotated[float | None, _number("the training time in minutes, e.g. 30 (or --minutes 30)")] = Field(
+        None, description="Same, in minutes (given together they add up; a profile or --set giving one unit replaces the budget below).")
     vram_gb: float | Literal["auto"] | None = Field(
         None, description="GPU memory budget in GiB; the probe picks the fastest settings that fit under it. auto = the memory "
         "free on the GPU when the probe starts; None = the recipe's settings as written."
     )
-    probe_warmup_steps: int = Field(1, ge=0, description="Untimed probe steps (allocator, kernels warm up).")
-    probe_steps: int = Field(2, ge=1, description="Timed probe steps. More = a more accurate step budget, longer probe.")
+    probe_warmup_steps: Annotated[int, _number("untimed probe steps, e.g. 1, or 0 for none")] = Field(
+        1, ge=0, description="Untimed probe steps (allocator, kernels warm up).")
+    probe_steps: Annotated[int, _number("timed probe steps, e.g. 2")] = Field(
+        2, ge=1, description="Timed probe steps. More = a more accurate step budget, longer probe.")
 
     @field_validator("vram_gb", mode="before")
     @classmethod

@@ -559,3 +559,31 @@ def test_a_nan_budget_is_refused_in_one_line():
     for kw in ({"hours": float("nan")}, {"overrides": ["budget.minutes=.nan"]}):
         (p,) = _problems(profile="tiny", **kw)
         assert p.startswith("budget.") and "must be > 0 (got nan)" in p, p
+
+
+NUMBER_KEYS = ["training.micro_batch_size", "training.grad_accum", "training.learning_rate", "training.warmup_ratio",
+               "training.weight_decay", "training.max_grad_norm", "training.max_steps", "training.max_epochs",
+               "training.checkpoint_minutes", "training.keep_checkpoints", "training.logging_steps", "training.seed",
+               "training.neftune_noise_alpha", "training.unlikelihood_alpha", "training.gpus",
+               "budget.hours", "budget.minutes", "budget.probe_warmup_steps", "budget.probe_steps"]
+
+
+@pytest.mark.parametrize("key", NUMBER_KEYS)
+def test_a_bool_in_a_number_key_is_one_line_naming_the_key_and_the_fix(key):
+    """pydantic's lax mode read a bool as 1 or 0: `training.max_epochs: true` was one pass, `micro_batch_size: true` a
+    micro-batch of one, `seed: false` seed 0 (and YAML reads yes/no and on/off as booleans too). Each is one line now."""
+    for given in ("true", "false", "yes", "off"):
+        (p,) = _problems(profile="tiny", overrides=[f"{key}={given}"])
+        assert p.startswith(f"{key}: must be a number (got {given in ('true', 'yes')}: YAML reads"), p
+        assert "; give " in p and "e.g." in p and "\n" not in p, p
+
+
+def test_a_bool_max_epochs_in_the_file_names_the_key_and_the_fix(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("defaults:\n  model: {name: 'pypi:smollm2'}\n  data: {source: embedded}\n"
+                    "profiles:\n  capped: {training: {max_epochs: true}}\n")
+    (p,) = _problems(path=path, profile="capped")
+    assert p == ("training.max_epochs: must be a number (got True: YAML reads true/false, yes/no and on/off as booleans); give "
+                 "the passes over the rows, e.g. 2, or null for no cap"), p
+    assert load_config(path, profile="capped", overrides=["training.max_epochs=2"]).training.max_epochs == 2.0  # numbers still are
+    assert load_config(profile="tiny", overrides=["training.learning_rate=1e-4", "budget.hours=0.5"]).training.learning_rate == 1e-4
