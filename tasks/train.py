@@ -114,8 +114,10 @@ def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
     return max(1, math.floor(round(steps, 6)))  # rounded: 0.29 x 100 steps is 29 steps (28.999999999999996), not 28
 
 
-def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int) -> str:
-    """The log's words for training.max_epochs: the cap, and what it leaves of the budget when it binds."""
+def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int, max_steps: int | None = None) -> str:
+    """The log's words for training.max_epochs: its cap, and which cap ends the run: training.max_steps where it comes
+    first (or at the same step: the run is stopped by max_steps then), the budget where it buys no more steps than the
+    pass cap, else the pass cap, with what it leaves of the budget."""
     buys = probe.max_steps / per_pass
     allows = max_epochs * per_pass
     # the passes the cap reads, not max_epochs itself: the cap is whole steps, at least one (0.0001 is a step's 0.03 passes)
@@ -123,10 +125,13 @@ def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: A
             f"{by_epochs / per_pass:.2f} times")
     if round(allows, 6) < 1:
         note += f" (it allows {allows:.2g} of a step; a run trains at least one)"
-    if by_epochs < probe.max_steps:
-        note += (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
-                 "early (raise training.max_epochs, or add rows, to spend it)")
-    return note
+    first = min(by_epochs, max_steps or by_epochs)
+    if first >= probe.max_steps:
+        return note + f"; the budget is expected to end the run first, at ~{probe.max_steps} steps ({buys:.2f} passes)"
+    if max_steps is not None and max_steps <= by_epochs:
+        return note + f"; training.max_steps {max_steps} is the cap: the run stops at step {max_steps} ({max_steps / per_pass:.2f} passes)"
+    return note + (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
+                   "early (raise training.max_epochs, or add rows, to spend it)")
 
 
 def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
@@ -623,7 +628,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
-           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs) if by_epochs is not None else "")
+           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps) if by_epochs is not None else "")
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)

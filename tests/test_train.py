@@ -403,6 +403,35 @@ def test_the_max_epochs_log_line_says_the_passes_the_cap_reads_not_the_setting()
     assert "read the 15,296 training tokens 2.00 times" in whole and "a run trains at least one" not in whole, whole
 
 
+def test_the_max_epochs_log_line_says_which_cap_ends_the_run():
+    """The line described the pass cap as the run's end whatever bound first: under training.max_steps 5 it said 13
+    steps read the rows twice and "the run ends ~4 s early", where max_steps stopped the run at step 5; under a budget
+    of ~20 steps with a 64-step pass cap it did not say the budget ends the run."""
+    from tasks.train import _epochs_note
+
+    probe = SimpleNamespace(max_steps=20, s_per_step=0.5)
+    passes = _epochs_note(2.0, 15296, 6.5, probe, 13)
+    assert "the run ends ~4 s early" in passes and "is the cap" not in passes and "budget is expected" not in passes, passes
+    for max_steps in (5, 13):  # before the pass cap, and at the same step (stopped_by is max_steps then too)
+        steps = _epochs_note(2.0, 15296, 6.5, probe, 13, max_steps=max_steps)
+        assert steps.endswith(f"; training.max_steps {max_steps} is the cap: the run stops at step {max_steps} "
+                              f"({max_steps / 6.5:.2f} passes)") and "early" not in steps, steps
+    budget = _epochs_note(2.0, 15296, 32.0, probe, 64, max_steps=30)
+    assert budget.endswith("; the budget is expected to end the run first, at ~20 steps (0.62 passes)") and "early" not in budget, budget
+
+
+def test_a_run_that_max_steps_stops_before_the_pass_cap_says_so(tiny_cfg, tiny_data, shared_artifacts):
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    roomy = probe.model_copy(update={"max_steps": 40, "budget_seconds": 300.0, "key": "max-steps-first"})
+    training = tiny_cfg.training.model_copy(update={"max_steps": 3, "max_epochs": 1.0, "warmup_ratio": 0.0})  # a pass: 32 steps
+    lines = []
+    rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
+    assert rec.stopped_by == "max_steps" and rec.steps == 3
+    said = next(line for line in lines if "training.max_epochs" in line)
+    assert "training.max_epochs 1: 32 steps" in said and "training.max_steps 3 is the cap: the run stops at step 3" in said, said
+    assert "early" not in said, said
+
+
 def test_a_pass_is_the_steps_the_engine_deals_the_rows_out_in():
     """255 rows in micro-batches of 8 are 32 micro-batches, 16 a rank on 2 ranks, 2 a step: 8 steps (the 2-rank
     tiny run of tests/test_multi_gpu.py; the probe's sampled tokens per step capped max_epochs=1 at 9, 1.14 passes).
