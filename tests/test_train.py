@@ -319,7 +319,32 @@ def test_capped_run_ends_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifa
     assert any(b.startswith("train: 100%") and "step 12 (cap 12), budget 300 s" in b for b in bar), bar[-3:]  # the cap ended the run
 
 
-def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts):
+def _count_token_reads(monkeypatch) -> list[str]:
+    """Stage 4's reads of the training rows' token ids as a column (`train_ds["input_ids"]`, for their lengths: ~1.2 s
+    a read at 60k rows of demo-gpu's lengths)."""
+    import datasets
+
+    import tasks.train as train_mod
+
+    reads, real = [], train_mod.load_split
+
+    class Counted(datasets.Dataset):
+        def __getitem__(self, key):
+            if key == "input_ids":
+                reads.append(key)
+            return super().__getitem__(key)
+
+    def load(record, split):
+        ds = real(record, split)
+        if split == "train":
+            ds.__class__ = Counted
+        return ds
+
+    monkeypatch.setattr(train_mod, "load_split", load)
+    return reads
+
+
+def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
     """A budget that buys more passes over the rows than training.max_epochs allows (the demo-gpu profile's 10 minutes
     bought 2.4 passes on an H100, and every held-out loss rose against 2.0: docs/BENCHMARKS.md "Setting q") ends at the
     last step within them: the schedule anneals there, the record and the log say why the run ended early."""
@@ -334,9 +359,10 @@ def test_max_epochs_ends_the_run_at_the_passes_it_allows_with_the_lr_annealed(ti
     epochs = 6.5 / per_pass  # six and a half steps' worth of rows: the cap is the sixth step (no more than it allows)
     training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": epochs, "warmup_ratio": 0.0})
     assert epoch_cap(epochs, per_pass) == 6
-    lines = []
+    lines, reads = [], _count_token_reads(monkeypatch)
     rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
     assert rec.stopped_by == "max_epochs" and rec.steps == rec.max_steps == 6 and rec.expected_steps == 40
+    assert len(reads) == 1  # the lengths for the cap and the batch line: read once (twice before)
     assert rec.passes == round(rec.tokens_seen / tiny_data.train_tokens, 3) and 0 < rec.passes
     lrs = [h["learning_rate"] for h in json.loads((Path(rec.dir) / "log_history.json").read_text()) if "learning_rate" in h]
     assert len(lrs) == 6 and lrs[-1] < 0.1 * training.learning_rate, lrs  # the schedule completed at the cap, not at 40
@@ -381,7 +407,9 @@ def test_the_packed_engines_pack_each_pass_once_and_train_on_the_packs_pack_rows
 
     monkeypatch.setattr(collate, "pack_rows", counted)
     monkeypatch.setattr(train_mod, "training_dataset", lambda *a, **k: built.append(real_dataset(*a, **k)) or built[-1])
+    reads = _count_token_reads(monkeypatch)
     rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert len(reads) == 1  # the rows' lengths, for the cap and the stream
     n, seed = tiny_data.n_train, training.seed
     assert packed == {(seed, n): 1, (seed + 1, n): 1}, packed  # was {(seed, n): 3, ...}: the first pass packed three times
     lengths = [len(x) for x in load_split(tiny_data, "train")["input_ids"]]
@@ -615,17 +643,18 @@ def test_batch_is_stated_in_conversations_and_tokens(tiny_cfg, tiny_data, shared
     from tasks.train import batch_size
 
     train_ds = load_split(tiny_data, "train")
+    lengths = [len(x) for x in train_ds["input_ids"]]
     padded, per = training_dataset("padded", train_ds, 8, 160, 0)
-    assert batch_size(padded, per * 2, train_ds)["conversations"] == 16
+    assert batch_size(padded, per * 2, lengths)["conversations"] == 16
     full, per = training_dataset("fast", train_ds, 8, 160, 0, packing="full")
     matched, _ = training_dataset("fast", train_ds, 8, 160, 0, packing="matched")
-    b_full, b_matched = batch_size(full, per * 2, train_ds, "full"), batch_size(matched, per * 2, train_ds, "matched")
+    b_full, b_matched = batch_size(full, per * 2, lengths, "full"), batch_size(matched, per * 2, lengths, "matched")
     assert b_full["conversations"] > 2 * b_matched["conversations"]  # full packs hold far more than 8 short rows
     assert b_full["tokens"] > b_matched["tokens"] and "full" in b_full["rule"]
     # matched: the padded recipe's 16 conversations a step, also at half the micro-batch and twice the accumulation
     # (an out-of-memory retry), and whatever the longest row (a pack sized by tokens grew 5.5x at micro-batch 1)
     half, _ = training_dataset("fast", train_ds, 4, 160, 0, packing="matched")
-    assert abs(b_matched["conversations"] - 16) < 0.2 and abs(batch_size(half, 4, train_ds, "matched")["conversations"] - 16) < 0.2
+    assert abs(b_matched["conversations"] - 16) < 0.2 and abs(batch_size(half, 4, lengths, "matched")["conversations"] - 16) < 0.2
 
 
 def test_batch_record_is_the_same_for_a_run_and_its_resume(tiny_data):
@@ -637,7 +666,7 @@ def test_batch_record_is_the_same_for_a_run_and_its_resume(tiny_data):
     train_ds = load_split(tiny_data, "train")
     fresh, _ = training_dataset("fast", train_ds, 8, 160, 0, min_packs=40)
     resumed, _ = training_dataset("fast", train_ds, 8, 160, 0, min_packs=40, start=fresh.position_after(5))
-    assert batch_size(fresh, 2, train_ds) == batch_size(resumed, 2, train_ds)
+    assert batch_size(fresh, 2, fresh.lengths) == batch_size(resumed, 2, resumed.lengths)
 
 
 def _draws(text: str) -> int:
