@@ -101,35 +101,53 @@ class NonFiniteLoss(StageError):
 CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many times the probe's estimate
 
 
-def epoch_cap(max_epochs: float | None, per_pass: float) -> int | None:
+def epoch_steps(max_epochs: float, per_pass: float, full_steps: float | None = None) -> float:
+    """The steps `max_epochs` passes allow, unrounded: whole passes `per_pass` steps each, a part of a pass its share of
+    `full_steps` (the pass in full steps: the padded recipe's last step of a pass takes only what is left, and its
+    Trainer starts each pass afresh, so 0.9 of a 32-micro-batch pass at accum 5 is 5.76 steps, not 0.9 x 7 = 6.3;
+    None: `per_pass`, the packed engines' stream, which runs on into the next pass)."""
+    whole = math.floor(max_epochs) if full_steps is not None else 0
+    return whole * per_pass + (max_epochs - whole) * (per_pass if full_steps is None else full_steps)
+
+
+def passes_read(steps: int, per_pass: float, full_steps: float | None = None) -> float:
+    """The passes over the rows `steps` steps read (`epoch_steps` turned round): whole passes, then the rest in full steps."""
+    if full_steps is None:
+        return steps / per_pass
+    whole = math.floor(steps / per_pass)
+    return whole + (steps - whole * per_pass) / full_steps
+
+
+def epoch_cap(max_epochs: float | None, per_pass: float, full_steps: float | None = None) -> int | None:
     """The last step that reads the rows no more than `max_epochs` times, `per_pass` optimizer steps a pass
     (tasks/engine/collate.py `steps_per_pass`, from the rows as the engine deals them out: not the probe's tokens per
-    step, the mean of the step or two it timed, which put max_epochs=1 at 1.10 and 0.92 passes on the tiny profile);
-    None without a cap. Whole steps, rounded down (`max_epochs: 2` means no more than two passes; rounded up, a pass of
-    32.5 steps capped max_epochs 1 at 33, a pack more than the pass), but at least one step: a max_epochs below a step
-    trains one (`_epochs_note` says so)."""
-    steps = (max_epochs or 0.0) * per_pass
+    step, the mean of the step or two it timed, which put max_epochs=1 at 1.10 and 0.92 passes on the tiny profile;
+    `full_steps`: see `epoch_steps`); None without a cap. Whole steps, rounded down (`max_epochs: 2` means no more than
+    two passes; rounded up, a pass of 32.5 steps capped max_epochs 1 at 33, a pack more than the pass), but at least one
+    step: a max_epochs below a step trains one (`_epochs_note` says so)."""
+    steps = epoch_steps(max_epochs, per_pass, full_steps) if max_epochs else 0.0
     if steps <= 0 or not math.isfinite(steps):  # a max_epochs the config takes (1e308) can overflow: no cap, as unset
         return None
     return max(1, math.floor(round(steps, 6)))  # rounded: 0.29 x 100 steps is 29 steps (28.999999999999996), not 28
 
 
-def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int, max_steps: int | None = None) -> str:
+def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int, max_steps: int | None = None,
+                 full_steps: float | None = None) -> str:
     """The log's words for training.max_epochs: its cap, and which cap ends the run: training.max_steps where it comes
     first (or at the same step: the run is stopped by max_steps then), the budget where it buys no more steps than the
     pass cap, else the pass cap, with what it leaves of the budget."""
-    buys = probe.max_steps / per_pass
-    allows = max_epochs * per_pass
+    buys = passes_read(probe.max_steps, per_pass, full_steps)
+    allows = epoch_steps(max_epochs, per_pass, full_steps)
     # the passes the cap reads, not max_epochs itself: the cap is whole steps, at least one (0.0001 is a step's 0.03 passes)
     note = (f"; training.max_epochs {max_epochs:g}: {by_epochs} steps ({per_pass:g} a pass) read the {train_tokens:,} training tokens "
-            f"{by_epochs / per_pass:.2f} times")
+            f"{passes_read(by_epochs, per_pass, full_steps):.2f} times")
     if round(allows, 6) < 1:
         note += f" (it allows {allows:.2g} of a step; a run trains at least one)"
     first = min(by_epochs, max_steps or by_epochs)
     if first >= probe.max_steps:
         return note + f"; the budget is expected to end the run first, at ~{probe.max_steps} steps ({buys:.2f} passes)"
     if max_steps is not None and max_steps <= by_epochs:
-        return note + f"; training.max_steps {max_steps} is the cap: the run stops at step {max_steps} ({max_steps / per_pass:.2f} passes)"
+        return note + f"; training.max_steps {max_steps} is the cap: the run stops at step {max_steps} ({passes_read(max_steps, per_pass, full_steps):.2f} passes)"
     return note + (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
                    "early (raise training.max_epochs, or add rows, to spend it)")
 
@@ -593,7 +611,10 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     packs = PassPacks(lengths, training.packing, mb, data.max_length) if is_padding_free(engine) else None
     per_pass = steps_per_pass(engine, lengths, mb, ga, n, data.max_length, training.seed, packing=training.packing,
                               packs=packs) if training.max_epochs else 0.0
-    by_epochs = epoch_cap(training.max_epochs, per_pass)
+    # the padded recipe's part of a pass is its full steps (`epoch_steps`); the packed stream's runs on: per_pass
+    full_steps = (steps_per_pass(engine, lengths, mb, ga, n, data.max_length, training.seed, partial=True)
+                  if training.max_epochs and packs is None else None)
+    by_epochs = epoch_cap(training.max_epochs, per_pass, full_steps)
     planned = probe.max_steps
     if by_epochs is not None and by_epochs < cap:
         cap, guard.stopped_by = by_epochs, "max_epochs"
@@ -628,7 +649,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
-           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps) if by_epochs is not None else "")
+           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps, full_steps) if by_epochs is not None else "")
            + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
 
     previous = _install_interrupt(guard)

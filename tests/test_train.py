@@ -384,6 +384,24 @@ def test_max_epochs_one_reads_every_row_once_whatever_steps_the_probe_sampled(en
     assert rec.stopped_by == "max_epochs" and rec.tokens_seen == tiny_data.train_tokens and rec.passes == 1.0, (rec.steps, rec.passes)
 
 
+def test_max_epochs_below_a_pass_reads_no_more_than_it_says_where_a_pass_ends_in_a_part_step(tiny_cfg, tiny_data, shared_artifacts):
+    """The padded recipe's pass of 32 micro-batches of 8 at accum 5 is 7 steps, the last taking the 2 micro-batches left:
+    the Trainer starts each pass afresh, so a part of a pass is its full steps. max_epochs 0.9 (28.8 micro-batches) was
+    floor(0.9 x 7) = 6 steps, 30 micro-batches: 0.94 of the rows. It is 5 steps (25) now; whole passes keep their 7."""
+    from tasks.engine.collate import steps_per_pass
+    from tasks.train import _epochs_note, epoch_cap
+
+    training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": 0.9, "warmup_ratio": 0.0})
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    roomy = probe.model_copy(update={"micro_batch_size": 8, "grad_accum": 5, "max_steps": 400, "budget_seconds": 600.0, "key": "part-step"})
+    rec = train_adapter(tiny_data, roomy, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.stopped_by == "max_epochs" and rec.steps == 5 and rec.passes <= 0.9, (rec.steps, rec.passes)  # was 6 steps
+    lengths = [60] * tiny_data.n_train
+    assert steps_per_pass("padded", lengths, 8, 5, 1, 160, 0) == 7 and steps_per_pass("padded", lengths, 8, 5, 1, 160, 0, partial=True) == 6.4
+    assert [epoch_cap(m, 7.0, 6.4) for m in (0.9, 1.0, 1.9, 2.0, 0.1)] == [5, 7, 12, 14, 1]  # whole passes: 7 steps each
+    note = _epochs_note(0.9, 15296, 7.0, SimpleNamespace(max_steps=40, s_per_step=0.5), 5, full_steps=6.4)
+    assert "5 steps (7 a pass) read the 15,296 training tokens 0.78 times" in note, note  # 25 of the 32 micro-batches
+
 def test_the_packed_engines_pack_each_pass_once_and_train_on_the_packs_pack_rows_makes(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
     """Stage 4 packed the first pass three times on the packed engines: `steps_per_pass` for max_epochs' cap, then
     `PackedStream` the same pass again to train on it, then `per_pack` for the batch line (~0.08 s a packing over 60k rows

@@ -160,17 +160,19 @@ def training_dataset(engine: str, train_ds, micro_batch_size: int, max_length: i
 
 
 def steps_per_pass(engine: str, lengths: list[int], micro_batch_size: int, grad_accum: int, ranks: int, max_length: int, seed: int, *,
-                   packing: str = "full", packs: PassPacks | None = None) -> float:
+                   packing: str = "full", packs: PassPacks | None = None, partial: bool = False) -> float:
     """Optimizer steps that read the training rows once, as stage 4 deals them out: the padded recipe's Trainer takes
     ceil(rows / micro-batch) micro-batches a pass, shared by the ranks (the last rank's share filled up), `grad_accum`
-    a step (the last step of a pass takes what is left); the packed engines read `grad_accum` packs a rank a step from a
-    stream that runs on into the next pass, so a pass is its packs' share of a step (the first pass's packs, from
-    `packs` where given: the stream then trains on the packs counted here, not on a second packing of them)."""
+    a step (the last step of a pass takes what is left; `partial`: that step counted by the micro-batches it takes, the
+    pass in full steps, which is what a part of a pass reads: the Trainer starts each pass afresh); the packed engines
+    read `grad_accum` packs a rank a step from a stream that runs on into the next pass, so a pass is its packs' share
+    of a step, `partial` or not (the first pass's packs, from `packs` where given: the stream then trains on the packs
+    counted here, not on a second packing of them)."""
     if not lengths:
         return 0.0
     if not is_padding_free(engine):
         per_rank = math.ceil(math.ceil(len(lengths) / micro_batch_size) / ranks)
-        return float(math.ceil(per_rank / grad_accum))
+        return per_rank / grad_accum if partial else float(math.ceil(per_rank / grad_accum))
     packs = packs or PassPacks(lengths, packing, micro_batch_size, max_length)
     return len(packs(lengths, seed)) / (grad_accum * ranks)
 
