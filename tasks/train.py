@@ -134,8 +134,8 @@ def epoch_cap(max_epochs: float | None, per_pass: float, full_steps: float | Non
 def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: Any, by_epochs: int, max_steps: int | None = None,
                  full_steps: float | None = None) -> str:
     """The log's words for training.max_epochs: its cap, and which cap ends the run: training.max_steps where it comes
-    first (or at the same step: the run is stopped by max_steps then), the budget where it buys no more steps than the
-    pass cap, else the pass cap, with what it leaves of the budget."""
+    first (or at the same step as the pass cap or the probe's steps: the run is stopped by max_steps then), the budget
+    where it buys no more steps than the pass cap, else the pass cap, with what it leaves of the budget."""
     buys = passes_read(probe.max_steps, per_pass, full_steps)
     allows = epoch_steps(max_epochs, per_pass, full_steps)
     # the passes the cap reads, not max_epochs itself: the cap is whole steps, at least one (0.0001 is a step's 0.03 passes)
@@ -143,11 +143,11 @@ def _epochs_note(max_epochs: float, train_tokens: int, per_pass: float, probe: A
             f"{passes_read(by_epochs, per_pass, full_steps):.2f} times")
     if round(allows, 6) < 1:
         note += f" (it allows {allows:.2g} of a step; a run trains at least one)"
-    first = min(by_epochs, max_steps or by_epochs)
-    if first >= probe.max_steps:
-        return note + f"; the budget is expected to end the run first, at ~{probe.max_steps} steps ({buys:.2f} passes)"
-    if max_steps is not None and max_steps <= by_epochs:
+    # max_steps first: the probe caps its steps at it (tasks/probe.py), so probe.max_steps == max_steps where the budget buys more
+    if max_steps is not None and max_steps <= min(by_epochs, probe.max_steps):
         return note + f"; training.max_steps {max_steps} is the cap: the run stops at step {max_steps} ({passes_read(max_steps, per_pass, full_steps):.2f} passes)"
+    if min(by_epochs, max_steps or by_epochs) >= probe.max_steps:
+        return note + f"; the budget is expected to end the run first, at ~{probe.max_steps} steps ({buys:.2f} passes)"
     return note + (f", where the budget buys ~{buys:.1f} passes: the run ends ~{(probe.max_steps - by_epochs) * probe.s_per_step:.0f} s "
                    "early (raise training.max_epochs, or add rows, to spend it)")
 

@@ -478,6 +478,24 @@ def test_a_run_that_max_steps_stops_before_the_pass_cap_says_so(tiny_cfg, tiny_d
     assert "early" not in said, said
 
 
+def test_the_max_epochs_log_line_names_max_steps_where_the_probe_capped_its_steps_by_it(tiny_cfg, tiny_data, shared_artifacts):
+    """The probe caps its step budget at training.max_steps (tasks/probe.py), so under a max_steps the budget would
+    pass, probe.max_steps is max_steps: the line said "the budget is expected to end the run first, at ~3 steps" of a
+    run max_steps 3 stopped (stopped_by max_steps)."""
+    from tasks.train import _epochs_note
+
+    training = tiny_cfg.training.model_copy(update={"max_steps": 3, "max_epochs": 1.0, "warmup_ratio": 0.0})  # a pass: 32 steps
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    assert probe.max_steps == 3  # the tiny budget buys more: the probe's estimate is the cap
+    lines = []
+    rec = train_adapter(tiny_data, probe.model_copy(update={"key": "probe-capped"}), tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora,
+                        training, shared_artifacts, log_fn=lines.append)
+    said = next(line for line in lines if "training.max_epochs" in line)
+    assert rec.stopped_by == "max_steps" and rec.steps == 3 and "training.max_steps 3 is the cap: the run stops at step 3" in said, said
+    assert "budget is expected" not in said, said
+    budget = _epochs_note(1.0, 15296, 32.0, SimpleNamespace(max_steps=10, s_per_step=0.5), 32, max_steps=30)  # the budget buys 10
+    assert budget.endswith("; the budget is expected to end the run first, at ~10 steps (0.31 passes)"), budget
+
 def test_a_pass_is_the_steps_the_engine_deals_the_rows_out_in():
     """255 rows in micro-batches of 8 are 32 micro-batches, 16 a rank on 2 ranks, 2 a step: 8 steps (the 2-rank
     tiny run of tests/test_multi_gpu.py; the probe's sampled tokens per step capped max_epochs=1 at 9, 1.14 passes).
