@@ -41,8 +41,9 @@ class Section(BaseModel):
 
 def _number(fix: str) -> BeforeValidator:
     """A number key that takes no true/false, the error saying `fix`: pydantic's lax mode reads a bool as 1 or 0
-    (`training.max_epochs: true` was one pass, `micro_batch_size: true` a micro-batch of one, `seed: false` seed 0), and
-    YAML reads yes/no and on/off as booleans too. `Annotated[float | None, _number(...)]`: checked before the type is."""
+    (`training.max_epochs: true` was one pass, `micro_batch_size: true` a micro-batch of one, `seed: false` seed 0,
+    `lora.r: true` rank 1), and YAML reads yes/no and on/off as booleans too. `Annotated[float | None, _number(...)]`:
+    checked before the type is. On every integer and float key of every section (tests/test_config.py NUMBER_KEYS)."""
 
     def refuse_bool(v: Any) -> Any:
         if isinstance(v, bool):
@@ -121,22 +122,22 @@ class DataSection(Section):
     split: str = Field("train", description="Hub split to read.")
     revision: str | None = Field(None, description="Hub dataset revision to pin (part of the cache key).")
     language: str | None = Field("en", description="oasst only: keep trees in this language; None keeps all.")
-    max_rows: int | None = Field(None, ge=1, description="Use at most this many source rows (None = all). Smaller = faster, less data.")
-    heldout_size: int = Field(200, ge=1, description="Conversations held out for evaluation, never trained on.")
-    seed: int = Field(42, description="Seed of the held-out split and shuffling; change it and the split changes.")
+    max_rows: Annotated[int | None, _number("a row count, e.g. 1000, or null for all")] = Field(None, ge=1, description="Use at most this many source rows (None = all). Smaller = faster, less data.")
+    heldout_size: Annotated[int, _number("the held-out conversations, e.g. 200")] = Field(200, ge=1, description="Conversations held out for evaluation, never trained on.")
+    seed: Annotated[int, _number("an integer, e.g. 42")] = Field(42, description="Seed of the held-out split and shuffling; change it and the split changes.")
     max_length: int = Field(2048, ge=16, description="Max tokens per example. Higher = fewer drops, more memory per step.")
     overlong: Literal["drop", "truncate", "turns"] = Field(
         "drop", description="Examples over max_length: drop (clean), truncate (keeps data, may cut the answer's EOS), or "
         "turns (keep the leading whole turns up to the last assistant answer that fits; drop if even the first does not)."
     )
-    embedded_train: int = Field(4000, ge=1, description="embedded source: training examples to generate.")
-    embedded_heldout: int = Field(240, ge=1, description="embedded source: held-out examples (other templates and values).")
+    embedded_train: Annotated[int, _number("the examples to generate, e.g. 4000")] = Field(4000, ge=1, description="embedded source: training examples to generate.")
+    embedded_heldout: Annotated[int, _number("the held-out examples, e.g. 240")] = Field(240, ge=1, description="embedded source: held-out examples (other templates and values).")
     embedded_bases: list[str] = Field(
         default_factory=lambda: ["pypi:sharegpt", "pypi:alpaca-en-demo"],
         description="embedded source: real conversations whose first instruction and answer carry the generated constraints "
         "(tasks/constraints.py); any source data.source takes. [] = the synthetic task families only (no real instructions).",
     )
-    embedded_task_share: float = Field(
+    embedded_task_share: Annotated[float, _number("a share from 0 to 1, e.g. 0.2")] = Field(
         0.2, ge=0, le=1, description="embedded source: share of rows from the synthetic task families (arithmetic, sorting, "
         "extraction...); the rest are constrained real instructions. 1 = task families only.",
     )
@@ -146,7 +147,7 @@ class DataSection(Section):
         "still join as an extra constraint). The shares are exact (weighted round robin, no sampling noise). Held-out rows "
         "stay uniform, so runs with other weights are scored on the same rows. None = every type alike.",
     )
-    embedded_keywords_added: float = Field(
+    embedded_keywords_added: Annotated[float, _number("a share from 0 to 1, e.g. 0.5, or 0 for none")] = Field(
         0.0, ge=0, le=1, description="embedded source: share of the training rows' include_keywords (and keyword_frequency "
         "'at least') constraints whose words the real answer does not use and a sentence added to it says: the instruction's "
         "own words, else ordinary nouns. Taken from the answer as written (0), the request changes nothing in the row, which "
@@ -253,8 +254,8 @@ class QuantSection(Section):
 
 
 class LoraSection(Section):
-    r: int = Field(16, description="LoRA rank. Higher = more capacity, more trainable params and VRAM.")
-    alpha: int = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
+    r: Annotated[int, _number("the LoRA rank, e.g. 16")] = Field(16, description="LoRA rank. Higher = more capacity, more trainable params and VRAM.")
+    alpha: Annotated[int, _number("the LoRA scaling numerator, e.g. 32")] = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float | Literal["auto"] = Field(
         "auto", description="Dropout on the LoRA path; regularises small datasets. auto = 0.05, or none where LoRA adapts a "
         "mixture-of-experts model's expert weights (PEFT's LoRA on them takes no dropout, so the adapter gets none; said "
@@ -452,10 +453,10 @@ class BudgetSection(Section):
 
 
 class EvalSection(Section):
-    max_prompts: int = Field(240, ge=1, description="Held-out prompts scored (≤ the held-out split). More = tighter CIs, slower.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation cap; outputs that hit it are reported as 'never stopped'.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
-    samples: int = Field(8, ge=0, description="Base-vs-tuned sample rows shown in the report.")
+    max_prompts: Annotated[int, _number("the prompts scored, e.g. 240")] = Field(240, ge=1, description="Held-out prompts scored (≤ the held-out split). More = tighter CIs, slower.")
+    max_new_tokens: Annotated[int, _number("the generation cap in tokens, e.g. 64")] = Field(64, ge=1, description="Generation cap; outputs that hit it are reported as 'never stopped'.")
+    batch_size: Annotated[int, _number("prompts per batch, e.g. 16")] = Field(16, ge=1, description="Prompts per generation batch.")
+    samples: Annotated[int, _number("the sample rows shown, e.g. 8, or 0 for none")] = Field(8, ge=0, description="Base-vs-tuned sample rows shown in the report.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the accuracy intervals (Wilson).")
     benchmarks: list[str] = Field(
         default_factory=lambda: ["ifeval", "alpaca_eval"],
@@ -474,10 +475,10 @@ class EvalSection(Section):
         default_factory=dict, description="Per benchmark generation cap; absent = the benchmark's own (ifeval 1280, as "
         "lm-evaluation-harness; alpaca_eval 512). IFEval has 300+-word tasks and end phrases: a lower cap fails them.",
     )
-    reference_max_tokens: int = Field(
+    reference_max_tokens: Annotated[int, _number("the reference answers' tokens, e.g. 512")] = Field(
         512, ge=1, description="AlpacaEval reference answers are cut to this many tokens for the reference loss (cost is linear).",
     )
-    benchmark_seed: int = Field(0, description="Seed of the benchmark subsets.")
+    benchmark_seed: Annotated[int, _number("an integer, e.g. 0")] = Field(0, description="Seed of the benchmark subsets.")
 
 
 class MergeSection(Section):
@@ -485,7 +486,7 @@ class MergeSection(Section):
         "auto", description="Saved dtype of the merged model (the merge itself is fp32 arithmetic; never 4-bit): auto = the "
         "training compute dtype (bf16 on a modern GPU: half the size of fp32; fp32 on the CPU fallback)."
     )
-    check_prompts: int = Field(
+    check_prompts: Annotated[int, _number("the prompts compared, e.g. 8")] = Field(
         8, ge=1, description="Held-out prompts on which the merged model's logits are compared with base + adapter "
         "(KL, top-1 agreement; limits per dtype in tasks/merge.py). More = a tighter check, a slower merge."
     )
@@ -514,7 +515,7 @@ class ExportSection(Section):
         "environment (`make gptq-env`), minutes on a GPU."
     )
     gptq_python: str = Field(".venv-gptq/bin/python", description="Python of the llmcompressor environment (relative = project root).")
-    gptq_samples: int = Field(64, ge=1, description="Calibration conversations for GPTQ: more = better 4-bit weights, slower.")
+    gptq_samples: Annotated[int, _number("the calibration conversations, e.g. 64")] = Field(64, ge=1, description="Calibration conversations for GPTQ: more = better 4-bit weights, slower.")
 
 
 class PipelineConfig(Section):

@@ -565,7 +565,11 @@ NUMBER_KEYS = ["training.micro_batch_size", "training.grad_accum", "training.lea
                "training.weight_decay", "training.max_grad_norm", "training.max_steps", "training.max_epochs",
                "training.checkpoint_minutes", "training.keep_checkpoints", "training.logging_steps", "training.seed",
                "training.neftune_noise_alpha", "training.unlikelihood_alpha", "training.gpus",
-               "budget.hours", "budget.minutes", "budget.probe_warmup_steps", "budget.probe_steps"]
+               "budget.hours", "budget.minutes", "budget.probe_warmup_steps", "budget.probe_steps",
+               # the other sections' numbers read a bool as 1 or 0 too (`lora.r: true` was rank 1, `data.seed: false` seed 0)
+               "data.max_rows", "data.heldout_size", "data.seed", "data.embedded_train", "data.embedded_heldout",
+               "data.embedded_task_share", "data.embedded_keywords_added", "lora.r", "lora.alpha", "eval.max_prompts", "eval.max_new_tokens", "eval.batch_size",
+               "eval.samples", "eval.reference_max_tokens", "eval.benchmark_seed", "merge.check_prompts", "export.gptq_samples"]
 
 
 @pytest.mark.parametrize("key", NUMBER_KEYS)
@@ -587,3 +591,26 @@ def test_a_bool_max_epochs_in_the_file_names_the_key_and_the_fix(tmp_path):
                  "the passes over the rows, e.g. 2, or null for no cap"), p
     assert load_config(path, profile="capped", overrides=["training.max_epochs=2"]).training.max_epochs == 2.0  # numbers still are
     assert load_config(profile="tiny", overrides=["training.learning_rate=1e-4", "budget.hours=0.5"]).training.learning_rate == 1e-4
+
+
+def test_every_number_key_is_in_number_keys():
+    """A number key added later refuses a bool too: every int or float key of every section is in NUMBER_KEYS (the
+    training and budget ones were; data, lora, eval, merge and export read `true` as 1, `false` as 0)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from tasks.config import PipelineConfig
+
+    numbers = set()
+    for section, field in PipelineConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            for name, f in field.annotation.model_fields.items():
+                if {int, float} & ({f.annotation} | set(typing.get_args(f.annotation))):
+                    numbers.add(f"{section}.{name}")
+    # the rest refuse both by their range (data.max_length >= 16, 0 < eval.confidence < 1) or their own validator
+    # (lora.dropout, budget.vram_gb), or take no number alone (eval.benchmark_prompts, a mapping)
+    for key in sorted(numbers - set(NUMBER_KEYS)):
+        for given in ("true", "false"):
+            (p,) = _problems(overrides=[f"{key}={given}"])
+            assert p.startswith(f"{key}: "), p
