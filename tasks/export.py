@@ -783,7 +783,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     import hmac
 
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers.cli import serve as hf_serve
     from transformers.cli.serving import server as hf_server
 
@@ -796,7 +796,8 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         async def guard(request, call_next):
             path = request.url.path.rstrip("/") or "/"
             if path not in SERVED_PATHS:
-                return JSONResponse({"error": {"message": f"{path} is not served; this endpoint serves {name} only"}}, status_code=404)
+                return openai_error(f"{request.method} {path} is not served; this endpoint serves {name} at "
+                                    f"{', '.join(SERVED_PATHS)} only", None, 404)
             if request.method == "POST":
                 # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
                 # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".
@@ -806,9 +807,21 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
                 auth = request.headers.get("authorization", "")
                 given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
                 if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    return JSONResponse({"error": {"message": "invalid or missing API key: send Authorization: Bearer <key>",
-                                                   "type": "authentication_error"}}, status_code=401)
+                    return openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
+                                        kind="authentication_error", code="invalid_api_key")
             return await call_next(request)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def routing_error(request, exc):
+            # Starlette's own 404/405 ({"detail": "Method Not Allowed"}): OpenAI's clients read error.message and
+            # printed nothing useful (a review, 2026-12-06). A wrong method names the ones the path takes.
+            path = request.url.path.rstrip("/") or "/"
+            if exc.status_code == 405:  # Starlette's Allow header names one route's methods: /v1/models said OPTIONS
+                allowed = sorted({m for route in request.app.routes if getattr(route, "path", None) == path
+                                  for m in getattr(route, "methods", None) or ()} - {"HEAD", "OPTIONS"})
+                return openai_error(f"{request.method} is not allowed on {path}; send {' or '.join(allowed) or 'another method'}",
+                                    None, 405, headers=exc.headers)
+            return openai_error(f"{request.method} {path}: {exc.detail}", None, exc.status_code, headers=exc.headers)
 
         @app.exception_handler(RequestValidationError)
         async def not_an_object(request, exc):  # FastAPI's 422 {"detail": [...]} for a body that is no JSON object
@@ -939,11 +952,13 @@ def list_only_the_served_model(name: str) -> None:
     ModelManager.get_gen_models = staticmethod(lambda cache_dir=None: [dict(entry)])
 
 
-def openai_error(message: str, param: str | None, status: int = 400):
-    """An OpenAI-style error body (what clients parse), not FastAPI's `{"detail": ...}` or a bare 500."""
+def openai_error(message: str, param: str | None, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None):
+    """An OpenAI-style error body (what clients parse), not FastAPI's `{"detail": ...}` or a bare 500: `kind` is its
+    "type", `code` OpenAI's machine-readable reason where it has one."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers)
 
 
 def body_problem(errors: list[dict], body: Any) -> str:

@@ -2956,3 +2956,32 @@ def test_serve_model_merged_parses_no_tool_call_from_an_answer_no_tool_was_shown
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Review of the served API (2026-12-06): six answers that were not OpenAI's, each through a real server on loopback.
+
+def _openai_client(base: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_s_error_shape(served_r1):
+    """A review: a 404 (an unknown path) had an error with a message only, and a 405 (GET on a POST route) was FastAPI's
+    {"detail": "Method Not Allowed"}: the openai client printed nothing useful. Both are now {"error": {"message",
+    "type", "param", "code"}}, the message naming the method and path (and the method to send)."""
+    import openai
+
+    pub, base = served_r1
+    for method, path, status, says in (("GET", "/v1/no_such_path", 404, "GET /v1/no_such_path is not served"),
+                                       ("POST", "/v1/models/x", 404, "POST /v1/models/x is not served"),
+                                       ("GET", "/v1/chat/completions", 405, "GET is not allowed on /v1/chat/completions; send POST"),
+                                       ("POST", "/v1/models", 405, "POST is not allowed on /v1/models; send GET")):
+        code, answer = _request(f"{base}{path}", {} if method == "POST" else None)
+        error = json.loads(answer).get("error")
+        assert code == status and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, (path, code, answer[:300])
+        assert error["message"].startswith(says) and error["type"] == "invalid_request_error", error
+    with pytest.raises(openai.NotFoundError) as caught:
+        _openai_client(base).models.retrieve(pub.name)
+    assert "is not served" in caught.value.message and caught.value.body["type"] == "invalid_request_error", caught.value.body
