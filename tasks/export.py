@@ -1626,16 +1626,22 @@ IGNORED_FIELDS = {
 }
 
 
-def tools_problem(kind: str, tools: Any) -> tuple[str, str] | None:
+def tools_problem(kind: str, tools: Any, shown: bool = True) -> tuple[str, str] | None:
     """(message, field) for `tools` that are no list of function tools, else None: transformers serve's
     _normalize_tools calls .items() on each, so a string or an object was a 500 and a traceback, a list of numbers a
     400 naming no field, and a tool with no function reached the chat template as an unnamed one (a review,
     2026-12-06). A chat tool is {"type": "function", "function": {"name": ...}}; a Responses one may be flat,
-    {"type": "function", "name": ...}."""
+    {"type": "function", "name": ...}. Tools that are not `shown` (tool_choice "none": tools_left_out serves the
+    request without them) need only be a list of tools, each with a "type": OpenAI's built-in ones ({"type":
+    "web_search"}) included, which were a 400 on tools[0] although none of them would reach the model (a review)."""
     if tools is None:
         return None
     if not isinstance(tools, list):
         return f"tools must be a list of function tools, got {type(tools).__name__} {json.dumps(tools)[:40]}", "tools"
+    if not shown:
+        bad = next((i for i, tool in enumerate(tools) if not (isinstance(tool, dict) and isinstance(tool.get("type"), str))), None)
+        return None if bad is None else (f"tools[{bad}] must be a tool with a \"type\", e.g. {{\"type\": \"function\", ...}}, "
+                                         f"got {json.dumps(tools[bad])[:60]}", f"tools[{bad}]")
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         named = isinstance(function, dict) and isinstance(function.get("name"), str)
@@ -1646,6 +1652,24 @@ def tools_problem(kind: str, tools: Any) -> tuple[str, str] | None:
             return (f"tools[{i}] must be a function tool with a name, e.g. {example} (this server runs function tools "
                     f"only), got {json.dumps(tool)[:60]}"), f"tools[{i}]"
     return None
+
+
+LEGACY_TOOL_FIELDS = {"functions": "tools", "function_call": "tool_choice"}  # the chat API's deprecated names, and their successors
+
+
+def legacy_functions_problem(body: dict) -> tuple[str, str] | None:
+    """(message, field) for a chat request that mixes the deprecated `functions` / `function_call` with `tools` /
+    `tool_choice`, else None. OpenAI's API refuses functions with tools (a 400: "functions" and "tools" cannot both be
+    provided); its reference gives no precedence between function_call and tool_choice. Here one mix was answered with
+    the tools silently dropped (tools + function_call "none"), another refused as unsupported functions (functions +
+    tool_choice "none"; a review, 2026-12-06): any mix is now a 400 naming both fields, as OpenAI's refusal does."""
+    legacy = [f for f in LEGACY_TOOL_FIELDS if body.get(f) is not None]
+    current = [f for f in LEGACY_TOOL_FIELDS.values() if body.get(f) is not None]
+    if not legacy or not current:
+        return None
+    return (f"{legacy[0]} and {current[0]} cannot both be sent: {', '.join(legacy)} "
+            f"{'is the deprecated form' if len(legacy) == 1 else 'are the deprecated forms'} of tools / tool_choice; "
+            f"send tools with tool_choice (or functions with function_call), not a mix"), legacy[0]
 
 
 # Fields that change nothing in the answer's text but are read as their type: `"stream": "false"` (a string) streamed
@@ -1758,7 +1782,8 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
             return problem
         if not isinstance(body.get("instructions"), (str, type(None))):
             return f"instructions must be a string, got {body['instructions']!r:.40}", "instructions"
-    problem = (tools_problem(kind, body.get("tools")) if kind != "completion" else None) or ignored_field_problem(kind, body)
+    problem = (legacy_functions_problem(body) if kind == "chat" else None) or \
+        (tools_problem(kind, body.get("tools"), _shows_tools(body)) if kind != "completion" else None) or ignored_field_problem(kind, body)
     if problem:
         return problem
     for field in ("n", "best_of"):  # transformers serve ignored both and answered one choice

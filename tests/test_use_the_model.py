@@ -2967,6 +2967,51 @@ def _openai_client(base: str):
     return openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
 
 
+def test_serve_model_merged_serves_tool_choice_none_with_built_in_tools(served_r1):
+    """A review: a Responses request with tool_choice "none" and one of OpenAI's built-in tools ({"type": "web_search"})
+    was a 400 on tools[0] ("function tools only"), though with "none" no tool reaches the model (tools_left_out), as
+    chat completions already served "none". It is answered now (the openai client, streamed or not); a tool that is
+    no object with a type is still a 400 naming it, and built-in tools without "none" still are."""
+    from tasks.export import request_problem
+
+    pub, base = served_r1
+    client = _openai_client(base)
+    for tools in ([{"type": "web_search"}], [{"type": "web_search_preview"}, {"type": "function", "name": "f", "parameters": {}}]):
+        answer = client.responses.create(model=pub.name, input="hi", tools=tools, tool_choice="none", max_output_tokens=2)
+        assert answer.status in ("completed", "incomplete") and answer.output_text is not None, answer
+        with client.responses.create(model=pub.name, input="hi", tools=tools, tool_choice="none", max_output_tokens=2, stream=True) as events:
+            assert [e.type for e in events][-1] in ("response.completed", "response.incomplete")
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                            "tool_choice": "none", "tools": [{"type": "custom", "custom": {"name": "x"}}]})
+    assert code == 200 and '"error"' not in answer, answer[:300]
+    for body, field in (({"tools": [{"type": "web_search"}, 1], "tool_choice": "none"}, "tools[1]"), ({"tools": [{"type": "web_search"}]}, "tools[0]")):
+        code, answer = _request(f"{base}/v1/responses", {"input": "hi", "max_output_tokens": 2, **body})
+        assert code == 400 and json.loads(answer)["error"]["param"] == field, (body, code, answer[:300])
+        assert request_problem("response", {"input": "hi", **body})[1] == field
+
+
+def test_serve_model_merged_refuses_legacy_function_fields_mixed_with_tools_naming_both(served_r1):
+    """A review: chat's deprecated functions / function_call mixed with tools / tool_choice were answered two ways:
+    tools + function_call "none" dropped the tools silently (a 200), functions + tool_choice "none" was refused as
+    "functions is not supported". OpenAI's API refuses functions with tools ("functions" and "tools" cannot both be
+    provided): every mix is now a 400 naming both fields, streamed or not; each family alone is served as before."""
+    pub, base = served_r1
+    url = f"{base}/v1/chat/completions"
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    tools = [{"type": "function", "function": function}]
+    asked = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for stream in (False, True):
+        for mix, legacy, current in (({"tools": tools, "tool_choice": "auto", "function_call": "none"}, "function_call", "tools"),
+                                     ({"functions": [function], "tool_choice": "none"}, "functions", "tool_choice"),
+                                     ({"functions": [function], "function_call": "none", "tools": tools, "tool_choice": "none"}, "functions", "tools")):
+            code, answer = _request(url, {**asked, **mix, "stream": stream})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == legacy and f"{legacy} and {current} cannot both be sent" in error["message"], (mix, code, answer[:300])
+        for alone in ({"tools": tools, "tool_choice": "none"}, {"functions": [function], "function_call": "none"}):
+            code, answer = _request(url, {**asked, **alone, "stream": stream})
+            assert code == 200 and '"error"' not in answer, (alone, code, answer[:300])
+
+
 def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_s_error_shape(served_r1):
     """A review: a 404 (an unknown path) had an error with a message only, and a 405 (GET on a POST route) was FastAPI's
     {"detail": "Method Not Allowed"}: the openai client printed nothing useful. Both are now {"error": {"message",
