@@ -1025,6 +1025,10 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
         needs = "content (or tool_calls)" if role == "assistant" else "content"
         return (f"messages[{i}] (role {role!r}) has no {needs}" + (" (an empty list)" if content == [] else "") +
                 ": send a string or a list of text parts"), f"messages[{i}].content"
+    if role == "assistant" and message.get("tool_calls") is not None:
+        problem = tool_calls_problem(message["tool_calls"], f"messages[{i}].tool_calls")
+        if problem:
+            return problem
     if message.get("function_call") is not None:
         # the pre-tools API's call: serve reads tool_calls only, so the turn reached the template empty (a 200; a review)
         call = message["function_call"]
@@ -1032,6 +1036,37 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
             return (f"messages[{i}].function_call must be an assistant turn's {{\"name\": ..., \"arguments\": \"<JSON>\"}} "
                     f"(arguments a string of JSON), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
     return None if content == [] else content_problem(content, f"messages[{i}].content", role)
+
+
+def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
+    """(message, field) for a tool call's `arguments` (at `where`) that are no string of JSON, else None: serve parses
+    them for the chat template, and a string that is no JSON was a 400 naming nothing ("malformed request:
+    JSONDecodeError: Expecting value: line 1 column 1"; a review, 2026-12-06)."""
+    if not isinstance(arguments, str):
+        return (f"{where} must be a string holding JSON, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, got "
+                f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
+    try:
+        json.loads(arguments)
+    except ValueError as e:
+        return f"{where} is not valid JSON ({e.msg} at character {e.pos}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
+    return None
+
+
+def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
+    """(message, field) for an assistant turn's `tool_calls` (at `where`) that are no list of function calls with a
+    name and arguments as a string of JSON, else None: serve indexed and parsed them as they came (a KeyError or a
+    JSONDecodeError, a 400 naming nothing)."""
+    if not isinstance(calls, list):
+        return f"{where} must be a list of tool calls, got {type(calls).__name__} {json.dumps(calls)[:40]}", where
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return (f"{where}[{j}].function must be {{\"name\": ..., \"arguments\": \"<JSON>\"}} (a tool call is {{\"id\": ..., "
+                    f"\"type\": \"function\", \"function\": ...}}), got {json.dumps(call)[:60]}"), f"{where}[{j}].function"
+        problem = arguments_problem(function.get("arguments"), f"{where}[{j}].function.arguments")
+        if problem:
+            return problem
+    return None
 
 
 def _json_text(value: Any) -> bool:
@@ -1180,6 +1215,10 @@ def input_problem(given: Any) -> tuple[str, str] | None:
             for key in ITEM_FIELDS.get(item.get("type"), ()):
                 if not isinstance(item.get(key), str) and not (key == "output" and isinstance(item.get(key), list)):
                     return f"input[{i}] (a {item['type']!r} item) needs {key!r} as a string, got {item.get(key)!r:.40}", f"input[{i}].{key}"
+            if item.get("type") == "function_call":  # parsed for the chat template, as a chat's tool call is
+                problem = arguments_problem(item["arguments"], f"input[{i}].arguments")
+                if problem:
+                    return problem
             if item.get("type") == "function_call_output" and isinstance(item.get("output"), list):
                 # serve keeps an output list's text parts only: an input_image in it was dropped, with a 200 (a review)
                 problem = content_problem(item["output"], f"input[{i}].output")
@@ -1680,6 +1719,32 @@ FIELD_TYPES = {"stream": ("true or false", bool), "store": ("true or false", boo
                "chat_template_kwargs": ("an object", dict)}
 
 
+# The chat template's arguments serve sets itself (BaseHandler.render_messages, apply_chat_template and the template's
+# own render call), and what the request holds in their place: one in chat_template_kwargs was a TypeError ("got
+# multiple values for keyword argument"), a 400 naming nothing (a review, 2026-12-06), or would have replaced the
+# conversation. Others (chat_template, enable_thinking, a template's own switches) are the template's to read.
+SERVED_TEMPLATE_ARGUMENTS = {
+    "conversation": "the request's messages", "messages": "the request's messages", "tools": "the request's tools",
+    "documents": "nothing (this server sends no documents)", "add_generation_prompt": "true: the answer is a new assistant turn",
+    "continue_final_message": "false: the answer is a new assistant turn", "tokenize": "true", "return_tensors": "the server's",
+    "return_dict": "true", "return_assistant_tokens_mask": "false", "tokenizer_kwargs": "the server's",
+    "padding": "none: one prompt per request", "truncation": "none: a prompt too long is refused, never cut",
+    "max_length": "none: the model's context is the limit", "load_audio_from_video": "the server's"}
+
+
+def chat_template_kwargs_problem(kwargs: Any) -> tuple[str, str] | None:
+    """(message, field) for chat_template_kwargs naming an argument of the chat template this server sets itself
+    (SERVED_TEMPLATE_ARGUMENTS), else None."""
+    clash = [k for k in (kwargs or {}) if k in SERVED_TEMPLATE_ARGUMENTS]
+    if not clash:
+        return None
+    key = clash[0]
+    where = {"conversation": "messages", "messages": "messages", "tools": "tools"}.get(key)
+    fix = f"send it in the request's {where} instead" if where else "leave it out"
+    return (f"chat_template_kwargs.{key} is set by this server itself ({SERVED_TEMPLATE_ARGUMENTS[key]}), not by a request; "
+            f"{fix}" + (f" (also set by the server: {', '.join(clash[1:])})" if clash[1:] else "")), f"chat_template_kwargs.{key}"
+
+
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a field this server cannot honour (IGNORED_FIELDS) sent with a value of another type than
     OpenAI's API gives it, or one that asks for another answer than the one served, else None."""
@@ -1687,6 +1752,9 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
         value = body.get(field)
         if value is not None and (not isinstance(value, kind_of) or (kind_of is not bool and isinstance(value, bool))):
             return f"{field} must be {expected}, got {type(value).__name__} {json.dumps(value)[:60]}", field
+    problem = chat_template_kwargs_problem(body.get("chat_template_kwargs"))
+    if problem:
+        return problem
     for field, spec in IGNORED_FIELDS[kind].items():
         value = body.get(field)
         if value is None:

@@ -858,7 +858,9 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
                               ({"messages": [{"role": "user"}]}, "messages[0].content", ["messages[0]", "content"]),
                               ({"n": 2}, "n", ["n must be 1"]), ({"n": True}, "n", ["n must be 1"]),
                               ({"tools": 5}, "tools", ["tools must be a list"]),
-                              ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, None, ["KeyError", "arguments"])):
+                              # a call without its function was a 400 naming nothing ("KeyError: 'arguments'"): now its path
+                              ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a"}]}]}, "messages[0].tool_calls[0].function",
+                               ["messages[0].tool_calls[0].function", "name", "arguments"])):
         code, body = _request(url, {**chat, **bad})
         error = json.loads(body)["error"]
         assert code == 400 and error["param"] == field and all(w in error["message"] for w in words) and "\n" not in error["message"], (bad, code, body)
@@ -2006,7 +2008,8 @@ def test_request_problem_refuses_an_unknown_role_or_a_message_without_content_na
     assert problem({"role": "user", "content": {"text": "hi"}})[1] == "messages[1].content"
     assert developer_as_system([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]) == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    for ok in ({"role": "developer", "content": "Be brief."}, {"role": "assistant", "tool_calls": [{"id": "a"}]},
+    for ok in ({"role": "developer", "content": "Be brief."},
+               {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                {"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": ""}):
         assert problem(ok) is None, ok
     # the deprecated function-calling turns older OpenAI clients still send (a review: both were refused with 400)
@@ -3010,6 +3013,35 @@ def test_serve_model_merged_refuses_legacy_function_fields_mixed_with_tools_nami
         for alone in ({"tools": tools, "tool_choice": "none"}, {"functions": [function], "function_call": "none"}):
             code, answer = _request(url, {**asked, **alone, "stream": stream})
             assert code == 200 and '"error"' not in answer, (alone, code, answer[:300])
+
+
+def test_serve_model_merged_names_the_field_of_a_template_argument_clash_and_of_arguments_that_are_no_json(served_r1):
+    """A review: chat_template_kwargs naming an argument serve sets itself (messages, tools, add_generation_prompt), and
+    a history's tool call whose `arguments` is no JSON (chat tool_calls, a Responses function_call item), were 400s
+    naming nothing ("malformed request: TypeError" / "JSONDecodeError"). Each 400 now names the field path and what is
+    wrong, streamed or not; a template's own argument (chat_template) is still taken."""
+    pub, base = served_r1
+    chat, responses = f"{base}/v1/chat/completions", f"{base}/v1/responses"
+    user = {"role": "user", "content": "Weather in Paris?"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    for stream in (False, True):
+        for url, body, field, says in (
+                (chat, {"messages": [user], "chat_template_kwargs": {"messages": [user]}}, "chat_template_kwargs.messages", "send it in the request's messages"),
+                (chat, {"messages": [user], "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt", "set by this server"),
+                (chat, {"messages": [user], "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools", "send it in the request's tools"),
+                (chat, {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result]},
+                 "messages[1].tool_calls[0].function.arguments", "is not valid JSON"),
+                (chat, {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}, result]},
+                 "messages[1].tool_calls[0].function", "must be"),
+                (responses, {"input": [user, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{city: Paris"},
+                                       {"type": "function_call_output", "call_id": "c1", "output": "20C"}]}, "input[1].arguments", "is not valid JSON")):
+            code, answer = _request(url, {"max_tokens" if url == chat else "max_output_tokens": 2, **body, "stream": stream})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == field and error["message"].startswith(field) and says in error["message"], (body, code, answer[:300])
+        code, answer = _request(chat, {"messages": [user], "max_tokens": 2, "stream": stream,
+                                       "chat_template_kwargs": {"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}})
+        assert code == 200 and '"error"' not in answer, (code, answer[:300])
 
 
 def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_s_error_shape(served_r1):
