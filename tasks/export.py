@@ -1779,11 +1779,24 @@ def tools_left_out(body: dict) -> dict:
     """The request without its tools (and the older functions) when tool_choice (function_call) is "none": OpenAI's
     model then sees no tool to call and answers with a message. transformers serve ignores tool_choice: it showed the
     model the tools, and parsed a tool call from its answer (a 400 here before; LangChain sends "none" with its
-    tools). Without them the chat template renders none, and parse_no_tool_calls_without_tools keeps any call-like
+    tools). Without them the chat template renders none, and response_template_as_served keeps any call-like
     text of the answer as its text. Any other request is returned as it is."""
     if "none" not in (body.get("tool_choice"), body.get("function_call")):
         return body
     return {k: v for k, v in body.items() if k not in ("tools", "functions")}
+
+
+def template_keeping_whitespace(template: dict | None) -> dict | None:
+    """A transformers response template whose text fields (the answer's text, its reasoning) keep their leading and
+    trailing whitespace: the whole-answer parser strips each text field by default (its `text` content parser), the
+    stream parser sends the text as it comes, so a non-streamed answer lost the whitespace a streamed one kept (a
+    review, 2026-12-06). Read this way, a non-streamed answer is its stream's text, joined."""
+    if not isinstance(template, dict) or not isinstance(template.get("fields"), dict):
+        return template
+    fields = {name: {**field, "content_args": {**(field.get("content_args") or {}), "strip": False}}
+              if isinstance(field, dict) and field.get("content", "text") == "text" else field
+              for name, field in template["fields"].items()}
+    return {**template, "fields": fields}
 
 
 def template_without_tool_calls(template: dict | None) -> dict | None:
@@ -2298,7 +2311,8 @@ def answer_as_openai_does() -> None:
       streamed it: the openai client failed to parse it);
     - a request's `"model"` is not checked: the one model is answered, named as published (llama.cpp's reading);
     - tool_choice "none" is answered with a message: served without the tools (tools_left_out); no tool call is parsed
-      from the answer of a request that shows no tool (parse_no_tool_calls_without_tools); an assistant's refusal (part
+      from the answer of a request that shows no tool, and a non-streamed answer keeps the whitespace its stream
+      would (response_template_as_served); an assistant's refusal (part
       or field) is its text, a legacy function_call a tool call (history_as_served);
     - a malformed request (no messages/prompt/input, an unknown field or one of the wrong type, both named, a `generation_config` that holds no
       JSON object, a setting not in ALLOWED_SETTINGS or out of its range, settings transformers refuses as generate()
@@ -2532,28 +2546,30 @@ def answer_as_openai_does() -> None:
     for handler, kind in ((ChatCompletionHandler, "chat"), (CompletionHandler, "completion"), (ResponseHandler, "response")):
         if not handler.__dict__.get("_openai_conformant"):
             conform(handler, kind)
-    parse_no_tool_calls_without_tools(request_options)
+    response_template_as_served(request_options)
 
 
-def parse_no_tool_calls_without_tools(request_options) -> None:
-    """Make transformers serve parse no tool call from the answer of a request that shows the model no tool
-    (`request_options`' no_tool_calls): none sent, or tool_choice "none" (tools_left_out). Its response template, which
-    both its stream parser and its whole-answer parser read (get_response_template; 5.17 and 5.25 alike, each calling
-    it from its own module), is read without the tool_calls field. A call-like text the model writes all the same is
-    its answer's text, as OpenAI's model, shown no tool, answers a message: serve parsed calls from every answer of a
-    model whose template reads them (Qwen's, Gemma's), a request without tools getting finish_reason "tool_calls" and
-    calls of a function it never declared (a review of served-fields). A transformers without it is left alone."""
+def response_template_as_served(request_options) -> None:
+    """Make transformers serve read answers with its response template (get_response_template, which both its stream
+    parser and its whole-answer parser read; 5.17 and 5.25 alike, each calling it from its own module):
+    - keeping the text's whitespace (template_keeping_whitespace): a non-streamed answer is its stream's text;
+    - parsing no tool call from the answer of a request that shows the model no tool (`request_options`'
+      no_tool_calls): none sent, or tool_choice "none" (tools_left_out). A call-like text the model writes all the
+      same is its answer's text, as OpenAI's model, shown no tool, answers a message: serve parsed calls from every
+      answer of a model whose template reads them (Qwen's, Gemma's), a request without tools getting finish_reason
+      "tool_calls" and calls of a function it never declared (a review of served-fields).
+    A transformers without it is left alone."""
     from transformers.cli.serving import utils
 
     template_of = getattr(utils, "get_response_template", None)
-    if template_of is None or getattr(template_of, "_no_tool_calls_without_tools", False):
+    if template_of is None or getattr(template_of, "_as_served", False):
         return
 
     def get_response_template(processor, config):
-        template = template_of(processor, config)
+        template = template_keeping_whitespace(template_of(processor, config))
         return template_without_tool_calls(template) if request_options.get().get("no_tool_calls") else template
 
-    get_response_template._no_tool_calls_without_tools = True
+    get_response_template._as_served = True
     utils.get_response_template = get_response_template
 
 

@@ -3062,3 +3062,46 @@ def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_
     with pytest.raises(openai.NotFoundError) as caught:
         _openai_client(base).models.retrieve(pub.name)
     assert "is not served" in caught.value.message and caught.value.body["type"] == "invalid_request_error", caught.value.body
+
+
+def _copy_with_a_response_template(art: Path, pub: Path, copy: Path) -> Path:
+    """A copy of the artifacts folder `art` whose published run's tokenizer carries a response template (as Qwen's,
+    Gemma's and others' do) that reads the whole answer as its text: transformers serve then parses every answer with
+    it, streamed or not. The copy's folder."""
+    import shutil
+
+    shutil.copytree(art, copy, symlinks=True)
+    run = copy / pub.relative_to(art)
+    template = ("{% for m in messages %}### {{ m.role | capitalize }}:\n{{ m.content }}\n\n{% endfor %}"
+                "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+    _replace_published_file(run, "merged/chat_template.jinja", template)  # the prompt's end, where the answer starts
+    config = json.loads((run / "merged" / "tokenizer_config.json").read_text())
+    config["response_template"] = {"defaults": {"role": "assistant"}, "start_anchor": "### Assistant:\n",
+                                   "fields": {"content": {"content": "text"}}}
+    _replace_published_file(run, "merged/tokenizer_config.json", json.dumps(config))
+    return copy
+
+
+def test_serve_model_merged_answers_the_same_text_with_and_without_streaming(own_published, tmp_path):
+    """A review: transformers' whole-answer parser (a response template's text field) strips the answer, its stream
+    parser does not: a non-streamed answer lost the leading space a streamed one kept. On a copy whose tokenizer has a
+    response template, and the same prompt (a bias that makes the tiny model answer " the the ..."), both are now the
+    same text, chat and Responses."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    proc, base = _start_serve_model(_copy_with_a_response_template(art, pub, tmp_path / "art"), tmp_path / "serve.log")
+    bias = _the_bias(pub)
+    try:
+        chat = {"messages": [{"role": "user", "content": "Say it."}], "max_tokens": 4, "temperature": 0, "logit_bias": bias}
+        streamed = _answer_text(f"{base}/v1/chat/completions", chat, stream=True)
+        assert streamed.startswith(" the"), streamed  # the whitespace this test is about
+        assert _answer_text(f"{base}/v1/chat/completions", chat, stream=False) == streamed
+        response = {"input": "Say it.", "max_output_tokens": 4, "temperature": 0, "logit_bias": bias}
+        code, answer = _request(f"{base}/v1/responses", response)
+        text = "".join(p["text"] for o in json.loads(answer)["output"] if o["type"] == "message" for p in o["content"])
+        deltas = "".join(json.loads(d).get("delta", "") for e, d in _sse(f"{base}/v1/responses", response) if e == "response.output_text.delta")
+        assert code == 200 and text == deltas == streamed, (text, deltas, streamed)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
