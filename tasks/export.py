@@ -2098,16 +2098,61 @@ class StopCuttingQueue:
         return not self.ready
 
 
-class StopCuttingManager:
-    """A transformers serve generation manager whose streamed text ends before the earliest stop string; it keeps the
-    streamer, whose token count tells an answer cut short by the length limit."""
+def out_of_memory(error: BaseException | str) -> bool:
+    """Whether `error` (an exception, or a stream's error text) is the model running out of memory: torch's
+    OutOfMemoryError where generation runs in this process (transformers <= 5.24), or its text as transformers >= 5.25's
+    model process sends it across ("OutOfMemoryError: CUDA out of memory. ...")."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return text.startswith(("OutOfMemoryError", OUT_OF_MEMORY)) or (isinstance(error, RuntimeError) and str(error).startswith("OutOfMemoryError"))
 
-    def __init__(self, manager, stops: list[str], gen_config) -> None:
-        self.manager, self.stops, self.gen_config = manager, stops, gen_config
+
+OUT_OF_MEMORY = "the model ran out of memory"  # how out_of_memory_message starts
+
+
+def out_of_memory_message(prompt: int, kind: str, limit_field: str | None) -> str:
+    """One line for a generation that ran out of (GPU or CPU) memory: the prompt fit the model's context (that is
+    checked before generation, `refusal`), not the memory of the machine serving it. The model's process frees what the
+    failed generation held and serves the next request."""
+    lower = limit_field or LIMIT_FIELDS[kind][0]
+    return (f"{OUT_OF_MEMORY} generating an answer to this prompt of {prompt} tokens (it fits the model's "
+            f"context, but not the memory of the machine serving it): shorten the {PROMPT_FIELDS[kind]}, or lower {lower}, "
+            "or serve the model on a machine with more GPU memory; the server goes on serving other requests")
+
+
+class ErrorNamingQueue:
+    """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose error item (transformers' _StreamError, which
+    the handlers send as the stream's last event) carries `name_error(text)` in place of its text."""
+
+    def __init__(self, queue, name_error) -> None:
+        self.queue, self.name_error = queue, name_error
+
+    def _named(self, item):
+        if type(item).__name__ == "_StreamError":
+            item.msg = self.name_error(item.msg)
+        return item
+
+    async def get(self):
+        return self._named(await self.queue.get())
+
+    def get_nowait(self):
+        return self._named(self.queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+
+class StopCuttingManager:
+    """A transformers serve generation manager whose streamed text ends before the earliest stop string, and whose
+    stream's error says what to do when the model ran out of memory (`name_error`); it keeps the streamer, whose
+    token count tells an answer cut short by the length limit."""
+
+    def __init__(self, manager, stops: list[str], gen_config, name_error=lambda text: text) -> None:
+        self.manager, self.stops, self.gen_config, self.name_error = manager, stops, gen_config, name_error
         self.streamer = None
 
     def generate_streaming(self, *args, **kwargs):
         queue, self.streamer = self.manager.generate_streaming(*args, **kwargs)
+        queue = ErrorNamingQueue(queue, self.name_error)
         if not self.stops:
             return queue, self.streamer
 
@@ -2292,6 +2337,28 @@ def named_events(part: str, cut_short=lambda: False) -> str:
             raw = "data: " + json.dumps(event)
         out.append((f"event: {kind}\n" if isinstance(kind, str) else "") + raw + "\n\n")
     return "".join(out)
+
+
+def error_as_openai_does(part: str, kind: str) -> str:
+    """A chat or completions stream's part with its error event, transformers' `data: {"error": "<text>"}`, in
+    OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: the openai client shows a string error as "An
+    error occurred during streaming", and nothing of the text. Any other part is returned as it is."""
+    if '"error"' not in part:
+        return part
+    out = []
+    for raw in part.split("\n\n"):
+        try:
+            event = json.loads(raw.removeprefix("data: ")) if raw.startswith("data: {") else None
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and isinstance(event.get("error"), str):
+            text = event["error"]
+            memory = out_of_memory(text)
+            event["error"] = {"message": text, "type": "invalid_request_error" if memory else "server_error",
+                              "param": PROMPT_FIELDS[kind] if memory else None, "code": "out_of_memory" if memory else None}
+            raw = "data: " + json.dumps(event)
+        out.append(raw)
+    return "\n\n".join(out)
 
 
 PROMPT_FIELDS = {"chat": "messages", "completion": "prompt", "response": "input"}
@@ -2497,7 +2564,15 @@ def answer_as_openai_does() -> None:
             options["generating"] = True
             if stops:
                 stop_generating_at(given, stops, streaming=False)
-            response = await non_streaming(*bound.args, **bound.kwargs)
+            try:
+                response = await non_streaming(*bound.args, **bound.kwargs)
+            except Exception as e:
+                # a 500 before, the reason in the log only (a review, 2026-12-06); a 400, not a 5xx: the same request
+                # fails again (clients retry 5xx), a shorter one is answered
+                if not out_of_memory(e):
+                    raise
+                return openai_error(out_of_memory_message(prompt_tokens(given["inputs"]), kind, options["limit_field"]),
+                                    PROMPT_FIELDS[kind], code="out_of_memory")
             body = json.loads(response.body)
             cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
             limit = setting(gen_config, "max_new_tokens")  # the handlers' "length" reading: as many tokens came as were allowed
@@ -2517,14 +2592,19 @@ def answer_as_openai_does() -> None:
             if options["stop"]:
                 stop_generating_at(given, options["stop"], streaming=True)
             generator = "engine" if "engine" in given else "gen_manager"  # what generates: 5.25's model process, or the manager
-            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given))
+            n = prompt_tokens(given["inputs"])
+
+            def name_error(text: str) -> str:
+                return out_of_memory_message(n, kind, options["limit_field"]) if out_of_memory(text) else text
+
+            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given), name_error)
             original = streaming(*bound.args, **bound.kwargs)
             source = original.body_iterator
 
             async def events():
                 try:
                     async for part in source:
-                        yield named_events(part, manager.cut_short) if kind == "response" else part
+                        yield named_events(part, manager.cut_short) if kind == "response" else error_as_openai_does(part, kind)
                 finally:  # a client gone: closing the source cancels generation, and nothing more is sent
                     await source.aclose()
                 if kind != "response":

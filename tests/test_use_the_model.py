@@ -3105,3 +3105,54 @@ def test_serve_model_merged_answers_the_same_text_with_and_without_streaming(own
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and_serves_on(own_published, tmp_path):
+    """A review: a prompt that fits the context but not the memory of the machine was a 500 (non-streamed; the reason
+    in the log only) or a stream ending in {"error": "<text>"}, which the openai client shows as "An error occurred
+    during streaming". With generate() raising torch.OutOfMemoryError for prompts over 200 tokens (injected in every
+    process of the server), it is now a 400 in OpenAI's shape, code out_of_memory, naming the prompt's length and
+    what to do, streamed or not, on chat and completions; the next, shorter request is answered."""
+    import signal
+
+    import openai
+
+    from tasks.common import PROJECT_ROOT
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch\n"
+        "from transformers.generation import utils\n"
+        "generate = utils.GenerationMixin.generate\n"
+        "def generate_or_run_out(self, *args, **kwargs):\n"
+        "    if kwargs['input_ids'].shape[-1] > 200:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (injected)')\n"
+        "    return generate(self, *args, **kwargs)\n"
+        "utils.GenerationMixin.generate = generate_or_run_out\n")
+    cfg, art, pub, _ = own_published
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    client = _openai_client(base)
+    long, short = "word " * 300, "hi"
+    try:
+        for stream in (False, True):
+            with pytest.raises(openai.APIError) as caught:
+                answer = client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": long}], max_tokens=2, stream=stream)
+                list(answer) if stream else None
+            message = caught.value.message
+            assert re.search(r"ran out of memory .* prompt of \d+ tokens", message) and "shorten the messages" in message, message
+            assert caught.value.code == "out_of_memory" and getattr(caught.value, "status_code", 400) == 400, caught.value.body
+            with pytest.raises(openai.APIError) as caught:
+                answer = client.completions.create(model=pub.name, prompt=long, max_tokens=2, stream=stream)
+                list(answer) if stream else None
+            assert "shorten the prompt" in caught.value.message, caught.value.message
+            answer = client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": short}], max_tokens=2)
+            assert answer.choices[0].message.role == "assistant"
+        code, answer = _request(f"{base}/v1/responses", {"input": long, "max_output_tokens": 2})
+        assert code == 400 and json.loads(answer)["error"]["code"] == "out_of_memory", answer[:300]
+        assert any(e == "error" and "ran out of memory" in d for e, d in _sse(f"{base}/v1/responses", {"input": long, "max_output_tokens": 2}))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0, log.read_text()[-3000:]
