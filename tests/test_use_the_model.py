@@ -615,7 +615,9 @@ def test_serve_model_merged_answers_the_documented_request_under_the_published_n
     proc, url = _start_serve_model(art, log, key=key, env={"HF_HUB_CACHE": str(_hub_cache_with_another_model(tmp_path / "hub"))})
     try:
         chat = {"model": pub.name, "messages": [{"role": "user", "content": "Write cat in uppercase."}], "max_tokens": 4, "temperature": 0}
-        assert _request(f"{url}/v1/chat/completions", chat)[0] == 401  # no key
+        code, body = _request(f"{url}/v1/chat/completions", chat)  # no key: in OpenAI's error shape (it had no param nor code)
+        assert code == 401 and json.loads(body)["error"] == {"message": "invalid or missing API key: send Authorization: Bearer <key>",
+                                                             "type": "authentication_error", "param": None, "code": "invalid_api_key"}, body
         assert _request(f"{url}/v1/chat/completions", chat, key="wrong")[0] == 401
         code, body = _request(f"{url}/v1/chat/completions", chat, key=key)
         assert code == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant", body
