@@ -2140,6 +2140,9 @@ class ErrorNamingQueue:
     def empty(self) -> bool:
         return self.queue.empty()
 
+    def __getattr__(self, name: str):  # every stream goes through it now, not only one with stop strings: the rest as it is
+        return getattr(self.queue, name)
+
 
 class StopCuttingManager:
     """A transformers serve generation manager whose streamed text ends before the earliest stop string, and whose

@@ -3158,3 +3158,24 @@ def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
     assert rc == 0, log.read_text()[-3000:]
+
+
+def test_error_naming_queue_names_an_out_of_memory_error_and_is_the_queue_otherwise():
+    """Every stream's queue now goes through ErrorNamingQueue (before, only one with stop strings was wrapped): an
+    out-of-memory error item carries the named message, anything else comes as it came, and a queue method it does not
+    define itself (qsize, put_nowait) is the queue's, whatever a transformers handler calls."""
+    import asyncio
+
+    from transformers.cli.serving.utils import _StreamError
+
+    from tasks.export import OUT_OF_MEMORY, ErrorNamingQueue, out_of_memory, out_of_memory_message
+
+    queue = asyncio.Queue()
+    named = ErrorNamingQueue(queue, lambda text: out_of_memory_message(300, "chat", None) if out_of_memory(text) else text)
+    named.put_nowait("Hi")
+    named.put_nowait(_StreamError("OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"))
+    named.put_nowait(_StreamError("RuntimeError: something else"))
+    assert named.qsize() == 3 and named.get_nowait() == "Hi" and not named.empty()
+    error = asyncio.run(named.get())
+    assert error.msg.startswith(OUT_OF_MEMORY) and "300 tokens" in error.msg and "max_completion_tokens" in error.msg, error.msg
+    assert named.get_nowait().msg == "RuntimeError: something else" and named.empty()
