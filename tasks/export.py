@@ -1042,6 +1042,8 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
     """(message, field) for a tool call's `arguments` (at `where`) that are no string of JSON, else None: serve parses
     them for the chat template, and a string that is no JSON was a 400 naming nothing ("malformed request:
     JSONDecodeError: Expecting value: line 1 column 1"; a review, 2026-12-06)."""
+    if no_arguments(arguments):
+        return None
     if not isinstance(arguments, str):
         return (f"{where} must be a string holding JSON, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, got "
                 f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
@@ -1050,6 +1052,20 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
     except ValueError as e:
         return f"{where} is not valid JSON ({e.msg} at character {e.pos}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
     return None
+
+
+def no_arguments(arguments: Any) -> bool:
+    """Whether a tool call's `arguments` are an empty (or whitespace-only) string: what many clients and gateways send
+    back for a call of a tool that takes no arguments (GitHub Copilot CLI, LangChain's tool parsers, models behind
+    OpenAI-compatible gateways), and OpenAI's API takes. It is no JSON: a 400 here refused every later turn of such a
+    conversation (a review, 2026-12-06). It is read as "{}" (arguments_as_served)."""
+    return isinstance(arguments, str) and not arguments.strip()
+
+
+def arguments_as_served(call: dict) -> dict:
+    """A tool call (a chat's `function`, a legacy `function_call`, a Responses function_call item) whose empty
+    `arguments` (no_arguments) are "{}", which serve parses for the chat template as a call without arguments."""
+    return {**call, "arguments": "{}"} if no_arguments(call.get("arguments")) else call
 
 
 def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
@@ -1070,7 +1086,10 @@ def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
 
 
 def _json_text(value: Any) -> bool:
-    """Whether `value` is a string of JSON, as a call's arguments are (serve parses them for the chat template)."""
+    """Whether `value` is a string of JSON, as a call's arguments are (serve parses them for the chat template), or
+    empty (no_arguments)."""
+    if no_arguments(value):
+        return True
     if not isinstance(value, str):
         return False
     try:
@@ -1118,7 +1137,8 @@ def refusal_as_text(message: dict) -> Any:
 def history_as_served(messages: list[dict]) -> list[dict]:
     """A chat's `messages` as transformers serve reads them: developer turns as system ones (developer_as_system),
     a declined turn's refusal and refusal parts as text (refusal_as_text, refusals_as_text), and the pre-tools API's
-    assistant `function_call` as a tool call, its `function` result as that call's `tool` result. serve reads
+    assistant `function_call` as a tool call, its `function` result as that call's `tool` result, and a call's empty
+    arguments as "{}" (arguments_as_served). serve reads
     tool_calls only: a function_call turn reached the chat template empty, with a 200 (a review, 2026-12-06); as a tool
     call, a template that renders tool calls renders it and one that does not is refused (ToolsNotRendered), as a
     history's tool_calls are."""
@@ -1126,9 +1146,11 @@ def history_as_served(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(developer_as_system(messages)):
         if m.get("role") == "assistant":
             m = {**m, "content": refusals_as_text(refusal_as_text(m))}
+            if isinstance(m.get("tool_calls"), list):
+                m["tool_calls"] = [{**c, "function": arguments_as_served(c["function"])} for c in m["tool_calls"]]
             if m.get("function_call") is not None:
                 call_id = f"call_function_{i}"
-                call = {"id": call_id, "type": "function", "function": dict(m["function_call"])}
+                call = {"id": call_id, "type": "function", "function": arguments_as_served(dict(m["function_call"]))}
                 m = {**{k: v for k, v in m.items() if k != "function_call"}, "tool_calls": [*(m.get("tool_calls") or []), call]}
         elif m.get("role") == "function" and call_id is not None:
             m = {"role": "tool", "tool_call_id": call_id, "content": m.get("content")}
@@ -1144,11 +1166,12 @@ def response_input_as_system(given: Any) -> Any:
     """A Responses `input` with every developer message item read as a system one (`developer_as_system`), wherever it
     is in the list: not only when the first item has a role (a review: after a first function_call_output item a
     developer item was left as it came); an assistant item's refusal parts are read as its text (refusals_as_text).
-    A string, or a list's content parts (no role), is returned as it is."""
+    A function_call item's empty arguments are "{}" (arguments_as_served). A string, or a list's content parts (no
+    role), is returned as it is."""
     if not isinstance(given, list):
         return given
-    return [{**m, "content": refusals_as_text(m.get("content"), "output_text")} if m.get("role") == "assistant" else m
-            for m in developer_as_system(given)]
+    return [{**m, "content": refusals_as_text(m.get("content"), "output_text")} if m.get("role") == "assistant" else
+            arguments_as_served(m) if m.get("type") == "function_call" else m for m in developer_as_system(given)]
 
 
 def instructions_kept_with_system(body: dict) -> dict:

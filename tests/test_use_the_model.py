@@ -3179,3 +3179,46 @@ def test_error_naming_queue_names_an_out_of_memory_error_and_is_the_queue_otherw
     error = asyncio.run(named.get())
     assert error.msg.startswith(OUT_OF_MEMORY) and "300 tokens" in error.msg and "max_completion_tokens" in error.msg, error.msg
     assert named.get_nowait().msg == "RuntimeError: something else" and named.empty()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A second review of the served API (2026-12-06): what the first review's changes still got wrong.
+
+_CALLS_TEMPLATE = ("{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }} "
+                   "{{ c.function.arguments | tojson }}\n{% endfor %}{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}"
+                   "{% endfor %}assistant:")  # a chat template that renders a history's tool calls, as Qwen's does
+
+
+def test_serve_model_merged_reads_empty_tool_call_arguments_as_no_arguments(served_r1):
+    """A second review: a history's call of a no-argument tool whose `arguments` is "" (what GitHub Copilot CLI,
+    gateways and LangChain's parsers send back; OpenAI's API takes it) was a 400 ("is not valid JSON"), so every later
+    turn of that conversation was refused too. It is now the call without arguments, "{}": the same prompt (the same
+    prompt token count) as "{}" on a chat template that renders calls, chat tool_calls and a legacy function_call alike;
+    a Responses function_call item is read the same way. Arguments that are no JSON are still a 400 naming the field."""
+    from tasks.export import request_problem, response_input_as_system
+
+    pub, base = served_r1
+    url = f"{base}/v1/chat/completions"
+    user, result = {"role": "user", "content": "What time is it?"}, {"role": "tool", "tool_call_id": "c1", "content": "noon"}
+
+    def asked(arguments: str, legacy: bool = False) -> dict:
+        call = {"name": "now", "arguments": arguments}
+        turn = {"role": "assistant", "content": None, **({"function_call": call} if legacy else
+                                                         {"tool_calls": [{"id": "c1", "type": "function", "function": call}]})}
+        history = [user, turn, {"role": "function", "name": "now", "content": "noon"} if legacy else result]
+        return {"messages": history, "max_tokens": 1, "chat_template_kwargs": {"chat_template": _CALLS_TEMPLATE}}
+
+    for legacy in (False, True):
+        code, answer = _request(url, asked("{}", legacy))
+        assert code == 200, answer[:300]
+        prompt = json.loads(answer)["usage"]["prompt_tokens"]
+        for empty in ("", "  "):
+            code, answer = _request(url, asked(empty, legacy))
+            assert code == 200 and json.loads(answer)["usage"]["prompt_tokens"] == prompt, (legacy, empty, code, answer[:300])
+    code, answer = _request(url, asked("{now"))
+    assert code == 400 and json.loads(answer)["error"]["param"] == "messages[1].tool_calls[0].function.arguments", answer[:300]
+    items = [user, {"type": "function_call", "call_id": "c1", "name": "now", "arguments": ""},
+             {"type": "function_call_output", "call_id": "c1", "output": "noon"}]
+    assert request_problem("response", {"input": items}) is None
+    assert response_input_as_system(items)[1]["arguments"] == "{}"
+
