@@ -819,8 +819,9 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
             if exc.status_code == 405:  # Starlette's Allow header names one route's methods: /v1/models said OPTIONS
                 allowed = sorted({m for route in request.app.routes if getattr(route, "path", None) == path
                                   for m in getattr(route, "methods", None) or ()} - {"HEAD", "OPTIONS"})
+                # the Allow header as the message says (Starlette's named OPTIONS alone on /v1/models; a second review)
                 return openai_error(f"{request.method} is not allowed on {path}; send {' or '.join(allowed) or 'another method'}",
-                                    None, 405, headers=exc.headers)
+                                    None, 405, headers={**(exc.headers or {}), **({"Allow": ", ".join(allowed)} if allowed else {})})
             return openai_error(f"{request.method} {path}: {exc.detail}", None, exc.status_code, headers=exc.headers)
 
         @app.exception_handler(RequestValidationError)

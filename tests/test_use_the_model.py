@@ -3222,3 +3222,22 @@ def test_serve_model_merged_reads_empty_tool_call_arguments_as_no_arguments(serv
     assert request_problem("response", {"input": items}) is None
     assert response_input_as_system(items)[1]["arguments"] == "{}"
 
+
+def test_serve_model_merged_405_allow_header_names_the_methods_its_message_names(served_r1):
+    """A second review: a 405's message named the method to send ("send GET"), but its Allow header was Starlette's,
+    which names one route's methods: PUT or HEAD on /v1/models said `Allow: OPTIONS` (transformers' CORS route there).
+    A client or proxy that reads the header was told to send OPTIONS. The header now names what the message does."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    pub, base = served_r1
+    where = urlsplit(base)
+    for method, path, allowed in (("PUT", "/v1/models", "GET"), ("HEAD", "/v1/models", "GET"), ("DELETE", "/v1/chat/completions", "POST"),
+                                  ("GET", "/v1/responses", "POST")):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+        conn.request(method, path)
+        answer = conn.getresponse()
+        text = answer.read().decode()
+        conn.close()
+        assert answer.status == 405 and answer.getheader("allow") == allowed, (method, path, answer.status, answer.getheader("allow"))
+        assert method == "HEAD" or f"send {allowed}" in json.loads(text)["error"]["message"], text
