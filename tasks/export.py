@@ -1814,8 +1814,13 @@ def template_keeping_whitespace(template: dict | None) -> dict | None:
     """A transformers response template whose text fields (the answer's text, its reasoning) keep their leading and
     trailing whitespace: the whole-answer parser strips each text field by default (its `text` content parser), the
     stream parser sends the text as it comes, so a non-streamed answer lost the whitespace a streamed one kept (a
-    review, 2026-12-06). Read this way, a non-streamed answer is its stream's text, joined."""
-    if not isinstance(template, dict) or not isinstance(template.get("fields"), dict):
+    review, 2026-12-06). Read this way, a non-streamed answer is its stream's text, joined.
+
+    Only a template whose one field is the text: one with other regions (reasoning, tool calls) writes whitespace
+    between them that is its markup, not the answer's, and that the strip is there to drop. Kept, Qwen 3's and 3.5's
+    answers (their fallback templates) came with reasoning_content "\n\n" when thinking was off (the prompt's
+    "<think>\n\n</think>\n\n") and content opening with "\n\n" (a second review, 2026-12-06)."""
+    if not isinstance(template, dict) or not isinstance(template.get("fields"), dict) or len(template["fields"]) != 1:
         return template
     fields = {name: {**field, "content_args": {**(field.get("content_args") or {}), "strip": False}}
               if isinstance(field, dict) and field.get("content", "text") == "text" else field

@@ -3241,3 +3241,27 @@ def test_serve_model_merged_405_allow_header_names_the_methods_its_message_names
         conn.close()
         assert answer.status == 405 and answer.getheader("allow") == allowed, (method, path, answer.status, answer.getheader("allow"))
         assert method == "HEAD" or f"send {allowed}" in json.loads(text)["error"]["message"], text
+
+
+def test_a_whole_answer_keeps_its_whitespace_only_where_the_template_has_no_regions_around_the_text():
+    """A second review: template_keeping_whitespace turned the whole-answer parser's strip off for every text field.
+    On Qwen 3's and 3.5's templates (transformers' fallbacks, which serve reads for those models) a non-streamed answer
+    with thinking off (the prompt ends "<think>\\n\\n</think>\\n\\n") then had reasoning_content "\\n\\n" and content
+    "\\n\\nHello there.", and one with thinking "\\nLet me think.\\n" and "\\n\\nThe answer is 4.": the template's
+    markup, read as the answer. A template with regions besides the text is read as transformers reads it; one whose
+    only field is the text still keeps the answer's leading space (the first review's case)."""
+    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+    from transformers.utils.chat_parsing.response_parser import parse_response
+
+    from tasks.export import template_keeping_whitespace
+
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    for family in ("qwen3", "qwen3_5"):
+        template = template_keeping_whitespace(next(t for types, t in _RESPONSE_TEMPLATE_FALLBACKS.items() if family in types))
+        for prefix, answer, expected in ((prompt + "<think>\n\n</think>\n\n", "Hello there.<|im_end|>", {"content": "Hello there."}),
+                                         (prompt, "<think>\nLet me think.\n</think>\n\nThe answer is 4.<|im_end|>",
+                                          {"reasoning_content": "Let me think.", "content": "The answer is 4."})):
+            parsed = parse_response(answer, template, prefix=prefix)
+            assert {k: v for k, v in parsed.items() if k != "role"} == expected, (family, answer, parsed)
+    text_only = {"defaults": {"role": "assistant"}, "start_anchor": "### Assistant:\n", "fields": {"content": {"content": "text"}}}
+    assert parse_response(" the the", template_keeping_whitespace(text_only), prefix="### Assistant:\n")["content"] == " the the"
