@@ -798,6 +798,9 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
             if path not in SERVED_PATHS:
                 return openai_error(f"{request.method} {path} is not served; this endpoint serves {name} at "
                                     f"{', '.join(SERVED_PATHS)} only", None, 404)
+            # a served path with a trailing slash is served, not redirected: Starlette's 307 had an empty body (`curl -d`
+            # printed nothing) and a Location built from the Host header (http:// behind a TLS proxy; a second review)
+            request.scope["path"] = path
             if request.method == "POST":
                 # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
                 # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".

@@ -3265,3 +3265,23 @@ def test_a_whole_answer_keeps_its_whitespace_only_where_the_template_has_no_regi
             assert {k: v for k, v in parsed.items() if k != "role"} == expected, (family, answer, parsed)
     text_only = {"defaults": {"role": "assistant"}, "start_anchor": "### Assistant:\n", "fields": {"content": {"content": "text"}}}
     assert parse_response(" the the", template_keeping_whitespace(text_only), prefix="### Assistant:\n")["content"] == " the the"
+
+
+def test_serve_model_merged_serves_a_served_path_with_a_trailing_slash(served_r1):
+    """A second review: the guard took /v1/chat/completions/ as a served path, and Starlette then answered it with a
+    307 to the path without the slash: an empty body (`curl -d` printed nothing) and a Location built from the Host
+    header (http:// behind a TLS proxy). It is answered as the path without the slash is, GET and POST."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    pub, base = served_r1
+    where = urlsplit(base)
+    for method, path, body in (("GET", "/v1/models/", None), ("GET", "/health/", None),
+                               ("POST", "/v1/chat/completions/", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+                               ("POST", "/v1/completions/", {"prompt": "hi", "max_tokens": 1})):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+        conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        text = answer.read().decode()
+        conn.close()
+        assert answer.status == 200 and text, (method, path, answer.status, answer.getheader("location"), text[:300])
