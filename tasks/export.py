@@ -2370,8 +2370,25 @@ def named_events(part: str, cut_short=lambda: False) -> str:
             elif event["item"].get("type") == "message":
                 event["item"]["status"] = "incomplete"
             raw = "data: " + json.dumps(event)
+        if kind in ("error", "response.failed"):
+            raw = "data: " + json.dumps(error_event_as_openai_does(event))
         out.append((f"event: {kind}\n" if isinstance(kind, str) else "") + raw + "\n\n")
     return "".join(out)
+
+
+def error_event_as_openai_does(event: dict) -> dict:
+    """A Responses stream's `error` or `response.failed` event with the code and param OpenAI's carry: transformers'
+    error event had neither, and its failed response said "server_error" for a generation that ran out of memory,
+    where the same request without streaming is a 400 with code "out_of_memory" (a second review, 2026-12-06): a
+    client that retries server errors retried it."""
+    error = event if event.get("type") == "error" else (event.get("response") or {}).get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return event
+    memory = out_of_memory(error["message"])
+    error["code"] = "out_of_memory" if memory else error.get("code") or "server_error"
+    if event.get("type") == "error":
+        error["param"] = PROMPT_FIELDS["response"] if memory else error.get("param")
+    return event
 
 
 def error_as_openai_does(part: str, kind: str) -> str:

@@ -3285,3 +3285,23 @@ def test_serve_model_merged_serves_a_served_path_with_a_trailing_slash(served_r1
         text = answer.read().decode()
         conn.close()
         assert answer.status == 200 and text, (method, path, answer.status, answer.getheader("location"), text[:300])
+
+
+def test_a_responses_stream_s_error_events_carry_the_out_of_memory_code_a_non_streamed_answer_does():
+    """A second review: a Responses stream whose generation ran out of memory ended with transformers' events, an
+    `error` with no code nor param and a `response.failed` whose error code was "server_error", where the same request
+    without streaming is a 400 with code "out_of_memory" (a client that retries server errors retried it). Both events
+    now carry "out_of_memory" (the error event its param, input); another error keeps "server_error"."""
+    from transformers.cli.serving.response import _ResponseStreamBuilder
+
+    from tasks.export import named_events, out_of_memory_message
+
+    for text, code, param in ((out_of_memory_message(300, "response", None), "out_of_memory", "input"),
+                              ("RuntimeError: something else", "server_error", None)):
+        builder = _ResponseStreamBuilder(request_id="r1", response_defaults={
+            "id": "resp_1", "created_at": 0.0, "model": "m", "object": "response", "tools": [], "parallel_tool_calls": False, "tool_choice": "auto"})
+        builder.start_response()
+        events = [json.loads(e.split("data: ", 1)[1]) for e in named_events("".join(builder.error(text))).split("\n\n") if e]
+        error, failed = events
+        assert (error["type"], error["code"], error["param"], error["message"]) == ("error", code, param, text), error
+        assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == code, failed
