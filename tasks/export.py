@@ -2133,9 +2133,17 @@ class StopCuttingQueue:
 def out_of_memory(error: BaseException | str) -> bool:
     """Whether `error` (an exception, or a stream's error text) is the model running out of memory: torch's
     OutOfMemoryError where generation runs in this process (transformers <= 5.24), or its text as transformers >= 5.25's
-    model process sends it across ("OutOfMemoryError: CUDA out of memory. ...")."""
+    model process sends it across ("OutOfMemoryError: CUDA out of memory. ..."); on the CPU, torch's allocator's
+    RuntimeError (CPU_OUT_OF_MEMORY) or Python's MemoryError."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return text.startswith(("OutOfMemoryError", OUT_OF_MEMORY)) or (isinstance(error, RuntimeError) and str(error).startswith("OutOfMemoryError"))
+    while text.startswith("RuntimeError: "):  # the model process's wrapping, once or twice
+        text = text.removeprefix("RuntimeError: ")
+    # the CPU's and Apple's (RuntimeErrors, not OutOfMemoryError: a CPU server's was still a 500; a second review)
+    return text.startswith(("OutOfMemoryError", "MemoryError", OUT_OF_MEMORY)) or \
+        any(mark in text.split("\n", 1)[0] for mark in CPU_OUT_OF_MEMORY)
+
+
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory")
 
 
 OUT_OF_MEMORY = "the model ran out of memory"  # how out_of_memory_message starts

@@ -3305,3 +3305,24 @@ def test_a_responses_stream_s_error_events_carry_the_out_of_memory_code_a_non_st
         error, failed = events
         assert (error["type"], error["code"], error["param"], error["message"]) == ("error", code, param, text), error
         assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == code, failed
+
+
+def test_out_of_memory_is_read_from_the_cpu_s_allocator_error_as_the_model_process_sends_it():
+    """A second review: out_of_memory read CUDA's OutOfMemoryError only. On a CPU server (this project's demo) torch's
+    allocator raises a RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which transformers 5.25's model
+    process sends across as "RuntimeError: <it>": the non-streamed request was still a 500, the stream's error a
+    server_error. The real error, as it crosses (raised, and as a stream's text), and Python's MemoryError, are read
+    as out of memory now; another RuntimeError is not."""
+    import torch
+
+    from tasks.export import out_of_memory
+
+    try:
+        torch.empty(2 ** 60, dtype=torch.uint8)  # more than any machine has: the allocator refuses it at once
+    except RuntimeError as e:
+        cpu = e
+    crossed = RuntimeError(f"{type(cpu).__name__}: {cpu}")  # GenerateRunner._process_requests' wrapping
+    for error in (cpu, crossed, str(crossed), RuntimeError("MemoryError: "), "MemoryError: "):
+        assert out_of_memory(error), error
+    for error in (RuntimeError("RuntimeError: shape mismatch"), "ValueError: memory is fine", RuntimeError("CUDA error: device-side assert")):
+        assert not out_of_memory(error), error
