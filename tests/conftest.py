@@ -23,6 +23,15 @@ os.environ["PREFECT_PROFILES_PATH"] = os.path.join(TEST_PREFECT_HOME, "profiles.
 for _var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
     os.environ.pop(_var, None)
 atexit.register(shutil.rmtree, TEST_PREFECT_HOME, True)
+# The suite's own user cache folder (XDG_CACHE_HOME), for the same reason and set as early: the memos tasks/common.py
+# `user_cache_dir` keeps (the rendering fingerprints of tasks/data.py, `cached_sha256`'s digests) were written into the
+# user's real ~/.cache/qlora-pipeline/ by every session and never pruned (109 rendering memos and 6.9 MB of digests on
+# the dev box, 2026-12-06), and a memo left by an earlier session could let a test pass that a fresh machine fails.
+# Processes the tests start inherit it. Tests of the real-location logic set HOME/XDG_CACHE_HOME themselves
+# (tests/test_cache_keys.py `test_the_user_cache_folder_*`). Removed when the session ends.
+TEST_CACHE_HOME = tempfile.mkdtemp(prefix="qlora-pipeline-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
+atexit.register(shutil.rmtree, TEST_CACHE_HOME, True)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network

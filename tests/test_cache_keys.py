@@ -9,7 +9,9 @@ the tiny profile. A new config key fails `test_every_config_key_is_in_the_table`
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -492,6 +494,26 @@ def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_wri
     common._digests.clear()
     assert common.cached_sha256(weights) == common.file_sha256(weights)
     assert not list(Path.cwd().iterdir())  # no "relative-cache/" (nor "~/") made here
+
+
+def test_the_user_cache_folder_is_xdg_cache_home_else_the_home_folders_cache_and_the_suite_uses_its_own(tmp_path, monkeypatch):
+    """`user_cache_dir`'s real location: $XDG_CACHE_HOME/qlora-pipeline, else ~/.cache/qlora-pipeline. The suite itself
+    keeps its memos in a folder of its own (tests/conftest.py TEST_CACHE_HOME): every session wrote rendering memos and
+    digests into the user's real ~/.cache/qlora-pipeline/, never pruned."""
+    import pwd
+
+    from conftest import TEST_CACHE_HOME
+    from tasks import common
+
+    real = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "qlora-pipeline"
+    assert common.user_cache_dir() == Path(TEST_CACHE_HOME) / "qlora-pipeline" != real
+    assert os.path.realpath(TEST_CACHE_HOME).startswith(os.path.realpath(tempfile.gettempdir()) + os.sep)
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert common.user_cache_dir() == tmp_path / "home" / ".cache" / "qlora-pipeline"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert common.user_cache_dir() == tmp_path / "xdg" / "qlora-pipeline"
 
 
 def test_a_moved_model_folder_is_published_from_where_it_is_now(tmp_path, monkeypatch):
