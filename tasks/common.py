@@ -88,12 +88,11 @@ def cached_sha256(path: str | Path) -> str:
     for a 4 GB GGUF each time, and about a minute for a 7B model's folder. A file changed within RACY_NS before its hash
     is not remembered (git's "racily clean" rule): on a filesystem with 1-2 s timestamps (FAT, exFAT, HFS+, some NFS) a
     rewrite in the same second keeps every field of the stamp."""
-    st, real = Path(path).stat(), str(Path(path).resolve())
-    stamp = (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    real = str(Path(path).resolve())
+    stamp = _stamp(real, Path(path).stat())
     if stamp in _digests:
         return _digests[stamp]
-    memos = hash_memo_dir()
-    memo = memos / fingerprint(*stamp, length=32) if memos else None
+    memo = _memo_of(stamp)
     try:
         digest = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -102,14 +101,30 @@ def cached_sha256(path: str | Path) -> str:
     except (OSError, ValueError):  # unreadable or not text: hashed again
         pass
     started = time.time_ns()
-    if st.st_size > 1 << 30:
-        _to_stderr(f"hashing {real} ({st.st_size / 2**30:.1f} GiB) for the cache keys, once per version of the file")
+    if stamp[1] > 1 << 30:
+        _to_stderr(f"hashing {real} ({stamp[1] / 2**30:.1f} GiB) for the cache keys, once per version of the file")
     digest = file_sha256(real)
-    if max(st.st_mtime_ns, st.st_ctime_ns) >= started - RACY_NS:
-        return digest
-    _digests[stamp] = digest
-    remember(memo, digest)
+    _keep_digest(stamp, digest, started)
     return digest
+
+
+def _stamp(real: str, st: os.stat_result) -> tuple:
+    """What `cached_sha256` remembers a digest under: the resolved path, size, mtime, inode and ctime."""
+    return (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _memo_of(stamp: tuple) -> Path | None:
+    memos = hash_memo_dir()
+    return memos / fingerprint(*stamp, length=32) if memos else None
+
+
+def _keep_digest(stamp: tuple, digest: str, started_ns: int) -> None:
+    """Remember `digest` of the file version `stamp`, hashed from `started_ns` on, in this process and on disk; not when the
+    file changed within RACY_NS before that (a rewrite in the same second can keep every field of the stamp)."""
+    if max(stamp[2], stamp[4]) >= started_ns - RACY_NS:
+        return
+    _digests[stamp] = digest
+    remember(_memo_of(stamp), digest)
 
 
 def remember(memo: Path | None, digest: str) -> None:
@@ -230,19 +245,50 @@ def safetensors_whole(path: Path) -> bool:
 REBUILD = "delete that folder and rerun the same command to build it again"  # the fix for a complete folder with files gone
 
 
-def completion_marker(folder: Path, record_files: bool) -> str:
+def completion_marker(folder: Path, record_files: bool, leave_out: tuple[str, ...] = (), home: Path | None = None) -> str:
     """The text of `folder`'s COMPLETE marker: when it was completed, and with `record_files` each file's size and
-    sha256 (JSON), which `changed_file` compares. Sizes alone missed a file whose bytes were changed in place; a size and
-    mtime would refuse every copied or moved artifacts folder (a copy gets new mtimes). The sha256 is read back through
-    `cached_sha256`, so a file is hashed again only when it changed, was copied or is read for the first time where it
-    is: the demo's data folder (7.7 MB) hashes in 7 ms, and a later check costs 0.6-0.8 ms; sha256 runs at ~1.3 GB/s on
-    a 2-core box (blake2b: 0.85 GB/s), so a 5 GB data folder costs ~4 s at its build and once more at its first read,
-    not on every cache hit."""
+    sha256 (JSON), which `changed_file` compares; files whose path in the folder starts with one of `leave_out` are not
+    listed (a stage's scratch: training's checkpoints and torchrun logs in work/). Sizes alone missed a file whose bytes
+    were changed in place; a size and mtime would refuse every copied or moved artifacts folder (a copy gets new mtimes).
+
+    Each file is hashed once here, in full, and its digest remembered (`cached_sha256`'s memo) for where it will be read:
+    `home`, the folder's final place (a build's temp folder is renamed there; a rename of the folder keeps each file's
+    inode, mtime and ctime), else `folder`. A later check then reads each file's size and, unless the file changed, was
+    copied or the memo is gone, no byte of it: sha256 runs at ~1.3 GB/s on an idle 2-core box (0.35-0.56 GB/s busy;
+    blake2b 0.85 GB/s), so a 14 GB merged 7B model costs 11-40 s at its build, where hashing it at every cache hit would
+    cost that every run; a hit costs 0.2-9 ms (docs/RELIABILITY.md, "a complete stage folder's file")."""
     done = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not record_files:
         return done + "\n"
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(_files_under(folder))}
+    home = (home.parent.resolve() / home.name) if home is not None else folder.resolve()
+    files = {}
+    for p in sorted(_files_under(folder)):
+        rel = p.relative_to(folder).as_posix()
+        if rel.startswith(leave_out):
+            continue
+        st, started = p.stat(), time.time_ns()
+        digest = file_sha256(p)
+        _keep_digest(_stamp(str(home / rel), st), digest, started)
+        files[rel] = {"size": st.st_size, "sha256": digest}
     return json.dumps({"completed": done, "files": files}, indent=1, sort_keys=True) + "\n"
+
+
+def mark_folder_complete(folder: Path, record_files: bool = False, leave_out: tuple[str, ...] = ()) -> None:
+    """Write the COMPLETE marker (`completion_marker`) of `folder`, a stage folder built in place (training's: it resumes
+    from its checkpoints there), atomically: a marker cut short by a crash would read as a damaged folder and cost its
+    rebuild (hours of training). A folder built by `building` is marked before its rename instead."""
+    text = completion_marker(folder, record_files, leave_out)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{COMPLETE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / COMPLETE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def changed_file(out: Path) -> str | None:
@@ -357,8 +403,8 @@ def building(final: Path, mark_complete: bool = True, record_files: bool = False
     old = None
     try:
         yield tmp
-        if mark_complete:
-            (tmp / COMPLETE).write_text(completion_marker(tmp, record_files), encoding="utf-8")
+        if mark_complete:  # not seen under `final` until the rename: a plain write is whole or gone with the temp folder
+            (tmp / COMPLETE).write_text(completion_marker(tmp, record_files, home=final), encoding="utf-8")
         if final.exists():
             # Two renames, then the slow delete: `final` is missing for microseconds, not for an rmtree of gigabytes,
             # and a crash in between leaves the old folder whole next to it (`.<name>.old-<builder>-*`, the temp

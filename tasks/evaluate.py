@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import COMPLETE, StageError, building, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
+from .common import COMPLETE, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -82,7 +82,9 @@ class EvalRecord(BaseModel):
 
     def outputs_exist(self) -> bool:
         # publish copies both: without them it failed on a bare FileNotFoundError naming neither the folder nor a fix
-        return is_complete(Path(self.dir)) and Path(self.eval_json).is_file() and Path(self.chart_png).is_file()
+        # (and both as they were written: an eval.json edited since was published as this run's result, `changed_file`)
+        return (is_complete(Path(self.dir)) and Path(self.eval_json).is_file() and Path(self.chart_png).is_file()
+                and changed_file(Path(self.dir)) is None)
 
 
 def _wilson_at(p: float, n: float, confidence: float) -> tuple[float, float]:
@@ -454,7 +456,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
             **({"base_ok": ok["base"][i], "tuned_ok": ok["tuned"][i]} if has_checkers else {}),
         })
 
-    with building(out) as tmp:
+    with building(out, record_files=True) as tmp:  # eval.json or the chart changed since is refused (`changed_file`)
         chart = tmp / "eval_chart.png"
         _plot(summary, per_family, chart)
         rec = EvalRecord(

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
+from .common import StageError, building, changed_file, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split
 from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
@@ -84,7 +84,8 @@ class MergeRecord(BaseModel):
     seconds: float
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir)) and (Path(self.merged_dir) / "config.json").is_file() and weights_present(Path(self.merged_dir))
+        return (is_complete(Path(self.dir)) and (Path(self.merged_dir) / "config.json").is_file() and weights_present(Path(self.merged_dir))
+                and changed_file(Path(self.dir)) is None)  # a shard cut short or changed in place since, by the marker's list
 
 
 def weights_present(folder: Path) -> bool:
@@ -159,7 +160,7 @@ def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir
     del model, base
     _free(device)
 
-    with building(out) as tmp:
+    with building(out, record_files=True) as tmp:  # each file's size and sha256: a shard cut short or changed is refused (`changed_file`)
         mdir = tmp / "merged"
         save_merged(state, config, generation_config, dtype, mdir, trust_remote_code=model_cfg.trust_remote_code)
         tok.save_pretrained(str(mdir))

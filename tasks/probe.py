@@ -33,7 +33,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .common import StageError, building, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
+from .common import StageError, building, changed_file, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute, unlikelihood
@@ -74,7 +74,7 @@ class ProbeRecord(BaseModel):
     compile_seconds: float = 0.0  # what compiling them took (inside load_seconds, so inside the fixed cost)
 
     def outputs_exist(self) -> bool:
-        return is_complete(Path(self.dir))
+        return is_complete(Path(self.dir)) and changed_file(Path(self.dir)) is None  # its record.json as it was written
 
 
 # Settings the probe's measurement and step plan do not depend on (a step costs the same at any learning rate or
@@ -331,7 +331,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     )
     if not dist.is_main():
         return None
-    with building(out) as tmp:
+    with building(out, record_files=True) as tmp:  # a record.json edited since is refused (`changed_file`)
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     return rec
 

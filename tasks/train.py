@@ -33,8 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .common import (StageError, TrainingStopped, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete, locked,
-                     maybe_fault, off_the_lost_terminal, progress_bar, read_json, safetensors_whole, stage_dir, write_json)
+from .common import (StageError, TrainingStopped, changed_file, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete,
+                     locked, mark_folder_complete, maybe_fault, off_the_lost_terminal, progress_bar, read_json, safetensors_whole, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split
 from .engine import dist, launch, recompute
@@ -87,7 +87,8 @@ class TrainRecord(BaseModel):
     def outputs_exist(self) -> bool:
         return (is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
                 and safetensors_whole(Path(self.adapter_dir) / "adapter_model.safetensors")
-                and Path(self.loss_curve_png).is_file())  # publish copies it
+                and Path(self.loss_curve_png).is_file()  # publish copies it
+                and changed_file(Path(self.dir)) is None)  # the adapter changed in place since (same size) too, by the marker's list
 
 
 class NonFiniteLoss(StageError):
@@ -720,7 +721,9 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         passes=round(int(trainer.state.num_input_tokens_seen or 0) / data.train_tokens, 3) if data.train_tokens else None,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
-    (out / "COMPLETE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    # Each file's size and sha256 but work/'s (checkpoints removed next, torchrun's logs still written under several
+    # GPUs): an adapter cut short or changed in place since is refused (`changed_file`), not evaluated and merged.
+    mark_folder_complete(out, record_files=True, leave_out=("work/",))
     # Checkpoints have done their job once the adapter is saved; keep the disk for the next run.
     for c in work.glob("checkpoint-*"):
         shutil.rmtree(c, ignore_errors=True)

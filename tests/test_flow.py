@@ -127,16 +127,40 @@ def test_an_artifacts_folder_whose_cache_is_a_link_to_another_disk_hits_every_ca
     assert all(s["cached"] for s in again["stages"].values()), again["stages"]
 
 
+def _damage(path: Path, how: str) -> None:
+    """`path` cut to half its size (`cut`: a copy or a disk that ran out), one byte flipped in place near its end (`flip`),
+    or a JSON file's first digit changed (`edit`: still valid JSON, the same size, as a hand edit of a number)."""
+    if how == "cut":
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "flip":
+        with open(path, "r+b") as f:
+            f.seek(-64, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-64, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        text = path.read_text()
+        i = next(i for i, c in enumerate(text) if c.isdigit() and text[i - 1] in " :[-")  # a number's first digit
+        path.write_text(text[:i] + ("7" if text[i] != "7" else "8") + text[i + 1:])
+
+
 @pytest.mark.parametrize("stage, damage", [("train", "adapter"), ("probe", "record.json"), ("merge", "merged/model.safetensors"),
                                           ("evaluate", "eval_chart.png"), ("profile", "length_histogram.png"),
                                           ("train", "loss_curve.png"), ("data", "train"),
                                           ("data", "train/data-00000-of-00001.arrow"), ("data", "heldout/state.json"),
                                           ("train", "adapter/adapter_model.safetensors:cut"), ("merge", "merged/model.safetensors:cut"),
                                           ("data", "train/data-00000-of-00001.arrow:cut"), ("data", "heldout/data-00000-of-00001.arrow:flip"),
-                                          ("profile", "length_histogram.png:cut")])
+                                          ("profile", "length_histogram.png:cut"),
+                                          # stages 3-6 list their files too: changed in place, cut short or gone since
+                                          ("train", "adapter/adapter_model.safetensors:flip"), ("train", "log_history.json"),
+                                          ("probe", "record.json:edit"), ("merge", "merged/model.safetensors:flip"),
+                                          ("merge", "merged/config.json:cut"), ("evaluate", "eval.json:edit"), ("evaluate", "eval.json:cut"),
+                                          ("evaluate", "eval.json")])
 def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_the_fix(run_flow, tmp_path, stage, damage):
     # A review: an adapter/ gone from a complete train folder was handed to stage 5 (PEFT: "Can't find
     # 'adapter_config.json'"); a truncated record.json failed as a bare JSONDecodeError. Neither named the folder or a fix.
+    # An adapter or merged shard changed in place (same size), or an eval.json edited or cut short, was reused as whole:
+    # only the data and profile folders' markers listed their files.
     from tasks.common import StageError
 
     done = run_flow()
@@ -147,20 +171,36 @@ def test_a_complete_stage_folder_with_files_gone_or_unreadable_names_itself_and_
     # A data split's arrow file gone (its dataset_info.json left) was trusted too: stage 3 failed on a raw FileNotFoundError
     if damage in ("adapter", "train"):  # a data split gone failed as a raw FileNotFoundError in stage 2
         shutil.rmtree(folder / damage)
-    elif damage.endswith(":cut"):  # a weights file cut short was trusted: stage 5 failed on safetensors' bare "header too small"
-        path = folder / damage.removesuffix(":cut")  # (an arrow file or the chart cut short was trained on, published as it was)
-        os.truncate(path, path.stat().st_size // 2)
-    elif damage.endswith(":flip"):  # one byte changed in place, the size kept: trained on as it was
-        with open(folder / damage.removesuffix(":flip"), "r+b") as f:
-            f.seek(-64, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-64, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0xFF]))
+    elif ":" in damage:  # a weights file cut short was trusted: stage 5 failed on safetensors' bare "header too small"
+        _damage(folder / damage.split(":")[0], damage.split(":")[1])  # (an arrow file or the chart cut short was trained on, published)
     elif damage != "record.json":
         (folder / damage).unlink()
     else:
         (folder / "record.json").write_text((folder / "record.json").read_text()[:40])
     with pytest.raises(StageError, match=f"{folder} is marked complete but .*; delete that folder and rerun") as e:
         run_flow(f"artifacts_dir={copy}")
-    if damage.endswith((":cut", ":flip")) and stage in ("data", "profile"):  # their markers list each file: it is named
+    if ":" in damage:  # every stage's marker lists each file: it is named
         assert f"its file {damage.split(':')[0]} " in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("stage, damage", [("train", "adapter/adapter_model.safetensors:flip"), ("probe", "record.json:edit"),
+                                          ("merge", "merged/model.safetensors:flip"), ("evaluate", "eval.json:edit"),
+                                          ("evaluate", "eval.json:cut")])
+def test_a_stage_folder_changed_since_it_completed_is_refused_on_a_prefect_cache_hit(run_flow, stage, damage):
+    # The everyday rerun: Prefect hands back the stage's cached record and the flow checks its files (`outputs_exist`).
+    # An adapter or merged shard changed in place passed there (whole by its safetensors header), as did an eval.json
+    # edited or cut short, and was evaluated, merged or published as this run's.
+    from tasks.common import StageError
+
+    done = run_flow()
+    rel, how = damage.split(":")
+    folder = Path(done["stages"][stage]["outputs"]["dir"])
+    kept = (folder / rel).read_bytes()
+    _damage(folder / rel, how)
+    try:
+        with pytest.raises(StageError, match=f"{folder} is marked complete but its file {rel} .*; delete that folder and rerun"):
+            run_flow()
+    finally:
+        (folder / rel).write_bytes(kept)  # the module's later tests start from the whole folder
+    again = run_flow()  # the same bytes again (a new ctime: hashed again, equal): every stage reused
+    assert all(s["cached"] for s in again["stages"].values()), again["stages"]
