@@ -94,6 +94,7 @@ class DataRecord(BaseModel):
     max_length: int
     sources: list[dict] = []  # per source: provenance (file, sha256, license), rows read, filtered, deduped, train/held-out
     dedupe: dict = {}  # benchmarks, prompts checked against, rules, conversations removed per benchmark and rule
+    rows_key: str = ""  # what stages 2-7 read of this folder, by content (`rows_fingerprint`); "" in a folder built before it
 
     def outputs_exist(self) -> bool:
         out = Path(self.dir)
@@ -120,8 +121,8 @@ def _split_files_present(split: Path) -> bool:
 
 
 def source_fingerprint(data: DataSection | MixSource, key: str = "data.source") -> str:
-    """Content identity of the source: a file's hash, a hub revision, or the generator's code. `key`: the config key
-    an error names (data.mix[0].source for a mix entry)."""
+    """Content identity of the source: a file's hash, a hub revision, or the generator's code, with the libraries that
+    read it into rows (`source_readers`). `key`: the config key an error names (data.mix[0].source for a mix entry)."""
     src = data.source
     if src == "embedded":
         gen_code = [file_sha256(Path(m.__file__)) for m in (instructions, constraints)]
@@ -135,10 +136,53 @@ def source_fingerprint(data: DataSection | MixSource, key: str = "data.source") 
     path = Path(src).expanduser()
     if path.exists():
         # A folder (a partitioned x.parquet/) by its files' content, as a file: by its path, new rows in it were never read
-        return fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", folder_fingerprint(path))
+        content = fingerprint("file", file_sha256(path)) if path.is_file() else fingerprint("dir", folder_fingerprint(path))
+        return _read_with(content, path.suffix.lower())
     if _looks_like_path(src):
         raise StageError(f"{key} {src!r}: file not found; give an existing .jsonl/.json/.csv/.parquet path, a hub dataset, or `embedded`")
-    return fingerprint("hub", src, data.revision or _hub_revision(src))
+    return _read_with(fingerprint("hub", src, data.revision or _hub_revision(src)), "hub")
+
+
+def _read_with(content: str, kind: str) -> str:
+    """A source's fingerprint: its `content`'s, with the libraries that read a source of `kind` (`source_readers`); a kind
+    read by Python's json (JSON lines, .json) keeps the fingerprint of its content alone, the key of before."""
+    readers = source_readers(kind)
+    return fingerprint(content, readers) if readers else content
+
+
+# The libraries that turn a source's bytes into rows (`read_source`), by its kind: an upgrade of one that reads a CSV's
+# types, a Parquet file or a hub dataset otherwise was in no key, and the rows read the old way were trained on. In the
+# data key (stage 1 rebuilds), not in the later stages': they are keyed on the rows built (`rows_fingerprint`), so an
+# upgrade that reads the same rows retrains nothing. JSON (lines) and `pypi:` sources are read by Python's json.
+READERS = {".csv": ("pandas",), ".parquet": ("pandas", "pyarrow"), "hub": ("datasets", "pyarrow", "pandas")}
+
+
+def source_readers(kind: str) -> dict | None:
+    """Version and installed files (`library_install`) of each library READERS names for `kind` (a file suffix or
+    `hub`); None for a kind read without them."""
+    if kind not in READERS:
+        return None
+    return {dist: [installed_version(dist), library_install(dist)] for dist in READERS[kind]}
+
+
+def rows_fingerprint(train: list[dict], held: list[dict], extra: list[dict], template: str, stops: list[int], has_checkers: bool,
+                     data: DataSection, model_fingerprint: str) -> str:
+    """What the stages after stage 1 read of its folder, by content: every column of the training and held-out examples
+    in their order, the held-out conversations with their checkers (heldout.jsonl), the chat template, the stop ids, and
+    what they take from the data section (max_length, the system prompt stage 5 prompts the benchmarks with). Their keys
+    hold this (`rows_key`), not the data key: a rebuild the data key asks for (a reader library upgraded, `source_readers`)
+    that builds the same rows retrains nothing. Hashed from the rows in memory, not the arrow files, whose bytes may follow
+    the `datasets` version that wrote them."""
+    h = hashlib.sha256()
+    for ex in train + [None] + held + [None] + extra:  # None: where one list ends
+        h.update(json.dumps(ex, sort_keys=True, default=str).encode() + b"\n")
+    return fingerprint("rows", h.hexdigest(), template, stops, has_checkers, data.max_length, data.system_prompt, model_fingerprint)
+
+
+def rows_key(data: Any) -> str:
+    """The data stage's result as the later stages' keys hold it: its rows' fingerprint (`rows_fingerprint`), or, for a
+    folder built before the record had one, its key, so their stages stay cached until the data is rebuilt."""
+    return getattr(data, "rows_key", "") or data.key
 
 
 def sentence_counter_id() -> str:
@@ -1084,6 +1128,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         h.update(json.dumps(ex["input_ids"]).encode())
         h.update(json.dumps(ex["labels"]).encode())
     template_hash = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
+    has_checkers = all("check" in e for e in extra if e["source"] == data.source)
     record = DataRecord(
         key=key,
         dir=str(out),
@@ -1102,10 +1147,11 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         truncated=counts["truncated"],
         turns_cut=counts["cut"],
         split=counts["split"],
-        has_checkers=all("check" in e for e in extra if e["source"] == data.source),
+        has_checkers=has_checkers,
         max_length=data.max_length,
         sources=source_stats,
         dedupe=dedupe,
+        rows_key=rows_fingerprint(train, held, extra, tok.chat_template or "", stops, has_checkers, data, ref.fingerprint),
     )
     with building(out, record_files=True) as tmp:  # an arrow file cut short or changed in place is refused (`changed_file`)
         datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))

@@ -35,7 +35,7 @@ from . import benchmarks as bench
 from . import instructions
 from .common import COMPLETE, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
-from .data import DataRecord, load_heldout_meta, load_split
+from .data import DataRecord, load_heldout_meta, load_split, rows_key
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
@@ -266,7 +266,7 @@ def answer_code() -> str:
 def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str], device: str) -> list:
     """What stage 5's answers and losses depend on besides the device, in the order the stage's key has always hashed them."""
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
-    return [data.key, data.model_fingerprint, folder_fingerprint(train.adapter_dir), keyed_quant(quant, resolve_device(device)),
+    return [rows_key(data), data.model_fingerprint, folder_fingerprint(train.adapter_dir), keyed_quant(quant, resolve_device(device)),
             _keyed_eval(eval, exclude), sources, benchmark_caps(eval)]
 
 
@@ -327,7 +327,7 @@ def evaluate_heldout(data: DataRecord, train, model: ModelSection, quant: QuantS
                      system_prompt: str | None = None) -> EvalRecord:
     """Stage 5: base vs tuned on the held-out split and the benchmarks. `system_prompt` = data.system_prompt: the
     held-out rows carry it already (the data stage prepended it); the benchmarks are prompted with it, as the
-    published model is. It is part of data.key, so of this stage's key."""
+    published model is. It is in the data's rows key (`rows_fingerprint`), so in this stage's key."""
     key = cache_key(data, train, model, quant, eval, device)
     out = stage_dir(artifacts_dir, "eval", key)
     with locked(out, log_fn=log_fn):

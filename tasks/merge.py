@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from .common import StageError, building, changed_file, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
-from .data import DataRecord, load_split
+from .data import DataRecord, load_split, rows_key
 from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
 
 MERGE_VERSION = 2
@@ -113,7 +113,7 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # Keyed on the adapter's content, not the train key (training stops by the clock: one train key, many adapters);
     # the base it merges into, how the base is loaded, the device (merge.dtype auto follows it) and the check prompts.
     dev = resolve_device(device)
-    return fingerprint("merge", MERGE_VERSION, folder_fingerprint(train.adapter_dir), data.key, data.model_fingerprint,
+    return fingerprint("merge", MERGE_VERSION, folder_fingerprint(train.adapter_dir), rows_key(data), data.model_fingerprint,
                        keyed_quant(quant, dev), _keyed_merge(merge, quant, dev), model.chat_template, dev)
 
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from .common import StageError, building, changed_file, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
-from .data import DataRecord, load_split
+from .data import DataRecord, load_split, rows_key
 from .engine import dist, launch, recompute, unlikelihood
 from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import collator_for, is_padding_free, training_dataset
@@ -115,7 +115,7 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     if training.unlikelihood_alpha:
         sections.append({"unlikelihood_pass": unlikelihood.PASS_VERSION})
     # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
-    return fingerprint("probe", PROBE_VERSION, data.key, data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
+    return fingerprint("probe", PROBE_VERSION, rows_key(data), data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
 
 
 # Fixes to what the packed engines (fast, fused) compute for one kind of model, by its (text) model_type: each is in that

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .common import building, changed_file, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
-from .data import DataRecord, load_split
+from .data import DataRecord, load_split, rows_key
 
 PROFILE_VERSION = 1
 TRUNCATION_WARN_SHARE = 0.05
@@ -36,7 +36,7 @@ class ProfileRecord(BaseModel):
 
 
 def cache_key(data: DataRecord) -> str:
-    return fingerprint("profile", PROFILE_VERSION, data.key, data.data_hash)
+    return fingerprint("profile", PROFILE_VERSION, rows_key(data), data.data_hash)
 
 
 def profile_lengths(data: DataRecord, artifacts_dir: str, log_fn=None) -> ProfileRecord:

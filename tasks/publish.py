@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, building, disk_full, file_sha256, fingerprint, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
+from .data import rows_key
 from .models import base_path_now
 
 MANIFEST = "MANIFEST.json"
@@ -799,4 +800,6 @@ def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
     pipeline.yaml is that of the run that published). Export settings are stage 8's: it writes its own run's folder."""
     # Without a hub repo nothing is pushed: how a push would be made (private, token_env, push_merged) changes nothing.
     push = cfg.publish.model_dump(mode="json") if cfg.publish.hub_repo_id else None
-    return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, push, {k: getattr(v, "key", None) for k, v in records.items()})
+    # the data by its rows (`rows_key`): a rebuild of the same rows (a reader library upgraded) publishes nothing new
+    return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, push,
+                       {k: rows_key(v) if k == "data" else getattr(v, "key", None) for k, v in records.items()})

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from .common import (StageError, TrainingStopped, changed_file, complete_record, disk_full, fault_arg, fingerprint, human_seconds, in_a_deployment_run, is_complete,
                      locked, mark_folder_complete, maybe_fault, off_the_lost_terminal, progress_bar, read_json, safetensors_whole, stage_dir, write_json)
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
-from .data import DataRecord, load_split
+from .data import DataRecord, load_split, rows_key
 from .engine import dist, launch, recompute
 from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import (BatchTrace, PackedStream, PaddedCollator, PassPacks, collator_for, is_padding_free, steps_per_pass,
@@ -393,7 +393,7 @@ PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
-    return fingerprint("train", TRAIN_VERSION, data.key, data.model_fingerprint, probe.key, _keyed_sections(probe, quant, lora, training))
+    return fingerprint("train", TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, _keyed_sections(probe, quant, lora, training))
 
 
 def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list:
@@ -412,7 +412,7 @@ BUDGETLESS = "budgetless_key.json"  # in work/: the training's key but for its b
 def budgetless_key(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
     """`cache_key` without the budget (`probe.key` holds it: tasks/probe.py `keyed_budget`): the same data, model and
     settings on the same hardware."""
-    return fingerprint("train-any-budget", TRAIN_VERSION, data.key, data.model_fingerprint, getattr(probe, "hardware", None),
+    return fingerprint("train-any-budget", TRAIN_VERSION, rows_key(data), data.model_fingerprint, getattr(probe, "hardware", None),
                        getattr(probe, "gpus", 1), _keyed_sections(probe, quant, lora, training))
 
 

