@@ -254,9 +254,9 @@ def completion_marker(folder: Path, record_files: bool, leave_out: tuple[str, ..
     Each file is hashed once here, in full, and its digest remembered (`cached_sha256`'s memo) for where it will be read:
     `home`, the folder's final place (a build's temp folder is renamed there; a rename of the folder keeps each file's
     inode, mtime and ctime), else `folder`. A later check then reads each file's size and, unless the file changed, was
-    copied or the memo is gone, no byte of it: sha256 runs at ~1.3 GB/s on an idle 2-core box (0.35-0.56 GB/s busy;
+    copied or the memo is gone, no byte of it: sha256 runs at ~1.3 GB/s on an idle 2-core box (0.35-0.88 GB/s loaded;
     blake2b 0.85 GB/s), so a 14 GB merged 7B model costs 11-40 s at its build, where hashing it at every cache hit would
-    cost that every run; a hit costs 0.2-9 ms (docs/RELIABILITY.md, "a complete stage folder's file")."""
+    cost that every run; a hit costs ~1 ms (bench/marker_hash_cost.py; docs/RELIABILITY.md, "a complete stage folder's file")."""
     done = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not record_files:
         return done + "\n"
