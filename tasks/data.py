@@ -179,10 +179,17 @@ def rows_fingerprint(train: list[dict], held: list[dict], extra: list[dict], tem
     return fingerprint("rows", h.hexdigest(), template, stops, has_checkers, data.max_length, data.system_prompt, model_fingerprint)
 
 
-def rows_key(data: Any) -> str:
+def rows_key(data: Any, *told: str) -> str:
     """The data stage's result as the later stages' keys hold it: its rows' fingerprint (`rows_fingerprint`), or, for a
-    folder built before the record had one, its key, so their stages stay cached until the data is rebuilt."""
-    return getattr(data, "rows_key", "") or data.key
+    folder built before the record had one, its key, so their stages stay cached until the data is rebuilt. `told`: the
+    record's fields besides the rows that the stage writes out (stage 5's verdict names `dedupe`; stage 7's card and
+    provenance list `sources` and `dedupe`): the same rows built under `data.dedupe: []`, or from a source file with a
+    repeated row added, reused the eval.json and card that said every conversation was checked against the benchmarks, or
+    the old file's sha256. The data key already holds them."""
+    rows = getattr(data, "rows_key", "")
+    if not rows:
+        return data.key
+    return fingerprint(rows, {f: getattr(data, f) for f in told}) if told else rows
 
 
 def sentence_counter_id() -> str:

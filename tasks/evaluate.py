@@ -229,7 +229,8 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # adapters of different step counts (and verdicts). Benchmark files are keyed by content (sha256), so a new copy
     # of a benchmark re-runs the stage; the subset sizes and seed are part of eval's dump, and each benchmark's cap is
     # keyed as resolved (a cap eval.benchmark_max_new_tokens leaves unset is the benchmark's own, which can change).
-    return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED, device), scorer_versions(eval.benchmarks),
+    # The verdict names what the data was deduped against (`make_verdict`): in this key, not in the passes' (answers alike).
+    return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED, device, told=("dedupe",)), scorer_versions(eval.benchmarks),
                        resolve_device(device))
 
 
@@ -263,10 +264,12 @@ def answer_code() -> str:
     return fingerprint([inspect.getsource(f) for f in (generate, decode_check, reference_nll, row_nll, benchmark_conversation)])
 
 
-def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str], device: str) -> list:
-    """What stage 5's answers and losses depend on besides the device, in the order the stage's key has always hashed them."""
+def _answer_inputs(data: DataRecord, train, quant: QuantSection, eval: EvalSection, exclude: set[str], device: str,
+                   told: tuple[str, ...] = ()) -> list:
+    """What stage 5's answers and losses depend on besides the device, in the order the stage's key has always hashed them;
+    `told`: the data record's fields the stage writes out besides its rows (`rows_key`)."""
     sources = {n: bench.source_fingerprint(n, eval.benchmark_sources.get(n, "auto")) for n in eval.benchmarks}
-    return [rows_key(data), data.model_fingerprint, folder_fingerprint(train.adapter_dir), keyed_quant(quant, resolve_device(device)),
+    return [rows_key(data, *told), data.model_fingerprint, folder_fingerprint(train.adapter_dir), keyed_quant(quant, resolve_device(device)),
             _keyed_eval(eval, exclude), sources, benchmark_caps(eval)]
 
 

@@ -36,7 +36,7 @@ class ProfileRecord(BaseModel):
 
 
 def cache_key(data: DataRecord) -> str:
-    return fingerprint("profile", PROFILE_VERSION, rows_key(data), data.data_hash)
+    return fingerprint("profile", PROFILE_VERSION, rows_key(data, "dropped"), data.data_hash)  # dropped: its over-max_length share
 
 
 def profile_lengths(data: DataRecord, artifacts_dir: str, log_fn=None) -> ProfileRecord:

@@ -800,6 +800,8 @@ def cache_key(cfg: PipelineConfig, records: dict[str, Any]) -> str:
     pipeline.yaml is that of the run that published). Export settings are stage 8's: it writes its own run's folder."""
     # Without a hub repo nothing is pushed: how a push would be made (private, token_env, push_merged) changes nothing.
     push = cfg.publish.model_dump(mode="json") if cfg.publish.hub_repo_id else None
-    # the data by its rows (`rows_key`): a rebuild of the same rows (a reader library upgraded) publishes nothing new
+    # the data by its rows (`rows_key`) and what the card and provenance.json say of it (each source's file, sha256 and
+    # license; the dedupe): a rebuild of the same rows from the same files (a reader library upgraded) publishes nothing new
+    told = ("source", "sources", "dedupe")
     return fingerprint("publish", PUBLISH_VERSION, cfg.output_name, push,
-                       {k: rows_key(v) if k == "data" else getattr(v, "key", None) for k, v in records.items()})
+                       {k: rows_key(v, *told) if k == "data" else getattr(v, "key", None) for k, v in records.items()})

@@ -549,6 +549,55 @@ def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only
     assert data_mod.rows_key(first.model_copy(update={"rows_key": ""})) == first.key
 
 
+def test_the_same_rows_built_under_another_dedupe_or_from_another_file_rewrite_what_names_them(tmp_path):
+    """The later stages are keyed on the rows built (`rows_key`), but stage 5's verdict names the benchmarks the data was
+    deduped against (`data.dedupe`), stage 2 reports the rows dropped over max_length, and stage 7's card and provenance
+    list each source's file sha256 and the dedupe: a review found `data.dedupe: []` on a run whose rows matched no
+    benchmark prompt reused the eval.json and card that said "Never trained on an evaluation prompt: every conversation
+    was checked", and a duplicate row appended to the source file published the old file's sha256. Those stages rerun
+    (stage 5 from its saved answers: its passes' key holds only the rows); probe, train and merge stay cached."""
+    import pandas as pd
+
+    from tasks import data as data_mod
+    from tasks import evaluate, merge, probe, profile, publish, train
+    from tasks.common import write_json
+    from tasks.models import resolve_device
+
+    rows = [{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]
+    csv = tmp_path / "chats.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    cfg = _cfg(tmp_path, f"data.source={csv}", "data.dedupe=[]")
+    adapter = tmp_path / "adapter"
+    write_json(adapter / "adapter_config.json", {})
+
+    def later_keys(rec) -> dict[str, str]:
+        sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
+        pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
+        tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
+        return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
+                "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
+                "eval-passes": evaluate.passes_key(rec, tr, cfg.quant, cfg.eval, cfg.device),
+                "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
+                "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
+
+    def rerun(a, b) -> list[str]:
+        ka, kb = later_keys(a), later_keys(b)
+        return [k for k in ka if ka[k] != kb[k]]
+
+    first = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    checked = data_mod.load_dataset_records(_cfg(tmp_path, f"data.source={csv}").data, cfg.model, cfg.artifacts_dir)  # dedupe: all
+    assert checked.rows_key == first.rows_key and checked.dedupe != first.dedupe  # no row matched a benchmark prompt
+    assert rerun(first, checked) == ["evaluate", "publish"]
+
+    pd.DataFrame(rows + rows[:1]).to_csv(csv, index=False)  # a repeated row: dropped, the same rows built from another file
+    grown = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    assert grown.rows_key == first.rows_key and grown.sources[0]["sha256"] != first.sources[0]["sha256"]
+    assert rerun(first, grown) == ["profile", "publish"]  # profile: its drop counts (`dropped`) changed too
+
+    # a record without a rows key (built before it): every stage keyed on the data key, as before
+    assert data_mod.rows_key(first.model_copy(update={"rows_key": ""}), "dedupe") == first.key
+
+
 def test_the_user_cache_folder_is_xdg_cache_home_else_the_home_folders_cache_and_the_suite_uses_its_own(tmp_path, monkeypatch):
     """`user_cache_dir`'s real location: $XDG_CACHE_HOME/qlora-pipeline, else ~/.cache/qlora-pipeline. The suite itself
     keeps its memos in a folder of its own (tests/conftest.py TEST_CACHE_HOME): every session wrote rendering memos and
