@@ -497,6 +497,23 @@ def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_wri
     assert not list(Path.cwd().iterdir())  # no "relative-cache/" (nor "~/") made here
 
 
+def _later_keys(cfg, adapter: Path, rec) -> dict[str, str]:
+    """The keys of stages 2-7 (with stage 5's answer passes and the train key without the budget) for the data record
+    `rec`, with stand-in probe and train records, in stage order: what a data rebuild reruns."""
+    from tasks import evaluate, merge, probe, profile, publish, train
+    from tasks.models import resolve_device
+
+    sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
+    pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
+    tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
+    return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
+            "train-any-budget": train.budgetless_key(rec, pr, cfg.quant, cfg.lora, cfg.training),
+            "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
+            "eval-passes": evaluate.passes_key(rec, tr, cfg.quant, cfg.eval, cfg.device),
+            "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
+            "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
+
+
 def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only_when_the_rows_change(tmp_path, monkeypatch):
     """A pandas, pyarrow or datasets upgrade that reads a CSV's types, a Parquet file or a hub dataset otherwise was in no
     key: the rows read the old way were reused and trained on. Adding the readers to the data key alone would retrain
@@ -507,9 +524,7 @@ def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only
     import pandas as pd
 
     from tasks import data as data_mod
-    from tasks import evaluate, merge, probe, profile, publish, train
     from tasks.common import write_json
-    from tasks.models import resolve_device
 
     csv = tmp_path / "chats.csv"
     pd.DataFrame([{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]).to_csv(csv, index=False)
@@ -520,23 +535,13 @@ def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only
     adapter = tmp_path / "adapter"
     write_json(adapter / "adapter_config.json", {})
 
-    def later_keys(rec) -> dict[str, str]:
-        sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
-        pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
-        tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
-        return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
-                "train-any-budget": train.budgetless_key(rec, pr, cfg.quant, cfg.lora, cfg.training),
-                "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
-                "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
-                "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
-
     first = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
     jsonl_key = data_mod.cache_key(jsonl_cfg.data, jsonl_cfg.model, jsonl_cfg.artifacts_dir)
     real_version, real_read = data_mod.installed_version, data_mod._read_local
     monkeypatch.setattr(data_mod, "installed_version", lambda dist: "99.0" if dist == "pandas" else real_version(dist))  # pandas upgraded
     same = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
     assert same.key != first.key and same.dir != first.dir  # stage 1 rebuilt: its reader is in its key
-    assert same.rows_key == first.rows_key and later_keys(same) == later_keys(first)  # the same rows: nothing after it reruns
+    assert same.rows_key == first.rows_key and _later_keys(cfg, adapter, same) == _later_keys(cfg, adapter, first)  # the same rows: nothing after it reruns
     assert data_mod.cache_key(jsonl_cfg.data, jsonl_cfg.model, jsonl_cfg.artifacts_dir) == jsonl_key
 
     # an upgrade that reads the rows otherwise (here: each answer gains a "!")
@@ -544,7 +549,7 @@ def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only
     monkeypatch.setattr(data_mod, "_read_local", lambda path, key="data.source": ([{**r, "output": r["output"] + "!"} for r in real_read(path, key)[0]], None))
     other = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
     assert other.rows_key != first.rows_key
-    assert [k for k, v in later_keys(other).items() if v == later_keys(first)[k]] == []
+    assert [k for k, v in _later_keys(cfg, adapter, other).items() if v == _later_keys(cfg, adapter, first)[k]] == []
     # a data folder built before the record had a rows key: its later stages keyed as they were (no retraining)
     assert data_mod.rows_key(first.model_copy(update={"rows_key": ""})) == first.key
 
@@ -559,9 +564,7 @@ def test_the_same_rows_built_under_another_dedupe_or_from_another_file_rewrite_w
     import pandas as pd
 
     from tasks import data as data_mod
-    from tasks import evaluate, merge, probe, profile, publish, train
     from tasks.common import write_json
-    from tasks.models import resolve_device
 
     rows = [{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]
     csv = tmp_path / "chats.csv"
@@ -570,18 +573,8 @@ def test_the_same_rows_built_under_another_dedupe_or_from_another_file_rewrite_w
     adapter = tmp_path / "adapter"
     write_json(adapter / "adapter_config.json", {})
 
-    def later_keys(rec) -> dict[str, str]:
-        sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
-        pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
-        tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
-        return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
-                "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
-                "eval-passes": evaluate.passes_key(rec, tr, cfg.quant, cfg.eval, cfg.device),
-                "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
-                "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
-
     def rerun(a, b) -> list[str]:
-        ka, kb = later_keys(a), later_keys(b)
+        ka, kb = _later_keys(cfg, adapter, a), _later_keys(cfg, adapter, b)
         return [k for k in ka if ka[k] != kb[k]]
 
     first = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)

@@ -1007,20 +1007,15 @@ def _finish_stopped(monkeypatch, tmp_path, logs: list[str], program: str = _TORC
     assert json.loads((tmp_path / "result-train.json").read_text()) == {"steps": 4}, logs
 
 
-KEPT = "its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked"
-
-
-def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path):
-    """A review (2026-12-06): a first Ctrl-C as the stage read torchrun's last lines, torchrun already ended cleanly,
-    logged a stop of the ended torchrun and raised KeyboardInterrupt: the finished training's record was dropped (the
-    stage records the adapter only from it). Now the stage says the ranks had finished, their result is kept (rank 0
-    completed the folder the rerun reuses), and the run stops as asked (it went on to evaluate and publish once)."""
+def _ctrl_c_at_the_join(monkeypatch) -> list[bool]:
+    """Have the stage's reader of torchrun's output press Ctrl-C once, as the stage joins it (torchrun has ended: its
+    last lines are being read); the list returned holds True once it did."""
     import os
     import signal
 
     from tasks.engine import launch
 
-    reading, pressed, logs = launch.read_in_background, [], []
+    reading, pressed = launch.read_in_background, []
 
     def ctrl_c_at_the_join(lines, show):
         reader = reading(lines, show)
@@ -1036,6 +1031,18 @@ def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path
         return reader
 
     monkeypatch.setattr(launch, "read_in_background", ctrl_c_at_the_join)
+    return pressed
+
+
+KEPT = "its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked"
+
+
+def test_a_ctrl_c_after_torchrun_finished_keeps_the_record(monkeypatch, tmp_path):
+    """A review (2026-12-06): a first Ctrl-C as the stage read torchrun's last lines, torchrun already ended cleanly,
+    logged a stop of the ended torchrun and raised KeyboardInterrupt: the finished training's record was dropped (the
+    stage records the adapter only from it). Now the stage says the ranks had finished, their result is kept (rank 0
+    completed the folder the rerun reuses), and the run stops as asked (it went on to evaluate and publish once)."""
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch), []
     _finish_stopped(monkeypatch, tmp_path, logs)
     assert pressed and not any(line.startswith("train: stopping") for line in logs), logs
     assert f"train: Ctrl-C after the 2 processes had finished: {KEPT}" in logs, logs
@@ -1054,28 +1061,12 @@ def test_a_ctrl_c_after_torchrun_failed_reports_the_failure(monkeypatch, tmp_pat
     after torchrun had failed raised KeyboardInterrupt: the stage's line naming the rank that died and how was never
     written, and the run ended as stopped by the user, not failed. The Ctrl-C stops nothing there either: the failure is
     reported as without it."""
-    import os
     import signal
     import sys
 
     from tasks.engine import launch
 
-    reading, pressed, logs = launch.read_in_background, [], []
-
-    def ctrl_c_at_the_join(lines, show):
-        reader = reading(lines, show)
-        join = reader.join
-
-        def ctrl_c_then_join(timeout=None):
-            if not pressed:
-                pressed.append(True)
-                os.kill(os.getpid(), signal.SIGINT)
-            return join(timeout)
-
-        reader.join = ctrl_c_then_join
-        return reader
-
-    monkeypatch.setattr(launch, "read_in_background", ctrl_c_at_the_join)
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch), []
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FAILS, "-", ROOT_CAUSE])
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
