@@ -277,18 +277,7 @@ def mark_folder_complete(folder: Path, record_files: bool = False, leave_out: tu
     """Write the COMPLETE marker (`completion_marker`) of `folder`, a stage folder built in place (training's: it resumes
     from its checkpoints there), atomically: a marker cut short by a crash would read as a damaged folder and cost its
     rebuild (hours of training). A folder built by `building` is marked before its rename instead."""
-    text = completion_marker(folder, record_files, leave_out)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{COMPLETE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / COMPLETE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text(folder / COMPLETE, completion_marker(folder, record_files, leave_out))
 
 
 def changed_file(out: Path) -> str | None:
@@ -362,12 +351,17 @@ def at_home(record: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder + rename)."""
+    """Write JSON atomically (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` atomically (temp file in the same folder, synced, then renamed): whole or not there after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
