@@ -18,7 +18,8 @@ many decoder layers can skip recompute in the memory left (not when offloaded: t
 freed from recompute saves about a third of its step time (measured on one H200: 4 layers +3.7% within
 16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Two trials that free 4 and 8 layers give the cost per
 layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
-checkpointed peak underestimates it by half), a third confirms the extrapolated count. The cache key includes
+checkpointed peak underestimates it by half), a third confirms the extrapolated count; when a trial runs over the
+budget, the count between the most that fitted and it is tried (an out-of-memory trial ends the search). The cache key includes
 the hardware (the card, and how many of them the run trains on), so another GPU re-probes; a card added beside a
 one-GPU run, or CUDA_VISIBLE_DEVICES, does not.
 """
@@ -195,23 +196,35 @@ def vram_budget(vram_gb: float | str | None, device: str) -> float | None:
     return round(-dist.sync_max([-free / 2**30])[0], 2)
 
 
-def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], margin_gb: float = FREE_MARGIN_GB) -> int | None:
+def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], over: dict[int, float] | None = None,
+                    margin_gb: float = FREE_MARGIN_GB) -> int | None:
     """The next number of recompute-free layers to time, or None when the search is done.
 
-    `measured` maps layers freed -> peak GiB of the trials that fitted (0 = fully checkpointed). Order: the
-    two measuring trials (4 and 8, clipped to the model's depth), then the count extrapolated from their
-    difference, once. A trial that does not fit ends the search (callers stop asking).
+    `measured` maps layers freed -> peak GiB of the trials that fitted (0 = fully checkpointed); `over` the same for
+    trials that ran but peaked above the budget (an out-of-memory trial has no peak: the caller stops there). Order:
+    the two measuring trials (4 and 8, clipped to the model's depth), then one count from the cost per layer: between
+    the most that fitted and the fewest that did not when one did not (8 free over a 15 GiB budget where 4 left 3.6 GiB
+    unused, 2026-12-06: 6 fit), else extrapolated beyond the two largest that fitted.
     """
+    over = over or {}
     for k in FREE_PROBES:
         k = min(k, n_layers)
+        if k in over:
+            break  # did not fit: the count lies below it
         if k not in measured:
             return k
-    lo, hi = (min(k, n_layers) for k in FREE_PROBES)
-    if hi == lo or hi == n_layers:
-        return None
-    per_layer = (measured[hi] - measured[lo]) / (hi - lo)
-    target = hi + recompute.recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
-    return target if target > hi and target not in measured else None
+    fit = max(measured)
+    if above := [k for k in over if k > fit]:
+        ceiling = min(above)
+        per_layer = (over[ceiling] - measured[fit]) / (ceiling - fit)
+        target = fit + recompute.recompute_free_layers(measured[fit], per_layer, vram_gb, ceiling - fit - 1, margin_gb)
+    else:
+        lo, hi = (min(k, n_layers) for k in FREE_PROBES)
+        if hi == lo or hi == n_layers:
+            return None
+        per_layer = (measured[hi] - measured[lo]) / (hi - lo)
+        target = hi + recompute.recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
+    return target if target > fit and target not in measured and target not in over else None
 
 
 def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str, log_fn=None) -> ProbeRecord:
@@ -280,13 +293,13 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     elif base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
         # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
         # trial there cannot be recovered from (the other ranks wait in the all-reduce).
-        measured = {0: base["peak_mem_gb"]}
-        while (k := next_free_trial(base["layers"], budget.vram_gb, measured)) is not None:
+        measured, over = {0: base["peak_mem_gb"]}, {}
+        while (k := next_free_trial(base["layers"], budget.vram_gb, measured, over)) is not None:
             trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, data.max_length, log_fn, exempt=exempt)
             trials.append(trial)
-            if not trial.get("fits"):
-                break
-            measured[k] = trial["peak_mem_gb"]
+            if trial.get("error"):
+                break  # out of memory: no peak to learn from, and the allocator may not recover another time
+            (measured if trial.get("fits") else over)[k] = trial["peak_mem_gb"]
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
         offloaded = any(t["offload_activations"] for t in trials)

@@ -99,9 +99,17 @@ def test_recompute_free_search_order_on_the_measured_h200_numbers():
     # Peaks measured on one H200 for the fast engine, Mistral-7B shapes, 4 x 2,048 tokens (docs/BENCHMARKS.md):
     # all checkpointed 8.22 GiB, 4 layers free 13.24, 8 free 19.82 -> 1.645 GiB per further layer.
     assert next_free_trial(32, 16, {0: 8.22}) == 4
-    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24}) == 8  # 8 does not fit 16: the caller stops, 4 wins
+    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24}) == 8
+    # 8 does not fit 16: the count between them from 1.645 GiB a layer, 4 + floor((16 - 0.75 - 13.24) / 1.645) = 5
+    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24}, {8: 19.82}) == 5
+    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24, 5: 14.9}, {8: 19.82}) is None  # 6 would not fit: 5 wins
+    assert next_free_trial(32, 16, {0: 8.22, 4: 13.24}, {5: 16.3, 8: 19.82}) is None  # 5 over too: 4 wins, nothing between
+    assert next_free_trial(32, 14.5, {0: 8.22, 4: 13.24}, {8: 19.82}) is None  # the margin leaves no layer beyond 4
+    assert next_free_trial(32, 12, {0: 8.22}, {4: 13.24}) == 2  # 4 over: below it (0 + floor(3.03 / 1.255)), 8 not tried
+    assert next_free_trial(32, 12, {0: 8.22}, {2: 12.5, 4: 13.24}) == 1 and next_free_trial(32, 12, {0: 8.22, 1: 10.0}, {2: 12.5, 4: 13.24}) is None
     assert next_free_trial(32, 24, {0: 8.22, 4: 13.24, 8: 19.82}) == 10  # 8 + floor((24 - 0.75 - 19.82) / 1.645)
     assert next_free_trial(32, 24, {0: 8.22, 4: 13.24, 8: 19.82, 10: 23.1}) is None  # confirmed: done
+    assert next_free_trial(32, 24, {0: 8.22, 4: 13.24, 8: 19.82}, {10: 24.6}) == 9  # 10 over: 8 + floor(3.43 / 2.39)
     assert next_free_trial(32, 80, {0: 8.22, 4: 13.24, 8: 19.82}) == 32  # room for every layer: no recompute at all
     assert next_free_trial(32, 20.4, {0: 8.22, 4: 13.24, 8: 19.82}) is None  # nothing beyond 8 fits
     assert next_free_trial(2, 16, {0: 1.0}) == 2 and next_free_trial(2, 16, {0: 1.0, 2: 1.5}) is None  # shallow model
@@ -110,7 +118,8 @@ def test_recompute_free_search_order_on_the_measured_h200_numbers():
 
 def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """The search on a simulated 16 GiB card, through the probe's own loop: 4 x 4 runs out of memory, 2 x 8 fits
-    checkpointed, 4 freed layers fit, 8 do not -> 2 x 8 with 4 layers without recompute, the fastest that fits."""
+    checkpointed, 4 freed layers fit, 8 do not, 5 (between them by the cost per layer) does -> 2 x 8 with 5 layers without
+    recompute, the fastest that fits."""
     import tasks.probe as probe_mod
 
     timed = []
@@ -131,9 +140,9 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     logs = []
     rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
                            shared_artifacts, logs.append)
-    assert timed == [(4, 4, True, 0), (2, 8, True, 0), (2, 8, True, 4), (2, 8, True, 8)]
-    assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 4)
-    assert rec.peak_mem_gb == 6.0 + 1.6 * 4 and [t.get("fits") for t in rec.trials] == [False, True, True, False]
+    assert timed == [(4, 4, True, 0), (2, 8, True, 0), (2, 8, True, 4), (2, 8, True, 8), (2, 8, True, 5)]
+    assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 5)
+    assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True]
     assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
     assert rec.max_steps == math.floor((3600 - rec.fixed_seconds) / rec.s_per_step)
 
