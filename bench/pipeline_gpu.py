@@ -111,7 +111,7 @@ def run_once(overrides: list[str], args, log) -> dict:
     t = time.monotonic()
     probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, cfg.artifacts_dir, log)
     log(f"probe ({n} GPU): {probe.micro_batch_size} x {probe.grad_accum}, {probe.recompute_free_layers} layers without recompute, {probe.s_per_step:.2f} s/step, {probe.tokens_per_s:,.0f} tok/s, peak {probe.peak_mem_gb:.2f} GB, "
-        f"load {probe.load_seconds:.0f}s, launch {probe.launch_seconds:.0f}s, save {probe.save_seconds:.1f}s -> {probe.max_steps} steps ({time.monotonic() - t:.0f}s)")
+        f"load {probe.load_seconds:.0f}s, launch {probe.launch_seconds:.0f}s, checkpoint {probe.save_seconds:.1f}s, final save {probe.final_save_cost:.1f}s -> {probe.max_steps} steps ({time.monotonic() - t:.0f}s)")
     torch.cuda.reset_peak_memory_stats()
     train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.artifacts_dir, log)
     # One process: this process's peak. Several: the probe's (the largest rank's, same setting).

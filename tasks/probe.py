@@ -2,7 +2,8 @@
 
 Loads the model exactly as training will, runs a few untimed then a few timed optimizer steps on real
 batches of the formatted data (same micro-batch, accumulation and engine), and measures seconds per step,
-tokens/s, peak memory, the model-load time and the checkpoint-save time. Then
+tokens/s, peak memory, the model-load time, a checkpoint's save and the final save (apart: a checkpoint writes the
+optimizer state too). Then
 
     max_steps = floor((budget - fixed) / s_per_step),   fixed = load + final save + periodic checkpoint saves
 
@@ -54,7 +55,7 @@ class ProbeRecord(BaseModel):
     hardware: str
     budget_seconds: float
     load_seconds: float
-    save_seconds: float
+    save_seconds: float  # a checkpoint's save (a record without final_save_seconds: a checkpoint and the final save together)
     fixed_seconds: float
     s_per_step: float
     tokens_per_step: float
@@ -73,6 +74,13 @@ class ProbeRecord(BaseModel):
     offload_activations: bool = False  # the checkpointed layers' inputs wait in host memory (training.offload_activations)
     compile_layers: bool = False  # the decoder layers ran compiled (training.compile: layers, and the compiler worked)
     compile_seconds: float = 0.0  # what compiling them took (inside load_seconds, so inside the fixed cost)
+    final_save_seconds: float | None = None  # the final save alone, adapter + tokenizer; None: a record from before it was timed apart
+
+    @property
+    def final_save_cost(self) -> float:
+        """What the final save costs: its own time, or in a record from before it was timed apart, `save_seconds` (a
+        checkpoint and the final save together, what stage 4 reserved for the final save then)."""
+        return self.save_seconds if self.final_save_seconds is None else self.final_save_seconds
 
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and changed_file(Path(self.dir)) is None  # its record.json as it was written
@@ -311,7 +319,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
 
     budget_s = float(budget.seconds)
     n_ckpt = int(budget_s // (training.checkpoint_minutes * 60))
-    fixed = round(launch_s + best["load_seconds"] + best["save_seconds"] * (1 + n_ckpt), 2)  # as recorded: the record adds up
+    fixed = round(launch_s + best["load_seconds"] + best["final_save_seconds"] + best["save_seconds"] * n_ckpt, 2)  # as recorded: the record adds up
     max_steps = max(int(math.floor((budget_s - fixed) / best["s_per_step"])), 1)
     if training.max_steps:
         max_steps = min(max_steps, training.max_steps)
@@ -323,6 +331,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         budget_seconds=budget_s,
         load_seconds=best["load_seconds"],
         save_seconds=best["save_seconds"],
+        final_save_seconds=best["final_save_seconds"],
         fixed_seconds=fixed,
         s_per_step=best["s_per_step"],
         tokens_per_step=best["tokens_per_step"],
@@ -437,10 +446,13 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         # Checkpoint cost: adapter + optimizer + scheduler state, as BudgetGuard's checkpoints write them.
         t1 = time.monotonic()
         trainer._save_checkpoint(trainer.model, trial=None)
-        # ... and the final save after the last step: adapter + tokenizer (a 262k-vocab tokenizer takes seconds).
+        t2 = time.monotonic()
+        # ... and, timed apart, the final save after the last step: adapter + tokenizer (a 262k-vocab tokenizer takes
+        # seconds). Apart, because the guard reserves the final save at every step and a checkpoint only where one is
+        # due: the two as one number reserved the checkpoint's optimizer state too, ending H100 runs ~0.4-0.5 s early.
         trainer.model.save_pretrained(str(Path(tmp) / "final"), safe_serialization=True)
         tok.save_pretrained(str(Path(tmp) / "final"))
-        save_s = time.monotonic() - t1
+        save_s, final_save_s = t2 - t1, time.monotonic() - t2
     start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
     end_t, end_tok = marks[-1]
     times = [start_t] + [t for t, _ in marks[warm:]]
@@ -449,7 +461,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     load_peak = train_peak if load_peak is None else load_peak  # on CPU the process's RSS high-water mark holds both
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
-    load_s, save_s, s_per_step, load_peak, train_peak = dist.sync_max([load_s, save_s, s_per_step, load_peak, train_peak])
+    load_s, save_s, final_save_s, s_per_step, load_peak, train_peak = dist.sync_max([load_s, save_s, final_save_s, s_per_step, load_peak, train_peak])
     peak = max(load_peak, train_peak)
     compiled = {} if state is None else {"compile_layers": state.active, "compile_seconds": round(state.seconds, 2),
                                          "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs,
@@ -459,6 +471,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         **compiled,
         "load_seconds": round(load_s, 3),
         "save_seconds": round(save_s, 3),
+        "final_save_seconds": round(final_save_s, 3),
         "s_per_step": round(s_per_step, 4),
         "tokens_per_step": round(tokens / timed, 1),
         "tokens_per_s": round(tokens / timed / max(s_per_step, 1e-9), 1),

@@ -118,8 +118,8 @@ def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
 def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
-        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, saves {rec.save_seconds:.1f}s each) "
-        f"-> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
+        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, final save {rec.final_save_cost:.1f}s, "
+        f"checkpoints {rec.save_seconds:.1f}s each) -> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
         + (f", {OFFLOAD_NOTE}" if rec.offload_activations else "")
         + (f", decoder layers compiled ({rec.compile_seconds:.0f} s, in the fixed cost)" if rec.compile_layers else ""))
     trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('recompute_free_layers', 0)} | "

@@ -218,12 +218,14 @@ class BudgetGuard(_trainer_callback_base()):
     Rank 0 alone writes the heartbeat and the checkpoint markers.
     """
 
-    def __init__(self, work: Path, budget_s: float, prior_elapsed: float, checkpoint_s: float, save_cost_s: float, log_fn=None):
+    def __init__(self, work: Path, budget_s: float, prior_elapsed: float, checkpoint_s: float, checkpoint_save_s: float, final_save_s: float,
+                 log_fn=None):
         self.work = work
         self.budget_s = budget_s
         self.prior = prior_elapsed
-        self.checkpoint_s = checkpoint_s
-        self.save_cost_s = save_cost_s
+        self.checkpoint_s = checkpoint_s  # how often a checkpoint falls due
+        self.checkpoint_save_s = checkpoint_save_s  # what saving one costs (the probe's save_seconds)
+        self.final_save_s = final_save_s  # what the final adapter's save costs, after the last step (the probe's final_save_cost)
         self.t0 = time.monotonic()
         self.last_ckpt = self.t0
         self.last_step_t = self.t0
@@ -244,7 +246,7 @@ class BudgetGuard(_trainer_callback_base()):
     def progress(self) -> float:
         """Share of the trainable budget used (the LR schedule's clock)."""
         elapsed = self.synced_elapsed if dist.world() > 1 else self.elapsed()
-        return min(max(elapsed / max(self.budget_s - self.save_cost_s, 1e-9), 0.0), 1.0)
+        return min(max(elapsed / max(self.budget_s - self.final_save_s, 1e-9), 0.0), 1.0)
 
     def on_step_end(self, args, state, control, **kw):
         maybe_fault(f"train-rank{dist.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
@@ -253,13 +255,14 @@ class BudgetGuard(_trainer_callback_base()):
         self.last_step_t = now
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
         save = now - self.last_ckpt >= self.checkpoint_s
-        # Stop where the run ends nearest the deadline: now (ending at elapsed + save) unless one more step would end
-        # nearer (elapsed + step + save), i.e. stop once half a step and the save reach it. Stopping before any crossing
-        # ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06). A checkpoint
-        # due now is part of going on (a budget stop saves none): weighing the step alone ran half of it and the
-        # checkpoint's save past the deadline.
-        ahead = recent + (self.save_cost_s if save else 0.0)
-        stop = self.elapsed() + ahead / 2 + self.save_cost_s >= self.budget_s and state.global_step < state.max_steps
+        # Stop where the run ends nearest the deadline: now (ending at elapsed + the final save) unless one more step would
+        # end nearer (elapsed + step + final save), i.e. stop once half a step and the final save reach it. Stopping before
+        # any crossing ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06). A
+        # checkpoint due now is part of going on (a budget stop saves none): weighing the step alone ran half of it and the
+        # checkpoint's save past the deadline. Each save at its own cost: the probe's one number for a checkpoint and the
+        # final save together, reserved for the final save at every step, ended H100 runs ~0.4-0.5 s early.
+        ahead = recent + (self.checkpoint_save_s if save else 0.0)
+        stop = self.elapsed() + ahead / 2 + self.final_save_s >= self.budget_s and state.global_step < state.max_steps
         stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
         if dist.is_main():
             write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
@@ -588,7 +591,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     extra = {}
     if training.unlikelihood_alpha:
         extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data.stop_token_ids))
-    guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, log_fn)
+    guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, probe.final_save_cost, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts

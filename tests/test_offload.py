@@ -254,7 +254,7 @@ def _fake_time(timed, peak_of):
         if peak is None:
             raise torch.OutOfMemoryError("simulated")
         s = 3.0 * (1.02 if offload else 1.0) - 0.05 * n_free
-        return {"load_seconds": 1.0, "save_seconds": 0.5, "s_per_step": s, "tokens_per_step": 16384.0, "tokens_per_s": 16384 / s,
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "final_save_seconds": 0.25, "s_per_step": s, "tokens_per_step": 16384.0, "tokens_per_s": 16384 / s,
                 "peak_mem_gb": peak, "layers": 32}
 
     return fake
@@ -472,7 +472,7 @@ def test_a_trial_whose_load_peaks_above_its_steps_says_so_and_is_judged_by_the_l
 
     def fake(*a, mb, offload=False, **kw):
         load, steps = (9.0, 7.0) if mb == 2 else (18.0, 12.0)
-        return {"load_seconds": 1.0, "save_seconds": 0.5, "s_per_step": 3.0, "tokens_per_step": 8192.0 * mb, "tokens_per_s": 2730.0 * mb,
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "final_save_seconds": 0.25, "s_per_step": 3.0, "tokens_per_step": 8192.0 * mb, "tokens_per_s": 2730.0 * mb,
                 "peak_mem_gb": max(load, steps), "load_peak_mem_gb": load, "train_peak_mem_gb": steps, "layers": 32}
 
     monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **kw: fake(*a, mb=a[10], **{k: v for k, v in kw.items() if k != "mb"}))

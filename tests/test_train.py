@@ -44,6 +44,7 @@ def test_probe_sets_steps_from_the_budget(tiny_cfg, tiny_data, shared_artifacts)
     training = tiny_cfg.training.model_copy(update={"max_steps": None})
     rec = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
     assert rec.s_per_step > 0 and rec.tokens_per_s > 0 and rec.load_seconds > 0
+    assert rec.save_seconds > 0 and rec.final_save_seconds > 0  # a checkpoint's save and the final save, timed apart
     expected = math.floor((30 - rec.fixed_seconds) / rec.s_per_step)
     assert rec.max_steps == max(expected, 1)
     assert rec.hardware.startswith("cpu:")
@@ -129,7 +130,7 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
         if mb == 4:
             raise torch.OutOfMemoryError("simulated")
         peak = 6.0 + 1.6 * n_free  # 16 GiB holds 6 layers minus the margin
-        return {"load_seconds": 1.0, "save_seconds": 0.5, "s_per_step": 3.0 - 0.05 * n_free, "tokens_per_step": 16384.0,
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "final_save_seconds": 0.25, "s_per_step": 3.0 - 0.05 * n_free, "tokens_per_step": 16384.0,
                 "tokens_per_s": 16384 / (3.0 - 0.05 * n_free), "peak_mem_gb": peak, "layers": 32}
 
     monkeypatch.setattr(probe_mod, "_time_setting", fake_time)
@@ -145,6 +146,35 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True]
     assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
     assert rec.max_steps == math.floor((3600 - rec.fixed_seconds) / rec.s_per_step)
+
+
+def _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing: dict, minutes: float, checkpoint_minutes: float):
+    """The probe's own plan (`_probe`) around a trial whose timings are `timing` (the `_time_setting` seam), on the CPU."""
+    import tasks.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **k: {"tokens_per_step": 1024.0, "tokens_per_s": 1024 / timing["s_per_step"],
+                                                                    "peak_mem_gb": 1.0, "layers": 2, **timing})
+    budget = tiny_cfg.budget.model_copy(update={"minutes": minutes})
+    training = tiny_cfg.training.model_copy(update={"max_steps": None, "checkpoint_minutes": checkpoint_minutes})
+    logs = []
+    rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", "k", tmp_path / "probe",
+                           shared_artifacts, logs.append)
+    return rec, logs
+
+
+def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """The stage-3 line said "saves X s each" of one number, a checkpoint and the final save timed together; it names each.
+    A record cached before the two were timed apart loads, its save_seconds standing for the final save as it did."""
+    from helpers import run_probe_stage
+    from tasks.probe import ProbeRecord
+
+    timing = {"load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0}
+    rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=10)
+    assert (rec.save_seconds, rec.final_save_seconds, rec.final_save_cost) == (2.0, 0.5, 0.5)
+    logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
+    assert "(load 2.0s, final save 0.5s, checkpoints 2.0s each) -> max_steps" in logs[-1], logs[-1]
+    old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "final_save_seconds"} | {"save_seconds": 2.5})
+    assert old.final_save_seconds is None and old.final_save_cost == 2.5  # as the guard reserved it before
 
 
 def test_training_keeps_the_probed_layers_free_and_an_oom_first_restores_recompute(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
@@ -571,7 +601,7 @@ def test_a_stop_signal_inherited_as_ignored_stays_ignored_in_training():
     inherited = {sig: signal.signal(sig, signal.SIG_IGN if sig != signal.SIGTERM else signal.SIG_DFL)
                  for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)}
     try:
-        previous = _install_interrupt(BudgetGuard(Path("."), 60.0, 0.0, 60.0, 0.0))
+        previous = _install_interrupt(BudgetGuard(Path("."), 60.0, 0.0, 60.0, 0.0, 0.0))
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert callable(signal.getsignal(signal.SIGTERM))  # not ignored: training's handler, which saves and stops
         _restore_interrupt(previous)
@@ -758,6 +788,33 @@ def test_the_train_bar_draws_twice_a_minute_off_a_terminal_and_at_tqdms_rate_on_
     assert 4 <= _draws(run_two_minutes(io.StringIO())) <= 7
 
 
+def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: float = 1e9, checkpoint_s: float = 0.0,
+               final_s: float = 0.0, start_s: float = 0.0):
+    """BudgetGuard on a simulated clock, as `_train` runs it: its clock from the stage's start, its checkpoint and step
+    clocks from the end of the load (`start_s`), steps of `step_s`, a checkpoint costing `checkpoint_s` where the guard
+    asks for one (as Trainer: the save, then on_save). Returns the guard, the steps run and when the final save ends."""
+    import types
+
+    from tasks import train
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, every_s, checkpoint_s, final_s)
+    clock[0] = start_s
+    guard.last_ckpt = guard.last_step_t = start_s
+    state = types.SimpleNamespace(global_step=0, max_steps=10_000)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    while not control.should_training_stop:
+        clock[0] += step_s
+        state.global_step += 1
+        guard.on_step_end(None, state, control)
+        if control.should_save and not control.should_training_stop:
+            clock[0] += checkpoint_s
+            control.should_save = False
+            guard.on_save(None, state, control)
+    return guard, state.global_step, clock[0] + final_s
+
+
 @pytest.mark.parametrize("step_s, budget_s, ends_at", [
     (3.5, 10.0, 10.5),  # after 2 steps (7 s): a third ends 0.5 s over, stopping ends 3 s short: the third runs
     (3.0, 10.0, 9.0),  # after 3 steps (9 s): stopping is 1 s short, a fourth 2 s over: stop
@@ -766,21 +823,9 @@ def test_the_train_bar_draws_twice_a_minute_off_a_terminal_and_at_tqdms_rate_on_
 def test_the_budget_stops_where_the_run_ends_nearest_the_deadline(tmp_path, monkeypatch, step_s, budget_s, ends_at):
     """The guard stopped before any crossing, so a run ended up to a whole step short (a 90-s budget of 3.1-s steps:
     -3.5%); it now ends where the deadline is nearest, at most half a step over or under."""
-    import types
-
-    from tasks import train
-
-    clock = [0.0]
-    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
-    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, 1e9, 0.0)
-    state = types.SimpleNamespace(global_step=0, max_steps=10_000)
-    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
-    while not control.should_training_stop:
-        clock[0] += step_s
-        state.global_step += 1
-        guard.on_step_end(None, state, control)
+    guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, step_s)
     assert guard.stopped_by == "budget"
-    assert clock[0] == pytest.approx(ends_at) and abs(clock[0] - budget_s) <= step_s / 2 + 1e-9
+    assert end == pytest.approx(ends_at) and abs(end - budget_s) <= step_s / 2 + 1e-9
 
 
 def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkeypatch):
@@ -807,23 +852,24 @@ def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_pat
     checkpoint's save too (no checkpoint is saved on a budget stop), so the guard that weighed half the step alone ran
     past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget).
     The step is timed without the checkpoint saved before it, else a save every step counts twice."""
-    import types
-
-    from tasks import train
-
-    clock = [0.0]
-    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
-    save_s = 1.0  # the probe's save time: the final adapter's and a checkpoint's
-    guard = train.BudgetGuard(tmp_path, budget_s, 0.0, checkpoint_s, save_s)
-    state = types.SimpleNamespace(global_step=0, max_steps=10_000)
-    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
-    while not control.should_training_stop:
-        clock[0] += 3.0
-        state.global_step += 1
-        guard.on_step_end(None, state, control)
-        if control.should_save and not control.should_training_stop:  # as Trainer: the checkpoint, then on_save
-            clock[0] += save_s
-            control.should_save = False
-            guard.on_save(None, state, control)
+    save_s = 1.0  # a checkpoint's save and the final adapter's, here the same
+    guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, checkpoint_s, save_s, save_s)
     assert guard.stopped_by == "budget"
-    assert clock[0] + save_s == pytest.approx(ends_at)  # the final adapter's save ends the run
+    assert end == pytest.approx(ends_at)  # the final adapter's save ends the run
+
+
+@pytest.mark.parametrize("every_s, budget_s, steps, ends_at", [
+    (1e9, 9.0, 3, 9.5),  # after 2 steps (6 s) stopping ends at 6.5 (2.5 short), a third at 9.5 (0.5 over): it runs. Reserving
+                         # 2.5 s (checkpoint and final save as one number) for the final save stopped at 6 + 1.5 + 2.5 >= 9
+    (6.0, 14.0, 4, 14.5),  # a checkpoint every 2 steps: after step 3 (11 s, one saved) stopping ends at 11.5 (2.5 short), a
+                           # fourth at 14.5 (0.5 over): it runs (the one number stopped at 11 + 1.5 + 2.5 >= 14); after it a
+                           # checkpoint is due, and going on costs its 2 s too (19.5): stop
+])
+def test_the_guard_reserves_the_final_save_for_the_end_and_a_checkpoints_save_where_one_is_due(tmp_path, monkeypatch, every_s, budget_s,
+                                                                                                steps, ends_at):
+    """The probe timed a checkpoint (adapter, optimizer, scheduler) and the final save (adapter, tokenizer) as one number,
+    and the guard reserved all of it for the final save at every step: runs ended early (~0.4-0.5 s on an H100). Each
+    save is reserved where it falls now: 2-s checkpoints, a 0.5-s final save, 3-s steps."""
+    guard, ran, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, every_s, checkpoint_s=2.0, final_s=0.5)
+    assert (guard.stopped_by, ran) == ("budget", steps) and end == pytest.approx(ends_at)
+    assert guard.progress() == pytest.approx(min((end - 0.5) / (budget_s - 0.5), 1.0))  # the LR schedule's: the budget less the final save

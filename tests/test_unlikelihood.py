@@ -471,7 +471,7 @@ def test_the_log_split_after_a_resume_covers_the_steps_since_the_resume():
     from tasks.train import BudgetGuard
 
     lines = []
-    guard = BudgetGuard(Path("/nonexistent"), 100.0, 0.0, 600.0, 0.0, log_fn=lines.append)
+    guard = BudgetGuard(Path("/nonexistent"), 100.0, 0.0, 600.0, 0.0, 0.0, log_fn=lines.append)
     guard.loss_parts = lambda: {"ce": 2.0, "ul": 0.5}
     state = SimpleNamespace(global_step=2, num_input_tokens_seen=0, max_steps=4)
     guard.on_train_begin(SimpleNamespace(), state, None)
