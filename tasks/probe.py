@@ -3,9 +3,8 @@
 Loads the model exactly as training will, runs a few untimed then a few timed optimizer steps on real
 batches of the formatted data (same micro-batch, accumulation and engine), and measures seconds per step,
 tokens/s, peak memory, the model-load time, a checkpoint's save and the final save (apart: a checkpoint writes the
-optimizer state too). Then
-
-    max_steps = floor((budget - fixed) / s_per_step),   fixed = load + final save + periodic checkpoint saves
+optimizer state too). Then `max_steps` is the step where stage 4's guard stops at that speed: the run ends nearest the
+budget (tasks/train.py `planned_steps`, the guard's own rule), after fixed = load + final save + the checkpoints it saves.
 
 With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/engine/launch.py) and times the
 data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
@@ -44,6 +43,7 @@ from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
                      resolve_model)
+from .train import checkpoints_saved, planned_steps
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 
@@ -318,11 +318,14 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     best = min(fitting, key=lambda t: t["s_per_step"])
 
     budget_s = float(budget.seconds)
-    n_ckpt = int(budget_s // (training.checkpoint_minutes * 60))
-    fixed = round(launch_s + best["load_seconds"] + best["final_save_seconds"] + best["save_seconds"] * n_ckpt, 2)  # as recorded: the record adds up
-    max_steps = max(int(math.floor((budget_s - fixed) / best["s_per_step"])), 1)
+    # Stage 4's guard at the probed speed: where it stops, the run ends nearest the budget (floor((budget - fixed) / step)
+    # planned a step fewer where the guard ran one more: the log said N, the run did N + 1).
+    every_s, start_s = training.checkpoint_minutes * 60, launch_s + best["load_seconds"]
+    max_steps = planned_steps(budget_s, start_s, best["s_per_step"], every_s, best["save_seconds"], best["final_save_seconds"])
     if training.max_steps:
         max_steps = min(max_steps, training.max_steps)
+    n_ckpt = checkpoints_saved(max_steps, best["s_per_step"], every_s)
+    fixed = round(start_s + best["final_save_seconds"] + best["save_seconds"] * n_ckpt, 2)  # all but the steps of the planned run
     rec = ProbeRecord(
         key=key,
         dir=str(out),

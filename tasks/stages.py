@@ -127,8 +127,10 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
                        for t in rec.trials)
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
-        markdown=(f"## Step budget\n\n`max_steps = floor(({rec.budget_seconds:.0f}s budget - {rec.fixed_seconds:.1f}s fixed) / "
-                  f"{rec.s_per_step:.3f} s/step) = {rec.max_steps}`\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
+        markdown=(f"## Step budget\n\n`max_steps = {rec.max_steps}`: at {rec.s_per_step:.3f} s/step after {rec.fixed_seconds:.1f}s fixed "
+                  f"(load, final save, checkpoints), the step where training ends nearest the {rec.budget_seconds:.0f}s budget "
+                  f"(or training.max_steps, where that comes first)"
+                  f"\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
                   f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"
                   f"| micro-batch | accum | checkpointing | layers without recompute | offloaded | compiled | s/step | peak GB | fits |\n"
                   f"|---|---|---|---|---|---|---|---|---|\n{trials}\n"),

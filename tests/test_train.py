@@ -45,8 +45,8 @@ def test_probe_sets_steps_from_the_budget(tiny_cfg, tiny_data, shared_artifacts)
     rec = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
     assert rec.s_per_step > 0 and rec.tokens_per_s > 0 and rec.load_seconds > 0
     assert rec.save_seconds > 0 and rec.final_save_seconds > 0  # a checkpoint's save and the final save, timed apart
-    expected = math.floor((30 - rec.fixed_seconds) / rec.s_per_step)
-    assert rec.max_steps == max(expected, 1)
+    # The planned run ends nearest the budget: within half a step of it (fixed holds the plan's checkpoints; rounded to 0.01 s)
+    assert rec.max_steps == 1 or abs(rec.fixed_seconds + rec.max_steps * rec.s_per_step - 30) <= rec.s_per_step / 2 + rec.save_seconds + 0.01
     assert rec.hardware.startswith("cpu:")
     again = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cpu", shared_artifacts)
     assert again == rec  # cached
@@ -137,7 +137,8 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: "cuda:simulated")
     budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
     training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None,
-                                                    "offload_activations": "off"})  # the offloaded candidates: tests/test_offload.py
+                                                    "offload_activations": "off",  # the offloaded candidates: tests/test_offload.py
+                                                    "checkpoint_minutes": 2})
     logs = []
     rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
                            shared_artifacts, logs.append)
@@ -145,7 +146,9 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 5)
     assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True]
     assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
-    assert rec.max_steps == math.floor((3600 - rec.fixed_seconds) / rec.s_per_step)
+    # 2.8 s a step after 1 s of load, a 0.5-s checkpoint every 43 steps (2 minutes) and a 0.25-s final save: 1280
+    # steps save 29 checkpoints and end at 3599.75 s, one more would end at 3602.55 (floor((3600 - fixed) / step) said 1279)
+    assert (rec.max_steps, rec.fixed_seconds) == (1280, 1.0 + 0.25 + 29 * 0.5)
 
 
 def _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing: dict, minutes: float, checkpoint_minutes: float):
@@ -162,6 +165,19 @@ def _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timi
     return rec, logs
 
 
+def test_the_probe_plans_the_steps_the_guard_runs_where_floor_planned_one_fewer(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """3-s steps after a 2-s load, a 2-s checkpoint every 10 minutes (200 steps) and a 0.5-s final save in an hour: after
+    1195 steps (5 checkpoints) stopping ends at 3597.5 (2.5 short), a 1196th at 3600.5 (0.5 over), so the guard runs 1196.
+    The probe planned floor((3600 - 12.5) / 3) = 1195: the log said one step fewer than the run took, and the warm-up and
+    the step cap were built on it. Its plan is the guard's now, and the guard at the probed speed runs it."""
+    timing = {"load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0}
+    rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=10)
+    assert (rec.max_steps, rec.fixed_seconds) == (1196, 2.0 + 0.5 + 5 * 2.0)
+    assert rec.max_steps == math.floor((3600 - rec.fixed_seconds) / rec.s_per_step) + 1  # where floor and nearest differ
+    guard, steps, end = _run_guard(tmp_path, monkeypatch, 3600.0, 3.0, 600.0, 2.0, 0.5, start_s=2.0)
+    assert (guard.stopped_by, steps, end) == ("budget", rec.max_steps, 3600.5)
+
+
 def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """The stage-3 line said "saves X s each" of one number, a checkpoint and the final save timed together; it names each.
     A record cached before the two were timed apart loads, its save_seconds standing for the final save as it did."""
@@ -172,7 +188,8 @@ def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, ti
     rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=10)
     assert (rec.save_seconds, rec.final_save_seconds, rec.final_save_cost) == (2.0, 0.5, 0.5)
     logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
-    assert "(load 2.0s, final save 0.5s, checkpoints 2.0s each) -> max_steps" in logs[-1], logs[-1]
+    assert "fixed 12s (load 2.0s, final save 0.5s, checkpoints 2.0s each) -> max_steps 1196" in logs[-1], logs[-1]
+    assert "`max_steps = 1196`: at 3.000 s/step after 12.5s fixed (load, final save, checkpoints)" in artifacts[0]["markdown"]
     old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "final_save_seconds"} | {"save_seconds": 2.5})
     assert old.final_save_seconds is None and old.final_save_cost == 2.5  # as the guard reserved it before
 
@@ -823,9 +840,12 @@ def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: f
 def test_the_budget_stops_where_the_run_ends_nearest_the_deadline(tmp_path, monkeypatch, step_s, budget_s, ends_at):
     """The guard stopped before any crossing, so a run ended up to a whole step short (a 90-s budget of 3.1-s steps:
     -3.5%); it now ends where the deadline is nearest, at most half a step over or under."""
+    from tasks.train import planned_steps
+
     guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, step_s)
     assert guard.stopped_by == "budget"
     assert end == pytest.approx(ends_at) and abs(end - budget_s) <= step_s / 2 + 1e-9
+    assert steps == planned_steps(budget_s, 0.0, step_s, 1e9, 0.0, 0.0)  # the probe's plan at this speed
 
 
 def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkeypatch):
@@ -852,10 +872,13 @@ def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_pat
     checkpoint's save too (no checkpoint is saved on a budget stop), so the guard that weighed half the step alone ran
     past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget).
     The step is timed without the checkpoint saved before it, else a save every step counts twice."""
+    from tasks.train import planned_steps
+
     save_s = 1.0  # a checkpoint's save and the final adapter's, here the same
     guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, checkpoint_s, save_s, save_s)
     assert guard.stopped_by == "budget"
     assert end == pytest.approx(ends_at)  # the final adapter's save ends the run
+    assert steps == planned_steps(budget_s, 0.0, 3.0, checkpoint_s, save_s, save_s)  # the probe's plan at this speed
 
 
 @pytest.mark.parametrize("every_s, budget_s, steps, ends_at", [
@@ -873,3 +896,18 @@ def test_the_guard_reserves_the_final_save_for_the_end_and_a_checkpoints_save_wh
     guard, ran, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, every_s, checkpoint_s=2.0, final_s=0.5)
     assert (guard.stopped_by, ran) == ("budget", steps) and end == pytest.approx(ends_at)
     assert guard.progress() == pytest.approx(min((end - 0.5) / (budget_s - 0.5), 1.0))  # the LR schedule's: the budget less the final save
+
+
+@pytest.mark.parametrize("step_s", [0.5, 3.0, 3.25])
+@pytest.mark.parametrize("every_s, checkpoint_s", [(1e9, 0.0), (6.0, 2.0), (7.0, 1.5), (1e-9, 0.75)])
+@pytest.mark.parametrize("start_s, final_s", [(0.0, 0.0), (2.0, 0.5), (40.0, 1.25)])
+def test_the_probes_plan_is_the_steps_the_guard_runs_at_the_probed_speed(tmp_path, monkeypatch, step_s, every_s, checkpoint_s, start_s, final_s):
+    """The probe planned floor((budget - fixed) / step) steps while the guard stops where the run ends nearest the
+    deadline: a run took a step more than the plan said (and the warm-up built on it). The plan is the guard's rule now
+    (`planned_steps`), checkpoints (due at the deciding step too) and the final save included; a load past the budget
+    plans one step, as the guard runs one."""
+    from tasks.train import planned_steps
+
+    for budget_s in (30.0, 61.0, 100.5):
+        _, steps, _ = _run_guard(tmp_path, monkeypatch, budget_s, step_s, every_s, checkpoint_s, final_s, start_s)
+        assert steps == planned_steps(budget_s, start_s, step_s, every_s, checkpoint_s, final_s), budget_s
