@@ -83,6 +83,7 @@ class TrainRecord(BaseModel):
     compile_layers: bool = False  # the decoder layers ran compiled (training.compile, as the probe timed them)
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
     passes: float | None = None  # tokens read / the data stage's training tokens: how many times the rows were read
+    budget_stop: dict | None = None  # the budget's stop as the guard weighed it (`BudgetGuard.weigh`); None: something else ended the run
 
     def outputs_exist(self) -> bool:
         return (is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -265,6 +266,8 @@ class BudgetGuard(_trainer_callback_base()):
         self.checkpoint_s = checkpoint_s  # how often a checkpoint falls due
         self.checkpoint_save_s = checkpoint_save_s  # what saving one costs (the probe's save_seconds)
         self.final_save_s = final_save_s  # what the final adapter's save costs, after the last step (the probe's final_save_cost)
+        self.weighed: list[dict] = []  # this process's last two steps as `weigh` judged them
+        self.budget_stop: dict | None = None  # a budget stop's weighing, for the record
         self.t0 = time.monotonic()
         self.last_ckpt = self.t0
         self.last_step_t = self.t0
@@ -300,14 +303,15 @@ class BudgetGuard(_trainer_callback_base()):
         # checkpoint due now is part of going on (a budget stop saves none): weighing the step alone ran half of it and the
         # checkpoint's save past the deadline. Each save at its own cost: the probe's one number for a checkpoint and the
         # final save together, reserved for the final save at every step, ended H100 runs ~0.4-0.5 s early.
-        ahead = recent + (self.checkpoint_save_s if save else 0.0)
-        stop = stop_nearest(self.elapsed(), ahead, self.final_save_s, self.budget_s) and state.global_step < state.max_steps
+        stop = self.weigh(state.global_step, self.elapsed(), recent, save) and state.global_step < state.max_steps
         stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
         if dist.is_main():
             write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
         if stop:
             # No checkpoint on a budget stop: the final adapter is saved right after, in the budget's time.
             self.stopped_by = "budget"
+            self.budget_stop = {"budget_seconds": self.budget_s, "prior_elapsed": self.prior, "checkpoint_save_seconds": self.checkpoint_save_s,
+                                "final_save_seconds": self.final_save_s, "steps": list(self.weighed)}
             control.should_training_stop = True
         if save and not stop:
             control.should_save = True
@@ -316,6 +320,15 @@ class BudgetGuard(_trainer_callback_base()):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def weigh(self, step: int, elapsed: float, step_s: float, checkpoint_due: bool) -> bool:
+        """`stop_nearest` at this step, kept (the last two steps) for the record: where stopping would end the run and
+        where one more step would (with the checkpoint due now). With several ranks each weighs on its own clock and the
+        stop is any rank's."""
+        ahead = step_s + (self.checkpoint_save_s if checkpoint_due else 0.0)
+        self.weighed = self.weighed[-1:] + [{"step": step, "elapsed": elapsed, "step_seconds": step_s, "checkpoint_due": checkpoint_due,
+                                             "ends_if_stopped": elapsed + self.final_save_s, "ends_after_one_more": elapsed + ahead + self.final_save_s}]
+        return stop_nearest(elapsed, ahead, self.final_save_s, self.budget_s)
 
     def on_train_begin(self, args, state, control, **kw):
         self.tokens_at_start = int(state.num_input_tokens_seen or 0)  # the checkpoint's count when resuming
@@ -761,6 +774,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         compile_layers=state is not None and state.active,
         compile_seconds=round(state.seconds, 2) if state is not None else 0.0,
         passes=round(int(trainer.state.num_input_tokens_seen or 0) / data.train_tokens, 3) if data.train_tokens else None,
+        budget_stop=guard.budget_stop,
     )
     write_json(out / "record.json", rec.model_dump(mode="json"))
     # Each file's size and sha256 but work/'s (checkpoints removed next, torchrun's logs still written under several

@@ -895,6 +895,10 @@ def test_the_guard_reserves_the_final_save_for_the_end_and_a_checkpoints_save_wh
     save is reserved where it falls now: 2-s checkpoints, a 0.5-s final save, 3-s steps."""
     guard, ran, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, every_s, checkpoint_s=2.0, final_s=0.5)
     assert (guard.stopped_by, ran) == ("budget", steps) and end == pytest.approx(ends_at)
+    before, last = guard.budget_stop["steps"]  # the record of the stop (TrainRecord.budget_stop): the last two steps weighed
+    assert (before["step"], last["step"]) == (steps - 1, steps) and last["ends_if_stopped"] == pytest.approx(ends_at)
+    assert last["ends_after_one_more"] - budget_s > budget_s - last["ends_if_stopped"]  # stopping was nearer
+    assert before["ends_after_one_more"] - budget_s < budget_s - before["ends_if_stopped"]  # a step earlier, going on was
     assert guard.progress() == pytest.approx(min((end - 0.5) / (budget_s - 0.5), 1.0))  # the LR schedule's: the budget less the final save
 
 
