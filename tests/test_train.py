@@ -146,9 +146,9 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 5)
     assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True]
     assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
-    # 2.8 s a step after 1 s of load, a 0.5-s checkpoint every 43 steps (2 minutes) and a 0.25-s final save: 1280
-    # steps save 29 checkpoints and end at 3599.75 s, one more would end at 3602.55 (floor((3600 - fixed) / step) said 1279)
-    assert (rec.max_steps, rec.fixed_seconds) == (1280, 1.0 + 0.25 + 29 * 0.5)
+    # 2.75 s a step (5 layers free) after 1 s of load, a 0.5-s checkpoint every 2 minutes and a 0.25-s final save: 1303
+    # steps save 29 checkpoints and end at 3599.0 s, one more would end at 3601.75
+    assert (rec.max_steps, rec.fixed_seconds) == (1303, 1.0 + 0.25 + 29 * 0.5)
 
 
 def _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing: dict, minutes: float, checkpoint_minutes: float):
