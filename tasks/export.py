@@ -791,6 +791,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
 
     def build_guarded(*args, **kwargs):
         app = build(*args, **kwargs)
+        answer_head_where_get_is_served(app)
 
         @app.middleware("http")
         async def guard(request, call_next):
@@ -846,6 +847,17 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     signal.signal(signal.SIGTERM, _exit_after_stop)
     signal.signal(STOP_NOW_SIGNAL, _exit_now)
     hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+def answer_head_where_get_is_served(app) -> None:
+    """Every GET route of `app` (/health, /v1/models) answers HEAD too, as HTTP asks of a GET resource: its headers
+    (status, Content-Type, Content-Length) with no body, which uvicorn leaves out of any answer to a HEAD. FastAPI's
+    routes take only the methods they were declared with: the HEAD that monitors and load balancers probe with was a
+    405 (a review, 2026-12-07). Starlette's own Route adds HEAD to GET the same way."""
+    for route in app.routes:
+        methods = getattr(route, "methods", None)
+        if isinstance(methods, set) and "GET" in methods:
+            methods.add("HEAD")
 
 
 def _exit_after_stop(signum, frame) -> None:

@@ -3232,7 +3232,7 @@ def test_serve_model_merged_405_allow_header_names_the_methods_its_message_names
 
     pub, base = served_r1
     where = urlsplit(base)
-    for method, path, allowed in (("PUT", "/v1/models", "GET"), ("HEAD", "/v1/models", "GET"), ("DELETE", "/v1/chat/completions", "POST"),
+    for method, path, allowed in (("PUT", "/v1/models", "GET"), ("HEAD", "/v1/chat/completions", "POST"), ("DELETE", "/v1/chat/completions", "POST"),
                                   ("GET", "/v1/responses", "POST")):
         conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
         conn.request(method, path)
@@ -3241,6 +3241,27 @@ def test_serve_model_merged_405_allow_header_names_the_methods_its_message_names
         conn.close()
         assert answer.status == 405 and answer.getheader("allow") == allowed, (method, path, answer.status, answer.getheader("allow"))
         assert method == "HEAD" or f"send {allowed}" in json.loads(text)["error"]["message"], text
+
+
+def test_serve_model_merged_answers_head_on_its_get_routes_with_the_get_s_headers_and_no_body(served_r1):
+    """A review (2026-12-07): HEAD on /health or /v1/models was a 405, where HTTP says a GET resource answers HEAD, and
+    monitors and load balancers probe with it. Each GET route now answers HEAD with the GET's status, Content-Type and
+    Content-Length, and no body; a POST route still refuses it (405, Allow: POST)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    pub, base = served_r1
+    where = urlsplit(base)
+    for path in ("/health", "/v1/models", "/v1/models/"):
+        code, text = _request(f"{base}{path}")
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+        conn.request("HEAD", path)
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        assert (answer.status, body) == (code, b"") == (200, b""), (path, answer.status, body[:200])
+        assert answer.getheader("content-type") == "application/json", (path, answer.getheaders())
+        assert answer.getheader("content-length") == str(len(text.encode())), (path, answer.getheaders(), text)
 
 
 def test_a_whole_answer_keeps_its_whitespace_only_where_the_template_has_no_regions_around_the_text():
