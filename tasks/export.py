@@ -1050,7 +1050,7 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
         call = message["function_call"]
         if role != "assistant" or not (isinstance(call, dict) and isinstance(call.get("name"), str) and _json_text(call.get("arguments"))):
             return (f"messages[{i}].function_call must be an assistant turn's {{\"name\": ..., \"arguments\": \"<JSON>\"}} "
-                    f"(arguments a string of JSON), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
+                    f"(arguments a string of a JSON object), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
     return None if content == [] else content_problem(content, f"messages[{i}].content", role)
 
 
@@ -1064,10 +1064,18 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
         return (f"{where} must be a string holding JSON, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, got "
                 f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
     try:
-        json.loads(arguments)
+        value = json.loads(arguments)
     except ValueError as e:
         return f"{where} is not valid JSON ({e.msg} at character {e.pos}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
+    if not isinstance(value, dict):
+        # serve parses them for the chat template, which reads them as a mapping (Qwen's `arguments|items`): "[1, 2]"
+        # or "3" reached it as a list or a number (a TypeError, or a prompt without them; a review, 2026-12-07)
+        return (f"{where} must be a JSON object of the call's arguments by name, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, "
+                f"got a JSON {JSON_TYPES.get(type(value), type(value).__name__)}: {arguments!r:.60}"), where
     return None
+
+
+JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool: "boolean", type(None): "null"}  # as JSON names them
 
 
 def no_arguments(arguments: Any) -> bool:
@@ -1102,17 +1110,9 @@ def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
 
 
 def _json_text(value: Any) -> bool:
-    """Whether `value` is a string of JSON, as a call's arguments are (serve parses them for the chat template), or
-    empty (no_arguments)."""
-    if no_arguments(value):
-        return True
-    if not isinstance(value, str):
-        return False
-    try:
-        json.loads(value)
-    except ValueError:
-        return False
-    return True
+    """Whether `value` is a string of a JSON object, as a call's arguments are (serve parses them for the chat
+    template), or empty (no_arguments)."""
+    return arguments_problem(value, "arguments") is None
 
 
 def chat_messages_problem(messages: Any) -> tuple[str, str] | None:

@@ -3046,6 +3046,44 @@ def test_serve_model_merged_names_the_field_of_a_template_argument_clash_and_of_
         assert code == 200 and '"error"' not in answer, (code, answer[:300])
 
 
+_ITEMS_TEMPLATE = ("{% for m in messages %}{% if m.tool_calls %}{% for c in m.tool_calls %}CALL {{ c.function.name }}"
+                   "{% for k, v in c.function.arguments | items %} {{ k }}={{ v }}{% endfor %}\n{% endfor %}"
+                   "{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}assistant:")  # Qwen's reading of arguments
+
+
+def test_serve_model_merged_refuses_tool_call_arguments_that_are_json_but_no_object_naming_the_field(served_r1):
+    """A review (2026-12-07): a history's tool call whose `arguments` is valid JSON but no object ("[1,2]", "3", "\"x\"",
+    "null") reached the chat template as a list, a number, a string or None, where templates read a mapping (Qwen's
+    `arguments|items`): a "malformed request: TypeError" naming no field. It is now a 400 in OpenAI's shape naming the
+    field path and that it must be a JSON object, chat tool_calls (streamed or not), a legacy function_call and a
+    Responses function_call item alike; an object is still answered."""
+    pub, base = served_r1
+    chat, responses = f"{base}/v1/chat/completions", f"{base}/v1/responses"
+    user, result = {"role": "user", "content": "Weather in Paris?"}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    kwargs = {"chat_template_kwargs": {"chat_template": _ITEMS_TEMPLATE}}
+
+    def called(arguments: str) -> dict:
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result], "max_tokens": 1, **kwargs}
+
+    for arguments, kind in (("[1,2]", "array"), ("3", "number"), ('"x"', "string"), ("null", "null")):
+        for stream in (False, True):
+            code, answer = _request(chat, {**called(arguments), "stream": stream})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            field = "messages[1].tool_calls[0].function.arguments"
+            assert error.get("param") == field and error.get("type") == "invalid_request_error", (arguments, stream, code, answer[:300])
+            assert error["message"].startswith(f"{field} must be a JSON object") and f"got a JSON {kind}" in error["message"], error
+        legacy = {"messages": [user, {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": arguments}},
+                               {"role": "function", "name": "get_weather", "content": "20C"}], "max_tokens": 1}
+        code, answer = _request(chat, legacy)
+        assert code == 400 and json.loads(answer)["error"]["param"] == "messages[1].function_call", answer[:300]
+        code, answer = _request(responses, {"input": [user, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": arguments},
+                                                      {"type": "function_call_output", "call_id": "c1", "output": "20C"}], "max_output_tokens": 1})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "input[1].arguments", answer[:300]
+    code, answer = _request(chat, called('{"city": "Paris"}'))
+    assert code == 200, answer[:300]
+
+
 def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_s_error_shape(served_r1):
     """A review: a 404 (an unknown path) had an error with a message only, and a 405 (GET on a POST route) was FastAPI's
     {"detail": "Method Not Allowed"}: the openai client printed nothing useful. Both are now {"error": {"message",
