@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from .common import (REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, process_space, read_json, safe_name,
                      stage_dir, usable_cores, write_json)
-from .models import adds_bos, template_message
+from .models import adds_bos, raised_by_template, template_message
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
 
 EXPORT_VERSION = 1
@@ -1289,6 +1289,60 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def template_failure(e: Exception, kind: str, instructions: bool = False) -> tuple[str, str]:
+    """(message, field) for a chat template that raised `e` rendering a request: its own refusal (a
+    jinja2.TemplateError: `raise_exception`, an undefined name) or an error in its code (a TypeError reading a field
+    as another type than it has). The field is the chat message it was rendering where its traceback shows it
+    (`template_message_index`), else the request's messages (a Responses request's input: its items are not one
+    message each); the message names the template's line and its own words. `instructions`: a Responses request's,
+    sent as a system turn."""
+    import jinja2
+
+    where = "messages" if kind == "chat" else "input"
+    index = template_message_index(e) if kind == "chat" else None
+    field = f"messages[{index}]" if index is not None else where
+    line = template_line(e)
+    at = f" (template line {line})" if line else ""
+    sent = " (with instructions, sent as a system turn)" if instructions else ""
+    if isinstance(e, jinja2.TemplateError):
+        return f"the model's chat template refused {field}{sent}{at}: {template_message(e)}", field
+    return (f"the model's chat template failed on {field}{sent}{at}: {template_message(e)}; send it in the shape the "
+            "template reads (each field of the type it expects), or serve the model with a chat template that renders it"), field
+
+
+def _template_frames(e: BaseException):
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename in ("<template>", "<unknown>"):  # as jinja names a template's code
+            yield tb
+        tb = tb.tb_next
+
+
+def template_line(e: BaseException) -> int | None:
+    """The line of the chat template `e` was raised at (its syntax error's, or its traceback's innermost template
+    frame's), or None."""
+    line = getattr(e, "lineno", None)
+    for tb in _template_frames(e):
+        line = tb.tb_lineno
+    return line
+
+
+def template_message_index(e: BaseException) -> int | None:
+    """The index of the chat message the template was rendering when it raised `e`, or None when its traceback does
+    not tell one. jinja shows a template's variables as the locals of its frames: the message is the one of the
+    template's `messages` that a variable (its loop's, e.g. `message`) is, the innermost frame that has one deciding."""
+    index = None
+    for tb in _template_frames(e):
+        local = tb.tb_frame.f_locals
+        messages = local.get("messages")
+        if not isinstance(messages, list):
+            continue
+        held = {i for name, value in local.items() if name != "messages" for i, m in enumerate(messages) if value is m}
+        if len(held) == 1:
+            index = held.pop()
+    return index
+
+
 @dataclass(frozen=True)
 class ModelLimits:
     """What a setting's range depends on: the model's vocabulary and context, in tokens (None: not known yet, as
@@ -2526,8 +2580,6 @@ def answer_as_openai_does() -> None:
         return given["generation_kwargs"] if "generation_kwargs" in given else given["gen_config"]
 
     def conform(handler: type, kind: str) -> None:
-        import jinja2
-
         # The request's generation settings: a GenerationConfig up to transformers 5.24, generate()'s kwargs from 5.25
         build_name = "_build_generation_kwargs" if hasattr(handler, "_build_generation_kwargs") else "_build_generation_config"
         handle, build = handler.handle_request, getattr(handler, build_name)
@@ -2561,20 +2613,20 @@ def answer_as_openai_does() -> None:
                 return openai_error(str(e), "generation_config")
             except ToolsNotRendered as e:
                 return openai_error(str(e), e.param)
-            except jinja2.TemplateError as e:
-                # the chat template refused the conversation (Gemma-2's raise_exception('System role not supported')
-                # for a system or developer turn, or Responses instructions): a 500 and a traceback (a review, 2026-12-06)
-                where = "messages" if kind == "chat" else "input"
-                return openai_error(f"the model's chat template refused the {where}" +
-                                    (" (with instructions, sent as a system turn)" if body.get("instructions") else "") +
-                                    f": {template_message(e)}", where)
             except HTTPException as e:  # the handler's own checks (unknown fields, ...): FastAPI's 422 {"detail": ...}
                 return openai_error(str(e.detail), None, 400 if e.status_code == 422 else e.status_code)
-            except (TypeError, KeyError, ValueError) as e:
+            except Exception as e:
+                if raised_by_template(e):
+                    # the chat template refused the conversation (Gemma-2's raise_exception('System role not supported')
+                    # for a system or developer turn, or Responses instructions): a 500 and a traceback (a review,
+                    # 2026-12-06); or failed on it (a TypeError reading a field as another type): a 400 naming no
+                    # field, or a 500 for another error (a review, 2026-12-07)
+                    return openai_error(*template_failure(e, kind, bool(body.get("instructions"))))
                 # Before generation, the handlers index and convert the request's fields as they come: what fails there
                 # is the request (a field request_problem does not check). A ValueError from generation is what it
-                # refuses in the request's settings; anything else from generation is the server's own failure.
-                if options["generating"] and not isinstance(e, ValueError):
+                # refuses in the request's settings; anything else from generation, or of another type, is the
+                # server's own failure: a 500.
+                if not isinstance(e, (TypeError, KeyError, ValueError)) or options["generating"] and not isinstance(e, ValueError):
                     raise
                 line = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 return openai_error(f"malformed request: {type(e).__name__}" + (f": {line}" if line else ""), None)

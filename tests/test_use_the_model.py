@@ -2542,7 +2542,28 @@ def test_serve_model_merged_answers_a_chat_template_s_refusal_with_400_not_500(s
             code, answer = _request(f"{base}/v1/chat/completions", {"messages": [first, {"role": "user", "content": "hi"}], "max_tokens": 2,
                                                                     "stream": stream, "chat_template_kwargs": {"chat_template": refuses}})
             error = json.loads(answer)["error"] if code == 400 else {}
-            assert error.get("param") == "messages" and error["message"].endswith("System role not supported"), (code, answer[:300])
+            assert error.get("param") == "messages[0]" and error["message"].endswith("System role not supported"), (code, answer[:300])
+
+
+def test_serve_model_merged_names_the_message_and_the_error_of_a_chat_template_that_fails_on_a_request(served_r1):
+    """A review (2026-12-07): a chat template that raised while rendering a request (a TypeError reading a field as
+    another type, a ZeroDivisionError) was a 400 "malformed request: TypeError: ..." naming no field, or a 500 with a
+    traceback in the log. It is now a 400, type invalid_request_error, naming the message the template was rendering
+    (when its traceback tells it) and the template's line and own error, streamed or not."""
+    pub, base = served_r1
+    user = {"role": "user", "content": "hi"}
+    for template, messages, field, says in (
+            ("{% for message in messages %}{{ loop.index }}{{ message.content + 1 }}{% endfor %}", [user], "messages[0]",
+             'failed on messages[0] (template line 1): TypeError: can only concatenate str (not "int") to str'),
+            ("{% for m in messages %}{{ m.role }}{% if m.role == 'assistant' %}{{ m.content | length / 0 }}{% endif %}{% endfor %}",
+             [user, {"role": "assistant", "content": "hello"}, user], "messages[1]", "ZeroDivisionError: division by zero"),
+            ("{{ messages | length / 0 }}", [user], "messages", "failed on messages (template line 1): ZeroDivisionError")):
+        for stream in (False, True):
+            code, answer = _request(f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 1, "stream": stream,
+                                                                    "chat_template_kwargs": {"chat_template": template}})
+            error = json.loads(answer)["error"] if code == 400 else {}
+            assert error.get("param") == field and error.get("type") == "invalid_request_error", (template, stream, code, answer[:300])
+            assert error["message"].startswith("the model's chat template failed on") and says in error["message"], error["message"]
 
 
 def test_serve_model_merged_refuses_a_field_serve_ignores_that_asks_for_another_answer(served_r1):
