@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -835,6 +836,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         return app
 
     hf_server.build_server = build_guarded  # serve.py imports it from the module when the server is built
+    filter_out_of_memory_logs()
     _bounded_graceful_shutdown()
     answer_as_openai_does()
     honour_max_completion_tokens()
@@ -2215,26 +2217,99 @@ CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAl
 OUT_OF_MEMORY = "the model ran out of memory"  # how out_of_memory_message starts
 
 
-def out_of_memory_message(prompt: int, kind: str, limit_field: str | None) -> str:
-    """One line for a generation that ran out of (GPU or CPU) memory: the prompt fit the model's context (that is
-    checked before generation, `refusal`), not the memory of the machine serving it. The model's process frees what the
-    failed generation held and serves the next request."""
+def out_of_memory_message(prompt: int, kind: str, limit_field: str | None, device: str) -> str:
+    """One line for a generation that ran out of the memory of `device` (memory_device): the prompt fit the model's
+    context (that is checked before generation, `refusal`), not the memory of the device serving it. The model's
+    process frees what the failed generation held and serves the next request."""
     lower = limit_field or LIMIT_FIELDS[kind][0]
-    return (f"{OUT_OF_MEMORY} generating an answer to this prompt of {prompt} tokens (it fits the model's "
-            f"context, but not the memory of the machine serving it): shorten the {PROMPT_FIELDS[kind]}, or lower {lower}, "
-            "or serve the model on a machine with more GPU memory; the server goes on serving other requests")
+    more = "on a machine with more memory (RAM)" if device == "cpu" else f"on a device with more memory than {device}"
+    return (f"{OUT_OF_MEMORY} on {device} generating an answer to this prompt of {prompt} tokens (it fits the model's "
+            f"context, but not the memory of {device}): shorten the {PROMPT_FIELDS[kind]}, or lower {lower}, "
+            f"or serve the model {more}; the server goes on serving other requests")
+
+
+def memory_device(error: str) -> str:
+    """The device whose memory an out-of-memory `error` (its text) ran out of: the GPU CUDA's message names ("GPU 1
+    has a total capacity of ..."), the CPU for its allocator's error or Python's MemoryError, Apple's GPU for MPS's,
+    else the device the model serves on (serving_device). The message said "GPU memory" on a CPU server too (a review,
+    2026-12-07)."""
+    gpu = re.search(r"\bGPU (\d+)\b", error)
+    if gpu:
+        return f"cuda:{gpu.group(1)}"
+    if "MPS backend" in error:
+        return "mps"
+    if "DefaultCPUAllocator" in error or error.removeprefix("RuntimeError: ").startswith("MemoryError"):
+        return "cpu"
+    return serving_device()
+
+
+@functools.cache
+def serving_device() -> str:
+    """The device the merged server's model is on: transformers serve loads it with device_map "auto", which puts it
+    (its first layers, when several GPUs share it) on the first GPU, else Apple's, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda:0"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+OUT_OF_MEMORY_LOG = "transformers.cli.serving.out_of_memory"  # the logger of the one line per out-of-memory request
+
+
+def log_out_of_memory(prompt: int, kind: str, device: str, streaming: bool = False) -> None:
+    """The one line the server logs for a request that ran out of memory, at warning: the request was answered (a
+    400, code out_of_memory, or its stream's error event once tokens had gone out: `streaming`) and the server goes
+    on serving. transformers' own traceback of it is left out (OutOfMemoryLogFilter): one per such request buried
+    the log (a review, 2026-12-07)."""
+    from transformers.utils import logging as hf_logging
+
+    told = "its stream ended with an out_of_memory error event" if streaming else "answered 400 (out_of_memory)"
+    hf_logging.get_logger(OUT_OF_MEMORY_LOG).warning(
+        f"out of memory on {device}: a {API_NAMES[kind]} request's prompt of {prompt} tokens did not fit with its answer; "
+        f"{told}. If this is frequent, ask clients for shorter prompts or lower length limits, or serve on a device with "
+        "more memory; serving goes on")
+
+
+class OutOfMemoryLogFilter(logging.Filter):
+    """Leaves out transformers serve's own records of a request that ran out of memory: the model's process logs it
+    with its traceback ("A request failed"), the Responses stream once more ("Exception in response generation").
+    log_out_of_memory's line says it once; any other failure keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == OUT_OF_MEMORY_LOG or not record.name.startswith("transformers"):
+            return True
+        if record.exc_info and record.exc_info[1] is not None and out_of_memory(record.exc_info[1]):
+            return False
+        return OUT_OF_MEMORY not in record.getMessage()
+
+
+def filter_out_of_memory_logs() -> None:
+    """OutOfMemoryLogFilter on the handlers of transformers' logs (its library logger's, where its serving modules' records
+    go), in this process: the server's, and the model's process (imported as __mp_main__)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # its handler is made on first use
+    for handler in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, OutOfMemoryLogFilter) for f in handler.filters):
+            handler.addFilter(OutOfMemoryLogFilter())
 
 
 class ErrorNamingQueue:
     """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose error item (transformers' _StreamError, which
-    the handlers send as the stream's last event) carries `name_error(text)` in place of its text."""
+    the handlers send as the stream's last event) carries `name_error(text)` in place of its text. `first` is the
+    first item taken from it (None until one came): text, the end, or the error that ended generation before any text."""
 
     def __init__(self, queue, name_error) -> None:
         self.queue, self.name_error = queue, name_error
+        self.first: Any = None
+        self.came = False
 
     def _named(self, item):
         if type(item).__name__ == "_StreamError":
             item.msg = self.name_error(item.msg)
+        if not self.came:
+            self.first, self.came = item, True
         return item
 
     async def get(self):
@@ -2257,11 +2332,11 @@ class StopCuttingManager:
 
     def __init__(self, manager, stops: list[str], gen_config, name_error=lambda text: text) -> None:
         self.manager, self.stops, self.gen_config, self.name_error = manager, stops, gen_config, name_error
-        self.streamer = None
+        self.streamer = self.named = None
 
     def generate_streaming(self, *args, **kwargs):
         queue, self.streamer = self.manager.generate_streaming(*args, **kwargs)
-        queue = ErrorNamingQueue(queue, self.name_error)
+        queue = self.named = ErrorNamingQueue(queue, self.name_error)
         if not self.stops:
             return queue, self.streamer
 
@@ -2608,7 +2683,9 @@ def answer_as_openai_does() -> None:
                 body.setdefault("stream", False)
             reset = request_options.set(options)
             try:
-                return await handle(self, body, request_id)
+                answer = await handle(self, body, request_id)
+                once_generating = getattr(answer, "once_generating", None)  # a stream (stream's response)
+                return await once_generating() if once_generating is not None else answer
             except SettingsRefused as e:
                 return openai_error(str(e), "generation_config")
             except ToolsNotRendered as e:
@@ -2695,8 +2772,9 @@ def answer_as_openai_does() -> None:
                 # fails again (clients retry 5xx), a shorter one is answered
                 if not out_of_memory(e):
                     raise
-                return openai_error(out_of_memory_message(prompt_tokens(given["inputs"]), kind, options["limit_field"]),
-                                    PROMPT_FIELDS[kind], code="out_of_memory")
+                n, device = prompt_tokens(given["inputs"]), memory_device(f"{type(e).__name__}: {e}")
+                log_out_of_memory(n, kind, device)
+                return openai_error(out_of_memory_message(n, kind, options["limit_field"], device), PROMPT_FIELDS[kind], code="out_of_memory")
             body = json.loads(response.body)
             cut = bool(stops) and cut_answer(kind, body, stops, given.get("suffix"))
             limit = setting(gen_config, "max_new_tokens")  # the handlers' "length" reading: as many tokens came as were allowed
@@ -2719,7 +2797,11 @@ def answer_as_openai_does() -> None:
             n = prompt_tokens(given["inputs"])
 
             def name_error(text: str) -> str:
-                return out_of_memory_message(n, kind, options["limit_field"]) if out_of_memory(text) else text
+                if not out_of_memory(text):
+                    return text
+                # before the stream's first item, its answer is a 400 (answer_once_generating); after it, an error event
+                log_out_of_memory(n, kind, memory_device(text), streaming=manager.named is not None and manager.named.came)
+                return out_of_memory_message(n, kind, options["limit_field"], memory_device(text))
 
             manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given), name_error)
             original = streaming(*bound.args, **bound.kwargs)
@@ -2734,8 +2816,46 @@ def answer_as_openai_does() -> None:
                 if kind != "response":
                     yield "data: [DONE]\n\n"
 
-            # the handler's own response class: 5.25's notices a client gone through its CancelOnDisconnect middleware
-            return type(original)(events(), media_type="text/event-stream")
+            async def answer_once_generating():
+                """The stream's response once generation has sent its first item, or a 400 if that item is an
+                out-of-memory error. The status line goes out with the stream's first byte (the role chunk, sent
+                before generation starts): a prompt that ran out of memory in prefill was a 200 whose one event was
+                the error, where the same request without streaming is a 400 (a review, 2026-12-07). So the stream's
+                first parts are held until then, and sent ahead of the rest.
+                Once tokens have been sent, a later out-of-memory error stays an error event in the stream: its 200
+                and the answer's first tokens are on the wire, and an event is the one way left to tell the client
+                (OpenAI's API ends a failing stream the same way)."""
+                parts, held = response.body_iterator, []
+                try:
+                    async for part in parts:
+                        held.append(part)
+                        if manager.named is None or manager.named.came:
+                            break
+                except BaseException:  # the client left meanwhile (CancelOnDisconnect): generation stops with it
+                    await parts.aclose()
+                    raise
+                first = manager.named.first if manager.named is not None else None
+                if type(first).__name__ == "_StreamError" and out_of_memory(first.msg):
+                    await parts.aclose()
+                    return openai_error(first.msg, PROMPT_FIELDS[kind], code="out_of_memory")
+
+                async def held_then_the_rest():
+                    try:
+                        for part in held:
+                            yield part
+                        async for part in parts:
+                            yield part
+                    finally:
+                        await parts.aclose()
+
+                # the handler's own response class: 5.25's notices a client gone through its CancelOnDisconnect middleware
+                return type(original)(held_then_the_rest(), media_type="text/event-stream")
+
+            # handle_request awaits it (the handlers return this response as it is); a response that is not this one
+            # as it was returned streams from its first byte, as before
+            response = type(original)(events(), media_type="text/event-stream")
+            response.once_generating = answer_once_generating
+            return response
 
         handler.handle_request = handle_request
         setattr(handler, build_name, build_generation_config)
@@ -2807,6 +2927,8 @@ if __name__ == "__mp_main__":
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
+    # the model's process logs each request that ran out of memory with its traceback: the server logs it in one line
+    filter_out_of_memory_logs()
 
 if __name__ == "__main__":
     sys.exit(_main())

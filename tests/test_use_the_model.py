@@ -3171,12 +3171,18 @@ def test_serve_model_merged_answers_the_same_text_with_and_without_streaming(own
 def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and_serves_on(own_published, tmp_path):
     """A review: a prompt that fits the context but not the memory of the machine was a 500 (non-streamed; the reason
     in the log only) or a stream ending in {"error": "<text>"}, which the openai client shows as "An error occurred
-    during streaming". With generate() raising torch.OutOfMemoryError for prompts over 200 tokens (injected in every
+    during streaming". With generate() raising torch.OutOfMemoryError for prompts over 250 tokens (injected in every
     process of the server), it is now a 400 in OpenAI's shape, code out_of_memory, naming the prompt's length and
-    what to do, streamed or not, on chat and completions; the next, shorter request is answered."""
+    what to do, streamed or not, on chat, completions and Responses; the next, shorter request is answered.
+    A second review (2026-12-07): the message said "GPU memory" on a CPU server (it names the device now); the log
+    held transformers' full traceback per such request (one warning line now, naming the prompt's tokens and the
+    device); and a stream whose prompt ran out of memory in prefill, before any byte of its answer went out, was a
+    200 whose one event was the error (a 400 now, as without streaming). A stream that runs out of memory after its
+    first tokens (prompts of 121 to 250 tokens here) keeps its 200 and ends with the error event."""
     import signal
 
     import openai
+    import torch
 
     from tasks.common import PROJECT_ROOT
 
@@ -3187,7 +3193,11 @@ def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and
         "from transformers.generation import utils\n"
         "generate = utils.GenerationMixin.generate\n"
         "def generate_or_run_out(self, *args, **kwargs):\n"
-        "    if kwargs['input_ids'].shape[-1] > 200:\n"
+        "    n, streamer = kwargs['input_ids'].shape[-1], kwargs.get('streamer')\n"
+        "    if n > 120 and streamer is not None and n <= 250:  # after a first token went out\n"
+        "        streamer.put(kwargs['input_ids'].cpu())\n"
+        "        streamer.put(torch.tensor([kwargs['input_ids'][0, -1].item()]))\n"
+        "    if n > 120:\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (injected)')\n"
         "    return generate(self, *args, **kwargs)\n"
         "utils.GenerationMixin.generate = generate_or_run_out\n")
@@ -3195,28 +3205,42 @@ def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and
     log = tmp_path / "serve.log"
     proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
     client = _openai_client(base)
-    long, short = "word " * 300, "hi"
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # where transformers serve puts the model (device_map "auto")
+    long, middling, short = "word " * 300, "word " * 150, "hi"
     try:
         for stream in (False, True):
-            with pytest.raises(openai.APIError) as caught:
+            with pytest.raises(openai.BadRequestError) as caught:  # a stream too: a 400 before any byte of its answer
                 answer = client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": long}], max_tokens=2, stream=stream)
                 list(answer) if stream else None
             message = caught.value.message
-            assert re.search(r"ran out of memory .* prompt of \d+ tokens", message) and "shorten the messages" in message, message
-            assert caught.value.code == "out_of_memory" and getattr(caught.value, "status_code", 400) == 400, caught.value.body
-            with pytest.raises(openai.APIError) as caught:
+            assert re.search(rf"ran out of memory on {device} .* prompt of \d+ tokens", message) and "shorten the messages" in message, message
+            assert "GPU memory" not in message and caught.value.code == "out_of_memory" and caught.value.status_code == 400, caught.value.body
+            with pytest.raises(openai.BadRequestError) as caught:
                 answer = client.completions.create(model=pub.name, prompt=long, max_tokens=2, stream=stream)
                 list(answer) if stream else None
             assert "shorten the prompt" in caught.value.message, caught.value.message
             answer = client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": short}], max_tokens=2)
             assert answer.choices[0].message.role == "assistant"
-        code, answer = _request(f"{base}/v1/responses", {"input": long, "max_output_tokens": 2})
-        assert code == 400 and json.loads(answer)["error"]["code"] == "out_of_memory", answer[:300]
-        assert any(e == "error" and "ran out of memory" in d for e, d in _sse(f"{base}/v1/responses", {"input": long, "max_output_tokens": 2}))
+        for stream in (False, True):
+            code, answer = _request(f"{base}/v1/responses", {"input": long, "max_output_tokens": 2, "stream": stream})
+            assert code == 400 and json.loads(answer)["error"]["code"] == "out_of_memory", (stream, answer[:300])
+        # out of memory after the first token went out: the 200 is sent, the stream ends with the error event
+        events = _sse(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": middling}], "max_tokens": 4})
+        deltas = [json.loads(d)["choices"][0]["delta"] for _, d in events if d != "[DONE]" and "choices" in json.loads(d)]
+        error = next(json.loads(d)["error"] for _, d in events if d != "[DONE]" and "error" in json.loads(d))
+        assert any(d.get("content") for d in deltas) and error["code"] == "out_of_memory" and f"on {device}" in error["message"], events
+        assert any(e == "error" and "ran out of memory" in d for e, d in _sse(f"{base}/v1/responses", {"input": middling, "max_output_tokens": 4}))
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
-    assert rc == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    # one warning line per request that ran out of memory (4 chat and completions, 2 Responses, 2 streams cut off), and
+    # no traceback: transformers logged each one with its traceback, and a Responses stream's once more
+    said = [line for line in text.splitlines() if "out of memory" in line]
+    assert len(said) == 8 and all(re.search(rf"out of memory on {device}: .* prompt of \d+ tokens", line) for line in said), said
+    assert sum("stream ended with an out_of_memory error event" in line for line in said) == 2, said
+    assert "Traceback" not in text and "A request failed" not in text, text[-3000:]
 
 
 def test_error_naming_queue_names_an_out_of_memory_error_and_is_the_queue_otherwise():
@@ -3230,7 +3254,7 @@ def test_error_naming_queue_names_an_out_of_memory_error_and_is_the_queue_otherw
     from tasks.export import OUT_OF_MEMORY, ErrorNamingQueue, out_of_memory, out_of_memory_message
 
     queue = asyncio.Queue()
-    named = ErrorNamingQueue(queue, lambda text: out_of_memory_message(300, "chat", None) if out_of_memory(text) else text)
+    named = ErrorNamingQueue(queue, lambda text: out_of_memory_message(300, "chat", None, "cpu") if out_of_memory(text) else text)
     named.put_nowait("Hi")
     named.put_nowait(_StreamError("OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"))
     named.put_nowait(_StreamError("RuntimeError: something else"))
@@ -3376,7 +3400,7 @@ def test_a_responses_stream_s_error_events_carry_the_out_of_memory_code_a_non_st
 
     from tasks.export import named_events, out_of_memory_message
 
-    for text, code, param in ((out_of_memory_message(300, "response", None), "out_of_memory", "input"),
+    for text, code, param in ((out_of_memory_message(300, "response", None, "cuda:0"), "out_of_memory", "input"),
                               ("RuntimeError: something else", "server_error", None)):
         builder = _ResponseStreamBuilder(request_id="r1", response_defaults={
             "id": "resp_1", "created_at": 0.0, "model": "m", "object": "response", "tools": [], "parallel_tool_calls": False, "tool_choice": "auto"})
