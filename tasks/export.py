@@ -2295,6 +2295,73 @@ def filter_out_of_memory_logs() -> None:
             handler.addFilter(OutOfMemoryLogFilter())
 
 
+REASONING_FIELDS = ("reasoning_content", "thinking")  # a response template's reasoning fields, as transformers serve reads them
+
+
+def stripped_text(template: dict | None) -> set[str]:
+    """Which of an answer's texts ("content", "reasoning") transformers' whole-answer parser strips with response
+    `template` (its text fields' `strip`, on unless turned off: template_keeping_whitespace)."""
+    fields = template.get("fields") if isinstance(template, dict) else None
+    if not isinstance(fields, dict):
+        return set()
+    kinds = {"content": "content", **{name: "reasoning" for name in REASONING_FIELDS}}
+    return {kinds[name] for name, field in fields.items() if name in kinds and isinstance(field, dict)
+            and field.get("content", "text") == "text" and (field.get("content_args") or {}).get("strip", True)}
+
+
+class StrippedTextQueue:
+    """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose answer text and reasoning (the kinds in
+    `stripped`) come as the whole-answer parser reads them: without the whitespace at their start and end. Its
+    stream parser sends the text as it comes: on Qwen 3's template (thinking on or off) the reasoning began with
+    "\n" or was "\n\n" alone, and the content began with "\n\n", whitespace-only deltas the non-streamed answer
+    has not, whose content differed from the stream's joined (a review, 2026-12-07). So a text's leading whitespace
+    is dropped, and whitespace after its last other character held back until more text follows (then sent with
+    it) or the text ends (then dropped). Tool calls, the end and errors pass as they come."""
+
+    def __init__(self, queue, stripped: set[str]) -> None:
+        from collections import deque
+
+        self.queue, self.stripped = queue, stripped
+        self.started: set[str] = set()
+        self.held: dict[str, str] = {}
+        self.ready: deque = deque()
+
+    def _take(self, item) -> None:
+        from transformers.cli.serving.utils import ReasoningText
+
+        kind = "reasoning" if isinstance(item, ReasoningText) else "content" if isinstance(item, str) else None
+        if kind not in self.stripped:
+            self.ready.append(item)
+            return
+        text = self.held.get(kind, "") + (item if kind in self.started else item.lstrip())
+        if not text:
+            return
+        self.started.add(kind)
+        body = text.rstrip()
+        self.held[kind] = text[len(body):]
+        if body:
+            self.ready.append(type(item)(body))
+
+    async def get(self):
+        while not self.ready:
+            self._take(await self.queue.get())
+        return self.ready.popleft()
+
+    def get_nowait(self):
+        while not self.ready:
+            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
+        return self.ready.popleft()
+
+    def empty(self) -> bool:
+        """Whether `get_nowait` would find nothing: whitespace held back does not count."""
+        while not self.ready and not self.queue.empty():
+            self._take(self.queue.get_nowait())
+        return not self.ready
+
+    def __getattr__(self, name: str):
+        return getattr(self.queue, name)
+
+
 class ErrorNamingQueue:
     """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose error item (transformers' _StreamError, which
     the handlers send as the stream's last event) carries `name_error(text)` in place of its text. `first` is the
@@ -2330,12 +2397,15 @@ class StopCuttingManager:
     stream's error says what to do when the model ran out of memory (`name_error`); it keeps the streamer, whose
     token count tells an answer cut short by the length limit."""
 
-    def __init__(self, manager, stops: list[str], gen_config, name_error=lambda text: text) -> None:
+    def __init__(self, manager, stops: list[str], gen_config, name_error=lambda text: text, stripped=lambda: set()) -> None:
         self.manager, self.stops, self.gen_config, self.name_error = manager, stops, gen_config, name_error
+        self.stripped = stripped  # () -> the texts the stream's response template strips (stripped_text)
         self.streamer = self.named = None
 
     def generate_streaming(self, *args, **kwargs):
         queue, self.streamer = self.manager.generate_streaming(*args, **kwargs)
+        if kwargs.get("response_parser") is not None and self.stripped():
+            queue = StrippedTextQueue(queue, self.stripped())
         queue = self.named = ErrorNamingQueue(queue, self.name_error)
         if not self.stops:
             return queue, self.streamer
@@ -2803,7 +2873,8 @@ def answer_as_openai_does() -> None:
                 log_out_of_memory(n, kind, memory_device(text), streaming=manager.named is not None and manager.named.came)
                 return out_of_memory_message(n, kind, options["limit_field"], memory_device(text))
 
-            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given), name_error)
+            manager = given[generator] = StopCuttingManager(given[generator], options["stop"], generation_settings(given), name_error,
+                                                            lambda: stripped_text(options.get("response_template")))
             original = streaming(*bound.args, **bound.kwargs)
             source = original.body_iterator
 
@@ -2891,7 +2962,11 @@ def response_template_as_served(request_options) -> None:
 
     def get_response_template(processor, config):
         template = template_keeping_whitespace(template_of(processor, config))
-        return template_without_tool_calls(template) if request_options.get().get("no_tool_calls") else template
+        options = request_options.get()
+        template = template_without_tool_calls(template) if options.get("no_tool_calls") else template
+        if options:  # a request's (not the variable's shared default): what its stream's text is stripped as (StrippedTextQueue)
+            options["response_template"] = template
+        return template
 
     get_response_template._as_served = True
     utils.get_response_template = get_response_template

@@ -3168,6 +3168,74 @@ def test_serve_model_merged_answers_the_same_text_with_and_without_streaming(own
         proc.wait(timeout=60)
 
 
+QWEN3_TEMPLATE = (Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja").read_text()
+
+
+def test_serve_model_merged_streams_a_qwen3_answer_s_text_as_its_whole_answer_has_it(own_published, tmp_path):
+    """A review (2026-12-07): on Qwen 3's chat template and response template (transformers' own, for Qwen models), a
+    streamed answer's content began with "\\n\\n" (the newlines after </think>) and its reasoning with "\\n", or was
+    "\\n\\n" alone with thinking off, where the non-streamed answer strips them: the stream's content joined was
+    not the answer's content, and whitespace-only deltas came that the answer has not. On a copy served with Qwen 3's
+    real template (tests/fixtures) and generation scripted to write Qwen 3's answers (the tiny random model writes no
+    <think> block), with thinking on and off, the stream's content and reasoning joined are the answer's now, and no
+    delta is empty or whitespace only."""
+    import shutil
+    import signal
+
+    from transformers import AutoTokenizer
+    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy, symlinks=True)
+    run = copy / pub.relative_to(art)
+    _replace_published_file(run, "merged/chat_template.jinja", QWEN3_TEMPLATE)
+    config = json.loads((run / "merged" / "tokenizer_config.json").read_text())
+    config["response_template"] = next(t for types, t in _RESPONSE_TEMPLATE_FALLBACKS.items() if "qwen3" in types)
+    _replace_published_file(run, "merged/tokenizer_config.json", json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    script = {"thinking": encode("<think>\nLet me think.\n</think>\n\nThe answer is 4.<|im_end|>"),
+              "not": encode("Hello there.<|im_end|>"), "after_no_thinking": encode("</think>\n\n")}
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(  # Qwen 3's answer, after a prompt with thinking or without (its empty block)
+        "import torch\n"
+        "from transformers.generation import utils\n"
+        f"SCRIPT = {script!r}\n"
+        "def scripted(self, *args, **kwargs):\n"
+        "    ids, streamer = kwargs['input_ids'], kwargs.get('streamer')\n"
+        "    tail = SCRIPT['after_no_thinking']\n"
+        "    answer = SCRIPT['not' if ids[0, -len(tail):].tolist() == tail else 'thinking']\n"
+        "    if streamer is not None:\n"
+        "        streamer.put(ids.cpu())\n"
+        "        for token in answer:\n"
+        "            streamer.put(torch.tensor([token]))\n"
+        "        streamer.end()\n"
+        "    return torch.cat([ids.cpu(), torch.tensor([answer])], dim=-1)\n"
+        "utils.GenerationMixin.generate = scripted\n")
+    proc, base = _start_serve_model(copy, tmp_path / "serve.log", env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    url = f"{base}/v1/chat/completions"
+    try:
+        for thinking, expected in ((True, {"content": "The answer is 4.", "reasoning_content": "Let me think."}),
+                                   (False, {"content": "Hello there."})):
+            body = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 100,
+                    "chat_template_kwargs": {"enable_thinking": thinking}}
+            code, answer = _request(url, body)
+            message = json.loads(answer)["choices"][0]["message"] if code == 200 else {}
+            assert {k: message.get(k) for k in expected} == expected and message.get("reasoning_content") == expected.get("reasoning_content"), answer
+            deltas = [json.loads(d)["choices"][0]["delta"] for _, d in _sse(url, body) if d != "[DONE]"]
+            for field in ("content", "reasoning_content"):
+                sent = [d[field] for d in deltas if d.get(field) is not None]
+                assert "".join(sent) == (message.get(field) or ""), (thinking, field, sent, message)
+                assert all(text.strip() for text in sent), (thinking, field, sent)  # no empty or whitespace-only delta
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def test_serve_model_merged_refuses_a_prompt_that_runs_out_of_memory_clearly_and_serves_on(own_published, tmp_path):
     """A review: a prompt that fits the context but not the memory of the machine was a 500 (non-streamed; the reason
     in the log only) or a stream ending in {"error": "<text>"}, which the openai client shows as "An error occurred
