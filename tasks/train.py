@@ -101,6 +101,10 @@ class NonFiniteLoss(StageError):
 
 
 CAP_FACTOR = 4  # the step cap without a user's training.max_steps: this many times the probe's estimate
+# How `epoch_cap` turns training.max_epochs into whole steps, in the train key where max_epochs is set (`_keyed_sections`):
+# 1 (in no key) rounded up, a step more than the passes allow; 2 (8eb10df) rounds down. Raise it whenever the cap a
+# max_epochs gives changes, so the adapters capped the old way train again, once.
+EPOCH_CAP_RULE = 2
 
 
 def epoch_steps(max_epochs: float, per_pass: float, full_steps: float | None = None) -> float:
@@ -458,7 +462,10 @@ def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training
     unset |= set() if training.max_epochs else {"max_epochs"}
     # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
     dev = getattr(probe, "device", None)
-    return [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
+    keyed = [keyed_quant(quant, dev), lora.model_dump(mode="json"), keyed_training(training, dev, set(BOOKKEEPING_KEYS | PROBE_KEYED) | unset)]
+    # The rule that turns max_epochs into a step cap, where max_epochs is set (its value alone kept the key of an adapter
+    # capped by the old rule, so it was reused); unset, the keys stay the ones they had before the rule was keyed.
+    return keyed + [{"epoch_cap_rule": EPOCH_CAP_RULE}] if training.max_epochs else keyed
 
 
 BUDGETLESS = "budgetless_key.json"  # in work/: the training's key but for its budget, and the budget (`checkpoint_of_another_budget`)

@@ -1022,6 +1022,30 @@ def test_same_train_key_different_adapter_reruns_evaluate_and_merge(tmp_path):
         assert key_fn(data, SimpleNamespace(key="other", adapter_dir=str(copy)), cfg.model, cfg.quant, section, cfg.device) == keys[0]
 
 
+def test_an_adapter_capped_by_the_old_max_epochs_rule_trains_again_and_runs_without_max_epochs_keep_their_keys(tmp_path, monkeypatch):
+    """8eb10df made max_epochs' step cap round down (it rounded up: up to a step more than the passes allow) and changed
+    no key: an adapter trained under the old rule had the train key a rerun computes, so it was reused with its extra
+    step. The rule is in the train key now, where max_epochs is set (`EPOCH_CAP_RULE`); the old key is the one without it."""
+    from tasks import train
+    from tasks.common import fingerprint
+    from tasks.data import rows_key
+
+    data = SimpleNamespace(key="d", rows_key="r", model_fingerprint="m")
+    probe = SimpleNamespace(key="p", device="cpu", hardware="cpu-x", gpus=1)
+
+    def keys(cfg) -> tuple[str, str, str]:
+        s = (cfg.quant, cfg.lora, cfg.training)
+        before = fingerprint("train", train.TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, train._keyed_sections(probe, *s)[:3])
+        return train.cache_key(data, probe, cfg.model, *s), train.budgetless_key(data, probe, *s), before
+
+    capped, free = _cfg(tmp_path, "training.max_epochs=2"), _cfg(tmp_path)
+    now, budgetless, before = keys(capped)
+    assert now != before  # the adapter capped the old way: trained again, once
+    assert keys(free)[0] == keys(free)[2]  # no max_epochs: the rule acts nowhere, the key is the one it had
+    monkeypatch.setattr(train, "EPOCH_CAP_RULE", train.EPOCH_CAP_RULE + 1)  # the next change of the rule
+    assert keys(capped)[0] != now and keys(capped)[1] != budgetless and keys(free) == keys(_cfg(tmp_path))
+
+
 def test_eval_key_follows_scorer_library_versions_and_nltk_data(tmp_path, monkeypatch):
     from importlib import metadata
 
