@@ -729,6 +729,42 @@ def test_oom_retry_on_the_packed_engine_trains_every_row_once_per_pass(tiny_cfg,
     assert len(rows) >= tiny_data.n_train and len(set(first_pass)) == tiny_data.n_train  # each row once: none repeated, none skipped
 
 
+def test_an_oom_retry_at_a_smaller_micro_batch_still_stops_at_max_epochs(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    """training.max_epochs and the out-of-memory retry were never tested together: the retry resumes from the last
+    checkpoint at half the micro-batch and twice the accumulation, and computes the epoch cap again from the rows as the
+    new micro-batch deals them out. max_epochs 1 must still read every row once, no more (the same pass count as a run
+    that never ran out of memory): an OOM in the 3rd forward, after a checkpoint at every step."""
+    import tasks.train as train_mod
+
+    real_build, fired = train_mod.build_model, []
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        forwards = []
+
+        def oom_once(module, a, kw):
+            forwards.append(1)
+            if len(forwards) == 3 and not fired:
+                fired.append(True)
+                raise torch.OutOfMemoryError("injected")
+
+        model.register_forward_pre_hook(oom_once, with_kwargs=True)
+        return model
+
+    training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": 1.0, "warmup_ratio": 0.0, "checkpoint_minutes": 1e-6})
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
+    probe = probe.model_copy(update={"max_steps": 400, "budget_seconds": 600.0, "micro_batch_size": 8, "grad_accum": 1, "key": "oom-epochs"})
+    clean = train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    monkeypatch.setattr(train_mod, "build_model", build)
+    lines = []
+    rec = train_adapter(tiny_data, probe.model_copy(update={"key": "oom-epochs-retried"}), tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora,
+                        training, shared_artifacts, log_fn=lines.append)
+    assert fired and any("out of memory at micro-batch 8 x accum 1; retrying at 4 x 2" in line for line in lines), lines
+    assert rec.micro_batch_size == 4 and rec.grad_accum == 2 and rec.resumed_from_step > 0, (rec.micro_batch_size, rec.resumed_from_step)
+    assert clean.stopped_by == rec.stopped_by == "max_epochs"
+    assert rec.tokens_seen == clean.tokens_seen == tiny_data.train_tokens and rec.passes == clean.passes == 1.0, (rec.passes, clean.passes)
+
+
 def test_batch_is_stated_in_conversations_and_tokens(tiny_cfg, tiny_data, shared_artifacts):
     from tasks.data import load_split
     from tasks.engine.collate import training_dataset
