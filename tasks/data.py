@@ -95,6 +95,7 @@ class DataRecord(BaseModel):
     sources: list[dict] = []  # per source: provenance (file, sha256, license), rows read, filtered, deduped, train/held-out
     dedupe: dict = {}  # benchmarks, prompts checked against, rules, conversations removed per benchmark and rule
     rows_key: str = ""  # what stages 2-7 read of this folder, by content (`rows_fingerprint`); "" in a folder built before it
+    rendering: str = ""  # how the run's tokenizer renders RENDER_PROBE (`rendering_fingerprint`, `rendering_key`); "" before it
 
     def outputs_exist(self) -> bool:
         out = Path(self.dir)
@@ -190,6 +191,17 @@ def rows_key(data: Any, *told: str) -> str:
     if not rows:
         return data.key
     return fingerprint(rows, {f: getattr(data, f) for f in told}) if told else rows
+
+
+def rendering_key(data: Any) -> list[str]:
+    """The data record's `rendering` as the keys of the stages that render with the tokenizer hold it: stage 5 renders
+    every held-out and benchmark prompt, stage 6 saves the tokenizer beside the merged weights. The rows key holds the
+    rows, not the tokenizer: a tokenizer or library upgrade that renders the fixed conversation otherwise (a token, a
+    character the template escapes) but none of this dataset's rows rebuilt stage 1 with the same rows, and evaluate
+    reused the answers the old tokenizer's prompts gave. Stages 2-4 read only the rows' token ids: not theirs. [] for a
+    record built before the field (their keys stay as they were until the data is rebuilt)."""
+    rendering = getattr(data, "rendering", "")
+    return [rendering] if rendering else []
 
 
 def sentence_counter_id() -> str:
@@ -659,11 +671,12 @@ UNREAD_BY_FILES = frozenset({"embedded_train", "embedded_heldout", "embedded_bas
                              "embedded_keywords_added", "embedded_base_max_words", "embedded_base_min_words"})
 
 
-def cache_key(data: DataSection, model: ModelSection, artifacts_dir: str) -> str:
+def cache_key(data: DataSection, model: ModelSection, artifacts_dir: str, rendering: str | None = None) -> str:
     """The data stage's key: the sources by content, the data section, the model, and how the run's tokenizer renders
-    and tokenizes a fixed conversation (`rendering_fingerprint`), so a library upgrade that changes either rebuilds the
-    data and every stage after it, and one that does not rebuilds nothing. `artifacts_dir`: where a model that must be
-    converted or built first (a GGUF, `random:`) is, for the one tokenizer load after such an upgrade."""
+    and tokenizes a fixed conversation (`rendering_fingerprint`, or `rendering` when the caller has it), so a library
+    upgrade that changes either rebuilds the data (the stages after it rerun where the rows changed, `rows_key`, and
+    where they render, `rendering_key`), and one that does not rebuilds nothing. `artifacts_dir`: where a model that must
+    be converted or built first (a GGUF, `random:`) is, for the one tokenizer load after such an upgrade."""
     names = dedupe_names(data)
     # Deduped: the prompts and the code of the rules (tasks/sources.py), so a changed rule rebuilds the data (and every stage
     # keyed on it); a source file's bytes alone would keep a build deduped by the old rules.
@@ -671,7 +684,8 @@ def cache_key(data: DataSection, model: ModelSection, artifacts_dir: str) -> str
     unread = UNREAD_BY_EMBEDDED if data.source == "embedded" else UNREAD_BY_FILES
     mixed = [source_fingerprint(m, f"data.mix[{i}].source") for i, m in enumerate(data.mix)]
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), mixed, bench,
-                       _keyed_dump(data, unread), model_fingerprint(model), model.chat_template, rendering_fingerprint(model, artifacts_dir))
+                       _keyed_dump(data, unread), model_fingerprint(model), model.chat_template,
+                       rendering if rendering is not None else rendering_fingerprint(model, artifacts_dir))
 
 
 # The conversation whose rendering and tokens are in the data key (`rendering_fingerprint`): a system turn and two
@@ -835,13 +849,14 @@ def _keyed_dump(data: DataSection, unread: frozenset[str]) -> dict:
 def load_dataset_records(data: DataSection, model: ModelSection, artifacts_dir: str, log_fn=None) -> DataRecord:
     """Stage 1: read, normalise, dedupe, mix, split, tokenize and mask; cached on content + config. `log_fn`: where the
     line saying this run waits for another building the same folder goes (stderr when None)."""
-    key = cache_key(data, model, artifacts_dir)
+    rendering = rendering_fingerprint(model, artifacts_dir)  # in the key and the record (`rendering_key`): computed once
+    key = cache_key(data, model, artifacts_dir, rendering)
     ref = resolve_model(model, artifacts_dir)
     out = stage_dir(artifacts_dir, "data", key)
     with locked(out, log_fn=log_fn):
         if is_complete(out):
             return complete_record(out, DataRecord)
-        return _build(data, model, ref, key, out, artifacts_dir)
+        return _build(data, model, ref, key, out, artifacts_dir, rendering)
 
 
 def _normalise(rows: list[dict], schema: str, language: str | None, system_prompt: str | None,
@@ -1002,7 +1017,8 @@ def jsonl_line(obj) -> str:
     return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKERS) + "\n"
 
 
-def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts") -> DataRecord:
+def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out: Path, artifacts_dir: str = "artifacts",
+           rendering: str = "") -> DataRecord:
     import datasets
 
     maybe_fault("data")
@@ -1159,6 +1175,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         sources=source_stats,
         dedupe=dedupe,
         rows_key=rows_fingerprint(train, held, extra, tok.chat_template or "", stops, has_checkers, data, ref.fingerprint),
+        rendering=rendering,
     )
     with building(out, record_files=True) as tmp:  # an arrow file cut short or changed in place is refused (`changed_file`)
         datasets.Dataset.from_list(train).save_to_disk(str(tmp / "train"))

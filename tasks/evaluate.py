@@ -35,7 +35,7 @@ from . import benchmarks as bench
 from . import instructions
 from .common import COMPLETE, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
 from .config import EvalSection, ModelSection, QuantSection, installed_version
-from .data import DataRecord, load_heldout_meta, load_split, rows_key
+from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows_key
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
@@ -230,8 +230,9 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # of a benchmark re-runs the stage; the subset sizes and seed are part of eval's dump, and each benchmark's cap is
     # keyed as resolved (a cap eval.benchmark_max_new_tokens leaves unset is the benchmark's own, which can change).
     # The verdict names what the data was deduped against (`make_verdict`): in this key, not in the passes' (answers alike).
+    # Every prompt is rendered by the tokenizer: how it renders is keyed (`rendering_key`), beside the rows.
     return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED, device, told=("dedupe",)), scorer_versions(eval.benchmarks),
-                       resolve_device(device))
+                       resolve_device(device), *rendering_key(data))
 
 
 def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, device: str) -> str:
@@ -245,7 +246,7 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
     and a library upgrade or a code fix (the usual fixes of a GENERATION BROKEN) is not served the answers made before it.
     The stage's own key stays without them: its record is reused on any machine, as before."""
     return fingerprint("eval-passes", PASSES_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED | STATISTICS_ONLY, device),
-                       resolve_device(device), *answers_made_on(device), answer_code())
+                       resolve_device(device), *answers_made_on(device), answer_code(), *rendering_key(data))
 
 
 def answers_made_on(device: str) -> list:

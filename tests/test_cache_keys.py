@@ -506,12 +506,12 @@ def _later_keys(cfg, adapter: Path, rec) -> dict[str, str]:
     sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
     pr = SimpleNamespace(key=probe.cache_key(rec, budget=cfg.budget, device=cfg.device, **sections), device=resolve_device(cfg.device))
     tr = SimpleNamespace(key=train.cache_key(rec, pr, **sections), adapter_dir=str(adapter))
+    ev = SimpleNamespace(key=evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device))
+    me = SimpleNamespace(key=merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device))
     return {"profile": profile.cache_key(rec), "probe": pr.key, "train": tr.key,
             "train-any-budget": train.budgetless_key(rec, pr, cfg.quant, cfg.lora, cfg.training),
-            "evaluate": evaluate.cache_key(rec, tr, cfg.model, cfg.quant, cfg.eval, cfg.device),
-            "eval-passes": evaluate.passes_key(rec, tr, cfg.quant, cfg.eval, cfg.device),
-            "merge": merge.cache_key(rec, tr, cfg.model, cfg.quant, cfg.merge, cfg.device),
-            "publish": publish.cache_key(cfg, {"data": rec, "train": tr})}
+            "evaluate": ev.key, "eval-passes": evaluate.passes_key(rec, tr, cfg.quant, cfg.eval, cfg.device), "merge": me.key,
+            "publish": publish.cache_key(cfg, {"data": rec, "train": tr, "evaluate": ev, "merge": me})}
 
 
 def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only_when_the_rows_change(tmp_path, monkeypatch):
@@ -552,6 +552,46 @@ def test_a_reader_library_upgrade_rebuilds_the_data_and_reruns_later_stages_only
     assert [k for k, v in _later_keys(cfg, adapter, other).items() if v == _later_keys(cfg, adapter, first)[k]] == []
     # a data folder built before the record had a rows key: its later stages keyed as they were (no retraining)
     assert data_mod.rows_key(first.model_copy(update={"rows_key": ""})) == first.key
+
+
+def test_a_tokenizer_that_renders_otherwise_but_builds_the_same_rows_reruns_evaluate_and_merge_only(tmp_path, monkeypatch):
+    """The later stages are keyed on the rows stage 1 built (`rows_key`). A tokenizer whose files changed (here: the
+    `random:` model's folder built again by a tokenizer builder that adds a token for a character this CSV never uses; a
+    tokenizers or transformers upgrade does the same) rebuilds stage 1 (its key holds how the fixed conversation renders)
+    with the same rows, and evaluate, which renders every held-out and benchmark prompt with that tokenizer, reused the
+    answers of the old one. Now evaluate (its record and its saved passes) and merge (it saves the tokenizer beside the
+    merged weights) rerun, publish with them; profile, probe and train read only the rows' token ids: cached."""
+    import pandas as pd
+
+    from tasks import data as data_mod
+    from tasks import models as models_mod
+    from tasks.common import write_json
+    from tasks.models import resolve_model
+
+    csv = tmp_path / "chats.csv"
+    pd.DataFrame([{"instruction": f"Say {i} twice.", "output": f"{i} {i}"} for i in range(40)]).to_csv(csv, index=False)
+    cfg = _cfg(tmp_path, f"data.source={csv}", "data.dedupe=[]")
+    adapter = tmp_path / "adapter"
+    write_json(adapter / "adapter_config.json", {})
+    first = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    assert first.rendering
+
+    real_builder = models_mod.build_byte_tokenizer
+
+    def giraffe_builder(*args, **kwargs):  # one more token: RENDER_PROBE's giraffe, in no row of this CSV
+        tok = real_builder(*args, **kwargs)
+        tok.add_tokens(["\N{GIRAFFE FACE}"])
+        return tok
+
+    shutil.rmtree(resolve_model(cfg.model, cfg.artifacts_dir).path)  # the model folder built again, by the new builder
+    monkeypatch.setattr(models_mod, "build_byte_tokenizer", giraffe_builder)
+    second = data_mod.load_dataset_records(cfg.data, cfg.model, cfg.artifacts_dir)
+    assert second.key != first.key and second.rows_key == first.rows_key and second.rendering != first.rendering
+    before, after = _later_keys(cfg, adapter, first), _later_keys(cfg, adapter, second)
+    assert [k for k in before if before[k] != after[k]] == ["evaluate", "eval-passes", "merge", "publish"]
+    # what it was: keyed on the rows alone, nothing after stage 1 reran (and a record built before the field keeps its keys)
+    unrendered = [_later_keys(cfg, adapter, r.model_copy(update={"rendering": ""})) for r in (first, second)]
+    assert unrendered[0] == unrendered[1]
 
 
 def test_the_same_rows_built_under_another_dedupe_or_from_another_file_rewrite_what_names_them(tmp_path):
