@@ -285,26 +285,63 @@ def changed_file(out: Path) -> str | None:
     size, other bytes), as the end of "<out> is marked complete but ..."; None when every file is as it was, or the
     marker lists none (a stage that does not record them, a folder completed before markers did). An arrow file or chart
     cut short, or bytes changed in place, passed the "file is there" checks and was trained or published as it was."""
+    files = _listed_files(out, COMPLETE)
+    if files is None or isinstance(files, str):
+        return files
+    for rel, (size, digest) in sorted(files.items()):
+        changed = _file_change(out, rel, size, digest, "when the folder was completed")
+        if changed:
+            return changed
+    return None
+
+
+def listed_change(out: Path, rel: str, listing: str = COMPLETE) -> str | None:
+    """How the file `rel` of `out` differs from what the file list `listing` of `out` (a `completion_marker` text: its
+    COMPLETE marker, or PARTS, the list a folder of resumable parts keeps, `list_parts`) says of it, as `changed_file`
+    words it; None when it is as listed, or the list does not name it (no list, a plain timestamp marker)."""
+    if not (out / listing).exists():
+        return None
+    files = _listed_files(out, listing)
+    if files is None or isinstance(files, str):
+        return files
+    return _file_change(out, rel, *files[rel], f"when {listing} listed it") if rel in files else None
+
+
+PARTS = "PARTS"  # a folder of resumable parts (stage 5's saved passes): each part's size and sha256 as it was saved
+
+
+def list_parts(folder: Path) -> None:
+    """Rewrite the PARTS list of `folder` (every file but it and COMPLETE, `completion_marker`'s form), after a part is
+    saved: a part cut short or edited since is then told from one as saved (`listed_change`) before its folder is
+    complete, and a resumed run redoes it instead of reusing it."""
+    write_text(folder / PARTS, completion_marker(folder, record_files=True, leave_out=(PARTS, COMPLETE)))
+
+
+def _listed_files(out: Path, listing: str) -> dict[str, tuple[int, str]] | str | None:
+    """{file: (size, sha256)} of the `completion_marker` text `out / listing`; None for a plain timestamp; a str: why
+    it cannot be read."""
     try:
-        text = (out / COMPLETE).read_text(encoding="utf-8")
+        text = (out / listing).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        return f"its {COMPLETE} marker cannot be read ({type(e).__name__})"
+        return f"its {listing} marker cannot be read ({type(e).__name__})"
     if not text.startswith("{"):  # a plain timestamp: no files recorded
         return None
     try:
-        files = {str(rel): (int(f["size"]), str(f["sha256"])) for rel, f in json.loads(text)["files"].items()}
+        return {str(rel): (int(f["size"]), str(f["sha256"])) for rel, f in json.loads(text)["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return f"its {COMPLETE} marker is not the file list it was written as (cut short or edited)"
-    for rel, (size, digest) in sorted(files.items()):
-        path = out / rel
-        try:
-            now = path.stat().st_size
-        except OSError:
-            return f"its file {rel} is gone"
-        if now != size:
-            return f"its file {rel} is {now:,} bytes, {size:,} when the folder was completed (cut short or rewritten)"
-        if cached_sha256(path) != digest:
-            return f"its file {rel} has other bytes than when the folder was completed (changed in place)"
+        return f"its {listing} marker is not the file list it was written as (cut short or edited)"
+
+
+def _file_change(out: Path, rel: str, size: int, digest: str, when: str) -> str | None:
+    path = out / rel
+    try:
+        now = path.stat().st_size
+    except OSError:
+        return f"its file {rel} is gone"
+    if now != size:
+        return f"its file {rel} is {now:,} bytes, {size:,} {when} (cut short or rewritten)"
+    if cached_sha256(path) != digest:
+        return f"its file {rel} has other bytes than {when} (changed in place)"
     return None
 
 

@@ -33,7 +33,8 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import COMPLETE, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, progress_bar, read_json, stage_dir, write_json
+from .common import (COMPLETE, PARTS, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete,
+                     list_parts, listed_change, locked, mark_folder_complete, maybe_fault, progress_bar, read_json, stage_dir, write_json)
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows_key
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -398,7 +399,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                 if _decode_broken(check):  # not the model's answers: not kept for a later run
                     log_fn(f"evaluate: held-out {name}: not saved for a later run (its decode check failed: GENERATION BROKEN)")
                 else:
-                    write_json(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
+                    save_part(parts / f"held-out-{name}.json", {"gens": gens, "check": check, "nll": nll})
             loss = mean_nll(nll[:n])
             by_source = {src: round(mean_nll([nll[j] for j in rows]), 4) for src, rows in groups.items()} if len(groups) > 1 else {}
             results[name] = {"loss": loss, "gens": gens, "loss_by_source": by_source, "decode_check": check}
@@ -485,8 +486,10 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
                                        "benchmark_rows": {k: v["rows"] for k, v in bench_results.items()}})
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     names = ["held-out-base", "held-out-tuned"] + [f"{b}-{who}" for b in suites for who in ("base", "tuned")]
-    if all((parts / f"{part}.json").is_file() for part in names):  # every pass of this evaluation is saved (none broken)
-        (parts / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+    # Every pass of this evaluation saved (none broken), and not marked yet (`save_part` removes the mark of a folder it
+    # saves a pass in): each pass's size and sha256, as stages 1-6 list their files.
+    if not (parts / COMPLETE).is_file() and all((parts / f"{part}.json").is_file() for part in names):
+        mark_folder_complete(parts, record_files=True, leave_out=(PARTS, COMPLETE))
     return rec
 
 
@@ -895,7 +898,7 @@ def base_answers_dir(artifacts_dir: str, data: DataRecord, model_cfg: ModelSecti
         with locked(folder):
             if isinstance(why, dict) and not is_complete(folder):
                 try:
-                    with building(folder) as tmp:
+                    with building(folder, record_files=True) as tmp:
                         shutil.copy2(before / "base.json", tmp / "base.json")
                 except OSError as e:  # read above: gone or unreadable since, or no room for the copy
                     if disk_full(e):  # the old cache is whole; generating the answers would not fit either
@@ -914,7 +917,8 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
     """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used, in words: unreadable, or
     not of these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those
     prompts, or answers whose decode check failed (not the model's: this code saves none, a pass saved by older code
-    may hold some)."""
+    may hold some), or other bytes than its folder's list says it was saved with (COMPLETE, or PARTS while a parts
+    folder is partial: `listed_change`)."""
     try:
         saved = read_json(path)
         gens, nll = saved["gens"], saved["nll"] if n_nll is not None else None
@@ -934,7 +938,19 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
         return f"unreadable: {e}"
     except (KeyError, TypeError) as e:
         return f"not in the saved form: {type(e).__name__} {e}"
+    # Read whole and in shape, but not as saved (other answers, the same count: an edit by hand) was reused as the model's.
+    changed = listed_change(path.parent, path.name) or listed_change(path.parent, path.name, PARTS)
+    if changed:
+        return changed.removeprefix("its ")
     return saved
+
+
+def save_part(part: Path, side: dict) -> None:
+    """Save one pass in the stage's parts folder (`passes_key`) and list it with its size and sha256 (`list_parts`); the
+    folder is not complete again until every pass of the evaluation is in (a COMPLETE left would list the old bytes)."""
+    (part.parent / COMPLETE).unlink(missing_ok=True)
+    write_json(part, side)
+    list_parts(part.parent)
 
 
 def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: str | None = None,
@@ -965,7 +981,7 @@ def _keep_base_side(base_cache: Path, side: dict, name: str, **made) -> None:
     folder is replaced by `building`'s two renames, never deleted first: a run reading a usable cache meanwhile (reads
     take no lock) finds the old folder or the new one, not none."""
     with locked(base_cache):
-        with building(base_cache) as tmp:
+        with building(base_cache, record_files=True) as tmp:  # base.json's size and sha256, checked as it is read (`_read_side`)
             write_json(tmp / "base.json", {"gens": side["gens"], "check": side["check"], "nll": side.get("nll"),
                                            "made": {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "benchmark": name, **made}})
 
@@ -1052,7 +1068,7 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
             # The base's side is saved whatever its origin: a later run of these passes reads it here, not from a cache
             # keyed otherwise (`base_key`: the cache it belongs in; `reused`: the one it came from, if any).
             extra = {"base_key": base_cache.name if base_cache is not None else None, "reused": reused} if who == "base" else {}
-            write_json(part, {**made, "asked": asked, **extra})
+            save_part(part, {**made, "asked": asked, **extra})
     seconds = round(time.monotonic() - t0, 1)
     summary: dict = {"provenance": suite["provenance"], "subset": suite["subset"], "seconds": seconds, "metrics": {},
                      "system_prompt": system_prompt, "decode_check": checks, "base_reused": reused}

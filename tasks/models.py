@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .common import StageError, building, cached_sha256, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
+from .common import StageError, building, cached_sha256, changed_file, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
 from .config import ModelSection, QuantSection
 from .random_config import TOKENIZER_KEYS, random_config_problems
 
@@ -216,7 +216,7 @@ _GGUF_SWAP = threading.RLock()
 def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) -> ModelRef:
     out = stage_dir(artifacts_dir, "models", key)
     with locked(out):
-        if not is_complete(out):
+        if not model_folder_usable(out):
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -248,11 +248,25 @@ def _convert_gguf(folder: Path, gguf_file: str, artifacts_dir: str, key: str) ->
             for role in ("eos", "bos", "pad"):
                 if role in meta and clean.generation_config is not None:
                     setattr(clean.generation_config, f"{role}_token_id", meta[role][0])
-            with building(out) as tmp:
+            with building(out, record_files=True) as tmp:  # each file's size and sha256 (`model_folder_usable`)
                 clean.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
             del gguf_model, clean
     return ModelRef(str(out), None, key, True)
+
+
+def model_folder_usable(out: Path) -> bool:
+    """Whether the model folder `out` (cache/models/: a GGUF converted, a `random:` model built) is complete with every file
+    its COMPLETE marker lists as it was built (`changed_file`). Its marker listed no files: a shard cut short or a
+    tokenizer file edited was loaded, trained and published as it was, under the same model fingerprint. One that changed
+    is built again, with one line naming the file; a folder completed before the list is used as before."""
+    if not is_complete(out):
+        return False
+    changed = changed_file(out)
+    if changed:
+        logging.getLogger("qlora_pipeline").warning(f"{out} is marked complete but {changed}; building it again")
+        return False
+    return True
 
 
 def gguf_token_metadata(path: Path) -> dict:
@@ -405,14 +419,14 @@ def _build_random(arch: str, random_config: dict, artifacts_dir: str, key: str, 
     config and tokenizer only, `load_base_model` builds the weights (`_random_model`)."""
     out = stage_dir(artifacts_dir, "models", key)
     with locked(out):
-        if not is_complete(out):
+        if not model_folder_usable(out):
             import torch
 
             tok = build_byte_tokenizer()
             config, dtype = random_model_config(arch, random_config, tok)
             with torch.device("meta") if in_memory else contextlib.nullcontext():
                 model = _random_model(config, dtype)
-            with building(out) as tmp:
+            with building(out, record_files=True) as tmp:  # each file's size and sha256 (`model_folder_usable`)
                 if in_memory:  # what save_pretrained writes besides the weights
                     model.config.save_pretrained(tmp)
                     if model.can_generate():

@@ -1940,3 +1940,31 @@ def test_a_complete_folder_whose_files_changed_since_it_was_marked_names_the_fil
     torn = copy()
     (torn / COMPLETE).write_text('{"completed": "2026-12-06", "files": {"record.json": {"si')
     assert changed_file(torn) == f"its {COMPLETE} marker is not the file list it was written as (cut short or edited)"
+
+
+def test_a_model_folder_whose_files_changed_since_it_was_built_is_built_again_with_a_line_naming_the_file(tmp_path, caplog):
+    """cache/models/ (a GGUF converted, a `random:` model built) was marked complete with a timestamp only: a tokenizer file
+    edited or a shard cut short there was loaded, trained on and published as it was, under the same model fingerprint.
+    Its marker lists each file's size and sha256 now, as stages 1-6 do; a folder that changed is built again (one
+    warning line naming the file), not refused: it is a cache of what the model's key says, made again in seconds."""
+    import logging
+
+    from tasks.common import COMPLETE
+    from tasks.models import resolve_model
+
+    cfg = _cfg(tmp_path)
+    folder = Path(resolve_model(cfg.model, cfg.artifacts_dir).path)
+    listed = json.loads((folder / COMPLETE).read_text())["files"]
+    assert {"config.json", "tokenizer.json"} <= set(listed) and all(len(f["sha256"]) == 64 for f in listed.values())
+    built = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(built.replace(b'"<pad>"', b'"<PAD>"', 1))  # edited by hand: the same size
+    with caplog.at_level(logging.WARNING, logger="qlora_pipeline"):
+        again = resolve_model(cfg.model, cfg.artifacts_dir)
+    assert Path(again.path) == folder and (folder / "tokenizer.json").read_bytes() == built  # built again
+    said = [r.getMessage() for r in caplog.records if r.name == "qlora_pipeline"]
+    assert said == [f"{folder} is marked complete but its file tokenizer.json has other bytes than when the folder was completed "
+                    "(changed in place); building it again"], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qlora_pipeline"):
+        resolve_model(cfg.model, cfg.artifacts_dir)  # as built: used, no word
+    assert not caplog.records

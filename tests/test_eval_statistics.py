@@ -215,7 +215,7 @@ def test_a_saved_pass_of_other_prompts_is_not_read_back(monkeypatch, tmp_path):
     new = [{**r, "prompt": f"new question {i}"} for i, r in enumerate(alpaca_rows(n, seed=1))]
     nll = {who: [(1.0, 1)] * n for who in ("base", "tuned")}
     run(monkeypatch, "alpaca_eval", old, {who: [(f"{who} to old", True)] * n for who in ("base", "tuned")}, nll, parts=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca_eval-base.json", "alpaca_eval-tuned.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PARTS", "alpaca_eval-base.json", "alpaca_eval-tuned.json"]
     logs = []
     res, seen = run(monkeypatch, "alpaca_eval", new, {who: [(f"{who} to new", True)] * n for who in ("base", "tuned")}, nll,
                     parts=tmp_path, log_fn=logs.append)

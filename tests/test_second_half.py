@@ -160,7 +160,7 @@ def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(tra
     assert not any("is not used" in m for m in logs), logs
     for art in ("cut", "ref"):
         [kept] = (tmp_path / art).glob("cache/eval-parts/*")
-        assert sorted(p.name for p in kept.iterdir()) == sorted(["COMPLETE", "held-out-base.json", "held-out-tuned.json"]
+        assert sorted(p.name for p in kept.iterdir()) == sorted(["COMPLETE", "PARTS", "held-out-base.json", "held-out-tuned.json"]
                                                                  + [f"{b}-{who}.json" for b in ev.benchmarks for who in ("base", "tuned")])
 
 
@@ -275,6 +275,53 @@ def test_a_new_confidence_reads_a_base_side_that_came_from_the_base_cache_from_t
         assert len(recached) == 2 and sorted(p.name for p in tmp_path.glob("cache/eval-base/*")) == caches, logs
     else:
         assert recached == [] and sorted(p.name for p in tmp_path.glob("cache/eval-base/*")) == caches
+
+
+@pytest.mark.parametrize("when", ["partial folder", "complete folder"])
+def test_a_saved_pass_whose_bytes_changed_since_it_was_saved_is_generated_again_with_a_line_naming_it(trained, tiny_cfg, tmp_path, monkeypatch, when):
+    """The saved passes (cache/eval-parts/) were listed nowhere: their COMPLETE marker was a timestamp, and a part file
+    edited by hand with its shape kept (other answers, the same count) was read back as the model's answers (one cut
+    short is unreadable: generated again, as before). Each part
+    is listed with its size and sha256 as it is saved (PARTS; the COMPLETE marker too, once every pass is in, as stages
+    1-6 mark theirs): one that differs is generated again, with one line naming the file, and listed anew."""
+    from tasks import evaluate
+
+    real_generate = evaluate.generate
+    calls = []
+
+    def generate(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise RuntimeError("machine taken away (stand-in)")
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    stop_at = 3 if when.startswith("partial") else None  # partial: held-out base and tuned saved, stopped in ifeval's base side
+    if stop_at:
+        with pytest.raises(RuntimeError, match="stand-in"):
+            run(tiny_cfg.eval)
+    else:
+        run(tiny_cfg.eval)
+    [part] = tmp_path.glob("cache/eval-parts/*/held-out-tuned.json")
+    assert (part.parent / "COMPLETE").is_file() == (stop_at is None)
+    made = part.read_bytes()
+    saved = json.loads(made)
+    gen = next(g for g in saved["gens"] if g["text"][:1].isascii() and g["text"][:1].isalnum())
+    gen["text"] = ("Z" if gen["text"][0] != "Z" else "Y") + gen["text"][1:]  # another answer, the same shape and size:
+    part.write_text(json.dumps(saved, indent=2, sort_keys=True))               # it was read back as the model's
+    assert part.stat().st_size == len(made)
+    why = f"file held-out-tuned.json has other bytes than when {'PARTS' if stop_at else 'COMPLETE'} listed it (changed in place)"
+    stop_at = None
+    logs = []
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)  # the stage's record not cached: its passes read
+    said = [m for m in logs if "held-out tuned" in m and ("not used" in m or "reused" in m)]
+    assert said == [f"evaluate: held-out tuned: the saved pass {part} is not used ({why}); generating it again"], logs
+    assert part.read_bytes() == made  # generated again: the model's answers (greedy), listed anew
+    logs.clear()
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.8}), log_fn=logs.append)
+    assert not any("not used" in m for m in logs) and any("every pass read back" in m for m in logs), logs
+    assert json.loads((part.parent / "COMPLETE").read_text())["files"].keys() == {p.name for p in part.parent.glob("*.json")}
 
 
 def test_saved_passes_of_another_machine_are_generated_again_not_paired_with_this_ones(trained, tiny_cfg, tmp_path, monkeypatch):
