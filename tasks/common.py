@@ -94,7 +94,7 @@ def cached_sha256(path: str | Path) -> str:
         return _digests[stamp]
     memo = _memo_of(stamp)
     try:
-        digest = memo.read_text().strip() if memo else ""
+        digest = memo.read_text().partition("\n")[0].strip() if memo else ""  # line 2: the stamp (`prune_hash_memos`)
         if re.fullmatch(r"[0-9a-f]{64}", digest):
             _digests[stamp] = digest
             return digest
@@ -124,12 +124,16 @@ def _keep_digest(stamp: tuple, digest: str, started_ns: int) -> None:
     if max(stamp[2], stamp[4]) >= started_ns - RACY_NS:
         return
     _digests[stamp] = digest
-    remember(_memo_of(stamp), digest)
+    memo = _memo_of(stamp)
+    remember(memo, digest, about=json.dumps(stamp))
+    if memo is not None:
+        prune_hash_memos_when_due(memo.parent)
 
 
-def remember(memo: Path | None, digest: str) -> None:
-    """Write `digest` to the memo file `memo` atomically (None: there is no cache folder, `user_cache_dir`). A memo that
-    cannot be written (a read-only home, a full disk) only costs the next run the work again, so that is no error."""
+def remember(memo: Path | None, digest: str, about: str = "") -> None:
+    """Write `digest` to the memo file `memo` atomically (None: there is no cache folder, `user_cache_dir`), with `about`
+    on a second line where given (what it is the digest of: `prune_hash_memos` reads it). A memo that cannot be written
+    (a read-only home, a full disk) only costs the next run the work again, so that is no error."""
     tmp = None
     if memo is None:
         return
@@ -137,7 +141,7 @@ def remember(memo: Path | None, digest: str) -> None:
         memo.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=memo.parent, delete=False) as f:
             tmp = f.name
-            f.write(digest + "\n")
+            f.write(digest + "\n" + (about + "\n" if about else ""))
         os.replace(tmp, memo)
     except OSError:
         if tmp:
@@ -146,6 +150,77 @@ def remember(memo: Path | None, digest: str) -> None:
 
 RACY_NS = 3_000_000_000  # `cached_sha256`: files changed this close before their hash are hashed again next time
 _digests: dict[tuple, str] = {}
+
+# `cached_sha256`'s memo folder got a file for every version of every file ever hashed (each checkpoint, adapter, merged
+# shard and copied artifacts folder), and none left: it only grew. Memos no file can match any more are removed, at most
+# once a MEMO_PRUNE_EVERY_S, when a new digest is remembered (a file was just hashed in full: the listing costs far less).
+MEMO_PRUNE_EVERY_S = 24 * 3600
+# Only memos older than this are looked at: `completion_marker` remembers a build's digests under the folder's final
+# place before the build's rename puts the files there, and a prune meanwhile would find them "gone".
+MEMO_PRUNE_GRACE_S = 24 * 3600
+MEMO_UNTOLD_MAX_AGE_S = 30 * 24 * 3600  # a memo written before memos named their file: removed once this old
+
+
+def prune_hash_memos_when_due(memos: Path) -> None:
+    """`prune_hash_memos` if the last one (the mtime of `<memos>.pruned`, beside the folder) is MEMO_PRUNE_EVERY_S old or
+    there was none. The stamp is touched first: processes remembering digests at once do not all prune."""
+    stamp = memos.with_name(memos.name + ".pruned")
+    try:
+        if time.time() - stamp.stat().st_mtime < MEMO_PRUNE_EVERY_S:
+            return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        stamp.touch()
+    except OSError:  # a memo folder this user may not write: nothing to prune either
+        return
+    prune_hash_memos(memos)
+
+
+def prune_hash_memos(memos: Path, now: float | None = None) -> int:
+    """Remove the memos of `memos` (`cached_sha256`'s folder) that no file can match any more, older than
+    MEMO_PRUNE_GRACE_S: those whose file is gone, or has another size, mtime, inode or ctime than the memo's stamp (a memo
+    is found by the hash of that stamp, so it could never be read again); those that name no file (written before memos
+    did) older than MEMO_UNTOLD_MAX_AGE_S; and temp files of writes cut off. The number removed. Never raises: a memo
+    only saves work, and one removed costs at most a file's hash."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(memos))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if age < MEMO_PRUNE_GRACE_S or not entry.is_file(follow_symlinks=False):
+                continue
+            if re.fullmatch(r"[0-9a-f]{32}", entry.name):
+                stale = _memo_stale(Path(entry.path), age)
+            else:
+                stale = entry.name.startswith("tmp")  # `remember`'s temp file, left by a write that was cut off
+            if stale:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _memo_stale(memo: Path, age: float) -> bool:
+    """Whether no file can match the memo `memo` (`prune_hash_memos`)."""
+    try:
+        about = memo.read_text(encoding="utf-8").split("\n")[1]
+        stamp = tuple(json.loads(about)) if about else None
+    except (IndexError, ValueError, UnicodeDecodeError):  # one line (written before memos named their file), or garbage
+        stamp = None
+    if stamp is None or len(stamp) != 5 or not isinstance(stamp[0], str):
+        return age > MEMO_UNTOLD_MAX_AGE_S
+    try:
+        return _stamp(stamp[0], os.stat(stamp[0])) != stamp
+    except OSError:  # gone, or a folder on its path gone
+        return True
 
 
 def folder_fingerprint(folder: str | Path) -> str:

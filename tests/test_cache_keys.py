@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -456,6 +457,53 @@ def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_
     memo.mkdir()  # a memo that cannot be written: the digest still comes, and no temp file is left behind
     common._digests.clear()
     assert common.cached_sha256(f) == right and sorted(p.name for p in memo.parent.iterdir()) == [memo.name]
+
+
+def test_the_digest_memos_no_file_can_match_are_pruned_at_most_once_a_day_when_a_digest_is_remembered(tmp_path, monkeypatch):
+    """`cached_sha256`'s memo folder kept a file for every version of every file ever hashed (each adapter, checkpoint,
+    merged shard, copied artifacts folder) and never removed one. A memo now names its file's stamp, and the memos no
+    file can match any more (the file gone or changed), older than a day, go when a new digest is remembered and the last
+    prune is a day old; memos written before they named their file go once 30 days old; a fresh memo stays (a build
+    remembers its digests under the folder's final place before its rename puts the files there)."""
+    from tasks import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_NS", 0)  # files written just now: remembered
+    day = 24 * 3600
+    files = {name: tmp_path / name for name in ("kept", "deleted", "rewritten", "young")}
+    for name, f in files.items():
+        f.write_bytes(name.encode() * 1000)
+    memo_of = {name: common._memo_of(common._stamp(str(f.resolve()), f.stat())) for name, f in files.items()}
+    for f in files.values():
+        common.cached_sha256(f)
+    memos = common.hash_memo_dir()
+    assert sorted(p.name for p in memos.iterdir()) == sorted(m.name for m in memo_of.values())
+    untold_old, untold_new, cut_off = memos / ("a" * 32), memos / ("b" * 32), memos / "tmpx1y2z3"
+    for memo in (untold_old, untold_new, cut_off):
+        memo.write_text("0" * 64 + "\n")  # a memo as written before memos named their file; a temp file of a cut-off write
+    files["deleted"].unlink()
+    files["rewritten"].write_bytes(b"other bytes")
+    now = time.time()
+    for memo in memos.iterdir():  # every memo two days old, but the young file's and one of the old format's 40 days
+        age = 40 * day if memo == untold_old else 0 if memo == memo_of["young"] else 2 * day
+        os.utime(memo, (now - age, now - age))
+    files["young"].unlink()  # its memo is fresh: kept (a build's digests before its rename)
+    stamp = memos.with_name("sha256.pruned")
+    stamp.touch()  # pruned an hour ago: a new digest remembered now prunes nothing
+    os.utime(stamp, (now - 3600, now - 3600))
+    common._digests.clear()
+    (tmp_path / "new").write_bytes(b"new")
+    common.cached_sha256(tmp_path / "new")
+    assert memo_of["deleted"].exists() and memo_of["rewritten"].exists()
+    os.utime(stamp, (now - 2 * day, now - 2 * day))  # the last prune two days ago: the next digest remembered prunes
+    (tmp_path / "newer").write_bytes(b"newer")
+    common.cached_sha256(tmp_path / "newer")
+    left = {p.name for p in memos.iterdir()}
+    assert memo_of["kept"].name in left and memo_of["young"].name in left and untold_new.name in left
+    assert not {memo_of["deleted"].name, memo_of["rewritten"].name, untold_old.name, cut_off.name} & left
+    assert len(left) == 5 and time.time() - stamp.stat().st_mtime < day  # + the two new files' memos
+    common._digests.clear()
+    assert common.cached_sha256(files["kept"]) == common.file_sha256(files["kept"])  # a kept memo still reads as a digest
 
 
 def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_writes_nothing_in_the_working_folder(tmp_path, monkeypatch):
