@@ -341,11 +341,32 @@ def completion_marker(folder: Path, record_files: bool, leave_out: tuple[str, ..
         rel = p.relative_to(folder).as_posix()
         if rel.startswith(leave_out):
             continue
+        _out_of_the_racy_window(p)
         st, started = p.stat(), time.time_ns()
         digest = file_sha256(p)
         _keep_digest(_stamp(str(home / rel), st), digest, started)
         files[rel] = {"size": st.st_size, "sha256": digest}
     return json.dumps({"completed": done, "files": files}, indent=1, sort_keys=True) + "\n"
+
+
+# A file at least this big written within RACY_NS before `completion_marker` hashes it is hashed once that time has passed,
+# not at once: hashed at once, its digest is not remembered (`_keep_digest`: a coarse clock could keep its stamp through a
+# rewrite), and the first cache hit after the build hashed it again in full. That is a real cost where a build's weights
+# are saved right before its marker (a converted or `random:` model's folder, a merged model whose check is quick):
+# bench/marker_hash_cost.py, 1 GiB on this 2-core box under load, 2026-12-07: hashed at once, the build's marker 3.3 s and
+# the first hit 3,310 ms; waiting, the marker 5.0 s and the first hit 0.16 ms. The wait costs at most RACY_NS, once (the
+# files hashed meanwhile count towards it); hashing again costs 0.8-3 s per GiB (0.35-1.3 GB/s): from 4 GiB on, the wait
+# is the cheaper whatever the load, and smaller files are left to be hashed again at the first hit.
+RACY_WAIT_BYTES = 4 << 30
+
+
+def _out_of_the_racy_window(path: Path) -> None:
+    """Sleep until `path`, if it has RACY_WAIT_BYTES or more, last changed more than RACY_NS ago (`RACY_WAIT_BYTES`)."""
+    st = path.stat()
+    if st.st_size >= RACY_WAIT_BYTES:
+        wait_ns = max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS - time.time_ns()
+        if wait_ns > 0:
+            time.sleep(wait_ns / 1e9 + 0.01)
 
 
 def mark_folder_complete(folder: Path, record_files: bool = False, leave_out: tuple[str, ...] = ()) -> None:

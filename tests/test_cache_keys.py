@@ -1912,6 +1912,26 @@ def test_a_folder_marked_complete_in_place_lists_its_files_but_its_scratch_and_h
     assert common.changed_file(out) == "its file adapter/adapter_model.safetensors has other bytes than when the folder was completed (changed in place)"
 
 
+def test_a_big_file_written_just_before_its_marker_is_hashed_once_the_racy_window_passed_not_again_at_the_first_hit(tmp_path, monkeypatch):
+    """A file written within RACY_NS before the marker hashed it was not remembered, so the first cache hit hashed it again
+    in full (bench/marker_hash_cost.py: 945 ms for 1 GiB, against 0.2 ms remembered): a converted model's or a quickly
+    checked merged model's weights, saved right before the marker. A file of RACY_WAIT_BYTES or more is now hashed once its
+    last change is RACY_NS old (the build waits for the rest of that time); a smaller one is still hashed at the first hit."""
+    from tasks import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_NS", 200_000_000)  # a coarse clock's window, shortened for the test
+    monkeypatch.setattr(common, "RACY_WAIT_BYTES", 4096)
+    final = tmp_path / "cache" / "models" / "k"
+    with common.building(final, record_files=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w" * 8192)  # the weights, saved just before the marker
+        (tmp / "config.json").write_text("{}")
+    hashed = []
+    real_hash = common.file_sha256
+    monkeypatch.setattr(common, "file_sha256", lambda p, *a: hashed.append(Path(p).name) or real_hash(p, *a))
+    assert common.changed_file(final) is None and hashed == ["config.json"]  # the weights remembered; the small file hashed again
+
+
 def test_a_complete_folder_whose_files_changed_since_it_was_marked_names_the_file(tmp_path, monkeypatch):
     """A folder built with `record_files` (stage 1's data, stage 2's chart) lists each file's size and sha256 in its
     COMPLETE marker; a file cut short, changed in place (same size) or gone since is named in the one-line "delete that
