@@ -920,6 +920,7 @@ def test_a_model_built_in_another_artifacts_folder_renders_as_its_own_not_as_the
     old = _cfg(tmp_path / "old")
     built = Path(resolve_model(old.model, old.artifacts_dir).path)  # as an older conversion left it: its template otherwise
     (built / "chat_template.jinja").write_text((built / "chat_template.jinja").read_text().replace("### ", "#### "))
+    (built / "COMPLETE").write_text("2026-12-01T10:00:00+0000\n")  # ... marked by older code: a timestamp, no file list
     alone = key("old", "memo-old-alone")
     assert key("new", "memo-shared") != alone  # the fresh build renders otherwise
     assert key("old", "memo-shared") == alone
