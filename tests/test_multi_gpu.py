@@ -1212,13 +1212,14 @@ def test_a_sigkilled_torchrun_is_named_as_such_not_as_a_rank(monkeypatch, tmp_pa
     started, popen = [], launch.subprocess.Popen
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_KILLED])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
-    monkeypatch.setattr(launch, "_oom_kills", lambda: 7)  # the OOM killer did nothing meanwhile
+    monkeypatch.setattr(launch, "_oom_kills", lambda: launch.OomCount(launch.VMSTAT, 7))  # the OOM killer did nothing meanwhile
     with pytest.raises(StageError) as e:
         launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, lambda m: None)
     msg = str(e.value)
     assert "\n" not in msg and "rank ?" not in msg, msg
     assert msg.startswith(f"train: torchrun itself (pid {started[0].pid}) was killed by SIGKILL, not one of its 2 ranks: not by the "
-                          "kernel's OOM killer (/proc/vmstat oom_kill unchanged): by another process"), msg
+                          "kernel's OOM killer: the host's OOM kill count (/proc/vmstat oom_kill) read 7 at the launch, 7 now; by "
+                          "another process"), msg
     assert "its last lines: ready;" in msg and msg.endswith("Rerun the same command to resume from the newest checkpoint"), msg
 
 
@@ -1237,17 +1238,79 @@ def test_the_failure_texts_say_who_killed_torchrun_and_promise_the_probe_no_chec
     torchrun is said to be the OOM killer's doing only when the kernel counted an OOM kill while it ran."""
     from tasks.engine import launch
 
-    monkeypatch.setattr(launch, "_oom_kills", lambda: 4)
-    oom = launch._failure("probe", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], oom_before=3)
+    three, four = launch.OomCount(launch.VMSTAT, 3), launch.OomCount(launch.VMSTAT, 4)
+    monkeypatch.setattr(launch, "_oom_kills", lambda: four)
+    oom = launch._failure("probe", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], oom_before=three)
     assert str(oom).startswith("probe: torchrun itself (pid 123) was killed by SIGKILL, not one of its 2 ranks: most likely by the "
-                               "kernel's OOM killer (/proc/vmstat oom_kill 3 -> 4 while it ran): the host ran out of memory;"), oom
-    assert "Free host memory" in str(oom) and str(oom).endswith("Rerun the same command: the probe starts over (it saves nothing)"), oom
+                               "kernel's OOM killer: the host's OOM kill count (/proc/vmstat oom_kill) read 3 at the launch, 4 now: "
+                               "out of memory;"), oom
+    assert "Free memory" in str(oom) and str(oom).endswith("Rerun the same command: the probe starts over (it saves nothing)"), oom
     unknown = launch._failure("probe", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], oom_before=None)
     assert "by whom is not known" in str(unknown) and "dmesg" in str(unknown), unknown
-    rank = launch._failure("probe", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=3)
+    rank = launch._failure("probe", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=three)
     assert str(rank).startswith("probe: rank 1 of 2 died with exit code -9 (SIGKILL;") and "checkpoint" not in str(rank), rank
-    rank = launch._failure("train", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=3)
+    rank = launch._failure("train", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), oom_before=three)
     assert str(rank).endswith("Rerun the same command to resume from the newest checkpoint"), rank
+
+
+def test_a_positive_exit_that_names_no_rank_says_so_not_rank_question_mark(tmp_path):
+    """A review (2026-12-07): torchrun exiting 1 with no failure summary naming a rank and no rank's error record (torchrun
+    itself failed: a bad argument, its rendezvous) read "train: rank ? of 2 died with exit code 1": no rank was known to
+    have died. It now says what is known: torchrun's exit code, that no rank reported a failure, and where the log is."""
+    from tasks.engine import launch
+
+    logs = tmp_path / "launch"
+    msg = str(launch._failure("train", 2, 1, 123, tmp_path, logs, ["torchrun: error: something of its own"], oom_before=None))
+    assert "\n" not in msg and "rank ?" not in msg, msg
+    assert msg.startswith("train: torchrun exited 1; no rank reported a failure (no failure summary naming a rank, no rank's "
+                          "error record); its last lines: torchrun: error: something of its own; "
+                          f"see the log at {logs}. Rerun the same command to resume"), msg
+
+
+def test_a_sigkill_is_put_down_to_the_oom_killer_by_the_cgroups_count_read_before_and_after(monkeypatch, tmp_path):
+    """A review (2026-12-07): a rank killed by SIGKILL read "(SIGKILL; killed from outside: out of host memory is the
+    usual cause)", no count read; and torchrun killed was judged by /proc/vmstat's oom_kill, which in a container counts
+    the whole host's kills (another container's OOM kill made a `kill -9` read as out of memory). The cgroup's own count
+    (cgroup v2 memory.events) is read when there is one, else the host's; the line names the counter and both counts.
+    Fake counter files here: the host's count moves (another container), this cgroup's does not, then does."""
+    from tasks.engine import launch
+
+    cgroups, vmstat = tmp_path / "cgroup", tmp_path / "vmstat"
+    cgroups.mkdir()
+    events = cgroups / "memory.events"
+    (tmp_path / "self-cgroup").write_text("0::/\n")  # this process's cgroup as a container with its own namespace sees it
+    monkeypatch.setattr(launch, "CGROUP_FS", cgroups)
+    monkeypatch.setattr(launch, "PROC_SELF_CGROUP", tmp_path / "self-cgroup")
+    monkeypatch.setattr(launch, "VMSTAT", vmstat)
+    vmstat.write_text("nr_free_pages 1\noom_kill 40\n")
+    events.write_text("low 0\nhigh 0\nmax 0\noom 1\noom_kill 2\noom_group_kill 0\n")
+    before = launch._oom_kills()
+    assert before == (events, 2), before
+    vmstat.write_text("nr_free_pages 1\noom_kill 41\n")
+
+    def rank_killed() -> str:
+        return str(launch._failure("train", 2, 1, 123, tmp_path, tmp_path / "launch", ROOT_CAUSE.splitlines(), before))
+
+    msg = rank_killed()
+    assert msg.startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL; not by the kernel's OOM killer: this cgroup's OOM "
+                          f"kill count ({events} oom_kill) read 2 at the launch, 2 now; by another process:"), msg
+    assert "out of host memory" not in msg and "\n" not in msg, msg
+    events.write_text("oom 2\noom_kill 3\n")
+    msg = rank_killed()
+    assert msg.startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL; most likely by the kernel's OOM killer: this cgroup's "
+                          f"OOM kill count ({events} oom_kill) read 2 at the launch, 3 now: out of memory)"), msg
+    assert "Free memory" in msg, msg
+    # no cgroup v2 file: the host's count, said to be the host's
+    events.unlink()
+    before = launch._oom_kills()
+    assert before == (vmstat, 41), before
+    msg = str(launch._failure("train", 2, -9, 123, tmp_path, tmp_path / "launch", ["ready"], before))
+    assert msg.startswith("train: torchrun itself (pid 123) was killed by SIGKILL, not one of its 2 ranks: not by the kernel's OOM "
+                          f"killer: the host's OOM kill count ({vmstat} oom_kill) read 41 at the launch, 41 now;"), msg
+    # a rank killed by another signal: its name, and no guess at who sent it
+    term = ROOT_CAUSE.replace("exitcode  : -9", "exitcode  : -15")
+    msg = str(launch._failure("train", 2, 1, 123, tmp_path, tmp_path / "launch", term.splitlines(), before))
+    assert "died with exit code -15 (SIGTERM); its last lines:" in msg, msg
 
 
 def test_a_pythonpath_entry_that_is_the_working_folder_is_left_out_for_torchrun(monkeypatch, tmp_path):

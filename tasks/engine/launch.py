@@ -38,7 +38,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..common import StageError, TrainingStopped, in_a_deployment_run, off_the_lost_terminal, read_json, write_json
 from .dist import is_main, local_rank, rank
@@ -463,7 +463,7 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
         signal.signal(sig, forward)
 
 
-def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail: list[str], oom_before: int | None) -> BaseException:
+def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail: list[str], oom_before: OomCount | None) -> BaseException:
     """One line: which rank died first, how, and its last lines (or the exception it reported itself); or that torchrun
     itself (`pid`) was killed, and by whom if the kernel's OOM kill count (`oom_before` at the launch) tells."""
     text = "\n".join(tail)
@@ -485,15 +485,27 @@ def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail
         if err["type"] in ("KeyboardInterrupt", "TrainingStopped"):
             return (TrainingStopped if err["type"] == "TrainingStopped" else KeyboardInterrupt)(err["message"])
         return StageError(f"{stage}: rank {err['rank']} of {n} failed: {err['type']}: {err['message']}")
-    how = f"exit code {code}"
+    if not who.isdigit():
+        # Neither a failure summary naming a rank nor a rank's own report: "rank ? of 2 died" said more than is known.
+        return StageError(f"{stage}: torchrun exited {rc}; no rank reported a failure (no failure summary naming a rank, no "
+                          f"rank's error record); its last lines: {' | '.join(last) or '(none)'}; see the log at {logs}. "
+                          f"{RERUN[stage]}")
+    how, advice = f"exit code {code}", ""
     if code < 0:
+        # The rank's signal. SIGKILL alone is the OOM killer's, and then only if its count went up (a review, 2026-12-07:
+        # "out of host memory is the usual cause" was said of every signal, the count unread).
         try:
-            how += f" ({signal.Signals(-code).name}; killed from outside: out of host memory is the usual cause)"
+            name = signal.Signals(-code).name
         except ValueError:
-            pass
+            name = f"signal {-code}"
+        if name == "SIGKILL":
+            said, advice = _who_sigkilled(oom_before, _oom_kills())
+            how += f" ({name}; {said})"
+        else:
+            how += f" ({name})"
     last = _rank_tail(logs, who) or last
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
-                      f"full logs in {logs}. {RERUN[stage]}")
+                      f"full logs in {logs}. {advice}{RERUN[stage]}")
 
 
 # What a rerun after a failure does in each stage: only training resumes (the probe saves nothing).
@@ -501,44 +513,74 @@ RERUN = {"train": "Rerun the same command to resume from the newest checkpoint",
          "probe": "Rerun the same command: the probe starts over (it saves nothing)"}
 
 
-def _torchrun_killed(stage: str, n: int, signum: int, pid: int, oom_before: int | None, last: list[str], logs: Path) -> str:
+def _torchrun_killed(stage: str, n: int, signum: int, pid: int, oom_before: OomCount | None, last: list[str], logs: Path) -> str:
     """The failure line for torchrun itself killed by `signum`. It said "rank ? of 2 died ... out of host memory is the
     usual cause" (a review, 2026-12-06): no rank had, and a `kill -9` of torchrun is no memory problem. The ranks die with
-    torchrun (`die_with_parent`). The kernel counts its OOM kills host-wide (/proc/vmstat oom_kill): one counted while
-    torchrun ran makes the OOM killer the likely killer; none rules it out."""
+    torchrun (`die_with_parent`). Who killed it: `_who_sigkilled`."""
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    oom_now = _oom_kills() if name == "SIGKILL" else None  # the OOM killer sends SIGKILL only
-    advice = ""
-    if name != "SIGKILL":
-        who = ""
-    elif oom_before is None or oom_now is None:
-        who = (": by whom is not known (the kernel's OOM killer: see `dmesg | grep -i 'killed process'`; or another process: "
-               "`kill -9`, a job scheduler's or container's stop)")
-    elif oom_now > oom_before:
-        who = f": most likely by the kernel's OOM killer (/proc/vmstat oom_kill {oom_before} -> {oom_now} while it ran): the host ran out of memory"
-        advice = "Free host memory (other programs; fewer ranks: training.gpus). "
-    else:
-        who = (": not by the kernel's OOM killer (/proc/vmstat oom_kill unchanged): by another process (`kill -9`, a job "
-               "scheduler's or container's stop, a watchdog)")
-        advice = "If a scheduler's or container's limit (time, memory) stopped it, give the run more. "
+    who = advice = ""
+    if name == "SIGKILL":  # the OOM killer sends SIGKILL only
+        who, advice = _who_sigkilled(oom_before, _oom_kills())
+        who = f": {who}"
     ranks = "; its ranks ended with it" if _prctl() is not None else ""  # die_with_parent
     return (f"{stage}: torchrun itself (pid {pid}) was killed by {name}, not one of its {n} ranks{who}{ranks}; "
             f"its last lines: {' | '.join(last) or '(none)'}; full logs in {logs}. {advice}{RERUN[stage]}")
 
 
-def _oom_kills() -> int | None:
-    """How many processes the kernel's OOM killer has killed on this host since boot (Linux 4.13+), or None."""
+class OomCount(NamedTuple):
+    """The kernel's OOM kill count as read from `counter` (a file with an `oom_kill N` line)."""
+    counter: Path
+    kills: int
+
+
+# Where the OOM kills are counted: this process's cgroup (v2), whose memory.events counts the kills of its processes and
+# its descendants' by any OOM killer, the host's too; else the host's own count (/proc/vmstat). In a container the host's
+# count is the only one /proc/vmstat has: a kill in another container raised it, and a rank killed by `kill -9` meanwhile
+# read as out of memory (a review, 2026-12-07). The cgroup is read from /proc/self/cgroup ("0::<path>": "/" in a container
+# with a cgroup namespace of its own, which sees its own cgroup at the root), then the root's file. cgroup v1 is not read:
+# its memory.oom_control counts a cgroup's own kills only, not those of the cgroups under it.
+CGROUP_FS, PROC_SELF_CGROUP, VMSTAT = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup"), Path("/proc/vmstat")
+
+
+def _oom_counters() -> list[Path]:
+    """The files that may count this process's OOM kills, the narrowest first."""
     try:
-        for line in Path("/proc/vmstat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-    except (OSError, ValueError):
-        pass
+        own = [line[3:] for line in PROC_SELF_CGROUP.read_text().splitlines() if line.startswith("0::")]
+    except OSError:
+        own = []
+    cgroups = [CGROUP_FS / own[0].strip("/") / "memory.events"] if own else []
+    return list(dict.fromkeys([*cgroups, CGROUP_FS / "memory.events", VMSTAT]))
+
+
+def _oom_kills() -> OomCount | None:
+    """The kernel's OOM kill count from the first of `_oom_counters` that has one (Linux 4.13+), or None."""
+    for counter in _oom_counters():
+        try:
+            for line in counter.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return OomCount(counter, int(value))
+        except (OSError, ValueError):
+            continue
     return None
+
+
+def _who_sigkilled(before: OomCount | None, after: OomCount | None) -> tuple[str, str]:
+    """Who sent a SIGKILL, as far as the OOM kill count read at the launch (`before`) and now (`after`) tells, and the
+    advice that goes with it. The OOM killer sends SIGKILL only; the count says whether it killed anything meanwhile."""
+    if before is None or after is None or before.counter != after.counter:
+        return ("by whom is not known: no OOM kill count could be read (the kernel's OOM killer: see `dmesg | grep -i 'killed "
+                "process'`; or another process: `kill -9`, a job scheduler's or container's stop)", "")
+    scope = "the host's" if after.counter == VMSTAT else "this cgroup's"
+    read = f"{scope} OOM kill count ({after.counter} oom_kill) read {before.kills} at the launch, {after.kills} now"
+    if after.kills > before.kills:
+        return (f"most likely by the kernel's OOM killer: {read}: out of memory",
+                "Free memory (other programs; fewer ranks: training.gpus) or give the container more. ")
+    return (f"not by the kernel's OOM killer: {read}; by another process: `kill -9`, a job scheduler's or container's stop, "
+            "a watchdog", "If a scheduler's or container's limit (time, memory) stopped it, give the run more. ")
 
 
 def _python_path(users: str | None, stage: str, log_fn: Callable[[str], None]) -> str:
