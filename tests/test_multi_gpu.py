@@ -1195,6 +1195,118 @@ def test_a_stop_signal_handler_set_outside_python_is_left_in_place(monkeypatch, 
                 f"it stays, and {name} is not passed on to torchrun") in logs, logs
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_as_torchrun_ends_still_stops_the_run(monkeypatch, tmp_path, sig):
+    """A review (2026-12-07): a SIGTERM or SIGHUP between torchrun's end and the stage putting its handlers back (as it
+    read torchrun's last lines, as its `finally` began: 0.1 s and more) went to the stage's forwarding handler, which
+    found torchrun ended and passed it to nobody: the stage returned the record and the run went on, the signal
+    swallowed. Here it lands as the `finally` begins, torchrun having finished cleanly. The caller's own handler (here
+    one that raises) now gets it, once the handlers are back, after a line that says the result is kept."""
+    import os
+    import signal
+
+    from tasks.engine import launch
+
+    class Stopped(BaseException):
+        pass
+
+    handlers_then = []
+
+    def callers(signum, frame):
+        handlers_then.append((signal.getsignal(signal.SIGINT), signal.getsignal(signum)))
+        raise Stopped
+
+    disarm = launch._CtrlC.disarm
+
+    def signal_then_disarm(self):  # after torchrun's end, before the handlers are put back
+        os.kill(os.getpid(), signal.Signals[sig])
+        return disarm(self)
+
+    monkeypatch.setattr(launch._CtrlC, "disarm", signal_then_disarm)
+    before, logs = signal.signal(signal.Signals[sig], callers), []
+    try:
+        with pytest.raises(Stopped):
+            _finish(monkeypatch, tmp_path, logs)
+    finally:
+        signal.signal(signal.Signals[sig], before)
+    assert handlers_then == [(signal.default_int_handler, callers)], handlers_then  # raised once the handlers were back
+    assert f"train: {sig} as the 2 processes finished: {KEPT}" in logs, logs
+    assert json.loads((tmp_path / "result-train.json").read_text()) == {"steps": 4}
+
+
+# Each rank under the real torchrun, for the test below: says it runs, then ends (rank 0 writing the record) once told to
+_RANK_WAITS = """import json, os, sys, time
+from tasks.engine.launch import LOG_PREFIX
+print(f"{LOG_PREFIX}ready {os.environ['RANK']}", flush=True)
+while not os.path.exists(sys.argv[1] + ".go"):
+    time.sleep(0.05)
+if os.environ["RANK"] == "0":
+    open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
+"""
+
+
+def test_a_nohup_run_outlives_the_closed_terminals_sighup(monkeypatch, tmp_path):
+    """A review (2026-12-07): `nohup` did not keep a multi-GPU run alive. The stage replaced nohup's ignored SIGHUP with
+    its forwarding handler, and torchrun sets a SIGHUP handler of its own that stops the ranks: a closed terminal's
+    SIGHUP (to the whole process group: here this process and torchrun; the ranks run in sessions of their own) stopped
+    them either way. Now the stage leaves an ignored SIGHUP ignored and starts torchrun with it ignored too. The real
+    torchrun here, its 2 ranks a script that waits to be told to end: with SIGHUP ignored in this process, both it and
+    torchrun are seen to ignore SIGHUP once the ranks run, the SIGHUP is sent, and the run finishes with the record."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from tasks.engine import launch
+
+    rank, work = tmp_path / "rank.py", tmp_path / "work"
+    record = work / "result-train.json"  # where the stage reads rank 0's record
+    rank.write_text(_RANK_WAITS)
+    dying_with, popen, started, ready, seen = launch._dying_with, subprocess.Popen, [], [], {}
+
+    def torchrun_running_the_script(parent, cmd):  # the stage's torchrun command, each rank the script instead of the worker
+        return dying_with(parent, [*cmd[:cmd.index("tasks.engine.launch") - 1], str(rank), str(record)])
+
+    def ignores_sighup(pid: int) -> bool:
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        return bool(int(status["SigIgn"], 16) & (1 << (signal.SIGHUP - 1)))
+
+    def hang_up_once_the_ranks_run():
+        while len(ready) < 2 and started and started[0].poll() is None:
+            threading.Event().wait(0.05)
+        if len(ready) == 2:  # torchrun set its handlers before it started them
+            seen["stage"], seen["torchrun"] = signal.getsignal(signal.SIGHUP), ignores_sighup(started[0].pid)
+            for pid in (os.getpid(), started[0].pid):  # the closed terminal's SIGHUP to the process group
+                os.kill(pid, signal.SIGHUP)
+        Path(f"{record}.go").touch()
+
+    def log(line: str) -> None:
+        if line.startswith("ready"):
+            ready.append(line)
+
+    def popen_then_watch(*a, **k):
+        started.append(popen(*a, **k))
+        threading.Thread(target=hang_up_once_the_ranks_run, daemon=True).start()
+        return started[0]
+
+    monkeypatch.setattr(launch, "_dying_with", torchrun_running_the_script)
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_watch)
+    hup, outer = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.default_int_handler)  # nohup
+    try:
+        rec = launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, log)
+    except BaseException as e:  # noqa: BLE001 -- a failure of this test (pytest's own Ctrl-C would end the session)
+        pytest.fail(f"the stage raised {e!r}; what the SIGHUP found: {seen}; ranks ready: {ready}")
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGINT, outer)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert seen == {"stage": signal.SIG_IGN, "torchrun": True}, seen
+    assert rec == {"steps": 4}, rec
+
+
 # torchrun SIGKILLed itself, not a rank: no failure summary
 _TORCHRUN_KILLED = """import os, signal
 print("ready", flush=True)

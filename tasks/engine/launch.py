@@ -79,9 +79,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # or tasks/ there was imported by torchrun and the ranks instead (Python >= 3.11, which the project requires; torchrun
     # passes its environment on to the ranks).
     env["PYTHONSAFEPATH"] = "1"
+    _keep_sighup_ignored(env)
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     forwarded = stop_signals_to_forward()
+    caught: list[signal.Signals] = []  # the forwarded signals that came, in order (`_forward_stop_signals`)
     oom_before = _oom_kills()
 
     def show(line: str) -> None:
@@ -125,7 +127,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # thread also keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking
         # torchrun's copying of them.
         reader = read_in_background(proc.stdout, show)
-        _forward_stop_signals(proc, previous, forwarded, stage, log_fn)
+        _forward_stop_signals(proc, previous, forwarded, stage, log_fn, caught)
         ctrl_c.watch()  # a Ctrl-C held meanwhile raises here
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
@@ -197,6 +199,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
+    if caught:
+        # A SIGTERM or SIGHUP that came as torchrun ended (as its last lines were read, as the handlers were put back: 0.1 s
+        # and more) found no torchrun to pass it on to, or reached it after its ranks had finished: the stage returned the
+        # record and the run went on as if it had not come (a review, 2026-12-07). It is the caller's again, now that its
+        # handlers are back: raised here, it does what it would have done without the stage (SIG_DFL: this process ends;
+        # Prefect's or a user's handler: theirs), after the line that says the result is kept.
+        too_late(f"{caught[0].name} as the {n} processes finished")
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
     return read_json(result_path)
 
 
@@ -428,12 +439,33 @@ def stop_signals_to_forward() -> list[signal.Signals]:
     Prefect's handler; tasks/train.py): the flow run ends Cancelled and run_stage's `finally` stops torchrun, whose ranks
     save a checkpoint as they stop. Asked before torchrun starts: the first ask imports Prefect (seconds), and a Ctrl-C
     in that import, once the stage's handlers were set, left Prefect's modules half made (AttributeError from
-    prefect.types later; a review, 2026-12-06)."""
-    return [s for s in FORWARDED if not (s == signal.SIGTERM and in_a_deployment_run())]
+    prefect.types later; a review, 2026-12-06). Less a signal this process ignores, too: `nohup` ignores SIGHUP so that a
+    closed terminal does not stop the run, and forwarded, SIGHUP stopped torchrun and the ranks all the same (a review,
+    2026-12-07); training in one process leaves an ignored signal ignored (tasks/train.py `_install_interrupt`)."""
+    return [s for s in FORWARDED if signal.getsignal(s) is not signal.SIG_IGN and not (s == signal.SIGTERM and in_a_deployment_run())]
+
+
+# The signals torchrun handles (stops its ranks on) unless told otherwise: torch's own default (2.9+ reads the variable).
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+
+
+def _keep_sighup_ignored(env: dict[str, str]) -> None:
+    """When this process ignores SIGHUP (`nohup`), start torchrun with it ignored too. torchrun inherits the ignore, but
+    sets a handler of its own for SIGHUP, which stops the ranks: a closed terminal's SIGHUP, sent to the whole process
+    group (the shell's to its jobs, the kernel's to the foreground group), reached torchrun directly and stopped a `nohup`
+    run (a review, 2026-12-07). torchrun's --signals-to-handle (torch 2.9+, pytorch#160690), read from
+    PET_SIGNALS_TO_HANDLE, lists the signals it sets a handler for; its launcher passes the list on to the code that sets
+    them as TORCHELASTIC_SIGNALS_TO_HANDLE, overwriting that variable. SIGHUP is taken out of the user's list (either
+    variable, PET_ first as torchrun reads them) or torch's default, and both are set. torch 2.8 and older read neither
+    and handle SIGHUP whatever this says."""
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        handled = env.get("PET_SIGNALS_TO_HANDLE") or env.get("TORCHELASTIC_SIGNALS_TO_HANDLE") or TORCHRUN_SIGNALS
+        kept = ",".join(s.strip() for s in handled.split(",") if s.strip() not in ("SIGHUP", ""))
+        env["PET_SIGNALS_TO_HANDLE"] = env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = kept
 
 
 def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals], stage: str,
-                          log_fn: Callable[[str], None]) -> None:
+                          log_fn: Callable[[str], None], caught: list[signal.Signals]) -> None:
     """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
@@ -443,9 +475,11 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
     forwarded: signal.getsignal gives None for it, which signal.signal cannot set back (TypeError as the stage ended), so
     replaced it would be lost for good, and a later SIGTERM would do nothing in this process but forward to an ended
     torchrun. Left in place, it handles that signal as before; the ranks stop only if it ends this process (they die
-    with it: `_dying_with`)."""
+    with it: `_dying_with`). Each signal that comes is added to `caught`, forwarded or not: run_stage raises it again once
+    the handlers are back if the stage would otherwise return (torchrun had ended, or its ranks finished all the same)."""
 
     def forward(signum, frame):
+        caught.append(signal.Signals(signum))
         if signum == signal.SIGHUP:
             off_the_lost_terminal()
         if proc.poll() is None:
