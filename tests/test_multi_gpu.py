@@ -124,12 +124,13 @@ def test_sigterm_to_the_parent_reaches_the_ranks_which_save_a_checkpoint_and_sto
 
 
 def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_training_stopped(two_ranks, tmp_path):
-    """A review: Ctrl-C (SIGINT to this process and the ranks, here) stopped the ranks with a checkpoint, each reporting
-    TrainingStopped, but the stage re-raised the plain KeyboardInterrupt it got itself: the run read Crashed / `failed`,
-    not Cancelled / `cancelled`. Now the ranks' own word is raised."""
+    """A review: Ctrl-C stopped the ranks with a checkpoint, each reporting TrainingStopped, but the stage re-raised the
+    plain KeyboardInterrupt it got itself: the run read Crashed / `failed`, not Cancelled / `cancelled`. Now the ranks'
+    own word is raised. The Ctrl-C goes to this process only, with Python's own Ctrl-C handler (whatever the suite
+    started with): the stage passes it on to torchrun, in a process group of its own, which passes it to the ranks.
+    (It went to the ranks too before the stage passed it on: now that would be their second, a stop at once.)"""
     import os
     import signal
-    import subprocess
     import threading
 
     from tasks.common import TrainingStopped
@@ -141,17 +142,15 @@ def test_ctrl_c_stops_the_two_ranks_with_a_checkpoint_and_the_stage_raises_train
 
     def ctrl_c_when_training():
         if wait_for_training_step(art, 2) >= 2:
-            found = subprocess.run(["pgrep", "-af", f"tasks.engine.launch worker {art}"], capture_output=True, text=True).stdout
-            ranks = [int(line.split()[0]) for line in found.splitlines() if "torch.distributed.run" not in line]
-            # The ranks and this process (killpg would hit pytest's shell), not torchrun: the stage raising the ranks' own
-            # TrainingStopped is what this tests. A terminal's Ctrl-C reaches torchrun and not the ranks, which torchrun
-            # starts in sessions of their own: test_ctrl_c_in_a_terminal_stops_the_ranks_after_a_checkpoint_however_long_...
-            for pid in [*ranks, os.getpid()]:
-                os.kill(pid, signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c_when_training, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt) as e:
-        train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    try:
+        threading.Thread(target=ctrl_c_when_training, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt) as e:
+            train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, training, art)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert type(e.value) is TrainingStopped and "saved" in str(e.value), repr(e.value)
     assert len(list(Path(art).glob("cache/train/*/work/checkpoint-*/pipeline_checkpoint.json"))) == 1
 
@@ -507,6 +506,25 @@ time.sleep(600)
 """
 
 
+def _sigint_ignored_from_the_start(popen):
+    """`popen` whose program starts with SIGINT ignored, as the torchrun-shaped programs here ask in their first line:
+    the stage passes a first Ctrl-C that came before torchrun was read on to torchrun as soon as Popen has returned,
+    before such a program's first line has run, and Python's default Ctrl-C ended it there (SIG_IGN is kept through exec;
+    the caller's handler is back before Popen returns)."""
+    import signal
+
+    setting = signal.signal  # now: a test may put its own in the signal module later
+
+    def start(*a, **k):
+        handler = setting(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return popen(*a, **k)
+        finally:
+            setting(signal.SIGINT, handler)
+
+    return start
+
+
 def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False, first_ctrl_c: bool = True):
     """run_stage on _TORCHRUN_STUCK as torchrun, in this (main) thread with Python's own Ctrl-C handler, as in a terminal:
     a Ctrl-C once it is ready, another once the stage says it is stopping (or, 30 s later, a SIGKILL to torchrun, the
@@ -521,7 +539,7 @@ def _stop_twice(monkeypatch, tmp_path, main_thread_blocks_sigint: bool = False, 
     from tasks.engine import launch
 
     ready, stopping, started, pids, logs = threading.Event(), threading.Event(), [], [], []
-    popen, reading = subprocess.Popen, launch.read_in_background
+    popen, reading = _sigint_ignored_from_the_start(subprocess.Popen), launch.read_in_background
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_STUCK])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
     monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, lambda line: line == "ready\n" and ready.set()))
@@ -935,7 +953,7 @@ def test_a_ctrl_c_as_torchrun_starts_waits_for_torchruns_stop(monkeypatch, tmp_p
     from tasks.engine import launch
 
     started, logs = [], []
-    popen, reading = subprocess.Popen, launch.read_in_background
+    popen, reading = _sigint_ignored_from_the_start(subprocess.Popen), launch.read_in_background
 
     def popen_then_ctrl_c(*a, **k):
         started.append(popen(*a, **k))
@@ -970,6 +988,42 @@ def test_a_ctrl_c_as_torchrun_starts_waits_for_torchruns_stop(monkeypatch, tmp_p
             proc.wait()
     assert not running and any(line.startswith("train: stopping:") for line in logs), logs
     assert after is signal.default_int_handler
+
+
+def test_a_ctrl_c_in_popen_before_the_fork_reaches_torchrun(monkeypatch, tmp_path):
+    """A review (2026-12-07): a terminal's Ctrl-C goes to its foreground process group; one that came while Popen's own
+    Python code ran, before the fork, reached the stage and no torchrun (not started yet). The stage held it, said it was
+    stopping, and waited for a stop torchrun never got: its whole grace (10 minutes), then a kill, or the second Ctrl-C.
+    torchrun now runs in a process group of its own and gets its first Ctrl-C from the stage. Here the Ctrl-C lands in
+    the Popen call, before the real one runs; torchrun is `sleep`, which a SIGINT ends."""
+    import os
+    import signal
+    import subprocess
+
+    from tasks.engine import launch
+
+    started, logs, popen = [], [], subprocess.Popen
+
+    def ctrl_c_then_popen(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # the stage's handler runs here, before Popen's first line
+        started.append(popen(*a, **k))
+        return started[0]
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: ["sleep", "600"])
+    monkeypatch.setattr(launch.subprocess, "Popen", ctrl_c_then_popen)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # the wait for a stop that never comes: 31 s, not 10.5 min
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert started and started[0].returncode == -signal.SIGINT, ([p.returncode for p in started], logs)  # not the kill's -9
+    assert any(line.startswith("train: stopping:") for line in logs) and not any("killed" in line for line in logs), logs
 
 
 # torchrun whose rank 0 wrote the record (its path: argv[1]), ending cleanly
@@ -1144,7 +1198,7 @@ def test_ranks_that_finish_as_a_ctrl_c_stops_them_keep_the_record(monkeypatch, t
 
     from tasks.engine import launch
 
-    started, popen = [], subprocess.Popen
+    started, popen = [], _sigint_ignored_from_the_start(subprocess.Popen)
 
     def popen_then_ctrl_c(*a, **k):
         started.append(popen(*a, **k))

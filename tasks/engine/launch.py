@@ -68,11 +68,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: not needed for LoRA-sized all-reduces
     # A stop (Ctrl-C, SIGTERM, SIGHUP) reaches the ranks through torchrun only: it starts each rank in a session of its
-    # own, so a terminal's Ctrl-C reaches this process and torchrun, not the ranks. torchrun passes the signal on and
-    # SIGKILLs a rank still running after its grace, 30 s by default, which a large model's step plus checkpoint
-    # outlasts: killed before it saved. Its grace is this stage's own wait for a stop, STOP_GRACE_S or a user's longer
-    # one (torch reads it from 2.12 on, pytorch#172596: 2.12.0's torch/distributed/launcher/api.py does, 2.11.0's does not;
-    # 2.11 and older keep 30 s).
+    # own, so a terminal's Ctrl-C reaches this process (and torchrun, when in its process group: see below), not the
+    # ranks. torchrun passes the signal on and SIGKILLs a rank still running after its grace, 30 s by default, which a
+    # large model's step plus checkpoint outlasts: killed before it saved. Its grace is this stage's own wait for a stop,
+    # STOP_GRACE_S or a user's longer one (torch reads it from 2.12 on, pytorch#172596: 2.12.0's
+    # torch/distributed/launcher/api.py does, 2.11.0's does not; 2.11 and older keep 30 s).
     grace = _stop_grace(env, stage, log_fn)
     env["PYTHONPATH"] = _python_path(env.get("PYTHONPATH"), stage, log_fn)
     # `python -m` puts the working folder first on sys.path, before the installed packages: a user's torch.py, signal.py
@@ -97,8 +97,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # The Ctrl-C handler is set first, inside the `try`, before torchrun starts, and holds a first Ctrl-C until torchrun
     # is started, read and its stop signals forwarded (`watch`): one that raised as Popen returned or the reader started
     # (before the `try`, from Python's own handler) ended the stage without waiting for torchrun's stop or killing it
-    # (a review, 2026-12-06). Left open: a terminal's Ctrl-C in Popen's own Python code before the fork reaches no
-    # torchrun; the stop then waits for one that trains on, and the second Ctrl-C (the stop's line asks for it) kills it.
+    # (a review, 2026-12-06).
+    # Where that handler is set, torchrun starts in a process group of its own and gets the first Ctrl-C from the stage
+    # alone, once, in the `except`: a terminal's Ctrl-C goes to its foreground process group, which torchrun was part of,
+    # and one that came in Popen's own Python code, before the fork, reached no torchrun: the stop waited for one that
+    # trained on, until the second Ctrl-C killed it (a review, 2026-12-07). Passed on as well while torchrun got the
+    # terminal's, it would reach torchrun twice, and torchrun's second signal makes the ranks stop at once, unsaved. Out
+    # of the terminal's group, torchrun also gets no SIGHUP from it (`nohup`: _keep_sighup_ignored) and no Ctrl-Z. With
+    # another handler (someone else's, or this stage off the main thread) torchrun stays in this process's group, whose
+    # Ctrl-C it gets from the terminal as before.
     # Each handler is recorded before it is set, and put back in the `finally` with no Ctrl-C raising: a Ctrl-C as they
     # were put back ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing
     # from then on in this process, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
@@ -108,6 +115,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     reader: threading.Thread | None = None
     killed = False
     seen_ended = False
+    passes_ctrl_c_on = False  # torchrun in a process group of its own, its Ctrl-C passed on by the stage
 
     def finished() -> bool:
         """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
@@ -118,9 +126,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # to stop: going on to evaluate, merge and publish after a Ctrl-C (as the first fix did) is not what they asked.
         log_fn(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked")
     try:
-        ctrl_c.install(previous)  # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
+        # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
+        passes_ctrl_c_on = ctrl_c.install(previous)
         proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                text=True, errors="replace", bufsize=1)
+                                text=True, errors="replace", bufsize=1, process_group=0 if passes_ctrl_c_on else None)
         # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in
         # the middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped
         # them, torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The
@@ -144,9 +153,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # "stopping" for an ended torchrun and dropped the record of a finished run (a review, 2026-12-06).
         stopping = None
         if proc.poll() is None:
-            # Ctrl-C reached torchrun too (same process group), which passes it on: the ranks save a checkpoint and exit.
+            # torchrun passes the Ctrl-C on: the ranks save a checkpoint and exit. In a process group of its own it has it from
+            # here only (one held since before Popen's fork too); else from the terminal, as this process did.
             stopping, lost = STOP_WORDS[stage]
             log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
+            if passes_ctrl_c_on:
+                proc.send_signal(signal.SIGINT)
             ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
             if ended != "ended":
                 _kill_with_its_ranks(proc, stage, log_fn)
@@ -344,12 +356,14 @@ class _CtrlC:
         """From here on no Ctrl-C raises, the first included (the stage is ending). Whether none had raised before."""
         return next(self.presses) == 0
 
-    def install(self, replaced: dict) -> None:
-        """Set as SIGINT's handler where it may be (see the class). The handler it replaces goes into `replaced` first:
-        a Ctrl-C may raise as soon as `signal.signal` has returned, before its result could be stored."""
+    def install(self, replaced: dict) -> bool:
+        """Set as SIGINT's handler where it may be (see the class); whether it was. The handler it replaces goes into
+        `replaced` first: a Ctrl-C may raise as soon as `signal.signal` has returned, before its result could be stored."""
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             replaced[signal.SIGINT] = signal.default_int_handler
             signal.signal(signal.SIGINT, self)
+            return True
+        return False
 
 
 def _wait_for_stop(proc: subprocess.Popen, later: list[int], seen: int, timeout: float) -> str:
