@@ -220,8 +220,8 @@ def cmd_run(args) -> int:
     # Ctrl-C stops a run in any stage (in training after a checkpoint, exit 130); a stop signal the run inherited as
     # ignored (`nohup`, `trap "" INT`, a script's `cmd &`) stays ignored in every stage, training's too (tasks/train.py
     # `_install_interrupt`), as Python leaves it; serve-model alone takes SIGINT back (`_stop_on_ctrl_c_or_sigterm`).
-    # Not yet under training.gpus > 1: torchrun's agent and the launcher's forwarder (tasks/engine/launch.py) stop the
-    # ranks on SIGHUP/SIGINT whatever the parent inherited (a review, 2026-12-06).
+    # Under training.gpus > 1 too: the launcher (tasks/engine/launch.py) forwards no ignored signal, and starts torchrun,
+    # which sets handlers of its own, out of the terminal's process group and with SIGHUP left ignored (torch 2.9+).
     try:
         result = finetune(profile=cfg.profile, hours=hours, minutes=minutes, overrides=args.overrides, config_path=str(path))
     except (StageError, ConfigError) as e:

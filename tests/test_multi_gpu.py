@@ -1026,6 +1026,24 @@ def test_a_ctrl_c_in_popen_before_the_fork_reaches_torchrun(monkeypatch, tmp_pat
     assert any(line.startswith("train: stopping:") for line in logs) and not any("killed" in line for line in logs), logs
 
 
+@pytest.mark.parametrize(("sigint", "own_group"), [("Python's", True), ("ignored", True), ("someone else's", False)])
+def test_torchrun_runs_out_of_the_terminals_process_group_unless_ctrl_c_is_someone_elses(monkeypatch, tmp_path, sigint, own_group):
+    """Where the stage's Ctrl-C handler is set, torchrun runs in a process group of its own (the test above). So too where
+    this process ignores SIGINT (`trap "" INT`, a script's `cmd &`): torchrun, in this process's group, got the terminal's
+    Ctrl-C, and the SIGINT handler it sets itself stopped the ranks of a run that ignores Ctrl-C in every other stage
+    (flows/cli.py said "not yet under training.gpus > 1"). With someone else's handler the stage cannot pass a Ctrl-C on:
+    torchrun stays in this process's group and gets the terminal's, as before."""
+    import signal
+
+    handler = {"Python's": signal.default_int_handler, "ignored": signal.SIG_IGN, "someone else's": lambda *a: None}[sigint]
+    outer = signal.signal(signal.SIGINT, handler)
+    try:
+        started = _torchrun_start(monkeypatch, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert (started.get("process_group") == 0) is own_group, started.get("process_group")
+
+
 # torchrun whose rank 0 wrote the record (its path: argv[1]), ending cleanly
 _TORCHRUN_FINISHES = """import json, sys
 print("ready", flush=True)

@@ -103,7 +103,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # and one that came in Popen's own Python code, before the fork, reached no torchrun: the stop waited for one that
     # trained on, until the second Ctrl-C killed it (a review, 2026-12-07). Passed on as well while torchrun got the
     # terminal's, it would reach torchrun twice, and torchrun's second signal makes the ranks stop at once, unsaved. Out
-    # of the terminal's group, torchrun also gets no SIGHUP from it (`nohup`: _keep_sighup_ignored) and no Ctrl-Z. With
+    # of the terminal's group, torchrun also gets no SIGHUP from it (`nohup`: _keep_sighup_ignored) and no Ctrl-Z. So too
+    # where this process ignores SIGINT (`trap "" INT`, a script's `cmd &`): there is no Ctrl-C to pass on, and torchrun,
+    # which sets a SIGINT handler of its own, stopped the ranks on the terminal's all the same (flows/cli.py said so). With
     # another handler (someone else's, or this stage off the main thread) torchrun stays in this process's group, whose
     # Ctrl-C it gets from the terminal as before.
     # Each handler is recorded before it is set, and put back in the `finally` with no Ctrl-C raising: a Ctrl-C as they
@@ -128,8 +130,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     try:
         # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         passes_ctrl_c_on = ctrl_c.install(previous)
+        own_group = passes_ctrl_c_on or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                text=True, errors="replace", bufsize=1, process_group=0 if passes_ctrl_c_on else None)
+                                text=True, errors="replace", bufsize=1, process_group=0 if own_group else None)
         # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in
         # the middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped
         # them, torchrun's "Received SIGINT death signal" line with them (6 of 18 stuck-rank stops; 0 of 26 since). The
