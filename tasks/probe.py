@@ -188,6 +188,7 @@ def offload_can_apply(training: TrainingSection, budget: BudgetSection, device: 
 
 
 FREE_PROBES = (4, 8)  # layers freed from recompute in the two trials that measure the cost per layer
+FREE_TRIALS = 4  # at most this many trials of freed layers (the two measuring ones and two from the cost per layer)
 FREE_MARGIN_GB = 0.75  # left under budget.vram_gb: allocator fragmentation, the CUDA context, eval batches
 
 
@@ -210,29 +211,32 @@ def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], o
 
     `measured` maps layers freed -> peak GiB of the trials that fitted (0 = fully checkpointed); `over` the same for
     trials that ran but peaked above the budget (an out-of-memory trial has no peak: the caller stops there). Order:
-    the two measuring trials (4 and 8, clipped to the model's depth), then one count from the cost per layer: between
-    the most that fitted and the fewest that did not when one did not (8 free over a 15 GiB budget where 4 left 3.6 GiB
-    unused, 2026-12-06: 6 fit), else extrapolated beyond the two largest that fitted.
+    the two measuring trials (4 and 8, clipped to the model's depth), then counts from the cost per layer: extrapolated
+    beyond the two that fitted, or between the most that fitted and the fewest that did not where one did not (8 free
+    over a 15 GiB budget where 4 left 3.6 GiB unused, 2026-12-06: 6 fit). At most FREE_TRIALS trials (each loads the
+    model again): the peaks are near linear in the freed layers, so one or two settle it.
     """
-    over = over or {}
+    fit, tried = max(measured), set(measured) | set(over or {})
+    over = {k: peak for k, peak in (over or {}).items() if k > fit}  # counts at or below one that fitted say nothing
+    if len(tried) - 1 >= FREE_TRIALS:
+        return None
     for k in FREE_PROBES:
         k = min(k, n_layers)
-        if k in over:
+        if any(o <= k for o in over):
             break  # did not fit: the count lies below it
-        if k not in measured:
+        if k not in tried:
             return k
-    fit = max(measured)
-    if above := [k for k in over if k > fit]:
-        ceiling = min(above)
+    if over:
+        ceiling = min(over)
         per_layer = (over[ceiling] - measured[fit]) / (ceiling - fit)
         target = fit + recompute.recompute_free_layers(measured[fit], per_layer, vram_gb, ceiling - fit - 1, margin_gb)
     else:
         lo, hi = (min(k, n_layers) for k in FREE_PROBES)
-        if hi == lo or hi == n_layers:
+        if hi == lo or hi == n_layers or not {lo, hi} <= set(measured):
             return None
         per_layer = (measured[hi] - measured[lo]) / (hi - lo)
         target = hi + recompute.recompute_free_layers(measured[hi], per_layer, vram_gb, n_layers - hi, margin_gb)
-    return target if target > fit and target not in measured and target not in over else None
+    return target if target > fit and target not in tried else None
 
 
 def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str, log_fn=None) -> ProbeRecord:

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,8 +218,10 @@ def stop_nearest(elapsed_s: float, next_s: float, final_save_s: float, budget_s:
 
 def checkpoint_every(step_s: float, checkpoint_every_s: float) -> int:
     """Steps of `step_s` between the guard's checkpoints: one falls due at the first step that ends `checkpoint_every_s`
-    or more after the last (its clock restarts after each save, whose time is not a step's)."""
-    return max(math.ceil(checkpoint_every_s / max(step_s, 1e-9)), 1)
+    or more after the last (its clock restarts after each save, whose time is not a step's). `training.checkpoint_minutes`
+    of inf (or so large its seconds are): never, as the guard's clock never reaches it."""
+    every = checkpoint_every_s / max(step_s, 1e-9)
+    return max(math.ceil(every), 1) if math.isfinite(every) else sys.maxsize
 
 
 def checkpoints_saved(steps: int, step_s: float, checkpoint_every_s: float) -> int:
@@ -300,7 +303,9 @@ class BudgetGuard(_trainer_callback_base()):
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
-        save = now - self.last_ckpt >= self.checkpoint_s
+        # A checkpoint due at the last step (Trainer's max_steps: the user's, max_epochs' or the cap) would be written, then
+        # removed unread once the final adapter is saved right after: its time went to nothing inside the budget.
+        save = now - self.last_ckpt >= self.checkpoint_s and state.global_step < state.max_steps
         # Stop where the run ends nearest the deadline: now (ending at elapsed + the final save) unless one more step would
         # end nearer (elapsed + step + final save), i.e. stop once half a step and the final save reach it. Stopping before
         # any crossing ended a 90-s budget a 3.1-s step (3.4%) short (docs/BENCHMARKS.md, the 15 GiB stage, 2026-12-06). A
