@@ -1633,7 +1633,6 @@ def test_a_sigterm_while_the_ranks_load_is_a_stop_not_a_torchrun_failure(monkeyp
     assert isinstance(outcome, (KeyboardInterrupt, TrainingStopped)), (repr(outcome), logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu2: a /proc/self/cgroup that is not UTF-8 fails the launch")
 def test_a_cgroup_path_that_is_not_utf8_does_not_fail_the_launch(monkeypatch, tmp_path):
     """A cgroup's name is any bytes but '/' (mkdir of a Latin-1 name): /proc/self/cgroup then is not UTF-8. `_oom_counters`
     reads it with read_text and catches OSError only: UnicodeDecodeError (a ValueError) came out of `_oom_kills`, which

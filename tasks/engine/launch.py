@@ -598,9 +598,11 @@ CGROUP_FS, PROC_SELF_CGROUP, VMSTAT = Path("/sys/fs/cgroup"), Path("/proc/self/c
 
 def _oom_counters() -> list[Path]:
     """The files that may count this process's OOM kills, the narrowest first."""
+    # Bytes, the path decoded as the file system does (os.fsdecode): a cgroup's name is any bytes but '/', and read_text
+    # raised UnicodeDecodeError on a Latin-1 one, out of `_oom_kills` before torchrun started (a review, 2026-12-07).
     try:
-        own = [line[3:] for line in PROC_SELF_CGROUP.read_text().splitlines() if line.startswith("0::")]
-    except OSError:
+        own = [os.fsdecode(line[3:]) for line in PROC_SELF_CGROUP.read_bytes().splitlines() if line.startswith(b"0::")]
+    except (OSError, ValueError):
         own = []
     cgroups = [CGROUP_FS / own[0].strip("/") / "memory.events"] if own else []
     return list(dict.fromkeys([*cgroups, CGROUP_FS / "memory.events", VMSTAT]))
