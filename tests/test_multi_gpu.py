@@ -1649,7 +1649,6 @@ def test_a_cgroup_path_that_is_not_utf8_does_not_fail_the_launch(monkeypatch, tm
     assert launch._oom_kills() == (vmstat, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu2: counts read from two counters are said to be unreadable")
 def test_counts_read_from_two_counters_are_not_said_to_be_unreadable(tmp_path):
     """The count at the launch came from this cgroup's memory.events and the one after from /proc/vmstat (the cgroup file
     went away or became unreadable meanwhile: the container's cgroup was moved, a permission change). Both were read;

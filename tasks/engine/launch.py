@@ -624,7 +624,13 @@ def _oom_kills() -> OomCount | None:
 def _who_sigkilled(before: OomCount | None, after: OomCount | None) -> tuple[str, str]:
     """Who sent a SIGKILL, as far as the OOM kill count read at the launch (`before`) and now (`after`) tells, and the
     advice that goes with it. The OOM killer sends SIGKILL only; the count says whether it killed anything meanwhile."""
-    if before is None or after is None or before.counter != after.counter:
+    if before is not None and after is not None and before.counter != after.counter:
+        # Both read, from two files (the cgroup's went away or became unreadable meanwhile): not comparable, and "no count
+        # could be read" sent the user looking for a missing file (a review, 2026-12-07).
+        return (f"by whom is not known: the OOM kill counter changed: {before.counter} oom_kill read {before.kills} at the "
+                f"launch, {after.counter} oom_kill {after.kills} now, counts that cannot be compared (the kernel's OOM killer: "
+                "see `dmesg | grep -i 'killed process'`; or another process: `kill -9`, a job scheduler's or container's stop)", "")
+    if before is None or after is None:
         return ("by whom is not known: no OOM kill count could be read (the kernel's OOM killer: see `dmesg | grep -i 'killed "
                 "process'`; or another process: `kill -9`, a job scheduler's or container's stop)", "")
     scope = "the host's" if after.counter == VMSTAT else "this cgroup's"
