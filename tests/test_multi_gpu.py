@@ -1687,7 +1687,6 @@ def test_a_signal_handed_back_to_a_handler_that_does_not_stop_does_not_say_stopp
     assert not any("stopping the run as asked" in line for line in logs), logs
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu2: under nohup a TORCHELASTIC_SIGNALS_TO_HANDLE torchrun ignores becomes its list")
 def test_under_nohup_a_variable_torchrun_overwrites_does_not_become_its_signal_list(monkeypatch):
     """torchrun reads its signal list from --signals-to-handle / PET_SIGNALS_TO_HANDLE only; TORCHELASTIC_SIGNALS_TO_HANDLE
     is what its launcher writes for the code below it (torch/distributed/launcher/api.py overwrites it). `_keep_sighup_ignored`

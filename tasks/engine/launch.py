@@ -472,13 +472,13 @@ def _keep_sighup_ignored(env: dict[str, str]) -> None:
     group (the shell's to its jobs, the kernel's to the foreground group), reached torchrun directly and stopped a `nohup`
     run (a review, 2026-12-07). torchrun's --signals-to-handle (torch 2.9+, pytorch#160690), read from
     PET_SIGNALS_TO_HANDLE, lists the signals it sets a handler for; its launcher passes the list on to the code that sets
-    them as TORCHELASTIC_SIGNALS_TO_HANDLE, overwriting that variable. SIGHUP is taken out of the user's list (either
-    variable, PET_ first as torchrun reads them) or torch's default, and both are set. torch 2.8 and older read neither
-    and handle SIGHUP whatever this says."""
+    them as TORCHELASTIC_SIGNALS_TO_HANDLE, overwriting that variable. SIGHUP is taken out of the user's PET_ list or
+    torch's default. A user's TORCHELASTIC_SIGNALS_TO_HANDLE is not torchrun's list (it overwrites it): taken as one (set
+    for another tool, say SIGUSR1), torchrun handled neither SIGINT nor SIGTERM under `nohup`, and a forwarded stop killed
+    it and the ranks unsaved (a review, 2026-12-07). torch 2.8 and older read neither and handle SIGHUP whatever this says."""
     if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
-        handled = env.get("PET_SIGNALS_TO_HANDLE") or env.get("TORCHELASTIC_SIGNALS_TO_HANDLE") or TORCHRUN_SIGNALS
-        kept = ",".join(s.strip() for s in handled.split(",") if s.strip() not in ("SIGHUP", ""))
-        env["PET_SIGNALS_TO_HANDLE"] = env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = kept
+        handled = env.get("PET_SIGNALS_TO_HANDLE") or TORCHRUN_SIGNALS
+        env["PET_SIGNALS_TO_HANDLE"] = ",".join(s.strip() for s in handled.split(",") if s.strip() not in ("SIGHUP", ""))
 
 
 def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals], stage: str,
