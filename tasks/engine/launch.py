@@ -123,10 +123,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
         return proc is not None and not killed and proc.returncode == 0 and result_path.is_file()
 
-    def too_late(when: str) -> None:
+    def too_late(when: str, then: str = "stopping the run as asked") -> None:
         # Rank 0 completed the stage's folder before writing the record, so stopping loses nothing, and the user asked
         # to stop: going on to evaluate, merge and publish after a Ctrl-C (as the first fix did) is not what they asked.
-        log_fn(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); stopping the run as asked")
+        log_fn(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); {then}")
     try:
         # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         passes_ctrl_c_on = ctrl_c.install(previous)
@@ -219,8 +219,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # and more) found no torchrun to pass it on to, or reached it after its ranks had finished: the stage returned the
         # record and the run went on as if it had not come (a review, 2026-12-07). It is the caller's again, now that its
         # handlers are back: raised here, it does what it would have done without the stage (SIG_DFL: this process ends;
-        # Prefect's or a user's handler: theirs), after the line that says the result is kept.
-        too_late(f"{caught[0].name} as the {n} processes finished")
+        # Prefect's or a user's handler: theirs), after the line that says the result is kept. That line claims no stop: a
+        # handler that only notes the signal lets the run go on, which "stopping the run as asked" denied (a review, 2026-12-07).
+        too_late(f"{caught[0].name} as the {n} processes finished", "the signal is handed back to the caller's handler")
         for sig in dict.fromkeys(caught):
             signal.raise_signal(sig)
     return read_json(result_path)
