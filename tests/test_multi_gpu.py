@@ -1717,7 +1717,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu2: a first Ctrl-C after a forwarded SIGTERM is torchrun's second signal")
 def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal(monkeypatch, tmp_path):
     """`kill PID` (SIGTERM) while training: the stage forwards it, torchrun starts the ranks' stop (step, checkpoint) and
     the stage says nothing. The user then presses Ctrl-C once: the stage says `train: stopping: each rank finishes its
@@ -1745,6 +1744,7 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
         os.kill(os.getpid(), signal.SIGTERM)
         while not noted.exists():
             threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` again: torchrun's second signal too, were it passed on
         os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C
 
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -1762,3 +1762,5 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
                 proc.kill()
             proc.wait()
     assert noted.read_text().split() == ["SIGTERM"], (noted.read_text().split(), logs)
+    assert any(line.startswith("train: a stop is under way (SIGTERM passed on to torchrun): each rank finishes its step")
+               and line.endswith("Ctrl-C again to stop at once") for line in logs), logs

@@ -84,6 +84,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     tail: deque[str] = deque(maxlen=40)
     forwarded = stop_signals_to_forward()
     caught: list[signal.Signals] = []  # the forwarded signals that came, in order (`_forward_stop_signals`)
+    stop = _OneStop()  # the one stop signal torchrun gets from the stage
     oom_before = _oom_kills()
 
     def show(line: str) -> None:
@@ -139,7 +140,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # thread also keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking
         # torchrun's copying of them.
         reader = read_in_background(proc.stdout, show)
-        _forward_stop_signals(proc, previous, forwarded, stage, log_fn, caught)
+        _forward_stop_signals(proc, previous, forwarded, stage, log_fn, caught, stop)
         ctrl_c.watch()  # a Ctrl-C held meanwhile raises here
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
@@ -158,10 +159,18 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         if proc.poll() is None:
             # torchrun passes the Ctrl-C on: the ranks save a checkpoint and exit. In a process group of its own it has it from
             # here only (one held since before Popen's fork too); else from the terminal, as this process did.
+            # torchrun's second stop signal stops the ranks at once, unsaved: a Ctrl-C after a forwarded SIGTERM was
+            # that second signal while the stage said "Ctrl-C again to stop at once" (a review, 2026-12-07). It gets one.
             stopping, lost = STOP_WORDS[stage]
-            log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
-            if passes_ctrl_c_on:
-                proc.send_signal(signal.SIGINT)
+            first = stop.send(proc, signal.SIGINT) if passes_ctrl_c_on else stop.claim(signal.SIGINT)
+            if first:
+                log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
+            elif passes_ctrl_c_on:
+                log_fn(f"{stage}: a stop is under way ({stop.name()} passed on to torchrun): {stopping} (up to "
+                       f"{-(-grace // 60)} min); Ctrl-C again to stop at once")
+            else:  # torchrun in this process's group: the terminal's Ctrl-C reached it too, its second stop signal
+                log_fn(f"{stage}: a stop was under way ({stop.name()} passed on to torchrun); torchrun had this Ctrl-C from "
+                       f"the terminal as well, its second stop signal: its ranks stop at once; {lost}")
             ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
             if ended != "ended":
                 _kill_with_its_ranks(proc, stage, log_fn)
@@ -195,7 +204,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             unpressed, late = True, True
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
         if proc is not None and not killed and proc.poll() is None:
-            proc.terminate()  # the ranks finish the step and save a checkpoint, as on Ctrl-C
+            stop.send(proc, signal.SIGTERM)  # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless one was sent)
             if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
         seen = len(ctrl_c.later)
@@ -321,6 +330,36 @@ def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> l
     while any(map(running, others)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return [pid for pid in [proc.pid] if proc.poll() is None] + [pid for pid in others if running(pid)]
+
+
+class _OneStop:
+    """The one stop signal torchrun gets from the stage, whichever comes first: a forwarded SIGTERM or SIGHUP, the first
+    Ctrl-C passed on, the `finally`'s SIGTERM. torchrun passes its first on to the ranks (they finish the step and save)
+    and takes a second as "stop at once": its `_shutdown` is cut short and the ranks are killed, unsaved. The choice is
+    made by one C call, `next(self.tries)`, as in _CtrlC: a handler run in the middle of another cannot take 0 too."""
+
+    def __init__(self) -> None:
+        self.tries = itertools.count()
+        self.sent: list[signal.Signals] = []  # the one passed on (none if torchrun had ended)
+
+    def send(self, proc: subprocess.Popen, sig: signal.Signals) -> bool:
+        """Send `sig` to torchrun if no stop signal went before; whether none had."""
+        if next(self.tries) != 0:
+            return False
+        if proc.poll() is None:
+            self.sent.append(sig)  # before: a signal's handler may run between the two
+            proc.send_signal(sig)
+        return True
+
+    def claim(self, sig: signal.Signals) -> bool:
+        """torchrun got `sig` from elsewhere (the terminal's Ctrl-C): no stop is sent from now on; whether it was the first."""
+        if next(self.tries) != 0:
+            return False
+        self.sent.append(sig)
+        return True
+
+    def name(self) -> str:
+        return self.sent[0].name if self.sent else "a stop signal"
 
 
 class _CtrlC:
@@ -483,7 +522,7 @@ def _keep_sighup_ignored(env: dict[str, str]) -> None:
 
 
 def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals], stage: str,
-                          log_fn: Callable[[str], None], caught: list[signal.Signals]) -> None:
+                          log_fn: Callable[[str], None], caught: list[signal.Signals], stop: _OneStop) -> None:
     """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
@@ -494,14 +533,14 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
     replaced it would be lost for good, and a later SIGTERM would do nothing in this process but forward to an ended
     torchrun. Left in place, it handles that signal as before; the ranks stop only if it ends this process (they die
     with it: `_dying_with`). Each signal that comes is added to `caught`, forwarded or not: run_stage raises it again once
-    the handlers are back if the stage would otherwise return (torchrun had ended, or its ranks finished all the same)."""
+    the handlers are back if the stage would otherwise return (torchrun had ended, or its ranks finished all the same).
+    Only the stage's first stop signal reaches torchrun (`stop`): its second stops the ranks at once, unsaved."""
 
     def forward(signum, frame):
         caught.append(signal.Signals(signum))
         if signum == signal.SIGHUP:
             off_the_lost_terminal()
-        if proc.poll() is None:
-            proc.send_signal(signum)
+        stop.send(proc, signal.Signals(signum))  # the first stop signal only: torchrun's second stops the ranks unsaved
 
     if threading.current_thread() is not threading.main_thread():
         return
