@@ -520,7 +520,8 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
             inputs = {"data": data.model_dump(mode="json"), "probe": probe.model_dump(mode="json"), "device": probe.device,
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training))},
                       "key": key, "out": str(out), "artifacts_dir": artifacts_dir}
-            return TrainRecord.model_validate(launch.run_stage("train", "tasks.train:train_on_rank", inputs, n, out / "work", log_fn))
+            return TrainRecord.model_validate(launch.run_stage("train", "tasks.train:train_on_rank", inputs, n, out / "work", log_fn,
+                                                               saved=lambda: newest_checkpoint(out / "work")))
         from .engine.fastpath import kernel_patch_scope
 
         with kernel_patch_scope():  # Liger's module-wide patches end with the stage: stage 5 loads the model a user loads

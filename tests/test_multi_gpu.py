@@ -1615,7 +1615,6 @@ def _real_torchrun_on(monkeypatch, tmp_path, script: str, then: Callable[[list],
                 proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu2: a forwarded SIGTERM before the ranks set their handlers reads as a failure")
 def test_a_sigterm_while_the_ranks_load_is_a_stop_not_a_torchrun_failure(monkeypatch, tmp_path):
     """`kill PID` (SIGTERM) of the stage while the ranks still load the model (minutes for a large one; the ranks' stop
     handler is set just before trainer.train): the stage forwards it, torchrun passes it on and the ranks die of it (no
@@ -1632,6 +1631,51 @@ def test_a_sigterm_while_the_ranks_load_is_a_stop_not_a_torchrun_failure(monkeyp
     finally:
         signal.signal(signal.SIGTERM, outer)
     assert isinstance(outcome, (KeyboardInterrupt, TrainingStopped)), (repr(outcome), logs)
+
+
+# torchrun that got a stop signal from someone else (its own pid signalled, the terminal's group) and ended as torch's
+# does: its "death signal" line, then exit 1 with no failure summary; its ranks, still loading, left no record
+_TORCHRUN_TOLD_TO_STOP = """import sys
+print("W1207 01:00:00.000000 4321 torch/distributed/elastic/agent/server/api.py:753] Received Signals.SIGTERM death signal, "
+      "shutting down workers", flush=True)
+sys.exit(1)
+"""
+
+
+def test_a_stop_torchrun_says_it_received_is_a_stop_not_a_failure(monkeypatch, tmp_path):
+    """The stage passed no signal on, but torchrun's output says it got SIGTERM (its "death signal" line) and no rank
+    reported anything: a stop (KeyboardInterrupt, as in one process), not "torchrun exited 1; no rank reported a failure"."""
+    import sys
+
+    from tasks.engine import launch
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_TOLD_TO_STOP])
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path / "work", lambda line: None)
+    assert type(stopped.value) is KeyboardInterrupt, repr(stopped.value)
+    assert str(stopped.value) == "train: stopped by SIGTERM before a checkpoint was saved", stopped.value
+
+
+def test_a_stop_before_the_ranks_could_save_keeps_an_earlier_checkpoint_and_no_failure_hides_behind_a_stop(tmp_path):
+    """A stop that ended the ranks before they saved (no rank record): TrainingStopped when an earlier checkpoint is there
+    to resume from, KeyboardInterrupt when none is (the probe: it saves nothing). Still failures: torchrun SIGKILLed, a
+    rank's own error record, a failure summary naming a rank that exited other than by a stop signal."""
+    from tasks.engine import launch
+
+    def failure(stage="train", rc=1, tail=("ready",), saved=lambda: None):
+        return launch._failure(stage, 2, rc, 123, tmp_path, tmp_path / "launch", list(tail), None, stopped_by="SIGTERM", saved=saved)
+
+    kept = failure(saved=lambda: tmp_path / "checkpoint-8")
+    assert type(kept) is TrainingStopped and str(kept) == ("train: stopped by SIGTERM before the ranks saved a checkpoint; "
+                                                           "checkpoint-8, saved earlier, is kept: rerun the same command to resume from it"), kept
+    probe = failure("probe")
+    assert type(probe) is KeyboardInterrupt and str(probe) == "probe: stopped by SIGTERM (the probe saves nothing: the rerun probes again)"
+    by_a_stop = failure(tail=ROOT_CAUSE.replace("-9 (pid", "-15 (pid").splitlines())  # a rank ended by torchrun's SIGTERM
+    assert type(by_a_stop) is KeyboardInterrupt, by_a_stop
+    assert type(failure(rc=-9)) is StageError  # torchrun SIGKILLed: not the stop
+    assert str(failure(tail=ROOT_CAUSE.splitlines())).startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL;")
+    (tmp_path / "error-train-rank1.json").write_text(json.dumps({"rank": 1, "type": "ValueError", "message": "bad row 7"}))
+    assert str(failure()) == "train: rank 1 of 2 failed: ValueError: bad row 7"
 
 
 def test_a_cgroup_path_that_is_not_utf8_does_not_fail_the_launch(monkeypatch, tmp_path):

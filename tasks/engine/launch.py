@@ -52,9 +52,12 @@ TAIL_LINES = 4
 # Parent side: start torchrun, stream, supervise
 
 
-def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Callable[[str], None]) -> dict:
+def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path, log_fn: Callable[[str], None],
+              saved: Callable[[], Path | None] = lambda: None) -> dict:
     """Run `stage` ("train" | "probe") on `n` ranks; each calls `entry` ("module:function", taking the spec dict
-    and a log function, returning a pydantic record on rank 0); return the record rank 0 wrote, or raise StageError."""
+    and a log function, returning a pydantic record on rank 0); return the record rank 0 wrote, or raise StageError.
+    `saved` gives the newest checkpoint a rerun would resume from, if any (a stop that ended the ranks before they could
+    save: TrainingStopped if there is one, else KeyboardInterrupt, as in one process)."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / f"launch-{stage}.json"
     result_path = work / f"result-{stage}.json"
@@ -86,9 +89,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     caught: list[signal.Signals] = []  # the forwarded signals that came, in order (`_forward_stop_signals`)
     stop = _OneStop()  # the one stop signal torchrun gets from the stage
     oom_before = _oom_kills()
+    heard: list[str] = []  # the stop signals torchrun said it received ("Received SIGTERM death signal")
 
     def show(line: str) -> None:
         text = re.sub(r"^\[(?:rank|default)\d+\]:", "", line.rstrip("\n"))
+        if m := DEATH_SIGNAL.search(text):
+            heard.append(m.group(1))
         if text.startswith(LOG_PREFIX):
             log_fn(text[len(LOG_PREFIX):])
         else:
@@ -220,7 +226,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             raise KeyboardInterrupt
     rc = proc.returncode
     if rc != 0:
-        raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before)
+        by = stop.sent[0].name if stop.sent else (heard[0] if heard else None)
+        raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before, stopped_by=by, saved=saved)
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
     if caught:
@@ -554,11 +561,16 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
         signal.signal(sig, forward)
 
 
-def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail: list[str], oom_before: OomCount | None) -> BaseException:
+def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail: list[str], oom_before: OomCount | None,
+             stopped_by: str | None = None, saved: Callable[[], Path | None] = lambda: None) -> BaseException:
     """One line: which rank died first, how, and its last lines (or the exception it reported itself); or that torchrun
-    itself (`pid`) was killed, and by whom if the kernel's OOM kill count (`oom_before` at the launch) tells."""
+    itself (`pid`) was killed, and by whom if the kernel's OOM kill count (`oom_before` at the launch) tells; or the stop
+    that ended it (`stopped_by`: `_stopped`)."""
     text = "\n".join(tail)
     root = text[text.rfind("Root Cause"):] if "Root Cause" in text else ""  # torchrun's failure summary
+    stopped = _stopped(stage, rc, root, stopped_by, work, saved)
+    if stopped is not None:
+        return stopped
     last = [t for t in tail if t.strip() and not t.startswith(("=", "-", " "))][-TAIL_LINES:]
     if not root and rc < 0:  # killed by a signal with no summary written: torchrun itself, not a rank (it names those)
         return StageError(_torchrun_killed(stage, n, -rc, pid, oom_before, last, logs))
@@ -597,6 +609,35 @@ def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail
     last = _rank_tail(logs, who) or last
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
                       f"full logs in {logs}. {advice}{RERUN[stage]}")
+
+
+# torchrun's line for a stop signal it got (torch/distributed/elastic/agent/server/api.py: "Received Signals.SIGTERM
+# death signal, shutting down workers")
+DEATH_SIGNAL = re.compile(r"Received (?:Signals\.)?(SIG[A-Z]+) death signal")
+RANK_STOP_CODES = [-s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)]  # torchrun's stop signals
+
+
+def _stopped(stage: str, rc: int, root: str, by: str | None, work: Path, saved: Callable[[], Path | None]) -> BaseException | None:
+    """The stop that ended torchrun, or None if it failed: a stop signal reached torchrun (`by`: the one the stage passed
+    on, or the one torchrun said it received) and no rank reported anything. Ranks that still load the model (minutes
+    for a large one) or run the probe have no stop handler: torchrun's SIGTERM ends them as Python's default does, with
+    no record, and torchrun exits 1 (its SignalException) with no failure summary; the stage said "torchrun exited 1; no
+    rank reported a failure ... Rerun", a StageError (the CLI's `error:`), not the stop that was asked for (a review,
+    2026-12-07). As in one process (tasks/train.py): KeyboardInterrupt, or TrainingStopped when a checkpoint is there to
+    resume from. No stop: torchrun SIGKILLed (the OOM killer, `kill -9`), a rank's own record (an error, or the stop
+    it reported: `_failure` reads it), a failure summary naming a rank that exited other than by a stop signal."""
+    if by is None or rc == -signal.SIGKILL or _rank_errors(stage, work):
+        return None
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if code is not None and int(code.group(1)) not in RANK_STOP_CODES:
+        return None
+    checkpoint = saved()
+    if checkpoint is not None:
+        return TrainingStopped(f"{stage}: stopped by {by} before the ranks saved a checkpoint; {checkpoint.name}, saved "
+                               "earlier, is kept: rerun the same command to resume from it")
+    if stage == "train":
+        return KeyboardInterrupt(f"{stage}: stopped by {by} before a checkpoint was saved")
+    return KeyboardInterrupt(f"{stage}: stopped by {by} (the probe saves nothing: the rerun probes again)")
 
 
 # What a rerun after a failure does in each stage: only training resumes (the probe saves nothing).
