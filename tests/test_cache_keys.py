@@ -2037,3 +2037,109 @@ def test_a_model_folder_whose_files_changed_since_it_was_built_is_built_again_wi
     with caplog.at_level(logging.WARNING, logger="qlora_pipeline"):
         resolve_model(cfg.model, cfg.artifacts_dir)  # as built: used, no word
     assert not caplog.records
+
+
+# Review of d862cb4..011dea8 (review-cache2): failing tests for defects found, not fixed here.
+
+
+def _part(text: str) -> dict:
+    return {"gens": [{"text": text, "stopped": True}], "check": {"agree": 1, "tokens": 1}, "nll": None}
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache2: list_parts re-hashes every file of the folder, so saving one part "
+                                       "lists another part's changed bytes as saved")
+def test_saving_one_pass_does_not_list_another_passes_changed_bytes_as_saved(tmp_path, monkeypatch):
+    """PARTS is rewritten after each pass from the folder as it is (`list_parts`: every file hashed again), not from the
+    earlier list plus the pass just saved. A pass whose bytes changed since it was listed is caught only if it is read
+    before the run saves any pass: a resumed run that generates one pass first (the one it was stopped in) lists every
+    other file as it is now, and a later pass edited or rewritten since is read back as the model's answers."""
+    from tasks import common
+    from tasks.evaluate import _read_side, save_part
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    parts = tmp_path / "cache" / "eval-parts" / "k"
+    save_part(parts / "held-out-base.json", _part("base answer"))
+    save_part(parts / "ifeval-tuned.json", _part("tuned answer"))
+    (parts / "ifeval-tuned.json").write_text(json.dumps(_part("EDITED answer"), indent=2, sort_keys=True))
+    assert isinstance(_read_side(parts / "ifeval-tuned.json", 1, None), str)  # caught while no other pass was saved since
+    save_part(parts / "held-out-base.json", _part("base answer"))  # a resumed run generates an earlier pass first
+    assert common.listed_change(parts, "ifeval-tuned.json", common.PARTS) is not None
+    assert isinstance(_read_side(parts / "ifeval-tuned.json", 1, None), str)  # still not the pass as saved: not reused
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache2: list_parts lists a concurrent run's temp file, then stats it after "
+                                       "its rename: FileNotFoundError ends the evaluate stage")
+def test_saving_a_pass_while_another_run_saves_one_in_the_same_folder_does_not_raise(tmp_path, monkeypatch):
+    """Two runs whose eval keys differ only in what the passes' key leaves out (statistics settings) share one parts
+    folder, under different stage locks. `list_parts` walks the folder and hashes what it found: the other run's
+    `write_json` temp file (`.<part>.<random>.tmp`) is listed, then renamed away before it is stat'ed. Two processes
+    saving 300 passes each into one folder: 1 FileNotFoundError (/tmp/rcache-exp/race.py). Here the other run's rename
+    lands between the walk and the stat, as it did there."""
+    from tasks import common
+    from tasks.evaluate import save_part
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    parts = tmp_path / "cache" / "eval-parts" / "k"
+    parts.mkdir(parents=True)
+    other_tmp = parts / ".ifeval-tuned.json.x1y2z3.tmp"  # the other run's write_json, not yet renamed
+    other_tmp.write_text(json.dumps(_part("other run")))
+    real_walk = common._files_under
+
+    def walk_then_other_run_renames(folder):
+        found = real_walk(folder)
+        if other_tmp.exists():
+            os.replace(other_tmp, parts / "ifeval-tuned.json")
+        return found
+
+    monkeypatch.setattr(common, "_files_under", walk_then_other_run_renames)
+    save_part(parts / "ifeval-base.json", _part("this run"))
+    assert ".ifeval-tuned.json.x1y2z3.tmp" not in json.loads((parts / common.PARTS).read_text())["files"]
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache2: _out_of_the_racy_window sleeps until mtime + RACY_NS, however far "
+                                       "ahead of the clock the mtime is")
+def test_a_big_file_whose_mtime_is_ahead_of_the_clock_is_not_waited_for(tmp_path, monkeypatch):
+    """The wait before hashing a file of RACY_WAIT_BYTES or more (97ffa52) is meant to cost at most RACY_NS. A file whose
+    mtime is ahead of this machine's clock (an NFS/SMB server whose clock runs ahead, weights unpacked from a tar made on
+    a skewed box, the clock stepped back by NTP) made the build sleep until that time: one hour ahead, 3,603 s of sleep
+    with no line said. Before 97ffa52 such a file was hashed at once and only not remembered."""
+    from tasks import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_WAIT_BYTES", 4096)  # stands in for a 4 GiB shard
+    folder = tmp_path / "models" / "k"
+    folder.mkdir(parents=True)
+    shard = folder / "model.safetensors"
+    shard.write_bytes(b"w" * 8192)
+    ahead = time.time() + 3600
+    os.utime(shard, (ahead, ahead))
+    slept = []
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    common.completion_marker(folder, record_files=True)
+    assert sum(slept) <= common.RACY_NS / 1e9 + 0.1, slept
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache2: a sha256.pruned stamp ahead of the clock stops every later prune")
+def test_a_prune_stamp_ahead_of_the_clock_does_not_stop_pruning(tmp_path, monkeypatch):
+    """`prune_hash_memos_when_due` prunes when `time.time() - mtime(sha256.pruned)` is a day; a stamp touched while the
+    clock was ahead (a wrong RTC at boot, a memo folder on an NFS server whose clock runs ahead) reads as a prune in the
+    future, and the folder is never pruned again: it grows as it did before 5176d3e."""
+    from tasks import common
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    monkeypatch.setattr(common, "RACY_NS", 0)
+    gone = tmp_path / "gone"
+    gone.write_bytes(b"gone")
+    common.cached_sha256(gone)
+    memos = common.hash_memo_dir()
+    [memo] = memos.iterdir()
+    gone.unlink()
+    day = 24 * 3600
+    os.utime(memo, (time.time() - 2 * day, time.time() - 2 * day))  # a memo no file can match, two days old
+    stamp = memos.with_name("sha256.pruned")
+    stamp.touch()
+    os.utime(stamp, (time.time() + 365 * day, time.time() + 365 * day))  # touched while the clock was a year ahead
+    common._digests.clear()
+    (tmp_path / "new").write_bytes(b"new")
+    common.cached_sha256(tmp_path / "new")  # a new digest remembered: a prune is due (the last real one is unknown)
+    assert not memo.exists()
