@@ -361,11 +361,14 @@ RACY_WAIT_BYTES = 4 << 30
 
 
 def _out_of_the_racy_window(path: Path) -> None:
-    """Sleep until `path`, if it has RACY_WAIT_BYTES or more, last changed more than RACY_NS ago (`RACY_WAIT_BYTES`)."""
+    """Sleep until `path`, if it has RACY_WAIT_BYTES or more, last changed more than RACY_NS ago (`RACY_WAIT_BYTES`). A
+    stamp ahead of this machine's clock (an NFS server whose clock runs ahead, a tar made on a skewed machine) is not
+    waited for: that wait had no bound (an hour ahead, an hour's sleep with no line said); the file is hashed at once and
+    its digest not remembered (`_keep_digest`), as before the wait."""
     st = path.stat()
     if st.st_size >= RACY_WAIT_BYTES:
         wait_ns = max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS - time.time_ns()
-        if wait_ns > 0:
+        if 0 < wait_ns <= RACY_NS:
             time.sleep(wait_ns / 1e9 + 0.01)
 
 

@@ -2096,8 +2096,6 @@ def test_saving_a_pass_while_another_run_saves_one_in_the_same_folder_does_not_r
     assert ".ifeval-tuned.json.x1y2z3.tmp" not in json.loads((parts / common.PARTS).read_text())["files"]
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache2: _out_of_the_racy_window sleeps until mtime + RACY_NS, however far "
-                                       "ahead of the clock the mtime is")
 def test_a_big_file_whose_mtime_is_ahead_of_the_clock_is_not_waited_for(tmp_path, monkeypatch):
     """The wait before hashing a file of RACY_WAIT_BYTES or more (97ffa52) is meant to cost at most RACY_NS. A file whose
     mtime is ahead of this machine's clock (an NFS/SMB server whose clock runs ahead, weights unpacked from a tar made on
