@@ -163,10 +163,11 @@ MEMO_UNTOLD_MAX_AGE_S = 30 * 24 * 3600  # a memo written before memos named thei
 
 def prune_hash_memos_when_due(memos: Path) -> None:
     """`prune_hash_memos` if the last one (the mtime of `<memos>.pruned`, beside the folder) is MEMO_PRUNE_EVERY_S old or
-    there was none. The stamp is touched first: processes remembering digests at once do not all prune."""
+    there was none, or it is dated ahead of the clock (touched while the clock ran ahead: read as "not due", no prune
+    came again). The stamp is touched first: processes remembering digests at once do not all prune."""
     stamp = memos.with_name(memos.name + ".pruned")
     try:
-        if time.time() - stamp.stat().st_mtime < MEMO_PRUNE_EVERY_S:
+        if 0 <= time.time() - stamp.stat().st_mtime < MEMO_PRUNE_EVERY_S:
             return
     except FileNotFoundError:
         pass

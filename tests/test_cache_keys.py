@@ -2117,7 +2117,6 @@ def test_a_big_file_whose_mtime_is_ahead_of_the_clock_is_not_waited_for(tmp_path
     assert sum(slept) <= common.RACY_NS / 1e9 + 0.1, slept
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache2: a sha256.pruned stamp ahead of the clock stops every later prune")
 def test_a_prune_stamp_ahead_of_the_clock_does_not_stop_pruning(tmp_path, monkeypatch):
     """`prune_hash_memos_when_due` prunes when `time.time() - mtime(sha256.pruned)` is a day; a stamp touched while the
     clock was ahead (a wrong RTC at boot, a memo folder on an NFS server whose clock runs ahead) reads as a prune in the
