@@ -340,14 +340,23 @@ def completion_marker(folder: Path, record_files: bool, leave_out: tuple[str, ..
     files = {}
     for p in sorted(_files_under(folder)):
         rel = p.relative_to(folder).as_posix()
-        if rel.startswith(leave_out):
+        if rel.startswith(leave_out) or _is_temp_file(p.name):
             continue
-        _out_of_the_racy_window(p)
-        st, started = p.stat(), time.time_ns()
-        digest = file_sha256(p)
+        try:
+            _out_of_the_racy_window(p)
+            st, started = p.stat(), time.time_ns()
+            digest = file_sha256(p)
+        except FileNotFoundError:  # gone since the walk: a concurrent run's renamed temp file (a folder of parts it shares)
+            continue
         _keep_digest(_stamp(str(home / rel), st), digest, started)
         files[rel] = {"size": st.st_size, "sha256": digest}
     return json.dumps({"completed": done, "files": files}, indent=1, sort_keys=True) + "\n"
+
+
+def _is_temp_file(name: str) -> bool:
+    """`name` is a `write_text` temp file (`.<name>.<random>.tmp`): a write under way (a run sharing the folder) or one a
+    kill cut off, never an output, so never listed (the first was renamed away before its stat)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 # A file at least this big written within RACY_NS before `completion_marker` hashes it is hashed once that time has passed,
@@ -410,11 +419,38 @@ def listed_change(out: Path, rel: str, listing: str = COMPLETE) -> str | None:
 PARTS = "PARTS"  # a folder of resumable parts (stage 5's saved passes): each part's size and sha256 as it was saved
 
 
-def list_parts(folder: Path) -> None:
-    """Rewrite the PARTS list of `folder` (every file but it and COMPLETE, `completion_marker`'s form), after a part is
-    saved: a part cut short or edited since is then told from one as saved (`listed_change`) before its folder is
-    complete, and a resumed run redoes it instead of reusing it."""
-    write_text(folder / PARTS, completion_marker(folder, record_files=True, leave_out=(PARTS, COMPLETE)))
+def list_parts(folder: Path, part: str) -> None:
+    """List the part `part` of `folder`, just saved, in its PARTS list (`completion_marker`'s form) with its size and
+    sha256, every other entry as it was listed (PARTS, else the folder's COMPLETE marker, which is removed: the folder is
+    not complete again until every part is in, and the marker lists the part's old bytes): a part cut short or edited
+    since it was saved is then told from one as saved (`listed_change`) before its folder is complete, and a resumed run
+    redoes it instead of reusing it. Only the saved part is hashed: rebuilt from the folder as it was, the list took
+    every other part's bytes for saved ones, so a part edited since it was listed was reused once the run had saved any
+    other, and a concurrent run's temp file was listed, then gone before its stat (FileNotFoundError ended stage 5).
+    Read, changed and written (atomically) under a flock of the folder (`_folder_flocked`): two runs sharing the folder
+    keep each other's entries."""
+    with _folder_flocked(folder):
+        listed = next((f for f in (_listed_files(folder, name) for name in (PARTS, COMPLETE) if (folder / name).is_file())
+                       if isinstance(f, dict)), {})
+        files = {rel: {"size": size, "sha256": digest} for rel, (size, digest) in listed.items()}
+        files[part] = {"size": (folder / part).stat().st_size, "sha256": file_sha256(folder / part)}
+        text = json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}, indent=1, sort_keys=True)
+        write_text(folder / PARTS, text + "\n")
+        (folder / COMPLETE).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_flocked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive flock of the folder itself (no lock file: the folder's files are its parts and their lists, which
+    tests and readers take as the whole). Where the filesystem refuses flock (some network or FUSE ones), unlocked: two
+    runs saving at once may then drop an entry, and that part is read back unchecked, as before parts were listed."""
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _listed_files(out: Path, listing: str) -> dict[str, tuple[int, str]] | str | None:

@@ -946,11 +946,11 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
 
 
 def save_part(part: Path, side: dict) -> None:
-    """Save one pass in the stage's parts folder (`passes_key`) and list it with its size and sha256 (`list_parts`); the
-    folder is not complete again until every pass of the evaluation is in (a COMPLETE left would list the old bytes)."""
-    (part.parent / COMPLETE).unlink(missing_ok=True)
+    """Save one pass in the stage's parts folder (`passes_key`) and list it with its size and sha256 (`list_parts`, which
+    removes the folder's COMPLETE: it is not complete again until every pass of the evaluation is in). Until it is listed,
+    a COMPLETE or PARTS left lists the pass's old bytes: a run stopped in between generates it again."""
     write_json(part, side)
-    list_parts(part.parent)
+    list_parts(part.parent, part.name)
 
 
 def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: str | None = None,

@@ -324,8 +324,6 @@ def test_a_saved_pass_whose_bytes_changed_since_it_was_saved_is_generated_again_
     assert json.loads((part.parent / "COMPLETE").read_text())["files"].keys() == {p.name for p in part.parent.glob("*.json")}
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache2: each saved pass re-lists the whole parts folder (list_parts), so a "
-                                       "pass changed since it was listed is reused once an earlier pass was saved in the run")
 def test_a_later_saved_pass_whose_bytes_changed_is_generated_again_after_an_earlier_pass_was_generated(trained, tiny_cfg, tmp_path):
     """The claim of 41a0294: a part whose bytes changed since it was saved is generated again, with a line naming it. It
     holds only for a part read before the run saves any: `save_part` rewrites PARTS from the folder as it is, every file
