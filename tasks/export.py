@@ -1050,7 +1050,11 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
     if message.get("function_call") is not None:
         # the pre-tools API's call: serve reads tool_calls only, so the turn reached the template empty (a 200; a review)
         call = message["function_call"]
-        if role != "assistant" or not (isinstance(call, dict) and isinstance(call.get("name"), str) and _json_text(call.get("arguments"))):
+        shaped = role == "assistant" and isinstance(call, dict) and isinstance(call.get("name"), str)
+        problem = arguments_problem(call.get("arguments"), f"messages[{i}].function_call.arguments") if shaped else None
+        if problem:  # named as the call's arguments (the call itself, shown below, could be "[" * 100000 of them)
+            return problem[0], f"messages[{i}].function_call"
+        if not shaped:
             return (f"messages[{i}].function_call must be an assistant turn's {{\"name\": ..., \"arguments\": \"<JSON>\"}} "
                     f"(arguments a string of a JSON object), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
     return None if content == [] else content_problem(content, f"messages[{i}].content", role)
@@ -1066,9 +1070,12 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
         return (f"{where} must be a string holding JSON, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, got "
                 f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
     try:
-        value = json.loads(arguments)
+        value = strict_json(arguments)
     except ValueError as e:
-        return f"{where} is not valid JSON ({e.msg} at character {e.pos}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
+        return f"{where} is not valid JSON ({json_error(e)}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
+    except JsonTooDeep:
+        return (f"{where} is nested too deeply (arrays or objects inside each other more than Python's JSON parser "
+                f"reads, got {arguments!r:.40}): send the call's arguments as a flatter JSON object"), where
     if not isinstance(value, dict):
         # serve parses them for the chat template, which reads them as a mapping (Qwen's `arguments|items`): "[1, 2]"
         # or "3" reached it as a list or a number (a TypeError, or a prompt without them; a review, 2026-12-07)
@@ -1078,6 +1085,29 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
 
 
 JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool: "boolean", type(None): "null"}  # as JSON names them
+
+
+class JsonTooDeep(Exception):
+    """A request's JSON text (a tool call's arguments, generation_config) nested deeper than Python's parser goes."""
+
+
+def strict_json(text: str) -> Any:
+    """`text` parsed as JSON (RFC 8259) is. Python's json also takes NaN, Infinity and -Infinity, which are no JSON:
+    '{"a": NaN}' was taken as a call's arguments (a review, 2026-12-07); they are a ValueError here, as any text that
+    does not parse. Arrays or objects nested deeper than the parser goes ("[" * 100000 is valid JSON) raised
+    RecursionError, a 500 with a traceback (the same review): JsonTooDeep here."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a JSON value: JSON has no NaN or Infinity; send a number or null")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise JsonTooDeep() from None
+
+
+def json_error(e: ValueError) -> str:
+    """What strict_json's ValueError says, in one line: the parser's reason and where, or the constant refused."""
+    return f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else str(e)
 
 
 def no_arguments(arguments: Any) -> bool:
@@ -1109,12 +1139,6 @@ def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
         if problem:
             return problem
     return None
-
-
-def _json_text(value: Any) -> bool:
-    """Whether `value` is a string of a JSON object, as a call's arguments are (serve parses them for the chat
-    template), or empty (no_arguments)."""
-    return arguments_problem(value, "arguments") is None
 
 
 def chat_messages_problem(messages: Any) -> tuple[str, str] | None:
@@ -1633,9 +1657,11 @@ def generation_config_problem(raw: Any, limits: ModelLimits = ModelLimits()) -> 
         return (f"generation_config must be a string holding a JSON object of generate() settings, e.g. {example}, "
                 f"got {type(raw).__name__} {raw!r:.40}"), "generation_config"
     try:
-        settings = json.loads(raw)
+        settings = strict_json(raw)
     except ValueError as e:
         return f"generation_config must hold a JSON object of generate() settings, e.g. {example}: {e}", "generation_config"
+    except JsonTooDeep:
+        return f"generation_config is nested too deeply (got {raw!r:.40}): send a JSON object of generate() settings, e.g. {example}", "generation_config"
     if not isinstance(settings, dict):
         return (f"generation_config must hold a JSON object of generate() settings, e.g. {example}, "
                 f"got {type(settings).__name__} {settings!r:.40}"), "generation_config"

@@ -3505,7 +3505,6 @@ def test_out_of_memory_is_read_from_the_cpu_s_allocator_error_as_the_model_proce
 # passes once its defect is fixed, and then must lose its mark)
 
 
-@pytest.mark.xfail(strict=True, reason="arguments_problem: json.loads raises RecursionError on deeply nested JSON (a 500)")
 def test_request_problem_names_tool_call_arguments_nested_too_deeply_not_a_recursion_error():
     """A history tool call's `arguments` nested deeper than Python's JSON parser goes ("[" * 100000, valid JSON) raised
     RecursionError out of arguments_problem: the server answered a plain-text 500 "Internal Server Error" and logged a
@@ -3525,6 +3524,37 @@ def test_request_problem_names_tool_call_arguments_nested_too_deeply_not_a_recur
                                     {"type": "function_call_output", "call_id": "c1", "output": "20C"}]}, "input[1].arguments")):
         problem = request_problem(kind, body)
         assert problem is not None and problem[1] == field and "\n" not in problem[0], (kind, problem)
+        assert "arguments is nested too deeply" in problem[0], problem
+    problem = request_problem("chat", {"messages": [user], "generation_config": deep})
+    assert problem is not None and problem[1] == "generation_config" and "nested too deeply" in problem[0], problem
+
+
+def test_request_problem_refuses_nan_and_infinity_in_json_text_as_json_does():
+    """The same review: Python's json reads NaN, Infinity and -Infinity, which are no JSON, so '{"a": NaN}' was taken as
+    a history tool call's arguments (chat tool_calls, a legacy function_call, a Responses function_call item) and in
+    generation_config. Each is now the 400 of any arguments that do not parse, naming the field and the constant; the
+    same words as strings are arguments like any other."""
+    from tasks.export import request_problem
+
+    user, result = {"role": "user", "content": "W?"}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+
+    def bodies(arguments: str):
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        yield ("chat", {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result]},
+               "messages[1].tool_calls[0].function.arguments")
+        yield ("chat", {"messages": [user, {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": arguments}},
+                                     {"role": "function", "name": "get_weather", "content": "20C"}]}, "messages[1].function_call")
+        yield ("response", {"input": [user, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": arguments},
+                                      {"type": "function_call_output", "call_id": "c1", "output": "20C"}]}, "input[1].arguments")
+
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        for kind, body, field in bodies(f'{{"a": [1, {constant}]}}'):
+            problem = request_problem(kind, body)
+            assert problem is not None and problem[1] == field and f"{constant} is not a JSON value" in problem[0], (kind, problem)
+        problem = request_problem("chat", {"messages": [user], "generation_config": f'{{"temperature": {constant}}}'})
+        assert problem is not None and problem[1] == "generation_config" and f"{constant} is not a JSON value" in problem[0], problem
+        for kind, body, field in bodies(f'{{"a": "{constant}"}}'):
+            assert request_problem(kind, body) is None, (kind, body)
 
 
 @pytest.mark.xfail(strict=True, reason="template_message_index counts in the template's own `messages`, which a template may rebind")
