@@ -2227,14 +2227,19 @@ class StopCuttingQueue:
 def out_of_memory(error: BaseException | str) -> bool:
     """Whether `error` (an exception, or a stream's error text) is the model running out of memory: torch's
     OutOfMemoryError where generation runs in this process (transformers <= 5.24), or its text as transformers >= 5.25's
-    model process sends it across ("OutOfMemoryError: CUDA out of memory. ..."); on the CPU, torch's allocator's
-    RuntimeError (CPU_OUT_OF_MEMORY) or Python's MemoryError."""
+    model process sends it across ("OutOfMemoryError: CUDA out of memory. ..."), or as transformers <= 5.24 streams
+    it (str(e) alone: "CUDA out of memory. ..."); on the CPU, torch's allocator's RuntimeError (CPU_OUT_OF_MEMORY),
+    with its type name or without, or Python's MemoryError."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     while text.startswith("RuntimeError: "):  # the model process's wrapping, once or twice
         text = text.removeprefix("RuntimeError: ")
-    # the CPU's and Apple's (RuntimeErrors, not OutOfMemoryError: a CPU server's was still a 500; a second review)
-    return text.startswith(("OutOfMemoryError", "MemoryError", OUT_OF_MEMORY)) or \
+    # 5.17's stream (the GPU image's) sends the bare text: it was no out-of-memory error there (a review, 2026-12-07).
+    # The CPU's and Apple's are RuntimeErrors, not OutOfMemoryError (a CPU server's was still a 500; a second review).
+    return text.startswith(("OutOfMemoryError", "MemoryError", OUT_OF_MEMORY, CUDA_OUT_OF_MEMORY)) or \
         any(mark in text.split("\n", 1)[0] for mark in CPU_OUT_OF_MEMORY)
+
+
+CUDA_OUT_OF_MEMORY = "CUDA out of memory."  # how torch's OutOfMemoryError on a GPU starts its text
 
 
 CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory", "MPS backend out of memory")

@@ -3654,7 +3654,6 @@ def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_befo
     assert rc == 0 and "Traceback" not in text and "No response returned" not in text, text[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="out_of_memory reads 'OutOfMemoryError: ...' only; transformers <= 5.24 streams str(e)")
 def test_out_of_memory_reads_a_cuda_error_as_transformers_5_17_streams_it():
     """transformers 5.17 (the GPU image's) generates a stream on a thread of the server's process and sends its
     failure as `_StreamError(str(e))` (transformers/cli/serving/utils.py, BaseGenerateManager's `_run`): a CUDA
@@ -3672,3 +3671,9 @@ def test_out_of_memory_reads_a_cuda_error_as_transformers_5_17_streams_it():
     streamed = str(error)  # what 5.17's stream queue carries
     assert memory_device(streamed) == "cuda:0"
     assert out_of_memory(streamed), streamed
+    try:
+        torch.empty(2 ** 60, dtype=torch.uint8)  # the CPU allocator's error, streamed the same way: its text alone
+    except RuntimeError as e:
+        cpu = str(e)
+    assert out_of_memory(cpu) and memory_device(cpu) == "cpu", cpu
+    assert not out_of_memory("CUDA error: an illegal memory access was encountered")
