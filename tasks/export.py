@@ -1356,19 +1356,41 @@ def template_line(e: BaseException) -> int | None:
 
 
 def template_message_index(e: BaseException) -> int | None:
-    """The index of the chat message the template was rendering when it raised `e`, or None when its traceback does
-    not tell one. jinja shows a template's variables as the locals of its frames: the message is the one of the
-    template's `messages` that a variable (its loop's, e.g. `message`) is, the innermost frame that has one deciding."""
+    """The index in the request's messages of the chat message the template was rendering when it raised `e`, or None
+    when its traceback does not tell one. jinja shows a template's variables as the locals of its frames: the message
+    is the one that a variable (its loop's, e.g. `message`) is, the innermost frame that has one deciding. It is looked
+    up in the list the template was given (given_messages: the server's messages, one for one), not in the template's
+    own `messages`, which a template may rebind: Llama 3.1's takes the system turn off (`messages[1:]`), this
+    project's puts its default system turn in front (`[system] + messages`), and an index there named the message
+    before or after the failing one, or none of the request's (a review, 2026-12-07). A message the template made
+    itself is none of the request's. Only where the given list is not found is the template's `messages` read."""
+    given = given_messages(e)
     index = None
     for tb in _template_frames(e):
         local = tb.tb_frame.f_locals
-        messages = local.get("messages")
+        messages = given if given is not None else local.get("messages")
         if not isinstance(messages, list):
             continue
         held = {i for name, value in local.items() if name != "messages" for i, m in enumerate(messages) if value is m}
         if len(held) == 1:
             index = held.pop()
     return index
+
+
+def given_messages(e: BaseException) -> list | None:
+    """The `messages` a chat template that raised `e` was given to render, as its traceback holds them (the jinja
+    Context of the template's render call), or None. transformers hands the template a copy of the messages the server
+    passed to apply_chat_template (render_jinja_template's _plain_template_data): the same messages in the same order,
+    each a new object, so the template's variables are these, not the server's."""
+    from jinja2.runtime import Context
+
+    tb = e.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, Context) and isinstance(value.parent.get("messages"), list):
+                return value.parent["messages"]
+        tb = tb.tb_next
+    return None
 
 
 @dataclass(frozen=True)

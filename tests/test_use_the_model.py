@@ -3557,7 +3557,6 @@ def test_request_problem_refuses_nan_and_infinity_in_json_text_as_json_does():
             assert request_problem(kind, body) is None, (kind, body)
 
 
-@pytest.mark.xfail(strict=True, reason="template_message_index counts in the template's own `messages`, which a template may rebind")
 def test_serve_model_merged_names_the_request_s_message_when_the_chat_template_rebinds_messages(served_r1):
     """template_message_index finds the message a failing template was rendering in the template's `messages`
     variable. A template that rebinds it counts otherwise than the request: Llama 3.1's takes the system turn off
@@ -3583,6 +3582,22 @@ def test_serve_model_merged_names_the_request_s_message_when_the_chat_template_r
         code, answer = _request(url, {"messages": messages, "max_tokens": 1, "chat_template_kwargs": {"chat_template": template}})
         error = json.loads(answer)["error"] if code == 400 else {}
         assert error.get("param") == field, (field, code, answer[:300])
+
+
+def test_template_failure_names_no_request_message_for_one_the_template_made():
+    """With the rebinding above: a template that puts its own system turn in front of the request's messages and then
+    refuses a system turn refused the one it made, which was named messages[0], the request's user turn. It is named
+    as none of the request's messages now (the field is `messages`), as transformers hands a template its messages."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tasks.export import template_failure
+
+    template = ("{%- set messages = [{'role': 'system', 'content': 'Be brief.'}] + messages %}{% for m in messages %}"
+                "{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    with pytest.raises(Exception) as raised:
+        render_jinja_template([[{"role": "user", "content": "hi"}]], chat_template=template)
+    message, field = template_failure(raised.value, "chat")
+    assert field == "messages" and message.endswith("System role not supported"), (field, message)
 
 
 def test_serve_model_merged_405_on_a_get_route_allows_head_too(served_r1):
