@@ -780,9 +780,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a link to
     the merged folder: it loads the same files, lists and answers as `name`, and no path leaves the machine. A request
     naming another model is answered by this one, as llama.cpp's server does (`answer_as_openai_does`). It has no
-    API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered."""
-    import hmac
-
+    API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered (ServedOnly)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers.cli import serve as hf_serve
@@ -793,28 +791,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     def build_guarded(*args, **kwargs):
         app = build(*args, **kwargs)
         answer_head_where_get_is_served(app)
-
-        @app.middleware("http")
-        async def guard(request, call_next):
-            path = request.url.path.rstrip("/") or "/"
-            if path not in SERVED_PATHS:
-                return openai_error(f"{request.method} {path} is not served; this endpoint serves {name} at "
-                                    f"{', '.join(SERVED_PATHS)} only", None, 404)
-            # a served path with a trailing slash is served, not redirected: Starlette's 307 had an empty body (`curl -d`
-            # printed nothing) and a Location built from the Host header (http:// behind a TLS proxy; a second review)
-            request.scope["path"] = path
-            if request.method == "POST":
-                # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
-                # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".
-                request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
-                    (b"content-type", b"application/json")]
-            if api_key and path != "/health":
-                auth = request.headers.get("authorization", "")
-                given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-                if not hmac.compare_digest(given.encode(), api_key.encode()):
-                    return openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
-                                        kind="authentication_error", code="invalid_api_key")
-            return await call_next(request)
+        app.add_middleware(ServedOnly, name=name, api_key=api_key)  # the outermost layer: added last
 
         @app.exception_handler(StarletteHTTPException)
         async def routing_error(request, exc):
@@ -851,6 +828,55 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     signal.signal(signal.SIGTERM, _exit_after_stop)
     signal.signal(STOP_NOW_SIGNAL, _exit_now)
     hf_serve.Serve(force_model=name, host=host, port=port)
+
+
+class ServedOnly:
+    """The merged server's outermost ASGI layer: only the inference routes (SERVED_PATHS) are answered, a POST body is
+    read as JSON whatever its Content-Type, and with an API key every route but /health needs it.
+
+    A plain ASGI middleware, not Starlette's BaseHTTPMiddleware (`@app.middleware("http")`, which it was): that one runs
+    the app in a task of its own and raises "RuntimeError: No response returned." when the app ends without starting
+    an answer, as it does when the client leaves first (transformers' CancelOnDisconnect cancels the request's
+    handling): a stream held until its first token (answer_once_generating) or a non-streamed answer still generating
+    logged "Exception in ASGI application" with a traceback (a review, 2026-12-07). Here the app just returns, and
+    uvicorn, which saw the client leave, logs nothing."""
+
+    def __init__(self, app, name: str, api_key: str | None) -> None:
+        self.app, self.name, self.api_key = app, name, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # the lifespan's startup and shutdown
+            return await self.app(scope, receive, send)
+        scope, refused = self.guarded(scope)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def guarded(self, scope: dict) -> tuple[dict, Any]:
+        """(the request's scope as the app reads it, None), or (scope, the error response answering it)."""
+        import hmac
+
+        from starlette.datastructures import Headers
+
+        path, method = scope["path"].rstrip("/") or "/", scope["method"]
+        if path not in SERVED_PATHS:
+            return scope, openai_error(f"{method} {path} is not served; this endpoint serves {self.name} at "
+                                       f"{', '.join(SERVED_PATHS)} only", None, 404)
+        # a served path with a trailing slash is served, not redirected: Starlette's 307 had an empty body (`curl -d`
+        # printed nothing) and a Location built from the Host header (http:// behind a TLS proxy; a second review)
+        scope = {**scope, "path": path}
+        if method == "POST":
+            # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
+            # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
+        if self.api_key and path != "/health":
+            headers = Headers(scope=scope)
+            auth = headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
+                                           kind="authentication_error", code="invalid_api_key")
+        return scope, None
 
 
 def answer_head_where_get_is_served(app) -> None:

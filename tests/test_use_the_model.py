@@ -3501,8 +3501,7 @@ def test_out_of_memory_is_read_from_the_cpu_s_allocator_error_as_the_model_proce
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A third review of serve-model (2026-12-07, review-server2): defects found, not fixed here (xfail strict: each
-# passes once its defect is fixed, and then must lose its mark)
+# A third review of serve-model (2026-12-07, review-server2): defects found (each test failed before its fix)
 
 
 def test_request_problem_names_tool_call_arguments_nested_too_deeply_not_a_recursion_error():
@@ -3619,7 +3618,6 @@ def test_serve_model_merged_405_on_a_get_route_allows_head_too(served_r1):
             path, answer.status, answer.getheader("allow"))
 
 
-@pytest.mark.xfail(strict=True, reason="answer_once_generating re-raises the client's cancellation: Starlette logs 'No response returned'")
 def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_before_its_first_token(own_published, tmp_path):
     """A stream's answer is now held until generation's first item (answer_once_generating). A client that leaves in
     that time (Ctrl-C during a long prompt's prefill, a client's timeout) had its handler cancelled before it returned a
@@ -3653,12 +3651,13 @@ def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_befo
         code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert code == 200, answer[:300]
         host, port = base.removeprefix("http://").split(":")
-        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": True}).encode()
-        with socket.create_connection((host, int(port))) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            time.sleep(1)  # the request is in; nothing was answered yet (the answer waits for the first token)
-        time.sleep(6)  # the disconnect is seen and the held generation ends
+        for stream in (True, False):  # a non-streamed answer still generating: the same (found with the fix)
+            body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": stream}).encode()
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                time.sleep(1)  # the request is in; nothing was answered yet (the answer waits for the first token)
+            time.sleep(6)  # the disconnect is seen and the held generation ends
         code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert code == 200, answer[:300]
     finally:
