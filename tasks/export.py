@@ -2397,7 +2397,9 @@ class StrippedTextQueue:
     "\n" or was "\n\n" alone, and the content began with "\n\n", whitespace-only deltas the non-streamed answer
     has not, whose content differed from the stream's joined (a review, 2026-12-07). So a text's leading whitespace
     is dropped, and whitespace after its last other character held back until more text follows (then sent with
-    it) or the text ends (then dropped). Tool calls, the end and errors pass as they come."""
+    it) or the text ends (then dropped). Tool calls, the end and errors pass as they come. A stop string cuts the text
+    after this (StopCuttingQueue): cut right after whitespace, the text ends with it, as the non-streamed answer cut at
+    the same stop does, and that whitespace may be a delta of its own ("Para1", "\n\n" for stop "Para2")."""
 
     def __init__(self, queue, stripped: set[str]) -> None:
         from collections import deque
