@@ -27,6 +27,7 @@ export, this run gets its own folder (the published files hard-linked), assemble
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -839,7 +840,9 @@ class ServedOnly:
     an answer, as it does when the client leaves first (transformers' CancelOnDisconnect cancels the request's
     handling): a stream held until its first token (answer_once_generating) or a non-streamed answer still generating
     logged "Exception in ASGI application" with a traceback (a review, 2026-12-07). Here the app just returns, and
-    uvicorn, which saw the client leave, logs nothing."""
+    uvicorn, which saw the client leave, logs nothing. A request still answered when a stop's grace ends
+    (_bounded_graceful_shutdown) is cancelled by uvicorn: it ends here, its stream closed or a 503 sent if nothing was,
+    where uvicorn would log the cancellation with a traceback (BaseHTTPMiddleware's task group took it quietly)."""
 
     def __init__(self, app, name: str, api_key: str | None) -> None:
         self.app, self.name, self.api_key = app, name, api_key
@@ -850,7 +853,23 @@ class ServedOnly:
         scope, refused = self.guarded(scope)
         if refused is not None:
             return await refused(scope, receive, send)
-        await self.app(scope, receive, send)
+        started = ended = False
+
+        async def noting(message) -> None:
+            nonlocal started, ended
+            await send(message)
+            started = started or message["type"] == "http.response.start"
+            ended = ended or message["type"] == "http.response.body" and not message.get("more_body", False)
+
+        try:
+            await self.app(scope, receive, noting)
+        except asyncio.CancelledError:  # the stop's grace is over (a client leaving is CancelOnDisconnect's, not raised)
+            if started and not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif not started:
+                await openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
+                                   "after a stop are cut off); send the request again once it is back", None, 503,
+                                   kind="server_error")(scope, receive, send)
 
     def guarded(self, scope: dict) -> tuple[dict, Any]:
         """(the request's scope as the app reads it, None), or (scope, the error response answering it)."""

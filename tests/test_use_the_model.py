@@ -3667,6 +3667,50 @@ def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_befo
     assert rc == 0 and "Traceback" not in text and "No response returned" not in text, text[-3000:]
 
 
+def test_serve_model_merged_stopped_while_a_stream_waits_for_its_first_token_answers_503_without_a_traceback(own_published, tmp_path):
+    """With the guard a plain ASGI middleware (the fix above), a request uvicorn cancels when a stop's grace ends
+    (GGUF_STOP_GRACE_S) reached uvicorn as a CancelledError, logged with a traceback; a stream under way now ends
+    quietly (test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_without_a_traceback), and one
+    still held for its first token is answered 503, the server stopped, with nothing in the log. Generation here
+    waits 12 s before its first token (injected for max_tokens 13)."""
+    import signal
+    import threading
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import time\n"
+        "from transformers.generation import utils\n"
+        "generate = utils.GenerationMixin.generate\n"
+        "def slow_to_start(self, *args, **kwargs):\n"
+        "    config = kwargs.get('generation_config')\n"
+        "    if kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)) == 13:\n"
+        "        time.sleep(12)\n"
+        "    return generate(self, *args, **kwargs)\n"
+        "utils.GenerationMixin.generate = slow_to_start\n")
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    answered = {}
+    try:
+        code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert code == 200, answer[:300]
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": True}
+        client = threading.Thread(target=lambda: answered.update(zip(("code", "text"), _request(f"{base}/v1/chat/completions", body))))
+        client.start()
+        time.sleep(2)  # the request is held: its generation waits
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    client.join(timeout=60)
+    text = log.read_text()
+    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert answered.get("code") == 503 and "stopped before answering" in json.loads(answered["text"])["error"]["message"], answered
+
+
 def test_out_of_memory_reads_a_cuda_error_as_transformers_5_17_streams_it():
     """transformers 5.17 (the GPU image's) generates a stream on a thread of the server's process and sends its
     failure as `_StreamError(str(e))` (transformers/cli/serving/utils.py, BaseGenerateManager's `_run`): a CUDA
