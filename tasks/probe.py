@@ -4,7 +4,7 @@ Loads the model exactly as training will, runs a few untimed then a few timed op
 batches of the formatted data (same micro-batch, accumulation and engine), and measures seconds per step,
 tokens/s, peak memory, the model-load time, a checkpoint's save and the final save (apart: a checkpoint writes the
 optimizer state too). Then `max_steps` is the step where stage 4's guard stops at that speed: the run ends nearest the
-budget (tasks/train.py `planned_steps`, the guard's own rule), after fixed = load + final save + the checkpoints it saves.
+budget (tasks/budget.py `planned_steps`, the guard's own rule), after fixed = load + final save + the checkpoints it saves.
 
 With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/engine/launch.py) and times the
 data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .budget import checkpoints_saved, planned_steps
 from .common import StageError, building, changed_file, complete_record, fingerprint, is_complete, locked, maybe_fault, stage_dir, write_json
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split, rows_key
@@ -43,7 +44,6 @@ from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
                      resolve_model)
-from .train import checkpoints_saved, planned_steps
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
 

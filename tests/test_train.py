@@ -881,7 +881,7 @@ def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: f
 def test_the_budget_stops_where_the_run_ends_nearest_the_deadline(tmp_path, monkeypatch, step_s, budget_s, ends_at):
     """The guard stopped before any crossing, so a run ended up to a whole step short (a 90-s budget of 3.1-s steps:
     -3.5%); it now ends where the deadline is nearest, at most half a step over or under."""
-    from tasks.train import planned_steps
+    from tasks.budget import planned_steps
 
     guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, step_s)
     assert guard.stopped_by == "budget"
@@ -913,7 +913,7 @@ def test_a_checkpoint_due_at_the_deciding_step_counts_in_the_nearest_end(tmp_pat
     checkpoint's save too (no checkpoint is saved on a budget stop), so the guard that weighed half the step alone ran
     past the deadline by the step's half plus the save (tests/test_resume.py checkpoints every 3 s of a 24-s budget).
     The step is timed without the checkpoint saved before it, else a save every step counts twice."""
-    from tasks.train import planned_steps
+    from tasks.budget import planned_steps
 
     save_s = 1.0  # a checkpoint's save and the final adapter's, here the same
     guard, steps, end = _run_guard(tmp_path, monkeypatch, budget_s, 3.0, checkpoint_s, save_s, save_s)
@@ -951,7 +951,7 @@ def test_the_probes_plan_is_the_steps_the_guard_runs_at_the_probed_speed(tmp_pat
     deadline: a run took a step more than the plan said (and the warm-up built on it). The plan is the guard's rule now
     (`planned_steps`), checkpoints (due at the deciding step too) and the final save included; a load past the budget
     plans one step, as the guard runs one."""
-    from tasks.train import planned_steps
+    from tasks.budget import planned_steps
 
     for budget_s in (30.0, 61.0, 100.5):
         _, steps, _ = _run_guard(tmp_path, monkeypatch, budget_s, step_s, every_s, checkpoint_s, final_s, start_s)
