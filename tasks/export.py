@@ -2241,18 +2241,50 @@ def set_setting(gen, name: str, value) -> None:
         setattr(gen, name, value)
 
 
-class StopCuttingQueue:
+class RewritingQueue:
+    """A stream's queue (`await get()`, `get_nowait()`, `empty()`) that passes on what `_take` makes of each item the
+    queue it wraps gives: `_take` appends to `ready` what is to go out (nothing while it holds text back, or several).
+    Whatever else a handler asks of it is the wrapped queue's."""
+
+    def __init__(self, queue) -> None:
+        from collections import deque
+
+        self.queue = queue
+        self.ready: deque = deque()
+
+    def _take(self, item) -> None:
+        raise NotImplementedError
+
+    async def get(self):
+        while not self.ready:
+            self._take(await self.queue.get())
+        return self.ready.popleft()
+
+    def get_nowait(self):
+        while not self.ready:
+            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
+        return self.ready.popleft()
+
+    def empty(self) -> bool:
+        """Whether `get_nowait` would find nothing: text held back does not count."""
+        while not self.ready and not self.queue.empty():
+            self._take(self.queue.get_nowait())
+        return not self.ready
+
+    def __getattr__(self, name: str):
+        return getattr(self.queue, name)
+
+
+class StopCuttingQueue(RewritingQueue):
     """The generation queue a transformers serve handler reads (`await get()`, `get_nowait()`), passing answer text
     only up to the earliest stop string. The end of the text that could still grow into a stop string is held back
     until it does not; at a stop the rest is dropped, `on_stop` runs, and the handler gets the end of the stream (None).
     Reasoning text, tool calls and errors pass as they come."""
 
     def __init__(self, queue, stops: list[str], on_stop) -> None:
-        from collections import deque
-
-        self.queue, self.stops, self.on_stop = queue, stops, on_stop
+        super().__init__(queue)
+        self.stops, self.on_stop = stops, on_stop
         self.text, self.sent, self.stopped = "", 0, False
-        self.ready: deque = deque()
 
     def _take(self, item) -> None:
         from transformers.cli.serving.utils import ReasoningText
@@ -2275,23 +2307,6 @@ class StopCuttingQueue:
             self.ready.append(self.text[self.sent:])
             self.sent = len(self.text)
         self.ready.append(item)
-
-    async def get(self):
-        while not self.ready:
-            self._take(await self.queue.get())
-        return self.ready.popleft()
-
-    def get_nowait(self):
-        while not self.ready:
-            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
-        return self.ready.popleft()
-
-    def empty(self) -> bool:
-        """Whether `get_nowait` would find nothing: text held back as a possible stop string does not count."""
-        while not self.ready and not self.queue.empty():
-            self._take(self.queue.get_nowait())
-        return not self.ready
-
 
 def out_of_memory(error: BaseException | str) -> bool:
     """Whether `error` (an exception, or a stream's error text) is the model running out of memory: torch's
@@ -2409,7 +2424,7 @@ def stripped_text(template: dict | None) -> set[str]:
             and field.get("content", "text") == "text" and (field.get("content_args") or {}).get("strip", True)}
 
 
-class StrippedTextQueue:
+class StrippedTextQueue(RewritingQueue):
     """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose answer text and reasoning (the kinds in
     `stripped`) come as the whole-answer parser reads them: without the whitespace at their start and end. Its
     stream parser sends the text as it comes: on Qwen 3's template (thinking on or off) the reasoning began with
@@ -2421,12 +2436,10 @@ class StrippedTextQueue:
     the same stop does, and that whitespace may be a delta of its own ("Para1", "\n\n" for stop "Para2")."""
 
     def __init__(self, queue, stripped: set[str]) -> None:
-        from collections import deque
-
-        self.queue, self.stripped = queue, stripped
+        super().__init__(queue)
+        self.stripped = stripped
         self.started: set[str] = set()
         self.held: dict[str, str] = {}
-        self.ready: deque = deque()
 
     def _take(self, item) -> None:
         from transformers.cli.serving.utils import ReasoningText
@@ -2443,26 +2456,6 @@ class StrippedTextQueue:
         self.held[kind] = text[len(body):]
         if body:
             self.ready.append(type(item)(body))
-
-    async def get(self):
-        while not self.ready:
-            self._take(await self.queue.get())
-        return self.ready.popleft()
-
-    def get_nowait(self):
-        while not self.ready:
-            self._take(self.queue.get_nowait())  # asyncio.QueueEmpty when nothing came yet, as the handlers expect
-        return self.ready.popleft()
-
-    def empty(self) -> bool:
-        """Whether `get_nowait` would find nothing: whitespace held back does not count."""
-        while not self.ready and not self.queue.empty():
-            self._take(self.queue.get_nowait())
-        return not self.ready
-
-    def __getattr__(self, name: str):
-        return getattr(self.queue, name)
-
 
 class ErrorNamingQueue:
     """A stream's queue (`await get()`, `get_nowait()`, `empty()`) whose error item (transformers' _StreamError, which
