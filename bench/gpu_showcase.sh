@@ -72,21 +72,9 @@ if [[ $cmd == start ]]; then
   # 2026-12-04, so k's and l's runs never unpacked the one given): the base's benchmark answers from an earlier showcase on this kind
   # of machine (what `poll` brings back); both are artifacts/cache/<stage>/<key> folders, used only when keys match
   for t in "$up"/data-*.tar.xz "$up"/eval-base*.tar.xz; do [[ -f $t ]] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$t" "$art"; done
-  # a data stage's record names the artifacts folder it was built in (another machine's): point it at this one
-  # (`dir` is <folder>/cache/data/<key>; only values that are that folder or lie under it are rewritten)
-  python3 -c "
-import json, pathlib, sys
-art = sys.argv[1]
-for rec in pathlib.Path(art).glob('cache/data/*/record.json'):
-    d = json.loads(rec.read_text())
-    tail = '/cache/data/' + rec.parent.name
-    if not d.get('dir', '').endswith(tail) or d['dir'] == tail:
-        print(f'{rec}: dir {d.get(\"dir\")!r} is not <folder>{tail}; left as it is', file=sys.stderr); continue
-    built = d['dir'][: -len(tail)]
-    if built != art:
-        d = {k: art + v[len(built):] if isinstance(v, str) and (v == built or v.startswith(built + '/')) else v for k, v in d.items()}
-        rec.write_text(json.dumps(d, indent=2))
-" "$art"
+  # a data stage's record names the artifacts folder it was built in (another machine's): the stages read it through
+  # tasks.common.read_record, which points its paths at this folder; rewriting record.json here (as before 2026-12-07)
+  # now fails stage 1, whose COMPLETE marker lists each file's size and sha256 ("marked complete but its file record.json is ...")
   sets=(--set "artifacts_dir=$art" --set "export.gguf=[]")
   for s in "$@"; do sets+=("$s"); done
   rm -f "$rc"  # a second start on a warm machine (another setting, same ART: stages 1-2 cached)
