@@ -3618,6 +3618,24 @@ def test_serve_model_merged_405_on_a_get_route_allows_head_too(served_r1):
             path, answer.status, answer.getheader("allow"))
 
 
+def _slow_to_start(tmp_path: Path, seconds: float) -> Path:
+    """A folder whose sitecustomize.py makes the server's generation wait `seconds` before its first token when a request
+    asks for max_tokens 13 (a long prompt's prefill, as a client waits for it); to go first on the server's PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import time\n"
+        "from transformers.generation import utils\n"
+        "generate = utils.GenerationMixin.generate\n"
+        "def slow_to_start(self, *args, **kwargs):\n"
+        "    config = kwargs.get('generation_config')\n"
+        "    if kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)) == 13:\n"
+        f"        time.sleep({seconds})\n"
+        "    return generate(self, *args, **kwargs)\n"
+        "utils.GenerationMixin.generate = slow_to_start\n")
+    return site
+
+
 def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_before_its_first_token(own_published, tmp_path):
     """A stream's answer is now held until generation's first item (answer_once_generating). A client that leaves in
     that time (Ctrl-C during a long prompt's prefill, a client's timeout) had its handler cancelled before it returned a
@@ -3631,20 +3649,8 @@ def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_befo
     from tasks.common import PROJECT_ROOT
 
     cfg, art, pub, _ = own_published
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import time\n"
-        "from transformers.generation import utils\n"
-        "generate = utils.GenerationMixin.generate\n"
-        "def slow_to_start(self, *args, **kwargs):\n"
-        "    config = kwargs.get('generation_config')\n"
-        "    if kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)) == 13:\n"
-        "        time.sleep(5)\n"
-        "    return generate(self, *args, **kwargs)\n"
-        "utils.GenerationMixin.generate = slow_to_start\n")
     log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{_slow_to_start(tmp_path, 5)}:{PROJECT_ROOT}"})
     try:
         # a first request warms the server up, so that the client below leaves while its generation waits, not while
         # the model's process starts its first request
@@ -3680,20 +3686,8 @@ def test_serve_model_merged_stopped_while_a_stream_waits_for_its_first_token_ans
     from tasks.common import PROJECT_ROOT
 
     cfg, art, pub, _ = own_published
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import time\n"
-        "from transformers.generation import utils\n"
-        "generate = utils.GenerationMixin.generate\n"
-        "def slow_to_start(self, *args, **kwargs):\n"
-        "    config = kwargs.get('generation_config')\n"
-        "    if kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)) == 13:\n"
-        "        time.sleep(12)\n"
-        "    return generate(self, *args, **kwargs)\n"
-        "utils.GenerationMixin.generate = slow_to_start\n")
     log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{_slow_to_start(tmp_path, 12)}:{PROJECT_ROOT}"})
     answered = {}
     try:
         code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
