@@ -27,7 +27,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class TrainRecord(BaseModel):
     compile_layers: bool = False  # the decoder layers ran compiled (training.compile, as the probe timed them)
     compile_seconds: float = 0.0  # compiling them, inside the budget (the probe counted it as fixed cost)
     passes: float | None = None  # tokens read / the data stage's training tokens: how many times the rows were read
-    budget_stop: dict | None = None  # the budget's stop as the guard weighed it (`BudgetGuard.weigh`); None: something else ended the run
+    budget_stop: dict | None = None  # the budget's stop as the guard of the rank that made it weighed it (`BudgetGuard.stop_record`); None: something else ended the run
 
     def outputs_exist(self) -> bool:
         return (is_complete(Path(self.dir)) and (Path(self.adapter_dir) / "adapter_config.json").is_file()
@@ -220,12 +220,14 @@ class BudgetGuard(_trainer_callback_base()):
     With several ranks (training.gpus > 1) every rank runs a guard on its own clock; the stop/save/interrupt
     decisions and the elapsed time are max-reduced over the ranks at each step, so all ranks stop and save at
     the same step (a rank that stopped alone would leave the others waiting in the next all-reduce) and the
-    time-based LR schedule reads the same clock everywhere (else the replicas' LoRA weights drift apart).
-    Rank 0 alone writes the heartbeat and the checkpoint markers.
+    time-based LR schedule reads the same clock everywhere (else the replicas' LoRA weights drift apart). A budget stop
+    is recorded as the rank that made it weighed it (`stop_record`). Rank 0 alone writes the heartbeat and the checkpoint
+    markers.
     """
 
     def __init__(self, work: Path, budget_s: float, prior_elapsed: float, checkpoint_s: float, checkpoint_save_s: float, final_save_s: float,
-                 log_fn=None):
+                 log_fn=None, clock: Callable[[], float] | None = None):
+        self.clock = clock or time.monotonic  # the guard's only clock: a test gives each rank its own (tests/test_multi_gpu.py)
         self.work = work
         self.budget_s = budget_s
         self.prior = prior_elapsed
@@ -234,7 +236,7 @@ class BudgetGuard(_trainer_callback_base()):
         self.final_save_s = final_save_s  # what the final adapter's save costs, after the last step (the probe's final_save_cost)
         self.weighed: list[dict] = []  # this process's last two steps as `weigh` judged them
         self.budget_stop: dict | None = None  # a budget stop's weighing, for the record
-        self.t0 = time.monotonic()
+        self.t0 = self.clock()
         self.last_ckpt = self.t0
         self.last_step_t = self.t0
         self.step_s: list[float] = []
@@ -249,7 +251,7 @@ class BudgetGuard(_trainer_callback_base()):
         self.parts_step = 0
 
     def elapsed(self) -> float:
-        return self.prior + time.monotonic() - self.t0
+        return self.prior + self.clock() - self.t0
 
     def progress(self) -> float:
         """Share of the trainable budget used (the LR schedule's clock)."""
@@ -258,7 +260,7 @@ class BudgetGuard(_trainer_callback_base()):
 
     def on_step_end(self, args, state, control, **kw):
         maybe_fault(f"train-rank{dist.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
-        now = time.monotonic()
+        now = self.clock()
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
@@ -271,15 +273,14 @@ class BudgetGuard(_trainer_callback_base()):
         # checkpoint due now is part of going on (a budget stop saves none): weighing the step alone ran half of it and the
         # checkpoint's save past the deadline. Each save at its own cost: the probe's one number for a checkpoint and the
         # final save together, reserved for the final save at every step, ended H100 runs ~0.4-0.5 s early.
-        stop = self.weigh(state.global_step, self.elapsed(), recent, save) and state.global_step < state.max_steps
-        stop, save, interrupted, self.synced_elapsed = dist.sync_max([stop, save, self.interrupted, self.elapsed()])
+        mine = self.weigh(state.global_step, self.elapsed(), recent, save) and state.global_step < state.max_steps
+        stop, save, interrupted, self.synced_elapsed = dist.sync_max([mine, save, self.interrupted, self.elapsed()])
         if dist.is_main():
             write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
         if stop:
             # No checkpoint on a budget stop: the final adapter is saved right after, in the budget's time.
             self.stopped_by = "budget"
-            self.budget_stop = {"budget_seconds": self.budget_s, "prior_elapsed": self.prior, "checkpoint_save_seconds": self.checkpoint_save_s,
-                                "final_save_seconds": self.final_save_s, "steps": list(self.weighed)}
+            self.budget_stop = self.stop_record(mine)
             control.should_training_stop = True
         if save and not stop:
             control.should_save = True
@@ -288,6 +289,16 @@ class BudgetGuard(_trainer_callback_base()):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def stop_record(self, mine: bool) -> dict:
+        """The budget stop as the rank that made it weighed it (the first such rank), for TrainRecord.budget_stop. Each
+        rank weighs on its own clock and the stop is any rank's: rank 0's own weighing, which rank 0 recorded alone, read
+        as a run that went on (its last step ending well inside the budget) where another rank's clock had stopped it.
+        Every rank reaches this at the same step (the stop is max-reduced), so all take part in the gather."""
+        ranks = dist.all_gather([mine, self.weighed])
+        rank = next((r for r, (stopped, _) in enumerate(ranks) if stopped), dist.rank())
+        return {"budget_seconds": self.budget_s, "prior_elapsed": self.prior, "checkpoint_save_seconds": self.checkpoint_save_s,
+                "final_save_seconds": self.final_save_s, "rank": rank, "steps": list(ranks[rank][1])}
 
     def weigh(self, step: int, elapsed: float, step_s: float, checkpoint_due: bool) -> bool:
         """`stop_nearest` at this step, kept (the last two steps) for the record: where stopping would end the run and
@@ -326,7 +337,7 @@ class BudgetGuard(_trainer_callback_base()):
         if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
             left = max(self.budget_s - self.elapsed(), 0)
             tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start
-            tok_s = tok_s / max(time.monotonic() - self.t0, 1e-9) if tok_s > 0 else 0
+            tok_s = tok_s / max(self.clock() - self.t0, 1e-9) if tok_s > 0 else 0
             # one rank's parts are its share of the step's loss (the Trainer sums the ranks'): shown on one process only
             parts = self.loss_parts() if self.loss_parts and dist.world() == 1 else {}
             steps = max(state.global_step - self.parts_step, 1)  # the loss shown is the mean over the steps since the last line
@@ -336,7 +347,7 @@ class BudgetGuard(_trainer_callback_base()):
                         f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
 
     def on_save(self, args, state, control, **kw):
-        self.last_ckpt = self.last_step_t = time.monotonic()  # the next step is timed without this save (on_step_end adds it when due)
+        self.last_ckpt = self.last_step_t = self.clock()  # the next step is timed without this save (on_step_end adds it when due)
         dist.barrier()  # every rank has written its part (its RNG state) before the marker says complete
         ckpt = self.work / f"checkpoint-{state.global_step}"
         if dist.is_main() and ckpt.is_dir():
@@ -619,7 +630,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     guard.t0 = t_stage  # the budget covers loading too
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts
-    guard.last_ckpt = time.monotonic()
+    guard.last_ckpt = guard.clock()
     tb_dir = out / "work" / "tensorboard"
     from torch.utils.tensorboard import SummaryWriter
 

@@ -1633,6 +1633,47 @@ def test_a_sigterm_while_the_ranks_load_is_a_stop_not_a_torchrun_failure(monkeyp
     assert isinstance(outcome, (KeyboardInterrupt, TrainingStopped)), (repr(outcome), logs)
 
 
+# Each rank runs stage 4's BudgetGuard through three steps as Trainer does (on_step_end, all ranks together), on a clock
+# of its own: 10-s steps on rank 0; rank 1's third step stalls (it ends at 95 s: a slow rank, a straggling host). With a
+# 100-s budget and a 1-s final save only rank 1's weighing stops (95 + 10 / 2 + 1 >= 100; rank 0's: 30 + 5 + 1 < 100).
+# Rank 0 writes the guard's record of the stop (TrainRecord.budget_stop) as the stage's result.
+_RANKS_WEIGH_ON_THEIR_OWN_CLOCKS = """import sys, types
+from pathlib import Path
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from tasks.common import write_json
+from tasks.train import BudgetGuard
+ends = {0: [10.0, 20.0, 30.0], 1: [10.0, 20.0, 95.0]}[dist.get_rank()]
+now = [0.0]
+guard = BudgetGuard(Path(sys.argv[1]).parent, 100.0, 0.0, 1e9, 0.0, 1.0, clock=lambda: now[0])
+state = types.SimpleNamespace(global_step=0, max_steps=1000)
+control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+for t in ends:
+    now[0], state.global_step = t, state.global_step + 1
+    guard.on_step_end(None, state, control)
+    if control.should_training_stop:
+        break
+if dist.get_rank() == 0:
+    write_json(Path(sys.argv[1]), {"step": state.global_step, "stopped_by": guard.stopped_by, "budget_stop": guard.budget_stop})
+dist.destroy_process_group()
+"""
+
+
+def test_the_record_of_a_budget_stop_is_the_weighing_of_the_rank_that_made_it(monkeypatch, tmp_path):
+    """With several ranks each guard weighs the stop on its own clock and the stop is any rank's (max-reduced), but the
+    record (TrainRecord.budget_stop, written by rank 0) held rank 0's own weighing: a stop that rank 1 made read as one
+    whose last step said go on (ends 31 s into a 100-s budget). It now holds the weighing of the rank that stopped, and
+    says which rank that was. 2 gloo ranks under the real torchrun, each guard on a clock of its own."""
+    outcome, logs = _real_torchrun_on(monkeypatch, tmp_path, _RANKS_WEIGH_ON_THEIR_OWN_CLOCKS, lambda started: None)
+    assert isinstance(outcome, dict), (repr(outcome), logs)
+    assert (outcome["step"], outcome["stopped_by"]) == (3, "budget"), outcome  # both ranks stopped at rank 1's step
+    stop = outcome["budget_stop"]
+    before, last = stop["steps"]
+    assert (before["step"], before["elapsed"], last["step"], last["elapsed"]) == (2, 20.0, 3, 95.0), stop
+    assert (last["ends_if_stopped"], last["ends_after_one_more"]) == (96.0, 106.0), stop  # stopping was nearer
+    assert stop["rank"] == 1, stop
+
+
 # torchrun that got a stop signal from someone else (its own pid signalled, the terminal's group) and ended as torch's
 # does: its "death signal" line, then exit 1 with no failure summary; its ranks, still loading, left no record
 _TORCHRUN_TOLD_TO_STOP = """import sys

@@ -6,6 +6,7 @@ same code in one process and in N.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..common import StageError
 
@@ -84,6 +85,17 @@ def sync_max(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] in one process). A pickle round trip per
+    call: for a rare event (a budget stop), not every step."""
+    dist = _process_group()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
