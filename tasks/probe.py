@@ -82,6 +82,21 @@ class ProbeRecord(BaseModel):
         checkpoint and the final save together, what stage 4 reserved for the final save then)."""
         return self.save_seconds if self.final_save_seconds is None else self.final_save_seconds
 
+    @property
+    def plan_rule(self) -> str:
+        """The rule `max_steps` was planned with: "nearest", the step where stage 4's guard stops (the run ends nearest the
+        budget: tasks/budget.py `planned_steps`), or "floor", floor((budget - fixed) / step), in a record cached before
+        the probe planned with the guard's rule (it had no final_save_seconds: both came in one session, 2026-12-07)."""
+        return "floor" if self.final_save_seconds is None else "nearest"
+
+    def plan_words(self, short: bool = False) -> str:
+        """What `max_steps` is, by the record's own rule: in full for the step-budget artifact, `short` for the log line."""
+        if self.plan_rule == "floor":
+            return ("the floor rule of an older cached probe: training may take a step more" if short else
+                    f"floor((budget - fixed) / step), the steps that fit in the {self.budget_seconds:.0f}s budget: the plan of a probe "
+                    "cached before the probe planned with training's own stop, which ends the run nearest the budget (up to a step more)")
+        return "where training ends nearest the budget" if short else f"the step where training ends nearest the {self.budget_seconds:.0f}s budget"
+
     def outputs_exist(self) -> bool:
         return is_complete(Path(self.dir)) and changed_file(Path(self.dir)) is None  # its record.json as it was written
 

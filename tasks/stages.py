@@ -119,7 +119,7 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
         f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, final save {rec.final_save_cost:.1f}s, "
-        f"checkpoints {rec.save_seconds:.1f}s each) -> max_steps {rec.max_steps} at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
+        f"checkpoints {rec.save_seconds:.1f}s each) -> max_steps {rec.max_steps} ({rec.plan_words(short=True)}) at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
         + (f", {OFFLOAD_NOTE}" if rec.offload_activations else "")
         + (f", decoder layers compiled ({rec.compile_seconds:.0f} s, in the fixed cost)" if rec.compile_layers else ""))
     trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('recompute_free_layers', 0)} | "
@@ -128,7 +128,7 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
         markdown=(f"## Step budget\n\n`max_steps = {rec.max_steps}`: at {rec.s_per_step:.3f} s/step after {rec.fixed_seconds:.1f}s fixed "
-                  f"(load, final save, checkpoints), the step where training ends nearest the {rec.budget_seconds:.0f}s budget "
+                  f"(load, final save, checkpoints), {rec.plan_words()} "
                   f"(or training.max_steps, where that comes first)"
                   f"\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
                   f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"

@@ -199,6 +199,30 @@ def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, ti
     assert old.final_save_seconds is None and old.final_save_cost == 2.5  # as the guard reserved it before
 
 
+def test_the_probes_log_and_artifact_name_the_rule_its_cached_plan_used(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """A probe record cached before the probe planned with the guard's rule (no final_save_seconds) holds a floor((budget -
+    fixed) / step) plan, but stage 3's line and its step-budget artifact called every plan "the step where training ends
+    nearest the budget". Each says the rule of the record's own plan."""
+    from helpers import run_probe_stage
+    from tasks.probe import ProbeRecord
+
+    timing = {"load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0}
+    rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=10)
+    logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
+    assert "-> max_steps 1196 (where training ends nearest the budget)" in logs[-1], logs[-1]
+    assert "checkpoints), the step where training ends nearest the 3600s budget (or training.max_steps" in artifacts[0]["markdown"]
+
+    # An old record as it was written: floor((3600 - 2 - 2.5 - 6 x 2.5) / 3) = 1193 steps, its one save number 2.5 s
+    old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "final_save_seconds"}
+                                     | {"save_seconds": 2.5, "fixed_seconds": 19.5, "max_steps": 1193})
+    logs, artifacts = run_probe_stage(monkeypatch, old, tiny_cfg, tiny_data)
+    assert "-> max_steps 1193 (the floor rule of an older cached probe: training may take a step more)" in logs[-1], logs[-1]
+    text = artifacts[0]["markdown"]
+    assert "checkpoints), floor((budget - fixed) / step), the steps that fit in the 3600s budget: the plan of a probe cached before" in text, text
+    assert "nearest the budget (up to a step more)" in text and "the step where training ends nearest" not in text, text
+    assert (rec.plan_rule, old.plan_rule) == ("nearest", "floor")
+
+
 def test_training_keeps_the_probed_layers_free_and_an_oom_first_restores_recompute(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
     import tasks.engine.recompute as recompute
     import tasks.train as train_mod
