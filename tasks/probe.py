@@ -75,12 +75,33 @@ class ProbeRecord(BaseModel):
     compile_layers: bool = False  # the decoder layers ran compiled (training.compile: layers, and the compiler worked)
     compile_seconds: float = 0.0  # what compiling them took (inside load_seconds, so inside the fixed cost)
     final_save_seconds: float | None = None  # the final save alone, adapter + tokenizer; None: a record from before it was timed apart
+    checkpoint_minutes: float | None = None  # the checkpoint interval the plan counted (training.checkpoint_minutes; `planned_for`); None: a record from before it was kept
 
     @property
     def final_save_cost(self) -> float:
         """What the final save costs: its own time, or in a record from before it was timed apart, `save_seconds` (a
         checkpoint and the final save together, what stage 4 reserved for the final save then)."""
         return self.save_seconds if self.final_save_seconds is None else self.final_save_seconds
+
+    def planned_for(self, training: TrainingSection) -> "ProbeRecord":
+        """This record with its plan (max_steps, fixed_seconds) for `training.checkpoint_minutes`: recomputed from its
+        timings (`step_plan`, as the probe made it) where the interval is not the one it planned for. The interval is in
+        no key (a new one must not re-time the steps), but the plan counts the checkpoints the run saves: a cached plan
+        for hourly checkpoints kept its fixed cost and steps for a run that saves one every minute. Stage 4 trains on it.
+        A record that does not say its interval, or planned by the floor rule (`plan_rule`), is kept as it was made."""
+        if self.checkpoint_minutes is None or self.final_save_seconds is None or self.checkpoint_minutes == training.checkpoint_minutes:
+            return self
+        steps, fixed = step_plan(self.budget_seconds, self.launch_seconds + self.load_seconds, self.s_per_step, self.save_seconds,
+                                 self.final_save_seconds, training.checkpoint_minutes, training.max_steps)
+        return self.model_copy(update={"max_steps": steps, "fixed_seconds": fixed, "checkpoint_minutes": training.checkpoint_minutes})
+
+    @property
+    def checkpoint_words(self) -> str:
+        """The checkpoints its fixed cost counts, as the step-budget artifact says them."""
+        every = self.checkpoint_minutes
+        if every is None:
+            return "checkpoints"
+        return f"a checkpoint every {every:g} min" if math.isfinite(every * 60) else "no checkpoints"
 
     @property
     def plan_rule(self) -> str:
@@ -103,7 +124,8 @@ class ProbeRecord(BaseModel):
 
 # Settings the probe's measurement and step plan do not depend on (a step costs the same at any learning rate or
 # LoRA scale): in the train key, not here, so changing them retrains without re-probing. `checkpoint_minutes` enters
-# the plan's estimate of save time, but it is bookkeeping (tasks/train.py BOOKKEEPING_KEYS): it reruns nothing.
+# the plan (the checkpoints the run saves), not the timings: a new interval replans from the cached timings at train
+# time (`ProbeRecord.planned_for`) instead of re-timing the steps; it is bookkeeping (tasks/train.py BOOKKEEPING_KEYS).
 NOT_TIMED = {"training": {"learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
                           "logging_steps", "keep_checkpoints", "checkpoint_minutes",
                           "neftune_noise_alpha",  # a few elementwise ops on the embeddings: not timed
@@ -337,14 +359,9 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     best = min(fitting, key=lambda t: t["s_per_step"])
 
     budget_s = float(budget.seconds)
-    # Stage 4's guard at the probed speed: where it stops, the run ends nearest the budget (floor((budget - fixed) / step)
-    # planned a step fewer where the guard ran one more: the log said N, the run did N + 1).
-    every_s, start_s = training.checkpoint_minutes * 60, launch_s + best["load_seconds"]
-    max_steps = planned_steps(budget_s, start_s, best["s_per_step"], every_s, best["save_seconds"], best["final_save_seconds"])
-    if training.max_steps:
-        max_steps = min(max_steps, training.max_steps)
-    n_ckpt = checkpoints_saved(max_steps, best["s_per_step"], every_s)
-    fixed = round(start_s + best["final_save_seconds"] + best["save_seconds"] * n_ckpt, 2)  # all but the steps of the planned run
+    launch_s = round(launch_s, 2)  # as the record keeps it: a plan made again from the record (`planned_for`) is this one
+    max_steps, fixed = step_plan(budget_s, launch_s + best["load_seconds"], best["s_per_step"], best["save_seconds"], best["final_save_seconds"],
+                                 training.checkpoint_minutes, training.max_steps)
     rec = ProbeRecord(
         key=key,
         dir=str(out),
@@ -371,13 +388,27 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         engine=engine,
         trials=trials,
         gpus=n,
-        launch_seconds=round(launch_s, 2),
+        launch_seconds=launch_s,
+        checkpoint_minutes=training.checkpoint_minutes,
     )
     if not dist.is_main():
         return None
     with building(out, record_files=True) as tmp:  # a record.json edited since is refused (`changed_file`)
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     return rec
+
+
+def step_plan(budget_s: float, start_s: float, step_s: float, save_s: float, final_save_s: float, checkpoint_minutes: float,
+              max_steps: int | None) -> tuple[int, float]:
+    """The probe's plan from its timings: (max_steps, fixed_seconds). max_steps is where stage 4's guard stops at the
+    probed speed, the run ending nearest the budget (floor((budget - fixed) / step) planned a step fewer where the guard
+    ran one more: the log said N, the run did N + 1), at most training.max_steps; fixed is all but the steps of that
+    run: the start (launch and load), the final save and the checkpoints it saves every `checkpoint_minutes`."""
+    every_s = checkpoint_minutes * 60
+    steps = planned_steps(budget_s, start_s, step_s, every_s, save_s, final_save_s)
+    if max_steps:
+        steps = min(steps, max_steps)
+    return steps, round(start_s + final_save_s + save_s * checkpoints_saved(steps, step_s, every_s), 2)
 
 
 def _trial(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, log_fn,

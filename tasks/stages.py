@@ -128,7 +128,7 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
         markdown=(f"## Step budget\n\n`max_steps = {rec.max_steps}`: at {rec.s_per_step:.3f} s/step after {rec.fixed_seconds:.1f}s fixed "
-                  f"(load, final save, checkpoints), {rec.plan_words()} "
+                  f"(load, final save, {rec.checkpoint_words}), {rec.plan_words()} "
                   f"(or training.max_steps, where that comes first)"
                   f"\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
                   f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"

@@ -484,6 +484,7 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
     with locked(out, log_fn=log_fn):  # an identical run training this folder: says so, waits, then reuses its adapter
         if is_complete(out):
             return complete_record(out, TrainRecord)
+        probe = _planned_for(probe, training, log_fn)
         n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks
         if n > 1 and dist.world() == 1:
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
@@ -496,6 +497,17 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
 
         with kernel_patch_scope():  # Liger's module-wide patches end with the stage: stage 5 loads the model a user loads
             return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
+
+
+def _planned_for(probe: Any, training: TrainingSection, log_fn) -> Any:
+    """The probe's plan for this run's checkpoint interval (`ProbeRecord.planned_for`), said in one line where it differs
+    from the one the probe made."""
+    planned = probe.planned_for(training)
+    if planned is not probe:
+        log_fn(f"train: training.checkpoint_minutes={training.checkpoint_minutes:g}, the probe planned for {probe.checkpoint_minutes:g}: "
+               f"from its timings, ~{planned.max_steps} steps after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after "
+               f"{probe.fixed_seconds:.0f}s); the steps are not timed again")
+    return planned
 
 
 def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:

@@ -183,6 +183,37 @@ def test_the_probe_plans_the_steps_the_guard_runs_where_floor_planned_one_fewer(
     assert (guard.stopped_by, steps, end) == ("budget", rec.max_steps, 3600.5)
 
 
+def test_a_cached_probe_is_replanned_for_another_checkpoint_interval_without_timing_again(tiny_cfg, tiny_data, shared_artifacts, monkeypatch,
+                                                                                          tmp_path):
+    """training.checkpoint_minutes is in no key (bookkeeping: a new interval must not re-time the steps), but the probe's
+    plan counts the checkpoints the run saves: a probe cached for hourly checkpoints (3-s steps after a 2-s load, an
+    hour: 1199 steps, none saved) handed stage 4 that plan for a run that saves a 2-s checkpoint every minute, which the
+    guard stops earlier. Stage 4 replans from the cached timings: the plan a probe at that interval makes, the steps
+    the guard runs at the probed speed; one line says so."""
+    from tasks import train
+
+    timing = {"load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0}
+    (tmp_path / "hourly").mkdir()
+    (tmp_path / "each-minute").mkdir()
+    hourly, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path / "hourly", timing, minutes=60, checkpoint_minutes=60)
+    each_minute, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path / "each-minute", timing, minutes=60, checkpoint_minutes=1)
+    assert (hourly.max_steps, hourly.fixed_seconds) == (1199, 2.5) and each_minute.max_steps < hourly.max_steps
+
+    trained = []  # the probe stage 4 trains on (its work itself is not what this test is about)
+    monkeypatch.setattr(train, "_train_shrinking_on_oom", lambda data, probe, *a, **k: trained.append(probe))
+    training = tiny_cfg.training.model_copy(update={"max_steps": None, "checkpoint_minutes": 1})
+    logs: list[str] = []
+    train.train_adapter(tiny_data, hourly, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, str(tmp_path / "artifacts"), logs.append)
+    plan = trained[0]
+    assert (plan.max_steps, plan.fixed_seconds) == (each_minute.max_steps, each_minute.fixed_seconds), plan
+    assert plan.checkpoint_minutes == 1
+    assert plan.key == hourly.key and plan.trials == hourly.trials  # the cached probe's timings, not timed again
+    _, steps, _ = _run_guard(tmp_path, monkeypatch, 3600.0, 3.0, 60.0, 2.0, 0.5, start_s=2.0)
+    assert steps == plan.max_steps
+    line = f"train: training.checkpoint_minutes=1, the probe planned for 60: from its timings, ~{plan.max_steps} steps after "
+    assert any(m.startswith(line) for m in logs), logs
+
+
 def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """The stage-3 line said "saves X s each" of one number, a checkpoint and the final save timed together; it names each.
     A record cached before the two were timed apart loads, its save_seconds standing for the final save as it did."""
@@ -194,7 +225,7 @@ def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, ti
     assert (rec.save_seconds, rec.final_save_seconds, rec.final_save_cost) == (2.0, 0.5, 0.5)
     logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
     assert "fixed 12s (load 2.0s, final save 0.5s, checkpoints 2.0s each) -> max_steps 1196" in logs[-1], logs[-1]
-    assert "`max_steps = 1196`: at 3.000 s/step after 12.5s fixed (load, final save, checkpoints)" in artifacts[0]["markdown"]
+    assert "`max_steps = 1196`: at 3.000 s/step after 12.5s fixed (load, final save, a checkpoint every 10 min)" in artifacts[0]["markdown"]
     old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "final_save_seconds"} | {"save_seconds": 2.5})
     assert old.final_save_seconds is None and old.final_save_cost == 2.5  # as the guard reserved it before
 
@@ -210,15 +241,15 @@ def test_the_probes_log_and_artifact_name_the_rule_its_cached_plan_used(tiny_cfg
     rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=10)
     logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
     assert "-> max_steps 1196 (where training ends nearest the budget)" in logs[-1], logs[-1]
-    assert "checkpoints), the step where training ends nearest the 3600s budget (or training.max_steps" in artifacts[0]["markdown"]
+    assert "every 10 min), the step where training ends nearest the 3600s budget (or training.max_steps" in artifacts[0]["markdown"]
 
     # An old record as it was written: floor((3600 - 2 - 2.5 - 6 x 2.5) / 3) = 1193 steps, its one save number 2.5 s
-    old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "final_save_seconds"}
+    old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k not in ("final_save_seconds", "checkpoint_minutes")}
                                      | {"save_seconds": 2.5, "fixed_seconds": 19.5, "max_steps": 1193})
     logs, artifacts = run_probe_stage(monkeypatch, old, tiny_cfg, tiny_data)
     assert "-> max_steps 1193 (the floor rule of an older cached probe: training may take a step more)" in logs[-1], logs[-1]
     text = artifacts[0]["markdown"]
-    assert "checkpoints), floor((budget - fixed) / step), the steps that fit in the 3600s budget: the plan of a probe cached before" in text, text
+    assert "(load, final save, checkpoints), floor((budget - fixed) / step), the steps that fit in the 3600s budget: the plan of a probe cached before" in text, text
     assert "nearest the budget (up to a step more)" in text and "the step where training ends nearest" not in text, text
     assert (rec.plan_rule, old.plan_rule) == ("nearest", "floor")
 
