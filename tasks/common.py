@@ -439,6 +439,29 @@ def list_parts(folder: Path, part: str) -> None:
         (folder / COMPLETE).unlink(missing_ok=True)
 
 
+def mark_parts_complete(folder: Path, parts: list[str]) -> str | None:
+    """Write the COMPLETE marker of `folder`, a folder of parts (`list_parts`), listing each of `parts` as its PARTS entry
+    says it was saved, not as the folder holds it now; None when written, else why not (as `changed_file` words it), and
+    nothing is written: a part not listed, or whose bytes differ from its entry. Marked from the folder's bytes at the end
+    of the stage, a part edited or replaced after it was saved (by hand, by a copy, by a run of older code) was listed as
+    if saved so. Under the flock `list_parts` takes: a part another run saves meanwhile is listed, or the marker removed."""
+    with _folder_flocked(folder):
+        listed = _listed_files(folder, PARTS) if (folder / PARTS).is_file() else f"it has no {PARTS} list"
+        if not isinstance(listed, dict):
+            return listed or f"its {PARTS} list names no file"
+        files = {}
+        for part in parts:
+            if part not in listed:
+                return f"its file {part} is not in its {PARTS} list"
+            changed = _file_change(folder, part, *listed[part], f"when {PARTS} listed it")
+            if changed:
+                return changed
+            files[part] = {"size": listed[part][0], "sha256": listed[part][1]}
+        text = json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}, indent=1, sort_keys=True)
+        write_text(folder / COMPLETE, text + "\n")
+    return None
+
+
 @contextlib.contextmanager
 def _folder_flocked(folder: Path) -> Iterator[None]:
     """Hold an exclusive flock of the folder itself (no lock file: the folder's files are its parts and their lists, which

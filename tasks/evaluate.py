@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from . import benchmarks as bench
 from . import instructions
 from .common import (COMPLETE, PARTS, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete,
-                     list_parts, listed_change, locked, mark_folder_complete, maybe_fault, progress_bar, read_json, stage_dir, write_json)
+                     list_parts, listed_change, locked, mark_parts_complete, maybe_fault, progress_bar, read_json, stage_dir, write_json)
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows_key
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
@@ -487,9 +487,12 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
         write_json(tmp / "record.json", rec.model_dump(mode="json"))
     names = ["held-out-base", "held-out-tuned"] + [f"{b}-{who}" for b in suites for who in ("base", "tuned")]
     # Every pass of this evaluation saved (none broken), and not marked yet (`save_part` removes the mark of a folder it
-    # saves a pass in): each pass's size and sha256, as stages 1-6 list their files.
+    # saves a pass in): each pass's size and sha256 as it was saved (PARTS), as stages 1-6 list their files. A pass whose
+    # bytes changed since is not marked: the run that next reads it generates it again (`_read_side`).
     if not (parts / COMPLETE).is_file() and all((parts / f"{part}.json").is_file() for part in names):
-        mark_folder_complete(parts, record_files=True, leave_out=(PARTS, COMPLETE))
+        why = mark_parts_complete(parts, [f"{part}.json" for part in names])
+        if why:
+            log_fn(f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run generates that pass again")
     return rec
 
 

@@ -344,6 +344,42 @@ def test_a_later_saved_pass_whose_bytes_changed_is_generated_again_after_an_earl
     assert "EDITED" not in part.read_text()
 
 
+def test_a_pass_edited_during_the_run_is_not_blessed_by_the_folders_complete_marker(trained, tiny_cfg, tmp_path, monkeypatch):
+    """The parts folder's COMPLETE marker was written at the end of stage 5 from the folder's bytes as they were then: a
+    pass edited (or replaced) after it was saved and before the stage ended was listed in COMPLETE as if it had been
+    saved so. COMPLETE is now written from PARTS, each pass as `save_part` listed it; a pass whose bytes no longer match
+    its entry leaves the folder unmarked, in one line naming it, and the next run that reads it generates it again."""
+    from tasks import evaluate
+
+    real_generate, calls = evaluate.generate, []
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+
+    def generate(*a, **k):  # kept for the rerun too: the passes are keyed on the generating code's source (`answer_code`)
+        calls.append(1)
+        if len(calls) == 3:  # the held-out passes saved; an edit lands in held-out-tuned.json while ifeval's base side runs
+            [part] = tmp_path.glob("cache/eval-parts/*/held-out-tuned.json")
+            saved = json.loads(part.read_text())
+            gen = next(g for g in saved["gens"] if g["text"][:1].isascii() and g["text"][:1].isalnum())
+            gen["text"] = ("Z" if gen["text"][0] != "Z" else "Y") + gen["text"][1:]  # another answer, same size
+            part.write_text(json.dumps(saved, indent=2, sort_keys=True))
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    logs = []
+    run(tiny_cfg.eval, log_fn=logs.append)
+    [parts] = tmp_path.glob("cache/eval-parts/*")
+    listed = json.loads((parts / "PARTS").read_text())["files"]
+    complete = json.loads((parts / "COMPLETE").read_text())["files"] if (parts / "COMPLETE").is_file() else None
+    assert complete is None or complete["held-out-tuned.json"] == listed["held-out-tuned.json"], "COMPLETE lists the edited bytes"
+    why = "its file held-out-tuned.json has other bytes than when PARTS listed it (changed in place)"
+    assert f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run generates that pass again" in logs, logs
+    logs.clear()
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
+    assert any(f"held-out tuned: the saved pass {parts / 'held-out-tuned.json'} is not used ({why.removeprefix('its ')})" in m for m in logs), logs
+    complete = json.loads((parts / "COMPLETE").read_text())["files"]
+    assert complete == {k: v for k, v in json.loads((parts / "PARTS").read_text())["files"].items()}
+
+
 def test_saved_passes_of_another_machine_are_generated_again_not_paired_with_this_ones(trained, tiny_cfg, tmp_path, monkeypatch):
     """The passes outlive their run, like the base's cached answers, and are keyed as those are on the machine and the
     libraries that make the answers (`passes_key`): a run on another machine (another GPU, GPU count or CPU) generates
