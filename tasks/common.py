@@ -416,6 +416,11 @@ def listed_change(out: Path, rel: str, listing: str = COMPLETE) -> str | None:
     return _file_change(out, rel, *files[rel], f"when {listing} listed it") if rel in files else None
 
 
+def is_listed(out: Path, rel: str, listings: tuple[str, ...]) -> bool:
+    """Whether one of the file lists `listings` of `out` (`completion_marker` texts: COMPLETE, PARTS) names the file `rel`."""
+    return any(isinstance(files := _listed_files(out, name), dict) and rel in files for name in listings if (out / name).is_file())
+
+
 PARTS = "PARTS"  # a folder of resumable parts (stage 5's saved passes): each part's size and sha256 as it was saved
 
 
@@ -466,7 +471,8 @@ def mark_parts_complete(folder: Path, parts: list[str]) -> str | None:
 def _folder_flocked(folder: Path) -> Iterator[None]:
     """Hold an exclusive flock of the folder itself (no lock file: the folder's files are its parts and their lists, which
     tests and readers take as the whole). Where the filesystem refuses flock (some network or FUSE ones), unlocked: two
-    runs saving at once may then drop an entry, and that part is read back unchecked, as before parts were listed."""
+    runs saving at once may then drop an entry, and the next run that reads that part generates it again (evaluate
+    `_read_side`: a part no list names is not read back unchecked)."""
     fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(OSError):

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from . import benchmarks as bench
 from . import instructions
-from .common import (COMPLETE, PARTS, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete,
+from .common import (COMPLETE, PARTS, StageError, building, changed_file, complete_record, disk_full, fingerprint, folder_fingerprint, is_complete, is_listed,
                      list_parts, listed_change, locked, mark_parts_complete, maybe_fault, progress_bar, read_json, stage_dir, write_json)
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows_key
@@ -577,11 +577,11 @@ def plan_generation(n_heldout: int, heldout_cap: int, suites: dict[str, dict], b
     a benchmark's base side already cached (`base_answers_key`) generate nothing: left out, when the stage will read
     them back (`_read_side`, the test the reading uses: `heldout_losses` = the held-out pass's loss rows), so a model
     loaded for a pass the plan left out never loads under the bar."""
-    def usable(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> bool:
-        return isinstance(_read_side(path, n, n_nll, asked), dict)
+    def usable(path: Path, n: int, n_nll: int | None, asked: str | None = None, listed: bool = False) -> bool:
+        return isinstance(_read_side(path, n, n_nll, asked, listed), dict)
 
     def saved(part: str, n: int, n_nll: int | None, asked: str | None = None) -> bool:
-        return done is not None and usable(done / f"{part.replace(' ', '-')}.json", n, n_nll, asked)
+        return done is not None and usable(done / f"{part.replace(' ', '-')}.json", n, n_nll, asked, listed=True)
 
     parts = {f"held-out {who}": n_heldout * heldout_cap for who in ("base", "tuned") if not saved(f"held-out {who}", n_heldout, heldout_losses)}
     for name, suite in suites.items():
@@ -916,12 +916,12 @@ def base_answers_dir(artifacts_dir: str, data: DataRecord, model_cfg: ModelSecti
     return folder
 
 
-def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) -> dict | str:
+def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None, listed: bool = False) -> dict | str:
     """One model's saved side of a pass ({"gens", "check", "nll"}), or why it cannot be used, in words: unreadable, or
     not of these n answers (and n_nll losses, where the pass has them), or, with `asked`, not the answers to those
     prompts, or answers whose decode check failed (not the model's: this code saves none, a pass saved by older code
     may hold some), or other bytes than its folder's list says it was saved with (COMPLETE, or PARTS while a parts
-    folder is partial: `listed_change`)."""
+    folder is partial: `listed_change`), or, with `listed` (a saved pass, `save_part`), named by neither list."""
     try:
         saved = read_json(path)
         gens, nll = saved["gens"], saved["nll"] if n_nll is not None else None
@@ -945,6 +945,12 @@ def _read_side(path: Path, n: int, n_nll: int | None, asked: str | None = None) 
     changed = listed_change(path.parent, path.name) or listed_change(path.parent, path.name, PARTS)
     if changed:
         return changed.removeprefix("its ")
+    # A pass no list names was read unchecked: nothing vouches for its bytes (an edit by hand reads as the model's answers).
+    # It is absent: generated again and listed as it is saved. Adopting it (listing its bytes as they are now) would bless
+    # whatever is there, which is what the lists are for telling apart; generating costs one pass, once.
+    if listed and not is_listed(path.parent, path.name, (PARTS, COMPLETE)):
+        return (f"listed in neither {PARTS} nor {COMPLETE}: saved by a version before passes were listed, or its entry lost, "
+                "so its bytes cannot be checked")
     return saved
 
 
@@ -962,7 +968,7 @@ def _read_part(path: Path, what: str, n: int, n_nll: int | None, log_fn, asked: 
     which is said in one line ending in what is done instead (`then`)."""
     if not path.is_file():
         return None
-    saved = _read_side(path, n, n_nll, asked)
+    saved = _read_side(path, n, n_nll, asked, listed=True)
     if isinstance(saved, dict):
         return saved
     log_fn(f"evaluate: {what}: the saved pass {path} is not used ({saved}); {then}")

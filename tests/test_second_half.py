@@ -380,6 +380,30 @@ def test_a_pass_edited_during_the_run_is_not_blessed_by_the_folders_complete_mar
     assert complete == {k: v for k, v in json.loads((parts / "PARTS").read_text())["files"].items()}
 
 
+def test_saved_passes_no_list_names_are_generated_again_not_read_unchecked(trained, tiny_cfg, tmp_path):
+    """A pass that neither PARTS nor a COMPLETE file list names (a folder saved by a version before passes were listed:
+    a plain timestamp COMPLETE, no PARTS; or an entry a flock-less filesystem dropped) was read back unchecked, so an
+    edited one was paired as the model's answers. Nothing vouches for its bytes: it is treated as absent, generated
+    again with one line saying why, and listed as it is saved."""
+    run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
+    run(tiny_cfg.eval)
+    [parts] = tmp_path.glob("cache/eval-parts/*")
+    (parts / "PARTS").unlink()
+    (parts / "COMPLETE").write_text("2026-11-30T12:00:00+0000\n")  # as older versions marked it
+    part = parts / f"{tiny_cfg.eval.benchmarks[0]}-tuned.json"
+    made = part.read_bytes()
+    saved = json.loads(made)
+    saved["gens"][0]["text"] = "EDITED " + saved["gens"][0]["text"]
+    part.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    logs = []
+    run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
+    unlisted = [m for m in logs if "is not used (listed in neither PARTS nor COMPLETE" in m]
+    assert len(unlisted) == 2 + 2 * len(tiny_cfg.eval.benchmarks) and not any("reused from this stage's saved pass" in m for m in logs), logs
+    assert part.read_bytes() == made  # generated again: the model's answers
+    listed = json.loads((parts / "COMPLETE").read_text())["files"]
+    assert listed == json.loads((parts / "PARTS").read_text())["files"] and listed.keys() == {p.name for p in parts.glob("*.json")}
+
+
 def test_saved_passes_of_another_machine_are_generated_again_not_paired_with_this_ones(trained, tiny_cfg, tmp_path, monkeypatch):
     """The passes outlive their run, like the base's cached answers, and are keyed as those are on the machine and the
     libraries that make the answers (`passes_key`): a run on another machine (another GPU, GPU count or CPU) generates
