@@ -81,6 +81,13 @@ def hash_memo_dir() -> Path | None:
     return home / "sha256" if home else None
 
 
+def render_memo_dir() -> Path | None:
+    """Where tasks/data.py `rendering_fingerprint` keeps the renderings it computed (`user_cache_dir`, beside
+    `hash_memo_dir`: shared by every artifacts folder); None: nowhere."""
+    home = user_cache_dir()
+    return home / "rendering" if home else None
+
+
 def cached_sha256(path: str | Path) -> str:
     """`file_sha256` of a file, computed once per version of it: remembered in this process and on disk
     (`hash_memo_dir`) under its resolved path, size, mtime, inode and ctime (a rewrite in place changes the ctime, which
@@ -127,7 +134,7 @@ def _keep_digest(stamp: tuple, digest: str, started_ns: int) -> None:
     memo = _memo_of(stamp)
     remember(memo, digest, about=json.dumps(stamp))
     if memo is not None:
-        prune_hash_memos_when_due(memo.parent)
+        prune_memos_when_due(memo.parent, prune_hash_memos)
 
 
 def remember(memo: Path | None, digest: str, about: str = "") -> None:
@@ -159,12 +166,18 @@ MEMO_PRUNE_EVERY_S = 24 * 3600
 # place before the build's rename puts the files there, and a prune meanwhile would find them "gone".
 MEMO_PRUNE_GRACE_S = 24 * 3600
 MEMO_UNTOLD_MAX_AGE_S = 30 * 24 * 3600  # a memo written before memos named their file: removed once this old
+# A rendering memo (`render_memo_dir`) names nothing that can be checked (its name is a hash of what the rendering was
+# made under: model, template, library versions, code), so it goes once unused this long (`used_memo` marks a use): the
+# memos of old library versions and models no longer run. One removed costs the next run that needs it one tokenizer
+# load (0.2-2.5 s), once.
+RENDER_MEMO_UNUSED_S = 30 * 24 * 3600
 
 
-def prune_hash_memos_when_due(memos: Path) -> None:
-    """`prune_hash_memos` if the last one (the mtime of `<memos>.pruned`, beside the folder) is MEMO_PRUNE_EVERY_S old or
-    there was none, or it is dated ahead of the clock (touched while the clock ran ahead: read as "not due", no prune
-    came again). The stamp is touched first: processes remembering digests at once do not all prune."""
+def prune_memos_when_due(memos: Path, prune) -> None:
+    """`prune(memos)` (`prune_hash_memos`, `prune_render_memos`) if the last one (the mtime of `<memos>.pruned`, beside
+    the folder) is MEMO_PRUNE_EVERY_S old or there was none, or it is dated ahead of the clock (touched while the clock ran
+    ahead: read as "not due", no prune came again). Called when a new memo is remembered. The stamp is touched first:
+    processes remembering memos at once do not all prune."""
     stamp = memos.with_name(memos.name + ".pruned")
     try:
         if 0 <= time.time() - stamp.stat().st_mtime < MEMO_PRUNE_EVERY_S:
@@ -177,7 +190,40 @@ def prune_hash_memos_when_due(memos: Path) -> None:
         stamp.touch()
     except OSError:  # a memo folder this user may not write: nothing to prune either
         return
-    prune_hash_memos(memos)
+    prune(memos)
+
+
+def used_memo(memo: Path) -> None:
+    """Mark the memo `memo`, just read, as used now (its mtime: `prune_render_memos`), at most once a MEMO_PRUNE_EVERY_S
+    (a cached run writes nothing). A memo that cannot be touched (another user's, a read-only home) is left as it is."""
+    try:
+        if time.time() - memo.stat().st_mtime >= MEMO_PRUNE_EVERY_S:
+            os.utime(memo)
+    except OSError:
+        pass
+
+
+def prune_render_memos(memos: Path, now: float | None = None) -> int:
+    """Remove the rendering memos of `memos` (`render_memo_dir`) unused for RENDER_MEMO_UNUSED_S (`used_memo`), and temp
+    files of writes cut off, older than MEMO_PRUNE_GRACE_S. The number removed. Never raises: a memo only saves work."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(memos))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if (re.fullmatch(r"[0-9a-f]{32}", entry.name) and age > RENDER_MEMO_UNUSED_S
+                    or entry.name.startswith("tmp") and age > MEMO_PRUNE_GRACE_S):  # `remember`'s temp file, left by a cut-off write
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def prune_hash_memos(memos: Path, now: float | None = None) -> int:

@@ -36,7 +36,8 @@ from pydantic import BaseModel
 
 from . import constraints, instructions, sources
 from .common import (COMPLETE, StageError, building, cached_sha256, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked,
-                     maybe_fault, read_json, remember, stage_dir, user_cache_dir, write_json)
+                     maybe_fault, prune_memos_when_due, prune_render_memos, read_json, remember, render_memo_dir, stage_dir, used_memo,
+                     write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
                      model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
@@ -705,7 +706,6 @@ RENDER_PROBE = [
 # its version and its installed files (`library_install`): a version string alone stays at a git commit's or a local
 # build's reinstall.
 RENDER_LIBRARIES = ("transformers", "tokenizers", "jinja2", "sentencepiece", "tiktoken", "protobuf")
-RENDER_MEMO = "rendering"  # in `user_cache_dir`, beside `hash_memo_dir`: shared by every artifacts folder
 
 
 def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
@@ -719,19 +719,22 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
     own load, or in a fresh process), so the hash is remembered on disk under what can change it (`render_stamp`) and
     computed only when that changed. Not with a rendering library installed editable (`pip install -e`): its code
     changes with no reinstall, so nothing tells the memo, and the tokenizer is loaded every time."""
-    home = user_cache_dir()
+    memos = render_memo_dir()
     editable = any(origin_editable(dist) for dist in RENDER_LIBRARIES)
     ref = resolve_model(model, artifacts_dir)  # stage 1 resolves it on every run too: a built folder is only looked at
-    memo = home / RENDER_MEMO / render_stamp(model, ref) if home and not editable else None
+    memo = memos / render_stamp(model, ref) if memos and not editable else None
     try:
         found = memo.read_text().strip() if memo else ""
         if re.fullmatch(r"[0-9a-f]{16}", found):
+            used_memo(memo)  # kept while used (`prune_render_memos`)
             return found
     except (OSError, ValueError):  # none yet, unreadable or not text: rendered again
         pass
     with template_clock_at(RENDER_PROBE_DATE):
         digest = fingerprint("rendering", probe_encoding(load_tokenizer(ref, model)))
     remember(memo, digest)
+    if memo is not None:  # one memo per model, template, library and code version ever rendered: the unused ones go
+        prune_memos_when_due(memos, prune_render_memos)
     return digest
 
 

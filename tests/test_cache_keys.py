@@ -506,6 +506,39 @@ def test_the_digest_memos_no_file_can_match_are_pruned_at_most_once_a_day_when_a
     assert common.cached_sha256(files["kept"]) == common.file_sha256(files["kept"])  # a kept memo still reads as a digest
 
 
+def test_the_rendering_memos_unused_for_a_month_are_pruned_at_most_once_a_day_when_one_is_remembered(tmp_path, monkeypatch):
+    """`rendering_fingerprint`'s memo folder (`~/.cache/qlora-pipeline/rendering/`) got a file for every model, template,
+    library version and code version ever rendered, and none left: it was never pruned (the sha256 memos are, daily). A
+    rendering memo names nothing that can be checked (its name is a hash of what it was rendered under), so what goes is
+    a memo unused for RENDER_MEMO_UNUSED_S (a use marks it, at most once a day), and temp files of cut-off writes, when a
+    new rendering is remembered and the last prune of the folder is a day old, as the sha256 memos are pruned."""
+    from tasks import common
+    from tasks import data as data_mod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    day, now = 24 * 3600, time.time()
+    cfg = _cfg(tmp_path)
+    template = "'{%% for m in messages %%}<|{{ m.role }}|>%s{{ m.content }}{{ eos_token }}{%% endfor %%}{%% if add_generation_prompt %%}<|assistant|>{%% endif %%}'"
+    first = data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir)
+    memos = tmp_path / "home-cache" / "qlora-pipeline" / "rendering"
+    [used] = memos.iterdir()
+    unused, young, cut_off = memos / ("a" * 32), memos / ("b" * 32), memos / "tmpx1y2z3"
+    for memo, age in ((used, 40 * day), (unused, 40 * day), (young, 2 * day), (cut_off, 2 * day)):
+        if memo != used:
+            memo.write_text("0123456789abcdef\n")
+        os.utime(memo, (now - age, now - age))
+    assert data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir) == first  # read from its memo: a use
+    stamp = memos.with_name("rendering.pruned")
+    assert stamp.is_file()  # pruned when the first memo was remembered (none before)
+    data_mod.rendering_fingerprint(_cfg(tmp_path, "model.chat_template=" + template % "").model, cfg.artifacts_dir)  # a new memo
+    assert unused.exists() and cut_off.exists()  # the last prune under a day ago: none now
+    os.utime(stamp, (now - 2 * day, now - 2 * day))
+    data_mod.rendering_fingerprint(_cfg(tmp_path, "model.chat_template=" + template % ": ").model, cfg.artifacts_dir)
+    left = {p.name for p in memos.iterdir()}
+    assert used.name in left and young.name in left and not {unused.name, cut_off.name} & left and len(left) == 4, left
+    assert time.time() - stamp.stat().st_mtime < day
+
+
 def test_no_home_folder_or_a_relative_xdg_cache_home_keys_without_a_memo_and_writes_nothing_in_the_working_folder(tmp_path, monkeypatch):
     """A process with no HOME whose user has no passwd entry (`docker run --user 1234`, an OpenShift pod) made
     `Path.home()` raise RuntimeError("Could not determine home directory.") in `hash_memo_dir`: every run with a `random:`
@@ -2115,7 +2148,7 @@ def test_a_big_file_whose_mtime_is_ahead_of_the_clock_is_not_waited_for(tmp_path
 
 
 def test_a_prune_stamp_ahead_of_the_clock_does_not_stop_pruning(tmp_path, monkeypatch):
-    """`prune_hash_memos_when_due` prunes when `time.time() - mtime(sha256.pruned)` is a day; a stamp touched while the
+    """`prune_memos_when_due` prunes when `time.time() - mtime(sha256.pruned)` is a day; a stamp touched while the
     clock was ahead (a wrong RTC at boot, a memo folder on an NFS server whose clock runs ahead) reads as a prune in the
     future, and the folder is never pruned again: it grows as it did before 5176d3e."""
     from tasks import common
