@@ -55,6 +55,31 @@ BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "gener
               "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json", "preprocessor_config.json")
 
 
+MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # merged/ less its tokenizer
+
+
+def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
+    """The published adapter/: the trained weights and their config (PEFT's `adapter_*` files) from training, and the
+    tokenizer merged/ was saved with (every file of `merged` but the model's own, MERGED_MODEL_FILES): the run's, which
+    stage 6 saves under a key that holds how it renders (`rendering_key`). Training's own copy of the tokenizer stays out:
+    training's key holds the rows, not the rendering, so a tokenizer that renders otherwise but builds the same rows (a
+    tokenizers or transformers upgrade, a `random:` or GGUF model folder built again) reused training, and adapter/
+    carried the tokenizer of the run that trained, beside a merged/ with the run's."""
+    from fnmatch import fnmatch
+
+    dst.mkdir(parents=True)
+    for p in sorted(adapter.iterdir()):
+        if p.is_file() and p.name.startswith("adapter_"):
+            shutil.copy2(p, dst / p.name)
+    for p in sorted(merged.iterdir()):
+        if any(fnmatch(p.name, pattern) for pattern in MERGED_MODEL_FILES):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)  # a tokenizer's own folder (transformers' additional_chat_templates/)
+        elif p.is_file():
+            shutil.copy2(p, dst / p.name)
+
+
 def _copy_base(src: Path, dst: Path, link: bool) -> None:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
     of the folder's top level (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder
@@ -161,7 +186,7 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
 def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> None:
     with building(final, mark_complete=False) as tmp:  # the manifest, written last, is this folder's completeness record
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
-        shutil.copytree(train.adapter_dir, tmp / "adapter")
+        _copy_adapter(Path(train.adapter_dir), Path(merge.merged_dir), tmp / "adapter")  # with the run's tokenizer, as merged/
         shutil.copytree(merge.merged_dir, tmp / "merged")
         ref = Path(base_path_now(cfg.model, data))  # a local folder's files hashed once (a big folder: seconds)
         base = describe_base(cfg, data, merge, probe, ref=str(ref))

@@ -580,6 +580,56 @@ def test_published_folder_card_manifest_and_seed_snippet(trained, tiny_cfg, shar
     assert not is_published(folder)
 
 
+def test_a_tokenizer_that_renders_otherwise_is_published_in_the_adapter_too_when_training_is_reused(tmp_path, monkeypatch):
+    """A tokenizer that renders the data record's fixed conversation otherwise but builds the same rows (here the
+    `random:` model's folder built again by a builder whose tokenizer normalizes with NFKC, as a tokenizers upgrade can:
+    the probe's "…" reads as "...", no row holds one) rebuilds stage 1 with the same rows: training is reused (its key
+    holds the rows, not the rendering), evaluate and merge rerun (theirs hold `rendering_key`), publish with them. The
+    published adapter/ was a copy of the training folder's, whose tokenizer training saved: the old one, beside a merged/
+    saved with the run's. Both now carry the run's tokenizer, file for file."""
+    import shutil
+
+    from tokenizers import normalizers
+
+    from tasks import models as models_mod
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path}"])
+    art = str(tmp_path)
+
+    def run_stages() -> dict:
+        data = load_dataset_records(cfg.data, cfg.model, art)
+        probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+        train = train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art)
+        return {"data": data, "profile": profile_lengths(data, art), "probe": probe, "train": train,
+                "evaluate": evaluate_heldout(data, train, cfg.model, cfg.quant, cfg.eval, "cpu", art),
+                "merge": merge_adapter(data, train, cfg.model, cfg.quant, cfg.merge, "cpu", art)}
+
+    first = run_stages()
+    real_builder = models_mod.build_byte_tokenizer
+
+    def nfkc_builder(*args, **kwargs):
+        tok = real_builder(*args, **kwargs)
+        tok.backend_tokenizer.normalizer = normalizers.NFKC()
+        return tok
+
+    shutil.rmtree(resolve_model(cfg.model, art).path)  # the model folder built again, by the new builder
+    monkeypatch.setattr(models_mod, "build_byte_tokenizer", nfkc_builder)
+    second = run_stages()
+    assert second["data"].rows_key == first["data"].rows_key and second["data"].rendering != first["data"].rendering
+    assert second["train"].key == first["train"].key and second["merge"].key != first["merge"].key
+    published = Path(publish_artifacts(cfg, "after-the-upgrade", second).dir)
+    tokenizer_files = sorted(p.name for p in (published / "merged").iterdir()
+                             if p.name.startswith(("tokenizer", "special_tokens", "chat_template", "added_tokens")))
+    assert "tokenizer.json" in tokenizer_files
+    normalizer = lambda folder: json.loads((folder / "tokenizer.json").read_text())["normalizer"]  # noqa: E731
+    assert normalizer(published / "merged") == {"type": "NFKC"}
+    assert normalizer(published / "adapter") == {"type": "NFKC"}, "the adapter carries the tokenizer training saved"
+    assert {f: (published / "adapter" / f).read_bytes() for f in tokenizer_files} == {f: (published / "merged" / f).read_bytes() for f in tokenizer_files}
+    assert sorted(p.name for p in (published / "adapter").iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", *tokenizer_files])
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts, monkeypatch, merged):
     from transformers import TextStreamer
