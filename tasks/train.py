@@ -427,7 +427,39 @@ PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by
 
 
 def cache_key(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
-    return fingerprint("train", TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, _keyed_sections(probe, quant, lora, training))
+    return _train_key(data, probe, _keyed_sections(probe, quant, lora, training))
+
+
+def _train_key(data: DataRecord, probe: Any, sections: list) -> str:
+    return fingerprint("train", TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, sections)
+
+
+def keys_of_older_epoch_rules(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list[tuple[str, str]]:
+    """(train key, the rule in words) of this training under each earlier EPOCH_CAP_RULE, the first the key from before the
+    rule was keyed; none without max_epochs (the rule is in no key then)."""
+    if not training.max_epochs:
+        return []
+    keyed = _keyed_sections(probe, quant, lora, training)[:-1]  # less {"epoch_cap_rule": EPOCH_CAP_RULE}
+    older = [(keyed, "made before max_epochs' step-cap rule was in the key")]
+    older += [(keyed + [{"epoch_cap_rule": r}], f"made under max_epochs' step-cap rule {r}") for r in range(2, EPOCH_CAP_RULE)]
+    return [(_train_key(data, probe, sections), words) for sections, words in older]
+
+
+def checkpoint_of_an_older_epoch_rule(out: Path, older: list[tuple[str, str]]) -> str | None:
+    """The line to log when this max_epochs training finds no checkpoint of its own but one of the same data, model and
+    settings under the train key of an older EPOCH_CAP_RULE (`keys_of_older_epoch_rules`): a run interrupted before the
+    rule changed (or was keyed, d862cb4), which the rerun did not resume and did not say so. Not resumed: its steps were
+    capped by the old rule (which rounded up: up to a step more than the passes allow), and the rule is keyed so that such
+    a training runs again."""
+    for key, words in older:
+        other = out.parent / key
+        ckpt = newest_checkpoint(other / "work") if other.is_dir() and not is_complete(other) else None
+        if ckpt is not None:
+            return (f"train: a checkpoint of an interrupted run of this data, model and settings exists under cache/train/{key} at "
+                    f"step {ckpt.name.split('-')[-1]}, {words}; it is not resumed: the step cap max_epochs gives changed with the "
+                    f"rule (EPOCH_CAP_RULE {EPOCH_CAP_RULE} now), so training starts again from step 0 (delete that folder to free "
+                    "its space)")
+    return None
 
 
 def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list:
@@ -610,6 +642,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     if main:
         same = budgetless_key(data, probe, quant, lora, training)
         if resume is None and (line := checkpoint_of_another_budget(work, same, budget_s)):
+            log_fn(line)
+        if resume is None and (line := checkpoint_of_an_older_epoch_rule(out, keys_of_older_epoch_rules(data, probe, quant, lora, training))):
             log_fn(line)
         write_json(work / BUDGETLESS, {"key": same, "budget_seconds": budget_s})
     if prior >= budget_s and resume is not None:

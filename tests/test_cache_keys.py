@@ -1168,6 +1168,33 @@ def test_an_adapter_capped_by_the_old_max_epochs_rule_trains_again_and_runs_with
     assert keys(capped)[0] != now and keys(capped)[1] != budgetless and keys(free) == keys(_cfg(tmp_path))
 
 
+def test_a_max_epochs_run_interrupted_under_the_key_without_the_epoch_rule_is_named_not_resumed(tmp_path):
+    """d862cb4 put max_epochs' step-cap rule in the train key (EPOCH_CAP_RULE): a max_epochs training interrupted before
+    that upgrade has its checkpoints under the old key, and the rerun started from step 0 without a word, like a resume
+    that forgot its steps. It is not resumed (its cap came from the old rule, which the key change exists to retrain),
+    and one line says so and why, naming its folder."""
+    from tasks import train
+    from tasks.common import fingerprint, write_json
+    from tasks.data import load_dataset_records, rows_key
+    from tasks.probe import probe_throughput
+
+    cfg = _cfg(tmp_path, "training.max_epochs=2")
+    art = cfg.artifacts_dir
+    data = load_dataset_records(cfg.data, cfg.model, art)
+    probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, "cpu", art)
+    sections = train._keyed_sections(probe, cfg.quant, cfg.lora, cfg.training)
+    assert sections[-1] == {"epoch_cap_rule": train.EPOCH_CAP_RULE}
+    before = fingerprint("train", train.TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, sections[:-1])  # the old key
+    ckpt = Path(art) / "cache" / "train" / before / "work" / "checkpoint-3"  # the interrupted run's newest checkpoint
+    write_json(ckpt / "trainer_state.json", {"global_step": 3})
+    write_json(ckpt / train.CKPT_MARKER, {"step": 3, "elapsed": 9.0, "files": ["trainer_state.json"]})
+    logs = []
+    rec = train.train_adapter(data, probe, cfg.model, cfg.quant, cfg.lora, cfg.training, art, logs.append)
+    said = [m for m in logs if before in m]
+    assert len(said) == 1 and "step 3" in said[0] and "not resumed" in said[0] and "EPOCH_CAP_RULE" in said[0], logs
+    assert rec.resumed_from_step is None and rec.key != before and (ckpt / train.CKPT_MARKER).is_file()  # left as it was
+
+
 def test_eval_key_follows_scorer_library_versions_and_nltk_data(tmp_path, monkeypatch):
     from importlib import metadata
 
