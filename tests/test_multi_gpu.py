@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Callable
 
@@ -1829,8 +1831,7 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
         os.kill(os.getpid(), signal.SIGTERM)
         while not noted.exists():
             threading.Event().wait(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` again: torchrun's second signal too, were it passed on
-        os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C (a second SIGTERM now stops at once: the test of any kind of second signal)
 
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1849,3 +1850,123 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
     assert noted.read_text().split() == ["SIGTERM"], (noted.read_text().split(), logs)
     assert any(line.startswith("train: a stop is under way (SIGTERM passed on to torchrun): each rank finishes its step")
                and line.endswith("Ctrl-C again to stop at once") for line in logs), logs
+
+
+def _stop_signals_in(monkeypatch, tmp_path, program: str, send: Callable[[Callable[[signal.Signals], None], list], None],
+                     logs: list[str]) -> BaseException | None:
+    """run_stage("train") on `program` as torchrun (argv[1]: a file it notes the signals it gets in, argv[2]: the stage's
+    work folder), in this (main) thread with Python's own Ctrl-C handler and SIGTERM's and SIGHUP's defaults, as in a
+    terminal. Once torchrun printed "ready", `send(to_the_stage, noted)` runs in a thread: `to_the_stage(sig)` signals this
+    process, `noted()` reads the signals torchrun noted. A watchdog kills torchrun 120 s on (the test's own bound).
+    Returns what the stage raised (None if it returned)."""
+    import subprocess
+    import sys
+    import threading
+
+    from tasks.engine import launch
+
+    noted, work, started, ready = tmp_path / "signals", tmp_path / "work", [], threading.Event()
+    popen, reading = _sigint_ignored_from_the_start(subprocess.Popen), launch.read_in_background
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(noted), str(work)])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+    monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, lambda line: ready.set() if line == "ready\n" else show(line)))
+
+    def read_noted() -> list[str]:
+        return noted.read_text().split() if noted.exists() else []
+
+    def when_ready():
+        if ready.wait(timeout=120):
+            send(lambda sig: os.kill(os.getpid(), sig), read_noted)
+
+    watchdog = threading.Timer(120, lambda: started and started[0].kill())
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a suite under nohup ignores it: the stage would not pass it on
+    raised = None
+    try:
+        watchdog.start()
+        threading.Thread(target=when_ready, daemon=True).start()
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+    except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
+        raised = e
+    finally:
+        watchdog.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        monkeypatch.undo()
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return raised
+
+
+def _wait_until(done: Callable[[], bool], timeout: float = 60) -> None:
+    import threading
+
+    for _ in range(int(timeout / 0.05)):
+        if done():
+            return
+        threading.Event().wait(0.05)
+
+
+AT_ONCE = "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one"
+
+
+@pytest.mark.parametrize(("first", "second"), [("SIGTERM", "SIGTERM"), ("SIGTERM", "SIGHUP"), ("SIGHUP", "SIGTERM"),
+                                               ("SIGINT", "SIGTERM")])
+def test_a_second_stop_signal_of_any_kind_stops_the_ranks_at_once(monkeypatch, tmp_path, first, second):
+    """In one process a second stop signal of either kind stops at once (tasks/train.py `_install_interrupt`; README: "a
+    second signal stops at once"). Under torchrun only a second Ctrl-C did: a second `kill PID` (SIGTERM) or a SIGHUP
+    after a stop the stage had passed on was neither passed on (torchrun's second signal stops the ranks unsaved) nor acted
+    on: the stage went on waiting for torchrun's whole grace (10 min; with no wait of its own after a forwarded SIGTERM),
+    the ranks training on. Now it kills torchrun and its ranks at once with the second Ctrl-C's line; torchrun has had the
+    first signal only. Here torchrun notes the signals it gets and never ends."""
+    monkeypatch.setattr("tasks.engine.launch.STOP_GRACE_S", 30)  # on a miss the stage's own wait ends 60 s on, not 10.5 min
+    logs: list[str] = []
+
+    def first_then_second(to_the_stage, noted):
+        to_the_stage(signal.Signals[first])
+        _wait_until(lambda: noted() == [first])  # torchrun has the stop
+        to_the_stage(signal.Signals[second])
+
+    raised = _stop_signals_in(monkeypatch, tmp_path, _TORCHRUN_COUNTS, first_then_second, logs)
+    assert type(raised) is KeyboardInterrupt, (repr(raised), logs)
+    assert AT_ONCE in logs, logs
+    assert (tmp_path / "signals").read_text().split() == [first], logs  # the second was not torchrun's: the stage killed it
+
+
+def test_a_ctrl_c_as_a_sigterm_is_passed_on_still_passes_it_on(monkeypatch, tmp_path):
+    """The SIGTERM handler passed the signal on to torchrun itself: a Ctrl-C landing between its claim of the one stop
+    signal and the send (a handler runs at any instruction, a handler's too) raised KeyboardInterrupt there, so nothing
+    was sent, and the stage said `a stop is under way (SIGTERM passed on to torchrun)`: the ranks trained on through
+    the stage's whole wait (10.5 min) and ended killed, unsaved. Here that window is made certain: the Ctrl-C is pressed
+    inside the send itself, before torchrun is signalled. Now the handlers only note a signal and the stage acts on it
+    in one place, in its main thread, where no Ctrl-C raises in between: torchrun gets the SIGTERM. torchrun here notes
+    the signals it gets and goes on; the test's second Ctrl-C ends the stop once the stage says one is under way."""
+    import subprocess
+
+    from tasks.engine import launch
+
+    send, pressed, logs = subprocess.Popen.send_signal, [], []
+
+    def ctrl_c_then_send(self, sig):
+        if sig == signal.SIGTERM and not pressed:
+            pressed.append(sig)
+            os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C, before torchrun has the SIGTERM
+        return send(self, sig)
+
+    def sigterm_then_ctrl_c_once_under_way(to_the_stage, noted):
+        to_the_stage(signal.SIGTERM)
+        _wait_until(lambda: any(line.startswith("train: a stop is under way") for line in logs))
+        _wait_until(lambda: noted() == ["SIGTERM"], timeout=20)  # torchrun has the SIGTERM (never, before)
+        to_the_stage(signal.SIGINT)  # the second Ctrl-C: stop at once
+
+    monkeypatch.setattr(subprocess.Popen, "send_signal", ctrl_c_then_send)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 30)  # on a miss the stage's wait ends 60 s on, not 10.5 min
+    raised = _stop_signals_in(monkeypatch, tmp_path, _TORCHRUN_COUNTS, sigterm_then_ctrl_c_once_under_way, logs)
+    assert pressed and type(raised) is KeyboardInterrupt, (pressed, repr(raised), logs)
+    assert any(line.startswith("train: a stop is under way (SIGTERM passed on to torchrun)") for line in logs), logs
+    assert (tmp_path / "signals").exists() and (tmp_path / "signals").read_text().split() == ["SIGTERM"], logs
+    assert AT_ONCE in logs, logs

@@ -86,7 +86,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
     forwarded = stop_signals_to_forward()
-    caught: list[signal.Signals] = []  # the forwarded signals that came, in order (`_forward_stop_signals`)
+    # Every stop signal the stage's handlers took, in order, a Ctrl-C's too: the handlers only note them (_CtrlC,
+    # `_forward_stop_signals`), and this function acts on them, in its main thread. A handler runs at any instruction,
+    # another handler's included: the SIGTERM handler passed the signal on itself, and a Ctrl-C landing between its claim
+    # of the one stop signal and the send raised there, so torchrun got nothing while the stage said a stop was under
+    # way: the ranks trained on through the stage's whole wait and ended killed, unsaved (a review, 2026-12-07).
+    came: list[signal.Signals] = []
     stop = _OneStop()  # the one stop signal torchrun gets from the stage
     oom_before = _oom_kills()
     heard: list[str] = []  # the stop signals torchrun said it received ("Received SIGTERM death signal")
@@ -101,10 +106,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             sys.stderr.write(line)
             tail.append(line.rstrip("\n"))
 
-    # The Ctrl-C handler is set first, inside the `try`, before torchrun starts, and holds a first Ctrl-C until torchrun
-    # is started, read and its stop signals forwarded (`watch`): one that raised as Popen returned or the reader started
-    # (before the `try`, from Python's own handler) ended the stage without waiting for torchrun's stop or killing it
-    # (a review, 2026-12-06).
+    # The Ctrl-C handler is set first, inside the `try`, before torchrun starts. It raises nothing: the stage raises a
+    # first Ctrl-C's KeyboardInterrupt itself where it looks (`ctrl_c.check`), once torchrun is started and read, and then
+    # every 0.1 s: one that raised as Popen returned or the reader started (before the `try`, from Python's own handler)
+    # ended the stage without waiting for torchrun's stop or killing it (a review, 2026-12-06).
     # Where that handler is set, torchrun starts in a process group of its own and gets the first Ctrl-C from the stage
     # alone, once, in the `except`: a terminal's Ctrl-C goes to its foreground process group, which torchrun was part of,
     # and one that came in Popen's own Python code, before the fork, reached no torchrun: the stop waited for one that
@@ -119,11 +124,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # were put back ended the stage with _CtrlC still SIGINT's handler, its first Ctrl-C used up: Ctrl-C did nothing
     # from then on in this process, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
-    ctrl_c = _CtrlC()
+    ctrl_c = _CtrlC(came)
     proc: subprocess.Popen | None = None
     reader: threading.Thread | None = None
     killed = False
     seen_ended = False
+    at_once = False  # a second SIGTERM or SIGHUP came: stop at once
     passes_ctrl_c_on = False  # torchrun in a process group of its own, its Ctrl-C passed on by the stage
 
     def finished() -> bool:
@@ -146,16 +152,23 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # thread also keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking
         # torchrun's copying of them.
         reader = read_in_background(proc.stdout, show)
-        _forward_stop_signals(proc, previous, forwarded, stage, log_fn, caught, stop)
-        ctrl_c.watch()  # a Ctrl-C held meanwhile raises here
+        _forward_stop_signals(previous, forwarded, stage, log_fn, came)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
-        # the ranks had stopped and printed it, before the stage said it was stopping). A sleep ends at once.
+        # the ranks had stopped and printed it, before the stage said it was stopping). The sleep's turns look at what came.
         while proc.poll() is None:
+            ctrl_c.check()  # a first Ctrl-C: the `except` below
+            passed_on = [s for s in came if s != signal.SIGINT]  # SIGTERM, SIGHUP
+            if passed_on:
+                stop.send(proc, passed_on[0])  # the first stop signal (none if a Ctrl-C's went before)
+            if len(passed_on) > 1:  # as a second Ctrl-C does: in one process a second stop signal of any kind stops at once
+                at_once = True
+                raise KeyboardInterrupt
             time.sleep(0.1)
-        # Seen ended before any Ctrl-C raised: one from here on came after torchrun had ended on its own (one that torchrun
-        # got too ran its handler here by the sleep's end at the latest) and stops nothing.
+        ctrl_c.check()  # a Ctrl-C in the last turn came before torchrun was seen ended
+        # Seen ended before any Ctrl-C raised: one from here on came after torchrun had ended on its own and stops nothing.
         seen_ended = True
         reader.join()  # the last lines, torchrun's failure summary among them
+        ctrl_c.check()
     except KeyboardInterrupt:
         if proc is None:  # torchrun never started (a handler not the stage's raised): nothing to stop
             raise
@@ -168,16 +181,22 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             # torchrun's second stop signal stops the ranks at once, unsaved: a Ctrl-C after a forwarded SIGTERM was
             # that second signal while the stage said "Ctrl-C again to stop at once" (a review, 2026-12-07). It gets one.
             stopping, lost = STOP_WORDS[stage]
-            first = stop.send(proc, signal.SIGINT) if passes_ctrl_c_on else stop.claim(signal.SIGINT)
-            if first:
-                log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
-            elif passes_ctrl_c_on:
-                log_fn(f"{stage}: a stop is under way ({stop.name()} passed on to torchrun): {stopping} (up to "
-                       f"{-(-grace // 60)} min); Ctrl-C again to stop at once")
-            else:  # torchrun in this process's group: the terminal's Ctrl-C reached it too, its second stop signal
-                log_fn(f"{stage}: a stop was under way ({stop.name()} passed on to torchrun); torchrun had this Ctrl-C from "
-                       f"the terminal as well, its second stop signal: its ranks stop at once; {lost}")
-            ended = _wait_for_stop(proc, ctrl_c.later, 0, grace + 30)  # torchrun's own kill first
+            if at_once:
+                ended = "again"
+            else:
+                first = stop.send(proc, signal.SIGINT) if passes_ctrl_c_on else stop.claim(signal.SIGINT)
+                if first:
+                    log_fn(f"{stage}: stopping: {stopping} (up to {-(-grace // 60)} min); Ctrl-C again to stop at once")
+                elif passes_ctrl_c_on:
+                    log_fn(f"{stage}: a stop is under way ({stop.name()} passed on to torchrun): {stopping} (up to "
+                           f"{-(-grace // 60)} min); Ctrl-C again to stop at once")
+                else:  # torchrun in this process's group: the terminal's Ctrl-C reached it too, its second stop signal
+                    log_fn(f"{stage}: a stop was under way ({stop.name()} passed on to torchrun); torchrun had this Ctrl-C from "
+                           f"the terminal as well, its second stop signal: its ranks stop at once; {lost}")
+                # Any stop signal after this Ctrl-C (came holds the stage's own first Ctrl-C; a caller's handler's is not
+                # there) stops at once: another Ctrl-C, SIGTERM, SIGHUP.
+                after = came.index(signal.SIGINT) + 1 if signal.SIGINT in came else len(came)
+                ended = _wait_for_stop(proc, came, after, grace + 30)  # torchrun's own kill first
             if ended != "ended":
                 _kill_with_its_ranks(proc, stage, log_fn)
                 killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
@@ -201,17 +220,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 raise TrainingStopped(stopped["message"]) from None
             raise
     finally:
-        try:  # a Ctrl-C from here on raises nothing: it stops at once, and no restore is cut short
-            unpressed, late = ctrl_c.disarm(), False
-        except KeyboardInterrupt:
-            # The first Ctrl-C, its handler run as `disarm` started (Python runs a pending one as a function starts),
-            # before the count: it raised out of the `finally` and put no handler back (a review, 2026-12-06). Theirs,
-            # raised below once the handlers are back.
-            unpressed, late = True, True
+        # From here on no Ctrl-C is a first one: it stops at once, and no restore is cut short. `late`: a first Ctrl-C came
+        # that the stage has not raised yet (its handler ran as the `finally` began: a pending one runs as a function
+        # starts; one raising there put no handler back, a review, 2026-12-06): raised below once the handlers are back.
+        unpressed, late = ctrl_c.disarm()
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
         if proc is not None and not killed and proc.poll() is None:
             stop.send(proc, signal.SIGTERM)  # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless one was sent)
-            if _wait_for_stop(proc, ctrl_c.later, len(ctrl_c.later), grace + 30) != "ended":  # torchrun's own kill first
+            if _wait_for_stop(proc, came, len(came), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
         seen = len(ctrl_c.later)
         # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
@@ -230,6 +246,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before, stopped_by=by, saved=saved)
     if not result_path.is_file():
         raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
+    caught = [s for s in came if s != signal.SIGINT]
     if caught:
         # A SIGTERM or SIGHUP that came as torchrun ended (as its last lines were read, as the handlers were put back: 0.1 s
         # and more) found no torchrun to pass it on to, or reached it after its ranks had finished: the stage returned the
@@ -342,8 +359,8 @@ def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> l
 class _OneStop:
     """The one stop signal torchrun gets from the stage, whichever comes first: a forwarded SIGTERM or SIGHUP, the first
     Ctrl-C passed on, the `finally`'s SIGTERM. torchrun passes its first on to the ranks (they finish the step and save)
-    and takes a second as "stop at once": its `_shutdown` is cut short and the ranks are killed, unsaved. The choice is
-    made by one C call, `next(self.tries)`, as in _CtrlC: a handler run in the middle of another cannot take 0 too."""
+    and takes a second as "stop at once": its `_shutdown` is cut short and the ranks are killed, unsaved. Sent by run_stage
+    in its main thread, never from a signal handler (the `came` comment there)."""
 
     def __init__(self) -> None:
         self.tries = itertools.count()
@@ -370,41 +387,43 @@ class _OneStop:
 
 
 class _CtrlC:
-    """SIGINT while torchrun runs: the first Ctrl-C raises KeyboardInterrupt (the stop); each later one only lands in
-    `later`, the ask to stop at once that `_wait_for_stop` looks for. So no Ctrl-C after the first can raise, and none
-    can cut the kill of torchrun and its ranks short, wherever it lands. The kill ignored Ctrl-C only once it had
-    begun: a third Ctrl-C in the instructions between the second's KeyboardInterrupt and that ignore raised, and the
-    ranks lived on (a review). The choice is made in the handler by one C call, `next(self.presses)`: a second handler
-    run as the first one starts (Python may run one at any instruction, a handler's first too) takes the next number;
-    no two can take 0. Set only in the main thread over Python's own Ctrl-C handler: SIGINT ignored (a run started in
-    the background) or a handler of someone else's stays as it is, and so does Python's elsewhere, which raises
-    KeyboardInterrupt in the main thread only. Until `watch`, while torchrun is started, the first Ctrl-C is held, not
-    raised: raised inside Popen or the reader's start, it left the stage without the torchrun it had started, running."""
+    """SIGINT while torchrun runs. The handler raises nothing, wherever it lands: it notes each Ctrl-C in `came` (run_stage's
+    list of the stop signals that came), and holds the first for `check`, where run_stage raises its KeyboardInterrupt
+    (the stop); each later one only lands in `later` too. So no Ctrl-C can cut short what the stage is doing: passing a
+    stop on to torchrun (a Ctrl-C in the SIGTERM handler's send raised there, and torchrun got nothing; a review,
+    2026-12-07), the kill of torchrun and its ranks (a third Ctrl-C in the instructions between the second's
+    KeyboardInterrupt and the kill's ignore of Ctrl-C raised, and the ranks lived on; a review), Popen or the reader's
+    start (it left the stage without the torchrun it had started, running). Which Ctrl-C is the first is chosen by one C
+    call, `next(self.presses)`: a second handler run as the first one starts (Python may run one at any instruction, a
+    handler's first too) takes the next number; no two can take 0. Set only in the main thread over Python's own Ctrl-C
+    handler: SIGINT ignored (a run started in the background) or a handler of someone else's stays as it is, and so does
+    Python's elsewhere, which raises KeyboardInterrupt in the main thread only."""
 
-    def __init__(self) -> None:
+    def __init__(self, came: list[signal.Signals]) -> None:
+        self.came = came
         self.presses = itertools.count()
         self.later: list[int] = []
-        self.watching = False
-        self.held = False  # a first Ctrl-C came before `watch`
+        self.held = False  # the first Ctrl-C came and `check` has not raised it yet
 
     def __call__(self, signum, frame) -> None:
+        self.came.append(signal.SIGINT)
         if next(self.presses) == 0:
-            if not self.watching:
-                self.held = True
-                return
-            raise KeyboardInterrupt
-        self.later.append(signum)
+            self.held = True
+        else:
+            self.later.append(signum)
 
-    def watch(self) -> None:
-        """torchrun is started and read: a first Ctrl-C raises from here on, and one held before raises now. (One that lands
-        between the two lines raises in the handler, with `held` still False: either way it raises once.)"""
-        self.watching = True
+    def check(self) -> None:
+        """Raise the first Ctrl-C's KeyboardInterrupt if it came and was not raised yet."""
         if self.held:
+            self.held = False
             raise KeyboardInterrupt
 
-    def disarm(self) -> bool:
-        """From here on no Ctrl-C raises, the first included (the stage is ending). Whether none had raised before."""
-        return next(self.presses) == 0
+    def disarm(self) -> tuple[bool, bool]:
+        """From here on no Ctrl-C is a first one (the stage is ending). Whether none was raised before, and whether one came
+        that was not raised (it is the caller's to raise)."""
+        first_unused = next(self.presses) == 0
+        held = self.held
+        return first_unused or held, held
 
     def install(self, replaced: dict) -> bool:
         """Set as SIGINT's handler where it may be (see the class); whether it was. The handler it replaces goes into
@@ -416,12 +435,12 @@ class _CtrlC:
         return False
 
 
-def _wait_for_stop(proc: subprocess.Popen, later: list[int], seen: int, timeout: float) -> str:
-    """Wait up to `timeout` seconds for torchrun to end: "ended", "again" (a Ctrl-C after the first `seen` of `later`:
+def _wait_for_stop(proc: subprocess.Popen, came: list[signal.Signals], seen: int, timeout: float) -> str:
+    """Wait up to `timeout` seconds for torchrun to end: "ended", "again" (a stop signal after the first `seen` of `came`:
     stop at once) or "late"."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None:
-        if len(later) > seen:
+        if len(came) > seen:
             return "again"
         if time.monotonic() >= deadline:
             return "late"
@@ -528,9 +547,9 @@ def _keep_sighup_ignored(env: dict[str, str]) -> None:
         env["PET_SIGNALS_TO_HANDLE"] = ",".join(s.strip() for s in handled.split(",") if s.strip() not in ("SIGHUP", ""))
 
 
-def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[signal.Signals], stage: str,
-                          log_fn: Callable[[str], None], caught: list[signal.Signals], stop: _OneStop) -> None:
-    """Pass SIGTERM and SIGHUP on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
+def _forward_stop_signals(replaced: dict, signals: list[signal.Signals], stage: str, log_fn: Callable[[str], None],
+                          came: list[signal.Signals]) -> None:
+    """Have SIGTERM and SIGHUP passed on to torchrun, which passes them to the ranks: they finish the step, save a checkpoint
     and stop, as on Ctrl-C (tasks/train.py), and the stage ends with KeyboardInterrupt. `kill PID`, `docker stop`, a
     worker cancelling the flow run and a preempted machine signal this process only: it died and left torchrun and
     the ranks training on, with nothing saved. On SIGHUP (the terminal closed) the ranks' lines go to /dev/null.
@@ -539,15 +558,15 @@ def _forward_stop_signals(proc: subprocess.Popen, replaced: dict, signals: list[
     forwarded: signal.getsignal gives None for it, which signal.signal cannot set back (TypeError as the stage ended), so
     replaced it would be lost for good, and a later SIGTERM would do nothing in this process but forward to an ended
     torchrun. Left in place, it handles that signal as before; the ranks stop only if it ends this process (they die
-    with it: `_dying_with`). Each signal that comes is added to `caught`, forwarded or not: run_stage raises it again once
-    the handlers are back if the stage would otherwise return (torchrun had ended, or its ranks finished all the same).
-    Only the stage's first stop signal reaches torchrun (`stop`): its second stops the ranks at once, unsaved."""
+    with it: `_dying_with`). The handler only adds each signal that comes to `came`: run_stage, in its main thread, passes
+    the stage's first stop signal on to torchrun (its second stops the ranks at once, unsaved), stops at once on a second,
+    and raises one that came as torchrun ended again once the handlers are back, if the stage would otherwise return
+    (torchrun had ended, or its ranks finished all the same)."""
 
     def forward(signum, frame):
-        caught.append(signal.Signals(signum))
+        came.append(signal.Signals(signum))
         if signum == signal.SIGHUP:
             off_the_lost_terminal()
-        stop.send(proc, signal.Signals(signum))  # the first stop signal only: torchrun's second stops the ranks unsaved
 
     if threading.current_thread() is not threading.main_thread():
         return
