@@ -1970,3 +1970,30 @@ def test_a_ctrl_c_as_a_sigterm_is_passed_on_still_passes_it_on(monkeypatch, tmp_
     assert any(line.startswith("train: a stop is under way (SIGTERM passed on to torchrun)") for line in logs), logs
     assert (tmp_path / "signals").exists() and (tmp_path / "signals").read_text().split() == ["SIGTERM"], logs
     assert AT_ONCE in logs, logs
+
+
+# torchrun whose ranks, told to stop, report: rank 0 the stop, rank 1 a crash of its own meanwhile; then exit 1
+_TORCHRUN_A_RANK_CRASHES_AS_IT_STOPS = """import json, signal, sys, time
+def stop(signum, frame):
+    for rank, kind, message in [(0, "TrainingStopped", "training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it"),
+                                (1, "RuntimeError", "CUDA error: an illegal memory access was encountered")]:
+        open(f"{sys.argv[2]}/error-train-rank{rank}.json", "w").write(json.dumps({"rank": rank, "type": kind, "message": message}))
+    sys.exit(1)
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_rank_that_crashes_as_a_stop_reaches_it_is_reported_as_failed_not_stopped(monkeypatch, tmp_path, sig):
+    """A stop on its way (a Ctrl-C, a forwarded SIGTERM) and a rank that fails on its own meanwhile (CUDA, NaN, a full
+    disk): its error record names that exception, yet the stage raised the stop (TrainingStopped from rank 0's record,
+    the CLI's `interrupted`, exit 130), and the rank's failure was seen nowhere but in its log. Now a rank's error other
+    than the stop's is reported as the failure it is: the rank, its exception and message."""
+    logs: list[str] = []
+    raised = _stop_signals_in(monkeypatch, tmp_path, _TORCHRUN_A_RANK_CRASHES_AS_IT_STOPS,
+                              lambda to_the_stage, noted: to_the_stage(signal.Signals[sig]), logs)
+    assert type(raised) is StageError, (repr(raised), logs)
+    assert str(raised) == "train: rank 1 of 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered", raised

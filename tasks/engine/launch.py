@@ -175,12 +175,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # A Ctrl-C that reached the stage once torchrun had ended (as its last lines were read) stops nothing: it said
         # "stopping" for an ended torchrun and dropped the record of a finished run (a review, 2026-12-06).
         stopping = None
+        graceful = False  # the stop torchrun was given ran its course: each rank finished its step, or failed on its own
         if proc.poll() is None:
             # torchrun passes the Ctrl-C on: the ranks save a checkpoint and exit. In a process group of its own it has it from
             # here only (one held since before Popen's fork too); else from the terminal, as this process did.
             # torchrun's second stop signal stops the ranks at once, unsaved: a Ctrl-C after a forwarded SIGTERM was
             # that second signal while the stage said "Ctrl-C again to stop at once" (a review, 2026-12-07). It gets one.
             stopping, lost = STOP_WORDS[stage]
+            first = False
             if at_once:
                 ended = "again"
             else:
@@ -197,6 +199,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 # there) stops at once: another Ctrl-C, SIGTERM, SIGHUP.
                 after = came.index(signal.SIGINT) + 1 if signal.SIGINT in came else len(came)
                 ended = _wait_for_stop(proc, came, after, grace + 30)  # torchrun's own kill first
+            graceful = ended == "ended" and (first or passes_ctrl_c_on)  # torchrun had one stop signal
             if ended != "ended":
                 _kill_with_its_ranks(proc, stage, log_fn)
                 killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
@@ -214,6 +217,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             log_fn(f"{stage}: Ctrl-C after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; "
                    "their failure follows")
         else:
+            # A rank that failed on its own as the stop reached it: that failure, not the stop (`_failed_rank`). Not after a
+            # stop at once: a rank killed in a collective breaks its peers' connection, and theirs fail on it.
+            failed = _failed_rank(_rank_errors(stage, work)) if graceful else None
+            if failed is not None:
+                raise StageError(f"{stage}: rank {failed['rank']} of {n} failed: {failed['type']}: {failed['message']}") from None
             # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
             stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
             if stopped is not None:
@@ -604,7 +612,8 @@ def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail
     if err is None and code >= 0 and errors:
         err = errors[min(errors)]
     if err is not None:
-        if err["type"] in ("KeyboardInterrupt", "TrainingStopped"):
+        err = _failed_rank(errors, err["rank"]) or err  # a rank's own failure, not another's stop
+        if err["type"] in STOPPED:
             return (TrainingStopped if err["type"] == "TrainingStopped" else KeyboardInterrupt)(err["message"])
         return StageError(f"{stage}: rank {err['rank']} of {n} failed: {err['type']}: {err['message']}")
     if not who.isdigit():
@@ -628,6 +637,21 @@ def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail
     last = _rank_tail(logs, who) or last
     return StageError(f"{stage}: rank {who} of {n} died with {how}; its last lines: {' | '.join(last) or '(none)'}; "
                       f"full logs in {logs}. {advice}{RERUN[stage]}")
+
+
+# What a rank that stopped as asked reports in its error record (tasks/train.py); any other exception is its own failure.
+STOPPED = ("KeyboardInterrupt", "TrainingStopped")
+
+
+def _failed_rank(errors: dict[int, dict], first: int | None = None) -> dict | None:
+    """Of the ranks' error records (`_rank_errors`), one that names a failure of the rank's own, not the stop: rank
+    `first`'s (the one torchrun's failure summary names) if it does, else the lowest rank's; None if none does. A rank
+    that crashed on its own (CUDA, a NaN, a full disk) while a stop was on its way was reported as the stop (the CLI's
+    `interrupted`, exit 130), its failure seen nowhere but in its log (a review, 2026-12-07)."""
+    failed = {r: e for r, e in errors.items() if e["type"] not in STOPPED}
+    if first in failed:
+        return failed[first]
+    return failed[min(failed)] if failed else None
 
 
 # torchrun's line for a stop signal it got (torch/distributed/elastic/agent/server/api.py: "Received Signals.SIGTERM
