@@ -107,6 +107,26 @@ def test_evaluate_closes_its_bar_when_a_pass_fails(trained, tiny_cfg, tmp_path, 
     assert "evaluate: held-out base loss" in err and err[err.rindex("evaluate:"):].endswith("\n"), err[-300:]
 
 
+def _taken_away(monkeypatch):
+    """Stage 5's `generate`, put in its place for a test: each call is noted in its `calls` ("generate"), and the
+    `stop_at`-th (counted from 1; None, as made: none) raises as if the machine were taken away mid-stage (a crash, a
+    killed job), so a test can stop a run partway and rerun it. A function, not a callable object: stage 5 reads the
+    source of what it calls (its passes' key)."""
+    from tasks import evaluate
+
+    real = evaluate.generate
+
+    def generate(*a, **k):
+        generate.calls.append("generate")
+        if generate.calls.count("generate") == generate.stop_at:
+            raise RuntimeError("machine taken away (stand-in)")
+        return real(*a, **k)
+
+    generate.calls, generate.stop_at = [], None
+    monkeypatch.setattr(evaluate, "generate", generate)
+    return generate
+
+
 def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(trained, tiny_cfg, tmp_path, capfd, monkeypatch):
     """Stage 5 is the longest stage on a GPU (7-10 min for the showcase): a run stopped in its fifth pass (a crash, a
     killed job, a machine taken away) generated everything again on the rerun. Each finished pass is kept under the
@@ -118,29 +138,23 @@ def test_evaluate_stopped_partway_redoes_only_the_passes_it_had_not_finished(tra
     ev = tiny_cfg.eval
     run = lambda art: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, ev, "cpu", str(art))  # noqa: E731
     ref = run(tmp_path / "ref")
-    real_generate, real_row_nll = evaluate.generate, evaluate.row_nll
-    calls = []
-
-    def generate(*a, **k):
-        calls.append("generate")
-        if len(calls) == stop_at:
-            raise RuntimeError("machine taken away (stand-in)")
-        return real_generate(*a, **k)
+    real_row_nll = evaluate.row_nll
+    generate = _taken_away(monkeypatch)
+    calls = generate.calls
 
     def row_nll(*a, **k):
         calls.append("row_nll")
         return real_row_nll(*a, **k)
 
-    monkeypatch.setattr(evaluate, "generate", generate)
     monkeypatch.setattr(evaluate, "row_nll", row_nll)
     # passes in order: held-out base, held-out tuned (a loss pass and a generation each), ifeval base, ifeval tuned,
     # alpaca_eval base: stopped there
-    stop_at = 7
+    generate.stop_at = 5
     with pytest.raises(RuntimeError, match="stand-in"):
         run(tmp_path / "cut")
-    assert calls.count("generate") == 5
+    assert len(calls) == 7 and calls.count("generate") == 5
     calls.clear()
-    stop_at = None
+    generate.stop_at = None
     capfd.readouterr()
     logs = []
     got = evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, ev, "cpu", str(tmp_path / "cut"), logs.append)
@@ -168,26 +182,15 @@ def test_an_unusable_saved_held_out_pass_is_named_with_why_before_it_is_generate
     """A held-out pass saved by a run stopped partway that cannot be used (here one answer short, as a folder copied in
     from another run or a file edited by hand can be) was generated again without a word. One line says which saved
     pass is not used, why, and that it is generated again; the usable one beside it is read back."""
-    from tasks import evaluate
-
-    real_generate = evaluate.generate
-    calls = []
-
-    def generate(*a, **k):
-        calls.append(1)
-        if len(calls) == stop_at:
-            raise RuntimeError("machine taken away (stand-in)")
-        return real_generate(*a, **k)
-
-    monkeypatch.setattr(evaluate, "generate", generate)
+    generate = _taken_away(monkeypatch)
     run = lambda **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, tiny_cfg.eval, "cpu", str(tmp_path), **kw)  # noqa: E731
-    stop_at = 3  # held-out base and tuned saved, stopped in ifeval's base side
+    generate.stop_at = 3  # held-out base and tuned saved, stopped in ifeval's base side
     with pytest.raises(RuntimeError, match="stand-in"):
         run()
     [part] = tmp_path.glob("cache/eval-parts/*/held-out-tuned.json")
     saved = json.loads(part.read_text())
     part.write_text(json.dumps({**saved, "gens": saved["gens"][:-1]}))  # one answer short
-    stop_at = None
+    generate.stop_at = None
     logs = []
     run(log_fn=logs.append)
     said = [m for m in logs if "held-out" in m and ("not used" in m or "reused" in m)]
@@ -284,20 +287,9 @@ def test_a_saved_pass_whose_bytes_changed_since_it_was_saved_is_generated_again_
     short is unreadable: generated again, as before). Each part
     is listed with its size and sha256 as it is saved (PARTS; the COMPLETE marker too, once every pass is in, as stages
     1-6 mark theirs): one that differs is generated again, with one line naming the file, and listed anew."""
-    from tasks import evaluate
-
-    real_generate = evaluate.generate
-    calls = []
-
-    def generate(*a, **k):
-        calls.append(1)
-        if len(calls) == stop_at:
-            raise RuntimeError("machine taken away (stand-in)")
-        return real_generate(*a, **k)
-
-    monkeypatch.setattr(evaluate, "generate", generate)
+    generate = _taken_away(monkeypatch)
     run = lambda e, **kw: evaluate_heldout(trained["data"], trained["train"], tiny_cfg.model, tiny_cfg.quant, e, "cpu", str(tmp_path), **kw)  # noqa: E731
-    stop_at = 3 if when.startswith("partial") else None  # partial: held-out base and tuned saved, stopped in ifeval's base side
+    stop_at = generate.stop_at = 3 if when.startswith("partial") else None  # partial: held-out base and tuned saved, stopped in ifeval's base side
     if stop_at:
         with pytest.raises(RuntimeError, match="stand-in"):
             run(tiny_cfg.eval)
@@ -312,7 +304,7 @@ def test_a_saved_pass_whose_bytes_changed_since_it_was_saved_is_generated_again_
     part.write_text(json.dumps(saved, indent=2, sort_keys=True))               # it was read back as the model's
     assert part.stat().st_size == len(made)
     why = f"file held-out-tuned.json has other bytes than when {'PARTS' if stop_at else 'COMPLETE'} listed it (changed in place)"
-    stop_at = None
+    generate.stop_at = None
     logs = []
     run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)  # the stage's record not cached: its passes read
     said = [m for m in logs if "held-out tuned" in m and ("not used" in m or "reused" in m)]
