@@ -22,6 +22,22 @@ from tasks.train import train_adapter
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def _python_ctrl_c(monkeypatch, started=()):
+    """Python's own Ctrl-C handler while the block runs, as in a terminal, whatever the suite started with (see the
+    third-Ctrl-C test); then the monkeypatches undone, the handler from before put back and each process in `started`
+    (the list a test's Popen stand-in fills: torchrun's) killed."""
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, outer)
+        for proc in started:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def two_ranks(shared_artifacts):
     # 4 steps x 2 ranks x 2 micro-batches of 8 = 128 of the 224 training rows: one epoch, so no batch repeats.
@@ -978,18 +994,11 @@ def test_a_ctrl_c_as_torchrun_starts_waits_for_torchruns_stop(monkeypatch, tmp_p
     monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
     if when == "as the reader thread starts":
         monkeypatch.setattr(launch, "read_in_background", ctrl_c_then_read)
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
-    try:
+    with _python_ctrl_c(monkeypatch, started):
         with pytest.raises(KeyboardInterrupt):
             launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, log)
         running = started[0].poll() is None
         after = signal.getsignal(signal.SIGINT)
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGINT, outer)
-        for proc in started:
-            proc.kill()
-            proc.wait()
     assert not running and any(line.startswith("train: stopping:") for line in logs), logs
     assert after is signal.default_int_handler
 
@@ -1016,16 +1025,8 @@ def test_a_ctrl_c_in_popen_before_the_fork_reaches_torchrun(monkeypatch, tmp_pat
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: ["sleep", "600"])
     monkeypatch.setattr(launch.subprocess, "Popen", ctrl_c_then_popen)
     monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # the wait for a stop that never comes: 31 s, not 10.5 min
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGINT, outer)
-        for proc in started:
-            proc.kill()
-            proc.wait()
+    with _python_ctrl_c(monkeypatch, started), pytest.raises(KeyboardInterrupt):
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
     assert started and started[0].returncode == -signal.SIGINT, ([p.returncode for p in started], logs)  # not the kill's -9
     assert any(line.startswith("train: stopping:") for line in logs) and not any("killed" in line for line in logs), logs
 
@@ -1057,21 +1058,17 @@ open(sys.argv[1], "w").write(json.dumps({"steps": 4}))
 
 def _finish(monkeypatch, tmp_path, logs: list[str], stage: str = "train", program: str = _TORCHRUN_FINISHES) -> dict:
     """run_stage on `program` (_TORCHRUN_FINISHES) as torchrun, in this (main) thread with Python's own Ctrl-C handler."""
-    import signal
     import sys
 
     from tasks.engine import launch
 
     record = str(tmp_path / f"result-{stage}.json")
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, record])
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return launch.run_stage(stage, f"tasks.{stage}:{stage}_on_rank", {}, 2, tmp_path, logs.append)
-    except KeyboardInterrupt as e:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
-        pytest.fail(f"the stage raised {e!r}; its log: {logs}")
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGINT, outer)
+    with _python_ctrl_c(monkeypatch):
+        try:
+            return launch.run_stage(stage, f"tasks.{stage}:{stage}_on_rank", {}, 2, tmp_path, logs.append)
+        except KeyboardInterrupt as e:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
+            pytest.fail(f"the stage raised {e!r}; its log: {logs}")
 
 
 def _finish_stopped(monkeypatch, tmp_path, logs: list[str], program: str = _TORCHRUN_FINISHES) -> None:
@@ -1138,22 +1135,18 @@ def test_a_ctrl_c_after_torchrun_failed_reports_the_failure(monkeypatch, tmp_pat
     after torchrun had failed raised KeyboardInterrupt: the stage's line naming the rank that died and how was never
     written, and the run ended as stopped by the user, not failed. The Ctrl-C stops nothing there either: the failure is
     reported as without it."""
-    import signal
     import sys
 
     from tasks.engine import launch
 
     pressed, logs = _ctrl_c_at_the_join(monkeypatch), []
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FAILS, "-", ROOT_CAUSE])
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(StageError) as e:
-            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
-    except KeyboardInterrupt as e:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
-        pytest.fail(f"the stage raised {e!r}; its log: {logs}")
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGINT, outer)
+    with _python_ctrl_c(monkeypatch):
+        try:
+            with pytest.raises(StageError) as e:
+                launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+        except KeyboardInterrupt as stop:  # a failure of this test, not pytest's own Ctrl-C (which would end the session)
+            pytest.fail(f"the stage raised {stop!r}; its log: {logs}")
     assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL;"), (e.value, logs)
     assert "train: Ctrl-C after the 2 processes had ended (exit code 1): it stops nothing; their failure follows" in logs, logs
     assert not any("stopping" in line for line in logs), logs
