@@ -1,0 +1,66 @@
+"""Review of cache-fixes-4 (3058485..cache-fixes-4): defects found, each as a strict xfail that passes once fixed.
+
+Unit-level (no model): the parts folder's lists (tasks/common.py `list_parts`, `is_listed`, evaluate `_read_side`),
+training's older-epoch-rule line (tasks/train.py `checkpoint_of_an_older_epoch_rule`) and publish's `_copy_adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _pass(folder: Path, name: str, text: str) -> Path:
+    """A saved pass of one answer, in the form `save_part` writes (`_read_side` reads it with n=1, no losses)."""
+    from tasks.common import write_json
+
+    write_json(folder / name, {"gens": [{"text": text, "stopped": True}], "check": {}, "nll": None})
+    return folder / name
+
+
+def _previous_versions_folder(tmp_path: Path) -> Path:
+    """A parts folder as the previous version (41a0294..3058485) left it when it finished a folder a version before
+    41a0294 had begun: held-out-base.json saved by the old code (in no PARTS list), held-out-tuned.json saved and listed
+    in PARTS by the previous version, then COMPLETE written by `mark_folder_complete(record_files=True)` from the folder's
+    bytes: COMPLETE lists both, PARTS only the second."""
+    from tasks.common import COMPLETE, PARTS, list_parts, mark_folder_complete
+
+    parts = tmp_path / "eval-parts" / "k"
+    parts.mkdir(parents=True)
+    _pass(parts, "held-out-base.json", "saved by a version before passes were listed")
+    _pass(parts, "held-out-tuned.json", "saved and listed by the previous version")
+    list_parts(parts, "held-out-tuned.json")
+    mark_folder_complete(parts, record_files=True, leave_out=(PARTS, COMPLETE))
+    assert set(json.loads((parts / COMPLETE).read_text())["files"]) == {"held-out-base.json", "held-out-tuned.json"}
+    assert set(json.loads((parts / PARTS).read_text())["files"]) == {"held-out-tuned.json"}
+    return parts
+
+
+def test_a_previous_versions_complete_folder_reads_every_pass_it_lists(tmp_path):
+    """Control (passes on cache-fixes-4): a folder the previous version completed (COMPLETE listing files, PARTS partial)
+    is read as it is: every pass COMPLETE lists is used, none generated again."""
+    from tasks.evaluate import _read_side
+
+    parts = _previous_versions_folder(tmp_path)
+    for name in ("held-out-base.json", "held-out-tuned.json"):
+        assert isinstance(_read_side(parts / name, 1, None, listed=True), dict), name
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache4 D1: list_parts keeps PARTS' entries only, dropping those only COMPLETE "
+                                       "listed, so the passes COMPLETE vouched for are generated again once any pass is re-saved")
+def test_resaving_one_pass_of_a_previous_versions_complete_folder_keeps_the_others_listed(tmp_path):
+    """In that folder one pass is saved again (here held-out-tuned: unusable for any reason, a concurrent run sharing the
+    folder). `list_parts` rebuilds PARTS from PARTS alone ("PARTS, else COMPLETE") and removes COMPLETE: the entry of
+    held-out-base.json, vouched for by COMPLETE and unchanged, is gone, and b894ba5's rule (a pass no list names is
+    generated again) makes the next read of it, in the same run, generate it again. On a 7B a pass of the tuned model
+    on a benchmark is hours; before b894ba5 the pass was still read (unchecked)."""
+    from tasks.common import list_parts
+    from tasks.evaluate import _read_side
+
+    parts = _previous_versions_folder(tmp_path)
+    _pass(parts, "held-out-tuned.json", "generated again")
+    list_parts(parts, "held-out-tuned.json")
+    got = _read_side(parts / "held-out-base.json", 1, None, listed=True)
+    assert isinstance(got, dict), got
