@@ -107,3 +107,28 @@ def test_an_older_epoch_rule_folder_this_user_cannot_read_does_not_end_training(
     finally:
         (top / "oldkey").chmod(0o700)
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache4 D4: _copy_adapter takes every file of merged/ but config, generation config "
+                                       "and weights: a trust_remote_code model's modeling/configuration code lands in adapter/")
+def test_the_published_adapter_gets_the_tokenizer_of_merged_not_its_model_code(tmp_path):
+    """21b071f publishes adapter/ as PEFT's adapter_* files plus "every file of merged/ but the model's own"
+    (MERGED_MODEL_FILES: config, generation config, safetensors and their index), which its test reads as adapter_* +
+    the tokenizer's files. A merged model of a model.trust_remote_code base is saved by `save_pretrained` with its remote
+    code beside it (transformers' custom_object_save: configuration_*.py, modeling_*.py), which is the model's, not the
+    tokenizer's: it now lands in the published adapter/ (and its MANIFEST) too. The tokenizer's own remote code
+    (tokenization_*.py, saved by tok.save_pretrained) belongs there."""
+    from tasks.publish import _copy_adapter
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    adapter.mkdir()
+    merged.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.model", "tokenizer_config.json"):
+        (adapter / name).write_text("training's")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "configuration_custom.py", "modeling_custom.py",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenization_custom.py"):
+        (merged / name).write_text("merged's")
+    _copy_adapter(adapter, merged, tmp_path / "published")
+    got = sorted(p.name for p in (tmp_path / "published").iterdir())
+    assert got == sorted(["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "chat_template.jinja", "tokenization_custom.py"]), got
