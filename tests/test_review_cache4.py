@@ -38,12 +38,21 @@ def _previous_versions_folder(tmp_path: Path) -> Path:
     return parts
 
 
-def test_a_previous_versions_complete_folder_reads_every_pass_it_lists(tmp_path):
-    """Control (passes on cache-fixes-4): a folder the previous version completed (COMPLETE listing files, PARTS partial)
-    is read as it is: every pass COMPLETE lists is used, none generated again."""
+@pytest.mark.parametrize("parts_list", ["partial", "absent"])
+def test_a_previous_versions_complete_folder_reads_every_pass_it_lists(tmp_path, parts_list):
+    """Control (passes on cache-fixes-4): a folder the previous version completed (COMPLETE listing files, PARTS partial
+    or absent) is read as it is: every pass COMPLETE lists is used, none generated again; with PARTS absent, a pass saved
+    again keeps the others listed (`list_parts` starts from COMPLETE then)."""
+    from tasks.common import PARTS, list_parts
     from tasks.evaluate import _read_side
 
     parts = _previous_versions_folder(tmp_path)
+    if parts_list == "absent":
+        (parts / PARTS).unlink()
+        for name in ("held-out-base.json", "held-out-tuned.json"):
+            assert isinstance(_read_side(parts / name, 1, None, listed=True), dict), name
+        _pass(parts, "held-out-tuned.json", "generated again")
+        list_parts(parts, "held-out-tuned.json")
     for name in ("held-out-base.json", "held-out-tuned.json"):
         assert isinstance(_read_side(parts / name, 1, None, listed=True), dict), name
 
