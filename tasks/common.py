@@ -472,18 +472,22 @@ PARTS = "PARTS"  # a folder of resumable parts (stage 5's saved passes): each pa
 
 def list_parts(folder: Path, part: str) -> None:
     """List the part `part` of `folder`, just saved, in its PARTS list (`completion_marker`'s form) with its size and
-    sha256, every other entry as it was listed (PARTS, else the folder's COMPLETE marker, which is removed: the folder is
-    not complete again until every part is in, and the marker lists the part's old bytes): a part cut short or edited
-    since it was saved is then told from one as saved (`listed_change`) before its folder is complete, and a resumed run
+    sha256, every other entry as it was listed (PARTS' entries, then the folder's COMPLETE marker's for parts PARTS does
+    not name; the marker is removed: the folder is not complete again until every part is in, and the marker lists the
+    part's old bytes). COMPLETE's entries are kept: a folder a previous version completed lists every part in COMPLETE
+    and only those it saved itself in PARTS (the rest saved by a version before parts were listed), and a part no list
+    names is generated again (evaluate `_read_side`): hours on a 7B, for parts COMPLETE vouched for. A part cut short or
+    edited since it was saved is then told from one as saved (`listed_change`) before its folder is complete, and a resumed run
     redoes it instead of reusing it. Only the saved part is hashed: rebuilt from the folder as it was, the list took
     every other part's bytes for saved ones, so a part edited since it was listed was reused once the run had saved any
     other, and a concurrent run's temp file was listed, then gone before its stat (FileNotFoundError ended stage 5).
     Read, changed and written (atomically) under a flock of the folder (`_folder_flocked`): two runs sharing the folder
     keep each other's entries."""
     with _folder_flocked(folder):
-        listed = next((f for f in (_listed_files(folder, name) for name in (PARTS, COMPLETE) if (folder / name).is_file())
-                       if isinstance(f, dict)), {})
-        files = {rel: {"size": size, "sha256": digest} for rel, (size, digest) in listed.items()}
+        files = {}
+        for name in (COMPLETE, PARTS):  # where both name a part, PARTS' entry wins: the part as it was saved
+            listed = _listed_files(folder, name) if (folder / name).is_file() else None
+            files |= {rel: {"size": size, "sha256": digest} for rel, (size, digest) in (listed if isinstance(listed, dict) else {}).items()}
         files[part] = {"size": (folder / part).stat().st_size, "sha256": file_sha256(folder / part)}
         text = json.dumps({"completed": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}, indent=1, sort_keys=True)
         write_text(folder / PARTS, text + "\n")

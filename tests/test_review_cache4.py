@@ -57,8 +57,6 @@ def test_a_previous_versions_complete_folder_reads_every_pass_it_lists(tmp_path,
         assert isinstance(_read_side(parts / name, 1, None, listed=True), dict), name
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache4 D1: list_parts keeps PARTS' entries only, dropping those only COMPLETE "
-                                       "listed, so the passes COMPLETE vouched for are generated again once any pass is re-saved")
 def test_resaving_one_pass_of_a_previous_versions_complete_folder_keeps_the_others_listed(tmp_path):
     """In that folder one pass is saved again (here held-out-tuned: unusable for any reason, a concurrent run sharing the
     folder). `list_parts` rebuilds PARTS from PARTS alone ("PARTS, else COMPLETE") and removes COMPLETE: the entry of

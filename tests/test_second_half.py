@@ -396,8 +396,6 @@ def test_saved_passes_no_list_names_are_generated_again_not_read_unchecked(train
     assert listed == json.loads((parts / "PARTS").read_text())["files"] and listed.keys() == {p.name for p in parts.glob("*.json")}
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache4 D1: list_parts rebuilds PARTS from PARTS alone and removes COMPLETE: passes "
-                                       "only the previous version's COMPLETE listed are generated again once any pass is re-saved")
 def test_a_previous_versions_complete_folder_with_a_partial_parts_list_regenerates_only_the_pass_that_changed(trained, tiny_cfg, tmp_path):
     """A parts folder the previous version (41a0294..3058485) completed lists every pass in COMPLETE (from the folder's
     bytes) and in PARTS only those it saved itself: one a version before 41a0294 had begun (its passes never listed in
