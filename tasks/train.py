@@ -434,15 +434,32 @@ def _train_key(data: DataRecord, probe: Any, sections: list) -> str:
     return fingerprint("train", TRAIN_VERSION, rows_key(data), data.model_fingerprint, probe.key, sections)
 
 
-def keys_of_older_epoch_rules(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list[tuple[str, str]]:
-    """(train key, the rule in words) of this training under each earlier EPOCH_CAP_RULE, the first the key from before the
-    rule was keyed; none without max_epochs (the rule is in no key then)."""
+def _sections_of_older_epoch_rules(probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list[tuple[list, str]]:
+    """(keyed sections, the rule in words) of this training under each earlier EPOCH_CAP_RULE, the first those from before
+    the rule was keyed; none without max_epochs (the rule is in no key then)."""
     if not training.max_epochs:
         return []
     keyed = _keyed_sections(probe, quant, lora, training)[:-1]  # less {"epoch_cap_rule": EPOCH_CAP_RULE}
     older = [(keyed, "made before max_epochs' step-cap rule was in the key")]
-    older += [(keyed + [{"epoch_cap_rule": r}], f"made under max_epochs' step-cap rule {r}") for r in range(2, EPOCH_CAP_RULE)]
-    return [(_train_key(data, probe, sections), words) for sections, words in older]
+    return older + [(keyed + [{"epoch_cap_rule": r}], f"made under max_epochs' step-cap rule {r}") for r in range(2, EPOCH_CAP_RULE)]
+
+
+def keys_of_older_epoch_rules(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> list[tuple[str, str]]:
+    """(train key, the rule in words) of this training under each earlier EPOCH_CAP_RULE (`_sections_of_older_epoch_rules`)."""
+    return [(_train_key(data, probe, sections), words) for sections, words in _sections_of_older_epoch_rules(probe, quant, lora, training)]
+
+
+def budgetless_keys_of_older_epoch_rules(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection,
+                                         training: TrainingSection) -> dict[str, str]:
+    """{budgetless key: the rule in words} of this training under each earlier EPOCH_CAP_RULE, for
+    `checkpoint_of_another_budget`: a run interrupted under an older rule and rerun with another budget."""
+    return {_budgetless_key(data, probe, sections): words for sections, words in _sections_of_older_epoch_rules(probe, quant, lora, training)}
+
+
+def _older_rule_not_resumed() -> str:
+    """Why a checkpoint of an older EPOCH_CAP_RULE is not resumed, and what to do with its folder, in words."""
+    return (f"it is not resumed: the step cap max_epochs gives changed with the rule (EPOCH_CAP_RULE {EPOCH_CAP_RULE} now), so "
+            "training starts again from step 0 (once no older checkout runs in that folder, delete it to free its space)")
 
 
 def checkpoint_of_an_older_epoch_rule(out: Path, older: list[tuple[str, str]]) -> str | None:
@@ -450,15 +467,17 @@ def checkpoint_of_an_older_epoch_rule(out: Path, older: list[tuple[str, str]]) -
     settings under the train key of an older EPOCH_CAP_RULE (`keys_of_older_epoch_rules`): a run interrupted before the
     rule changed (or was keyed, d862cb4), which the rerun did not resume and did not say so. Not resumed: its steps were
     capped by the old rule (which rounded up: up to a step more than the passes allow), and the rule is keyed so that such
-    a training runs again."""
+    a training runs again. A folder this user cannot read (another user's, in a shared artifacts folder) is passed over:
+    the line is worth no failed stage."""
     for key, words in older:
         other = out.parent / key
-        ckpt = newest_checkpoint(other / "work") if other.is_dir() and not is_complete(other) else None
+        try:
+            ckpt = newest_checkpoint(other / "work") if other.is_dir() and not is_complete(other) else None
+        except OSError:
+            continue
         if ckpt is not None:
             return (f"train: a checkpoint of an interrupted run of this data, model and settings exists under cache/train/{key} at "
-                    f"step {ckpt.name.split('-')[-1]}, {words}; it is not resumed: the step cap max_epochs gives changed with the "
-                    f"rule (EPOCH_CAP_RULE {EPOCH_CAP_RULE} now), so training starts again from step 0 (delete that folder to free "
-                    "its space)")
+                    f"step {ckpt.name.split('-')[-1]}, {words}; {_older_rule_not_resumed()}")
     return None
 
 
@@ -481,31 +500,44 @@ BUDGETLESS = "budgetless_key.json"  # in work/: the training's key but for its b
 def budgetless_key(data: DataRecord, probe: Any, quant: QuantSection, lora: LoraSection, training: TrainingSection) -> str:
     """`cache_key` without the budget (`probe.key` holds it: tasks/probe.py `keyed_budget`): the same data, model and
     settings on the same hardware."""
+    return _budgetless_key(data, probe, _keyed_sections(probe, quant, lora, training))
+
+
+def _budgetless_key(data: DataRecord, probe: Any, sections: list) -> str:
     return fingerprint("train-any-budget", TRAIN_VERSION, rows_key(data), data.model_fingerprint, getattr(probe, "hardware", None),
-                       getattr(probe, "gpus", 1), _keyed_sections(probe, quant, lora, training))
+                       getattr(probe, "gpus", 1), sections)
 
 
-def checkpoint_of_another_budget(work: Path, same: str, budget_s: float) -> str | None:
+def checkpoint_of_another_budget(work: Path, same: str, budget_s: float, older: dict[str, str] | None = None) -> str | None:
     """The line to log when a training of the same data, model and settings under another budget was stopped with a
     checkpoint. The budget is keyed, so this training starts from step 0, which it did without a word: a run stopped
-    with Ctrl-C and rerun with `--minutes 8` instead of 5 looked like a resume that forgot its steps."""
+    with Ctrl-C and rerun with `--minutes 8` instead of 5 looked like a resume that forgot its steps. `older`
+    ({budgetless key: the rule in words}, `budgetless_keys_of_older_epoch_rules`): such a run made under an older
+    EPOCH_CAP_RULE is named too, as not resumable at any budget (`checkpoint_of_an_older_epoch_rule` names one of this
+    very budget). Folders this user cannot read are passed over."""
+    older = older or {}
     found = []
     for other in work.parent.parent.glob(f"*/work/{BUDGETLESS}"):
-        if other.parent == work or is_complete(other.parent.parent):
-            continue
         try:
+            if other.parent == work or is_complete(other.parent.parent):
+                continue
             info = read_json(other)
-        except (OSError, ValueError):
+            key = info.get("key")
+            ckpt = newest_checkpoint(other.parent) if (key == same or key in older) and info.get("budget_seconds") != budget_s else None
+            if ckpt is not None:
+                found.append((ckpt.stat().st_mtime, other.parent.parent.name, int(ckpt.name.split("-")[-1]),
+                              float(info["budget_seconds"]), older.get(key)))
+        except (OSError, ValueError, TypeError, AttributeError):  # unreadable, or a budgetless_key.json not of the saved form
             continue
-        ckpt = newest_checkpoint(other.parent) if info.get("key") == same and info.get("budget_seconds") != budget_s else None
-        if ckpt is not None:
-            found.append((ckpt.stat().st_mtime, other.parent.parent.name, int(ckpt.name.split("-")[-1]), float(info["budget_seconds"])))
     if not found:
         return None
-    _, key, step, old = max(found)  # the newest, should several budgets have been tried
+    _, key, step, old, words = max(found)  # the newest, should several budgets have been tried
+    budgets = f"{human_seconds(old)} -> {human_seconds(budget_s)}"
+    if words:
+        return (f"train: a checkpoint of an interrupted run of this data, model and settings exists under cache/train/{key} at "
+                f"step {step}, {words}, under another budget ({budgets}); {_older_rule_not_resumed()}")
     return (f"train: a checkpoint from an interrupted run of this data and model exists under cache/train/{key} at step {step}, "
-            f"but the budget changed ({human_seconds(old)} -> {human_seconds(budget_s)}), so training starts again from step 0; "
-            "rerun with the old budget to resume it")
+            f"but the budget changed ({budgets}), so training starts again from step 0; rerun with the old budget to resume it")
 
 
 def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, artifacts_dir: str, log_fn=None) -> TrainRecord:
@@ -641,7 +673,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     budget_s = float(probe.budget_seconds)
     if main:
         same = budgetless_key(data, probe, quant, lora, training)
-        if resume is None and (line := checkpoint_of_another_budget(work, same, budget_s)):
+        older = budgetless_keys_of_older_epoch_rules(data, probe, quant, lora, training)
+        if resume is None and (line := checkpoint_of_another_budget(work, same, budget_s, older)):
             log_fn(line)
         if resume is None and (line := checkpoint_of_an_older_epoch_rule(out, keys_of_older_epoch_rules(data, probe, quant, lora, training))):
             log_fn(line)

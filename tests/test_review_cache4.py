@@ -83,8 +83,6 @@ print("LINE", line)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache4 D2: checkpoint_of_an_older_epoch_rule lets a PermissionError of an older "
-                                       "key's folder (another user's, mode 700) end stage 4; it only looks for a line to log")
 def test_an_older_epoch_rule_folder_this_user_cannot_read_does_not_end_training(tmp_path):
     """0023cbb looks into cache/train/<the key of an older epoch rule>/ whenever a max_epochs training finds no checkpoint
     of its own, to log one line. In an artifacts folder shared by several users that folder can be another user's, mode
