@@ -55,16 +55,20 @@ BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "gener
               "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json", "preprocessor_config.json")
 
 
-MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # merged/ less its tokenizer
+MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # the model's own, of merged/
+# A saved tokenizer's files: BASE_FILES' less the model's, with a remote-code tokenizer's own code (tokenization_*.py) and
+# transformers' folder of named chat templates; not a remote-code model's modeling_*.py / configuration_*.py.
+TOKENIZER_FILES = (*(p for p in BASE_FILES if p not in MERGED_MODEL_FILES), "tokenization_*.py", "additional_chat_templates")
 
 
 def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
     """The published adapter/: the trained weights and their config (PEFT's `adapter_*` files) from training, and the
-    tokenizer merged/ was saved with (every file of `merged` but the model's own, MERGED_MODEL_FILES): the run's, which
-    stage 6 saves under a key that holds how it renders (`rendering_key`). Training's own copy of the tokenizer stays out:
-    training's key holds the rows, not the rendering, so a tokenizer that renders otherwise but builds the same rows (a
-    tokenizers or transformers upgrade, a `random:` or GGUF model folder built again) reused training, and adapter/
-    carried the tokenizer of the run that trained, beside a merged/ with the run's."""
+    tokenizer merged/ was saved with (its TOKENIZER_FILES): the run's, which stage 6 saves under a key that holds how it
+    renders (`rendering_key`). Training's own copy of the tokenizer stays out: training's key holds the rows, not the
+    rendering, so a tokenizer that renders otherwise but builds the same rows (a tokenizers or transformers upgrade, a
+    `random:` or GGUF model folder built again) reused training, and adapter/ carried the tokenizer of the run that
+    trained, beside a merged/ with the run's. The rest of merged/ stays out too: a remote-code model's modeling_*.py and
+    configuration_*.py, which `save_pretrained` writes beside its weights, are the model's, not the adapter's."""
     from fnmatch import fnmatch
 
     dst.mkdir(parents=True)
@@ -72,7 +76,7 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
         if p.is_file() and p.name.startswith("adapter_"):
             shutil.copy2(p, dst / p.name)
     for p in sorted(merged.iterdir()):
-        if any(fnmatch(p.name, pattern) for pattern in MERGED_MODEL_FILES):
+        if not any(fnmatch(p.name, pattern) for pattern in TOKENIZER_FILES):
             continue
         if p.is_dir():
             shutil.copytree(p, dst / p.name)  # a tokenizer's own folder (transformers' additional_chat_templates/)

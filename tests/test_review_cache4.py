@@ -114,8 +114,6 @@ def test_an_older_epoch_rule_folder_this_user_cannot_read_does_not_end_training(
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache4 D4: _copy_adapter takes every file of merged/ but config, generation config "
-                                       "and weights: a trust_remote_code model's modeling/configuration code lands in adapter/")
 def test_the_published_adapter_gets_the_tokenizer_of_merged_not_its_model_code(tmp_path):
     """21b071f publishes adapter/ as PEFT's adapter_* files plus "every file of merged/ but the model's own"
     (MERGED_MODEL_FILES: config, generation config, safetensors and their index), which its test reads as adapter_* +
