@@ -48,7 +48,7 @@ class PublishRecord(BaseModel):
     push_error: str | None
 
     def outputs_exist(self) -> bool:
-        return is_published(Path(self.dir))
+        return is_reusable(Path(self.dir))
 
 
 BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
@@ -140,15 +140,41 @@ def lora_targets_markdown(train, lora) -> str:
 
 
 def is_published(folder: Path) -> bool:
-    """Complete = manifest present and every listed file there with its size."""
-    man = folder / MANIFEST
-    if not man.is_file():
-        return False
+    """Complete = manifest present and every listed file there with its size (what `chat` and `serve-model` look for)."""
+    files = _manifest_files(folder)
+    return files is not None and all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"] for f in files)
+
+
+def is_reusable(folder: Path) -> bool:
+    """Complete (`is_published`) and published as this code publishes: adapter/ holds merged/'s tokenizer
+    (`adapter_tokenizer_differs`). What stage 7 reuses; a folder that is complete only is published again."""
+    return is_published(folder) and not adapter_tokenizer_differs(_manifest_files(folder) or [])
+
+
+def _manifest_files(folder: Path) -> list[dict] | None:
+    """The MANIFEST's entries of a published folder, or None: none there, or one that does not read."""
     try:
-        files = read_json(man)["files"]
-    except (json.JSONDecodeError, KeyError, OSError):
-        return False
-    return all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"] for f in files)
+        return read_json(folder / MANIFEST)["files"] if (folder / MANIFEST).is_file() else None
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return None
+
+
+def adapter_tokenizer_differs(files: list[dict]) -> bool:
+    """Whether the MANIFEST entries `files` of a published folder list other tokenizer files (TOKENIZER_FILES, by name and
+    sha256) in adapter/ than in merged/: a folder published before adapter/ took merged/'s tokenizer (`_copy_adapter`),
+    whose adapter/ may carry the tokenizer of a reused training, which renders otherwise. Such a folder is published
+    again, not reused. Compares the digests the MANIFEST holds: no file is read."""
+    from fnmatch import fnmatch
+
+    def tokenizer(side: str) -> dict[str, str | None]:
+        got = {}
+        for f in files:
+            top, _, rel = str(f.get("path", "")).partition("/")
+            if top == side and rel and any(fnmatch(rel.split("/")[0], pattern) for pattern in TOKENIZER_FILES):
+                got[rel] = f.get("sha256")
+        return got
+
+    return tokenizer("adapter") != tokenizer("merged")
 
 
 def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any], log_fn=None) -> PublishRecord:
@@ -157,10 +183,13 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     maybe_fault("publish")
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
-    if not is_published(final) and cfg.model.random_weights == "memory":
+    if not is_reusable(final) and cfg.model.random_weights == "memory":
         raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
-    if not is_published(final):
+    if not is_reusable(final):
+        if (files := _manifest_files(final)) is not None and adapter_tokenizer_differs(files):
+            log_fn(f"publish: {final}/adapter holds another tokenizer than its merged/ (published before adapter/ took merged/'s "
+                   "tokenizer); publishing it again")
         try:
             _assemble(cfg, run_name, records, final)
         except OSError as e:

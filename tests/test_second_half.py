@@ -647,6 +647,38 @@ def test_a_tokenizer_that_renders_otherwise_is_published_in_the_adapter_too_when
     assert sorted(p.name for p in (published / "adapter").iterdir()) == sorted(["adapter_config.json", "adapter_model.safetensors", *tokenizer_files])
 
 
+def test_a_folder_published_with_another_tokenizer_in_its_adapter_is_published_again(trained, tiny_cfg, shared_artifacts):
+    """A folder published before adapter/ took merged/'s tokenizer (a44bee2) may carry in adapter/ the tokenizer of a
+    reused training, which renders otherwise. It was complete, so a cache hit reused it and the fix reached no folder
+    already published. Now its MANIFEST's tokenizer files (name and sha256) of adapter/ and merged/ are compared, no file
+    read: one that differs is published again, with one line; the folder published so is reused. `chat` and
+    `serve-model` still find the old folder (`is_published`: complete)."""
+    from tasks.common import file_sha256
+
+    records = _records(trained, tiny_cfg, shared_artifacts)
+    folder = Path(publish_artifacts(tiny_cfg, "old-adapter-tokenizer", records).dir)
+    tok = folder / "adapter" / "tokenizer.json"
+    conf = json.loads(tok.read_text())
+    conf["normalizer"] = {"type": "NFKC"} if conf.get("normalizer") != {"type": "NFKC"} else {"type": "NFC"}
+    tok.write_text(json.dumps(conf))  # training's tokenizer, as an older version published it, listed in the MANIFEST
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for f in manifest["files"]:
+        if f["path"] == "adapter/tokenizer.json":
+            f.update(bytes=tok.stat().st_size, sha256=file_sha256(tok))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert is_published(folder) and tok.read_bytes() != (folder / "merged" / "tokenizer.json").read_bytes()
+    logs = []
+    again = publish_artifacts(tiny_cfg, "old-adapter-tokenizer", records, log_fn=logs.append)
+    assert tok.read_bytes() == (folder / "merged" / "tokenizer.json").read_bytes()
+    assert [m for m in logs if "publishing it again" in m] == [f"publish: {folder}/adapter holds another tokenizer than its merged/ "
+                                                               "(published before adapter/ took merged/'s tokenizer); publishing it again"]
+    assert again.outputs_exist()
+    stamp = (folder / MANIFEST).stat().st_ino
+    logs.clear()
+    publish_artifacts(tiny_cfg, "old-adapter-tokenizer", records, log_fn=logs.append)
+    assert (folder / MANIFEST).stat().st_ino == stamp and not logs  # reused
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts, monkeypatch, merged):
     from transformers import TextStreamer
