@@ -492,7 +492,9 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     if not (parts / COMPLETE).is_file() and all((parts / f"{part}.json").is_file() for part in names):
         why = mark_parts_complete(parts, [f"{part}.json" for part in names])
         if why:
-            log_fn(f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run generates that pass again")
+            # Not "generates it again": a run saving that pass now (written, not listed yet) lists it as its save ends.
+            log_fn(f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run reads that pass back if "
+                   "it is then as PARTS lists it (a run saving it now lists it as it ends), else generates it again")
     return rec
 
 

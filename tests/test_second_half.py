@@ -364,7 +364,8 @@ def test_a_pass_edited_during_the_run_is_not_blessed_by_the_folders_complete_mar
     complete = json.loads((parts / "COMPLETE").read_text())["files"] if (parts / "COMPLETE").is_file() else None
     assert complete is None or complete["held-out-tuned.json"] == listed["held-out-tuned.json"], "COMPLETE lists the edited bytes"
     why = "its file held-out-tuned.json has other bytes than when PARTS listed it (changed in place)"
-    assert f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run generates that pass again" in logs, logs
+    assert (f"evaluate: the saved passes in {parts} are not marked complete ({why}); the next run reads that pass back if it is "
+            "then as PARTS lists it (a run saving it now lists it as it ends), else generates it again") in logs, logs
     logs.clear()
     run(tiny_cfg.eval.model_copy(update={"confidence": 0.9}), log_fn=logs.append)
     assert any(f"held-out tuned: the saved pass {parts / 'held-out-tuned.json'} is not used ({why.removeprefix('its ')})" in m for m in logs), logs
