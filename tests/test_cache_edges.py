@@ -1,7 +1,7 @@
-"""Review of cache-fixes-4 (3058485..cache-fixes-4): defects found, each as a strict xfail that passes once fixed.
-
-Unit-level (no model): the parts folder's lists (tasks/common.py `list_parts`, `is_listed`, evaluate `_read_side`),
-training's older-epoch-rule line (tasks/train.py `checkpoint_of_an_older_epoch_rule`) and publish's `_copy_adapter`.
+"""Caching at its edges, unit-level (no model): a parts folder completed by the previous version (tasks/common.py
+`list_parts`, `is_listed`, evaluate `_read_side`), training's line on an older epoch rule's folder this user cannot read
+(tasks/train.py `checkpoint_of_an_older_epoch_rule`) and publish's `_copy_adapter` (the tokenizer only). Each was a
+defect a review of 2026-12-07 found (the tests were its strict xfails).
 """
 
 from __future__ import annotations
