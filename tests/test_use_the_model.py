@@ -3728,3 +3728,88 @@ def test_out_of_memory_reads_a_cuda_error_as_transformers_5_17_streams_it():
         cpu = str(e)
     assert out_of_memory(cpu) and memory_device(cpu) == "cpu", cpu
     assert not out_of_memory("CUDA error: an illegal memory access was encountered")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A fourth review of serve-model (2026-12-07, review-server3) of 5007edd..dbb7f86: defects found, not fixed here (each
+# test is xfail strict: it fails on dbb7f86, and passes once its defect is fixed).
+
+REVIEW3_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' and m.content == 'refuse me' %}"
+                    "{{ raise_exception('this turn is refused') }}{% endif %}{{ m.role }}: {{ m.content }}"
+                    "{% if m.tool_calls %}{% for c in m.tool_calls %} call {{ c.function.name }}{% endfor %}{% endif %}\n"
+                    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def served_review3(own_published, tmp_path_factory):
+    """A `serve-model` of its own, for requests that may leave a traceback in its log (the shared server's teardown
+    asserts there is none): a copy of the tiny run whose chat template renders tool calls (their names) and refuses
+    a user turn 'refuse me' (REVIEW3_TEMPLATE). (published folder of the copy, base URL, its log)."""
+    import shutil
+    import signal
+
+    cfg, art, pub, _ = own_published
+    tmp = tmp_path_factory.mktemp("serve-review3")
+    copy = tmp / "art"
+    shutil.copytree(art, copy, symlinks=True)
+    _replace_published_file(copy / pub.relative_to(art), "merged/chat_template.jinja", REVIEW3_TEMPLATE)
+    log = tmp / "serve.log"
+    proc, base = _start_serve_model(copy, log)
+    yield copy / pub.relative_to(art), base, log
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def _tool_call_bodies(arguments: str):
+    """(path, body, the field of the call) of a history tool call with `arguments` on every route that takes one: a
+    chat's tool_calls, a chat's legacy function_call, a Responses function_call item."""
+    user, result = {"role": "user", "content": "W?"}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    yield ("/v1/chat/completions", {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result],
+                                    "max_tokens": 1}, "messages[1]")
+    yield ("/v1/chat/completions", {"messages": [user, {"role": "assistant", "content": None, "function_call": {
+        "name": "get_weather", "arguments": arguments}}, {"role": "function", "name": "get_weather", "content": "20C"}],
+        "max_tokens": 1}, "messages[1]")
+    yield ("/v1/responses", {"input": [user, {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": arguments},
+                                       {"type": "function_call_output", "call_id": "c1", "output": "20C"}], "max_output_tokens": 1}, "input[1]")
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D1: arguments nested ~490-950 deep pass strict_json, then "
+                                       "transformers' recursive message copy raises RecursionError: a 500")
+def test_serve_model_merged_answers_tool_call_arguments_nested_under_the_parser_s_limit_without_a_500(served_review3):
+    """5007edd makes arguments nested deeper than Python's JSON parser goes ("[" * 100000) a 400 naming the field.
+    But the parser's limit (~950 levels here) is not the one that matters: transformers serve parses the arguments for
+    the chat template and apply_chat_template copies each message recursively (_message_objects_to_dicts, two Python
+    frames a level), which raises RecursionError from ~490 levels. So arguments 600 deep (valid JSON, under the
+    parser's limit) are a plain-text 500 "Internal Server Error" and a ~3000-line traceback in the log, on the chat
+    tool_calls, legacy function_call and Responses function_call paths alike (dbb7f86). Each is answered (200), or
+    refused with a 400 naming the call's message, with no traceback."""
+    pub, base, log = served_review3
+    deep = '{"a": ' * 600 + "1" + "}" * 600
+    assert _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})[0] == 200
+    for path, body, field in _tool_call_bodies(deep):
+        code, answer = _request(f"{base}{path}", body)
+        assert code == 200 or (code == 400 and json.loads(answer)["error"]["param"].startswith(field)), (path, code, answer[:300])
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D1: a tool's parameters or a chat_template_kwargs value nested "
+                                       "~500 deep raise RecursionError in transformers' recursive copy: a 500")
+def test_serve_model_merged_answers_a_tool_schema_or_template_argument_nested_deeply_without_a_500(served_review3):
+    """The same recursion, in the request's other JSON that reaches the chat template as it came: a tool's
+    `parameters` (chat and Responses) or a `chat_template_kwargs` value 600 levels deep (valid JSON, well under what
+    FastAPI's body parser reads) is a plain-text 500 with a ~3000-line traceback (transformers'
+    _plain_template_data copies them recursively; dbb7f86). Each is answered, or refused with a 400 naming the field."""
+    pub, base, log = served_review3
+    deep: object = 1
+    for _ in range(600):
+        deep = {"a": deep}
+    user = {"role": "user", "content": "hi"}
+    for path, body, field in (
+            ("/v1/chat/completions", {"messages": [user], "max_tokens": 1,
+                                      "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]}, "tools"),
+            ("/v1/responses", {"input": "hi", "max_output_tokens": 1, "tools": [{"type": "function", "name": "f", "parameters": deep}]}, "tools"),
+            ("/v1/chat/completions", {"messages": [user], "max_tokens": 1, "chat_template_kwargs": {"x": deep}}, "chat_template_kwargs")):
+        code, answer = _request(f"{base}{path}", body)
+        assert code == 200 or (code == 400 and (json.loads(answer)["error"]["param"] or "").startswith(field)), (path, field, code, answer[:300])
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
