@@ -3813,3 +3813,25 @@ def test_serve_model_merged_answers_a_tool_schema_or_template_argument_nested_de
         code, answer = _request(f"{base}{path}", body)
         assert code == 200 or (code == 400 and (json.loads(answer)["error"]["param"] or "").startswith(field)), (path, field, code, answer[:300])
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D2: _number's math.isfinite raises OverflowError on an integer "
+                                       "beyond a float: a 500 with a traceback")
+def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a_float():
+    """A JSON integer has no size limit, and Python reads 10**400 as an int; _number's math.isfinite converts it to a
+    float and raises OverflowError ("int too large to convert to float"). So a top-level temperature, top_p,
+    frequency_penalty or logit_bias value of 10**400, or a generation_config temperature, max_time or
+    exponential_decay_length_penalty factor of 10**400, is a plain-text 500 and a traceback in the server's log
+    (shown on dbb7f86 through a real server, /v1/chat/completions), where 1e400 (a float, inf) is a 400 naming the
+    field. Each is a 400 naming its field."""
+    from tasks.export import request_problem
+
+    big = 10 ** 400
+    user = {"role": "user", "content": "hi"}
+    for field, body in (("temperature", {"temperature": big}), ("top_p", {"top_p": big}),
+                        ("frequency_penalty", {"frequency_penalty": big}), ("logit_bias", {"logit_bias": {"1": big}}),
+                        ("generation_config", {"generation_config": f'{{"temperature": {big}}}'}),
+                        ("generation_config", {"generation_config": f'{{"max_time": {big}}}'}),
+                        ("generation_config", {"generation_config": f'{{"exponential_decay_length_penalty": [1, {big}]}}'})):
+        problem = request_problem("chat", {"messages": [user], **body})
+        assert problem is not None and problem[1] == field and "\n" not in problem[0], (body, problem)
