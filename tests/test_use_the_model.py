@@ -3865,3 +3865,20 @@ def test_serve_model_merged_answers_a_tool_call_history_a_template_refuses_witho
     assert code == 200, answer[:300]  # the template itself serves
     code, answer = _request(f"{base}/v1/chat/completions", body)
     assert code == 200, answer[:300]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D4 (a known gap): a Responses request's template failure names "
+                                       "the whole input, not input[i]")
+def test_serve_model_merged_names_the_responses_input_item_a_chat_template_refuses(served_review3):
+    """2e25272 names the chat message a failing template was rendering (messages[i]); a Responses request's failure
+    names its whole `input` (template_failure: "its items are not one message each"). For an input of message items,
+    which transformers serve turns into one message each, in order, the same refusal of the third item was "the model's
+    chat template refused input ...", param "input", streamed or not, with instructions or without (dbb7f86), where
+    the same turns sent to the chat endpoint are named messages[2]. It names input[2]."""
+    pub, base, log = served_review3
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "refuse me"}]
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": turns, "max_tokens": 1})
+    assert code == 400 and json.loads(answer)["error"]["param"] == "messages[2]", answer[:300]
+    for extra in ({}, {"stream": True}, {"instructions": "Be brief."}):
+        code, answer = _request(f"{base}/v1/responses", {"input": turns, "max_output_tokens": 1, **extra})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "input[2]", (extra, answer[:300])
