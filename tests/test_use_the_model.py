@@ -3882,3 +3882,30 @@ def test_serve_model_merged_names_the_responses_input_item_a_chat_template_refus
     for extra in ({}, {"stream": True}, {"instructions": "Be brief."}):
         code, answer = _request(f"{base}/v1/responses", {"input": turns, "max_output_tokens": 1, **extra})
         assert code == 400 and json.loads(answer)["error"]["param"] == "input[2]", (extra, answer[:300])
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D5: OPTIONS /v1/models is answered (200, the model list) but a "
+                                       "405 there says Allow: GET, HEAD")
+def test_serve_model_merged_405_allow_header_names_every_method_the_path_answers(served_r1):
+    """eb6ce18 keeps HEAD in a 405's Allow and leaves OPTIONS out as "CORS's". But transformers serve declares OPTIONS
+    on /v1/models itself (`@app.options("/v1/models")`, the same handler as GET): OPTIONS /v1/models is a 200 with
+    the model list, while PUT there says `Allow: GET, HEAD` (dbb7f86). Allow lists what the path answers, so a 405
+    names every method that gets a 2xx there (or OPTIONS is no longer answered)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    pub, base = served_r1
+    where = urlsplit(base)
+
+    def ask(method: str, path: str):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+        conn.request(method, path, b"{}" if method in ("POST", "PUT") else None, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        return answer.status, {m.strip() for m in (answer.getheader("allow") or "").split(",") if m.strip()}
+
+    for path in ("/health", "/v1/models"):  # the GET routes (a POST route answers a 2xx to a valid body only)
+        answered = {m for m in ("GET", "HEAD", "POST", "OPTIONS") if 200 <= ask(m, path)[0] < 300}
+        status, allow = ask("PUT", path)
+        assert status == 405 and allow == answered, (path, allow, answered)
