@@ -3932,3 +3932,19 @@ def test_request_problem_refuses_tool_call_arguments_whose_number_overflows_to_i
                                         {"type": "function_call_output", "call_id": "c1", "output": "20C"}]}, "input[1].arguments")):
             problem = request_problem(kind, body)
             assert problem is not None and problem[1] == field, (kind, arguments, problem)
+
+
+@pytest.mark.xfail(strict=True, reason="review-server3 D7 (low): a lone surrogate in a prompt's text is 'malformed "
+                                       "request: TypeError: TextEncodeInput must be ...', naming no field")
+def test_serve_model_merged_names_the_field_of_text_holding_a_lone_surrogate(served_r1):
+    r"""JSON's "\ud800" (a lone UTF-16 surrogate: valid JSON, no Unicode character) reads as a Python str the tokenizer
+    cannot encode: the answer was a 400 "malformed request: TypeError: TextEncodeInput must be
+    Union[TextInputSequence, Tuple[InputSequence, InputSequence]]", naming no field and saying nothing a client can
+    act on, on every endpoint (dbb7f86). It names the field that holds it."""
+    pub, base = served_r1
+    for path, raw, field in (
+            ("chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 1}', "messages[0].content"),
+            ("completions", b'{"prompt": "hi \\ud800", "max_tokens": 1}', "prompt"),
+            ("responses", b'{"input": "hi \\ud800", "max_output_tokens": 1}', "input")):
+        code, answer = _request(f"{base}/v1/{path}", raw=raw)
+        assert code == 400 and json.loads(answer)["error"]["param"] == field, (path, answer[:300])
