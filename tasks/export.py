@@ -1359,7 +1359,14 @@ def _integer(value) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """Whether `value` is a finite JSON number (not a boolean). A JSON integer has no size limit: one beyond a float
+    (10**400) is not finite either; math.isfinite raised OverflowError on it, a 500 (a review, 2026-12-07)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def template_failure(e: Exception, kind: str, instructions: bool = False) -> tuple[str, str]:

@@ -3815,8 +3815,6 @@ def test_serve_model_merged_answers_a_tool_schema_or_template_argument_nested_de
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D2: _number's math.isfinite raises OverflowError on an integer "
-                                       "beyond a float: a 500 with a traceback")
 def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a_float():
     """A JSON integer has no size limit, and Python reads 10**400 as an int; _number's math.isfinite converts it to a
     float and raises OverflowError ("int too large to convert to float"). So a top-level temperature, top_p,
