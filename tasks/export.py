@@ -1142,12 +1142,21 @@ def strict_json(text: str) -> Any:
     """`text` parsed as JSON (RFC 8259) is. Python's json also takes NaN, Infinity and -Infinity, which are no JSON:
     '{"a": NaN}' was taken as a call's arguments (a review, 2026-12-07); they are a ValueError here, as any text that
     does not parse. Arrays or objects nested deeper than the parser goes ("[" * 100000 is valid JSON) raised
-    RecursionError, a 500 with a traceback (the same review): JsonTooDeep here."""
+    RecursionError, a 500 with a traceback (the same review): JsonTooDeep here. A number beyond a float (1e400, valid
+    JSON syntax) is read as Infinity without asking parse_constant, and a template's `tojson` rendered it as Infinity
+    (a review, 2026-12-07): a ValueError too."""
     def no_constant(name: str):
         raise ValueError(f"{name} is not a JSON value: JSON has no NaN or Infinity; send a number or null")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"{number:.40} is beyond a 64-bit float's range: it would be read as "
+                             f"{'-' if value < 0 else ''}Infinity, which JSON has no value for; send a smaller number")
+        return value
+
     try:
-        return json.loads(text, parse_constant=no_constant)
+        return json.loads(text, parse_constant=no_constant, parse_float=finite)
     except RecursionError:
         raise JsonTooDeep() from None
 

@@ -3909,8 +3909,6 @@ def test_serve_model_merged_405_allow_header_names_every_method_the_path_answers
         assert status == 405 and allow == answered, (path, allow, answered)
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D6 (low): a number beyond a float (1e400) in tool-call arguments "
-                                       "is read as Infinity and reaches the template")
 def test_request_problem_refuses_tool_call_arguments_whose_number_overflows_to_infinity():
     """5007edd refuses NaN and Infinity in a tool call's arguments ("NaN is not a JSON value"). But Python's json reads
     a number beyond a float, 1e400 (valid JSON syntax), as inf without asking parse_constant: '{"a": 1e400}' was taken
