@@ -2913,12 +2913,22 @@ def answer_as_openai_does() -> None:
             template, and one that does not read them (the tiny run's) rendered the prompt as without them, so the
             model was asked to answer with no tool to call, with a 200 (a review, 2026-12-06)."""
             inputs = render(self, engine, messages, body)
-            if body.get("tools") and _token_list(inputs) == _token_list(render(self, engine, messages, {**body, "tools": None})):
+
+            def same_prompt(left_out: list[dict], left_out_body: dict) -> bool:
+                """Whether the request rendered without its tools (or its tool calls) is the same prompt. A template
+                that refuses that rendering reads what was left out: Mistral's (mistral-common's) refuses an assistant
+                turn with neither content nor tool calls ("Assistant message must have ... a list of tool calls"),
+                and every tool-using follow-up turn was refused as the request's own failure (a review, 2026-12-07)."""
+                try:
+                    return _token_list(inputs) == _token_list(render(self, engine, left_out, left_out_body))
+                except Exception:
+                    return False
+
+            if body.get("tools") and same_prompt(messages, {**body, "tools": None}):
                 raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
                                        "the same without them), so the model would never see them; leave tools out, or "
                                        "serve a model whose chat template renders tools")
-            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
-                    _token_list(inputs) == _token_list(render(self, engine, without_tool_calls(messages), body)):
+            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and same_prompt(without_tool_calls(messages), body):
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"

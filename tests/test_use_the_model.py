@@ -3835,8 +3835,6 @@ def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a
         assert problem is not None and problem[1] == field and "\n" not in problem[0], (body, problem)
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D3: the tool-call check renders the history without its tool "
-                                       "calls; a template that refuses such a turn (Mistral's) refuses the request")
 def test_serve_model_merged_answers_a_tool_call_history_a_template_refuses_without_its_calls(served_r1):
     """render_messages checks that the chat template renders a history's tool calls by rendering the messages again
     without them (without_tool_calls: the assistant turn's content empty, no tool_calls). Mistral's published chat
@@ -3863,6 +3861,24 @@ def test_serve_model_merged_answers_a_tool_call_history_a_template_refuses_witho
     assert code == 200, answer[:300]  # the template itself serves
     code, answer = _request(f"{base}/v1/chat/completions", body)
     assert code == 200, answer[:300]
+
+
+def test_serve_model_merged_answers_tools_a_template_refuses_to_render_without(served_r1):
+    """The other check of render_messages (D3's fix, 2026-12-07): whether the chat template renders the request's tools
+    is asked by rendering it again with tools None. A template that refuses that rendering reads them: a request with
+    tools was refused as "the model's chat template refused messages ..." (a 400), the refusal of a rendering the
+    request never asked for. It is answered; the same template's refusal of a request without tools stays a 400."""
+    pub, base = served_r1
+    template = ("{%- if not tools %}{{- raise_exception('This template needs tools.') }}{%- endif %}"
+                "{%- for tool in tools %}{{- '[TOOL]' + tool['function']['name'] }}{%- endfor %}"
+                "{%- for message in messages %}{{- message['role'] + ': ' + message['content'] + '\n' }}{%- endfor %}")
+    function = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 1,
+            "chat_template_kwargs": {"chat_template": template}}
+    code, answer = _request(f"{base}/v1/chat/completions", {**body, "tools": [{"type": "function", "function": function}]})
+    assert code == 200, answer[:300]
+    code, answer = _request(f"{base}/v1/chat/completions", body)
+    assert code == 400 and "This template needs tools." in json.loads(answer)["error"]["message"], answer[:300]
 
 
 @pytest.mark.xfail(strict=True, reason="review-server3 D4 (a known gap): a Responses request's template failure names "
