@@ -1121,8 +1121,8 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
     except ValueError as e:
         return f"{where} is not valid JSON ({json_error(e)}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
     except JsonTooDeep:
-        return (f"{where} is nested too deeply (arrays or objects inside each other more than Python's JSON parser "
-                f"reads, got {arguments!r:.40}): send the call's arguments as a flatter JSON object"), where
+        return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
+                f"deep, got {arguments!r:.40}): send the call's arguments as a flatter JSON object"), where
     if not isinstance(value, dict):
         # serve parses them for the chat template, which reads them as a mapping (Qwen's `arguments|items`): "[1, 2]"
         # or "3" reached it as a list or a number (a TypeError, or a prompt without them; a review, 2026-12-07)
@@ -1134,8 +1134,50 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
 JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool: "boolean", type(None): "null"}  # as JSON names them
 
 
+# Arrays or objects inside each other, at most, in a request's JSON (a field's value, a tool call's arguments). Python's
+# parser reads ~950 levels, but transformers copies each message, tool and template argument recursively before
+# rendering (_message_objects_to_dicts, _plain_template_data: two frames a level) and raised RecursionError from ~490
+# levels, a 500 with a ~3000-line traceback (a review, 2026-12-07). No request OpenAI's API takes nests this deep.
+MAX_JSON_DEPTH = 64
+
+
 class JsonTooDeep(Exception):
-    """A request's JSON text (a tool call's arguments, generation_config) nested deeper than Python's parser goes."""
+    """A request's JSON text (a tool call's arguments, generation_config) nested deeper than MAX_JSON_DEPTH levels,
+    or than Python's parser goes."""
+
+
+def json_depth_beyond(value: Any, limit: int = MAX_JSON_DEPTH) -> list | None:
+    """The path (keys and indices) to the first array or object of `value` nested more than `limit` levels deep (a
+    value itself an array or object is level 1), else None. A loop, not a recursion: the value may be ~950 deep."""
+    stack = [(value, [], 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > limit:
+            return path
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((child, [*path, key], depth + 1) for key, child in items)
+    return None
+
+
+def json_path(field: str, path: list, shown: int = 3) -> str:
+    """`field` and the first `shown` keys or indices of `path` under it, as the request names them:
+    tools[0].function.parameters (a path of MAX_JSON_DEPTH levels would fill the message)."""
+    return field + "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path[:shown])
+
+
+def nested_too_deeply_problem(body: dict) -> tuple[str, str] | None:
+    """(message, field) for a request field whose value nests arrays or objects more than MAX_JSON_DEPTH levels deep,
+    else None: any field, as transformers copies messages, tools (their parameters' schemas) and chat_template_kwargs
+    recursively, and this server's own checks print a field's value (json.dumps recurses too)."""
+    for field, value in body.items():
+        path = json_depth_beyond(value)
+        if path is not None:
+            where = json_path(str(field), path)
+            return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
+                    "deep): send it flatter"), where
+    return None
 
 
 def strict_json(text: str) -> Any:
@@ -1156,9 +1198,12 @@ def strict_json(text: str) -> Any:
         return value
 
     try:
-        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+        value = json.loads(text, parse_constant=no_constant, parse_float=finite)
     except RecursionError:
         raise JsonTooDeep() from None
+    if json_depth_beyond(value) is not None:
+        raise JsonTooDeep()
+    return value
 
 
 def json_error(e: ValueError) -> str:
@@ -1746,7 +1791,8 @@ def generation_config_problem(raw: Any, limits: ModelLimits = ModelLimits()) -> 
     except ValueError as e:
         return f"generation_config must hold a JSON object of generate() settings, e.g. {example}: {e}", "generation_config"
     except JsonTooDeep:
-        return f"generation_config is nested too deeply (got {raw!r:.40}): send a JSON object of generate() settings, e.g. {example}", "generation_config"
+        return (f"generation_config is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} "
+                f"levels deep, got {raw!r:.40}): send a JSON object of generate() settings, e.g. {example}"), "generation_config"
     if not isinstance(settings, dict):
         return (f"generation_config must hold a JSON object of generate() settings, e.g. {example}, "
                 f"got {type(settings).__name__} {settings!r:.40}"), "generation_config"
@@ -2051,7 +2097,7 @@ def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
-    problem = unknown_field_problem(kind, body)
+    problem = unknown_field_problem(kind, body) or nested_too_deeply_problem(body)
     if problem:
         return problem
     if kind == "chat":
@@ -2880,6 +2926,12 @@ def answer_as_openai_does() -> None:
                     # 2026-12-06); or failed on it (a TypeError reading a field as another type): a 400 naming no
                     # field, or a 500 for another error (a review, 2026-12-07)
                     return openai_error(*template_failure(e, kind, bool(body.get("instructions"))))
+                if isinstance(e, RecursionError) and not options["generating"]:
+                    # request_problem refuses JSON nested beyond MAX_JSON_DEPTH; should other nesting still recurse too
+                    # deeply in transformers (its recursive copies of messages, tools and template arguments), the
+                    # request is refused, not a 500 with a traceback of thousands of lines (a review, 2026-12-07)
+                    return openai_error("the request nests arrays or objects too deeply for this server to read (Python's "
+                                        f"recursion limit was reached); send flatter JSON (at most {MAX_JSON_DEPTH} levels)", None)
                 # Before generation, the handlers index and convert the request's fields as they come: what fails there
                 # is the request (a field request_problem does not check). A ValueError from generation is what it
                 # refuses in the request's settings; anything else from generation, or of another type, is the

@@ -3774,8 +3774,6 @@ def _tool_call_bodies(arguments: str):
                                        {"type": "function_call_output", "call_id": "c1", "output": "20C"}], "max_output_tokens": 1}, "input[1]")
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D1: arguments nested ~490-950 deep pass strict_json, then "
-                                       "transformers' recursive message copy raises RecursionError: a 500")
 def test_serve_model_merged_answers_tool_call_arguments_nested_under_the_parser_s_limit_without_a_500(served_review3):
     """5007edd makes arguments nested deeper than Python's JSON parser goes ("[" * 100000) a 400 naming the field.
     But the parser's limit (~950 levels here) is not the one that matters: transformers serve parses the arguments for
@@ -3793,8 +3791,6 @@ def test_serve_model_merged_answers_tool_call_arguments_nested_under_the_parser_
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D1: a tool's parameters or a chat_template_kwargs value nested "
-                                       "~500 deep raise RecursionError in transformers' recursive copy: a 500")
 def test_serve_model_merged_answers_a_tool_schema_or_template_argument_nested_deeply_without_a_500(served_review3):
     """The same recursion, in the request's other JSON that reaches the chat template as it came: a tool's
     `parameters` (chat and Responses) or a `chat_template_kwargs` value 600 levels deep (valid JSON, well under what
@@ -3813,6 +3809,60 @@ def test_serve_model_merged_answers_a_tool_schema_or_template_argument_nested_de
         code, answer = _request(f"{base}{path}", body)
         assert code == 200 or (code == 400 and (json.loads(answer)["error"]["param"] or "").startswith(field)), (path, field, code, answer[:300])
     assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
+
+
+def test_request_problem_refuses_json_nested_beyond_the_cap_in_any_field_naming_it():
+    """D1's fix (2026-12-07): JSON nested more than MAX_JSON_DEPTH levels is refused in request_problem, in a tool
+    call's arguments (strict_json) and in any field's value (a tool's parameters, chat_template_kwargs, metadata),
+    named by its path; a request nested MAX_JSON_DEPTH levels is taken."""
+    from tasks.export import MAX_JSON_DEPTH, request_problem
+
+    def nested(levels: int):
+        value: object = 1
+        for _ in range(levels):
+            value = {"a": value}
+        return value
+
+    user = {"role": "user", "content": "hi"}
+    for levels, refused in ((MAX_JSON_DEPTH - 3, False), (MAX_JSON_DEPTH - 2, True)):  # the field's value is 3 levels above
+        tools = [{"type": "function", "function": {"name": "f", "parameters": nested(levels)}}]
+        problem = request_problem("chat", {"messages": [user], "tools": tools})
+        assert (problem is not None) == refused, (levels, problem)
+    for levels, refused in ((MAX_JSON_DEPTH, False), (MAX_JSON_DEPTH + 1, True)):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": json.dumps(nested(levels))}}
+        problem = request_problem("chat", {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                                        {"role": "tool", "tool_call_id": "c1", "content": "20C"}]})
+        assert (problem is not None) == refused, (levels, problem)
+        if refused:
+            assert problem[1] == "messages[1].tool_calls[0].function.arguments" and "nested too deeply" in problem[0], problem
+    for body, field in (({"chat_template_kwargs": {"x": nested(600)}}, "chat_template_kwargs.x.a.a"),
+                        ({"metadata": {"x": json.loads("[" * 900 + "]" * 900)}}, "metadata.x[0][0]")):
+        problem = request_problem("chat", {"messages": [user], **body})
+        assert problem is not None and problem[1] == field and "nested too deeply" in problem[0] and "\n" not in problem[0], problem
+
+
+def test_serve_model_merged_handle_request_answers_a_recursion_error_with_a_400():
+    """D1's safety net (2026-12-07): a RecursionError while a request is read (transformers' recursive copies of its
+    messages) escaped handle_request: a 500 with a traceback of thousands of lines. It is a 400. Run in a process of
+    its own: answer_as_openai_does patches transformers' handlers."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, types\n"
+        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
+        "from tasks.export import answer_as_openai_does\n"
+        "answer_as_openai_does()\n"
+        "def deep(body):\n"
+        "    raise RecursionError('maximum recursion depth exceeded')\n"
+        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+        "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, {'messages': [{'role': 'user', 'content': 'hi'}]}, 'r1'))\n"
+        "print(answer.status_code, answer.body.decode())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, body = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status == "400" and "too deeply" in json.loads(body)["error"]["message"], done.stdout
 
 
 def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a_float():
