@@ -1423,25 +1423,56 @@ def _number(value) -> bool:
         return False
 
 
-def template_failure(e: Exception, kind: str, instructions: bool = False) -> tuple[str, str]:
-    """(message, field) for a chat template that raised `e` rendering a request: its own refusal (a
-    jinja2.TemplateError: `raise_exception`, an undefined name) or an error in its code (a TypeError reading a field
-    as another type than it has). The field is the chat message it was rendering where its traceback shows it
-    (`template_message_index`), else the request's messages (a Responses request's input: its items are not one
-    message each); the message names the template's line and its own words. `instructions`: a Responses request's,
-    sent as a system turn."""
+def template_failure(e: Exception, kind: str, body: dict | None = None) -> tuple[str, str]:
+    """(message, field) for a chat template that raised `e` rendering a request (`body`, as served: a Responses
+    request's input and instructions as transformers serve reads them): its own refusal (a jinja2.TemplateError:
+    `raise_exception`, an undefined name) or an error in its code (a TypeError reading a field as another type than it
+    has). The field is the chat message it was rendering where its traceback shows it (`template_message_index`): a
+    chat's messages[i], a Responses request's input[i] or its instructions (response_turn_fields), else the request's
+    messages (input); the message names the template's line and its own words."""
     import jinja2
 
-    where = "messages" if kind == "chat" else "input"
-    index = template_message_index(e) if kind == "chat" else None
-    field = f"messages[{index}]" if index is not None else where
+    index = template_message_index(e)
+    instructions = kind == "response" and bool((body or {}).get("instructions"))
+    if kind == "chat":
+        field = f"messages[{index}]" if index is not None else "messages"
+    else:
+        fields = response_turn_fields((body or {}).get("input"), instructions)
+        field = fields[index] if index is not None and index < len(fields) else "input"
     line = template_line(e)
     at = f" (template line {line})" if line else ""
-    sent = " (with instructions, sent as a system turn)" if instructions else ""
+    sent = (" (sent as a system turn)" if field == "instructions" else
+            " (with instructions, sent as a system turn)" if instructions and field == "input" else "")
     if isinstance(e, jinja2.TemplateError):
         return f"the model's chat template refused {field}{sent}{at}: {template_message(e)}", field
     return (f"the model's chat template failed on {field}{sent}{at}: {template_message(e)}; send it in the shape the "
             "template reads (each field of the type it expects), or serve the model with a chat template that renders it"), field
+
+
+def response_turn_fields(given: Any, instructions: bool) -> list[str]:
+    """The field of a Responses request that each chat message transformers serve makes of it holds, in order
+    (ResponseHandler._normalize_input): `instructions` a system turn in front; each message item one turn
+    (input[i]); a function_call item folded into the assistant turn before it (named by that turn's first item), or
+    opening one; a function_call_output item a tool turn; a reasoning item no turn of its own. A string or a list of
+    content parts is one user turn: "input". A template failure named the whole input before (a review, 2026-12-07)."""
+    fields, last_role = [], None
+    if isinstance(given, list) and given and isinstance(given[0], dict) and "role" in given[0]:
+        for i, item in enumerate(given):
+            if "role" in item:
+                fields.append(f"input[{i}]")
+                last_role = item["role"]
+            elif item.get("type") == "function_call":
+                if last_role != "assistant":
+                    fields.append(f"input[{i}]")
+                last_role = "assistant"
+            elif item.get("type") == "function_call_output":
+                fields.append(f"input[{i}]")
+                last_role = "tool"
+    else:
+        fields = ["input"]
+    # serve puts instructions in place of a first system message's content; instructions_kept_with_system has joined
+    # the two into that message (the request then has no instructions)
+    return ["instructions", *fields] if instructions else fields
 
 
 def _template_frames(e: BaseException):
@@ -2925,7 +2956,7 @@ def answer_as_openai_does() -> None:
                     # for a system or developer turn, or Responses instructions): a 500 and a traceback (a review,
                     # 2026-12-06); or failed on it (a TypeError reading a field as another type): a 400 naming no
                     # field, or a 500 for another error (a review, 2026-12-07)
-                    return openai_error(*template_failure(e, kind, bool(body.get("instructions"))))
+                    return openai_error(*template_failure(e, kind, body))
                 if isinstance(e, RecursionError) and not options["generating"]:
                     # request_problem refuses JSON nested beyond MAX_JSON_DEPTH; should other nesting still recurse too
                     # deeply in transformers (its recursive copies of messages, tools and template arguments), the

@@ -3599,6 +3599,34 @@ def test_template_failure_names_no_request_message_for_one_the_template_made():
     assert field == "messages" and message.endswith("System role not supported"), (field, message)
 
 
+def test_template_failure_names_the_responses_input_item_or_instructions_of_the_turn_it_refused():
+    """D4's fix (2026-12-07): a Responses request's template failure is named by the input item (or the instructions)
+    the refused turn was made of, as transformers serve makes its turns (ResponseHandler._normalize_input): message
+    items one for one, a function_call item folded into the assistant turn before it, the instructions a system turn in
+    front, a reasoning item no turn. It named the whole `input` before."""
+    from transformers.cli.serving.response import ResponseHandler
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tasks.export import template_failure
+
+    template = ("{% for m in messages %}{% if m.content == 'refuse me' or (m.tool_calls and m.tool_calls[0].function.name == 'refused') %}"
+                "{{ raise_exception('this turn is refused') }}{% endif %}{{ m.role }}{% endfor %}")
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "20C"}
+    user, refused = {"role": "user", "content": "W?"}, {"role": "user", "content": "refuse me"}
+    for body, field in (
+            ({"input": [user, {"role": "assistant", "content": "ok"}, call, output, refused]}, "input[4]"),
+            ({"input": [user, {"type": "reasoning", "content": []}, call, output, refused], "instructions": "Be brief."}, "input[4]"),
+            ({"input": [user, {"role": "assistant", "content": "ok"}, {**call, "name": "refused"}, output]}, "input[1]"),
+            ({"input": [user, {**call, "name": "refused"}, output]}, "input[1]"),
+            ({"input": "refuse me"}, "input"),
+            ({"input": "hi", "instructions": "refuse me"}, "instructions")):
+        with pytest.raises(Exception) as raised:
+            render_jinja_template([ResponseHandler._normalize_input(body)], chat_template=template)
+        message, got = template_failure(raised.value, "response", body)
+        assert got == field and f"refused {field}" in message and "\n" not in message, (body, got, message)
+
+
 def test_serve_model_merged_405_on_a_get_route_allows_head_too(served_r1):
     """/health and /v1/models answer HEAD now (answer_head_where_get_is_served), but a 405 there (PUT) still says
     `Allow: GET`: HTTP's Allow lists every method the resource supports, and a client or proxy reading it is told HEAD
@@ -3931,8 +3959,6 @@ def test_serve_model_merged_answers_tools_a_template_refuses_to_render_without(s
     assert code == 400 and "This template needs tools." in json.loads(answer)["error"]["message"], answer[:300]
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D4 (a known gap): a Responses request's template failure names "
-                                       "the whole input, not input[i]")
 def test_serve_model_merged_names_the_responses_input_item_a_chat_template_refuses(served_review3):
     """2e25272 names the chat message a failing template was rendering (messages[i]); a Responses request's failure
     names its whole `input` (template_failure: "its items are not one message each"). For an input of message items,
