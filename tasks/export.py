@@ -800,10 +800,12 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
             # printed nothing useful (a review, 2026-12-06). A wrong method names the ones the path takes.
             path = request.url.path.rstrip("/") or "/"
             if exc.status_code == 405:  # Starlette's Allow header names one route's methods: /v1/models said OPTIONS
-                # HEAD is named where it is answered (a GET route: answer_head_where_get_is_served); Allow said GET
-                # alone there, telling a client or proxy HEAD is not (a review, 2026-12-07). OPTIONS is CORS's.
+                # Allow names every method some route of the path answers: HEAD where GET is
+                # (answer_head_where_get_is_served; Allow said GET alone there, a review, 2026-12-07), and OPTIONS where
+                # transformers declares it (/v1/models: `@app.options`, the model list; it was left out as if CORS
+                # answered it, and CORS answers only a preflight, with its Origin headers: a second review, 2026-12-07)
                 allowed = sorted({m for route in request.app.routes if getattr(route, "path", None) == path
-                                  for m in getattr(route, "methods", None) or ()} - {"OPTIONS"})
+                                  for m in getattr(route, "methods", None) or ()})
                 # the Allow header as the message says (Starlette's named OPTIONS alone on /v1/models; a second review)
                 return openai_error(f"{request.method} is not allowed on {path}; send {' or '.join(allowed) or 'another method'}",
                                     None, 405, headers={**(exc.headers or {}), **({"Allow": ", ".join(allowed)} if allowed else {})})
