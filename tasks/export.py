@@ -1169,6 +1169,51 @@ def json_path(field: str, path: list, shown: int = 3) -> str:
     return field + "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path[:shown])
 
 
+def unencodable_text(value: Any) -> tuple[list, str, bool] | None:
+    """(the path to it, the text, whether it is a key of the object at that path) of the first string of `value`, or
+    key of an object in it, that cannot be encoded as UTF-8, else None: JSON's "\\ud800" escape (valid JSON) reads as
+    a lone UTF-16 surrogate, no Unicode character, which the tokenizer cannot encode. A loop, as json_depth_beyond."""
+    stack = [(value, [])]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, node, False
+        elif isinstance(node, dict):
+            for key in node:
+                if isinstance(key, str) and unencodable_text(key) is not None:
+                    return path, key, True
+            stack.extend((child, [*path, key]) for key, child in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(node))))
+    return None
+
+
+def surrogate_message(where: str, text: str, key: bool = False) -> str:
+    """What to say of `text` (at `where`, or a key of the object there) that holds a lone surrogate (unencodable_text),
+    on one line."""
+    bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+    return (f"{'a key of ' if key else ''}{where} holds a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is no Unicode "
+            "character and cannot be encoded as UTF-8: send the text's own characters (a character beyond U+FFFF as a "
+            "surrogate pair, e.g. \\ud83d\\ude00)")
+
+
+def unencodable_text_problem(body: dict) -> tuple[str, str | None] | None:
+    """(message, field) for a request whose text (any string, or key, of any field) cannot be encoded as UTF-8, else
+    None: it was a 400 "malformed request: TypeError: TextEncodeInput must be Union[...]" naming no field (a review,
+    2026-12-07). Checked before any other problem, whose message might quote the text."""
+    found = unencodable_text(body)
+    if found is None:
+        return None
+    path, text, key = found
+    if not path:  # a field's own name
+        return surrogate_message("the request body", text, key=True), None
+    where = json_path(str(path[0]), path[1:], 8)
+    return surrogate_message(where, text, key), where
+
+
 def nested_too_deeply_problem(body: dict) -> tuple[str, str] | None:
     """(message, field) for a request field whose value nests arrays or objects more than MAX_JSON_DEPTH levels deep,
     else None: any field, as transformers copies messages, tools (their parameters' schemas) and chat_template_kwargs
@@ -1205,6 +1250,9 @@ def strict_json(text: str) -> Any:
         raise JsonTooDeep() from None
     if json_depth_beyond(value) is not None:
         raise JsonTooDeep()
+    found = unencodable_text(value)
+    if found is not None:  # "\\ud800" is JSON's syntax, but the template's tojson writes a character no tokenizer encodes
+        raise ValueError(surrogate_message("a string in it", found[1], found[2]))
     return value
 
 
@@ -2130,7 +2178,7 @@ def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
-    problem = unknown_field_problem(kind, body) or nested_too_deeply_problem(body)
+    problem = unencodable_text_problem(body) or unknown_field_problem(kind, body) or nested_too_deeply_problem(body)
     if problem:
         return problem
     if kind == "chat":

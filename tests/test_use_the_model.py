@@ -3894,6 +3894,26 @@ def test_serve_model_merged_handle_request_answers_a_recursion_error_with_a_400(
     assert status == "400" and "too deeply" in json.loads(body)["error"]["message"], done.stdout
 
 
+def test_request_problem_names_text_holding_a_lone_surrogate_wherever_it_is():
+    """D7's fix (2026-12-07): a lone UTF-16 surrogate (JSON's "\\ud800", no Unicode character) is named where it is: a
+    content part's text, a tool call's arguments (parsed for the template, whose tojson writes it out), a key; a
+    surrogate pair (one character beyond U+FFFF) is taken. They reached the tokenizer before: a 400 naming no field."""
+    from tasks.export import request_problem
+
+    user, result = {"role": "user", "content": "W?"}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "\\ud800"}'}}
+    for kind, raw, field in (
+            ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi \udc00"}]}]}, "messages[0].content[0].text"),
+            ("chat", {"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result]},
+             "messages[1].tool_calls[0].function.arguments"),
+            ("chat", {"messages": [{"role": "user", "content": "hi", "name\ud800": "x"}]}, "messages[0]"),
+            ("response", {"input": "hi", "instructions": "Be \ud800 brief."}, "instructions")):
+        problem = request_problem(kind, raw)
+        assert problem is not None and problem[1] == field and "lone UTF-16 surrogate" in problem[0] and "\n" not in problem[0], (raw, problem)
+        json.dumps(problem, ensure_ascii=False).encode()  # the 400 itself can be sent
+    assert request_problem("chat", {"messages": [{"role": "user", "content": json.loads('"\\ud83d\\ude00"')}]}) is None
+
+
 def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a_float():
     """A JSON integer has no size limit, and Python reads 10**400 as an int; _number's math.isfinite converts it to a
     float and raises OverflowError ("int too large to convert to float"). So a top-level temperature, top_p,
@@ -4021,8 +4041,6 @@ def test_request_problem_refuses_tool_call_arguments_whose_number_overflows_to_i
             assert problem is not None and problem[1] == field, (kind, arguments, problem)
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D7 (low): a lone surrogate in a prompt's text is 'malformed "
-                                       "request: TypeError: TextEncodeInput must be ...', naming no field")
 def test_serve_model_merged_names_the_field_of_text_holding_a_lone_surrogate(served_r1):
     r"""JSON's "\ud800" (a lone UTF-16 surrogate: valid JSON, no Unicode character) reads as a Python str the tokenizer
     cannot encode: the answer was a 400 "malformed request: TypeError: TextEncodeInput must be
