@@ -809,6 +809,9 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
                 # the Allow header as the message says (Starlette's named OPTIONS alone on /v1/models; a second review)
                 return openai_error(f"{request.method} is not allowed on {path}; send {' or '.join(allowed) or 'another method'}",
                                     None, 405, headers={**(exc.headers or {}), **({"Allow": ", ".join(allowed)} if allowed else {})})
+            unreadable = unreadable_body(exc.__cause__) if exc.status_code == 400 else None
+            if unreadable:  # FastAPI's "There was an error parsing the body", its reason left in __cause__
+                return openai_error(unreadable, None)
             return openai_error(f"{request.method} {path}: {exc.detail}", None, exc.status_code, headers=exc.headers)
 
         @app.exception_handler(RequestValidationError)
@@ -1036,6 +1039,23 @@ def body_problem(errors: list[dict], body: Any) -> str:
         reason = json.JSONDecodeError(broken.get("ctx", {}).get("error", "invalid JSON"), doc, broken["loc"][-1])
         return f"the request body is not valid JSON: {reason}"
     return "the request body must be a JSON object"
+
+
+def unreadable_body(cause: BaseException | None) -> str | None:
+    """One line for a request body FastAPI could not parse for another reason than invalid JSON (`cause`: what its
+    JSON parser raised), else None. Valid JSON that Python's parser will not read, a body nested beyond its recursion
+    limit or an integer of more digits than int() converts, was "There was an error parsing the body", no reason
+    given (a review, 2026-12-07), where the same JSON inside a field is named as nested too deeply or too long."""
+    if isinstance(cause, RecursionError):
+        return ("the request body is nested too deeply (arrays or objects inside each other beyond what Python's JSON "
+                f"parser reads): send flatter JSON (at most {MAX_JSON_DEPTH} levels)")
+    if isinstance(cause, ValueError) and "int_max_str_digits" in str(cause):
+        return (f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits, which Python's "
+                "JSON parser does not read: send a shorter number")
+    if cause is not None:
+        text = str(cause).strip()
+        return f"the request body cannot be read: {type(cause).__name__}" + (f": {text.splitlines()[0]}" if text else "")
+    return None
 
 
 TEXT_PARTS = ("text", "input_text", "output_text")  # content parts whose "text" transformers serve reads

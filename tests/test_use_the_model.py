@@ -3914,6 +3914,26 @@ def test_request_problem_names_text_holding_a_lone_surrogate_wherever_it_is():
     assert request_problem("chat", {"messages": [{"role": "user", "content": json.loads('"\\ud83d\\ude00"')}]}) is None
 
 
+def test_unreadable_body_says_why_python_s_json_parser_would_not_read_a_body():
+    """D8's fix (2026-12-07): FastAPI answers a body its JSON parser raised on (other than a JSONDecodeError) with
+    "There was an error parsing the body", the parser's exception its __cause__; unreadable_body says what it was:
+    nesting beyond the parser, an integer beyond int()'s digit limit, or the exception's own first line."""
+    from tasks.export import unreadable_body
+
+    def cause(raw):
+        try:
+            json.loads(raw)
+        except Exception as e:  # what FastAPI's request.json() raised
+            return e
+        raise AssertionError(f"{raw[:20]!r} parsed")
+
+    assert "nested too deeply" in unreadable_body(cause("[" * 5000 + "]" * 5000))
+    assert "digits" in unreadable_body(cause("1" + "0" * 5000))
+    said = unreadable_body(cause(b'"\xff"'))
+    assert said.startswith("the request body cannot be read: UnicodeDecodeError") and "\n" not in said, said
+    assert unreadable_body(None) is None
+
+
 def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a_float():
     """A JSON integer has no size limit, and Python reads 10**400 as an int; _number's math.isfinite converts it to a
     float and raises OverflowError ("int too large to convert to float"). So a top-level temperature, top_p,
@@ -4055,8 +4075,6 @@ def test_serve_model_merged_names_the_field_of_text_holding_a_lone_surrogate(ser
         assert code == 400 and json.loads(answer)["error"]["param"] == field, (path, answer[:300])
 
 
-@pytest.mark.xfail(strict=True, reason="review-server3 D8 (low): a body nested beyond the parser or holding a number "
-                                       "of > 4300 digits is 'There was an error parsing the body', no reason given")
 def test_serve_model_merged_says_why_a_request_body_that_is_valid_json_cannot_be_read(served_r1):
     """Valid JSON that Python's parser will not read: a body nested 2000 levels deep (RecursionError) or holding an
     integer of 5000 digits (int max_str_digits, a ValueError) reach FastAPI's catch-all, "POST /v1/chat/completions:
