@@ -1193,18 +1193,22 @@ def unencodable_text(value: Any) -> tuple[list, str, bool] | None:
     """(the path to it, the text, whether it is a key of the object at that path) of the first string of `value`, or
     key of an object in it, that cannot be encoded as UTF-8, else None: JSON's "\\ud800" escape (valid JSON) reads as
     a lone UTF-16 surrogate, no Unicode character, which the tokenizer cannot encode. A loop, as json_depth_beyond."""
+    def encodes(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
     stack = [(value, [])]
     while stack:
         node, path = stack.pop()
-        if isinstance(node, str):
-            try:
-                node.encode("utf-8")
-            except UnicodeEncodeError:
-                return path, node, False
-        elif isinstance(node, dict):
-            for key in node:
-                if isinstance(key, str) and unencodable_text(key) is not None:
-                    return path, key, True
+        if isinstance(node, str) and not encodes(node):
+            return path, node, False
+        if isinstance(node, dict):
+            key = next((key for key in node if isinstance(key, str) and not encodes(key)), None)
+            if key is not None:
+                return path, key, True
             stack.extend((child, [*path, key]) for key, child in reversed(node.items()))
         elif isinstance(node, list):
             stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(node))))
@@ -1272,7 +1276,7 @@ def strict_json(text: str) -> Any:
         raise JsonTooDeep()
     found = unencodable_text(value)
     if found is not None:  # "\\ud800" is JSON's syntax, but the template's tojson writes a character no tokenizer encodes
-        raise ValueError(surrogate_message("a string in it", found[1], found[2]))
+        raise ValueError(surrogate_message("an object in it" if found[2] else "a string in it", found[1], found[2]))
     return value
 
 
