@@ -3760,8 +3760,9 @@ def test_out_of_memory_reads_a_cuda_error_as_transformers_5_17_streams_it():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A fourth review of serve-model (2026-12-07, review-server3) of 5007edd..dbb7f86: defects found, not fixed here (each
-# test is xfail strict: it fails on dbb7f86, and passes once its defect is fixed).
+# A fourth review of serve-model (2026-12-07, review-server3) of 5007edd..dbb7f86: defects found (D1-D8; each test
+# failed on dbb7f86, as an xfail strict mark, and passes with its fix on server-fixes-4, where the mark came off), and
+# the fixes' own tests.
 
 REVIEW3_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' and m.content == 'refuse me' %}"
                     "{{ raise_exception('this turn is refused') }}{% endif %}{{ m.role }}: {{ m.content }}"
