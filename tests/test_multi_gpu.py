@@ -2125,3 +2125,52 @@ def test_a_sigterm_as_popen_forks_torchrun_leaves_no_torchrun_running(monkeypatc
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
     assert children and not left, (children, left)
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu4: a Ctrl-C is held, unraised, while the stage waits on the reader's join")
+def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_they_are_read(monkeypatch, tmp_path):
+    """The Ctrl-C handler only notes a Ctrl-C now; the stage raises it where it looks: every 0.1 s while torchrun runs,
+    then after torchrun ended and after `reader.join()`, which has no timeout. The reader writes torchrun's last lines to
+    the stage's stderr; where that blocks (a terminal paused with Ctrl-S, a stalled `2>&1 | less`), the join waits with it
+    and a Ctrl-C does nothing until the output moves again: forever, if it never does. Before 3058485..fc0c099 the first
+    Ctrl-C raised in the handler once torchrun was read, cutting the join short (the stage then said the result is kept and
+    stopped). Here torchrun finished (record written, exit 0), the reader blocks on its first line; one Ctrl-C once it does;
+    the reader is let go once the stage has ended, or 30 s after the Ctrl-C: the stage should have ended first."""
+    import sys
+    import threading
+
+    from tasks.engine import launch
+
+    program = ('import json, sys; print("a rank\'s last line", flush=True); '
+               'open(sys.argv[1] + "/result-train.json", "w").write(json.dumps({"steps": 4}))')
+    work, events, let_go, ended, reading = tmp_path / "work", [], threading.Event(), threading.Event(), launch.read_in_background
+
+    def blocked(show):
+        def stuck(line):
+            events.append("reader blocked")
+            let_go.wait()  # the stage's stderr does not take the line
+            show(line)
+        return stuck
+
+    def ctrl_c_once_blocked():
+        while "reader blocked" not in events:
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.5)  # torchrun has ended; the stage is in reader.join()
+        os.kill(os.getpid(), signal.SIGINT)
+        ended.wait(30)
+        events.append("reader let go")
+        let_go.set()
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(work)])
+    monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, blocked(show)))
+    outer, logs = signal.signal(signal.SIGINT, signal.default_int_handler), []
+    try:
+        threading.Thread(target=ctrl_c_once_blocked, daemon=True).start()
+        with contextlib.suppress(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+        events.append("stage ended")
+    finally:
+        ended.set()
+        let_go.set()
+        signal.signal(signal.SIGINT, outer)
+    assert "reader let go" not in events[:events.index("stage ended")], (events, logs)
