@@ -2174,3 +2174,67 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
         let_go.set()
         signal.signal(signal.SIGINT, outer)
     assert "reader let go" not in events[:events.index("stage ended")], (events, logs)
+
+
+# torchrun whose ranks, told to stop by SIGTERM, report: rank 0 the stop, rank 1 a crash of its own meanwhile; then exit 1
+_TORCHRUN_A_RANK_CRASHES_AS_SIGTERM_STOPS_IT = """import json, pathlib, signal, sys, time
+def stop(signum, frame):
+    for rank, kind, message in [(0, "TrainingStopped", "training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it"),
+                                (1, "RuntimeError", "CUDA error: an illegal memory access was encountered")]:
+        open(f"{sys.argv[1]}/error-train-rank{rank}.json", "w").write(json.dumps({"rank": rank, "type": kind, "message": message}))
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1], "ready").touch()
+time.sleep(600)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu4: a Ctrl-C in the poll's sleep after torchrun ended is taken as the stop")
+def test_a_ctrl_c_after_a_forwarded_stop_ended_does_not_hide_a_rank_that_crashed(monkeypatch, tmp_path):
+    """As test_a_ctrl_c_after_torchrun_failed_but_before_the_stage_saw_it_end_reports_the_failure, after a forwarded
+    SIGTERM: rank 1 crashed on its own as the stop reached it, which the stage reports (`train: rank 1 of 2 failed:
+    RuntimeError: ...`, 3b390d4). A Ctrl-C in the sleep of the turn in which torchrun exited reaches the `except` with
+    torchrun ended: nothing is passed on (it stops nothing), `graceful` is False, and the stage raises rank 0's
+    TrainingStopped (the flow: Cancelled, resumable), the crash unreported."""
+    import sys
+    import time
+    import types
+
+    from tasks.engine import launch
+
+    work, started, popen, steps = tmp_path / "work", [], launch.subprocess.Popen, []
+
+    def ended(pid: int) -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+
+    def sleep(seconds: float) -> None:
+        if "SIGTERM" not in steps and (work / "ready").exists():
+            steps.append("SIGTERM")
+            os.kill(os.getpid(), signal.SIGTERM)  # `kill PID`: the stage passes it on in its next turn
+        elif steps == ["SIGTERM"]:  # the turn after: the stage has passed the SIGTERM on before this sleep
+            while not ended(started[0].pid):
+                time.sleep(0.01)
+            steps.append("Ctrl-C")
+            os.kill(os.getpid(), signal.SIGINT)  # in the turn's sleep, torchrun already ended
+        time.sleep(seconds)
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_A_RANK_CRASHES_AS_SIGTERM_STOPS_IT, str(work)])
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
+    monkeypatch.setattr(launch, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+    outer = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logs: list[str] = []
+    try:
+        with pytest.raises(BaseException) as raised:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+    finally:
+        for sig, handler in outer.items():
+            signal.signal(sig, handler)
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert steps == ["SIGTERM", "Ctrl-C"], steps
+    assert type(raised.value) is StageError, (repr(raised.value), logs)
+    assert str(raised.value) == "train: rank 1 of 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"
