@@ -2144,6 +2144,7 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
     program = ('import json, sys; print("a rank\'s last line", flush=True); '
                'open(sys.argv[1] + "/result-train.json", "w").write(json.dumps({"steps": 4}))')
     work, events, let_go, ended, reading = tmp_path / "work", [], threading.Event(), threading.Event(), launch.read_in_background
+    started, popen = [], launch.subprocess.Popen
 
     def blocked(show):
         def stuck(line):
@@ -2153,9 +2154,9 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
         return stuck
 
     def ctrl_c_once_blocked():
-        while "reader blocked" not in events:
-            threading.Event().wait(0.05)
-        threading.Event().wait(0.5)  # torchrun has ended; the stage is in reader.join()
+        while "reader blocked" not in events or not started or Path(f"/proc/{started[0].pid}").exists():
+            threading.Event().wait(0.05)  # until the stage has seen torchrun end (reaped it)
+        threading.Event().wait(0.5)  # and is in reader.join()
         os.kill(os.getpid(), signal.SIGINT)
         ended.wait(30)
         events.append("reader let go")
@@ -2163,6 +2164,7 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
 
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(work)])
     monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, blocked(show)))
+    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
     outer, logs = signal.signal(signal.SIGINT, signal.default_int_handler), []
     try:
         threading.Thread(target=ctrl_c_once_blocked, daemon=True).start()
