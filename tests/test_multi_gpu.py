@@ -2075,7 +2075,6 @@ def test_the_same_rank_records_give_the_same_stop_whichever_signal_brought_it(mo
     assert "checkpoint-3 saved" in str(raised), raised
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu4: an exception raised in Popen after the fork leaves torchrun running, unwatched")
 def test_a_sigterm_as_popen_forks_torchrun_leaves_no_torchrun_running(monkeypatch, tmp_path):
     """A flow run's SIGTERM handler is Prefect's (`capture_sigterm`: it raises TerminationSignal), and the stage sets its
     forwarding handler only after Popen has returned. A `kill PID` while Popen waits for torchrun's exec (after the fork)

@@ -143,6 +143,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     try:
         # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         passes_ctrl_c_on = ctrl_c.install(previous)
+        # Before Popen too: a SIGTERM as Popen forked torchrun (waiting for its exec) went to the caller's handler, and
+        # Prefect's raises: Popen re-raised without its child, and torchrun trained on, unwatched (a review, 2026-12-07).
+        # Noted here, it is passed on in the loop's first turn.
+        _forward_stop_signals(previous, forwarded, stage, log_fn, came)
         own_group = passes_ctrl_c_on or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 text=True, errors="replace", bufsize=1, process_group=0 if own_group else None)
@@ -152,7 +156,6 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # thread also keeps the ranks' lines reaching the log during a stop ("saved"), and a full pipe from blocking
         # torchrun's copying of them.
         reader = read_in_background(proc.stdout, show)
-        _forward_stop_signals(previous, forwarded, stage, log_fn, came)
         # Not proc.wait(): a Ctrl-C reached a thread blocked in waitpid late (0.25 s on an idle box; under load only after
         # the ranks had stopped and printed it, before the stage said it was stopping). The sleep's turns look at what came.
         while proc.poll() is None:
@@ -170,7 +173,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         reader.join()  # the last lines, torchrun's failure summary among them
         ctrl_c.check()
     except KeyboardInterrupt:
-        if proc is None:  # torchrun never started (a handler not the stage's raised): nothing to stop
+        if proc is None:
+            # Popen returned nothing: a SIGINT handler not the stage's (someone else's) raised in it, before the fork or
+            # after it. After it, torchrun runs and the stage has no handle on it to stop it: it dies with this process
+            # (`_dying_with`). So too for Prefect's SIGTERM handler, which stays in a deployment run (the `finally`).
             raise
         # A Ctrl-C that reached the stage once torchrun had ended (as its last lines were read) stops nothing: it said
         # "stopping" for an ended torchrun and dropped the record of a finished run (a review, 2026-12-06).
