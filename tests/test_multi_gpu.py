@@ -2003,7 +2003,6 @@ sys.exit(1)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu4: a Ctrl-C in the poll's sleep after torchrun failed is taken as the stop")
 def test_a_ctrl_c_after_torchrun_failed_but_before_the_stage_saw_it_end_reports_the_failure(monkeypatch, tmp_path):
     """RELIABILITY: a Ctrl-C after torchrun had failed on its own "reports that failure, not the Ctrl-C" (`train: Ctrl-C
     after the 2 processes had ended (exit code 1): it stops nothing; their failure follows`). That holds once the stage
@@ -2017,29 +2016,26 @@ def test_a_ctrl_c_after_torchrun_failed_but_before_the_stage_saw_it_end_reports_
 
     from tasks.engine import launch
 
-    work, started, popen = tmp_path / "work", [], launch.subprocess.Popen
+    work, started, pressed, popen = tmp_path / "work", [], [], launch.subprocess.Popen
 
     def ended(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
 
     def sleep(seconds: float) -> None:
-        if started and not started[1:]:
+        if started and not pressed:
             while not ended(started[0].pid):
                 time.sleep(0.01)
-            started.append("pressed")
+            pressed.append(True)
             os.kill(os.getpid(), signal.SIGINT)  # the Ctrl-C, in the turn's sleep, torchrun already ended
         time.sleep(seconds)
 
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_A_RANK_FAILED, str(work)])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
     monkeypatch.setattr(launch, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
-    outer, logs = signal.signal(signal.SIGINT, signal.default_int_handler), []
-    try:
-        with pytest.raises(BaseException) as raised:
-            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
-    finally:
-        signal.signal(signal.SIGINT, outer)
-    assert started[1:] == ["pressed"], started
+    logs: list[str] = []
+    with _python_ctrl_c(monkeypatch, started), pytest.raises(BaseException) as raised:
+        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+    assert pressed, started
     assert type(raised.value) is StageError, (repr(raised.value), logs)
     assert str(raised.value) == "train: rank 1 of 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"
 
@@ -2190,7 +2186,6 @@ time.sleep(600)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu4: a Ctrl-C in the poll's sleep after torchrun ended is taken as the stop")
 def test_a_ctrl_c_after_a_forwarded_stop_ended_does_not_hide_a_rank_that_crashed(monkeypatch, tmp_path):
     """As test_a_ctrl_c_after_torchrun_failed_but_before_the_stage_saw_it_end_reports_the_failure, after a forwarded
     SIGTERM: rank 1 crashed on its own as the stop reached it, which the stage reports (`train: rank 1 of 2 failed:
@@ -2222,20 +2217,12 @@ def test_a_ctrl_c_after_a_forwarded_stop_ended_does_not_hide_a_rank_that_crashed
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_A_RANK_CRASHES_AS_SIGTERM_STOPS_IT, str(work)])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
     monkeypatch.setattr(launch, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
-    outer = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    logs: list[str] = []
+    outer, logs = signal.signal(signal.SIGTERM, signal.SIG_DFL), []
     try:
-        with pytest.raises(BaseException) as raised:
+        with _python_ctrl_c(monkeypatch, started), pytest.raises(BaseException) as raised:
             launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
     finally:
-        for sig, handler in outer.items():
-            signal.signal(sig, handler)
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        signal.signal(signal.SIGTERM, outer)
     assert steps == ["SIGTERM", "Ctrl-C"], steps
     assert type(raised.value) is StageError, (repr(raised.value), logs)
     assert str(raised.value) == "train: rank 1 of 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"

@@ -217,9 +217,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             too_late(f"Ctrl-C after the {n} processes had finished" if stopping is None else
                      f"the {n} processes finished before the stop reached them")
             raise
-        elif seen_ended:
+        elif seen_ended or (stopping is None and not at_once):
             # They had failed on their own: reported below as without the Ctrl-C, whose KeyboardInterrupt hid which rank
-            # died and how (a review, 2026-12-06).
+            # died and how (a review, 2026-12-06). So too for a Ctrl-C that came in the poll's sleep as torchrun ended
+            # (raised before the stage saw it end: `stopping` is None, nothing was passed on): it raised KeyboardInterrupt,
+            # or a rank's TrainingStopped after a forwarded SIGTERM, hiding a rank's own crash (a review, 2026-12-07).
             log_fn(f"{stage}: Ctrl-C after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; "
                    "their failure follows")
         else:
