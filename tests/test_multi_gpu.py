@@ -2122,15 +2122,17 @@ def test_a_sigterm_as_popen_forks_torchrun_leaves_no_torchrun_running(monkeypatc
     assert children and not left, (children, left)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu4: a Ctrl-C is held, unraised, while the stage waits on the reader's join")
-def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_they_are_read(monkeypatch, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_they_are_read(monkeypatch, tmp_path, sig):
     """The Ctrl-C handler only notes a Ctrl-C now; the stage raises it where it looks: every 0.1 s while torchrun runs,
     then after torchrun ended and after `reader.join()`, which has no timeout. The reader writes torchrun's last lines to
     the stage's stderr; where that blocks (a terminal paused with Ctrl-S, a stalled `2>&1 | less`), the join waits with it
     and a Ctrl-C does nothing until the output moves again: forever, if it never does. Before 3058485..fc0c099 the first
     Ctrl-C raised in the handler once torchrun was read, cutting the join short (the stage then said the result is kept and
     stopped). Here torchrun finished (record written, exit 0), the reader blocks on its first line; one Ctrl-C once it does;
-    the reader is let go once the stage has ended, or 30 s after the Ctrl-C: the stage should have ended first."""
+    the reader is let go once the stage has ended, or 30 s after the Ctrl-C: the stage should have ended first. So too
+    for a SIGTERM (`kill PID`) there, held as long: the stage hands it back to the caller's handler once the reader has
+    had READER_WAIT_S, as it does one that came as torchrun finished."""
     import sys
     import threading
 
@@ -2152,7 +2154,7 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
         while "reader blocked" not in events or not started or Path(f"/proc/{started[0].pid}").exists():
             threading.Event().wait(0.05)  # until the stage has seen torchrun end (reaped it)
         threading.Event().wait(0.5)  # and is in reader.join()
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.Signals[sig])
         ended.wait(30)
         events.append("reader let go")
         let_go.set()
@@ -2160,17 +2162,20 @@ def test_a_ctrl_c_while_the_stage_reads_torchruns_last_lines_is_not_held_until_t
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(work)])
     monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, blocked(show)))
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
-    outer, logs = signal.signal(signal.SIGINT, signal.default_int_handler), []
+    logs, callers = [], []
+    outer = signal.signal(signal.SIGTERM, lambda signum, frame: callers.append(signum))  # a caller's handler that notes it
     try:
-        threading.Thread(target=ctrl_c_once_blocked, daemon=True).start()
-        with contextlib.suppress(KeyboardInterrupt):
-            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
-        events.append("stage ended")
+        with _python_ctrl_c(monkeypatch, started):
+            threading.Thread(target=ctrl_c_once_blocked, daemon=True).start()
+            with contextlib.suppress(KeyboardInterrupt):
+                launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+            events.append("stage ended")
     finally:
         ended.set()
         let_go.set()
-        signal.signal(signal.SIGINT, outer)
+        signal.signal(signal.SIGTERM, outer)
     assert "reader let go" not in events[:events.index("stage ended")], (events, logs)
+    assert callers == ([signal.SIGTERM] if sig == "SIGTERM" else []), (callers, logs)
 
 
 # torchrun whose ranks, told to stop by SIGTERM, report: rank 0 the stop, rank 1 a crash of its own meanwhile; then exit 1

@@ -44,6 +44,7 @@ from ..common import StageError, TrainingStopped, in_a_deployment_run, off_the_l
 from .dist import is_main, local_rank, rank
 
 STOP_GRACE_S = 600  # how long a stop may take: every rank finishes its step and the checkpoint is saved
+READER_WAIT_S = 5  # how long a stop leaves torchrun's output reader to pass its last lines on (stderr may be blocked)
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
 TAIL_LINES = 4
 
@@ -170,8 +171,20 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         ctrl_c.check()  # a Ctrl-C in the last turn came before torchrun was seen ended
         # Seen ended before any Ctrl-C raised: one from here on came after torchrun had ended on its own and stops nothing.
         seen_ended = True
-        reader.join()  # the last lines, torchrun's failure summary among them
-        ctrl_c.check()
+        # torchrun's last lines, its failure summary among them. Not one reader.join(): where the stage's stderr blocks (a
+        # terminal paused with Ctrl-S, a stalled `2>&1 | less`) the reader blocks writing them, and a Ctrl-C or SIGTERM
+        # waited unraised until the output moved again, forever if it never did (a review, 2026-12-07). Once a SIGTERM or
+        # SIGHUP has come, the reader gets READER_WAIT_S more, as after a Ctrl-C (the `except`).
+        stop_seen_at = None
+        while True:
+            reader.join(0.1)
+            ctrl_c.check()
+            if not reader.is_alive():
+                break
+            if stop_seen_at is None and any(s != signal.SIGINT for s in came):
+                stop_seen_at = time.monotonic()
+            if stop_seen_at is not None and time.monotonic() - stop_seen_at >= READER_WAIT_S:
+                break
     except KeyboardInterrupt:
         if proc is None:
             # Popen returned nothing: a SIGINT handler not the stage's (someone else's) raised in it, before the fork or
@@ -212,7 +225,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
                        f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         if reader is not None:
-            reader.join(timeout=5)
+            reader.join(timeout=READER_WAIT_S)
         if finished():  # the ranks finished: the Ctrl-C came too late to stop them, not to stop the run
             too_late(f"Ctrl-C after the {n} processes had finished" if stopping is None else
                      f"the {n} processes finished before the stop reached them")
