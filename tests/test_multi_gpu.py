@@ -1993,7 +1993,8 @@ def test_a_rank_that_crashes_as_a_stop_reaches_it_is_reported_as_failed_not_stop
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A review (review-mgpu4, 2026-12-07) of 3058485..fc0c099: failing tests for what it found (xfail strict: the code is not fixed here)
+# A review (review-mgpu4, 2026-12-07) of 3058485..fc0c099: tests for what it found (D1-D4; each failed on fc0c099, as an
+# xfail strict mark, and passes with its fix on mgpu-fixes-5, where the mark came off)
 
 # torchrun whose rank 1 failed on its own: its error record and torchrun's failure summary naming it, then exit 1 at once
 _TORCHRUN_A_RANK_FAILED = """import json, sys
@@ -2055,8 +2056,7 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.xfail(
-    strict=True, reason="review-mgpu4: _failure takes the lowest rank's stop record, the Ctrl-C path any rank's TrainingStopped"))])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_the_same_rank_records_give_the_same_stop_whichever_signal_brought_it(monkeypatch, tmp_path, sig):
     """Two places decide what the ranks' error records say about a stop: after a Ctrl-C the `except` raises the
     TrainingStopped record of any rank (a checkpoint is there: the flow records Cancelled, resumable); after a forwarded

@@ -238,15 +238,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             log_fn(f"{stage}: Ctrl-C after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; "
                    "their failure follows")
         else:
-            # A rank that failed on its own as the stop reached it: that failure, not the stop (`_failed_rank`). Not after a
-            # stop at once: a rank killed in a collective breaks its peers' connection, and theirs fail on it.
-            failed = _failed_rank(_rank_errors(stage, work)) if graceful else None
-            if failed is not None:
-                raise StageError(f"{stage}: rank {failed['rank']} of {n} failed: {failed['type']}: {failed['message']}") from None
-            # A rank that saved its checkpoint says so (TrainingStopped): the stage was stopped, not crashed.
-            stopped = next((e for e in _rank_errors(stage, work).values() if e["type"] == "TrainingStopped"), None)
-            if stopped is not None:
-                raise TrainingStopped(stopped["message"]) from None
+            # What the ranks' records say (`_ranks_outcome`, as after a forwarded SIGTERM): a rank's own failure, or a saved
+            # checkpoint (TrainingStopped). No failure after a stop at once: a rank killed in a collective breaks its
+            # peers' connection, and theirs fail on it. Else this Ctrl-C's own KeyboardInterrupt.
+            outcome = _ranks_outcome(stage, n, _rank_errors(stage, work), failures=graceful)
+            if outcome is not None and (isinstance(outcome, TrainingStopped) or not isinstance(outcome, KeyboardInterrupt)):
+                raise outcome from None
             raise
     finally:
         # From here on no Ctrl-C is a first one: it stops at once, and no restore is cut short. `late`: a first Ctrl-C came
@@ -633,10 +630,7 @@ def _failure(stage: str, n: int, rc: int, pid: int, work: Path, logs: Path, tail
     if err is None and code >= 0 and errors:
         err = errors[min(errors)]
     if err is not None:
-        err = _failed_rank(errors, err["rank"]) or err  # a rank's own failure, not another's stop
-        if err["type"] in STOPPED:
-            return (TrainingStopped if err["type"] == "TrainingStopped" else KeyboardInterrupt)(err["message"])
-        return StageError(f"{stage}: rank {err['rank']} of {n} failed: {err['type']}: {err['message']}")
+        return _ranks_outcome(stage, n, errors, err["rank"])
     if not who.isdigit():
         # Neither a failure summary naming a rank nor a rank's own report: "rank ? of 2 died" said more than is known.
         return StageError(f"{stage}: torchrun exited {rc}; no rank reported a failure (no failure summary naming a rank, no "
@@ -673,6 +667,27 @@ def _failed_rank(errors: dict[int, dict], first: int | None = None) -> dict | No
     if first in failed:
         return failed[first]
     return failed[min(failed)] if failed else None
+
+
+def _ranks_outcome(stage: str, n: int, errors: dict[int, dict], first: int | None = None,
+                   failures: bool = True) -> BaseException | None:
+    """What the ranks' error records say ended them, the same after a Ctrl-C as after a forwarded SIGTERM or SIGHUP: a
+    rank's own failure (`_failed_rank`, unless `failures` is False), as a StageError naming it; else the stop, as in one
+    process: TrainingStopped if any rank saved a checkpoint as it stopped (the run is resumable: the flow records it
+    Cancelled), else the KeyboardInterrupt of rank `first`'s stop record or the lowest rank's; None if there is no record.
+    The Ctrl-C path raised any rank's TrainingStopped, `_failure` the stop of the summary-named or lowest rank: rank 0
+    "interrupted before a checkpoint was saved" and rank 1 "checkpoint-3 saved" gave TrainingStopped after a Ctrl-C and
+    KeyboardInterrupt (the flow: Crashed) after a SIGTERM (a review, 2026-12-07)."""
+    failed = _failed_rank(errors, first) if failures else None
+    if failed is not None:
+        return StageError(f"{stage}: rank {failed['rank']} of {n} failed: {failed['type']}: {failed['message']}")
+    saved = [r for r, e in errors.items() if e["type"] == "TrainingStopped"]
+    if saved:
+        return TrainingStopped(errors[min(saved)]["message"])
+    stops = [r for r, e in errors.items() if e["type"] in STOPPED]
+    if stops:
+        return KeyboardInterrupt(errors[first if first in stops else min(stops)]["message"])
+    return None
 
 
 # torchrun's line for a stop signal it got (torch/distributed/elastic/agent/server/api.py: "Received Signals.SIGTERM
