@@ -308,8 +308,8 @@ README.md) run `{run_name}` (profile `{cfg.profile}`).
   LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={lora_dropout(train, cfg.lora)} on {lora_targets_markdown(train, cfg.lora)}
   ({train.trainable_params:,} trainable parameters); micro-batch {train.micro_batch_size} x accumulation {train.grad_accum};
   LR {cfg.training.learning_rate} {cfg.training.lr_scheduler}; engine `{train.engine}`{batch_line(train)}.
-- Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and set
-  {probe.max_steps} steps; trained {train.steps} steps ({train.tokens_seen:,} tokens) in {train.wall_seconds / 60:.1f} min
+- Time budget: {train.budget_seconds / 60:.1f} min on `{probe.hardware}`; the probe measured {probe.s_per_step:.3f} s/step and the
+  run planned {train.expected_steps} steps; trained {train.steps} steps ({train.tokens_seen:,} tokens) in {train.wall_seconds / 60:.1f} min
   (budget error {train.budget_error:+.1%}, stopped by {train.stopped_by}{passes_line(train)}). Loss {train.first_loss:.3f} → {train.final_loss:.3f}.
 
 ## Evaluation (held-out prompts, greedy)

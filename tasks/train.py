@@ -548,7 +548,7 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
     with locked(out, log_fn=log_fn):  # an identical run training this folder: says so, waits, then reuses its adapter
         if is_complete(out):
             return complete_record(out, TrainRecord)
-        probe = _planned_for(probe, training, log_fn)
+        probe = _planned_for(probe, training, out / "work", log_fn)
         n = getattr(probe, "gpus", 1)  # the probe measured the step time with this many ranks
         if n > 1 and dist.world() == 1:
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
@@ -563,14 +563,33 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
             return _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out, artifacts_dir, log_fn)
 
 
-def _planned_for(probe: Any, training: TrainingSection, log_fn) -> Any:
-    """The probe's plan for this run's checkpoint interval (`ProbeRecord.planned_for`), said in one line where it differs
-    from the one the probe made."""
+PLAN = "plan.json"  # in work/: the step plan a run started with (max_steps, fixed_seconds, checkpoint_minutes), kept by its resume
+
+
+def _planned_for(probe: Any, training: TrainingSection, work: Path, log_fn) -> Any:
+    """The probe's plan for this run: for its checkpoint interval (`ProbeRecord.planned_for`), said in one line where it
+    differs from the one the probe made, and kept in `work` (PLAN); a run resuming from a checkpoint keeps the plan it
+    started with (PLAN; none there: the probe's own, as runs made before the plan was kept trained on), whatever the
+    interval now. The interval is in no key, so a run stopped and rerun with another one resumes in the same folder, and
+    replanned there its warm-up and step cap (the LR schedule's clock) changed mid-run (a review, 2026-12-07); the new
+    interval changes only when its checkpoints are saved."""
+    if newest_checkpoint(work) is not None:
+        kept = read_json(work / PLAN) if (work / PLAN).is_file() else {}
+        started = probe.model_copy(update=kept) if kept else probe
+        if started.checkpoint_minutes is not None and started.checkpoint_minutes != training.checkpoint_minutes:
+            log_fn(f"train: resuming on the plan the run started with (~{started.max_steps} steps, planned for a checkpoint every "
+                   f"{started.checkpoint_minutes:g} min), not replanned for training.checkpoint_minutes={training.checkpoint_minutes:g}: "
+                   "the new interval sets only when its checkpoints are saved")
+        return started
     planned = probe.planned_for(training)
     if planned is not probe:
         log_fn(f"train: training.checkpoint_minutes={training.checkpoint_minutes:g}, the probe planned for {probe.checkpoint_minutes:g}: "
                f"from its timings, ~{planned.max_steps} steps after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after "
                f"{probe.fixed_seconds:.0f}s); the steps are not timed again")
+    if dist.is_main():
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / PLAN, {"max_steps": planned.max_steps, "fixed_seconds": planned.fixed_seconds,
+                                 "checkpoint_minutes": planned.checkpoint_minutes})
     return planned
 
 

@@ -720,12 +720,10 @@ def test_chat_after_an_answer_stopped_by_ctrl_c_streams_only_the_next_answer(tra
     assert "question" not in out, out  # no prompt text printed as if generated
 
 
-@pytest.mark.xfail(strict=True, reason="review-budget2: the card says the cached probe's plan, not the one stage 4 replanned "
-                   "and trained on (TrainRecord.expected_steps)")
 def test_the_card_says_the_steps_the_run_planned_after_stage_4_replanned_the_cached_probe(trained, tiny_cfg, shared_artifacts):
     """Stage 4 replans a cached probe for the run's own training.checkpoint_minutes (`ProbeRecord.planned_for`) and trains
     on that plan: its TrainRecord.expected_steps is the replanned probe's max_steps. The card's "the probe measured
-    ... and set N steps" reads the flow's probe record, the plan for the interval it was cached with: a probe cached
+    ... and set N steps" read the flow's probe record, the plan for the interval it was cached with: a probe cached
     for hourly checkpoints (3-s steps, 2-s saves, an hour: 1199 steps) and a run saving every minute (1161 steps
     planned, the warm-up and cap built on them) publishes a card that says 1199."""
     import re
