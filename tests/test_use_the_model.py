@@ -4087,3 +4087,30 @@ def test_serve_model_merged_says_why_a_request_body_that_is_valid_json_cannot_be
                         (head + b'"seed": 1' + b"0" * 5000 + b"}", "digits")):
         code, answer = _request(f"{base}/v1/chat/completions", raw=raw)
         assert code == 400 and reason in json.loads(answer)["error"]["message"], answer[:300]
+
+
+# A fifth review of serve-model (2026-12-07, review-server4) of 9c5df91..f74f153 (review-server3's fixes): defects
+# found (R4-1 ...), each shown by a test that fails on f74f153, marked xfail strict until its fix.
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-1 (high): request_problem's two new whole-body walks copy a "
+                                       "path list per value: ~22x the memory, ~140x the CPU of f74f153's parent, on the event loop")
+def test_request_problem_reads_a_large_body_in_memory_proportional_to_it():
+    """unencodable_text and json_depth_beyond (4af1896, 13716ea) walk every value of the body and push each with its own
+    copy of the path to it (`[*path, key]`), all children at once: a list of 1e6 zeros 60 levels down (a 2 MB body)
+    costs ~1.2 GB and ~10 s of CPU in request_problem (0.07 s before them, on 8bc1931), which runs on the server's
+    event loop: a /health sent meanwhile waited 7.9 s (a real server, 2026-12-07). Measured here by memory, not time:
+    a 0.2 MB body peaks at ~79 MB (3.6 MB on 8bc1931). The walks need a stack, not a path per value."""
+    import tracemalloc
+
+    from tasks.export import request_problem
+
+    request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "metadata": {"a": "b"}})  # its imports
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "metadata": ' + "[" * 60 + ",".join(["0"] * 100000) + "]" * 60 + "}"
+    body = json.loads(raw)
+    tracemalloc.start()
+    try:
+        request_problem("chat", body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * len(raw), f"{peak / 1e6:.1f} MB peak for a {len(raw) / 1e6:.1f} MB body"
