@@ -4114,3 +4114,23 @@ def test_request_problem_reads_a_large_body_in_memory_proportional_to_it():
     finally:
         tracemalloc.stop()
     assert peak < 40 * len(raw), f"{peak / 1e6:.1f} MB peak for a {len(raw) / 1e6:.1f} MB body"
+
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-2 (medium): a template that checks tool_calls but renders "
+                                       "none is taken as rendering them (same_prompt's except Exception), with a 200")
+def test_serve_model_merged_refuses_tool_calls_a_template_checks_but_does_not_render(served_r1):
+    """889b954 reads any exception of the rendering without tool calls as "the template renders them" (same_prompt's
+    `except Exception: return False`). A template may read tool_calls only to refuse an empty assistant turn, as
+    Mistral's does, and render the turn's content alone: the call then reaches the model as an empty turn
+    ("assistant: "), with a 200 (f74f153), where the same template without that check is refused (messages hold a tool
+    call ... does not render). Asking with the call changed (another name and arguments), not left out, would tell."""
+    pub, base = served_r1
+    template = ("{%- for m in messages %}{%- if m.role == 'assistant' and not m.content and not m.tool_calls %}"
+                "{{- raise_exception('Assistant message must have content or tool calls.') }}{%- endif %}"
+                "{{- m.role + ': ' + (m.content if m.content is string else '') + '\n' }}{%- endfor %}assistant:")
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "20C"}]
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 1,
+                                                            "chat_template_kwargs": {"chat_template": template}})
+    assert code == 400 and json.loads(answer)["error"]["param"] == "messages", answer[:300]
