@@ -4134,3 +4134,24 @@ def test_serve_model_merged_refuses_tool_calls_a_template_checks_but_does_not_re
     code, answer = _request(f"{base}/v1/chat/completions", {"messages": messages, "max_tokens": 1,
                                                             "chat_template_kwargs": {"chat_template": template}})
     assert code == 400 and json.loads(answer)["error"]["param"] == "messages", answer[:300]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-3 (low): a tool schema within OpenAI's strict-mode nesting "
+                                       "(10 object levels, nullable lists) is 69 JSON levels: refused by MAX_JSON_DEPTH 64")
+def test_request_problem_takes_a_tool_schema_of_ten_nested_object_levels():
+    """MAX_JSON_DEPTH (4af1896) counts every array and object; a JSON schema spends up to 7 of them per level of
+    object nesting (properties, the property, anyOf, [0], items, anyOf, [0]: pydantic's Optional[list[Optional[Node]]]
+    inlined, as strict mode needs every property required). Ten object levels, which OpenAI's structured outputs
+    documents as its strict-mode cap, are 69 levels under `tools`: refused as "nested too deeply" (f74f153), where
+    transformers recurses ~2 frames a level and reaches its limit near 490 levels. The comment's "No request OpenAI's
+    API takes nests this deep" does not hold for schemas; a cap near 200 keeps the margin."""
+    from tasks.export import request_problem
+
+    def node(level: int) -> dict:
+        properties = {"name": {"type": "string"}}
+        if level > 1:
+            properties["children"] = {"anyOf": [{"type": "array", "items": {"anyOf": [node(level - 1), {"type": "null"}]}}, {"type": "null"}]}
+        return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+    tools = [{"type": "function", "function": {"name": "save_tree", "strict": True, "parameters": node(10)}}]
+    assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": tools}) is None
