@@ -4155,3 +4155,23 @@ def test_request_problem_takes_a_tool_schema_of_ten_nested_object_levels():
 
     tools = [{"type": "function", "function": {"name": "save_tree", "strict": True, "parameters": node(10)}}]
     assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": tools}) is None
+
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-4 (low): NaN, Infinity and 1e400 are refused in a call's "
+                                       "arguments (D6) but reach the template as they are in tools and chat_template_kwargs")
+def test_request_problem_refuses_nan_and_infinity_wherever_the_template_reads_them():
+    """FastAPI's parser (Python's json) reads NaN, Infinity and 1e400 in the body itself as floats; a field checked as
+    a number refuses them, and 57679a7/5007edd refuse them in a call's arguments because "a template's tojson rendered
+    it as Infinity". The same values in a tool's parameters (a schema's "maximum": 1e400, "default": NaN) or a
+    chat_template_kwargs value reach the template as they are, and its tojson writes NaN/Infinity, no JSON, into the
+    prompt (request_problem says nothing, f74f153). README: invalid JSON is a 400."""
+    from tasks.export import request_problem
+
+    for text, field in (('{"type": "object", "properties": {"n": {"type": "number", "maximum": 1e400}}}', "tools"),
+                        ('{"type": "object", "properties": {"n": {"type": "number", "default": NaN}}}', "tools")):
+        tools = [{"type": "function", "function": {"name": "f", "parameters": json.loads(text)}}]
+        problem = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+        assert problem is not None and problem[1].startswith(field), (text, problem)
+    problem = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}],
+                                       "chat_template_kwargs": {"budget": json.loads("Infinity")}})
+    assert problem is not None and problem[1].startswith("chat_template_kwargs"), problem
