@@ -4175,3 +4175,24 @@ def test_request_problem_refuses_nan_and_infinity_wherever_the_template_reads_th
     problem = request_problem("chat", {"messages": [{"role": "user", "content": "hi"}],
                                        "chat_template_kwargs": {"budget": json.loads("Infinity")}})
     assert problem is not None and problem[1].startswith("chat_template_kwargs"), problem
+
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-5 (low): an integer of > 4300 digits in a call's arguments "
+                                       "or generation_config is 'not valid JSON ... use sys.set_int_max_str_digits()'")
+def test_request_problem_names_an_integer_beyond_the_digit_limit_without_python_advice():
+    """a795341 (D8) says a body holding an integer of more than 4300 digits is valid JSON Python's parser will not read,
+    and what to send. The same integer in a tool call's arguments or in generation_config is "... is not valid JSON
+    (Exceeds the limit (4300 digits) for integer string conversion: value has 5001 digits; use
+    sys.set_int_max_str_digits() to increase the limit)": valid JSON called invalid, and a client told to change the
+    server's Python (f74f153). So is a presence_penalty of 10**400 "must be a number, got int 1000...": a number."""
+    from tasks.export import request_problem
+
+    big = "1" + "0" * 5000
+    user, result = {"role": "user", "content": "W?"}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": f'{{"n": {big}}}'}}
+    for body in ({"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, result]},
+                 {"messages": [user], "generation_config": f'{{"max_new_tokens": {big}}}'}):
+        message, field = request_problem("chat", body)
+        assert "set_int_max_str_digits" not in message and "not valid JSON" not in message, message
+    message, field = request_problem("chat", {"messages": [user], "presence_penalty": 10 ** 400})
+    assert "must be a number, got int" not in message, message
