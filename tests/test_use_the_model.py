@@ -4212,3 +4212,19 @@ def test_unreadable_body_says_to_send_utf_8():
     except ValueError as e:
         said = unreadable_body(e)
     assert "UTF-8" in said and "send" in said, said
+
+
+@pytest.mark.xfail(strict=True, reason="review-server4 R4-7 (low): a logit_bias token id of > 4300 digits is 'malformed "
+                                       "request: ValueError: Exceeds the limit ...', naming no field")
+def test_serve_model_merged_names_logit_bias_holding_a_token_id_beyond_the_digit_limit(served_r1):
+    """D2 (9c5df91) makes an integer too large for a float a 400 naming its field. A logit_bias key is a token id
+    written as a string of digits: request_problem takes any such string (the vocabulary is not known yet), and
+    `refusal` converts it with int(), which raises ValueError on more than 4300 digits; the answer is "malformed
+    request: ValueError: Exceeds the limit (4300 digits) for integer string conversion ...; use
+    sys.set_int_max_str_digits() to increase the limit", param null (f74f153), where a 400-digit id is named
+    ("logit_bias names token ids beyond the model's vocabulary")."""
+    pub, base = served_r1
+    for key in ("1" * 400, "1" * 5000):
+        code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                                                "logit_bias": {key: -100}})
+        assert code == 400 and json.loads(answer)["error"]["param"] == "logit_bias", (len(key), answer[:300])
