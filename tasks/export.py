@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -1168,19 +1168,60 @@ class JsonTooDeep(Exception):
     or than Python's parser goes."""
 
 
-def json_depth_beyond(value: Any, limit: int = MAX_JSON_DEPTH) -> list | None:
-    """The path (keys and indices) to the first array or object of `value` nested more than `limit` levels deep (a
-    value itself an array or object is level 1), else None. A loop, not a recursion: the value may be ~950 deep."""
-    stack = [(value, [], 1)]
+class JsonFindings(NamedTuple):
+    """What json_findings found in a JSON value: the path (keys and indices) to the first of each, else None."""
+    too_deep: list | None  # an array or object nested more than the limit's levels deep
+    surrogate: tuple[list, str, bool] | None  # (path, the text, whether it is a key of the object at the path): a lone surrogate
+    not_finite: tuple[list, float] | None  # (path, the value): NaN, Infinity or a number beyond a float (1e400)
+
+
+def json_findings(value: Any, limit: int = MAX_JSON_DEPTH, depth: int = 1) -> JsonFindings:
+    """One walk of `value` (at level `depth`: 1 for a field's value, 0 for a request body, whose fields' own values
+    are numbers checked by name) for what a chat template cannot take: arrays or objects nested more than `limit`
+    levels deep; a string, or key, that cannot be encoded as UTF-8 (JSON's "\\ud800" escape, valid JSON, reads as a
+    lone UTF-16 surrogate, which no tokenizer encodes); a float that is not finite (Python's parser reads NaN,
+    Infinity and 1e400, no JSON, and a template's tojson writes them back as such). A loop, not a recursion (the value
+    may be ~950 deep), its stack holding the arrays and objects still to read with a link to their parent, not a path
+    per value: a path was copied for every value and a 2 MB body cost ~1.2 GB and ~10 s (a review, 2026-12-07). The
+    path is built only for what is found."""
+    def path(link: tuple | None, *last) -> list:
+        keys = list(last)
+        while link is not None:
+            link, key = link
+            keys.append(key)
+        return keys[::-1]
+
+    def encodes(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    too_deep = surrogate = not_finite = None
+    if isinstance(value, str) and not encodes(value):
+        surrogate = [], value, False
+    elif isinstance(value, float) and depth > 0 and not math.isfinite(value):
+        not_finite = [], value
+    stack = [(value, depth, None)] if isinstance(value, (dict, list)) else []
     while stack:
-        node, path, depth = stack.pop()
-        if not isinstance(node, (dict, list)):
-            continue
-        if depth > limit:
-            return path
+        node, level, link = stack.pop()
+        if level > limit and too_deep is None:
+            too_deep = path(link)
+        containers = []
         items = node.items() if isinstance(node, dict) else enumerate(node)
-        stack.extend((child, [*path, key], depth + 1) for key, child in items)
-    return None
+        for key, child in items:
+            if isinstance(key, str) and surrogate is None and not key.isascii() and not encodes(key):
+                surrogate = path(link), key, True
+            if isinstance(child, (dict, list)):
+                containers.append((key, child))
+            elif isinstance(child, str):
+                if surrogate is None and not child.isascii() and not encodes(child):
+                    surrogate = path(link, key), child, False
+            elif isinstance(child, float) and level > 0 and not_finite is None and not math.isfinite(child):
+                not_finite = path(link, key), child
+        stack.extend((child, level + 1, (link, key)) for key, child in reversed(containers))
+    return JsonFindings(too_deep, surrogate, not_finite)
 
 
 def json_path(field: str, path: list, shown: int = 3) -> str:
@@ -1189,34 +1230,8 @@ def json_path(field: str, path: list, shown: int = 3) -> str:
     return field + "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path[:shown])
 
 
-def unencodable_text(value: Any) -> tuple[list, str, bool] | None:
-    """(the path to it, the text, whether it is a key of the object at that path) of the first string of `value`, or
-    key of an object in it, that cannot be encoded as UTF-8, else None: JSON's "\\ud800" escape (valid JSON) reads as
-    a lone UTF-16 surrogate, no Unicode character, which the tokenizer cannot encode. A loop, as json_depth_beyond."""
-    def encodes(text: str) -> bool:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-
-    stack = [(value, [])]
-    while stack:
-        node, path = stack.pop()
-        if isinstance(node, str) and not encodes(node):
-            return path, node, False
-        if isinstance(node, dict):
-            key = next((key for key in node if isinstance(key, str) and not encodes(key)), None)
-            if key is not None:
-                return path, key, True
-            stack.extend((child, [*path, key]) for key, child in reversed(node.items()))
-        elif isinstance(node, list):
-            stack.extend((child, [*path, i]) for i, child in reversed(list(enumerate(node))))
-    return None
-
-
 def surrogate_message(where: str, text: str, key: bool = False) -> str:
-    """What to say of `text` (at `where`, or a key of the object there) that holds a lone surrogate (unencodable_text),
+    """What to say of `text` (at `where`, or a key of the object there) that holds a lone surrogate (json_findings),
     on one line."""
     bad = next(c for c in text if 0xD800 <= ord(c) <= 0xDFFF)
     return (f"{'a key of ' if key else ''}{where} holds a lone UTF-16 surrogate (\\u{ord(bad):04x}), which is no Unicode "
@@ -1224,31 +1239,29 @@ def surrogate_message(where: str, text: str, key: bool = False) -> str:
             "surrogate pair, e.g. \\ud83d\\ude00)")
 
 
-def unencodable_text_problem(body: dict) -> tuple[str, str | None] | None:
-    """(message, field) for a request whose text (any string, or key, of any field) cannot be encoded as UTF-8, else
-    None: it was a 400 "malformed request: TypeError: TextEncodeInput must be Union[...]" naming no field (a review,
-    2026-12-07). Checked before any other problem, whose message might quote the text."""
-    found = unencodable_text(body)
-    if found is None:
+def unencodable_text_problem(found: JsonFindings) -> tuple[str, str | None] | None:
+    """(message, field) for a request (its json_findings) whose text (any string, or key, of any field) cannot be
+    encoded as UTF-8, else None: it was a 400 "malformed request: TypeError: TextEncodeInput must be Union[...]" naming
+    no field (a review, 2026-12-07). Checked before any other problem, whose message might quote the text."""
+    if found.surrogate is None:
         return None
-    path, text, key = found
+    path, text, key = found.surrogate
     if not path:  # a field's own name
         return surrogate_message("the request body", text, key=True), None
     where = json_path(str(path[0]), path[1:], 8)
     return surrogate_message(where, text, key), where
 
 
-def nested_too_deeply_problem(body: dict) -> tuple[str, str] | None:
-    """(message, field) for a request field whose value nests arrays or objects more than MAX_JSON_DEPTH levels deep,
-    else None: any field, as transformers copies messages, tools (their parameters' schemas) and chat_template_kwargs
-    recursively, and this server's own checks print a field's value (json.dumps recurses too)."""
-    for field, value in body.items():
-        path = json_depth_beyond(value)
-        if path is not None:
-            where = json_path(str(field), path)
-            return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
-                    "deep): send it flatter"), where
-    return None
+def nested_too_deeply_problem(found: JsonFindings) -> tuple[str, str] | None:
+    """(message, field) for a request (its json_findings) with a field whose value nests arrays or objects more than
+    MAX_JSON_DEPTH levels deep, else None: any field, as transformers copies messages, tools (their parameters'
+    schemas) and chat_template_kwargs recursively, and this server's own checks print a field's value (json.dumps
+    recurses too)."""
+    if found.too_deep is None:
+        return None
+    where = json_path(str(found.too_deep[0]), found.too_deep[1:])
+    return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
+            "deep): send it flatter"), where
 
 
 def strict_json(text: str) -> Any:
@@ -1272,11 +1285,12 @@ def strict_json(text: str) -> Any:
         value = json.loads(text, parse_constant=no_constant, parse_float=finite)
     except RecursionError:
         raise JsonTooDeep() from None
-    if json_depth_beyond(value) is not None:
+    found = json_findings(value)
+    if found.too_deep is not None:
         raise JsonTooDeep()
-    found = unencodable_text(value)
-    if found is not None:  # "\\ud800" is JSON's syntax, but the template's tojson writes a character no tokenizer encodes
-        raise ValueError(surrogate_message("an object in it" if found[2] else "a string in it", found[1], found[2]))
+    if found.surrogate is not None:  # "\\ud800" is JSON's syntax, but the template's tojson writes a character no tokenizer encodes
+        _, text, key = found.surrogate
+        raise ValueError(surrogate_message("an object in it" if key else "a string in it", text, key))
     return value
 
 
@@ -2202,7 +2216,8 @@ def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
-    problem = unencodable_text_problem(body) or unknown_field_problem(kind, body) or nested_too_deeply_problem(body)
+    found = json_findings(body, depth=0)  # one walk of the whole body
+    problem = unencodable_text_problem(found) or unknown_field_problem(kind, body) or nested_too_deeply_problem(found)
     if problem:
         return problem
     if kind == "chat":
