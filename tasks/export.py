@@ -1159,8 +1159,10 @@ JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool
 # Arrays or objects inside each other, at most, in a request's JSON (a field's value, a tool call's arguments). Python's
 # parser reads ~950 levels, but transformers copies each message, tool and template argument recursively before
 # rendering (_message_objects_to_dicts, _plain_template_data: two frames a level) and raised RecursionError from ~490
-# levels, a 500 with a ~3000-line traceback (a review, 2026-12-07). No request OpenAI's API takes nests this deep.
-MAX_JSON_DEPTH = 64
+# levels, a 500 with a ~3000-line traceback (a review, 2026-12-07). Not 64: a JSON schema spends up to 7 levels per
+# level of object nesting (properties, the property, anyOf, [0], items, anyOf, [0]), and a strict tool schema of 10
+# object levels (OpenAI's strict-mode cap) is 69 levels under `tools` (a review, 2026-12-07); 200 keeps that margin.
+MAX_JSON_DEPTH = 200
 
 
 class JsonTooDeep(Exception):

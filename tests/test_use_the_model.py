@@ -4134,8 +4134,6 @@ def test_serve_model_merged_refuses_tool_calls_a_template_checks_but_does_not_re
     assert code == 400 and json.loads(answer)["error"]["param"] == "messages", answer[:300]
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-3 (low): a tool schema within OpenAI's strict-mode nesting "
-                                       "(10 object levels, nullable lists) is 69 JSON levels: refused by MAX_JSON_DEPTH 64")
 def test_request_problem_takes_a_tool_schema_of_ten_nested_object_levels():
     """MAX_JSON_DEPTH (4af1896) counts every array and object; a JSON schema spends up to 7 of them per level of
     object nesting (properties, the property, anyOf, [0], items, anyOf, [0]: pydantic's Optional[list[Optional[Node]]]
