@@ -1866,11 +1866,27 @@ class ToolsNotRendered(Exception):
         self.param = param
 
 
-def without_tool_calls(messages: list[dict]) -> list[dict]:
-    """`messages` with each turn's tool calls left out, as transformers serve reads such a turn (its content is
-    ignored beside tool calls): what the chat template renders when it does not read tool calls."""
-    return [{k: v for k, v in m.items() if k != "tool_calls"} | {"content": None} if isinstance(m, dict) and m.get("tool_calls") else m
-            for m in messages]
+# What render_messages asks the chat template with in place of a request's tool calls and tools: another call, another
+# tool. A template that renders them renders these otherwise; one that does not renders the same prompt.
+CHANGED_CALL = {"name": "zz_changed_call", "arguments": {"zz_changed_argument": "zz changed value"}}
+SENTINEL_TOOLS = [{"type": "function", "function": {"name": "zz_sentinel_tool", "description": "zz sentinel tool",
+                                                     "parameters": {"type": "object", "properties": {"zz_sentinel_argument": {"type": "string"}}}}}]
+
+
+def with_tool_calls_changed(messages: list[dict]) -> list[dict]:
+    """`messages` with each turn's tool calls changed to another call (CHANGED_CALL's name and arguments; the call's
+    id kept, which templates check the form of): a template that renders tool calls renders another prompt, one that
+    does not renders the same. Not left out: a template may read tool_calls only to refuse a turn without them
+    (Mistral's) and render the content alone, which read as rendering them (a review, 2026-12-07)."""
+    def changed(call: Any) -> Any:
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            return call
+        arguments = CHANGED_CALL["arguments"]
+        return {**call, "function": {**call["function"], "name": CHANGED_CALL["name"],
+                                     "arguments": json.dumps(arguments) if isinstance(call["function"].get("arguments"), str) else arguments}}
+
+    return [{**m, "tool_calls": [changed(c) for c in m["tool_calls"]]} if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+            and m["tool_calls"] else m for m in messages]
 
 
 def _token_list(inputs) -> list:
@@ -3088,21 +3104,22 @@ def answer_as_openai_does() -> None:
             model was asked to answer with no tool to call, with a 200 (a review, 2026-12-06)."""
             inputs = render(self, engine, messages, body)
 
-            def same_prompt(left_out: list[dict], left_out_body: dict) -> bool:
-                """Whether the request rendered without its tools (or its tool calls) is the same prompt. A template
-                that refuses that rendering reads what was left out: Mistral's (mistral-common's) refuses an assistant
-                turn with neither content nor tool calls ("Assistant message must have ... a list of tool calls"),
-                and every tool-using follow-up turn was refused as the request's own failure (a review, 2026-12-07)."""
+            def same_prompt(changed: list[dict], changed_body: dict) -> bool:
+                """Whether the request rendered with its tools (or its tool calls) changed to others is the same
+                prompt: the template does not render them. Changed, not left out: a template may read what is left
+                out only to refuse a rendering without it (Mistral's refuses an assistant turn with neither content
+                nor tool calls) and render something else (a review, 2026-12-07). A template that refuses the changed
+                rendering is taken as rendering them."""
                 try:
-                    return _token_list(inputs) == _token_list(render(self, engine, left_out, left_out_body))
+                    return _token_list(inputs) == _token_list(render(self, engine, changed, changed_body))
                 except Exception:
                     return False
 
-            if body.get("tools") and same_prompt(messages, {**body, "tools": None}):
+            if body.get("tools") and same_prompt(messages, {**body, "tools": SENTINEL_TOOLS}):
                 raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
-                                       "the same without them), so the model would never see them; leave tools out, or "
+                                       "the same with other tools), so the model would never see them; leave tools out, or "
                                        "serve a model whose chat template renders tools")
-            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and same_prompt(without_tool_calls(messages), body):
+            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and same_prompt(with_tool_calls_changed(messages), body):
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"

@@ -3957,7 +3957,7 @@ def test_request_problem_names_a_number_field_holding_an_integer_too_large_for_a
 
 def test_serve_model_merged_answers_a_tool_call_history_a_template_refuses_without_its_calls(served_r1):
     """render_messages checks that the chat template renders a history's tool calls by rendering the messages again
-    without them (without_tool_calls: the assistant turn's content empty, no tool_calls). Mistral's published chat
+    without them (then; with_tool_calls_changed now changes each call instead). Mistral's published chat
     templates (mistral-common's, e.g. Ministral-3 and Mistral-Small-3) refuse exactly that turn: "Assistant message
     must have a string or a list of chunks in content or a list of tool calls." So the second turn of every tool-using
     conversation with such a model, which its template renders, was refused as "the model's chat template refused
@@ -4114,8 +4114,6 @@ def test_request_problem_reads_a_large_body_in_memory_proportional_to_it():
     assert peak < 40 * len(raw), f"{peak / 1e6:.1f} MB peak for a {len(raw) / 1e6:.1f} MB body"
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-2 (medium): a template that checks tool_calls but renders "
-                                       "none is taken as rendering them (same_prompt's except Exception), with a 200")
 def test_serve_model_merged_refuses_tool_calls_a_template_checks_but_does_not_render(served_r1):
     """889b954 reads any exception of the rendering without tool calls as "the template renders them" (same_prompt's
     `except Exception: return False`). A template may read tool_calls only to refuse an empty assistant turn, as
