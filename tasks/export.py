@@ -1266,6 +1266,21 @@ def nested_too_deeply_problem(found: JsonFindings) -> tuple[str, str] | None:
             "deep): send it flatter"), where
 
 
+def not_finite_problem(found: JsonFindings) -> tuple[str, str] | None:
+    """(message, field) for a request (its json_findings) holding NaN, Infinity or a number beyond a float (1e400,
+    read as Infinity) inside a field's value, else None. FastAPI's parser (Python's json) reads them in the body
+    itself; in a tool's parameters or a chat_template_kwargs value they reached the template as they were and its
+    tojson wrote NaN/Infinity, no JSON, into the prompt (a review, 2026-12-07), where a call's arguments refuse them
+    (strict_json). A field's own value is a number checked by name."""
+    if found.not_finite is None:
+        return None
+    path, value = found.not_finite
+    where = json_path(str(path[0]), path[1:], 8)
+    read = "NaN" if math.isnan(value) else f"{'-' if value < 0 else ''}Infinity (or a number beyond a 64-bit float's range, e.g. 1e400)"
+    return (f"{where} holds {read}, which JSON has no value for (the chat template would write it into the prompt as "
+            "such): send a finite number, or null"), where
+
+
 def strict_json(text: str) -> Any:
     """`text` parsed as JSON (RFC 8259) is. Python's json also takes NaN, Infinity and -Infinity, which are no JSON:
     '{"a": NaN}' was taken as a call's arguments (a review, 2026-12-07); they are a ValueError here, as any text that
@@ -2235,7 +2250,8 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
     found = json_findings(body, depth=0)  # one walk of the whole body
-    problem = unencodable_text_problem(found) or unknown_field_problem(kind, body) or nested_too_deeply_problem(found)
+    problem = unencodable_text_problem(found) or unknown_field_problem(kind, body) or nested_too_deeply_problem(found) or \
+        not_finite_problem(found)
     if problem:
         return problem
     if kind == "chat":

@@ -4151,8 +4151,6 @@ def test_request_problem_takes_a_tool_schema_of_ten_nested_object_levels():
     assert request_problem("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": tools}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-4 (low): NaN, Infinity and 1e400 are refused in a call's "
-                                       "arguments (D6) but reach the template as they are in tools and chat_template_kwargs")
 def test_request_problem_refuses_nan_and_infinity_wherever_the_template_reads_them():
     """FastAPI's parser (Python's json) reads NaN, Infinity and 1e400 in the body itself as floats; a field checked as
     a number refuses them, and 57679a7/5007edd refuse them in a call's arguments because "a template's tojson rendered
