@@ -1052,6 +1052,9 @@ def unreadable_body(cause: BaseException | None) -> str | None:
     if isinstance(cause, ValueError) and "int_max_str_digits" in str(cause):
         return (f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits, which Python's "
                 "JSON parser does not read: send a shorter number")
+    if isinstance(cause, UnicodeDecodeError):  # a Latin-1 "café": the codec's reason alone said no fix (a review, 2026-12-07)
+        return (f"the request body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position {cause.start} is "
+                "no UTF-8): send it encoded as UTF-8, as JSON must be")
     if cause is not None:
         text = str(cause).strip()
         return f"the request body cannot be read: {type(cause).__name__}" + (f": {text.splitlines()[0]}" if text else "")

@@ -3931,7 +3931,9 @@ def test_unreadable_body_says_why_python_s_json_parser_would_not_read_a_body():
     assert "nested too deeply" in unreadable_body(cause("[" * 5000 + "]" * 5000))
     assert "digits" in unreadable_body(cause("1" + "0" * 5000))
     said = unreadable_body(cause(b'"\xff"'))
-    assert said.startswith("the request body cannot be read: UnicodeDecodeError") and "\n" not in said, said
+    assert said.startswith("the request body is not UTF-8 text") and "0xff" in said and "\n" not in said, said
+    said = unreadable_body(TypeError("an odd failure\nof the parser"))  # any other: its own first line
+    assert said == "the request body cannot be read: TypeError: an odd failure", said
     assert unreadable_body(None) is None
 
 
@@ -4190,8 +4192,6 @@ def test_request_problem_names_an_integer_beyond_the_digit_limit_without_python_
     assert "must be a number, got int" not in message, message
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-6 (low): a body not encoded as UTF-8 says the codec's error "
-                                       "but not what to send")
 def test_unreadable_body_says_to_send_utf_8():
     """a795341's unreadable_body passes any other parser error through as its first line: a Latin-1 body ("café" as
     byte 0xe9) is "the request body cannot be read: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9 in
