@@ -2249,6 +2249,9 @@ def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
             f"and seed); check its spelling, or leave {field} out" + (f" (also unknown: {', '.join(unknown[1:4])})" if unknown[1:] else "")), field
 
 
+MAX_TOKEN_ID_DIGITS = 10  # a logit_bias key's digits, at most: no vocabulary has 10**10 tokens
+
+
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
@@ -2293,6 +2296,10 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     if bias is not None and not (isinstance(bias, dict) and all(_number(v) and -MAX_BIAS <= v <= MAX_BIAS and
                                                                str(k).isascii() and str(k).isdigit() for k, v in bias.items())):
         return f"logit_bias must map token ids to numbers from -{MAX_BIAS} to {MAX_BIAS}, e.g. {{\"42\": -100}}", "logit_bias"
+    long = next((str(k) for k in bias or {} if len(str(k)) > MAX_TOKEN_ID_DIGITS), None)
+    if long is not None:  # int() of more than 4300 digits raised in `refusal`: "malformed request: ValueError", no field named
+        return (f"logit_bias names token id {long[:20]}... ({len(long)} digits), beyond any model's vocabulary: send the "
+                f"ids of tokens of this model's vocabulary (at most {MAX_TOKEN_ID_DIGITS} digits)"), "logit_bias"
     temperature = body.get("temperature")  # 0: greedy; a number as ALLOWED_SETTINGS' temperature else
     if temperature is not None and not (_number(temperature) and (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)):
         return (f"temperature must be 0 (greedy) or a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE}, "

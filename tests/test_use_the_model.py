@@ -4206,8 +4206,6 @@ def test_unreadable_body_says_to_send_utf_8():
     assert "UTF-8" in said and "send" in said, said
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-7 (low): a logit_bias token id of > 4300 digits is 'malformed "
-                                       "request: ValueError: Exceeds the limit ...', naming no field")
 def test_serve_model_merged_names_logit_bias_holding_a_token_id_beyond_the_digit_limit(served_r1):
     """D2 (9c5df91) makes an integer too large for a float a 400 naming its field. A logit_bias key is a token id
     written as a string of digits: request_problem takes any such string (the vocabulary is not known yet), and
