@@ -1143,6 +1143,8 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
                 f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
     try:
         value = strict_json(arguments)
+    except JsonNumberTooLong as e:
+        return f"{where}: {e}", where
     except ValueError as e:
         return f"{where} is not valid JSON ({json_error(e)}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
     except JsonTooDeep:
@@ -1166,6 +1168,11 @@ JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool
 # level of object nesting (properties, the property, anyOf, [0], items, anyOf, [0]), and a strict tool schema of 10
 # object levels (OpenAI's strict-mode cap) is 69 levels under `tools` (a review, 2026-12-07); 200 keeps that margin.
 MAX_JSON_DEPTH = 200
+
+
+class JsonNumberTooLong(ValueError):
+    """A request's JSON text holding an integer of more digits than Python's int() converts (sys.get_int_max_str_digits):
+    valid JSON, which Python's parser does not read."""
 
 
 class JsonTooDeep(Exception):
@@ -1301,8 +1308,17 @@ def strict_json(text: str) -> Any:
                              f"{'-' if value < 0 else ''}Infinity, which JSON has no value for; send a smaller number")
         return value
 
+    def integer(digits: str) -> int:
+        # int() raised "Exceeds the limit (4300 digits) ...; use sys.set_int_max_str_digits()": valid JSON called
+        # invalid, with advice for the server's Python (a review, 2026-12-07)
+        limit = sys.get_int_max_str_digits()
+        if limit and len(digits.lstrip("-")) > limit:
+            raise JsonNumberTooLong(f"it holds an integer of {len(digits.lstrip('-'))} digits, more than the {limit} this "
+                                    "server's JSON parser reads: send a shorter number")
+        return int(digits)
+
     try:
-        value = json.loads(text, parse_constant=no_constant, parse_float=finite)
+        value = json.loads(text, parse_constant=no_constant, parse_float=finite, parse_int=integer)
     except RecursionError:
         raise JsonTooDeep() from None
     found = json_findings(value)
@@ -2152,6 +2168,14 @@ def chat_template_kwargs_problem(kwargs: Any) -> tuple[str, str] | None:
             f"{fix}" + (f" (also set by the server: {', '.join(clash[1:])})" if clash[1:] else "")), f"chat_template_kwargs.{key}"
 
 
+def shown_value(value: Any) -> str:
+    """`value`'s JSON type and its start, for a message; an integer beyond a float (10**400), which a number field
+    refuses, as its size: "must be a number, got int 1000..." read as refusing a number (a review, 2026-12-07)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not _number(value):
+        return f"an integer of {len(str(abs(value)))} digits, beyond what a 64-bit float holds"
+    return f"{type(value).__name__} {json.dumps(value)[:60]}"
+
+
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a field this server cannot honour (IGNORED_FIELDS) sent with a value of another type than
     OpenAI's API gives it, or one that asks for another answer than the one served, else None."""
@@ -2167,7 +2191,7 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if value is None:
             continue
         if not spec.typed(value, body):
-            return f"{field} must be {spec.expected}, got {type(value).__name__} {json.dumps(value)[:60]}", field
+            return f"{field} must be {spec.expected}, got {shown_value(value)}", field
         if not spec.as_answered(value, body):
             why = spec.why or f"this server (transformers serve) ignores {field} and would answer plain text as if it were not sent"
             return f"{field} {json.dumps(value)[:60]} is not supported: {why}; leave {field} out, or send {spec.answered}", field

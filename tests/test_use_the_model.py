@@ -4171,8 +4171,6 @@ def test_request_problem_refuses_nan_and_infinity_wherever_the_template_reads_th
     assert problem is not None and problem[1].startswith("chat_template_kwargs"), problem
 
 
-@pytest.mark.xfail(strict=True, reason="review-server4 R4-5 (low): an integer of > 4300 digits in a call's arguments "
-                                       "or generation_config is 'not valid JSON ... use sys.set_int_max_str_digits()'")
 def test_request_problem_names_an_integer_beyond_the_digit_limit_without_python_advice():
     """a795341 (D8) says a body holding an integer of more than 4300 digits is valid JSON Python's parser will not read,
     and what to send. The same integer in a tool call's arguments or in generation_config is "... is not valid JSON
