@@ -4092,7 +4092,7 @@ def test_serve_model_merged_says_why_a_request_body_that_is_valid_json_cannot_be
 
 
 # A fifth review of serve-model (2026-12-07, review-server4) of 9c5df91..f74f153 (review-server3's fixes): defects
-# found (R4-1 ...), each shown by a test that fails on f74f153, marked xfail strict until its fix.
+# found (R4-1 ... R4-7), each shown by a test that fails on f74f153; all fixed on server-fixes-5 (no xfail mark left).
 
 def test_request_problem_reads_a_large_body_in_memory_proportional_to_it():
     """unencodable_text and json_depth_beyond (4af1896, 13716ea) walk every value of the body and push each with its own
