@@ -1128,7 +1128,7 @@ def message_problem(message: dict, i: int) -> tuple[str, str] | None:
             return problem[0], f"messages[{i}].function_call"
         if not shaped:
             return (f"messages[{i}].function_call must be an assistant turn's {{\"name\": ..., \"arguments\": \"<JSON>\"}} "
-                    f"(arguments a string of a JSON object), got {json.dumps(call)[:60]}"), f"messages[{i}].function_call"
+                    f"(arguments a string of a JSON object), got {preview(call, 60)}"), f"messages[{i}].function_call"
     return None if content == [] else content_problem(content, f"messages[{i}].content", role)
 
 
@@ -1140,7 +1140,7 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
         return None
     if not isinstance(arguments, str):
         return (f"{where} must be a string holding JSON, e.g. {json.dumps(json.dumps({'city': 'Paris'}))}, got "
-                f"{type(arguments).__name__} {json.dumps(arguments)[:40]}"), where
+                f"{type(arguments).__name__} {preview(arguments, 40)}"), where
     try:
         value = strict_json(arguments)
     except JsonNumberTooLong as e:
@@ -1354,12 +1354,12 @@ def tool_calls_problem(calls: Any, where: str) -> tuple[str, str] | None:
     name and arguments as a string of JSON, else None: serve indexed and parsed them as they came (a KeyError or a
     JSONDecodeError, a 400 naming nothing)."""
     if not isinstance(calls, list):
-        return f"{where} must be a list of tool calls, got {type(calls).__name__} {json.dumps(calls)[:40]}", where
+        return f"{where} must be a list of tool calls, got {type(calls).__name__} {preview(calls, 40)}", where
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             return (f"{where}[{j}].function must be {{\"name\": ..., \"arguments\": \"<JSON>\"}} (a tool call is {{\"id\": ..., "
-                    f"\"type\": \"function\", \"function\": ...}}), got {json.dumps(call)[:60]}"), f"{where}[{j}].function"
+                    f"\"type\": \"function\", \"function\": ...}}), got {preview(call, 60)}"), f"{where}[{j}].function"
         problem = arguments_problem(function.get("arguments"), f"{where}[{j}].function.arguments")
         if problem:
             return problem
@@ -1856,7 +1856,7 @@ def setting_problem(name: str, value: Any, limits: ModelLimits = ModelLimits()) 
         return None
     vocab = f" (the vocabulary has {limits.vocab} tokens, ids 0 to {limits.vocab - 1})" if limits.vocab and "token id" in want else ""
     context = f" ({limits.context} tokens)" if limits.context and "model's context" in want else ""
-    return f"generation_config's {name} must be {want}{vocab}{context}, got {json.dumps(value)[:60]}"
+    return f"generation_config's {name} must be {want}{vocab}{context}, got {preview(value, 60)}"
 
 
 def merged_settings_problem(model_defaults, settings, asked: dict) -> str | None:
@@ -2099,11 +2099,11 @@ def tools_problem(kind: str, tools: Any, shown: bool = True) -> tuple[str, str] 
     if tools is None:
         return None
     if not isinstance(tools, list):
-        return f"tools must be a list of function tools, got {type(tools).__name__} {json.dumps(tools)[:40]}", "tools"
+        return f"tools must be a list of function tools, got {type(tools).__name__} {preview(tools, 40)}", "tools"
     if not shown:
         bad = next((i for i, tool in enumerate(tools) if not (isinstance(tool, dict) and isinstance(tool.get("type"), str))), None)
         return None if bad is None else (f"tools[{bad}] must be a tool with a \"type\", e.g. {{\"type\": \"function\", ...}}, "
-                                         f"got {json.dumps(tools[bad])[:60]}", f"tools[{bad}]")
+                                         f"got {preview(tools[bad], 60)}", f"tools[{bad}]")
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         named = isinstance(function, dict) and isinstance(function.get("name"), str)
@@ -2112,7 +2112,7 @@ def tools_problem(kind: str, tools: Any, shown: bool = True) -> tuple[str, str] 
             example = ('{"type": "function", "name": "get_weather", "parameters": {...}}' if kind == "response" else
                        '{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}')
             return (f"tools[{i}] must be a function tool with a name, e.g. {example} (this server runs function tools "
-                    f"only), got {json.dumps(tool)[:60]}"), f"tools[{i}]"
+                    f"only), got {preview(tool, 60)}"), f"tools[{i}]"
     return None
 
 
@@ -2173,7 +2173,7 @@ def shown_value(value: Any) -> str:
     refuses, as its size: "must be a number, got int 1000..." read as refusing a number (a review, 2026-12-07)."""
     if isinstance(value, int) and not isinstance(value, bool) and not _number(value):
         return f"an integer of {len(str(abs(value)))} digits, beyond what a 64-bit float holds"
-    return f"{type(value).__name__} {json.dumps(value)[:60]}"
+    return f"{type(value).__name__} {preview(value, 60)}"
 
 
 def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
@@ -2182,7 +2182,7 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
     for field, (expected, kind_of) in FIELD_TYPES.items():
         value = body.get(field)
         if value is not None and (not isinstance(value, kind_of) or (kind_of is not bool and isinstance(value, bool))):
-            return f"{field} must be {expected}, got {type(value).__name__} {json.dumps(value)[:60]}", field
+            return f"{field} must be {expected}, got {type(value).__name__} {preview(value, 60)}", field
     problem = chat_template_kwargs_problem(body.get("chat_template_kwargs"))
     if problem:
         return problem
@@ -2194,7 +2194,7 @@ def ignored_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
             return f"{field} must be {spec.expected}, got {shown_value(value)}", field
         if not spec.as_answered(value, body):
             why = spec.why or f"this server (transformers serve) ignores {field} and would answer plain text as if it were not sent"
-            return f"{field} {json.dumps(value)[:60]} is not supported: {why}; leave {field} out, or send {spec.answered}", field
+            return f"{field} {preview(value, 60)} is not supported: {why}; leave {field} out, or send {spec.answered}", field
     return None
 
 
@@ -2476,6 +2476,19 @@ def cached_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source)
+
+
+def preview(value: Any, limit: int) -> str:
+    """The first `limit` characters of `value` (a request's, so JSON) as JSON, for an error message: encoded lazily and
+    no further than that. json.dumps(value)[:limit] encoded all of it first: a 2 MB field of the wrong type held ~100 MB
+    for a 60-character message (a review, 2026-12-07)."""
+    text, size = [], 0
+    for chunk in json.JSONEncoder().iterencode(value):
+        text.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return "".join(text)[:limit]
 
 
 def setting(gen, name: str):

@@ -4216,3 +4216,22 @@ def test_serve_model_merged_names_logit_bias_holding_a_token_id_beyond_the_digit
         code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                                                                 "logit_bias": {key: -100}})
         assert code == 400 and json.loads(answer)["error"]["param"] == "logit_bias", (len(key), answer[:300])
+
+
+def test_an_error_message_quoting_a_huge_field_encodes_only_what_it_shows():
+    """A field of the wrong type is quoted in its 400 by its first 60 characters of JSON; json.dumps(value)[:60] encoded
+    the whole value first, so a 2 MB `metadata` list held ~100 MB for the message (server5's report, 2026-12-07).
+    `preview` encodes no further than it shows: the peak here is a few KB for a million-element list (its JSON 3 MB)."""
+    import tracemalloc
+
+    from tasks.export import preview
+
+    value = [0] * 1_000_000
+    tracemalloc.start()
+    try:
+        shown = preview(value, 60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert shown == json.dumps(value)[:60] and peak < 100_000, peak
+    assert preview({"a": [1, "b"]}, 60) == json.dumps({"a": [1, "b"]}) and preview("x" * 99, 40) == json.dumps("x" * 99)[:40]
