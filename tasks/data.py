@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from . import constraints, instructions, sources
 from .common import (COMPLETE, StageError, building, cached_sha256, changed_file, complete_record, file_sha256, fingerprint, folder_fingerprint, is_complete, json_msg, locked,
-                     maybe_fault, prune_memos_when_due, prune_render_memos, read_json, remember, render_memo_dir, stage_dir, used_memo,
+                     maybe_fault, prune_memos_when_due, prune_render_memos, remember, render_memo_dir, stage_dir, used_memo,
                      write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,

@@ -512,7 +512,6 @@ def test_the_rendering_memos_unused_for_a_month_are_pruned_at_most_once_a_day_wh
     rendering memo names nothing that can be checked (its name is a hash of what it was rendered under), so what goes is
     a memo unused for RENDER_MEMO_UNUSED_S (a use marks it, at most once a day), and temp files of cut-off writes, when a
     new rendering is remembered and the last prune of the folder is a day old, as the sha256 memos are pruned."""
-    from tasks import common
     from tasks import data as data_mod
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
