@@ -305,12 +305,12 @@ def test_the_probe_stages_log_line_and_artifact_say_compiled(tiny_cfg, tiny_data
     trials = [{"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": False,
                "compile_layers": True, "compile_seconds": 71.3, "compile_graphs": 2, "compile_graphs_in_steps": 0, "s_per_step": 3.2,
                "peak_mem_gb": 7.9, "fits": True}]
-    rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=80, save_seconds=0.5,
+    rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=80, save_seconds=0.5, final_save_seconds=0.5,
                       fixed_seconds=82, s_per_step=3.2, tokens_per_step=32768, tokens_per_s=10240, peak_mem_gb=7.9, max_steps=1099,
                       micro_batch_size=4, grad_accum=4, gradient_checkpointing=True, engine="fused", trials=trials, compile_layers=True,
                       compile_seconds=71.3)
     logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
-    assert logs[-1].endswith("-> max_steps 1099 at micro-batch 4 x accum 4, decoder layers compiled (71 s, in the fixed cost)")
+    assert logs[-1].endswith("-> max_steps 1099 (where training ends nearest the budget) at micro-batch 4 x accum 4, decoder layers compiled (71 s, in the fixed cost)")
     md = artifacts[0]["markdown"]
     assert "| offloaded | compiled | s/step |" in md and "| 4 | 4 | True | 0 | False | True | 3.2 | 7.9 | True  |" in md
     logs, _ = run_probe_stage(monkeypatch, rec.model_copy(update={"compile_layers": False}), tiny_cfg, tiny_data)

@@ -448,11 +448,11 @@ def test_the_probe_stages_log_line_and_artifact_say_offload(tiny_cfg, tiny_data,
                "fits": False, "error": "out of memory"},
               {"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "recompute_free_layers": 0, "offload_activations": True,
                "s_per_step": 3.06, "peak_mem_gb": 15.9, "fits": True}]
-    rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=1, save_seconds=0.5,
+    rec = ProbeRecord(key="k", dir=".", device="cuda", hardware="cuda:H200", budget_seconds=3600, load_seconds=1, save_seconds=0.5, final_save_seconds=0.5,
                       fixed_seconds=4, s_per_step=3.06, tokens_per_step=16384, tokens_per_s=5354, peak_mem_gb=15.9, max_steps=1175,
                       micro_batch_size=4, grad_accum=4, gradient_checkpointing=True, engine="fused", trials=trials, offload_activations=True)
     logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
-    assert logs[-1].endswith("-> max_steps 1175 at micro-batch 4 x accum 4, checkpointed activations offloaded to host memory")
+    assert logs[-1].endswith("-> max_steps 1175 (where training ends nearest the budget) at micro-batch 4 x accum 4, checkpointed activations offloaded to host memory")
     (art,) = artifacts
     md = art["markdown"]
     assert "peak 15.90 GB; checkpointed activations offloaded to host memory." in md
