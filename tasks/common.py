@@ -21,7 +21,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,24 +206,11 @@ def used_memo(memo: Path) -> None:
 def prune_render_memos(memos: Path, now: float | None = None) -> int:
     """Remove the rendering memos of `memos` (`render_memo_dir`) unused for RENDER_MEMO_UNUSED_S (`used_memo`), and temp
     files of writes cut off, older than MEMO_PRUNE_GRACE_S. The number removed. Never raises: a memo only saves work."""
-    now = time.time() if now is None else now
-    removed = 0
-    try:
-        entries = list(os.scandir(memos))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-            if (re.fullmatch(r"[0-9a-f]{32}", entry.name) and age > RENDER_MEMO_UNUSED_S
-                    or entry.name.startswith("tmp") and age > MEMO_PRUNE_GRACE_S):  # `remember`'s temp file, left by a cut-off write
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
-    return removed
+    def stale(entry: os.DirEntry, age: float) -> bool:
+        return (re.fullmatch(r"[0-9a-f]{32}", entry.name) is not None and age > RENDER_MEMO_UNUSED_S
+                or entry.name.startswith("tmp") and age > MEMO_PRUNE_GRACE_S)  # `remember`'s temp file, left by a cut-off write
+
+    return _prune_files(memos, stale, now)
 
 
 def prune_hash_memos(memos: Path, now: float | None = None) -> int:
@@ -232,6 +219,19 @@ def prune_hash_memos(memos: Path, now: float | None = None) -> int:
     is found by the hash of that stamp, so it could never be read again); those that name no file (written before memos
     did) older than MEMO_UNTOLD_MAX_AGE_S; and temp files of writes cut off. The number removed. Never raises: a memo
     only saves work, and one removed costs at most a file's hash."""
+    def stale(entry: os.DirEntry, age: float) -> bool:
+        if age < MEMO_PRUNE_GRACE_S:
+            return False
+        if re.fullmatch(r"[0-9a-f]{32}", entry.name):
+            return _memo_stale(Path(entry.path), age)
+        return entry.name.startswith("tmp")  # `remember`'s temp file, left by a write that was cut off
+
+    return _prune_files(memos, stale, now)
+
+
+def _prune_files(memos: Path, stale: Callable[[os.DirEntry, float], bool], now: float | None) -> int:
+    """Remove each plain file of the folder `memos` that `stale(entry, age in seconds at `now`)` says should go; the
+    number removed. Never raises: a file that cannot be read or removed is left (a memo only saves work)."""
     now = time.time() if now is None else now
     removed = 0
     try:
@@ -240,14 +240,7 @@ def prune_hash_memos(memos: Path, now: float | None = None) -> int:
         return 0
     for entry in entries:
         try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
-            if age < MEMO_PRUNE_GRACE_S or not entry.is_file(follow_symlinks=False):
-                continue
-            if re.fullmatch(r"[0-9a-f]{32}", entry.name):
-                stale = _memo_stale(Path(entry.path), age)
-            else:
-                stale = entry.name.startswith("tmp")  # `remember`'s temp file, left by a write that was cut off
-            if stale:
+            if entry.is_file(follow_symlinks=False) and stale(entry, now - entry.stat(follow_symlinks=False).st_mtime):
                 os.unlink(entry.path)
                 removed += 1
         except OSError:
