@@ -1965,18 +1965,25 @@ def test_a_ctrl_c_as_a_sigterm_is_passed_on_still_passes_it_on(monkeypatch, tmp_
     assert AT_ONCE in logs, logs
 
 
-# torchrun whose ranks, told to stop, report: rank 0 the stop, rank 1 a crash of its own meanwhile; then exit 1
-_TORCHRUN_A_RANK_CRASHES_AS_IT_STOPS = """import json, signal, sys, time
+def _torchrun_whose_ranks_report(records: list[tuple[int, str, str]]) -> str:
+    """A torchrun stand-in (its program's text) that, told to stop (SIGINT or SIGTERM), writes each (rank, exception
+    type, message) of `records` as that rank's error record and exits 1, no failure summary (torchrun's own stop)."""
+    return f"""import json, signal, sys, time
 def stop(signum, frame):
-    for rank, kind, message in [(0, "TrainingStopped", "training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it"),
-                                (1, "RuntimeError", "CUDA error: an illegal memory access was encountered")]:
-        open(f"{sys.argv[2]}/error-train-rank{rank}.json", "w").write(json.dumps({"rank": rank, "type": kind, "message": message}))
+    for rank, kind, message in {records!r}:
+        open(f"{{sys.argv[2]}}/error-train-rank{{rank}}.json", "w").write(json.dumps({{"rank": rank, "type": kind, "message": message}}))
     sys.exit(1)
 for s in (signal.SIGINT, signal.SIGTERM):
     signal.signal(s, stop)
 print("ready", flush=True)
 time.sleep(600)
 """
+
+
+_SAVED_AT_STEP_3 = "training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it"
+# torchrun whose ranks, told to stop, report: rank 0 the stop, rank 1 a crash of its own meanwhile; then exit 1
+_TORCHRUN_A_RANK_CRASHES_AS_IT_STOPS = _torchrun_whose_ranks_report(
+    [(0, "TrainingStopped", _SAVED_AT_STEP_3), (1, "RuntimeError", "CUDA error: an illegal memory access was encountered")])
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
@@ -2043,17 +2050,8 @@ def test_a_ctrl_c_after_torchrun_failed_but_before_the_stage_saw_it_end_reports_
 
 # torchrun whose ranks, told to stop, report in the other rank order: rank 0 the stop before a checkpoint
 # (KeyboardInterrupt), rank 1 the stop after one (TrainingStopped); then exit 1, no failure summary (torchrun's own stop)
-_TORCHRUN_RANK_0_STOPPED_UNSAVED = """import json, signal, sys, time
-def stop(signum, frame):
-    for rank, kind, message in [(0, "KeyboardInterrupt", "training interrupted before a checkpoint was saved"),
-                                (1, "TrainingStopped", "training stopped by a signal at step 3, checkpoint-3 saved; rerun the same command to resume from it")]:
-        open(f"{sys.argv[2]}/error-train-rank{rank}.json", "w").write(json.dumps({"rank": rank, "type": kind, "message": message}))
-    sys.exit(1)
-for s in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(s, stop)
-print("ready", flush=True)
-time.sleep(600)
-"""
+_TORCHRUN_RANK_0_STOPPED_UNSAVED = _torchrun_whose_ranks_report(
+    [(0, "KeyboardInterrupt", "training interrupted before a checkpoint was saved"), (1, "TrainingStopped", _SAVED_AT_STEP_3)])
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
