@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks.benchmarks import subset_indices
 from tasks.config import load_config
 from tasks.data import load_dataset_records
-from tasks.evaluate import benchmark_conversation, load_suites, reference_nll, run_benchmark
+from tasks.evaluate import load_suites, reference_nll, run_benchmark
 from tasks.models import load_base_model, load_tokenizer, resolve_model
 
 

@@ -10,7 +10,6 @@ Prints one JSON line per variant: seconds to load, and whether both produce the 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path

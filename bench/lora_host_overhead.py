@@ -8,7 +8,6 @@ step pays on its launching thread (docs/PERF_NOTES.md, the idle-time diagnosis).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -19,7 +19,7 @@ from uuid import uuid4
 import pytest
 import yaml
 
-from prefect_local import PREFECT, ROOT, TERMINAL as TERMINAL_STATES, Serve, stop_process
+from prefect_local import PREFECT, ROOT, Serve, stop_process
 
 STAGE_TASKS = ["1-data", "2-profile", "3-probe", "4-train", "5-evaluate", "6-merge", "7-publish", "8-export"]
 

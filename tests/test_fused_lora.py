@@ -29,7 +29,6 @@ import torch
 
 from tasks.engine import lora as lora_mod
 from tasks.engine.lora import (
-    PHILOX_ROUNDS,
     STORED,
     LoraA,
     LoraAInMatmul,

@@ -5,7 +5,6 @@ no-op on the CPU. The GPU's numbers come from bench/gpu_bench.py (`--runs fused,
 
 from __future__ import annotations
 
-from unittest import mock
 
 import pytest
 import torch
