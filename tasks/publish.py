@@ -146,9 +146,38 @@ def is_published(folder: Path) -> bool:
 
 
 def is_reusable(folder: Path) -> bool:
-    """Complete (`is_published`) and published as this code publishes: adapter/ holds merged/'s tokenizer
-    (`adapter_tokenizer_differs`). What stage 7 reuses; a folder that is complete only is published again."""
-    return is_published(folder) and not adapter_tokenizer_differs(_manifest_files(folder) or [])
+    """Complete (`is_published`) and published as this code publishes: adapter/ holds the adapter and merged/'s tokenizer,
+    nothing else (`republish_reason`). What stage 7 reuses; a folder that is complete only is published again."""
+    return is_published(folder) and republish_reason(_manifest_files(folder) or []) is None
+
+
+def republish_reason(files: list[dict]) -> str | None:
+    """Why a complete folder, by its MANIFEST entries `files`, is not the folder this code publishes (what the adapter/ of
+    it holds, for the log line), or None: it is. No file is read."""
+    foreign = adapter_foreign_files(files)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (f"holds {shown}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish copied "
+                "from merged/ into adapter/ between a44bee2 and 2361106)")
+    if adapter_tokenizer_differs(files):
+        return "holds another tokenizer than its merged/ (published before adapter/ took merged/'s tokenizer)"
+    return None
+
+
+def adapter_foreign_files(files: list[dict]) -> list[str]:
+    """The entries of adapter/ in the MANIFEST entries `files` (top-level names, sorted) that `_copy_adapter` never
+    writes: neither PEFT's `adapter_*` files nor the tokenizer's (TOKENIZER_FILES). a44bee2's `_copy_adapter` copied every
+    file of merged/ but the model's weights and configs, so a folder it published for a trust_remote_code model carries
+    the model's configuration_*.py / modeling_*.py in adapter/ (2361106 took the tokenizer's files only, but the folder
+    was complete, and reused)."""
+    from fnmatch import fnmatch
+
+    names = set()
+    for f in files:
+        top, _, rel = str(f.get("path", "")).partition("/")
+        if top == "adapter" and rel:
+            names.add(rel.split("/")[0])
+    return sorted(n for n in names if not n.startswith("adapter_") and not any(fnmatch(n, pattern) for pattern in TOKENIZER_FILES))
 
 
 def _manifest_files(folder: Path) -> list[dict] | None:
@@ -187,9 +216,8 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
         raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
     if not is_reusable(final):
-        if (files := _manifest_files(final)) is not None and adapter_tokenizer_differs(files):
-            log_fn(f"publish: {final}/adapter holds another tokenizer than its merged/ (published before adapter/ took merged/'s "
-                   "tokenizer); publishing it again")
+        if (files := _manifest_files(final)) is not None and (why := republish_reason(files)):
+            log_fn(f"publish: {final}/adapter {why}; publishing it again")
         try:
             _assemble(cfg, run_name, records, final)
         except OSError as e:

@@ -1,7 +1,8 @@
 """Caching at its edges, unit-level (no model): a parts folder completed by the previous version (tasks/common.py
 `list_parts`, `is_listed`, evaluate `_read_side`), training's line on an older epoch rule's folder this user cannot read
 (tasks/train.py `checkpoint_of_an_older_epoch_rule`) and publish's `_copy_adapter` (the tokenizer only). Each was a
-defect a review of 2026-12-07 found (the tests were its strict xfails).
+defect a review of 2026-12-07 found (the tests were its strict xfails). Then what older code left in the caches: a
+published folder whose adapter/ holds a remote-code model's code (publish's `is_reusable`).
 """
 
 from __future__ import annotations
@@ -135,3 +136,76 @@ def test_the_published_adapter_gets_the_tokenizer_of_merged_not_its_model_code(t
     got = sorted(p.name for p in (tmp_path / "published").iterdir())
     assert got == sorted(["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                           "special_tokens_map.json", "chat_template.jinja", "tokenization_custom.py"]), got
+
+
+def _copy_adapter_a44bee2(adapter: Path, merged: Path, dst: Path) -> None:
+    """`_copy_adapter` as a44bee2 wrote it (publish.py until 2361106): PEFT's adapter_* files of training, then every
+    entry of merged/ but the model's own (MERGED_MODEL_FILES: config, generation config, safetensors and their index)."""
+    import shutil
+    from fnmatch import fnmatch
+
+    dst.mkdir(parents=True)
+    for p in sorted(adapter.iterdir()):
+        if p.is_file() and p.name.startswith("adapter_"):
+            shutil.copy2(p, dst / p.name)
+    for p in sorted(merged.iterdir()):
+        if any(fnmatch(p.name, pattern) for pattern in ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        elif p.is_file():
+            shutil.copy2(p, dst / p.name)
+
+
+def _published_by(copy_adapter, tmp_path: Path, folder: Path) -> None:
+    """A published folder as `_assemble` leaves it, adapter/ made by `copy_adapter`, for a trust_remote_code model: its
+    merged/ saved with the model's remote code beside the weights (transformers' custom_object_save), and the tokenizer's
+    own (tokenization_*.py). Only what the cache check reads is real: the tree and its MANIFEST (sizes and sha256)."""
+    import shutil
+
+    from tasks.common import file_sha256, write_json
+    from tasks.publish import MANIFEST
+
+    adapter, merged = tmp_path / "train-adapter", tmp_path / "merge-merged"
+    adapter.mkdir()
+    merged.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).write_text(f"training's {name}")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "configuration_custom.py", "modeling_custom.py",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenization_custom.py"):
+        (merged / name).write_text(f"merged's {name}")
+    copy_adapter(adapter, merged, folder / "adapter")
+    shutil.copytree(merged, folder / "merged")
+    (folder / "adapter" / "README.md").unlink(missing_ok=True)  # as _assemble does
+    (folder / "README.md").write_text("# card\n")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    write_json(folder / MANIFEST, {"files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+
+
+@pytest.mark.parametrize("published_by", ["a44bee2", "now"])
+def test_a_folder_whose_adapter_holds_a_remote_code_models_code_is_published_again(tmp_path, monkeypatch, published_by):
+    """2361106 stopped `_copy_adapter` copying a remote-code model's configuration_*.py / modeling_*.py from merged/ into
+    adapter/, but a folder a44bee2's code published is complete, its tokenizer the same file for file in adapter/ and
+    merged/, so the cache check (`is_reusable`, and PublishRecord.outputs_exist for Prefect) reused it: the model's code
+    stayed in the published adapter/. It is published again now, with one line naming the files; a folder published by
+    this code (tokenization_*.py, the tokenizer's own code, in adapter/) is reused, without a line."""
+    import tasks.publish as publish
+    from tasks.config import load_config
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
+    folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
+    _published_by(_copy_adapter_a44bee2 if published_by == "a44bee2" else publish._copy_adapter, tmp_path, folder)
+    assert publish.is_published(folder) and not publish.adapter_tokenizer_differs(publish._manifest_files(folder))
+    assert ((folder / "adapter" / "modeling_custom.py").is_file()) == (published_by == "a44bee2")
+
+    assembled = []
+    monkeypatch.setattr(publish, "_assemble", lambda cfg, run, records, final: assembled.append(final))  # the fresh publish itself is tested in test_second_half.py
+    logs: list[str] = []
+    publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    if published_by == "now":
+        assert publish.is_reusable(folder) and assembled == [] and logs == []
+        return
+    assert not publish.is_reusable(folder) and assembled == [folder]
+    assert logs == [f"publish: {folder}/adapter holds configuration_custom.py, modeling_custom.py, neither the adapter's nor its "
+                    "tokenizer's (a remote-code model's code, which publish copied from merged/ into adapter/ between a44bee2 and "
+                    "2361106); publishing it again"], logs
