@@ -352,7 +352,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
         offloaded = any(t["offload_activations"] for t in trials)
-        raise StageError(f"out of memory even at micro-batch 1" + (f" with the {recompute.OFFLOAD_NOTE}" if offloaded else "")
+        raise StageError("out of memory even at micro-batch 1" + (f" with the {recompute.OFFLOAD_NOTE}" if offloaded else "")
                          + f" (budget.vram_gb={budget.vram_gb}); lower data.max_length, "
                          + ("" if offloaded or device != "cuda" else f"{recompute.OFFLOAD_FIX}, ")
                          + "set training.gradient_checkpointing=true or use a smaller model")
