@@ -88,8 +88,10 @@ class ProbeRecord(BaseModel):
         timings (`step_plan`, as the probe made it) where the interval is not the one it planned for. The interval is in
         no key (a new one must not re-time the steps), but the plan counts the checkpoints the run saves: a cached plan
         for hourly checkpoints kept its fixed cost and steps for a run that saves one every minute. Stage 4 trains on it.
-        A record that does not say its interval, or planned by the floor rule (`plan_rule`), is kept as it was made."""
-        if self.checkpoint_minutes is None or self.final_save_seconds is None or self.checkpoint_minutes == training.checkpoint_minutes:
+        A record that times the final save apart but does not say its interval (cached by the code of d6e2ef8 to 3167fd7,
+        this morning's) is replanned for any interval: its timings are all the plan needs, and the interval it counted is
+        not known. One planned by the floor rule (`plan_rule`: no final save timed apart) is kept as it was made."""
+        if self.final_save_seconds is None or self.checkpoint_minutes == training.checkpoint_minutes:
             return self
         steps, fixed = step_plan(self.budget_seconds, self.launch_seconds + self.load_seconds, self.s_per_step, self.save_seconds,
                                  self.final_save_seconds, training.checkpoint_minutes, training.max_steps)

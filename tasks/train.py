@@ -582,7 +582,11 @@ def _planned_for(probe: Any, training: TrainingSection, work: Path, log_fn) -> A
                    "the new interval sets only when its checkpoints are saved")
         return started
     planned = probe.planned_for(training)
-    if planned is not probe:
+    if planned is not probe and probe.checkpoint_minutes is None:
+        log_fn(f"train: the cached probe does not say which checkpoint interval its plan counted (a record from before it was kept): "
+               f"replanned from its timings for training.checkpoint_minutes={training.checkpoint_minutes:g}, ~{planned.max_steps} steps "
+               f"after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after {probe.fixed_seconds:.0f}s); the steps are not timed again")
+    elif planned is not probe:
         log_fn(f"train: training.checkpoint_minutes={training.checkpoint_minutes:g}, the probe planned for {probe.checkpoint_minutes:g}: "
                f"from its timings, ~{planned.max_steps} steps after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after "
                f"{probe.fixed_seconds:.0f}s); the steps are not timed again")

@@ -2,7 +2,8 @@
 `list_parts`, `is_listed`, evaluate `_read_side`), training's line on an older epoch rule's folder this user cannot read
 (tasks/train.py `checkpoint_of_an_older_epoch_rule`) and publish's `_copy_adapter` (the tokenizer only). Each was a
 defect a review of 2026-12-07 found (the tests were its strict xfails). Then what older code left in the caches: a
-published folder whose adapter/ holds a remote-code model's code (publish's `is_reusable`).
+published folder whose adapter/ holds a remote-code model's code (publish's `is_reusable`), a probe record that does not
+say the checkpoint interval its plan counted (`ProbeRecord.planned_for`).
 """
 
 from __future__ import annotations
@@ -209,3 +210,47 @@ def test_a_folder_whose_adapter_holds_a_remote_code_models_code_is_published_aga
     assert logs == [f"publish: {folder}/adapter holds configuration_custom.py, modeling_custom.py, neither the adapter's nor its "
                     "tokenizer's (a remote-code model's code, which publish copied from merged/ into adapter/ between a44bee2 and "
                     "2361106); publishing it again"], logs
+
+
+def _probe_record(checkpoint_minutes: float | None, **timings):
+    """A probe record as `_probe` writes it for a 60-minute budget, planned by `step_plan` for `checkpoint_minutes`; None:
+    as the code of d6e2ef8 to 3167fd7 (this morning's) wrote it, the final save timed apart but no `checkpoint_minutes`
+    field (the record then planned for the run's interval of the time, here hourly)."""
+    from tasks.probe import ProbeRecord, step_plan
+
+    t = {"launch_seconds": 0.0, "load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0} | timings
+    steps, fixed = step_plan(3600.0, t["launch_seconds"] + t["load_seconds"], t["s_per_step"], t["save_seconds"], t["final_save_seconds"],
+                             60 if checkpoint_minutes is None else checkpoint_minutes, None)
+    rec = {"key": "k", "dir": ".", "device": "cpu", "hardware": "cpu", "budget_seconds": 3600.0, "fixed_seconds": fixed, "max_steps": steps,
+           "tokens_per_step": 1024.0, "tokens_per_s": 1024 / t["s_per_step"], "peak_mem_gb": 1.0, "micro_batch_size": 1, "grad_accum": 1,
+           "gradient_checkpointing": False, "engine": "padded", "trials": [], **t}
+    if checkpoint_minutes is not None:
+        rec["checkpoint_minutes"] = checkpoint_minutes
+    return ProbeRecord.model_validate(rec)
+
+
+@pytest.mark.parametrize("interval", [1.0, 60.0])
+def test_a_probe_cached_before_it_kept_its_checkpoint_interval_is_replanned_from_its_timings(tmp_path, interval):
+    """3167fd7 replans a cached probe for the run's training.checkpoint_minutes (`ProbeRecord.planned_for`), but only a
+    record that says the interval it planned for (`checkpoint_minutes`). One cached by this morning's code times the final
+    save apart (`final_save_seconds`, the "nearest" plan) yet has no such field: it was kept as it was, and stage 4 trained
+    a run that checkpoints every minute on the hourly plan (1199 steps, 2.5 s fixed) without a word. It is replanned from
+    its timings now, as a record that says its interval is (1161 steps after 118.5 s, each minute), in one line; where the
+    interval is the one it happened to plan for, the replan is its own plan. Nothing is timed again."""
+    from tasks import train
+    from tasks.config import load_config
+
+    training = load_config(profile="tiny").training.model_copy(update={"max_steps": None, "checkpoint_minutes": interval})
+    old, new = _probe_record(None), _probe_record(60.0)
+    assert (old.max_steps, old.fixed_seconds, old.checkpoint_minutes) == (1199, 2.5, None) and old.plan_rule == "nearest"
+    want = new.planned_for(training)
+    logs: list[str] = []
+    got = train._planned_for(old, training, tmp_path / "work", logs.append)
+    assert (got.max_steps, got.fixed_seconds, got.checkpoint_minutes) == (want.max_steps, want.fixed_seconds, interval), got
+    assert (got.max_steps, got.fixed_seconds) == ((1161, 118.5) if interval == 1.0 else (1199, 2.5))
+    assert got.trials == old.trials and got.s_per_step == old.s_per_step  # its timings: nothing measured again
+    assert json.loads((tmp_path / "work" / train.PLAN).read_text()) == {"max_steps": got.max_steps, "fixed_seconds": got.fixed_seconds,
+                                                                       "checkpoint_minutes": interval}
+    assert logs == [f"train: the cached probe does not say which checkpoint interval its plan counted (a record from before it was kept): "
+                    f"replanned from its timings for training.checkpoint_minutes={interval:g}, ~{got.max_steps} steps after "
+                    f"{got.fixed_seconds:.0f}s fixed (it said 1199 after 2s); the steps are not timed again"], logs
