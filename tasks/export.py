@@ -77,8 +77,28 @@ class ExportRecord(BaseModel):
     seconds: dict[str, float]   # per artifact
 
     def outputs_exist(self) -> bool:
+        """The build is there, and installed in the published folder as this record says: its files, and the card's deploy
+        section for them (`card_says_it`)."""
         paths = [*self.gguf.values(), *([self.modelfile] if self.modelfile else []), *([self.gptq_dir] if self.gptq_dir else [])]
-        return is_complete(Path(self.dir)) and (Path(self.published_dir) / MANIFEST).is_file() and all(Path(p).exists() for p in paths)
+        return (is_complete(Path(self.dir)) and (Path(self.published_dir) / MANIFEST).is_file() and all(Path(p).exists() for p in paths)
+                and self.card_says_it())
+
+    def installed(self) -> dict[str, Any]:
+        """What this export installed, as `deploy_section` reads it (built.json's form, paths relative to the folder)."""
+        pub = Path(self.published_dir)
+        return {"gguf": {t: str(Path(p).relative_to(pub)) for t, p in self.gguf.items()}, "modelfile": self.modelfile,
+                "gptq": Path(self.gptq_dir).name if self.gptq_dir else None}
+
+    def card_says_it(self) -> bool:
+        """The published card holds this export's deploy section. A folder that stage 7 published again was built anew,
+        without the export's files or that section: with export.gguf=[] and no GPTQ the section is all the export put in
+        it, so its files could not tell (a Cached export was trusted, and the card kept no deploy section). One exported
+        since with other settings holds theirs."""
+        try:
+            card = (Path(self.published_dir) / "README.md").read_text(encoding="utf-8")
+            return f"{CARD_BEGIN}\n{deploy_section(Path(self.published_dir), self.installed())}{CARD_END}\n" in card
+        except (OSError, ValueError):  # no card, or a path outside the folder: not this export's install
+            return False
 
 
 def build_key(merge, publish, export, data) -> str:

@@ -266,7 +266,6 @@ def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, ex
     log(f"export: {', '.join(made) or 'nothing (export.gguf=[], export.gptq=false)'} in {sum(rec.seconds.values()):.0f}s"
         + (f"; stop tokens {rec.stop_tokens}" if rec.modelfile else ""))
     if rec.gguf or rec.gptq_dir:
-        create_markdown_artifact(key=artifact_key("export"), markdown=export_stage.deploy_section(Path(rec.published_dir), {
-            "gguf": {t: str(Path(p).relative_to(rec.published_dir)) for t, p in rec.gguf.items()},
-            "modelfile": rec.modelfile, "gptq": "gptq-w4a16" if rec.gptq_dir else None}), description="Serving formats")
+        create_markdown_artifact(key=artifact_key("export"), markdown=export_stage.deploy_section(Path(rec.published_dir), rec.installed()),
+                                 description="Serving formats")
     return rec
