@@ -56,27 +56,131 @@ BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "gener
 
 
 MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # the model's own, of merged/
-# A saved tokenizer's files: BASE_FILES' less the model's, with a remote-code tokenizer's own code (tokenization_*.py) and
-# transformers' folder of named chat templates; not a remote-code model's modeling_*.py / configuration_*.py.
-TOKENIZER_FILES = (*(p for p in BASE_FILES if p not in MERGED_MODEL_FILES), "tokenization_*.py", "additional_chat_templates")
+# What any saved tokenizer writes whatever its class (transformers' names: its config, special and added tokens, the fast
+# tokenizer, chat templates and their folder), and the names vocabularies are most often saved under: a floor, so a
+# folder whose tokenizer another transformers release saved (Gemma's tokenizer.model, which 5's class no longer names)
+# keeps its files. `tokenizer_files` adds what the tokenizer itself names; never a model's modeling_*.py / configuration_*.py.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "additional_chat_templates", "tokenizer*", "*.model", "vocab.*", "merges.txt")
+
+
+def tokenizer_files(folder: Path) -> tuple[str, ...]:
+    """The names (fnmatch patterns) of the top-level entries of `folder`, a saved tokenizer's (merged/), that are the
+    tokenizer's: what its `save_pretrained` writes, told from its tokenizer_config.json without running any code.
+    TOKENIZER_FILES, its class's vocabulary files (`vocab_files_names`: GPT-NeoX-Japanese's emoji.json, a remote-code
+    tokenizer's *.tiktoken as Qwen-1's), and a remote-code tokenizer's own modules (auto_map's AutoTokenizer entries and
+    the modules they import relatively, which transformers' custom_object_save copies beside it). A model's remote code
+    (configuration_*.py, modeling_*.py: the model's auto_map) is not the tokenizer's. Where the config does not read,
+    any tokenization_*.py counts as the tokenizer's code too. What `_copy_adapter` copies and the cache check accepts."""
+    try:
+        conf = read_json(folder / "tokenizer_config.json")
+    except (OSError, ValueError):
+        conf = None
+    if not isinstance(conf, dict):
+        return (*TOKENIZER_FILES, "tokenization_*.py")
+    auto = conf.get("auto_map")
+    refs = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto  # a list: the oldest configs' form
+    refs = [r for r in (refs if isinstance(refs, list) else []) if isinstance(r, str) and "." in r]
+    names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
+    for ref in refs:
+        module, _, cls = ref.rpartition(".")
+        if "--" not in module and (folder / f"{module}.py").is_file():  # "<repo>--<module>.<class>": its code is in another repository
+            names |= _local_modules(folder / f"{module}.py") | set(_remote_vocab_files(folder / f"{module}.py", cls))
+    return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
+
+
+def _library_vocab_files(class_name) -> list[str]:
+    """The vocabulary file names (`vocab_files_names`) of a tokenizer class transformers ships, by its name; none for a
+    name it does not know."""
+    if not isinstance(class_name, str) or not class_name:
+        return []
+    try:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        names = getattr(tokenizer_class_from_name(class_name), "vocab_files_names", None)
+    except Exception:  # noqa: BLE001 - a class whose module does not import here (a missing extra) names nothing
+        return []
+    return [v for v in names.values() if isinstance(v, str)] if isinstance(names, dict) else []
+
+
+def _local_modules(module: Path) -> set[str]:
+    """`module`'s file name and those of the modules beside it that it imports relatively (`from .x import`), transitively:
+    what transformers' custom_object_save copies with a remote-code class. Read, never run."""
+    import ast
+
+    found, todo = set(), [module]
+    while todo:
+        path = todo.pop()
+        if path.name in found or not path.is_file():
+            continue
+        found.add(path.name)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        todo += [path.parent / f"{node.module.split('.')[0]}.py" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    return found
+
+
+def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
+    """A remote-code tokenizer class's vocabulary file names, read from its module's source (never run): its
+    `vocab_files_names`, a dict literal or a module-level name bound to one, in the class or a class of the module it
+    derives from; a transformers class it derives from: that class's. None found: []."""
+    import ast
+
+    try:
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    bound = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+    def of(name: str, seen: set[str]) -> list[str] | None:
+        if name in seen:
+            return None
+        if name not in classes:
+            return _library_vocab_files(name) or None
+        for stmt in classes[name].body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "vocab_files_names" for t in targets) and stmt.value is not None:
+                value = bound.get(stmt.value.id) if isinstance(stmt.value, ast.Name) else stmt.value
+                try:
+                    names = ast.literal_eval(value) if value is not None else None
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    names = None
+                return [v for v in names.values() if isinstance(v, str)] if isinstance(names, dict) else None
+        for base in classes[name].bases:
+            got = of(base.id if isinstance(base, ast.Name) else getattr(base, "attr", ""), seen | {name})
+            if got is not None:
+                return got
+        return None
+
+    return of(class_name, set()) or []
+
+
+def _is_tokenizers(name: str, tokenizer: tuple[str, ...]) -> bool:
+    """Whether the top-level entry `name` is one of a tokenizer's files (`tokenizer`: `tokenizer_files`' patterns)."""
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name, pattern) for pattern in tokenizer)
 
 
 def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
     """The published adapter/: the trained weights and their config (PEFT's `adapter_*` files) from training, and the
-    tokenizer merged/ was saved with (its TOKENIZER_FILES): the run's, which stage 6 saves under a key that holds how it
-    renders (`rendering_key`). Training's own copy of the tokenizer stays out: training's key holds the rows, not the
-    rendering, so a tokenizer that renders otherwise but builds the same rows (a tokenizers or transformers upgrade, a
+    tokenizer merged/ was saved with (its files: `tokenizer_files`): the run's, which stage 6 saves under a key that holds
+    how it renders (`rendering_key`). Training's own copy of the tokenizer stays out: training's key holds the rows, not
+    the rendering, so a tokenizer that renders otherwise but builds the same rows (a tokenizers or transformers upgrade, a
     `random:` or GGUF model folder built again) reused training, and adapter/ carried the tokenizer of the run that
     trained, beside a merged/ with the run's. The rest of merged/ stays out too: a remote-code model's modeling_*.py and
     configuration_*.py, which `save_pretrained` writes beside its weights, are the model's, not the adapter's."""
-    from fnmatch import fnmatch
-
+    tokenizer = tokenizer_files(merged)
     dst.mkdir(parents=True)
     for p in sorted(adapter.iterdir()):
         if p.is_file() and p.name.startswith("adapter_"):
             shutil.copy2(p, dst / p.name)
     for p in sorted(merged.iterdir()):
-        if not any(fnmatch(p.name, pattern) for pattern in TOKENIZER_FILES):
+        if not _is_tokenizers(p.name, tokenizer):
             continue
         if p.is_dir():
             shutil.copytree(p, dst / p.name)  # a tokenizer's own folder (transformers' additional_chat_templates/)
@@ -148,36 +252,47 @@ def is_published(folder: Path) -> bool:
 def is_reusable(folder: Path) -> bool:
     """Complete (`is_published`) and published as this code publishes: adapter/ holds the adapter and merged/'s tokenizer,
     nothing else (`republish_reason`). What stage 7 reuses; a folder that is complete only is published again."""
-    return is_published(folder) and republish_reason(_manifest_files(folder) or []) is None
+    return is_published(folder) and republish_reason(folder) is None
 
 
-def republish_reason(files: list[dict]) -> str | None:
-    """Why a complete folder, by its MANIFEST entries `files`, is not the folder this code publishes (what the adapter/ of
-    it holds, for the log line), or None: it is. No file is read."""
-    foreign = adapter_foreign_files(files)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        return (f"holds {shown}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish copied "
-                "from merged/ into adapter/ between a44bee2 and 2361106)")
-    if adapter_tokenizer_differs(files):
-        return "holds another tokenizer than its merged/ (published before adapter/ took merged/'s tokenizer)"
-    return None
+def republish_reason(folder: Path) -> str | None:
+    """Why a published folder is not the folder this code publishes (what the adapter/ of it holds, for the log line), or
+    None: it is, or it has no MANIFEST that reads. Reads the MANIFEST's entries and merged/'s tokenizer_config.json (which
+    files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them), no other file."""
+    files = _manifest_files(folder)
+    if files is None:
+        return None
+    tokenizer = tokenizer_files(folder / "merged")
+    if foreign := adapter_foreign_files(files, tokenizer):
+        return (f"holds {_some(foreign)}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish "
+                "copied from merged/ into adapter/ between a44bee2 and 2361106)")
+    if not adapter_tokenizer_differs(files, tokenizer):
+        return None
+    theirs, ours = _tokenizer_entries(files, "adapter", tokenizer), _tokenizer_entries(files, "merged", tokenizer)
+    if all(ours.get(rel) == digest for rel, digest in theirs.items()):
+        missing = sorted({rel.split("/")[0] for rel in ours.keys() - theirs.keys()})
+        return (f"lacks {_some(missing)} of the tokenizer merged/ holds (published when adapter/ took only the tokenizer files of "
+                "the usual names), so its tokenizer does not load")
+    return "holds another tokenizer than its merged/ (published before adapter/ took merged/'s tokenizer)"
 
 
-def adapter_foreign_files(files: list[dict]) -> list[str]:
+def _some(names: list[str]) -> str:
+    """Up to three names, and how many more, for a log line."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def adapter_foreign_files(files: list[dict], tokenizer: tuple[str, ...]) -> list[str]:
     """The entries of adapter/ in the MANIFEST entries `files` (top-level names, sorted) that `_copy_adapter` never
-    writes: neither PEFT's `adapter_*` files nor the tokenizer's (TOKENIZER_FILES). a44bee2's `_copy_adapter` copied every
-    file of merged/ but the model's weights and configs, so a folder it published for a trust_remote_code model carries
-    the model's configuration_*.py / modeling_*.py in adapter/ (2361106 took the tokenizer's files only, but the folder
-    was complete, and reused)."""
-    from fnmatch import fnmatch
-
+    writes: neither PEFT's `adapter_*` files nor the tokenizer's (`tokenizer`: `tokenizer_files` of the folder's merged/).
+    a44bee2's `_copy_adapter` copied every file of merged/ but the model's weights and configs, so a folder it published
+    for a trust_remote_code model carries the model's configuration_*.py / modeling_*.py in adapter/ (2361106 took the
+    tokenizer's files only, but the folder was complete, and reused)."""
     names = set()
     for f in files:
         top, _, rel = str(f.get("path", "")).partition("/")
         if top == "adapter" and rel:
             names.add(rel.split("/")[0])
-    return sorted(n for n in names if not n.startswith("adapter_") and not any(fnmatch(n, pattern) for pattern in TOKENIZER_FILES))
+    return sorted(n for n in names if not n.startswith("adapter_") and not _is_tokenizers(n, tokenizer))
 
 
 def _manifest_files(folder: Path) -> list[dict] | None:
@@ -188,22 +303,24 @@ def _manifest_files(folder: Path) -> list[dict] | None:
         return None
 
 
-def adapter_tokenizer_differs(files: list[dict]) -> bool:
-    """Whether the MANIFEST entries `files` of a published folder list other tokenizer files (TOKENIZER_FILES, by name and
-    sha256) in adapter/ than in merged/: a folder published before adapter/ took merged/'s tokenizer (`_copy_adapter`),
-    whose adapter/ may carry the tokenizer of a reused training, which renders otherwise. Such a folder is published
-    again, not reused. Compares the digests the MANIFEST holds: no file is read."""
-    from fnmatch import fnmatch
+def _tokenizer_entries(files: list[dict], side: str, tokenizer: tuple[str, ...]) -> dict[str, str | None]:
+    """The tokenizer's files (`tokenizer`: `tokenizer_files`' patterns) of `side` (adapter or merged) in the MANIFEST
+    entries `files`: path under `side` -> sha256."""
+    got = {}
+    for f in files:
+        top, _, rel = str(f.get("path", "")).partition("/")
+        if top == side and rel and _is_tokenizers(rel.split("/")[0], tokenizer):
+            got[rel] = f.get("sha256")
+    return got
 
-    def tokenizer(side: str) -> dict[str, str | None]:
-        got = {}
-        for f in files:
-            top, _, rel = str(f.get("path", "")).partition("/")
-            if top == side and rel and any(fnmatch(rel.split("/")[0], pattern) for pattern in TOKENIZER_FILES):
-                got[rel] = f.get("sha256")
-        return got
 
-    return tokenizer("adapter") != tokenizer("merged")
+def adapter_tokenizer_differs(files: list[dict], tokenizer: tuple[str, ...]) -> bool:
+    """Whether the MANIFEST entries `files` of a published folder list other tokenizer files (`tokenizer`: `tokenizer_files`
+    of its merged/; by name and sha256) in adapter/ than in merged/: a folder published before adapter/ took merged/'s
+    tokenizer (`_copy_adapter`), whose adapter/ may carry the tokenizer of a reused training, which renders otherwise, or
+    one whose adapter/ lacks a vocabulary file of a name the tokenizer's own (GPT-NeoX-Japanese's emoji.json). Such a
+    folder is published again, not reused. Compares the digests the MANIFEST holds: no file is read."""
+    return _tokenizer_entries(files, "adapter", tokenizer) != _tokenizer_entries(files, "merged", tokenizer)
 
 
 def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any], log_fn=None) -> PublishRecord:
@@ -212,11 +329,12 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     maybe_fault("publish")
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
-    if not is_reusable(final) and cfg.model.random_weights == "memory":
+    reusable = is_reusable(final)
+    if not reusable and cfg.model.random_weights == "memory":
         raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
-    if not is_reusable(final):
-        if (files := _manifest_files(final)) is not None and (why := republish_reason(files)):
+    if not reusable:
+        if why := republish_reason(final):
             log_fn(f"publish: {final}/adapter {why}; publishing it again")
         try:
             _assemble(cfg, run_name, records, final)

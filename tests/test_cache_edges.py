@@ -196,7 +196,7 @@ def test_a_folder_whose_adapter_holds_a_remote_code_models_code_is_published_aga
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
     folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
     _published_by(_copy_adapter_a44bee2 if published_by == "a44bee2" else publish._copy_adapter, tmp_path, folder)
-    assert publish.is_published(folder) and not publish.adapter_tokenizer_differs(publish._manifest_files(folder))
+    assert publish.is_published(folder) and not publish.adapter_tokenizer_differs(publish._manifest_files(folder), publish.tokenizer_files(folder / "merged"))
     assert ((folder / "adapter" / "modeling_custom.py").is_file()) == (published_by == "a44bee2")
 
     assembled = []
@@ -256,8 +256,9 @@ def test_a_probe_cached_before_it_kept_its_checkpoint_interval_is_replanned_from
                     f"{got.fixed_seconds:.0f}s fixed (it said 1199 after 2s); the steps are not timed again"], logs
 
 
-# A review (review-cache6, 2026-12-07) of d17c128..274c293: failing tests for what it found (xfail strict: the code is
-# not fixed here). Each builds the folder from a real tokenizer's `save_pretrained`, not from file names typed in.
+# A review (review-cache6, 2026-12-07) of d17c128..274c293: tests for what it found (its strict xfails, fixed: which
+# files are the tokenizer's is told from the tokenizer, `tokenizer_files`). Each builds the folder from a real
+# tokenizer's `save_pretrained`, not from file names typed in.
 
 _TIK_MODULE = '''
 import os
@@ -359,10 +360,6 @@ def _copy_adapter_before_a44bee2(adapter: Path, merged: Path, dst: Path) -> None
     shutil.copytree(adapter, dst)
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache6: d17c128's adapter_foreign_files takes a tokenizer's own vocabulary file that no "
-                   "TOKENIZER_FILES pattern names (GPT-NeoX-Japanese's emoji.json, a remote-code tokenizer's *.tiktoken as Qwen-1's) "
-                   "for a remote-code model's code: a complete folder published before a44bee2, adapter/ = PEFT's files + merged/'s "
-                   "tokenizer file for file (45468ad reused it), is published again, the line blaming a remote-code model's code")
 @pytest.mark.parametrize("kind", ["gpt-neox-japanese", "remote-code-tiktoken"])
 def test_a_folder_whose_adapter_holds_its_tokenizers_own_vocabulary_file_is_reused(tmp_path, monkeypatch, kind):
     """A folder published before a44bee2 (adapter/ copied whole from training) for a tokenizer whose vocabulary lives in
@@ -377,19 +374,16 @@ def test_a_folder_whose_adapter_holds_its_tokenizers_own_vocabulary_file_is_reus
     folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
     _published_with(tok, _copy_adapter_before_a44bee2, tmp_path, folder)
     files = publish._manifest_files(folder)
-    assert publish.is_published(folder) and not publish.adapter_tokenizer_differs(files)
+    assert publish.is_published(folder) and not publish.adapter_tokenizer_differs(files, publish.tokenizer_files(folder / "merged"))
     assert (folder / "adapter" / vocab).is_file() and not any(p.name.startswith(("modeling_", "configuration_")) for p in (folder / "adapter").iterdir())
     assert type(AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)).__name__ == type(tok).__name__  # it loads
 
     assembled, logs = [], []
     monkeypatch.setattr(publish, "_assemble", lambda cfg, run, records, final: assembled.append(final))
     publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
-    assert publish.republish_reason(files) is None and assembled == [] and logs == [], logs
+    assert publish.republish_reason(folder) is None and assembled == [] and logs == [], logs
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache6 (pre-existing since 2361106, reached by d17c128's republish): _copy_adapter copies "
-                   "merged/'s TOKENIZER_FILES only, which name no emoji.json (GPT-NeoX-Japanese) or *.tiktoken (a remote-code tokenizer "
-                   "as Qwen-1's): the published adapter/ tokenizer does not load, so `chat` and the card's snippet fail on it")
 @pytest.mark.parametrize("kind", ["gpt-neox-japanese", "remote-code-tiktoken"])
 def test_the_published_adapter_tokenizer_loads_for_a_tokenizer_with_its_own_vocabulary_file(tmp_path, monkeypatch, kind):
     """adapter/ carries merged/'s tokenizer (`_copy_adapter`): `chat` and the card's snippet load it with
@@ -405,3 +399,96 @@ def test_the_published_adapter_tokenizer_loads_for_a_tokenizer_with_its_own_voca
     assert type(AutoTokenizer.from_pretrained(str(tmp_path / "control"), trust_remote_code=True)).__name__ == type(tok).__name__
     assert (folder / "adapter" / vocab).is_file(), sorted(p.name for p in (folder / "adapter").iterdir())
     assert type(AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)).__name__ == type(tok).__name__
+
+
+def _copy_adapter_2361106(adapter: Path, merged: Path, dst: Path) -> None:
+    """`_copy_adapter` from 2361106 until the tokenizer's files were told from the tokenizer: PEFT's adapter_* files of
+    training, then the entries of merged/ a fixed list of patterns names (TOKENIZER_FILES of then)."""
+    import shutil
+    from fnmatch import fnmatch
+
+    patterns = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json",
+                "preprocessor_config.json", "tokenization_*.py", "additional_chat_templates")
+    dst.mkdir(parents=True)
+    for p in sorted(adapter.iterdir()):
+        if p.is_file() and p.name.startswith("adapter_"):
+            shutil.copy2(p, dst / p.name)
+    for p in sorted(merged.iterdir()):
+        if p.is_file() and any(fnmatch(p.name, pattern) for pattern in patterns):
+            shutil.copy2(p, dst / p.name)
+
+
+@pytest.mark.parametrize("kind", ["gpt-neox-japanese", "remote-code-tiktoken"])
+def test_a_folder_whose_adapter_lacks_its_tokenizers_vocabulary_file_is_published_again_then_reused(tmp_path, monkeypatch, kind):
+    """A folder published by 2361106's `_copy_adapter` (a fixed list of tokenizer file names) for a tokenizer whose
+    vocabulary lives in a file of its own name: complete, but its adapter/ tokenizer does not load (no emoji.json /
+    tik.tiktoken). It was reused on every run. Now it is published again, with one line naming the missing file; the
+    folder this code publishes in its place is reused, without a line (no republish loop)."""
+    import shutil
+
+    import tasks.publish as publish
+    from tasks.config import load_config
+    from transformers import AutoTokenizer
+
+    tok, vocab = _vocabulary_file_tokenizer(kind, tmp_path, monkeypatch)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
+    folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
+    _published_with(tok, _copy_adapter_2361106, tmp_path, folder)
+    assert publish.is_published(folder) and not (folder / "adapter" / vocab).exists()
+    with pytest.raises(TypeError):  # its vocabulary file's path is None
+        AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)  # what `chat` and the card's snippet run
+
+    def assemble(cfg, run, records, final):  # today's _copy_adapter, the rest as `_published_with` leaves it
+        shutil.rmtree(final)
+        for d in (tmp_path / "train-adapter", tmp_path / "merge-merged"):
+            shutil.rmtree(d)
+        _published_with(tok, publish._copy_adapter, tmp_path, final)
+        assembled.append(final)
+
+    assembled, logs = [], []
+    monkeypatch.setattr(publish, "_assemble", assemble)
+    publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    assert assembled == [folder] and logs == [f"publish: {folder}/adapter lacks {vocab} of the tokenizer merged/ holds (published when "
+                                              "adapter/ took only the tokenizer files of the usual names), so its tokenizer does not "
+                                              "load; publishing it again"], logs
+    assert type(AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)).__name__ == type(tok).__name__
+    logs.clear()
+    publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    assert publish.is_reusable(folder) and assembled == [folder] and logs == []
+
+
+def test_a_remote_code_models_code_beside_a_remote_code_tokenizer_stays_out_of_adapter(tmp_path, monkeypatch):
+    """merged/ of a trust_remote_code model whose tokenizer is remote code too (Qwen-1's shape): the tokenizer's module
+    and what it imports relatively (auto_map's AutoTokenizer; custom_object_save copies both) and its *.tiktoken are the
+    tokenizer's; the model's configuration_*.py / modeling_*.py are not, in the copy and in the cache check alike: a
+    folder a44bee2's code published (the model's code in adapter/) is published again, naming only the model's code."""
+    import tasks.publish as publish
+    from tasks.config import load_config
+
+    tok, vocab = _vocabulary_file_tokenizer("remote-code-tiktoken", tmp_path, monkeypatch)
+
+    def with_model_code(copy_adapter):
+        def copy(adapter: Path, merged: Path, dst: Path) -> None:
+            (merged / "tik_helpers.py").write_text("SPECIAL = []\n")  # imported by the tokenizer's module
+            module = merged / "tokenization_tik.py"
+            module.write_text(module.read_text().replace("import os\n", "import os\nfrom .tik_helpers import SPECIAL  # noqa: F401\n", 1))
+            for name in ("configuration_custom.py", "modeling_custom.py"):  # the model's save_pretrained (custom_object_save)
+                (merged / name).write_text(f"# the model's {name}\n")
+            copy_adapter(adapter, merged, dst)
+        return copy
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
+    folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
+    _published_with(tok, with_model_code(publish._copy_adapter), tmp_path / "now", tmp_path / "now-folder")
+    got = sorted(p.name for p in (tmp_path / "now-folder" / "adapter").iterdir())
+    assert got == sorted(["adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer_config.json", vocab,
+                          "tokenization_tik.py", "tik_helpers.py"]), got
+    assert publish.is_reusable(tmp_path / "now-folder")
+
+    _published_with(tok, with_model_code(_copy_adapter_a44bee2), tmp_path, folder)
+    assembled, logs = [], []
+    monkeypatch.setattr(publish, "_assemble", lambda cfg, run, records, final: assembled.append(final))
+    publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    assert assembled == [folder] and logs == [f"publish: {folder}/adapter holds configuration_custom.py, modeling_custom.py, neither "
+                                              "the adapter's nor its tokenizer's (a remote-code model's code, which publish copied "
+                                              "from merged/ into adapter/ between a44bee2 and 2361106); publishing it again"], logs
