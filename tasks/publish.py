@@ -923,8 +923,11 @@ def load_published(folder: Path, *, merged: bool, device: str):
     kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": getattr(torch, base["compute_dtype"])}
     if base["loaded_in_4bit"]:
         try:
+            import importlib
+
             from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
+
+            importlib.import_module("bitsandbytes")  # the 4-bit base loads through it
         except ImportError as e:
             raise StageError("this adapter was trained and evaluated on a 4-bit base, which needs bitsandbytes; install it, or "
                              "chat with --merged (the same weights, dequantized and merged)") from e
