@@ -567,12 +567,12 @@ PLAN = "plan.json"  # in work/: the step plan a run started with (max_steps, fix
 
 
 def _planned_for(probe: Any, training: TrainingSection, work: Path, log_fn) -> Any:
-    """The probe's plan for this run: for its checkpoint interval (`ProbeRecord.planned_for`), said in one line where it
-    differs from the one the probe made, and kept in `work` (PLAN); a run resuming from a checkpoint keeps the plan it
-    started with (PLAN; none there: the probe's own, as runs made before the plan was kept trained on), whatever the
-    interval now. The interval is in no key, so a run stopped and rerun with another one resumes in the same folder, and
-    replanned there its warm-up and step cap (the LR schedule's clock) changed mid-run (a review, 2026-12-07); the new
-    interval changes only when its checkpoints are saved."""
+    """The probe's plan for this run: for its checkpoint interval (`ProbeRecord.planned_for`), said in one line where its
+    steps or fixed cost differ from the probe's own plan (nothing is said where they do not), and kept in `work` (PLAN);
+    a run resuming from a checkpoint keeps the plan it started with (PLAN; none there: the probe's own, as runs made
+    before the plan was kept trained on), whatever the interval now. The interval is in no key, so a run stopped and
+    rerun with another one resumes in the same folder, and replanned there its warm-up and step cap (the LR schedule's
+    clock) changed mid-run (a review, 2026-12-07); the new interval changes only when its checkpoints are saved."""
     if newest_checkpoint(work) is not None:
         kept = read_json(work / PLAN) if (work / PLAN).is_file() else {}
         started = probe.model_copy(update=kept) if kept else probe
@@ -582,11 +582,13 @@ def _planned_for(probe: Any, training: TrainingSection, work: Path, log_fn) -> A
                    "the new interval sets only when its checkpoints are saved")
         return started
     planned = probe.planned_for(training)
-    if planned is not probe and probe.checkpoint_minutes is None:
+    # The same plan: the interval it counted (a record that does not say it), or none saves a checkpoint within the budget.
+    same = (planned.max_steps, planned.fixed_seconds) == (probe.max_steps, probe.fixed_seconds)
+    if not same and probe.checkpoint_minutes is None:
         log_fn(f"train: the cached probe does not say which checkpoint interval its plan counted (a record from before it was kept): "
                f"replanned from its timings for training.checkpoint_minutes={training.checkpoint_minutes:g}, ~{planned.max_steps} steps "
                f"after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after {probe.fixed_seconds:.0f}s); the steps are not timed again")
-    elif planned is not probe:
+    elif not same:
         log_fn(f"train: training.checkpoint_minutes={training.checkpoint_minutes:g}, the probe planned for {probe.checkpoint_minutes:g}: "
                f"from its timings, ~{planned.max_steps} steps after {planned.fixed_seconds:.0f}s fixed (it said {probe.max_steps} after "
                f"{probe.fixed_seconds:.0f}s); the steps are not timed again")

@@ -236,7 +236,7 @@ def test_a_probe_cached_before_it_kept_its_checkpoint_interval_is_replanned_from
     save apart (`final_save_seconds`, the "nearest" plan) yet has no such field: it was kept as it was, and stage 4 trained
     a run that checkpoints every minute on the hourly plan (1199 steps, 2.5 s fixed) without a word. It is replanned from
     its timings now, as a record that says its interval is (1161 steps after 118.5 s, each minute), in one line; where the
-    interval is the one it happened to plan for, the replan is its own plan. Nothing is timed again."""
+    interval is the one it happened to plan for, the replan is its own plan, and nothing is said. Nothing is timed again."""
     from tasks import train
     from tasks.config import load_config
 
@@ -251,9 +251,30 @@ def test_a_probe_cached_before_it_kept_its_checkpoint_interval_is_replanned_from
     assert got.trials == old.trials and got.s_per_step == old.s_per_step  # its timings: nothing measured again
     assert json.loads((tmp_path / "work" / train.PLAN).read_text()) == {"max_steps": got.max_steps, "fixed_seconds": got.fixed_seconds,
                                                                        "checkpoint_minutes": interval}
+    if interval == 60.0:  # the interval it counted: the same plan, nothing to say
+        assert logs == [], logs
+        return
     assert logs == [f"train: the cached probe does not say which checkpoint interval its plan counted (a record from before it was kept): "
                     f"replanned from its timings for training.checkpoint_minutes={interval:g}, ~{got.max_steps} steps after "
                     f"{got.fixed_seconds:.0f}s fixed (it said 1199 after 2s); the steps are not timed again"], logs
+
+
+@pytest.mark.parametrize("said", [None, 60.0])
+@pytest.mark.parametrize("interval", [60.0, 120.0, 1.0])
+def test_a_replan_that_changes_nothing_says_nothing(tmp_path, said, interval):
+    """The "replanned" line of stage 4 (`train._planned_for`) said the plan changed ("~1199 steps after 2s fixed (it said
+    1199 after 2s)") where it did not: a record that does not say its interval, run at the one it counted (hourly), or
+    one planned hourly run with checkpoints every two hours (an hour's budget saves none either way). Only a plan whose
+    steps or fixed cost change gets the line (each minute: 1161 steps after 118.5 s); the plan is kept in work/ alike."""
+    from tasks import train
+    from tasks.config import load_config
+
+    training = load_config(profile="tiny").training.model_copy(update={"max_steps": None, "checkpoint_minutes": interval})
+    probe, logs = _probe_record(said), []
+    got = train._planned_for(probe, training, tmp_path / "work", logs.append)
+    assert got.checkpoint_minutes == interval and json.loads((tmp_path / "work" / train.PLAN).read_text())["checkpoint_minutes"] == interval
+    changed = (got.max_steps, got.fixed_seconds) != (probe.max_steps, probe.fixed_seconds)
+    assert changed == (interval == 1.0) and len(logs) == int(changed), logs
 
 
 # A review (review-cache6, 2026-12-07) of d17c128..274c293: tests for what it found (its strict xfails, fixed: which
