@@ -84,10 +84,12 @@ class ExportRecord(BaseModel):
                 and self.card_says_it())
 
     def installed(self) -> dict[str, Any]:
-        """What this export installed, as `deploy_section` reads it (built.json's form, paths relative to the folder)."""
+        """What this export installed, as `deploy_section` reads it (built.json's form, paths relative to the folder; the
+        record holds them absolute)."""
         pub = Path(self.published_dir)
-        return {"gguf": {t: str(Path(p).relative_to(pub)) for t, p in self.gguf.items()}, "modelfile": self.modelfile,
-                "gptq": Path(self.gptq_dir).name if self.gptq_dir else None}
+        return {"gguf": {t: str(Path(p).relative_to(pub)) for t, p in self.gguf.items()},
+                "modelfile": str(Path(self.modelfile).relative_to(pub)) if self.modelfile else None,
+                "gptq": str(Path(self.gptq_dir).relative_to(pub)) if self.gptq_dir else None}
 
     def card_says_it(self) -> bool:
         """The published card holds this export's deploy section. A folder that stage 7 published again was built anew,

@@ -100,6 +100,8 @@ def test_a_republished_folder_gets_its_export_files_again_from_the_export_cache(
     folder = Path(pub.dir)
     first = stage8(pub)
     assert converted == gguf and Path(first.published_dir) == folder and first.outputs_exist()
+    built = json.loads((Path(first.dir) / "built.json").read_text())
+    assert first.installed() == {k: built[k] for k in ("gguf", "modelfile", "gptq")}  # built.json's form: relative paths
     exported, deploy = _export_files(folder), deploy_section(folder)
     assert sorted(exported) == (["Modelfile", f"gguf/{folder.name}-f16.gguf"] if gguf else [])
     assert f"vllm serve {folder / 'merged'}" in deploy
@@ -123,3 +125,16 @@ def test_a_republished_folder_gets_its_export_files_again_from_the_export_cache(
         assert listed[rel]["sha256"] == file_sha256(folder / rel), rel
     assert "adapter/modeling_custom.py" not in listed and not (folder / "adapter" / "modeling_custom.py").exists()
     assert (folder / "README.md").read_text().count("## Deploy") == 1
+
+
+def test_an_export_records_installed_files_are_relative_to_the_folder(tmp_path):
+    """`ExportRecord.installed()` is built.json's form, paths relative to the published folder, as its docstring says:
+    the record holds them absolute, and the Modelfile's came back absolute (the GGUFs' and GPTQ's relative)."""
+    from tasks.export import ExportRecord
+
+    pub = tmp_path / "runs" / "run-1" / "out"
+    rec = ExportRecord(key="k", dir=str(tmp_path / "cache"), published_dir=str(pub), gguf={"f16": str(pub / "gguf" / "out-f16.gguf")},
+                       gguf_bytes={"f16": 1}, modelfile=str(pub / "Modelfile"), gptq_dir=str(pub / "gptq-w4a16"), stop_tokens=[],
+                       system_prompt=None, seconds={})
+    assert rec.installed() == {"gguf": {"f16": "gguf/out-f16.gguf"}, "modelfile": "Modelfile", "gptq": "gptq-w4a16"}
+    assert rec.model_copy(update={"gguf": {}, "modelfile": None, "gptq_dir": None}).installed() == {"gguf": {}, "modelfile": None, "gptq": None}
