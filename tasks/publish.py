@@ -190,11 +190,12 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
 
 def _copy_base(src: Path, dst: Path, link: bool) -> None:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
-    of the folder's top level (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder
-    is safetensors only). `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten
-    folders: a converted base is not stored twice); a user's folder is copied, as it may change later."""
+    (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json) of the folder's top level
+    (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
+    `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
+    is not stored twice); a user's folder is copied, as it may change later."""
     dst.mkdir(parents=True)
-    for f in sorted({p for pat in BASE_FILES for p in src.glob(pat) if p.is_file()}):
+    for f in sorted({p for pat in (*BASE_FILES, *tokenizer_files(src)) for p in src.glob(pat) if p.is_file()}):
         try:
             if not link:
                 raise OSError("copy")

@@ -513,3 +513,21 @@ def test_a_remote_code_models_code_beside_a_remote_code_tokenizer_stays_out_of_a
     assert assembled == [folder] and logs == [f"publish: {folder}/adapter holds configuration_custom.py, modeling_custom.py, neither "
                                               "the adapter's nor its tokenizer's (a remote-code model's code, which publish copied "
                                               "from merged/ into adapter/ between a44bee2 and 2361106); publishing it again"], logs
+
+
+def test_a_local_bases_published_copy_holds_its_tokenizers_own_vocabulary_file(tmp_path, monkeypatch):
+    """A local base folder (not a Hub model) is published as base/ (`_copy_base`): its weights, config and tokenizer.
+    The tokenizer's files were BASE_FILES' fixed names, so GPT-NeoX-Japanese's emoji.json stayed out and the tokenizer
+    of base/ did not load; its files are told from the tokenizer now, as adapter/'s are (a pickle still stays out)."""
+    from tasks.publish import _copy_base
+    from transformers import AutoTokenizer
+
+    tok, vocab = _vocabulary_file_tokenizer("gpt-neox-japanese", tmp_path, monkeypatch)
+    src = tmp_path / "local-model"
+    tok.save_pretrained(str(src))
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt_neox_japanese"}))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        (src / name).write_text(name)
+    _copy_base(src, tmp_path / "base", link=False)
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == sorted(p.name for p in src.iterdir() if p.name != "pytorch_model.bin")
+    assert type(AutoTokenizer.from_pretrained(str(tmp_path / "base"))).__name__ == type(tok).__name__
