@@ -2229,3 +2229,141 @@ def test_a_ctrl_c_after_a_forwarded_stop_ended_does_not_hide_a_rank_that_crashed
     assert steps == ["SIGTERM", "Ctrl-C"], steps
     assert type(raised.value) is StageError, (repr(raised.value), logs)
     assert str(raised.value) == "train: rank 1 of 2 failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mgpu-fixes-6: M1-M3 of the stop handling's open defects (each test failed before its fix)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("when", ["in Popen, after the fork", "as Popen returns", "as the reader starts"])
+def test_a_deployment_runs_sigterm_as_torchrun_starts_stops_torchrun_and_says_so(monkeypatch, tmp_path, when):
+    """In a deployment run SIGTERM stays Prefect's (`stop_signals_to_forward`: its Cancel is acknowledged only by its own
+    handler), which raises TerminationSignal (prefect/utilities/engine: `_prefect_sigterm_handler`) at the next
+    instruction of the main thread. Landing in Popen after the fork, or as Popen returned (before `proc` held it), the
+    stage had no handle on the torchrun it had started: it ran on, unwatched, until this process exited (only the
+    parent-death signal ends it then; a caller that goes on keeps it). Landing once `proc` was set, the `finally` stopped
+    it without a word. Now torchrun is stopped wherever the exception lands, and one line says so."""
+    import subprocess
+    import sys
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities.engine import _prefect_sigterm_handler  # the handler a flow run's engine installs
+
+    from tasks.engine import launch
+
+    started, forked, logs = [], [], []
+    popen, execute, reading = launch.subprocess.Popen, subprocess.Popen._execute_child, launch.read_in_background
+
+    def fork_then_sigterm(self, *a, **k):
+        execute(self, *a, **k)
+        forked.append(self.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # Prefect's handler raises at the next instruction, still inside Popen
+
+    def popen_then_sigterm(*a, **k):
+        started.append(popen(*a, **k))
+        forked.append(started[-1].pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # raised before `proc = ...` stores what Popen returned
+        return started[-1]
+
+    def sigterm_then_read(lines, show):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return reading(lines, show)
+
+    monkeypatch.setattr(launch, "in_a_deployment_run", lambda: True)
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", "import time; time.sleep(120)"])
+    if when == "in Popen, after the fork":
+        monkeypatch.setattr(subprocess.Popen, "_execute_child", fork_then_sigterm)
+    elif when == "as Popen returns":
+        monkeypatch.setattr(launch.subprocess, "Popen", popen_then_sigterm)
+    else:
+        monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or forked.append(started[-1].pid) or started[-1])
+        monkeypatch.setattr(launch, "read_in_background", sigterm_then_read)
+    outer = signal.signal(signal.SIGTERM, _prefect_sigterm_handler)
+    try:
+        with _python_ctrl_c(monkeypatch, started):
+            with pytest.raises(TerminationSignal):
+                launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path / "work", logs.append)
+            left = [pid for pid in forked if _running(pid)]
+            handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    assert forked and not left, (forked, left, logs)
+    assert handlers == (signal.default_int_handler, _prefect_sigterm_handler), handlers
+    said = [line for line in logs if "TerminationSignal" in line]
+    assert len(said) == 1 and f"torchrun (pid {forked[0]})" in said[0] and "SIGTERM passed on" in said[0], logs
+
+
+def test_someone_elses_ctrl_c_in_popen_after_the_fork_stops_torchrun(monkeypatch, tmp_path):
+    """The same for a SIGINT handler of someone else's that raises KeyboardInterrupt (the stage then sets none of its
+    own): landing in Popen after the fork, it left torchrun running, unwatched ("it dies with this process")."""
+    import subprocess
+    import sys
+
+    from tasks.engine import launch
+
+    forked, logs, execute = [], [], subprocess.Popen._execute_child
+
+    def fork_then_ctrl_c(self, *a, **k):
+        execute(self, *a, **k)
+        forked.append(self.pid)
+        os.kill(os.getpid(), signal.SIGINT)  # to this process only: torchrun, in its group, gets no terminal's here
+
+    def someone_elses(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", fork_then_ctrl_c)
+    outer = signal.signal(signal.SIGINT, someone_elses)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path / "work", logs.append)
+        monkeypatch.undo()
+        left = [pid for pid in forked if _running(pid)]
+    finally:
+        signal.signal(signal.SIGINT, outer)
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    assert forked and not left, (forked, left, logs)
+    assert any(line.startswith(f"train: KeyboardInterrupt came while torchrun (pid {forked[0]}) ran") for line in logs), logs
+
+
+def test_a_torchrun_whose_popen_was_cut_short_is_found_through_the_program_it_dies_with():
+    """The test above starts a stand-in in place of `_dying_with`'s program; the stage finds torchrun by its command line,
+    which is that program's until it runs its exec, then torchrun's own. Both are found, and nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    from tasks.engine import launch
+
+    cmd = [sys.executable, "-c", "import time; time.sleep(120)", "a torchrun-shaped argument"]
+    argv = launch._dying_with(os.getpid(), cmd)
+    proc = subprocess.Popen(argv)
+    try:
+        first = launch._forked_child([argv, cmd])
+        for _ in range(600):  # until the program has run its exec (its command line is torchrun's)
+            if Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1] == [os.fsencode(a) for a in cmd]:
+                break
+            time.sleep(0.05)
+        then = launch._forked_child([argv, cmd])
+        other = launch._forked_child([[sys.executable, "-c", "another program"]])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first is not None and then is not None and (first.pid, then.pid) == (proc.pid, proc.pid), (first, then)
+    assert other is None

@@ -126,7 +126,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # from then on in this process, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
     ctrl_c = _CtrlC(came)
-    proc: subprocess.Popen | None = None
+    # What Popen runs: torchrun through the program that has it die with this process. Known before the `try`: the
+    # `finally` finds by it a torchrun whose Popen an exception cut short (`_forked_child`).
+    argv = _dying_with(os.getpid(), cmd)
+    proc: subprocess.Popen | _Forked | None = None
     reader: threading.Thread | None = None
     killed = False
     seen_ended = False
@@ -146,10 +149,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         passes_ctrl_c_on = ctrl_c.install(previous)
         # Before Popen too: a SIGTERM as Popen forked torchrun (waiting for its exec) went to the caller's handler, and
         # Prefect's raises: Popen re-raised without its child, and torchrun trained on, unwatched (a review, 2026-12-07).
-        # Noted here, it is passed on in the loop's first turn.
+        # Noted here, it is passed on in the loop's first turn. In a deployment run SIGTERM stays Prefect's
+        # (`stop_signals_to_forward`), whose TerminationSignal may still land here: the `finally` finds and stops torchrun.
         _forward_stop_signals(previous, forwarded, stage, log_fn, came)
         own_group = passes_ctrl_c_on or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        proc = subprocess.Popen(_dying_with(os.getpid(), cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 text=True, errors="replace", bufsize=1, process_group=0 if own_group else None)
         # torchrun's output is read in a thread from the start, never in this one: a Ctrl-C's KeyboardInterrupt raised in
         # the middle of a read (in the text decoder, Python code, called on bytes already taken from the pipe) dropped
@@ -188,8 +192,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     except KeyboardInterrupt:
         if proc is None:
             # Popen returned nothing: a SIGINT handler not the stage's (someone else's) raised in it, before the fork or
-            # after it. After it, torchrun runs and the stage has no handle on it to stop it: it dies with this process
-            # (`_dying_with`). So too for Prefect's SIGTERM handler, which stays in a deployment run (the `finally`).
+            # after it (or as it returned). After the fork torchrun runs: the `finally` finds it and stops it, as it does
+            # after Prefect's SIGTERM handler raised there (it stays in a deployment run).
             raise
         # A Ctrl-C that reached the stage once torchrun had ended (as its last lines were read) stops nothing: it said
         # "stopping" for an ended torchrun and dropped the record of a finished run (a review, 2026-12-06).
@@ -250,9 +254,18 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # that the stage has not raised yet (its handler ran as the `finally` began: a pending one runs as a function
         # starts; one raising there put no handler back, a review, 2026-12-06): raised below once the handlers are back.
         unpressed, late = ctrl_c.disarm()
+        ending = sys.exc_info()[1]  # what ends the stage here, if anything: a deployment run's Cancel (TerminationSignal)
+        if proc is None and ending is not None:
+            # It came in Popen after the fork (Popen re-raises without its child) or as Popen returned, before `proc` held
+            # it: torchrun ran on, unwatched, until this process exited (a review, 2026-12-07). Found by its command line.
+            proc = _forked_child([argv, cmd])
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
         if proc is not None and not killed and proc.poll() is None:
-            stop.send(proc, signal.SIGTERM)  # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless one was sent)
+            # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless a stop was passed on before)
+            sent = "SIGTERM passed on" if stop.send(proc, signal.SIGTERM) else f"{stop.name()} passed on before"
+            why = type(ending).__name__ if ending is not None else "the stage's end"
+            log_fn(f"{stage}: {why} came while torchrun (pid {proc.pid}) ran: the stage waits for torchrun's stop before it "
+                   f"ends ({sent} to torchrun): {STOP_WORDS[stage][0]} (up to {-(-grace // 60)} min)")
             if _wait_for_stop(proc, came, len(came), grace + 30) != "ended":  # torchrun's own kill first
                 _kill_with_its_ranks(proc, stage, log_fn)
         seen = len(ctrl_c.later)
@@ -340,7 +353,7 @@ def _stop_grace(env: dict[str, str], stage: str, log_fn: Callable[[str], None]) 
     return grace
 
 
-def _kill_with_its_ranks(proc: subprocess.Popen, stage: str, log_fn: Callable[[str], None]) -> None:
+def _kill_with_its_ranks(proc: subprocess.Popen | _Forked, stage: str, log_fn: Callable[[str], None]) -> None:
     """SIGKILL torchrun and every process under it. torchrun starts each rank in a session of its own: killed alone,
     it left the ranks running with PPID 1, training on and holding their GPU, after the stage had ended. A Ctrl-C
     meanwhile cannot cut it short: run_stage's handler (_CtrlC) raises on the first Ctrl-C only. The wait for them to
@@ -364,7 +377,7 @@ def _kill_with_its_ranks(proc: subprocess.Popen, stage: str, log_fn: Callable[[s
 KILL_WAIT_S = 30  # how long the kill of torchrun and its ranks waits for them to go before it says which are left
 
 
-def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> list[int]:
+def _still_there(proc: subprocess.Popen | _Forked, others: list[int], timeout: float) -> list[int]:
     """Of `proc` (reaped here) and `others` (not this process's children: read from /proc), those still running
     after up to `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -382,6 +395,55 @@ def _still_there(proc: subprocess.Popen, others: list[int], timeout: float) -> l
     return [pid for pid in [proc.pid] if proc.poll() is None] + [pid for pid in others if running(pid)]
 
 
+def _forked_child(argvs: list[list[str]]) -> _Forked | None:
+    """This process's child whose command line is one of `argvs`, as a _Forked; None if there is none (or no /proc). Popen
+    forks with vfork here (no preexec_fn): by the time an exception can land after the fork, the child has run its exec,
+    so its command line is the one Popen was given (`_dying_with`'s program), or torchrun's once that program ran its own."""
+    wanted = {b"".join(os.fsencode(a) + b"\0" for a in argv) for argv in argvs}
+    for pid in _children().get(os.getpid(), []):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() in wanted:
+                return _Forked(pid)
+        except OSError:
+            continue  # gone meanwhile
+    return None
+
+
+class _Forked:
+    """torchrun known by its pid only, its Popen object lost: an exception (a deployment run's TerminationSignal) cut Popen
+    short after its fork, or came as it returned. The little of a Popen that run_stage's `finally`, `_OneStop`,
+    `_wait_for_stop` and `_kill_with_its_ranks` use."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by subprocess's clean-up of the lost Popen object, which has its exit code
+                done, status = self.pid, 0
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not a pid reused since it was reaped
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class _OneStop:
     """The one stop signal torchrun gets from the stage, whichever comes first: a forwarded SIGTERM or SIGHUP, the first
     Ctrl-C passed on, the `finally`'s SIGTERM. torchrun passes its first on to the ranks (they finish the step and save)
@@ -392,7 +454,7 @@ class _OneStop:
         self.tries = itertools.count()
         self.sent: list[signal.Signals] = []  # the one passed on (none if torchrun had ended)
 
-    def send(self, proc: subprocess.Popen, sig: signal.Signals) -> bool:
+    def send(self, proc: subprocess.Popen | _Forked, sig: signal.Signals) -> bool:
         """Send `sig` to torchrun if no stop signal went before; whether none had."""
         if next(self.tries) != 0:
             return False
@@ -461,7 +523,7 @@ class _CtrlC:
         return False
 
 
-def _wait_for_stop(proc: subprocess.Popen, came: list[signal.Signals], seen: int, timeout: float) -> str:
+def _wait_for_stop(proc: subprocess.Popen | _Forked, came: list[signal.Signals], seen: int, timeout: float) -> str:
     """Wait up to `timeout` seconds for torchrun to end: "ended", "again" (a stop signal after the first `seen` of `came`:
     stop at once) or "late"."""
     deadline = time.monotonic() + timeout
@@ -523,8 +585,8 @@ def die_with_parent() -> None:
                  "started, or the rank was started by hand; the train/probe stage starts the ranks")
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process under `pid`, read from /proc (Linux; [] elsewhere)."""
+def _children() -> dict[int, list[int]]:
+    """Each process's children (pid -> pids), read from /proc (Linux; {} elsewhere)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -532,6 +594,12 @@ def _descendants(pid: int) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile
         children.setdefault(ppid, []).append(int(stat.parent.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid`, read from /proc (Linux; [] elsewhere)."""
+    children = _children()
     found, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])
