@@ -1080,11 +1080,10 @@ def _finish_stopped(monkeypatch, tmp_path, logs: list[str], program: str = _TORC
     assert json.loads((tmp_path / "result-train.json").read_text()) == {"steps": 4}, logs
 
 
-def _ctrl_c_at_the_join(monkeypatch) -> list[bool]:
-    """Have the stage's reader of torchrun's output press Ctrl-C once, as the stage joins it (torchrun has ended: its
-    last lines are being read); the list returned holds True once it did."""
+def _ctrl_c_at_the_join(monkeypatch, sig: signal.Signals = signal.SIGINT) -> list[bool]:
+    """Have the stage's reader of torchrun's output press Ctrl-C (or send `sig`) once, as the stage joins it (torchrun has
+    ended: its last lines are being read); the list returned holds True once it did."""
     import os
-    import signal
 
     from tasks.engine import launch
 
@@ -1097,7 +1096,7 @@ def _ctrl_c_at_the_join(monkeypatch) -> list[bool]:
         def ctrl_c_then_join(timeout=None):
             if not pressed:
                 pressed.append(True)
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
             return join(timeout)
 
         reader.join = ctrl_c_then_join
@@ -2367,3 +2366,16 @@ def test_a_torchrun_whose_popen_was_cut_short_is_found_through_the_program_it_di
         proc.wait()
     assert first is not None and then is not None and (first.pid, then.pid) == (proc.pid, proc.pid), (first, then)
     assert other is None
+
+
+def test_a_ctrl_c_after_a_forwarded_stop_ended_the_ranks_does_not_announce_a_failure(monkeypatch, tmp_path):
+    """M3: a Ctrl-C once torchrun had ended logged "it stops nothing; their failure follows" before the outcome was known;
+    after a forwarded SIGTERM whose stop the ranks' records report (rank 1 saved checkpoint-3), what follows is that
+    stop (TrainingStopped), not a failure. The line is now worded from the outcome."""
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch), []
+    raised = _stop_signals_in(monkeypatch, tmp_path, _TORCHRUN_RANK_0_STOPPED_UNSAVED,
+                              lambda to_the_stage, noted: to_the_stage(signal.SIGTERM), logs)
+    assert pressed and type(raised) is TrainingStopped and "checkpoint-3 saved" in str(raised), (repr(raised), logs)
+    assert not any("their failure follows" in line for line in logs), logs
+    assert ("train: Ctrl-C after the 2 processes had ended (exit code 1): it stops nothing; they had stopped already: "
+            "their stop follows") in logs, logs

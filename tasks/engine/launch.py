@@ -133,6 +133,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     reader: threading.Thread | None = None
     killed = False
     seen_ended = False
+    ctrl_c_after_the_end = False  # a first Ctrl-C came once torchrun had ended on its own: it stops nothing
     at_once = False  # a second SIGTERM or SIGHUP came: stop at once
     passes_ctrl_c_on = False  # torchrun in a process group of its own, its Ctrl-C passed on by the stage
 
@@ -239,8 +240,9 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             # died and how (a review, 2026-12-06). So too for a Ctrl-C that came in the poll's sleep as torchrun ended
             # (raised before the stage saw it end: `stopping` is None, nothing was passed on): it raised KeyboardInterrupt,
             # or a rank's TrainingStopped after a forwarded SIGTERM, hiding a rank's own crash (a review, 2026-12-07).
-            log_fn(f"{stage}: Ctrl-C after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; "
-                   "their failure follows")
+            # Said below, once what ended them is known: "their failure follows" was said here before the stop that the
+            # ranks' records gave (TrainingStopped after a forwarded SIGTERM; a review, 2026-12-07).
+            ctrl_c_after_the_end = True
         else:
             # What the ranks' records say (`_ranks_outcome`, as after a forwarded SIGTERM): a rank's own failure, or a saved
             # checkpoint (TrainingStopped). No failure after a stop at once: a rank killed in a collective breaks its
@@ -280,11 +282,22 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 too_late(f"Ctrl-C after the {n} processes had finished")
             raise KeyboardInterrupt
     rc = proc.returncode
+    failure = None
     if rc != 0:
         by = stop.sent[0].name if stop.sent else (heard[0] if heard else None)
-        raise _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before, stopped_by=by, saved=saved)
-    if not result_path.is_file():
-        raise StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the output above")
+        failure = _failure(stage, n, rc, proc.pid, work, logs, list(tail), oom_before, stopped_by=by, saved=saved)
+    elif not result_path.is_file():
+        failure = StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the "
+                             "output above")
+    if failure is not None:
+        # A Ctrl-C that came once torchrun had ended reached nothing (the `except`). Worded from what ended the ranks,
+        # known only now.
+        after = ["Ctrl-C"] * ctrl_c_after_the_end
+        if after:
+            then = "their failure follows" if isinstance(failure, StageError) else "they had stopped already: their stop follows"
+            log_fn(f"{stage}: {' and '.join(dict.fromkeys(after))} after the {n} processes had ended (exit code {rc}): it "
+                   f"stops nothing; {then}")
+        raise failure
     caught = [s for s in came if s != signal.SIGINT]
     if caught:
         # A SIGTERM or SIGHUP that came as torchrun ended (as its last lines were read, as the handlers were put back: 0.1 s
