@@ -2368,6 +2368,26 @@ def test_a_torchrun_whose_popen_was_cut_short_is_found_through_the_program_it_di
     assert other is None
 
 
+def test_a_sigterm_after_torchrun_failed_says_it_stops_nothing(monkeypatch, tmp_path):
+    """M2: a SIGTERM (`kill PID`) once torchrun had failed on its own (here as the stage reads its last lines) reached no
+    torchrun and was dropped without a word; the failure was raised, which is right. Now one line says it came after
+    the processes had ended and stops nothing, then the failure follows."""
+    import sys
+
+    from tasks.engine import launch
+
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch, signal.SIGTERM), []
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FAILS, "-", ROOT_CAUSE])
+    outer = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the stage forwards it (not in a deployment run)
+    try:
+        with _python_ctrl_c(monkeypatch), pytest.raises(StageError) as e:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9 (SIGKILL;"), (e.value, logs)
+    assert "train: SIGTERM after the 2 processes had ended (exit code 1): it stops nothing; their failure follows" in logs, logs
+
+
 def test_a_ctrl_c_after_a_forwarded_stop_ended_the_ranks_does_not_announce_a_failure(monkeypatch, tmp_path):
     """M3: a Ctrl-C once torchrun had ended logged "it stops nothing; their failure follows" before the outcome was known;
     after a forwarded SIGTERM whose stop the ranks' records report (rank 1 saved checkpoint-3), what follows is that

@@ -290,9 +290,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         failure = StageError(f"{stage}: the {n} processes exited cleanly but rank 0 wrote no record ({result_path}); see the "
                              "output above")
     if failure is not None:
-        # A Ctrl-C that came once torchrun had ended reached nothing (the `except`). Worded from what ended the ranks,
-        # known only now.
-        after = ["Ctrl-C"] * ctrl_c_after_the_end
+        # A stop that came once torchrun had ended reached nothing: a Ctrl-C (the `except`), or a SIGTERM or SIGHUP that was
+        # passed on to no one (all but the one sent, if any: it came as torchrun ended, or after), which was dropped without
+        # a word (a review, 2026-12-07). Worded from what ended the ranks, known only now.
+        after = ["Ctrl-C"] * ctrl_c_after_the_end + [s.name for s in came if s != signal.SIGINT][len(stop.sent):]
         if after:
             then = "their failure follows" if isinstance(failure, StageError) else "they had stopped already: their stop follows"
             log_fn(f"{stage}: {' and '.join(dict.fromkeys(after))} after the {n} processes had ended (exit code {rc}): it "
