@@ -2503,3 +2503,26 @@ def test_a_ctrl_c_stop_whose_log_line_fails_still_waits_for_torchrun_and_puts_th
     raised, left = _stage_as_it_ends(monkeypatch, tmp_path, _TORCHRUN_SAVES_SLOWLY, ctrl_c, logs)
     assert type(raised) is BrokenPipeError, (repr(raised), logs)
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu6 R2: a second TerminationSignal in the finally's wait ends the stage with "
+                   "torchrun still stopping, unwatched, and the stage's SIGINT/SIGHUP handlers never put back")
+def test_a_second_deployment_sigterm_during_the_finallys_wait_leaves_no_torchrun_and_puts_the_handlers_back(monkeypatch, tmp_path):
+    """A deployment run's Cancel (Prefect's SIGTERM handler raises TerminationSignal) while torchrun runs: the `finally`
+    passes SIGTERM on, says it waits for torchrun's stop, and waits. A second SIGTERM (a second `kill PID`, a second
+    Cancel) raises TerminationSignal again from the wait's sleep: the `finally` is cut short there, before the kill and
+    before the handlers are put back. The stage ends with torchrun mid-stop, watched by no one (in a flow run the process
+    then exits and the parent-death signal SIGKILLs it before the ranks saved), and SIGINT's handler stays the stage's,
+    disarmed (Ctrl-C noted into a dead list for the life of the process), SIGHUP's the stage's forwarder to an ended torchrun."""
+    from prefect.exceptions import TerminationSignal
+
+    logs: list[str] = []
+
+    def twice(to_the_stage):
+        to_the_stage(signal.SIGTERM)
+        _wait_until(lambda: any("TerminationSignal came while torchrun" in line for line in logs))
+        to_the_stage(signal.SIGTERM)
+
+    raised, left = _stage_as_it_ends(monkeypatch, tmp_path, _TORCHRUN_SAVES_SLOWLY, twice, logs, deployment=True)
+    assert type(raised) is TerminationSignal, (repr(raised), logs)
+    assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
