@@ -2526,3 +2526,35 @@ def test_a_second_deployment_sigterm_during_the_finallys_wait_leaves_no_torchrun
     raised, left = _stage_as_it_ends(monkeypatch, tmp_path, _TORCHRUN_SAVES_SLOWLY, twice, logs, deployment=True)
     assert type(raised) is TerminationSignal, (repr(raised), logs)
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu6 R3: after M1's line promises a checkpoint, the finally kills torchrun "
+                   "and its ranks (a Ctrl-C in its wait, or the wait running out) without a line")
+@pytest.mark.parametrize("how", ["a Ctrl-C during the wait", "the wait runs out"])
+def test_a_kill_in_the_finallys_wait_is_said(monkeypatch, tmp_path, how):
+    """M1's line after a deployment run's TerminationSignal says "the stage waits for torchrun's stop before it ends
+    (SIGTERM passed on to torchrun): each rank finishes its step and saves a checkpoint". Then, in the same `finally`, a
+    Ctrl-C (or a SIGHUP) makes `_wait_for_stop` give "again", and a stop that outlasts the grace gives "late": either way
+    `_kill_with_its_ranks` SIGKILLs torchrun and the ranks, unsaved, and nothing says so (the `except`'s same two kills
+    say `train: stopped at once: ...` and `train: torchrun and its ranks had not ended ... s after the stop: killed`). The
+    log's last word is the promise of a checkpoint."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.engine import launch
+
+    logs: list[str] = []
+    program = _TORCHRUN_SAVES_SLOWLY
+    if how == "the wait runs out":
+        monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # the grace + 30 s: 31 s, not 630 s
+        program = program.replace("time.sleep(4)", "time.sleep(300)")
+
+    def sigterm_then(to_the_stage):
+        to_the_stage(signal.SIGTERM)
+        _wait_until(lambda: any("TerminationSignal came while torchrun" in line for line in logs))
+        if how == "a Ctrl-C during the wait":
+            to_the_stage(signal.SIGINT)
+
+    raised, left = _stage_as_it_ends(monkeypatch, tmp_path, program, sigterm_then, logs, deployment=True)
+    assert type(raised) is TerminationSignal and not left["torchrun running"], (repr(raised), left, logs)
+    said = logs[next(i for i, line in enumerate(logs) if "TerminationSignal came while torchrun" in line) + 1:]
+    assert any("at once" in line or "killed" in line for line in said), logs
