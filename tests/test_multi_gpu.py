@@ -2477,8 +2477,6 @@ def _stage_as_it_ends(monkeypatch, tmp_path, program: str, send: Callable[[Calla
 
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R1 (regression of M1, passes on 568fafa): the finally's new log line "
-                   "raises before the wait and the restore: torchrun left mid-stop, unwatched, SIGINT's handler left disarmed")
 def test_a_ctrl_c_stop_whose_log_line_fails_still_waits_for_torchrun_and_puts_the_handlers_back(monkeypatch, tmp_path):
     """M1's line in the `finally` ("... came while torchrun (pid N) ran: the stage waits for torchrun's stop ...") runs
     after the stop is sent and before the wait and the handlers' restore. A log_fn that raises (bench/pipeline_gpu.py's

@@ -141,10 +141,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
         return proc is not None and not killed and proc.returncode == 0 and result_path.is_file()
 
-    def too_late(when: str, then: str = "stopping the run as asked") -> None:
+    def too_late(when: str, then: str = "stopping the run as asked", log: Callable[[str], None] = log_fn) -> None:
         # Rank 0 completed the stage's folder before writing the record, so stopping loses nothing, and the user asked
         # to stop: going on to evaluate, merge and publish after a Ctrl-C (as the first fix did) is not what they asked.
-        log_fn(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); {then}")
+        log(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); {then}")
     try:
         # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         passes_ctrl_c_on = ctrl_c.install(previous)
@@ -252,6 +252,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 raise outcome from None
             raise
     finally:
+        # Every line here goes through `say`: a log_fn that raises (print to a closed stdout: BrokenPipeError) cut the
+        # `finally` short at its first line, before the wait for torchrun's stop and the handlers' restore: torchrun left
+        # mid-stop, unwatched, and the stage's disarmed Ctrl-C handler left SIGINT's for good (a review, 2026-12-07).
+        say = _logging_on(log_fn)
         # From here on no Ctrl-C is a first one: it stops at once, and no restore is cut short. `late`: a first Ctrl-C came
         # that the stage has not raised yet (its handler ran as the `finally` began: a pending one runs as a function
         # starts; one raising there put no handler back, a review, 2026-12-06): raised below once the handlers are back.
@@ -266,10 +270,10 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless a stop was passed on before)
             sent = "SIGTERM passed on" if stop.send(proc, signal.SIGTERM) else f"{stop.name()} passed on before"
             why = type(ending).__name__ if ending is not None else "the stage's end"
-            log_fn(f"{stage}: {why} came while torchrun (pid {proc.pid}) ran: the stage waits for torchrun's stop before it "
-                   f"ends ({sent} to torchrun): {STOP_WORDS[stage][0]} (up to {-(-grace // 60)} min)")
+            say(f"{stage}: {why} came while torchrun (pid {proc.pid}) ran: the stage waits for torchrun's stop before it "
+                f"ends ({sent} to torchrun): {STOP_WORDS[stage][0]} (up to {-(-grace // 60)} min)")
             if _wait_for_stop(proc, came, len(came), grace + 30) != "ended":  # torchrun's own kill first
-                _kill_with_its_ranks(proc, stage, log_fn)
+                _kill_with_its_ranks(proc, stage, say)
         seen = len(ctrl_c.later)
         # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
         # before SIGTERM's and SIGHUP's were put back, and those forwarded to the ended torchrun from then on (a review,
@@ -279,7 +283,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
             if finished():
-                too_late(f"Ctrl-C after the {n} processes had finished")
+                too_late(f"Ctrl-C after the {n} processes had finished", log=say)
             raise KeyboardInterrupt
     rc = proc.returncode
     failure = None
@@ -319,6 +323,21 @@ STOP_WORDS = {
               "no checkpoint saved for this stop; the rerun resumes from the last saved one"),
     "probe": ("the ranks end their trial; the probe saves nothing, so the rerun probes again", "the rerun probes again"),
 }
+
+
+def _logging_on(log_fn: Callable[[str], None]) -> Callable[[str], None]:
+    """`log_fn` for the lines of a clean-up that must run to its end: a line `log_fn` fails on goes to the process's own
+    stderr as it is, if it can, and the clean-up goes on; what `log_fn` raised is dropped (the stage's own outcome, the
+    exception already on its way out or the failure still to come, is what the stage ends with)."""
+
+    def say(line: str) -> None:
+        try:
+            log_fn(line)
+        except Exception:  # noqa: BLE001 -- a line that cannot be logged must not leave torchrun running
+            with contextlib.suppress(Exception):
+                sys.__stderr__.write(line + "\n")
+
+    return say
 
 
 def read_in_background(lines, show: Callable[[str], None]) -> threading.Thread:
