@@ -2526,8 +2526,6 @@ def test_a_second_deployment_sigterm_during_the_finallys_wait_leaves_no_torchrun
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R3: after M1's line promises a checkpoint, the finally kills torchrun "
-                   "and its ranks (a Ctrl-C in its wait, or the wait running out) without a line")
 @pytest.mark.parametrize("how", ["a Ctrl-C during the wait", "the wait runs out"])
 def test_a_kill_in_the_finallys_wait_is_said(monkeypatch, tmp_path, how):
     """M1's line after a deployment run's TerminationSignal says "the stage waits for torchrun's stop before it ends

@@ -272,8 +272,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             why = type(ending).__name__ if ending is not None else "the stage's end"
             say(f"{stage}: {why} came while torchrun (pid {proc.pid}) ran: the stage waits for torchrun's stop before it "
                 f"ends ({sent} to torchrun): {STOP_WORDS[stage][0]} (up to {-(-grace // 60)} min)")
-            if _wait_for_stop(proc, came, len(came), grace + 30) != "ended":  # torchrun's own kill first
+            ended = _wait_for_stop(proc, came, len(came), grace + 30)  # torchrun's own kill first
+            if ended != "ended":
+                # Said as the `except`'s kills are: the line above promised a checkpoint, and the log's last word was that
+                # promise while the ranks were SIGKILLed unsaved (a review, 2026-12-07).
                 _kill_with_its_ranks(proc, stage, say)
+                killed = True
+                lost = STOP_WORDS[stage][1]
+                say(f"{stage}: stopped at once: {lost}" if ended == "again" else
+                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
         seen = len(ctrl_c.later)
         # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
         # before SIGTERM's and SIGHUP's were put back, and those forwarded to the ended torchrun from then on (a review,
