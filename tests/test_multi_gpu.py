@@ -2575,8 +2575,6 @@ def test_a_sigterm_after_a_ctrl_c_stop_ended_torchrun_is_said(monkeypatch, tmp_p
     assert any("SIGTERM" in line for line in logs), logs
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R5: a first Ctrl-C in the stage's `finally` after torchrun failed on "
-                   "its own raises KeyboardInterrupt: the rank's failure is never reported, no line says why")
 @pytest.mark.parametrize("when", ["as the `finally` begins", "as the stage puts the handlers back"])
 def test_a_ctrl_c_as_the_stage_ends_after_torchrun_failed_reports_the_failure(monkeypatch, tmp_path, when):
     """RELIABILITY: a Ctrl-C after torchrun had failed on its own "reports that failure, not the Ctrl-C" (`train: Ctrl-C

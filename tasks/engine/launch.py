@@ -289,9 +289,15 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             signal.signal(sig, handler)
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
+            # Once torchrun had failed on its own (the `try` ran to its end: torchrun ended, not finished), it stops nothing
+            # either, and its failure is reported below, as after the `except`'s Ctrl-C: raised here, KeyboardInterrupt hid
+            # the rank's failure and the run read as interrupted (a review, 2026-12-07).
             if finished():
                 too_late(f"Ctrl-C after the {n} processes had finished", log=say)
-            raise KeyboardInterrupt
+                raise KeyboardInterrupt
+            if ending is not None or proc is None or killed:
+                raise KeyboardInterrupt
+            ctrl_c_after_the_end = True
     rc = proc.returncode
     failure = None
     if rc != 0:
