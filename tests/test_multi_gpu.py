@@ -2341,9 +2341,10 @@ def test_someone_elses_ctrl_c_in_popen_after_the_fork_stops_torchrun(monkeypatch
     assert any(line.startswith(f"train: KeyboardInterrupt came while torchrun (pid {forked[0]}) ran") for line in logs), logs
 
 
-def test_a_torchrun_whose_popen_was_cut_short_is_found_through_the_program_it_dies_with():
-    """The test above starts a stand-in in place of `_dying_with`'s program; the stage finds torchrun by its command line,
-    which is that program's until it runs its exec, then torchrun's own. Both are found, and nothing else."""
+def test_a_torchrun_whose_popen_was_cut_short_is_found_through_its_launch_mark():
+    """The test above starts a stand-in in place of `_dying_with`'s program; the stage finds torchrun by this launch's mark
+    in its environment, which that program's exec of torchrun keeps. It is found before and after that exec, and a child
+    with another launch's mark is not."""
     import subprocess
     import sys
     import time
@@ -2352,20 +2353,20 @@ def test_a_torchrun_whose_popen_was_cut_short_is_found_through_the_program_it_di
 
     cmd = [sys.executable, "-c", "import time; time.sleep(120)", "a torchrun-shaped argument"]
     argv = launch._dying_with(os.getpid(), cmd)
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, env={**os.environ, launch.LAUNCH_MARK: "this-launch"})
     try:
-        first = launch._forked_child([argv, cmd])
+        first = launch._forked_child("this-launch")
         for _ in range(600):  # until the program has run its exec (its command line is torchrun's)
             if Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1] == [os.fsencode(a) for a in cmd]:
                 break
             time.sleep(0.05)
-        then = launch._forked_child([argv, cmd])
-        other = launch._forked_child([[sys.executable, "-c", "another program"]])
+        then = launch._forked_child("this-launch")
+        other = launch._forked_child("another-launch")
     finally:
         proc.kill()
         proc.wait()
-    assert first is not None and then is not None and (first.pid, then.pid) == (proc.pid, proc.pid), (first, then)
-    assert other is None
+    assert first[0] is not None and then[0] is not None and (first[0].pid, then[0].pid) == (proc.pid, proc.pid), (first, then)
+    assert other == (None, None)
 
 
 def test_a_sigterm_after_torchrun_failed_says_it_stops_nothing(monkeypatch, tmp_path):
@@ -2625,8 +2626,6 @@ def test_a_ctrl_c_as_the_stage_ends_after_torchrun_failed_reports_the_failure(mo
     assert type(raised) is StageError and str(raised).startswith("train: rank 1 of 2 died with exit code -9"), (repr(raised), logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R6: where the lookup cannot read /proc, a TerminationSignal after the "
-                   "fork leaves torchrun running and nothing says so")
 @pytest.mark.parametrize("how", ["no /proc", "cmdline unreadable"])
 def test_a_torchrun_the_lookup_cannot_see_is_said_to_run_on(monkeypatch, tmp_path, how):
     """M1 finds a torchrun whose Popen a TerminationSignal cut short by reading /proc (`_children`, each child's
@@ -2680,8 +2679,6 @@ def test_a_torchrun_the_lookup_cannot_see_is_said_to_run_on(monkeypatch, tmp_pat
     assert not left or any("torchrun" in line for line in logs[1:]), (left, logs)  # logs[0]: the launch line
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R7 (M1; passes on 568fafa): a TerminationSignal before this launch's fork stops another "
-                   "thread's torchrun of the same stage and work folder (same command line), and says it was this stage's")
 def test_a_cancel_before_the_fork_leaves_another_threads_torchrun_alone(monkeypatch, tmp_path):
     """M1 finds "torchrun" as any child of this process whose command line is the one this launch would run. Two launches
     of the same stage on the same work folder in one process (two threads; the flows' `locked(out)` keeps train_adapter's

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -83,6 +84,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # or tasks/ there was imported by torchrun and the ranks instead (Python >= 3.11, which the project requires; torchrun
     # passes its environment on to the ranks).
     env["PYTHONSAFEPATH"] = "1"
+    # This launch's own mark, which the `finally` finds torchrun by if an exception cut Popen short (`_forked_child`):
+    # found by its command line, another thread's launch of the same stage and work folder was taken for this one's,
+    # stopped and called this stage's (a review, 2026-12-07).
+    launch_mark = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env[LAUNCH_MARK] = launch_mark
     _keep_sighup_ignored(env)
     log_fn(f"{stage}: launching {n} processes: {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=40)
@@ -126,8 +132,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     # from then on in this process, and SIGTERM went to the ended torchrun (a review, 2026-12-06).
     previous: dict = {}
     ctrl_c = _CtrlC(came)
-    # What Popen runs: torchrun through the program that has it die with this process. Known before the `try`: the
-    # `finally` finds by it a torchrun whose Popen an exception cut short (`_forked_child`).
+    # What Popen runs: torchrun through the program that has it die with this process.
     argv = _dying_with(os.getpid(), cmd)
     proc: subprocess.Popen | _Forked | None = None
     reader: threading.Thread | None = None
@@ -263,8 +268,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         ending = sys.exc_info()[1]  # what ends the stage here, if anything: a deployment run's Cancel (TerminationSignal)
         if proc is None and ending is not None:
             # It came in Popen after the fork (Popen re-raises without its child) or as Popen returned, before `proc` held
-            # it: torchrun ran on, unwatched, until this process exited (a review, 2026-12-07). Found by its command line.
-            proc = _forked_child([argv, cmd])
+            # it: torchrun ran on, unwatched, until this process exited (a review, 2026-12-07). Found by this launch's mark.
+            proc, unknown = _forked_child(launch_mark)
+            if unknown is not None:
+                # Nothing was found to stop, and whether torchrun started is not known: said, not taken as none started
+                # (a review, 2026-12-07).
+                say(f"{stage}: {type(ending).__name__} came as torchrun started, and torchrun could not be found to stop: "
+                    f"{unknown}; if it started, it runs on unwatched (see `ps -ef | grep torch.distributed.run`) until it "
+                    "ends or this process does (it dies with this process on Linux)")
         # This process is ending otherwise (a deployment run's Cancel): no rank outlives it.
         if proc is not None and not killed and proc.poll() is None:
             # the ranks finish the step and save a checkpoint, as on Ctrl-C (unless a stop was passed on before)
@@ -441,18 +452,30 @@ def _still_there(proc: subprocess.Popen | _Forked, others: list[int], timeout: f
     return [pid for pid in [proc.pid] if proc.poll() is None] + [pid for pid in others if running(pid)]
 
 
-def _forked_child(argvs: list[list[str]]) -> _Forked | None:
-    """This process's child whose command line is one of `argvs`, as a _Forked; None if there is none (or no /proc). Popen
-    forks with vfork here (no preexec_fn): by the time an exception can land after the fork, the child has run its exec,
-    so its command line is the one Popen was given (`_dying_with`'s program), or torchrun's once that program ran its own."""
-    wanted = {b"".join(os.fsencode(a) + b"\0" for a in argv) for argv in argvs}
-    for pid in _children().get(os.getpid(), []):
+LAUNCH_MARK = "QLORA_PIPELINE_LAUNCH"  # the environment variable that marks the torchrun of one run_stage call
+
+
+def _forked_child(mark: str) -> tuple[_Forked | None, str | None]:
+    """This process's child whose environment has LAUNCH_MARK=`mark`, as a _Forked (None if there is none), and why none
+    could be looked for, if so (None if every child was looked at). Popen forks with vfork here (no preexec_fn): by the time
+    an exception can land after the fork, the child has run its exec, so its environment is the one Popen gave it (kept by
+    `_dying_with`'s program's exec of torchrun). The mark is this launch's alone: a command line is the same for every
+    launch of a stage on one work folder."""
+    children = _children()
+    if not children:  # this process itself is in /proc if it can be read at all
+        return None, "/proc could not be read (no /proc: not Linux, or not mounted)"
+    wanted, unread = f"{LAUNCH_MARK}={mark}".encode(), []
+    for pid in children.get(os.getpid(), []):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes() in wanted:
-                return _Forked(pid)
-        except OSError:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
             continue  # gone meanwhile
-    return None
+        except OSError as e:
+            unread.append(f"{pid} ({e.strerror or e})")
+            continue
+        if wanted in environ.split(b"\0"):
+            return _Forked(pid), None
+    return None, f"the environment of child process {', '.join(unread)} could not be read from /proc" if unread else None
 
 
 class _Forked:
