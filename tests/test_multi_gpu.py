@@ -2626,7 +2626,7 @@ def test_a_ctrl_c_as_the_stage_ends_after_torchrun_failed_reports_the_failure(mo
     assert type(raised) is StageError and str(raised).startswith("train: rank 1 of 2 died with exit code -9"), (repr(raised), logs)
 
 
-@pytest.mark.parametrize("how", ["no /proc", "cmdline unreadable"])
+@pytest.mark.parametrize("how", ["no /proc", "cmdline unreadable", "environ unreadable"])
 def test_a_torchrun_the_lookup_cannot_see_is_said_to_run_on(monkeypatch, tmp_path, how):
     """M1 finds a torchrun whose Popen a TerminationSignal cut short by reading /proc (`_children`, each child's
     cmdline). Where it cannot (no /proc: `_children` gives {}; a cmdline that raises PermissionError: skipped as "gone
@@ -2657,7 +2657,7 @@ def test_a_torchrun_the_lookup_cannot_see_is_said_to_run_on(monkeypatch, tmp_pat
         read_bytes = Path.read_bytes
 
         def denied(self):
-            if self.name == "cmdline":
+            if self.name == how.split()[0]:  # the lookup reads a child's environ (its launch mark), not its cmdline
                 raise PermissionError(13, "Permission denied", str(self))
             return read_bytes(self)
 
