@@ -2504,8 +2504,6 @@ def test_a_ctrl_c_stop_whose_log_line_fails_still_waits_for_torchrun_and_puts_th
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R2: a second TerminationSignal in the finally's wait ends the stage with "
-                   "torchrun still stopping, unwatched, and the stage's SIGINT/SIGHUP handlers never put back")
 def test_a_second_deployment_sigterm_during_the_finallys_wait_leaves_no_torchrun_and_puts_the_handlers_back(monkeypatch, tmp_path):
     """A deployment run's Cancel (Prefect's SIGTERM handler raises TerminationSignal) while torchrun runs: the `finally`
     passes SIGTERM on, says it waits for torchrun's stop, and waits. A second SIGTERM (a second `kill PID`, a second

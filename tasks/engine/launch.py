@@ -261,6 +261,13 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # `finally` short at its first line, before the wait for torchrun's stop and the handlers' restore: torchrun left
         # mid-stop, unwatched, and the stage's disarmed Ctrl-C handler left SIGINT's for good (a review, 2026-12-07).
         say = _logging_on(log_fn)
+        # A stop signal whose handler is still the caller's (a deployment run's SIGTERM: Prefect's, which raises
+        # TerminationSignal) is only noted while the `finally` runs, and handed back to that handler at its end, once
+        # torchrun is stopped and the stage's handlers are put back: a second Cancel in the wait for torchrun's stop raised
+        # there, and the stage ended with torchrun mid-stop, unwatched, its own handlers never put back (a review,
+        # 2026-12-07). Noted in `came` too: the wait takes it as a second stop signal (stop at once).
+        held: list[signal.Signals] = []
+        outer = _hold_stop_signals(previous, held, came)
         # From here on no Ctrl-C is a first one: it stops at once, and no restore is cut short. `late`: a first Ctrl-C came
         # that the stage has not raised yet (its handler ran as the `finally` began: a pending one runs as a function
         # starts; one raising there put no handler back, a review, 2026-12-06): raised below once the handlers are back.
@@ -296,7 +303,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
         # before SIGTERM's and SIGHUP's were put back, and those forwarded to the ended torchrun from then on (a review,
         # 2026-12-06). Never None: a handler set outside Python is not replaced (_forward_stop_signals).
-        for sig, handler in reversed(previous.items()):
+        for sig, handler in [*outer.items(), *reversed(previous.items())]:
             signal.signal(sig, handler)
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
@@ -309,6 +316,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             if ending is not None or proc is None or killed:
                 raise KeyboardInterrupt
             ctrl_c_after_the_end = True
+        for sig in dict.fromkeys(held):  # to the caller's handler, now back: Prefect's raises TerminationSignal
+            signal.raise_signal(sig)
     rc = proc.returncode
     failure = None
     if rc != 0:
@@ -708,6 +717,27 @@ def _keep_sighup_ignored(env: dict[str, str]) -> None:
     if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
         handled = env.get("PET_SIGNALS_TO_HANDLE") or TORCHRUN_SIGNALS
         env["PET_SIGNALS_TO_HANDLE"] = ",".join(s.strip() for s in handled.split(",") if s.strip() not in ("SIGHUP", ""))
+
+
+def _hold_stop_signals(ours: dict, held: list[signal.Signals], came: list[signal.Signals]) -> dict:
+    """For run_stage's `finally`: have each stop signal whose handler is a Python one not the stage's (not in `ours`: a
+    deployment run's SIGTERM, Prefect's) only noted in `held` and `came`; return the handlers replaced, to be put back.
+    The stage's own handlers (in `ours`) already only note; SIG_DFL and SIG_IGN stay (SIG_DFL ends this process, and the
+    ranks with it); off the main thread nothing can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def hold(signum, frame):
+        held.append(signal.Signals(signum))
+        came.append(signal.Signals(signum))
+
+    replaced = {}
+    for sig in (signal.SIGINT, *FORWARDED):
+        handler = signal.getsignal(sig)
+        if sig not in ours and callable(handler):
+            replaced[sig] = handler
+            signal.signal(sig, hold)
+    return replaced
 
 
 def _forward_stop_signals(replaced: dict, signals: list[signal.Signals], stage: str, log_fn: Callable[[str], None],
