@@ -2555,8 +2555,6 @@ def test_a_kill_in_the_finallys_wait_is_said(monkeypatch, tmp_path, how):
     assert any("at once" in line or "killed" in line for line in said), logs
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R4: a SIGTERM after a Ctrl-C's stop had ended torchrun is dropped "
-                   "without a word (M2 names one only where the stage raises after its `finally`)")
 @pytest.mark.parametrize("program", ["a rank crashed as it stopped", "the ranks stopped"])
 def test_a_sigterm_after_a_ctrl_c_stop_ended_torchrun_is_said(monkeypatch, tmp_path, program):
     """M2: "a SIGTERM or SIGHUP that comes once torchrun has failed ... one line ... (the SIGTERM was dropped without a

@@ -138,6 +138,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     reader: threading.Thread | None = None
     killed = False
     seen_ended = False
+    ended_at: int | None = None  # how many stop signals had come when the stage knew torchrun had ended: later ones stop nothing
     ctrl_c_after_the_end = False  # a first Ctrl-C came once torchrun had ended on its own: it stops nothing
     at_once = False  # a second SIGTERM or SIGHUP came: stop at once
     passes_ctrl_c_on = False  # torchrun in a process group of its own, its Ctrl-C passed on by the stage
@@ -181,6 +182,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         ctrl_c.check()  # a Ctrl-C in the last turn came before torchrun was seen ended
         # Seen ended before any Ctrl-C raised: one from here on came after torchrun had ended on its own and stops nothing.
         seen_ended = True
+        ended_at = len(came)
         # torchrun's last lines, its failure summary among them. Not one reader.join(): where the stage's stderr blocks (a
         # terminal paused with Ctrl-S, a stalled `2>&1 | less`) the reader blocks writing them, and a Ctrl-C or SIGTERM
         # waited unraised until the output moved again, forever if it never did (a review, 2026-12-07). Once a SIGTERM or
@@ -228,6 +230,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 # there) stops at once: another Ctrl-C, SIGTERM, SIGHUP.
                 after = came.index(signal.SIGINT) + 1 if signal.SIGINT in came else len(came)
                 ended = _wait_for_stop(proc, came, after, grace + 30)  # torchrun's own kill first
+                if ended == "ended":
+                    ended_at = len(came)
             graceful = ended == "ended" and (first or passes_ctrl_c_on)  # torchrun had one stop signal
             if ended != "ended":
                 _kill_with_its_ranks(proc, stage, log_fn)
@@ -316,6 +320,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             if ending is not None or proc is None or killed:
                 raise KeyboardInterrupt
             ctrl_c_after_the_end = True
+        # A SIGTERM or SIGHUP that came once torchrun had ended, the stage ending with an exception of its own (the ranks'
+        # outcome after a Ctrl-C's stop, a Ctrl-C's KeyboardInterrupt): it stops nothing, and was dropped without a word:
+        # M2's line is said only where the stage goes on past this `finally` (a review, 2026-12-07).
+        after_end = [s for s in came[ended_at:] if s != signal.SIGINT and s not in held] if ended_at is not None else []
+        if ending is not None and after_end and not finished():
+            then = "their failure follows" if isinstance(ending, StageError) else "the stage ends with its stop"
+            say(f"{stage}: {' and '.join(dict.fromkeys(s.name for s in after_end))} after the {n} processes had ended (exit "
+                f"code {proc.returncode}): it stops nothing; {then}")
         for sig in dict.fromkeys(held):  # to the caller's handler, now back: Prefect's raises TerminationSignal
             signal.raise_signal(sig)
     rc = proc.returncode
