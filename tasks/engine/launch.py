@@ -324,10 +324,17 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # outcome after a Ctrl-C's stop, a Ctrl-C's KeyboardInterrupt): it stops nothing, and was dropped without a word:
         # M2's line is said only where the stage goes on past this `finally` (a review, 2026-12-07).
         after_end = [s for s in came[ended_at:] if s != signal.SIGINT and s not in held] if ended_at is not None else []
-        if ending is not None and after_end and not finished():
+        # Once the ranks had finished, it is handed back to the caller's handler, as where the stage returns the record
+        # (M2): after a Ctrl-C there too it was neither said nor handed back (a CLI under SIG_DFL ended as interrupted,
+        # not by its SIGTERM; a review, 2026-12-07).
+        names = " and ".join(dict.fromkeys(s.name for s in after_end))
+        if ending is not None and after_end and finished():
+            say(f"{stage}: {names} as the {n} processes finished: it stops nothing; the signal is handed back to the caller's "
+                "handler")
+            held += after_end
+        elif ending is not None and after_end:
             then = "their failure follows" if isinstance(ending, StageError) else "the stage ends with its stop"
-            say(f"{stage}: {' and '.join(dict.fromkeys(s.name for s in after_end))} after the {n} processes had ended (exit "
-                f"code {proc.returncode}): it stops nothing; {then}")
+            say(f"{stage}: {names} after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; {then}")
         for sig in dict.fromkeys(held):  # to the caller's handler, now back: Prefect's raises TerminationSignal
             signal.raise_signal(sig)
     rc = proc.returncode
