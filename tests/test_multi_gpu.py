@@ -2774,8 +2774,6 @@ def test_a_sigterm_then_a_ctrl_c_after_torchrun_finished_hands_the_sigterm_back(
     assert handed == [signal.SIGTERM] and "train: SIGTERM as the 2 processes finished: it stops nothing; the signal is handed back to the caller's handler" in logs, (handed, logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu6 R9: in a deployment run a Cancel (TerminationSignal) once torchrun had "
-                   "failed on its own ends the stage with no word of the failure (M2 covers the forwarded SIGTERM only)")
 def test_a_deployment_cancel_after_torchrun_failed_still_names_the_failure(monkeypatch, tmp_path):
     """M2: a SIGTERM once torchrun had failed is named, and the failure follows (`train: rank 1 of 2 died with exit code -9
     ...`). In a deployment run SIGTERM stays Prefect's: its Cancel, as the stage reads a failed torchrun's last lines,

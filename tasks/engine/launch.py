@@ -324,6 +324,18 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # outcome after a Ctrl-C's stop, a Ctrl-C's KeyboardInterrupt): it stops nothing, and was dropped without a word:
         # M2's line is said only where the stage goes on past this `finally` (a review, 2026-12-07).
         after_end = [s for s in came[ended_at:] if s != signal.SIGINT and s not in held] if ended_at is not None else []
+        # torchrun had failed on its own, and something else ends the stage (a deployment run's Cancel, TerminationSignal, as
+        # its last lines were read): the Cancel goes on (Prefect acknowledges it), and the failure that had already ended the
+        # ranks is said first: it was neither raised nor said, and the run read as cancelled (a review, 2026-12-07).
+        if seen_ended and ending is not None and not isinstance(ending, (StageError, TrainingStopped)) and proc.returncode:
+            try:
+                by = stop.sent[0].name if stop.sent else (heard[0] if heard else None)
+                failed = str(_failure(stage, n, proc.returncode, proc.pid, work, logs, list(tail), oom_before, stopped_by=by,
+                                      saved=saved))
+            except Exception as e:  # noqa: BLE001 -- the clean-up goes on; what ended the ranks is said as far as known
+                failed = f"torchrun exited {proc.returncode}; its failure could not be read ({type(e).__name__}: {e})"
+            say(f"{stage}: {type(ending).__name__} after the {n} processes had ended (exit code {proc.returncode}): it stops "
+                f"nothing; what had ended them: {failed}")
         # Once the ranks had finished, it is handed back to the caller's handler, as where the stage returns the record
         # (M2): after a Ctrl-C there too it was neither said nor handed back (a CLI under SIG_DFL ended as interrupted,
         # not by its SIGTERM; a review, 2026-12-07).
