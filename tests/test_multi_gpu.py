@@ -2803,3 +2803,33 @@ def test_a_deployment_cancel_after_torchrun_failed_still_names_the_failure(monke
     assert pressed and isinstance(raised, (TerminationSignal, StageError)), (repr(raised), logs)
     assert (isinstance(raised, StageError) and str(raised).startswith("train: rank 1 of 2 died")) or any(
         "rank 1 of 2 died" in line for line in logs), (repr(raised), logs)
+
+
+def test_a_cancel_held_in_the_finally_is_not_lost_to_a_late_ctrl_c(monkeypatch, tmp_path):
+    """R2's fix holds a deployment run's second SIGTERM (Prefect's handler) while the `finally` runs and raises it again at
+    its end. A first Ctrl-C as the `finally` puts the handlers back is raised there too; raised first, its
+    KeyboardInterrupt skipped the held Cancel, which Prefect then never saw (the flow run read as crashed, not cancelled).
+    The held signals go first: the stage ends with TerminationSignal, torchrun stopped, the handlers back."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.engine import launch
+
+    logs, pressed, setting = [], [], signal.signal
+
+    def ctrl_c_as_the_handlers_are_put_back(sig, handler):
+        if (not pressed and isinstance(signal.getsignal(signal.SIGINT), launch._CtrlC)
+                and any("TerminationSignal came while torchrun" in line for line in logs)):
+            pressed.append(sig)
+            os.kill(os.getpid(), signal.SIGINT)
+        return setting(sig, handler)
+
+    def sigterm_twice(to_the_stage):
+        to_the_stage(signal.SIGTERM)
+        _wait_until(lambda: any("TerminationSignal came while torchrun" in line for line in logs))
+        to_the_stage(signal.SIGTERM)
+
+    monkeypatch.setattr(launch.signal, "signal", ctrl_c_as_the_handlers_are_put_back)
+    raised, left = _stage_as_it_ends(monkeypatch, tmp_path, _TORCHRUN_SAVES_SLOWLY, sigterm_twice, logs, deployment=True)
+    assert pressed and type(raised) is TerminationSignal, (pressed, repr(raised), logs)
+    assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (left, logs)
+    assert "train: stopped at once: no checkpoint saved for this stop; the rerun resumes from the last saved one" in logs, logs

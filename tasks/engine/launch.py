@@ -309,6 +309,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # 2026-12-06). Never None: a handler set outside Python is not replaced (_forward_stop_signals).
         for sig, handler in [*outer.items(), *reversed(previous.items())]:
             signal.signal(sig, handler)
+        raise_ctrl_c = False  # raised last, after the held signals: a Cancel held meanwhile still reaches Prefect's handler
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
             # Once torchrun had failed on its own (the `try` ran to its end: torchrun ended, not finished), it stops nothing
@@ -316,10 +317,11 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             # the rank's failure and the run read as interrupted (a review, 2026-12-07).
             if finished():
                 too_late(f"Ctrl-C after the {n} processes had finished", log=say)
-                raise KeyboardInterrupt
-            if ending is not None or proc is None or killed:
-                raise KeyboardInterrupt
-            ctrl_c_after_the_end = True
+                raise_ctrl_c = True
+            elif ending is not None or proc is None or killed:
+                raise_ctrl_c = True
+            else:
+                ctrl_c_after_the_end = True
         # A SIGTERM or SIGHUP that came once torchrun had ended, the stage ending with an exception of its own (the ranks'
         # outcome after a Ctrl-C's stop, a Ctrl-C's KeyboardInterrupt): it stops nothing, and was dropped without a word:
         # M2's line is said only where the stage goes on past this `finally` (a review, 2026-12-07).
@@ -349,6 +351,8 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             say(f"{stage}: {names} after the {n} processes had ended (exit code {proc.returncode}): it stops nothing; {then}")
         for sig in dict.fromkeys(held):  # to the caller's handler, now back: Prefect's raises TerminationSignal
             signal.raise_signal(sig)
+        if raise_ctrl_c:
+            raise KeyboardInterrupt
     rc = proc.returncode
     failure = None
     if rc != 0:
