@@ -312,13 +312,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         raise_ctrl_c = False  # raised last, after the held signals: a Cancel held meanwhile still reaches Prefect's handler
         if unpressed and (late or len(ctrl_c.later) > seen):  # the user's first Ctrl-C, as the handlers were put back: theirs
             # Once the ranks had finished it stops no rank, as in the `except`: it says their result is kept, and stops the run.
-            # Once torchrun had failed on its own (the `try` ran to its end: torchrun ended, not finished), it stops nothing
-            # either, and its failure is reported below, as after the `except`'s Ctrl-C: raised here, KeyboardInterrupt hid
-            # the rank's failure and the run read as interrupted (a review, 2026-12-07).
+            # Once torchrun had failed on its own (the `try` ran to its end: torchrun ended with a non-zero exit), it stops
+            # nothing either, and its failure is reported below, as after the `except`'s Ctrl-C: raised here, KeyboardInterrupt
+            # hid the rank's failure and the run read as interrupted (a review, 2026-12-07). A clean exit without a record
+            # keeps the Ctrl-C (test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working).
             if finished():
                 too_late(f"Ctrl-C after the {n} processes had finished", log=say)
                 raise_ctrl_c = True
-            elif ending is not None or proc is None or killed:
+            elif ending is not None or proc is None or killed or not proc.returncode:
                 raise_ctrl_c = True
             else:
                 ctrl_c_after_the_end = True
