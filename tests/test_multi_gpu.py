@@ -2403,7 +2403,8 @@ def test_a_ctrl_c_after_a_forwarded_stop_ended_the_ranks_does_not_announce_a_fai
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A review (review-mgpu6, 2026-12-07) of 568fafa..c142f59 (M1-M3): what it found, each an xfail strict test
+# A review (review-mgpu6, 2026-12-07) of 568fafa..c142f59 (M1-M3): what it found, each an xfail strict test; fixed on
+# mgpu-fixes-6 (R1-R9), where the marks came off
 
 
 # torchrun whose stop takes a while (the ranks finish their step and save): told to stop (SIGINT, SIGTERM, SIGHUP), it
