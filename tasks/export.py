@@ -1298,6 +1298,29 @@ def nested_too_deeply_problem(found: JsonFindings) -> tuple[str, str] | None:
             "deep): send it flatter"), where
 
 
+def nested_beyond_the_cap(body: dict) -> bool:
+    """Whether a request's JSON nests arrays or objects more than MAX_JSON_DEPTH levels: the body itself, or JSON text
+    in one of its strings (a call's arguments, generation_config), which transformers parses and copies too.
+    request_problem refuses such a request before the handler reads it; asked again where the handler raised
+    RecursionError, to tell a request nested beyond what was checked (the request's) from the server's own failure."""
+    if json_findings(body, depth=0).too_deep is not None:
+        return True
+    stack: list = [body]
+    while stack:
+        node = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append(child)
+            elif isinstance(child, str) and child.lstrip()[:1] in ("[", "{"):
+                try:
+                    strict_json(child)
+                except JsonTooDeep:
+                    return True
+                except ValueError:  # no JSON: nothing nested
+                    pass
+    return False
+
+
 def not_finite_problem(found: JsonFindings) -> tuple[str, str] | None:
     """(message, field) for a request (its json_findings) holding NaN, Infinity or a number beyond a float (1e400,
     read as Infinity) inside a field's value, else None. FastAPI's parser (Python's json) reads them in the body
@@ -2671,6 +2694,18 @@ def log_out_of_memory(prompt: int, kind: str, device: str, streaming: bool = Fal
         "more memory; serving goes on")
 
 
+SERVE_MODEL_LOG = "transformers.cli.serving.serve_model"  # the logger of this server's own lines on a request
+
+
+def log_server_failure(kind: str, error: BaseException) -> None:
+    """One line naming the `kind` of request the server failed on with `error` (answered 500), then the traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger(SERVE_MODEL_LOG).error(
+        f"a {API_NAMES[kind]} request failed with {type(error).__name__} before generation, on JSON within the "
+        f"{MAX_JSON_DEPTH} levels request_problem takes: this server's failure, answered 500", exc_info=error)
+
+
 class OutOfMemoryLogFilter(logging.Filter):
     """Leaves out transformers serve's own records of a request that ran out of memory: the model's process logs it
     with its traceback ("A request failed"), the Responses stream once more ("Exception in response generation").
@@ -3150,11 +3185,19 @@ def answer_as_openai_does() -> None:
                     # field, or a 500 for another error (a review, 2026-12-07)
                     return openai_error(*template_failure(e, kind, body))
                 if isinstance(e, RecursionError) and not options["generating"]:
-                    # request_problem refuses JSON nested beyond MAX_JSON_DEPTH; should other nesting still recurse too
-                    # deeply in transformers (its recursive copies of messages, tools and template arguments), the
-                    # request is refused, not a 500 with a traceback of thousands of lines (a review, 2026-12-07)
-                    return openai_error("the request nests arrays or objects too deeply for this server to read (Python's "
-                                        f"recursion limit was reached); send flatter JSON (at most {MAX_JSON_DEPTH} levels)", None)
+                    # request_problem refuses JSON nested beyond MAX_JSON_DEPTH: a request nested deeper all the same
+                    # (a check that missed it) is refused, as before; on one within the cap, the recursion is this
+                    # server's own failure, logged and a 500, not a 400 telling the client to flatten a flat request
+                    # (a review, 2026-12-07)
+                    if nested_beyond_the_cap(body):
+                        return openai_error("the request nests arrays or objects too deeply for this server to read "
+                                            f"(Python's recursion limit was reached); send flatter JSON (at most "
+                                            f"{MAX_JSON_DEPTH} levels)", None)
+                    log_server_failure(kind, e)
+                    return openai_error(f"the server failed reading this {API_NAMES[kind]} request (RecursionError: Python's "
+                                        f"recursion limit was reached on JSON within the {MAX_JSON_DEPTH} levels it "
+                                        "takes): the server's failure, not the request's; its log holds the traceback",
+                                        None, 500, kind="server_error")
                 # Before generation, the handlers index and convert the request's fields as they come: what fails there
                 # is the request (a field request_problem does not check). A ValueError from generation is what it
                 # refuses in the request's settings; anything else from generation, or of another type, is the

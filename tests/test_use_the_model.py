@@ -3871,28 +3871,43 @@ def test_request_problem_refuses_json_nested_beyond_the_cap_in_any_field_naming_
         assert problem is not None and problem[1] == field and "nested too deeply" in problem[0] and "\n" not in problem[0], problem
 
 
-def test_serve_model_merged_handle_request_answers_a_recursion_error_with_a_400():
-    """D1's safety net (2026-12-07): a RecursionError while a request is read (transformers' recursive copies of its
-    messages) escaped handle_request: a 500 with a traceback of thousands of lines. It is a 400. Run in a process of
-    its own: answer_as_openai_does patches transformers' handlers."""
+def test_serve_model_merged_handle_request_answers_a_recursion_error_on_json_within_the_cap_as_its_own_failure():
+    """D1's safety net (2026-12-07) answered any RecursionError while a request is read (transformers' recursive copies
+    of its messages) with a 400 "send flatter JSON (at most 200 levels)". But request_problem refuses every body nested
+    beyond MAX_JSON_DEPTH first: a RecursionError on a body within the cap is the server's own bug, and the client was
+    told to change a flat request, with nothing in the log (a review, 2026-12-07). It is a 500 saying so, and the log
+    holds one line naming the request's kind and the traceback. A body nested beyond the cap that reaches it all the
+    same (request_problem stubbed here) stays a 400. Run in a process of its own: answer_as_openai_does patches
+    transformers' handlers."""
     import subprocess
     import sys
 
     script = (
-        "import asyncio, types\n"
+        "import asyncio, json, sys, types\n"
+        "import tasks.export as export\n"
         "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
-        "from tasks.export import answer_as_openai_does\n"
-        "answer_as_openai_does()\n"
+        "export.answer_as_openai_does()\n"
         "def deep(body):\n"
         "    raise RecursionError('maximum recursion depth exceeded')\n"
         "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
-        "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, {'messages': [{'role': 'user', 'content': 'hi'}]}, 'r1'))\n"
-        "print(answer.status_code, answer.body.decode())\n")
+        "def ask(body):\n"
+        "    answer = asyncio.run(ChatCompletionHandler.handle_request(fake, body, 'r1'))\n"
+        "    print(answer.status_code, answer.body.decode(), flush=True)\n"
+        "ask({'messages': [{'role': 'user', 'content': 'hi'}]})\n"
+        "print('--- deep', file=sys.stderr, flush=True)\n"
+        "export.request_problem = lambda kind, body: None  # a check that missed the nesting\n"
+        "ask({'messages': [{'role': 'user', 'content': 'hi'}], 'metadata': {'x': json.loads('[' * 300 + ']' * 300)}})\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
-    status, body = done.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert status == "400" and "too deeply" in json.loads(body)["error"]["message"], done.stdout
+    flat, deep = ([s.split(" ", 1)[0], json.loads(s.split(" ", 1)[1])["error"]] for s in done.stdout.strip().splitlines()[-2:])
+    assert flat[0] == "500" and flat[1]["type"] == "server_error" and "flatter" not in flat[1]["message"], flat
+    assert "server" in flat[1]["message"] and "RecursionError" in flat[1]["message"], flat
+    log, after = done.stderr.split("--- deep")
+    lines = [line for line in log.splitlines() if "chat completions request" in line and "RecursionError" in line]
+    assert len(lines) == 1 and "Traceback (most recent call last)" in log and "in deep" in log, log[-2000:]
+    assert deep[0] == "400" and "too deeply" in deep[1]["message"], deep
+    assert "Traceback" not in after, after[-2000:]
 
 
 def test_request_problem_names_text_holding_a_lone_surrogate_wherever_it_is():
