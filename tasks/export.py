@@ -2321,12 +2321,27 @@ def unknown_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
 MAX_TOKEN_ID_DIGITS = 10  # a logit_bias key's digits, at most: no vocabulary has 10**10 tokens
 
 
+def unsupported_field_problem(kind: str, body: dict) -> tuple[str, str] | None:
+    """(message, field) for a field of `body` this server does not support as sent, read at its top level (cheap
+    whatever the field holds), else None: previous_response_id, the deprecated functions mixed with tools, a field
+    serve ignores or cannot honour (ignored_field_problem)."""
+    if kind == "response" and body.get("previous_response_id") is not None:
+        # serve lists it unused: the follow-up was answered without its history
+        return ("previous_response_id is not supported: this server keeps no conversation history (transformers serve "
+                "ignores the field); send the whole conversation in `input` (each item with its role), without "
+                "previous_response_id"), "previous_response_id"
+    return (legacy_functions_problem(body) if kind == "chat" else None) or ignored_field_problem(kind, body)
+
+
 def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
     """(message, field) for a request to the `kind` endpoint that transformers serve would answer with a 500 and a
     traceback (or a FastAPI 422), or would answer otherwise than asked (`n` > 1), else None."""
-    found = json_findings(body, depth=0)  # one walk of the whole body
-    problem = unencodable_text_problem(found) or unknown_field_problem(kind, body) or nested_too_deeply_problem(found) or \
-        not_finite_problem(found)
+    found = json_findings(body, depth=0)  # one walk of the whole body (a loop: no size or nesting makes it recurse)
+    # The fields' own refusals before the nesting: a response_format (a JSON schema) both unsupported and nested beyond
+    # MAX_JSON_DEPTH was told to send it flatter, then refused for the field (a review, 2026-12-07). These read each
+    # field at its top level only and quote it by preview, encoded no deeper than a message shows.
+    problem = unencodable_text_problem(found) or unknown_field_problem(kind, body) or unsupported_field_problem(kind, body) or \
+        nested_too_deeply_problem(found) or not_finite_problem(found)
     if problem:
         return problem
     if kind == "chat":
@@ -2340,17 +2355,12 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if not isinstance(body.get("suffix"), (str, type(None))):
             return f"suffix must be a string, got {body['suffix']!r:.40}", "suffix"
     else:
-        if body.get("previous_response_id") is not None:  # serve lists it unused: the follow-up was answered without its history
-            return ("previous_response_id is not supported: this server keeps no conversation history (transformers serve "
-                    "ignores the field); send the whole conversation in `input` (each item with its role), without "
-                    "previous_response_id"), "previous_response_id"
         problem = input_problem(body.get("input"))
         if problem:
             return problem
         if not isinstance(body.get("instructions"), (str, type(None))):
             return f"instructions must be a string, got {body['instructions']!r:.40}", "instructions"
-    problem = (legacy_functions_problem(body) if kind == "chat" else None) or \
-        (tools_problem(kind, body.get("tools"), _shows_tools(body)) if kind != "completion" else None) or ignored_field_problem(kind, body)
+    problem = tools_problem(kind, body.get("tools"), _shows_tools(body)) if kind != "completion" else None
     if problem:
         return problem
     for field in ("n", "best_of"):  # transformers serve ignored both and answered one choice

@@ -4250,3 +4250,33 @@ def test_an_error_message_quoting_a_huge_field_encodes_only_what_it_shows():
         tracemalloc.stop()
     assert shown == json.dumps(value)[:60] and peak < 100_000, peak
     assert preview({"a": [1, "b"]}, 60) == json.dumps({"a": [1, "b"]}) and preview("x" * 99, 40) == json.dumps("x" * 99)[:40]
+
+
+# A sixth review of serve-model (2026-12-07): the defects a previous review left open (S1 ... S6, server-fixes-6).
+
+def test_request_problem_names_an_unsupported_field_before_its_nesting():
+    """request_problem checked the nesting of the whole body (json_findings) before the fields themselves: a field this
+    server does not support whose value also nests beyond MAX_JSON_DEPTH (a JSON schema in response_format or in
+    Responses' text.format, deprecated functions mixed with tools, previous_response_id beside a deep metadata) was
+    told "... is nested too deeply: send it flatter", and a flatter request was then refused for the field (server-fixes-6,
+    S2). The field's own refusal answers first."""
+    from tasks.export import MAX_JSON_DEPTH, request_problem
+
+    def nested(levels: int):
+        value: object = 1
+        for _ in range(levels):
+            value = {"a": value}
+        return value
+
+    deep, user = nested(MAX_JSON_DEPTH + 5), [{"role": "user", "content": "hi"}]
+    tool = [{"type": "function", "function": {"name": "f"}}]
+    for kind, body, field, said in (
+            ("chat", {"messages": user, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": deep}}},
+             "response_format", "is not supported"),
+            ("response", {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": deep}}}, "text", "is not supported"),
+            ("chat", {"messages": user, "functions": [{"name": "g", "parameters": deep}], "tools": tool}, "functions", "cannot both be sent"),
+            ("response", {"input": "hi", "previous_response_id": "resp_1", "metadata": {"x": deep}}, "previous_response_id", "is not supported")):
+        problem = request_problem(kind, body)
+        assert problem is not None and problem[1] == field and said in problem[0] and "\n" not in problem[0], (field, problem)
+    problem = request_problem("chat", {"messages": user, "metadata": {"x": deep}})  # a deep field of its own: still refused
+    assert problem is not None and problem[1].startswith("metadata.x") and "nested too deeply" in problem[0], problem
