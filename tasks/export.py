@@ -1952,20 +1952,36 @@ SENTINEL_TOOLS = [{"type": "function", "function": {"name": "zz_sentinel_tool", 
                                                      "parameters": {"type": "object", "properties": {"zz_sentinel_argument": {"type": "string"}}}}}]
 
 
-def with_tool_calls_changed(messages: list[dict]) -> list[dict]:
-    """`messages` with each turn's tool calls changed to another call (CHANGED_CALL's name and arguments; the call's
-    id kept, which templates check the form of): a template that renders tool calls renders another prompt, one that
-    does not renders the same. Not left out: a template may read tool_calls only to refuse a turn without them
-    (Mistral's) and render the content alone, which read as rendering them (a review, 2026-12-07)."""
+def with_tool_calls_changed(messages: list[dict], names: bool = True) -> list[dict]:
+    """`messages` with each turn's tool calls changed to another call (CHANGED_CALL's name, unless not `names`, and
+    arguments; the call's id kept, which templates check the form of, and which alone is no rendering of the call): a
+    template that renders tool calls renders another prompt, one that does not renders the same. Not left out: a
+    template may read tool_calls only to refuse a turn without them (Mistral's) and render the content alone, which
+    read as rendering them (a review, 2026-12-07). The arguments alone change where a template refuses a call of a
+    function it was not given (render_messages' second ask)."""
     def changed(call: Any) -> Any:
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
             return call
         arguments = CHANGED_CALL["arguments"]
-        return {**call, "function": {**call["function"], "name": CHANGED_CALL["name"],
+        return {**call, "function": {**call["function"], **({"name": CHANGED_CALL["name"]} if names else {}),
                                      "arguments": json.dumps(arguments) if isinstance(call["function"].get("arguments"), str) else arguments}}
 
     return [{**m, "tool_calls": [changed(c) for c in m["tool_calls"]]} if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
             and m["tool_calls"] else m for m in messages]
+
+
+def with_tools_described_otherwise(tools: list) -> list:
+    """`tools` with each one's description and parameters changed to SENTINEL_TOOLS' (its name kept): what
+    render_messages asks with where a chat template refuses a tool it does not know by name. A chat tool holds them in
+    its `function`, a Responses one may be flat."""
+    sentinel = {k: SENTINEL_TOOLS[0]["function"][k] for k in ("description", "parameters")}
+
+    def changed(tool: Any) -> Any:
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            return {**tool, "function": {**tool["function"], **sentinel}}
+        return {**tool, **sentinel} if isinstance(tool, dict) else tool
+
+    return [changed(tool) for tool in tools]
 
 
 def _token_list(inputs) -> list:
@@ -2716,6 +2732,18 @@ def log_server_failure(kind: str, error: BaseException) -> None:
         f"{MAX_JSON_DEPTH} levels request_problem takes: this server's failure, answered 500", exc_info=error)
 
 
+def log_render_check_undecided(kind: str, what: str, refusal: BaseException) -> None:
+    """One line saying render_messages could not tell whether the chat template renders a `kind` request's `what`
+    (tools, tool calls): it refused every changed rendering (`refusal`: the first), and the request was served."""
+    from transformers.utils import logging as hf_logging
+
+    text = str(refusal).strip()
+    hf_logging.get_logger(SERVE_MODEL_LOG).warning(
+        f"could not tell whether the chat template renders a {API_NAMES[kind]} request's {what}: it refused every "
+        f"changed rendering ({type(refusal).__name__}" + (f": {text.splitlines()[0][:200]}" if text else "") +
+        "); served as if it renders them")
+
+
 class OutOfMemoryLogFilter(logging.Filter):
     """Leaves out transformers serve's own records of a request that ran out of memory: the model's process logs it
     with its traceback ("A request failed"), the Responses stream once more ("Exception in response generation").
@@ -3242,22 +3270,32 @@ def answer_as_openai_does() -> None:
             model was asked to answer with no tool to call, with a 200 (a review, 2026-12-06)."""
             inputs = render(self, engine, messages, body)
 
-            def same_prompt(changed: list[dict], changed_body: dict) -> bool:
-                """Whether the request rendered with its tools (or its tool calls) changed to others is the same
-                prompt: the template does not render them. Changed, not left out: a template may read what is left
-                out only to refuse a rendering without it (Mistral's refuses an assistant turn with neither content
-                nor tool calls) and render something else (a review, 2026-12-07). A template that refuses the changed
-                rendering is taken as rendering them."""
-                try:
-                    return _token_list(inputs) == _token_list(render(self, engine, changed, changed_body))
-                except Exception:
-                    return False
+            def same_prompt(changes: list[tuple[list[dict], dict]], what: str) -> bool:
+                """Whether the request rendered with its tools (or its tool calls, `what`) changed to others is the
+                same prompt: the template does not render them. Changed, not left out: a template may read what is
+                left out only to refuse a rendering without it (Mistral's refuses an assistant turn with neither
+                content nor tool calls) and render something else (a review, 2026-12-07). The first of `changes`
+                (messages, body) the template renders decides: one may refuse a change (a call of a function, or a
+                tool, it does not know by name), which was taken as rendering them (a review, 2026-12-07). Refused
+                every change, the check cannot tell: they are taken as rendered, and the log says so."""
+                refused = None
+                for changed, changed_body in changes:
+                    try:
+                        other = render(self, engine, changed, changed_body)
+                    except Exception as e:
+                        refused = refused or e
+                        continue
+                    return _token_list(inputs) == _token_list(other)
+                log_render_check_undecided(kind, what, refused)
+                return False
 
-            if body.get("tools") and same_prompt(messages, {**body, "tools": SENTINEL_TOOLS}):
+            if body.get("tools") and same_prompt([(messages, {**body, "tools": SENTINEL_TOOLS}),
+                                                  (messages, {**body, "tools": with_tools_described_otherwise(body["tools"])})], "tools"):
                 raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
                                        "the same with other tools), so the model would never see them; leave tools out, or "
                                        "serve a model whose chat template renders tools")
-            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and same_prompt(with_tool_calls_changed(messages), body):
+            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
+                    same_prompt([(with_tool_calls_changed(messages), body), (with_tool_calls_changed(messages, names=False), body)], "tool calls"):
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"

@@ -4280,3 +4280,60 @@ def test_request_problem_names_an_unsupported_field_before_its_nesting():
         assert problem is not None and problem[1] == field and said in problem[0] and "\n" not in problem[0], (field, problem)
     problem = request_problem("chat", {"messages": user, "metadata": {"x": deep}})  # a deep field of its own: still refused
     assert problem is not None and problem[1].startswith("metadata.x") and "nested too deeply" in problem[0], problem
+
+
+def _tool_call_history(template: str) -> dict:
+    """A chat request whose history holds a call of get_weather and its result, rendered with chat `template`."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+    return {"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "20C"}],
+            "max_tokens": 1, "chat_template_kwargs": {"chat_template": template}}
+
+
+# a template's turns, the assistant's content alone (no call rendered)
+_CONTENT_ONLY = "{{- m.role + ': ' + (m.content if m.content is string else '') + '\\n' }}{%- endfor %}assistant:"
+
+
+def test_serve_model_merged_refuses_tool_calls_of_which_a_template_renders_only_the_ids(served_r1):
+    """render_messages asks whether the chat template renders a history's tool calls by rendering them changed: a
+    template that renders only each call's id (its name and arguments never reach the model) must not count as
+    rendering them, so the changed calls keep their ids and change their name and arguments (with_tool_calls_changed;
+    server-fixes-6, S3a). Refused, naming messages."""
+    pub, base = served_r1
+    template = ("{%- for m in messages %}{%- for c in m.tool_calls or [] %}{{- '[call ' + c.id + ']' }}{%- endfor %}" + _CONTENT_ONLY)
+    code, answer = _request(f"{base}/v1/chat/completions", _tool_call_history(template))
+    assert code == 400 and json.loads(answer)["error"]["param"] == "messages", answer[:300]
+
+
+def test_serve_model_merged_asks_again_when_a_template_refuses_the_changed_tool_calls_or_tools(served_r1):
+    """same_prompt's `except Exception: return False` took a template that refuses the changed rendering as rendering
+    the calls (or tools): one that refuses a call of a function it was not given (the changed call's name) or a tool
+    it does not know, and renders neither, answered with a 200, the model seeing an empty turn, or no tool
+    (server-fixes-6, S3b). A second change (the call's arguments alone; the tools' descriptions and parameters alone,
+    names kept) decides: refused, naming messages, or tools."""
+    pub, base = served_r1
+    calls = ("{%- for m in messages %}{%- for c in m.tool_calls or [] %}{%- if c.function.name != 'get_weather' %}"
+             "{{- raise_exception('unknown function ' + c.function.name) }}{%- endif %}{%- endfor %}" + _CONTENT_ONLY)
+    code, answer = _request(f"{base}/v1/chat/completions", _tool_call_history(calls))
+    assert code == 400 and json.loads(answer)["error"]["param"] == "messages", answer[:300]
+    tools = ("{%- for t in tools or [] %}{%- if t.function.name != 'get_weather' %}{{- raise_exception('unknown tool') }}"
+             "{%- endif %}{%- endfor %}{%- for m in messages %}" + _CONTENT_ONLY)
+    function = {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 1,
+                                                            "tools": [{"type": "function", "function": function}],
+                                                            "chat_template_kwargs": {"chat_template": tools}})
+    assert code == 400 and json.loads(answer)["error"]["param"] == "tools", answer[:300]
+
+
+def test_serve_model_merged_says_in_its_log_when_it_cannot_tell_whether_a_template_renders_tool_calls(served_r1_log):
+    """A template that refuses every changed rendering (here: any call but the one sent) leaves render_messages unable
+    to tell whether it renders the calls: the request is answered (taken as rendering them) and the log says, in one
+    line, that the check could not tell; it was silent (server-fixes-6, S3b)."""
+    pub, base, log = served_r1_log
+    template = ("{%- for m in messages %}{%- for c in m.tool_calls or [] %}{%- if c.function.arguments != {'city': 'Paris'} %}"
+                "{{- raise_exception('unknown arguments') }}{%- endif %}{{- '[call]' + c.function.name }}{%- endfor %}" + _CONTENT_ONLY)
+    before = log.read_text()
+    code, answer = _request(f"{base}/v1/chat/completions", _tool_call_history(template))
+    assert code == 200, answer[:300]
+    said = [line for line in log.read_text()[len(before):].splitlines() if "could not tell" in line]
+    assert len(said) == 1 and "tool calls" in said[0] and "unknown arguments" in said[0], log.read_text()[len(before):][-2000:]
