@@ -881,18 +881,21 @@ class ServedOnly:
         if refused is not None:
             return await refused(scope, receive, send)
         started = ended = False
+        sent = SentStream()
 
         async def noting(message) -> None:
             nonlocal started, ended
-            await send(message)
+            # noted before it goes: a send the stop cancels has written its message already (uvicorn writes, then waits)
             started = started or message["type"] == "http.response.start"
             ended = ended or message["type"] == "http.response.body" and not message.get("more_body", False)
+            sent.note(message)
+            await send(message)
 
         try:
             await self.app(scope, receive, noting)
         except asyncio.CancelledError:  # the stop's grace is over (a client leaving is CancelOnDisconnect's, not raised)
-            if started and not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if started and not ended:  # a stream ends as OpenAI's API ends a failed one: the client can tell it was cut
+                await send({"type": "http.response.body", "body": sent.cut_end(scope["path"]), "more_body": False})
             elif not started:
                 await openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
                                    "after a stop are cut off); send the request again once it is back", None, 503,
@@ -923,6 +926,58 @@ class ServedOnly:
                 return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
                                            kind="authentication_error", code="invalid_api_key")
         return scope, None
+
+
+class SentStream:
+    """What a served answer sent so far, noted from its ASGI messages (SentStream.note): whether it is a stream of
+    server-sent events and, for a Responses stream, its response object (response.created and response.in_progress
+    carry it) and its last event's sequence_number. Enough to end it when the stop's grace cuts it off (cut_end)."""
+
+    SEQUENCE = re.compile(rb'"sequence_number":\s*(-?\d+)')
+    ENDS = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')  # a Responses stream's last event
+
+    def __init__(self) -> None:
+        self.events, self.response, self.sequence, self.over = False, None, -1, False
+
+    def note(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.events = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in message.get("headers") or ())
+            return
+        body = (message.get("body") or b"") if self.events else b""
+        # a chat stream's [DONE] is a part of its own (a text holding "data: [DONE]" is inside a JSON string)
+        self.over = self.over or body.startswith(b"data: [DONE]") or any(end in body for end in self.ENDS)
+        numbers = self.SEQUENCE.findall(body) if b'"sequence_number"' in body else ()
+        if numbers:
+            self.sequence = max(self.sequence, *(int(n) for n in numbers))
+        if b'"response.created"' in body or b'"response.in_progress"' in body:
+            for line in body.split(b"\n"):
+                try:
+                    event = json.loads(line.removeprefix(b"data: ")) if line.startswith(b"data: {") else None
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and isinstance(event.get("response"), dict):
+                    self.response = event["response"]
+
+    def cut_end(self, path: str) -> bytes:
+        """The events that end this answer's stream, cut off at `path` by the stop's grace, as OpenAI's API ends a
+        stream that failed (a cut stream ended with neither, and its client could not tell it from a dropped
+        connection; a review, 2026-12-07): chat and completions, an error object (OpenAI's chat API has no
+        finish_reason for an answer the server broke off; the openai client raises the error as an APIError) and
+        [DONE]; Responses, `error` and `response.failed` with status "failed", as transformers' own failed stream. A
+        response that is no stream, or a stream whose last event went out, just ends."""
+        if not self.events or self.over:  # no stream, or one whose last event went out
+            return b""
+        message = (f"the server stopped while this answer was being generated (an answer still streaming "
+                   f"{GGUF_STOP_GRACE_S} s after a stop is cut off): the answer is incomplete; send the request again once "
+                   "the server is back")
+        if path != "/v1/responses":
+            error = {"message": message, "type": "server_error", "param": None, "code": None}
+            return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
+        error = {"type": "error", "sequence_number": self.sequence + 1, "code": "server_error", "message": message, "param": None}
+        failed = {"type": "response.failed", "sequence_number": self.sequence + 2,
+                  "response": {**(self.response or {}), "status": "failed", "output": [],
+                               "error": {"code": "server_error", "message": message}}}
+        return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in (error, failed)).encode()
 
 
 def answer_head_where_get_is_served(app) -> None:

@@ -726,9 +726,11 @@ def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[s
     return proc, url
 
 
-def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int) -> tuple[float, int]:
-    """Stream a ~25-minute answer to `body` from serve-model `proc` at `base`; once 5 chunks came (the graceful stop
-    would wait for the stream), press Ctrl-C `presses` times a second apart: (time of the first press, exit code)."""
+def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int, path: str = "/v1/completions",
+                        chunks: list | None = None) -> tuple[float, int]:
+    """Stream a ~25-minute answer to `body` from serve-model `proc` at `base` (`path`: a Responses request gets its
+    length limit as max_output_tokens); once 5 chunks came (the graceful stop would wait for the stream), press Ctrl-C
+    `presses` times a second apart: (time of the first press, exit code). The stream's lines are left in `chunks`."""
     import signal
     import threading
     import time
@@ -736,12 +738,13 @@ def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int) ->
 
     from tasks.export import GGUF_STOP_GRACE_S
 
-    chunks = []
+    chunks = [] if chunks is None else chunks
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
 
     def stream():
-        data = json.dumps(body | {"max_tokens": 100_000, "stream": True,
+        data = json.dumps(body | {limit: 100_000, "stream": True,
                                   "generation_config": json.dumps({"min_new_tokens": 99_999})}).encode()
-        request = urllib.request.Request(f"{base}/v1/completions", data, {"Content-Type": "application/json"})
+        request = urllib.request.Request(f"{base}{path}", data, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 for line in response:
@@ -749,7 +752,8 @@ def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int) ->
         except Exception:  # cut off by the stop
             pass
 
-    threading.Thread(target=stream, daemon=True).start()
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 60
     while len(chunks) < 5 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -763,6 +767,7 @@ def _stream_then_ctrl_c(proc, base: str, log: Path, body: dict, presses: int) ->
         rc = proc.wait(timeout=GGUF_STOP_GRACE_S + 20)
     finally:
         proc.kill()
+    reader.join(timeout=30)  # the stream ends with the server
     return t0, rc
 
 
@@ -4337,3 +4342,36 @@ def test_serve_model_merged_says_in_its_log_when_it_cannot_tell_whether_a_templa
     assert code == 200, answer[:300]
     said = [line for line in log.read_text()[len(before):].splitlines() if "could not tell" in line]
     assert len(said) == 1 and "tool calls" in said[0] and "unknown arguments" in said[0], log.read_text()[len(before):][-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_serve_model_merged_a_stream_cut_by_a_stop_ends_as_openai_ends_a_failed_one(own_published, tmp_path, path):
+    """A stream the stop's grace cuts off (_bounded_graceful_shutdown; ServedOnly's CancelledError) ended with no
+    finish_reason, no error and no [DONE] (chat), or no terminal event (Responses): its client could not tell a cut
+    answer from a dropped connection (server-fixes-6, S4). OpenAI's chat API has no finish_reason for an answer the
+    server broke off; it ends a failed stream with an error object (the openai client raises it as an APIError), then
+    [DONE]. A Responses stream ends with `error` and `response.failed` (status "failed", error.code "server_error"),
+    as transformers' own failed stream does. A real loopback server, stopped with Ctrl-C mid-stream."""
+    cfg, art, pub, _ = own_published
+    copy = _copy_with_context(art, pub, tmp_path / "art", 2 ** 20)  # an answer that is not stopped runs for ~25 min
+    log, chunks = tmp_path / "serve.log", []
+    proc, base = _start_serve_model(copy, log)
+    body = {"input": "Hello"} if path == "/v1/responses" else {"messages": [{"role": "user", "content": "Hello"}]}
+    t0, rc = _stream_then_ctrl_c(proc, base, log, body, presses=1, path=path, chunks=chunks)
+    out = log.read_text()
+    assert rc == 0 and "timeout graceful shutdown exceeded" in out and "Traceback" not in out, out[-2000:]
+    events = [line.decode().strip() for line in chunks if line.strip()]
+    data = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert len(data) >= 5, events[-5:]
+    if path == "/v1/responses":
+        assert events[-2] == "event: response.failed" and data[-1]["type"] == "response.failed", events[-6:]
+        failed = data[-1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error" and "stopped" in failed["error"]["message"], failed
+        assert failed["id"] == data[0]["response"]["id"] and data[-2]["type"] == "error", data[-2:]
+        numbers = [d["sequence_number"] for d in data]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), numbers[-5:]
+    else:
+        assert events[-1] == "data: [DONE]" and "error" in data[-1], events[-4:]
+        error = data[-1]["error"]
+        assert error["type"] == "server_error" and "stopped" in error["message"] and "\n" not in error["message"], error
