@@ -1124,8 +1124,7 @@ def unreadable_body(cause: BaseException | None) -> str | None:
     limit or an integer of more digits than int() converts, was "There was an error parsing the body", no reason
     given (a review, 2026-12-07), where the same JSON inside a field is named as nested too deeply or too long."""
     if isinstance(cause, RecursionError):
-        return ("the request body is nested too deeply (arrays or objects inside each other beyond what Python's JSON "
-                f"parser reads): send flatter JSON (at most {MAX_JSON_DEPTH} levels)")
+        return nested_too_deeply("the request body", "send flatter JSON")  # beyond Python's parser: beyond the cap
     if isinstance(cause, ValueError) and "int_max_str_digits" in str(cause):
         return (f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits, which Python's "
                 "JSON parser does not read: send a shorter number")
@@ -1225,8 +1224,7 @@ def arguments_problem(arguments: Any, where: str) -> tuple[str, str] | None:
     except ValueError as e:
         return f"{where} is not valid JSON ({json_error(e)}): send the call's arguments as a JSON string, got {arguments!r:.60}", where
     except JsonTooDeep:
-        return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
-                f"deep, got {arguments!r:.40}): send the call's arguments as a flatter JSON object"), where
+        return nested_too_deeply(where, "send the call's arguments as a flatter JSON object", f"{arguments!r:.40}"), where
     if not isinstance(value, dict):
         # serve parses them for the chat template, which reads them as a mapping (Qwen's `arguments|items`): "[1, 2]"
         # or "3" reached it as a list or a number (a TypeError, or a prompt without them; a review, 2026-12-07)
@@ -1245,6 +1243,14 @@ JSON_TYPES = {list: "array", int: "number", float: "number", str: "string", bool
 # level of object nesting (properties, the property, anyOf, [0], items, anyOf, [0]), and a strict tool schema of 10
 # object levels (OpenAI's strict-mode cap) is 69 levels under `tools` (a review, 2026-12-07); 200 keeps that margin.
 MAX_JSON_DEPTH = 200
+
+
+def nested_too_deeply(where: str, fix: str = "send it flatter", got: str = "") -> str:
+    """What to say of JSON at `where` (a field, "the request body") that nests arrays or objects beyond MAX_JSON_DEPTH
+    levels, or beyond what Python's parser reads (farther still), with what was `got` (its start) and the `fix`: one
+    wording wherever it is found (it was worded four ways; a review, 2026-12-07)."""
+    return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels deep"
+            + (f", got {got}" if got else "") + f"): {fix}")
 
 
 class JsonNumberTooLong(ValueError):
@@ -1349,8 +1355,7 @@ def nested_too_deeply_problem(found: JsonFindings) -> tuple[str, str] | None:
     if found.too_deep is None:
         return None
     where = json_path(str(found.too_deep[0]), found.too_deep[1:])
-    return (f"{where} is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} levels "
-            "deep): send it flatter"), where
+    return nested_too_deeply(where), where
 
 
 def nested_beyond_the_cap(body: dict) -> bool:
@@ -2078,8 +2083,7 @@ def generation_config_problem(raw: Any, limits: ModelLimits = ModelLimits()) -> 
     except ValueError as e:
         return f"generation_config must hold a JSON object of generate() settings, e.g. {example}: {e}", "generation_config"
     except JsonTooDeep:
-        return (f"generation_config is nested too deeply (arrays or objects inside each other more than {MAX_JSON_DEPTH} "
-                f"levels deep, got {raw!r:.40}): send a JSON object of generate() settings, e.g. {example}"), "generation_config"
+        return nested_too_deeply("generation_config", f"send a JSON object of generate() settings, e.g. {example}", f"{raw!r:.40}"), "generation_config"
     if not isinstance(settings, dict):
         return (f"generation_config must hold a JSON object of generate() settings, e.g. {example}, "
                 f"got {type(settings).__name__} {settings!r:.40}"), "generation_config"
@@ -3283,9 +3287,7 @@ def answer_as_openai_does() -> None:
                     # server's own failure, logged and a 500, not a 400 telling the client to flatten a flat request
                     # (a review, 2026-12-07)
                     if nested_beyond_the_cap(body):
-                        return openai_error("the request nests arrays or objects too deeply for this server to read "
-                                            f"(Python's recursion limit was reached); send flatter JSON (at most "
-                                            f"{MAX_JSON_DEPTH} levels)", None)
+                        return openai_error(nested_too_deeply("the request", "send flatter JSON"), None)
                     log_server_failure(kind, e)
                     return openai_error(f"the server failed reading this {API_NAMES[kind]} request (RecursionError: Python's "
                                         f"recursion limit was reached on JSON within the {MAX_JSON_DEPTH} levels it "

@@ -4375,3 +4375,26 @@ def test_serve_model_merged_a_stream_cut_by_a_stop_ends_as_openai_ends_a_failed_
         assert events[-1] == "data: [DONE]" and "error" in data[-1], events[-4:]
         error = data[-1]["error"]
         assert error["type"] == "server_error" and "stopped" in error["message"] and "\n" not in error["message"], error
+
+
+def test_json_nested_too_deeply_is_said_in_one_wording_wherever_it_is_found():
+    """"Nested too deeply" was worded in four places (the request body FastAPI's parser gave up on, a call's arguments, a
+    field's value, generation_config) and a fifth (handle_request's safety net), each its own way: "beyond what
+    Python's JSON parser reads: send flatter JSON (at most 200 levels)" beside "more than 200 levels deep: send it
+    flatter" (server-fixes-6, S5). One function words them: where, the cap, what was sent, the fix."""
+    import re
+
+    from tasks.export import MAX_JSON_DEPTH, request_problem, unreadable_body
+
+    try:
+        json.loads("[" * 5000 + "]" * 5000)
+    except RecursionError as e:
+        said = [unreadable_body(e)]
+    user, deep = {"role": "user", "content": "hi"}, "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": ' + deep + "}"}}
+    for body in ({"messages": [user, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]},
+                 {"messages": [user], "metadata": {"x": json.loads(deep)}}, {"messages": [user], "generation_config": '{"a": ' + deep + "}"}):
+        said.append(request_problem("chat", body)[0])
+    shape = re.compile(rf"^(?:the request body|the request|\S+) is nested too deeply \(arrays or objects inside each other more than {MAX_JSON_DEPTH} "
+                       r"levels deep(?:, got .{1,50})?\): send [^\n]+$")
+    assert all(shape.match(m) for m in said), said
