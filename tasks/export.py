@@ -960,7 +960,7 @@ class SentStream:
 
     def cut_end(self, path: str) -> bytes:
         """The events that end this answer's stream, cut off at `path` by the stop's grace, as OpenAI's API ends a
-        stream that failed (a cut stream ended with neither, and its client could not tell it from a dropped
+        stream that failed (a cut stream ended with no last event, and its client could not tell it from a dropped
         connection; a review, 2026-12-07): chat and completions, an error object (OpenAI's chat API has no
         finish_reason for an answer the server broke off; the openai client raises the error as an APIError) and
         [DONE]; Responses, `error` and `response.failed` with status "failed", as transformers' own failed stream. A
