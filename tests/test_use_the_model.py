@@ -4418,3 +4418,27 @@ def test_serve_model_merged_serves_tool_calls_a_template_renders_by_name_while_r
                 "{%- endfor %}" + _CONTENT_ONLY)
     code, answer = _request(f"{base}/v1/chat/completions", _tool_call_history(refusing))
     assert code == 200, answer[:300]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server6: render_messages' second change (the tools' descriptions and parameters "
+                   "alone) reads a template that renders tool names but refuses an unknown tool as rendering no tools: a false 400")
+def test_serve_model_merged_serves_tools_a_template_renders_by_name_while_refusing_unknown_tools(served_r1):
+    """A template that lists the tools by name (not their descriptions or parameters) and refuses a tool it does not
+    know (SENTINEL_TOOLS' name) does show the model its tools: without the refusal it is answered 200. The second
+    change keeps the names, so its prompt is the same, and the request was refused: "tools are not supported by this
+    model: its chat template renders no tools" (a 400 on tools), where before S3 it was served."""
+    pub, base = served_r1
+    function = {"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+    def ask(template: str) -> tuple[int, str]:
+        return _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 1,
+                                                        "tools": [{"type": "function", "function": function}],
+                                                        "chat_template_kwargs": {"chat_template": template}})
+
+    listed = "{%- for t in tools or [] %}{{- 'tool: ' + t.function.name + '\\n' }}{%- endfor %}{%- for m in messages %}" + _CONTENT_ONLY
+    code, answer = ask(listed)
+    assert code == 200, answer[:300]  # renders the names: served
+    refusing = ("{%- for t in tools or [] %}{%- if t.function.name != 'get_weather' %}{{- raise_exception('unknown tool ' + t.function.name) }}"
+                "{%- endif %}{{- 'tool: ' + t.function.name + '\\n' }}{%- endfor %}{%- for m in messages %}" + _CONTENT_ONLY)
+    code, answer = ask(refusing)
+    assert code == 200, answer[:300]
