@@ -4442,3 +4442,36 @@ def test_serve_model_merged_serves_tools_a_template_renders_by_name_while_refusi
                 "{%- endif %}{{- 'tool: ' + t.function.name + '\\n' }}{%- endfor %}{%- for m in messages %}" + _CONTENT_ONLY)
     code, answer = ask(refusing)
     assert code == 200, answer[:300]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server6: nested_beyond_the_cap parses every string of the body as JSON, so a "
+                   "flat request whose message text holds deep JSON (text the model reads) gets the 400 'send flatter JSON'")
+def test_serve_model_merged_handle_request_a_recursion_error_on_a_flat_request_quoting_deep_json_is_its_own_failure():
+    """S1: the safety net tells a RecursionError on a request within MAX_JSON_DEPTH (the server's failure: a 500, logged)
+    from one on a request nested beyond it (a 400 "send flatter JSON"), by nested_beyond_the_cap. That reads JSON
+    text in any string of the body, meant for a call's arguments and generation_config, which transformers parses; a
+    user message quoting JSON 300 levels deep is text for the model, which request_problem takes, and nothing parses
+    it. The client was told to send flatter JSON, and the log kept nothing. Run in a process of its own, as the
+    safety net's own test: answer_as_openai_does patches transformers' handlers."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, types\n"
+        "import tasks.export as export\n"
+        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
+        "export.answer_as_openai_does()\n"
+        "def deep(body):\n"
+        "    raise RecursionError('maximum recursion depth exceeded')\n"
+        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+        "body = {'messages': [{'role': 'user', 'content': '[' * 300 + ']' * 300}]}\n"
+        "assert export.request_problem('chat', body) is None  # a request this server takes\n"
+        "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, body, 'r1'))\n"
+        "print(answer.status_code, answer.body.decode(), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, body = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    error = json.loads(body)["error"]
+    assert status == "500" and error["type"] == "server_error" and "flatter" not in error["message"], (status, error)
+    assert "RecursionError" in done.stderr and "chat completions request" in done.stderr, done.stderr[-2000:]
