@@ -4475,3 +4475,64 @@ def test_serve_model_merged_handle_request_a_recursion_error_on_a_flat_request_q
     error = json.loads(body)["error"]
     assert status == "500" and error["type"] == "server_error" and "flatter" not in error["message"], (status, error)
     assert "RecursionError" in done.stderr and "chat completions request" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="review-server6: ServedOnly's cut path awaits send() (uvicorn's h11 waits for the "
+                   "client to drain before it writes), so a client that stops reading holds the stop past its grace")
+def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(tmp_path):
+    """S4 ends a stream the stop's grace cuts off with an error and [DONE], sent from ServedOnly's CancelledError branch
+    with `await send(...)`. uvicorn's h11 send waits for the transport to drain *before* it writes (not "writes, then
+    waits", as `noting` says): cut while its client reads nothing (curl suspended with Ctrl-Z, a stalled consumer), the
+    stream's task waits there again, and the server does not stop until the client reads, however long (serve-model
+    then escalates to SIGINT, its stop-now signal, SIGKILL: ~20 s more, the ending lost). Shown with uvicorn serving
+    ServedOnly around a stand-in app streaming 64 KB events (as a model streams, faster, to fill the socket buffers in
+    seconds), its graceful-stop timeout 2 s; the same on the real server takes minutes of this tiny model's tokens."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    port = _free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "import uvicorn\n"
+        "from starlette.responses import StreamingResponse\n"
+        "from tasks.export import ServedOnly\n"
+        "async def app(scope, receive, send):\n"
+        "    async def events():\n"
+        "        while True:\n"
+        "            yield 'data: {\"choices\": [{\"delta\": {\"content\": \"' + 'x' * 65536 + '\"}, \"index\": 0}]}\\n\\n'\n"
+        "            await asyncio.sleep(0.01)\n"
+        "    await StreamingResponse(events(), media_type='text/event-stream')(scope, receive, send)\n"
+        f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, lifespan='off', http='h11',\n"
+        "                              timeout_graceful_shutdown=2)).run()\n")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    client = socket.socket()
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log.read_text():  # up (no request: the stand-in app streams on every path)
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        body = b'{"messages": []}'
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(3)  # the stream fills the socket buffers: the client reads nothing
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)  # 2 s of grace: stopped long before, with the client still reading nothing
+            stopped = True
+        except subprocess.TimeoutExpired:
+            stopped = False
+        assert stopped and "timeout graceful shutdown exceeded" in log.read_text(), log.read_text()[-2000:]
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(timeout=60)
