@@ -2017,8 +2017,8 @@ def with_tool_calls_changed(messages: list[dict], names: bool = True) -> list[di
     arguments; the call's id kept, which templates check the form of, and which alone is no rendering of the call): a
     template that renders tool calls renders another prompt, one that does not renders the same. Not left out: a
     template may read tool_calls only to refuse a turn without them (Mistral's) and render the content alone, which
-    read as rendering them (a review, 2026-12-07). The arguments alone change where a template refuses a call of a
-    function it was not given (render_messages' second ask)."""
+    read as rendering them (a review, 2026-12-07). Not `names`: the arguments alone change, render_messages' first ask,
+    so a template that renders the names and refuses a call of a function it was not given is read aright."""
     def changed(call: Any) -> Any:
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
             return call
@@ -2032,7 +2032,8 @@ def with_tool_calls_changed(messages: list[dict], names: bool = True) -> list[di
 
 def with_tools_described_otherwise(tools: list) -> list:
     """`tools` with each one's description and parameters changed to SENTINEL_TOOLS' (its name kept): what
-    render_messages asks with where a chat template refuses a tool it does not know by name. A chat tool holds them in
+    render_messages asks with first, so a template that renders the names and refuses a tool it does not know by name is
+    read aright (SENTINEL_TOOLS, the names changed, second). A chat tool holds them in
     its `function`, a Responses one may be flat."""
     sentinel = {k: SENTINEL_TOOLS[0]["function"][k] for k in ("description", "parameters")}
 
@@ -2793,13 +2794,14 @@ def log_server_failure(kind: str, error: BaseException) -> None:
 
 def log_render_check_undecided(kind: str, what: str, refusal: BaseException) -> None:
     """One line saying render_messages could not tell whether the chat template renders a `kind` request's `what`
-    (tools, tool calls): it refused every changed rendering (`refusal`: the first), and the request was served."""
+    (tools, tool calls): rendering a change failed other than in the template (`refusal`: the first failure), no other
+    change was another prompt, and the request was served."""
     from transformers.utils import logging as hf_logging
 
     text = str(refusal).strip()
     hf_logging.get_logger(SERVE_MODEL_LOG).warning(
-        f"could not tell whether the chat template renders a {API_NAMES[kind]} request's {what}: it refused every "
-        f"changed rendering ({type(refusal).__name__}" + (f": {text.splitlines()[0][:200]}" if text else "") +
+        f"could not tell whether the chat template renders a {API_NAMES[kind]} request's {what}: rendering them "
+        f"changed failed outside the template ({type(refusal).__name__}" + (f": {text.splitlines()[0][:200]}" if text else "") +
         "); served as if it renders them")
 
 
@@ -3328,31 +3330,39 @@ def answer_as_openai_does() -> None:
             inputs = render(self, engine, messages, body)
 
             def same_prompt(changes: list[tuple[list[dict], dict]], what: str) -> bool:
-                """Whether the request rendered with its tools (or its tool calls, `what`) changed to others is the
-                same prompt: the template does not render them. Changed, not left out: a template may read what is
-                left out only to refuse a rendering without it (Mistral's refuses an assistant turn with neither
-                content nor tool calls) and render something else (a review, 2026-12-07). The first of `changes`
-                (messages, body) the template renders decides: one may refuse a change (a call of a function, or a
-                tool, it does not know by name), which was taken as rendering them (a review, 2026-12-07). Refused
-                every change, the check cannot tell: they are taken as rendered, and the log says so."""
-                refused = None
+                """Whether the request rendered with its tools (or its tool calls, `what`) changed to others, each of
+                `changes` (messages, body) in turn, is the same prompt every time: the template does not render them.
+                Changed, not left out: a template may read what is left out only to refuse a rendering without it
+                (Mistral's refuses an assistant turn with neither content nor tool calls) and render something else (a
+                review, 2026-12-07). A change the template refuses (a call of a function, a tool, it does not know by
+                name) shows it reads what was changed: rendered, as another prompt is. The first change keeps the
+                names, so a template that renders the names and refuses an unknown one is not read as rendering
+                nothing, and the names change last (a review of server-fixes-6, 2026-12-07). Only a failure that is
+                not the template's tells nothing: where no change decides, they are taken as rendered, and the log says
+                the check could not tell."""
+                failed = None
                 for changed, changed_body in changes:
                     try:
                         other = render(self, engine, changed, changed_body)
                     except Exception as e:
-                        refused = refused or e
+                        if raised_by_template(e):
+                            return False
+                        failed = failed or e
                         continue
-                    return _token_list(inputs) == _token_list(other)
-                log_render_check_undecided(kind, what, refused)
+                    if _token_list(inputs) != _token_list(other):
+                        return False
+                if failed is None:
+                    return True
+                log_render_check_undecided(kind, what, failed)
                 return False
 
-            if body.get("tools") and same_prompt([(messages, {**body, "tools": SENTINEL_TOOLS}),
-                                                  (messages, {**body, "tools": with_tools_described_otherwise(body["tools"])})], "tools"):
+            if body.get("tools") and same_prompt([(messages, {**body, "tools": with_tools_described_otherwise(body["tools"])}),
+                                                  (messages, {**body, "tools": SENTINEL_TOOLS})], "tools"):
                 raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
                                        "the same with other tools), so the model would never see them; leave tools out, or "
                                        "serve a model whose chat template renders tools")
             if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
-                    same_prompt([(with_tool_calls_changed(messages), body), (with_tool_calls_changed(messages, names=False), body)], "tool calls"):
+                    same_prompt([(with_tool_calls_changed(messages, names=False), body), (with_tool_calls_changed(messages), body)], "tool calls"):
                 # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
                 # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
                 where = "messages" if kind == "chat" else "input"
