@@ -858,6 +858,11 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     hf_serve.Serve(force_model=name, host=host, port=port)
 
 
+# How long a stream the stop's grace cut off waits for its client to read its ending (ServedOnly.end_cut): well within
+# the 5 s serve-model waits for the server beyond GGUF_STOP_GRACE_S before it sends SIGINT (flows/cli.py).
+CUT_END_S = 2
+
+
 class ServedOnly:
     """The merged server's outermost ASGI layer: only the inference routes (SERVED_PATHS) are answered, a POST body is
     read as JSON whatever its Content-Type, and with an API key every route but /health needs it.
@@ -885,21 +890,39 @@ class ServedOnly:
 
         async def noting(message) -> None:
             nonlocal started, ended
-            # noted before it goes: a send the stop cancels has written its message already (uvicorn writes, then waits)
+            await send(message)
+            # noted once it went: uvicorn's send waits for the client to drain what it was sent *before* it writes, so
+            # a send the stop cancels has not written its message (a review of server-fixes-6, 2026-12-07)
             started = started or message["type"] == "http.response.start"
             ended = ended or message["type"] == "http.response.body" and not message.get("more_body", False)
             sent.note(message)
-            await send(message)
 
         try:
             await self.app(scope, receive, noting)
         except asyncio.CancelledError:  # the stop's grace is over (a client leaving is CancelOnDisconnect's, not raised)
-            if started and not ended:  # a stream ends as OpenAI's API ends a failed one: the client can tell it was cut
-                await send({"type": "http.response.body", "body": sent.cut_end(scope["path"]), "more_body": False})
-            elif not started:
-                await openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
-                                   "after a stop are cut off); send the request again once it is back", None, 503,
-                                   kind="server_error")(scope, receive, send)
+            await self.end_cut(scope, receive, send, started, ended, sent)
+
+    @staticmethod
+    async def end_cut(scope, receive, send, started: bool, ended: bool, sent: "SentStream") -> None:
+        """End a request the stop's grace cut off: a stream as OpenAI's API ends a failed one (the client can tell it was
+        cut), a request not yet answered with a 503. Sent within CUT_END_S: a client that stops reading held the stop
+        past its grace, uvicorn's send waiting for it to drain, however long (a review of server-fixes-6,
+        2026-12-07); not read by then, its connection is closed (aborted: closing waits for the unread data to go)."""
+        if started and ended:
+            return
+        if started:
+            ending = send({"type": "http.response.body", "body": sent.cut_end(scope["path"]), "more_body": False})
+        else:
+            ending = openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
+                                  "after a stop are cut off); send the request again once it is back", None, 503,
+                                  kind="server_error")(scope, receive, send)
+        try:
+            await asyncio.wait_for(ending, CUT_END_S)
+        except TimeoutError:
+            transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's request cycle's
+            if transport is not None:
+                transport.abort()
+                await asyncio.sleep(0)  # the connection is lost (uvicorn notes it) before the app returns
 
     def guarded(self, scope: dict) -> tuple[dict, Any]:
         """(the request's scope as the app reads it, None), or (scope, the error response answering it)."""
