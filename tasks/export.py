@@ -1383,25 +1383,39 @@ def nested_too_deeply_problem(found: JsonFindings) -> tuple[str, str] | None:
 
 def nested_beyond_the_cap(body: dict) -> bool:
     """Whether a request's JSON nests arrays or objects more than MAX_JSON_DEPTH levels: the body itself, or JSON text
-    in one of its strings (a call's arguments, generation_config), which transformers parses and copies too.
+    in one of the strings transformers parses and copies too (parsed_strings: a call's arguments, generation_config).
     request_problem refuses such a request before the handler reads it; asked again where the handler raised
-    RecursionError, to tell a request nested beyond what was checked (the request's) from the server's own failure."""
+    RecursionError, to tell a request nested beyond what was checked (the request's) from the server's own failure.
+    Other strings are text for the model, which nothing parses: a user message quoting deep JSON was read as nested
+    too deeply, and the server's own failure on it told the client to send flatter JSON (a review of server-fixes-6,
+    2026-12-07)."""
     if json_findings(body, depth=0).too_deep is not None:
         return True
-    stack: list = [body]
-    while stack:
-        node = stack.pop()
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                stack.append(child)
-            elif isinstance(child, str) and child.lstrip()[:1] in ("[", "{"):
-                try:
-                    strict_json(child)
-                except JsonTooDeep:
-                    return True
-                except ValueError:  # no JSON: nothing nested
-                    pass
+    for text in parsed_strings(body):
+        try:
+            strict_json(text)
+        except JsonTooDeep:
+            return True
+        except ValueError:  # no JSON: nothing nested
+            pass
     return False
+
+
+def parsed_strings(body: dict) -> list[str]:
+    """The strings of a request that transformers serve parses as JSON: generation_config, and each tool call's
+    arguments (a chat turn's tool_calls and function_call, a Responses function_call item's)."""
+    found = [body.get("generation_config")]
+    for message in body.get("messages") if isinstance(body.get("messages"), list) else ():
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+        found += [call["function"].get("arguments") for call in calls if isinstance(call, dict) and isinstance(call.get("function"), dict)]
+        if isinstance(message.get("function_call"), dict):
+            found.append(message["function_call"].get("arguments"))
+    for item in body.get("input") if isinstance(body.get("input"), list) else ():
+        if isinstance(item, dict) and item.get("type") == "function_call":
+            found.append(item.get("arguments"))
+    return [text for text in found if isinstance(text, str)]
 
 
 def not_finite_problem(found: JsonFindings) -> tuple[str, str] | None:
@@ -2807,12 +2821,26 @@ SERVE_MODEL_LOG = "transformers.cli.serving.serve_model"  # the logger of this s
 
 
 def log_server_failure(kind: str, error: BaseException) -> None:
-    """One line naming the `kind` of request the server failed on with `error` (answered 500), then the traceback."""
+    """One line naming the `kind` of request the server failed on with `error` (answered 500), then its traceback cut
+    to the first and last frames and the depth (capped_traceback): a RecursionError's whole traceback is ~1000 frames,
+    ~3000 lines of the log for one request (a review of server-fixes-6, 2026-12-07)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.get_logger(SERVE_MODEL_LOG).error(
         f"a {API_NAMES[kind]} request failed with {type(error).__name__} before generation, on JSON within the "
-        f"{MAX_JSON_DEPTH} levels request_problem takes: this server's failure, answered 500", exc_info=error)
+        f"{MAX_JSON_DEPTH} levels request_problem takes: this server's failure, answered 500\n{capped_traceback(error)}")
+
+
+def capped_traceback(error: BaseException, ends: int = 3) -> str:
+    """`error`'s traceback as Python prints it, its first and last `ends` frames only, with how many it has: where it
+    was met, and where the recursion (or failure) was, without the frames repeated between."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    shown = traceback.format_list(frames) if len(frames) <= 2 * ends else (
+        traceback.format_list(frames[:ends]) + [f"  ... {len(frames) - 2 * ends} frames more ...\n"] + traceback.format_list(frames[-ends:]))
+    return (f"Traceback (most recent call last), {len(frames)} frames deep:\n" + "".join(shown) +
+            "".join(traceback.format_exception_only(error))).rstrip("\n")
 
 
 def log_render_check_undecided(kind: str, what: str, refusal: BaseException) -> None:

@@ -3915,6 +3915,34 @@ def test_serve_model_merged_handle_request_answers_a_recursion_error_on_json_wit
     assert "Traceback" not in after, after[-2000:]
 
 
+def test_serve_model_merged_handle_request_logs_a_recursion_error_with_its_first_and_last_frames_and_its_depth():
+    """The safety net's 500 logged a RecursionError's whole traceback: ~1000 frames, ~3000 lines of the log for one
+    request, which the net was first written to spare (a review of server-fixes-6, 2026-12-07). It logs the first and
+    last frames and how many there are. A real recursion here (a stand-in _validate_request calling itself), in a
+    process of its own as the net's other tests: answer_as_openai_does patches transformers' handlers."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, sys, types\n"
+        "import tasks.export as export\n"
+        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
+        "export.answer_as_openai_does()\n"
+        "def deep(body):\n"
+        "    return deep(body)\n"
+        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+        "print('--- asked', file=sys.stderr, flush=True)\n"
+        "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, {'messages': [{'role': 'user', 'content': 'hi'}]}, 'r1'))\n"
+        "print(answer.status_code, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "500", (done.stdout[-500:], done.stderr[-2000:])
+    log = done.stderr.split("--- asked")[1]
+    depth = re.search(r"Traceback \(most recent call last\), (\d+) frames deep", log)
+    assert depth and int(depth.group(1)) > 100 and "frames more" in log and "in deep" in log and "RecursionError" in log, log[-2000:]
+    assert len(log.splitlines()) < 40, f"{len(log.splitlines())} lines logged: {log[:1500]}"
+
+
 def test_request_problem_names_text_holding_a_lone_surrogate_wherever_it_is():
     """D7's fix (2026-12-07): a lone UTF-16 surrogate (JSON's "\\ud800", no Unicode character) is named where it is: a
     content part's text, a tool call's arguments (parsed for the template, whose tojson writes it out), a key; a
@@ -4442,8 +4470,6 @@ def test_serve_model_merged_serves_tools_a_template_renders_by_name_while_refusi
     assert code == 200, answer[:300]
 
 
-@pytest.mark.xfail(strict=True, reason="review-server6: nested_beyond_the_cap parses every string of the body as JSON, so a "
-                   "flat request whose message text holds deep JSON (text the model reads) gets the 400 'send flatter JSON'")
 def test_serve_model_merged_handle_request_a_recursion_error_on_a_flat_request_quoting_deep_json_is_its_own_failure():
     """S1: the safety net tells a RecursionError on a request within MAX_JSON_DEPTH (the server's failure: a 500, logged)
     from one on a request nested beyond it (a 400 "send flatter JSON"), by nested_beyond_the_cap. That reads JSON
