@@ -174,13 +174,47 @@ def install_converter(archive: Path, dest: Path) -> None:
 
 
 def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Path) -> None:
-    """Run llama.cpp's converter in a subprocess; a failure becomes one line naming the reason."""
-    cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
-    env = {**os.environ, "PYTHONPATH": str(converter), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(converter))
+    """Run llama.cpp's converter in a subprocess (on `converter_view` of the folder); a failure becomes one line naming
+    the reason."""
+    with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".converter-view-") as work:
+        view = converter_view(model_dir, Path(work))
+        cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(view), "--outfile", str(out_file), "--outtype", outtype]
+        env = {**os.environ, "PYTHONPATH": str(converter), "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(converter))
     if done.returncode or not out_file.is_file():
         raise StageError(f"llama.cpp's GGUF converter cannot convert {model_dir.name}: {converter_failure(done.stderr)}; "
                          "set export.gguf=[] to skip GGUF (the merged model is published), then rerun")
+
+
+def converter_view(model_dir: Path, work: Path) -> Path:
+    """The folder llama.cpp's converter reads: `model_dir` itself, or, for a byte-level BPE tokenizer saved with
+    `byte_fallback` on, a folder in `work` of links to its files with that flag off in tokenizer.json. transformers 5.17
+    builds a GGUF's "gpt2" tokenizer that way (byte fallback, a ByteFallback/Fuse/Replace decoder; 5.25 does not), and the
+    converter's vocabulary check (gguf-py's LlamaHfVocab: BPE + byte_fallback + a Sequence decoder) then takes it for
+    Llama's SentencePiece one: the GGUF's vocabulary said SPM, and llama.cpp refused it ("SPM vocabulary, but newline
+    token not found"; SmolLM2 on transformers 5.17, 2026-12-07). A byte-level BPE encodes every byte, so byte fallback
+    never acts: the same ids either way."""
+    try:
+        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return model_dir
+    model = data.get("model") if isinstance(data, dict) else None
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback") and _byte_level(data.get("pre_tokenizer"))):
+        return model_dir
+    view = work / model_dir.name
+    view.mkdir(parents=True)
+    for p in model_dir.iterdir():
+        if p.name != "tokenizer.json":
+            (view / p.name).symlink_to(p.resolve())
+    (view / "tokenizer.json").write_text(json.dumps({**data, "model": {**model, "byte_fallback": False}}, ensure_ascii=False), encoding="utf-8")
+    return view
+
+
+def _byte_level(pre: Any) -> bool:
+    """Whether a tokenizer.json pre-tokenizer splits to bytes (ByteLevel, alone or in a Sequence)."""
+    if not isinstance(pre, dict):
+        return False
+    return pre.get("type") == "ByteLevel" or any(_byte_level(p) for p in pre.get("pretokenizers") or [] if pre.get("type") == "Sequence")
 
 
 def converter_failure(stderr: str) -> str:

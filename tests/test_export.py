@@ -615,3 +615,59 @@ def test_a_complete_export_folder_with_a_gguf_gone_names_itself_and_the_fix(tmp_
         match = "built.json cannot be read"
     with pytest.raises(StageError, match=f"{out} is marked complete but .*{match}.*; delete that folder and rerun"):
         _built(out)
+
+
+def _byte_level_bpe(folder: Path, *, as_5_17_saves_it: bool) -> Path:
+    """A byte-level BPE tokenizer (GPT-2's kind, SmolLM2's) saved to `folder`; `as_5_17_saves_it`: tokenizer.json as
+    transformers 5.17 writes one built from a GGUF's "gpt2" vocabulary (byte fallback on; a ByteFallback, Fuse,
+    Replace-▁, ByteLevel decoder), read 2026-12-07 from SmolLM2's GGUF on 5.17.0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world\n", "the quick brown fox\n"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    if as_5_17_saves_it:
+        data = json.loads((folder / "tokenizer.json").read_text())
+        data["model"]["byte_fallback"] = True
+        data["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"},
+                                                            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+        (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_the_converter_reads_a_byte_level_bpe_saved_with_byte_fallback_as_the_bpe_it_is(tmp_path):
+    """transformers 5.17 saves a GGUF's byte-level BPE tokenizer with byte fallback on, and gguf-py's vocabulary check
+    (LlamaHfVocab, which convert_hf_to_gguf.py tries before GPT-2's) took it for Llama's SentencePiece one: llama.cpp
+    then refused the GGUF ("SPM vocabulary, but newline token not found"; tests/test_export.py's serve-model GGUF tests
+    on 5.17). `converter_view` hands the converter the flag off, the ids unchanged; a tokenizer saved without it goes
+    as it is."""
+    from gguf.vocab import LlamaHfVocab
+    from transformers import AutoTokenizer
+
+    from tasks.export import converter_view
+
+    def taken_for_sentencepiece(folder: Path) -> bool:
+        try:
+            LlamaHfVocab(folder)
+        except FileNotFoundError:  # "Cannot find Llama BPE tokenizer": the converter goes on to GPT-2's vocabulary
+            return False
+        return True
+
+    saved = _byte_level_bpe(tmp_path / "m", as_5_17_saves_it=True)
+    assert taken_for_sentencepiece(saved)  # the converter's view of the folder as 5.17 saved it
+    view = converter_view(saved, tmp_path / "work")
+    assert view != saved and view.name == saved.name  # the converter names the model from its folder
+    assert not taken_for_sentencepiece(view)
+    text = "hello world\nthe quick brown fox"
+    assert AutoTokenizer.from_pretrained(str(view))(text).input_ids == AutoTokenizer.from_pretrained(str(saved))(text).input_ids
+    assert all((view / p.name).resolve() == p.resolve() for p in saved.iterdir() if p.name != "tokenizer.json")
+
+    clean = _byte_level_bpe(tmp_path / "c", as_5_17_saves_it=False)
+    assert not taken_for_sentencepiece(clean)
+    assert converter_view(clean, tmp_path / "work2") == clean
