@@ -84,9 +84,19 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
     names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
     for ref in refs:
         module, _, cls = ref.rpartition(".")
-        if "--" not in module and (folder / f"{module}.py").is_file():  # "<repo>--<module>.<class>": its code is in another repository
-            names |= _local_modules(folder / f"{module}.py") | set(_remote_vocab_files(folder / f"{module}.py", cls))
+        # "<repo>--<module>.<class>": its code is in another repository; a module name that is not a plain file name of
+        # the folder ("../x", "a/b") is never read: auto_map is the folder's data, not ours to follow out of it
+        if "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
+            names |= _local_modules(folder / f"{module}.py") | {n for n in _remote_vocab_files(folder / f"{module}.py", cls) if _plain_name(n)}
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
+
+
+def _plain_name(name) -> bool:
+    """Whether `name`, read from a tokenizer's config or source (untrusted), is a plain top-level file name: the names
+    `tokenizer_files` returns are fnmatch patterns matched against a folder's own entries, so one with a path separator,
+    a '..', or a glob character (`*` would take every file, the pickle and the model's code too) is not a file's name."""
+    return (isinstance(name, str) and bool(name) and name.isprintable() and ".." not in name
+            and not any(c in name for c in "/\\*?[]") and not Path(name).is_absolute())
 
 
 def _library_vocab_files(class_name) -> list[str]:
@@ -194,8 +204,10 @@ def _copy_base(src: Path, dst: Path, link: bool) -> None:
     (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later."""
+    files = (*BASE_FILES, *tokenizer_files(src))
     dst.mkdir(parents=True)
-    for f in sorted({p for pat in (*BASE_FILES, *tokenizer_files(src)) for p in src.glob(pat) if p.is_file()}):
+    # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
+    for f in sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files)):
         try:
             if not link:
                 raise OSError("copy")

@@ -583,10 +583,6 @@ def test_a_remote_code_tokenizer_whose_vocabulary_name_lives_in_a_sibling_module
     assert type(AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)).__name__ == "TikTokenizer"
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache7: a14c405's _copy_base globs tokenizer_files(src), whose remote-code vocab_files_names "
-                   "values are taken as glob patterns unchecked: '../secret.txt' copies a file from outside the local base folder into base/, "
-                   "'**/*.bin' brings the pickle and a subfolder's file, '*' copies everything (modeling_x.py, pytorch_model.bin; into "
-                   "adapter/ too), an absolute name raises NotImplementedError ('Non-relative patterns are unsupported'), not a clear error")
 @pytest.mark.parametrize("vocab", ["../secret.txt", "**/*.bin", "*", "ABSOLUTE"])
 def test_a_local_base_publishes_only_its_own_top_level_tokenizer_files_whatever_its_vocab_names_say(tmp_path, vocab):
     """base/ holds what training loaded of the local folder's top level (no pickle, nothing of a subfolder, never a file of
@@ -604,3 +600,18 @@ def test_a_local_base_publishes_only_its_own_top_level_tokenizer_files_whatever_
         (src / name).write_text(name)
     _copy_base(src, tmp_path / "base", link=False)
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors", "tokenization_x.py", "tokenizer_config.json"]
+
+
+def test_a_tokenizers_auto_map_never_reads_a_module_outside_its_folder(tmp_path):
+    """auto_map's module path is the folder's data: '../evil' names a .py outside the folder, whose vocab_files_names
+    (and own file name) must not become the tokenizer's files: tokenizer_files reads only a plain top-level module."""
+    from tasks.publish import tokenizer_files
+
+    (tmp_path / "evil.py").write_text("class X:\n    vocab_files_names = {'vocab_file': 'secret.txt'}\n")
+    src = tmp_path / "local-model"
+    src.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "X", "auto_map": {"AutoTokenizer": ["../evil.X", None]}}))
+    for name in ("evil.py", "secret.txt"):
+        (src / name).write_text(name)
+    files = tokenizer_files(src)
+    assert "secret.txt" not in files and "evil.py" not in files
