@@ -135,38 +135,68 @@ def _local_modules(module: Path) -> set[str]:
 
 def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
     """A remote-code tokenizer class's vocabulary file names, read from its module's source (never run): its
-    `vocab_files_names`, a dict literal or a module-level name bound to one, in the class or a class of the module it
-    derives from; a transformers class it derives from: that class's. None found: []."""
+    `vocab_files_names`, a dict literal or a module-level name bound to one, in the class or a class it derives from; a
+    name or class imported relatively from a module beside it (`from .consts import VOCAB_FILES_NAMES`, a base class of
+    `.tik_base`: the modules `_local_modules` finds, which custom_object_save copies with it) is read there; a
+    transformers class it derives from: that class's. None found: []."""
     import ast
 
-    try:
-        tree = ast.parse(module.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return []
-    bound = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    parsed: dict[Path, tuple[dict, dict, dict]] = {}
 
-    def of(name: str, seen: set[str]) -> list[str] | None:
-        if name in seen:
+    def scope(path: Path) -> tuple[dict, dict, dict]:
+        """`path`'s module-level bindings, classes and relative imports (local name -> (sibling module, its name))."""
+        if path not in parsed:
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                tree = ast.Module(body=[], type_ignores=[])
+            bound = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+            classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+            imported = {a.asname or a.name: (path.parent / f"{node.module}.py", a.name) for node in tree.body
+                        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and "." not in node.module
+                        for a in node.names if a.name != "*"}
+            parsed[path] = (bound, classes, imported)
+        return parsed[path]
+
+    def value(name: str, path: Path, seen: frozenset) -> ast.expr | None:
+        """The expression the module-level `name` of `path` is bound to, through relative imports and plain aliases."""
+        if (path, name) in seen:
             return None
+        bound, _, imported = scope(path)
+        if name in bound:
+            v = bound[name]
+            return value(v.id, path, seen | {(path, name)}) if isinstance(v, ast.Name) else v
+        if name in imported:
+            return value(imported[name][1], imported[name][0], seen | {(path, name)})
+        return None
+
+    def of(name: str, path: Path, seen: frozenset) -> list[str] | None:
+        if (path, name) in seen:
+            return None
+        _, classes, imported = scope(path)
+        if name in imported and name not in classes:
+            return of(imported[name][1], imported[name][0], seen | {(path, name)})
         if name not in classes:
             return _library_vocab_files(name) or None
         for stmt in classes[name].body:
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
             if any(isinstance(t, ast.Name) and t.id == "vocab_files_names" for t in targets) and stmt.value is not None:
-                value = bound.get(stmt.value.id) if isinstance(stmt.value, ast.Name) else stmt.value
+                v = value(stmt.value.id, path, frozenset()) if isinstance(stmt.value, ast.Name) else stmt.value
                 try:
-                    names = ast.literal_eval(value) if value is not None else None
+                    names = ast.literal_eval(v) if v is not None else None
                 except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                     names = None
-                return [v for v in names.values() if isinstance(v, str)] if isinstance(names, dict) else None
+                return [n for n in names.values() if isinstance(n, str)] if isinstance(names, dict) else None
         for base in classes[name].bases:
-            got = of(base.id if isinstance(base, ast.Name) else getattr(base, "attr", ""), seen | {name})
+            if isinstance(base, ast.Name):
+                got = of(base.id, path, seen | {(path, name)})
+            else:  # `transformers.PreTrainedTokenizer` and the like: a library class, by its name
+                got = _library_vocab_files(getattr(base, "attr", "")) or None
             if got is not None:
                 return got
         return None
 
-    return of(class_name, set()) or []
+    return of(class_name, module, frozenset()) or []
 
 
 def _is_tokenizers(name: str, tokenizer: tuple[str, ...]) -> bool:

@@ -561,10 +561,6 @@ def _split_remote_tokenizer(kind: str, tmp_path: Path, monkeypatch):
     return tok
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache7: tokenizer_files reads a remote-code tokenizer's vocab_files_names from its own module "
-                   "only; a name bound in a module it imports relatively (VOCAB_FILES_NAMES from .consts, or a base class in .tik_base) is "
-                   "not found, so tik.tiktoken stays out of adapter/, the published adapter/ tokenizer does not load (TypeError on a None "
-                   "vocab path), and is_reusable keeps that folder on every run")
 @pytest.mark.parametrize("kind", ["names-imported", "base-in-other-module"])
 def test_a_remote_code_tokenizer_whose_vocabulary_name_lives_in_a_sibling_module_loads_from_adapter(tmp_path, monkeypatch, kind):
     """custom_object_save copies the modules a remote-code tokenizer imports relatively; its vocabulary file's name may be
