@@ -2861,3 +2861,32 @@ def test_a_cancel_as_the_finally_begins_still_puts_the_handlers_back(monkeypatch
                                      logs, deployment=True)
     assert sent, logs
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (repr(raised), left, logs)
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu7: a log_fn that raises in the line said before `raise failure` "
+                   "replaces the rank's failure (StageError) with its BrokenPipeError")
+def test_a_log_line_that_fails_after_a_late_ctrl_c_does_not_hide_the_ranks_failure(monkeypatch, tmp_path):
+    """A review (2026-12-07, mgpu7): R1 routes the `finally`'s lines through `_logging_on` so that a log_fn that raises
+    (print to a closed stdout: BrokenPipeError) cuts nothing short, and its docstring says the stage's own outcome (the
+    failure still to come) is what the stage ends with. The line said after the `finally` ("Ctrl-C after the 2 processes
+    had ended ...: their failure follows") still calls log_fn directly, just before `raise failure`: its BrokenPipeError
+    is what the stage raises, and the rank that died (the stage's own outcome) is said and raised nowhere."""
+    import sys
+
+    from tasks.engine import launch
+
+    class ClosedAfterCtrlC(list):
+        def append(self, line: str) -> None:
+            super().append(line)
+            if pressed:
+                raise BrokenPipeError(32, "Broken pipe")
+
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch), ClosedAfterCtrlC()
+    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_FAILS, "-", ROOT_CAUSE])
+    with _python_ctrl_c(monkeypatch):
+        try:
+            with pytest.raises(StageError) as e:
+                launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, tmp_path, logs.append)
+        except KeyboardInterrupt as stop:  # a failure of this test, not pytest's own Ctrl-C
+            pytest.fail(f"the stage raised {stop!r}; its log: {logs}")
+    assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9"), (e.value, logs)
