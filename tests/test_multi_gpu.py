@@ -2890,3 +2890,32 @@ def test_a_log_line_that_fails_after_a_late_ctrl_c_does_not_hide_the_ranks_failu
         except KeyboardInterrupt as stop:  # a failure of this test, not pytest's own Ctrl-C
             pytest.fail(f"the stage raised {stop!r}; its log: {logs}")
     assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9"), (e.value, logs)
+
+
+@pytest.mark.xfail(strict=True, reason="review-mgpu7: a SIGTERM held by the `finally` (R2) is handed back there and "
+                   "again after it (`caught`): the caller's handler gets one SIGTERM twice")
+def test_a_sigterm_held_by_the_finally_reaches_the_callers_handler_once(monkeypatch, tmp_path):
+    """A review (2026-12-07, mgpu7): in a deployment run SIGTERM stays the caller's handler; the `finally` swaps it for
+    `_hold_stop_signals`' `hold`, which notes a SIGTERM in `held` and in `came`, and hands `held` back with
+    signal.raise_signal once the handlers are back. Where that handler does not raise (a user's graceful-shutdown
+    handler that only notes it), the stage goes on to return the record, and the success path's `caught` (read from
+    `came`) hands the same SIGTERM back a second time: one SIGTERM reaches the caller's handler twice (a handler that
+    takes a second SIGTERM as "stop at once" does so). Shown by a SIGTERM as the `finally` disarms the Ctrl-C handler."""
+    from tasks.engine import launch
+
+    got, disarm = [], launch._CtrlC.disarm
+
+    def sigterm_then_disarm(self):
+        signal.raise_signal(signal.SIGTERM)  # `hold`'s now: noted
+        return disarm(self)
+
+    monkeypatch.setattr(launch._CtrlC, "disarm", sigterm_then_disarm)
+    monkeypatch.setattr(launch, "in_a_deployment_run", lambda: True)
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        logs: list[str] = []
+        assert _finish(monkeypatch, tmp_path, logs) == {"steps": 4}, logs
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM], (got, logs)
