@@ -2892,8 +2892,6 @@ def test_a_log_line_that_fails_after_a_late_ctrl_c_does_not_hide_the_ranks_failu
     assert pressed and str(e.value).startswith("train: rank 1 of 2 died with exit code -9"), (e.value, logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu7: a SIGTERM held by the `finally` (R2) is handed back there and "
-                   "again after it (`caught`): the caller's handler gets one SIGTERM twice")
 def test_a_sigterm_held_by_the_finally_reaches_the_callers_handler_once(monkeypatch, tmp_path):
     """A review (2026-12-07, mgpu7): in a deployment run SIGTERM stays the caller's handler; the `finally` swaps it for
     `_hold_stop_signals`' `hold`, which notes a SIGTERM in `held` and in `came`, and hands `held` back with

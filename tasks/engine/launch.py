@@ -373,6 +373,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                    f"stops nothing; {then}")
         raise failure
     caught = [s for s in came if s != signal.SIGINT]
+    # Those the `finally` held (`_hold_stop_signals`: noted in `held` and `came`) it handed back already: handed back here
+    # too, one SIGTERM reached a caller's handler that only notes it twice (a review, 2026-12-07). Said all the same.
+    handed_back = list(caught)
+    for sig in held:
+        if sig in handed_back:
+            handed_back.remove(sig)
     if caught:
         # A SIGTERM or SIGHUP that came as torchrun ended (as its last lines were read, as the handlers were put back: 0.1 s
         # and more) found no torchrun to pass it on to, or reached it after its ranks had finished: the stage returned the
@@ -381,7 +387,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         # Prefect's or a user's handler: theirs), after the line that says the result is kept. That line claims no stop: a
         # handler that only notes the signal lets the run go on, which "stopping the run as asked" denied (a review, 2026-12-07).
         too_late(f"{caught[0].name} as the {n} processes finished", "the signal is handed back to the caller's handler")
-        for sig in dict.fromkeys(caught):
+        for sig in dict.fromkeys(handed_back):
             signal.raise_signal(sig)
     return read_json(result_path)
 
