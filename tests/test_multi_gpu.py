@@ -2863,8 +2863,6 @@ def test_a_cancel_as_the_finally_begins_still_puts_the_handlers_back(monkeypatch
     assert not left["torchrun running"] and left["handlers"] == left["handlers before"], (repr(raised), left, logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review-mgpu7: a log_fn that raises in the line said before `raise failure` "
-                   "replaces the rank's failure (StageError) with its BrokenPipeError")
 def test_a_log_line_that_fails_after_a_late_ctrl_c_does_not_hide_the_ranks_failure(monkeypatch, tmp_path):
     """A review (2026-12-07, mgpu7): R1 routes the `finally`'s lines through `_logging_on` so that a log_fn that raises
     (print to a closed stdout: BrokenPipeError) cuts nothing short, and its docstring says the stage's own outcome (the
@@ -2917,3 +2915,44 @@ def test_a_sigterm_held_by_the_finally_reaches_the_callers_handler_once(monkeypa
     finally:
         signal.signal(signal.SIGTERM, before)
     assert got == [signal.SIGTERM], (got, logs)
+
+
+class _ClosedOnTheKeptLine(list):
+    """A log whose writer breaks (print to a closed stdout) on the line that says the stage's result is kept."""
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        if "its result is kept" in line:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_line_that_fails_on_a_late_ctrl_c_keeps_the_ctrl_c(monkeypatch, tmp_path):
+    """mgpu-fixes-8: the line said before the `except` re-raises a Ctrl-C that came once the ranks had finished ("Ctrl-C
+    after the 2 processes had finished: its result is kept ...") called log_fn directly: a log_fn that raised there
+    (BrokenPipeError) was what the stage raised, not the Ctrl-C's KeyboardInterrupt that stops the run as asked."""
+    pressed, logs = _ctrl_c_at_the_join(monkeypatch), _ClosedOnTheKeptLine()
+    _finish_stopped(monkeypatch, tmp_path, logs)
+    assert pressed and f"train: Ctrl-C after the 2 processes had finished: {KEPT}" in logs, logs
+
+
+def test_a_log_line_that_fails_on_a_late_sigterm_still_returns_the_record_and_hands_the_sigterm_back(monkeypatch, tmp_path):
+    """mgpu-fixes-8: the line said before a SIGTERM that came as the ranks finished is handed back to the caller's handler
+    ("SIGTERM as the 2 processes finished: its result is kept ...") called log_fn directly: a log_fn that raised there
+    (BrokenPipeError) was what the stage raised: the record was dropped and the SIGTERM never reached the caller's
+    handler. Shown with a handler that only notes it, and a SIGTERM sent as the `finally` disarms the Ctrl-C handler."""
+    from tasks.engine import launch
+
+    got, disarm = [], launch._CtrlC.disarm
+
+    def sigterm_then_disarm(self):
+        signal.raise_signal(signal.SIGTERM)  # the stage's forwarding handler: noted, torchrun has ended
+        return disarm(self)
+
+    monkeypatch.setattr(launch._CtrlC, "disarm", sigterm_then_disarm)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        logs = _ClosedOnTheKeptLine()
+        assert _finish(monkeypatch, tmp_path, logs) == {"steps": 4}, logs
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM] and f"train: SIGTERM as the 2 processes finished: {KEPT.replace(STOPPING, HANDED_BACK)}" in logs, (got, logs)

@@ -147,10 +147,12 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
         """torchrun ended cleanly, not killed by the stage, and rank 0 wrote the record: a Ctrl-C now came too late."""
         return proc is not None and not killed and proc.returncode == 0 and result_path.is_file()
 
-    def too_late(when: str, then: str = "stopping the run as asked", log: Callable[[str], None] = log_fn) -> None:
+    def too_late(when: str, then: str = "stopping the run as asked") -> None:
         # Rank 0 completed the stage's folder before writing the record, so stopping loses nothing, and the user asked
         # to stop: going on to evaluate, merge and publish after a Ctrl-C (as the first fix did) is not what they asked.
-        log(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); {then}")
+        # Said just before the stage raises or hands a signal back: through `_logging_on`, a log_fn that raises
+        # (BrokenPipeError) replaced what the stage ends with (a review, 2026-12-07).
+        _logging_on(log_fn)(f"{stage}: {when}: its result is kept (its folder is complete: the rerun reuses it); {then}")
     try:
         # first: a Ctrl-C from here on reaches it, and no later one can raise in the stop
         passes_ctrl_c_on = ctrl_c.install(previous)
@@ -317,7 +319,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             # hid the rank's failure and the run read as interrupted (a review, 2026-12-07). A clean exit without a record
             # keeps the Ctrl-C (test_a_ctrl_c_at_the_stages_start_or_end_leaves_ctrl_c_and_sigterm_working).
             if finished():
-                too_late(f"Ctrl-C after the {n} processes had finished", log=say)
+                too_late(f"Ctrl-C after the {n} processes had finished")
                 raise_ctrl_c = True
             elif ending is not None or proc is None or killed or not proc.returncode:
                 raise_ctrl_c = True
@@ -365,12 +367,14 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
     if failure is not None:
         # A stop that came once torchrun had ended reached nothing: a Ctrl-C (the `except`), or a SIGTERM or SIGHUP that was
         # passed on to no one (all but the one sent, if any: it came as torchrun ended, or after), which was dropped without
-        # a word (a review, 2026-12-07). Worded from what ended the ranks, known only now.
+        # a word (a review, 2026-12-07). Worded from what ended the ranks, known only now. Said through `_logging_on`: a
+        # log_fn that raised here (BrokenPipeError) was what the stage raised, the rank's failure said and raised nowhere
+        # (a review, 2026-12-07).
         after = ["Ctrl-C"] * ctrl_c_after_the_end + [s.name for s in came if s != signal.SIGINT][len(stop.sent):]
         if after:
             then = "their failure follows" if isinstance(failure, StageError) else "they had stopped already: their stop follows"
-            log_fn(f"{stage}: {' and '.join(dict.fromkeys(after))} after the {n} processes had ended (exit code {rc}): it "
-                   f"stops nothing; {then}")
+            _logging_on(log_fn)(f"{stage}: {' and '.join(dict.fromkeys(after))} after the {n} processes had ended (exit code "
+                                f"{rc}): it stops nothing; {then}")
         raise failure
     caught = [s for s in came if s != signal.SIGINT]
     # Those the `finally` held (`_hold_stop_signals`: noted in `held` and `came`) it handed back already: handed back here
