@@ -263,17 +263,20 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 raise outcome from None
             raise
     finally:
-        # Every line here goes through `say`: a log_fn that raises (print to a closed stdout: BrokenPipeError) cut the
-        # `finally` short at its first line, before the wait for torchrun's stop and the handlers' restore: torchrun left
-        # mid-stop, unwatched, and the stage's disarmed Ctrl-C handler left SIGINT's for good (a review, 2026-12-07).
-        say = _logging_on(log_fn)
         # A stop signal whose handler is still the caller's (a deployment run's SIGTERM: Prefect's, which raises
         # TerminationSignal) is only noted while the `finally` runs, and handed back to that handler at its end, once
         # torchrun is stopped and the stage's handlers are put back: a second Cancel in the wait for torchrun's stop raised
         # there, and the stage ended with torchrun mid-stop, unwatched, its own handlers never put back (a review,
-        # 2026-12-07). Noted in `came` too: the wait takes it as a second stop signal (stop at once).
+        # 2026-12-07). Noted in `came` too: the wait takes it as a second stop signal (stop at once). First thing: a Cancel
+        # whose handler ran at the `finally`'s first line (`say`'s, then; a pending signal's handler runs as a function
+        # starts) left the `finally` before the restore: SIGINT stayed the stage's disarmed _CtrlC, SIGHUP the forwarder
+        # to an ended torchrun (a review, 2026-12-07).
         held: list[signal.Signals] = []
         outer = _hold_stop_signals(previous, held, came)
+        # Every line here goes through `say`: a log_fn that raises (print to a closed stdout: BrokenPipeError) cut the
+        # `finally` short at its first line, before the wait for torchrun's stop and the handlers' restore: torchrun left
+        # mid-stop, unwatched, and the stage's disarmed Ctrl-C handler left SIGINT's for good (a review, 2026-12-07).
+        say = _logging_on(log_fn)
         # From here on no Ctrl-C is a first one: it stops at once, and no restore is cut short. `late`: a first Ctrl-C came
         # that the stage has not raised yet (its handler ran as the `finally` began: a pending one runs as a function
         # starts; one raising there put no handler back, a review, 2026-12-06): raised below once the handlers are back.
