@@ -2076,8 +2076,8 @@ class ToolsNotRendered(Exception):
         self.param = param
 
 
-# What render_messages asks the chat template with in place of a request's tool calls and tools: another call, another
-# tool. A template that renders them renders these otherwise; one that does not renders the same prompt.
+# What rendered_with_tools_checked asks the chat template with in place of a request's tool calls and tools: another
+# call, another tool. A template that renders them renders these otherwise; one that does not renders the same prompt.
 CHANGED_CALL = {"name": "zz_changed_call", "arguments": {"zz_changed_argument": "zz changed value"}}
 SENTINEL_TOOLS = [{"type": "function", "function": {"name": "zz_sentinel_tool", "description": "zz sentinel tool",
                                                      "parameters": {"type": "object", "properties": {"zz_sentinel_argument": {"type": "string"}}}}}]
@@ -2088,8 +2088,9 @@ def with_tool_calls_changed(messages: list[dict], names: bool = True) -> list[di
     arguments; the call's id kept, which templates check the form of, and which alone is no rendering of the call): a
     template that renders tool calls renders another prompt, one that does not renders the same. Not left out: a
     template may read tool_calls only to refuse a turn without them (Mistral's) and render the content alone, which
-    read as rendering them (a review, 2026-12-07). Not `names`: the arguments alone change, render_messages' first ask,
-    so a template that renders the names and refuses a call of a function it was not given is read aright."""
+    read as rendering them (a review, 2026-12-07). Not `names`: the arguments alone change,
+    rendered_with_tools_checked's first ask, so a template that renders the names and refuses a call of a function it
+    was not given is read aright."""
     def changed(call: Any) -> Any:
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
             return call
@@ -2103,9 +2104,9 @@ def with_tool_calls_changed(messages: list[dict], names: bool = True) -> list[di
 
 def with_tools_described_otherwise(tools: list) -> list:
     """`tools` with each one's description and parameters changed to SENTINEL_TOOLS' (its name kept): what
-    render_messages asks with first, so a template that renders the names and refuses a tool it does not know by name is
-    read aright (SENTINEL_TOOLS, the names changed, second). A chat tool holds them in
-    its `function`, a Responses one may be flat."""
+    rendered_with_tools_checked asks with first, so a template that renders the names and refuses a tool it does not
+    know by name is read aright (SENTINEL_TOOLS, the names changed, second). A chat tool holds them in its `function`,
+    a Responses one may be flat."""
     sentinel = {k: SENTINEL_TOOLS[0]["function"][k] for k in ("description", "parameters")}
 
     def changed(tool: Any) -> Any:
@@ -2114,6 +2115,76 @@ def with_tools_described_otherwise(tools: list) -> list:
         return {**tool, **sentinel} if isinstance(tool, dict) else tool
 
     return [changed(tool) for tool in tools]
+
+
+def rendered_with_tools_checked(kind: str, render, messages: list, tools: Any):
+    """The chat template's rendering of a `kind` request's `messages` with its `tools` (`render(messages, tools)`, as
+    the installed transformers serve renders them), refusing tools or tool calls the template leaves out (a 400,
+    ToolsNotRendered): transformers hands them to any template, and one that does not read them (the tiny run's)
+    rendered the prompt as without them, so the model was asked to answer with no tool to call, or saw an empty turn
+    in place of its own call, with a 200 (reviews, 2026-12-06)."""
+    inputs = render(messages, tools)
+
+    def same_prompt(changes: list[tuple[list, Any]], what: str) -> bool:
+        """Whether the request rendered with its tools (or its tool calls, `what`) changed to others, each of `changes`
+        (messages, tools) in turn, is the same prompt every time: the template does not render them. Changed, not left
+        out: a template may read what is left out only to refuse a rendering without it (Mistral's refuses an
+        assistant turn with neither content nor tool calls) and render something else (a review, 2026-12-07). A change
+        the template refuses (a call of a function, a tool, it does not know by name) shows it reads what was changed:
+        rendered, as another prompt is. The first change keeps the names, so a template that renders the names and
+        refuses an unknown one is not read as rendering nothing, and the names change last (a review of
+        server-fixes-6, 2026-12-07). Only a failure that is not the template's tells nothing: where no change decides,
+        they are taken as rendered, and the log says the check could not tell."""
+        failed = None
+        for changed, changed_tools in changes:
+            try:
+                other = render(changed, changed_tools)
+            except Exception as e:
+                if raised_by_template(e):
+                    return False
+                failed = failed or e
+                continue
+            if _token_list(inputs) != _token_list(other):
+                return False
+        if failed is None:
+            return True
+        log_render_check_undecided(kind, what, failed)
+        return False
+
+    if tools and same_prompt([(messages, with_tools_described_otherwise(tools)), (messages, SENTINEL_TOOLS)], "tools"):
+        raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
+                               "the same with other tools), so the model would never see them; leave tools out, or "
+                               "serve a model whose chat template renders tools")
+    if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
+            same_prompt([(with_tool_calls_changed(messages, names=False), tools), (with_tool_calls_changed(messages), tools)], "tool calls"):
+        # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
+        # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
+        where = "messages" if kind == "chat" else "input"
+        raise ToolsNotRendered(f"{where} {'hold' if kind == 'chat' else 'holds'} a tool call (an assistant turn's tool_calls{' or function_call' if kind == 'chat' else ', a function_call item'}) "
+                               "this model's chat template does not render: the model would see an empty turn "
+                               "in its place; send the call and its result as text, or serve a model whose "
+                               "chat template renders tool calls", where)
+    return inputs
+
+
+def processor_checking_tools(kind: str, processor):
+    """`processor` for one `kind` request of transformers <= 5.24's serve (5.17's), whose handle_request renders the
+    request with `processor.apply_chat_template(messages, tools=..., ...)` itself (5.25 has render_messages): a
+    shallow copy whose apply_chat_template is rendered_with_tools_checked, the same arguments but the messages and
+    tools kept for each rendering. A copy, not a wrapper: serve asks isinstance(processor, PreTrainedTokenizerBase)
+    (get_model_modality); and not the shared processor changed, which every request and the model's own use reach.
+    Hooked where 5.25's method alone was, the check never ran on 5.17: tools and tool calls the template leaves out
+    were answered with a 200 (a helper's finding, 2026-12-07)."""
+    import copy
+
+    plain = processor.apply_chat_template
+    checking = copy.copy(processor)
+
+    def apply_chat_template(conversation, *args, tools=None, **kwargs):
+        return rendered_with_tools_checked(kind, lambda m, t: plain(m, *args, tools=t, **kwargs), conversation, tools)
+
+    checking.apply_chat_template = apply_chat_template
+    return checking
 
 
 def _token_list(inputs) -> list:
@@ -2878,9 +2949,9 @@ def capped_traceback(error: BaseException, ends: int = 3) -> str:
 
 
 def log_render_check_undecided(kind: str, what: str, refusal: BaseException) -> None:
-    """One line saying render_messages could not tell whether the chat template renders a `kind` request's `what`
-    (tools, tool calls): rendering a change failed other than in the template (`refusal`: the first failure), no other
-    change was another prompt, and the request was served."""
+    """One line saying rendered_with_tools_checked could not tell whether the chat template renders a `kind`
+    request's `what` (tools, tool calls): rendering a change failed other than in the template (`refusal`: the first
+    failure), no other change was another prompt, and the request was served."""
     from transformers.utils import logging as hf_logging
 
     text = str(refusal).strip()
@@ -3409,53 +3480,17 @@ def answer_as_openai_does() -> None:
             return config
 
         def render_messages(self, engine, messages, body):
-            """serve's rendering, refusing `tools` the chat template leaves out: transformers hands them to any
-            template, and one that does not read them (the tiny run's) rendered the prompt as without them, so the
-            model was asked to answer with no tool to call, with a 200 (a review, 2026-12-06)."""
-            inputs = render(self, engine, messages, body)
+            """transformers >= 5.25's rendering (BaseHandler.render_messages), refusing what the chat template leaves out
+            (rendered_with_tools_checked)."""
+            return rendered_with_tools_checked(kind, lambda m, tools: render(self, engine, m, {**body, "tools": tools}),
+                                               messages, body.get("tools"))
 
-            def same_prompt(changes: list[tuple[list[dict], dict]], what: str) -> bool:
-                """Whether the request rendered with its tools (or its tool calls, `what`) changed to others, each of
-                `changes` (messages, body) in turn, is the same prompt every time: the template does not render them.
-                Changed, not left out: a template may read what is left out only to refuse a rendering without it
-                (Mistral's refuses an assistant turn with neither content nor tool calls) and render something else (a
-                review, 2026-12-07). A change the template refuses (a call of a function, a tool, it does not know by
-                name) shows it reads what was changed: rendered, as another prompt is. The first change keeps the
-                names, so a template that renders the names and refuses an unknown one is not read as rendering
-                nothing, and the names change last (a review of server-fixes-6, 2026-12-07). Only a failure that is
-                not the template's tells nothing: where no change decides, they are taken as rendered, and the log says
-                the check could not tell."""
-                failed = None
-                for changed, changed_body in changes:
-                    try:
-                        other = render(self, engine, changed, changed_body)
-                    except Exception as e:
-                        if raised_by_template(e):
-                            return False
-                        failed = failed or e
-                        continue
-                    if _token_list(inputs) != _token_list(other):
-                        return False
-                if failed is None:
-                    return True
-                log_render_check_undecided(kind, what, failed)
-                return False
-
-            if body.get("tools") and same_prompt([(messages, {**body, "tools": with_tools_described_otherwise(body["tools"])}),
-                                                  (messages, {**body, "tools": SENTINEL_TOOLS})], "tools"):
-                raise ToolsNotRendered("tools are not supported by this model: its chat template renders no tools (the prompt is "
-                                       "the same with other tools), so the model would never see them; leave tools out, or "
-                                       "serve a model whose chat template renders tools")
-            if any(isinstance(m, dict) and m.get("tool_calls") for m in messages) and \
-                    same_prompt([(with_tool_calls_changed(messages, names=False), body), (with_tool_calls_changed(messages), body)], "tool calls"):
-                # the tiny run's template renders an assistant turn's content only: a tool call in the history (chat
-                # tool_calls, a Responses function_call item) was an empty turn, with a 200 (a review, 2026-12-06)
-                where = "messages" if kind == "chat" else "input"
-                raise ToolsNotRendered(f"{where} {'hold' if kind == 'chat' else 'holds'} a tool call (an assistant turn's tool_calls{' or function_call' if kind == 'chat' else ', a function_call item'}) "
-                                       "this model's chat template does not render: the model would see an empty turn "
-                                       "in its place; send the call and its result as text, or serve a model whose "
-                                       "chat template renders tool calls", where)
-            return inputs
+        def resolve_model(self, body):
+            """transformers <= 5.24's handlers render in handle_request itself, with the processor this returns:
+            one that refuses what the chat template leaves out (processor_checking_tools)."""
+            # the base class's at each call, not as it was now: name_answers_as_served replaces BaseHandler's later
+            model_id, model, processor = resolve(self, body) if resolve else super(handler, self)._resolve_model(body)
+            return model_id, model, processor_checking_tools(kind, processor)
 
         def check_prompt_length(self, *args, **kwargs):
             """transformers 5.25's own check, a ValueError before the handler: `refusal` does it, naming the field."""
@@ -3570,9 +3605,12 @@ def answer_as_openai_does() -> None:
 
         handler.handle_request = handle_request
         setattr(handler, build_name, build_generation_config)
-        if kind != "completion" and hasattr(handler, "render_messages"):  # transformers 5.25's; <= 5.24 render elsewhere
+        if kind != "completion" and hasattr(handler, "render_messages"):  # transformers 5.25's
             render = handler.render_messages
             handler.render_messages = render_messages
+        elif kind != "completion":  # <= 5.24 (5.17): handle_request calls the processor's apply_chat_template itself
+            resolve = handler.__dict__.get("_resolve_model")  # the handler's own, if it has one
+            handler._resolve_model = resolve_model
         if hasattr(handler, "_check_prompt_length"):
             handler._check_prompt_length = check_prompt_length
         handler._streaming, handler._non_streaming = stream, answer

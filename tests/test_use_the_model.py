@@ -2680,6 +2680,38 @@ def test_serve_model_merged_refuses_tools_its_chat_template_does_not_render(serv
             assert code == 200 and '"error"' not in answer, (url, code, answer[:300])
 
 
+def test_the_processor_5_17_renders_with_refuses_tools_and_tool_calls_its_template_leaves_out(tiny_tok):
+    """transformers 5.17's serve renders a request in handle_request itself, with processor.apply_chat_template; only
+    5.25 has render_messages, where alone the check of tools and tool calls was hooked: on 5.17 (the GPU machine's)
+    both were answered with a 200 although the tiny run's template renders neither (the two tests above failed there,
+    a helper's finding, 2026-12-07). The processor a 5.17 request gets (processor_checking_tools) refuses them as
+    render_messages does, renders any other request as the processor does, is still of the processor's type (serve's
+    get_model_modality asks isinstance) and leaves the shared processor as it was. Pure: runs on any transformers."""
+    from tasks.export import ToolsNotRendered, processor_checking_tools
+
+    user = {"role": "user", "content": "Weather in Paris?"}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}  # 5.17 parses the arguments
+    history = [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "20C"}]
+    kwargs = {"add_generation_prompt": True, "return_dict": True, "tokenize": True}  # as 5.17's handle_request asks
+    for kind, where in (("chat", "messages hold"), ("response", "input holds")):
+        checking = processor_checking_tools(kind, tiny_tok)
+        assert isinstance(checking, type(tiny_tok)) and "apply_chat_template" not in vars(tiny_tok)
+        with pytest.raises(ToolsNotRendered, match="renders no tools") as refused:
+            checking.apply_chat_template([user], tools=tools, **kwargs)
+        assert refused.value.param == "tools"
+        with pytest.raises(ToolsNotRendered, match=f"^{where} a tool call") as refused:
+            checking.apply_chat_template(history, tools=None, **kwargs)
+        assert refused.value.param == where.split()[0]
+        assert checking.apply_chat_template([user], tools=None, **kwargs)["input_ids"] == tiny_tok.apply_chat_template([user], **kwargs)["input_ids"]
+        # a template that renders both (a request's chat_template_kwargs reach apply_chat_template as keywords) is rendered
+        renders = ("{% for t in tools or [] %}TOOL {{ t.function.name }}{% endfor %}{% for m in messages %}<{{ m.role }}>"
+                   "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+                   "{{ m.content if m.content is string else '' }}</s>{% endfor %}<assistant>")
+        rendered = checking.apply_chat_template(history, tools=tools, chat_template=renders, **kwargs)
+        assert rendered["input_ids"] == tiny_tok.apply_chat_template(history, tools=tools, chat_template=renders, **kwargs)["input_ids"]
+
+
 def test_request_problem_accepts_include_reasoning_encrypted_content_and_refuses_what_it_would_drop():
     """A review: a stateless Responses client (the OpenAI Agents SDK with store=false) sends include
     ["reasoning.encrypted_content"], which was a 400; the model does no reasoning, so there is nothing to include and it
