@@ -3465,6 +3465,15 @@ def answer_as_openai_does() -> None:
         def build_generation_config(self, *args, **kwargs):
             options = request_options.get()
             body = args[0] if args else kwargs.get("body") or {}
+            if build_name == "_build_generation_config" and body.get("generation_config") and (body.get("temperature") or 0) > 0:
+                # <= 5.24 (5.17) builds GenerationConfig(**the request's settings) before it reads the temperature, and
+                # validates them then: a setting that needs sampling ("num_return_sequences": 2) at temperature 0.7 was
+                # a 400 ("Greedy methods ... do not support"), where 5.25 answers it. Sampling is what a temperature
+                # above 0 turns on below (as 5.25 does), so the settings are built with it
+                settings = json.loads(body["generation_config"])
+                if isinstance(settings, dict) and "do_sample" not in settings:
+                    body = {**body, "generation_config": json.dumps({**settings, "do_sample": True})}
+                    args, kwargs = ((body, *args[1:]), kwargs) if args else (args, {**kwargs, "body": body})
             try:
                 config = build(self, *args, **kwargs)
             except ValueError as e:  # <= 5.24: GenerationConfig(**the request's settings) validates them as it is built
