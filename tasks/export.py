@@ -109,8 +109,11 @@ def build_key(merge, publish, export, data) -> str:
     # The template lives in chat_template.jinja (transformers 5) or tokenizer_config.json (older): hash both.
     template_hash = [file_sha256(f) if f.is_file() else None
                      for f in (Path(publish.merged_dir) / "chat_template.jinja", Path(publish.merged_dir) / "tokenizer_config.json")]
+    # A folder the converter reads through `converter_view` gets a key of its own: its GGUF exported before the view (on
+    # transformers 5.17: a vocabulary llama.cpp refuses) is built again, not reused; every other key is as it was.
+    view = ["converter view: byte_fallback off"] if export.gguf and byte_fallback_dropped(Path(publish.merged_dir)) else []
     return fingerprint("export", EXPORT_VERSION, merge.key, template_hash, data.stop_token_ids,
-                       export.model_dump(mode="json"), CONVERTER_VERSION)
+                       export.model_dump(mode="json"), CONVERTER_VERSION, *view)
 
 
 def cache_key(merge, publish, export, data) -> str:
@@ -188,26 +191,35 @@ def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Pa
 
 def converter_view(model_dir: Path, work: Path) -> Path:
     """The folder llama.cpp's converter reads: `model_dir` itself, or, for a byte-level BPE tokenizer saved with
-    `byte_fallback` on, a folder in `work` of links to its files with that flag off in tokenizer.json. transformers 5.17
-    builds a GGUF's "gpt2" tokenizer that way (byte fallback, a ByteFallback/Fuse/Replace decoder; 5.25 does not), and the
-    converter's vocabulary check (gguf-py's LlamaHfVocab: BPE + byte_fallback + a Sequence decoder) then takes it for
-    Llama's SentencePiece one: the GGUF's vocabulary said SPM, and llama.cpp refused it ("SPM vocabulary, but newline
-    token not found"; SmolLM2 on transformers 5.17, 2026-12-07). A byte-level BPE encodes every byte, so byte fallback
-    never acts: the same ids either way."""
-    try:
-        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    `byte_fallback` on (`byte_fallback_dropped`), a folder in `work` of links to its files with that flag off in
+    tokenizer.json."""
+    fixed = byte_fallback_dropped(model_dir)
+    if fixed is None:
         return model_dir
-    model = data.get("model") if isinstance(data, dict) else None
-    if not (isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback") and _byte_level(data.get("pre_tokenizer"))):
-        return model_dir
-    view = work / model_dir.name
+    view = work / model_dir.name  # the converter names the model from its folder
     view.mkdir(parents=True)
     for p in model_dir.iterdir():
         if p.name != "tokenizer.json":
             (view / p.name).symlink_to(p.resolve())
-    (view / "tokenizer.json").write_text(json.dumps({**data, "model": {**model, "byte_fallback": False}}, ensure_ascii=False), encoding="utf-8")
+    (view / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
     return view
+
+
+def byte_fallback_dropped(model_dir: Path) -> dict | None:
+    """`model_dir`'s tokenizer.json with byte fallback off, where it is a byte-level BPE saved with it on; else None.
+    transformers 5.17 builds a GGUF's "gpt2" tokenizer that way (byte fallback, a ByteFallback/Fuse/Replace decoder; 5.25
+    does not), and the converter's vocabulary check (gguf-py's LlamaHfVocab: BPE + byte_fallback + a Sequence decoder) then
+    takes it for Llama's SentencePiece one: the GGUF's vocabulary said SPM, and llama.cpp refused it ("SPM vocabulary, but
+    newline token not found"; SmolLM2 on transformers 5.17, 2026-12-07). A byte-level BPE encodes every byte, so byte
+    fallback never acts: the same ids either way. In the export's key (`build_key`) where it changes what is converted."""
+    try:
+        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback") and _byte_level(data.get("pre_tokenizer"))):
+        return None
+    return {**data, "model": {**model, "byte_fallback": False}}
 
 
 def _byte_level(pre: Any) -> bool:

@@ -671,3 +671,27 @@ def test_the_converter_reads_a_byte_level_bpe_saved_with_byte_fallback_as_the_bp
     clean = _byte_level_bpe(tmp_path / "c", as_5_17_saves_it=False)
     assert not taken_for_sentencepiece(clean)
     assert converter_view(clean, tmp_path / "work2") == clean
+
+
+def test_an_export_converted_through_the_view_has_a_key_of_its_own_and_every_other_keeps_its_key(tmp_path):
+    """A GGUF built on transformers 5.17 before `converter_view` holds a vocabulary llama.cpp refuses: its export is keyed
+    apart (built again, not reused), while a folder the view leaves alone keeps the key it had (no export redone)."""
+    from types import SimpleNamespace
+
+    from tasks.common import file_sha256, fingerprint
+    from tasks.config import ExportSection
+    from tasks.export import CONVERTER_VERSION, EXPORT_VERSION, build_key
+
+    def key(folder: Path, gguf: list[str]) -> str:
+        return build_key(SimpleNamespace(key="m"), SimpleNamespace(merged_dir=str(folder)), ExportSection(gguf=gguf),
+                         SimpleNamespace(stop_token_ids=[0]))
+
+    saved = _byte_level_bpe(tmp_path / "m", as_5_17_saves_it=True)
+    clean = _byte_level_bpe(tmp_path / "c", as_5_17_saves_it=False)
+    assert key(saved, ["f16"]) != key(clean, ["f16"])  # only tokenizer.json differs, which the template hash does not read
+    assert key(saved, []) == key(clean, [])  # nothing converted: nothing to tell apart
+    template = [file_sha256(clean / "chat_template.jinja") if (clean / "chat_template.jinja").is_file() else None,
+                file_sha256(clean / "tokenizer_config.json")]
+    before = fingerprint("export", EXPORT_VERSION, "m", template, [0], ExportSection(gguf=["f16"]).model_dump(mode="json"),
+                         CONVERTER_VERSION)
+    assert key(clean, ["f16"]) == before  # the key as it was before the view
