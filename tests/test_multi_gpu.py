@@ -1845,15 +1845,20 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
 
 
 def _stop_signals_in(monkeypatch, tmp_path, program: str, send: Callable[[Callable[[signal.Signals], None], list], None],
-                     logs: list[str]) -> BaseException | None:
+                     logs: list[str], deployment: bool = False, as_it_ends: Callable[[Path], None] | None = None,
+                     watchdog_s: float = 120) -> BaseException | None:
     """run_stage("train") on `program` as torchrun (argv[1]: a file it notes the signals it gets in, argv[2]: the stage's
     work folder), in this (main) thread with Python's own Ctrl-C handler and SIGTERM's and SIGHUP's defaults, as in a
     terminal. Once torchrun printed "ready", `send(to_the_stage, noted)` runs in a thread: `to_the_stage(sig)` signals this
-    process, `noted()` reads the signals torchrun noted. A watchdog kills torchrun 120 s on (the test's own bound).
-    Returns what the stage raised (None if it returned)."""
+    process, `noted()` reads the signals torchrun noted. `deployment`: a deployment run (SIGTERM stays Prefect's handler,
+    which raises TerminationSignal). `as_it_ends(noted)` runs the moment run_stage returned or raised, before any
+    clean-up. A watchdog kills torchrun `watchdog_s` on (the test's own bound). Returns what the stage raised (None if it
+    returned)."""
     import subprocess
     import sys
     import threading
+
+    from prefect.utilities.engine import _prefect_sigterm_handler
 
     from tasks.engine import launch
 
@@ -1862,6 +1867,7 @@ def _stop_signals_in(monkeypatch, tmp_path, program: str, send: Callable[[Callab
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(noted), str(work)])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
     monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, lambda line: ready.set() if line == "ready\n" else show(line)))
+    monkeypatch.setattr(launch, "in_a_deployment_run", lambda: deployment)
 
     def read_noted() -> list[str]:
         return noted.read_text().split() if noted.exists() else []
@@ -1870,18 +1876,21 @@ def _stop_signals_in(monkeypatch, tmp_path, program: str, send: Callable[[Callab
         if ready.wait(timeout=120):
             send(lambda sig: os.kill(os.getpid(), sig), read_noted)
 
-    watchdog = threading.Timer(120, lambda: started and started[0].kill())
+    watchdog = threading.Timer(watchdog_s, lambda: started and started[0].kill())
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the third-Ctrl-C test)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _prefect_sigterm_handler if deployment else signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a suite under nohup ignores it: the stage would not pass it on
     raised = None
     try:
         watchdog.start()
         threading.Thread(target=when_ready, daemon=True).start()
-        launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
-    except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
-        raised = e
+        try:
+            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
+        except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
+            raised = e
+        if as_it_ends is not None:
+            as_it_ends(noted)
     finally:
         watchdog.cancel()
         for sig, handler in saved.items():
@@ -2429,52 +2438,19 @@ def _stage_as_it_ends(monkeypatch, tmp_path, program: str, send: Callable[[Calla
     """`_stop_signals_in`, with what was left the moment run_stage returned or raised (before any clean-up): whether
     torchrun (the stand-in, pid in <noted>.pid) still ran, and SIGINT's, SIGTERM's and SIGHUP's handlers. `deployment`:
     a deployment run (SIGTERM stays Prefect's handler, which raises TerminationSignal). Returns (raised, left)."""
-    import subprocess
-    import sys
-    import threading
-
     from prefect.utilities.engine import _prefect_sigterm_handler
 
-    from tasks.engine import launch
+    left = {}
 
-    noted, work, started, ready = tmp_path / "signals", tmp_path / "work", [], threading.Event()
-    popen, reading = _sigint_ignored_from_the_start(subprocess.Popen), launch.read_in_background
-    monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", program, str(noted), str(work)])
-    monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[0])
-    monkeypatch.setattr(launch, "read_in_background", lambda lines, show: reading(lines, lambda line: ready.set() if line == "ready\n" else show(line)))
-    monkeypatch.setattr(launch, "in_a_deployment_run", lambda: deployment)
-
-    def when_ready():
-        if ready.wait(timeout=120):
-            send(lambda sig: os.kill(os.getpid(), sig))
-
-    watchdog = threading.Timer(150, lambda: started and started[0].kill())
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _prefect_sigterm_handler if deployment else signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    raised, left = None, {}
-    try:
-        watchdog.start()
-        threading.Thread(target=when_ready, daemon=True).start()
-        try:
-            launch.run_stage("train", "tasks.train:train_on_rank", {}, 2, work, logs.append)
-        except BaseException as e:  # noqa: BLE001 -- what the stage raised is what the callers check
-            raised = e
+    def as_it_ends(noted: Path) -> None:
         pid = Path(str(noted) + ".pid")
-        left = {"torchrun running": pid.exists() and _running(int(pid.read_text())),
-                "handlers": tuple(signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
-                "handlers before": (signal.default_int_handler, _prefect_sigterm_handler if deployment else signal.SIG_DFL,
-                                    signal.SIG_DFL)}
-    finally:
-        watchdog.cancel()
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        monkeypatch.undo()
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        left.update({"torchrun running": pid.exists() and _running(int(pid.read_text())),
+                     "handlers": tuple(signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)),
+                     "handlers before": (signal.default_int_handler, _prefect_sigterm_handler if deployment else signal.SIG_DFL,
+                                         signal.SIG_DFL)})
+
+    raised = _stop_signals_in(monkeypatch, tmp_path, program, lambda to_the_stage, noted: send(to_the_stage), logs,
+                              deployment=deployment, as_it_ends=as_it_ends, watchdog_s=150)
     return raised, left
 
 
