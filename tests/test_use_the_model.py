@@ -3920,6 +3920,25 @@ def test_request_problem_refuses_json_nested_beyond_the_cap_in_any_field_naming_
         assert problem is not None and problem[1] == field and "nested too deeply" in problem[0] and "\n" not in problem[0], problem
 
 
+def _chat_handler_in_a_process(deep: str, then: str):
+    """The finished process that ran the script `then` in a Python of its own (answer_as_openai_does, run first, patches
+    transformers' handlers), beside `fake`: a ChatCompletionHandler stand-in whose _validate_request is `def deep(body):
+    <deep>` (a RecursionError raised, or a real recursion), which `then` hands ChatCompletionHandler.handle_request."""
+    import subprocess
+    import sys
+
+    script = ("import asyncio, json, sys, types\n"
+              "import tasks.export as export\n"
+              "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
+              "export.answer_as_openai_does()\n"
+              "def deep(body):\n"
+              f"    {deep}\n"
+              "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+              + then)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_serve_model_merged_handle_request_answers_a_recursion_error_on_json_within_the_cap_as_its_own_failure():
     """D1's safety net (2026-12-07) answered any RecursionError while a request is read (transformers' recursive copies
     of its messages) with a 400 "send flatter JSON (at most 200 levels)". But request_problem refuses every body nested
@@ -3928,17 +3947,8 @@ def test_serve_model_merged_handle_request_answers_a_recursion_error_on_json_wit
     holds one line naming the request's kind and the traceback. A body nested beyond the cap that reaches it all the
     same (request_problem stubbed here) stays a 400. Run in a process of its own: answer_as_openai_does patches
     transformers' handlers."""
-    import subprocess
-    import sys
-
-    script = (
-        "import asyncio, json, sys, types\n"
-        "import tasks.export as export\n"
-        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
-        "export.answer_as_openai_does()\n"
-        "def deep(body):\n"
-        "    raise RecursionError('maximum recursion depth exceeded')\n"
-        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+    done = _chat_handler_in_a_process(
+        "raise RecursionError('maximum recursion depth exceeded')",
         "def ask(body):\n"
         "    answer = asyncio.run(ChatCompletionHandler.handle_request(fake, body, 'r1'))\n"
         "    print(answer.status_code, answer.body.decode(), flush=True)\n"
@@ -3946,8 +3956,6 @@ def test_serve_model_merged_handle_request_answers_a_recursion_error_on_json_wit
         "print('--- deep', file=sys.stderr, flush=True)\n"
         "export.request_problem = lambda kind, body: None  # a check that missed the nesting\n"
         "ask({'messages': [{'role': 'user', 'content': 'hi'}], 'metadata': {'x': json.loads('[' * 300 + ']' * 300)}})\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     flat, deep = ([s.split(" ", 1)[0], json.loads(s.split(" ", 1)[1])["error"]] for s in done.stdout.strip().splitlines()[-2:])
     assert flat[0] == "500" and flat[1]["type"] == "server_error" and "flatter" not in flat[1]["message"], flat
@@ -3964,22 +3972,11 @@ def test_serve_model_merged_handle_request_logs_a_recursion_error_with_its_first
     request, which the net was first written to spare (a review of server-fixes-6, 2026-12-07). It logs the first and
     last frames and how many there are. A real recursion here (a stand-in _validate_request calling itself), in a
     process of its own as the net's other tests: answer_as_openai_does patches transformers' handlers."""
-    import subprocess
-    import sys
-
-    script = (
-        "import asyncio, sys, types\n"
-        "import tasks.export as export\n"
-        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
-        "export.answer_as_openai_does()\n"
-        "def deep(body):\n"
-        "    return deep(body)\n"
-        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+    done = _chat_handler_in_a_process(
+        "return deep(body)",
         "print('--- asked', file=sys.stderr, flush=True)\n"
         "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, {'messages': [{'role': 'user', 'content': 'hi'}]}, 'r1'))\n"
         "print(answer.status_code, flush=True)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0 and done.stdout.split()[-1] == "500", (done.stdout[-500:], done.stderr[-2000:])
     log = done.stderr.split("--- asked")[1]
     depth = re.search(r"Traceback \(most recent call last\), (\d+) frames deep", log)
@@ -4521,23 +4518,12 @@ def test_serve_model_merged_handle_request_a_recursion_error_on_a_flat_request_q
     user message quoting JSON 300 levels deep is text for the model, which request_problem takes, and nothing parses
     it. The client was told to send flatter JSON, and the log kept nothing. Run in a process of its own, as the
     safety net's own test: answer_as_openai_does patches transformers' handlers."""
-    import subprocess
-    import sys
-
-    script = (
-        "import asyncio, types\n"
-        "import tasks.export as export\n"
-        "from transformers.cli.serving.chat_completion import ChatCompletionHandler\n"
-        "export.answer_as_openai_does()\n"
-        "def deep(body):\n"
-        "    raise RecursionError('maximum recursion depth exceeded')\n"
-        "fake = types.SimpleNamespace(model_manager=types.SimpleNamespace(force_model=None), _validate_request=deep)\n"
+    done = _chat_handler_in_a_process(
+        "raise RecursionError('maximum recursion depth exceeded')",
         "body = {'messages': [{'role': 'user', 'content': '[' * 300 + ']' * 300}]}\n"
         "assert export.request_problem('chat', body) is None  # a request this server takes\n"
         "answer = asyncio.run(ChatCompletionHandler.handle_request(fake, body, 'r1'))\n"
         "print(answer.status_code, answer.body.decode(), flush=True)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     status, body = done.stdout.strip().splitlines()[-1].split(" ", 1)
     error = json.loads(body)["error"]
