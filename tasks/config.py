@@ -385,6 +385,14 @@ class TrainingSection(Section):
         "exempt), so greedy decoding learns not to pick the token it just wrote; the paper's alpha is 1 (tasks/engine/"
         "unlikelihood.py). Costs head time, so the probe times it. None/0 = off; in the probe and training keys only when set."
     )
+    unlikelihood_candidates: Literal["written", "continuations"] = Field(
+        "written", description="Which tokens training.unlikelihood_alpha pushes down at each trained position: `written` (the "
+        "paper's) every token the sample has written so far; `continuations` (our variant) only the tokens that followed "
+        "earlier occurrences of the current token in the sample (the continuation a loop would copy), so the repeats an "
+        "answer needs (markdown marks, a required keyword, a list's words) are not penalised as such (tasks/engine/"
+        "unlikelihood.py). Acts only with unlikelihood_alpha set; in the probe and training keys only when `continuations` "
+        "and the alpha is set."
+    )
     gpus: Annotated[int | Literal["auto"], _number("a GPU count, e.g. 1, or auto")] = Field(
         1, description="GPUs to train on: 1 = in the task's process; N or auto (all visible) = data-parallel under torchrun, "
         "one process and one 4-bit copy of the base per GPU. The global batch (micro × accum) stays the same: each GPU runs "

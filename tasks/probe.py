@@ -156,7 +156,9 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     # training.compile likewise: `layers` is keyed (the step and the load time change, on any device), `off` is not.
     skip = (NOT_TIMED["training"] | (set() if offload_can_apply(training, budget, dev) else {"offload_activations"})
             | (set() if training.compile != "off" else {"compile"})
-            | (set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}))  # keyed only when set: older keys stay
+            | (set() if training.unlikelihood_alpha else {"unlikelihood_alpha"})  # keyed only when set: older keys stay
+            # the candidate set: keyed only where it acts and is not the paper's (`written`, the keys from before it existed)
+            | (set() if training.unlikelihood_alpha and training.unlikelihood_candidates != "written" else {"unlikelihood_candidates"}))
     # Values written out as what `auto` picks on this device are keyed as `auto` (`keyed_quant`, `keyed_training`).
     sections = [keyed_quant(quant, dev), lora.model_dump(mode="json", exclude=NOT_TIMED["lora"]),
                 keyed_training(training, dev, skip), keyed_budget(budget)]
@@ -485,7 +487,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         args.disable_tqdm = True
         extra = {}
         if training.unlikelihood_alpha:  # the head's extra pass is in the steps timed, as stage 4 runs it
-            extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=exempt)
+            extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=exempt,
+                                                                candidates=training.unlikelihood_candidates)
         trainer = bookkeeping_trainer()(model=model, args=args, train_dataset=dataset, data_collator=collator_for(engine, tok.pad_token_id, model, (mb, max_length)),
                                         callbacks=[Marks()], **extra)  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)

@@ -423,6 +423,9 @@ def _prior_elapsed(work: Path) -> float:
 BOOKKEEPING_KEYS = frozenset({"logging_steps", "keep_checkpoints", "checkpoint_minutes"})
 # Keys the probe's key holds exactly where they act (tasks/probe.py `offload_can_apply`; stage 4 offloads as the probe
 # chose, and retries offloaded on out-of-memory under the same condition): `probe.key` carries them into this key.
+UL_CANDIDATES_WORDS = {"written": "the tokens already written", "continuations": "the continuations of earlier occurrences of each token"}
+"""training.unlikelihood_candidates as stage 4's first log line names it."""
+
 PROBE_KEYED = frozenset({"offload_activations", "compile"})  # compile: keyed by the probe where `layers` (tasks/probe.py)
 
 
@@ -485,6 +488,8 @@ def _keyed_sections(probe: Any, quant: QuantSection, lora: LoraSection, training
     # training.neftune_noise_alpha: keyed only when set, so the keys of runs without it are the ones they had before it existed
     unset = set() if training.neftune_noise_alpha else {"neftune_noise_alpha"}
     unset |= set() if training.unlikelihood_alpha else {"unlikelihood_alpha"}
+    # the candidate set likewise: keyed only where it acts and is not the paper's `written`
+    unset |= set() if training.unlikelihood_alpha and training.unlikelihood_candidates != "written" else {"unlikelihood_candidates"}
     unset |= set() if training.max_epochs else {"max_epochs"}
     # `auto` written out as what it picks on the probe's device is keyed as `auto`, as in the probe's key
     dev = getattr(probe, "device", None)
@@ -729,7 +734,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     tok = load_tokenizer(ref, model_cfg)
     extra = {}
     if training.unlikelihood_alpha:
-        extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data.stop_token_ids))
+        extra["compute_loss_func"], _ = attach_unlikelihood(model, training.unlikelihood_alpha, exempt=unlikelihood_exempt(tok, data.stop_token_ids),
+                                                            candidates=training.unlikelihood_candidates)
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, probe.final_save_cost, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
     if "compute_loss_func" in extra:
@@ -789,7 +795,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
            (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
            (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
            (f", NEFTune noise alpha {training.neftune_noise_alpha:g} on the input embeddings" if training.neftune_noise_alpha else "") +
-           (f", unlikelihood alpha {training.unlikelihood_alpha:g} on the tokens already written" if training.unlikelihood_alpha else "") +
+           (f", unlikelihood alpha {training.unlikelihood_alpha:g} on {UL_CANDIDATES_WORDS[training.unlikelihood_candidates]}"
+            if training.unlikelihood_alpha else "") +
            f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
            f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
            + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps, full_steps) if by_epochs is not None else "")

@@ -109,6 +109,8 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     "training.neftune_noise_alpha": ("5", FROM_TRAIN, []),  # set: stage 4's input; unset (the default): in no key
     "training.max_epochs": ("0.5", FROM_TRAIN, []),  # set: stage 4's step cap (a step costs the same: no re-probe); unset: in no key
     "training.unlikelihood_alpha": ("1", FROM_PROBE, []),  # set: the head's extra pass is timed; unset (the default): in no key
+    # continuations with the alpha set: another candidate set, timed; `written` (the default) or no alpha: in no key
+    "training.unlikelihood_candidates": ("continuations", FROM_PROBE, ["training.unlikelihood_alpha=1"]),
     "training.gpus": ("2", FROM_PROBE, ["training.grad_accum=2"]),
     "budget.hours": ("1", FROM_PROBE, []),
     "budget.minutes": ("2", FROM_PROBE, []),

@@ -11,8 +11,23 @@ import torch
 from tasks.engine.unlikelihood import EPS, flat_positions, head_loss
 
 
-def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ignore_index=-100, exempt=()):
-    """The paper's token-level loss written the plain way: full logits, candidates by a loop over positions."""
+def written_candidates(t, labels, context, segment, exempt=()):
+    """The paper's candidates at position t, by a loop: every token its sample wrote up to t."""
+    return {int(context[s]) for s in range(t + 1) if segment[s] == segment[t]} - {int(labels[t])} - set(exempt)
+
+
+def continuation_candidates(t, labels, context, segment, exempt=()):
+    """Our variant's candidates at position t, by a loop: the tokens that followed an earlier occurrence of t's token in
+    its sample (a prompt position's next token included)."""
+    return ({int(context[j + 1]) for j in range(t) if segment[j] == segment[t] and context[j] == context[t]}
+            - {int(labels[t])} - set(exempt))
+
+
+CANDIDATES = {"written": written_candidates, "continuations": continuation_candidates}
+
+
+def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ignore_index=-100, exempt=(), candidates="written"):
+    """The token-level loss written the plain way: full logits, candidates by a loop over positions."""
     z = hidden.double() @ weight.double().t()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
@@ -24,8 +39,7 @@ def reference(hidden, weight, labels, context, segment, alpha, softcap=None, ign
         if labels[t] == ignore_index:
             continue
         ce = ce - logp[t, labels[t]]
-        cands = {int(context[s]) for s in range(t + 1) if segment[s] == segment[t]} - {int(labels[t])} - set(exempt)
-        for c in cands:
+        for c in CANDIDATES[candidates](t, labels, context, segment, exempt):
             ul = ul - torch.log(torch.clamp(1 - p[t, c], min=EPS))
     return ce + alpha * ul, ce, ul
 
@@ -179,8 +193,8 @@ def packed_batch(seed=1):
     return ids, pos, labels
 
 
-def reference_model_loss(model, ids, pos, labels, alpha):
-    """Full logits from the model's own forward, then the paper's loss by loops, normalised by the trained tokens."""
+def reference_model_loss(model, ids, pos, labels, alpha, candidates="written"):
+    """Full logits from the model's own forward, then the loss by loops, normalised by the trained tokens."""
     logits = model(input_ids=ids, position_ids=pos).logits[0].double()
     y, ctx, seg = flat_positions(ids, labels, pos)
     logp = torch.log_softmax(logits, -1)
@@ -190,23 +204,24 @@ def reference_model_loss(model, ids, pos, labels, alpha):
         if y[t] == -100:
             continue
         total = total - logp[t, y[t]]
-        for c in {int(ctx[s]) for s in range(t + 1) if seg[s] == seg[t]} - {int(y[t])}:
+        for c in CANDIDATES[candidates](t, y, ctx, seg):
             total = total - alpha * torch.log(torch.clamp(1 - p[t, c], min=EPS))
     return total / (y != -100).sum()
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_attached_to_a_peft_model_gives_the_reference_loss_and_lora_gradients(tie):
+@pytest.mark.parametrize("tie,candidates", [(False, "written"), (True, "written"), (False, "continuations")])
+def test_attached_to_a_peft_model_gives_the_reference_loss_and_lora_gradients(tie, candidates):
     from tasks.engine.unlikelihood import attach_unlikelihood
 
     ids, pos, labels = packed_batch()
+    ids[0, 10:14] = ids[0, 7:11].clone()  # the second sample repeats its own bigrams: continuations to penalise
     model = tiny_lora_llama(tie)
-    ref = reference_model_loss(model, ids, pos, labels, alpha=0.7)
+    ref = reference_model_loss(model, ids, pos, labels, alpha=0.7, candidates=candidates)
     ref.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    loss_fn, handles = attach_unlikelihood(model, 0.7, chunk=6)
+    loss_fn, handles = attach_unlikelihood(model, 0.7, chunk=6, candidates=candidates)
     out = model(input_ids=ids, position_ids=pos)
     assert out.logits.shape[1] == 1  # the hooks asked for the last position's logits only
     loss = loss_fn(out, labels, num_items_in_batch=int((flat_positions(ids, labels, pos)[0] != -100).sum()))
@@ -270,7 +285,9 @@ def test_a_probe_timed_on_another_pass_is_not_reused(tiny_cfg, monkeypatch):
 # they were (a rename, a log line) records its new fingerprint under the same version instead.
 PASS_CODE = {
     "sparse candidates, stop tokens exempt in the probe (d42cfda)": "fb39d39961230f82",  # 67337b8 (the span cap)
-    "sparse candidates in spans of at most MAX_PAIRS pairs, no float32 copy of the logits (b645bef)": "02210f7910a436bb",
+    # 02210f7910a436bb until training.unlikelihood_candidates: `written` computes bit for bit what it did (the span cut
+    # moved into `_spans`), `continuations` is keyed by its own setting, so this version's probes stay good
+    "sparse candidates in spans of at most MAX_PAIRS pairs, no float32 copy of the logits (b645bef)": "c99cf76cad8967af",
 }
 
 
@@ -368,11 +385,11 @@ def tiny_data(tiny_cfg, shared_artifacts):
     return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
 
 
-@pytest.mark.parametrize("engine", ["fused", "padded"])
-def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, shared_artifacts, engine, monkeypatch):
+@pytest.mark.parametrize("engine,candidates", [("fused", "written"), ("padded", "written"), ("fused", "continuations")])
+def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, shared_artifacts, engine, candidates, monkeypatch):
     """Through the probe and train_adapter on the tiny model: the loss runs through head_loss in every training forward
-    (packed rows split by their positions on the fused engine, padded rows on the padded one), the special and stop
-    tokens are exempt, the log says so, the loss is finite and the adapter is saved."""
+    (packed rows split by their positions on the fused engine, padded rows on the padded one) with the candidate set
+    the config names, the special and stop tokens are exempt, the log says so, the loss is finite and the adapter is saved."""
     import math
     from pathlib import Path
 
@@ -382,24 +399,26 @@ def test_stage_4_trains_with_unlikelihood_on_both_engines(tiny_cfg, tiny_data, s
 
     calls = []
     real = ul_mod.head_loss
-    monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], [int(i) for i in k["exempt"]])) or real(*a, **k))
-    training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": 2, "unlikelihood_alpha": 1.0})
+    monkeypatch.setattr(ul_mod, "head_loss", lambda *a, **k: calls.append((a[4].max().item() + 1, k["alpha"], [int(i) for i in k["exempt"]],
+                                                                          k["candidates"])) or real(*a, **k))
+    training = tiny_cfg.training.model_copy(update={"engine": engine, "max_steps": 2, "unlikelihood_alpha": 1.0, "unlikelihood_candidates": candidates})
     # a stop token that is not one of the tokenizer's special ones (a template's end-of-turn often is not)
     stopping = tiny_data.model_copy(update={"stop_token_ids": [*tiny_data.stop_token_ids, 100]})
     probe = probe_throughput(stopping, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
     assert calls, "the probe did not time the unlikelihood pass"
     # the probe times stage 4's pass: the same exempt tokens (stop tokens included, not only the special ones)
-    assert all(100 in exempt for _, _, exempt in calls)
+    assert all(100 in exempt and mode == candidates for _, _, exempt, mode in calls)
     lines = []
     calls.clear()
-    rec = train_adapter(tiny_data, probe.model_copy(update={"max_steps": 2, "key": f"unlikelihood-{engine}"}), tiny_cfg.model, tiny_cfg.quant,
+    rec = train_adapter(tiny_data, probe.model_copy(update={"max_steps": 2, "key": f"unlikelihood-{engine}-{candidates}"}), tiny_cfg.model, tiny_cfg.quant,
                         tiny_cfg.lora, training, shared_artifacts, log_fn=lines.append)
     assert rec.steps == 2 and math.isfinite(rec.final_loss)
-    assert calls and all(alpha == 1.0 for _, alpha, _ in calls)
-    assert all(set(tiny_data.stop_token_ids) <= set(exempt) for _, _, exempt in calls)
+    assert calls and all(alpha == 1.0 and mode == candidates for _, alpha, _, mode in calls)
+    assert all(set(tiny_data.stop_token_ids) <= set(exempt) for _, _, exempt, _ in calls)
     if engine == "padded":
-        assert any(samples > 1 for samples, _, _ in calls)  # rows of a padded batch are samples apart
-    assert any("unlikelihood alpha 1" in line for line in lines)
+        assert any(samples > 1 for samples, _, _, _ in calls)  # rows of a padded batch are samples apart
+    words = {"written": "the tokens already written", "continuations": "the continuations of earlier occurrences"}[candidates]
+    assert any(f"unlikelihood alpha 1 on {words}" in line for line in lines)
     step_lines = [line for line in lines if line.startswith("step ")]
     assert step_lines and all("cross-entropy" in line and "unlikelihood" in line for line in step_lines)
     assert Path(rec.adapter_dir).is_dir()
@@ -478,3 +497,176 @@ def test_the_log_split_after_a_resume_covers_the_steps_since_the_resume():
     state.global_step = 3
     guard.on_log(SimpleNamespace(logging_steps=1), state, None, logs={"loss": 2.5, "learning_rate": 1e-4})
     assert "cross-entropy 2.0000 + unlikelihood 0.5000" in lines[-1]
+
+
+# training.unlikelihood_candidates=continuations: the tokens that followed earlier occurrences of the current token
+
+
+def plan_candidates(plan_fn, labels, context, segment, vocab, chunk, exempt=(), max_pairs=None):
+    """Each position's candidates as the pass lists them (`plan_fn` + `chunk_pairs`): {position: [(token, keep), ...]}."""
+    from tasks.engine.unlikelihood import chunk_pairs
+
+    spans, plan = plan_fn(context, labels, segment, vocab, -100, chunk, torch.tensor(list(exempt), dtype=torch.long), max_pairs=max_pairs)
+    assert spans[0][0] == 0 and spans[-1][1] == len(labels) and all(b1 == a2 for (_, b1, _), (a2, _, _) in zip(spans, spans[1:]))
+    out: dict = {t: [] for t in range(len(labels))}
+    for a, b, size in spans:
+        rows, tokens, keep = chunk_pairs(plan, labels, a, b, size)
+        assert len(rows) == size
+        for r, c, k in zip(rows.tolist(), tokens.tolist(), keep.tolist()):
+            out[a + r].append((c, k))
+    return spans, out
+
+
+def random_positions(seed, n=60, vocab=6, samples=4, ignore_runs=3):
+    """Flat positions with few distinct tokens (so tokens and bigrams repeat), uneven samples, runs of ignored labels
+    (prompts) and labels that are each position's next token in its sample, as flat_positions makes them."""
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(0, vocab, (n,), generator=g)
+    cuts = sorted(torch.randperm(n - 1, generator=g)[: samples - 1].add(1).tolist())
+    segment = torch.zeros(n, dtype=torch.long)
+    for c in cuts:
+        segment[c:] += 1
+    labels = torch.full((n,), -100)
+    labels[:-1] = torch.where(segment[1:] == segment[:-1], context[1:], -100)
+    for _ in range(ignore_runs):
+        a = int(torch.randint(0, n, (1,), generator=g))
+        labels[a: a + int(torch.randint(1, 8, (1,), generator=g))] = -100
+    return labels, context, segment
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("chunk,max_pairs", [(1, None), (5, None), (64, None), (64, 3), (7, 1)])
+def test_continuation_candidates_equal_the_brute_force_sets(seed, chunk, max_pairs):
+    """Each trained position's listed candidates are exactly the reference set (each once; its own label listed at most
+    once, with no weight; exempt tokens never), across samples, ignored runs, repeated tokens, chunk cuts and span caps."""
+    from tasks.engine.unlikelihood import continuation_plan
+
+    labels, context, segment = random_positions(seed)
+    exempt = (seed % 6,) if seed % 2 else ()
+    spans, got = plan_candidates(continuation_plan, labels, context, segment, 6, chunk, exempt, max_pairs)
+    if max_pairs is not None:
+        assert all(size <= max_pairs or b - a == 1 for a, b, size in spans)
+    for t in range(len(labels)):
+        listed = [c for c, _ in got[t]]
+        assert len(listed) == len(set(listed)), (t, listed)  # each once
+        if labels[t] == -100:
+            assert not listed, t  # not trained: no pairs
+            continue
+        assert {c for c, keep in got[t] if keep} == continuation_candidates(t, labels, context, segment, exempt), t
+        assert all(keep == (c != int(labels[t])) for c, keep in got[t]), t
+    # the written plan on the same inputs is still the paper's set (its own reference)
+    from tasks.engine.unlikelihood import candidate_plan
+
+    _, got = plan_candidates(candidate_plan, labels, context, segment, 6, chunk, exempt, max_pairs)
+    for t in range(len(labels)):
+        if labels[t] != -100:
+            assert {c for c, keep in got[t] if keep} == written_candidates(t, labels, context, segment, exempt), t
+
+
+def test_a_prompt_bigram_is_a_continuation_and_another_sample_s_is_not():
+    """The prompt (labels ignored) is written context: the token that followed the current token in the prompt is a
+    candidate. A bigram of another sample is not; a token that only appeared (not followed the current one) is not."""
+    from tasks.engine.unlikelihood import continuation_plan
+
+    #               prompt (ignored)  | answer               | next sample
+    context = torch.tensor([1, 2, 3, 4, 1, 5, 1, 6, 2, 1, 9])
+    segment = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    labels = torch.tensor([-100, -100, -100, 1, 5, 1, 6, -100, -100, 9, -100])
+    _, got = plan_candidates(continuation_plan, labels, context, segment, 10, chunk=4)
+    cands = {t: {c for c, keep in got[t] if keep} for t in got}
+    assert cands[4] == {2}  # at the second 1: the prompt's 1 -> 2 (its label 5 is not one, nor 3 and 4, written only)
+    assert cands[6] == {2, 5}  # at the third 1: 1 -> 2 (prompt) and 1 -> 5 (answer); its label 6 left out
+    assert cands[3] == set() and cands[5] == set()  # 4 and 5 had not been written before
+    assert cands[9] == set()  # another sample: sample 0's 1 -> 2, 1 -> 5 do not count
+    assert [c for c, _ in got[6]].count(2) == 1
+
+
+def test_exempt_continuations_are_never_candidates():
+    """An end-of-turn that followed the current token before (the end of an earlier turn) is not pushed down."""
+    from tasks.engine.unlikelihood import continuation_plan
+
+    context = torch.tensor([7, 1, 3, 7, 4, 2, 7])
+    segment = torch.zeros(7, dtype=torch.long)
+    labels = torch.tensor([1, 3, -100, 4, 2, -100, 5])
+    for exempt, want in (((), {1, 4}), ((1,), {4})):
+        _, got = plan_candidates(continuation_plan, labels, context, segment, 8, chunk=3, exempt=exempt)
+        assert {c for c, keep in got[6] if keep} == want
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_continuations_match_the_autograd_reference(chunk, softcap):
+    """The loss, its parts and the gradients of the continuation set against autograd of the formula on full logits."""
+    labels, context, segment = random_positions(3, n=40, vocab=5, samples=3)
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(40, 6, generator=g, dtype=torch.float64) * 0.5  # no candidate near p = 1, where float32's log(1 - p) drifts
+    weight = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, ce, ul = head_loss(h1, w1, labels, context, segment, alpha=0.8, chunk=chunk, softcap=softcap, exempt=[4], candidates="continuations")
+    (1.5 * loss).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    rloss, rce, rul = reference(h2, w2, labels, context, segment, 0.8, softcap, exempt=[4], candidates="continuations")
+    (1.5 * rloss).backward()
+    assert rul > 0  # the case has continuations to penalise
+    assert torch.allclose(ul, rul.to(ul.dtype), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ce, rce.to(ce.dtype), rtol=1e-5)
+    assert torch.allclose(loss, rloss.to(loss.dtype), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=2e-5)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-5, atol=2e-5)
+    # and it is a different loss from the paper's on the same positions
+    _, _, ul_written = head_loss(hidden, weight, labels, context, segment, alpha=0.8, chunk=chunk, softcap=softcap, exempt=[4])
+    assert not torch.allclose(ul, ul_written)
+
+
+@pytest.mark.parametrize("max_pairs", [1, 3, 10_000])
+def test_continuation_spans_hold_at_most_max_pairs_and_give_the_same_loss(max_pairs, monkeypatch):
+    import tasks.engine.unlikelihood as ul_mod
+    from tasks.engine.unlikelihood import continuation_plan
+
+    labels, context, segment = random_positions(4, n=80, vocab=4, samples=2, ignore_runs=1)
+    spans, _ = continuation_plan(context, labels, segment, 4, -100, 64, max_pairs=max_pairs)
+    assert all(b - a <= 64 and (size <= max_pairs or b - a == 1) for a, b, size in spans)
+    if max_pairs == 1:
+        assert len(spans) > 2  # the cap cut the chunk
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(80, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    results = []
+    for cap in (max_pairs, 1 << 30):
+        h = hidden.clone().requires_grad_()
+        monkeypatch.setattr(ul_mod, "MAX_PAIRS", cap)
+        loss, _, ul = head_loss(h, weight, labels, context, segment, alpha=1.0, chunk=64, candidates="continuations")
+        loss.backward()
+        results.append((loss.detach(), ul, h.grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6) and torch.allclose(results[0][1], results[1][1], rtol=1e-6)
+    assert torch.allclose(results[0][2], results[1][2], rtol=1e-6, atol=1e-7)
+
+
+def test_an_unknown_candidate_set_is_one_line_naming_the_key_and_the_choices():
+    from tasks.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(profile="tiny", overrides=["training.unlikelihood_candidates=bigrams"])
+    (p,) = err.value.problems
+    assert p.startswith("training.unlikelihood_candidates:") and "'written'" in p and "'continuations'" in p and "bigrams" in p, p
+    assert "\n" not in p
+    with pytest.raises(ValueError, match=r"unlikelihood_candidates must be one of written, continuations, got 'bigrams'"):
+        head_loss(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                  torch.zeros(2, dtype=torch.long), alpha=1.0, candidates="bigrams")
+
+
+def test_the_keys_hold_the_candidate_set_only_when_continuations_with_an_alpha(tiny_cfg):
+    """`written` (the default) keeps every key the runs had before the setting existed; `continuations` is keyed in the
+    probe and training keys where it acts (the alpha set), and nowhere without the alpha."""
+    from types import SimpleNamespace
+
+    from tasks.probe import cache_key as probe_key
+    from tasks.train import cache_key as train_key
+
+    data, probe = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(key="p")
+    t = tiny_cfg.training
+    assert t.unlikelihood_candidates == "written"
+    for key in (lambda training: train_key(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training),
+                lambda training: probe_key(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu")):
+        on = t.model_copy(update={"unlikelihood_alpha": 1.0})
+        assert key(t) == key(t.model_copy(update={"unlikelihood_candidates": "continuations"}))  # no alpha: acts on nothing
+        assert key(on) != key(on.model_copy(update={"unlikelihood_candidates": "continuations"}))

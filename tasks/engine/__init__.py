@@ -9,7 +9,7 @@
     lora.py       the fused LoRA path on 4-bit linears (the `fused` engine)
     lora_kernels.py  its Triton kernels for dropout inside the LoRA-A matmuls (`fuse_lora(model, dropout="inmatmul")`)
     noise.py      NEFTune noise on the input embeddings, each token's sample length from the forward's inputs (training.neftune_noise_alpha)
-    unlikelihood.py  token-level unlikelihood on the tokens already written, one chunked pass over the LM head (training.unlikelihood_alpha)
+    unlikelihood.py  token-level unlikelihood on the tokens already written (or on their continuations: training.unlikelihood_candidates), one chunked pass over the LM head (training.unlikelihood_alpha)
     compile.py    regional compilation: torch.compile on each decoder layer, compiled before training (training.compile)
 
 Imports run one way: tasks.train and tasks.probe import tasks.engine; the engine imports neither (the launcher

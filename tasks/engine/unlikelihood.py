@@ -29,6 +29,15 @@ non-decreasing (a packed row's samples, or the rows of a batch one after another
 positions after it (the prompt's words are part of what the answer should not repeat, as in the paper's contexts).
 Tokens in `exempt` are never candidates: the end-of-turn and other special tokens a multi-turn sample has written
 before (penalised, they would teach the later turns not to end, the opposite of what this is for).
+
+`candidates="continuations"` (training.unlikelihood_candidates) is our variant, not the paper's: C_t is the tokens that
+FOLLOWED earlier occurrences of the current token in the sample, {context[j + 1] : j < t, context[j] == context[t], same
+sample}, each once, y_t and `exempt` left out (the bigram-continuation form). Why: the paper's set penalises every token
+written so far, so the repeats an answer needs (markdown marks, a required keyword, the same word down a list) are
+pushed down at every position; on demo-gpu it cut the loops and cost IFEval points on exactly those answer types
+(docs/BENCHMARKS.md "Setting q3"). A greedy loop is the model copying the continuation it wrote after an earlier
+occurrence of the token it now sits on; this set penalises that copy only. A prompt position's next token counts (the
+prompt's own bigrams are what a copy would repeat), as its token counts as written in the paper's form.
 """
 
 from __future__ import annotations
@@ -61,8 +70,6 @@ def candidate_plan(context, labels, segment, vocab: int, ignore_index: int, chun
     sample at or before i, a run of the first-occurrence positions in order (from the sample's first one to the last
     one <= i). So the pairs come from counts and offsets, never from a (positions x vocab) mask, and only one span's
     pairs exist at a time. One host sync a call (the positions' pair counts, to cut the spans)."""
-    import bisect
-
     import torch
 
     n = context.shape[0]
@@ -87,6 +94,15 @@ def candidate_plan(context, labels, segment, vocab: int, ignore_index: int, chun
     sample_start = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), 0).values
     before = upto[sample_start] - first[sample_start].long()  # first occurrences before the sample: its run's start in `where_first`
     count = torch.where(labels != ignore_index, upto - before, torch.zeros_like(upto))
+    return _spans(count, chunk, max_pairs), (context, count, before, where_first)
+
+
+def _spans(count, chunk: int, max_pairs: int | None) -> list:
+    """[(a, b, pairs), ...]: runs of at most `chunk` positions and `max_pairs` pairs (a single position may exceed it
+    alone), from each position's pair count. The plan's one host sync."""
+    import bisect
+
+    n = count.shape[0]
     total = count.cumsum(0).tolist()  # the sync
     max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
     spans, a = [], 0
@@ -97,7 +113,64 @@ def candidate_plan(context, labels, segment, vocab: int, ignore_index: int, chun
             b = max(a + 1, bisect.bisect_right(total, done + max_pairs, a, b))
         spans.append((a, b, total[b - 1] - done))
         a = b
-    return spans, (context, count, before, where_first)
+    return spans
+
+
+def continuation_plan(context, labels, segment, vocab: int, ignore_index: int, chunk: int, exempt=None, max_pairs: int | None = None):
+    """`candidate_plan`'s contract (the spans and the arrays `chunk_pairs` reads) for `candidates="continuations"`: the
+    candidates of trained position t are the tokens that followed earlier occurrences of its token in its sample,
+    {context[j + 1] : j < t, context[j] == context[t], same sample}, each once, `exempt` left out (its own label is listed
+    with no weight by `chunk_pairs`). A prompt position (label ignore_index) is an occurrence like any other: its next
+    token is a continuation.
+
+    Each (sample, token, next token) bigram is taken at its first occurrence. With the positions ordered by (sample,
+    token) and then position, position t's candidates are the first-occurrence bigrams of its (sample, token) group
+    before it: a run of a list of those bigrams in that order. So the pairs come from counts and offsets, as in
+    `candidate_plan`; `chunk_pairs` reads each candidate's token from the next-token array, where `candidate_plan`'s
+    reads it from `context`. One host sync."""
+    import torch
+
+    n = context.shape[0]
+    device = context.device
+    idx = torch.arange(n, device=device)
+    context = context.long()
+    segment = segment.long()
+    # the token after each position in its sample (-1: the sample's last position, whose next token is another sample's)
+    nxt = torch.full_like(context, -1)
+    nxt[:-1] = torch.where(segment[1:] == segment[:-1], context[1:], -1)
+    # (sample, token) groups, positions in order within each: a stable sort keeps them so
+    sorted_group, order = torch.sort(segment * (vocab + 1) + context, stable=True)
+    group_starts = torch.ones(n, dtype=torch.bool, device=device)
+    group_starts[1:] = sorted_group[1:] != sorted_group[:-1]
+    group = group_starts.long().cumsum(0) - 1  # the group's rank, at the sorted positions (< n: keys stay small)
+    # first occurrence of each (group, next token) bigram: a stable sort keeps the earliest position first in each run
+    next_sorted = nxt[order]
+    bigram = group * (vocab + 1) + torch.where(next_sorted >= 0, next_sorted, vocab)  # no next token: a key of its own
+    sorted_bigram, order2 = torch.sort(bigram, stable=True)
+    first2 = torch.ones(n, dtype=torch.bool, device=device)
+    first2[1:] = sorted_bigram[1:] != sorted_bigram[:-1]
+    first = torch.zeros(n, dtype=torch.bool, device=device)  # at the (group, position)-sorted positions
+    first[order2] = first2
+    first &= next_sorted >= 0
+    if exempt is not None and exempt.numel():
+        first &= ~torch.isin(next_sorted, exempt)
+    upto = first.long().cumsum(0)
+    before_me = upto - first.long()  # first-occurrence bigrams earlier in the sorted order: those of earlier groups, then mine before me
+    # the first-occurrence bigrams' positions in sorted order, without a sync: the others all write into a spare last slot
+    where_first = torch.zeros(n + 1, dtype=torch.long, device=device)
+    where_first[torch.where(first, upto - 1, torch.full_like(upto, n))] = order
+    group_start = torch.cummax(torch.where(group_starts, idx, torch.zeros_like(idx)), 0).values
+    start = before_me[group_start]  # the group's run's start in `where_first`
+    before = torch.empty_like(start)
+    before[order] = start
+    count = torch.zeros_like(start)
+    count[order] = before_me - start
+    count = torch.where(labels != ignore_index, count, torch.zeros_like(count))
+    return _spans(count, chunk, max_pairs), (nxt, count, before, where_first)
+
+
+PLANS = {"written": candidate_plan, "continuations": continuation_plan}
+"""training.unlikelihood_candidates -> the plan that lists each position's candidates (see the module docstring)."""
 
 
 def chunk_pairs(plan, labels, a: int, b: int, size: int):
@@ -127,9 +200,10 @@ class _HeadLoss:
 
             class HeadLoss(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, exempt, scale):
+                def forward(ctx, hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, exempt, scale, candidates):
                     need_w = ctx.needs_input_grad[1]  # a frozen (tied, embedding) head: no vocab x d gradient made
-                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w, exempt, scale)
+                    grad_h, grad_w, ce, ul = _forward_and_grads(hidden, weight, labels, context, segment, alpha, chunk, softcap, ignore_index, need_w, exempt, scale,
+                                                                candidates)
                     ctx.save_for_backward(grad_h, grad_w)
                     ctx.mark_non_differentiable(ce, ul)
                     return ce + alpha * ul, ce, ul
@@ -138,14 +212,14 @@ class _HeadLoss:
                 def backward(ctx, grad_loss, _grad_ce, _grad_ul):
                     grad_h, grad_w = ctx.saved_tensors
                     return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype) if grad_w.numel() else None,
-                            None, None, None, None, None, None, None, None, None)
+                            None, None, None, None, None, None, None, None, None, None)
 
             cls.fn = HeadLoss
         return cls.fn
 
 
 def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, chunk: int, softcap: float | None, ignore_index: int,
-                       need_w: bool = True, exempt=None, scale: float = 1.0):
+                       need_w: bool = True, exempt=None, scale: float = 1.0, candidates: str = "written"):
     import torch
 
     n = hidden.shape[0]
@@ -154,7 +228,7 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
     ce = torch.zeros((), dtype=torch.float32, device=hidden.device)
     ul = torch.zeros((), dtype=torch.float32, device=hidden.device)
     if alpha:
-        spans, plan = candidate_plan(context, labels, segment, weight.shape[0], ignore_index, chunk, exempt)
+        spans, plan = PLANS[candidates](context, labels, segment, weight.shape[0], ignore_index, chunk, exempt)
     else:
         spans, plan = [(a, min(a + chunk, n), 0) for a in range(0, n, chunk)], None
     for a, b, size in spans:
@@ -209,24 +283,28 @@ def _forward_and_grads(hidden, weight, labels, context, segment, alpha: float, c
 
 
 def head_loss(hidden, weight, labels, context, segment, *, alpha: float, chunk: int = 512, softcap: float | None = None,
-              ignore_index: int = -100, exempt=None, scale: float = 1.0):
+              ignore_index: int = -100, exempt=None, scale: float = 1.0, candidates: str = "written"):
     """Summed cross-entropy plus `alpha` x summed unlikelihood over the trained positions, with the gradients for
     `hidden` and `weight` (the LM head's, vocab x d) made in the pass. Returns (loss, ce, ul): `loss` is the one to
     backpropagate (divide it by the trained tokens, or by the trainer's `num_items_in_batch`, as a mean loss is); `ce`
     and `ul` are its parts, detached, for the logs. alpha = 0 is plain cross-entropy (no candidates are built). `exempt`:
     token ids never penalised (see the module docstring). `scale`: what the model multiplies the head's output by before
-    any cap (Granite's 1 / logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier)."""
+    any cap (Granite's 1 / logits_scaling, Cohere's logit_scale, Falcon-H1's lm_head_multiplier). `candidates`: `written`
+    (the paper's: the tokens the sample wrote) or `continuations` (the tokens that followed earlier occurrences of the
+    current token; see the module docstring)."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or context.shape != labels.shape or segment.shape != labels.shape:
         raise ValueError(f"head_loss takes flat positions: hidden (N, d), labels/context/segment (N,); got hidden "
                          f"{tuple(hidden.shape)}, labels {tuple(labels.shape)}, context {tuple(context.shape)}, segment {tuple(segment.shape)}")
     if chunk < 1:
         raise ValueError(f"head_loss chunk must be >= 1, got {chunk}")
+    if candidates not in PLANS:
+        raise ValueError(f"training.unlikelihood_candidates must be one of {', '.join(PLANS)}, got {candidates!r}")
     import torch
 
     if not torch.is_tensor(exempt):  # a list made into a device tensor is a host sync: attach_unlikelihood hands a tensor
         exempt = torch.as_tensor(list(exempt) if exempt is not None else [], dtype=torch.long)
     exempt = exempt.to(hidden.device, torch.long).reshape(-1)
-    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt, float(scale))
+    return _HeadLoss.get().apply(hidden, weight, labels, context, segment, float(alpha), int(chunk), softcap, int(ignore_index), exempt, float(scale), candidates)
 
 
 def flat_positions(input_ids, labels, position_ids=None, ignore_index: int = -100, shifted: bool = False):
@@ -287,12 +365,13 @@ def unlikelihood_exempt(tok, stop_token_ids=()) -> list[int]:
     return sorted({int(i) for i in (tok.all_special_ids or [])} | {int(i) for i in (stop_token_ids or [])})
 
 
-def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()):
+def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=(), candidates: str = "written"):
     """Make `model` (a PEFT model or a plain causal LM) train on cross-entropy plus `alpha` x token-level unlikelihood.
     Returns (compute_loss_func, handles): pass the first to the Trainer (its `take_parts()` gives the cross-entropy and
     unlikelihood parts of the loss since the last call, each per trained token) (`Trainer(compute_loss_func=...)`, which then
     takes `labels` out of the batch and hands them to it with the step's `num_items_in_batch`); `handle.remove()` takes
-    the hooks off. `exempt`: token ids never penalised (the tokenizer's special tokens and the run's stop tokens). While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
+    the hooks off. `exempt`: token ids never penalised (the tokenizer's special tokens and the run's stop tokens).
+    `candidates`: which tokens are penalised (training.unlikelihood_candidates: `written` or `continuations`). While training, a pre-hook on the causal LM remembers the batch's token ids and positions and asks for
     the last position's logits only (`logits_to_keep=1`: the head runs here, chunked, not over every position), and a hook
     on its decoder keeps the final hidden states (after the last norm) for the loss. Everything else in the forward (PEFT,
     Liger's kernels, NEFTune's hooks, compiled layers) runs as it would. In eval mode the hooks stand aside.
@@ -301,6 +380,8 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
     the decoder's projections); a model whose head is otherwise is refused in one line."""
     import torch
 
+    if candidates not in PLANS:
+        raise ValueError(f"training.unlikelihood_candidates must be one of {', '.join(PLANS)}, got {candidates!r}")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
@@ -356,7 +437,7 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
         else:
             flat_labels, context, segment = flat_positions(ids, labels, seen.get("position_ids"))
         total, ce, ul = head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_labels, context, segment,
-                                  alpha=alpha, chunk=chunk, softcap=softcap, scale=scale,
+                                  alpha=alpha, chunk=chunk, softcap=softcap, scale=scale, candidates=candidates,
                                   exempt=exempt_on.get(hidden.device) if hidden.device in exempt_on else
                                   exempt_on.setdefault(hidden.device, torch.tensor(exempt, dtype=torch.long, device=hidden.device)))
         count = num_items_in_batch if num_items_in_batch is not None else (flat_labels != -100).sum()
