@@ -9,9 +9,11 @@ on the demo-gpu rows).
     PYTHONPATH=$PWD python bench/unlikelihood_speed.py                       # Gemma-3-270M's head: d 640, vocab 262,144
     git show 7b810f5:tasks/engine/unlikelihood.py > /tmp/ul_dense.py         # the dense pass setting p ran (2026-12-06)
     PYTHONPATH=$PWD python bench/unlikelihood_speed.py --baseline /tmp/ul_dense.py --positions 32768 --liger
+    PYTHONPATH=$PWD python bench/unlikelihood_speed.py --positions 32768 --continuations   # + training.unlikelihood_candidates=continuations
 
 Prints one JSON line per variant: median seconds of `--repeats` timed calls after one warm-up, the peak memory the
-call added (CUDA), and the loss (all variants on the same inputs: they must agree).
+call added (CUDA), and the loss (all variants on the same inputs: they must agree, but for `--continuations`, another
+candidate set, whose loss is its own; its `pairs` are the candidate pairs each set scores).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", help="another version of tasks/engine/unlikelihood.py to time beside this one")
     ap.add_argument("--liger", action="store_true", help="also Liger's fused linear cross-entropy (CUDA)")
+    ap.add_argument("--continuations", action="store_true", help="also training.unlikelihood_candidates=continuations")
     a = ap.parse_args()
 
     import torch
@@ -90,15 +93,20 @@ def main() -> None:
     chunk = a.chunk or unlikelihood.default_chunk(a.vocab)
     trained = int((labels != -100).sum())
 
-    def run(mod, alpha):
+    def run(mod, alpha, **kw):
         def fn():
             h = hidden.detach().requires_grad_()
-            loss, _, _ = mod.head_loss(h, weight, labels, context, segment, alpha=alpha, chunk=chunk)
+            loss, _, _ = mod.head_loss(h, weight, labels, context, segment, alpha=alpha, chunk=chunk, **kw)
             loss.backward()
             return loss.detach() / trained
         return fn
 
     variants = [("this, alpha %g" % a.alpha, run(unlikelihood, a.alpha)), ("this, alpha 0 (cross-entropy)", run(unlikelihood, 0.0))]
+    if a.continuations:
+        variants.append((f"this, alpha {a.alpha:g}, continuations", run(unlikelihood, a.alpha, candidates="continuations")))
+        for mode, plan in unlikelihood.PLANS.items():
+            spans, _ = plan(context, labels, segment, a.vocab, -100, chunk, torch.empty(0, dtype=torch.long, device=device))
+            print(json.dumps({"candidates": mode, "pairs": sum(size for _, _, size in spans), "trained": trained}))
     if a.baseline:
         old = load(a.baseline)
         variants.append((f"{a.baseline}, alpha {a.alpha:g}", run(old, a.alpha)))
