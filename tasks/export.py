@@ -213,13 +213,23 @@ def byte_fallback_dropped(model_dir: Path) -> dict | None:
     newline token not found"; SmolLM2 on transformers 5.17, 2026-12-07). A byte-level BPE encodes every byte, so byte
     fallback never acts: the same ids either way. In the export's key (`build_key`) where it changes what is converted."""
     try:
-        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        path = model_dir / "tokenizer.json"
+        st = path.stat()
+        data = _parsed_json(str(path.resolve()), st.st_size, st.st_mtime_ns)
     except (OSError, ValueError):
         return None
     model = data.get("model") if isinstance(data, dict) else None
     if not (isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback") and _byte_level(data.get("pre_tokenizer"))):
         return None
     return {**data, "model": {**model, "byte_fallback": False}}
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_json(path: str, size: int, mtime_ns: int) -> Any:
+    """The JSON of the file at `path`, parsed once per (path, size, mtime_ns): `build_key` reads merged/'s tokenizer.json
+    (~10 MB for a 150k vocabulary) each time a run asks for the export's key, and a file rewritten since is parsed again.
+    Shared between callers: never changed in place."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def _byte_level(pre: Any) -> bool:

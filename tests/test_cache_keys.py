@@ -2305,3 +2305,30 @@ def test_a_max_epochs_run_interrupted_under_the_old_epoch_rule_and_another_budge
     assert len(said) == 1 and "step 3" in said[0], logs
     # Not resumable at the old budget either (the old rule's cap): the line says so, not "rerun with the old budget".
     assert "not resumed" in said[0] and "EPOCH_CAP_RULE" in said[0] and "rerun with the old budget" not in said[0], said
+
+
+def test_the_export_key_parses_merged_tokenizer_json_once_per_version_of_it(tmp_path, monkeypatch):
+    """`build_key` tells a folder the converter reads through `converter_view` by merged/'s tokenizer.json (a large file:
+    ~10 MB for a 150k vocabulary), and a run asks for the key several times (the task's cache key, the build's folder,
+    the record). It is parsed once per (path, size, mtime_ns): the same file is not parsed again, a rewritten one is."""
+    from tasks import export
+    from tasks.config import ExportSection
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "tokenizer_config.json").write_text("{}")
+    bpe = {"model": {"type": "BPE", "byte_fallback": True}, "pre_tokenizer": {"type": "ByteLevel"}}
+    (merged / "tokenizer.json").write_text(json.dumps(bpe))
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (reads.append(self.name), real(self, *a, **k))[1])
+
+    def key() -> str:
+        return export.build_key(SimpleNamespace(key="m"), SimpleNamespace(merged_dir=str(merged)), ExportSection(gguf=["f16"]),
+                                SimpleNamespace(stop_token_ids=[0]))
+
+    first = [key() for _ in range(3)]
+    assert len(set(first)) == 1 and reads.count("tokenizer.json") == 1, reads
+    (merged / "tokenizer.json").write_text(json.dumps({**bpe, "model": {"type": "BPE", "byte_fallback": False}}) + "\n")
+    assert key() != first[0] and key() == key()  # no view any more: the key as before the view, told from the new file
+    assert reads.count("tokenizer.json") == 2, reads
