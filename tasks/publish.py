@@ -87,7 +87,8 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
         # "<repo>--<module>.<class>": its code is in another repository; a module name that is not a plain file name of
         # the folder ("../x", "a/b") is never read: auto_map is the folder's data, not ours to follow out of it
         if "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
-            names |= _local_modules(folder / f"{module}.py") | {n for n in _remote_vocab_files(folder / f"{module}.py", cls) if _plain_name(n)}
+            names |= _local_modules(folder / f"{module}.py", folder) | {n for n in _remote_vocab_files(folder / f"{module}.py", cls, folder)
+                                                                         if _plain_name(n)}
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
 
 
@@ -113,30 +114,79 @@ def _library_vocab_files(class_name) -> list[str]:
     return [v for v in names.values() if isinstance(v, str)] if isinstance(names, dict) else []
 
 
-def _local_modules(module: Path) -> set[str]:
-    """`module`'s file name and those of the modules beside it that it imports relatively (`from .x import`), transitively:
-    what transformers' custom_object_save copies with a remote-code class. Read, never run."""
+def _local_modules(module: Path, root: Path) -> set[str]:
+    """The top-level entries of `root` (the folder) holding `module` and the modules it imports relatively (`from .x
+    import`, `from . import x`, `from .sub.mod import`), transitively: what transformers' custom_object_save copies with a
+    remote-code class (a dotted import's package folder too). Read, never run; only modules inside `root`."""
     import ast
 
     found, todo = set(), [module]
     while todo:
         path = todo.pop()
-        if path.name in found or not path.is_file():
+        if path in found or not path.is_file():
             continue
-        found.add(path.name)
+        found.add(path)
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        todo += [path.parent / f"{node.module.split('.')[0]}.py" for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
-    return found
+        todo += [file for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for file, _ in _relative_imports(node, path, root).values()]
+    return {p.relative_to(root).parts[0] for p in found}
 
 
-def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
+def _relative_imports(node, path: Path, root: Path) -> dict[str, tuple[Path, str | None]]:
+    """The names a relative `from ... import` statement `node` of the module `path` binds: local name -> (the module file
+    inside `root` it reads, the name there; None: the module itself, as `from . import consts` binds it). An import that
+    leaves `root` (`from ..x` at its top, a link out of it) or names no file there binds nothing here."""
+    import ast
+
+    if not isinstance(node, ast.ImportFrom) or node.level < 1:
+        return {}
+    package = path.parent
+    for _ in range(node.level - 1):
+        package = package.parent
+    parts = node.module.split(".") if node.module else []
+    if not all(p.isidentifier() for p in parts) or not _within(package, root):
+        return {}
+    source = _module_file(package, parts, root) if parts else None
+    bound = {}
+    for a in node.names:
+        if a.name == "*" or not a.name.isidentifier():
+            continue
+        sub = _module_file(package, [*parts, a.name], root)  # `from . import consts`, `from .sub import base`: a module
+        if sub is not None:
+            bound[a.asname or a.name] = (sub, None)
+        elif source is not None:
+            bound[a.asname or a.name] = (source, a.name)
+    return bound
+
+
+def _module_file(package: Path, parts: list[str], root: Path) -> Path | None:
+    """The file of the module `parts` (a dotted name) relative to the folder `package`, inside `root`: `a/b.py`, the package
+    `a/b/__init__.py`, or `a.b.py` (the name transformers' custom_object_save gives a dotted import's copy); else None."""
+    if not parts:
+        return None
+    for candidate in (package.joinpath(*parts[:-1], f"{parts[-1]}.py"), package.joinpath(*parts, "__init__.py"),
+                      package / f"{'.'.join(parts)}.py"):
+        if candidate.is_file() and _within(candidate, root):
+            return candidate
+    return None
+
+
+def _within(path: Path, root: Path) -> bool:
+    """`path`, links resolved, lies inside `root` (or is it)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
     """A remote-code tokenizer class's vocabulary file names, read from its module's source (never run): its
-    `vocab_files_names`, a dict literal or a module-level name bound to one, in the class or a class it derives from; a
-    name or class imported relatively from a module beside it (`from .consts import VOCAB_FILES_NAMES`, a base class of
+    `vocab_files_names`, a dict literal, a module-level name bound to one, or a module's attribute (`consts.NAMES` after
+    `from . import consts`), in the class or a class it derives from; a name, module or class imported relatively from a
+    module inside `root` (`from .consts import VOCAB_FILES_NAMES`, `from .sub.mod import NAMES`, a base class of
     `.tik_base`: the modules `_local_modules` finds, which custom_object_save copies with it) is read there; a
     transformers class it derives from: that class's. None found: []."""
     import ast
@@ -144,7 +194,7 @@ def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
     parsed: dict[Path, tuple[dict, dict, dict]] = {}
 
     def scope(path: Path) -> tuple[dict, dict, dict]:
-        """`path`'s module-level bindings, classes and relative imports (local name -> (sibling module, its name))."""
+        """`path`'s module-level bindings, classes and relative imports (local name -> (module file, its name or None))."""
         if path not in parsed:
             try:
                 tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -152,22 +202,33 @@ def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
                 tree = ast.Module(body=[], type_ignores=[])
             bound = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
             classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-            imported = {a.asname or a.name: (path.parent / f"{node.module}.py", a.name) for node in tree.body
-                        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and "." not in node.module
-                        for a in node.names if a.name != "*"}
+            imported = {k: v for node in tree.body for k, v in _relative_imports(node, path, root).items()}
             parsed[path] = (bound, classes, imported)
         return parsed[path]
 
-    def value(name: str, path: Path, seen: frozenset) -> ast.expr | None:
-        """The expression the module-level `name` of `path` is bound to, through relative imports and plain aliases."""
+    def module_of(expr: ast.expr, path: Path) -> tuple[Path, str] | None:
+        """(module file, name) of `expr` when it is `<module>.<name>`, the module imported relatively by `path`."""
+        if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
+            target = scope(path)[2].get(expr.value.id)
+            if target is not None and target[1] is None:
+                return target[0], expr.attr
+        return None
+
+    def value(expr: ast.expr, path: Path, seen: frozenset) -> ast.expr | None:
+        """The expression `expr` (a literal, a module-level name of `path`, a module's attribute) stands for, through
+        relative imports and plain aliases."""
+        if (where := module_of(expr, path)) is not None:
+            return value(ast.Name(id=where[1]), where[0], seen)
+        if not isinstance(expr, ast.Name):
+            return expr
+        name = expr.id
         if (path, name) in seen:
             return None
         bound, _, imported = scope(path)
         if name in bound:
-            v = bound[name]
-            return value(v.id, path, seen | {(path, name)}) if isinstance(v, ast.Name) else v
-        if name in imported:
-            return value(imported[name][1], imported[name][0], seen | {(path, name)})
+            return value(bound[name], path, seen | {(path, name)})
+        if name in imported and imported[name][1] is not None:
+            return value(ast.Name(id=imported[name][1]), imported[name][0], seen | {(path, name)})
         return None
 
     def of(name: str, path: Path, seen: frozenset) -> list[str] | None:
@@ -175,13 +236,14 @@ def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
             return None
         _, classes, imported = scope(path)
         if name in imported and name not in classes:
-            return of(imported[name][1], imported[name][0], seen | {(path, name)})
+            target, there = imported[name]
+            return None if there is None else of(there, target, seen | {(path, name)})
         if name not in classes:
             return _library_vocab_files(name) or None
         for stmt in classes[name].body:
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
             if any(isinstance(t, ast.Name) and t.id == "vocab_files_names" for t in targets) and stmt.value is not None:
-                v = value(stmt.value.id, path, frozenset()) if isinstance(stmt.value, ast.Name) else stmt.value
+                v = value(stmt.value, path, frozenset())
                 try:
                     names = ast.literal_eval(v) if v is not None else None
                 except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -190,6 +252,8 @@ def _remote_vocab_files(module: Path, class_name: str) -> list[str]:
         for base in classes[name].bases:
             if isinstance(base, ast.Name):
                 got = of(base.id, path, seen | {(path, name)})
+            elif (where := module_of(base, path)) is not None:  # `base.TikBase` after `from .sub import base`
+                got = of(where[1], where[0], seen | {(path, name)})
             else:  # `transformers.PreTrainedTokenizer` and the like: a library class, by its name
                 got = _library_vocab_files(getattr(base, "attr", "")) or None
             if got is not None:

@@ -611,3 +611,66 @@ def test_a_tokenizers_auto_map_never_reads_a_module_outside_its_folder(tmp_path)
         (src / name).write_text(name)
     files = tokenizer_files(src)
     assert "secret.txt" not in files and "evil.py" not in files
+
+
+# A review (review-cache8, 2026-12-07) of the source reading above: gaps it found, each with its test.
+
+def _remote_tokenizer_folder(folder: Path, modules: dict[str, str], vocab: str = "tik.tiktoken") -> Path:
+    """A saved remote-code tokenizer's files, written as text (never imported): tokenizer_config.json naming
+    tokenization_tik.TikTokenizer in auto_map, the modules `modules` gives (relative path -> source), and its vocabulary
+    file `vocab` where that is a plain name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TikTokenizer",
+                                                              "auto_map": {"AutoTokenizer": ["tokenization_tik.TikTokenizer", None]}}))
+    for rel, text in modules.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    if "/" not in vocab and "*" not in vocab:
+        (folder / vocab).write_text("a 0\n")
+    return folder
+
+
+_TIK_CLASS = "class TikTokenizer(PreTrainedTokenizer):\n    vocab_files_names = {names}\n"
+
+
+@pytest.mark.parametrize("form", ["module-attribute", "module-attribute-aliased", "dotted-name", "dotted-base-class"])
+def test_a_remote_tokenizers_vocabulary_name_is_followed_through_module_imports_and_dotted_relative_imports(tmp_path, form):
+    """`from . import consts` then `vocab_files_names = consts.NAMES` (the attribute form), and a dotted relative import
+    (`from .sub.mod import NAMES`), were not followed: tik.tiktoken stayed out of adapter/. Read (never run), inside the
+    folder only, they are followed as `from .consts import NAMES` is; the modules they read are the tokenizer's too."""
+    from tasks.publish import tokenizer_files
+
+    head = "from transformers import PreTrainedTokenizer\n"
+    names = "{'vocab_file': 'tik.tiktoken'}"
+    modules = {
+        "module-attribute": {"consts.py": f"NAMES = {names}\n",
+                             "tokenization_tik.py": head + "from . import consts\n\n\n" + _TIK_CLASS.format(names="consts.NAMES")},
+        "module-attribute-aliased": {"consts.py": f"NAMES = {names}\n",
+                                     "tokenization_tik.py": head + "from . import consts as c\n\n\n" + _TIK_CLASS.format(names="c.NAMES")},
+        "dotted-name": {"sub/__init__.py": "", "sub/mod.py": f"NAMES = {names}\n",
+                        "tokenization_tik.py": head + "from .sub.mod import NAMES\n\n\n" + _TIK_CLASS.format(names="NAMES")},
+        "dotted-base-class": {"sub/__init__.py": "", "sub/base.py": head + _TIK_CLASS.replace("TikTokenizer", "TikBase").format(names=names),
+                              "tokenization_tik.py": "from .sub import base\n\n\nclass TikTokenizer(base.TikBase):\n    pass\n"},
+    }[form]
+    src = _remote_tokenizer_folder(tmp_path / "m", modules)
+    files = tokenizer_files(src)
+    assert "tik.tiktoken" in files, files
+    assert ("consts.py" if form.startswith("module-attribute") else "sub") in files, files
+
+
+@pytest.mark.parametrize("way", ["parent-module", "linked-package"])
+def test_a_relative_import_that_leaves_the_folder_is_not_read(tmp_path, way):
+    """`from ..outside import NAMES` (a module above the folder) and a dotted import through a link out of the folder
+    (`from .linked.mod import NAMES`, linked/ -> another folder) are not the folder's: nothing read there names the
+    tokenizer's files, and the link is not one of them (a guard for the dotted imports now followed)."""
+    from tasks.publish import tokenizer_files
+
+    (tmp_path / "outside.py").write_text("NAMES = {'vocab_file': 'secret.txt'}\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mod.py").write_text("NAMES = {'vocab_file': 'secret.txt'}\n")
+    imp = "from ..outside import NAMES" if way == "parent-module" else "from .linked.mod import NAMES"
+    src = _remote_tokenizer_folder(tmp_path / "m", {"tokenization_tik.py": f"{imp}\n\n\nclass TikTokenizer:\n    vocab_files_names = NAMES\n"})
+    (src / "linked").symlink_to(tmp_path / "elsewhere")
+    (src / "secret.txt").write_text("not the tokenizer's")
+    files = tokenizer_files(src)
+    assert "secret.txt" not in files and "linked" not in files and "outside.py" not in files, files
