@@ -24,6 +24,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     StageError, one line naming the key and the fix, when the run could not work."""
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
     tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
+    check_publishable(tok, model)
     if system_prompt:
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
@@ -53,6 +54,18 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
                      "not NF4: bitsandbytes 4-bit quantizes linear layers only; their LoRA trains on them as they are")
     targets = _check_peft_accepts(skeleton, lora, targets)  # last: it wraps the skeleton in place
     return [f"model: {targets.describe()}", *lines]
+
+
+def check_publishable(tok, model: ModelSection) -> None:
+    """A tokenizer whose class names a vocabulary file publish cannot copy (not a plain top-level file name: '../x',
+    '*.bin'; a remote-code class's own choice) is refused here, in seconds, not in stage 7 after the training: the
+    published adapter/ would not load it, and publish refuses such a folder. Read from the class it loaded as, so a name
+    the source computes counts too."""
+    from .publish import refused_vocabulary
+
+    names = getattr(type(tok), "vocab_files_names", None)
+    if isinstance(names, dict) and (why := refused_vocabulary(type(tok).__name__, names.values(), f"model.name {model.name!r}")):
+        raise StageError(why)
 
 
 def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> LoraTargets:

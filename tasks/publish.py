@@ -72,24 +72,63 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
     the modules they import relatively, which transformers' custom_object_save copies beside it). A model's remote code
     (configuration_*.py, modeling_*.py: the model's auto_map) is not the tokenizer's. Where the config does not read,
     any tokenization_*.py counts as the tokenizer's code too. What `_copy_adapter` copies and the cache check accepts."""
+    conf = _tokenizer_config(folder)
+    if conf is None:
+        return (*TOKENIZER_FILES, "tokenization_*.py")
+    names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
+    for _, module, vocab in _remote_tokenizers(folder, conf):
+        names |= _local_modules(module, folder) | {n for n in vocab if _plain_name(n)}
+    return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
+
+
+def unloadable_tokenizer(folder: Path) -> str | None:
+    """Why the tokenizer saved in `folder` (merged/) cannot be published so that it loads, in one line, or None: a
+    remote-code class whose vocab_files_names gives a name that is not a plain top-level file name (`_plain_name`: '../x',
+    'a/b', '*.bin'), a file `tokenizer_files` never names, so adapter/ would lack it. Publish refuses such a folder (no
+    copy, no reuse); the model checks refuse the tokenizer before stage 1 (`refused_vocabulary`)."""
+    conf = _tokenizer_config(folder)
+    for cls, module, vocab in _remote_tokenizers(folder, conf) if conf is not None else []:
+        if line := refused_vocabulary(cls, vocab, "publish", where=str(module)):
+            return line
+    return None
+
+
+def refused_vocabulary(cls: str, vocab_names, said: str, where: str = "") -> str | None:
+    """The line refusing a tokenizer class `cls` (of the module file `where`) whose vocabulary file names (`vocab_names`:
+    its vocab_files_names' values) hold one that is not a plain top-level file name, or None. `said` opens the line.
+    Such a tokenizer loads where it was made (from_pretrained reads '../x' beside the folder, '*.bin' as a literal
+    name) but not from the published adapter/, which holds the folder's own top-level files only."""
+    for name in vocab_names:
+        if isinstance(name, str) and not _plain_name(name):
+            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), not a plain top-level "
+                    "file name, so the published adapter/ could not hold it and would not load; name it with a plain file name "
+                    f"(no '/', '..' or wildcard) in {cls}'s vocab_files_names and save_vocabulary")
+    return None
+
+
+def _tokenizer_config(folder: Path) -> dict | None:
+    """`folder`'s tokenizer_config.json, or None where it does not read as an object."""
     try:
         conf = read_json(folder / "tokenizer_config.json")
     except (OSError, ValueError):
-        conf = None
-    if not isinstance(conf, dict):
-        return (*TOKENIZER_FILES, "tokenization_*.py")
+        return None
+    return conf if isinstance(conf, dict) else None
+
+
+def _remote_tokenizers(folder: Path, conf: dict) -> list[tuple[str, Path, list[str]]]:
+    """(class, module file, vocabulary file names read from its source) of each remote-code tokenizer class the config's
+    auto_map names in a module of the folder. "<repo>--<module>.<class>" (code in another repository) and a module name
+    that is not a plain file name of the folder ("../x", "a/b") are never read: auto_map is the folder's data, not ours
+    to follow out of it."""
     auto = conf.get("auto_map")
     refs = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto  # a list: the oldest configs' form
     refs = [r for r in (refs if isinstance(refs, list) else []) if isinstance(r, str) and "." in r]
-    names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
+    found = []
     for ref in refs:
         module, _, cls = ref.rpartition(".")
-        # "<repo>--<module>.<class>": its code is in another repository; a module name that is not a plain file name of
-        # the folder ("../x", "a/b") is never read: auto_map is the folder's data, not ours to follow out of it
         if "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
-            names |= _local_modules(folder / f"{module}.py", folder) | {n for n in _remote_vocab_files(folder / f"{module}.py", cls, folder)
-                                                                         if _plain_name(n)}
-    return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
+            found.append((cls, folder / f"{module}.py", _remote_vocab_files(folder / f"{module}.py", cls, folder)))
+    return found
 
 
 def _plain_name(name) -> bool:
@@ -278,6 +317,8 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
     `random:` or GGUF model folder built again) reused training, and adapter/ carried the tokenizer of the run that
     trained, beside a merged/ with the run's. The rest of merged/ stays out too: a remote-code model's modeling_*.py and
     configuration_*.py, which `save_pretrained` writes beside its weights, are the model's, not the adapter's."""
+    if why := unloadable_tokenizer(merged):  # adapter/ could not hold the file: no folder whose tokenizer cannot load
+        raise StageError(why)
     tokenizer = tokenizer_files(merged)
     dst.mkdir(parents=True)
     for p in sorted(adapter.iterdir()):
@@ -358,8 +399,10 @@ def is_published(folder: Path) -> bool:
 
 def is_reusable(folder: Path) -> bool:
     """Complete (`is_published`) and published as this code publishes: adapter/ holds the adapter and merged/'s tokenizer,
-    nothing else (`republish_reason`). What stage 7 reuses; a folder that is complete only is published again."""
-    return is_published(folder) and republish_reason(folder) is None
+    nothing else (`republish_reason`), and that tokenizer can be published so that it loads (`unloadable_tokenizer`: one
+    that cannot is refused when published again, with its line). What stage 7 reuses; a folder that is complete only is
+    published again."""
+    return is_published(folder) and republish_reason(folder) is None and unloadable_tokenizer(folder / "merged") is None
 
 
 def republish_reason(folder: Path) -> str | None:

@@ -674,3 +674,83 @@ def test_a_relative_import_that_leaves_the_folder_is_not_read(tmp_path, way):
     (src / "secret.txt").write_text("not the tokenizer's")
     files = tokenizer_files(src)
     assert "secret.txt" not in files and "linked" not in files and "outside.py" not in files, files
+
+
+def _refused_name_tokenizer(vocab: str, tmp_path: Path, monkeypatch):
+    """The `_TIK_MODULE` tokenizer whose class names its vocabulary file `vocab`, a name that is not a plain top-level
+    file name ('../tik.tiktoken': a file beside the folder, which from_pretrained reads there; '*.tiktoken': a literal
+    file of that name). It loads, from a folder of its files, as training and stage 6 load it."""
+    import importlib.util
+    import sys
+
+    (tmp_path / "refmod").mkdir()
+    (tmp_path / "refmod" / "tokenization_tik.py").write_text(_TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', f"{{'vocab_file': {vocab!r}}}"))
+    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "refmod" / "tokenization_tik.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
+    spec.loader.exec_module(module)
+    (tmp_path / "v.tiktoken").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
+    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
+    tok = module.TikTokenizer(str(tmp_path / "v.tiktoken"), unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    return tok
+
+
+def _place_vocabulary(folder: Path, vocab: str) -> None:
+    """Where the class's vocab_files_names says its vocabulary is, relative to `folder` (save_vocabulary wrote tik.tiktoken)."""
+    import shutil
+
+    shutil.copy(folder / "tik.tiktoken", folder / vocab)
+
+
+@pytest.mark.parametrize("vocab", ["../tik.tiktoken", "*.tiktoken"])
+def test_a_tokenizer_naming_a_vocabulary_file_publish_cannot_copy_stops_the_run_before_stage_1(tmp_path, monkeypatch, vocab):
+    """A remote-code tokenizer whose vocab_files_names gives a name publish refuses (not a plain top-level file name) loads
+    for training but not from the published adapter/, which publish could never give that file. Told at the start, in
+    the model checks (seconds), not after hours of training: one line naming the class, the name and the fix."""
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.preflight import check_model
+
+    tok = _refused_name_tokenizer(vocab, tmp_path, monkeypatch)
+    local = tmp_path / "models" / "local-model"
+    tok.save_pretrained(str(local))
+    _place_vocabulary(local, vocab)
+    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    with pytest.raises(StageError) as e:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer names its vocabulary file {vocab!r} "
+                            "(vocab_files_names), not a plain top-level file name, so the published adapter/ could not hold it and "
+                            "would not load; name it with a plain file name (no '/', '..' or wildcard) in "
+                            "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
+
+
+@pytest.mark.parametrize("vocab", ["../tik.tiktoken", "*.tiktoken"])
+def test_a_published_folder_whose_tokenizer_names_a_file_publish_cannot_copy_is_neither_reused_nor_published(tmp_path, monkeypatch, vocab):
+    """A folder published before the check (its adapter/ without the refused vocabulary file: it does not load) was
+    complete and reused on every run. It is not reused now, and publishing it again stops with the line of the model
+    checks, naming merged/'s module: no folder whose tokenizer cannot load is published."""
+    import tasks.publish as publish
+    from tasks.common import StageError
+    from tasks.config import load_config
+
+    tok = _refused_name_tokenizer(vocab, tmp_path, monkeypatch)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}"])
+    folder = tmp_path / "artifacts" / "runs" / "run-1" / cfg.output_name
+    _published_with(tok, _copy_adapter_2361106, tmp_path, folder)
+    assert publish.is_published(folder)
+    assert not publish.is_reusable(folder)
+
+    def assemble(cfg, run, records, final):  # today's _copy_adapter on merged/, into the folder being built
+        publish._copy_adapter(tmp_path / "train-adapter", tmp_path / "merge-merged", tmp_path / "building" / "adapter")
+
+    logs = []
+    monkeypatch.setattr(publish, "_assemble", assemble)
+    with pytest.raises(StageError) as e:
+        publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    assert str(e.value) == (f"publish: its tokenizer class TikTokenizer ({tmp_path / 'merge-merged' / 'tokenization_tik.py'}) names its "
+                            f"vocabulary file {vocab!r} (vocab_files_names), not a plain top-level file name, so the published adapter/ "
+                            "could not hold it and would not load; name it with a plain file name (no '/', '..' or wildcard) in "
+                            "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
+    assert logs == [] and not (tmp_path / "building" / "adapter").exists()
