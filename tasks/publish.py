@@ -333,22 +333,32 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _copy_base(src: Path, dst: Path, link: bool) -> None:
+def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
     (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json) of the folder's top level
     (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
-    is not stored twice); a user's folder is copied, as it may change later."""
+    is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
+    (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at); returns the line that
+    says what was left out, if anything."""
     files = (*BASE_FILES, *tokenizer_files(src))
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
-    for f in sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files)):
+    chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
+    outside = [p for p in chosen if not _within(p, src)]
+    for f in (p for p in chosen if p not in outside):
         try:
             if not link:
                 raise OSError("copy")
             os.link(f, dst / f.name)
         except OSError:
             shutil.copy2(f, dst / f.name)
+    if not outside:
+        return []
+    left = ", ".join(f"{p.name} (-> {p.resolve()})" for p in outside)
+    one = len(outside) == 1
+    return [f"publish: base/ leaves out {left}: {'a link' if one else 'links'} out of the local model folder {src}, not followed; "
+            f"put {'the file itself' if one else 'the files themselves'} in the folder to publish {'it' if one else 'them'} with the base"]
 
 
 def batch_line(train) -> str:
@@ -487,7 +497,8 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
         if why := republish_reason(final):
             log_fn(f"publish: {final}/adapter {why}; publishing it again")
         try:
-            _assemble(cfg, run_name, records, final)
+            for line in _assemble(cfg, run_name, records, final) or []:  # what it left out, said once the folder is in place
+                log_fn(line)
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -512,7 +523,9 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     return rec
 
 
-def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> None:
+def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path) -> list[str]:
+    """Build the published folder; returns the lines to log (what base/ left out)."""
+    notes: list[str] = []
     with building(final, mark_complete=False) as tmp:  # the manifest, written last, is this folder's completeness record
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         _copy_adapter(Path(train.adapter_dir), Path(merge.merged_dir), tmp / "adapter")  # with the run's tokenizer, as merged/
@@ -522,7 +535,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         if base["files"]:
             # Not a Hub model (a package's GGUF converted here, a local folder, random weights): its files live in
             # artifacts/cache/, which may be deleted, so the folder carries the exact weights the adapter was trained on.
-            _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
+            notes += _copy_base(ref, tmp / base["files"], link=artifacts_root(cfg.artifacts_dir) in ref.resolve().parents)
         # PEFT's auto-generated adapter card names the cache folder as its base; the folder's README.md is the card.
         (tmp / "adapter" / "README.md").unlink(missing_ok=True)
         point_adapter_at_base(tmp / "adapter", str(final / base["files"]) if base["files"] else base["hub_id"], base["revision"])
@@ -565,6 +578,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+    return notes
 
 
 def model_card(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final: Path, base: dict[str, Any], template: str,

@@ -754,3 +754,25 @@ def test_a_published_folder_whose_tokenizer_names_a_file_publish_cannot_copy_is_
                             "could not hold it and would not load; name it with a plain file name (no '/', '..' or wildcard) in "
                             "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
     assert logs == [] and not (tmp_path / "building" / "adapter").exists()
+
+
+def test_a_local_bases_link_out_of_its_folder_is_not_followed_into_base(tmp_path):
+    """A top-level link of a local base folder that points outside it (vocab.txt -> a file elsewhere) was followed:
+    `_copy_base` copied (or hard-linked) the file it points at into base/, which publish may push. Nothing from outside
+    the folder is copied now, and one line names what was left out; a link to a file inside the folder is copied."""
+    from tasks.publish import _copy_base
+
+    (tmp_path / "private.txt").write_text("not the model's")
+    src = tmp_path / "local-model"
+    (src / "real").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "real/tokenizer.json"):
+        (src / name).write_text(name)
+    (src / "vocab.txt").symlink_to(tmp_path / "private.txt")
+    (src / "tokenizer.json").symlink_to(src / "real" / "tokenizer.json")
+    for link in (False, True):
+        dst = tmp_path / f"base-{link}"
+        lines = _copy_base(src, dst, link=link)
+        assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert (dst / "tokenizer.json").read_text() == "real/tokenizer.json"
+        assert lines == [f"publish: base/ leaves out vocab.txt (-> {tmp_path / 'private.txt'}): a link out of the local model folder "
+                         f"{src}, not followed; put the file itself in the folder to publish it with the base"], lines
