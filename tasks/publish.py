@@ -339,13 +339,16 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
-    (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at); returns the line that
+    (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
+    snapshot's links into its own blobs/; returns the line that
     says what was left out, if anything."""
     files = (*BASE_FILES, *tokenizer_files(src))
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
-    outside = [p for p in chosen if not _within(p, src)]
+    # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
+    hub_repo = src.parent.parent if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir() else None
+    outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))]
     for f in (p for p in chosen if p not in outside):
         try:
             if not link:

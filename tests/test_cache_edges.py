@@ -776,3 +776,22 @@ def test_a_local_bases_link_out_of_its_folder_is_not_followed_into_base(tmp_path
         assert (dst / "tokenizer.json").read_text() == "real/tokenizer.json"
         assert lines == [f"publish: base/ leaves out vocab.txt (-> {tmp_path / 'private.txt'}): a link out of the local model folder "
                          f"{src}, not followed; put the file itself in the folder to publish it with the base"], lines
+
+
+def test_a_hub_cache_snapshot_used_as_a_local_base_keeps_its_files_in_base(tmp_path):
+    """A Hub cache snapshot (models--x/snapshots/<rev>/, every file a link to ../../blobs/<hash>) named as a local folder:
+    its links point into its own repository's blobs/, the model's storage, not outside it: base/ holds the files."""
+    from tasks.publish import _copy_base
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    src = repo / "snapshots" / "0123abc"
+    src.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (repo / "blobs" / f"hash-{name}").write_text(name)
+        (src / name).symlink_to(Path("../../blobs") / f"hash-{name}")
+    (src / "vocab.txt").symlink_to(tmp_path / "hub" / "elsewhere.txt")
+    (tmp_path / "hub" / "elsewhere.txt").write_text("not the model's")
+    lines = _copy_base(src, tmp_path / "base", link=False)
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "base" / "model.safetensors").read_text() == "model.safetensors" and len(lines) == 1, lines
