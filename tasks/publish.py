@@ -335,14 +335,15 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
 
 def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
-    (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json) of the folder's top level
+    (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json), a remote-code model's code
+    (`model_code_files`: base/ loads with trust_remote_code as the folder did) of the folder's top level
     (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
     (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
     snapshot's links into its own blobs/; returns the line that
     says what was left out, if anything."""
-    files = (*BASE_FILES, *tokenizer_files(src))
+    files = (*BASE_FILES, *tokenizer_files(src), *model_code_files(src))
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
@@ -362,6 +363,24 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     one = len(outside) == 1
     return [f"publish: base/ leaves out {left}: {'a link' if one else 'links'} out of the local model folder {src}, not followed; "
             f"put {'the file itself' if one else 'the files themselves'} in the folder to publish {'it' if one else 'them'} with the base"]
+
+
+def model_code_files(folder: Path) -> set[str]:
+    """The top-level entries of `folder` (a local base) that are a remote-code model's code: the modules config.json's
+    auto_map names (configuration_*.py, modeling_*.py) and those they import relatively, by the plain-name rules of the
+    tokenizer's (`_remote_tokenizers`; read, never run): another repository's code ("<repo>--<module>.<class>") and a
+    module name that is not a plain file name of the folder ("../x") are not read or copied. None without an auto_map."""
+    try:
+        auto = read_json(folder / "config.json").get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    refs = [r for v in (auto.values() if isinstance(auto, dict) else []) for r in (v if isinstance(v, list) else [v])]
+    names = set()
+    for ref in refs:
+        module = ref.rpartition(".")[0] if isinstance(ref, str) else ""
+        if module and "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
+            names |= _local_modules(folder / f"{module}.py", folder)
+    return names
 
 
 def batch_line(train) -> str:

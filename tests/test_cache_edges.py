@@ -795,3 +795,28 @@ def test_a_hub_cache_snapshot_used_as_a_local_base_keeps_its_files_in_base(tmp_p
     lines = _copy_base(src, tmp_path / "base", link=False)
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (tmp_path / "base" / "model.safetensors").read_text() == "model.safetensors" and len(lines) == 1, lines
+
+
+def test_a_local_remote_code_bases_published_copy_holds_its_model_code(tmp_path):
+    """A local trust_remote_code base: config.json's auto_map names its configuration_*.py / modeling_*.py, which base/
+    left out, so base/ did not load. They are copied now, with the modules they import relatively, by the plain-name
+    rules of the tokenizer's (read, never run; another repository's code, '../x' and any other .py stay out)."""
+    from tasks.publish import _copy_base
+    from transformers import AutoConfig
+
+    src = tmp_path / "local-model"
+    src.mkdir()
+    (tmp_path / "evil.py").write_text("class X:\n    pass\n")
+    (src / "configuration_tiny.py").write_text("from transformers import PretrainedConfig\nfrom .consts_tiny import TYPE\n\n\n"
+                                               "class TinyConfig(PretrainedConfig):\n    model_type = TYPE\n")
+    (src / "consts_tiny.py").write_text("TYPE = 'tiny-remote'\n")
+    (src / "modeling_tiny.py").write_text("from .configuration_tiny import TinyConfig  # noqa: F401\n")
+    for name in ("evil.py", "other_tool.py", "model.safetensors", "pytorch_model.bin"):
+        (src / name).write_text(name)
+    auto = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+            "AutoModel": "../evil.X", "AutoModelForSequenceClassification": "other/repo--other_tool.X"}
+    (src / "config.json").write_text(json.dumps({"model_type": "tiny-remote", "auto_map": auto}))
+    _copy_base(src, tmp_path / "base", link=False)
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "configuration_tiny.py", "consts_tiny.py",
+                                                                    "model.safetensors", "modeling_tiny.py"]
+    assert type(AutoConfig.from_pretrained(str(tmp_path / "base"), trust_remote_code=True)).__name__ == "TinyConfig"
