@@ -820,3 +820,50 @@ def test_a_local_remote_code_bases_published_copy_holds_its_model_code(tmp_path)
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "configuration_tiny.py", "consts_tiny.py",
                                                                     "model.safetensors", "modeling_tiny.py"]
     assert type(AutoConfig.from_pretrained(str(tmp_path / "base"), trust_remote_code=True)).__name__ == "TinyConfig"
+
+
+# A review (review-cache9, 2026-12-07) of 85f047a..3b394bc: strict xfails for what it found, each in its own commit.
+
+def _dot_slash_tokenizer(tmp_path: Path, monkeypatch):
+    """A remote-code tokenizer shaped as InternLM2's (InternLM2Tokenizer / InternLM2TokenizerFast, InternVL's too):
+    `VOCAB_FILES_NAMES = {"vocab_file": "./tokenizer.model"}`, its vocabulary saved as tokenizer.model. A name with './'."""
+    import importlib.util
+    import sys
+
+    (tmp_path / "dotmod").mkdir()
+    source = _TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', '{"vocab_file": "./tokenizer.model"}').replace('+ "tik.tiktoken")', '+ "tokenizer.model")')
+    (tmp_path / "dotmod" / "tokenization_tik.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "dotmod" / "tokenization_tik.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
+    spec.loader.exec_module(module)
+    (tmp_path / "v.model").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
+    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
+    tok = module.TikTokenizer(str(tmp_path / "v.model"), unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    return tok
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: './tokenizer.model' (InternLM2, InternVL) is refused as not a plain name; it loads from adapter/")
+def test_a_tokenizer_naming_its_vocabulary_dot_slash_tokenizer_model_is_not_stopped(tmp_path, monkeypatch):
+    """Severity high: InternLM2's remote-code tokenizer (internlm/internlm2-*, InternVL) names its vocabulary
+    './tokenizer.model'. from_pretrained reads <folder>/./tokenizer.model, the folder's own tokenizer.model, which the
+    '*.model' floor of TOKENIZER_FILES copies into adapter/: before a256d1d it published and loaded from adapter/. Now
+    `check_publishable` stops the run before stage 1 and publish refuses the folder, for a tokenizer that works."""
+    import tasks.publish as publish
+    from tasks.config import load_config
+    from tasks.preflight import check_publishable
+    from transformers import AutoTokenizer
+
+    tok = _dot_slash_tokenizer(tmp_path, monkeypatch)
+    local = tmp_path / "models" / "internlm2-like"
+    tok.save_pretrained(str(local))
+    assert sorted(p.name for p in local.iterdir() if p.suffix == ".model") == ["tokenizer.model"]
+    loaded = AutoTokenizer.from_pretrained(str(local), trust_remote_code=True)  # it loads, as training loads it
+    assert loaded("ab")["input_ids"] == [2, 3]
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    check_publishable(loaded, cfg.model)  # raises StageError today: a false stop before any work
+    folder = tmp_path / "published"
+    _published_with(tok, publish._copy_adapter, tmp_path, folder)  # raises StageError today
+    assert publish.is_reusable(folder)
+    assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
