@@ -867,3 +867,35 @@ def test_a_tokenizer_naming_its_vocabulary_dot_slash_tokenizer_model_is_not_stop
     _published_with(tok, publish._copy_adapter, tmp_path, folder)  # raises StageError today
     assert publish.is_reusable(folder)
     assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: a local base whose weights are links out of it publishes a base/ without weights, complete")
+@pytest.mark.parametrize("layout", ["hf-local-dir-symlinks", "shared-storage-link"])
+def test_a_local_base_whose_weights_are_links_out_of_it_is_not_published_without_its_weights(tmp_path, layout):
+    """Severity medium: cdb95e3 leaves every top-level link out of a local base folder out of base/, the weights too.
+    huggingface_hub before 0.23 (`snapshot_download(local_dir=..., local_dir_use_symlinks="auto")`, huggingface-cli
+    download --local-dir) left every file over 5 MB of the folder as a link into ~/.cache/huggingface/hub/.../blobs/; a
+    folder on a small disk links its safetensors to shared storage. Training loaded those weights; base/ gets config and
+    tokenizer but no weights, one log line, and the folder is complete (MANIFEST) and reused: its base/ does not load.
+    The weights of the model trained on are the model's own: either base/ holds them or publish stops with the line."""
+    from tasks.common import StageError
+    from tasks.publish import _copy_base
+
+    if layout == "hf-local-dir-symlinks":
+        store = tmp_path / "hf-cache" / "hub" / "models--org--tiny" / "blobs"
+        target = store / "5f1e0c2a9b"
+    else:
+        store = tmp_path / "shared" / "weights"
+        target = store / "tiny.safetensors"
+    store.mkdir(parents=True)
+    target.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    src = tmp_path / "local-model"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (src / "tokenizer.json").write_text("{}")
+    (src / "model.safetensors").symlink_to(target)
+    try:
+        lines = _copy_base(src, tmp_path / "base", link=False)
+    except StageError:
+        return  # stopping, with the line, is an answer too: no base/ without the weights
+    assert (tmp_path / "base" / "model.safetensors").is_file(), (sorted(p.name for p in (tmp_path / "base").iterdir()), lines)
