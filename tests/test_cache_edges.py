@@ -929,3 +929,28 @@ def test_an_auto_map_module_that_links_out_of_the_folder_is_not_read(tmp_path, m
     names = publish.tokenizer_files(src) if which == "tokenizer" else publish.model_code_files(src)
     assert not [p for p in reads if not p.is_relative_to(src.resolve())], reads
     assert "notes.txt" not in names and "helper.py" not in names, names
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: a folder published before f95d17c (base/ without its model code) is still reused")
+def test_a_folder_whose_base_lacks_the_model_code_its_config_names_is_published_again(tmp_path):
+    """Severity medium: f95d17c copies a local remote-code base's configuration_*.py / modeling_*.py into base/, but a
+    folder published this morning without them (complete: its MANIFEST) is reused as it is (`is_reusable` looks at
+    adapter/ only; PUBLISH_VERSION, in the publish key, is still 4): its base/ keeps failing to load with
+    trust_remote_code on every later run. Its own base/config.json names the modules base/ lacks (told from the MANIFEST
+    and that file, as `republish_reason` tells adapter/'s): such a folder is published again."""
+    from transformers import ByT5Tokenizer
+
+    import tasks.publish as publish
+    from tasks.common import file_sha256, write_json
+
+    folder = tmp_path / "published"
+    _published_with(ByT5Tokenizer(), publish._copy_adapter, tmp_path, folder)
+    base = folder / "base"
+    base.mkdir()
+    auto = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (base / "config.json").write_text(json.dumps({"model_type": "tiny-remote", "auto_map": auto}))
+    (base / "model.safetensors").write_text("weights")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != publish.MANIFEST)
+    write_json(folder / publish.MANIFEST, {"files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+    assert publish.is_published(folder)
+    assert not publish.is_reusable(folder)
