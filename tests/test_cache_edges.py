@@ -954,3 +954,26 @@ def test_a_folder_whose_base_lacks_the_model_code_its_config_names_is_published_
     write_json(folder / publish.MANIFEST, {"files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
     assert publish.is_published(folder)
     assert not publish.is_reusable(folder)
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: a module ast.parse cannot nest (RecursionError) stops publish with a traceback")
+@pytest.mark.parametrize("which", ["model-code", "tokenizer"])
+def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_path, which):
+    """Severity low: the model's and the tokenizer's modules are parsed with ast (`_local_modules`, `_remote_vocab_files`),
+    catching SyntaxError, UnicodeDecodeError, ValueError, but not RecursionError, which ast.parse raises for a valid
+    module with a long chained expression (3000 string parts joined by '+': generated code, an embedded table).
+    f95d17c parses every module config.json's auto_map names (`model_code_files`, in `_copy_base`), so stage 7 of a
+    local remote-code base stops with a traceback after the training; the tokenizer's side (`unloadable_tokenizer`, now
+    in `is_reusable` and `_copy_adapter`) as well. The module is the folder's data: unread, it names nothing."""
+    import tasks.publish as publish
+
+    src = tmp_path / "m"
+    src.mkdir()
+    table = "TABLE = " + " + ".join(['"x"'] * 3000) + "\n"
+    if which == "model-code":
+        (src / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}))
+        (src / "modeling_tiny.py").write_text(table + "\n\nclass TinyForCausalLM:\n    pass\n")
+        assert publish.model_code_files(src) == {"modeling_tiny.py"}
+    else:
+        _remote_tokenizer_folder(src, {"tokenization_tik.py": table + "\n\nclass TikTokenizer:\n    vocab_files_names = {'vocab_file': 'tik.tiktoken'}\n"})
+        assert publish.unloadable_tokenizer(src) is None
