@@ -977,3 +977,46 @@ def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_p
     else:
         _remote_tokenizer_folder(src, {"tokenization_tik.py": table + "\n\nclass TikTokenizer:\n    vocab_files_names = {'vocab_file': 'tik.tiktoken'}\n"})
         assert publish.unloadable_tokenizer(src) is None
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: 'vocab/360.tiktoken' (360Zhinao), a file inside the folder, stops the run; adapter/ could hold vocab/")
+def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_published_not_stopped(tmp_path, monkeypatch):
+    """Severity medium: qihoo360/360Zhinao-*'s ZhinaoTokenizer names its vocabulary 'vocab/360.tiktoken' and its
+    save_vocabulary writes it there (os.makedirs(save_directory + '/vocab')): a file inside the folder, in a subfolder.
+    a256d1d stops such a run before stage 1 ('not a plain top-level file name ... name it with a plain file name in
+    ZhinaoTokenizer's vocab_files_names'): the Hub model's code, not the user's to change. The subfolder is the folder's
+    own top-level entry, which `_copy_adapter` copies whole as it does additional_chat_templates/: adapter/ can hold it.
+    Before a256d1d the run trained and published (adapter/ without vocab/: it did not load); now it cannot start."""
+    import importlib.util
+    import sys
+
+    import tasks.publish as publish
+    from tasks.config import load_config
+    from tasks.preflight import check_publishable
+    from transformers import AutoTokenizer
+
+    (tmp_path / "zmod").mkdir()
+    source = (_TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', '{"vocab_file": "vocab/tik.tiktoken"}')
+              .replace('path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tik.tiktoken")',
+                       'os.makedirs(os.path.join(save_directory, "vocab"), exist_ok=True)\n        path = os.path.join(save_directory, "vocab", "tik.tiktoken")'))
+    assert 'os.path.join(save_directory, "vocab", "tik.tiktoken")' in source
+    (tmp_path / "zmod" / "tokenization_tik.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "zmod" / "tokenization_tik.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
+    spec.loader.exec_module(module)
+    (tmp_path / "v.tiktoken").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
+    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
+    tok = module.TikTokenizer(str(tmp_path / "v.tiktoken"), unk_token="<unk>", eos_token="<eos>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    local = tmp_path / "models" / "zhinao-like"
+    tok.save_pretrained(str(local))
+    assert (local / "vocab" / "tik.tiktoken").is_file()
+    loaded = AutoTokenizer.from_pretrained(str(local), trust_remote_code=True)
+    assert loaded("ab")["input_ids"] == [2, 3]
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    check_publishable(loaded, cfg.model)  # raises StageError today, before any work
+    folder = tmp_path / "published"
+    _published_with(tok, publish._copy_adapter, tmp_path, folder)
+    assert publish.is_reusable(folder)
+    assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
