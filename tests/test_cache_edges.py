@@ -1020,3 +1020,23 @@ def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_publish
     _published_with(tok, publish._copy_adapter, tmp_path, folder)
     assert publish.is_reusable(folder)
     assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache9: a model in a subfolder of a Hub cache snapshot loses every file from base/")
+def test_a_model_in_a_subfolder_of_a_hub_cache_snapshot_keeps_its_files_in_base(tmp_path):
+    """Severity low: eb32bb4 keeps a snapshot's links into its repository's blobs/ only where the folder is the snapshot
+    itself (`src.parent.name == "snapshots"`). A model kept in a subfolder of its repository (a diffusion repository's
+    text_encoder/, a repository of several sizes), named as snapshots/<rev>/text_encoder, has every file a link to
+    ../../../blobs/<hash>: training loads it; base/ gets none of them (config, weights, tokenizer), one line, and the
+    published folder is complete. Its links point into the same repository's blobs/."""
+    from tasks.publish import _copy_base
+
+    repo = tmp_path / "hub" / "models--org--image-model"
+    (repo / "blobs").mkdir(parents=True)
+    src = repo / "snapshots" / "0123abc" / "text_encoder"
+    src.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (repo / "blobs" / f"hash-{name}").write_text(name)
+        (src / name).symlink_to(Path("../../../blobs") / f"hash-{name}")
+    lines = _copy_base(src, tmp_path / "base", link=False)
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"], lines
