@@ -77,7 +77,7 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
         return (*TOKENIZER_FILES, "tokenization_*.py")
     names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
     for _, module, vocab in _remote_tokenizers(folder, conf):
-        names |= _local_modules(module, folder) | {n for n in vocab if _plain_name(n)}
+        names |= _local_modules(module, folder) | {v for n in vocab if (v := _vocab_name(n))}
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
 
 
@@ -99,7 +99,7 @@ def refused_vocabulary(cls: str, vocab_names, said: str, where: str = "") -> str
     Such a tokenizer loads where it was made (from_pretrained reads '../x' beside the folder, '*.bin' as a literal
     name) but not from the published adapter/, which holds the folder's own top-level files only."""
     for name in vocab_names:
-        if isinstance(name, str) and not _plain_name(name):
+        if isinstance(name, str) and _vocab_name(name) is None:
             return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), not a plain top-level "
                     "file name, so the published adapter/ could not hold it and would not load; name it with a plain file name "
                     f"(no '/', '..' or wildcard) in {cls}'s vocab_files_names and save_vocabulary")
@@ -137,6 +137,16 @@ def _plain_name(name) -> bool:
     a '..', or a glob character (`*` would take every file, the pickle and the model's code too) is not a file's name."""
     return (isinstance(name, str) and bool(name) and name.isprintable() and ".." not in name
             and not any(c in name for c in "/\\*?[]") and not Path(name).is_absolute())
+
+
+def _vocab_name(name) -> str | None:
+    """The top-level file of the folder that `name` (a vocab_files_names value, untrusted) names, or None: `name` itself
+    where it is plain (`_plain_name`), or what it normalizes to when its other parts are '.' only: InternLM2's (and
+    InternVL's) './tokenizer.model', which from_pretrained reads as <folder>/./tokenizer.model, the folder's own file."""
+    if not isinstance(name, str) or name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return parts[0] if len(parts) == 1 and _plain_name(parts[0]) else None
 
 
 def _library_vocab_files(class_name) -> list[str]:

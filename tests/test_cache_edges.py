@@ -844,7 +844,6 @@ def _dot_slash_tokenizer(tmp_path: Path, monkeypatch):
     return tok
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: './tokenizer.model' (InternLM2, InternVL) is refused as not a plain name; it loads from adapter/")
 def test_a_tokenizer_naming_its_vocabulary_dot_slash_tokenizer_model_is_not_stopped(tmp_path, monkeypatch):
     """Severity high: InternLM2's remote-code tokenizer (internlm/internlm2-*, InternVL) names its vocabulary
     './tokenizer.model'. from_pretrained reads <folder>/./tokenizer.model, the folder's own tokenizer.model, which the
@@ -862,9 +861,9 @@ def test_a_tokenizer_naming_its_vocabulary_dot_slash_tokenizer_model_is_not_stop
     loaded = AutoTokenizer.from_pretrained(str(local), trust_remote_code=True)  # it loads, as training loads it
     assert loaded("ab")["input_ids"] == [2, 3]
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
-    check_publishable(loaded, cfg.model)  # raises StageError today: a false stop before any work
+    check_publishable(loaded, cfg.model)  # raised StageError before: a false stop before any work
     folder = tmp_path / "published"
-    _published_with(tok, publish._copy_adapter, tmp_path, folder)  # raises StageError today
+    _published_with(tok, publish._copy_adapter, tmp_path, folder)  # raised StageError before
     assert publish.is_reusable(folder)
     assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
 
