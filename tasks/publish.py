@@ -77,32 +77,39 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
         return (*TOKENIZER_FILES, "tokenization_*.py")
     names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
     for _, module, vocab in _remote_tokenizers(folder, conf):
-        names |= _local_modules(module, folder) | {v for n in vocab if (v := _vocab_name(n))}
+        # a name in a subfolder of its own ('vocab/360.tiktoken') is a path, copied at that path: only where it stays inside
+        names |= _local_modules(module, folder) | {v for n in vocab if (v := _vocab_name(n)) and ("/" not in v or _within(folder / v, folder))}
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
 
 
 def unloadable_tokenizer(folder: Path) -> str | None:
     """Why the tokenizer saved in `folder` (merged/) cannot be published so that it loads, in one line, or None: a
-    remote-code class whose vocab_files_names gives a name that is not a plain top-level file name (`_plain_name`: '../x',
-    'a/b', '*.bin'), a file `tokenizer_files` never names, so adapter/ would lack it. Publish refuses such a folder (no
-    copy, no reuse); the model checks refuse the tokenizer before stage 1 (`refused_vocabulary`)."""
+    remote-code class whose vocab_files_names gives a name that is not a file inside the folder (`_vocab_name`: '../x',
+    '/x', '*.bin'), or one in a subfolder ('vocab/x') that a link takes out of the folder: a file `tokenizer_files` never
+    names, so adapter/ would lack it. Publish refuses such a folder (no copy, no reuse); the model checks refuse the
+    tokenizer before stage 1 (`refused_vocabulary`)."""
     conf = _tokenizer_config(folder)
     for cls, module, vocab in _remote_tokenizers(folder, conf) if conf is not None else []:
         if line := refused_vocabulary(cls, vocab, "publish", where=str(module)):
             return line
+        for name in (v for n in vocab if (v := _vocab_name(n)) and "/" in v):
+            if os.path.lexists(folder / name) and not _within(folder / name, folder):
+                return (f"publish: its tokenizer class {cls} ({module}) names its vocabulary file {name!r}, which {folder} reaches "
+                        f"through a link out of the folder ({(folder / name).resolve()}), not copied; put the file itself at "
+                        f"{folder / name}")
     return None
 
 
 def refused_vocabulary(cls: str, vocab_names, said: str, where: str = "") -> str | None:
     """The line refusing a tokenizer class `cls` (of the module file `where`) whose vocabulary file names (`vocab_names`:
-    its vocab_files_names' values) hold one that is not a plain top-level file name, or None. `said` opens the line.
-    Such a tokenizer loads where it was made (from_pretrained reads '../x' beside the folder, '*.bin' as a literal
-    name) but not from the published adapter/, which holds the folder's own top-level files only."""
+    its vocab_files_names' values) hold one that is not a file inside the folder (`_vocab_name`), or None. `said`
+    opens the line. Such a tokenizer loads where it was made (from_pretrained reads '../x' beside the folder, '*.bin'
+    as a literal name) but not from the published adapter/, which holds the folder's own files only."""
     for name in vocab_names:
         if isinstance(name, str) and _vocab_name(name) is None:
-            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), not a plain top-level "
-                    "file name, so the published adapter/ could not hold it and would not load; name it with a plain file name "
-                    f"(no '/', '..' or wildcard) in {cls}'s vocab_files_names and save_vocabulary")
+            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), not a "
+                    "file inside the folder, so the published adapter/ could not hold it and would not load; name it with a relative path "
+                    f"inside the folder (no '..', leading '/' or wildcard) in {cls}'s vocab_files_names and save_vocabulary")
     return None
 
 
@@ -140,13 +147,15 @@ def _plain_name(name) -> bool:
 
 
 def _vocab_name(name) -> str | None:
-    """The top-level file of the folder that `name` (a vocab_files_names value, untrusted) names, or None: `name` itself
-    where it is plain (`_plain_name`), or what it normalizes to when its other parts are '.' only: InternLM2's (and
-    InternVL's) './tokenizer.model', which from_pretrained reads as <folder>/./tokenizer.model, the folder's own file."""
+    """The file of the folder that `name` (a vocab_files_names value, untrusted) names, as a relative path of plain parts
+    (`_plain_name`: no '..', no glob character), '.' parts dropped, or None: '../x', '/x', '*.bin'. InternLM2's (and
+    InternVL's) './tokenizer.model' is the folder's tokenizer.model (from_pretrained reads <folder>/./tokenizer.model);
+    360Zhinao's 'vocab/360.tiktoken' a file in a subfolder of the folder, published at that path. Whether a link takes
+    such a path out of the folder is for the caller holding the folder to tell (`_within`)."""
     if not isinstance(name, str) or name.startswith("/"):
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
-    return parts[0] if len(parts) == 1 and _plain_name(parts[0]) else None
+    return "/".join(parts) if parts and all(_plain_name(p) for p in parts) else None
 
 
 def _library_vocab_files(class_name) -> list[str]:
@@ -341,13 +350,29 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
             shutil.copytree(p, dst / p.name)  # a tokenizer's own folder (transformers' additional_chat_templates/)
         elif p.is_file():
             shutil.copy2(p, dst / p.name)
+    for rel in _nested(tokenizer):  # a vocabulary in a subfolder ('vocab/360.tiktoken'): that file, at that path
+        if (merged / rel).is_file() and not (dst / rel).exists():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(merged / rel, dst / rel)
+
+
+def _nested(names: tuple[str, ...]) -> list[str]:
+    """The relative paths among `tokenizer_files`' names (a vocabulary in a subfolder, checked to stay inside the folder),
+    which name one file each rather than a top-level entry."""
+    return sorted(n for n in names if "/" in n)
+
+
+def _is_tokenizer_entry(rel: str, tokenizer: tuple[str, ...]) -> bool:
+    """Whether `rel`, a path under adapter/ or merged/, is a tokenizer's file: under a top-level entry of the tokenizer's
+    (`_is_tokenizers`) or one of its vocabulary paths in a subfolder (`_nested`)."""
+    return _is_tokenizers(rel.split("/")[0], tokenizer) or rel in _nested(tokenizer)
 
 
 def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
     (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json), a remote-code model's code
-    (`model_code_files`: base/ loads with trust_remote_code as the folder did) of the folder's top level
-    (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
+    (`model_code_files`: base/ loads with trust_remote_code as the folder did) of the folder's top level, and a
+    tokenizer's vocabulary in a subfolder at its path ('vocab/360.tiktoken') (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
     (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
@@ -357,19 +382,22 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
+    chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
     hub_repo = src.parent.parent if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir() else None
     outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))]
     for f in (p for p in chosen if p not in outside):
+        to = dst / f.relative_to(src)
+        to.parent.mkdir(parents=True, exist_ok=True)
         try:
             if not link:
                 raise OSError("copy")
-            os.link(f, dst / f.name)
+            os.link(f, to)
         except OSError:
-            shutil.copy2(f, dst / f.name)
+            shutil.copy2(f, to)
     if not outside:
         return []
-    left = ", ".join(f"{p.name} (-> {p.resolve()})" for p in outside)
+    left = ", ".join(f"{p.relative_to(src)} (-> {p.resolve()})" for p in outside)
     one = len(outside) == 1
     return [f"publish: base/ leaves out {left}: {'a link' if one else 'links'} out of the local model folder {src}, not followed; "
             f"put {'the file itself' if one else 'the files themselves'} in the folder to publish {'it' if one else 'them'} with the base"]
@@ -482,9 +510,9 @@ def adapter_foreign_files(files: list[dict], tokenizer: tuple[str, ...]) -> list
     names = set()
     for f in files:
         top, _, rel = str(f.get("path", "")).partition("/")
-        if top == "adapter" and rel:
+        if top == "adapter" and rel and not rel.startswith("adapter_") and not _is_tokenizer_entry(rel, tokenizer):
             names.add(rel.split("/")[0])
-    return sorted(n for n in names if not n.startswith("adapter_") and not _is_tokenizers(n, tokenizer))
+    return sorted(names)
 
 
 def _manifest_files(folder: Path) -> list[dict] | None:
@@ -501,7 +529,7 @@ def _tokenizer_entries(files: list[dict], side: str, tokenizer: tuple[str, ...])
     got = {}
     for f in files:
         top, _, rel = str(f.get("path", "")).partition("/")
-        if top == side and rel and _is_tokenizers(rel.split("/")[0], tokenizer):
+        if top == side and rel and _is_tokenizer_entry(rel, tokenizer):
             got[rel] = f.get("sha256")
     return got
 

@@ -721,8 +721,8 @@ def test_a_tokenizer_naming_a_vocabulary_file_publish_cannot_copy_stops_the_run_
     with pytest.raises(StageError) as e:
         check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
     assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer names its vocabulary file {vocab!r} "
-                            "(vocab_files_names), not a plain top-level file name, so the published adapter/ could not hold it and "
-                            "would not load; name it with a plain file name (no '/', '..' or wildcard) in "
+                            "(vocab_files_names), not a file inside the folder, so the published adapter/ could not hold it and "
+                            "would not load; name it with a relative path inside the folder (no '..', leading '/' or wildcard) in "
                             "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
 
 
@@ -750,8 +750,8 @@ def test_a_published_folder_whose_tokenizer_names_a_file_publish_cannot_copy_is_
     with pytest.raises(StageError) as e:
         publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
     assert str(e.value) == (f"publish: its tokenizer class TikTokenizer ({tmp_path / 'merge-merged' / 'tokenization_tik.py'}) names its "
-                            f"vocabulary file {vocab!r} (vocab_files_names), not a plain top-level file name, so the published adapter/ "
-                            "could not hold it and would not load; name it with a plain file name (no '/', '..' or wildcard) in "
+                            f"vocabulary file {vocab!r} (vocab_files_names), not a file inside the folder, so the published adapter/ "
+                            "could not hold it and would not load; name it with a relative path inside the folder (no '..', leading '/' or wildcard) in "
                             "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
     assert logs == [] and not (tmp_path / "building" / "adapter").exists()
 
@@ -978,7 +978,6 @@ def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_p
         assert publish.unloadable_tokenizer(src) is None
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: 'vocab/360.tiktoken' (360Zhinao), a file inside the folder, stops the run; adapter/ could hold vocab/")
 def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_published_not_stopped(tmp_path, monkeypatch):
     """Severity medium: qihoo360/360Zhinao-*'s ZhinaoTokenizer names its vocabulary 'vocab/360.tiktoken' and its
     save_vocabulary writes it there (os.makedirs(save_directory + '/vocab')): a file inside the folder, in a subfolder.
@@ -1014,11 +1013,35 @@ def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_publish
     loaded = AutoTokenizer.from_pretrained(str(local), trust_remote_code=True)
     assert loaded("ab")["input_ids"] == [2, 3]
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
-    check_publishable(loaded, cfg.model)  # raises StageError today, before any work
+    check_publishable(loaded, cfg.model)  # raised StageError before, before any work
     folder = tmp_path / "published"
     _published_with(tok, publish._copy_adapter, tmp_path, folder)
     assert publish.is_reusable(folder)
     assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
+
+
+def test_a_vocabulary_in_a_subfolder_reached_through_a_link_out_of_the_folder_is_not_copied_and_refused(tmp_path):
+    """A subfolder path ('vocab/tik.tiktoken') is accepted only where it stays inside the folder: `vocab` a link to
+    another folder is not a file of the folder's own, so it is neither named (copied into adapter/ or base/) nor
+    published: publish refuses with a line naming the path and where the link leads. A path that stays inside is."""
+    import tasks.publish as publish
+
+    source = "class TikTokenizer:\n    vocab_files_names = {'vocab_file': 'vocab/tik.tiktoken'}\n"
+    inside = _remote_tokenizer_folder(tmp_path / "inside", {"tokenization_tik.py": source, "vocab/tik.tiktoken": "a 0\n"})
+    assert "vocab/tik.tiktoken" in publish.tokenizer_files(inside) and publish.unloadable_tokenizer(inside) is None
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "tik.tiktoken").write_text("a 0\n")
+    out = _remote_tokenizer_folder(tmp_path / "out", {"tokenization_tik.py": source})
+    (out / "vocab").symlink_to(tmp_path / "elsewhere")
+    assert "vocab/tik.tiktoken" not in publish.tokenizer_files(out)
+    assert publish.unloadable_tokenizer(out) == (
+        f"publish: its tokenizer class TikTokenizer ({out / 'tokenization_tik.py'}) names its vocabulary file 'vocab/tik.tiktoken', "
+        f"which {out} reaches through a link out of the folder ({tmp_path.resolve() / 'elsewhere' / 'tik.tiktoken'}), not copied; "
+        f"put the file itself at {out / 'vocab' / 'tik.tiktoken'}")
+    with pytest.raises(publish.StageError):
+        publish._copy_adapter(tmp_path / "inside", out, tmp_path / "adapter")
+    assert publish._copy_base(inside, tmp_path / "base", link=False) == []
+    assert (tmp_path / "base" / "vocab" / "tik.tiktoken").read_text() == "a 0\n"
 
 
 @pytest.mark.xfail(strict=True, reason="review-cache9: a model in a subfolder of a Hub cache snapshot loses every file from base/")
