@@ -55,6 +55,10 @@ BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "gener
               "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json", "preprocessor_config.json")
 
 
+# The model's weights and configs: what training loaded as the model, whatever a link of these names points at (a
+# huggingface_hub<0.23 local_dir download's links into ~/.cache/huggingface/hub/.../blobs/, weights kept on shared
+# storage). `_copy_base` follows a link out of the folder for these; for any other name it does not.
+BASE_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json")
 MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # the model's own, of merged/
 # What any saved tokenizer writes whatever its class (transformers' names: its config, special and added tokens, the fast
 # tokenizer, chat templates and their folder), and the names vocabularies are most often saved under: a floor, so a
@@ -376,7 +380,8 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
     (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
-    snapshot's links into its own blobs/; returns the line that
+    snapshot's links into its own blobs/ and the model's weights and configs (BASE_MODEL_FILES: training loaded them as
+    the model, so what they point at is the model's, and base/ without them does not load); returns the line that
     says what was left out, if anything."""
     files = (*BASE_FILES, *tokenizer_files(src), *model_code_files(src))
     dst.mkdir(parents=True)
@@ -385,14 +390,15 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
     hub_repo = src.parent.parent if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir() else None
-    outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))]
+    outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))
+               and not (p.parent == src and _is_tokenizers(p.name, BASE_MODEL_FILES))]
     for f in (p for p in chosen if p not in outside):
         to = dst / f.relative_to(src)
         to.parent.mkdir(parents=True, exist_ok=True)
         try:
             if not link:
                 raise OSError("copy")
-            os.link(f, to)
+            os.link(f.resolve(), to)  # the file itself: os.link on Linux links a symlink, not what it points at
         except OSError:
             shutil.copy2(f, to)
     if not outside:

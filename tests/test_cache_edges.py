@@ -868,7 +868,6 @@ def test_a_tokenizer_naming_its_vocabulary_dot_slash_tokenizer_model_is_not_stop
     assert AutoTokenizer.from_pretrained(str(folder / "adapter"), trust_remote_code=True)("ab")["input_ids"] == [2, 3]
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: a local base whose weights are links out of it publishes a base/ without weights, complete")
 @pytest.mark.parametrize("layout", ["hf-local-dir-symlinks", "shared-storage-link"])
 def test_a_local_base_whose_weights_are_links_out_of_it_is_not_published_without_its_weights(tmp_path, layout):
     """Severity medium: cdb95e3 leaves every top-level link out of a local base folder out of base/, the weights too.
@@ -898,6 +897,29 @@ def test_a_local_base_whose_weights_are_links_out_of_it_is_not_published_without
     except StageError:
         return  # stopping, with the line, is an answer too: no base/ without the weights
     assert (tmp_path / "base" / "model.safetensors").is_file(), (sorted(p.name for p in (tmp_path / "base").iterdir()), lines)
+
+
+def test_a_local_bases_weight_and_config_links_out_are_followed_but_not_its_other_links(tmp_path):
+    """The model's weights and configs linked out of the folder (shared storage) are what training loaded: base/ holds
+    what they point at; a link out of any other name (vocab.txt -> a user's notes) still stays out, with its line."""
+    from tasks.publish import _copy_base
+
+    store = tmp_path / "shared"
+    store.mkdir()
+    for name in ("w.safetensors", "c.json", "notes.txt"):
+        (store / name).write_text(f"stored {name}")
+    src = tmp_path / "local-model"
+    src.mkdir()
+    (src / "model.safetensors").symlink_to(store / "w.safetensors")
+    (src / "config.json").symlink_to(store / "c.json")
+    (src / "vocab.txt").symlink_to(store / "notes.txt")
+    for link in (False, True):
+        dst = tmp_path / f"base-{link}"
+        lines = _copy_base(src, dst, link=link)
+        assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+        assert not (dst / "model.safetensors").is_symlink() and (dst / "model.safetensors").read_text() == "stored w.safetensors"
+        assert lines == [f"publish: base/ leaves out vocab.txt (-> {store / 'notes.txt'}): a link out of the local model folder "
+                         f"{src}, not followed; put the file itself in the folder to publish it with the base"], lines
 
 
 @pytest.mark.xfail(strict=True, reason="review-cache9: an auto_map module that is itself a link out of the folder is read")
