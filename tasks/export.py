@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from .common import (REBUILD, StageError, building, file_sha256, fingerprint, is_complete, locked, maybe_fault, process_space, read_json, safe_name,
+from .common import (REBUILD, StageError, building, cached_sha256, file_sha256, fingerprint, is_complete, locked, maybe_fault, process_space, read_json, safe_name,
                      stage_dir, usable_cores, write_json)
 from .models import adds_bos, raised_by_template, template_message
 from .quantize import GGUF_QUANT_TYPES, SourceArchive, ensure_quantizer, quantize_gguf
@@ -214,8 +214,7 @@ def byte_fallback_dropped(model_dir: Path) -> dict | None:
     fallback never acts: the same ids either way. In the export's key (`build_key`) where it changes what is converted."""
     try:
         path = model_dir / "tokenizer.json"
-        st = path.stat()
-        data = _parsed_json(str(path.resolve()), st.st_size, st.st_mtime_ns)
+        data = _parsed_json(str(path.resolve()), cached_sha256(path))
     except (OSError, ValueError):
         return None
     model = data.get("model") if isinstance(data, dict) else None
@@ -225,10 +224,12 @@ def byte_fallback_dropped(model_dir: Path) -> dict | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed_json(path: str, size: int, mtime_ns: int) -> Any:
-    """The JSON of the file at `path`, parsed once per (path, size, mtime_ns): `build_key` reads merged/'s tokenizer.json
-    (~10 MB for a 150k vocabulary) each time a run asks for the export's key, and a file rewritten since is parsed again.
-    Shared between callers: never changed in place."""
+def _parsed_json(path: str, sha256: str) -> Any:
+    """The JSON of the file at `path`, parsed once per content (`sha256`: `cached_sha256`, remembered per version of the
+    file, its ctime and inode too, and never for a file changed in the last moments): `build_key` reads merged/'s
+    tokenizer.json (~10 MB for a 150k vocabulary) each time a run asks for the export's key, and a file rewritten since
+    is parsed again, even at the same size and mtime (a coarse clock, `cp -p`). Shared between callers: never changed in
+    place."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 

@@ -2310,7 +2310,7 @@ def test_a_max_epochs_run_interrupted_under_the_old_epoch_rule_and_another_budge
 def test_the_export_key_parses_merged_tokenizer_json_once_per_version_of_it(tmp_path, monkeypatch):
     """`build_key` tells a folder the converter reads through `converter_view` by merged/'s tokenizer.json (a large file:
     ~10 MB for a 150k vocabulary), and a run asks for the key several times (the task's cache key, the build's folder,
-    the record). It is parsed once per (path, size, mtime_ns): the same file is not parsed again, a rewritten one is."""
+    the record). It is parsed once per content (its sha256, `cached_sha256`): the same file is not parsed again, a rewritten one is."""
     from tasks import export
     from tasks.config import ExportSection
 
@@ -2334,7 +2334,6 @@ def test_the_export_key_parses_merged_tokenizer_json_once_per_version_of_it(tmp_
     assert reads.count("tokenizer.json") == 2, reads
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: build_key's memo of tokenizer.json is stale after a same-size rewrite with the same mtime")
 def test_the_export_key_sees_tokenizer_json_rewritten_in_place_with_the_same_size_and_mtime(tmp_path):
     """Severity low: 85f047a memoizes merged/'s parsed tokenizer.json on (path, size, mtime_ns) for the process. A
     rewrite of the same size within the filesystem's mtime granularity (1 s or 2 s on FAT/exFAT, some network mounts;
