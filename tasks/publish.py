@@ -129,17 +129,18 @@ def _tokenizer_config(folder: Path) -> dict | None:
 
 def _remote_tokenizers(folder: Path, conf: dict) -> list[tuple[str, Path, list[str]]]:
     """(class, module file, vocabulary file names read from its source) of each remote-code tokenizer class the config's
-    auto_map names in a module of the folder. "<repo>--<module>.<class>" (code in another repository) and a module name
-    that is not a plain file name of the folder ("../x", "a/b") are never read: auto_map is the folder's data, not ours
-    to follow out of it."""
+    auto_map names in a module of the folder. "<repo>--<module>.<class>" (code in another repository), a module name
+    that is not a plain file name of the folder ("../x", "a/b") and a module file that links out of the folder are never
+    read: auto_map is the folder's data, not ours to follow out of it."""
     auto = conf.get("auto_map")
     refs = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto  # a list: the oldest configs' form
     refs = [r for r in (refs if isinstance(refs, list) else []) if isinstance(r, str) and "." in r]
     found = []
     for ref in refs:
         module, _, cls = ref.rpartition(".")
-        if "--" not in module and _plain_name(f"{module}.py") and (folder / f"{module}.py").is_file():
-            found.append((cls, folder / f"{module}.py", _remote_vocab_files(folder / f"{module}.py", cls, folder)))
+        path = folder / f"{module}.py"
+        if "--" not in module and _plain_name(f"{module}.py") and path.is_file() and _within(path, folder):
+            found.append((cls, path, _remote_vocab_files(path, cls, folder)))
     return found
 
 
@@ -414,10 +415,11 @@ def model_code_files(folder: Path) -> set[str]:
     """The top-level entries of `folder` (a local base) that are a remote-code model's code: the modules config.json's
     auto_map names (configuration_*.py, modeling_*.py) and those they import relatively, by the plain-name rules of the
     tokenizer's (`_remote_tokenizers`; read, never run): another repository's code ("<repo>--<module>.<class>") and a
-    module name that is not a plain file name of the folder ("../x") are not read or copied. None without an auto_map."""
+    module name that is not a plain file name of the folder ("../x"), and a module file linking out of it, are not read
+    or copied. None without an auto_map."""
     names = set()
     for module in _auto_map_modules(folder / "config.json"):
-        if (folder / module).is_file():
+        if (folder / module).is_file() and _within(folder / module, folder):  # a link out of the folder is not read
             names |= _local_modules(folder / module, folder)
     return names
 

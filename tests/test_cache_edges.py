@@ -922,7 +922,6 @@ def test_a_local_bases_weight_and_config_links_out_are_followed_but_not_its_othe
                          f"{src}, not followed; put the file itself in the folder to publish it with the base"], lines
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: an auto_map module that is itself a link out of the folder is read")
 @pytest.mark.parametrize("which", ["tokenizer", "model-code"])
 def test_an_auto_map_module_that_links_out_of_the_folder_is_not_read(tmp_path, monkeypatch, which):
     """Severity low: `_relative_imports` / `_module_file` refuse a module that resolves outside the folder, but the module
