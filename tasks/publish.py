@@ -190,13 +190,32 @@ def _local_modules(module: Path, root: Path) -> set[str]:
         if path in found or not path.is_file():
             continue
         found.add(path)
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        if (tree := _parsed_module(path)) is None:
             continue
         todo += [file for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                  for file, _ in _relative_imports(node, path, root).values()]
     return {p.relative_to(root).parts[0] for p in found}
+
+
+_TOO_DEEP_SAID: set[Path] = set()
+
+
+def _parsed_module(path: Path):
+    """The syntax tree of the module file `path` (read, never run), or None where it does not read or parse: it names
+    nothing then. A valid module too deeply nested for Python's parser (RecursionError: generated code, a table of
+    thousands of '+'-joined parts) says so in one line on stderr, once per file in this process, not a traceback."""
+    import ast
+
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    except (RecursionError, MemoryError) as e:
+        if path not in _TOO_DEEP_SAID:
+            _TOO_DEEP_SAID.add(path)
+            print(f"publish: {path} is too deeply nested for Python's parser ({type(e).__name__}); read as naming nothing: its "
+                  "relative imports and vocabulary file names are not followed", file=sys.stderr, flush=True)
+        return None
 
 
 def _relative_imports(node, path: Path, root: Path) -> dict[str, tuple[Path, str | None]]:
@@ -260,10 +279,7 @@ def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
     def scope(path: Path) -> tuple[dict, dict, dict]:
         """`path`'s module-level bindings, classes and relative imports (local name -> (module file, its name or None))."""
         if path not in parsed:
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-                tree = ast.Module(body=[], type_ignores=[])
+            tree = _parsed_module(path) or ast.Module(body=[], type_ignores=[])
             bound = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
             classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
             imported = {k: v for node in tree.body for k, v in _relative_imports(node, path, root).items()}

@@ -1006,9 +1006,8 @@ def test_a_folder_whose_base_is_as_this_code_publishes_it_is_reused_not_publishe
     assert read_json(folder / publish.MANIFEST).get("publish_version") == (5 if case == "published-by-this-code" else None)
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: a module ast.parse cannot nest (RecursionError) stops publish with a traceback")
 @pytest.mark.parametrize("which", ["model-code", "tokenizer"])
-def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_path, which):
+def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_path, which, capsys):
     """Severity low: the model's and the tokenizer's modules are parsed with ast (`_local_modules`, `_remote_vocab_files`),
     catching SyntaxError, UnicodeDecodeError, ValueError, but not RecursionError, which ast.parse raises for a valid
     module with a long chained expression (3000 string parts joined by '+': generated code, an embedded table).
@@ -1027,6 +1026,9 @@ def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_p
     else:
         _remote_tokenizer_folder(src, {"tokenization_tik.py": table + "\n\nclass TikTokenizer:\n    vocab_files_names = {'vocab_file': 'tik.tiktoken'}\n"})
         assert publish.unloadable_tokenizer(src) is None
+    module = src / ("modeling_tiny.py" if which == "model-code" else "tokenization_tik.py")
+    assert capsys.readouterr().err == (f"publish: {module} is too deeply nested for Python's parser (RecursionError); read as naming "
+                                       "nothing: its relative imports and vocabulary file names are not followed\n")
 
 
 def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_published_not_stopped(tmp_path, monkeypatch):
