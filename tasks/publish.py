@@ -407,7 +407,7 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
     chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
-    hub_repo = src.parent.parent if src.parent.name == "snapshots" and (src.parent.parent / "blobs").is_dir() else None
+    hub_repo = _hub_cache_repo(src)
     outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))
                and not (p.parent == src and _is_tokenizers(p.name, BASE_MODEL_FILES))]
     for f in (p for p in chosen if p not in outside):
@@ -425,6 +425,16 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     one = len(outside) == 1
     return [f"publish: base/ leaves out {left}: {'a link' if one else 'links'} out of the local model folder {src}, not followed; "
             f"put {'the file itself' if one else 'the files themselves'} in the folder to publish {'it' if one else 'them'} with the base"]
+
+
+def _hub_cache_repo(folder: Path) -> Path | None:
+    """The Hub cache repository (models--org--name/, holding blobs/) whose snapshot `folder` is or lies in: the snapshot
+    snapshots/<rev>/ itself, or a model kept in a subfolder of its repository (snapshots/<rev>/text_encoder/, a
+    repository of several sizes); None for any other folder. Told from the path as named (its links are the snapshot's)."""
+    for inner in (folder, *folder.parents):
+        if inner.parent.name == "snapshots" and (inner.parent.parent / "blobs").is_dir():
+            return inner.parent.parent
+    return None
 
 
 def model_code_files(folder: Path) -> set[str]:

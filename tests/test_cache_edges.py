@@ -1097,7 +1097,6 @@ def test_a_vocabulary_in_a_subfolder_reached_through_a_link_out_of_the_folder_is
     assert (tmp_path / "base" / "vocab" / "tik.tiktoken").read_text() == "a 0\n"
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache9: a model in a subfolder of a Hub cache snapshot loses every file from base/")
 def test_a_model_in_a_subfolder_of_a_hub_cache_snapshot_keeps_its_files_in_base(tmp_path):
     """Severity low: eb32bb4 keeps a snapshot's links into its repository's blobs/ only where the folder is the snapshot
     itself (`src.parent.name == "snapshots"`). A model kept in a subfolder of its repository (a diffusion repository's
