@@ -1114,3 +1114,50 @@ def test_a_model_in_a_subfolder_of_a_hub_cache_snapshot_keeps_its_files_in_base(
         (src / name).symlink_to(Path("../../../blobs") / f"hash-{name}")
     lines = _copy_base(src, tmp_path / "base", link=False)
     assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"], lines
+
+
+# A review (review-cache10, 2026-12-07) of 1bd8763..8a963f8: strict xfails for what it found, each in its own commit.
+
+def _hub_snapshot(tmp_path: Path, files: dict[str, str], real: tuple[str, ...] = ()) -> Path:
+    """A Hub cache snapshot (models--org--x/snapshots/<rev>/) holding `files` (relative path -> text), each a link to
+    ../../blobs/<hash> as huggingface_hub stores them, but those in `real` (a file edited in place, a real file)."""
+    repo = tmp_path / "hub" / "models--org--x"
+    (repo / "blobs").mkdir(parents=True)
+    src = repo / "snapshots" / "0123abc"
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel in real:
+            (src / rel).write_text(text)
+            continue
+        blob = repo / "blobs" / f"hash-{rel.replace('/', '-')}"
+        blob.write_text(text)
+        (src / rel).symlink_to(Path("../" * (rel.count("/") + 2) + "blobs") / blob.name)
+    return src
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache10: 2715005 reads an auto_map module only _within the folder; a Hub "
+                                       "snapshot's modules are links into its blobs/, so base/ loses the model's and tokenizer's code")
+@pytest.mark.parametrize("which", ["model-code", "tokenizer"])
+def test_a_remote_code_base_named_as_a_hub_cache_snapshot_keeps_its_code_in_base(tmp_path, which):
+    """Severity medium (a regression of 2715005): a Hub cache snapshot named as a local base (its files links into
+    ../../blobs/, which `_copy_base` follows as the model's storage: eb32bb4, 8a963f8). 2715005 made `model_code_files`
+    and `_remote_tokenizers` read the module auto_map names only where it resolves inside the folder; every file of a
+    snapshot resolves into blobs/, so no module is read: base/ gets no configuration_*.py / modeling_*.py (it does not
+    load with trust_remote_code) and no tokenization_*.py nor the vocabulary file its source names, with no line, and the
+    MANIFEST says PUBLISH_VERSION 5, so `base_lacks_model_code` never looks at it again. At 8a963f8~8 base/ held them all
+    (this test passed there)."""
+    from tasks.publish import _copy_base
+
+    auto = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    src = _hub_snapshot(tmp_path, {
+        "config.json": json.dumps({"model_type": "tiny-remote", "auto_map": auto}),
+        "configuration_tiny.py": "from transformers import PretrainedConfig\n\n\nclass TinyConfig(PretrainedConfig):\n    model_type = 'tiny-remote'\n",
+        "modeling_tiny.py": "from .configuration_tiny import TinyConfig  # noqa: F401\n",
+        "model.safetensors": "weights",
+        "tokenizer_config.json": json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_tik.TikTokenizer", None]}}),
+        "tokenization_tik.py": "class TikTokenizer:\n    vocab_files_names = {'vocab_file': 'ice.vocab'}\n",
+        "ice.vocab": "a 0\n"})
+    lines = _copy_base(src, tmp_path / "base", link=False)
+    held = sorted(p.name for p in (tmp_path / "base").iterdir())
+    wanted = ["configuration_tiny.py", "modeling_tiny.py"] if which == "model-code" else ["ice.vocab", "tokenization_tik.py"]
+    assert set(wanted) <= set(held), (held, lines)
