@@ -1230,3 +1230,29 @@ def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab)
         assert _vocab_name(vocab) == vocab and line is None, line
     else:
         assert line is None or "\\" in line.split("vocab_files_names)")[1], line
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache10: 963a909 catches RecursionError in ast.parse only; following a "
+                                       "1500-deep alias or base-class chain in _remote_vocab_files raises it")
+@pytest.mark.parametrize("chain", ["base-classes", "aliases"])
+def test_a_remote_tokenizer_module_with_a_long_chain_of_names_does_not_stop_publish(tmp_path, chain):
+    """Severity low: 963a909 made a module too deep for ast.parse name nothing instead of a traceback, but a module that
+    parses (1500 classes each deriving from the one before; 1500 names each bound to the one before, as generated code
+    has them) overflows the recursion of `_remote_vocab_files`' `of` / `value`: tokenizer_files and
+    unloadable_tokenizer (is_reusable, _copy_adapter: stage 7, after the training) raise RecursionError. The module
+    imports and the tokenizer loads (Python's MRO and assignments are not recursive)."""
+    import tasks.publish as publish
+
+    n = 1500
+    if chain == "base-classes":
+        source = ("class C0:\n    vocab_files_names = {'vocab_file': 'tik.tiktoken'}\n"
+                  + "".join(f"class C{i}(C{i - 1}):\n    pass\n" for i in range(1, n)) + f"class TikTokenizer(C{n - 1}):\n    pass\n")
+    else:
+        source = ("N0 = {'vocab_file': 'tik.tiktoken'}\n" + "".join(f"N{i} = N{i - 1}\n" for i in range(1, n))
+                  + f"class TikTokenizer:\n    vocab_files_names = N{n - 1}\n")
+    namespace: dict = {}
+    exec(compile(source, "tokenization_tik.py", "exec"), namespace)  # a valid module: it runs
+    assert namespace["TikTokenizer"].vocab_files_names == {"vocab_file": "tik.tiktoken"}
+    folder = _remote_tokenizer_folder(tmp_path / "tok", {"tokenization_tik.py": source})
+    assert "tokenization_tik.py" in publish.tokenizer_files(folder)
+    assert publish.unloadable_tokenizer(folder) is None
