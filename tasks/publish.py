@@ -83,7 +83,7 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
     names = set(_library_vocab_files(conf.get("tokenizer_class")))  # none for a remote-code class: its module is read below
     for _, module, vocab in _remote_tokenizers(folder, conf):
         # a name in a subfolder of its own ('vocab/360.tiktoken') is a path, copied at that path: only where it stays inside
-        names |= _local_modules(module, folder) | {v for n in vocab if (v := _vocab_name(n)) and ("/" not in v or _within(folder / v, folder))}
+        names |= _local_modules(module, folder) | {v for n in vocab if (v := _vocab_name(n)) and ("/" not in v or _in_folder(folder / v, folder))}
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
 
 
@@ -98,7 +98,7 @@ def unloadable_tokenizer(folder: Path) -> str | None:
         if line := refused_vocabulary(cls, vocab, "publish", where=str(module)):
             return line
         for name in (v for n in vocab if (v := _vocab_name(n)) and "/" in v):
-            if os.path.lexists(folder / name) and not _within(folder / name, folder):
+            if os.path.lexists(folder / name) and not _in_folder(folder / name, folder):
                 return (f"publish: its tokenizer class {cls} ({module}) names its vocabulary file {name!r}, which {folder} reaches "
                         f"through a link out of the folder ({(folder / name).resolve()}), not copied; put the file itself at "
                         f"{folder / name}")
@@ -130,8 +130,9 @@ def _tokenizer_config(folder: Path) -> dict | None:
 def _remote_tokenizers(folder: Path, conf: dict) -> list[tuple[str, Path, list[str]]]:
     """(class, module file, vocabulary file names read from its source) of each remote-code tokenizer class the config's
     auto_map names in a module of the folder. "<repo>--<module>.<class>" (code in another repository), a module name
-    that is not a plain file name of the folder ("../x", "a/b") and a module file that links out of the folder are never
-    read: auto_map is the folder's data, not ours to follow out of it."""
+    that is not a plain file name of the folder ("../x", "a/b") and a module file that links out of the folder (`_in_folder`:
+    a Hub cache snapshot's links into its own blobs/ are its files) are never read: auto_map is the folder's data, not
+    ours to follow out of it."""
     auto = conf.get("auto_map")
     refs = auto.get("AutoTokenizer") if isinstance(auto, dict) else auto  # a list: the oldest configs' form
     refs = [r for r in (refs if isinstance(refs, list) else []) if isinstance(r, str) and "." in r]
@@ -139,7 +140,7 @@ def _remote_tokenizers(folder: Path, conf: dict) -> list[tuple[str, Path, list[s
     for ref in refs:
         module, _, cls = ref.rpartition(".")
         path = folder / f"{module}.py"
-        if "--" not in module and _plain_name(f"{module}.py") and path.is_file() and _within(path, folder):
+        if "--" not in module and _plain_name(f"{module}.py") and path.is_file() and _in_folder(path, folder):
             found.append((cls, path, _remote_vocab_files(path, cls, folder)))
     return found
 
@@ -157,7 +158,7 @@ def _vocab_name(name) -> str | None:
     (`_plain_name`: no '..', no glob character), '.' parts dropped, or None: '../x', '/x', '*.bin'. InternLM2's (and
     InternVL's) './tokenizer.model' is the folder's tokenizer.model (from_pretrained reads <folder>/./tokenizer.model);
     360Zhinao's 'vocab/360.tiktoken' a file in a subfolder of the folder, published at that path. Whether a link takes
-    such a path out of the folder is for the caller holding the folder to tell (`_within`)."""
+    such a path out of the folder is for the caller holding the folder to tell (`_in_folder`)."""
     if not isinstance(name, str) or name.startswith("/"):
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
@@ -230,7 +231,7 @@ def _relative_imports(node, path: Path, root: Path) -> dict[str, tuple[Path, str
     for _ in range(node.level - 1):
         package = package.parent
     parts = node.module.split(".") if node.module else []
-    if not all(p.isidentifier() for p in parts) or not _within(package, root):
+    if not all(p.isidentifier() for p in parts) or not _in_folder(package, root):
         return {}
     source = _module_file(package, parts, root) if parts else None
     bound = {}
@@ -252,7 +253,7 @@ def _module_file(package: Path, parts: list[str], root: Path) -> Path | None:
         return None
     for candidate in (package.joinpath(*parts[:-1], f"{parts[-1]}.py"), package.joinpath(*parts, "__init__.py"),
                       package / f"{'.'.join(parts)}.py"):
-        if candidate.is_file() and _within(candidate, root):
+        if candidate.is_file() and _in_folder(candidate, root):
             return candidate
     return None
 
@@ -263,6 +264,13 @@ def _within(path: Path, root: Path) -> bool:
         return path.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):
         return False
+
+
+def _in_folder(path: Path, folder: Path) -> bool:
+    """`path` is one of `folder`'s own files: it lies inside the folder, links resolved (`_within`), or the folder is (or
+    lies in) a Hub cache snapshot and `path` resolves into its repository's blobs/, where huggingface_hub stores every
+    file of a snapshot (snapshots/<rev>/config.json -> ../../blobs/<hash>): the same repository's files, not outside it."""
+    return _within(path, folder) or ((repo := _hub_cache_repo(folder)) is not None and _within(path, repo / "blobs"))
 
 
 def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
@@ -407,8 +415,7 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
     chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
-    hub_repo = _hub_cache_repo(src)
-    outside = [p for p in chosen if not _within(p, src) and not (hub_repo and _within(p, hub_repo / "blobs"))
+    outside = [p for p in chosen if not _in_folder(p, src)
                and not (p.parent == src and _is_tokenizers(p.name, BASE_MODEL_FILES))]
     for f in (p for p in chosen if p not in outside):
         to = dst / f.relative_to(src)
@@ -441,11 +448,11 @@ def model_code_files(folder: Path) -> set[str]:
     """The top-level entries of `folder` (a local base) that are a remote-code model's code: the modules config.json's
     auto_map names (configuration_*.py, modeling_*.py) and those they import relatively, by the plain-name rules of the
     tokenizer's (`_remote_tokenizers`; read, never run): another repository's code ("<repo>--<module>.<class>") and a
-    module name that is not a plain file name of the folder ("../x"), and a module file linking out of it, are not read
-    or copied. None without an auto_map."""
+    module name that is not a plain file name of the folder ("../x"), and a module file linking out of it (`_in_folder`: a
+    Hub cache snapshot's links into its blobs/ are in it), are not read or copied. None without an auto_map."""
     names = set()
     for module in _auto_map_modules(folder / "config.json"):
-        if (folder / module).is_file() and _within(folder / module, folder):  # a link out of the folder is not read
+        if (folder / module).is_file() and _in_folder(folder / module, folder):  # a link out of the folder is not read
             names |= _local_modules(folder / module, folder)
     return names
 
