@@ -56,10 +56,12 @@ BASE_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "gener
               "chat_template.jinja", "*.model", "vocab.*", "merges.txt", "added_tokens.json", "preprocessor_config.json")
 
 
-# The model's weights and configs: what training loaded as the model, whatever a link of these names points at (a
-# huggingface_hub<0.23 local_dir download's links into ~/.cache/huggingface/hub/.../blobs/, weights kept on shared
-# storage). `_copy_base` follows a link out of the folder for these; for any other name it does not.
-BASE_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json")
+# The model's weights and config as from_pretrained reads them (transformers' CONFIG_NAME, SAFE_WEIGHTS_NAME,
+# SAFE_WEIGHTS_INDEX_NAME; the shards that index names: `_model_links`): what training loaded as the model, whatever a
+# link of these names points at (a huggingface_hub<0.23 local_dir download's links into ~/.cache/huggingface/hub/.../blobs/,
+# weights kept on shared storage). `_copy_base` follows a link out of the folder for these only: not generation_config.json
+# (a file that does not parse is skipped with an info-level log, training goes on) nor a *.safetensors no load reads.
+BASE_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 MERGED_MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")  # the model's own, of merged/
 # What any saved tokenizer writes whatever its class (transformers' names: its config, special and added tokens, the fast
 # tokenizer, chat templates and their folder), and the names vocabularies are most often saved under: a floor, so a
@@ -406,17 +408,17 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
     (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
-    snapshot's links into its own blobs/ and the model's weights and configs (BASE_MODEL_FILES: training loaded them as
+    snapshot's links into its own blobs/ and the model's weights and config (`_model_links`: training loaded them as
     the model, so what they point at is the model's, and base/ without them does not load); returns the line that
-    says what was left out, if anything."""
+    says what was left out, if anything (every such link, in one line)."""
     files = (*BASE_FILES, *tokenizer_files(src), *model_code_files(src))
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
     chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
-    outside = [p for p in chosen if not _in_folder(p, src)
-               and not (p.parent == src and _is_tokenizers(p.name, BASE_MODEL_FILES))]
+    model = _model_links(src)
+    outside = [p for p in chosen if not _in_folder(p, src) and not (p.parent == src and p.name in model)]
     for f in (p for p in chosen if p not in outside):
         to = dst / f.relative_to(src)
         to.parent.mkdir(parents=True, exist_ok=True)
@@ -432,6 +434,18 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     one = len(outside) == 1
     return [f"publish: base/ leaves out {left}: {'a link' if one else 'links'} out of the local model folder {src}, not followed; "
             f"put {'the file itself' if one else 'the files themselves'} in the folder to publish {'it' if one else 'them'} with the base"]
+
+
+def _model_links(folder: Path) -> set[str]:
+    """The top-level names of `folder` (a local base) that training read as the model, so that `_copy_base` follows a
+    link of theirs out of the folder: BASE_MODEL_FILES and the shards its model.safetensors.index.json names (its
+    weight_map's values, plain names only: `_plain_name`). An index that does not read names no shard."""
+    try:
+        weight_map = read_json(folder / "model.safetensors.index.json").get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        weight_map = None
+    shards = weight_map.values() if isinstance(weight_map, dict) else []
+    return {*BASE_MODEL_FILES, *(s for s in shards if _plain_name(s) and s.endswith(".safetensors"))}
 
 
 def _hub_cache_repo(folder: Path) -> Path | None:
