@@ -388,6 +388,14 @@ def _copy_adapter(adapter: Path, merged: Path, dst: Path) -> None:
             shutil.copy2(merged / rel, dst / rel)
 
 
+def _subfolder_vocabulary(folder: Path) -> set[str]:
+    """The vocabulary files in a subfolder ('vocab/360.tiktoken') that `folder`'s remote-code tokenizers name, whether or
+    not a link takes them out of the folder (`tokenizer_files` names only those that stay in it)."""
+    conf = _tokenizer_config(folder)
+    return {v for _, _, vocab in (_remote_tokenizers(folder, conf) if conf is not None else [])
+            for n in vocab if (v := _vocab_name(n)) and "/" in v}
+
+
 def _nested(names: tuple[str, ...]) -> list[str]:
     """The relative paths among `tokenizer_files`' names (a vocabulary in a subfolder, checked to stay inside the folder),
     which name one file each rather than a top-level entry."""
@@ -415,7 +423,10 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
     chosen = sorted(p for p in src.iterdir() if p.is_file() and _is_tokenizers(p.name, files))
-    chosen += [src / rel for rel in _nested(files) if (src / rel).is_file()]  # a vocabulary in a subfolder: 'vocab/360.tiktoken'
+    # a vocabulary in a subfolder ('vocab/360.tiktoken'), also one a link takes out of the folder, which `tokenizer_files`
+    # does not name: it is left out below, with its line, not silently
+    nested = set(_nested(files)) | _subfolder_vocabulary(src)
+    chosen += [src / rel for rel in sorted(nested) if (src / rel).is_file()]
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
     model = _model_links(src)
     outside = [p for p in chosen if not _in_folder(p, src) and not (p.parent == src and p.name in model)]
