@@ -113,10 +113,11 @@ def refused_vocabulary(cls: str, vocab_names, said: str, where: str = "") -> str
     opens the line. Such a tokenizer loads where it was made (from_pretrained reads '../x' beside the folder, '*.bin'
     as a literal name) but not from the published adapter/, which holds the folder's own files only."""
     for name in vocab_names:
-        if isinstance(name, str) and _vocab_name(name) is None:
-            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), not a "
-                    "file inside the folder, so the published adapter/ could not hold it and would not load; name it with a relative path "
-                    f"inside the folder (no '..', leading '/' or wildcard) in {cls}'s vocab_files_names and save_vocabulary")
+        if isinstance(name, str) and (flaw := _vocab_name_flaw(name)) is not None:
+            holds, fix = flaw
+            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r} (vocab_files_names), "
+                    f"which holds {holds}: not a file inside the folder, so the published adapter/ could not hold it and would not load; "
+                    f"name it with a relative path inside the folder ({fix}) in {cls}'s vocab_files_names and save_vocabulary")
     return None
 
 
@@ -149,22 +150,45 @@ def _remote_tokenizers(folder: Path, conf: dict) -> list[tuple[str, Path, list[s
 
 def _plain_name(name) -> bool:
     """Whether `name`, read from a tokenizer's config or source (untrusted), is a plain top-level file name: the names
-    `tokenizer_files` returns are fnmatch patterns matched against a folder's own entries, so one with a path separator,
-    a '..', or a glob character (`*` would take every file, the pickle and the model's code too) is not a file's name."""
-    return (isinstance(name, str) and bool(name) and name.isprintable() and ".." not in name
-            and not any(c in name for c in "/\\*?[]") and not Path(name).is_absolute())
+    `tokenizer_files` returns are fnmatch patterns matched against a folder's own entries, so one with a path separator
+    ('/', or a backslash, a literal character on Linux that other systems read as one), one that is '.' or '..', or one
+    with a glob character (`*` would take every file, the pickle and the model's code too) is not a file's name. '..'
+    inside a name ('tik..tiktoken') is a plain character pair of it."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and name.isprintable()
+            and not any(c in name for c in "/\\*?[]"))
+
+
+def _vocab_name_flaw(name: str) -> tuple[str, str] | None:
+    """Why `name` (a vocab_files_names value, untrusted) is not a relative path of plain parts (`_plain_name`) inside the
+    folder, as (what it holds, what to write instead) for `refused_vocabulary`'s line; None where it is one."""
+    if "\0" in name:
+        return "a NUL character", "printable characters only"
+    if not name.isprintable():
+        return "a character that does not print", "printable characters only"
+    if "\\" in name:
+        return "a backslash (\\), a literal character of a file's name here, not a path separator", "parts separated by '/', no backslash"
+    if any(c in name for c in "*?[]"):
+        return "a wildcard (*, ?, [ or ])", "the file's own name, no wildcard"
+    if name.startswith("/"):
+        return "a leading '/' (an absolute path)", "relative to the folder, no leading '/'"
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return "a '..' part (a path out of the folder)", "no '..' part"
+    if not parts:
+        return "no file name", "the file's name"
+    return None
 
 
 def _vocab_name(name) -> str | None:
     """The file of the folder that `name` (a vocab_files_names value, untrusted) names, as a relative path of plain parts
-    (`_plain_name`: no '..', no glob character), '.' parts dropped, or None: '../x', '/x', '*.bin'. InternLM2's (and
-    InternVL's) './tokenizer.model' is the folder's tokenizer.model (from_pretrained reads <folder>/./tokenizer.model);
-    360Zhinao's 'vocab/360.tiktoken' a file in a subfolder of the folder, published at that path. Whether a link takes
-    such a path out of the folder is for the caller holding the folder to tell (`_in_folder`)."""
-    if not isinstance(name, str) or name.startswith("/"):
+    (`_plain_name`: no '..' part, no backslash, no glob character), '.' parts dropped, or None: '../x', '/x', '*.bin'
+    (`_vocab_name_flaw` says why). InternLM2's (and InternVL's) './tokenizer.model' is the folder's tokenizer.model
+    (from_pretrained reads <folder>/./tokenizer.model); 360Zhinao's 'vocab/360.tiktoken' a file in a subfolder of the
+    folder, published at that path; 'tik..tiktoken' a plain name. Whether a link takes such a path out of the folder is
+    for the caller holding the folder to tell (`_in_folder`)."""
+    if not isinstance(name, str) or _vocab_name_flaw(name) is not None:
         return None
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts) if parts and all(_plain_name(p) for p in parts) else None
+    return "/".join(p for p in name.split("/") if p not in ("", "."))  # each part a `_plain_name`: no flaw
 
 
 def _library_vocab_files(class_name) -> list[str]:

@@ -703,6 +703,11 @@ def _place_vocabulary(folder: Path, vocab: str) -> None:
     shutil.copy(folder / "tik.tiktoken", folder / vocab)
 
 
+# what the refusal line says each name holds, and the fix (`_vocab_name_flaw`)
+_REFUSED_BECAUSE = {"../tik.tiktoken": ("a '..' part (a path out of the folder)", "no '..' part"),
+                    "*.tiktoken": ("a wildcard (*, ?, [ or ])", "the file's own name, no wildcard")}
+
+
 @pytest.mark.parametrize("vocab", ["../tik.tiktoken", "*.tiktoken"])
 def test_a_tokenizer_naming_a_vocabulary_file_publish_cannot_copy_stops_the_run_before_stage_1(tmp_path, monkeypatch, vocab):
     """A remote-code tokenizer whose vocab_files_names gives a name publish refuses (not a plain top-level file name) loads
@@ -720,9 +725,10 @@ def test_a_tokenizer_naming_a_vocabulary_file_publish_cannot_copy_stops_the_run_
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
     with pytest.raises(StageError) as e:
         check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
+    holds, fix = _REFUSED_BECAUSE[vocab]
     assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer names its vocabulary file {vocab!r} "
-                            "(vocab_files_names), not a file inside the folder, so the published adapter/ could not hold it and "
-                            "would not load; name it with a relative path inside the folder (no '..', leading '/' or wildcard) in "
+                            f"(vocab_files_names), which holds {holds}: not a file inside the folder, so the published adapter/ could "
+                            f"not hold it and would not load; name it with a relative path inside the folder ({fix}) in "
                             "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
 
 
@@ -749,10 +755,11 @@ def test_a_published_folder_whose_tokenizer_names_a_file_publish_cannot_copy_is_
     monkeypatch.setattr(publish, "_assemble", assemble)
     with pytest.raises(StageError) as e:
         publish.publish_artifacts(cfg, "run-1", {}, log_fn=logs.append)
+    holds, fix = _REFUSED_BECAUSE[vocab]
     assert str(e.value) == (f"publish: its tokenizer class TikTokenizer ({tmp_path / 'merge-merged' / 'tokenization_tik.py'}) names its "
-                            f"vocabulary file {vocab!r} (vocab_files_names), not a file inside the folder, so the published adapter/ "
-                            "could not hold it and would not load; name it with a relative path inside the folder (no '..', leading '/' or wildcard) in "
-                            "TikTokenizer's vocab_files_names and save_vocabulary"), e.value
+                            f"vocabulary file {vocab!r} (vocab_files_names), which holds {holds}: not a file inside the folder, so the "
+                            f"published adapter/ could not hold it and would not load; name it with a relative path inside the folder "
+                            f"({fix}) in TikTokenizer's vocab_files_names and save_vocabulary"), e.value
     assert logs == [] and not (tmp_path / "building" / "adapter").exists()
 
 
@@ -1231,8 +1238,6 @@ def test_a_local_bases_vocabulary_in_a_subfolder_is_in_base_or_named_by_a_line(t
         assert (tmp_path / "base" / "vocab" / "tik.tiktoken").read_text() == "a 0\n"
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache10: '..' inside a part refuses a plain file name; the refusal's fix does "
-                                       "not name the backslash that refused it")
 @pytest.mark.parametrize("vocab", ["tik..tiktoken", "vocab\\tik.tiktoken"])
 def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab):
     """Severity low (one-line errors): `_vocab_name` checks each part with `_plain_name`, which refuses any '..'
@@ -1247,6 +1252,19 @@ def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab)
         assert _vocab_name(vocab) == vocab and line is None, line
     else:
         assert line is None or "\\" in line.split("vocab_files_names)")[1], line
+
+
+@pytest.mark.parametrize("vocab, holds", [("vocab\\tik.tiktoken", "a backslash (\\)"), ("tik\0.tiktoken", "a NUL character"),
+                                          ("vocab/../../tik.tiktoken", "a '..' part"), ("/etc/tik.tiktoken", "a leading '/'"),
+                                          ("vocab/*.tiktoken", "a wildcard"), ("./", "no file name")])
+def test_a_refused_vocabulary_name_is_refused_for_the_reason_its_line_names(vocab, holds):
+    """`refused_vocabulary`'s line says what the name holds that refused it (before: every refusal read "no '..', leading
+    '/' or wildcard", whatever it was); a name that is a file of the folder ('a..b', 'vocab/./x') is not refused."""
+    from tasks.publish import _vocab_name, refused_vocabulary
+
+    line = refused_vocabulary("TikTokenizer", [vocab], "publish")
+    assert line is not None and f"which holds {holds}" in line.split("vocab_files_names)")[1], line
+    assert [_vocab_name(n) for n in ("a..b", "vocab/./x", "./tokenizer.model")] == ["a..b", "vocab/x", "tokenizer.model"]
 
 
 @pytest.mark.xfail(strict=True, reason="review-cache10: 963a909 catches RecursionError in ast.parse only; following a "
