@@ -299,13 +299,25 @@ def _in_folder(path: Path, folder: Path) -> bool:
     return _within(path, folder) or ((repo := _hub_cache_repo(folder)) is not None and _within(path, repo / "blobs"))
 
 
+# The longest chain of base classes, or of names bound to names, `_remote_vocab_files` follows (a real tokenizer's is a
+# handful of links): a longer one, as generated code may hold, is read as naming nothing, with one line, not followed
+# link by link until Python's recursion limit stops publish with a traceback.
+_CHAIN_LIMIT = 100
+_LONG_CHAIN_SAID: set[Path] = set()
+
+
+class _ChainTooLong(Exception):
+    """A chain `_remote_vocab_files` follows is longer than _CHAIN_LIMIT links."""
+
+
 def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
     """A remote-code tokenizer class's vocabulary file names, read from its module's source (never run): its
     `vocab_files_names`, a dict literal, a module-level name bound to one, or a module's attribute (`consts.NAMES` after
     `from . import consts`), in the class or a class it derives from; a name, module or class imported relatively from a
     module inside `root` (`from .consts import VOCAB_FILES_NAMES`, `from .sub.mod import NAMES`, a base class of
     `.tik_base`: the modules `_local_modules` finds, which custom_object_save copies with it) is read there; a
-    transformers class it derives from: that class's. None found: []."""
+    transformers class it derives from: that class's. None found: []. A chain of base classes or aliases longer than
+    _CHAIN_LIMIT links names nothing, with one line on stderr (once per module file in this process)."""
     import ast
 
     parsed: dict[Path, tuple[dict, dict, dict]] = {}
@@ -338,6 +350,8 @@ def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
         name = expr.id
         if (path, name) in seen:
             return None
+        if len(seen) >= _CHAIN_LIMIT:
+            raise _ChainTooLong
         bound, _, imported = scope(path)
         if name in bound:
             return value(bound[name], path, seen | {(path, name)})
@@ -348,6 +362,8 @@ def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
     def of(name: str, path: Path, seen: frozenset) -> list[str] | None:
         if (path, name) in seen:
             return None
+        if len(seen) >= _CHAIN_LIMIT:
+            raise _ChainTooLong
         _, classes, imported = scope(path)
         if name in imported and name not in classes:
             target, there = imported[name]
@@ -374,7 +390,14 @@ def _remote_vocab_files(module: Path, class_name: str, root: Path) -> list[str]:
                 return got
         return None
 
-    return of(class_name, module, frozenset()) or []
+    try:
+        return of(class_name, module, frozenset()) or []
+    except (_ChainTooLong, RecursionError):  # RecursionError: a caller already deep in the stack; the limit is for the chain
+        if module not in _LONG_CHAIN_SAID:
+            _LONG_CHAIN_SAID.add(module)
+            print(f"publish: {module} derives {class_name} or binds its vocab_files_names through a chain of more than "
+                  f"{_CHAIN_LIMIT} base classes or names; read as naming no vocabulary file", file=sys.stderr, flush=True)
+        return []
 
 
 def _is_tokenizers(name: str, tokenizer: tuple[str, ...]) -> bool:

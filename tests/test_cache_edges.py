@@ -1267,10 +1267,8 @@ def test_a_refused_vocabulary_name_is_refused_for_the_reason_its_line_names(voca
     assert [_vocab_name(n) for n in ("a..b", "vocab/./x", "./tokenizer.model")] == ["a..b", "vocab/x", "tokenizer.model"]
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache10: 963a909 catches RecursionError in ast.parse only; following a "
-                                       "1500-deep alias or base-class chain in _remote_vocab_files raises it")
 @pytest.mark.parametrize("chain", ["base-classes", "aliases"])
-def test_a_remote_tokenizer_module_with_a_long_chain_of_names_does_not_stop_publish(tmp_path, chain):
+def test_a_remote_tokenizer_module_with_a_long_chain_of_names_does_not_stop_publish(tmp_path, capsys, chain):
     """Severity low: 963a909 made a module too deep for ast.parse name nothing instead of a traceback, but a module that
     parses (1500 classes each deriving from the one before; 1500 names each bound to the one before, as generated code
     has them) overflows the recursion of `_remote_vocab_files`' `of` / `value`: tokenizer_files and
@@ -1291,3 +1289,24 @@ def test_a_remote_tokenizer_module_with_a_long_chain_of_names_does_not_stop_publ
     folder = _remote_tokenizer_folder(tmp_path / "tok", {"tokenization_tik.py": source})
     assert "tokenization_tik.py" in publish.tokenizer_files(folder)
     assert publish.unloadable_tokenizer(folder) is None
+    said = capsys.readouterr().err.splitlines()  # read as naming nothing, said once for the module, not a traceback
+    assert said == [f"publish: {folder / 'tokenization_tik.py'} derives TikTokenizer or binds its vocab_files_names through a chain "
+                    f"of more than {publish._CHAIN_LIMIT} base classes or names; read as naming no vocabulary file"], said
+
+
+@pytest.mark.parametrize("chain", ["base-classes", "aliases"])
+def test_a_remote_tokenizers_chain_of_names_shorter_than_the_limit_is_followed_to_its_vocabulary(tmp_path, capsys, chain):
+    """The bound on `_remote_vocab_files`' chains (_CHAIN_LIMIT) cuts no chain up to it: the vocabulary file at its end
+    is the tokenizer's, with no line."""
+    import tasks.publish as publish
+
+    n = publish._CHAIN_LIMIT - 2
+    if chain == "base-classes":
+        source = ("class C0:\n    vocab_files_names = {'vocab_file': 'tik.tiktoken'}\n"
+                  + "".join(f"class C{i}(C{i - 1}):\n    pass\n" for i in range(1, n)) + f"class TikTokenizer(C{n - 1}):\n    pass\n")
+    else:
+        source = ("N0 = {'vocab_file': 'tik.tiktoken'}\n" + "".join(f"N{i} = N{i - 1}\n" for i in range(1, n))
+                  + f"class TikTokenizer:\n    vocab_files_names = N{n - 1}\n")
+    folder = _remote_tokenizer_folder(tmp_path / "tok", {"tokenization_tik.py": source})
+    assert "tik.tiktoken" in publish.tokenizer_files(folder)
+    assert capsys.readouterr().err == ""
