@@ -39,7 +39,8 @@ from .common import StageError, building, changed_file, complete_record, fingerp
 from .config import BudgetSection, LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split, rows_key
 from .engine import dist, launch, recompute, unlikelihood
-from .engine.build import bookkeeping_trainer, build_model, drop_log_dicts, engine_for, keyed_training, training_args
+from .engine.build import (bookkeeping_trainer, build_model, collector_kept_off_the_model, drop_log_dicts, engine_for, keyed_training,
+                           training_args)
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
@@ -472,18 +473,21 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
     if gc and n_free:
         recompute.set_recompute_free_layers(model, n_free)
 
-    warm, timed = budget.probe_warmup_steps, budget.probe_steps
-    marks: list[tuple[float, int]] = []
+    window = StepWindow(budget.probe_warmup_steps, budget.probe_steps, *timed_window(device))
 
     class Marks(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
-            marks.append((time.monotonic(), int(state.num_input_tokens_seen or 0)))
+            done = window.mark(time.monotonic(), int(state.num_input_tokens_seen or 0))
+            # Several ranks: any rank's window ends everyone's (each rank reads its own clock; one alone stopping would
+            # leave the others waiting in the next all-reduce).
+            control.should_training_stop = control.should_training_stop or bool(dist.sync_max([float(done)])[0])
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, per_device = training_dataset(engine, train_ds, mb, max_length, training.seed, packing=training.packing)
-        args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=warm + timed, gradient_checkpointing=gc, padding_free=is_padding_free(engine))
+        args = training_args(training, Path(tmp), device, quant, micro_batch_size=per_device, grad_accum=ga, max_steps=window.warmup + window.most,
+                             gradient_checkpointing=gc, padding_free=is_padding_free(engine))
         args.disable_tqdm = True
         extra = {}
         if training.unlikelihood_alpha:  # the head's extra pass is in the steps timed, as stage 4 runs it
@@ -493,9 +497,9 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
                                         callbacks=[Marks()], **extra)  # stage 4's bookkeeping: the steps it times are stage 4's
         drop_log_dicts(trainer)
         state = model.layer_compile
-        with quiet_transformers():
+        with quiet_transformers(), collector_kept_off_the_model():  # as stage 4 runs its steps
             graphs, eager = compiled_graphs(), (state.eager_calls if state is not None else 0)
-            t_start = time.monotonic()
+            window.start(time.monotonic())
             trainer.train()
             # In the steps, not the warm-up: graphs compiled (none: torch runs a variant it has no graph for eagerly) and
             # the layer calls that ran eagerly so (a variant the warm-up did not foresee, at the eager speed).
@@ -511,11 +515,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         trainer.model.save_pretrained(str(Path(tmp) / "final"), safe_serialization=True)
         tok.save_pretrained(str(Path(tmp) / "final"))
         save_s, final_save_s = t2 - t1, time.monotonic() - t2
-    start_t, start_tok = (marks[warm - 1] if warm > 0 else (t_start, 0))
-    end_t, end_tok = marks[-1]
-    times = [start_t] + [t for t, _ in marks[warm:]]
-    s_per_step = step_seconds([b - a for a, b in zip(times, times[1:])])
-    tokens = end_tok - start_tok
+    deltas, tokens = window.deltas(), window.tokens()
+    s_per_step = step_seconds(deltas)
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     load_peak = train_peak if load_peak is None else load_peak  # on CPU the process's RSS high-water mark holds both
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
@@ -531,12 +532,13 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "save_seconds": round(save_s, 3),
         "final_save_seconds": round(final_save_s, 3),
         "s_per_step": round(s_per_step, 4),
-        "tokens_per_step": round(tokens / timed, 1),
-        "tokens_per_s": round(tokens / timed / max(s_per_step, 1e-9), 1),
+        "tokens_per_step": round(tokens / len(deltas), 1),
+        "tokens_per_s": round(tokens / len(deltas) / max(s_per_step, 1e-9), 1),
         "peak_mem_gb": round(peak, 3),
         "load_peak_mem_gb": round(load_peak, 3),
         "train_peak_mem_gb": round(train_peak, 3),
         "layers": n_layers,
+        "step_times": [round(d, 4) for d in deltas],  # the timed steps, for a reader comparing them with stage 4's
     }
 
 
@@ -548,14 +550,72 @@ def compile_note(trial: dict) -> str:
             + (f", {eager} layer calls in the steps ran eagerly (a variant the warm-up did not compile)" if eager else ""))
 
 
+# The timed window on a GPU: at least budget.probe_steps steps and PROBE_MIN_WINDOW_S seconds, at most
+# PROBE_MAX_TIMED_STEPS steps. Two or four steps of a small model were 1.2-3.5 s of timing: two demo-gpu probes of
+# Gemma-3-270M (same rows and batch, another seed; one H100, 2026-12-07) read 0.877 and 0.575 s a step where their
+# stages ran 0.631 and 0.703 s on average, steps spreading 0.51-0.79 s (p10-p90) with the packs they drew. A window of
+# seconds holds ~14 such steps and costs ~6 s more; a 3-s step (Mistral-7B) gets one step more than its two (the median
+# of three, not the faster of two). On the CPU (tests, the CPU demo) the window is budget.probe_steps as set.
+PROBE_MIN_WINDOW_S = 8.0
+PROBE_MAX_TIMED_STEPS = 40
+OUTLIER_FACTOR = 1.5  # a timed step this many times the typical one (the lower median) is left out of the estimate
+
+
+def timed_window(device: str) -> tuple[float, int]:
+    """(least seconds, most steps) of the probe's timed window on `device` (`StepWindow`): PROBE_MIN_WINDOW_S and
+    PROBE_MAX_TIMED_STEPS on CUDA, none (the configured steps) elsewhere."""
+    return (PROBE_MIN_WINDOW_S, PROBE_MAX_TIMED_STEPS) if device == "cuda" else (0.0, 0)
+
+
+class StepWindow:
+    """The probe's steps as they end: `warmup` untimed, then timed ones until there are at least `least` of them and
+    they span at least `min_seconds`, or `most` of them (never fewer than `least`). A short step gets a longer run of
+    steps, a long one the `least` configured: the window, not the count, sets how much timing noise (the packs a step
+    draws, a kernel compiled for a new shape, the clocks) reaches the estimate."""
+
+    def __init__(self, warmup: int, least: int, min_seconds: float = 0.0, most: int = 0):
+        self.warmup, self.least, self.min_seconds = warmup, max(least, 1), min_seconds
+        self.most = max(most, self.least)
+        self.marks: list[tuple[float, int]] = []  # (time, tokens seen) at each step's end
+        self.t_start = 0.0
+
+    def start(self, now: float) -> None:
+        """Training begins (the timed window's start where there is no warm-up step)."""
+        self.t_start = now
+
+    def mark(self, now: float, tokens_seen: int) -> bool:
+        """A step ended at `now` with `tokens_seen` tokens read so far; True when the window is complete."""
+        self.marks.append((now, tokens_seen))
+        timed = len(self.marks) - self.warmup
+        if timed >= self.most:
+            return True
+        return timed >= self.least and now - self._opening()[0] >= self.min_seconds
+
+    def _opening(self) -> tuple[float, int]:
+        return self.marks[self.warmup - 1] if self.warmup else (self.t_start, 0)
+
+    def deltas(self) -> list[float]:
+        """The timed steps' durations."""
+        times = [self._opening()[0]] + [t for t, _ in self.marks[self.warmup:]]
+        return [b - a for a, b in zip(times, times[1:])]
+
+    def tokens(self) -> int:
+        """Tokens the timed steps read."""
+        return self.marks[-1][1] - self._opening()[1]
+
+
 def step_seconds(deltas: list[float]) -> float:
-    """The probe's step time from its timed steps: the median of three or more, else the faster of two (or the one).
-    Not the mean: a step that compiles a kernel for a new shape (Triton specializes on sizes; packed rows vary) took
-    3x the rest on an H200 and made a whole run's step estimate 3x short, so the step cap ended it at 61% of its budget.
-    A step time too short only overestimates the steps, and the clock still ends the run on time."""
+    """The probe's step time from its timed steps: the mean of those no slower than OUTLIER_FACTOR x the lower median.
+    Not the plain mean: a step that compiles a kernel for a new shape (Triton specializes on sizes; packed rows vary)
+    took 3x the rest on an H200 and made a whole run's step estimate 3x short, so the step cap ended it at 61% of its
+    budget. Not the median or the faster of two either: stage 4 pays its slower steps too (demo-gpu's ran a mean 5%
+    over their median), and the faster of two timed steps read 3.12 s where the 15 GiB stage ran 3.25 s a step
+    (2026-12-07, one H100). Of two steps the lower median is the faster: a slower one beyond the factor is left out."""
     if not deltas:
         raise ValueError("no timed probe step")
-    return statistics.median(deltas) if len(deltas) >= 3 else min(deltas)
+    typical = statistics.median_low(deltas)
+    kept = [d for d in deltas if d <= OUTLIER_FACTOR * typical]
+    return statistics.fmean(kept)
 
 
 def _rss_gb() -> float:

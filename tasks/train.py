@@ -19,7 +19,6 @@ position via Trainer's own resume — and counts the time already spent against 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -27,7 +26,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from .budget import stop_nearest
 from .config import LoraSection, ModelSection, QuantSection, TrainingSection
 from .data import DataRecord, load_split, rows_key
 from .engine import dist, launch, recompute
-from .engine.build import bookkeeping_trainer, build_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
+from .engine.build import bookkeeping_trainer, build_model, collector_kept_off_the_model, count_params, drop_log_dicts, engine_for, keyed_training, training_args
 from .engine.collate import (BatchTrace, PackedStream, PaddedCollator, PassPacks, collator_for, is_padding_free, steps_per_pass,
                              training_dataset)
 from .engine.noise import add_embedding_noise
@@ -614,26 +613,6 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
                   spec["key"], Path(spec["out"]), spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 
 
-@contextlib.contextmanager
-def _collector_kept_off_the_model() -> Iterator[None]:
-    """Python's cyclic garbage collector kept off every object alive when training starts (the model, its LoRA modules,
-    the libraries'): a full collection walks all of them, and one in a step cost 0.29-0.34 s of a 3.15 s step on the
-    Mistral-7B bench (one H100; none over 3.171 s with them frozen: docs/BENCHMARKS.md "the collector kept off the
-    model"). On exit, however training ends, they are back in its reach, so the model's own cycles are freed once the
-    stage drops it. Where a freeze is already made (`qlora-pipeline run`'s, tests/conftest.py's: the imports, the bulk of
-    what a collection walks), it is left as it is: unfreezing is all or nothing, and a freeze lost on an exception would
-    stay lost for the process (a review of d6993f8)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
     """`_train`, retried on out-of-memory (it resumes from the last checkpoint) in the probe's order: every layer
     checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then half
@@ -804,7 +783,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
 
     previous = _install_interrupt(guard)
     try:
-        with _collector_kept_off_the_model():
+        with collector_kept_off_the_model():
             maybe_fault("train")
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
