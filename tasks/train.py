@@ -180,12 +180,24 @@ def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
     return factor
 
 
+# How stage 4 reads each step's loss for its log (logging_steps: 1, the default, logs every step). "each-step":
+# transformers' own, a `.item()` right after the optimizer step is queued: the host waits for the GPU to finish the step,
+# then logs, fetches and collates the next micro-batches and copies them over while the GPU idles, and only then queues
+# the next forward. "deferred": the step's loss stays on the device (a copy) and is read at the next step's end, once
+# that step's kernels are queued: the GPU runs it while the host logs and collates the one after. The log says the
+# same numbers, a step later; a step that saves, evaluates or ends training reads at once. One process only (several
+# ranks gather the loss in a collective: left as transformers makes it). bench/pipeline_gpu.py `--loss-read` sets it
+# to time the two in one call (docs/PERF_NOTES.md "The stage's gap to its probe").
+LOSS_READS = ("deferred", "each-step")
+LOSS_READ = "deferred"
+
+
 def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, bar: "BudgetBar | None" = None, **kwargs):
     """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring),
-    showing `bar` (default a new BudgetBar) instead of Trainer's own."""
+    showing `bar` (default a new BudgetBar) instead of Trainer's own, reading each step's loss as LOSS_READ says."""
     import torch
 
-    class TimeBudgetTrainer(bookkeeping_trainer()):  # token and FLOP counts on the host: no per-micro-batch sync
+    class TimeBudgetTrainer(deferred_loss_read(bookkeeping_trainer())):  # token and FLOP counts on the host: no per-micro-batch sync
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, time_schedule(kind, warmup_steps, guard.progress, cap))
@@ -203,6 +215,70 @@ def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, b
     return trainer
 
 
+def deferred_loss_read(base):
+    """`base` (a Trainer class) reading a step's loss one step late where LOSS_READ is "deferred" (see LOSS_READ): the
+    log of step k (loss, grad norm, learning rate, epoch, tokens seen, as Trainer logs them at step k) is made at step
+    k + 1's end, when step k + 1's kernels are queued, so the host's wait for step k's loss no longer empties the GPU's
+    queue. A step that saves a checkpoint, evaluates or ends training (the budget, the cap, a signal) logs what is
+    pending, then itself, at once, as Trainer does: a checkpoint's log history and the run's last line are complete."""
+    import torch
+
+    class DeferredLossRead(base):
+        _pending_log: dict | None = None
+
+        def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None, **kw):
+            self._log_pending()  # the previous step's: this step's kernels are queued behind it
+            control, state = self.control, self.state
+            if (LOSS_READ != "deferred" or dist.world() > 1 or not control.should_log or state.global_step <= self._globalstep_last_logged
+                    or control.should_save or control.should_evaluate or control.should_training_stop):
+                return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                                        learning_rate=learning_rate, **kw)
+            # Trainer's bookkeeping of a log, less the read: the loss sum moves to a device copy of its own (queued, not
+            # waited for) and the running sum restarts, as after Trainer's read
+            set_aside = getattr(self.compute_loss_func, "set_aside_parts", None)  # training.unlikelihood_alpha: this step's parts
+            self._pending_log = {"loss_sum": tr_loss.detach().clone(), "steps": state.global_step - self._globalstep_last_logged,
+                                 "grad_norm": grad_norm, "learning_rate": learning_rate, "start_time": start_time,
+                                 "state": (state.global_step, state.epoch, state.num_input_tokens_seen),
+                                 "parts": set_aside() if set_aside else None}
+            tr_loss -= tr_loss
+            self._globalstep_last_logged = state.global_step
+            self.store_flos()
+
+        def _log_pending(self) -> None:
+            pending, self._pending_log = self._pending_log, None
+            if pending is None:
+                return
+            loss = pending["loss_sum"].item()
+            grad_norm = pending["grad_norm"]
+            logs = {"loss": loss / pending["steps"]}
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
+            logs["learning_rate"] = pending["learning_rate"] if pending["learning_rate"] is not None else self._get_learning_rate()
+            self._total_loss_scalar += loss
+            # Logged as at its own step: Trainer's log and the callbacks (BudgetGuard's line and NaN check, TensorBoard)
+            # read the step, epoch and tokens seen from the state.
+            now = (self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen)
+            self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen = pending["state"]
+            if pending["parts"] is not None:
+                self.compute_loss_func.held_parts = pending["parts"]
+            should_log = self.control.should_log  # this step's, which the callback handler's on_log clears
+            try:
+                self.log(logs, pending["start_time"])
+            finally:
+                self.control.should_log = should_log
+                self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen = now
+                if pending["parts"] is not None:
+                    self.compute_loss_func.held_parts = None
+
+        def _inner_training_loop(self, *args, **kw):
+            try:
+                return super()._inner_training_loop(*args, **kw)
+            finally:
+                self._pending_log = None  # a run that raised mid-step: nothing of it is logged later (a resume starts afresh)
+
+    return DeferredLossRead
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Budget guard, checkpoints, NaN stop, Ctrl-C
 
@@ -211,6 +287,9 @@ def _trainer_callback_base():
     from transformers import TrainerCallback
 
     return TrainerCallback
+
+
+SYNC_STEPS = 3  # a deferred loss read lets the host run up to two steps ahead of the GPU; one more for the margin
 
 
 class BudgetGuard(_trainer_callback_base()):
@@ -248,6 +327,11 @@ class BudgetGuard(_trainer_callback_base()):
         self.tokens_at_start = 0  # tokens seen before this process (a resumed run's): not read in this process's time
         self.loss_parts = None  # training.unlikelihood_alpha: () -> {"ce", "ul"} since the last log line, shown with the loss
         self.parts_step = 0
+        # Waits for the device's queued work (torch.cuda.synchronize on CUDA; None: nothing runs ahead of the host). With the
+        # loss read deferred (LOSS_READ) the host may end a step while the GPU still runs the one or two before it: near
+        # the deadline the guard waits for them before it reads its clock, so the stop weighs the steps that ran.
+        self.device_sync: Callable[[], None] | None = None
+        self.step_ends: dict[int, float] = {}  # the last steps' ends on the guard's clock: a log line made a step late says its own
 
     def elapsed(self) -> float:
         return self.prior + self.clock() - self.t0
@@ -259,9 +343,12 @@ class BudgetGuard(_trainer_callback_base()):
 
     def on_step_end(self, args, state, control, **kw):
         maybe_fault(f"train-rank{dist.rank()}-step{state.global_step}")  # test-only: `train-rank1-step3:kill`
+        if self.device_sync is not None and self.near_deadline():
+            self.device_sync()
         now = self.clock()
         self.step_s.append(now - self.last_step_t)
         self.last_step_t = now
+        self.step_ends = {**{k: t for k, t in self.step_ends.items() if k > state.global_step - 4}, state.global_step: now}
         recent = sorted(self.step_s[-5:])[len(self.step_s[-5:]) // 2]
         # A checkpoint due at the last step (Trainer's max_steps: the user's, max_epochs' or the cap) would be written, then
         # removed unread once the final adapter is saved right after: its time went to nothing inside the budget.
@@ -288,6 +375,14 @@ class BudgetGuard(_trainer_callback_base()):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+    def near_deadline(self) -> bool:
+        """Whether the budget could end within SYNC_STEPS steps (the slowest of the last five; the first step: always),
+        a checkpoint's save and the final save: where the guard's stop must weigh a clock that waited for the device."""
+        if not self.step_s:
+            return True
+        ahead = SYNC_STEPS * max(self.step_s[-5:]) + self.checkpoint_save_s + self.final_save_s
+        return self.elapsed() + ahead >= self.budget_s
 
     def stop_record(self, mine: bool) -> dict:
         """The budget stop as the rank that made it weighed it (the first such rank), for TrainRecord.budget_stop. Each
@@ -334,16 +429,18 @@ class BudgetGuard(_trainer_callback_base()):
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
         self.losses.append((state.global_step, loss))
         if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
-            left = max(self.budget_s - self.elapsed(), 0)
+            at = self.step_ends.get(state.global_step, self.clock())  # the step's end (its log may come a step later: LOSS_READ)
+            used = self.prior + at - self.t0
+            left = max(self.budget_s - used, 0)
             tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start
-            tok_s = tok_s / max(self.clock() - self.t0, 1e-9) if tok_s > 0 else 0
+            tok_s = tok_s / max(at - self.t0, 1e-9) if tok_s > 0 else 0
             # one rank's parts are its share of the step's loss (the Trainer sums the ranks'): shown on one process only
             parts = self.loss_parts() if self.loss_parts and dist.world() == 1 else {}
             steps = max(state.global_step - self.parts_step, 1)  # the loss shown is the mean over the steps since the last line
             self.parts_step = state.global_step
             split = f" (cross-entropy {parts['ce'] / steps:.4f} + unlikelihood {parts['ul'] / steps:.4f} x alpha)" if parts else ""
             self.log_fn(f"step {state.global_step}/{state.max_steps} loss {loss:.4f}{split} lr {logs.get('learning_rate', 0):.2e} "
-                        f"{tok_s:,.0f} tok/s budget used {self.elapsed():.0f}s left {left:.0f}s")
+                        f"{tok_s:,.0f} tok/s budget used {used:.0f}s left {left:.0f}s")
 
     def on_save(self, args, state, control, **kw):
         self.last_ckpt = self.last_step_t = self.clock()  # the next step is timed without this save (on_step_end adds it when due)
@@ -717,6 +814,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
                                                             candidates=training.unlikelihood_candidates)
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, probe.final_save_cost, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
+    if device == "cuda":
+        guard.device_sync = torch.cuda.synchronize
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts
     guard.last_ckpt = guard.clock()

@@ -450,12 +450,23 @@ def attach_unlikelihood(model, alpha: float, chunk: int | None = None, exempt=()
     parts: dict = {}
 
     def take_parts() -> dict:
-        """The cross-entropy and unlikelihood parts of the loss since the last call, as floats (a sync: once a step)."""
-        out = {k: float(v) for k, v in parts.items()}
+        """The cross-entropy and unlikelihood parts of the loss since the last call, as floats (a sync: once a step); while
+        `loss.held_parts` is set, those instead (a log made a step late reads its own step's parts)."""
+        source = parts if loss.held_parts is None else loss.held_parts
+        out = {k: float(v) for k, v in source.items()}
+        source.clear()
+        return out
+
+    def set_aside_parts() -> dict:
+        """The parts since the last call, taken out unread (device tensors: no sync), for a log made later: stage 4's
+        deferred loss read (tasks/train.py `deferred_loss_read`) sets them as `loss.held_parts` while it logs that step."""
+        out = dict(parts)
         parts.clear()
         return out
 
     loss.take_parts = take_parts
+    loss.set_aside_parts = set_aside_parts
+    loss.held_parts = None
 
     return loss, [inner.register_forward_pre_hook(remember_inputs, with_kwargs=True),
                   decoder.register_forward_hook(keep_hidden)]
