@@ -393,3 +393,43 @@ def test_gpu_bench_offload_kwargs_are_json_objects_one_run_each(monkeypatch, cap
         with pytest.raises(SystemExit) as exit_:
             gpu_bench.main()
         assert exit_.value.code == 2 and f"--offload-kwargs: {says}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- pipeline_gpu
+
+
+def test_pipeline_gpu_times_the_stages_steps_and_its_host_ledger_then_unwraps_everything(tiny_cfg, shared_artifacts):
+    """bench/pipeline_gpu.py's instruments on the tiny CPU stage: the guard's step ends (one per step), the ledger's
+    pieces per step (one optimizer step and one fetch of micro-batches a step, the guard's heartbeat), and every wrapped
+    function back as it was after (torch.Tensor.item inherited again, not shadowed)."""
+    import torch
+
+    import tasks.train as train_mod
+    from bench import pipeline_gpu
+    from tasks.data import load_dataset_records
+    from tasks.probe import probe_throughput
+
+    data = load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+    probe = probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    probe = probe.model_copy(update={"key": "bench-ledger", "max_steps": 4, "budget_seconds": 600.0})
+    training = tiny_cfg.training.model_copy(update={"max_steps": 4})
+    before = (train_mod.BudgetGuard.on_step_end, train_mod.write_json, torch.cuda.synchronize)
+    with pipeline_gpu.StepClock() as steps, pipeline_gpu.HostLedger() as ledger:
+        rec = train_mod.train_adapter(data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, shared_artifacts)
+    assert rec.steps == 4 and len(steps.ends) == 4 and len(steps.deltas) == 3
+    assert steps.summary(skip=1)["n"] == 2 and steps.summary(skip=5) == {"n": 0}
+    per = ledger.per_step(rec.steps)
+    calls = per["calls_per_step"]
+    assert calls["optimizer.step"] == 1 and calls["guard.on_step_end"] == 1 and calls["fetch + collate + copy"] == 1
+    assert calls["write_json (heartbeat)"] >= 1 and per["optimizer.step"] > 0
+    assert (train_mod.BudgetGuard.on_step_end, train_mod.write_json, torch.cuda.synchronize) == before
+    assert "item" not in torch.Tensor.__dict__ and "on_pre_optimizer_step" not in train_mod.BudgetGuard.__dict__
+
+
+def test_pipeline_gpu_refuses_an_unknown_loss_read_mode(monkeypatch, capsys):
+    from bench import pipeline_gpu
+
+    monkeypatch.setattr(sys, "argv", ["pipeline_gpu.py", "--loss-read", "each-step,later"])
+    with pytest.raises(SystemExit):
+        pipeline_gpu.main()
+    assert "--loss-read 'each-step,later': modes are deferred, each-step" in capsys.readouterr().err
