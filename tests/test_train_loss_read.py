@@ -148,3 +148,10 @@ def test_budget_stops_stay_exact_when_the_host_runs_ahead_of_the_device(tmp_path
     assert synced and synced[0] == 1 and len(synced) <= 1 + train.SYNC_STEPS + 1, synced  # the first step, then the last few
     late, late_end, _ = _lagging_run(tmp_path, monkeypatch, 92.0, 3.1, 2, sync=False)
     assert late == exact + 2 and late_end - 92.0 > 3.1  # what the wait prevents
+
+
+def test_a_nan_loss_read_a_step_late_still_names_its_own_step(tmp_path, monkeypatch):
+    """The NaN check reads the deferred log: it raises at the next step's end, naming the step whose loss was NaN."""
+    monkeypatch.setenv("QLORA_PIPELINE_FAULT", "train:nan@3")  # the weights turn NaN during step 3
+    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at step 3; no checkpoint was saved yet"):
+        _tiny_run(tmp_path, "deferred", monkeypatch)
