@@ -431,7 +431,9 @@ class BudgetSection(Section):
     probe_warmup_steps: Annotated[int, _number("untimed probe steps, e.g. 1, or 0 for none")] = Field(
         1, ge=0, description="Untimed probe steps (allocator, kernels warm up).")
     probe_steps: Annotated[int, _number("timed probe steps, e.g. 2")] = Field(
-        2, ge=1, description="Timed probe steps. More = a more accurate step budget, longer probe.")
+        2, ge=1, description="Timed probe steps, at least: on a GPU the probe times steps until they also span 8 s (at most 40 "
+        "steps; tasks/probe.py PROBE_MIN_WINDOW_S), so a short step is timed over many. More = a more accurate step budget, "
+        "longer probe.")
 
     @field_validator("vram_gb", mode="before")
     @classmethod
