@@ -63,8 +63,8 @@ def main() -> None:
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts to run in turn, e.g. 1,2")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the Mistral-7B shapes (fewer: a quicker smoke run)")
     ap.add_argument("--out", default="pipeline_gpu.json")
-    ap.add_argument("--loss-read", default="deferred",
-                    help="comma-separated tasks/train.py LOSS_READ modes, one training stage each on the same probe: deferred, each-step")
+    ap.add_argument("--loss-read", default="each-step",
+                    help="comma-separated tasks/train.py LOSS_READ modes, one training stage each on the same probe: each-step (the default), deferred")
     ap.add_argument("--no-ledger", dest="ledger", action="store_false", help="leave out the host-time ledger (its timers' own cost)")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="more config overrides, after the bench's own (issue 19: training.compile=layers, "

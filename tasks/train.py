@@ -187,9 +187,11 @@ def time_schedule(kind: str, warmup_steps: int, progress, cap: int):
 # that step's kernels are queued: the GPU runs it while the host logs and collates the one after. The log says the
 # same numbers, a step later; a step that saves, evaluates or ends training reads at once. One process only (several
 # ranks gather the loss in a collective: left as transformers makes it). bench/pipeline_gpu.py `--loss-read` sets it
-# to time the two in one call (docs/PERF_NOTES.md "The stage's gap to its probe").
+# to time the two in one call (docs/PERF_NOTES.md "The stage's gap to its probe"). The default stays "each-step" until
+# that call measures "deferred" faster: with the default optimizer (bitsandbytes' paged 8-bit) every step is already
+# drained inside `optimizer.step()` (PERF_NOTES' list, row 1), so the deferred read is predicted to win nothing there.
 LOSS_READS = ("deferred", "each-step")
-LOSS_READ = "deferred"
+LOSS_READ = "each-step"
 
 
 def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, bar: "BudgetBar | None" = None, **kwargs):
