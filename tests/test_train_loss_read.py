@@ -155,3 +155,37 @@ def test_a_nan_loss_read_a_step_late_still_names_its_own_step(tmp_path, monkeypa
     monkeypatch.setenv("QLORA_PIPELINE_FAULT", "train:nan@3")  # the weights turn NaN during step 3
     with pytest.raises(train.NonFiniteLoss, match=r"loss became nan at step 3; no checkpoint was saved yet"):
         _tiny_run(tmp_path, "deferred", monkeypatch)
+
+
+# --- review of perf-19b (2026-12-07): the each-step path must be main's ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_cfg, shared_artifacts):
+    from tasks.data import load_dataset_records
+
+    return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
+
+
+@pytest.mark.xfail(strict=True, reason="review perf-19b: on CUDA _train sets guard.device_sync whatever LOSS_READ is, so the "
+                   "default each-step read also pays torch.cuda.synchronize at step 1 and every step near the deadline "
+                   "(and its guard weighs a drained clock main's did not); severity low")
+def test_the_each_step_read_on_cuda_never_makes_the_guard_wait_for_the_device(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """Stage 4 as on CUDA (the device resolved to "cuda", the model, engine and Trainer built on the CPU, the device's
+    synchronize counted) with LOSS_READ each-step, a budget it stops by: main's guard never synchronized."""
+    from tasks.probe import probe_throughput
+
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    probe = probe.model_copy(update={"max_steps": 10_000, "budget_seconds": 6.0, "key": "each-step-on-cuda"})
+    training = tiny_cfg.training.model_copy(update={"max_steps": 4})
+    monkeypatch.setattr(train, "LOSS_READ", "each-step")
+    monkeypatch.setattr(train, "resolve_device", lambda d: "cuda")
+    for name in ("build_model", "engine_for", "training_args"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, **kw: _real(*["cpu" if x == "cuda" else x for x in a],
+                                                                            **{k: "cpu" if v == "cuda" else v for k, v in kw.items()}))
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **kw: syncs.append(1))
+    out = tmp_path / "train"
+    train._train(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, "k", out, shared_artifacts, lambda line: None)
+    assert syncs == []
