@@ -189,3 +189,23 @@ def test_the_each_step_read_on_cuda_never_makes_the_guard_wait_for_the_device(ti
     out = tmp_path / "train"
     train._train(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, "k", out, shared_artifacts, lambda line: None)
     assert syncs == []
+
+
+@pytest.mark.xfail(strict=True, reason="review perf-19b: in the default each-step mode the guard's log line now reads the step's "
+                   "end (step_ends) instead of the clock at the log as main did: 'budget used' / 'left' / tok/s leave out "
+                   "the wait for the device between on_step_end and the loss read; severity cosmetic")
+def test_the_each_step_log_line_says_the_budget_used_when_it_is_logged_as_mains_did(tmp_path):
+    """One step ends at 10.0 s, its log (each-step: the loss read, which waits for the device) comes at 10.8 s: main's
+    line said 11 s used, 89 s left, 93 tok/s (1000 tokens / 10.8 s)."""
+    clock = [0.0]
+    lines = []
+    guard = train.BudgetGuard(tmp_path, 100.0, 0.0, 1e9, 0.0, 0.0, lines.append, clock=lambda: clock[0])
+    guard.last_ckpt = guard.last_step_t = 0.0
+    args = types.SimpleNamespace(logging_steps=1)
+    state = types.SimpleNamespace(global_step=1, max_steps=100, num_input_tokens_seen=1000)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    clock[0] = 10.0
+    guard.on_step_end(args, state, control)
+    clock[0] = 10.8
+    guard.on_log(args, state, control, logs={"loss": 1.0, "learning_rate": 1e-3})
+    assert lines[-1].endswith("93 tok/s budget used 11s left 89s"), lines
