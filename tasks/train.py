@@ -194,6 +194,12 @@ LOSS_READS = ("deferred", "each-step")
 LOSS_READ = "each-step"
 
 
+def reads_deferred() -> bool:
+    """Whether this process reads each step's loss a step late (LOSS_READ "deferred", one process): only then does the
+    guard wait for the device near the deadline and date a log line by its step's end; "each-step" is main's path."""
+    return LOSS_READ == "deferred" and dist.world() == 1
+
+
 def make_trainer(guard: "BudgetGuard", kind: str, warmup_steps: int, cap: int, bar: "BudgetBar | None" = None, **kwargs):
     """A Trainer whose LR schedule follows the wall clock or the step cap, whichever is further (see module docstring),
     showing `bar` (default a new BudgetBar) instead of Trainer's own, reading each step's loss as LOSS_READ says."""
@@ -231,7 +237,7 @@ def deferred_loss_read(base):
         def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=None, **kw):
             self._log_pending()  # the previous step's: this step's kernels are queued behind it
             control, state = self.control, self.state
-            if (LOSS_READ != "deferred" or dist.world() > 1 or not control.should_log or state.global_step <= self._globalstep_last_logged
+            if (not reads_deferred() or not control.should_log or state.global_step <= self._globalstep_last_logged
                     or control.should_save or control.should_evaluate or control.should_training_stop):
                 return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                                                         learning_rate=learning_rate, **kw)
@@ -816,7 +822,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
                                                             candidates=training.unlikelihood_candidates)
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, probe.final_save_cost, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
-    if device == "cuda":
+    if device == "cuda" and reads_deferred():  # each-step: the loss read waits for the device at every step (main's guard)
         guard.device_sync = torch.cuda.synchronize
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts

@@ -167,9 +167,6 @@ def tiny_data(tiny_cfg, shared_artifacts):
     return load_dataset_records(tiny_cfg.data, tiny_cfg.model, shared_artifacts)
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-19b: on CUDA _train sets guard.device_sync whatever LOSS_READ is, so the "
-                   "default each-step read also pays torch.cuda.synchronize at step 1 and every step near the deadline "
-                   "(and its guard weighs a drained clock main's did not); severity low")
 def test_the_each_step_read_on_cuda_never_makes_the_guard_wait_for_the_device(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """Stage 4 as on CUDA (the device resolved to "cuda", the model, engine and Trainer built on the CPU, the device's
     synchronize counted) with LOSS_READ each-step, a budget it stops by: main's guard never synchronized."""
