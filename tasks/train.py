@@ -437,7 +437,8 @@ class BudgetGuard(_trainer_callback_base()):
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
         self.losses.append((state.global_step, loss))
         if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
-            at = self.step_ends.get(state.global_step, self.clock())  # the step's end (its log may come a step later: LOSS_READ)
+            # deferred read: the step's end (its log comes a step later); each-step: the clock at the log, as main's line
+            at = self.step_ends.get(state.global_step, self.clock()) if reads_deferred() else self.clock()
             used = self.prior + at - self.t0
             left = max(self.budget_s - used, 0)
             tok_s = (state.num_input_tokens_seen or 0) - self.tokens_at_start

@@ -188,9 +188,6 @@ def test_the_each_step_read_on_cuda_never_makes_the_guard_wait_for_the_device(ti
     assert syncs == []
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-19b: in the default each-step mode the guard's log line now reads the step's "
-                   "end (step_ends) instead of the clock at the log as main did: 'budget used' / 'left' / tok/s leave out "
-                   "the wait for the device between on_step_end and the loss read; severity cosmetic")
 def test_the_each_step_log_line_says_the_budget_used_when_it_is_logged_as_mains_did(tmp_path):
     """One step ends at 10.0 s, its log (each-step: the loss read, which waits for the device) comes at 10.8 s: main's
     line said 11 s used, 89 s left, 93 tok/s (1000 tokens / 10.8 s)."""
