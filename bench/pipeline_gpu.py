@@ -180,7 +180,7 @@ def train_once(data, probe, cfg, n: int, mode: str, args, log) -> dict:
     chosen = next((t for t in probe.trials if t.get("fits") and t.get("s_per_step") == probe.s_per_step), {})
     stage = steps.summary(skip=2)
     if stage.get("n"):
-        stage["probe_estimator"] = round(step_seconds(steps.deltas[2:]), 4)  # tasks/probe.py step_seconds on the stage's steps
+        stage["probe_estimator"] = round(step_seconds(steps.deltas[2:], "cuda"), 4)  # tasks/probe.py step_seconds on the stage's steps
     if chosen.get("step_times"):
         stage["probe_steps_timed"] = chosen["step_times"]
     gc.collect()

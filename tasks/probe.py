@@ -516,7 +516,7 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         tok.save_pretrained(str(Path(tmp) / "final"))
         save_s, final_save_s = t2 - t1, time.monotonic() - t2
     deltas, tokens = window.deltas(), window.tokens()
-    s_per_step = step_seconds(deltas)
+    s_per_step = step_seconds(deltas, device)
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     load_peak = train_peak if load_peak is None else load_peak  # on CPU the process's RSS high-water mark holds both
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
@@ -604,15 +604,19 @@ class StepWindow:
         return self.marks[-1][1] - self._opening()[1]
 
 
-def step_seconds(deltas: list[float]) -> float:
-    """The probe's step time from its timed steps: the mean of those no slower than OUTLIER_FACTOR x the lower median.
-    Not the plain mean: a step that compiles a kernel for a new shape (Triton specializes on sizes; packed rows vary)
-    took 3x the rest on an H200 and made a whole run's step estimate 3x short, so the step cap ended it at 61% of its
-    budget. Not the median or the faster of two either: stage 4 pays its slower steps too (demo-gpu's ran a mean 5%
-    over their median), and the faster of two timed steps read 3.12 s where the 15 GiB stage ran 3.25 s a step
-    (2026-12-07, one H100). Of two steps the lower median is the faster: a slower one beyond the factor is left out."""
+def step_seconds(deltas: list[float], device: str) -> float:
+    """The probe's step time from its timed steps on `device`. On CUDA (its window of seconds, `timed_window`): the mean
+    of those no slower than OUTLIER_FACTOR x the lower median. Not the plain mean: a step that compiles a kernel for a
+    new shape (Triton specializes on sizes; packed rows vary) took 3x the rest on an H200 and made a whole run's step
+    estimate 3x short, so the step cap ended it at 61% of its budget. Not the median or the faster of two either: stage
+    4 pays its slower steps too (demo-gpu's ran a mean 5% over their median), and the faster of two timed steps read
+    3.12 s where the 15 GiB stage ran 3.25 s a step (2026-12-07, one H100). Of two steps the lower median is the faster:
+    a slower one beyond the factor is left out. Elsewhere (tests, the CPU demo: the configured steps) main's rule: the
+    median of three or more, else the faster of two (or the one)."""
     if not deltas:
         raise ValueError("no timed probe step")
+    if device != "cuda":
+        return statistics.median(deltas) if len(deltas) >= 3 else min(deltas)
     typical = statistics.median_low(deltas)
     kept = [d for d in deltas if d <= OUTLIER_FACTOR * typical]
     return statistics.fmean(kept)

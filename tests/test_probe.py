@@ -58,21 +58,21 @@ def test_the_window_times_from_the_last_warm_up_step_or_the_start_and_counts_its
 
 def test_an_outlier_step_does_not_set_the_estimate():
     """A step that compiles a kernel for a new shape (3x the rest on an H200) is left out wherever it falls."""
-    assert step_seconds([1.77, 0.59]) == 0.59
-    assert step_seconds([0.6] * 10 + [1.8]) == pytest.approx(0.6)
-    assert step_seconds([1.8, 0.6, 0.6]) == pytest.approx(0.6)
-    assert step_seconds([0.6, 0.6, 0.6 * OUTLIER_FACTOR + 0.01]) == pytest.approx(0.6)
+    assert step_seconds([1.77, 0.59], "cuda") == 0.59
+    assert step_seconds([0.6] * 10 + [1.8], "cuda") == pytest.approx(0.6)
+    assert step_seconds([1.8, 0.6, 0.6], "cuda") == pytest.approx(0.6)
+    assert step_seconds([0.6, 0.6, 0.6 * OUTLIER_FACTOR + 0.01], "cuda") == pytest.approx(0.6)
 
 
 def test_the_estimate_is_the_mean_of_the_typical_steps_not_the_fastest():
     """Stage 4 pays its slower steps too: the faster of two timed steps (3.12 s) read 4% under the 15 GiB stage's 3.25 s,
     and demo-gpu's steps ran a mean 5% over their median."""
-    assert step_seconds([3.12, 3.25]) == pytest.approx(3.185)
+    assert step_seconds([3.12, 3.25], "cuda") == pytest.approx(3.185)
     skewed = [0.52, 0.55, 0.57, 0.60, 0.62, 0.71, 0.79]
-    assert step_seconds(skewed) == pytest.approx(sum(skewed) / len(skewed))
-    assert step_seconds([0.7]) == 0.7
+    assert step_seconds(skewed, "cuda") == pytest.approx(sum(skewed) / len(skewed))
+    assert step_seconds([0.7], "cuda") == 0.7
     with pytest.raises(ValueError):
-        step_seconds([])
+        step_seconds([], "cuda")
 
 
 def test_the_probe_times_the_window_its_device_asks_for(tiny_cfg, shared_artifacts, monkeypatch):
@@ -88,24 +88,20 @@ def test_the_probe_times_the_window_its_device_asks_for(tiny_cfg, shared_artifac
         rec = probe_mod.probe_throughput(data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, budget, "cpu", shared_artifacts)
         (trial,) = rec.trials
         assert len(trial["step_times"]) == timed, trial
-        assert rec.s_per_step == pytest.approx(step_seconds(trial["step_times"]), abs=1e-3)
+        assert rec.s_per_step == pytest.approx(step_seconds(trial["step_times"], "cpu"), abs=1e-3)
         assert rec.tokens_per_step > 0
 
 
 # --- review of perf-19b (2026-12-07) -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-19b: the claim 'on CPU nothing changes (same estimate as main's code on the "
-                   "same step times)' does not hold: step_seconds has no device and averages the kept steps everywhere, so "
-                   "two CPU steps 1.0/1.4 s read 1.2 s (main: 1.0) and main's own test list reads 0.60 (main: 0.605); "
-                   "severity low (a CPU probe plans fewer steps where its slower step is within 1.5x)")
 def test_off_the_gpu_the_estimate_is_mains_on_the_same_step_times():
     """main's `step_seconds`: the median of three or more timed steps, else the faster of two (or the one)."""
     import statistics
 
     for deltas in ([1.0, 1.4], [1.77, 0.59, 0.61, 0.60], [0.5, 0.6, 0.7, 0.8]):
         mains = statistics.median(deltas) if len(deltas) >= 3 else min(deltas)
-        assert step_seconds(deltas) == pytest.approx(mains), deltas
+        assert step_seconds(deltas, "cpu") == pytest.approx(mains), deltas
 
 
 @pytest.mark.xfail(strict=True, reason="review perf-19b: where the lower median is 0 s every step that took time is dropped as an "
@@ -115,7 +111,7 @@ def test_off_the_gpu_the_estimate_is_mains_on_the_same_step_times():
 def test_a_lower_median_of_zero_does_not_drop_every_step_that_took_time():
     from tasks.probe import step_plan
 
-    s = step_seconds([0.0, 0.0, 1.0, 1.0])
+    s = step_seconds([0.0, 0.0, 1.0, 1.0], "cuda")
     assert s > 0
     steps, _ = step_plan(60.0, 1.0, s, 0.1, 0.1, 1.0, None)
     assert steps < 1000
