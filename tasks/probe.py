@@ -558,7 +558,7 @@ def compile_note(trial: dict) -> str:
 # of three, not the faster of two). On the CPU (tests, the CPU demo) the window is budget.probe_steps as set.
 PROBE_MIN_WINDOW_S = 8.0
 PROBE_MAX_TIMED_STEPS = 40
-OUTLIER_FACTOR = 1.5  # a timed step this many times the typical one (the lower median) is left out of the estimate
+OUTLIER_FACTOR = 1.5  # a timed step this many times the typical one (the median) is left out of the estimate
 
 
 def timed_window(device: str) -> tuple[float, int]:
@@ -606,20 +606,24 @@ class StepWindow:
 
 def step_seconds(deltas: list[float], device: str) -> float:
     """The probe's step time from its timed steps on `device`. On CUDA (its window of seconds, `timed_window`): the mean
-    of those no slower than OUTLIER_FACTOR x the lower median. Not the plain mean: a step that compiles a kernel for a
+    of those no slower than OUTLIER_FACTOR x the median. Not the plain mean: a step that compiles a kernel for a
     new shape (Triton specializes on sizes; packed rows vary) took 3x the rest on an H200 and made a whole run's step
     estimate 3x short, so the step cap ended it at 61% of its budget. Not the median or the faster of two either: stage
     4 pays its slower steps too (demo-gpu's ran a mean 5% over their median), and the faster of two timed steps read
-    3.12 s where the 15 GiB stage ran 3.25 s a step (2026-12-07, one H100). Of two steps the lower median is the faster:
-    a slower one beyond the factor is left out. Elsewhere (tests, the CPU demo: the configured steps) main's rule: the
-    median of three or more, else the faster of two (or the one)."""
+    3.12 s where the 15 GiB stage ran 3.25 s a step (2026-12-07, one H100). The median, not the lower one: a lower
+    median of 0 s kept only the 0-s steps (an estimate of 0 s plans ~1e10 steps), and of [0.5, 0.5, 1, 1] kept the
+    fast half. Where only 0-s steps are kept (a median of 0 s, or [0, 0, 1, 1]: 1 > 1.5 x 0.5) the estimate is the
+    mean of all, never 0 from steps that took time. Of two steps the median
+    is their mean: the slower is left out only beyond 3x the faster (a GPU window has two steps only where a step
+    takes over PROBE_MIN_WINDOW_S). Elsewhere (tests, the CPU demo: the configured steps) main's rule: the median of
+    three or more, else the faster of two (or the one)."""
     if not deltas:
         raise ValueError("no timed probe step")
     if device != "cuda":
         return statistics.median(deltas) if len(deltas) >= 3 else min(deltas)
-    typical = statistics.median_low(deltas)
-    kept = [d for d in deltas if d <= OUTLIER_FACTOR * typical]
-    return statistics.fmean(kept)
+    typical = statistics.median(deltas)
+    kept = statistics.fmean([d for d in deltas if d <= OUTLIER_FACTOR * typical])
+    return kept if kept > 0 else statistics.fmean(deltas)  # only 0-s steps kept: never 0 from steps that took time
 
 
 def _rss_gb() -> float:
