@@ -76,6 +76,12 @@ def main() -> None:
     bad = [m for m in args.loss_reads if m not in LOSS_READS]
     if bad or not args.loss_reads:
         ap.error(f"--loss-read {args.loss_read!r}: modes are {', '.join(LOSS_READS)} (comma-separated)")
+    counts = [int(g) for g in args.gpus.split(",")]
+    if "deferred" in args.loss_reads and max(counts) > 1:
+        # several GPUs train through torchrun: its ranks import tasks.train afresh (LOSS_READ each-step, and the deferred
+        # read is one process only), so a 'deferred' result would be an each-step run under another label
+        ap.error(f"--loss-read {args.loss_read!r} with --gpus {args.gpus}: the deferred read runs on one process only; "
+                 "time it with --gpus 1")
 
     data_path = Path(args.artifacts) / "mixed.jsonl"
     data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,6 @@ def main() -> None:
     overrides.append(f"budget.vram_gb={args.vram_gb or 'null'}")
     overrides += args.extra
     log = lambda m: print(m, flush=True)  # noqa: E731
-    counts = [int(g) for g in args.gpus.split(",")]
     results = []
     for n in counts:
         results.append(run_once(overrides + [f"training.gpus={n}"], args, log))

@@ -435,11 +435,7 @@ def test_pipeline_gpu_refuses_an_unknown_loss_read_mode(monkeypatch, capsys):
     assert "--loss-read 'each-step,later': modes are deferred, each-step" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-19b: --gpus N>1 with --loss-read deferred trains through torchrun, whose "
-                   "ranks never see the bench's LOSS_READ (set in this process) and fall back to each-step anyway "
-                   "(dist.world() > 1), while the result is labelled 'deferred' and its ledger/step clock time this idle "
-                   "process; the bench neither refuses nor relabels it; severity low (bench only: a mislabelled A/B)")
-def test_pipeline_gpu_does_not_report_a_deferred_read_it_cannot_run_on_several_gpus(monkeypatch, tmp_path):
+def test_pipeline_gpu_does_not_report_a_deferred_read_it_cannot_run_on_several_gpus(monkeypatch, tmp_path, capsys):
     from bench import pipeline_gpu
 
     runs = []
@@ -456,7 +452,9 @@ def test_pipeline_gpu_does_not_report_a_deferred_read_it_cannot_run_on_several_g
     try:
         pipeline_gpu.main()
     except SystemExit:
-        return  # refused: fine
+        err = capsys.readouterr().err
+        assert "--loss-read 'each-step,deferred' with --gpus 2: the deferred read runs on one process only; time it with --gpus 1" in err
+        return  # refused, in one line
     assert not [r for r in runs if r[0] != "training.gpus=1" and "deferred" in r[1]], runs
 
 
