@@ -284,6 +284,14 @@ class HostLedger:
         self._set(owner, name, timed)
 
     def __enter__(self):
+        try:
+            self._wrap_all()
+        except BaseException:
+            self.__exit__(None, None, None)  # a failed __enter__ gets no __exit__: put back what was already wrapped
+            raise
+        return self
+
+    def _wrap_all(self) -> None:
         import torch
         import transformers
         from transformers.integrations import TensorBoardCallback
@@ -313,7 +321,6 @@ class HostLedger:
 
         self._set(train_mod.BudgetGuard, "on_pre_optimizer_step", pre)
         self._set(train_mod.BudgetGuard, "on_optimizer_step", post)
-        return self
 
     def _set(self, owner, name: str, value) -> None:
         """`owner.name = value`, undone on exit: the attribute put back, or removed where `owner` only inherited it."""

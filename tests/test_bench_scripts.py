@@ -458,10 +458,6 @@ def test_pipeline_gpu_does_not_report_a_deferred_read_it_cannot_run_on_several_g
     assert not [r for r in runs if r[0] != "training.gpus=1" and "deferred" in r[1]], runs
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-19b: HostLedger.__enter__ patches as it goes, so a name it cannot wrap (here "
-                   "Trainer.get_batch_samples absent, as in a transformers without it) raises with torch.Tensor.item, "
-                   "torch.cuda.synchronize and the guard's methods already wrapped, and a failed __enter__ gets no "
-                   "__exit__: they stay wrapped for the process; severity low (bench only; the pinned transformers has every name)")
 def test_pipeline_gpu_ledger_that_cannot_wrap_a_name_leaves_nothing_wrapped(monkeypatch):
     import torch
     import transformers
