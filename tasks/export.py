@@ -936,13 +936,42 @@ class ServedOnly:
 
     def __init__(self, app, name: str, api_key: str | None) -> None:
         self.app, self.name, self.api_key = app, name, api_key
+        self.answering: set[asyncio.Task] = set()  # the requests under way (their tasks), which a stop waits for
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # the lifespan's startup and shutdown
+        if scope["type"] == "lifespan":  # its startup and shutdown
+            return await self.app(scope, self.shutdown_after_the_cut(receive), send)
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope, refused = self.guarded(scope)
         if refused is not None:
             return await refused(scope, receive, send)
+        task = asyncio.current_task()
+        self.answering.add(task)
+        try:
+            await self.answered(scope, receive, send)
+        finally:
+            self.answering.discard(task)
+
+    def shutdown_after_the_cut(self, receive):
+        """The lifespan's `receive`, which hands the app its shutdown once the requests the stop's grace cut off have
+        ended (end_cut). uvicorn cancels them, then shuts the app down, and the process ends with its event loop,
+        cancelling what is still running: on transformers 5.17, whose `@app.middleware("http")` (a task group) the
+        cancellation went through, it reached this layer a few turns of the loop later, after the loop had ended, and a
+        cut stream ended without its error and [DONE], a held request with no answer at all instead of the 503 (both
+        shown on 5.17; the same layers in Starlette alone cut the ending off too). Bounded: each ending takes at most
+        CUT_END_S, and the requests were cancelled."""
+
+        async def receiving():
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self.answering:
+                await asyncio.wait(set(self.answering), timeout=CUT_END_S + 1)
+            return message
+
+        return receiving
+
+    async def answered(self, scope, receive, send) -> None:
+        """Answer a request the guard let through, ending it if the stop's grace cuts it off (end_cut)."""
         started = ended = False
         sent = SentStream()
 

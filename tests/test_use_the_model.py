@@ -4590,3 +4590,76 @@ def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(
         client.close()
         proc.kill()
         proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "held"])
+def test_served_only_ends_a_cut_request_behind_an_http_middleware_before_the_server_exits(tmp_path, stream):
+    """transformers 5.17 builds its app with an `@app.middleware("http")` (its request id; 5.25's is a plain ASGI
+    one), a task group that the stop's cancellation goes through: it reached ServedOnly a few turns of the event loop
+    late, after uvicorn had shut the app down and the process's loop had ended, cancelling the ending itself. A stream
+    the stop's grace cut off ended without its error and [DONE], and a request still held for its first token got
+    uvicorn's 500 instead of the 503 (on 5.17's real server: no answer at all). Shown with uvicorn serving ServedOnly
+    around a FastAPI app with such a middleware (a stream that never ends, a request held 100 s), graceful-stop timeout
+    2 s; the lifespan's shutdown now waits for the cut requests' endings (ServedOnly.shutdown_after_the_cut)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    port = _free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import asyncio\n"
+        "import uvicorn\n"
+        "from fastapi import FastAPI\n"
+        "from fastapi.responses import StreamingResponse\n"
+        "from tasks.export import ServedOnly\n"
+        "app = FastAPI()\n"
+        "@app.middleware('http')\n"
+        "async def request_id(request, call_next):  # as transformers 5.17's request_id_middleware\n"
+        "    response = await call_next(request)\n"
+        "    response.headers['x-request-id'] = 'r1'\n"
+        "    return response\n"
+        "@app.post('/v1/chat/completions')\n"
+        "async def chat(body: dict):\n"
+        "    if not body.get('stream'):\n"
+        "        await asyncio.sleep(100)  # held for its first token\n"
+        "    async def events():\n"
+        "        while True:\n"
+        "            yield 'data: {\"choices\": [{\"delta\": {\"content\": \"x\"}, \"index\": 0}]}\\n\\n'\n"
+        "            await asyncio.sleep(0.1)\n"
+        "    return StreamingResponse(events(), media_type='text/event-stream')\n"
+        f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, timeout_graceful_shutdown=2)).run()\n")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    answered: dict = {}
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        client = threading.Thread(target=lambda: answered.update(
+            events=[d for _, d in _sse(url, {"messages": []})] if stream else None,
+            answer=None if stream else _request(url, {"messages": []}, timeout=60)))
+        client.start()
+        time.sleep(2)  # the request is in: streaming, or held
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        client.join(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert "timeout graceful shutdown exceeded" in text and "Exception in ASGI application" not in text, text[-2000:]
+    if stream:
+        events = answered.get("events") or []
+        assert events[-1] == "[DONE]" and "stopped" in json.loads(events[-2])["error"]["message"], events[-3:]
+    else:
+        code, body = answered.get("answer") or (None, "")
+        assert code == 503 and "stopped before answering" in json.loads(body)["error"]["message"], (code, body[:300])
