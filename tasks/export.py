@@ -866,12 +866,15 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers.cli import serve as hf_serve
     from transformers.cli.serving import server as hf_server
+    from transformers.cli.serving import utils as hf_utils
 
     build = hf_server.build_server
 
     def build_guarded(*args, **kwargs):
         app = build(*args, **kwargs)
         answer_head_where_get_is_served(app)
+        if not hasattr(hf_utils, "CancelOnDisconnect"):  # transformers <= 5.24 (5.17): 5.25 adds its own
+            app.add_middleware(CancelOnDisconnect)
         app.add_middleware(ServedOnly, name=name, api_key=api_key)  # the outermost layer: added last
 
         @app.exception_handler(StarletteHTTPException)
@@ -1036,6 +1039,48 @@ class ServedOnly:
                 return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
                                            kind="authentication_error", code="invalid_api_key")
         return scope, None
+
+
+class CancelOnDisconnect:
+    """Cancels the handling of a request whose client leaves before its answer is complete, as transformers 5.25's
+    middleware of that name does; added where transformers has none (5.17, the GPU machine's). There a non-streamed
+    answer whose client left was generated to its end (its max_tokens, or the context's), holding every later request
+    that long: only a stream's end cancelled its generation. The cancellation ends the handler's wait, and the
+    generation with it (until_client_leaves)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        handling = asyncio.current_task()
+        messages: asyncio.Queue = asyncio.Queue()
+        answered = False
+
+        async def send_and_note_the_end(message) -> None:
+            nonlocal answered
+            await send(message)
+            answered = answered or message["type"] == "http.response.body" and not message.get("more_body", False)
+
+        async def pass_messages_on() -> None:
+            while True:
+                message = await receive()
+                messages.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    if not answered:
+                        handling.cancel()
+                    return
+
+        watcher = asyncio.create_task(pass_messages_on())
+        try:
+            await self.app(scope, messages.get, send_and_note_the_end)
+        except asyncio.CancelledError:
+            if not watcher.done():  # the server stopping, not the client leaving
+                raise
+            handling.uncancel()
+        finally:
+            watcher.cancel()
 
 
 class SentStream:
@@ -3158,7 +3203,7 @@ class StoppingModel:
         self.model, self.criteria = model, criteria
 
     def generate(self, *args, **kwargs):
-        return self.model.generate(*args, stopping_criteria=self.criteria, **kwargs)
+        return self.model.generate(*args, stopping_criteria=[*(kwargs.pop("stopping_criteria", None) or ()), *self.criteria], **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -3199,6 +3244,39 @@ class GeneratedTokens:
 
     def put_token(self, token_id: int) -> None:
         self.ids.append(token_id)
+
+
+async def until_client_leaves(given: dict, answering):
+    """`await answering()`, a non-streamed answer's generation, ended when its handling is cancelled (its client left:
+    CancelOnDisconnect). transformers >= 5.25's model-process client cancels its own generation then (`given` has its
+    `engine`). <= 5.24 (5.17) generates with the model on a thread, which a cancelled await left running to the
+    answer's end: the model (`given["model"]`, replaced) now also stops at a step once the handling was cancelled, and
+    the generation is awaited in a task of its own, so that its end finds its future still waited for (a cancelled
+    one made the thread's set_result an error in the log)."""
+    if "engine" in given or "model" not in given:
+        return await answering()
+    import threading
+
+    left = threading.Event()
+    given["model"] = StoppingModel(given["model"], [until_set(left)])
+    generating = asyncio.ensure_future(answering())
+    try:
+        return await asyncio.shield(generating)
+    except asyncio.CancelledError:
+        left.set()
+        generating.add_done_callback(lambda task: task.cancelled() or task.exception())  # its end, whatever, is nobody's
+        raise
+
+
+def until_set(event):
+    """generate()'s stopping criterion that ends a generation once `event` (a threading.Event) is set."""
+
+    def check(input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return check
 
 
 def generate_until_stop(model, processor, inputs: dict, generation_kwargs: dict, streamer=None) -> list[int]:
@@ -3573,7 +3651,7 @@ def answer_as_openai_does() -> None:
             if stops:
                 stop_generating_at(given, stops, streaming=False)
             try:
-                response = await non_streaming(*bound.args, **bound.kwargs)
+                response = await until_client_leaves(given, lambda: non_streaming(*bound.args, **bound.kwargs))
             except Exception as e:
                 # a 500 before, the reason in the log only (a review, 2026-12-06); a 400, not a 5xx: the same request
                 # fails again (clients retry 5xx), a shorter one is answered

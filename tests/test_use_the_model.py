@@ -1733,18 +1733,72 @@ def test_serve_model_merged_a_request_whose_client_leaves_frees_the_server(serve
     generation that runs on take far longer than the bound below (~700 tokens/s on 2 CPU cores: ~25 min), and the next
     request, 1 token, takes a second. One server serves every case in turn (`served_endless`): a generation a case left
     running holds that case's own next request."""
-    import transformers
-    from transformers.cli.serving import utils
-
-    if not asked.get("stream") and not hasattr(utils, "CancelOnDisconnect"):
-        pytest.skip(f"transformers {transformers.__version__}'s serve has no CancelOnDisconnect (5.25's): nothing ends a "
-                    "non-streamed generation when its client leaves (only a stream's end cancels it)")
     pub, base = served_endless
     url = f"{base}/v1/completions"
     endless = {"prompt": "Say the", "temperature": 0, "logit_bias": _the_bias(pub), "stop": ["never-generated"]}
     _leave_during(url, {**endless, **asked})
     code, answer = _request(url, {"prompt": "Say the", "max_tokens": 1, "temperature": 0}, timeout=240)
     assert code == 200 and json.loads(answer)["usage"]["completion_tokens"] == 1, answer
+
+
+def _counting_generated_tokens(tmp_path: Path, counts: Path) -> Path:
+    """A folder whose sitecustomize.py makes the server's generate() append the number of steps it generated to `counts`
+    when it ends (returned or raised), wherever it runs (the server's process, or 5.25's model process); to go first on
+    the server's PYTHONPATH."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch\n"
+        "from transformers.generation import utils\n"
+        "generate = utils.GenerationMixin.generate\n"
+        "def counting(self, *args, **kwargs):\n"
+        "    steps = [0]\n"
+        "    def count(input_ids, scores, **kw):\n"
+        "        steps[0] += 1\n"
+        "        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)\n"
+        "    kwargs['stopping_criteria'] = [*(kwargs.get('stopping_criteria') or ()), count]\n"
+        "    try:\n"
+        "        return generate(self, *args, **kwargs)\n"
+        "    finally:\n"
+        f"        with open({str(counts)!r}, 'a') as f:\n"
+        "            f.write(f'{steps[0]}\\n')\n"
+        "utils.GenerationMixin.generate = counting\n")
+    return site
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asked", [{}, {"stop": ["never-generated"]}], ids=["plain", "stop"])
+def test_serve_model_merged_a_non_streamed_generation_ends_when_its_client_leaves(own_published, tmp_path, asked):
+    """transformers 5.17 (the GPU machine's) has no CancelOnDisconnect: a non-streamed request whose client left was
+    generated to its end, max_tokens tokens (or the context's), holding every later request. Counted in tokens: the
+    server's generate() writes how many steps it took when it ends. A request for 200,000 tokens (a copy of the tiny
+    run with a context of 2**20; ~700 tokens/s on 2 CPU cores) whose client leaves after 3 s ends a small part of the
+    way in, with a stop string (StoppingModel's path) or without."""
+    import signal
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_with_context(art, pub, tmp_path / "art", 2 ** 20)
+    counts, log, asked_for = tmp_path / "counts.txt", tmp_path / "serve.log", 200_000
+    proc, base = _start_serve_model(copy, log, env={"PYTHONPATH": f"{_counting_generated_tokens(tmp_path, counts)}:{PROJECT_ROOT}"})
+    try:
+        url = f"{base}/v1/completions"
+        code, answer = _request(url, {"prompt": "Say the", "max_tokens": 2, "temperature": 0})  # warm: the model loaded
+        assert code == 200 and counts.exists(), answer[:300]
+        before = len(counts.read_text().split())
+        _leave_during(url, {"prompt": "Say the", "temperature": 0, "max_tokens": asked_for,
+                            "logit_bias": _the_bias(copy / pub.relative_to(art)), **asked})
+        deadline = time.monotonic() + 120  # a wait for the count, not a bound asserted: the count is what is checked
+        while len(counts.read_text().split()) == before and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    generated = counts.read_text().split()[before:]
+    assert generated and int(generated[0]) < asked_for // 10, (generated, log.read_text()[-2000:])
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def test_serve_model_merged_refuses_a_generation_config_setting_of_the_wrong_type_with_400_naming_it(served_r1):
