@@ -2596,6 +2596,21 @@ def template_keeping_whitespace(template: dict | None) -> dict | None:
     return {**template, "fields": fields}
 
 
+def template_reasoning_as_read(template: dict | None) -> dict | None:
+    """A transformers response template whose reasoning field has the name this transformers' serve reads reasoning
+    under. 5.25 reads `reasoning_content` (its fallbacks' name, and the one it asks templates for) and `thinking`
+    (Hub templates that still use it); 5.17 reads `thinking` alone: a tokenizer's own template naming its reasoning
+    `reasoning_content` had its reasoning dropped there, from the answer (parse_assistant_message) and from the
+    stream (response_events_to_chunks) alike. On 5.17 that field is read as `thinking`, which its handlers answer as
+    reasoning_content, as 5.25's do."""
+    from transformers.cli.serving import utils
+
+    fields = template.get("fields") if isinstance(template, dict) else None
+    if hasattr(utils, "_REASONING_FIELDS") or not isinstance(fields, dict) or "reasoning_content" not in fields or "thinking" in fields:
+        return template
+    return {**template, "fields": {("thinking" if name == "reasoning_content" else name): field for name, field in fields.items()}}
+
+
 def template_without_tool_calls(template: dict | None) -> dict | None:
     """A transformers response template (what serve parses an answer's reasoning, tool calls and text with) that
     reads no tool calls: the text a call's markup spans is the answer's text."""
@@ -3766,6 +3781,7 @@ def response_template_as_served(request_options) -> None:
     """Make transformers serve read answers with its response template (get_response_template, which both its stream
     parser and its whole-answer parser read; 5.17 and 5.25 alike, each calling it from its own module):
     - keeping the text's whitespace (template_keeping_whitespace): a non-streamed answer is its stream's text;
+    - reading the reasoning whatever the template names it (template_reasoning_as_read);
     - parsing no tool call from the answer of a request that shows the model no tool (`request_options`'
       no_tool_calls): none sent, or tool_choice "none" (tools_left_out). A call-like text the model writes all the
       same is its answer's text, as OpenAI's model, shown no tool, answers a message: serve parsed calls from every
@@ -3779,7 +3795,7 @@ def response_template_as_served(request_options) -> None:
         return
 
     def get_response_template(processor, config):
-        template = template_keeping_whitespace(template_of(processor, config))
+        template = template_reasoning_as_read(template_keeping_whitespace(template_of(processor, config)))
         options = request_options.get()
         template = template_without_tool_calls(template) if options.get("no_tool_calls") else template
         if options:  # a request's (not the variable's shared default): what its stream's text is stripped as (StrippedTextQueue)

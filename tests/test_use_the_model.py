@@ -3519,13 +3519,35 @@ def test_serve_model_merged_answers_head_on_its_get_routes_with_the_get_s_header
         assert answer.getheader("content-length") == str(len(text.encode())), (path, answer.getheaders(), text)
 
 
+def _as_the_handlers_parse(template: dict, answer: str, prefix: str) -> tuple:
+    """(content, reasoning, tool calls) of a whole `answer` after `prefix`, as transformers serve's handlers read it
+    (parse_assistant_message, 5.17 and 5.25 alike) with response `template` (a tokenizer's own): the text stands for
+    its tokens."""
+    from transformers.cli.serving.utils import parse_assistant_message
+    from transformers.utils.chat_parsing.response_parser import parse_response
+
+    class Tokenizer:
+        response_template = template
+
+        def decode(self, ids, **kwargs):  # 5.17 decodes the prompt for the parser's prefix
+            return ids
+
+        def parse_response(self, ids, template, prefix=None, **kwargs):
+            return parse_response(ids, template, prefix=prefix)
+
+    return parse_assistant_message(Tokenizer(), None, answer, prefix)
+
+
 def test_a_whole_answer_keeps_its_whitespace_only_where_the_template_has_no_regions_around_the_text():
     """A second review: template_keeping_whitespace turned the whole-answer parser's strip off for every text field.
     On Qwen 3's and 3.5's templates (transformers' fallbacks, which serve reads for those models) a non-streamed answer
     with thinking off (the prompt ends "<think>\\n\\n</think>\\n\\n") then had reasoning_content "\\n\\n" and content
     "\\n\\nHello there.", and one with thinking "\\nLet me think.\\n" and "\\n\\nThe answer is 4.": the template's
     markup, read as the answer. A template with regions besides the text is read as transformers reads it; one whose
-    only field is the text still keeps the answer's leading space (the first review's case)."""
+    only field is the text still keeps the answer's leading space (the first review's case).
+    Read as the handlers read it (parse_assistant_message: content, reasoning, tool calls; they answer the reasoning as
+    reasoning_content): the fallbacks name the reasoning `thinking` on transformers 5.17 and `reasoning_content` on
+    5.25, and this test, reading the parser's own keys, failed on 5.17 where the answer was right."""
     from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
     from transformers.utils.chat_parsing.response_parser import parse_response
 
@@ -3534,13 +3556,32 @@ def test_a_whole_answer_keeps_its_whitespace_only_where_the_template_has_no_regi
     prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     for family in ("qwen3", "qwen3_5"):
         template = template_keeping_whitespace(next(t for types, t in _RESPONSE_TEMPLATE_FALLBACKS.items() if family in types))
-        for prefix, answer, expected in ((prompt + "<think>\n\n</think>\n\n", "Hello there.<|im_end|>", {"content": "Hello there."}),
+        for prefix, answer, expected in ((prompt + "<think>\n\n</think>\n\n", "Hello there.<|im_end|>", ("Hello there.", None)),
                                          (prompt, "<think>\nLet me think.\n</think>\n\nThe answer is 4.<|im_end|>",
-                                          {"reasoning_content": "Let me think.", "content": "The answer is 4."})):
-            parsed = parse_response(answer, template, prefix=prefix)
-            assert {k: v for k, v in parsed.items() if k != "role"} == expected, (family, answer, parsed)
+                                          ("The answer is 4.", "Let me think."))):
+            content, reasoning, calls = _as_the_handlers_parse(template, answer, prefix)
+            assert (content, reasoning, calls) == (*expected, None), (family, answer, content, reasoning)
     text_only = {"defaults": {"role": "assistant"}, "start_anchor": "### Assistant:\n", "fields": {"content": {"content": "text"}}}
     assert parse_response(" the the", template_keeping_whitespace(text_only), prefix="### Assistant:\n")["content"] == " the the"
+
+
+def test_a_template_naming_its_reasoning_either_way_answers_it_as_reasoning_content():
+    """A tokenizer's own response template may name its reasoning `reasoning_content` (transformers 5.25's fallbacks'
+    name, the one it asks templates for) or `thinking` (5.17's fallbacks', Hub templates that still use it). 5.25's
+    handlers read both; 5.17's read `thinking` alone: the reasoning of a template naming it `reasoning_content` was
+    dropped from the answer (and from the stream). Read through template_reasoning_as_read (as the served
+    get_response_template returns it), the handlers get it either way, and answer it as reasoning_content."""
+    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+
+    from tasks.export import template_reasoning_as_read
+
+    fallback = next(t for types, t in _RESPONSE_TEMPLATE_FALLBACKS.items() if "qwen3" in types)
+    (named,) = {"reasoning_content", "thinking"} & set(fallback["fields"])
+    prefix = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    for name in ("reasoning_content", "thinking"):
+        template = {**fallback, "fields": {(name if k == named else k): v for k, v in fallback["fields"].items()}}
+        answer = _as_the_handlers_parse(template_reasoning_as_read(template), "<think>\nLet me think.\n</think>\n\nThe answer is 4.<|im_end|>", prefix)
+        assert answer == ("The answer is 4.", "Let me think.", None), (name, answer)
 
 
 def test_serve_model_merged_serves_a_served_path_with_a_trailing_slash(served_r1):
