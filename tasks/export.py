@@ -1687,6 +1687,8 @@ def history_as_served(messages: list[dict]) -> list[dict]:
     for i, m in enumerate(developer_as_system(messages)):
         if m.get("role") == "assistant":
             m = {**m, "content": refusals_as_text(refusal_as_text(m))}
+            if "tool_calls" in m and m["tool_calls"] is None:  # null is not sent (OpenAI's reading; the openai package's
+                del m["tool_calls"]  # message sends it back so): transformers 5.17 iterated it, a TypeError (500)
             if isinstance(m.get("tool_calls"), list):
                 m["tool_calls"] = [{**c, "function": arguments_as_served(c["function"])} for c in m["tool_calls"]]
             if m.get("function_call") is not None:
