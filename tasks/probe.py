@@ -613,10 +613,10 @@ def step_seconds(deltas: list[float], device: str) -> float:
     3.12 s where the 15 GiB stage ran 3.25 s a step (2026-12-07, one H100). The median, not the lower one: a lower
     median of 0 s kept only the 0-s steps (an estimate of 0 s plans ~1e10 steps), and of [0.5, 0.5, 1, 1] kept the
     fast half. Where only 0-s steps are kept (a median of 0 s, or [0, 0, 1, 1]: 1 > 1.5 x 0.5) the estimate is the
-    mean of all, never 0 from steps that took time. Of two steps the median
-    is their mean: the slower is left out only beyond 3x the faster (a GPU window has two steps only where a step
-    takes over PROBE_MIN_WINDOW_S). Elsewhere (tests, the CPU demo: the configured steps) main's rule: the median of
-    three or more, else the faster of two (or the one)."""
+    mean of all, never 0 from steps that took time. Of two steps the median is their mean: the slower is left out only
+    beyond 3x the faster (a GPU window has two steps only where a step takes over PROBE_MIN_WINDOW_S). Elsewhere (tests,
+    the CPU demo: the configured steps) the rule from before the window (2026-12-07): the median of three or more, else
+    the faster of two (or the one)."""
     if not deltas:
         raise ValueError("no timed probe step")
     if device != "cuda":

@@ -196,7 +196,8 @@ LOSS_READ = "each-step"
 
 def reads_deferred() -> bool:
     """Whether this process reads each step's loss a step late (LOSS_READ "deferred", one process): only then does the
-    guard wait for the device near the deadline and date a log line by its step's end; "each-step" is main's path."""
+    guard wait for the device near the deadline and date a log line by its step's end; "each-step" reads as stage 4 did
+    before the switch existed."""
     return LOSS_READ == "deferred" and dist.world() == 1
 
 
@@ -437,7 +438,7 @@ class BudgetGuard(_trainer_callback_base()):
             raise NonFiniteLoss(f"loss became {loss} at step {state.global_step}; {where}. Lower training.learning_rate or check the data")
         self.losses.append((state.global_step, loss))
         if self.log_fn and dist.is_main() and state.global_step % max(args.logging_steps, 1) == 0:
-            # deferred read: the step's end (its log comes a step later); each-step: the clock at the log, as main's line
+            # deferred read: the step's end (its log comes a step later); each-step: the clock at the log, as before the switch
             at = self.step_ends.get(state.global_step, self.clock()) if reads_deferred() else self.clock()
             used = self.prior + at - self.t0
             left = max(self.budget_s - used, 0)
@@ -823,7 +824,7 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
                                                             candidates=training.unlikelihood_candidates)
     guard = BudgetGuard(work, budget_s, prior, training.checkpoint_minutes * 60, probe.save_seconds, probe.final_save_cost, log_fn)
     guard.t0 = t_stage  # the budget covers loading too
-    if device == "cuda" and reads_deferred():  # each-step: the loss read waits for the device at every step (main's guard)
+    if device == "cuda" and reads_deferred():  # each-step: the loss read waits for the device each step (no guard sync)
         guard.device_sync = torch.cuda.synchronize
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts
