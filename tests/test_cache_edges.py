@@ -321,6 +321,24 @@ class TikTokenizer(PreTrainedTokenizer):
 '''
 
 
+def _tik_tokenizer(source: str, folder: Path, vocab: Path, monkeypatch):
+    """The TikTokenizer of `source` (`_TIK_MODULE` or a variant) imported from `folder`/tokenization_tik.py as
+    trust_remote_code imports it (its module in sys.modules, where save_pretrained copies the class's file from), on the
+    four-token vocabulary it writes at `vocab`, registered for AutoTokenizer."""
+    import importlib.util
+    import sys
+
+    folder.mkdir()
+    (folder / "tokenization_tik.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("tokenization_tik", folder / "tokenization_tik.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "tokenization_tik", module)  # save_pretrained copies the class's module file from there
+    spec.loader.exec_module(module)
+    vocab.write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
+    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
+    return module.TikTokenizer(str(vocab), unk_token="<unk>", eos_token="<eos>")
+
+
 def _vocabulary_file_tokenizer(kind: str, tmp_path: Path, monkeypatch):
     """(tokenizer, its vocabulary file's name) for a tokenizer that keeps its vocabulary in a file no TOKENIZER_FILES
     pattern names: transformers' own GPT-NeoX-Japanese (vocab.txt + emoji.json, a causal LM), or a trust_remote_code
@@ -334,18 +352,7 @@ def _vocabulary_file_tokenizer(kind: str, tmp_path: Path, monkeypatch):
         (src / "emoji.json").write_text(json.dumps({"emoji": {}, "emoji_inv": {}}))
         tok, vocab = GPTNeoXJapaneseTokenizer(str(src / "vocab.txt"), str(src / "emoji.json")), "emoji.json"
     else:
-        import importlib.util
-        import sys
-
-        (tmp_path / "tikmod").mkdir()
-        (tmp_path / "tikmod" / "tokenization_tik.py").write_text(_TIK_MODULE)
-        spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "tikmod" / "tokenization_tik.py")
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, "tokenization_tik", module)  # save_pretrained copies the class's module file from there
-        spec.loader.exec_module(module)
-        (src / "tik.tiktoken").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
-        module.TikTokenizer.register_for_auto_class("AutoTokenizer")
-        tok, vocab = module.TikTokenizer(str(src / "tik.tiktoken"), unk_token="<unk>", eos_token="<eos>"), "tik.tiktoken"
+        tok, vocab = _tik_tokenizer(_TIK_MODULE, tmp_path / "tikmod", src / "tik.tiktoken", monkeypatch), "tik.tiktoken"
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     return tok, vocab
 
@@ -680,18 +687,8 @@ def _refused_name_tokenizer(vocab: str, tmp_path: Path, monkeypatch):
     """The `_TIK_MODULE` tokenizer whose class names its vocabulary file `vocab`, a name that is not a plain top-level
     file name ('../tik.tiktoken': a file beside the folder, which from_pretrained reads there; '*.tiktoken': a literal
     file of that name). It loads, from a folder of its files, as training and stage 6 load it."""
-    import importlib.util
-    import sys
-
-    (tmp_path / "refmod").mkdir()
-    (tmp_path / "refmod" / "tokenization_tik.py").write_text(_TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', f"{{'vocab_file': {vocab!r}}}"))
-    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "refmod" / "tokenization_tik.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
-    spec.loader.exec_module(module)
-    (tmp_path / "v.tiktoken").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
-    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
-    tok = module.TikTokenizer(str(tmp_path / "v.tiktoken"), unk_token="<unk>", eos_token="<eos>")
+    source = _TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', f"{{'vocab_file': {vocab!r}}}")
+    tok = _tik_tokenizer(source, tmp_path / "refmod", tmp_path / "v.tiktoken", monkeypatch)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
     return tok
 
@@ -834,19 +831,8 @@ def test_a_local_remote_code_bases_published_copy_holds_its_model_code(tmp_path)
 def _dot_slash_tokenizer(tmp_path: Path, monkeypatch):
     """A remote-code tokenizer shaped as InternLM2's (InternLM2Tokenizer / InternLM2TokenizerFast, InternVL's too):
     `VOCAB_FILES_NAMES = {"vocab_file": "./tokenizer.model"}`, its vocabulary saved as tokenizer.model. A name with './'."""
-    import importlib.util
-    import sys
-
-    (tmp_path / "dotmod").mkdir()
     source = _TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', '{"vocab_file": "./tokenizer.model"}').replace('+ "tik.tiktoken")', '+ "tokenizer.model")')
-    (tmp_path / "dotmod" / "tokenization_tik.py").write_text(source)
-    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "dotmod" / "tokenization_tik.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
-    spec.loader.exec_module(module)
-    (tmp_path / "v.model").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
-    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
-    tok = module.TikTokenizer(str(tmp_path / "v.model"), unk_token="<unk>", eos_token="<eos>")
+    tok = _tik_tokenizer(source, tmp_path / "dotmod", tmp_path / "v.model", monkeypatch)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
     return tok
 
@@ -1045,27 +1031,16 @@ def test_a_tokenizer_keeping_its_vocabulary_in_a_subfolder_of_its_own_is_publish
     ZhinaoTokenizer's vocab_files_names'): the Hub model's code, not the user's to change. The subfolder is the folder's
     own top-level entry, which `_copy_adapter` copies whole as it does additional_chat_templates/: adapter/ can hold it.
     Before a256d1d the run trained and published (adapter/ without vocab/: it did not load); now it cannot start."""
-    import importlib.util
-    import sys
-
     import tasks.publish as publish
     from tasks.config import load_config
     from tasks.preflight import check_publishable
     from transformers import AutoTokenizer
 
-    (tmp_path / "zmod").mkdir()
     source = (_TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', '{"vocab_file": "vocab/tik.tiktoken"}')
               .replace('path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tik.tiktoken")',
                        'os.makedirs(os.path.join(save_directory, "vocab"), exist_ok=True)\n        path = os.path.join(save_directory, "vocab", "tik.tiktoken")'))
     assert 'os.path.join(save_directory, "vocab", "tik.tiktoken")' in source
-    (tmp_path / "zmod" / "tokenization_tik.py").write_text(source)
-    spec = importlib.util.spec_from_file_location("tokenization_tik", tmp_path / "zmod" / "tokenization_tik.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "tokenization_tik", module)
-    spec.loader.exec_module(module)
-    (tmp_path / "v.tiktoken").write_text("".join(f"{c} {i}\n" for i, c in enumerate(["<unk>", "<eos>", "a", "b"])))
-    module.TikTokenizer.register_for_auto_class("AutoTokenizer")
-    tok = module.TikTokenizer(str(tmp_path / "v.tiktoken"), unk_token="<unk>", eos_token="<eos>")
+    tok = _tik_tokenizer(source, tmp_path / "zmod", tmp_path / "v.tiktoken", monkeypatch)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     local = tmp_path / "models" / "zhinao-like"
     tok.save_pretrained(str(local))
