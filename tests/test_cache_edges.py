@@ -90,30 +90,28 @@ def test_an_older_epoch_rule_folder_this_user_cannot_read_does_not_end_training(
     of its own, to log one line. In an artifacts folder shared by several users that folder can be another user's, mode
     700 (umask 077): `is_complete` (Path.is_file of <folder>/COMPLETE) raises PermissionError and stage 4 ends with it,
     for a folder this run would otherwise never touch. `checkpoint_of_another_budget` beside it globs, which skips what
-    it cannot read. Run as an unprivileged user (root reads anything), through setpriv when the tests run as root."""
+    it cannot read. Here the folder is mode 000; root reads anything, so as root the child runs without the capabilities
+    that override file modes (setpriv's bounding set), as root still: the checkout and its .venv stay readable however
+    deep a mode-700 folder they were cloned into (as uid 65534 they were not: a clone under `mktemp -d` failed)."""
     import os
     import shutil
     import subprocess
     import sys
-    import tempfile
 
-    if os.geteuid() == 0 and not shutil.which("setpriv"):
-        pytest.skip("root without setpriv: cannot make a folder unreadable")
-    top = Path(tempfile.mkdtemp(prefix="rc4-train-", dir="/tmp"))  # tmp_path's parents are 700: another user cannot reach it
+    as_other = []
+    if os.geteuid() == 0:
+        as_other = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+        if not shutil.which("setpriv") or subprocess.run([*as_other, "true"], capture_output=True).returncode != 0:
+            pytest.skip("root without setpriv's --bounding-set: cannot make a folder unreadable")
+    old = tmp_path / "oldkey" / "work" / "checkpoint-3"
+    old.mkdir(parents=True)
+    (tmp_path / "oldkey").chmod(0o000)
     try:
-        old = top / "oldkey" / "work" / "checkpoint-3"
-        old.mkdir(parents=True)
-        top.chmod(0o777)
-        (top / "oldkey").chmod(0o700)  # another user's folder (here root's, read by nobody)
         repo = str(Path(__file__).resolve().parents[1])
-        as_other = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
-        if not as_other:
-            (top / "oldkey").chmod(0o000)
-        done = subprocess.run([*as_other, sys.executable, "-c", _OLDER_RULE_LINE, repo, str(top)], capture_output=True, text=True)
+        done = subprocess.run([*as_other, sys.executable, "-c", _OLDER_RULE_LINE, repo, str(tmp_path)], capture_output=True, text=True)
         assert done.returncode == 0 and "LINE None" in done.stdout, done.stderr[-600:]
     finally:
-        (top / "oldkey").chmod(0o700)
-        shutil.rmtree(top, ignore_errors=True)
+        (tmp_path / "oldkey").chmod(0o700)
 
 
 def test_the_published_adapter_gets_the_tokenizer_of_merged_not_its_model_code(tmp_path):
