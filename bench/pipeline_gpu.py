@@ -261,7 +261,8 @@ class HostLedger:
     """Host seconds a training stage spends in each piece of its step besides the model's own kernels (wrapped at the
     class level for the stage's run, restored after): the optimizer step (bitsandbytes' paged 8-bit synchronizes the
     device per LoRA tensor: the wait for the backward's tail is in here), torch.cuda.synchronize calls (count and time),
-    Tensor.item (the loss and grad-norm reads), the guard's step end (heartbeat with fsync), its log line, TensorBoard's
+    Tensor.item (the loss and grad-norm reads), the guard's step end (with the heartbeat's hand-off to its thread, counted
+    apart too; the thread's write_json with fsync, off the step, and the checkpoint markers'), its log line, TensorBoard's
     on_log (scalars + flush), the bar, Trainer.log, and fetching + collating + copying the next micro-batches."""
 
     def __init__(self):
@@ -301,7 +302,8 @@ class HostLedger:
         self._wrap(torch.cuda, "synchronize", "cuda.synchronize")
         self._wrap(torch.Tensor, "item", "Tensor.item")
         self._wrap(train_mod.BudgetGuard, "on_step_end", "guard.on_step_end")
-        self._wrap(train_mod, "write_json", "write_json (heartbeat)")
+        self._wrap(train_mod.Heartbeat, "beat", "heartbeat.beat (training thread)")
+        self._wrap(train_mod, "write_json", "write_json (heartbeat thread, markers)")
         self._wrap(train_mod.BudgetGuard, "on_log", "guard.on_log (log line)")
         self._wrap(train_mod.BudgetBar, "on_step_end", "bar")
         self._wrap(TensorBoardCallback, "on_log", "tensorboard.on_log")

@@ -12,19 +12,21 @@ else `CAP_FACTOR` (4) times the probe's estimate), whichever first, and saves a 
 learning-rate schedule (cosine/linear) runs on *time* — progress = elapsed / budget — not on the probe's
 step estimate, so the LR anneals exactly when the budget ends even when real steps run faster or slower
 than the few the probe timed (data lengths vary; a 4-hour run drifts); when the step cap comes first,
-progress = steps / cap leads instead, so the schedule completes whichever ends the run. Elapsed time is persisted every step (`heartbeat.json`),
-so after a crash the rerun resumes from the newest complete checkpoint — optimizer, scheduler, RNG and data
+progress = steps / cap leads instead, so the schedule completes whichever ends the run. Elapsed time is persisted every step (`heartbeat.json`,
+written off the training thread: `Heartbeat`), so after a crash the rerun resumes from the newest complete checkpoint — optimizer, scheduler, RNG and data
 position via Trainer's own resume — and counts the time already spent against the budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -301,6 +303,74 @@ def _trainer_callback_base():
 SYNC_STEPS = 3  # a deferred loss read lets the host run up to two steps ahead of the GPU; one more for the margin
 
 
+class Heartbeat:
+    """`heartbeat.json`, the elapsed time and step a crashed run's rerun counts against the budget (`_prior_elapsed`),
+    written by a thread of its own instead of the training thread. `write_json` fsyncs, and stage 4 wrote it after every
+    step while the GPU idled (a drained step: PERF_NOTES' list, row 4): a median 4-8 ms a step on this project's CPU box's disk,
+    a round trip to the server or more on a network filesystem (docs/PERF_NOTES.md "The heartbeat and TensorBoard off
+    the step"). `beat` hands the newest value over and returns; the thread writes the newest it holds, so a disk slower
+    than a step skips values, never queues them.
+
+    What a crash can lose from the count: the time since the newest value on disk, i.e. the step it was running plus at
+    most two writes (the one in flight and the one before it: a few ms on a local disk, a network filesystem's fsync
+    otherwise); writing on the training thread lost the step alone. `beat(..., wait=True)` (a checkpoint, a stop, a
+    signal) and `flush` (the end of training) return once the value is on disk. A write that fails (a full disk) raises
+    on the training thread at the next `beat` or `flush`, as it raised there before. The thread ends after IDLE_S
+    without a beat and starts again with the next one: nothing is left running by a guard that was never ended."""
+
+    IDLE_S = 30.0
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cv = threading.Condition()
+        self._newest: dict | None = None
+        self._handed = 0  # values handed over so far
+        self._written = 0  # the newest of them on disk (its number)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def beat(self, value: dict, wait: bool = False) -> None:
+        """Hand `value` to the writer; `wait`: return once it is on disk."""
+        with self._cv:
+            self._raise_failure()
+            self._newest, self._handed = value, self._handed + 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_newest, name="heartbeat", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+        if wait:
+            self.flush()
+
+    def flush(self) -> None:
+        """Return once the newest value handed over is on disk (or its write failed: raised here)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._written >= self._handed or self._error is not None)
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_newest(self) -> None:
+        while True:
+            with self._cv:
+                if not self._cv.wait_for(lambda: self._handed > self._written, timeout=self.IDLE_S):
+                    self._thread = None  # idle: the next beat starts another
+                    return
+                value, number = self._newest, self._handed
+            try:
+                write_json(self.path, value)
+            except BaseException as e:  # noqa: BLE001 - raised on the training thread (`beat`, `flush`)
+                with self._cv:
+                    self._error, self._written = e, number
+                    self._cv.notify_all()
+                continue
+            with self._cv:
+                self._written = number
+                self._cv.notify_all()
+
+
 class BudgetGuard(_trainer_callback_base()):
     """Stops at the deadline, checkpoints every N minutes, refuses NaN/inf loss, saves on Ctrl-C.
 
@@ -341,6 +411,7 @@ class BudgetGuard(_trainer_callback_base()):
         # the deadline the guard waits for them before it reads its clock, so the stop weighs the steps that ran.
         self.device_sync: Callable[[], None] | None = None
         self.step_ends: dict[int, float] = {}  # the last steps' ends on the guard's clock: a log line made a step late says its own
+        self.heartbeat = Heartbeat(work / "heartbeat.json")  # rank 0's, written off the training thread
 
     def elapsed(self) -> float:
         return self.prior + self.clock() - self.t0
@@ -371,7 +442,8 @@ class BudgetGuard(_trainer_callback_base()):
         mine = self.weigh(state.global_step, self.elapsed(), recent, save) and state.global_step < state.max_steps
         stop, save, interrupted, self.synced_elapsed = dist.sync_max([mine, save, self.interrupted, self.elapsed()])
         if dist.is_main():
-            write_json(self.work / "heartbeat.json", {"elapsed": self.synced_elapsed, "step": state.global_step})
+            # on disk before a checkpoint's marker, a stop's final save or a signal's exit; otherwise not waited for
+            self.heartbeat.beat({"elapsed": self.synced_elapsed, "step": state.global_step}, wait=bool(stop or save or interrupted))
         if stop:
             # No checkpoint on a budget stop: the final adapter is saved right after, in the budget's time.
             self.stopped_by = "budget"
@@ -411,6 +483,10 @@ class BudgetGuard(_trainer_callback_base()):
         self.weighed = self.weighed[-1:] + [{"step": step, "elapsed": elapsed, "step_seconds": step_s, "checkpoint_due": checkpoint_due,
                                              "ends_if_stopped": elapsed + self.final_save_s, "ends_after_one_more": elapsed + ahead + self.final_save_s}]
         return stop_nearest(elapsed, ahead, self.final_save_s, self.budget_s)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.heartbeat.flush()  # the last step's count on disk; a write that failed raises here
+        return control
 
     def on_train_begin(self, args, state, control, **kw):
         self.tokens_at_start = int(state.num_input_tokens_seen or 0)  # the checkpoint's count when resuming
@@ -898,6 +974,10 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     finally:
         bar.close()  # before the error is printed: a NaN loss, an OOM or Ctrl-C ends the bar's line, not the message's start
         _restore_interrupt(previous)
+        # Training raised: the heartbeat's pending value on disk before an out-of-memory retry reads it (`_prior_elapsed`);
+        # a failed write is not raised over the error in flight (the normal end flushed in on_train_end, raising).
+        with contextlib.suppress(Exception):
+            guard.heartbeat.flush()
     if guard.interrupted:
         saved = newest_checkpoint(work)
         if saved is None:

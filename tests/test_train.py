@@ -987,6 +987,7 @@ def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: f
             clock[0] += checkpoint_s
             control.should_save = False
             guard.on_save(None, state, control)
+    guard.heartbeat.flush()
     return guard, state.global_step, clock[0] + final_s
 
 
@@ -1125,3 +1126,95 @@ def test_a_run_that_training_max_steps_ends_saves_the_checkpoints_the_probes_fix
             guard.on_save(None, state, control)
     assert (state.global_step, guard.stopped_by) == (400, "max_steps")
     assert rec.fixed_seconds == 2.0 + 0.5 + saved * 2.0, (rec.fixed_seconds, saved)
+
+
+# --- perf-12: the step's bookkeeping off the training thread (2026-12-07) ------------------------------------------------
+
+
+def test_the_heartbeat_is_written_by_its_own_thread_the_newest_value_and_a_failed_write_raises_on_the_training_thread(tmp_path, monkeypatch):
+    """`Heartbeat.beat` hands the value over and returns while the write (with its fsync) runs on the heartbeat's thread; a
+    value overtaken while a write was in flight is never written (a slow disk skips, never queues); `flush` returns with
+    the newest on disk. A write that fails (a full disk) raises on the training thread, as `disk_full` reads it."""
+    import errno
+    import threading
+
+    from tasks import train
+    from tasks.common import disk_full
+
+    release, writing, written = threading.Event(), threading.Event(), []
+    real = train.write_json
+
+    def slow_write(path, value):
+        writing.set()
+        assert release.wait(60)
+        real(path, value)
+        written.append(value["step"])
+
+    monkeypatch.setattr(train, "write_json", slow_write)
+    path = tmp_path / "heartbeat.json"
+    beat = train.Heartbeat(path)
+    beat.beat({"elapsed": 1.0, "step": 1})
+    assert writing.wait(60)  # the thread is in step 1's write ...
+    beat.beat({"elapsed": 2.0, "step": 2})  # ... and the training thread goes on past it
+    beat.beat({"elapsed": 3.0, "step": 3})
+    assert written == [] and not path.exists()
+    release.set()
+    beat.flush()
+    assert json.loads(path.read_text()) == {"elapsed": 3.0, "step": 3} and written == [1, 3], written
+
+    def full(path, value):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(train, "write_json", full)
+    with pytest.raises(OSError) as e:
+        beat.beat({"elapsed": 4.0, "step": 4}, wait=True)
+    assert disk_full(e.value)
+    monkeypatch.setattr(train, "write_json", real)
+    beat.beat({"elapsed": 5.0, "step": 5}, wait=True)  # raised once: the next write goes on
+    assert json.loads(path.read_text()) == {"elapsed": 5.0, "step": 5}
+
+
+def test_a_resumed_run_counts_the_time_its_crashed_run_spent_after_its_last_checkpoint(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """The heartbeat, written off the training thread now, still carries a crashed run's elapsed time into its rerun: a
+    run stopped with a checkpoint at step 2 (a first Ctrl-C), resumed, then crashing in step 4 (its heartbeat last said
+    step 3, not waited for: no checkpoint, no stop), is resumed from checkpoint-2 by a third run whose guard counts what
+    the heartbeat said, step 3's elapsed time included, not the checkpoint's."""
+    from tasks import train
+    from tasks.common import TrainingStopped
+
+    guards = []
+    real_make, real_fault = train.make_trainer, train.maybe_fault
+
+    def make_trainer(guard, *a, **k):
+        guards.append(guard)
+        return real_make(guard, *a, **k)
+
+    crash_at = []
+
+    def fault(stage: str) -> None:
+        if stage == "train-rank0-step2" and len(guards) == 1:
+            guards[-1].interrupted = True  # as a first Ctrl-C: the step ends, a checkpoint, a stop
+        if crash_at and stage == f"train-rank0-step{crash_at[0]}":
+            raise RuntimeError("crashed mid-run")
+        real_fault(stage)
+
+    monkeypatch.setattr(train, "make_trainer", make_trainer)
+    monkeypatch.setattr(train, "maybe_fault", fault)
+    probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, tiny_cfg.budget, "cpu", shared_artifacts)
+    probe = probe.model_copy(update={"max_steps": 6, "budget_seconds": 600.0})
+    training = tiny_cfg.training.model_copy(update={"max_steps": 6, "checkpoint_minutes": 60})
+    art = str(tmp_path / "artifacts")
+    with pytest.raises(TrainingStopped, match="checkpoint-2 saved"):
+        train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, art)
+    crash_at.append(4)
+    with pytest.raises(RuntimeError, match="crashed mid-run"):
+        train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, art)
+    (work,) = Path(art).glob("cache/train/*/work")
+    beat = json.loads((work / "heartbeat.json").read_text())
+    marked = json.loads((work / "checkpoint-2" / train.CKPT_MARKER).read_text())["elapsed"]
+    assert beat["step"] == 3 and beat["elapsed"] > marked, (beat, marked)
+    assert guards[1].prior == pytest.approx(guards[0].synced_elapsed)  # the second run counted the first's time too
+    crash_at.clear()
+    rec = train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, art)
+    assert rec.resumed_from_step == 2 and rec.steps == 6
+    assert guards[2].prior == beat["elapsed"] and rec.wall_seconds > beat["elapsed"]
