@@ -906,9 +906,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         guard.loss_parts = extra["compute_loss_func"].take_parts
     guard.last_ckpt = guard.clock()
     tb_dir = out / "work" / "tensorboard"
-    from torch.utils.tensorboard import SummaryWriter
-
-    callbacks = [guard, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if main else [guard]
+    tb_writer = tensorboard_writer(tb_dir) if main else None
+    callbacks = [guard, TensorBoardCallback(tb_writer=tb_writer)] if main else [guard]
     collator = collator_for(engine, tok.pad_token_id, model, (mb, data.max_length))
     if dist.world() > 1:
         collator = BatchTrace(collator)
@@ -978,6 +977,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         # a failed write is not raised over the error in flight (the normal end flushed in on_train_end, raising).
         with contextlib.suppress(Exception):
             guard.heartbeat.flush()
+            if tb_writer is not None:
+                tb_writer.close()  # TensorBoardCallback closes it at the end of training, not when training raises
     if guard.interrupted:
         saved = newest_checkpoint(work)
         if saved is None:
@@ -1046,6 +1047,33 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     for c in work.glob("checkpoint-*"):
         shutil.rmtree(c, ignore_errors=True)
     return rec
+
+
+TB_FLUSH_S = 10.0  # TensorBoard's event file reaches the disk this often (and when training ends), not at every log line
+
+
+def tensorboard_writer(log_dir: Path, flush_s: float = TB_FLUSH_S):
+    """Stage 4's TensorBoard writer: a SummaryWriter that flushes every `flush_s` seconds, not at every log.
+    transformers' TensorBoardCallback flushes its writer after each log, i.e. after every step at logging_steps 1: a
+    wait for the writer's thread to write the step's scalars, then the file's flush, on the training thread while the
+    GPU idles (PERF_NOTES' list, row 5). Here that flush is a no-op until `flush_s` has passed since the last; the
+    writer's own thread flushes on the same interval (`flush_secs`) and close (the end of training) writes the rest.
+    A TensorBoard open on a running training sees its scalars up to `flush_s` late; a run killed outright (SIGKILL, power)
+    loses at most its last `flush_s` of scalars (log_history.json and the log hold every step)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    class IntervalFlushWriter(SummaryWriter):
+        def __init__(self, *args, **kw):
+            self.flushed = time.monotonic()
+            super().__init__(*args, **kw)
+
+        def flush(self) -> None:
+            now = time.monotonic()
+            if now - self.flushed >= flush_s:
+                self.flushed = now
+                super().flush()
+
+    return IntervalFlushWriter(log_dir=str(log_dir), flush_secs=flush_s)
 
 
 def batch_size(dataset, forwards_per_step: int, lengths: list[int], packing: str = "full") -> dict:

@@ -1218,3 +1218,31 @@ def test_a_resumed_run_counts_the_time_its_crashed_run_spent_after_its_last_chec
     rec = train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, art)
     assert rec.resumed_from_step == 2 and rec.steps == 6
     assert guards[2].prior == beat["elapsed"] and rec.wall_seconds > beat["elapsed"]
+
+
+def test_tensorboard_flushes_on_its_interval_not_at_every_log_and_keeps_every_step(tmp_path, monkeypatch):
+    """transformers' TensorBoardCallback flushes its writer after every log (every step at logging_steps 1), on the
+    training thread. Stage 4's writer (`tensorboard_writer`) flushes once `flush_s` has passed since the last flush, and
+    at the end of training, which closes it: every step's scalars are in the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard.writer import FileWriter
+    from transformers.integrations import TensorBoardCallback
+
+    from tasks import train
+
+    clock = [100.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: clock[0])
+    flushes = []
+    real_flush = FileWriter.flush
+    monkeypatch.setattr(FileWriter, "flush", lambda self: (flushes.append(clock[0]), real_flush(self))[1])
+    callback = TensorBoardCallback(tb_writer=train.tensorboard_writer(tmp_path / "tb", flush_s=10.0))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    for step in range(1, 13):
+        clock[0] += 1.0
+        state.global_step = step
+        callback.on_log(None, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-4})
+    assert flushes == [110.0], flushes  # step 10's log, 10 s after the writer began; none at the other 11
+    callback.on_train_end(None, state, None)  # closes the writer: the rest is written
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
