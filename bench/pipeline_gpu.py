@@ -135,7 +135,7 @@ def run_once(overrides: list[str], args, log) -> dict:
     with clocks.phase("probe"):
         probe = probe_throughput(data, cfg.model, cfg.quant, cfg.lora, cfg.training, cfg.budget, cfg.device, cfg.artifacts_dir, log)
     log(f"probe ({n} GPU): {probe.micro_batch_size} x {probe.grad_accum}, {probe.recompute_free_layers} layers without recompute, {probe.s_per_step:.2f} s/step, {probe.tokens_per_s:,.0f} tok/s, peak {probe.peak_mem_gb:.2f} GB, "
-        f"load {probe.load_seconds:.0f}s, launch {probe.launch_seconds:.0f}s, checkpoint {probe.save_seconds:.1f}s, final save {probe.final_save_cost:.1f}s -> {probe.max_steps} steps ({time.monotonic() - t:.0f}s)")
+        f"load {probe.load_seconds:.0f}s, launch {probe.launch_seconds:.0f}s, first step +{probe.first_step_excess_seconds:.1f}s, checkpoint {probe.save_seconds:.1f}s, final save {probe.final_save_cost:.1f}s -> {probe.max_steps} steps ({time.monotonic() - t:.0f}s)")
     runs = []
     for i, mode in enumerate(args.loss_reads):
         with clocks.phase(f"train:{mode}"):
@@ -198,7 +198,7 @@ def train_once(data, probe, cfg, n: int, mode: str, args, log) -> dict:
         "steps": train.steps, "expected_steps": train.expected_steps, "tokens_seen": train.tokens_seen,
         "train_tokens_per_s_excl_load": round(tok_s), "train_tokens_per_s_incl_load": round(train.tokens_seen / train.wall_seconds),
         "probe_s_per_step": probe.s_per_step, "probe_tokens_per_s": probe.tokens_per_s, "probe_launch_s": probe.launch_seconds,
-        "probe_load_s": probe.load_seconds, "micro_batch_size": probe.micro_batch_size, "grad_accum_per_gpu": probe.grad_accum,
+        "probe_load_s": probe.load_seconds, "probe_first_step_excess_s": probe.first_step_excess_seconds, "micro_batch_size": probe.micro_batch_size, "grad_accum_per_gpu": probe.grad_accum,
         "recompute_free_layers": probe.recompute_free_layers, "probe_trials": probe.trials, "layers": args.layers,
         "peak_gb_train": round(peak, 2), "trainable": train.trainable_params,
         "first_loss": train.first_loss, "final_loss": train.final_loss,

@@ -4,7 +4,8 @@ Loads the model exactly as training will, runs a few untimed then a few timed op
 batches of the formatted data (same micro-batch, accumulation and engine), and measures seconds per step,
 tokens/s, peak memory, the model-load time, a checkpoint's save and the final save (apart: a checkpoint writes the
 optimizer state too). Then `max_steps` is the step where stage 4's guard stops at that speed: the run ends nearest the
-budget (tasks/budget.py `planned_steps`, the guard's own rule), after fixed = load + final save + the checkpoints it saves.
+budget (tasks/budget.py `planned_steps`, the guard's own rule), after fixed = load + the first step's excess over a step +
+final save + the checkpoints it saves.
 
 With `training.gpus` > 1 it runs under torchrun like the training stage (tasks/engine/launch.py) and times the
 data-parallel step: s/step with N GPUs, tokens/s over all of them, the slowest rank's load, save and peak
@@ -77,6 +78,12 @@ class ProbeRecord(BaseModel):
     compile_seconds: float = 0.0  # what compiling them took (inside load_seconds, so inside the fixed cost)
     final_save_seconds: float | None = None  # the final save alone, adapter + tokenizer; None: a record from before it was timed apart
     checkpoint_minutes: float | None = None  # the checkpoint interval the plan counted (training.checkpoint_minutes; `planned_for`); None: a record from before it was kept
+    first_step_excess_seconds: float = 0.0  # the first step's time over a timed one (the set-up in train(), first allocations and kernels): part of fixed; 0: a record from before it was counted
+
+    @property
+    def start_seconds(self) -> float:
+        """What the plan reserves before the steps: the launch, the load and the first step's excess over a step."""
+        return self.launch_seconds + self.load_seconds + self.first_step_excess_seconds
 
     @property
     def final_save_cost(self) -> float:
@@ -94,7 +101,7 @@ class ProbeRecord(BaseModel):
         not known. One planned by the floor rule (`plan_rule`: no final save timed apart) is kept as it was made."""
         if self.final_save_seconds is None or self.checkpoint_minutes == training.checkpoint_minutes:
             return self
-        steps, fixed = step_plan(self.budget_seconds, self.launch_seconds + self.load_seconds, self.s_per_step, self.save_seconds,
+        steps, fixed = step_plan(self.budget_seconds, self.start_seconds, self.s_per_step, self.save_seconds,
                                  self.final_save_seconds, training.checkpoint_minutes, training.max_steps)
         return self.model_copy(update={"max_steps": steps, "fixed_seconds": fixed, "checkpoint_minutes": training.checkpoint_minutes})
 
@@ -365,8 +372,12 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
 
     budget_s = float(budget.seconds)
     launch_s = round(launch_s, 2)  # as the record keeps it: a plan made again from the record (`planned_for`) is this one
-    max_steps, fixed = step_plan(budget_s, launch_s + best["load_seconds"], best["s_per_step"], best["save_seconds"], best["final_save_seconds"],
-                                 training.checkpoint_minutes, training.max_steps)
+    # Stage 4's first step runs over its others as the probe's did (Trainer's set-up inside train(), the first batch's
+    # allocations and kernels: ~4 s on the 15 GiB H100 stage of 2026-12-07, ~1 step a minute on its 3-minute budget, which
+    # the plan counted as a plain step): reserved with the load, as the probe measured it in the trial it picked.
+    first_excess = best.get("first_step_excess_seconds", 0.0)
+    max_steps, fixed = step_plan(budget_s, launch_s + best["load_seconds"] + first_excess, best["s_per_step"], best["save_seconds"],
+                                 best["final_save_seconds"], training.checkpoint_minutes, training.max_steps)
     rec = ProbeRecord(
         key=key,
         dir=str(out),
@@ -395,6 +406,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         gpus=n,
         launch_seconds=launch_s,
         checkpoint_minutes=training.checkpoint_minutes,
+        first_step_excess_seconds=first_excess,
     )
     if not dist.is_main():
         return None
@@ -408,7 +420,8 @@ def step_plan(budget_s: float, start_s: float, step_s: float, save_s: float, fin
     """The probe's plan from its timings: (max_steps, fixed_seconds). max_steps is where stage 4's guard stops at the
     probed speed, the run ending nearest the budget (floor((budget - fixed) / step) planned a step fewer where the guard
     ran one more: the log said N, the run did N + 1), at most training.max_steps; fixed is all but the steps of that
-    run: the start (launch and load), the final save and the checkpoints it saves every `checkpoint_minutes`."""
+    run: the start (launch, load and the first step's excess over a step: `ProbeRecord.start_seconds`), the final save and
+    the checkpoints it saves every `checkpoint_minutes`."""
     every_s = checkpoint_minutes * 60
     steps = planned_steps(budget_s, start_s, step_s, every_s, save_s, final_save_s)
     if max_steps:
@@ -517,10 +530,12 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         save_s, final_save_s = t2 - t1, time.monotonic() - t2
     deltas, tokens = window.deltas(), window.tokens()
     s_per_step = step_seconds(deltas, device)
+    first_s = window.first_step()
     train_peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_gb()
     load_peak = train_peak if load_peak is None else load_peak  # on CPU the process's RSS high-water mark holds both
     # Several ranks: the slowest rank's timings and the largest peak (the step is as slow as its slowest rank).
-    load_s, save_s, final_save_s, s_per_step, load_peak, train_peak = dist.sync_max([load_s, save_s, final_save_s, s_per_step, load_peak, train_peak])
+    load_s, save_s, final_save_s, s_per_step, first_s, load_peak, train_peak = dist.sync_max([load_s, save_s, final_save_s, s_per_step, first_s,
+                                                                                              load_peak, train_peak])
     peak = max(load_peak, train_peak)
     compiled = {} if state is None else {"compile_layers": state.active, "compile_seconds": round(state.seconds, 2),
                                          "compile_graphs": state.graphs, "compile_graphs_in_steps": late_graphs,
@@ -532,6 +547,8 @@ def _time_setting(ref, model_cfg, quant, lora, training, budget, device, engine,
         "save_seconds": round(save_s, 3),
         "final_save_seconds": round(final_save_s, 3),
         "s_per_step": round(s_per_step, 4),
+        "first_step_seconds": round(first_s, 3),  # from train()'s call to the first step's end: Trainer's set-up and step 1
+        "first_step_excess_seconds": round(max(first_s - s_per_step, 0.0), 3),  # reserved in the plan with the load
         "tokens_per_step": round(tokens / len(deltas), 1),
         "tokens_per_s": round(tokens / len(deltas) / max(s_per_step, 1e-9), 1),
         "peak_mem_gb": round(peak, 3),
@@ -593,6 +610,10 @@ class StepWindow:
 
     def _opening(self) -> tuple[float, int]:
         return self.marks[self.warmup - 1] if self.warmup else (self.t_start, 0)
+
+    def first_step(self) -> float:
+        """The first step's duration from `start` (training's set-up in train() included), timed or not."""
+        return self.marks[0][0] - self.t_start if self.marks else 0.0
 
     def deltas(self) -> list[float]:
         """The timed steps' durations."""

@@ -118,7 +118,9 @@ def profile_task(data: DataRecord, artifacts_dir: str) -> ProfileRecord:
 def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str) -> ProbeRecord:
     rec = probe_stage.probe_throughput(data, model, quant, lora, training, budget, device, artifacts_dir, log)
     log(f"probe: {rec.s_per_step:.3f} s/step, {rec.tokens_per_s:,.0f} tokens/s, peak {rec.peak_mem_gb:.2f} GB on {rec.hardware}; "
-        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, final save {rec.final_save_cost:.1f}s, "
+        f"budget {rec.budget_seconds:.0f}s - fixed {rec.fixed_seconds:.0f}s (load {rec.load_seconds:.1f}s, "
+        + (f"first step +{rec.first_step_excess_seconds:.1f}s, " if rec.first_step_excess_seconds else "")
+        + f"final save {rec.final_save_cost:.1f}s, "
         f"checkpoints {rec.save_seconds:.1f}s each) -> max_steps {rec.max_steps} ({rec.plan_words(short=True)}) at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
         + (f", {OFFLOAD_NOTE}" if rec.offload_activations else "")
         + (f", decoder layers compiled ({rec.compile_seconds:.0f} s, in the fixed cost)" if rec.compile_layers else ""))
@@ -128,7 +130,8 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
     create_markdown_artifact(
         key=artifact_key("probe-budget"),
         markdown=(f"## Step budget\n\n`max_steps = {rec.max_steps}`: at {rec.s_per_step:.3f} s/step after {rec.fixed_seconds:.1f}s fixed "
-                  f"(load, final save, {rec.checkpoint_words}), {rec.plan_words()} "
+                  f"(load, " + ("the first step's excess over a step, " if rec.first_step_excess_seconds else "")
+                  + f"final save, {rec.checkpoint_words}), {rec.plan_words()} "
                   f"(or training.max_steps, where that comes first)"
                   f"\n\nHardware: `{rec.hardware}`; {rec.tokens_per_s:,.0f} tokens/s; "
                   f"peak {rec.peak_mem_gb:.2f} GB" + (f"; {OFFLOAD_NOTE}" if rec.offload_activations else "") + ".\n\n"

@@ -50,10 +50,11 @@ def test_the_window_times_from_the_last_warm_up_step_or_the_start_and_counts_its
     for t, tokens in ((12.0, 100), (13.0, 200), (14.5, 300), (15.0, 400)):
         done = w.mark(t, tokens)
     assert done and w.deltas() == [1.5, 0.5] and w.tokens() == 200
+    assert w.first_step() == 2.0  # from the start, warm-up or not: the probe reserves its excess over a step (`_probe`)
     w = StepWindow(0, 2)
     w.start(10.0)
     w.mark(11.0, 50), w.mark(13.0, 90)
-    assert w.deltas() == [1.0, 2.0] and w.tokens() == 90
+    assert w.deltas() == [1.0, 2.0] and w.tokens() == 90 and w.first_step() == 1.0
 
 
 def test_an_outlier_step_does_not_set_the_estimate():
@@ -79,7 +80,8 @@ def test_the_estimate_is_the_mean_of_the_typical_steps_not_the_fastest():
 
 def test_the_probe_times_the_window_its_device_asks_for(tiny_cfg, shared_artifacts, monkeypatch):
     """`_time_setting` runs the Trainer until the window closes (not a fixed warm-up + probe_steps) and keeps each timed
-    step in the trial; its s_per_step is `step_seconds` of them. A window of seconds no CPU step reaches ends at its cap."""
+    step in the trial; its s_per_step is `step_seconds` of them. A window of seconds no CPU step reaches ends at its cap.
+    The first step's time over a step is in the plan's fixed cost."""
     import tasks.probe as probe_mod
     from tasks.data import load_dataset_records
 
@@ -92,6 +94,13 @@ def test_the_probe_times_the_window_its_device_asks_for(tiny_cfg, shared_artifac
         assert len(trial["step_times"]) == timed, trial
         assert rec.s_per_step == pytest.approx(step_seconds(trial["step_times"], "cpu"), abs=1e-3)
         assert rec.tokens_per_step > 0
+        # the first step's excess over a step (Trainer's set-up in train() and step 1) is planned with the load
+        assert trial["first_step_excess_seconds"] == pytest.approx(max(trial["first_step_seconds"] - rec.s_per_step, 0.0), abs=2e-3)
+        assert rec.first_step_excess_seconds == trial["first_step_excess_seconds"]
+        assert rec.start_seconds == rec.launch_seconds + rec.load_seconds + rec.first_step_excess_seconds
+        assert (rec.max_steps, rec.fixed_seconds) == probe_mod.step_plan(rec.budget_seconds, rec.start_seconds, rec.s_per_step, rec.save_seconds,
+                                                                         rec.final_save_seconds, tiny_cfg.training.checkpoint_minutes,
+                                                                         tiny_cfg.training.max_steps)
 
 
 # --- review of perf-19b (2026-12-07) -------------------------------------------------------------------------------------

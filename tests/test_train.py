@@ -266,6 +266,34 @@ def test_a_run_resumed_after_a_new_checkpoint_interval_keeps_the_warm_up_and_cap
     assert resumed == first, (first, resumed)  # was (116, 4644), the each-minute plan's
 
 
+def test_the_first_steps_excess_is_in_the_probes_fixed_cost_and_the_guard_runs_the_plan(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                        monkeypatch, tmp_path):
+    """Stage 4's first step runs longer than the rest (Trainer's set-up in train(), first allocations and kernels: ~4 s
+    on the 15 GiB H100 stage of 2026-12-07, 56 steps planned, 53 run), and the probe's plan counted it as a plain step.
+    The probe times its own first step and reserves its excess with the load: 3-s steps, a 2-s load, a first step 4 s
+    over, a 0.5-s final save in an hour plan 1198 steps (1199 without the excess), which a guard whose first step takes
+    7 s runs; a cached record replanned for another checkpoint interval keeps it; a record from before it was timed
+    (no field) plans as it did."""
+    from helpers import run_probe_stage
+    from tasks.probe import ProbeRecord
+
+    timing = {"load_seconds": 2.0, "save_seconds": 2.0, "final_save_seconds": 0.5, "s_per_step": 3.0, "first_step_excess_seconds": 4.0}
+    rec, _ = _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing, minutes=60, checkpoint_minutes=1e9)
+    assert (rec.max_steps, rec.fixed_seconds, rec.first_step_excess_seconds, rec.start_seconds) == (1198, 6.5, 4.0, 6.0)
+    guard, steps, end = _run_guard(tmp_path, monkeypatch, 3600.0, 3.0, final_s=0.5, start_s=2.0, first_extra_s=4.0)
+    assert (guard.stopped_by, steps, end) == ("budget", rec.max_steps, 3600.5)
+    # every 2 minutes (a checkpoint every 40 steps, 29 within the run): replanned from the record's timings, excess kept
+    every2 = rec.planned_for(tiny_cfg.training.model_copy(update={"checkpoint_minutes": 2, "max_steps": None}))
+    assert (every2.max_steps, every2.fixed_seconds) == (1178, 6.5 + 29 * 2.0)
+    logs, artifacts = run_probe_stage(monkeypatch, rec, tiny_cfg, tiny_data)
+    assert "(load 2.0s, first step +4.0s, final save 0.5s" in logs[-1], logs[-1]
+    assert "after 6.5s fixed (load, the first step's excess over a step, final save, a checkpoint every 1e+09 min)" in artifacts[0]["markdown"]
+    old = ProbeRecord.model_validate({k: v for k, v in rec.model_dump(mode="json").items() if k != "first_step_excess_seconds"})
+    assert old.first_step_excess_seconds == 0.0
+    old2 = old.planned_for(tiny_cfg.training.model_copy(update={"checkpoint_minutes": 2, "max_steps": None}))
+    assert (old2.max_steps, old2.fixed_seconds) == (1180, 2.5 + 29 * 2.0)
+
+
 def test_the_probe_times_the_final_save_apart_and_its_log_says_both(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """The stage-3 line said "saves X s each" of one number, a checkpoint and the final save timed together; it names each.
     A record cached before the two were timed apart loads, its save_seconds standing for the final save as it did."""
@@ -964,10 +992,11 @@ def test_the_train_bar_draws_twice_a_minute_off_a_terminal_and_at_tqdms_rate_on_
 
 
 def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: float = 1e9, checkpoint_s: float = 0.0,
-               final_s: float = 0.0, start_s: float = 0.0):
+               final_s: float = 0.0, start_s: float = 0.0, first_extra_s: float = 0.0):
     """BudgetGuard on a simulated clock, as `_train` runs it: its clock from the stage's start, its checkpoint and step
-    clocks from the end of the load (`start_s`), steps of `step_s`, a checkpoint costing `checkpoint_s` where the guard
-    asks for one (as Trainer: the save, then on_save). Returns the guard, the steps run and when the final save ends."""
+    clocks from the end of the load (`start_s`), steps of `step_s` (the first `first_extra_s` longer), a checkpoint
+    costing `checkpoint_s` where the guard asks for one (as Trainer: the save, then on_save). Returns the guard, the steps
+    run and when the final save ends."""
     import types
 
     from tasks import train
@@ -980,7 +1009,7 @@ def _run_guard(tmp_path, monkeypatch, budget_s: float, step_s: float, every_s: f
     state = types.SimpleNamespace(global_step=0, max_steps=10_000)
     control = types.SimpleNamespace(should_training_stop=False, should_save=False)
     while not control.should_training_stop:
-        clock[0] += step_s
+        clock[0] += step_s + (first_extra_s if state.global_step == 0 else 0.0)
         state.global_step += 1
         guard.on_step_end(None, state, control)
         if control.should_save and not control.should_training_stop:
