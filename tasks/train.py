@@ -977,7 +977,8 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         # a failed write is not raised over the error in flight (the normal end flushed in on_train_end, raising).
         with contextlib.suppress(Exception):
             guard.heartbeat.flush()
-            if tb_writer is not None:
+        if tb_writer is not None:
+            with contextlib.suppress(Exception):
                 tb_writer.close()  # TensorBoardCallback closes it at the end of training, not when training raises
     if guard.interrupted:
         saved = newest_checkpoint(work)
@@ -1059,7 +1060,7 @@ def tensorboard_writer(log_dir: Path, flush_s: float = TB_FLUSH_S):
     GPU idles (PERF_NOTES' list, row 5). Here that flush is a no-op until `flush_s` has passed since the last; the
     writer's own thread flushes on the same interval (`flush_secs`) and close (the end of training) writes the rest.
     A TensorBoard open on a running training sees its scalars up to `flush_s` late; a run killed outright (SIGKILL, power)
-    loses at most its last `flush_s` of scalars (log_history.json and the log hold every step)."""
+    loses at most its last `flush_s` of scalars (the run's log has every step's line)."""
     from torch.utils.tensorboard import SummaryWriter
 
     class IntervalFlushWriter(SummaryWriter):
