@@ -1275,3 +1275,33 @@ def test_tensorboard_flushes_on_its_interval_not_at_every_log_and_keeps_every_st
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+
+
+# --- review of perf-12 (2026-12-07) --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review perf-12: Heartbeat.beat counts the value handed and stores the Thread before start() "
+                                       "succeeds; a start that fails (RuntimeError: can't start new thread under a pids limit, "
+                                       "or a second Ctrl-C's KeyboardInterrupt inside Thread()/start()) leaves _thread set to a "
+                                       "thread that never runs, so every later flush (on_train_end, _train's finally) waits forever: "
+                                       "the stage hangs instead of raising")
+def test_review_perf12_a_heartbeat_thread_that_fails_to_start_does_not_leave_flush_waiting_forever(tmp_path, monkeypatch):
+    import threading
+
+    from tasks import train
+
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "heartbeat":
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    beat = train.Heartbeat(tmp_path / "heartbeat.json")
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        beat.beat({"elapsed": 1.0, "step": 1})  # raised on the training thread: training raises, `_train`'s finally flushes
+    monkeypatch.setattr(threading.Thread, "start", real_start)  # the limit passes
+    done = threading.Event()
+    threading.Thread(target=lambda: (beat.flush(), done.set()), daemon=True).start()  # `_train`'s finally, as the stage runs it
+    assert done.wait(10), "Heartbeat.flush still waiting 10 s after a failed thread start: the stage would hang here"
