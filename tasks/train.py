@@ -333,10 +333,16 @@ class Heartbeat:
         """Hand `value` to the writer; `wait`: return once it is on disk."""
         with self._cv:
             self._raise_failure()
-            self._newest, self._handed = value, self._handed + 1
+            newest, self._newest, self._handed = self._newest, value, self._handed + 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_newest, name="heartbeat", daemon=True)
-                self._thread.start()
+                try:
+                    self._thread.start()
+                except BaseException:
+                    # No thread (a pids limit's "can't start new thread", a Ctrl-C inside start): the value is not handed
+                    # over, else `flush` would wait for a write nobody makes; the next beat starts a thread again.
+                    self._newest, self._handed, self._thread = newest, self._handed - 1, None
+                    raise
             self._cv.notify_all()
         if wait:
             self.flush()
@@ -344,7 +350,9 @@ class Heartbeat:
     def flush(self) -> None:
         """Return once the newest value handed over is on disk (or its write failed: raised here)."""
         with self._cv:
-            self._cv.wait_for(lambda: self._written >= self._handed or self._error is not None)
+            while not self._cv.wait_for(lambda: self._written >= self._handed or self._error is not None, timeout=1.0):
+                if self._thread is None or not self._thread.is_alive():  # never wait on a writer that is gone
+                    raise RuntimeError(f"heartbeat: its writer thread ended before writing the newest value to {self.path}")
             self._raise_failure()
 
     def _raise_failure(self) -> None:
@@ -353,11 +361,14 @@ class Heartbeat:
             raise error
 
     def _write_newest(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cv:
-                if not self._cv.wait_for(lambda: self._handed > self._written, timeout=self.IDLE_S):
+                if not self._cv.wait_for(lambda: self._thread is not me or self._handed > self._written, timeout=self.IDLE_S):
                     self._thread = None  # idle: the next beat starts another
                     return
+                if self._thread is not me:
+                    return  # its start raised in `beat` after all (a Ctrl-C while start waited for it): not the writer
                 value, number = self._newest, self._handed
             try:
                 write_json(self.path, value)

@@ -1280,11 +1280,6 @@ def test_tensorboard_flushes_on_its_interval_not_at_every_log_and_keeps_every_st
 # --- review of perf-12 (2026-12-07) --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-12: Heartbeat.beat counts the value handed and stores the Thread before start() "
-                                       "succeeds; a start that fails (RuntimeError: can't start new thread under a pids limit, "
-                                       "or a second Ctrl-C's KeyboardInterrupt inside Thread()/start()) leaves _thread set to a "
-                                       "thread that never runs, so every later flush (on_train_end, _train's finally) waits forever: "
-                                       "the stage hangs instead of raising")
 def test_review_perf12_a_heartbeat_thread_that_fails_to_start_does_not_leave_flush_waiting_forever(tmp_path, monkeypatch):
     import threading
 
