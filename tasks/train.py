@@ -916,9 +916,6 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
     if "compute_loss_func" in extra:
         guard.loss_parts = extra["compute_loss_func"].take_parts
     guard.last_ckpt = guard.clock()
-    tb_dir = out / "work" / "tensorboard"
-    tb_writer = tensorboard_writer(tb_dir) if main else None
-    callbacks = [guard, TensorBoardCallback(tb_writer=tb_writer)] if main else [guard]
     collator = collator_for(engine, tok.pad_token_id, model, (mb, data.max_length))
     if dist.world() > 1:
         collator = BatchTrace(collator)
@@ -955,28 +952,36 @@ def _train(data, probe, model_cfg, quant, lora, training, key, out: Path, artifa
         guard.data_position = lambda step: dataset.position_after((step - done) * packs_per_step)
     warmup = int(round(training.warmup_ratio * planned))
     bar = BudgetBar(guard, cap)
-    trainer = make_trainer(
-        guard, training.lr_scheduler, warmup, cap, bar,
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        callbacks=callbacks,
-        **extra,
-    )
-    log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
-           f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
-           (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
-           (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
-           (f", NEFTune noise alpha {training.neftune_noise_alpha:g} on the input embeddings" if training.neftune_noise_alpha else "") +
-           (f", unlikelihood alpha {training.unlikelihood_alpha:g} on {UL_CANDIDATES_WORDS[training.unlikelihood_candidates]}"
-            if training.unlikelihood_alpha else "") +
-           f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
-           f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
-           + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps, full_steps) if by_epochs is not None else "")
-           + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
-
-    previous = _install_interrupt(guard)
+    tb_dir = out / "work" / "tensorboard"
+    tb_writer = tensorboard_writer(tb_dir) if main else None  # closed below when the set-up raises, else in the finally
+    callbacks = [guard, TensorBoardCallback(tb_writer=tb_writer)] if main else [guard]
+    try:
+        trainer = make_trainer(
+            guard, training.lr_scheduler, warmup, cap, bar,
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            callbacks=callbacks,
+            **extra,
+        )
+        log_fn(f"train: {trainable:,} trainable of {total:,} params ({100 * trainable / total:.2f}%), engine {engine}, "
+               f"micro-batch {mb} x accum {ga}" + (f" on each of {n} ranks" if n > 1 else "") +
+               (f", {n_free} layers without recompute" if n_free else "") + (f", {recompute.OFFLOAD_NOTE}" if offload else "") +
+               (f", decoder layers compiled in {state.seconds:.0f} s" if state is not None and state.active else "") +
+               (f", NEFTune noise alpha {training.neftune_noise_alpha:g} on the input embeddings" if training.neftune_noise_alpha else "") +
+               (f", unlikelihood alpha {training.unlikelihood_alpha:g} on {UL_CANDIDATES_WORDS[training.unlikelihood_candidates]}"
+                if training.unlikelihood_alpha else "") +
+               f"; optimizer batch ~{batch['conversations']:.1f} conversations / ~{batch['tokens']:,.0f} tokens ({batch['rule']})"
+               f", ~{probe.max_steps} steps expected (cap {cap}), budget {budget_s:.0f}s"
+               + (_epochs_note(training.max_epochs, data.train_tokens, per_pass, probe, by_epochs, training.max_steps, full_steps) if by_epochs is not None else "")
+               + (f", resuming from {resume.name} ({prior:.0f}s already spent)" if resume else ""))
+        previous = _install_interrupt(guard)
+    except BaseException:
+        if tb_writer is not None:  # e.g. a setting Trainer refuses: the writer's thread is not left running
+            with contextlib.suppress(Exception):
+                tb_writer.close()
+        raise
     try:
         with collector_kept_off_the_model():
             maybe_fault("train")

@@ -1302,9 +1302,6 @@ def test_review_perf12_a_heartbeat_thread_that_fails_to_start_does_not_leave_flu
     assert done.wait(10), "Heartbeat.flush still waiting 10 s after a failed thread start: the stage would hang here"
 
 
-@pytest.mark.xfail(strict=True, reason="review perf-12: the TensorBoard writer is made before `_train`'s try and closed only in its "
-                                       "finally, so a stage that raises between the two (make_trainer, the dataset, the first log "
-                                       "line) leaves the writer open with its _AsyncWriterThread running (also so at a0e968a)")
 def test_review_perf12_the_tensorboard_writer_is_closed_when_the_stage_raises_before_training_starts(tiny_cfg, tiny_data, shared_artifacts,
                                                                                                     monkeypatch, tmp_path):
     from tasks import train
