@@ -940,8 +940,10 @@ class ServedOnly:
     def __init__(self, app, name: str, api_key: str | None) -> None:
         self.app, self.name, self.api_key = app, name, api_key
         self.answering: set[asyncio.Task] = set()  # the requests under way (their tasks), which a stop waits for
+        self.server = None  # the uvicorn Server serving this app (serving_server), once seen: it says when to force quit
 
     async def __call__(self, scope, receive, send) -> None:
+        self.server = self.server or serving_server()
         if scope["type"] == "lifespan":  # its startup and shutdown
             return await self.app(scope, self.shutdown_after_the_cut(receive), send)
         if scope["type"] != "http":
@@ -963,15 +965,35 @@ class ServedOnly:
         cancellation went through, it reached this layer a few turns of the loop later, after the loop had ended, and a
         cut stream ended without its error and [DONE], a held request with no answer at all instead of the 503 (both
         shown on 5.17; the same layers in Starlette alone cut the ending off too). Bounded: each ending takes at most
-        CUT_END_S, and the requests were cancelled."""
+        CUT_END_S, and the requests were cancelled. A second Ctrl-C ends the wait, as it ends uvicorn's own (its
+        force quit): the wait held the exit for the rest of its window (a review, 2026-12-07)."""
 
         async def receiving():
             message = await receive()
             if message["type"] == "lifespan.shutdown" and self.answering:
-                await asyncio.wait(set(self.answering), timeout=CUT_END_S + 1)
+                await self.until_done_or_forced(asyncio.wait(set(self.answering)), CUT_END_S + 1)
             return message
 
         return receiving
+
+    def forced(self) -> bool:
+        """Whether uvicorn was told to quit without waiting (a second Ctrl-C during a stop: its `force_exit`)."""
+        return bool(getattr(self.server, "force_exit", False))
+
+    async def until_done_or_forced(self, awaitable, timeout: float) -> bool:
+        """Await `awaitable` for at most `timeout` s, or until uvicorn is told to force quit (checked every 0.1 s, as
+        uvicorn checks it in its own waits): whether it finished. Unfinished, it is cancelled. A first 0.1 s is given
+        even when forced, so that an ending a client reads goes out (it takes a few ms)."""
+        loop = asyncio.get_running_loop()
+        task, deadline = asyncio.ensure_future(awaitable), loop.time() + timeout
+        try:
+            while not task.done() and loop.time() < deadline:
+                await asyncio.wait({task}, timeout=min(0.1, deadline - loop.time()))
+                if self.forced():
+                    break
+            return task.done() and not task.cancelled()
+        finally:
+            task.cancel()  # nothing once it is done
 
     async def answered(self, scope, receive, send) -> None:
         """Answer a request the guard let through, ending it if the stop's grace cuts it off (end_cut)."""
@@ -992,12 +1014,12 @@ class ServedOnly:
         except asyncio.CancelledError:  # the stop's grace is over (a client leaving is CancelOnDisconnect's, not raised)
             await self.end_cut(scope, receive, send, started, ended, sent)
 
-    @staticmethod
-    async def end_cut(scope, receive, send, started: bool, ended: bool, sent: "SentStream") -> None:
+    async def end_cut(self, scope, receive, send, started: bool, ended: bool, sent: "SentStream") -> None:
         """End a request the stop's grace cut off: a stream as OpenAI's API ends a failed one (the client can tell it was
         cut), a request not yet answered with a 503. Sent within CUT_END_S: a client that stops reading held the stop
         past its grace, uvicorn's send waiting for it to drain, however long (a review of server-fixes-6,
-        2026-12-07); not read by then, its connection is closed (aborted: closing waits for the unread data to go)."""
+        2026-12-07); not read by then, or by a second Ctrl-C, its connection is closed (aborted: closing waits for
+        the unread data to go)."""
         if started and ended:
             return
         if started:
@@ -1007,12 +1029,18 @@ class ServedOnly:
                                   "after a stop are cut off); send the request again once it is back", None, 503,
                                   kind="server_error")(scope, receive, send)
         try:
-            await asyncio.wait_for(ending, CUT_END_S)
-        except TimeoutError:
+            done = await self.until_done_or_forced(ending, CUT_END_S)
+        except asyncio.CancelledError:  # a forced quit ended the event loop, which cancels what still runs: this too
+            asyncio.current_task().uncancel()
+            done = False
+        if not done:
             transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's request cycle's
             if transport is not None:
                 transport.abort()
-                await asyncio.sleep(0)  # the connection is lost (uvicorn notes it) before the app returns
+                try:
+                    await asyncio.sleep(0)  # the connection is lost (uvicorn notes it) before the app returns
+                except asyncio.CancelledError:  # the loop ending (a forced quit) once the connection was lost: done
+                    asyncio.current_task().uncancel()
 
     def guarded(self, scope: dict) -> tuple[dict, Any]:
         """(the request's scope as the app reads it, None), or (scope, the error response answering it)."""
@@ -1039,6 +1067,15 @@ class ServedOnly:
                 return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
                                            kind="authentication_error", code="invalid_api_key")
         return scope, None
+
+
+def serving_server():
+    """The uvicorn Server serving this process, or None: the owner of the SIGINT handler, which uvicorn's Server sets
+    to its own `handle_exit` for as long as it serves (capture_signals). Its `force_exit` is how uvicorn itself knows
+    of a second Ctrl-C during a stop (or a first, once something else stopped it)."""
+    handler = signal.getsignal(signal.SIGINT)
+    server = getattr(handler, "__self__", None)
+    return server if getattr(handler, "__name__", None) == "handle_exit" and hasattr(server, "force_exit") else None
 
 
 class CancelOnDisconnect:

@@ -4758,3 +4758,73 @@ def test_served_only_ends_a_cut_request_behind_an_http_middleware_before_the_ser
     else:
         code, body = answered.get("answer") or (None, "")
         assert code == 503 and "stopped before answering" in json.loads(body)["error"]["message"], (code, body[:300])
+
+
+def test_served_only_a_second_ctrl_c_ends_the_wait_for_cut_requests_at_once(tmp_path):
+    """A stop's lifespan shutdown waits for the requests its grace cut off to end (ServedOnly.shutdown_after_the_cut),
+    each ending bounded by CUT_END_S: a client that reads nothing (a stalled consumer, curl suspended with Ctrl-Z)
+    holds its ending that long. uvicorn's own waits (for connections, for tasks) end at a second Ctrl-C ("CTRL+C to
+    force quit"); this one went on to its end. Shown with uvicorn serving ServedOnly around a FastAPI app streaming
+    64 KB events to an httpx client that stops reading, graceful-stop timeout 2 s, CUT_END_S raised to 30 s so that
+    the wait cannot pass for the exit: the second SIGINT, sent once the stream is cut, ends the server within
+    seconds, its stalled connection closed, with no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tasks.common import PROJECT_ROOT
+
+    port = _free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import asyncio\n"
+        "import uvicorn\n"
+        "from fastapi import FastAPI\n"
+        "from fastapi.responses import StreamingResponse\n"
+        "import tasks.export\n"
+        "from tasks.export import ServedOnly\n"
+        "tasks.export.CUT_END_S = 30\n"
+        "app = FastAPI()\n"
+        "@app.post('/v1/chat/completions')\n"
+        "async def chat(body: dict):\n"
+        "    async def events():\n"
+        "        while True:\n"
+        "            yield 'data: {\"choices\": [{\"delta\": {\"content\": \"' + 'x' * 65536 + '\"}, \"index\": 0}]}\\n\\n'\n"
+        "            await asyncio.sleep(0.01)\n"
+        "    return StreamingResponse(events(), media_type='text/event-stream')\n"
+        f"uvicorn.run(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, http='h11', timeout_graceful_shutdown=2)\n")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        with httpx.Client(timeout=60) as client, \
+                client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": []}) as stream:
+            assert stream.status_code == 200  # its headers read, its events left unread: the socket buffers fill
+            time.sleep(3)
+            proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while "timeout graceful shutdown exceeded" not in log.read_text():  # the stream is cut: the wait begins
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a second Ctrl-C did not end the wait for the cut stream: {log.read_text()[-2000:]}")
+            took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert took < 5 and proc.returncode == 0, (took, proc.returncode, text[-2000:])
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-2000:]
