@@ -1688,6 +1688,12 @@ def chat_messages_problem(messages: Any) -> tuple[str, str] | None:
     return None
 
 
+def one_prompt(prompt: Any) -> Any:
+    """A completions `prompt` sent as a list of one string (OpenAI's API takes a string or a list of them; LangChain's
+    OpenAI LLM always sends a list, one prompt in it for one call) as that string; any other value as it is."""
+    return prompt[0] if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str) else prompt
+
+
 def developer_as_system(messages: list[dict]) -> list[dict]:
     """`messages` (a chat's, or a Responses `input`'s items) with OpenAI's "developer" turns as "system" ones: its
     newer name for them, which the chat template the model was trained with does not know (it would render an unknown
@@ -2719,9 +2725,13 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         if problem:
             return problem
     elif kind == "completion":
-        prompt = body.get("prompt")
+        prompt = one_prompt(body.get("prompt"))
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+            return (f"prompt holds {len(prompt)} prompts: this server answers one prompt per request; send each in a "
+                    "request of its own"), "prompt"
         if not isinstance(prompt, str) or not prompt:
-            return f"prompt must be a non-empty string (one prompt per request), got {type(prompt).__name__} {str(prompt)[:40]!r}", "prompt"
+            return (f"prompt must be a non-empty string, or a list of one (one prompt per request; token ids are not "
+                    f"read: send the text), got {type(prompt).__name__} {str(prompt)[:40]!r}"), "prompt"
         if not isinstance(body.get("suffix"), (str, type(None))):
             return f"suffix must be a string, got {body['suffix']!r:.40}", "suffix"
     else:
@@ -3593,6 +3603,8 @@ def answer_as_openai_does() -> None:
             body = tools_left_out(nulls_left_out(body))
             if kind == "chat":
                 body["messages"] = history_as_served(body["messages"])
+            elif kind == "completion":
+                body["prompt"] = one_prompt(body["prompt"])
             elif kind == "response":
                 body["input"] = response_input_as_system(body["input"])
                 body = instructions_kept_with_system(body)

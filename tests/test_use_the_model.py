@@ -4828,3 +4828,24 @@ def test_served_only_a_second_ctrl_c_ends_the_wait_for_cut_requests_at_once(tmp_
     text = log.read_text()
     assert took < 5 and proc.returncode == 0, (took, proc.returncode, text[-2000:])
     assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-2000:]
+
+
+def test_serve_model_merged_answers_a_completions_prompt_sent_as_a_list_of_one(served_r1):
+    """OpenAI's completions `prompt` is a string or a list of them; LangChain's OpenAI LLM (langchain_openai
+    BaseOpenAI._generate) always sends a list, one prompt in it for one call: this server refused it, "prompt must be a
+    non-empty string", a 400 for the request it answers as a string. A list of one is now that string's request,
+    streamed or not; a list of several is refused naming prompt, one prompt per request."""
+    import openai
+
+    pub, base = served_r1
+    client = _openai_client(base)
+    common = {"model": pub.name, "max_tokens": 4, "temperature": 0}
+    alone = client.completions.create(prompt="Once", **common)
+    listed = client.completions.create(prompt=["Once"], **common)
+    assert (listed.choices[0].text, listed.usage) == (alone.choices[0].text, alone.usage), (listed, alone)
+    streamed = client.completions.create(prompt=["Once"], stream=True, **common)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == alone.choices[0].text
+    for prompts in (["Once", "Twice"], [""], [], [1, 2]):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(prompt=prompts, **common)
+        assert caught.value.body["param"] == "prompt" and "one prompt per request" in caught.value.message, (prompts, caught.value.body)
