@@ -279,7 +279,7 @@ def cmd_serve_model(args) -> int:
     from tasks.common import StageError
     from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, record_server, remove_stale_serving_folders,
                               require_free_port, serve_gguf, transformers_serve_command)
-    from tasks.publish import find_run, require_safetensors
+    from tasks.publish import answer_stop_ids, find_run, require_safetensors
 
     if args.gguf_type and args.format == "merged":
         print(f"error: --gguf-type {args.gguf_type} picks a GGUF, which --format merged does not serve; drop one of them", file=sys.stderr)
@@ -322,7 +322,8 @@ def cmd_serve_model(args) -> int:
     if stale:
         print(f"removed {len(stale)} serving folder(s) left by a killed serve-model: {', '.join(map(str, stale))}", file=sys.stderr)
     workdir = make_serving_folder()  # the server's folder: this process removes it once the server has exited
-    proc = subprocess.Popen(transformers_serve_command(folder / "merged", name, args.host, args.port, workdir), start_new_session=True, env=env)
+    command = transformers_serve_command(folder / "merged", name, args.host, args.port, workdir, answer_stop_ids(folder))
+    proc = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         record_server(workdir, proc.pid)
         # The hint once the model answers, not before: a model that fails to load must not follow a "Try: curl".

@@ -846,20 +846,43 @@ def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
     return removed
 
 
-def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path) -> list[str]:
-    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, run by
-    `serve_merged` in its own process, in `workdir` (which the caller removes once that process has exited); the API
-    key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
+def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path, stop_ids: list[int]) -> list[str]:
+    """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, its answers
+    ending at `stop_ids` too (serving_model_folder), run by `serve_merged` in its own process, in `workdir` (which the
+    caller removes once that process has exited); the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
     return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port),
-            "--workdir", str(workdir), "--parent", str(os.getpid())]
+            "--workdir", str(workdir), "--parent", str(os.getpid()), "--stop-ids", *map(str, stop_ids)]
 
 
-def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path) -> None:
+def serving_model_folder(merged: Path, dest: Path, stop_ids: list[int]) -> None:
+    """`dest`: the merged model as the server loads it, a link to each file of `merged`, whose generation_config.json
+    (a file of its own) ends generation at `stop_ids` too: the published stop ids (the chat template's end-of-turn
+    tokens and EOS), which stage 5 and `chat` generate with. transformers serve stops at the generation config's
+    eos_token_id alone, which is the base's: under a template whose turns end with a special token that is not the
+    base's EOS (Qwen2.5 base's ChatML <|im_end|>, a Llama-3.1 base under Llama 3's <|eot_id|>), answers ran on past
+    the end of the turn into turns the model made up, to the length limit (a review, 2026-12-07). A merged folder
+    without a generation_config.json (transformers derives one from config.json) is linked as it is."""
+    merged = merged.resolve()
+    dest.mkdir()
+    for entry in merged.iterdir():
+        if entry.name != "generation_config.json":
+            (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    given = merged / "generation_config.json"
+    if not given.is_file():
+        return
+    settings = read_json(given)
+    eos = settings.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    write_json(dest / "generation_config.json", {**settings, "eos_token_id": eos + [i for i in stop_ids if i not in eos]})
+
+
+def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path, stop_ids: list[int]) -> None:
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
     transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
-    it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a link to
-    the merged folder: it loads the same files, lists and answers as `name`, and no path leaves the machine. A request
+    it). So the server runs in a private folder (`workdir`, holding only its owner's record) where `name` is a folder
+    of links to the merged folder's files (serving_model_folder: its answers end at `stop_ids` too): it loads the same
+    weights, lists and answers as `name`, and no path leaves the machine. A request
     naming another model is answered by this one, as llama.cpp's server does (`answer_as_openai_does`). It has no
     API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered (ServedOnly)."""
     from fastapi.exceptions import RequestValidationError
@@ -912,7 +935,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     list_only_the_served_model(name)
     # Not a TemporaryDirectory of its own: uvicorn ends a stop by raising the signal it caught again, and the process
     # died of it before the folder was removed (one /tmp/qlora-serve-* left per stop). serve-model owns the folder.
-    (workdir / name).symlink_to(merged.resolve(), target_is_directory=True)
+    serving_model_folder(merged, workdir / name, stop_ids)
     os.chdir(workdir)
     signal.signal(signal.SIGTERM, _exit_after_stop)
     signal.signal(STOP_NOW_SIGNAL, _exit_now)
@@ -3869,12 +3892,13 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--port", type=int, default=8000)
     sm.add_argument("--workdir", type=Path, required=True, help="an empty folder to serve from (the caller removes it)")
     sm.add_argument("--parent", type=int, help="stop when this process (serve-model) is gone, even killed with SIGKILL")
+    sm.add_argument("--stop-ids", type=int, nargs="*", default=[], help="token ids that end an answer besides the model's EOS")
     args = p.parse_args(argv)
     if args.parent:
         from .common import stop_when_orphaned
 
         stop_when_orphaned(args.parent)
-    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir)
+    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir, args.stop_ids)
     return 0
 
 

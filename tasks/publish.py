@@ -1331,6 +1331,12 @@ def read_turn() -> str:
     return input().strip()
 
 
+def answer_stop_ids(folder: Path) -> list[int]:
+    """The token ids that end the published model's answers: the data stage's stop ids (the chat template's end-of-turn
+    tokens and EOS), as the published summary.json records them; stage 5 generated with them."""
+    return read_json(folder / "summary.json")["data"]["stop_token_ids"]
+
+
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
@@ -1339,7 +1345,7 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_published(folder, merged=merged, device=device)
     tok = AutoTokenizer.from_pretrained(str(folder / ("merged" if merged else "adapter")))
-    stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
+    stops = answer_stop_ids(folder)
     history: list[dict] = []
 
     def answer(text: str) -> None:

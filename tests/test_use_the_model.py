@@ -4849,3 +4849,39 @@ def test_serve_model_merged_answers_a_completions_prompt_sent_as_a_list_of_one(s
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(prompt=prompts, **common)
         assert caught.value.body["param"] == "prompt" and "one prompt per request" in caught.value.message, (prompts, caught.value.body)
+
+
+def test_serve_model_merged_ends_an_answer_at_the_template_s_end_of_turn_token_not_only_at_eos(own_published, tmp_path):
+    """The data stage's stop ids (summary.json data.stop_token_ids) are the chat template's end-of-turn tokens and EOS,
+    and stage 5 and `chat` generate with them; the served model stopped at merged/generation_config.json's
+    eos_token_id alone. A template whose assistant turns end with a special token that is not the model's EOS (Qwen2.5
+    base's ChatML <|im_end|>, a Llama-3.1 base under Llama 3's <|eot_id|>) had its answers run past the end of the turn,
+    on into turns the model made up, to the length limit (with none: to the end of the context). A copy of the run whose
+    template ends turns with BOS (id 1, special, as such a token is), which a logit bias makes the first token: the
+    answer ends there ("stop", one token), where it ran to max_tokens ("length"); streamed, non-streamed, Responses."""
+    import shutil
+    import signal
+
+    cfg, art, pub, _ = own_published
+    shutil.copytree(art, tmp_path / "art", symlinks=True)
+    run = tmp_path / "art" / pub.relative_to(art)
+    summary = json.loads((run / "summary.json").read_text())
+    eos = json.loads((run / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    summary["data"]["stop_token_ids"] = sorted({1, eos})
+    _replace_published_file(run, "summary.json", json.dumps(summary))
+    proc, base = _start_serve_model(tmp_path / "art", tmp_path / "serve.log")
+    try:
+        client = _openai_client(base)
+        common = {"model": pub.name, "max_tokens": 8, "temperature": 0, "logit_bias": {"1": 100}}
+        answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **common)
+        assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("stop", 1), answer
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                                     stream_options={"include_usage": True}, **common))
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop" and chunks[-1].usage.completion_tokens == 1, chunks
+        answer = client.completions.create(prompt="Hi", **common)
+        assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == ("stop", 1), answer
+        response = client.responses.create(model=pub.name, input="Hi", max_output_tokens=8, temperature=0, extra_body={"logit_bias": {"1": 100}})
+        assert response.status == "completed" and response.usage.output_tokens == 1, response
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
