@@ -4939,3 +4939,28 @@ def test_serve_model_merged_on_a_summary_without_stop_ids_says_so_in_one_line_an
     assert "Traceback" not in done.stderr and "error:" in done.stderr, done.stderr[-2000:]
     assert not list(temp.glob("qlora-serve-*")), list(temp.iterdir())
 
+
+@pytest.mark.xfail(strict=True, reason="review-serve12: serving_model_folder links a merged/ without generation_config.json as it is, "
+                                       "so the server stops at config.json's EOS alone and the published stop ids are dropped")
+def test_serving_model_folder_without_a_generation_config_still_ends_answers_at_the_stop_ids(tmp_path):
+    """serve-model (merged) ends answers at the published stop ids by writing them into the served folder's
+    generation_config.json (serving_model_folder). A merged/ with no generation_config.json (save_pretrained writes
+    none for a model class that cannot generate by itself, as remote code not built on GenerationMixin; a folder made
+    by hand) gets none: transformers serve derives its settings from config.json (ModelManager.load_config:
+    GenerationConfig.from_model_config), whose EOS is the base's, and the template's end-of-turn id is not a stop.
+    Shown as transformers serve reads the folder: the end-of-turn id (7) must be among its eos_token_id."""
+    from transformers import AutoConfig, GenerationConfig, LlamaConfig
+
+    from tasks.export import serving_model_folder
+
+    merged = tmp_path / "merged"
+    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                bos_token_id=1, eos_token_id=2).save_pretrained(merged)
+    assert not (merged / "generation_config.json").exists()
+    serving_model_folder(merged, tmp_path / "served", [2, 7])
+    try:  # transformers serve's ModelManager.load_config, 5.25
+        read = GenerationConfig.from_pretrained(tmp_path / "served")
+    except OSError:
+        read = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp_path / "served"))
+    eos = read.eos_token_id if isinstance(read.eos_token_id, list) else [read.eos_token_id]
+    assert 7 in eos and 2 in eos, eos
