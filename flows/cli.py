@@ -290,6 +290,7 @@ def cmd_serve_model(args) -> int:
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
         if not gguf:
             require_safetensors(folder / "merged")  # before any load: a pickle can run code when unpickled
+            stop_ids = answer_stop_ids(folder)  # before the serving folder is made: a bad summary leaves none behind
         require_free_port(args.host, args.port)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -322,7 +323,7 @@ def cmd_serve_model(args) -> int:
     if stale:
         print(f"removed {len(stale)} serving folder(s) left by a killed serve-model: {', '.join(map(str, stale))}", file=sys.stderr)
     workdir = make_serving_folder()  # the server's folder: this process removes it once the server has exited
-    command = transformers_serve_command(folder / "merged", name, args.host, args.port, workdir, answer_stop_ids(folder))
+    command = transformers_serve_command(folder / "merged", name, args.host, args.port, workdir, stop_ids)
     proc = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         record_server(workdir, proc.pid)

@@ -1332,9 +1332,29 @@ def read_turn() -> str:
 
 
 def answer_stop_ids(folder: Path) -> list[int]:
-    """The token ids that end the published model's answers: the data stage's stop ids (the chat template's end-of-turn
-    tokens and EOS), as the published summary.json records them; stage 5 generated with them."""
-    return read_json(folder / "summary.json")["data"]["stop_token_ids"]
+    """The token ids that end the published model's answers besides its EOS: the data stage's stop ids (the chat
+    template's end-of-turn tokens and EOS), as the published summary.json records them; stage 5 generated with them.
+    A summary without them (older, made by hand) gives none, with a note: the model's EOS alone ends answers, as
+    before they were read (a review, 2026-12-07). A summary that does not parse is a StageError naming the fix."""
+    path = folder / "summary.json"
+    try:
+        summary = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise StageError(f"{path} is unreadable ({type(e).__name__}); delete the published folder {folder} and rerun "
+                         "`qlora-pipeline run` to publish it again (finished stages are reused)") from e
+    if not isinstance(summary, dict):
+        raise StageError(f"{path} is not a JSON object; delete the published folder {folder} and rerun `qlora-pipeline run` "
+                         "to publish it again (finished stages are reused)")
+    data = summary.get("data")
+    stops = data.get("stop_token_ids") if isinstance(data, dict) else None
+    if stops is None:
+        print(f"note: {path} has no data.stop_token_ids; answers end at the model's EOS alone, not at the chat template's "
+              "end-of-turn tokens", file=sys.stderr)
+        return []
+    if not isinstance(stops, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stops):
+        raise StageError(f"{path}: data.stop_token_ids is {stops!r}, not a list of token ids; delete the published folder "
+                         f"{folder} and rerun `qlora-pipeline run` to publish it again (finished stages are reused)")
+    return stops
 
 
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
@@ -1342,10 +1362,11 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     from transformers import AutoTokenizer, TextStreamer
 
     folder = find_run(run, artifacts_dir)
+    stops = answer_stop_ids(folder)  # before the model loads: a bad summary is told at once
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_published(folder, merged=merged, device=device)
     tok = AutoTokenizer.from_pretrained(str(folder / ("merged" if merged else "adapter")))
-    stops = answer_stop_ids(folder)
+    stops = stops or model.generation_config.eos_token_id  # none published: the model's EOS alone ([] would stop at none)
     history: list[dict] = []
 
     def answer(text: str) -> None:

@@ -4890,8 +4890,6 @@ def test_serve_model_merged_ends_an_answer_at_the_template_s_end_of_turn_token_n
 # A review (review-serve12, 2026-12-07) of a0e968a..serve-12: strict xfails for what it found, each in its own commit.
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve12: answer_stop_ids raises KeyError/JSONDecodeError (a traceback from serve-model, "
-                                       "which read no summary.json before) on a summary without data.stop_token_ids")
 @pytest.mark.parametrize("summary", ['{"data": {"key": "d"}}', '{"train": {}}', "not json"], ids=["no-stop-ids", "no-data", "unreadable"])
 def test_answer_stop_ids_of_a_summary_without_them_is_one_clear_line_or_the_eos_alone(tmp_path, summary):
     """serve-model (merged) now reads the published summary.json's data.stop_token_ids before it starts the server
@@ -4909,8 +4907,6 @@ def test_answer_stop_ids_of_a_summary_without_them_is_one_clear_line_or_the_eos_
         assert stops == [], stops
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve12: serve-model calls answer_stop_ids after make_serving_folder and outside its "
-                                       "StageError handling: a KeyError traceback, and a qlora-serve-* folder left behind")
 def test_serve_model_merged_on_a_summary_without_stop_ids_says_so_in_one_line_and_leaves_no_serving_folder(own_published, tmp_path):
     """The same summary (no data.stop_token_ids) through `serve-model`: it must end with one `error:` line (or serve, at
     the EOS alone), with no traceback and no qlora-serve-* folder left in the temp folder."""
@@ -4964,3 +4960,32 @@ def test_serving_model_folder_without_a_generation_config_still_ends_answers_at_
         read = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp_path / "served"))
     eos = read.eos_token_id if isinstance(read.eos_token_id, list) else [read.eos_token_id]
     assert 7 in eos and 2 in eos, eos
+
+
+def test_chat_on_a_summary_without_stop_ids_ends_answers_at_the_model_s_eos(own_published, tmp_path, monkeypatch, capsys):
+    """answer_stop_ids gives no stop ids for a summary without data.stop_token_ids (a note says so); `chat` must then
+    generate with the model's EOS, not with eos_token_id=[] (transformers stops at none: every answer ran to the limit)."""
+    import shutil
+
+    from tasks import publish
+
+    cfg, art, pub, _ = own_published
+    shutil.copytree(art, tmp_path / "art", symlinks=True)
+    run = tmp_path / "art" / pub.relative_to(art)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["data"]["stop_token_ids"]
+    _replace_published_file(run, "summary.json", json.dumps(summary))
+    seen = []
+    load = publish.load_published
+
+    def spied(*a, **kw):
+        model = load(*a, **kw)
+        generate = model.generate
+        model.generate = lambda *ga, **gk: seen.append(gk["eos_token_id"]) or generate(*ga, **gk)
+        return model
+
+    monkeypatch.setattr(publish, "load_published", spied)
+    assert publish.chat("r1", "Hi", merged=True, max_new_tokens=2, artifacts_dir=str(tmp_path / "art")) == 0
+    eos = json.loads((run / "merged" / "config.json").read_text())["eos_token_id"]
+    assert seen and seen[0] not in ([], None) and eos in (seen[0] if isinstance(seen[0], list) else [seen[0]]), seen
+    assert "no data.stop_token_ids" in capsys.readouterr().err
