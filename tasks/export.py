@@ -861,16 +861,23 @@ def serving_model_folder(merged: Path, dest: Path, stop_ids: list[int]) -> None:
     eos_token_id alone, which is the base's: under a template whose turns end with a special token that is not the
     base's EOS (Qwen2.5 base's ChatML <|im_end|>, a Llama-3.1 base under Llama 3's <|eot_id|>), answers ran on past
     the end of the turn into turns the model made up, to the length limit (a review, 2026-12-07). A merged folder
-    without a generation_config.json (transformers derives one from config.json) is linked as it is."""
+    without a generation_config.json (save_pretrained writes none for a model class that cannot generate by itself; a
+    folder made by hand) gets one all the same: what transformers derives from config.json (its EOS), plus `stop_ids`."""
     merged = merged.resolve()
     dest.mkdir()
     for entry in merged.iterdir():
         if entry.name != "generation_config.json":
             (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     given = merged / "generation_config.json"
-    if not given.is_file():
-        return
-    settings = read_json(given)
+    if given.is_file():
+        settings = read_json(given)
+    elif (merged / "config.json").is_file():  # as transformers serve reads such a folder (ModelManager.load_config)
+        from transformers import GenerationConfig
+
+        settings = GenerationConfig.from_model_config(read_json(merged / "config.json")).to_diff_dict()
+        settings.pop("_from_model_config", None)  # a file of its own now, not the model config's defaults
+    else:
+        return  # no model to load: the server says so
     eos = settings.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     write_json(dest / "generation_config.json", {**settings, "eos_token_id": eos + [i for i in stop_ids if i not in eos]})

@@ -4936,8 +4936,6 @@ def test_serve_model_merged_on_a_summary_without_stop_ids_says_so_in_one_line_an
     assert not list(temp.glob("qlora-serve-*")), list(temp.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve12: serving_model_folder links a merged/ without generation_config.json as it is, "
-                                       "so the server stops at config.json's EOS alone and the published stop ids are dropped")
 def test_serving_model_folder_without_a_generation_config_still_ends_answers_at_the_stop_ids(tmp_path):
     """serve-model (merged) ends answers at the published stop ids by writing them into the served folder's
     generation_config.json (serving_model_folder). A merged/ with no generation_config.json (save_pretrained writes
