@@ -10,6 +10,8 @@ reaches and what it cannot. The model is built on the meta device from its confi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
@@ -24,7 +26,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     StageError, one line naming the key and the fix, when the run could not work."""
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
     tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
-    check_publishable(tok, model)
+    check_publishable(tok, model, Path(ref.path) if ref.local else None)
     if system_prompt:
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
@@ -56,15 +58,20 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     return [f"model: {targets.describe()}", *lines]
 
 
-def check_publishable(tok, model: ModelSection) -> None:
-    """A tokenizer whose class names a vocabulary file publish cannot copy (not a plain top-level file name: '../x',
+def check_publishable(tok, model: ModelSection, folder: Path | None = None) -> None:
+    """A tokenizer whose class names a vocabulary file publish cannot copy (not a file inside the folder: '../x',
     '*.bin'; a remote-code class's own choice) is refused here, in seconds, not in stage 7 after the training: the
-    published adapter/ would not load it, and publish refuses such a folder. Read from the class it loaded as, so a name
-    the source computes counts too."""
-    from .publish import refused_vocabulary
+    published adapter/ would not load it, and publish refuses such a folder. So is one of a local model folder (`folder`,
+    where the tokenizer loaded from; None for a Hub id, whose files huggingface_hub stores) whose vocabulary in a
+    subfolder ('vocab/x') is a link out of the folder, which publish does not follow. Read from the class it loaded as,
+    so a name the source computes counts too."""
+    from .publish import linked_out_vocabulary, refused_vocabulary
 
     names = getattr(type(tok), "vocab_files_names", None)
-    if isinstance(names, dict) and (why := refused_vocabulary(type(tok).__name__, names.values(), f"model.name {model.name!r}")):
+    if not isinstance(names, dict):
+        return
+    said, cls = f"model.name {model.name!r}", type(tok).__name__
+    if why := refused_vocabulary(cls, names.values(), said) or (folder is not None and linked_out_vocabulary(cls, names.values(), folder, said)):
         raise StageError(why)
 
 

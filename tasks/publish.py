@@ -89,21 +89,29 @@ def tokenizer_files(folder: Path) -> tuple[str, ...]:
     return (*TOKENIZER_FILES, *sorted(names - set(TOKENIZER_FILES)))
 
 
-def unloadable_tokenizer(folder: Path) -> str | None:
-    """Why the tokenizer saved in `folder` (merged/) cannot be published so that it loads, in one line, or None: a
-    remote-code class whose vocab_files_names gives a name that is not a file inside the folder (`_vocab_name`: '../x',
-    '/x', '*.bin'), or one in a subfolder ('vocab/x') that a link takes out of the folder: a file `tokenizer_files` never
-    names, so adapter/ would lack it. Publish refuses such a folder (no copy, no reuse); the model checks refuse the
-    tokenizer before stage 1 (`refused_vocabulary`)."""
+def unloadable_tokenizer(folder: Path, said: str = "publish") -> str | None:
+    """Why the tokenizer saved in `folder` (merged/) cannot be published so that it loads, in one line opened by `said`,
+    or None: a remote-code class whose vocab_files_names gives a name that is not a file inside the folder (`_vocab_name`:
+    '../x', '/x', '*.bin'), or one in a subfolder ('vocab/x') that a link takes out of the folder: a file
+    `tokenizer_files` never names, so adapter/ would lack it. Publish refuses such a folder (no copy, no reuse); the model
+    checks refuse the tokenizer before stage 1 (`refused_vocabulary`, `linked_out_vocabulary`)."""
     conf = _tokenizer_config(folder)
     for cls, module, vocab in _remote_tokenizers(folder, conf) if conf is not None else []:
-        if line := refused_vocabulary(cls, vocab, "publish", where=str(module)):
+        if line := refused_vocabulary(cls, vocab, said, where=str(module)) or linked_out_vocabulary(cls, vocab, folder, said, where=str(module)):
             return line
-        for name in (v for n in vocab if (v := _vocab_name(n)) and "/" in v):
-            if os.path.lexists(folder / name) and not _in_folder(folder / name, folder):
-                return (f"publish: its tokenizer class {cls} ({module}) names its vocabulary file {name!r}, which {folder} reaches "
-                        f"through a link out of the folder ({(folder / name).resolve()}), not copied; put the file itself at "
-                        f"{folder / name}")
+    return None
+
+
+def linked_out_vocabulary(cls: str, vocab_names, folder: Path, said: str, where: str = "") -> str | None:
+    """The line refusing a tokenizer class `cls` (of the module file `where`) of `folder` whose vocabulary file names
+    (`vocab_names`) hold a path in a subfolder ('vocab/x') that a link takes out of the folder, or None. Such a file is
+    none of the folder's own: `tokenizer_files` never names it, so adapter/ and base/ would lack it (a link out is not
+    followed: publish may push the folder). `said` opens the line."""
+    for name in (v for n in vocab_names if (v := _vocab_name(n)) and "/" in v):
+        if os.path.lexists(folder / name) and not _in_folder(folder / name, folder):
+            return (f"{said}: its tokenizer class {cls}{f' ({where})' if where else ''} names its vocabulary file {name!r}, which "
+                    f"{folder} reaches through a link out of the folder ({(folder / name).resolve()}), not copied; put the file "
+                    f"itself at {folder / name}")
     return None
 
 

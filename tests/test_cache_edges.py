@@ -1211,6 +1211,62 @@ def test_a_local_bases_vocabulary_in_a_subfolder_is_in_base_or_named_by_a_line(t
         assert (tmp_path / "base" / "vocab" / "tik.tiktoken").read_text() == "a 0\n"
 
 
+# Stage 1 labels the answer's tokens by their character offsets, which transformers' Python tokenizers do not give:
+# the subfolder-vocabulary model's TikTokenizer gives them as a fast tokenizer would (one per character or special token).
+_OFFSETS = '''
+    def __call__(self, text, **kwargs):
+        import re
+
+        offsets = kwargs.pop("return_offsets_mapping", False)
+        enc = super().__call__(text, **kwargs)
+        if offsets:
+            specials = sorted(self.added_tokens_encoder, key=len, reverse=True)
+            enc["offset_mapping"] = [m.span() for m in re.finditer("|".join(map(re.escape, specials)) + "|.", text, re.S)]
+            assert len(enc["offset_mapping"]) == len(enc["input_ids"])
+        return enc
+'''
+
+
+def _subfolder_vocabulary_model(tmp_path: Path, monkeypatch) -> Path:
+    """A local model folder (config.json, no weights) whose remote-code tokenizer keeps its vocabulary at
+    'vocab/tik.tiktoken' as 360Zhinao's does, saved there by its own save_vocabulary, with a chat template that trains."""
+    source = (_TIK_MODULE.replace('{"vocab_file": "tik.tiktoken"}', '{"vocab_file": "vocab/tik.tiktoken"}')
+              .replace('path = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tik.tiktoken")',
+                       'os.makedirs(os.path.join(save_directory, "vocab"), exist_ok=True)\n        path = os.path.join(save_directory, "vocab", "tik.tiktoken")')
+              + _OFFSETS)
+    tok = _tik_tokenizer(source, tmp_path / "zmod", tmp_path / "v.tiktoken", monkeypatch)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    local = tmp_path / "models" / "zhinao-like"
+    tok.save_pretrained(str(local))
+    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    assert (local / "vocab" / "tik.tiktoken").is_file() and not (local / "tik.tiktoken").exists()
+    return local
+
+
+def test_a_local_models_vocabulary_in_a_subfolder_linking_out_of_it_stops_the_run_before_stage_1(tmp_path, monkeypatch):
+    """Severity medium: a local model whose tokenizer's 'vocab/tik.tiktoken' is reached through a link out of the folder
+    (vocab/ -> a folder elsewhere) passed the model checks and trained; only stage 7 refused it (merged/, `unloadable_tokenizer`)
+    or left it out of base/ (`_copy_base`'s line): hours of training for a folder that cannot be published whole. The
+    model checks now refuse it before stage 1, with publish's line, opened by the key to fix."""
+    import shutil
+
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.preflight import check_model
+
+    local = _subfolder_vocabulary_model(tmp_path, monkeypatch)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)  # inside the folder: accepted
+    shutil.move(local / "vocab", tmp_path / "elsewhere")
+    (local / "vocab").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(StageError) as e:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer names its vocabulary file 'vocab/tik.tiktoken', "
+                            f"which {local} reaches through a link out of the folder ({tmp_path.resolve() / 'elsewhere' / 'tik.tiktoken'}), "
+                            f"not copied; put the file itself at {local / 'vocab' / 'tik.tiktoken'}"), e.value
+
+
 @pytest.mark.parametrize("vocab", ["tik..tiktoken", "vocab\\tik.tiktoken"])
 def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab):
     """Severity low (one-line errors): `_vocab_name` checks each part with `_plain_name`, which refuses any '..'
