@@ -724,15 +724,19 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
     ref = resolve_model(model, artifacts_dir)  # stage 1 resolves it on every run too: a built folder is only looked at
     memo = memos / render_stamp(model, ref) if memos and not editable else None
     try:
-        found = memo.read_text().strip() if memo else ""
-        if re.fullmatch(r"[0-9a-f]{16}", found):
+        found, _, nested = memo.read_text().partition("\n") if memo else ("", "", "")
+        if re.fullmatch(r"[0-9a-f]{16}", found.strip()) and same_subfolder_vocabulary(ref, nested.strip()):
             used_memo(memo)  # kept while used (`prune_render_memos`)
-            return found
+            return found.strip()
     except (OSError, ValueError):  # none yet, unreadable or not text: rendered again
         pass
     with template_clock_at(RENDER_PROBE_DATE):
-        digest = fingerprint("rendering", probe_encoding(load_tokenizer(ref, model)))
-    remember(memo, digest)
+        tok = load_tokenizer(ref, model)
+        nested = subfolder_vocabulary(tok, ref)
+        # a vocabulary in a subfolder is keyed as a top-level one is by the model's fingerprint: a change the probe's
+        # few tokens do not show still tokenizes the rows otherwise (none for an ordinary tokenizer: its digest as before)
+        digest = fingerprint("rendering", probe_encoding(tok), *([nested] if nested else []))
+    remember(memo, digest, json.dumps(nested) if nested else "")
     if memo is not None:  # one memo per model, template, library and code version ever rendered: the unused ones go
         prune_memos_when_due(memos, prune_render_memos)
     return digest
@@ -742,7 +746,9 @@ def render_stamp(model: ModelSection, ref: ModelRef | None = None) -> str:
     """What `rendering_fingerprint`'s memo is kept under: the model's content (its tokenizer files with it), the files the
     tokenizer loads from when `ref` is a folder here (`tokenizer_files`), the configured template, the versions and
     installed files of RENDER_LIBRARIES (`library_install`), the Python version and the bytes of the code that loads and
-    encodes."""
+    encodes. A vocabulary file in a subfolder ('vocab/360.tiktoken') is none of these top-level files: only the class
+    the tokenizer loads as names it, so the memo holds it (`subfolder_vocabulary`) and is read only while it is the same
+    (`same_subfolder_vocabulary`)."""
     code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
     versions = {dist: [installed_version(dist), library_install(dist)] for dist in RENDER_LIBRARIES}
     return fingerprint("render-stamp", model_fingerprint(model), tokenizer_files(ref), model.chat_template, versions, sys.version_info[:3], code,
@@ -763,6 +769,31 @@ def tokenizer_files(ref: ModelRef | None) -> list | None:
     # COMPLETE: when the folder was built, which renders nothing (each artifacts folder would render once more for it)
     return [(p.name, cached_sha256(p)) for p in sorted(folder.iterdir())
             if p.is_file() and p.name != COMPLETE and not p.name.endswith(WEIGHT_SUFFIXES)]
+
+
+def subfolder_vocabulary(tok, ref: ModelRef | None) -> list[list[str]]:
+    """[path, sha256] of each vocabulary file in a subfolder of the folder `ref` loads from (a folder here) that `tok`
+    loaded: its class's vocab_files_names ('vocab/360.tiktoken', a remote-code class's choice; './tokenizer.model' is
+    top-level), as from_pretrained reads them, beside the folder's top-level files (`tokenizer_files`). Empty for a hub
+    id (its commit keys its files) and for a tokenizer whose files are all top-level (every class transformers ships)."""
+    folder = Path(ref.path) if ref is not None and ref.local else None
+    names = getattr(type(tok), "vocab_files_names", None)
+    if folder is None or not isinstance(names, dict):
+        return []
+    rels = {"/".join(p for p in n.split("/") if p not in ("", ".")) for n in names.values() if isinstance(n, str) and not n.startswith("/")}
+    return [[rel, cached_sha256(folder / rel)] for rel in sorted(rels) if "/" in rel and (folder / rel).is_file()]
+
+
+def same_subfolder_vocabulary(ref: ModelRef | None, said: str) -> bool:
+    """Whether the subfolder vocabulary files a rendering memo holds (`said`: `subfolder_vocabulary` as JSON, "" for
+    none) are still those of the folder `ref` loads from, by sha256. A memo without them is of an ordinary tokenizer."""
+    if not said:
+        return True
+    folder = Path(ref.path) if ref is not None and ref.local else None
+    try:
+        return folder is not None and all((folder / rel).is_file() and cached_sha256(folder / rel) == digest for rel, digest in json.loads(said))
+    except (ValueError, TypeError, OSError):  # a memo that does not read as written: rendered again
+        return False
 
 
 RENDER_PROBE_DATE = datetime.datetime(2024, 7, 26, 12, 0)  # what `strftime_now` says while the probe renders (any fixed day)

@@ -1267,6 +1267,34 @@ def test_a_local_models_vocabulary_in_a_subfolder_linking_out_of_it_stops_the_ru
                             f"not copied; put the file itself at {local / 'vocab' / 'tik.tiktoken'}"), e.value
 
 
+def test_a_vocabulary_in_a_subfolder_is_in_the_rendering_key(tmp_path, monkeypatch):
+    """Severity medium: the rendering memo (`render_stamp`) held the folder's top-level files only, and the model's
+    fingerprint too, so a local model's 'vocab/tik.tiktoken' changed (ids swapped, a token added) left the data key as
+    it was: the memo's rendering was read, the old data, training and adapter reused. The tokenizer's subfolder files
+    are in the memo and the rendering now: a change renders again, and changes the key even where the probe's few
+    tokens do not show it; the same file again gives the same key, from the memo."""
+    from tasks import data as data_mod
+    from tasks.config import load_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))  # its memos alone
+    local = _subfolder_vocabulary_model(tmp_path, monkeypatch)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    vocab = local / "vocab" / "tik.tiktoken"
+    first = data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir)
+    loads = []
+    real_load = data_mod.load_tokenizer
+    monkeypatch.setattr(data_mod, "load_tokenizer", lambda *a: loads.append(1) or real_load(*a))
+    assert data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir) == first and loads == []  # from the memo
+    original = vocab.read_text()
+    vocab.write_text(original.replace("a 2", "a 3").replace("b 3", "b 2"))  # the probe's 'a' and 'b' swap ids
+    swapped = data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir)
+    vocab.write_text(original + "\u20ac 4\n")  # a token the probe never holds: its rendering is the same
+    added = data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir)
+    assert len({first, swapped, added}) == 3 and len(loads) == 2
+    vocab.write_text(original)
+    assert data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir) == first and len(loads) == 3
+
+
 @pytest.mark.parametrize("vocab", ["tik..tiktoken", "vocab\\tik.tiktoken"])
 def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab):
     """Severity low (one-line errors): `_vocab_name` checks each part with `_plain_name`, which refuses any '..'
