@@ -1264,6 +1264,22 @@ def _newest_published(runs: Path) -> Path | None:
     return None
 
 
+def require_current(folder: Path, *, merged: bool) -> None:
+    """Refuse, in one line naming the folder and the fix, to load a published folder that is complete (`is_published`:
+    what `find_run` looks for) but that stage 7 would publish again or refuse (`is_reusable`): its base + adapter
+    (`merged` False: `republish_reason`, an older version's adapter/ that lacks its tokenizer's files or holds another
+    tokenizer than merged/, a base/ without its model code) failed to load with a traceback, or loaded a tokenizer the
+    model was not trained with; a tokenizer publish refuses (`unloadable_tokenizer`) does not load either way. Only what
+    is loaded counts: `--merged` and `serve-model` read merged/ alone, so a stale adapter/ does not stop them."""
+    run = folder.parent.name
+    if not merged and (why := republish_reason(folder)):
+        also = "; or load the merged model (--merged), which it does not touch" if unloadable_tokenizer(folder / "merged") is None else ""
+        raise StageError(f"{folder}/{why}; rerun the `qlora-pipeline run` command that made run {run!r}: only publish reruns, and the "
+                         f"new run (the latest, taken when no run is named) holds the model published again{also}")
+    if why := unloadable_tokenizer(folder / "merged", said=f"{folder} cannot be loaded: merged/"):
+        raise StageError(why)
+
+
 def _inside(path: Path, runs: Path) -> bool:
     """`path`, links resolved, lies inside the runs folder."""
     return path.resolve().is_relative_to(runs.resolve())
@@ -1287,6 +1303,7 @@ def load_published(folder: Path, *, merged: bool, device: str):
     stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load."""
     from transformers import AutoModelForCausalLM
 
+    require_current(folder, merged=merged)
     if merged:
         require_safetensors(folder / "merged")
         return AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True).to(device).eval()

@@ -539,6 +539,80 @@ def test_serve_model_names_a_damaged_model_file_in_one_line_before_any_serving_h
     assert "qlora-pipeline run" in err and "Try" not in err and "serving" not in err
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A complete folder that stage 7 would publish again or refuse is not loaded: one line naming it and the fix
+
+
+def _manifest_again(folder: Path) -> None:
+    """The folder's MANIFEST listing what is there now (complete, as `find_run` looks for), its publish_version kept."""
+    from tasks.common import file_sha256, read_json, write_json
+    from tasks.publish import MANIFEST
+
+    version = read_json(folder / MANIFEST).get("publish_version")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(folder / MANIFEST, {**({"publish_version": version} if version is not None else {}),
+                                   "files": [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
+
+
+def test_chat_refuses_in_one_line_a_folder_publish_would_publish_again_and_merged_still_serves(own_published, tmp_path, monkeypatch, capsys):
+    """Severity medium: `chat` and `serve-model` took a published folder that is complete (`is_published`), where stage 7
+    publishes only one it can reuse (`is_reusable`): a folder an older version published, its adapter/ without a tokenizer
+    file merged/ holds, was loaded as it was, and the adapter's tokenizer did not load. It is refused in one line naming
+    the folder and the fix (the run's command again: only publish reruns); `--merged` and `serve-model`, which read
+    merged/ alone, still load it."""
+    import subprocess
+
+    import flows.cli
+    from flows.cli import main
+    from tasks.publish import is_published, is_reusable
+
+    cfg, art, pub, _ = own_published
+    folder = _copy_run(pub, tmp_path / "art")
+    (folder / "adapter" / "tokenizer.json").unlink()  # adapter/ as publish left it before it took merged/'s tokenizer whole
+    _manifest_again(folder)
+    assert is_published(folder) and not is_reusable(folder)
+    assert main(["chat", "r1", "--prompt", "x", "--artifacts-dir", str(tmp_path / "art")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {folder}/adapter lacks tokenizer.json of the tokenizer merged/ holds (published when adapter/ took only the tokenizer "
+        "files of the usual names), so its tokenizer does not load; rerun the `qlora-pipeline run` command that made run 'r1': only "
+        "publish reruns, and the new run (the latest, taken when no run is named) holds the model published again; or load the merged "
+        "model (--merged), which it does not touch")
+    assert main(["chat", "r1", "--merged", "--prompt", "x", "--max-new-tokens", "2", "--artifacts-dir", str(tmp_path / "art")]) == 0
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
+    _FakeServer.started = []
+    assert main(["serve-model", "r1", "--artifacts-dir", str(tmp_path / "art")]) == 0 and len(_FakeServer.started) == 1
+
+
+def test_chat_and_serve_model_refuse_in_one_line_a_folder_whose_tokenizer_publish_refuses(own_published, tmp_path, monkeypatch, capsys):
+    """A folder published before publish refused a tokenizer that cannot load from it (`unloadable_tokenizer`: a
+    remote-code class naming its vocabulary '../tik.tiktoken', beside the folder) is complete: `serve-model` started a
+    server on it, and `chat --merged` loaded it. Both refuse it now, with publish's line, before any load."""
+    import subprocess
+
+    import flows.cli
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    folder = _copy_run(pub, tmp_path / "art")
+    conf = json.loads((folder / "merged" / "tokenizer_config.json").read_text())
+    conf.update(tokenizer_class="TikTokenizer", auto_map={"AutoTokenizer": ["tokenization_tik.TikTokenizer", None]})
+    (folder / "merged" / "tokenizer_config.json").write_text(json.dumps(conf))
+    (folder / "merged" / "tokenization_tik.py").write_text("class TikTokenizer:\n    vocab_files_names = {'vocab_file': '../tik.tiktoken'}\n")
+    _manifest_again(folder)
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
+    _FakeServer.started = []
+    line = (f"error: {folder} cannot be loaded: merged/: its tokenizer class TikTokenizer ({folder / 'merged' / 'tokenization_tik.py'}) "
+            "names its vocabulary file '../tik.tiktoken' (vocab_files_names), which holds a '..' part (a path out of the folder): not a "
+            "file inside the folder, so the published adapter/ could not hold it and would not load; name it with a relative path "
+            "inside the folder (no '..' part) in TikTokenizer's vocab_files_names and save_vocabulary")
+    for argv in (["serve-model", "r1"], ["chat", "r1", "--merged", "--prompt", "x"]):
+        assert main([*argv, "--artifacts-dir", str(tmp_path / "art")]) == 1
+        assert capsys.readouterr().err.strip() == line
+    assert _FakeServer.started == []
+
+
 def test_gguf_not_found_names_the_type_without_a_double_space(tmp_path):
     from tasks.common import StageError
     from tasks.export import gguf_to_serve
