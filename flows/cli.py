@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
     chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
     chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
+    chat.add_argument("--trust-remote-code", action="store_true",
+                      help="run the model's own Python code (its config's auto_map) to load it; on already where the run's published "
+                           "pipeline.yaml says model.trust_remote_code: true, so needed only for a folder whose pipeline.yaml does not say it")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
                            description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "
@@ -263,7 +266,8 @@ def cmd_chat(args) -> int:
     from tasks.publish import chat
 
     try:
-        return chat(args.run, args.prompt, merged=args.merged, max_new_tokens=args.max_new_tokens, artifacts_dir=_artifacts_dir(args.artifacts_dir))
+        return chat(args.run, args.prompt, merged=args.merged, max_new_tokens=args.max_new_tokens, artifacts_dir=_artifacts_dir(args.artifacts_dir),
+                    trust_remote_code=args.trust_remote_code)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE

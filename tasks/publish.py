@@ -1298,15 +1298,44 @@ def _run_dir(runs: Path, run: str) -> Path:
     return run_dir
 
 
-def load_published(folder: Path, *, merged: bool, device: str):
+def remote_code_asked(folder: Path) -> bool | None:
+    """Whether the run that published `folder` loaded its base with `model.trust_remote_code: true`, as the folder's
+    pipeline.yaml (that run's resolved config) says; None where it does not tell (no such file, or one that does not
+    read as a config with that key). The run ran the model's own code then; nothing else may turn it on."""
+    try:
+        said = (yaml.safe_load((folder / "pipeline.yaml").read_text(encoding="utf-8")) or {}).get("model", {}).get("trust_remote_code")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    return said if isinstance(said, bool) else None
+
+
+def remote_code_refused(e: Exception, source: str, folder: Path, trust: bool) -> StageError | None:
+    """transformers' refusal to run a model's or tokenizer's own code (a ValueError naming trust_remote_code) as one line
+    saying how to opt in, or None for any other error."""
+    if trust or "trust_remote_code" not in str(e):
+        return None
+    return StageError(f"{source} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does not say "
+                      "the run set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
+
+
+def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False):
     """The model a user talks to, in eval mode on `device`: the merged folder, or base + adapter loaded as training,
-    stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load."""
+    stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load.
+    The model's own code runs where the run that published it set model.trust_remote_code (`remote_code_asked`), or
+    where the caller says so (`trust_remote_code`: the user's --trust-remote-code), never otherwise."""
     from transformers import AutoModelForCausalLM
 
     require_current(folder, merged=merged)
+    trust = trust_remote_code or bool(remote_code_asked(folder))
     if merged:
         require_safetensors(folder / "merged")
-        return AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True).to(device).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True, trust_remote_code=trust)
+        except ValueError as e:
+            if refused := remote_code_refused(e, str(folder / "merged"), folder, trust):
+                raise refused from e
+            raise
+        return model.to(device).eval()
     base = read_json(folder / "provenance.json").get("base")
     if not base:
         raise StageError(f"{folder} was published by an older version that named its base by a cache path; rerun the same "
@@ -1317,7 +1346,7 @@ def load_published(folder: Path, *, merged: bool, device: str):
     import torch
     from peft import PeftModel
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": getattr(torch, base["compute_dtype"])}
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": getattr(torch, base["compute_dtype"]), "trust_remote_code": trust}
     if base["loaded_in_4bit"]:
         try:
             import importlib
@@ -1339,6 +1368,10 @@ def load_published(folder: Path, *, merged: bool, device: str):
     except OSError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StageError(f"cannot load the base model {source!r} ({first}); chat with --merged, which needs nothing outside {folder}") from e
+    except ValueError as e:
+        if refused := remote_code_refused(e, source, folder, trust):
+            raise refused from e
+        raise
     if "quantization_config" not in kwargs:
         model.to(device)
     return PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
@@ -1382,15 +1415,23 @@ def answer_stop_ids(folder: Path) -> list[int]:
     return stops
 
 
-def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts") -> int:
+def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts",
+         trust_remote_code: bool = False) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
     folder = find_run(run, artifacts_dir)
     stops = answer_stop_ids(folder)  # before the model loads: a bad summary is told at once
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_published(folder, merged=merged, device=device)
-    tok = AutoTokenizer.from_pretrained(str(folder / ("merged" if merged else "adapter")))
+    model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code)
+    trust = trust_remote_code or bool(remote_code_asked(folder))  # a remote-code tokenizer (Qwen-1's) as its model
+    side = str(folder / ("merged" if merged else "adapter"))
+    try:
+        tok = AutoTokenizer.from_pretrained(side, trust_remote_code=trust)
+    except ValueError as e:
+        if refused := remote_code_refused(e, side, folder, trust):
+            raise refused from e
+        raise
     stops = stops or model.generation_config.eos_token_id  # none published: the model's EOS alone ([] would stop at none)
     history: list[dict] = []
 

@@ -613,6 +613,80 @@ def test_chat_and_serve_model_refuse_in_one_line_a_folder_whose_tokenizer_publis
     assert _FakeServer.started == []
 
 
+# A trust_remote_code model: Llama's code under another model_type, which transformers runs only from the folder's
+# own modules (its config's auto_map), as a Hub repository's remote code
+_REMOTE_CONFIGURATION = "from transformers import LlamaConfig\n\n\nclass TinyRemoteConfig(LlamaConfig):\n    model_type = 'tiny-remote'\n"
+_REMOTE_MODELING = ("from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny_remote import TinyRemoteConfig\n\n\n"
+                    "class TinyRemoteForCausalLM(LlamaForCausalLM):\n    config_class = TinyRemoteConfig\n")
+
+
+def _remote_code_published(folder: Path, asked: bool | None) -> Path:
+    """A published folder (MANIFEST, provenance.json, adapter/, merged/, base/) of a local trust_remote_code base, as
+    publish leaves it, whose pipeline.yaml says model.trust_remote_code is `asked` (None: no pipeline.yaml)."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.common import write_json
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(str(folder / "base"))
+    conf = json.loads((folder / "base" / "config.json").read_text())
+    conf.update(model_type="tiny-remote", architectures=["TinyRemoteForCausalLM"],
+                auto_map={"AutoConfig": "configuration_tiny_remote.TinyRemoteConfig",
+                          "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteForCausalLM"})
+    (folder / "base" / "config.json").write_text(json.dumps(conf))
+    (folder / "base" / "configuration_tiny_remote.py").write_text(_REMOTE_CONFIGURATION)
+    (folder / "base" / "modeling_tiny_remote.py").write_text(_REMOTE_MODELING)
+    shutil.copytree(folder / "base", folder / "merged")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(folder / "adapter"))
+    (folder / "adapter" / "README.md").unlink(missing_ok=True)  # as _assemble does
+    write_json(folder / "provenance.json", {"base": {"files": "base", "hub_id": None, "revision": None, "loaded_in_4bit": False,
+                                                     "quant": None, "compute_dtype": "float32"}})
+    if asked is not None:
+        (folder / "pipeline.yaml").write_text(f"model:\n  name: /models/tiny-remote\n  trust_remote_code: {str(asked).lower()}\n")
+    write_json(folder / "MANIFEST.json", {"publish_version": 5, "files": []})
+    _manifest_again(folder)
+    return folder
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["base+adapter", "merged"])
+def test_a_published_remote_code_model_loads_where_its_run_set_trust_remote_code_and_only_there(tmp_path, merged):
+    """Severity medium: `load_published` never passed trust_remote_code, so base/ (or merged/) of a model.trust_remote_code
+    base loaded only by hand (transformers refused, or asked at a terminal). The run's own pipeline.yaml says whether it
+    ran the model's code: then it loads; where it says false, or there is no pipeline.yaml, nothing runs the model's
+    code: one line says how to opt in (--trust-remote-code), which loads it."""
+    from tasks.publish import load_published
+
+    on = load_published(_remote_code_published(tmp_path / "asked", True), merged=merged, device="cpu")
+    assert type(on if merged else on.get_base_model()).__name__ == "TinyRemoteForCausalLM"
+    for asked in (False, None):
+        folder = _remote_code_published(tmp_path / f"not-asked-{asked}", asked)
+        with pytest.raises(StageError) as e:
+            load_published(folder, merged=merged, device="cpu")
+        source = folder / ("merged" if merged else "base")
+        assert str(e.value) == (f"{source} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does "
+                                "not say the run set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
+        opted = load_published(folder, merged=merged, device="cpu", trust_remote_code=True)
+        assert type(opted if merged else opted.get_base_model()).__name__ == "TinyRemoteForCausalLM"
+
+
+def test_chat_trust_remote_code_is_off_unless_asked_on_the_command_line(monkeypatch):
+    """`--trust-remote-code` reaches `chat` (for a folder whose pipeline.yaml does not say the run set it); without it,
+    only the folder's pipeline.yaml can turn it on (`load_published`)."""
+    import tasks.publish
+    from flows.cli import main
+
+    seen = []
+    monkeypatch.setattr(tasks.publish, "chat", lambda run, prompt, **kw: seen.append(kw["trust_remote_code"]) or 0)
+    assert main(["chat", "r1", "--prompt", "x"]) == 0 and main(["chat", "r1", "--prompt", "x", "--trust-remote-code"]) == 0
+    assert seen == [False, True]
+
+
 def test_gguf_not_found_names_the_type_without_a_double_space(tmp_path):
     from tasks.common import StageError
     from tasks.export import gguf_to_serve
