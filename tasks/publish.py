@@ -1301,7 +1301,7 @@ def _run_dir(runs: Path, run: str) -> Path:
 def remote_code_asked(folder: Path) -> bool | None:
     """Whether the run that published `folder` loaded its base with `model.trust_remote_code: true`, as the folder's
     pipeline.yaml (that run's resolved config) says; None where it does not tell (no such file, or one that does not
-    read as a config with that key). The run ran the model's own code then; nothing else may turn it on."""
+    read as a config with that key). The run ran the model's own code then; else only the user's --trust-remote-code may."""
     try:
         said = (yaml.safe_load((folder / "pipeline.yaml").read_text(encoding="utf-8")) or {}).get("model", {}).get("trust_remote_code")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
