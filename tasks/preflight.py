@@ -27,6 +27,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
     tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
     check_publishable(tok, model, Path(ref.path) if ref.local else None)
+    check_offsets(tok, model)
     if system_prompt:
         check_chat_template(tok, model, system_prompt)
     stop_token_ids(tok)  # the template closes assistant turns with a token the model can learn to stop on
@@ -73,6 +74,17 @@ def check_publishable(tok, model: ModelSection, folder: Path | None = None) -> N
     said, cls = f"model.name {model.name!r}", type(tok).__name__
     if why := refused_vocabulary(cls, names.values(), said) or (folder is not None and linked_out_vocabulary(cls, names.values(), folder, said)):
         raise StageError(why)
+
+
+def check_offsets(tok, model: ModelSection) -> None:
+    """Stage 1 trains on the answers' tokens only, told by each token's character offsets (`encode_rendering`), which
+    transformers' Python ("slow") tokenizers do not give: `return_offsets_mapping` is dropped without a word, and stage 1
+    stopped with KeyError: 'offset_mapping'. A remote-code tokenizer whose auto_map names no fast class is one (Qwen-1's
+    QWenTokenizer, 360Zhinao's). Refused here, in one line."""
+    if "offset_mapping" not in tok("ab", add_special_tokens=False, return_offsets_mapping=True):
+        raise StageError(f"model.name {model.name!r}: its tokenizer class {type(tok).__name__} is a Python tokenizer, which gives no "
+                         "character offsets (return_offsets_mapping), and stage 1 needs them to train on the answers only; use a model "
+                         "whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json")
 
 
 def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> LoraTargets:

@@ -1267,6 +1267,28 @@ def test_a_local_models_vocabulary_in_a_subfolder_linking_out_of_it_stops_the_ru
                             f"not copied; put the file itself at {local / 'vocab' / 'tik.tiktoken'}"), e.value
 
 
+def test_a_tokenizer_without_character_offsets_stops_the_run_before_stage_1_in_one_line(tmp_path, monkeypatch):
+    """Severity medium: a Python ("slow") tokenizer, as every remote-code tiktoken one is (Qwen-1's, 360Zhinao's, this
+    module's TikTokenizer), passed the model checks, and stage 1 stopped with KeyError: 'offset_mapping' (it labels the
+    answers' tokens by their character offsets, which such a tokenizer drops without a word). The checks refuse it now."""
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.preflight import check_model
+
+    tok = _tik_tokenizer(_TIK_MODULE, tmp_path / "tmod", tmp_path / "v.tiktoken", monkeypatch)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    local = tmp_path / "models" / "tik"
+    tok.save_pretrained(str(local))
+    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    with pytest.raises(StageError) as e:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer is a Python tokenizer, which gives no character "
+                            "offsets (return_offsets_mapping), and stage 1 needs them to train on the answers only; use a model whose "
+                            "tokenizer loads as a fast (tokenizers) one, with a tokenizer.json"), e.value
+
+
 def test_a_vocabulary_in_a_subfolder_is_in_the_rendering_key(tmp_path, monkeypatch):
     """Severity medium: the rendering memo (`render_stamp`) held the folder's top-level files only, and the model's
     fingerprint too, so a local model's 'vocab/tik.tiktoken' changed (ids swapped, a token added) left the data key as
