@@ -80,11 +80,16 @@ def check_offsets(tok, model: ModelSection) -> None:
     """Stage 1 trains on the answers' tokens only, told by each token's character offsets (`encode_rendering`), which
     transformers' Python ("slow") tokenizers do not give: `return_offsets_mapping` is dropped without a word, and stage 1
     stopped with KeyError: 'offset_mapping'. A remote-code tokenizer whose auto_map names no fast class is one (Qwen-1's
-    QWenTokenizer, 360Zhinao's). Refused here, in one line."""
-    if "offset_mapping" not in tok("ab", add_special_tokens=False, return_offsets_mapping=True):
-        raise StageError(f"model.name {model.name!r}: its tokenizer class {type(tok).__name__} is a Python tokenizer, which gives no "
-                         "character offsets (return_offsets_mapping), and stage 1 needs them to train on the answers only; use a model "
-                         "whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json")
+    QWenTokenizer, 360Zhinao's); transformers' MistralCommonBackend refuses the request (a ValueError). Refused here, in
+    one line."""
+    try:
+        gives = "offset_mapping" in tok("ab", add_special_tokens=False, return_offsets_mapping=True)
+    except (ValueError, TypeError, NotImplementedError):
+        gives = False
+    if not gives:
+        raise StageError(f"model.name {model.name!r}: its tokenizer class {type(tok).__name__} gives no character offsets "
+                         "(return_offsets_mapping: a Python or mistral-common tokenizer), and stage 1 needs them to train on the answers "
+                         "only; use a model whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json")
 
 
 def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> LoraTargets:

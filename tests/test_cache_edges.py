@@ -1284,8 +1284,8 @@ def test_a_tokenizer_without_character_offsets_stops_the_run_before_stage_1_in_o
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
     with pytest.raises(StageError) as e:
         check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
-    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer is a Python tokenizer, which gives no character "
-                            "offsets (return_offsets_mapping), and stage 1 needs them to train on the answers only; use a model whose "
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer gives no character offsets (return_offsets_mapping: "
+                            "a Python or mistral-common tokenizer), and stage 1 needs them to train on the answers only; use a model whose "
                             "tokenizer loads as a fast (tokenizers) one, with a tokenizer.json"), e.value
 
 
