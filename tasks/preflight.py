@@ -2,7 +2,8 @@
 
 What the config check (tasks/config.py) cannot know without the model: that it loads (reachable, safetensors,
 not truncated), that its tokenizer has a chat template that closes assistant turns with a token the model can learn
-(EOS or a special end-of-turn token), that the LoRA targets exist in it, and on a mixture-of-experts model what LoRA
+(EOS or a special end-of-turn token), gives the character offsets stage 1 labels answers by, and names vocabulary
+files the published folder can hold, that the LoRA targets exist in it, and on a mixture-of-experts model what LoRA
 reaches and what it cannot. The model is built on the meta device from its config: no weights are read.
 
     lines = check_model(cfg.model, cfg.lora, cfg.quant, cfg.device, cfg.artifacts_dir, cfg.data.system_prompt, cfg.training.engine)   # StageError if it cannot work
