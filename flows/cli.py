@@ -283,7 +283,7 @@ def cmd_serve_model(args) -> int:
     from tasks.common import StageError
     from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, record_server, remove_stale_serving_folders,
                               require_free_port, serve_gguf, transformers_serve_command)
-    from tasks.publish import answer_stop_ids, find_run, require_current, require_safetensors
+    from tasks.publish import answer_stop_ids, find_run, own_code_file, require_current, require_safetensors
 
     if args.gguf_type and args.format == "merged":
         print(f"error: --gguf-type {args.gguf_type} picks a GGUF, which --format merged does not serve; drop one of them", file=sys.stderr)
@@ -295,6 +295,11 @@ def cmd_serve_model(args) -> int:
         if not gguf:
             require_current(folder, merged=True)  # a tokenizer publish would refuse: one line, not the server's traceback
             require_safetensors(folder / "merged")  # before any load: a pickle can run code when unpickled
+            if own := own_code_file(folder / "merged"):  # transformers serve would stop with a traceback after starting
+                raise StageError(f"serve-model (merged) serves through transformers serve, which loads transformers' own model and "
+                                 f"tokenizer classes only, and {folder / 'merged' / own} names code of the model's own (auto_map); "
+                                 f"talk to it with `qlora-pipeline chat {folder.parent.name} --merged`, or serve its GGUF (--format gguf) "
+                                 "if the export made one")
             stop_ids = answer_stop_ids(folder)  # before the serving folder is made: a bad summary leaves none behind
         require_free_port(args.host, args.port)
     except StageError as e:

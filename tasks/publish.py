@@ -1318,6 +1318,19 @@ def remote_code_refused(e: Exception, source: str, folder: Path, trust: bool) ->
                       "the run set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
 
 
+def own_code_file(model_dir: Path) -> str | None:
+    """The file of `model_dir` (merged/) whose auto_map names code of the model's own (config.json: the model's,
+    tokenizer_config.json: the tokenizer's), or None. transformers serve (5.25) looks the model's class up among its
+    own (`getattr(transformers, config.architectures[0])`), so it cannot serve such a model whatever trust_remote_code says."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if read_json(model_dir / name).get("auto_map"):
+                return name
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
 def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False):
     """The model a user talks to, in eval mode on `device`: the merged folder, or base + adapter loaded as training,
     stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load.

@@ -675,6 +675,55 @@ def test_a_published_remote_code_model_loads_where_its_run_set_trust_remote_code
         assert type(opted if merged else opted.get_base_model()).__name__ == "TinyRemoteForCausalLM"
 
 
+def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_and_serve_model_refuses_it_in_one_line(
+        own_published, tmp_path, monkeypatch, capsys):
+    """A model.trust_remote_code model's merged/ (its config's auto_map naming modules of its own): `chat --merged` runs its
+    code where the run's pipeline.yaml says so, and says how to opt in where it does not. `serve-model` started transformers
+    serve on it, which looks the class up among transformers' own and stopped with a traceback after the start: it is
+    refused in one line naming the file and what serves the model instead, before any server starts."""
+    import subprocess
+
+    import yaml
+
+    import flows.cli
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    folder = _copy_run(pub, tmp_path / "art")
+    merged = folder / "merged"
+    conf = json.loads((merged / "config.json").read_text())
+    assert conf["model_type"] == "mistral"
+    conf.update(model_type="tiny-remote-mistral", architectures=["TinyRemoteMistralForCausalLM"],
+                auto_map={"AutoConfig": "configuration_tiny_remote_mistral.TinyRemoteMistralConfig",
+                          "AutoModelForCausalLM": "modeling_tiny_remote_mistral.TinyRemoteMistralForCausalLM"})
+    (merged / "config.json").write_text(json.dumps(conf))
+    (merged / "configuration_tiny_remote_mistral.py").write_text(
+        "from transformers import MistralConfig\n\n\nclass TinyRemoteMistralConfig(MistralConfig):\n    model_type = 'tiny-remote-mistral'\n")
+    (merged / "modeling_tiny_remote_mistral.py").write_text(
+        "from transformers import MistralForCausalLM\n\nfrom .configuration_tiny_remote_mistral import TinyRemoteMistralConfig\n\n\n"
+        "class TinyRemoteMistralForCausalLM(MistralForCausalLM):\n    config_class = TinyRemoteMistralConfig\n")
+    _manifest_again(folder)
+    chat = ["chat", "r1", "--merged", "--prompt", "x", "--max-new-tokens", "2", "--artifacts-dir", str(tmp_path / "art")]
+    assert main(chat) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {merged} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does not say the run "
+        "set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
+    said = yaml.safe_load((folder / "pipeline.yaml").read_text())
+    said["model"]["trust_remote_code"] = True
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(said, sort_keys=False))
+    _manifest_again(folder)
+    assert main(chat) == 0
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
+    _FakeServer.started = []
+    capsys.readouterr()
+    assert main(["serve-model", "r1", "--artifacts-dir", str(tmp_path / "art")]) == 1 and _FakeServer.started == []
+    assert capsys.readouterr().err.strip() == (
+        f"error: serve-model (merged) serves through transformers serve, which loads transformers' own model and tokenizer classes "
+        f"only, and {merged / 'config.json'} names code of the model's own (auto_map); talk to it with `qlora-pipeline chat r1 --merged`, "
+        "or serve its GGUF (--format gguf) if the export made one")
+
+
 def test_chat_trust_remote_code_is_off_unless_asked_on_the_command_line(monkeypatch):
     """`--trust-remote-code` reaches `chat` (for a folder whose pipeline.yaml does not say the run set it); without it,
     only the folder's pipeline.yaml can turn it on (`load_published`)."""
