@@ -724,6 +724,51 @@ def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_an
         "or serve its GGUF (--format gguf) if the export made one")
 
 
+@pytest.mark.xfail(strict=True, reason="review-cache12: serve-model refuses any merged/ whose config.json has an auto_map, though "
+                   "transformers serve loads a model transformers ships natively (Phi-3/3.5/Phi-4-mini keep auto_map; trained "
+                   "without trust_remote_code they load with transformers' own class)")
+def test_serve_model_serves_a_native_architecture_whose_config_still_names_remote_code(tmp_path, monkeypatch, capsys):
+    """A Hub model transformers supports natively whose config.json still carries an auto_map (Phi-3-mini-4k-instruct,
+    Phi-3.5-mini, Phi-4-mini: configuration_phi3 / modeling_phi3), trained with model.trust_remote_code false: the run
+    loads transformers' own class, and merged/config.json keeps the auto_map (save_pretrained writes it back). transformers
+    serve loads it with its own class (AutoConfig, then getattr(transformers, architectures[0])), so serve-model should
+    start it; `own_code_file` refuses it as a model with code of its own."""
+    import shutil
+    import subprocess
+
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
+
+    import flows.cli
+    from flows.cli import main
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    local = tmp_path / "models" / "phi3-like"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
+    conf = json.loads((local / "config.json").read_text())
+    conf["auto_map"] = {"AutoConfig": "configuration_mistral.MistralConfig", "AutoModelForCausalLM": "modeling_mistral.MistralForCausalLM"}
+    (local / "config.json").write_text(json.dumps(conf))
+    (local / "configuration_mistral.py").write_text("from transformers import MistralConfig  # noqa: F401\n")
+    (local / "modeling_mistral.py").write_text("from transformers import MistralForCausalLM  # noqa: F401\n")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}"])
+    pub, _ = _publish(cfg, str(art), "r1")
+    merged = pub / "merged"
+    assert json.loads((merged / "config.json").read_text()).get("auto_map")  # kept, as for Phi-3
+    served = getattr(transformers, AutoConfig.from_pretrained(str(merged), trust_remote_code=False).architectures[0])
+    assert type(served.from_pretrained(str(merged), trust_remote_code=False)).__name__ == "MistralForCausalLM"  # what serve loads
+    assert isinstance(AutoProcessor.from_pretrained(str(merged), trust_remote_code=False), PreTrainedTokenizerBase)  # serve reads it
+    assert main(["chat", "r1", "--merged", "--prompt", "x", "--max-new-tokens", "2", "--artifacts-dir", str(art)]) == 0
+    monkeypatch.setattr(subprocess, "Popen", _FakeServer)
+    monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
+    _FakeServer.started = []
+    capsys.readouterr()
+    assert main(["serve-model", "r1", "--artifacts-dir", str(art)]) == 0, capsys.readouterr().err
+    assert len(_FakeServer.started) == 1
+
+
 def test_chat_trust_remote_code_is_off_unless_asked_on_the_command_line(monkeypatch):
     """`--trust-remote-code` reaches `chat` (for a folder whose pipeline.yaml does not say the run set it); without it,
     only the folder's pipeline.yaml can turn it on (`load_published`)."""
