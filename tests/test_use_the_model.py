@@ -584,6 +584,26 @@ def test_chat_refuses_in_one_line_a_folder_publish_would_publish_again_and_merge
     assert main(["serve-model", "r1", "--artifacts-dir", str(tmp_path / "art")]) == 0 and len(_FakeServer.started) == 1
 
 
+@pytest.mark.xfail(strict=True, reason="review-cache12: chat refuses a folder whose adapter/ only carries extra files (a "
+                   "remote-code model's modules, as a44bee2..2361106 published), though its base + adapter and tokenizer load "
+                   "and answer as before: require_current takes every republish_reason as unloadable")
+def test_chat_talks_to_a_folder_whose_adapter_only_carries_extra_files(own_published, tmp_path, capsys):
+    """Severity medium (a false refusal): a folder published between a44bee2 and 2361106 carries the model's code
+    (configuration_*.py, modeling_*.py) in adapter/ beside the adapter and merged/'s tokenizer. Stage 7 publishes it
+    again (`republish_reason`: 'adapter holds ...'), but nothing in it is wrong to load: PEFT reads adapter_*, the
+    tokenizer is merged/'s, byte for byte. `chat` answered from it on a0e968a; it now stops with 'rerun the run'."""
+    from flows.cli import main
+    from tasks.publish import republish_reason
+
+    cfg, art, pub, _ = own_published
+    folder = _copy_run(pub, tmp_path / "art")
+    (folder / "adapter" / "configuration_tiny.py").write_text("from transformers import MistralConfig  # noqa: F401\n")
+    (folder / "adapter" / "modeling_tiny.py").write_text("from transformers import MistralForCausalLM  # noqa: F401\n")
+    _manifest_again(folder)
+    assert republish_reason(folder).startswith("adapter holds configuration_tiny.py, modeling_tiny.py")
+    assert main(["chat", "r1", "--prompt", "x", "--max-new-tokens", "2", "--artifacts-dir", str(tmp_path / "art")]) == 0, capsys.readouterr().err
+
+
 def test_chat_and_serve_model_refuse_in_one_line_a_folder_whose_tokenizer_publish_refuses(own_published, tmp_path, monkeypatch, capsys):
     """A folder published before publish refused a tokenizer that cannot load from it (`unloadable_tokenizer`: a
     remote-code class naming its vocabulary '../tik.tiktoken', beside the folder) is complete: `serve-model` started a
