@@ -1319,15 +1319,30 @@ def remote_code_refused(e: Exception, source: str, folder: Path, trust: bool) ->
 
 
 def own_code_file(model_dir: Path) -> str | None:
-    """The file of `model_dir` (merged/) whose auto_map names code of the model's own (config.json: the model's,
-    tokenizer_config.json: the tokenizer's), or None. transformers serve (5.25) looks the model's class up among its
-    own (`getattr(transformers, config.architectures[0])`), so it cannot serve such a model whatever trust_remote_code says."""
-    for name in ("config.json", "tokenizer_config.json"):
-        try:
-            if read_json(model_dir / name).get("auto_map"):
-                return name
-        except (OSError, ValueError, AttributeError):
-            continue
+    """The file of `model_dir` (merged/) that names code of the model's own transformers serve cannot load, or None:
+    config.json, where its auto_map names the model's classes and its type or `architectures[0]` is not one of
+    transformers' own (5.25 serve reads the config with trust_remote_code false, then looks the class up with
+    `getattr(transformers, config.architectures[0])`); tokenizer_config.json, where its auto_map names a module the folder
+    ships. A model transformers ships whose config keeps its auto_map (Phi-3, Phi-3.5, Phi-4-mini) loads with its own class."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        conf = read_json(model_dir / "config.json")
+        if conf.get("auto_map"):
+            names = conf.get("architectures") or [None]
+            if conf.get("model_type") not in CONFIG_MAPPING_NAMES or not isinstance(names[0], str) or not hasattr(transformers, names[0]):
+                return "config.json"
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        auto_map = read_json(model_dir / "tokenizer_config.json").get("auto_map") or {}
+        refs = auto_map.get("AutoTokenizer", []) if isinstance(auto_map, dict) else auto_map
+        for ref in [refs] if isinstance(refs, str) else refs:
+            if isinstance(ref, str) and (model_dir / f"{ref.split('--')[-1].rpartition('.')[0]}.py").is_file():
+                return "tokenizer_config.json"
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
     return None
 
 

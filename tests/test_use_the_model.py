@@ -744,9 +744,6 @@ def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_an
         "or serve its GGUF (--format gguf) if the export made one")
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache12: serve-model refuses any merged/ whose config.json has an auto_map, though "
-                   "transformers serve loads a model transformers ships natively (Phi-3/3.5/Phi-4-mini keep auto_map; trained "
-                   "without trust_remote_code they load with transformers' own class)")
 def test_serve_model_serves_a_native_architecture_whose_config_still_names_remote_code(tmp_path, monkeypatch, capsys):
     """A Hub model transformers supports natively whose config.json still carries an auto_map (Phi-3-mini-4k-instruct,
     Phi-3.5-mini, Phi-4-mini: configuration_phi3 / modeling_phi3), trained with model.trust_remote_code false: the run
