@@ -603,18 +603,20 @@ def is_reusable(folder: Path) -> bool:
     return is_published(folder) and republish_reason(folder) is None and unloadable_tokenizer(folder / "merged") is None
 
 
-def republish_reason(folder: Path) -> str | None:
+def republish_reason(folder: Path, *, loading: bool = False) -> str | None:
     """Why a published folder is not the folder this code publishes (what its adapter/ or base/ holds, for the log line:
     'adapter/ holds ...'), or None: it is, or it has no MANIFEST that reads. Reads the MANIFEST, merged/'s
     tokenizer_config.json (which files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them) and, for a
-    folder published before PUBLISH_VERSION 5, base/config.json (`base_lacks_model_code`), no other file."""
+    folder published before PUBLISH_VERSION 5, base/config.json (`base_lacks_model_code`), no other file. `loading`: only
+    the reasons its base + adapter does not load as trained for (`require_current`); files adapter/ carries beside the
+    adapter and its tokenizer (`adapter_foreign_files`) are not one: neither PEFT nor the tokenizer reads them."""
     files = _manifest_files(folder)
     if files is None:
         return None
     if why := base_lacks_model_code(folder, files):
         return why
     tokenizer = tokenizer_files(folder / "merged")
-    if foreign := adapter_foreign_files(files, tokenizer):
+    if not loading and (foreign := adapter_foreign_files(files, tokenizer)):
         return (f"adapter holds {_some(foreign)}, neither the adapter's nor its tokenizer's (a remote-code model's code, which publish "
                 "copied from merged/ into adapter/ between a44bee2 and 2361106)")
     if not adapter_tokenizer_differs(files, tokenizer):
@@ -1270,9 +1272,10 @@ def require_current(folder: Path, *, merged: bool) -> None:
     (`merged` False: `republish_reason`, an older version's adapter/ that lacks its tokenizer's files or holds another
     tokenizer than merged/, a base/ without its model code) failed to load with a traceback, or loaded a tokenizer the
     model was not trained with; a tokenizer publish refuses (`unloadable_tokenizer`) does not load either way. Only what
-    is loaded counts: `--merged` and `serve-model` read merged/ alone, so a stale adapter/ does not stop them."""
+    is loaded counts: `--merged` and `serve-model` read merged/ alone, so a stale adapter/ does not stop them, and
+    adapter/'s extra files (a remote-code model's code, a44bee2..2361106) load as before, so they do not stop base + adapter."""
     run = folder.parent.name
-    if not merged and (why := republish_reason(folder)):
+    if not merged and (why := republish_reason(folder, loading=True)):
         also = "; or load the merged model (--merged), which it does not touch" if unloadable_tokenizer(folder / "merged") is None else ""
         raise StageError(f"{folder}/{why}; rerun the `qlora-pipeline run` command that made run {run!r}: only publish reruns, and the "
                          f"new run (the latest, taken when no run is named) holds the model published again{also}")

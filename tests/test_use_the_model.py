@@ -584,9 +584,6 @@ def test_chat_refuses_in_one_line_a_folder_publish_would_publish_again_and_merge
     assert main(["serve-model", "r1", "--artifacts-dir", str(tmp_path / "art")]) == 0 and len(_FakeServer.started) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache12: chat refuses a folder whose adapter/ only carries extra files (a "
-                   "remote-code model's modules, as a44bee2..2361106 published), though its base + adapter and tokenizer load "
-                   "and answer as before: require_current takes every republish_reason as unloadable")
 def test_chat_talks_to_a_folder_whose_adapter_only_carries_extra_files(own_published, tmp_path, capsys):
     """Severity medium (a false refusal): a folder published between a44bee2 and 2361106 carries the model's code
     (configuration_*.py, modeling_*.py) in adapter/ beside the adapter and merged/'s tokenizer. Stage 7 publishes it
