@@ -300,8 +300,9 @@ def cmd_serve_model(args) -> int:
                                  f"tokenizer classes only, and {folder / 'merged' / own} names code of the model's own (auto_map); "
                                  f"talk to it with `qlora-pipeline chat {folder.parent.name} --merged`, or serve its GGUF (--format gguf) "
                                  "if the export made one")
-            stop_ids = answer_stop_ids(folder)  # before the serving folder is made: a bad summary leaves none behind
         require_free_port(args.host, args.port)
+        if not gguf:
+            stop_ids = answer_stop_ids(folder)  # before the serving folder is made: a bad summary leaves none behind
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE

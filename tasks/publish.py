@@ -1426,6 +1426,10 @@ def answer_stop_ids(folder: Path) -> list[int]:
     A summary without them (older, made by hand) gives none, with a note: the model's EOS alone ends answers, as
     before they were read (a review, 2026-12-07). A summary that does not parse is a StageError naming the fix."""
     path = folder / "summary.json"
+    if not path.is_file():  # a folder published by hand or copied without it: as a summary without the key
+        print(f"note: {folder} has no summary.json; answers end at the model's EOS alone, not at the chat template's "
+              "end-of-turn tokens", file=sys.stderr)
+        return []
     try:
         summary = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:

@@ -1005,11 +1005,26 @@ def test_a_remote_code_module_too_deep_for_ast_parse_does_not_stop_publish(tmp_p
     f95d17c parses every module config.json's auto_map names (`model_code_files`, in `_copy_base`), so stage 7 of a
     local remote-code base stops with a traceback after the training; the tokenizer's side (`unloadable_tokenizer`, now
     in `is_reusable` and `_copy_adapter`) as well. The module is the folder's data: unread, it names nothing."""
+    import sys
+
     import tasks.publish as publish
 
+    # Python's default limit, as a user's process has it: ast.parse's depth check follows sys.getrecursionlimit(), which
+    # an earlier test or library in the same worker may have raised (the fresh-clone suite of 2026-12-07 14:16: no
+    # RecursionError, so no line). The module is 3x that deep.
+    limit = sys.getrecursionlimit()
+    monkeypatch_limit = 1000
+    sys.setrecursionlimit(monkeypatch_limit)
+    try:
+        _too_deep_module_checked(publish, tmp_path, which, capsys, " + ".join(['"x"'] * (3 * monkeypatch_limit)))
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _too_deep_module_checked(publish, tmp_path, which, capsys, chain):
     src = tmp_path / "m"
     src.mkdir()
-    table = "TABLE = " + " + ".join(['"x"'] * 3000) + "\n"
+    table = "TABLE = " + chain + "\n"
     if which == "model-code":
         (src / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}))
         (src / "modeling_tiny.py").write_text(table + "\n\nclass TinyForCausalLM:\n    pass\n")
