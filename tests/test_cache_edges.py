@@ -1242,6 +1242,15 @@ _OFFSETS = '''
 '''
 
 
+def _as_local_model(tok, local: Path) -> Path:
+    """`tok` saved as the local model folder `local` (config.json, no weights) with a chat template that trains."""
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(str(local))
+    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    return local
+
+
 def _subfolder_vocabulary_model(tmp_path: Path, monkeypatch) -> Path:
     """A local model folder (config.json, no weights) whose remote-code tokenizer keeps its vocabulary at
     'vocab/tik.tiktoken' as 360Zhinao's does, saved there by its own save_vocabulary, with a chat template that trains."""
@@ -1250,11 +1259,7 @@ def _subfolder_vocabulary_model(tmp_path: Path, monkeypatch) -> Path:
                        'os.makedirs(os.path.join(save_directory, "vocab"), exist_ok=True)\n        path = os.path.join(save_directory, "vocab", "tik.tiktoken")')
               + _OFFSETS)
     tok = _tik_tokenizer(source, tmp_path / "zmod", tmp_path / "v.tiktoken", monkeypatch)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    local = tmp_path / "models" / "zhinao-like"
-    tok.save_pretrained(str(local))
-    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    local = _as_local_model(tok, tmp_path / "models" / "zhinao-like")
     assert (local / "vocab" / "tik.tiktoken").is_file() and not (local / "tik.tiktoken").exists()
     return local
 
@@ -1291,11 +1296,7 @@ def test_a_tokenizer_without_character_offsets_stops_the_run_before_stage_1_in_o
     from tasks.preflight import check_model
 
     tok = _tik_tokenizer(_TIK_MODULE, tmp_path / "tmod", tmp_path / "v.tiktoken", monkeypatch)
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    local = tmp_path / "models" / "tik"
-    tok.save_pretrained(str(local))
-    (local / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 4}))
+    local = _as_local_model(tok, tmp_path / "models" / "tik")
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
     with pytest.raises(StageError) as e:
         check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
