@@ -833,6 +833,32 @@ def test_gguf_type_is_read_as_llama_cpp_names_it_and_picks_the_gguf_format(tmp_p
         assert "--format merged does not serve" in capsys.readouterr().err
 
 
+def _stand_in_server(script: Path):
+    """Start the stand-in server `script` (a uvicorn app written by the test; its output in serve.log beside it) and
+    return (process, log) once uvicorn says it is up; killed if it dies or is not up within 60 s."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tasks.common import PROJECT_ROOT
+
+    log = script.with_name("serve.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while "Uvicorn running" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=60)
+        raise
+    return proc, log
+
+
 def _free_port() -> int:
     import socket
 
@@ -4893,10 +4919,7 @@ def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(
     import signal
     import socket
     import subprocess
-    import sys
     import time
-
-    from tasks.common import PROJECT_ROOT
 
     port = _free_port()
     script = tmp_path / "serve.py"
@@ -4913,16 +4936,9 @@ def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(
         "    await StreamingResponse(events(), media_type='text/event-stream')(scope, receive, send)\n"
         f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, lifespan='off', http='h11',\n"
         "                              timeout_graceful_shutdown=2)).run()\n")
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc, log = _stand_in_server(script)  # up (no request yet)
     client = socket.socket()
     try:
-        deadline = time.monotonic() + 60
-        while "Uvicorn running" not in log.read_text():  # up (no request: the stand-in app streams on every path)
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect(("127.0.0.1", port))
         body = b'{"messages": []}'
@@ -4953,12 +4969,8 @@ def test_served_only_ends_a_cut_request_behind_an_http_middleware_before_the_ser
     around a FastAPI app with such a middleware (a stream that never ends, a request held 100 s), graceful-stop timeout
     2 s; the lifespan's shutdown now waits for the cut requests' endings (ServedOnly.shutdown_after_the_cut)."""
     import signal
-    import subprocess
-    import sys
     import threading
     import time
-
-    from tasks.common import PROJECT_ROOT
 
     port = _free_port()
     script = tmp_path / "serve.py"
@@ -4984,16 +4996,9 @@ def test_served_only_ends_a_cut_request_behind_an_http_middleware_before_the_ser
         "            await asyncio.sleep(0.1)\n"
         "    return StreamingResponse(events(), media_type='text/event-stream')\n"
         f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, timeout_graceful_shutdown=2)).run()\n")
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc, log = _stand_in_server(script)  # up (no request yet)
     answered: dict = {}
     try:
-        deadline = time.monotonic() + 60
-        while "Uvicorn running" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         client = threading.Thread(target=lambda: answered.update(
             events=[d for _, d in _sse(url, {"messages": []})] if stream else None,
@@ -5026,12 +5031,9 @@ def test_served_only_a_second_ctrl_c_ends_the_wait_for_cut_requests_at_once(tmp_
     seconds, its stalled connection closed, with no traceback."""
     import signal
     import subprocess
-    import sys
     import time
 
     import httpx
-
-    from tasks.common import PROJECT_ROOT
 
     port = _free_port()
     script = tmp_path / "serve.py"
@@ -5052,15 +5054,8 @@ def test_served_only_a_second_ctrl_c_ends_the_wait_for_cut_requests_at_once(tmp_
         "            await asyncio.sleep(0.01)\n"
         "    return StreamingResponse(events(), media_type='text/event-stream')\n"
         f"uvicorn.run(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, http='h11', timeout_graceful_shutdown=2)\n")
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**__import__("os").environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc, log = _stand_in_server(script)  # up (no request yet)
     try:
-        deadline = time.monotonic() + 60
-        while "Uvicorn running" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
         with httpx.Client(timeout=60) as client, \
                 client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": []}) as stream:
             assert stream.status_code == 200  # its headers read, its events left unread: the socket buffers fill
