@@ -940,6 +940,7 @@ class LoraTargets:
     dropout_note: str = ""  # why it is not what lora.dropout auto gives a dense model ("" = nothing to say)
     attention_experts: int = 0  # experts per layer inside the attention (JetMoE's mixture of attention heads), adapted with `parameters`
     shared_parameters: tuple[str, ...] = ()  # those of `parameters` that belong to shared experts (3-D too: Inkling's), not routed ones
+    rank_note: str = ""  # where PEFT trains a weight at another rank than lora.r, and why ("" = none: `peft_reach`)
 
     def describe(self) -> str:
         """One line: what LoRA reaches, its dropout where auto could not give the usual one, and what it cannot reach."""
@@ -948,6 +949,8 @@ class LoraTargets:
             line += f" + {experts_line(self.parameters, self.experts, self.attention_experts, self.shared_parameters)} PEFT target_parameters)"
         if self.dropout_note:
             line += f"; {self.dropout_note}"
+        if self.rank_note:
+            line += f"; {self.rank_note}"
         if self.not_adapted:
             line += "; not adapted: " + "; ".join(self.not_adapted)
         return line
@@ -955,7 +958,7 @@ class LoraTargets:
     def as_dict(self) -> dict:
         return {"modules": list(self.modules), "parameters": list(self.parameters), "experts": self.experts,
                 "attention_experts": self.attention_experts, "not_adapted": list(self.not_adapted), "dropout": self.dropout,
-                "dropout_note": self.dropout_note, "shared_parameters": list(self.shared_parameters)}
+                "dropout_note": self.dropout_note, "shared_parameters": list(self.shared_parameters), "rank_note": self.rank_note}
 
 
 def experts_line(parameters, experts: int, attention_experts: int, shared=()) -> str:
@@ -1322,34 +1325,39 @@ def _expert_counts(model) -> set[int]:
 
 
 def peft_reach(peft_model, targets: LoraTargets) -> LoraTargets:
-    """`targets` as PEFT wrapped them. PEFT 0.21 rewrites the LoraConfig of a model whose MoE layers transformers 5 fused
-    (its v4-to-v5 conversion, for adapters trained on transformers 4): on the model types transformers converts like
-    Qwen2-MoE it takes `gate_proj` / `up_proj` / `down_proj` for the experts' fused weights, so dense or shared-expert
-    linear layers of those names get no LoRA and the experts' gate_up_proj trains at twice the rank (LongCat-Flash's
-    dense `mlps` here, DeepSeek-V3's shared experts in peft issue 3711, a fix proposed in its PR 3715). The linear layers
-    matched by `targets.pattern` that PEFT left unwrapped go to `not_adapted`, and `modules` keeps only names PEFT adapted
-    somewhere: the line says what trains."""
-    import torch
+    """`targets` as PEFT wrapped them. PEFT (0.21, 0.22) rewrites the LoraConfig of a model whose MoE layers transformers 5
+    fused (its v4-to-v5 conversion, for adapters trained on transformers 4): on the model types transformers converts like
+    Qwen2-MoE it trains the experts' fused gate_up_proj at twice lora.r and lora.alpha (the v4 gate_proj and up_proj each
+    at lora.r) whenever gate_proj and up_proj are targets, and PEFT 0.21 also took `gate_proj` / `up_proj` / `down_proj` for
+    the experts' weights alone, so dense or shared-expert linear layers of those names got no LoRA (LongCat-Flash's dense
+    `mlps`, DeepSeek-V3's shared experts: peft issue 3711, fixed in 0.22). The ranks PEFT set apart from lora.r go to
+    `rank_note`; linear layers matched by `targets.pattern` that PEFT left unwrapped go to `not_adapted`, and `modules` keeps
+    only names PEFT adapted somewhere: the line says what trains, and at which rank."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     inner = ("base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     wrapped, missed = set(), []
+    ranks: dict[str, int] = {}  # adapted name -> the rank PEFT gave it, where that is not lora.r
+    config = next(iter(peft_model.peft_config.values()))
     for name, m in peft_model.named_modules():
         path = name.removeprefix("base_model.model.")
-        if any(f".{part}" in f".{path}" for part in inner):
-            continue  # PEFT's own layers inside a wrapper
+        if any(f".{part}" in f".{path}" for part in inner) and not hasattr(m, "parameter_name"):
+            continue  # PEFT's own layers inside a wrapper (a nested ParamWrapper sits in `base_layer`: it is one)
         if isinstance(m, BaseTunerLayer):
-            wrapped.add(path.rsplit(".", 1)[-1])
+            leaf = getattr(m, "parameter_name", None) or path.rsplit(".", 1)[-1]
+            if not hasattr(m, "parameter_name"):
+                wrapped.add(leaf)
+            ranks.update({leaf: r for r in (m.r or {}).values() if r != config.r})
         elif _is_linear_layer(m) and targets.pattern and re.fullmatch(targets.pattern, path):
             missed.append(path)
+    rank_note = "; ".join(f"PEFT trains the experts' {leaf} at rank {r}, {r / config.r:g} x lora.r (its transformers-v4 conversion: "
+                          f"one LoRA for the v4 gate_proj and up_proj, peft issue 3711)" for leaf, r in sorted(ranks.items()))
     if not missed:
-        return targets
-    config = next(iter(peft_model.peft_config.values()))
-    ranks = "".join(f"; it trains the experts' {k.rsplit('.', 1)[-1]} at rank {r}, {r // config.r} x lora.r"
-                    for k, r in (config.rank_pattern or {}).items() if r != config.r)
+        return replace(targets, rank_note=rank_note) if rank_note != targets.rank_note else targets
     why = (f"linear layers PEFT did not wrap ({_unwrapped_places(missed)}: its transformers-v4 conversion takes these names for "
-           f"the experts' fused weights, peft issue 3711{ranks}; they stay as pretrained)")
-    return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why))
+           f"the experts' fused weights, peft issue 3711; they stay as pretrained)")
+    return replace(targets, modules=tuple(n for n in targets.modules if n in wrapped), not_adapted=(*targets.not_adapted, why),
+                   rank_note=rank_note)
 
 
 def _unwrapped_places(paths: list[str]) -> str:

@@ -584,6 +584,8 @@ def lora_targets_markdown(train, lora) -> str:
         line += f" + {experts} never 4-bit: bitsandbytes quantizes linear layers only)"
     if t.get("dropout_note"):
         line += f"; {t['dropout_note']}"
+    if t.get("rank_note"):
+        line += f"; {t['rank_note']}"
     if t.get("not_adapted"):
         line += "; **not adapted**: " + "; ".join(t["not_adapted"])
     return line

@@ -12,6 +12,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
+
+# PEFT 0.22 keeps a linear gate_proj / up_proj / down_proj as a module target beside the experts' fused weights (peft issues
+# 3711, 3945); 0.21's v4-to-v5 conversion took those names for the experts' weights alone and left the linear layers bare.
+PEFT_WRAPS_DENSE = Version(__import__("peft").__version__) >= Version("0.22")
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "initializer_range": 0.2}
@@ -44,15 +49,17 @@ ARCHS = {
     "llama4_text": ({**TINY, "head_dim": 16, "num_local_experts": 4, "intermediate_size_mlp": 128, "attention_chunk_size": 8},
                     ATTN_MLP, EXPERTS),
     # PEFT 0.21's v4-to-v5 conversion leaves their dense and shared MLPs without LoRA (PEFT_UNWRAPPED): attention + experts.
-    "glm4_moe": ({**TINY, **DENSE_THEN_MOE}, ATTN, EXPERTS),
-    "dots1": ({**TINY, **DENSE_THEN_MOE}, ATTN, EXPERTS),
+    "glm4_moe": ({**TINY, **DENSE_THEN_MOE}, ATTN_MLP if PEFT_WRAPS_DENSE else ATTN, EXPERTS),
+    "dots1": ({**TINY, **DENSE_THEN_MOE}, ATTN_MLP if PEFT_WRAPS_DENSE else ATTN, EXPERTS),
 }
+DENSE_FIRST = ("glm4_moe", "dots1")  # layer 0 is dense: the routed experts sit in layer 1 alone
 
 # Model types PEFT 0.21 converts as transformers-4 checkpoints (peft issue 3711) whose dense or shared MLPs keep plain
-# gate_proj / up_proj / down_proj: PEFT wraps none of them -> where the model line must say so (their layer 0 is dense,
-# so their routed experts sit in layer 1 alone).
-PEFT_UNWRAPPED = {arch: "mlp.gate_proj/up_proj/down_proj in layer 0, mlp.shared_experts.gate_proj/up_proj/down_proj in layer 1"
-                  for arch in ("glm4_moe", "dots1")}
+# gate_proj / up_proj / down_proj: PEFT 0.21 wraps none of them -> where the model line must say so.
+PEFT_UNWRAPPED = {} if PEFT_WRAPS_DENSE else {
+    arch: "mlp.gate_proj/up_proj/down_proj in layer 0, mlp.shared_experts.gate_proj/up_proj/down_proj in layer 1" for arch in DENSE_FIRST}
+# Model types whose fused experts' gate_up_proj PEFT's conversion trains at 2 x lora.r when gate_proj and up_proj are targets.
+PEFT_DOUBLES = ("qwen2_moe", "glm4_moe", "dots1")
 
 # Each real-GPU profile of pipeline.yaml -> the architecture the matrix above runs for it.
 PROFILE_ARCH = {
@@ -98,8 +105,10 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     targets = train["lora_targets"]
     assert set(targets["modules"]) == linear and set(targets["parameters"]) == experts, targets
     merge = result["stages"]["merge"]["outputs"]
-    moe_layers = 1 if arch in PEFT_UNWRAPPED else 2  # of the 2 layers
+    moe_layers = 1 if arch in DENSE_FIRST else 2  # of the 2 layers
     assert merge["check"]["passed"] and merge["merged_modules"] == 2 * len(linear) + moe_layers * len(experts)
+    doubled = "PEFT trains the experts' gate_up_proj at rank 16, 2 x lora.r (its transformers-v4 conversion"
+    assert (doubled in targets["rank_note"]) == (arch in PEFT_DOUBLES), targets  # the tiny profile's lora.r is 8
     card = (Path(result["published"]) / "README.md").read_text()
     if arch in PEFT_UNWRAPPED:  # the model line, the record and the card
         said = f"linear layers PEFT did not wrap ({PEFT_UNWRAPPED[arch]}: "
@@ -281,15 +290,22 @@ def test_linear_layers_peft_leaves_unwrapped_are_said_not_adapted():
             model = get_peft_model(_skeleton("longcat_flash"), lora_config(lora, t))
     assert not [w for w in caught if "_pattern keys did not match" in str(w.message)]
     wrapped = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    assert wrapped and not [n for n in wrapped if ".mlps." in n]  # what PEFT does today
     assert sorted(m.r["default"] for m in model.modules() if getattr(m, "parameter_name", None) == "gate_up_proj") == [16, 16]
     reached = peft_reach(model, t)
+    doubled = ("PEFT trains the experts' gate_up_proj at rank 16, 2 x lora.r (its transformers-v4 conversion: one LoRA for the v4 "
+               "gate_proj and up_proj, peft issue 3711)")
+    assert reached.rank_note == doubled and doubled in reached.describe(), reached.describe()
+    if PEFT_WRAPS_DENSE:  # PEFT 0.22: the dense MLPs are wrapped, the line names them as adapted and says nothing of them
+        assert len([n for n in wrapped if ".mlps." in n]) == 12, wrapped
+        assert reached.modules == t.modules and reached.not_adapted == t.not_adapted, reached.describe()
+        return
+    assert wrapped and not [n for n in wrapped if ".mlps." in n]  # what PEFT 0.21 does
     assert reached.modules == ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"), reached.describe()
     assert ("linear layers PEFT did not wrap (mlps.0.gate_proj/up_proj/down_proj in layers 0-1, mlps.1.gate_proj/up_proj/down_proj "
             "in layers 0-1: its "
-            "transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; it trains the experts' "
-            "gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in reached.describe(), reached.describe()
-    for arch in ("qwen2_moe", "mixtral", "jetmoe"):  # PEFT wraps what the line names: nothing to add
+            "transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; they stay as pretrained)"
+            ) in reached.describe(), reached.describe()
+    for arch in ("mixtral", "jetmoe"):  # PEFT wraps what the line names at lora.r: nothing to add
         t = lora_targets(_skeleton(arch), lora)
         with torch.device("meta"), peft_quietly():
             assert peft_reach(get_peft_model(_skeleton(arch), lora_config(lora, t)), t) is t, arch
@@ -312,12 +328,15 @@ def test_the_line_names_where_peft_left_linear_layers_unwrapped():
         model = get_peft_model(_skeleton("deepseek_v3"), lora_config(lora, t))
     plain = [n.removeprefix("base_model.model.model.layers.") for n, m in model.named_modules()
              if type(m) is torch.nn.Linear and n.endswith(("gate_proj", "up_proj", "down_proj"))]
-    assert plain == [f"{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")] + [
-        f"{i}.mlp.shared_experts.{p}" for i in (2, 3) for p in ("gate_proj", "up_proj", "down_proj")]  # what PEFT does today
     line = peft_reach(model, t).describe()
+    if PEFT_WRAPS_DENSE:  # PEFT 0.22 wraps them all: nothing to name
+        assert plain == [] and "did not wrap" not in line, (plain, line)
+        return
+    assert plain == [f"{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")] + [
+        f"{i}.mlp.shared_experts.{p}" for i in (2, 3) for p in ("gate_proj", "up_proj", "down_proj")]  # what PEFT 0.21 does
     assert ("linear layers PEFT did not wrap (mlp.gate_proj/up_proj/down_proj in layers 0-1, mlp.shared_experts.gate_proj/up_proj/"
             "down_proj in layers 2-3: its transformers-v4 conversion takes these names for the experts' fused weights, peft issue 3711; "
-            "it trains the experts' gate_up_proj at rank 16, 2 x lora.r; they stay as pretrained)") in line, line
+            "they stay as pretrained)") in line, line
 
 
 def test_every_model_type_peft_converts_names_the_linear_layers_it_left_unwrapped():
@@ -355,7 +374,11 @@ def test_every_model_type_peft_converts_names_the_linear_layers_it_left_unwrappe
             place, leaf = path.rsplit(".", 1)
             assert re.search(rf"(?:\(|, ){re.escape(place)}\.[\w/]*\b{leaf}\b[\w/]* in layers? \d", line), (arch, path, line)
         named[arch] = bool(plain)
-    assert len(types) >= 15 and all(named[a] for a in ("deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "ernie4_5_moe")), named
+    assert len(types) >= 15, types
+    if PEFT_WRAPS_DENSE:  # PEFT 0.22 leaves none of them bare
+        assert not any(named.values()), named
+    else:
+        assert all(named[a] for a in ("deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "ernie4_5_moe")), named
 
 
 def test_a_moe_under_a_profile_that_never_sets_lora_dropout_trains_without_it_and_says_so(shared_artifacts):
