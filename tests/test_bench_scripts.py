@@ -477,3 +477,23 @@ def test_pipeline_gpu_ledger_that_cannot_wrap_a_name_leaves_nothing_wrapped(monk
     finally:
         ledger.__exit__(None, None, None)  # this test's own clean-up: later tests get the real functions
     assert left == (False, False)
+
+
+def test_item_sites_counts_each_item_call_by_its_site_and_restores_item(tmp_path):
+    """bench/item_sites.py (issue 19's 942 item calls a step): on CPU the fused engine's only per-layer item call is the
+    LoRA dropout seed, one per LoRA group (q/k/v, o, gate/up, down) in each layer's forward and again in its recompute;
+    with dropout 0 none. Tensor.item is torch's own again after it."""
+    import torch
+
+    from bench import item_sites
+
+    before = torch.Tensor.item
+    for dropout, want in ((0.05, 2 * 2 * 4), (0.0, 0)):
+        out = tmp_path / f"items-{dropout}.json"
+        assert item_sites.main(["--device", "cpu", "--layers", "2", "--hidden", "64", "--tokens", "96",
+                                "--dropout", str(dropout), "--out", str(out), "--artifacts", str(tmp_path / "art")]) == 0
+        got = json.loads(out.read_text())
+        assert got["item_calls"] == want, got
+        if want:
+            assert [s["site"].split(" <- ")[0] for s in got["sites"]] == ["engine/lora.py:65:draw_seed"], got
+    assert torch.Tensor.item is before
