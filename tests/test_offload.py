@@ -691,3 +691,26 @@ def test_prefetch_a_tensor_the_backward_never_unpacks_does_not_stall_it(cpu_stre
     prefetch.hits = prefetch.misses = 0
     forward(dead_branch=True).backward()
     assert prefetch.hits >= baseline, (prefetch.hits, prefetch.misses)
+
+
+def test_the_plan_reserves_the_first_steps_excess_of_the_cold_trial_not_the_warm_one_it_picked(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                                monkeypatch, tmp_path):
+    """Stage 4 starts in a fresh process, cold, as the probe's first trial did; the trial the probe picks is often a later
+    one (layers freed from recompute), whose first step ran with the kernels compiled and the allocator warm. The plan
+    took the picked trial's first-step excess (0.5 s here) where the stage pays the cold one (4 s): it reserves the
+    largest of the trials now."""
+    import tasks.probe as probe_mod
+
+    excess = iter([4.0, 0.5, 0.5])  # trial 0 (cold), then the two layer-search trials
+    fake = _fake_time([], lambda mb, off, k: 8.0 + 1.6 * k)
+    monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **k: {**fake(*a, **k), "first_step_excess_seconds": next(excess)})
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: f"{device}:simulated")
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": 16, "minutes": 60})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,
+                                                    "max_steps": None, "offload_activations": "off"})
+    rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
+                           shared_artifacts, lambda m: None)
+    assert rec.recompute_free_layers == 4 and rec.trials[1]["first_step_excess_seconds"] == 0.5  # the picked trial: warm
+    assert rec.first_step_excess_seconds == 4.0 and rec.start_seconds == rec.launch_seconds + rec.load_seconds + 4.0
+    assert (rec.max_steps, rec.fixed_seconds) == probe_mod.step_plan(rec.budget_seconds, rec.start_seconds, rec.s_per_step, rec.save_seconds,
+                                                                     rec.final_save_seconds, training.checkpoint_minutes, None)
