@@ -110,6 +110,7 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     doubled = "PEFT trains the experts' gate_up_proj at rank 16, 2 x lora.r (its transformers-v4 conversion"
     assert (doubled in targets["rank_note"]) == (arch in PEFT_DOUBLES), targets  # the tiny profile's lora.r is 8
     card = (Path(result["published"]) / "README.md").read_text()
+    assert (doubled in card) == (arch in PEFT_DOUBLES) and (any(doubled in m for m in lines.messages)) == (arch in PEFT_DOUBLES)
     if arch in PEFT_UNWRAPPED:  # the model line, the record and the card
         said = f"linear layers PEFT did not wrap ({PEFT_UNWRAPPED[arch]}: "
         assert any(said in n for n in targets["not_adapted"]) and said in card and any(said in m for m in lines.messages), targets
