@@ -863,24 +863,16 @@ def serving_model_folder(merged: Path, dest: Path, stop_ids: list[int]) -> None:
     the end of the turn into turns the model made up, to the length limit (a review, 2026-12-07). A merged folder
     without a generation_config.json (save_pretrained writes none for a model class that cannot generate by itself; a
     folder made by hand) gets one all the same: what transformers derives from config.json (its EOS), plus `stop_ids`."""
+    from .publish import generation_config_ending_at
+
     merged = merged.resolve()
     dest.mkdir()
     for entry in merged.iterdir():
         if entry.name != "generation_config.json":
             (dest / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
-    given = merged / "generation_config.json"
-    if given.is_file():
-        settings = read_json(given)
-    elif (merged / "config.json").is_file():  # as transformers serve reads such a folder (ModelManager.load_config)
-        from transformers import GenerationConfig
-
-        settings = GenerationConfig.from_model_config(read_json(merged / "config.json")).to_diff_dict()
-        settings.pop("_from_model_config", None)  # a file of its own now, not the model config's defaults
-    else:
-        return  # no model to load: the server says so
-    eos = settings.get("eos_token_id")
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    write_json(dest / "generation_config.json", {**settings, "eos_token_id": eos + [i for i in stop_ids if i not in eos]})
+    settings = generation_config_ending_at(merged, stop_ids)  # a folder published since PUBLISH_VERSION 6 holds them already
+    if settings is not None:  # else no model to load: the server says so
+        write_json(dest / "generation_config.json", settings)
 
 
 def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path, stop_ids: list[int]) -> None:

