@@ -625,6 +625,7 @@ API_KEY_ENV = "QLORA_PIPELINE_API_KEY"  # how serve-model hands the key to its s
 # A pinned server answers these and nothing else: `transformers serve` also has /load_model (any Hub id or local path)
 # and /reset, which a client of a one-model endpoint has no business calling.
 SERVED_PATHS = ("/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses")
+MODEL_PATH = "/v1/models/"  # + a model id: OpenAI's retrieve-model (`served_model_route`), served too
 
 
 def is_loopback(host: str) -> bool:
@@ -894,6 +895,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
 
     def build_guarded(*args, **kwargs):
         app = build(*args, **kwargs)
+        served_model_route(app, kwargs["model_manager"] if "model_manager" in kwargs else args[0])
         answer_head_where_get_is_served(app)
         if not hasattr(hf_utils, "CancelOnDisconnect"):  # transformers <= 5.24 (5.17): 5.25 adds its own
             app.add_middleware(CancelOnDisconnect)
@@ -909,7 +911,8 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
                 # (answer_head_where_get_is_served; Allow said GET alone there, a review, 2026-12-07), and OPTIONS where
                 # transformers declares it (/v1/models: `@app.options`, the model list; it was left out as if CORS
                 # answered it, and CORS answers only a preflight, with its Origin headers: a second review, 2026-12-07)
-                allowed = sorted({m for route in request.app.routes if getattr(route, "path", None) == path
+                # (a route's pattern: /v1/models/{model} answers GET on /v1/models/x)
+                allowed = sorted({m for route in request.app.routes if getattr(route, "path_regex", None) and route.path_regex.match(path)
                                   for m in getattr(route, "methods", None) or ()})
                 # the Allow header as the message says (Starlette's named OPTIONS alone on /v1/models; a second review)
                 return openai_error(f"{request.method} is not allowed on {path}; send {' or '.join(allowed) or 'another method'}",
@@ -947,7 +950,7 @@ CUT_END_S = 2
 
 
 class ServedOnly:
-    """The merged server's outermost ASGI layer: only the inference routes (SERVED_PATHS) are answered, a POST body is
+    """The merged server's outermost ASGI layer: only the inference routes (SERVED_PATHS, MODEL_PATH) are answered, a POST body is
     read as JSON whatever its Content-Type, and with an API key every route but /health needs it.
 
     A plain ASGI middleware, not Starlette's BaseHTTPMiddleware (`@app.middleware("http")`, which it was): that one runs
@@ -1071,9 +1074,9 @@ class ServedOnly:
         from starlette.datastructures import Headers
 
         path, method = scope["path"].rstrip("/") or "/", scope["method"]
-        if path not in SERVED_PATHS:
+        if path not in SERVED_PATHS and not path.startswith(MODEL_PATH):
             return scope, openai_error(f"{method} {path} is not served; this endpoint serves {self.name} at "
-                                       f"{', '.join(SERVED_PATHS)} only", None, 404)
+                                       f"{', '.join(SERVED_PATHS)} and {MODEL_PATH}{self.name} only", None, 404)
         # a served path with a trailing slash is served, not redirected: Starlette's 307 had an empty body (`curl -d`
         # printed nothing) and a Location built from the Host header (http:// behind a TLS proxy; a second review)
         scope = {**scope, "path": path}
@@ -1192,6 +1195,22 @@ class SentStream:
                   "response": {**(self.response or {}), "status": "failed", "output": [],
                                "error": {"code": "server_error", "message": message}}}
         return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in (error, failed)).encode()
+
+
+def served_model_route(app, model_manager) -> None:
+    """GET /v1/models/{model}: OpenAI's retrieve-model, which the openai client's `models.retrieve(id)` and LangChain's
+    model checks call, and which transformers serve lacks (a 404 "is not served" for the served model itself). The
+    served model's entry as /v1/models lists it; any other id a 404 in OpenAI's error shape, code model_not_found."""
+    from fastapi.responses import JSONResponse
+
+    @app.get(MODEL_PATH + "{model:path}")  # :path: an id with a slash ('org/model') is an id, not another route
+    def retrieve_model(model: str):
+        listed = model_manager.list_models() if hasattr(model_manager, "list_models") else model_manager.get_gen_models()
+        entry = next((m for m in listed if m.get("id") == model), None)
+        if entry is None:
+            served = ", ".join(m.get("id", "?") for m in listed)
+            return openai_error(f"the model {model!r} does not exist: this endpoint serves {served}", "model", 404, code="model_not_found")
+        return JSONResponse(entry)
 
 
 def answer_head_where_get_is_served(app) -> None:

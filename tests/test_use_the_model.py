@@ -3498,16 +3498,17 @@ def test_serve_model_merged_answers_an_unknown_path_or_a_wrong_method_in_openai_
 
     pub, base = served_r1
     for method, path, status, says in (("GET", "/v1/no_such_path", 404, "GET /v1/no_such_path is not served"),
-                                       ("POST", "/v1/models/x", 404, "POST /v1/models/x is not served"),
+                                       ("POST", "/v1/models/x", 405, "POST is not allowed on /v1/models/x; send GET"),  # serve-13: retrieve-model's path
                                        ("GET", "/v1/chat/completions", 405, "GET is not allowed on /v1/chat/completions; send POST"),
                                        ("POST", "/v1/models", 405, "POST is not allowed on /v1/models; send GET")):
         code, answer = _request(f"{base}{path}", {} if method == "POST" else None)
         error = json.loads(answer).get("error")
         assert code == status and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, (path, code, answer[:300])
         assert error["message"].startswith(says) and error["type"] == "invalid_request_error", error
+    assert _openai_client(base).models.retrieve(pub.name).id == pub.name  # serve-13: it was a 404, "is not served"
     with pytest.raises(openai.NotFoundError) as caught:
-        _openai_client(base).models.retrieve(pub.name)
-    assert "is not served" in caught.value.message and caught.value.body["type"] == "invalid_request_error", caught.value.body
+        _openai_client(base).models.retrieve("another-model")
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["type"] == "invalid_request_error", caught.value.body
 
 
 def _copy_with_a_response_template(art: Path, pub: Path, copy: Path) -> Path:
@@ -5330,3 +5331,33 @@ def test_a_folder_published_before_merged_carried_the_end_of_turn_ids_is_publish
     logs.clear()
     publish_artifacts(cfg, "r1", {**records, "merge": merge}, log_fn=logs.append)
     assert logs == [], logs  # reused
+
+
+def test_serve_model_merged_retrieves_the_served_model_and_answers_another_id_with_openai_s_404(served_r1):
+    """GET /v1/models/{model} is OpenAI's retrieve-model (the openai client's models.retrieve, LangChain's checks): it
+    was a 404 "is not served" for the served model itself. The served id answers its /v1/models entry (GET, HEAD with
+    no body, a trailing slash too); another id, one with a slash included, a 404 in OpenAI's error shape, code
+    model_not_found, naming the served id; POST is still refused (405, Allow: GET, HEAD)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    pub, base = served_r1
+    code, listed = _request(f"{base}/v1/models")
+    entry = json.loads(listed)["data"][0]
+    for path in (f"/v1/models/{pub.name}", f"/v1/models/{pub.name}/"):
+        code, answer = _request(f"{base}{path}")
+        assert (code, json.loads(answer)) == (200, entry) and entry["id"] == pub.name and entry["object"] == "model", (path, code, answer)
+    for other in ("another-model", "org/another-model", pub.name + "x"):
+        code, answer = _request(f"{base}/v1/models/{other}")
+        error = json.loads(answer)["error"]
+        assert code == 404 and (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found"), answer
+        assert error["message"] == f"the model {other!r} does not exist: this endpoint serves {pub.name}", error
+    where = urlsplit(base)
+    for method, status, allow in (("HEAD", 200, None), ("POST", 405, "GET, HEAD"), ("PUT", 405, "GET, HEAD")):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+        conn.request(method, f"/v1/models/{pub.name}", b"{}" if method != "HEAD" else None, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        body = answer.read()
+        conn.close()
+        assert (answer.status, answer.getheader("allow")) == (status, allow), (method, answer.status, answer.getheaders(), body[:300])
+        assert body == b"" if method == "HEAD" else json.loads(body)["error"]["message"].startswith(f"{method} is not allowed"), body
