@@ -2761,6 +2761,11 @@ def request_problem(kind: str, body: dict) -> tuple[str, str] | None:
         nested_too_deeply_problem(found) or not_finite_problem(found)
     if problem:
         return problem
+    if body.get("stream_options") is not None and not body.get("stream"):
+        # OpenAI's API refuses it ("only allowed when stream is true"); serve read it in a stream only, so a client
+        # asking for a stream's usage chunk (include_usage) with stream false got a 200 whose stream it never asked for
+        return ("stream_options is only allowed when stream is true: send \"stream\": true for a streamed answer, or leave "
+                "stream_options out (a whole answer carries its usage)"), "stream_options"
     if kind == "chat":
         problem = chat_messages_problem(body.get("messages"))
         if problem:

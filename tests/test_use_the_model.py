@@ -5361,3 +5361,38 @@ def test_serve_model_merged_retrieves_the_served_model_and_answers_another_id_wi
         conn.close()
         assert (answer.status, answer.getheader("allow")) == (status, allow), (method, answer.status, answer.getheaders(), body[:300])
         assert body == b"" if method == "HEAD" else json.loads(body)["error"]["message"].startswith(f"{method} is not allowed"), body
+
+
+def test_request_problem_refuses_stream_options_without_a_stream_naming_it():
+    """OpenAI's API refuses stream_options unless stream is true ("only allowed when stream is true"); this server
+    answered such a request as if stream_options were not sent. Now a 400 naming stream_options on every endpoint; with
+    "stream": true, or stream_options null (not sent), the request passes; a stream_options of the wrong type is still
+    refused for its type first."""
+    from tasks.export import request_problem
+
+    prompt = {"chat": {"messages": [{"role": "user", "content": "hi"}]}, "completion": {"prompt": "hi"}, "response": {"input": "hi"}}
+    for kind, body in prompt.items():
+        for stream in ({}, {"stream": False}, {"stream": None}):
+            message, field = request_problem(kind, {**body, **stream, "stream_options": {"include_usage": True}})
+            assert field == "stream_options" and message.startswith("stream_options is only allowed when stream is true"), (kind, message)
+        assert request_problem(kind, {**body, "stream": True, "stream_options": {"include_usage": True}}) is None, kind
+        assert request_problem(kind, {**body, "stream": False, "stream_options": None}) is None, kind
+    assert request_problem("chat", {**prompt["chat"], "stream_options": True})[0].startswith("stream_options must be an object")
+
+
+def test_serve_model_merged_refuses_stream_options_without_a_stream_with_400(served_r1):
+    """The same through the server, as the openai client sends it: a 400 (BadRequestError) naming stream_options."""
+    import openai
+
+    pub, base = served_r1
+    client = _openai_client(base)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=False,
+                                       stream_options={"include_usage": True})
+    assert caught.value.body["param"] == "stream_options" and "only allowed when stream is true" in caught.value.message, caught.value.body
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=pub.name, prompt="Hi", max_tokens=2, stream_options={"include_usage": True})
+    assert caught.value.body["param"] == "stream_options", caught.value.body
+    chunks = list(client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2, chunks[-1]
