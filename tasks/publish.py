@@ -1513,6 +1513,20 @@ def answer_stop_ids(folder: Path) -> list[int]:
     return stops
 
 
+def fitted(render, history: list[dict], turn: dict, context: int | None, max_new_tokens: int) -> tuple[Any, int]:
+    """(the rendered prompt of `history` + `turn`, how many of the oldest turns of `history` it leaves out): the fewest
+    that leave room for a `max_new_tokens` answer within `context` tokens (None: no limit known, none left out), an
+    exchange (user + assistant) at a time. The system prompt is the published template's, never a turn of `history`,
+    and `turn` (the user's last) is always kept: with every earlier turn out and still no room, the prompt is that
+    turn alone. `render`: a conversation -> the tokenizer's rendering (its "input_ids" a 1 x n tensor)."""
+    dropped = 0
+    enc = render([*history, turn])
+    while context and enc["input_ids"].shape[1] + max_new_tokens > context and dropped < len(history):
+        dropped += 2  # `chat` keeps whole exchanges: a user turn and its answer
+        enc = render([*history[dropped:], turn])
+    return enc, dropped
+
+
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts",
          trust_remote_code: bool = False) -> int:
     import torch
@@ -1531,17 +1545,38 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
             raise refused from e
         raise
     stops = stops or model.generation_config.eos_token_id  # none published: the model's EOS alone ([] would stop at none)
+    ends = set(stops) if isinstance(stops, list) else {stops}
+    config = getattr(model, "config", None)  # base + adapter: PeftModel's is its base's
+    context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "max_position_embeddings", None)
     history: list[dict] = []
+
+    def render(conversation: list[dict]):
+        return tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
     def answer(text: str) -> None:
         turn = {"role": "user", "content": text}
-        enc = tok.apply_chat_template([*history, turn], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+        enc, dropped = fitted(render, history, turn, context, max_new_tokens)
+        n = enc["input_ids"].shape[1]
+        limit = min(max_new_tokens, context - n) if context else max_new_tokens
+        if limit < 1:  # the chat is kept as it was: a shorter message may still fit beside it
+            print(f"(not answered: this message alone makes a {n}-token prompt, and the model's context is {context} tokens; "
+                  "send a shorter one)", file=sys.stderr, flush=True)
+            return
+        if dropped:
+            del history[:dropped]  # for good: the next turns are fitted to what is left
+            print(f"(dropped the {dropped} oldest turns of this chat: the prompt left no room for a {max_new_tokens}-token answer "
+                  f"in the model's {context}-token context)", file=sys.stderr, flush=True)
+        enc = enc.to(device)
         # A streamer of its own: one that Ctrl-C stopped mid-answer keeps that answer's undecoded tail and takes the next
         # prompt for generated text (a review: the next answer began with the stopped one's tail and the whole prompt).
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
-        reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(**enc, max_new_tokens=limit, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
+        new = out[0, n:].tolist()
+        if len(new) >= limit and (not new or new[-1] not in ends):
+            why = f"--max-new-tokens {max_new_tokens}" if limit == max_new_tokens else f"the end of the model's {context}-token context"
+            print(f"(answer cut at {len(new)} tokens by {why}, before the end of its turn)", file=sys.stderr, flush=True)
+        reply = tok.decode(new, skip_special_tokens=True).strip()
         history.extend([turn, {"role": "assistant", "content": reply}])  # an answer cut off by Ctrl-C leaves no turn behind
 
     if prompt is not None:

@@ -5396,3 +5396,57 @@ def test_serve_model_merged_refuses_stream_options_without_a_stream_with_400(ser
     chunks = list(client.chat.completions.create(model=pub.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 2, chunks[-1]
+
+
+def test_chat_drops_the_oldest_turns_to_leave_room_for_the_answer_and_says_when_an_answer_is_cut(own_published, tmp_path, monkeypatch, capsys):
+    """`chat` kept the whole history: a long conversation made prompts beyond the model's context (garbage, or a
+    crash), and an answer cut at --max-new-tokens ended as if finished. A copy of the run whose context holds one
+    exchange: each turn after the first drops the oldest exchange, with one line (never the system prompt, which the
+    template adds, nor the last user turn); a message that alone leaves no room is not answered, the chat kept; an
+    answer that runs to --max-new-tokens (the model kept from its stop ids) says so in one line, one that ends at EOS
+    does not."""
+    import io
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from tasks import publish
+
+    cfg, art, pub, _ = own_published
+    tok = AutoTokenizer.from_pretrained(pub / "merged")
+    prompt_len = lambda conv: len(tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)["input_ids"])  # noqa: E731
+    asks = [f"Tell me about ship number {i}, its crew, its cargo and the port it sails to." for i in range(4)]
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    context = prompt_len([user(asks[0])]) + 8 + 12
+    assert prompt_len([user(asks[0]), {"role": "assistant", "content": ""}, user(asks[1])]) + 8 > context  # two turns do not fit
+    copy = _copy_with_context(art, pub, tmp_path / "art", context)
+    long = " ".join(asks * 3)
+    calls = []
+    load = publish.load_published
+
+    def spied(*a, **kw):
+        model = load(*a, **kw)
+        generate = model.generate
+
+        def recorded(*ga, **gk):
+            calls.append((tok.decode(gk["input_ids"][0]), gk["input_ids"].shape[1], gk["max_new_tokens"]))
+            # every answer but the last never ends its turn (its stop ids suppressed); the last ends at once, at EOS
+            steer = {"suppress_tokens": [2]} if len(calls) < 4 else {"sequence_bias": {(2,): 100.0}}
+            return generate(*ga, **gk, **steer)
+
+        model.generate = recorded
+        return model
+
+    monkeypatch.setattr(publish, "load_published", spied)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join([asks[0], asks[1], long, asks[2], asks[3]]) + "\n"))
+    assert publish.chat("r1", None, merged=True, max_new_tokens=8, artifacts_dir=str(copy)) == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 4 and all(n + limit <= context and limit == 8 for _, n, limit in calls), (context, [c[1:] for c in calls])
+    for i, (text, _, _) in enumerate(calls):
+        assert cfg.data.system_prompt in text and asks[i] in text and (i == 0 or asks[i - 1] not in text), (i, text)
+    lines = [line for line in err.splitlines() if line.startswith("(")]
+    dropped = (f"(dropped the 2 oldest turns of this chat: the prompt left no room for a 8-token answer in the model's "
+               f"{context}-token context)")
+    cut = "(answer cut at 8 tokens by --max-new-tokens 8, before the end of its turn)"
+    assert lines == [cut, dropped, cut, f"(not answered: this message alone makes a {prompt_len([user(long)])}-token prompt, and the "
+                     f"model's context is {context} tokens; send a shorter one)", dropped, cut, dropped], err
