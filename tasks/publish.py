@@ -660,7 +660,8 @@ def generation_config_ending_at(merged: Path, stop_ids: list[int]) -> dict | Non
     template whose turns end at another token (ChatML's <|im_end|> on a Qwen2.5 base, <|eot_id|> on Llama-3.1,
     Gemma's <end_of_turn>) answers ran on past the end of the turn into turns the model made up. A folder without a
     generation_config.json (save_pretrained writes none for a model class that cannot generate by itself; a folder
-    made by hand) gets what transformers derives from its config.json (its EOS), plus `stop_ids`."""
+    made by hand) gets what transformers derives from its config.json (its EOS), plus `stop_ids`. Where `stop_ids` add
+    nothing to the EOS (a template that ends turns at it) the settings are as given."""
     given = merged / "generation_config.json"
     if given.is_file():
         settings = read_json(given)
@@ -673,7 +674,8 @@ def generation_config_ending_at(merged: Path, stop_ids: list[int]) -> dict | Non
         return None
     eos = settings.get("eos_token_id")
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return {**settings, "eos_token_id": eos + [i for i in dict.fromkeys(stop_ids) if i not in eos]}
+    extra = [i for i in dict.fromkeys(stop_ids) if i not in eos]
+    return {**settings, "eos_token_id": eos + extra} if extra else settings  # the EOS alone: its file as it was
 
 
 def _end_answers_at_stops(merged: Path, stop_ids: list[int]) -> None:
