@@ -933,7 +933,7 @@ A chat with one user turn `Hi` renders as (generation prompt included):
 ```
 
 ## Use it
-{use_markdown(cfg, run_name, final, base)}
+{use_markdown(cfg, run_name, final, base, data.stop_token_ids)}
 Files: `adapter/`, `merged/`{', `base/`' if base['files'] else ''}, `pipeline.yaml` (resolved config), `provenance.json`, `eval.json`, `summary.json`,
 `plots/`, `tensorboard/`, `MANIFEST.json` (sha256 of every file).
 """
@@ -979,7 +979,7 @@ def rendered_example(folder: Path) -> str:
     return tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
 
 
-def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str, Any]) -> str:
+def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str, Any], stops: list[int]) -> str:
     """The card's snippet: base + adapter loaded as stage 5 evaluated them (from this folder, or the Hub copy)."""
     q = base["quant"]
     system = cfg.data.system_prompt
@@ -1010,10 +1010,12 @@ model = PeftModel.from_pretrained(base, folder / "adapter")  # the evaluated mod
 tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
 messages = [{sys_msg}{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+stop = {list(stops)}  # the chat template's end-of-turn token ids and EOS: the base's generation config knows its EOS alone
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64, eos_token_id=stop)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 On this machine `AutoPeftModelForCausalLM.from_pretrained(folder / "adapter")` loads the same base{' (pass the same `quantization_config`)' if q else ''}.
-Or the merged model (the same weights, merged and checked above): `AutoModelForCausalLM.from_pretrained(folder / "merged")`,
+Or the merged model (the same weights, merged and checked above; its generation_config.json ends answers at `stop`):
+`AutoModelForCausalLM.from_pretrained(folder / "merged")`,
 `qlora-pipeline chat {run_name}{dir_arg}` (base + adapter, as evaluated; `--merged` for the merged model), or
 `qlora-pipeline serve-model {run_name}{dir_arg}` (OpenAI-compatible; the request's `"model"` is `{cfg.output_name}`).
 """

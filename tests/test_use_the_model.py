@@ -5450,3 +5450,25 @@ def test_chat_drops_the_oldest_turns_to_leave_room_for_the_answer_and_says_when_
     cut = "(answer cut at 8 tokens by --max-new-tokens 8, before the end of its turn)"
     assert lines == [cut, dropped, cut, f"(not answered: this message alone makes a {prompt_len([user(long)])}-token prompt, and the "
                      f"model's context is {context} tokens; send a shorter one)", dropped, cut, dropped], err
+
+
+def test_the_card_s_snippet_ends_answers_at_the_template_s_end_of_turn_id(eot_published, monkeypatch):
+    """The card's base + adapter snippet called generate() with the base's generation config alone (its EOS), so under
+    ENDS_AT_BOS its answers ran on to max_new_tokens; it names the published stop ids now. Run as written, BOS made the
+    likeliest token: the answer is that one token."""
+    import transformers
+
+    cfg, art, pub, _ = eot_published
+    code = _card_snippet((pub / "README.md").read_text())
+    assert "stop = [1, 2]" in code and "eos_token_id=stop" in code, code
+    generated = []
+    generate = transformers.GenerationMixin.generate
+
+    def biased(self, *a, **kw):
+        out = generate(self, *a, **kw, sequence_bias={(1,): 100.0})
+        generated.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", biased)
+    exec(compile(code, "card-snippet", "exec"), {})
+    assert generated == [1], generated
