@@ -40,7 +40,7 @@ from .common import (COMPLETE, StageError, building, cached_sha256, changed_file
                      write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
-                     model_fingerprint, resolve_model, raised_by_template, template_message, template_source)
+                     model_fingerprint, remote_code_key, resolve_model, raised_by_template, template_message, template_source)
 
 DATA_VERSION = 8  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone; 8: turns of one role
@@ -686,7 +686,7 @@ def cache_key(data: DataSection, model: ModelSection, artifacts_dir: str, render
     mixed = [source_fingerprint(m, f"data.mix[{i}].source") for i, m in enumerate(data.mix)]
     return fingerprint("data", DATA_VERSION, source_fingerprint(data), mixed, bench,
                        _keyed_dump(data, unread), model_fingerprint(model), model.chat_template,
-                       rendering if rendering is not None else rendering_fingerprint(model, artifacts_dir))
+                       rendering if rendering is not None else rendering_fingerprint(model, artifacts_dir), *remote_code_key(model))
 
 
 # The conversation whose rendering and tokens are in the data key (`rendering_fingerprint`): a system turn and two
@@ -752,7 +752,7 @@ def render_stamp(model: ModelSection, ref: ModelRef | None = None) -> str:
     code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
     versions = {dist: [installed_version(dist), library_install(dist)] for dist in RENDER_LIBRARIES}
     return fingerprint("render-stamp", model_fingerprint(model), tokenizer_files(ref), model.chat_template, versions, sys.version_info[:3], code,
-                       length=32)
+                       *remote_code_key(model), length=32)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".npz", ".onnx")  # not the tokenizer's

@@ -37,7 +37,7 @@ from .common import (COMPLETE, PARTS, StageError, building, changed_file, comple
                      list_parts, listed_change, locked, mark_parts_complete, maybe_fault, progress_bar, read_json, stage_dir, write_json)
 from .config import EvalSection, ModelSection, QuantSection, installed_version
 from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows_key
-from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model
+from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, remote_code_key, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
 EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
@@ -233,10 +233,10 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # The verdict names what the data was deduped against (`make_verdict`): in this key, not in the passes' (answers alike).
     # Every prompt is rendered by the tokenizer: how it renders is keyed (`rendering_key`), beside the rows.
     return fingerprint("eval", EVAL_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED, device, told=("dedupe",)), scorer_versions(eval.benchmarks),
-                       resolve_device(device), *rendering_key(data))
+                       resolve_device(device), *rendering_key(data), *remote_code_key(model))
 
 
-def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, device: str) -> str:
+def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, device: str, model_code: list | tuple = ()) -> str:
     """The key of stage 5's saved passes (`cache/eval-parts/<key>/`: each model's answers, losses and decode check on the
     held-out rows and on each benchmark): the stage's key less what only scores or summarises the answers
     (STATISTICS_ONLY, the scorer libraries), so a change of those recomputes the record from the passes already made;
@@ -245,9 +245,10 @@ def passes_key(data: DataRecord, train, quant: QuantSection, eval: EvalSection, 
     under another transformers or by other generating code is generated again there, so the answers one record pairs
     (base and tuned, held-out and benchmarks) all come from one machine, one set of libraries and one version of the code,
     and a library upgrade or a code fix (the usual fixes of a GENERATION BROKEN) is not served the answers made before it.
-    The stage's own key stays without them: its record is reused on any machine, as before."""
+    The stage's own key stays without them: its record is reused on any machine, as before. `model_code`: the model's
+    own code the passes load (`remote_code_key`), as in the stage's key."""
     return fingerprint("eval-passes", PASSES_VERSION, *_answer_inputs(data, train, quant, eval, NOT_MEASURED | STATISTICS_ONLY, device),
-                       resolve_device(device), *answers_made_on(device), answer_code(), *rendering_key(data))
+                       resolve_device(device), *answers_made_on(device), answer_code(), *rendering_key(data), *model_code)
 
 
 def answers_made_on(device: str) -> list:
@@ -374,7 +375,7 @@ def _evaluate(data, train, model_cfg, quant, eval, device, key, out, artifacts_d
     # included): a run stopped partway (a crash, a killed job, a lost machine) redoes only the passes it had not
     # finished, and a run at another eval.confidence (or scorer version) generates none. Kept once the stage's record is
     # written, marked complete when every pass is in (a pass whose decode check failed is not saved).
-    parts = stage_dir(artifacts_dir, "eval-parts", passes_key(data, train, quant, eval, device))
+    parts = stage_dir(artifacts_dir, "eval-parts", passes_key(data, train, quant, eval, device, remote_code_key(model_cfg)))
     plan = plan_generation(n, eval.max_new_tokens, suites, base_caches, parts, heldout_losses=len(loss_rows))
     if plan:
         load_model()  # before the bar draws: the weights' own loading bar stays off it

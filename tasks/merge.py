@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from .common import StageError, building, changed_file, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split, rendering_key, rows_key
-from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, resolve_device, resolve_model, uses_4bit
+from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, remote_code_key, resolve_device, resolve_model, uses_4bit
 
 MERGE_VERSION = 2
 
@@ -115,7 +115,8 @@ def cache_key(data: DataRecord, train, model: ModelSection, quant: QuantSection,
     # the tokenizer saved beside the merged weights: the template and how it renders (`rendering_key`).
     dev = resolve_device(device)
     return fingerprint("merge", MERGE_VERSION, folder_fingerprint(train.adapter_dir), rows_key(data), data.model_fingerprint,
-                       keyed_quant(quant, dev), _keyed_merge(merge, quant, dev), model.chat_template, dev, *rendering_key(data))
+                       keyed_quant(quant, dev), _keyed_merge(merge, quant, dev), model.chat_template, dev, *rendering_key(data),
+                       *remote_code_key(model))
 
 
 def _keyed_merge(merge: MergeSection, quant: QuantSection, device: str) -> dict:

@@ -102,6 +102,63 @@ def keyed_model(model: ModelSection) -> dict:
     return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if _local_folder(model) else [])})
 
 
+def remote_code_key(model: ModelSection) -> list:
+    """model.trust_remote_code as the keys of the stages that load the model or its tokenizer hold it: [] where it
+    changes nothing loaded (off, or a model that ships no auto_map: a GGUF, `random:`, most folders), so their keys stay
+    the ones they had before it was keyed; else one entry with the auto_maps it makes transformers follow. On, a
+    config.json or tokenizer_config.json auto_map loads the repository's own classes; off, transformers' built-in ones
+    (Phi-3-style configs keep an auto_map beside a built-in model_type): another model and tokenizer under one key."""
+    if not model.trust_remote_code:
+        return []
+    maps = shipped_auto_maps(model)
+    return [{"trust_remote_code": maps}] if maps else []
+
+
+def shipped_auto_maps(model: ModelSection) -> dict:
+    """{file name: its auto_map} of the model's config.json and tokenizer_config.json that have one; {} for a model this
+    project builds (a converted GGUF, `random:`), which never ships code. A hub model's files are read at its revision."""
+    kind = _locate(model)[0]
+    if kind in ("gguf", "random"):
+        return {}
+    maps = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        auto = _model_json(model, name, local=kind == "local").get("auto_map")
+        if auto:
+            maps[name] = auto
+    return maps
+
+
+def _model_json(model: ModelSection, name: str, *, local: bool) -> dict:
+    """The JSON file `name` of the model (a local folder's, or the hub repository's at model.revision); {} where there is
+    none or it does not read as an object (transformers reads no auto_map from it either)."""
+    import json
+
+    if local:
+        path = Path(model.name).expanduser() / name
+    else:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import EntryNotFoundError
+
+        cached = try_to_load_from_cache(model.name, name, revision=model.revision)
+        if isinstance(cached, str):
+            path = Path(cached)
+        elif cached is not None:  # the hub said before: no such file
+            return {}
+        else:
+            try:
+                path = Path(hf_hub_download(model.name, name, revision=model.revision, token=hub_token(model)))
+            except EntryNotFoundError:
+                return {}
+            except Exception as e:  # network errors come in many classes
+                raise StageError(f"cannot read {name} of {model.name!r} from the hub ({type(e).__name__}) to tell whether "
+                                 "model.trust_remote_code loads its own code; retry online, or set model.trust_remote_code: false") from e
+    try:
+        got = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
 def base_path_now(model: ModelSection, data: Any) -> str:
     """Where the base's weights are now, for the stage that copies them (publish), from stage 1's record `data`
     (`model_ref`, `model_fingerprint`): a local folder (no `gguf_file`) is where `model.name` points now, since its key

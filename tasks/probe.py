@@ -44,7 +44,7 @@ from .engine.build import (bookkeeping_trainer, build_model, collector_kept_off_
                            training_args)
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
-from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, resolve_device,
+from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, remote_code_key, resolve_device,
                      resolve_model)
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
@@ -178,7 +178,9 @@ def cache_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     if training.unlikelihood_alpha:
         sections.append({"unlikelihood_pass": unlikelihood.PASS_VERSION})
     # The card and how many of them the run trains on: what the measured step time follows (not how many are visible).
-    return fingerprint("probe", PROBE_VERSION, rows_key(data), data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)))
+    # The model's own code where model.trust_remote_code makes transformers load it (`remote_code_key`; [] otherwise).
+    return fingerprint("probe", PROBE_VERSION, rows_key(data), data.model_fingerprint, sections, hardware_id(dev, dist.gpus_used(training.gpus)),
+                       *remote_code_key(model))
 
 
 # Fixes to what the packed engines (fast, fused) compute for one kind of model, by its (text) model_type: each is in that

@@ -162,11 +162,13 @@ def _models_without_a_tokenizer_here_render_as_a_stand_in(monkeypatch):
     monkeypatch.setattr(data_mod, "rendering_fingerprint", rendering)
 
 
-def stage_keys(cfg, tmp: Path) -> dict[str, str]:
+def stage_keys(cfg, tmp: Path, rows: str | None = None) -> dict[str, str]:
     """Each stage's task cache key for `cfg`, through the task wrappers' own cache_key_fn, as the flow calls them.
 
     Records stand in for stage outputs with what a real run would give: content hashes follow the inputs (the same
     training gives the same adapter; a publish that reruns writes a new run's folder, a cached one is the old folder).
+    `rows`: the data record's rows fingerprint (`rows_key`), for a rebuild that made the same rows; None: a record from
+    before it was kept (the later stages are keyed on the data key).
     """
     from tasks import stages
     from tasks.common import fingerprint, write_json
@@ -184,6 +186,9 @@ def stage_keys(cfg, tmp: Path) -> dict[str, str]:
     keys = {}
     dk = data_key(cfg.data, cfg.model, art)
     data = SimpleNamespace(key=dk, data_hash=fingerprint("tokens", dk), model_fingerprint=model_fingerprint(cfg.model), stop_token_ids=[2])
+    if rows is not None:
+        data = SimpleNamespace(**{**vars(data), "data_hash": fingerprint("tokens", rows)}, rows_key=rows, dropped={}, source=cfg.data.source,
+                               sources=[], dedupe={})
     keys["data"] = task_key(stages.data_task, data=cfg.data, model=cfg.model, artifacts_dir=art)
     keys["profile"] = task_key(stages.profile_task, data=data, artifacts_dir=art)
     sections = dict(model=cfg.model, quant=cfg.quant, lora=cfg.lora, training=cfg.training)
@@ -433,6 +438,60 @@ def test_a_local_model_folder_is_keyed_by_its_content_and_hashed_once_per_versio
     (moved / "model.safetensors").write_bytes(b"weights" * 999 + b"other!!")
     changed = keys(moved)
     assert changed[0] != first[0] and all(changed[2][s] != first[2][s] for s in STAGES)
+
+
+PHI3_LIKE_AUTO_MAP = {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+
+
+def _phi3_like_folder(folder: Path) -> Path:
+    """A local model folder as Phi-3's: a model_type transformers ships (loaded with its own class when
+    model.trust_remote_code is off) and an auto_map naming the folder's own configuration and modeling code (loaded
+    when it is on)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": PHI3_LIKE_AUTO_MAP}))
+    (folder / "configuration_tiny.py").write_text("from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    pass\n")
+    (folder / "modeling_tiny.py").write_text("from transformers import LlamaForCausalLM\n\n\nclass TinyForCausalLM(LlamaForCausalLM):\n    pass\n")
+    (folder / "model.safetensors").write_bytes(b"weights" * 100)
+    return folder
+
+
+def test_trust_remote_code_is_keyed_where_the_model_ships_code_and_nowhere_else(tmp_path, monkeypatch):
+    """model.trust_remote_code on a model whose config.json or tokenizer_config.json has an auto_map loads the
+    repository's own classes, off transformers' built-in ones (Phi-3's config keeps both): another model, tokenizer and
+    adapter, so every stage that loads the model or its tokenizer is keyed on it (`remote_code_key`); the profile, which
+    reads the rows alone, reruns only where the rows changed. A model without an auto_map loads the same classes either
+    way: its keys, and the keys of the setting off, are those from before it was keyed."""
+    from tasks import evaluate
+    from tasks.data import render_stamp
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))  # where transformers copies a repo's code to import it
+    coded = _phi3_like_folder(tmp_path / "models" / "phi3-like")
+    plain = tmp_path / "models" / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    (plain / "model.safetensors").write_bytes(b"weights" * 100)
+
+    def cfg(folder: Path, trust: str):
+        return _cfg(tmp_path, f"model.name={folder}", "data.dedupe=[]", f"model.trust_remote_code={trust}")
+
+    def keys(folder: Path, trust: str) -> dict[str, str]:
+        return stage_keys(cfg(folder, trust), tmp_path, rows="the same rows")
+
+    assert keys(plain, "true") == keys(plain, "false")  # nothing cached today is invalidated for the common case
+    off, on = keys(coded, "false"), keys(coded, "true")
+    assert {s for s in STAGES if off[s] != on[s]} == ALL - {"profile"}
+    from tasks.models import remote_code_key
+
+    assert remote_code_key(cfg(plain, "true").model) == [] == remote_code_key(cfg(coded, "false").model)
+    assert render_stamp(cfg(coded, "true").model) != render_stamp(cfg(coded, "false").model)  # the tokenizer is rendered again
+    # and the saved passes of stage 5: the answers the model's own code generates are not the built-in class's
+    data, train = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(adapter_dir=str(coded))
+    c = cfg(coded, "true")
+    assert (evaluate.passes_key(data, train, c.quant, c.eval, c.device, remote_code_key(c.model))
+            != evaluate.passes_key(data, train, c.quant, c.eval, c.device, remote_code_key(cfg(coded, "false").model)))
+    # the tokenizer's own code alone (tokenizer_config.json's auto_map) is keyed too
+    (plain / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_x.X", None]}}))
+    assert remote_code_key(cfg(plain, "true").model) == [{"trust_remote_code": {"tokenizer_config.json": {"AutoTokenizer": ["tokenization_x.X", None]}}}]
 
 
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
