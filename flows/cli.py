@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
     chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
     chat.add_argument("--trust-remote-code", action="store_true",
-                      help="run the model's own Python code (its config's auto_map) to load it; on already where the run's published "
-                           "pipeline.yaml says model.trust_remote_code: true, so needed only for a folder whose pipeline.yaml does not say it")
+                      help="run the model's own Python code (its config's auto_map) to load it; on already where a run here that set "
+                           "model.trust_remote_code: true published the folder and its .py files are unchanged since (stage 7 records "
+                           "them under the artifacts folder), so needed for a folder copied in or whose code changed")
 
     serve = sub.add_parser("serve", help="register a prefect.yaml deployment (finetune/nightly) and execute its runs here",
                            description="Register finetune/<name> with the Prefect server at PREFECT_API_URL (start one with "

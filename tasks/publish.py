@@ -781,6 +781,7 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
         try:
             for line in _assemble(cfg, run_name, records, final) or []:  # what it left out, said once the folder is in place
                 log_fn(line)
+            record_trusted_code(final, cfg.artifacts_dir, cfg.model.trust_remote_code)  # what `chat` runs the model's code by
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -1368,24 +1369,63 @@ def _run_dir(runs: Path, run: str) -> Path:
     return run_dir
 
 
-def remote_code_asked(folder: Path) -> bool | None:
-    """Whether the run that published `folder` loaded its base with `model.trust_remote_code: true`, as the folder's
-    pipeline.yaml (that run's resolved config) says; None where it does not tell (no such file, or one that does not
-    read as a config with that key). The run ran the model's own code then; else only the user's --trust-remote-code may."""
+TRUSTED_CODE = "trusted-code"  # under the artifacts folder: what stage 7 published from a model.trust_remote_code run here
+
+
+LOADED_SIDES = ("adapter", "merged", "base")  # what `chat` loads of a published folder (base/: a non-Hub base's files)
+
+
+def code_files(folder: Path) -> dict[str, str]:
+    """{path under `folder`: sha256} of every Python file of what `chat` loads from it (LOADED_SIDES: a module an
+    auto_map names, or one such a module imports); stage 8's files beside them (a GPTQ export's) are not loaded by it."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for side in LOADED_SIDES for p in sorted((folder / side).rglob("*.py"))
+            if p.is_file()}
+
+
+def _trust_record(folder: Path, artifacts_dir: str) -> Path:
+    return artifacts_root(artifacts_dir) / TRUSTED_CODE / f"{fingerprint(str(folder.resolve()))}.json"
+
+
+def record_trusted_code(folder: Path, artifacts_dir: str, trusted: bool) -> None:
+    """What `chat` trusts a published folder's own code by, written by stage 7 where it assembled `folder`: with
+    `trusted` (the run set model.trust_remote_code), the folder's place and its Python files' sha256 (`code_files`), in
+    the artifacts folder, never in the published one, whose files travel with a copy; without, any earlier record of that
+    place is removed (a run without it published there again)."""
+    record = _trust_record(folder, artifacts_dir)
+    if not trusted:
+        record.unlink(missing_ok=True)
+        return
+    write_json(record, {"folder": str(folder.resolve()), "code": code_files(folder)})
+
+
+def untrusted_code(folder: Path, artifacts_dir: str | None) -> str | None:
+    """Why the published `folder`'s own code is not run without --trust-remote-code, in words, or None where it may run:
+    stage 7 of a run that set model.trust_remote_code assembled this very folder in `artifacts_dir` and its Python files
+    are the ones it published (`record_trusted_code`). The folder's pipeline.yaml is no sign: a folder copied in from
+    someone else carries theirs."""
+    if artifacts_dir is None:
+        return f"nothing says {folder} was published on this machine"
     try:
-        said = (yaml.safe_load((folder / "pipeline.yaml").read_text(encoding="utf-8")) or {}).get("model", {}).get("trust_remote_code")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-        return None
-    return said if isinstance(said, bool) else None
+        record = read_json(_trust_record(folder, artifacts_dir))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("folder") != str(folder.resolve()):
+        return (f"no run here published {folder} with model.trust_remote_code: true (a folder copied in, or one published "
+                "before stage 7 recorded its code)")
+    said, now = record.get("code"), code_files(folder)
+    if said != now:
+        changed = sorted(n for n in set(now) | set(said or {}) if now.get(n) != (said or {}).get(n))
+        return f"its Python files changed since the run published it ({', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''})"
+    return None
 
 
-def remote_code_refused(e: Exception, source: str, folder: Path, trust: bool) -> StageError | None:
+def remote_code_refused(e: Exception, source: str, why: str | None, trust: bool) -> StageError | None:
     """transformers' refusal to run a model's or tokenizer's own code (a ValueError naming trust_remote_code) as one line
-    saying how to opt in, or None for any other error."""
+    saying why it was not trusted (`why`: `untrusted_code`) and how to opt in, or None for any other error."""
     if trust or "trust_remote_code" not in str(e):
         return None
-    return StageError(f"{source} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does not say "
-                      "the run set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
+    return StageError(f"{source} needs to run its own Python code (its auto_map) to load, and {why or 'it was not trusted'}; "
+                      "pass --trust-remote-code if you trust the model's source")
 
 
 def own_code_file(model_dir: Path) -> str | None:
@@ -1416,21 +1456,23 @@ def own_code_file(model_dir: Path) -> str | None:
     return None
 
 
-def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False):
+def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False, artifacts_dir: str | None = None):
     """The model a user talks to, in eval mode on `device`: the merged folder, or base + adapter loaded as training,
     stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load.
-    The model's own code runs where the run that published it set model.trust_remote_code (`remote_code_asked`), or
-    where the caller says so (`trust_remote_code`: the user's --trust-remote-code), never otherwise."""
+    The model's own code runs where a run that set model.trust_remote_code published this folder in `artifacts_dir` with
+    the code it holds now (`untrusted_code`), or where the caller says so (`trust_remote_code`: the user's
+    --trust-remote-code), never otherwise."""
     from transformers import AutoModelForCausalLM
 
     require_current(folder, merged=merged)
-    trust = trust_remote_code or bool(remote_code_asked(folder))
+    why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)
+    trust = why is None
     if merged:
         require_safetensors(folder / "merged")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True, trust_remote_code=trust)
         except ValueError as e:
-            if refused := remote_code_refused(e, str(folder / "merged"), folder, trust):
+            if refused := remote_code_refused(e, str(folder / "merged"), why, trust):
                 raise refused from e
             raise
         return model.to(device).eval()
@@ -1467,7 +1509,7 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StageError(f"cannot load the base model {source!r} ({first}); chat with --merged, which needs nothing outside {folder}") from e
     except ValueError as e:
-        if refused := remote_code_refused(e, source, folder, trust):
+        if refused := remote_code_refused(e, source, why, trust):
             raise refused from e
         raise
     if "quantization_config" not in kwargs:
@@ -1539,13 +1581,14 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     folder = find_run(run, artifacts_dir)
     stops = answer_stop_ids(folder)  # before the model loads: a bad summary is told at once
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code)
-    trust = trust_remote_code or bool(remote_code_asked(folder))  # a remote-code tokenizer (Qwen-1's) as its model
+    model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code, artifacts_dir=artifacts_dir)
+    why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)  # a remote-code tokenizer (Qwen-1's) as its model
+    trust = why is None
     side = str(folder / ("merged" if merged else "adapter"))
     try:
         tok = AutoTokenizer.from_pretrained(side, trust_remote_code=trust)
     except ValueError as e:
-        if refused := remote_code_refused(e, side, folder, trust):
+        if refused := remote_code_refused(e, side, why, trust):
             raise refused from e
         raise
     stops = stops or model.generation_config.eos_token_id  # none published: the model's EOS alone ([] would stop at none)

@@ -672,30 +672,61 @@ def _remote_code_published(folder: Path, asked: bool | None) -> Path:
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["base+adapter", "merged"])
-def test_a_published_remote_code_model_loads_where_its_run_set_trust_remote_code_and_only_there(tmp_path, merged):
+def test_a_published_remote_code_model_loads_where_a_run_here_published_it_with_trust_remote_code_and_only_there(tmp_path, monkeypatch, merged):
     """Severity medium: `load_published` never passed trust_remote_code, so base/ (or merged/) of a model.trust_remote_code
-    base loaded only by hand (transformers refused, or asked at a terminal). The run's own pipeline.yaml says whether it
-    ran the model's code: then it loads; where it says false, or there is no pipeline.yaml, nothing runs the model's
-    code: one line says how to opt in (--trust-remote-code), which loads it."""
+    base loaded only by hand. Then the folder's pipeline.yaml turned it on, and a folder copied in from someone else
+    carries theirs: its code ran under `chat` without the flag. Now the signal is stage 7's own record under the artifacts
+    folder (`record_trusted_code`: the folder's place and its .py files' sha256), written only where a run that set
+    model.trust_remote_code assembled the folder: that folder loads; a copy of it, one whose code changed since, or one
+    published without it, says in one line why and how to opt in (--trust-remote-code), which loads it."""
+    import shutil
+
+    import tasks.publish as publish
+    from tasks.config import load_config
     from tasks.publish import load_published
 
-    on = load_published(_remote_code_published(tmp_path / "asked", True), merged=merged, device="cpu")
-    assert type(on if merged else on.get_base_model()).__name__ == "TinyRemoteForCausalLM"
-    for asked in (False, None):
-        folder = _remote_code_published(tmp_path / f"not-asked-{asked}", asked)
+    art = tmp_path / "art"
+
+    def published(name: str, trust: bool) -> Path:
+        """A folder stage 7 of a run with model.trust_remote_code `trust` assembled (`_assemble` stands in: the folder as it is)."""
+        cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.trust_remote_code={str(trust).lower()}"])
+        monkeypatch.setattr(publish, "_assemble", lambda cfg, run, records, final: _remote_code_published(final, True) and [])
+        return Path(publish.publish_artifacts(cfg, name, {}).dir)
+
+    def refused(folder: Path, why: str) -> None:
         with pytest.raises(StageError) as e:
-            load_published(folder, merged=merged, device="cpu")
+            load_published(folder, merged=merged, device="cpu", artifacts_dir=str(art))
         source = folder / ("merged" if merged else "base")
-        assert str(e.value) == (f"{source} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does "
-                                "not say the run set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
-        opted = load_published(folder, merged=merged, device="cpu", trust_remote_code=True)
+        assert str(e.value) == (f"{source} needs to run its own Python code (its auto_map) to load, and {why}; pass "
+                                "--trust-remote-code if you trust the model's source")
+        opted = load_published(folder, merged=merged, device="cpu", trust_remote_code=True, artifacts_dir=str(art))
         assert type(opted if merged else opted.get_base_model()).__name__ == "TinyRemoteForCausalLM"
+
+    own = published("r1", True)
+    on = load_published(own, merged=merged, device="cpu", artifacts_dir=str(art))
+    assert type(on if merged else on.get_base_model()).__name__ == "TinyRemoteForCausalLM"
+    # copied in from someone else, its pipeline.yaml saying trust_remote_code: true
+    copied = art / "runs" / "theirs" / own.name
+    shutil.copytree(own, copied)
+    assert "trust_remote_code: true" in (copied / "pipeline.yaml").read_text()
+    refused(copied, f"no run here published {copied} with model.trust_remote_code: true (a folder copied in, or one published "
+                    "before stage 7 recorded its code)")
+    # the code changed since stage 7 published it
+    for side in ("base", "merged"):
+        path = own / side / "modeling_tiny_remote.py"
+        path.write_text(path.read_text() + "\nprint('not what was published')\n")
+    _manifest_again(own)
+    refused(own, "its Python files changed since the run published it (base/modeling_tiny_remote.py, merged/modeling_tiny_remote.py)")
+    # published by a run without it: nothing recorded
+    refused(published("r2", False), f"no run here published {art / 'runs' / 'r2' / own.name} with model.trust_remote_code: true (a "
+                                    "folder copied in, or one published before stage 7 recorded its code)")
 
 
 def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_and_serve_model_refuses_it_in_one_line(
         own_published, tmp_path, monkeypatch, capsys):
     """A model.trust_remote_code model's merged/ (its config's auto_map naming modules of its own): `chat --merged` runs its
-    code where the run's pipeline.yaml says so, and says how to opt in where it does not. `serve-model` started transformers
+    code where stage 7 of a run that set it recorded the folder (not where a copied pipeline.yaml says so), and says how to
+    opt in where it did not. `serve-model` started transformers
     serve on it, which looks the class up among transformers' own and stopped with a traceback after the start: it is
     refused in one line naming the file and what serves the model instead, before any server starts."""
     import subprocess
@@ -704,6 +735,7 @@ def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_an
 
     import flows.cli
     from flows.cli import main
+    from tasks.publish import record_trusted_code
 
     cfg, art, pub, _ = own_published
     folder = _copy_run(pub, tmp_path / "art")
@@ -721,14 +753,17 @@ def test_a_remote_code_merged_model_chats_where_its_run_set_trust_remote_code_an
         "class TinyRemoteMistralForCausalLM(MistralForCausalLM):\n    config_class = TinyRemoteMistralConfig\n")
     _manifest_again(folder)
     chat = ["chat", "r1", "--merged", "--prompt", "x", "--max-new-tokens", "2", "--artifacts-dir", str(tmp_path / "art")]
-    assert main(chat) == 1
-    assert capsys.readouterr().err.strip() == (
-        f"error: {merged} needs to run its own Python code (its auto_map) to load, and {folder / 'pipeline.yaml'} does not say the run "
-        "set model.trust_remote_code: true; pass --trust-remote-code if you trust the model's source")
     said = yaml.safe_load((folder / "pipeline.yaml").read_text())
-    said["model"]["trust_remote_code"] = True
+    said["model"]["trust_remote_code"] = True  # a copied folder's word: no sign (`untrusted_code`)
     (folder / "pipeline.yaml").write_text(yaml.safe_dump(said, sort_keys=False))
     _manifest_again(folder)
+    assert main(chat) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {merged} needs to run its own Python code (its auto_map) to load, and no run here published {folder} with "
+        "model.trust_remote_code: true (a folder copied in, or one published before stage 7 recorded its code); pass "
+        "--trust-remote-code if you trust the model's source")
+    assert main([*chat, "--trust-remote-code"]) == 0
+    record_trusted_code(folder, str(tmp_path / "art"), True)  # what stage 7 of a run that set it writes
     assert main(chat) == 0
     monkeypatch.setattr(subprocess, "Popen", _FakeServer)
     monkeypatch.setattr(flows.cli, "_wait_until_healthy", lambda proc, host, port: True)
@@ -784,8 +819,8 @@ def test_serve_model_serves_a_native_architecture_whose_config_still_names_remot
 
 
 def test_chat_trust_remote_code_is_off_unless_asked_on_the_command_line(monkeypatch):
-    """`--trust-remote-code` reaches `chat` (for a folder whose pipeline.yaml does not say the run set it); without it,
-    only the folder's pipeline.yaml can turn it on (`load_published`)."""
+    """`--trust-remote-code` reaches `chat` (for a folder no run here published with model.trust_remote_code); without it,
+    only stage 7's record of the folder can turn it on (`load_published`, `untrusted_code`)."""
     import tasks.publish
     from flows.cli import main
 
