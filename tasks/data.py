@@ -734,8 +734,10 @@ def rendering_fingerprint(model: ModelSection, artifacts_dir: str) -> str:
         tok = load_tokenizer(ref, model)
         nested = subfolder_vocabulary(tok, ref)
         # a vocabulary in a subfolder is keyed as a top-level one is by the model's fingerprint: a change the probe's
-        # few tokens do not show still tokenizes the rows otherwise (none for an ordinary tokenizer: its digest as before)
-        digest = fingerprint("rendering", probe_encoding(tok), *([nested] if nested else []))
+        # few tokens do not show still tokenizes the rows otherwise (none for an ordinary tokenizer: its digest as before);
+        # the named templates of additional_chat_templates/ likewise (the tokenizer loads them, merge saves them)
+        templates = additional_templates(ref)
+        digest = fingerprint("rendering", probe_encoding(tok), *([nested] if nested else []), *([templates] if templates else []))
     remember(memo, digest, json.dumps(nested) if nested else "")
     if memo is not None:  # one memo per model, template, library and code version ever rendered: the unused ones go
         prune_memos_when_due(memos, prune_render_memos)
@@ -748,11 +750,13 @@ def render_stamp(model: ModelSection, ref: ModelRef | None = None) -> str:
     installed files of RENDER_LIBRARIES (`library_install`), the Python version and the bytes of the code that loads and
     encodes. A vocabulary file in a subfolder ('vocab/360.tiktoken') is none of these top-level files: only the class
     the tokenizer loads as names it, so the memo holds it (`subfolder_vocabulary`) and is read only while it is the same
-    (`same_subfolder_vocabulary`)."""
+    (`same_subfolder_vocabulary`). The named templates of additional_chat_templates/ are the folder's by name: the stamp
+    holds them (`additional_templates`)."""
     code = [file_sha256(Path(__file__)), file_sha256(Path(__file__).with_name("models.py"))]
     versions = {dist: [installed_version(dist), library_install(dist)] for dist in RENDER_LIBRARIES}
+    templates = additional_templates(ref)  # none: the stamp as before they were keyed
     return fingerprint("render-stamp", model_fingerprint(model), tokenizer_files(ref), model.chat_template, versions, sys.version_info[:3], code,
-                       *remote_code_key(model), length=32)
+                       *remote_code_key(model), *([templates] if templates else []), length=32)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".npz", ".onnx")  # not the tokenizer's
@@ -769,6 +773,21 @@ def tokenizer_files(ref: ModelRef | None) -> list | None:
     # COMPLETE: when the folder was built, which renders nothing (each artifacts folder would render once more for it)
     return [(p.name, cached_sha256(p)) for p in sorted(folder.iterdir())
             if p.is_file() and p.name != COMPLETE and not p.name.endswith(WEIGHT_SUFFIXES)]
+
+
+def additional_templates(ref: ModelRef | None) -> list[list[str]]:
+    """[path, sha256] of each named chat template in the additional_chat_templates/ folder beside the tokenizer of the
+    folder `ref` loads from (a folder here): transformers 5's tokenizer loading reads every '*.jinja' there
+    (tokenization_utils_base `from_pretrained`: `chat_template_<name>`; a 'default.jinja' there replaces the template
+    chat_template.jinja gives) and saving writes them back, so stage 1's rendering and merge's saved tokenizer follow
+    them. A subfolder: neither the model's fingerprint nor `tokenizer_files` sees it. Empty for a hub id (its commit keys
+    its files) and for a folder without one."""
+    from transformers.utils.hub import CHAT_TEMPLATE_DIR
+
+    folder = Path(ref.path) / CHAT_TEMPLATE_DIR if ref is not None and ref.local else None
+    if folder is None or not folder.is_dir():
+        return []
+    return [[f"{CHAT_TEMPLATE_DIR}/{p.name}", cached_sha256(p)] for p in sorted(folder.glob("*.jinja")) if p.is_file()]
 
 
 def subfolder_vocabulary(tok, ref: ModelRef | None) -> list[list[str]]:

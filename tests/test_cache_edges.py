@@ -1333,6 +1333,47 @@ def test_a_vocabulary_in_a_subfolder_is_in_the_rendering_key(tmp_path, monkeypat
     assert data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir) == first and len(loads) == 3
 
 
+def test_the_named_chat_templates_of_additional_chat_templates_are_in_the_rendering_key(tmp_path, monkeypatch, tiny_tok):
+    """transformers 5 loads every '*.jinja' of a folder's additional_chat_templates/ into the tokenizer (a named template;
+    'default.jinja' replaces chat_template.jinja's) and saves them back, so merge's saved tokenizer holds them. The folder
+    is a subfolder: neither the model's fingerprint nor the rendering memo's stamp saw it, and a changed file there kept
+    the data key: the old rendering's data, adapter and merged folder reused. It is keyed as the subfolder vocabulary is:
+    a changed, added or removed template is another rendering; the same files again are the same key, from the memo; a
+    folder without one keeps its key."""
+    import copy
+
+    from tasks import data as data_mod
+    from tasks.config import load_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))  # its memos alone
+    local = _as_local_model(copy.deepcopy(tiny_tok), tmp_path / "models" / "named-templates")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}"])
+
+    def key() -> str:
+        return data_mod.rendering_fingerprint(cfg.model, cfg.artifacts_dir)
+
+    without = key()
+    templates = local / "additional_chat_templates"
+    templates.mkdir()
+    tool_use = templates / "tool_use.jinja"
+    tool_use.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}")
+    first = key()
+    tool_use.write_text("{% for m in messages %}({{ m['role'] }}) {{ m['content'] }}{% endfor %}")
+    changed = key()
+    (templates / "rag.jinja").write_text("{{ messages[0]['content'] }}")
+    added = key()
+    assert len({without, first, changed, added}) == 4
+    loads = []
+    real_load = data_mod.load_tokenizer
+    monkeypatch.setattr(data_mod, "load_tokenizer", lambda *a: loads.append(1) or real_load(*a))
+    assert key() == added and loads == []  # from the memo
+    (templates / "rag.jinja").unlink()
+    assert key() == changed
+    tool_use.unlink()
+    templates.rmdir()
+    assert key() == without
+
+
 @pytest.mark.parametrize("vocab", ["tik..tiktoken", "vocab\\tik.tiktoken"])
 def test_a_vocabulary_name_is_refused_only_for_what_the_line_tells_to_fix(vocab):
     """Severity low (one-line errors): `_vocab_name` checks each part with `_plain_name`, which refuses any '..'
