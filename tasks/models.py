@@ -565,16 +565,37 @@ _warned_default_template: set[str] = set()
 _warned_bos: set[str] = set()
 
 
-def load_tokenizer(ref: ModelRef, model: ModelSection):
-    """The tokenizer with a chat template (the configured one, its own, or the project's default) and a pad token."""
+# transformers 5 loads a folder with Mistral's tekken.json through mistral-common (when it is installed) as this class,
+# whatever else the folder holds (Mistral-Nemo's tokenizer.json too): it gives no character offsets, which stage 1 labels
+# the answers by, and renders chats by mistral-common's own rules, not by the jinja template every stage renders with.
+MISTRAL_COMMON = "MistralCommonBackend"
+
+
+def _fast_instead_of_mistral_common(ref: ModelRef, kwargs: dict):
+    """The fast (tokenizers) tokenizer of a folder transformers loaded through mistral-common: its switch
+    `mistral_format=False` (AutoTokenizer.from_pretrained: `_use_mistral_format` answers False without a probe) loads the
+    folder's tokenizer.json, or converts its tekken.json; None where that does not load or gives no fast tokenizer."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(
-            ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code
-        )
+        fast = AutoTokenizer.from_pretrained(ref.path, mistral_format=False, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return fast if getattr(fast, "is_fast", False) and type(fast).__name__ != MISTRAL_COMMON else None
+
+
+def load_tokenizer(ref: ModelRef, model: ModelSection):
+    """The tokenizer with a chat template (the configured one, its own, or the project's default) and a pad token; a
+    fast one where transformers picked mistral-common's and the folder loads without it (MISTRAL_COMMON)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": ref.revision, "token": hub_token(model), "trust_remote_code": model.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.path, **kwargs)
     except OSError as e:
         raise _load_error(ref, model, e) from e
+    if type(tok).__name__ == MISTRAL_COMMON:
+        tok = _fast_instead_of_mistral_common(ref, kwargs) or tok  # else `check_offsets` says why and what to do
     own = bool(model.chat_template or getattr(tok, "chat_template", None))
     if model.chat_template:
         tok.chat_template = model.chat_template

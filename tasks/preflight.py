@@ -16,7 +16,7 @@ from pathlib import Path
 from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
-from .models import (LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
+from .models import (MISTRAL_COMMON, LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
                      recurrent_layers_of, resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
 
 
@@ -81,16 +81,27 @@ def check_offsets(tok, model: ModelSection) -> None:
     """Stage 1 trains on the answers' tokens only, told by each token's character offsets (`encode_rendering`), which
     transformers' Python ("slow") tokenizers do not give: `return_offsets_mapping` is dropped without a word, and stage 1
     stopped with KeyError: 'offset_mapping'. A remote-code tokenizer whose auto_map names no fast class is one (Qwen-1's
-    QWenTokenizer, 360Zhinao's); transformers' MistralCommonBackend refuses the request (a ValueError). Refused here, in
-    one line."""
+    QWenTokenizer, 360Zhinao's); transformers' MistralCommonBackend refuses the request (a ValueError), where
+    `load_tokenizer` could not load the folder's fast tokenizer instead. Refused here, in one line whose fix fits the case."""
     try:
         gives = "offset_mapping" in tok("ab", add_special_tokens=False, return_offsets_mapping=True)
     except (ValueError, TypeError, NotImplementedError):
         gives = False
-    if not gives:
-        raise StageError(f"model.name {model.name!r}: its tokenizer class {type(tok).__name__} gives no character offsets "
-                         "(return_offsets_mapping: a Python or mistral-common tokenizer), and stage 1 needs them to train on the answers "
-                         "only; use a model whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json")
+    if gives:
+        return
+    said = f"model.name {model.name!r}: its tokenizer class {type(tok).__name__} gives no character offsets (return_offsets_mapping), "
+    if type(tok).__name__ == MISTRAL_COMMON:  # `load_tokenizer` tried transformers' switch (mistral_format=False): it did not load
+        raise StageError(said + "as transformers loads a folder with tekken.json through mistral-common, and it did not load as a fast "
+                         "tokenizer without mistral-common (mistral_format=False: from its tokenizer.json or tekken.json); give the "
+                         "folder the model's tokenizer.json (its Hub repository's: Mistral-Nemo's and most Mistral repositories ship one)")
+    raise StageError(said + "a Python tokenizer" + (" of the model's own code (its auto_map names no fast class)" if _remote_tokenizer(tok) else "")
+                     + ", and stage 1 needs them to train on the answers only; use a model whose tokenizer loads as a fast (tokenizers) one, "
+                     "with a tokenizer.json")
+
+
+def _remote_tokenizer(tok) -> bool:
+    """Whether `tok`'s class is the model's own code (a dynamic module transformers loaded from its auto_map)."""
+    return not type(tok).__module__.startswith("transformers.")
 
 
 def _check_peft_accepts(skeleton, lora: LoraSection, targets: LoraTargets) -> LoraTargets:

@@ -1300,9 +1300,66 @@ def test_a_tokenizer_without_character_offsets_stops_the_run_before_stage_1_in_o
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
     with pytest.raises(StageError) as e:
         check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
-    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer gives no character offsets (return_offsets_mapping: "
-                            "a Python or mistral-common tokenizer), and stage 1 needs them to train on the answers only; use a model whose "
-                            "tokenizer loads as a fast (tokenizers) one, with a tokenizer.json"), e.value
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class TikTokenizer gives no character offsets (return_offsets_mapping), "
+                            "a Python tokenizer of the model's own code (its auto_map names no fast class), and stage 1 needs them to train on "
+                            "the answers only; use a model whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json"), e.value
+
+
+@pytest.mark.parametrize("fast_loads", [True, False], ids=["with-tokenizer.json", "fast-fails"])
+def test_a_folder_transformers_loads_through_mistral_common_trains_on_its_fast_tokenizer_or_is_told_the_right_fix(
+        tmp_path, monkeypatch, tiny_tok, fast_loads):
+    """Severity medium: transformers 5 loads a folder with tekken.json through mistral-common where it is installed
+    (MistralCommonBackend), Mistral-Nemo's too, which ships a tokenizer.json: no character offsets, so the checks refused
+    it with "use a model whose tokenizer loads as a fast (tokenizers) one, with a tokenizer.json", the folder it has.
+    `load_tokenizer` now takes transformers' switch, mistral_format=False (the fast tokenizer from tokenizer.json), and
+    the run goes on; where that does not load, the line says mistral-common loaded it and what to do about it. This
+    machine has no mistral-common: transformers' choice is stood in for (the real tokenizer, its class renamed and its
+    offsets refused, as MistralCommonBackend's ValueError), `mistral_format` is transformers' own."""
+    import copy
+
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import _use_mistral_format
+
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.preflight import check_model
+
+    local = _as_local_model(copy.deepcopy(tiny_tok), tmp_path / "models" / "nemo-like")
+    (local / "tekken.json").write_text("{}")  # what makes transformers pick mistral-common (with it installed)
+    assert (local / "tokenizer.json").is_file() and _use_mistral_format(str(local), mistral_format=False) is False
+    real = AutoTokenizer.from_pretrained
+    asked = []
+
+    def mistral_common_picked(path, *a, **kw):
+        asked.append(kw.get("mistral_format"))
+        if kw.get("mistral_format") is False:
+            if not fast_loads:
+                raise OSError("no file named tokenizer.json")
+            return real(path, *a, **kw)
+        tok = real(path, *a, **kw)
+
+        class MistralCommonBackend(type(tok)):
+            def __call__(self, *args, return_offsets_mapping=False, **kwargs):
+                if return_offsets_mapping:
+                    raise ValueError("`return_offsets_mapping=True` is not supported by MistralCommonBackend")
+                return super().__call__(*args, **kwargs)
+
+        tok.__class__ = MistralCommonBackend
+        return tok
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", mistral_common_picked)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}"])
+    if fast_loads:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)  # refused before, naming the tokenizer.json it has
+        assert asked == [None, False]
+        return
+    with pytest.raises(StageError) as e:
+        check_model(cfg.model, cfg.lora, cfg.quant, "cpu", cfg.artifacts_dir)
+    assert str(e.value) == (f"model.name {str(local)!r}: its tokenizer class MistralCommonBackend gives no character offsets "
+                            "(return_offsets_mapping), as transformers loads a folder with tekken.json through mistral-common, and it did "
+                            "not load as a fast tokenizer without mistral-common (mistral_format=False: from its tokenizer.json or "
+                            "tekken.json); give the folder the model's tokenizer.json (its Hub repository's: Mistral-Nemo's and most "
+                            "Mistral repositories ship one)"), e.value
 
 
 def test_a_vocabulary_in_a_subfolder_is_in_the_rendering_key(tmp_path, monkeypatch):
