@@ -67,13 +67,12 @@ def check_publishable(tok, model: ModelSection, folder: Path | None = None) -> N
     where the tokenizer loaded from; None for a Hub id, whose files huggingface_hub stores) whose vocabulary in a
     subfolder ('vocab/x') is a link out of the folder, which publish does not follow. Read from the class it loaded as,
     so a name the source computes counts too."""
-    from .publish import linked_out_vocabulary, refused_vocabulary
+    from .publish import vocabulary_refusal
 
     names = getattr(type(tok), "vocab_files_names", None)
     if not isinstance(names, dict):
         return
-    said, cls = f"model.name {model.name!r}", type(tok).__name__
-    if why := refused_vocabulary(cls, names.values(), said) or (folder is not None and linked_out_vocabulary(cls, names.values(), folder, said)):
+    if why := vocabulary_refusal(type(tok).__name__, names.values(), folder, f"model.name {model.name!r}"):
         raise StageError(why)
 
 

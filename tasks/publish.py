@@ -95,12 +95,22 @@ def unloadable_tokenizer(folder: Path, said: str = "publish") -> str | None:
     or None: a remote-code class whose vocab_files_names gives a name that is not a file inside the folder (`_vocab_name`:
     '../x', '/x', '*.bin'), or one in a subfolder ('vocab/x') that a link takes out of the folder: a file
     `tokenizer_files` never names, so adapter/ would lack it. Publish refuses such a folder (no copy, no reuse); the model
-    checks refuse the tokenizer before stage 1 (`refused_vocabulary`, `linked_out_vocabulary`)."""
+    checks refuse the tokenizer before stage 1 by the same rules (`vocabulary_refusal`)."""
     conf = _tokenizer_config(folder)
     for cls, module, vocab in _remote_tokenizers(folder, conf) if conf is not None else []:
-        if line := refused_vocabulary(cls, vocab, said, where=str(module)) or linked_out_vocabulary(cls, vocab, folder, said, where=str(module)):
+        if line := vocabulary_refusal(cls, vocab, folder, said, where=str(module)):
             return line
     return None
+
+
+def vocabulary_refusal(cls: str, vocab_names, folder: Path | None, said: str, where: str = "") -> str | None:
+    """The line refusing a tokenizer class `cls` (of the module file `where`) whose vocabulary file names (`vocab_names`)
+    the published folder cannot hold, or None: a name that is not a file inside the folder (`refused_vocabulary`), or, of
+    `folder` (where the tokenizer loads from; None: a Hub id, whose files huggingface_hub stores), one in a subfolder that
+    a link takes out of it (`linked_out_vocabulary`). What the model checks (`check_publishable`, before stage 1) and
+    publish (`unloadable_tokenizer`) refuse alike. `said` opens the line."""
+    return refused_vocabulary(cls, vocab_names, said, where) or (linked_out_vocabulary(cls, vocab_names, folder, said, where)
+                                                                 if folder is not None else None)
 
 
 def linked_out_vocabulary(cls: str, vocab_names, folder: Path, said: str, where: str = "") -> str | None:

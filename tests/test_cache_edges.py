@@ -1287,6 +1287,37 @@ def test_a_local_models_vocabulary_in_a_subfolder_linking_out_of_it_stops_the_ru
                             f"not copied; put the file itself at {local / 'vocab' / 'tik.tiktoken'}"), e.value
 
 
+def test_the_model_checks_and_publish_refuse_a_vocabulary_through_one_function(tmp_path, monkeypatch):
+    """The model checks (`check_publishable`, before stage 1) and publish (`unloadable_tokenizer`) each spelt out
+    `refused_vocabulary(...) or linked_out_vocabulary(...)`: a rule added to one would be missed by the other, and a
+    tokenizer passed before stage 1 that publish refuses after the training. One function taking the folder serves both
+    (`vocabulary_refusal`); without a folder (a Hub id) only the names are judged."""
+    import shutil
+
+    import tasks.publish as publish
+    from tasks.common import StageError
+    from tasks.config import load_config
+    from tasks.models import load_tokenizer, resolve_model
+    from tasks.preflight import check_publishable
+
+    local = _subfolder_vocabulary_model(tmp_path, monkeypatch)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'artifacts'}", f"model.name={local}", "model.trust_remote_code=true"])
+    tok = load_tokenizer(resolve_model(cfg.model, cfg.artifacts_dir), cfg.model)
+    shutil.move(local / "vocab", tmp_path / "elsewhere")
+    (local / "vocab").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    asked = []
+    real = publish.vocabulary_refusal
+    monkeypatch.setattr(publish, "vocabulary_refusal", lambda cls, names, folder, *a, **kw: asked.append(folder) or real(cls, names, folder, *a, **kw))
+    with pytest.raises(StageError) as e:
+        check_publishable(tok, cfg.model, local)
+    line = publish.unloadable_tokenizer(local)
+    assert asked == [local, local]
+    linked = f"names its vocabulary file 'vocab/tik.tiktoken', which {local} reaches through a link out of the folder"
+    assert linked in str(e.value) and linked in line, (str(e.value), line)
+    assert real("TikTokenizer", ["vocab/tik.tiktoken"], None, "x") is None  # a Hub id's files: no folder to leave
+    assert real("TikTokenizer", ["../tik.tiktoken"], None, "x").startswith("x: its tokenizer class TikTokenizer names its vocabulary file '../tik.tiktoken'")
+
+
 def test_a_tokenizer_without_character_offsets_stops_the_run_before_stage_1_in_one_line(tmp_path, monkeypatch):
     """Severity medium: a Python ("slow") tokenizer, as every remote-code tiktoken one is (Qwen-1's, 360Zhinao's, this
     module's TikTokenizer), passed the model checks, and stage 1 stopped with KeyError: 'offset_mapping' (it labels the
