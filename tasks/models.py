@@ -98,8 +98,10 @@ def _local_folder(model: ModelSection) -> bool:
 def keyed_model(model: ModelSection) -> dict:
     """The model section as a key holds it beside `model_fingerprint`: not `random_weights` (the same weights either
     way; the fingerprint tells their folders apart), and not a local folder's path (its content is the fingerprint), so
-    a moved model folder keeps the base's answers too."""
-    return model.model_dump(mode="json", exclude={"random_weights", *(["name"] if _local_folder(model) else [])})
+    a moved model folder keeps the base's answers too. trust_remote_code as what it loads (`remote_code_key`): on for a
+    model without an auto_map is off's key (the same classes load), so the base's answers made either way are shared."""
+    keyed = model.model_dump(mode="json", exclude={"random_weights", *(["name"] if _local_folder(model) else [])})
+    return {**keyed, "trust_remote_code": bool(remote_code_key(model))}
 
 
 def remote_code_key(model: ModelSection) -> list:

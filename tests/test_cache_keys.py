@@ -480,9 +480,12 @@ def test_trust_remote_code_is_keyed_where_the_model_ships_code_and_nowhere_else(
     assert keys(plain, "true") == keys(plain, "false")  # nothing cached today is invalidated for the common case
     off, on = keys(coded, "false"), keys(coded, "true")
     assert {s for s in STAGES if off[s] != on[s]} == ALL - {"profile"}
-    from tasks.models import remote_code_key
+    from tasks.models import keyed_model, remote_code_key
 
     assert remote_code_key(cfg(plain, "true").model) == [] == remote_code_key(cfg(coded, "false").model)
+    # the base's cached answers (stage 5's `base_answers_key` holds the model section): shared where the same classes load
+    assert keyed_model(cfg(plain, "true").model) == keyed_model(cfg(plain, "false").model)
+    assert keyed_model(cfg(coded, "true").model) != keyed_model(cfg(coded, "false").model)
     assert render_stamp(cfg(coded, "true").model) != render_stamp(cfg(coded, "false").model)  # the tokenizer is rendered again
     # and the saved passes of stage 5: the answers the model's own code generates are not the built-in class's
     data, train = SimpleNamespace(key="d", model_fingerprint="m"), SimpleNamespace(adapter_dir=str(coded))
