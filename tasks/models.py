@@ -17,6 +17,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -133,8 +134,6 @@ def shipped_auto_maps(model: ModelSection) -> dict:
 def _model_json(model: ModelSection, name: str, *, local: bool) -> dict:
     """The JSON file `name` of the model (a local folder's, or the hub repository's at model.revision); {} where there is
     none or it does not read as an object (transformers reads no auto_map from it either)."""
-    import json
-
     if local:
         path = Path(model.name).expanduser() / name
     else:
