@@ -138,7 +138,7 @@ def _model_json(model: ModelSection, name: str, *, local: bool) -> dict:
         path = Path(model.name).expanduser() / name
     else:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         cached = try_to_load_from_cache(model.name, name, revision=model.revision)
         if isinstance(cached, str):
@@ -148,9 +148,9 @@ def _model_json(model: ModelSection, name: str, *, local: bool) -> dict:
         else:
             try:
                 path = Path(hf_hub_download(model.name, name, revision=model.revision, token=hub_token(model)))
-            except EntryNotFoundError:
-                return {}
             except Exception as e:  # network errors come in many classes
+                if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+                    return {}  # the hub has no such file (a local one means: offline, and not in the cache)
                 raise StageError(f"cannot read {name} of {model.name!r} from the hub ({type(e).__name__}) to tell whether "
                                  "model.trust_remote_code loads its own code; retry online, or set model.trust_remote_code: false") from e
     try:

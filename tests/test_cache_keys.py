@@ -497,6 +497,34 @@ def test_trust_remote_code_is_keyed_where_the_model_ships_code_and_nowhere_else(
     assert remote_code_key(cfg(plain, "true").model) == [{"trust_remote_code": {"tokenizer_config.json": {"AutoTokenizer": ["tokenization_x.X", None]}}}]
 
 
+def test_a_hub_models_auto_map_is_read_at_its_revision_from_the_hub_cache_and_an_unreadable_one_is_one_line(tmp_path, monkeypatch):
+    """`remote_code_key` of a hub id reads its config.json and tokenizer_config.json at model.revision: from the Hub cache
+    (stage 1's downloads put them there), a file the Hub said it lacks as none, else downloaded; a download that fails is
+    one line naming the file, the model and the fix, not a network traceback out of a cache key."""
+    from huggingface_hub import constants
+
+    from tasks.common import StageError
+    from tasks.config import ModelSection
+    from tasks.models import remote_code_key
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, commit = tmp_path / "hub" / "models--someorg--phi3-like", "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps({"model_type": "phi3", "auto_map": PHI3_LIKE_AUTO_MAP}))
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "tokenizer_config.json").write_text("")
+    on = ModelSection(name="someorg/phi3-like", trust_remote_code=True)
+    assert remote_code_key(on) == [{"trust_remote_code": {"config.json": PHI3_LIKE_AUTO_MAP}}]
+    assert remote_code_key(on.model_copy(update={"trust_remote_code": False})) == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StageError, match=r"^cannot read config.json of 'someorg/other' from the hub \(\w+\) to tell whether "
+                                         r"model.trust_remote_code loads its own code; retry online, or set model.trust_remote_code: false$"):
+        remote_code_key(ModelSection(name="someorg/other", trust_remote_code=True))
+
+
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
     a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
