@@ -45,6 +45,7 @@ KEY_TABLE: dict[str, tuple[str, set[str], list[str]]] = {
     # a template that can train (the data key renders and tokenizes with it: tasks/data.py `rendering_fingerprint`)
     "model.chat_template": ("'{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
                             "{% if add_generation_prompt %}<|assistant|>{% endif %}'", ALL, []),
+    # random:llama ships no auto_map: the same classes load either way (one that does: test_trust_remote_code_is_keyed_where...)
     "model.trust_remote_code": ("true", NOTHING, []),
     "model.allow_pickle": ("true", NOTHING, []),
     "model.token_env": ("OTHER_TOKEN", NOTHING, []),
