@@ -707,7 +707,9 @@ def merged_lacks_stops(folder: Path) -> str | None:
         return None
     try:
         stops = read_json(folder / "summary.json")["data"]["stop_token_ids"]
-        eos = read_json(folder / "merged" / "generation_config.json").get("eos_token_id")
+        # what transformers stops merged/ at: its generation_config.json, or without one what it derives from config.json
+        # (`generation_config_ending_at` gives such a folder a file of its own now)
+        eos = (generation_config_ending_at(folder / "merged", []) or {}).get("eos_token_id")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none or unreadable: nothing to tell it by
         return None
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
@@ -1610,15 +1612,21 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     def render(conversation: list[dict]):
         return tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
-    def answer(text: str) -> None:
+    def answer(text: str) -> bool:
         turn = {"role": "user", "content": text}
         enc, dropped = fitted(render, history, turn, context, max_new_tokens)
         n = enc["input_ids"].shape[1]
         limit = min(max_new_tokens, context - n) if context else max_new_tokens
         if limit < 1:  # the chat is kept as it was: a shorter message may still fit beside it
-            print(f"(not answered: this message alone makes a {n}-token prompt, and the model's context is {context} tokens; "
-                  "send a shorter one)", file=sys.stderr, flush=True)
-            return
+            bare = render([{"role": "user", "content": ""}])["input_ids"].shape[1]  # the template and its system prompt alone
+            if bare >= context:
+                print(f"(not answered: the published chat template and its system prompt alone make a {bare}-token prompt, and "
+                      f"the model's context is {context} tokens, so no message fits; publish with a shorter data.system_prompt)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"(not answered: this message alone makes a {n}-token prompt, and the model's context is {context} tokens; "
+                      "send a shorter one)", file=sys.stderr, flush=True)
+            return False
         if dropped:
             del history[:dropped]  # for good: the next turns are fitted to what is left
             print(f"(dropped the {dropped} oldest turns of this chat: the prompt left no room for a {max_new_tokens}-token answer "
@@ -1635,10 +1643,10 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
             print(f"(answer cut at {len(new)} tokens by {why}, before the end of its turn)", file=sys.stderr, flush=True)
         reply = tok.decode(new, skip_special_tokens=True).strip()
         history.extend([turn, {"role": "assistant", "content": reply}])  # an answer cut off by Ctrl-C leaves no turn behind
+        return True
 
-    if prompt is not None:
-        answer(prompt)
-        return 0
+    if prompt is not None:  # a script's call: no answer is a failure it can see
+        return 0 if answer(prompt) else 1
     print(f"chatting with {folder.name} ({'merged' if merged else 'adapter'}); empty line, Ctrl-D or Ctrl-C to quit; "
           "Ctrl-C during an answer stops it", file=sys.stderr)
     while True:

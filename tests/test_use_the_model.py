@@ -5510,9 +5510,8 @@ def test_the_card_s_snippet_ends_answers_at_the_template_s_end_of_turn_id(eot_pu
 
 
 # ---------------------------------------------------------------------------------------------------------
-# review-serve13 (2026-12-07): break-it finds on serve-13, each an xfail(strict=True) until fixed
+# review-serve13 (2026-12-07): break-it finds on serve-13 (were xfail(strict=True) until fixed)
 
-@pytest.mark.xfail(strict=True, reason="review-serve13: a one-shot `chat RUN PROMPT` that is not answered exits 0")
 def test_chat_one_shot_prompt_too_long_for_the_context_exits_non_zero(own_published, tmp_path, capsys):
     """`chat r1 "PROMPT"` (a script's call) whose prompt alone leaves no room in the model's context is not answered:
     stdout is empty, one line on stderr, and chat() returned 0, so the script cannot tell 'no answer' from an empty
@@ -5527,7 +5526,6 @@ def test_chat_one_shot_prompt_too_long_for_the_context_exits_non_zero(own_publis
     assert rc != 0
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve13: a system prompt longer than the context blames every message")
 def test_chat_whose_system_prompt_alone_fills_the_context_says_so_not_send_a_shorter_message(own_published, tmp_path, capsys):
     """When the published template's system prompt (plus the template's own tokens) alone leaves no room for an answer,
     no message can ever be answered, yet each, even "a", is refused with 'this message alone makes a N-token prompt ...
@@ -5548,7 +5546,6 @@ def test_chat_whose_system_prompt_alone_fills_the_context_says_so_not_send_a_sho
     assert "system prompt" in line[0] and "send a shorter one" not in line[0], line
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve13: a v5 merged/ without generation_config.json is not published again")
 def test_a_version_5_folder_whose_merged_has_no_generation_config_is_published_again_for_its_stops(tmp_path):
     """`generation_config_ending_at` gives a merged/ without generation_config.json one (config.json's EOS + the stop
     ids), so a folder published now ends answers at the end of the turn; a PUBLISH_VERSION 5 folder whose merged/ has
