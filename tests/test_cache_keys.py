@@ -2448,3 +2448,26 @@ def test_the_export_key_sees_tokenizer_json_rewritten_in_place_with_the_same_siz
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # a coarse clock: the rewrite lands on the same mtime
     assert path.stat().st_size == st.st_size
     assert key() != before
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache13: remote_code_key of a hub GGUF (model.gguf_file) reads the Hub repo's config.json, "
+                                       "though the converted folder never loads code: offline, a cached GGUF run is refused")
+def test_review_a_hub_gguf_with_trust_remote_code_keys_no_code_and_runs_offline(tmp_path, monkeypatch):
+    """shipped_auto_maps says {} 'for a model this project builds (a converted GGUF, ...)', but it tests `_locate`'s kind,
+    which is 'hub' for a hub id with gguf_file (only a local/pypi GGUF is 'gguf'). So a hub GGUF with
+    model.trust_remote_code: true reads the repo's config.json: offline, with the GGUF itself in the cache (the repo has no
+    config.json, as most GGUF repos), the run is refused ('cannot read config.json ... retry online'); a GGUF repo that ships
+    the original config.json with an auto_map (unsloth's do) is keyed on code the converted folder never loads."""
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection
+    from tasks.models import remote_code_key
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo, commit = tmp_path / "hub" / "models--someorg--tiny-GGUF", "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert remote_code_key(ModelSection(name="someorg/tiny-GGUF", gguf_file="tiny.Q4_K_M.gguf", trust_remote_code=True)) == []
