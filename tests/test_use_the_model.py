@@ -5562,3 +5562,54 @@ def test_a_version_5_folder_whose_merged_has_no_generation_config_is_published_a
     write_json(folder / "merged" / "config.json", {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2})
     assert generation_config_ending_at(folder / "merged", [1, 2])["eos_token_id"] == [2, 1]  # what publishing it now writes
     assert merged_lacks_stops(folder) is not None
+def _review_published_with_trust(tmp_path, monkeypatch, run: str = "r1") -> tuple[Path, Path]:
+    """(artifacts folder, the folder stage 7 of a model.trust_remote_code run published there), `_assemble` standing in
+    as in test_a_published_remote_code_model_loads_where_a_run_here_published_it_with_trust_remote_code_and_only_there."""
+    import tasks.publish as publish
+    from tasks.config import load_config
+
+    art = tmp_path / "art"
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.trust_remote_code=true"])
+    monkeypatch.setattr(publish, "_assemble", lambda cfg, run, records, final: _remote_code_published(final, True) and [])
+    return art, Path(publish.publish_artifacts(cfg, run, {}).dir)
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache13: the trusted-code record hashes the .py files only: an auto_map edited since "
+                                       "to another repo's code ('org/repo--module.Class') is still trusted, and chat runs that repo's code")
+def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_trusted(tmp_path, monkeypatch):
+    """Claim: a folder whose code changed since stage 7 published it needs --trust-remote-code. The code `chat` runs is
+    what merged/config.json's (and adapter/'s tokenizer_config.json's) auto_map names; an auto_map rewritten to
+    'someone/else--modeling_tiny_remote.TinyRemoteForCausalLM' makes transformers download and run that repository's
+    module (at its main), with every .py file of the folder unchanged, so `untrusted_code` says nothing."""
+    from tasks.publish import untrusted_code
+
+    art, own = _review_published_with_trust(tmp_path, monkeypatch)
+    assert untrusted_code(own, str(art)) is None  # as published: trusted
+    conf = json.loads((own / "merged" / "config.json").read_text())
+    conf["auto_map"]["AutoModelForCausalLM"] = "someone/else--modeling_tiny_remote.TinyRemoteForCausalLM"
+    (own / "merged" / "config.json").write_text(json.dumps(conf))
+    _manifest_again(own)
+    assert untrusted_code(own, str(art)) is not None
+
+
+@pytest.mark.xfail(strict=True, reason="review-cache13: stage 7 writes the trusted-code record only when it assembles; a folder it "
+                                       "assembled but did not record (stopped in between) is reused by the rerun and never recorded")
+def test_review_a_rerun_that_reuses_the_published_folder_records_its_code(tmp_path, monkeypatch):
+    """`publish_artifacts` calls `record_trusted_code` after `_assemble`, inside `if not reusable`. A run stopped between
+    the two (killed, or the record's write failing: an OSError other than a full disk is raised as it is) leaves a complete
+    folder; the retry of the same flow run (`prefect flow-run retry` keeps its name and folder) reuses it (`is_reusable`) and writes no record, so `chat` refuses the folder this very
+    run published, saying it was 'copied in, or ... published before stage 7 recorded its code'."""
+    import tasks.publish as publish
+    from tasks.publish import untrusted_code
+
+    real = publish.record_trusted_code
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt  # the run stopped right after the folder was assembled
+
+    monkeypatch.setattr(publish, "record_trusted_code", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _review_published_with_trust(tmp_path, monkeypatch)
+    monkeypatch.setattr(publish, "record_trusted_code", real)
+    art, own = _review_published_with_trust(tmp_path, monkeypatch)  # the same run again (resumed): stage 7 reruns
+    assert untrusted_code(own, str(art)) is None
