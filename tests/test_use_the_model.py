@@ -5580,7 +5580,9 @@ def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_truste
     """Claim: a folder whose code changed since stage 7 published it needs --trust-remote-code. The code `chat` runs is
     what merged/config.json's (and adapter/'s tokenizer_config.json's) auto_map names; an auto_map rewritten to
     'someone/else--modeling_tiny_remote.TinyRemoteForCausalLM' makes transformers download and run that repository's
-    module (at its main), with every .py file of the folder unchanged, so `untrusted_code` says nothing."""
+    module (at its main), with every .py file of the folder unchanged, so `untrusted_code` says nothing. The same root:
+    provenance.json's base (`load_published`: base['hub_id'] when base['files'] is empty) is not recorded either, so a
+    base pointed at another Hub id since is loaded with trust_remote_code=True."""
     from tasks.publish import untrusted_code
 
     art, own = _review_published_with_trust(tmp_path, monkeypatch)
