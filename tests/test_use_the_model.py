@@ -5562,6 +5562,8 @@ def test_a_version_5_folder_whose_merged_has_no_generation_config_is_published_a
     write_json(folder / "merged" / "config.json", {"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2})
     assert generation_config_ending_at(folder / "merged", [1, 2])["eos_token_id"] == [2, 1]  # what publishing it now writes
     assert merged_lacks_stops(folder) is not None
+
+
 def _review_published_with_trust(tmp_path, monkeypatch, run: str = "r1") -> tuple[Path, Path]:
     """(artifacts folder, the folder stage 7 of a model.trust_remote_code run published there), `_assemble` standing in
     as in test_a_published_remote_code_model_loads_where_a_run_here_published_it_with_trust_remote_code_and_only_there."""
