@@ -119,9 +119,9 @@ def remote_code_key(model: ModelSection) -> list:
 
 def shipped_auto_maps(model: ModelSection) -> dict:
     """{file name: its auto_map} of the model's config.json and tokenizer_config.json that have one; {} for a model this
-    project builds (a converted GGUF, `random:`), which never ships code. A hub model's files are read at its revision."""
+    project builds (a converted GGUF, local, packaged or a hub repo's; `random:`), which never ships code. A hub model's files are read at its revision."""
     kind = _locate(model)[0]
-    if kind in ("gguf", "random"):
+    if kind in ("gguf", "random") or model.gguf_file:  # a hub id with gguf_file too: the folder it converts to has no code
         return {}
     maps = {}
     for name in ("config.json", "tokenizer_config.json"):
@@ -572,17 +572,29 @@ _warned_bos: set[str] = set()
 MISTRAL_COMMON = "MistralCommonBackend"
 
 
-def _fast_instead_of_mistral_common(ref: ModelRef, kwargs: dict):
-    """The fast (tokenizers) tokenizer of a folder transformers loaded through mistral-common: its switch
+def _fast_instead_of_mistral_common(ref: ModelRef, kwargs: dict, common):
+    """The fast (tokenizers) tokenizer of a folder transformers loaded through mistral-common (`common`): its switch
     `mistral_format=False` (AutoTokenizer.from_pretrained: `_use_mistral_format` answers False without a probe) loads the
-    folder's tokenizer.json, or converts its tekken.json; None where that does not load or gives no fast tokenizer."""
+    folder's tokenizer.json, or converts its tekken.json; None where that does not load, gives no fast tokenizer, or
+    differs from `common` in a special token it cannot take over. A folder with tekken.json alone converts with no special
+    tokens set (no EOS, where mistral-common's is </s>, id 2: a review, 2026-12-07): each of common's BOS / EOS / UNK is
+    taken over where the fast one has none and gives the same token the same id."""
     from transformers import AutoTokenizer
 
     try:
         fast = AutoTokenizer.from_pretrained(ref.path, mistral_format=False, **kwargs)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return fast if getattr(fast, "is_fast", False) and type(fast).__name__ != MISTRAL_COMMON else None
+    if not getattr(fast, "is_fast", False) or type(fast).__name__ == MISTRAL_COMMON:
+        return None
+    for name in ("bos_token", "eos_token", "unk_token"):
+        token, own = getattr(common, name, None), getattr(fast, name, None)
+        if not token or own == token:
+            continue
+        if own is not None or fast.convert_tokens_to_ids(token) != common.convert_tokens_to_ids(token):
+            return None  # another special token than mistral-common's: `check_offsets` names the fix
+        setattr(fast, name, token)
+    return fast
 
 
 def load_tokenizer(ref: ModelRef, model: ModelSection):
@@ -596,7 +608,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     except OSError as e:
         raise _load_error(ref, model, e) from e
     if type(tok).__name__ == MISTRAL_COMMON:
-        tok = _fast_instead_of_mistral_common(ref, kwargs) or tok  # else `check_offsets` says why and what to do
+        tok = _fast_instead_of_mistral_common(ref, kwargs, tok) or tok  # else `check_offsets` says why and what to do
     own = bool(model.chat_template or getattr(tok, "chat_template", None))
     if model.chat_template:
         tok.chat_template = model.chat_template

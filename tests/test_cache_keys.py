@@ -2450,8 +2450,6 @@ def test_the_export_key_sees_tokenizer_json_rewritten_in_place_with_the_same_siz
     assert key() != before
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache13: remote_code_key of a hub GGUF (model.gguf_file) reads the Hub repo's config.json, "
-                                       "though the converted folder never loads code: offline, a cached GGUF run is refused")
 def test_review_a_hub_gguf_with_trust_remote_code_keys_no_code_and_runs_offline(tmp_path, monkeypatch):
     """shipped_auto_maps says {} 'for a model this project builds (a converted GGUF, ...)', but it tests `_locate`'s kind,
     which is 'hub' for a hub id with gguf_file (only a local/pypi GGUF is 'gguf'). So a hub GGUF with
