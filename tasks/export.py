@@ -1069,11 +1069,11 @@ class ServedOnly:
 
     def guarded(self, scope: dict) -> tuple[dict, Any]:
         """(the request's scope as the app reads it, None), or (scope, the error response answering it)."""
-        import hmac
-
-        from starlette.datastructures import Headers
-
         path, method = scope["path"].rstrip("/") or "/", scope["method"]
+        if self.api_key and path != "/health" and not self.authorized(scope):
+            # before the path's 404, which names the served model: a client without the key learns nothing of it (a review)
+            return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
+                                       kind="authentication_error", code="invalid_api_key")
         if path not in SERVED_PATHS and not path.startswith(MODEL_PATH):
             return scope, openai_error(f"{method} {path} is not served; this endpoint serves {self.name} at "
                                        f"{', '.join(SERVED_PATHS)} and {MODEL_PATH}{self.name} only", None, 404)
@@ -1084,14 +1084,18 @@ class ServedOnly:
             # OpenAI's API and llama.cpp's server read a POST body as JSON whatever its Content-Type (`curl -d`
             # sends a form type, Python's `requests` none at all); FastAPI refused both as "no JSON object".
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]
-        if self.api_key and path != "/health":
-            headers = Headers(scope=scope)
-            auth = headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return scope, openai_error("invalid or missing API key: send Authorization: Bearer <key>", None, 401,
-                                           kind="authentication_error", code="invalid_api_key")
         return scope, None
+
+    def authorized(self, scope: dict) -> bool:
+        """Whether the request carries the API key (`Authorization: Bearer <key>`, or `x-api-key`)."""
+        import hmac
+
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        auth = headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
 
 
 def serving_server():

@@ -945,6 +945,10 @@ def test_serve_model_merged_answers_the_documented_request_under_the_published_n
         for text in (body, models):
             assert str(art) not in text and "/merged" not in text and "/tmp" not in text, text
         assert _request(f"{url}/load_model", {"model": str(pub / "merged")}, key=key)[0] == 404
+        for path in ("/load_model", "/nope", f"/v1/models/{pub.name}x"):  # without the key: 401, the served model unnamed
+            code, body = _request(f"{url}{path}")
+            assert code == 401 and pub.name not in body, (path, code, body)
+        assert _request(f"{url}/health")[0] == 200
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
