@@ -787,18 +787,19 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     if not reusable and cfg.model.random_weights == "memory":
         raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")
-    if not reusable:
-        if why := republish_reason(final):
-            log_fn(f"publish: {final}/{why}; publishing it again")
-        try:
+    if not reusable and (why := republish_reason(final)):
+        log_fn(f"publish: {final}/{why}; publishing it again")
+    try:
+        if not reusable:
             for line in _assemble(cfg, run_name, records, final) or []:  # what it left out, said once the folder is in place
                 log_fn(line)
-            record_trusted_code(final, cfg.artifacts_dir, cfg.model.trust_remote_code)  # what `chat` runs the model's code by
-        except OSError as e:
-            if not disk_full(e):
-                raise
-            raise StageError(f"disk full while publishing to {final} (the partial copy was removed); free some space and rerun "
-                             "the same command: every finished stage is cached") from e
+        # what `chat` runs the model's code by; on reuse too: a run stopped before writing it left a complete folder
+        record_trusted_code(final, cfg.artifacts_dir, cfg.model.trust_remote_code)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        raise StageError(f"disk full while publishing to {final} (the partial copy was removed); free some space and rerun "
+                         "the same command: every finished stage is cached") from e
     files = read_json(final / MANIFEST)["files"]
     rec = PublishRecord(
         dir=str(final),
@@ -1387,11 +1388,17 @@ TRUSTED_CODE = "trusted-code"  # under the artifacts folder: what stage 7 publis
 LOADED_SIDES = ("adapter", "merged", "base")  # what `chat` loads of a published folder (base/: a non-Hub base's files)
 
 
+CODE_CHOOSERS = ("config.json", "tokenizer_config.json")  # whose auto_map picks the code that runs (may name another repo's)
+
+
 def code_files(folder: Path) -> dict[str, str]:
-    """{path under `folder`: sha256} of every Python file of what `chat` loads from it (LOADED_SIDES: a module an
-    auto_map names, or one such a module imports); stage 8's files beside them (a GPTQ export's) are not loaded by it."""
-    return {p.relative_to(folder).as_posix(): file_sha256(p) for side in LOADED_SIDES for p in sorted((folder / side).rglob("*.py"))
-            if p.is_file()}
+    """{path under `folder`: sha256} of every file of what `chat` loads from it (LOADED_SIDES) that decides which code runs
+    with trust_remote_code: each Python file (a module an auto_map names, or one such a module imports), each config.json
+    and tokenizer_config.json (their auto_map, which may name another repository's module: "org/repo--module.Class"), and
+    provenance.json (its base: the Hub id loaded with trust on where base/ holds no files). Stage 8's files beside them
+    (a GPTQ export's) are not loaded by it."""
+    files = [p for side in LOADED_SIDES for p in sorted((folder / side).rglob("*")) if p.suffix == ".py" or p.name in CODE_CHOOSERS]
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in [*files, folder / "provenance.json"] if p.is_file()}
 
 
 def _trust_record(folder: Path, artifacts_dir: str) -> Path:
@@ -1399,8 +1406,8 @@ def _trust_record(folder: Path, artifacts_dir: str) -> Path:
 
 
 def record_trusted_code(folder: Path, artifacts_dir: str, trusted: bool) -> None:
-    """What `chat` trusts a published folder's own code by, written by stage 7 where it assembled `folder`: with
-    `trusted` (the run set model.trust_remote_code), the folder's place and its Python files' sha256 (`code_files`), in
+    """What `chat` trusts a published folder's own code by, written by stage 7 where it assembled or reused `folder`: with
+    `trusted` (the run set model.trust_remote_code), the folder's place and its code files' sha256 (`code_files`), in
     the artifacts folder, never in the published one, whose files travel with a copy; without, any earlier record of that
     place is removed (a run without it published there again)."""
     record = _trust_record(folder, artifacts_dir)
@@ -1413,8 +1420,8 @@ def record_trusted_code(folder: Path, artifacts_dir: str, trusted: bool) -> None
 def untrusted_code(folder: Path, artifacts_dir: str | None) -> str | None:
     """Why the published `folder`'s own code is not run without --trust-remote-code, in words, or None where it may run:
     stage 7 of a run that set model.trust_remote_code assembled this very folder in `artifacts_dir` and its Python files
-    are the ones it published (`record_trusted_code`). The folder's pipeline.yaml is no sign: a folder copied in from
-    someone else carries theirs."""
+    and the files naming its code and base are the ones it published (`record_trusted_code`). The folder's pipeline.yaml
+    is no sign: a folder copied in from someone else carries theirs."""
     if artifacts_dir is None:
         return f"nothing says {folder} was published on this machine"
     try:
@@ -1427,7 +1434,8 @@ def untrusted_code(folder: Path, artifacts_dir: str | None) -> str | None:
     said, now = record.get("code"), code_files(folder)
     if said != now:
         changed = sorted(n for n in set(now) | set(said or {}) if now.get(n) != (said or {}).get(n))
-        return f"its Python files changed since the run published it ({', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''})"
+        what = "its Python files" if all(n.endswith(".py") for n in changed) else "its code or the files naming it (auto_map, base)"
+        return f"{what} changed since the run published it ({', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''})"
     return None
 
 

@@ -5580,15 +5580,14 @@ def _review_published_with_trust(tmp_path, monkeypatch, run: str = "r1") -> tupl
     return art, Path(publish.publish_artifacts(cfg, run, {}).dir)
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache13: the trusted-code record hashes the .py files only: an auto_map edited since "
-                                       "to another repo's code ('org/repo--module.Class') is still trusted, and chat runs that repo's code")
 def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_trusted(tmp_path, monkeypatch):
     """Claim: a folder whose code changed since stage 7 published it needs --trust-remote-code. The code `chat` runs is
     what merged/config.json's (and adapter/'s tokenizer_config.json's) auto_map names; an auto_map rewritten to
     'someone/else--modeling_tiny_remote.TinyRemoteForCausalLM' makes transformers download and run that repository's
     module (at its main), with every .py file of the folder unchanged, so `untrusted_code` says nothing. The same root:
     provenance.json's base (`load_published`: base['hub_id'] when base['files'] is empty) is not recorded either, so a
-    base pointed at another Hub id since is loaded with trust_remote_code=True."""
+    base pointed at another Hub id since is loaded with trust_remote_code=True. Now the record holds the sha256 of those
+    files too (`code_files`), and either change is refused as changed since, naming the file."""
     from tasks.publish import untrusted_code
 
     art, own = _review_published_with_trust(tmp_path, monkeypatch)
@@ -5597,17 +5596,26 @@ def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_truste
     conf["auto_map"]["AutoModelForCausalLM"] = "someone/else--modeling_tiny_remote.TinyRemoteForCausalLM"
     (own / "merged" / "config.json").write_text(json.dumps(conf))
     _manifest_again(own)
-    assert untrusted_code(own, str(art)) is not None
+    assert untrusted_code(own, str(art)) == ("its code or the files naming it (auto_map, base) changed since the run published "
+                                             "it (merged/config.json)")
+    # provenance.json's base pointed at another Hub id since (base/ no longer shipped): the base chat loads with trust on
+    art, own = _review_published_with_trust(tmp_path, monkeypatch, run="r2")
+    prov = json.loads((own / "provenance.json").read_text())
+    prov["base"].update(files=None, hub_id="someone/else")
+    (own / "provenance.json").write_text(json.dumps(prov))
+    _manifest_again(own)
+    assert untrusted_code(own, str(art)) == ("its code or the files naming it (auto_map, base) changed since the run published "
+                                             "it (provenance.json)")
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache13: stage 7 writes the trusted-code record only when it assembles; a folder it "
-                                       "assembled but did not record (stopped in between) is reused by the rerun and never recorded")
 def test_review_a_rerun_that_reuses_the_published_folder_records_its_code(tmp_path, monkeypatch):
     """`publish_artifacts` calls `record_trusted_code` after `_assemble`, inside `if not reusable`. A run stopped between
     the two (killed, or the record's write failing: an OSError other than a full disk is raised as it is) leaves a complete
     folder; the retry of the same flow run (`prefect flow-run retry` keeps its name and folder) reuses it (`is_reusable`) and writes no record, so `chat` refuses the folder this very
-    run published, saying it was 'copied in, or ... published before stage 7 recorded its code'."""
+    run published, saying it was 'copied in, or ... published before stage 7 recorded its code'. Now the record is written
+    (or removed, for a run without model.trust_remote_code) on the reuse path too."""
     import tasks.publish as publish
+    from tasks.config import load_config
     from tasks.publish import untrusted_code
 
     real = publish.record_trusted_code
@@ -5619,5 +5627,12 @@ def test_review_a_rerun_that_reuses_the_published_folder_records_its_code(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         _review_published_with_trust(tmp_path, monkeypatch)
     monkeypatch.setattr(publish, "record_trusted_code", real)
+    own = tmp_path / "art" / "runs" / "r1" / load_config(profile="tiny").output_name
+    assert publish.is_reusable(own)  # what the rerun reuses (never assembled again)
     art, own = _review_published_with_trust(tmp_path, monkeypatch)  # the same run again (resumed): stage 7 reruns
     assert untrusted_code(own, str(art)) is None
+    # rerun without model.trust_remote_code: the reused folder's record is removed, as the assemble path does
+    monkeypatch.setattr(publish, "_assemble", lambda *a: pytest.fail("a complete folder is reused, not assembled again"))
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.trust_remote_code=false"])
+    assert Path(publish.publish_artifacts(cfg, "r1", {}).dir) == own
+    assert untrusted_code(own, str(art)).startswith("no run here published")
