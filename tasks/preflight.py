@@ -16,7 +16,7 @@ from pathlib import Path
 from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
-from .models import (MISTRAL_COMMON, LoraTargets, check_chat_template, compute_dtype, load_tokenizer, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
+from .models import (MISTRAL_COMMON, LoraTargets, check_chat_template, compute_dtype, load_tokenizer, local_folder, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
                      recurrent_layers_of, resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
 
 
@@ -27,7 +27,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     StageError, one line naming the key and the fix, when the run could not work."""
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
     tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
-    check_publishable(tok, model, Path(ref.path) if ref.local else None)
+    check_publishable(tok, model, local_folder(ref))
     check_offsets(tok, model)
     if system_prompt:
         check_chat_template(tok, model, system_prompt)
