@@ -1647,8 +1647,8 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
             out = model.generate(**enc, max_new_tokens=limit, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id, streamer=streamer)
         new = out[0, n:].tolist()
         if len(new) >= limit and (not new or new[-1] not in ends):
-            why = f"--max-new-tokens {max_new_tokens}" if limit == max_new_tokens else f"the end of the model's {context}-token context"
-            print(f"(answer cut at {len(new)} tokens by {why}, before the end of its turn)", file=sys.stderr, flush=True)
+            cut_by = f"--max-new-tokens {max_new_tokens}" if limit == max_new_tokens else f"the end of the model's {context}-token context"
+            print(f"(answer cut at {len(new)} tokens by {cut_by}, before the end of its turn)", file=sys.stderr, flush=True)
         reply = tok.decode(new, skip_special_tokens=True).strip()
         history.extend([turn, {"role": "assistant", "content": reply}])  # an answer cut off by Ctrl-C leaves no turn behind
         return True
