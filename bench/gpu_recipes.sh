@@ -78,6 +78,7 @@
 #      occurrences of the current token are pushed down, not every token written (the repeats an answer needs: markdown
 #      marks, a required keyword), so q4 - q2 is the candidate set's effect, same rows, seed and base answers
 #      (prediction in docs/BENCHMARKS.md "Setting q4", written before the run)
+#      (measured 2026-12-07 19:09, 842 steps: IFEval +7.0 [+1.7, +12.1], q4 - q2 -0.4, loops 13.8%: not adopted)
 # STEPS=835 bash bench/gpu_recipes.sh start /tmp/up n o: each at a fixed 835 steps (m2's) on a budget that does not bind,
 # so two settings can share the card side by side (their clocks then mean nothing; steps and answers still compare).
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,

@@ -261,7 +261,7 @@ class HostLedger:
     """Host seconds a training stage spends in each piece of its step besides the model's own kernels (wrapped at the
     class level for the stage's run, restored after): the optimizer step (bitsandbytes' paged 8-bit synchronizes the
     device per LoRA tensor: the wait for the backward's tail is in here), torch.cuda.synchronize calls (count and time),
-    Tensor.item (the loss and grad-norm reads), the guard's step end (with the heartbeat's hand-off to its thread, counted
+    Tensor.item by device (the dropout seeds on the CPU; the loss, grad-norm and Liger cross-entropy reads on the GPU), the guard's step end (with the heartbeat's hand-off to its thread, counted
     apart too; the thread's write_json with fsync, off the step, and the checkpoint markers'), its log line, TensorBoard's
     on_log (scalars + flush), the bar, Trainer.log, and fetching + collating + copying the next micro-batches."""
 
@@ -270,7 +270,8 @@ class HostLedger:
         self.calls: dict[str, int] = {}
         self.undo: list = []
 
-    def _wrap(self, owner, name: str, label: str) -> None:
+    def _wrap(self, owner, name: str, label) -> None:
+        """`label`: the ledger's row, or a function of the call's arguments that names it (Tensor.item by device)."""
         real = getattr(owner, name)
         seconds, calls = self.seconds, self.calls
 
@@ -279,8 +280,9 @@ class HostLedger:
             try:
                 return real(*a, **kw)
             finally:
-                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
-                calls[label] = calls.get(label, 0) + 1
+                row = label if isinstance(label, str) else label(*a)
+                seconds[row] = seconds.get(row, 0.0) + time.perf_counter() - t
+                calls[row] = calls.get(row, 0) + 1
 
         self._set(owner, name, timed)
 
@@ -300,7 +302,9 @@ class HostLedger:
         import tasks.train as train_mod
 
         self._wrap(torch.cuda, "synchronize", "cuda.synchronize")
-        self._wrap(torch.Tensor, "item", "Tensor.item")
+        # by device: a CPU tensor's read (the LoRA dropout seeds, ~930 a step on the 15 GiB stage) never waits; a CUDA
+        # one waits for the queue before it (Liger's fused cross-entropy reads one a micro-batch: PERF_NOTES "The 942, located")
+        self._wrap(torch.Tensor, "item", lambda t, *a: f"Tensor.item ({t.device.type})")
         self._wrap(train_mod.BudgetGuard, "on_step_end", "guard.on_step_end")
         self._wrap(train_mod.Heartbeat, "beat", "heartbeat.beat (training thread)")
         self._wrap(train_mod, "write_json", "write_json (heartbeat thread, markers)")

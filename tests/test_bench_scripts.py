@@ -423,6 +423,7 @@ def test_pipeline_gpu_times_the_stages_steps_and_its_host_ledger_then_unwraps_ev
     calls = per["calls_per_step"]
     assert calls["optimizer.step"] == 1 and calls["guard.on_step_end"] == 1 and calls["fetch + collate + copy"] == 1
     assert calls["heartbeat.beat (training thread)"] == 1 and calls["write_json (heartbeat thread, markers)"] > 0 and per["optimizer.step"] > 0
+    assert calls["Tensor.item (cpu)"] > 0 and not [k for k in calls if k.startswith("Tensor.item") and k != "Tensor.item (cpu)"], calls
     assert (train_mod.BudgetGuard.on_step_end, train_mod.write_json, torch.cuda.synchronize) == before
     assert "item" not in torch.Tensor.__dict__ and "on_pre_optimizer_step" not in train_mod.BudgetGuard.__dict__
 
