@@ -40,7 +40,7 @@ from .data import DataRecord, load_heldout_meta, load_split, rendering_key, rows
 from .models import hardware_id, keyed_model, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, remote_code_key, resolve_device, resolve_model
 
 # Bump when generation, batching or scoring changes what the stage reports (the key cannot see code).
-EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
+EVAL_VERSION = 12  # 2: standard benchmarks + verdict; 3: per-source loss over the scored + open-ended rows in one pass;
 # 4: generation batched by prompt length, loss forwards capped at 8192 padded tokens, every held-out sample stored;
 # 5: benchmarks prompted with data.system_prompt, exact tests for binary measures, prompt-cluster intervals at instruction
 # level, per-token reference loss throughout, length-controlled ROUGE-L/chrF
@@ -53,6 +53,8 @@ EVAL_VERSION = 11  # 2: standard benchmarks + verdict; 3: per-source loss over t
 # 10: answer lengths with each loop cut where it begins (median_words_loops_cut, AlpacaEval's length_vs_reference)
 # 11: loops that count their items in ordinals, number words, roman numerals or letters, and loops of characters
 # without spaces ('7777...'), read as loops (loop_share, median_words_loops_cut, length_vs_reference change)
+# 12: the TERSER check counts each answer up to where its loop begins (bench.length_check): a base model's loops to the
+# cap made every tuned model that learned to stop read TERSER (the demo-gpu profile: 424 of 805 prompts; 30 with loops cut)
 # The base's cached benchmark answers (`base_answers_key`, which, as `passes_key`, also fingerprints the code that
 # generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
 # what stage 5 reports from them does.
@@ -1343,15 +1345,22 @@ def _loop_warnings(summary: dict, bench_results: dict) -> list[str]:
 
 def _length_warnings(s: dict, name: str) -> list[str]:
     """TERSER when, on at least half the open-ended prompts, the tuned answer is under TERSE_RATIO x the base's
-    length; LENGTH NOT JUDGED when that cannot be told because the cap cut the base's answers (bench.length_check)."""
-    lc, bw, tw = s["length_check"], s["answers"]["base"]["median_words"], s["answers"]["tuned"]["median_words"]
+    length, both counted up to where a loop begins; LENGTH NOT JUDGED when that cannot be told because the cap cut the
+    base's answers (bench.length_check). A record scored before EVAL_VERSION 12 has no loops-cut length check: its
+    medians are the raw ones it was judged on."""
+    lc = s["length_check"]
+    cut = "base_looped" in lc  # EVAL_VERSION 12 on: lengths with loops cut
+    key = "median_words_loops_cut" if cut else "median_words"
+    bw, tw = s["answers"]["base"][key], s["answers"]["tuned"][key]
     n, cap = lc["n"], s["subset"]["max_new_tokens"] if "subset" in s else "?"
+    said = " (each cut where its loop begins)" if cut else ""
     if n and 2 * lc["terse"] >= n:
-        return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}; on {lc['terse']} of {n} prompts "
+        return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}{said}; on {lc['terse']} of {n} prompts "
                 f"the tuned answer is under {lc['ratio']:.0%} of the base's length; the model may have learned a short-answer format "
                 "and lost helpfulness"]
     if n and 2 * (lc["terse"] + lc["unknown"]) >= n:
-        return [f"LENGTH NOT JUDGED: {lc['base_capped']} of {n} base answers were cut at the {cap}-token cap (base median {bw:.0f} words "
+        capped = lc["base_capped"] - lc.get("base_looped", 0)
+        return [f"LENGTH NOT JUDGED: {capped} of {n} base answers were cut at the {cap}-token cap{' without a loop' if cut else ''} (base median {bw:.0f} words "
                 f"is a floor), and on {lc['unknown']} prompts the tuned answer ended by itself where the base's was cut: whether the "
                 f"tuned model answers in under {lc['ratio']:.0%} of the base's length cannot be told at this cap; raise "
                 f"eval.benchmark_max_new_tokens.{name} to judge it"]

@@ -502,7 +502,8 @@ def test_terser_warning_is_not_held_by_the_cap(monkeypatch, base_stopped, tuned_
     """The demo's base hit the 96-token cap on 87.5% of prompts, holding its median near the cap; a tuned model
     that stops at 40 words then passed the old median rule (40 >= 70 / 2) unseen."""
     rows = alpaca_rows(24)
-    answers = {"base": [(" ".join(["w"] * 70), base_stopped)] * 24, "tuned": [(" ".join(["w"] * tuned_words), True)] * 24}
+    # the base's 70 words all different: an answer the cap cut, not a loop (a loop's length is what it says before it)
+    answers = {"base": [(" ".join(f"w{i}" for i in range(70)), base_stopped)] * 24, "tuned": [(" ".join(["w"] * tuned_words), True)] * 24}
     res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=96)
     warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
     if expected is None:
@@ -515,6 +516,28 @@ def test_terser_warning_is_not_held_by_the_cap(monkeypatch, base_stopped, tuned_
 
 LOOPING = " ".join(["Measure the circumference of the button and the circumference of the shirt."] * 8)
 LONG_UNIQUE = " ".join(f"word{i}" for i in range(120))
+
+
+@pytest.mark.parametrize("tuned, expected", [
+    ((" ".join(f"word{i}" for i in range(40)), True), None),   # answers and stops: longer than what the looping base says
+    ((LOOPING, False), None),                                  # loops as the base does: the same length as read
+    (("Measure it. " + " ".join(["Measure it."] * 40), False), "TERSER"),  # says two words, then loops: terse as read
+])
+def test_terser_counts_each_answer_up_to_where_its_loop_begins(monkeypatch, tuned, expected):
+    """Gemma-3-270M base loops to the cap on 802 of AlpacaEval's 805 prompts (19 words before the loop at the median):
+    counted whole, its answers held the cap's length, and the demo-gpu profile, whose answers end by themselves at
+    ~150 words, read TERSER on 424 of 805 prompts (2026-12-07, q2). Counted up to where each loop begins, a tuned
+    answer is terse only against what the base actually says."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(LOOPING, False)] * 24, "tuned": [tuned] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    lc = res["summary"]["length_check"]
+    assert lc["base_looped"] == lc["base_capped"] == 24 and lc["unknown"] == 0
+    warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
+    if expected is None:
+        assert warnings == [], warnings
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "(each cut where its loop begins)" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("looping, expected", [(3, True), (2, False)])
