@@ -540,6 +540,61 @@ def test_terser_counts_each_answer_up_to_where_its_loop_begins(monkeypatch, tune
         assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "(each cut where its loop begins)" in warnings[0], warnings
 
 
+# Review of fd0bd84 (the TERSER check with loops cut), 2026-12-07: what it still gets wrong.
+ECHO_LOOP = ("How do I wrap a present neatly?\n\n### Assistant:\n" * 60)[:-3]  # the base's AlpacaEval shape: prompt, turn, again
+ONE_LINER = "Wrap the box in paper, fold the ends under, and tape them down."  # 13 words, ends by itself
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser: a base answer that loops right after echoing the prompt is taken as a "
+                   "known length (~9 words), so a tuned model answering in one line is neither TERSER nor LENGTH NOT JUDGED")
+def test_a_base_that_only_gives_the_prompt_back_before_its_loop_is_no_measure_of_length(monkeypatch):
+    """Gemma-3-270M base's looped AlpacaEval answers (q4, 2026-12-07) say, before the loop, the prompt and '### Assistant:'
+    (9-43 words, 19 at the median): nothing of an answer. Counted as the base's length, the TERSER check can only call a
+    tuned answer under ~10 words terse, and looped answers are out of `unknown`, so a tuned model that answers every
+    prompt in one 13-word line (references: 150 words) gets no length line at all; before fd0bd84 it read TERSER.
+    Seen on a stored run: h200-gemma-showcase-2026-12-01-c (tuned stops at 7 words at the median on 288 prompts,
+    'The names were given.') read LENGTH NOT JUDGED under EVAL_VERSION 11 and reads nothing re-scored under 12."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(ECHO_LOOP, False)] * 24, "tuned": [(ONE_LINER, True)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    lc = res["summary"]["length_check"]
+    assert lc["base_looped"] == 24 and lc["terse"] == lc["unknown"] == 0  # the state the verdict is read from
+    warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
+    assert warnings, "a tuned model answering in 13 words against a base that only echoes the prompt: no length line"
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser: a table of numbers the cap cut reads as a loop from its first rows "
+                   "(numbers fold to '0'), so the base's length is its heading and the tuned answer's terseness is neither counted nor unknown")
+def test_a_base_table_of_numbers_cut_by_the_cap_is_not_counted_as_its_first_rows():
+    """loop_start folds numbers, so '| 5 | 41 |' and '| 10 | 50 |' are the same words: a conversion table the cap cut
+    (380 words, every row different) is a loop from word 57. Against it a tuned answer of 40 words (a tenth of the
+    table) is not terse (40 >= 0.5 x 57) and, the base 'looping', not unknown either: the prompt is judged not terser."""
+    from tasks import benchmarks as bench
+
+    table = "Here is a table of Celsius to Fahrenheit conversions:\n\n| Celsius | Fahrenheit |\n|---|---|\n" + "".join(
+        f"| {c} | {c * 9 / 5 + 32:g} |\n" for c in range(-40, 400, 5))
+    base = " ".join(table.split(" ")[:380]) + "x"  # cut by the cap mid-row
+    tuned = " ".join(f"word{i}" for i in range(40))
+    lc = bench.length_check([{"text": base, "stopped": False}], [{"text": tuned, "stopped": True}], ev.TERSE_RATIO)
+    assert lc["terse"] + lc["unknown"] == 1, lc
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser: tuned answers that never end (a loop after 50 words) now read TERSER "
+                   "and the line says the model 'may have learned a short-answer format'; before fd0bd84 they were not terse")
+def test_terser_does_not_call_answers_that_never_end_a_short_answer_format(monkeypatch):
+    """A healthy base (120 words, ends by itself) against a tuned model that writes 50 words and then repeats a sentence
+    to the cap on every prompt: counted up to the loop, every tuned answer is under half the base's, and the TERSER line
+    diagnoses a learned short-answer format, the opposite of what happened (the answers never end; LOOPS says so).
+    The terse answers that are loops want naming as such (or leaving to LOOPS), not a short-format diagnosis."""
+    rows = alpaca_rows(24)
+    looping = " ".join(f"step{i}" for i in range(40)) + " " + " ".join(["Let me know if you have any other questions about it."] * 30)
+    answers = {"base": [(" ".join(f"w{i}" for i in range(120)), True)] * 24, "tuned": [(looping[:-2], False)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    warnings = ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"]
+    assert any(w.startswith("LOOPS") for w in warnings), warnings
+    assert not [w for w in warnings if w.startswith("TERSER") and "short-answer format" in w], warnings
+
+
 @pytest.mark.parametrize("looping, expected", [(3, True), (2, False)])
 def test_loops_warning_names_answers_that_repeat_until_the_cap(monkeypatch, looping, expected):
     """Recipe d (2026-12-02): 327 of 805 tuned AlpacaEval answers repeated themselves until the cap while every score
