@@ -738,26 +738,41 @@ def cut_to_shorter(a: str, b: str) -> tuple[str, str]:
     return " ".join(wa[:k]), " ".join(wb[:k])
 
 
-def length_check(base: list[dict], tuned: list[dict], ratio: float) -> dict:
-    """Per prompt, is the tuned answer under `ratio` x the base's length, each answer counted up to where its loop
-    begins (`words_before_loop`: a loop's repeats to the cap are not length a reader gets, and a base model loops on
-    nearly every open-ended prompt: Gemma-3-270M base on 802 of AlpacaEval's 805, 19 words before the loop at the
-    median, so its raw length, the cap's, called every tuned model that learned to stop TERSER)? Answers are
-    {"text", "stopped"}. `terse`: the tuned answer says under ratio x what the base's says, whatever the cap did (a
-    tuned answer that loops early or spends the cap on nothing is terse as read). `unknown`: the tuned answer is not
-    that short and ended by itself where the base's was cut by the cap without a loop: that base answer's length is
-    a floor, so the ratio is unseen. `base_looped`: base answers cut at the cap inside a loop (their length is known:
-    what they say before it). A cap that cuts most base answers without a loop holds the base median at the cap,
-    where a median comparison can hardly call a terser model; these counts say when the cap, not the model, decided."""
-    terse = unknown = looped = 0
-    for b, t in zip(base, tuned):
+def length_check(base: list[dict], tuned: list[dict], ratio: float, references: list[str] | None = None,
+                 prompts: list[str] | None = None) -> dict:
+    """Per prompt, is the tuned answer under `ratio` x the length of a helpful answer? Answers are {"text", "stopped"}.
+    The measure is the base's answer, unless it is no answer: one that loops (`loop_start`) or gives the prompt back
+    (`copies_prompt`, when `prompts` are given). A base model does both on nearly every open-ended prompt (Gemma-3-270M
+    base loops on 802 of AlpacaEval's 805, saying the prompt and '### Assistant:' before the loop): counted whole, its
+    answers held the cap's length and called every tuned model that learned to stop TERSER; counted up to the loop,
+    they held ~19 words and let a one-line tuned model pass. There the prompt's reference answer is the measure
+    (`fallback`); with no references, the prompt is `unknown`.
+    A tuned answer that loops is not judged here (`tuned_looped`): it never ends, which the LOOPS warning says; a
+    short-answer diagnosis would name the opposite cause. `terse` counts the rest under the ratio (an empty answer run
+    to the cap is terse); `unknown` also counts a tuned answer not that short that ended where the base's was cut by
+    the cap without a loop (`base_cut`: its length a floor, so the ratio is unseen). `judged` = n - tuned_looped, the
+    denominator of both warnings."""
+    terse = unknown = fallback = looped = tuned_looped = cut = 0
+    for i, (b, t) in enumerate(zip(base, tuned)):
         b_loops = loop_start(b["text"], b["stopped"]) is not None
         looped += b_loops
-        if words_before_loop(t["text"], t["stopped"]) < ratio * words_before_loop(b["text"], b["stopped"]):
+        cut += not b["stopped"] and not b_loops
+        if loop_start(t["text"], t["stopped"]) is not None:
+            tuned_looped += 1
+            continue
+        words = word_count(t["text"])
+        if b_loops or (prompts is not None and copies_prompt(b["text"], prompts[i])):
+            if references is None:
+                unknown += 1
+            else:
+                fallback += 1
+                terse += words < ratio * word_count(references[i])
+        elif words < ratio * word_count(b["text"]):
             terse += 1
-        elif t["stopped"] and not b["stopped"] and not b_loops:
+        elif t["stopped"] and not b["stopped"]:
             unknown += 1
-    return {"n": len(base), "ratio": ratio, "terse": terse, "unknown": unknown, "base_looped": looped,
+    return {"n": len(base), "ratio": ratio, "judged": len(base) - tuned_looped, "terse": terse, "unknown": unknown,
+            "fallback": fallback, "tuned_looped": tuned_looped, "base_looped": looped, "base_cut": cut,
             "base_capped": sum(not b["stopped"] for b in base), "tuned_capped": sum(not t["stopped"] for t in tuned)}
 
 

@@ -53,8 +53,9 @@ EVAL_VERSION = 12  # 2: standard benchmarks + verdict; 3: per-source loss over t
 # 10: answer lengths with each loop cut where it begins (median_words_loops_cut, AlpacaEval's length_vs_reference)
 # 11: loops that count their items in ordinals, number words, roman numerals or letters, and loops of characters
 # without spaces ('7777...'), read as loops (loop_share, median_words_loops_cut, length_vs_reference change)
-# 12: the TERSER check counts each answer up to where its loop begins (bench.length_check): a base model's loops to the
-# cap made every tuned model that learned to stop read TERSER (the demo-gpu profile: 424 of 805 prompts; 30 with loops cut)
+# 12: the TERSER check measures a tuned answer against the base's only where the base's is an answer (no loop, not the
+# prompt given back), else against the prompt's reference answer, and leaves tuned answers that loop to LOOPS
+# (bench.length_check): a base model's loops to the cap made every tuned model that learned to stop read TERSER
 # The base's cached benchmark answers (`base_answers_key`, which, as `passes_key`, also fingerprints the code that
 # generates and scores them: `answer_code`) have their own number: bump it when their content changes, not when only
 # what stage 5 reports from them does.
@@ -1133,7 +1134,7 @@ def run_benchmark(load_model: Callable[[], object], tok, suite: dict, stop_ids: 
         stats = {who: bench.answer_stats(texts[who], stopped[who], loops[who]) for who in gens}
         # the references' own lengths (GPT-4's answers), for reading the models' lengths against
         summary["answers"] = {**stats, "reference": bench.answer_stats(refs, [True] * len(refs))}
-        summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO)
+        summary["length_check"] = bench.length_check(gens["base"], gens["tuned"], TERSE_RATIO, refs, [r["prompt"] for r in rows])
         summary["length_vs_reference"] = {who: bench.length_vs_reference(texts[who], stopped[who], refs) for who in gens}
         # An empty answer is judged on its own (exact McNemar over prompts): cutting pairs to the shorter answer makes
         # an empty answer tie its pair at 0, so the overlap scores cannot see a collapse to empty answers.
@@ -1344,23 +1345,27 @@ def _loop_warnings(summary: dict, bench_results: dict) -> list[str]:
 
 
 def _length_warnings(s: dict, name: str) -> list[str]:
-    """TERSER when, on at least half the open-ended prompts, the tuned answer is under TERSE_RATIO x the base's
-    length, both counted up to where a loop begins; LENGTH NOT JUDGED when that cannot be told because the cap cut the
-    base's answers (bench.length_check). A record scored before EVAL_VERSION 12 has no loops-cut length check: its
-    medians are the raw ones it was judged on."""
+    """TERSER when, on at least half the prompts judged (`bench.length_check`: a tuned answer that loops is left to
+    LOOPS), the tuned answer is under TERSE_RATIO x a helpful answer's length (the base's, or the reference's where the
+    base's loops or gives the prompt back); LENGTH NOT JUDGED when that cannot be told because the cap cut the base's
+    answers. A record scored before EVAL_VERSION 12 has no `judged`: its raw medians and counts, as it was judged."""
     lc = s["length_check"]
-    cut = "base_looped" in lc  # EVAL_VERSION 12 on: lengths with loops cut
-    key = "median_words_loops_cut" if cut else "median_words"
+    new = "judged" in lc
+    key = "median_words_loops_cut" if new else "median_words"
     bw, tw = s["answers"]["base"][key], s["answers"]["tuned"][key]
-    n, cap = lc["n"], s["subset"]["max_new_tokens"] if "subset" in s else "?"
-    said = " (each cut where its loop begins)" if cut else ""
+    n, cap = lc.get("judged", lc["n"]), s["subset"]["max_new_tokens"] if "subset" in s else "?"
+    said = " (each cut where its loop begins)" if new else ""
+    of = " whose tuned answer does not loop" if lc.get("tuned_looped") else ""
+    ref = s["answers"].get("reference", {}).get("median_words")
+    fell = (f" (the reference answer's where the base's answer loops or gives the prompt back: {lc['fallback']} prompts; "
+            f"references' median {ref:.0f} words)") if lc.get("fallback") and ref is not None else ""
     if n and 2 * lc["terse"] >= n:
-        return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}{said}; on {lc['terse']} of {n} prompts "
-                f"the tuned answer is under {lc['ratio']:.0%} of the base's length; the model may have learned a short-answer format "
+        return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}{said}; on {lc['terse']} of {n} prompts{of} "
+                f"the tuned answer is under {lc['ratio']:.0%} of the base's length{fell}; the model may have learned a short-answer format "
                 "and lost helpfulness"]
     if n and 2 * (lc["terse"] + lc["unknown"]) >= n:
-        capped = lc["base_capped"] - lc.get("base_looped", 0)
-        return [f"LENGTH NOT JUDGED: {capped} of {n} base answers were cut at the {cap}-token cap{' without a loop' if cut else ''} (base median {bw:.0f} words "
+        capped = lc["base_cut"] if new else lc["base_capped"]
+        return [f"LENGTH NOT JUDGED: {capped} of {lc['n']} base answers were cut at the {cap}-token cap{' without a loop' if new else ''} (base median {bw:.0f} words "
                 f"is a floor), and on {lc['unknown']} prompts the tuned answer ended by itself where the base's was cut: whether the "
                 f"tuned model answers in under {lc['ratio']:.0%} of the base's length cannot be told at this cap; raise "
                 f"eval.benchmark_max_new_tokens.{name} to judge it"]

@@ -519,25 +519,28 @@ LONG_UNIQUE = " ".join(f"word{i}" for i in range(120))
 
 
 @pytest.mark.parametrize("tuned, expected", [
-    ((" ".join(f"word{i}" for i in range(40)), True), None),   # answers and stops: longer than what the looping base says
-    ((LOOPING, False), None),                                  # loops as the base does: the same length as read
-    (("Measure it. " + " ".join(["Measure it."] * 40), False), "TERSER"),  # says two words, then loops: terse as read
+    ((" ".join(f"word{i}" for i in range(100)), True), None),  # answers and stops at 2/3 of the reference: not terser
+    ((" ".join(f"word{i}" for i in range(40)), True), "TERSER"),  # stops at 40 words, under half the 150-word references
+    ((LOOPING, False), None),                                  # loops as the base does: left to LOOPS
+    (("Measure it. " + " ".join(["Measure it."] * 40), False), None),  # says two words, then loops: LOOPS, not a short format
 ])
-def test_terser_counts_each_answer_up_to_where_its_loop_begins(monkeypatch, tuned, expected):
+def test_terser_measures_against_the_reference_where_the_base_loops(monkeypatch, tuned, expected):
     """Gemma-3-270M base loops to the cap on 802 of AlpacaEval's 805 prompts (19 words before the loop at the median):
     counted whole, its answers held the cap's length, and the demo-gpu profile, whose answers end by themselves at
-    ~150 words, read TERSER on 424 of 805 prompts (2026-12-07, q2). Counted up to where each loop begins, a tuned
-    answer is terse only against what the base actually says."""
+    ~150 words, read TERSER on 424 of 805 prompts (2026-12-07, q2). A looping base answer is no measure of a helpful
+    length: the prompt's reference answer is (alpaca_rows: 150 words); a tuned answer that loops is left to LOOPS."""
     rows = alpaca_rows(24)
     answers = {"base": [(LOOPING, False)] * 24, "tuned": [tuned] * 24}
     res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
     lc = res["summary"]["length_check"]
-    assert lc["base_looped"] == lc["base_capped"] == 24 and lc["unknown"] == 0
+    assert lc["base_looped"] == lc["base_capped"] == 24 and lc["unknown"] == lc["base_cut"] == 0
+    assert lc["judged"] == 24 - lc["tuned_looped"] and lc["fallback"] == lc["judged"]
     warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
     if expected is None:
         assert warnings == [], warnings
     else:
         assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "(each cut where its loop begins)" in warnings[0], warnings
+        assert "references' median 150 words" in warnings[0], warnings
 
 
 # Review of fd0bd84 (the TERSER check with loops cut), 2026-12-07: what it still gets wrong.
@@ -545,8 +548,6 @@ ECHO_LOOP = ("How do I wrap a present neatly?\n\n### Assistant:\n" * 60)[:-3]  #
 ONE_LINER = "Wrap the box in paper, fold the ends under, and tape them down."  # 13 words, ends by itself
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser: a base answer that loops right after echoing the prompt is taken as a "
-                   "known length (~9 words), so a tuned model answering in one line is neither TERSER nor LENGTH NOT JUDGED")
 def test_a_base_that_only_gives_the_prompt_back_before_its_loop_is_no_measure_of_length(monkeypatch):
     """Gemma-3-270M base's looped AlpacaEval answers (q4, 2026-12-07) say, before the loop, the prompt and '### Assistant:'
     (9-43 words, 19 at the median): nothing of an answer. Counted as the base's length, the TERSER check can only call a
@@ -558,17 +559,33 @@ def test_a_base_that_only_gives_the_prompt_back_before_its_loop_is_no_measure_of
     answers = {"base": [(ECHO_LOOP, False)] * 24, "tuned": [(ONE_LINER, True)] * 24}
     res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
     lc = res["summary"]["length_check"]
-    assert lc["base_looped"] == 24 and lc["terse"] == lc["unknown"] == 0  # the state the verdict is read from
+    # the base's answers are no measure: each prompt's reference answer (150 words) is
+    assert lc["base_looped"] == lc["fallback"] == lc["terse"] == 24 and lc["unknown"] == 0
     warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
-    assert warnings, "a tuned model answering in 13 words against a base that only echoes the prompt: no length line"
+    assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "where the base's answer loops or gives the prompt back: 24 prompts" in warnings[0], warnings
+    # and a tuned model that answers at the references' length is not terser
+    answers["tuned"] = [(" ".join(f"w{i}" for i in range(120)), True)] * 24
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    assert not [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser: a table of numbers the cap cut reads as a loop from its first rows "
-                   "(numbers fold to '0'), so the base's length is its heading and the tuned answer's terseness is neither counted nor unknown")
+def test_a_base_that_gives_the_prompt_back_and_stops_is_no_measure_of_length(monkeypatch):
+    """A base answer that is the prompt given back (`copies_prompt`), ended by itself, is as short as the prompt: a
+    tuned one-liner would pass against it. The reference answer is the measure there too."""
+    rows = [dict(r, prompt=f"Please write a detailed guide about wrapping present number {i} neatly with paper and tape")
+            for i, r in enumerate(alpaca_rows(24))]
+    answers = {"base": [(r["prompt"], True) for r in rows], "tuned": [(ONE_LINER, True)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    lc = res["summary"]["length_check"]
+    assert lc["base_looped"] == 0 and lc["fallback"] == lc["terse"] == 24
+
+
 def test_a_base_table_of_numbers_cut_by_the_cap_is_not_counted_as_its_first_rows():
     """loop_start folds numbers, so '| 5 | 41 |' and '| 10 | 50 |' are the same words: a conversion table the cap cut
-    (380 words, every row different) is a loop from word 57. Against it a tuned answer of 40 words (a tenth of the
-    table) is not terse (40 >= 0.5 x 57) and, the base 'looping', not unknown either: the prompt is judged not terser."""
+    (380 words, every row different) is a loop from word 57. Such a base answer is no measure (`loop_start` cannot tell
+    it from a counting loop): with the reference answer it is judged against the reference, without one it is unknown,
+    never 'not terser' against the table's heading. (The loop reading itself is left as it is: the LOOPS warning
+    counts such a table as a loop, one prompt at a time.)"""
     from tasks import benchmarks as bench
 
     table = "Here is a table of Celsius to Fahrenheit conversions:\n\n| Celsius | Fahrenheit |\n|---|---|\n" + "".join(
@@ -577,10 +594,10 @@ def test_a_base_table_of_numbers_cut_by_the_cap_is_not_counted_as_its_first_rows
     tuned = " ".join(f"word{i}" for i in range(40))
     lc = bench.length_check([{"text": base, "stopped": False}], [{"text": tuned, "stopped": True}], ev.TERSE_RATIO)
     assert lc["terse"] + lc["unknown"] == 1, lc
+    lc = bench.length_check([{"text": base, "stopped": False}], [{"text": tuned, "stopped": True}], ev.TERSE_RATIO, [" ".join(["w"] * 200)])
+    assert lc["fallback"] == lc["terse"] == 1, lc
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser: tuned answers that never end (a loop after 50 words) now read TERSER "
-                   "and the line says the model 'may have learned a short-answer format'; before fd0bd84 they were not terse")
 def test_terser_does_not_call_answers_that_never_end_a_short_answer_format(monkeypatch):
     """A healthy base (120 words, ends by itself) against a tuned model that writes 50 words and then repeats a sentence
     to the cap on every prompt: counted up to the loop, every tuned answer is under half the base's, and the TERSER line
