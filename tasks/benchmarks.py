@@ -738,42 +738,82 @@ def cut_to_shorter(a: str, b: str) -> tuple[str, str]:
     return " ".join(wa[:k]), " ".join(wb[:k])
 
 
+MIN_ANSWER_WORDS = 6
+"""A base answer with fewer words of its own (`own_words`: the prompt said back not counted) is no measure of a helpful
+length: Gemma-3-270M base often says '### Assistant:' and stops, or gives the prompt back."""
+
+
+def own_words(answer: str, prompt: str | None) -> int:
+    """The answer's words that are not the prompt said back: a word inside a word trigram the prompt also has is not
+    counted (casefolded, punctuation dropped, as `copies_prompt` reads them). A base that repeats the prompt and then
+    answers it is measured by its answer; one that only gives the prompt back has ~0 words of its own."""
+    if prompt is None:
+        return word_count(answer)
+    words = re.sub(r"[^\w\s]", " ", answer.casefold()).split()
+    said = re.sub(r"[^\w\s]", " ", prompt.casefold()).split()
+    grams = set(zip(said, said[1:], said[2:]))
+    copied = [False] * len(words)
+    for i in range(len(words) - 2):
+        if (words[i], words[i + 1], words[i + 2]) in grams:
+            copied[i] = copied[i + 1] = copied[i + 2] = True
+    return copied.count(False)
+
+
 def length_check(base: list[dict], tuned: list[dict], ratio: float, references: list[str] | None = None,
                  prompts: list[str] | None = None) -> dict:
-    """Per prompt, is the tuned answer under `ratio` x the length of a helpful answer? Answers are {"text", "stopped"}.
-    The measure is the base's answer, unless it is no answer: one that loops (`loop_start`) or gives the prompt back
-    (`copies_prompt`, when `prompts` are given). A base model does both on nearly every open-ended prompt (Gemma-3-270M
-    base loops on 802 of AlpacaEval's 805, saying the prompt and '### Assistant:' before the loop): counted whole, its
-    answers held the cap's length and called every tuned model that learned to stop TERSER; counted up to the loop,
-    they held ~19 words and let a one-line tuned model pass. There the prompt's reference answer is the measure
-    (`fallback`); with no references, the prompt is `unknown`.
-    A tuned answer that loops is not judged here (`tuned_looped`): it never ends, which the LOOPS warning says; a
-    short-answer diagnosis would name the opposite cause. `terse` counts the rest under the ratio (an empty answer run
-    to the cap is terse); `unknown` also counts a tuned answer not that short that ended where the base's was cut by
-    the cap without a loop (`base_cut`: its length a floor, so the ratio is unseen). `judged` = n - tuned_looped, the
-    denominator of both warnings."""
-    terse = unknown = fallback = looped = tuned_looped = cut = 0
+    """Per prompt, is the tuned answer under `ratio` x a helpful answer's length? Answers are {"text", "stopped"}.
+    The measure is the base's answer where it is one: no loop (`loop_start`) and at least MIN_ANSWER_WORDS words of its
+    own (`own_words`: the prompt said back not counted). A base model loops on nearly every open-ended prompt
+    (Gemma-3-270M base: 802 of AlpacaEval's 805, the prompt and '### Assistant:' before the loop) or gives the prompt
+    back: counted whole, its answers held the cap's length and called every tuned model that learned to stop TERSER;
+    counted up to the loop, they held ~19 words and let a one-line tuned model pass. There the prompt's reference
+    answer is the measure (`fallback`); with no references the prompt is `unknown`.
+    A tuned answer that loops is not judged (`tuned_looped`; `judged` = n - tuned_looped): it never ends, which the LOOPS
+    warning says, and a short-answer diagnosis would name the opposite cause. Of the rest, one under the ratio is
+    `terse`, unless the cap cut it (no end-of-turn, some words): its length is then a floor and the prompt `unknown`
+    (`tuned_cut`), as it is where a tuned answer not that short ended while the base's was cut by the cap without a
+    loop (`base_cut` such base answers in all, their median `base_cut_median` a floor). An empty answer run to the cap
+    is terse. `median_tuned` / `median_measure`: over the judged prompts that have a measure, what the TERSER line reads."""
+    import statistics
+
+    terse = unknown = fallback = looped = tuned_looped = tuned_cut = 0
+    cut_words: list[int] = []
+    tuned_words: list[int] = []
+    measures: list[int] = []
     for i, (b, t) in enumerate(zip(base, tuned)):
         b_loops = loop_start(b["text"], b["stopped"]) is not None
         looped += b_loops
-        cut += not b["stopped"] and not b_loops
+        b_words = own_words(b["text"], prompts[i] if prompts is not None else None)
+        b_cut = not b["stopped"] and not b_loops
+        if b_cut:
+            cut_words.append(b_words)
         if loop_start(t["text"], t["stopped"]) is not None:
             tuned_looped += 1
             continue
         words = word_count(t["text"])
-        if b_loops or (prompts is not None and copies_prompt(b["text"], prompts[i])):
-            if references is None:
-                unknown += 1
-            else:
-                fallback += 1
-                terse += words < ratio * word_count(references[i])
-        elif words < ratio * word_count(b["text"]):
-            terse += 1
-        elif t["stopped"] and not b["stopped"]:
+        from_base = not b_loops and b_words >= MIN_ANSWER_WORDS
+        if from_base:
+            measure = b_words
+        elif references is not None:
+            measure, fallback = word_count(references[i]), fallback + 1
+        else:
             unknown += 1
+            continue
+        tuned_words.append(words)
+        measures.append(measure)
+        if words < ratio * measure:
+            if not t["stopped"] and words:
+                unknown, tuned_cut = unknown + 1, tuned_cut + 1
+            else:
+                terse += 1
+        elif t["stopped"] and b_cut and from_base:
+            unknown += 1
+    med = lambda xs: float(statistics.median(xs)) if xs else 0.0  # noqa: E731
     return {"n": len(base), "ratio": ratio, "judged": len(base) - tuned_looped, "terse": terse, "unknown": unknown,
-            "fallback": fallback, "tuned_looped": tuned_looped, "base_looped": looped, "base_cut": cut,
-            "base_capped": sum(not b["stopped"] for b in base), "tuned_capped": sum(not t["stopped"] for t in tuned)}
+            "fallback": fallback, "tuned_looped": tuned_looped, "tuned_cut": tuned_cut, "base_looped": looped,
+            "base_cut": len(cut_words), "base_cut_median": med(cut_words), "median_tuned": med(tuned_words),
+            "median_measure": med(measures), "base_capped": sum(not b["stopped"] for b in base),
+            "tuned_capped": sum(not t["stopped"] for t in tuned)}
 
 
 def ifeval_paired(base: list[list[dict]], tuned: list[list[dict]]) -> dict:

@@ -1344,30 +1344,42 @@ def _loop_warnings(summary: dict, bench_results: dict) -> list[str]:
             for where, base, tuned in sets if tuned is not None and tuned >= LOOP_WARN]
 
 
+TERSE_MIN_JUDGED = 8  # fewer tuned answers that end (the rest loop: LOOPS says so) are too few to call a format
+
+
 def _length_warnings(s: dict, name: str) -> list[str]:
     """TERSER when, on at least half the prompts judged (`bench.length_check`: a tuned answer that loops is left to
-    LOOPS), the tuned answer is under TERSE_RATIO x a helpful answer's length (the base's, or the reference's where the
-    base's loops or gives the prompt back); LENGTH NOT JUDGED when that cannot be told because the cap cut the base's
-    answers. A record scored before EVAL_VERSION 12 has no `judged`: its raw medians and counts, as it was judged."""
+    LOOPS, and at least TERSE_MIN_JUDGED are needed), the tuned answer is under TERSE_RATIO x a helpful answer's length
+    (the base's where it is an answer, else the prompt's reference); LENGTH NOT JUDGED when the cap's cuts leave that
+    untold. A record scored before EVAL_VERSION 12 has no `judged`: read as it was judged then (raw medians)."""
     lc = s["length_check"]
-    new = "judged" in lc
-    key = "median_words_loops_cut" if new else "median_words"
-    bw, tw = s["answers"]["base"][key], s["answers"]["tuned"][key]
-    n, cap = lc.get("judged", lc["n"]), s["subset"]["max_new_tokens"] if "subset" in s else "?"
-    said = " (each cut where its loop begins)" if new else ""
-    of = " whose tuned answer does not loop" if lc.get("tuned_looped") else ""
-    ref = s["answers"].get("reference", {}).get("median_words")
-    fell = (f" (the reference answer's where the base's answer loops or gives the prompt back: {lc['fallback']} prompts; "
-            f"references' median {ref:.0f} words)") if lc.get("fallback") and ref is not None else ""
-    if n and 2 * lc["terse"] >= n:
-        return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}{said}; on {lc['terse']} of {n} prompts{of} "
-                f"the tuned answer is under {lc['ratio']:.0%} of the base's length{fell}; the model may have learned a short-answer format "
-                "and lost helpfulness"]
-    if n and 2 * (lc["terse"] + lc["unknown"]) >= n:
-        capped = lc["base_cut"] if new else lc["base_capped"]
-        return [f"LENGTH NOT JUDGED: {capped} of {lc['n']} base answers were cut at the {cap}-token cap{' without a loop' if new else ''} (base median {bw:.0f} words "
-                f"is a floor), and on {lc['unknown']} prompts the tuned answer ended by itself where the base's was cut: whether the "
-                f"tuned model answers in under {lc['ratio']:.0%} of the base's length cannot be told at this cap; raise "
+    cap = s["subset"]["max_new_tokens"] if "subset" in s else "?"
+    if "judged" not in lc:
+        bw, tw, n = s["answers"]["base"]["median_words"], s["answers"]["tuned"]["median_words"], lc["n"]
+        if n and 2 * lc["terse"] >= n:
+            return [f"TERSER: tuned median answer on open-ended prompts is {tw:.0f} words vs base {bw:.0f}; on {lc['terse']} of {n} prompts "
+                    f"the tuned answer is under {lc['ratio']:.0%} of the base's length; the model may have learned a short-answer format "
+                    "and lost helpfulness"]
+        if n and 2 * (lc["terse"] + lc["unknown"]) >= n:
+            return [f"LENGTH NOT JUDGED: {lc['base_capped']} of {n} base answers were cut at the {cap}-token cap (base median {bw:.0f} words "
+                    f"is a floor), and on {lc['unknown']} prompts the tuned answer ended by itself where the base's was cut: whether the "
+                    f"tuned model answers in under {lc['ratio']:.0%} of the base's length cannot be told at this cap; raise "
+                    f"eval.benchmark_max_new_tokens.{name} to judge it"]
+        return []
+    n = lc["judged"]
+    if n < TERSE_MIN_JUDGED:
+        return []
+    if 2 * lc["terse"] >= n:
+        return [f"TERSER: on {lc['terse']} of {n} prompts whose tuned answer does not loop, it is under {lc['ratio']:.0%} of a helpful "
+                f"answer's length (the base's answer; the reference answer's where the base's loops or has under "
+                f"{bench.MIN_ANSWER_WORDS} words besides the prompt said back: {lc['fallback']} prompts); medians over those prompts: tuned "
+                f"{lc['median_tuned']:.0f} words, helpful length {lc['median_measure']:.0f}; the model may have learned a short-answer "
+                "format and lost helpfulness"]
+    if 2 * (lc["terse"] + lc["unknown"]) >= n:
+        tuned_cut = f"; {lc['tuned_cut']} tuned answers cut by the cap under that length" if lc.get("tuned_cut") else ""
+        return [f"LENGTH NOT JUDGED: {lc['base_cut']} of {lc['n']} base answers were cut at the {cap}-token cap without a loop (their "
+                f"median {lc['base_cut_median']:.0f} words, a floor){tuned_cut}: on {lc['unknown']} of {n} prompts whether the tuned "
+                f"answer is under {lc['ratio']:.0%} of a helpful length cannot be told at this cap; raise "
                 f"eval.benchmark_max_new_tokens.{name} to judge it"]
     return []
 
@@ -1430,6 +1442,11 @@ def benchmark_markdown(rec: EvalRecord) -> str:
             lines += ["", "Length against each prompt's reference, loops cut where they begin: " + "; ".join(
                 f"{who} median {x['median_ratio']:.2f}x, under half {x['under_half']:.1%}, over twice {x['over_twice']:.1%}"
                 for who, x in s["length_vs_reference"].items()) + "."]
+        lc = s.get("length_check") or {}
+        if "judged" in lc:
+            lines += ["", f"Length check (TERSER at half): {lc['terse']} of {lc['judged']} prompts whose tuned answer does not loop are "
+                      f"under {lc['ratio']:.0%} of a helpful answer's length ({lc['fallback']} measured against the reference answer, the "
+                      f"base's being no answer); {lc['tuned_looped']} tuned answers loop (LOOPS), {lc['unknown']} not judged (cut by the cap)."]
         if "unscoreable" in s:
             u = s["unscoreable"]
             lines += ["", f"Unscoreable instructions: {s['unscoreable_instructions']}" + (" (" + ", ".join(f"{k}: {x['count']}" for k, x in u.items()) + ")" if u else "")
