@@ -986,3 +986,89 @@ def test_the_evaluate_bar_draws_twice_a_minute_off_a_terminal_and_closes_on_an_e
             bar.part("ifeval tuned", 100)(10)
             raise RuntimeError("CUDA out of memory")
     assert bar.bar.disable and stream.getvalue().endswith("\n")  # closed: tqdm disables a bar it closed
+
+
+# Review of 90ea15f (the length check after review), 2026-12-07, second round: what it still gets wrong.
+def _length_lines(res: dict) -> list[str]:
+    return [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: the TERSER line sets the tuned median against the base's loops-cut median, "
+                                       "which is not the measure where the base loops (fallback); it reads 'tuned 40 vs base 13 ... terser'")
+def test_terser_does_not_set_a_longer_tuned_median_against_a_base_median_that_was_not_the_measure(monkeypatch):
+    """Gemma-3-270M base loops on 802 of 805 AlpacaEval prompts, 19 words before the loop at the median; q3 re-scored
+    reads 'TERSER: tuned median answer ... is 155 words vs base 19 (each cut where its loop begins); on 353 of 695
+    prompts ... the tuned answer is under 50% of the base's length (the reference answer's where ...)'. A reader sees a
+    tuned model eight times longer than the base called terser than it: the headline's 'base' is the median of answers
+    that were no measure; the measure (the references, 347 words at the median) only in a parenthesis."""
+    import re
+    rows = alpaca_rows(24)
+    answers = {"base": [(LOOPING, False)] * 24, "tuned": [(" ".join(f"word{i}" for i in range(40)), True)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    (line,) = _length_lines(res)
+    assert line.startswith("TERSER:"), line
+    m = re.search(r"is (\d+) words vs base (\d+)", line)
+    assert m is None or int(m[1]) < int(m[2]), line
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: 'tuned median' counts the answers that loop (cut at their loop) while "
+                                       "the count beside it leaves them out: the number describes other answers than the count")
+def test_terser_tuned_median_is_over_the_answers_it_judged(monkeypatch):
+    """Half the tuned answers say two words and loop (left to LOOPS, not judged), half end at 40 words against a
+    120-word base: TERSER on 12 of 12 prompts whose tuned answer does not loop, but 'tuned median answer ... is 21
+    words' (the median of 2s and 40s) describes no answer that was judged; the judged ones are 40 words."""
+    rows = alpaca_rows(24)
+    loop2 = ("Measure it. " + " ".join(["Measure it."] * 40), False)
+    answers = {"base": [(" ".join(f"w{i}" for i in range(120)), True)] * 24,
+               "tuned": [loop2] * 12 + [(" ".join(f"word{i}" for i in range(40)), True)] * 12}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    lc = res["summary"]["length_check"]
+    assert lc["tuned_looped"] == 12 and lc["judged"] == lc["terse"] == 12, lc
+    (line,) = _length_lines(res)
+    assert line.startswith("TERSER:") and "on 12 of 12 prompts whose tuned answer does not loop" in line, line
+    assert "is 40 words" in line, line
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: a base that says the prompt back and then answers, and stops, is measured "
+                                       "with the prompt it repeated; a tuned answer as long as the base's answer reads terse")
+def test_a_base_that_repeats_the_prompt_then_answers_is_measured_by_its_answer(monkeypatch):
+    """copies_prompt needs 70% of the base's trigrams in the prompt; a base that repeats a 40-word prompt and then answers
+    it in 30 words (56%) is an answer, measured whole: 70 words. A tuned model that gives the same 30-word answer
+    without the repeat is 'under 50% of the base's length' on every prompt and reads TERSER, a learned short-answer
+    format, though it says exactly what the base said."""
+    rows = [dict(r, prompt=" ".join(f"p{i}x{j}" for j in range(40))) for i, r in enumerate(alpaca_rows(24))]
+    answer = [" ".join(f"a{i}y{j}" for j in range(30)) for i in range(24)]
+    answers = {"base": [(r["prompt"] + "\n\n" + a, True) for r, a in zip(rows, answer)], "tuned": [(a, True) for a in answer]}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    assert not [w for w in _length_lines(res) if w.startswith("TERSER")], _length_lines(res)
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: TERSER diagnoses 'a short-answer format' from 1 judged prompt of 24 "
+                                       "(the other 23 loop): judged has no floor")
+def test_terser_is_not_diagnosed_from_one_judged_prompt(monkeypatch):
+    """23 of 24 tuned answers loop (LOOPS says so); the one that ends is short. TERSER reads 'on 1 of 1 prompts whose
+    tuned answer does not loop ... the model may have learned a short-answer format': a diagnosis of the model from one
+    answer, beside a LOOPS line that says the opposite (answers that never end)."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(" ".join(f"w{i}" for i in range(120)), True)] * 24,
+               "tuned": [(LOOPING, False)] * 23 + [(" ".join(f"word{i}" for i in range(10)), True)]}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    assert res["summary"]["length_check"]["judged"] == 1
+    assert not [w for w in _length_lines(res) if "short-answer format" in w], _length_lines(res)
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: the model card shows none of length_check's counts (terse of judged, "
+                                       "fallback, tuned_looped): a run just under the TERSER line (q4: 342 of 694) shows nothing")
+def test_the_model_card_shows_the_length_checks_counts(monkeypatch):
+    """q4 re-scored: 342 of 694 judged tuned answers are under half a helpful length, one short of the TERSER line; the
+    card (benchmark_markdown) shows the medians but not this count, nor how many prompts were judged against the
+    reference instead of the base, so a reader cannot see the near miss or what was measured."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(LOOPING, False)] * 24,
+               "tuned": [(" ".join(f"word{i}" for i in range(40)), True)] * 11 + [(" ".join(f"word{i}" for i in range(100)), True)] * 13}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
+    lc = res["summary"]["length_check"]
+    assert lc["terse"] == 11 and lc["judged"] == lc["fallback"] == 24 and not _length_lines(res)
+    card = ev.benchmark_markdown(ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
+                                               gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": res["summary"]}, verdict={}))
+    assert "11 of 24" in card, card
