@@ -1072,3 +1072,19 @@ def test_the_model_card_shows_the_length_checks_counts(monkeypatch):
     card = ev.benchmark_markdown(ev.EvalRecord(key="k", dir="d", eval_json="e", chart_png="c", n_prompts=0, base={}, tuned={}, per_family=[], accuracy_gain=None,
                                                gain_ci=None, beats_base=None, seconds=0, benchmarks={"alpaca_eval": res["summary"]}, verdict={}))
     assert "11 of 24" in card, card
+
+
+@pytest.mark.xfail(strict=True, reason="review-terser2: a tuned answer the cap cut (no loop) is counted terse against the reference "
+                                       "answer: its length is a floor, and at a small cap no answer can reach half a reference")
+def test_a_tuned_answer_cut_by_the_cap_is_not_terse_against_the_reference(monkeypatch):
+    """Where the base loops, the tuned answer is measured against the prompt's reference (150 words here; AlpacaEval's
+    median 347). At the CPU demo's cap (96 tokens, ~70 words) a tuned model that writes on until the cap cuts it is 'under
+    50% of the base's length' on every prompt and reads TERSER, 'a learned short-answer format', the opposite of what it
+    did; its length is a floor, as a cut base answer's is (`unknown`, LENGTH NOT JUDGED: raise the cap). Stored run
+    cpu-gemma-base-2026-12-01 re-scored: 4 of its 20 terse prompts are tuned answers the cap cut (showcase-c: 17 of 258)."""
+    rows = alpaca_rows(24)
+    answers = {"base": [(LOOPING, False)] * 24, "tuned": [(" ".join(f"word{i}" for i in range(70)), False)] * 24}
+    res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=96)
+    lc = res["summary"]["length_check"]
+    assert lc["tuned_looped"] == 0 and lc["tuned_capped"] == lc["fallback"] == 24, lc
+    assert not [w for w in _length_lines(res) if w.startswith("TERSER")], _length_lines(res)
