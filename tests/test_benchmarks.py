@@ -559,7 +559,8 @@ def test_verdict_warns_when_tuned_got_terser_and_reference_loss_rose():
     from tasks.evaluate import make_verdict
 
     v = make_verdict({}, None, {"alpaca_eval": _alpaca_result(96, 7, 1.80, 2.10)}, 0.95)
-    assert any(w.startswith("TERSER: tuned median answer on open-ended prompts is 7 words vs base 96") for w in v["warnings"]), v
+    assert any(w.startswith("TERSER: on 40 of 40 prompts whose tuned answer does not loop") and "tuned 7 words, helpful length 96" in w
+               for w in v["warnings"]), v
     assert any(w.startswith("REFERENCE LOSS ROSE") and "beyond the interval" in w for w in v["warnings"]), v
     assert any(x.startswith("AlpacaEval reference loss") for x in v["worse"])
     ok = make_verdict({}, None, {"alpaca_eval": _alpaca_result(96, 60, 1.80, 1.60)}, 0.95)

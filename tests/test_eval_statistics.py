@@ -539,8 +539,8 @@ def test_terser_measures_against_the_reference_where_the_base_loops(monkeypatch,
     if expected is None:
         assert warnings == [], warnings
     else:
-        assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "(each cut where its loop begins)" in warnings[0], warnings
-        assert "references' median 150 words" in warnings[0], warnings
+        assert len(warnings) == 1 and warnings[0].startswith("TERSER: on 24 of 24 prompts whose tuned answer does not loop"), warnings
+        assert "prompt said back: 24 prompts" in warnings[0] and "tuned 40 words, helpful length 150" in warnings[0], warnings
 
 
 # Review of fd0bd84 (the TERSER check with loops cut), 2026-12-07: what it still gets wrong.
@@ -562,7 +562,7 @@ def test_a_base_that_only_gives_the_prompt_back_before_its_loop_is_no_measure_of
     # the base's answers are no measure: each prompt's reference answer (150 words) is
     assert lc["base_looped"] == lc["fallback"] == lc["terse"] == 24 and lc["unknown"] == 0
     warnings = [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
-    assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "where the base's answer loops or gives the prompt back: 24 prompts" in warnings[0], warnings
+    assert len(warnings) == 1 and warnings[0].startswith("TERSER:") and "prompt said back: 24 prompts" in warnings[0], warnings
     # and a tuned model that answers at the references' length is not terser
     answers["tuned"] = [(" ".join(f"w{i}" for i in range(120)), True)] * 24
     res, _ = run(monkeypatch, "alpaca_eval", rows, answers, {"base": [(1.0, 1)] * 24, "tuned": [(1.0, 1)] * 24}, cap=512)
@@ -720,8 +720,9 @@ def test_verdict_names_the_benchmarks_the_training_data_was_deduped_against(monk
 
 def test_empty_answers_that_run_to_the_cap_are_terse(monkeypatch):
     """A tuned model spending the cap on whitespace reads as empty: terse, even though it never stopped."""
-    answers = {"base": [("one two three four", True)] * 6, "tuned": [("", False)] * 6}
-    res, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(6), answers, {"base": [(1.0, 1)] * 6, "tuned": [(1.0, 1)] * 6})
+    # (8 prompts: TERSER is not called from fewer judged answers, evaluate.TERSE_MIN_JUDGED)
+    answers = {"base": [("one two three four five six", True)] * 8, "tuned": [("", False)] * 8}
+    res, _ = run(monkeypatch, "alpaca_eval", alpaca_rows(8), answers, {"base": [(1.0, 1)] * 8, "tuned": [(1.0, 1)] * 8})
     assert any(w.startswith("TERSER:") for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"])
 
 
@@ -993,8 +994,6 @@ def _length_lines(res: dict) -> list[str]:
     return [w for w in ev.make_verdict({}, None, {"alpaca_eval": res}, 0.95)["warnings"] if w.startswith(("TERSER", "LENGTH"))]
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: the TERSER line sets the tuned median against the base's loops-cut median, "
-                                       "which is not the measure where the base loops (fallback); it reads 'tuned 40 vs base 13 ... terser'")
 def test_terser_does_not_set_a_longer_tuned_median_against_a_base_median_that_was_not_the_measure(monkeypatch):
     """Gemma-3-270M base loops on 802 of 805 AlpacaEval prompts, 19 words before the loop at the median; q3 re-scored
     reads 'TERSER: tuned median answer ... is 155 words vs base 19 (each cut where its loop begins); on 353 of 695
@@ -1011,8 +1010,6 @@ def test_terser_does_not_set_a_longer_tuned_median_against_a_base_median_that_wa
     assert m is None or int(m[1]) < int(m[2]), line
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: 'tuned median' counts the answers that loop (cut at their loop) while "
-                                       "the count beside it leaves them out: the number describes other answers than the count")
 def test_terser_tuned_median_is_over_the_answers_it_judged(monkeypatch):
     """Half the tuned answers say two words and loop (left to LOOPS, not judged), half end at 40 words against a
     120-word base: TERSER on 12 of 12 prompts whose tuned answer does not loop, but 'tuned median answer ... is 21
@@ -1029,8 +1026,6 @@ def test_terser_tuned_median_is_over_the_answers_it_judged(monkeypatch):
     assert "21 words" not in line, line  # the judged answers' median is 40
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: a base that says the prompt back and then answers, and stops, is measured "
-                                       "with the prompt it repeated; a tuned answer as long as the base's answer reads terse")
 def test_a_base_that_repeats_the_prompt_then_answers_is_measured_by_its_answer(monkeypatch):
     """copies_prompt needs 70% of the base's trigrams in the prompt; a base that repeats a 40-word prompt and then answers
     it in 30 words (56%) is an answer, measured whole: 70 words. A tuned model that gives the same 30-word answer
@@ -1043,8 +1038,6 @@ def test_a_base_that_repeats_the_prompt_then_answers_is_measured_by_its_answer(m
     assert not [w for w in _length_lines(res) if w.startswith("TERSER")], _length_lines(res)
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: TERSER diagnoses 'a short-answer format' from 1 judged prompt of 24 "
-                                       "(the other 23 loop): judged has no floor")
 def test_terser_is_not_diagnosed_from_one_judged_prompt(monkeypatch):
     """23 of 24 tuned answers loop (LOOPS says so); the one that ends is short. TERSER reads 'on 1 of 1 prompts whose
     tuned answer does not loop ... the model may have learned a short-answer format': a diagnosis of the model from one
@@ -1057,8 +1050,6 @@ def test_terser_is_not_diagnosed_from_one_judged_prompt(monkeypatch):
     assert not [w for w in _length_lines(res) if "short-answer format" in w], _length_lines(res)
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: the model card shows none of length_check's counts (terse of judged, "
-                                       "fallback, tuned_looped): a run just under the TERSER line (q4: 342 of 694) shows nothing")
 def test_the_model_card_shows_the_length_checks_counts(monkeypatch):
     """q4 re-scored: 342 of 694 judged tuned answers are under half a helpful length, one short of the TERSER line; the
     card (benchmark_markdown) shows the medians but not this count, nor how many prompts were judged against the
@@ -1074,8 +1065,6 @@ def test_the_model_card_shows_the_length_checks_counts(monkeypatch):
     assert "11 of 24" in card, card
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: a tuned answer the cap cut (no loop) is counted terse against the reference "
-                                       "answer: its length is a floor, and at a small cap no answer can reach half a reference")
 def test_a_tuned_answer_cut_by_the_cap_is_not_terse_against_the_reference(monkeypatch):
     """Where the base loops, the tuned answer is measured against the prompt's reference (150 words here; AlpacaEval's
     median 347). At the CPU demo's cap (96 tokens, ~70 words) a tuned model that writes on until the cap cuts it is 'under
@@ -1090,8 +1079,6 @@ def test_a_tuned_answer_cut_by_the_cap_is_not_terse_against_the_reference(monkey
     assert not [w for w in _length_lines(res) if w.startswith("TERSER")], _length_lines(res)
 
 
-@pytest.mark.xfail(strict=True, reason="review-terser2: LENGTH NOT JUDGED calls the base's loops-cut median over all answers 'a floor'; "
-                                       "with loops in it it is the median of loops' openings and cut answers, a floor of nothing")
 def test_length_not_judged_says_a_floor_only_of_answers_the_cap_cut(monkeypatch):
     """Half the base answers loop (12 words before the loop), half the cap cut without a loop at 70 words; the tuned model
     ends every answer at 100 words. The 12 cut ones are unknown (half of 24: LENGTH NOT JUDGED), and the line says 'base
