@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="require `Authorization: Bearer KEY` on every request but /health (default: $QLORA_PIPELINE_API_KEY; "
                          "the variable keeps the key out of the process list)")
     sm.add_argument("--port", type=_port, default=8000, help="listen port, 1 to 65535 (default 8000)")
+    sm.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="let web pages of ORIGIN (scheme://host[:port], e.g. http://localhost:3000, or * for any) call the endpoint "
+                         "from a browser (CORS; repeatable; gguf: one). Default: no CORS headers, browsers on other origins are refused "
+                         "(the merged format; llama.cpp's server answers any origin)"),
     sm.add_argument("--ctx", type=int, default=4096, help="gguf: context length in tokens")
     sm.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
     return p
@@ -282,14 +286,21 @@ def cmd_serve_model(args) -> int:
     import subprocess
 
     from tasks.common import StageError
-    from tasks.export import (API_KEY_ENV, gguf_to_serve, is_loopback, make_serving_folder, record_server, remove_stale_serving_folders,
-                              require_free_port, serve_gguf, transformers_serve_command)
+    from tasks.export import (API_KEY_ENV, cors_origin_problem, gguf_to_serve, is_loopback, make_serving_folder, record_server,
+                              remove_stale_serving_folders, require_free_port, serve_gguf, transformers_serve_command)
     from tasks.publish import answer_stop_ids, find_run, own_code_file, require_current, require_safetensors
 
     if args.gguf_type and args.format == "merged":
         print(f"error: --gguf-type {args.gguf_type} picks a GGUF, which --format merged does not serve; drop one of them", file=sys.stderr)
         return EXIT_CONFIG
     args.format = args.format or ("gguf" if args.gguf_type else "merged")  # --gguf-type f16 served the merged model
+    if bad := next(filter(None, map(cors_origin_problem, args.cors_origin)), None):
+        print(f"error: {bad}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.format == "gguf" and len(set(args.cors_origin)) > 1:
+        print(f"error: --format gguf answers one --cors-origin (llama.cpp's server names one origin, or *), given {len(set(args.cors_origin))}: "
+              f"{', '.join(args.cors_origin)}; keep one, or serve the merged format, which answers several", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         folder = find_run(args.run, _artifacts_dir(args.artifacts_dir))
         gguf = gguf_to_serve(folder, args.gguf_type) if args.format == "gguf" else None
@@ -321,7 +332,8 @@ def cmd_serve_model(args) -> int:
             f"application/json'{auth} -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'")
     if gguf:
         try:
-            serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True))
+            serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True),
+                       cors_origin=args.cors_origin[0] if args.cors_origin else None)
         except StageError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_STAGE
@@ -335,7 +347,7 @@ def cmd_serve_model(args) -> int:
     if stale:
         print(f"removed {len(stale)} serving folder(s) left by a killed serve-model: {', '.join(map(str, stale))}", file=sys.stderr)
     workdir = make_serving_folder()  # the server's folder: this process removes it once the server has exited
-    command = transformers_serve_command(folder / "merged", name, args.host, args.port, workdir, stop_ids)
+    command = transformers_serve_command(folder / "merged", name, args.host, args.port, workdir, stop_ids, args.cors_origin)
     proc = subprocess.Popen(command, start_new_session=True, env=env)
     try:
         record_server(workdir, proc.pid)

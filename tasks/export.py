@@ -628,6 +628,39 @@ SERVED_PATHS = ("/health", "/v1/models", "/v1/chat/completions", "/v1/completion
 MODEL_PATH = "/v1/models/"  # + a model id: OpenAI's retrieve-model (`served_model_route`), served too
 
 
+CORS_ORIGIN_FORM = "scheme://host[:port] as a browser sends it (e.g. http://localhost:3000), or *"
+
+
+def cors_origin_problem(origin: str) -> str | None:
+    """Why `origin` cannot be a --cors-origin (one line naming it and the fix), or None: `*` (any origin) or an origin
+    exactly as a browser sends it in its Origin header, which CORS compares as a string: a lower-case scheme and host, a
+    port only where it is not the scheme's default, no path (not even '/'). "http://localhost:3000/" or
+    "http://LOCALHOST:3000" would never match a browser's "http://localhost:3000": refused with the spelling that does."""
+    from urllib.parse import urlsplit
+
+    said = f"--cors-origin {origin!r}"
+    if origin == "*":
+        return None
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([/?#].*)?", origin)
+    if not m or not m[2] or re.search(r"[\s@,]", m[2]):  # no host, a user, a space, a list in one value
+        return f"{said} is not an origin: give {CORS_ORIGIN_FORM}, one per --cors-origin"
+    try:
+        parts = urlsplit(f"{m[1]}://{m[2]}")
+        port = parts.port
+    except ValueError:
+        return f"{said} has no valid host[:port] (a port is 1 to 65535): give {CORS_ORIGIN_FORM}"
+    if not parts.hostname or port == 0:
+        return f"{said} has no valid host[:port] (a port is 1 to 65535): give {CORS_ORIGIN_FORM}"
+    default = {"http": 80, "https": 443}.get(m[1].lower())
+    netloc = m[2].lower().removesuffix(":")  # 'http://x:' is sent as 'http://x'
+    if port is not None and port == default:
+        netloc = netloc.rsplit(":", 1)[0]
+    spelt = f"{m[1].lower()}://{netloc}"
+    if m[3] or spelt != origin:  # a path, upper case, the default port: what the browser sends is `spelt`
+        return f"{said} never matches what a browser sends (its Origin header has no path, a lower-case scheme and host, no default port): give {spelt}"
+    return None
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -660,11 +693,13 @@ def require_free_port(host: str, port: int) -> None:
         raise StageError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --host or --port") from e
 
 
-def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None) -> None:
+def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None,
+               cors_origin: str | None = None) -> None:
     """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C.
 
     The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
-    `Authorization: Bearer <key>` (llama.cpp's own check)."""
+    `Authorization: Bearer <key>` (llama.cpp's own check). `cors_origin` (one origin or "*"): the only origin its CORS
+    headers name (GGUF_CORS_HEADERS); None leaves llama.cpp's own CORS as it is, which names back any origin."""
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
@@ -678,6 +713,11 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params.cpuparams.n_threads = usable_cores()
     if api_key:
         params.api_keys = [api_key]
+    if cors_origin:
+        # llama.cpp sends cors_origins as it is in Access-Control-Allow-Origin (a list there matches no browser: one
+        # origin), answering a preflight before its key check; cors_headers likewise (see GGUF_CORS_HEADERS)
+        params.cors_origins, params.cors_origins_explicit, params.cors_credentials = cors_origin, True, False
+        params.cors_headers = GGUF_CORS_HEADERS
     try:
         server = xlc.Server(params)
     except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)
@@ -701,6 +741,10 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
         stop_gguf_server(held)
 
 
+# llama.cpp's Access-Control-Allow-Headers for a --cors-origin, sent as it is: by the Fetch standard its default "*"
+# never covers Authorization, which a keyed request sends (Chromium 156 still lets it by, measured 2026-12-07; a browser
+# that follows the standard need not); "*" beside it covers the rest (Content-Type, the OpenAI JS SDK's x-stainless-*).
+GGUF_CORS_HEADERS = "Authorization, *"
 GGUF_STOP_GRACE_S = 5  # how long a stop waits for llama.cpp's server to finish the requests it is answering
 
 
@@ -847,12 +891,14 @@ def remove_stale_serving_folders(parent: Path | None = None) -> list[Path]:
     return removed
 
 
-def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path, stop_ids: list[int]) -> list[str]:
+def transformers_serve_command(merged: Path, name: str, host: str, port: int, workdir: str | Path, stop_ids: list[int],
+                               cors_origins: list[str] = ()) -> list[str]:
     """`transformers serve` (FastAPI, OpenAI-compatible) with the merged folder preloaded under `name`, its answers
     ending at `stop_ids` too (serving_model_folder), run by `serve_merged` in its own process, in `workdir` (which the
     caller removes once that process has exited); the API key, if any, travels in the environment ($QLORA_PIPELINE_API_KEY)."""
     return [sys.executable, "-m", "tasks.export", "serve-merged", str(merged), "--name", name, "--host", host, "--port", str(port),
-            "--workdir", str(workdir), "--parent", str(os.getpid()), "--stop-ids", *map(str, stop_ids)]
+            "--workdir", str(workdir), "--parent", str(os.getpid()), "--stop-ids", *map(str, stop_ids),
+            *(a for origin in cors_origins for a in ("--cors-origin", origin))]
 
 
 def serving_model_folder(merged: Path, dest: Path, stop_ids: list[int]) -> None:
@@ -876,7 +922,8 @@ def serving_model_folder(merged: Path, dest: Path, stop_ids: list[int]) -> None:
         write_json(dest / "generation_config.json", settings)
 
 
-def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path, stop_ids: list[int]) -> None:
+def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | None, workdir: Path, stop_ids: list[int],
+                 cors_origins: list[str] = ()) -> None:
     """`transformers serve`, pinned to the merged folder under the published `name`, with an optional API key.
 
     transformers serve names a pinned local model by the path it was given (/v1/models shows the path, answers carry
@@ -884,7 +931,8 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
     of links to the merged folder's files (serving_model_folder: its answers end at `stop_ids` too): it loads the same
     weights, lists and answers as `name`, and no path leaves the machine. A request
     naming another model is answered by this one, as llama.cpp's server does (`answer_as_openai_does`). It has no
-    API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered (ServedOnly)."""
+    API-key option: a middleware checks the key, and only the inference routes (SERVED_PATHS) are answered (ServedOnly),
+    which also answers browsers from `cors_origins` (CORS; none: no CORS headers at all, a preflight refused)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from transformers.cli import serve as hf_serve
@@ -899,7 +947,7 @@ def serve_merged(merged: Path, name: str, host: str, port: int, api_key: str | N
         answer_head_where_get_is_served(app)
         if not hasattr(hf_utils, "CancelOnDisconnect"):  # transformers <= 5.24 (5.17): 5.25 adds its own
             app.add_middleware(CancelOnDisconnect)
-        app.add_middleware(ServedOnly, name=name, api_key=api_key)  # the outermost layer: added last
+        app.add_middleware(ServedOnly, name=name, api_key=api_key, cors_origins=cors_origins)  # the outermost layer: added last
 
         @app.exception_handler(StarletteHTTPException)
         async def routing_error(request, exc):
@@ -960,10 +1008,17 @@ class ServedOnly:
     logged "Exception in ASGI application" with a traceback (a review, 2026-12-07). Here the app just returns, and
     uvicorn, which saw the client leave, logs nothing. A request still answered when a stop's grace ends
     (_bounded_graceful_shutdown) is cancelled by uvicorn: it ends here, its stream closed or a 503 sent if nothing was,
-    where uvicorn would log the cancellation with a traceback (BaseHTTPMiddleware's task group took it quietly)."""
+    where uvicorn would log the cancellation with a traceback (BaseHTTPMiddleware's task group took it quietly).
 
-    def __init__(self, app, name: str, api_key: str | None) -> None:
-        self.app, self.name, self.api_key = app, name, api_key
+    With `cors_origins` (serve-model --cors-origin), browsers on those origins are answered (Starlette's CORSMiddleware,
+    `with_cors`): a preflight before the key check, since a browser sends it without the Authorization header its real
+    request will carry, and every answer, the 401 and 404 this layer sends included, with the CORS headers a browser
+    needs to read it. The CORS layer sits inside this one, not around it: `end_cut` finds uvicorn's connection through
+    the `send` it is given, which CORSMiddleware would wrap. Without origins no CORS header is ever sent."""
+
+    def __init__(self, app, name: str, api_key: str | None, cors_origins: list[str] = ()) -> None:
+        self.cors_origins = list(cors_origins)
+        self.app, self.name, self.api_key = self.with_cors(app), name, api_key
         self.answering: set[asyncio.Task] = set()  # the requests under way (their tasks), which a stop waits for
         self.server = None  # the uvicorn Server serving this app (serving_server), once seen: it says when to force quit
 
@@ -973,9 +1028,11 @@ class ServedOnly:
             return await self.app(scope, self.shutdown_after_the_cut(receive), send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.cors_origins and is_preflight(scope):  # answered by the CORS layer alone, whatever the path and key
+            return await self.app(scope, receive, send)
         scope, refused = self.guarded(scope)
         if refused is not None:
-            return await refused(scope, receive, send)
+            return await self.with_cors(refused)(scope, receive, send)
         task = asyncio.current_task()
         self.answering.add(task)
         try:
@@ -1000,6 +1057,10 @@ class ServedOnly:
             return message
 
         return receiving
+
+    def with_cors(self, app):
+        """`app` answering browsers from the served origins (`cors_middleware`), or `app` itself where there are none."""
+        return cors_middleware(app, self.cors_origins) if self.cors_origins else app
 
     def forced(self) -> bool:
         """Whether uvicorn was told to quit without waiting (a second Ctrl-C during a stop: its `force_exit`)."""
@@ -1050,9 +1111,9 @@ class ServedOnly:
         if started:
             ending = send({"type": "http.response.body", "body": sent.cut_end(scope["path"]), "more_body": False})
         else:
-            ending = openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
-                                  "after a stop are cut off); send the request again once it is back", None, 503,
-                                  kind="server_error")(scope, receive, send)
+            ending = self.with_cors(openai_error(f"the server stopped before answering (requests still answered {GGUF_STOP_GRACE_S} s "
+                                                 "after a stop are cut off); send the request again once it is back", None, 503,
+                                                 kind="server_error"))(scope, receive, send)
         try:
             done = await self.until_done_or_forced(ending, CUT_END_S)
         except asyncio.CancelledError:  # a forced quit ended the event loop, which cancels what still runs: this too
@@ -1096,6 +1157,26 @@ class ServedOnly:
         auth = headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+
+CORS_METHODS = ("GET", "HEAD", "POST")  # what the served paths take: the method a preflight asks for is one of them
+
+
+def cors_middleware(app, origins: list[str]):
+    """`app` behind Starlette's CORSMiddleware for the browser `origins` (or "*"). allow_headers "*" makes it name back
+    the headers a preflight asks for (Authorization, Content-Type, the OpenAI JS SDK's x-stainless-*) one by one: by the
+    Fetch standard a "*" in Access-Control-Allow-Headers never covers Authorization, which a keyed request sends.
+    No credentials: the key travels in a header, not a cookie, and so "*" can mean any origin."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=list(origins), allow_methods=CORS_METHODS, allow_headers=["*"])
+
+
+def is_preflight(scope: dict) -> bool:
+    """Whether an HTTP request is a browser's CORS preflight: OPTIONS with Origin and Access-Control-Request-Method, as
+    CORSMiddleware tells one (anything else, an OPTIONS without them included, is an ordinary request)."""
+    names = {k for k, _ in scope.get("headers", ())}
+    return scope["method"] == "OPTIONS" and b"origin" in names and b"access-control-request-method" in names
 
 
 def serving_server():
@@ -3920,12 +4001,14 @@ def _main(argv: list[str] | None = None) -> int:
     sm.add_argument("--workdir", type=Path, required=True, help="an empty folder to serve from (the caller removes it)")
     sm.add_argument("--parent", type=int, help="stop when this process (serve-model) is gone, even killed with SIGKILL")
     sm.add_argument("--stop-ids", type=int, nargs="*", default=[], help="token ids that end an answer besides the model's EOS")
+    sm.add_argument("--cors-origin", action="append", default=[], help="a browser origin the server answers (CORS), or *; repeatable")
     args = p.parse_args(argv)
     if args.parent:
         from .common import stop_when_orphaned
 
         stop_when_orphaned(args.parent)
-    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir, args.stop_ids)
+    serve_merged(args.merged, args.name, args.host, args.port, os.environ.get(API_KEY_ENV) or None, args.workdir, args.stop_ids,
+                 args.cors_origin)
     return 0
 
 

