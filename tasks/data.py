@@ -39,8 +39,9 @@ from .common import (COMPLETE, StageError, building, cached_sha256, changed_file
                      maybe_fault, prune_memos_when_due, prune_render_memos, remember, render_memo_dir, stage_dir, used_memo,
                      write_json)
 from .config import DataSection, MixSource, ModelSection, installed_version
-from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, load_tokenizer,
-                     local_folder, model_fingerprint, remote_code_key, resolve_model, raised_by_template, template_message, template_source)
+from .models import (PROBE_ANSWER, PROBE_EXCHANGE, ModelRef, UnmarkedAnswer, answer_renderings, check_chat_template, default_template,
+                     load_tokenizer, local_folder, model_fingerprint, remote_code_key, resolve_model, raised_by_template, template_message,
+                     template_source)
 
 DATA_VERSION = 8  # bump when formatting/tokenization changes so cached data is rebuilt (7: BOS-opened default template, repeats
 # dropped across sources, punctuation-blind benchmark dedupe, a mix row's own system turn kept alone; 8: turns of one role
@@ -1204,7 +1205,8 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
     for ex in train + held:
         h.update(json.dumps(ex["input_ids"]).encode())
         h.update(json.dumps(ex["labels"]).encode())
-    template_hash = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
+    template = default_template(tok) or ""  # the one rows render with, not the named ones beside it
+    template_hash = hashlib.sha256(template.encode()).hexdigest()[:16]
     has_checkers = all("check" in e for e in extra if e["source"] == data.source)
     record = DataRecord(
         key=key,
@@ -1228,7 +1230,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         max_length=data.max_length,
         sources=source_stats,
         dedupe=dedupe,
-        rows_key=rows_fingerprint(train, held, extra, tok.chat_template or "", stops, has_checkers, data, ref.fingerprint),
+        rows_key=rows_fingerprint(train, held, extra, template, stops, has_checkers, data, ref.fingerprint),
         rendering=rendering,
     )
     with building(out, record_files=True) as tmp:  # an arrow file cut short or changed in place is refused (`changed_file`)
@@ -1237,7 +1239,7 @@ def _build(data: DataSection, model: ModelSection, ref: ModelRef, key: str, out:
         with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as f:
             for e in extra:
                 f.write(jsonl_line(e))
-        (tmp / "chat_template.jinja").write_text(tok.chat_template or "", encoding="utf-8")
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         write_json(tmp / "stats.json", {"dropped": dict(dropped), "n_train": len(train), "n_heldout": len(held),
                                         "sources": source_stats, "dedupe": dedupe})
         write_json(tmp / "record.json", record.model_dump(mode="json"))

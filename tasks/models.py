@@ -602,6 +602,23 @@ def _fast_instead_of_mistral_common(ref: ModelRef, kwargs: dict, common):
     return fast
 
 
+def default_template(tok) -> str | None:
+    """The chat template a chat renders with when no template is named: `tok.chat_template`, or its "default" entry
+    where the tokenizer holds named templates too. transformers loads those (a folder's additional_chat_templates/*.jinja,
+    a tokenizer_config.json list of named templates as Command-R's) as a dict {"default": ..., "tool_use": ...}, which
+    stage 1 took for the template's text and stopped on with a traceback (AttributeError: 'dict' object has no attribute
+    'encode')."""
+    template = getattr(tok, "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def set_default_template(tok, template: str) -> None:
+    """Make `template` the one chats render with, keeping the tokenizer's named templates (`default_template`), which
+    save_pretrained writes to additional_chat_templates/ beside chat_template.jinja: merged/ and adapter/ carry them."""
+    named = getattr(tok, "chat_template", None)
+    tok.chat_template = {**named, "default": template} if isinstance(named, dict) else template
+
+
 def load_tokenizer(ref: ModelRef, model: ModelSection):
     """The tokenizer with a chat template (the configured one, its own, or the project's default) and a pad token; a
     fast one where transformers picked mistral-common's and the folder loads without it (MISTRAL_COMMON)."""
@@ -614,11 +631,11 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
         raise _load_error(ref, model, e) from e
     if type(tok).__name__ == MISTRAL_COMMON:
         tok = _fast_instead_of_mistral_common(ref, kwargs, tok) or tok  # else `check_offsets` says why and what to do
-    own = bool(model.chat_template or getattr(tok, "chat_template", None))
+    own = bool(model.chat_template or default_template(tok))
     if model.chat_template:
-        tok.chat_template = model.chat_template
-    elif not getattr(tok, "chat_template", None):
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+        set_default_template(tok, model.chat_template)
+    elif not default_template(tok):
+        set_default_template(tok, DEFAULT_CHAT_TEMPLATE)
         if model.name not in _warned_default_template:  # said once per process, not once per stage
             _warned_default_template.add(model.name)
             logging.getLogger("qlora_pipeline").warning(
@@ -632,7 +649,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     if adds_bos(tok) and not _renders_bos(tok):
         # The tokenizer puts BOS before every text (pretraining always had it) but the template does not: open the
         # template with it, or training and stage 5 would run without the BOS that llama.cpp/Ollama add.
-        tok.chat_template = "{{ bos_token }}" + tok.chat_template
+        set_default_template(tok, "{{ bos_token }}" + default_template(tok))
         if own and model.name not in _warned_bos:
             _warned_bos.add(model.name)
             logging.getLogger("qlora_pipeline").warning(

@@ -5866,3 +5866,54 @@ def test_serve_model_gguf_cors_names_the_one_origin_answers_its_preflight_before
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
     assert rc == 0 and "stopped" in log.read_text(), log.read_text()[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter/ carries the tokenizer's named chat templates (additional_chat_templates/), as merged/ does
+
+TOOL_USE_TEMPLATE = "{% for m in messages %}[tool-use {{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+
+def test_adapter_carries_the_named_chat_templates_of_additional_chat_templates_and_its_tokenizer_renders_them(tmp_path):
+    """A base whose tokenizer folder has additional_chat_templates/tool_use.jinja (transformers 5 loads it as the named
+    template "tool_use"): merged/ gets it from merge's save_pretrained, and a user loading base + adapter with the
+    adapter's tokenizer (the card's snippet) must find it too: adapter/ holds the same file, listed in the MANIFEST, and
+    AutoTokenizer on adapter/ renders a chat with chat_template="tool_use" as on merged/. Such a base stopped stage 1
+    with a traceback before (its tokenizer's chat_template is a dict of the named templates: `default_template`). A folder
+    whose adapter/ lacks them (published by hand, or by an older copy) is published again on the rerun, saying why."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+    from tasks.publish import MANIFEST, republish_reason
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    local = tmp_path / "models" / "named-templates"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
+    (local / "additional_chat_templates").mkdir()
+    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}"])
+    pub, records = _publish(cfg, str(art), "r1")
+    for side in ("merged", "adapter"):
+        assert (pub / side / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE_TEMPLATE, side
+    listed = {f["path"] for f in json.loads((pub / MANIFEST).read_text())["files"]}
+    assert {"adapter/additional_chat_templates/tool_use.jinja", "merged/additional_chat_templates/tool_use.jinja"} <= listed
+    chat = [{"role": "user", "content": "Write cat in uppercase."}]
+    rendered = {side: AutoTokenizer.from_pretrained(str(pub / side)).apply_chat_template(chat, chat_template="tool_use", tokenize=False)
+                for side in ("merged", "adapter")}
+    assert rendered["adapter"] == rendered["merged"] and rendered["adapter"].startswith("[tool-use user] Write cat"), rendered
+    assert republish_reason(pub) is None
+
+    from tasks.publish import publish_artifacts
+
+    shutil.rmtree(pub / "adapter" / "additional_chat_templates")  # a folder whose adapter/ lacks them, complete by its MANIFEST
+    manifest = json.loads((pub / MANIFEST).read_text())
+    manifest["files"] = [f for f in manifest["files"] if not f["path"].startswith("adapter/additional_chat_templates/")]
+    (pub / MANIFEST).write_text(json.dumps(manifest))
+    lines = []
+    publish_artifacts(cfg, "r1", records, log_fn=lines.append)
+    assert any("adapter lacks additional_chat_templates" in line and "publishing it again" in line for line in lines), lines
+    assert (pub / "adapter" / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE_TEMPLATE
