@@ -321,6 +321,9 @@ def cmd_serve_model(args) -> int:
     if not args.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches port {args.port} can use the model; "
               f"pass --api-key or set ${API_KEY_ENV}", file=sys.stderr, flush=True)
+    if not args.api_key and "*" in args.cors_origin:  # loopback too: the browser runs on this machine
+        print(f"warning: --cors-origin * without an API key: any web page open in a browser that reaches port {args.port} can use "
+              f"the model; name the page's origin or pass --api-key", file=sys.stderr, flush=True)
     _stop_on_ctrl_c_or_sigterm()
     name = folder.name  # the published name: what the request's "model" says, and all /v1/models shows
     url = f"http://{args.host}:{args.port}/v1"

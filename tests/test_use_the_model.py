@@ -498,6 +498,14 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
     for host in ("127.0.0.1", "localhost", "::1"):  # loopback: no warning
         assert main(["serve-model", "r1", "--host", host, "--artifacts-dir", str(art)]) == 0
         assert "warning" not in capsys.readouterr().err
+    # any web page may call it (CORS *) and no key asked: on loopback too, the browser being on this machine
+    assert main(["serve-model", "r1", "--cors-origin", "*", "--artifacts-dir", str(art)]) == 0
+    assert "warning: --cors-origin * without an API key: any web page" in capsys.readouterr().err
+    cmd, _ = _FakeServer.started[-1]
+    assert cmd[-2:] == ["--cors-origin", "*"]  # handed to the server process
+    for argv in (["--cors-origin", "http://localhost:3000"], ["--cors-origin", "*", "--api-key", "k"]):
+        assert main(["serve-model", "r1", *argv, "--artifacts-dir", str(art)]) == 0
+        assert "warning" not in capsys.readouterr().err, argv
 
     seen = {}
     monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None, cors_origin=None:
