@@ -4957,14 +4957,16 @@ def test_serve_model_merged_handle_request_a_recursion_error_on_a_flat_request_q
     assert "RecursionError" in done.stderr and "chat completions request" in done.stderr, done.stderr[-2000:]
 
 
-def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(tmp_path):
+@pytest.mark.parametrize("cors", [None, ["*"]], ids=["plain", "cors"])
+def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(tmp_path, cors):
     """S4 ends a stream the stop's grace cuts off with an error and [DONE], sent from ServedOnly's CancelledError branch
     with `await send(...)`. uvicorn's h11 send waits for the transport to drain *before* it writes (not "writes, then
     waits", as `noting` says): cut while its client reads nothing (curl suspended with Ctrl-Z, a stalled consumer), the
     stream's task waits there again, and the server does not stop until the client reads, however long (serve-model
     then escalates to SIGINT, its stop-now signal, SIGKILL: ~20 s more, the ending lost). Shown with uvicorn serving
     ServedOnly around a stand-in app streaming 64 KB events (as a model streams, faster, to fill the socket buffers in
-    seconds), its graceful-stop timeout 2 s; the same on the real server takes minutes of this tiny model's tokens."""
+    seconds), its graceful-stop timeout 2 s; the same on the real server takes minutes of this tiny model's tokens.
+    With --cors-origin (`cors`) and a browser's Origin header too: the CORS layer wraps the `send` end_cut aborts by."""
     import signal
     import socket
     import subprocess
@@ -4983,15 +4985,16 @@ def test_served_only_a_stream_whose_client_stops_reading_does_not_hold_the_stop(
         "            yield 'data: {\"choices\": [{\"delta\": {\"content\": \"' + 'x' * 65536 + '\"}, \"index\": 0}]}\\n\\n'\n"
         "            await asyncio.sleep(0.01)\n"
         "    await StreamingResponse(events(), media_type='text/event-stream')(scope, receive, send)\n"
-        f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None), host='127.0.0.1', port={port}, lifespan='off', http='h11',\n"
-        "                              timeout_graceful_shutdown=2)).run()\n")
+        f"uvicorn.Server(uvicorn.Config(ServedOnly(app, 'm', None, {cors!r} or ()), host='127.0.0.1', port={port}, lifespan='off',\n"
+        "                              http='h11', timeout_graceful_shutdown=2)).run()\n")
     proc, log = _stand_in_server(script)  # up (no request yet)
     client = socket.socket()
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect(("127.0.0.1", port))
         body = b'{"messages": []}'
-        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        origin = b"Origin: http://localhost:3000\r\n" if cors else b""
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (origin, len(body)) + body)
         time.sleep(3)  # the stream fills the socket buffers: the client reads nothing
         proc.send_signal(signal.SIGINT)
         try:
