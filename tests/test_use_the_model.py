@@ -5928,3 +5928,49 @@ def test_adapter_carries_the_named_chat_templates_of_additional_chat_templates_a
     publish_artifacts(cfg, "r1", records, log_fn=lines.append)
     assert any("adapter lacks additional_chat_templates" in line and "publishing it again" in line for line in lines), lines
     assert (pub / "adapter" / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE_TEMPLATE
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_ends_an_answer_at_chatml_s_end_of_turn_where_the_gguf_s_eos_is_another_token(own_published, tmp_path):
+    """GGUF serving's stops: a model whose ChatML turns end with <|im_end|> while its EOS is another token (Qwen2.5 base's
+    case), converted by the export's converter (`convert_to_gguf`), served by `serve-model --format gguf`: llama.cpp ends
+    generation at the tokens its vocabulary marks end-of-generation, which it finds by their text (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, ...) beside the GGUF's EOS, so the answer stops at the end of its turn, not at the length limit. The
+    model is the demo's SmolLM2-135M-Instruct (its HF folder, as stage 1 builds it) with its EOS set to <|endoftext|>;
+    the tiny model's tokenizer does not convert. Measured 2026-12-07: 24 tokens, finish_reason stop (no fix needed)."""
+    import shutil
+    import signal
+
+    from gguf import GGUFReader
+
+    from tasks.config import load_config
+    from tasks.export import convert_to_gguf, ensure_converter
+    from tasks.models import resolve_model
+
+    demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'demo-art'}"])
+    hf = tmp_path / "smollm2-eos-endoftext"
+    shutil.copytree(resolve_model(demo.model, str(tmp_path / "demo-art")).path, hf, ignore=shutil.ignore_patterns("COMPLETE"))
+    for name, key, value in (("tokenizer_config.json", "eos_token", "<|endoftext|>"), ("config.json", "eos_token_id", 0),
+                             ("generation_config.json", "eos_token_id", 0)):
+        if (hf / name).is_file():
+            conf = json.loads((hf / name).read_text())
+            (hf / name).write_text(json.dumps({**conf, key: value}))
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    (copy / "gguf").mkdir(exist_ok=True)
+    gguf = copy / "gguf" / f"{copy.name}-f16.gguf"
+    convert_to_gguf(hf, gguf, "f16", ensure_converter())
+    field = GGUFReader(str(gguf)).fields["tokenizer.ggml.eos_token_id"]
+    assert int(field.parts[field.data[0]][0]) == 0  # the EOS is <|endoftext|>: <|im_end|> (id 2) is not it
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
+    try:
+        chat = {"model": copy.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 96, "temperature": 0}
+        code, body = _request(f"{base}/v1/chat/completions", chat)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    answer = json.loads(body)
+    assert code == 200 and answer["choices"][0]["finish_reason"] == "stop", body
+    assert answer["usage"]["completion_tokens"] < 96 and "im_start" not in answer["choices"][0]["message"]["content"], body
+    assert rc == 0, log.read_text()[-3000:]
