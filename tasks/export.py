@@ -559,7 +559,8 @@ def _update_card(folder: Path, built: dict, shown: Path) -> None:
     text = card.read_text(encoding="utf-8")
     text = re.sub(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END) + "\n?", "", text, flags=re.S)
     text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(shown, built) + CARD_END + "\n"
-    card.write_text(text, encoding="utf-8")
+    if text != card.read_text(encoding="utf-8"):  # the same section again: the card keeps its mtime (a rerun's install)
+        card.write_text(text, encoding="utf-8")
 
 
 def deploy_section(pub: Path, built: dict) -> str:
@@ -589,7 +590,8 @@ def _update_manifest(pub: Path) -> None:
         size = p.stat().st_size
         same = old.get(rel) and old[rel]["bytes"] == size and rel != "README.md" and not rel.startswith(("gguf/", "gptq-w4a16/", "Modelfile"))
         entries.append(old[rel] if same else {"path": rel, "bytes": size, "sha256": file_sha256(p)})
-    write_json(pub / MANIFEST, {**manifest, "files": entries})  # its other keys (publish_version) kept: publish reads them
+    if entries != manifest["files"]:  # the same files: the manifest keeps its bytes and mtime (a rerun's install)
+        write_json(pub / MANIFEST, {**manifest, "files": entries})  # its other keys (publish_version) kept: publish reads them
 
 
 # ---------------------------------------------------------------------------------------------------------

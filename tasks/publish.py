@@ -691,11 +691,15 @@ def generation_config_ending_at(merged: Path, stop_ids: list[int]) -> dict | Non
 def _end_answers_at_stops(merged: Path, stop_ids: list[int]) -> None:
     """Write merged/generation_config.json (a copy of the cached merge's, whose file may be a link into the cache) with
     the published stop ids among its eos_token_id (`generation_config_ending_at`): a user of merged/ alone stops as
-    stage 5, `chat` and `serve-model` do."""
+    stage 5, `chat` and `serve-model` do. Where they add nothing (a template that ends turns at the EOS) the merge's
+    file stays as copied, its bytes and mtime: it was rewritten reformatted (no final newline, a new mtime), so the
+    published folder differed from the merge's for no content."""
     settings = generation_config_ending_at(merged, stop_ids)
-    if settings is not None:
-        (merged / "generation_config.json").unlink(missing_ok=True)
-        write_json(merged / "generation_config.json", settings)
+    path = merged / "generation_config.json"
+    if settings is None or (path.is_file() and read_json(path) == settings):
+        return
+    path.unlink(missing_ok=True)
+    write_json(path, settings)
 
 
 def merged_lacks_stops(folder: Path) -> str | None:

@@ -138,3 +138,54 @@ def test_an_export_records_installed_files_are_relative_to_the_folder(tmp_path):
                        system_prompt=None, seconds={})
     assert rec.installed() == {"gguf": {"f16": "gguf/out-f16.gguf"}, "modelfile": "Modelfile", "gptq": "gptq-w4a16"}
     assert rec.model_copy(update={"gguf": {}, "modelfile": None, "gptq_dir": None}).installed() == {"gguf": {}, "modelfile": None, "gptq": None}
+
+
+# What the tiny run's published folder holds after stage 8 (export.gguf=[f16] + Modelfile; base/: random weights are no Hub
+# model), tensorboard/ aside: each file is checked below.
+TINY_PUBLISHED = ["MANIFEST.json", "Modelfile", "README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                  "adapter/chat_template.jinja", "adapter/tokenizer.json", "adapter/tokenizer_config.json", "base/chat_template.jinja",
+                  "base/config.json", "base/generation_config.json", "base/model.safetensors", "base/tokenizer.json",
+                  "base/tokenizer_config.json", "eval.json",
+                  "gguf/tiny-mistral-lora-f16.gguf", "merged/chat_template.jinja", "merged/config.json", "merged/generation_config.json",
+                  "merged/model.safetensors", "merged/tokenizer.json", "merged/tokenizer_config.json", "pipeline.yaml",
+                  "plots/eval_chart.png", "plots/length_histogram.png", "plots/loss_curve.png", "provenance.json", "summary.json"]
+
+
+def _stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of `folder` (tensorboard/'s event files aside: listed by name only), as (bytes, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_that_reuses_the_published_folder_leaves_every_file_as_it_was(records, tiny_cfg, tmp_path, converted):
+    """Stages 7 and 8 run again on a folder that is current (the same run's name: a retried flow run, or one whose
+    Prefect records were lost): publish reuses it and the export installs the same files, so every file of the folder
+    keeps its bytes and mtime. The export's install wrote README.md and MANIFEST.json again with the same content (new
+    mtimes). And merged/generation_config.json is the merge's own file, bytes and mtime, where the stop ids add nothing
+    to its EOS (the tiny template ends turns at it): publish rewrote it reformatted, without its final newline."""
+    import time
+
+    from tasks.config import ExportSection
+    from tasks.export import export_artifacts
+    from tasks.publish import generation_config_ending_at, is_reusable, publish_artifacts
+
+    cfg = tiny_cfg.model_copy(update={"artifacts_dir": str(tmp_path / "artifacts"),
+                                      "export": ExportSection(gguf=["f16"], modelfile=True, modelfile_gguf="f16")})
+    run, logs = "reused", []
+
+    def stages_7_and_8():
+        pub = publish_artifacts(cfg, run, records, logs.append)
+        export_artifacts(records["merge"], pub, records["data"], cfg.export, cfg.data.system_prompt, cfg.artifacts_dir, logs.append, run_name=run)
+        return Path(pub.dir)
+
+    folder = stages_7_and_8()
+    merge_file = Path(records["merge"].merged_dir) / "generation_config.json"
+    assert generation_config_ending_at(merge_file.parent, records["data"].stop_token_ids) == json.loads(merge_file.read_text())  # adds nothing
+    published = folder / "merged" / "generation_config.json"
+    assert published.read_bytes() == merge_file.read_bytes() and published.stat().st_mtime_ns == merge_file.stat().st_mtime_ns
+    before = _stamps(folder)
+    assert sorted(k for k in before if not k.startswith("tensorboard/")) == TINY_PUBLISHED
+    time.sleep(0.01)  # a rewrite now has another mtime
+    assert stages_7_and_8() == folder and is_reusable(folder) and converted == ["f16"]
+    after = _stamps(folder)
+    assert after.keys() == before.keys()
+    assert [rel for rel in before if after[rel] != before[rel]] == []
