@@ -23,10 +23,12 @@ import os
 import platform
 import re
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import common
 from .common import StageError, building, cached_sha256, changed_file, fingerprint, is_complete, locked, stage_dir, transformers_logs_at_error
 from .config import ModelSection, QuantSection
 from .random_config import TOKENIZER_KEYS, random_config_problems
@@ -158,11 +160,38 @@ def _model_json(model: ModelSection, name: str, *, local: bool) -> dict:
                     return {}  # the hub has no such file (a local one means: offline, and not in the cache)
                 raise StageError(f"cannot read {name} of {model.name!r} from the hub ({type(e).__name__}) to tell whether "
                                  "model.trust_remote_code loads its own code; retry online, or set model.trust_remote_code: false") from e
+    return _json_once(path)
+
+
+_JSON_VERSIONS: dict[tuple, dict] = {}  # `_json_once`: (resolved path, size, mtime, inode, ctime) -> the file's object
+
+
+def _json_once(path: Path) -> dict:
+    """The JSON object the file `path` holds ({} where there is none or it is not one), parsed once per version of the
+    file in this process. `remote_code_key` is asked by each stage key that loads the model (data, probe, train,
+    evaluate, merge and `keyed_model`'s callers: a dozen times a run), and each call read and parsed config.json and
+    tokenizer_config.json again. A version is `cached_sha256`'s stamp of the resolved file (a Hub cache snapshot's link:
+    its blob, so another commit of the ref is another version), so a file rewritten in place or replaced is read again,
+    never answered from the memo; one changed within RACY_NS before it was read is not remembered (a filesystem with
+    1-2 s timestamps can keep every field of the stamp across a rewrite in the same second). A copy each time: the
+    caller's key holds it."""
     try:
-        got = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        real = path.resolve()
+        st = real.stat()
+    except OSError:
         return {}
-    return got if isinstance(got, dict) else {}
+    stamp = (str(real), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if stamp not in _JSON_VERSIONS:
+        started = time.time_ns()
+        try:
+            got = json.loads(real.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            got = {}
+        got = got if isinstance(got, dict) else {}
+        if max(st.st_mtime_ns, st.st_ctime_ns) >= started - common.RACY_NS:
+            return got
+        _JSON_VERSIONS[stamp] = got
+    return copy.deepcopy(_JSON_VERSIONS[stamp])
 
 
 def base_path_now(model: ModelSection, data: Any) -> str:

@@ -526,6 +526,64 @@ def test_a_hub_models_auto_map_is_read_at_its_revision_from_the_hub_cache_and_an
         remote_code_key(ModelSection(name="someorg/other", trust_remote_code=True))
 
 
+def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_again(tmp_path, monkeypatch):
+    """With model.trust_remote_code on, every stage key that loads the model asks `remote_code_key`, and each call read
+    and parsed config.json and tokenizer_config.json again: now once per version of the file in a process (`_json_once`),
+    a local folder's and a hub model's (its Hub cache snapshot at the ref's resolved commit) alike. Never stale: the
+    local config.json's auto_map changed between two calls (the same size: a rewrite in place), or the ref's main
+    moved to a commit whose config.json differs, and the key changes."""
+    from huggingface_hub import constants
+
+    from tasks import common
+    from tasks.config import ModelSection
+    from tasks.models import remote_code_key
+
+    monkeypatch.setattr(common, "RACY_NS", 0)  # files written just now are remembered (the racy rule has its own test)
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if self.name in ("config.json", "tokenizer_config.json") and self.is_relative_to(tmp_path):
+            reads.append(self.name)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    folder = _phi3_like_folder(tmp_path / "phi3-like")
+    tokenizer_map = {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": tokenizer_map}))
+    local = ModelSection(name=str(folder), trust_remote_code=True)
+    keys = [remote_code_key(local) for _ in range(5)]
+    assert keys == [[{"trust_remote_code": {"config.json": PHI3_LIKE_AUTO_MAP, "tokenizer_config.json": tokenizer_map}}]] * 5
+    assert sorted(reads) == ["config.json", "tokenizer_config.json"]
+    keys[0][0]["trust_remote_code"]["config.json"]["AutoConfig"] = "changed by a caller"  # not the memo's own object
+    assert remote_code_key(local) == keys[1]
+
+    config = folder / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace("TinyForCausalLM", "TinyForCausalLX"))  # the same size, in place
+    assert remote_code_key(local) != keys[1] and reads.count("config.json") == 3
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--someorg--phi3-like"
+
+    def commit(sha: str, auto_map: dict) -> None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(sha)
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text(json.dumps({"model_type": "phi3", "auto_map": auto_map}))
+        (repo / ".no_exist" / sha).mkdir(parents=True)
+        (repo / ".no_exist" / sha / "tokenizer_config.json").write_text("")
+
+    commit("1" * 40, PHI3_LIKE_AUTO_MAP)
+    hub = ModelSection(name="someorg/phi3-like", trust_remote_code=True)
+    reads.clear()
+    assert [remote_code_key(hub) for _ in range(3)] == [[{"trust_remote_code": {"config.json": PHI3_LIKE_AUTO_MAP}}]] * 3
+    assert reads == ["config.json"]
+    moved = {**PHI3_LIKE_AUTO_MAP, "AutoModelForCausalLM": "modeling_tiny.OtherForCausalLM"}
+    commit("2" * 40, moved)  # main moved: another snapshot
+    assert remote_code_key(hub) == [{"trust_remote_code": {"config.json": moved}}] and reads == ["config.json"] * 2
+
+
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
     a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
