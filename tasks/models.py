@@ -121,7 +121,64 @@ def remote_code_key(model: ModelSection) -> list:
     if not model.trust_remote_code:
         return []
     maps = shipped_auto_maps(model)
-    return [{"trust_remote_code": maps}] if maps else []
+    if not maps:
+        return []
+    code = other_repo_commits(model, maps)  # {} for most: only an auto_map naming another repository's code adds it
+    return [{"trust_remote_code": maps, **({"code_commits": code} if code else {})}]
+
+
+# An auto_map entry may name another repository's code, "org/repo--module.Class" (what save_pretrained writes for a
+# fine-tune of a remote-code model: MPT's, Falcon's, Phi-1.5's). transformers 5.25 loads it at that repository's latest
+# commit: get_class_from_dynamic_module splits the entry at "--" and passes code_revision, which is None unless the
+# caller gives one (the model's own revision only where the other repository is the model's own). The entry itself
+# cannot pin it: "org/repo@rev--module.Class" is no valid repo id to the Hub, "module.Class@rev" no class. And
+# from_pretrained's code_revision pins every remote class of the call, the model's own too, so a hub model whose
+# auto_map names both its own code and another's cannot take it. Refusing such models would leave no fix but copying
+# the code in; so the stages that load the model are keyed on the commit transformers resolves for that repository now:
+# the Hub cache's offline (transformers reads the same), the Hub's online (the same call transformers makes, which
+# caches the module). A new commit there runs them again; offline with nothing cached is one line before stage 1
+# (`check_model`). What stays unpinned: a commit pushed between a stage's key and its load (seconds) loads under the
+# earlier key, and `chat` of the published folder loads that repository's code as it is then.
+_CODE_COMMITS: dict[tuple, str] = {}  # (repo, module file, Hub cache) -> commit, asked of the Hub once a process (a run)
+
+
+def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
+    """{"<repo>--<module>": commit} of each module of another repository that the auto_maps `maps` ({file name: its
+    auto_map}, `shipped_auto_maps`) name, at the commit transformers loads it from (see above); {} where they name none.
+    An entry naming the hub model's own repository loads at model.revision, which its key holds already. A commit that
+    cannot be told is a StageError naming the entry, the key and the fix, never a network traceback."""
+    found = {}
+    for file, auto in maps.items():
+        values = auto.values() if isinstance(auto, dict) else [auto]  # a list: the oldest tokenizer configs' form
+        refs = [r for v in values for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" in r]
+        for ref in refs:
+            repo, _, cls = ref.partition("--")
+            module = cls.rpartition(".")[0]
+            if module and not (repo == model.name and not _local_folder(model)):
+                found[f"{repo}--{module}"] = _code_commit(repo, f"{module}.py", model, f"{file}'s auto_map entry {ref!r}")
+    return found
+
+
+def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> str:
+    """The commit of `repo` whose `filename` transformers loads with no revision given: the Hub cache's main where
+    HF_HUB_OFFLINE is set, else the Hub's main (once a process: a run keys the commit it first resolved)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    memo = (repo, filename, constants.HF_HUB_CACHE)
+    if not constants.HF_HUB_OFFLINE and memo in _CODE_COMMITS:
+        return _CODE_COMMITS[memo]
+    try:
+        path = Path(hf_hub_download(repo, filename, token=hub_token(model)))  # offline: from the cache, or LocalEntryNotFoundError
+    except Exception as e:  # network errors, a repo or file the Hub lacks, a malformed repo id: many classes
+        where = ("offline (HF_HUB_OFFLINE) and the Hub cache holds no copy of it" if constants.HF_HUB_OFFLINE
+                 else f"the Hub did not give it ({type(e).__name__})")
+        raise StageError(f"model.trust_remote_code: {named} names {filename} of the repository {repo}, which transformers loads at "
+                         f"that repository's latest commit, and {where}; run once online so it is cached (or `hf download {repo} "
+                         f"{filename}`), or set model.trust_remote_code: false") from e
+    commit = path.parents[len(Path(filename).parts) - 1].name  # <cache>/models--org--repo/snapshots/<commit>/<filename>
+    if not constants.HF_HUB_OFFLINE:
+        _CODE_COMMITS[memo] = commit
+    return commit
 
 
 def shipped_auto_maps(model: ModelSection) -> dict:

@@ -17,7 +17,7 @@ from .common import StageError
 from .config import LoraSection, ModelSection, QuantSection
 from .data import stop_token_ids
 from .models import (MISTRAL_COMMON, LoraTargets, check_chat_template, compute_dtype, load_tokenizer, local_folder, lora_config, lora_targets, model_skeleton, peft_quietly, peft_reach,
-                     recurrent_layers_of, resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
+                     recurrent_layers_of, remote_code_key, resolve_device, resolve_model, rewrites_past_answers, template_source, uses_4bit)
 
 
 def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, device: str, artifacts_dir: str,
@@ -26,6 +26,7 @@ def check_model(model: ModelSection, lora: LoraSection, quant: QuantSection, dev
     cannot). `system_prompt` is data.system_prompt: the chat template must take the system turn it adds. Raises
     StageError, one line naming the key and the fix, when the run could not work."""
     ref = resolve_model(model, artifacts_dir)  # built, converted or located once; stage 1 reuses it
+    remote_code_key(model)  # another repository's code that cannot be resolved (offline, not cached): its one line, before any load
     tok = load_tokenizer(ref, model)  # chat template that renders (the project's default is said once), an EOS
     check_publishable(tok, model, local_folder(ref))
     check_offsets(tok, model)

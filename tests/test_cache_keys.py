@@ -584,6 +584,87 @@ def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_agai
     assert remote_code_key(hub) == [{"trust_remote_code": {"config.json": moved}}] and reads == ["config.json"] * 2
 
 
+def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repositorys_commit(tmp_path, monkeypatch):
+    """An auto_map entry "org/repo--module.Class" (a fine-tune of a remote-code model, as save_pretrained writes it) makes
+    transformers load that repository's module at its latest commit: no pin is possible in the entry. It was keyed by its
+    text alone, so a new commit there loaded other code under the same keys. Now the commit transformers resolves (offline:
+    the Hub cache's main) is in `remote_code_key`: main moved, the key changes. Offline with nothing cached it is one line
+    naming the entry, the key and the fix, from `check_model` too (before stage 1 loads anything); an entry naming the hub
+    model's own repository loads at model.revision and adds nothing."""
+    from huggingface_hub import constants
+
+    from tasks.common import StageError
+    from tasks.config import LoraSection, ModelSection, QuantSection
+    from tasks.models import remote_code_key
+    from tasks.preflight import check_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _phi3_like_folder(tmp_path / "fine-tune")
+    auto_map = {**PHI3_LIKE_AUTO_MAP, "AutoModelForCausalLM": "otherorg/code--modeling_other.OtherForCausalLM"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map}))
+    model = ModelSection(name=str(folder), trust_remote_code=True)
+    entry = "config.json's auto_map entry 'otherorg/code--modeling_other.OtherForCausalLM'"
+    line = (f"model.trust_remote_code: {entry} names modeling_other.py of the repository otherorg/code, which transformers loads at "
+            "that repository's latest commit, and offline (HF_HUB_OFFLINE) and the Hub cache holds no copy of it; run once online "
+            "so it is cached (or `hf download otherorg/code modeling_other.py`), or set model.trust_remote_code: false")
+    with pytest.raises(StageError) as e:
+        remote_code_key(model)
+    assert str(e.value) == line
+    with pytest.raises(StageError) as e:
+        check_model(model, LoraSection(), QuantSection(), "cpu", str(tmp_path / "artifacts"))
+    assert str(e.value) == line
+
+    repo = tmp_path / "hub" / "models--otherorg--code"
+
+    def commit(sha: str) -> None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(sha)
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "modeling_other.py").write_text(f"# code of {sha[:4]}\n")
+
+    commit("a" * 40)
+    first = remote_code_key(model)
+    assert first == [{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "a" * 40}}]
+    assert remote_code_key(model) == first
+    commit("b" * 40)  # a new commit of the other repository: other code loads
+    assert remote_code_key(model) == [{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "b" * 40}}]
+
+    own = tmp_path / "hub" / "models--someorg--fine-tune"
+    (own / "refs").mkdir(parents=True)
+    (own / "refs" / "main").write_text("c" * 40)
+    (own / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    own_map = {"AutoModelForCausalLM": "someorg/fine-tune--modeling_tiny.TinyForCausalLM"}
+    (own / "snapshots" / ("c" * 40) / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": own_map}))
+    (own / ".no_exist" / ("c" * 40)).mkdir(parents=True)
+    (own / ".no_exist" / ("c" * 40) / "tokenizer_config.json").write_text("")
+    assert remote_code_key(ModelSection(name="someorg/fine-tune", trust_remote_code=True)) == [{"trust_remote_code": {"config.json": own_map}}]
+
+    # online: the Hub is asked once a process (a run), as transformers' own download asks it; a failure is the same one line
+    import huggingface_hub
+
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if repo_id == "otherorg/gone":
+            raise ConnectionError("network unreachable")
+        return str(repo / "snapshots" / ("d" * 40) / filename)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    keys = [remote_code_key(model) for _ in range(3)]
+    assert keys == [[{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "d" * 40}}]] * 3
+    assert asked == [("otherorg/code", "modeling_other.py")]
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "otherorg/gone--m.C"}}))
+    with pytest.raises(StageError, match=r"^model.trust_remote_code: config.json's auto_map entry 'otherorg/gone--m.C' names m.py of "
+                                         r"the repository otherorg/gone, which transformers loads at that repository's latest commit, and "
+                                         r"the Hub did not give it \(ConnectionError\); run once online"):
+        remote_code_key(model)
+
+
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
     a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
