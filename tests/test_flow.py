@@ -17,6 +17,11 @@ PUBLISHED_FILES = {"README.md", "MANIFEST.json", "pipeline.yaml", "provenance.js
                    "plots/eval_chart.png"}
 
 
+def _stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a published folder as (bytes, mtime in ns)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def run_flow(prefect_server, tmp_path_factory):
     """The flow on one artifacts folder for the module, run from scratch and again here (`run_flow.first`,
@@ -33,6 +38,7 @@ def run_flow(prefect_server, tmp_path_factory):
     run.artifacts = Path(art)
     run.first = run()
     run.latest_after_first = json.loads((run.artifacts / "latest.json").read_text())
+    run.published_after_first = _stamps(Path(run.first["published"]))
     run.second = run()
     return run
 
@@ -56,6 +62,8 @@ def test_flow_runs_seven_stages_then_hits_every_cache(run_flow):
     second = run_flow.second
     assert all(s["cached"] for s in second["stages"].values()), second["stages"]
     assert second["published"] == first["published"]
+    # and leaves every file of the published folder as it was: its bytes and its mtime
+    assert _stamps(published) == run_flow.published_after_first
 
 
 def test_changed_config_invalidates_only_downstream_stages(run_flow):
