@@ -115,7 +115,8 @@ def keyed_model(model: ModelSection) -> dict:
 def remote_code_key(model: ModelSection) -> list:
     """model.trust_remote_code as the keys of the stages that load the model or its tokenizer hold it: [] where it
     changes nothing loaded (off, or a model that ships no auto_map: a GGUF, `random:`, most folders), so their keys stay
-    the ones they had before it was keyed; else one entry with the auto_maps it makes transformers follow. On, a
+    the ones they had before it was keyed; else one entry with the auto_maps it makes transformers follow, and the commit
+    of each other repository whose code they name (`other_repo_commits`). On, a
     config.json or tokenizer_config.json auto_map loads the repository's own classes; off, transformers' built-in ones
     (Phi-3-style configs keep an auto_map beside a built-in model_type): another model and tokenizer under one key."""
     if not model.trust_remote_code:

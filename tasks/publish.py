@@ -1418,7 +1418,13 @@ def record_trusted_code(folder: Path, artifacts_dir: str, trusted: bool) -> None
     if not trusted:
         record.unlink(missing_ok=True)
         return
-    write_json(record, {"folder": str(folder.resolve()), "code": code_files(folder)})
+    said = {"folder": str(folder.resolve()), "code": code_files(folder)}
+    try:
+        if read_json(record) == said:  # a reuse of the folder it recorded: the record as it was, its mtime too
+            return
+    except (OSError, ValueError):  # none yet, or unreadable: written
+        pass
+    write_json(record, said)
 
 
 def untrusted_code(folder: Path, artifacts_dir: str | None) -> str | None:

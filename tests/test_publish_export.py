@@ -189,3 +189,30 @@ def test_a_rerun_that_reuses_the_published_folder_leaves_every_file_as_it_was(re
     after = _stamps(folder)
     assert after.keys() == before.keys()
     assert [rel for rel in before if after[rel] != before[rel]] == []
+
+
+def test_the_trusted_code_record_is_rewritten_only_when_what_it_says_changes(tmp_path):
+    """Stage 7 writes what `chat` trusts a model.trust_remote_code folder's code by (artifacts/trusted-code/) on every
+    reuse of the folder too (a run stopped before writing it must get it): the same content, a new mtime, each rerun.
+    Now it is written only where it would say something else: the folder's code changed, or there was none."""
+    import time
+
+    from tasks.publish import _trust_record, record_trusted_code, untrusted_code
+
+    art, folder = str(tmp_path / "artifacts"), tmp_path / "artifacts" / "runs" / "r1" / "out"
+    (folder / "merged").mkdir(parents=True)
+    (folder / "merged" / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}))
+    (folder / "merged" / "modeling_x.py").write_text("class X: ...\n")
+    (folder / "provenance.json").write_text("{}")
+    record_trusted_code(folder, art, True)
+    record = _trust_record(folder, art)
+    first = (record.read_bytes(), record.stat().st_mtime_ns)
+    time.sleep(0.01)
+    record_trusted_code(folder, art, True)  # a reuse: nothing changed
+    assert (record.read_bytes(), record.stat().st_mtime_ns) == first and untrusted_code(folder, art) is None
+    (folder / "merged" / "modeling_x.py").write_text("class X: pass\n")
+    assert untrusted_code(folder, art) is not None
+    record_trusted_code(folder, art, True)  # published again by a trusting run: the new code is recorded
+    assert record.read_bytes() != first[0] and untrusted_code(folder, art) is None
+    record_trusted_code(folder, art, False)
+    assert not record.exists()
