@@ -6047,3 +6047,32 @@ def test_cors_origin_problem_refuses_every_spelling_a_browser_never_sends_naming
     assert cors_origin_problem(sent) is None, sent
     got = cors_origin_problem(given)
     assert got is not None and got.endswith(f"give {sent}"), got
+
+
+@pytest.mark.xfail(strict=True, reason="review-serve14: base/ (_copy_base: top-level files only) leaves the base's additional_chat_templates/ "
+                                       "out, so base/'s tokenizer is not the one training loaded")
+def test_published_base_carries_the_named_chat_templates_training_loaded(tmp_path):
+    """A local base whose tokenizer has additional_chat_templates/ (default.jinja, which transformers prefers to
+    chat_template.jinja, and tool_use.jinja) trains now (072c73d) and publishes base/ = "what training loaded of a local
+    base" (_copy_base). base/ gets chat_template.jinja but not the folder: AutoTokenizer on base/ renders with the
+    template default.jinja replaced, and has no "tool_use" (published run checked 2026-12-07: base/ holds
+    chat_template.jinja, config, tokenizer files, no additional_chat_templates/)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+    from tasks.publish import _copy_base
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    src = tmp_path / "named-templates"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, src)
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates" / "default.jinja").write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}")
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    _copy_base(src, tmp_path / "base", link=False)
+    loaded, published = (AutoTokenizer.from_pretrained(str(p)).chat_template for p in (src, tmp_path / "base"))
+    assert isinstance(loaded, dict) and set(loaded) == {"default", "tool_use"}, loaded
+    assert published == loaded, published
