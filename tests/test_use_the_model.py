@@ -6076,3 +6076,36 @@ def test_published_base_carries_the_named_chat_templates_training_loaded(tmp_pat
     loaded, published = (AutoTokenizer.from_pretrained(str(p)).chat_template for p in (src, tmp_path / "base"))
     assert isinstance(loaded, dict) and set(loaded) == {"default", "tool_use"}, loaded
     assert published == loaded, published
+
+
+@pytest.mark.xfail(strict=True, reason="review-serve14: data.system_prompt is installed in the default template alone; a request with "
+                                       "tools renders through the named tool_use template (transformers' and llama.cpp's choice), without it")
+def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_system_prompt(tmp_path):
+    """transformers' apply_chat_template picks a tokenizer's "tool_use" template whenever `tools` are given and no
+    template is named (get_chat_template), as `transformers serve` does for a request with tools (render_messages), and
+    llama.cpp's server uses the GGUF's tokenizer.chat_template.tool_use likewise. install_system_prompt rewrites only
+    chat_template.jinja, so such a request is rendered without the system prompt the model was trained with (the card's
+    "as in training"). Published tiny run, data.system_prompt="Be brief.", 2026-12-07: without tools '...Be brief...',
+    with tools '[tool-use user] Write cat in uppercase.</s>'."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    local = tmp_path / "models" / "named-templates"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
+    (local / "additional_chat_templates").mkdir()
+    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}", "data.system_prompt=Be brief."])
+    pub, _ = _publish(cfg, str(art), "r1")
+    chat = [{"role": "user", "content": "Write cat in uppercase."}]
+    tools = [{"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object", "properties": {}}}}]
+    for side in ("merged", "adapter"):
+        tok = AutoTokenizer.from_pretrained(str(pub / side))
+        assert "Be brief." in tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), side  # as trained
+        with_tools = tok.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert "Be brief." in with_tools, (side, with_tools)
