@@ -308,9 +308,10 @@ def test_a_cancel_ends_with_torchrun_and_no_rank_left_even_a_stuck_one(two_ranks
     art = str(tmp_path / "artifacts")
     training = cfg.training.model_copy(update={"max_steps": 24, "checkpoint_minutes": 60})
     probe = probe.model_copy(update={"budget_seconds": 3600.0, "max_steps": 24})
-    if torchrun_outlasts_the_wait:  # torchrun's grace stays 600 s; the stage waits 5 + 30
+    if torchrun_outlasts_the_wait:  # torchrun's grace stays 600 s; the stage waits 5 + 2 (not 5 + 30: nothing ends in it)
         grace = launch._stop_grace
         monkeypatch.setattr(launch, "_stop_grace", lambda env, stage, log_fn: grace(env, stage, log_fn) and 5)
+        monkeypatch.setattr(launch, "KILL_AFTER_GRACE_S", 2)
     else:
         monkeypatch.setattr(launch, "STOP_GRACE_S", 5)
     monkeypatch.setattr(launch, "in_a_deployment_run", lambda: True)  # SIGTERM stays Prefect's: here `cancel`
@@ -335,7 +336,7 @@ def test_a_cancel_ends_with_torchrun_and_no_rank_left_even_a_stuck_one(two_ranks
         for pid in left:  # the test's own cleanup
             os.kill(int(pid), signal.SIGKILL)
     assert left == [], left
-    assert took < 5 + 30 + 10, took
+    assert took < 5 + launch.KILL_AFTER_GRACE_S + 10, took
 
 
 def test_the_ranks_lines_read_during_a_stop_reach_a_prefect_tasks_log(prefect_server):
@@ -1814,7 +1815,9 @@ def test_a_first_ctrl_c_after_a_forwarded_sigterm_is_not_torchruns_second_signal
     noted, logs, started, popen = tmp_path / "signals", [], [], subprocess.Popen
     monkeypatch.setattr(launch, "_dying_with", lambda parent, cmd: [sys.executable, "-c", _TORCHRUN_COUNTS, str(noted)])
     monkeypatch.setattr(launch.subprocess, "Popen", lambda *a, **k: started.append(_sigint_ignored_from_the_start(popen)(*a, **k)) or started[0])
-    monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # torchrun here never ends on its own: the stage kills it 31 s later
+    # torchrun here never ends on its own: the stage kills it 1 + 2 s later (the real 30 s after the grace only waits)
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 1)
+    monkeypatch.setattr(launch, "KILL_AFTER_GRACE_S", 2)
 
     def sigterm_then_ctrl_c():
         while not (noted.parent / "work").exists() or not started:
@@ -2517,7 +2520,8 @@ def test_a_kill_in_the_finallys_wait_is_said(monkeypatch, tmp_path, how):
     logs: list[str] = []
     program = _TORCHRUN_SAVES_SLOWLY
     if how == "the wait runs out":
-        monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # the grace + 30 s: 31 s, not 630 s
+        monkeypatch.setattr(launch, "STOP_GRACE_S", 1)  # the grace + 2 s: 3 s, not 630 s
+        monkeypatch.setattr(launch, "KILL_AFTER_GRACE_S", 2)
         program = program.replace("time.sleep(4)", "time.sleep(300)")
 
     def sigterm_then(to_the_stage):

@@ -45,6 +45,9 @@ from ..common import StageError, TrainingStopped, in_a_deployment_run, off_the_l
 from .dist import is_main, local_rank, rank
 
 STOP_GRACE_S = 600  # how long a stop may take: every rank finishes its step and the checkpoint is saved
+# How long the stage waits on past torchrun's grace before it kills torchrun and the ranks itself: torchrun SIGKILLs a rank
+# still stopping at the grace's end and then exits, which takes it a moment; the stage's own kill comes only after that.
+KILL_AFTER_GRACE_S = 30
 READER_WAIT_S = 5  # how long a stop leaves torchrun's output reader to pass its last lines on (stderr may be blocked)
 LOG_PREFIX = "@@qlora-pipeline "  # rank 0's stage log lines; the parent hands them to the stage logger
 TAIL_LINES = 4
@@ -231,7 +234,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 # Any stop signal after this Ctrl-C (came holds the stage's own first Ctrl-C; a caller's handler's is not
                 # there) stops at once: another Ctrl-C, SIGTERM, SIGHUP.
                 after = came.index(signal.SIGINT) + 1 if signal.SIGINT in came else len(came)
-                ended = _wait_for_stop(proc, came, after, grace + 30)  # torchrun's own kill first
+                ended = _wait_for_stop(proc, came, after, grace + KILL_AFTER_GRACE_S)  # torchrun's own kill first
                 if ended == "ended":
                     ended_at = len(came)
             graceful = ended == "ended" and (first or passes_ctrl_c_on)  # torchrun had one stop signal
@@ -239,7 +242,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 _kill_with_its_ranks(proc, stage, log_fn)
                 killed = True  # what the kill left is stuck in the kernel and named: the `finally` does not stop it again
                 log_fn(f"{stage}: stopped at once: {lost}" if ended == "again" else
-                       f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
+                       f"{stage}: torchrun and its ranks had not ended {grace + KILL_AFTER_GRACE_S} s after the stop: killed; {lost}")
         if reader is not None:
             reader.join(timeout=READER_WAIT_S)
         if finished():  # the ranks finished: the Ctrl-C came too late to stop them, not to stop the run
@@ -299,7 +302,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
             why = type(ending).__name__ if ending is not None else "the stage's end"
             say(f"{stage}: {why} came while torchrun (pid {proc.pid}) ran: the stage waits for torchrun's stop before it "
                 f"ends ({sent} to torchrun): {STOP_WORDS[stage][0]} (up to {-(-grace // 60)} min)")
-            ended = _wait_for_stop(proc, came, len(came), grace + 30)  # torchrun's own kill first
+            ended = _wait_for_stop(proc, came, len(came), grace + KILL_AFTER_GRACE_S)  # torchrun's own kill first
             if ended != "ended":
                 # Said as the `except`'s kills are: the line above promised a checkpoint, and the log's last word was that
                 # promise while the ranks were SIGKILLed unsaved (a review, 2026-12-07).
@@ -307,7 +310,7 @@ def run_stage(stage: str, entry: str, inputs: dict[str, Any], n: int, work: Path
                 killed = True
                 lost = STOP_WORDS[stage][1]
                 say(f"{stage}: stopped at once: {lost}" if ended == "again" else
-                    f"{stage}: torchrun and its ranks had not ended {grace + 30} s after the stop: killed; {lost}")
+                    f"{stage}: torchrun and its ranks had not ended {grace + KILL_AFTER_GRACE_S} s after the stop: killed; {lost}")
         seen = len(ctrl_c.later)
         # SIGINT's last (it was set first): put back first, a Ctrl-C right after it raised from Python's own handler here,
         # before SIGTERM's and SIGHUP's were put back, and those forwarded to the ended torchrun from then on (a review,
