@@ -425,7 +425,7 @@ def _wait_ready(proc, url: str, timeout: float = 300) -> None:
                     return
         except OSError:
             pass
-        time.sleep(1)
+        time.sleep(0.2)  # a server start found ~0.4 s sooner on average than at a poll a second
     raise AssertionError(f"{url} not ready in {timeout}s")
 
 

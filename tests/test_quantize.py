@@ -117,7 +117,7 @@ def test_q4_k_m_loads_in_the_llama_cpp_server_and_answers(q4_export, smollm2_art
                     if r.status == 200:
                         break
             except OSError:
-                time.sleep(1)
+                time.sleep(0.2)
         body = {"messages": heldout[0][1:-1], "max_tokens": 32, "temperature": 0, "top_k": 1}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
