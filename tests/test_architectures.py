@@ -89,7 +89,7 @@ def test_tiny_architecture_runs_the_whole_flow_with_no_lora_key(arch, prefect_se
     # The tiny profile sets lora.dropout 0 (speed); on a MoE the run takes auto, the default of every real profile but one.
     dropout = ["lora.dropout=auto"] if experts else []
     # 3 steps, not the profile's 12: what is checked here (targets, the merge's check, the card, warnings) needs an adapter
-    # that moved, not 12 steps of it (16 runs: ~7 s a run less on the loaded 2-core box). A checkpoint at every step, so
+    # that moved, not 12 steps of it (15 runs: ~4-7 s a run less on the loaded 2-core box). A checkpoint at every step, so
     # each architecture still saves one mid-training (the 12 steps' periodic checkpoint, 3 s in, came once or not at all).
     steps = ["training.max_steps=3", "training.checkpoint_minutes=0.001"]
     capfd.readouterr()
