@@ -704,6 +704,36 @@ def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_pa
     assert key[0]["code_commits"] == loaded
 
 
+@pytest.mark.xfail(strict=True, reason="review-cache14: an entry 'org/repo--module.Class' whose org/repo is a folder under the "
+                   "working directory loads that folder's module (transformers' get_cached_module_file: os.path.isdir(repo_id)), "
+                   "but other_repo_commits asks the Hub cache for it: offline the run is refused, online the key holds a Hub "
+                   "commit and not the code that loads")
+def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_keyed_by_its_code(tmp_path, monkeypatch):
+    """transformers 5.25 resolves the repository of an auto_map entry "org/repo--module.Class" as a folder first: where
+    the working directory holds org/repo/ (`hf download org/repo --local-dir org/repo`), the module is read from there,
+    never from the Hub. The key must then follow that folder's module (a changed module, another key), and a missing
+    Hub cache copy is no reason to stop."""
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection
+    from tasks.models import remote_code_key
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    (work / "otherorg" / "code").mkdir(parents=True)
+    module = work / "otherorg" / "code" / "modeling_other.py"
+    module.write_text("# v1\n")
+    monkeypatch.chdir(work)
+    folder = _phi3_like_folder(tmp_path / "fine-tune")
+    auto_map = {**PHI3_LIKE_AUTO_MAP, "AutoModelForCausalLM": "otherorg/code--modeling_other.OtherForCausalLM"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map}))
+    model = ModelSection(name=str(folder), trust_remote_code=True)
+    first = remote_code_key(model)
+    module.write_text("# v2\n")
+    assert remote_code_key(model) != first
+
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
     a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
