@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import functools
 import importlib
 import importlib.util
@@ -150,14 +151,33 @@ def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
     cannot be told is a StageError naming the entry, the key and the fix, never a network traceback."""
     found = {}
     for file, auto in maps.items():
-        values = auto.values() if isinstance(auto, dict) else [auto]  # a list: the oldest tokenizer configs' form
-        refs = [r for v in values for r in (v if isinstance(v, list) else [v]) if isinstance(r, str) and "--" in r]
+        # the classes the stages load (a review, 2026-12-07: an entry never loaded, e.g. a sequence-classification
+        # head's, stopped an offline run that every load would have served); a list is the oldest tokenizer configs' form
+        values = [auto[k] for k in LOADED_AUTO_CLASSES if k in auto] if isinstance(auto, dict) else [auto]
+        refs = [r for r in map(_loaded_entry, values) if isinstance(r, str) and "--" in r]
         for ref in refs:
             repo, _, cls = ref.partition("--")
             module = cls.rpartition(".")[0]
-            if module and not (repo == model.name and not _local_folder(model)):
+            if not module or (repo == model.name and not _local_folder(model)):
+                continue
+            if Path(repo).is_dir():  # transformers reads ./org/repo first (get_cached_module_file: os.path.isdir)
+                code = Path(repo) / f"{module}.py"
+                found[f"{repo}--{module}"] = ("folder " + hashlib.sha256(code.read_bytes()).hexdigest()[:16] if code.is_file()
+                                              else "folder, no such module")
+            else:
                 found[f"{repo}--{module}"] = _code_commit(repo, f"{module}.py", model, f"{file}'s auto_map entry {ref!r}")
     return found
+
+
+LOADED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer")  # what the stages, chat and serve load
+
+
+def _loaded_entry(value):
+    """The entry transformers loads of an auto_map value: AutoTokenizer's [slow, fast] pair loads the fast one whenever
+    it is given (transformers 5 tokenization_auto: 'always prefer fast'), else the slow; other values as they are."""
+    if isinstance(value, (list, tuple)):
+        return next((v for v in reversed(value) if v), None)
+    return value
 
 
 def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> str:

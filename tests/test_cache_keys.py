@@ -665,10 +665,6 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
         remote_code_key(model)
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache14: other_repo_commits asks the commit of every module any auto_map entry "
-                   "names, also those transformers 5.25 never loads for this pipeline (the slow half of AutoTokenizer's [slow, "
-                   "fast] when fast is given; Auto classes other than AutoConfig/AutoModelForCausalLM/AutoTokenizer), so offline "
-                   "with only the loaded module cached the run is refused before stage 1")
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
 def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_path, monkeypatch, case):
     """AutoTokenizer in transformers 5.25 takes the fast entry of an auto_map's [slow, fast] whenever it is not None
@@ -704,10 +700,6 @@ def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_pa
     assert key[0]["code_commits"] == loaded
 
 
-@pytest.mark.xfail(strict=True, reason="review-cache14: an entry 'org/repo--module.Class' whose org/repo is a folder under the "
-                   "working directory loads that folder's module (transformers' get_cached_module_file: os.path.isdir(repo_id)), "
-                   "but other_repo_commits asks the Hub cache for it: offline the run is refused, online the key holds a Hub "
-                   "commit and not the code that loads")
 def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_keyed_by_its_code(tmp_path, monkeypatch):
     """transformers 5.25 resolves the repository of an auto_map entry "org/repo--module.Class" as a folder first: where
     the working directory holds org/repo/ (`hf download org/repo --local-dir org/repo`), the module is read from there,
