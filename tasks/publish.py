@@ -477,14 +477,16 @@ def _is_tokenizer_entry(rel: str, tokenizer: tuple[str, ...]) -> bool:
 def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     """What training loaded of a local or converted base, nothing else: safetensors weights, config and tokenizer files
     (BASE_FILES, and the tokenizer's own: `tokenizer_files`, GPT-NeoX-Japanese's emoji.json), a remote-code model's code
-    (`model_code_files`: base/ loads with trust_remote_code as the folder did) of the folder's top level, and a
-    tokenizer's vocabulary in a subfolder at its path ('vocab/360.tiktoken') (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
+    (`model_code_files`: base/ loads with trust_remote_code as the folder did) of the folder's top level, the
+    tokenizer's named chat templates (additional_chat_templates/*.jinja), and a tokenizer's vocabulary in a subfolder at its path ('vocab/360.tiktoken') (a `pytorch_model.bin` beside them, or a Meta download's `original/`, stays out: the folder is safetensors only).
     `link`: hard-linked where the filesystem allows (the artifacts cache's own, never-rewritten folders: a converted base
     is not stored twice); a user's folder is copied, as it may change later. A link out of the folder is not followed
     (publish may push base/: a `vocab.txt -> ~/notes.txt` must not take the file it points at), but for a Hub cache
     snapshot's links into its own blobs/ and the model's weights and config (`_model_links`: training loaded them as
     the model, so what they point at is the model's, and base/ without them does not load); returns the line that
     says what was left out, if anything (every such link, in one line)."""
+    from transformers.utils.hub import CHAT_TEMPLATE_DIR
+
     files = (*BASE_FILES, *tokenizer_files(src), *model_code_files(src))
     dst.mkdir(parents=True)
     # matched against the folder's own top-level entries, never globbed: a pattern cannot reach a subfolder or out of it
@@ -493,6 +495,10 @@ def _copy_base(src: Path, dst: Path, link: bool) -> list[str]:
     # does not name: it is left out below, with its line, not silently
     nested = set(_nested(files)) | _subfolder_vocabulary(src)
     chosen += [src / rel for rel in sorted(nested) if (src / rel).is_file()]
+    # the tokenizer's named chat templates (additional_chat_templates/*.jinja, what transformers loads of that folder:
+    # a default.jinja there replaces chat_template.jinja's template), or base/'s tokenizer is not the one training loaded
+    named = src / CHAT_TEMPLATE_DIR
+    chosen += sorted(p for p in named.glob("*.jinja") if p.is_file()) if named.is_dir() else []
     # a Hub cache snapshot's files are links into its repository's blobs/: the same model's storage, not outside it
     model = _model_links(src)
     outside = [p for p in chosen if not _in_folder(p, src) and not (p.parent == src and p.name in model)]

@@ -6046,8 +6046,6 @@ def test_cors_origin_problem_refuses_every_spelling_a_browser_never_sends_naming
     assert got is not None and got.endswith(f"give {sent}"), got
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve14: base/ (_copy_base: top-level files only) leaves the base's additional_chat_templates/ "
-                                       "out, so base/'s tokenizer is not the one training loaded")
 def test_published_base_carries_the_named_chat_templates_training_loaded(tmp_path):
     """A local base whose tokenizer has additional_chat_templates/ (default.jinja, which transformers prefers to
     chat_template.jinja, and tool_use.jinja) trains now (072c73d) and publishes base/ = "what training loaded of a local
