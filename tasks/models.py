@@ -676,6 +676,7 @@ def build_byte_tokenizer(vocab_size: int = 512):
 
 _warned_default_template: set[str] = set()
 _warned_bos: set[str] = set()
+_warned_named: set[str] = set()
 
 
 # transformers 5 loads a folder with Mistral's tekken.json through mistral-common (when it is installed) as this class,
@@ -719,11 +720,16 @@ def default_template(tok) -> str | None:
     return template.get("default") if isinstance(template, dict) else template
 
 
-def set_default_template(tok, template: str) -> None:
-    """Make `template` the one chats render with, keeping the tokenizer's named templates (`default_template`), which
-    save_pretrained writes to additional_chat_templates/ beside chat_template.jinja: merged/ and adapter/ carry them."""
+def set_default_template(tok, template: str) -> list[str]:
+    """Make `template` (the configured one, the project's default, or the tokenizer's own opened with BOS) the only one
+    chats render with, and return the names of the tokenizer's named templates (`default_template`) this drops. They
+    were never trained with: training renders the default alone, and a chat with tools renders through "tool_use" where
+    there is one (transformers' get_chat_template, llama.cpp's tokenizer.chat_template.tool_use), which would serve the
+    model a format it was not tuned on, without data.system_prompt. Where the tokenizer's own default is trained, its
+    named templates stay (save_pretrained writes them to additional_chat_templates/: merged/ and adapter/ carry them)."""
     named = getattr(tok, "chat_template", None)
-    tok.chat_template = {**named, "default": template} if isinstance(named, dict) else template
+    tok.chat_template = template
+    return sorted(n for n in named if n != "default") if isinstance(named, dict) else []
 
 
 def load_tokenizer(ref: ModelRef, model: ModelSection):
@@ -739,10 +745,11 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     if type(tok).__name__ == MISTRAL_COMMON:
         tok = _fast_instead_of_mistral_common(ref, kwargs, tok) or tok  # else `check_offsets` says why and what to do
     own = bool(model.chat_template or default_template(tok))
+    dropped: list[str] = []
     if model.chat_template:
-        set_default_template(tok, model.chat_template)
+        dropped = set_default_template(tok, model.chat_template)
     elif not default_template(tok):
-        set_default_template(tok, DEFAULT_CHAT_TEMPLATE)
+        dropped = set_default_template(tok, DEFAULT_CHAT_TEMPLATE)
         if model.name not in _warned_default_template:  # said once per process, not once per stage
             _warned_default_template.add(model.name)
             logging.getLogger("qlora_pipeline").warning(
@@ -756,12 +763,18 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     if adds_bos(tok) and not _renders_bos(tok):
         # The tokenizer puts BOS before every text (pretraining always had it) but the template does not: open the
         # template with it, or training and stage 5 would run without the BOS that llama.cpp/Ollama add.
-        set_default_template(tok, "{{ bos_token }}" + default_template(tok))
+        dropped += set_default_template(tok, "{{ bos_token }}" + default_template(tok))
         if own and model.name not in _warned_bos:
             _warned_bos.add(model.name)
             logging.getLogger("qlora_pipeline").warning(
                 f"the chat template does not start with {tok.bos_token!r}, which the tokenizer of {model.name!r} puts before "
                 "every text; prepended it so training, evaluation and serving see the same first tokens")
+    if dropped and model.name not in _warned_named:
+        _warned_named.add(model.name)
+        logging.getLogger("qlora_pipeline").warning(
+            f"{model.name!r}: its named chat templates ({', '.join(dropped)}) are left out of the tuned model: training renders "
+            "another template than the tokenizer's own default (model.chat_template, the project's default, or BOS prepended), "
+            "so they were never trained with; a chat with tools renders with the trained template")
     return tok
 
 

@@ -1211,12 +1211,16 @@ def portable_rope_config(folder: Path) -> None:
 
 
 def install_system_prompt(folder: Path, system_prompt: str) -> None:
-    """Rewrite a saved tokenizer's chat template (chat_template.jinja and/or tokenizer_config.json) with the system prompt."""
+    """Rewrite a saved tokenizer's chat templates (chat_template.jinja and/or tokenizer_config.json, and the named ones of
+    additional_chat_templates/: a chat with tools renders through "tool_use") with the system prompt. Named templates
+    are there only where training rendered the tokenizer's own default (`set_default_template` drops them otherwise)."""
     jinja, tcfg = folder / "chat_template.jinja", folder / "tokenizer_config.json"
     done = False
     if jinja.is_file():
         jinja.write_text(template_with_system(jinja.read_text(encoding="utf-8"), system_prompt), encoding="utf-8")
         done = True
+    for named in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+        named.write_text(template_with_system(named.read_text(encoding="utf-8"), system_prompt), encoding="utf-8")
     if tcfg.is_file():
         conf = read_json(tcfg)
         if isinstance(conf.get("chat_template"), str):

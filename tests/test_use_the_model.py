@@ -6073,8 +6073,6 @@ def test_published_base_carries_the_named_chat_templates_training_loaded(tmp_pat
     assert published == loaded, published
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve14: data.system_prompt is installed in the default template alone; a request with "
-                                       "tools renders through the named tool_use template (transformers' and llama.cpp's choice), without it")
 def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_system_prompt(tmp_path):
     """transformers' apply_chat_template picks a tokenizer's "tool_use" template whenever `tools` are given and no
     template is named (get_chat_template), as `transformers serve` does for a request with tools (render_messages), and
@@ -6103,4 +6101,41 @@ def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_
         tok = AutoTokenizer.from_pretrained(str(pub / side))
         assert "Be brief." in tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), side  # as trained
         with_tools = tok.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
-        assert "Be brief." in with_tools, (side, with_tools)
+        assert "Be brief." in with_tools and "[tool-use user]" in with_tools, (side, with_tools)  # the base's own tool_use
+
+
+def test_named_chat_templates_are_left_out_where_training_rendered_another_template_than_the_base_s_own(tmp_path, caplog):
+    """The other side of the fix above: with model.chat_template (likewise the project's default, or the base's own
+    opened with BOS) training renders that template alone, so the base's tool_use was never trained with. merged/ and
+    adapter/ are published without additional_chat_templates/ (one log line says so), and a chat with tools renders
+    with the trained template and data.system_prompt; base/ keeps them (it is the base training loaded)."""
+    import logging
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.config import load_config
+    from tasks.models import DEFAULT_CHAT_TEMPLATE, resolve_model
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    local = tmp_path / "models" / "named-templates"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
+    (local / "additional_chat_templates").mkdir()
+    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}", "data.system_prompt=Be brief.",
+                                                 "model.chat_template=" + DEFAULT_CHAT_TEMPLATE])
+    with caplog.at_level(logging.WARNING, logger="qlora_pipeline"):
+        pub, _ = _publish(cfg, str(art), "r1")
+    said = [r.getMessage() for r in caplog.records if "named chat templates (tool_use)" in r.getMessage()]
+    assert len(said) == 1 and "never trained with" in said[0], said
+    chat = [{"role": "user", "content": "Write cat in uppercase."}]
+    tools = [{"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object", "properties": {}}}}]
+    for side in ("merged", "adapter"):
+        assert not (pub / side / "additional_chat_templates").exists(), side
+        tok = AutoTokenizer.from_pretrained(str(pub / side))
+        plain = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert "Be brief." in plain and "### User" in plain, (side, plain)  # the configured template, as trained
+        assert tok.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True) == plain, side
+    base = next(p for p in pub.iterdir() if (p / "additional_chat_templates").is_dir())
+    assert (base / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE_TEMPLATE
