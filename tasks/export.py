@@ -637,7 +637,8 @@ def cors_origin_problem(origin: str) -> str | None:
     """Why `origin` cannot be a --cors-origin (one line naming it and the fix), or None: `*` (any origin) or an origin
     exactly as a browser sends it in its Origin header, which CORS compares as a string: a lower-case scheme and host, a
     port only where it is not the scheme's default, no path (not even '/'). "http://localhost:3000/" or
-    "http://LOCALHOST:3000" would never match a browser's "http://localhost:3000": refused with the spelling that does."""
+    "http://LOCALHOST:3000", "http://127.1:3000" or "http://bücher.example" would never match what a browser sends
+    (`origin_host`: the URL standard's serialization): refused with the spelling that does."""
     from urllib.parse import urlsplit
 
     said = f"--cors-origin {origin!r}"
@@ -653,14 +654,50 @@ def cors_origin_problem(origin: str) -> str | None:
         return f"{said} has no valid host[:port] (a port is 1 to 65535): give {CORS_ORIGIN_FORM}"
     if not parts.hostname or port == 0:
         return f"{said} has no valid host[:port] (a port is 1 to 65535): give {CORS_ORIGIN_FORM}"
+    host = origin_host(m[2].rpartition("]")[0] + "]" if m[2].startswith("[") else m[2].rpartition(":")[0] or m[2])
+    if host is None:
+        return f"{said} has no host a browser can send (a domain name, or an IP address): give {CORS_ORIGIN_FORM}"
     default = {"http": 80, "https": 443}.get(m[1].lower())
-    netloc = m[2].lower().removesuffix(":")  # 'http://x:' is sent as 'http://x'
-    if port is not None and port == default:
-        netloc = netloc.rsplit(":", 1)[0]
-    spelt = f"{m[1].lower()}://{netloc}"
-    if m[3] or spelt != origin:  # a path, upper case, the default port: what the browser sends is `spelt`
-        return f"{said} never matches what a browser sends (its Origin header has no path, a lower-case scheme and host, no default port): give {spelt}"
+    spelt = f"{m[1].lower()}://{host}" + (f":{port}" if port is not None and port != default else "")  # 'http://x:' is 'http://x'
+    if m[3] or spelt != origin:  # a path, upper case, the default port, another spelling of the host: the browser sends `spelt`
+        return (f"{said} never matches what a browser sends (its Origin header has no path, a lower-case scheme and host, a "
+                f"domain in punycode, an IP address and port in their shortest form, no default port): give {spelt}")
     return None
+
+
+def origin_host(host: str) -> str | None:
+    """`host` (of a URL's netloc, an IPv6 address in brackets) as the URL standard serializes it, which is what a browser
+    puts in its Origin header, or None where it is no host: percent-escapes decoded, an IPv6 address compressed in lower
+    case (IPv4-mapped ones in hex too: [::ffff:7f00:1]), an IPv4 address in four decimal parts (a host whose last label
+    is a number is one, as '127.1' and '0x7f.0.0.1' are, read as inet_aton does), a domain in lower case and punycode."""
+    import ipaddress
+    import socket
+    from urllib.parse import unquote
+
+    if host.startswith("["):
+        try:
+            words = [int.from_bytes(pair) for pair in zip(*[iter(ipaddress.IPv6Address(host[1:-1]).packed)] * 2)]
+        except ValueError:
+            return None
+        # the longest run of two or more zero pieces (the first of equal ones) is written '::'
+        runs = [(j - i, i) for i in range(8) for j in range(i + 2, 9) if not any(words[i:j])]
+        if not runs:
+            return "[" + ":".join(f"{w:x}" for w in words) + "]"
+        size, at = max(runs, key=lambda r: (r[0], -r[1]))
+        return "[" + ":".join(f"{w:x}" for w in words[:at]) + "::" + ":".join(f"{w:x}" for w in words[at + size:]) + "]"
+    host = unquote(host)
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    host = host.lower()
+    if re.fullmatch(r"(0x[0-9a-f]*|[0-9]+)", host.removesuffix(".").rpartition(".")[2]):  # ends in a number: an IPv4 address
+        try:
+            return str(ipaddress.IPv4Address(socket.inet_aton(host.removesuffix("."))))
+        except OSError:
+            return None
+    return None if re.search(r"[\x00-\x20#%/:<>?@\[\\\]^|\x7f]", host) else host  # the URL standard's forbidden domain code points
 
 
 def is_loopback(host: str) -> bool:
