@@ -687,9 +687,14 @@ def origin_host(host: str) -> str | None:
         return "[" + ":".join(f"{w:x}" for w in words[:at]) + "::" + ":".join(f"{w:x}" for w in words[at + size:]) + "]"
     host = unquote(host)
     if not host.isascii():
+        # UTS #46, non-transitional, as the URL standard (browsers) maps a domain: Python's "idna" codec is IDNA 2003,
+        # which maps 'ß' and final 'ς' away ('faß.de' -> 'fass.de'; a browser sends 'xn--fa-hia.de'). The idna package
+        # comes with httpx and requests (Prefect's and huggingface_hub's dependencies).
+        import idna
+
         try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
+            host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             return None
     host = host.lower()
     if re.fullmatch(r"(0x[0-9a-f]*|[0-9]+)", host.removesuffix(".").rpartition(".")[2]):  # ends in a number: an IPv4 address

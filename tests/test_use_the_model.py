@@ -6142,8 +6142,6 @@ def test_named_chat_templates_are_left_out_where_training_rendered_another_templ
     assert (base / "additional_chat_templates" / "tool_use.jinja").read_text() == TOOL_USE_TEMPLATE
 
 
-@pytest.mark.xfail(strict=True, reason="review-fixserve14: origin_host punycodes with Python's 'idna' codec (IDNA 2003: ß -> ss, "
-                                       "final sigma -> sigma); browsers use UTS #46 non-transitional, so the spelling named never matches")
 @pytest.mark.parametrize("given, sent", [
     ("http://faß.de", "http://xn--fa-hia.de"),
     ("http://straße.example", "http://xn--strae-oqa.example"),
