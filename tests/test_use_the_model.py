@@ -5888,6 +5888,23 @@ def test_serve_model_gguf_cors_names_the_one_origin_answers_its_preflight_before
 TOOL_USE_TEMPLATE = "{% for m in messages %}[tool-use {{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 
+def _tiny_with_a_tool_use_template(tmp_path: Path) -> tuple[Path, Path]:
+    """(artifacts folder, a local copy of the tiny profile's model whose tokenizer has a named `tool_use` template in
+    additional_chat_templates/)."""
+    import shutil
+
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+
+    art = tmp_path / "art"
+    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
+    local = tmp_path / "models" / "named-templates"
+    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
+    (local / "additional_chat_templates").mkdir()
+    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    return art, local
+
+
 def test_adapter_carries_the_named_chat_templates_of_additional_chat_templates_and_its_tokenizer_renders_them(tmp_path):
     """A base whose tokenizer folder has additional_chat_templates/tool_use.jinja (transformers 5 loads it as the named
     template "tool_use"): merged/ gets it from merge's save_pretrained, and a user loading base + adapter with the
@@ -5900,15 +5917,9 @@ def test_adapter_carries_the_named_chat_templates_of_additional_chat_templates_a
     from transformers import AutoTokenizer
 
     from tasks.config import load_config
-    from tasks.models import resolve_model
     from tasks.publish import MANIFEST, republish_reason
 
-    art = tmp_path / "art"
-    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
-    local = tmp_path / "models" / "named-templates"
-    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
-    (local / "additional_chat_templates").mkdir()
-    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    art, local = _tiny_with_a_tool_use_template(tmp_path)
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}"])
     pub, records = _publish(cfg, str(art), "r1")
     for side in ("merged", "adapter"):
@@ -6081,19 +6092,12 @@ def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_
     chat_template.jinja, so such a request is rendered without the system prompt the model was trained with (the card's
     "as in training"). Published tiny run, data.system_prompt="Be brief.", 2026-12-07: without tools '...Be brief...',
     with tools '[tool-use user] Write cat in uppercase.</s>'."""
-    import shutil
 
     from transformers import AutoTokenizer
 
     from tasks.config import load_config
-    from tasks.models import resolve_model
 
-    art = tmp_path / "art"
-    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
-    local = tmp_path / "models" / "named-templates"
-    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
-    (local / "additional_chat_templates").mkdir()
-    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    art, local = _tiny_with_a_tool_use_template(tmp_path)
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}", "data.system_prompt=Be brief."])
     pub, _ = _publish(cfg, str(art), "r1")
     chat = [{"role": "user", "content": "Write cat in uppercase."}]
@@ -6111,19 +6115,13 @@ def test_named_chat_templates_are_left_out_where_training_rendered_another_templ
     adapter/ are published without additional_chat_templates/ (one log line says so), and a chat with tools renders
     with the trained template and data.system_prompt; base/ keeps them (it is the base training loaded)."""
     import logging
-    import shutil
 
     from transformers import AutoTokenizer
 
     from tasks.config import load_config
-    from tasks.models import DEFAULT_CHAT_TEMPLATE, resolve_model
+    from tasks.models import DEFAULT_CHAT_TEMPLATE
 
-    art = tmp_path / "art"
-    tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
-    local = tmp_path / "models" / "named-templates"
-    shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
-    (local / "additional_chat_templates").mkdir()
-    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    art, local = _tiny_with_a_tool_use_template(tmp_path)
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}", "data.system_prompt=Be brief.",
                                                  "model.chat_template=" + DEFAULT_CHAT_TEMPLATE])
     with caplog.at_level(logging.WARNING, logger="qlora_pipeline"):
