@@ -480,15 +480,20 @@ def copies_prompt(answer: str, prompt: str, share: float = 0.7, min_grams: int =
     or sentence limits, a phrase the prompt quotes), so it can outscore a model that answers (Gemma-3-270M base: 35%
     prompt-loose, 42 of 48 answers copies). Limits: a rewrite of text the prompt supplies can read as a copy, a copy in
     a script without spaces (Chinese) cannot be seen."""
-    def grams(text: str) -> list[tuple[str, ...]]:
-        words = re.sub(r"[^\w\s]", " ", text.casefold()).split()
-        return list(zip(words, words[1:], words[2:]))
-
-    mine = grams(answer)
+    mine = _trigrams(_plain_words(answer))
     if len(mine) < min_grams:
         return False
-    theirs = set(grams(prompt))
+    theirs = set(_trigrams(_plain_words(prompt)))
     return sum(g in theirs for g in mine) >= share * len(mine)
+
+
+def _plain_words(text: str) -> list[str]:
+    """The words `copies_prompt` and `own_words` compare: casefolded, punctuation dropped."""
+    return re.sub(r"[^\w\s]", " ", text.casefold()).split()
+
+
+def _trigrams(words: list[str]) -> list[tuple[str, str, str]]:
+    return list(zip(words, words[1:], words[2:]))
 
 
 def without_requested_repeat(answer: str, row: dict) -> str:
@@ -749,9 +754,8 @@ def own_words(answer: str, prompt: str | None) -> int:
     answers it is measured by its answer; one that only gives the prompt back has ~0 words of its own."""
     if prompt is None:
         return word_count(answer)
-    words = re.sub(r"[^\w\s]", " ", answer.casefold()).split()
-    said = re.sub(r"[^\w\s]", " ", prompt.casefold()).split()
-    grams = set(zip(said, said[1:], said[2:]))
+    words = _plain_words(answer)
+    grams = set(_trigrams(_plain_words(prompt)))
     copied = [False] * len(words)
     for i in range(len(words) - 2):
         if (words[i], words[i + 1], words[i + 2]) in grams:
