@@ -17,7 +17,9 @@ the next smaller one tried; with `training.offload_activations: auto` a micro-ba
 with the checkpointed layers' inputs offloaded to host memory before a smaller one, and kept when it fits), then how
 many decoder layers can skip recompute in the memory left (not when offloaded: the two exclude each other). Each layer
 freed from recompute saves about a third of its step time (measured on one H200: 4 layers +3.7% within
-16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Two trials that free 4 and 8 layers give the cost per
+16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Where layers still recompute at that micro-batch, half of it is
+timed too, with its own layer search (a layer's activations are half as large there, so about twice the layers go
+free), and the faster of the two is kept (`half_micro_batch`). Two trials that free 4 and 8 layers give the cost per
 layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
 checkpointed peak underestimates it by half), a third confirms the extrapolated count; when a trial runs over the
 budget, the count between the most that fitted and it is tried (an out-of-memory trial ends the search). The cache key includes
@@ -295,6 +297,33 @@ def next_free_trial(n_layers: int, vram_gb: float, measured: dict[int, float], o
     return target if target > fit and target not in tried else None
 
 
+def half_micro_batch(base: dict, free: int) -> tuple[int, int] | None:
+    """(micro_batch, accum) of the one smaller setting the probe also times, or None: half of `base`'s micro-batch, the
+    same effective batch, where `base` (the largest micro-batch that fits, checkpointed) left layers recomputed after its
+    layer search freed `free` of them. Recompute costs about a third of a layer's step (all 32 of Mistral's layers free:
+    +47% at 59 GiB on one H200), and a layer's saved activations scale with the micro-batch, so at half of it about twice
+    the layers fit without recompute; what a smaller micro-batch costs (twice the weight dequantizations and launches a
+    step) is the card's and the model's, so both are timed and the faster kept. Only once: a quarter would pay those
+    costs twice for what half already bought."""
+    mb, ga = base["micro_batch_size"], base["grad_accum"]
+    if mb < 2 or free >= base["layers"] or base.get("offload_activations"):
+        return None
+    return mb // 2, math.ceil(mb * ga / (mb // 2))
+
+
+def _free_layer_search(args: tuple, base: dict, vram_gb: float, max_length: int, log_fn, exempt, trials: list) -> int:
+    """Time settings of `base`'s micro-batch with layers freed from recompute (`next_free_trial`), appending each trial
+    to `trials`; the most layers freed by a trial that fitted (0 when none did)."""
+    measured, over = {0: base["peak_mem_gb"]}, {}
+    while (k := next_free_trial(base["layers"], vram_gb, measured, over)) is not None:
+        trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, max_length, log_fn, exempt=exempt)
+        trials.append(trial)
+        if trial.get("error"):
+            break  # out of memory: no peak to learn from, and the allocator may not recover another time
+        (measured if trial.get("fits") else over)[k] = trial["peak_mem_gb"]
+    return max(measured)
+
+
 def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection, lora: LoraSection, training: TrainingSection, budget: BudgetSection, device: str, artifacts_dir: str, log_fn=None) -> ProbeRecord:
     """Stage 3: measure s/step and turn the time budget into max_steps."""
     if budget.seconds is None:
@@ -354,20 +383,24 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
             # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
             candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc, offload))
         if trial.get("fits"):
-            break  # the largest micro-batch that fits; a smaller one is no faster per token
+            break  # the largest micro-batch that fits (half of it is timed too where layers stay recomputed: below)
     base = next((t for t in trials if t.get("fits")), None)
     if base and base["offload_activations"]:
         log_fn("probe: every layer stays checkpointed: offloaded, a layer without recompute would go to host memory whole")
     elif base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
         # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
         # trial there cannot be recovered from (the other ranks wait in the all-reduce).
-        measured, over = {0: base["peak_mem_gb"]}, {}
-        while (k := next_free_trial(base["layers"], budget.vram_gb, measured, over)) is not None:
-            trial = _trial(*args, base["micro_batch_size"], base["grad_accum"], True, k, data.max_length, log_fn, exempt=exempt)
+        free = _free_layer_search(args, base, budget.vram_gb, data.max_length, log_fn, exempt, trials)
+        if half := half_micro_batch(base, free):
+            # Layers still recomputed at the largest micro-batch: half of it holds half the activations a layer, so
+            # about twice the layers run without recompute in the same memory; which is faster is measured, not assumed.
+            mb, ga = half
+            log_fn(f"probe: {base['layers'] - free} of {base['layers']} layers still recompute at micro-batch {base['micro_batch_size']}: "
+                   f"trying micro-batch {mb} x accum {ga}, whose layers each hold half the activations")
+            trial = _trial(*args, mb, ga, True, 0, data.max_length, log_fn, then="keeping the larger micro-batch", exempt=exempt)
             trials.append(trial)
-            if trial.get("error"):
-                break  # out of memory: no peak to learn from, and the allocator may not recover another time
-            (measured if trial.get("fits") else over)[k] = trial["peak_mem_gb"]
+            if trial.get("fits"):
+                _free_layer_search(args, trial, budget.vram_gb, data.max_length, log_fn, exempt, trials)
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
         offloaded = any(t["offload_activations"] for t in trials)

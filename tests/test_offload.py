@@ -275,9 +275,12 @@ def _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, peak_of
 def test_probe_does_not_offload_when_the_checkpointed_micro_batch_fits(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
     """4 x 4 fits checkpointed: no offload trial; the memory left goes to layers without recompute, as before."""
     rec, timed, _ = _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, lambda mb, off, k: 8.0 + 1.6 * k)
-    assert timed == [(4, 4, True, 0, False), (4, 4, True, 4, False), (4, 4, True, 8, False)]
+    assert timed[:3] == [(4, 4, True, 0, False), (4, 4, True, 4, False), (4, 4, True, 8, False)]
+    # 28 layers still recompute at 4 x 4: half the micro-batch is timed too, checkpointed and not offloaded (this fake's
+    # peaks do not depend on the micro-batch: it frees no more layers there, and 4 x 4 stays)
+    assert timed[3] == (2, 8, True, 0, False) and all(t[0] == 2 and not t[4] for t in timed[3:])
     assert not rec.offload_activations and rec.recompute_free_layers == 4 and rec.micro_batch_size == 4
-    assert [t["offload_activations"] for t in rec.trials] == [False, False, False]
+    assert not any(t["offload_activations"] for t in rec.trials)
 
 
 def test_probe_keeps_offload_where_only_the_offloaded_micro_batch_fits(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
@@ -337,7 +340,7 @@ def test_an_out_of_memory_on_one_of_several_ranks_names_offload_or_says_it_was_o
 @pytest.mark.parametrize("mode, offloads", [("off", [False]), ("on", [True])])
 def test_probe_offloads_always_when_on_and_never_when_off(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, mode, offloads):
     rec, timed, _ = _probe(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, lambda mb, off, k: 8.0 + 0.9 * k, mode=mode)
-    assert [t[4] for t in timed if t[3] == 0] == offloads
+    assert [t[4] for t in timed if t[3] == 0 and t[0] == 4] == offloads
     assert rec.offload_activations is offloads[0]
     assert rec.recompute_free_layers == (0 if offloads[0] else 8)  # offloaded: no layer search (4 and 8 freed fit 16 GiB)
 

@@ -148,13 +148,74 @@ def test_probe_picks_the_largest_micro_batch_that_fits_then_frees_layers(tiny_cf
     logs = []
     rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
                            shared_artifacts, logs.append)
-    assert timed == [(4, 4, True, 0), (2, 8, True, 0), (2, 8, True, 4), (2, 8, True, 8), (2, 8, True, 5)]
+    # 27 of 32 layers still recompute at 2 x 8: half the micro-batch is timed with its own layer search (this fake's
+    # peaks and steps do not depend on the micro-batch, so it ties, and the first of the fastest is kept)
+    assert timed == [(4, 4, True, 0), (2, 8, True, 0), (2, 8, True, 4), (2, 8, True, 8), (2, 8, True, 5),
+                     (1, 16, True, 0), (1, 16, True, 4), (1, 16, True, 8), (1, 16, True, 5)]
     assert (rec.micro_batch_size, rec.grad_accum, rec.gradient_checkpointing, rec.recompute_free_layers) == (2, 8, True, 5)
-    assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True]
+    assert rec.peak_mem_gb == 6.0 + 1.6 * 5 and [t.get("fits") for t in rec.trials] == [False, True, True, False, True, True, True, False, True]
     assert rec.trials[0]["error"] == "out of memory" and any("ran out of memory" in m for m in logs)
     # 2.75 s a step (5 layers free) after 1 s of load, a 0.5-s checkpoint every 2 minutes and a 0.25-s final save: 1303
     # steps save 29 checkpoints and end at 3599.0 s, one more would end at 3601.75
     assert (rec.max_steps, rec.fixed_seconds) == (1303, 1.0 + 0.25 + 29 * 0.5)
+
+
+def _probe_on_a_simulated_card(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, per_micro_batch_s: float, vram_gb: float = 15):
+    """The probe's search on a simulated card shaped like the 15 GiB Mistral-7B stage (one H100, 2026-12-07: all layers
+    checkpointed ~8 GiB at micro-batch 4, ~1 GiB more a layer freed): a layer's freed activations scale with the
+    micro-batch; a step is 2.6 s of work, `per_micro_batch_s` for each micro-batch (dequantizing the weights, launches),
+    and a third of a layer's share for each layer recomputed. Returns (record, settings timed, log)."""
+    import tasks.probe as probe_mod
+
+    timed = []
+
+    def fake_time(ref, model_cfg, quant, lora, training, budget, device, engine, train_ds, tok, mb, ga, gc, n_free, max_length, offload=False, log_fn=None, exempt=()):
+        timed.append((mb, ga, n_free))
+        step = 2.6 + per_micro_batch_s * ga + 2.6 / 3 * (32 - n_free) / 32
+        return {"load_seconds": 1.0, "save_seconds": 0.5, "final_save_seconds": 0.25, "s_per_step": step, "tokens_per_step": 32768.0,
+                "tokens_per_s": 32768 / step, "peak_mem_gb": 2.0 + 1.5 * mb + 0.25 * mb * n_free, "layers": 32}
+
+    monkeypatch.setattr(probe_mod, "_time_setting", fake_time)
+    monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: "cuda:simulated")
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": vram_gb, "minutes": 60})
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True, "max_steps": None,
+                                                    "offload_activations": "off"})
+    logs = []
+    rec = probe_mod._probe(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, budget, "cuda", "k", tmp_path / "probe",
+                           shared_artifacts, logs.append)
+    return rec, timed, logs
+
+
+def test_where_layers_stay_recomputed_the_probe_times_half_the_micro_batch_and_keeps_it_when_faster(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                                      monkeypatch, tmp_path):
+    """At micro-batch 4 the 15 GiB card frees 6 layers (8 GiB + 1 GiB a layer); at 2 the same memory frees 18 (5 GiB +
+    0.5 a layer): 12 fewer layers recomputed save more than 8 micro-batches' overhead costs over 4 (0.03 s each), so the
+    record is micro-batch 2 x accum 8 with 18 layers free; the log says why it was tried."""
+    rec, timed, logs = _probe_on_a_simulated_card(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, per_micro_batch_s=0.03)
+    assert timed == [(4, 4, 0), (4, 4, 4), (4, 4, 8), (4, 4, 6), (2, 8, 0), (2, 8, 4), (2, 8, 8), (2, 8, 18)]
+    assert (rec.micro_batch_size, rec.grad_accum, rec.recompute_free_layers) == (2, 8, 18)
+    assert rec.s_per_step == pytest.approx(2.6 + 0.24 + 2.6 / 3 * 14 / 32) and rec.peak_mem_gb == 2.0 + 3.0 + 0.5 * 18
+    assert any("26 of 32 layers still recompute at micro-batch 4: trying micro-batch 2 x accum 8" in m for m in logs)
+
+
+def test_the_half_micro_batch_is_timed_but_not_kept_where_its_overhead_costs_more(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path):
+    """The same card where each micro-batch costs 0.2 s: micro-batch 2's 12 more free layers save 0.33 s of recompute and
+    its 4 more micro-batches cost 0.8 s, so micro-batch 4 with 6 layers free stays."""
+    rec, timed, _ = _probe_on_a_simulated_card(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, per_micro_batch_s=0.2)
+    assert (2, 8, 0) in timed and (rec.micro_batch_size, rec.grad_accum, rec.recompute_free_layers) == (4, 4, 6)
+
+
+def test_no_half_micro_batch_where_every_layer_goes_free_or_none_is_smaller_or_it_is_offloaded(tiny_cfg, tiny_data, shared_artifacts,
+                                                                                                monkeypatch, tmp_path):
+    from tasks.probe import half_micro_batch
+
+    rec, timed, _ = _probe_on_a_simulated_card(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, per_micro_batch_s=0.03, vram_gb=80)
+    assert rec.recompute_free_layers == 32 and all(mb == 4 for mb, _, _ in timed)  # nothing left to buy with a smaller one
+    base = {"micro_batch_size": 4, "grad_accum": 4, "layers": 32, "offload_activations": False}
+    assert half_micro_batch(base, 6) == (2, 8) and half_micro_batch(base, 32) is None
+    assert half_micro_batch({**base, "micro_batch_size": 1, "grad_accum": 16}, 0) is None
+    assert half_micro_batch({**base, "offload_activations": True}, 0) is None
+    assert half_micro_batch({**base, "micro_batch_size": 3, "grad_accum": 5}, 0) == (1, 15)  # the effective batch kept (or just over)
 
 
 def _probe_at(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, timing: dict, minutes: float, checkpoint_minutes: float):
