@@ -304,11 +304,13 @@ def half_micro_batch(base: dict, free: int) -> tuple[int, int] | None:
     +47% at 59 GiB on one H200), and a layer's saved activations scale with the micro-batch, so at half of it about twice
     the layers fit without recompute; what a smaller micro-batch costs (twice the weight dequantizations and launches a
     step) is the card's and the model's, so both are timed and the faster kept. Only once: a quarter would pay those
-    costs twice for what half already bought."""
+    costs twice for what half already bought. None where half the micro-batch cannot hold the same effective batch
+    exactly (an odd one: 5 x 1 would become 2 x 3, six samples a step): the search picks the faster setting of one recipe,
+    it does not change the recipe."""
     mb, ga = base["micro_batch_size"], base["grad_accum"]
-    if mb < 2 or free >= base["layers"] or base.get("offload_activations"):
+    if mb < 2 or free >= base["layers"] or base.get("offload_activations") or (mb * ga) % (mb // 2):
         return None
-    return mb // 2, math.ceil(mb * ga / (mb // 2))
+    return mb // 2, mb * ga // (mb // 2)
 
 
 def _free_layer_search(args: tuple, base: dict, vram_gb: float, max_length: int, log_fn, exempt, trials: list) -> int:
