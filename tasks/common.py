@@ -1168,7 +1168,16 @@ def off_the_lost_terminal() -> None:
 def in_a_deployment_run() -> bool:
     """Whether a Prefect runner or worker started this run. Its Cancel is a SIGTERM that Prefect's own handler must
     receive: the run acknowledges the cancel only while that handler is installed, and with training's the cancelled
-    run ended Crashed ("aborted by an interrupt signal"), not Cancelled, its cancellation hooks not run."""
+    run ended Crashed ("aborted by an interrupt signal"), not Cancelled, its cancellation hooks not run.
+
+    Answered without importing Prefect where it could only say no: a process that has not imported it (a torchrun rank,
+    whose stage imports no Prefect) holds none of its run contexts, so `deployment.id` could come only from the flow run
+    id or the mocked id in the environment, as Prefect reads them. Importing it cost each rank ~0.8 s of CPU at its start,
+    on top of torch's and the stage's own (2026-12-07, this 2-core box)."""
+    import sys
+
+    if "prefect" not in sys.modules and not any(v in os.environ for v in ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__DEPLOYMENT__ID")):
+        return False
     try:
         from prefect.runtime import deployment
     except ImportError:  # the stage called as a plain function where Prefect is not installed (bench/pipeline_gpu.py on a GPU box)

@@ -1208,7 +1208,27 @@ def test_training_runs_as_a_plain_function_where_prefect_is_not_installed(monkey
     from tasks.common import in_a_deployment_run
 
     monkeypatch.setitem(sys.modules, "prefect.runtime", None)  # `from prefect.runtime import ...` raises ImportError
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "0b5c2e9e-0000-4000-8000-000000000000")  # so the question goes to Prefect
     assert in_a_deployment_run() is False
+
+
+def test_a_process_without_prefect_asks_prefect_only_when_its_environment_names_a_run():
+    """A torchrun rank imports no Prefect but asked whether a deployment started the run, which imported it (~0.8 s of
+    each rank's start): now it answers no without Prefect, unless the environment holds the ids Prefect reads
+    (PREFECT__FLOW_RUN_ID, the mocked PREFECT__RUNTIME__DEPLOYMENT__ID), which go to Prefect as before."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from tasks.common import in_a_deployment_run; "
+            "print(in_a_deployment_run(), 'prefect' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT__FLOW_RUN_ID", "PREFECT__RUNTIME__DEPLOYMENT__ID")}
+    root = Path(__file__).resolve().parent.parent
+    plain = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert plain.stdout.split() == ["False", "False"], plain.stderr[-2000:]
+    mocked = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "PREFECT__RUNTIME__DEPLOYMENT__ID": "d-1"},
+                            capture_output=True, text=True, timeout=120)
+    assert mocked.stdout.split() == ["True", "True"], mocked.stderr[-2000:]
 
 
 @pytest.mark.parametrize("checkpoint_s, budget_s, ends_at", [
