@@ -173,12 +173,17 @@ def publish_smollm2(smollm2_artifacts):
 # loaded by two other helpers' tests (load 4-5), against 124 s in that run: its 100 tests and the
 # two-rank stop tests put it among the longest; in the 2026-12-07 17:48 `make test` its nine slowest tests alone took
 # ~330 s. Unscaled: in a `make test` it reads less, but it belongs at the front with test_compile.py.
+# test_use_the_model.py (428 tests, up from 202 s in the 2026-12-06 run) and test_multi_gpu.py: measured alone (pytest -q
+# --durations, one process, nice 19) on 2026-12-07 at suite-15, the box shared with other helpers (load 2.5-4.7): 916 s
+# and 371-402 s. Both alone numbers, one box and hour: their ratio orders them (the 428 serving tests, most of them
+# waiting on a server subprocess, now the longest file), not the seconds of a `make test`. At 202 s it started behind
+# six files; not yet checked in a whole `make test`.
 # test_quantize.py is the exception: 80 s in that run, and placed after the long files on purpose, so the llama-quantize
 # build (started in the background as the session begins, below) has most of the suite's first ten minutes before its
 # Q4_K_M tests need the binary.
 LONGEST_FILES = {"test_compile.py": 337, "test_export.py": 290, "test_deploy.py": 256, "test_faults.py": 240,
-                 "test_architectures.py": 230, "test_use_the_model.py": 202, "test_resume.py": 198, "test_resume_stages.py": 149,
-                 "test_multi_gpu.py": 544, "test_constraints.py": 94, "test_bad_inputs.py": 71, "test_ui_browser.py": 71,
+                 "test_architectures.py": 230, "test_use_the_model.py": 916, "test_resume.py": 198, "test_resume_stages.py": 149,
+                 "test_multi_gpu.py": 402, "test_constraints.py": 94, "test_bad_inputs.py": 71, "test_ui_browser.py": 71,
                  "test_cache_keys.py": 67, "test_flow.py": 51, "test_merge.py": 50, "test_quantize.py": 45,
                  "test_second_half.py": 37, "test_data_mix.py": 20, "test_train.py": 20, "test_bench_scripts.py": 19,
                  "test_imports.py": 19, "test_benchmarks.py": 16, "test_data.py": 15}
