@@ -139,9 +139,11 @@ def remote_code_key(model: ModelSection) -> list:
 # the code in; so the stages that load the model are keyed on the commit transformers resolves for that repository now:
 # the Hub cache's offline (transformers reads the same), the Hub's online (the same call transformers makes, which
 # caches the module). A new commit there runs them again; offline with nothing cached is one line before stage 1
-# (`check_model`). What stays unpinned: a commit pushed between a stage's key and its load (seconds) loads under the
-# earlier key, and `chat` of the published folder loads that repository's code as it is then.
-_CODE_COMMITS: dict[tuple, str] = {}  # (repo, module file, Hub cache) -> commit, asked of the Hub once a process (a run)
+# (`check_model`). Every load passes that commit back as transformers' `code_revision` (`pinned_from_pretrained`), so
+# a commit pushed between a stage's key and its load is not what loads, and stage 7 records it (provenance.json
+# `code_commits`) for `chat` to load the same code. The commit is resolved once a process (a run), offline too: the
+# Hub cache's main moved by another process's download between a key and its load is not followed either.
+_CODE_COMMITS: dict[tuple, str] = {}  # (repo, module file, Hub cache) -> commit, resolved once a process (a run)
 
 
 def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
@@ -186,7 +188,7 @@ def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> s
     from huggingface_hub import constants, hf_hub_download
 
     memo = (repo, filename, constants.HF_HUB_CACHE)
-    if not constants.HF_HUB_OFFLINE and memo in _CODE_COMMITS:
+    if memo in _CODE_COMMITS:
         return _CODE_COMMITS[memo]
     try:
         path = Path(hf_hub_download(repo, filename, token=hub_token(model)))  # offline: from the cache, or LocalEntryNotFoundError
@@ -197,9 +199,61 @@ def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> s
                          f"that repository's latest commit, and {where}; run once online so it is cached (or `hf download {repo} "
                          f"{filename}`), or set model.trust_remote_code: false") from e
     commit = path.parents[len(Path(filename).parts) - 1].name  # <cache>/models--org--repo/snapshots/<commit>/<filename>
-    if not constants.HF_HUB_OFFLINE:
-        _CODE_COMMITS[memo] = commit
+    _CODE_COMMITS[memo] = commit
     return commit
+
+
+def code_commits(model: ModelSection) -> dict[str, str]:
+    """{"<repo>--<module>": commit} of the other repositories' code the model's auto_maps name, as its stage keys hold
+    it (`remote_code_key`); {} where model.trust_remote_code loads none."""
+    key = remote_code_key(model)
+    return dict(key[0].get("code_commits", {})) if key else {}
+
+
+def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
+    """{auto class: commit} for each class of LOADED_AUTO_CLASSES whose auto_map entry (`auto_maps`: {file name: its
+    auto_map}; AutoTokenizer's from tokenizer_config.json first, as transformers reads it) names another repository's
+    module that `commits` pins; a class that loads its own or built-in code is absent."""
+    found = {}
+    for cls in LOADED_AUTO_CLASSES:
+        files = ("tokenizer_config.json", "config.json") if cls == "AutoTokenizer" else ("config.json",)
+        auto = next((m for m in (auto_maps.get(f) for f in files) if m), None)
+        if cls == "AutoTokenizer" and isinstance(auto, (list, tuple)):  # the oldest tokenizer configs' form
+            entry = _loaded_entry(auto)
+        else:
+            entry = _loaded_entry(auto.get(cls)) if isinstance(auto, dict) else None
+        if isinstance(entry, str) and "--" in entry:
+            repo, _, ref = entry.partition("--")
+            commit = commits.get(f"{repo}--{ref.rpartition('.')[0]}")
+            if commit:
+                found[cls] = commit
+    return found
+
+
+def pinned_from_pretrained(auto_cls, path: str, revisions: dict[str, str], **kwargs):
+    """`auto_cls.from_pretrained(path, **kwargs)` with each class another repository's code gives at its commit
+    (`revisions`: `code_revisions`). transformers 5.25 takes one `code_revision` per call, and a model or tokenizer load
+    loads AutoConfig's class first with it: so the config is loaded alone at AutoConfig's commit and handed over, and the
+    class at its own. Without revisions the call is the plain one."""
+    if not revisions:
+        return auto_cls.from_pretrained(path, **kwargs)
+    from transformers import AutoConfig
+
+    hub = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code") if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **hub, **_code_revision(revisions, "AutoConfig"))
+    if auto_cls is AutoConfig:
+        return config
+    return auto_cls.from_pretrained(path, config=config, **kwargs, **_code_revision(revisions, auto_cls.__name__))
+
+
+def _code_revision(revisions: dict[str, str], cls: str) -> dict:
+    return {"code_revision": revisions[cls]} if cls in revisions else {}
+
+
+def model_code_revisions(model: ModelSection) -> dict[str, str]:
+    """`code_revisions` of the model's own auto_maps at the commits its stage keys hold (`code_commits`)."""
+    commits = code_commits(model)
+    return code_revisions(shipped_auto_maps(model), commits) if commits else {}
 
 
 def shipped_auto_maps(model: ModelSection) -> dict:
@@ -739,7 +793,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
 
     kwargs = {"revision": ref.revision, "token": hub_token(model), "trust_remote_code": model.trust_remote_code}
     try:
-        tok = AutoTokenizer.from_pretrained(ref.path, **kwargs)
+        tok = pinned_from_pretrained(AutoTokenizer, ref.path, model_code_revisions(model), **kwargs)
     except OSError as e:
         raise _load_error(ref, model, e) from e
     if type(tok).__name__ == MISTRAL_COMMON:
@@ -1010,7 +1064,8 @@ def model_config(ref: ModelRef, model: ModelSection):
     """The model's transformers config, read alone (no weights)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(ref.path, revision=ref.revision, token=hub_token(model), trust_remote_code=model.trust_remote_code)
+    return pinned_from_pretrained(AutoConfig, ref.path, model_code_revisions(model), revision=ref.revision, token=hub_token(model),
+                                  trust_remote_code=model.trust_remote_code)
 
 
 def supports_sdpa(ref: ModelRef, model: ModelSection) -> bool:
@@ -1086,7 +1141,8 @@ def load_base_model(ref: ModelRef, model: ModelSection, quant: QuantSection, dev
         # The current GPU: 0 in one process, the local rank's under torchrun (tasks/launch.py sets it).
         kwargs["device_map"] = {"": _current_gpu()} if device == "cuda" else {"": "cpu"}
     try:
-        m = _load_random_in_memory(ref, model, kwargs) if ref.random_in_memory else AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+        m = (_load_random_in_memory(ref, model, kwargs) if ref.random_in_memory
+             else pinned_from_pretrained(AutoModelForCausalLM, ref.path, model_code_revisions(model), **kwargs))
     except OSError as e:
         raise _load_error(ref, model, e) from e
     except Exception as e:  # a truncated safetensors file, or a repo that needs its own code
@@ -1641,7 +1697,10 @@ def model_skeleton(ref: ModelRef, model: ModelSection):
     except OSError as e:
         raise _load_error(ref, model, e) from e
     with torch.device("meta"), quiet_transformers():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        # A config class a load of this process registered already takes that (pinned) class, and transformers passes
+        # any code_revision on to the model's __init__: given only where the class is looked up.
+        pin = {} if type(config) in AutoModelForCausalLM._model_mapping else _code_revision(model_code_revisions(model), "AutoModelForCausalLM")
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, **pin)
 
 
 def enable_checkpointing(model, kwargs: dict) -> None:

@@ -624,11 +624,15 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
         (repo / "snapshots" / sha).mkdir(parents=True)
         (repo / "snapshots" / sha / "modeling_other.py").write_text(f"# code of {sha[:4]}\n")
 
+    from tasks import models
+
     commit("a" * 40)
     first = remote_code_key(model)
     assert first == [{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "a" * 40}}]
     assert remote_code_key(model) == first
-    commit("b" * 40)  # a new commit of the other repository: other code loads
+    commit("b" * 40)  # a new commit of the other repository: a later run (a process: the commit is resolved once) loads other code
+    assert remote_code_key(model) == first
+    models._CODE_COMMITS.clear()
     assert remote_code_key(model) == [{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "b" * 40}}]
 
     own = tmp_path / "hub" / "models--someorg--fine-tune"
@@ -655,6 +659,7 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    models._CODE_COMMITS.clear()  # a run of its own
     keys = [remote_code_key(model) for _ in range(3)]
     assert keys == [[{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "d" * 40}}]] * 3
     assert asked == [("otherorg/code", "modeling_other.py")]
@@ -663,6 +668,63 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
                                          r"the repository otherorg/gone, which transformers loads at that repository's latest commit, and "
                                          r"the Hub did not give it \(ConnectionError\); run once online"):
         remote_code_key(model)
+
+
+def _other_repo_commit(hub: Path, repo: str, sha: str, version: str) -> None:
+    """A commit `sha` of the hub repository `repo` in the Hub cache `hub`, its main: a config and a model module whose
+    classes say `version`."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(sha)
+    (folder / "snapshots" / sha).mkdir(parents=True)
+    (folder / "snapshots" / sha / "configuration_pinned.py").write_text(
+        f"from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'pinned'\n    VERSION = {version!r}\n")
+    (folder / "snapshots" / sha / "modeling_pinned.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_pinned import PinnedConfig\n\n\n"
+        f"class PinnedForCausalLM(LlamaForCausalLM):\n    config_class = PinnedConfig\n    VERSION = {version!r}\n")
+
+
+def _fine_tune_of_other_code(folder: Path, repo: str) -> Path:
+    """A tiny model folder whose config.json names `repo`'s configuration and model code (as save_pretrained writes a
+    fine-tune of a remote-code model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "vocab_size": 64}
+    LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(folder))
+    auto_map = {"AutoConfig": f"{repo}--configuration_pinned.PinnedConfig", "AutoModelForCausalLM": f"{repo}--modeling_pinned.PinnedForCausalLM"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "pinned", "auto_map": auto_map, **dims}))
+    return folder
+
+
+def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(tmp_path, monkeypatch):
+    """The key held the commit of the other repository resolved at key time, but transformers' load fetched that
+    repository again, unpinned, moments later: a commit landing between them (here: the Hub cache's main moved by
+    another process's download) loaded code the key never named. Now the load passes that very commit as
+    transformers' code_revision, to the config's class and the model's alike (config, skeleton and weights)."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection, QuantSection
+    from tasks.models import load_base_model, model_config, model_skeleton, remote_code_key, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # commits of their own: transformers keeps each commit's modules once per process and machine (by repo and commit)
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")), trust_remote_code=True)
+    key = remote_code_key(model)
+    assert key[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    ref = resolve_model(model, str(tmp_path / "artifacts"))
+    assert remote_code_key(model) == key
+    assert type(model_config(ref, model)).VERSION == "keyed"
+    loaded = load_base_model(ref, model, QuantSection(load_in_4bit=False), "cpu")
+    assert (type(loaded).VERSION, type(loaded.config).VERSION) == ("keyed", "keyed")
+    assert type(model_skeleton(ref, model)).VERSION == "keyed"
 
 
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
