@@ -682,18 +682,27 @@ def _other_repo_commit(hub: Path, repo: str, sha: str, version: str) -> None:
     (folder / "snapshots" / sha / "modeling_pinned.py").write_text(
         "from transformers import LlamaForCausalLM\n\nfrom .configuration_pinned import PinnedConfig\n\n\n"
         f"class PinnedForCausalLM(LlamaForCausalLM):\n    config_class = PinnedConfig\n    VERSION = {version!r}\n")
+    (folder / "snapshots" / sha / "tokenization_pinned.py").write_text(
+        f"from transformers import PreTrainedTokenizerFast\n\n\nclass PinnedTokenizerFast(PreTrainedTokenizerFast):\n    VERSION = {version!r}\n")
 
 
-def _fine_tune_of_other_code(folder: Path, repo: str) -> Path:
+def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False) -> Path:
     """A tiny model folder whose config.json names `repo`'s configuration and model code (as save_pretrained writes a
-    fine-tune of a remote-code model)."""
+    fine-tune of a remote-code model), and with `tokenizer` a tokenizer whose tokenizer_config.json names its fast class."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.models import build_byte_tokenizer
 
     dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": 64}
     LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(folder))
     auto_map = {"AutoConfig": f"{repo}--configuration_pinned.PinnedConfig", "AutoModelForCausalLM": f"{repo}--modeling_pinned.PinnedForCausalLM"}
     (folder / "config.json").write_text(json.dumps({"model_type": "pinned", "auto_map": auto_map, **dims}))
+    if tokenizer:
+        build_byte_tokenizer().save_pretrained(str(folder))
+        conf = json.loads((folder / "tokenizer_config.json").read_text())
+        conf["auto_map"] = {"AutoTokenizer": [None, f"{repo}--tokenization_pinned.PinnedTokenizerFast"]}
+        (folder / "tokenizer_config.json").write_text(json.dumps(conf))
     return folder
 
 
@@ -701,13 +710,14 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     """The key held the commit of the other repository resolved at key time, but transformers' load fetched that
     repository again, unpinned, moments later: a commit landing between them (here: the Hub cache's main moved by
     another process's download) loaded code the key never named. Now the load passes that very commit as
-    transformers' code_revision, to the config's class and the model's alike (config, skeleton and weights)."""
+    transformers' code_revision, to the config's class, the model's and the tokenizer's alike (config, skeleton, weights and
+    tokenizer)."""
     import hashlib
 
     from huggingface_hub import constants
 
     from tasks.config import ModelSection, QuantSection
-    from tasks.models import load_base_model, model_config, model_skeleton, remote_code_key, resolve_model
+    from tasks.models import load_base_model, load_tokenizer, model_config, model_skeleton, remote_code_key, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -715,9 +725,10 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     # commits of their own: transformers keeps each commit's modules once per process and machine (by repo and commit)
     first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
     _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
-    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")), trust_remote_code=True)
+    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True)), trust_remote_code=True)
     key = remote_code_key(model)
-    assert key[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
+    assert key[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first,
+                                      "otherorg/pinned--tokenization_pinned": first}
     _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
     ref = resolve_model(model, str(tmp_path / "artifacts"))
     assert remote_code_key(model) == key
@@ -725,6 +736,7 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     loaded = load_base_model(ref, model, QuantSection(load_in_4bit=False), "cpu")
     assert (type(loaded).VERSION, type(loaded.config).VERSION) == ("keyed", "keyed")
     assert type(model_skeleton(ref, model)).VERSION == "keyed"
+    assert type(load_tokenizer(ref, model)).VERSION == "keyed"
 
 
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
