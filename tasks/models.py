@@ -214,6 +214,11 @@ def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
     """{auto class: commit} for each class of LOADED_AUTO_CLASSES whose auto_map entry (`auto_maps`: {file name: its
     auto_map}; AutoTokenizer's from tokenizer_config.json first, as transformers reads it) names another repository's
     module that `commits` pins; a class that loads its own or built-in code is absent."""
+    return {cls: commit for cls, (_, _, commit) in pinned_modules(auto_maps, commits).items()}
+
+
+def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[str, str, str]]:
+    """{auto class: (repo, module file, commit)} of `code_revisions`."""
     found = {}
     for cls in LOADED_AUTO_CLASSES:
         files = ("tokenizer_config.json", "config.json") if cls == "AutoTokenizer" else ("config.json",)
@@ -224,10 +229,24 @@ def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
             entry = _loaded_entry(auto.get(cls)) if isinstance(auto, dict) else None
         if isinstance(entry, str) and "--" in entry:
             repo, _, ref = entry.partition("--")
-            commit = commits.get(f"{repo}--{ref.rpartition('.')[0]}")
-            if commit:
-                found[cls] = commit
+            module = ref.rpartition(".")[0]
+            if commits.get(f"{repo}--{module}"):
+                found[cls] = (repo, f"{module}.py", commits[f"{repo}--{module}"])
     return found
+
+
+def require_cached_code(modules: dict[str, tuple[str, str, str]], said: str) -> None:
+    """Offline (HF_HUB_OFFLINE), a StageError naming the first module of `modules` (`pinned_modules`) whose commit the
+    Hub cache holds no copy of, and the fix; online transformers downloads it at that commit."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    for repo, filename, commit in modules.values():
+        if not isinstance(try_to_load_from_cache(repo, filename, revision=commit), str):
+            raise StageError(f"{said} runs {filename} of the repository {repo} at commit {commit} (the one it was trained with), and "
+                             f"offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that commit; run once online, or "
+                             f"`hf download {repo} {filename} --revision {commit}`")
 
 
 def pinned_from_pretrained(auto_cls, path: str, revisions: dict[str, str], **kwargs):

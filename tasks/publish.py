@@ -26,7 +26,7 @@ from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, building, disk_full, file_sha256, fingerprint, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 from .data import rows_key
-from .models import base_path_now
+from .models import base_path_now, code_commits, pinned_from_pretrained, pinned_modules, require_cached_code, shipped_auto_maps
 
 MANIFEST = "MANIFEST.json"
 PUBLISH_VERSION = 6  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
@@ -987,6 +987,11 @@ def base_markdown(base: dict[str, Any]) -> str:
     else:
         lines.append(f"- Weights: the Hub model `{base['hub_id']}`" + (f" at revision `{base['revision']}`" if base["revision"] else "")
                      + " (not copied here).")
+    for entry, commit in sorted((base.get("code_commits") or {}).items()):
+        repo, _, module = entry.partition("--")
+        lines.append(f"- Runs `{module}.py` of the Hub repository `{repo}` (its auto_map names it; model.trust_remote_code) at commit "
+                     f"`{commit}`, the code every stage loaded: `qlora-pipeline chat` loads that commit (provenance.json `base.code_commits`); "
+                     f"loading it yourself, pass `code_revision=\"{commit}\"` to `from_pretrained`.")
     if base["loaded_in_4bit"]:
         q = base["quant"]
         lines.append(f"- Training, evaluation and the merge loaded it in 4 bits ({q['quant_type']}"
@@ -1062,6 +1067,9 @@ def describe_base(cfg: PipelineConfig, data, merge, probe, ref: str | None = Non
         "quant": {"quant_type": cfg.quant.quant_type, "double_quant": cfg.quant.double_quant} if merge.dequantized_from_4bit else None,
         "compute_dtype": str(models.compute_dtype(cfg.quant, probe.device)).replace("torch.", ""),
     }
+    commits = code_commits(cfg.model)  # another repository's code it loads, at the commit every stage's key held
+    if commits:
+        info["code_commits"] = commits
     gguf = models.gguf_source(cfg.model) if name.startswith("pypi:") or cfg.model.gguf_file else None
     if name.startswith("pypi:"):
         from importlib import metadata
@@ -1507,16 +1515,17 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
     require_current(folder, merged=merged)
     why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)
     trust = why is None
+    base = _published_base(folder)
     if merged:
         require_safetensors(folder / "merged")
+        pins = published_code_revisions(folder, str(folder / "merged"), None, base, trust)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder / "merged"), use_safetensors=True, trust_remote_code=trust)
+            model = pinned_from_pretrained(AutoModelForCausalLM, str(folder / "merged"), pins, use_safetensors=True, trust_remote_code=trust)
         except ValueError as e:
             if refused := remote_code_refused(e, str(folder / "merged"), why, trust):
                 raise refused from e
             raise
         return model.to(device).eval()
-    base = read_json(folder / "provenance.json").get("base")
     if not base:
         raise StageError(f"{folder} was published by an older version that named its base by a cache path; rerun the same "
                          "`qlora-pipeline run` command (only publish reruns), or chat with --merged")
@@ -1543,8 +1552,10 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
             bnb_4bit_compute_dtype=kwargs["dtype"], bnb_4bit_quant_storage=kwargs["dtype"])
         kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
     source = str(folder / base["files"]) if base["files"] else base["hub_id"]
+    revision = None if base["files"] else base["revision"]
+    pins = published_code_revisions(folder, source, revision, base, trust)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=None if base["files"] else base["revision"], **kwargs)
+        model = pinned_from_pretrained(AutoModelForCausalLM, source, pins, revision=revision, **kwargs)
     except OSError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StageError(f"cannot load the base model {source!r} ({first}); chat with --merged, which needs nothing outside {folder}") from e
@@ -1555,6 +1566,39 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
     if "quantization_config" not in kwargs:
         model.to(device)
     return PeftModel.from_pretrained(model, str(folder / "adapter")).eval()
+
+
+def published_code_revisions(folder: Path, source: str, revision: str | None, base: dict | None, trust: bool) -> dict[str, str]:
+    """{auto class: commit} for loading `source` (a side of the published `folder`, or its Hub base at `revision`) with
+    another repository's code at the commit its run trained with (provenance.json's `base.code_commits`, stage 7), where
+    the code runs (`trust`) and `source`'s auto_maps name such code (merged/ carries the code itself: transformers'
+    save_pretrained copies a loaded class's module in). Offline without that commit in the Hub cache: one line naming
+    the repository and the fix, before anything loads."""
+    from .config import ModelSection
+
+    commits = (base or {}).get("code_commits") or {}
+    if not trust or not commits:
+        return {}
+    if Path(source).is_dir():  # a side of the folder (adapter/ has no config.json)
+        maps = {n: auto for n in CODE_CHOOSERS if (auto := (_json_or_none(Path(source) / n) or {}).get("auto_map"))}
+    else:
+        maps = shipped_auto_maps(ModelSection(name=source, revision=revision, trust_remote_code=True))
+    modules = pinned_modules(maps, commits)
+    require_cached_code(modules, f"{folder} ({Path(source).name if Path(source).is_dir() else source})")
+    return {cls: commit for cls, (_, _, commit) in modules.items()}
+
+
+def _published_base(folder: Path) -> dict | None:
+    """provenance.json's `base` of a published folder; None where it has none (or no provenance.json)."""
+    prov = _json_or_none(folder / "provenance.json")
+    return prov.get("base") if isinstance(prov, dict) else None
+
+
+def _json_or_none(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
 
 
 def read_turn() -> str:
@@ -1625,8 +1669,9 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)  # a remote-code tokenizer (Qwen-1's) as its model
     trust = why is None
     side = str(folder / ("merged" if merged else "adapter"))
+    pins = published_code_revisions(folder, side, None, _published_base(folder), trust)
     try:
-        tok = AutoTokenizer.from_pretrained(side, trust_remote_code=trust)
+        tok = pinned_from_pretrained(AutoTokenizer, side, pins, trust_remote_code=trust)
     except ValueError as e:
         if refused := remote_code_refused(e, side, why, trust):
             raise refused from e

@@ -739,6 +739,68 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     assert type(load_tokenizer(ref, model)).VERSION == "keyed"
 
 
+def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_was_trained_with(tmp_path, monkeypatch):
+    """The published folder kept the fine-tune's auto_map ("org/repo--module.Class", no commit possible in it), so `chat`
+    loaded that repository's code as it was on the day of the chat. Now stage 7 records the commit the stages' keys held
+    (provenance.json `base.code_commits`, the card names it) and `chat`'s loads pass it as code_revision: base/ + adapter
+    and merged/ load the trained code after the repository moved on. merged/ as the merge writes it carries that code
+    itself (transformers' save_pretrained copies a loaded class's module in). Offline without that commit in the Hub
+    cache: one line naming the repository, the commit and the fix, before anything loads."""
+    import hashlib
+
+    import torch
+    from huggingface_hub import constants
+    from peft import LoraConfig, get_peft_model
+
+    from tasks.common import StageError, write_json
+    from tasks.config import ModelSection, QuantSection, load_config
+    from tasks.merge import save_merged
+    from tasks.models import load_base_model, resolve_model
+    from tasks.publish import base_markdown, describe_base, load_published
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "trained")
+    base = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'art'}", f"model.name={base}", "model.trust_remote_code=true"])
+    said = describe_base(cfg, None, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"), ref=str(base))
+    commits = {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
+    assert said["code_commits"] == commits
+    assert (f"- Runs `modeling_pinned.py` of the Hub repository `otherorg/pinned` (its auto_map names it; model.trust_remote_code) "
+            f"at commit `{first}`, the code every stage loaded") in base_markdown(said)
+
+    # the folder as stage 7 assembles it: base/ the fine-tune's files, merged/ as the merge saves it, the adapter
+    folder = tmp_path / "art" / "runs" / "r1" / "out"
+    shutil.copytree(base, folder / "base")
+    model = ModelSection(name=str(base), trust_remote_code=True)
+    loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, folder / "merged", trust_remote_code=True)
+    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    assert json.loads((folder / "merged" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_pinned.PinnedConfig", "AutoModelForCausalLM": "modeling_pinned.PinnedForCausalLM"}
+    assert (folder / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
+    get_peft_model(loaded, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(folder / "adapter"))
+    write_json(folder / "provenance.json", {"base": {**said, "files": "base", "hub_id": None}})
+
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed since")  # the repository moved on
+    chatted = load_published(folder, merged=False, device="cpu", trust_remote_code=True)
+    assert type(chatted.get_base_model()).VERSION == "trained"
+    shutil.rmtree(folder / "merged")
+    shutil.copytree(base, folder / "merged")  # a merged/ that names the other repository itself
+    assert type(load_published(folder, merged=True, device="cpu", trust_remote_code=True)).VERSION == "trained"
+
+    gone = "c" * 40
+    write_json(folder / "provenance.json", {"base": {**said, "files": "base", "hub_id": None,
+                                                     "code_commits": {**commits, "otherorg/pinned--modeling_pinned": gone}}})
+    with pytest.raises(StageError) as e:
+        load_published(folder, merged=False, device="cpu", trust_remote_code=True)
+    assert str(e.value) == (f"{folder} (base) runs modeling_pinned.py of the repository otherorg/pinned at commit {gone} (the one it "
+                            "was trained with), and offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that commit; run once "
+                            f"online, or `hf download otherorg/pinned modeling_pinned.py --revision {gone}`")
+
+
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
 def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_path, monkeypatch, case):
     """AutoTokenizer in transformers 5.25 takes the fast entry of an auto_map's [slow, fast] whenever it is not None
