@@ -210,6 +210,18 @@ def code_commits(model: ModelSection) -> dict[str, str]:
     return dict(key[0].get("code_commits", {})) if key else {}
 
 
+def keep_code_commits(commits: dict[str, str]) -> None:
+    """Make this process resolve each module of `commits` (`code_commits` of the process that keyed the stage) to that
+    commit: a torchrun rank loads the code its launcher's key holds, not the repository's main as it is when the rank
+    starts. A working-directory folder's entry ("folder ...", read where it is) is no commit and is left out."""
+    from huggingface_hub import constants
+
+    for entry, commit in commits.items():
+        repo, _, module = entry.partition("--")
+        if not commit.startswith("folder"):
+            _CODE_COMMITS[(repo, f"{module}.py", constants.HF_HUB_CACHE)] = commit
+
+
 def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
     """{auto class: commit} for each class of LOADED_AUTO_CLASSES whose auto_map entry (`auto_maps`: {file name: its
     auto_map}; AutoTokenizer's from tokenizer_config.json first, as transformers reads it) names another repository's

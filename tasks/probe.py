@@ -46,7 +46,7 @@ from .engine.build import (bookkeeping_trainer, build_model, collector_kept_off_
                            training_args)
 from .engine.collate import collator_for, is_padding_free, training_dataset
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
-from .models import (hardware_id, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, remote_code_key, resolve_device,
+from .models import (code_commits, hardware_id, keep_code_commits, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, remote_code_key, resolve_device,
                      resolve_model)
 
 PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
@@ -341,6 +341,7 @@ def probe_throughput(data: DataRecord, model: ModelSection, quant: QuantSection,
             dist.per_rank_accum(training.grad_accum, n)  # fail before starting N processes
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
             inputs = {"data": data.model_dump(mode="json"), "device": resolve_device(device), "key": key, "out": str(out), "artifacts_dir": artifacts_dir,
+                      "code_commits": code_commits(model),  # the other repository's code at the commit the key holds
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training), ("budget", budget))}}
             return ProbeRecord.model_validate(launch.run_stage("probe", "tasks.probe:probe_on_rank", inputs, n, out.parent / f".{out.name}.launch", log_fn))
         from .engine.fastpath import kernel_patch_scope
@@ -354,6 +355,7 @@ def probe_on_rank(spec: dict, log_fn) -> ProbeRecord | None:
     sections = (ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"]),
                 LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"]),
                 BudgetSection.model_validate(spec["budget"]))
+    keep_code_commits(spec.get("code_commits") or {})
     return _probe(DataRecord.model_validate(spec["data"]), *sections, spec["device"], spec["key"], Path(spec["out"]),
                   spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 

@@ -45,7 +45,7 @@ from .engine.collate import (BatchTrace, PackedStream, PaddedCollator, PassPacks
                              training_dataset)
 from .engine.noise import add_embedding_noise
 from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
-from .models import keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
+from .models import code_commits, keep_code_commits, keyed_quant, load_tokenizer, recurrent_layers, resolve_device, resolve_model
 
 # PaddedCollator is re-exported here for tasks/evaluate.py and tasks/merge.py (they import it from .train);
 # its home is tasks/engine/collate.py.
@@ -752,7 +752,8 @@ def train_adapter(data: DataRecord, probe: Any, model: ModelSection, quant: Quan
             resolve_model(model, artifacts_dir)  # build/convert once here, not in N ranks at once
             inputs = {"data": data.model_dump(mode="json"), "probe": probe.model_dump(mode="json"), "device": probe.device,
                       **{k: s.model_dump(mode="json", by_alias=True) for k, s in (("model", model), ("quant", quant), ("lora", lora), ("training", training))},
-                      "key": key, "out": str(out), "artifacts_dir": artifacts_dir}
+                      "key": key, "out": str(out), "artifacts_dir": artifacts_dir,
+                      "code_commits": code_commits(model)}  # the other repository's code at the commit the key holds
             return TrainRecord.model_validate(launch.run_stage("train", "tasks.train:train_on_rank", inputs, n, out / "work", log_fn,
                                                                saved=lambda: newest_checkpoint(out / "work")))
         from .engine.fastpath import kernel_patch_scope
@@ -803,6 +804,7 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
 
     sections = (ModelSection.model_validate(spec["model"]), QuantSection.model_validate(spec["quant"]),
                 LoraSection.model_validate(spec["lora"]), TrainingSection.model_validate(spec["training"]))
+    keep_code_commits(spec.get("code_commits") or {})
     return _train(DataRecord.model_validate(spec["data"]), ProbeRecord.model_validate(spec["probe"]), *sections,
                   spec["key"], Path(spec["out"]), spec["artifacts_dir"], log_fn, t_start=spec["t_launch"])
 

@@ -801,6 +801,64 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
                             f"online, or `hf download otherorg/pinned modeling_pinned.py --revision {gone}`")
 
 
+@pytest.mark.parametrize("stage", ["train", "probe"])
+def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_launcher_keyed(tmp_path, monkeypatch, stage):
+    """Training and the probe on several GPUs run in torchrun's ranks, new processes that resolved the other
+    repository's commit again when they loaded the model: a commit landing after the launcher's key loaded unkeyed code
+    in every rank. Now the launcher's spec holds the commits its key held (`code_commits`) and each rank resolves to them
+    (`keep_code_commits`)."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from tasks import models, probe, train
+    from tasks.config import LoraSection, ModelSection, QuantSection, TrainingSection
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")), trust_remote_code=True)
+    keyed = models.remote_code_key(model)
+
+    # the launcher: what it hands the ranks
+    specs = []
+
+    def launched(name, entry, inputs, n, work, log_fn, **kwargs):
+        specs.append(json.loads(json.dumps(inputs)))  # the spec file's JSON
+        raise RuntimeError("launched")
+
+    monkeypatch.setattr(train.launch if stage == "train" else probe.launch, "run_stage", launched)
+    dumps = SimpleNamespace(model_dump=lambda **k: {}, key="d")
+    sections = dict(quant=QuantSection(load_in_4bit=False), lora=LoraSection(), training=TrainingSection())
+    with pytest.raises(RuntimeError, match="launched"):
+        if stage == "train":
+            monkeypatch.setattr(train, "cache_key", lambda *a: "k")
+            monkeypatch.setattr(train, "_planned_for", lambda probe, training, work, log_fn: probe)
+            train.train_adapter(dumps, SimpleNamespace(gpus=2, device="cpu", model_dump=lambda **k: {}), model, artifacts_dir=str(tmp_path / "art"), **sections)
+        else:
+            monkeypatch.setattr(probe, "probe_key", lambda *a: "k")
+            monkeypatch.setattr(probe.dist, "world_size", lambda gpus, device: 2)
+            monkeypatch.setattr(probe.dist, "per_rank_accum", lambda *a: None)
+            probe.probe_throughput(dumps, model, budget=SimpleNamespace(seconds=60, model_dump=lambda **k: {}), device="cpu",
+                                   artifacts_dir=str(tmp_path / "art"), **sections)
+    assert specs[0]["code_commits"] == keyed[0]["code_commits"]
+
+    # a rank: a new process (nothing resolved yet) after the repository moved on
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    monkeypatch.setattr(models, "_CODE_COMMITS", {})
+    seen = []
+    monkeypatch.setattr(train if stage == "train" else probe, f"_{stage}", lambda *a, **k: seen.append(models.remote_code_key(model)))
+    spec = {"model": model.model_dump(mode="json", by_alias=True), "quant": {}, "lora": {}, "training": {}, "budget": {}, "data": {},
+            "device": "cpu", "key": "k", "out": str(tmp_path / "out"), "artifacts_dir": str(tmp_path / "art"), "t_launch": 0.0,
+            "probe": {}, "code_commits": specs[0]["code_commits"]}
+    monkeypatch.setattr(train.DataRecord if stage == "train" else probe.DataRecord, "model_validate", classmethod(lambda cls, v: v))
+    monkeypatch.setattr(probe.ProbeRecord, "model_validate", classmethod(lambda cls, v: v))
+    (train.train_on_rank if stage == "train" else probe.probe_on_rank)(spec, print)
+    assert seen == [keyed]
+
+
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
 def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_path, monkeypatch, case):
     """AutoTokenizer in transformers 5.25 takes the fast entry of an auto_map's [slow, fast] whenever it is not None
