@@ -1729,9 +1729,21 @@ def model_skeleton(ref: ModelRef, model: ModelSection):
         raise _load_error(ref, model, e) from e
     with torch.device("meta"), quiet_transformers():
         # A config class a load of this process registered already takes that (pinned) class, and transformers passes
-        # any code_revision on to the model's __init__: given only where the class is looked up.
-        pin = {} if type(config) in AutoModelForCausalLM._model_mapping else _code_revision(model_code_revisions(model), "AutoModelForCausalLM")
+        # any code_revision on to the model's __init__: given only where the auto_map's class is looked up.
+        pin = {} if _registered_remote_class(AutoModelForCausalLM, config) else _code_revision(model_code_revisions(model), "AutoModelForCausalLM")
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, **pin)
+
+
+def _registered_remote_class(auto_cls, config) -> bool:
+    """Whether `auto_cls.from_config(config)` takes a class registered for the config's class outside transformers (a
+    remote class an earlier load of this process registered) rather than its auto_map's: transformers 5.25's
+    `explicit_local_code`. A built-in config (Phi-3's, with an auto_map beside it) maps to transformers' own class: the
+    auto_map's is looked up."""
+    mapping = auto_cls._model_mapping
+    if type(config) not in mapping:
+        return False
+    mapped = mapping[type(config)]
+    return any(not c.__module__.startswith("transformers.") for c in (mapped if isinstance(mapped, (list, tuple)) else [mapped]))
 
 
 def enable_checkpointing(model, kwargs: dict) -> None:

@@ -686,9 +686,10 @@ def _other_repo_commit(hub: Path, repo: str, sha: str, version: str) -> None:
         f"from transformers import PreTrainedTokenizerFast\n\n\nclass PinnedTokenizerFast(PreTrainedTokenizerFast):\n    VERSION = {version!r}\n")
 
 
-def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False) -> Path:
+def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False, builtin_config: bool = False) -> Path:
     """A tiny model folder whose config.json names `repo`'s configuration and model code (as save_pretrained writes a
-    fine-tune of a remote-code model), and with `tokenizer` a tokenizer whose tokenizer_config.json names its fast class."""
+    fine-tune of a remote-code model), and with `tokenizer` a tokenizer whose tokenizer_config.json names its fast class;
+    `builtin_config`: a transformers model_type whose auto_map names the model class alone (Phi-3's shape)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.models import build_byte_tokenizer
@@ -697,7 +698,9 @@ def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False) -
             "vocab_size": 64}
     LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(folder))
     auto_map = {"AutoConfig": f"{repo}--configuration_pinned.PinnedConfig", "AutoModelForCausalLM": f"{repo}--modeling_pinned.PinnedForCausalLM"}
-    (folder / "config.json").write_text(json.dumps({"model_type": "pinned", "auto_map": auto_map, **dims}))
+    if builtin_config:
+        auto_map.pop("AutoConfig")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama" if builtin_config else "pinned", "auto_map": auto_map, **dims}))
     if tokenizer:
         build_byte_tokenizer().save_pretrained(str(folder))
         conf = json.loads((folder / "tokenizer_config.json").read_text())
@@ -706,12 +709,13 @@ def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False) -
     return folder
 
 
-def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", ["remote", "builtin"])
+def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(tmp_path, monkeypatch, config):
     """The key held the commit of the other repository resolved at key time, but transformers' load fetched that
     repository again, unpinned, moments later: a commit landing between them (here: the Hub cache's main moved by
     another process's download) loaded code the key never named. Now the load passes that very commit as
     transformers' code_revision, to the config's class, the model's and the tokenizer's alike (config, skeleton, weights and
-    tokenizer)."""
+    tokenizer); a config transformers ships (Phi-3's shape) with the model's class from the other repository too."""
     import hashlib
 
     from huggingface_hub import constants
@@ -725,16 +729,19 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     # commits of their own: transformers keeps each commit's modules once per process and machine (by repo and commit)
     first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
     _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
-    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True)), trust_remote_code=True)
+    folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True, builtin_config=config == "builtin")
+    model = ModelSection(name=str(folder), trust_remote_code=True)
     key = remote_code_key(model)
-    assert key[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first,
-                                      "otherorg/pinned--tokenization_pinned": first}
+    assert key[0]["code_commits"] == {**({"otherorg/pinned--configuration_pinned": first} if config == "remote" else {}),
+                                      "otherorg/pinned--modeling_pinned": first, "otherorg/pinned--tokenization_pinned": first}
     _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
     ref = resolve_model(model, str(tmp_path / "artifacts"))
     assert remote_code_key(model) == key
-    assert type(model_config(ref, model)).VERSION == "keyed"
+    if config == "remote":
+        assert type(model_config(ref, model)).VERSION == "keyed"
+    assert type(model_skeleton(ref, model)).VERSION == "keyed"  # before the weights' load registers the class (`_registered_remote_class`)
     loaded = load_base_model(ref, model, QuantSection(load_in_4bit=False), "cpu")
-    assert (type(loaded).VERSION, type(loaded.config).VERSION) == ("keyed", "keyed")
+    assert type(loaded).VERSION == "keyed" and getattr(type(loaded.config), "VERSION", "keyed") == "keyed"
     assert type(model_skeleton(ref, model)).VERSION == "keyed"
     assert type(load_tokenizer(ref, model)).VERSION == "keyed"
 
