@@ -199,6 +199,10 @@ def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> s
                          f"that repository's latest commit, and {where}; run once online so it is cached (or `hf download {repo} "
                          f"{filename}`), or set model.trust_remote_code: false") from e
     commit = path.parents[len(Path(filename).parts) - 1].name  # <cache>/models--org--repo/snapshots/<commit>/<filename>
+    if constants.HF_HUB_OFFLINE and (missing := uncached_code(repo, filename, commit)):  # online the load downloads it
+        raise StageError(f"model.trust_remote_code: {named} names {filename} of the repository {repo}, which imports {missing} of it, "
+                         f"and offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that file at commit {commit}; run once online so "
+                         f"it is cached (or `hf download {repo} --include '*.py' --revision {commit}`), or set model.trust_remote_code: false")
     _CODE_COMMITS[memo] = commit
     return commit
 
@@ -249,16 +253,38 @@ def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[
 
 def require_cached_code(modules: dict[str, tuple[str, str, str]], said: str) -> None:
     """Offline (HF_HUB_OFFLINE), a StageError naming the first module of `modules` (`pinned_modules`) whose commit the
-    Hub cache holds no copy of, and the fix; online transformers downloads it at that commit."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    Hub cache holds no copy of (it or a module it imports: `uncached_code`), and the fix; online transformers downloads
+    them at that commit."""
+    from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         return
     for repo, filename, commit in modules.values():
-        if not isinstance(try_to_load_from_cache(repo, filename, revision=commit), str):
+        if missing := uncached_code(repo, filename, commit):
+            what = "that commit" if missing == filename else f"{missing}, which it imports, at that commit"
             raise StageError(f"{said} runs {filename} of the repository {repo} at commit {commit} (the one it was trained with), and "
-                             f"offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that commit; run once online, or "
-                             f"`hf download {repo} {filename} --revision {commit}`")
+                             f"offline (HF_HUB_OFFLINE) the Hub cache holds no copy of {what}; run once online, or "
+                             f"`hf download {repo} --include '*.py' --revision {commit}`")
+
+
+def uncached_code(repo: str, filename: str, commit: str) -> str | None:
+    """The first file of `repo` at `commit` that transformers' load of the module `filename` reads and the Hub cache
+    lacks: the module, or one it imports relatively (get_cached_module_file fetches those at the same commit); None
+    where the cache holds them all."""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    todo, seen = [filename], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = try_to_load_from_cache(repo, name, revision=commit)
+        if not isinstance(path, str):
+            return name
+        todo += [(Path(name).parent / module).as_posix().removeprefix("./") + ".py" for module in get_relative_imports(path)]
+    return None
 
 
 def pinned_from_pretrained(auto_cls, path: str, revisions: dict[str, str], **kwargs):

@@ -805,7 +805,13 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
         load_published(folder, merged=False, device="cpu", trust_remote_code=True)
     assert str(e.value) == (f"{folder} (base) runs modeling_pinned.py of the repository otherorg/pinned at commit {gone} (the one it "
                             "was trained with), and offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that commit; run once "
-                            f"online, or `hf download otherorg/pinned modeling_pinned.py --revision {gone}`")
+                            f"online, or `hf download otherorg/pinned --include '*.py' --revision {gone}`")
+    # the module cached at that commit, the module it imports (transformers fetches it at the same commit) not
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", gone, "half cached")
+    (tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / gone / "configuration_pinned.py").unlink()
+    with pytest.raises(StageError, match=r"holds no copy of configuration_pinned.py, which it imports, at that commit; run once online, or "
+                                         rf"`hf download otherorg/pinned --include '\*.py' --revision {gone}`$"):
+        load_published(folder, merged=False, device="cpu", trust_remote_code=True)
 
 
 @pytest.mark.parametrize("stage", ["train", "probe"])
@@ -864,6 +870,35 @@ def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_laun
     monkeypatch.setattr(probe.ProbeRecord, "model_validate", classmethod(lambda cls, v: v))
     (train.train_on_rank if stage == "train" else probe.probe_on_rank)(spec, print)
     assert seen == [keyed]
+
+
+def test_offline_a_module_the_other_repositorys_module_imports_and_the_cache_lacks_is_one_line_before_stage_1(tmp_path, monkeypatch):
+    """transformers loads an auto_map's module with the modules it imports relatively, at the same commit. Offline, the
+    Hub cache holding the module named (`hf download org/repo modeling_x.py`, as the line said) but not its
+    configuration_x.py told the key a commit, and stage 1's load stopped on a network traceback. Now the key's check
+    (`check_model`, before stage 1) names the file, the commit and the fix."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from tasks.common import StageError
+    from tasks.config import LoraSection, ModelSection, QuantSection
+    from tasks.preflight import check_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = hashlib.sha1(str(tmp_path).encode()).hexdigest()
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", sha, "half cached")
+    (tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / sha / "configuration_pinned.py").unlink()
+    folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=True)
+    with pytest.raises(StageError) as e:
+        check_model(ModelSection(name=str(folder), trust_remote_code=True), LoraSection(), QuantSection(), "cpu", str(tmp_path / "art"))
+    assert str(e.value) == (
+        "model.trust_remote_code: config.json's auto_map entry 'otherorg/pinned--modeling_pinned.PinnedForCausalLM' names "
+        "modeling_pinned.py of the repository otherorg/pinned, which imports configuration_pinned.py of it, and offline "
+        f"(HF_HUB_OFFLINE) the Hub cache holds no copy of that file at commit {sha}; run once online so it is cached (or "
+        f"`hf download otherorg/pinned --include '*.py' --revision {sha}`), or set model.trust_remote_code: false")
 
 
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
