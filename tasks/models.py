@@ -133,16 +133,14 @@ def remote_code_key(model: ModelSection) -> list:
 # fine-tune of a remote-code model: MPT's, Falcon's, Phi-1.5's). transformers 5.25 loads it at that repository's latest
 # commit: get_class_from_dynamic_module splits the entry at "--" and passes code_revision, which is None unless the
 # caller gives one (the model's own revision only where the other repository is the model's own). The entry itself
-# cannot pin it: "org/repo@rev--module.Class" is no valid repo id to the Hub, "module.Class@rev" no class. And
-# from_pretrained's code_revision pins every remote class of the call, the model's own too, so a hub model whose
-# auto_map names both its own code and another's cannot take it. Refusing such models would leave no fix but copying
-# the code in; so the stages that load the model are keyed on the commit transformers resolves for that repository now:
-# the Hub cache's offline (transformers reads the same), the Hub's online (the same call transformers makes, which
-# caches the module). A new commit there runs them again; offline with nothing cached is one line before stage 1
-# (`check_model`). Every load passes that commit back as transformers' `code_revision` (`pinned_from_pretrained`), so
-# a commit pushed between a stage's key and its load is not what loads, and stage 7 records it (provenance.json
-# `code_commits`) for `chat` to load the same code. The commit is resolved once a process (a run), offline too: the
-# Hub cache's main moved by another process's download between a key and its load is not followed either.
+# cannot pin it: "org/repo@rev--module.Class" is no valid repo id to the Hub, "module.Class@rev" no class. So the stages
+# that load the model are keyed on the commit transformers resolves for that repository: the Hub cache's main offline
+# (transformers reads the same), the Hub's online (the same call transformers makes, which caches the module), once a
+# process (a run), offline too. A new commit there runs them again; offline with its code not cached is one line before
+# stage 1 (`check_model`). Every load passes that commit back as `code_revision` (`pinned_from_pretrained`: one per
+# call, which pins every remote class the call loads, so the config is loaded alone at its class's commit and handed
+# over), torchrun's ranks too (`keep_code_commits`), and stage 7 records it (provenance.json `base.code_commits`) for
+# `chat` to load the same code.
 _CODE_COMMITS: dict[tuple, str] = {}  # (repo, module file, Hub cache) -> commit, resolved once a process (a run)
 
 
