@@ -794,6 +794,12 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
     reusable = is_reusable(final)
+    commits = code_commits(cfg.model)
+    if reusable and commits and (_published_base(final) or {}).get("code_commits") != commits:
+        # a folder published before stage 7 recorded them (a retry of its run): `chat` would load that code unpinned
+        reusable = False
+        log_fn(f"publish: {final}/provenance.json does not record the commits of the other repository's code this run loaded; "
+               "publishing it again")
     if not reusable and cfg.model.random_weights == "memory":
         raise StageError("publish: model.random_weights is memory, so the random base has no weights on disk to ship beside the "
                          "adapter; set model.random_weights=folder (the default) to publish, or stop before this stage")

@@ -5620,6 +5620,43 @@ def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_truste
                                              "it (provenance.json)")
 
 
+def test_a_folder_published_without_the_other_repositorys_commits_is_published_again(tmp_path, monkeypatch):
+    """Stage 7 records the commit of another repository's code the run loaded (provenance.json `base.code_commits`),
+    which `chat` loads it at. A folder published before it did (a retry of that run: the folder is reused whole) would
+    keep `chat` loading that code unpinned: it is published again, once, with a line; a folder recording them is reused."""
+    import shutil
+
+    import tasks.publish as publish
+    from tasks.common import read_json, write_json
+    from tasks.config import load_config
+
+    art = tmp_path / "art"
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.trust_remote_code=true"])
+    assembled, lines = [], []
+    commits = {"otherorg/code--modeling_other": "a" * 40}
+
+    def assemble(cfg, run, records, final, record: bool):
+        assembled.append(record)
+        shutil.rmtree(final, ignore_errors=True)  # the real one builds beside it and swaps it in
+        _remote_code_published(final, True)
+        if record:
+            prov = read_json(final / "provenance.json")
+            write_json(final / "provenance.json", {**prov, "base": {**prov["base"], "code_commits": commits}})
+            _manifest_again(final)
+        return []
+
+    monkeypatch.setattr(publish, "_assemble", lambda *a: assemble(*a, record=False))  # as stage 7 published before
+    publish.publish_artifacts(cfg, "r1", {})
+    monkeypatch.setattr(publish, "code_commits", lambda model: commits)
+    monkeypatch.setattr(publish, "_assemble", lambda *a: assemble(*a, record=True))
+    folder = Path(publish.publish_artifacts(cfg, "r1", {}, log_fn=lines.append).dir)
+    assert assembled == [False, True]
+    assert lines == [f"publish: {folder}/provenance.json does not record the commits of the other repository's code this run "
+                     "loaded; publishing it again"]
+    publish.publish_artifacts(cfg, "r1", {})
+    assert assembled == [False, True]  # recorded: reused
+
+
 def test_review_a_rerun_that_reuses_the_published_folder_records_its_code(tmp_path, monkeypatch):
     """`publish_artifacts` calls `record_trusted_code` after `_assemble`, inside `if not reusable`. A run stopped between
     the two (killed, or the record's write failing: an OSError other than a full disk is raised as it is) leaves a complete
