@@ -232,7 +232,8 @@ def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
 
 
 def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[str, str, str]]:
-    """{auto class: (repo, module file, commit)} of `code_revisions`."""
+    """{auto class: (repo, module file, commit)} of `code_revisions`; a module `commits` keys by a working-directory
+    folder's code (`other_repo_commits`: transformers reads ./org/repo/ first, at no revision) is left out."""
     found = {}
     for cls in LOADED_AUTO_CLASSES:
         files = ("tokenizer_config.json", "config.json") if cls == "AutoTokenizer" else ("config.json",)
@@ -244,8 +245,9 @@ def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[
         if isinstance(entry, str) and "--" in entry:
             repo, _, ref = entry.partition("--")
             module = ref.rpartition(".")[0]
-            if commits.get(f"{repo}--{module}"):
-                found[cls] = (repo, f"{module}.py", commits[f"{repo}--{module}"])
+            commit = commits.get(f"{repo}--{module}")
+            if commit and not commit.startswith("folder"):  # a working-directory folder's module is read where it is, no commit
+                found[cls] = (repo, f"{module}.py", commit)
     return found
 
 

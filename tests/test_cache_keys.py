@@ -961,6 +961,9 @@ def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_
     first = remote_code_key(model)
     module.write_text("# v2\n")
     assert remote_code_key(model) != first
+    from tasks.models import model_code_revisions
+
+    assert model_code_revisions(model) == {}  # read where it is: no commit for the load to pass (nor one for chat to look up)
 
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
