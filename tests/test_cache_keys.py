@@ -965,6 +965,114 @@ def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_
 
     assert model_code_revisions(model) == {}  # read where it is: no commit for the load to pass (nor one for chat to look up)
 
+
+@pytest.mark.xfail(strict=True, reason="review cache-15: save_merged's from_config passes no code_revision: a built-in config's other-repository model class loads (and is copied into merged/) at that repository's main")
+def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_at_the_keyed_commit(tmp_path, monkeypatch):
+    """Stage 6 rebuilds the model from the loaded base's config (`save_merged`: AutoModelForCausalLM.from_config) and
+    save_pretrained copies that class's module into merged/. For a config transformers ships with an auto_map naming
+    another repository's model class (Phi-3's shape) no load registered that class, so from_config looks the auto_map up
+    again, with no code_revision: the other repository's main as it is at the merge, not the commit the keys hold and
+    the base loaded. merged/ then ships (and `verify_merged`, `chat --merged`, serve-model run) unkeyed code."""
+    import hashlib
+
+    import torch
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection, QuantSection
+    from tasks.merge import save_merged
+    from tasks.models import load_base_model, remote_code_key, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=True)),
+                         trust_remote_code=True)
+    assert remote_code_key(model)[0]["code_commits"] == {"otherorg/pinned--modeling_pinned": first}
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
+    assert type(loaded).VERSION == "keyed"  # the base: pinned
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", trust_remote_code=True)
+    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    assert (tmp_path / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
+
+
+def _hub_fine_tune_with_own_code(hub: Path, repo: str, sha: str, other: str) -> None:
+    """The Hub cache's copy of `repo` at `sha` (its main): a tiny Llama whose config.json names the repository's own
+    configuration class and `other`'s model class (a hub fine-tune that keeps its own config code)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / sha
+    dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "vocab_size": 64}
+    LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(snap))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(sha)
+    (snap / "configuration_own.py").write_text("from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'own'\n")
+    auto_map = {"AutoConfig": "configuration_own.PinnedConfig", "AutoModelForCausalLM": f"{other}--modeling_pinned.PinnedForCausalLM"}
+    (snap / "config.json").write_text(json.dumps({"model_type": "own", "auto_map": auto_map, **dims}))
+    for name in ("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"):
+        (folder / ".no_exist" / sha / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / ".no_exist" / sha / name).write_text("")
+
+
+@pytest.mark.xfail(strict=True, raises=OSError, reason="review cache-15: the card says to pass code_revision=<commit> to from_pretrained, which pins the base's own configuration code at the other repository's commit too")
+def test_review_cache15_the_cards_code_revision_advice_loads_a_base_with_its_own_code_beside_the_other_repositorys(tmp_path, monkeypatch):
+    """The card's base section tells a reader loading the model themselves to pass `code_revision="<commit>"` to
+    `from_pretrained`. transformers 5.25 takes one code_revision a call and pins every remote class the call loads with
+    it (why `pinned_from_pretrained` loads the config alone): for a Hub fine-tune whose config class is its own code and
+    whose model class is another repository's, the advice looks the fine-tune's configuration_own.py up at the other
+    repository's commit, which the fine-tune does not have."""
+    import hashlib
+    import re
+
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    from tasks.config import ModelSection
+    from tasks.models import load_base_model, remote_code_key, resolve_model
+    from tasks.config import QuantSection
+    from tasks.publish import base_markdown
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, own = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", code, "keyed")
+    _hub_fine_tune_with_own_code(tmp_path / "hub", "someorg/fine-tune", own, "otherorg/pinned")
+    model = ModelSection(name="someorg/fine-tune", revision=own, trust_remote_code=True)
+    commits = remote_code_key(model)[0]["code_commits"]
+    assert commits == {"otherorg/pinned--modeling_pinned": code}
+    assert type(load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")).VERSION == "keyed"
+    card = base_markdown({"name": "someorg/fine-tune", "origin": "the Hub model", "quantization": None, "license": None, "files": None,
+                          "hub_id": "someorg/fine-tune", "revision": own, "loaded_in_4bit": False, "code_commits": commits})
+    advised = dict(re.findall(r'pass `(code_revision)="([0-9a-f]{40})"` to `from_pretrained`', card))
+    assert advised == {"code_revision": code}
+    loaded = AutoModelForCausalLM.from_pretrained("someorg/fine-tune", revision=own, trust_remote_code=True, **advised)
+    assert type(loaded).VERSION == "keyed"
+
+
+@pytest.mark.xfail(strict=True, reason="review cache-15: the card's 'Use it' snippet loads the base with neither trust_remote_code nor the recorded commit")
+def test_review_cache15_the_use_it_snippet_loads_the_other_repositorys_code_at_the_recorded_commit(tmp_path):
+    """The card's 'Use it' snippet says it loads "the evaluated model: base loaded as training loaded it". For a base
+    whose auto_map names another repository's code (provenance.json base.code_commits), it calls
+    `AutoModelForCausalLM.from_pretrained(<base>, use_safetensors=True, dtype=...)`: no trust_remote_code (a Phi-3-shaped
+    config then loads transformers' own class, another config raises) and no code_revision (that repository's main)."""
+    from tasks.config import load_config
+    from tasks.publish import use_markdown
+
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'art'}", "model.trust_remote_code=true"])
+    commit = "a" * 40
+    base = {"quant": None, "compute_dtype": "float32", "files": "base", "hub_id": None, "revision": None,
+            "code_commits": {"otherorg/pinned--modeling_pinned": commit}}
+    snippet = use_markdown(cfg, "r1", tmp_path / "out", base, [2])
+    loads = [line for line in snippet.splitlines() if line.startswith("base = AutoModelForCausalLM.from_pretrained(")]
+    assert len(loads) == 1
+    assert "trust_remote_code=True" in loads[0] and commit in snippet
+
+
 def test_a_file_changed_just_before_its_hash_is_hashed_again_and_a_corrupt_memo_is_recomputed(tmp_path, monkeypatch):
     """git's racy rule: on a filesystem with 1-2 s timestamps a rewrite in the same second keeps size, mtime and ctime, so
     a digest taken within RACY_NS of the file's last change is not remembered (a review reproduced the old digest kept
