@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from .common import StageError, building, changed_file, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split, rendering_key, rows_key
-from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, quiet_transformers, remote_code_key, resolve_device, resolve_model, uses_4bit
+from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, loaded_code_revisions, pinned_from_config, quiet_transformers, remote_code_key, resolve_device, resolve_model, uses_4bit
 
 MERGE_VERSION = 2
 
@@ -337,7 +337,9 @@ def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *,
         del config.quantization_config
     config.use_cache = True
     with torch.device("meta"), quiet_transformers():
-        clean = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        # the class the base ran, at the commit its load passed: save_pretrained copies its module into merged/
+        pins = loaded_code_revisions(config) if trust_remote_code else {}
+        clean = pinned_from_config(AutoModelForCausalLM, config, pins, dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = clean.load_state_dict(state, assign=True, strict=False)
     tied = _tied_names(clean)
     missing = [k for k in missing if k not in tied]

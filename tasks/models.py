@@ -150,11 +150,12 @@ def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
     An entry naming the hub model's own repository loads at model.revision, which its key holds already. A commit that
     cannot be told is a StageError naming the entry, the key and the fix, never a network traceback."""
     found = {}
-    for file, auto in maps.items():
-        # the classes the stages load (a review, 2026-12-07: an entry never loaded, e.g. a sequence-classification
-        # head's, stopped an offline run that every load would have served); a list is the oldest tokenizer configs' form
-        values = [auto[k] for k in LOADED_AUTO_CLASSES if k in auto] if isinstance(auto, dict) else [auto]
-        refs = [r for r in map(_loaded_entry, values) if isinstance(r, str) and "--" in r]
+    for file in maps:
+        # the classes the stages load, each from the file transformers reads it from (a review, 2026-12-07: an entry
+        # never loaded, a sequence-classification head's or config.json's AutoTokenizer, stopped an offline run that
+        # every load would have served)
+        refs = [r for r in (_file_entry(maps.get(file), cls) for cls in LOADED_AUTO_CLASSES if file in LOADED_FROM[cls])
+                if isinstance(r, str) and "--" in r]
         for ref in refs:
             repo, _, cls = ref.partition("--")
             module = cls.rpartition(".")[0]
@@ -170,6 +171,17 @@ def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
 
 
 LOADED_AUTO_CLASSES = ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer")  # what the stages, chat and serve load
+# The file whose auto_map transformers 5.25 reads each from: AutoTokenizer's tokenizer_config.json's alone
+# (tokenization_auto: `tokenizer_config["auto_map"]`; config.json's AutoTokenizer entry is never loaded), the others config.json's.
+LOADED_FROM = {"AutoConfig": ("config.json",), "AutoModelForCausalLM": ("config.json",), "AutoTokenizer": ("tokenizer_config.json",)}
+
+
+def _file_entry(auto, cls: str):
+    """The entry transformers loads for `cls` of one file's auto_map `auto`: a list is the oldest tokenizer configs'
+    form (AutoTokenizer's pair), read for AutoTokenizer alone; None where there is none."""
+    if isinstance(auto, (list, tuple)):
+        return _loaded_entry(auto) if cls == "AutoTokenizer" else None
+    return _loaded_entry(auto.get(cls)) if isinstance(auto, dict) else None
 
 
 def _loaded_entry(value):
@@ -226,22 +238,18 @@ def keep_code_commits(commits: dict[str, str]) -> None:
 
 def code_revisions(auto_maps: dict, commits: dict[str, str]) -> dict[str, str]:
     """{auto class: commit} for each class of LOADED_AUTO_CLASSES whose auto_map entry (`auto_maps`: {file name: its
-    auto_map}; AutoTokenizer's from tokenizer_config.json first, as transformers reads it) names another repository's
+    auto_map}; AutoTokenizer's from tokenizer_config.json, as transformers reads it) names another repository's
     module that `commits` pins; a class that loads its own or built-in code is absent."""
     return {cls: commit for cls, (_, _, commit) in pinned_modules(auto_maps, commits).items()}
 
 
 def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[str, str, str]]:
-    """{auto class: (repo, module file, commit)} of `code_revisions`; a module `commits` keys by a working-directory
-    folder's code (`other_repo_commits`: transformers reads ./org/repo/ first, at no revision) is left out."""
+    """{auto class: (repo, module file, commit)} of `code_revisions`, each class's entry read from the file transformers
+    reads it from (`LOADED_FROM`: AutoTokenizer's from tokenizer_config.json alone); a module `commits` keys by a
+    working-directory folder's code (`other_repo_commits`: transformers reads ./org/repo/ first, at no revision) is left out."""
     found = {}
     for cls in LOADED_AUTO_CLASSES:
-        files = ("tokenizer_config.json", "config.json") if cls == "AutoTokenizer" else ("config.json",)
-        auto = next((m for m in (auto_maps.get(f) for f in files) if m), None)
-        if cls == "AutoTokenizer" and isinstance(auto, (list, tuple)):  # the oldest tokenizer configs' form
-            entry = _loaded_entry(auto)
-        else:
-            entry = _loaded_entry(auto.get(cls)) if isinstance(auto, dict) else None
+        entry = _file_entry(auto_maps.get(LOADED_FROM[cls][0]), cls)
         if isinstance(entry, str) and "--" in entry:
             repo, _, ref = entry.partition("--")
             module = ref.rpartition(".")[0]
@@ -305,6 +313,27 @@ def pinned_from_pretrained(auto_cls, path: str, revisions: dict[str, str], **kwa
 
 def _code_revision(revisions: dict[str, str], cls: str) -> dict:
     return {"code_revision": revisions[cls]} if cls in revisions else {}
+
+
+def pinned_from_config(auto_cls, config, revisions: dict[str, str], **kwargs):
+    """`auto_cls.from_config(config, **kwargs)` with the class its auto_map names in another repository at its commit
+    (`revisions`: `code_revisions`). A config class a load of this process registered already takes that (pinned) class,
+    and transformers then passes any code_revision on to the model's __init__: given only where the auto_map's class is
+    looked up (a built-in config, Phi-3's shape, maps to transformers' own class, so its auto_map's is looked up again)."""
+    pin = {} if _registered_remote_class(auto_cls, config) else _code_revision(revisions, auto_cls.__name__)
+    return auto_cls.from_config(config, **kwargs, **pin)
+
+
+def loaded_code_revisions(config) -> dict[str, str]:
+    """`code_revisions` of a config this process loaded (its `auto_map`) at the commits this process resolved for the
+    other repositories' modules (`_code_commit`, once a process: the ones its stage keys hold and its loads passed), so a
+    model rebuilt from the loaded config (stage 6's merged/) runs the code the base ran; {} where it names none."""
+    from huggingface_hub import constants
+
+    auto = getattr(config, "auto_map", None)
+    commits = {f"{repo}--{filename.removesuffix('.py')}": commit
+               for (repo, filename, cache), commit in _CODE_COMMITS.items() if cache == constants.HF_HUB_CACHE}
+    return code_revisions({"config.json": auto}, commits) if isinstance(auto, dict) and commits else {}
 
 
 def model_code_revisions(model: ModelSection) -> dict[str, str]:
@@ -1754,10 +1783,7 @@ def model_skeleton(ref: ModelRef, model: ModelSection):
     except OSError as e:
         raise _load_error(ref, model, e) from e
     with torch.device("meta"), quiet_transformers():
-        # A config class a load of this process registered already takes that (pinned) class, and transformers passes
-        # any code_revision on to the model's __init__: given only where the auto_map's class is looked up.
-        pin = {} if _registered_remote_class(AutoModelForCausalLM, config) else _code_revision(model_code_revisions(model), "AutoModelForCausalLM")
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, **pin)
+        return pinned_from_config(AutoModelForCausalLM, config, model_code_revisions(model), trust_remote_code=model.trust_remote_code)
 
 
 def _registered_remote_class(auto_cls, config) -> bool:

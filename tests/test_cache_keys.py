@@ -966,7 +966,6 @@ def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_
     assert model_code_revisions(model) == {}  # read where it is: no commit for the load to pass (nor one for chat to look up)
 
 
-@pytest.mark.xfail(strict=True, reason="review cache-15: save_merged's from_config passes no code_revision: a built-in config's other-repository model class loads (and is copied into merged/) at that repository's main")
 def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_at_the_keyed_commit(tmp_path, monkeypatch):
     """Stage 6 rebuilds the model from the loaded base's config (`save_merged`: AutoModelForCausalLM.from_config) and
     save_pretrained copies that class's module into merged/. For a config transformers ships with an auto_map naming
@@ -1100,7 +1099,6 @@ def test_review_cache15_the_card_names_no_hub_commit_for_a_working_directory_fol
     assert 'code_revision="folder' not in base_markdown(said)
 
 
-@pytest.mark.xfail(strict=True, reason="review cache-15 (predates it, cache-14's other_repo_commits; pinned_modules repeats it): config.json's auto_map AutoTokenizer, which transformers 5.25 never reads, needs a cached commit offline")
 def test_review_cache15_an_autotokenizer_entry_in_config_json_transformers_never_reads_stops_no_offline_run(tmp_path, monkeypatch):
     """transformers 5.25's AutoTokenizer reads the tokenizer's auto_map from tokenizer_config.json alone
     (tokenization_auto: `tokenizer_config["auto_map"]`); config.json's auto_map["AutoTokenizer"] is never loaded. Keyed
