@@ -224,6 +224,12 @@ def code_commits(model: ModelSection) -> dict[str, str]:
     return dict(key[0].get("code_commits", {})) if key else {}
 
 
+def hub_code_commits(model: ModelSection) -> dict[str, str]:
+    """`code_commits` less a working-directory folder's modules ("folder <hash>": read where they are, no Hub commit to
+    record, pass or look up): what stage 7 records and the card names."""
+    return {entry: commit for entry, commit in code_commits(model).items() if not commit.startswith("folder")}
+
+
 def keep_code_commits(commits: dict[str, str]) -> None:
     """Make this process resolve each module of `commits` (`code_commits` of the process that keyed the stage) to that
     commit: a torchrun rank loads the code its launcher's key holds, not the repository's main as it is when the rank

@@ -26,7 +26,7 @@ from . import evaluate as eval_stage
 from .common import StageError, artifacts_root, building, disk_full, file_sha256, fingerprint, maybe_fault, read_json, safe_name, write_json
 from .config import PipelineConfig
 from .data import rows_key
-from .models import base_path_now, code_commits, pinned_from_pretrained, pinned_modules, require_cached_code, shipped_auto_maps
+from .models import base_path_now, hub_code_commits, model_code_revisions, pinned_from_pretrained, pinned_modules, require_cached_code, shipped_auto_maps
 
 MANIFEST = "MANIFEST.json"
 PUBLISH_VERSION = 6  # 2: the published chat template carries data.system_prompt; 3: base/ for non-Hub bases, base + template in card/provenance;
@@ -794,8 +794,9 @@ def publish_artifacts(cfg: PipelineConfig, run_name: str, records: dict[str, Any
     run_dir = artifacts_root(cfg.artifacts_dir) / "runs" / safe_name(run_name, "run name")
     final = run_dir / safe_name(cfg.output_name, "output_name")
     reusable = is_reusable(final)
-    commits = code_commits(cfg.model)
-    if reusable and commits and (_published_base(final) or {}).get("code_commits") != commits:
+    commits = hub_code_commits(cfg.model)
+    published = _published_base(final) or {}
+    if reusable and commits and (published.get("code_commits"), published.get("code_revisions")) != (commits, model_code_revisions(cfg.model)):
         # a folder published before stage 7 recorded them (a retry of its run): `chat` would load that code unpinned
         reusable = False
         log_fn(f"publish: {final}/provenance.json does not record the commits of the other repository's code this run loaded; "
@@ -996,8 +997,14 @@ def base_markdown(base: dict[str, Any]) -> str:
     for entry, commit in sorted((base.get("code_commits") or {}).items()):
         repo, _, module = entry.partition("--")
         lines.append(f"- Runs `{module}.py` of the Hub repository `{repo}` (its auto_map names it; model.trust_remote_code) at commit "
-                     f"`{commit}`, the code every stage loaded: `qlora-pipeline chat` loads that commit (provenance.json `base.code_commits`); "
-                     f"loading it yourself, pass `code_revision=\"{commit}\"` to `from_pretrained`.")
+                     f"`{commit}`, the code every stage loaded: `qlora-pipeline chat` loads that commit (provenance.json `base.code_commits`), "
+                     "and `merged/` carries that code itself.")
+    if base.get("code_commits"):
+        # transformers 5.25 takes one code_revision a call and pins every remote class the call loads with it: a base with
+        # its own configuration code beside another repository's model class would look its own up at that commit
+        lines.append("- Loading the base yourself, one `from_pretrained(..., code_revision=...)` cannot pin it: that one commit "
+                     "applies to every class of the call, the base's own code too. Load the config alone first and hand it over, "
+                     "each call with its class's commit, as the snippet below does (provenance.json `base.code_revisions`).")
     if base["loaded_in_4bit"]:
         q = base["quant"]
         lines.append(f"- Training, evaluation and the merge loaded it in 4 bits ({q['quant_type']}"
@@ -1023,6 +1030,8 @@ def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str
     quant_arg = (f",\n    quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"{q['quant_type']}\", "
                  f"bnb_4bit_use_double_quant={q['double_quant']},\n                                           "
                  f"bnb_4bit_compute_dtype=torch.{base['compute_dtype']}), device_map=\"auto\"") if q else ""
+    pins = base.get("code_revisions") or {}
+    trust = ", trust_remote_code=True" if base.get("code_commits") else ""
     if base["files"]:
         where = 'folder / "base"'
         hub_note = (f'\n# From the Hub copy (publish.hub_repo_id): from_pretrained("{cfg.publish.hub_repo_id}", subfolder="base") and '
@@ -1032,17 +1041,24 @@ def use_markdown(cfg: PipelineConfig, run_name: str, final: Path, base: dict[str
         hub_note = ""
     # the CLI looks for runs under ./artifacts: another artifacts dir must be named, or the command finds no such run
     dir_arg = "" if cfg.artifacts_dir == "artifacts" else f" --artifacts-dir {shlex.quote(cfg.artifacts_dir)}"
+    code_arg = {cls: f', code_revision="{pins[cls]}"' if cls in pins else "" for cls in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer")}
+    # another repository's code at the commit training ran: the config loaded alone (one code_revision a call pins every
+    # remote class of it), then the model with that config at its class's commit
+    config_line = (f"config = AutoConfig.from_pretrained({where}{trust}{code_arg['AutoConfig']})  # the code training ran (provenance.json base.code_revisions)\n"
+                   if trust else "")
+    config_arg = ", config=config" if trust else ""
+    auto_import = "AutoConfig, " if trust else ""
     return f"""```python
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer{quant_import}
+from transformers import {auto_import}AutoModelForCausalLM, AutoTokenizer{quant_import}
 
 folder = Path("{final}")  # this folder, wherever it is now{hub_note}
-base = AutoModelForCausalLM.from_pretrained({where}, use_safetensors=True, dtype=torch.{base['compute_dtype']}{quant_arg})
+{config_line}base = AutoModelForCausalLM.from_pretrained({where}{config_arg}{trust}{code_arg['AutoModelForCausalLM']}, use_safetensors=True, dtype=torch.{base['compute_dtype']}{quant_arg})
 model = PeftModel.from_pretrained(base, folder / "adapter")  # the evaluated model: base loaded as training loaded it
-tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
+tokenizer = AutoTokenizer.from_pretrained(folder / "adapter"{trust}{code_arg['AutoTokenizer']})
 messages = [{sys_msg}{{"role": "user", "content": "Write the word 'cat' in uppercase."}}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
 stop = {list(stops)}  # the chat template's end-of-turn token ids and EOS: the base's generation config knows its EOS alone
@@ -1073,9 +1089,10 @@ def describe_base(cfg: PipelineConfig, data, merge, probe, ref: str | None = Non
         "quant": {"quant_type": cfg.quant.quant_type, "double_quant": cfg.quant.double_quant} if merge.dequantized_from_4bit else None,
         "compute_dtype": str(models.compute_dtype(cfg.quant, probe.device)).replace("torch.", ""),
     }
-    commits = code_commits(cfg.model)  # another repository's code it loads, at the commit every stage's key held
+    commits = hub_code_commits(cfg.model)  # another repository's code it loads, at the commit every stage's key held
     if commits:
         info["code_commits"] = commits
+        info["code_revisions"] = model_code_revisions(cfg.model)  # {auto class: commit}: the card's snippet pins each load
     gguf = models.gguf_source(cfg.model) if name.startswith("pypi:") or cfg.model.gguf_file else None
     if name.startswith("pypi:"):
         from importlib import metadata

@@ -775,6 +775,7 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
     said = describe_base(cfg, None, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"), ref=str(base))
     commits = {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
     assert said["code_commits"] == commits
+    assert said["code_revisions"] == {"AutoConfig": first, "AutoModelForCausalLM": first}  # each class's, for the card's snippet
     assert (f"- Runs `modeling_pinned.py` of the Hub repository `otherorg/pinned` (its auto_map names it; model.trust_remote_code) "
             f"at commit `{first}`, the code every stage loaded") in base_markdown(said)
 
@@ -1017,23 +1018,23 @@ def _hub_fine_tune_with_own_code(hub: Path, repo: str, sha: str, other: str) -> 
         (folder / ".no_exist" / sha / name).write_text("")
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="review cache-15: the card says to pass code_revision=<commit> to from_pretrained, which pins the base's own configuration code at the other repository's commit too")
 def test_review_cache15_the_cards_code_revision_advice_loads_a_base_with_its_own_code_beside_the_other_repositorys(tmp_path, monkeypatch):
     """The card's base section tells a reader loading the model themselves to pass `code_revision="<commit>"` to
     `from_pretrained`. transformers 5.25 takes one code_revision a call and pins every remote class the call loads with
     it (why `pinned_from_pretrained` loads the config alone): for a Hub fine-tune whose config class is its own code and
     whose model class is another repository's, the advice looks the fine-tune's configuration_own.py up at the other
-    repository's commit, which the fine-tune does not have."""
+    repository's commit, which the fine-tune does not have. The card says so, and its snippet (the config loaded alone,
+    then the model at its class's commit) loads the keyed code: its load lines are run here as they are written."""
     import hashlib
     import re
 
+    import torch
     from huggingface_hub import constants
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasks.config import ModelSection
-    from tasks.models import load_base_model, remote_code_key, resolve_model
-    from tasks.config import QuantSection
-    from tasks.publish import base_markdown
+    from tasks.config import ModelSection, QuantSection, load_config
+    from tasks.models import load_base_model, model_code_revisions, remote_code_key, resolve_model
+    from tasks.publish import base_markdown, use_markdown
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -1045,15 +1046,23 @@ def test_review_cache15_the_cards_code_revision_advice_loads_a_base_with_its_own
     commits = remote_code_key(model)[0]["code_commits"]
     assert commits == {"otherorg/pinned--modeling_pinned": code}
     assert type(load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")).VERSION == "keyed"
-    card = base_markdown({"name": "someorg/fine-tune", "origin": "the Hub model", "quantization": None, "license": None, "files": None,
-                          "hub_id": "someorg/fine-tune", "revision": own, "loaded_in_4bit": False, "code_commits": commits})
-    advised = dict(re.findall(r'pass `(code_revision)="([0-9a-f]{40})"` to `from_pretrained`', card))
-    assert advised == {"code_revision": code}
-    loaded = AutoModelForCausalLM.from_pretrained("someorg/fine-tune", revision=own, trust_remote_code=True, **advised)
-    assert type(loaded).VERSION == "keyed"
+    base = {"name": "someorg/fine-tune", "origin": "the Hub model", "quantization": None, "license": None, "files": None,
+            "hub_id": "someorg/fine-tune", "revision": own, "loaded_in_4bit": False, "code_commits": commits,
+            "code_revisions": model_code_revisions(model), "quant": None, "compute_dtype": "float32"}
+    assert base["code_revisions"] == {"AutoModelForCausalLM": code}
+    card = base_markdown(base)
+    assert not re.findall(r'pass `code_revision="([0-9a-f]{40})"` to `from_pretrained`', card)  # the one-call advice
+    assert "cannot pin" in card
+    cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'art'}", "model.trust_remote_code=true"])
+    snippet = use_markdown(cfg, "r1", tmp_path / "out", base, [2])
+    loads = "\n".join(line for line in snippet.splitlines() if line.startswith(("config = ", "base = ")))
+    scope = {"AutoConfig": AutoConfig, "AutoModelForCausalLM": AutoModelForCausalLM, "torch": torch}
+    exec(loads, scope)
+    assert type(scope["base"]).VERSION == "keyed"
+    with pytest.raises(OSError):  # what the one call does: the fine-tune's own configuration code at the other commit
+        AutoModelForCausalLM.from_pretrained("someorg/fine-tune", revision=own, trust_remote_code=True, code_revision=code)
 
 
-@pytest.mark.xfail(strict=True, reason="review cache-15: the card's 'Use it' snippet loads the base with neither trust_remote_code nor the recorded commit")
 def test_review_cache15_the_use_it_snippet_loads_the_other_repositorys_code_at_the_recorded_commit(tmp_path):
     """The card's 'Use it' snippet says it loads "the evaluated model: base loaded as training loaded it". For a base
     whose auto_map names another repository's code (provenance.json base.code_commits), it calls
@@ -1065,14 +1074,13 @@ def test_review_cache15_the_use_it_snippet_loads_the_other_repositorys_code_at_t
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'art'}", "model.trust_remote_code=true"])
     commit = "a" * 40
     base = {"quant": None, "compute_dtype": "float32", "files": "base", "hub_id": None, "revision": None,
-            "code_commits": {"otherorg/pinned--modeling_pinned": commit}}
+            "code_commits": {"otherorg/pinned--modeling_pinned": commit}, "code_revisions": {"AutoModelForCausalLM": commit}}
     snippet = use_markdown(cfg, "r1", tmp_path / "out", base, [2])
     loads = [line for line in snippet.splitlines() if line.startswith("base = AutoModelForCausalLM.from_pretrained(")]
     assert len(loads) == 1
-    assert "trust_remote_code=True" in loads[0] and commit in snippet
+    assert "trust_remote_code=True" in loads[0] and f'code_revision="{commit}"' in loads[0] and "config=config" in loads[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review cache-15: describe_base records a working-directory folder's 'folder <hash>' key value as a commit, and the card tells the reader to pass it as code_revision")
 def test_review_cache15_the_card_names_no_hub_commit_for_a_working_directory_folders_code(tmp_path, monkeypatch):
     """An auto_map entry whose org/repo is a folder under the working directory is read from there (no commit: its key
     value is "folder <sha256 of the module>", and `pinned_modules` leaves it out of every load). Stage 7 records

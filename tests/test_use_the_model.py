@@ -5621,8 +5621,8 @@ def test_review_a_published_auto_map_pointed_at_another_repo_since_is_not_truste
 
 
 def test_a_folder_published_without_the_other_repositorys_commits_is_published_again(tmp_path, monkeypatch):
-    """Stage 7 records the commit of another repository's code the run loaded (provenance.json `base.code_commits`),
-    which `chat` loads it at. A folder published before it did (a retry of that run: the folder is reused whole) would
+    """Stage 7 records the commit of another repository's code the run loaded (provenance.json `base.code_commits`, and
+    per class `base.code_revisions` for the card's snippet), which `chat` loads it at. A folder published before it did (a retry of that run: the folder is reused whole) would
     keep `chat` loading that code unpinned: it is published again, once, with a line; a folder recording them is reused."""
     import shutil
 
@@ -5634,6 +5634,7 @@ def test_a_folder_published_without_the_other_repositorys_commits_is_published_a
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", "model.trust_remote_code=true"])
     assembled, lines = [], []
     commits = {"otherorg/code--modeling_other": "a" * 40}
+    revisions = {"AutoModelForCausalLM": "a" * 40}  # the card's snippet pins each class's load (provenance.json base.code_revisions)
 
     def assemble(cfg, run, records, final, record: bool):
         assembled.append(record)
@@ -5641,13 +5642,14 @@ def test_a_folder_published_without_the_other_repositorys_commits_is_published_a
         _remote_code_published(final, True)
         if record:
             prov = read_json(final / "provenance.json")
-            write_json(final / "provenance.json", {**prov, "base": {**prov["base"], "code_commits": commits}})
+            write_json(final / "provenance.json", {**prov, "base": {**prov["base"], "code_commits": commits, "code_revisions": revisions}})
             _manifest_again(final)
         return []
 
     monkeypatch.setattr(publish, "_assemble", lambda *a: assemble(*a, record=False))  # as stage 7 published before
     publish.publish_artifacts(cfg, "r1", {})
-    monkeypatch.setattr(publish, "code_commits", lambda model: commits)
+    monkeypatch.setattr(publish, "hub_code_commits", lambda model: commits)
+    monkeypatch.setattr(publish, "model_code_revisions", lambda model: revisions)
     monkeypatch.setattr(publish, "_assemble", lambda *a: assemble(*a, record=True))
     folder = Path(publish.publish_artifacts(cfg, "r1", {}, log_fn=lines.append).dir)
     assert assembled == [False, True]
