@@ -164,7 +164,7 @@ def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir
 
     with building(out, record_files=True) as tmp:  # each file's size and sha256: a shard cut short or changed is refused (`changed_file`)
         mdir = tmp / "merged"
-        save_merged(state, config, generation_config, dtype, mdir, trust_remote_code=model_cfg.trust_remote_code)
+        save_merged(state, config, generation_config, dtype, mdir, trust_remote_code=model_cfg.trust_remote_code, revision=ref.revision)
         tok.save_pretrained(str(mdir))
         del state
         check = verify_merged(mdir, batch, reference, without_adapter, dtype, device, reference_dtype=compute_dtype(quant, device),
@@ -325,8 +325,10 @@ def _dense_weight(p):
     return p.detach()
 
 
-def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *, trust_remote_code: bool = False) -> None:
-    """A plain (unquantized, PEFT-free) model folder from a merged state dict: safetensors + config."""
+def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *, trust_remote_code: bool = False,
+                revision: str | None = None) -> None:
+    """A plain (unquantized, PEFT-free) model folder from a merged state dict: safetensors + config. `revision`: the Hub
+    model's, which its own code (an auto_map entry without "--") is rebuilt at."""
     import copy
 
     import torch
@@ -339,7 +341,7 @@ def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *,
     with torch.device("meta"), quiet_transformers():
         # the class the base ran, at the commit its load passed: save_pretrained copies its module into merged/
         pins = loaded_code_revisions(config) if trust_remote_code else {}
-        clean = pinned_from_config(AutoModelForCausalLM, config, pins, dtype=dtype, trust_remote_code=trust_remote_code)
+        clean = pinned_from_config(AutoModelForCausalLM, config, pins, revision, dtype=dtype, trust_remote_code=trust_remote_code)
     missing, unexpected = clean.load_state_dict(state, assign=True, strict=False)
     tied = _tied_names(clean)
     missing = [k for k in missing if k not in tied]

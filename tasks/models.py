@@ -321,12 +321,19 @@ def _code_revision(revisions: dict[str, str], cls: str) -> dict:
     return {"code_revision": revisions[cls]} if cls in revisions else {}
 
 
-def pinned_from_config(auto_cls, config, revisions: dict[str, str], **kwargs):
+def pinned_from_config(auto_cls, config, revisions: dict[str, str], own_revision: str | None = None, **kwargs):
     """`auto_cls.from_config(config, **kwargs)` with the class its auto_map names in another repository at its commit
     (`revisions`: `code_revisions`). A config class a load of this process registered already takes that (pinned) class,
     and transformers then passes any code_revision on to the model's __init__: given only where the auto_map's class is
-    looked up (a built-in config, Phi-3's shape, maps to transformers' own class, so its auto_map's is looked up again)."""
-    pin = {} if _registered_remote_class(auto_cls, config) else _code_revision(revisions, auto_cls.__name__)
+    looked up (a built-in config, Phi-3's shape, maps to transformers' own class, so its auto_map's is looked up again).
+    An entry naming the config's own repository's code (no "--") is looked up at `own_revision` (the Hub model's
+    revision, which its load read that code at): from_config passes no revision, so it took that repository's main, and
+    transformers 5.25 keeps no commit on the config to tell it."""
+    if _registered_remote_class(auto_cls, config):
+        return auto_cls.from_config(config, **kwargs)
+    entry = (getattr(config, "auto_map", None) or {}).get(auto_cls.__name__)
+    own = own_revision if isinstance(entry, str) and "--" not in entry else None
+    pin = _code_revision(revisions, auto_cls.__name__) or ({"code_revision": own} if own else {})
     return auto_cls.from_config(config, **kwargs, **pin)
 
 
@@ -1789,7 +1796,7 @@ def model_skeleton(ref: ModelRef, model: ModelSection):
     except OSError as e:
         raise _load_error(ref, model, e) from e
     with torch.device("meta"), quiet_transformers():
-        return pinned_from_config(AutoModelForCausalLM, config, model_code_revisions(model), trust_remote_code=model.trust_remote_code)
+        return pinned_from_config(AutoModelForCausalLM, config, model_code_revisions(model), ref.revision, trust_remote_code=model.trust_remote_code)
 
 
 def _registered_remote_class(auto_cls, config) -> bool:

@@ -3073,3 +3073,41 @@ def test_review_a_hub_gguf_with_trust_remote_code_keys_no_code_and_runs_offline(
     (repo / "snapshots" / commit / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert remote_code_key(ModelSection(name="someorg/tiny-GGUF", gguf_file="tiny.Q4_K_M.gguf", trust_remote_code=True)) == []
+
+
+def test_the_merge_builds_merged_from_a_hub_models_own_code_at_its_revision(tmp_path, monkeypatch):
+    """A Hub model with a config transformers ships and an auto_map naming its own model class (Phi-3's shape, no
+    "--"), pinned by model.revision: the base loads its code at that revision, and stage 6's rebuild (`save_merged`:
+    from_config, which looks the auto_map up again at the config's repository) must take the same commit, not the
+    repository's main, or merged/ ships code the base never ran."""
+    import torch
+    from huggingface_hub import constants
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.config import ModelSection, QuantSection
+    from tasks.merge import save_merged
+    from tasks.models import load_base_model, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    folder = tmp_path / "hub" / "models--someorg--own"
+    dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "vocab_size": 64}
+    pinned, later = "1" * 40, "2" * 40
+    for sha, version in ((pinned, "pinned"), (later, "main since")):
+        snap = folder / "snapshots" / sha
+        LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(snap))
+        (snap / "modeling_own.py").write_text(f"from transformers import LlamaForCausalLM\n\n\nclass OwnForCausalLM(LlamaForCausalLM):\n    VERSION = {version!r}\n")
+        (snap / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}, **dims}))
+        for name in ("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"):
+            (folder / ".no_exist" / sha / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / ".no_exist" / sha / name).write_text("")
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(later)
+    model = ModelSection(name="someorg/own", revision=pinned, trust_remote_code=True)
+    loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
+    assert type(loaded).VERSION == "pinned"
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", trust_remote_code=True, revision=pinned)
+    assert "'pinned'" in (tmp_path / "merged" / "modeling_own.py").read_text()
