@@ -688,12 +688,13 @@ def origin_host(host: str) -> str | None:
     host = unquote(host)
     if not host.isascii():
         # UTS #46, non-transitional, as the URL standard (browsers) maps a domain: Python's "idna" codec is IDNA 2003,
-        # which maps 'ß' and final 'ς' away ('faß.de' -> 'fass.de'; a browser sends 'xn--fa-hia.de'). The idna package
-        # comes with httpx and requests (Prefect's and huggingface_hub's dependencies).
+        # which maps 'ß' and final 'ς' away ('faß.de' -> 'fass.de'; a browser sends 'xn--fa-hia.de'). The idna package is
+        # declared in pyproject.toml (idna>=2.0). Non-transitional is its default since 2.0; `transitional` is left out:
+        # idna 3.12 deprecated that argument and says a future version removes it.
         import idna
 
         try:
-            host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
+            host = idna.encode(host, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError):
             return None
     host = host.lower()

@@ -6193,3 +6193,30 @@ def test_cors_origin_problem_names_the_punycode_a_browser_sends_for_deviation_ch
     assert cors_origin_problem(sent) is None, sent
     got = cors_origin_problem(given)
     assert got is not None and got.endswith(f"give {sent}"), got
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve-15: defects found by the reviews of serve-14
+
+
+def test_idna_which_the_cors_origin_check_imports_is_declared_with_a_bound_that_has_uts46():
+    """cors_origin_problem imports the idna package (UTS #46, as browsers map a domain); it came only through httpx and
+    requests, which may drop it or pin a release without `uts46=`. It is declared in pyproject.toml itself, with a lower
+    bound (2.0: the first release with idna.encode(..., uts46=True)) that the installed copy meets."""
+    import importlib.metadata
+    import inspect
+    import tomllib
+
+    import idna
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from tasks.common import PROJECT_ROOT
+
+    declared = [Requirement(r) for r in tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    spec = next((r.specifier for r in declared if r.name == "idna"), None)
+    assert spec is not None, [r.name for r in declared]
+    lower = [Version(s.version) for s in spec if s.operator in (">=", ">", "~=", "==")]
+    assert lower and min(lower) >= Version("2.0"), spec  # before 2.0: no uts46 argument
+    assert importlib.metadata.version("idna") in spec
+    assert "uts46" in inspect.signature(idna.encode).parameters
