@@ -765,9 +765,14 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
         params.cors_headers = GGUF_CORS_HEADERS
     else:
         # llama.cpp's default (cors_origins "*" not explicit, credentials on) names back whatever origin asks, so any
-        # page open in a browser could read the answers; an explicit empty origin is sent as it is (an empty
-        # Access-Control-Allow-Origin, which matches no page): no origin allowed, as the merged format's default
-        params.cors_origins, params.cors_origins_explicit, params.cors_credentials = "", True, False
+        # page open in a browser could read the answers. No CORS header, as the merged format's default: llama.cpp
+        # sets Access-Control-Allow-Origin to cors_origins on every answer (an empty one too: measured), and
+        # cors_methods / cors_headers on a preflight's, through cpp-httplib's set_header, which drops a value that is
+        # no valid header value (GGUF_NO_HEADER). What stays (tools/server/server-http.cpp, the pre-routing handler):
+        # every OPTIONS is answered 200 with `Access-Control-Allow-Credentials: false`, a literal no setting omits,
+        # before any route; no browser reads an answer without Access-Control-Allow-Origin.
+        params.cors_origins, params.cors_origins_explicit, params.cors_credentials = GGUF_NO_HEADER, True, False
+        params.cors_methods = params.cors_headers = GGUF_NO_HEADER
     try:
         server = xlc.Server(params)
     except RuntimeError as e:  # a GGUF that passed the header check but does not load (truncated, wrong tensors, ...)
@@ -795,6 +800,10 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
 # never covers Authorization, which a keyed request sends (Chromium 156 still lets it by, measured 2026-12-07; a browser
 # that follows the standard need not); "*" beside it covers the rest (Content-Type, the OpenAI JS SDK's x-stainless-*).
 GGUF_CORS_HEADERS = "Authorization, *"
+# A CORS setting llama.cpp sends as no header at all: cpp-httplib's Response::set_header adds a header only when its
+# value is a valid field value (detail::fields::is_field_value: empty, or starting and ending with a visible character),
+# so a lone space is dropped where "" was sent as an empty Access-Control-Allow-Origin.
+GGUF_NO_HEADER = " "
 GGUF_STOP_GRACE_S = 5  # how long a stop waits for llama.cpp's server to finish the requests it is answering
 
 
