@@ -1143,12 +1143,15 @@ def point_adapter_at_base(adapter: Path, base: str, revision: str | None) -> Non
 
 
 def published_template(folder: Path) -> str:
-    """The chat template a saved tokenizer folder serves (chat_template.jinja, else tokenizer_config.json's)."""
+    """The chat template a saved tokenizer folder serves (chat_template.jinja, else tokenizer_config.json's: the text, or
+    the "default" entry of a list of named templates, as transformers reads that list)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     conf = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     template = conf.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(template, str):
         raise StageError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json); the tokenizer must be saved with it")
     return template
@@ -1242,9 +1245,12 @@ def portable_rope_config(folder: Path) -> None:
 
 
 def install_system_prompt(folder: Path, system_prompt: str) -> None:
-    """Rewrite a saved tokenizer's chat templates (chat_template.jinja and/or tokenizer_config.json, and the named ones of
-    additional_chat_templates/: a chat with tools renders through "tool_use") with the system prompt. Named templates
-    are there only where training rendered the tokenizer's own default (`set_default_template` drops them otherwise)."""
+    """Rewrite a saved tokenizer's chat templates (chat_template.jinja and/or tokenizer_config.json, and the named ones:
+    a chat with tools renders through "tool_use") with the system prompt. Named templates come in two forms, treated
+    alike: additional_chat_templates/*.jinja (transformers 5 saves them so) and tokenizer_config.json's `chat_template`
+    as a list of {name, template} (Command-R's; transformers' legacy form, `save_jinja_files=False`), which was left as
+    it was (a review, 2026-12-07). They are there only where training rendered the tokenizer's own default
+    (`set_default_template` drops them otherwise)."""
     jinja, tcfg = folder / "chat_template.jinja", folder / "tokenizer_config.json"
     done = False
     if jinja.is_file():
@@ -1254,8 +1260,13 @@ def install_system_prompt(folder: Path, system_prompt: str) -> None:
         named.write_text(template_with_system(named.read_text(encoding="utf-8"), system_prompt), encoding="utf-8")
     if tcfg.is_file():
         conf = read_json(tcfg)
-        if isinstance(conf.get("chat_template"), str):
-            conf["chat_template"] = template_with_system(conf["chat_template"], system_prompt)
+        template = conf.get("chat_template")
+        if isinstance(template, str):
+            conf["chat_template"] = template_with_system(template, system_prompt)
+        elif isinstance(template, list):  # every entry transformers loads as a named template (a dict with a str template)
+            conf["chat_template"] = [{**t, "template": template_with_system(t["template"], system_prompt)}
+                                     if isinstance(t, dict) and isinstance(t.get("template"), str) else t for t in template]
+        if conf.get("chat_template") != template:
             tcfg.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             done = True
     if not done:

@@ -5927,9 +5927,10 @@ def test_serve_model_gguf_cors_names_the_one_origin_answers_its_preflight_before
 TOOL_USE_TEMPLATE = "{% for m in messages %}[tool-use {{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 
-def _tiny_with_a_tool_use_template(tmp_path: Path) -> tuple[Path, Path]:
-    """(artifacts folder, a local copy of the tiny profile's model whose tokenizer has a named `tool_use` template in
-    additional_chat_templates/)."""
+def _tiny_with_a_tool_use_template(tmp_path: Path, form: str = "folder") -> tuple[Path, Path]:
+    """(artifacts folder, a local copy of the tiny profile's model whose tokenizer has a named `tool_use` template):
+    `form` "folder" puts it in additional_chat_templates/ (transformers 5 saves it so), "list" in tokenizer_config.json's
+    `chat_template` as a list of {name, template} beside the default (Command-R's, transformers 4's legacy form)."""
     import shutil
 
     from tasks.config import load_config
@@ -5939,8 +5940,15 @@ def _tiny_with_a_tool_use_template(tmp_path: Path) -> tuple[Path, Path]:
     tiny = load_config(profile="tiny", overrides=[f"artifacts_dir={art}"])
     local = tmp_path / "models" / "named-templates"
     shutil.copytree(resolve_model(tiny.model, str(art)).path, local)
-    (local / "additional_chat_templates").mkdir()
-    (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    if form == "folder":
+        (local / "additional_chat_templates").mkdir()
+        (local / "additional_chat_templates" / "tool_use.jinja").write_text(TOOL_USE_TEMPLATE)
+    else:
+        conf = json.loads((local / "tokenizer_config.json").read_text())
+        own = (local / "chat_template.jinja").read_text() if (local / "chat_template.jinja").is_file() else conf["chat_template"]
+        (local / "chat_template.jinja").unlink(missing_ok=True)
+        conf["chat_template"] = [{"name": "default", "template": own}, {"name": "tool_use", "template": TOOL_USE_TEMPLATE}]
+        (local / "tokenizer_config.json").write_text(json.dumps(conf))
     return art, local
 
 
@@ -6130,19 +6138,21 @@ def test_published_base_carries_the_named_chat_templates_training_loaded(tmp_pat
     assert published == loaded, published
 
 
-def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_system_prompt(tmp_path):
+@pytest.mark.parametrize("form", ["folder", "list"])
+def test_a_chat_with_tools_on_a_base_with_a_tool_use_template_keeps_the_trained_system_prompt(tmp_path, form):
     """transformers' apply_chat_template picks a tokenizer's "tool_use" template whenever `tools` are given and no
     template is named (get_chat_template), as `transformers serve` does for a request with tools (render_messages), and
     llama.cpp's server uses the GGUF's tokenizer.chat_template.tool_use likewise. install_system_prompt rewrites only
     chat_template.jinja, so such a request is rendered without the system prompt the model was trained with (the card's
     "as in training"). Published tiny run, data.system_prompt="Be brief.", 2026-12-07: without tools '...Be brief...',
-    with tools '[tool-use user] Write cat in uppercase.</s>'."""
+    with tools '[tool-use user] Write cat in uppercase.</s>'. serve-15: the named templates given as tokenizer_config.json's
+    list (`form` "list", Command-R's) likewise, as a review found they were not."""
 
     from transformers import AutoTokenizer
 
     from tasks.config import load_config
 
-    art, local = _tiny_with_a_tool_use_template(tmp_path)
+    art, local = _tiny_with_a_tool_use_template(tmp_path, form)
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={art}", f"model.name={local}", "data.system_prompt=Be brief."])
     pub, _ = _publish(cfg, str(art), "r1")
     chat = [{"role": "user", "content": "Write cat in uppercase."}]
@@ -6226,3 +6236,29 @@ def test_idna_which_the_cors_origin_check_imports_is_declared_with_a_bound_that_
     assert lower and min(lower) >= Version("2.0"), spec  # before 2.0: no uts46 argument
     assert importlib.metadata.version("idna") in spec
     assert "uts46" in inspect.signature(idna.encode).parameters
+
+
+def test_install_system_prompt_gives_a_tokenizer_config_list_of_named_templates_the_system_prompt_as_the_folder_form(tmp_path):
+    """A tokenizer saved with its named templates in tokenizer_config.json's `chat_template` list (Command-R's form;
+    transformers' legacy `save_jinja_files=False`) and no chat_template.jinja: install_system_prompt left the list as it
+    was (so a chat, with tools or not, rendered without data.system_prompt) and then refused the folder ("has no chat
+    template to carry data.system_prompt"). Now each entry carries it, as additional_chat_templates/*.jinja does, and
+    published_template reads the list's default."""
+    from transformers import AutoTokenizer
+
+    from tasks.publish import install_system_prompt, published_template
+
+    _, local = _tiny_with_a_tool_use_template(tmp_path, "list")
+    saved = tmp_path / "legacy"
+    AutoTokenizer.from_pretrained(str(local)).save_pretrained(str(saved), save_jinja_files=False)
+    listed = json.loads((saved / "tokenizer_config.json").read_text())["chat_template"]
+    assert isinstance(listed, list) and {t["name"] for t in listed} == {"default", "tool_use"}, listed
+    assert not (saved / "chat_template.jinja").exists() and not (saved / "additional_chat_templates").exists()
+    install_system_prompt(saved, "Be brief.")
+    tok = AutoTokenizer.from_pretrained(str(saved))
+    chat = [{"role": "user", "content": "Write cat in uppercase."}]
+    tools = [{"type": "function", "function": {"name": "now", "description": "the time", "parameters": {"type": "object", "properties": {}}}}]
+    plain = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    with_tools = tok.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert "Be brief." in plain and "Be brief." in with_tools and "[tool-use user]" in with_tools, (plain, with_tools)
+    assert "Be brief." in published_template(saved)
