@@ -112,8 +112,29 @@ def build_key(merge, publish, export, data) -> str:
     # A folder the converter reads through `converter_view` gets a key of its own: its GGUF exported before the view (on
     # transformers 5.17: a vocabulary llama.cpp refuses) is built again, not reused; every other key is as it was.
     view = ["converter view: byte_fallback off"] if export.gguf and byte_fallback_dropped(Path(publish.merged_dir)) else []
+    # Likewise a GGUF whose end-of-turn token `mark_end_of_turn` writes in: exported before, it did not stop answers
+    marked = end_of_turn_to_mark(Path(publish.merged_dir), data.stop_token_ids) if export.gguf else []
     return fingerprint("export", EXPORT_VERSION, merge.key, template_hash, data.stop_token_ids,
-                       export.model_dump(mode="json"), CONVERTER_VERSION, *view)
+                       export.model_dump(mode="json"), CONVERTER_VERSION, *view, *([f"end of turn marked: {marked}"] if marked else []))
+
+
+def end_of_turn_to_mark(folder: Path, stop_ids: list[int]) -> list[int]:
+    """The stop ids of the saved tokenizer in `folder` (merged/) that `mark_end_of_turn` writes into its GGUF, told from
+    tokenizer.json without converting: those that are not its EOS and whose text is none of LLAMA_EOG_TEXTS (an id it
+    does not name: none, the key as before). Only for the export's key: the GGUF's own metadata decides what is written."""
+    try:
+        tok = _parsed_json(str((folder / "tokenizer.json").resolve()), cached_sha256(folder / "tokenizer.json"))
+        conf = read_json(folder / "tokenizer_config.json")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(tok, dict):
+        return []
+    vocab = tok["model"].get("vocab") if isinstance(tok.get("model"), dict) else None
+    texts = {i: text for text, i in vocab.items()} if isinstance(vocab, dict) else {}
+    texts.update({t["id"]: t.get("content") for t in tok.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)})
+    eos = conf.get("eos_token") if isinstance(conf, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    return [i for i in stop_ids if texts.get(i) is not None and texts[i] != eos and texts[i] not in LLAMA_EOG_TEXTS]
 
 
 def cache_key(merge, publish, export, data) -> str:
@@ -176,9 +197,10 @@ def install_converter(archive: Path, dest: Path) -> None:
             raise StageError(f"{archive.name} has no {prefix}convert_hf_to_gguf.py; CONVERTER_VERSION and the archive disagree")
 
 
-def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Path) -> None:
+def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Path, stop_ids: list[int] = ()) -> list[str]:
     """Run llama.cpp's converter in a subprocess (on `converter_view` of the folder); a failure becomes one line naming
-    the reason."""
+    the reason. `stop_ids` (the published stop ids: the chat template's end-of-turn tokens and EOS) that llama.cpp would
+    not end an answer at are then marked in the GGUF (`mark_end_of_turn`); returns the line that says what could not be."""
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".converter-view-") as work:
         view = converter_view(model_dir, Path(work))
         cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(view), "--outfile", str(out_file), "--outtype", outtype]
@@ -187,6 +209,67 @@ def convert_to_gguf(model_dir: Path, out_file: Path, outtype: str, converter: Pa
     if done.returncode or not out_file.is_file():
         raise StageError(f"llama.cpp's GGUF converter cannot convert {model_dir.name}: {converter_failure(done.stderr)}; "
                          "set export.gguf=[] to skip GGUF (the merged model is published), then rerun")
+    return mark_end_of_turn(out_file, list(stop_ids)) if stop_ids else []
+
+
+# The token texts llama.cpp ends generation at whatever a GGUF's metadata says: its vocabulary loader (src/llama-vocab.cpp,
+# llama_vocab::impl::load, "maintain a list of tokens that cause end-of-generation ... based on the token text") adds
+# them to its end-of-generation ids beside the GGUF's EOS, EOT and EOM ids. As in llama-cpp-python 0.3.36's llama.cpp
+# (CONVERTER_VERSION); every one is in xllamacpp 2026.10.11549's library too (its strings, 2026-12-07).
+LLAMA_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>",
+    "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+})
+# The GGUF keys llama.cpp also ends generation at (their ids), in the order a template's own end-of-turn takes them.
+END_OF_TURN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+
+
+def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
+    """Write into `gguf_file` (rewritten in place) each of `stop_ids` that llama.cpp would not end an answer at: not the
+    GGUF's EOS, EOT or EOM id, and a token whose text is none of LLAMA_EOG_TEXTS (a template closing its turns with a
+    token of its own). Merged serving stops at every stop id (serving_model_folder); llama.cpp at its end-of-generation
+    ids alone, so such a template's GGUF answers ran on past the end of the turn to max_tokens (a review, 2026-12-07).
+    The converter writes no EOT for most architectures; it goes into the EOT key, a second into the EOM key (llama.cpp
+    ends generation at both alike). Returns the line that says which stop ids found no free key (none, usually);
+    Ollama still stops at them (the Modelfile's `stop` parameters). Nothing to mark leaves the file as it is."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(gguf_file))
+    fields = reader.fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    ids = {k: fields[k].contents() for k in ("tokenizer.ggml.eos_token_id", *END_OF_TURN_KEYS) if k in fields}
+    unmarked = [i for i in stop_ids if i not in ids.values() and 0 <= i < len(tokens) and tokens[i] not in LLAMA_EOG_TEXTS]
+    free = [k for k in END_OF_TURN_KEYS if k not in ids]
+    marks, left = dict(zip(free, unmarked)), unmarked[len(free):]
+    if marks:
+        tmp = gguf_file.with_name(gguf_file.name + ".marking")
+        writer = GGUFWriter(str(tmp), arch=fields["general.architecture"].contents(), endianess=reader.endianess)
+        if "general.alignment" in fields:
+            writer.data_alignment = fields["general.alignment"].contents()
+        for field in fields.values():  # as gguf's own gguf_new_metadata.py copies them: the writer adds these two itself
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):
+                continue
+            kind = field.types[0]
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+        for key, token in marks.items():
+            writer.add_key_value(key, token, GGUFValueType.UINT32)
+        for tensor in reader.tensors:
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in reader.tensors:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+        writer.close()
+        del reader, fields  # the memory map of the old file
+        os.replace(tmp, gguf_file)
+    if not left:
+        return []
+    names = ", ".join(f"{tokens[i]!r} (id {i})" for i in left)
+    return [f"export: llama.cpp's server will not end answers at {names}: the GGUF has no free end-of-turn key left "
+            f"({', '.join(END_OF_TURN_KEYS)} are taken); Ollama stops there (the Modelfile's stop parameters), "
+            "or serve with --format merged"]
 
 
 def converter_view(model_dir: Path, work: Path) -> Path:
@@ -438,6 +521,7 @@ def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> No
     stops = [tok.convert_ids_to_tokens(i) for i in data.stop_token_ids]
     seconds: dict[str, float] = {}
     built: dict[str, Any] = {"gguf": {}, "modelfile": None, "gptq": None, "stop_tokens": stops, "system_prompt": system_prompt, "seconds": seconds}
+    notes: list[str] = []
     with building(out) as tmp:
         if export.gguf:
             converter = ensure_converter(log_fn)
@@ -449,15 +533,17 @@ def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> No
                     f16 = tmp / "gguf" / f"{name}-f16.gguf"
                     if not f16.is_file():
                         f16 = tmp / f"{name}-f16.gguf"
-                        convert_to_gguf(src, f16, "f16", converter)
+                        notes += convert_to_gguf(src, f16, "f16", converter, data.stop_token_ids)  # its marks go with it
                     quantize_gguf(ensure_quantizer(LLAMA_CPP_SOURCES, log_fn), f16, f, GGUF_QUANT_TYPES[outtype])
                     if f16.parent == tmp:
                         f16.unlink()
                 else:
-                    convert_to_gguf(src, f, outtype, converter)
+                    notes += convert_to_gguf(src, f, outtype, converter, data.stop_token_ids)
                 seconds[f"gguf-{outtype}"] = round(time.monotonic() - t0, 2)
                 built["gguf"][outtype] = f"gguf/{f.name}"
                 log_fn(f"export: {f.name} ({f.stat().st_size / 2**20:.0f} MiB) in {seconds[f'gguf-{outtype}']:.0f}s")
+            for line in dict.fromkeys(notes):  # said once, not once per GGUF
+                log_fn(line)
             if export.modelfile:
                 parts = template_parts(tok)
                 # Training saw the configured system prompt, or else the template's own default system turn.

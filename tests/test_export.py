@@ -695,3 +695,49 @@ def test_an_export_converted_through_the_view_has_a_key_of_its_own_and_every_oth
     before = fingerprint("export", EXPORT_VERSION, "m", template, [0], ExportSection(gguf=["f16"]).model_dump(mode="json"),
                          CONVERTER_VERSION)
     assert key(clean, ["f16"]) == before  # the key as it was before the view
+
+
+def _tiny_gguf(path: Path, tokens: list[str], **ids: int) -> Path:
+    """A GGUF holding `tokens` as its vocabulary, `ids` as tokenizer.ggml.<name>_token_id, and two small tensors."""
+    import numpy as np
+    from gguf import GGUFValueType, GGUFWriter
+
+    w = GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    for name, i in ids.items():
+        w.add_key_value(f"tokenizer.ggml.{name}_token_id", i, GGUFValueType.UINT32)
+    w.add_tensor("a", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.add_tensor("b", np.arange(5, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_mark_end_of_turn_writes_the_stops_llama_cpp_would_not_end_at_into_the_free_keys_and_keeps_the_rest(tmp_path):
+    """serve-15: llama.cpp ends generation at the GGUF's EOS / EOT / EOM ids and at tokens it knows by their text
+    (<|im_end|>, </s>, ...). A template's own end-of-turn token is none of them: it goes into the EOT key, a second into
+    the EOM key, a third is named in one line (no key left); the tensors and every other key are kept. A GGUF whose
+    stops llama.cpp already ends at is not rewritten."""
+    from gguf import GGUFReader
+
+    from tasks.export import mark_end_of_turn
+
+    tokens = ["<s>", "</s>", "<|turn_end|>", "<|reply_end|>", "<|third|>", "<|im_end|>"]
+    path = _tiny_gguf(tmp_path / "m.gguf", tokens, bos=0, eos=1)
+    before = path.read_bytes()
+    assert mark_end_of_turn(path, [1, 5]) == [] and path.read_bytes() == before  # EOS and a known text: nothing to write
+    said = mark_end_of_turn(path, [1, 2, 3, 4, 5])
+    assert len(said) == 1 and "'<|third|>' (id 4)" in said[0] and "--format merged" in said[0] and "\n" not in said[0], said
+    reader = GGUFReader(str(path))
+    f = reader.fields
+    assert (f["tokenizer.ggml.eot_token_id"].contents(), f["tokenizer.ggml.eom_token_id"].contents()) == (2, 3)
+    assert f["tokenizer.ggml.eos_token_id"].contents() == 1 and f["tokenizer.ggml.tokens"].contents() == tokens
+    assert f["general.architecture"].contents() == "llama"
+    got = {t.name: t.data.tolist() for t in reader.tensors}
+    assert got == {"a": [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], "b": [0, 1, 2, 3, 4]}, got
+    assert not list(tmp_path.glob("*.marking"))
+    marked = path.read_bytes()
+    assert mark_end_of_turn(path, [1, 2, 3, 5]) == [] and path.read_bytes() == marked  # a second run: nothing left to write

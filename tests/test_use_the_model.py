@@ -6262,3 +6262,68 @@ def test_install_system_prompt_gives_a_tokenizer_config_list_of_named_templates_
     with_tools = tok.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
     assert "Be brief." in plain and "Be brief." in with_tools and "[tool-use user]" in with_tools, (plain, with_tools)
     assert "Be brief." in published_template(saved)
+
+
+def _smollm2_ending_turns_with(tmp_path: Path, end: str) -> Path:
+    """The demo's SmolLM2-135M-Instruct as an HF folder (as stage 1 builds it) whose ChatML end-of-turn token (id 2,
+    <|im_end|>, which the model was trained to end its answers with) is spelt `end` in its vocabulary and chat template,
+    and whose EOS is <|endoftext|> (id 0): the same ids, a text llama.cpp does not know by itself."""
+    import shutil
+
+    from tasks.config import load_config
+    from tasks.models import resolve_model
+
+    demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'demo-art'}"])
+    hf = tmp_path / "smollm2-own-end"
+    shutil.copytree(resolve_model(demo.model, str(tmp_path / "demo-art")).path, hf, ignore=shutil.ignore_patterns("COMPLETE"))
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    assert tok["model"]["vocab"].pop("<|im_end|>") == 2
+    tok["model"]["vocab"][end] = 2
+    tok["added_tokens"] = [{**t, "content": end} if t["id"] == 2 else t for t in tok["added_tokens"]]
+    (hf / "tokenizer.json").write_text(json.dumps(tok))
+    for name in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf / name).is_file():
+            (hf / name).write_text((hf / name).read_text().replace("<|im_end|>", end))
+    for name, key, value in (("tokenizer_config.json", "eos_token", "<|endoftext|>"), ("config.json", "eos_token_id", 0),
+                             ("generation_config.json", "eos_token_id", 0)):
+        if (hf / name).is_file():
+            conf = json.loads((hf / name).read_text())
+            (hf / name).write_text(json.dumps({**conf, key: value}))
+    return hf
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_not_know_by_its_text(own_published, tmp_path):
+    """A chat template whose turns end with a token of its own (<|turn_end|>: not the GGUF's EOS, none of the texts
+    llama.cpp's vocabulary loader takes for end-of-generation) did not stop GGUF answers: llama.cpp's server ran on to
+    max_tokens, where merged serving stops at every published stop id (a review, 2026-12-07). The export's conversion
+    (`convert_to_gguf` with the published stop ids) writes it into the GGUF as tokenizer.ggml.eot_token_id, and
+    `serve-model --format gguf` ends the answer there; a GGUF whose stops llama.cpp knows is left as the converter wrote it."""
+    import signal
+
+    from gguf import GGUFReader
+
+    from tasks.export import convert_to_gguf, end_of_turn_to_mark, ensure_converter
+
+    hf = _smollm2_ending_turns_with(tmp_path, "<|turn_end|>")
+    assert end_of_turn_to_mark(hf, [0, 2]) == [2]  # the export's key says so (a GGUF exported before is built again)
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    (copy / "gguf").mkdir(exist_ok=True)
+    gguf = copy / "gguf" / f"{copy.name}-f16.gguf"
+    assert convert_to_gguf(hf, gguf, "f16", ensure_converter(), [0, 2]) == []
+    fields = GGUFReader(str(gguf)).fields
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 0 and fields["tokenizer.ggml.eot_token_id"].contents() == 2
+    assert fields["tokenizer.ggml.tokens"].contents()[2] == "<|turn_end|>"
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
+    try:
+        chat = {"model": copy.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 96, "temperature": 0}
+        code, body = _request(f"{base}/v1/chat/completions", chat)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    answer = json.loads(body)
+    assert code == 200 and answer["choices"][0]["finish_reason"] == "stop", body
+    assert answer["usage"]["completion_tokens"] < 96 and "im_start" not in answer["choices"][0]["message"]["content"], body
+    assert rc == 0, log.read_text()[-3000:]
