@@ -287,7 +287,8 @@ def cmd_serve_model(args) -> int:
 
     from tasks.common import StageError
     from tasks.export import (API_KEY_ENV, cors_origin_problem, gguf_to_serve, is_loopback, make_serving_folder, record_server,
-                              remove_stale_serving_folders, require_free_port, serve_gguf, transformers_serve_command)
+                              remove_stale_serving_folders, require_free_port, serve_gguf, transformers_serve_command,
+                              unmarked_stops_line)
     from tasks.publish import answer_stop_ids, find_run, own_code_file, require_current, require_safetensors
 
     if args.gguf_type and args.format == "merged":
@@ -321,6 +322,8 @@ def cmd_serve_model(args) -> int:
     if not args.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches port {args.port} can use the model; "
               f"pass --api-key or set ${API_KEY_ENV}", file=sys.stderr, flush=True)
+    if gguf and (line := unmarked_stops_line(gguf, folder)):
+        print(line, file=sys.stderr, flush=True)
     if not args.api_key and "*" in args.cors_origin:  # loopback too: the browser runs on this machine
         print(f"warning: --cors-origin * without an API key: any web page open in a browser that reaches port {args.port} can use "
               f"the model; name the page's origin or pass --api-key", file=sys.stderr, flush=True)

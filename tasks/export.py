@@ -225,6 +225,37 @@ LLAMA_EOG_TEXTS = frozenset({
 END_OF_TURN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
+def unmarked_stops(fields: dict, stop_ids: list[int]) -> list[int]:
+    """The ids of `stop_ids` llama.cpp would not end an answer at in a GGUF of these metadata `fields` (GGUFReader's):
+    not its EOS, EOT or EOM id, and a token whose text is none of LLAMA_EOG_TEXTS."""
+    tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
+    ids = {fields[k].contents() for k in ("tokenizer.ggml.eos_token_id", *END_OF_TURN_KEYS) if k in fields}
+    return [i for i in stop_ids if i not in ids and 0 <= i < len(tokens) and tokens[i] not in LLAMA_EOG_TEXTS]
+
+
+def unmarked_stops_line(gguf_file: Path, folder: Path) -> str | None:
+    """A warning line for serve-model --format gguf where `gguf_file` does not end answers at a stop id of the published
+    `folder` (its summary.json's data.stop_token_ids): a GGUF exported before `mark_end_of_turn`, whose answers run on to
+    max_tokens; None where it ends at every one, or where the summary or the GGUF does not tell (merged serving and
+    `chat` say what is wrong with a summary)."""
+    from gguf import GGUFReader
+
+    try:
+        summary = read_json(folder / "summary.json")
+        stops = summary["data"]["stop_token_ids"]
+        fields = GGUFReader(str(gguf_file)).fields
+        left = unmarked_stops(fields, [i for i in stops if isinstance(i, int) and not isinstance(i, bool)])
+        tokens = fields["tokenizer.ggml.tokens"].contents() if left else []
+    except Exception:  # a damaged GGUF (any error of gguf's reader) is serve_gguf's to name; a warning never stops the start
+        return None
+    if not left:
+        return None
+    names = ", ".join(f"{tokens[i]!r} (id {i})" for i in left)
+    return (f"warning: {gguf_file.name} does not end answers at {names}, the chat template's end of turn (exported before the "
+            "export marked it): llama.cpp's answers run on to max_tokens; rerun the run's `qlora-pipeline run` command to "
+            "export it again, or serve with --format merged")
+
+
 def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
     """Write into `gguf_file` (rewritten in place) each of `stop_ids` that llama.cpp would not end an answer at: not the
     GGUF's EOS, EOT or EOM id, and a token whose text is none of LLAMA_EOG_TEXTS (a template closing its turns with a
@@ -238,9 +269,8 @@ def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
     reader = GGUFReader(str(gguf_file))
     fields = reader.fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
-    ids = {k: fields[k].contents() for k in ("tokenizer.ggml.eos_token_id", *END_OF_TURN_KEYS) if k in fields}
-    unmarked = [i for i in stop_ids if i not in ids.values() and 0 <= i < len(tokens) and tokens[i] not in LLAMA_EOG_TEXTS]
-    free = [k for k in END_OF_TURN_KEYS if k not in ids]
+    unmarked = unmarked_stops(fields, stop_ids)
+    free = [k for k in END_OF_TURN_KEYS if k not in fields]
     marks, left = dict(zip(free, unmarked)), unmarked[len(free):]
     if marks:
         tmp = gguf_file.with_name(gguf_file.name + ".marking")

@@ -741,3 +741,23 @@ def test_mark_end_of_turn_writes_the_stops_llama_cpp_would_not_end_at_into_the_f
     assert not list(tmp_path.glob("*.marking"))
     marked = path.read_bytes()
     assert mark_end_of_turn(path, [1, 2, 3, 5]) == [] and path.read_bytes() == marked  # a second run: nothing left to write
+
+
+def test_serve_model_gguf_warns_in_one_line_where_a_gguf_exported_before_the_marks_does_not_stop_at_the_end_of_turn(tmp_path):
+    """A GGUF exported before `mark_end_of_turn` keeps running on past a template's own end-of-turn token:
+    unmarked_stops_line (serve-model --format gguf prints it) names the token and the fix; none once it is marked, and
+    none where the published summary.json does not tell (merged serving and `chat` name a bad summary)."""
+    from tasks.common import write_json
+    from tasks.export import mark_end_of_turn, unmarked_stops_line
+
+    gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "</s>", "<|turn_end|>"], bos=0, eos=1)
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
+    line = unmarked_stops_line(gguf, tmp_path)
+    assert line.startswith("warning: m.gguf does not end answers at '<|turn_end|>' (id 2)") and "\n" not in line, line
+    assert "qlora-pipeline run" in line and "--format merged" in line
+    for summary in ({"data": {}}, {"data": {"stop_token_ids": "2"}}, []):
+        write_json(tmp_path / "summary.json", summary)
+        assert unmarked_stops_line(gguf, tmp_path) is None, summary
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
+    mark_end_of_turn(gguf, [1, 2])
+    assert unmarked_stops_line(gguf, tmp_path) is None

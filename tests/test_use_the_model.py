@@ -6327,3 +6327,33 @@ def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_
     assert code == 200 and answer["choices"][0]["finish_reason"] == "stop", body
     assert answer["usage"]["completion_tokens"] < 96 and "im_start" not in answer["choices"][0]["message"]["content"], body
     assert rc == 0, log.read_text()[-3000:]
+
+
+def test_serve_model_gguf_warns_before_serving_a_gguf_that_does_not_stop_at_the_published_end_of_turn(own_published, tmp_path, monkeypatch, capsys):
+    """serve-model --format gguf on a GGUF exported before the export marked a template's own end-of-turn token (its
+    answers run on to max_tokens): one warning line naming the token and the fix, and it still serves."""
+    import numpy as np
+    from gguf import GGUFValueType, GGUFWriter
+
+    import tasks.export
+    from flows.cli import main
+
+    cfg, art, pub, _ = own_published
+    copy = _copy_run(pub, tmp_path / "art")
+    stops = json.loads((copy / "summary.json").read_text())["data"]["stop_token_ids"]
+    assert stops == [2], stops  # the tiny model's EOS, </s>: spelt as a token llama.cpp does not know in the GGUF below
+    (copy / "gguf").mkdir(exist_ok=True)
+    w = GGUFWriter(str(copy / "gguf" / f"{copy.name}-q8_0.gguf"), arch="llama")
+    w.add_token_list(["<s>", "<eos-of-another-name>", "<|turn_end|>"])
+    w.add_key_value("tokenizer.ggml.eos_token_id", 1, GGUFValueType.UINT32)
+    w.add_tensor("a", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    served = []
+    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, *a, **k: served.append(gguf))
+    assert main(["serve-model", "r1", "--format", "gguf", "--artifacts-dir", str(tmp_path / "art")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(err) == 1 and "does not end answers at '<|turn_end|>' (id 2)" in err[0] and "qlora-pipeline run" in err[0], err
+    assert served and served[0].name == f"{copy.name}-q8_0.gguf"
