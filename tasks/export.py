@@ -221,39 +221,83 @@ LLAMA_EOG_TEXTS = frozenset({
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>",
     "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
 })
-# The GGUF keys llama.cpp also ends generation at (their ids), in the order a template's own end-of-turn takes them.
+# The GGUF keys llama.cpp also ends generation at (their ids), in the order a template's own end-of-turn token takes them.
 END_OF_TURN_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
-def unmarked_stops(fields: dict, stop_ids: list[int]) -> list[int]:
-    """The ids of `stop_ids` llama.cpp would not end an answer at in a GGUF of these metadata `fields` (GGUFReader's):
-    not its EOS, EOT or EOM id, and a token whose text is none of LLAMA_EOG_TEXTS."""
+def llama_eog_drops(texts: set[str]) -> dict[str, str]:
+    """The texts llama.cpp's vocabulary loader takes out of its end-of-generation ids again, once it has added the text
+    list and the GGUF's EOS, EOT and EOM ids (a mark is taken out too), where those ids' `texts` hold: each with the
+    texts that make it so (llama-vocab.cpp, after LLAMA_EOG_TEXTS: gpt-oss's and solar-open's '<|end|>', gemma4's and
+    plamo's '</s>'). A GGUF answer then runs on past it to max_tokens (a review, 2026-12-07: 64/64 tokens)."""
+    drops = {}
+    call = next((t for t in ("<|call|>", "<|calls|>") if t in texts), None)
+    if call and "<|end|>" in texts and (also := next((t for t in ("<|return|>", "<|flush|>") if t in texts), None)):
+        drops["<|end|>"] = f"{also!r} and {call!r}"
+    if "</s>" in texts and (marker := next((t for t in ("<|tool_response>", "<|plamo:eos|>") if t in texts), None)):
+        drops["</s>"] = repr(marker)
+    return drops
+
+
+def end_of_turn_plan(fields: dict, stop_ids: list[int]) -> tuple[dict[str, int], list[int], dict[int, str]]:
+    """What a GGUF of these metadata `fields` (GGUFReader's) does with `stop_ids`, the published stop ids llama.cpp
+    should end an answer at. llama.cpp ends generation at its EOS, EOT and EOM ids and at the tokens whose text is one of
+    LLAMA_EOG_TEXTS, less `llama_eog_drops`. Of the rest: `marks` (key -> id), those the free END_OF_TURN_KEYS take
+    (what `mark_end_of_turn` writes); `left`, those no free key is left for; `dropped` (id -> why), those llama.cpp
+    takes out again whatever the file says, so a mark would not help."""
     tokens = fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in fields else []
-    ids = {fields[k].contents() for k in ("tokenizer.ggml.eos_token_id", *END_OF_TURN_KEYS) if k in fields}
-    return [i for i in stop_ids if i not in ids and 0 <= i < len(tokens) and tokens[i] not in LLAMA_EOG_TEXTS]
+    ends = {i for i, text in enumerate(tokens) if text in LLAMA_EOG_TEXTS}
+    ends |= {i for k in ("tokenizer.ggml.eos_token_id", *END_OF_TURN_KEYS) if k in fields and 0 <= (i := fields[k].contents()) < len(tokens)}
+    drops = llama_eog_drops({tokens[i] for i in ends})
+    dropped = {i: drops[tokens[i]] for i in stop_ids if i in ends and tokens[i] in drops}
+    unmarked = [i for i in stop_ids if 0 <= i < len(tokens) and i not in ends]
+    free = [k for k in END_OF_TURN_KEYS if k not in fields]
+    return dict(zip(free, unmarked)), unmarked[len(free):], dropped
+
+
+def _named(ids, tokens) -> str:
+    return ", ".join(f"{tokens[i]!r} (id {i})" for i in ids)
+
+
+def dropped_line(dropped: dict[int, str], tokens: list[str]) -> str:
+    """The clause naming the stop ids llama.cpp takes out of its end-of-generation ids, why, and the fixes that work:
+    llama.cpp re-types such a token as a plain one, so its text reaches the answer and a request's stop string ends it."""
+    why = " and ".join(dict.fromkeys(f"{tokens[i]!r} where the vocabulary also has {because}" for i, because in dropped.items()))
+    texts = ", ".join(dict.fromkeys(repr(tokens[i]) for i in dropped))
+    return (f"llama.cpp's vocabulary loader takes {why} out of its end-of-generation ids again, a GGUF mark too (a rerun "
+            f"cannot help); serve with --format merged, or send {texts} in the request's \"stop\"")
 
 
 def unmarked_stops_line(gguf_file: Path, folder: Path) -> str | None:
     """A warning line for serve-model --format gguf where `gguf_file` does not end answers at a stop id of the published
-    `folder` (its summary.json's data.stop_token_ids): a GGUF exported before `mark_end_of_turn`, whose answers run on to
-    max_tokens; None where it ends at every one, or where the summary or the GGUF does not tell (merged serving and
-    `chat` say what is wrong with a summary)."""
+    `folder` (its summary.json's data.stop_token_ids), whose answers run on to max_tokens: why, and the fix that works
+    for it (`end_of_turn_plan`). Rerunning the export is named only where it would mark the id (a GGUF exported before
+    `mark_end_of_turn`, a free key); not where both keys are taken (a rerun writes the same file) nor where llama.cpp
+    takes the id out again. None where it ends at every one, or where the summary or the GGUF does not tell (merged
+    serving and `chat` say what is wrong with a summary)."""
     from gguf import GGUFReader
 
     try:
         summary = read_json(folder / "summary.json")
         stops = summary["data"]["stop_token_ids"]
         fields = GGUFReader(str(gguf_file)).fields
-        left = unmarked_stops(fields, [i for i in stops if isinstance(i, int) and not isinstance(i, bool)])
-        tokens = fields["tokenizer.ggml.tokens"].contents() if left else []
+        marks, left, dropped = end_of_turn_plan(fields, [i for i in stops if isinstance(i, int) and not isinstance(i, bool)])
+        tokens = fields["tokenizer.ggml.tokens"].contents() if marks or left or dropped else []
     except Exception:  # a damaged GGUF (any error of gguf's reader) is serve_gguf's to name; a warning never stops the start
         return None
-    if not left:
+    if not (marks or left or dropped):
         return None
-    names = ", ".join(f"{tokens[i]!r} (id {i})" for i in left)
-    return (f"warning: {gguf_file.name} does not end answers at {names}, the chat template's end of turn (exported before the "
-            "export marked it): llama.cpp's answers run on to max_tokens; rerun the run's `qlora-pipeline run` command to "
-            "export it again, or serve with --format merged")
+    why = []
+    if marks:
+        why.append(f"{_named(marks.values(), tokens)} not marked (exported before the export marked it): rerun the run's "
+                   "`qlora-pipeline run` command to export it again, or serve with --format merged")
+    if left:
+        why.append(f"a GGUF holds two such ids ({', '.join(END_OF_TURN_KEYS)}), both taken here, so {_named(left, tokens)} "
+                   "cannot be marked: serve with --format merged")
+    if dropped:
+        why.append(dropped_line(dropped, tokens))
+    return (f"warning: {gguf_file.name} does not end answers at {_named([*marks.values(), *left, *dropped], tokens)}, published "
+            f"stop ids (the chat template's end of turn): llama.cpp's answers run on to max_tokens; {'; '.join(why)}")
 
 
 def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
@@ -262,16 +306,15 @@ def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
     token of its own). Merged serving stops at every stop id (serving_model_folder); llama.cpp at its end-of-generation
     ids alone, so such a template's GGUF answers ran on past the end of the turn to max_tokens (a review, 2026-12-07).
     The converter writes no EOT for most architectures; it goes into the EOT key, a second into the EOM key (llama.cpp
-    ends generation at both alike). Returns the line that says which stop ids found no free key (none, usually);
-    Ollama still stops at them (the Modelfile's `stop` parameters). Nothing to mark leaves the file as it is."""
+    ends generation at both alike). Returns the lines that say which stop ids found no free key (none, usually; Ollama
+    still stops at them: the Modelfile's `stop` parameters) and which ones llama.cpp takes out of its end-of-generation
+    ids again (`llama_eog_drops`: not marked, a mark is taken out too). Nothing to mark leaves the file as it is."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(str(gguf_file))
     fields = reader.fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
-    unmarked = unmarked_stops(fields, stop_ids)
-    free = [k for k in END_OF_TURN_KEYS if k not in fields]
-    marks, left = dict(zip(free, unmarked)), unmarked[len(free):]
+    marks, left, dropped = end_of_turn_plan(fields, stop_ids)
     if marks:
         tmp = gguf_file.with_name(gguf_file.name + ".marking")
         writer = GGUFWriter(str(tmp), arch=fields["general.architecture"].contents(), endianess=reader.endianess)
@@ -294,12 +337,14 @@ def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
         writer.close()
         del reader, fields  # the memory map of the old file
         os.replace(tmp, gguf_file)
-    if not left:
-        return []
-    names = ", ".join(f"{tokens[i]!r} (id {i})" for i in left)
-    return [f"export: llama.cpp's server will not end answers at {names}: the GGUF has no free end-of-turn key left "
-            f"({', '.join(END_OF_TURN_KEYS)} are taken); Ollama stops there (the Modelfile's stop parameters), "
-            "or serve with --format merged"]
+    said = []
+    if left:
+        said.append(f"export: llama.cpp's server will not end answers at {_named(left, tokens)}: the GGUF has no free end-of-turn "
+                    f"key left ({', '.join(END_OF_TURN_KEYS)} are taken); Ollama stops there (the Modelfile's stop parameters), "
+                    "or serve with --format merged")
+    if dropped:
+        said.append(f"export: llama.cpp's server will not end answers at {_named(dropped, tokens)}: {dropped_line(dropped, tokens)}")
+    return said
 
 
 def converter_view(model_dir: Path, work: Path) -> Path:

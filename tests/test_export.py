@@ -764,11 +764,9 @@ def test_serve_model_gguf_warns_in_one_line_where_a_gguf_exported_before_the_mar
 
 
 # ---------------------------------------------------------------------------------------------------------
-# review-serve15: defects found in serve-15 (xfail until fixed)
+# review-serve15: defects found in serve-15 (fixed in fix-serve15)
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve15: a GGUF this export wrote (a 3rd own end-of-turn token, no free key) is "
-                   "warned as 'exported before the export marked it' and told to rerun the export, which writes the same file")
 def test_serve_warning_for_a_gguf_the_export_wrote_without_a_free_key_does_not_send_the_user_to_rerun_the_export(tmp_path):
     """mark_end_of_turn leaves a third own end-of-turn token unmarked (EOT and EOM taken) and the export logs so; the
     serve-time warning then says the file was exported before the marks and that rerunning `qlora-pipeline run` exports
@@ -785,16 +783,13 @@ def test_serve_warning_for_a_gguf_the_export_wrote_without_a_free_key_does_not_s
     assert "exported before" not in line and "export it again" not in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="review-serve15: LLAMA_EOG_TEXTS ignores llama.cpp's exclusions (</s> beside "
-                   "<|tool_response>, <|end|> beside <|return|>+<|call|>): such a stop is neither marked nor warned; measured: "
-                   "answers ran to max_tokens, and an EOT mark does not help (llama.cpp erases it after)")
 @pytest.mark.parametrize("tokens", [["</s>", "<|tool_response>"], ["<|end|>", "<|return|>", "<|call|>"]])
 def test_serve_warns_where_llama_cpp_drops_a_known_end_of_turn_text_from_its_end_of_generation_ids(tmp_path, tokens):
     """llama.cpp's vocabulary loader (llama-vocab.cpp, after the text list) removes '</s>' from its end-of-generation ids
     where '<|tool_response>' is one too (gemma4/plamo), and '<|end|>' where '<|return|>' and '<|call|>' are (gpt-oss).
     A published stop id spelt so (the template's end of turn, not the EOS) is then one llama.cpp never ends an answer at:
     SmolLM2 q8_0 with <|im_end|> respelt so, xllamacpp 2026.10.11549: finish_reason length 64/64, with or without
-    tokenizer.ggml.eot_token_id=2. unmarked_stops counts it as known, so neither the export nor serve-model says so."""
+    tokenizer.ggml.eot_token_id=2. unmarked_stops counted it as known, so neither the export nor serve-model says so."""
     from tasks.common import write_json
     from tasks.export import unmarked_stops_line
 
@@ -802,3 +797,36 @@ def test_serve_warns_where_llama_cpp_drops_a_known_end_of_turn_text_from_its_end
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
     line = unmarked_stops_line(gguf, tmp_path)
     assert line is not None and f"{tokens[0]!r} (id 2)" in line, line
+
+
+def test_end_of_turn_lines_name_the_fix_that_works_for_each_reason(tmp_path):
+    """fix-serve15: the export and serve-model say in one line why a stop id does not end GGUF answers, with the fix that
+    works for that reason: no free key (both taken: --format merged; no rerun), llama.cpp taking a known text out of
+    its end-of-generation ids again (not marked, the file left as it is: --format merged or the request's stop), and
+    only a GGUF with a free key is sent back to the export. '</s>' without '<|tool_response>' still stops: no line."""
+    from gguf import GGUFReader
+
+    from tasks.common import write_json
+    from tasks.export import mark_end_of_turn, unmarked_stops_line
+
+    gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>", "<|own|>"], bos=0, eos=1)
+    before = gguf.read_bytes()
+    said = mark_end_of_turn(gguf, [1, 2])
+    assert len(said) == 1 and "'<|end|>' (id 2)" in said[0] and "'<|return|>' and '<|call|>'" in said[0], said
+    assert "--format merged" in said[0] and "\n" not in said[0] and gguf.read_bytes() == before  # a mark would be taken out
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2, 5]}})
+    line = unmarked_stops_line(gguf, tmp_path)
+    assert line.startswith("warning: m.gguf does not end answers at '<|own|>' (id 5), '<|end|>' (id 2),") and "\n" not in line, line
+    assert "rerun the run's `qlora-pipeline run`" in line and "\"stop\"" in line, line  # <|own|> has a free key: a rerun marks it
+    assert mark_end_of_turn(gguf, [1, 2, 5]) == said and GGUFReader(str(gguf)).fields["tokenizer.ggml.eot_token_id"].contents() == 5
+    line = unmarked_stops_line(gguf, tmp_path)
+    assert "'<|own|>'" not in line and "export it again" not in line and "'<|end|>' (id 2)" in line, line
+
+    full = _tiny_gguf(tmp_path / "full.gguf", ["<s>", "</s>", "<|a|>", "<|b|>", "<|c|>"], bos=0, eos=1, eot=2, eom=3)
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 4]}})
+    line = unmarked_stops_line(full, tmp_path)
+    assert "'<|c|>' (id 4)" in line and "both taken" in line and "--format merged" in line and "qlora-pipeline run" not in line, line
+
+    plain = _tiny_gguf(tmp_path / "plain.gguf", ["<s>", "<|endoftext|>", "</s>"], bos=0, eos=1)
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
+    assert unmarked_stops_line(plain, tmp_path) is None and mark_end_of_turn(plain, [1, 2]) == []
