@@ -2014,8 +2014,11 @@ def test_a_rank_that_crashes_as_a_stop_reaches_it_is_reported_as_failed_not_stop
 # A review (review-mgpu4, 2026-12-07) of 3058485..fc0c099: tests for what it found (D1-D4; each failed on fc0c099, as an
 # xfail strict mark, and passes with its fix on mgpu-fixes-5, where the mark came off)
 
-# torchrun whose rank 1 failed on its own: its error record and torchrun's failure summary naming it, then exit 1 at once
-_TORCHRUN_A_RANK_FAILED = """import json, sys
+# torchrun whose rank 1 failed on its own: its error record and torchrun's failure summary naming it, then exit 1. It
+# lives a second first, so the stage's loop has seen it running and is in a turn's sleep when it ends (under a loaded
+# box the stage's first poll came after an instant exit once, 2026-12-08: no turn slept, no Ctrl-C was pressed)
+_TORCHRUN_A_RANK_FAILED = """import json, sys, time
+time.sleep(1.0)
 open(f"{sys.argv[1]}/error-train-rank1.json", "w").write(json.dumps({"rank": 1, "type": "RuntimeError", "message": "CUDA error: an illegal memory access was encountered"}))
 print("Root Cause (first observed failure):\\n[0]:\\n  rank      : 1 (local_rank: 1)\\n  exitcode  : 1 (pid: 4321)", flush=True)
 sys.exit(1)

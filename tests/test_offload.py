@@ -704,7 +704,8 @@ def test_the_plan_reserves_the_first_steps_excess_of_the_cold_trial_not_the_warm
     largest of the trials now."""
     import tasks.probe as probe_mod
 
-    excess = iter([4.0, 0.5, 0.5])  # trial 0 (cold), then the two layer-search trials
+    # trial 0 (cold), the two layer-search trials, then half the micro-batch (28 layers still recompute) and its search
+    excess = iter([4.0] + [0.5] * 8)
     fake = _fake_time([], lambda mb, off, k: 8.0 + 1.6 * k)
     monkeypatch.setattr(probe_mod, "_time_setting", lambda *a, **k: {**fake(*a, **k), "first_step_excess_seconds": next(excess)})
     monkeypatch.setattr(probe_mod, "hardware_id", lambda device, gpus=1: f"{device}:simulated")

@@ -43,9 +43,10 @@ def converted(monkeypatch) -> list[str]:
 
     made: list[str] = []
 
-    def convert(model_dir: Path, out_file: Path, outtype: str, converter: Path) -> None:
+    def convert(model_dir: Path, out_file: Path, outtype: str, converter: Path, stop_ids=()) -> list[str]:
         made.append(outtype)
         out_file.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + f" stand-in {outtype} of {model_dir.name}".encode())
+        return []  # convert_to_gguf's lines on the stop ids it could not mark: none here
 
     monkeypatch.setattr(export, "convert_to_gguf", convert)
     monkeypatch.setattr(export, "ensure_converter", lambda log_fn=None: Path("stand-in-converter"))
