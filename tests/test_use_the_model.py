@@ -5999,42 +5999,11 @@ def test_serve_model_gguf_ends_an_answer_at_chatml_s_end_of_turn_where_the_gguf_
     <end_of_turn>, ...) beside the GGUF's EOS, so the answer stops at the end of its turn, not at the length limit. The
     model is the demo's SmolLM2-135M-Instruct (its HF folder, as stage 1 builds it) with its EOS set to <|endoftext|>;
     the tiny model's tokenizer does not convert. Measured 2026-12-07: 24 tokens, finish_reason stop (no fix needed)."""
-    import shutil
-    import signal
-
     from gguf import GGUFReader
 
-    from tasks.config import load_config
-    from tasks.export import convert_to_gguf, ensure_converter
-    from tasks.models import resolve_model
-
-    demo = load_config(profile="demo", overrides=[f"artifacts_dir={tmp_path / 'demo-art'}"])
-    hf = tmp_path / "smollm2-eos-endoftext"
-    shutil.copytree(resolve_model(demo.model, str(tmp_path / "demo-art")).path, hf, ignore=shutil.ignore_patterns("COMPLETE"))
-    for name, key, value in (("tokenizer_config.json", "eos_token", "<|endoftext|>"), ("config.json", "eos_token_id", 0),
-                             ("generation_config.json", "eos_token_id", 0)):
-        if (hf / name).is_file():
-            conf = json.loads((hf / name).read_text())
-            (hf / name).write_text(json.dumps({**conf, key: value}))
-    cfg, art, pub, _ = own_published
-    copy = _copy_run(pub, tmp_path / "art")
-    (copy / "gguf").mkdir(exist_ok=True)
-    gguf = copy / "gguf" / f"{copy.name}-f16.gguf"
-    convert_to_gguf(hf, gguf, "f16", ensure_converter())
+    gguf, _ = _served_gguf_stops(own_published, tmp_path, _smollm2_ending_turns_with(tmp_path, "<|im_end|>"))
     field = GGUFReader(str(gguf)).fields["tokenizer.ggml.eos_token_id"]
     assert int(field.parts[field.data[0]][0]) == 0  # the EOS is <|endoftext|>: <|im_end|> (id 2) is not it
-    log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
-    try:
-        chat = {"model": copy.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 96, "temperature": 0}
-        code, body = _request(f"{base}/v1/chat/completions", chat)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-    answer = json.loads(body)
-    assert code == 200 and answer["choices"][0]["finish_reason"] == "stop", body
-    assert answer["usage"]["completion_tokens"] < 96 and "im_start" not in answer["choices"][0]["message"]["content"], body
-    assert rc == 0, log.read_text()[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -6292,29 +6261,20 @@ def _smollm2_ending_turns_with(tmp_path: Path, end: str) -> Path:
     return hf
 
 
-@pytest.mark.slow
-def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_not_know_by_its_text(own_published, tmp_path):
-    """A chat template whose turns end with a token of its own (<|turn_end|>: not the GGUF's EOS, none of the texts
-    llama.cpp's vocabulary loader takes for end-of-generation) did not stop GGUF answers: llama.cpp's server ran on to
-    max_tokens, where merged serving stops at every published stop id (a review, 2026-12-07). The export's conversion
-    (`convert_to_gguf` with the published stop ids) writes it into the GGUF as tokenizer.ggml.eot_token_id, and
-    `serve-model --format gguf` ends the answer there; a GGUF whose stops llama.cpp knows is left as the converter wrote it."""
+def _served_gguf_stops(own_published, tmp_path: Path, hf: Path, stop_ids: list[int] = ()) -> tuple[Path, list[str]]:
+    """`hf` converted by the export's converter (`convert_to_gguf` with `stop_ids`) as the f16 GGUF of a copy of
+    own_published's run, served by `serve-model --format gguf`: its greedy answer to "Say hello." ends at end-of-turn
+    (finish_reason stop, under the 96-token cap, no made-up next turn) and the server exits cleanly on Ctrl-C.
+    Returns the GGUF and the converter's lines."""
     import signal
 
-    from gguf import GGUFReader
+    from tasks.export import convert_to_gguf, ensure_converter
 
-    from tasks.export import convert_to_gguf, end_of_turn_to_mark, ensure_converter
-
-    hf = _smollm2_ending_turns_with(tmp_path, "<|turn_end|>")
-    assert end_of_turn_to_mark(hf, [0, 2]) == [2]  # the export's key says so (a GGUF exported before is built again)
     cfg, art, pub, _ = own_published
     copy = _copy_run(pub, tmp_path / "art")
     (copy / "gguf").mkdir(exist_ok=True)
     gguf = copy / "gguf" / f"{copy.name}-f16.gguf"
-    assert convert_to_gguf(hf, gguf, "f16", ensure_converter(), [0, 2]) == []
-    fields = GGUFReader(str(gguf)).fields
-    assert fields["tokenizer.ggml.eos_token_id"].contents() == 0 and fields["tokenizer.ggml.eot_token_id"].contents() == 2
-    assert fields["tokenizer.ggml.tokens"].contents()[2] == "<|turn_end|>"
+    notes = convert_to_gguf(hf, gguf, "f16", ensure_converter(), stop_ids)
     log = tmp_path / "serve.log"
     proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
     try:
@@ -6327,6 +6287,27 @@ def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_
     assert code == 200 and answer["choices"][0]["finish_reason"] == "stop", body
     assert answer["usage"]["completion_tokens"] < 96 and "im_start" not in answer["choices"][0]["message"]["content"], body
     assert rc == 0, log.read_text()[-3000:]
+    return gguf, notes
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_not_know_by_its_text(own_published, tmp_path):
+    """A chat template whose turns end with a token of its own (<|turn_end|>: not the GGUF's EOS, none of the texts
+    llama.cpp's vocabulary loader takes for end-of-generation) did not stop GGUF answers: llama.cpp's server ran on to
+    max_tokens, where merged serving stops at every published stop id (a review, 2026-12-07). The export's conversion
+    (`convert_to_gguf` with the published stop ids) writes it into the GGUF as tokenizer.ggml.eot_token_id, and
+    `serve-model --format gguf` ends the answer there; a GGUF whose stops llama.cpp knows is left as the converter wrote it."""
+    from gguf import GGUFReader
+
+    from tasks.export import end_of_turn_to_mark
+
+    hf = _smollm2_ending_turns_with(tmp_path, "<|turn_end|>")
+    assert end_of_turn_to_mark(hf, [0, 2]) == [2]  # the export's key says so (a GGUF exported before is built again)
+    gguf, notes = _served_gguf_stops(own_published, tmp_path, hf, [0, 2])
+    assert notes == []
+    fields = GGUFReader(str(gguf)).fields
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == 0 and fields["tokenizer.ggml.eot_token_id"].contents() == 2
+    assert fields["tokenizer.ggml.tokens"].contents()[2] == "<|turn_end|>"
 
 
 def test_serve_model_gguf_warns_before_serving_a_gguf_that_does_not_stop_at_the_published_end_of_turn(own_published, tmp_path, monkeypatch, capsys):
