@@ -163,8 +163,8 @@ def other_repo_commits(model: ModelSection, maps: dict) -> dict[str, str]:
                 continue
             if Path(repo).is_dir():  # transformers reads ./org/repo first (get_cached_module_file: os.path.isdir)
                 code = Path(repo) / f"{module}.py"
-                found[f"{repo}--{module}"] = ("folder " + hashlib.sha256(code.read_bytes()).hexdigest()[:16] if code.is_file()
-                                              else "folder, no such module")
+                found[f"{repo}--{module}"] = (f"{FOLDER_CODE} " + hashlib.sha256(code.read_bytes()).hexdigest()[:16] if code.is_file()
+                                              else f"{FOLDER_CODE}, no such module")
             else:
                 found[f"{repo}--{module}"] = _code_commit(repo, f"{module}.py", model, f"{file}'s auto_map entry {ref!r}")
     return found
@@ -217,6 +217,15 @@ def _code_commit(repo: str, filename: str, model: ModelSection, named: str) -> s
     return commit
 
 
+FOLDER_CODE = "folder"  # what other_repo_commits keys a working-directory folder's module by, before its code's hash
+
+
+def is_hub_commit(value: str) -> bool:
+    """Whether a value of `code_commits` is a Hub commit, not a working-directory folder's code hash (read where it is:
+    no commit to pass as code_revision, record or look up in the Hub cache)."""
+    return not value.startswith(FOLDER_CODE)
+
+
 def code_commits(model: ModelSection) -> dict[str, str]:
     """{"<repo>--<module>": commit} of the other repositories' code the model's auto_maps name, as its stage keys hold
     it (`remote_code_key`); {} where model.trust_remote_code loads none."""
@@ -227,7 +236,7 @@ def code_commits(model: ModelSection) -> dict[str, str]:
 def hub_code_commits(model: ModelSection) -> dict[str, str]:
     """`code_commits` less a working-directory folder's modules ("folder <hash>": read where they are, no Hub commit to
     record, pass or look up): what stage 7 records and the card names."""
-    return {entry: commit for entry, commit in code_commits(model).items() if not commit.startswith("folder")}
+    return {entry: commit for entry, commit in code_commits(model).items() if is_hub_commit(commit)}
 
 
 def keep_code_commits(commits: dict[str, str]) -> None:
@@ -238,7 +247,7 @@ def keep_code_commits(commits: dict[str, str]) -> None:
 
     for entry, commit in commits.items():
         repo, _, module = entry.partition("--")
-        if not commit.startswith("folder"):
+        if is_hub_commit(commit):
             _CODE_COMMITS[(repo, f"{module}.py", constants.HF_HUB_CACHE)] = commit
 
 
@@ -260,7 +269,7 @@ def pinned_modules(auto_maps: dict, commits: dict[str, str]) -> dict[str, tuple[
             repo, _, ref = entry.partition("--")
             module = ref.rpartition(".")[0]
             commit = commits.get(f"{repo}--{module}")
-            if commit and not commit.startswith("folder"):  # a working-directory folder's module is read where it is, no commit
+            if commit and is_hub_commit(commit):  # a working-directory folder's module is read where it is, no commit
                 found[cls] = (repo, f"{module}.py", commit)
     return found
 
