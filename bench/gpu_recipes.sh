@@ -83,6 +83,10 @@
 #      the noise at +2.6 IFEval over m2 (unclear) with more loops (+3.9, worse); q2 measured unlikelihood cutting loops
 #      34.3% -> 13.9% at -3.1 IFEval against m. r - q2 is the noise's own effect under unlikelihood, same rows, seed and
 #      base answers (prediction in docs/BENCHMARKS.md "Setting r", written before the run)
+#      (measured 2026-12-07 22:20, 842 steps: IFEval +8.7 [+3.4, +13.8], loops 20.2%, ending the turn 77.4%: not adopted)
+#   s: r with training.unlikelihood_alpha=2: the noise's IFEval points with a stronger loop cut (r's loops 20.2% were
+#      more than alpha 1 holds); s - r is the alpha's own effect under the noise, same rows, seed and base answers
+#      (prediction in docs/BENCHMARKS.md "Setting s", written before the run)
 # STEPS=835 bash bench/gpu_recipes.sh start /tmp/up n o: each at a fixed 835 steps (m2's) on a budget that does not bind,
 # so two settings can share the card side by side (their clocks then mean nothing; steps and answers still compare).
 # Side by side the flows share the GPU, so their clocks mean nothing; each runs a fixed 847 steps (`training.max_steps`,
@@ -100,7 +104,7 @@ declare -A embedded_sets=(
   [d]="--set data.embedded_train=24000 --set data.embedded_base_max_words=600 --set data.embedded_task_share=0.1"
 )
 embedded_sets[b]=${embedded_sets[a]} embedded_sets[c]=${embedded_sets[a]} embedded_sets[f]=${embedded_sets[d]} embedded_sets[h]=${embedded_sets[d]} embedded_sets[i]=${embedded_sets[d]} embedded_sets[i2]=${embedded_sets[d]} embedded_sets[j]=${embedded_sets[d]}
-embedded_sets[k]="${embedded_sets[i]} --set data.embedded_keywords_added=0.7" embedded_sets[l]=${embedded_sets[i]} embedded_sets[m]=${embedded_sets[i]} embedded_sets[m2]=${embedded_sets[i]} embedded_sets[n]=${embedded_sets[i]} embedded_sets[p]=${embedded_sets[i]} embedded_sets[q]=${embedded_sets[i]} embedded_sets[q2]=${embedded_sets[i]} embedded_sets[q3]=${embedded_sets[i]} embedded_sets[q4]=${embedded_sets[i]} embedded_sets[r]=${embedded_sets[i]}
+embedded_sets[k]="${embedded_sets[i]} --set data.embedded_keywords_added=0.7" embedded_sets[l]=${embedded_sets[i]} embedded_sets[m]=${embedded_sets[i]} embedded_sets[m2]=${embedded_sets[i]} embedded_sets[n]=${embedded_sets[i]} embedded_sets[p]=${embedded_sets[i]} embedded_sets[q]=${embedded_sets[i]} embedded_sets[q2]=${embedded_sets[i]} embedded_sets[q3]=${embedded_sets[i]} embedded_sets[q4]=${embedded_sets[i]} embedded_sets[r]=${embedded_sets[i]} embedded_sets[s]=${embedded_sets[i]}
 embedded_sets[o]="${embedded_sets[i]} --set data.embedded_base_min_words=150"
 embedded_sets[g]="${embedded_sets[d]} --set 'data.embedded_type_weights={include_keywords: 3, keyword_frequency: 3, highlights: 3, placeholders: 3, word_count: 3, end_phrase: 3, paragraph_first_word: 3, fixed_answer: 2}'"
 embedded_sets[e]="--set data.embedded_train=24000 --set data.embedded_base_max_words=300 --set data.embedded_task_share=0.1"
@@ -111,7 +115,7 @@ declare -A data_sets=(
   [c]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 3000, filter: chat, heldout: 80}, $alpaca]'"
   [d]="--set 'data.mix=[{source: \"pypi:sharegpt\", rows: 8344, filter: chat, heldout: 80}, $alpaca]'"
 )
-data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]} data_sets[i2]=${data_sets[d]} data_sets[j]=${data_sets[d]} data_sets[k]=${data_sets[i]} data_sets[l]=${data_sets[i]} data_sets[m]=${data_sets[i]} data_sets[m2]=${data_sets[i]} data_sets[n]=${data_sets[i]} data_sets[o]=${data_sets[i]} data_sets[p]=${data_sets[i]} data_sets[q]=${data_sets[i]} data_sets[q2]=${data_sets[i]} data_sets[q3]=${data_sets[i]} data_sets[q4]=${data_sets[i]} data_sets[r]=${data_sets[i]}
+data_sets[e]=${data_sets[d]} data_sets[f]="${data_sets[d]} --set data.max_length=1024" data_sets[g]=${data_sets[f]} data_sets[h]=${data_sets[d]} data_sets[i]=${data_sets[d]} data_sets[i2]=${data_sets[d]} data_sets[j]=${data_sets[d]} data_sets[k]=${data_sets[i]} data_sets[l]=${data_sets[i]} data_sets[m]=${data_sets[i]} data_sets[m2]=${data_sets[i]} data_sets[n]=${data_sets[i]} data_sets[o]=${data_sets[i]} data_sets[p]=${data_sets[i]} data_sets[q]=${data_sets[i]} data_sets[q2]=${data_sets[i]} data_sets[q3]=${data_sets[i]} data_sets[q4]=${data_sets[i]} data_sets[r]=${data_sets[i]} data_sets[s]=${data_sets[i]}
 declare -A train_sets=([a]="" [b]="" [c]="--set training.learning_rate=1.0e-3" [d]="--set eval.max_new_tokens=768")
 train_sets[e]="--set eval.max_new_tokens=768 --set training.max_steps=771" train_sets[f]=${train_sets[e]}
 train_sets[g]="--set training.max_steps=null --set training.micro_batch_size=16 --set eval.max_new_tokens=768"
@@ -132,7 +136,8 @@ train_sets[q2]="${train_sets[m]} --set training.unlikelihood_alpha=1 --set train
 train_sets[q3]="${train_sets[q2]} --set training.seed=44"
 train_sets[q4]="${train_sets[q2]} --set training.unlikelihood_candidates=continuations"
 train_sets[r]="${train_sets[q2]} --set training.neftune_noise_alpha=5"
-declare -A minutes=([g]=10 [h]=10 [i]=10 [i2]=10 [j]=15 [k]=10 [l]=10 [m]=10 [m2]=10 [n]=10 [o]=10 [p]=10 [q]=10 [q2]=10 [q3]=10 [q4]=10 [r]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
+train_sets[s]="${train_sets[r]} --set training.unlikelihood_alpha=2"  # last --set wins
+declare -A minutes=([g]=10 [h]=10 [i]=10 [i2]=10 [j]=15 [k]=10 [l]=10 [m]=10 [m2]=10 [n]=10 [o]=10 [p]=10 [q]=10 [q2]=10 [q3]=10 [q4]=10 [r]=10 [s]=10)  # the rest: 60, a budget that does not bind (their step cap decides)
 # held-out answers up to 512 tokens: the longer bases' answers no longer fit run 5's 128 (a cut answer fails end/quote rules)
 common=(--set training.max_steps=847 --set eval.max_new_tokens=512)
 tags=(a b c)  # d on its own: `start UPLOAD_DIR d`
