@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from .common import StageError, building, changed_file, complete_record, fingerprint, folder_fingerprint, is_complete, locked, maybe_fault, safetensors_whole, stage_dir, write_json
 from .config import MergeSection, ModelSection, QuantSection
 from .data import DataRecord, load_split, rendering_key, rows_key
-from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, loaded_code_revisions, pinned_from_config, quiet_transformers, remote_code_key, resolve_device, resolve_model, uses_4bit
+from .models import compute_dtype, keyed_quant, load_base_model, load_tokenizer, model_code_revisions, pinned_from_config, quiet_transformers, remote_code_key, resolve_device, resolve_model, uses_4bit
 
 MERGE_VERSION = 2
 
@@ -164,7 +164,8 @@ def _merge(data, train, model_cfg, quant, merge, device, key, out, artifacts_dir
 
     with building(out, record_files=True) as tmp:  # each file's size and sha256: a shard cut short or changed is refused (`changed_file`)
         mdir = tmp / "merged"
-        save_merged(state, config, generation_config, dtype, mdir, trust_remote_code=model_cfg.trust_remote_code, revision=ref.revision)
+        save_merged(state, config, generation_config, dtype, mdir, code_revisions=model_code_revisions(model_cfg),
+                    trust_remote_code=model_cfg.trust_remote_code, revision=ref.revision)  # the commits the base loaded: its key's
         tok.save_pretrained(str(mdir))
         del state
         check = verify_merged(mdir, batch, reference, without_adapter, dtype, device, reference_dtype=compute_dtype(quant, device),
@@ -325,10 +326,14 @@ def _dense_weight(p):
     return p.detach()
 
 
-def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *, trust_remote_code: bool = False,
-                revision: str | None = None) -> None:
-    """A plain (unquantized, PEFT-free) model folder from a merged state dict: safetensors + config. `revision`: the Hub
-    model's, which its own code (an auto_map entry without "--") is rebuilt at."""
+def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *, code_revisions: dict[str, str],
+                trust_remote_code: bool = False, revision: str | None = None) -> None:
+    """A plain (unquantized, PEFT-free) model folder from a merged state dict: safetensors + config. `code_revisions`:
+    {auto class: commit} of another repository's code the base ran (`model_code_revisions`: the commits its stage keys
+    hold; provenance.json `base.code_revisions`), which its auto_map's class is rebuilt at. Given by the caller, not read
+    from what this process loaded: called in a process that had not loaded the base, that knew no commit and rebuilt
+    the class at the other repository's main. `revision`: the Hub model's, which its own code (an auto_map entry
+    without "--") is rebuilt at."""
     import copy
 
     import torch
@@ -340,8 +345,8 @@ def save_merged(state: dict, config, generation_config, dtype, out_dir: Path, *,
     config.use_cache = True
     with torch.device("meta"), quiet_transformers():
         # the class the base ran, at the commit its load passed: save_pretrained copies its module into merged/
-        pins = loaded_code_revisions(config) if trust_remote_code else {}
-        clean = pinned_from_config(AutoModelForCausalLM, config, pins, revision, dtype=dtype, trust_remote_code=trust_remote_code)
+        clean = pinned_from_config(AutoModelForCausalLM, config, code_revisions if trust_remote_code else {}, revision, dtype=dtype,
+                                   trust_remote_code=trust_remote_code)
     missing, unexpected = clean.load_state_dict(state, assign=True, strict=False)
     tied = _tied_names(clean)
     missing = [k for k in missing if k not in tied]

@@ -346,18 +346,6 @@ def pinned_from_config(auto_cls, config, revisions: dict[str, str], own_revision
     return auto_cls.from_config(config, **kwargs, **pin)
 
 
-def loaded_code_revisions(config) -> dict[str, str]:
-    """`code_revisions` of a config this process loaded (its `auto_map`) at the commits this process resolved for the
-    other repositories' modules (`_code_commit`, once a process: the ones its stage keys hold and its loads passed), so a
-    model rebuilt from the loaded config (stage 6's merged/) runs the code the base ran; {} where it names none."""
-    from huggingface_hub import constants
-
-    auto = getattr(config, "auto_map", None)
-    commits = {f"{repo}--{filename.removesuffix('.py')}": commit
-               for (repo, filename, cache), commit in _CODE_COMMITS.items() if cache == constants.HF_HUB_CACHE}
-    return code_revisions({"config.json": auto}, commits) if isinstance(auto, dict) and commits else {}
-
-
 def model_code_revisions(model: ModelSection) -> dict[str, str]:
     """`code_revisions` of the model's own auto_maps at the commits its stage keys hold (`code_commits`)."""
     commits = code_commits(model)

@@ -762,7 +762,7 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
     from tasks.common import StageError, write_json
     from tasks.config import ModelSection, QuantSection, load_config
     from tasks.merge import save_merged
-    from tasks.models import load_base_model, resolve_model
+    from tasks.models import load_base_model, model_code_revisions, resolve_model
     from tasks.publish import base_markdown, describe_base, load_published
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -784,7 +784,8 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
     shutil.copytree(base, folder / "base")
     model = ModelSection(name=str(base), trust_remote_code=True)
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
-    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, folder / "merged", trust_remote_code=True)
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, folder / "merged", code_revisions=model_code_revisions(model),
+                trust_remote_code=True)
     snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
     assert json.loads((folder / "merged" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_pinned.PinnedConfig", "AutoModelForCausalLM": "modeling_pinned.PinnedForCausalLM"}
@@ -980,7 +981,7 @@ def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_
 
     from tasks.config import ModelSection, QuantSection
     from tasks.merge import save_merged
-    from tasks.models import load_base_model, remote_code_key, resolve_model
+    from tasks.models import load_base_model, model_code_revisions, remote_code_key, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -993,9 +994,61 @@ def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_
     _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
     assert type(loaded).VERSION == "keyed"  # the base: pinned
-    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", trust_remote_code=True)
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", code_revisions=model_code_revisions(model),
+                trust_remote_code=True)
     snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
     assert (tmp_path / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
+
+
+# A process of its own that has loaded nothing: the config read alone (at AutoConfig's pinned commit, where it has one),
+# the weights straight from the fine-tune's safetensors, then stage 6's rebuild with the pins it is handed.
+_REBUILD_ALONE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+from tasks.merge import save_merged
+from tasks.models import pinned_from_pretrained
+folder, out, pins = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+config = pinned_from_pretrained(AutoConfig, folder, pins, trust_remote_code=True)
+save_merged(load_file(folder + "/model.safetensors"), config, None, torch.float32, out, code_revisions=pins, trust_remote_code=True)
+"""
+
+
+@pytest.mark.parametrize("config", ["remote", "builtin"])
+def test_review_cache16_save_merged_alone_in_a_fresh_process_rebuilds_at_the_commits_it_is_given(tmp_path, monkeypatch, config):
+    """`save_merged` took the other repository's commits from what its own process had loaded (`loaded_code_revisions`:
+    the commits this process resolved). Called in a process that had not loaded the base (a rebuild on its own) it knew
+    none, and from_config looked the auto_map's class up at the other repository's main: merged/ shipped code the base
+    never ran. The pins are now an input (stage 6 passes its key's, provenance.json holds them as base.code_revisions):
+    here a fresh process, the Hub cache's main moved on since the key, rebuilds at the keyed commit."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection
+    from tasks.models import model_code_revisions
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=config == "builtin")
+    pins = model_code_revisions(ModelSection(name=str(folder), trust_remote_code=True))  # what the stage's key holds
+    assert pins == {**({"AutoConfig": first} if config == "remote" else {}), "AutoModelForCausalLM": first}
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _REBUILD_ALONE, root, str(folder), str(tmp_path / "merged"), json.dumps(pins)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    assert (tmp_path / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_pinned.PinnedForCausalLM"
 
 
 def _hub_fine_tune_with_own_code(hub: Path, repo: str, sha: str, other: str) -> None:
@@ -3086,7 +3139,7 @@ def test_the_merge_builds_merged_from_a_hub_models_own_code_at_its_revision(tmp_
 
     from tasks.config import ModelSection, QuantSection
     from tasks.merge import save_merged
-    from tasks.models import load_base_model, resolve_model
+    from tasks.models import load_base_model, model_code_revisions, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -3109,5 +3162,6 @@ def test_the_merge_builds_merged_from_a_hub_models_own_code_at_its_revision(tmp_
     model = ModelSection(name="someorg/own", revision=pinned, trust_remote_code=True)
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
     assert type(loaded).VERSION == "pinned"
-    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", trust_remote_code=True, revision=pinned)
+    save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", code_revisions=model_code_revisions(model),
+                trust_remote_code=True, revision=pinned)
     assert "'pinned'" in (tmp_path / "merged" / "modeling_own.py").read_text()

@@ -53,7 +53,7 @@ def peft_parts(qlora, shared_artifacts):
 def _check(tmp_path, peft_parts, state, dtype=torch.bfloat16):
     model, batch, reference, without, *_ = peft_parts
     base = model.get_base_model()
-    M.save_merged(state, base.config, base.generation_config, dtype, tmp_path / "merged")
+    M.save_merged(state, base.config, base.generation_config, dtype, tmp_path / "merged", code_revisions={})  # no remote code
     return M.verify_merged(tmp_path / "merged", batch, reference, without, dtype, "cpu")
 
 
