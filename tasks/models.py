@@ -835,17 +835,20 @@ _warned_named: set[str] = set()
 MISTRAL_COMMON = "MistralCommonBackend"
 
 
-def _fast_instead_of_mistral_common(ref: ModelRef, kwargs: dict, common):
+def _fast_instead_of_mistral_common(ref: ModelRef, model: ModelSection, common):
     """The fast (tokenizers) tokenizer of a folder transformers loaded through mistral-common (`common`): its switch
     `mistral_format=False` (AutoTokenizer.from_pretrained: `_use_mistral_format` answers False without a probe) loads the
     folder's tokenizer.json, or converts its tekken.json; None where that does not load, gives no fast tokenizer, or
     differs from `common` in a special token it cannot take over. A folder with tekken.json alone converts with no special
     tokens set (no EOS, where mistral-common's is </s>, id 2: a review, 2026-12-07): each of common's BOS / EOS / UNK is
-    taken over where the fast one has none and gives the same token the same id."""
+    taken over where the fast one has none and gives the same token the same id. Loaded as `load_tokenizer` loads: at
+    ref.revision, and another repository's code its config names (a load of AutoTokenizer reads AutoConfig's class
+    first) at the commit the key holds (`pinned_from_pretrained`), not at that repository's main."""
     from transformers import AutoTokenizer
 
+    kwargs = {"revision": ref.revision, "token": hub_token(model), "trust_remote_code": model.trust_remote_code}
     try:
-        fast = AutoTokenizer.from_pretrained(ref.path, mistral_format=False, **kwargs)
+        fast = pinned_from_pretrained(AutoTokenizer, ref.path, model_code_revisions(model), mistral_format=False, **kwargs)
     except (OSError, ValueError, TypeError, KeyError):
         return None
     if not getattr(fast, "is_fast", False) or type(fast).__name__ == MISTRAL_COMMON:
@@ -893,7 +896,7 @@ def load_tokenizer(ref: ModelRef, model: ModelSection):
     except OSError as e:
         raise _load_error(ref, model, e) from e
     if type(tok).__name__ == MISTRAL_COMMON:
-        tok = _fast_instead_of_mistral_common(ref, kwargs, tok) or tok  # else `check_offsets` says why and what to do
+        tok = _fast_instead_of_mistral_common(ref, model, tok) or tok  # else `check_offsets` says why and what to do
     own = bool(model.chat_template or default_template(tok))
     dropped: list[str] = []
     if model.chat_template:

@@ -1610,13 +1610,14 @@ def test_the_fast_tokenizer_takes_over_mistral_commons_special_tokens(tmp_path, 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     import tasks.models as models
+    from tasks.config import ModelSection
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}
     monkeypatch.setattr(AutoTokenizer, "from_pretrained",
                         lambda path, **kw: PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>"))))
-    ref = SimpleNamespace(path=str(tmp_path))
+    ref, model = SimpleNamespace(path=str(tmp_path), revision=None), ModelSection(name=str(tmp_path))
     common = SimpleNamespace(bos_token="<s>", eos_token="</s>", unk_token="<unk>", convert_tokens_to_ids=vocab.get)
-    fast = models._fast_instead_of_mistral_common(ref, {}, common)
+    fast = models._fast_instead_of_mistral_common(ref, model, common)
     assert (fast.bos_token_id, fast.eos_token_id, fast.unk_token_id) == (1, 2, 0) and fast.eos_token == "</s>"
     apart = SimpleNamespace(bos_token="<s>", eos_token="</s>", unk_token=None, convert_tokens_to_ids={"<s>": 1, "</s>": 5}.get)
-    assert models._fast_instead_of_mistral_common(ref, {}, apart) is None
+    assert models._fast_instead_of_mistral_common(ref, model, apart) is None

@@ -1051,6 +1051,57 @@ def test_review_cache16_save_merged_alone_in_a_fresh_process_rebuilds_at_the_com
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_pinned.PinnedForCausalLM"
 
 
+def test_review_cache16_the_fast_tokenizer_instead_of_mistral_commons_reads_the_other_repositorys_config_code_at_the_keyed_commit(
+        tmp_path, monkeypatch):
+    """`load_tokenizer` loads through `pinned_from_pretrained` (the config alone at AutoConfig's commit, handed over), but
+    where transformers picked mistral-common it loads again with mistral_format=False (`_fast_instead_of_mistral_common`),
+    and that load was a plain AutoTokenizer.from_pretrained: it read the config again with no code_revision, running a
+    config class another repository's code gives at that repository's main, after the key. Now it loads as the first
+    load does. mistral-common is not installed here: transformers' choice is stood in for (the real tokenizer, its class
+    renamed); which commit's config class ran is read off the classes transformers' dynamic-module loader returned."""
+    import hashlib
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+    from transformers.models.auto import configuration_auto
+
+    from tasks.config import ModelSection
+    from tasks.models import MISTRAL_COMMON, build_byte_tokenizer, load_tokenizer, remote_code_key, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")
+    build_byte_tokenizer().save_pretrained(str(folder))  # a tokenizer of transformers' own: no auto_map
+    model = ModelSection(name=str(folder), trust_remote_code=True)
+    ref = resolve_model(model, str(tmp_path / "artifacts"))
+    assert remote_code_key(model)[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+
+    real_class, real_load = configuration_auto.get_class_from_dynamic_module, AutoTokenizer.from_pretrained
+    ran, asked = [], []
+
+    def config_class(*a, **kw):
+        cls = real_class(*a, **kw)
+        ran.append(cls.VERSION)
+        return cls
+
+    def mistral_common_picked(path, *a, **kw):
+        asked.append(kw.get("mistral_format"))
+        tok = real_load(path, *a, **kw)
+        if kw.get("mistral_format") is not False:
+            tok.__class__ = type(MISTRAL_COMMON, (type(tok),), {})
+        return tok
+
+    monkeypatch.setattr(configuration_auto, "get_class_from_dynamic_module", config_class)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", mistral_common_picked)
+    tok = load_tokenizer(ref, model)
+    assert asked == [None, False] and type(tok).__name__ != MISTRAL_COMMON  # the fast one taken over
+    assert ran == ["keyed", "keyed"]  # the config class of both loads: the key's commit, never main's
+
+
 def _hub_fine_tune_with_own_code(hub: Path, repo: str, sha: str, other: str) -> None:
     """The Hub cache's copy of `repo` at `sha` (its main): a tiny Llama whose config.json names the repository's own
     configuration class and `other`'s model class (a hub fine-tune that keeps its own config code)."""
