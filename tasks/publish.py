@@ -888,7 +888,8 @@ def _assemble(cfg: PipelineConfig, run_name: str, records: dict[str, Any], final
         }
         write_json(tmp / "provenance.json", provenance)
         write_json(tmp / "summary.json", {k: v.model_dump(mode="json") for k, v in records.items()})
-        (tmp / "README.md").write_text(model_card(cfg, run_name, records, final, base, template, rendered_example(tmp / "merged")), encoding="utf-8")
+        example = rendered_example(tmp / "merged", cfg.model.trust_remote_code)
+        (tmp / "README.md").write_text(model_card(cfg, run_name, records, final, base, template, example), encoding="utf-8")
         # Manifest last: its presence (with matching sizes) is what "complete" means.
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / MANIFEST, {"publish_version": PUBLISH_VERSION, "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]})
@@ -1013,11 +1014,14 @@ def base_markdown(base: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rendered_example(folder: Path) -> str:
-    """One user turn rendered by a saved tokenizer's template, as the model sees it."""
+def rendered_example(folder: Path, trust_remote_code: bool) -> str:
+    """One user turn rendered by a saved tokenizer's template, as the model sees it. `trust_remote_code`: the run's
+    model.trust_remote_code; a tokenizer of the model's own code (Qwen-1's) is saved with that code beside it (merged/,
+    save_pretrained copies the module in and names it in its auto_map), which transformers runs only when told: without
+    it, stage 7 of such a run stopped on transformers' trust_remote_code ValueError."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     return tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
 
 

@@ -816,6 +816,35 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
         load_published(folder, merged=False, device="cpu", trust_remote_code=True)
 
 
+def test_review_cache16_the_cards_rendered_example_loads_a_tokenizer_of_the_models_own_code(tmp_path, monkeypatch):
+    """Stage 7's card renders one user turn with merged/'s tokenizer (`rendered_example`), loaded with no
+    trust_remote_code: a tokenizer of the model's own code, which merged/ carries beside it (save_pretrained copies the
+    module in), was refused with transformers' trust_remote_code ValueError, so a model.trust_remote_code run whose
+    tokenizer is remote code (Qwen-1's) could not publish. It now loads with the run's model.trust_remote_code."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    from tasks.config import ModelSection
+    from tasks.models import load_tokenizer, resolve_model
+    from tasks.publish import rendered_example
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = hashlib.sha1(str(tmp_path).encode()).hexdigest()
+    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", sha, "trained")
+    model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True)), trust_remote_code=True)
+    tok = load_tokenizer(resolve_model(model, str(tmp_path / "art")), model)
+    assert type(tok).VERSION == "trained"
+    tok.save_pretrained(str(tmp_path / "merged"))  # as stage 6 saves it beside the merged weights
+    assert (tmp_path / "merged" / "tokenization_pinned.py").is_file()
+    assert rendered_example(tmp_path / "merged", True) == tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                                                   add_generation_prompt=True)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # transformers' own refusal where the run did not trust it
+        rendered_example(tmp_path / "merged", False)
+
+
 @pytest.mark.parametrize("stage", ["train", "probe"])
 def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_launcher_keyed(tmp_path, monkeypatch, stage):
     """Training and the probe on several GPUs run in torchrun's ranks, new processes that resolved the other
