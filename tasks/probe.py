@@ -19,7 +19,8 @@ many decoder layers can skip recompute in the memory left (not when offloaded: t
 freed from recompute saves about a third of its step time (measured on one H200: 4 layers +3.7% within
 16 GiB, all 32 +47% at 59 GiB; docs/PERF_NOTES.md). Where layers still recompute at that micro-batch, half of it is
 timed too, with its own layer search (a layer's activations are half as large there, so about twice the layers go
-free), and the faster of the two is kept (`half_micro_batch`). Two trials that free 4 and 8 layers give the cost per
+free), and the faster of the two is kept (`half_micro_batch`); where `auto` offloaded the largest micro-batch because
+it did not fit checkpointed, half of it is timed without the offload the same way. Two trials that free 4 and 8 layers give the cost per
 layer (the first freed layers partly hide under the recompute transient, so a single trial against the fully
 checkpointed peak underestimates it by half), a third confirms the extrapolated count; when a trial runs over the
 budget, the count between the most that fitted and it is tried (an out-of-memory trial ends the search). The cache key includes
@@ -306,11 +307,26 @@ def half_micro_batch(base: dict, free: int) -> tuple[int, int] | None:
     step) is the card's and the model's, so both are timed and the faster kept. Only once: a quarter would pay those
     costs twice for what half already bought. None where half the micro-batch cannot hold the same effective batch
     exactly (an odd one: 5 x 1 would become 2 x 3, six samples a step): the search picks the faster setting of one recipe,
-    it does not change the recipe."""
+    it does not change the recipe. An offloaded `base` (free = 0) has a half too: the probe times it without the offload
+    where `auto` chose the offload only because the fully checkpointed micro-batch did not fit (`_probe`)."""
     mb, ga = base["micro_batch_size"], base["grad_accum"]
-    if mb < 2 or free >= base["layers"] or base.get("offload_activations") or (mb * ga) % (mb // 2):
+    if mb < 2 or free >= base["layers"] or (mb * ga) % (mb // 2):
         return None
     return mb // 2, mb * ga // (mb // 2)
+
+
+def _half_search(args: tuple, base: dict, free: int, why: str, vram_gb: float, max_length: int, log_fn, exempt, trials: list) -> None:
+    """Time half of `base`'s micro-batch (`half_micro_batch`), checkpointed and not offloaded, and where it fits its own
+    layer search, appending each trial to `trials` (the probe keeps the fastest that fits). `why`: the log's reason."""
+    if not (half := half_micro_batch(base, free)):
+        return
+    mb, ga = half
+    log_fn(f"probe: {why}: trying micro-batch {mb} x accum {ga}, whose layers each hold half the activations")
+    then = "keeping the offloaded micro-batch" if base["offload_activations"] else "keeping the larger micro-batch"
+    trial = _trial(*args, mb, ga, True, 0, max_length, log_fn, then=then, exempt=exempt)
+    trials.append(trial)
+    if trial.get("fits"):
+        _free_layer_search(args, trial, vram_gb, max_length, log_fn, exempt, trials)
 
 
 def _free_layer_search(args: tuple, base: dict, vram_gb: float, max_length: int, log_fn, exempt, trials: list) -> int:
@@ -389,22 +405,24 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         if trial.get("fits"):
             break  # the largest micro-batch that fits (half of it is timed too where layers stay recomputed: below)
     base = next((t for t in trials if t.get("fits")), None)
+    # The layer searches and the half micro-batch: one GPU with a memory budget only (vram_gb is None off the GPU); not
+    # under several ranks, where an out-of-memory trial cannot be recovered from (the others wait in the all-reduce).
+    search = budget.vram_gb is not None and n == 1
+    half_args = (budget.vram_gb, data.max_length, log_fn, exempt, trials)
     if base and base["offload_activations"]:
         log_fn("probe: every layer stays checkpointed: offloaded, a layer without recompute would go to host memory whole")
-    elif base and base["gradient_checkpointing"] and budget.vram_gb is not None and n == 1:  # vram_gb is None off the GPU
-        # Spend the memory left on layers that skip recompute. Not under several ranks: an out-of-memory
-        # trial there cannot be recovered from (the other ranks wait in the all-reduce).
+        if search and training.offload_activations == "auto":
+            # auto offloaded because this micro-batch did not fit fully checkpointed; half of it may, without the offload's
+            # copies and with layers free: which is faster is measured (offload cost 0.15% to 8% of a step on the H100s and the
+            # H200 measured, docs/BENCHMARKS.md "offload beside Unsloth", "the rows beside Unsloth")
+            _half_search(args, base, 0, f"micro-batch {base['micro_batch_size']} fits only offloaded", *half_args)
+    elif base and base["gradient_checkpointing"] and search:
+        # Spend the memory left on layers that skip recompute.
         free = _free_layer_search(args, base, budget.vram_gb, data.max_length, log_fn, exempt, trials)
-        if half := half_micro_batch(base, free):
-            # Layers still recomputed at the largest micro-batch: half of it holds half the activations a layer, so
-            # about twice the layers run without recompute in the same memory; which is faster is measured, not assumed.
-            mb, ga = half
-            log_fn(f"probe: {base['layers'] - free} of {base['layers']} layers still recompute at micro-batch {base['micro_batch_size']}: "
-                   f"trying micro-batch {mb} x accum {ga}, whose layers each hold half the activations")
-            trial = _trial(*args, mb, ga, True, 0, data.max_length, log_fn, then="keeping the larger micro-batch", exempt=exempt)
-            trials.append(trial)
-            if trial.get("fits"):
-                _free_layer_search(args, trial, budget.vram_gb, data.max_length, log_fn, exempt, trials)
+        # Layers still recomputed at the largest micro-batch: half of it holds half the activations a layer, so about
+        # twice the layers run without recompute in the same memory; which is faster is measured, not assumed.
+        _half_search(args, base, free, f"{base['layers'] - free} of {base['layers']} layers still recompute at micro-batch "
+                     f"{base['micro_batch_size']}", *half_args)
     fitting = [t for t in trials if t.get("fits")]
     if not fitting:
         offloaded = any(t["offload_activations"] for t in trials)

@@ -205,7 +205,7 @@ def test_the_half_micro_batch_is_timed_but_not_kept_where_its_overhead_costs_mor
     assert (2, 8, 0) in timed and (rec.micro_batch_size, rec.grad_accum, rec.recompute_free_layers) == (4, 4, 6)
 
 
-def test_no_half_micro_batch_where_every_layer_goes_free_or_none_is_smaller_or_it_is_offloaded(tiny_cfg, tiny_data, shared_artifacts,
+def test_no_half_micro_batch_where_every_layer_goes_free_or_none_is_smaller(tiny_cfg, tiny_data, shared_artifacts,
                                                                                                 monkeypatch, tmp_path):
     from tasks.probe import half_micro_batch
 
@@ -214,7 +214,7 @@ def test_no_half_micro_batch_where_every_layer_goes_free_or_none_is_smaller_or_i
     base = {"micro_batch_size": 4, "grad_accum": 4, "layers": 32, "offload_activations": False}
     assert half_micro_batch(base, 6) == (2, 8) and half_micro_batch(base, 32) is None
     assert half_micro_batch({**base, "micro_batch_size": 1, "grad_accum": 16}, 0) is None
-    assert half_micro_batch({**base, "offload_activations": True}, 0) is None
+    assert half_micro_batch({**base, "offload_activations": True}, 0) == (2, 8)  # timed without the offload, where auto chose it
     assert half_micro_batch({**base, "micro_batch_size": 3, "grad_accum": 5}, 0) == (1, 15)  # the effective batch kept exactly
 
 
@@ -1507,3 +1507,20 @@ def test_review_perf12_the_tensorboard_writer_is_closed_when_the_stage_raises_be
         train_adapter(tiny_data, probe, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, tiny_cfg.training, str(tmp_path / "artifacts"))
     (writer,) = writers
     assert writer.all_writers is None, "the stage raised and its TensorBoard writer is still open (its writer thread still running)"
+
+
+@pytest.mark.parametrize("offload_mode", ["auto", "on"])
+def test_where_auto_offloads_the_largest_micro_batch_half_of_it_is_timed_without_the_offload(tiny_cfg, tiny_data, shared_artifacts, monkeypatch,
+                                                                                             tmp_path, offload_mode):
+    """7.5 GiB: 4 x 4 fits only offloaded (8.0 checkpointed, 4.4 offloaded); auto offloaded it only for that, so 2 x 8 is
+    timed without the offload (5.0 GiB) and, fitting, with its own layer search: 5 layers free at 7.0 GiB make its step
+    the faster, and it is kept. Under `on` every setting offloads as asked: nothing else is timed."""
+    rec, timed, logs = _probe_half_attack(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, vram_gb=7.5, offload_mode=offload_mode)
+    if offload_mode == "on":
+        assert timed == [(4, 4, True, 0, True)] and rec.offload_activations
+        return
+    assert timed[:3] == [(4, 4, True, 0, False), (4, 4, True, 0, True), (2, 8, True, 0, False)]
+    assert all(t[:3] == (2, 8, True) and not t[4] for t in timed[3:]) and (2, 8, True, 4, False) in timed
+    assert (rec.micro_batch_size, rec.grad_accum, rec.offload_activations) == (2, 8, False) and rec.recompute_free_layers > 0
+    assert rec.peak_mem_gb <= 7.5 and rec.s_per_step == min(t["s_per_step"] for t in rec.trials if t.get("fits"))
+    assert any("micro-batch 4 fits only offloaded: trying micro-batch 2 x accum 8" in m for m in logs)
