@@ -286,9 +286,8 @@ def cmd_serve_model(args) -> int:
     import subprocess
 
     from tasks.common import StageError
-    from tasks.export import (API_KEY_ENV, cors_origin_problem, gguf_to_serve, is_loopback, make_serving_folder, record_server,
-                              remove_stale_serving_folders, require_free_port, serve_gguf, transformers_serve_command,
-                              unmarked_stops_line)
+    from tasks.export import (API_KEY_ENV, cors_origin_problem, gguf_stops, gguf_to_serve, is_loopback, make_serving_folder,
+                              record_server, remove_stale_serving_folders, require_free_port, serve_gguf, transformers_serve_command)
     from tasks.publish import answer_stop_ids, find_run, own_code_file, require_current, require_safetensors
 
     if args.gguf_type and args.format == "merged":
@@ -322,8 +321,9 @@ def cmd_serve_model(args) -> int:
     if not args.api_key and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches port {args.port} can use the model; "
               f"pass --api-key or set ${API_KEY_ENV}", file=sys.stderr, flush=True)
-    if gguf and (line := unmarked_stops_line(gguf, folder)):
-        print(line, file=sys.stderr, flush=True)
+    stops = gguf_stops(gguf, folder) if gguf else None
+    if stops and stops.line:
+        print(stops.line, file=sys.stderr, flush=True)
     if not args.api_key and "*" in args.cors_origin:  # loopback too: the browser runs on this machine
         print(f"warning: --cors-origin * without an API key: any web page open in a browser that reaches port {args.port} can use "
               f"the model; name the page's origin or pass --api-key", file=sys.stderr, flush=True)
@@ -339,7 +339,7 @@ def cmd_serve_model(args) -> int:
     if gguf:
         try:
             serve_gguf(gguf, args.host, args.port, args.ctx, name, api_key=args.api_key, ready=lambda addr: print(hint, file=sys.stderr, flush=True),
-                       cors_origin=args.cors_origin[0] if args.cors_origin else None)
+                       cors_origin=args.cors_origin[0] if args.cors_origin else None, default_stops=stops.strings)
         except StageError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_STAGE

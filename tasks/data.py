@@ -622,6 +622,17 @@ def stop_token_ids(tok) -> list[int]:
     return sorted(set(closing + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
 
 
+def answer_end_id(tok, stops: list[int]) -> int | None:
+    """The one of `stops` (stop_token_ids) an answer ends with: the first that follows the answer in the assistant turn
+    the chat template renders, which is where training taught the model to stop, and where generation stops. The others
+    never end an answer of it: an EOS the template does not render (SmolLM2's <|endoftext|>), or gpt-oss's <|end|> where
+    its answers end with <|return|>. None where no stop id follows the answer."""
+    text, spans = renderings(tok, PROBE_EXCHANGE)[0]
+    s, e = spans[-1]
+    tail = text[s:e].split(PROBE_ANSWER, 1)[-1]
+    return next((i for i in tok(tail, add_special_tokens=False)["input_ids"] if i in stops), None)
+
+
 def heldout_problem(data: DataSection, usable: int, planned: int, dropped: collections.Counter, rows_read: int,
                     held_removed: dict[str, int] | None = None) -> str:
     """Why the held-out split came out empty, with the count, what the split needs and the key that changes it: too few

@@ -259,45 +259,113 @@ def _named(ids, tokens) -> str:
     return ", ".join(f"{tokens[i]!r} (id {i})" for i in ids)
 
 
+# The dropped texts llama.cpp re-types as user-defined (llama-vocab.cpp: gpt-oss's '<|end|>'): still one token in a
+# prompt, and its text reaches the answer, so a stop string ends the answer there. '</s>' it re-types as a normal token:
+# the chat template's '</s>' in the prompt is read as plain text too ('<', '/', 's', '>'), so the model sees garbled
+# turns (SmolLM2 respelt so, xllamacpp 2026.10.11549: 64/64 tokens of nonsense, with or without "stop": ["</s>"]).
+STOP_STRING_ENDS = frozenset({"<|end|>"})
+
+
 def dropped_line(dropped: dict[int, str], tokens: list[str]) -> str:
-    """The clause naming the stop ids llama.cpp takes out of its end-of-generation ids, why, and the fixes that work:
-    llama.cpp re-types such a token as a plain one, so its text reaches the answer and a request's stop string ends it."""
+    """The clause naming the stop ids llama.cpp takes out of its end-of-generation ids, why, and the fix that works for
+    each (measured on xllamacpp's server): a text it still keeps as one token (STOP_STRING_ENDS) ends answers as a stop
+    string, which serve-model sets as the server's default; '</s>' leaves only the merged format."""
     why = " and ".join(dict.fromkeys(f"{tokens[i]!r} where the vocabulary also has {because}" for i, because in dropped.items()))
-    texts = ", ".join(dict.fromkeys(repr(tokens[i]) for i in dropped))
-    return (f"llama.cpp's vocabulary loader takes {why} out of its end-of-generation ids again, a GGUF mark too (a rerun "
-            f"cannot help); serve with --format merged, or send {texts} in the request's \"stop\"")
+    said = [f"llama.cpp's vocabulary loader takes {why} out of its end-of-generation ids again, a GGUF mark too (a rerun cannot help)"]
+    if texts := ", ".join(dict.fromkeys(repr(tokens[i]) for i in dropped if tokens[i] in STOP_STRING_ENDS)):
+        said.append(f"serve-model --format gguf ends answers at {texts} as a stop string by default (llama-server: -r {texts}); "
+                    f"a request that sends its own \"stop\" replaces that default, so add {texts} to it")
+    if texts := ", ".join(dict.fromkeys(repr(tokens[i]) for i in dropped if tokens[i] not in STOP_STRING_ENDS)):
+        said.append(f"it reads {texts} in the chat template's prompt as plain text too, so the model sees garbled turns and a "
+                    "\"stop\" string does not help: serve with --format merged")
+    return "; ".join(said)
 
 
-def unmarked_stops_line(gguf_file: Path, folder: Path) -> str | None:
-    """A warning line for serve-model --format gguf where `gguf_file` does not end answers at a stop id of the published
-    `folder` (its summary.json's data.stop_token_ids), whose answers run on to max_tokens: why, and the fix that works
-    for it (`end_of_turn_plan`). Rerunning the export is named only where it would mark the id (a GGUF exported before
-    `mark_end_of_turn`, a free key); not where both keys are taken (a rerun writes the same file) nor where llama.cpp
-    takes the id out again. None where it ends at every one, or where the summary or the GGUF does not tell (merged
-    serving and `chat` say what is wrong with a summary)."""
+def exported_here(gguf_file: Path, folder: Path) -> bool:
+    """`gguf_file` is a GGUF this project's export installed in the published `folder`: its MANIFEST lists it at that
+    size (the export rewrites the manifest after installing its GGUFs). One put there by hand (quantized with one's own
+    llama.cpp, downloaded) is not, nor one replaced since."""
+    try:
+        files = read_json(folder / MANIFEST)["files"]
+        rel = str(gguf_file.resolve().relative_to(folder.resolve()))
+        return any(f["path"] == rel and f["bytes"] == gguf_file.stat().st_size for f in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def mark_command(gguf_file: Path, marks: dict[str, int]) -> str:
+    """The command that writes `marks` (END_OF_TURN_KEYS key -> id) into `gguf_file`: gguf's own gguf-new-metadata (the
+    `gguf` package this project installs; its gguf-set-metadata only changes keys a file already has), into a new file
+    that then replaces it."""
+    import shlex
+
+    script = Path(sys.executable).with_name("gguf-new-metadata")
+    tool = shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m gguf.scripts.gguf_new_metadata"
+    ids = " ".join(f"--special-token-by-id {key.split('.')[-1].removesuffix('_token_id')} {i}" for key, i in marks.items())
+    src, tmp = shlex.quote(str(gguf_file)), shlex.quote(str(gguf_file) + ".marked")
+    return f"{tool} {src} {tmp} {ids} && mv {tmp} {src}"
+
+
+def answer_end(folder: Path, stops: list[int]) -> int | None:
+    """The published stop id the answers of the model in `folder` end with (`answer_end_id` on its merged/ tokenizer);
+    None where that cannot be told (no merged/ tokenizer, a template that does not render)."""
+    from transformers import AutoTokenizer
+
+    from .data import answer_end_id
+
+    try:
+        return answer_end_id(AutoTokenizer.from_pretrained(str(folder / "merged")), stops)
+    except Exception:  # any loader or template error: not told, every stop id is judged
+        return None
+
+
+class GgufStops(NamedTuple):
+    line: str | None       # printed before serving: a warning where answers run on, else a note, else None
+    strings: list[str]     # stop strings the server ends answers at by default (llama.cpp's antiprompt)
+
+
+def gguf_stops(gguf_file: Path, folder: Path) -> GgufStops:
+    """How llama.cpp's server ends the answers of `gguf_file` at the stop ids of the published `folder` (its summary.json's
+    data.stop_token_ids), judged on the one the model's answers end with (`answer_end`; every one where that cannot be
+    told): those it would not end at (`end_of_turn_plan`) give a warning line naming why and the fix that works; a
+    dropped text that a stop string ends (STOP_STRING_ENDS) is a default stop string instead, with a note. Rerunning the
+    export is named only where it would mark the id (a GGUF it exported before `mark_end_of_turn`, a free key); a GGUF it
+    did not export (`exported_here`) gets the gguf-new-metadata command that marks it. Nothing where the summary or the
+    GGUF does not tell (merged serving and `chat` say what is wrong with a summary)."""
     from gguf import GGUFReader
 
     try:
         summary = read_json(folder / "summary.json")
-        stops = summary["data"]["stop_token_ids"]
+        stops = [i for i in summary["data"]["stop_token_ids"] if isinstance(i, int) and not isinstance(i, bool)]
         fields = GGUFReader(str(gguf_file)).fields
-        marks, left, dropped = end_of_turn_plan(fields, [i for i in stops if isinstance(i, int) and not isinstance(i, bool)])
+        marks, left, dropped = end_of_turn_plan(fields, stops)
         tokens = fields["tokenizer.ggml.tokens"].contents() if marks or left or dropped else []
     except Exception:  # a damaged GGUF (any error of gguf's reader) is serve_gguf's to name; a warning never stops the start
-        return None
+        return GgufStops(None, [])
+    if (marks or left or dropped) and (end := answer_end(folder, stops)) is not None:
+        marks, left, dropped = end_of_turn_plan(fields, [end])  # the others never end its answers: no warning for them
     if not (marks or left or dropped):
-        return None
+        return GgufStops(None, [])
+    strings = list(dict.fromkeys(tokens[i] for i in dropped if tokens[i] in STOP_STRING_ENDS))
     why = []
-    if marks:
+    if marks and exported_here(gguf_file, folder):
         why.append(f"{_named(marks.values(), tokens)} not marked (exported before the export marked it): rerun the run's "
                    "`qlora-pipeline run` command to export it again, or serve with --format merged")
+    elif marks:
+        why.append(f"{_named(marks.values(), tokens)} not marked as {' and '.join(marks)} (a GGUF the export did not write): "
+                   f"mark it with `{mark_command(gguf_file, marks)}`, or serve with --format merged")
     if left:
         why.append(f"a GGUF holds two such ids ({', '.join(END_OF_TURN_KEYS)}), both taken here, so {_named(left, tokens)} "
                    "cannot be marked: serve with --format merged")
     if dropped:
         why.append(dropped_line(dropped, tokens))
-    return (f"warning: {gguf_file.name} does not end answers at {_named([*marks.values(), *left, *dropped], tokens)}, published "
-            f"stop ids (the chat template's end of turn): llama.cpp's answers run on to max_tokens; {'; '.join(why)}")
+    running = [*marks.values(), *left, *(i for i in dropped if tokens[i] not in STOP_STRING_ENDS)]
+    if not running:  # only stop strings: the answers end
+        return GgufStops(f"note: llama.cpp does not end {gguf_file.name}'s answers at {_named(dropped, tokens)}, the chat template's "
+                         f"end of turn, by token: {'; '.join(why)}", strings)
+    return GgufStops(f"warning: {gguf_file.name} does not end answers at {_named([*marks.values(), *left, *dropped], tokens)}, "
+                     f"published stop ids (the chat template's end of turn): llama.cpp's answers run on to max_tokens; "
+                     f"{'; '.join(why)}", strings)
 
 
 def mark_end_of_turn(gguf_file: Path, stop_ids: list[int]) -> list[str]:
@@ -900,12 +968,13 @@ def require_free_port(host: str, port: int) -> None:
 
 
 def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key: str | None = None, ready=None,
-               cors_origin: str | None = None) -> None:
+               cors_origin: str | None = None, default_stops: list[str] = ()) -> None:
     """llama.cpp's own HTTP server (xllamacpp) on the GGUF, with its embedded chat template; blocks until Ctrl-C.
 
     The model is listed and requested as `name` (the published name); with `api_key` every request but /health needs
     `Authorization: Bearer <key>` (llama.cpp's own check). `cors_origin` (one origin or "*"): the only origin its CORS
-    headers name (GGUF_CORS_HEADERS); None names none, as the merged format (llama.cpp's own default names back any origin)."""
+    headers name (GGUF_CORS_HEADERS); None names none, as the merged format (llama.cpp's own default names back any origin).
+    `default_stops`: the texts its answers end at where a request sends no "stop" of its own (`gguf_stops`)."""
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
@@ -917,6 +986,8 @@ def serve_gguf(gguf: Path, host: str, port: int, n_ctx: int, name: str, api_key:
     params.use_jinja = True  # the GGUF's chat template (training system prompt included), not a built-in guess
     params.n_parallel = 1
     params.cpuparams.n_threads = usable_cores()
+    if default_stops:  # llama-server's -r: the default of a request's "stop" (tools/server: params_from_json_cmpl)
+        params.antiprompt = list(default_stops)
     if api_key:
         params.api_keys = [api_key]
     if cors_origin:

@@ -697,6 +697,14 @@ def test_an_export_converted_through_the_view_has_a_key_of_its_own_and_every_oth
     assert key(clean, ["f16"]) == before  # the key as it was before the view
 
 
+def _exported(folder: Path, gguf: Path) -> Path:
+    """`gguf` listed in `folder`'s MANIFEST.json, as the export's install lists the GGUFs it wrote (its `_update_manifest`)."""
+    from tasks.export import _update_manifest
+
+    _update_manifest(folder)
+    return gguf
+
+
 def _tiny_gguf(path: Path, tokens: list[str], **ids: int) -> Path:
     """A GGUF holding `tokens` as its vocabulary, `ids` as tokenizer.ggml.<name>_token_id, and two small tensors."""
     import numpy as np
@@ -745,22 +753,22 @@ def test_mark_end_of_turn_writes_the_stops_llama_cpp_would_not_end_at_into_the_f
 
 def test_serve_model_gguf_warns_in_one_line_where_a_gguf_exported_before_the_marks_does_not_stop_at_the_end_of_turn(tmp_path):
     """A GGUF exported before `mark_end_of_turn` keeps running on past a template's own end-of-turn token:
-    unmarked_stops_line (serve-model --format gguf prints it) names the token and the fix; none once it is marked, and
+    gguf_stops (serve-model --format gguf prints its line) names the token and the fix; none once it is marked, and
     none where the published summary.json does not tell (merged serving and `chat` name a bad summary)."""
     from tasks.common import write_json
-    from tasks.export import mark_end_of_turn, unmarked_stops_line
+    from tasks.export import gguf_stops, mark_end_of_turn
 
-    gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "</s>", "<|turn_end|>"], bos=0, eos=1)
+    gguf = _exported(tmp_path, _tiny_gguf(tmp_path / "m.gguf", ["<s>", "</s>", "<|turn_end|>"], bos=0, eos=1))
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
-    line = unmarked_stops_line(gguf, tmp_path)
+    line = gguf_stops(gguf, tmp_path).line
     assert line.startswith("warning: m.gguf does not end answers at '<|turn_end|>' (id 2)") and "\n" not in line, line
     assert "qlora-pipeline run" in line and "--format merged" in line
     for summary in ({"data": {}}, {"data": {"stop_token_ids": "2"}}, []):
         write_json(tmp_path / "summary.json", summary)
-        assert unmarked_stops_line(gguf, tmp_path) is None, summary
+        assert gguf_stops(gguf, tmp_path) == (None, []), summary
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
     mark_end_of_turn(gguf, [1, 2])
-    assert unmarked_stops_line(gguf, tmp_path) is None
+    assert gguf_stops(gguf, tmp_path) == (None, [])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -772,13 +780,14 @@ def test_serve_warning_for_a_gguf_the_export_wrote_without_a_free_key_does_not_s
     serve-time warning then says the file was exported before the marks and that rerunning `qlora-pipeline run` exports
     it again: the rerun hits the same key (or rebuilds the same GGUF), and the warning comes back on every start."""
     from tasks.common import write_json
-    from tasks.export import mark_end_of_turn, unmarked_stops_line
+    from tasks.export import gguf_stops, mark_end_of_turn
 
     gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "</s>", "<|a|>", "<|b|>", "<|c|>"], bos=0, eos=1)
     said = mark_end_of_turn(gguf, [1, 2, 3, 4])
     assert len(said) == 1 and "'<|c|>' (id 4)" in said[0], said  # what the export itself logs
+    _exported(tmp_path, gguf)
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2, 3, 4]}})
-    line = unmarked_stops_line(gguf, tmp_path)
+    line = gguf_stops(gguf, tmp_path).line
     assert line is not None and "'<|c|>' (id 4)" in line, line
     assert "exported before" not in line and "export it again" not in line, line
 
@@ -791,11 +800,11 @@ def test_serve_warns_where_llama_cpp_drops_a_known_end_of_turn_text_from_its_end
     SmolLM2 q8_0 with <|im_end|> respelt so, xllamacpp 2026.10.11549: finish_reason length 64/64, with or without
     tokenizer.ggml.eot_token_id=2. unmarked_stops counted it as known, so neither the export nor serve-model says so."""
     from tasks.common import write_json
-    from tasks.export import unmarked_stops_line
+    from tasks.export import gguf_stops
 
     gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "<|endoftext|>", *tokens], bos=0, eos=1)
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
-    line = unmarked_stops_line(gguf, tmp_path)
+    line = gguf_stops(gguf, tmp_path).line
     assert line is not None and f"{tokens[0]!r} (id 2)" in line, line
 
 
@@ -807,26 +816,28 @@ def test_end_of_turn_lines_name_the_fix_that_works_for_each_reason(tmp_path):
     from gguf import GGUFReader
 
     from tasks.common import write_json
-    from tasks.export import mark_end_of_turn, unmarked_stops_line
+    from tasks.export import gguf_stops, mark_end_of_turn
 
-    gguf = _tiny_gguf(tmp_path / "m.gguf", ["<s>", "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>", "<|own|>"], bos=0, eos=1)
+    gguf = _exported(tmp_path, _tiny_gguf(tmp_path / "m.gguf", ["<s>", "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>", "<|own|>"], bos=0, eos=1))
     before = gguf.read_bytes()
     said = mark_end_of_turn(gguf, [1, 2])
     assert len(said) == 1 and "'<|end|>' (id 2)" in said[0] and "'<|return|>' and '<|call|>'" in said[0], said
-    assert "--format merged" in said[0] and "\n" not in said[0] and gguf.read_bytes() == before  # a mark would be taken out
+    assert "-r '<|end|>'" in said[0] and "\n" not in said[0] and gguf.read_bytes() == before  # a mark would be taken out
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2, 5]}})
-    line = unmarked_stops_line(gguf, tmp_path)
+    line = gguf_stops(gguf, tmp_path).line
     assert line.startswith("warning: m.gguf does not end answers at '<|own|>' (id 5), '<|end|>' (id 2),") and "\n" not in line, line
     assert "rerun the run's `qlora-pipeline run`" in line and "\"stop\"" in line, line  # <|own|> has a free key: a rerun marks it
     assert mark_end_of_turn(gguf, [1, 2, 5]) == said and GGUFReader(str(gguf)).fields["tokenizer.ggml.eot_token_id"].contents() == 5
-    line = unmarked_stops_line(gguf, tmp_path)
-    assert "'<|own|>'" not in line and "export it again" not in line and "'<|end|>' (id 2)" in line, line
+    _exported(tmp_path, gguf)
+    stops = gguf_stops(gguf, tmp_path)  # '<|end|>' alone: a stop string ends its answers, a note and no warning
+    assert stops.line.startswith("note: ") and "'<|own|>'" not in stops.line and "'<|end|>' (id 2)" in stops.line, stops
+    assert stops.strings == ["<|end|>"]
 
     full = _tiny_gguf(tmp_path / "full.gguf", ["<s>", "</s>", "<|a|>", "<|b|>", "<|c|>"], bos=0, eos=1, eot=2, eom=3)
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 4]}})
-    line = unmarked_stops_line(full, tmp_path)
+    line = gguf_stops(full, tmp_path).line
     assert "'<|c|>' (id 4)" in line and "both taken" in line and "--format merged" in line and "qlora-pipeline run" not in line, line
 
     plain = _tiny_gguf(tmp_path / "plain.gguf", ["<s>", "<|endoftext|>", "</s>"], bos=0, eos=1)
     write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
-    assert unmarked_stops_line(plain, tmp_path) is None and mark_end_of_turn(plain, [1, 2]) == []
+    assert gguf_stops(plain, tmp_path) == (None, []) and mark_end_of_turn(plain, [1, 2]) == []
