@@ -6233,10 +6233,11 @@ def test_install_system_prompt_gives_a_tokenizer_config_list_of_named_templates_
     assert "Be brief." in published_template(saved)
 
 
-def _smollm2_ending_turns_with(tmp_path: Path, end: str) -> Path:
+def _smollm2_ending_turns_with(tmp_path: Path, end: str, also: tuple[str, ...] = ()) -> Path:
     """The demo's SmolLM2-135M-Instruct as an HF folder (as stage 1 builds it) whose ChatML end-of-turn token (id 2,
     <|im_end|>, which the model was trained to end its answers with) is spelt `end` in its vocabulary and chat template,
-    and whose EOS is <|endoftext|> (id 0): the same ids, a text llama.cpp does not know by itself."""
+    and whose EOS is <|endoftext|> (id 0): the same ids, a text llama.cpp does not know by itself. `also`: texts that
+    respell the added tokens from id 3 on (<repo_name>, <reponame>, ...: ones a chat never uses)."""
     import shutil
 
     from tasks.config import load_config
@@ -6246,13 +6247,20 @@ def _smollm2_ending_turns_with(tmp_path: Path, end: str) -> Path:
     hf = tmp_path / "smollm2-own-end"
     shutil.copytree(resolve_model(demo.model, str(tmp_path / "demo-art")).path, hf, ignore=shutil.ignore_patterns("COMPLETE"))
     tok = json.loads((hf / "tokenizer.json").read_text())
-    assert tok["model"]["vocab"].pop("<|im_end|>") == 2
-    tok["model"]["vocab"][end] = 2
-    tok["added_tokens"] = [{**t, "content": end} if t["id"] == 2 else t for t in tok["added_tokens"]]
+    texts = {2: end, **{3 + k: text for k, text in enumerate(also)}}
+    spelt = {t["id"]: t["content"] for t in tok["added_tokens"] if t["id"] in texts}
+    assert spelt[2] == "<|im_end|>", spelt
+    for i, text in texts.items():
+        assert tok["model"]["vocab"].pop(spelt[i]) == i
+        tok["model"]["vocab"][text] = i
+    tok["added_tokens"] = [{**t, "content": texts[t["id"]]} if t["id"] in texts else t for t in tok["added_tokens"]]
     (hf / "tokenizer.json").write_text(json.dumps(tok))
     for name in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json"):
         if (hf / name).is_file():
-            (hf / name).write_text((hf / name).read_text().replace("<|im_end|>", end))
+            text = (hf / name).read_text()
+            for i in texts:
+                text = text.replace(spelt[i], texts[i])
+            (hf / name).write_text(text)
     for name, key, value in (("tokenizer_config.json", "eos_token", "<|endoftext|>"), ("config.json", "eos_token_id", 0),
                              ("generation_config.json", "eos_token_id", 0)):
         if (hf / name).is_file():
@@ -6308,6 +6316,97 @@ def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_
     fields = GGUFReader(str(gguf)).fields
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 0 and fields["tokenizer.ggml.eot_token_id"].contents() == 2
     assert fields["tokenizer.ggml.tokens"].contents()[2] == "<|turn_end|>"
+
+
+def _serve_respelt_smollm2(own_published, tmp_path: Path, end: str, also: tuple[str, ...]):
+    """A copy of own_published's run whose published model is SmolLM2 with its end-of-turn token spelt `end` (and
+    `also`, `_smollm2_ending_turns_with`): merged/ holds its tokenizer and configs, summary.json the stop ids the data
+    stage gives it, gguf/ its f16 GGUF as the export installs it (`convert_to_gguf` with those ids, the manifest). Served
+    by a real `serve-model --format gguf` on loopback: (process, base URL, served name, log, the converter's lines)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tasks.common import write_json
+    from tasks.data import stop_token_ids
+    from tasks.export import _update_manifest, convert_to_gguf, ensure_converter
+
+    cfg, art, pub, _ = own_published
+    hf = _smollm2_ending_turns_with(tmp_path, end, also)
+    copy = _copy_run(pub, tmp_path / "art")
+    shutil.rmtree(copy / "merged")
+    shutil.copytree(hf, copy / "merged", ignore=shutil.ignore_patterns("*.safetensors"))  # a GGUF serves without them
+    stops = stop_token_ids(AutoTokenizer.from_pretrained(str(hf)))
+    assert stops == [0, 2], stops  # <|endoftext|> (the EOS) and the end of turn
+    summary = json.loads((copy / "summary.json").read_text())
+    write_json(copy / "summary.json", {**summary, "data": {**summary["data"], "stop_token_ids": stops}})
+    (copy / "gguf").mkdir(exist_ok=True)
+    notes = convert_to_gguf(hf, copy / "gguf" / f"{copy.name}-f16.gguf", "f16", ensure_converter(), stops)
+    _update_manifest(copy)
+    log = tmp_path / "serve.log"
+    proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
+    return proc, base, copy.name, log, notes
+
+
+def _chat(base: str, name: str, max_tokens: int, **extra) -> tuple[str, str, int]:
+    """(finish_reason, content, completion tokens) of a greedy answer to "Say hello." from the server at `base`."""
+    body = {"model": name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": max_tokens, "temperature": 0, **extra}
+    code, text = _request(f"{base}/v1/chat/completions", body)
+    assert code == 200, text
+    answer = json.loads(text)
+    return answer["choices"][0]["finish_reason"], answer["choices"][0]["message"]["content"], answer["usage"]["completion_tokens"]
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_ends_answers_at_an_end_llama_cpp_drops_by_its_text_as_a_default_stop_string(own_published, tmp_path):
+    """A template whose turns end with '<|end|>' in a vocabulary that also has '<|return|>' and '<|call|>': llama.cpp's
+    vocabulary loader takes '<|end|>' out of its end-of-generation ids (its gpt-oss rule), a GGUF mark too, so the
+    answers ran on to max_tokens, and the line told users to send '<|end|>' in each request's "stop" (read from
+    llama.cpp's source, never run). Run on the real server: that stop works ('<|end|>' stays one token and its text
+    reaches the answer), and serve-model now sets it as the server's default stop string (llama.cpp's antiprompt), so a
+    plain request stops at the end of the turn; one with a "stop" of its own replaces that default and runs on unless it
+    names '<|end|>', as the start-up note says."""
+    import signal
+
+    proc, base, name, log, notes = _serve_respelt_smollm2(own_published, tmp_path, "<|end|>", ("<|return|>", "<|call|>"))
+    try:
+        plain = _chat(base, name, 96)
+        own = _chat(base, name, 96, stop=["zzz"])
+        both = _chat(base, name, 96, stop=["zzz", "<|end|>"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    said = log.read_text()
+    assert len(notes) == 1 and "-r '<|end|>'" in notes[0], notes  # the export's line
+    assert "warning: " not in said and "note: llama.cpp does not end" in said and "add '<|end|>' to it" in said, said[-3000:]
+    assert plain[0] == "stop" and plain[2] < 96 and "<|end|>" not in plain[1] and "user" not in plain[1], plain
+    assert own[0] == "length" and own[2] == 96 and "<|end|>" in own[1], own  # its own "stop" replaced the default
+    assert both[:2] == plain[:2], (both, plain)
+    assert rc == 0, said[-3000:]
+
+
+@pytest.mark.slow
+def test_serve_model_gguf_warns_that_only_the_merged_format_fixes_an_end_of_turn_spelt_s_beside_tool_response(own_published, tmp_path):
+    """The same with '</s>' beside '<|tool_response>' (llama.cpp's gemma4/paddleocr rule): the old line's "send '</s>'
+    in the request's stop" does not help, run on the real server: llama.cpp re-types '</s>' as a plain token, so the
+    chat template's '</s>' in the prompt is read as the text '<', '/', 's', '>' and the model answers nonsense to
+    max_tokens, with that stop too. serve-model warns once, naming --format merged and no stop string."""
+    import signal
+
+    proc, base, name, log, notes = _serve_respelt_smollm2(own_published, tmp_path, "</s>", ("<|tool_response>",))
+    try:
+        code, text = _request(f"{base}/tokenize", {"content": "</s>", "add_special": False, "parse_special": True})
+        with_stop = _chat(base, name, 64, stop=["</s>"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    said = log.read_text()
+    warned = [line for line in said.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "'</s>' (id 2)" in warned[0] and "--format merged" in warned[0], said[-3000:]
+    assert "send '</s>'" not in warned[0] and "does not help" in warned[0] and len(notes) == 1, (warned, notes)
+    assert code == 200 and len(json.loads(text)["tokens"]) > 1, text  # '</s>' in a prompt: not the one token id 2
+    assert with_stop[0] == "length" and with_stop[2] == 64, with_stop
+    assert rc == 0, said[-3000:]
 
 
 def test_serve_model_gguf_warns_before_serving_a_gguf_that_does_not_stop_at_the_published_end_of_turn(own_published, tmp_path, monkeypatch, capsys):
