@@ -508,7 +508,7 @@ def test_serve_model_warns_when_exposed_without_a_key_and_hands_the_key_over_pri
         assert "warning" not in capsys.readouterr().err, argv
 
     seen = {}
-    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None, cors_origin=None:
+    monkeypatch.setattr(tasks.export, "serve_gguf", lambda gguf, host, port, ctx, name, api_key=None, ready=None, cors_origin=None, default_stops=():
                         seen.update(name=name, key=api_key))
     (pub / "gguf").mkdir(exist_ok=True)
     (pub / "gguf" / f"{pub.name}-q8_0.gguf").write_bytes(_GGUF_HEADER)
