@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("run", nargs="?", help="run name: a folder under artifacts/runs (default: the latest)")
     chat.add_argument("--prompt", help="answer this one prompt and exit (otherwise interactive)")
     chat.add_argument("--merged", action="store_true", help="load the merged model instead of base + adapter (loaded as stage 5 evaluated them)")
+    side = chat.add_mutually_exclusive_group()
+    side.add_argument("--base", action="store_true", help="answer with the base model alone (the adapter switched off; the same template and "
+                                                          "system prompt, as stage 5's base side)")
+    side.add_argument("--compare", action="store_true", help="answer each prompt with the base model, then the tuned one, each under its "
+                                                             "name and with its own chat: what tuning changed, on prompts of your own")
     chat.add_argument("--max-new-tokens", type=_at_least_one, default=256, help="cap on each answer's length in tokens (>= 1)")
     chat.add_argument("--artifacts-dir", help="where the runs are (default: pipeline.yaml's artifacts_dir, as `run` uses it; a relative path is taken from the project root, as there)")
     chat.add_argument("--trust-remote-code", action="store_true",
@@ -271,8 +276,9 @@ def cmd_chat(args) -> int:
     from tasks.publish import chat
 
     try:
+        sides = ("base", "tuned") if args.compare else ("base",) if args.base else ("tuned",)
         return chat(args.run, args.prompt, merged=args.merged, max_new_tokens=args.max_new_tokens, artifacts_dir=_artifacts_dir(args.artifacts_dir),
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, sides=sides)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_STAGE

@@ -1695,35 +1695,59 @@ def fitted(render, history: list[dict], turn: dict, context: int | None, max_new
     return enc, dropped
 
 
+CHAT_SIDES = ("tuned", "base")  # who answers in `chat`: the tuned model (base + adapter, or merged) and the base alone
+
+
 def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_tokens: int = 256, artifacts_dir: str = "artifacts",
-         trust_remote_code: bool = False) -> int:
+         trust_remote_code: bool = False, sides: tuple[str, ...] = ("tuned",)) -> int:
+    """Answer `prompt` (or each line typed) with the published run, greedy, as stage 5 generated. `sides`: ("tuned",), ("base",)
+    — the base model alone, its adapter switched off, with the same template and system prompt, as stage 5's base side —
+    or ("base", "tuned"): both in turn, each answer under its name, each side keeping its own chat, so a user reads what
+    tuning changed on prompts of their own (stage 5 scores the benchmarks; this is the side-by-side reading)."""
+    import contextlib
+
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
+    if not sides or any(side not in CHAT_SIDES for side in sides):
+        raise StageError(f"chat sides {list(sides)}: each must be one of {list(CHAT_SIDES)}")
+    if merged and "base" in sides:
+        raise StageError("the base side is the adapter switched off, and the merged model has none: drop --merged to read the base model's answers")
     folder = find_run(run, artifacts_dir)
     stops = answer_stop_ids(folder)  # before the model loads: a bad summary is told at once
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code, artifacts_dir=artifacts_dir)
     why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)  # a remote-code tokenizer (Qwen-1's) as its model
     trust = why is None
-    side = str(folder / ("merged" if merged else "adapter"))
-    pins = published_code_revisions(folder, side, None, _published_base(folder), trust)
+    tok_dir = str(folder / ("merged" if merged else "adapter"))
+    pins = published_code_revisions(folder, tok_dir, None, _published_base(folder), trust)
     try:
-        tok = pinned_from_pretrained(AutoTokenizer, side, pins, trust_remote_code=trust)
+        tok = pinned_from_pretrained(AutoTokenizer, tok_dir, pins, trust_remote_code=trust)
     except ValueError as e:
-        if refused := remote_code_refused(e, side, why, trust):
+        if refused := remote_code_refused(e, tok_dir, why, trust):
             raise refused from e
         raise
     stops = stops or model.generation_config.eos_token_id  # none published: the model's EOS alone ([] would stop at none)
     ends = set(stops) if isinstance(stops, list) else {stops}
     config = getattr(model, "config", None)  # base + adapter: PeftModel's is its base's
     context = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "max_position_embeddings", None)
-    history: list[dict] = []
+    histories: dict[str, list[dict]] = {side: [] for side in sides}  # each side answers its own chat so far
 
     def render(conversation: list[dict]):
         return tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
     def answer(text: str) -> bool:
+        answered = True
+        for side in sides:
+            if len(sides) > 1:
+                print(f"[{side}]", flush=True)  # on stdout with the answer: a piped side-by-side stays readable
+            with model.disable_adapter() if side == "base" else contextlib.nullcontext():
+                answered = answer_as(histories[side], text) and answered
+            if len(sides) > 1:
+                print(flush=True)
+        return answered
+
+    def answer_as(history: list[dict], text: str) -> bool:
         turn = {"role": "user", "content": text}
         enc, dropped = fitted(render, history, turn, context, max_new_tokens)
         n = enc["input_ids"].shape[1]
@@ -1758,7 +1782,8 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
 
     if prompt is not None:  # a script's call: no answer is a failure it can see
         return 0 if answer(prompt) else 1
-    print(f"chatting with {folder.name} ({'merged' if merged else 'adapter'}); empty line, Ctrl-D or Ctrl-C to quit; "
+    who = {("base",): "the base model alone, its adapter switched off", ("base", "tuned"): "the base model, then base + adapter, each its own chat"}
+    print(f"chatting with {folder.name} ({who.get(tuple(sides), 'merged' if merged else 'adapter')}); empty line, Ctrl-D or Ctrl-C to quit; "
           "Ctrl-C during an answer stops it", file=sys.stderr)
     while True:
         try:

@@ -57,6 +57,19 @@ def test_chat_refuses_a_max_new_tokens_below_one_in_one_line(capsys):
         assert e.value.code == 2 and "--max-new-tokens: must be an integer >= 1" in err and "Traceback" not in err, err
 
 
+def test_chat_base_and_compare_exclude_each_other_and_reach_chat_as_its_sides(monkeypatch, capsys):
+    import tasks.publish as publish_mod
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--base", "--compare", "--prompt", "hi"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(publish_mod, "chat", lambda *a, **kw: seen.append(kw["sides"]) or 0)
+    for flags in ([], ["--base"], ["--compare"]):
+        assert main(["chat", "--prompt", "hi", "--artifacts-dir", "/nonexistent", *flags]) == 0
+    assert seen == [("tuned",), ("base",), ("base", "tuned")]
+
+
 def test_serve_model_refuses_a_port_out_of_range_in_one_line_before_loading(capsys):
     # 70000 loaded the model, then failed with uvicorn's OverflowError traceback; 0 served on a random port while
     # the health wait looked at port 0: no "serving ... Try: curl" line ever came.

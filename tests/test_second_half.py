@@ -695,6 +695,49 @@ def test_chat_answers_from_the_published_run(trained, tiny_cfg, shared_artifacts
     assert len(streamed) >= 2 and streamed[0] > 1
 
 
+def test_chat_compare_answers_with_the_base_then_the_tuned_model_each_under_its_name_and_its_own_chat(trained, tiny_cfg, shared_artifacts,
+                                                                                                        monkeypatch, capfd):
+    """`chat --compare`: each prompt answered by the base model (every LoRA layer switched off while it generates) and then
+    by base + adapter (on), each under its name on stdout; each side's second prompt carries its own first answer, not the
+    other side's. `--base` answers with the base alone; with --merged (no adapter to switch off) it is one line."""
+    from peft import PeftModelForCausalLM
+    from peft.tuners.lora import LoraLayer
+
+    from tasks.common import StageError
+    from tasks.publish import chat
+
+    generated = []  # (adapter off?, prompt ids) of each generate call
+    original = PeftModelForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        layers = [m for m in self.modules() if isinstance(m, LoraLayer)]
+        assert layers
+        generated.append((all(m.disable_adapters for m in layers), kwargs["input_ids"][0].tolist()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModelForCausalLM, "generate", generate)
+    lines = iter(["first question", "second question", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    publish_artifacts(tiny_cfg, "chat-compare", _records(trained, tiny_cfg, shared_artifacts))
+    capfd.readouterr()
+    assert chat("chat-compare", None, max_new_tokens=4, artifacts_dir=shared_artifacts, sides=("base", "tuned")) == 0
+    out, err = capfd.readouterr()
+    assert [off for off, _ in generated] == [True, False, True, False]  # base first, adapter off only while it answers
+    assert out.count("[base]") == 2 and out.count("[tuned]") == 2 and out.index("[base]") < out.index("[tuned]")
+    assert "the base model, then base + adapter" in err
+    # the first turn's prompt is the same for both; each side's second prompt holds its own first answer
+    (_, base1), (_, tuned1), (_, base2), (_, tuned2) = generated
+    assert base1 == tuned1 and base2[:len(base1)] == base1 and tuned2[:len(tuned1)] == tuned1
+
+    generated.clear()
+    assert chat("chat-compare", "one question", max_new_tokens=4, artifacts_dir=shared_artifacts, sides=("base",)) == 0
+    assert [off for off, _ in generated] == [True] and "[base]" not in capfd.readouterr().out
+    with pytest.raises(StageError, match="the merged model has none: drop --merged"):
+        chat("chat-compare", "one question", merged=True, artifacts_dir=shared_artifacts, sides=("base", "tuned"))
+    with pytest.raises(StageError, match=r"chat sides \['nope'\]"):
+        chat("chat-compare", "one question", artifacts_dir=shared_artifacts, sides=("nope",))
+
+
 def test_chat_after_an_answer_stopped_by_ctrl_c_streams_only_the_next_answer(trained, tiny_cfg, shared_artifacts, monkeypatch, capfd):
     """Ctrl-C inside an answer stops it; the next answer's stream holds neither the stopped one's tail nor its own prompt
     (one streamer for the session printed both: a review, 2026-12-06)."""
