@@ -4122,81 +4122,99 @@ def test_serve_model_merged_405_on_a_get_route_allows_head_too(served_r1):
             path, answer.status, answer.getheader("allow"))
 
 
-def _slow_to_start(tmp_path: Path, seconds: float) -> Path:
-    """A folder whose sitecustomize.py makes the server's generation wait `seconds` before its first token when a request
-    asks for max_tokens 13 (a long prompt's prefill, as a client waits for it); to go first on the server's PYTHONPATH."""
+LEAVE_BEFORE_FIRST_TOKEN, STOP_BEFORE_FIRST_TOKEN = 13, 17  # max_tokens whose generation waits (_slow_to_start)
+
+
+def _slow_to_start(tmp_path: Path, delays: dict[int, float]) -> Path:
+    """A folder whose sitecustomize.py makes the server's generation wait `delays[n]` seconds before its first token when
+    a request asks for max_tokens n (a long prompt's prefill, as a client waits for it); to go first on the server's PYTHONPATH."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         "import time\n"
         "from transformers.generation import utils\n"
         "generate = utils.GenerationMixin.generate\n"
+        f"DELAYS = {dict(delays)!r}\n"
         "def slow_to_start(self, *args, **kwargs):\n"
         "    config = kwargs.get('generation_config')\n"
-        "    if kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)) == 13:\n"
-        f"        time.sleep({seconds})\n"
+        "    wait = DELAYS.get(kwargs.get('max_new_tokens', getattr(config, 'max_new_tokens', None)))\n"
+        "    if wait:\n"
+        "        time.sleep(wait)\n"
         "    return generate(self, *args, **kwargs)\n"
         "utils.GenerationMixin.generate = slow_to_start\n")
     return site
 
 
-def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_before_its_first_token(own_published, tmp_path):
+@pytest.fixture(scope="module")
+def served_slow_to_start(own_published, tmp_path_factory):
+    """One `serve-model` on the tiny run for the two tests of a request held for its first token (a start is ~13-30 s of
+    the suite; each test had its own): generation waits 5 s before its first token for max_tokens
+    LEAVE_BEFORE_FIRST_TOKEN and 12 s for STOP_BEFORE_FIRST_TOKEN (injected in the server's processes). (process, base
+    URL, its log.) The 503 test stops it; should it not run, the teardown stops it and checks the same."""
+    import signal
+
+    from tasks.common import PROJECT_ROOT
+
+    cfg, art, pub, _ = own_published
+    tmp = tmp_path_factory.mktemp("serve-slow-to-start")
+    log = tmp / "serve.log"
+    site = _slow_to_start(tmp, {LEAVE_BEFORE_FIRST_TOKEN: 5, STOP_BEFORE_FIRST_TOKEN: 12})
+    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{site}:{PROJECT_ROOT}"})
+    yield proc, base, log
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        assert rc == 0 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_serve_model_merged_logs_no_traceback_when_a_client_leaves_a_stream_before_its_first_token(served_slow_to_start):
     """A stream's answer is now held until generation's first item (answer_once_generating). A client that leaves in
     that time (Ctrl-C during a long prompt's prefill, a client's timeout) had its handler cancelled before it returned a
     response: the server logged "ERROR: Exception in ASGI application ... RuntimeError: No response returned." with a
     traceback (the guard middleware's call_next), where before the change the same disconnect left nothing in the log
-    (the stream's 200 and role chunk had gone out). Generation here waits 5 s before its first token (injected in the server's processes for max_tokens 13)."""
-    import signal
+    (the stream's 200 and role chunk had gone out). Generation here waits 5 s before its first token (served_slow_to_start).
+    The server's stop, and its whole log once stopped, are checked by the 503 test below, which stops it."""
     import socket
     import time
 
-    from tasks.common import PROJECT_ROOT
-
-    cfg, art, pub, _ = own_published
-    log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{_slow_to_start(tmp_path, 5)}:{PROJECT_ROOT}"})
-    try:
-        # a first request warms the server up, so that the client below leaves while its generation waits, not while
-        # the model's process starts its first request
-        code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert code == 200, answer[:300]
-        host, port = base.removeprefix("http://").split(":")
-        for stream in (True, False):  # a non-streamed answer still generating: the same (found with the fix)
-            body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": stream}).encode()
-            with socket.create_connection((host, int(port))) as s:
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                time.sleep(1)  # the request is in; nothing was answered yet (the answer waits for the first token)
-            time.sleep(6)  # the disconnect is seen and the held generation ends
-        code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        assert code == 200, answer[:300]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
+    proc, base, log = served_slow_to_start
+    assert proc.poll() is None, log.read_text()[-3000:]
+    # a first request warms the server up, so that the client below leaves while its generation waits, not while
+    # the model's process starts its first request
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert code == 200, answer[:300]
+    host, port = base.removeprefix("http://").split(":")
+    for stream in (True, False):  # a non-streamed answer still generating: the same (found with the fix)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": LEAVE_BEFORE_FIRST_TOKEN, "stream": stream}).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(1)  # the request is in; nothing was answered yet (the answer waits for the first token)
+        time.sleep(6)  # the disconnect is seen and the held generation ends
+    code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert code == 200, answer[:300]
     text = log.read_text()
-    assert rc == 0 and "Traceback" not in text and "No response returned" not in text, text[-3000:]
+    assert "Traceback" not in text and "No response returned" not in text, text[-3000:]
 
 
-def test_serve_model_merged_stopped_while_a_stream_waits_for_its_first_token_answers_503_without_a_traceback(own_published, tmp_path):
+def test_serve_model_merged_stopped_while_a_stream_waits_for_its_first_token_answers_503_without_a_traceback(served_slow_to_start):
     """With the guard a plain ASGI middleware (the fix above), a request uvicorn cancels when a stop's grace ends
     (GGUF_STOP_GRACE_S) reached uvicorn as a CancelledError, logged with a traceback; a stream under way now ends
     quietly (test_serve_model_merged_stopped_while_a_stream_runs_ends_within_seconds_without_a_traceback), and one
     still held for its first token is answered 503, the server stopped, with nothing in the log. Generation here
-    waits 12 s before its first token (injected for max_tokens 13)."""
+    waits 12 s before its first token (served_slow_to_start). The server is the test above's: its log, read once
+    stopped, holds that test's requests too."""
     import signal
     import threading
     import time
 
-    from tasks.common import PROJECT_ROOT
-
-    cfg, art, pub, _ = own_published
-    log = tmp_path / "serve.log"
-    proc, base = _start_serve_model(art, log, env={"PYTHONPATH": f"{_slow_to_start(tmp_path, 12)}:{PROJECT_ROOT}"})
+    proc, base, log = served_slow_to_start
+    assert proc.poll() is None, log.read_text()[-3000:]
     answered = {}
     try:
         code, answer = _request(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert code == 200, answer[:300]
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "stream": True}
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": STOP_BEFORE_FIRST_TOKEN, "stream": True}
         client = threading.Thread(target=lambda: answered.update(zip(("code", "text"), _request(f"{base}/v1/chat/completions", body))))
         client.start()
         time.sleep(2)  # the request is held: its generation waits
@@ -4205,7 +4223,7 @@ def test_serve_model_merged_stopped_while_a_stream_waits_for_its_first_token_ans
         rc = proc.wait(timeout=60)
     client.join(timeout=60)
     text = log.read_text()
-    assert rc == 0 and "Traceback" not in text, text[-3000:]
+    assert rc == 0 and "Traceback" not in text and "No response returned" not in text, text[-3000:]
     assert answered.get("code") == 503 and "stopped before answering" in json.loads(answered["text"])["error"]["message"], answered
 
 
