@@ -498,3 +498,24 @@ def test_item_sites_counts_each_item_call_by_its_site_and_restores_item(tmp_path
         if want:
             assert [s["site"].split(" <- ")[0] for s in got["sites"]] == ["engine/lora.py:65:draw_seed"], got
     assert torch.Tensor.item is before
+
+
+# ---------------------------------------------------------------------------------------------- merge_check
+
+
+@pytest.mark.xfail(strict=True, reason="review: 4fb47af made save_merged's code_revisions a required keyword; "
+                                      "bench/merge_check.py still calls it without one (TypeError before its first row)")
+def test_review_cache16_merge_check_calls_save_merged_with_the_arguments_it_takes():
+    """Each call of save_merged in bench/merge_check.py binds to save_merged's signature (the script needs a trained
+    model to reach the call, so the call is read from its source and bound with stand-ins for its arguments)."""
+    import ast
+    import inspect
+
+    from tasks.merge import save_merged
+
+    tree = ast.parse((ROOT / "bench" / "merge_check.py").read_text(encoding="utf-8"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "save_merged"]
+    assert calls, "bench/merge_check.py no longer calls save_merged"
+    sig = inspect.signature(save_merged)
+    for call in calls:
+        sig.bind(*[object()] * len(call.args), **{k.arg: object() for k in call.keywords})  # TypeError: a required one missing
