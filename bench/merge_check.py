@@ -35,7 +35,7 @@ def main() -> None:
     from tasks import merge as M
     from tasks.config import load_config
     from tasks.data import load_dataset_records
-    from tasks.models import compute_dtype, load_base_model, load_tokenizer, resolve_device, resolve_model, uses_4bit
+    from tasks.models import compute_dtype, load_base_model, load_tokenizer, model_code_revisions, resolve_device, resolve_model, uses_4bit
     from tasks.probe import probe_throughput
     from tasks.train import train_adapter
 
@@ -76,7 +76,8 @@ def main() -> None:
         for label, (state, dtype) in states.items():
             t0 = time.monotonic()
             out = Path(tmp) / label.replace(" ", "_").replace(":", "")
-            M.save_merged(state, base.config, base.generation_config, dtype, out)
+            M.save_merged(state, base.config, base.generation_config, dtype, out, code_revisions=model_code_revisions(cfg.model),
+                          trust_remote_code=cfg.model.trust_remote_code, revision=ref.revision)  # as stage 6 calls it
             check = M.verify_merged(out, batch, reference, without, dtype, device, reference_dtype=compute_dtype(cfg.quant, device))
             rows.append({"case": label, **check.model_dump(), "seconds": round(time.monotonic() - t0, 2)})
             print(f"{label:40s} KL {check.kl_mean:.2e}  top-1 {check.top1_agreement:.2%}  mean|d| {check.mean_abs_diff:.2e}  "

@@ -503,8 +503,6 @@ def test_item_sites_counts_each_item_call_by_its_site_and_restores_item(tmp_path
 # ---------------------------------------------------------------------------------------------- merge_check
 
 
-@pytest.mark.xfail(strict=True, reason="review: 4fb47af made save_merged's code_revisions a required keyword; "
-                                      "bench/merge_check.py still calls it without one (TypeError before its first row)")
 def test_review_cache16_merge_check_calls_save_merged_with_the_arguments_it_takes():
     """Each call of save_merged in bench/merge_check.py binds to save_merged's signature (the script needs a trained
     model to reach the call, so the call is read from its source and bound with stand-ins for its arguments)."""
