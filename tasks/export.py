@@ -284,7 +284,8 @@ def dropped_line(dropped: dict[int, str], tokens: list[str]) -> str:
 def exported_here(gguf_file: Path, folder: Path) -> bool:
     """`gguf_file` is a GGUF this project's export installed in the published `folder`: its MANIFEST lists it at that
     size (the export rewrites the manifest after installing its GGUFs). One put there by hand (quantized with one's own
-    llama.cpp, downloaded) is not, nor one replaced since."""
+    llama.cpp, downloaded) is not, nor one replaced since by a file of another size (the size, not the sha256 the
+    manifest also holds: hashing a multi-GB GGUF at every serve-model start costs more than the advice is worth)."""
     try:
         files = read_json(folder / MANIFEST)["files"]
         rel = str(gguf_file.resolve().relative_to(folder.resolve()))
@@ -296,14 +297,15 @@ def exported_here(gguf_file: Path, folder: Path) -> bool:
 def mark_command(gguf_file: Path, marks: dict[str, int]) -> str:
     """The command that writes `marks` (END_OF_TURN_KEYS key -> id) into `gguf_file`: gguf's own gguf-new-metadata (the
     `gguf` package this project installs; its gguf-set-metadata only changes keys a file already has), into a new file
-    that then replaces it."""
+    that then replaces it. A `.marked` file left from an earlier try is removed first: gguf-new-metadata asks before
+    overwriting one and exits 0 without writing on any answer but YES, so the `mv` would have put the stale file in place."""
     import shlex
 
     script = Path(sys.executable).with_name("gguf-new-metadata")
     tool = shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m gguf.scripts.gguf_new_metadata"
     ids = " ".join(f"--special-token-by-id {key.split('.')[-1].removesuffix('_token_id')} {i}" for key, i in marks.items())
     src, tmp = shlex.quote(str(gguf_file)), shlex.quote(str(gguf_file) + ".marked")
-    return f"{tool} {src} {tmp} {ids} && mv {tmp} {src}"
+    return f"rm -f {tmp} && {tool} {src} {tmp} {ids} && mv {tmp} {src}"
 
 
 def answer_end(folder: Path, stops: list[int]) -> int | None:

@@ -1407,17 +1407,18 @@ def _newest_published(runs: Path) -> Path | None:
     return None
 
 
-def require_current(folder: Path, *, merged: bool) -> None:
+def require_current(folder: Path, *, merged: bool, merged_fix: bool = True) -> None:
     """Refuse, in one line naming the folder and the fix, to load a published folder that is complete (`is_published`:
     what `find_run` looks for) but that stage 7 would publish again or refuse (`is_reusable`): its base + adapter
     (`merged` False: `republish_reason`, an older version's adapter/ that lacks its tokenizer's files or holds another
     tokenizer than merged/, a base/ without its model code) failed to load with a traceback, or loaded a tokenizer the
     model was not trained with; a tokenizer publish refuses (`unloadable_tokenizer`) does not load either way. Only what
     is loaded counts: `--merged` and `serve-model` read merged/ alone, so a stale adapter/ does not stop them, and
-    adapter/'s extra files (a remote-code model's code, a44bee2..2361106) load as before, so they do not stop base + adapter."""
+    adapter/'s extra files (a remote-code model's code, a44bee2..2361106) load as before, so they do not stop base + adapter.
+    `merged_fix` False: the caller needs base + adapter (`chat --base`/`--compare`), so --merged is not named as a fix."""
     run = folder.parent.name
     if not merged and (why := republish_reason(folder, loading=True)):
-        also = "; or load the merged model (--merged), which it does not touch" if unloadable_tokenizer(folder / "merged") is None else ""
+        also = "; or load the merged model (--merged), which it does not touch" if merged_fix and unloadable_tokenizer(folder / "merged") is None else ""
         raise StageError(f"{folder}/{why}; rerun the `qlora-pipeline run` command that made run {run!r}: only publish reruns, and the "
                          f"new run (the latest, taken when no run is named) holds the model published again{also}")
     if why := unloadable_tokenizer(folder / "merged", said=f"{folder} cannot be loaded: merged/"):
@@ -1542,15 +1543,18 @@ def own_code_file(model_dir: Path) -> str | None:
     return None
 
 
-def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False, artifacts_dir: str | None = None):
+def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code: bool = False, artifacts_dir: str | None = None,
+                   merged_fix: bool = True):
     """The model a user talks to, in eval mode on `device`: the merged folder, or base + adapter loaded as training,
     stage 5 and the merge loaded them (the base in 4 bits when they did). Safetensors only, checked before any load.
     The model's own code runs where a run that set model.trust_remote_code published this folder in `artifacts_dir` with
     the code it holds now (`untrusted_code`), or where the caller says so (`trust_remote_code`: the user's
-    --trust-remote-code), never otherwise."""
+    --trust-remote-code), never otherwise. `merged_fix` False: the caller needs base + adapter (`chat --base` and
+    `--compare`: the base is the adapter switched off), so a refusal does not name --merged as the way out."""
     from transformers import AutoModelForCausalLM
 
-    require_current(folder, merged=merged)
+    require_current(folder, merged=merged, merged_fix=merged_fix)
+    or_merged = (lambda fix: f", or {fix}") if merged_fix else (lambda fix: "")
     why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)
     trust = why is None
     base = _published_base(folder)
@@ -1566,7 +1570,7 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
         return model.to(device).eval()
     if not base:
         raise StageError(f"{folder} was published by an older version that named its base by a cache path; rerun the same "
-                         "`qlora-pipeline run` command (only publish reruns), or chat with --merged")
+                         f"`qlora-pipeline run` command (only publish reruns){or_merged('chat with --merged')}")
     require_safetensors(folder / "adapter")
     if base["files"]:
         require_safetensors(folder / base["files"])
@@ -1582,8 +1586,8 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
 
             importlib.import_module("bitsandbytes")  # the 4-bit base loads through it
         except ImportError as e:
-            raise StageError("this adapter was trained and evaluated on a 4-bit base, which needs bitsandbytes; install it, or "
-                             "chat with --merged (the same weights, dequantized and merged)") from e
+            raise StageError("this adapter was trained and evaluated on a 4-bit base, which needs bitsandbytes; install it"
+                             + or_merged("chat with --merged (the same weights, dequantized and merged)")) from e
         q = base["quant"]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"], bnb_4bit_use_double_quant=q["double_quant"],
@@ -1596,7 +1600,9 @@ def load_published(folder: Path, *, merged: bool, device: str, trust_remote_code
         model = pinned_from_pretrained(AutoModelForCausalLM, source, pins, revision=revision, **kwargs)
     except OSError as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StageError(f"cannot load the base model {source!r} ({first}); chat with --merged, which needs nothing outside {folder}") from e
+        fix = (f"; chat with --merged, which needs nothing outside {folder}" if merged_fix
+               else "; --base and --compare need that base model (the base side is the adapter switched off)")
+        raise StageError(f"cannot load the base model {source!r} ({first}){fix}") from e
     except ValueError as e:
         if refused := remote_code_refused(e, source, why, trust):
             raise refused from e
@@ -1716,7 +1722,8 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
     folder = find_run(run, artifacts_dir)
     stops = answer_stop_ids(folder)  # before the model loads: a bad summary is told at once
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code, artifacts_dir=artifacts_dir)
+    model = load_published(folder, merged=merged, device=device, trust_remote_code=trust_remote_code, artifacts_dir=artifacts_dir,
+                           merged_fix="base" not in sides)  # --merged is refused above where the base side answers
     why = None if trust_remote_code else untrusted_code(folder, artifacts_dir)  # a remote-code tokenizer (Qwen-1's) as its model
     trust = why is None
     tok_dir = str(folder / ("merged" if merged else "adapter"))
@@ -1737,17 +1744,36 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
         return tok.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
     def answer(text: str) -> bool:
-        answered = True
+        """Each side answers `text` in turn. A prompt goes into the chats only where every side answered it, so the sides
+        always read the same conversation: under several sides, Ctrl-C stops the side answering, the next still answers,
+        and the prompt then goes into neither chat (KeyboardInterrupt once all have had their turn)."""
+        replies: dict[str, tuple[dict, str] | None] = {}
+        stopped = []
         for side in sides:
-            if len(sides) > 1:
+            tag = f"{side}: " if len(sides) > 1 else ""  # stderr notes say which side they are about
+            if tag:
                 print(f"[{side}]", flush=True)  # on stdout with the answer: a piped side-by-side stays readable
-            with model.disable_adapter() if side == "base" else contextlib.nullcontext():
-                answered = answer_as(histories[side], text) and answered
-            if len(sides) > 1:
+            try:
+                with model.disable_adapter() if side == "base" else contextlib.nullcontext():
+                    replies[side] = answer_as(histories[side], text, tag)
+            except KeyboardInterrupt:
+                if not tag:
+                    raise
+                stopped.append(side)
+                print(f"\n({side}: answer stopped)", file=sys.stderr, flush=True)
+            if tag:
                 print(flush=True)
-        return answered
+        if stopped:
+            raise KeyboardInterrupt
+        if any(reply is None for reply in replies.values()):
+            return False
+        for side, (turn, reply) in replies.items():
+            histories[side].extend([turn, {"role": "assistant", "content": reply}])
+        return True
 
-    def answer_as(history: list[dict], text: str) -> bool:
+    def answer_as(history: list[dict], text: str, tag: str) -> tuple[dict, str] | None:
+        """The user's turn and the model's reply to it after `history` (streamed on stdout), or None where it was not
+        answered (no room in the context); `tag` opens each note on stderr."""
         turn = {"role": "user", "content": text}
         enc, dropped = fitted(render, history, turn, context, max_new_tokens)
         n = enc["input_ids"].shape[1]
@@ -1755,16 +1781,16 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
         if limit < 1:  # the chat is kept as it was: a shorter message may still fit beside it
             bare = render([{"role": "user", "content": ""}])["input_ids"].shape[1]  # the template and its system prompt alone
             if bare >= context:
-                print(f"(not answered: the published chat template and its system prompt alone make a {bare}-token prompt, and "
+                print(f"({tag}not answered: the published chat template and its system prompt alone make a {bare}-token prompt, and "
                       f"the model's context is {context} tokens, so no message fits; publish with a shorter data.system_prompt)",
                       file=sys.stderr, flush=True)
             else:
-                print(f"(not answered: this message alone makes a {n}-token prompt, and the model's context is {context} tokens; "
+                print(f"({tag}not answered: this message alone makes a {n}-token prompt, and the model's context is {context} tokens; "
                       "send a shorter one)", file=sys.stderr, flush=True)
-            return False
+            return None
         if dropped:
             del history[:dropped]  # for good: the next turns are fitted to what is left
-            print(f"(dropped the {dropped} oldest turns of this chat: the prompt left no room for a {max_new_tokens}-token answer "
+            print(f"({tag}dropped the {dropped} oldest turns of this chat: the prompt left no room for a {max_new_tokens}-token answer "
                   f"in the model's {context}-token context)", file=sys.stderr, flush=True)
         enc = enc.to(device)
         # A streamer of its own: one that Ctrl-C stopped mid-answer keeps that answer's undecoded tail and takes the next
@@ -1775,10 +1801,8 @@ def chat(run: str | None, prompt: str | None, *, merged: bool = False, max_new_t
         new = out[0, n:].tolist()
         if len(new) >= limit and (not new or new[-1] not in ends):
             cut_by = f"--max-new-tokens {max_new_tokens}" if limit == max_new_tokens else f"the end of the model's {context}-token context"
-            print(f"(answer cut at {len(new)} tokens by {cut_by}, before the end of its turn)", file=sys.stderr, flush=True)
-        reply = tok.decode(new, skip_special_tokens=True).strip()
-        history.extend([turn, {"role": "assistant", "content": reply}])  # an answer cut off by Ctrl-C leaves no turn behind
-        return True
+            print(f"({tag}answer cut at {len(new)} tokens by {cut_by}, before the end of its turn)", file=sys.stderr, flush=True)
+        return turn, tok.decode(new, skip_special_tokens=True).strip()  # an answer cut off by Ctrl-C leaves no turn behind
 
     if prompt is not None:  # a script's call: no answer is a failure it can see
         return 0 if answer(prompt) else 1

@@ -871,7 +871,7 @@ def test_a_gguf_the_export_did_not_write_gets_the_gguf_new_metadata_command_that
     assert line.startswith("warning: m-q4_k_m.gguf does not end answers at '<|a|>' (id 2), '<|b|>' (id 3)") and "\n" not in line, line
     assert "qlora-pipeline run" not in line and "export it again" not in line, line
     command = line.split("mark it with `", 1)[1].split("`", 1)[0]
-    assert "gguf-new-metadata" in command.split()[0] or "gguf.scripts.gguf_new_metadata" in command, command
+    assert "gguf-new-metadata" in command or "gguf.scripts.gguf_new_metadata" in command, command
     assert shlex.split(command)[-1] == str(own), command
     done = subprocess.run(command, shell=True, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -952,3 +952,31 @@ def test_gpt_oss_s_end_of_message_token_is_no_published_stop_and_warns_only_wher
     write_json(tmp_path / "bare" / "summary.json", {"data": {"stop_token_ids": [ret, end]}})
     told = gguf_stops(gguf, tmp_path / "bare")
     assert told.strings == ["<|end|>"] and told.line.startswith("note: "), told
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rev-late: defects found reviewing 3bad65b (GGUF stop advice)
+
+
+def test_review_the_printed_mark_command_never_replaces_the_gguf_with_a_stale_marked_file(tmp_path):
+    """mark_command prints `gguf-new-metadata SRC SRC.marked ... && mv SRC.marked SRC`. Where SRC.marked is left from an
+    earlier try (Ctrl-C mid-write, a full disk), gguf-new-metadata asks before overwriting it and, on any answer but YES,
+    exits 0 ("Okay then, see ya!") without writing: the `&&` then moved the stale partial file over the user's GGUF.
+    The command now removes a leftover .marked first: run with "no" on stdin, the GGUF comes out marked, never stale."""
+    import subprocess
+
+    from tasks.common import write_json
+    from tasks.export import gguf_stops
+
+    write_json(tmp_path / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
+    (tmp_path / "gguf").mkdir()
+    own = _tiny_gguf(tmp_path / "gguf" / "own.gguf", ["<s>", "</s>", "<|a|>"], bos=0, eos=1)
+    from gguf import GGUFReader
+
+    command = gguf_stops(own, tmp_path).line.split("mark it with `", 1)[1].split("`", 1)[0]
+    Path(str(own) + ".marked").write_bytes(b"partial write")  # an earlier try cut short
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, input="no\n", timeout=120)
+    assert done.returncode == 0 and b"partial write" not in own.read_bytes(), done.stderr
+    fields = GGUFReader(str(own)).fields
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == 2 and fields["tokenizer.ggml.tokens"].contents()[2] == "<|a|>"
+    assert not Path(str(own) + ".marked").exists()

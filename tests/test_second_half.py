@@ -715,10 +715,11 @@ def test_chat_compare_answers_with_the_base_then_the_tuned_model_each_under_its_
         generated.append((all(m.disable_adapters for m in layers), kwargs["input_ids"][0].tolist()))
         return original(self, *args, **kwargs)
 
+    records = _records(trained, tiny_cfg, shared_artifacts)  # before the patch: stage 5's own generate calls are not counted
     monkeypatch.setattr(PeftModelForCausalLM, "generate", generate)
     lines = iter(["first question", "second question", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    publish_artifacts(tiny_cfg, "chat-compare", _records(trained, tiny_cfg, shared_artifacts))
+    publish_artifacts(tiny_cfg, "chat-compare", records)
     capfd.readouterr()
     assert chat("chat-compare", None, max_new_tokens=4, artifacts_dir=shared_artifacts, sides=("base", "tuned")) == 0
     out, err = capfd.readouterr()
@@ -796,3 +797,106 @@ def test_card_names_the_chat_templates_source(tiny_cfg):
     assert template_source(tiny_cfg, "{{ messages }}") == "the one `random:mistral`'s tokenizer ships"
     own = load_config(profile="tiny", overrides=[f"artifacts_dir={tiny_cfg.artifacts_dir}", "model.chat_template={{ messages }}"])
     assert template_source(own, "{{ messages }}") == "the one `model.chat_template` sets"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rev-late: defects found reviewing ae86af5 (chat --compare / --base)
+
+
+def test_review_chat_compare_after_ctrl_c_in_the_tuned_answer_both_sides_answer_the_same_conversation(trained, tiny_cfg, shared_artifacts,
+                                                                                                      monkeypatch, capfd):
+    """`chat --compare` answers each prompt with the base, then the tuned model. Ctrl-C during the tuned answer prints
+    "(answer stopped; it is not part of the chat)", yet the base side's answer to that prompt has already gone into the
+    base's chat: the next prompt reaches the base with that exchange before it and the tuned model without it, so the
+    side-by-side reading compares answers to different conversations (and the sides stay apart for the whole session)."""
+    from peft import PeftModelForCausalLM
+    from peft.tuners.lora import LoraLayer
+
+    from tasks.publish import chat
+
+    records = _records(trained, tiny_cfg, shared_artifacts)  # before the patch: stage 5's own generate calls are not counted
+    publish_artifacts(tiny_cfg, "chat-compare-stop", records)
+    generated = []  # (adapter off?, prompt ids) of each generate call
+    original = PeftModelForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        off = all(m.disable_adapters for m in self.modules() if isinstance(m, LoraLayer))
+        generated.append((off, kwargs["input_ids"][0].tolist()))
+        if len(generated) == 2:  # the first prompt's tuned answer: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModelForCausalLM, "generate", generate)
+    lines = iter(["first question", "second question", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    capfd.readouterr()
+    assert chat("chat-compare-stop", None, max_new_tokens=4, artifacts_dir=shared_artifacts, sides=("base", "tuned")) == 0
+    assert "(answer stopped; it is not part of the chat)" in capfd.readouterr().err
+    assert [off for off, _ in generated] == [True, False, True, False]
+    (_, _), (_, _), (_, base2), (_, tuned2) = generated
+    assert base2 == tuned2  # the second prompt: the same conversation on both sides
+
+
+def test_review_chat_compare_ctrl_c_during_the_base_answer_stops_that_answer_alone(trained, tiny_cfg, shared_artifacts, monkeypatch, capfd):
+    """The chat's banner says "Ctrl-C during an answer stops it". Under --compare the base answers first; a user who
+    stops a base answer that loops (as the commit's haiku example does on the other side) expects the tuned model's
+    answer to the same prompt next: the KeyboardInterrupt leaves `answer` altogether, the tuned side never answers that
+    prompt, and the chat goes back to the prompt."""
+    from peft import PeftModelForCausalLM
+    from peft.tuners.lora import LoraLayer
+
+    from tasks.publish import chat
+
+    records = _records(trained, tiny_cfg, shared_artifacts)  # before the patch: stage 5's own generate calls are not counted
+    publish_artifacts(tiny_cfg, "chat-compare-stop-base", records)
+    generated = []  # adapter off? of each generate call
+    original = PeftModelForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        generated.append(all(m.disable_adapters for m in self.modules() if isinstance(m, LoraLayer)))
+        if len(generated) == 1:  # the first prompt's base answer: the user presses Ctrl-C
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModelForCausalLM, "generate", generate)
+    lines = iter(["first question", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    capfd.readouterr()
+    assert chat("chat-compare-stop-base", None, max_new_tokens=4, artifacts_dir=shared_artifacts, sides=("base", "tuned")) == 0
+    out = capfd.readouterr().out
+    assert generated == [True, False] and "[tuned]" in out, (generated, out)
+
+
+def test_review_chat_base_side_that_cannot_load_is_not_sent_to_merged(trained, tiny_cfg, shared_artifacts):
+    """load_published's refusals for base + adapter (a base named by a cache path, bitsandbytes missing, a base that does
+    not load) end with "or chat with --merged". Under --base or --compare that fix is refused one call later: "the base
+    side is the adapter switched off, and the merged model has none: drop --merged". The line must not name a fix that
+    the same command refuses."""
+    from tasks.common import StageError, read_json, write_json
+    from tasks.export import _update_manifest
+    from tasks.publish import chat
+
+    folder = Path(publish_artifacts(tiny_cfg, "chat-base-unloadable", _records(trained, tiny_cfg, shared_artifacts)).dir)
+    prov = read_json(folder / "provenance.json")
+    write_json(folder / "provenance.json", {**prov, "base": {**prov["base"], "files": None, "hub_id": "nobody/no-such-base", "revision": "0" * 40}})
+    _update_manifest(folder)  # the folder stays published: only its base's name changed
+    for sides in (("base",), ("base", "tuned")):
+        with pytest.raises(StageError) as e:
+            chat("chat-base-unloadable", "one question", max_new_tokens=4, artifacts_dir=shared_artifacts, sides=sides)
+        assert "--merged" not in str(e.value), (sides, str(e.value))
+
+
+def test_review_chat_compare_notes_name_the_side_they_are_about(trained, tiny_cfg, shared_artifacts, monkeypatch, capfd):
+    """ae86af5 prints each answer under "[base]" / "[tuned]" on stdout so that "a piped side-by-side stays readable";
+    the notes about an answer ("(answer cut at N tokens by --max-new-tokens N ...)", "(dropped the N oldest turns of this
+    chat ...)", "(not answered: ...)") go to stderr as they did with one side, naming neither: `chat --compare > out.txt`
+    shows the user two identical notes on the terminal and no way to tell which side's answer was cut or which chat lost
+    its oldest turns (each side fits its own history, so one may drop turns while the other does not)."""
+    from tasks.publish import chat
+
+    publish_artifacts(tiny_cfg, "chat-compare-notes", _records(trained, tiny_cfg, shared_artifacts))
+    capfd.readouterr()
+    assert chat("chat-compare-notes", "one question", max_new_tokens=2, artifacts_dir=shared_artifacts, sides=("base", "tuned")) == 0
+    notes = [line for line in capfd.readouterr().err.splitlines() if "answer cut at 2 tokens" in line]
+    assert len(notes) == 2, notes  # the tiny model runs to the cap on both sides
+    assert notes[0].startswith("(base: answer cut") and notes[1].startswith("(tuned: answer cut"), notes
