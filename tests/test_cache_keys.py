@@ -9,6 +9,7 @@ the tiny profile. A new config key fails `test_every_config_key_is_in_the_table`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -498,42 +499,100 @@ def test_trust_remote_code_is_keyed_where_the_model_ships_code_and_nowhere_else(
     assert remote_code_key(cfg(plain, "true").model) == [{"trust_remote_code": {"tokenizer_config.json": {"AutoTokenizer": ["tokenization_x.X", None]}}}]
 
 
-def test_a_hub_models_auto_map_is_read_at_its_revision_from_the_hub_cache_and_an_unreadable_one_is_one_line(tmp_path, monkeypatch):
+class HubCache:
+    """A Hub cache of the test's own (`root`, huggingface_hub's HF_HUB_CACHE), its commits laid out as huggingface_hub's
+    downloads leave them: refs/main, snapshots/<sha>/, and .no_exist/<sha>/ for the files the Hub said a commit lacks."""
+
+    def __init__(self, root: Path, seed: str, monkeypatch: pytest.MonkeyPatch):
+        self.root, self._seed, self._monkeypatch = root, seed, monkeypatch
+
+    def sha(self, name: str = "") -> str:
+        """A commit hash of this test's own: transformers keeps each commit's modules once per process and machine (by
+        repository and commit), so a hash two tests shared would load the first one's code in the second."""
+        return hashlib.sha1(f"{self._seed}{name}".encode()).hexdigest()
+
+    def snapshot(self, repo: str, sha: str) -> Path:
+        return self.root / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+
+    def commit(self, repo: str, sha: str, files: dict[str, str | bytes] | None = None, lacks: tuple[str, ...] = ()) -> Path:
+        """`sha` made `repo`'s main, its snapshot holding `files` (name: content) and lacking `lacks`; its snapshot folder."""
+        snap = self.snapshot(repo, sha)
+        folder = snap.parent.parent
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(sha)
+        snap.mkdir(parents=True, exist_ok=True)
+        for name, content in (files or {}).items():
+            if isinstance(content, bytes):
+                (snap / name).write_bytes(content)
+            else:
+                (snap / name).write_text(content)
+        for name in lacks:
+            (folder / ".no_exist" / sha / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / ".no_exist" / sha / name).write_text("")
+        return snap
+
+    def other_repo_commit(self, sha: str, version: str, repo: str = "otherorg/pinned") -> None:
+        """A commit `sha` of `repo`, its main: the config, model and fast tokenizer modules a fine-tune's auto_map names
+        (`_fine_tune_of_other_code`), whose classes say `version`."""
+        self.commit(repo, sha, {
+            "configuration_pinned.py":
+                f"from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'pinned'\n    VERSION = {version!r}\n",
+            "modeling_pinned.py":
+                "from transformers import LlamaForCausalLM\n\nfrom .configuration_pinned import PinnedConfig\n\n\n"
+                f"class PinnedForCausalLM(LlamaForCausalLM):\n    config_class = PinnedConfig\n    VERSION = {version!r}\n",
+            "tokenization_pinned.py":
+                f"from transformers import PreTrainedTokenizerFast\n\n\nclass PinnedTokenizerFast(PreTrainedTokenizerFast):\n    VERSION = {version!r}\n"})
+
+    def offline(self) -> None:
+        """Offline as a run with HF_HUB_OFFLINE=1 is: huggingface_hub's switch (transformers asks it at each request) and
+        the environment (the processes a run starts)."""
+        from huggingface_hub import constants
+
+        self._monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        self._monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> HubCache:
+    """An empty Hub cache of the test's own, tmp_path/hub (huggingface_hub reads HF_HUB_CACHE at each call); online."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return HubCache(tmp_path / "hub", str(tmp_path), monkeypatch)
+
+
+@pytest.fixture
+def offline_hub(hub_cache) -> HubCache:
+    """`hub_cache`, offline."""
+    hub_cache.offline()
+    return hub_cache
+
+
+def test_a_hub_models_auto_map_is_read_at_its_revision_from_the_hub_cache_and_an_unreadable_one_is_one_line(hub_cache):
     """`remote_code_key` of a hub id reads its config.json and tokenizer_config.json at model.revision: from the Hub cache
     (stage 1's downloads put them there), a file the Hub said it lacks as none, else downloaded; a download that fails is
     one line naming the file, the model and the fix, not a network traceback out of a cache key."""
-    from huggingface_hub import constants
-
     from tasks.common import StageError
     from tasks.config import ModelSection
     from tasks.models import remote_code_key
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo, commit = tmp_path / "hub" / "models--someorg--phi3-like", "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "config.json").write_text(json.dumps({"model_type": "phi3", "auto_map": PHI3_LIKE_AUTO_MAP}))
-    (repo / ".no_exist" / commit).mkdir(parents=True)
-    (repo / ".no_exist" / commit / "tokenizer_config.json").write_text("")
+    hub_cache.commit("someorg/phi3-like", "0" * 40, {"config.json": json.dumps({"model_type": "phi3", "auto_map": PHI3_LIKE_AUTO_MAP})},
+                     lacks=("tokenizer_config.json",))
     on = ModelSection(name="someorg/phi3-like", trust_remote_code=True)
     assert remote_code_key(on) == [{"trust_remote_code": {"config.json": PHI3_LIKE_AUTO_MAP}}]
     assert remote_code_key(on.model_copy(update={"trust_remote_code": False})) == []
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_cache.offline()
     with pytest.raises(StageError, match=r"^cannot read config.json of 'someorg/other' from the hub \(\w+\) to tell whether "
                                          r"model.trust_remote_code loads its own code; retry online, or set model.trust_remote_code: false$"):
         remote_code_key(ModelSection(name="someorg/other", trust_remote_code=True))
 
 
-def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_again(tmp_path, monkeypatch):
+def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_again(tmp_path, monkeypatch, hub_cache):
     """With model.trust_remote_code on, every stage key that loads the model asks `remote_code_key`, and each call read
     and parsed config.json and tokenizer_config.json again: now once per version of the file in a process (`_json_once`),
     a local folder's and a hub model's (its Hub cache snapshot at the ref's resolved commit) alike. Never stale: the
     local config.json's auto_map changed between two calls (the same size: a rewrite in place), or the ref's main
     moved to a commit whose config.json differs, and the key changes."""
-    from huggingface_hub import constants
-
     from tasks import common
     from tasks.config import ModelSection
     from tasks.models import remote_code_key
@@ -563,16 +622,9 @@ def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_agai
     config.write_text(text.replace("TinyForCausalLM", "TinyForCausalLX"))  # the same size, in place
     assert remote_code_key(local) != keys[1] and reads.count("config.json") == 3
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo = tmp_path / "hub" / "models--someorg--phi3-like"
-
     def commit(sha: str, auto_map: dict) -> None:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(sha)
-        (repo / "snapshots" / sha).mkdir(parents=True)
-        (repo / "snapshots" / sha / "config.json").write_text(json.dumps({"model_type": "phi3", "auto_map": auto_map}))
-        (repo / ".no_exist" / sha).mkdir(parents=True)
-        (repo / ".no_exist" / sha / "tokenizer_config.json").write_text("")
+        hub_cache.commit("someorg/phi3-like", sha, {"config.json": json.dumps({"model_type": "phi3", "auto_map": auto_map})},
+                         lacks=("tokenizer_config.json",))
 
     commit("1" * 40, PHI3_LIKE_AUTO_MAP)
     hub = ModelSection(name="someorg/phi3-like", trust_remote_code=True)
@@ -584,7 +636,7 @@ def test_remote_code_key_reads_each_file_once_per_version_and_a_changed_one_agai
     assert remote_code_key(hub) == [{"trust_remote_code": {"config.json": moved}}] and reads == ["config.json"] * 2
 
 
-def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repositorys_commit(tmp_path, monkeypatch):
+def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repositorys_commit(tmp_path, monkeypatch, offline_hub):
     """An auto_map entry "org/repo--module.Class" (a fine-tune of a remote-code model, as save_pretrained writes it) makes
     transformers load that repository's module at its latest commit: no pin is possible in the entry. It was keyed by its
     text alone, so a new commit there loaded other code under the same keys. Now the commit transformers resolves (offline:
@@ -598,9 +650,6 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
     from tasks.models import remote_code_key
     from tasks.preflight import check_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = _phi3_like_folder(tmp_path / "fine-tune")
     auto_map = {**PHI3_LIKE_AUTO_MAP, "AutoModelForCausalLM": "otherorg/code--modeling_other.OtherForCausalLM"}
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map}))
@@ -616,13 +665,8 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
         check_model(model, LoraSection(), QuantSection(), "cpu", str(tmp_path / "artifacts"))
     assert str(e.value) == line
 
-    repo = tmp_path / "hub" / "models--otherorg--code"
-
     def commit(sha: str) -> None:
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(sha)
-        (repo / "snapshots" / sha).mkdir(parents=True)
-        (repo / "snapshots" / sha / "modeling_other.py").write_text(f"# code of {sha[:4]}\n")
+        offline_hub.commit("otherorg/code", sha, {"modeling_other.py": f"# code of {sha[:4]}\n"})
 
     from tasks import models
 
@@ -635,14 +679,9 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
     models._CODE_COMMITS.clear()
     assert remote_code_key(model) == [{"trust_remote_code": {"config.json": auto_map}, "code_commits": {"otherorg/code--modeling_other": "b" * 40}}]
 
-    own = tmp_path / "hub" / "models--someorg--fine-tune"
-    (own / "refs").mkdir(parents=True)
-    (own / "refs" / "main").write_text("c" * 40)
-    (own / "snapshots" / ("c" * 40)).mkdir(parents=True)
     own_map = {"AutoModelForCausalLM": "someorg/fine-tune--modeling_tiny.TinyForCausalLM"}
-    (own / "snapshots" / ("c" * 40) / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": own_map}))
-    (own / ".no_exist" / ("c" * 40)).mkdir(parents=True)
-    (own / ".no_exist" / ("c" * 40) / "tokenizer_config.json").write_text("")
+    offline_hub.commit("someorg/fine-tune", "c" * 40, {"config.json": json.dumps({"model_type": "llama", "auto_map": own_map})},
+                       lacks=("tokenizer_config.json",))
     assert remote_code_key(ModelSection(name="someorg/fine-tune", trust_remote_code=True)) == [{"trust_remote_code": {"config.json": own_map}}]
 
     # online: the Hub is asked once a process (a run), as transformers' own download asks it; a failure is the same one line
@@ -654,7 +693,7 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
         asked.append((repo_id, filename))
         if repo_id == "otherorg/gone":
             raise ConnectionError("network unreachable")
-        return str(repo / "snapshots" / ("d" * 40) / filename)
+        return str(offline_hub.snapshot("otherorg/code", "d" * 40) / filename)
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -668,22 +707,6 @@ def test_an_auto_map_naming_another_repositorys_code_is_keyed_by_that_repository
                                          r"the repository otherorg/gone, which transformers loads at that repository's latest commit, and "
                                          r"the Hub did not give it \(ConnectionError\); run once online"):
         remote_code_key(model)
-
-
-def _other_repo_commit(hub: Path, repo: str, sha: str, version: str) -> None:
-    """A commit `sha` of the hub repository `repo` in the Hub cache `hub`, its main: a config and a model module whose
-    classes say `version`."""
-    folder = hub / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(sha)
-    (folder / "snapshots" / sha).mkdir(parents=True)
-    (folder / "snapshots" / sha / "configuration_pinned.py").write_text(
-        f"from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'pinned'\n    VERSION = {version!r}\n")
-    (folder / "snapshots" / sha / "modeling_pinned.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_pinned import PinnedConfig\n\n\n"
-        f"class PinnedForCausalLM(LlamaForCausalLM):\n    config_class = PinnedConfig\n    VERSION = {version!r}\n")
-    (folder / "snapshots" / sha / "tokenization_pinned.py").write_text(
-        f"from transformers import PreTrainedTokenizerFast\n\n\nclass PinnedTokenizerFast(PreTrainedTokenizerFast):\n    VERSION = {version!r}\n")
 
 
 def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False, builtin_config: bool = False) -> Path:
@@ -710,31 +733,23 @@ def _fine_tune_of_other_code(folder: Path, repo: str, tokenizer: bool = False, b
 
 
 @pytest.mark.parametrize("config", ["remote", "builtin"])
-def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(tmp_path, monkeypatch, config):
+def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(tmp_path, config, offline_hub):
     """The key held the commit of the other repository resolved at key time, but transformers' load fetched that
     repository again, unpinned, moments later: a commit landing between them (here: the Hub cache's main moved by
     another process's download) loaded code the key never named. Now the load passes that very commit as
     transformers' code_revision, to the config's class, the model's and the tokenizer's alike (config, skeleton, weights and
     tokenizer); a config transformers ships (Phi-3's shape) with the model's class from the other repository too."""
-    import hashlib
-
-    from huggingface_hub import constants
-
     from tasks.config import ModelSection, QuantSection
     from tasks.models import load_base_model, load_tokenizer, model_config, model_skeleton, remote_code_key, resolve_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # commits of their own: transformers keeps each commit's modules once per process and machine (by repo and commit)
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "keyed")
     folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True, builtin_config=config == "builtin")
     model = ModelSection(name=str(folder), trust_remote_code=True)
     key = remote_code_key(model)
     assert key[0]["code_commits"] == {**({"otherorg/pinned--configuration_pinned": first} if config == "remote" else {}),
                                       "otherorg/pinned--modeling_pinned": first, "otherorg/pinned--tokenization_pinned": first}
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    offline_hub.other_repo_commit(later, "pushed after the key")
     ref = resolve_model(model, str(tmp_path / "artifacts"))
     assert remote_code_key(model) == key
     if config == "remote":
@@ -746,17 +761,14 @@ def test_the_load_takes_the_other_repositorys_code_at_the_commit_the_key_holds(t
     assert type(load_tokenizer(ref, model)).VERSION == "keyed"
 
 
-def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_was_trained_with(tmp_path, monkeypatch):
+def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_was_trained_with(tmp_path, offline_hub):
     """The published folder kept the fine-tune's auto_map ("org/repo--module.Class", no commit possible in it), so `chat`
     loaded that repository's code as it was on the day of the chat. Now stage 7 records the commit the stages' keys held
     (provenance.json `base.code_commits`, the card names it) and `chat`'s loads pass it as code_revision: base/ + adapter
     and merged/ load the trained code after the repository moved on. merged/ as the merge writes it carries that code
     itself (transformers' save_pretrained copies a loaded class's module in). Offline without that commit in the Hub
     cache: one line naming the repository, the commit and the fix, before anything loads."""
-    import hashlib
-
     import torch
-    from huggingface_hub import constants
     from peft import LoraConfig, get_peft_model
 
     from tasks.common import StageError, write_json
@@ -765,11 +777,8 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
     from tasks.models import load_base_model, model_code_revisions, resolve_model
     from tasks.publish import base_markdown, describe_base, load_published
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "trained")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "trained")
     base = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")
     cfg = load_config(profile="tiny", overrides=[f"artifacts_dir={tmp_path / 'art'}", f"model.name={base}", "model.trust_remote_code=true"])
     said = describe_base(cfg, None, SimpleNamespace(dequantized_from_4bit=False), SimpleNamespace(device="cpu"), ref=str(base))
@@ -786,14 +795,14 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
     save_merged(loaded.state_dict(), loaded.config, None, torch.float32, folder / "merged", code_revisions=model_code_revisions(model),
                 trust_remote_code=True)
-    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    snapshot = offline_hub.snapshot("otherorg/pinned", first)
     assert json.loads((folder / "merged" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_pinned.PinnedConfig", "AutoModelForCausalLM": "modeling_pinned.PinnedForCausalLM"}
     assert (folder / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
     get_peft_model(loaded, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(folder / "adapter"))
     write_json(folder / "provenance.json", {"base": {**said, "files": "base", "hub_id": None}})
 
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed since")  # the repository moved on
+    offline_hub.other_repo_commit(later, "pushed since")  # the repository moved on
     chatted = load_published(folder, merged=False, device="cpu", trust_remote_code=True)
     assert type(chatted.get_base_model()).VERSION == "trained"
     shutil.rmtree(folder / "merged")
@@ -809,31 +818,24 @@ def test_the_published_folder_loads_the_other_repositorys_code_at_the_commit_it_
                             "was trained with), and offline (HF_HUB_OFFLINE) the Hub cache holds no copy of that commit; run once "
                             f"online, or `hf download otherorg/pinned --include '*.py' --revision {gone}`")
     # the module cached at that commit, the module it imports (transformers fetches it at the same commit) not
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", gone, "half cached")
-    (tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / gone / "configuration_pinned.py").unlink()
+    offline_hub.other_repo_commit(gone, "half cached")
+    (offline_hub.snapshot("otherorg/pinned", gone) / "configuration_pinned.py").unlink()
     with pytest.raises(StageError, match=r"holds no copy of configuration_pinned.py, which it imports, at that commit; run once online, or "
                                          rf"`hf download otherorg/pinned --include '\*.py' --revision {gone}`$"):
         load_published(folder, merged=False, device="cpu", trust_remote_code=True)
 
 
-def test_review_cache16_the_cards_rendered_example_loads_a_tokenizer_of_the_models_own_code(tmp_path, monkeypatch):
+def test_review_cache16_the_cards_rendered_example_loads_a_tokenizer_of_the_models_own_code(tmp_path, offline_hub):
     """Stage 7's card renders one user turn with merged/'s tokenizer (`rendered_example`), loaded with no
     trust_remote_code: a tokenizer of the model's own code, which merged/ carries beside it (save_pretrained copies the
     module in), was refused with transformers' trust_remote_code ValueError, so a model.trust_remote_code run whose
     tokenizer is remote code (Qwen-1's) could not publish. It now loads with the run's model.trust_remote_code."""
-    import hashlib
-
-    from huggingface_hub import constants
-
     from tasks.config import ModelSection
     from tasks.models import load_tokenizer, resolve_model
     from tasks.publish import rendered_example
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sha = hashlib.sha1(str(tmp_path).encode()).hexdigest()
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", sha, "trained")
+    sha = offline_hub.sha()
+    offline_hub.other_repo_commit(sha, "trained")
     model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", tokenizer=True)), trust_remote_code=True)
     tok = load_tokenizer(resolve_model(model, str(tmp_path / "art")), model)
     assert type(tok).VERSION == "trained"
@@ -846,23 +848,16 @@ def test_review_cache16_the_cards_rendered_example_loads_a_tokenizer_of_the_mode
 
 
 @pytest.mark.parametrize("stage", ["train", "probe"])
-def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_launcher_keyed(tmp_path, monkeypatch, stage):
+def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_launcher_keyed(tmp_path, monkeypatch, stage, offline_hub):
     """Training and the probe on several GPUs run in torchrun's ranks, new processes that resolved the other
     repository's commit again when they loaded the model: a commit landing after the launcher's key loaded unkeyed code
     in every rank. Now the launcher's spec holds the commits its key held (`code_commits`) and each rank resolves to them
     (`keep_code_commits`)."""
-    import hashlib
-
-    from huggingface_hub import constants
-
     from tasks import models, probe, train
     from tasks.config import LoraSection, ModelSection, QuantSection, TrainingSection
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "keyed")
     model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")), trust_remote_code=True)
     keyed = models.remote_code_key(model)
 
@@ -890,7 +885,7 @@ def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_laun
     assert specs[0]["code_commits"] == keyed[0]["code_commits"]
 
     # a rank: a new process (nothing resolved yet) after the repository moved on
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    offline_hub.other_repo_commit(later, "pushed after the key")
     monkeypatch.setattr(models, "_CODE_COMMITS", {})
     seen = []
     monkeypatch.setattr(train if stage == "train" else probe, f"_{stage}", lambda *a, **k: seen.append(models.remote_code_key(model)))
@@ -903,25 +898,18 @@ def test_torchrun_ranks_load_the_other_repositorys_code_at_the_commit_their_laun
     assert seen == [keyed]
 
 
-def test_offline_a_module_the_other_repositorys_module_imports_and_the_cache_lacks_is_one_line_before_stage_1(tmp_path, monkeypatch):
+def test_offline_a_module_the_other_repositorys_module_imports_and_the_cache_lacks_is_one_line_before_stage_1(tmp_path, offline_hub):
     """transformers loads an auto_map's module with the modules it imports relatively, at the same commit. Offline, the
     Hub cache holding the module named (`hf download org/repo modeling_x.py`, as the line said) but not its
     configuration_x.py told the key a commit, and stage 1's load stopped on a network traceback. Now the key's check
     (`check_model`, before stage 1) names the file, the commit and the fix."""
-    import hashlib
-
-    from huggingface_hub import constants
-
     from tasks.common import StageError
     from tasks.config import LoraSection, ModelSection, QuantSection
     from tasks.preflight import check_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sha = hashlib.sha1(str(tmp_path).encode()).hexdigest()
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", sha, "half cached")
-    (tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / sha / "configuration_pinned.py").unlink()
+    sha = offline_hub.sha()
+    offline_hub.other_repo_commit(sha, "half cached")
+    (offline_hub.snapshot("otherorg/pinned", sha) / "configuration_pinned.py").unlink()
     folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=True)
     with pytest.raises(StageError) as e:
         check_model(ModelSection(name=str(folder), trust_remote_code=True), LoraSection(), QuantSection(), "cpu", str(tmp_path / "art"))
@@ -933,26 +921,18 @@ def test_offline_a_module_the_other_repositorys_module_imports_and_the_cache_lac
 
 
 @pytest.mark.parametrize("case", ["tokenizer_slow_half", "unused_auto_class"])
-def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_path, monkeypatch, case):
+def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_path, case, offline_hub):
     """AutoTokenizer in transformers 5.25 takes the fast entry of an auto_map's [slow, fast] whenever it is not None
     (tokenization_auto.py: 'V5: Always prefer fast tokenizer'), and the stages load AutoConfig, AutoModelForCausalLM and
     AutoTokenizer only. With the Hub cache holding the modules those load (as a plain transformers load of the model
     leaves it), offline, the key is told and holds their commit; a module never loaded (the slow tokenizer's, a
     sequence-classification head's) is no reason to refuse the run, nor part of the key."""
-    from huggingface_hub import constants
-
     from tasks.config import ModelSection
     from tasks.models import remote_code_key
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sha, repo = "e" * 40, tmp_path / "hub" / "models--otherorg--code"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(sha)
-    (repo / "snapshots" / sha).mkdir(parents=True)
-    for name in ("modeling_other.py", "tokenization_other_fast.py"):  # what transformers loaded (and cached)
-        (repo / "snapshots" / sha / name).write_text("# code\n")
+    sha = "e" * 40
+    loaded_and_cached = ("modeling_other.py", "tokenization_other_fast.py")  # what transformers loaded (and cached)
+    offline_hub.commit("otherorg/code", sha, {name: "# code\n" for name in loaded_and_cached})
     folder = _phi3_like_folder(tmp_path / "fine-tune")
     auto_map = {**PHI3_LIKE_AUTO_MAP, "AutoModelForCausalLM": "otherorg/code--modeling_other.OtherForCausalLM"}
     if case == "unused_auto_class":
@@ -967,19 +947,15 @@ def test_review_cache14_only_the_modules_transformers_loads_need_a_commit(tmp_pa
     assert key[0]["code_commits"] == loaded
 
 
+@pytest.mark.usefixtures("offline_hub")  # offline, its Hub cache empty
 def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_keyed_by_its_code(tmp_path, monkeypatch):
     """transformers 5.25 resolves the repository of an auto_map entry "org/repo--module.Class" as a folder first: where
     the working directory holds org/repo/ (`hf download org/repo --local-dir org/repo`), the module is read from there,
     never from the Hub. The key must then follow that folder's module (a changed module, another key), and a missing
     Hub cache copy is no reason to stop."""
-    from huggingface_hub import constants
-
     from tasks.config import ModelSection
     from tasks.models import remote_code_key
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"
     (work / "otherorg" / "code").mkdir(parents=True)
     module = work / "otherorg" / "code" / "modeling_other.py"
@@ -997,35 +973,29 @@ def test_review_cache14_an_entry_naming_a_folder_under_the_working_directory_is_
     assert model_code_revisions(model) == {}  # read where it is: no commit for the load to pass (nor one for chat to look up)
 
 
-def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_at_the_keyed_commit(tmp_path, monkeypatch):
+def test_review_cache15_the_merge_builds_merged_from_the_other_repositorys_code_at_the_keyed_commit(tmp_path, offline_hub):
     """Stage 6 rebuilds the model from the loaded base's config (`save_merged`: AutoModelForCausalLM.from_config) and
     save_pretrained copies that class's module into merged/. For a config transformers ships with an auto_map naming
     another repository's model class (Phi-3's shape) no load registered that class, so from_config looks the auto_map up
     again, with no code_revision: the other repository's main as it is at the merge, not the commit the keys hold and
     the base loaded. merged/ then ships (and `verify_merged`, `chat --merged`, serve-model run) unkeyed code."""
-    import hashlib
-
     import torch
-    from huggingface_hub import constants
 
     from tasks.config import ModelSection, QuantSection
     from tasks.merge import save_merged
     from tasks.models import load_base_model, model_code_revisions, remote_code_key, resolve_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "keyed")
     model = ModelSection(name=str(_fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=True)),
                          trust_remote_code=True)
     assert remote_code_key(model)[0]["code_commits"] == {"otherorg/pinned--modeling_pinned": first}
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    offline_hub.other_repo_commit(later, "pushed after the key")
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
     assert type(loaded).VERSION == "keyed"  # the base: pinned
     save_merged(loaded.state_dict(), loaded.config, None, torch.float32, tmp_path / "merged", code_revisions=model_code_revisions(model),
                 trust_remote_code=True)
-    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    snapshot = offline_hub.snapshot("otherorg/pinned", first)
     assert (tmp_path / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
 
 
@@ -1046,68 +1016,57 @@ save_merged(load_file(folder + "/model.safetensors"), config, None, torch.float3
 
 
 @pytest.mark.parametrize("config", ["remote", "builtin"])
-def test_review_cache16_save_merged_alone_in_a_fresh_process_rebuilds_at_the_commits_it_is_given(tmp_path, monkeypatch, config):
+def test_review_cache16_save_merged_alone_in_a_fresh_process_rebuilds_at_the_commits_it_is_given(tmp_path, config, offline_hub):
     """`save_merged` took the other repository's commits from what its own process had loaded (`loaded_code_revisions`:
     the commits this process resolved). Called in a process that had not loaded the base (a rebuild on its own) it knew
     none, and from_config looked the auto_map's class up at the other repository's main: merged/ shipped code the base
     never ran. The pins are now an input (stage 6 passes its key's, provenance.json holds them as base.code_revisions):
     here a fresh process, the Hub cache's main moved on since the key, rebuilds at the keyed commit."""
-    import hashlib
     import subprocess
     import sys
-
-    from huggingface_hub import constants
 
     from tasks.config import ModelSection
     from tasks.models import model_code_revisions
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "keyed")
     folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned", builtin_config=config == "builtin")
     pins = model_code_revisions(ModelSection(name=str(folder), trust_remote_code=True))  # what the stage's key holds
     assert pins == {**({"AutoConfig": first} if config == "remote" else {}), "AutoModelForCausalLM": first}
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    offline_hub.other_repo_commit(later, "pushed after the key")
 
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env = {**os.environ, "HF_HUB_CACHE": str(offline_hub.root), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     root = str(Path(__file__).resolve().parent.parent)
     done = subprocess.run([sys.executable, "-c", _REBUILD_ALONE, root, str(folder), str(tmp_path / "merged"), json.dumps(pins)],
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    snapshot = tmp_path / "hub" / "models--otherorg--pinned" / "snapshots" / first
+    snapshot = offline_hub.snapshot("otherorg/pinned", first)
     assert (tmp_path / "merged" / "modeling_pinned.py").read_text() == (snapshot / "modeling_pinned.py").read_text()
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_pinned.PinnedForCausalLM"
 
 
 def test_review_cache16_the_fast_tokenizer_instead_of_mistral_commons_reads_the_other_repositorys_config_code_at_the_keyed_commit(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, offline_hub):
     """`load_tokenizer` loads through `pinned_from_pretrained` (the config alone at AutoConfig's commit, handed over), but
     where transformers picked mistral-common it loads again with mistral_format=False (`_fast_instead_of_mistral_common`),
     and that load was a plain AutoTokenizer.from_pretrained: it read the config again with no code_revision, running a
     config class another repository's code gives at that repository's main, after the key. Now it loads as the first
     load does. mistral-common is not installed here: transformers' choice is stood in for (the real tokenizer, its class
     renamed); which commit's config class ran is read off the classes transformers' dynamic-module loader returned."""
-    import hashlib
-
-    from huggingface_hub import constants
     from transformers import AutoTokenizer
     from transformers.models.auto import configuration_auto
 
     from tasks.config import ModelSection
     from tasks.models import MISTRAL_COMMON, build_byte_tokenizer, load_tokenizer, remote_code_key, resolve_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    first, later = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", first, "keyed")
+    first, later = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(first, "keyed")
     folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/pinned")
     build_byte_tokenizer().save_pretrained(str(folder))  # a tokenizer of transformers' own: no auto_map
     model = ModelSection(name=str(folder), trust_remote_code=True)
     ref = resolve_model(model, str(tmp_path / "artifacts"))
     assert remote_code_key(model)[0]["code_commits"] == {"otherorg/pinned--configuration_pinned": first, "otherorg/pinned--modeling_pinned": first}
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", later, "pushed after the key")
+    offline_hub.other_repo_commit(later, "pushed after the key")
 
     real_class, real_load = configuration_auto.get_class_from_dynamic_module, AutoTokenizer.from_pretrained
     ran, asked = [], []
@@ -1131,50 +1090,39 @@ def test_review_cache16_the_fast_tokenizer_instead_of_mistral_commons_reads_the_
     assert ran == ["keyed", "keyed"]  # the config class of both loads: the key's commit, never main's
 
 
-def _hub_fine_tune_with_own_code(hub: Path, repo: str, sha: str, other: str) -> None:
+def _hub_fine_tune_with_own_code(hub: HubCache, repo: str, sha: str, other: str) -> None:
     """The Hub cache's copy of `repo` at `sha` (its main): a tiny Llama whose config.json names the repository's own
     configuration class and `other`'s model class (a hub fine-tune that keeps its own config code)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = hub / f"models--{repo.replace('/', '--')}"
-    snap = folder / "snapshots" / sha
     dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": 64}
-    LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(snap))
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(sha)
-    (snap / "configuration_own.py").write_text("from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'own'\n")
+    LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(hub.snapshot(repo, sha)))
     auto_map = {"AutoConfig": "configuration_own.PinnedConfig", "AutoModelForCausalLM": f"{other}--modeling_pinned.PinnedForCausalLM"}
-    (snap / "config.json").write_text(json.dumps({"model_type": "own", "auto_map": auto_map, **dims}))
-    for name in ("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"):
-        (folder / ".no_exist" / sha / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / ".no_exist" / sha / name).write_text("")
+    hub.commit(repo, sha, {"configuration_own.py": "from transformers import LlamaConfig\n\n\nclass PinnedConfig(LlamaConfig):\n    model_type = 'own'\n",
+                           "config.json": json.dumps({"model_type": "own", "auto_map": auto_map, **dims})},
+               lacks=("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"))
 
 
-def test_review_cache15_the_cards_code_revision_advice_loads_a_base_with_its_own_code_beside_the_other_repositorys(tmp_path, monkeypatch):
+def test_review_cache15_the_cards_code_revision_advice_loads_a_base_with_its_own_code_beside_the_other_repositorys(tmp_path, offline_hub):
     """The card's base section tells a reader loading the model themselves to pass `code_revision="<commit>"` to
     `from_pretrained`. transformers 5.25 takes one code_revision a call and pins every remote class the call loads with
     it (why `pinned_from_pretrained` loads the config alone): for a Hub fine-tune whose config class is its own code and
     whose model class is another repository's, the advice looks the fine-tune's configuration_own.py up at the other
     repository's commit, which the fine-tune does not have. The card says so, and its snippet (the config loaded alone,
     then the model at its class's commit) loads the keyed code: its load lines are run here as they are written."""
-    import hashlib
     import re
 
     import torch
-    from huggingface_hub import constants
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tasks.config import ModelSection, QuantSection, load_config
     from tasks.models import load_base_model, model_code_revisions, remote_code_key, resolve_model
     from tasks.publish import base_markdown, use_markdown
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, own = (hashlib.sha1(f"{tmp_path}{n}".encode()).hexdigest() for n in "ab")
-    _other_repo_commit(tmp_path / "hub", "otherorg/pinned", code, "keyed")
-    _hub_fine_tune_with_own_code(tmp_path / "hub", "someorg/fine-tune", own, "otherorg/pinned")
+    code, own = offline_hub.sha("a"), offline_hub.sha("b")
+    offline_hub.other_repo_commit(code, "keyed")
+    _hub_fine_tune_with_own_code(offline_hub, "someorg/fine-tune", own, "otherorg/pinned")
     model = ModelSection(name="someorg/fine-tune", revision=own, trust_remote_code=True)
     commits = remote_code_key(model)[0]["code_commits"]
     assert commits == {"otherorg/pinned--modeling_pinned": code}
@@ -1214,19 +1162,15 @@ def test_review_cache15_the_use_it_snippet_loads_the_other_repositorys_code_at_t
     assert "trust_remote_code=True" in loads[0] and f'code_revision="{commit}"' in loads[0] and "config=config" in loads[0]
 
 
+@pytest.mark.usefixtures("offline_hub")  # offline, its Hub cache empty
 def test_review_cache15_the_card_names_no_hub_commit_for_a_working_directory_folders_code(tmp_path, monkeypatch):
     """An auto_map entry whose org/repo is a folder under the working directory is read from there (no commit: its key
     value is "folder <sha256 of the module>", and `pinned_modules` leaves it out of every load). Stage 7 records
     `code_commits(model)` whole, so provenance.json base.code_commits and the card hold it: "Runs modeling_other.py of
     the Hub repository otherorg/code ... at commit `folder 1a2b…` ... pass code_revision="folder 1a2b…"."""
-    from huggingface_hub import constants
-
     from tasks.config import load_config
     from tasks.publish import base_markdown, describe_base
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"
     (work / "otherorg" / "code").mkdir(parents=True)
     (work / "otherorg" / "code" / "modeling_other.py").write_text("# v1\n")
@@ -1240,20 +1184,17 @@ def test_review_cache15_the_card_names_no_hub_commit_for_a_working_directory_fol
     assert 'code_revision="folder' not in base_markdown(said)
 
 
-def test_review_cache15_an_autotokenizer_entry_in_config_json_transformers_never_reads_stops_no_offline_run(tmp_path, monkeypatch):
+@pytest.mark.usefixtures("offline_hub")  # offline, its Hub cache empty
+def test_review_cache15_an_autotokenizer_entry_in_config_json_transformers_never_reads_stops_no_offline_run(tmp_path):
     """transformers 5.25's AutoTokenizer reads the tokenizer's auto_map from tokenizer_config.json alone
     (tokenization_auto: `tokenizer_config["auto_map"]`); config.json's auto_map["AutoTokenizer"] is never loaded. Keyed
     as a loaded class, an entry there naming another repository stops an offline run before stage 1 ("the Hub cache
     holds no copy of it") although every load would have served."""
-    from huggingface_hub import constants
     from transformers import AutoTokenizer
 
     from tasks.config import ModelSection
     from tasks.models import build_byte_tokenizer, remote_code_key
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = _fine_tune_of_other_code(tmp_path / "fine-tune", "otherorg/gone", builtin_config=True)
     build_byte_tokenizer().save_pretrained(str(folder))
     conf = json.loads((folder / "config.json").read_text())
@@ -3187,58 +3128,42 @@ def test_the_export_key_sees_tokenizer_json_rewritten_in_place_with_the_same_siz
     assert key() != before
 
 
-def test_review_a_hub_gguf_with_trust_remote_code_keys_no_code_and_runs_offline(tmp_path, monkeypatch):
+def test_review_a_hub_gguf_with_trust_remote_code_keys_no_code_and_runs_offline(monkeypatch, hub_cache):
     """shipped_auto_maps says {} 'for a model this project builds (a converted GGUF, ...)', but it tests `_locate`'s kind,
     which is 'hub' for a hub id with gguf_file (only a local/pypi GGUF is 'gguf'). So a hub GGUF with
     model.trust_remote_code: true reads the repo's config.json: offline, with the GGUF itself in the cache (the repo has no
     config.json, as most GGUF repos), the run is refused ('cannot read config.json ... retry online'); a GGUF repo that ships
     the original config.json with an auto_map (unsloth's do) is keyed on code the converted folder never loads."""
-    from huggingface_hub import constants
-
     from tasks.config import ModelSection
     from tasks.models import remote_code_key
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo, commit = tmp_path / "hub" / "models--someorg--tiny-GGUF", "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "tiny.Q4_K_M.gguf").write_bytes(b"GGUF")
+    hub_cache.commit("someorg/tiny-GGUF", "0" * 40, {"tiny.Q4_K_M.gguf": b"GGUF"})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert remote_code_key(ModelSection(name="someorg/tiny-GGUF", gguf_file="tiny.Q4_K_M.gguf", trust_remote_code=True)) == []
 
 
-def test_the_merge_builds_merged_from_a_hub_models_own_code_at_its_revision(tmp_path, monkeypatch):
+def test_the_merge_builds_merged_from_a_hub_models_own_code_at_its_revision(tmp_path, monkeypatch, offline_hub):
     """A Hub model with a config transformers ships and an auto_map naming its own model class (Phi-3's shape, no
     "--"), pinned by model.revision: the base loads its code at that revision, and stage 6's rebuild (`save_merged`:
     from_config, which looks the auto_map up again at the config's repository) must take the same commit, not the
     repository's main, or merged/ ships code the base never ran."""
     import torch
-    from huggingface_hub import constants
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.config import ModelSection, QuantSection
     from tasks.merge import save_merged
     from tasks.models import load_base_model, model_code_revisions, resolve_model
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
-    folder = tmp_path / "hub" / "models--someorg--own"
     dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
             "vocab_size": 64}
     pinned, later = "1" * 40, "2" * 40
     for sha, version in ((pinned, "pinned"), (later, "main since")):
-        snap = folder / "snapshots" / sha
-        LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(snap))
-        (snap / "modeling_own.py").write_text(f"from transformers import LlamaForCausalLM\n\n\nclass OwnForCausalLM(LlamaForCausalLM):\n    VERSION = {version!r}\n")
-        (snap / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}, **dims}))
-        for name in ("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"):
-            (folder / ".no_exist" / sha / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / ".no_exist" / sha / name).write_text("")
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(later)
+        LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(str(offline_hub.snapshot("someorg/own", sha)))
+        offline_hub.commit("someorg/own", sha, {  # main: the last one written, `later`
+            "modeling_own.py": f"from transformers import LlamaForCausalLM\n\n\nclass OwnForCausalLM(LlamaForCausalLM):\n    VERSION = {version!r}\n",
+            "config.json": json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_own.OwnForCausalLM"}, **dims})},
+            lacks=("tokenizer_config.json", "adapter_config.json", "custom_generate/generate.py"))
     model = ModelSection(name="someorg/own", revision=pinned, trust_remote_code=True)
     loaded = load_base_model(resolve_model(model, str(tmp_path / "art")), model, QuantSection(load_in_4bit=False), "cpu")
     assert type(loaded).VERSION == "pinned"
