@@ -321,7 +321,8 @@ def _run_stages(run: RunSummary, cfg: PipelineConfig, art: str, opts: dict[str, 
         records = {"data": data, "profile": prof, "probe": probe, "train": train, "evaluate": evalr, "merge": merged}
         published = run.stage("publish", publish_task.with_options(**opts), cfg, run.data["run"], records)
         run.data["published"] = published.dir
-        exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"])
+        exported = run.stage("export", export_task.with_options(**opts), merged, published, data, cfg.export, cfg.data.system_prompt, art, run.data["run"],
+                             cfg.model.trust_remote_code)
         run.data["published"] = exported.published_dir  # this run's folder when publish was cached from an earlier run
     except TrainingStopped as e:  # stopped on purpose with a checkpoint, resumable: Cancelled (Crashed reads as a failure)
         get_run_logger().info(f"finetune: {e}")

@@ -310,13 +310,20 @@ def mark_command(gguf_file: Path, marks: dict[str, int]) -> str:
 
 def answer_end(folder: Path, stops: list[int]) -> int | None:
     """The published stop id the answers of the model in `folder` end with (`answer_end_id` on its merged/ tokenizer);
-    None where that cannot be told (no merged/ tokenizer, a template that does not render)."""
+    None where that cannot be told (no merged/ folder, a tokenizer that needs its own code, a template that does not
+    render). From local files alone, and never the folder's code: a folder without merged/ (a GGUF or an adapter kept
+    alone) was a Hub repo id to transformers where its path was relative ("pub/merged": 46 s of retries with no
+    network, HF_HUB_OFFLINE unset), and a tokenizer with an auto_map got transformers' "run the custom code? [y/N]"
+    prompt on a terminal (a 15 s wait, and a "y" ran it, where serve-model has no --trust-remote-code to ask for that)."""
+    merged = folder / "merged"
+    if not merged.is_dir():
+        return None
     from transformers import AutoTokenizer
 
     from .data import answer_end_id
 
     try:
-        return answer_end_id(AutoTokenizer.from_pretrained(str(folder / "merged")), stops)
+        return answer_end_id(AutoTokenizer.from_pretrained(str(merged), local_files_only=True, trust_remote_code=False), stops)
     except Exception:  # any loader or template error: not told, every stop id is judged
         return None
 
@@ -624,17 +631,18 @@ def parse_modelfile(text: str) -> dict[str, Any]:
 
 
 def export_artifacts(merge, publish, data, export, system_prompt: str | None, artifacts_dir: str, log_fn=None,
-                     run_name: str | None = None) -> ExportRecord:
+                     run_name: str | None = None, trust_remote_code: bool = False) -> ExportRecord:
     """Stage 8: build GGUF (+ Modelfile, + GPTQ if asked) once per build key, then install them into this run's
     published folder. When publish was cached from an earlier run, that run's folder is left as it is (a published
     folder never changes under its run's records) and this run gets its own: the same files, hard-linked, plus this
-    export."""
+    export. `trust_remote_code`: model.trust_remote_code, which merged/'s tokenizer loads by as every other stage's
+    (a tokenizer of the model's own code, its auto_map kept in merged/, loads only so)."""
     log_fn = log_fn or (lambda m: None)
     key = cache_key(merge, publish, export, data)
     out = stage_dir(artifacts_dir, "export", build_key(merge, publish, export, data))
     with locked(out):
         if not is_complete(out):
-            _build(merge, publish, data, export, system_prompt, out, log_fn)
+            _build(merge, publish, data, export, system_prompt, out, log_fn, trust_remote_code)
     built = _built(out)
     source = Path(publish.dir)
     target = source if run_name is None or source.parent.name == safe_name(run_name) else source.parent.parent / safe_name(run_name) / source.name
@@ -656,13 +664,15 @@ def _built(out: Path) -> dict[str, Any]:
     return built
 
 
-def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> None:
+def _build(merge, publish, data, export, system_prompt, out: Path, log_fn, trust_remote_code: bool = False) -> None:
     from transformers import AutoTokenizer
 
     maybe_fault("export")
     src = Path(publish.merged_dir)  # the published copy: its chat template carries the training system prompt
     name = Path(publish.dir).name
-    tok = AutoTokenizer.from_pretrained(str(src))
+    # trust_remote_code always given: left out, a tokenizer with an auto_map stopped the stage with transformers'
+    # ValueError, after its "run the custom code? [y/N]" prompt where the run had a terminal
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code)
     stops = [tok.convert_ids_to_tokens(i) for i in data.stop_token_ids]
     seconds: dict[str, float] = {}
     built: dict[str, Any] = {"gguf": {}, "modelfile": None, "gptq": None, "stop_tokens": stops, "system_prompt": system_prompt, "seconds": seconds}
@@ -700,14 +710,15 @@ def _build(merge, publish, data, export, system_prompt, out: Path, log_fn) -> No
                 built["modelfile"] = "Modelfile"
         if export.gptq:
             t0 = time.monotonic()
-            run_gptq(src, tmp / "gptq-w4a16", Path(data.dir) / "train", export, log_fn)
+            run_gptq(src, tmp / "gptq-w4a16", Path(data.dir) / "train", export, log_fn, trust_remote_code)
             seconds["gptq-w4a16"] = round(time.monotonic() - t0, 2)
             built["gptq"] = "gptq-w4a16"
         write_json(tmp / "built.json", built)
 
 
-def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn) -> None:
-    """GPTQ W4A16 (compressed-tensors) with llmcompressor, in its own environment (it pins an older transformers)."""
+def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn, trust_remote_code: bool = False) -> None:
+    """GPTQ W4A16 (compressed-tensors) with llmcompressor, in its own environment (it pins an older transformers);
+    `trust_remote_code` (model.trust_remote_code) is what its model and tokenizer load by, as in `_build`."""
     python = Path(export.gptq_python)
     if not python.is_absolute():
         from .common import PROJECT_ROOT
@@ -717,7 +728,8 @@ def run_gptq(src: Path, dest: Path, calib_split: Path, export, log_fn) -> None:
         raise StageError(f"export.gptq needs llmcompressor's own environment at {python}; create it with `make gptq-env` "
                          "(or set export.gptq=false)")
     log_fn(f"export: GPTQ W4A16 with llmcompressor ({export.gptq_samples} calibration conversations)")
-    cmd = [str(python), str(GPTQ_SCRIPT), str(src), str(dest), "--calib", str(calib_split), "--samples", str(export.gptq_samples)]
+    cmd = [str(python), str(GPTQ_SCRIPT), str(src), str(dest), "--calib", str(calib_split), "--samples", str(export.gptq_samples),
+           *(["--trust-remote-code"] if trust_remote_code else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode or not (dest / "config.json").is_file():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]

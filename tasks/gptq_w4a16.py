@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("out", help="output folder (compressed-tensors checkpoint)")
     p.add_argument("--calib", required=True, help="a tokenized split saved by the data stage (datasets.save_to_disk)")
     p.add_argument("--samples", type=int, default=64, help="calibration conversations")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="load a model or tokenizer of its own code (model.trust_remote_code); without it, one is refused")
     args = p.parse_args()
 
     import datasets
@@ -36,8 +38,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.monotonic()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    # trust_remote_code always given: left out, a model of its own code got transformers' "[y/N]" prompt on this
+    # process's stdin (the terminal the run has, its output captured: a silent 15 s wait), then a ValueError
+    tok = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                                                 trust_remote_code=args.trust_remote_code)
     calib = datasets.load_from_disk(args.calib)
     calib = calib.select(range(min(args.samples, len(calib)))).select_columns(["input_ids"])
     calib = calib.map(lambda e: {"attention_mask": [1] * len(e["input_ids"])})

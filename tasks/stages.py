@@ -263,8 +263,9 @@ def publish_task(cfg: PipelineConfig, run_name: str, records: dict[str, Any]) ->
       retry_condition_fn=_retry_io_only)
 @cancelled_by_prefect
 def export_task(merge: MergeRecord, publish: PublishRecord, data: DataRecord, export: ExportSection, system_prompt: str | None, artifacts_dir: str,
-                run_name: str | None = None) -> ExportRecord:
-    rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log, run_name=run_name)
+                run_name: str | None = None, trust_remote_code: bool = False) -> ExportRecord:
+    rec = export_stage.export_artifacts(merge, publish, data, export, system_prompt, artifacts_dir, log, run_name=run_name,
+                                        trust_remote_code=trust_remote_code)
     made = [f"{t} {rec.gguf_bytes[t] / 2**20:.0f} MiB" for t in rec.gguf] + (["Modelfile"] if rec.modelfile else []) + (["GPTQ W4A16"] if rec.gptq_dir else [])
     log(f"export: {', '.join(made) or 'nothing (export.gguf=[], export.gptq=false)'} in {sum(rec.seconds.values()):.0f}s"
         + (f"; stop tokens {rec.stop_tokens}" if rec.modelfile else ""))

@@ -980,3 +980,132 @@ def test_review_the_printed_mark_command_never_replaces_the_gguf_with_a_stale_ma
     fields = GGUFReader(str(own)).fields
     assert fields["tokenizer.ggml.eot_token_id"].contents() == 2 and fields["tokenizer.ggml.tokens"].contents()[2] == "<|a|>"
     assert not Path(str(own) + ".marked").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# serve17: merged/'s tokenizer as the export and serve-model load it (local files only, trust_remote_code as configured)
+
+
+_OWN_TOKENIZER_MODULE = "from transformers import PreTrainedTokenizerFast\n\n\nclass OwnTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+
+
+def _own_code_tokenizer(folder: Path) -> Path:
+    """merged/ as stage 6 saves a model whose tokenizer is of its own code: a six-token word-level tokenizer whose
+    tokenizer_config.json names `tokenization_own.OwnTokenizer` (shipped in the folder) in its auto_map, a chat
+    template ending each turn with <|end|>. Loads only with trust_remote_code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", "<eos>", "<|end|>", "a", "b", "hi"])}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<eos>", additional_special_tokens=["<|end|>"])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} <|end|> {% endfor %}"
+    tok.save_pretrained(folder)
+    (folder / "tokenization_own.py").write_text(_OWN_TOKENIZER_MODULE)
+    conf = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**conf, "tokenizer_class": "OwnTokenizer",
+                                                              "auto_map": {"AutoTokenizer": [None, "tokenization_own.OwnTokenizer"]}}))
+    return folder
+
+
+def _asked(monkeypatch) -> list[str]:
+    """The prompts transformers' "run the custom code? [y/N]" put to the user (answered "n"): on a terminal it waits
+    15 s for that answer, and a "y" runs the folder's code."""
+    import builtins
+
+    prompts: list[str] = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": prompts.append(prompt) or "n")
+    return prompts
+
+
+def test_export_loads_a_tokenizer_of_the_model_s_own_code_by_model_trust_remote_code(tmp_path, monkeypatch):
+    """serve17: `_build` loaded merged/'s tokenizer without trust_remote_code while every other stage passes the
+    model's setting: a model whose tokenizer is of its own code (its auto_map kept in merged/) published, then stage 8
+    stopped with transformers' ValueError ("contains custom code ... pass trust_remote_code=True"), after a 15 s
+    "[y/N]" prompt where the run had a terminal. export_artifacts now takes model.trust_remote_code (the flow passes
+    it): on, it loads and exports; off, the stage stops at once, with nothing asked."""
+    from types import SimpleNamespace
+
+    from tasks.config import ExportSection
+    from tasks.export import export_artifacts
+
+    pub = tmp_path / "runs" / "r" / "m"
+    merged = _own_code_tokenizer(pub / "merged")
+    asked = _asked(monkeypatch)
+    args = (SimpleNamespace(key="m"), SimpleNamespace(dir=str(pub), merged_dir=str(merged)), SimpleNamespace(stop_token_ids=[2, 1], dir=""),
+            ExportSection(gguf=[], modelfile=False), None, str(tmp_path / "art"))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        export_artifacts(*args, trust_remote_code=False)
+    rec = export_artifacts(*args, trust_remote_code=True)
+    assert rec.stop_tokens == ["<|end|>", "<eos>"], rec
+    assert asked == [], asked
+
+
+def test_answer_end_reads_merged_from_local_files_only_and_never_runs_or_asks_to_run_its_code(tmp_path, monkeypatch):
+    """serve17: `answer_end` (serve-model --format gguf's start) handed folder/"merged" to AutoTokenizer as it was. A
+    folder without merged/ (a GGUF kept alone) given by a relative path read as a Hub repo id ("pub/merged"): with
+    HF_HUB_OFFLINE unset and no network, 46 s of retries (measured) before the None it stands for; a merged/ whose
+    tokenizer is of its own code got transformers' "[y/N]" prompt (15 s on a terminal; a "y" ran the code). Now:
+    no merged/, None at once; merged/ from local files, its code never run; a plain merged/ is still told."""
+    import huggingface_hub.constants
+    import socket
+
+    from tasks.export import answer_end
+
+    class HubAsked(BaseException):  # not an Exception: neither huggingface_hub's retries nor answer_end swallow it
+        pass
+
+    def no_network(*args, **kwargs):
+        raise HubAsked(args)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; users need not
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    asked = _asked(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pub" / "gguf").mkdir(parents=True)
+    assert answer_end(Path("pub"), [2, 1]) is None
+    assert answer_end(tmp_path / "pub", [2, 1]) is None
+    _own_code_tokenizer(tmp_path / "own" / "merged")
+    assert answer_end(Path("own"), [2, 1]) is None and asked == [], asked
+    (tmp_path / "plain" / "merged").mkdir(parents=True)
+    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tmp_path / "own" / "merged" / name).is_file():
+            shutil.copy(tmp_path / "own" / "merged" / name, tmp_path / "plain" / "merged" / name)
+    conf = json.loads((tmp_path / "own" / "merged" / "tokenizer_config.json").read_text())
+    conf = {k: v for k, v in conf.items() if k != "auto_map"} | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    (tmp_path / "plain" / "merged" / "tokenizer_config.json").write_text(json.dumps(conf))
+    assert answer_end(Path("plain"), [2, 1]) == 2
+
+
+def test_gptq_export_loads_the_model_and_tokenizer_by_model_trust_remote_code(tmp_path, monkeypatch):
+    """serve17: the GPTQ script (llmcompressor's environment) loaded merged/'s model and tokenizer without
+    trust_remote_code, as `_build` did: a model of its own code stopped export.gptq with transformers' ValueError after
+    a silent 15 s "[y/N]" prompt on a terminal (the script's output is captured). `run_gptq` now passes
+    --trust-remote-code where model.trust_remote_code is on, and the script takes it (read by its own parser here:
+    llmcompressor's environment is not needed for that)."""
+    import subprocess as sp
+
+    import tasks.export
+    from tasks.config import ExportSection
+    from tasks.export import run_gptq
+
+    ran = []
+
+    def fake_run(cmd, **kwargs):
+        ran.append(cmd)
+        (Path(cmd[3]) / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(cmd[3]) / "config.json").write_text("{}")
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(tasks.export.subprocess, "run", fake_run)
+    export = ExportSection(gptq=True, gptq_python=sys.executable)
+    for trusted in (True, False):
+        run_gptq(tmp_path / "merged", tmp_path / f"out-{trusted}", tmp_path / "train", export, lambda m: None, trusted)
+    assert [("--trust-remote-code" in cmd) for cmd in ran] == [True, False], ran
+    # the script's own parser reads the command: past it, the script stops at its first llmcompressor import, not at
+    # "unrecognized arguments" (exit 2)
+    monkeypatch.undo()
+    done = sp.run([sys.executable, *ran[0][1:]], capture_output=True, text=True, timeout=300,
+                  env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert "unrecognized arguments" not in done.stderr and done.returncode != 2, done.stderr[-2000:]
