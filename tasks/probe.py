@@ -50,7 +50,8 @@ from .engine.unlikelihood import attach_unlikelihood, unlikelihood_exempt
 from .models import (code_commits, hardware_id, keep_code_commits, keyed_quant, load_tokenizer, model_config, quiet_transformers, recurrent_layers, recurrent_layers_of, remote_code_key, resolve_device,
                      resolve_model)
 
-PROBE_VERSION = 4  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines)
+PROBE_VERSION = 5  # 3: partial-recompute search; 4: median step, LM head on trained positions only (packed engines); 5: half the
+# micro-batch timed (also of an offloaded one), smaller micro-batches keep the effective batch exactly (5 x 1 -> 1 x 5, not 2 x 2)
 
 
 def start_seconds(launch_s: float, load_s: float, first_step_excess_s: float) -> float:
@@ -214,8 +215,9 @@ def probe_key(data: DataRecord, model: ModelSection, quant: QuantSection, lora: 
     return fingerprint(key, fix) if fix else key
 
 
-def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str) -> list[tuple[int, int, bool, bool]]:
-    """(micro_batch, accum, checkpointing, offload) to try in turn until one fits, same effective batch. Without
+def candidate_settings(training: TrainingSection, budget: BudgetSection, device: str, ranks: int = 1) -> list[tuple[int, int, bool, bool]]:
+    """(micro_batch, accum, checkpointing, offload) to try in turn until one fits, each exactly the configured effective
+    batch over `ranks` GPUs (`dist.smaller_micro_batch`: 5 x 1 steps down to 1 x 5, never to 2 x 2). Without
     checkpointing in the config it is tried as asked first; skipping recompute where memory allows is the
     layer search's job (`next_free_trial`), not a candidate here.
 
@@ -227,15 +229,25 @@ def candidate_settings(training: TrainingSection, budget: BudgetSection, device:
     if device != "cuda" or budget.vram_gb is None:
         return [(mb, ga, gc, gc and mode == "on")]
     offloads = {"off": (False,), "on": (True,), "auto": (False, True)}[mode]
-    eff = mb * ga
+    r = ranks if ga % ranks == 0 else 1  # not a multiple: the probe's first trial says so (dist.per_rank_accum)
+    per_rank = mb * ga // r
     out = [] if gc else [(mb, ga, False, False)]
     m = mb
-    while m >= 1:
-        out += [(m, eff // m, True, offload) for offload in offloads]
-        if m == 1:
-            break
-        m //= 2
+    while m:
+        out += [(m, per_rank // m * r, True, offload) for offload in offloads]
+        m = dist.smaller_micro_batch(m, per_rank)
     return [s for i, s in enumerate(out) if s not in out[:i]]
+
+
+def setting_words(trial: dict) -> str:
+    """A trial's memory setting as the logs say it: micro-batch x accum, which layers recompute, offload."""
+    words = f"micro-batch {trial['micro_batch_size']} x accum {trial['grad_accum']}"
+    if not trial["gradient_checkpointing"]:
+        return words + " without gradient checkpointing"
+    if trial["offload_activations"]:
+        return words + f", every layer checkpointed, {recompute.OFFLOAD_NOTE}"
+    free, layers = trial.get("recompute_free_layers", 0), trial.get("layers")
+    return words + (f", {free} of {layers} layers without recompute" if free else ", every layer checkpointed")
 
 
 def offload_can_apply(training: TrainingSection, budget: BudgetSection, device: str) -> bool:
@@ -392,7 +404,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     if training.offload_activations == "on" and device != "cuda":
         log_fn(f"probe: training.offload_activations=on does nothing on the {device}: activations already live in host memory")
     trials = []
-    candidates = candidate_settings(training, budget, device)
+    candidates = candidate_settings(training, budget, device, n)
     for i, (mb, ga, gc, offload) in enumerate(candidates):  # grows on out-of-memory (below)
         ga = dist.per_rank_accum(ga, n)  # same global batch over n ranks
         after = candidates[i + 1] if i + 1 < len(candidates) else None
@@ -400,8 +412,9 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
         trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn, offload=offload, then=then, exempt=exempt)
         trials.append(trial)
         if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
-            # No smaller setting queued (CPU, or no budget.vram_gb): half the micro-batch, twice the accumulation.
-            candidates.append((mb // 2, math.ceil(mb * ga / (mb // 2)), gc, offload))
+            # No smaller setting queued (CPU, or no budget.vram_gb): the next smaller micro-batch, the same effective batch.
+            smaller = dist.smaller_micro_batch(mb, mb * ga)  # ga is this rank's here
+            candidates.append((smaller, mb * ga // smaller * n, gc, offload))
         if trial.get("fits"):
             break  # the largest micro-batch that fits (half of it is timed too where layers stay recomputed: below)
     base = next((t for t in trials if t.get("fits")), None)
@@ -410,12 +423,15 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     search = budget.vram_gb is not None and n == 1
     half_args = (budget.vram_gb, data.max_length, log_fn, exempt, trials)
     if base and base["offload_activations"]:
-        log_fn("probe: every layer stays checkpointed: offloaded, a layer without recompute would go to host memory whole")
+        whole = "a layer without recompute would go to host memory whole"
         if search and training.offload_activations == "auto":
             # auto offloaded because this micro-batch did not fit fully checkpointed; half of it may, without the offload's
             # copies and with layers free: which is faster is measured (offload cost 0.15% to 8% of a step on the H100s and the
             # H200 measured, docs/BENCHMARKS.md "offload beside Unsloth", "the rows beside Unsloth")
-            _half_search(args, base, 0, f"micro-batch {base['micro_batch_size']} fits only offloaded", *half_args)
+            _half_search(args, base, 0, f"micro-batch {base['micro_batch_size']} fits only offloaded, every layer checkpointed "
+                         f"({whole})", *half_args)
+        else:
+            log_fn(f"probe: every layer stays checkpointed: offloaded, {whole}")
     elif base and base["gradient_checkpointing"] and search:
         # Spend the memory left on layers that skip recompute.
         free = _free_layer_search(args, base, budget.vram_gb, data.max_length, log_fn, exempt, trials)
@@ -431,6 +447,8 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
                          + ("" if offloaded or device != "cuda" else f"{recompute.OFFLOAD_FIX}, ")
                          + "set training.gradient_checkpointing=true or use a smaller model")
     best = min(fitting, key=lambda t: t["s_per_step"])
+    if len(fitting) > 1:  # the searches timed several: say which one stage 4 runs
+        log_fn(f"probe: keeping {setting_words(best)}, the fastest of the {len(fitting)} settings that fit")
 
     budget_s = float(budget.seconds)
     launch_s = round(launch_s, 2)  # as the record keeps it: a plan made again from the record (`planned_for`) is this one

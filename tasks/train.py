@@ -835,8 +835,8 @@ def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out:
                                  + ("" if offloaded or resolve_device(probe.device) != "cuda" else f"{recompute.OFFLOAD_FIX}, ")
                                  + "set training.gradient_checkpointing=true or use a smaller model") from e
             else:
-                new_mb = mb // 2
-                new_ga = math.ceil(mb * ga / new_mb)
+                new_mb = dist.smaller_micro_batch(mb, mb * ga)  # this rank's micro x accum, exactly (5 x 1 -> 1 x 5)
+                new_ga = mb * ga // new_mb
                 # auto: the smaller micro-batch without offload first, as the probe orders them; on: offloaded throughout
                 offload = offloaded and training.offload_activations == "on"
                 log_fn(f"train: out of memory at {at}; retrying at {new_mb} x {new_ga} (same effective batch"

@@ -409,3 +409,15 @@ def test_reliability_doc_lists_every_stage_of_the_flow_in_order():
     line = next(l for l in doc.splitlines() if l.startswith("Stages"))
     assert re.findall(r"`(\w+)`", line.split(":", 1)[1]) == list(FLOW_STAGES) == STAGES, line
     assert f"each of the {len(FLOW_STAGES)} stages" in doc
+
+
+def test_oom_in_training_at_an_odd_batch_keeps_the_effective_batch_exactly(tiny_cfg, shared_artifacts, upstream, fault):
+    """5 x 1 halved is 2 x 3 rounded up (six samples a step: a different recipe from the one planned, probed and keyed);
+    the retry steps down to the next micro-batch that divides the batch, 1 x 5, as the probe's memory search does."""
+    data, probe = upstream
+    fault("train:oom@1")
+    logs: list[str] = []
+    rec = _train(tiny_cfg, shared_artifacts, data, probe.model_copy(update={"micro_batch_size": 5, "grad_accum": 1}), "oom-odd", logs,
+                 max_steps=2)
+    assert (rec.micro_batch_size, rec.grad_accum) == (1, 5) and rec.steps == 2
+    assert [l for l in logs if "out of memory" in l] == ["train: out of memory at micro-batch 5 x accum 1; retrying at 1 x 5 (same effective batch)"]

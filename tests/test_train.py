@@ -1523,12 +1523,9 @@ def test_where_auto_offloads_the_largest_micro_batch_half_of_it_is_timed_without
     assert all(t[:3] == (2, 8, True) and not t[4] for t in timed[3:]) and (2, 8, True, 4, False) in timed
     assert (rec.micro_batch_size, rec.grad_accum, rec.offload_activations, rec.recompute_free_layers) == (2, 8, False, 4)
     assert rec.peak_mem_gb <= 7.5 and rec.s_per_step == min(t["s_per_step"] for t in rec.trials if t.get("fits"))
-    assert any("micro-batch 4 fits only offloaded: trying micro-batch 2 x accum 8" in m for m in logs)
+    assert any("micro-batch 4 fits only offloaded" in m and ": trying micro-batch 2 x accum 8" in m for m in logs)
 
 
-@pytest.mark.xfail(strict=True, reason="review rev19 (fa2d7e5): the probe logs 'every layer stays checkpointed: offloaded' for the "
-                   "offloaded 4 x 4 before _half_search runs, and keeps that line when the half wins unoffloaded with layers free: "
-                   "the log says the opposite of the record (nothing later says which setting was kept)")
 def test_review_rev19_the_log_does_not_say_every_layer_stays_checkpointed_when_the_half_frees_layers(tiny_cfg, tiny_data, shared_artifacts,
                                                                                                     monkeypatch, tmp_path):
     """The 7.5 GiB card of the offload-auto half test: 4 x 4 fits only offloaded, 2 x 8 without the offload and 4 layers
@@ -1536,12 +1533,10 @@ def test_review_rev19_the_log_does_not_say_every_layer_stays_checkpointed_when_t
     rec, _, logs = _probe_half_attack(tiny_cfg, tiny_data, shared_artifacts, monkeypatch, tmp_path, vram_gb=7.5, offload_mode="auto")
     assert (rec.micro_batch_size, rec.offload_activations, rec.recompute_free_layers) == (2, False, 4)  # the setup holds
     assert not any("every layer stays checkpointed" in m for m in logs), [m for m in logs if "every layer" in m]
+    kept = [m for m in logs if m.startswith("probe: keeping ")]  # and the log names the setting stage 4 runs
+    assert len(kept) == 1 and "micro-batch 2 x accum 8, 4 of " in kept[0] and "layers without recompute" in kept[0], kept
 
 
-@pytest.mark.xfail(strict=True, reason="review rev19 (pre-existing since 5c7e420, not fa2d7e5): candidate_settings floors the "
-                   "accumulation (eff // m), so a micro-batch that does not fit an odd effective batch is retried at fewer samples a "
-                   "step (5 x 1 -> 2 x 2: 4 samples; 7 x 1 -> 3 x 2; 9 x 1 -> 4 x 2), the recipe change half_micro_batch refuses; "
-                   "stage 4's out-of-memory retry rounds up instead (5 x 1 -> 2 x 3)")
 @pytest.mark.parametrize("mb", [5, 7, 9])
 def test_review_rev19_candidate_settings_keep_the_configured_effective_batch(tiny_cfg, mb):
     from tasks.probe import candidate_settings
@@ -1552,3 +1547,18 @@ def test_review_rev19_candidate_settings_keep_the_configured_effective_batch(tin
     settings = candidate_settings(training, budget, "cuda")
     assert len({m for m, *_ in settings}) > 1  # smaller micro-batches are tried
     assert [(m, a) for m, a, *_ in settings if m * a != mb] == []
+
+
+def test_smaller_micro_batches_divide_the_batch_on_every_rank(tiny_cfg):
+    """The memory search's smaller micro-batches over several GPUs: each rank's micro x accum stays the recipe's share
+    (5 x 4 on 4 ranks: 5 x 1 a rank; half would be 2 x 2 a rank, four samples), and the global accum a multiple of the
+    ranks (dist.per_rank_accum divides it by them)."""
+    from tasks.engine.dist import smaller_micro_batch
+    from tasks.probe import candidate_settings
+
+    assert [smaller_micro_batch(m, b) for m, b in ((16, 16), (5, 5), (12, 12), (9, 9), (6, 12), (1, 4))] == [8, 1, 6, 3, 3, None]
+    training = tiny_cfg.training.model_copy(update={"micro_batch_size": 5, "grad_accum": 4, "gradient_checkpointing": True,
+                                                    "offload_activations": "off"})
+    budget = tiny_cfg.budget.model_copy(update={"vram_gb": 10})
+    assert candidate_settings(training, budget, "cuda", 4) == [(5, 4, True, False), (1, 20, True, False)]
+    assert candidate_settings(training, budget, "cuda") == [(5, 4, True, False), (2, 10, True, False), (1, 20, True, False)]

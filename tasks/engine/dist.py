@@ -64,6 +64,16 @@ def per_rank_accum(grad_accum: int, n: int) -> int:
     return grad_accum // n
 
 
+def smaller_micro_batch(micro_batch: int, per_rank_batch: int) -> int | None:
+    """The micro-batch to try after `micro_batch` runs out of memory: the largest divisor of `per_rank_batch` (micro x
+    accum on one rank) at most half of `micro_batch`, so the smaller setting trains exactly the recipe's effective batch
+    (16 x 1 -> 8 x 2 -> 4 x 4; 5 x 1 -> 1 x 5, where half would be 2 x 2 or 2 x 3, four or six samples a step); None at
+    1. The probe's memory search (`candidate_settings`) and stage 4's out-of-memory retry step down by it alike."""
+    if micro_batch <= 1:
+        return None
+    return max(d for d in range(1, micro_batch // 2 + 1) if per_rank_batch % d == 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Collectives used by the stages (no-ops in a single process)
 
