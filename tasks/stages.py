@@ -123,6 +123,7 @@ def probe_task(data: DataRecord, model: ModelSection, quant: QuantSection, lora:
         + f"final save {rec.final_save_cost:.1f}s, "
         f"checkpoints {rec.save_seconds:.1f}s each) -> max_steps {rec.max_steps} ({rec.plan_words(short=True)}) at micro-batch {rec.micro_batch_size} x accum {rec.grad_accum}"
         + (f", {OFFLOAD_NOTE}" if rec.offload_activations else "")
+        + (f", {rec.recompute_free_layers} layers without recompute" if rec.recompute_free_layers else "")
         + (f", decoder layers compiled ({rec.compile_seconds:.0f} s, in the fixed cost)" if rec.compile_layers else ""))
     trials = "\n".join(f"| {t['micro_batch_size']} | {t['grad_accum']} | {t['gradient_checkpointing']} | {t.get('recompute_free_layers', 0)} | "
                        f"{t.get('offload_activations', False)} | {t.get('compile_layers', False)} | {t.get('s_per_step', '-')} | {t.get('peak_mem_gb', '-')} | {t.get('fits')} {t.get('error', '')} |"

@@ -314,7 +314,9 @@ def test_the_probe_stages_log_line_and_artifact_say_compiled(tiny_cfg, tiny_data
     md = artifacts[0]["markdown"]
     assert "| offloaded | compiled | s/step |" in md and "| 4 | 4 | True | 0 | False | True | 3.2 | 7.9 | True  |" in md
     logs, _ = run_probe_stage(monkeypatch, rec.model_copy(update={"compile_layers": False}), tiny_cfg, tiny_data)
-    assert "compiled" not in logs[-1]
+    assert "compiled" not in logs[-1] and "recompute" not in logs[-1]
+    logs, _ = run_probe_stage(monkeypatch, rec.model_copy(update={"compile_layers": False, "recompute_free_layers": 6}), tiny_cfg, tiny_data)
+    assert logs[-1].endswith("at micro-batch 4 x accum 4, 6 layers without recompute")  # what stage 4 runs, as its record says
 
 
 def _backward_fails_on_symbolic_graphs():
