@@ -331,7 +331,7 @@ class TrainingSection(Section):
         "activation offloading; needs gradient_checkpointing): layers x tokens x hidden x 2 bytes leave the GPU (2 GiB at "
         "Mistral-7B's 4 x 2,048 tokens) for some speed (docs/PERF_NOTES.md); no layers without recompute then. auto = the "
         "probe's memory search (budget.vram_gb) turns it on only where the fully checkpointed micro-batch does not fit "
-        "without it, and stage 4 retries an out-of-memory offloaded before halving the micro-batch; without a memory budget "
+        "without it, and stage 4 retries an out-of-memory offloaded before a smaller micro-batch; without a memory budget "
         "auto = off. off = never. true/false read as on/off. In the cache keys only where it can act (CUDA: on, or auto with "
         "budget.vram_gb)."
     )

@@ -333,7 +333,7 @@ def _half_search(args: tuple, base: dict, free: int, why: str, vram_gb: float, m
     if not (half := half_micro_batch(base, free)):
         return
     mb, ga = half
-    log_fn(f"probe: {why}: trying micro-batch {mb} x accum {ga}, whose layers each hold half the activations")
+    log_fn(f"probe: {why}: trying micro-batch {mb} x accum {ga}, whose layers each hold {mb}/{base['micro_batch_size']} of the activations")
     then = "keeping the offloaded micro-batch" if base["offload_activations"] else "keeping the larger micro-batch"
     trial = _trial(*args, mb, ga, True, 0, max_length, log_fn, then=then, exempt=exempt)
     trials.append(trial)
@@ -408,10 +408,13 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     for i, (mb, ga, gc, offload) in enumerate(candidates):  # grows on out-of-memory (below)
         ga = dist.per_rank_accum(ga, n)  # same global batch over n ranks
         after = candidates[i + 1] if i + 1 < len(candidates) else None
-        then = f"trying it with the {recompute.OFFLOAD_NOTE}" if after and after[0] == mb and after[3] else "trying a smaller micro-batch"
+        if after and after[0] == mb:  # the same micro-batch next: checkpointed, or offloaded
+            then = "trying it with gradient checkpointing" if after[2] and not gc else f"trying it with the {recompute.OFFLOAD_NOTE}"
+        else:  # on the CPU or without budget.vram_gb the smaller one is appended below, on the error
+            then = "trying a smaller micro-batch" if after or mb > 1 else "nothing smaller to try"
         trial = _trial(*args, mb, ga, gc, 0, data.max_length, log_fn, offload=offload, then=then, exempt=exempt)
         trials.append(trial)
-        if trial.get("error") and mb > 1 and not any(c[0] < mb and c[2] == gc for c in candidates):
+        if trial.get("error") and mb > 1 and not any(c[0] < mb for c in candidates):
             # No smaller setting queued (CPU, or no budget.vram_gb): the next smaller micro-batch, the same effective batch.
             smaller = dist.smaller_micro_batch(mb, mb * ga)  # ga is this rank's here
             candidates.append((smaller, mb * ga // smaller * n, gc, offload))
@@ -424,7 +427,7 @@ def _probe(data, model_cfg, quant, lora, training, budget, device, key, out, art
     half_args = (budget.vram_gb, data.max_length, log_fn, exempt, trials)
     if base and base["offload_activations"]:
         whole = "a layer without recompute would go to host memory whole"
-        if search and training.offload_activations == "auto":
+        if search and training.offload_activations == "auto" and half_micro_batch(base, 0):
             # auto offloaded because this micro-batch did not fit fully checkpointed; half of it may, without the offload's
             # copies and with layers free: which is faster is measured (offload cost 0.15% to 8% of a step on the H100s and the
             # H200 measured, docs/BENCHMARKS.md "offload beside Unsloth", "the rows beside Unsloth")

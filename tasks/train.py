@@ -811,8 +811,9 @@ def train_on_rank(spec: dict, log_fn) -> TrainRecord | None:
 
 def _train_shrinking_on_oom(data, probe, model, quant, lora, training, key, out: Path, artifacts_dir: str, log_fn) -> TrainRecord:
     """`_train`, retried on out-of-memory (it resumes from the last checkpoint) in the probe's order: every layer
-    checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then half
-    the micro-batch and twice the accumulation (the same effective batch), down to micro-batch 1. The record says the
+    checkpointed first, then, where `auto` offload acts (`offload_may_help`), the same micro-batch offloaded, then the next
+    smaller micro-batch that divides micro x accum (`dist.smaller_micro_batch`: 8 x 1 -> 4 x 2, 5 x 1 -> 1 x 5; the same
+    effective batch), down to micro-batch 1. The record says the
     setting that finished. Disk full is a clear error."""
     import torch
 

@@ -44,8 +44,8 @@ def pack_rows(lengths: list[int], packing: str, micro_batch_size: int, max_lengt
     """One pass over the rows as packs (one per forward), in a seeded order. `full`: best-fit packs of up to
     micro x max_length tokens (TRL's and Axolotl's packing: a pack holds max_length / mean length times more
     conversations than a padded micro-batch). `matched`: exactly `micro` conversations a pack, the padded recipe's
-    batch without its padding (so the learning rate means what it does there, and an out-of-memory retry at half the
-    micro-batch and twice the accumulation keeps the conversations per step)."""
+    batch without its padding (so the learning rate means what it does there, and an out-of-memory retry at a smaller
+    micro-batch and more accumulation keeps the conversations per step)."""
     from .fastpath import pack_by_tokens
 
     if packing == "full":
