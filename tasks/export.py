@@ -801,19 +801,34 @@ def _update_card(folder: Path, built: dict, shown: Path) -> None:
         return
     text = card.read_text(encoding="utf-8")
     text = re.sub(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END) + "\n?", "", text, flags=re.S)
-    text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(shown, built) + CARD_END + "\n"
+    text = text.rstrip("\n") + "\n\n" + CARD_BEGIN + "\n" + deploy_section(shown, built, files=folder) + CARD_END + "\n"
     if text != card.read_text(encoding="utf-8"):  # the same section again: the card keeps its mtime (a rerun's install)
         card.write_text(text, encoding="utf-8")
 
 
-def deploy_section(pub: Path, built: dict) -> str:
+def deploy_section(pub: Path, built: dict, files: Path | None = None) -> str:
+    """The card's deploy section for what an export `built` into the published folder `pub` (the paths it prints).
+    Its llama-server command passes, as `-r` (llama.cpp's --reverse-prompt, which llama-server takes as the default of a
+    request's "stop"), the stop strings serve-model sets as that default for the GGUF (`gguf_stops`: an end of turn
+    llama.cpp drops, gpt-oss's '<|end|>'): without them the card's command ran answers on to max_tokens where
+    serve-model's stopped. `files`: the folder that holds the GGUF and summary.json now, read for them (`pub` where
+    None; the folder being assembled before it is renamed into place)."""
+    import shlex
+
     lines = ["## Deploy", ""]
     if built["gguf"]:
-        files = ", ".join(f"`{r}`" for r in built["gguf"].values())
+        names = ", ".join(f"`{r}`" for r in built["gguf"].values())
         q = built["gguf"].get("q8_0") or next(iter(built["gguf"].values()))
-        lines += [f"GGUF for llama.cpp: {files} (converted by llama.cpp's `convert_hf_to_gguf.py`, llama-cpp-python {CONVERTER_VERSION}).",
-                  "```sh", f"llama-server -m {pub / q} --jinja --port 8080      # OpenAI-compatible, chat template from the GGUF",
+        stops = gguf_stops((files or pub) / q, files or pub).strings
+        reverse = "".join(f" -r {shlex.quote(s)}" for s in stops)
+        lines += [f"GGUF for llama.cpp: {names} (converted by llama.cpp's `convert_hf_to_gguf.py`, llama-cpp-python {CONVERTER_VERSION}).",
+                  "```sh", f"llama-server -m {pub / q} --jinja{reverse} --port 8080      # OpenAI-compatible, chat template from the GGUF",
                   f"qlora-pipeline serve-model {pub.parent.name} --format gguf", "```"]
+        if stops:
+            said = ", ".join(f"`{s}`" for s in stops)
+            lines += ["", f"`-r`: llama.cpp does not end this model's answers at {said}, its chat template's end of turn, by token; "
+                      f"the stop string ends them there, as `serve-model` does. A request that sends its own `\"stop\"` replaces "
+                      f"it: add {said} to that list."]
     if built["modelfile"]:
         lines += ["", "Ollama (TEMPLATE, SYSTEM and stop tokens as in training):", "```sh",
                   f"cd {pub} && ollama create {pub.name} -f Modelfile && ollama run {pub.name}", "```"]

@@ -900,6 +900,39 @@ def test_dropped_end_of_turn_texts_get_the_fix_measured_for_each(tmp_path):
     assert "--format merged" in s.line and "does not help" in s.line and "send '</s>'" not in s.line, s
 
 
+def test_the_card_s_llama_server_command_passes_the_stop_strings_serve_model_sets_and_only_those(tmp_path):
+    """A review (2026-12-08): serve-model ends a GGUF's answers at '<|end|>' where llama.cpp drops it from its
+    end-of-generation ids (its default stop string, llama-server's -r), but the card printed `llama-server -m ...
+    --jinja` without it, so the card's command ran on (run on llama.cpp's server: test_use_the_model's slow
+    test_the_card_s_llama_server_command_...). The deploy section now passes `gguf_stops`' strings as -r, read from the
+    folder being assembled (`_update_card`'s), and the installed card is the one `card_says_it` expects; a GGUF whose
+    stops llama.cpp ends at gets the command as before, without -r."""
+    from tasks.common import write_json
+    from tasks.export import ExportRecord, _update_card, deploy_section, gguf_stops
+
+    built = {"gguf": {"f16": "gguf/m-f16.gguf"}, "modelfile": None, "gptq": None}
+    shown = tmp_path / "runs" / "r1" / "m"
+    for tokens, want in ((["<s>", "<|endoftext|>", "<|end|>", "<|return|>", "<|call|>"], ["<|end|>"]),
+                         (["<s>", "<|endoftext|>", "<|im_end|>", "<|return|>", "<|call|>"], [])):
+        folder = tmp_path / "assembling" / tokens[2].strip("<|>")
+        (folder / "gguf").mkdir(parents=True)
+        gguf = _tiny_gguf(folder / built["gguf"]["f16"], tokens, bos=0, eos=1)
+        write_json(folder / "summary.json", {"data": {"stop_token_ids": [1, 2]}})
+        (folder / "README.md").write_text("# m\n")
+        assert gguf_stops(gguf, folder).strings == want  # what serve-model sets as the server's default
+        _update_card(folder, built, shown=shown)
+        card = (folder / "README.md").read_text()
+        command = next(line for line in card.splitlines() if line.startswith("llama-server "))
+        reverse = "".join(f" -r '{s}'" for s in want)
+        assert command.startswith(f"llama-server -m {shown / built['gguf']['f16']} --jinja{reverse} --port 8080 "), command
+        assert ("add `<|end|>` to that list" in card) == bool(want), card
+        assert ("-r '<|end|>'" in deploy_section(folder, built)) == bool(want)  # read from `pub` itself where no `files`
+        _update_card(folder, built, shown=folder)  # installed in place: the card is the one the record expects
+        rec = ExportRecord(key="k", dir=str(tmp_path), published_dir=str(folder), gguf={"f16": str(gguf)}, gguf_bytes={"f16": 1},
+                           modelfile=None, gptq_dir=None, stop_tokens=[], system_prompt=None, seconds={})
+        assert rec.card_says_it() and (f"--jinja{reverse} --port" in (folder / "README.md").read_text())
+
+
 HARMONY_TEMPLATE = (  # the released gpt-oss template's turn endings, without its system and tool parts
     "{{- '<|start|>system<|message|>Reasoning: medium<|end|>' -}}"
     "{%- for m in messages -%}"

@@ -6336,11 +6336,11 @@ def test_serve_model_gguf_ends_an_answer_at_an_end_of_turn_token_llama_cpp_does_
     assert fields["tokenizer.ggml.tokens"].contents()[2] == "<|turn_end|>"
 
 
-def _serve_respelt_smollm2(own_published, tmp_path: Path, end: str, also: tuple[str, ...]):
+def _respelt_published(own_published, tmp_path: Path, end: str, also: tuple[str, ...]) -> tuple[Path, list[str]]:
     """A copy of own_published's run whose published model is SmolLM2 with its end-of-turn token spelt `end` (and
     `also`, `_smollm2_ending_turns_with`): merged/ holds its tokenizer and configs, summary.json the stop ids the data
-    stage gives it, gguf/ its f16 GGUF as the export installs it (`convert_to_gguf` with those ids, the manifest). Served
-    by a real `serve-model --format gguf` on loopback: (process, base URL, served name, log, the converter's lines)."""
+    stage gives it, gguf/ its f16 GGUF as the export installs it (`convert_to_gguf` with those ids, the manifest).
+    Returns (the published folder, the converter's lines)."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -6361,6 +6361,13 @@ def _serve_respelt_smollm2(own_published, tmp_path: Path, end: str, also: tuple[
     (copy / "gguf").mkdir(exist_ok=True)
     notes = convert_to_gguf(hf, copy / "gguf" / f"{copy.name}-f16.gguf", "f16", ensure_converter(), stops)
     _update_manifest(copy)
+    return copy, notes
+
+
+def _serve_respelt_smollm2(own_published, tmp_path: Path, end: str, also: tuple[str, ...]):
+    """`_respelt_published`'s folder served by a real `serve-model --format gguf` on loopback: (process, base URL,
+    served name, log, the converter's lines)."""
+    copy, notes = _respelt_published(own_published, tmp_path, end, also)
     log = tmp_path / "serve.log"
     proc, base = _start_serve_model(tmp_path / "art", log, args=("--format", "gguf", "--ctx", "512"))
     return proc, base, copy.name, log, notes
@@ -6401,6 +6408,63 @@ def test_serve_model_gguf_ends_answers_at_an_end_llama_cpp_drops_by_its_text_as_
     assert own[0] == "length" and own[2] == 96 and "<|end|>" in own[1], own  # its own "stop" replaced the default
     assert both[:2] == plain[:2], (both, plain)
     assert rc == 0, said[-3000:]
+
+
+def _llama_server_answer(argv: list[str], name: str) -> tuple[str, str, int]:
+    """`_chat`'s answer from llama.cpp's server started as the llama-server command `argv` would start it. xllamacpp
+    ships llama.cpp's server (tools/server) without the binary and its argument parser, so each flag sets the
+    CommonParams field that common/arg.cpp sets for it: -m model.path, --jinja use_jinja, -r/--reverse-prompt one
+    antiprompt each (registered for llama-server too: LLAMA_EXAMPLE_SERVER), --port (a free one here); a flag
+    this does not know fails the test rather than being dropped."""
+    import xllamacpp as xlc
+
+    params = xlc.CommonParams()
+    params.hostnames, params.port, params.n_ctx, params.n_parallel = ["127.0.0.1"], _free_port(), 512, 1
+    params.model_alias = {name}
+    assert argv[0] == "llama-server", argv
+    args, reverse = iter(argv[1:]), []
+    for flag in args:
+        if flag == "-m":
+            params.model.path = next(args)
+        elif flag == "--jinja":
+            params.use_jinja = True
+        elif flag in ("-r", "--reverse-prompt"):
+            reverse.append(next(args))
+        elif flag == "--port":
+            next(args)  # the card's 8080 may be taken: a free port instead
+        else:
+            pytest.fail(f"the card's llama-server command has a flag this test does not map to llama.cpp's parameters: {flag}")
+    params.antiprompt = reverse
+    server = xlc.Server(params)
+    try:
+        return _chat(f"http://127.0.0.1:{params.port}", name, 96)
+    finally:
+        del server  # no request in flight: its destructor stops the HTTP loop at once
+
+
+@pytest.mark.slow
+def test_the_card_s_llama_server_command_ends_answers_at_an_end_llama_cpp_drops_as_serve_model_does(own_published, tmp_path):
+    """A review (2026-12-08): for a model whose turns end with '<|end|>' beside '<|return|>' and '<|call|>' (llama.cpp
+    drops it from its end-of-generation ids), serve-model sets '<|end|>' as the server's default stop string, but the
+    card's deploy section printed `llama-server -m ... --jinja --port 8080` without it, so a user copying the card got
+    answers running on to max_tokens. Run on llama.cpp's server: the card's command as written (now with -r '<|end|>')
+    ends the answer at the end of the turn; the same command without -r, the old card's, runs on past it."""
+    import shlex
+
+    from tasks.export import _update_card
+
+    copy, _ = _respelt_published(own_published, tmp_path, "<|end|>", ("<|return|>", "<|call|>"))
+    _update_card(copy, {"gguf": {"f16": f"gguf/{copy.name}-f16.gguf"}, "modelfile": None, "gptq": None}, shown=copy)
+    card = (copy / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("llama-server "))
+    argv = shlex.split(command, comments=True)
+    assert argv[argv.index("-r") + 1] == "<|end|>" and "add `<|end|>` to that list" in card, command
+    as_written = _llama_server_answer(argv, copy.name)
+    old = [a for i, a in enumerate(argv) if a != "-r" and argv[i - 1] != "-r"]
+    assert "-r" not in old and "--jinja" in old, old
+    old_card = _llama_server_answer(old, copy.name)
+    assert as_written[0] == "stop" and as_written[2] < 96 and "<|end|>" not in as_written[1] and "user" not in as_written[1], as_written
+    assert old_card[0] == "length" and old_card[2] == 96 and "<|end|>" in old_card[1], old_card
 
 
 @pytest.mark.slow
