@@ -1174,7 +1174,9 @@ def test_serve_model_merged_cuts_at_stop_ends_streams_with_done_and_refuses_bad_
     assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == full
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events
     assert sum("usage" in json.loads(e) and json.loads(e)["usage"] is not None for e in events[:-1]) <= 1, events  # once
-    # an empty stop string stops nothing (llama.cpp's reading; transformers answered [] with a 500, "" with no text)
+    # an empty stop string stops nothing: the merged server's choice (transformers answered [] with a 500, "" with no
+    # text). Not the GGUF server's: xllamacpp 2026.10.11549's llama.cpp server, measured on SmolLM2 (2026-12-08), ends
+    # the answer at once for "", [""] and ["", "never-generated"] (empty text, finish_reason stop); [] is no stop there
     for empty in ("", [], [""], ["", "never-generated"]):
         code, body = _request(url, {**chat, "stop": empty})
         assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == full, (empty, body)
