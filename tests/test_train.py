@@ -1043,14 +1043,10 @@ def test_oom_retry_on_the_packed_engine_trains_every_row_once_per_pass(tiny_cfg,
     assert len(rows) >= tiny_data.n_train and len(set(first_pass)) == tiny_data.n_train  # each row once: none repeated, none skipped
 
 
-def test_an_oom_retry_at_a_smaller_micro_batch_still_stops_at_max_epochs(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
-    """training.max_epochs and the out-of-memory retry were never tested together: the retry resumes from the last
-    checkpoint at half the micro-batch and twice the accumulation, and computes the epoch cap again from the rows as the
-    new micro-batch deals them out. max_epochs 1 must still read every row once, no more (the same pass count as a run
-    that never ran out of memory): an OOM in the 3rd forward, after a checkpoint at every step."""
-    import tasks.train as train_mod
-
-    real_build, fired = train_mod.build_model, []
+def _build_running_out_of_memory_once(real_build, at_forward: int = 3):
+    """`real_build` whose model raises OutOfMemoryError in its `at_forward`-th forward, once over every model it builds;
+    and the list that says it fired."""
+    fired = []
 
     def build(*args, **kwargs):
         model = real_build(*args, **kwargs)
@@ -1058,12 +1054,24 @@ def test_an_oom_retry_at_a_smaller_micro_batch_still_stops_at_max_epochs(tiny_cf
 
         def oom_once(module, a, kw):
             forwards.append(1)
-            if len(forwards) == 3 and not fired:
+            if len(forwards) == at_forward and not fired:
                 fired.append(True)
                 raise torch.OutOfMemoryError("injected")
 
         model.register_forward_pre_hook(oom_once, with_kwargs=True)
         return model
+
+    return build, fired
+
+
+def test_an_oom_retry_at_a_smaller_micro_batch_still_stops_at_max_epochs(tiny_cfg, tiny_data, shared_artifacts, monkeypatch):
+    """training.max_epochs and the out-of-memory retry were never tested together: the retry resumes from the last
+    checkpoint at half the micro-batch and twice the accumulation, and computes the epoch cap again from the rows as the
+    new micro-batch deals them out. max_epochs 1 must still read every row once, no more (the same pass count as a run
+    that never ran out of memory): an OOM in the 3rd forward, after a checkpoint at every step."""
+    import tasks.train as train_mod
+
+    build, fired = _build_running_out_of_memory_once(train_mod.build_model)
 
     training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": 1.0, "warmup_ratio": 0.0, "checkpoint_minutes": 1e-6})
     probe = probe_throughput(tiny_data, tiny_cfg.model, tiny_cfg.quant, tiny_cfg.lora, training, tiny_cfg.budget, "cpu", shared_artifacts)
@@ -1620,20 +1628,7 @@ def test_review_rev0262_an_oom_retry_on_a_packed_engine_stops_at_the_last_step_w
     must hold: never past max_epochs, and one more step would have been."""
     import tasks.train as train_mod
 
-    real_build, fired = train_mod.build_model, []
-
-    def build(*args, **kwargs):
-        model = real_build(*args, **kwargs)
-        forwards = []
-
-        def oom_once(module, a, kw):
-            forwards.append(1)
-            if len(forwards) == 3 and not fired:
-                fired.append(True)
-                raise torch.OutOfMemoryError("injected")
-
-        model.register_forward_pre_hook(oom_once, with_kwargs=True)
-        return model
+    build, fired = _build_running_out_of_memory_once(train_mod.build_model)
 
     training = tiny_cfg.training.model_copy(update={"max_steps": None, "max_epochs": 1.0, "warmup_ratio": 0.0, "checkpoint_minutes": 1e-6,
                                                     "engine": "fused", "packing": "full"})
